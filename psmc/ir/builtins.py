@@ -1,0 +1,74 @@
+"""Every builtin of the language as one table row: arity, keywords, shape rule, dtype rule.
+
+The lowering (`lower.py`) looks calls up here; `psmc check --builtins` and docs/language.md
+print this table. A name missing from the table is an unknown builtin (a caret under the call).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    min_args: int
+    max_args: int | None  # None: variadic
+    kwargs: dict = field(default_factory=dict)  # keyword -> (kind, default); kind: 'axis' 'int' 'bool'
+    shape: str = "same"  # shape rule (a `ShapeRules` method in lower.py)
+    dtype: str = "same"  # dtype rule: same | float | promote | bool | fill
+    ir_op: str | None = None  # the IR op it lowers to (None: lowered by a rule of its own)
+    doc: str = ""
+
+
+def _unary(name, dtype, doc, ir_op=None):
+    return Builtin(name, 1, 1, shape="same", dtype=dtype, ir_op=ir_op or name, doc=doc)
+
+
+def _reduce(name, dtype, doc):
+    return Builtin(name, 1, 1, {"axis": ("axis", -1)}, shape="reduce", dtype=dtype, ir_op=name, doc=doc)
+
+
+_ROWS = [
+    _unary("exp", "float", "e ** x"),
+    _unary("log", "float", "natural logarithm"),
+    _unary("sqrt", "float", "square root"),
+    _unary("rsqrt", "float", "1 / sqrt(x)"),
+    _unary("abs", "same", "absolute value"),
+    _unary("sign", "same", "-1, 0 or 1"),
+    _unary("sigmoid", "float", "1 / (1 + exp(-x))"),
+    _unary("tanh", "float", "hyperbolic tangent"),
+    _unary("softplus", "float", "log(1 + exp(x))"),
+    _unary("relu", "same", "max(x, 0)"),
+    _unary("gelu", "float", "Gaussian error linear unit (erf form)"),
+    _unary("silu", "float", "x * sigmoid(x)"),
+    _unary("logsigmoid", "float", "log(sigmoid(x))"),
+    Builtin("max", 2, 2, shape="broadcast", dtype="promote", ir_op="maximum", doc="elementwise maximum"),
+    Builtin("min", 2, 2, shape="broadcast", dtype="promote", ir_op="minimum", doc="elementwise minimum"),
+    Builtin("where", 3, 3, shape="broadcast", dtype="select", ir_op="where", doc="c ? a : b, elementwise"),
+    _reduce("sum", "same", "sum over an axis"),
+    _reduce("mean", "float", "mean over an axis"),
+    _reduce("amax", "same", "maximum over an axis"),
+    _reduce("amin", "same", "minimum over an axis"),
+    _reduce("logsumexp", "float", "log(sum(exp(x))) over an axis, stable"),
+    Builtin("softmax", 1, 1, {"axis": ("axis", -1)}, shape="same", dtype="float", ir_op="softmax",
+            doc="softmax over an axis"),
+    Builtin("outer", 2, 2, shape="outer", dtype="promote", ir_op="outer", doc="a[:, None] * b[None, :]"),
+    Builtin("eye", 1, 1, shape="eye", dtype="fill", doc="identity matrix of a static size"),
+    Builtin("zeros", 0, None, shape="fill", dtype="fill", doc="zeros of a static shape; bare in identity"),
+    Builtin("ones", 0, None, shape="fill", dtype="fill", doc="ones of a static shape; bare in identity"),
+    Builtin("concat", 1, None, {"axis": ("axis", 0)}, shape="concat", dtype="promote", ir_op="concat",
+            doc="join along an axis"),
+    Builtin("split", 2, 2, {"axis": ("axis", -1)}, shape="split", dtype="same",
+            doc="n equal parts along an axis (a tuple)"),
+    Builtin("transpose", 1, 1, shape="transpose", dtype="same", ir_op="transpose",
+            doc="swap the last two axes"),
+    Builtin("diag", 1, 1, shape="diag", dtype="same", ir_op="diag", doc="vector -> diagonal matrix"),
+    Builtin("reshape", 2, 2, shape="reshape", dtype="same", ir_op="reshape",
+            doc="reshape to a static shape, e.g. reshape(x, (C, D))"),
+    Builtin("layernorm", 1, 1, shape="same", dtype="float", ir_op="layernorm",
+            doc="layer norm over the last axis, no affine, eps 1e-5"),
+    Builtin("attention", 3, 3, {"heads": ("int", 1), "causal": ("bool", False)}, shape="attention",
+            dtype="float", ir_op="attention", doc="scaled dot-product softmax attention over the first axis"),
+]
+
+BUILTINS: dict[str, Builtin] = {row.name: row for row in _ROWS}

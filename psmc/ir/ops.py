@@ -1,0 +1,57 @@
+"""The IR's operation vocabulary as data: one row per op.
+
+`kind` groups ops that the printers and the analysis treat alike:
+  leaf        no operands (inputs, fields, params, dims, constants)
+  unary       elementwise, one operand          binary   elementwise, two operands (broadcast)
+  compare     elementwise, result bool          logical  elementwise on bools
+  select      where(cond, a, b)                 cast / broadcast   dtype / shape changes
+  reduce      over one declared axis            structure / layer  everything else
+`elementwise` is True when every output entry depends only on the matching entries of the
+operands (after broadcasting): the structure analysis and the Triton printer rely on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    kind: str
+    elementwise: bool
+    arity: int  # -1: variadic
+
+
+def _table() -> dict[str, OpInfo]:
+    rows: dict[str, OpInfo] = {}
+    for name in ("arg", "field", "param", "dim", "const", "index", "fill", "eye"):
+        rows[name] = OpInfo("leaf", name != "eye", 0)
+    for name in ("neg", "exp", "log", "sqrt", "rsqrt", "abs", "sign", "sigmoid", "tanh", "softplus",
+                 "relu", "gelu", "silu", "logsigmoid"):
+        rows[name] = OpInfo("unary", True, 1)
+    for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum"):
+        rows[name] = OpInfo("binary", True, 2)
+    for name in ("lt", "le", "gt", "ge", "eq", "ne"):
+        rows[name] = OpInfo("compare", True, 2)
+    rows["not"] = OpInfo("logical", True, 1)
+    rows["and"] = OpInfo("logical", True, 2)
+    rows["or"] = OpInfo("logical", True, 2)
+    rows["where"] = OpInfo("select", True, 3)
+    rows["cast"] = OpInfo("cast", True, 1)
+    rows["broadcast"] = OpInfo("broadcast", True, 1)
+    for name in ("sum", "mean", "amax", "amin", "logsumexp"):
+        rows[name] = OpInfo("reduce", False, 1)
+    for name in ("softmax", "matmul", "outer", "transpose", "getitem", "concat", "diag", "reshape"):
+        rows[name] = OpInfo("structure", False, -1)
+    rows["layernorm"] = OpInfo("layer", False, 1)
+    rows["attention"] = OpInfo("layer", False, 3)
+    return rows
+
+
+OPS: dict[str, OpInfo] = _table()
+
+# DSL operator spelling -> IR op (binary operators of the expression grammar).
+BINARY_OPERATORS = {
+    "+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow",
+    "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne",
+    "and": "and", "or": "or", "@": "matmul",
+}
