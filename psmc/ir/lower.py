@@ -669,6 +669,7 @@ class _OpLowerer:
         return [self._node(self._expr(a), a) for a in e.args]
 
     def _axis(self, axis, rank, e) -> int:
+        axis = sympy.sympify(axis)
         if not axis.is_number:
             raise PsmcTypeError("the axis must be a number", e.span)
         axis = int(axis)

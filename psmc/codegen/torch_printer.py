@@ -1,0 +1,197 @@
+"""IR → torch source for one body (lift, combine, readout, identity).
+
+Each non-leaf node becomes one statement `tN = ...` in topological order; structurally equal
+nodes are one value (the IR is hash-consed), so common subexpressions are computed once.
+Values are batched over any number of leading axes (`[*lead, *declared]`); the printer
+indexes with `...` and aligns declared ranks explicitly, so the same code serves a whole
+sequence, a tree level or a single streaming step.
+
+Nothing from the `.psm` text reaches the output except through `repr()` of a string or a
+number, or as a suffix of a fixed prefix (`x_`, `l_`, `r_`, `s_`, `self.p_`): a program cannot
+inject code (see docs/language.md, "Names in generated code").
+"""
+from __future__ import annotations
+
+import math
+
+import sympy
+
+from ..ir.nodes import Node, walk
+
+UNARY = {
+    "exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
+    "abs": "torch.abs", "sign": "torch.sign", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh",
+    "softplus": "_F.softplus", "relu": "torch.relu", "gelu": "_F.gelu", "silu": "_F.silu",
+    "logsigmoid": "_F.logsigmoid",
+}
+INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<", "le": "<=",
+         "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
+REDUCE = {"sum": "torch.sum", "mean": "torch.mean", "amax": "torch.amax", "amin": "torch.amin",
+          "logsumexp": "torch.logsumexp"}
+FIELD_PREFIX = {"left": "l_", "right": "r_", "state": "s_"}
+
+
+def dim_code(expr) -> str:
+    """A SymPy dim expression as Python over the dims dict `cx.d`."""
+    expr = sympy.sympify(expr)
+    if expr.is_Integer:
+        return str(int(expr))
+    if expr.is_Symbol:
+        return f"cx.d[{str(expr.name)!r}]"
+    if expr.is_Add:
+        return "(" + " + ".join(dim_code(a) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
+    if expr.is_Mul:
+        num, den = sympy.fraction(expr)
+        if den != 1:
+            return f"({dim_code(num)} // {dim_code(den)})"
+        return "(" + " * ".join(dim_code(a) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
+    if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
+        return "(" + " * ".join([dim_code(expr.base)] * int(expr.exp)) + ")"
+    raise ValueError(f"cannot print dim expression {expr}")
+
+
+def shape_code(shape) -> str:
+    items = [dim_code(d) for d in shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def const_code(value) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "math.inf" if value > 0 else "-math.inf"
+        return repr(value)
+    return repr(int(value))
+
+
+class BodyPrinter:
+    """Prints the statements computing `outputs`; `name_of` maps leaves to expressions."""
+
+    def __init__(self, outputs: tuple[Node, ...]):
+        self.outputs = outputs
+        self.names: dict[Node, str] = {}
+        self.lines: list[str] = []
+
+    def run(self) -> list[str]:
+        counter = 0
+        for node in walk(self.outputs):
+            if node in self.names:
+                continue
+            code = self.leaf(node) if not node.args else None
+            if code is not None:
+                self.names[node] = code
+                continue
+            expr = self.node(node)
+            name = f"t{counter}"
+            counter += 1
+            comment = f"  # line {node.span.line}" if node.span is not None else ""
+            self.lines.append(f"{name} = {expr}{comment}")
+            self.names[node] = name
+        return self.lines
+
+    def ref(self, node: Node) -> str:
+        return self.names[node]
+
+    # ------------------------------------------------------------------ leaves
+    def leaf(self, node: Node) -> str | None:
+        op = node.op
+        if op == "arg":
+            return "x_" + node.attrs[0]
+        if op == "field":
+            return FIELD_PREFIX[node.attrs[0]] + node.attrs[1]
+        if op == "param":
+            return "self.p_" + node.attrs[0]
+        if op == "dim":
+            return f"cx.d[{node.attrs[0]!r}]"
+        if op == "const":
+            return const_code(node.attrs[0])
+        if op == "index":
+            return "index"
+        return None  # fill / eye become statements
+
+    # ------------------------------------------------------------------ operations
+    def aligned(self, arg: Node, target_rank: int) -> str:
+        """`arg` with singleton axes inserted after the leading axes (batched values only)."""
+        code = self.ref(arg)
+        if not arg.batched or arg.rank >= target_rank:
+            return code
+        return code + "[..., " + ", ".join(["None"] * (target_rank - arg.rank) + [":"] * arg.rank) + "]"
+
+    def static_scalar(self, node: Node) -> bool:
+        """True when the value is a Python number at run time (literals and dims only)."""
+        return not node.batched and node.rank == 0 and all(
+            leaf.op in ("const", "dim") for leaf in walk((node,)) if not leaf.args)
+
+    def node(self, node: Node) -> str:
+        op, args = node.op, node.args
+        R = node.rank
+        if op == "fill":
+            return f"_ops.full({shape_code(node.shape)}, {const_code(node.attrs[0])}, cx.dt[{node.dtype!r}], cx.dev)"
+        if op == "eye":
+            return f"_ops.eye({dim_code(node.shape[0])}, cx.dt[{node.dtype!r}], cx.dev)"
+        if op == "neg":
+            return f"-{self.ref(args[0])}"
+        if op == "not":
+            return f"_ops.logical_not({self.ref(args[0])})"
+        if op in UNARY:
+            if self.static_scalar(args[0]):
+                return f"_ops.unary({UNARY[op]}, {self.ref(args[0])})"
+            return f"{UNARY[op]}({self.ref(args[0])})"
+        if op in INFIX:
+            a, b = (self.aligned(x, R) for x in args)
+            return f"{a} {INFIX[op]} {b}"
+        if op in ("maximum", "minimum"):
+            a, b = (self.aligned(x, R) for x in args)
+            return f"_ops.{op}({a}, {b})"
+        if op == "where":
+            c, a, b = (self.aligned(x, R) for x in args)
+            return f"_ops.where({c}, {a}, {b})"
+        if op == "cast":
+            return f"_ops.cast({self.ref(args[0])}, cx.dt[{node.attrs[0]!r}])"
+        if op == "broadcast":
+            return f"_ops.broadcast_to({self.ref(args[0])}, {args[0].rank}, {shape_code(node.shape)})"
+        if op in REDUCE:
+            axis = node.attrs[0] - args[0].rank
+            return f"{REDUCE[op]}({self.ref(args[0])}, dim={axis})"
+        if op == "softmax":
+            return f"torch.softmax({self.ref(args[0])}, dim={node.attrs[0] - args[0].rank})"
+        if op == "matmul":
+            a, b = args
+            return f"_ops.matmul({self.ref(a)}, {self.ref(b)}, {a.rank}, {b.rank})"
+        if op == "outer":
+            return f"_ops.outer({self.ref(args[0])}, {self.ref(args[1])})"
+        if op == "transpose":
+            return f"{self.ref(args[0])}.transpose(-1, -2)"
+        if op == "getitem":
+            return f"{self.ref(args[0])}[{self.index_code(node.attrs, args[0].shape)}]"
+        if op == "concat":
+            items = ", ".join(self.ref(a) for a in args)
+            return f"_ops.concat([{items}], {node.attrs[0]}, {args[0].rank})"
+        if op == "diag":
+            return f"_ops.diag({self.ref(args[0])})"
+        if op == "reshape":
+            return f"_ops.reshape({self.ref(args[0])}, {args[0].rank}, {shape_code(node.shape)})"
+        if op == "layernorm":
+            return f"_ops.layernorm({self.ref(args[0])})"
+        if op == "attention":
+            q, k, v = (self.ref(a) for a in args)
+            heads, causal = node.attrs
+            return f"_ops.attention({q}, {k}, {v}, {dim_code(heads)}, {const_code(bool(causal))})"
+        raise NotImplementedError(f"no torch rendering for IR op {op!r}")
+
+    def index_code(self, spec, shape) -> str:
+        parts, axis = ["..."], 0
+        for entry in spec:
+            if entry[0] == "newaxis":
+                parts.append("None")
+                continue
+            if entry[0] == "index":
+                parts.append(dim_code(entry[1]))
+            else:
+                lo, hi = sympy.sympify(entry[1]), sympy.sympify(entry[2])
+                lo_code = "" if lo == 0 else dim_code(lo)
+                hi_code = "" if sympy.expand(hi - shape[axis]) == 0 else dim_code(hi)
+                parts.append(f"{lo_code}:{hi_code}")
+            axis += 1
+        return ", ".join(parts)

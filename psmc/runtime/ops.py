@@ -1,0 +1,169 @@
+"""Torch renderings of the IR operations that are more than one torch call.
+
+Generated code calls these with tensors laid out as `[*lead, *declared]`: the leading axes
+(batch, time or tree nodes, lanes) come first and are shared by every batched value; the
+trailing `rank` axes are the value's declared shape. Unbatched values (params, constants) have
+no leading axes. Every helper here is differentiable and indifferent to the number of leading
+axes. The semantics match `psmc.ir.interp` (the reference interpreter).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+          "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+
+
+def lift_rank(x, rank: int, target: int):
+    """Insert singleton axes just after the leading axes so a batched value of declared rank
+    `rank` broadcasts against one of rank `target` (NumPy alignment on the declared shape)."""
+    if not isinstance(x, Tensor) or rank >= target:
+        return x
+    index = (Ellipsis,) + (None,) * (target - rank) + (slice(None),) * rank
+    return x[index]
+
+
+def maximum(a, b):
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        return max(a, b)
+    if not isinstance(a, Tensor):
+        a, b = b, a
+    return torch.clamp(a, min=b) if not isinstance(b, Tensor) else torch.maximum(a, b)
+
+
+def minimum(a, b):
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        return min(a, b)
+    if not isinstance(a, Tensor):
+        a, b = b, a
+    return torch.clamp(a, max=b) if not isinstance(b, Tensor) else torch.minimum(a, b)
+
+
+def where(cond, a, b):
+    if not isinstance(cond, Tensor):
+        return a if cond else b
+    return torch.where(cond, a, b)
+
+
+def unary(fn, x):
+    """Apply a torch function to a value that may be a Python scalar (a folded constant)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    return fn(torch.tensor(x, dtype=torch.float64)).item()
+
+
+def matmul(a: Tensor, b: Tensor, rank_a: int, rank_b: int) -> Tensor:
+    """NumPy 1-D/2-D matmul rules on the declared axes, broadcasting the leading axes."""
+    if rank_a == 1 and rank_b == 1:
+        return (a * b).sum(-1)
+    if rank_a == 1:
+        return (a.unsqueeze(-2) @ b).squeeze(-2)
+    if rank_b == 1:
+        return (a @ b.unsqueeze(-1)).squeeze(-1)
+    return a @ b
+
+
+def outer(a: Tensor, b: Tensor) -> Tensor:
+    return a.unsqueeze(-1) * b.unsqueeze(-2)
+
+
+def full(shape: tuple, value, dtype: str, device) -> Tensor:
+    return torch.full(tuple(int(s) for s in shape), value, dtype=dtype, device=device)
+
+
+def eye(n: int, dtype: str, device) -> Tensor:
+    return torch.eye(int(n), dtype=dtype, device=device)
+
+
+def cast(x, dtype: str):
+    if isinstance(x, Tensor):
+        return x.to(dtype)
+    return {"bool": bool}.get(dtype, float if dtype[0] in "fb" else int)(x)
+
+
+def broadcast_to(x, rank: int, shape: tuple):
+    """Broadcast the declared part of `x` (rank `rank`) to `shape`, keeping leading axes."""
+    shape = tuple(int(s) for s in shape)
+    if not isinstance(x, Tensor):
+        return x  # a scalar broadcasts by itself; `as_field` materialises it
+    x = lift_rank(x, rank, len(shape))
+    lead = x.shape[: x.dim() - len(shape)]
+    return x.expand(*lead, *shape)
+
+
+def as_field(x, lead: tuple, shape: tuple, dtype: str, device) -> Tensor:
+    """Materialise a body result as a full `[*lead, *shape]` tensor of the slot's dtype."""
+    shape = tuple(int(s) for s in shape)
+    if not isinstance(x, Tensor):
+        x = torch.tensor(x, dtype=dtype, device=device)
+    x = x.to(dtype)
+    if x.dim() < len(shape):
+        x = x.reshape((1,) * (len(shape) - x.dim()) + tuple(x.shape))
+    xlead = tuple(x.shape[: x.dim() - len(shape)])
+    lead = tuple(lead)
+    if len(xlead) < len(lead):
+        x = x.reshape((1,) * (len(lead) - len(xlead)) + tuple(x.shape))
+    return x.expand(*lead, *shape)
+
+
+def reduce_axis(axis: int, rank: int) -> int:
+    return axis - rank
+
+
+def concat(xs: list, axis: int, rank: int) -> Tensor:
+    """Concatenate along declared axis `axis` of values of declared rank `rank`, broadcasting
+    the leading axes (unbatched operands are expanded)."""
+    xs = [x for x in xs]
+    lead_rank = max(x.dim() - rank for x in xs)
+    xs = [x.reshape((1,) * (lead_rank - (x.dim() - rank)) + tuple(x.shape)) for x in xs]
+    lead = torch.broadcast_shapes(*(tuple(x.shape[:lead_rank]) for x in xs))
+    xs = [x.expand(*lead, *x.shape[lead_rank:]) for x in xs]
+    return torch.cat(xs, dim=axis - rank)
+
+
+def reshape(x: Tensor, rank: int, shape: tuple) -> Tensor:
+    lead = tuple(x.shape[: x.dim() - rank])
+    return x.reshape(*lead, *(int(s) for s in shape))
+
+
+def diag(x: Tensor) -> Tensor:
+    return torch.diag_embed(x)
+
+
+def layernorm(x: Tensor) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-5)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool) -> Tensor:
+    """softmax(q_h k_h^T / sqrt(width/heads)) v_h per head over the first declared axis;
+    `causal`: query i sees keys j <= i. Leading axes broadcast."""
+    heads = int(heads)
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
+    n, m = q.shape[-2], k.shape[-2]
+
+    def split(t):
+        return t.reshape(*lead, t.shape[-2], heads, t.shape[-1] // heads).transpose(-2, -3)
+
+    mask = None
+    if causal:
+        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
+                                         scale=1.0 / math.sqrt(q.shape[-1] // heads))
+    out = out.transpose(-2, -3)
+    return out.reshape(*lead, n, v.shape[-1])
+
+
+def logical_not(x):
+    return torch.logical_not(x) if isinstance(x, Tensor) else not x
+
+
+def lead_of(pairs) -> tuple:
+    """The broadcast leading shape of batched values given as (tensor, declared rank)."""
+    shapes = [tuple(t.shape[: t.dim() - rank]) for t, rank in pairs if isinstance(t, Tensor)]
+    width = max((len(s) for s in shapes), default=0)
+    return tuple(torch.broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes))) if shapes else ()
