@@ -1,0 +1,184 @@
+"""The paper's fixed tree for non-associative aggregators, level-batched (PAPER.md §3).
+
+Positions are global leaf counts: the state holds leaves [0, m), the new leaves are
+m, ..., m+T-1, and P(t) is the closed-form prefix over the first t leaves:
+
+    P(t) = Agg(P(t - low(t)), Block[t - low(t), t))     (P(t) = Block[0, t) when t = low(t))
+
+where low(t) is t's lowest set bit and Block is the aligned balanced tree. That is the
+Blelloch down-sweep's bracketing, prefix first (derived from the closed form; the tests check
+it against the sweeps). Two phases, every Agg call batched over all nodes of a phase step:
+
+1. up-sweep: level d holds Block[e - 2^d, e) for every multiple e of 2^d in (m, m+T]; its
+   children are level d-1 nodes, except a left child ending at or before m, which is exactly
+   the counter's root at level d-1. One Agg call per level.
+2. prefixes: round r computes the P(t) whose chain t -> t - low(t) -> ... stays above m for
+   r steps. Round 0 needs only a node (P(t) = Block) or a counter fold (P(t - low(t)) with
+   t - low(t) <= m is the state's cached fold); round r > 0 takes its left operands from
+   round r-1. One Agg call per round.
+
+Agg calls: at most floor(log2(m+T)) up-sweep levels plus floor(log2(m+T)) + 1 rounds; when
+m = 0 round 0 needs no Agg, so at most 2*floor(log2 T). Agg work: about 2T node evaluations.
+The index bookkeeping is vectorised int64 arithmetic; Python loops only run over levels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from psmc.runtime.element import (
+    Combine,
+    Element,
+    at,
+    clone_step,
+    join,
+    length,
+    step_like,
+    strided,
+    take,
+)
+from psmc.runtime.scan import exclusive_from_inclusive
+from psmc.runtime.state import TreeState
+
+
+def tree_scan(
+    x: Element,
+    agg: Combine,
+    *,
+    state: TreeState | None = None,
+    identity: Element | None = None,
+    exclusive: bool = False,
+) -> tuple[Element, Element | None, TreeState]:
+    """Prefixes of the fixed tree over the leaves `x` (`[B, T, *lanes, *field]`), continuing
+    the counter `state`. Returns (inclusive, exclusive or None, new_state): inclusive_j =
+    P(m+j+1), exclusive_j = P(m+j). `identity` (lead []) is used only for P(0)."""
+    m = 0 if state is None else state.size
+    n = m + length(x)
+    if exclusive and m == 0 and identity is None:
+        raise ValueError("the exclusive prefix of the first leaf is the formal identity: pass identity=")
+    levels = _up_sweep(x, agg, state, m)
+    inclusive = _prefixes(levels, agg, state, m, n)
+    new_state = _counter_after(levels, inclusive, state, m, n, x[0].device)
+    if not exclusive:
+        return inclusive, None, new_state
+    first = identity if m == 0 else state.prefix()
+    return inclusive, exclusive_from_inclusive(inclusive, first), new_state
+
+
+def _first_end(m: int, level: int) -> int:
+    """The smallest multiple of 2^level greater than m: the first node end at that level."""
+    return ((m >> level) + 1) << level
+
+
+def _node_count(m: int, n: int, level: int) -> int:
+    """Multiples of 2^level in (m, n]: the nodes of that level."""
+    return (n >> level) - (m >> level)
+
+
+def _old(state: TreeState | None, table: str, level: int) -> Element:
+    held = None if state is None else getattr(state, table)[level]
+    if held is None:
+        raise ValueError(f"the tree state lacks its {table[:-1]} at level {level}: was it built by push/tree_scan?")
+    return held
+
+
+def _up_sweep(x: Element, agg: Combine, state: TreeState | None, m: int) -> list[Element]:
+    n = m + length(x)
+    levels = [x]
+    level = 1
+    while _node_count(m, n, level) > 0:
+        below, count = levels[-1], _node_count(m, n, level)
+        # The first right child is node 0 or 1 of the level below, and the rest alternate.
+        first_right = (_first_end(m, level) - _first_end(m, level - 1)) >> (level - 1)
+        right = strided(below, first_right, 2, count)
+        if first_right == 1:
+            left = strided(below, 0, 2, count)
+        else:  # the first left child ends at or before m: it is the counter's root
+            root = step_like(_old(state, "roots", level - 1), below)
+            left = root if count == 1 else join([root, strided(below, 1, 2, count - 1)])
+        levels.append(agg(left, right))
+        level += 1
+    return levels
+
+
+def _low_level(values: Tensor) -> Tensor:
+    """Index of the lowest set bit of each positive value."""
+    low = values & -values
+    return torch.log2(low.to(torch.float64)).round().to(torch.int64)
+
+
+def _prefixes(levels: list[Element], agg: Combine, state: TreeState | None, m: int, n: int) -> Element:
+    t = torch.arange(m + 1, n + 1)
+    level = _low_level(t)
+    rest = t - (t & -t)  # P(t) = Agg(P(rest), Block ending at t at `level`)
+    firsts = torch.tensor([_first_end(m, d) for d in range(len(levels))])
+    offsets = torch.tensor([0] + [length(lv) for lv in levels[:-1]]).cumsum(0)
+    node_of = offsets[level] + ((t - firsts[level]) >> level)  # t's block in the joined nodes
+    nodes = join(levels)
+
+    rounds = torch.zeros_like(t)
+    chain = rest.clone()
+    while bool((chain > m).any()):
+        above = chain > m
+        rounds += above.to(torch.int64)
+        chain = torch.where(above, chain - (chain & -chain), chain)
+
+    # Round 0: P(t) is a node (rest == 0) or Agg(state's fold, node) (0 < rest <= m).
+    in_round0 = rounds == 0
+    direct, folded = t[in_round0 & (rest == 0)], t[in_round0 & (rest > 0)]
+    parts = []
+    if direct.numel():
+        parts.append(take(nodes, node_of[direct - m - 1]))
+    if folded.numel():
+        fold_left = _gather_folds(state, _low_level(rest[folded - m - 1]), nodes)
+        parts.append(agg(fold_left, take(nodes, node_of[folded - m - 1])))
+    members = [torch.cat([direct, folded])]
+    outputs = [join(parts)]
+    for r in range(1, int(rounds.max()) + 1):
+        these = t[rounds == r]
+        slot = torch.empty(n - m, dtype=torch.int64)
+        slot[members[-1] - m - 1] = torch.arange(members[-1].numel())
+        left = take(outputs[-1], slot[rest[these - m - 1] - m - 1])  # P(rest) from round r-1
+        outputs.append(agg(left, take(nodes, node_of[these - m - 1])))
+        members.append(these)
+
+    produced = torch.cat(members)  # the t of each step of join(outputs), in order
+    if torch.equal(produced, t):
+        return join(outputs)
+    order = torch.empty_like(produced)
+    order[produced - m - 1] = torch.arange(produced.numel())
+    return take(join(outputs), order)
+
+
+def _gather_folds(state: TreeState | None, fold_levels: Tensor, like: Element) -> Element:
+    """The state's cached folds at `fold_levels`, one per step (broadcast when all agree)."""
+    distinct = torch.unique(fold_levels).tolist()
+    pool = join([step_like(_old(state, "folds", lvl), like) for lvl in distinct])
+    if len(distinct) == 1:
+        return pool  # one step; Agg broadcasts it over the time axis
+    slot_of = torch.full((max(distinct) + 1,), -1, dtype=torch.int64)
+    slot_of[torch.tensor(distinct)] = torch.arange(len(distinct))
+    return take(pool, slot_of[fold_levels])
+
+
+def _counter_after(
+    levels: list[Element], inclusive: Element, state: TreeState | None, m: int, n: int, device: torch.device
+) -> TreeState:
+    """The counter after n leaves: root d ends at n with bits below d cleared; its fold is
+    P(that end). Ends past m were just computed; the others are the old counter's."""
+    roots: list[Element | None] = []
+    folds: list[Element | None] = []
+    for level in range(n.bit_length()):
+        end = (n >> level) << level
+        if not (n >> level) & 1:
+            roots.append(None)
+            folds.append(None)
+        elif end > m:
+            node = (end - _first_end(m, level)) >> level
+            roots.append(clone_step(at(levels[level], node)))
+            folds.append(clone_step(at(inclusive, end - m - 1)))
+        else:
+            roots.append(_old(state, "roots", level))
+            folds.append(_old(state, "folds", level))
+    return TreeState(count=torch.tensor(n, dtype=torch.int64, device=device), roots=tuple(roots), folds=tuple(folds))
