@@ -1,0 +1,184 @@
+"""Fast path for the elementwise first-order linear recurrence h_t = a_t * h_{t-1} + b_t.
+
+The code generator calls `linear_recurrence` for every op whose state is a pair (a, h) with
+combine (l.a * r.a, r.a * l.h + r.h) applied elementwise: linear recurrences, selective SSMs per
+channel x N, the decay part of many layers, and the chunk-state passing of the chunkwise
+matmul form (psmc/runtime/chunkwise.py).
+
+Why a two-level loop rather than a log-depth tree: on a CPU every torch op costs a few
+microseconds of dispatch, and a tree scan makes O(log T) passes over the whole tensor. Splitting
+time into chunks of L ~ sqrt(T) tokens and looping over the position inside the chunk (all
+chunks at once), then over the chunks (a tiny carry scan), then over the position again with
+the true carried-in state, costs about 2 sqrt(T) + sqrt(T) small ops and three passes over the
+data, with no extra full-size buffer. The backward is the same scan run in reverse time, so it
+needs no per-step autograd graph.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["linear_recurrence"]
+
+
+def linear_recurrence(
+    a: Tensor, b: Tensor, initial: Tensor | None = None, *, log: bool = False
+) -> tuple[Tensor, Tensor]:
+    """All states of h_t = a_t * h_{t-1} + b_t, elementwise, with h_{-1} = `initial` (or 0).
+
+    Args:
+        a: decays [B, T, *rest], or their logarithms when `log=True` (the lift was exp(...)).
+            Any axis but time may have size 1 and is broadcast against `b`.
+        b: inputs [B, T, *rest] (any axis but time may broadcast against `a`).
+        initial: optional h_{-1}, broadcastable to [B, *rest].
+        log: `a` holds log-decays; exp is applied here (differentiably).
+
+    Returns:
+        (h, h_last): h [B, T, *rest] holds every h_t (the inclusive prefix), h_last = h[:, -1]
+        (the final state; `initial` or zeros when T == 0). Differentiable in a, b and initial
+        (torch.autograd); computed in the promoted dtype of a and b.
+    """
+    if a.dim() < 2 or b.dim() < 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must be [B, T, ...] with one T")
+    if log:
+        a = torch.exp(a)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = a.to(dtype), b.to(dtype)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    if a.dim() < len(shape):  # align leading axes so time stays axis 1 for both
+        raise ValueError("a must have as many axes as the result (use size-1 axes to broadcast)")
+    b = b.expand(shape)
+    state_shape = (shape[0],) + tuple(shape[2:])
+    if initial is not None:
+        initial = initial.to(dtype).expand(state_shape)
+    if shape[1] == 0:
+        last = initial if initial is not None else b.new_zeros(state_shape)
+        return b.new_empty(shape), last
+    h = _LinearRecurrence.apply(a, b, initial)
+    return h, h[:, -1]
+
+
+class _LinearRecurrence(torch.autograd.Function):
+    """h = scan(a, b, h0) forward; the adjoint is the same scan in reverse time."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
+        h = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+        _scan_into(h, a, b, h0, reverse=False)
+        ctx.save_for_backward(a, h, h0)
+        ctx.b_shape = b.shape
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: Tensor):
+        a, h, h0 = ctx.saved_tensors
+        # x_t = dL/dh_t (total): x_t = grad_t + a_{t+1} x_{t+1}; the reverse scan also returns
+        # the message a_0 x_0 that flows into h0.
+        x = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        grad_h0 = _scan_into(x, a, grad_h.expand(h.shape), None, reverse=True)
+        grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.empty_like(x)
+            torch.mul(x[:, 1:], h[:, :-1], out=grad_a[:, 1:])
+            if h0 is None:
+                grad_a[:, 0].zero_()
+            else:
+                torch.mul(x[:, 0], h0, out=grad_a[:, 0])
+            grad_a = grad_a.sum_to_size(a.shape)
+        grad_b = x.sum_to_size(ctx.b_shape) if ctx.needs_input_grad[1] else None
+        grad_init = grad_h0 if h0 is not None and ctx.needs_input_grad[2] else None
+        return grad_a, grad_b, grad_init
+
+
+def _chunk_length(steps: int) -> int:
+    """L ~ sqrt(T) balances the in-chunk loop (L ops) against the carry loop (T / L ops)."""
+    return max(1, math.isqrt(steps))
+
+
+def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Tensor | None, *, reverse: bool) -> Tensor:
+    """Write the scan into `out` [B, T, *rest]; returns the state that leaves the sequence.
+
+    Forward:  out_t = a_t * out_{t-1} + b_t, out_{-1} = h0; returns out_{T-1}.
+    Reverse:  out_t = a_{t+1} * out_{t+1} + b_t, out_T = 0; returns a_0 * out_0 (the adjoint
+              that reaches h0). Reverse needs no h0: the adjoint of the final state is already
+              folded into b by autograd (the caller indexes h[:, -1]).
+    """
+    steps = out.shape[1]
+    length = _chunk_length(steps)
+    chunks = steps // length
+    body = chunks * length
+    state_shape = (out.shape[0],) + tuple(out.shape[2:])
+    zero = out.new_zeros(state_shape)
+    if reverse:
+        entry = _step_range(out, a, b, zero, range(steps - 1, body - 1, -1), reverse=True)
+        if chunks:
+            entry = _chunked(out, a, b, entry, length, chunks, reverse=True)
+        return entry
+    carry = zero if h0 is None else h0
+    if chunks:
+        carry = _chunked(out, a, b, carry, length, chunks, reverse=False)
+    return _step_range(out, a, b, carry, range(body, steps), reverse=False)
+
+
+def _step_range(out: Tensor, a: Tensor, b: Tensor, carry: Tensor, times: range, *, reverse: bool) -> Tensor:
+    """Plain sequential steps over `times` (the remainder that does not fill a chunk).
+
+    Forward: carry is h_{t-1}; returns the last h. Reverse: carry is the message
+    a_{t+1} x_{t+1} from the right; returns the message a_t x_t of the last step.
+    """
+    for t in times:
+        if reverse:
+            torch.add(b[:, t], carry, out=out[:, t])
+            carry = a[:, t] * out[:, t]
+        else:
+            torch.addcmul(b[:, t], a[:, t], carry, out=out[:, t])
+            carry = out[:, t]
+    return carry
+
+
+def _chunked(out: Tensor, a: Tensor, b: Tensor, carry: Tensor, length: int, chunks: int, *, reverse: bool) -> Tensor:
+    """Two-level scan over the first chunks * length steps; returns the carry that leaves them."""
+    body = chunks * length
+    a_c, b_c, out_c = (x[:, :body].unflatten(1, (chunks, length)) for x in (a, b, out))  # views
+    # pass 1: every chunk from a zero state at once; keep only what leaves each chunk
+    local_exit = _local_scan(a_c, b_c, None, None, reverse=reverse)
+    total = torch.prod(a_c, dim=2)
+    # the carries between chunks: a short sequential scan over the chunk index
+    entries = out.new_empty((out.shape[0], chunks) + tuple(out.shape[2:]))
+    for i in range(chunks - 1, -1, -1) if reverse else range(chunks):
+        entries[:, i] = carry
+        carry = torch.addcmul(local_exit[:, i], total[:, i], carry)
+    # pass 2: rerun every chunk from its true entry state, now writing each position
+    _local_scan(a_c, b_c, entries, out_c, reverse=reverse)
+    return carry
+
+
+def _local_scan(a_c: Tensor, b_c: Tensor, entries: Tensor | None, out_c: Tensor | None, *, reverse: bool) -> Tensor:
+    """Scan all chunks at once along axis 2, each from its entry (None: from zero).
+
+    Writes every position into out_c, or keeps one running buffer when out_c is None.
+    Returns what leaves each chunk: forward, its last state; reverse, a_0 * (its first
+    state), so that exits compose as exit_i = local_exit_i + prod(a over chunk i) * entry_i.
+    In reverse the entries are messages that already carry the neighbour's decay.
+    """
+    length = a_c.shape[2]
+    positions = range(length - 1, -1, -1) if reverse else range(length)
+    buffer = b_c.new_empty(b_c[:, :, 0].shape) if out_c is None else None
+    prev = entries
+    for step, j in enumerate(positions):
+        target = out_c[:, :, j] if out_c is not None else buffer
+        if reverse:
+            decay = None if step == 0 else a_c[:, :, j + 1]
+        else:
+            decay = a_c[:, :, j]
+        if prev is None:
+            target.copy_(b_c[:, :, j])
+        elif decay is None:
+            torch.add(b_c[:, :, j], prev, out=target)
+        else:
+            torch.addcmul(b_c[:, :, j], decay, prev, out=target)
+        prev = target
+    return a_c[:, :, 0] * prev if reverse else prev
