@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 from . import __version__
-from .compiler import compile_source, source_hash
 
 _MARK = "# psmc-checksum: "
 
@@ -49,6 +48,8 @@ def compiled_path(path, *, force: bool = False) -> Path:
     target = target_dir / f"psm_{_key(text, str(path))}.py"
     if not force and _valid(target):
         return target
+    from .compiler import compile_source  # imported lazily: a cache hit needs no compiler
+
     compiled = compile_source(text, str(path))
     target_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".tmp_", suffix=".py")

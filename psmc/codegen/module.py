@@ -48,6 +48,8 @@ def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash:
     for op in ops:
         out += op_class(op, plans[op.name], fast_paths.get(op.name))
         out += ["", ""]
+    from .triton_printer import generate_section
+    out += generate_section(ops, plans)
     out.append("__psmc_layers__ = {")
     for op in ops:
         out.append(f"    {op.name!r}: {class_name(op.name)},")

@@ -21,8 +21,9 @@ def grammar_text() -> str:
 
 @functools.lru_cache(maxsize=2)
 def lark_parser(strict: bool = False) -> Lark:
+    # cache=True keeps the built LALR tables in the temp dir (keyed by the grammar's hash).
     return Lark(grammar_text(), parser="lalr", propagate_positions=True,
-                maybe_placeholders=True, strict=strict)
+                maybe_placeholders=True, strict=strict, cache=not strict)
 
 
 def parse(text: str, filename: str = "<string>") -> ast.Module:
@@ -279,8 +280,24 @@ def _context_keyword(text: str, line: int, col: int) -> str | None:
 
 
 def _offset(text: str, line: int, col: int) -> int:
-    lines = text.splitlines(keepends=True)
-    return sum(len(x) for x in lines[: line - 1]) + col - 1
+    lines = text.split("\n")  # the lexer counts lines at '\n' only
+    return sum(len(x) + 1 for x in lines[: line - 1]) + col - 1
+
+
+# Sets of expected terminals that read better as one phrase than as a list of tokens.
+_MEMBER_WORDS = {"STATE", "LIFT", "COMBINE", "IDENTITY", "READOUT", "PARAM", "CHUNK", "ASSUME"}
+
+
+def _phrase(expected: set[str]) -> str | None:
+    """One phrase for a whole family of expected terminals, or None to list them."""
+    if _MEMBER_WORDS <= expected:
+        return ("expected '}' or an op member (state, lift, combine, identity, readout, param, "
+                "chunk or assume)")
+    if {"NAME", "NUMBER"} <= expected:
+        if "COLON" in expected:
+            return "expected an index (an expression, a slice 'a:b' or None)"
+        return "expected an expression"
+    return None
 
 
 def _expected_sentence(expected: set[str], keyword: str | None) -> str:
@@ -288,6 +305,9 @@ def _expected_sentence(expected: set[str], keyword: str | None) -> str:
     first = ordered[0] if ordered else None
     if first == "SEMICOLON" and keyword in _STATEMENT_CONTEXT:
         return f"expected ';' {_STATEMENT_CONTEXT[keyword]}"
+    phrase = _phrase(expected)
+    if phrase:
+        return phrase
     words = [_describe_terminal(t) for t in ordered[:4]]
     more = ", ..." if len(ordered) > 4 else ""
     if len(words) == 1:
@@ -326,7 +346,16 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> PsmcSyntaxError:
     span = _token_span(source, tok)
     keyword = _context_keyword(text, line, col)
     msg = f"{_expected_sentence(set(err.expected), keyword)}, found {_describe_token(tok)}"
-    hint = None
-    if tok.type == "NAME" and str(tok) in ("if", "for", "while", "def", "class", "lambda"):
-        hint = "bodies are straight-line: `let` statements then one `return`; use `if c then a else b`"
-    return PsmcSyntaxError(msg, span, hint=hint)
+    return PsmcSyntaxError(msg, span, hint=_token_hint(tok, set(err.expected)))
+
+
+def _token_hint(tok: Token, expected: set[str]) -> str | None:
+    """Advice for tokens that usually mean the writer reached for another language's syntax."""
+    # `if` is a keyword token (IF), the others lex as names: compare the text, not the type.
+    if str(tok) in ("if", "for", "while", "def", "class", "lambda") and "RETURN" in expected:
+        return "bodies are straight-line: `let` statements then one `return`; use `if c then a else b`"
+    if tok.type == "CMP_OP" and "NAME" not in expected:  # a comparison after a complete one
+        return "comparisons do not chain: write `(a < b) and (b < c)`"
+    if expected == {"RETURN", "LET"}:
+        return "a body is `let` statements then one `return`, e.g. `{ let m = max(l.m, r.m); return m; }`"
+    return None

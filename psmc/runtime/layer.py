@@ -320,6 +320,10 @@ class PsmLayer(nn.Module):
     # ------------------------------------------------------------------ token-level ops
     def _forward_tokens(self, call, state, return_state):
         spec = self.spec
+        if self.backend != "torch":
+            from . import triton_support
+            if triton_support.use_triton(self, call):
+                return triton_support.forward(self, call, state)
         lead = call.lead
         T = lead[1]
         start = 0 if state is None else state.size
@@ -334,6 +338,10 @@ class PsmLayer(nn.Module):
 
     def _step_token(self, call, state):
         spec = self.spec
+        if self.backend != "torch" and spec.scan == "exact":
+            from . import triton_support
+            if triton_support.use_triton(self, call):
+                return triton_support.step(self, call, state)
         lead = call.lead
         index = torch.full(lead, state.size, dtype=torch.int64, device=call.ctx.dev) if \
             (spec.lift_index or spec.readout_index) else None

@@ -1,0 +1,517 @@
+"""IR → Triton source: fused forward and decode-step kernels for elementwise exact scans.
+
+The tile model: one program owns one batch row and a tile of BLOCK_C "columns" and walks the
+time axis in blocks of BLOCK_T tokens. Columns are the lanes when every declared value is a
+scalar ("lanes" mode), else the single state axis S of the op, one lane per program ("state"
+mode; a rank-0 value is the same in every column). Inside a block: load → lift →
+tl.associative_scan over time → combine with the carry of the earlier blocks → readout →
+store. Per-token states live only in registers; the carry (the last prefix of a block) is
+the only state that survives a block, and the final one is written out for streaming.
+
+Every IR op has a row in TRITON_OPS: a rendering (a format string over the operand names, or
+a method of the printer for ops that need care) or an `Unsupported` reason. An op whose
+bodies use an unsupported op, or whose shapes do not fit the tile model, gets no kernels and
+the torch backend serves it; `unsupported_reason` says why.
+
+Python-semantics leaks are ruled out by construction: min/max print as tl.minimum/maximum,
+`if` as tl.where, `/` is Triton's true division (ints promote to fp32), literals print as
+float/int/bool literals (inf as float('inf')), and `pow` never reaches Python's `**`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from ..ir.nodes import Node, OpIR, walk
+from ..ir.ops import OPS
+from .torch_printer import dim_code
+
+PREFIX = "_psm_"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    reason: str
+
+
+_MATRIX = "needs a second tile axis (matrix-valued state); the torch backend serves it"
+_LAYER = "a whole-layer op inside a body; the torch backend serves it"
+
+# op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
+# Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
+TRITON_OPS: dict[str, object] = {
+    # leaves
+    "arg": "special", "field": "special", "param": "special", "dim": "special", "const": "special",
+    "index": "special", "fill": "special",
+    "eye": Unsupported(_MATRIX),
+    # unary
+    "neg": "(-{0})", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})",
+    "rsqrt": "tl.rsqrt({0})", "abs": "tl.abs({0})",
+    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, {0} * 0.0))",
+    "sigmoid": "tl.sigmoid({0})",
+    "tanh": "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)",
+    # torch's softplus (beta 1, threshold 20)
+    "softplus": "tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp(tl.minimum({0}, 20.0))))",
+    "relu": "tl.maximum({0}, 0.0)",
+    "gelu": "(0.5 * {0} * (1.0 + tl.erf({0} * 0.7071067811865476)))",  # torch's exact (erf) gelu
+    "silu": "({0} * tl.sigmoid({0}))",
+    "logsigmoid": "(tl.minimum({0}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+    # binary (Triton's `/` is true division, ints promote to fp32, as torch)
+    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
+    "pow": "special", "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
+    "lt": "({0} < {1})", "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})",
+    "eq": "({0} == {1})", "ne": "({0} != {1})",
+    "not": "({0} == 0)", "and": "({0} & {1})", "or": "({0} | {1})",
+    "where": "tl.where({0}, {1}, {2})",
+    "cast": "special", "broadcast": "special",
+    # reductions over the one declared axis (the columns), masked to the real S entries
+    "sum": "special", "mean": "special", "amax": "special", "amin": "special", "logsumexp": "special",
+    "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
+                           "backend serves it"),
+    "matmul": Unsupported(_MATRIX), "outer": Unsupported(_MATRIX), "transpose": Unsupported(_MATRIX),
+    "getitem": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
+    "reshape": Unsupported(_MATRIX),
+    "layernorm": Unsupported(_LAYER), "attention": Unsupported(_LAYER),
+}
+
+TL_DTYPES = {"f16": "tl.float16", "bf16": "tl.bfloat16", "f32": "tl.float32", "f64": "tl.float64",
+             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1"}
+KERNEL_DTYPES = ("f16", "bf16", "f32", "i32", "i64", "bool")  # f64 runs on the torch backend
+FLOATS = ("f16", "bf16", "f32", "f64")
+# the value that leaves a reduction unchanged: fills the padded columns of a tile
+REDUCE_PAD = {"sum": "0.0", "mean": "0.0", "amax": "float('-inf')", "amin": "float('inf')",
+              "logsumexp": "float('-inf')"}
+
+
+def literal(value) -> str:
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "float('nan')"
+        if math.isinf(value):
+            return "float('inf')" if value > 0 else "float('-inf')"
+        return repr(value)
+    return repr(int(value))
+
+
+def compute_dtype(dtype: str) -> str:
+    """The dtype a value is held in inside a kernel: floats accumulate in fp32."""
+    return "tl.float32" if dtype in FLOATS else TL_DTYPES[dtype]
+
+
+# ---------------------------------------------------------------------- what fits the tile model
+@dataclass(frozen=True)
+class Layout:
+    mode: str  # 'lanes' | 'state'
+    axis: object  # the SymPy dim expression of the state axis S (None in lanes mode)
+    full_tile: bool  # a body reduces over S: one tile must hold all of it
+
+
+def _bodies(op: OpIR):
+    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout)
+
+
+def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
+    """Why `op` gets no Triton kernels, or None when it does."""
+    if plan is not None and plan.get("plan") != "exact-scan":
+        return "tree-scan plan: the per-level Agg kernel is not generated; the torch backend serves it"
+    structure = (plan or {}).get("structure")
+    if structure not in (None, "elementwise"):
+        return f"combine structure is {structure!r}, not 'elementwise'"
+    if op.chunk is not None:
+        return "chunk op: the chunked layout is not generated for Triton"
+    if op.exclusive:
+        return "exclusive readout: the shifted prefix is not generated for Triton"
+    nodes = list(walk(_bodies(op)))
+    for node in nodes:
+        rendering = TRITON_OPS[node.op]
+        if isinstance(rendering, Unsupported):
+            return f"uses {node.op!r}: {rendering.reason}"
+    if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
+        return "combine reduces over an axis: not elementwise"
+    if any(not n.batched for n in op.combine):
+        return "a combine output ignores both operands"
+    values = op.state + op.inputs + op.outputs + op.params
+    for v in values:
+        if v.dtype not in KERNEL_DTYPES:
+            return f"{v.name!r} is {v.dtype}: kernels hold f16/bf16/f32/int/bool values"
+    shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
+    if any(len(s) > 1 for s in shapes):
+        return "a value has rank > 1: " + _MATRIX
+    axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
+    if len(axes) > 1:
+        return f"values of different lengths {sorted(map(str, axes))}: the tile has one state axis"
+    return None
+
+
+def layout_of(op: OpIR) -> Layout:
+    nodes = list(walk(_bodies(op)))
+    axes = {sympy.sympify(s[0]) for s in [tuple(v.shape) for v in op.state + op.inputs + op.outputs + op.params]
+            + [tuple(n.shape) for n in nodes] if len(s) == 1}
+    full = any(OPS[n.op].kind == "reduce" for n in nodes)
+    if not axes:
+        return Layout("lanes", None, False)
+    return Layout("state", next(iter(axes)), full)
+
+
+# ---------------------------------------------------------------------- bodies
+class TritonBodyPrinter:
+    """Statements computing `outputs`; leaves are names bound by the kernel around them."""
+
+    def __init__(self, outputs: tuple[Node, ...], prefix: str):
+        self.outputs = outputs
+        self.prefix = prefix  # temporaries are named prefix + counter (bodies share a kernel)
+        self.names: dict[Node, str] = {}
+        self.lines: list[str] = []
+
+    def run(self) -> list[str]:
+        for node in walk(self.outputs):
+            if node in self.names:
+                continue
+            if not node.args and node.op != "fill":
+                self.names[node] = self.leaf(node)
+                continue
+            if node.op == "const" or (node.op == "fill"):
+                self.names[node] = literal(node.attrs[0])
+                continue
+            name = f"{self.prefix}{len(self.lines)}"
+            self.lines.append(f"{name} = {self.node(node)}")
+            self.names[node] = name
+        return self.lines
+
+    def leaf(self, node: Node) -> str:
+        op = node.op
+        if op == "arg":
+            return "x_" + node.attrs[0]
+        if op == "field":
+            return {"left": "l_", "right": "r_", "state": "s_"}[node.attrs[0]] + node.attrs[1]
+        if op == "param":
+            return "p_" + node.attrs[0]
+        if op == "dim":
+            return "dim_" + node.attrs[0]
+        if op == "const":
+            return literal(node.attrs[0])
+        if op == "index":
+            return "index"
+        raise ValueError(f"no Triton leaf for {op!r}")
+
+    def node(self, node: Node) -> str:
+        args = [self.names[a] for a in node.args]
+        rendering = TRITON_OPS[node.op]
+        if isinstance(rendering, Unsupported):
+            raise ValueError(f"IR op {node.op!r} has no Triton rendering: {rendering.reason}")
+        if rendering != "special":
+            return rendering.format(*args)
+        if node.op == "pow":
+            return self.power(node, args)
+        if node.op == "cast":
+            return f"({args[0]}).to({compute_dtype(node.attrs[0])})" if node.args[0].op != "const" else \
+                literal(_cast_value(node.args[0].attrs[0], node.attrs[0]))
+        if node.op == "broadcast":
+            return args[0]  # a rank-0 value broadcasts against the tile by itself
+        return self.reduce(node, args[0])
+
+    def power(self, node: Node, args) -> str:
+        base, exponent = node.args
+        if exponent.op == "const" and float(exponent.attrs[0]).is_integer() and 0 <= exponent.attrs[0] <= 4:
+            n = int(exponent.attrs[0])
+            return "(" + " * ".join([args[0]] * n) + ")" if n else f"({args[0]} * 0.0 + 1.0)"
+        if exponent.op == "const" and exponent.attrs[0] == 0.5:
+            return f"tl.sqrt({args[0]})"
+        # a non-integer power of a negative base is NaN here and in torch; a runtime integer
+        # exponent of a negative base is NaN here (docs/triton.md lists it)
+        return f"tl.exp({args[1]} * tl.log({args[0]}))"
+
+    def reduce(self, node: Node, x: str) -> str:
+        pad = REDUCE_PAD[node.op]
+        masked = f"tl.where(col_ok, {x}, {pad})"
+        if node.op == "sum":
+            return f"tl.sum({masked}, axis=1, keep_dims=True)"
+        if node.op == "mean":
+            return f"(tl.sum({masked}, axis=1, keep_dims=True) / S)"
+        if node.op == "amax":
+            return f"tl.max({masked}, axis=1, keep_dims=True)"
+        if node.op == "amin":
+            return f"tl.min({masked}, axis=1, keep_dims=True)"
+        # logsumexp, stable; an all -inf row gives -inf as torch does
+        m = f"tl.max({masked}, axis=1, keep_dims=True)"
+        safe = f"tl.where({m} == float('-inf'), 0.0, {m})"
+        return f"({safe} + tl.log(tl.sum(tl.exp({masked} - {safe}), axis=1, keep_dims=True)))"
+
+
+def _cast_value(value, dtype: str):
+    if dtype in FLOATS:
+        return float(value)
+    if dtype == "bool":
+        return bool(value)
+    return int(value)
+
+
+# ---------------------------------------------------------------------- kernels
+def kernel_names(op: OpIR) -> dict:
+    base = PREFIX + "Op_" + op.name
+    return {"combine": base + "_combine", "forward": base + "_forward", "step": base + "_step"}
+
+
+class KernelPrinter:
+    """The combine function and the forward / step kernels of one op."""
+
+    def __init__(self, op: OpIR):
+        self.op = op
+        self.layout = layout_of(op)
+        self.names = kernel_names(op)
+        self.fields = op.state
+        self.state_mode = self.layout.mode == "state"
+
+    # -- pieces shared by both kernels
+    def signature(self, time: bool) -> list[str]:
+        op = self.op
+        params = []
+        for i, _ in enumerate(op.inputs):
+            params.append(f"in{i}, in{i}_sb, " + (f"in{i}_st, " if time else "") + f"in{i}_sl, in{i}_ss")
+        for i, _ in enumerate(op.params):
+            params.append(f"par{i}, par{i}_ss")
+        params += [f"ini{i}" for i in range(len(self.fields))]
+        for i, _ in enumerate(op.outputs):
+            params.append(f"out{i}, out{i}_sb, " + (f"out{i}_st, " if time else "") + f"out{i}_sl, out{i}_ss")
+        params += [f"fin{i}" for i in range(len(self.fields))]
+        params.append("T, L, S, start")
+        params += ["d_" + d for d in op.dims]
+        params.append("HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr")
+        return ["    " + p + "," for p in params]
+
+    def prologue(self) -> list[str]:
+        op = self.op
+        lines = ["b = tl.program_id(0)"]
+        if self.state_mode:
+            lines += ["lane = tl.program_id(1)",
+                      "sidx = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                      "col_ok = sidx < S"]
+        else:
+            lines += ["lane = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                      "sidx = lane * 0",
+                      "col_ok = lane < L"]
+        for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
+            lines.append(f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)")
+        for i, p in enumerate(op.params):
+            ptr = f"par{i} + sidx * par{i}_ss" if p.shape else f"par{i} + sidx * 0"
+            lines.append(f"p_{p.name} = tl.load({ptr}, mask=col_ok, other=0).to({compute_dtype(p.dtype)})")
+        return lines
+
+    def state_offset(self, field) -> str:
+        return "(b * L + lane) * S + sidx" if field.shape else "b * L + lane + sidx * 0"
+
+    def state_mask(self, field) -> str:
+        return "col_ok & (sidx == 0)" if self.state_mode and not field.shape else "col_ok"
+
+    def load_inputs(self, time: bool, mask: str) -> list[str]:
+        lines = []
+        for i, v in enumerate(self.op.inputs):
+            t = f" + rows * in{i}_st" if time else ""
+            ptr = f"in{i} + b * in{i}_sb{t} + lane * in{i}_sl + sidx * in{i}_ss"
+            cast = f".to({compute_dtype(v.dtype)})"
+            lines.append(f"x_{v.name} = tl.load({ptr}, mask={mask}, other=0){cast}")
+        return lines
+
+    def tile(self, expr: str, dtype: str, shape: str) -> str:
+        """`expr` as a full tile of the field's kernel dtype."""
+        if dtype == "bool":
+            return f"tl.broadcast_to(({expr}) != 0, {shape})"
+        return f"(tl.zeros({shape}, {compute_dtype(dtype)}) + ({expr})).to({compute_dtype(dtype)})"
+
+    def lift(self, shape: str) -> list[str]:
+        printer = TritonBodyPrinter(tuple(self.op.lift), "u")
+        lines = printer.run()
+        for i, (f, node) in enumerate(zip(self.fields, self.op.lift)):
+            lines.append(f"f{i} = {self.tile(printer.names[node], f.dtype, shape)}")
+        return lines
+
+    def readout(self, time: bool, mask: str) -> list[str]:
+        op = self.op
+        lines = [f"s_{f.name} = f{i}" for i, f in enumerate(self.fields)]
+        printer = TritonBodyPrinter(tuple(op.readout), "v")
+        lines += printer.run()
+        for i, (out, node) in enumerate(zip(op.outputs, op.readout)):
+            t = f" + rows * out{i}_st" if time else ""
+            ptr = f"out{i} + b * out{i}_sb{t} + lane * out{i}_sl + sidx * out{i}_ss"
+            m = f"{mask} & (sidx == 0)" if self.state_mode and not out.shape else mask
+            shape = "(BLOCK_T, BLOCK_C)" if time else "(1, BLOCK_C)"
+            value = self.tile(printer.names[node], out.dtype, shape)
+            lines.append(f"tl.store({ptr}, ({value}).to(out{i}.dtype.element_ty), mask={m})")
+        return lines
+
+    def load_init(self) -> list[str]:
+        lines = []
+        for i, f in enumerate(self.fields):
+            dt = compute_dtype(f.dtype)
+            lines.append(f"c{i} = tl.load(ini{i} + {self.state_offset(f)}, mask=col_ok, other=0).to({dt})")
+        return lines
+
+    def store_final(self, names: str) -> list[str]:
+        return [f"tl.store(fin{i} + {self.state_offset(f)}, {names}{i}.to(fin{i}.dtype.element_ty), "
+                f"mask={self.state_mask(f)})" for i, f in enumerate(self.fields)]
+
+    def carry_combine(self, shape: str) -> list[str]:
+        n = len(self.fields)
+        cs = ", ".join(f"c{i}" for i in range(n))
+        fs = ", ".join(f"f{i}" for i in range(n))
+        lines = [f"{fs} = {self.names['combine']}({cs}, {fs})"]
+        lines += [f"f{i} = tl.broadcast_to(f{i}, {shape})" for i in range(n)]
+        return lines
+
+    # -- the three functions
+    def combine_function(self) -> list[str]:
+        op = self.op
+        params = [f"l_{f.name}" for f in self.fields] + [f"r_{f.name}" for f in self.fields]
+        printer = TritonBodyPrinter(tuple(op.combine), "k")
+        body = printer.run()
+        results = []
+        for f, node in zip(self.fields, op.combine):
+            ref = printer.names[node]
+            results.append(f"({ref}) != 0" if f.dtype == "bool" else f"({ref}).to({compute_dtype(f.dtype)})")
+        lines = ["@_psm_jit", f"def {self.names['combine']}({', '.join(params)}):"]
+        lines += ["    " + line for line in body]
+        lines.append("    return " + ", ".join(results))
+        return lines
+
+    def forward_kernel(self) -> list[str]:
+        n = len(self.fields)
+        shape = "(BLOCK_T, BLOCK_C)"
+        lines = ["@_psm_jit", f"def {self.names['forward']}("] + self.signature(time=True) + ["):"]
+        body = self.prologue()
+        body += ["rows0 = tl.arange(0, BLOCK_T)[:, None]", "if HAS_INIT:"]
+        body += ["    " + line for line in self.load_init()]
+        body.append("else:")
+        body += [f"    c{i} = tl.zeros((1, BLOCK_C), {compute_dtype(f.dtype)})" for i, f in enumerate(self.fields)]
+        body.append("for blk in range(0, tl.cdiv(T, BLOCK_T)):")
+        loop = ["rows = blk * BLOCK_T + rows0", "ok = (rows < T) & col_ok"]
+        loop += self.load_inputs(time=True, mask="ok")
+        loop.append("index = (start + rows).to(tl.int64)")
+        loop += self.lift(shape)
+        fs = ", ".join(f"f{i}" for i in range(n))
+        if n == 1:
+            loop.append(f"f0 = tl.associative_scan(f0, 0, {self.names['combine']})")
+        else:
+            loop.append(f"{fs} = tl.associative_scan(({fs}), 0, {self.names['combine']})")
+        # the carry joins every block but the first of a fresh stream
+        loop.append("if HAS_INIT:")
+        loop += ["    " + line for line in self.carry_combine(shape)]
+        loop.append("else:")
+        loop.append("    if blk > 0:")
+        loop += ["        " + line for line in self.carry_combine(shape)]
+        loop += self.readout(time=True, mask="ok")
+        loop.append("last = rows == tl.minimum(T, blk * BLOCK_T + BLOCK_T) - 1")
+        for i, f in enumerate(self.fields):
+            loop.append(f"c{i} = {_row_pick(f'f{i}', f.dtype)}")
+        body += ["    " + line for line in loop]
+        body += self.store_final("c")
+        return lines + ["    " + line for line in body]
+
+    def step_kernel(self) -> list[str]:
+        shape = "(1, BLOCK_C)"
+        lines = ["@_psm_jit", f"def {self.names['step']}("] + self.signature(time=False) + ["):"]
+        body = self.prologue()
+        body += self.load_inputs(time=False, mask="col_ok")
+        body.append("index = (start + tl.zeros((1, 1), tl.int64))")
+        body += self.lift(shape)
+        body.append("if HAS_INIT:")
+        body += ["    " + line for line in self.load_init() + self.carry_combine(shape)]
+        body += self.readout(time=False, mask="col_ok")
+        body += self.store_final("f")
+        return lines + ["    " + line for line in body]
+
+
+def _row_pick(name: str, dtype: str) -> str:
+    """The row where `last` holds, as a [1, BLOCK_C] tile (every other row contributes 0)."""
+    if dtype == "bool":
+        return f"tl.sum(tl.where(last, {name}.to(tl.int32), 0), axis=0, keep_dims=True) != 0"
+    zero = "0.0" if dtype in FLOATS else "0"
+    return f"tl.sum(tl.where(last, {name}, {zero}), axis=0, keep_dims=True).to({compute_dtype(dtype)})"
+
+
+# ---------------------------------------------------------------------- module section
+PRELUDE = [
+    "# ---- Triton kernels (psmc.codegen.triton_printer); absent without Triton",
+    "try:",
+    "    import triton as _triton",
+    "    import triton.language as tl",
+    "except ImportError:  # no Triton on this platform: the torch backend serves every pass",
+    "    _triton = None",
+    "",
+    "    class tl:  # kernel annotations only: no kernel is built without Triton",
+    "        constexpr = None",
+    "",
+    "",
+    "def _psm_jit(fn):",
+    "    return _triton.jit(fn) if _triton is not None else None",
+    "",
+    "",
+    "from psmc.runtime import triton_support as _tsup  # noqa: E402",
+]
+
+
+def _ranks(values) -> str:
+    return "(" + "".join(f"{len(v.shape)}, " for v in values) + ")"
+
+
+def registration(op: OpIR) -> list[str]:
+    layout = layout_of(op)
+    names = kernel_names(op)
+    axis = "None" if layout.axis is None else f"lambda cx_d: {dim_code(layout.axis).replace('cx.d', 'cx_d')}"
+    cls = "Op_" + op.name
+    return [
+        "if _triton is not None:",
+        f"    {cls}._triton_kernels = _tsup.TritonKernels(",
+        f"        forward={names['forward']},",
+        f"        step={names['step']},",
+        f"        mode={layout.mode!r},",
+        f"        axis={axis},",
+        f"        full_tile={layout.full_tile!r},",
+        f"        inputs={tuple(v.name for v in op.inputs)!r},",
+        f"        input_ranks={_ranks(op.inputs)},",
+        f"        params={tuple(p.name for p in op.params)!r},",
+        f"        field_ranks={_ranks(op.state)},",
+        f"        field_dtypes={tuple(f.dtype for f in op.state)!r},",
+        f"        output_ranks={_ranks(op.outputs)},",
+        f"        output_dtypes={tuple(v.dtype for v in op.outputs)!r},",
+        f"        dims={tuple(op.dims)!r},",
+        "    )",
+    ]
+
+
+def generate(op: OpIR, plan: dict | None) -> str | None:
+    """Module-level source (combine function, kernels, registration on the op's class) for
+    one op, to be placed after the class and after PRELUDE; None when the op gets none."""
+    if unsupported_reason(op, plan) is not None:
+        return None
+    printer = KernelPrinter(op)
+    lines = printer.combine_function() + ["", ""] + printer.forward_kernel() + ["", ""]
+    lines += printer.step_kernel() + ["", ""] + registration(op)
+    return "\n".join(lines) + "\n"
+
+
+def generate_section(ops, plans: dict) -> list[str]:
+    """The whole Triton part of a generated module: PRELUDE plus every op's kernels; empty
+    when no op gets kernels. module.py appends these lines after the classes."""
+    parts = [generate(op, plans.get(op.name)) for op in ops]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return []
+    lines = list(PRELUDE) + ["", ""]
+    for part in parts:
+        lines += part.rstrip("\n").split("\n") + ["", ""]
+    return lines
+
+
+def describe(op: OpIR, plan: dict | None) -> str:
+    """One line for `psmc check`: which passes run as Triton kernels."""
+    reason = unsupported_reason(op, plan)
+    if reason is not None:
+        return f"triton: none ({reason})"
+    layout = layout_of(op)
+    tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
+        (" (whole axis per tile)" if layout.full_tile else "")
+    return f"triton: forward + step kernels, tiled over {tiles}; backward not generated (backend='auto' runs gradient calls on torch)"

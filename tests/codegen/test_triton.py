@@ -1,0 +1,190 @@
+"""The Triton backend under TRITON_INTERPRET=1: every IR op has a rendering or a reason, and the
+generated forward / step kernels equal the torch backend (fp32, DESIGN.md tolerances).
+
+The interpreter runs tl.associative_scan as a sequential fold, so bracketing is tested by the
+torch backend's tests, not here; block sizes below T exercise the carry between blocks."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
+
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from psmc.codegen import triton_printer as tp  # noqa: E402
+from psmc.codegen.module import generate_module  # noqa: E402
+from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
+from psmc.ir.ops import OPS  # noqa: E402
+from psmc.runtime import triton_support as ts  # noqa: E402
+from psmc.runtime.state import ScanState  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+SUPPORTED = ["cumsum", "linear_recurrence", "logcumsumexp", "running_argmax", "welford", "segmented_sum",
+             "selective_ssm", "softmax_pool"]
+LANES = (3,)
+DIMS = {"selective_ssm": {"N": 4}, "softmax_pool": {"V": 5}}
+
+
+def _close(ref: torch.Tensor, out: torch.Tensor):
+    """DESIGN.md: max abs error <= 1e-6, else relative RMS error <= 1e-5 on fp32 paths."""
+    assert ref.shape == out.shape and ref.dtype == out.dtype, (ref.shape, out.shape, ref.dtype, out.dtype)
+    if not ref.is_floating_point():
+        assert torch.equal(ref, out)
+        return
+    assert not torch.isnan(out).any()
+    err = (ref - out).abs().max().item()
+    if err <= 1e-6:
+        return
+    rel = ((ref - out).norm() / ref.norm()).item()
+    assert rel <= 1e-5, f"max abs error {err}, relative RMS error {rel}"
+
+
+def _load(name: str, tmp_path: Path):
+    """Generate the module (torch classes + Triton section) and import it."""
+    ops = ops_from_file(EXAMPLES / f"{name}.psm")
+    plans = {op.name: {"plan": "exact-scan", "structure": "elementwise"} for op in ops}
+    source = generate_module(ops, plans, f"{name}.psm", "0" * 64)
+    section = "\n".join(tp.generate_section(ops, plans))
+    source = source.replace("__psmc_layers__ = {", section + "\n__psmc_layers__ = {", 1)
+    path = tmp_path / f"gen_triton_{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _inputs(layer, B: int, T: int | None, seed: int) -> dict:
+    """Random inputs [B, (T,) *lanes, *declared] in ranges where every example is well-posed;
+    selective_ssm's B is shared by the lanes (a size-1 lane axis: a stride-0 load)."""
+    g = torch.Generator().manual_seed(seed)
+    dims = dict(layer.dims)
+    lead = (B,) if T is None else (B, T)
+    out = {}
+    for slot in layer.spec.inputs:
+        lanes = (1,) if slot.name == "B" else LANES
+        shape = lead + lanes + tuple(int(s) for s in slot.shape(dims))
+        if slot.dtype == "bool":
+            x = torch.rand(shape, generator=g) > 0.7
+        elif slot.name == "log_a":
+            x = -torch.rand(shape, generator=g) * 0.5
+        elif slot.name == "delta":
+            x = torch.rand(shape, generator=g) * 0.5
+        elif slot.name == "A":
+            x = -torch.rand(shape, generator=g)
+        elif slot.name == "x" and layer.spec.name == "running_argmax":
+            x = torch.randint(0, 4, shape, generator=g).float()  # ties: the earliest position wins
+        else:
+            x = torch.randn(shape, generator=g)
+        out[slot.name] = x
+    return out
+
+
+def _outputs(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
+# ---------------------------------------------------------------------- the op table
+def test_every_ir_op_has_a_rendering_or_a_reason():
+    assert set(tp.TRITON_OPS) == set(OPS)
+    for op, rendering in tp.TRITON_OPS.items():
+        assert rendering == "special" or isinstance(rendering, tp.Unsupported) or "{0}" in rendering, op
+        if isinstance(rendering, tp.Unsupported):
+            assert rendering.reason
+
+
+def test_no_python_semantics_in_renderings():
+    source = "op m { state (a: f32, b: f32); lift (x: f32) { return (x, x); } " \
+             "combine (l, r) { return (max(l.a, r.a), if r.a > l.a then min(l.b, r.b) else l.b / 2); } }"
+    op = ops_from_source(source)[0]
+    text = tp.generate(op, {"plan": "exact-scan"})
+    assert "tl.maximum(" in text and "tl.minimum(" in text and "tl.where(" in text
+    assert " max(" not in text and " min(" not in text and " if " not in text.split("def _psm_Op_m_combine")[1] \
+        .split("return")[0]
+    assert tp.literal(float("-inf")) == "float('-inf')" and tp.literal(2.0) == "2.0" and tp.literal(True) == "True"
+
+
+def test_unsupported_ops_are_reported_not_generated():
+    for name, words in (("gla", "outer"), ("ema", "tree-scan"), ("rwkv6", "exclusive")):
+        op = ops_from_file(EXAMPLES / f"{name}.psm")[0]
+        plan = {"plan": "tree-scan" if name == "ema" else "exact-scan"}
+        assert words in tp.unsupported_reason(op, plan)
+        assert tp.generate(op, plan) is None
+    op = ops_from_file(EXAMPLES / "cumsum.psm")[0]
+    assert "not 'elementwise'" in tp.unsupported_reason(op, {"plan": "exact-scan", "structure": "affine"})
+
+
+def test_generation_is_deterministic():
+    op = ops_from_file(EXAMPLES / "softmax_pool.psm")[0]
+    assert tp.generate(op, None) == tp.generate(op, None)
+
+
+# ---------------------------------------------------------------------- kernels vs torch
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_forward_and_stream_equal_torch(name, tmp_path):
+    cls = _load(name, tmp_path)
+    layer = cls(backend="torch", **DIMS.get(name, {}))
+    assert cls._triton_kernels is not None
+    with torch.no_grad():
+        for T, block_t in ((1, 4), (5, 2), (64, 16), (130, 32)):
+            inputs = _inputs(layer, 2, T, seed=T)
+            ref, ref_state = layer(**inputs, return_state=True)
+            call = layer._prepare(dict(inputs), step=False)
+            outs, state = ts.forward(layer, call, None, block_t=block_t)
+            for r, o in zip(_outputs(ref), outs):
+                _close(r, o)
+            for r, o in zip(ref_state.prefix, state.prefix):
+                _close(r.expand_as(o), o)
+            assert state.size == T
+        # a stream continued from a state equals the whole sequence in one pass
+        inputs = _inputs(layer, 2, 37, seed=7)
+        ref = _outputs(layer(**inputs))
+        first = {k: v[:, :20] for k, v in inputs.items()}
+        rest = {k: v[:, 20:] for k, v in inputs.items()}
+        _, state = ts.forward(layer, layer._prepare(dict(first), step=False), None, block_t=8)
+        outs, state = ts.forward(layer, layer._prepare(dict(rest), step=False), state, block_t=8)
+        for r, o in zip(ref, outs):
+            _close(r[:, 20:], o)
+        assert state.size == 37
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_step_kernel_equals_torch(name, tmp_path):
+    cls = _load(name, tmp_path)
+    layer = cls(backend="torch", **DIMS.get(name, {}))
+    inputs = _inputs(layer, 2, 5, seed=3)
+    with torch.no_grad():
+        ref = _outputs(layer(**inputs))
+        state = layer.init_state()
+        for t in range(5):
+            token = {k: v[:, t] for k, v in inputs.items()}
+            outs, state = ts.step(layer, layer._prepare(dict(token), step=True), state)
+            for r, o in zip(ref, outs):
+                _close(r[:, t], o)
+        assert isinstance(state, ScanState) and state.size == 5
+
+
+# ---------------------------------------------------------------------- backend choice
+def test_backend_choice(tmp_path):
+    cls = _load("cumsum", tmp_path)
+    inputs = {"x": torch.randn(2, 5, 3)}
+    auto = cls(backend="auto")
+    assert not ts.use_triton(auto, auto._prepare(dict(inputs), step=False))  # CPU tensors: torch
+    forced = cls(backend="triton")
+    with torch.no_grad():
+        assert ts.use_triton(forced, forced._prepare(dict(inputs), step=False))  # the interpreter
+    wants_grad = {"x": torch.randn(2, 5, 3, requires_grad=True)}
+    with pytest.raises(RuntimeError, match="backward"):
+        ts.use_triton(forced, forced._prepare(dict(wants_grad), step=False))
+    doubles = {"x": torch.randn(2, 5, 3, dtype=torch.float64)}
+    with torch.no_grad(), pytest.raises(RuntimeError, match="float64"):
+        ts.use_triton(forced, forced._prepare(dict(doubles), step=False))
+    assert not ts.use_triton(cls(backend="torch"), auto._prepare(dict(inputs), step=False))
