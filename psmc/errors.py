@@ -23,8 +23,10 @@ class Source:
     text: str = field(repr=False)
 
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
-        return lines[lineno - 1] if 1 <= lineno <= len(lines) else ""
+        # Only '\n' ends a line, as for the lexer's line numbers; str.splitlines() would also
+        # split at form feeds and U+2028 inside comments and show the wrong line.
+        lines = self.text.split("\n")
+        return lines[lineno - 1].rstrip("\r") if 1 <= lineno <= len(lines) else ""
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,12 @@ class Span:
     end_col: int
 
     def render(self) -> str:
-        text = self.source.line(self.line).expandtabs(4)
-        width = self.end_col - self.col if self.end_line == self.line else len(text) - self.col + 1
-        caret = " " * (self.col - 1) + "^" * max(1, width)
-        return f"    {text}\n    {caret}"
+        raw = self.source.line(self.line)
+        # Columns count characters; tabs are shown expanded, so measure the expanded prefixes.
+        start = len(raw[: self.col - 1].expandtabs(4))
+        end = len(raw[: self.end_col - 1].expandtabs(4)) if self.end_line == self.line else len(raw.expandtabs(4))
+        caret = " " * start + "^" * max(1, end - start)
+        return f"    {raw.expandtabs(4)}\n    {caret}"
 
     @property
     def where(self) -> str:

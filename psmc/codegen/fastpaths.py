@@ -138,8 +138,8 @@ def _chunkwise(op: OpIR):
 
 
 def choose_fast_path(op: OpIR, plan: dict) -> FastPath | None:
-    if plan.get("plan") != "exact-scan":
-        return None
+    if plan.get("plan") != "exact-scan" or op.exclusive:
+        return None  # exclusive readouts keep the generic path (the prefix shift is not fused)
     pieces = _chunkwise(op)
     if pieces is not None:
         return _chunkwise_method(op, pieces)

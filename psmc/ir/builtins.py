@@ -18,6 +18,13 @@ class Builtin:
     dtype: str = "same"  # dtype rule: same | float | promote | bool | fill
     ir_op: str | None = None  # the IR op it lowers to (None: lowered by a rule of its own)
     doc: str = ""
+    args: str = "x"  # the positional arguments as a user writes them (for messages and docs)
+
+
+def usage(b: Builtin) -> str:
+    """How to call a builtin, e.g. `split(x, n, axis=-1)`: shown when a call gets it wrong."""
+    kws = [f"{k}={str(d).lower() if isinstance(d, bool) else d}" for k, (_, d) in b.kwargs.items()]
+    return f"{b.name}({', '.join(([b.args] if b.args else []) + kws)})"
 
 
 def _unary(name, dtype, doc, ir_op=None):
@@ -42,9 +49,12 @@ _ROWS = [
     _unary("gelu", "float", "Gaussian error linear unit (erf form)"),
     _unary("silu", "float", "x * sigmoid(x)"),
     _unary("logsigmoid", "float", "log(sigmoid(x))"),
-    Builtin("max", 2, 2, shape="broadcast", dtype="promote", ir_op="maximum", doc="elementwise maximum"),
-    Builtin("min", 2, 2, shape="broadcast", dtype="promote", ir_op="minimum", doc="elementwise minimum"),
-    Builtin("where", 3, 3, shape="broadcast", dtype="select", ir_op="where", doc="c ? a : b, elementwise"),
+    Builtin("max", 2, 2, shape="broadcast", dtype="promote", ir_op="maximum", doc="elementwise maximum",
+            args="a, b"),
+    Builtin("min", 2, 2, shape="broadcast", dtype="promote", ir_op="minimum", doc="elementwise minimum",
+            args="a, b"),
+    Builtin("where", 3, 3, shape="broadcast", dtype="select", ir_op="where", doc="c ? a : b, elementwise",
+            args="c, a, b"),
     _reduce("sum", "same", "sum over an axis"),
     _reduce("mean", "float", "mean over an axis"),
     _reduce("amax", "same", "maximum over an axis"),
@@ -52,23 +62,27 @@ _ROWS = [
     _reduce("logsumexp", "float", "log(sum(exp(x))) over an axis, stable"),
     Builtin("softmax", 1, 1, {"axis": ("axis", -1)}, shape="same", dtype="float", ir_op="softmax",
             doc="softmax over an axis"),
-    Builtin("outer", 2, 2, shape="outer", dtype="promote", ir_op="outer", doc="a[:, None] * b[None, :]"),
-    Builtin("eye", 1, 1, shape="eye", dtype="fill", doc="identity matrix of a static size"),
-    Builtin("zeros", 0, None, shape="fill", dtype="fill", doc="zeros of a static shape; bare in identity"),
-    Builtin("ones", 0, None, shape="fill", dtype="fill", doc="ones of a static shape; bare in identity"),
+    Builtin("outer", 2, 2, shape="outer", dtype="promote", ir_op="outer", doc="a[:, None] * b[None, :]",
+            args="a, b"),
+    Builtin("eye", 1, 1, shape="eye", dtype="fill", doc="identity matrix of a static size", args="n"),
+    Builtin("zeros", 0, None, shape="fill", dtype="fill", doc="zeros of a static shape; bare in identity",
+            args="n, ..."),
+    Builtin("ones", 0, None, shape="fill", dtype="fill", doc="ones of a static shape; bare in identity",
+            args="n, ..."),
     Builtin("concat", 1, None, {"axis": ("axis", 0)}, shape="concat", dtype="promote", ir_op="concat",
-            doc="join along an axis"),
+            doc="join along an axis", args="a, b, ..."),
     Builtin("split", 2, 2, {"axis": ("axis", -1)}, shape="split", dtype="same",
-            doc="n equal parts along an axis (a tuple)"),
+            doc="n equal parts along an axis (a tuple)", args="x, n"),
     Builtin("transpose", 1, 1, shape="transpose", dtype="same", ir_op="transpose",
             doc="swap the last two axes"),
     Builtin("diag", 1, 1, shape="diag", dtype="same", ir_op="diag", doc="vector -> diagonal matrix"),
     Builtin("reshape", 2, 2, shape="reshape", dtype="same", ir_op="reshape",
-            doc="reshape to a static shape, e.g. reshape(x, (C, D))"),
+            doc="reshape to a static shape, e.g. reshape(x, (C, D))", args="x, shape"),
     Builtin("layernorm", 1, 1, shape="same", dtype="float", ir_op="layernorm",
             doc="layer norm over the last axis, no affine, eps 1e-5"),
     Builtin("attention", 3, 3, {"heads": ("int", 1), "causal": ("bool", False)}, shape="attention",
-            dtype="float", ir_op="attention", doc="scaled dot-product softmax attention over the first axis"),
+            dtype="float", ir_op="attention", doc="scaled dot-product softmax attention over the first axis",
+            args="q, k, v"),
 ]
 
 BUILTINS: dict[str, Builtin] = {row.name: row for row in _ROWS}

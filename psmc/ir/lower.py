@@ -15,7 +15,7 @@ import sympy
 from ..errors import (PsmcDeclarationError, PsmcError, PsmcLimitError, PsmcNameError,
                       PsmcTypeError, Span)
 from ..grammar import ast
-from .builtins import BUILTINS
+from .builtins import BUILTINS, usage
 from .nodes import Node, OpIR, Param, Value, dim_symbol, shape_str, type_str
 from .ops import BINARY_OPERATORS
 from .types import (DTYPES, broadcast, can_store, dims_equal, float_of, is_float, is_int, promote,
@@ -23,7 +23,14 @@ from .types import (DTYPES, broadcast, can_store, dims_equal, float_of, is_float
 
 MAX_INLINE_DEPTH = 32
 MAX_LOWERED_EXPRESSIONS = 200_000
+# Lowering recurses a few Python frames per nesting level; this keeps far below Python's limit.
+MAX_EXPRESSION_DEPTH = 128
 _INIT_KINDS = {"zeros": 0, "ones": 0, "xavier": 0, "normal": 1, "uniform": 2}
+# What to do instead of reading the position where it does not exist (per body).
+_INDEX_HINTS = {
+    "combine": "combine sees two elements, not a position; put the position into the state in lift",
+    "identity": "the identity is the empty prefix and has no position; use a constant such as -1 or 0",
+}
 
 
 # ----------------------------------------------------------------------------- scope values
@@ -58,7 +65,15 @@ def lower_module(module: ast.Module) -> list[OpIR]:
         table[item.name] = item
     for fn in fns.values():
         _check_unique(fn.params, [fn.name_span] * len(fn.params), "parameter")
-    return [_OpLowerer(op, fns).lower() for op in ops.values()]
+    return [_lower_op(op, fns) for op in ops.values()]
+
+
+def _lower_op(op: ast.OpDef, fns) -> OpIR:
+    try:
+        return _OpLowerer(op, fns).lower()
+    except RecursionError:  # a backstop: MAX_EXPRESSION_DEPTH normally reports it first
+        raise PsmcLimitError(f"op '{op.name}' is nested too deeply to check", op.name_span,
+                             hint="flatten deeply nested expressions with `let`") from None
 
 
 def _check_unique(names, spans, what):
@@ -88,6 +103,7 @@ class _OpLowerer:
         self.body: str = ""
         self.fn_stack: list[str] = []
         self.budget = MAX_LOWERED_EXPRESSIONS
+        self.depth = 0
         self.identity_field: Value | None = None
 
     # ------------------------------------------------------------------ the op
@@ -169,7 +185,8 @@ class _OpLowerer:
         shape = tuple(self._dim_expr(d) for d in t.shape)
         for d, src in zip(shape, t.shape):
             if d.is_number and d <= 0:
-                raise PsmcTypeError(f"a shape entry must be positive, got {d}", src.span)
+                raise PsmcTypeError(f"a shape entry must be positive, got {d}", src.span,
+                                    hint="a scalar has no shape: write `f32`, not `f32[0]`")
         return t.dtype, shape
 
     def _typed_values(self, typed, what) -> tuple[Value, ...]:
@@ -183,7 +200,8 @@ class _OpLowerer:
     def _param(self, p: ast.ParamDecl):
         if p.name in self.params:
             raise PsmcNameError(f"duplicate param '{p.name}'", p.span,
-                                notes=(("first declared here", self.params[p.name].span),))
+                                notes=(("first declared here", self.params[p.name].span),),
+                                hint="every name in an op must be unique; rename one of the two params")
         if p.name in self.dims:
             raise PsmcNameError(f"param '{p.name}' has the name of a dim", p.span, hint="rename the param")
         dtype, shape = self._type(p.type)
@@ -210,9 +228,11 @@ class _OpLowerer:
                                        span, hint="use zeros, ones, normal(std) or uniform(lo, hi)")
         values = tuple(self._literal_number(a) for a in args)
         if name == "normal" and values[0] < 0:
-            raise PsmcDeclarationError("normal(std) needs std >= 0", args[0].span)
+            raise PsmcDeclarationError("normal(std) needs std >= 0", args[0].span,
+                                       hint="std is a standard deviation, e.g. normal(0.02)")
         if name == "uniform" and values[0] > values[1]:
-            raise PsmcDeclarationError("uniform(lo, hi) needs lo <= hi", span)
+            raise PsmcDeclarationError("uniform(lo, hi) needs lo <= hi", span,
+                                       hint="give the lower bound first, e.g. uniform(-0.1, 0.1)")
         return (name,) + values
 
     def _literal_number(self, e) -> float:
@@ -221,7 +241,8 @@ class _OpLowerer:
             sign, e = -sign, e.operand
         if isinstance(e, ast.Number):
             return sign * float(e.text)
-        raise PsmcDeclarationError("expected a number literal", e.span)
+        raise PsmcDeclarationError("expected a number literal", e.span,
+                                   hint="initialiser arguments are plain numbers, e.g. normal(0.02)")
 
     def _check_reserved(self, values):
         for v in values:
@@ -290,7 +311,8 @@ class _OpLowerer:
             self.identity_field = f
             node = self._node(self._expr(e), e)
             if node.batched:
-                raise PsmcTypeError("the identity must be a constant", e.span)
+                raise PsmcTypeError("the identity must be a constant", e.span,
+                                    hint="use numbers, -inf, zeros, ones or eye(K): the value of the empty prefix")
             out.append(self._coerce(node, f, "the identity", e.span))
         self.identity_field = None
         return tuple(out)
@@ -333,7 +355,8 @@ class _OpLowerer:
             if chunk is not None and (not node.shape or not dims_equal(node.shape[0], chunk)):
                 raise PsmcTypeError(
                     f"a chunk readout returns one row per token (first axis {chunk}), got "
-                    f"{type_str(node.dtype, node.shape)}", src.span)
+                    f"{type_str(node.dtype, node.shape)}", src.span,
+                    hint=f"return a value whose first axis is the chunk length, e.g. {chunk} rows of outputs")
             nodes.append(node)
             outputs.append(Value("out" if len(items) == 1 else f"out{i}", node.dtype, node.shape, src.span))
         return inputs, tuple(nodes), tuple(outputs), r.exclusive
@@ -389,7 +412,8 @@ class _OpLowerer:
                 if not isinstance(value, TupleValue) or len(value.items) != len(let.targets):
                     got = len(value.items) if isinstance(value, TupleValue) else 1
                     raise PsmcTypeError(f"cannot unpack {got} value{'s' if got != 1 else ''} into "
-                                        f"{len(let.targets)} names", let.value.span)
+                                        f"{len(let.targets)} names", let.value.span,
+                                        hint=f"write as many names as there are values ({got})")
                 values = value.items
             spans = let.target_spans or (let.span,) * len(let.targets)
             for name, v, span in zip(let.targets, values, spans):
@@ -417,16 +441,25 @@ class _OpLowerer:
     def _expr(self, e):
         self.budget -= 1
         if self.budget < 0:
-            raise PsmcLimitError("the op expands to too many expressions (deeply nested helper calls?)", e.span)
+            raise PsmcLimitError("the op expands to too many expressions (deeply nested helper calls?)", e.span,
+                                 hint="call big helpers fewer times, or share their results with `let`")
+        if self.depth >= MAX_EXPRESSION_DEPTH:
+            raise PsmcLimitError(f"expressions are nested more than {MAX_EXPRESSION_DEPTH} deep", e.span,
+                                 hint="name intermediate values with `let`")
         method = getattr(self, "_expr_" + type(e).__name__)
-        return method(e)
+        self.depth += 1
+        try:
+            return method(e)
+        finally:
+            self.depth -= 1
 
     def _expr_Number(self, e: ast.Number):
         text = e.text
         if all(ch.isdigit() for ch in text):
             value = int(text)
             if value >= 2 ** 63:
-                raise PsmcTypeError("integer literal does not fit in i64", e.span)
+                raise PsmcTypeError("integer literal does not fit in i64", e.span,
+                                    hint="write it as a float (e.g. 1e20) or use a smaller value")
             return Node("const", (), (value,), "i64", (), e.span)
         value = float(text)
         if math.isinf(value):
@@ -460,15 +493,18 @@ class _OpLowerer:
     def _unknown_name(self, e: ast.Var):
         if e.name == "index":
             raise PsmcNameError(f"'index' (the position) is not available in {self.body}", e.span,
-                                hint="combine sees two elements, not a position; "
-                                     "put the position into the state in lift")
+                                hint=_INDEX_HINTS.get(self.body, _INDEX_HINTS["combine"]))
         if e.name in ("zeros", "ones"):
             raise PsmcNameError(f"bare '{e.name}' takes its shape from a state field, so it only works in "
                                 "`identity`", e.span, hint=f"write {e.name}(K, V) with an explicit shape")
         if e.name in BUILTINS or e.name in self.fns:
-            raise PsmcNameError(f"'{e.name}' is a function; call it with arguments", e.span)
+            call = usage(BUILTINS[e.name]) if e.name in BUILTINS else f"{e.name}({', '.join(self.fns[e.name].params)})"
+            raise PsmcNameError(f"'{e.name}' is a function; call it with arguments", e.span, hint=f"e.g. {call}")
         candidates = list(self.scope) + list(self.params) + list(self.dims)
         hint = _suggest(e.name, candidates)
+        if hint is None and self.body == "identity":
+            hint = ("the identity is a constant (the value of the empty prefix): numbers, -inf, zeros, ones, "
+                    "eye(K) and dims; inputs and fields are not visible")
         if hint is None:
             visible = ", ".join(candidates) if candidates else "none"
             hint = f"names visible in {self.body}: {visible}"
@@ -491,7 +527,8 @@ class _OpLowerer:
         x = self._node(self._expr(e.operand), e.operand)
         if e.op == "not":
             if x.dtype != "bool":
-                raise PsmcTypeError(f"`not` needs a bool, got {x.dtype}", e.operand.span)
+                raise PsmcTypeError(f"`not` needs a bool, got {x.dtype}", e.operand.span,
+                                    hint="compare numbers to get a bool, e.g. `not (x > 0)`")
             return Node("not", (x,), (), "bool", x.shape, e.span)
         if x.dtype == "bool":
             raise PsmcTypeError("cannot negate a bool", e.span, hint="use `not` for booleans")
@@ -559,9 +596,11 @@ class _OpLowerer:
     def _matmul(self, a: Node, b: Node, e) -> Node:
         for x, s in ((a, e.left), (b, e.right)):
             if x.rank not in (1, 2):
-                raise PsmcTypeError(f"'@' takes vectors and matrices, got shape {shape_str(x.shape)}", s.span)
+                raise PsmcTypeError(f"'@' takes vectors and matrices, got shape {shape_str(x.shape)}", s.span,
+                                    hint="for a scalar use '*'; index a higher-rank value down to a matrix first")
             if x.dtype == "bool":
-                raise PsmcTypeError("cannot use a bool in '@'", s.span)
+                raise PsmcTypeError("cannot use a bool in '@'", s.span,
+                                    hint="turn it into a number with `if c then 1.0 else 0.0`")
         inner_a = a.shape[-1]
         inner_b = b.shape[0]
         if not dims_equal(inner_a, inner_b):
@@ -596,7 +635,8 @@ class _OpLowerer:
                 hi = self._static_index(idx.hi, size, clamp=True) if idx.hi is not None else size
                 length = sympy.Max(hi - lo, 0) if (hi - lo).is_number else hi - lo
                 if length.is_number and length <= 0:
-                    raise PsmcTypeError(f"empty slice of an axis of size {size}", idx.span or e.span)
+                    raise PsmcTypeError(f"empty slice of an axis of size {size}", idx.span or e.span,
+                                        hint="a slice a:b keeps entries a..b-1 and must keep at least one")
                 spec.append(("slice", lo, hi))
                 shape.append(sympy.Integer(length) if length.is_number else length)
             else:
@@ -612,15 +652,18 @@ class _OpLowerer:
         if k.is_number and size.is_number:
             limit = size if clamp else size - 1
             if k < 0 or k > limit:
-                raise PsmcTypeError(f"index {k} is out of range for an axis of size {size}", e.span)
+                raise PsmcTypeError(f"index {k} is out of range for an axis of size {size}", e.span,
+                                    hint=f"indices run from 0 to {size - 1} (or from -{size} to -1, from the end)")
         return k
 
     def _static_int(self, e, what) -> sympy.Expr:
         """A compile-time integer: literals, dims, and + - * of those (also through fn arguments)."""
         value = _static_value(self._node(self._expr(e), e))
         if value is None or isinstance(value, bool) or not (value.is_integer or value.is_number and value == int(value)):
+            hint = ("data-dependent indexing is not supported; use where() to select" if what == "an index"
+                    else "sizes and axes are fixed when the layer is built: use a number or a dim")
             raise PsmcTypeError(f"{what} must be a constant integer (a number, a dim, or + - * of those)",
-                                e.span, hint="data-dependent indexing is not supported; use where() to select")
+                                e.span, hint=hint)
         return sympy.Integer(int(value)) if value.is_number else value
 
     # ------------------------------------------------------------------ calls
@@ -637,15 +680,15 @@ class _OpLowerer:
             want = (f"{b.min_args}" if b.min_args == b.max_args else
                     f"at least {b.min_args}" if b.max_args is None else f"{b.min_args} to {b.max_args}")
             raise PsmcTypeError(f"{e.name}() takes {want} positional argument{'s' if want != '1' else ''}, "
-                                f"got {n}", e.span)
+                                f"got {n}", e.span, hint=f"call it as {usage(b)}: {b.doc}")
         kw = {}
         for k in e.kwargs:
             if k.name not in b.kwargs:
                 allowed = ", ".join(b.kwargs) or "none"
                 raise PsmcTypeError(f"{e.name}() has no keyword '{k.name}'", k.span,
-                                    hint=f"its keywords: {allowed}")
+                                    hint=f"its keywords: {allowed}; call it as {usage(b)}")
             if k.name in kw:
-                raise PsmcTypeError(f"keyword '{k.name}' given twice", k.span)
+                raise PsmcTypeError(f"keyword '{k.name}' given twice", k.span, hint="give each keyword once")
             kw[k.name] = k
         static = {}
         for name, (kind, default) in b.kwargs.items():
@@ -657,12 +700,14 @@ class _OpLowerer:
         if kind == "bool":
             value = _static_value(self._node(self._expr(k.value), k.value))
             if not isinstance(value, bool):
-                raise PsmcTypeError(f"'{k.name}' must be true or false", k.value.span)
+                raise PsmcTypeError(f"'{k.name}' must be true or false", k.value.span,
+                                    hint=f"write {k.name}=true or {k.name}=false")
             return value
         value = self._static_int(k.value, f"'{k.name}'")
         if kind == "int":
             if value.is_number and value < 1:
-                raise PsmcTypeError(f"'{k.name}' must be a positive integer", k.value.span)
+                raise PsmcTypeError(f"'{k.name}' must be a positive integer", k.value.span,
+                                    hint=f"e.g. {k.name}=1, or a dim")
         return value
 
     def _args(self, e: ast.Call) -> list[Node]:
@@ -671,7 +716,8 @@ class _OpLowerer:
     def _axis(self, axis, rank, e) -> int:
         axis = sympy.sympify(axis)
         if not axis.is_number:
-            raise PsmcTypeError("the axis must be a number", e.span)
+            raise PsmcTypeError("the axis must be a number", e.span,
+                                hint="write axis=0, axis=-1, ...: an axis is a position in the declared shape")
         axis = int(axis)
         if not -rank <= axis < rank:
             raise PsmcTypeError(f"axis {axis} is out of range for a value of rank {rank}", e.span,
@@ -684,7 +730,8 @@ class _OpLowerer:
         attrs = ()
         if "axis" in static:
             if x.rank == 0:
-                raise PsmcTypeError(f"{e.name}() needs at least a vector, got a scalar", e.span)
+                raise PsmcTypeError(f"{e.name}() needs at least a vector, got a scalar", e.span,
+                                    hint="it works over an axis; a scalar has none")
             attrs = (self._axis(static["axis"], x.rank, e),)
         return Node(b.ir_op, (x,), attrs, dtype, x.shape, e.span)
 
@@ -701,7 +748,8 @@ class _OpLowerer:
         (x,) = self._args(e)
         dtype = self._dtype_rule(b, x, e)
         if x.rank == 0:
-            raise PsmcTypeError(f"{e.name}() reduces an axis, but got a scalar", e.args[0].span)
+            raise PsmcTypeError(f"{e.name}() reduces an axis, but got a scalar", e.args[0].span,
+                                hint="a scalar is already reduced; drop the call")
         axis = self._axis(static["axis"], x.rank, e)
         shape = x.shape[:axis] + x.shape[axis + 1:]
         return Node(b.ir_op, (x,), (axis,), dtype, shape, e.span)
@@ -710,7 +758,8 @@ class _OpLowerer:
         x, y = self._args(e)
         for v, s in ((x, e.args[0]), (y, e.args[1])):
             if v.rank != 1:
-                raise PsmcTypeError(f"outer() takes two vectors, got shape {shape_str(v.shape)}", s.span)
+                raise PsmcTypeError(f"outer() takes two vectors, got shape {shape_str(v.shape)}", s.span,
+                                    hint="for matrices use '@'; for a scalar use '*'")
         self._check_combinable(x, y, e.span, "outer()")
         return Node("outer", (x, y), (), promote(x.dtype, y.dtype), (x.shape[0], y.shape[0]), e.span)
 
@@ -729,7 +778,8 @@ class _OpLowerer:
         args = self._args(e)
         first = args[0]
         if first.rank == 0:
-            raise PsmcTypeError("concat() joins arrays, got a scalar", e.args[0].span)
+            raise PsmcTypeError("concat() joins arrays, got a scalar", e.args[0].span,
+                                hint="make it a vector first, e.g. x[None] or reshape(x, 1)")
         axis = self._axis(static["axis"], first.rank, e)
         dtype = first.dtype
         total = 0
@@ -737,7 +787,9 @@ class _OpLowerer:
             if x.rank != first.rank or not all(dims_equal(p, q) for i, (p, q) in enumerate(zip(x.shape, first.shape))
                                                if i != axis):
                 raise PsmcTypeError(f"concat() along axis {axis}: shapes {shape_str(first.shape)} and "
-                                    f"{shape_str(x.shape)} differ off that axis", s.span)
+                                    f"{shape_str(x.shape)} differ off that axis", s.span,
+                                    hint="the values must have the same rank and agree on every axis but the "
+                                         "joined one; pick another axis= or transpose")
             self._check_combinable(first, x, e.span, "concat()")
             dtype = promote(dtype, x.dtype)
             total = total + x.shape[axis]
@@ -748,14 +800,17 @@ class _OpLowerer:
         x = self._node(self._expr(e.args[0]), e.args[0])
         n = self._static_int(e.args[1], "the number of parts")
         if not n.is_number or n < 1:
-            raise PsmcTypeError("split() needs a positive number of parts", e.args[1].span)
+            raise PsmcTypeError("split() needs a positive number of parts", e.args[1].span,
+                                hint="e.g. split(x, 3, axis=-1) gives three equal parts")
         if x.rank == 0:
-            raise PsmcTypeError("split() needs an array, got a scalar", e.args[0].span)
+            raise PsmcTypeError("split() needs an array, got a scalar", e.args[0].span,
+                                hint="a scalar has no axis to cut")
         axis = self._axis(static["axis"], x.rank, e)
         size = x.shape[axis]
         part = sympy.simplify(size / n)
         if not part.is_integer and not (part.is_number and part == int(part)):
-            raise PsmcTypeError(f"split() cannot cut an axis of size {size} into {n} equal parts", e.span)
+            raise PsmcTypeError(f"split() cannot cut an axis of size {size} into {n} equal parts", e.span,
+                                hint="the number of parts must divide the axis; slice with x[a:b] for unequal parts")
         n = int(n)
         items = []
         for i in range(n):
@@ -772,7 +827,8 @@ class _OpLowerer:
     def _call_diag(self, b, e, static):
         (x,) = self._args(e)
         if x.rank != 1:
-            raise PsmcTypeError(f"diag() takes a vector, got shape {shape_str(x.shape)}", e.args[0].span)
+            raise PsmcTypeError(f"diag() takes a vector, got shape {shape_str(x.shape)}", e.args[0].span,
+                                hint="diag(v) builds a matrix from a vector; multiply by x[:, None] to scale rows")
         return Node("diag", (x,), (), x.dtype, (x.shape[0], x.shape[0]), e.span)
 
     def _call_reshape(self, b, e, static):
@@ -784,7 +840,8 @@ class _OpLowerer:
         after = sympy.prod(shape) if shape else sympy.Integer(1)
         if not dims_equal(before, after):
             raise PsmcTypeError(f"cannot reshape {shape_str(x.shape)} ({before} entries) into "
-                                f"{shape_str(shape)} ({after} entries)", e.span)
+                                f"{shape_str(shape)} ({after} entries)", e.span,
+                                hint="the new shape must hold exactly as many entries as the old one")
         return Node("reshape", (x,), (), x.dtype, shape, e.span)
 
     def _call_attention(self, b, e, static):
@@ -792,20 +849,22 @@ class _OpLowerer:
         for x, s in zip((q, k, v), e.args):
             if x.rank != 2:
                 raise PsmcTypeError(f"attention() takes [tokens, width] matrices, got shape {shape_str(x.shape)}",
-                                    s.span)
+                                    s.span, hint="q, k and v are one row per token, e.g. f32[C, D]")
             if x.dtype == "bool":
-                raise PsmcTypeError("attention() needs numbers, got a bool", s.span)
+                raise PsmcTypeError("attention() needs numbers, got a bool", s.span,
+                                    hint="turn it into a number with `if c then 1.0 else 0.0`")
         if not dims_equal(q.shape[1], k.shape[1]):
             raise PsmcTypeError(f"attention(): q {shape_str(q.shape)} and k {shape_str(k.shape)} need the same "
-                                "width", e.span)
+                                "width", e.span, hint="queries and keys are compared by a dot product per row")
         if not dims_equal(k.shape[0], v.shape[0]):
             raise PsmcTypeError(f"attention(): k {shape_str(k.shape)} and v {shape_str(v.shape)} need the same "
-                                "number of tokens", e.span)
+                                "number of tokens", e.span, hint="every key needs one value row")
         heads = static["heads"]
         for x in (q, v):
             ratio = sympy.simplify(x.shape[1] / heads)
             if ratio.is_number and ratio != int(ratio):
-                raise PsmcTypeError(f"attention(): width {x.shape[1]} is not divisible by heads={heads}", e.span)
+                raise PsmcTypeError(f"attention(): width {x.shape[1]} is not divisible by heads={heads}", e.span,
+                                    hint="each head gets width / heads columns; pick heads dividing the width")
         dtype = float_of(promote(promote(q.dtype, k.dtype), v.dtype))
         return Node("attention", (q, k, v), (heads, bool(static["causal"])), dtype,
                     (q.shape[0], v.shape[1]), e.span)
@@ -865,5 +924,5 @@ def _op_source(op: ast.OpDef) -> str:
     span = op.span
     if span is None:
         return ""
-    lines = span.source.text.splitlines()
-    return "\n".join(lines[span.line - 1: span.end_line])
+    lines = span.source.text.split("\n")  # line numbers count '\n' only (see Source.line)
+    return "\n".join(line.rstrip("\r") for line in lines[span.line - 1: span.end_line])

@@ -24,7 +24,12 @@ __all__ = ["linear_recurrence"]
 
 
 def linear_recurrence(
-    a: Tensor, b: Tensor, initial: Tensor | None = None, *, log: bool = False
+    a: Tensor,
+    b: Tensor,
+    initial: Tensor | None = None,
+    *,
+    log: bool = False,
+    exclusive: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """All states of h_t = a_t * h_{t-1} + b_t, elementwise, with h_{-1} = `initial` (or 0).
 
@@ -34,11 +39,13 @@ def linear_recurrence(
         b: inputs [B, T, *rest] (any axis but time may broadcast against `a`).
         initial: optional h_{-1}, broadcastable to [B, *rest].
         log: `a` holds log-decays; exp is applied here (differentiably).
+        exclusive: return the states BEFORE each step, [h_{-1}, ..., h_{T-2}], instead of
+            [h_0, ..., h_{T-1}] (no extra copy: both are views of one buffer).
 
     Returns:
-        (h, h_last): h [B, T, *rest] holds every h_t (the inclusive prefix), h_last = h[:, -1]
-        (the final state; `initial` or zeros when T == 0). Differentiable in a, b and initial
-        (torch.autograd); computed in the promoted dtype of a and b.
+        (h, h_last): h [B, T, *rest] (views of one buffer), h_last = h_{T-1} [B, *rest]
+        (`initial` or zeros when T == 0). Differentiable in a, b and initial (autograd);
+        computed in the promoted dtype of a and b.
     """
     if a.dim() < 2 or b.dim() < 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must be [B, T, ...] with one T")
@@ -47,55 +54,50 @@ def linear_recurrence(
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
     shape = torch.broadcast_shapes(a.shape, b.shape)
-    if a.dim() < len(shape):  # align leading axes so time stays axis 1 for both
+    if a.dim() < len(shape):  # time must stay axis 1 for both
         raise ValueError("a must have as many axes as the result (use size-1 axes to broadcast)")
     b = b.expand(shape)
     state_shape = (shape[0],) + tuple(shape[2:])
-    if initial is not None:
-        initial = initial.to(dtype).expand(state_shape)
-    if shape[1] == 0:
-        last = initial if initial is not None else b.new_zeros(state_shape)
-        return b.new_empty(shape), last
-    h = _LinearRecurrence.apply(a, b, initial)
-    return h, h[:, -1]
+    initial = b.new_zeros(state_shape) if initial is None else initial.to(dtype).expand(state_shape)
+    states = _LinearRecurrence.apply(a, b, initial)  # [B, T + 1, *rest], states[:, 0] = h_{-1}
+    h = states[:, :-1] if exclusive else states[:, 1:]
+    return h, states[:, -1]
 
 
 class _LinearRecurrence(torch.autograd.Function):
-    """h = scan(a, b, h0) forward; the adjoint is the same scan in reverse time."""
+    """states = [h0, scan(a, b, h0)]; the adjoint is the same scan in reverse time."""
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
-        h = torch.empty(b.shape, dtype=b.dtype, device=b.device)
-        _scan_into(h, a, b, h0, reverse=False)
-        ctx.save_for_backward(a, h, h0)
-        ctx.b_shape = b.shape
-        return h
+    def forward(ctx, a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+        states = b.new_empty((b.shape[0], b.shape[1] + 1) + tuple(b.shape[2:]))
+        states[:, 0] = h0
+        _scan_into(states[:, 1:], a, b, h0, reverse=False)
+        ctx.save_for_backward(a, states)
+        return states
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_h: Tensor):
-        a, h, h0 = ctx.saved_tensors
-        # x_t = dL/dh_t (total): x_t = grad_t + a_{t+1} x_{t+1}; the reverse scan also returns
-        # the message a_0 x_0 that flows into h0.
-        x = torch.empty(h.shape, dtype=h.dtype, device=h.device)
-        grad_h0 = _scan_into(x, a, grad_h.expand(h.shape), None, reverse=True)
+    def backward(ctx, grad_states: Tensor):
+        a, states = ctx.saved_tensors
+        grad_states = grad_states.expand(states.shape)
+        # x_t = dL/dh_t in total: x_t = grad_t + a_{t+1} x_{t+1}, a scan in reverse time that
+        # also returns the message a_0 x_0 reaching h0 through the first step
+        x = torch.empty_like(states[:, 1:])
+        into_h0 = _scan_into(x, a, grad_states[:, 1:], None, reverse=True)
         grad_a = None
         if ctx.needs_input_grad[0]:
-            grad_a = torch.empty_like(x)
-            torch.mul(x[:, 1:], h[:, :-1], out=grad_a[:, 1:])
-            if h0 is None:
-                grad_a[:, 0].zero_()
-            else:
-                torch.mul(x[:, 0], h0, out=grad_a[:, 0])
-            grad_a = grad_a.sum_to_size(a.shape)
-        grad_b = x.sum_to_size(ctx.b_shape) if ctx.needs_input_grad[1] else None
-        grad_init = grad_h0 if h0 is not None and ctx.needs_input_grad[2] else None
-        return grad_a, grad_b, grad_init
+            grad_a = (x * states[:, :-1]).sum_to_size(a.shape)
+        return grad_a, x, grad_states[:, 0] + into_h0
 
 
-def _chunk_length(steps: int) -> int:
+# Above this many elements per time step a plain loop over time wins: its single pass over
+# the data costs more than the ~2 sqrt(T) extra op launches of the two-level scan save.
+_PLAIN_LOOP_ELEMENTS = 4096
+
+
+def _chunk_length(steps: int, elements: int) -> int:
     """L ~ sqrt(T) balances the in-chunk loop (L ops) against the carry loop (T / L ops)."""
-    return max(1, math.isqrt(steps))
+    return steps if elements >= _PLAIN_LOOP_ELEMENTS else max(1, math.isqrt(steps))
 
 
 def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Tensor | None, *, reverse: bool) -> Tensor:
@@ -103,20 +105,17 @@ def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Tensor | None, *, reverse:
 
     Forward:  out_t = a_t * out_{t-1} + b_t, out_{-1} = h0; returns out_{T-1}.
     Reverse:  out_t = a_{t+1} * out_{t+1} + b_t, out_T = 0; returns a_0 * out_0 (the adjoint
-              that reaches h0). Reverse needs no h0: the adjoint of the final state is already
-              folded into b by autograd (the caller indexes h[:, -1]).
+              that reaches h0).
     """
     steps = out.shape[1]
-    length = _chunk_length(steps)
-    chunks = steps // length
-    body = chunks * length
     state_shape = (out.shape[0],) + tuple(out.shape[2:])
+    length = _chunk_length(steps, math.prod(state_shape))
+    chunks = steps // length if length < steps else 0
+    body = chunks * length
     zero = out.new_zeros(state_shape)
     if reverse:
-        entry = _step_range(out, a, b, zero, range(steps - 1, body - 1, -1), reverse=True)
-        if chunks:
-            entry = _chunked(out, a, b, entry, length, chunks, reverse=True)
-        return entry
+        carry = _step_range(out, a, b, zero, range(steps - 1, body - 1, -1), reverse=True)
+        return _chunked(out, a, b, carry, length, chunks, reverse=True) if chunks else carry
     carry = zero if h0 is None else h0
     if chunks:
         carry = _chunked(out, a, b, carry, length, chunks, reverse=False)
@@ -124,19 +123,25 @@ def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Tensor | None, *, reverse:
 
 
 def _step_range(out: Tensor, a: Tensor, b: Tensor, carry: Tensor, times: range, *, reverse: bool) -> Tensor:
-    """Plain sequential steps over `times` (the remainder that does not fill a chunk).
+    """Plain sequential steps over `times` (a whole short scan, or the remainder of chunks).
 
     Forward: carry is h_{t-1}; returns the last h. Reverse: carry is the message
     a_{t+1} x_{t+1} from the right; returns the message a_t x_t of the last step.
     """
+    previous = None
     for t in times:
-        if reverse:
-            torch.add(b[:, t], carry, out=out[:, t])
-            carry = a[:, t] * out[:, t]
+        if previous is None:
+            if reverse:
+                torch.add(b[:, t], carry, out=out[:, t])
+            else:
+                torch.addcmul(b[:, t], a[:, t], carry, out=out[:, t])
         else:
-            torch.addcmul(b[:, t], a[:, t], carry, out=out[:, t])
-            carry = out[:, t]
-    return carry
+            decay = a[:, t + 1] if reverse else a[:, t]
+            torch.addcmul(b[:, t], decay, out[:, previous], out=out[:, t])
+        previous = t
+    if previous is None:
+        return carry
+    return a[:, previous] * out[:, previous] if reverse else out[:, previous]
 
 
 def _chunked(out: Tensor, a: Tensor, b: Tensor, carry: Tensor, length: int, chunks: int, *, reverse: bool) -> Tensor:
