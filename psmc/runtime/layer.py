@@ -247,8 +247,10 @@ class PsmLayer(nn.Module):
                 x = x.to(dt[slot.dtype] if slot.dtype in DTYPES else compute)
             aligned[slot.name] = x
         ctx = Ctx(d=dims, dev=device, dt=dt)
-        return _Call(ctx, aligned, lead, any(bool(torch.isfinite(x).all()) is False for x in
-                                                aligned.values() if x.is_floating_point()) if self.check_finite else True)
+        # Outputs are checked for NaN only when every input is finite (see _check_outputs).
+        nonfinite = self.check_finite and any(
+            not bool(torch.isfinite(x).all()) for x in aligned.values() if x.is_floating_point())
+        return _Call(ctx, aligned, lead, nonfinite)
 
     def _common_lead(self, leads: dict, lead_axes: int, step: bool) -> tuple:
         width = max(len(v) for v in leads.values())
