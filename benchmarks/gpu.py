@@ -125,14 +125,32 @@ def check(device, dry_run: bool) -> list[str]:
                     token = {k: v[:, t] for k, v in inputs.items()}
                     o, state = ts.step(tri_layer, tri_layer._prepare(token, step=True), state)
                     steps.append(o)
+            ok_bwd = backward_agrees(ref_layer, tri_layer, inputs, tol)
             ok_fwd = all(agree(r, o, tol) for r, o in zip(ref, outs))
             ok_step = all(agree(r[:, t], s[i], tol) for t, s in enumerate(steps) for i, r in enumerate(ref))
-            status = "ok" if ok_fwd and ok_step else "MISMATCH"
-            print(f"  {name:18s} {str(dtype)[6:]:9s} forward {'ok' if ok_fwd else 'FAIL'}  step "
+            status = "ok" if ok_fwd and ok_step and ok_bwd else "MISMATCH"
+            print(f"  {name:18s} {str(dtype)[6:]:9s} forward {'ok' if ok_fwd else 'FAIL'}  backward "
+                  f"{'ok' if ok_bwd else 'FAIL'}  step "
                   f"{'ok' if ok_step else 'FAIL'}  rel-rms {max(rel_rms(r, o) for r, o in zip(ref, outs) if r.is_floating_point()) if any(r.is_floating_point() for r in ref) else 0.0:.2e}")
             if status != "ok":
                 failures.append(f"{name} {dtype}")
     return failures
+
+
+def backward_agrees(ref_layer, tri_layer, inputs: dict, tol: float) -> bool:
+    """Gradients of every float input and param: the generated backward vs torch autograd."""
+    grads = []
+    for layer in (ref_layer, tri_layer):
+        ins = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+        outs = layer(**ins)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = sum(o.float().sum() for o in outs if o.is_floating_point())
+        if not isinstance(loss, torch.Tensor):
+            return True  # no float output (running_argmax): nothing to differentiate
+        wrt = [x for x in ins.values() if x.requires_grad] + list(layer.parameters())
+        grads.append(torch.autograd.grad(loss, wrt, allow_unused=True))
+    return all((r is None) == (o is None) and (r is None or agree(r.float(), o.float(), tol))
+               for r, o in zip(*grads))
 
 
 def installed(module: str) -> str:
@@ -201,8 +219,8 @@ def recurrence_cases(device, dry_run: bool) -> list[Case]:
             def fwd_triton(layer=tri_layer):  # explicit: independent of the layer's backend hook
                 with torch.no_grad():
                     return ts.forward(layer, layer._prepare({"x": x, "log_a": log_a}, step=False), None)
-            cases.append(Case("first-order recurrence", shape, "psmc triton", fwd_triton, None, nbytes,
-                              "backward not generated"))
+            cases.append(Case("first-order recurrence", shape, "psmc triton", fwd_triton,
+                              lambda layer=tri_layer: fwd_bwd(layer), nbytes))
         if dry_run:  # peers compile (torch.compile, CUDA extensions) when imported: only look them up
             for impl, module in (("torch associative_scan", "torch._higher_order_ops.associative_scan"),
                                  ("accelerated-scan", "accelerated_scan")):

@@ -1,4 +1,4 @@
-"""IR → Triton source: fused forward and decode-step kernels for elementwise exact scans.
+"""IR → Triton source: fused forward, backward and decode-step kernels for elementwise exact scans.
 
 The tile model: one program owns one batch row and a tile of BLOCK_C "columns" and walks the
 time axis in blocks of BLOCK_T tokens. Columns are the lanes when every declared value is a
@@ -6,7 +6,9 @@ scalar ("lanes" mode), else the single state axis S of the op, one lane per prog
 mode; a rank-0 value is the same in every column). Inside a block: load → lift →
 tl.associative_scan over time → combine with the carry of the earlier blocks → readout →
 store. Per-token states live only in registers; the carry (the last prefix of a block) is
-the only state that survives a block, and the final one is written out for streaming.
+the only state that survives a block, and the final one is written out for streaming (and,
+when a gradient will be needed, the carry entering each block, for the backward kernel of
+psmc.codegen.triton_backward).
 
 Every IR op has a row in TRITON_OPS: a rendering (a format string over the operand names, or
 a method of the printer for ops that need care) or an `Unsupported` reason. An op whose
@@ -161,9 +163,12 @@ def layout_of(op: OpIR) -> Layout:
 class TritonBodyPrinter:
     """Statements computing `outputs`; leaves are names bound by the kernel around them."""
 
-    def __init__(self, outputs: tuple[Node, ...], prefix: str):
+    def __init__(self, outputs: tuple[Node, ...], prefix: str, token: str = ""):
         self.outputs = outputs
         self.prefix = prefix  # temporaries are named prefix + counter (bodies share a kernel)
+        # inputs and the index are `x<token>_<name>`, `index<token>`: the backward's per-token
+        # values need names of their own (a Triton loop variable keeps one shape)
+        self.token = token
         self.names: dict[Node, str] = {}
         self.lines: list[str] = []
 
@@ -185,7 +190,7 @@ class TritonBodyPrinter:
     def leaf(self, node: Node) -> str:
         op = node.op
         if op == "arg":
-            return "x_" + node.attrs[0]
+            return f"x{self.token}_" + node.attrs[0]
         if op == "field":
             return {"left": "l_", "right": "r_", "state": "s_"}[node.attrs[0]] + node.attrs[1]
         if op == "param":
@@ -195,7 +200,7 @@ class TritonBodyPrinter:
         if op == "const":
             return literal(node.attrs[0])
         if op == "index":
-            return "index"
+            return "index" + self.token
         raise ValueError(f"no Triton leaf for {op!r}")
 
     def node(self, node: Node) -> str:
@@ -253,7 +258,8 @@ def _cast_value(value, dtype: str):
 # ---------------------------------------------------------------------- kernels
 def kernel_names(op: OpIR) -> dict:
     base = PREFIX + "Op_" + op.name
-    return {"combine": base + "_combine", "forward": base + "_forward", "step": base + "_step"}
+    return {"combine": base + "_combine", "forward": base + "_forward", "step": base + "_step",
+            "backward": base + "_backward"}
 
 
 class KernelPrinter:
@@ -278,9 +284,12 @@ class KernelPrinter:
         for i, _ in enumerate(op.outputs):
             params.append(f"out{i}, out{i}_sb, " + (f"out{i}_st, " if time else "") + f"out{i}_sl, out{i}_ss")
         params += [f"fin{i}" for i in range(len(self.fields))]
-        params.append("T, L, S, start")
+        if time:  # the carries entering each block, saved for the backward
+            params += [f"bnd{i}" for i in range(len(self.fields))]
+        params.append("T, L, S, start" + (", NB" if time else ""))
         params += ["d_" + d for d in op.dims]
-        params.append("HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr")
+        params.append("HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr" +
+                      (", SAVE: tl.constexpr" if time else ""))
         return ["    " + p + "," for p in params]
 
     def prologue(self) -> list[str]:
@@ -303,6 +312,10 @@ class KernelPrinter:
 
     def state_offset(self, field) -> str:
         return "(b * L + lane) * S + sidx" if field.shape else "b * L + lane + sidx * 0"
+
+    def boundary_offset(self, field) -> str:
+        """Where block `blk`'s entering carry lives in a [B, L, NB, S'] boundary tensor."""
+        return "((b * L + lane) * NB + blk) * S + sidx" if field.shape else "(b * L + lane) * NB + blk + sidx * 0"
 
     def state_mask(self, field) -> str:
         return "col_ok & (sidx == 0)" if self.state_mode and not field.shape else "col_ok"
@@ -377,9 +390,28 @@ class KernelPrinter:
         lines.append("    return " + ", ".join(results))
         return lines
 
-    def forward_kernel(self) -> list[str]:
+    def block_prefixes(self) -> list[str]:
+        """The inclusive prefixes f0.. of block `blk` (rows `rows`, mask `ok`) from the carry
+        c0.. entering it: load → lift → in-block scan → combine with the carry."""
         n = len(self.fields)
         shape = "(BLOCK_T, BLOCK_C)"
+        lines = self.load_inputs(time=True, mask="ok")
+        lines.append("index = (start + rows).to(tl.int64)")
+        lines += self.lift(shape)
+        fs = ", ".join(f"f{i}" for i in range(n))
+        if n == 1:
+            lines.append(f"f0 = tl.associative_scan(f0, 0, {self.names['combine']})")
+        else:
+            lines.append(f"{fs} = tl.associative_scan(({fs}), 0, {self.names['combine']})")
+        # the carry joins every block but the first of a fresh stream
+        lines.append("if HAS_INIT:")
+        lines += ["    " + line for line in self.carry_combine(shape)]
+        lines.append("else:")
+        lines.append("    if blk > 0:")
+        lines += ["        " + line for line in self.carry_combine(shape)]
+        return lines
+
+    def forward_kernel(self) -> list[str]:
         lines = ["@_psm_jit", f"def {self.names['forward']}("] + self.signature(time=True) + ["):"]
         body = self.prologue()
         body += ["rows0 = tl.arange(0, BLOCK_T)[:, None]", "if HAS_INIT:"]
@@ -387,21 +419,10 @@ class KernelPrinter:
         body.append("else:")
         body += [f"    c{i} = tl.zeros((1, BLOCK_C), {compute_dtype(f.dtype)})" for i, f in enumerate(self.fields)]
         body.append("for blk in range(0, tl.cdiv(T, BLOCK_T)):")
-        loop = ["rows = blk * BLOCK_T + rows0", "ok = (rows < T) & col_ok"]
-        loop += self.load_inputs(time=True, mask="ok")
-        loop.append("index = (start + rows).to(tl.int64)")
-        loop += self.lift(shape)
-        fs = ", ".join(f"f{i}" for i in range(n))
-        if n == 1:
-            loop.append(f"f0 = tl.associative_scan(f0, 0, {self.names['combine']})")
-        else:
-            loop.append(f"{fs} = tl.associative_scan(({fs}), 0, {self.names['combine']})")
-        # the carry joins every block but the first of a fresh stream
-        loop.append("if HAS_INIT:")
-        loop += ["    " + line for line in self.carry_combine(shape)]
-        loop.append("else:")
-        loop.append("    if blk > 0:")
-        loop += ["        " + line for line in self.carry_combine(shape)]
+        loop = ["rows = blk * BLOCK_T + rows0", "ok = (rows < T) & col_ok", "if SAVE:"]
+        loop += [f"    tl.store(bnd{i} + {self.boundary_offset(f)}, c{i}.to(bnd{i}.dtype.element_ty), "
+                 f"mask={self.state_mask(f)})" for i, f in enumerate(self.fields)]
+        loop += self.block_prefixes()
         loop += self.readout(time=True, mask="ok")
         loop.append("last = rows == tl.minimum(T, blk * BLOCK_T + BLOCK_T) - 1")
         for i, f in enumerate(self.fields):
@@ -467,11 +488,13 @@ def registration(op: OpIR) -> list[str]:
         f"    {cls}._triton_kernels = _tsup.TritonKernels(",
         f"        forward={names['forward']},",
         f"        step={names['step']},",
+        f"        backward={names['backward']},",
         f"        mode={layout.mode!r},",
         f"        axis={axis},",
         f"        full_tile={layout.full_tile!r},",
         f"        inputs={tuple(v.name for v in op.inputs)!r},",
         f"        input_ranks={_ranks(op.inputs)},",
+        f"        input_dtypes={tuple(v.dtype for v in op.inputs)!r},",
         f"        params={tuple(p.name for p in op.params)!r},",
         f"        field_ranks={_ranks(op.state)},",
         f"        field_dtypes={tuple(f.dtype for f in op.state)!r},",
@@ -487,9 +510,10 @@ def generate(op: OpIR, plan: dict | None) -> str | None:
     one op, to be placed after the class and after PRELUDE; None when the op gets none."""
     if unsupported_reason(op, plan) is not None:
         return None
-    printer = KernelPrinter(op)
+    from .triton_backward import BackwardPrinter  # it builds on this module's printers
+    printer = BackwardPrinter(op)
     lines = printer.combine_function() + ["", ""] + printer.forward_kernel() + ["", ""]
-    lines += printer.step_kernel() + ["", ""] + registration(op)
+    lines += printer.step_kernel() + ["", ""] + printer.backward_kernel() + ["", ""] + registration(op)
     return "\n".join(lines) + "\n"
 
 
@@ -514,4 +538,4 @@ def describe(op: OpIR, plan: dict | None) -> str:
     layout = layout_of(op)
     tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
         (" (whole axis per tile)" if layout.full_tile else "")
-    return f"triton: forward + step kernels, tiled over {tiles}; backward not generated (backend='auto' runs gradient calls on torch)"
+    return f"triton: forward + backward + step kernels, tiled over {tiles}"
