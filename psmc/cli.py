@@ -15,7 +15,7 @@ import sympy
 
 from . import __version__
 from .errors import PsmcError
-from .ir.nodes import OpIR, shape_str, type_str
+from .ir.nodes import OpIR, type_str
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `psmc check ... | head`
+        sys.stderr.close()
+        return 0
     except Exception as err:  # never a traceback for the user
         if os.environ.get("PSMC_DEBUG"):
             raise
@@ -71,7 +74,7 @@ def _read(path: str) -> str:
 
 
 def _check(files: list[str], as_json: bool, dims: dict) -> int:
-    from .compiler import analyse_op
+    from .compiler import analyse_op, codegen_notes
     from .ir import ops_from_source
 
     failed = False
@@ -88,10 +91,11 @@ def _check(files: list[str], as_json: bool, dims: dict) -> int:
                 print(err.render(), file=sys.stderr)
             continue
         for op, analysis in zip(ops, analyses):
+            notes = codegen_notes(op, analysis)
             if as_json:
-                records.append(_op_record(path, op, analysis, dims))
+                records.append({**_op_record(path, op, analysis, dims), **notes})
             else:
-                print(_op_text(path, op, analysis, dims))
+                print(_op_text(path, op, analysis, dims, notes))
                 print()
     if as_json:
         print(json.dumps(records, indent=2, default=str))
@@ -123,12 +127,20 @@ def _op_record(path: str, op: OpIR, analysis, dims: dict) -> dict:
     return record
 
 
-def _op_text(path: str, op: OpIR, analysis, dims: dict) -> str:
+_FAST_PATH_WORDS = {
+    "chunkwise:none": "chunkwise matmul form (linear attention, no decay)",
+    "chunkwise:scalar": "chunkwise matmul form (scalar decay per lane)",
+    "chunkwise:key": "chunkwise matmul form (per-key diagonal decay)",
+    "first_order": "blocked first-order linear recurrence",
+}
+
+
+def _op_text(path: str, op: OpIR, analysis, dims: dict, notes: dict) -> str:
     dims_text = f"[{', '.join(op.dims)}]" if op.dims else ""
     lines = [f"{path}: op {op.name}{dims_text}"]
 
     def row(label, value):
-        lines.append(f"  {label:<12}{value}")
+        lines.append(f"  {label:<15}{value}")
     row("state", ", ".join(str(v) for v in op.state))
     row("inputs", ", ".join(str(v) for v in op.inputs) or "none")
     row("outputs", ", ".join(f"{type_str(v.dtype, v.shape)}" for v in op.outputs)
@@ -144,6 +156,9 @@ def _op_text(path: str, op: OpIR, analysis, dims: dict) -> str:
     report = analysis.report() if hasattr(analysis, "report") else ""
     if report:
         lines += ["  " + line for line in report.splitlines()]
+    fast = notes.get("fast_path")
+    row("fast path", _FAST_PATH_WORDS.get(fast, fast) + " (torch)" if fast else "none: the generic scan")
+    row("kernels", notes["triton"])
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The whole pipeline for one `.psm` text: parse → IR → analysis → plan → generated module."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -21,13 +22,30 @@ def source_hash(text: str) -> str:
 
 
 def analyse_op(op: OpIR):
+    """The analysis, with `backends` narrowed to the kernels codegen really generates (the
+    analysis stage says which passes are eligible; only codegen knows what it can print)."""
     from .analysis import analyse
-    return analyse(op)
+    from .codegen.triton_printer import unsupported_reason
+
+    analysis = analyse(op)
+    triton = unsupported_reason(op, {"plan": analysis.plan, "structure": analysis.structure}) is None
+    served = ("torch", "triton") if triton else ("torch",)
+    return dataclasses.replace(analysis, backends=tuple((p, served) for p in ("forward", "backward", "step")))
 
 
 def plan_of(analysis) -> dict:
     data = analysis.as_dict()
     return {"plan": data["plan"], "backends": data.get("backends"), "structure": data.get("structure")}
+
+
+def codegen_notes(op: OpIR, analysis) -> dict:
+    """What `psmc check` reports about code generation: fast path and Triton kernels."""
+    from .codegen.fastpaths import choose_fast_path
+    from .codegen.triton_printer import describe
+
+    plan = plan_of(analysis)
+    fast = choose_fast_path(op, plan)
+    return {"fast_path": fast.name if fast else None, "triton": describe(op, plan)}
 
 
 def compile_source(text: str, filename: str = "<string>") -> Compiled:
