@@ -8,8 +8,8 @@
 2. Time forward and forward+backward (median of CUDA-event timings) for
    - the first-order recurrence (linear_recurrence.psm) at (B, D) = (8, 1536), T = 1K..64K:
      psmc triton, psmc torch, torch associative_scan (pointwise, compiled), accelerated-scan;
-   - GLA-like ops at (B, T, H, D) = (2, 16384, 16, 128) and (8, 2048, 32, 64): psmc torch
-     (gla, simple_gla), fla chunk_gla / fused_recurrent_gla / chunk_simple_gla.
+   - GLA-like ops at (B, T, H, D) = (2, 16384, 16, 128) and (8, 2048, 32, 64): psmc torch and
+     psmc triton (gla, simple_gla; the Triton kernels are a token loop, not chunked), fla chunk_gla / fused_recurrent_gla / chunk_simple_gla.
    Prints a table with ratios to psmc and the achieved fraction of peak memory bandwidth
    (bytes of inputs read + outputs written, over time, over --peak-gbps).
 Peers that are not installed are reported as such; a case that overruns its time budget is
@@ -34,9 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EXAMPLES = ROOT / "examples"
+MATRIX = ["gla", "simple_gla", "retention", "linear_attention", "mlstm", "rwkv6"]  # token-loop kernels
 CHECKED = ["cumsum", "linear_recurrence", "logcumsumexp", "running_argmax", "welford", "segmented_sum",
-           "selective_ssm", "softmax_pool"]
-CHECK_DIMS = {"selective_ssm": {"N": 16}, "softmax_pool": {"V": 64}}
+           "selective_ssm", "softmax_pool"] + MATRIX
+# V = 96: two column tiles of 64 in the forward, the second one masked
+CHECK_DIMS = {"selective_ssm": {"N": 16}, "softmax_pool": {"V": 64}, **{n: {"K": 64, "V": 96} for n in MATRIX}}
 RECURRENCE_T = [1024, 4096, 16384, 65536]
 GLA_SHAPES = [(2, 16384, 16, 128), (8, 2048, 32, 64)]
 CASE_BUDGET_S = 20.0  # per timed case: warm-up and repeats stop early past this
@@ -76,7 +78,7 @@ def make_inputs(layer, B: int, T: int, lanes: tuple, device, dtype, seed: int = 
         shape = (B, T) + lane_shape + tuple(int(s) for s in slot.shape(dict(layer.dims)))
         if slot.dtype == "bool":
             x = torch.rand(shape, generator=g) > 0.9
-        elif slot.name in ("log_a", "gk", "g"):
+        elif slot.name in ("log_a", "gk", "g", "f", "log_gamma"):
             x = -torch.rand(shape, generator=g) * 0.1
         elif slot.name == "delta":
             x = torch.rand(shape, generator=g) * 0.1
@@ -111,7 +113,7 @@ def check(device, dry_run: bool) -> list[str]:
         ref_layer = cls(backend="torch", **CHECK_DIMS.get(name, {})).to(device)
         tri_layer = cls(backend="triton", **CHECK_DIMS.get(name, {})).to(device)
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-3)):
-            B, T, lanes = (2, 5, (3,)) if dry_run else (4, 1000, (64,))
+            B, T, lanes = (2, 5, (3,)) if dry_run else (4, 1000, (8,) if name in MATRIX else (64,))
             inputs = make_inputs(ref_layer, B, T, lanes, device, dtype)
             if dry_run:
                 print(f"  built {name} {str(dtype)[6:]}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in inputs.items()))
@@ -272,6 +274,7 @@ def _accelerated(x, log_a):
 
 
 def gla_cases(device, dry_run: bool) -> list[Case]:
+    from psmc.runtime import triton_support as ts
     gla, simple = load_layer_class("gla"), load_layer_class("simple_gla")
     cases = []
     for B, T, H, D in ([(1, 16, 2, 4)] if dry_run else GLA_SHAPES):
@@ -281,17 +284,20 @@ def gla_cases(device, dry_run: bool) -> list[Case]:
         g = gk[..., 0].contiguous()
         nbytes = 5 * q.numel() * 4
         for name, cls, gate in (("gla", gla, {"gk": gk}), ("simple_gla", simple, {"g": g})):
-            layer = cls(backend="torch", K=D, V=D)
+            for backend in ("torch", "triton"):
+                if backend == "triton" and device.type != "cuda" and not ts.interpreter_enabled():
+                    continue
+                layer = cls(backend=backend, K=D, V=D)
 
-            def fwd(layer=layer, gate=gate):
-                with torch.no_grad():
-                    return layer(q=q, k=k, v=v, **gate)
+                def fwd(layer=layer, gate=gate):
+                    with torch.no_grad():
+                        return layer(q=q, k=k, v=v, **gate)
 
-            def fwd_bwd(layer=layer, gate=gate):
-                ins = {n: t.detach().requires_grad_() for n, t in dict(q=q, k=k, v=v, **gate).items()}
-                layer(**ins).sum().backward()
-            cases.append(Case(f"GLA-like ({name})", shape, "psmc torch", fwd, fwd_bwd, nbytes,
-                              "no Triton kernel: matrix state"))
+                def fwd_bwd(layer=layer, gate=gate):
+                    ins = {n: t.detach().requires_grad_() for n, t in dict(q=q, k=k, v=v, **gate).items()}
+                    layer(**ins).sum().backward()
+                note = "token loop (fused_recurrent-like), not chunked" if backend == "triton" else ""
+                cases.append(Case(f"GLA-like ({name})", shape, f"psmc {backend}", fwd, fwd_bwd, nbytes, note))
         if dry_run:
             cases.append(Case("GLA-like", shape, "fla", None, None, nbytes, installed("fla")))
             continue

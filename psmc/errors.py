@@ -40,7 +40,9 @@ class Span:
     end_col: int
 
     def render(self) -> str:
-        raw = self.source.line(self.line)
+        # Control characters and surrogates are shown as U+FFFD: one column each, so the caret
+        # stays aligned, and the report can always be printed.
+        raw = "".join(ch if ch.isprintable() or ch == "\t" else "\ufffd" for ch in self.source.line(self.line))
         # Columns count characters; tabs are shown expanded, so measure the expanded prefixes.
         start = len(raw[: self.col - 1].expandtabs(4))
         end = len(raw[: self.end_col - 1].expandtabs(4)) if self.end_line == self.line else len(raw.expandtabs(4))

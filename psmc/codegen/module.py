@@ -6,6 +6,8 @@ whose name is not a safe public identifier is still reachable via `__psmc_layers
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import keyword
 
 from .. import __version__
@@ -15,14 +17,42 @@ from .torch_printer import BodyPrinter, FIELD_PREFIX, dim_code, shape_code
 INDENT = "    "
 
 
-def class_name(op_name: str) -> str:
-    return "Op_" + op_name
+def class_prefix(op_names) -> str:
+    """`Op_`, lengthened (`Op__`, ...) until no class name `PREFIX + name` is itself the name of
+    an op in the module, so `module.NAME` can always be op NAME's own class."""
+    names = set(op_names)
+    prefix = "Op_"
+    while any(prefix + n in names for n in names):
+        prefix += "_"
+    return prefix
 
 
-def public_alias(op_name: str) -> bool:
-    """Whether `op_name` may also be bound at module level (no clash with our globals)."""
+def public_alias(op_name: str, taken: set) -> bool:
+    """Whether `op_name` may also be bound at module level: a public identifier that is no
+    keyword or builtin and no name the module already binds (imports, classes, kernels)."""
     return op_name.isidentifier() and not keyword.iskeyword(op_name) and not op_name.startswith("_") \
-        and op_name not in ("math", "torch")
+        and not hasattr(builtins, op_name) and op_name not in taken
+
+
+def _bound_names(source: str) -> set:
+    """Names a module binds at top level, also inside top-level if/try blocks (so an alias
+    never shadows an import, a class, a kernel or a helper of the generated code)."""
+    names: set = set()
+    pending = list(ast.parse(source).body)
+    while pending:
+        stmt = pending.pop()
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in stmt.names}
+        elif isinstance(stmt, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names.add(stmt.name)
+        elif isinstance(stmt, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                pending += getattr(stmt, field, [])
+        elif isinstance(stmt, ast.ExceptHandler):
+            pending += stmt.body
+        else:
+            names |= {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    return names
 
 
 def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash: str,
@@ -42,23 +72,27 @@ def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash:
         "from psmc.runtime.layer import ParamSpec as _ParamSpec, PsmLayer as _PsmLayer, Slot as _Slot, "
         "Spec as _Spec",
     ]
+    prefix = class_prefix(op.name for op in ops)
     fast_imports = sorted({fp.import_line for fp in fast_paths.values() if fp is not None})
     out += fast_imports
     out += ["", ""]
     for op in ops:
-        out += op_class(op, plans[op.name], fast_paths.get(op.name))
+        out += op_class(op, plans[op.name], fast_paths.get(op.name), prefix + op.name)
         out += ["", ""]
-    from .triton_printer import generate_section
-    out += generate_section(ops, plans)
     out.append("__psmc_layers__ = {")
     for op in ops:
-        out.append(f"    {op.name!r}: {class_name(op.name)},")
+        out.append(f"    {op.name!r}: {prefix + op.name},")
     out.append("}")
-    aliases = [op.name for op in ops if public_alias(op.name)]
+    from .triton_printer import generate_section
+    triton = generate_section(ops, plans)
+    if triton:
+        out += ["", ""] + triton
+    taken = _bound_names("\n".join(out))
+    aliases = [op.name for op in ops if public_alias(op.name, taken)]
     if aliases:
         out.append("")
         for name in aliases:
-            out.append(f"{name} = {class_name(name)}")
+            out.append(f"{name} = {prefix + name}")
     return "\n".join(out) + "\n"
 
 
@@ -68,14 +102,14 @@ def _slot(value, chunk=None) -> str:
             f"{shape_code(value.shape).replace('cx.d', 'cx_d')}, {binds!r})")
 
 
-def op_class(op: OpIR, plan: dict, fast) -> list[str]:
+def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lift_index = bool(leaves(op.lift, "index"))
     readout_index = bool(leaves(op.readout, "index"))
     lift_names = {v.name for v in op.lift_inputs}
     extra_inputs = [v for v in op.readout_inputs if v.name not in lift_names]
     readout_args = [v.name for v in op.readout_inputs]
     doc = op.source_text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
-    lines = [f"class {class_name(op.name)}(_PsmLayer):",
+    lines = [f"class {cls}(_PsmLayer):",
              f'    """psmc layer for op {op.name!r} (plan: {plan["plan"]}).', "",
              "    Source:", ""]
     lines += [("        " + line).rstrip() for line in doc.splitlines()]

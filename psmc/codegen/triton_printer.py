@@ -38,7 +38,11 @@ class Unsupported:
     reason: str
 
 
-_MATRIX = "needs a second tile axis (matrix-valued state); the torch backend serves it"
+_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
+MATRIX_ONLY = frozenset({"matmul", "outer", "getitem"})  # rendered by the matrix tile model only
+# math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
+FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
+                        "logsigmoid", "pow"})
 _LAYER = "a whole-layer op inside a body; the torch backend serves it"
 
 # op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
@@ -72,8 +76,10 @@ TRITON_OPS: dict[str, object] = {
     "sum": "special", "mean": "special", "amax": "special", "amin": "special", "logsumexp": "special",
     "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
                            "backend serves it"),
-    "matmul": Unsupported(_MATRIX), "outer": Unsupported(_MATRIX), "transpose": Unsupported(_MATRIX),
-    "getitem": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
+    # matrix tiles only (psmc.codegen.triton_matrix: rows x columns of a [R, C] state); in the
+    # one-axis tile models unsupported_reason rejects them
+    "matmul": "special", "outer": "special", "getitem": "special",
+    "transpose": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
     "reshape": Unsupported(_MATRIX),
     "layernorm": Unsupported(_LAYER), "attention": Unsupported(_LAYER),
 }
@@ -104,12 +110,20 @@ def compute_dtype(dtype: str) -> str:
     return "tl.float32" if dtype in FLOATS else TL_DTYPES[dtype]
 
 
+def tile_expr(expr: str, dtype: str, shape: str) -> str:
+    """`expr` as a full tile of `shape` in the kernel dtype of `dtype`."""
+    if dtype == "bool":
+        return f"tl.broadcast_to(({expr}) != 0, {shape})"
+    return f"(tl.zeros({shape}, {compute_dtype(dtype)}) + ({expr})).to({compute_dtype(dtype)})"
+
+
 # ---------------------------------------------------------------------- what fits the tile model
 @dataclass(frozen=True)
 class Layout:
-    mode: str  # 'lanes' | 'state'
-    axis: object  # the SymPy dim expression of the state axis S (None in lanes mode)
-    full_tile: bool  # a body reduces over S: one tile must hold all of it
+    mode: str  # 'lanes' | 'state' | 'matrix'
+    axis: object  # the SymPy dim expression of the state axis S, the rows R in matrix mode (None in lanes mode)
+    full_tile: bool  # a body reduces over S (over C in matrix mode): one tile must hold all of it
+    cols: object = None  # matrix mode: the SymPy dim expression of the column axis C
 
 
 def _bodies(op: OpIR):
@@ -125,8 +139,6 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
         return f"combine structure is {structure!r}, not 'elementwise'"
     if op.chunk is not None:
         return "chunk op: the chunked layout is not generated for Triton"
-    if op.exclusive:
-        return "exclusive readout: the shifted prefix is not generated for Triton"
     nodes = list(walk(_bodies(op)))
     for node in nodes:
         rendering = TRITON_OPS[node.op]
@@ -140,16 +152,32 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     for v in values:
         if v.dtype not in KERNEL_DTYPES:
             return f"{v.name!r} is {v.dtype}: kernels hold f16/bf16/f32/int/bool values"
+    if _is_matrix(op):
+        from .triton_matrix import matrix_reason  # the matrix tile model builds on this module
+        return matrix_reason(op)
+    if op.exclusive:
+        return "exclusive readout: generated for matrix-state ops only (the token loop); the torch backend serves it"
+    for node in nodes:
+        if node.op in MATRIX_ONLY:
+            return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
     shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
     if any(len(s) > 1 for s in shapes):
-        return "a value has rank > 1: " + _MATRIX
+        return "a value has rank > 1 but no state field does: only matrix-valued states get a second tile axis"
     axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
     if len(axes) > 1:
         return f"values of different lengths {sorted(map(str, axes))}: the tile has one state axis"
     return None
 
 
+def _is_matrix(op: OpIR) -> bool:
+    """A rank-2 state field: the matrix tile model (psmc.codegen.triton_matrix)."""
+    return any(len(f.shape) == 2 for f in op.state)
+
+
 def layout_of(op: OpIR) -> Layout:
+    if _is_matrix(op):
+        from .triton_matrix import matrix_layout
+        return matrix_layout(op)
     nodes = list(walk(_bodies(op)))
     axes = {sympy.sympify(s[0]) for s in [tuple(v.shape) for v in op.state + op.inputs + op.outputs + op.params]
             + [tuple(n.shape) for n in nodes] if len(s) == 1}
@@ -205,6 +233,9 @@ class TritonBodyPrinter:
 
     def node(self, node: Node) -> str:
         args = [self.names[a] for a in node.args]
+        if node.op in FLOAT_MATH:
+            args = [f"({n}).to(tl.float32)" if a.dtype not in FLOATS and a.op != "const" else n
+                    for n, a in zip(args, node.args)]
         rendering = TRITON_OPS[node.op]
         if isinstance(rendering, Unsupported):
             raise ValueError(f"IR op {node.op!r} has no Triton rendering: {rendering.reason}")
@@ -217,6 +248,8 @@ class TritonBodyPrinter:
                 literal(_cast_value(node.args[0].attrs[0], node.attrs[0]))
         if node.op == "broadcast":
             return args[0]  # a rank-0 value broadcasts against the tile by itself
+        if node.op in MATRIX_ONLY:
+            raise ValueError(f"IR op {node.op!r} is rendered by the matrix tile model only")
         return self.reduce(node, args[0])
 
     def power(self, node: Node, args) -> str:
@@ -230,21 +263,23 @@ class TritonBodyPrinter:
         # exponent of a negative base is NaN here (docs/triton.md lists it)
         return f"tl.exp({args[1]} * tl.log({args[0]}))"
 
-    def reduce(self, node: Node, x: str) -> str:
+    def reduce(self, node: Node, x: str, axis: int = 1, mask: str = "col_ok", size: str = "S") -> str:
+        """A masked reduction over tile axis `axis` (the columns by default), whose real
+        entries are `mask` and number `size`."""
         pad = REDUCE_PAD[node.op]
-        masked = f"tl.where(col_ok, {x}, {pad})"
+        masked = f"tl.where({mask}, {x}, {pad})"
         if node.op == "sum":
-            return f"tl.sum({masked}, axis=1, keep_dims=True)"
+            return f"tl.sum({masked}, axis={axis}, keep_dims=True)"
         if node.op == "mean":
-            return f"(tl.sum({masked}, axis=1, keep_dims=True) / S)"
+            return f"(tl.sum({masked}, axis={axis}, keep_dims=True) / {size})"
         if node.op == "amax":
-            return f"tl.max({masked}, axis=1, keep_dims=True)"
+            return f"tl.max({masked}, axis={axis}, keep_dims=True)"
         if node.op == "amin":
-            return f"tl.min({masked}, axis=1, keep_dims=True)"
+            return f"tl.min({masked}, axis={axis}, keep_dims=True)"
         # logsumexp, stable; an all -inf row gives -inf as torch does
-        m = f"tl.max({masked}, axis=1, keep_dims=True)"
+        m = f"tl.max({masked}, axis={axis}, keep_dims=True)"
         safe = f"tl.where({m} == float('-inf'), 0.0, {m})"
-        return f"({safe} + tl.log(tl.sum(tl.exp({masked} - {safe}), axis=1, keep_dims=True)))"
+        return f"({safe} + tl.log(tl.sum(tl.exp({masked} - {safe}), axis={axis}, keep_dims=True)))"
 
 
 def _cast_value(value, dtype: str):
@@ -330,10 +365,7 @@ class KernelPrinter:
         return lines
 
     def tile(self, expr: str, dtype: str, shape: str) -> str:
-        """`expr` as a full tile of the field's kernel dtype."""
-        if dtype == "bool":
-            return f"tl.broadcast_to(({expr}) != 0, {shape})"
-        return f"(tl.zeros({shape}, {compute_dtype(dtype)}) + ({expr})).to({compute_dtype(dtype)})"
+        return tile_expr(expr, dtype, shape)
 
     def lift(self, shape: str) -> list[str]:
         printer = TritonBodyPrinter(tuple(self.op.lift), "u")
@@ -478,11 +510,25 @@ def _ranks(values) -> str:
     return "(" + "".join(f"{len(v.shape)}, " for v in values) + ")"
 
 
+def _dim_lambda(expr) -> str:
+    return "None" if expr is None else f"lambda cx_d: {dim_code(expr).replace('cx.d', 'cx_d')}"
+
+
+def value_roles(op: OpIR, values) -> tuple:
+    """Which tile axes each value spans: '' (scalar), 'r' (rows / the state axis), 'c'
+    (columns, matrix mode) or 'rc'."""
+    layout = layout_of(op)
+    if layout.mode == "matrix":
+        from .triton_matrix import role_of
+        return tuple(role_of(v.shape, layout.axis, layout.cols) for v in values)
+    return tuple("r" if v.shape else "" for v in values)
+
+
 def registration(op: OpIR) -> list[str]:
     layout = layout_of(op)
     names = kernel_names(op)
-    axis = "None" if layout.axis is None else f"lambda cx_d: {dim_code(layout.axis).replace('cx.d', 'cx_d')}"
-    cls = "Op_" + op.name
+    axis = _dim_lambda(layout.axis)
+    cls = f"__psmc_layers__[{op.name!r}]"  # the registry: class names are module.py's business
     return [
         "if _triton is not None:",
         f"    {cls}._triton_kernels = _tsup.TritonKernels(",
@@ -501,6 +547,11 @@ def registration(op: OpIR) -> list[str]:
         f"        output_ranks={_ranks(op.outputs)},",
         f"        output_dtypes={tuple(v.dtype for v in op.outputs)!r},",
         f"        dims={tuple(op.dims)!r},",
+        f"        cols={_dim_lambda(layout.cols)},",
+        f"        input_roles={value_roles(op, op.inputs)!r},",
+        f"        param_roles={value_roles(op, op.params)!r},",
+        f"        field_roles={value_roles(op, op.state)!r},",
+        f"        output_roles={value_roles(op, op.outputs)!r},",
         "    )",
     ]
 
@@ -510,6 +561,12 @@ def generate(op: OpIR, plan: dict | None) -> str | None:
     one op, to be placed after the class and after PRELUDE; None when the op gets none."""
     if unsupported_reason(op, plan) is not None:
         return None
+    if layout_of(op).mode == "matrix":
+        from .triton_matrix import MatrixPrinter
+        printer = MatrixPrinter(op)
+        lines = printer.forward_kernel() + ["", ""] + printer.step_kernel() + ["", ""]
+        lines += printer.backward_kernel() + ["", ""] + registration(op)
+        return "\n".join(lines) + "\n"
     from .triton_backward import BackwardPrinter  # it builds on this module's printers
     printer = BackwardPrinter(op)
     lines = printer.combine_function() + ["", ""] + printer.forward_kernel() + ["", ""]
@@ -536,6 +593,10 @@ def describe(op: OpIR, plan: dict | None) -> str:
     if reason is not None:
         return f"triton: none ({reason})"
     layout = layout_of(op)
+    if layout.mode == "matrix":
+        cols = f"all of {layout.cols}" if layout.full_tile else f"tiles of {layout.cols}"
+        return (f"triton: forward + backward + step kernels, token loop over a [{layout.axis}, {layout.cols}] "
+                f"tile (all of {layout.axis} x {cols})" + (", exclusive readout" if op.exclusive else ""))
     tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
         (" (whole axis per tile)" if layout.full_tile else "")
     return f"triton: forward + backward + step kernels, tiled over {tiles}"

@@ -46,6 +46,11 @@ VJP_RULES: dict[str, tuple] = {
     "where": (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"),
     "cast": ("{g}",),
     "broadcast": ("{g}",),
+    # matrix tiles (psmc.codegen.triton_matrix): products whose contraction or broadcast the
+    # printer's `unbroadcast` undoes by summing over the axes the operand lacks
+    "matmul": ("({g} * {b})", "({g} * {a})"),
+    "outer": ("({g} * {b})", "({g} * {a})"),
+    "getitem": ("{g}",),  # only full slices and new axes: the tile is the same values
     # reductions over the columns: the adjoint spreads back (rank 0 -> every column)
     "sum": ("{g}",),
     "mean": ("({g} / S)",),
@@ -89,8 +94,18 @@ class VjpPrinter:
         self.prefix = prefix
         self.leaf_adjoints: dict[Node, str] = {}
 
+    def primal_printer(self) -> TritonBodyPrinter:
+        return TritonBodyPrinter(self.outputs, self.prefix + "p", self.token)
+
+    def unbroadcast(self, node: Node, arg: Node, contribution: str) -> str:
+        """The adjoint contribution reduced to `arg`'s tile: a rank-0 operand broadcast over
+        the columns gets the masked sum over them."""
+        if arg.rank < node.rank:
+            return f"tl.sum(tl.where(col_ok, {contribution}, 0.0), axis=1, keep_dims=True)"
+        return contribution
+
     def run(self) -> list[str]:
-        primal = TritonBodyPrinter(self.outputs, self.prefix + "p", self.token)
+        primal = self.primal_printer()
         lines = primal.run()
         names = primal.names
         order = list(walk(self.outputs))
@@ -113,9 +128,7 @@ class VjpPrinter:
             for i, arg in enumerate(node.args):
                 if arg not in needs:
                     continue
-                contribution = self._contribution(node, i, names, name)
-                if arg.rank < node.rank:  # a rank-0 operand broadcast over the columns
-                    contribution = f"tl.sum(tl.where(col_ok, {contribution}, 0.0), axis=1, keep_dims=True)"
+                contribution = self.unbroadcast(node, arg, self._contribution(node, i, names, name))
                 parts.setdefault(arg, []).append(contribution)
         return lines
 

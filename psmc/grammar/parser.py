@@ -3,6 +3,7 @@ with a caret and a sentence saying what was expected, in words."""
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
@@ -33,6 +34,7 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
         raise PsmcLimitError(f"the file is {len(text)} characters long; psmc reads at most "
                              f"{MAX_SOURCE_CHARS}", Span(source, 1, 1, 1, 2),
                              hint="split the operators into several files")
+    _check_characters(source)
     try:
         tree = lark_parser().parse(text)
     except UnexpectedInput as err:
@@ -52,6 +54,25 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
     except RecursionError:
         raise PsmcLimitError("the program is nested too deeply", Span(source, 1, 1, 1, 2),
                              hint="flatten deeply nested expressions with `let`") from None
+
+
+# NUL and unpaired surrogates are no text a file can hold (UTF-8 cannot encode a surrogate),
+# yet the lexer lets them through inside comments, and the op's source travels on into
+# generated modules (docstrings): stop them here, with their position.
+_FORBIDDEN_CHARACTERS = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_characters(source: Source) -> None:
+    found = _FORBIDDEN_CHARACTERS.search(source.text)
+    if found is None:
+        return
+    offset = found.start()
+    line = source.text.count("\n", 0, offset) + 1
+    col = offset - (source.text.rfind("\n", 0, offset) + 1) + 1
+    what = "a NUL character" if found.group() == "\x00" else f"an unpaired surrogate U+{ord(found.group()):04X}"
+    raise PsmcSyntaxError(f"the text contains {what}, which is not allowed anywhere, even in a comment",
+                          Span(source, line, col, line, col + 1),
+                          hint="save the file as plain UTF-8 text; remove the character")
 
 
 # ----------------------------------------------------------------------------- AST building

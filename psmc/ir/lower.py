@@ -184,7 +184,7 @@ class _OpLowerer:
     def _type(self, t: ast.TypeExpr) -> tuple[str, tuple]:
         shape = tuple(self._dim_expr(d) for d in t.shape)
         for d, src in zip(shape, t.shape):
-            if d.is_number and d <= 0:
+            if d.is_nonpositive:  # decided for dims too: f32[1 - K] has no entries
                 raise PsmcTypeError(f"a shape entry must be positive, got {d}", src.span,
                                     hint="a scalar has no shape: write `f32`, not `f32[0]`")
         return t.dtype, shape
@@ -240,7 +240,11 @@ class _OpLowerer:
         while isinstance(e, ast.Unary) and e.op == "-":
             sign, e = -sign, e.operand
         if isinstance(e, ast.Number):
-            return sign * float(e.text)
+            value = float(e.text)
+            if math.isinf(value):
+                raise PsmcDeclarationError("number literal is too large for a float", e.span,
+                                           hint="initialiser arguments are finite numbers, e.g. normal(0.02)")
+            return sign * value
         raise PsmcDeclarationError("expected a number literal", e.span,
                                    hint="initialiser arguments are plain numbers, e.g. normal(0.02)")
 
@@ -542,7 +546,12 @@ class _OpLowerer:
         op = BINARY_OPERATORS[e.op]
         if op == "matmul":
             return self._matmul(a, b, e)
-        return self._elementwise(op, (a, b), e.span, e.op, (e.left, e.right))
+        result = self._elementwise(op, (a, b), e.span, e.op, (e.left, e.right))
+        if op == "pow" and is_int(result.dtype) and b.op == "const" and b.attrs[0] < 0:
+            # torch refuses integer tensors to negative integer powers at run time
+            raise PsmcTypeError(f"an integer to the power {b.attrs[0]} is not an integer", e.span,
+                                hint="make the base a float, e.g. `1.0 / x ** 2` or `x ** -1.0`")
+        return result
 
     def _expr_Select(self, e: ast.Select):
         c = self._node(self._expr(e.cond), e.cond)
@@ -633,12 +642,12 @@ class _OpLowerer:
             if isinstance(idx, ast.Slice):
                 lo = self._static_index(idx.lo, size, clamp=True) if idx.lo is not None else sympy.Integer(0)
                 hi = self._static_index(idx.hi, size, clamp=True) if idx.hi is not None else size
-                length = sympy.Max(hi - lo, 0) if (hi - lo).is_number else hi - lo
-                if length.is_number and length <= 0:
+                length = sympy.expand(hi - lo)
+                if length.is_nonpositive:  # also decided for dims, e.g. x[K:] of an axis of size K
                     raise PsmcTypeError(f"empty slice of an axis of size {size}", idx.span or e.span,
                                         hint="a slice a:b keeps entries a..b-1 and must keep at least one")
                 spec.append(("slice", lo, hi))
-                shape.append(sympy.Integer(length) if length.is_number else length)
+                shape.append(length)
             else:
                 k = self._static_index(idx, size, clamp=False)
                 spec.append(("index", k))
@@ -646,14 +655,13 @@ class _OpLowerer:
         return Node("getitem", (x,), tuple(spec), x.dtype, tuple(shape), e.span)
 
     def _static_index(self, e, size, clamp: bool) -> sympy.Expr:
-        k = self._static_int(e, "an index")
-        if k.is_number and k < 0:
-            k = size + k
-        if k.is_number and size.is_number:
-            limit = size if clamp else size - 1
-            if k < 0 or k > limit:
-                raise PsmcTypeError(f"index {k} is out of range for an axis of size {size}", e.span,
-                                    hint=f"indices run from 0 to {size - 1} (or from -{size} to -1, from the end)")
+        written = self._static_int(e, "an index")
+        k = sympy.expand(size + written) if written.is_negative else written  # -1 is the last entry
+        limit = size if clamp else size - 1  # a slice bound may be one past the end
+        # SymPy decides these for dims too (K is a positive integer): x[K] is out of range
+        if k.is_negative or sympy.expand(k - limit).is_positive:
+            raise PsmcTypeError(f"index {written} is out of range for an axis of size {size}", e.span,
+                                hint=f"indices run from 0 to {size - 1} (or from -{size} to -1, from the end)")
         return k
 
     def _static_int(self, e, what) -> sympy.Expr:
@@ -763,15 +771,22 @@ class _OpLowerer:
         self._check_combinable(x, y, e.span, "outer()")
         return Node("outer", (x, y), (), promote(x.dtype, y.dtype), (x.shape[0], y.shape[0]), e.span)
 
+    def _static_size(self, e, what) -> sympy.Expr:
+        n = self._static_int(e, what)
+        if n.is_nonpositive:
+            raise PsmcTypeError(f"{what} must be positive, got {n}", e.span,
+                                hint="sizes are numbers or dims greater than zero")
+        return n
+
     def _call_eye(self, b, e, static):
-        n = self._static_int(e.args[0], "the size of eye()")
+        n = self._static_size(e.args[0], "the size of eye()")
         return Node("eye", (), (), "f32", (n, n), e.span)
 
     def _call_fill(self, b, e, static):
         if not e.args and self.identity_field is not None:
             f = self.identity_field
             return Node("fill", (), (0 if e.name == "zeros" else 1,), f.dtype, f.shape, e.span)
-        shape = tuple(self._static_int(a, f"a {e.name}() size") for a in e.args)
+        shape = tuple(self._static_size(a, f"a {e.name}() size") for a in e.args)
         return Node("fill", (), (0 if e.name == "zeros" else 1,), "f32", shape, e.span)
 
     def _call_concat(self, b, e, static):
@@ -800,8 +815,10 @@ class _OpLowerer:
         x = self._node(self._expr(e.args[0]), e.args[0])
         n = self._static_int(e.args[1], "the number of parts")
         if not n.is_number or n < 1:
-            raise PsmcTypeError("split() needs a positive number of parts", e.args[1].span,
-                                hint="e.g. split(x, 3, axis=-1) gives three equal parts")
+            got = "a dim expression" if not n.is_number else str(n)
+            raise PsmcTypeError(f"split() needs a positive number of parts, written as a number; got {got}",
+                                e.args[1].span,
+                                hint="e.g. split(x, 3, axis=-1) gives three equal parts (the parts may be dims long)")
         if x.rank == 0:
             raise PsmcTypeError("split() needs an array, got a scalar", e.args[0].span,
                                 hint="a scalar has no axis to cut")
@@ -835,7 +852,7 @@ class _OpLowerer:
         x = self._node(self._expr(e.args[0]), e.args[0])
         target = e.args[1]
         items = target.items if isinstance(target, ast.TupleExpr) else (target,)
-        shape = tuple(self._static_int(i, "a reshape size") for i in items)
+        shape = tuple(self._static_size(i, "a reshape size") for i in items)
         before = sympy.prod(x.shape) if x.shape else sympy.Integer(1)
         after = sympy.prod(shape) if shape else sympy.Integer(1)
         if not dims_equal(before, after):
@@ -873,7 +890,8 @@ class _OpLowerer:
     def _inline(self, e: ast.Call):
         fn = self.fns[e.name]
         if e.kwargs:
-            raise PsmcTypeError(f"fn '{fn.name}' takes positional arguments only", e.kwargs[0].span)
+            raise PsmcTypeError(f"fn '{fn.name}' takes positional arguments only", e.kwargs[0].span,
+                                hint=f"call it as {fn.name}({', '.join(fn.params)})")
         if len(e.args) != len(fn.params):
             raise PsmcTypeError(f"fn '{fn.name}' takes {len(fn.params)} argument{'s' if len(fn.params) != 1 else ''}"
                                 f", got {len(e.args)}", e.span,

@@ -2,9 +2,11 @@
 generated kernels (psmc.codegen.triton_printer), launching them and rebuilding stream states.
 
 Kernel layout: every per-token tensor is seen as [B, T, L, S'] (lanes flattened to L; S' is
-the state axis S for rank-1 values and 1 for scalars) and passed as a pointer plus strides, so
+the value's one declared axis, 1 for scalars) and passed as a pointer plus strides, so
 broadcast inputs (a size-1 batch, lane or state axis) are stride-0 views, never copies. Stream
-states are contiguous [B, L, S'] tensors.
+states are contiguous [B, L, *declared] tensors. Each value has a role (the tile axes it
+spans): '' a scalar, 'r' the state axis S (the rows R of a matrix state), 'c' the columns C of
+a matrix state, 'rc' the matrix.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import torch
 from .state import ScanState
 
 DEFAULT_BLOCK_T = 64
+# matrix states: the backward's scratch holds BLOCK_T prefixes of [R, C] per program
+DEFAULT_MATRIX_BLOCK_T = 16
 MAX_BLOCK_C = 64  # columns per program when the tile needs not hold the whole state axis
 
 _KERNEL_DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
@@ -43,6 +47,11 @@ class TritonKernels:
     output_ranks: tuple
     output_dtypes: tuple
     dims: tuple
+    cols: Callable[[dict], int] | None = None  # matrix mode: the column axis C from the dims
+    input_roles: tuple = ()
+    param_roles: tuple = ()
+    field_roles: tuple = ()
+    output_roles: tuple = ()
 
 
 def _interpreted(kernel) -> bool:
@@ -100,6 +109,20 @@ class _Geometry:
     S: int
     block_c: int
     grid: tuple
+    C: int = 1  # matrix mode: the columns (S is then the rows)
+    block_r: int = 1
+    matrix: bool = False
+
+    def extent(self, role: str) -> tuple:
+        """The declared shape of a value with this role."""
+        return tuple({"r": self.S, "c": self.C}[a] for a in role)
+
+    def sizes(self, start: int) -> list:
+        """The kernel's size arguments: T, L, S (SR, SC in matrix mode), start."""
+        return [self.T, self.L, self.S] + ([self.C] if self.matrix else []) + [start]
+
+    def blocks(self) -> dict:
+        return {"BLOCK_C": self.block_c, **({"BLOCK_R": self.block_r} if self.matrix else {})}
 
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
@@ -111,6 +134,10 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
         block_c = min(_pow2(L), MAX_BLOCK_C)
         return _Geometry(B, T, lanes, L, 1, block_c, (B, triton_cdiv(L, block_c)))
     S = int(kernels.axis(call.ctx.d))
+    if kernels.mode == "matrix":  # all rows per program, the columns tiled
+        C = int(kernels.cols(call.ctx.d))
+        block_c = _pow2(C) if kernels.full_tile or whole_axis else min(_pow2(C), MAX_BLOCK_C)
+        return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(C, block_c)), C, _pow2(S), True)
     block_c = _pow2(S) if kernels.full_tile or whole_axis else min(_pow2(S), MAX_BLOCK_C)
     return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(S, block_c)))
 
@@ -119,9 +146,20 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _as_tile(x: torch.Tensor, g: _Geometry, rank: int, time: bool) -> tuple:
+def roles(k: TritonKernels, kind: str) -> tuple:
+    """The roles of the inputs / params / fields / outputs (from the ranks for kernels
+    registered before roles were)."""
+    given = getattr(k, kind + "_roles")
+    if given:
+        return given
+    ranks = {"input": k.input_ranks, "field": k.field_ranks, "output": k.output_ranks}.get(kind)
+    return tuple("r" if r else "" for r in ranks) if ranks is not None else ()
+
+
+def _as_tile(x: torch.Tensor, g: _Geometry, role: str, time: bool) -> tuple:
     """x [B?, (T,) *lanes?, *declared] → a [B, (T,) L, S'] view and its strides (S' = 1 and
     stride 0 for scalars, so one offset formula serves both)."""
+    rank = len(role)
     lead = (g.B, g.T) if time else (g.B,)
     declared = tuple(x.shape[x.dim() - rank:]) if rank else ()
     x = x.expand(*lead, *g.lanes, *declared)
@@ -132,7 +170,8 @@ def _as_tile(x: torch.Tensor, g: _Geometry, rank: int, time: bool) -> tuple:
     return x, strides
 
 
-def _state_tensor(t: torch.Tensor, g: _Geometry, rank: int, dtype) -> torch.Tensor:
+def _state_tensor(t: torch.Tensor, g: _Geometry, role: str, dtype) -> torch.Tensor:
+    rank = len(role)
     declared = tuple(t.shape[t.dim() - rank:]) if rank else ()
     t = t.expand(g.B, *g.lanes, *declared).to(dtype)
     return t.reshape(g.B, g.L, *(declared if rank else ())).contiguous()
@@ -142,10 +181,10 @@ def _field_dtype(dtype: str):
     return _KERNEL_DTYPES.get(dtype, torch.float32)
 
 
-def _input_args(tensors, ranks, g: _Geometry, time: bool) -> list:
+def _input_args(tensors, roles_, g: _Geometry, time: bool) -> list:
     args = []
-    for x, rank in zip(tensors, ranks):
-        x, strides = _as_tile(x, g, rank, time)
+    for x, role in zip(tensors, roles_):
+        x, strides = _as_tile(x, g, role, time)
         args += [x, *strides]
     return args
 
@@ -159,18 +198,18 @@ def _param_args(params) -> list:
     return args
 
 
-def _per_token(g: _Geometry, rank: int, dtype, dev, time: bool) -> tuple:
-    """An empty [B, (T,) L, S'] tensor and its strides (stride 0 over S' for rank-0 values)."""
+def _per_token(g: _Geometry, role: str, dtype, dev, time: bool) -> tuple:
+    """An empty [B, (T,) L, S'] tensor and its strides (stride 0 over S' for scalars)."""
     lead = (g.B, g.T) if time else (g.B,)
-    t = torch.empty(*lead, g.L, g.S if rank else 1, device=dev, dtype=dtype)
+    t = torch.empty(*lead, g.L, *(g.extent(role) or (1,)), device=dev, dtype=dtype)
     strides = list(t.stride())
-    if not rank:
+    if not role:
         strides[-1] = 0
     return t, strides
 
 
-def _per_lane(g: _Geometry, rank: int, dtype, dev, extra: tuple = ()) -> torch.Tensor:
-    return torch.empty(g.B, g.L, *extra, *((g.S,) if rank else ()), device=dev, dtype=dtype)
+def _per_lane(g: _Geometry, role: str, dtype, dev, extra: tuple = ()) -> torch.Tensor:
+    return torch.empty(g.B, g.L, *extra, *g.extent(role), device=dev, dtype=dtype)
 
 
 def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, start: int, time: bool,
@@ -178,35 +217,35 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     """Run the forward (time=True) or step kernel: (outputs, finals, boundaries)."""
     k = layer._triton_kernels
     dev = call.ctx.dev
-    args = _input_args(inputs, k.input_ranks, g, time) + _param_args(params)
-    for i, (rank, dtype) in enumerate(zip(k.field_ranks, k.field_dtypes)):
-        args.append(_state_tensor(state_prefix[i], g, rank, _field_dtype(dtype)) if state_prefix is not None
+    args = _input_args(inputs, roles(k, "input"), g, time) + _param_args(params)
+    for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes)):
+        args.append(_state_tensor(state_prefix[i], g, role, _field_dtype(dtype)) if state_prefix is not None
                     else torch.empty(0, device=dev, dtype=_field_dtype(dtype)))
     outputs = []
-    for rank, dtype in zip(k.output_ranks, k.output_dtypes):
-        out, strides = _per_token(g, rank, call.ctx.dt[dtype] if dtype in call.ctx.dt else torch.float32, dev, time)
+    for role, dtype in zip(roles(k, "output"), k.output_dtypes):
+        out, strides = _per_token(g, role, call.ctx.dt[dtype] if dtype in call.ctx.dt else torch.float32, dev, time)
         args += [out, *strides]
-        outputs.append((out, rank))
-    finals = [(_per_lane(g, rank, _field_dtype(dtype), dev), rank)
-              for rank, dtype in zip(k.field_ranks, k.field_dtypes)]
+        outputs.append((out, role))
+    finals = [(_per_lane(g, role, _field_dtype(dtype), dev), role)
+              for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
     args += [f for f, _ in finals]
     n_blocks = triton_cdiv(g.T, block_t) if time else 0
     bounds = []
     if time:
-        bounds = [_per_lane(g, rank, _field_dtype(dtype), dev, (n_blocks,)) if save else
+        bounds = [_per_lane(g, role, _field_dtype(dtype), dev, (n_blocks,)) if save else
                   torch.empty(0, device=dev, dtype=_field_dtype(dtype))
-                  for rank, dtype in zip(k.field_ranks, k.field_dtypes)]
+                  for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
         args += bounds
-    args += [g.T, g.L, g.S, start] + ([n_blocks] if time else [])
+    args += g.sizes(start) + ([n_blocks] if time else [])
     args += [int(call.ctx.d[d]) for d in k.dims]
     extra = {"SAVE": save} if time else {}
-    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, BLOCK_C=g.block_c, **extra)
+    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **extra)
     return outputs, finals, bounds
 
 
-def _unflatten(t: torch.Tensor, g: _Geometry, rank: int, time: bool) -> torch.Tensor:
+def _unflatten(t: torch.Tensor, g: _Geometry, role: str, time: bool) -> torch.Tensor:
     lead = (g.B, g.T) if time else (g.B,)
-    return t.reshape(*lead, *g.lanes, *((g.S,) if rank else ()))
+    return t.reshape(*lead, *g.lanes, *g.extent(role))
 
 
 def _is_float(dtype: str) -> bool:
@@ -250,44 +289,48 @@ class _ScanFunction(torch.autograd.Function):
         bounds = saved[n_flat:]
         out_grads, fin_grads = grads[:len(k.output_dtypes)], grads[len(k.output_dtypes):]
         f32 = torch.float32
-        args = _input_args(inputs, k.input_ranks, g, True) + _param_args(params)
-        for i, (rank, dtype) in enumerate(zip(k.field_ranks, k.field_dtypes)):
-            args.append(_state_tensor(prefix[i], g, rank, _field_dtype(dtype)) if prefix is not None
+        args = _input_args(inputs, roles(k, "input"), g, True) + _param_args(params)
+        for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes)):
+            args.append(_state_tensor(prefix[i], g, role, _field_dtype(dtype)) if prefix is not None
                         else torch.empty(0, device=dev, dtype=_field_dtype(dtype)))
         args += list(bounds)
-        for grad, rank in zip(out_grads, k.output_ranks):
+        for grad, role in zip(out_grads, roles(k, "output")):
             if grad is None or not grad.is_floating_point():
                 grad = torch.zeros((), device=dev, dtype=f32)
-            grad, strides = _as_tile(grad.expand(*_lead(g, True), *_declared(g, rank)), g, rank, True)
+            grad, strides = _as_tile(grad.expand(*_lead(g, True), *g.extent(role)), g, role, True)
             args += [grad, *strides]
         has_dfin = any(gr is not None for gr, dt in zip(fin_grads, k.field_dtypes) if _is_float(dt))
-        for grad, rank, dtype in zip(fin_grads, k.field_ranks, k.field_dtypes):
+        for grad, role, dtype in zip(fin_grads, roles(k, "field"), k.field_dtypes):
             if has_dfin and _is_float(dtype):
                 grad = grad if grad is not None else torch.zeros((), device=dev, dtype=f32)
-                args.append(_state_tensor(grad, g, rank, f32))
+                args.append(_state_tensor(grad, g, role, f32))
             else:
                 args.append(torch.empty(0, device=dev, dtype=f32))
         din = []
-        for rank in k.input_ranks:
-            t, strides = _per_token(g, rank, f32, dev, True)
+        for role in roles(k, "input"):
+            t, strides = _per_token(g, role, f32, dev, True)
             args += [t, *strides]
-            din.append((t, rank))
-        dpar = [_per_lane(g, p.dim() > 0, f32, dev) for p in params]
-        dini = [_per_lane(g, rank, f32, dev) for rank in k.field_ranks]
-        scratch = [_per_lane(g, 1, _field_dtype(dtype), dev, (block_t,)) for dtype in k.field_dtypes]
+            din.append((t, role))
+        param_roles = roles(k, "param") or tuple("r" if p.dim() else "" for p in params)
+        dpar = [_per_lane(g, role, f32, dev) for role in param_roles]
+        dini = [_per_lane(g, role, f32, dev) for role in roles(k, "field")]
+        # the scratch of BLOCK_T prefixes: each field's own shape in matrix mode; the one-axis
+        # block scan parks full [BLOCK_T, S] tiles
+        scratch = [_per_lane(g, role if g.matrix else "r", _field_dtype(dtype), dev, (block_t,))
+                   for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
         args += dpar + dini + scratch
-        args += [g.T, g.L, g.S, start, triton_cdiv(g.T, block_t)] + [int(call.ctx.d[d]) for d in k.dims]
-        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, BLOCK_C=g.block_c)
+        args += g.sizes(start) + [triton_cdiv(g.T, block_t)] + [int(call.ctx.d[d]) for d in k.dims]
+        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
         result = [None]
-        for (t, rank), x, dtype in zip(din, inputs, k.input_dtypes):
-            grad = _unflatten(t, g, rank, True)
+        for (t, role), x, dtype in zip(din, inputs, k.input_dtypes):
+            grad = _unflatten(t, g, role, True)
             result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
                           else None)
         for t, p in zip(dpar, params):
             result.append(t.sum(dim=(0, 1)).reshape(p.shape).to(p.dtype) if p.is_floating_point() else None)
         if has_init:
-            for t, rank, dtype, x in zip(dini, k.field_ranks, k.field_dtypes, prefix):
-                grad = _unflatten(t, g, rank, False)
+            for t, role, dtype, x in zip(dini, roles(k, "field"), k.field_dtypes, prefix):
+                grad = _unflatten(t, g, role, False)
                 result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
                               else None)
         return tuple(result)
@@ -297,8 +340,6 @@ def _lead(g: _Geometry, time: bool) -> tuple:
     return ((g.B, g.T) if time else (g.B,)) + g.lanes
 
 
-def _declared(g: _Geometry, rank: int) -> tuple:
-    return (g.S,) if rank else ()
 
 
 def _params(layer) -> list:
@@ -313,7 +354,8 @@ def forward(layer, call, state, block_t: int | None = None):
     grad = _grad_needed(layer, call) or (state is not None and state.prefix is not None and
                                         any(t.requires_grad for t in state.prefix) and torch.is_grad_enabled())
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
-    block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), DEFAULT_BLOCK_T)
+    default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
+    block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = state.prefix if state is not None else None
     start = state.size if state is not None else 0
     inputs = [call.inputs[name] for name in k.inputs]

@@ -111,11 +111,15 @@ def test_no_python_semantics_in_renderings():
 
 
 def test_unsupported_ops_are_reported_not_generated():
-    for name, words in (("gla", "outer"), ("ema", "tree-scan"), ("rwkv6", "exclusive")):
+    for name, words in (("delta_rule", "'eye'"), ("ema", "tree-scan")):
         op = ops_from_file(EXAMPLES / f"{name}.psm")[0]
         plan = {"plan": "tree-scan" if name == "ema" else "exact-scan"}
         assert words in tp.unsupported_reason(op, plan)
         assert tp.generate(op, plan) is None
+    # an exclusive readout without a matrix state (the one-axis block scan has no shift)
+    op = ops_from_source("op ex { state (a: f32); lift (x: f32) { return x; } combine (l, r) { return l.a + r.a; } "
+                         "identity = zeros; readout exclusive (p, x: f32) { return p.a + x; } }")[0]
+    assert "exclusive" in tp.unsupported_reason(op, {"plan": "exact-scan"})
     op = ops_from_file(EXAMPLES / "cumsum.psm")[0]
     assert "not 'elementwise'" in tp.unsupported_reason(op, {"plan": "exact-scan", "structure": "affine"})
 

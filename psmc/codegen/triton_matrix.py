@@ -1,0 +1,505 @@
+"""The matrix tile model: fused forward, backward and decode-step kernels for elementwise
+exact scans whose state holds a matrix (gla, simple_gla, retention, linear_attention, mlstm,
+rwkv6).
+
+A program owns one batch row, one lane and a [BLOCK_R, BLOCK_C] tile of the [R, C] state: all
+of its rows and a slice of its columns (all of them when a gradient will be needed, since the
+adjoints of vectors over R sum over C, or when a body reduces over C). Every value spans some
+of the tile's axes, its *role*: '' a scalar ([1, 1]), 'r' a vector over R ([BLOCK_R, 1]), 'c'
+a vector over C ([1, BLOCK_C]), 'rc' the matrix. Tile broadcasting then is the IR's own
+broadcasting: outer(k, v) is k * v, r.a[:, None] is r.a, q @ S is a masked sum over the rows.
+
+Time is a token loop (the shape of fla's fused_recurrent kernels): an [R, C] prefix per token
+does not fit in registers the way the block scan of the one-axis model does. Per token: load
+→ lift → (an exclusive readout reads the carried state here, the identity for the first token
+of a fresh stream) → combine with the carry → (an inclusive readout reads the new prefix) →
+store. The carry entering each block of BLOCK_T tokens is saved for the backward, which walks
+the blocks from last to first: it recomputes the block's prefixes from the saved carry into a
+per-program scratch, then steps the adjoint back token by token (the recurrence of
+psmc.codegen.triton_backward; every VJP printed from the IR by psmc.codegen.triton_vjp).
+"""
+from __future__ import annotations
+
+import sympy
+
+from ..ir.nodes import Node, OpIR, render, walk
+from ..ir.ops import OPS
+from .triton_printer import (FLOATS, Layout, TritonBodyPrinter, compute_dtype, kernel_names, tile_expr)
+from .triton_vjp import VjpPrinter
+
+ROLE_SHAPE = {"": "(1, 1)", "r": "(BLOCK_R, 1)", "c": "(1, BLOCK_C)", "rc": "(BLOCK_R, BLOCK_C)"}
+ROLE_MASK = {"": "one", "r": "row_ok", "c": "col_ok", "rc": "(row_ok & col_ok)"}
+ROLE_INDEX = {"": "zero", "r": "kidx", "c": "vidx"}  # a vector's position along its tile axis
+AXIS_MASK = {0: "row_ok", 1: "col_ok"}
+AXIS_SIZE = {0: "SR", 1: "SC"}
+# matmul (role and rank of each operand) -> the tile axis it contracts
+MATMUL_AXIS = {("r", 1, "rc", 2): 0, ("r", 1, "r", 1): 0, ("c", 1, "c", 1): 1, ("rc", 2, "c", 1): 1}
+_IN = ("arg", "param")
+
+
+# ---------------------------------------------------------------------- roles and what fits
+def _same(a, b) -> bool:
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def role_of(shape, rows, cols) -> str | None:
+    """The tile axes a value of `shape` spans, or None when it fits neither."""
+    dims = [sympy.sympify(d) for d in shape]
+    if not dims:
+        return ""
+    if len(dims) == 1:
+        hits = [role for role, axis in (("r", rows), ("c", cols)) if _same(dims[0], axis)]
+        return hits[0] if len(hits) == 1 else None
+    if len(dims) == 2:
+        r = "r" if _same(dims[0], rows) else "" if dims[0] == 1 else None
+        c = "c" if _same(dims[1], cols) else "" if dims[1] == 1 else None
+        return None if r is None or c is None else r + c
+    return None
+
+
+def _matrix_shape(op: OpIR) -> tuple:
+    return next(tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2)
+
+
+def _bodies(op: OpIR) -> tuple:
+    extra = tuple(op.identity or ()) if op.exclusive else ()
+    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout) + extra
+
+
+def reduce_axis(node: Node, rows, cols) -> int | None:
+    """The tile axis a reduction runs over; None for a size-1 declared axis (no reduction)."""
+    arg = node.args[0]
+    role = role_of(arg.shape, rows, cols)
+    if arg.rank == 1:
+        return {"r": 0, "c": 1}.get(role)
+    char = "r" if node.attrs[0] == 0 else "c"
+    return (0 if char == "r" else 1) if char in role else None
+
+
+def matmul_axis(node: Node, rows, cols) -> int | None:
+    a, b = node.args
+    return MATMUL_AXIS.get((role_of(a.shape, rows, cols), a.rank, role_of(b.shape, rows, cols), b.rank))
+
+
+def _view_only(node: Node, rows, cols) -> bool:
+    """A getitem of full slices and new axes: the same values on the same tile axes."""
+    if any(entry[0] == "index" for entry in node.attrs):
+        return False
+    arg = node.args[0]
+    sliced = [e for e in node.attrs if e[0] == "slice"]
+    first = arg.rank - len(sliced)
+    for j, entry in enumerate(sliced):
+        if not (sympy.sympify(entry[1]) == 0 and _same(entry[2], arg.shape[first + j])):
+            return False
+    return role_of(arg.shape, rows, cols) == role_of(node.shape, rows, cols)
+
+
+def matrix_layout(op: OpIR) -> Layout:
+    rows, cols = _matrix_shape(op)
+    full = False
+    for node in walk(_bodies(op)):
+        if OPS[node.op].kind == "reduce" and reduce_axis(node, rows, cols) == 1:
+            full = True
+        if node.op == "matmul" and matmul_axis(node, rows, cols) == 1:
+            full = True
+    return Layout("matrix", rows, full, cols)
+
+
+def matrix_reason(op: OpIR) -> str | None:
+    """Why a matrix-state op gets no kernels, or None when the matrix tile model serves it."""
+    shapes = {tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2}
+    if len(shapes) > 1:
+        return "matrix fields of different shapes: the tile has one [R, C] layout"
+    rows, cols = _matrix_shape(op)
+    if _same(rows, cols):
+        return f"a square [{rows}, {cols}] state: which tile axis a vector spans would be ambiguous"
+    if op.exclusive and op.identity is None:
+        return "exclusive readout without an identity: the first token of a stream reads it"
+    for v in op.inputs + op.outputs + op.params:
+        if len(v.shape) > 1:
+            return f"{v.name!r} has rank {len(v.shape)}: per-token inputs, outputs and params are at most vectors"
+    for v in op.state + op.inputs + op.outputs + op.params:
+        if role_of(v.shape, rows, cols) is None:
+            return f"{v.name!r} spans no axis of the [{rows}, {cols}] tile"
+    for node in walk(_bodies(op)):
+        what = render(node)[:60]
+        if role_of(node.shape, rows, cols) is None:
+            return f"{what} has a shape that spans no axis of the [{rows}, {cols}] tile"
+        if node.op == "matmul" and matmul_axis(node, rows, cols) is None:
+            return f"{what}: only vector @ matrix, matrix @ vector and vector @ vector are generated"
+        if node.op == "outer" and tuple(role_of(a.shape, rows, cols) for a in node.args) != ("r", "c"):
+            return f"{what}: only outer([{rows}], [{cols}]) is generated"
+        if node.op == "getitem" and not _view_only(node, rows, cols):
+            return f"{what}: only full slices and new axes that keep the tile axes are generated"
+    if any(n.op == "matmul" for n in walk(op.combine)):
+        return "combine contracts an axis: not elementwise"
+    return None
+
+
+# ---------------------------------------------------------------------- bodies and their VJPs
+class MatrixBodyPrinter(TritonBodyPrinter):
+    """Bodies over role-shaped tiles: products, contractions and reductions along tile axes."""
+
+    def __init__(self, outputs, prefix: str, rows, cols, token: str = ""):
+        super().__init__(outputs, prefix, token)
+        self.rows, self.cols = rows, cols
+
+    def node(self, node: Node) -> str:
+        args = [self.names[a] for a in node.args]
+        if node.op == "outer":
+            return f"({args[0]} * {args[1]})"
+        if node.op == "getitem":
+            return args[0]  # view only (matrix_reason): the tile is already laid out so
+        if node.op == "matmul":
+            axis = matmul_axis(node, self.rows, self.cols)
+            return f"tl.sum(tl.where({AXIS_MASK[axis]}, {args[0]} * {args[1]}, 0.0), axis={axis}, keep_dims=True)"
+        if OPS[node.op].kind == "reduce":
+            axis = reduce_axis(node, self.rows, self.cols)
+            if axis is None:
+                return args[0]  # over a size-1 axis
+            return self.reduce(node, args[0], axis, AXIS_MASK[axis], AXIS_SIZE[axis])
+        return super().node(node)
+
+
+class MatrixVjpPrinter(VjpPrinter):
+    """VJPs over role-shaped tiles: an operand's adjoint sums over the tile axes it lacks."""
+
+    def __init__(self, outputs, adjoints, wanted, prefix: str, rows, cols, token: str = ""):
+        super().__init__(outputs, adjoints, wanted, prefix, token)
+        self.rows, self.cols = rows, cols
+
+    def role(self, node: Node) -> str:
+        return role_of(node.shape, self.rows, self.cols)
+
+    def primal_printer(self) -> TritonBodyPrinter:
+        return MatrixBodyPrinter(self.outputs, self.prefix + "p", self.rows, self.cols, self.token)
+
+    def unbroadcast(self, node: Node, arg: Node, contribution: str) -> str:
+        # a product's contribution spans every axis of its operands (a matmul's too, before
+        # the contraction); sum it over the ones `arg` lacks
+        span = "".join(sorted(set("".join(self.role(a) for a in node.args)))) if node.op == "matmul" \
+            else self.role(node)
+        for axis, char in ((0, "r"), (1, "c")):
+            if char in span and char not in self.role(arg):
+                contribution = f"tl.sum(tl.where({AXIS_MASK[axis]}, {contribution}, 0.0), axis={axis}, keep_dims=True)"
+        return contribution
+
+    def _contribution(self, node: Node, i: int, names: dict, g: str) -> str:
+        if node.op in ("mean", "amax", "amin"):
+            axis = reduce_axis(node, self.rows, self.cols)
+            if axis is None:
+                return g
+            if node.op == "mean":
+                return f"({g} / {AXIS_SIZE[axis]})"
+            a, z = names[node.args[0]], names[node]
+            tie = f"(({a} == {z}) & {AXIS_MASK[axis]})"
+            return f"tl.where({tie}, {g} / tl.sum(tl.where({tie}, 1.0, 0.0), axis={axis}, keep_dims=True), 0.0)"
+        return super()._contribution(node, i, names, g)
+
+
+# ---------------------------------------------------------------------- kernels
+def _offset(role: str, base: str) -> str:
+    """Where a role-shaped value lives in a contiguous [..., *declared] tensor whose leading
+    index is `base`."""
+    if role == "":
+        return f"({base}) + zero"
+    if role == "r":
+        return f"({base}) * SR + kidx"
+    if role == "c":
+        return f"({base}) * SC + vidx"
+    return f"(({base}) * SR + kidx) * SC + vidx"
+
+
+def _mask(*parts) -> str:
+    return " & ".join(p for p in parts if p)
+
+
+def _is_float(value) -> bool:
+    return value.dtype in FLOATS
+
+
+class MatrixPrinter:
+    """The forward, step and backward kernels of one matrix-state op."""
+
+    def __init__(self, op: OpIR):
+        self.op = op
+        layout = matrix_layout(op)
+        self.rows, self.cols = layout.axis, layout.cols
+        self.names = kernel_names(op)
+        self.fields = op.state
+
+    def role(self, value) -> str:
+        return role_of(value.shape, self.rows, self.cols)
+
+    def shape(self, value) -> str:
+        return ROLE_SHAPE[self.role(value)]
+
+    def store_mask(self, value, *extra) -> str:
+        """Every column tile computes values without a column axis: the first one stores them."""
+        role = self.role(value)
+        return _mask(ROLE_MASK[role], *extra, None if "c" in role else "lead_tile")
+
+    def body(self, outputs, prefix: str) -> MatrixBodyPrinter:
+        return MatrixBodyPrinter(tuple(outputs), prefix, self.rows, self.cols)
+
+    def vjp(self, outputs, adjoints, wanted, prefix: str) -> MatrixVjpPrinter:
+        return MatrixVjpPrinter(tuple(outputs), adjoints, wanted, prefix, self.rows, self.cols)
+
+    # -- signatures: the order triton_support passes the arguments in
+    def signature(self, kind: str) -> list[str]:
+        op, n = self.op, len(self.fields)
+        time = kind != "step"
+        st = lambda name: f"{name}_st, " if time else ""  # noqa: E731
+        params = [f"in{i}, in{i}_sb, {st(f'in{i}')}in{i}_sl, in{i}_ss" for i in range(len(op.inputs))]
+        params += [f"par{i}, par{i}_ss" for i in range(len(op.params))]
+        params += [f"ini{i}" for i in range(n)]
+        if kind == "backward":
+            params += [f"bnd{i}" for i in range(n)]
+            params += [f"dout{i}, dout{i}_sb, dout{i}_st, dout{i}_sl, dout{i}_ss" for i in range(len(op.outputs))]
+            params += [f"dfin{i}" for i in range(n)]
+            params += [f"din{i}, din{i}_sb, din{i}_st, din{i}_sl, din{i}_ss" for i in range(len(op.inputs))]
+            params += [f"dpar{i}" for i in range(len(op.params))]
+            params += [f"dini{i}" for i in range(n)] + [f"ws{i}" for i in range(n)]
+        else:
+            params += [f"out{i}, out{i}_sb, {st(f'out{i}')}out{i}_sl, out{i}_ss" for i in range(len(op.outputs))]
+            params += [f"fin{i}" for i in range(n)]
+            if time:
+                params += [f"bnd{i}" for i in range(n)]
+        params.append("T, L, SR, SC, start" + (", NB" if time else ""))
+        params += ["d_" + d for d in op.dims]
+        flags = {"forward": "HAS_INIT, BLOCK_T, BLOCK_R, BLOCK_C, SAVE", "step": "HAS_INIT, BLOCK_T, BLOCK_R, BLOCK_C",
+                 "backward": "HAS_INIT, HAS_DFIN, BLOCK_T, BLOCK_R, BLOCK_C"}[kind]
+        params.append(", ".join(f"{f}: tl.constexpr" for f in flags.split(", ")))
+        return ["    " + p + "," for p in params]
+
+    def prologue(self) -> list[str]:
+        op = self.op
+        lines = ["b = tl.program_id(0)", "lane = tl.program_id(1)",
+                 "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",
+                 "kidx = tl.arange(0, BLOCK_R)[:, None]",
+                 "vidx = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                 "row_ok = kidx < SR", "col_ok = vidx < SC",
+                 "lead_tile = (tl.program_id(2) + zero) == 0"]
+        for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
+            lines.append(f"dim_{d} = d_{d} + zero")
+        for i, p in enumerate(op.params):
+            role = self.role(p)
+            lines.append(f"p_{p.name} = tl.load(par{i} + {ROLE_INDEX[role]} * par{i}_ss, mask={ROLE_MASK[role]}, "
+                         f"other=0).to({compute_dtype(p.dtype)})")
+        if op.exclusive:  # the state an exclusive readout reads before the first token
+            printer = self.body(op.identity, "id")
+            lines += printer.run()
+            lines += [f"ident{i} = {tile_expr(printer.names[node], f.dtype, self.shape(f))}"
+                      for i, (f, node) in enumerate(zip(self.fields, op.identity))]
+        return lines
+
+    # -- one token
+    def token_head(self, kind: str) -> list[str]:
+        """t, okt (a real token), has_left (a prefix before it), the inputs and the index."""
+        if kind == "step":
+            lines = ["t = zero", "okt = one", "if HAS_INIT:", "    has_left = one", "else:", "    has_left = zero > 0"]
+        else:
+            lines = ["t = blk * BLOCK_T + r + zero", "okt = t < T",
+                     "if HAS_INIT:", "    has_left = t >= 0", "else:", "    has_left = t > 0"]
+        for i, v in enumerate(self.op.inputs):
+            role = self.role(v)
+            time = "" if kind == "step" else f" + t * in{i}_st"
+            ptr = f"in{i} + b * in{i}_sb{time} + lane * in{i}_sl + {ROLE_INDEX[role]} * in{i}_ss"
+            lines.append(f"x_{v.name} = tl.load({ptr}, mask={_mask(ROLE_MASK[role], 'okt')}, other=0)"
+                         f".to({compute_dtype(v.dtype)})")
+        lines.append("index = (start + t).to(tl.int64)")
+        return lines
+
+    def lift(self) -> list[str]:
+        printer = self.body(self.op.lift, "u")
+        lines = printer.run()
+        lines += [f"f{i} = {tile_expr(printer.names[node], f.dtype, self.shape(f))}"
+                  for i, (f, node) in enumerate(zip(self.fields, self.op.lift))]
+        return lines
+
+    def bind(self, side: str, names) -> list[str]:
+        return [f"{side}_{f.name} = {name}" for f, name in zip(self.fields, names)]
+
+    def combine(self) -> list[str]:
+        """n0.. = combine(c0.., f0..), or f0.. for the first token of a fresh stream."""
+        n = len(self.fields)
+        lines = self.bind("l", [f"c{i}" for i in range(n)]) + self.bind("r", [f"f{i}" for i in range(n)])
+        printer = self.body(self.op.combine, "k")
+        lines += printer.run()
+        lines += [f"n{i} = tl.where(has_left, {tile_expr(printer.names[node], f.dtype, self.shape(f))}, f{i})"
+                  for i, (f, node) in enumerate(zip(self.fields, self.op.combine))]
+        return lines
+
+    def exclusive_state(self, prev: str) -> list[str]:
+        """s_ = the prefix before the token (`prev`<i>), the identity for a fresh stream's first."""
+        return [f"s_{f.name} = tl.where(has_left, {prev}{i}, ident{i})" for i, f in enumerate(self.fields)]
+
+    def readout(self, kind: str) -> list[str]:
+        printer = self.body(self.op.readout, "v")
+        lines = printer.run()
+        for i, (out, node) in enumerate(zip(self.op.outputs, self.op.readout)):
+            role = self.role(out)
+            time = "" if kind == "step" else f" + t * out{i}_st"
+            ptr = f"out{i} + b * out{i}_sb{time} + lane * out{i}_sl + {ROLE_INDEX[role]} * out{i}_ss"
+            value = tile_expr(printer.names[node], out.dtype, ROLE_SHAPE[role])
+            lines.append(f"tl.store({ptr}, ({value}).to(out{i}.dtype.element_ty), "
+                         f"mask={self.store_mask(out, 'okt')})")
+        return lines
+
+    def token(self, kind: str) -> list[str]:
+        """One token of the forward or the step: outputs stored, the carry c0.. advanced."""
+        n = len(self.fields)
+        lines = self.token_head(kind) + self.lift()
+        if self.op.exclusive:
+            lines += self.exclusive_state("c") + self.readout(kind)
+        lines += self.combine()
+        if not self.op.exclusive:
+            lines += self.bind("s", [f"n{i}" for i in range(n)]) + self.readout(kind)
+        lines += [f"c{i} = tl.where(okt, n{i}, c{i})" for i in range(n)]
+        return lines
+
+    def load_state(self, source: str, base: str, name: str = "c") -> list[str]:
+        return [f"{name}{i} = tl.load({source}{i} + {_offset(self.role(f), base)}, mask={ROLE_MASK[self.role(f)]}, "
+                f"other=0).to({compute_dtype(f.dtype)})" for i, f in enumerate(self.fields)]
+
+    def store_state(self, target: str, base: str, names: str) -> list[str]:
+        return [f"tl.store({target}{i} + {_offset(self.role(f), base)}, {names}{i}.to({target}{i}.dtype.element_ty), "
+                f"mask={self.store_mask(f)})" for i, f in enumerate(self.fields)]
+
+    def initial_carry(self) -> list[str]:
+        lines = ["if HAS_INIT:"] + ["    " + x for x in self.load_state("ini", "b * L + lane")] + ["else:"]
+        lines += [f"    c{i} = tl.zeros({self.shape(f)}, {compute_dtype(f.dtype)})" for i, f in enumerate(self.fields)]
+        return lines
+
+    # -- the kernels
+    def forward_kernel(self) -> list[str]:
+        lines = ["@_psm_jit", f"def {self.names['forward']}("] + self.signature("forward") + ["):"]
+        body = self.prologue() + self.initial_carry()
+        body.append("for blk in range(0, NB):")
+        body += ["    if SAVE:"] + ["        " + x for x in self.store_state("bnd", "(b * L + lane) * NB + blk", "c")]
+        body.append("    for r in range(0, BLOCK_T):")
+        body += ["        " + x for x in self.token("forward")]
+        body += self.store_state("fin", "b * L + lane", "c")
+        return lines + ["    " + x for x in body]
+
+    def step_kernel(self) -> list[str]:
+        lines = ["@_psm_jit", f"def {self.names['step']}("] + self.signature("step") + ["):"]
+        body = self.prologue() + self.initial_carry() + self.token("step")
+        body += self.store_state("fin", "b * L + lane", "c")
+        return lines + ["    " + x for x in body]
+
+    # -- the backward
+    def scratch(self, i: int, row: str) -> str:
+        return f"ws{i} + {_offset(self.role(self.fields[i]), f'(b * L + lane) * BLOCK_T + {row}')}"
+
+    def recompute_block(self) -> list[str]:
+        """The prefixes of block `blk` from the carry saved at its start, into the scratch."""
+        lines = self.load_state("bnd", "(b * L + lane) * NB + blk")
+        token = self.token_head("forward") + self.lift() + self.combine()
+        token += [f"c{i} = tl.where(okt, n{i}, c{i})" for i in range(len(self.fields))]
+        token += [f"tl.store({self.scratch(i, 'r')}, c{i}, mask={ROLE_MASK[self.role(f)]})"
+                  for i, f in enumerate(self.fields)]
+        return lines + ["for r in range(0, BLOCK_T):"] + ["    " + x for x in token]
+
+    def token_adjoint(self) -> list[str]:
+        """One token backwards: gc0.. = dL/dP_t on entry, dL/dP_{t-1} on exit."""
+        op = self.op
+        lines = self.token_head("forward")
+        for i, f in enumerate(self.fields):
+            dt, mask = compute_dtype(f.dtype), ROLE_MASK[self.role(f)]
+            lines.append(f"p{i} = tl.load({self.scratch(i, 'r')}, mask={mask}, other=0).to({dt})")
+            before = f"tl.load({self.scratch(i, 'tl.maximum(r - 1, 0)')}, mask={mask}, other=0).to({dt})"
+            lines.append(f"c{i} = tl.where(r > 0, {before}, cb{i})")  # P_{t-1}
+        for i, out in enumerate(op.outputs):
+            if _is_float(out):
+                role = self.role(out)
+                ptr = f"dout{i} + b * dout{i}_sb + t * dout{i}_st + lane * dout{i}_sl + {ROLE_INDEX[role]} * dout{i}_ss"
+                lines.append(f"dy{i} = tl.load({ptr}, mask={_mask(ROLE_MASK[role], 'okt')}, other=0).to(tl.float32)")
+        found: dict = {}
+        if not op.exclusive:  # y_t reads P_t: its adjoint joins G_t
+            lines += self.bind("s", [f"p{i}" for i in range(len(self.fields))])
+            lines += self.readout_vjp(found)
+        for i, f in enumerate(self.fields):
+            if _is_float(f):
+                extra = found.pop(("field", f.name), None)
+                lines.append(f"gt{i} = gc{i}" + (f" + {extra}" if extra else ""))
+        lines += self.lift()
+        n = len(self.fields)
+        lines += self.bind("l", [f"c{i}" for i in range(n)]) + self.bind("r", [f"f{i}" for i in range(n)])
+        adj = tuple(f"gt{i}" if _is_float(f) else None for i, f in enumerate(self.fields))
+        combine = self.vjp(op.combine, adj, lambda x: x.op == "field", "co")
+        lines += combine.run()
+        sides = {(x.attrs[0], x.attrs[1]): name for x, name in combine.leaf_adjoints.items()}
+        if op.exclusive:  # y_t reads P_{t-1}: its adjoint joins G_{t-1}
+            lines += self.exclusive_state("c") + self.readout_vjp(found)
+        for i, f in enumerate(self.fields):
+            if not _is_float(f):
+                continue
+            zeros = f"tl.zeros({self.shape(f)}, tl.float32)"
+            left = " + ".join(x for x in (sides.get(("left", f.name)), found.pop(("field", f.name), None)) if x)
+            right = sides.get(("right", f.name), zeros)
+            lines.append(f"ge{i} = tl.where(has_left, {right}, gt{i}) + {zeros}")
+            lines.append(f"gc{i} = tl.where(okt, tl.where(has_left, {left or zeros}, 0.0) + {zeros}, gc{i})")
+        adj = tuple(f"ge{i}" if _is_float(f) else None for i, f in enumerate(self.fields))
+        lifted = self.vjp(op.lift, adj, lambda x: x.op in _IN, "li")
+        lines += lifted.run()
+        for x, name in lifted.leaf_adjoints.items():
+            key = (x.op, x.attrs[0])
+            found[key] = f"{found[key]} + {name}" if key in found else name
+        return lines + self.gradient_stores(found)
+
+    def readout_vjp(self, found: dict) -> list[str]:
+        adjoints = tuple(f"dy{i}" if _is_float(o) else None for i, o in enumerate(self.op.outputs))
+        readout = self.vjp(self.op.readout, adjoints, lambda x: x.op in ("field",) + _IN, "ro")
+        lines = readout.run()
+        for x, name in readout.leaf_adjoints.items():
+            found[(x.op, x.attrs[-1] if x.op == "field" else x.attrs[0])] = name
+        return lines
+
+    def gradient_stores(self, found: dict) -> list[str]:
+        lines = []
+        for i, v in enumerate(self.op.inputs):
+            if not _is_float(v):
+                continue
+            role = self.role(v)
+            grad = found.get(("arg", v.name))
+            zeros = f"tl.zeros({ROLE_SHAPE[role]}, tl.float32)"
+            value = f"({grad}) + {zeros}" if grad else zeros
+            ptr = f"din{i} + b * din{i}_sb + t * din{i}_st + lane * din{i}_sl + {ROLE_INDEX[role]} * din{i}_ss"
+            lines.append(f"tl.store({ptr}, {value}, mask={_mask(ROLE_MASK[role], 'okt')})")
+        for i, p in enumerate(self.op.params):
+            grad = found.get(("param", p.name))
+            if grad is not None and _is_float(p):
+                lines.append(f"dp{i} = dp{i} + tl.where(okt, {grad}, 0.0)")
+        return lines
+
+    def backward_kernel(self) -> list[str]:
+        op = self.op
+        lines = ["@_psm_jit", f"def {self.names['backward']}("] + self.signature("backward") + ["):"]
+        body = self.prologue()
+        for i, f in enumerate(self.fields):
+            if _is_float(f):
+                zeros = f"tl.zeros({self.shape(f)}, tl.float32)"
+                body += ["if HAS_DFIN:",
+                         f"    gc{i} = tl.load(dfin{i} + {_offset(self.role(f), 'b * L + lane')}, "
+                         f"mask={ROLE_MASK[self.role(f)]}, other=0.0) + {zeros}",
+                         "else:", f"    gc{i} = {zeros}"]
+        body += [f"dp{i} = tl.zeros({self.shape(p)}, tl.float32)" for i, p in enumerate(op.params)]
+        body.append("for bi in range(0, NB):")
+        loop = ["blk = NB - 1 - bi"] + self.recompute_block()
+        loop.append("tl.debug_barrier()  # the scratch is written before any thread reads it")
+        loop += self.load_state("bnd", "(b * L + lane) * NB + blk", "cb")  # P before the block
+        loop.append("for ri in range(0, BLOCK_T):")
+        loop += ["    r = BLOCK_T - 1 - ri + zero"] + ["    " + x for x in self.token_adjoint()]
+        loop.append("tl.debug_barrier()  # this block's reads of the scratch are done")
+        body += ["    " + x for x in loop]
+        for i, f in enumerate(self.fields):
+            if _is_float(f):
+                body += ["if HAS_INIT:",
+                         f"    tl.store(dini{i} + {_offset(self.role(f), 'b * L + lane')}, gc{i}, "
+                         f"mask={ROLE_MASK[self.role(f)]})"]
+        for i, p in enumerate(op.params):
+            if _is_float(p):
+                body.append(f"tl.store(dpar{i} + {_offset(self.role(p), 'b * L + lane')}, dp{i}, "
+                            f"mask={ROLE_MASK[self.role(p)]})")
+        return lines + ["    " + x for x in body]
