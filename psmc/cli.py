@@ -86,7 +86,9 @@ def _check(files: list[str], as_json: bool, dims: dict) -> int:
         except PsmcError as err:
             failed = True
             if as_json:
-                records.append({"file": path, "errors": [err.as_dict()]})
+                record = err.as_dict()
+                record["file"] = record["file"] or path  # errors without a span (unreadable file)
+                records.append({"file": path, "errors": [record]})
             else:
                 print(err.render(), file=sys.stderr)
             continue
