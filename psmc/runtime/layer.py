@@ -391,11 +391,10 @@ class PsmLayer(nn.Module):
         # exclusive prefix for every chunk, the partial one included: P(start + i)
         prefixes = excl
         if rest:
-            last = self._prefix_of(call, new_inner)
-            last = tuple(t.unsqueeze(1) for t in last)
-            last = tuple(t.expand(*((lead[0], 1) + lead[2:] + tuple(t.shape[2 + len(lead) - 2:]))) for t in last)
-            prefixes = last if prefixes is None else tuple(torch.cat([a, b], dim=1) for a, b in
-                                                             zip(_expand_lead(prefixes, (lead[0], full) + lead[2:]), last))
+            step_lead = (lead[0],) + lead[2:]
+            last = tuple(_as_step(t, f.rank, step_lead).unsqueeze(1)
+                         for t, f in zip(self._prefix_of(call, new_inner), spec.fields))
+            prefixes = last if excl is None else tuple(torch.cat([a, b], dim=1) for a, b in zip(excl, last))
         outputs = self._readout_batch(call, chunk_lead, prefixes, chunks, index)
         outputs = tuple(_from_chunks(o, T, len(lead))[:, skip:] for o in outputs)
         new_state = None
@@ -426,8 +425,7 @@ class PsmLayer(nn.Module):
         position = state.size
         state = state.append({n: x.expand(state.buffer[n].shape[:1] + state.buffer[n].shape[2:])
                               for n, x in token.items()})
-        chunk_inputs = {n: _to_chunks(state.buffer[n].unsqueeze(1).flatten(1, 2), C, 1, len(lead) + 1)[:, 0]
-                        for n in token}
+        chunk_inputs = {n: state.buffer[n].movedim(1, len(lead)) for n in token}
         index = torch.full(lead, state.inner.size, dtype=torch.int64, device=call.ctx.dev)
         prefix = self._prefix_of(call, state.inner)
         outputs = self._readout_batch(call, lead, prefix, chunk_inputs, index)
@@ -476,12 +474,12 @@ def _broadcast_time(buffered: Tensor, x: Tensor) -> Tensor:
     return buffered.expand(shape).to(x.dtype)
 
 
-def _expand_lead(element: tuple, lead: tuple) -> tuple:
-    out = []
-    for t in element:
-        extra = t.dim() - len(lead)
-        out.append(t.expand(*lead, *t.shape[len(lead):]) if extra >= 0 else t)
-    return tuple(out)
+def _as_step(t: Tensor, rank: int, step_lead: tuple) -> Tensor:
+    """A field value with lead [] (an identity) or [B, *lanes] as a `[*step_lead, *field]` tensor."""
+    missing = len(step_lead) - (t.dim() - rank)
+    if missing > 0:
+        t = t.reshape((1,) * missing + tuple(t.shape))
+    return t.expand(*step_lead, *t.shape[len(step_lead):])
 
 
 def _check_dtype(op: str, slot: Slot, x: Tensor):
