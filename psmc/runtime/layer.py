@@ -183,6 +183,7 @@ class PsmLayer(nn.Module):
                 parts.append(f"unexpected input{'s' if len(extra) > 1 else ''} {', '.join(extra)}")
             raise TypeError(f"{spec.name}: {'; '.join(parts)}; it takes {', '.join(expected)}")
         dims = dict(self.dims)
+        sources: dict = {}  # dim -> the input it was read from
         lead_axes = 1 if step else 2  # [B] or [B, T] before the lanes
         leads = {}
         devices = set()
@@ -208,8 +209,12 @@ class PsmLayer(nn.Module):
                     continue
                 size = trailing[axis - offset]
                 if dims.setdefault(dim, size) != size:
-                    raise ValueError(f"{spec.name}: input '{slot.name}' axis {dim} has size {size}, but {dim} = "
-                                     f"{dims[dim]} (from the constructor or an earlier input)")
+                    want = [dims.get(d, "?") for a, d in slot.dims if not (spec.chunk is not None and a == 0)]
+                    origin = "the constructor" if dim in self.dims else f"input '{sources[dim]}'"
+                    raise ValueError(f"{spec.name}: input '{slot.name}' should end in shape {want}, got "
+                                     f"{list(trailing)} (full shape {tuple(x.shape)}): {dim} = {dims[dim]} comes "
+                                     f"from {origin}")
+                sources.setdefault(dim, slot.name)
             leads[slot.name] = tuple(x.shape[: x.dim() - rank])
         if len(devices) > 1:
             raise ValueError(f"{spec.name}: inputs are on different devices: {sorted(map(str, devices))}")
@@ -245,6 +250,8 @@ class PsmLayer(nn.Module):
                 x = x.reshape(*x.shape[:lead_axes], *([1] * pad), *x.shape[lead_axes:])
             if x.is_floating_point():
                 x = x.to(dt[slot.dtype] if slot.dtype in DTYPES else compute)
+            if spec.chunk is not None and not step:  # chunking reshapes time: no broadcast axes
+                x = x.expand(lead[0], lead[1], *x.shape[2:])
             aligned[slot.name] = x
         ctx = Ctx(d=dims, dev=device, dt=dt)
         # Outputs are checked for NaN only when every input is finite (see _check_outputs).
@@ -264,7 +271,7 @@ class PsmLayer(nn.Module):
             raise ValueError(f"{self.spec.name}: the inputs' leading axes ([B, {'' if step else 'T, '}*lanes]) do not "
                              f"broadcast: {shown}") from None
         if not step:
-            times = {v[1] for v in leads.values()}
+            times = {v[1] for v in leads.values()} - {1}  # T = 1 broadcasts (a per-sequence input)
             if len(times) > 1:
                 shown = ", ".join(f"{n}: T={v[1]}" for n, v in leads.items())
                 raise ValueError(f"{self.spec.name}: the inputs disagree on the time axis: {shown}")

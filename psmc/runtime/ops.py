@@ -50,9 +50,13 @@ def where(cond, a, b):
 
 
 def unary(fn, x):
-    """Apply a torch function to a value that may be a Python scalar (a folded constant)."""
+    """Apply a torch function to a value that may be a Python number (literals and dims):
+    numbers use `math` where it has the function, so no tensor (or graph break) is made."""
     if isinstance(x, Tensor):
         return fn(x)
+    exact = getattr(math, getattr(fn, "__name__", ""), None)
+    if exact is not None:
+        return exact(x)
     return fn(torch.tensor(x, dtype=torch.float64)).item()
 
 
@@ -165,5 +169,7 @@ def logical_not(x):
 def lead_of(pairs) -> tuple:
     """The broadcast leading shape of batched values given as (tensor, declared rank)."""
     shapes = [tuple(t.shape[: t.dim() - rank]) for t, rank in pairs if isinstance(t, Tensor)]
-    width = max((len(s) for s in shapes), default=0)
-    return tuple(torch.broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes))) if shapes else ()
+    if not shapes:
+        return ()
+    width = max(len(s) for s in shapes)
+    return tuple(torch.broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes)))

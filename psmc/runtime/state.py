@@ -235,3 +235,9 @@ class ChunkStream(StreamState):
         old chunk's autograd graph is not kept alive)."""
         buffer = {name: torch.zeros_like(buf) for name, buf in self.buffer.items()}
         return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled))
+
+
+# States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the
+# default since torch 2.6) read them back.
+if hasattr(torch.serialization, "add_safe_globals"):
+    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream])
