@@ -1,33 +1,9 @@
 """Shared fixtures of the analysis tests: a private cache and each op analysed once."""
-import os
-
 import pytest
-import torch
 from analysis_programs import all_ops
 
 from psmc.analysis import analyse
 from psmc.errors import PsmcAnalysisError
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_analysis_cache(tmp_path_factory):
-    """PSMC_CACHE_DIR for the session, never the user's cache."""
-    previous = os.environ.get("PSMC_CACHE_DIR")
-    path = tmp_path_factory.mktemp("psmc_analysis_cache")
-    os.environ["PSMC_CACHE_DIR"] = str(path)
-    yield path
-    if previous is None:
-        os.environ.pop("PSMC_CACHE_DIR", None)
-    else:
-        os.environ["PSMC_CACHE_DIR"] = previous
-
-
-@pytest.fixture(scope="session", autouse=True)
-def one_intra_op_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class Analyses:
@@ -47,5 +23,5 @@ class Analyses:
 
 
 @pytest.fixture(scope="session")
-def analyses(private_analysis_cache):
+def analyses(private_psmc_cache):
     return Analyses()

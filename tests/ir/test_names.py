@@ -22,7 +22,6 @@ An input whose name is also a keyword parameter of `forward` / `step` (`self`, `
 """
 import ast
 import importlib.util
-import os
 import re
 import sys
 
@@ -56,18 +55,6 @@ HOSTILE = dict(fn="torch", p1="self", p2="math", op="class", d1="lambda", d2="cx
 # The same program with every user name spelled as a unique marker, to find where names land.
 MARKED = {key: f"{key}_marker" for key in HOSTILE}
 PREFIXES = ("x_", "l_", "r_", "s_", "p_", "Op_")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def private_psmc_cache(tmp_path_factory):
-    """Analysis results go to a private cache, never the user's (shared by this module's tests)."""
-    previous = os.environ.get("PSMC_CACHE_DIR")
-    os.environ["PSMC_CACHE_DIR"] = str(tmp_path_factory.mktemp("psmc_cache"))
-    yield
-    if previous is None:
-        os.environ.pop("PSMC_CACHE_DIR", None)
-    else:
-        os.environ["PSMC_CACHE_DIR"] = previous
 
 
 def import_generated(source: str, tmp_path, name: str):
