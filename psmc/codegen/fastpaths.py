@@ -177,7 +177,7 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
         f"        k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
         "        k_, v_, q_ = (_ops.as_field(t, lead, tuple(t.shape[len(lead):]) if hasattr(t, 'shape') else (), "
         "t.dtype, cx.dev) for t in (k_, v_, q_))",
-        f"        carry = None if state is None else state.prefix",
+        "        carry = None if state is None else state.prefix",
         f"        s0 = None if carry is None else carry[{p['s_index']}]",
     ]
     if p["kind"] != "none":
@@ -198,7 +198,7 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
         A = op.state[p["decay_index"]]
         lines += [
             f"        a_total = torch.exp(g_.sum(dim=1)).to(cx.dt[{A.dtype!r}])",
-            f"        if carry is not None:",
+            "        if carry is not None:",
             f"            a_total = a_total * carry[{p['decay_index']}]",
         ]
         element = ["a_total", "s_last"] if p["decay_index"] == 0 else ["s_last", "a_total"]
@@ -216,7 +216,7 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
 
 
 def _first_order_method(op: OpIR, ia: int, ih: int) -> FastPath:
-    a, h = op.state[ia].name, op.state[ih].name
+    a = op.state[ia].name
     update = op.combine[ih]
     prod = update.args[0] if update.args[0].op == "mul" else update.args[1]
     aligned = prod.args[0] if _aligned_right(prod.args[0], a) else prod.args[1]
@@ -231,7 +231,7 @@ def _first_order_method(op: OpIR, ia: int, ih: int) -> FastPath:
     ]
     lines += ["        " + line for line in body]
     lines += [
-        f"        carry = None if state is None else state.prefix",
+        "        carry = None if state is None else state.prefix",
         f"        h, h_last = _fastpaths.linear_recurrence({printer.names[aligned]}, leaves[{ih}], "
         f"None if carry is None else carry[{ih}])",
         f"        a_cum = torch.cumprod(leaves[{ia}], dim=1)",

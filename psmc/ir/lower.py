@@ -18,7 +18,7 @@ from ..grammar import ast
 from .builtins import BUILTINS, usage
 from .nodes import Node, OpIR, Param, Value, dim_symbol, shape_str, type_str
 from .ops import BINARY_OPERATORS
-from .types import (DTYPES, broadcast, can_store, dims_equal, float_of, is_float, is_int, promote,
+from .types import (broadcast, can_store, dims_equal, float_of, is_float, is_int, promote,
                     shapes_equal)
 
 MAX_INLINE_DEPTH = 32

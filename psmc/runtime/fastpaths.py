@@ -7,10 +7,11 @@ matmul form (psmc/runtime/chunkwise.py).
 
 Why a two-level loop rather than a log-depth tree: on a CPU every torch op costs a few
 microseconds of dispatch, and a tree scan makes O(log T) passes over the whole tensor. Splitting
-time into chunks of L ~ sqrt(T) tokens and looping over the position inside the chunk (all
-chunks at once), then over the chunks (a tiny carry scan), then over the position again with
-the true carried-in state, costs about 2 sqrt(T) + sqrt(T) small ops and three passes over the
-data, with no extra full-size buffer. The backward is the same scan run in reverse time, so it
+time into n chunks (n ~ sqrt(T)) and looping over the position inside the chunk (all chunks at
+once), then over the chunks (a tiny carry scan), then over the position again with the true
+carried-in state, costs about 2 T / n + n small ops and three passes over the data, with no
+extra full-size buffer. Short scans with big steps (the chunk states of chunkwise.py) use the
+plain loop over time: one pass. The backward is the same scan run in reverse time, so it
 needs no per-step autograd graph.
 """
 from __future__ import annotations
@@ -90,14 +91,21 @@ class _LinearRecurrence(torch.autograd.Function):
         return grad_a, x, grad_states[:, 0] + into_h0
 
 
-# Above this many elements per time step a plain loop over time wins: its single pass over
-# the data costs more than the ~2 sqrt(T) extra op launches of the two-level scan save.
-_PLAIN_LOOP_ELEMENTS = 4096
+# torch runs an elementwise op on one thread below this many elements (at::internal::
+# GRAIN_SIZE) and wakes its thread pool above. On a small shared machine each wake-up can stall
+# for a scheduler tick when the other core is busy, so the scan keeps its per-step slices
+# below it: fewer, longer chunks instead of ~sqrt(T) chunks of ~sqrt(T) steps.
+_GRAIN = 32768
 
 
-def _chunk_length(steps: int, elements: int) -> int:
-    """L ~ sqrt(T) balances the in-chunk loop (L ops) against the carry loop (T / L ops)."""
-    return steps if elements >= _PLAIN_LOOP_ELEMENTS else max(1, math.isqrt(steps))
+def _chunk_count(steps: int, elements: int) -> int:
+    """Chunks of the two-level scan for T steps of `elements` each; 0 means a plain loop.
+
+    sqrt(T) chunks balance the in-chunk loop (T / n ops) against the carry loop (n ops); fewer
+    when a slice of n steps would cross _GRAIN. Short scans (chunk states) loop plainly.
+    """
+    count = min(math.isqrt(steps), max(1, (_GRAIN - 1) // max(elements, 1)))
+    return count if count >= 4 and steps // count >= 4 else 0
 
 
 def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Tensor | None, *, reverse: bool) -> Tensor:
@@ -109,8 +117,8 @@ def _scan_into(out: Tensor, a: Tensor, b: Tensor, h0: Tensor | None, *, reverse:
     """
     steps = out.shape[1]
     state_shape = (out.shape[0],) + tuple(out.shape[2:])
-    length = _chunk_length(steps, math.prod(state_shape))
-    chunks = steps // length if length < steps else 0
+    chunks = _chunk_count(steps, math.prod(state_shape))
+    length = steps // chunks if chunks else steps
     body = chunks * length
     zero = out.new_zeros(state_shape)
     if reverse:

@@ -11,7 +11,6 @@ declared `x: f32[C, D]` is passed as `[B, T, *lanes, D]` (T any length).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
