@@ -217,6 +217,7 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
 
 def _first_order_method(op: OpIR, ia: int, ih: int) -> FastPath:
     a = op.state[ia].name
+    uses_a = any(n.attrs == ("state", a) for n in leaves(op.readout, "field"))
     update = op.combine[ih]
     prod = update.args[0] if update.args[0].op == "mul" else update.args[1]
     aligned = prod.args[0] if _aligned_right(prod.args[0], a) else prod.args[1]
@@ -234,14 +235,22 @@ def _first_order_method(op: OpIR, ia: int, ih: int) -> FastPath:
         "        carry = None if state is None else state.prefix",
         f"        h, h_last = _fastpaths.linear_recurrence({printer.names[aligned]}, leaves[{ih}], "
         f"None if carry is None else carry[{ih}])",
-        f"        a_cum = torch.cumprod(leaves[{ia}], dim=1)",
+        f"        a_last = leaves[{ia}].prod(dim=1)",
         "        if carry is not None:",
-        f"            a_cum = a_cum * carry[{ia}].unsqueeze(1)",
+        f"            a_last = a_last * carry[{ia}]",
     ]
+    if uses_a:  # the readout reads the running product itself
+        lines += [
+            f"        a_cum = torch.cumprod(leaves[{ia}], dim=1)",
+            "        if carry is not None:",
+            f"            a_cum = a_cum * carry[{ia}].unsqueeze(1)",
+        ]
+    else:
+        lines += ["        a_cum = None  # the readout never reads it"]
     prefix = ["a_cum", "h"] if ia == 0 else ["h", "a_cum"]
     lines += [
         f"        outputs = self._readout_batch(call, lead, ({', '.join(prefix)}), call.inputs, index)",
-        f"        last = {'(a_cum[:, -1], h_last)' if ia == 0 else '(h_last, a_cum[:, -1])'}",
+        f"        last = {'(a_last, h_last)' if ia == 0 else '(h_last, a_last)'}",
         "        new_state = _ScanState(prefix=last, count=(0 if state is None else state.size) + lead[1])",
         "        return tuple(outputs), new_state",
         "",

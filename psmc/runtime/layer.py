@@ -253,10 +253,7 @@ class PsmLayer(nn.Module):
                 x = x.expand(lead[0], lead[1], *x.shape[2:])
             aligned[slot.name] = x
         ctx = Ctx(d=dims, dev=device, dt=dt)
-        # Outputs are checked for NaN only when every input is finite (see _check_outputs).
-        nonfinite = self.check_finite and any(
-            not bool(torch.isfinite(x).all()) for x in aligned.values() if x.is_floating_point())
-        return _Call(ctx, aligned, lead, nonfinite)
+        return _Call(ctx, aligned, lead)
 
     def _common_lead(self, leads: dict, lead_axes: int, step: bool) -> tuple:
         width = max(len(v) for v in leads.values())
@@ -279,10 +276,14 @@ class PsmLayer(nn.Module):
         return tuple(lead)
 
     def _check_outputs(self, outputs, call):
-        if not self.check_finite or call.inputs_nonfinite:
+        """NaN outputs from finite inputs are an error that names the op (the inputs are only
+        inspected once a NaN was found, so the common path costs one pass over the outputs)."""
+        if not self.check_finite:
             return
         for slot, out in zip(self.spec.outputs, outputs):
             if out.is_floating_point() and torch.isnan(out).any():
+                if any(not bool(torch.isfinite(x).all()) for x in call.inputs.values() if x.is_floating_point()):
+                    return  # NaN/inf came in: not the op's doing
                 raise FloatingPointError(
                     f"{self.spec.name}: output '{slot.name}' contains NaN although every input is finite: the "
                     "state overflowed or a body divided 0 by 0 (check gate ranges, or pass check_finite=False)")
@@ -449,7 +450,6 @@ class _Call:
     ctx: Ctx
     inputs: dict
     lead: tuple
-    inputs_nonfinite: bool
 
 
 def _positions(start: int, count: int, lead: tuple, device) -> Tensor:
