@@ -34,8 +34,8 @@ def main():
                   gk=torch.nn.functional.logsigmoid(torch.randn(B, T, H, K)), q=torch.randn(B, T, H, K))
     parallel = gla(**inputs)
     streamed, state = stream(gla, gla.init_state(), inputs, T)
-    print(f"gla              parallel vs streaming: max |diff| = {(parallel - streamed).abs().max():.2e}   "
-          f"state = {state.nbytes:,} bytes")
+    print(f"gla              parallel vs streaming: max |diff| = {(parallel - streamed).abs().max():.2e} "
+          f"(outputs up to {parallel.abs().max():.1f})   state = {state.nbytes:,} bytes")
 
     TPSM = psmc.load(HERE / "transformer_psm.psm").transformer_psm
     C, D = 8, 32
@@ -44,8 +44,8 @@ def main():
     with torch.no_grad():
         parallel = tpsm(x=x)
         streamed, state = stream(tpsm, tpsm.init_state(), {"x": x}, T)
-    print(f"transformer_psm  parallel vs streaming: max |diff| = {(parallel - streamed).abs().max():.2e}   "
-          f"state = {state.nbytes:,} bytes ({T // C} chunks of {C} tokens in a binary counter)")
+    print(f"transformer_psm  parallel vs streaming: max |diff| = {(parallel - streamed).abs().max():.2e} "
+          f"(outputs up to {parallel.abs().max():.1f})   state = {state.nbytes:,} bytes ({T // C} chunks of {C} tokens in a binary counter)")
 
 
 if __name__ == "__main__":
