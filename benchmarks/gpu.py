@@ -22,7 +22,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,28 +45,10 @@ CASE_BUDGET_S = 20.0  # per timed case: warm-up and repeats stop early past this
 
 # ---------------------------------------------------------------------- loading layers
 def load_layer_class(name: str):
-    """The generated class for examples/<name>.psm, with its Triton kernels registered."""
-    from psmc.codegen import triton_printer as tp
-    from psmc.codegen.module import generate_module
-    from psmc.ir import ops_from_file
-    ops = ops_from_file(EXAMPLES / f"{name}.psm")
-    try:
-        from psmc.compiler import compile_source
-        compiled = compile_source((EXAMPLES / f"{name}.psm").read_text(), f"{name}.psm")
-        source, plans = compiled.source, compiled.plans
-    except Exception:  # the analysis stage may be absent: assume the exact plans of examples/
-        plans = {op.name: {"plan": "exact-scan"} for op in ops}
-        source = generate_module(list(ops), plans, f"{name}.psm", "0" * 64)
-    if "_psm_jit" not in source:  # module.py without the Triton hook: append the section
-        section = "\n".join(tp.generate_section(ops, plans))
-        source = source.replace("__psmc_layers__ = {", section + "\n__psmc_layers__ = {", 1)
-    path = Path(tempfile.mkdtemp(prefix="psmc_bench_")) / f"bench_{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return getattr(module, name)
+    """The generated class for examples/<name>.psm through the real pipeline (analysis, plan,
+    Triton kernels registered when the plan has them)."""
+    import psmc
+    return psmc.load(EXAMPLES / f"{name}.psm").__psmc_layers__[name]
 
 
 def make_inputs(layer, B: int, T: int, lanes: tuple, device, dtype, seed: int = 0) -> dict:

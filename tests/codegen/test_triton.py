@@ -9,19 +9,17 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from psmc.codegen import triton_printer as tp  # noqa: E402
-from psmc.codegen.module import generate_module  # noqa: E402
 from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
 from psmc.ir.ops import OPS  # noqa: E402
 from psmc.runtime import triton_support as ts  # noqa: E402
 from psmc.runtime.state import ScanState  # noqa: E402
+from triton_helpers import close as _close, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -30,34 +28,6 @@ SUPPORTED = ["cumsum", "linear_recurrence", "logcumsumexp", "running_argmax", "w
              "selective_ssm", "softmax_pool"]
 LANES = (3,)
 DIMS = {"selective_ssm": {"N": 4}, "softmax_pool": {"V": 5}}
-
-
-def _close(ref: torch.Tensor, out: torch.Tensor):
-    """DESIGN.md: max abs error <= 1e-6, else relative RMS error <= 1e-5 on fp32 paths."""
-    assert ref.shape == out.shape and ref.dtype == out.dtype, (ref.shape, out.shape, ref.dtype, out.dtype)
-    if not ref.is_floating_point():
-        assert torch.equal(ref, out)
-        return
-    assert not torch.isnan(out).any()
-    err = (ref - out).abs().max().item()
-    if err <= 1e-6:
-        return
-    rel = ((ref - out).norm() / ref.norm()).item()
-    assert rel <= 1e-5, f"max abs error {err}, relative RMS error {rel}"
-
-
-def _load(name: str, tmp_path: Path):
-    """Generate the module (torch classes + Triton section) and import it."""
-    ops = ops_from_file(EXAMPLES / f"{name}.psm")
-    plans = {op.name: {"plan": "exact-scan", "structure": "elementwise"} for op in ops}
-    source = generate_module(ops, plans, f"{name}.psm", "0" * 64)  # with its Triton section
-    path = tmp_path / f"gen_triton_{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return getattr(module, name)
 
 
 def _inputs(layer, B: int, T: int | None, seed: int) -> dict:
@@ -131,8 +101,8 @@ def test_generation_is_deterministic():
 
 # ---------------------------------------------------------------------- kernels vs torch
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_forward_and_stream_equal_torch(name, tmp_path):
-    cls = _load(name, tmp_path)
+def test_forward_and_stream_equal_torch(name):
+    cls = layer_class(name)
     layer = cls(backend="torch", **DIMS.get(name, {}))
     assert cls._triton_kernels is not None
     with torch.no_grad():
@@ -159,8 +129,8 @@ def test_forward_and_stream_equal_torch(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
-def test_step_kernel_equals_torch(name, tmp_path):
-    cls = _load(name, tmp_path)
+def test_step_kernel_equals_torch(name):
+    cls = layer_class(name)
     layer = cls(backend="torch", **DIMS.get(name, {}))
     inputs = _inputs(layer, 2, 5, seed=3)
     with torch.no_grad():
@@ -175,8 +145,8 @@ def test_step_kernel_equals_torch(name, tmp_path):
 
 
 # ---------------------------------------------------------------------- backend choice
-def test_backend_choice(tmp_path):
-    cls = _load("cumsum", tmp_path)
+def test_backend_choice():
+    cls = layer_class("cumsum")
     inputs = {"x": torch.randn(2, 5, 3)}
     auto = cls(backend="auto")
     assert not ts.use_triton(auto, auto._prepare(dict(inputs), step=False))  # CPU tensors: torch

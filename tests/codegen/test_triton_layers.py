@@ -10,39 +10,23 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is imported
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import psmc  # noqa: E402
 from psmc.codegen import triton_vjp  # noqa: E402
+from triton_helpers import close as _close, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 SUPPORTED = ["cumsum", "linear_recurrence", "logcumsumexp", "running_argmax", "welford", "segmented_sum",
              "selective_ssm", "softmax_pool"]
 DIMS = {"selective_ssm": {"N": 4}, "softmax_pool": {"V": 5}}
 
 
-def _close(ref: torch.Tensor, out: torch.Tensor, what: str = ""):
-    """DESIGN.md: max abs error <= 1e-6, else relative RMS error <= 1e-5 on fp32 paths."""
-    assert ref.shape == out.shape and ref.dtype == out.dtype, (what, ref.shape, out.shape, ref.dtype, out.dtype)
-    if not ref.is_floating_point():
-        assert torch.equal(ref, out), what
-        return
-    assert not torch.isnan(out).any(), what
-    err = (ref - out).abs().max().item()
-    if err <= 1e-6:
-        return
-    rel = ((ref - out).norm() / ref.norm()).item()
-    assert rel <= 1e-5, f"{what}: max abs error {err}, relative RMS error {rel}"
-
-
 def _pair(name: str):
     """The op's class from psmc.load, as a torch layer and a triton layer sharing params."""
-    cls = psmc.load(EXAMPLES / f"{name}.psm").__psmc_layers__[name]
+    cls = layer_class(name)
     ref = cls(backend="torch", **DIMS.get(name, {}))
     tri = cls(backend="triton", **DIMS.get(name, {}))
     with torch.no_grad():

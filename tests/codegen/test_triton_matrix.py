@@ -3,8 +3,7 @@ mlstm and rwkv6 (exclusive readout) through the public layer API (`backend="trit
 forward, final state, continued stream, decode step and gradients equal `backend="torch"`
 (fp32, DESIGN.md tolerances).
 
-The layer classes are generated with the stand-in plan the analysis gives these examples
-(exact scan, elementwise structure), so the tests do not depend on the analysis stage.
+The layer classes come from `psmc.load`, so the real analysis plan decides that they get kernels.
 K = 3 and V = 5 are not powers of two (masked rows and columns); two lanes; block sizes
 below T so the carry between blocks is exercised. The interpreter runs a token loop slowly,
 so T = 64 runs for gla (a vector gate) and T = 130 for rwkv6 (the exclusive readout), the other
@@ -16,18 +15,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is imported
 
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from psmc.codegen import triton_printer as tp  # noqa: E402
-from psmc.codegen.module import generate_module  # noqa: E402
 from psmc.codegen.triton_matrix import role_of  # noqa: E402
 from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
 from psmc.runtime import triton_support as ts  # noqa: E402
+from triton_helpers import close as _close, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -36,38 +33,10 @@ MATRIX = ["gla", "simple_gla", "retention", "linear_attention", "mlstm", "rwkv6"
 LONG = {"gla": (64,), "rwkv6": (130,)}  # longer sequences (slow under the interpreter)
 DIMS = {"K": 3, "V": 5}
 LANES = 2
-_CLASSES: dict = {}
 
 
-def _close(ref: torch.Tensor, out: torch.Tensor, what: str = ""):
-    """DESIGN.md: max abs error <= 1e-6, else relative RMS error <= 1e-5 on fp32 paths."""
-    assert ref.shape == out.shape and ref.dtype == out.dtype, (what, ref.shape, out.shape, ref.dtype, out.dtype)
-    assert not torch.isnan(out).any(), what
-    err = (ref - out).abs().max().item()
-    if err <= 1e-6:
-        return
-    rel = ((ref - out).norm() / ref.norm()).item()
-    assert rel <= 1e-5, f"{what}: max abs error {err}, relative RMS error {rel}"
-
-
-def _class(name: str, tmp_path_factory):
-    """The generated layer class (torch + Triton section) of examples/<name>.psm."""
-    if name not in _CLASSES:
-        ops = ops_from_file(EXAMPLES / f"{name}.psm")
-        plans = {op.name: {"plan": "exact-scan", "structure": "elementwise"} for op in ops}
-        source = generate_module(ops, plans, f"{name}.psm", "0" * 64)
-        path = tmp_path_factory.mktemp("gen") / f"gen_triton_matrix_{name}.py"
-        path.write_text(source)
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module
-        spec.loader.exec_module(module)
-        _CLASSES[name] = getattr(module, name)
-    return _CLASSES[name]
-
-
-def _pair(name: str, tmp_path_factory):
-    cls = _class(name, tmp_path_factory)
+def _pair(name: str):
+    cls = layer_class(name)
     assert cls._triton_kernels is not None and cls._triton_kernels.mode == "matrix"
     return cls(backend="torch", **DIMS), cls(backend="triton", **DIMS)
 
@@ -128,8 +97,8 @@ def _rows_cols(op):
 
 # ---------------------------------------------------------------------- kernels vs torch
 @pytest.mark.parametrize("name", MATRIX)
-def test_forward_stream_and_step_equal_torch(name, tmp_path_factory, monkeypatch):
-    ref, tri = _pair(name, tmp_path_factory)
+def test_forward_stream_and_step_equal_torch(name, monkeypatch):
+    ref, tri = _pair(name)
     cases = ((1, 4, 2), (5, 2, 2)) + tuple((T, T // 4, 1) for T in LONG.get(name, ()))
     with torch.no_grad():
         for T, block_t, B in cases:
@@ -158,8 +127,8 @@ def test_forward_stream_and_step_equal_torch(name, tmp_path_factory, monkeypatch
 
 
 @pytest.mark.parametrize("name", MATRIX)
-def test_gradients_equal_torch(name, tmp_path_factory):
-    ref, tri = _pair(name, tmp_path_factory)
+def test_gradients_equal_torch(name):
+    ref, tri = _pair(name)
     for T, block_t, B in ((3, 2, 2), (7, 4, 1)):
         tri.triton_block_t = block_t
         inputs, wrt = _inputs(ref, B, T, seed=11 + T, grad=True)
@@ -170,10 +139,10 @@ def test_gradients_equal_torch(name, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["gla", "rwkv6"])
-def test_gradients_through_streams_and_steps(name, tmp_path_factory):
+def test_gradients_through_streams_and_steps(name):
     """The init state's adjoint crosses a continued stream and a differentiable step; the
     final state's adjoint enters the last pass."""
-    ref, tri = _pair(name, tmp_path_factory)
+    ref, tri = _pair(name)
     tri.triton_block_t = 2
     inputs, wrt = _inputs(ref, 2, 7, seed=3, grad=True)
 
