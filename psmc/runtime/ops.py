@@ -27,20 +27,22 @@ def lift_rank(x, rank: int, target: int):
     return x[index]
 
 
-def maximum(a, b):
+def _extreme(a, b, python_fn, torch_fn, bound: str):
+    """max/min where either side may be a Python number (a literal or a dim): two numbers stay
+    numbers, a number against a tensor is a clamp, two tensors the torch elementwise op."""
     if not isinstance(a, Tensor) and not isinstance(b, Tensor):
-        return max(a, b)
+        return python_fn(a, b)
     if not isinstance(a, Tensor):
         a, b = b, a
-    return torch.clamp(a, min=b) if not isinstance(b, Tensor) else torch.maximum(a, b)
+    return torch.clamp(a, **{bound: b}) if not isinstance(b, Tensor) else torch_fn(a, b)
+
+
+def maximum(a, b):
+    return _extreme(a, b, max, torch.maximum, "min")
 
 
 def minimum(a, b):
-    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
-        return min(a, b)
-    if not isinstance(a, Tensor):
-        a, b = b, a
-    return torch.clamp(a, max=b) if not isinstance(b, Tensor) else torch.minimum(a, b)
+    return _extreme(a, b, min, torch.minimum, "max")
 
 
 def where(cond, a, b):
