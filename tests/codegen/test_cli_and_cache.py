@@ -115,3 +115,21 @@ def test_a_corrupt_cache_entry_is_recompiled(tmp_path, monkeypatch, how):
     assert cached.read_bytes() == original
     x = torch.tensor([[1.0, 2.0, 3.0]])
     assert torch.equal(module.running_total()(s=x), torch.tensor([[1.0, 3.0, 6.0]]))
+
+
+def test_two_processes_loading_the_same_file_into_one_cache_both_succeed(tmp_path):
+    """Both compile at once into the same cache directory (atomic rename of a complete file):
+    both import a valid module, and exactly one checksummed entry is left, with no temp files."""
+    load_and_run = """
+import sys, torch, psmc
+layer = psmc.load(sys.argv[1]).cumsum()
+out = layer(x=torch.arange(4.0).reshape(1, 4))
+assert out.tolist() == [[0.0, 1.0, 3.0, 6.0]], out
+"""
+    cache = tmp_path / "cache"
+    running = [start_python(load_and_run, CASES["cumsum"].path, cwd=tmp_path,
+                            env_extra={"PSMC_CACHE_DIR": str(cache)}) for _ in range(2)]
+    for process in running:
+        finish(process)
+    entries = sorted(p.name for p in (cache / "modules").iterdir())
+    assert len(entries) == 1 and entries[0].startswith("psm_") and entries[0].endswith(".py"), entries
