@@ -15,6 +15,7 @@ import sympy
 
 from . import __version__
 from .errors import PsmcError
+from .analysis.result import EXACT_NOTE
 from .ir.nodes import OpIR, type_str
 
 
@@ -74,7 +75,7 @@ def _read(path: str) -> str:
 
 
 def _check(files: list[str], as_json: bool, dims: dict) -> int:
-    from .compiler import analyse_op, codegen_notes
+    from .compiler import analyse_op, codegen_notes, plan_op
     from .ir import ops_from_source
 
     failed = False
@@ -83,6 +84,7 @@ def _check(files: list[str], as_json: bool, dims: dict) -> int:
         try:
             ops = ops_from_source(_read(path), path)
             analyses = [analyse_op(op) for op in ops]
+            plans = [plan_op(op, a)[1] for op, a in zip(ops, analyses)]
         except PsmcError as err:
             failed = True
             if as_json:
@@ -92,12 +94,12 @@ def _check(files: list[str], as_json: bool, dims: dict) -> int:
             else:
                 print(err.render(), file=sys.stderr)
             continue
-        for op, analysis in zip(ops, analyses):
-            notes = codegen_notes(op, analysis)
+        for op, analysis, plan in zip(ops, analyses, plans):
+            notes = codegen_notes(op, plan)
             if as_json:
-                records.append({**_op_record(path, op, analysis, dims), **notes})
+                records.append({**_op_record(path, op, analysis, dims), **plan.as_dict(), **notes})
             else:
-                print(_op_text(path, op, analysis, dims, notes))
+                print(_op_text(path, op, analysis, plan, dims, notes))
                 print()
     if as_json:
         print(json.dumps(records, indent=2, default=str))
@@ -129,15 +131,9 @@ def _op_record(path: str, op: OpIR, analysis, dims: dict) -> dict:
     return record
 
 
-_FAST_PATH_WORDS = {
-    "chunkwise:none": "chunkwise matmul form (linear attention, no decay)",
-    "chunkwise:scalar": "chunkwise matmul form (scalar decay per lane)",
-    "chunkwise:key": "chunkwise matmul form (per-key diagonal decay)",
-    "first_order": "blocked first-order linear recurrence",
-}
+def _op_text(path: str, op: OpIR, analysis, plan, dims: dict, notes: dict) -> str:
+    from .plan import FAST_PATH_WORDS
 
-
-def _op_text(path: str, op: OpIR, analysis, dims: dict, notes: dict) -> str:
     dims_text = f"[{', '.join(op.dims)}]" if op.dims else ""
     lines = [f"{path}: op {op.name}{dims_text}"]
 
@@ -155,12 +151,17 @@ def _op_text(path: str, op: OpIR, analysis, dims: dict, notes: dict) -> str:
         row("params", f"{shown}  = {total} parameters")
     else:
         row("params", "none")
-    report = analysis.report() if hasattr(analysis, "report") else ""
-    if report:
-        lines += ["  " + line for line in report.splitlines()]
-    fast = notes.get("fast_path")
-    row("fast path", _FAST_PATH_WORDS.get(fast, fast) + " (torch)" if fast else "none: the generic scan")
+    lines += ["  " + line for line in analysis.report(algebra_only=True).splitlines()]
+    row("structure", plan.structure)
+    row("plan", f"{plan.scan}; " + ", ".join(f"{p} {'+'.join(b)}" for p, b in plan.backends.items()))
+    for label, text in plan.rows():
+        row(label, text)
+    row("stream state", f"{plan.state_size}: the inclusive prefix ({', '.join(plan.stream_fields)})"
+        if plan.scan == "exact-scan" and op.chunk is None else f"{plan.state_size}: {analysis.state}")
+    fast = plan.fast_path
+    row("fast path", FAST_PATH_WORDS.get(fast, fast) + " (torch)" if fast else "none: the generic scan")
     row("kernels", notes["triton"])
+    row("note", EXACT_NOTE)
     return "\n".join(lines)
 
 

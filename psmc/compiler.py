@@ -1,19 +1,26 @@
-"""The whole pipeline for one `.psm` text: parse → IR → analysis → plan → generated module."""
+"""The whole pipeline for one `.psm` text: parse → IR → canonical IR → analysis → plan → module.
+
+Each stage reads the results of the earlier ones and never rewrites them: the analysis judges
+the op as written (its verdicts and counterexamples speak about the user's code), the plan is
+computed once from the analysis and the canonical IR, and codegen prints the canonical IR the
+plan describes. The Triton printer's answer to "can you render this op" is asked here and
+handed to the plan stage as an input (the plan stage imports no later stage).
+"""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 from .codegen.module import generate_module
 from .ir import OpIR, ops_from_source
+from .ir.rewrite import canonicalize
 
 
 @dataclass(frozen=True)
 class Compiled:
-    ops: tuple[OpIR, ...]
-    analyses: dict  # op name -> analysis object (or None when the analysis stage is absent)
-    plans: dict  # op name -> plan dict (at least 'plan': 'exact-scan' | 'tree-scan')
+    ops: tuple[OpIR, ...]  # canonical
+    analyses: dict  # op name -> Analysis
+    plans: dict  # op name -> Plan (psmc.plan)
     source: str  # the generated Python module
 
 
@@ -22,37 +29,33 @@ def source_hash(text: str) -> str:
 
 
 def analyse_op(op: OpIR):
-    """The analysis, with `backends` narrowed to the kernels codegen really generates (the
-    analysis stage says which passes are eligible; only codegen knows what it can print)."""
+    """The analysis of the op as written (verdicts, counterexamples, identity)."""
     from .analysis import analyse
+    return analyse(op)
+
+
+def plan_op(op: OpIR, analysis):
+    """(canonical op, Plan)."""
+    from .analysis.classes import coarse_structure
     from .codegen.triton_printer import unsupported_reason
+    from .plan import make_plan
 
-    analysis = analyse(op)
-    triton = unsupported_reason(op, {"plan": analysis.plan, "structure": analysis.structure}) is None
-    served = ("torch", "triton") if triton else ("torch",)
-    return dataclasses.replace(analysis, backends=tuple((p, served) for p in ("forward", "backward", "step")))
-
-
-def plan_of(analysis) -> dict:
-    data = analysis.as_dict()
-    return {"plan": data["plan"], "backends": data.get("backends"), "structure": data.get("structure")}
+    canonical = canonicalize(op)
+    reason = unsupported_reason(canonical, {"plan": analysis.plan, "structure": coarse_structure(canonical)})
+    return canonical, make_plan(canonical, analysis, reason)
 
 
-def codegen_notes(op: OpIR, analysis) -> dict:
-    """What `psmc check` reports about code generation: fast path and Triton kernels."""
-    from .codegen.fastpaths import choose_fast_path
+def codegen_notes(op: OpIR, plan) -> dict:
+    """What `psmc check` reports about code generation besides the plan: the Triton kernels."""
     from .codegen.triton_printer import describe
-
-    plan = plan_of(analysis)
-    fast = choose_fast_path(op, plan)
-    return {"fast_path": fast.name if fast else None, "triton": describe(op, plan)}
+    return {"triton": describe(op, {"plan": plan.scan, "structure": plan.structure})}
 
 
 def compile_source(text: str, filename: str = "<string>") -> Compiled:
     ops = tuple(ops_from_source(text, filename))
     analyses = {op.name: analyse_op(op) for op in ops}
-    plans = {op.name: plan_of(a) for op, a in zip(ops, analyses.values())}
-    from .codegen.fastpaths import choose_fast_path
-    fast = {op.name: choose_fast_path(op, plans[op.name]) for op in ops}
-    module = generate_module(list(ops), plans, filename, source_hash(text), fast)
-    return Compiled(ops, analyses, plans, module)
+    planned = [plan_op(op, analyses[op.name]) for op in ops]
+    canonical = tuple(c for c, _ in planned)
+    plans = {c.name: p for c, p in planned}
+    module = generate_module(list(canonical), plans, filename, source_hash(text))
+    return Compiled(canonical, analyses, plans, module)

@@ -163,8 +163,9 @@ class Analysis:
         _validate(r)
         return Analysis(**r)
 
-    def report(self) -> str:
-        """A readable block for `psmc check` (the caller prints the op's name above it)."""
+    def report(self, algebra_only: bool = False) -> str:
+        """A readable block for `psmc check` (the caller prints the op's name above it).
+        algebra_only: the verdicts only (the caller prints the plan, psmc.plan, itself)."""
         rows = [("associativity", self._associativity_text())]
         if self.identity is not None:
             rows.append(("identity", f"{self.identity}  ({self.identity_note or self.identity_kind})"))
@@ -172,13 +173,15 @@ class Analysis:
             rows.append(("identity", f"none ({self.identity_note or 'a formal identity is used'})"))
         comm = {True: "yes", False: "no", None: "unknown"}[self.commutative]
         rows.append(("commutative", comm + (f"  ({self.commutative_note})" if self.commutative_note else "")))
-        rows.append(("structure", self._structure_text()))
+        if not algebra_only:
+            rows.append(("structure", self._structure_text()))
         if self.causal is not None:
             rows.append(("causal readout", "yes" if self.causal else "NO"))
-        passes = ", ".join(f"{p} {'+'.join(b)}" for p, b in self.backends)
-        rows.append(("plan", f"{self.plan}; {passes}"))
-        rows.append(("stream state", f"{self.state_size}: {self.state}"))
-        rows.append(("note", EXACT_NOTE))
+        if not algebra_only:
+            passes = ", ".join(f"{p} {'+'.join(b)}" for p, b in self.backends)
+            rows.append(("plan", f"{self.plan}; {passes}"))
+            rows.append(("stream state", f"{self.state_size}: {self.state}"))
+            rows.append(("note", EXACT_NOTE))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

@@ -61,6 +61,9 @@ class Spec:
     lift_index: bool
     readout_index: bool
     fast: str | None = None  # name of a runtime fast path for the parallel pass, if any
+    # the fields a stream state of the fast path keeps (None: all); the others are dead in a
+    # stream (they only feed their own next value) and `_full_prefix` fills them back in
+    stream: tuple | None = None
 
     @property
     def inputs(self) -> tuple:
@@ -340,7 +343,8 @@ class PsmLayer(nn.Module):
         if spec.fast and self.use_fast_path:
             return self._fast_forward(call, index, state)
         leaves = self._lift_batch(call, lead, call.inputs, index)
-        incl, excl, new_state = self._scan(call, leaves, state, spec.exclusive)
+        incl, excl, new_state = self._scan(call, leaves, self._full_state(call, state), spec.exclusive)
+        new_state = self._stream_state(new_state)
         prefix = excl if spec.exclusive else incl
         outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
         return tuple(outputs), new_state
@@ -351,6 +355,9 @@ class PsmLayer(nn.Module):
             from . import triton_support
             if triton_support.use_triton(self, call):
                 return triton_support.step(self, call, state)
+        if spec.fast and self.use_fast_path and hasattr(self, "_fast_step"):
+            return self._fast_step(call, state)
+        state = self._full_state(call, state)
         lead = call.lead
         index = torch.full(lead, state.size, dtype=torch.int64, device=call.ctx.dev) if \
             (spec.lift_index or spec.readout_index) else None
@@ -361,11 +368,38 @@ class PsmLayer(nn.Module):
             if before is None:
                 before = self._identity_element(call)
             outputs = self._readout_batch(call, lead, before, call.inputs, index)
-            return tuple(outputs), state.push(leaf, combine)
+            return tuple(outputs), self._stream_state(state.push(leaf, combine))
         state = state.push(leaf, combine)
         prefix = state.prefix if spec.scan == "exact" else state.prefix()
         outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
-        return tuple(outputs), state
+        return tuple(outputs), self._stream_state(state)
+
+    # ------------------------------------------------------------------ stream layout
+    # The one place that knows the stream layout of an op whose plan drops dead fields
+    # (spec.stream): a stream state holds the kept fields only; the generic scan gets the
+    # dead ones back as zeros. They are never read: a dead field only feeds its own next
+    # value, and the prefix of a stream is always the left operand.
+    def _full_state(self, call, state):
+        keep = self.spec.stream
+        if keep is None or state is None or not isinstance(state, ScanState) or state.prefix is None \
+                or len(state.prefix) == len(self.spec.fields):
+            return state
+        kept = dict(zip(keep, state.prefix))
+        lead = None
+        for f in self.spec.fields:
+            if f.name in kept:
+                lead = tuple(kept[f.name].shape[: kept[f.name].dim() - f.rank])
+                like = kept[f.name]
+        full = tuple(kept[f.name] if f.name in kept else
+                     like.new_zeros(lead + tuple(int(s) for s in f.shape(call.ctx.d))) for f in self.spec.fields)
+        return ScanState(prefix=full, count=state.count)
+
+    def _stream_state(self, state):
+        keep = self.spec.stream
+        if keep is None or not isinstance(state, ScanState) or state.prefix is None:
+            return state
+        by_name = {f.name: t for f, t in zip(self.spec.fields, state.prefix)}
+        return ScanState(prefix=tuple(by_name[n] for n in keep), count=state.count)
 
     # ------------------------------------------------------------------ chunk ops
     def _forward_chunked(self, call, state, return_state):

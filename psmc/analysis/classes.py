@@ -1,0 +1,327 @@
+"""Structure classes, derived from the CANONICAL IR (psmc.ir.rewrite), never from spelling.
+
+`classify(op)` takes a canonicalised op and returns a `StructureClass`: a name, a detail, a
+reason a reader can check, and the pieces later stages need (the nodes computing k, v, q, the
+decay, ...). The classes, most specific first:
+
+  decayed-linear-attention   S = a' * S + outer(k, v) (or S + outer(k, v)); readout c * (q @ S);
+                             decay none, scalar, or per key (a[:, None])
+  first-order                (a, h) with combine (l.a * r.a, l.h * r.a' + r.h): h = a * h + b,
+                             decay scalar, per lane or per key (elementwise)
+  elementwise-monoid         every combine output is elementwise in the fields
+  identity-plus-low-rank     (E, S) with combine (r.E @ l.E, r.E @ l.S + r.S) and lift
+                             E = g * (I - beta * outer(k, k)), S = beta * outer(k, v): the delta
+                             rule (g = 1) and the gated delta rule
+  matrix-affine              linear in the earlier element, with products across entries
+  general                    anything else, or a combine that is not associative (tree scan)
+
+Because the input is canonical, `r.a[:, None] * l.S`, `l.S * r.a[:, None]` and
+`diag(r.a) @ l.S` are one node, and so are `outer(k, v)`, `k[:, None] * v[None, :]` and
+`transpose(outer(v, k))`: one class for every spelling.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ..ir.nodes import Node, OpIR, leaves
+from ..ir.rewrite import binary, is_column
+from ..ir.types import dims_equal, is_float
+from .structure import degree_in_left, elementwise_fields
+
+CLASSES = ("decayed-linear-attention", "first-order", "elementwise-monoid", "identity-plus-low-rank",
+           "matrix-affine", "general")
+
+
+@dataclass(frozen=True)
+class StructureClass:
+    name: str  # one of CLASSES
+    detail: str  # e.g. the decay kind: 'none' | 'scalar' | 'per-key' | 'per-lane' | 'gated' | ''
+    reason: str  # why (one sentence, for `psmc check`)
+    pieces: tuple = ()  # ((name, value), ...): nodes and indices later stages print
+
+    def piece(self, name: str, default=None):
+        return dict(self.pieces).get(name, default)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "detail": self.detail, "reason": self.reason}
+
+
+# ---------------------------------------------------------------------------- node tests
+def _field(node: Node, role: str, name: str) -> bool:
+    return node.op == "field" and node.attrs == (role, name)
+
+
+def _factors(node: Node) -> list[Node]:
+    """The factors of a canonical product (a node that is not a product is one factor)."""
+    if node.op == "mul":
+        return _factors(node.args[0]) + _factors(node.args[1])
+    return [node]
+
+
+def _product(factors: list[Node], like: Node | None = None) -> Node | None:
+    if not factors:
+        return None
+    out = factors[0]
+    for f in factors[1:]:
+        out = binary("mul", out, f)
+    return out
+
+
+def _constant(n: Node) -> bool:
+    """A number fixed when the layer is built: literals and dims only."""
+    return not n.batched and n.rank == 0 and all(x.op in ("const", "dim") for x in leaves((n,)))
+
+
+def _scaled(node: Node):
+    """(core, scale factors, divisor) of `c1 * ... * core / d` with constant scalars c, d."""
+    divisor = None
+    if node.op == "div" and _constant(node.args[1]):
+        node, divisor = node.args[0], node.args[1]
+    factors = _factors(node)
+    core = [f for f in factors if not _constant(f)]
+    if len(core) != 1:
+        return None
+    return core[0], [f for f in factors if _constant(f)], divisor
+
+
+def _linear_readout(op: OpIR, s_name: str):
+    """(q node, scale factors, divisor) for a readout c * (q @ s.S) [/ d], else None."""
+    if op.exclusive or op.chunk is not None or len(op.outputs) != 1:
+        return None
+    got = _scaled(op.readout[0])
+    if got is None:
+        return None
+    core, factors, divisor = got
+    if core.op != "matmul" or not _field(core.args[1], "state", s_name) or core.args[0].rank != 1:
+        return None
+    q = core.args[0]
+    if leaves((q,), "field"):
+        return None
+    return q, factors, divisor
+
+
+def _decay_term(node: Node, a: str, h: str):
+    """node == l.h * D + r.h with D = r.a or r.a[:, None]: returns D, else None."""
+    if node.op != "add":
+        return None
+    for prod, rest in (node.args, node.args[::-1]):
+        if not _field(rest, "right", h) or prod.op != "mul":
+            continue
+        for x, d in (prod.args, prod.args[::-1]):
+            if _field(x, "left", h) and (_field(d, "right", a) or (is_column(d) and _field(d.args[0], "right", a))):
+                return d
+    return None
+
+
+def first_order(op: OpIR):
+    """(index of a, index of h, the aligned decay node) for h = a * h + b, else None."""
+    if len(op.state) != 2 or not all(is_float(f.dtype) for f in op.state):
+        return None
+    for ia, ih in ((0, 1), (1, 0)):
+        a, h = op.state[ia].name, op.state[ih].name
+        c = op.combine[ia]
+        if not (c.op == "mul" and sorted(x.attrs for x in c.args if x.op == "field") == [("left", a), ("right", a)]):
+            continue
+        d = _decay_term(op.combine[ih], a, h)
+        if d is not None:
+            return ia, ih, d
+    return None
+
+
+def _decay_kind(a_shape, h_shape) -> str:
+    """per-lane: a scalar state per lane; scalar: one decay for a whole vector/matrix state;
+    per-key: a diagonal decay (a vector, broadcast over the rest of h)."""
+    if not a_shape:
+        return "per-lane" if not h_shape else "scalar"
+    return "per-key"
+
+
+# ---------------------------------------------------------------------------- the classes
+def _decayed_linear_attention(op: OpIR):
+    if not op.has_lift or leaves(op.lift + op.readout, "index"):
+        return None
+    if len(op.state) == 1:
+        name = op.state[0].name
+        c = op.combine[0]
+        if not (c.op == "add" and sorted(a.attrs for a in c.args if a.op == "field") == [("left", name),
+                                                                                        ("right", name)]):
+            return None
+        s_index, a_index, aligned = 0, None, None
+    else:
+        fo = first_order(op)
+        if fo is None:
+            return None
+        a_index, s_index, aligned = fo
+    S = op.state[s_index]
+    if len(S.shape) != 2:
+        return None
+    got = _scaled(op.lift[s_index])
+    if got is None or got[0].op != "outer" or got[2] is not None:
+        return None
+    core, coeff, _ = got
+    k, v = core.args
+    if coeff:  # c * outer(k, v) = outer(c * k, v)
+        k = binary("mul", _product(coeff, k), k)
+    readout = _linear_readout(op, S.name)
+    if readout is None:
+        return None
+    q, scale, divisor = readout
+    kind, g = "none", None
+    if a_index is not None:
+        A = op.state[a_index]
+        lift_a = op.lift[a_index]
+        g = lift_a.args[0] if lift_a.op == "exp" else Node("log", (lift_a,), (), lift_a.dtype, lift_a.shape)
+        if not A.shape:
+            kind = "scalar"
+        elif len(A.shape) == 1 and dims_equal(A.shape[0], S.shape[0]) and is_column(aligned):
+            kind = "key"
+        else:
+            return None
+    reason = {"none": "S = S + outer(k, v)", "scalar": "S = a * S + outer(k, v) with a scalar decay a",
+              "key": "S = a[:, None] * S + outer(k, v) with a per-key decay a"}[kind]
+    pieces = (("s_index", s_index), ("decay_index", a_index), ("kind", kind), ("k", k), ("v", v), ("q", q),
+              ("g", g), ("scale", _product(scale, q)), ("divisor", divisor))
+    return StructureClass("decayed-linear-attention", kind, f"{reason}, readout (q @ S) times a constant", pieces)
+
+
+def _split_terms(node: Node) -> list[Node]:
+    if node.op == "add":
+        return _split_terms(node.args[0]) + _split_terms(node.args[1])
+    return [node]
+
+
+def _minus(factors: list[Node], remove: list[Node]) -> list[Node] | None:
+    """The multiset difference factors - remove, or None when remove is not contained."""
+    left = list(factors)
+    for r in remove:
+        if r not in left:
+            return None
+        left.remove(r)
+    return left
+
+
+def _identity_plus_rank_one(lift_e: Node):
+    """(gate factors, beta factors, const, k) for E = g * (I + c * b * outer(k, k)), c < 0."""
+    outside = _factors(lift_e)
+    matrices = [f for f in outside if f.rank == 2]
+    if len(matrices) != 1 or any(f.rank != 0 for f in outside if f is not matrices[0]):
+        return None
+    gate = [f for f in outside if f is not matrices[0]]
+    terms = _split_terms(matrices[0])
+    if len(terms) != 2:
+        return None
+    eye_term = rank_term = None
+    for t in terms:
+        fs = _factors(t)
+        cores = [f for f in fs if f.rank == 2]
+        if len(cores) != 1 or any(f.rank != 0 for f in fs if f is not cores[0]):
+            return None
+        scal = [f for f in fs if f is not cores[0]]
+        if cores[0].op == "eye":
+            eye_term = scal
+        elif cores[0].op == "outer" and cores[0].args[0] == cores[0].args[1]:
+            rank_term = (scal, cores[0].args[0])
+    if eye_term is None or rank_term is None:
+        return None
+    scal, k = rank_term
+    beta = _minus(scal, eye_term)  # g * I - g * b * k k^T: the gate factors out of both terms
+    if beta is None:
+        return None
+    gate = gate + eye_term
+    consts = [f for f in beta if f.op == "const"]
+    rest = [f for f in beta if f.op != "const"]
+    c = 1.0
+    for f in consts:
+        c *= f.attrs[0]
+    if c >= 0:
+        return None
+    return gate, rest, -c, k
+
+
+def _identity_plus_low_rank(op: OpIR):
+    if not op.has_lift or len(op.state) != 2 or leaves(op.lift + op.readout, "index"):
+        return None
+    names = [f.name for f in op.state]
+    for ie, is_ in ((0, 1), (1, 0)):
+        E, S = op.state[ie], op.state[is_]
+        if len(E.shape) != 2 or len(S.shape) != 2 or not dims_equal(E.shape[0], E.shape[1]) \
+                or not dims_equal(E.shape[1], S.shape[0]):
+            continue
+        ce, cs = op.combine[ie], op.combine[is_]
+        if not (ce.op == "matmul" and _field(ce.args[0], "right", E.name) and _field(ce.args[1], "left", E.name)):
+            continue
+        if not (cs.op == "add" and any(
+                t.op == "matmul" and _field(t.args[0], "right", E.name) and _field(t.args[1], "left", S.name)
+                and _field(o, "right", S.name) for t, o in (cs.args, cs.args[::-1]))):
+            continue
+        got = _identity_plus_rank_one(op.lift[ie])
+        if got is None:
+            return None
+        gate, beta, c, k = got
+        lift_s = _factors(op.lift[is_])
+        outers = [f for f in lift_s if f.op == "outer"]
+        if len(outers) != 1 or outers[0].args[0] != k:
+            return None
+        s_coeff = [f for f in lift_s if f is not outers[0]]
+        s_consts = 1.0
+        for f in s_coeff:
+            if f.op == "const":
+                s_consts *= f.attrs[0]
+        if Counter(f for f in s_coeff if f.op != "const") != Counter(beta) or s_consts != c:
+            return None  # S's update must be beta * outer(k, v) with the same beta
+        readout = _linear_readout(op, S.name)
+        if readout is None:
+            return None
+        q, scale, divisor = readout
+        one = Node("const", (), (1.0,), "f32", ())
+        beta_node = _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k) or one
+        g = None
+        if gate:
+            g = gate[0].args[0] if len(gate) == 1 and gate[0].op == "exp" else \
+                Node("log", (_product(gate, k),), (), gate[0].dtype, ())
+        kind = "gated" if g is not None else "plain"
+        pieces = (("e_index", ie), ("s_index", is_), ("k", k), ("v", outers[0].args[1]), ("q", q),
+                  ("beta", beta_node), ("g", g), ("scale", _product(scale, q)), ("divisor", divisor))
+        what = "g * (I - beta * outer(k, k))" if g is not None else "I - beta * outer(k, k)"
+        return StructureClass(
+            "identity-plus-low-rank", kind,
+            f"E = {what} (identity plus rank one), S = E @ S + beta * outer(k, v), readout q @ S: "
+            f"E is never built; the stream keeps {names[is_]} only", pieces)
+    return None
+
+
+def classify(op: OpIR, associative: bool) -> StructureClass:
+    """The class of a canonicalised op; `associative`: the scan is exact (proven or assumed)."""
+    if not associative:
+        return StructureClass("general", "tree-scan", "combine is not known to be associative: the fixed tree scan")
+    fields = elementwise_fields(op)
+    if all(fields.values()):
+        found = _decayed_linear_attention(op)
+        if found is not None:
+            return found
+        fo = first_order(op)
+        if fo is not None and op.chunk is None:
+            ia, ih, d = fo
+            kind = _decay_kind(op.state[ia].shape, op.state[ih].shape)
+            return StructureClass("first-order", kind, f"h = a * h + b over ({op.state[ia].name}, "
+                                  f"{op.state[ih].name}) with a {kind} decay",
+                                  (("a_index", ia), ("h_index", ih), ("decay", d)))
+        return StructureClass("elementwise-monoid", "", "every combine output is elementwise in the fields")
+    found = _identity_plus_low_rank(op)
+    if found is not None:
+        return found
+    flat = ", ".join(f for f, ok in fields.items() if not ok)
+    if all(degree_in_left(n) <= 1 for n in op.combine):
+        return StructureClass("matrix-affine", "", f"linear in the earlier element, not elementwise in {flat}")
+    return StructureClass("general", "", f"not linear in the earlier element (in {flat})")
+
+
+def coarse_structure(op: OpIR) -> str:
+    """elementwise | affine | general, of the canonical op (the `structure` key)."""
+    if all(elementwise_fields(op).values()):
+        return "elementwise"
+    if all(degree_in_left(n) <= 1 for n in op.combine):
+        return "affine"
+    return "general"
+
