@@ -384,11 +384,13 @@ class Rewriter:
             return done
         args = tuple(self(a) for a in node.args)
         current = node if args == node.args else Node(node.op, args, node.attrs, node.dtype, node.shape, node.span)
-        while True:
+        while True:  # iterate here (not recurse) so a runaway rule set hits the budget
             replacement = self._first(current)
             if replacement is None:
                 break
-            current = self(replacement)
+            args = tuple(self(a) for a in replacement.args)
+            current = replacement if args == replacement.args else \
+                Node(replacement.op, args, replacement.attrs, replacement.dtype, replacement.shape, replacement.span)
         self.memo[node] = current
         self.memo[current] = current
         return current
