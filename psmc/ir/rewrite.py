@@ -18,7 +18,8 @@ The canonical form, rule by rule (RULES below; tests/ir/test_rewrite.py tests ea
   sub          a - b  -> a + (-1 * b)      (IEEE: exact)
   neg          -x     -> -1 * x            (IEEE: exact)
   flatten      + and * chains are flattened, constants folded into one leading term, the
-               other terms sorted by a structural key, and rebuilt left-nested
+               other terms sorted by a structural key, and rebuilt left-nested; inside a *
+               chain the outer and outer_row rules apply to any two factors
   unit         (part of flatten) x * 1 -> x, x + 0 -> x   (when the shape and dtype stay)
   commute      max, min, ==, !=, and, or: operands sorted by the same key
   outer        x[:, None] * y[None, :], x[:, None] * y, x[:, None] @ y[None, :] -> outer(x, y)
@@ -233,7 +234,7 @@ def _terms(node: Node) -> list[Node]:
 def _flatten(node: Node):
     if not (is_float(node.dtype) or is_int(node.dtype)):
         return None
-    terms = _terms(node)
+    terms = _pair_up(_terms(node)) if node.op == "mul" else _terms(node)
     numeric = [_is_const(t) and not isinstance(t.attrs[0], bool) for t in terms]
     consts = [t for t, c in zip(terms, numeric) if c]
     rest = sorted((t for t, c in zip(terms, numeric) if not c), key=sort_key)
@@ -253,6 +254,34 @@ def _flatten(node: Node):
     for t in items[1:]:
         out = binary(node.op, out, t)
     return out
+
+
+def _pair_up(terms: list[Node]) -> list[Node]:
+    """Apply the product rules (outer, outer_row) to any two factors of a chain, so that
+    `beta * k[:, None] * v[None, :]` meets the `outer` rule although the two views are not
+    operands of one node."""
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(terms)):
+            for j in range(len(terms)):
+                if i == j or broadcast(terms[i].shape, terms[j].shape) is None:
+                    continue
+                pair = binary("mul", terms[i], terms[j])
+                for rule in RULES:
+                    if rule.name not in PAIR_RULES:
+                        continue
+                    caps = rule.pattern.match(pair, {})
+                    new = rule.build(node=pair, **caps) if caps is not None else None
+                    if new is not None and new.dtype == pair.dtype and shapes_equal(new.shape, pair.shape):
+                        terms = [t for k, t in enumerate(terms) if k not in (i, j)] + [new]
+                        changed = True
+                        break
+                if changed:
+                    break
+            if changed:
+                break
+    return terms
 
 
 def _commute(node):
@@ -328,11 +357,11 @@ def _sum_vecmat(node, x, M):
 
 
 _ARITH = ("add", "mul")
+PAIR_RULES = ("outer", "outer_row")  # product rules that _flatten also applies inside a chain
 RULES: tuple[Rule, ...] = (
     Rule("fold", _any(where=lambda n: n.op in _FOLD and bool(n.args)), lambda node: _fold(node)),
     Rule("sub", Pat("sub", (_any("a"), _any("b"))), _sub),
     Rule("neg", Pat("neg", (_any("x"),)), _neg),
-    Rule("flatten", Pat(_ARITH, where=lambda n: len(n.args) == 2), lambda node: _flatten(node)),
     Rule("commute", Pat(tuple(sorted(COMMUTATIVE - {"add", "mul"}))), lambda node: _commute(node)),
     Rule("outer", Pat("mul", (Pat("getitem", (_any("x"),), where=is_column),
                               Pat("getitem", (_any("y"),), where=is_row))), _outer_of_columns),
@@ -365,6 +394,7 @@ RULES: tuple[Rule, ...] = (
                                         Pat("div", (_any("M", _matrix), _any("c", _scalar))))), _div_out_right),
     Rule("transpose", Pat("transpose", (Pat("outer", (_any("v"), _any("k"))),)), _outer_swap),
     Rule("transpose", Pat("transpose", (Pat("transpose", (_any("X"),)),)), _keep),
+    Rule("flatten", Pat(_ARITH, where=lambda n: len(n.args) == 2), lambda node: _flatten(node)),
 )
 
 

@@ -49,6 +49,8 @@ CASES = [
     ("flatten", "x + (z + c)", "(c + z) + x"),
     ("flatten", "x * 1.0", "x"),
     ("flatten", "(x + 0.0) * 2.0 * 3.0", "6.0 * x"),
+    ("flatten", "c * x[:, None] * y[None, :]", "outer(x, y) * c"),
+    ("flatten", "x[:, None] * c * outer(z, y)", "c * outer(x * z, y)"),
     ("commute", "max(z, x)", "max(x, z)"),
     ("outer", "x[:, None] * y[None, :]", "outer(x, y)"),
     ("outer", "y[None, :] * x[:, None]", "outer(x, y)"),
