@@ -1,0 +1,170 @@
+"""Structure classes (psmc/analysis/classes.py), the Plan (psmc/plan) and the delta-rule
+class wired to psmc.runtime.delta: E is never built, the stream state is S only, and the
+layer equals the generic matrix-affine scan (forward, step, continued streams, gradients)."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import psmc
+from psmc.analysis import compute
+from psmc.analysis.classes import CLASSES, classify
+from psmc.cli import main
+from psmc.compiler import compile_source, plan_op
+from psmc.ir import ops_from_file, ops_from_source
+from psmc.ir.rewrite import canonicalize
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+EXPECTED = {  # example -> (class, detail)
+    "cumsum": ("elementwise-monoid", ""),
+    "delta_rule": ("identity-plus-low-rank", "plain"),
+    "gated_delta_rule": ("identity-plus-low-rank", "gated"),
+    "gla": ("decayed-linear-attention", "key"),
+    "linear_attention": ("decayed-linear-attention", "none"),
+    "simple_gla": ("decayed-linear-attention", "scalar"),
+    "retention": ("decayed-linear-attention", "scalar"),
+    "linear_recurrence": ("first-order", "per-lane"),
+    "selective_ssm": ("first-order", "per-key"),
+    "rwkv6": ("first-order", "per-key"),
+    "running_argmax": ("elementwise-monoid", ""),
+    "tree_rnn": ("general", "tree-scan"),
+    "transformer_psm": ("general", "tree-scan"),
+}
+
+
+def _class(op, associative=True):
+    return classify(canonicalize(op), associative)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_classes(name):
+    (op,) = ops_from_file(EXAMPLES / f"{name}.psm")
+    analysis = compute(op, seconds=2.0)
+    got = _class(op, analysis.plan == "exact-scan")
+    assert (got.name, got.detail) == EXPECTED[name]
+    assert got.name in CLASSES and got.reason
+
+
+AFFINE = """op m[D] {{
+  state (A: f32[D, D], b: f32[D]);
+  lift (x: f32[D, D], y: f32[D]) {{ return (x, y); }}
+  combine (l, r) {{ return ({}, r.A @ l.b + r.b); }}
+}}"""
+
+
+def test_matrix_affine_and_general_on_associativity():
+    (op,) = ops_from_source(AFFINE.format("r.A @ l.A"))
+    assert _class(op).name == "matrix-affine"
+    assert _class(op, associative=False).name == "general"
+
+
+NEAR = """op near[K, V] {{
+  state (E: f32[K, K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V], beta: f32) {{ return ({}, {}); }}
+  combine (l, r) {{ return (r.E @ l.E, r.E @ l.S + r.S); }}
+  readout (s, q: f32[K]) {{ return q @ s.S; }}
+}}"""
+
+
+@pytest.mark.parametrize("e,s", [
+    ("eye(K) - beta * outer(k, k)", "outer(k, v)"),  # S's update lacks beta
+    ("eye(K) - beta * outer(k, k)", "beta * beta * outer(k, v)"),  # another coefficient
+    ("eye(K) + beta * outer(k, k)", "beta * outer(k, v)"),  # the sign: not I - beta k k^T
+    ("eye(K) - beta * outer(k, v[0:1] * k)", "beta * outer(k, v)"),  # not k k^T
+    ("eye(K) - beta * outer(k, k) - outer(k, k)", "beta * outer(k, v)"),  # rank one, but two terms
+])
+def test_near_misses_of_the_delta_rule_stay_matrix_affine(e, s):
+    """Not the delta rule: the class must not claim it (its runtime would compute another thing)."""
+    (op,) = ops_from_source(NEAR.format(e, s))
+    assert _class(op).name == "matrix-affine"
+
+
+def test_the_plan_is_typed_frozen_and_printed():
+    text = (EXAMPLES / "gated_delta_rule.psm").read_text()
+    compiled = compile_source(text, "gated_delta_rule.psm")
+    plan = compiled.plans["gated_delta_rule"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.fast_path = None
+    assert plan.scan == "exact-scan" and plan.structure == "affine"
+    assert plan.structure_class.name == "identity-plus-low-rank" and plan.fast_path == "delta_rule"
+    assert plan.stream_fields == ("S",) and plan.state_size == "(K*V) floats"
+    assert plan.backends == {"forward": ("torch",), "backward": ("torch",), "step": ("torch",)}
+    paths = dict(plan.not_taken)
+    assert "triton" in paths and "stream field E" in paths
+    # the analysis keeps its own verdicts: the plan is not written back into it
+    assert compiled.analyses["gated_delta_rule"].state_size == "(K**2 + K*V) floats"
+
+
+def test_psmc_check_prints_the_class(capsys):
+    assert main(["check", str(EXAMPLES / "delta_rule.psm")]) == 0
+    out = capsys.readouterr().out
+    assert "class          identity-plus-low-rank (plain): E = I - beta * outer(k, k)" in out
+    assert "step           torch: psmc.runtime.delta.delta_rule_step, O(K*V) per token" in out
+    assert "stream state   (K*V) floats: the inclusive prefix (S)" in out
+
+
+# ---------------------------------------------------------------------------- the delta layer
+B, T, H, K, V = 2, 23, 3, 4, 5
+
+
+def _inputs(gated: bool, seed: int = 0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = dict(k=torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g, dtype=torch.float64), dim=-1),
+             v=torch.randn(B, T, H, V, generator=g, dtype=torch.float64),
+             beta=torch.rand(B, T, H, generator=g, dtype=torch.float64),
+             q=torch.randn(B, T, H, K, generator=g, dtype=torch.float64))
+    if gated:
+        x["g"] = -torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    return {n: t.requires_grad_(requires_grad) for n, t in x.items()}
+
+
+@pytest.fixture(scope="module", params=["delta_rule", "gated_delta_rule"])
+def layer(request):
+    module = psmc.load(EXAMPLES / f"{request.param}.psm")
+    return getattr(module, request.param)()
+
+
+def test_the_layer_is_wired_to_the_delta_runtime(layer):
+    assert layer.spec.fast == "delta_rule" and layer.spec.stream == ("S",)
+
+
+def test_forward_equals_the_matrix_affine_scan(layer):
+    x = _inputs(layer.spec.name.startswith("gated"))
+    layer.use_fast_path = True
+    fast, s_fast = layer(**x, return_state=True)
+    layer.use_fast_path = False
+    slow, s_slow = layer(**x, return_state=True)
+    layer.use_fast_path = True
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    assert len(s_fast.prefix) == 1 and s_fast.prefix[0].shape == (B, H, K, V)  # S only: K*V floats
+    assert s_fast.nbytes == s_slow.nbytes  # the generic scan's stream drops E too (spec.stream)
+    torch.testing.assert_close(s_fast.prefix[0], s_slow.prefix[0], rtol=1e-10, atol=1e-12)
+
+
+def test_steps_and_continued_streams(layer):
+    x = _inputs(layer.spec.name.startswith("gated"), seed=1)
+    layer.use_fast_path = False
+    want = layer(**x)
+    for fast_first, fast_then in ((True, True), (True, False), (False, True)):
+        layer.use_fast_path = fast_first
+        _, state = layer(**{n: t[:, :9] for n, t in x.items()}, return_state=True)
+        layer.use_fast_path = fast_then
+        rest = layer(**{n: t[:, 9:15] for n, t in x.items()}, state=state, return_state=True)
+        torch.testing.assert_close(rest[0], want[:, 9:15], rtol=1e-10, atol=1e-12)
+        state = rest[1]
+        for t in range(15, T):
+            out, state = layer.step(state, **{n: v[:, t] for n, v in x.items()})
+            torch.testing.assert_close(out, want[:, t], rtol=1e-10, atol=1e-12)
+        assert len(state.prefix) == 1
+    layer.use_fast_path = True
+
+
+def test_gradients_through_the_fast_path(layer):
+    gated = layer.spec.name.startswith("gated")
+    x = {n: t[:, :6].detach().requires_grad_(True) for n, t in _inputs(gated, seed=2).items()}
+    names = list(x)
+    layer.use_fast_path = True
+    assert torch.autograd.gradcheck(lambda *ts: layer(**dict(zip(names, ts))), tuple(x[n] for n in names))
