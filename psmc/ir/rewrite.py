@@ -30,7 +30,8 @@ The canonical form, rule by rule (RULES below; tests/ir/test_rewrite.py tests ea
   dot          x @ y (two vectors) -> sum(x * y)
   vecmat       sum(x[:, None] * M, axis=0) -> x @ M;  transpose(M) @ x -> x @ M
   matmul_scale (c * x) @ M -> c * (x @ M);  x @ (c * M) -> c * (x @ M);  same for / c
-  transpose    transpose(outer(v, k)) -> outer(k, v);  transpose(transpose(X)) -> X
+  transpose    transpose(outer(v, k)) -> outer(k, v);  transpose(transpose(X)) -> X;
+               transpose(c * X) -> c * transpose(X)
 
 Canonicalisation can change float rounding (reassociated sums and products, folded
 constants), never the value in exact arithmetic.
@@ -350,6 +351,10 @@ def _outer_swap(node, v, k):
     return outer(k, v)
 
 
+def _transpose_scaled(node, c, X):
+    return binary("mul", c, Node("transpose", (X,), (), X.dtype, X.shape[:-2] + (X.shape[-1], X.shape[-2]), None))
+
+
 def _sum_vecmat(node, x, M):
     if node.attrs != (0,):
         return None
@@ -394,6 +399,7 @@ RULES: tuple[Rule, ...] = (
                                         Pat("div", (_any("M", _matrix), _any("c", _scalar))))), _div_out_right),
     Rule("transpose", Pat("transpose", (Pat("outer", (_any("v"), _any("k"))),)), _outer_swap),
     Rule("transpose", Pat("transpose", (Pat("transpose", (_any("X"),)),)), _keep),
+    Rule("transpose", Pat("transpose", (Pat("mul", (_any("c", _scalar), _any("X", _matrix))),)), _transpose_scaled),
     Rule("flatten", Pat(_ARITH, where=lambda n: len(n.args) == 2), lambda node: _flatten(node)),
 )
 

@@ -77,6 +77,7 @@ CASES = [
     ("transpose", "transpose(outer(y, x))", "outer(x, y)"),
     ("transpose", "transpose(transpose(M))", "M"),
     ("transpose", "outer(y, x).T", "x[:, None] * y[None, :]"),
+    ("transpose", "transpose(c * outer(y, x))", "outer(x, c * y)"),
 ]
 
 
