@@ -1,4 +1,6 @@
-"""The analysis cache: results keyed by a content hash of the op's IR and the psmc version.
+"""The analysis cache: results keyed by a content hash of the op's IR and of the code that
+judges it (the sources of psmc.grammar, psmc.ir and psmc.analysis, and the psmc version), so
+a change anywhere that could change a verdict is a new key: no schema number to bump by hand.
 
 `ir_text(op)` renders everything the analysis reads, deterministically (nodes numbered in
 topological order, with dtype, shape and attributes; no spans, no file names), so the same
@@ -9,6 +11,7 @@ cannot be written is simply not used.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,7 +23,21 @@ from .. import __version__
 from ..ir.nodes import walk
 from .result import Analysis
 
-SCHEMA = 1  # bump when the analysis changes what it concludes or records
+JUDGES = ("grammar", "ir", "analysis")  # the packages whose code can change a verdict
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of every source file that can change a verdict or what a record holds."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(__version__.encode())
+    for package in JUDGES:
+        for path in sorted((root / package).rglob("*")):
+            if path.suffix in (".py", ".lark") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    for name in ("errors.py",):
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -72,7 +89,7 @@ def _attr(a):
 
 
 def key(op) -> str:
-    text = f"psmc {__version__} analysis schema {SCHEMA}\n{ir_text(op)}"
+    text = f"psmc analysis {code_fingerprint()}\n{ir_text(op)}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

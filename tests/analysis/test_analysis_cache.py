@@ -75,6 +75,15 @@ def test_the_key_is_the_ir_not_the_text():
     assert cache.key(a) != cache.key(c)
 
 
+def test_the_key_covers_the_code_that_judges(monkeypatch):
+    """No schema number to bump by hand: other analysis code (a new fingerprint) is a new key."""
+    (a,) = ops_from_source(WELFORD)
+    before = cache.key(a)
+    assert len(cache.code_fingerprint()) == 64 and not hasattr(cache, "SCHEMA")
+    monkeypatch.setattr(cache, "code_fingerprint", lambda: "other code")
+    assert cache.key(a) != before
+
+
 def test_refuted_assumption_is_reported_again_from_the_cache(counted):
     (op,) = ops_from_source(BAD, "bad.psm")
     with pytest.raises(PsmcAnalysisError):
