@@ -100,7 +100,7 @@ def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash:
 def _slot(value, chunk=None) -> str:
     binds = tuple((i, str(d.name)) for i, d in enumerate(value.shape) if getattr(d, "is_Symbol", False))
     return (f"_Slot({value.name!r}, {value.dtype!r}, {len(value.shape)}, lambda cx_d: "
-            f"{shape_code(value.shape).replace('cx.d', 'cx_d')}, {binds!r})")
+            f"{shape_code(value.shape, 'cx_d')}, {binds!r})")
 
 
 def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
@@ -115,12 +115,12 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
              "    Source:", ""]
     lines += [("        " + line).rstrip() for line in doc.splitlines()]
     lines += ['    """', ""]
-    chunk = "None" if op.chunk is None else f"lambda cx_d: {dim_code(op.chunk).replace('cx.d', 'cx_d')}"
+    chunk = "None" if op.chunk is None else f"lambda cx_d: {dim_code(op.chunk, 'cx_d')}"
     params = []
     for p in op.params:
         needed = tuple(sorted({str(s.name) for d in p.shape for s in getattr(d, "free_symbols", ())}))
         params.append(f"_ParamSpec({p.name!r}, {p.dtype!r}, lambda cx_d: "
-                      f"{shape_code(p.shape).replace('cx.d', 'cx_d')}, {p.init!r}, {needed!r})")
+                      f"{shape_code(p.shape, 'cx_d')}, {p.init!r}, {needed!r})")
     spec = [
         "    spec = _Spec(",
         f"        name={op.name!r},",
@@ -169,13 +169,11 @@ def _method(name: str, params: list[str], outputs, slots, lead: str) -> list[str
     body = printer.run()
     lines = [f"    def {name}(self, {', '.join(params)}):"]
     lines += ["        " + line for line in body]
-    results = []
-    for node, slot in zip(outputs, slots):
-        ref = printer.names[node]
-        results.append(f"_ops.as_field({ref}, {lead}, {shape_code(slot.shape)}, cx.dt[{slot.dtype!r}], cx.dev)")
-    if lead.startswith("_ops.lead_of"):
+    if lead.startswith("_ops.lead_of"):  # computed once, named, then used by every result
         lines.append(f"        lead = {lead}")
-        results = [r.replace(lead, "lead") for r in results]
+        lead = "lead"
+    results = [f"_ops.as_field({printer.names[node]}, {lead}, {shape_code(slot.shape)}, cx.dt[{slot.dtype!r}], cx.dev)"
+               for node, slot in zip(outputs, slots)]
     lines.append("        return (")
     lines += [f"            {r}," for r in results]
     lines.append("        )")

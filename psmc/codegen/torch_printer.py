@@ -31,27 +31,28 @@ REDUCE = {"sum": "torch.sum", "mean": "torch.mean", "amax": "torch.amax", "amin"
 FIELD_PREFIX = {"left": "l_", "right": "r_", "state": "s_"}
 
 
-def dim_code(expr) -> str:
-    """A SymPy dim expression as Python over the dims dict `cx.d`."""
+def dim_code(expr, dims: str = "cx.d") -> str:
+    """A SymPy dim expression as Python over the dims dict named `dims` (`cx.d` in bodies,
+    `cx_d` in the lambdas of a Spec)."""
     expr = sympy.sympify(expr)
     if expr.is_Integer:
         return str(int(expr))
     if expr.is_Symbol:
-        return f"cx.d[{str(expr.name)!r}]"
+        return f"{dims}[{str(expr.name)!r}]"
     if expr.is_Add:
-        return "(" + " + ".join(dim_code(a) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
+        return "(" + " + ".join(dim_code(a, dims) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
     if expr.is_Mul:
         num, den = sympy.fraction(expr)
         if den != 1:
-            return f"({dim_code(num)} // {dim_code(den)})"
-        return "(" + " * ".join(dim_code(a) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
+            return f"({dim_code(num, dims)} // {dim_code(den, dims)})"
+        return "(" + " * ".join(dim_code(a, dims) for a in sorted(expr.args, key=sympy.default_sort_key)) + ")"
     if expr.is_Pow and expr.exp.is_Integer and expr.exp > 0:
-        return "(" + " * ".join([dim_code(expr.base)] * int(expr.exp)) + ")"
+        return "(" + " * ".join([dim_code(expr.base, dims)] * int(expr.exp)) + ")"
     raise ValueError(f"cannot print dim expression {expr}")
 
 
-def shape_code(shape) -> str:
-    items = [dim_code(d) for d in shape]
+def shape_code(shape, dims: str = "cx.d") -> str:
+    items = [dim_code(d, dims) for d in shape]
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 

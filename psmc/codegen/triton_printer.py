@@ -511,7 +511,7 @@ def _ranks(values) -> str:
 
 
 def _dim_lambda(expr) -> str:
-    return "None" if expr is None else f"lambda cx_d: {dim_code(expr).replace('cx.d', 'cx_d')}"
+    return "None" if expr is None else f"lambda cx_d: {dim_code(expr, 'cx_d')}"
 
 
 def value_roles(op: OpIR, values) -> tuple:
