@@ -3,6 +3,7 @@ rendering, or a declared reason not to: builtins, the reference interpreter, the
 semantics, the torch printer, the Triton printer and its VJP rules, and the commutative ops
 of the rewrite pass and the monoid table. A new op missing from any of them fails here."""
 import inspect
+import os
 import re
 
 import pytest
@@ -64,3 +65,51 @@ def test_the_triton_printer_renders_or_says_why_and_has_a_gradient():
 def test_the_commutative_ops_agree():
     assert rewrite.COMMUTATIVE == monoids._COMMUTATIVE
     assert all(OPS[o].arity == 2 for o in rewrite.COMMUTATIVE)
+
+
+NEW_ROW = '''
+UNARY_MATH = UNARY_MATH + (
+    UnaryMath("cos", "cosine", "float", "torch.cos", lambda ev, x: sympy.cos(x), "torch.cos", "tl.cos({0})",
+              "(-{g} * tl.sin({a}))"),
+)
+UNARY = {row.name: row for row in UNARY_MATH}
+'''
+
+CHECK = '''
+import torch
+from psmc.analysis import symbolic
+from psmc.codegen import torch_printer, triton_printer, triton_vjp
+from psmc.compiler import compile_source
+from psmc.ir import interp
+from psmc.ir.builtins import BUILTINS
+from psmc.ir.ops import OPS
+assert OPS["cos"].kind == "unary" and BUILTINS["cos"].doc == "cosine"
+assert "cos" in interp._UNARY and "cos" in symbolic._UNARY and torch_printer.UNARY["cos"] == "torch.cos"
+assert triton_printer.TRITON_OPS["cos"] == "tl.cos({0})" and triton_vjp.VJP_RULES["cos"] == ("(-{g} * tl.sin({a}))",)
+src = "op c[D] { state (h: f32[D]); lift (x: f32[D]) { return cos(x); } combine (l, r) { return l.h + r.h; } }"
+assert "tl.cos(" in compile_source(src, "c.psm").source  # the Triton kernels use the row
+open("c.psm", "w").write(src)
+import psmc
+x = torch.randn(2, 5, 3, dtype=torch.float64)
+out = psmc.load("c.psm").c(backend="torch")(x=x)
+assert torch.allclose(out, torch.cos(x).cumsum(1))
+print("cos works")
+'''
+
+
+def test_adding_a_math_builtin_is_one_edit(tmp_path):
+    """Copy the package, add ONE row to psmc/ir/registry.py, and `cos` works everywhere:
+    builtin, IR op, interpreter, SymPy, torch and Triton printers, VJP, a running layer."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "psmc", tmp_path / "psmc", ignore=shutil.ignore_patterns("__pycache__"))
+    registry = tmp_path / "psmc" / "ir" / "registry.py"
+    registry.write_text(registry.read_text() + NEW_ROW)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PSMC_CACHE_DIR=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "cos works" in run.stdout, run.stderr[-3000:]

@@ -18,6 +18,7 @@ import sympy
 
 from ..ir.interp import concrete, concrete_shape, env_key
 from ..ir.nodes import Node, walk
+from ..ir.registry import UNARY_MATH
 from ..ir.types import is_float
 from .grid import Grid, concat, matmul, reduce_axis, zip_map
 
@@ -240,10 +241,6 @@ def _as_dtype(value, dtype: str):
     return sympy.Integer(int(value)) if isinstance(value, bool) else value
 
 
-def _sigmoid(x):
-    return 1 / (1 + sympy.exp(-x))
-
-
 def _bool_op(fn):
     def op(ev, x, y):
         if not (isinstance(x, bool) and isinstance(y, bool)):
@@ -260,19 +257,7 @@ def _equal(ev, x, y):
 
 _UNARY = {
     "neg": lambda ev, x: -x,
-    "exp": lambda ev, x: sympy.exp(x),
-    "log": lambda ev, x: sympy.log(x),
-    "sqrt": lambda ev, x: sympy.sqrt(x),
-    "rsqrt": lambda ev, x: 1 / sympy.sqrt(x),
-    "abs": lambda ev, x: x if ev.sign(x, 0) >= 0 else -x,
-    "sign": lambda ev, x: sympy.Integer(ev.sign(x, 0)),
-    "sigmoid": lambda ev, x: _sigmoid(x),
-    "tanh": lambda ev, x: sympy.tanh(x),
-    "softplus": lambda ev, x: sympy.log(1 + sympy.exp(x)),
-    "relu": lambda ev, x: x if ev.sign(x, 0) > 0 else sympy.Integer(0),
-    "gelu": lambda ev, x: x / 2 * (1 + sympy.erf(x / sympy.sqrt(2))),
-    "silu": lambda ev, x: x * _sigmoid(x),
-    "logsigmoid": lambda ev, x: -sympy.log(1 + sympy.exp(-x)),
+    **{row.name: row.sympy for row in UNARY_MATH},  # psmc.ir.registry
     "not": lambda ev, x: (not x) if isinstance(x, bool) else _raise(Undecidable("symbolic bool")),
 }
 

@@ -17,13 +17,9 @@ import math
 import sympy
 
 from ..ir.nodes import Node, walk
+from ..ir.registry import UNARY_MATH
 
-UNARY = {
-    "exp": "torch.exp", "log": "torch.log", "sqrt": "torch.sqrt", "rsqrt": "torch.rsqrt",
-    "abs": "torch.abs", "sign": "torch.sign", "sigmoid": "torch.sigmoid", "tanh": "torch.tanh",
-    "softplus": "_F.softplus", "relu": "torch.relu", "gelu": "_F.gelu", "silu": "_F.silu",
-    "logsigmoid": "_F.logsigmoid",
-}
+UNARY = {row.name: row.torch for row in UNARY_MATH}  # psmc.ir.registry
 INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<", "le": "<=",
          "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
 REDUCE = {"sum": "torch.sum", "mean": "torch.mean", "amax": "torch.amax", "amin": "torch.amin",

@@ -28,6 +28,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
+from ..ir.registry import UNARY_MATH
 from .torch_printer import dim_code
 
 PREFIX = "_psm_"
@@ -53,17 +54,8 @@ TRITON_OPS: dict[str, object] = {
     "index": "special", "fill": "special",
     "eye": Unsupported(_MATRIX),
     # unary
-    "neg": "(-{0})", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})",
-    "rsqrt": "tl.rsqrt({0})", "abs": "tl.abs({0})",
-    "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, {0} * 0.0))",
-    "sigmoid": "tl.sigmoid({0})",
-    "tanh": "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)",
-    # torch's softplus (beta 1, threshold 20)
-    "softplus": "tl.where({0} > 20.0, {0}, tl.log(1.0 + tl.exp(tl.minimum({0}, 20.0))))",
-    "relu": "tl.maximum({0}, 0.0)",
-    "gelu": "(0.5 * {0} * (1.0 + tl.erf({0} * 0.7071067811865476)))",  # torch's exact (erf) gelu
-    "silu": "({0} * tl.sigmoid({0}))",
-    "logsigmoid": "(tl.minimum({0}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+    "neg": "(-{0})",
+    **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
     # binary (Triton's `/` is true division, ints promote to fp32, as torch)
     "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
     "pow": "special", "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",

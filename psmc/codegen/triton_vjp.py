@@ -17,24 +17,13 @@ same in every column, like the values.
 from __future__ import annotations
 
 from ..ir.nodes import Node, walk
+from ..ir.registry import UNARY_MATH
 from .triton_printer import FLOATS, TRITON_OPS, TritonBodyPrinter, Unsupported
 
 # op -> one rendering per operand (None: no gradient flows to that operand).
 VJP_RULES: dict[str, tuple] = {
     "neg": ("(-{g})",),
-    "exp": ("({g} * {z})",),
-    "log": ("({g} / {a})",),
-    "sqrt": ("({g} / (2.0 * {z}))",),
-    "rsqrt": ("({g} * -0.5 * {z} / {a})",),
-    "abs": ("({g} * tl.where({a} > 0, 1.0, tl.where({a} < 0, -1.0, 0.0)))",),
-    "sigmoid": ("({g} * {z} * (1.0 - {z}))",),
-    "tanh": ("({g} * (1.0 - {z} * {z}))",),
-    "softplus": ("tl.where({a} > 20.0, {g}, {g} * tl.sigmoid({a}))",),
-    "relu": ("tl.where({a} > 0.0, {g}, 0.0)",),
-    "gelu": ("({g} * (0.5 * (1.0 + tl.erf({a} * 0.7071067811865476)) + "
-             "{a} * tl.exp(-0.5 * {a} * {a}) * 0.3989422804014327))",),
-    "silu": ("({g} * tl.sigmoid({a}) * (1.0 + {a} * (1.0 - tl.sigmoid({a}))))",),
-    "logsigmoid": ("({g} * tl.sigmoid(-{a}))",),
+    **{row.name: (row.vjp,) for row in UNARY_MATH if row.vjp is not None},  # psmc.ir.registry
     "add": ("{g}", "{g}"),
     "sub": ("{g}", "(-{g})"),
     "mul": ("({g} * {b})", "({g} * {a})"),
@@ -64,7 +53,8 @@ VJP_RULES: dict[str, tuple] = {
 # torch's clamp (a max/min with a constant): the bound is inclusive
 CLAMP_RULES = {"maximum": "tl.where({a} >= {b}, {g}, 0.0)", "minimum": "tl.where({a} <= {b}, {g}, 0.0)"}
 # ops whose result carries no gradient (bool / int results, piecewise-constant)
-NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or", "sign"})
+NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or"}
+                       | {row.name for row in UNARY_MATH if row.vjp is None})
 LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .registry import UNARY_MATH
+
 
 @dataclass(frozen=True)
 class Builtin:
@@ -36,19 +38,7 @@ def _reduce(name, dtype, doc):
 
 
 _ROWS = [
-    _unary("exp", "float", "e ** x"),
-    _unary("log", "float", "natural logarithm"),
-    _unary("sqrt", "float", "square root"),
-    _unary("rsqrt", "float", "1 / sqrt(x)"),
-    _unary("abs", "same", "absolute value"),
-    _unary("sign", "same", "-1, 0 or 1"),
-    _unary("sigmoid", "float", "1 / (1 + exp(-x))"),
-    _unary("tanh", "float", "hyperbolic tangent"),
-    _unary("softplus", "float", "log(1 + exp(x))"),
-    _unary("relu", "same", "max(x, 0)"),
-    _unary("gelu", "float", "Gaussian error linear unit (erf form)"),
-    _unary("silu", "float", "x * sigmoid(x)"),
-    _unary("logsigmoid", "float", "log(sigmoid(x))"),
+    *(_unary(row.name, row.dtype, row.doc) for row in UNARY_MATH),  # psmc.ir.registry
     Builtin("max", 2, 2, shape="broadcast", dtype="promote", ir_op="maximum", doc="elementwise maximum",
             args="a, b"),
     Builtin("min", 2, 2, shape="broadcast", dtype="promote", ir_op="minimum", doc="elementwise minimum",

@@ -33,17 +33,23 @@ import torch
 import torch.nn.functional as F
 
 from .nodes import Node, dim_symbol, walk
+from .registry import UNARY_MATH
 
 LAYERNORM_EPS = 1e-5
 
 _TORCH_DTYPES = {"f16": torch.float64, "bf16": torch.float64, "f32": torch.float64, "f64": torch.float64,
                  "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
 
+def _reference(path: str):
+    """'torch.exp' / 'F.softplus' (a registry row's reference function) as the function."""
+    module, _, name = path.partition(".")
+    return getattr({"torch": torch, "F": F}[module], name)
+
+
 _UNARY = {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
-    "abs": torch.abs, "sign": torch.sign, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
-    "softplus": F.softplus, "relu": torch.relu, "gelu": lambda x: F.gelu(x, approximate="none"),
-    "silu": F.silu, "logsigmoid": F.logsigmoid, "not": torch.logical_not,
+    "neg": torch.neg,
+    **{row.name: _reference(row.interp) for row in UNARY_MATH},  # psmc.ir.registry
+    "not": torch.logical_not,
 }
 _BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.true_divide, "pow": torch.pow,

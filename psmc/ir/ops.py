@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .registry import UNARY
+
 
 @dataclass(frozen=True)
 class OpInfo:
@@ -25,8 +27,7 @@ def _table() -> dict[str, OpInfo]:
     rows: dict[str, OpInfo] = {}
     for name in ("arg", "field", "param", "dim", "const", "index", "fill", "eye"):
         rows[name] = OpInfo("leaf", name != "eye", 0)
-    for name in ("neg", "exp", "log", "sqrt", "rsqrt", "abs", "sign", "sigmoid", "tanh", "softplus",
-                 "relu", "gelu", "silu", "logsigmoid"):
+    for name in ("neg",) + tuple(UNARY):  # the elementwise math builtins: psmc.ir.registry
         rows[name] = OpInfo("unary", True, 1)
     for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum"):
         rows[name] = OpInfo("binary", True, 2)
