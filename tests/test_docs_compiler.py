@@ -25,6 +25,7 @@ def test_every_block_of_docs_compiler_runs(tmp_path):
     finally:
         os.chdir(before)
     printed = out.getvalue()
+    assert "log(1 + exp(x)) | _F.softplus | tl.where(" in printed
     assert "mul(c, outer(k, v))" in printed
     assert "exp(add(x, y)) {'exp_product': 1}" in printed
     assert "gated_delta_rule   identity-plus-low-rank (gated)" in printed
