@@ -57,7 +57,7 @@ def _input_lines(op: OpIR) -> list[str]:
 
 def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
     nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
-    printer = BodyPrinter(tuple(nodes))
+    printer = BodyPrinter(tuple(nodes), op.let_names)
     body = printer.run()
     ref = printer.names
     scale = _scale_code(p, ref)
@@ -115,7 +115,7 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
 def _first_order_method(op: OpIR, ia: int, ih: int, aligned) -> FastPath:
     a = op.state[ia].name
     uses_a = any(n.attrs == ("state", a) for n in leaves(op.readout, "field"))
-    printer = BodyPrinter((aligned,))
+    printer = BodyPrinter((aligned,), op.let_names)
     body = printer.run()
     lines = [
         "    def _fast_forward(self, call, index, state):",
@@ -164,7 +164,7 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
              "The delta rule's parallel pass, E never built (identity plus rank one, from the IR).", "[B, T, *lanes]"),
             ("_fast_step(self, call, state)", "One token of the delta rule in O(K*V): S <- E S + beta k v^T.",
              "[B, *lanes]")):
-        printer = BodyPrinter(tuple(nodes))
+        printer = BodyPrinter(tuple(nodes), op.let_names)
         body = printer.run()
         ref = printer.names
         lines += [f"    def {method}:", f'        """{doc}"""', f"        cx, lead = call.ctx, call.lead  # {lead_note}"]

@@ -144,14 +144,15 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lines += spec
     lines += [""]
     lift_args = ["x_" + v.name for v in op.lift_inputs] + (["index"] if lift_index else [])
-    lines += _method("_lift", ["cx", "lead"] + lift_args, op.lift, op.state, lead="lead")
+    lines += _method("_lift", ["cx", "lead"] + lift_args, op.lift, op.state, lead="lead", let_names=op.let_names)
     combine_args = [FIELD_PREFIX["left"] + f.name for f in op.state] + [FIELD_PREFIX["right"] + f.name for f in op.state]
     lines += _method("_combine", ["cx"] + combine_args, op.combine, op.state,
                      lead=_lead_expr([(FIELD_PREFIX[s] + f.name, len(f.shape)) for s in ("left", "right")
-                                      for f in op.state]))
+                                      for f in op.state]), let_names=op.let_names)
     readout_params = [FIELD_PREFIX["state"] + f.name for f in op.state] + ["x_" + n for n in readout_args] + \
         (["index"] if readout_index else [])
-    lines += _method("_readout", ["cx", "lead"] + readout_params, op.readout, op.outputs, lead="lead")
+    lines += _method("_readout", ["cx", "lead"] + readout_params, op.readout, op.outputs, lead="lead",
+                     let_names=op.let_names)
     if op.identity is not None:
         lines += _method("_identity", ["cx"], op.identity, op.state, lead="()")
     if fast is not None:
@@ -164,8 +165,8 @@ def _lead_expr(pairs) -> str:
     return f"_ops.lead_of([{items}])"
 
 
-def _method(name: str, params: list[str], outputs, slots, lead: str) -> list[str]:
-    printer = BodyPrinter(tuple(outputs))
+def _method(name: str, params: list[str], outputs, slots, lead: str, let_names=()) -> list[str]:
+    printer = BodyPrinter(tuple(outputs), let_names)
     body = printer.run()
     lines = [f"    def {name}(self, {', '.join(params)}):"]
     lines += ["        " + line for line in body]

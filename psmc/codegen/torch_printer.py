@@ -25,6 +25,7 @@ INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<",
 REDUCE = {"sum": "torch.sum", "mean": "torch.mean", "amax": "torch.amax", "amin": "torch.amin",
           "logsumexp": "torch.logsumexp"}
 FIELD_PREFIX = {"left": "l_", "right": "r_", "state": "s_"}
+LET_PREFIX = "v_"  # `let` values: v_NAME (no other generated name starts with v_ and is longer)
 
 
 def dim_code(expr, dims: str = "cx.d") -> str:
@@ -65,13 +66,15 @@ def const_code(value) -> str:
 class BodyPrinter:
     """Prints the statements computing `outputs`; `name_of` maps leaves to expressions."""
 
-    def __init__(self, outputs: tuple[Node, ...]):
+    def __init__(self, outputs: tuple[Node, ...], let_names=()):
         self.outputs = outputs
+        self.let_names = dict(let_names)  # node -> the `let` name it had in the source
         self.names: dict[Node, str] = {}
         self.lines: list[str] = []
 
     def run(self) -> list[str]:
         counter = 0
+        used: set[str] = set()
         for node in walk(self.outputs):
             if node in self.names:
                 continue
@@ -80,8 +83,14 @@ class BodyPrinter:
                 self.names[node] = code
                 continue
             expr = self.node(node)
-            name = f"t{counter}"
-            counter += 1
+            if node in self.let_names:  # `let kv = ...` prints as `v_kv = ...` (behind a prefix)
+                name = LET_PREFIX + self.let_names[node]
+                while name in used:
+                    name += "_"
+            else:
+                name = f"t{counter}"
+                counter += 1
+            used.add(name)
             comment = f"  # line {node.span.line}" if node.span is not None else ""
             self.lines.append(f"{name} = {expr}{comment}")
             self.names[node] = name

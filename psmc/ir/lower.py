@@ -105,6 +105,7 @@ class _OpLowerer:
         self.budget = MAX_LOWERED_EXPRESSIONS
         self.depth = 0
         self.identity_field: Value | None = None
+        self.let_names: dict[Node, str] = {}
 
     # ------------------------------------------------------------------ the op
     def lower(self) -> OpIR:
@@ -149,7 +150,7 @@ class _OpLowerer:
             state=state, lift_inputs=lift_inputs, lift=lift, combine=combine, identity=identity,
             readout_inputs=readout_inputs, readout=readout, outputs=outputs, exclusive=exclusive,
             assumes=assumes, has_lift=lift_def is not None, has_readout=readout_def is not None,
-            span=op.span, source_text=_op_source(op))
+            span=op.span, source_text=_op_source(op), let_names=tuple(self.let_names.items()))
 
     def _members(self) -> dict:
         """Group members by kind; params and assumes may repeat, everything else once."""
@@ -426,6 +427,8 @@ class _OpLowerer:
                                         hint="`let` names are single-assignment; choose a new name")
                 local_names.add(name)
                 self.scope[name] = v
+                if isinstance(v, Node) and v.args:
+                    self.let_names.setdefault(v, name)
         return self._expr(block.result)
 
     # ------------------------------------------------------------------ expressions

@@ -155,6 +155,9 @@ class OpIR:
     has_readout: bool
     span: Span | None = field(default=None, compare=False, repr=False)
     source_text: str = field(default="", compare=False, repr=False)
+    # ((node, let name), ...): the first `let` name bound to each computed value, so generated
+    # code can call it `v_NAME` rather than a numbered temporary (no effect on meaning)
+    let_names: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def inputs(self) -> tuple[Value, ...]:

@@ -462,5 +462,10 @@ def canonicalize(op: OpIR, rules=RULES) -> OpIR:
 
     def body(nodes):
         return None if nodes is None else tuple(rw(n) for n in nodes)
-    return dataclasses.replace(op, lift=body(op.lift), combine=body(op.combine), identity=body(op.identity),
-                               readout=body(op.readout))
+    lift, combine, identity, readout = body(op.lift), body(op.combine), body(op.identity), body(op.readout)
+    names: dict[Node, str] = {}
+    for node, name in op.let_names:  # a let names the canonical form of its value
+        if node in rw.memo:
+            names.setdefault(rw.memo[node], name)
+    return dataclasses.replace(op, lift=lift, combine=combine, identity=identity, readout=readout,
+                               let_names=tuple(names.items()))

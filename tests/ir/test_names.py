@@ -12,8 +12,9 @@ checks on the generated module:
 - a dim `n` is only a string key, `cx.d['n']`;
 - an op `n` is the class `Op_n`, always reachable as `__psmc_layers__['n']`, and also bound as
   the module attribute `n` when that cannot shadow anything the module uses;
-- fn names, fn parameters, `let` names and the element names of combine/readout never reach
-  the generated code (fns are inlined, values are numbered temporaries `tN`);
+- a `let` name `n` names its value `v_n` (a value without a let is a numbered temporary `tN`);
+- fn names, fn parameters and the element names of combine/readout never reach the generated
+  code (fns are inlined);
 - everything else from the source (names in specs, the op's text in the class docstring) appears
   only inside string literals.
 
@@ -54,7 +55,7 @@ HOSTILE = dict(fn="torch", p1="self", p2="math", op="class", d1="lambda", d2="cx
                t1="t0", t2="l_index", e1="import", e2="_F", e3="return_state")
 # The same program with every user name spelled as a unique marker, to find where names land.
 MARKED = {key: f"{key}_marker" for key in HOSTILE}
-PREFIXES = ("x_", "l_", "r_", "s_", "p_", "Op_")
+PREFIXES = ("x_", "l_", "r_", "s_", "p_", "v_", "Op_")
 
 
 def import_generated(source: str, tmp_path, name: str):
@@ -122,8 +123,9 @@ def test_user_names_reach_generated_code_only_behind_a_prefix():
             assert ok, f"{key} appears as the identifier {ident!r}"
     assert seen["i1"] == {"x_i1_marker"} and seen["w1"] == {"p_w1_marker"}
     assert seen["f1"] >= {"l_f1_marker", "r_f1_marker", "s_f1_marker"}
+    assert seen["t1"] == {"v_t1_marker"} and seen["t2"] == {"v_t2_marker"}  # let names survive, prefixed
     # names that live only in the DSL never reach the module, not even behind a prefix
-    for key in ("fn", "p1", "p2", "t1", "t2", "e1", "e2", "e3", "d1", "d2"):
+    for key in ("fn", "p1", "p2", "e1", "e2", "e3", "d1", "d2"):
         assert key not in seen, f"{key} leaked into the generated code as {seen.get(key)}"
 
 
@@ -232,3 +234,27 @@ def test_docstring_cannot_be_escaped(tmp_path):
     doc = module.__psmc_layers__["doc"].__doc__
     assert '# """; PWNED = 1; """ \\N{BULLET} \\x \\u12 \\' in doc
     assert re.search(r"trailing backslash \\\n", doc)
+
+
+def test_let_names_survive_into_the_generated_code():
+    """`let kv = outer(k, v)` is `v_kv = ...` in the module, also after canonicalisation and
+    when two lets of one body share a name (the second gets a trailing underscore)."""
+    text = ("fn kv(a, b) { let m = outer(a, b); return m; }\n"
+            "op letty[K, V] { state (a: f32[K], S: f32[K, V]);\n"
+            "  lift (k: f32[K], v: f32[V], gk: f32[K]) { let decay = exp(gk); return (decay, kv(k, v)); }\n"
+            "  combine (l, r) { let z = l.S * r.a[:, None]; return (l.a * r.a, z + r.S); }\n"
+            "  readout (s, q: f32[K]) { let o = q @ s.S; let m = o * 2.0; return m; } }")
+    source = compile_source(text, "letty.psm").source
+    for line in ("v_decay = torch.exp(x_gk)", "v_m = _ops.outer(x_k, x_v)", "v_z = t1 * l_S",
+                 "v_o = _ops.matmul(x_q, s_S, 1, 2)"):
+        assert line in source, line
+    assert "v_m = 2.0 * v_o" in source  # readout's own `m` (another method: the name is free)
+
+
+def test_two_values_with_one_let_name_get_two_identifiers():
+    text = ("fn kv(a, b) { let m = outer(a, b); return m; }\n"
+            "op two[K, V] { state (S: f32[K, V], U: f32[K, V]);\n"
+            "  lift (k: f32[K], v: f32[V], w: f32[V]) { return (kv(k, v), kv(k, w)); }\n"
+            "  combine (l, r) { return (l.S + r.S, l.U + r.U); } }")
+    source = compile_source(text, "two.psm").source
+    assert "v_m = _ops.outer(x_k, x_v)" in source and "v_m_ = _ops.outer(x_k, x_w)" in source
