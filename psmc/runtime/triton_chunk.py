@@ -38,13 +38,14 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-__all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS"]
+__all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS", "NUM_WARPS_F32"]
 
 SUB = 16  # tokens per sub-chunk (the smallest tl.dot tile)
 CHUNK = 64  # default tokens per chunk
 BLOCK_K = 64
 BLOCK_V = 64
-NUM_WARPS = 4
+NUM_WARPS = 4  # bf16/fp16 inputs
+NUM_WARPS_F32 = 8  # fp32 operands take twice the registers: 8 warps keep the tiles unspilled
 _KINDS = {"none": 0, "scalar": 1, "key": 2}
 
 
@@ -122,7 +123,7 @@ def _state_kernel(
     g_ptr, sgb, sgt, sgh, sgd,
     h0_ptr, h0_scale, hs_ptr, hT_ptr,
     T, H, K, V, NT,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
 ):
     """States entering every chunk (hs [BH, NT, K, V]) and the final state (hT [BH, K, V], fp32)."""
@@ -146,18 +147,21 @@ def _state_kernel(
         h = tl.load(h0_ptr + bh * K * V + kv, mask=kv_mask, other=0.0).to(tl.float32) * h0_scale
     else:
         h = tl.zeros((BK, BV), dtype=tl.float32)
-    rows = tl.arange(0, BT)
+    rows = tl.arange(0, BC)
+    NC: tl.constexpr = BT // BC
     for c in range(NT):
         tl.store(hs_ptr + (bh * NT + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
-        lo = c * BT
-        t = lo + rows
-        kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, REV)
-        vt = _tile(v_ptr, v_off, t, lo, lo + BT, T, svt, cv, V, svd, REV)
-        after = _logs(g_ptr, g_off, t + 1, lo, lo + BT, T, sgt, ck, K, sgd, REV, GS, DECAY)
-        here = _logs(g_ptr, g_off, t, lo, lo + BT, T, sgt, ck, K, sgd, REV, GS, DECAY)
-        # decay from each token to the chunk end: a suffix sum of the tokens strictly after it
-        kd = kt.to(tl.float32) * tl.exp(tl.cumsum(after, axis=0, reverse=True))
-        h = h * tl.exp(tl.sum(here, axis=0))[:, None] + _mm(tl.trans(kd), vt, IEEE, DT)
+        # the same recurrence one sub-chunk of BC tokens at a time (smaller tiles, no spills)
+        for i in range(NC):
+            lo = c * BT + i * BC
+            t = lo + rows
+            kt = _tile(k_ptr, k_off, t, lo, lo + BC, T, skt, ck, K, skd, REV)
+            vt = _tile(v_ptr, v_off, t, lo, lo + BC, T, svt, cv, V, svd, REV)
+            after = _logs(g_ptr, g_off, t + 1, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            here = _logs(g_ptr, g_off, t, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            # decay from each token to the sub-chunk end: a suffix sum of the tokens after it
+            kd = kt.to(tl.float32) * tl.exp(tl.cumsum(after, axis=0, reverse=True))
+            h = h * tl.exp(tl.sum(here, axis=0))[:, None] + _mm(tl.trans(kd), vt, IEEE, DT)
     tl.store(hT_ptr + bh * K * V + kv, h, mask=kv_mask)
 
 
@@ -200,12 +204,6 @@ def _out_kernel(
         # the sub-chunk's queries decayed from its start (from the token before when exclusive)
         gq = _logs(g_ptr, g_off, t - EXCL, ss, ss + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
         qin = qi * tl.exp(tl.cumsum(gq, axis=0))
-        # ... and from the chunk start, for the entering state: + the earlier sub-chunks' logs
-        early = _logs(g_ptr, g_off, cs + tl.arange(0, BT), cs, ss, T, sgt, ck, K, sgd, REV, GS, DECAY)
-        qc = qin * tl.exp(tl.sum(early, axis=0))[None, :]
-        kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
-        h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
-        o += _mm(qc, h, IEEE, DT)
         # earlier sub-chunks j < i: decay = exp(P_i(t)) exp(M_ij) exp(Q_j(s)), each factor <= 1
         between = tl.zeros((BK,), dtype=tl.float32)  # log decay of the sub-chunks between j and i
         for jj in range(i):
@@ -219,6 +217,11 @@ def _out_kernel(
             vj = _tile(v_ptr, v_off, tj, sj, sj + BC, T, svt, cv, V, svd, REV)
             o += _mm(a, vj, IEEE, DT)
             between += tl.sum(here, axis=0)
+        # the entering state, read by the queries decayed from the chunk start (`between` now
+        # sums the log decays of all earlier sub-chunks)
+        kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+        h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
+        o += _mm(qin * tl.exp(between)[None, :], h, IEEE, DT)
         # the diagonal sub-chunk, one key column at a time with its exact decay weights
         for s in range(BC):
             ks = _row(k_ptr, k_off, ss + s, T, skt, ck, K, skd, REV).to(tl.float32)
@@ -266,7 +269,6 @@ def _readout_kernel(
     ck = kb * BK + tl.arange(0, BK)
     gq = _logs(g_ptr, g_off, t - EXCL, ss, ss + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
     pin = tl.cumsum(gq, axis=0)
-    early = _logs(g_ptr, g_off, cs + tl.arange(0, BT), cs, ss, T, sgt, ck, K, sgd, REV, GS, DECAY)
     inter = tl.zeros((BC, BK), dtype=tl.float32)
     for vb in range(nv):
         cv = vb * BV + tl.arange(0, BV)
@@ -274,8 +276,7 @@ def _readout_kernel(
         kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
         h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
         inter += _mm(ai, tl.trans(h), IEEE, DT)
-    out = inter * tl.exp(pin + tl.sum(early, axis=0)[None, :])
-    ein = tl.exp(pin)
+    out = tl.zeros((BC, BK), dtype=tl.float32)
     between = tl.zeros((BK,), dtype=tl.float32)
     for jj in range(i):
         sj = ss - (jj + 1) * BC
@@ -290,8 +291,10 @@ def _readout_kernel(
         after = _logs(g_ptr, g_off, tj + 1, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
         here = _logs(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
         cd = cj * tl.exp(tl.cumsum(after, axis=0, reverse=True) + between[None, :])
-        out += ein * _mm(scores, cd, IEEE, DT)
+        out += _mm(scores, cd, IEEE, DT)
         between += tl.sum(here, axis=0)
+    # `between` now sums the log decays of all earlier sub-chunks of the chunk
+    out = tl.exp(pin) * out + inter * tl.exp(pin + between[None, :])
     scores = tl.zeros((BC, BC), dtype=tl.float32)
     for vb in range(nv):
         cv = vb * BV + tl.arange(0, BV)
@@ -326,6 +329,10 @@ def _blocks(K: int, V: int) -> tuple[int, int]:
     return max(16, min(BLOCK_K, _pow2(K))), max(16, min(BLOCK_V, _pow2(V)))
 
 
+def _warps(x: Tensor) -> int:
+    return NUM_WARPS_F32 if x.dtype == torch.float32 else NUM_WARPS
+
+
 def _chunk(T: int, chunk_size: int) -> int:
     return max(SUB, min(_pow2(chunk_size), _pow2(T)))
 
@@ -342,8 +349,8 @@ def _states(k, v, g, h0, h0_scale, decay, rev, shift, BT, state_dtype):
     _state_kernel[grid](
         k, *k.stride(), v, *v.stride(), k if g is None else g, *_strides(g),
         hT if h0 is None else h0, float(h0_scale), hs, hT, T, H, K, V, NT,
-        BT=BT, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, HAS_H0=h0 is not None,
-        IEEE=k.dtype == torch.float32, num_warps=NUM_WARPS,
+        BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, HAS_H0=h0 is not None,
+        IEEE=k.dtype == torch.float32, num_warps=_warps(k),
     )
     return hs, hT
 
@@ -358,7 +365,7 @@ def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT):
         q, *q.stride(), k, *k.stride(), v, *v.stride(), q if g is None else g, *_strides(g),
         hs, out, *out.stride(), float(scale), T, H, K, V, NT,
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
-        IEEE=q.dtype == torch.float32, num_warps=NUM_WARPS,
+        IEEE=q.dtype == torch.float32, num_warps=_warps(q),
     )
     return out
 
@@ -374,7 +381,7 @@ def _readout(a, b, c, g, hs, scale, decay, rev, shift, exclusive, BT):
         a, *a.stride(), b, *b.stride(), c, *c.stride(), a if g is None else g, *_strides(g),
         hs, out, float(scale), T, H, K, V, NT,
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
-        IEEE=a.dtype == torch.float32, num_warps=NUM_WARPS,
+        IEEE=a.dtype == torch.float32, num_warps=_warps(a),
     )
     return out
 
