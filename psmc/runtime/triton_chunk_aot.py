@@ -77,7 +77,7 @@ def record() -> list:
         from psmc.runtime import triton_delta as td
     except ImportError:
         return log
-    with recording(td, td.KERNELS, log):
+    with recording(td, td.KERNELS, log), recording(tc, ["_out_kernel"], log):
         for name, dtype, width, gated in DELTA_CONFIGS:
             start = len(log)
             q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=td.HAS_BACKWARD)
