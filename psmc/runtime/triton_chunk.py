@@ -99,7 +99,7 @@ def _logs(g_ptr, off, t, lo, hi, T, s_t, cols, ncols, s_d,
 def _mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else DT (bf16/fp16) operands."""
     if IEEE:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         return tl.dot(a.to(DT), b.to(DT))
 

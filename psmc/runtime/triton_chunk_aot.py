@@ -31,6 +31,7 @@ DELTA_CONFIGS = [
     ("delta_rule", torch.bfloat16, 128, False),
     ("gated_delta_rule", torch.bfloat16, 128, True),
     ("gated_delta_rule", torch.float32, 64, True),
+    ("gated_delta_rule", torch.float32, 128, True),
 ]
 
 

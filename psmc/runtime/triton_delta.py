@@ -243,15 +243,16 @@ def triton_chunk_delta_rule(
     BT = max(16, min(_pow2(chunk_size), _pow2(T)))
     NT = -(-T // BT)
     BK = max(16, _pow2(K))
-    BV = max(16, min(64, _pow2(V)))
     ieee = q.dtype == torch.float32
+    # fp32 dots run on FMA units (IEEE, no tf32) and hold more registers: smaller V blocks
+    BV = max(16, min(16 if ieee else 64, _pow2(V)))
     warps = 8 if (ieee or BK > 64) else 4
     w = torch.empty(B, T, H, K, device=q.device, dtype=k.dtype)
     u = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype if not ieee else torch.float32)
     gs = (0, 0, 0) if g4 is None else g4.stride()
     _wy_kernel[(B * H * NT,)](
         k4, *k4.stride(), v4, *v4.stride(), b4, *b4.stride(), b4 if g4 is None else g4, *gs, w, u,
-        T, H, K, V, NT, BT=BT, BK=min(BK, 64), BV=BV, DECAY=decay, IEEE=ieee, num_warps=4)
+        T, H, K, V, NT, BT=BT, BK=min(BK, 64), BV=BV, DECAY=decay, IEEE=ieee, num_warps=8 if ieee else 4)
     state_dtype = torch.float32 if ieee else q.dtype
     hs = torch.empty(B * H, NT, K, V, device=q.device, dtype=state_dtype)
     hT = torch.empty(B * H, K, V, device=q.device, dtype=torch.float32)
@@ -260,7 +261,8 @@ def triton_chunk_delta_rule(
         h0 = initial_state.float().expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
     _delta_state_kernel[(B * H * triton.cdiv(V, BV),)](
         k4, *k4.stride(), b4 if g4 is None else g4, *gs, w, u, hT if h0 is None else h0, hs, hT,
-        T, H, K, V, NT, BT=BT, BK=BK, BV=BV, DECAY=decay, HAS_H0=h0 is not None, IEEE=ieee, num_warps=warps)
+        T, H, K, V, NT, BT=BT, BK=BK, BV=BV, DECAY=decay, HAS_H0=h0 is not None, IEEE=ieee, num_warps=warps,
+        num_stages=1 if ieee else 2)
     o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
     _tc._outputs(q4, k4, u, g4, hs, o, scale, "none" if g4 is None else "scalar",
                  False, 0, False, BT)

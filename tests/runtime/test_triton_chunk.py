@@ -19,6 +19,12 @@ from psmc.runtime import chunkwise  # noqa: E402
 from psmc.runtime.triton_chunk import triton_chunk_linear_attention  # noqa: E402
 
 pytestmark = pytest.mark.triton
+# PSMC_TEST_DEVICE=cuda (with TRITON_INTERPRET=0) runs the same tests compiled on a GPU
+DEVICE = os.environ.get("PSMC_TEST_DEVICE", "cpu")
+
+
+def cpu(*xs):
+    return [None if x is None else x.cpu() for x in xs]
 
 
 def loop_reference(q, k, v, g, decay, scale, h0, exclusive):
@@ -60,7 +66,7 @@ def make(seed, B, T, lanes, K, V, decay, dtype=torch.float32, strength=1.0, h0=F
             flat = g.view(-1)
             flat[:: 7] = -torch.inf
     init = r(B, *lanes, K, V) if h0 else None
-    return q, k, v, g, init
+    return [None if x is None else x.to(DEVICE) for x in (q, k, v, g, init)]
 
 
 CASES = [
@@ -81,7 +87,8 @@ def test_forward_matches_loop(case):
     q, k, v, g, init = make(T, B, T, lanes, K, V, decay, h0=h0, bcast=bcast)
     o, s = triton_chunk_linear_attention(q, k, v, g, decay=decay, scale=0.5, initial_state=init,
                                          exclusive=exclusive, chunk_size=32)
-    ref_o, ref_s = loop_reference(q, k, v, g, decay, 0.5, init, exclusive)
+    ref_o, ref_s = loop_reference(*cpu(q, k, v, g), decay, 0.5, cpu(init)[0], exclusive)
+    o, s = o.cpu(), s.cpu()
     assert o.dtype == v.dtype and s.dtype == torch.float32
     torch.testing.assert_close(o.double(), ref_o, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
@@ -94,7 +101,8 @@ def test_strong_and_infinite_decays(decay, exclusive):
     q, k, v, g, init = make(3, 1, 50, (2,), 16, 16, decay, strength=60.0, h0=True, kill=True)
     o, s = triton_chunk_linear_attention(q, k, v, g, decay=decay, initial_state=init, exclusive=exclusive,
                                          chunk_size=32)
-    ref_o, ref_s = loop_reference(q, k, v, g, decay, 1.0, init, exclusive)
+    ref_o, ref_s = loop_reference(*cpu(q, k, v, g), decay, 1.0, cpu(init)[0], exclusive)
+    o, s = o.cpu(), s.cpu()
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     torch.testing.assert_close(o.double(), ref_o, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
@@ -123,8 +131,8 @@ def test_gradients_match_torch_chunkwise(case):
 
     xs, o, s = run(triton_chunk_linear_attention, torch.float32)
     rxs, ro, rs = run(chunkwise._chunk_linear_attention_torch, torch.float64)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64)
-    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
     ((ro * do).sum() + (rs * ds).sum()).backward()
     for name, x, rx in zip("q k v log_decay initial_state".split(), xs, rxs):

@@ -14,6 +14,12 @@ from psmc.runtime import triton_delta  # noqa: E402
 from psmc.runtime.triton_delta import triton_chunk_delta_rule  # noqa: E402
 
 pytestmark = pytest.mark.triton
+# PSMC_TEST_DEVICE=cuda (with TRITON_INTERPRET=0) runs the same tests compiled on a GPU
+DEVICE = os.environ.get("PSMC_TEST_DEVICE", "cpu")
+
+
+def cpu(*xs):
+    return [None if x is None else x.cpu() for x in xs]
 
 
 def loop_reference(q, k, v, beta, log_decay, scale, h0):
@@ -44,7 +50,8 @@ def make(seed, B, T, lanes, K, V, gated, h0, strength=1.0, kill=False):
         g = -strength * torch.rand(B, T, *lanes, generator=gen)
         if kill:
             g.view(-1)[::5] = -torch.inf
-    return q, k, v, beta, g, (r(B, *lanes, K, V) if h0 else None)
+    init = r(B, *lanes, K, V) if h0 else None
+    return [None if x is None else x.to(DEVICE) for x in (q, k, v, beta, g, init)]
 
 
 CASES = [
@@ -61,7 +68,8 @@ def test_forward_matches_loop(case):
     B, T, lanes, K, V, gated, h0 = case
     q, k, v, beta, g, init = make(T, *case)
     o, s = triton_chunk_delta_rule(q, k, v, beta, g, scale=0.5, initial_state=init, chunk_size=32)
-    ref_o, ref_s = loop_reference(q, k, v, beta, g, 0.5, init)
+    ref_o, ref_s = loop_reference(*cpu(q, k, v, beta, g), 0.5, cpu(init)[0])
+    o, s = o.cpu(), s.cpu()
     assert o.dtype == v.dtype and s.dtype == torch.float32 and o.shape == ref_o.shape
     torch.testing.assert_close(o.double(), ref_o, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
@@ -72,7 +80,8 @@ def test_strong_gates_and_broadcast_lanes():
     q, k, v, beta, g, init = make(5, 1, 40, (2,), 16, 16, True, True, strength=40.0, kill=True)
     k, beta = k[:, :, :1], beta[:, :, :1]
     o, s = triton_chunk_delta_rule(q, k, v, beta, g, initial_state=init, chunk_size=16)
-    ref_o, ref_s = loop_reference(q, k, v, beta, g, 1.0, init)
+    ref_o, ref_s = loop_reference(*cpu(q, k, v, beta, g), 1.0, cpu(init)[0])
+    o, s = o.cpu(), s.cpu()
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o.double(), ref_o, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
