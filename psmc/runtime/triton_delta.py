@@ -31,12 +31,23 @@ import triton
 import triton.language as tl
 
 from psmc.runtime import triton_chunk as _tc
-from psmc.runtime.triton_chunk import _logs, _mm, _phys, _tile
+from psmc.runtime.triton_chunk import _mm, _tile
 
 __all__ = ["triton_chunk_delta_rule", "HAS_BACKWARD", "KERNELS"]
 
 HAS_BACKWARD = False  # the Triton kernels are forward only; training runs the torch WY form
 KERNELS = ["_wy_kernel", "_delta_state_kernel"]  # and triton_chunk._out_kernel for the outputs
+
+
+@triton.jit
+def _gates(g_ptr, off, t, lo, hi, T, s_t, DECAY: tl.constexpr):
+    """Log gates at times lo <= t < min(hi, T) as an fp32 vector, zero elsewhere (and without
+    a gate). Vectors, not [R, 1] tiles: Triton 3.6 fails to lower a scan over [R, 1]."""
+    if DECAY == 0:
+        return (t * 0).to(tl.float32)
+    else:
+        ok = (t >= lo) & (t < hi) & (t < T)
+        return tl.load(g_ptr + off + t.to(tl.int64) * s_t, mask=ok, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -64,12 +75,10 @@ def _wy_kernel(
     t = lo + rows
     ok = t < T
     beta = tl.load(b_ptr + b * sbb + hh * sbh + t.to(tl.int64) * sbt, mask=ok, other=0.0).to(tl.float32)
-    one = tl.arange(0, 1)
-    # log decays of the chunk as a column [BT, 1] (a scalar gate per token)
-    gl = _logs(g_ptr, b * sgb + hh * sgh, t, lo, lo + BT, T, sgt, one, 1, 0, False, 0, DECAY)
+    gl = _gates(g_ptr, b * sgb + hh * sgh, t, lo, lo + BT, T, sgt, DECAY)  # [BT]
     from_start = tl.cumsum(gl, axis=0)  # G_t, <= 0
     # span[t, s] = sum of the log decays over s < r <= t: a cumsum down each column, exact
-    span = tl.cumsum(tl.where(rows[:, None] > rows[None, :], gl, 0.0), axis=0)
+    span = tl.cumsum(tl.where(rows[:, None] > rows[None, :], gl[:, None], 0.0), axis=0)
     kk = tl.zeros((BT, BT), dtype=tl.float32)
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
@@ -83,7 +92,7 @@ def _wy_kernel(
         a_row = tl.sum(tl.where(rows[:, None] == r, a, 0.0), axis=0)  # A[r, :]
         new = tl.where(rows == r, 1.0, 0.0) - tl.sum(a_row[:, None] * inv, axis=0)
         inv = tl.where(rows[:, None] == r, new[None, :], inv)
-    wk = beta[:, None] * tl.exp(from_start)  # [BT, 1]
+    wk = (beta * tl.exp(from_start))[:, None]  # [BT, 1]
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False).to(tl.float32)
@@ -127,7 +136,6 @@ def _delta_state_kernel(
     else:
         h = tl.zeros((BK, BV), dtype=tl.float32)
     rows = tl.arange(0, BT)
-    one = tl.arange(0, 1)
     for c in range(NT):
         tl.store(hs_ptr + (bh * NT + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
         lo = c * BT
@@ -140,10 +148,10 @@ def _delta_state_kernel(
         u = tl.load(u_ptrs, mask=u_mask, other=0.0).to(tl.float32) - _mm(w, h, IEEE, DT)
         tl.store(u_ptrs, u.to(u_ptr.dtype.element_ty), mask=u_mask)
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False).to(tl.float32)
-        after = _logs(g_ptr, g_off, t + 1, lo, lo + BT, T, sgt, one, 1, 0, False, 0, DECAY)
-        here = _logs(g_ptr, g_off, t, lo, lo + BT, T, sgt, one, 1, 0, False, 0, DECAY)
-        kd = kt * tl.exp(tl.cumsum(after, axis=0, reverse=True))
-        h = h * tl.exp(tl.sum(here, axis=0))[:, None] + _mm(tl.trans(kd), u, IEEE, DT)
+        after = _gates(g_ptr, g_off, t + 1, lo, lo + BT, T, sgt, DECAY)
+        here = _gates(g_ptr, g_off, t, lo, lo + BT, T, sgt, DECAY)
+        kd = kt * tl.exp(tl.cumsum(after, axis=0, reverse=True))[:, None]
+        h = h * tl.exp(tl.sum(here, axis=0)) + _mm(tl.trans(kd), u, IEEE, DT)
     tl.store(hT_ptr + bh * K * V + kv, h, mask=kv_mask)
 
 

@@ -34,7 +34,7 @@ def loop_reference(q, k, v, g, decay, scale, h0, exclusive):
     lanes = torch.broadcast_shapes(q.shape[2:-1], k.shape[2:-1], v.shape[2:-1],
                                    *(() if g is None else [g.shape[2:-1] if decay == "key" else g.shape[2:]]))
     K, V = q.shape[-1], v.shape[-1]
-    S = torch.zeros(B, *lanes, K, V, dtype=torch.float64)
+    S = torch.zeros(B, *lanes, K, V, dtype=torch.float64, device=q.device)
     if h0 is not None:
         S = S + h0.double()
     outs = []
@@ -154,7 +154,10 @@ def test_dispatch_switch_routes_cpu_tensors(monkeypatch):
     q, k, v, g, _ = make(1, 1, 9, (2,), 8, 8, "scalar")
     o, _ = chunkwise.chunk_linear_attention(q, k, v, g, decay="scalar")
     assert calls == [1]
-    monkeypatch.setattr(chunkwise, "BACKEND", "auto")  # CPU tensors: the torch path
+    monkeypatch.setattr(chunkwise, "BACKEND", "torch")
     o2, _ = chunkwise.chunk_linear_attention(q, k, v, g, decay="scalar")
     assert calls == [1]
     torch.testing.assert_close(o, o2, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(chunkwise, "BACKEND", "auto")  # Triton for CUDA tensors only
+    chunkwise.chunk_linear_attention(q.cpu(), k.cpu(), v.cpu(), g.cpu(), decay="scalar")
+    assert calls == [1]

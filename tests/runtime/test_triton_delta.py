@@ -26,7 +26,7 @@ def loop_reference(q, k, v, beta, log_decay, scale, h0):
     q, k, v, beta = q.double(), k.double(), v.double(), beta.double()
     B, T = q.shape[:2]
     lanes = torch.broadcast_shapes(q.shape[2:-1], k.shape[2:-1], v.shape[2:-1], beta.shape[2:])
-    S = torch.zeros(B, *lanes, q.shape[-1], v.shape[-1], dtype=torch.float64)
+    S = torch.zeros(B, *lanes, q.shape[-1], v.shape[-1], dtype=torch.float64, device=q.device)
     if h0 is not None:
         S = S + h0.double()
     outs = []
