@@ -18,20 +18,21 @@ import sys
 
 import torch
 
-# (name, dtype, K = V, decay, exclusive, with backward): the benchmark's shapes first
+# (name, dtype, K = V, decay, exclusive, with backward, in the test): the benchmark's shapes first
 CONFIGS = [
-    ("gla", torch.bfloat16, 128, "key", False, True),
-    ("gla", torch.float32, 128, "key", False, True),
-    ("simple_gla", torch.bfloat16, 128, "scalar", False, True),
-    ("linear_attention", torch.bfloat16, 128, "none", False, False),
-    ("rwkv6", torch.bfloat16, 64, "key", True, True),
-    ("gla", torch.float32, 64, "key", False, False),
+    ("gla", torch.bfloat16, 128, "key", False, True, True),
+    ("gla", torch.float32, 128, "key", False, True, False),
+    ("simple_gla", torch.bfloat16, 128, "scalar", False, True, True),
+    ("linear_attention", torch.bfloat16, 128, "none", False, False, False),
+    ("rwkv6", torch.bfloat16, 64, "key", True, True, True),
+    ("gla", torch.float32, 64, "key", False, False, True),
 ]
+# (name, dtype, K = V, gated, in the test)
 DELTA_CONFIGS = [
-    ("delta_rule", torch.bfloat16, 128, False),
-    ("gated_delta_rule", torch.bfloat16, 128, True),
-    ("gated_delta_rule", torch.float32, 64, True),
-    ("gated_delta_rule", torch.float32, 128, True),
+    ("delta_rule", torch.bfloat16, 128, False, False),
+    ("gated_delta_rule", torch.bfloat16, 128, True, True),
+    ("gated_delta_rule", torch.float32, 64, True, False),
+    ("gated_delta_rule", torch.float32, 128, True, True),
 ]
 
 
@@ -57,29 +58,34 @@ def recording(module, names, log):
             setattr(module, n, k)
 
 
-def record() -> list:
+def record(test_only: bool = False) -> list:
     from psmc.runtime import triton_chunk as tc
 
     log: list = []
     B, T, H = 1, 128, 2
     with recording(tc, ["_state_kernel", "_out_kernel", "_readout_kernel"], log):
-        for name, dtype, width, decay, exclusive, backward in CONFIGS:
+        for name, dtype, width, decay, exclusive, backward, in_test in CONFIGS:
+            if test_only and not in_test:
+                continue
             start = len(log)
             q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=backward)
             k, v = torch.zeros_like(q, requires_grad=backward), torch.zeros_like(q, requires_grad=backward)
             g = None if decay == "none" else torch.zeros(B, T, H, *((width,) if decay == "key" else ()))
             s0 = torch.zeros(B, H, width, width)
             o, s = tc.triton_chunk_linear_attention(q, k, v, g, decay=decay, initial_state=s0, exclusive=exclusive)
+            middle = len(log)
             if backward:
                 (o.float().sum() + s.sum()).backward()
             for i in range(start, len(log)):
-                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}",) + log[i]
+                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward" if i < middle else "backward") + log[i]
     try:
         from psmc.runtime import triton_delta as td
     except ImportError:
         return log
     with recording(td, td.KERNELS, log), recording(tc, ["_out_kernel"], log):
-        for name, dtype, width, gated in DELTA_CONFIGS:
+        for name, dtype, width, gated, in_test in DELTA_CONFIGS:
+            if test_only and not in_test:
+                continue
             start = len(log)
             q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=td.HAS_BACKWARD)
             k, v = torch.zeros_like(q), torch.zeros_like(q)
@@ -87,7 +93,7 @@ def record() -> list:
             g = torch.zeros(B, T, H) if gated else None
             o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=torch.zeros(B, H, width, width))
             for i in range(start, len(log)):
-                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}",) + log[i]
+                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward") + log[i]
     return log
 
 
@@ -122,13 +128,13 @@ def compile_one(kernel, args, kwargs, arch: int) -> dict:
             "shared": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
 
 
-def main(arch: int = 90) -> int:
+def main(arch: int = 90, test_only: bool = False) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     seen = set()
     only = os.environ.get("PSMC_AOT_ONLY", "")
-    for config, tag, kernel, grid, args, kwargs in record():
+    for config, phase, tag, kernel, grid, args, kwargs in record(test_only):
         if only not in config:
             continue
         key = (tag, tuple(sorted((k, v) for k, v in kwargs.items())),
@@ -138,9 +144,11 @@ def main(arch: int = 90) -> int:
         seen.add(key)
         result = compile_one(kernel, args, kwargs, arch)
         consts = {k: v for k, v in kwargs.items() if k != "num_warps"}
-        print(json.dumps({"config": config, "kernel": tag, "arch": arch, "constexprs": consts, **result}), flush=True)
+        print(json.dumps({"config": config, "pass": phase, "kernel": tag, "arch": arch, "constexprs": consts,
+                          "num_warps": kwargs.get("num_warps"), "grid": list(grid), **result}), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 90))
+    args = [a for a in sys.argv[1:] if a != "--test"]
+    sys.exit(main(int(args[0]) if args else 90, "--test" in sys.argv))

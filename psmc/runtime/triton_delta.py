@@ -248,9 +248,11 @@ def triton_chunk_delta_rule(
     q4, k4, v4, b4 = flat(q, (K,)), flat(k, (K,)), flat(v, (V,)), flat(beta, ())
     g4 = None if log_decay is None else flat(log_decay.float(), ())
     decay = 0 if g4 is None else 1
-    BT = max(16, min(_pow2(chunk_size), _pow2(T)))
-    NT = -(-T // BT)
     BK = max(16, _pow2(K))
+    BT = max(16, min(_pow2(chunk_size), _pow2(T)))
+    if q.dtype == torch.float32 and BK > 64:
+        BT = min(BT, 32)  # fp32 [BT, K] tiles of W and K: 32-token chunks keep them in registers
+    NT = -(-T // BT)
     ieee = q.dtype == torch.float32
     # fp32 dots run on FMA units (IEEE, no tf32) and hold more registers: smaller V blocks
     BV = max(16, min(16 if ieee else 64, _pow2(V)))

@@ -71,16 +71,13 @@ def make(seed, B, T, lanes, K, V, decay, dtype=torch.float32, strength=1.0, h0=F
 
 CASES = [
     # (B, T, lanes, K, V, decay, exclusive, h0, bcast)
-    (1, 5, (), 8, 8, "none", False, False, False),
-    (2, 37, (2,), 16, 8, "key", False, True, False),
-    (1, 70, (2,), 20, 12, "key", True, True, False),
-    (2, 33, (3,), 16, 16, "scalar", False, True, True),
-    (1, 19, (2, 1), 8, 24, "scalar", True, False, False),
-    (1, 45, (2,), 16, 8, "none", True, True, True),
-    (1, 80, (), 72, 70, "key", False, True, False),  # two K and V blocks
+    (1, 5, (), 8, 8, "none", False, False, False),  # T < one sub-chunk
+    (2, 37, (2,), 16, 8, "key", False, True, False),  # ragged: 37 = 32 + 5
+    (1, 50, (2,), 20, 12, "key", True, True, False),  # K, V not powers of two
+    (1, 33, (3,), 16, 16, "scalar", False, True, True),  # RetNet's [1, 1, H] decay, shared keys
+    (1, 19, (2, 1), 8, 24, "scalar", True, False, False),  # two lane axes
+    (1, 20, (), 72, 70, "key", False, True, False),  # two K and two V blocks
 ]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[5]}-T{c[1]}-{'excl' if c[6] else 'incl'}" for c in CASES])
 def test_forward_matches_loop(case):
     B, T, lanes, K, V, decay, exclusive, h0, bcast = case
@@ -94,11 +91,10 @@ def test_forward_matches_loop(case):
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("decay", ["scalar", "key"])
-@pytest.mark.parametrize("exclusive", [False, True])
+@pytest.mark.parametrize("decay,exclusive", [("scalar", False), ("key", True)])
 def test_strong_and_infinite_decays(decay, exclusive):
     """Decays of up to e^-60 per token and exact zeros (-inf): no NaN, no overflow, exact."""
-    q, k, v, g, init = make(3, 1, 50, (2,), 16, 16, decay, strength=60.0, h0=True, kill=True)
+    q, k, v, g, init = make(3, 1, 40, (2,), 16, 16, decay, strength=60.0, h0=True, kill=True)
     o, s = triton_chunk_linear_attention(q, k, v, g, decay=decay, initial_state=init, exclusive=exclusive,
                                          chunk_size=32)
     ref_o, ref_s = loop_reference(*cpu(q, k, v, g), decay, 1.0, cpu(init)[0], exclusive)
@@ -110,14 +106,10 @@ def test_strong_and_infinite_decays(decay, exclusive):
 
 GRAD_CASES = [
     (1, 37, (2,), 16, 8, "key", False, True, False),
-    (1, 37, (2,), 16, 8, "key", True, True, False),
+    (1, 21, (2,), 16, 8, "key", True, True, False),
     (2, 21, (2,), 8, 16, "scalar", False, True, True),
-    (1, 40, (2,), 16, 8, "scalar", True, False, False),
-    (1, 18, (), 8, 8, "none", False, True, False),
     (1, 18, (3,), 8, 8, "none", True, True, True),
 ]
-
-
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"{c[5]}-T{c[1]}-{'excl' if c[6] else 'incl'}" for c in GRAD_CASES])
 def test_gradients_match_torch_chunkwise(case):
     B, T, lanes, K, V, decay, exclusive, h0, bcast = case
@@ -161,3 +153,28 @@ def test_dispatch_switch_routes_cpu_tensors(monkeypatch):
     monkeypatch.setattr(chunkwise, "BACKEND", "auto")  # Triton for CUDA tensors only
     chunkwise.chunk_linear_attention(q.cpu(), k.cpu(), v.cpu(), g.cpu(), decay="scalar")
     assert calls == [1]
+
+
+@pytest.mark.parametrize("decay,exclusive", [("key", False), ("scalar", True)])
+def test_gradients_with_strong_and_infinite_decays(decay, exclusive):
+    """Decays down to e^-30 per token and exact zeros: every gradient finite and equal to the
+    torch path's (at -inf log decays the exact gradient is 0; ours is the rounding residue of
+    the reverse-cumsum identity, ~1e-6 of the gradient scale)."""
+    inputs = make(11, 1, 30, (2,), 16, 8, decay, h0=True, strength=30.0, kill=True)
+
+    def run(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+        o, s = fn(*xs[:4], decay=decay, scale=0.7, initial_state=xs[4], exclusive=exclusive, chunk_size=16)
+        return xs, o, s
+
+    xs, o, s = run(triton_chunk_linear_attention, torch.float32)
+    rxs, ro, rs = run(chunkwise._chunk_linear_attention_torch, torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+    ((ro * do).sum() + (rs * ds).sum()).backward()
+    for name, x, rx in zip("q k v log_decay initial_state".split(), xs, rxs):
+        assert torch.isfinite(x.grad).all(), name
+        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=1e-4, atol=2e-5 * float(rx.grad.abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
