@@ -44,6 +44,7 @@ SUB = 16  # tokens per sub-chunk (the smallest tl.dot tile)
 CHUNK = 64  # default tokens per chunk
 BLOCK_K = 64
 BLOCK_V = 64
+OUT_BLOCK_V = 128  # _out_kernel with bf16/fp16 inputs: all of V <= 128 in one program
 NUM_WARPS = 4  # bf16/fp16 inputs
 NUM_WARPS_F32 = 8  # fp32 operands take twice the registers: 8 warps keep the tiles unspilled
 _KINDS = {"none": 0, "scalar": 1, "key": 2}
@@ -325,8 +326,9 @@ def _strides(x: Tensor | None) -> tuple:
     return tuple(x.stride()) + (0,) * (4 - x.dim())
 
 
-def _blocks(K: int, V: int) -> tuple[int, int]:
-    return max(16, min(BLOCK_K, _pow2(K))), max(16, min(BLOCK_V, _pow2(V)))
+def _blocks(K: int, V: int, wide_v: int = 0) -> tuple[int, int]:
+    """(BK, BV); wide_v > 0 lets BV grow to it (one V block: the intra-chunk work once)."""
+    return max(16, min(BLOCK_K, _pow2(K))), max(16, min(wide_v or BLOCK_V, _pow2(V)))
 
 
 def _warps(x: Tensor) -> int:
@@ -359,7 +361,7 @@ def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT):
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = hs.shape[1]
-    BK, BV = _blocks(K, V)
+    BK, BV = _blocks(K, V, OUT_BLOCK_V if q.dtype != torch.float32 else 0)
     grid = (B * H * NT * (BT // SUB) * triton.cdiv(V, BV),)
     _out_kernel[grid](
         q, *q.stride(), k, *k.stride(), v, *v.stride(), q if g is None else g, *_strides(g),

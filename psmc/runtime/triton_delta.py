@@ -272,7 +272,7 @@ def triton_chunk_delta_rule(
     _delta_state_kernel[(B * H * triton.cdiv(V, BV),)](
         k4, *k4.stride(), b4 if g4 is None else g4, *gs, w, u, hT if h0 is None else h0, hs, hT,
         T, H, K, V, NT, BT=BT, BK=BK, BV=BV, DECAY=decay, HAS_H0=h0 is not None, IEEE=ieee, num_warps=warps,
-        num_stages=1 if ieee else 2)
+        num_stages=1)
     o = torch.empty(B, T, H, V, device=q.device, dtype=v.dtype)
     _tc._outputs(q4, k4, u, g4, hs, o, scale, "none" if g4 is None else "scalar",
                  False, 0, False, BT)
