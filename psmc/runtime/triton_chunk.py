@@ -466,6 +466,8 @@ def triton_chunk_linear_attention(
 
     chunkwise._check_kind(log_decay, decay)
     lanes = chunkwise._lanes(q, k, v, log_decay, decay)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, K, V = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     if q.dtype == torch.float64 or T == 0 or scale == 0 or q.dtype != k.dtype or q.dtype != v.dtype:
         return chunkwise._chunk_linear_attention_torch(

@@ -232,6 +232,8 @@ def triton_chunk_delta_rule(
     TRITON_INTERPRET=1) of fp32/bf16/fp16 run the Triton kernels; when gradients are needed or
     for float64 the torch WY form runs instead (see HAS_BACKWARD)."""
     lanes = _lanes(q, k, v, beta, log_decay)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, K, V = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, beta, log_decay, initial_state))
