@@ -1,6 +1,6 @@
 """GPU check of the chunked Triton kernels (psmc.runtime.triton_chunk / triton_delta).
 
-    python benchmarks/chunk_gpu_check.py [--quick]
+    python benchmarks/chunk_gpu_check.py [--quick] [--skip-timing] [--no-fla]
 
 1. accuracy on the GPU at a ragged benchmark-like shape: psmc's Triton kernels (fp32 and bf16)
    and, when importable, fla's chunk kernels (bf16), against psmc's torch chunkwise path in
@@ -198,7 +198,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--no-fla", action="store_true",
+                        help="leave fla out (its autotuning took minutes on the H200 at these shapes)")
     args = parser.parse_args()
+    if args.no_fla:
+        global chunk_gla, chunk_simple_gla, fla_delta, fla_gated_delta
+        chunk_gla = chunk_simple_gla = fla_delta = fla_gated_delta = None
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     import triton
     print("triton", triton.__version__)
