@@ -11,6 +11,7 @@ import builtins
 import keyword
 
 from .. import __version__
+from ..analysis.liveness import stream_dead_fields
 from ..ir.nodes import OpIR, leaves
 from .torch_printer import BodyPrinter, FIELD_PREFIX, dim_code, shape_code
 
@@ -109,6 +110,9 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lift_names = {v.name for v in op.lift_inputs}
     extra_inputs = [v for v in op.readout_inputs if v.name not in lift_names]
     readout_args = [v.name for v in op.readout_inputs]
+    # fields a stream prefix leaves out (psmc.analysis.liveness), unless the plan's fast path
+    # already keeps a compact stream layout of its own (spec.stream: the delta rule's S only)
+    dead = stream_dead_fields(op, plan.scan) if len(plan.stream_fields) == len(op.state) else ()
     doc = op.source_text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     lines = [f"class {cls}(_PsmLayer):",
              f'    """psmc layer for op {op.name!r} (plan: {plan.scan}).', "",
@@ -139,6 +143,7 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
         f"        readout_index={readout_index!r},",
         f"        fast={fast.name if fast is not None else None!r},",
         f"        stream={plan.stream_fields if len(plan.stream_fields) < len(op.state) else None!r},",
+        f"        dead={dead!r},",
         "    )",
     ]
     lines += spec
@@ -149,6 +154,14 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lines += _method("_combine", ["cx"] + combine_args, op.combine, op.state,
                      lead=_lead_expr([(FIELD_PREFIX[s] + f.name, len(f.shape)) for s in ("left", "right")
                                       for f in op.state]), let_names=op.let_names)
+    if dead:  # combine onto a stream prefix (the left operand), which holds no dead field
+        live = [i for i in range(len(op.state)) if i not in dead]
+        lines += _method("_combine_prefix", ["cx"] + combine_args, [op.combine[i] for i in live],
+                         [op.state[i] for i in live],
+                         lead=_lead_expr([(FIELD_PREFIX["left"] + op.state[i].name, len(op.state[i].shape))
+                                          for i in live] +
+                                         [(FIELD_PREFIX["right"] + f.name, len(f.shape)) for f in op.state]),
+                         let_names=op.let_names)
     readout_params = [FIELD_PREFIX["state"] + f.name for f in op.state] + ["x_" + n for n in readout_args] + \
         (["index"] if readout_index else [])
     lines += _method("_readout", ["cx", "lead"] + readout_params, op.readout, op.outputs, lead="lead",
