@@ -4,17 +4,15 @@
   (the paper's fixed Blelloch tree and binary counter) otherwise;
 - backends: torch serves every pass; Triton also serves forward, backward and step when the
   plan is an exact scan and combine is elementwise (one fused kernel per pass);
-- streaming state: an exact scan keeps the inclusive prefix, one element, less its dead fields
-  (psmc.analysis.liveness: those that feed nothing the readout reads once the prefix is the left
-  operand); a tree scan keeps the counter's roots, at most ceil(log2(m + 1)) elements after m
-  leaves (m = n tokens, or n/C chunks), plus one more for the cached fold.
+- streaming state: an exact scan keeps the inclusive prefix, one element; a tree scan keeps
+  the counter's roots, at most ceil(log2(m + 1)) elements after m leaves (m = n tokens, or
+  n/C chunks), plus one more for the cached fold.
 """
 from __future__ import annotations
 
 import sympy
 
 from ..ir.types import is_float, is_int
-from .liveness import stream_dead_fields
 
 PASSES = ("forward", "backward", "step")
 
@@ -40,11 +38,10 @@ def _size_text(expr) -> str:
     return " + ".join(str(t) for t in ordered)
 
 
-def element_size(op, fields=None) -> list[tuple[str, str]]:
-    """(size text, category) per dtype category, in the order float, int, bool, of `fields`
-    (default: all of the op's state fields)."""
+def element_size(op) -> list[tuple[str, str]]:
+    """(size text, category) per dtype category, in the order float, int, bool."""
     sizes: dict[str, sympy.Expr] = {}
-    for f in op.state if fields is None else fields:
+    for f in op.state:
         n = sympy.Mul(*f.shape) if f.shape else sympy.Integer(1)
         sizes[_category(f.dtype)] = sizes.get(_category(f.dtype), sympy.Integer(0)) + n
     return [(_size_text(sizes[c]), c) for c in ("float", "int", "bool") if c in sizes]
@@ -58,11 +55,9 @@ def _count(text: str, category: str) -> str:
 
 
 def state_size(op, plan: str) -> str:
-    if plan == "exact-scan":
-        dead = stream_dead_fields(op, plan)
-        parts = element_size(op, [f for i, f in enumerate(op.state) if i not in dead])
-        return " + ".join(_count(t, c) for t, c in parts)
     parts = element_size(op)
+    if plan == "exact-scan":
+        return " + ".join(_count(t, c) for t, c in parts)
     leaves = "n" if op.chunk is None else f"n/{op.chunk}"
     roots = f"(ceil(log2({leaves} + 1)) + 1)"
     return " + ".join(f"{roots} * {_count(t, c)}" for t, c in parts)
@@ -71,12 +66,7 @@ def state_size(op, plan: str) -> str:
 def state_description(op, plan: str) -> str:
     fields = ", ".join(f.name for f in op.state)
     if plan == "exact-scan":
-        dead = stream_dead_fields(op, plan)
-        kept = ", ".join(f.name for i, f in enumerate(op.state) if i not in dead)
-        text = f"the inclusive prefix ({kept})"
-        if dead:
-            names = ", ".join(op.state[i].name for i in dead)
-            text += f"; {names} left out: dead once the prefix is the left operand"
+        text = f"the inclusive prefix ({fields})"
     else:
         leaves = "tokens" if op.chunk is None else "chunks"
         text = (f"the binary counter: at most ceil(log2(m + 1)) roots ({fields}) after m {leaves}, "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..analysis.liveness import stream_dead_fields
 from ..ir.nodes import OpIR, leaves
 from .torch_printer import BodyPrinter, shape_code
 
@@ -36,7 +35,8 @@ def choose_fast_path(op: OpIR, plan) -> FastPath | None:
     cls = plan.structure_class
     if plan.fast_path is None:
         return None
-    dead = stream_dead_fields(op, plan.scan)  # fields the stream state leaves out (None in their slots)
+    # the fields the stream state leaves out (None in their slots)
+    dead = tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
     if plan.fast_path.startswith("chunkwise:"):
         return _chunkwise_method(op, dict(cls.pieces), dead)
     if plan.fast_path == "first_order":

@@ -11,7 +11,6 @@ import builtins
 import keyword
 
 from .. import __version__
-from ..analysis.liveness import stream_dead_fields
 from ..ir.nodes import OpIR, leaves
 from .torch_printer import BodyPrinter, FIELD_PREFIX, dim_code, shape_code
 
@@ -110,9 +109,10 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lift_names = {v.name for v in op.lift_inputs}
     extra_inputs = [v for v in op.readout_inputs if v.name not in lift_names]
     readout_args = [v.name for v in op.readout_inputs]
-    # fields a stream prefix leaves out (psmc.analysis.liveness), unless the plan's fast path
-    # already keeps a compact stream layout of its own (spec.stream: the delta rule's S only)
-    dead = stream_dead_fields(op, plan.scan) if len(plan.stream_fields) == len(op.state) else ()
+    # the fields a stream prefix leaves out (plan.stream_fields, from psmc.analysis.liveness):
+    # None in their slots, except for the delta-rule fast path, whose states hold S alone
+    compact = plan.fast_path == "delta_rule"
+    dead = () if compact else tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
     doc = op.source_text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     lines = [f"class {cls}(_PsmLayer):",
              f'    """psmc layer for op {op.name!r} (plan: {plan.scan}).', "",
@@ -142,7 +142,7 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
         f"        lift_index={lift_index!r},",
         f"        readout_index={readout_index!r},",
         f"        fast={fast.name if fast is not None else None!r},",
-        f"        stream={plan.stream_fields if len(plan.stream_fields) < len(op.state) else None!r},",
+        f"        stream={plan.stream_fields if compact and len(plan.stream_fields) < len(op.state) else None!r},",
         f"        dead={dead!r},",
         "    )",
     ]

@@ -180,7 +180,7 @@ def test_structure_classes():
 
 
 def test_state_size_formulas():
-    assert state_size(OPS["gla"], "exact-scan") == "(K*V) floats"  # a is dead in a stream
+    assert state_size(OPS["gla"], "exact-scan") == "(K + K*V) floats"
     assert state_size(OPS["gla"], "tree-scan") == "(ceil(log2(n + 1)) + 1) * (K + K*V) floats"
     assert state_size(OPS["running_argmax"], "exact-scan") == "1 float + 1 int"
     assert state_size(OPS["transformer_psm"], "tree-scan") == "(ceil(log2(n/C + 1)) + 1) * (C*D) floats"

@@ -74,14 +74,14 @@ def test_reports_read_well(analyses):
     assert "exact arithmetic" in report
     assert "tree-scan" in report
     gla = analyses["gla"].report()
-    assert "(K*V) floats" in gla and "exact-scan" in gla and "known monoid" in gla
+    assert "(K + K*V) floats" in gla and "exact-scan" in gla and "known monoid" in gla
     argmax = analyses["running_argmax"].report()
     assert "case split" in argmax and "(-inf, 0)" in argmax
 
 
 def test_state_sizes(analyses):
-    assert analyses["gla"].state_size == "(K*V) floats"  # the decay product a is dead in a stream
-    assert analyses["segmented_sum"].state_size == "1 float"  # the reset flag f is dead in a stream
+    assert analyses["gla"].state_size == "(K + K*V) floats"
+    assert analyses["segmented_sum"].state_size == "1 float + 1 bool"
     assert analyses["transformer_psm"].state_size == "(ceil(log2(n/C + 1)) + 1) * (C*D) floats"
     assert analyses["tree_rnn"].state_size == "(ceil(log2(n + 1)) + 1) * D floats"
 

@@ -91,7 +91,8 @@ SIZES = [  # op, dims, lanes, the floats one stream state holds (per batch row a
 def layer_and_inputs(name, dims, T, lanes, dead=None):
     cls = layer_class(name)
     if dead is not None:  # the same generated class with the elimination switched off
-        cls = type(cls.__name__, (cls,), {"spec": dataclasses.replace(cls.spec, dead=dead)})
+        # (and the delta-rule plan's own compact layout, spec.stream, with it)
+        cls = type(cls.__name__, (cls,), {"spec": dataclasses.replace(cls.spec, dead=dead, stream=None)})
     torch.manual_seed(0)
     layer = cls(**dims).double()
     if dead is not None:  # the generic scan (a fast path's state layout is fixed when generated)
