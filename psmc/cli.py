@@ -161,6 +161,7 @@ def _op_text(path: str, op: OpIR, analysis, plan, dims: dict, notes: dict) -> st
     fast = plan.fast_path
     row("fast path", FAST_PATH_WORDS.get(fast, fast) + " (torch)" if fast else "none: the generic scan")
     row("kernels", notes["triton"])
+    row("", notes["cpu"])
     row("note", EXACT_NOTE)
     return "\n".join(lines)
 

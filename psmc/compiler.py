@@ -46,9 +46,12 @@ def plan_op(op: OpIR, analysis):
 
 
 def codegen_notes(op: OpIR, plan) -> dict:
-    """What `psmc check` reports about code generation besides the plan: the Triton kernels."""
+    """What `psmc check` reports about code generation besides the plan: the Triton and C++
+    kernels."""
+    from .codegen.cpp_printer import describe as describe_cpu
     from .codegen.triton_printer import describe
-    return {"triton": describe(op, {"plan": plan.scan, "structure": plan.structure})}
+    plan_dict = {"plan": plan.scan, "structure": plan.structure}
+    return {"triton": describe(op, plan_dict), "cpu": describe_cpu(op, plan_dict)}
 
 
 def compile_source(text: str, filename: str = "<string>") -> Compiled:

@@ -53,3 +53,17 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def auto_backend_without_cpp():
+    """backend='auto' would build the fused C++ kernels for every op the suite compiles (a
+    second or more per op on a loaded machine); tests/codegen/test_cpu.py exercises them with
+    backend='cpu' (and 'auto' explicitly), the rest of the suite the torch backend."""
+    previous = os.environ.get("PSMC_CPU")
+    os.environ["PSMC_CPU"] = "0"
+    yield
+    if previous is None:
+        os.environ.pop("PSMC_CPU", None)
+    else:
+        os.environ["PSMC_CPU"] = previous

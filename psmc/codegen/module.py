@@ -88,6 +88,10 @@ def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash:
     triton = generate_section(ops, {n: {"plan": p.scan, "structure": p.structure} for n, p in plans.items()})
     if triton:
         out += ["", ""] + triton
+    from .cpp_printer import generate_section as cpp_section
+    cpp = cpp_section(ops, {n: {"plan": p.scan, "structure": p.structure} for n, p in plans.items()})
+    if cpp:
+        out += ["", ""] + cpp
     taken = _bound_names("\n".join(out))
     aliases = [op.name for op in ops if public_alias(op.name, taken)]
     if aliases:

@@ -90,8 +90,8 @@ class PsmLayer(nn.Module):
     def __init__(self, backend: str = "auto", check_finite: bool = True, **dims):
         super().__init__()
         spec = self.spec
-        if backend not in ("auto", "torch", "triton"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        if backend not in ("auto", "torch", "triton", "cpu"):
+            raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'cpu', got {backend!r}")
         unknown = set(dims) - set(spec.dims)
         if unknown:
             raise TypeError(f"{spec.name}: unknown dim{'s' if len(unknown) > 1 else ''} "
@@ -157,6 +157,9 @@ class PsmLayer(nn.Module):
         if self.backend == "triton" and not getattr(self, "_triton_kernels", None):
             raise ValueError(f"{self.spec.name}: backend='triton' is not available for this op: its plan has "
                              "no Triton kernels (see `psmc check`); use backend='torch' or 'auto'")
+        if self.backend == "cpu" and getattr(self, "_cpu_kernels", None) is None:
+            raise ValueError(f"{self.spec.name}: backend='cpu' is not available for this op: its plan has no C++ "
+                             "kernels (see `psmc check`); use backend='torch' or 'auto'")
 
     def _bind_positional(self, args, inputs) -> dict:
         names = [s.name for s in self.spec.inputs]
@@ -366,7 +369,11 @@ class PsmLayer(nn.Module):
     # ------------------------------------------------------------------ token-level ops
     def _forward_tokens(self, call, state, return_state):
         spec = self.spec
-        if self.backend != "torch":
+        if self.backend in ("auto", "cpu") and spec.scan == "exact":
+            from . import cpu_support
+            if cpu_support.use_cpu(self, call, "forward"):
+                return cpu_support.forward(self, call, state)
+        if self.backend in ("auto", "triton"):
             from . import triton_support
             if triton_support.use_triton(self, call):
                 return triton_support.forward(self, call, state)
@@ -385,7 +392,11 @@ class PsmLayer(nn.Module):
 
     def _step_token(self, call, state):
         spec = self.spec
-        if self.backend != "torch" and spec.scan == "exact":
+        if self.backend in ("auto", "cpu") and spec.scan == "exact":
+            from . import cpu_support
+            if cpu_support.use_cpu(self, call, "step"):
+                return cpu_support.step(self, call, state)
+        if self.backend in ("auto", "triton") and spec.scan == "exact":
             from . import triton_support
             if triton_support.use_triton(self, call):
                 return triton_support.step(self, call, state)

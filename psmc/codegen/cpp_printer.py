@@ -1,0 +1,930 @@
+"""IR → C++ source: the fused CPU forward, backward and step of an elementwise exact scan.
+
+The third renderer of the same bodies (after psmc.codegen.torch_printer and
+psmc.codegen.triton_printer). It serves exactly the ops the Triton printer serves (exact-scan
+plans whose combine is elementwise, with the 'lanes', 'state' or 'matrix' tile model of
+`layout_of`), and runs each pass as one sequential loop over time:
+
+* a work item is one batch row and one lane ('state' and 'matrix' modes: the whole state of
+  that lane) or one batch row and a block of LANE_BLOCK lanes ('lanes' mode: every value a
+  scalar, so the block is what the compiler vectorises). Work items run in parallel (OpenMP);
+* inside a work item, values live on a small grid: a value's role says which grid axes it
+  spans ('' one number, 'r' the rows R, 'c' the columns C, 'rc' the matrix), exactly the roles
+  of the Triton matrix tile model. Each IR node is one statement: a loop over its role's axes
+  (and, for reductions and matmul, an inner loop over the contracted axis);
+* the forward writes every token's outputs, and, when a gradient will be needed, every
+  token's prefix (the backward reads them instead of recomputing a scan);
+* the backward walks time in reverse: the adjoint of the prefix flows back through the
+  combine's VJP, the lift's and readout's VJPs give the input and parameter gradients. Every
+  VJP is printed here from the IR with the rules of psmc.codegen.triton_vjp (same
+  conventions as torch's autograd: ties of max/min split, relu'(0) = 0, softplus threshold 20).
+
+The C++ has no torch headers (it compiles in about a second): it exports
+`extern "C" void <name>_<pass>_<f32|f64>(void **ptrs, const int64_t *ints, int threads)`, called
+through ctypes by psmc.runtime.cpu_support, which builds it with
+torch.utils.cpp_extension.load_inline. Pointer and integer layouts are documented on
+`forward_layout` / `backward_layout` and used by both sides.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import sympy
+
+from ..ir.nodes import Node, OpIR, walk
+from ..ir.ops import OPS
+from .torch_printer import dim_code
+from .triton_printer import FLOATS, layout_of
+
+LANE_BLOCK = 16  # lanes per work item in 'lanes' mode (the vectorised inner loop)
+INTS = ("i32", "i64")
+
+# op -> C++ over the operands {a}, {b}, {c} (already cast where needed); None: special
+CPP_OPS = {
+    "neg": "(-{a})", "exp": "std::exp({a})", "log": "std::log({a})", "sqrt": "std::sqrt({a})",
+    "rsqrt": "(scalar_t(1) / std::sqrt({a}))", "abs": "std::abs({a})",
+    "sign": "psm_sign({a})", "sigmoid": "psm_sigmoid({a})", "tanh": "std::tanh({a})",
+    "softplus": "psm_softplus({a})", "relu": "psm_relu({a})",
+    "gelu": "(scalar_t(0.5) * {a} * (scalar_t(1) + std::erf({a} * scalar_t(0.7071067811865476))))",
+    "silu": "({a} * psm_sigmoid({a}))", "logsigmoid": "psm_logsigmoid({a})",
+    "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "div": "({a} / {b})",
+    "pow": "std::pow({a}, {b})", "maximum": "psm_max({a}, {b})", "minimum": "psm_min({a}, {b})",
+    "lt": "({a} < {b})", "le": "({a} <= {b})", "gt": "({a} > {b})", "ge": "({a} >= {b})",
+    "eq": "({a} == {b})", "ne": "({a} != {b})", "not": "(!{a})", "and": "({a} && {b})",
+    "or": "({a} || {b})", "where": "({a} ? {b} : {c})",
+}
+FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
+                        "logsigmoid", "pow", "div"})
+ARITH = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum", "where"})
+REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "logsumexp"})
+VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid axes
+
+# reverse mode: one rendering per operand over {a} {b} {c} (operands), {z} (result), {g}
+# (the result's adjoint), {n} (the reduced extent); None: no gradient to that operand
+VJP_RULES = {
+    "neg": ("(-{g})",), "exp": ("({g} * {z})",), "log": ("({g} / {a})",),
+    "sqrt": ("({g} / (scalar_t(2) * {z}))",), "rsqrt": ("({g} * scalar_t(-0.5) * {z} / {a})",),
+    "abs": ("({g} * psm_sign({a}))",), "sigmoid": ("({g} * {z} * (scalar_t(1) - {z}))",),
+    "tanh": ("({g} * (scalar_t(1) - {z} * {z}))",),
+    "softplus": ("({a} > scalar_t(20) ? {g} : {g} * psm_sigmoid({a}))",),
+    "relu": ("({a} > scalar_t(0) ? {g} : scalar_t(0))",),
+    "gelu": ("({g} * (scalar_t(0.5) * (scalar_t(1) + std::erf({a} * scalar_t(0.7071067811865476))) + "
+             "{a} * std::exp(scalar_t(-0.5) * {a} * {a}) * scalar_t(0.3989422804014327)))",),
+    "silu": ("({g} * psm_sigmoid({a}) * (scalar_t(1) + {a} * (scalar_t(1) - psm_sigmoid({a}))))",),
+    "logsigmoid": ("({g} * psm_sigmoid(-{a}))",),
+    "add": ("{g}", "{g}"), "sub": ("{g}", "(-{g})"), "mul": ("({g} * {b})", "({g} * {a})"),
+    "div": ("({g} / {b})", "(-{g} * {z} / {b})"),
+    "maximum": ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} > {b} ? {g} : scalar_t(0)))",
+                "({a} == {b} ? scalar_t(0.5) * {g} : ({b} > {a} ? {g} : scalar_t(0)))"),
+    "minimum": ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} < {b} ? {g} : scalar_t(0)))",
+                "({a} == {b} ? scalar_t(0.5) * {g} : ({b} < {a} ? {g} : scalar_t(0)))"),
+    "where": (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"),
+    "cast": ("{g}",), "broadcast": ("{g}",), "getitem": ("{g}",),
+    "matmul": ("({g} * {b})", "({g} * {a})"), "outer": ("({g} * {b})", "({g} * {a})"),
+    "sum": ("{g}",), "mean": ("({g} / scalar_t({n}))",), "logsumexp": ("({g} * std::exp({a} - {z}))",),
+    "amax": "ties", "amin": "ties",
+}
+CLAMP_RULES = {"maximum": "({a} >= {b} ? {g} : scalar_t(0))", "minimum": "({a} <= {b} ? {g} : scalar_t(0))"}
+NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or", "sign"})
+LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
+
+
+def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
+    """Why `op` gets no C++ kernels, or None when it does. The reach of the Triton tile models
+    (psmc.codegen.triton_printer), plus f64 values and exclusive readouts of scalar and vector
+    states, which a sequential loop serves as easily."""
+    if plan is not None and plan.get("plan") != "exact-scan":
+        return "tree-scan plan: the per-level Agg is not generated; the torch backend serves it"
+    structure = (plan or {}).get("structure")
+    if structure not in (None, "elementwise"):
+        return f"combine structure is {structure!r}, not 'elementwise'"
+    if op.chunk is not None:
+        return "chunk op: the chunked layout is not generated"
+    nodes = list(walk(_bodies(op)))
+    for node in nodes:
+        if node.op not in CPP_OPS and node.op not in LEAVES | REDUCTIONS | VIEWS | {"cast", "matmul", "outer"}:
+            return f"uses {node.op!r}: no C++ rendering; the torch backend serves it"
+    if any(n.op == "eye" for n in nodes):
+        return "uses 'eye': no C++ rendering; the torch backend serves it"
+    if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
+        return "combine reduces over an axis: not elementwise"
+    if any(not n.batched for n in op.combine):
+        return "a combine output ignores both operands"
+    if op.exclusive and op.identity is None:
+        return "exclusive readout without an identity: the first token of a stream reads it"
+    if any(len(f.shape) == 2 for f in op.state):
+        from .triton_matrix import matrix_reason
+        return matrix_reason(op)
+    for node in nodes:
+        if node.op in ("matmul", "outer", "getitem"):
+            return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
+    values = op.state + op.inputs + op.outputs + op.params
+    shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
+    if any(len(s) > 1 for s in shapes):
+        return "a value has rank > 1 but no state field does"
+    axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
+    if len(axes) > 1:
+        return f"values of different lengths {sorted(map(str, axes))}: the grid has one state axis"
+    return None
+
+
+def _bodies(op: OpIR) -> tuple:
+    extra = tuple(op.identity or ()) if op.exclusive else ()
+    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout) + extra
+
+
+def ctype(dtype: str) -> str:
+    return "scalar_t" if dtype in FLOATS else "int64_t" if dtype in INTS else "bool"
+
+
+def store_type(dtype: str) -> str:
+    return "scalar_t" if dtype in FLOATS else "int64_t" if dtype in INTS else "uint8_t"
+
+
+def _kind(dtype: str) -> str:
+    return "f" if dtype in FLOATS else "i" if dtype in INTS else "b"
+
+
+def literal(value, dtype: str) -> str:
+    if dtype == "bool":
+        return "true" if value else "false"
+    if dtype in INTS:
+        return f"INT64_C({int(value)})"
+    value = float(value)
+    if math.isnan(value):
+        return "std::numeric_limits<scalar_t>::quiet_NaN()"
+    if math.isinf(value):
+        return ("" if value > 0 else "-") + "std::numeric_limits<scalar_t>::infinity()"
+    return f"scalar_t({value!r})"
+
+
+class Grid:
+    """Roles and extents of the values of one op (see the module docstring)."""
+
+    def __init__(self, op: OpIR):
+        self.op = op
+        self.layout = layout_of(op)
+        self.mode = self.layout.mode
+        if self.mode == "matrix":
+            from .triton_matrix import role_of
+            rows, cols = self.layout.axis, self.layout.cols
+            self._role = lambda shape: role_of(shape, rows, cols)
+        self.fields = {f.name: self.value_role(f) for f in op.state}
+
+    def value_role(self, v) -> str:
+        """The role of a declared value (field, input, output, param)."""
+        if self.mode == "lanes":
+            return "" if v in self.op.params else "c"
+        if self.mode == "state":
+            return "r" if v.shape else ""
+        return self._role(v.shape)
+
+    def role(self, node: Node) -> str:
+        if node.op == "field":
+            return self.fields[node.attrs[1]]
+        if self.mode == "lanes":
+            return "c" if node.batched else ""
+        if self.mode == "state":
+            return "r" if node.rank else ""
+        return self._role(node.shape)
+
+    def extent(self, role: str) -> str:
+        """The number of elements a value of `role` has per work item (lanes mode: per lane)."""
+        if self.mode == "lanes":
+            return "1"
+        return {"": "1", "r": "R", "c": "C", "rc": "(R * C)"}[role]
+
+    def size(self, role: str) -> str:
+        """Elements of a work-item buffer of `role`."""
+        return {"": "1", "r": "R", "c": "C", "rc": "(R * C)"}[role]
+
+
+def access(name: str, role: str) -> str:
+    return {"": name, "r": f"{name}[i]", "c": f"{name}[k]", "rc": f"{name}[i * C + k]"}[role]
+
+
+def union(*roles: str) -> str:
+    letters = set("".join(roles))
+    return "".join(ch for ch in "rc" if ch in letters)
+
+
+def loops(role: str) -> str:
+    out = ""
+    if "r" in role:
+        out += "for (int64_t i = 0; i < R; ++i) "
+    if "c" in role:
+        out += "for (int64_t k = 0; k < C; ++k) "
+    return out
+
+
+class CppBody:
+    """Statements computing `outputs`. `decls` are the work-item buffers the statements use
+    (declared once per work item, outside the time loop)."""
+
+    def __init__(self, grid: Grid, outputs: tuple, prefix: str, sides=None):
+        self.grid = grid
+        self.outputs = outputs
+        self.prefix = prefix
+        self.sides = sides or {"left": "l_", "right": "r_", "state": "s_"}
+        self.names: dict[Node, str] = {}
+        self.lines: list[str] = []
+        self.decls: list[str] = []
+
+    def new(self, node: Node, tag: str = "") -> str:
+        name = f"{self.prefix}{tag}{len(self.names)}_{len(self.lines)}"
+        return name
+
+    def run(self) -> list[str]:
+        for node in walk(self.outputs):
+            if node in self.names:
+                continue
+            leaf = self.leaf(node)
+            if leaf is not None:
+                self.names[node] = leaf
+                continue
+            self.statement(node)
+        return self.lines
+
+    def leaf(self, node: Node) -> str | None:
+        op = node.op
+        if op == "arg":
+            return "x_" + node.attrs[0]
+        if op == "field":
+            return self.sides[node.attrs[0]] + node.attrs[1]
+        if op == "param":
+            return "p_" + node.attrs[0]
+        if op == "dim":
+            return "dim_" + node.attrs[0]
+        if op == "const":
+            return literal(node.attrs[0], node.dtype)
+        if op == "fill":
+            return literal(node.attrs[0], node.dtype)
+        if op == "index":
+            return "index"
+        return None
+
+    def ref(self, node: Node, grid_role: str) -> str:
+        """`node`'s value read inside loops over `grid_role` (a leaf constant reads as is)."""
+        name = self.names[node]
+        role = self.grid.role(node) if node.op not in ("const", "fill", "dim", "index") else ""
+        return access(name, role)
+
+    def operand(self, node: Node, arg: Node, grid_role: str) -> str:
+        code = self.ref(arg, grid_role)
+        want = node.dtype
+        if node.op in FLOAT_MATH and arg.dtype not in FLOATS:
+            return f"scalar_t({code})"
+        if node.op in ARITH and _kind(arg.dtype) != _kind(want) and not (node.op == "where" and arg is node.args[0]):
+            return f"{ctype(want)}({code})"
+        return code
+
+    def declare(self, node: Node, name: str, role: str):
+        if role:
+            self.decls.append(f"std::vector<{store_type(node.dtype)}> {name}_v({self.grid.size(role)}); "
+                              f"{store_type(node.dtype)} *{name} = {name}_v.data();")
+
+    def statement(self, node: Node):
+        role = self.grid.role(node)
+        name = self.new(node)
+        self.declare(node, name, role)
+        target = access(name, role)
+        contracted = self.contracted(node)
+        ct = ctype(node.dtype)
+        head = "" if role else f"{ct} {name}; "
+        if node.op in REDUCTIONS or node.op == "matmul":
+            body = self.contraction(node, contracted, target)
+            self.lines.append(f"{head}{loops(role)}{{ {body} }}")
+        else:
+            self.lines.append(f"{head}{loops(role)}{target} = {self.expression(node, role)};")
+        self.names[node] = name
+
+    def contracted(self, node: Node) -> str:
+        roles = [self.grid.role(a) for a in node.args]
+        mine = self.grid.role(node)
+        return "".join(ch for ch in union(*roles) if ch not in mine)
+
+    def expression(self, node: Node, grid_role: str) -> str:
+        op = node.op
+        if op == "cast":
+            code = self.ref(node.args[0], grid_role)
+            return f"({code} != 0)" if node.attrs[0] == "bool" else f"{ctype(node.attrs[0])}({code})"
+        if op in VIEWS:
+            return self.ref(node.args[0], grid_role)
+        if op == "outer":
+            a, b = (self.ref(x, grid_role) for x in node.args)
+            return f"({a} * {b})"
+        if op == "pow" and node.args[1].op == "const" and float(node.args[1].attrs[0]) in (1.0, 2.0, 3.0):
+            a = self.operand(node, node.args[0], grid_role)
+            return "(" + " * ".join([a] * int(node.args[1].attrs[0])) + ")"
+        ops = {k: self.operand(node, a, grid_role) for k, a in zip("abc", node.args)}
+        return CPP_OPS[op].format(**ops)
+
+    def contraction(self, node: Node, contracted: str, target: str) -> str:
+        """A reduction or a matmul: an accumulator over the contracted axes."""
+        inner = loops(contracted)
+        full = union(self.grid.role(node), contracted)
+        if node.op == "matmul":
+            a, b = (self.ref(x, full) for x in node.args)
+            return f"scalar_t acc = 0; {inner}acc += {a} * {b}; {target} = acc;"
+        a = self.ref(node.args[0], full)
+        if node.op == "sum":
+            return f"scalar_t acc = 0; {inner}acc += {a}; {target} = acc;"
+        if node.op == "mean":
+            n = " * ".join({"r": "R", "c": "C"}[ch] for ch in contracted) or "1"
+            return f"scalar_t acc = 0; {inner}acc += {a}; {target} = acc / scalar_t({n});"
+        if node.op in ("amax", "amin"):
+            f = "psm_max" if node.op == "amax" else "psm_min"
+            init = "-" if node.op == "amax" else ""
+            return (f"scalar_t acc = {init}std::numeric_limits<scalar_t>::infinity(); {inner}acc = {f}(acc, {a}); "
+                    f"{target} = acc;")
+        # logsumexp, stable; an all -inf row gives -inf as torch does
+        return (f"scalar_t m = -std::numeric_limits<scalar_t>::infinity(); {inner}m = psm_max(m, {a}); "
+                f"scalar_t safe = std::isinf(m) ? scalar_t(0) : m; scalar_t acc = 0; {inner}acc += std::exp({a} - safe); "
+                f"{target} = safe + std::log(acc);")
+
+
+class CppVjp:
+    """Primal and adjoint statements of one body (psmc.codegen.triton_vjp's plan on the grid).
+
+    adjoints: per output, (name, role) of its adjoint or None. wanted: which leaves need their
+    adjoint. After `run()`, `leaf_adjoints[(op, key)]` = (name, role) for each wanted leaf
+    reached (key: the field's (side, name) or the arg / param name)."""
+
+    def __init__(self, grid: Grid, outputs: tuple, adjoints: tuple, wanted, prefix: str, sides=None):
+        self.grid = grid
+        self.outputs = outputs
+        self.adjoints = adjoints
+        self.wanted = wanted
+        self.prefix = prefix
+        self.primal = CppBody(grid, outputs, prefix + "p", sides)
+        self.decls: list[str] = []
+        self.leaf_adjoints: dict = {}
+
+    def run(self) -> list[str]:
+        lines = self.primal.run()
+        self.decls += self.primal.decls
+        order = list(walk(self.outputs))
+        needs = self._needs(order)
+        gnames: dict[Node, str] = {}
+        for j, node in enumerate(n for n in order if n in needs):
+            name = f"{self.prefix}g{j}"
+            gnames[node] = name
+            role = self.grid.role(node)
+            if role:
+                self.decls.append(f"std::vector<scalar_t> {name}_v({self.grid.size(role)}); scalar_t *{name} = "
+                                  f"{name}_v.data();")
+                lines.append(f"{loops(role)}{access(name, role)} = 0;")
+            else:
+                lines.append(f"scalar_t {name} = 0;")
+        for out, adj in zip(self.outputs, self.adjoints):
+            if adj is None or out not in needs:
+                continue
+            adj_name, adj_role = adj
+            role = self.grid.role(out)
+            lines.append(f"{loops(union(role, adj_role))}{access(gnames[out], role)} += {access(adj_name, adj_role)};")
+        for node in reversed(order):
+            if node not in gnames:
+                continue
+            if node.op in LEAVES:
+                key = node.attrs if node.op == "field" else node.attrs[0]
+                self.leaf_adjoints[(node.op, key)] = (gnames[node], self.grid.role(node))
+                continue
+            for i, arg in enumerate(node.args):
+                if arg in needs:
+                    lines.append(self._contribution(node, i, gnames))
+        return lines
+
+    def _needs(self, order) -> set:
+        needs: set = set()
+        for node in order:
+            if node.dtype not in FLOATS or node.op in NO_GRADIENT:
+                continue
+            if node.op in LEAVES:
+                if node.op not in ("const", "fill", "dim", "index") and self.wanted(node):
+                    needs.add(node)
+            elif any(a in needs for a in node.args):
+                needs.add(node)
+        return needs
+
+    def _contribution(self, node: Node, i: int, gnames: dict) -> str:
+        g = self.grid
+        p = self.primal
+        arg = node.args[i]
+        role = g.role(node)
+        contracted = p.contracted(node)
+        full = union(role, *(g.role(a) for a in node.args if a.op not in ("const", "fill", "dim", "index")),
+                     contracted)
+        target = access(gnames[arg], g.role(arg))
+        ops = {k: p.ref(a, full) for k, a in zip("abc", node.args)}
+        ops.update(z=p.ref(node, full), g=access(gnames[node], role),
+                   n=" * ".join({"r": "R", "c": "C"}[ch] for ch in contracted) or "1")
+        if node.op in ("amax", "amin"):
+            a, z, gg = ops["a"], ops["z"], ops["g"]
+            inner = loops(contracted)
+            return (f"{loops(role)}{{ scalar_t cnt = 0; {inner}cnt += ({a} == {z}) ? 1 : 0; "
+                    f"{inner}{target} += ({a} == {z}) ? {gg} / cnt : scalar_t(0); }}")
+        if node.op == "pow":
+            expr = self._pow(node, i, ops)
+        elif node.op in CLAMP_RULES and node.args[1 - i].op in ("const", "fill"):
+            rule = CLAMP_RULES[node.op]
+            expr = rule.format(a=ops["b"], b=ops["a"], g=ops["g"]) if i == 1 else rule.format(**ops)
+        else:
+            rule = VJP_RULES[node.op][i]
+            if rule is None:
+                raise ValueError(f"no gradient flows to operand {i} of {node.op!r}")
+            expr = rule.format(**ops)
+        return f"{loops(full)}{target} += {expr};"
+
+    def _pow(self, node: Node, i: int, ops: dict) -> str:
+        g, a, b, z = ops["g"], ops["a"], ops["b"], ops["z"]
+        if i == 1:  # torch: no gradient where the base is 0 and the exponent >= 0
+            return f"(({a} == scalar_t(0) && {b} >= scalar_t(0)) ? scalar_t(0) : {g} * {z} * std::log({a}))"
+        return f"({b} == scalar_t(0) ? scalar_t(0) : {g} * {b} * std::pow({a}, {b} - scalar_t(1)))"
+
+
+# ---------------------------------------------------------------------- kernels
+PRELUDE = r"""// Generated by psmc (psmc.codegen.cpp_printer). Do not edit: recompile the .psm source.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+template <typename T> static inline T psm_max(T a, T b) { return (a != a || a > b) ? a : b; }
+template <typename T> static inline T psm_min(T a, T b) { return (a != a || a < b) ? a : b; }
+template <typename T> static inline T psm_sign(T a) { return a > T(0) ? T(1) : (a < T(0) ? T(-1) : a * T(0)); }
+template <typename T> static inline T psm_relu(T a) { return a > T(0) ? a : (a != a ? a : T(0)); }
+template <typename T> static inline T psm_sigmoid(T a) { return T(1) / (T(1) + std::exp(-a)); }
+template <typename T> static inline T psm_softplus(T a) { return a > T(20) ? a : std::log1p(std::exp(a)); }
+template <typename T> static inline T psm_logsigmoid(T a) {
+  return std::min(a, T(0)) - std::log1p(std::exp(-std::abs(a)));
+}
+"""
+
+
+def symbol(op: OpIR) -> str:
+    """The C symbol prefix of an op's kernels (an op name is any identifier: hashed in)."""
+    digest = hashlib.sha256(op.name.encode()).hexdigest()[:8]
+    safe = "".join(ch if ch.isalnum() else "_" for ch in op.name)[:32]
+    return f"psm_{safe}_{digest}"
+
+
+def forward_layout(op: OpIR) -> dict:
+    """Pointers: inputs, params, inits, outputs, finals, saves (one per field each).
+    Ints: B, T, L, R, C, start, has_init, save, threads-unused, then the dims in op.dims order,
+    then four strides (batch, time, lane, declared axis) per input."""
+    return {"ptrs": ("inputs", "params", "inits", "outputs", "finals", "saves"),
+            "ints": ("B", "T", "L", "R", "C", "start", "has_init", "save", "spare", "dims", "input_strides")}
+
+
+def backward_layout(op: OpIR) -> dict:
+    """Pointers: inputs, params, inits, saves, douts, dfins, dins, dpars, dinits.
+    Ints: B, T, L, R, C, start, has_init, has_dfin, spare, dims, input strides (as forward)."""
+    return {"ptrs": ("inputs", "params", "inits", "saves", "douts", "dfins", "dins", "dpars", "dinits"),
+            "ints": ("B", "T", "L", "R", "C", "start", "has_init", "has_dfin", "spare", "dims", "input_strides")}
+
+
+class KernelPrinter:
+    def __init__(self, op: OpIR):
+        self.op = op
+        self.grid = Grid(op)
+        self.lanes = self.grid.mode == "lanes"
+        self.name = symbol(op)
+
+    # -- shared pieces
+    def header(self, pointer_groups: list) -> list[str]:
+        op, g = self.op, self.grid
+        lines = ["const int64_t B = N[0], T = N[1], L = N[2], R0 = N[3], C0 = N[4], start = N[5];",
+                 "const bool has_init = N[6] != 0, flag = N[7] != 0;", "(void)start; (void)has_init; (void)flag;"]
+        for j, d in enumerate(op.dims):
+            lines.append(f"const int64_t dim_{d} = N[{9 + j}]; (void)dim_{d};")
+        base = 9 + len(op.dims)
+        for j, v in enumerate(op.inputs):
+            s = base + 4 * j
+            lines.append(f"const int64_t in{j}_sb = N[{s}], in{j}_st = N[{s + 1}], in{j}_sl = N[{s + 2}], "
+                         f"in{j}_ss = N[{s + 3}];")
+        p = 0
+        for group, items in pointer_groups:
+            for j, (dtype, const) in enumerate(items):
+                q = "const " if const else ""
+                lines.append(f"{q}{store_type(dtype)} *{group}{j} = ({q}{store_type(dtype)} *)P[{p}];")
+                p += 1
+        lines.append(f"const int64_t NL = {'(L + ' + str(LANE_BLOCK - 1) + ') / ' + str(LANE_BLOCK) if self.lanes else 'L'};")
+        return lines
+
+    def item_start(self) -> list[str]:
+        if self.lanes:
+            return ["const int64_t b = item / NL, l = (item % NL) * " + str(LANE_BLOCK) + ";",
+                    f"const int64_t R = 1, C = std::min<int64_t>({LANE_BLOCK}, L - l); (void)R;"]
+        return ["const int64_t b = item / NL, l = item % NL;", "const int64_t R = R0, C = C0; (void)R; (void)C;"]
+
+    def slot(self, role: str, row: str) -> str:
+        """Offset of this work item's value of `role` in a [rows, L, *extent] tensor."""
+        return f"(({row}) * L + l) * {self.grid.extent(role)}"
+
+    def params(self) -> list[str]:
+        lines = []
+        for j, p in enumerate(self.op.params):
+            role = self.grid.value_role(p)
+            if role:
+                lines.append(f"const {store_type(p.dtype)} *p_{p.name} = par{j};")
+            else:
+                lines.append(f"const {ctype(p.dtype)} p_{p.name} = par{j}[0];")
+        return lines
+
+    def load_inputs(self) -> tuple[list[str], list[str]]:
+        """(work-item buffers, per-token loads) of the inputs at token t."""
+        decls, lines = [], []
+        for j, v in enumerate(self.op.inputs):
+            role = self.grid.value_role(v)
+            st = store_type(v.dtype)
+            base = f"in{j}[b * in{j}_sb + t * in{j}_st"
+            if self.lanes:
+                decls.append(f"std::vector<{st}> x_{v.name}_v({LANE_BLOCK}); {st} *x_{v.name} = x_{v.name}_v.data();")
+                lines.append(f"for (int64_t k = 0; k < C; ++k) x_{v.name}[k] = {base} + (l + k) * in{j}_sl];")
+            elif role:
+                decls.append(f"std::vector<{st}> x_{v.name}_v({self.grid.size(role)}); {st} *x_{v.name} = "
+                             f"x_{v.name}_v.data();")
+                idx = "i" if role == "r" else "k"
+                lines.append(f"{loops(role)}x_{v.name}[{idx}] = {base} + l * in{j}_sl + {idx} * in{j}_ss];")
+            else:
+                lines.append(f"const {ctype(v.dtype)} x_{v.name} = {base} + l * in{j}_sl];")
+        return decls, lines
+
+    def bind(self, prefix: str, field, source: str) -> str:
+        """`prefix<field>` names the value `source` (a pointer to a work item's slot, or a number)."""
+        role = self.grid.fields[field.name]
+        if role:
+            return f"const {store_type(field.dtype)} *{prefix}{field.name} = {source};"
+        return f"const {ctype(field.dtype)} {prefix}{field.name} = {source};"
+
+    def field_ptr(self, group: str, i: int, row: str) -> str:
+        f = self.op.state[i]
+        role = self.grid.fields[f.name]
+        off = self.slot(role, row)
+        return f"({group}{i} + {off})" if role else f"{group}{i}[{off}]"
+
+    def assign(self, target: str, role: str, body: CppBody, node: Node) -> str:
+        """`target` (a pointer or a scalar lvalue) = the value of `node`, broadcast to `role`."""
+        src_role = self.grid.role(node) if node.op not in ("const", "fill", "dim", "index") else ""
+        return f"{loops(role)}{access(target, role)} = {access(body.names[node], src_role)};"
+
+    def identity_lines(self, decls: list) -> list[str]:
+        """The identity element as work-item buffers id_<field> (exclusive readouts read it)."""
+        op = self.op
+        body = CppBody(self.grid, tuple(op.identity), "ident")
+        lines = body.run()
+        decls += body.decls
+        for f, node in zip(op.state, op.identity):
+            role = self.grid.fields[f.name]
+            st = store_type(f.dtype)
+            if role:
+                decls.append(f"std::vector<{st}> id_{f.name}_v({self.grid.size(role)}); {st} *id_{f.name} = "
+                             f"id_{f.name}_v.data();")
+            else:
+                lines.append(f"{ctype(f.dtype)} id_{f.name};")
+            lines.append(self.assign(f"id_{f.name}", role, body, node))
+        return lines
+
+    # -- forward (and step: a forward over one token)
+    def forward(self) -> list[str]:
+        op, g = self.op, self.grid
+        n = len(op.state)
+        groups = [("in", [(v.dtype, True) for v in op.inputs]), ("par", [(p.dtype, True) for p in op.params]),
+                  ("ini", [(f.dtype, True) for f in op.state]), ("out", [(o.dtype, False) for o in op.outputs]),
+                  ("fin", [(f.dtype, False) for f in op.state]), ("sav", [(f.dtype, False) for f in op.state])]
+        lines = self.header(groups)
+        decls, item = [], []
+        in_decls, in_lines = self.load_inputs()
+        decls += in_decls
+        item += self.params()
+        if op.exclusive:
+            item += self.identity_lines(decls)
+        for i, f in enumerate(op.state):  # the carry: two buffers, or the save slots
+            role = g.fields[f.name]
+            st = store_type(f.dtype)
+            if role:
+                size = g.size(role)
+                decls.append(f"std::vector<{st}> cbuf{i}_a({size}), cbuf{i}_b({size}); {st} *c{i} = cbuf{i}_a.data();")
+                item.append(f"if (has_init) {loops(role)}{access(f'c{i}', role)} = {access(self.field_ptr('ini', i, 'b'), role)};")
+            else:
+                item.append(f"{ctype(f.dtype)} c{i} = has_init ? {ctype(f.dtype)}(ini{i}[{self.slot('', 'b')}]) : "
+                            f"{ctype(f.dtype)}(0);")
+        step = list(in_lines)
+        step.append("const int64_t index = start + t; (void)index;")
+        lift = CppBody(g, tuple(op.lift), "u")
+        step += lift.run()
+        decls += lift.decls
+        combine = CppBody(g, tuple(op.combine), "k")
+        comb_lines = combine.run()
+        decls += combine.decls
+        readout = CppBody(g, tuple(op.readout), "v")
+        ro_lines = readout.run()
+        decls += readout.decls
+
+        def do_readout(source_for):
+            out = [self.bind("s_", f, source_for(i, f)) for i, f in enumerate(op.state)]
+            out += ro_lines
+            for j, (o, node) in enumerate(zip(op.outputs, op.readout)):
+                role = g.value_role(o)
+                off = self.slot(role, "b * T + t")
+                if role:
+                    out.append(f"{store_type(o.dtype)} *out{j}_p = out{j} + {off};")
+                else:
+                    out.append(f"{store_type(o.dtype)} &out{j}_p = out{j}[{off}];")
+                out.append(self.assign(f"out{j}_p", role, readout, node))
+            return ["{"] + ["  " + x for x in out] + ["}"]
+
+        def current(i, f):
+            return f"c{i}"
+
+        if op.exclusive:
+            step.append("if (has_init || t > 0) {")
+            step += ["  " + x for x in do_readout(current)]
+            step.append("} else {")
+            step += ["  " + x for x in do_readout(lambda i, f: f"id_{f.name}")]
+            step.append("}")
+        # the update: n<i> = combine(c<i>, lift) (or the lift alone on a fresh stream's first token)
+        for i, f in enumerate(op.state):
+            role = g.fields[f.name]
+            st = store_type(f.dtype)
+            if role:
+                step.append(f"{st} *n{i} = flag ? {self.field_ptr('sav', i, 'b * T + t')} : "
+                            f"(c{i} == cbuf{i}_a.data() ? cbuf{i}_b.data() : cbuf{i}_a.data());")
+            else:
+                step.append(f"{ctype(f.dtype)} n{i};")
+        step.append("if (has_init || t > 0) {")
+        inner = [self.bind("l_", f, f"c{i}") for i, f in enumerate(op.state)]
+        inner += self.bind_right(lift, decls)
+        inner += comb_lines
+        for i, (f, node) in enumerate(zip(op.state, op.combine)):
+            inner.append(self.assign(f"n{i}", g.fields[f.name], combine, node))
+        step += ["  " + x for x in inner]
+        step.append("} else {")
+        for i, (f, node) in enumerate(zip(op.state, op.lift)):
+            step.append("  " + self.assign(f"n{i}", g.fields[f.name], lift, node))
+        step.append("}")
+        for i, f in enumerate(op.state):
+            role = g.fields[f.name]
+            step.append(f"c{i} = n{i};")
+            if not role:
+                step.append(f"if (flag) sav{i}[{self.slot('', 'b * T + t')}] = c{i};")
+        if not op.exclusive:
+            step += do_readout(current)
+        item.append("for (int64_t t = 0; t < T; ++t) {")
+        item += ["  " + x for x in step]
+        item.append("}")
+        for i, f in enumerate(op.state):
+            role = g.fields[f.name]
+            if role:
+                item.append(f"{loops(role)}{access(self.field_ptr('fin', i, 'b'), role)} = {access(f'c{i}', role)};")
+            else:
+                item.append(f"fin{i}[{self.slot('', 'b')}] = c{i};")
+        return self._function("forward", lines, decls, item)
+
+    def bind_right(self, lift: CppBody, decls: list) -> list[str]:
+        """r_<field> = the lift's values; a lift value narrower than its field (a constant
+        lift in lanes mode) is first broadcast into a work-item buffer."""
+        out = []
+        g = self.grid
+        for i, (f, node) in enumerate(zip(self.op.state, self.op.lift)):
+            role = g.fields[f.name]
+            src = g.role(node) if node.op not in ("const", "fill", "dim", "index") else ""
+            if role == src:
+                out.append(self.bind("r_", f, lift.names[node]))
+                continue
+            st = store_type(f.dtype)
+            decls.append(f"std::vector<{st}> rb{i}_v({g.size(role)}); {st} *rb{i} = rb{i}_v.data();")
+            out.append(self.assign(f"rb{i}", role, lift, node))
+            out.append(f"const {st} *r_{f.name} = rb{i};")
+        return out
+
+    def _function(self, kind: str, header: list, decls: list, item: list) -> list[str]:
+        lines = [f"template <typename scalar_t>",
+                 f"static void {self.name}_{kind}(void **P, const int64_t *N, int threads) {{"]
+        lines += ["  " + x for x in header]
+        lines.append("  #pragma omp parallel for num_threads(threads) schedule(static)")
+        lines.append("  for (int64_t item = 0; item < B * NL; ++item) {")
+        lines += ["    " + x for x in self.item_start()]
+        lines += ["    " + x for x in decls]
+        lines += ["    " + x for x in item]
+        lines += ["  }", "}"]
+        return lines
+
+    # -- backward
+    def backward(self) -> list[str]:
+        op, g = self.op, self.grid
+        fl = [f for f in op.state if f.dtype in FLOATS]
+        groups = [("in", [(v.dtype, True) for v in op.inputs]), ("par", [(p.dtype, True) for p in op.params]),
+                  ("ini", [(f.dtype, True) for f in op.state]), ("sav", [(f.dtype, True) for f in op.state]),
+                  ("dout", [("f32", True) for _ in op.outputs]), ("dfin", [("f32", True) for _ in op.state]),
+                  ("din", [("f32", False) for _ in op.inputs]), ("dpar", [("f32", False) for _ in op.params]),
+                  ("dini", [("f32", False) for _ in op.state])]
+        lines = self.header(groups)
+        decls, item = [], []
+        in_decls, in_lines = self.load_inputs()
+        decls += in_decls
+        item += self.params()
+        if op.exclusive:
+            item += self.identity_lines(decls)
+        for i, f in enumerate(op.state):  # gc: the adjoint reaching P_t from the later tokens
+            if f.dtype not in FLOATS:
+                continue
+            role = g.fields[f.name]
+            if role:
+                decls.append(f"std::vector<scalar_t> gc{i}_v({g.size(role)}); scalar_t *gc{i} = gc{i}_v.data();")
+                item.append(f"{loops(role)}{access(f'gc{i}', role)} = flag ? {access(self.field_ptr('dfin', i, 'b'), role)} "
+                            ": scalar_t(0);")
+                decls.append(f"std::vector<scalar_t> gt{i}_v({g.size(role)}); scalar_t *gt{i} = gt{i}_v.data();")
+            else:
+                item.append(f"scalar_t gc{i} = flag ? dfin{i}[{self.slot('', 'b')}] : scalar_t(0);")
+        for j, p in enumerate(op.params):
+            role = g.value_role(p)
+            if role:
+                decls.append(f"std::vector<scalar_t> dp{j}_v({g.size(role)}); scalar_t *dp{j} = dp{j}_v.data();")
+                item.append(f"{loops(role)}{access(f'dp{j}', role)} = 0;")
+            else:
+                item.append(f"scalar_t dp{j} = 0;")
+        step = ["const int64_t t = T - 1 - tr;", "const bool has_left = has_init || t > 0;"]
+        step += in_lines
+        step.append("const int64_t index = start + t; (void)index;")
+        zero_field = {}
+        for i, f in enumerate(op.state):
+            role = g.fields[f.name]
+            step.append(self.bind("s_", f, self.field_ptr("sav", i, "b * T + t")))
+            prev = self.field_ptr("sav", i, "b * T + t - 1")
+            init = self.field_ptr("ini", i, "b")
+            fallback = f"s_{f.name}"
+            step.append(self.bind("l_", f, f"t > 0 ? {prev} : (has_init ? {init} : {fallback})"))
+        for j, o in enumerate(op.outputs):
+            if o.dtype in FLOATS:
+                role = g.value_role(o)
+                off = self.slot(role, "b * T + t")
+                step.append(f"const scalar_t *dy{j} = dout{j} + {off};" if role else
+                            f"const scalar_t dy{j} = dout{j}[{off}];")
+        # readout VJP (exclusive: it read P_{t-1}, or the identity)
+        adjoints = tuple((f"dy{j}", g.value_role(o)) if o.dtype in FLOATS else None
+                         for j, o in enumerate(op.outputs))
+        sides = {"left": "l_", "right": "r_", "state": "e_" if op.exclusive else "s_"}
+        ro = CppVjp(g, tuple(op.readout), adjoints, lambda n: n.op in ("field", "arg", "param"), "ro", sides)
+        if op.exclusive:
+            step += [self.bind("e_", f, f"has_left ? l_{f.name} : id_{f.name}") for f in op.state]
+        step += ro.run()
+        decls += ro.decls
+        for i, f in enumerate(op.state):
+            if f.dtype not in FLOATS:
+                continue
+            role = g.fields[f.name]
+            extra = None if op.exclusive else ro.leaf_adjoints.get(("field", ("state", f.name)))
+            add = f" + {access(extra[0], role)}" if extra else ""
+            if role:
+                step.append(f"{loops(role)}{access(f'gt{i}', role)} = {access(f'gc{i}', role)}{add};")
+            else:
+                step.append(f"const scalar_t gt{i} = gc{i}{add};")
+        lift = CppBody(g, tuple(op.lift), "ut")
+        step += lift.run()
+        decls += lift.decls
+        step += self.bind_right(lift, decls)
+        co = CppVjp(g, tuple(op.combine),
+                    tuple((f"gt{i}", g.fields[f.name]) if f.dtype in FLOATS else None for i, f in enumerate(op.state)),
+                    lambda n: n.op == "field", "co")
+        step += co.run()
+        decls += co.decls
+        # ge: the adjoint of this token's lift values; gc: what flows on to P_{t-1}
+        for i, f in enumerate(op.state):
+            if f.dtype not in FLOATS:
+                continue
+            role = g.fields[f.name]
+            right = co.leaf_adjoints.get(("field", ("right", f.name)))
+            left = co.leaf_adjoints.get(("field", ("left", f.name)))
+            excl = ro.leaf_adjoints.get(("field", ("state", f.name))) if op.exclusive else None
+            r = access(right[0], right[1]) if right else "scalar_t(0)"
+            lft = access(left[0], left[1]) if left else "scalar_t(0)"
+            ex = f" + {access(excl[0], excl[1])}" if excl else ""
+            if role:
+                decls.append(f"std::vector<scalar_t> ge{i}_v({g.size(role)}); scalar_t *ge{i} = ge{i}_v.data();")
+                step.append(f"{loops(role)}{access(f'ge{i}', role)} = has_left ? {r} : {access(f'gt{i}', role)};")
+                step.append(f"{loops(role)}{access(f'gc{i}', role)} = has_left ? {lft}{ex} : scalar_t(0);")
+            else:
+                step.append(f"const scalar_t ge{i} = has_left ? {r} : gt{i};")
+                step.append(f"gc{i} = has_left ? {lft}{ex} : scalar_t(0);")
+        li = CppVjp(g, tuple(op.lift),
+                    tuple((f"ge{i}", g.fields[f.name]) if f.dtype in FLOATS else None for i, f in enumerate(op.state)),
+                    lambda n: n.op in ("arg", "param"), "li")
+        step += li.run()
+        decls += li.decls
+        for j, v in enumerate(op.inputs):
+            if v.dtype not in FLOATS:
+                continue
+            role = g.value_role(v)
+            parts = [x for x in (ro.leaf_adjoints.get(("arg", v.name)), li.leaf_adjoints.get(("arg", v.name))) if x]
+            value = " + ".join(access(n, r) for n, r in parts) or "scalar_t(0)"
+            off = self.slot(role, "b * T + t")
+            if role:
+                step.append(f"{{ scalar_t *dx = din{j} + {off}; {loops(role)}{access('dx', role)} = {value}; }}")
+            else:
+                step.append(f"din{j}[{off}] = {value};")
+        for j, p in enumerate(op.params):
+            if p.dtype not in FLOATS:
+                continue
+            role = g.value_role(p)
+            for x in (ro.leaf_adjoints.get(("param", p.name)), li.leaf_adjoints.get(("param", p.name))):
+                if x:
+                    step.append(f"{loops(role)}{access(f'dp{j}', role)} += {access(x[0], x[1])};")
+        item.append("for (int64_t tr = 0; tr < T; ++tr) {")
+        item += ["  " + x for x in step]
+        item.append("}")
+        for i, f in enumerate(op.state):
+            if f.dtype not in FLOATS:
+                continue
+            role = g.fields[f.name]
+            if role:
+                item.append(f"if (has_init) {loops(role)}{access(self.field_ptr('dini', i, 'b'), role)} = "
+                            f"{access(f'gc{i}', role)};")
+            else:
+                item.append(f"if (has_init) dini{i}[{self.slot('', 'b')}] = gc{i};")
+        for j, p in enumerate(op.params):
+            if p.dtype not in FLOATS:
+                continue
+            role = g.value_role(p)
+            size = g.size(role)
+            item.append(f"{loops(role)}dpar{j}[item * {size} + {('i' if role == 'r' else 'k' if role == 'c' else 'i * C + k') if role else '0'}] = "
+                        f"{access(f'dp{j}', role)};")
+        return self._function("backward", lines, decls, item)
+
+    def exports(self) -> list[str]:
+        lines = []
+        for kind in ("forward", "backward"):
+            for suffix, t in (("f32", "float"), ("f64", "double")):
+                lines.append(f'extern "C" void {self.name}_{kind}_{suffix}(void **P, const int64_t *N, int threads) '
+                             f"{{ {self.name}_{kind}<{t}>(P, N, threads); }}")
+        return lines
+
+
+def generate(op: OpIR, plan: dict | None) -> str | None:
+    """The C++ source of one op's kernels, or None when the op gets none."""
+    if unsupported_reason(op, plan) is not None:
+        return None
+    printer = KernelPrinter(op)
+    lines = PRELUDE.split("\n") + printer.forward() + [""] + printer.backward() + [""] + printer.exports()
+    return "\n".join(lines) + "\n"
+
+
+def registration(op: OpIR, source_name: str) -> list[str]:
+    g = Grid(op)
+    layout = g.layout
+    cls = f"__psmc_layers__[{op.name!r}]"
+
+    def lam(expr):
+        return "None" if expr is None else f"lambda cx_d: {dim_code(expr).replace('cx.d', 'cx_d')}"
+    return [
+        f"{cls}._cpu_kernels = _csup.CpuKernels(",
+        f"    source={source_name},",
+        f"    symbol={symbol(op)!r},",
+        f"    mode={g.mode!r},",
+        f"    rows={lam(layout.axis)},",
+        f"    cols={lam(layout.cols)},",
+        f"    inputs={tuple(v.name for v in op.inputs)!r},",
+        f"    input_dtypes={tuple(v.dtype for v in op.inputs)!r},",
+        f"    input_roles={tuple(g.value_role(v) for v in op.inputs)!r},",
+        f"    params={tuple(p.name for p in op.params)!r},",
+        f"    param_roles={tuple(g.value_role(p) for p in op.params)!r},",
+        f"    field_dtypes={tuple(f.dtype for f in op.state)!r},",
+        f"    field_roles={tuple(g.fields[f.name] for f in op.state)!r},",
+        f"    output_dtypes={tuple(v.dtype for v in op.outputs)!r},",
+        f"    output_roles={tuple(g.value_role(v) for v in op.outputs)!r},",
+        f"    dims={tuple(op.dims)!r},",
+        f"    lane_block={LANE_BLOCK},",
+        ")",
+    ]
+
+
+def generate_section(ops, plans: dict) -> list[str]:
+    """The C++ part of a generated module: each op's source as a string constant and its
+    registration; empty when no op gets kernels."""
+    lines = []
+    for op in ops:
+        source = generate(op, plans.get(op.name))
+        if source is None:
+            continue
+        if "'''" in source or "\\" in source:
+            raise ValueError("generated C++ must not contain triple quotes or backslashes")
+        const = f"_PSM_CPP_{len([x for x in lines if x.startswith('_PSM_CPP_')])}"
+        lines += [f"{const} = r'''", *source.rstrip("\n").split("\n"), "'''", ""]
+        lines += registration(op, const) + ["", ""]
+    if not lines:
+        return []
+    return ["# ---- C++ CPU kernels (psmc.codegen.cpp_printer), built on first use by psmc.runtime.cpu_support",
+            "from psmc.runtime import cpu_support as _csup  # noqa: E402", "", ""] + lines
+
+
+def describe(op: OpIR, plan: dict | None) -> str:
+    reason = unsupported_reason(op, plan)
+    if reason is not None:
+        return f"cpu: none ({reason})"
+    g = Grid(op)
+    what = {"lanes": f"blocks of {LANE_BLOCK} lanes", "state": f"state axis {g.layout.axis}",
+            "matrix": f"a [{g.layout.axis}, {g.layout.cols}] state"}[g.mode]
+    return f"cpu: fused C++ forward + backward + step, one loop over time per batch row x {what}"

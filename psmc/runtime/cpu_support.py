@@ -1,0 +1,406 @@
+"""The op-independent half of the C++ CPU backend: building the generated kernels
+(psmc.codegen.cpp_printer), choosing them, laying tensors out and calling them.
+
+Build: `torch.utils.cpp_extension.load_inline` compiles one shared library per op source (no
+torch headers, OpenMP for the work items: about a second), into
+`<psmc cache dir>/cpu/<content hash>/`. The hash covers the source, the compiler flags, the
+compiler named by $CXX and torch's version, so a changed kernel is a new directory and an
+unchanged one is reused by every process. load_inline holds a file lock on the directory while
+it builds, so two processes building the same op at once both get the library; an `ok` marker
+written (atomically) after a successful build lets later processes load it without running
+the build tool again.
+
+No compiler, or a failed build: one warning (per op source, per process) and the torch backend
+serves the call. Never an error.
+
+Layout: every per-token tensor is seen as [B, T, L, *extent] (lanes flattened to L; the
+extent is the value's role on the work-item grid: () for a scalar, (R,), (C,) or (R, C)) and
+passed as a pointer plus four strides (batch, time, lane, declared axis), so broadcast inputs
+are stride-0 views, never copies. Everything the kernels write is a fresh contiguous tensor.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .state import ScanState
+
+CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
+# backend='auto': a matrix-state op whose forward also has the chunkwise matmul form runs that
+# form above this many tokens (the token loop does O(K V) work per token without matmuls)
+MATRIX_FORWARD_MAX_T = 64
+
+_FLOATS = ("f16", "bf16", "f32", "f64")
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """What the generated module registers on a layer class as `_cpu_kernels`."""
+
+    source: str
+    symbol: str
+    mode: str  # 'lanes' | 'state' | 'matrix'
+    rows: Callable | None
+    cols: Callable | None
+    inputs: tuple
+    input_dtypes: tuple
+    input_roles: tuple
+    params: tuple
+    param_roles: tuple
+    field_dtypes: tuple
+    field_roles: tuple
+    output_dtypes: tuple
+    output_roles: tuple
+    dims: tuple
+    lane_block: int
+
+
+# ---------------------------------------------------------------------- building
+_LIBRARIES: dict = {}  # content key -> ctypes.CDLL, or None after a failed build
+_WARNED: set = set()
+
+
+def compiler() -> str | None:
+    """The C++ compiler torch's extension loader will run ($CXX, else c++), if present."""
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _key(source: str) -> str:
+    digest = hashlib.sha256()
+    for part in (source, " ".join(CFLAGS + LDFLAGS), os.environ.get("CXX", "c++"), torch.__version__,
+                 sys.platform):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:20]
+
+
+def build_dir(source: str):
+    from ..loader import cache_dir
+    return cache_dir() / "cpu" / _key(source)
+
+
+def library(kernels: CpuKernels):
+    """The loaded library of `kernels`, building it on first use; None when it cannot be
+    built (after one warning)."""
+    key = _key(kernels.source)
+    if key in _LIBRARIES:
+        return _LIBRARIES[key]
+    try:
+        lib = _load_or_build(kernels.source, key)
+    except Exception as error:  # noqa: BLE001 - any build failure means: serve with torch
+        lib = None
+        if key not in _WARNED:
+            _WARNED.add(key)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            warnings.warn(f"psmc: could not build the C++ CPU kernels ({first}); the torch backend serves "
+                          f"this op instead. Install a C++ compiler (or set CXX to one) for the fused CPU "
+                          f"kernels, or pass backend='torch' to run without them.", RuntimeWarning, stacklevel=4)
+    _LIBRARIES[key] = lib
+    return lib
+
+
+def _load_or_build(source: str, key: str):
+    root = build_dir(source)
+    name = f"psmc_cpu_{key}"
+    so = root / f"{name}.so"
+    marker = root / "ok"
+    if not (marker.exists() and so.exists()):
+        if compiler() is None:
+            raise RuntimeError(f"no C++ compiler found (CXX={os.environ.get('CXX', 'c++')!r})")
+        from torch.utils import cpp_extension
+        root.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load_inline(name, [source], is_python_module=False, no_implicit_headers=True,
+                                  build_directory=str(root), extra_cflags=list(CFLAGS),
+                                  extra_ldflags=list(LDFLAGS), verbose=False)
+        tmp = root / f"ok.{os.getpid()}"
+        tmp.write_text(key)
+        os.replace(tmp, marker)
+    return ctypes.CDLL(str(so))
+
+
+def _function(lib, kernels: CpuKernels, kind: str, dtype):
+    suffix = "f64" if dtype == torch.float64 else "f32"
+    fn = getattr(lib, f"{kernels.symbol}_{kind}_{suffix}")
+    fn.restype = None
+    fn.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
+    return fn
+
+
+def _call(fn, tensors: list, ints: list):
+    ptrs = (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
+    nums = (ctypes.c_int64 * len(ints))(*[int(i) for i in ints])
+    fn(ptrs, nums, torch.get_num_threads())
+
+
+# ---------------------------------------------------------------------- choosing
+def unusable_reason(layer, call) -> str | None:
+    """Why this call cannot run the C++ kernels (before building them), or None."""
+    k = getattr(layer, "_cpu_kernels", None)
+    if k is None:
+        return "its plan has no C++ kernels (see `psmc check`)"
+    if call.ctx.dev.type != "cpu":
+        return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
+    return None
+
+
+def use_cpu(layer, call, kind: str) -> bool:
+    """backend='cpu': the C++ kernels whenever they can run (else a clear error for non-CPU
+    tensors; a failed build warns and falls back to torch). backend='auto': the C++ kernels for
+    CPU tensors when a compiler is present, except a long forward of a matrix-state op that
+    has the chunkwise matmul form. PSMC_CPU=0 in the environment keeps backend='auto' off the
+    C++ kernels (backend='cpu' still uses them)."""
+    if layer.backend not in ("cpu", "auto"):
+        return False
+    reason = unusable_reason(layer, call)
+    if reason is not None:
+        if layer.backend == "cpu" and getattr(layer, "_cpu_kernels", None) is not None:
+            raise RuntimeError(f"{layer.spec.name}: backend='cpu' cannot run this call: {reason}; use "
+                               "backend='auto' or 'torch'")
+        return False
+    k = layer._cpu_kernels
+    if layer.backend == "auto":
+        if os.environ.get("PSMC_CPU", "1") == "0":
+            return False
+        if compiler() is None and not build_dir(k.source).joinpath("ok").exists():
+            return False
+        fast = getattr(layer.spec, "fast", None) or ""
+        if kind == "forward" and k.mode == "matrix" and fast.startswith("chunkwise") and layer.use_fast_path \
+                and call.lead[1] > MATRIX_FORWARD_MAX_T:
+            return False
+    return library(k) is not None
+
+
+# ---------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class _Geometry:
+    B: int
+    T: int
+    lanes: tuple
+    L: int
+    R: int
+    C: int
+    items: int
+    lane_mode: bool
+
+    def extent(self, role: str) -> tuple:
+        if self.lane_mode:
+            return ()
+        return tuple({"r": self.R, "c": self.C}[ch] for ch in role)
+
+
+def _geometry(k: CpuKernels, call, lead: tuple) -> _Geometry:
+    B, T, lanes = lead[0], lead[1], tuple(lead[2:])
+    L = math.prod(lanes)
+    d = call.ctx.d
+    R = int(k.rows(d)) if k.rows is not None else 1
+    C = int(k.cols(d)) if k.cols is not None else 1
+    lane_mode = k.mode == "lanes"
+    items = B * (-(-L // k.lane_block) if lane_mode else L)
+    return _Geometry(B, T, lanes, L, R, C, items, lane_mode)
+
+
+def _storage_dtype(dtype: str, compute):
+    if dtype in _FLOATS:
+        return compute
+    return torch.bool if dtype == "bool" else torch.int64
+
+
+def _input_view(x: torch.Tensor, g: _Geometry, role: str, dtype):
+    """x [B?, T?, *lanes?, *declared] → a [B, T, L, *extent] view (dtype converted) and its
+    four strides."""
+    extent = g.extent(role)
+    rank = len(role) if not g.lane_mode else 0
+    declared = tuple(x.shape[x.dim() - rank:]) if rank else ()
+    x = x.to(dtype).expand(g.B, g.T, *g.lanes, *declared).reshape(g.B, g.T, g.L, *extent)
+    strides = list(x.stride()[:3]) + [x.stride(3) if x.dim() > 3 else 0]
+    return x, strides
+
+
+def _state_tensor(t: torch.Tensor, g: _Geometry, role: str, dtype, declared: tuple) -> torch.Tensor:
+    """A stream-state field [B?, *lanes?, *declared] as a contiguous [B, L, *extent] tensor."""
+    return t.to(dtype).expand(g.B, *g.lanes, *declared).reshape(g.B, g.L, *g.extent(role)).contiguous()
+
+
+def _unflatten(t: torch.Tensor, g: _Geometry, shape: tuple, time: bool) -> torch.Tensor:
+    lead = (g.B, g.T) if time else (g.B,)
+    return t.reshape(*lead, *g.lanes, *shape)
+
+
+def _declared(slots, call) -> list:
+    return [tuple(int(s) for s in slot.shape(call.ctx.d)) for slot in slots]
+
+
+def _params(layer) -> list:
+    return [getattr(layer, "p_" + name) for name in layer._cpu_kernels.params]
+
+
+def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, save: bool):
+    k = layer._cpu_kernels
+    compute = call.ctx.dt["f32"]
+    tensors, strides = [], []
+    for x, role, dtype in zip(inputs, k.input_roles, k.input_dtypes):
+        view, st = _input_view(x, g, role, _storage_dtype(dtype, compute))
+        tensors.append(view)
+        strides += st
+    for p in params:
+        tensors.append(p.detach().to(compute if p.is_floating_point() else torch.int64).reshape(-1).contiguous())
+    dev = call.ctx.dev
+    fshapes = _declared(layer.spec.fields, call)
+    for i, (role, dtype) in enumerate(zip(k.field_roles, k.field_dtypes)):
+        st = _storage_dtype(dtype, compute)
+        tensors.append(_state_tensor(prefix[i], g, role, st, fshapes[i]) if prefix is not None
+                       else torch.empty(0, dtype=st))
+    outs = [torch.empty(g.B, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
+            for role, dtype in zip(k.output_roles, k.output_dtypes)]
+    fins = [torch.empty(g.B, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
+            for role, dtype in zip(k.field_roles, k.field_dtypes)]
+    saves = [torch.empty(g.B, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
+             if save else torch.empty(0, dtype=_storage_dtype(dtype, compute))
+             for role, dtype in zip(k.field_roles, k.field_dtypes)]
+    tensors += outs + fins + saves
+    ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, 0]
+    ints += [int(call.ctx.d[d]) for d in k.dims] + strides
+    lib = library(k)
+    _call(_function(lib, k, "forward", compute), tensors, ints)
+    return outs, fins, saves
+
+
+def _finish(layer, call, g: _Geometry, outs, fins, time: bool):
+    spec = layer.spec
+    dt = call.ctx.dt
+    outputs = tuple(_unflatten(o, g, shape, time).to(dt[slot.dtype])
+                    for o, shape, slot in zip(outs, _declared(spec.outputs, call), spec.outputs))
+    finals = tuple(_unflatten(f, g, shape, False).to(dt[slot.dtype])
+                   for f, shape, slot in zip(fins, _declared(spec.fields, call), spec.fields))
+    return outputs, finals
+
+
+class _CpuScan(torch.autograd.Function):
+    """apply(meta, *inputs, *params, *init_fields) -> (*outputs, *final_fields); the backward
+    is the generated reverse scan over the prefixes the forward saved."""
+
+    @staticmethod
+    def forward(ctx, meta, *flat):
+        layer, call, g, start, has_init = meta
+        k = layer._cpu_kernels
+        n_in, n_par = len(k.inputs), len(k.params)
+        inputs, params = flat[:n_in], flat[n_in:n_in + n_par]
+        prefix = flat[n_in + n_par:] if has_init else None
+        outs, fins, saves = _forward_raw(layer, call, g, inputs, params, prefix, start, save=True)
+        outputs, finals = _finish(layer, call, g, outs, fins, time=True)
+        ctx.meta = meta
+        ctx.n_flat = len(flat)
+        ctx.save_for_backward(*flat, *saves)
+        ctx.mark_non_differentiable(*[o for o, dt in zip(outputs, k.output_dtypes) if dt not in _FLOATS],
+                                    *[f for f, dt in zip(finals, k.field_dtypes) if dt not in _FLOATS])
+        return (*outputs, *finals)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        layer, call, g, start, has_init = ctx.meta
+        k = layer._cpu_kernels
+        compute = call.ctx.dt["f32"]
+        saved = ctx.saved_tensors
+        n_in, n_par = len(k.inputs), len(k.params)
+        flat, saves = saved[:ctx.n_flat], saved[ctx.n_flat:]
+        inputs, params = flat[:n_in], flat[n_in:n_in + n_par]
+        prefix = flat[n_in + n_par:] if has_init else None
+        out_grads, fin_grads = grads[:len(k.output_dtypes)], grads[len(k.output_dtypes):]
+        tensors, strides = [], []
+        for x, role, dtype in zip(inputs, k.input_roles, k.input_dtypes):
+            view, st = _input_view(x, g, role, _storage_dtype(dtype, compute))
+            tensors.append(view)
+            strides += st
+        for p in params:
+            tensors.append(p.detach().to(compute if p.is_floating_point() else torch.int64).reshape(-1).contiguous())
+        fshapes = _declared(layer.spec.fields, call)
+        for i, (role, dtype) in enumerate(zip(k.field_roles, k.field_dtypes)):
+            st = _storage_dtype(dtype, compute)
+            tensors.append(_state_tensor(prefix[i], g, role, st, fshapes[i]) if prefix is not None
+                           else torch.empty(0, dtype=st))
+        tensors += list(saves)
+        shapes = _declared(layer.spec.outputs, call)
+        for grad, role, shape in zip(out_grads, k.output_roles, shapes):
+            if grad is None or not grad.is_floating_point():
+                grad = torch.zeros((), dtype=compute)
+            tensors.append(grad.to(compute).expand(g.B, g.T, *g.lanes, *shape)
+                           .reshape(g.B, g.T, g.L, *g.extent(role)).contiguous())
+        has_dfin = any(gr is not None for gr, dt in zip(fin_grads, k.field_dtypes) if dt in _FLOATS)
+        for grad, role, dtype, shape in zip(fin_grads, k.field_roles, k.field_dtypes, fshapes):
+            if has_dfin and dtype in _FLOATS:
+                grad = grad if grad is not None else torch.zeros((), dtype=compute)
+                tensors.append(grad.to(compute).expand(g.B, *g.lanes, *shape)
+                               .reshape(g.B, g.L, *g.extent(role)).contiguous())
+            else:
+                tensors.append(torch.empty(0, dtype=compute))
+        din = [torch.zeros(g.B, g.T, g.L, *g.extent(role), dtype=compute) for role in k.input_roles]
+        dpar = [torch.zeros(g.items, *(g.extent(role) if not g.lane_mode else ()), dtype=compute)
+                for role in k.param_roles]
+        dini = [torch.zeros(g.B, g.L, *g.extent(role), dtype=compute) for role in k.field_roles]
+        tensors += din + dpar + dini
+        ints = [g.B, g.T, g.L, g.R, g.C, start, has_init, has_dfin, 0]
+        ints += [int(call.ctx.d[d]) for d in k.dims] + strides
+        _call(_function(library(k), k, "backward", compute), tensors, ints)
+        result = [None]
+        in_shapes = []
+        for x, role in zip(inputs, k.input_roles):
+            rank = len(role) if not g.lane_mode else 0
+            in_shapes.append(tuple(x.shape[x.dim() - rank:]) if rank else ())
+        for t, x, dtype, shape in zip(din, inputs, k.input_dtypes, in_shapes):
+            if dtype in _FLOATS and x.is_floating_point() and ctx.needs_input_grad[len(result)]:
+                result.append(_unflatten(t, g, shape, True).sum_to_size(x.shape).to(x.dtype))
+            else:
+                result.append(None)
+        for t, p in zip(dpar, params):
+            result.append(t.sum(dim=0).reshape(p.shape).to(p.dtype) if p.is_floating_point() else None)
+        if has_init:
+            for t, x, dtype, shape in zip(dini, prefix, k.field_dtypes, fshapes):
+                ok = dtype in _FLOATS and x.is_floating_point()
+                result.append(_unflatten(t, g, shape, False).sum_to_size(x.shape).to(x.dtype) if ok else None)
+        return tuple(result)
+
+
+def _grad_needed(layer, call, prefix) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(x.requires_grad for x in call.inputs.values()) or \
+        any(p.requires_grad for p in _params(layer)) or \
+        (prefix is not None and any(t.requires_grad for t in prefix))
+
+
+def forward(layer, call, state):
+    """The fused pass over [B, T, ...]: (outputs, new ScanState)."""
+    k = layer._cpu_kernels
+    g = _geometry(k, call, call.lead)
+    prefix = state.prefix if state is not None else None
+    start = state.size if state is not None else 0
+    inputs = [call.inputs[name] for name in k.inputs]
+    if _grad_needed(layer, call, prefix):
+        meta = (layer, call, g, start, prefix is not None)
+        flat = _CpuScan.apply(meta, *inputs, *_params(layer), *(prefix or ()))
+        outputs, finals = tuple(flat[:len(k.output_dtypes)]), tuple(flat[len(k.output_dtypes):])
+    else:
+        outs, fins, _ = _forward_raw(layer, call, g, inputs, _params(layer), prefix, start, save=False)
+        outputs, finals = _finish(layer, call, g, outs, fins, time=True)
+    count = (state.count if state is not None else torch.zeros((), dtype=torch.int64)) + g.T
+    return outputs, ScanState(prefix=finals, count=count)
+
+
+def step(layer, call, state):
+    """One token [B, *lanes, ...]: the forward over a one-token sequence continuing `state`."""
+    import dataclasses
+    one = dataclasses.replace(call, inputs={n: x.unsqueeze(1) for n, x in call.inputs.items()},
+                              lead=(call.lead[0], 1) + tuple(call.lead[1:]))
+    outputs, new_state = forward(layer, one, state if state.prefix is not None else None)
+    new_state = ScanState(prefix=new_state.prefix, count=state.count + 1)
+    return tuple(o.squeeze(1) for o in outputs), new_state
