@@ -34,7 +34,7 @@ import torch
 
 from .state import ScanState
 
-CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
+CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")  # the last two let exp / select loops vectorise
 LDFLAGS = ("-fopenmp",)
 # backend='auto': a matrix-state op whose forward also has the chunkwise matmul form runs that
 # form above this many tokens (the token loop does O(K V) work per token without matmuls)
@@ -190,6 +190,7 @@ class _Geometry:
     C: int
     items: int
     lane_mode: bool
+    width: int = 1  # lanes per work item in 'lanes' mode
 
     def extent(self, role: str) -> tuple:
         if self.lane_mode:
@@ -204,8 +205,20 @@ def _geometry(k: CpuKernels, call, lead: tuple) -> _Geometry:
     R = int(k.rows(d)) if k.rows is not None else 1
     C = int(k.cols(d)) if k.cols is not None else 1
     lane_mode = k.mode == "lanes"
-    items = B * (-(-L // k.lane_block) if lane_mode else L)
-    return _Geometry(B, T, lanes, L, R, C, items, lane_mode)
+    width = _lane_width(k, B, L) if lane_mode else 1
+    items = B * (-(-L // width) if lane_mode else L)
+    return _Geometry(B, T, lanes, L, R, C, items, lane_mode, width)
+
+
+def _lane_width(k: CpuKernels, B: int, L: int) -> int:
+    """Lanes per work item ('lanes' mode): as wide as the threads allow, so each token of a
+    work item reads and writes whole contiguous rows (the hardware prefetcher streams them);
+    narrow blocks would touch one cache line per token and page."""
+    threads = max(1, torch.get_num_threads())
+    per_row = max(1, -(-2 * threads // max(B, 1)))  # work items wanted per batch row
+    width = -(-L // per_row)
+    width = -(-width // k.lane_block) * k.lane_block
+    return max(k.lane_block, min(width, 4096))
 
 
 def _storage_dtype(dtype: str, compute):
@@ -267,7 +280,7 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
              if save else torch.empty(0, dtype=_storage_dtype(dtype, compute))
              for role, dtype in zip(k.field_roles, k.field_dtypes)]
     tensors += outs + fins + saves
-    ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, 0]
+    ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, g.width]
     ints += [int(call.ctx.d[d]) for d in k.dims] + strides
     lib = library(k)
     _call(_function(lib, k, "forward", compute), tensors, ints)
@@ -348,7 +361,7 @@ class _CpuScan(torch.autograd.Function):
                 for role in k.param_roles]
         dini = [torch.zeros(g.B, g.L, *g.extent(role), dtype=compute) for role in k.field_roles]
         tensors += din + dpar + dini
-        ints = [g.B, g.T, g.L, g.R, g.C, start, has_init, has_dfin, 0]
+        ints = [g.B, g.T, g.L, g.R, g.C, start, has_init, has_dfin, g.width]
         ints += [int(call.ctx.d[d]) for d in k.dims] + strides
         _call(_function(library(k), k, "backward", compute), tensors, ints)
         result = [None]
