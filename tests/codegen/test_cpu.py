@@ -1,0 +1,295 @@
+"""The fused C++ CPU backend (psmc.codegen.cpp_printer, psmc.runtime.cpu_support).
+
+Every example op the C++ printer covers runs with backend='cpu' and must agree with the
+torch backend and with the reference interpreter (parallel pass, token-by-token steps,
+continuing from a state), in float64; gradients are checked numerically (gradcheck) and
+against the torch backend's autograd (inputs, params, initial state). Building: a missing
+compiler or a failing build falls back to torch with one warning; two processes building the
+same op at once both succeed. One extension per op, built once per session (the session's
+PSMC_CACHE_DIR), so the whole file builds each covered example once.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import psmc
+from layer_cases import CASES
+from layer_harness import as_tuple, assert_agree, layer_class, make_inputs, stream, time_slice
+from layer_reference import op_ir, reference_outputs
+from psmc.runtime import cpu_support
+
+COVERED = sorted(name for name in CASES if getattr(layer_class(name), "_cpu_kernels", None) is not None)
+NOT_COVERED = sorted(set(CASES) - set(COVERED))
+HAS_COMPILER = cpu_support.compiler() is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+
+
+def test_coverage_is_what_the_issue_asks():
+    """Every elementwise-monoid and first-order example (scalar, vector, per-key decays) and
+    the matrix-state GLA family; the tree scans and the affine (delta-rule) combines are not."""
+    assert set(COVERED) == {"cumsum", "gla", "linear_attention", "linear_recurrence", "logcumsumexp", "mlstm",
+                            "retention", "running_argmax", "rwkv6", "segmented_sum", "selective_ssm", "simple_gla",
+                            "softmax_pool", "welford"}
+    assert set(NOT_COVERED) == {"delta_rule", "gated_delta_rule", "ema", "transformer_psm", "tree_rnn"}
+
+
+class Spy:
+    """Counts the calls that really ran the C++ kernels (a test that silently fell back to
+    torch would otherwise pass)."""
+
+    def __init__(self, monkeypatch):
+        self.forward = 0
+        original = cpu_support._call
+
+        def counting(fn, tensors, ints):
+            self.forward += 1
+            return original(fn, tensors, ints)
+        monkeypatch.setattr(cpu_support, "_call", counting)
+
+
+def _layers(name, dims, seed):
+    cls = layer_class(name)
+    torch.manual_seed(seed)
+    cpu = cls(backend="cpu", **dims).double()
+    ref = cls(backend="torch", **dims).double()
+    ref.load_state_dict(cpu.state_dict())
+    return cls, cpu, ref
+
+
+RUNS = [  # (batch, time, lanes, broadcast pattern, dim set, seed)
+    (2, 13, (3,), (False, True), 0, 1),
+    (1, 6, (2, 2), (True, False, False), -1, 2),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", COVERED)
+@pytest.mark.parametrize("run", range(len(RUNS)))
+def test_cpu_agrees_with_torch_and_reference(name, run, monkeypatch):
+    batch, T, lanes, pattern, dim_set, seed = RUNS[run]
+    case = CASES[name]
+    dims = case.dim_sets[dim_set]
+    cls, cpu, ref = _layers(name, dims, seed)
+    broadcast = tuple(tuple(pattern[(i + j) % len(pattern)] for j in range(len(lanes))) for i in range(8))
+    inputs = make_inputs(cls, dims, batch, T, lanes, broadcast, seed, case.kinds)
+    spy = Spy(monkeypatch)
+    full = as_tuple(cpu(**inputs))
+    assert spy.forward == 1, "the parallel pass did not run the C++ kernels"
+    want = as_tuple(ref(**inputs))
+    assert_agree(full, want, "backend='cpu' vs backend='torch'")
+
+    lead = torch.broadcast_shapes(*(x.shape[:2 + len(lanes)] for x in inputs.values()))
+    streamed, end = stream(cpu, inputs, cpu.init_state(), 0, T)
+    assert spy.forward == 1 + T, "step did not run the C++ kernels"
+    assert_agree(streamed, full, "cpu steps vs the cpu parallel pass")
+    _, ref_end = ref(**inputs, return_state=True)
+    for got, exp in zip(end.prefix, ref_end.prefix):
+        torch.testing.assert_close(got.expand_as(exp), exp, rtol=1e-9, atol=1e-11)
+
+    mid = T // 2
+    first, state = cpu(**time_slice(inputs, 0, mid), return_state=True)
+    rest = cpu(**time_slice(inputs, mid, T), state=state)
+    assert_agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), as_tuple(rest))), full,
+                 f"cpu forward continued after {mid} tokens")
+
+    op = op_ir(str(case.path), name)
+    params = {p.name: getattr(cpu, "p_" + p.name).detach() for p in cls.spec.params}
+    expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
+    for b in range(lead[0]):
+        lane = tuple(size - 1 for size in lead[2:])  # the last lane of each batch row
+        where = (b, slice(None), *lane)
+        reference = reference_outputs(op, dims, params, {n: x[where] for n, x in expanded.items()}, False)
+        assert_agree(tuple(o[where] for o in full), reference, f"cpu vs the reference interpreter, batch {b}")
+
+
+def _float_inputs(cls, inputs):
+    return {n: x.requires_grad_() if x.is_floating_point() else x for n, x in inputs.items()}
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", COVERED)
+def test_cpu_gradients(name, monkeypatch):
+    """gradcheck (float64, tiny shapes) through inputs and the initial state, and every
+    gradient (inputs, params, initial state) equal to the torch backend's autograd."""
+    case = CASES[name]
+    dims = case.dim_sets[-1]
+    cls, cpu, ref = _layers(name, dims, 3)
+    broadcast = ((False, True),) * 8
+    inputs = make_inputs(cls, dims, 2, 5, (2,), broadcast, 3, case.kinds)
+    floats = [n for n, x in inputs.items() if x.is_floating_point()]
+    with torch.no_grad():
+        _, state = ref(**time_slice(inputs, 0, 2), return_state=True)
+    prefix = tuple(p.clone() for p in state.prefix)
+    float_fields = [i for i, p in enumerate(prefix) if p.is_floating_point()]
+    rest = time_slice(inputs, 2, 5)
+
+    def run(layer, *leaves):
+        xs = dict(rest)
+        xs.update(zip(floats, leaves[:len(floats)]))
+        p = list(prefix)
+        for i, t in zip(float_fields, leaves[len(floats):]):
+            p[i] = t
+        out, new = layer(**xs, state=type(state)(prefix=tuple(p), count=state.count), return_state=True)
+        floats_out = tuple(o for o in as_tuple(out) if o.is_floating_point())
+        return floats_out + tuple(f for f in new.prefix if f.is_floating_point())
+
+    leaves = [rest[n].detach().clone().requires_grad_() for n in floats] + \
+        [prefix[i].detach().clone().requires_grad_() for i in float_fields]
+    spy = Spy(monkeypatch)
+    assert torch.autograd.gradcheck(lambda *ls: run(cpu, *ls), leaves, eps=1e-6, atol=1e-6)
+    assert spy.forward > 0
+    # the same gradients as torch's autograd of the torch backend, params included
+    gen = torch.Generator().manual_seed(5)
+    outs = run(cpu, *leaves)
+    weights = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves + list(cpu.parameters()),
+                              allow_unused=True)
+    outs = run(ref, *leaves)
+    want = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), leaves + list(ref.parameters()),
+                               allow_unused=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None or not g.abs().any(), f"gradient {i}: torch has none, cpu has {g}"
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10, msg=lambda m: f"gradient {i}: {m}")
+
+
+@needs_compiler
+def test_float32_cpu_is_close_to_float64_torch():
+    cls = layer_class("selective_ssm")
+    dims = {"N": 3}
+    torch.manual_seed(0)
+    cpu = cls(backend="cpu", **dims)
+    ref = cls(backend="torch", **dims).double()
+    ref.load_state_dict(cpu.state_dict())
+    inputs = make_inputs(cls, dims, 2, 50, (5,), ((False,),) * 8, 1, CASES["selective_ssm"].kinds)
+    got = cpu(**{n: x.float() for n, x in inputs.items()})
+    want = ref(**inputs)
+    assert got.dtype == torch.float32
+    err = ((got.double() - want).pow(2).mean() / want.pow(2).mean()).sqrt()
+    assert err < 1e-5, f"relative RMS error {err:.2e}"
+
+
+@needs_compiler
+def test_auto_uses_cpu_on_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("PSMC_CPU", raising=False)
+    cls = layer_class("linear_recurrence")
+    layer = cls()  # backend='auto'
+    spy = Spy(monkeypatch)
+    x, log_a = torch.randn(2, 9, 4), -torch.rand(2, 9, 4)
+    y = layer(x, log_a)
+    assert spy.forward == 1
+    torch.testing.assert_close(y, cls(backend="torch")(x, log_a))
+    monkeypatch.setenv("PSMC_CPU", "0")
+    layer(x, log_a)
+    assert spy.forward == 1, "PSMC_CPU=0 keeps backend='auto' on torch"
+
+
+@needs_compiler
+def test_auto_keeps_the_chunkwise_form_for_long_matrix_sequences(monkeypatch):
+    monkeypatch.delenv("PSMC_CPU", raising=False)
+    cls = layer_class("gla")
+    layer = cls(K=4, V=3)
+    spy = Spy(monkeypatch)
+    make = lambda T, n: torch.randn(1, T, 2, n)  # noqa: E731
+    long = cpu_support.MATRIX_FORWARD_MAX_T + 1
+    layer(k=make(long, 4), v=make(long, 3), gk=-torch.rand(1, long, 2, 4), q=make(long, 4))
+    assert spy.forward == 0
+    layer(k=make(8, 4), v=make(8, 3), gk=-torch.rand(1, 8, 2, 4), q=make(8, 4))
+    assert spy.forward == 1
+
+
+def test_backend_cpu_on_an_op_without_kernels_is_a_clear_error():
+    cls = layer_class("ema")
+    with pytest.raises(ValueError, match=r"ema: backend='cpu' is not available for this op: its plan has no C\+\+ "
+                                         r"kernels \(see `psmc check`\); use backend='torch' or 'auto'"):
+        cls(backend="cpu")
+
+
+def _fresh_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("PSMC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_support, "_LIBRARIES", {})
+    monkeypatch.setattr(cpu_support, "_WARNED", set())
+
+
+@pytest.mark.parametrize("how", ["missing compiler", "failing build"])
+def test_no_compiler_or_failed_build_falls_back_with_one_warning(how, monkeypatch, tmp_path):
+    cls = layer_class("cumsum")
+    _fresh_build(monkeypatch, tmp_path)
+    if how == "missing compiler":
+        monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    else:
+        from torch.utils import cpp_extension
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("Error building extension 'psmc_cpu': c++: internal compiler error")
+        monkeypatch.setattr(cpp_extension, "load_inline", broken)
+    layer = cls(backend="cpu")
+    x = torch.randn(2, 7, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = layer(x)
+        y2 = layer(x)
+        _, state = layer.step(layer.init_state(), x[:, 0])
+    ours = [w for w in caught if "psmc: could not build the C++ CPU kernels" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    assert "the torch backend serves this op instead" in message and "backend='torch'" in message
+    assert ("no C++ compiler found" in message) if how == "missing compiler" else ("internal compiler error" in message)
+    torch.testing.assert_close(y1, cls(backend="torch")(x))
+    torch.testing.assert_close(y2, y1)
+    assert not list(tmp_path.glob("cpu/*/ok"))
+
+
+@needs_compiler
+def test_two_processes_building_the_same_op_at_once_both_succeed(tmp_path):
+    script = textwrap.dedent(f"""
+        import sys, torch, psmc
+        from psmc.runtime import cpu_support
+        m = psmc.load({str(CASES['cumsum'].path)!r})
+        layer = m.__psmc_layers__['cumsum'](backend='cpu')
+        x = torch.arange(12.0).reshape(1, 4, 3)
+        calls = []
+        original = cpu_support._call
+        cpu_support._call = lambda *a: (calls.append(1), original(*a))[1]
+        y = layer(x)
+        assert calls, 'the C++ kernels did not run'
+        assert torch.equal(y, x.cumsum(1)), y
+        print('ok')
+    """)
+    env = dict(os.environ, PSMC_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(sys.path))
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    assert len(list(tmp_path.glob("cpu/*/ok"))) == 1
+    assert len(list(tmp_path.glob("cpu/*/*.so"))) == 1
+
+
+def test_psmc_check_names_the_cpu_kernels():
+    from psmc.compiler import compile_source
+    compiled = compile_source(CASES["gla"].path.read_text(), "gla.psm")
+    from psmc.compiler import codegen_notes
+    notes = codegen_notes(compiled.ops[0], compiled.analyses["gla"])
+    assert notes["cpu"] == "cpu: fused C++ forward + backward + step, one loop over time per batch row x a [K, V] state"
+    compiled = compile_source(CASES["ema"].path.read_text(), "ema.psm")
+    assert codegen_notes(compiled.ops[0], compiled.analyses["ema"])["cpu"].startswith("cpu: none (tree-scan plan")
+
+
+def test_generated_cpp_is_deterministic_and_names_no_user_text_outside_identifiers():
+    from psmc.codegen.cpp_printer import generate
+    from psmc.compiler import compile_source
+    text = CASES["selective_ssm"].path.read_text()
+    a = compile_source(text, "a.psm")
+    b = compile_source(text, "b.psm")
+    src = generate(a.ops[0], a.plans["selective_ssm"])
+    assert src == generate(b.ops[0], b.plans["selective_ssm"])
+    assert "#include <torch" not in src  # builds in about a second: no torch headers
