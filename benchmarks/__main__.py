@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import compile_time, delta, gla, machine, peers, recurrence, report, streaming
+from . import compile_time, cpu, delta, gla, machine, peers, recurrence, report, streaming
 from .cases import Settings
 
 CASES = {
@@ -24,6 +24,7 @@ CASES = {
     "delta_rule": delta.run,
     "streaming": streaming.run,
     "compile": compile_time.run,
+    "cpu": cpu.run,
 }
 
 

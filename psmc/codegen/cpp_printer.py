@@ -511,7 +511,8 @@ def symbol(op: OpIR) -> str:
 
 
 def forward_layout(op: OpIR) -> dict:
-    """Pointers: inputs, params, inits, outputs, finals, saves (one per field each).
+    """Pointers: inputs, params, inits, outputs, finals, saves (one per field each), and one
+    byte per work item set when an output it wrote is NaN.
     Ints: B, T, L, R, C, start, has_init, save, lanes per work item, then the dims in op.dims order,
     then four strides (batch, time, lane, declared axis) per input."""
     return {"ptrs": ("inputs", "params", "inits", "outputs", "finals", "saves"),
@@ -557,8 +558,8 @@ class KernelPrinter:
     def item_start(self) -> list[str]:
         if self.lanes:
             return ["const int64_t b = item / NL, l = (item % NL) * W;",
-                    "const int64_t R = 1, C = std::min<int64_t>(W, L - l); (void)R;"]
-        return ["const int64_t b = item / NL, l = item % NL;", "const int64_t R = R0, C = C0; (void)R; (void)C;"]
+                    "const int64_t C = std::min<int64_t>(W, L - l);  // this block's lanes"]
+        return ["const int64_t b = item / NL, l = item % NL;"]
 
     def slot(self, role: str, row: str) -> str:
         """Offset of this work item's value of `role` in a [rows, L, *extent] tensor."""
@@ -636,7 +637,8 @@ class KernelPrinter:
         n = len(op.state)
         groups = [("in", [(v.dtype, True) for v in op.inputs]), ("par", [(p.dtype, True) for p in op.params]),
                   ("ini", [(f.dtype, True) for f in op.state]), ("out", [(o.dtype, False) for o in op.outputs]),
-                  ("fin", [(f.dtype, False) for f in op.state]), ("sav", [(f.dtype, False) for f in op.state])]
+                  ("fin", [(f.dtype, False) for f in op.state]), ("sav", [(f.dtype, False) for f in op.state]),
+                  ("nan", [("bool", False)])]
         lines = self.header(groups)
         decls, item = [], []
         in_decls, in_lines = self.load_inputs()
@@ -649,7 +651,8 @@ class KernelPrinter:
             st = store_type(f.dtype)
             if role:
                 size = g.size(role)
-                decls.append(f"std::vector<{st}> cbuf{i}_a({size}), cbuf{i}_b({size}); {st} *c{i} = cbuf{i}_a.data();")
+                decls.append(f"std::vector<{st}> cbuf{i}_a({size}), cbuf{i}_b({size});")
+                item.append(f"{st} *c{i} = cbuf{i}_a.data();")
                 item.append(f"if (has_init) {loops(role)}{access(f'c{i}', role)} = {access(self.field_ptr('ini', i, 'b'), role)};")
             else:
                 item.append(f"{ctype(f.dtype)} c{i} = has_init ? {ctype(f.dtype)}(ini{i}[{self.slot('', 'b')}]) : "
@@ -677,6 +680,9 @@ class KernelPrinter:
                 else:
                     out.append(f"{store_type(o.dtype)} &out{j}_p = out{j}[{off}];")
                 out.append(self.assign(f"out{j}_p", role, readout, node))
+                if o.dtype in FLOATS:  # NaN outputs are reported; the layer then looks closer
+                    v = access(f"out{j}_p", role)
+                    out.append(f"{loops(role)}bad |= ({v} != {v});")
             return ["{"] + ["  " + x for x in out] + ["}"]
 
         def current(i, f):
@@ -715,9 +721,11 @@ class KernelPrinter:
                 step.append(f"if (flag) sav{i}[{self.slot('', 'b * T + t')}] = c{i};")
         if not op.exclusive:
             step += do_readout(current)
+        item.append("bool bad = false;")
         item.append("for (int64_t t = 0; t < T; ++t) {")
         item += ["  " + x for x in step]
         item.append("}")
+        item.append("nan0[item] = bad;")
         for i, f in enumerate(op.state):
             role = g.fields[f.name]
             if role:
@@ -750,10 +758,12 @@ class KernelPrinter:
         lines.append("  #pragma omp parallel num_threads(threads)")
         lines.append("  {")
         lines.append("    PsmFlushSubnormals<scalar_t> flush;  // this thread, for this call")
+        lines.append("    // work-item buffers, allocated once per thread (lanes mode: for the widest block)")
+        lines.append(f"    const int64_t R = {'1' if self.lanes else 'R0'}, C = {'W' if self.lanes else 'C0'}; (void)R; (void)C;")
+        lines += ["    " + x for x in decls]
         lines.append("    #pragma omp for schedule(static)")
         lines.append("    for (int64_t item = 0; item < B * NL; ++item) {")
         lines += ["      " + x for x in self.item_start()]
-        lines += ["      " + x for x in decls]
         lines += ["      " + x for x in item]
         lines += ["    }", "  }", "}"]
         return lines

@@ -135,10 +135,21 @@ def _function(lib, kernels: CpuKernels, kind: str, dtype):
     return fn
 
 
-def _call(fn, tensors: list, ints: list):
+def _call(fn, tensors: list, ints: list, threads: int):
     ptrs = (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
     nums = (ctypes.c_int64 * len(ints))(*[int(i) for i in ints])
-    fn(ptrs, nums, torch.get_num_threads())
+    fn(ptrs, nums, threads)
+
+
+# below this many state elements times tokens a call runs on one thread: waking a second
+# thread costs more than the work (and on a loaded machine can wait a scheduler tick);
+# torch's own elementwise ops use the same bound (at::internal::GRAIN_SIZE)
+GRAIN = 32768
+
+
+def _threads(g) -> int:
+    work = g.B * max(g.T, 1) * g.L * g.R * g.C
+    return 1 if work < GRAIN else max(1, min(torch.get_num_threads(), g.items))
 
 
 # ---------------------------------------------------------------------- choosing
@@ -279,11 +290,14 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
     saves = [torch.empty(g.B, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
              if save else torch.empty(0, dtype=_storage_dtype(dtype, compute))
              for role, dtype in zip(k.field_roles, k.field_dtypes)]
-    tensors += outs + fins + saves
+    nan = torch.zeros(g.items, dtype=torch.bool)
+    tensors += outs + fins + saves + [nan]
     ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, g.width]
     ints += [int(call.ctx.d[d]) for d in k.dims] + strides
     lib = library(k)
-    _call(_function(lib, k, "forward", compute), tensors, ints)
+    _call(_function(lib, k, "forward", compute), tensors, ints, _threads(g))
+    if not bool(nan.any()):
+        call.outputs_checked = True  # no NaN output: the layer's finite check has nothing to find
     return outs, fins, saves
 
 
@@ -363,7 +377,7 @@ class _CpuScan(torch.autograd.Function):
         tensors += din + dpar + dini
         ints = [g.B, g.T, g.L, g.R, g.C, start, has_init, has_dfin, g.width]
         ints += [int(call.ctx.d[d]) for d in k.dims] + strides
-        _call(_function(library(k), k, "backward", compute), tensors, ints)
+        _call(_function(library(k), k, "backward", compute), tensors, ints, _threads(g))
         result = [None]
         in_shapes = []
         for x, role in zip(inputs, k.input_roles):
@@ -415,5 +429,7 @@ def step(layer, call, state):
     one = dataclasses.replace(call, inputs={n: x.unsqueeze(1) for n, x in call.inputs.items()},
                               lead=(call.lead[0], 1) + tuple(call.lead[1:]))
     outputs, new_state = forward(layer, one, state if state.prefix is not None else None)
+    if getattr(one, "outputs_checked", False):
+        call.outputs_checked = True
     new_state = ScanState(prefix=new_state.prefix, count=state.count + 1)
     return tuple(o.squeeze(1) for o in outputs), new_state

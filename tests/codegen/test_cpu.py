@@ -48,9 +48,9 @@ class Spy:
         self.forward = 0
         original = cpu_support._call
 
-        def counting(fn, tensors, ints):
+        def counting(*args):
             self.forward += 1
-            return original(fn, tensors, ints)
+            return original(*args)
         monkeypatch.setattr(cpu_support, "_call", counting)
 
 
@@ -293,3 +293,21 @@ def test_generated_cpp_is_deterministic_and_names_no_user_text_outside_identifie
     src = generate(a.ops[0], a.plans["selective_ssm"])
     assert src == generate(b.ops[0], b.plans["selective_ssm"])
     assert "#include <torch" not in src  # builds in about a second: no torch headers
+
+
+@needs_compiler
+def test_nan_from_finite_inputs_is_still_an_error(monkeypatch):
+    """The kernels flag NaN outputs as they write them (the layer then skips its own pass);
+    a flagged NaN from finite inputs raises as on the torch backend, NaN inputs do not."""
+    cls = layer_class("linear_recurrence")
+    x = torch.zeros(1, 3, 2)
+    log_a = torch.full((1, 3, 2), 100.0)  # exp overflows to inf in float32; inf * 0 = NaN
+    for backend in ("cpu", "torch"):
+        with pytest.raises(FloatingPointError, match="linear_recurrence: output 'out' contains NaN although every "
+                                                     "input is finite"):
+            cls(backend=backend)(x, log_a)
+    spy = Spy(monkeypatch)
+    y = cls(backend="cpu")(torch.full((1, 3, 2), float("nan")), torch.zeros(1, 3, 2))
+    assert spy.forward == 1 and torch.isnan(y).all()
+    ok = cls(backend="cpu")(torch.ones(1, 3, 2), torch.zeros(1, 3, 2))
+    torch.testing.assert_close(ok, torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1).expand(1, 3, 2))
