@@ -94,6 +94,7 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     """Why `op` gets no C++ kernels, or None when it does. The reach of the Triton tile models
     (psmc.codegen.triton_printer), plus f64 values and exclusive readouts of scalar and vector
     states, which a sequential loop serves as easily."""
+    plan = _plan_dict(plan)
     if plan is not None and plan.get("plan") != "exact-scan":
         return "tree-scan plan: the per-level Agg is not generated; the torch backend serves it"
     structure = (plan or {}).get("structure")
@@ -127,6 +128,13 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     if len(axes) > 1:
         return f"values of different lengths {sorted(map(str, axes))}: the grid has one state axis"
     return None
+
+
+def _plan_dict(plan):
+    """A psmc.plan.Plan or the dict the printers take ({'plan': ..., 'structure': ...})."""
+    if plan is None or isinstance(plan, dict):
+        return plan
+    return {"plan": plan.scan, "structure": plan.structure}
 
 
 def _bodies(op: OpIR) -> tuple:

@@ -409,6 +409,7 @@ def forward(layer, call, state):
     """The fused pass over [B, T, ...]: (outputs, new ScanState)."""
     k = layer._cpu_kernels
     g = _geometry(k, call, call.lead)
+    state = layer._full_state(call, state)  # a stream state may keep only the live fields
     prefix = state.prefix if state is not None else None
     start = state.size if state is not None else 0
     inputs = [call.inputs[name] for name in k.inputs]
@@ -420,7 +421,7 @@ def forward(layer, call, state):
         outs, fins, _ = _forward_raw(layer, call, g, inputs, _params(layer), prefix, start, save=False)
         outputs, finals = _finish(layer, call, g, outs, fins, time=True)
     count = (state.count if state is not None else torch.zeros((), dtype=torch.int64)) + g.T
-    return outputs, ScanState(prefix=finals, count=count)
+    return outputs, layer._stream_state(ScanState(prefix=finals, count=count))
 
 
 def step(layer, call, state):

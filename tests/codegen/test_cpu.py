@@ -278,10 +278,10 @@ def test_psmc_check_names_the_cpu_kernels():
     from psmc.compiler import compile_source
     compiled = compile_source(CASES["gla"].path.read_text(), "gla.psm")
     from psmc.compiler import codegen_notes
-    notes = codegen_notes(compiled.ops[0], compiled.analyses["gla"])
+    notes = codegen_notes(compiled.ops[0], compiled.plans["gla"])
     assert notes["cpu"] == "cpu: fused C++ forward + backward + step, one loop over time per batch row x a [K, V] state"
     compiled = compile_source(CASES["ema"].path.read_text(), "ema.psm")
-    assert codegen_notes(compiled.ops[0], compiled.analyses["ema"])["cpu"].startswith("cpu: none (tree-scan plan")
+    assert codegen_notes(compiled.ops[0], compiled.plans["ema"])["cpu"].startswith("cpu: none (tree-scan plan")
 
 
 def test_generated_cpp_is_deterministic_and_names_no_user_text_outside_identifiers():
