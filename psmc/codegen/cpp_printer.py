@@ -988,6 +988,6 @@ def describe(op: OpIR, plan: dict | None) -> str:
     if reason is not None:
         return f"cpu: none ({reason})"
     g = Grid(op)
-    what = {"lanes": f"blocks of {LANE_BLOCK} lanes", "state": f"state axis {g.layout.axis}",
+    what = {"lanes": "a block of lanes", "state": f"state axis {g.layout.axis}",
             "matrix": f"a [{g.layout.axis}, {g.layout.cols}] state"}[g.mode]
     return f"cpu: fused C++ forward + backward + step, one loop over time per batch row x {what}"
