@@ -28,6 +28,7 @@ import shutil
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -83,9 +84,13 @@ def _key(source: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def build_dir(source: str):
-    from ..loader import cache_dir
-    return cache_dir() / "cpu" / _key(source)
+def build_dir(source: str) -> Path:
+    """<psmc cache dir>/cpu/<key>: the same root as psmc.loader.cache_dir (the runtime imports
+    no compiler stage, so the two lines are repeated here)."""
+    env = os.environ.get("PSMC_CACHE_DIR")
+    root = Path(env) if env else \
+        Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "psmc"
+    return root / "cpu" / _key(source)
 
 
 def library(kernels: CpuKernels):
