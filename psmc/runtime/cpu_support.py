@@ -416,6 +416,11 @@ def forward(layer, call, state):
     g = _geometry(k, call, call.lead)
     state = layer._full_state(call, state)  # a stream state may keep only the live fields
     prefix = state.prefix if state is not None else None
+    if prefix is not None and any(t is None for t in prefix):
+        # dead fields (spec.dead: None in a stream prefix) are never read: any value serves
+        shapes = _declared(layer.spec.fields, call)
+        prefix = tuple(torch.zeros(g.B, *g.lanes, *shape, dtype=call.ctx.dt[f.dtype]) if t is None else t
+                       for t, shape, f in zip(prefix, shapes, layer.spec.fields))
     start = state.size if state is not None else 0
     inputs = [call.inputs[name] for name in k.inputs]
     if _grad_needed(layer, call, prefix):
@@ -426,7 +431,7 @@ def forward(layer, call, state):
         outs, fins, _ = _forward_raw(layer, call, g, inputs, _params(layer), prefix, start, save=False)
         outputs, finals = _finish(layer, call, g, outs, fins, time=True)
     count = (state.count if state is not None else torch.zeros((), dtype=torch.int64)) + g.T
-    return outputs, layer._stream_state(ScanState(prefix=finals, count=count))
+    return outputs, layer._stream_state(ScanState(prefix=layer._without_dead(finals), count=count))
 
 
 def step(layer, call, state):
