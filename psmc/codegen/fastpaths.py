@@ -128,7 +128,7 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned) -> FastPath:
     lines += [
         "        carry = None if state is None else state.prefix",
         f"        h, h_last = _fastpaths.linear_recurrence({printer.names[aligned]}, leaves[{ih}], "
-        f"None if carry is None else carry[{ih}])",
+        f"None if carry is None else carry[{ih}], kernel=cx.scan_kernel)",
         f"        a_last = leaves[{ia}].prod(dim=1)",
         "        if carry is not None:",
         f"            a_last = a_last * carry[{ia}]",

@@ -78,6 +78,7 @@ class Ctx:
     d: dict
     dev: torch.device
     dt: dict
+    scan_kernel: str = "torch"  # the first-order fast path's scan: 'torch' or 'triton' (psmc.runtime.dispatch)
 
 
 class PsmLayer(nn.Module):
@@ -332,10 +333,10 @@ class PsmLayer(nn.Module):
     # ------------------------------------------------------------------ token-level ops
     def _forward_tokens(self, call, state, return_state):
         spec = self.spec
-        if self.backend != "torch":
-            from . import triton_support
-            if triton_support.use_triton(self, call):
-                return triton_support.forward(self, call, state)
+        from . import dispatch
+        path = dispatch.choose(self, call, "forward")
+        if path.run is not None:
+            return path.run(self, call, state)
         lead = call.lead
         T = lead[1]
         start = 0 if state is None else state.size
@@ -351,10 +352,11 @@ class PsmLayer(nn.Module):
 
     def _step_token(self, call, state):
         spec = self.spec
-        if self.backend != "torch" and spec.scan == "exact":
-            from . import triton_support
-            if triton_support.use_triton(self, call):
-                return triton_support.step(self, call, state)
+        if spec.scan == "exact":
+            from . import dispatch
+            path = dispatch.choose(self, call, "step")
+            if path.run is not None:
+                return path.run(self, call, state)
         if spec.fast and self.use_fast_path and hasattr(self, "_fast_step"):
             return self._fast_step(call, state)
         state = self._full_state(call, state)

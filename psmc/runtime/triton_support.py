@@ -25,6 +25,10 @@ DEFAULT_BLOCK_T = 64
 DEFAULT_MATRIX_BLOCK_T = 16
 MAX_BLOCK_C = 64  # columns per program when the tile needs not hold the whole state axis
 
+# Set by psmc.codegen.triton_aot while it records launches: kernels are captured, not run, so the
+# Triton paths accept CPU tensors (nothing else changes: the launch configurations are real).
+RECORDING = False
+
 _KERNEL_DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
 
 
@@ -73,7 +77,7 @@ def unusable_reason(layer, call) -> str | None:
     kernels = getattr(layer, "_triton_kernels", None)
     if kernels is None:
         return "its plan has no Triton kernels (see `psmc check`)"
-    if call.ctx.dev.type == "cpu" and not _interpreted(kernels.forward):
+    if call.ctx.dev.type == "cpu" and not _interpreted(kernels.forward) and not RECORDING:
         return ("the inputs are CPU tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before the "
                 "generated module is imported (the interpreter, for tests)")
     if call.ctx.dev.type not in ("cpu", "cuda"):
@@ -84,16 +88,10 @@ def unusable_reason(layer, call) -> str | None:
 
 
 def use_triton(layer, call) -> bool:
-    """backend='auto': Triton for CUDA tensors when usable; 'triton': Triton or a clear error."""
-    if layer.backend == "torch":
-        return False
-    reason = unusable_reason(layer, call)
-    if layer.backend == "triton" and reason is not None:
-        raise RuntimeError(f"{layer.spec.name}: backend='triton' cannot run this call: {reason}; "
-                           "use backend='auto' or 'torch'")
-    if layer.backend == "auto":
-        return reason is None and call.ctx.dev.type == "cuda"
-    return reason is None
+    """Whether the forward pass of this call runs a Triton kernel (psmc.runtime.dispatch chooses:
+    backend='auto' by cost, Triton only for CUDA tensors; 'triton': Triton or a clear error)."""
+    from . import dispatch
+    return dispatch.choose(layer, call, "forward").triton
 
 
 def _pow2(n: int) -> int:
