@@ -347,33 +347,86 @@ def write_docs(path: Path, text: str):
     path.write_text(f"{head}{START}\n{text}\n{END}{tail}", encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Row:
+    """One compiled launch, picklable (what worker processes send back)."""
+
+    example: str
+    passname: str
+    kernel: str
+    grid: tuple
+    constexprs: tuple
+    results: tuple  # Compiled per arch
+
+    def launch_view(self) -> Launch:
+        return Launch(self.example, self.passname, self.kernel, None, self.grid, (), dict(self.constexprs))
+
+
+def compile_examples(names: list | None, archs=ARCHS) -> list:
+    """Record and compile the examples named (all with kernels when None): a list of Rows."""
+    rows = []
+    for example, cls in examples_with_kernels():
+        if names is not None and example not in names:
+            continue
+        for launch in record(example, cls):
+            results = tuple(compile_launch(launch, a) for a in archs)
+            rows.append(Row(example, launch.passname, launch.kernel, launch.grid,
+                            tuple(sorted(launch.kwargs.items())), results))
+    return rows
+
+
+def compile_all(archs=ARCHS, workers: int | None = None) -> list:
+    """Every example, split over worker processes (one per CPU by default): a list of Rows in a
+    fixed order (example, then the order of the launches)."""
+    import concurrent.futures
+    import multiprocessing
+    import os
+    names = [name for name, _ in examples_with_kernels()]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(names)))
+    if workers == 1:
+        return compile_examples(None, archs)
+    parts = [names[i::workers] for i in range(workers)]
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(compile_examples, parts, [archs] * workers))
+    by_example: dict = {}
+    for part in done:
+        for row in part:
+            by_example.setdefault(row.example, []).append(row)
+    return [row for name in names for row in by_example.get(name, [])]
+
+
+def failures(rows: list) -> list:
+    out = []
+    for row in rows:
+        for r in row.results:
+            if not r.ok:
+                out.append(f"{row.example} {row.passname} {row.kernel} sm_{r.arch}: {r.error}")
+            else:
+                why = over_budget(row.launch_view(), r)
+                if why:
+                    out.append(why)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="AOT-compile every psmc Triton kernel for sm_90 and sm_80")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/triton.md")
-    parser.add_argument("--only", nargs="*", help="examples to compile (default: all with kernels)")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
     args = parser.parse_args(argv)
-    rows, failures = [], []
-    for example, cls in examples_with_kernels():
-        if args.only and example not in args.only:
-            continue
-        for launch in record(example, cls):
-            results = {a: compile_launch(launch, a) for a in ARCHS}
-            rows.append((launch, results))
-            for r in results.values():
-                status = "ok" if r.ok else "COMPILE ERROR"
-                print(f"{example:18s} {launch.passname:20s} {launch.kernel:40s} sm_{r.arch} {status} "
-                      f"regs {r.registers} spill {r.spill_stores} smem {r.shared} ({r.seconds:.1f}s)", flush=True)
-                if not r.ok:
-                    failures.append(f"{example} {launch.kernel} sm_{r.arch}: {r.error}")
-                elif over_budget(launch, r):
-                    failures.append(over_budget(launch, r))
-    text = table(rows)
+    rows = compile_all(ARCHS, args.workers)
+    for row in rows:
+        for r in row.results:
+            print(f"{row.example:18s} {row.passname:20s} {row.kernel:40s} sm_{r.arch} "
+                  f"{'ok' if r.ok else 'COMPILE ERROR'} regs {r.registers} spill {r.spill_stores} smem {r.shared} "
+                  f"warps {r.num_warps} ({r.seconds:.1f}s)")
+    text = table([(row.launch_view(), {r.arch: r for r in row.results}) for row in rows])
     print(text)
     if args.write_docs:
         write_docs(ROOT / "docs" / "triton.md", text)
-    for f in failures:
+    bad = failures(rows)
+    for f in bad:
         print("FAIL:", f[:2000], file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class Ctx:
 class PsmLayer(nn.Module):
     spec: Spec
 
-    def __init__(self, backend: str = "auto", check_finite: bool = True, **dims):
+    def __init__(self, backend: str = "auto", check_finite: bool | None = None, **dims):
         super().__init__()
         spec = self.spec
         if backend not in ("auto", "torch", "triton"):
@@ -281,8 +281,14 @@ class PsmLayer(nn.Module):
 
     def _check_outputs(self, outputs, call):
         """NaN outputs from finite inputs are an error that names the op (the inputs are only
-        inspected once a NaN was found, so the common path costs one pass over the outputs)."""
-        if not self.check_finite:
+        inspected once a NaN was found, so the common path costs one pass over the outputs).
+
+        check_finite=None (the default) checks CPU tensors only: on a GPU the check needs a host
+        sync per call, so it is opt-in there (check_finite=True)."""
+        check = self.check_finite
+        if check is None:
+            check = call.ctx.dev.type == "cpu"
+        if not check:
             return
         for slot, out in zip(self.spec.outputs, outputs):
             if out.is_floating_point() and torch.isnan(out).any():

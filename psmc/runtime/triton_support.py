@@ -122,6 +122,13 @@ class _Geometry:
     def blocks(self) -> dict:
         return {"BLOCK_C": self.block_c, **({"BLOCK_R": self.block_r} if self.matrix else {})}
 
+    def num_warps(self, block_t: int) -> int:
+        """Warps per program from the register tile: a matrix kernel holds [BLOCK_R, BLOCK_C] tiles,
+        a block scan [BLOCK_T, BLOCK_C] ones; about 512 elements per warp (16 per thread per
+        value) keeps them in registers (docs/triton.md's AOT table shows registers and spills)."""
+        tile = self.block_r * self.block_c if self.matrix else block_t * self.block_c
+        return max(4, min(16, _pow2(tile // 512)))
+
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
     """whole_axis: one program holds all of S (the backward sums a rank-0 field's adjoint over
@@ -138,6 +145,17 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
         return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(C, block_c)), C, _pow2(S), True)
     block_c = _pow2(S) if kernels.full_tile or whole_axis else min(_pow2(S), MAX_BLOCK_C)
     return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(S, block_c)))
+
+
+def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
+    """The forward of a differentiated matrix pass may still tile the columns: its saved
+    carries are indexed by the global column, so the backward (which holds whole rows of
+    columns) reads them whatever the forward's tiling; a [K, V] tile of 128 x 128 would not fit
+    in registers. Other modes keep the backward's tiling (a rank-0 field's adjoint sums over S)."""
+    if not g.matrix or kernels.full_tile:
+        return g
+    block_c = min(_pow2(g.C), MAX_BLOCK_C)
+    return dataclasses.replace(g, block_c=block_c, grid=(g.B, g.L, triton_cdiv(g.C, block_c)))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -237,7 +255,8 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     args += g.sizes(start) + ([n_blocks] if time else [])
     args += [int(call.ctx.d[d]) for d in k.dims]
     extra = {"SAVE": save} if time else {}
-    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **extra)
+    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **extra,
+                   num_warps=g.num_warps(block_t if time else 1))
     return outputs, finals, bounds
 
 
@@ -263,8 +282,8 @@ class _ScanFunction(torch.autograd.Function):
         n_in, n_par = len(k.inputs), len(k.params)
         inputs, params = flat[:n_in], flat[n_in:n_in + n_par]
         prefix = flat[n_in + n_par:] if has_init else None
-        outputs, finals, bounds = _launch(layer, call, k.forward, g, inputs, params, prefix, start, True,
-                                          block_t, save=True)
+        outputs, finals, bounds = _launch(layer, call, k.forward, _forward_tiles(k, g), inputs, params, prefix,
+                                          start, True, block_t, save=True)
         outs = [_unflatten(o, g, r, True) for o, r in outputs]
         fins = [_unflatten(f, g, r, False) for f, r in finals]
         ctx.meta = meta
@@ -318,7 +337,8 @@ class _ScanFunction(torch.autograd.Function):
                    for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
         args += dpar + dini + scratch
         args += g.sizes(start) + [triton_cdiv(g.T, block_t)] + [int(call.ctx.d[d]) for d in k.dims]
-        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
+        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks(),
+                           num_warps=g.num_warps(block_t))
         result = [None]
         for (t, role), x, dtype in zip(din, inputs, k.input_dtypes):
             grad = _unflatten(t, g, role, True)
