@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -182,7 +182,11 @@ def psmc_paths(layer, inputs: dict, kind: str = "forward") -> list:
         call = twin._prepare(dict(inputs), step=kind == "step")
         for path, reason in dispatch.candidates(twin, call, kind):
             seen.setdefault(path.name, (path, reason, twin))
-    return [(name, path, reason, twin) for name, (path, reason, twin) in sorted(seen.items())]
+    return [(name, path, reason if not (SKIP_TRITON[0] and path.triton) else "--skip-triton", twin)
+            for name, (path, reason, twin) in sorted(seen.items())]
+
+
+SKIP_TRITON = [False]
 
 
 def run_path(path, layer, inputs: dict):
@@ -241,7 +245,7 @@ class Bench:
     report: Report
     deadline: float
     case_budget: float = CASE_BUDGET_S
-    notes: list = field(default_factory=list)
+    skip_triton: bool = False
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -319,10 +323,25 @@ def attention_cases(b: Bench, name: str, dtype):
     reference = {}
 
     def peer_out():
+        """(reference output, its name): the first fla kernel that runs, else psmc's cheapest torch
+        path that is not the generic scan (in a dry run: any torch path; fla needs a GPU)."""
         if "out" not in reference:
-            fn = next((f for _, f in peers if f is not None), None)
-            with torch.no_grad():
-                reference["out"] = fn(x) if fn is not None else None
+            reference["out"] = (None, "")
+            for impl, fn in peers:
+                try:
+                    with torch.no_grad():
+                        reference["out"] = (fn(x), impl)
+                    break
+                except Exception:  # noqa: BLE001 - try the next reference
+                    continue
+            if reference["out"][0] is None:
+                torch_paths = [(p.cost(t, t._prepare(dict(x), step=False)), n, p, t) for n, p, r, t in paths
+                               if r is None and not p.triton]
+                torch_paths = [c for c in sorted(torch_paths, key=lambda c: c[:2]) if b.dry or c[0] < 90]
+                if torch_paths:
+                    _, n, p, t = torch_paths[0]
+                    with torch.no_grad():
+                        reference["out"] = (run_path(p, t, x), f"psmc {n}")
         return reference["out"]
 
     from psmc.runtime import dispatch
@@ -344,10 +363,10 @@ def attention_cases(b: Bench, name: str, dtype):
             run_path(path, twin, leaves).float().sum().backward()
 
         def check(fwd=fwd):
-            ref = peer_out()
+            ref, against = peer_out()
             if ref is None:
                 return "-"
-            return verdict(rel_rms(ref.float(), fwd().float()), dtype)
+            return verdict(rel_rms(ref.float(), fwd().float()), dtype) + f" vs {against}"
         b.case(group, label, dtype, impl, fwd, both, check)
     for impl, fn in peers:
         b.case(group, label, dtype, impl, (lambda fn=fn: _no_grad(fn, x)) if fn else None,
@@ -382,7 +401,7 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
 
     def peer_out():
         if "out" not in reference:
-            scan = _accelerated()
+            scan = _accelerated(b.dry)
             with torch.no_grad():
                 reference["out"] = scan(gates, tokens).transpose(1, 2) if scan is not None else None
         return reference["out"]
@@ -412,9 +431,9 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
         ms = b.report.rows[before][4] if before < len(b.report.rows) else None
         if isinstance(ms, float) and ms > 100 and b.left() > 20:  # a torch path in seconds: say where it goes
             profile(b, fwd, impl)
-    scan = _accelerated()
+    scan = _accelerated(b.dry)
     before = len(b.report.rows)
-    b.case(group, label, dtype, "accelerated-scan (triton)", (lambda: _no_grad(lambda _: scan(gates, tokens), None))
+    b.case(group, label, dtype, "accelerated-scan (torch reference, dry run)" if b.dry else "accelerated-scan (triton)", (lambda: _no_grad(lambda _: scan(gates, tokens), None))
            if scan else None, _grad_fn(lambda t: scan(t["g"], t["x"]), {"g": gates, "x": tokens}) if scan else None,
            None, "" if scan else "accelerated_scan.scalar not importable")
     _annotate(b.report, before, note_bw)
@@ -450,9 +469,14 @@ def _annotate(report: Report, index: int, note: Callable):
             report.rows[index] = tuple(row)
 
 
-def _accelerated():
+def _accelerated(dry: bool = False):
+    """accelerated-scan's Triton scan; in a dry run its torch reference (same API: its Triton
+    kernel takes minutes under the interpreter)."""
     try:
-        from accelerated_scan.scalar import scan
+        if dry:
+            from accelerated_scan.ref import scan
+        else:
+            from accelerated_scan.scalar import scan
         return scan
     except Exception:  # noqa: BLE001
         return None
@@ -466,8 +490,9 @@ def _torch_associative_scan(device):
 
     def combine(left, right):
         return left[0] * right[0], right[0] * left[1] + right[1]
-    mode = "pointwise" if device.type == "cuda" else "generic"  # pointwise needs CUDA
-    return torch.compile(lambda a, b: associative_scan(combine, (a, b), dim=1, combine_mode=mode)[1])
+    if device.type != "cuda":  # pointwise needs CUDA; inductor's CPU compile takes minutes: eager
+        return lambda a, b: associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1]
+    return torch.compile(lambda a, b: associative_scan(combine, (a, b), dim=1, combine_mode="pointwise")[1])
 
 
 def decode_cases(b: Bench, dtype):
@@ -556,6 +581,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton paths interpreted)")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all the cases")
     parser.add_argument("--case-budget", type=float, default=CASE_BUDGET_S, help="seconds per row")
+    parser.add_argument("--skip-triton", action="store_true",
+                        help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="groups to run: gla simple_gla delta_rule first_order decode")
     args = parser.parse_args(argv)
@@ -569,7 +596,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
     report = Report(os.environ.get("OUT"))
     start = time.perf_counter()
-    b = Bench(device, args.dry_run, report, start + args.budget, args.case_budget)
+    b = Bench(device, args.dry_run, report, start + args.budget, args.case_budget, skip_triton=args.skip_triton)
     if device.type == "cuda":
         report.say(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
                    f"triton {_version('triton')}  fla {_version('fla')}  accelerated-scan "
@@ -581,6 +608,7 @@ def main(argv=None) -> int:
             report.say(f"device copy bandwidth in this run: {peak:.0f} GB/s")
     except Exception as e:  # noqa: BLE001
         report.say(f"copy bandwidth not measured: {type(e).__name__}: {_first_line(e)}")
+    SKIP_TRITON[0] = args.skip_triton
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),

@@ -412,8 +412,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="AOT-compile every psmc Triton kernel for sm_90 and sm_80")
     parser.add_argument("--write-docs", action="store_true", help="rewrite the table in docs/triton.md")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
+    parser.add_argument("--only", nargs="*", help="examples to compile (a check; --write-docs needs all)")
     args = parser.parse_args(argv)
-    rows = compile_all(ARCHS, args.workers)
+    rows = compile_examples(args.only) if args.only else compile_all(ARCHS, args.workers)
     for row in rows:
         for r in row.results:
             print(f"{row.example:18s} {row.passname:20s} {row.kernel:40s} sm_{r.arch} "

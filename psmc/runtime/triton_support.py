@@ -122,12 +122,17 @@ class _Geometry:
     def blocks(self) -> dict:
         return {"BLOCK_C": self.block_c, **({"BLOCK_R": self.block_r} if self.matrix else {})}
 
-    def num_warps(self, block_t: int) -> int:
-        """Warps per program from the register tile: a matrix kernel holds [BLOCK_R, BLOCK_C] tiles,
-        a block scan [BLOCK_T, BLOCK_C] ones; about 512 elements per warp (16 per thread per
-        value) keeps them in registers (docs/triton.md's AOT table shows registers and spills)."""
-        tile = self.block_r * self.block_c if self.matrix else block_t * self.block_c
-        return max(4, min(16, _pow2(tile // 512)))
+    def num_warps(self, block_t: int, backward: bool = False) -> int:
+        """Warps per program from the register tile: a matrix forward or step holds [BLOCK_R,
+        BLOCK_C] tiles (about 1024 elements per warp, at most 8 warps, so a thread may use up to
+        255 registers), a matrix backward several whole-row tiles (512 per warp, up to 16), a
+        block scan [BLOCK_T, BLOCK_C] ones (about 256): docs/triton.md's AOT table shows the
+        registers and spills that result."""
+        if self.matrix:  # the backward holds several whole-row tiles: more warps, fewer registers each
+            per_warp, most = (512, 16) if backward else (1024, 8)
+            return max(4, min(most, _pow2(self.block_r * self.block_c // per_warp)))
+        # a block scan keeps several [BLOCK_T, BLOCK_C] values (lifted, scanned, carried) live
+        return max(4, min(16, _pow2(block_t * self.block_c // 256)))
 
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
@@ -338,7 +343,7 @@ class _ScanFunction(torch.autograd.Function):
         args += dpar + dini + scratch
         args += g.sizes(start) + [triton_cdiv(g.T, block_t)] + [int(call.ctx.d[d]) for d in k.dims]
         k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks(),
-                           num_warps=g.num_warps(block_t))
+                           num_warps=g.num_warps(block_t, backward=True))
         result = [None]
         for (t, role), x, dtype in zip(din, inputs, k.input_dtypes):
             grad = _unflatten(t, g, role, True)
