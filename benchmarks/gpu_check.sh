@@ -13,8 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 WHEELS=${WHEELS:-.whl}
-TEST_BUDGET=${TEST_BUDGET:-60}
-BENCH_BUDGET=${BENCH_BUDGET:-200}
+TEST_BUDGET=${TEST_BUDGET:-45}
+BENCH_BUDGET=${BENCH_BUDGET:-210}
 OUTDIR=${OUT:-}
 LOG=/dev/null
 if [ -n "$OUTDIR" ]; then mkdir -p "$OUTDIR"; LOG="$OUTDIR/gpu_check.log"; fi
@@ -53,7 +53,7 @@ say "tests done (exit ${PIPESTATUS[0]}; 124/130 = cut at the budget)"
 
 # 3. the benchmark
 say "benchmark (budget ${BENCH_BUDGET}s)"
-timeout -s INT $(( BENCH_BUDGET + 30 )) python benchmarks/gpu.py --budget "$BENCH_BUDGET" 2>&1 | tee -a "$LOG"
+timeout -s INT $(( BENCH_BUDGET + 25 )) python benchmarks/gpu.py --budget "$BENCH_BUDGET" 2>&1 | tee -a "$LOG"
 STATUS=${PIPESTATUS[0]}
 say "finished (benchmark exit $STATUS)"
 exit "$STATUS"
