@@ -101,7 +101,11 @@ def _kernel_reason(layer, call):
 
 
 def _triton_reason(layer, call):
+    import torch
+
     from . import triton_scan
+    if call.ctx.dt["f32"] == torch.float64:
+        return "float64 inputs or params: the kernels accumulate in fp32"
     return triton_scan.unusable_reason(call.ctx.dev)
 
 
@@ -146,14 +150,14 @@ def _run_first_order(layer, call, state):
 TORCH_SCAN = Path("torch-scan", ("forward", "step"), False, lambda layer, call: 90.0, lambda layer, call: None)
 
 
-def _torch_fast(prefix: str):
-    return lambda layer, call: None if layer.use_fast_path else "the fast path is off (use_fast_path=False)"
+def _torch_fast(layer, call):
+    return None if layer.use_fast_path else "the fast path is off (use_fast_path=False)"
 
 
 register(TORCH_SCAN)
-register(Path("torch-first-order", ("forward",), False, lambda layer, call: 50.0, _torch_fast("first_order"),
+register(Path("torch-first-order", ("forward",), False, lambda layer, call: 50.0, _torch_fast,
               applies=_first_order))
-register(Path("torch-chunkwise", ("forward",), False, lambda layer, call: 30.0, _torch_fast("chunkwise"),
+register(Path("torch-chunkwise", ("forward",), False, lambda layer, call: 30.0, _torch_fast,
               applies=lambda layer: _fast(layer, "chunkwise")))
 register(Path("triton-first-order", ("forward",), True, lambda layer, call: 10.0,
               lambda layer, call: ("the first-order fast path is off (use_fast_path=False)" if not layer.use_fast_path

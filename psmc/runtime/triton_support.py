@@ -126,13 +126,14 @@ class _Geometry:
         """Warps per program from the register tile: a matrix forward or step holds [BLOCK_R,
         BLOCK_C] tiles (about 1024 elements per warp, at most 8 warps, so a thread may use up to
         255 registers), a matrix backward several whole-row tiles (512 per warp, up to 16), a
-        block scan [BLOCK_T, BLOCK_C] ones (about 256): docs/triton.md's AOT table shows the
-        registers and spills that result."""
+        block scan [BLOCK_T, BLOCK_C] ones (about 256, at most 8 warps): docs/triton.md's AOT
+        table shows the registers and spills that result."""
         if self.matrix:  # the backward holds several whole-row tiles: more warps, fewer registers each
             per_warp, most = (512, 16) if backward else (1024, 8)
             return max(4, min(most, _pow2(self.block_r * self.block_c // per_warp)))
-        # a block scan keeps several [BLOCK_T, BLOCK_C] values (lifted, scanned, carried) live
-        return max(4, min(16, _pow2(block_t * self.block_c // 256)))
+        # a block scan keeps several [BLOCK_T, BLOCK_C] values (lifted, scanned, carried) live;
+        # more than 8 warps caps a thread at 128 (or fewer) registers, and they spill
+        return max(4, min(8, _pow2(block_t * self.block_c // 256)))
 
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
@@ -378,6 +379,8 @@ def forward(layer, call, state, block_t: int | None = None):
                                         any(t.requires_grad for t in state.prefix) and torch.is_grad_enabled())
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
     default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
+    if k.mode == "state":  # vector values: [BLOCK_T, BLOCK_C] tiles of at most 2048 elements stay in registers
+        default = max(16, min(DEFAULT_BLOCK_T, 2048 // g.block_c))
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = state.prefix if state is not None else None
     start = state.size if state is not None else 0

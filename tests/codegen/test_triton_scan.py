@@ -94,6 +94,9 @@ def test_auto_chooses_the_cheapest_path():
     assert dispatch.choose(auto, auto._prepare(dict(x), step=False), "forward").name == "torch-first-order"
     forced = lin(backend="triton")
     assert dispatch.choose(forced, forced._prepare(dict(x), step=False), "forward").name == "triton-first-order"
+    doubles = {n: t.double() for n, t in x.items()}
+    with pytest.raises(RuntimeError, match="triton-first-order: float64 inputs or params: the kernels accumulate in fp32"):
+        dispatch.choose(forced, forced._prepare(dict(doubles), step=False), "forward")
     forced.use_fast_path = False
     assert dispatch.choose(forced, forced._prepare(dict(x), step=False), "forward").name == "triton-block-scan"
     gla = layer_class("gla")(backend="auto", K=4, V=4)
