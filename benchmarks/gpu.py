@@ -182,8 +182,48 @@ def psmc_paths(layer, inputs: dict, kind: str = "forward") -> list:
         call = twin._prepare(dict(inputs), step=kind == "step")
         for path, reason in dispatch.candidates(twin, call, kind):
             seen.setdefault(path.name, (path, reason, twin))
-    return [(name, path, reason if not (SKIP_TRITON[0] and path.triton) else "--skip-triton", twin)
-            for name, (path, reason, twin) in sorted(seen.items())]
+    out = []
+    for name, (path, reason, twin) in sorted(seen.items()):
+        if SKIP_TRITON[0] and path.triton:
+            reason = "--skip-triton"
+        for variant in _variants(path, twin, next(iter(inputs.values())).device):
+            out.append((name + (f"[{variant}]" if variant else ""), _Variant(path, variant), reason, twin))
+    return out
+
+
+def _is_auto(pname: str, chosen: str) -> bool:
+    return pname == chosen or pname == f"{chosen}[triton kernels]"
+
+
+def _variants(path, layer, device) -> list:
+    """chunk_linear_attention has its own switch between chunked Triton kernels and the torch
+    form (psmc.runtime.chunkwise.BACKEND, where the runtime has it): time both on a GPU."""
+    from psmc.runtime import chunkwise
+    if path.name == "chunkwise" and hasattr(chunkwise, "BACKEND") and device.type == "cuda":
+        return ["triton kernels", "torch"]
+    return [None]
+
+
+class _Variant:
+    """A dispatcher path, with chunkwise.BACKEND set while it runs (forward and backward: the
+    autograd function is chosen in the forward)."""
+
+    def __init__(self, path, variant):
+        self.path, self.variant = path, variant
+        self.name, self.run, self.triton, self.cost = path.name, path.run, path.triton, path.cost
+
+    @contextlib.contextmanager
+    def switch(self):
+        if self.variant is None:
+            yield
+            return
+        from psmc.runtime import chunkwise
+        saved = chunkwise.BACKEND
+        chunkwise.BACKEND = "auto" if self.variant == "triton kernels" else "torch"
+        try:
+            yield
+        finally:
+            chunkwise.BACKEND = saved
 
 
 SKIP_TRITON = [False]
@@ -192,11 +232,12 @@ SKIP_TRITON = [False]
 def run_path(path, layer, inputs: dict):
     """The outputs of one pass through one dispatcher path (torch paths: the layer's own code)."""
     call = layer._prepare(dict(inputs), step=False)
-    if path.run is not None:
-        outs, _ = path.run(layer, call, None)
-    else:
-        layer.use_fast_path = path.name != "torch-scan"
-        outs, _ = layer._forward_tokens(call, None, False)
+    with path.switch() if isinstance(path, _Variant) else contextlib.nullcontext():
+        if path.run is not None:
+            outs, _ = path.run(layer, call, None)
+        else:
+            layer.use_fast_path = path.name != "torch-scan"
+            outs, _ = layer._forward_tokens(call, None, False)
     return outs[0]
 
 
@@ -348,7 +389,7 @@ def attention_cases(b: Bench, name: str, dtype):
     from psmc.runtime import dispatch
     chosen = dispatch.choose(layer, layer._prepare(dict(x), step=False), "forward").name
     for pname, path, reason, twin in paths:
-        impl = f"psmc {pname}" + (" (auto)" if pname == chosen else "")
+        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
         if reason is None and not b.dry and path.cost(twin, twin._prepare(dict(x), step=False)) >= 90:
             reason = "the generic scan holds a [K, V] state per token (gigabytes here): not timed"
         if reason is not None:
@@ -410,7 +451,7 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
     from psmc.runtime import dispatch
     chosen = dispatch.choose(layer, layer._prepare(dict(inputs), step=False), "forward").name
     for pname, path, reason, twin in paths:
-        impl = f"psmc {pname}" + (" (auto)" if pname == chosen else "")
+        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
         if reason is not None:
             b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
             continue

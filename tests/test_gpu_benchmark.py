@@ -33,9 +33,10 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     # every dispatcher path is a row (Triton ones skipped, saying why); the auto choice is marked
     assert ("first-order scan", "psmc triton-first-order") in impls
     assert ("first-order scan", "psmc torch-first-order (auto)") in impls
-    assert ("GLA", "psmc torch-chunkwise (auto)") in impls
+    assert ("GLA", "psmc chunkwise (auto)") in impls
     for group in ("GLA", "simple GLA", "first-order scan"):
-        checked = [r for r in rows if r[0].strip() == group and r[3].strip().startswith("psmc torch")]
+        checked = [r for r in rows if r[0].strip() == group and r[3].strip().startswith("psmc")
+                   and "triton" not in r[3]]
         assert checked and all(r[8].strip().startswith("ok rel-rms") for r in checked), checked
     skipped = [r for r in rows if "triton" in r[3] and r[3].strip().startswith("psmc")]
     assert skipped and all("--skip-triton" in r[9] for r in skipped)

@@ -15,7 +15,9 @@ Cost tiers (lower is faster), from measurements on an H200 (docs/triton.md, "Cho
   10  triton first-order scan      time inside each thread, channels across threads (1 HBM pass)
   10  chunked tensor-core kernels  (the chunk kernel family registers here when present)
   20  triton block scan            the generated kernels of scalar/vector-state ops; decode steps
-  30  torch chunkwise              cuBLAS matmuls per chunk (decayed linear attention)
+  30  chunkwise                    cuBLAS matmuls per chunk (decayed linear attention); 10 on
+                                   CUDA where chunk_linear_attention has Triton chunk kernels
+  40  torch fast path              any other fast path of the op (e.g. a chunked delta rule)
   40  triton token loop            matrix states, one token at a time in registers, no tensor
                                    cores: slower than cuBLAS chunkwise over a long sequence,
                                    cheaper for a few tokens (its cost grows with T)
@@ -150,6 +152,15 @@ def _run_first_order(layer, call, state):
 TORCH_SCAN = Path("torch-scan", ("forward", "step"), False, lambda layer, call: 90.0, lambda layer, call: None)
 
 
+def _chunkwise_cost(layer, call) -> float:
+    """chunk_linear_attention runs chunked tensor-core Triton kernels for CUDA tensors where the
+    runtime has them (psmc.runtime.triton_chunk, `chunkwise.BACKEND`), cuBLAS matmuls otherwise."""
+    from . import chunkwise
+    if call.ctx.dev.type == "cuda" and hasattr(chunkwise, "BACKEND") and chunkwise.BACKEND != "torch":
+        return 10.0
+    return 30.0
+
+
 def _torch_fast(layer, call):
     return None if layer.use_fast_path else "the fast path is off (use_fast_path=False)"
 
@@ -157,8 +168,11 @@ def _torch_fast(layer, call):
 register(TORCH_SCAN)
 register(Path("torch-first-order", ("forward",), False, lambda layer, call: 50.0, _torch_fast,
               applies=_first_order))
-register(Path("torch-chunkwise", ("forward",), False, lambda layer, call: 30.0, _torch_fast,
+register(Path("chunkwise", ("forward",), False, _chunkwise_cost, _torch_fast,
               applies=lambda layer: _fast(layer, "chunkwise")))
+register(Path("torch-fast", ("forward",), False, lambda layer, call: 40.0, _torch_fast,
+              applies=lambda layer: bool(getattr(layer.spec, "fast", None)) and not _fast(layer, "chunkwise")
+              and not _first_order(layer)))
 register(Path("triton-first-order", ("forward",), True, lambda layer, call: 10.0,
               lambda layer, call: ("the first-order fast path is off (use_fast_path=False)" if not layer.use_fast_path
                                    else _triton_reason(layer, call)), _run_first_order, applies=_first_order))
