@@ -25,7 +25,7 @@ DEFAULT_BLOCK_T = 64
 DEFAULT_MATRIX_BLOCK_T = 16
 MAX_BLOCK_C = 64  # columns per program when the tile needs not hold the whole state axis
 
-# Set by psmc.codegen.triton_aot while it records launches: kernels are captured, not run, so the
+# Set by psmc.triton_aot while it records launches: kernels are captured, not run, so the
 # Triton paths accept CPU tensors (nothing else changes: the launch configurations are real).
 RECORDING = False
 

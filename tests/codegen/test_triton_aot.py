@@ -1,6 +1,6 @@
 """Every Triton kernel psmc launches for the examples compiles for real GPUs (sm_90, sm_80) at
 the launch configurations the runtime computes, with no spills in forward and decode kernels
-and at most SPILL_BUDGET bytes elsewhere (psmc.codegen.triton_aot; no GPU needed: Triton's
+and at most SPILL_BUDGET bytes elsewhere (psmc.triton_aot; no GPU needed: Triton's
 compiler and ptxas run on the CPU).
 
 `pytest -m sm90` / `-m sm80` select one target. The launches are recorded once per run and
@@ -16,7 +16,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from psmc.codegen import triton_aot  # noqa: E402
+from psmc import triton_aot  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "triton.md"
 _ROWS: dict = {}
@@ -42,7 +42,7 @@ def test_every_kernel_compiles_within_the_spill_budget(arch):
 
 
 def test_the_docs_table_lists_every_launch():
-    """docs/triton.md's table (`python -m psmc.codegen.triton_aot --write-docs`) has one row per
+    """docs/triton.md's table (`python -m psmc.triton_aot --write-docs`) has one row per
     recorded launch: the same examples, passes, kernels, grids and constexprs as the runtime
     launches now (register counts may differ between Triton versions and are not compared)."""
     text = DOCS.read_text(encoding="utf-8")
@@ -53,7 +53,7 @@ def test_the_docs_table_lists_every_launch():
     launched = {tuple(c.strip() for c in line.strip("|").split("|")[:5])
                 for line in triton_aot.table([(r.launch_view(), {}) for r in _rows(90)]).splitlines()[2:]}
     assert documented == launched, (f"stale docs/triton.md table: missing {sorted(launched - documented)}, "
-                                    f"extra {sorted(documented - launched)}; run python -m psmc.codegen.triton_aot "
+                                    f"extra {sorted(documented - launched)}; run python -m psmc.triton_aot "
                                     "--write-docs")
 
 

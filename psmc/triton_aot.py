@@ -16,7 +16,7 @@ included, ships in its wheel and needs no GPU, so this module:
    integer 1 as a constexpr, 16-byte alignment), and reads registers, spill bytes (the `ptxas -v`
    log) and shared memory of the result.
 
-`python -m psmc.codegen.triton_aot --write-docs` rewrites the table in docs/triton.md;
+`python -m psmc.triton_aot --write-docs` rewrites the table in docs/triton.md;
 tests/codegen/test_triton_aot.py (markers `sm90`, `sm80`) fails on a compile error or on spills
 above the budget (`SPILL_BUDGET`). Results are memoised per process, so each kernel
 configuration compiles once per run and target.
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 ARCHS = (90, 80)
 
