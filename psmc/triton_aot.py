@@ -362,20 +362,23 @@ class Row:
         return Launch(self.example, self.passname, self.kernel, None, self.grid, (), dict(self.constexprs))
 
 
-def compile_examples(names: list | None, archs=ARCHS) -> list:
-    """Record and compile the examples named (all with kernels when None): a list of Rows."""
+def compile_examples(names: list | None, archs=ARCHS, passes: tuple | None = None) -> list:
+    """Record and compile the examples named (all with kernels when None), the passes named (all
+    when None): a list of Rows."""
     rows = []
     for example, cls in examples_with_kernels():
         if names is not None and example not in names:
             continue
         for launch in record(example, cls):
+            if passes is not None and launch.passname not in passes:
+                continue
             results = tuple(compile_launch(launch, a) for a in archs)
             rows.append(Row(example, launch.passname, launch.kernel, launch.grid,
                             tuple(sorted(launch.kwargs.items())), results))
     return rows
 
 
-def compile_all(archs=ARCHS, workers: int | None = None) -> list:
+def compile_all(archs=ARCHS, workers: int | None = None, passes: tuple | None = None) -> list:
     """Every example, split over worker processes (one per CPU by default): a list of Rows in a
     fixed order (example, then the order of the launches)."""
     import concurrent.futures
@@ -384,10 +387,10 @@ def compile_all(archs=ARCHS, workers: int | None = None) -> list:
     names = [name for name, _ in examples_with_kernels()]
     workers = max(1, min(workers or os.cpu_count() or 1, len(names)))
     if workers == 1:
-        return compile_examples(None, archs)
+        return compile_examples(None, archs, passes)
     parts = [names[i::workers] for i in range(workers)]
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = list(pool.map(compile_examples, parts, [archs] * workers))
+        done = list(pool.map(compile_examples, parts, [archs] * workers, [passes] * workers))
     by_example: dict = {}
     for part in done:
         for row in part:

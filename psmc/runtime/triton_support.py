@@ -379,8 +379,8 @@ def forward(layer, call, state, block_t: int | None = None):
                                         any(t.requires_grad for t in state.prefix) and torch.is_grad_enabled())
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
     default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
-    if k.mode == "state":  # vector values: [BLOCK_T, BLOCK_C] tiles of at most 2048 elements stay in registers
-        default = max(16, min(DEFAULT_BLOCK_T, 2048 // g.block_c))
+    if k.mode == "state":  # vector values: [BLOCK_T, BLOCK_C] tiles of at most 1024 elements stay in registers
+        default = max(8, min(DEFAULT_BLOCK_T, 1024 // g.block_c))
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = state.prefix if state is not None else None
     start = state.size if state is not None else 0

@@ -23,8 +23,12 @@ _ROWS: dict = {}
 
 
 def _rows(arch: int) -> list:
+    """sm_90: every launch. sm_80: the forward and decode kernels (the matrix backward kernels
+    take most of the compile time; `python -m psmc.triton_aot` compiles all of them for both
+    targets and the docs table shows them)."""
     if arch not in _ROWS:
-        _ROWS[arch] = triton_aot.compile_all((arch,), workers=min(2, os.cpu_count() or 1))
+        passes = None if arch == 90 else ("forward", "forward (training)", "step")
+        _ROWS[arch] = triton_aot.compile_all((arch,), workers=min(2, os.cpu_count() or 1), passes=passes)
     return _ROWS[arch]
 
 
@@ -35,8 +39,9 @@ def test_every_kernel_compiles_within_the_spill_budget(arch):
     # the families: block scans, the first-order scan, matrix token loops (and any new one)
     assert {"cumsum", "linear_recurrence", "selective_ssm", "softmax_pool", "gla", "rwkv6"} <= examples
     passes = {(r.example, r.passname) for r in rows}
+    wanted = ("forward", "forward (training)", "backward", "step") if arch == 90 else ("forward", "step")
     for example in examples - {"running_argmax"}:  # running_argmax has no float output: no backward
-        assert {(example, p) for p in ("forward", "forward (training)", "backward", "step")} <= passes, example
+        assert {(example, p) for p in wanted} <= passes, example
     bad = triton_aot.failures(rows)
     assert not bad, "\n".join(b[:3000] for b in bad)
 
