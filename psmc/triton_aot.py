@@ -28,9 +28,9 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import os
 import re
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,35 +211,15 @@ def _dedupe(launches: list) -> list:
 
 
 # ---------------------------------------------------------------------- compiling
-def _as_jit(kernel, memo: dict):
-    """A JITFunction for a launched kernel. Under TRITON_INTERPRET=1 kernels are
-    InterpretedFunctions whose globals hold interpreted helpers (a combine function): rebuild the
-    function over globals where every interpreted helper is a JITFunction again."""
+def _as_jit(kernel):
     from triton.runtime.jit import JITFunction
-    if isinstance(kernel, JITFunction):
-        return kernel
-    fn = kernel.fn
-    if id(fn) in memo:
-        return memo[id(fn)]
-    glob = dict(fn.__globals__)
-    jit = JITFunction(types.FunctionType(fn.__code__, glob, fn.__name__, fn.__defaults__, fn.__closure__))
-    memo[id(fn)] = jit
-    for name, value in fn.__globals__.items():
-        if _is_interpreted(value):
-            glob[name] = _as_jit(value, memo)
-    return jit
-
-
-def _is_interpreted(value) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:
-        return False
-    return isinstance(value, InterpretedFunction)
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError(f"{kernel!r} is not a JIT kernel (TRITON_INTERPRET=1 in this process?): compile in a "
+                           "process that never interpreted (clean_pool)")
+    return kernel
 
 
 _RESULTS: dict = {}
-_JIT_MEMO: dict = {}
 
 
 def compile_launch(launch: Launch, arch: int) -> Compiled:
@@ -252,7 +232,7 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    jit = _as_jit(launch.fn, _JIT_MEMO)
+    jit = _as_jit(launch.fn)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
@@ -266,6 +246,7 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
     log = io.StringIO()
     start = time.perf_counter()
     saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the code generator reads it too
     try:
         knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spills, printed to stdout
         knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
@@ -278,6 +259,8 @@ def compile_launch(launch: Launch, arch: int) -> Compiled:
         result = _stats(arch, log.getvalue(), compiled, time.perf_counter() - start)
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     _RESULTS[key] = result
     return result
 
@@ -378,24 +361,55 @@ def compile_examples(names: list | None, archs=ARCHS, passes: tuple | None = Non
     return rows
 
 
+@contextlib.contextmanager
+def clean_pool(workers: int):
+    """Worker processes started without TRITON_INTERPRET: the interpreter patches triton.language
+    in a process that uses it, so kernels are compiled for a GPU only in a process that never
+    interpreted (the test suite sets TRITON_INTERPRET=1 for its other Triton tests)."""
+    import concurrent.futures
+    import multiprocessing
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            yield pool
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
 def compile_all(archs=ARCHS, workers: int | None = None, passes: tuple | None = None) -> list:
     """Every example, split over worker processes (one per CPU by default): a list of Rows in a
     fixed order (example, then the order of the launches)."""
-    import concurrent.futures
-    import multiprocessing
-    import os
     names = [name for name, _ in examples_with_kernels()]
     workers = max(1, min(workers or os.cpu_count() or 1, len(names)))
-    if workers == 1:
+    if workers == 1 and os.environ.get("TRITON_INTERPRET") != "1":
         return compile_examples(None, archs, passes)
     parts = [names[i::workers] for i in range(workers)]
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with clean_pool(workers) as pool:
         done = list(pool.map(compile_examples, parts, [archs] * workers, [passes] * workers))
     by_example: dict = {}
     for part in done:
         for row in part:
             by_example.setdefault(row.example, []).append(row)
     return [row for name in names for row in by_example.get(name, [])]
+
+
+def compile_error_probe(arch: int = 90) -> Compiled:
+    """Compile a kernel with the bug the matrix backward kernels had (a loop-carried variable
+    that is an int32 scalar in one loop and a [1, 1] tensor in the next): a failed result with
+    the compiler's message, never an exception (run it in a clean process, see clean_pool)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _loop_carried_type_change(x_ptr, N: tl.constexpr):
+        r = 0
+        for i in range(0, N):
+            r = tl.zeros((1, 1), tl.int32) + i
+        tl.store(x_ptr + tl.arange(0, 1)[:, None], r)
+
+    return compile_launch(Launch("probe", "forward", "probe", _loop_carried_type_change, (1,),
+                                 (torch.empty(1, dtype=torch.int32),), {"N": 4}), arch)
 
 
 def failures(rows: list) -> list:
