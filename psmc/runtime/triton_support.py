@@ -20,7 +20,7 @@ import torch
 
 from .state import ScanState
 
-DEFAULT_BLOCK_T = 64
+DEFAULT_BLOCK_T = 32  # [32, 64] lane tiles: about 8 values per thread at 8 warps, no spills (AOT table)
 # matrix states: the backward's scratch holds BLOCK_T prefixes of [R, C] per program
 DEFAULT_MATRIX_BLOCK_T = 16
 MAX_BLOCK_C = 64  # columns per program when the tile needs not hold the whole state axis
