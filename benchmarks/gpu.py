@@ -1,74 +1,155 @@
-"""GPU check-and-benchmark for the Triton backend (issue 5); one run fits in 10 minutes.
+"""GPU check and benchmark (issue 12 item 5): psmc against its peers on one GPU, bounded in time.
 
-    python benchmarks/gpu.py              # on a CUDA machine: checks, then timings
-    python benchmarks/gpu.py --dry-run    # anywhere: builds every case on CPU, runs nothing big
+    python benchmarks/gpu.py                 # on a CUDA machine
+    python benchmarks/gpu.py --dry-run       # anywhere: every case built and run once at tiny shapes on CPU
+    benchmarks/gpu_check.sh                  # install from .whl/, GPU tests, then this script
 
-1. Check: every op with Triton kernels, forward and decode step, Triton == torch backend on
-   CUDA, fp32 inputs (DESIGN.md fp32 tolerance) and bf16 inputs (relative RMS <= 5e-3).
-2. Time forward and forward+backward (median of CUDA-event timings) for
-   - the first-order recurrence (linear_recurrence.psm) at (B, D) = (8, 1536), T = 1K..64K:
-     psmc triton, psmc torch, torch associative_scan (pointwise, compiled), accelerated-scan;
-   - GLA-like ops at (B, T, H, D) = (2, 16384, 16, 128) and (8, 2048, 32, 64): psmc torch and
-     psmc triton (gla, simple_gla; the Triton kernels are a token loop, not chunked), fla chunk_gla / fused_recurrent_gla / chunk_simple_gla.
-   Prints a table with ratios to psmc and the achieved fraction of peak memory bandwidth
-   (bytes of inputs read + outputs written, over time, over --peak-gbps).
-Peers that are not installed are reported as such; a case that overruns its time budget is
-skipped with a note, so the whole run stays bounded.
+Cases (each with its own time budget; a case that fails or overruns is a row that says so, the
+rest still run; rows are printed as they finish and the table is written to $OUT when set):
+
+- decayed linear attention at (B, T, H, K, V) = (8, 4096, 16, 128, 128), bf16 and fp32: psmc
+  gla / simple_gla (every path the dispatcher has for the op, psmc.runtime.dispatch: the torch
+  chunkwise form, the Triton token loop, and any chunked kernel family registered there) against
+  fla chunk_gla, fused_recurrent_gla, chunk_simple_gla, fused_recurrent_simple_gla;
+- the delta rule at the same shape: psmc delta_rule against fla chunk_delta_rule;
+- the first-order scan at (B, D, T) = (8, 2048, 4096): psmc (each path) against accelerated-scan's
+  Triton scan (its [B, D, T] layout) and torch's associative_scan under torch.compile;
+- decode: one token at batch 1, microseconds per token, psmc step against fla fused_recurrent
+  with T = 1 and a carried state;
+- correctness: each psmc output against the peer's at the benchmark shape (relative RMS; psmc's
+  reference is its torch path where no peer computes the same function);
+- the memory bandwidth a device copy reaches in this run, so the first-order rows show the
+  fraction of it they reach.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
+import math
 import os
+import signal
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
-MATRIX = ["gla", "simple_gla", "retention", "linear_attention", "mlstm", "rwkv6"]  # token-loop kernels
-CHECKED = ["cumsum", "linear_recurrence", "logcumsumexp", "running_argmax", "welford", "segmented_sum",
-           "selective_ssm", "softmax_pool"] + MATRIX
-# V = 96: two column tiles of 64 in the forward, the second one masked
-CHECK_DIMS = {"selective_ssm": {"N": 16}, "softmax_pool": {"V": 64}, **{n: {"K": 64, "V": 96} for n in MATRIX}}
-RECURRENCE_T = [1024, 4096, 16384, 65536]
-GLA_SHAPES = [(2, 16384, 16, 128), (8, 2048, 32, 64)]
-CASE_BUDGET_S = 20.0  # per timed case: warm-up and repeats stop early past this
+FULL = {"attn": (8, 4096, 16, 128, 128), "first_order": (8, 2048, 4096), "decode_steps": 64}
+TINY = {"attn": (1, 16, 2, 8, 8), "first_order": (1, 8, 16), "decode_steps": 3}
+CASE_BUDGET_S = 15.0  # per row: compile, warm-up and repeats (SIGALRM ends a row that overruns)
+TOTAL_BUDGET_S = 200.0  # the whole benchmark; rows past it are reported as skipped
 
 
-# ---------------------------------------------------------------------- loading layers
-def load_layer_class(name: str):
-    """The generated class for examples/<name>.psm through the real pipeline (analysis, plan,
-    Triton kernels registered when the plan has them)."""
-    import psmc
-    return psmc.load(EXAMPLES / f"{name}.psm").__psmc_layers__[name]
+# ---------------------------------------------------------------------- output
+class Report:
+    def __init__(self, out_dir: str | None):
+        self.rows: list = []
+        self.lines: list = []
+        self.out = Path(out_dir) if out_dir else None
+
+    def say(self, text: str = ""):
+        print(text, flush=True)
+        self.lines.append(text)
+        self._flush()
+
+    def row(self, group, shape, dtype, impl, fwd, both, check, note):
+        self.rows.append((group, shape, dtype, impl, fwd, both, check, note))
+        self.say(f"  {group} | {shape} | {dtype} | {impl} | fwd {_ms(fwd)} | fwd+bwd {_ms(both)} | {check} | {note}")
+
+    def table(self) -> str:
+        head = "| case | shape | dtype | impl | fwd ms | fwd+bwd ms | vs best peer fwd | vs best peer fwd+bwd | check | note |"
+        lines = [head, "|" + "---|" * 10]
+        best: dict = {}
+        for g, s, d, impl, fwd, both, *_ in self.rows:
+            if not impl.startswith("psmc"):
+                key = (g, s, d)
+                f0, b0 = best.get(key, (None, None))
+                best[key] = (_min(f0, fwd), _min(b0, both))
+        for g, s, d, impl, fwd, both, check, note in self.rows:
+            f0, b0 = best.get((g, s, d), (None, None))
+            lines.append(f"| {g} | {s} | {d} | {impl} | {_ms(fwd)} | {_ms(both)} | {_ratio(fwd, f0)} | "
+                         f"{_ratio(both, b0)} | {check} | {note} |")
+        return "\n".join(lines)
+
+    def _flush(self):
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_bench.log").write_text("\n".join(self.lines) + "\n")
+        (self.out / "gpu_bench.md").write_text(self.table() + "\n")
 
 
-def make_inputs(layer, B: int, T: int, lanes: tuple, device, dtype, seed: int = 0) -> dict:
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    out = {}
-    for slot in layer.spec.inputs:
-        lane_shape = (1,) if slot.name == "B" else lanes
-        shape = (B, T) + lane_shape + tuple(int(s) for s in slot.shape(dict(layer.dims)))
-        if slot.dtype == "bool":
-            x = torch.rand(shape, generator=g) > 0.9
-        elif slot.name in ("log_a", "gk", "g", "f", "log_gamma"):
-            x = -torch.rand(shape, generator=g) * 0.1
-        elif slot.name == "delta":
-            x = torch.rand(shape, generator=g) * 0.1
-        elif slot.name == "A":
-            x = -torch.rand(shape, generator=g)
+def _min(a, b):
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _ms(t) -> str:
+    return "-" if not isinstance(t, (int, float)) else f"{t:.3f}"
+
+
+def _ratio(t, ref) -> str:
+    return f"{t / ref:.2f}x" if isinstance(t, (int, float)) and isinstance(ref, (int, float)) and ref > 0 else "-"
+
+
+# ---------------------------------------------------------------------- time limits
+class Overrun(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """SIGALRM ends the block with Overrun (main thread, POSIX); a no-op elsewhere."""
+    if not hasattr(signal, "SIGALRM") or seconds <= 0:
+        yield
+        return
+
+    def fire(signum, frame):
+        raise Overrun(f"over its {seconds:.0f} s budget")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device, budget_s: float, repeats: int = 10) -> float:
+    """Median milliseconds of fn() after one warm-up call (which compiles); stops repeating when
+    the budget is half spent."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
         else:
-            x = torch.randn(shape, generator=g)
-        out[slot.name] = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-    return out
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        if time.perf_counter() - start > budget_s / 2:
+            break
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------- checks
@@ -77,291 +158,534 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((ref - out).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def agree(ref, out, tol: float) -> bool:
-    if not ref.is_floating_point():
-        return torch.equal(ref, out)
-    if torch.isnan(out).any():
-        return False
-    return (ref - out).abs().max().item() <= 1e-6 or rel_rms(ref, out) <= tol
+def verdict(err: float, dtype) -> str:
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # fp32: chunked sums reorder; bf16: 8-bit mantissa I/O
+    return f"{'ok' if err <= tol else 'MISMATCH'} rel-rms {err:.1e}"
 
 
-def check(device, dry_run: bool) -> list[str]:
-    from psmc.runtime import triton_support as ts
-    failures = []
-    for name in CHECKED:
-        cls = load_layer_class(name)
-        assert getattr(cls, "_triton_kernels", None) is not None, f"{name}: no Triton kernels"
-        ref_layer = cls(backend="torch", **CHECK_DIMS.get(name, {})).to(device)
-        tri_layer = cls(backend="triton", **CHECK_DIMS.get(name, {})).to(device)
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-3)):
-            B, T, lanes = (2, 5, (3,)) if dry_run else (4, 1000, (8,) if name in MATRIX else (64,))
-            inputs = make_inputs(ref_layer, B, T, lanes, device, dtype)
-            if dry_run:
-                print(f"  built {name} {str(dtype)[6:]}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in inputs.items()))
-                continue
-            with torch.no_grad():
-                ref = ref_layer(**inputs)
-                ref = ref if isinstance(ref, tuple) else (ref,)
-                outs, _ = ts.forward(tri_layer, tri_layer._prepare(dict(inputs), step=False), None)
-                state, steps = tri_layer.init_state(), []
-                for t in range(8):
-                    token = {k: v[:, t] for k, v in inputs.items()}
-                    o, state = ts.step(tri_layer, tri_layer._prepare(token, step=True), state)
-                    steps.append(o)
-            ok_bwd = backward_agrees(ref_layer, tri_layer, inputs, tol)
-            ok_fwd = all(agree(r, o, tol) for r, o in zip(ref, outs))
-            ok_step = all(agree(r[:, t], s[i], tol) for t, s in enumerate(steps) for i, r in enumerate(ref))
-            status = "ok" if ok_fwd and ok_step and ok_bwd else "MISMATCH"
-            print(f"  {name:18s} {str(dtype)[6:]:9s} forward {'ok' if ok_fwd else 'FAIL'}  backward "
-                  f"{'ok' if ok_bwd else 'FAIL'}  step "
-                  f"{'ok' if ok_step else 'FAIL'}  rel-rms {max(rel_rms(r, o) for r, o in zip(ref, outs) if r.is_floating_point()) if any(r.is_floating_point() for r in ref) else 0.0:.2e}")
-            if status != "ok":
-                failures.append(f"{name} {dtype}")
-    return failures
+# ---------------------------------------------------------------------- psmc
+def load(name: str):
+    import psmc
+    return psmc.load(EXAMPLES / f"{name}.psm").__psmc_layers__[name]
 
 
-def backward_agrees(ref_layer, tri_layer, inputs: dict, tol: float) -> bool:
-    """Gradients of every float input and param: the generated backward vs torch autograd."""
-    grads = []
-    for layer in (ref_layer, tri_layer):
-        ins = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
-        outs = layer(**ins)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        loss = sum(o.float().sum() for o in outs if o.is_floating_point())
-        if not isinstance(loss, torch.Tensor):
-            return True  # no float output (running_argmax): nothing to differentiate
-        wrt = [x for x in ins.values() if x.requires_grad] + list(layer.parameters())
-        grads.append(torch.autograd.grad(loss, wrt, allow_unused=True))
-    return all((r is None) == (o is None) and (r is None or agree(r.float(), o.float(), tol))
-               for r, o in zip(*grads))
-
-
-def installed(module: str) -> str:
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    return "installed (not imported in a dry run)" if found else "not installed"
-
-
-# ---------------------------------------------------------------------- timing
-@dataclass
-class Case:
-    group: str
-    shape: str
-    impl: str
-    run: Callable | None  # forward
-    run_bwd: Callable | None  # forward + backward
-    nbytes: int
-    note: str = ""
-
-
-def cuda_time(fn: Callable, budget_s: float = CASE_BUDGET_S, repeats: int = 10) -> float | None:
-    """Median milliseconds of fn(); None when one call alone overruns the budget."""
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    if time.perf_counter() - start > budget_s / 2:
-        return None
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-        if time.perf_counter() - start > budget_s:
-            break
-    return statistics.median(times)
-
-
-def recurrence_cases(device, dry_run: bool) -> list[Case]:
-    from psmc.runtime import triton_support as ts
-    cls = load_layer_class("linear_recurrence")
-    cases = []
-    for T in ([16] if dry_run else RECURRENCE_T):
-        B, D = (2, 8) if dry_run else (8, 1536)
-        shape = f"B={B} D={D} T={T}"
-        x = torch.randn(B, T, D, device=device)
-        log_a = -torch.rand(B, T, D, device=device) * 0.1
-        nbytes = 3 * x.numel() * 4  # read x and log_a, write h
-        torch_layer = cls(backend="torch")
-        tri_layer = cls(backend="triton") if device.type == "cuda" or ts.interpreter_enabled() else None
-
-        def fwd(layer=torch_layer):
-            with torch.no_grad():
-                return layer(x=x, log_a=log_a)
-
-        def fwd_bwd(layer=torch_layer):
-            xg, ag = x.detach().requires_grad_(), log_a.detach().requires_grad_()
-            layer(x=xg, log_a=ag).sum().backward()
-
-        cases.append(Case("first-order recurrence", shape, "psmc torch", fwd, fwd_bwd, nbytes))
-        if tri_layer is not None:
-            def fwd_triton(layer=tri_layer):  # explicit: independent of the layer's backend hook
-                with torch.no_grad():
-                    return ts.forward(layer, layer._prepare({"x": x, "log_a": log_a}, step=False), None)
-            cases.append(Case("first-order recurrence", shape, "psmc triton", fwd_triton,
-                              lambda layer=tri_layer: fwd_bwd(layer), nbytes))
-        if dry_run:  # peers compile (torch.compile, CUDA extensions) when imported: only look them up
-            for impl, module in (("torch associative_scan", "torch._higher_order_ops.associative_scan"),
-                                 ("accelerated-scan", "accelerated_scan")):
-                cases.append(Case("first-order recurrence", shape, impl, None, None, nbytes, installed(module)))
-            continue
-        cases.append(Case("first-order recurrence", shape, "torch associative_scan", *_torch_scan(x, log_a),
-                          nbytes))
-        cases.append(Case("first-order recurrence", shape, "accelerated-scan", *_accelerated(x, log_a), nbytes))
-    return cases
-
-
-def _torch_scan(x, log_a):
-    try:
-        from torch._higher_order_ops.associative_scan import associative_scan
-    except ImportError:
-        return None, None
-
-    def combine(left, right):
-        return left[0] * right[0], right[0] * left[1] + right[1]
-
-    compiled = torch.compile(lambda a, b: associative_scan(combine, (a, b), dim=1, combine_mode="pointwise")[1])
-
-    def fwd():
-        with torch.no_grad():
-            return compiled(log_a.exp(), x)
-
-    def fwd_bwd():
-        xg, ag = x.detach().requires_grad_(), log_a.detach().requires_grad_()
-        compiled(ag.exp(), xg).sum().backward()
-    return fwd, fwd_bwd
-
-
-def _accelerated(x, log_a):
-    try:
-        from accelerated_scan.warp import scan
-    except Exception as e:  # not installed, or its CUDA extension does not build here
-        print(f"  accelerated-scan unavailable: {e}")
-        return None, None
-    gates, tokens = log_a.exp().transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()
-
-    def fwd():
-        with torch.no_grad():
-            return scan(gates, tokens)
-
-    def fwd_bwd():
-        g, t = gates.detach().requires_grad_(), tokens.detach().requires_grad_()
-        scan(g, t).sum().backward()
-    return fwd, fwd_bwd
-
-
-def gla_cases(device, dry_run: bool) -> list[Case]:
-    from psmc.runtime import triton_support as ts
-    gla, simple = load_layer_class("gla"), load_layer_class("simple_gla")
-    cases = []
-    for B, T, H, D in ([(1, 16, 2, 4)] if dry_run else GLA_SHAPES):
-        shape = f"B={B} T={T} H={H} D={D}"
-        q, k, v = (torch.randn(B, T, H, D, device=device) * 0.1 for _ in range(3))
-        gk = -torch.rand(B, T, H, D, device=device) * 0.1
-        g = gk[..., 0].contiguous()
-        nbytes = 5 * q.numel() * 4
-        for name, cls, gate in (("gla", gla, {"gk": gk}), ("simple_gla", simple, {"g": g})):
-            for backend in ("torch", "triton"):
-                if backend == "triton" and device.type != "cuda" and not ts.interpreter_enabled():
-                    continue
-                layer = cls(backend=backend, K=D, V=D)
-
-                def fwd(layer=layer, gate=gate):
-                    with torch.no_grad():
-                        return layer(q=q, k=k, v=v, **gate)
-
-                def fwd_bwd(layer=layer, gate=gate):
-                    ins = {n: t.detach().requires_grad_() for n, t in dict(q=q, k=k, v=v, **gate).items()}
-                    layer(**ins).sum().backward()
-                note = "token loop (fused_recurrent-like), not chunked" if backend == "triton" else ""
-                cases.append(Case(f"GLA-like ({name})", shape, f"psmc {backend}", fwd, fwd_bwd, nbytes, note))
-        if dry_run:
-            cases.append(Case("GLA-like", shape, "fla", None, None, nbytes, installed("fla")))
-            continue
-        for impl, fwd, fwd_bwd in _fla(q, k, v, gk, g):
-            cases.append(Case(f"GLA-like ({'simple_gla' if 'simple' in impl else 'gla'})", shape, impl, fwd, fwd_bwd,
-                              nbytes))
-    return cases
-
-
-def _fla(q, k, v, gk, g):
-    try:
-        from fla.ops.gla import chunk_gla, fused_recurrent_gla
-        from fla.ops.simple_gla import chunk_simple_gla
-    except Exception as e:
-        print(f"  flash-linear-attention unavailable: {e}")
-        return [("fla (unavailable)", None, None)]
+def psmc_paths(layer, inputs: dict, kind: str = "forward") -> list:
+    """(path name, reason or None) for every path the dispatcher has for this op and pass,
+    whatever the layer's backend (a 'triton' and a 'torch' twin are asked)."""
+    from psmc.runtime import dispatch
+    seen = {}
+    for backend in ("triton", "torch"):
+        twin = type(layer)(backend="torch", check_finite=False, **layer.dims)
+        twin.load_state_dict(layer.state_dict())
+        twin.to(next(iter(inputs.values())).device)
+        twin.backend = backend
+        call = twin._prepare(dict(inputs), step=kind == "step")
+        for path, reason in dispatch.candidates(twin, call, kind):
+            seen.setdefault(path.name, (path, reason, twin))
     out = []
-    for impl, fn, gate in (("fla chunk_gla", chunk_gla, gk), ("fla fused_recurrent_gla", fused_recurrent_gla, gk),
-                           ("fla chunk_simple_gla", chunk_simple_gla, g)):
-        def fwd(fn=fn, gate=gate):
-            with torch.no_grad():
-                return fn(q, k, v, gate)[0]
-
-        def fwd_bwd(fn=fn, gate=gate):
-            ins = [t.detach().requires_grad_() for t in (q, k, v, gate)]
-            fn(*ins)[0].sum().backward()
-        out.append((impl, fwd, fwd_bwd))
+    for name, (path, reason, twin) in sorted(seen.items()):
+        if SKIP_TRITON[0] and path.triton:
+            reason = "--skip-triton"
+        for variant in _variants(path, twin, next(iter(inputs.values())).device):
+            out.append((name + (f"[{variant}]" if variant else ""), _Variant(path, variant), reason, twin))
     return out
 
 
-def report(cases: list[Case], peak_gbps: float, dry_run: bool):
-    if dry_run:
-        for c in cases:  # tiny shapes: run each psmc case once so the script is known to work
-            if c.run is not None:
-                c.run()
-                if c.run_bwd is not None:
-                    c.run_bwd()
-            state = "ran" if c.run is not None else "peer"
-            print(f"  {c.group:26s} {c.shape:24s} {c.impl:24s} {state}"
-                  f"{' (fwd+bwd too)' if c.run_bwd is not None else ''}  {c.note}")
+def _is_auto(pname: str, chosen: str) -> bool:
+    return pname == chosen or pname == f"{chosen}[triton kernels]"
+
+
+def _variants(path, layer, device) -> list:
+    """chunk_linear_attention has its own switch between chunked Triton kernels and the torch
+    form (psmc.runtime.chunkwise.BACKEND, where the runtime has it): time both on a GPU."""
+    from psmc.runtime import chunkwise
+    if path.name == "chunkwise" and hasattr(chunkwise, "BACKEND") and device.type == "cuda":
+        return ["triton kernels", "torch"]
+    return [None]
+
+
+class _Variant:
+    """A dispatcher path, with chunkwise.BACKEND set while it runs (forward and backward: the
+    autograd function is chosen in the forward)."""
+
+    def __init__(self, path, variant):
+        self.path, self.variant = path, variant
+        self.name, self.run, self.triton, self.cost = path.name, path.run, path.triton, path.cost
+
+    @contextlib.contextmanager
+    def switch(self):
+        if self.variant is None:
+            yield
+            return
+        from psmc.runtime import chunkwise
+        saved = chunkwise.BACKEND
+        chunkwise.BACKEND = "auto" if self.variant == "triton kernels" else "torch"
+        try:
+            yield
+        finally:
+            chunkwise.BACKEND = saved
+
+
+SKIP_TRITON = [False]
+
+
+def run_path(path, layer, inputs: dict):
+    """The outputs of one pass through one dispatcher path (torch paths: the layer's own code)."""
+    call = layer._prepare(dict(inputs), step=False)
+    with path.switch() if isinstance(path, _Variant) else contextlib.nullcontext():
+        if path.run is not None:
+            outs, _ = path.run(layer, call, None)
+        else:
+            layer.use_fast_path = path.name != "torch-scan"
+            outs, _ = layer._forward_tokens(call, None, False)
+    return outs[0]
+
+
+def attn_inputs(name: str, shape, device, dtype, seed=0) -> dict:
+    B, T, H, K, V = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+    q, k, v = rnd(B, T, H, K, scale=K ** -0.5), rnd(B, T, H, K, scale=K ** -0.5), rnd(B, T, H, V)
+    if name == "gla":
+        gk = (-torch.rand(B, T, H, K, generator=g) * 0.1).to(device=device, dtype=dtype)
+        return {"q": q, "k": k, "v": v, "gk": gk}
+    if name == "simple_gla":
+        gate = (-torch.rand(B, T, H, generator=g) * 0.1).to(device=device, dtype=dtype)
+        return {"q": q, "k": k, "v": v, "g": gate}
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)  # delta rule: unit keys
+    beta = torch.rand(B, T, H, generator=g).to(device=device, dtype=dtype)
+    return {"q": q, "k": k, "v": v, "beta": beta}
+
+
+def fla_peers(name: str) -> list:
+    """(impl, fn(inputs) -> output) for fla's kernels of this op; empty when fla is missing."""
+    try:
+        if name == "gla":
+            from fla.ops.gla import chunk_gla, fused_recurrent_gla
+            return [("fla chunk_gla", lambda x: chunk_gla(x["q"], x["k"], x["v"], x["gk"])[0]),
+                    ("fla fused_recurrent_gla", lambda x: fused_recurrent_gla(x["q"], x["k"], x["v"], x["gk"])[0])]
+        if name == "simple_gla":
+            from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+            return [("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], x["g"])[0]),
+                    ("fla fused_recurrent_simple_gla",
+                     lambda x: fused_recurrent_simple_gla(x["q"], x["k"], x["v"], x["g"])[0])]
+        from fla.ops.delta_rule import chunk_delta_rule
+        # psmc's delta_rule does not scale q (examples/delta_rule.psm): fla with scale = 1
+        return [("fla chunk_delta_rule", lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], scale=1.0)[0])]
+    except Exception as e:  # noqa: BLE001
+        return [(f"fla ({type(e).__name__}: {str(e)[:80]})", None)]
+
+
+# ---------------------------------------------------------------------- the cases
+@dataclass
+class Bench:
+    device: torch.device
+    dry: bool
+    report: Report
+    deadline: float
+    case_budget: float = CASE_BUDGET_S
+    skip_triton: bool = False
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def case(self, group, shape, dtype, impl, fwd: Callable | None, both: Callable | None, check: Callable | None,
+             note: str = ""):
+        """One row: forward and forward+backward timings and a correctness check, each guarded.
+        Peers get twice the row budget: fla autotunes on its first call."""
+        dname = str(dtype).replace("torch.", "")
+        if fwd is None:
+            self.report.row(group, shape, dname, impl, None, None, "-", note or "unavailable")
+            return
+        if self.left() < 5:
+            self.report.row(group, shape, dname, impl, None, None, "-", "skipped: out of total time")
+            return
+        results, notes = [], [note] if note else []
+        budget = min(self.case_budget * (1 if impl.startswith("psmc") else 2), self.left())
+        start = time.perf_counter()
+        for label, fn in (("fwd", fwd), ("fwd+bwd", both)):
+            if fn is None:
+                results.append(None)
+                continue
+            remaining = budget - (time.perf_counter() - start)
+            if remaining < 1:
+                results.append(None)
+                notes.append(f"{label}: not timed, the row's budget is spent")
+                continue
+            try:
+                with time_limit(remaining):
+                    results.append(timed(fn, self.device, remaining, repeats=1 if self.dry else 10))
+            except Exception as e:  # noqa: BLE001 - a failing case is a row, never the end of the run
+                results.append(None)
+                notes.append(f"{label}: {type(e).__name__}: {_first_line(e)}")
+                _clear(self.device)
+        verdict_text = "-"
+        if check is not None:
+            try:
+                with time_limit(max(5.0, min(30.0, self.left()))):
+                    verdict_text = check()
+            except Exception as e:  # noqa: BLE001
+                verdict_text = f"check failed: {type(e).__name__}: {_first_line(e)}"
+                _clear(self.device)
+        self.report.row(group, shape, dname, impl, results[0], results[1], verdict_text, "; ".join(notes))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:160]
+
+
+def _clear(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _grad_fn(fn: Callable, inputs: dict, float_only=True) -> Callable:
+    def both():
+        leaves = {n: t.detach().requires_grad_(t.is_floating_point()) for n, t in inputs.items()}
+        fn(leaves).float().sum().backward()
+    return both
+
+
+def attention_cases(b: Bench, name: str, dtype):
+    shape = TINY["attn"] if b.dry else FULL["attn"]
+    label = "B={} T={} H={} K={} V={}".format(*shape)
+    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule"}[name]
+    try:
+        cls = load(name)
+        x = attn_inputs(name, shape, b.device, dtype)
+        layer = cls(backend="auto", check_finite=False, K=shape[3], V=shape[4]).to(b.device)
+        paths = psmc_paths(layer, x)
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, f"psmc {name}", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
         return
-    print(f"\n| group | shape | impl | fwd ms | fwd x psmc-torch | fwd+bwd ms | fwd+bwd x psmc-torch | "
-          f"fwd % of {peak_gbps:.0f} GB/s | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    base: dict = {}
-    for c in cases:
-        fwd = cuda_time(c.run) if c.run is not None else None
-        both = cuda_time(c.run_bwd) if c.run_bwd is not None else None
-        key = (c.group, c.shape)
-        if c.impl == "psmc torch":
-            base[key] = (fwd, both)
-        ref_f, ref_b = base.get(key, (None, None))
-        ratio = (lambda ref, t: f"{ref / t:.2f}" if ref and t else "-")
-        frac = f"{100 * c.nbytes / (fwd * 1e-3) / (peak_gbps * 1e9):.1f}" if fwd else "-"
-        note = c.note or ("not installed" if c.run is None else "")
-        ms = (lambda t: f"{t:.3f}" if t else "-")
-        print(f"| {c.group} | {c.shape} | {c.impl} | {ms(fwd)} | {ratio(ref_f, fwd)} | "
-              f"{ms(both)} | {ratio(ref_b, both)} | {frac} | {note} |")
-        sys.stdout.flush()
+    peers = fla_peers(name)
+    reference = {}
+
+    def peer_out():
+        """(reference output, its name): the first fla kernel that runs, else psmc's cheapest torch
+        path that is not the generic scan (in a dry run: any torch path; fla needs a GPU)."""
+        if "out" not in reference:
+            reference["out"] = (None, "")
+            for impl, fn in peers:
+                try:
+                    with torch.no_grad():
+                        reference["out"] = (fn(x), impl)
+                    break
+                except Exception:  # noqa: BLE001 - try the next reference
+                    continue
+            if reference["out"][0] is None:
+                torch_paths = [(p.cost(t, t._prepare(dict(x), step=False)), n, p, t) for n, p, r, t in paths
+                               if r is None and not p.triton]
+                torch_paths = [c for c in sorted(torch_paths, key=lambda c: c[:2]) if b.dry or c[0] < 90]
+                if torch_paths:
+                    _, n, p, t = torch_paths[0]
+                    with torch.no_grad():
+                        reference["out"] = (run_path(p, t, x), f"psmc {n}")
+        return reference["out"]
+
+    from psmc.runtime import dispatch
+    chosen = dispatch.choose(layer, layer._prepare(dict(x), step=False), "forward").name
+    for pname, path, reason, twin in paths:
+        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
+        if reason is None and not b.dry and path.cost(twin, twin._prepare(dict(x), step=False)) >= 90:
+            reason = "the generic scan holds a [K, V] state per token (gigabytes here): not timed"
+        if reason is not None:
+            b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
+            continue
+
+        def fwd(path=path, twin=twin):
+            with torch.no_grad():
+                return run_path(path, twin, x)
+
+        def both(path=path, twin=twin):
+            leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
+            run_path(path, twin, leaves).float().sum().backward()
+
+        def check(fwd=fwd):
+            ref, against = peer_out()
+            if ref is None:
+                return "-"
+            return verdict(rel_rms(ref.float(), fwd().float()), dtype) + f" vs {against}"
+        b.case(group, label, dtype, impl, fwd, both, check)
+    for impl, fn in peers:
+        b.case(group, label, dtype, impl, (lambda fn=fn: _no_grad(fn, x)) if fn else None,
+               _grad_fn(fn, x) if fn else None, None)
 
 
+def _no_grad(fn, x):
+    with torch.no_grad():
+        return fn(x)
+
+
+def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
+    B, D, T = TINY["first_order"] if b.dry else FULL["first_order"]
+    label = f"B={B} D={D} T={T}"
+    group = "first-order scan"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, T, D, generator=g).to(b.device, dtype)
+    log_a = (-torch.rand(B, T, D, generator=g) * 0.1).to(b.device, dtype)
+    nbytes = 3 * x.numel() * x.element_size()
+    note_bw = (lambda ms: f"{100 * nbytes / (ms * 1e-3) / (peak_gbps * 1e9):.0f}% of copy bandwidth"
+               if peak_gbps and ms else "")
+    inputs = {"x": x, "log_a": log_a}
+    try:
+        cls = load("linear_recurrence")
+        layer = cls(backend="auto", check_finite=False).to(b.device)
+        paths = psmc_paths(layer, inputs)
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, "psmc linear_recurrence", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        return
+    gates, tokens = log_a.float().exp().to(dtype).transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()
+    reference = {}
+
+    def peer_out():
+        if "out" not in reference:
+            scan = _accelerated(b.dry)
+            with torch.no_grad():
+                reference["out"] = scan(gates, tokens).transpose(1, 2) if scan is not None else None
+        return reference["out"]
+
+    from psmc.runtime import dispatch
+    chosen = dispatch.choose(layer, layer._prepare(dict(inputs), step=False), "forward").name
+    for pname, path, reason, twin in paths:
+        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
+        if reason is not None:
+            b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
+            continue
+
+        def fwd(path=path, twin=twin):
+            with torch.no_grad():
+                return run_path(path, twin, inputs)
+
+        def both(path=path, twin=twin):
+            leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+            run_path(path, twin, leaves).float().sum().backward()
+
+        def check(fwd=fwd):
+            ref = peer_out()
+            return "-" if ref is None else verdict(rel_rms(ref.float(), fwd().float()), dtype)
+        before = len(b.report.rows)
+        b.case(group, label, dtype, impl, fwd, both, check)
+        _annotate(b.report, before, note_bw)
+        ms = b.report.rows[before][4] if before < len(b.report.rows) else None
+        if isinstance(ms, float) and ms > 100 and b.left() > 20:  # a torch path in seconds: say where it goes
+            profile(b, fwd, impl)
+    scan = _accelerated(b.dry)
+    before = len(b.report.rows)
+    b.case(group, label, dtype, "accelerated-scan (torch reference, dry run)" if b.dry else "accelerated-scan (triton)", (lambda: _no_grad(lambda _: scan(gates, tokens), None))
+           if scan else None, _grad_fn(lambda t: scan(t["g"], t["x"]), {"g": gates, "x": tokens}) if scan else None,
+           None, "" if scan else "accelerated_scan.scalar not importable")
+    _annotate(b.report, before, note_bw)
+    compiled = _torch_associative_scan(b.device)
+    before = len(b.report.rows)
+    b.case(group, label, dtype, "torch associative_scan (compiled)",
+           (lambda: _no_grad(lambda _: compiled(log_a.exp(), x), None)) if compiled else None,
+           _grad_fn(lambda t: compiled(t["a"].exp(), t["x"]), {"a": log_a, "x": x}) if compiled else None, None,
+           "" if compiled else "associative_scan not available")
+    _annotate(b.report, before, note_bw)
+
+
+def profile(b: Bench, fn: Callable, what: str):
+    """The five ops that take the most CPU time in one call of a slow path."""
+    try:
+        from torch.profiler import profile as _profile
+        with time_limit(15), _profile() as prof:
+            fn()
+            sync(b.device)
+        table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=5)
+        b.report.say(f"  profile of one call of {what}:\n" + table)
+    except Exception as e:  # noqa: BLE001
+        b.report.say(f"  profile of {what} failed: {type(e).__name__}: {_first_line(e)}")
+
+
+def _annotate(report: Report, index: int, note: Callable):
+    """Add the bandwidth fraction to the row just written (forward time)."""
+    if index < len(report.rows):
+        row = list(report.rows[index])
+        extra = note(row[4])
+        if extra:
+            row[7] = "; ".join(x for x in (row[7], extra) if x)
+            report.rows[index] = tuple(row)
+
+
+def _accelerated(dry: bool = False):
+    """accelerated-scan's Triton scan; in a dry run its torch reference (same API: its Triton
+    kernel takes minutes under the interpreter)."""
+    try:
+        if dry:
+            from accelerated_scan.ref import scan
+        else:
+            from accelerated_scan.scalar import scan
+        return scan
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _torch_associative_scan(device):
+    try:
+        from torch._higher_order_ops.associative_scan import associative_scan
+    except ImportError:
+        return None
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+    if device.type != "cuda":  # pointwise needs CUDA; inductor's CPU compile takes minutes: eager
+        return lambda a, b: associative_scan(combine, (a, b), dim=1, combine_mode="generic")[1]
+    return torch.compile(lambda a, b: associative_scan(combine, (a, b), dim=1, combine_mode="pointwise")[1])
+
+
+def decode_cases(b: Bench, dtype):
+    """Microseconds per token at batch 1: psmc step (every step path) vs fla fused_recurrent with a
+    carried state."""
+    steps = TINY["decode_steps"] if b.dry else FULL["decode_steps"]
+
+    def per_token(ms):
+        return f"{1e3 * ms / steps:.1f} us/token" if ms else ""
+    _, _, H, K, V = TINY["attn"] if b.dry else FULL["attn"]
+    label = f"B=1 H={H} K={K} V={V}"
+    for name in ("gla", "simple_gla", "linear_recurrence"):
+        group = f"decode {name}"
+        try:
+            cls = load(name)
+            if name == "linear_recurrence":
+                D = (TINY if b.dry else FULL)["first_order"][1]
+                xs = {"x": torch.randn(1, steps, D), "log_a": -torch.rand(1, steps, D) * 0.1}
+                layer = cls(backend="auto", check_finite=False)
+            else:
+                xs = attn_inputs(name, (1, steps, H, K, V), "cpu", torch.float32)
+                layer = cls(backend="auto", check_finite=False, K=K, V=V)
+            xs = {n: t.to(b.device, dtype) for n, t in xs.items()}
+            layer = layer.to(b.device)
+            paths = psmc_paths(layer, {n: t[:, 0] for n, t in xs.items()}, kind="step")
+        except Exception as e:  # noqa: BLE001
+            b.case(group, label, dtype, f"psmc {name} step", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+            continue
+        for pname, path, reason, twin in paths:
+            if reason is not None:
+                b.case(group, label, dtype, f"psmc {pname}", None, None, None, f"not run: {reason}")
+                continue
+
+            def decode(twin=twin):
+                with torch.no_grad():
+                    state = twin.init_state()
+                    for t in range(steps):
+                        _, state = twin.step(state, **{n: v[:, t] for n, v in xs.items()})
+            before = len(b.report.rows)
+            b.case(group, label + " (ms for %d tokens)" % steps, dtype, f"psmc {pname}", decode, None, None)
+            _annotate(b.report, before, per_token)
+        if name == "linear_recurrence":
+            continue
+        peer = _fla_decode(name, xs, steps, H, K, V)
+        before = len(b.report.rows)
+        b.case(group, label + " (ms for %d tokens)" % steps, dtype, peer[0], peer[1], None, None, peer[2])
+        _annotate(b.report, before, per_token)
+
+
+def _fla_decode(name, xs, steps, H, K, V):
+    try:
+        if name == "gla":
+            from fla.ops.gla import fused_recurrent_gla as fn
+            gate = "gk"
+        else:
+            from fla.ops.simple_gla import fused_recurrent_simple_gla as fn
+            gate = "g"
+    except Exception as e:  # noqa: BLE001
+        return ("fla fused_recurrent", None, f"{type(e).__name__}: {_first_line(e)}")
+    state0 = torch.zeros(1, H, K, V, device=xs["q"].device, dtype=torch.float32)
+
+    def decode():
+        with torch.no_grad():
+            state = state0
+            for t in range(steps):
+                sl = slice(t, t + 1)
+                _, state = fn(xs["q"][:, sl], xs["k"][:, sl], xs["v"][:, sl], xs[gate][:, sl], initial_state=state,
+                              output_final_state=True)
+    return (f"fla fused_recurrent ({name}, T=1 per call)", decode, "")
+
+
+def copy_bandwidth(device) -> float | None:
+    """GB/s of a 1 GiB device-to-device copy (read + write), measured now."""
+    if device.type != "cuda":
+        return None
+    x = torch.empty(1 << 28, device=device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    ms = timed(lambda: y.copy_(x), device, 5.0)
+    del x, y
+    return 2 * (1 << 30) / (ms * 1e-3) / 1e9
+
+
+# ---------------------------------------------------------------------- main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="build every case on CPU; time nothing")
-    parser.add_argument("--peak-gbps", type=float, default=4800.0, help="peak memory bandwidth (H200: 4800)")
-    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (Triton paths interpreted)")
+    parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all the cases")
+    parser.add_argument("--case-budget", type=float, default=CASE_BUDGET_S, help="seconds per row")
+    parser.add_argument("--skip-triton", action="store_true",
+                        help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="groups to run: gla simple_gla delta_rule first_order decode")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("no CUDA device: use --dry-run", file=sys.stderr)
+        return 2
     else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: use --dry-run", file=sys.stderr)
-            return 2
         device = torch.device("cuda")
-        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    failures = [] if args.skip_check else check(device, args.dry_run)
-    cases = recurrence_cases(device, args.dry_run) + gla_cases(device, args.dry_run)
-    report(cases, args.peak_gbps, args.dry_run)
-    if failures:
-        print("CHECK FAILURES: " + ", ".join(failures))
-        return 1
+    report = Report(os.environ.get("OUT"))
+    start = time.perf_counter()
+    b = Bench(device, args.dry_run, report, start + args.budget, args.case_budget, skip_triton=args.skip_triton)
+    if device.type == "cuda":
+        report.say(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+                   f"triton {_version('triton')}  fla {_version('fla')}  accelerated-scan "
+                   f"{_version('accelerated_scan')}")
+    peak = None
+    try:
+        peak = copy_bandwidth(device)
+        if peak:
+            report.say(f"device copy bandwidth in this run: {peak:.0f} GB/s")
+    except Exception as e:  # noqa: BLE001
+        report.say(f"copy bandwidth not measured: {type(e).__name__}: {_first_line(e)}")
+    SKIP_TRITON[0] = args.skip_triton
+    # the most informative rows first, so that a run cut by its budget still has them
+    bf16, fp32 = torch.bfloat16, torch.float32
+    order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
+             ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32)]
+    if args.dry_run:
+        order = [(g, fp32) for g, d in order if d == fp32]
+    plan = []
+    for group, dtype in order:
+        if args.only and group not in args.only:
+            continue
+        if group == "first_order":
+            plan.append((group, lambda dtype=dtype: first_order_cases(b, dtype, peak)))
+        elif group == "decode":  # launch-bound: one dtype
+            plan.append((group, lambda dtype=dtype: decode_cases(b, dtype)))
+        else:
+            plan.append((group, lambda group=group, dtype=dtype: attention_cases(b, group, dtype)))
+    for group, run in plan:
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - never let one group stop the rest
+            report.say(f"{group}: {type(e).__name__}: {_first_line(e)}")
+            traceback.print_exc()
+            _clear(device)
+    report.say("")
+    report.say(report.table())
+    report.say(f"\nbenchmark wall time: {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _version(module: str) -> str:
+    try:
+        import importlib.metadata as md
+        return md.version({"fla": "fla-core", "accelerated_scan": "accelerated-scan"}.get(module, module))
+    except Exception:  # noqa: BLE001
+        return "not installed"
 
 
 if __name__ == "__main__":

@@ -67,3 +67,36 @@ def auto_backend_without_cpp():
         os.environ.pop("PSMC_CPU", None)
     else:
         os.environ["PSMC_CPU"] = previous
+
+
+# ---------------------------------------------------------------------- tests on a GPU
+# PSMC_TEST_DEVICE=cuda (with TRITON_INTERPRET=0): the Triton tests run their kernels compiled
+# for the GPU (benchmarks/gpu_check.sh). Every tensor a factory function creates without an
+# explicit device is created as usual (a CPU generator keeps its seeds) and moved to the device,
+# so the tests need no per-file changes; leaves that ask for gradients stay leaves.
+_FACTORIES = ("randn", "rand", "randint", "zeros", "ones", "empty", "full", "arange", "linspace", "tensor", "eye")
+
+
+class _OnDevice(torch.overrides.TorchFunctionMode):
+    def __init__(self, device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.funcs = {getattr(torch, name) for name in _FACTORIES}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func not in self.funcs or kwargs.get("device") is not None:
+            return func(*args, **kwargs)
+        grad = kwargs.pop("requires_grad", False)
+        out = func(*args, **kwargs).to(self.device)
+        return out.requires_grad_(grad) if grad else out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_device():
+    device = os.environ.get("PSMC_TEST_DEVICE")
+    if not device or device == "cpu":
+        yield
+        return
+    with _OnDevice(device):
+        yield

@@ -132,7 +132,7 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
     lines += [
         "        carry = None if state is None else state.prefix",
         f"        h, h_last = _fastpaths.linear_recurrence({printer.names[aligned]}, leaves[{ih}], "
-        f"None if carry is None else carry[{ih}])",
+        f"None if carry is None else carry[{ih}], kernel=cx.scan_kernel)",
     ]
     if ia in dead:  # the stream state keeps h only
         lines += ["        a_last = None  # dead in a stream prefix: nothing it feeds is read"]

@@ -490,7 +490,8 @@ class MatrixPrinter:
         loop.append("tl.debug_barrier()  # the scratch is written before any thread reads it")
         loop += self.load_state("bnd", "(b * L + lane) * NB + blk", "cb")  # P before the block
         loop.append("for ri in range(0, BLOCK_T):")
-        loop += ["    r = BLOCK_T - 1 - ri + zero"] + ["    " + x for x in self.token_adjoint()]
+        # r stays a scalar int32, as in the recompute loop above (the loop-carried types must agree)
+        loop += ["    r = BLOCK_T - 1 - ri"] + ["    " + x for x in self.token_adjoint()]
         loop.append("tl.debug_barrier()  # this block's reads of the scratch are done")
         body += ["    " + x for x in loop]
         for i, f in enumerate(self.fields):

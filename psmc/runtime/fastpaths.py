@@ -31,6 +31,7 @@ def linear_recurrence(
     *,
     log: bool = False,
     exclusive: bool = False,
+    kernel: str = "torch",
 ) -> tuple[Tensor, Tensor]:
     """All states of h_t = a_t * h_{t-1} + b_t, elementwise, with h_{-1} = `initial` (or 0).
 
@@ -42,6 +43,9 @@ def linear_recurrence(
         log: `a` holds log-decays; exp is applied here (differentiably).
         exclusive: return the states BEFORE each step, [h_{-1}, ..., h_{T-2}], instead of
             [h_0, ..., h_{T-1}] (no extra copy: both are views of one buffer).
+        kernel: 'torch' (the blocked loop below) or 'triton' (psmc.runtime.triton_scan: one
+            kernel, time inside each thread; the inputs keep their dtype, h is in it, h_last
+            fp32). The dispatcher (psmc.runtime.dispatch) picks 'triton' for CUDA tensors.
 
     Returns:
         (h, h_last): h [B, T, *rest] (views of one buffer), h_last = h_{T-1} [B, *rest]
@@ -52,6 +56,13 @@ def linear_recurrence(
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must be [B, T, ...] with one T")
     if log:
         a = torch.exp(a)
+    if kernel == "triton" and not exclusive:
+        from .triton_scan import FirstOrderScan
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        if a.dim() < len(shape):
+            raise ValueError("a must have as many axes as the result (use size-1 axes to broadcast)")
+        h, h_last = FirstOrderScan.apply(a, b, initial)
+        return h, h_last.to(h.dtype)
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
     shape = torch.broadcast_shapes(a.shape, b.shape)

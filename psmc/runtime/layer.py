@@ -82,12 +82,13 @@ class Ctx:
     d: dict
     dev: torch.device
     dt: dict
+    scan_kernel: str = "torch"  # the first-order fast path's scan: 'torch' or 'triton' (psmc.runtime.dispatch)
 
 
 class PsmLayer(nn.Module):
     spec: Spec
 
-    def __init__(self, backend: str = "auto", check_finite: bool = True, **dims):
+    def __init__(self, backend: str = "auto", check_finite: bool | None = None, **dims):
         super().__init__()
         spec = self.spec
         if backend not in ("auto", "torch", "triton", "cpu"):
@@ -287,8 +288,14 @@ class PsmLayer(nn.Module):
 
     def _check_outputs(self, outputs, call):
         """NaN outputs from finite inputs are an error that names the op (the inputs are only
-        inspected once a NaN was found, so the common path costs one pass over the outputs)."""
-        if not self.check_finite or getattr(call, "outputs_checked", False):
+        inspected once a NaN was found, so the common path costs one pass over the outputs).
+
+        check_finite=None (the default) checks CPU tensors only: on a GPU the check needs a host
+        sync per call, so it is opt-in there (check_finite=True)."""
+        check = self.check_finite
+        if check is None:
+            check = call.ctx.dev.type == "cpu"
+        if not check or getattr(call, "outputs_checked", False):
             return  # (the C++ kernels check their outputs as they write them)
         for slot, out in zip(self.spec.outputs, outputs):
             if out.is_floating_point() and torch.isnan(out).any():
@@ -373,10 +380,10 @@ class PsmLayer(nn.Module):
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "forward"):
                 return cpu_support.forward(self, call, state)
-        if self.backend in ("auto", "triton"):
-            from . import triton_support
-            if triton_support.use_triton(self, call):
-                return triton_support.forward(self, call, state)
+        from . import dispatch
+        path = dispatch.choose(self, call, "forward")
+        if path.run is not None:
+            return path.run(self, call, state)
         lead = call.lead
         T = lead[1]
         start = 0 if state is None else state.size
@@ -396,10 +403,11 @@ class PsmLayer(nn.Module):
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "step"):
                 return cpu_support.step(self, call, state)
-        if self.backend in ("auto", "triton") and spec.scan == "exact":
-            from . import triton_support
-            if triton_support.use_triton(self, call):
-                return triton_support.step(self, call, state)
+        if spec.scan == "exact":
+            from . import dispatch
+            path = dispatch.choose(self, call, "step")
+            if path.run is not None:
+                return path.run(self, call, state)
         if spec.fast and self.use_fast_path and hasattr(self, "_fast_step"):
             return self._fast_step(call, state)
         state = self._full_state(call, state)

@@ -20,10 +20,14 @@ import torch
 
 from .state import ScanState
 
-DEFAULT_BLOCK_T = 64
+DEFAULT_BLOCK_T = 32  # [32, 64] lane tiles: about 8 values per thread at 8 warps, no spills (AOT table)
 # matrix states: the backward's scratch holds BLOCK_T prefixes of [R, C] per program
 DEFAULT_MATRIX_BLOCK_T = 16
 MAX_BLOCK_C = 64  # columns per program when the tile needs not hold the whole state axis
+
+# Set by psmc.triton_aot while it records launches: kernels are captured, not run, so the
+# Triton paths accept CPU tensors (nothing else changes: the launch configurations are real).
+RECORDING = False
 
 _KERNEL_DTYPES = {"f32": torch.float32, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
 
@@ -73,7 +77,7 @@ def unusable_reason(layer, call) -> str | None:
     kernels = getattr(layer, "_triton_kernels", None)
     if kernels is None:
         return "its plan has no Triton kernels (see `psmc check`)"
-    if call.ctx.dev.type == "cpu" and not _interpreted(kernels.forward):
+    if call.ctx.dev.type == "cpu" and not _interpreted(kernels.forward) and not RECORDING:
         return ("the inputs are CPU tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before the "
                 "generated module is imported (the interpreter, for tests)")
     if call.ctx.dev.type not in ("cpu", "cuda"):
@@ -84,16 +88,10 @@ def unusable_reason(layer, call) -> str | None:
 
 
 def use_triton(layer, call) -> bool:
-    """backend='auto': Triton for CUDA tensors when usable; 'triton': Triton or a clear error."""
-    if layer.backend == "torch":
-        return False
-    reason = unusable_reason(layer, call)
-    if layer.backend == "triton" and reason is not None:
-        raise RuntimeError(f"{layer.spec.name}: backend='triton' cannot run this call: {reason}; "
-                           "use backend='auto' or 'torch'")
-    if layer.backend == "auto":
-        return reason is None and call.ctx.dev.type == "cuda"
-    return reason is None
+    """Whether the forward pass of this call runs a Triton kernel (psmc.runtime.dispatch chooses:
+    backend='auto' by cost, Triton only for CUDA tensors; 'triton': Triton or a clear error)."""
+    from . import dispatch
+    return dispatch.choose(layer, call, "forward").triton
 
 
 def _pow2(n: int) -> int:
@@ -124,6 +122,19 @@ class _Geometry:
     def blocks(self) -> dict:
         return {"BLOCK_C": self.block_c, **({"BLOCK_R": self.block_r} if self.matrix else {})}
 
+    def num_warps(self, block_t: int, backward: bool = False) -> int:
+        """Warps per program from the register tile: a matrix forward or step holds [BLOCK_R,
+        BLOCK_C] tiles (about 1024 elements per warp, at most 8 warps, so a thread may use up to
+        255 registers), a matrix backward several whole-row tiles (512 per warp, up to 16), a
+        block scan [BLOCK_T, BLOCK_C] ones (about 256, at most 8 warps): docs/triton.md's AOT
+        table shows the registers and spills that result."""
+        if self.matrix:  # the backward holds several whole-row tiles: more warps, fewer registers each
+            per_warp, most = (512, 16) if backward else (1024, 8)
+            return max(4, min(most, _pow2(self.block_r * self.block_c // per_warp)))
+        # a block scan keeps several [BLOCK_T, BLOCK_C] values (lifted, scanned, carried) live;
+        # more than 8 warps caps a thread at 128 (or fewer) registers, and they spill
+        return max(4, min(8, _pow2(block_t * self.block_c // 256)))
+
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
     """whole_axis: one program holds all of S (the backward sums a rank-0 field's adjoint over
@@ -140,6 +151,17 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
         return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(C, block_c)), C, _pow2(S), True)
     block_c = _pow2(S) if kernels.full_tile or whole_axis else min(_pow2(S), MAX_BLOCK_C)
     return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(S, block_c)))
+
+
+def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
+    """The forward of a differentiated matrix pass may still tile the columns: its saved
+    carries are indexed by the global column, so the backward (which holds whole rows of
+    columns) reads them whatever the forward's tiling; a [K, V] tile of 128 x 128 would not fit
+    in registers. Other modes keep the backward's tiling (a rank-0 field's adjoint sums over S)."""
+    if not g.matrix or kernels.full_tile:
+        return g
+    block_c = min(_pow2(g.C), MAX_BLOCK_C)
+    return dataclasses.replace(g, block_c=block_c, grid=(g.B, g.L, triton_cdiv(g.C, block_c)))
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -239,7 +261,8 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     args += g.sizes(start) + ([n_blocks] if time else [])
     args += [int(call.ctx.d[d]) for d in k.dims]
     extra = {"SAVE": save} if time else {}
-    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **extra)
+    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **extra,
+                   num_warps=g.num_warps(block_t if time else 1))
     return outputs, finals, bounds
 
 
@@ -265,8 +288,8 @@ class _ScanFunction(torch.autograd.Function):
         n_in, n_par = len(k.inputs), len(k.params)
         inputs, params = flat[:n_in], flat[n_in:n_in + n_par]
         prefix = flat[n_in + n_par:] if has_init else None
-        outputs, finals, bounds = _launch(layer, call, k.forward, g, inputs, params, prefix, start, True,
-                                          block_t, save=True)
+        outputs, finals, bounds = _launch(layer, call, k.forward, _forward_tiles(k, g), inputs, params, prefix,
+                                          start, True, block_t, save=True)
         outs = [_unflatten(o, g, r, True) for o, r in outputs]
         fins = [_unflatten(f, g, r, False) for f, r in finals]
         ctx.meta = meta
@@ -320,7 +343,8 @@ class _ScanFunction(torch.autograd.Function):
                    for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
         args += dpar + dini + scratch
         args += g.sizes(start) + [triton_cdiv(g.T, block_t)] + [int(call.ctx.d[d]) for d in k.dims]
-        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
+        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks(),
+                           num_warps=g.num_warps(block_t, backward=True))
         result = [None]
         for (t, role), x, dtype in zip(din, inputs, k.input_dtypes):
             grad = _unflatten(t, g, role, True)
@@ -368,6 +392,8 @@ def forward(layer, call, state, block_t: int | None = None):
                                         _prefix_requires_grad(state.prefix) and torch.is_grad_enabled())
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
     default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
+    if k.mode == "state":  # vector values: [BLOCK_T, BLOCK_C] tiles of at most 1024 elements stay in registers
+        default = max(8, min(DEFAULT_BLOCK_T, 1024 // g.block_c))
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = _filled(k, g, state.prefix, call.ctx.dev) if state is not None else None
     start = state.size if state is not None else 0

@@ -1,0 +1,164 @@
+"""The first-order scan h_t = a_t * h_{t-1} + b_t as a Triton kernel (forward and backward).
+
+Layout (the shape accelerated-scan uses, written from scratch): a program owns one batch row
+and BLOCK_C channels, one channel per thread, and walks the whole sequence in tiles of BLOCK_T
+steps. Each tile is a [BLOCK_T, BLOCK_C] load (coalesced over the channels); Triton lays the
+time axis of the tile inside each thread, so the tile's scan (`tl.associative_scan` over
+axis 0) is a sequential loop in registers with no shuffles, and the carry from the earlier
+tiles is applied as h = H_local + A_local * carry. The carry for the next tile is the tile's
+last row (padded rows are the identity (1, 0), so it is always row BLOCK_T - 1).
+
+- dtypes: a and b are read in their own dtype (bf16/fp16/fp32), the state and the
+  arithmetic are fp32, h is written in the output tensor's dtype (the inputs' dtype);
+- offsets are int64 (batch, time and channel indices are widened before any multiply), so
+  tensors above 2^31 elements are addressed correctly;
+- the grid is one axis, (batch x channel blocks,): no lane axis on grid dimensions 1/2 and
+  their 65,535 limit;
+- the time tail (T not a multiple of BLOCK_T) and the channel tail are masked;
+- the backward is the same kernel run in reverse time (REVERSE: step s reads token T-1-s and
+  the decay of token T-s), which gives the adjoint x_t = dL/dh_t = g_t + a_{t+1} x_{t+1}.
+
+Like the generated kernels, they are interpreted when TRITON_INTERPRET=1 is set before this
+module is imported (tests on CPU), JIT-compiled for CUDA otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BLOCK_T = 32  # steps per tile: enough independent loads in flight per thread to hide latency
+NUM_WARPS = 4
+
+
+def unusable_reason(device) -> str | None:
+    """Why the first-order Triton kernel cannot run on `device` (None when it can)."""
+    from . import triton_support
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed"
+    if device.type == "cuda" or triton_support.RECORDING:
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "the inputs are CPU tensors: Triton needs CUDA tensors (or TRITON_INTERPRET=1, for tests)"
+    return f"the inputs are on {device.type}: Triton kernels need CUDA tensors"
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch paths serve every call
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _first_order_combine(a1, h1, a2, h2):
+        return a1 * a2, a2 * h1 + h2
+
+    @triton.jit
+    def _first_order_scan(a_ptr, b_ptr, h0_ptr, out_ptr, last_ptr, T, C, n_cblocks,
+                          s_ab, s_at, s_ac, s_bb, s_bt, s_bc, s_ob, s_ot, s_oc,
+                          HAS_H0: tl.constexpr, REVERSE: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        batch = (pid // n_cblocks).to(tl.int64)
+        ch = (pid % n_cblocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        c_ok = ch < C
+        rows = tl.arange(0, BLOCK_T)
+        if HAS_H0:
+            carry = tl.load(h0_ptr + batch * C + ch, mask=c_ok, other=0.0).to(tl.float32)
+        else:
+            carry = tl.zeros((BLOCK_C,), tl.float32)
+        a_base = a_ptr + batch * s_ab + ch[None, :] * s_ac
+        b_base = b_ptr + batch * s_bb + ch[None, :] * s_bc
+        o_base = out_ptr + batch * s_ob + ch[None, :] * s_oc
+        for start in range(0, T, BLOCK_T):
+            s = start + rows
+            s_ok = s < T
+            if REVERSE:
+                t = (T - 1 - s).to(tl.int64)
+                ta = t + 1  # the decay that carries x_{t+1} back to token t
+                a_ok = s_ok & (s > 0)
+            else:
+                t = s.to(tl.int64)
+                ta = t
+                a_ok = s_ok
+            ok = s_ok[:, None] & c_ok[None, :]
+            a = tl.load(a_base + ta[:, None] * s_at, mask=a_ok[:, None] & c_ok[None, :], other=1.0).to(tl.float32)
+            x = tl.load(b_base + t[:, None] * s_bt, mask=ok, other=0.0).to(tl.float32)
+            a = tl.where(s_ok[:, None], a, 1.0)  # padded steps are the identity (1, 0)
+            A, H = tl.associative_scan((a, x), 0, _first_order_combine)
+            H = H + A * carry[None, :]
+            tl.store(o_base + t[:, None] * s_ot, H.to(out_ptr.dtype.element_ty), mask=ok)
+            carry = tl.sum(tl.where((rows == BLOCK_T - 1)[:, None], H, 0.0), axis=0)
+        tl.store(last_ptr + batch * C + ch, carry, mask=c_ok)
+
+
+def _as_bt_c(x: torch.Tensor, shape) -> torch.Tensor:
+    """x broadcast to shape [B, T, *rest] as a [B, T, C] view (a copy only when the rest axes
+    cannot be merged)."""
+    x = x.expand(shape)
+    return x.reshape(shape[0], shape[1], -1)
+
+
+def launch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """out[B, T, C] = the scan of (a, b) (reverse: the adjoint scan); returns the fp32 state
+    that leaves the sequence [B, C]."""
+    B, T, C = out.shape
+    last = torch.empty(B, C, device=out.device, dtype=torch.float32)
+    block_c = 32 * NUM_WARPS if C >= 32 * NUM_WARPS else max(16, 1 << (C - 1).bit_length())
+    n_cblocks = -(-C // block_c)
+    h0_arg = h0 if h0 is not None else last  # unread without HAS_H0
+    _first_order_scan[(B * n_cblocks,)](
+        a, b, h0_arg, out, last, T, C, n_cblocks,
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=BLOCK_T, BLOCK_C=block_c, num_warps=NUM_WARPS)
+    return last
+
+
+class FirstOrderScan(torch.autograd.Function):
+    """(h [B, T, *rest], h_last [B, *rest]) from a, b [B, T, *rest] (broadcast to one shape,
+    any float dtype) and h0 [B, *rest] fp32 or None. h is in the inputs' promoted dtype, h_last
+    in fp32 (the carried state)."""
+
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        a3, b3 = _as_bt_c(a, shape), _as_bt_c(b, shape)
+        out = torch.empty(shape[0], shape[1], a3.shape[2], device=b.device, dtype=dtype)
+        h03 = None if h0 is None else h0.expand(shape[0], *shape[2:]).reshape(shape[0], -1).float().contiguous()
+        last = launch(a3, b3, h03, out, reverse=False)
+        ctx.save_for_backward(a, h0, out)
+        ctx.shape, ctx.b_shape, ctx.b_dtype = shape, b.shape, b.dtype
+        return out.reshape(shape), last.reshape(shape[0], *shape[2:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_last):
+        a, h0, out = ctx.saved_tensors
+        shape = ctx.shape
+        B, T, C = out.shape
+        g = grad_h if grad_h is not None else torch.zeros((), device=out.device, dtype=out.dtype)
+        g = _as_bt_c(g, shape)
+        if grad_last is not None:  # h_last = h_{T-1}: its gradient joins the last token's
+            g = g.clone(memory_format=torch.contiguous_format)
+            g[:, -1] += grad_last.reshape(B, C).to(g.dtype)
+        a3 = _as_bt_c(a, shape)
+        x = torch.empty(B, T, C, device=out.device, dtype=torch.float32)
+        launch(a3, g, None, x, reverse=True)
+        grad_a = grad_b = grad_h0 = None
+        if ctx.needs_input_grad[0]:
+            prev = torch.empty_like(x)
+            prev[:, 1:] = out[:, :-1]
+            prev[:, 0] = 0.0 if h0 is None else h0.expand(B, *shape[2:]).reshape(B, C)
+            grad_a = (x * prev).reshape(shape).sum_to_size(a.shape).to(a.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_b = x.reshape(shape).sum_to_size(ctx.b_shape).to(ctx.b_dtype)
+        if h0 is not None and ctx.needs_input_grad[2]:
+            grad_h0 = (a3[:, 0].float() * x[:, 0]).reshape(B, *shape[2:]).sum_to_size(h0.shape).to(h0.dtype)
+        return grad_a, grad_b, grad_h0

@@ -1,0 +1,69 @@
+"""Every Triton kernel psmc launches for the examples compiles for real GPUs (sm_90, sm_80) at
+the launch configurations the runtime computes, with no spills in forward and decode kernels
+and at most SPILL_BUDGET bytes elsewhere (psmc.triton_aot; no GPU needed: Triton's
+compiler and ptxas run on the CPU).
+
+`pytest -m sm90` / `-m sm80` select one target. The launches are recorded once per run and
+each target's kernels are compiled once (in worker processes, one per CPU), shared by the
+tests below."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from psmc import triton_aot  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "triton.md"
+_ROWS: dict = {}
+
+
+def _rows(arch: int) -> list:
+    """sm_90: every launch. sm_80: the forward and decode kernels (the matrix backward kernels
+    take most of the compile time; `python -m psmc.triton_aot` compiles all of them for both
+    targets and the docs table shows them)."""
+    if arch not in _ROWS:
+        passes = None if arch == 90 else ("forward", "forward (training)", "step")
+        _ROWS[arch] = triton_aot.compile_all((arch,), workers=min(2, os.cpu_count() or 1), passes=passes)
+    return _ROWS[arch]
+
+
+@pytest.mark.parametrize("arch", [pytest.param(90, marks=pytest.mark.sm90), pytest.param(80, marks=pytest.mark.sm80)])
+def test_every_kernel_compiles_within_the_spill_budget(arch):
+    rows = _rows(arch)
+    examples = {r.example for r in rows}
+    # the families: block scans, the first-order scan, matrix token loops (and any new one)
+    assert {"cumsum", "linear_recurrence", "selective_ssm", "softmax_pool", "gla", "rwkv6"} <= examples
+    passes = {(r.example, r.passname) for r in rows}
+    wanted = ("forward", "forward (training)", "backward", "step") if arch == 90 else ("forward", "step")
+    for example in examples - {"running_argmax"}:  # running_argmax has no float output: no backward
+        assert {(example, p) for p in wanted} <= passes, example
+    bad = triton_aot.failures(rows)
+    assert not bad, "\n".join(b[:3000] for b in bad)
+
+
+def test_the_docs_table_lists_every_launch():
+    """docs/triton.md's table (`python -m psmc.triton_aot --write-docs`) has one row per
+    recorded launch: the same examples, passes, kernels, grids and constexprs as the runtime
+    launches now (register counts may differ between Triton versions and are not compared)."""
+    text = DOCS.read_text(encoding="utf-8")
+    assert triton_aot.START in text and triton_aot.END in text
+    table = text.split(triton_aot.START)[1].split(triton_aot.END)[0]
+    documented = {tuple(c.strip() for c in line.strip("|").split("|")[:5])
+                  for line in table.strip().splitlines()[2:]}
+    launched = {tuple(c.strip() for c in line.strip("|").split("|")[:5])
+                for line in triton_aot.table([(r.launch_view(), {}) for r in _rows(90)]).splitlines()[2:]}
+    assert documented == launched, (f"stale docs/triton.md table: missing {sorted(launched - documented)}, "
+                                    f"extra {sorted(documented - launched)}; run python -m psmc.triton_aot "
+                                    "--write-docs")
+
+
+def test_a_compile_error_is_reported_not_raised():
+    """A kernel that does not compile for the target (a loop-carried variable changing type, the
+    bug the matrix backward kernels had) is a failed result with the compiler's message."""
+    with triton_aot.clean_pool(1) as pool:
+        result = pool.submit(triton_aot.compile_error_probe, 90).result()
+    assert not result.ok and "Loop-carried variable r" in result.error, result.error

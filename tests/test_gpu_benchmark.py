@@ -1,0 +1,66 @@
+"""benchmarks/gpu.py --dry-run on CPU: every group of the GPU check builds its cases at tiny shapes
+and runs them (psmc's torch paths; peers as far as they run on a CPU), each row reported, the
+markdown table printed and written to $OUT. The Triton paths are skipped here (the interpreter
+runs them for minutes; tests/codegen/test_triton*.py cover them)."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_module():
+    spec = importlib.util.spec_from_file_location("psmc_bench_gpu", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
+    gpu = _gpu_module()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu.main(["--dry-run", "--skip-triton", "--case-budget", "20", "--budget", "150"]) == 0
+    table = (tmp_path / "gpu_bench.md").read_text()
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
+    groups = {r[0].strip() for r in rows}
+    assert {"first-order scan", "GLA", "simple GLA", "delta rule", "decode gla", "decode simple_gla"} <= groups
+    impls = {(r[0].strip(), r[3].strip()) for r in rows}
+    # every dispatcher path is a row (Triton ones skipped, saying why); the auto choice is marked
+    assert ("first-order scan", "psmc triton-first-order") in impls
+    assert ("first-order scan", "psmc torch-first-order (auto)") in impls
+    assert ("GLA", "psmc chunkwise (auto)") in impls
+    for group in ("GLA", "simple GLA", "first-order scan"):
+        checked = [r for r in rows if r[0].strip() == group and r[3].strip().startswith("psmc")
+                   and "triton" not in r[3]]
+        assert checked and all(r[8].strip().startswith("ok rel-rms") for r in checked), checked
+    skipped = [r for r in rows if "triton" in r[3] and r[3].strip().startswith("psmc")]
+    assert skipped and all("--skip-triton" in r[9] for r in skipped)
+    assert (tmp_path / "gpu_bench.log").read_text().count("|") > 0
+    assert "benchmark wall time" in capsys.readouterr().out
+
+
+def test_a_failing_case_is_a_row_not_the_end(monkeypatch):
+    """A case that raises, and one that overruns its budget, are rows with the reason."""
+    gpu = _gpu_module()
+    import torch
+    report = gpu.Report(None)
+    import time
+    b = gpu.Bench(torch.device("cpu"), True, report, time.perf_counter() + 60, case_budget=3.0)
+
+    def boom():
+        raise ValueError("no kernel for this shape")
+
+    def slow():
+        time.sleep(10)
+    b.case("g", "s", torch.float32, "boom", boom, None, None)
+    b.case("g", "s", torch.float32, "slow", slow, None, None)
+    b.case("g", "s", torch.float32, "fine", lambda: None, None, lambda: "ok")
+    (_, _, _, _, f1, _, _, n1), (_, _, _, _, f2, _, _, n2), (_, _, _, _, f3, _, c3, _) = report.rows
+    assert f1 is None and "ValueError: no kernel for this shape" in n1
+    assert f2 is None and "Overrun" in n2
+    assert isinstance(f3, float) and c3 == "ok"
