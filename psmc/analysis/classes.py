@@ -156,12 +156,13 @@ def _decayed_linear_attention(op: OpIR):
     S = op.state[s_index]
     if len(S.shape) != 2:
         return None
-    got = _scaled(op.lift[s_index])
-    if got is None or got[0].op != "outer" or got[2] is not None:
+    factors = _factors(op.lift[s_index])
+    outers = [f for f in factors if f.op == "outer"]
+    if len(outers) != 1 or any(f.rank != 0 for f in factors if f is not outers[0]):
         return None
-    core, coeff, _ = got
-    k, v = core.args
-    if coeff:  # c * outer(k, v) = outer(c * k, v)
+    k, v = outers[0].args
+    coeff = [f for f in factors if f is not outers[0]]
+    if coeff:  # c * outer(k, v) = outer(c * k, v) for any scalar c (a constant or a per-token gate)
         k = binary("mul", _product(coeff, k), k)
     readout = _linear_readout(op, S.name)
     if readout is None:

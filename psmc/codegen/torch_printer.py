@@ -144,6 +144,9 @@ class BodyPrinter:
             if self.static_scalar(args[0]):
                 return f"_ops.unary({UNARY[op]}, {self.ref(args[0])})"
             return f"{UNARY[op]}({self.ref(args[0])})"
+        if op == "mul" and args[0].op == "const" and not isinstance(args[0].attrs[0], bool) \
+                and args[0].attrs[0] == -1 and args[1].dtype == node.dtype and args[1].rank == R:
+            return f"-{self.ref(args[1])}"  # -1 * x: the canonical form of -x (psmc.ir.rewrite); exact
         if op in INFIX:
             a, b = (self.aligned(x, R) for x in args)
             return f"{a} {INFIX[op]} {b}"

@@ -133,6 +133,9 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
     generic = "generic exact scan (log-depth, associative)" if scan == "exact-scan" else \
         "fixed tree scan (PAPER.md §3 bracketing)"
     forward = f"fast path: {FAST_PATH_WORDS[fast]}" if fast else generic
+    if fast:
+        not_taken.insert(0, (generic, "the fast path computes the same prefixes without the per-token states "
+                                      "(layer.use_fast_path = False selects the generic scan)"))
     step = {"exact-scan": "combine the token into the inclusive prefix",
             "tree-scan": "push the token onto the binary counter"}[scan]
     if fast == "delta_rule":

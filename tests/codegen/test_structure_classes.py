@@ -168,3 +168,22 @@ def test_gradients_through_the_fast_path(layer):
     names = list(x)
     layer.use_fast_path = True
     assert torch.autograd.gradcheck(lambda *ts: layer(**dict(zip(names, ts))), tuple(x[n] for n in names))
+
+
+def test_a_scalar_gate_on_the_update_folds_into_the_key(tmp_path):
+    """S = S + beta * outer(k, v) with a per-token input beta is linear attention with key beta * k."""
+    text = ("op gated_la[K, V] { state (S: f32[K, V]); lift (k: f32[K], v: f32[V], beta: f32) "
+            "{ return beta * outer(k, v); } combine (l, r) { return l.S + r.S; } identity = zeros; "
+            "readout (s, q: f32[K]) { return q @ s.S; } }")
+    compiled = compile_source(text, "gated_la.psm")
+    assert compiled.plans["gated_la"].fast_path == "chunkwise:none"
+    (tmp_path / "gated_la.psm").write_text(text)
+    layer = psmc.load(tmp_path / "gated_la.psm").gated_la(backend="torch")
+    g = torch.Generator().manual_seed(3)
+    x = dict(k=torch.randn(2, 9, 3, generator=g, dtype=torch.float64),
+             v=torch.randn(2, 9, 2, generator=g, dtype=torch.float64),
+             beta=torch.rand(2, 9, generator=g, dtype=torch.float64),
+             q=torch.randn(2, 9, 3, generator=g, dtype=torch.float64))
+    fast = layer(**x)
+    layer.use_fast_path = False
+    torch.testing.assert_close(fast, layer(**x), rtol=1e-10, atol=1e-12)
