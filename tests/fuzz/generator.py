@@ -297,6 +297,7 @@ def part_welford(b: Builder) -> Part:
 
 ASSOCIATIVE = [part_sum, part_extreme, part_product, part_diag_affine, part_matrix_affine, part_softmax,
                part_first_last, part_segmented, part_argmax, part_count, part_welford]
+UNDEFINED_AT_IDENTITY = ("logsumexp", "online-softmax", "welford")
 FIELD_COUNT = {part_diag_affine: 2, part_matrix_affine: 2, part_softmax: 3, part_segmented: 2, part_argmax: 2,
                part_welford: 3}
 
@@ -441,6 +442,10 @@ def _assemble(seed, rng, name, b: Builder, parts: list) -> Program:
     reads = [r for p in parts for r in p.reads]
     if rng.random() >= 0.15:  # else no readout: the output is the state
         exclusive = declare_identity and rng.random() < 0.4
+        if exclusive:  # the first position reads the identity: no read that is 0/0 or log(0) there
+            reads = [r for p in parts if p.feature not in UNDEFINED_AT_IDENTITY for r in p.reads] or None
+            exclusive = reads is not None
+            reads = reads or [r for p in parts for r in p.reads]
         chosen = rng.sample(reads, k=min(len(reads), rng.choice([1, 1, 2])))
         outs = []
         for expr, dt, shape in chosen:

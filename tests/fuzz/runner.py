@@ -48,6 +48,7 @@ from layer_reference import reference_outputs  # noqa: E402
 
 RTOL64, ATOL64 = 1e-9, 1e-11
 RTOL32, ATOL32 = 2e-4, 2e-5
+RTOL, ATOL = RTOL64, ATOL64  # of the program being run (computes_in_float64)
 F32_RMS = 1e-4
 
 
@@ -182,7 +183,18 @@ def run_program(program, config: Config, workdir: Path) -> dict:
             "triton": getattr(cls, "_triton_kernels", None) is not None}
 
 
+def computes_in_float64(spec) -> bool:
+    """Whether the float64 run computes every float value in float64: `f32` computes in
+    float64 only when an f32-declared input or param is float64 (psmc.runtime.ops.torch_dtypes);
+    an op with f32 fields or outputs but no f32 input or param computes those in float32."""
+    f32 = [s for s in spec.inputs + spec.params if s.dtype == "f32"]
+    declared = [s for s in spec.fields + spec.outputs if s.dtype in ("f32", "f16", "bf16")]
+    return bool(f32) or not declared
+
+
 def _run_layers(program, config: Config, cls, path: Path, checked: set):
+    global RTOL, ATOL
+    RTOL, ATOL = (RTOL64, ATOL64) if computes_in_float64(cls.spec) else (RTOL32, ATOL32)
     torch.manual_seed(config.seed)
     layer = cls(**program.dims).double()
     inputs = make_inputs(cls, program, config, torch.float64)
@@ -197,7 +209,7 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
             raise Failure("non-finite", "the parallel pass gave a non-finite output from finite inputs")
 
     streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, T)
-    agree(streamed, full, "stream vs parallel", RTOL64, ATOL64)
+    agree(streamed, full, "stream vs parallel", RTOL, ATOL)
     checked.add("stream")
 
     if T >= 2:
@@ -205,16 +217,16 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
         first, state = layer(**{n: x[:, :mid] for n, x in inputs.items()}, return_state=True)
         rest = as_tuple(layer(**{n: x[:, mid:] for n, x in inputs.items()}, state=state))
         agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), rest)), full,
-              f"continued after {mid} tokens vs one pass", RTOL64, ATOL64)
+              f"continued after {mid} tokens vs one pass", RTOL, ATOL)
         decoded, _ = stream(layer, inputs, state, mid, T)
         agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), decoded)), full,
-              f"decode after a prefill of {mid} vs one pass", RTOL64, ATOL64)
+              f"decode after a prefill of {mid} vs one pass", RTOL, ATOL)
         checked.add("continued")
 
     if cls.spec.fast:
         layer.use_fast_path = False
         try:
-            agree(as_tuple(layer(**inputs)), full, "generic scan vs fast path", RTOL64, ATOL64)
+            agree(as_tuple(layer(**inputs)), full, "generic scan vs fast path", RTOL, ATOL)
         finally:
             layer.use_fast_path = True
         checked.add("generic")
@@ -249,7 +261,7 @@ def _check_reference(program, cls, layer, inputs, lead, full, path, config):
                              cls.spec.scan == "tree")
     got = tuple(o[where] for o in full)
     want = tuple(w.to(g.dtype) if g.is_floating_point() and w.is_floating_point() else w for g, w in zip(got, want))
-    agree(got, want, f"parallel vs the IR reference at batch {b}, lanes {lane}", RTOL64 * 10, ATOL64 * 10)
+    agree(got, want, f"parallel vs the IR reference at batch {b}, lanes {lane}", RTOL * 10, ATOL * 10)
 
 
 def _loss(outputs: tuple, seed: int):
@@ -265,7 +277,10 @@ def _check_gradients(layer, inputs, full, batch_shape, config):
     leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in inputs.items()}
     params = list(layer.parameters())
     wrt = [x for x in leaves.values() if x.requires_grad] + params
-    parallel = torch.autograd.grad(_loss(as_tuple(layer(**leaves)), config.seed), wrt, allow_unused=True)
+    loss = _loss(as_tuple(layer(**leaves)), config.seed)
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        return  # the outputs depend on no input and no param (e.g. only on `index`)
+    parallel = torch.autograd.grad(loss, wrt, allow_unused=True)
     streamed_out, _ = stream(layer, leaves, layer.init_state(batch_shape=batch_shape), 0, config.time)
     streamed = torch.autograd.grad(_loss(streamed_out, config.seed), wrt, allow_unused=True)
     for i, (g, s) in enumerate(zip(parallel, streamed)):
@@ -273,7 +288,8 @@ def _check_gradients(layer, inputs, full, batch_shape, config):
         s = torch.zeros_like(wrt[i]) if s is None else s
         if not torch.isfinite(g).all():
             raise Failure("grad-non-finite", f"gradient {i} of the parallel pass is not finite")
-        if not torch.allclose(g, s, rtol=1e-7, atol=1e-9):
+        rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
+        if not torch.allclose(g, s, rtol=rtol, atol=atol):
             raise Failure("grad-mismatch", f"gradient {i}: parallel vs streamed differ by "
                                            f"{(g - s).abs().max().item():.3g}")
 
