@@ -297,7 +297,7 @@ def part_welford(b: Builder) -> Part:
 
 ASSOCIATIVE = [part_sum, part_extreme, part_product, part_diag_affine, part_matrix_affine, part_softmax,
                part_first_last, part_segmented, part_argmax, part_count, part_welford]
-UNDEFINED_AT_IDENTITY = ("logsumexp", "online-softmax", "welford")
+UNDEFINED_AT_IDENTITY = ("logsumexp", "online-softmax", "welford", "max", "min")  # 0/0, log 0, inf
 FIELD_COUNT = {part_diag_affine: 2, part_matrix_affine: 2, part_softmax: 3, part_segmented: 2, part_argmax: 2,
                part_welford: 3}
 
