@@ -221,6 +221,8 @@ class BodyPrinter:
         if op == "cast":
             return f"_ops.cast({self.ref(args[0])}, cx.dt[{node.attrs[0]!r}])"
         if op == "broadcast":
+            if self.static_scalar(args[0]):  # a number stays a number otherwise: materialise it
+                return f"_ops.full({shape_code(node.shape)}, {self.ref(args[0])}, cx.dt[{node.dtype!r}], cx.dev)"
             return f"_ops.broadcast_to({self.ref(args[0])}, {args[0].rank}, {shape_code(node.shape)})"
         if op in REDUCE:
             axis = node.attrs[0] - args[0].rank
