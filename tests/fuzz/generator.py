@@ -408,10 +408,10 @@ def part_nonassoc(b: Builder) -> Part:
 
 # ============================================================================ whole ops
 def generate(seed: int) -> Program:
-    rng = random.Random(seed)
-    name = f"g{seed}"
-    if rng.random() < 0.12:
-        return _chunk_program(seed, rng, name)
+    return generate_with(random.Random(seed), seed)
+
+
+def _token_program(seed: int, rng, name: str) -> Program:
     b = Builder(rng, None)
     parts, fields = [], 0
     budget = rng.choice([1, 2, 2, 3, 3])
@@ -594,10 +594,47 @@ def _chunk_program(seed, rng, name) -> Program:
                    frozenset(b.features))
 
 
+class DrawRandom(random.Random):
+    """A `random.Random` whose every choice is drawn by hypothesis: the generator unchanged,
+    its decisions shrinkable (towards 0.0, the first option, the smallest integer)."""
+
+    def __init__(self, draw):
+        super().__init__(0)
+        self.draw = draw  # hypothesis's draw (of st.composite)
+
+    def random(self) -> float:
+        from hypothesis import strategies as st
+        return self.draw(st.floats(0.0, 1.0, exclude_max=True))
+
+    def randrange(self, start, stop=None, step=1):
+        from hypothesis import strategies as st
+        if stop is None:
+            start, stop = 0, start
+        return start + step * self.draw(st.integers(0, (stop - start - 1) // step))
+
+    def randint(self, a, b):
+        return self.randrange(a, b + 1)
+
+    def choice(self, seq):
+        return seq[self.randrange(len(seq))]
+
+    def sample(self, population, k):
+        pool = list(population)
+        return [pool.pop(self.randrange(len(pool))) for _ in range(k)]
+
+
+def generate_with(rng: random.Random, seed: int = 0) -> Program:
+    """`generate` with the choices from `rng` (a DrawRandom under hypothesis)."""
+    name = f"g{seed}"
+    if rng.random() < 0.12:
+        return _chunk_program(seed, rng, name)
+    return _token_program(seed, rng, name)
+
+
 def programs():
-    """A hypothesis strategy over generated programs (shrinks towards small seeds)."""
+    """A hypothesis strategy over generated programs, shrinking choice by choice."""
     from hypothesis import strategies as st
-    return st.integers(0, 2**32 - 1).map(generate)
+    return st.composite(lambda draw: generate_with(DrawRandom(draw)))()
 
 
 if __name__ == "__main__":  # print a few: python tests/fuzz/generator.py [first seed] [count]
