@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes
-    counts = {"programs": 0, "mutants": 0, "valid_mutants": 0, "program_failures": 0, "mutant_failures": 0}
+    counts = {"programs": 0, "mutants": 0, "valid_mutants": 0, "program_failures": 0, "mutant_failures": 0,
+              "cpu_seconds": 0.0}
     classes: dict = {}  # class -> {"count", "length", "file"}
     features: dict = {}
     checked: dict = {}
@@ -49,6 +50,7 @@ def main(argv=None) -> int:
             outcomes = campaign.run_tasks(task, seeds, workers)
             for o in outcomes:
                 counts[kind] += 1
+                counts["cpu_seconds"] += o.cpu
                 if kind == "mutants" and o.failure is None and o.valid:
                     counts["valid_mutants"] += 1
                 for f in o.features:
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
               f"classes {len(classes)}", flush=True)
     if workers is not None:
         workers.shutdown()
+    counts["cpu_seconds"] = round(counts["cpu_seconds"], 1)
     summary = {"seed": args.seed, "minutes": round((time.time() - started) / 60, 1), **counts,
                "next_program_seed": next_program, "next_mutant_seed": next_mutant,
                "classes": classes, "features": dict(sorted(features.items())), "checked": dict(sorted(checked.items()))}

@@ -8,9 +8,11 @@ the number of workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -33,6 +35,7 @@ class Outcome:
     features: frozenset
     checked: frozenset
     valid: bool = True  # a mutant that is a valid program
+    cpu: float = 0.0  # CPU seconds the task took (process time of its worker)
 
 
 def _scratch() -> Path:
@@ -47,7 +50,16 @@ def _init_worker():
     torch.set_num_threads(1)
 
 
-def program_task(seed: int) -> Outcome:
+def _timed(task):
+    def run(seed: int) -> Outcome:
+        start = time.process_time()
+        outcome = task(seed)
+        return dataclasses.replace(outcome, cpu=time.process_time() - start)
+    run.__name__ = run.__qualname__ = task.__name__
+    return run
+
+
+def _program_task(seed: int) -> Outcome:
     from generator import generate
     from runner import Failure, draw_config, failure_class, run_program
     program = generate(seed)
@@ -74,7 +86,7 @@ def program_task(seed: int) -> Outcome:
     return Outcome("program", seed, None, "", program.text, repr(config), program.features, frozenset(checked))
 
 
-def mutant_task(seed: int) -> Outcome:
+def _mutant_task(seed: int) -> Outcome:
     from generator import generate
     from mutate import MutantFailure, check_mutant, example_texts, mutant_class, mutate
     rng = random.Random(seed ^ MUTANT_SALT)
@@ -88,6 +100,14 @@ def mutant_task(seed: int) -> Outcome:
     except Exception as err:
         return Outcome("mutant", seed, f"runner: {type(err).__name__}", str(err), text, "", frozenset(), frozenset())
     return Outcome("mutant", seed, None, "", text, "", frozenset(), frozenset(), valid)
+
+
+def program_task(seed: int) -> Outcome:
+    return _timed(_program_task)(seed)
+
+
+def mutant_task(seed: int) -> Outcome:
+    return _timed(_mutant_task)(seed)
 
 
 def pool(jobs: int):
