@@ -81,10 +81,10 @@ def widen_weak_map(outputs: tuple[Node, ...]) -> dict:
     f64, as the reference interpreter does, never rounded to float32 first. Returns the
     rebuilt node of every node that changed."""
     order = list(walk(outputs))
-    weak = {}
+    constant = {}  # made only of literals, dims, index, zeros/ones/eye (conditions included)
     for n in order:
-        weak[n] = n.dtype.is_float and (n.op in WEAK_LEAVES if not n.args else all(
-            weak[a] or not a.dtype.is_float and a.op in WEAK_LEAVES for a in n.args))
+        constant[n] = n.op in WEAK_LEAVES if not n.args else all(constant[a] for a in n.args)
+    weak = {n: constant[n] and n.dtype.is_float for n in order}
     if not any(weak.values()):
         return {}
     users: dict = {}

@@ -273,22 +273,24 @@ def _loss(outputs: tuple, seed: int):
     return total
 
 
+def _grads(loss, wrt) -> list:
+    """d loss / d wrt, zeros where the loss does not depend on a tensor (or on none at all)."""
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        return [torch.zeros_like(w) for w in wrt]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+
 def _check_gradients(layer, inputs, full, batch_shape, config):
     leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in inputs.items()}
-    params = list(layer.parameters())
-    wrt = [x for x in leaves.values() if x.requires_grad] + params
-    loss = _loss(as_tuple(layer(**leaves)), config.seed)
-    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-        return  # the outputs depend on no input and no param (e.g. only on `index`)
-    parallel = torch.autograd.grad(loss, wrt, allow_unused=True)
+    wrt = [x for x in leaves.values() if x.requires_grad] + list(layer.parameters())
+    parallel = _grads(_loss(as_tuple(layer(**leaves)), config.seed), wrt)
     streamed_out, _ = stream(layer, leaves, layer.init_state(batch_shape=batch_shape), 0, config.time)
-    streamed = torch.autograd.grad(_loss(streamed_out, config.seed), wrt, allow_unused=True)
+    streamed = _grads(_loss(streamed_out, config.seed), wrt)
+    rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
     for i, (g, s) in enumerate(zip(parallel, streamed)):
-        g = torch.zeros_like(wrt[i]) if g is None else g
-        s = torch.zeros_like(wrt[i]) if s is None else s
         if not torch.isfinite(g).all():
             raise Failure("grad-non-finite", f"gradient {i} of the parallel pass is not finite")
-        rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
         if not torch.allclose(g, s, rtol=rtol, atol=atol):
             raise Failure("grad-mismatch", f"gradient {i}: parallel vs streamed differ by "
                                            f"{(g - s).abs().max().item():.3g}")

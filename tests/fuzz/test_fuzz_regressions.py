@@ -198,3 +198,19 @@ def test_scalars_and_literals_still_broadcast_to_a_field(tmp_path):
     x = torch.randn(1, 4)
     want = torch.cumsum(x, 1)[..., None, None].expand(1, 4, 2, 2)
     torch.testing.assert_close(layer(x=x), want)
+
+
+COMPILE_TIME_CONDITION_F64 = """
+op condition_f64[D, K] {
+  state (t: f64, u: f64[K]);
+  lift (x: f64) { return (x, 0.25 * ones(K)); }
+  combine (l, r) { return (tanh(0.5) + r.t, sigmoid(if D > 1 then 0.5 * ones(K) else l.u)); }
+  readout (s) { return s.u; }
+}
+"""
+
+
+def test_a_constant_under_a_compile_time_condition_is_computed_in_float64(tmp_path):
+    # guards the compute-dtype rule: `where(D > 1, 0.5 * ones(K), ...)` feeding an f64 field is a
+    # constant and takes the field's dtype (it was rounded through float32: 2e-8 off)
+    run(COMPILE_TIME_CONDITION_F64, "condition_f64", {"D": 2, "K": 2}, tmp_path)
