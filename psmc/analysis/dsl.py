@@ -67,9 +67,17 @@ def is_exact(value) -> bool:
 def approx_text(value, digits: int) -> str:
     if isinstance(value, bool) or is_exact(value):
         return exact_text(value)
-    number = sympy.Float(value, digits + 5)
-    text = f"{float(number):.{digits}g}" if digits <= 15 else str(sympy.Float(value, digits))
+    # evalf, not Float(): an exact transcendental value (tanh(1), 1/(exp(-1) + 1)) has no
+    # Float constructor but does evaluate to any precision
+    number = _numeric(value, digits + 5)
+    text = f"{float(number):.{digits}g}" if digits <= 15 else str(_numeric(value, digits))
     return text
+
+
+def _numeric(value, digits: int):
+    if isinstance(value, sympy.Basic):
+        return value.evalf(digits)
+    return sympy.Float(value, digits)
 
 
 def side_texts(op, lhs, rhs) -> tuple[str, str]:

@@ -131,7 +131,11 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
     lines += ["        " + line for line in body]
     lines += [
         "        carry = None if state is None else state.prefix",
-        f"        h, h_last = _fastpaths.linear_recurrence({printer.names[aligned]}, leaves[{ih}], "
+        # the decay as a [*lead, *h] broadcastable tensor: a scalar or per-row decay beside a
+        # vector or matrix state gets its singleton axes after the leading (batch, time, lane)
+        # axes, never NumPy's right alignment against the lanes
+        f"        decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(op.state[ih].shape)})",
+        f"        h, h_last = _fastpaths.linear_recurrence(decay, leaves[{ih}], "
         f"None if carry is None else carry[{ih}], kernel=cx.scan_kernel)",
     ]
     if ia in dead:  # the stream state keeps h only

@@ -16,6 +16,7 @@ import math
 
 import sympy
 
+from ..dtypes import DType
 from ..ir.nodes import Node, walk
 from ..ir.registry import UNARY_MATH
 
@@ -63,12 +64,61 @@ def const_code(value) -> str:
     return repr(int(value))
 
 
+WEAK_LEAVES = frozenset({"const", "dim", "index", "fill", "eye"})
+_FLOAT_WIDTH = {DType.F16: 1, DType.BF16: 1, DType.F32: 2, DType.F64: 3}
+
+
+def widen_weak(outputs: tuple[Node, ...]) -> tuple[Node, ...]:
+    """`outputs` with their weak constants widened (see widen_weak_map)."""
+    widened = widen_weak_map(outputs)
+    return tuple(widened.get(o, o) for o in outputs)
+
+
+def widen_weak_map(outputs: tuple[Node, ...]) -> dict:
+    """Float values made only of literals, dims, `index`, `zeros`/`ones`/`eye` have no dtype of
+    their own (the IR types them f32); each is retyped to the widest float dtype its users
+    compute in, so `0.9 * eye(K)` or `0.01 * index` inside an f64 expression is computed in
+    f64, as the reference interpreter does, never rounded to float32 first. Returns the
+    rebuilt node of every node that changed."""
+    order = list(walk(outputs))
+    constant = {}  # made only of literals, dims, index, zeros/ones/eye (conditions included)
+    for n in order:
+        constant[n] = n.op in WEAK_LEAVES if not n.args else all(constant[a] for a in n.args)
+    weak = {n: constant[n] and n.dtype.is_float for n in order}
+    if not any(weak.values()):
+        return {}
+    users: dict = {}
+    for n in order:
+        for a in n.args:
+            users.setdefault(a, []).append(n)
+    demand = {}
+    for n in reversed(order):
+        dtype = n.dtype
+        if weak[n]:
+            for u in users.get(n, ()):
+                want = demand[u]
+                if want.is_float and _FLOAT_WIDTH[want] > _FLOAT_WIDTH[dtype]:
+                    dtype = want
+        demand[n] = dtype
+    rebuilt: dict = {}
+    for n in order:
+        args = tuple(rebuilt[a] for a in n.args)
+        if args == n.args and demand[n] == n.dtype:
+            rebuilt[n] = n
+        else:
+            rebuilt[n] = Node(n.op, args, n.attrs, demand[n], n.shape, n.span)
+    return {n: m for n, m in rebuilt.items() if m is not n}  # every node that changed
+
+
 class BodyPrinter:
     """Prints the statements computing `outputs`; `name_of` maps leaves to expressions."""
 
     def __init__(self, outputs: tuple[Node, ...], let_names=()):
-        self.outputs = outputs
-        self.let_names = dict(let_names)  # node -> the `let` name it had in the source
+        self.given = tuple(outputs)
+        widened = widen_weak_map(self.given)
+        self.outputs = tuple(widened.get(o, o) for o in self.given)
+        # node -> the `let` name it had in the source (widened nodes keep their names)
+        self.let_names = {widened.get(n, n): name for n, name in dict(let_names).items()}
         self.names: dict[Node, str] = {}
         self.lines: list[str] = []
 
@@ -94,6 +144,8 @@ class BodyPrinter:
             comment = f"  # line {node.span.line}" if node.span is not None else ""
             self.lines.append(f"{name} = {expr}{comment}")
             self.names[node] = name
+        for given, printed in zip(self.given, self.outputs):  # callers look outputs up as given
+            self.names.setdefault(given, self.names[printed])
         return self.lines
 
     def ref(self, node: Node) -> str:
@@ -106,15 +158,13 @@ class BodyPrinter:
             return "x_" + node.attrs[0]
         if op == "field":
             return FIELD_PREFIX[node.attrs[0]] + node.attrs[1]
-        if op == "param":
-            return "self.p_" + node.attrs[0]
         if op == "dim":
             return f"cx.d[{node.attrs[0]!r}]"
         if op == "const":
             return const_code(node.attrs[0])
         if op == "index":
             return "index"
-        return None  # fill / eye become statements
+        return None  # param / fill / eye become statements
 
     # ------------------------------------------------------------------ operations
     def aligned(self, arg: Node, target_rank: int) -> str:
@@ -124,6 +174,16 @@ class BodyPrinter:
             return code
         return code + "[..., " + ", ".join(["None"] * (target_rank - arg.rank) + [":"] * arg.rank) + "]"
 
+    def operand(self, arg: Node, node: Node, target_rank: int | None = None) -> str:
+        """`arg` as an operand of `node`: aligned to `target_rank`, and converted to the dtype
+        `node` computes in when that is a float dtype `arg` does not have (an int, bool or
+        `index` operand, f32 beside f64): the result is then computed in the call's compute
+        dtype, never in torch's default float32, and `@` never meets mixed dtypes."""
+        code = self.ref(arg) if target_rank is None else self.aligned(arg, target_rank)
+        if node.dtype.is_float and arg.dtype != node.dtype and not self.static_scalar(arg):
+            return f"_ops.to({code}, cx.dt[{node.dtype!r}])"
+        return code
+
     def static_scalar(self, node: Node) -> bool:
         """True when the value is a Python number at run time (literals and dims only)."""
         return not node.batched and node.rank == 0 and all(
@@ -132,6 +192,8 @@ class BodyPrinter:
     def node(self, node: Node) -> str:
         op, args = node.op, node.args
         R = node.rank
+        if op == "param":  # a statement: the param in the call's compute dtype for its DType
+            return f"_ops.to(self.p_{node.attrs[0]}, cx.dt[{node.dtype!r}])"
         if op == "fill":
             return f"_ops.full({shape_code(node.shape)}, {const_code(node.attrs[0])}, cx.dt[{node.dtype!r}], cx.dev)"
         if op == "eye":
@@ -143,39 +205,44 @@ class BodyPrinter:
         if op in UNARY:
             if self.static_scalar(args[0]):
                 return f"_ops.unary({UNARY[op]}, {self.ref(args[0])})"
-            return f"{UNARY[op]}({self.ref(args[0])})"
+            return f"{UNARY[op]}({self.operand(args[0], node)})"
         if op == "mul" and args[0].op == "const" and not isinstance(args[0].attrs[0], bool) \
                 and args[0].attrs[0] == -1 and args[1].dtype == node.dtype and args[1].rank == R:
             return f"-{self.ref(args[1])}"  # -1 * x: the canonical form of -x (psmc.ir.rewrite); exact
         if op in INFIX:
-            a, b = (self.aligned(x, R) for x in args)
+            a, b = (self.operand(x, node, R) for x in args)
             return f"{a} {INFIX[op]} {b}"
         if op in ("maximum", "minimum"):
-            a, b = (self.aligned(x, R) for x in args)
+            a, b = (self.operand(x, node, R) for x in args)
             return f"_ops.{op}({a}, {b})"
         if op == "where":
-            c, a, b = (self.aligned(x, R) for x in args)
-            return f"_ops.where({c}, {a}, {b})"
+            c = self.aligned(args[0], R)
+            a, b = (self.operand(x, node, R) for x in args[1:])
+            if self.static_scalar(node):
+                return f"_ops.where({c}, {a}, {b})"
+            return f"_ops.where({c}, {a}, {b}, cx.dt[{node.dtype!r}], cx.dev)"
         if op == "cast":
             return f"_ops.cast({self.ref(args[0])}, cx.dt[{node.attrs[0]!r}])"
         if op == "broadcast":
+            if self.static_scalar(args[0]):  # a number stays a number otherwise: materialise it
+                return f"_ops.full({shape_code(node.shape)}, {self.ref(args[0])}, cx.dt[{node.dtype!r}], cx.dev)"
             return f"_ops.broadcast_to({self.ref(args[0])}, {args[0].rank}, {shape_code(node.shape)})"
         if op in REDUCE:
             axis = node.attrs[0] - args[0].rank
-            return f"{REDUCE[op]}({self.ref(args[0])}, dim={axis})"
+            return f"{REDUCE[op]}({self.operand(args[0], node)}, dim={axis})"
         if op == "softmax":
-            return f"torch.softmax({self.ref(args[0])}, dim={node.attrs[0] - args[0].rank})"
+            return f"torch.softmax({self.operand(args[0], node)}, dim={node.attrs[0] - args[0].rank})"
         if op == "matmul":
             a, b = args
-            return f"_ops.matmul({self.ref(a)}, {self.ref(b)}, {a.rank}, {b.rank})"
+            return f"_ops.matmul({self.operand(a, node)}, {self.operand(b, node)}, {a.rank}, {b.rank})"
         if op == "outer":
-            return f"_ops.outer({self.ref(args[0])}, {self.ref(args[1])})"
+            return f"_ops.outer({self.operand(args[0], node)}, {self.operand(args[1], node)})"
         if op == "transpose":
             return f"{self.ref(args[0])}.transpose(-1, -2)"
         if op == "getitem":
             return f"{self.ref(args[0])}[{self.index_code(node.attrs, args[0].shape)}]"
         if op == "concat":
-            items = ", ".join(self.ref(a) for a in args)
+            items = ", ".join(self.operand(a, node) for a in args)
             return f"_ops.concat([{items}], {node.attrs[0]}, {args[0].rank})"
         if op == "diag":
             return f"_ops.diag({self.ref(args[0])})"
@@ -184,7 +251,7 @@ class BodyPrinter:
         if op == "layernorm":
             return f"_ops.layernorm({self.ref(args[0])})"
         if op == "attention":
-            q, k, v = (self.ref(a) for a in args)
+            q, k, v = (self.operand(a, node) for a in args)
             heads, causal = node.attrs
             return f"_ops.attention({q}, {k}, {v}, {dim_code(heads)}, {const_code(bool(causal))})"
         raise NotImplementedError(f"no torch rendering for IR op {op!r}")

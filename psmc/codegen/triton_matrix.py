@@ -20,6 +20,8 @@ psmc.codegen.triton_backward; every VJP printed from the IR by psmc.codegen.trit
 """
 from __future__ import annotations
 
+import functools
+
 import sympy
 
 from ..ir.nodes import Node, OpIR, render, walk
@@ -38,8 +40,11 @@ _IN = ("arg", "param")
 
 
 # ---------------------------------------------------------------------- roles and what fits
+@functools.lru_cache(maxsize=4096)
 def _same(a, b) -> bool:
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    # dims are polynomials in positive integers: expanding decides equality (simplify() took
+    # seconds per op here, thousands of calls)
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 
 def role_of(shape, rows, cols) -> str | None:

@@ -32,13 +32,14 @@ import sympy
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import DType
 from .nodes import Node, dim_symbol, walk
 from .registry import UNARY_MATH
 
 LAYERNORM_EPS = 1e-5
 
-_TORCH_DTYPES = {"f16": torch.float64, "bf16": torch.float64, "f32": torch.float64, "f64": torch.float64,
-                 "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+_TORCH_DTYPES = {DType.F16: torch.float64, DType.BF16: torch.float64, DType.F32: torch.float64,
+                 DType.F64: torch.float64, DType.I32: torch.int32, DType.I64: torch.int64, DType.BOOL: torch.bool}
 
 def _reference(path: str):
     """'torch.exp' / 'F.softplus' (a registry row's reference function) as the function."""

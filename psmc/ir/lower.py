@@ -251,6 +251,10 @@ class _OpLowerer:
 
     def _check_reserved(self, values):
         for v in values:
+            if v.name == "self":  # nn.Module.__call__(self, ...): no layer call could pass it by keyword
+                raise PsmcNameError("an input cannot be named 'self'", v.span,
+                                    hint="the generated layer is a Python class whose calls take inputs by "
+                                         "keyword (layer(x=...)); rename the input, e.g. 'x' or 'self_'")
             clash = "dim" if v.name in self.dims else "param" if v.name in self.params else None
             if clash:
                 raise PsmcNameError(f"input '{v.name}' has the name of a {clash}", v.span,
@@ -397,6 +401,14 @@ class _OpLowerer:
                                 hint="a field keeps its declared dtype; convert the value or change the field type")
         if not shapes_equal(node.shape, slot.shape):
             fits = broadcast(node.shape, slot.shape)
+            if node.shape and fits is not None and shapes_equal(fits, slot.shape):
+                # NumPy would repeat the value along the missing axes: almost always a mistake
+                raise PsmcTypeError(
+                    f"{body} gives shape {shape_str(node.shape)} for field '{slot.name}' of shape "
+                    f"{shape_str(slot.shape)}", span,
+                    hint="only a scalar broadcasts to a field; a smaller value would be silently repeated. "
+                         "Forgotten outer(a, b)? To repeat it on purpose, say so: e.g. "
+                         f"`v[None, :] * ones({', '.join(str(d) for d in slot.shape)})`")
             if fits is None or not shapes_equal(fits, slot.shape):
                 raise PsmcTypeError(
                     f"{body} gives shape {shape_str(node.shape)} for field '{slot.name}' of shape "
@@ -487,6 +499,10 @@ class _OpLowerer:
             return self.scope[e.name]
         if e.name in self.params:
             p = self.params[e.name]
+            if self.body == "identity":
+                raise PsmcTypeError(f"the identity cannot read param '{p.name}'", e.span,
+                                    hint="the identity is the value of the empty prefix, a constant the compiler "
+                                         "checks: use numbers, -inf, zeros, ones or eye(K), not a learnable param")
             return Node("param", (), (p.name,), p.dtype, p.shape, e.span)
         if e.name in self.dims:
             return Node("dim", (), (e.name,), "i64", (), e.span)

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import sympy
 
+from ..dtypes import DType
 from ..errors import Span
 from .ops import OPS
 
@@ -30,12 +31,13 @@ class Node:
     op: str
     args: tuple["Node", ...] = ()
     attrs: tuple = ()
-    dtype: str = "f32"
+    dtype: DType = DType.F32
     shape: Shape = ()
     span: Span | None = field(default=None, repr=False)
 
     def __post_init__(self):
         assert self.op in OPS, f"unknown IR op {self.op!r}"
+        object.__setattr__(self, "dtype", DType.of(self.dtype))  # one dtype type, whoever built the node
         key = (self.op, self.args, self.attrs, self.dtype, self.shape)
         object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))
@@ -111,8 +113,8 @@ def shape_str(shape: Shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def type_str(dtype: str, shape: Shape) -> str:
-    return dtype + (shape_str(shape) if shape else "")
+def type_str(dtype: DType, shape: Shape) -> str:
+    return str(dtype) + (shape_str(shape) if shape else "")
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,12 @@ class Value:
     """A named, typed slot: a state field, an input, an output or a param."""
 
     name: str
-    dtype: str
+    dtype: DType
     shape: Shape
     span: Span | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", DType.of(self.dtype))
 
     def __str__(self) -> str:
         return f"{self.name}: {type_str(self.dtype, self.shape)}"

@@ -3,56 +3,56 @@ from __future__ import annotations
 
 import sympy
 
-FLOATS = ("f16", "bf16", "f32", "f64")
-INTS = ("i32", "i64")
-DTYPES = FLOATS + INTS + ("bool",)
+from ..dtypes import DType
+
+FLOATS = (DType.F16, DType.BF16, DType.F32, DType.F64)
+INTS = (DType.I32, DType.I64)
+DTYPES = FLOATS + INTS + (DType.BOOL,)
 # Wider wins; bf16 and f16 meet at f32 (as in torch).
-_FLOAT_RANK = {"f16": 1, "bf16": 1, "f32": 2, "f64": 3}
-_INT_RANK = {"i32": 1, "i64": 2}
+_FLOAT_RANK = {DType.F16: 1, DType.BF16: 1, DType.F32: 2, DType.F64: 3}
+_INT_RANK = {DType.I32: 1, DType.I64: 2}
 
 
-def is_float(dtype: str) -> bool:
-    return dtype in FLOATS
+def is_float(dtype) -> bool:
+    return DType.of(dtype).is_float
 
 
-def is_int(dtype: str) -> bool:
-    return dtype in INTS
+def is_int(dtype) -> bool:
+    return DType.of(dtype).is_int
 
 
-def promote(a: str, b: str, weak_a: bool = False, weak_b: bool = False) -> str:
+def promote(a, b, weak_a: bool = False, weak_b: bool = False) -> DType:
     """Result dtype of arithmetic on `a` and `b`. A weak operand (a literal) never widens a
     strong one of its own category, as with Python scalars in torch."""
+    a, b = DType.of(a), DType.of(b)
     if a == b:
         return a
-    if weak_a and not weak_b and _category(a) <= _category(b):
+    if weak_a and not weak_b and a.category <= b.category:
         return b
-    if weak_b and not weak_a and _category(b) <= _category(a):
+    if weak_b and not weak_a and b.category <= a.category:
         return a
-    if is_float(a) or is_float(b):
-        if is_float(a) and is_float(b):
-            if {a, b} == {"f16", "bf16"}:
-                return "f32"
+    if a.is_float or b.is_float:
+        if a.is_float and b.is_float:
+            if {a, b} == {DType.F16, DType.BF16}:
+                return DType.F32
             return a if _FLOAT_RANK[a] >= _FLOAT_RANK[b] else b
-        return a if is_float(a) else b
-    if is_int(a) or is_int(b):
-        if is_int(a) and is_int(b):
+        return a if a.is_float else b
+    if a.is_int or b.is_int:
+        if a.is_int and b.is_int:
             return a if _INT_RANK[a] >= _INT_RANK[b] else b
-        return a if is_int(a) else b
-    return "bool"
+        return a if a.is_int else b
+    return DType.BOOL
 
 
-def _category(dtype: str) -> int:
-    return 2 if is_float(dtype) else 1 if is_int(dtype) else 0
-
-
-def float_of(dtype: str) -> str:
+def float_of(dtype) -> DType:
     """The dtype of a transcendental function of `dtype` (ints and bools become f32)."""
-    return dtype if is_float(dtype) else "f32"
+    dtype = DType.of(dtype)
+    return dtype if dtype.is_float else DType.F32
 
 
-def can_store(value: str, slot: str) -> bool:
+def can_store(value, slot) -> bool:
     """Can a value of dtype `value` be stored in a field/output of dtype `slot`?"""
-    return _category(value) <= _category(slot)
+    return DType.of(value).category <= DType.of(slot).category
 
 
 def dims_equal(a, b) -> bool:

@@ -17,8 +17,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .ops import DTYPES
+from ..dtypes import DType
 from .element import with_time
+from .ops import DTYPES, torch_dtypes
 from .scan import exact_scan, exclusive_from_inclusive
 from .state import ChunkStream, ScanState, TreeState
 from .tree import tree_scan
@@ -30,19 +31,25 @@ class Slot:
     declared shape as ints."""
 
     name: str
-    dtype: str
+    dtype: DType
     rank: int
     shape: Callable[[dict], tuple]
     dims: tuple = ()  # (axis, dim name) for axes that are a bare dim: bound from data
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", DType.of(self.dtype))
 
 
 @dataclass(frozen=True)
 class ParamSpec:
     name: str
-    dtype: str
+    dtype: DType
     shape: Callable[[dict], tuple]
     init: tuple
     dims: tuple = ()  # dim names the shape needs
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", DType.of(self.dtype))
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,7 @@ class PsmLayer(nn.Module):
                 raise TypeError(f"{spec.name}: input '{slot.name}' must be a torch.Tensor, got {type(x).__name__}")
             _check_dtype(spec.name, slot, x)
             devices.add(x.device)
-            if x.is_floating_point():
+            if x.is_floating_point() and slot.dtype == DType.F32:
                 float_dtypes.add(x.dtype)
             rank = slot.rank - (1 if spec.chunk is not None else 0)
             if x.dim() < rank + lead_axes:
@@ -228,10 +235,11 @@ class PsmLayer(nn.Module):
             leads[slot.name] = tuple(x.shape[: x.dim() - rank])
         if len(devices) > 1:
             raise ValueError(f"{spec.name}: inputs are on different devices: {sorted(map(str, devices))}")
-        for p in self.parameters():
+        declared = {"p_" + p.name: p.dtype for p in spec.params}
+        for name, p in self.named_parameters():
             devices.add(p.device)
-            if p.dtype == torch.float64:
-                float_dtypes.add(torch.float64)
+            if p.dtype == torch.float64 and declared.get(name) == DType.F32:
+                float_dtypes.add(torch.float64)  # an f32 param made float64 (layer.double())
         missing_dims = [d for d in spec.dims if d not in dims]
         if missing_dims:
             raise ValueError(f"{spec.name}: dim{'s' if len(missing_dims) > 1 else ''} {', '.join(missing_dims)} "
@@ -248,8 +256,7 @@ class PsmLayer(nn.Module):
         lead = self._common_lead(leads, lead_axes, step)
         device = next(iter(devices))
         compute = torch.float64 if torch.float64 in float_dtypes else torch.float32
-        dt = {"f32": compute, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16,
-              "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+        dt = torch_dtypes(compute)
         aligned = {}
         for slot in spec.inputs:
             x = inputs[slot.name]
@@ -259,7 +266,7 @@ class PsmLayer(nn.Module):
             if pad:
                 x = x.reshape(*x.shape[:lead_axes], *([1] * pad), *x.shape[lead_axes:])
             if x.is_floating_point():
-                x = x.to(dt[slot.dtype] if slot.dtype in DTYPES else compute)
+                x = x.to(dt[slot.dtype])
             if spec.chunk is not None and not step:  # chunking reshapes time: no broadcast axes
                 x = x.expand(lead[0], lead[1], *x.shape[2:])
             aligned[slot.name] = x
@@ -514,7 +521,7 @@ class PsmLayer(nn.Module):
         token = {n: x for n, x in call.inputs.items()}
         lead = call.lead  # [B, *lanes]
         if not isinstance(state, ChunkStream):
-            token_like = {n: x.expand(*lead, *x.shape[len(lead):]) for n, x in token.items()}
+            token_like = {n: x.expand(tuple(lead) + tuple(x.shape[len(lead):])) for n, x in token.items()}
             state = ChunkStream.empty(state, token_like, C)
         position = state.size
         state = state.append({n: x.expand(state.buffer[n].shape[:1] + state.buffer[n].shape[2:])
@@ -571,14 +578,14 @@ def _as_step(t: Tensor, rank: int, step_lead: tuple) -> Tensor:
     missing = len(step_lead) - (t.dim() - rank)
     if missing > 0:
         t = t.reshape((1,) * missing + tuple(t.shape))
-    return t.expand(*step_lead, *t.shape[len(step_lead):])
+    return t.expand(tuple(step_lead) + tuple(t.shape[len(step_lead):]))
 
 
 def _check_dtype(op: str, slot: Slot, x: Tensor):
     want = slot.dtype
-    if want in ("f16", "bf16", "f32", "f64"):
+    if want.is_float:
         ok = x.is_floating_point()
-    elif want in ("i32", "i64"):
+    elif want.is_int:
         ok = not x.is_floating_point() and x.dtype != torch.bool and not x.is_complex()
     else:
         ok = x.dtype == torch.bool

@@ -14,8 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
-          "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+from ..dtypes import DType
+
+# The storage dtype of each DType (params, and fields outside a call).
+DTYPES = {DType.F16: torch.float16, DType.BF16: torch.bfloat16, DType.F32: torch.float32,
+          DType.F64: torch.float64, DType.I32: torch.int32, DType.I64: torch.int64, DType.BOOL: torch.bool}
+
+
+def torch_dtypes(compute: torch.dtype) -> dict:
+    """DType -> torch.dtype for one call: `f32` computes in `compute` (float64 when the call's
+    inputs or params are float64, e.g. gradcheck), every other dtype as declared. The only
+    place a DType becomes a torch.dtype inside a call; generated code reads it as `cx.dt`."""
+    return {**DTYPES, DType.F32: compute}
 
 
 def lift_rank(x, rank: int, target: int):
@@ -45,10 +55,26 @@ def minimum(a, b):
     return _extreme(a, b, min, torch.minimum, "max")
 
 
-def where(cond, a, b):
+def where(cond, a, b, dtype: torch.dtype | None = None, device=None):
+    """`where` / `if`. A Python condition (known when the layer was built) picks a branch; a
+    Python number picked or passed for a value that is a tensor at run time is materialised in
+    `dtype`, the call's compute dtype for the node (never torch's default float32). Without
+    `dtype` (a node that is a Python number itself) numbers stay numbers."""
     if not isinstance(cond, Tensor):
-        return a if cond else b
+        x = a if cond else b
+        if dtype is None:
+            return x
+        return x.to(dtype) if isinstance(x, Tensor) else torch.tensor(x, dtype=dtype, device=device)
+    if dtype is not None:
+        a = a.to(dtype) if isinstance(a, Tensor) else torch.tensor(a, dtype=dtype, device=cond.device)
+        b = b.to(dtype) if isinstance(b, Tensor) else torch.tensor(b, dtype=dtype, device=cond.device)
     return torch.where(cond, a, b)
+
+
+def to(x, dtype: torch.dtype):
+    """An operand in the dtype its operation computes in: tensors are converted, Python
+    numbers (literals and dims, weak in torch's promotion) are left to adapt."""
+    return x.to(dtype) if isinstance(x, Tensor) and x.dtype != dtype else x
 
 
 def unary(fn, x):
@@ -77,18 +103,22 @@ def outer(a: Tensor, b: Tensor) -> Tensor:
     return a.unsqueeze(-1) * b.unsqueeze(-2)
 
 
-def full(shape: tuple, value, dtype: str, device) -> Tensor:
+def full(shape: tuple, value, dtype: torch.dtype, device) -> Tensor:
     return torch.full(tuple(int(s) for s in shape), value, dtype=dtype, device=device)
 
 
-def eye(n: int, dtype: str, device) -> Tensor:
+def eye(n: int, dtype: torch.dtype, device) -> Tensor:
     return torch.eye(int(n), dtype=dtype, device=device)
 
 
-def cast(x, dtype: str):
+def cast(x, dtype: torch.dtype):
+    """A value stored in a slot of another dtype: tensors convert; a Python number becomes the
+    Python number of that kind (it is materialised in `dtype` by `as_field`)."""
     if isinstance(x, Tensor):
         return x.to(dtype)
-    return {"bool": bool}.get(dtype, float if dtype[0] in "fb" else int)(x)
+    if dtype == torch.bool:
+        return bool(x)
+    return float(x) if dtype.is_floating_point else int(x)
 
 
 def broadcast_to(x, rank: int, shape: tuple):
@@ -101,7 +131,7 @@ def broadcast_to(x, rank: int, shape: tuple):
     return x.expand((*lead, *shape))  # a tuple: expand() of no sizes is an error
 
 
-def as_field(x, lead: tuple, shape: tuple, dtype: str, device) -> Tensor:
+def as_field(x, lead: tuple, shape: tuple, dtype: torch.dtype, device) -> Tensor:
     """Materialise a body result as a full `[*lead, *shape]` tensor of the slot's dtype."""
     shape = tuple(int(s) for s in shape)
     if not isinstance(x, Tensor):

@@ -18,8 +18,10 @@ checks on the generated module:
 - everything else from the source (names in specs, the op's text in the class docstring) appears
   only inside string literals.
 
-An input whose name is also a keyword parameter of `forward` / `step` (`self`, `state`,
-`return_state`) is passed positionally (inputs bind positionally in declaration order).
+An input whose name is also a keyword parameter of `forward` / `step` (`state`, `return_state`)
+is passed positionally (inputs bind positionally in declaration order). An input named `self`
+is an error at its name: no Python call could pass it by keyword (fields and params may be
+called `self`).
 """
 import ast
 import importlib.util
@@ -30,6 +32,7 @@ import pytest
 import torch
 
 from psmc.compiler import compile_source
+from psmc.errors import PsmcError
 from psmc.ir import ops_from_source
 
 TEMPLATE = """
@@ -87,10 +90,23 @@ def test_front_end_accepts_hostile_names():
                                   "x_a", "_F", "_ops", "print", "exec", "eval", "open", "state", "lift",
                                   "combine", "readout", "exclusive", "T"])
 def test_any_name_is_a_valid_input_field_and_param(name):
-    text = (f"op o[D] {{ param {name}_p: f32[D]; state ({name}: f32[D]); lift ({name}: f32[D]) {{ return {name}; }} "
-            f"combine (l, r) {{ return l.{name} + r.{name} * {name}_p; }} }}")
+    input_name = name if name != "self" else "x"  # an input may not be called self (below)
+    text = (f"op o[D] {{ param {name}_p: f32[D]; state ({name}: f32[D]); lift ({input_name}: f32[D]) "
+            f"{{ return {input_name}; }} combine (l, r) {{ return l.{name} + r.{name} * {name}_p; }} }}")
     (op,) = ops_from_source(text)
-    assert op.state[0].name == op.inputs[0].name == name
+    assert op.state[0].name == name and op.inputs[0].name == input_name
+
+
+@pytest.mark.parametrize("where", ["lift (self: f32) { return self; }",
+                                   "lift (x: f32) { return x; } readout (s, self: f32) { return s.y * self; }"])
+def test_an_input_named_self_is_a_located_error(where):
+    # issue 11: it compiled, but `layer(self=...)` could never be called (nn.Module.__call__'s self)
+    text = f"op o {{\n  state (y: f32);\n  {where}\n  combine (l, r) {{ return l.y + r.y; }}\n}}\n"
+    with pytest.raises(PsmcError) as err:
+        ops_from_source(text, "self.psm")
+    line, col = err.value.line, err.value.col
+    assert line == 3 and text.splitlines()[2][col - 1:].startswith("self"), str(err.value)
+    assert "cannot be named 'self'" in str(err.value) and "rename" in str(err.value)
 
 
 def identifiers(tree) -> list[tuple[str, ast.AST]]:
@@ -157,7 +173,7 @@ def test_inputs_named_like_forward_keywords_bind_positionally(tmp_path):
     text = """
     op __import__ {
       state (cx: f32, state: i64);
-      lift (self: f32, return_state: f32) { return (self * 2.0 + return_state, index); }
+      lift (cx: f32, return_state: f32) { return (cx * 2.0 + return_state, index); }
       combine (l, r) { return (l.cx + r.cx, r.state); }
     }
     """

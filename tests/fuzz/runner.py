@@ -1,0 +1,336 @@
+"""The differential runner (issue 11 item 2): one generated program through every path psmc has.
+
+`run_program(program, config, workdir)` raises `Failure(kind, message)` on the first
+disagreement, and returns quietly when every check passes:
+
+1. `psmc check` (text and --json) exits 0: no rejection of a valid program, no internal error;
+2. the layer (float64) is built through `psmc.load`; its parallel pass is compared with
+   - token-by-token `step` streaming,
+   - `forward(return_state=True)` continued on a second segment,
+   - decoding with `step` after a parallel prefill,
+   - the IR reference interpreter (tests/codegen/layer_reference.py: left fold for exact
+     scans, the paper's closed-form tree for the others) on a drawn batch row and lane,
+   - the generic scan with the fast path disabled (when the plan has one);
+3. float64 gradients of the parallel pass are finite and equal those through the stream;
+4. the float32 layer is close to the float64 one (relative RMS error <= 1e-4 per output; integer
+   outputs equal) and its own stream agrees with it at fp32 tolerances;
+5. when the plan lists Triton kernels and the config asks for them: backend='triton' under
+   TRITON_INTERPRET=1 equals backend='torch' in float32.
+Tolerances follow the dtype the layer computes in: 1e-9 relative for float64 (both sides
+compute in f64: any f32 rounding in between is a bug), fp32 tolerances for the float32 paths.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is imported
+
+import torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+for extra in (HERE, HERE.parent / "codegen"):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+import psmc  # noqa: E402
+from psmc.cli import main as psmc_main  # noqa: E402
+from psmc.ir import ops_from_file  # noqa: E402
+from psmc.runtime import scan as scan_module  # noqa: E402
+
+from layer_reference import reference_outputs  # noqa: E402
+
+RTOL64, ATOL64 = 1e-9, 1e-11
+RTOL32, ATOL32 = 2e-4, 2e-5
+RTOL, ATOL = RTOL64, ATOL64  # of the program being run (computes_in_float64)
+F32_RMS = 1e-4
+
+
+class Failure(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message = kind, message
+
+
+@dataclass(frozen=True)
+class Config:
+    """How one program is run: shapes, where the sequence splits, which paths."""
+
+    batch: int = 1
+    time: int = 5
+    lanes: tuple = ()
+    broadcast: tuple = ()  # input index -> tuple of bools per lane axis (size 1 there)
+    block: int = 64  # the exact scan's block size (small: multi-level block totals at small T)
+    split: float = 0.5
+    grads: bool = True
+    f32: bool = True
+    triton: bool = False
+    seed: int = 0
+
+
+def draw_config(rng, *, triton_rate: float = 0.15, long_rate: float = 0.08) -> Config:
+    """A config from a random.Random: mostly tiny, sometimes T well above the block size."""
+    n_lanes = rng.choice([0, 0, 1, 1, 2])
+    lanes = tuple(rng.choice([1, 2, 3]) for _ in range(n_lanes))
+    broadcast = tuple(tuple(rng.random() < 0.3 for _ in lanes) for _ in range(8))
+    long = rng.random() < long_rate
+    time = rng.choice([150, 200, 300]) if long else rng.choice([1, 2, 3, 4, 5, 7, 9, 12, 17, 24])
+    block = rng.choice([2, 4, 64]) if not long else 64
+    return Config(batch=rng.choice([1, 2]), time=time, lanes=lanes, broadcast=broadcast, block=block,
+                  split=rng.random(), grads=not long and rng.random() < 0.5, f32=rng.random() < 0.7,
+                  triton=rng.random() < triton_rate and time <= 24, seed=rng.randrange(2**16))
+
+
+# ============================================================================ psmc check
+def check_stage(path: Path):
+    for argv in (["check", str(path)], ["check", "--json", str(path)]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = psmc_main(argv)
+        if rc == 2 or "internal error" in err.getvalue():
+            raise Failure("check-internal", err.getvalue().strip().splitlines()[0])
+        if rc != 0:
+            raise Failure("check-rejects", err.getvalue().strip())
+
+
+# ============================================================================ inputs
+def draw(kind: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen, dtype=torch.float64) < 0.3
+    if not dtype.is_floating_point:
+        return torch.randint(0, 5, shape, generator=gen, dtype=dtype)
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    x = {"signed": u - 0.5, "log_gate": -0.5 * u, "unit": u, "gate": 0.6 + 0.4 * u}.get(kind, u - 0.5)
+    return x.to(dtype)
+
+
+INT_DTYPES = {"i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+
+
+def make_inputs(cls, program, config: Config, float_dtype) -> dict:
+    gen = torch.Generator().manual_seed(config.seed)
+    out = {}
+    for i, slot in enumerate(cls.spec.inputs):
+        shape = tuple(int(s) for s in slot.shape(program.dims))
+        if cls.spec.chunk is not None:
+            shape = shape[1:]
+        mask = config.broadcast[i % len(config.broadcast)] if config.broadcast else ()
+        lanes = tuple(1 if (j < len(mask) and mask[j]) else n for j, n in enumerate(config.lanes))
+        dtype = INT_DTYPES.get(slot.dtype, float_dtype)
+        out[slot.name] = draw(program.kinds.get(slot.name, "signed"), (config.batch, config.time, *lanes, *shape),
+                              dtype, gen)
+    return out
+
+
+def as_tuple(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
+def stream(layer, inputs: dict, state, start: int, stop: int):
+    rows = []
+    for t in range(start, stop):
+        out, state = layer.step(state, **{n: x[:, t] for n, x in inputs.items()})
+        rows.append(as_tuple(out))
+    return tuple(torch.stack(parts, dim=1) for parts in zip(*rows)), state
+
+
+def agree(got: tuple, want: tuple, what: str, rtol: float, atol: float):
+    if len(got) != len(want):
+        raise Failure("mismatch", f"{what}: {len(got)} outputs, expected {len(want)}")
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape:
+            raise Failure("shape", f"{what}, output {i}: shape {tuple(g.shape)} != {tuple(w.shape)}")
+        if g.dtype != w.dtype:
+            raise Failure("dtype", f"{what}, output {i}: dtype {g.dtype} != {w.dtype}")
+        if w.is_floating_point():
+            if not torch.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True):
+                err = ((g - w).abs() / (atol + rtol * w.abs())).nan_to_num(float("inf")).max().item()
+                raise Failure("mismatch", f"{what}, output {i}: off by {err:.3g}x the tolerance "
+                                          f"(max |diff| {(g - w).abs().nan_to_num(float('inf')).max().item():.3g})")
+        elif not torch.equal(g, w):
+            raise Failure("mismatch", f"{what}, output {i}: integer outputs differ")
+
+
+# ============================================================================ the run
+def run_program(program, config: Config, workdir: Path) -> dict:
+    """Every check for one program; returns what was checked (for coverage counts)."""
+    path = Path(workdir) / f"{program.name}.psm"
+    path.write_text(program.text, encoding="utf-8")
+    check_stage(path)
+    checked = {"check"}
+    try:
+        module = psmc.load(path)
+    except psmc.PsmcError as err:
+        raise Failure("load-rejects", str(err).splitlines()[0]) from None
+    cls = module.__psmc_layers__[program.name]
+    previous = scan_module.DEFAULT_BLOCK
+    scan_module.DEFAULT_BLOCK = config.block
+    try:
+        _run_layers(program, config, cls, path, checked)
+    except Failure:
+        raise
+    except Exception as err:  # a crash inside a layer: the most common failure
+        raise Failure("crash", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    finally:
+        scan_module.DEFAULT_BLOCK = previous
+    return {"checked": checked, "plan": cls.spec.scan, "fast": cls.spec.fast,
+            "triton": getattr(cls, "_triton_kernels", None) is not None}
+
+
+def computes_in_float64(spec) -> bool:
+    """Whether the float64 run computes every float value in float64: `f32` computes in
+    float64 only when an f32-declared input or param is float64 (psmc.runtime.ops.torch_dtypes);
+    an op with f32 fields or outputs but no f32 input or param computes those in float32."""
+    f32 = [s for s in spec.inputs + spec.params if s.dtype == "f32"]
+    declared = [s for s in spec.fields + spec.outputs if s.dtype in ("f32", "f16", "bf16")]
+    return bool(f32) or not declared
+
+
+def _run_layers(program, config: Config, cls, path: Path, checked: set):
+    global RTOL, ATOL
+    RTOL, ATOL = (RTOL64, ATOL64) if computes_in_float64(cls.spec) else (RTOL32, ATOL32)
+    torch.manual_seed(config.seed)
+    layer = cls(**program.dims).double()
+    inputs = make_inputs(cls, program, config, torch.float64)
+    T = config.time
+    full = as_tuple(layer(**inputs))
+    lead = torch.broadcast_shapes(*(x.shape[:2 + len(config.lanes)] for x in inputs.values()))
+    batch_shape = (lead[0], *lead[2:])
+    for out in full:
+        if tuple(out.shape[:len(lead)]) != tuple(lead):
+            raise Failure("shape", f"output shape {tuple(out.shape)} does not start with {tuple(lead)}")
+        if out.is_floating_point() and not torch.isfinite(out).all():
+            raise Failure("non-finite", "the parallel pass gave a non-finite output from finite inputs")
+
+    streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, T)
+    agree(streamed, full, "stream vs parallel", RTOL, ATOL)
+    checked.add("stream")
+
+    if T >= 2:
+        mid = min(T - 1, max(1, round(config.split * T)))
+        first, state = layer(**{n: x[:, :mid] for n, x in inputs.items()}, return_state=True)
+        rest = as_tuple(layer(**{n: x[:, mid:] for n, x in inputs.items()}, state=state))
+        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), rest)), full,
+              f"continued after {mid} tokens vs one pass", RTOL, ATOL)
+        decoded, _ = stream(layer, inputs, state, mid, T)
+        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), decoded)), full,
+              f"decode after a prefill of {mid} vs one pass", RTOL, ATOL)
+        checked.add("continued")
+
+    if cls.spec.fast:
+        layer.use_fast_path = False
+        try:
+            agree(as_tuple(layer(**inputs)), full, "generic scan vs fast path", RTOL, ATOL)
+        finally:
+            layer.use_fast_path = True
+        checked.add("generic")
+
+    if T <= 40:
+        _check_reference(program, cls, layer, inputs, lead, full, path, config)
+        checked.add("reference")
+
+    if config.grads and any(x.is_floating_point() for x in inputs.values()) and \
+            any(o.is_floating_point() for o in full):
+        _check_gradients(layer, inputs, full, batch_shape, config)
+        checked.add("grads")
+
+    if config.f32:
+        _check_float32(cls, program, layer, inputs, full, batch_shape, config)
+        checked.add("f32")
+        if config.triton and getattr(cls, "_triton_kernels", None) is not None:
+            _check_triton(cls, program, layer, inputs, config)
+            checked.add("triton")
+
+
+def _check_reference(program, cls, layer, inputs, lead, full, path, config):
+    op = next(op for op in ops_from_file(path) if op.name == program.name)
+    params = {p.name: getattr(layer, "p_" + p.name).detach() for p in cls.spec.params}
+    expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
+    gen = torch.Generator().manual_seed(config.seed)
+    lanes = list(itertools.product(*(range(n) for n in lead[2:])))
+    b = int(torch.randint(0, lead[0], (), generator=gen))
+    lane = lanes[int(torch.randint(0, len(lanes), (), generator=gen))]
+    where = (b, slice(None), *lane)
+    want = reference_outputs(op, dict(program.dims), params, {n: x[where] for n, x in expanded.items()},
+                             cls.spec.scan == "tree")
+    got = tuple(o[where] for o in full)
+    want = tuple(w.to(g.dtype) if g.is_floating_point() and w.is_floating_point() else w for g, w in zip(got, want))
+    agree(got, want, f"parallel vs the IR reference at batch {b}, lanes {lane}", RTOL * 10, ATOL * 10)
+
+
+def _loss(outputs: tuple, seed: int):
+    gen = torch.Generator().manual_seed(seed + 1)
+    total = 0
+    for o in outputs:
+        if o.is_floating_point():
+            total = total + (o * torch.rand(o.shape, generator=gen, dtype=o.dtype)).sum()
+    return total
+
+
+def _grads(loss, wrt) -> list:
+    """d loss / d wrt, zeros where the loss does not depend on a tensor (or on none at all)."""
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        return [torch.zeros_like(w) for w in wrt]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+
+
+def _check_gradients(layer, inputs, full, batch_shape, config):
+    leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in inputs.items()}
+    wrt = [x for x in leaves.values() if x.requires_grad] + list(layer.parameters())
+    parallel = _grads(_loss(as_tuple(layer(**leaves)), config.seed), wrt)
+    streamed_out, _ = stream(layer, leaves, layer.init_state(batch_shape=batch_shape), 0, config.time)
+    streamed = _grads(_loss(streamed_out, config.seed), wrt)
+    rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
+    for i, (g, s) in enumerate(zip(parallel, streamed)):
+        if not torch.isfinite(g).all():
+            raise Failure("grad-non-finite", f"gradient {i} of the parallel pass is not finite")
+        if not torch.allclose(g, s, rtol=rtol, atol=atol):
+            raise Failure("grad-mismatch", f"gradient {i}: parallel vs streamed differ by "
+                                           f"{(g - s).abs().max().item():.3g}")
+
+
+def _check_float32(cls, program, layer64, inputs, full, batch_shape, config):
+    layer = cls(**program.dims)
+    layer.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
+    single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+    got = as_tuple(layer(**single))
+    for i, (g, w) in enumerate(zip(got, full)):
+        if not w.is_floating_point():
+            if g.dtype != w.dtype or not torch.equal(g, w):
+                raise Failure("f32-mismatch", f"integer output {i} differs between float32 and float64 inputs")
+            continue
+        fields64 = all(f.dtype == "f64" for f in cls.spec.outputs if f.dtype.startswith("f"))
+        want_dtype = torch.float64 if cls.spec.outputs[i].dtype == "f64" else torch.float32
+        if g.dtype != want_dtype and not fields64:
+            raise Failure("dtype", f"float32 run: output {i} is {g.dtype}, expected {want_dtype}")
+        err = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
+        if not err <= F32_RMS:
+            raise Failure("f32-mismatch", f"output {i}: relative RMS error {err:.3g} against float64")
+    streamed, _ = stream(layer, single, layer.init_state(batch_shape=batch_shape), 0, config.time)
+    agree(streamed, got, "float32 stream vs float32 parallel", RTOL32, ATOL32)
+
+
+def _check_triton(cls, program, layer64, inputs, config):
+    ref = cls(backend="torch", **program.dims)
+    tri = cls(backend="triton", **program.dims)
+    state = {k: v.float() for k, v in layer64.state_dict().items()}
+    ref.load_state_dict(state)
+    tri.load_state_dict(state)
+    single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+    with torch.no_grad():
+        agree(as_tuple(tri(**single)), as_tuple(ref(**single)), "triton vs torch", RTOL32, ATOL32)
+
+
+def failure_class(err: Failure) -> str:
+    """A failure's class: its kind and message with numbers and names abstracted."""
+    import re
+    text = re.sub(r"\b[gW]\d+\b|\b[a-zA-Z]+\d+\b", "N", err.message)
+    text = re.sub(r"-?\d+(\.\d+)?(e-?\d+)?", "#", text)
+    return f"{err.kind}: {text[:160]}"
