@@ -319,6 +319,10 @@ class _Run:
     def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
         if self.grad:
             tensors = [_tie(t, self.anchors) for t in tensors]  # chain this gather after the last one
+            if not any(t.requires_grad for t in tensors):
+                # this rank sends nothing differentiable (padding only), but its backward must
+                # still join the all-reduce that the other ranks' backward makes
+                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
             outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
             self.anchors = [o for o in outs if o.requires_grad]
             return outs

@@ -53,7 +53,7 @@ def loss_of(outputs: tuple, weights: tuple, state, state_share: float):
     for o, w in zip(outputs, weights):
         if o.is_floating_point():
             total = total + (o * w).sum()
-    for i, t in enumerate(state_tensors(state)):
+    for i, t in enumerate(state_tensors(state) if state is not None else []):
         if t.is_floating_point():
             total = total + state_share * 0.1 * (i + 1) * t.sum()
     return total
@@ -74,7 +74,8 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
         start = sum(job["lengths"][:rank])
         stop = start + job["lengths"][rank]
         mine = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in split(job["inputs"], start, stop).items()}
-        got, state = layer(**mine, state=job["state"], return_state=True, cp_group=dist.group.WORLD)
+        result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD)
+        got, state = result if job["return_state"] else (result, None)
         got = got if isinstance(got, tuple) else (got,)
         # every rank's loss reaches the exchanges; the final state is on every rank: 1/world each
         loss = loss_of(got, tuple(w[:, start:stop] for w in job["weights"]), state, 1.0 / world)
@@ -82,7 +83,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
             loss.backward()
         results.append({
             "outputs": [o.detach() for o in got],
-            "state": state.detach(),
+            "state": None if state is None else state.detach(),
             "input_grads": {n: x.grad for n, x in mine.items()},
             "param_grads": {n: p.grad for n, p in layer.named_parameters()},
         })

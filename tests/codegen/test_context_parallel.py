@@ -29,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _job(name: str, lengths: tuple, prefix: int, seed: int):
+def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
     """A cp job and its single-process reference (outputs, final state, gradients)."""
     case = CASES[name]
     dims = case.dim_sets[-1]
@@ -53,13 +53,15 @@ def _job(name: str, lengths: tuple, prefix: int, seed: int):
     want = as_tuple(want)
     gen = torch.Generator().manual_seed(seed + 1)
     weights = tuple(torch.rand(o.shape, generator=gen, dtype=torch.float64) - 0.5 for o in want)
+    if not return_state:
+        want_state = None
     loss = cp_worker.loss_of(want, weights, want_state, 1.0)
     if loss.requires_grad:
         loss.backward()
     job = {"module": str(compiled_path(case.path)), "op": name, "dims": dims, "lengths": lengths,
            "params": {n: t.detach().clone() for n, t in layer.state_dict().items()},
-           "inputs": rest, "state": state, "weights": weights}
-    reference = {"outputs": [o.detach() for o in want], "state": want_state.detach(),
+           "inputs": rest, "state": state, "weights": weights, "return_state": return_state}
+    reference = {"outputs": [o.detach() for o in want], "state": None if want_state is None else want_state.detach(),
                  "input_grads": {n: x.grad for n, x in leaves.items()},
                  "param_grads": {n: p.grad for n, p in layer.named_parameters()}}
     return job, reference
@@ -127,15 +129,16 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
     return failures
 
 
-LENGTHS = {2: [((4, 7), 0), ((1, 6), 5)], 4: [((3, 1, 5, 2), 0), ((2, 6, 1, 4), 5)]}
+# (slice lengths, tokens run before (their state is the initial state), return_state)
+LENGTHS = {2: [((4, 7), 0, False), ((1, 6), 5, True)], 4: [((3, 1, 5, 2), 0, True), ((2, 6, 1, 4), 5, False)]}
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_example_matches_one_process(world, tmp_path):
     jobs, references, exact = [], [], []
     for i, name in enumerate(sorted(CASES)):
-        for j, (lengths, prefix) in enumerate(LENGTHS[world]):
-            job, reference = _job(name, lengths, prefix, seed=100 * j + i)
+        for j, (lengths, prefix, return_state) in enumerate(LENGTHS[world]):
+            job, reference = _job(name, lengths, prefix, seed=100 * j + i, return_state=return_state)
             jobs.append(job)
             references.append(reference)
             exact.append(CASES[name].tree)  # the fixed tree's prefixes: bit for bit
