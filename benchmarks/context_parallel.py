@@ -140,7 +140,8 @@ def main(argv: list[str]) -> None:
                 r = torch.load(out)
                 sent_fwd = sum(r["sent_fwd"].values())
                 sent_both = sum(r["sent_both"].values())
-                print(f"| {op} | {plan} | {world} | {1e3 * r['times']['fwd']:.1f} | {1e3 * r['times']['fwd+bwd']:.1f} | "
+                ms = {k: f"{1e3 * v:.1f}" for k, v in r["times"].items()}
+                print(f"| {op} | {plan} | {world} | {ms['fwd']} | {ms['fwd+bwd']} | "
                       f"{r['state_bytes']} | {r['activation_bytes']} | {sent_fwd} | {sent_both} |", flush=True)
     print(f"\nload average at the end: {machine.load_average()}")
 

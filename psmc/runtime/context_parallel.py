@@ -184,7 +184,8 @@ def _validate(layer, table: Tensor, rank: int, world: int) -> _Plan:
     if failed:
         first = failed[0]
         text = _get_text(table[first], _HEAD + _MAX_LANES + _MAX_DIMS + _NAME_CHARS, _MESSAGE_CHARS)
-        fail(f"rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} rejected {'their' if len(failed) > 1 else 'its'} "
+        plural = len(failed) > 1
+        fail(f"rank{'s' if plural else ''} {', '.join(map(str, failed))} rejected {'their' if plural else 'its'} "
              f"inputs; rank {first} says: {text}")
     signatures = table[:, 1].tolist()
     if len(set(signatures)) > 1 or len(set(names)) > 1:

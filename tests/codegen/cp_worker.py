@@ -73,7 +73,8 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
         layer.load_state_dict(job["params"])
         start = sum(job["lengths"][:rank])
         stop = start + job["lengths"][rank]
-        mine = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in split(job["inputs"], start, stop).items()}
+        mine = {n: x.clone().requires_grad_(x.is_floating_point())
+                for n, x in split(job["inputs"], start, stop).items()}
         result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD)
         got, state = result if job["return_state"] else (result, None)
         got = got if isinstance(got, tuple) else (got,)
