@@ -395,17 +395,22 @@ class _Run:
         if not kernel and layer.backend != "torch":
             from . import triton_support
             kernel = triton_support.use_triton(layer, call)
-        if kernel:
+        local_outputs = None
+        index = _positions(a, T, call.lead, call.ctx.dev)
+        if kernel and spec.stream is None:
             local_outputs, local_state = layer._forward_tokens(call, ScanState(prefix=None, count=a), True)
             total, incl = local_state.prefix, None
         else:
-            index = _positions(a, T, call.lead, call.ctx.dev)
+            # the generic scan; also the total of a fast path whose stream state drops fields
+            # (the delta rule keeps S only): the carry's right operand needs them all (E too)
             incl = exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), self.combine)
             total = at(incl, T - 1)
         start, final = self.carries(self.full_step(total))
         carry = start.prefix
-        if incl is None:
-            outputs = local_outputs if carry is None else layer._forward_tokens(call, start, False)[0]
+        if kernel:
+            outputs = local_outputs
+            if outputs is None or carry is not None:
+                outputs = layer._forward_tokens(call, _stream_state(layer, start), False)[0]
         else:
             if carry is not None:
                 incl = self.combine(with_time(carry), incl)
@@ -414,7 +419,7 @@ class _Run:
                 first = carry if carry is not None else layer._identity_element(call)
                 prefix = exclusive_from_inclusive(incl, first)
             outputs = tuple(layer._readout_batch(call, call.lead, prefix, call.inputs, index))
-        return self.finish(outputs, final)
+        return self.finish(outputs, _stream_state(layer, final))
 
     # -- chunk ops: the tokens of chunks that straddle a rank boundary
     def straddling_tokens(self) -> dict:
@@ -488,7 +493,10 @@ class _Run:
 
     def carries(self, total):
         """(this rank's start state, the final state) from the ranks' gathered totals."""
-        initial = None if self.inner is None else self.inner.prefix
+        inner = self.inner
+        if inner is not None and hasattr(self.layer, "_full_state"):
+            inner = self.layer._full_state(self.call, inner)  # a stream state may hold live fields only
+        initial = None if inner is None else inner.prefix
         totals = self.gather(list(total), "totals")
         carry = None if initial is None else tuple(initial)
         carries = []
@@ -609,6 +617,11 @@ class _Run:
             levels.append(self.combine(left, right))
             firsts.append(first)
         return levels, firsts
+
+
+def _stream_state(layer, state):
+    """A state in the layout the op's streams use (fields dead in a stream dropped)."""
+    return layer._stream_state(state) if hasattr(layer, "_stream_state") else state
 
 
 def _field_shape(field, dims: dict) -> tuple:
