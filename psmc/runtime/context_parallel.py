@@ -397,10 +397,13 @@ class _Run:
             kernel = triton_support.use_triton(layer, call)
         local_outputs = None
         index = _positions(a, T, call.lead, call.ctx.dev)
+        total = None
         if kernel and spec.stream is None:
             local_outputs, local_state = layer._forward_tokens(call, ScanState(prefix=None, count=a), True)
             total, incl = local_state.prefix, None
-        else:
+            if any(t is None for t in total):  # a field dead in streams left out (e.g. a first-order decay): the carry needs it
+                total = None
+        if total is None:
             # the generic scan; also the total of a fast path whose stream state drops fields
             # (the delta rule keeps S only): the carry's right operand needs them all (E too)
             incl = exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), self.combine)
@@ -497,6 +500,8 @@ class _Run:
         if inner is not None and hasattr(self.layer, "_full_state"):
             inner = self.layer._full_state(self.call, inner)  # a stream state may hold live fields only
         initial = None if inner is None else inner.prefix
+        if initial is not None and any(t is None for t in initial):  # dead in a stream: never read
+            initial = tuple(z if t is None else t for t, z in zip(initial, self.zero_step()))
         totals = self.gather(list(total), "totals")
         carry = None if initial is None else tuple(initial)
         carries = []
@@ -508,6 +513,8 @@ class _Run:
         dev = self.call.ctx.dev
         start = ScanState(prefix=carries[self.rank], count=torch.tensor(self.starts[self.rank], device=dev))
         final = ScanState(prefix=carry, count=torch.tensor(self.starts[-1], device=dev))
+        if self.chunk is not None:
+            final = _stream_state(self.layer, final)
         return start, final
 
     # -- tree scans: the fixed tree's blocks, bracket for bracket
@@ -620,7 +627,9 @@ class _Run:
 
 
 def _stream_state(layer, state):
-    """A state in the layout the op's streams use (fields dead in a stream dropped)."""
+    """A state in the layout the op's streams use (fields dead in a stream None or dropped)."""
+    if isinstance(state, ScanState) and state.prefix is not None and hasattr(layer, "_without_dead"):
+        state = ScanState(prefix=layer._without_dead(state.prefix), count=state.count)
     return layer._stream_state(state) if hasattr(layer, "_stream_state") else state
 
 
