@@ -121,12 +121,20 @@ class PsmLayer(nn.Module):
         self._check_backend_available()
 
     # ------------------------------------------------------------------ public API
-    def forward(self, *args, state=None, return_state: bool = False, **inputs):
-        spec = self.spec
+    def forward(self, *args, state=None, return_state: bool = False, cp_group=None, **inputs):
+        """`cp_group`: a torch.distributed process group; every rank passes its own contiguous
+        slice of the sequence (docs/context_parallel.md)."""
+        if cp_group is not None:
+            from . import context_parallel
+            return context_parallel.forward(self, args, inputs, state, return_state, cp_group)
         inputs = self._bind_positional(args, inputs)
         call = self._prepare(inputs, step=False)
         if state is not None:
             self._check_state(state)
+        return self._forward_local(call, state, return_state)
+
+    def _forward_local(self, call, state, return_state: bool):
+        spec = self.spec
         if spec.chunk is not None:
             outputs, new_state = self._forward_chunked(call, state, return_state)
         else:

@@ -1,0 +1,651 @@
+"""Context parallelism: one sequence split across the ranks of a `torch.distributed` group.
+
+`layer(**inputs, cp_group=group)`: every rank passes its own contiguous slice `[B, T_r, ...]`
+of the sequence (rank order = sequence order, any lengths >= 1) and gets that slice's outputs,
+equal to the matching slice of a single-process run over the whole sequence. `state=` is the
+whole sequence's initial state (the same on every rank) and `return_state=True` returns the
+whole sequence's final state on every rank. docs/context_parallel.md has the algorithm per plan
+and the bytes each rank sends.
+
+Leaves are tokens (chunk ops: chunks; a chunk that straddles a rank boundary belongs to the rank
+holding its last token, which receives the chunk's earlier tokens, < C per rank). Rank r holds
+the global leaves [a_r, b_r). Every call makes, in this order, the same collectives on every rank:
+
+1. metadata: a small int64 vector per rank (op, dims, batch and lane shape, slice length,
+   dtype, state, flags, or the text of a local input error) is all-gathered and validated on
+   every rank, so a mismatch or a bad slice raises the same clear error everywhere, never a hang
+   (the wait has a timeout, `TIMEOUT_S`, for a rank that never calls).
+2. chunk ops only: every rank's last min(T_r, C - 1) tokens (the straddling chunks' heads).
+3. summaries: exact scans send their slice's total (one state); tree scans send the aligned
+   blocks of the fixed tree that lie inside their slice and that a later rank's counter (or the
+   final counter) is made of: O(log T) states per rank.
+
+Then each rank builds the stream state at its first leaf (exact: the carry, the fold of the
+earlier totals; tree: the binary counter at a_r, bracket for bracket, its roots assembled from the
+published blocks by the same Agg calls a single process makes) and runs the ordinary
+single-process pass over its slice continuing from that state: the fixed-tree prefixes are then
+the single-process P(t) at every position. Gradients flow back through the gathers (their
+backward is an all-reduce of the state-sized gradients), so the reverse carry is autograd's.
+"""
+from __future__ import annotations
+
+import datetime
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .element import at, with_time
+from .scan import exact_scan
+from .state import ChunkStream, ScanState, TreeState
+
+# Seconds a rank waits for the others in one exchange before it raises (a rank that never
+# calls the layer, or that is stuck elsewhere). Tests lower it.
+TIMEOUT_S = 300.0
+
+# Bytes this process contributed to the exchanges (each all-gather counts its input once, each
+# backward all-reduce its buffer once), per kind; the benchmark reads and resets it.
+SENT_BYTES: dict[str, int] = {}
+
+_MAX_LANES = 8
+_MAX_DIMS = 8
+_NAME_CHARS = 48
+_MESSAGE_CHARS = 400
+_HEAD = 24  # fixed slots before the lanes, dims, name and message
+_META = _HEAD + _MAX_LANES + _MAX_DIMS + _NAME_CHARS + _MESSAGE_CHARS
+_OK, _EMPTY, _FAILED = 0, 1, 2
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+class ContextParallelError(ValueError):
+    """Raised on every rank of the group when the ranks' calls do not fit together."""
+
+
+# ---------------------------------------------------------------------------- entry point
+def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
+    """`layer.forward(*args, **inputs, state=state, return_state=..., cp_group=group)`."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    spec = layer.spec
+    call, code, message = None, _OK, ""
+    try:
+        inputs = layer._bind_positional(args, dict(inputs))
+        if state is not None:
+            layer._check_state(state)
+        call = layer._prepare(inputs, step=False)
+    except (TypeError, ValueError) as error:
+        empty = any(isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] == 0 for x in inputs.values())
+        code, message = (_EMPTY, "") if empty else (_FAILED, str(error))
+        call = None
+    grad = torch.is_grad_enabled() and (
+        any(p.requires_grad for p in layer.parameters())
+        or any(isinstance(x, Tensor) and x.requires_grad for x in inputs.values())
+        or (state is not None and any(t.requires_grad for t in state.tensors())))
+    mine = _metadata(layer, call, state, return_state, grad, code, message)
+    device = call.ctx.dev if call is not None else _device_of(inputs)
+    table = _exchange_metadata(mine, group, world, device)
+    plan = _validate(layer, table, rank, world)
+    if world == 1:
+        return layer._forward_local(call, state, return_state)
+    return _Run(layer, call, state, return_state, group, rank, world, plan, grad).run()
+
+
+def _device_of(inputs: dict) -> torch.device:
+    for x in inputs.values():
+        if isinstance(x, Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------- metadata
+def _op_signature(layer) -> int:
+    spec = layer.spec
+    text = repr((spec.name, spec.scan, spec.exclusive, [(f.name, f.dtype, f.rank) for f in spec.fields],
+                 [(s.name, s.dtype, s.rank) for s in spec.inputs], [(s.name, s.dtype) for s in spec.outputs],
+                 spec.fast))
+    return zlib.crc32(text.encode())
+
+
+def _put_text(row: Tensor, start: int, width: int, text: str):
+    data = text.encode("utf-8", "replace")[:width]
+    row[start:start + len(data)] = torch.tensor(list(data), dtype=torch.int64)
+
+
+def _get_text(row: Tensor, start: int, width: int) -> str:
+    data = bytes(int(v) for v in row[start:start + width].tolist() if v > 0)
+    return data.decode("utf-8", "replace")
+
+
+def _state_counts(state) -> tuple[int, int]:
+    """(leaves in the inner state, tokens buffered in a chunk op's partial chunk)."""
+    if state is None:
+        return 0, 0
+    if isinstance(state, ChunkStream):
+        return state.inner.size, state.size
+    return state.size, 0
+
+
+def _metadata(layer, call, state, return_state, grad, code, message) -> Tensor:
+    spec = layer.spec
+    row = torch.zeros(_META, dtype=torch.int64)
+    row[0] = code
+    row[1] = _op_signature(layer)
+    m0, s0 = _state_counts(state) if code == _OK else (0, 0)
+    row[2:8] = torch.tensor([int(state is not None), m0, s0, int(bool(return_state)), int(grad), -1])
+    if call is not None:
+        lead = call.lead
+        if len(lead) - 2 > _MAX_LANES:
+            row[0], message = _FAILED, f"{spec.name}: context parallelism supports at most {_MAX_LANES} lane axes"
+        else:
+            row[8], row[9], row[10] = lead[0], lead[1], len(lead) - 2
+            row[11] = _DTYPES.get(call.ctx.dt["f32"], 9)
+            row[_HEAD:_HEAD + len(lead) - 2] = torch.tensor(lead[2:], dtype=torch.int64)
+            dims = [int(call.ctx.d[d]) for d in spec.dims][:_MAX_DIMS]
+            if dims:
+                row[_HEAD + _MAX_LANES:_HEAD + _MAX_LANES + len(dims)] = torch.tensor(dims)
+    _put_text(row, _HEAD + _MAX_LANES + _MAX_DIMS, _NAME_CHARS, spec.name)
+    _put_text(row, _HEAD + _MAX_LANES + _MAX_DIMS + _NAME_CHARS, _MESSAGE_CHARS, message)
+    return row
+
+
+def _exchange_metadata(row: Tensor, group, world: int, device) -> Tensor:
+    if dist.get_backend(group) == "nccl":
+        row = row.to(device)
+    return _all_gather(row, group, world, "metadata").cpu()
+
+
+@dataclass
+class _Plan:
+    """What every rank knows after the metadata exchange, identical on every rank."""
+
+    lengths: list[int]  # T_r per rank
+    has_state: bool
+    m0: int  # leaves in the initial (inner) state
+    s0: int  # tokens buffered in the initial partial chunk (chunk ops)
+    return_state: bool
+
+
+def _validate(layer, table: Tensor, rank: int, world: int) -> _Plan:
+    spec = layer.spec
+    names = [_get_text(table[r], _HEAD + _MAX_LANES + _MAX_DIMS, _NAME_CHARS) for r in range(world)]
+    where = f"{spec.name} (context parallel, rank {rank} of {world})"
+
+    def fail(text: str):
+        raise ContextParallelError(f"{where}: {text}")
+
+    codes = table[:, 0].tolist()
+    empty = [r for r in range(world) if codes[r] == _EMPTY]
+    if empty:
+        fail(f"rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))} passed an empty slice (T = 0): "
+             "every rank of the group needs at least one token of the sequence (use fewer ranks for short "
+             "sequences)")
+    failed = [r for r in range(world) if codes[r] == _FAILED]
+    if failed:
+        first = failed[0]
+        text = _get_text(table[first], _HEAD + _MAX_LANES + _MAX_DIMS + _NAME_CHARS, _MESSAGE_CHARS)
+        plural = len(failed) > 1
+        fail(f"rank{'s' if plural else ''} {', '.join(map(str, failed))} rejected {'their' if plural else 'its'} "
+             f"inputs; rank {first} says: {text}")
+    signatures = table[:, 1].tolist()
+    if len(set(signatures)) > 1 or len(set(names)) > 1:
+        shown = ", ".join(f"rank {r}: {names[r]!r}" for r in range(world))
+        fail(f"the ranks call different ops ({shown}): every rank of cp_group must call the same layer")
+
+    def differ(what: str, values: list, hint: str):
+        if len(set(map(str, values))) > 1:
+            shown = ", ".join(f"rank {r}: {values[r]}" for r in range(world))
+            fail(f"the ranks disagree on {what} ({shown}); {hint}")
+
+    differ("the batch size B", table[:, 8].tolist(), "every rank passes the same batch, split along time only")
+    lanes = [table[r, _HEAD:_HEAD + int(table[r, 10])].tolist() for r in range(world)]
+    differ("the lane axes [B, T, *lanes]", lanes, "every rank passes the same lane shape")
+    dims = [table[r, _HEAD + _MAX_LANES:_HEAD + _MAX_LANES + min(len(spec.dims), _MAX_DIMS)].tolist()
+            for r in range(world)]
+    differ(f"the dims ({', '.join(spec.dims)})", dims, "every rank builds the layer with the same dims")
+    differ("the compute dtype (0 = float32, 1 = float64)", table[:, 11].tolist(),
+           "every rank passes inputs of the same dtypes")
+    differ("whether a state= is given", table[:, 2].tolist(),
+           "pass the whole sequence's initial state on every rank, or on none")
+    differ("the initial state's size (leaves, buffered tokens)", [table[r, 3:5].tolist() for r in range(world)],
+           "pass the same initial state on every rank")
+    differ("return_state", table[:, 5].tolist(), "pass the same return_state on every rank")
+    differ("whether gradients are recorded", table[:, 6].tolist(),
+           "run every rank under the same torch.no_grad()/requires_grad setting")
+    return _Plan(lengths=table[:, 9].tolist(), has_state=bool(table[0, 2]), m0=int(table[0, 3]),
+                 s0=int(table[0, 4]), return_state=bool(table[0, 5]))
+
+
+# ---------------------------------------------------------------------------- collectives
+def _wait(work, what: str):
+    try:
+        work.wait(timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    except RuntimeError as error:
+        raise ContextParallelError(
+            f"context parallel exchange '{what}' did not complete within {TIMEOUT_S:g} s ({error}): every rank "
+            "of cp_group must call the layer, in the same order (a rank that skipped the call, failed before "
+            "it, or is stuck elsewhere)") from None
+
+
+def _count(kind: str, t: Tensor):
+    SENT_BYTES[kind] = SENT_BYTES.get(kind, 0) + t.numel() * t.element_size()
+
+
+def _all_gather(t: Tensor, group, world: int, kind: str) -> Tensor:
+    """[world, *t.shape]: every rank's t, in rank order."""
+    t = t.contiguous()
+    wire = t.to(torch.uint8) if t.dtype == torch.bool else t
+    out = [torch.empty_like(wire) for _ in range(world)]
+    _count(kind, wire)
+    _wait(dist.all_gather(out, wire, group=group, async_op=True), kind)
+    stacked = torch.stack(out)
+    return stacked.to(torch.bool) if t.dtype == torch.bool else stacked
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather of several tensors; the backward all-reduces the gradients of the gathered
+    stacks and keeps this rank's slot (the gradient of a rank's input is the sum over all ranks
+    of what flowed into its copy)."""
+
+    @staticmethod
+    def forward(ctx, group, world, rank, kind, *tensors):
+        ctx.group, ctx.world, ctx.rank, ctx.kind = group, world, rank, kind
+        ctx.floating = [t.is_floating_point() for t in tensors]
+        outs = tuple(_all_gather(t, group, world, kind) for t in tensors)
+        for out, floating in zip(outs, ctx.floating):
+            if not floating:
+                ctx.mark_non_differentiable(out)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        result = []
+        for g, floating in zip(grads, ctx.floating):
+            if not floating:
+                result.append(None)
+                continue
+            g = g.contiguous().clone()
+            _count(ctx.kind + " (backward)", g)
+            _wait(dist.all_reduce(g, group=ctx.group, async_op=True), ctx.kind + " (backward)")
+            result.append(g[ctx.rank])
+        return (None, None, None, None, *result)
+
+
+class _Tie(torch.autograd.Function):
+    """x, unchanged, made to depend on `anchors` (zero gradient), so that every rank's backward
+    reaches the gathers in the same order even where its outputs do not use their data."""
+
+    @staticmethod
+    def forward(ctx, x, *anchors):
+        ctx.anchors = [(a.shape, a.dtype, a.device) for a in anchors]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=d, device=v) for s, d, v in ctx.anchors])
+
+
+def _tie(x: Tensor, anchors: list[Tensor]) -> Tensor:
+    anchors = [a for a in anchors if a.requires_grad]
+    if not anchors or not x.is_floating_point():
+        return x
+    return _Tie.apply(x, *anchors)
+
+
+# ---------------------------------------------------------------------------- the run
+class _Run:
+    def __init__(self, layer, call, state, return_state, group, rank, world, plan: _Plan, grad: bool):
+        self.layer, self.call, self.state, self.return_state = layer, call, state, return_state
+        self.group, self.rank, self.world, self.plan, self.grad = group, rank, world, plan, grad
+        spec = layer.spec
+        self.spec = spec
+        self.combine = layer._combine_fn(call)
+        self.chunk = None if spec.chunk is None else int(spec.chunk(call.ctx.d))
+        self.stream = state if isinstance(state, ChunkStream) else None
+        self.inner = self.stream.inner if self.stream is not None else state
+        offsets = [0]
+        for length in plan.lengths:
+            offsets.append(offsets[-1] + length)
+        self.offsets = offsets  # token offsets of the slices in the new tokens
+        # leaf ranges: starts[r] .. starts[r + 1]; starts[world] = the final leaf count
+        if self.chunk is None:
+            self.starts = [plan.m0 + o for o in offsets]
+        else:
+            self.starts = [plan.m0 + (plan.s0 + o) // self.chunk for o in offsets]
+        self.anchors: list[Tensor] = []
+        self.tails: dict = {}
+        self.step_lead = (call.lead[0],) + tuple(call.lead[2:])
+
+    # -- helpers
+    def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
+        if self.grad:
+            tensors = [_tie(t, self.anchors) for t in tensors]  # chain this gather after the last one
+            if not any(t.requires_grad for t in tensors):
+                # this rank sends nothing differentiable (padding only), but its backward must
+                # still join the all-reduce that the other ranks' backward makes
+                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+            outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
+            self.anchors = [o for o in outs if o.requires_grad]
+            return outs
+        return [_all_gather(t, self.group, self.world, kind) for t in tensors]
+
+    def full_step(self, element) -> tuple:
+        """A step element expanded to [B, *lanes, *field] in the fields' compute dtypes."""
+        out = []
+        for t, f in zip(element, self.spec.fields):
+            dtype = self.call.ctx.dt[f.dtype]
+            shape = tuple(int(s) for s in _field_shape(f, self.call.ctx.d))
+            t = t.to(dtype)
+            missing = len(self.step_lead) + len(shape) - t.dim()
+            if missing > 0:
+                t = t.reshape((1,) * missing + tuple(t.shape))
+            out.append(t.expand(*self.step_lead, *shape).contiguous())
+        return tuple(out)
+
+    def zero_step(self) -> tuple:
+        return tuple(torch.zeros(*self.step_lead, *_field_shape(f, self.call.ctx.d), dtype=self.call.ctx.dt[f.dtype],
+                                 device=self.call.ctx.dev) for f in self.spec.fields)
+
+    def agg(self, left, right):
+        return at(self.combine(with_time(left), with_time(right)), 0)
+
+    # -- main
+    def run(self):
+        layer, spec = self.layer, self.spec
+        if spec.scan == "exact" and self.chunk is None:
+            return self.run_exact_tokens()
+        pre = self.straddling_tokens() if self.chunk is not None else None
+        leaves = self.local_leaves(pre)
+        if spec.scan == "exact":
+            start, final = self.exact_states(leaves)
+        else:
+            start, final = self.tree_states(leaves)
+        own_stream = start
+        if self.chunk is not None and pre is not None and pre[next(iter(pre))].shape[1] > 0:
+            own_stream = _chunk_stream(start, pre, self.chunk)
+        outputs, _ = (layer._forward_chunked(self.call, own_stream, False) if self.chunk is not None
+                      else layer._forward_tokens(self.call, own_stream, False))
+        new_state = None
+        if self.return_state:
+            new_state = final
+            if self.chunk is not None:
+                tail = self.tokens_before(self.offsets[-1])
+                new_state = final if tail[next(iter(tail))].shape[1] == 0 else _chunk_stream(final, tail, self.chunk)
+                if isinstance(new_state, (ScanState, TreeState)):
+                    token_like = {n: x[:, 0] for n, x in self.call.inputs.items()}
+                    new_state = ChunkStream.empty(new_state, token_like, self.chunk)
+        return self.finish(outputs, new_state)
+
+    def finish(self, outputs, new_state):
+        outputs = tuple(_tie(o, self.anchors) for o in outputs)
+        self.layer._check_outputs(outputs, self.call)
+        result = outputs[0] if len(outputs) == 1 else outputs
+        return (result, new_state) if self.return_state else result
+
+    def run_exact_tokens(self):
+        """Exact scans over tokens. The fast paths (first-order recurrences, chunkwise linear
+        attention) and Triton run twice where a carry comes in: once from zero for the slice's
+        total, once continuing from the carry (their carry-in is their initial_state). The
+        generic scan runs once: its local inclusive scan gets the carry in one batched combine."""
+        from .layer import _positions
+        from .scan import exclusive_from_inclusive
+        layer, spec, call = self.layer, self.spec, self.call
+        a, T = self.starts[self.rank], call.lead[1]
+        kernel = spec.fast is not None and layer.use_fast_path
+        if not kernel and layer.backend != "torch":
+            from . import triton_support
+            kernel = triton_support.use_triton(layer, call)
+        local_outputs = None
+        index = _positions(a, T, call.lead, call.ctx.dev)
+        total = None
+        if kernel and spec.stream is None:
+            local_outputs, local_state = layer._forward_tokens(call, ScanState(prefix=None, count=a), True)
+            total, incl = local_state.prefix, None
+            if any(t is None for t in total):  # a field dead in streams left out (e.g. a first-order decay): the carry needs it
+                total = None
+        if total is None:
+            # the generic scan; also the total of a fast path whose stream state drops fields
+            # (the delta rule keeps S only): the carry's right operand needs them all (E too)
+            incl = exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), self.combine)
+            total = at(incl, T - 1)
+        start, final = self.carries(self.full_step(total))
+        carry = start.prefix
+        if kernel:
+            outputs = local_outputs
+            if outputs is None or carry is not None:
+                outputs = layer._forward_tokens(call, _stream_state(layer, start), False)[0]
+        else:
+            if carry is not None:
+                incl = self.combine(with_time(carry), incl)
+            prefix = incl
+            if spec.exclusive:
+                first = carry if carry is not None else layer._identity_element(call)
+                prefix = exclusive_from_inclusive(incl, first)
+            outputs = tuple(layer._readout_batch(call, call.lead, prefix, call.inputs, index))
+        return self.finish(outputs, _stream_state(layer, final))
+
+    # -- chunk ops: the tokens of chunks that straddle a rank boundary
+    def straddling_tokens(self) -> dict:
+        C, call = self.chunk, self.call
+        self.tails = {}
+        if C > 1:
+            names = list(call.inputs)
+            tails = []
+            for n in names:
+                x = call.inputs[n]
+                x = x.expand(*call.lead, *x.shape[len(call.lead):])
+                keep = min(x.shape[1], C - 1)
+                pad = x.new_zeros((x.shape[0], C - 1 - keep) + tuple(x.shape[2:]))
+                tails.append(torch.cat([pad, x[:, x.shape[1] - keep:]], dim=1))
+            self.tails = dict(zip(names, self.gather(tails, "chunk heads")))
+        return self.tokens_before(self.offsets[self.rank])
+
+    def tokens_before(self, offset: int) -> dict:
+        """The new tokens' inputs at global token positions [chunk start, s0 + offset): the
+        partial chunk that position s0 + offset falls in, up to it (from the initial state's
+        buffer and the ranks' gathered tails)."""
+        C, s0, call = self.chunk, self.plan.s0, self.call
+        end = s0 + offset
+        begin = (end // C) * C
+        out = {}
+        for n, x in call.inputs.items():
+            full_shape = tuple(call.lead) + tuple(x.shape[len(call.lead):])
+            pieces = []
+            for g in range(begin, end):
+                if g < s0:
+                    buffered = self.stream.tokens(n)[:, g]
+                    pieces.append(buffered.expand(full_shape[:1] + full_shape[2:]).to(x.dtype))
+                else:
+                    q = max(r for r in range(self.world) if self.offsets[r] <= g - s0)
+                    back = self.offsets[q + 1] - (g - s0)  # 1 for the rank's last token
+                    pieces.append(self.tails[n][q][:, C - 1 - back])
+            if pieces:
+                out[n] = torch.stack(pieces, dim=1)
+            else:
+                out[n] = x.new_zeros((full_shape[0], 0) + full_shape[2:])
+        return out
+
+    def local_leaves(self, pre):
+        """This rank's leaves (lifted tokens, or lifted complete chunks), global positions."""
+        layer, call = self.layer, self.call
+        from .layer import _positions, _to_chunks
+        a, b = self.starts[self.rank], self.starts[self.rank + 1]
+        if b == a:
+            return None
+        if self.chunk is None:
+            index = _positions(a, b - a, call.lead, call.ctx.dev)
+            return layer._lift_batch(call, call.lead, call.inputs, index)
+        C, n = self.chunk, b - a
+        lead_rank = len(call.lead)
+        chunks = {}
+        for name, x in call.inputs.items():
+            x = x.expand(*call.lead, *x.shape[lead_rank:])
+            tokens = torch.cat([pre[name].to(x.dtype), x], dim=1)[:, :n * C]
+            chunks[name] = _to_chunks(tokens, C, n, lead_rank)
+        chunk_lead = (call.lead[0], n) + tuple(call.lead[2:])
+        index = _positions(a, n, chunk_lead, call.ctx.dev)
+        return layer._lift_batch(call, chunk_lead, chunks, index)
+
+    # -- exact scans: totals
+    def exact_states(self, leaves):
+        if leaves is not None:
+            total = self.full_step(at(exact_scan(leaves, self.combine), leaves[0].shape[1] - 1))
+        else:
+            total = self.zero_step()
+        return self.carries(total)
+
+    def carries(self, total):
+        """(this rank's start state, the final state) from the ranks' gathered totals."""
+        inner = self.inner
+        if inner is not None and hasattr(self.layer, "_full_state"):
+            inner = self.layer._full_state(self.call, inner)  # a stream state may hold live fields only
+        initial = None if inner is None else inner.prefix
+        if initial is not None and any(t is None for t in initial):  # dead in a stream: never read
+            initial = tuple(z if t is None else t for t, z in zip(initial, self.zero_step()))
+        totals = self.gather(list(total), "totals")
+        carry = None if initial is None else tuple(initial)
+        carries = []
+        for r in range(self.world):
+            carries.append(carry)
+            if self.starts[r + 1] > self.starts[r]:
+                mine = tuple(t[r] for t in totals)
+                carry = mine if carry is None else self.agg(carry, mine)
+        dev = self.call.ctx.dev
+        start = ScanState(prefix=carries[self.rank], count=torch.tensor(self.starts[self.rank], device=dev))
+        final = ScanState(prefix=carry, count=torch.tensor(self.starts[-1], device=dev))
+        if self.chunk is not None:
+            final = _stream_state(self.layer, final)
+        return start, final
+
+    # -- tree scans: the fixed tree's blocks, bracket for bracket
+    def tree_states(self, leaves):
+        m0 = self.plan.m0
+        targets = [self.starts[r] for r in range(1, self.world)]
+        if self.return_state:
+            targets.append(self.starts[-1])
+        owner = self.block_owner
+        published: list[list[tuple[int, int]]] = [[] for _ in range(self.world)]
+        composite: dict[tuple[int, int], None] = {}
+
+        def decompose(s: int, j: int):
+            if (s, j) in composite or any((s, j) in p for p in published):
+                return
+            q = owner(s, j)
+            if q is not None:
+                published[q].append((s, j))
+            elif s + (1 << j) <= m0:
+                self.initial_root(s, j)  # checks it is one
+            else:
+                decompose(s, j - 1)
+                decompose(s + (1 << (j - 1)), j - 1)
+                composite[(s, j)] = None
+
+        for t in targets:
+            for j in reversed(range(t.bit_length())):
+                if (t >> j) & 1 and ((t >> j) << j) > m0:
+                    decompose(((t >> (j + 1)) << (j + 1)), j)
+        # this rank's blocks, from its local up-sweep over the aligned blocks inside its slice
+        mine = published[self.rank]
+        width = max(len(p) for p in published)
+        blocks: dict[tuple[int, int], tuple] = {}
+        if width:
+            levels, firsts = self.local_up_sweep(leaves, max((j for _, j in mine), default=-1))
+            rows = [self.full_step(at(levels[j], (s - firsts[j]) >> j)) for s, j in mine]
+            rows += [self.zero_step()] * (width - len(mine))
+            stacked = [torch.stack(fields) for fields in zip(*rows)]  # [width, B, *lanes, *field]
+            gathered = self.gather(stacked, "tree blocks")
+            for q in range(self.world):
+                for k, (s, j) in enumerate(published[q]):
+                    blocks[(s, j)] = tuple(t[q, k] for t in gathered)
+
+        def block(s: int, j: int):
+            if (s, j) not in blocks:
+                if s + (1 << j) <= m0:
+                    blocks[(s, j)] = self.initial_root(s, j)
+                else:
+                    half = 1 << (j - 1)
+                    blocks[(s, j)] = self.agg(block(s, j - 1), block(s + half, j - 1))
+            return blocks[(s, j)]
+
+        def counter(t: int) -> TreeState | None:
+            if t == m0:
+                return self.inner
+            roots, folds = [None] * t.bit_length(), [None] * t.bit_length()
+            older = None
+            for j in reversed(range(t.bit_length())):
+                if not (t >> j) & 1:
+                    continue
+                end = (t >> j) << j
+                if end <= m0:
+                    roots[j], folds[j] = self.inner.roots[j], self.inner.folds[j]
+                else:
+                    roots[j] = block(end - (1 << j), j)
+                    folds[j] = roots[j] if older is None else self.agg(older, roots[j])
+                older = folds[j]
+            return TreeState(count=torch.tensor(t, device=self.call.ctx.dev), roots=tuple(roots), folds=tuple(folds))
+
+        start = counter(self.starts[self.rank])
+        final = counter(self.starts[-1]) if self.return_state else None
+        if start is None:
+            start = TreeState.empty(self.call.ctx.dev)
+        if self.return_state and final is None:
+            final = TreeState.empty(self.call.ctx.dev)
+        return start, final
+
+    def block_owner(self, s: int, j: int) -> int | None:
+        """The rank whose leaves hold the whole block [s, s + 2^j), if one does."""
+        e = s + (1 << j)
+        for r in range(self.world):
+            if self.starts[r] <= s and e <= self.starts[r + 1]:
+                return r
+        return None
+
+    def initial_root(self, s: int, j: int):
+        m0 = self.plan.m0
+        if not ((m0 >> j) & 1 and ((m0 >> (j + 1)) << (j + 1)) == s):
+            raise AssertionError(f"block [{s}, {s + (1 << j)}) is inside the initial state but not one of its roots")
+        return self.inner.roots[j]
+
+    def local_up_sweep(self, leaves, top: int):
+        """levels[d]: the aligned blocks of 2^d leaves inside [a, b), in order; firsts[d]: the
+        global leaf where the first of them starts. One Agg call per level."""
+        a, b = self.starts[self.rank], self.starts[self.rank + 1]
+        levels, firsts = [leaves], [a]
+        for d in range(1, top + 1):
+            size = 1 << d
+            first = -(-a // size) * size
+            count = max(0, (b - first) // size)
+            if count == 0:
+                break
+            below, below_first = levels[-1], firsts[-1]
+            offset = (first - below_first) >> (d - 1)
+            left = tuple(t[:, offset:offset + 2 * count:2] for t in below)
+            right = tuple(t[:, offset + 1:offset + 2 * count:2] for t in below)
+            levels.append(self.combine(left, right))
+            firsts.append(first)
+        return levels, firsts
+
+
+def _stream_state(layer, state):
+    """A state in the layout the op's streams use (fields dead in a stream None or dropped)."""
+    if isinstance(state, ScanState) and state.prefix is not None and hasattr(layer, "_without_dead"):
+        state = ScanState(prefix=layer._without_dead(state.prefix), count=state.count)
+    return layer._stream_state(state) if hasattr(layer, "_stream_state") else state
+
+
+def _field_shape(field, dims: dict) -> tuple:
+    return tuple(int(s) for s in field.shape(dims))
+
+
+def _chunk_stream(inner, tokens: dict, C: int) -> ChunkStream:
+    """A chunk stream whose partial chunk holds `tokens[name]` ([B, n, ...], n < C)."""
+    buffer = {}
+    for name, t in tokens.items():
+        pad = t.new_zeros((t.shape[0], C - t.shape[1]) + tuple(t.shape[2:]))
+        buffer[name] = torch.cat([t, pad], dim=1)
+    count = next(iter(tokens.values())).shape[1]
+    device = next(iter(buffer.values())).device
+    return ChunkStream(inner=inner, buffer=buffer, filled=torch.tensor(count, device=device))
+
+
+__all__ = ["ContextParallelError", "SENT_BYTES", "TIMEOUT_S", "forward"]

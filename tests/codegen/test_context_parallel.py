@@ -1,0 +1,181 @@
+"""Context parallelism (`cp_group=`): 2 and 4 gloo processes on CPU, every example op, uneven
+slices (length 1 included; T not a multiple of any block or chunk size), with and without an
+initial state, the final state on every rank, and gradients (inputs, params, through the final
+state), all against a single-process run over the whole sequence; tree ops bit for bit. Then
+mismatched calls fail with the same clear message on every rank, and a rank that never calls
+makes the others time out with a message, not hang.
+
+Few process groups, many ops per group: each spawn pays for process start-up, so the parent
+computes the references and the ranks only run their slices (cp_worker.py)."""
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import cp_worker
+from layer_cases import CASES
+from layer_harness import ATOL, RTOL, as_tuple, layer_class, make_inputs
+from psmc.loader import compiled_path
+from psmc.runtime.state import StreamState
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
+    """A cp job and its single-process reference (outputs, final state, gradients)."""
+    case = CASES[name]
+    dims = case.dim_sets[-1]
+    cls = layer_class(name)
+    torch.manual_seed(seed)
+    layer = cls(**dims).double()
+    with torch.no_grad():
+        for p in layer.parameters():  # zero-initialised params would hide their gradients
+            p.add_(0.2 * torch.randn_like(p))
+    total = prefix + sum(lengths)
+    inputs = make_inputs(cls, dims, 2, total, (2,), ((False,),) * len(cls.spec.inputs), seed=seed, kinds=case.kinds)
+    for n in case.sequence_broadcast:  # [1, 1, *lanes, ...]: the same tensor on every rank
+        inputs[n] = inputs[n][:1, :1].contiguous()
+    state = None
+    if prefix:
+        with torch.no_grad():
+            _, state = layer(**cp_worker.split(inputs, 0, prefix), return_state=True)
+    rest = cp_worker.split(inputs, prefix, total)
+    leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in rest.items()}
+    want, want_state = layer(**leaves, state=state, return_state=True)
+    want = as_tuple(want)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weights = tuple(torch.rand(o.shape, generator=gen, dtype=torch.float64) - 0.5 for o in want)
+    if not return_state:
+        want_state = None
+    loss = cp_worker.loss_of(want, weights, want_state, 1.0)
+    if loss.requires_grad:
+        loss.backward()
+    job = {"module": str(compiled_path(case.path)), "op": name, "dims": dims, "lengths": lengths,
+           "params": {n: t.detach().clone() for n, t in layer.state_dict().items()},
+           "inputs": rest, "state": state, "weights": weights, "return_state": return_state}
+    reference = {"outputs": [o.detach() for o in want], "state": None if want_state is None else want_state.detach(),
+                 "input_grads": {n: x.grad for n, x in leaves.items()},
+                 "param_grads": {n: p.grad for n, p in layer.named_parameters()}}
+    return job, reference
+
+
+def _agree(got, want, what: str, exact: bool, failures: list):
+    if want is None:
+        want = torch.zeros_like(got) if got is not None else None
+    if got is None:
+        got = torch.zeros_like(want) if want is not None else None
+    if want is None:
+        return
+    if got.shape != want.shape or got.dtype != want.dtype:
+        failures.append(f"{what}: got {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}")
+    elif exact or not want.is_floating_point():
+        if not torch.equal(got, want):
+            failures.append(f"{what}: not bit-for-bit equal, max diff {(got - want).abs().max()}")
+    elif not torch.allclose(got, want, rtol=RTOL, atol=ATOL):
+        failures.append(f"{what}: max diff {(got - want).abs().max():.3g}")
+
+
+def _agree_state(got, want, what: str, exact: bool, failures: list):
+    if isinstance(want, StreamState):
+        if type(got) is not type(want):
+            failures.append(f"{what}: a {type(got).__name__}, expected {type(want).__name__}")
+            return
+        for f in dataclasses.fields(want):
+            _agree_state(getattr(got, f.name), getattr(want, f.name), f"{what}.{f.name}", exact, failures)
+    elif isinstance(want, (tuple, dict)):
+        keys = range(len(want)) if isinstance(want, tuple) else sorted(want)
+        if len(got) != len(want):
+            failures.append(f"{what}: {len(got)} entries, expected {len(want)}")
+            return
+        for k in keys:
+            _agree_state(got[k], want[k], f"{what}[{k}]", exact, failures)
+    elif want is None or got is None:
+        if not (want is None and got is None):
+            failures.append(f"{what}: {got!r}, expected {want!r}")
+    else:
+        _agree(got.expand(want.shape) if got.dim() == want.dim() else got, want, what, exact, failures)
+
+
+def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
+    failures = []
+    world = len(results)
+    label = f"{job['op']} lengths={job['lengths']} state={'yes' if job['state'] is not None else 'no'}"
+    for rank, got in enumerate(results):
+        start = sum(job["lengths"][:rank])
+        stop = start + job["lengths"][rank]
+        where = f"{label}, rank {rank}"
+        for i, (g, w) in enumerate(zip(got["outputs"], reference["outputs"])):
+            _agree(g, w[:, start:stop], f"{where}: output {i}", exact, failures)
+        _agree_state(got["state"], reference["state"], f"{where}: final state", exact, failures)
+        for n, g in got["input_grads"].items():
+            w = reference["input_grads"][n]
+            if job["inputs"][n].shape[1] == 1:  # one tensor on every rank: the ranks' grads add up
+                g = sum(r["input_grads"][n] for r in results)
+            elif w is not None:
+                w = w[:, start:stop]
+            _agree(g, w, f"{where}: gradient of input {n}", False, failures)
+    for n, w in reference["param_grads"].items():
+        grads = [r["param_grads"][n] for r in results if r["param_grads"][n] is not None]
+        g = sum(grads) if grads else None
+        _agree(g, w, f"{label}: gradient of param {n} (summed over {world} ranks)", False, failures)
+    return failures
+
+
+# (slice lengths, tokens run before (their state is the initial state), return_state)
+LENGTHS = {2: [((4, 7), 0, False), ((1, 6), 5, True)], 4: [((3, 1, 5, 2), 0, True), ((2, 6, 1, 4), 5, False)]}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_example_matches_one_process(world, tmp_path):
+    jobs, references, exact = [], [], []
+    for i, name in enumerate(sorted(CASES)):
+        for j, (lengths, prefix, return_state) in enumerate(LENGTHS[world]):
+            job, reference = _job(name, lengths, prefix, seed=100 * j + i, return_state=return_state)
+            jobs.append(job)
+            references.append(reference)
+            exact.append(CASES[name].tree)  # the fixed tree's prefixes: bit for bit
+    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    failures = []
+    for k, job in enumerate(jobs):
+        failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
+    assert not failures, "\n".join(failures)
+
+
+def test_mismatched_calls_fail_on_every_rank(tmp_path):
+    world = 3
+    modules = {n: str(compiled_path(CASES[n].path)) for n in ("cumsum", "ema", "gla")}
+    mp.spawn(cp_worker.run_errors, args=(world, free_port(), modules, str(tmp_path)), nprocs=world, join=True)
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    E = "ContextParallelError: "
+    expected = {
+        "batch": "cumsum (context parallel, rank {r} of 3): the ranks disagree on the batch size B (rank 0: 2, "
+                 "rank 1: 3, rank 2: 4); every rank passes the same batch, split along time only",
+        "empty": "cumsum (context parallel, rank {r} of 3): rank 2 passed an empty slice (T = 0): every rank of the "
+                 "group needs at least one token of the sequence (use fewer ranks for short sequences)",
+        "dims": "gla (context parallel, rank {r} of 3): the ranks disagree on the dims (K, V) (rank 0: [2, 2], "
+                "rank 1: [3, 2], rank 2: [3, 2]); every rank builds the layer with the same dims",
+        "local": "cumsum (context parallel, rank {r} of 3): rank 2 rejected its inputs; rank 2 says: cumsum: input "
+                 "'x' is declared f32 but got a torch.int32 tensor",
+        "lanes": "cumsum (context parallel, rank {r} of 3): the ranks disagree on the lane axes [B, T, *lanes] "
+                 "(rank 0: [2], rank 1: [3], rank 2: [4]); every rank passes the same lane shape",
+    }
+    for rank in range(world):
+        for key, text in expected.items():
+            assert got[rank][key] == E + text.format(r=rank), (rank, key, got[rank][key])
+        assert got[rank]["ok"] is None
+    # different ops: each rank names its own op first, and the message lists every rank's op
+    for rank in range(world):
+        assert got[rank]["ops"].startswith(E + f"{'cumsum' if rank == 0 else 'ema'} (context parallel, rank {rank}")
+        assert "(rank 0: 'cumsum', rank 1: 'ema', rank 2: 'ema'): every rank of cp_group must call the same layer" \
+            in got[rank]["ops"]
+    assert got[0]["missing"].startswith(E + "context parallel exchange 'metadata' did not complete within 3 s")
+    assert "every rank of cp_group must call the layer" in got[0]["missing"]
