@@ -119,7 +119,8 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
                              "concatenate states that have seen at least one token")
         else:
             rows.append(s)
-    shapes = {tuple(tuple(t.shape[1:]) for t in _row_tensors(s)) for s in rows}
+    # tags name op, dims and lanes; untagged scan states (from_tensors) are compared by shape
+    shapes = {tuple(tuple(t.shape[1:]) for t in _row_tensors(s)) for s in rows if isinstance(s, ScanState)}
     if len(shapes) > 1:
         raise ValueError("cat_states: the states were built for different dims or lanes: "
                          + "; ".join(_describe(s) for s in states))
