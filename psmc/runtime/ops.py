@@ -103,6 +103,8 @@ def broadcast_to(x, rank: int, shape: tuple):
 
 def as_field(x, lead: tuple, shape: tuple, dtype: str, device) -> Tensor:
     """Materialise a body result as a full `[*lead, *shape]` tensor of the slot's dtype."""
+    if isinstance(x, Tensor) and x.dtype == dtype and x.shape == (*lead, *shape):
+        return x  # already a full field (the common case in a step): no checks, no view
     shape = tuple(int(s) for s in shape)
     if not isinstance(x, Tensor):
         x = torch.tensor(x, dtype=dtype, device=device)
@@ -173,5 +175,8 @@ def lead_of(pairs) -> tuple:
     shapes = [tuple(t.shape[: t.dim() - rank]) for t, rank in pairs if isinstance(t, Tensor)]
     if not shapes:
         return ()
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return first  # one lead for all (the common case): no broadcast computation
     width = max(len(s) for s in shapes)
     return tuple(torch.broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes)))
