@@ -571,7 +571,7 @@ class PsmLayer(nn.Module):
 
     def _step_token(self, call, state):
         spec = self.spec
-        if self.backend != "torch" and spec.scan == "exact":
+        if spec.scan == "exact" and (self.backend == "triton" or (self.backend == "auto" and call.ctx.dev.type == "cuda")):
             from . import triton_support
             if triton_support.use_triton(self, call):
                 return triton_support.step(self, call, state)
@@ -612,14 +612,14 @@ class PsmLayer(nn.Module):
                 like = kept[f.name]
         full = tuple(kept[f.name] if f.name in kept else
                      like.new_zeros(lead + tuple(int(s) for s in f.shape(call.ctx.d))) for f in self.spec.fields)
-        return ScanState(prefix=full, count=state.count)
+        return ScanState(prefix=full, count=state.count, op=state.op)
 
     def _stream_state(self, state):
         keep = self.spec.stream
         if keep is None or not isinstance(state, ScanState) or state.prefix is None:
             return state
         by_name = {f.name: t for f, t in zip(self.spec.fields, state.prefix)}
-        return ScanState(prefix=tuple(by_name[n] for n in keep), count=state.count)
+        return ScanState(prefix=tuple(by_name[n] for n in keep), count=state.count, op=state.op)
 
     # ------------------------------------------------------------------ chunk ops
     def _forward_chunked(self, call, state, return_state):

@@ -53,6 +53,8 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 
 def _as_count(count: int | Tensor, device: torch.device | str | None = None) -> Tensor:
+    if isinstance(count, Tensor) and count.dtype == torch.int64 and count.dim() == 0:
+        return count  # already a count: no dispatch (a decode step builds one per token)
     if isinstance(count, Tensor):
         return count.to(torch.int64).reshape(())
     return torch.tensor(count, dtype=torch.int64, device=device)
