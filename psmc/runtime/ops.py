@@ -115,7 +115,7 @@ def as_field(x, lead: tuple, shape: tuple, dtype: str, device) -> Tensor:
     lead = tuple(lead)
     if len(xlead) < len(lead):
         x = x.reshape((1,) * (len(lead) - len(xlead)) + tuple(x.shape))
-    return x.expand(*lead, *shape)
+    return x.expand(*lead, *shape) if lead or shape else x  # expand() of nothing is an error
 
 
 def reduce_axis(axis: int, rank: int) -> int:
