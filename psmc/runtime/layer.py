@@ -446,6 +446,10 @@ class PsmLayer(nn.Module):
     def _prepare_step(self, inputs: dict, state) -> "_Call":
         """`_prepare` once per input signature (shapes, dtypes, devices): later tokens of a
         stream only cast and reshape, and the state check is a tag comparison."""
+        if _compiling():  # traced once per graph: the full check costs nothing per token there,
+            call = self._prepare(inputs, step=True)  # and a dict lookup would only add guards
+            self._check_state(state, call)
+            return call
         try:
             key = tuple((n, x.shape, x.dtype, x.device) for n, x in inputs.items())
             hit = self._step_cache.get(key)
