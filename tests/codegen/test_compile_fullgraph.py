@@ -1,6 +1,8 @@
-"""torch.compile(layer, fullgraph=True): forward and step of the exact-scan plans trace into
-one graph with zero graph breaks (counted by torch._dynamo.explain), and the compiled layer
-computes what the eager one does. Backend "eager": Dynamo's capture is what is under test,
+"""torch.compile(layer, fullgraph=True): forward and step of the exact-scan plans, and the
+forward pass of the tree-scan plans (token and chunk ops), trace into one graph with zero graph
+breaks (counted by torch._dynamo.explain), and the compiled layer computes what the eager one
+does. (A tree-scan step, or a tree forward continuing a state, reads the token count on the
+host: the counter's structure follows it.) Backend "eager": Dynamo's capture is what is under test,
 not Inductor's C++ builds (too slow for a small shared CI machine)."""
 from __future__ import annotations
 
@@ -39,6 +41,20 @@ def test_forward_and_step_have_no_graph_breaks(name):
     dynamo.reset()
     explained = dynamo.explain(layer.step)(state, **token)
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+
+
+@pytest.mark.parametrize("name", ["ema", "transformer_psm"])
+def test_tree_forward_has_no_graph_breaks(name):
+    layer, inputs = build(name, T=13)
+    dynamo.reset()
+    # a chunk op's returned state buffers the partial chunk token by token (host-side count)
+    explained = dynamo.explain(layer)(**inputs, return_state=layer.spec.chunk is None)
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    dynamo.reset()
+    want = as_tuple(layer(**inputs))
+    got = as_tuple(torch.compile(layer, fullgraph=True, backend="eager")(**inputs))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 @pytest.mark.parametrize("name", ["gla"])
