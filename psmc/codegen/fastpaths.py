@@ -130,7 +130,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         f"        f32 = cx.dt[{S.dtype!r}]",
         "        kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
         "        carry = state.prefix",
-        f"        if carry is not None and len(carry) != {len(op.state)}:  # a stream without dead fields",
+        f"        if carry is not None and len(carry) != {len(op.state)}:  # the stream dropped dead fields",
         "            carry = self._full_state(call, state).prefix",
     ]
     if p["kind"] != "none":
