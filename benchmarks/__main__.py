@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from . import compile_time, gla, machine, peers, recurrence, report, streaming
+from . import compile_time, delta, gla, machine, peers, recurrence, report, streaming
 from .cases import Settings
 
 CASES = {
     "recurrence": recurrence.run,
     "gla": gla.run_gla,
     "simple_gla": gla.run_simple_gla,
+    "delta_rule": delta.run,
     "streaming": streaming.run,
     "compile": compile_time.run,
 }

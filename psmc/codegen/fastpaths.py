@@ -35,10 +35,12 @@ def choose_fast_path(op: OpIR, plan) -> FastPath | None:
     cls = plan.structure_class
     if plan.fast_path is None:
         return None
+    # the fields the stream state leaves out (None in their slots)
+    dead = tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
     if plan.fast_path.startswith("chunkwise:"):
-        return _chunkwise_method(op, dict(cls.pieces))
+        return _chunkwise_method(op, dict(cls.pieces), dead)
     if plan.fast_path == "first_order":
-        return _first_order_method(op, cls.piece("a_index"), cls.piece("h_index"), cls.piece("decay"))
+        return _first_order_method(op, cls.piece("a_index"), cls.piece("h_index"), cls.piece("decay"), dead)
     if plan.fast_path == "delta_rule":
         return _delta_method(op, dict(cls.pieces))
     raise AssertionError(f"no printer for fast path {plan.fast_path!r}")
@@ -55,7 +57,7 @@ def _input_lines(op: OpIR) -> list[str]:
     return [f"        x_{v.name} = call.inputs[{v.name!r}]" for v in op.inputs]
 
 
-def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
+def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
     printer = BodyPrinter(tuple(nodes), op.let_names)
     body = printer.run()
@@ -91,7 +93,9 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
         "cx.dev)",
     ]
-    if p["decay_index"] is not None:
+    if p["decay_index"] is not None and p["decay_index"] in dead:  # the stream state keeps S only
+        element = ["None", "s_last"] if p["decay_index"] == 0 else ["s_last", "None"]
+    elif p["decay_index"] is not None:
         A = op.state[p["decay_index"]]
         lines += [
             f"        a_total = torch.exp(g_.sum(dim=1)).to(cx.dt[{A.dtype!r}])",
@@ -107,13 +111,13 @@ def _chunkwise_method(op: OpIR, p: dict) -> FastPath:
         "        return (out,), new_state",
         "",
     ]
-    lines += _chunkwise_step(op, p, body, ref, scale, element)
+    lines += _chunkwise_step(op, p, body, ref, scale, element, dead)
     return FastPath(f"chunkwise:{p['kind']}",
                     "from psmc.runtime import chunkwise as _chunkwise\nfrom psmc.runtime.state import ScanState as "
                     "_ScanState", tuple(lines))
 
 
-def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, element: list) -> list[str]:
+def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, element: list, dead: tuple) -> list[str]:
     """The decode step of the same form, S = decay * S + k v^T, o = scale * q S: the update a
     hand-written step would make, with no per-field broadcasting (lead = [B, *lanes])."""
     S = op.state[p["s_index"]]
@@ -130,7 +134,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         f"        f32 = cx.dt[{S.dtype!r}]",
         "        kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
         "        carry = state.prefix",
-        f"        if carry is not None and len(carry) != {len(op.state)}:  # the stream dropped dead fields",
+        f"        if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
         "            carry = self._full_state(call, state).prefix",
     ]
     if p["kind"] != "none":
@@ -148,7 +152,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
         "cx.dev)",
     ]
-    if p["decay_index"] is not None:
+    if p["decay_index"] is not None and p["decay_index"] not in dead:  # else: None in its slot
         A = op.state[p["decay_index"]]
         spread = "e_" if p["kind"] == "key" or not A.shape else "e_" + "[..., None]" * len(A.shape)
         lines += [
@@ -164,7 +168,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     return lines
 
 
-def _first_order_method(op: OpIR, ia: int, ih: int, aligned) -> FastPath:
+def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> FastPath:
     a = op.state[ia].name
     uses_a = any(n.attrs == ("state", a) for n in leaves(op.readout, "field"))
     printer = BodyPrinter((aligned,), op.let_names)
@@ -181,10 +185,15 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned) -> FastPath:
         "        carry = None if state is None else state.prefix",
         f"        h, h_last = _fastpaths.linear_recurrence({printer.names[aligned]}, leaves[{ih}], "
         f"None if carry is None else carry[{ih}])",
-        f"        a_last = leaves[{ia}].prod(dim=1)",
-        "        if carry is not None:",
-        f"            a_last = a_last * carry[{ia}]",
     ]
+    if ia in dead:  # the stream state keeps h only
+        lines += ["        a_last = None  # dead in a stream prefix: nothing it feeds is read"]
+    else:
+        lines += [
+            f"        a_last = leaves[{ia}].prod(dim=1)",
+            "        if carry is not None:",
+            f"            a_last = a_last * carry[{ia}]",
+        ]
     if uses_a:  # the readout reads the running product itself
         lines += [
             f"        a_cum = torch.cumprod(leaves[{ia}], dim=1)",

@@ -109,6 +109,10 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lift_names = {v.name for v in op.lift_inputs}
     extra_inputs = [v for v in op.readout_inputs if v.name not in lift_names]
     readout_args = [v.name for v in op.readout_inputs]
+    # the fields a stream prefix leaves out (plan.stream_fields, from psmc.analysis.liveness):
+    # None in their slots, except for the delta-rule fast path, whose states hold S alone
+    compact = plan.fast_path == "delta_rule"
+    dead = () if compact else tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
     doc = op.source_text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     lines = [f"class {cls}(_PsmLayer):",
              f'    """psmc layer for op {op.name!r} (plan: {plan.scan}).', "",
@@ -138,7 +142,8 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
         f"        lift_index={lift_index!r},",
         f"        readout_index={readout_index!r},",
         f"        fast={fast.name if fast is not None else None!r},",
-        f"        stream={plan.stream_fields if len(plan.stream_fields) < len(op.state) else None!r},",
+        f"        stream={plan.stream_fields if compact and len(plan.stream_fields) < len(op.state) else None!r},",
+        f"        dead={dead!r},",
         "    )",
     ]
     lines += spec
@@ -149,6 +154,14 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lines += _method("_combine", ["cx"] + combine_args, op.combine, op.state,
                      lead=_lead_expr([(FIELD_PREFIX[s] + f.name, len(f.shape)) for s in ("left", "right")
                                       for f in op.state]), let_names=op.let_names)
+    if dead:  # combine onto a stream prefix (the left operand), which holds no dead field
+        live = [i for i in range(len(op.state)) if i not in dead]
+        lines += _method("_combine_prefix", ["cx"] + combine_args, [op.combine[i] for i in live],
+                         [op.state[i] for i in live],
+                         lead=_lead_expr([(FIELD_PREFIX["left"] + op.state[i].name, len(op.state[i].shape))
+                                          for i in live] +
+                                         [(FIELD_PREFIX["right"] + f.name, len(f.shape)) for f in op.state]),
+                         let_names=op.let_names)
     readout_params = [FIELD_PREFIX["state"] + f.name for f in op.state] + ["x_" + n for n in readout_args] + \
         (["index"] if readout_index else [])
     lines += _method("_readout", ["cx", "lead"] + readout_params, op.readout, op.outputs, lead="lead",

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..analysis.classes import StructureClass, classify, coarse_structure
+from ..analysis.liveness import stream_dead_fields
 from ..analysis.plan import PASSES, _count, _size_text, _category
 from ..ir.nodes import OpIR
 
@@ -103,12 +104,12 @@ def _fast_path(op: OpIR, cls: StructureClass) -> tuple[str | None, list[tuple[st
     return None, skipped
 
 
-def _stream_fields(op: OpIR, cls: StructureClass) -> tuple[str, ...]:
-    """The fields a stream state keeps. The delta class keeps S only: E feeds only its own next
-    value, never S's update from the left or the readout (the prefix is the left operand)."""
-    if cls.name == "identity-plus-low-rank":
-        return (op.state[cls.piece("s_index")].name,)
-    return tuple(f.name for f in op.state)
+def _stream_fields(op: OpIR, scan: str) -> tuple[str, ...]:
+    """The fields a stream state keeps: those live in a left-operand prefix
+    (psmc.analysis.liveness: S6's and GLA's decay product `a` and the delta rule's `E` feed only
+    their own next value, never the readout); a tree scan keeps them all."""
+    dead = stream_dead_fields(op, scan)
+    return tuple(f.name for i, f in enumerate(op.state) if i not in dead)
 
 
 def _state_size(op: OpIR, scan: str, kept: tuple[str, ...]) -> str:
@@ -144,7 +145,7 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
                     Choice("step", "triton", "fused step kernel")]
     else:
         not_taken.append(("triton", triton_reason))
-    kept = _stream_fields(op, cls)
+    kept = _stream_fields(op, scan)
     dropped = [f.name for f in op.state if f.name not in kept]
     if dropped:
         not_taken.append(("stream field " + ", ".join(dropped),

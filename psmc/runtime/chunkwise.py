@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,24 @@ _MIN_BLOCK = 8
 # cache. Measured on the 2-core benchmark machine, 1 thread: a batched 64x64x64 GEMM runs at
 # ~87 GFLOP/s for 32 matrices, 65 for 128, 39 for 256; GLA forward 16 ms grouped vs 21 ms not.
 _GROUP_BYTES = 512 * 1024
+
+
+# Which implementation chunk_linear_attention runs: "auto" (Triton kernels for CUDA tensors of
+# fp32/bf16/fp16, the torch path otherwise), "triton" (also CPU tensors: tests, under
+# TRITON_INTERPRET=1) or "torch". Set PSMC_CHUNK_BACKEND, or assign this at run time.
+BACKEND = os.environ.get("PSMC_CHUNK_BACKEND", "auto")
+
+
+def _triton_wanted(q: Tensor) -> bool:
+    if BACKEND == "torch" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if BACKEND != "triton" and not q.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def chunk_linear_attention(
@@ -82,7 +101,33 @@ def chunk_linear_attention(
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
         [B, *lanes, K, V], accumulated in float32 (float64 for float64 inputs). Both are
         differentiable in every tensor argument.
+
+    CUDA tensors run `psmc.runtime.triton_chunk` (chunked tensor-core kernels; see BACKEND).
     """
+    if _triton_wanted(q):
+        from psmc.runtime.triton_chunk import triton_chunk_linear_attention
+
+        return triton_chunk_linear_attention(
+            q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
+            exclusive=exclusive, chunk_size=chunk_size)
+    return _chunk_linear_attention_torch(
+        q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
+        exclusive=exclusive, chunk_size=chunk_size)
+
+
+def _chunk_linear_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor | None = None,
+    *,
+    decay: DecayKind = "none",
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    exclusive: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """The torch chunkwise implementation of chunk_linear_attention (CPU, float64, fallback)."""
     _check_kind(log_decay, decay)
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, log_decay, decay)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .ops import DTYPES
+from .element import with_time
 from .scan import exact_scan, exclusive_from_inclusive
 from .batch import RaggedState, cat_states
 from .state import ChunkStream, ScanState, StreamState, TreeState
@@ -67,6 +68,9 @@ class Spec:
     # the fields a stream state of the fast path keeps (None: all); the others are dead in a
     # stream (they only feed their own next value) and `_full_prefix` fills them back in
     stream: tuple | None = None
+    # fields a stream prefix leaves out (exact scans): they feed nothing the readout reads once
+    # the prefix is the left operand (psmc.analysis.liveness); None in their slots
+    dead: tuple = ()
 
     @property
     def inputs(self) -> tuple:
@@ -535,6 +539,31 @@ class PsmLayer(nn.Module):
             return self._combine(call.ctx, *left, *right)[:n]
         return combine
 
+    def _prefix_combine_fn(self, call):
+        """combine(prefix, x) for a stream prefix on the left: its dead fields are None, never
+        read and never computed (the generated `_combine_prefix` returns the live fields)."""
+        dead = self.spec.dead
+        if not dead:
+            return self._combine_fn(call)
+        live = [i for i in range(len(self.spec.fields)) if i not in dead]
+
+        def combine(left, right):
+            out = iter(self._combine_prefix(call.ctx, *left, *right))
+            return tuple(None if i in dead else next(out) for i in range(len(self.spec.fields)))
+        return combine
+
+    def _without_dead(self, element):
+        """The element as a stream prefix keeps it: None in the dead fields' slots."""
+        dead = self.spec.dead
+        return element if not dead else tuple(None if i in dead else t for i, t in enumerate(element))
+
+    def _push(self, call, state, leaf):
+        """The stream state after one more leaf (the prefix keeps no dead field)."""
+        if self.spec.scan != "exact":
+            return state.push(leaf, self._combine_fn(call))
+        pushed = state.push(leaf, self._prefix_combine_fn(call))
+        return ScanState(prefix=self._without_dead(pushed.prefix), count=pushed.count)
+
     def _identity_element(self, call):
         return tuple(self._identity(call.ctx))
 
@@ -543,13 +572,18 @@ class PsmLayer(nn.Module):
         combine = self._combine_fn(call)
         if self.spec.scan == "exact":
             carry = None if inner is None else inner.prefix
-            incl = exact_scan(leaves, combine, carry=carry)
+            if carry is not None and self.spec.dead:
+                # the carry has no dead fields: scan the new leaves alone, then put the carry
+                # in front of every step with one combine onto the prefix
+                incl = self._prefix_combine_fn(call)(with_time(carry), exact_scan(leaves, combine))
+            else:
+                incl = exact_scan(leaves, combine, carry=carry)
             excl = None
             if exclusive:
                 first = carry if carry is not None else self._identity_element(call)
                 excl = exclusive_from_inclusive(incl, first)
             start = inner if inner is not None else ScanState.empty(call.ctx.dev)
-            return incl, excl, start.advanced(incl)
+            return incl, excl, start.advanced(self._without_dead(incl))
         identity = self._identity_element(call) if self.spec.has_identity else None
         return tree_scan(leaves, combine, state=inner, identity=identity, exclusive=exclusive)
 
@@ -586,14 +620,13 @@ class PsmLayer(nn.Module):
         index = torch.full(lead, state.size, dtype=torch.int64, device=call.ctx.dev) if \
             (spec.lift_index or spec.readout_index) else None
         leaf = self._lift_batch(call, lead, call.inputs, index)
-        combine = self._combine_fn(call)
         if spec.exclusive:
             before = state.prefix if spec.scan == "exact" else state.prefix()
             if before is None:
                 before = self._identity_element(call)
             outputs = self._readout_batch(call, lead, before, call.inputs, index)
-            return tuple(outputs), self._stream_state(state.push(leaf, combine))
-        state = state.push(leaf, combine)
+            return tuple(outputs), self._stream_state(self._push(call, state, leaf))
+        state = self._push(call, state, leaf)
         prefix = state.prefix if spec.scan == "exact" else state.prefix()
         outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
         return tuple(outputs), self._stream_state(state)
@@ -657,9 +690,10 @@ class PsmLayer(nn.Module):
         prefixes = excl
         if rest:
             step_lead = (lead[0],) + lead[2:]
-            last = tuple(_as_step(t, f.rank, step_lead).unsqueeze(1)
+            last = tuple(None if t is None else _as_step(t, f.rank, step_lead).unsqueeze(1)
                          for t, f in zip(self._prefix_of(call, new_inner), spec.fields))
-            prefixes = last if excl is None else tuple(torch.cat([a, b], dim=1) for a, b in zip(excl, last))
+            prefixes = last if excl is None else tuple(
+                None if a is None or b is None else torch.cat([a, b], dim=1) for a, b in zip(excl, last))
         outputs = self._readout_batch(call, chunk_lead, prefixes, chunks, index)
         outputs = tuple(_from_chunks(o, T, len(lead))[:, skip:] for o in outputs)
         new_state = None
@@ -698,8 +732,7 @@ class PsmLayer(nn.Module):
         outputs = tuple(o.select(rows, position) for o in outputs)
         if state.is_complete:
             leaf = self._lift_batch(call, lead, chunk_inputs, index)
-            inner = state.inner.push(leaf, self._combine_fn(call))
-            state = state.restart(inner)
+            state = state.restart(self._push(call, state.inner, leaf))
         return outputs, state
 
 

@@ -98,7 +98,7 @@ def broadcast_to(x, rank: int, shape: tuple):
         return x  # a scalar broadcasts by itself; `as_field` materialises it
     x = lift_rank(x, rank, len(shape))
     lead = x.shape[: x.dim() - len(shape)]
-    return x.expand(*lead, *shape)
+    return x.expand((*lead, *shape))  # a tuple: expand() of no sizes is an error
 
 
 def as_field(x, lead: tuple, shape: tuple, dtype: str, device) -> Tensor:
@@ -115,7 +115,7 @@ def as_field(x, lead: tuple, shape: tuple, dtype: str, device) -> Tensor:
     lead = tuple(lead)
     if len(xlead) < len(lead):
         x = x.reshape((1,) * (len(lead) - len(xlead)) + tuple(x.shape))
-    return x.expand(*lead, *shape) if lead or shape else x  # expand() of nothing is an error
+    return x.expand((*lead, *shape)) if lead or shape else x  # a tuple: expand() of no sizes is an error
 
 
 def reduce_axis(axis: int, rank: int) -> int:

@@ -346,17 +346,30 @@ def _params(layer) -> list:
     return [getattr(layer, "p_" + name) for name in layer._triton_kernels.params]
 
 
+def _prefix_requires_grad(prefix) -> bool:
+    return any(t is not None and t.requires_grad for t in prefix)
+
+
+def _filled(k, g: _Geometry, prefix, dev):
+    """A stream prefix for the kernels, which read every field: a field the prefix leaves out
+    (dead: it feeds only outputs that are dropped again) becomes zeros."""
+    if prefix is None or all(t is not None for t in prefix):
+        return prefix
+    return tuple(torch.zeros(g.extent(role), device=dev, dtype=_field_dtype(dtype)) if t is None else t
+                 for t, role, dtype in zip(prefix, roles(k, "field"), k.field_dtypes))
+
+
 def forward(layer, call, state, block_t: int | None = None):
     """The fused parallel pass: (outputs, new ScanState). Differentiable: when a gradient is
     needed it runs through `_ScanFunction`, whose backward is the generated reverse scan."""
     k = layer._triton_kernels
     lead = call.lead
     grad = _grad_needed(layer, call) or (state is not None and state.prefix is not None and
-                                        any(t.requires_grad for t in state.prefix) and torch.is_grad_enabled())
+                                        _prefix_requires_grad(state.prefix) and torch.is_grad_enabled())
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
     default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
-    prefix = state.prefix if state is not None else None
+    prefix = _filled(k, g, state.prefix, call.ctx.dev) if state is not None else None
     start = state.size if state is not None else 0
     inputs = [call.inputs[name] for name in k.inputs]
     if grad:
@@ -369,7 +382,7 @@ def forward(layer, call, state, block_t: int | None = None):
         outs = tuple(_unflatten(o, g, r, True) for o, r in outputs)
         new_prefix = tuple(_unflatten(f, g, r, False) for f, r in finals)
     count = (state.count if state is not None else torch.zeros((), dtype=torch.int64, device=call.ctx.dev)) + g.T
-    return outs, ScanState(prefix=new_prefix, count=count)
+    return outs, ScanState(prefix=layer._without_dead(new_prefix), count=count)
 
 
 def step(layer, call, state):
@@ -377,20 +390,20 @@ def step(layer, call, state):
     needed the token runs as a one-token differentiable forward pass continuing `state`."""
     k = layer._triton_kernels
     if _grad_needed(layer, call) or (state.prefix is not None and torch.is_grad_enabled() and
-                                     any(t.requires_grad for t in state.prefix)):
+                                     _prefix_requires_grad(state.prefix)):
         one = dataclasses.replace(call, inputs={n: x.unsqueeze(1) for n, x in call.inputs.items()},
                                   lead=(call.lead[0], 1) + tuple(call.lead[1:]))
         outs, new_state = forward(layer, one, state if state.prefix is not None else None, block_t=1)
         if state.prefix is None:
-            new_state = ScanState(prefix=new_state.prefix, count=state.count + 1)
+            new_state = ScanState(prefix=layer._without_dead(new_state.prefix), count=state.count + 1)
         return tuple(o.squeeze(1) for o in outs), new_state
     g = _geometry(k, call, call.lead, 0)
     inputs = [call.inputs[name] for name in k.inputs]
-    outputs, finals, _ = _launch(layer, call, k.step, g, inputs, _params(layer), state.prefix, state.size,
-                                 time=False, block_t=1)
+    outputs, finals, _ = _launch(layer, call, k.step, g, inputs, _params(layer),
+                                 _filled(k, g, state.prefix, call.ctx.dev), state.size, time=False, block_t=1)
     outs = tuple(_unflatten(o, g, r, False) for o, r in outputs)
     new_prefix = tuple(_unflatten(f, g, r, False) for f, r in finals)
-    return outs, ScanState(prefix=new_prefix, count=state.count + 1)
+    return outs, ScanState(prefix=layer._without_dead(new_prefix), count=state.count + 1)
 
 
 def interpreter_enabled() -> bool:

@@ -1,0 +1,79 @@
+"""Case `delta_rule` at (B, T, H, K, V) = (2, 1024, 4, 64, 64), fp32: the delta rule (DeltaNet).
+
+psmc takes [B, T, H, ...] inputs; fla's naive references take [B, H, T, ...] and are given
+them pre-transposed (the transposes are not timed). Keys are l2-normalised and beta =
+sigmoid(normal), as DeltaNet layers produce them; every implementation computes fla's
+o = (q K^-1/2) S_t. The target (issue 10): psmc forward <= 0.5x the faster fla reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import peers
+from .cases import Settings, forward_backward, timed_row, with_grad
+from .report import CaseResult, psmc_impls, ratio_verdict
+
+SHAPE = (2, 1024, 4, 64, 64)  # (B, T, H, K, V)
+PEERS = [("fla.ops.delta_rule.naive", "delta_rule_recurrence"),
+         ("fla.ops.delta_rule.naive", "delta_rule_chunkwise")]
+
+
+def _inputs():
+    torch.manual_seed(0)
+    batch, steps, heads, width_k, width_v = SHAPE
+    q = torch.randn(batch, steps, heads, width_k)
+    k = F.normalize(torch.randn(batch, steps, heads, width_k), dim=-1)
+    v = torch.randn(batch, steps, heads, width_v)
+    beta = torch.sigmoid(torch.randn(batch, steps, heads))
+    return q, k, v, beta
+
+
+def _psmc(tensors, grad: bool):
+    """The psmc rows: the example layer through psmc.load when its plan is the delta rule's
+    (the generic matrix-affine scan forms K x K per token: ~30 s and > 1.5 GB here, so it is
+    not timed), and the runtime function it calls."""
+    from psmc.runtime.delta import chunk_delta_rule
+
+    q, k, v, beta = with_grad(*tensors) if grad else tensors
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    scale = width_k ** -0.5
+
+    def wrap(fn):
+        return forward_backward(fn, [q, k, v, beta]) if grad else fn
+
+    def api(cls):
+        if cls.spec.fast is None:
+            raise RuntimeError("the layer's plan is the generic matrix-affine scan (no delta-rule fast path in "
+                               "this build)")
+        layer = cls(K=width_k, V=width_v)
+        return wrap(lambda: layer(k=k, v=v, beta=beta, q=q * scale))
+
+    runtime_call = wrap(lambda: chunk_delta_rule(q, k, v, beta, scale=scale)[0])
+    return peers.psmc_calls(api, "delta_rule", ("chunk_delta_rule", runtime_call))
+
+
+def _peer(settings, measure_name, module, attribute, tensors, grad):
+    fn, why = peers.optional(module, attribute)
+    call = None
+    if fn is not None:
+        heads_first = [t.transpose(1, 2).contiguous() for t in tensors]  # [B, H, T, ...]: fla's layout
+        inputs = with_grad(*heads_first) if grad else heads_first
+        call = forward_backward(lambda: fn(*inputs), inputs) if grad else (lambda: fn(*inputs))
+    return timed_row(settings, "delta_rule", measure_name, attribute, module, call, skip=why)
+
+
+def run(settings: Settings) -> CaseResult:
+    tensors = _inputs()
+    rows = []
+    for measure_name, grad in (("fwd", False), ("fwd+bwd", True)):
+        found, why = _psmc(tensors, grad)
+        for entry in found:
+            rows.append(timed_row(settings, "delta_rule", measure_name, entry.impl, entry.path, entry.call,
+                                  is_psmc=True))
+        if not found:
+            rows.append(timed_row(settings, "delta_rule", measure_name, "psmc", "api", None, is_psmc=True, skip=why))
+        for module, attribute in PEERS:
+            rows.append(_peer(settings, measure_name, module, attribute, tensors, grad))
+    verdicts = tuple(ratio_verdict(rows, "fwd", 0.5, None, impl) for impl in psmc_impls(rows))
+    return CaseResult("delta_rule", f"delta rule (DeltaNet), (B, T, H, K, V) = {SHAPE}, fp32", tuple(rows), verdicts)

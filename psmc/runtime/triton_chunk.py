@@ -1,0 +1,493 @@
+"""Chunked tensor-core Triton kernels for decayed linear attention (forward and backward).
+
+Same contract as `psmc.runtime.chunkwise.chunk_linear_attention`:
+
+    S_t = decay_t (.) S_{t-1} + k_t v_t^T,      o_t = scale * q_t @ S_t   (or S_{t-1}: exclusive)
+
+with log decays "none" | "scalar" | "key". Three kernels do all the work:
+
+* `_state_kernel`: one program per (lane, K block, V block) walks the chunks in order, stores
+  the state ENTERING each chunk ([B*H, NT, K, V], in the input dtype for bf16/fp16, else fp32)
+  and the final state (fp32). Per chunk: h <- exp(total) (.) h + (k (.) exp(suffix))^T @ v,
+  one `tl.dot` with fp32 accumulation.
+* `_out_kernel`: one program per (lane, chunk, 16-token sub-chunk, V block):
+  o_i = scale * [(q_i (.) exp(prefix)) @ h_c + sum_{j<i} A_ij @ v_j + diagonal block], where
+  A_ij = (q_i (.) exp(P_i)) @ (k_j (.) exp(Q_j + M_ij))^T is a `tl.dot`, and the 16 x 16
+  diagonal block uses the exact per-element decay (a masked cumsum per column).
+* `_readout_kernel`: the same tiling for outputs along K: out_t = scale * sum_{s<=t}
+  (a_t . b_s) (c_s (.) w_ts) + exp(prefix) (.) (h_c @ a_t); this is dq (a = do, b = v, c = k).
+
+The backward reuses them: dq is `_readout_kernel` on the forward's saved states; dk and dv
+are the same two kernels run on the time-reversed problem (keys q, values do, decays shifted
+by one token, initial state dS_final), whose states one reversed `_state_kernel` pass gives;
+d(initial_state) is that pass's final state; the log-decay gradient is the reverse cumsum of
+q (.) dq - k (.) dk (the standard identity), done with torch ops.
+
+Numerics (as in the CPU path): every exponent is a sum of log decays over exactly the tokens
+it spans, computed as such a sum (cumsums from a sub-chunk start, suffix sums to a sub-chunk
+end, totals of whole sub-chunks), never as the difference of two cumsums. All exponents are
+<= 0, so nothing overflows; -inf log decays give exact zeros and no NaN. Offsets are int64;
+the grid is one-dimensional (no 65,535 limit on lanes); tails are masked; bf16/fp16 inputs
+stay in their dtype in HBM and feed `tl.dot` directly; fp32 inputs use IEEE fp32 dots.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+__all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS", "NUM_WARPS_F32"]
+
+SUB = 16  # tokens per sub-chunk (the smallest tl.dot tile)
+CHUNK = 64  # default tokens per chunk
+BLOCK_K = 64
+BLOCK_V = 64
+OUT_BLOCK_V = 128  # _out_kernel with bf16/fp16 inputs: all of V <= 128 in one program
+NUM_WARPS = 4  # bf16/fp16 inputs
+NUM_WARPS_F32 = 8  # fp32 operands take twice the registers: 8 warps keep the tiles unspilled
+_KINDS = {"none": 0, "scalar": 1, "key": 2}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def _phys(t, T, REV: tl.constexpr):
+    """The physical time index of logical time t (reversed problems read time backwards)."""
+    if REV:
+        return T - 1 - t
+    else:
+        return t
+
+
+@triton.jit
+def _tile(ptr, off, t, lo, hi, T, s_t, cols, ncols, s_d, REV: tl.constexpr):
+    """x[t, cols] as fp32 for logical times lo <= t < min(hi, T); zero elsewhere."""
+    ok = (t >= lo) & (t < hi) & (t < T)
+    p = _phys(t, T, REV).to(tl.int64)
+    mask = ok[:, None] & (cols < ncols)[None, :]
+    return tl.load(ptr + off + p[:, None] * s_t + cols[None, :].to(tl.int64) * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _row(ptr, off, t, T, s_t, cols, ncols, s_d, REV: tl.constexpr):
+    """x[t, cols] for one logical time t (zero when t >= T)."""
+    tt = cols * 0 + t
+    p = _phys(tt, T, REV).to(tl.int64)
+    return tl.load(ptr + off + p * s_t + cols.to(tl.int64) * s_d, mask=(cols < ncols) & (tt < T), other=0.0)
+
+
+@triton.jit
+def _logs(g_ptr, off, t, lo, hi, T, s_t, cols, ncols, s_d,
+          REV: tl.constexpr, GS: tl.constexpr, DECAY: tl.constexpr):
+    """Log decays at logical times t in [lo, min(hi, T)) as an fp32 [R, C] tile, zero elsewhere.
+    GS shifts the physical index by one token (the reversed inclusive problem); a scalar decay
+    has s_d = 0 and reads one value per row."""
+    if DECAY == 0:
+        return (t[:, None] * 0 + cols[None, :] * 0).to(tl.float32)
+    else:
+        ok = (t >= lo) & (t < hi) & (t < T)
+        p = _phys(t, T, REV) + GS
+        ok = ok & (p < T)
+        mask = ok[:, None] & (cols < ncols)[None, :]
+        ptrs = g_ptr + off + p.to(tl.int64)[:, None] * s_t + cols[None, :].to(tl.int64) * s_d
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
+    """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else DT (bf16/fp16) operands."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def _diag_weights(gq, rows, s, EXCL: tl.constexpr):
+    """exp(sum of the log decays strictly after token s up to row t) for every row t of a
+    sub-chunk (up to t - 1 when EXCL; gq is then shifted by one token), zero for t < s (+1).
+    A masked cumsum per column: exact for any decay, -inf included."""
+    span = tl.cumsum(tl.where(rows[:, None] > s + EXCL, gq, 0.0), axis=0)
+    return tl.where(rows[:, None] >= s + EXCL, tl.exp(span), 0.0)
+
+
+# ------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _state_kernel(
+    k_ptr, skb, skt, skh, skd,
+    v_ptr, svb, svt, svh, svd,
+    g_ptr, sgb, sgt, sgh, sgd,
+    h0_ptr, h0_scale, hs_ptr, hT_ptr,
+    T, H, K, V, NT,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
+):
+    """States entering every chunk (hs [BH, NT, K, V]) and the final state (hT [BH, K, V], fp32)."""
+    pid = tl.program_id(0).to(tl.int64)
+    nk = tl.cdiv(K, BK)
+    nv = tl.cdiv(V, BV)
+    vb = pid % nv
+    kb = (pid // nv) % nk
+    bh = pid // (nv * nk)
+    b = bh // H
+    hh = bh % H
+    DT = k_ptr.dtype.element_ty
+    k_off = b * skb + hh * skh
+    v_off = b * svb + hh * svh
+    g_off = b * sgb + hh * sgh
+    ck = kb * BK + tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
+    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + bh * K * V + kv, mask=kv_mask, other=0.0).to(tl.float32) * h0_scale
+    else:
+        h = tl.zeros((BK, BV), dtype=tl.float32)
+    rows = tl.arange(0, BC)
+    NC: tl.constexpr = BT // BC
+    for c in range(NT):
+        tl.store(hs_ptr + (bh * NT + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
+        # the same recurrence one sub-chunk of BC tokens at a time (smaller tiles, no spills)
+        for i in range(NC):
+            lo = c * BT + i * BC
+            t = lo + rows
+            kt = _tile(k_ptr, k_off, t, lo, lo + BC, T, skt, ck, K, skd, REV)
+            vt = _tile(v_ptr, v_off, t, lo, lo + BC, T, svt, cv, V, svd, REV)
+            after = _logs(g_ptr, g_off, t + 1, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            here = _logs(g_ptr, g_off, t, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            # decay from each token to the sub-chunk end: a suffix sum of the tokens after it
+            kd = kt.to(tl.float32) * tl.exp(tl.cumsum(after, axis=0, reverse=True))
+            h = h * tl.exp(tl.sum(here, axis=0))[:, None] + _mm(tl.trans(kd), vt, IEEE, DT)
+    tl.store(hT_ptr + bh * K * V + kv, h, mask=kv_mask)
+
+
+@triton.jit
+def _out_kernel(
+    q_ptr, sqb, sqt, sqh, sqd,
+    k_ptr, skb, skt, skh, skd,
+    v_ptr, svb, svt, svh, svd,
+    g_ptr, sgb, sgt, sgh, sgd,
+    hs_ptr, o_ptr, sob, sot, soh, sod, scale,
+    T, H, K, V, NT,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, EXCL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """o = scale * (q @ S) for one sub-chunk of BC tokens and one block of BV value columns."""
+    pid = tl.program_id(0).to(tl.int64)
+    nv = tl.cdiv(V, BV)
+    nk = tl.cdiv(K, BK)
+    NC: tl.constexpr = BT // BC
+    vb = pid % nv
+    i = ((pid // nv) % NC).to(tl.int32)
+    c = (pid // (nv * NC)) % NT
+    bh = pid // (nv * NC * NT)
+    b = bh // H
+    hh = bh % H
+    DT = q_ptr.dtype.element_ty
+    q_off = b * sqb + hh * sqh
+    k_off = b * skb + hh * skh
+    v_off = b * svb + hh * svh
+    g_off = b * sgb + hh * sgh
+    cs = (c * BT).to(tl.int32)
+    ss = cs + i * BC
+    rows = tl.arange(0, BC)
+    t = ss + rows
+    cv = vb * BV + tl.arange(0, BV)
+    o = tl.zeros((BC, BV), dtype=tl.float32)
+    for kb in range(nk):
+        ck = kb * BK + tl.arange(0, BK)
+        qi = _tile(q_ptr, q_off, t, ss, ss + BC, T, sqt, ck, K, sqd, REV).to(tl.float32)
+        # the sub-chunk's queries decayed from its start (from the token before when exclusive)
+        gq = _logs(g_ptr, g_off, t - EXCL, ss, ss + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+        qin = qi * tl.exp(tl.cumsum(gq, axis=0))
+        # earlier sub-chunks j < i: decay = exp(P_i(t)) exp(M_ij) exp(Q_j(s)), each factor <= 1
+        between = tl.zeros((BK,), dtype=tl.float32)  # log decay of the sub-chunks between j and i
+        for jj in range(i):
+            sj = ss - (jj + 1) * BC
+            tj = sj + rows
+            kj = _tile(k_ptr, k_off, tj, sj, sj + BC, T, skt, ck, K, skd, REV).to(tl.float32)
+            after = _logs(g_ptr, g_off, tj + 1, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            here = _logs(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            kd = kj * tl.exp(tl.cumsum(after, axis=0, reverse=True) + between[None, :])
+            a = _mm(qin, tl.trans(kd), IEEE, DT)
+            vj = _tile(v_ptr, v_off, tj, sj, sj + BC, T, svt, cv, V, svd, REV)
+            o += _mm(a, vj, IEEE, DT)
+            between += tl.sum(here, axis=0)
+        # the entering state, read by the queries decayed from the chunk start (`between` now
+        # sums the log decays of all earlier sub-chunks)
+        kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+        h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
+        o += _mm(qin * tl.exp(between)[None, :], h, IEEE, DT)
+        # the diagonal sub-chunk, one key column at a time with its exact decay weights
+        for s in range(BC):
+            ks = _row(k_ptr, k_off, ss + s, T, skt, ck, K, skd, REV).to(tl.float32)
+            vs = _row(v_ptr, v_off, ss + s, T, svt, cv, V, svd, REV).to(tl.float32)
+            w = _diag_weights(gq, rows, s, EXCL)
+            score = tl.sum(qi * w * ks[None, :], axis=1)
+            o += score[:, None] * vs[None, :]
+    p = _phys(t, T, REV).to(tl.int64)
+    o_ptrs = o_ptr + b * sob + hh * soh + p[:, None] * sot + cv[None, :].to(tl.int64) * sod
+    tl.store(o_ptrs, (o * scale).to(o_ptr.dtype.element_ty), mask=(t < T)[:, None] & (cv < V)[None, :])
+
+
+@triton.jit
+def _readout_kernel(
+    a_ptr, sab, sat, sah, sad,
+    b_ptr, sbb, sbt, sbh, sbd,
+    c_ptr, scb, sct, sch, scd,
+    g_ptr, sgb, sgt, sgh, sgd,
+    hs_ptr, o_ptr, scale,
+    T, H, K, V, NT,
+    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, EXCL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """out_t = scale * (S_t @ a_t) along K (dq: a = do, b = v, c = k), for one sub-chunk and one
+    K block; out is a contiguous fp32 [B, T, H, K] tensor."""
+    pid = tl.program_id(0).to(tl.int64)
+    nk = tl.cdiv(K, BK)
+    nv = tl.cdiv(V, BV)
+    NC: tl.constexpr = BT // BC
+    kb = pid % nk
+    i = ((pid // nk) % NC).to(tl.int32)
+    c = (pid // (nk * NC)) % NT
+    bh = pid // (nk * NC * NT)
+    b = bh // H
+    hh = bh % H
+    DT = a_ptr.dtype.element_ty
+    a_off = b * sab + hh * sah
+    b_off = b * sbb + hh * sbh
+    c_off = b * scb + hh * sch
+    g_off = b * sgb + hh * sgh
+    cs = (c * BT).to(tl.int32)
+    ss = cs + i * BC
+    rows = tl.arange(0, BC)
+    t = ss + rows
+    ck = kb * BK + tl.arange(0, BK)
+    gq = _logs(g_ptr, g_off, t - EXCL, ss, ss + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+    pin = tl.cumsum(gq, axis=0)
+    inter = tl.zeros((BC, BK), dtype=tl.float32)
+    for vb in range(nv):
+        cv = vb * BV + tl.arange(0, BV)
+        ai = _tile(a_ptr, a_off, t, ss, ss + BC, T, sat, cv, V, sad, REV)
+        kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+        h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
+        inter += _mm(ai, tl.trans(h), IEEE, DT)
+    out = tl.zeros((BC, BK), dtype=tl.float32)
+    between = tl.zeros((BK,), dtype=tl.float32)
+    for jj in range(i):
+        sj = ss - (jj + 1) * BC
+        tj = sj + rows
+        scores = tl.zeros((BC, BC), dtype=tl.float32)
+        for vb in range(nv):
+            cv = vb * BV + tl.arange(0, BV)
+            ai = _tile(a_ptr, a_off, t, ss, ss + BC, T, sat, cv, V, sad, REV)
+            bj = _tile(b_ptr, b_off, tj, sj, sj + BC, T, sbt, cv, V, sbd, REV)
+            scores += _mm(ai, tl.trans(bj), IEEE, DT)
+        cj = _tile(c_ptr, c_off, tj, sj, sj + BC, T, sct, ck, K, scd, REV).to(tl.float32)
+        after = _logs(g_ptr, g_off, tj + 1, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+        here = _logs(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+        cd = cj * tl.exp(tl.cumsum(after, axis=0, reverse=True) + between[None, :])
+        out += _mm(scores, cd, IEEE, DT)
+        between += tl.sum(here, axis=0)
+    # `between` now sums the log decays of all earlier sub-chunks of the chunk
+    out = tl.exp(pin) * out + inter * tl.exp(pin + between[None, :])
+    scores = tl.zeros((BC, BC), dtype=tl.float32)
+    for vb in range(nv):
+        cv = vb * BV + tl.arange(0, BV)
+        ai = _tile(a_ptr, a_off, t, ss, ss + BC, T, sat, cv, V, sad, REV)
+        bi = _tile(b_ptr, b_off, t, ss, ss + BC, T, sbt, cv, V, sbd, REV)
+        scores += _mm(ai, tl.trans(bi), IEEE, DT)
+    for s in range(BC):
+        col = tl.sum(tl.where(rows[None, :] == s, scores, 0.0), axis=1)
+        cs_row = _row(c_ptr, c_off, ss + s, T, sct, ck, K, scd, REV).to(tl.float32)
+        w = _diag_weights(gq, rows, s, EXCL)
+        out += col[:, None] * cs_row[None, :] * w
+    p = _phys(t, T, REV).to(tl.int64)
+    o_ptrs = o_ptr + ((b * T + p[:, None]) * H + hh) * K + ck[None, :]
+    tl.store(o_ptrs, out * scale, mask=(t < T)[:, None] & (ck < K)[None, :])
+
+
+# ------------------------------------------------------------------------------ launchers
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _strides(x: Tensor | None) -> tuple:
+    """(batch, time, lane, width) strides; a scalar decay [B, T, H] reads one value per width."""
+    if x is None:
+        return (0, 0, 0, 0)
+    return tuple(x.stride()) + (0,) * (4 - x.dim())
+
+
+def _blocks(K: int, V: int, wide_v: int = 0) -> tuple[int, int]:
+    """(BK, BV); wide_v > 0 lets BV grow to it (one V block: the intra-chunk work once)."""
+    return max(16, min(BLOCK_K, _pow2(K))), max(16, min(wide_v or BLOCK_V, _pow2(V)))
+
+
+def _warps(x: Tensor) -> int:
+    return NUM_WARPS_F32 if x.dtype == torch.float32 else NUM_WARPS
+
+
+def _chunk(T: int, chunk_size: int) -> int:
+    return max(SUB, min(_pow2(chunk_size), _pow2(T)))
+
+
+def _states(k, v, g, h0, h0_scale, decay, rev, shift, BT, state_dtype):
+    """Run _state_kernel: (states entering each chunk [BH, NT, K, V], final state fp32)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    NT = -(-T // BT)
+    BK, BV = _blocks(K, V)
+    hs = torch.empty(B * H, NT, K, V, device=k.device, dtype=state_dtype)
+    hT = torch.empty(B * H, K, V, device=k.device, dtype=torch.float32)
+    grid = (B * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)
+    _state_kernel[grid](
+        k, *k.stride(), v, *v.stride(), k if g is None else g, *_strides(g),
+        hT if h0 is None else h0, float(h0_scale), hs, hT, T, H, K, V, NT,
+        BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, HAS_H0=h0 is not None,
+        IEEE=k.dtype == torch.float32, num_warps=_warps(k),
+    )
+    return hs, hT
+
+
+def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    NT = hs.shape[1]
+    BK, BV = _blocks(K, V, OUT_BLOCK_V if q.dtype != torch.float32 else 0)
+    grid = (B * H * NT * (BT // SUB) * triton.cdiv(V, BV),)
+    _out_kernel[grid](
+        q, *q.stride(), k, *k.stride(), v, *v.stride(), q if g is None else g, *_strides(g),
+        hs, out, *out.stride(), float(scale), T, H, K, V, NT,
+        BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
+        IEEE=q.dtype == torch.float32, num_warps=_warps(q),
+    )
+    return out
+
+
+def _readout(a, b, c, g, hs, scale, decay, rev, shift, exclusive, BT):
+    B, T, H, V = a.shape
+    K = c.shape[-1]
+    NT = hs.shape[1]
+    BK, BV = _blocks(K, V)
+    out = torch.empty(B, T, H, K, device=a.device, dtype=torch.float32)
+    grid = (B * H * NT * (BT // SUB) * triton.cdiv(K, BK),)
+    _readout_kernel[grid](
+        a, *a.stride(), b, *b.stride(), c, *c.stride(), a if g is None else g, *_strides(g),
+        hs, out, float(scale), T, H, K, V, NT,
+        BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
+        IEEE=a.dtype == torch.float32, num_warps=_warps(a),
+    )
+    return out
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+class _ChunkLinearAttention(torch.autograd.Function):
+    """q, k [B, T, H, K], v [B, T, H, V], g None | [B, T, H] | [B, T, H, K] (views, maybe
+    stride 0), h0 None | [BH, K, V] fp32 contiguous. Returns o [B, T, H, V] and the final
+    state [BH, K, V] fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, decay, scale, exclusive, BT):
+        B, T, H, K = q.shape
+        hs, hT = _states(k, v, g, h0, 1.0, decay, False, 0, BT, _state_dtype(k))
+        o = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=v.dtype)
+        _outputs(q, k, v, g, hs, o, scale, decay, False, 0, exclusive, BT)
+        ctx.save_for_backward(q, k, v, g, hs, hT)
+        ctx.args = (decay, scale, exclusive, BT, h0 is not None)
+        return o, hT
+
+    @staticmethod
+    def backward(ctx, do, dhT):
+        q, k, v, g, hs, hT = ctx.saved_tensors
+        decay, scale, exclusive, BT, has_h0 = ctx.args
+        B, T, H, K = q.shape
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype)
+        dhT = torch.zeros_like(hT) if dhT is None else dhT.float().contiguous()
+        shift = 0 if exclusive else 1  # the reversed inclusive problem sees decays one token later
+        dq = _readout(do, v, k, g, hs, scale, decay, False, 0, exclusive, BT)
+        # the time-reversed problem: keys q, values do, initial state dS_final (its outputs are
+        # scaled by `scale`, its initial state must not be: it enters divided by scale)
+        hs_r, hT_r = _states(q, do, g, dhT, 1.0 / scale, decay, True, shift, BT, _state_dtype(q))
+        dv = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=torch.float32)
+        _outputs(k, q, do, g, hs_r, dv, scale, decay, True, shift, exclusive, BT)
+        dk = _readout(v, do, q, g, hs_r, scale, decay, True, shift, exclusive, BT)
+        dh0 = None
+        if has_h0:
+            dh0 = hT_r * scale
+            if not exclusive and g is not None:  # the reversed pass never saw token 0's decay
+                first = g[:, 0].float().expand(B, H, K) if decay == "key" else g[:, 0, :, None].float()
+                dh0 = dh0 * torch.exp(first).reshape(B * H, -1, 1)
+        dg = None
+        if g is not None and ctx.needs_input_grad[3]:
+            # d log-cumsum at t: q_t . dq_t (q_{t+1} . dq_{t+1} when exclusive) - k_t . dk_t, plus
+            # the final state's share at T - 1; the log decays get its reverse cumsum
+            read = q.float() * dq
+            dlog = -(k.float() * dk)
+            if exclusive:
+                dlog[:, :-1] += read[:, 1:]
+            else:
+                dlog += read
+            dlog[:, -1] += (hT * dhT).sum(-1).reshape(B, H, K)
+            dg = dlog.flip(1).cumsum(1).flip(1)
+            if decay == "scalar":
+                dg = dg.sum(-1)
+            dg = dg.to(g.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None
+
+
+def triton_chunk_linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor | None = None,
+    *,
+    decay: str = "none",
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    exclusive: bool = False,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """`psmc.runtime.chunkwise.chunk_linear_attention` on Triton kernels (same arguments, shapes,
+    broadcasting, dtypes and gradients; see its docstring). Inputs must be CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1. float64 inputs, empty sequences and scale == 0 run the
+    torch chunkwise path instead."""
+    from psmc.runtime import chunkwise
+
+    chunkwise._check_kind(log_decay, decay)
+    lanes = chunkwise._lanes(q, k, v, log_decay, decay)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    B, T, K, V = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
+    if q.dtype == torch.float64 or T == 0 or scale == 0 or q.dtype != k.dtype or q.dtype != v.dtype:
+        return chunkwise._chunk_linear_attention_torch(
+            q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
+            exclusive=exclusive, chunk_size=chunk_size)
+    H = chunkwise._prod(lanes)
+
+    def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:
+        # a stride-0 view when the lane axes broadcast (a copy only for multi-axis broadcasts)
+        return x.expand(B, x.shape[1], *lanes, *width).reshape(B, x.shape[1], H, *width)
+
+    q4, k4, v4 = flat(q, (K,)), flat(k, (K,)), flat(v, (V,))
+    g4 = None
+    if log_decay is not None:
+        g4 = flat(log_decay.float(), (K,) if decay == "key" else ())
+        if g4.shape[1] != T:
+            g4 = g4.expand(B, T, *g4.shape[2:])
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.float().expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
+    o, hT = _ChunkLinearAttention.apply(q4, k4, v4, g4, h0, decay, float(scale), bool(exclusive),
+                                        _chunk(T, chunk_size))
+    return o.reshape(B, T, *lanes, V), hT.reshape(B, *lanes, K, V)

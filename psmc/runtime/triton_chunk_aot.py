@@ -1,0 +1,154 @@
+"""Compile the chunked kernels of triton_chunk (and triton_delta) ahead of time for a GPU
+target on a machine without one, at the launch configurations the runtime really uses.
+
+The launchers are run on CPU tensors while every `kernel[grid](...)` is captured instead of
+launched (so block sizes, num_warps and constexprs are exactly the runtime's), then each
+captured launch is compiled with `triton.compile(ASTSource(...), GPUTarget("cuda", arch, 32))`
+and `ptxas -v` reports registers and spills. Must run without TRITON_INTERPRET (the test runs
+it in a subprocess): `python -m psmc.runtime.triton_chunk_aot` prints one JSON line per kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+
+import torch
+
+# (name, dtype, K = V, decay, exclusive, with backward, in the test): the benchmark's shapes first
+CONFIGS = [
+    ("gla", torch.bfloat16, 128, "key", False, True, True),
+    ("gla", torch.float32, 128, "key", False, True, False),
+    ("simple_gla", torch.bfloat16, 128, "scalar", False, True, True),
+    ("linear_attention", torch.bfloat16, 128, "none", False, False, False),
+    ("rwkv6", torch.bfloat16, 64, "key", True, True, True),
+    ("gla", torch.float32, 64, "key", False, False, True),
+]
+# (name, dtype, K = V, gated, in the test)
+DELTA_CONFIGS = [
+    ("delta_rule", torch.bfloat16, 128, False, False),
+    ("gated_delta_rule", torch.bfloat16, 128, True, True),
+    ("gated_delta_rule", torch.float32, 64, True, False),
+    ("gated_delta_rule", torch.float32, 128, True, True),
+]
+
+
+class _Recorder:
+    def __init__(self, kernel, log, tag):
+        self.kernel, self.log, self.tag = kernel, log, tag
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.tag, self.kernel, grid, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def recording(module, names, log):
+    saved = {n: getattr(module, n) for n in names}
+    try:
+        for n in names:
+            setattr(module, n, _Recorder(saved[n], log, n))
+        yield
+    finally:
+        for n, k in saved.items():
+            setattr(module, n, k)
+
+
+def record(test_only: bool = False) -> list:
+    from psmc.runtime import triton_chunk as tc
+
+    log: list = []
+    B, T, H = 1, 128, 2
+    with recording(tc, ["_state_kernel", "_out_kernel", "_readout_kernel"], log):
+        for name, dtype, width, decay, exclusive, backward, in_test in CONFIGS:
+            if test_only and not in_test:
+                continue
+            start = len(log)
+            q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=backward)
+            k, v = torch.zeros_like(q, requires_grad=backward), torch.zeros_like(q, requires_grad=backward)
+            g = None if decay == "none" else torch.zeros(B, T, H, *((width,) if decay == "key" else ()))
+            s0 = torch.zeros(B, H, width, width)
+            o, s = tc.triton_chunk_linear_attention(q, k, v, g, decay=decay, initial_state=s0, exclusive=exclusive)
+            middle = len(log)
+            if backward:
+                (o.float().sum() + s.sum()).backward()
+            for i in range(start, len(log)):
+                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward" if i < middle else "backward") + log[i]
+    try:
+        from psmc.runtime import triton_delta as td
+    except ImportError:
+        return log
+    with recording(td, td.KERNELS, log), recording(tc, ["_out_kernel"], log):
+        for name, dtype, width, gated, in_test in DELTA_CONFIGS:
+            if test_only and not in_test:
+                continue
+            start = len(log)
+            q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=td.HAS_BACKWARD)
+            k, v = torch.zeros_like(q), torch.zeros_like(q)
+            beta = torch.zeros(B, T, H, dtype=dtype)
+            g = torch.zeros(B, T, H) if gated else None
+            o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=torch.zeros(B, H, width, width))
+            for i in range(start, len(log)):
+                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward") + log[i]
+    return log
+
+
+def compile_one(kernel, args, kwargs, arch: int) -> dict:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, dict(kwargs), bound, specialization, options)
+    out = io.StringIO()
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True
+    try:
+        with contextlib.redirect_stdout(out):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+    except Exception as e:  # noqa: BLE001 - a compile error is a result
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"[:3000]}
+    text = out.getvalue()
+
+    def grab(pattern: str) -> int:
+        m = re.search(pattern, text)
+        return int(m.group(1)) if m else -1
+
+    return {"ok": True, "registers": grab(r"Used (\d+) registers"), "spills": grab(r"(\d+) bytes spill stores"),
+            "shared": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
+
+
+def main(arch: int = 90, test_only: bool = False) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("run without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    seen = set()
+    only = os.environ.get("PSMC_AOT_ONLY", "")
+    for config, phase, tag, kernel, grid, args, kwargs in record(test_only):
+        if only not in config:
+            continue
+        key = (tag, tuple(sorted((k, v) for k, v in kwargs.items())),
+               tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+        if key in seen:
+            continue
+        seen.add(key)
+        result = compile_one(kernel, args, kwargs, arch)
+        consts = {k: v for k, v in kwargs.items() if k != "num_warps"}
+        print(json.dumps({"config": config, "pass": phase, "kernel": tag, "arch": arch, "constexprs": consts,
+                          "num_warps": kwargs.get("num_warps"), "grid": list(grid), **result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--test"]
+    sys.exit(main(int(args[0]) if args else 90, "--test" in sys.argv))

@@ -1,0 +1,281 @@
+"""psmc.runtime.delta: the chunked WY/UT delta rule and its O(K V) step equal the textbook
+per-token recurrence, the matrix-affine scan of examples/delta_rule.psm and fla's naive
+references; values, final states and gradients.
+
+The reference here is the recurrence as written in the papers, one token at a time in float64,
+with the K x K transition formed explicitly: S_t = g_t (I - beta_t k_t k_t^T) S_{t-1} +
+beta_t k_t v_t^T, o_t = scale * q_t @ S_t.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from psmc.runtime.delta import chunk_delta_rule, delta_rule_step
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """max abs error <= 1e-6 (1e-12 in float64), else relative RMS <= RTOL; NaN never passes."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = out.double() - ref.double()
+    if err.abs().max() <= (1e-12 if dtype == torch.float64 else 1e-6):
+        return
+    rel = err.norm() / ref.double().norm()
+    assert rel <= RTOL[dtype], f"relative RMS error {rel:.3g} > {RTOL[dtype]:.0e}"
+
+
+def loop_reference(q, k, v, beta, log_decay=None, initial_state=None, scale=1.0):
+    """The recurrence token by token in float64 with the K x K transition formed."""
+    lanes = torch.broadcast_shapes(q.shape[2:-1], k.shape[2:-1], v.shape[2:-1], beta.shape[2:])
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    S = torch.zeros(q.shape[0], *lanes, width_k, width_v, dtype=torch.float64)
+    if initial_state is not None:
+        S = S + initial_state.double()
+    eye = torch.eye(width_k, dtype=torch.float64)
+    outputs = []
+    for t in range(q.shape[1]):
+        kt, vt, qt = k[:, t].double(), v[:, t].double(), q[:, t].double()
+        bt = beta[:, min(t, beta.shape[1] - 1)].double()[..., None, None]
+        E = eye - bt * kt[..., :, None] * kt[..., None, :]
+        if log_decay is not None:
+            E = torch.exp(log_decay[:, min(t, log_decay.shape[1] - 1)].double())[..., None, None] * E
+        S = E @ S + bt * kt[..., :, None] * vt[..., None, :]
+        outputs.append(scale * (qt[..., None, :] @ S).squeeze(-2))
+    return torch.stack(outputs, dim=1), S
+
+
+def make(seed, batch, steps, lanes, width_k, width_v, dtype=torch.float32, gated=True, lane_shapes=None):
+    """q, k, v, beta, log_decay; keys l2-normalised as DeltaNet layers do; lane_shapes overrides
+    the lanes of (q, k, v, beta, log_decay) for broadcasting."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = lane_shapes or (lanes,) * 5
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    q = rand(batch, steps, *shapes[0], width_k)
+    k = F.normalize(rand(batch, steps, *shapes[1], width_k), dim=-1)
+    v = rand(batch, steps, *shapes[2], width_v)
+    beta = torch.rand(batch, steps, *shapes[3], generator=gen, dtype=dtype)
+    log_decay = F.logsigmoid(2 + rand(batch, steps, *shapes[4])) if gated else None
+    return q, k, v, beta, log_decay
+
+
+CASES = [  # steps, chunk: T < chunk, T a multiple, T not a multiple, one token
+    (1, 8), (5, 8), (16, 8), (19, 8), (40, 16), (37, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("steps, chunk", CASES)
+def test_chunked_equals_the_per_token_recurrence(dtype, gated, steps, chunk):
+    seed = steps * 10 + chunk + gated
+    q, k, v, beta, g = make(seed, 2, steps, (3,), 5, 4, dtype=dtype, gated=gated)
+    s0 = torch.randn(2, 3, 5, 4, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    for initial in (None, s0):
+        o, state = chunk_delta_rule(q, k, v, beta, g, scale=0.7, initial_state=initial, chunk_size=chunk)
+        ref_o, ref_state = loop_reference(q, k, v, beta, g, initial, scale=0.7)
+        assert o.dtype == dtype and state.dtype == dtype  # fp32 state for fp32, fp64 for fp64
+        assert_close(o, ref_o, dtype)
+        assert_close(state, ref_state, dtype)
+
+
+@pytest.mark.parametrize("lane_shapes", [
+    ((), (), (), (), ()),  # no lane axis
+    ((2, 3),) * 5,  # two lane axes
+    ((1,), (3,), (3,), (1,), (3,)),  # q and beta shared by the heads
+    ((3,), (1,), (3,), (3,), (1,)),  # one key and one gate for every head
+])
+def test_lanes_broadcast(lane_shapes):
+    q, k, v, beta, g = make(1, 2, 13, None, 4, 3, lane_shapes=lane_shapes)
+    o, state = chunk_delta_rule(q, k, v, beta, g, chunk_size=4)
+    ref_o, ref_state = loop_reference(q, k, v, beta, g)
+    assert_close(o, ref_o, torch.float32)
+    assert_close(state, ref_state, torch.float32)
+
+
+def test_per_sequence_beta_and_gate_broadcast_over_time():
+    q, k, v, _, _ = make(2, 2, 11, (2,), 4, 3)
+    beta = torch.rand(2, 1, 2)
+    g = -torch.rand(2, 1, 2)
+    o, state = chunk_delta_rule(q, k, v, beta, g, chunk_size=4)
+    ref_o, ref_state = loop_reference(q, k, v, beta, g)
+    assert_close(o, ref_o, torch.float32)
+    assert_close(state, ref_state, torch.float32)
+
+
+def test_strong_and_zero_gates_stay_finite_and_exact():
+    """log gates of -30 and -inf (a gate of exactly 0) inside chunks: every exponent is a sum
+    over the spanned tokens, so nothing overflows and a zero gate forgets exactly."""
+    q, k, v, beta, g = make(3, 1, 29, (2,), 4, 3, dtype=torch.float64)
+    g = g.clone()
+    g[0, 5] = -30.0
+    g[0, 9, 1] = -torch.inf
+    g[0, 17] = -torch.inf
+    o, state = chunk_delta_rule(q, k, v, beta, g, chunk_size=8)
+    ref_o, ref_state = loop_reference(q, k, v, beta, g)
+    assert_close(o, ref_o, torch.float64)
+    assert_close(state, ref_state, torch.float64)
+    # after a zero gate, the outputs do not depend on anything before it
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    k2[:, :17], v2[:, :17] = torch.randn_like(k2[:, :17]), torch.randn_like(v2[:, :17])
+    o2, _ = chunk_delta_rule(q2, k2, v2, beta, g, chunk_size=8)
+    assert torch.allclose(o2[:, 17:], o[:, 17:], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_step_equals_the_recurrence_and_the_chunked_pass(gated):
+    q, k, v, beta, g = make(4, 2, 9, (3,), 5, 4, gated=gated)
+    s0 = torch.randn(2, 3, 5, 4)
+    ref_o, ref_state = loop_reference(q, k, v, beta, g, s0, scale=0.5)
+    S, outputs = s0, []
+    for t in range(q.shape[1]):
+        o, S = delta_rule_step(S, q[:, t], k[:, t], v[:, t], beta[:, t], None if g is None else g[:, t], scale=0.5)
+        outputs.append(o)
+    assert S.shape == (2, 3, 5, 4) and S.dtype == torch.float32
+    assert_close(torch.stack(outputs, dim=1), ref_o, torch.float32)
+    assert_close(S, ref_state, torch.float32)
+    # streaming after a parallel pass continues it
+    o_par, s_par = chunk_delta_rule(q[:, :6], k[:, :6], v[:, :6], beta[:, :6], None if g is None else g[:, :6],
+                                    scale=0.5, initial_state=s0, chunk_size=4)
+    o7, _ = delta_rule_step(s_par, q[:, 6], k[:, 6], v[:, 6], beta[:, 6], None if g is None else g[:, 6], scale=0.5)
+    assert_close(o7, ref_o[:, 6], torch.float32)
+
+
+def test_step_never_forms_the_key_by_key_transition():
+    """O(K V): no tensor of the step has two K axes (K = 7 differs from V = 3)."""
+    q, k, v, beta, g = make(5, 2, 1, (2,), 7, 3)
+    shapes = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                shapes.append(tuple(out.shape))
+            return out
+
+    with Spy():
+        delta_rule_step(torch.randn(2, 2, 7, 3), q[:, 0], k[:, 0], v[:, 0], beta[:, 0], g[:, 0])
+    assert shapes
+    assert not [s for s in shapes if s[-2:] == (7, 7)], shapes
+
+
+def test_gradients_f64_gradcheck():
+    q, k, v, beta, g = make(6, 1, 7, (2,), 3, 2, dtype=torch.float64)
+    s0 = torch.randn(1, 2, 3, 2, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (q, k, v, beta, g, s0)]
+
+    def chunked(q, k, v, beta, g, s0):
+        return chunk_delta_rule(q, k, v, beta, g, scale=0.8, initial_state=s0, chunk_size=4)
+
+    assert torch.autograd.gradcheck(chunked, args)
+    step_args = [s0.clone().requires_grad_()] + [t[:, 0].clone().requires_grad_() for t in (q, k, v, beta, g)]
+
+    def step(S, q, k, v, beta, g):
+        return delta_rule_step(S, q, k, v, beta, g, scale=0.8)
+
+    assert torch.autograd.gradcheck(step, step_args)
+
+
+def test_gradients_equal_the_recurrence_in_fp32():
+    q, k, v, beta, g = make(7, 2, 21, (2,), 4, 3)
+    s0 = torch.randn(2, 2, 4, 3)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta, g, s0)]
+    o, state = chunk_delta_rule(*leaves[:5], initial_state=leaves[5], chunk_size=8)
+    weights = torch.randn_like(o), torch.randn_like(state)
+    grads = torch.autograd.grad((o * weights[0]).sum() + (state * weights[1]).sum(), leaves)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v, beta, g, s0)]
+    ref_o, ref_state = loop_reference(*ref_leaves[:5], ref_leaves[5])
+    ref = torch.autograd.grad((ref_o * weights[0]).sum() + (ref_state * weights[1]).sum(), ref_leaves)
+    for got, want in zip(grads, ref):
+        assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("name, gated", [("delta_rule", False), ("gated_delta_rule", True)])
+def test_equals_the_matrix_affine_scan_of_the_example(name, gated):
+    """The example layer's generic scan (the K x K transition composed by the matrix-affine
+    combine) gives the same outputs, continued state and gradients."""
+    import psmc
+
+    cls = getattr(psmc.load(str(EXAMPLES / f"{name}.psm")), name)
+    layer = cls(K=4, V=3, backend="torch")
+    layer.use_fast_path = False  # the generic scan, whatever plan the compiler picks
+    q, k, v, beta, g = make(8, 2, 12, (2,), 4, 3, gated=gated)
+    scale = 4 ** -0.5 if gated else 1.0
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, beta) + ((g,) if gated else ())]
+    got_o, got_state = chunk_delta_rule(*leaves, scale=scale, chunk_size=4)
+    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    ref_extra = {"g": ref_leaves[4]} if gated else {}
+    ref_o, ref_state = layer(q=ref_leaves[0], k=ref_leaves[1], v=ref_leaves[2], beta=ref_leaves[3], **ref_extra,
+                             return_state=True)
+    assert_close(got_o, ref_o, torch.float32)
+    prefix = ref_state.prefix
+    assert_close(got_state, prefix[-1], torch.float32)  # S, the field the readout reads
+    weights = torch.randn_like(got_o)
+    grads = torch.autograd.grad((got_o * weights).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref_o * weights).sum(), ref_leaves)
+    for got, want in zip(grads, ref_grads):
+        assert_close(got, want, torch.float32)
+    # the continued pass from the layer's state equals the chunked pass from the final state
+    more = make(9, 2, 5, (2,), 4, 3, gated=gated)
+    more_extra = {"g": more[4]} if gated else {}
+    cont = layer(q=more[0], k=more[1], v=more[2], beta=more[3], **more_extra, state=ref_state)
+    want, _ = chunk_delta_rule(*more[:4], more[4] if gated else None, scale=scale, initial_state=got_state.detach())
+    assert_close(cont.detach(), want, torch.float32)
+
+
+def _fla(module, attribute):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fla warns that Triton has no GPU here
+        import importlib
+
+        return getattr(importlib.import_module(module), attribute)
+
+
+def test_equals_fla_naive_recurrences():
+    """fla's references: delta_rule_recurrence takes [B, H, T, ...] and scales q by K ** -0.5;
+    naive_recurrent_gated_delta_rule takes [B, T, H, ...] and a log gate."""
+    recurrence = _fla("fla.ops.delta_rule.naive", "delta_rule_recurrence")
+    gated = _fla("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule")
+    q, k, v, beta, g = make(10, 2, 23, (3,), 8, 5)
+    s0 = torch.randn(2, 3, 8, 5)
+    heads_first = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731
+    ref_o, ref_state = recurrence(*map(heads_first, (q, k, v, beta)), initial_state=s0)
+    o, state = chunk_delta_rule(q, k, v, beta, scale=8 ** -0.5, initial_state=s0, chunk_size=8)
+    assert_close(o, heads_first(ref_o), torch.float32)
+    assert_close(state, ref_state, torch.float32)
+    ref_o, ref_state = gated(q, k, v, beta, g, initial_state=s0, output_final_state=True)
+    o, state = chunk_delta_rule(q, k, v, beta, g, scale=8 ** -0.5, initial_state=s0, chunk_size=8)
+    assert_close(o, ref_o, torch.float32)
+    assert_close(state, ref_state, torch.float32)
+
+
+def test_mismatched_shapes_are_named():
+    q, k, v, beta, g = make(11, 2, 5, (3,), 4, 3)
+    with pytest.raises(ValueError, match=r"chunk_delta_rule: lane axes do not broadcast: q \[3\], k \[3\], v \[3\], "
+                                         r"beta \[2\]"):
+        chunk_delta_rule(q, k, v, beta[..., :2])
+    with pytest.raises(ValueError, match=r"number of lane axes.*log_decay \[3, 1\]"):
+        chunk_delta_rule(q, k, v, beta, g[..., None])
+    with pytest.raises(ValueError, match=r"shapes do not match \[B, T, \*lanes, \.\.\.\]: q \(2, 5, 3, 4\), "
+                                         r"k \(2, 4, 3, 4\)"):
+        chunk_delta_rule(q, k[:, :4], v, beta)
+
+
+def test_empty_sequence_and_bf16_inputs():
+    q, k, v, beta, g = make(12, 2, 0, (3,), 4, 3)
+    s0 = torch.randn(2, 3, 4, 3)
+    o, state = chunk_delta_rule(q, k, v, beta, g, initial_state=s0)
+    assert o.shape == (2, 0, 3, 3) and torch.equal(state, s0)
+    q, k, v, beta, g = make(13, 2, 9, (3,), 4, 3)
+    half = [t.to(torch.bfloat16) for t in (q, k, v, beta, g)]
+    o, state = chunk_delta_rule(*half, chunk_size=4)
+    assert o.dtype == torch.bfloat16 and state.dtype == torch.float32  # fp32 accumulation
+    ref_o, ref_state = loop_reference(*half)
+    assert (o.double() - ref_o).abs().max() < 2e-2 and (state.double() - ref_state).abs().max() < 1e-5
