@@ -11,6 +11,7 @@ declared `x: f32[C, D]` is passed as `[B, T, *lanes, D]` (T any length).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 import ast
 import contextlib
@@ -139,6 +140,7 @@ class PsmLayer(nn.Module):
             if state is not None:
                 raise TypeError(f"{spec.name}: pass either state= or initial_state=, not both")
             state = self._import_state(initial_state)
+        state = self._live_slots(state)
         return_state = bool(return_state or output_final_state)
         inputs = self._bind_positional(args, inputs)
         with _no_autocast(inputs):
@@ -188,6 +190,7 @@ class PsmLayer(nn.Module):
             raise ValueError(f"{spec.name}.step needs a state: use layer.init_state() or forward(..., return_state=True)")
         if isinstance(state, RaggedState):
             return self._step_ragged(state, inputs)
+        state = self._live_slots(state)
         with _no_autocast(inputs):
             call = self._prepare_step(inputs, state)
             if spec.chunk is not None:
@@ -272,11 +275,32 @@ class PsmLayer(nn.Module):
                             f"state is a {'chunk stream' if self.spec.chunk is not None else 'tree'}: pass the state "
                             "object from return_state=True (or TreeState.from_tensors(...))")
         tensors = (initial_state,) if isinstance(initial_state, Tensor) else tuple(initial_state)
-        names = [f.name for f in self.spec.fields]
+        names = self._live_names()
         if len(tensors) != len(names) or not all(isinstance(t, Tensor) for t in tensors):
+            dead = [f.name for f in self.spec.fields if f.name not in names]
             raise TypeError(f"{self.spec.name}: initial_state must be {len(names)} tensor{'s' if len(names) > 1 else ''} "
-                            f"(fields {', '.join(names)}), got {len(tensors)}")
-        return ScanState.from_tensors(tensors)
+                            f"(the live fields {', '.join(names)}"
+                            + (f"; {', '.join(dead)} {'is' if len(dead) == 1 else 'are'} dead in a stream and left out"
+                               if dead else "") + f"), got {len(tensors)}")
+        return self._live_slots(ScanState.from_tensors(tensors))
+
+    def _live_names(self) -> list:
+        """The fields a stream state holds (plain-tensor states: tensors(), initial_state)."""
+        spec = self.spec
+        if spec.stream is not None:
+            return list(spec.stream)
+        return [f.name for i, f in enumerate(spec.fields) if i not in spec.dead]
+
+    def _live_slots(self, state):
+        """A scan state built from the live fields only (ScanState.from_tensors, initial_state)
+        gets None in the dead fields' slots, the layout every stream prefix has."""
+        dead = self.spec.dead
+        if (not dead or not isinstance(state, ScanState) or state.prefix is None
+                or len(state.prefix) != len(self.spec.fields) - len(dead)):
+            return state
+        live = iter(state.prefix)
+        prefix = tuple(None if i in dead else next(live) for i in range(len(self.spec.fields)))
+        return dataclasses.replace(state, prefix=prefix)
 
     def _export_state(self, state):
         if isinstance(state, ScanState):
@@ -315,15 +339,19 @@ class PsmLayer(nn.Module):
                 self._state_mismatch(state.op, call)
             return
         if isinstance(inner, ScanState) and inner.prefix is not None:
-            shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in spec.fields]
-            got = [tuple(t.shape) for t in inner.prefix]
+            fields = spec.fields
+            if spec.stream is not None and len(inner.prefix) == len(spec.stream):  # the compact stream layout
+                fields = [f for f in spec.fields if f.name in spec.stream]
+            shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in fields]
+            got = [None if t is None else tuple(t.shape) for t in inner.prefix]
             lead_rank = len(call.lead) - (0 if call.step else 1)
             ok = len(got) == len(shapes) and all(
-                len(g) == lead_rank + len(w) and g[lead_rank:] == w for g, w in zip(got, shapes))
+                (i in spec.dead) if g is None else (len(g) == lead_rank + len(w) and g[lead_rank:] == w)
+                for i, (g, w) in enumerate(zip(got, shapes)))
             if not ok:
-                fields = ", ".join(f"{f.name}: {list(w)}" for f, w in zip(spec.fields, shapes))
+                fields = ", ".join(f"{f.name}: {list(w)}" for f, w in zip(fields, shapes))
                 raise ValueError(f"{call.tag}: the state does not fit this layer: its prefix holds {len(got)} "
-                                 f"tensor{'s' if len(got) != 1 else ''} of shapes {[list(g) for g in got]}, but "
+                                 f"tensor{'s' if len(got) != 1 else ''} of shapes {[g and list(g) for g in got]}, but "
                                  f"{call.tag} takes [B, *lanes, ...] tensors for the fields {fields}")
 
     def _state_mismatch(self, made_by: str, call):

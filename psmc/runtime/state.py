@@ -133,13 +133,14 @@ class ScanState(StreamState):
         return ScanState(prefix=last, count=self.count + length(inclusive), op=self.op)
 
     def tensors(self) -> tuple[Tensor, ...]:
-        """The prefix fields as plain tensors `[B, *lanes, *field]`, in declared order (empty
-        before the first token); `ScanState.from_tensors(t, count=state.size)` rebuilds it."""
-        return () if self.prefix is None else tuple(self.prefix)
+        """The live prefix fields as plain tensors `[B, *lanes, *field]`, in declared order
+        (empty before the first token; a dead field, None in its slot, is left out);
+        `ScanState.from_tensors(t, count=state.size)` rebuilds it for the layer."""
+        return () if self.prefix is None else tuple(t for t in self.prefix if t is not None)
 
     @classmethod
     def from_tensors(cls, tensors, count: int | Tensor = 0, op: str = "") -> ScanState:
-        """A state whose prefix is `tensors` (one per field, e.g. an fla final state), having
+        """A state whose prefix is `tensors` (one per live field, e.g. an fla final state), having
         seen `count` tokens (matters only for ops that read the position)."""
         tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
         device = tensors[0].device if tensors else None

@@ -103,13 +103,34 @@ def test_fla_aliases_single_tensor_state():
     torch.testing.assert_close(torch.cat([o, o2], 1), full, rtol=1e-9, atol=1e-11)
 
 
-def test_fla_aliases_multi_field_state_is_a_tuple():
+def test_fla_aliases_dead_fields_are_left_out():
+    """gla's running decay product `a` is dead in a stream: the final state is S alone, the
+    tensor fla's chunk_gla returns, and initial_state takes that one tensor back."""
     layer, inputs = build("gla", batch=2, T=6)
+    assert [f.name for f in layer.spec.fields] == ["a", "S"] and layer.spec.dead == (0,)
     o, h = layer(**{n: x[:, :4] for n, x in inputs.items()}, output_final_state=True)
-    assert isinstance(h, tuple) and len(h) == 2
+    assert isinstance(h, torch.Tensor) and h.shape[-2:] == (inputs["k"].shape[-1], inputs["v"].shape[-1])
     o2 = layer(**{n: x[:, 4:] for n, x in inputs.items()}, initial_state=h)
     torch.testing.assert_close(torch.cat([o, o2], 1), layer(**inputs), rtol=1e-9, atol=1e-11)
-    with pytest.raises(TypeError, match="2 tensors"):
+    _, state = layer(**{n: x[:, :4] for n, x in inputs.items()}, return_state=True)
+    assert state.prefix[0] is None and state.tensors() == (state.prefix[1],)
+    rebuilt = ScanState.from_tensors(state.tensors(), count=4)
+    o3 = layer(**{n: x[:, 4:] for n, x in inputs.items()}, state=rebuilt)
+    torch.testing.assert_close(o3, o2, rtol=0, atol=0)
+    with pytest.raises(TypeError, match=r"1 tensor \(the live fields S; a is dead"):
+        layer(**inputs, initial_state=(h, h))
+
+
+def test_fla_aliases_multi_field_state_is_a_tuple():
+    layer, inputs = build("welford", batch=2, T=6)
+    assert layer.spec.dead == () and len(layer.spec.fields) == 3
+    o, h = layer(**{n: x[:, :4] for n, x in inputs.items()}, output_final_state=True)
+    assert isinstance(h, tuple) and len(h) == 3
+    o2 = layer(**{n: x[:, 4:] for n, x in inputs.items()}, initial_state=h)
+    full = layer(**inputs)
+    torch.testing.assert_close(torch.cat([as_tuple(o)[0], as_tuple(o2)[0]], 1), as_tuple(full)[0],
+                               rtol=1e-9, atol=1e-11)
+    with pytest.raises(TypeError, match="3 tensors"):
         layer(**inputs, initial_state=h[1])
 
 
