@@ -2,8 +2,10 @@
 is executed, so the documentation cannot drift from the code.
 
 A page runs top to bottom in one fresh temporary directory (never the repository root): its
-shell blocks may create files that later blocks use (e.g. `cat > gla.psm`), and each Python
-block runs in its own interpreter, so a snippet must define every name it uses. Output samples
+shell blocks may create files that later blocks use (e.g. `cat > gla.psm`). A page's blocks
+run in ONE Python process (importing torch once per page, not once per block: that import
+was most of the test's time), each Python block in a fresh namespace, so a snippet must
+still define every name it uses; the page shares one PSMC_CACHE_DIR with the session. Output samples
 are ```text blocks. A block may be skipped only by a visible marker on the line right before it,
 `<!-- no-run: reason -->` (installs, full benchmarks, long experiments); the skips are counted
 and listed below so they stay few. Every fenced block must say its language, so a new page
@@ -40,7 +42,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.page.relative_to(ROOT)}:{self.line} ({self.lang} block)"
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page.name
+        return f"{page}:{self.line} ({self.lang} block)"
 
 
 def blocks(page: Path) -> list[Block]:
@@ -85,18 +88,53 @@ def _env(cache: Path) -> dict:
     return env
 
 
-def _run(block: Block, cwd: Path, env: dict):
-    if RUN[block.lang] == "python":
-        script = cwd / f"_block_{block.line}.py"
-        script.write_text(block.code, encoding="utf-8")
-        cmd = [sys.executable, str(script)]
+# The page runner: executed as `python -c RUNNER blocks.json` in the page's directory. Python
+# blocks run with exec() in a fresh namespace (named __main__), bash blocks in `bash -euo
+# pipefail`; the first failure prints its block and traceback and exits 1.
+RUNNER = r"""
+import json, subprocess, sys, traceback
+for i, (where, lang, path) in enumerate(json.load(open(sys.argv[1]))):
+    print(f"@@block {i}", flush=True)
+    if lang == "python":
+        code = open(path, encoding="utf-8").read()
+        try:
+            exec(compile(code, path, "exec"), {"__name__": "__main__", "__file__": path})
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                print(f"@@failed {i} (SystemExit {e.code})", flush=True)
+                sys.exit(1)
+        except BaseException:
+            traceback.print_exc()
+            print(f"@@failed {i}", flush=True)
+            sys.exit(1)
     else:
-        cmd = ["bash", "-euo", "pipefail", "-c", block.code]
+        done = subprocess.run(["bash", "-euo", "pipefail", path])
+        if done.returncode:
+            print(f"@@failed {i} (exit {done.returncode})", flush=True)
+            sys.exit(1)
+"""
+
+
+def _run_page(runnable: list[Block], cwd: Path, env: dict):
+    import json
+
+    listing = []
+    for i, block in enumerate(runnable):
+        path = cwd / f"_block_{block.line}.{'py' if RUN[block.lang] == 'python' else 'sh'}"
+        path.write_text(block.code, encoding="utf-8")
+        listing.append((block.where, RUN[block.lang], str(path)))
+    (cwd / "_blocks.json").write_text(json.dumps(listing), encoding="utf-8")
+    cmd = [sys.executable, "-c", RUNNER, str(cwd / "_blocks.json")]
     try:
         done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.where} ran past {TIMEOUT_S} s; mark long commands with <!-- no-run: reason -->")
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        started = re.findall(r"@@block (\d+)", out)
+        where = runnable[int(started[-1])].where if started else runnable[0].where
+        pytest.fail(f"{where} ran past the page's {TIMEOUT_S} s; mark long commands with <!-- no-run: reason -->")
     if done.returncode:
+        failed = re.findall(r"@@failed (\d+)", done.stdout)
+        block = runnable[int(failed[-1])] if failed else runnable[-1]
         numbered = "\n".join(f"{block.line + i:5d} | {line}" for i, line in enumerate(block.code.splitlines(), 1))
         pytest.fail(f"{block.where} failed (exit {done.returncode}), run from an empty directory:\n{numbered}\n"
                     f"--- stdout ---\n{done.stdout[-3000:]}\n--- stderr ---\n{done.stderr[-3000:]}", pytrace=False)
@@ -114,6 +152,19 @@ def test_page_runs_from_an_empty_directory(page, tmp_path, private_psmc_cache):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     work = tmp_path / "work"
     work.mkdir()
-    for block in blocks(page):
-        if block.lang in RUN and not block.skip:
-            _run(block, work, env)
+    _run_page([b for b in blocks(page) if b.lang in RUN and not b.skip], work, env)
+
+
+def test_a_failing_block_is_reported_with_its_page_and_line(tmp_path, private_psmc_cache):
+    """The runner is not vacuous: a block that raises fails the page and names the block;
+    names do not leak from one Python block into the next."""
+    page = tmp_path / "page.md"
+    page.write_text("```python\nx = 1\n```\n\n```bash\ntrue\n```\n\n```python\nprint(x)\n```\n",
+                    encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    runnable = [b for b in blocks(page) if b.lang in RUN]
+    with pytest.raises(pytest.fail.Exception) as info:
+        _run_page(runnable, work, _env(private_psmc_cache))
+    assert "(python block) failed (exit 1)" in str(info.value) and ":9 (python block)" in str(info.value)
+    assert "NameError: name 'x' is not defined" in str(info.value)
