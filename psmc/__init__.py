@@ -15,4 +15,11 @@ def load(path, **options):
     return _load(path, **options)
 
 
-__all__ = ["PsmcError", "load", "__version__"]
+def cat_states(states):
+    """Concatenate stream states along the batch (rows with different token counts give a
+    RaggedState that keeps each row's count); see psmc.runtime.batch."""
+    from .runtime.batch import cat_states as _cat
+    return _cat(states)
+
+
+__all__ = ["PsmcError", "cat_states", "load", "__version__"]

@@ -80,7 +80,10 @@ def compiled_path(path, *, force: bool = False) -> Path:
 def load(path, *, force: bool = False):
     """Compile (cached) and import; returns the module (attributes: one class per op)."""
     module_path = compiled_path(path, force=force)
-    name = "psmc_generated." + module_path.stem
+    # the kernels of a generated module are interpreted or compiled as TRITON_INTERPRET says at
+    # its import: a module imported under the other mode is a different module
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    name = "psmc_generated." + module_path.stem + ("_interpreted" if interpret else "")
     if name in sys.modules and not force:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, module_path)

@@ -7,8 +7,17 @@ bugs locally: `HYPOTHESIS_PROFILE=thorough pytest tests/codegen`.
 """
 import os
 
-import pytest
-import torch
+# The Triton interpreter, before anything can import triton: `import torch._dynamo` (and
+# inductor) imports it, and triton's own library functions (tl.cdiv, the reduction combiners)
+# are @triton.jit'd when triton is imported, interpreted or not for the rest of the process.
+# Set in a test module it came too late whenever an earlier-collected module (the torch.compile
+# tests) had imported triton: every interpreted kernel then failed with "Cannot call
+# @triton.jit'd outside of the scope of a kernel". PSMC_TEST_DEVICE=cuda runs on a real GPU.
+if os.environ.get("PSMC_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

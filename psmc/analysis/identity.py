@@ -112,6 +112,11 @@ def _check_declared(op, budget: Budget, seed: int) -> IdentityResult:
     if "refuted" in statuses:
         side = "left" if left.status == "refuted" else "right"
         note = f"the declared identity {text} is not a {side} identity"
+        from .pipeline import _counterexample  # the shared counterexample text (lazy: pipeline imports us)
+        ce = _counterexample(op, LEFT_IDENTITY if side == "left" else RIGHT_IDENTITY,
+                             left if side == "left" else right)
+        if ce is not None:
+            note += f" ({ce.text})"
         if op.exclusive:
             note += " of combine; it only serves as the empty prefix of the exclusive readout"
         kind = {("proven", "refuted"): "left-only", ("refuted", "proven"): "right-only"}.get(

@@ -136,6 +136,14 @@ def check_contradictions(op, result: Analysis) -> None:
         raise PsmcAnalysisError(
             f"op '{op.name}' assumes commutativity, but combine is not commutative: {result.commutative_note}",
             _assume_span(op, "commutative") or op.span, hint="remove `assume commutative;` or fix combine")
+    if op.identity is not None and result.identity_kind not in ("declared", "declared, unverified") \
+            and "empty_prefix" not in op.assumes:
+        raise PsmcAnalysisError(
+            f"op '{op.name}' declares an identity that is not one: {result.identity_note.split('; ')[0]}",
+            _member_span(op, r"\bidentity\s*=[^;]*;?") or op.span,
+            hint="fix the identity, or delete it (psmc then infers one or uses a formal identity); if it is "
+                 "only the value of the empty prefix (what an exclusive readout reads before the first token), "
+                 "say so with `assume empty_prefix;`")
     if result.causal is False:
         name, row, later = result.causal_violation
         value = next((v for v in op.readout_inputs if v.name == name), None)
@@ -148,11 +156,16 @@ def check_contradictions(op, result: Analysis) -> None:
 
 def _assume_span(op, prop: str) -> Span | None:
     """The span of the `assume` declaration naming `prop` (found in the op's source lines)."""
+    return _member_span(op, rf"\bassume\b[^;]*\b{prop}\b[^;]*;?")
+
+
+def _member_span(op, pattern: str) -> Span | None:
+    """The span of the first match of `pattern` in the op's source lines (comments skipped)."""
     if op.span is None or not op.source_text:
         return None
     for offset, line in enumerate(op.source_text.splitlines()):
         code = line.split("#", 1)[0]
-        m = re.search(rf"\bassume\b[^;]*\b{prop}\b[^;]*;?", code)
+        m = re.search(pattern, code)
         if m:
             lineno = op.span.line + offset
             col = m.start() + 1  # source_text holds whole lines

@@ -111,9 +111,61 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         "        return (out,), new_state",
         "",
     ]
+    lines += _chunkwise_step(op, p, body, ref, scale, element, dead)
     return FastPath(f"chunkwise:{p['kind']}",
                     "from psmc.runtime import chunkwise as _chunkwise\nfrom psmc.runtime.state import ScanState as "
                     "_ScanState", tuple(lines))
+
+
+def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, element: list, dead: tuple) -> list[str]:
+    """The decode step of the same form, S = decay * S + k v^T, o = scale * q S: the update a
+    hand-written step would make, with no per-field broadcasting (lead = [B, *lanes])."""
+    S = op.state[p["s_index"]]
+    g = ref[p["g"]] if p["g"] is not None else "None"
+    lines = [
+        "    def _fast_step(self, call, state):",
+        f'        """One token of the chunkwise form (decay: {p["kind"]}): the state update by hand."""',
+        "        cx, lead = call.ctx, call.lead",
+    ]
+    lines += _input_lines(op)
+    lines += ["        " + line for line in body]
+    lines += [
+        f"        k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
+        f"        f32 = cx.dt[{S.dtype!r}]",
+        "        kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
+        "        carry = state.prefix",
+        f"        if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
+        "            carry = self._full_state(call, state).prefix",
+    ]
+    if p["kind"] != "none":
+        lines += [
+            f"        e_ = torch.exp({g})",
+            f"        decay = {'e_.unsqueeze(-1)' if p['kind'] == 'key' else 'e_[..., None, None]'}",
+            f"        s_last = kv if carry is None else decay * carry[{p['s_index']}] + kv",
+        ]
+    else:
+        lines += [f"        s_last = kv if carry is None else carry[{p['s_index']}] + kv"]
+    lines += [
+        "        if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
+        "            s_last = s_last.expand(*lead, *s_last.shape[-2:])",
+        f"        out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
+        f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
+        "cx.dev)",
+    ]
+    if p["decay_index"] is not None and p["decay_index"] not in dead:  # else: None in its slot
+        A = op.state[p["decay_index"]]
+        spread = "e_" if p["kind"] == "key" or not A.shape else "e_" + "[..., None]" * len(A.shape)
+        lines += [
+            f"        a_total = _ops.as_field({spread}, lead, {shape_code(A.shape)}, cx.dt[{A.dtype!r}], cx.dev)",
+            "        if carry is not None:",
+            f"            a_total = a_total * carry[{p['decay_index']}]",
+        ]
+    lines += [
+        f"        new_state = _ScanState(prefix=({', '.join(element)},), count=state.count + 1, op=state.op)",
+        "        return (out,), new_state if self.spec.stream is None else self._stream_state(new_state)",
+        "",
+    ]
+    return lines
 
 
 def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> FastPath:

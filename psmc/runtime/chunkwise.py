@@ -21,6 +21,7 @@ underflow to an exact 0, and float32 results stay within ~1e-6 relative RMS of f
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -225,7 +226,8 @@ class _Layout:
     def groups(self, row_bytes: int) -> list[tuple[int, int]]:
         """(first chunk, number of chunks) of each group; row_bytes per token and lane."""
         per_chunk = self.batch * self.heads * self.length * row_bytes
-        size = max(1, _GROUP_BYTES * torch.get_num_threads() // max(per_chunk, 1))
+        threads = 1 if torch.compiler.is_compiling() else torch.get_num_threads()  # a graph has no thread count
+        size = max(1, _GROUP_BYTES * threads // max(per_chunk, 1))
         return [(first, min(size, self.count - first)) for first in range(0, self.count, size)]
 
     def chunks(self, x: Tensor, width: tuple[int, ...], first: int, count: int) -> Tensor:
@@ -362,6 +364,10 @@ def _spread(exponents: tuple[Tensor, ...], dim: int, include_zero: bool) -> tupl
     low = functools.reduce(torch.minimum, [x.amin(dim, keepdim=True) for x in unique])
     if include_zero:
         high, low = high.clamp(min=0.0), low.clamp(max=0.0)
+    if torch.compiler.is_compiling():
+        # no data-dependent branch in a graph (and no host read): take the path that is exact
+        # for any decay (recursive halving down to elementwise blocks)
+        return math.inf, (high + low) * 0.5
     spread = float(((high - low) * 0.5).max()) if high.numel() else 0.0
     return spread, (high + low) * 0.5
 

@@ -71,9 +71,9 @@ def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
     call, code, message = None, _OK, ""
     try:
         inputs = layer._bind_positional(args, dict(inputs))
-        if state is not None:
-            layer._check_state(state)
         call = layer._prepare(inputs, step=False)
+        if state is not None:
+            layer._check_state(state, call)
     except (TypeError, ValueError) as error:
         empty = any(isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] == 0 for x in inputs.values())
         code, message = (_EMPTY, "") if empty else (_FAILED, str(error))

@@ -71,7 +71,10 @@ def linear_recurrence(
     b = b.expand(shape)
     state_shape = (shape[0],) + tuple(shape[2:])
     initial = b.new_zeros(state_shape) if initial is None else initial.to(dtype).expand(state_shape)
-    states = _LinearRecurrence.apply(a, b, initial)  # [B, T + 1, *rest], states[:, 0] = h_{-1}
+    if torch.compiler.is_compiling():  # in-place `out=` writes do not trace: an out-of-place form
+        states = _functional_scan(a.expand(shape), b, initial)
+    else:
+        states = _LinearRecurrence.apply(a, b, initial)  # [B, T + 1, *rest], states[:, 0] = h_{-1}
     h = states[:, :-1] if exclusive else states[:, 1:]
     return h, states[:, -1]
 
@@ -206,3 +209,31 @@ def _local_scan(a_c: Tensor, b_c: Tensor, entries: Tensor | None, out_c: Tensor 
             torch.addcmul(b_c[:, :, j], decay, prev, out=target)
         prev = target
     return a_c[:, :, 0] * prev if reverse else prev
+
+
+def _functional_scan(a: Tensor, b: Tensor, h0: Tensor) -> Tensor:
+    """The two-level scan of `_scan_into`, out of place (for torch.compile graphs; autograd
+    differentiates it): [h0, h_0, ..., h_{T-1}] as [B, T + 1, *rest]."""
+    steps = a.shape[1]
+    length = max(1, math.isqrt(steps))
+    chunks = -(-steps // length)
+    pad = chunks * length - steps
+    if pad:  # a = 1, b = 0 keeps the state: the padded tail changes nothing that is read
+        a = torch.cat([a, a.new_ones((a.shape[0], pad) + tuple(a.shape[2:]))], dim=1)
+        b = torch.cat([b, b.new_zeros((b.shape[0], pad) + tuple(b.shape[2:]))], dim=1)
+    a_c, b_c = a.unflatten(1, (chunks, length)), b.unflatten(1, (chunks, length))
+    local = b_c[:, :, 0]
+    for j in range(1, length):  # every chunk from zero at once: what leaves each chunk
+        local = a_c[:, :, j] * local + b_c[:, :, j]
+    total = torch.prod(a_c, dim=2)
+    entries, carry = [], h0
+    for i in range(chunks):
+        entries.append(carry)
+        carry = local[:, i] + total[:, i] * carry
+    h = torch.stack(entries, dim=1)
+    out = []
+    for j in range(length):  # rerun every chunk from its true entry
+        h = a_c[:, :, j] * h + b_c[:, :, j]
+        out.append(h)
+    states = torch.stack(out, dim=2).flatten(1, 2)[:, :steps]
+    return torch.cat([h0.unsqueeze(1), states], dim=1)

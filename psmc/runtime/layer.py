@@ -11,7 +11,10 @@ declared `x: f32[C, D]` is passed as `[B, T, *lanes, D]` (T any length).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+import ast
+import contextlib
 from typing import Callable
 
 import torch
@@ -21,7 +24,8 @@ from ..dtypes import DType
 from .element import with_time
 from .ops import DTYPES, torch_dtypes
 from .scan import exact_scan, exclusive_from_inclusive
-from .state import ChunkStream, ScanState, TreeState
+from .batch import RaggedState, cat_states
+from .state import ChunkStream, ScanState, StreamState, TreeState
 from .tree import tree_scan
 
 
@@ -95,7 +99,8 @@ class Ctx:
 class PsmLayer(nn.Module):
     spec: Spec
 
-    def __init__(self, backend: str = "auto", check_finite: bool | None = None, **dims):
+    def __init__(self, backend: str = "auto", check_finite: bool | str | None = None, lanes: tuple | None = None,
+                 **dims):
         super().__init__()
         spec = self.spec
         if backend not in ("auto", "torch", "triton", "cpu"):
@@ -108,6 +113,12 @@ class PsmLayer(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{spec.name}: dim {name} must be a positive int, got {value!r}")
         self.dims = dict(dims)
+        if lanes is not None:
+            lanes = (lanes,) if isinstance(lanes, int) else tuple(lanes)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lanes):
+                raise ValueError(f"{spec.name}: lanes must be a tuple of positive ints (e.g. lanes=(H,)), got {lanes!r}")
+        self.lanes = lanes
+        self._step_cache: dict = {}
         self.backend = backend
         self.check_finite = check_finite
         self.use_fast_path = True  # set False to force the generic scan (tests compare both)
@@ -121,16 +132,50 @@ class PsmLayer(nn.Module):
         self._check_backend_available()
 
     # ------------------------------------------------------------------ public API
-    def forward(self, *args, state=None, return_state: bool = False, cp_group=None, **inputs):
-        """`cp_group`: a torch.distributed process group; every rank passes its own contiguous
-        slice of the sequence (docs/context_parallel.md)."""
+    def forward(self, *args, state=None, return_state: bool = False, cu_seqlens=None, initial_state=None,
+                output_final_state=None, cp_group=None, **inputs):
+        """The parallel pass over `[B, T, *lanes, ...]` inputs (see the module docstring).
+
+        cu_seqlens: fla's varlen convention: inputs `[1, total_T, ...]` hold N packed sequences
+            with offsets `cu_seqlens` (int32/int64, `[N + 1]`, from 0 to total_T); each is
+            scanned on its own and the state (return_state=True) has batch N.
+        cp_group: a torch.distributed process group; every rank passes its own contiguous
+            slice of the sequence (docs/context_parallel.md).
+        initial_state / output_final_state: fla-style aliases of `state` / `return_state`; for
+            an exact scan the state may be given and is returned as plain tensors (a tensor
+            when the op's state has one field, else a tuple of one tensor per field).
+        """
+        spec = self.spec
         if cp_group is not None:
+            if cu_seqlens is not None or initial_state is not None or output_final_state is not None:
+                raise ValueError(f"{spec.name}: cp_group= does not combine with cu_seqlens=, initial_state= "
+                                 "or output_final_state= yet; pass state= and return_state=")
             from . import context_parallel
             return context_parallel.forward(self, args, inputs, state, return_state, cp_group)
+        fla = output_final_state is not None
+        if initial_state is not None:
+            if state is not None:
+                raise TypeError(f"{spec.name}: pass either state= or initial_state=, not both")
+            state = self._import_state(initial_state)
+        state = self._live_slots(state)
+        return_state = bool(return_state or output_final_state)
         inputs = self._bind_positional(args, inputs)
+        with _no_autocast(inputs):
+            if cu_seqlens is not None:
+                result, new_state = self._forward_varlen(inputs, cu_seqlens, state)
+            elif isinstance(state, RaggedState):
+                result, new_state = self._forward_ragged(inputs, state)
+            else:
+                result, new_state = self._forward_one(inputs, state, return_state)
+        if fla:
+            return result, (self._export_state(new_state) if output_final_state else None)
+        return (result, new_state) if return_state else result
+
+    def _forward_one(self, inputs: dict, state, return_state: bool):
+        spec = self.spec
         call = self._prepare(inputs, step=False)
         if state is not None:
-            self._check_state(state)
+            self._check_state(state, call)
         return self._forward_local(call, state, return_state)
 
     def _forward_local(self, call, state, return_state: bool):
@@ -139,23 +184,45 @@ class PsmLayer(nn.Module):
             outputs, new_state = self._forward_chunked(call, state, return_state)
         else:
             outputs, new_state = self._forward_tokens(call, state, return_state)
+            if self._needs_causal_rerun(outputs, call):
+                # a matmul over a chunk multiplies later NaNs by 0: rerun the token-by-token scan so a
+                # NaN at t reaches no output before t (only taken when a NaN is already there)
+                fast, self.use_fast_path = self.use_fast_path, False
+                try:
+                    outputs, new_state = self._forward_tokens(call, state, return_state)
+                finally:
+                    self.use_fast_path = fast
         self._check_outputs(outputs, call)
+        outputs = _in_dtype(outputs, call)
+        if new_state is not None:
+            new_state = _tagged(new_state, call.tag)
         result = outputs[0] if len(outputs) == 1 else outputs
-        return (result, new_state) if return_state else result
+        return result, new_state
 
     def step(self, state, *args, **inputs):
-        """One token: inputs `[B, *lanes, *declared]`; returns (outputs, new state)."""
+        """One token: inputs `[B, *lanes, *declared]`; returns (outputs, new state).
+
+        The checks of `forward` run on the first token of a stream and whenever the inputs'
+        shapes, dtypes or devices change; later tokens only look up that check (no host sync:
+        the NaN check of `check_finite` is forward-only here unless check_finite='always')."""
         spec = self.spec
         inputs = self._bind_positional(args, inputs)
         if state is None:
-            raise ValueError(f"{spec.name}.step needs a state: use layer.init_state(batch_shape=...)")
-        self._check_state(state)
-        call = self._prepare(inputs, step=True)
-        if spec.chunk is not None:
-            outputs, state = self._step_chunked(call, state)
-        else:
-            outputs, state = self._step_token(call, state)
-        self._check_outputs(outputs, call)
+            raise ValueError(f"{spec.name}.step needs a state: use layer.init_state() or forward(..., return_state=True)")
+        if isinstance(state, RaggedState):
+            return self._step_ragged(state, inputs)
+        state = self._live_slots(state)
+        with _no_autocast(inputs):
+            call = self._prepare_step(inputs, state)
+            if spec.chunk is not None:
+                outputs, state = self._step_chunked(call, state)
+            else:
+                outputs, state = self._step_token(call, state)
+            if self.check_finite == "always":
+                self._check_outputs(outputs, call)
+            outputs = _in_dtype(outputs, call)
+        if state.op != call.tag:
+            state = _tagged(state, call.tag)
         return (outputs[0] if len(outputs) == 1 else outputs), state
 
     def init_state(self, batch_shape=(), device=None, dtype=None):
@@ -167,6 +234,100 @@ class PsmLayer(nn.Module):
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
         return f"{dims}{', ' if dims else ''}scan={self.spec.scan}, backend={self.backend!r}"
+
+    # ------------------------------------------------------------------ varlen and ragged batches
+    def _forward_varlen(self, inputs: dict, cu_seqlens, state):
+        """Each packed sequence on its own (its own scan, its own tree): exactly the outputs and
+        state of running it alone; outputs are packed back as `[1, total_T, ...]`."""
+        spec = self.spec
+        bounds = _check_cu_seqlens(spec.name, cu_seqlens, inputs)
+        n = len(bounds) - 1
+        if state is not None and _batch_rows(state) not in (0, n):
+            raise ValueError(f"{spec.name}: cu_seqlens holds {n} sequences but the state has "
+                             f"{_batch_rows(state)} batch rows; pass one row per sequence")
+        outs, states = [], []
+        for i in range(n):
+            lo, hi = bounds[i], bounds[i + 1]
+            piece = {name: (x if x.shape[1] == 1 else x[:, lo:hi]) for name, x in inputs.items()}
+            row_state = None if state is None or _batch_rows(state) == 0 else state[i]
+            if isinstance(row_state, RaggedState):
+                row_state = row_state.rows[0]
+            out, new_state = self._forward_one(piece, row_state, True)
+            outs.append(out if isinstance(out, tuple) else (out,))
+            states.append(new_state)
+        packed = tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+        return (packed[0] if len(packed) == 1 else packed), cat_states(states)
+
+    def _forward_ragged(self, inputs: dict, state: RaggedState):
+        """Continue a ragged batch: rows with equal counts run together, each as it would alone."""
+        return self._by_groups(state, inputs, lambda x, s: self._forward_one(x, s, True), time=True)
+
+    def _step_ragged(self, state: RaggedState, inputs: dict):
+        return self._by_groups(state, inputs, self.step, time=False)
+
+    def _by_groups(self, state: RaggedState, inputs: dict, run, time: bool):
+        B = len(state.rows)
+        for name, x in inputs.items():
+            if isinstance(x, Tensor) and x.dim() and x.shape[0] not in (1, B):
+                raise ValueError(f"{self.spec.name}: input '{name}' has batch {x.shape[0]} but the state has {B} rows")
+        results, rows, order = [], [None] * B, []
+        for idx, group in state.groups():
+            index = torch.tensor(idx, dtype=torch.int64)
+            part = {n: (x if x.shape[0] == 1 else x.index_select(0, index.to(x.device))) for n, x in inputs.items()}
+            if time:
+                out, new_state = run(part, group)
+            else:
+                out, new_state = run(group, **part)
+            results.append(out if isinstance(out, tuple) else (out,))
+            for j, i in enumerate(idx):
+                rows[i] = new_state[j] if len(idx) > 1 else new_state
+            order.extend(idx)
+        inverse = torch.empty(B, dtype=torch.int64)
+        inverse[torch.tensor(order)] = torch.arange(B)
+        outputs = tuple(torch.cat(parts, dim=0).index_select(0, inverse.to(parts[0].device)) for parts in zip(*results))
+        return (outputs[0] if len(outputs) == 1 else outputs), cat_states(rows)
+
+    # ------------------------------------------------------------------ plain-tensor states (fla style)
+    def _import_state(self, initial_state):
+        if isinstance(initial_state, StreamState):
+            return initial_state
+        if self.spec.scan != "exact" or self.spec.chunk is not None:
+            raise TypeError(f"{self.spec.name}: initial_state as plain tensors needs an exact-scan token op; this op's "
+                            f"state is a {'chunk stream' if self.spec.chunk is not None else 'tree'}: pass the state "
+                            "object from return_state=True (or TreeState.from_tensors(...))")
+        tensors = (initial_state,) if isinstance(initial_state, Tensor) else tuple(initial_state)
+        names = self._live_names()
+        if len(tensors) != len(names) or not all(isinstance(t, Tensor) for t in tensors):
+            dead = [f.name for f in self.spec.fields if f.name not in names]
+            raise TypeError(f"{self.spec.name}: initial_state must be {len(names)} tensor{'s' if len(names) > 1 else ''} "
+                            f"(the live fields {', '.join(names)}"
+                            + (f"; {', '.join(dead)} {'is' if len(dead) == 1 else 'are'} dead in a stream and left out"
+                               if dead else "") + f"), got {len(tensors)}")
+        return self._live_slots(ScanState.from_tensors(tensors))
+
+    def _live_names(self) -> list:
+        """The fields a stream state holds (plain-tensor states: tensors(), initial_state)."""
+        spec = self.spec
+        if spec.stream is not None:
+            return list(spec.stream)
+        return [f.name for i, f in enumerate(spec.fields) if i not in spec.dead]
+
+    def _live_slots(self, state):
+        """A scan state built from the live fields only (ScanState.from_tensors, initial_state)
+        gets None in the dead fields' slots, the layout every stream prefix has."""
+        dead = self.spec.dead
+        if (not dead or not isinstance(state, ScanState) or state.prefix is None
+                or len(state.prefix) != len(self.spec.fields) - len(dead)):
+            return state
+        live = iter(state.prefix)
+        prefix = tuple(None if i in dead else next(live) for i in range(len(self.spec.fields)))
+        return dataclasses.replace(state, prefix=prefix)
+
+    def _export_state(self, state):
+        if isinstance(state, ScanState):
+            tensors = state.tensors()
+            return tensors[0] if len(tensors) == 1 else tensors
+        return state
 
     # ------------------------------------------------------------------ validation
     def _check_backend_available(self):
@@ -188,12 +349,52 @@ class PsmLayer(nn.Module):
             inputs[name] = value
         return inputs
 
-    def _check_state(self, state):
-        want = ScanState if self.spec.scan == "exact" else TreeState
+    def _check_state(self, state, call):
+        """The state must come from this op with these dims and lanes (or be untagged: from
+        init_state or from_tensors, whose shapes are then checked)."""
+        spec = self.spec
+        want = ScanState if spec.scan == "exact" else TreeState
         inner = state.inner if isinstance(state, ChunkStream) else state
-        if not isinstance(inner, want):
-            raise TypeError(f"{self.spec.name}: expected a {want.__name__} (from init_state or "
-                            f"return_state=True), got {type(state).__name__}")
+        if not isinstance(inner, want) or (isinstance(state, ChunkStream) and spec.chunk is None):
+            raise TypeError(f"{call.tag}: expected a {want.__name__} (from init_state or return_state=True), "
+                            f"got {type(state).__name__}{' of ' + state.op if getattr(state, 'op', '') else ''}")
+        if state.op:
+            if state.op != call.tag:
+                self._state_mismatch(state.op, call)
+            return
+        if isinstance(inner, ScanState) and inner.prefix is not None:
+            fields = spec.fields
+            if spec.stream is not None and len(inner.prefix) == len(spec.stream):  # the compact stream layout
+                fields = [f for f in spec.fields if f.name in spec.stream]
+            shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in fields]
+            got = [None if t is None else tuple(t.shape) for t in inner.prefix]
+            lead_rank = len(call.lead) - (0 if call.step else 1)
+            ok = len(got) == len(shapes) and all(
+                (i in spec.dead) if g is None else (len(g) == lead_rank + len(w) and g[lead_rank:] == w)
+                for i, (g, w) in enumerate(zip(got, shapes)))
+            if not ok:
+                fields = ", ".join(f"{f.name}: {list(w)}" for f, w in zip(fields, shapes))
+                raise ValueError(f"{call.tag}: the state does not fit this layer: its prefix holds {len(got)} "
+                                 f"tensor{'s' if len(got) != 1 else ''} of shapes {[g and list(g) for g in got]}, but "
+                                 f"{call.tag} takes [B, *lanes, ...] tensors for the fields {fields}")
+
+    def _state_mismatch(self, made_by: str, call):
+        name, _, lanes = made_by.partition(" lanes=")
+        mine, _, my_lanes = call.tag.partition(" lanes=")
+        if name == mine and lanes != my_lanes:
+            theirs, ours = ast.literal_eval(lanes or "()"), ast.literal_eval(my_lanes or "()")
+            if len(ours) == len(theirs) + 1:
+                what = "step takes one token, [B, *lanes, ...declared]" if call.step else ""
+                if call.step:
+                    raise ValueError(f"{mine}: {what}, but the inputs have one leading axis more than the state "
+                                     f"(lanes {theirs}, inputs {ours}): is there a time axis? For several tokens use "
+                                     "layer(..., state=state, return_state=True)")
+            if len(ours) + 1 == len(theirs) and not call.step:
+                raise ValueError(f"{mine}: forward takes [B, T, *lanes, ...declared], but the inputs have one leading "
+                                 f"axis fewer than the state (lanes {theirs}, inputs {ours}): is the time axis "
+                                 "missing? For one token use layer.step(state, ...) or add a time axis of 1")
+        raise ValueError(f"{call.tag} was given a state made by {made_by}: a state continues the op, dims and lanes "
+                         "that made it")
 
     def _prepare(self, inputs: dict, step: bool) -> "_Call":
         spec = self.spec
@@ -279,7 +480,56 @@ class PsmLayer(nn.Module):
                 x = x.expand(lead[0], lead[1], *x.shape[2:])
             aligned[slot.name] = x
         ctx = Ctx(d=dims, dev=device, dt=dt)
-        return _Call(ctx, aligned, lead)
+        lanes = tuple(lead[lead_axes:])
+        if self.lanes is not None and (len(lanes) != len(self.lanes) or
+                                       any(a not in (1, b) for a, b in zip(lanes, self.lanes))):
+            want = "[B, *lanes, ...declared]" if step else "[B, T, *lanes, ...declared]"
+            hint = ""
+            if len(lanes) == len(self.lanes) + 1:
+                hint = (": is there a time axis? For several tokens use layer(..., state=state, return_state=True)"
+                        if step else "")
+            elif len(lanes) + 1 == len(self.lanes) and not step:
+                hint = ": is the time axis missing? For one token use layer.step(state, ...)"
+            raise ValueError(f"{spec.name}: {'step' if step else 'forward'} takes {want} with lanes {self.lanes} "
+                             f"(from the constructor), but the inputs' leading axes {list(lead)} give lanes "
+                             f"{lanes}{hint}")
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
+        tag = f"{spec.name}[{shown}] lanes={lanes}"
+        halves = {d for d in float_dtypes if d in (torch.float16, torch.bfloat16)}
+        out_dtype = halves.pop() if len(halves) == 1 and float_dtypes <= {torch.float16, torch.bfloat16} else None
+        return _Call(ctx, aligned, lead, step, tag, out_dtype)
+
+    def _prepare_step(self, inputs: dict, state) -> "_Call":
+        """`_prepare` once per input signature (shapes, dtypes, devices): later tokens of a
+        stream only cast and reshape, and the state check is a tag comparison."""
+        if _compiling():  # traced once per graph: the full check costs nothing per token there,
+            call = self._prepare(inputs, step=True)  # and a dict lookup would only add guards
+            self._check_state(state, call)
+            return call
+        try:
+            key = tuple((n, x.shape, x.dtype, x.device) for n, x in inputs.items())
+            hit = self._step_cache.get(key)
+        except AttributeError:  # not tensors: the full check says so
+            key, hit = None, None
+        if hit is None:
+            call = self._prepare(inputs, step=True)
+            self._check_state(state, call)
+            plan = {n: (call.inputs[n].shape, call.inputs[n].dtype) for n in inputs}
+            if key is not None:
+                if len(self._step_cache) > 16:
+                    self._step_cache.clear()
+                self._step_cache[key] = (call, plan)
+            return call
+        template, plan = hit
+        if state.op != template.tag:
+            self._check_state(state, template)
+        aligned = {}
+        for n, x in inputs.items():
+            shape, dtype = plan[n]
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            aligned[n] = x if x.dim() == len(shape) else x.reshape(shape)
+        return _Call(template.ctx, aligned, template.lead, True, template.tag, template.out_dtype)
 
     def _common_lead(self, leads: dict, lead_axes: int, step: bool) -> tuple:
         width = max(len(v) for v in leads.values())
@@ -301,16 +551,23 @@ class PsmLayer(nn.Module):
                 raise ValueError(f"{self.spec.name}: the sequence is empty (T = 0); pass at least one token")
         return tuple(lead)
 
+    def _needs_causal_rerun(self, outputs, call) -> bool:
+        if not (self.spec.fast and self.use_fast_path and self._checks_finite(call)) or _compiling():
+            return False
+        if self.backend != "torch" and call.ctx.dev.type == "cuda":
+            return False  # the Triton kernels scan token by token: causal already
+        return any(o.is_floating_point() and bool(torch.isnan(o).any()) for o in outputs)
+
+    def _checks_finite(self, call) -> bool:
+        """check_finite=None (the default) checks CPU tensors only: on a GPU the check needs a host
+        sync per call, so it is opt-in there (check_finite=True or 'always')."""
+        check = self.check_finite
+        return call.ctx.dev.type == "cpu" if check is None else bool(check)
+
     def _check_outputs(self, outputs, call):
         """NaN outputs from finite inputs are an error that names the op (the inputs are only
-        inspected once a NaN was found, so the common path costs one pass over the outputs).
-
-        check_finite=None (the default) checks CPU tensors only: on a GPU the check needs a host
-        sync per call, so it is opt-in there (check_finite=True)."""
-        check = self.check_finite
-        if check is None:
-            check = call.ctx.dev.type == "cpu"
-        if not check or getattr(call, "outputs_checked", False):
+        inspected once a NaN was found, so the common path costs one pass over the outputs)."""
+        if not self._checks_finite(call) or _compiling() or getattr(call, "outputs_checked", False):
             return  # (the C++ kernels check their outputs as they write them)
         for slot, out in zip(self.spec.outputs, outputs):
             if out.is_floating_point() and torch.isnan(out).any():
@@ -459,14 +716,14 @@ class PsmLayer(nn.Module):
                 like = kept[f.name]
         full = tuple(kept[f.name] if f.name in kept else
                      like.new_zeros(lead + tuple(int(s) for s in f.shape(call.ctx.d))) for f in self.spec.fields)
-        return ScanState(prefix=full, count=state.count)
+        return ScanState(prefix=full, count=state.count, op=state.op)
 
     def _stream_state(self, state):
         keep = self.spec.stream
         if keep is None or not isinstance(state, ScanState) or state.prefix is None:
             return state
         by_name = {f.name: t for f, t in zip(self.spec.fields, state.prefix)}
-        return ScanState(prefix=tuple(by_name[n] for n in keep), count=state.count)
+        return ScanState(prefix=tuple(by_name[n] for n in keep), count=state.count, op=state.op)
 
     # ------------------------------------------------------------------ chunk ops
     def _forward_chunked(self, call, state, return_state):
@@ -551,6 +808,69 @@ class _Call:
     ctx: Ctx
     inputs: dict
     lead: tuple
+    step: bool = False
+    tag: str = ""  # "op[dims] lanes=(...)": what a state made by this call is tagged with
+    out_dtype: torch.dtype | None = None  # half-precision inputs: outputs are cast back to it
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _tagged(state, tag: str):
+    if state.op == tag:
+        return state
+    import dataclasses
+    if isinstance(state, ChunkStream):
+        return dataclasses.replace(state, op=tag, inner=_tagged(state.inner, tag))
+    return dataclasses.replace(state, op=tag)
+
+
+def _in_dtype(outputs: tuple, call: _Call) -> tuple:
+    """bf16/fp16 inputs give outputs in that dtype (computed and accumulated in fp32)."""
+    if call.out_dtype is None:
+        return outputs
+    return tuple(o.to(call.out_dtype) if o.is_floating_point() else o for o in outputs)
+
+
+def _no_autocast(inputs: dict):
+    """The layer computes in its own dtypes (fp32 state and accumulation): autocast, if on,
+    is switched off inside it (in-place GEMMs and fp32 state updates must not be recast)."""
+    for x in inputs.values():
+        if isinstance(x, Tensor):
+            if torch.is_autocast_enabled(x.device.type):
+                return torch.autocast(x.device.type, enabled=False)
+            break
+    return contextlib.nullcontext()
+
+
+def _batch_rows(state) -> int:
+    return state.batch_size
+
+
+def _check_cu_seqlens(op: str, cu, inputs: dict) -> list:
+    """Validated offsets as Python ints (one host read per call, as in fla)."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
+    bounds = [int(b) for b in cu.tolist()]
+    batches = {name: x.shape[0] for name, x in inputs.items() if isinstance(x, Tensor) and x.dim() >= 2}
+    if any(b != 1 for b in batches.values()):
+        raise ValueError(f"{op}: with cu_seqlens the inputs are packed as [1, total_T, ...]; got batch sizes {batches}")
+    times = {x.shape[1] for x in inputs.values() if isinstance(x, Tensor) and x.dim() >= 2} - {1}
+    total = times.pop() if len(times) == 1 else (1 if not times else None)
+    if total is None:
+        raise ValueError(f"{op}: the inputs disagree on total_T: {sorted(times)}")
+    if len(bounds) < 2 or bounds[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0 and hold N + 1 offsets, got {bounds}")
+    bad = [i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
+                         f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
+    if bounds[-1] != total:
+        raise ValueError(f"{op}: cu_seqlens must end at total_T = {total} (the inputs' time axis), got {bounds[-1]}: {bounds}")
+    return bounds
 
 
 def _positions(start: int, count: int, lead: tuple, device) -> Tensor:

@@ -133,6 +133,8 @@ def broadcast_to(x, rank: int, shape: tuple):
 
 def as_field(x, lead: tuple, shape: tuple, dtype: torch.dtype, device) -> Tensor:
     """Materialise a body result as a full `[*lead, *shape]` tensor of the slot's dtype."""
+    if isinstance(x, Tensor) and x.dtype == dtype and x.shape == (*lead, *shape):
+        return x  # already a full field (the common case in a step): no checks, no view
     shape = tuple(int(s) for s in shape)
     if not isinstance(x, Tensor):
         x = torch.tensor(x, dtype=dtype, device=device)
@@ -143,7 +145,7 @@ def as_field(x, lead: tuple, shape: tuple, dtype: torch.dtype, device) -> Tensor
     lead = tuple(lead)
     if len(xlead) < len(lead):
         x = x.reshape((1,) * (len(lead) - len(xlead)) + tuple(x.shape))
-    return x.expand((*lead, *shape))  # a tuple: expand() of no sizes is an error
+    return x.expand((*lead, *shape)) if lead or shape else x  # a tuple: expand() of no sizes is an error
 
 
 def reduce_axis(axis: int, rank: int) -> int:
@@ -203,5 +205,8 @@ def lead_of(pairs) -> tuple:
     shapes = [tuple(t.shape[: t.dim() - rank]) for t, rank in pairs if isinstance(t, Tensor)]
     if not shapes:
         return ()
+    first = shapes[0]
+    if all(s == first for s in shapes):
+        return first  # one lead for all (the common case): no broadcast computation
     width = max(len(s) for s in shapes)
     return tuple(torch.broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes)))

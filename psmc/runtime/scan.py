@@ -74,10 +74,15 @@ def _scan_within_blocks(x: Element, combine: Combine, block: int) -> Element:
     if n <= block:  # one block: every even step but the first follows the previous pair
         filled = combine(window(odds, 0, n_even - 1), window(evens, 1, n_even - 1))
         return interleave(join([window(evens, 0, 1), filled]), odds)
-    k = torch.arange(1, n_even)
-    k = k[(2 * k) % block != 0]  # even steps that start a block keep their own value
-    if k.numel() == 0:
+    # even steps 1 .. n_even - 1 except those that start a block (multiples of block / 2)
+    # keep their own value; the m-th kept one is m + 1 + m // (half - 1) (no boolean mask:
+    # the shape follows from Python ints, so a torch.compile graph needs no data-dependent size)
+    half = block // 2
+    count = 0 if half == 1 else (n_even - 1) - (n_even - 1) // half
+    if count == 0:
         return interleave(evens, odds)
+    m = torch.arange(count)
+    k = m + 1 + m // (half - 1)
     filled = combine(take(odds, k - 1), take(evens, k))
     return interleave(put(evens, k, filled), odds)
 

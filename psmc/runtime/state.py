@@ -53,6 +53,8 @@ def _tensors(value: Any) -> Iterator[Tensor]:
 
 
 def _as_count(count: int | Tensor, device: torch.device | str | None = None) -> Tensor:
+    if isinstance(count, Tensor) and count.dtype == torch.int64 and count.dim() == 0:
+        return count  # already a count: no dispatch (a decode step builds one per token)
     if isinstance(count, Tensor):
         return count.to(torch.int64).reshape(())
     return torch.tensor(count, dtype=torch.int64, device=device)
@@ -76,12 +78,28 @@ class StreamState:
 
     def tensors(self) -> list[Tensor]:
         """Every tensor held, each once (a fold may be its root), in field order."""
+        return self._all_tensors()
+
+    def _all_tensors(self) -> list[Tensor]:
         return list({id(t): t for t in _tensors(self)}.values())
 
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors held, each tensor counted once."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.numel() * t.element_size() for t in self._all_tensors())
+
+    # -- batch operations (psmc/runtime/batch.py holds the functions behind them)
+    @property
+    def batch_size(self) -> int:
+        """Rows along the batch axis (axis 0 of every per-row tensor); 0 for an empty state."""
+        from psmc.runtime.batch import batch_size
+        return batch_size(self)
+
+    def __getitem__(self, index):
+        """A new state with the batch rows `index` (an int keeps the batch axis, a slice,
+        a list or an int64/bool tensor: slicing, and reordering for beam search)."""
+        from psmc.runtime.batch import select_rows
+        return select_rows(self, index)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,6 +108,7 @@ class ScanState(StreamState):
 
     prefix: Element | None
     count: Tensor
+    op: str = ""  # the layer that made it (checked when a layer is given a state)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "count", _as_count(self.count))
@@ -106,12 +125,26 @@ class ScanState(StreamState):
     def push(self, x: Element, combine: Combine) -> ScanState:
         """Append one step element (1 combine call; none for the first leaf)."""
         prefix = x if self.prefix is None else combine(self.prefix, x)
-        return ScanState(prefix=prefix, count=self.count + 1)
+        return ScanState(prefix=prefix, count=self.count + 1, op=self.op)
 
     def advanced(self, inclusive: Element) -> ScanState:
         """The state after a parallel pass whose inclusive scan (carry included) is `inclusive`."""
         last = clone_step(at(inclusive, length(inclusive) - 1))
-        return ScanState(prefix=last, count=self.count + length(inclusive))
+        return ScanState(prefix=last, count=self.count + length(inclusive), op=self.op)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The live prefix fields as plain tensors `[B, *lanes, *field]`, in declared order
+        (empty before the first token; a dead field, None in its slot, is left out);
+        `ScanState.from_tensors(t, count=state.size)` rebuilds it for the layer."""
+        return () if self.prefix is None else tuple(t for t in self.prefix if t is not None)
+
+    @classmethod
+    def from_tensors(cls, tensors, count: int | Tensor = 0, op: str = "") -> ScanState:
+        """A state whose prefix is `tensors` (one per live field, e.g. an fla final state), having
+        seen `count` tokens (matters only for ops that read the position)."""
+        tensors = (tensors,) if isinstance(tensors, Tensor) else tuple(tensors)
+        device = tensors[0].device if tensors else None
+        return cls(prefix=tensors or None, count=_as_count(count, device), op=op)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -127,6 +160,7 @@ class TreeState(StreamState):
     count: Tensor
     roots: tuple[Element | None, ...] = ()
     folds: tuple[Element | None, ...] = ()
+    op: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "count", _as_count(self.count))
@@ -166,7 +200,40 @@ class TreeState(StreamState):
         roots[level] = tree
         older = next((fold for fold in folds[level + 1 :] if fold is not None), None)
         folds[level] = tree if older is None else agg(older, tree)
-        return TreeState(count=self.count + 1, roots=tuple(roots), folds=tuple(folds))
+        return TreeState(count=self.count + 1, roots=tuple(roots), folds=tuple(folds), op=self.op)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """Plain tensors: for each occupied level, lowest first, its root's fields then its
+        fold's fields. `TreeState.from_tensors(t, count=state.size)` rebuilds the state."""
+        out: list[Tensor] = []
+        for root, fold in zip(self.roots, self.folds):
+            if root is not None:
+                out.extend(root)
+                out.extend(fold)
+        return tuple(out)
+
+    @classmethod
+    def from_tensors(cls, tensors, count: int, op: str = "") -> TreeState:
+        """The inverse of `tensors()`: the counter after `count` leaves (its set bits say which
+        levels hold a root and a fold)."""
+        tensors = tuple(tensors)
+        count = int(count)
+        levels = [j for j in range(count.bit_length()) if (count >> j) & 1]
+        if not levels:
+            if tensors:
+                raise ValueError(f"a tree state after 0 tokens holds no tensors, got {len(tensors)}")
+            return cls.empty()
+        n, rest = divmod(len(tensors), 2 * len(levels))
+        if rest or not n:
+            raise ValueError(f"a tree state after {count} tokens holds 2 x {len(levels)} elements (one root and "
+                             f"one fold per set bit of {count}), so a multiple of {2 * len(levels)} tensors; "
+                             f"got {len(tensors)}")
+        roots: list = [None] * count.bit_length()
+        folds: list = [None] * count.bit_length()
+        for i, level in enumerate(levels):
+            chunk = tensors[2 * n * i: 2 * n * (i + 1)]
+            roots[level], folds[level] = tuple(chunk[:n]), tuple(chunk[n:])
+        return cls(count=_as_count(count, tensors[0].device), roots=tuple(roots), folds=tuple(folds), op=op)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -179,6 +246,7 @@ class ChunkStream(StreamState):
     inner: ScanState | TreeState
     buffer: dict[str, Tensor]
     filled: Tensor
+    op: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filled", _as_count(self.filled))
@@ -224,7 +292,7 @@ class ChunkStream(StreamState):
             name: buf.index_copy(1, slot.to(buf.device), token[name].unsqueeze(1).to(buf.dtype))
             for name, buf in self.buffer.items()
         }
-        return ChunkStream(inner=self.inner, buffer=buffer, filled=self.filled + 1)
+        return ChunkStream(inner=self.inner, buffer=buffer, filled=self.filled + 1, op=self.op)
 
     def tokens(self, name: str) -> Tensor:
         """The valid tokens of input `name`: `[B, filled, ...]`."""
@@ -234,7 +302,7 @@ class ChunkStream(StreamState):
         """After the complete chunk was pushed into `inner`: an empty buffer (zeroed, so the
         old chunk's autograd graph is not kept alive)."""
         buffer = {name: torch.zeros_like(buf) for name, buf in self.buffer.items()}
-        return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled))
+        return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled), op=self.op)
 
 
 # States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the

@@ -108,58 +108,97 @@ def _low_level(values: Tensor) -> Tensor:
     return torch.log2(low.to(torch.float64)).round().to(torch.int64)
 
 
+def _low(v: int) -> int:
+    return (v & -v).bit_length() - 1
+
+
+_PLANS: dict = {}
+
+
+@torch._dynamo.assume_constant_result  # a torch.compile graph runs it at trace time: constants
+def _plan_cached(m: int, n: int, lengths: tuple) -> tuple:
+    key = (m, n, lengths)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(m, n, lengths)
+    return plan
+
+
+def _plan(m: int, n: int, lengths: tuple) -> tuple:
+    """The index bookkeeping of `_prefixes` for leaves m+1..n, in Python ints (it depends only
+    on m, n and the level sizes: cached in eager mode, and constant in a torch.compile graph).
+
+    Returns (direct, folded, fold_levels, rounds, order): node indices of the round-0 prefixes
+    that are a node, (fold level, node) of those that fold the state's cache in, for each later
+    round (left slots in the previous round's output, node indices), and the permutation that
+    puts the produced prefixes in the order of t (None when they already are)."""
+    offsets = [0]
+    for size in lengths[:-1]:
+        offsets.append(offsets[-1] + size)
+    node_of, rest_of, rounds_of = {}, {}, {}
+    for t in range(m + 1, n + 1):
+        level = _low(t)
+        rest = t - (t & -t)
+        node_of[t] = offsets[level] + ((t - _first_end(m, level)) >> level)
+        rest_of[t] = rest
+        r, chain = 0, rest
+        while chain > m:
+            r += 1
+            chain -= chain & -chain
+        rounds_of[t] = r
+    ts = range(m + 1, n + 1)
+    direct = [t for t in ts if rounds_of[t] == 0 and rest_of[t] == 0]
+    folded = [t for t in ts if rounds_of[t] == 0 and rest_of[t] > 0]
+    members = direct + folded
+    plan_rounds = []
+    for r in range(1, max(rounds_of.values(), default=0) + 1):
+        these = [t for t in ts if rounds_of[t] == r]
+        slot = {t: i for i, t in enumerate(members)}
+        plan_rounds.append(([slot[rest_of[t]] for t in these], [node_of[t] for t in these]))
+        members = these
+    produced = direct + folded + [t for r in range(1, len(plan_rounds) + 1) for t in ts if rounds_of[t] == r]
+    order = None
+    if produced != list(ts):
+        position = {t: i for i, t in enumerate(produced)}
+        order = [position[t] for t in ts]
+    return ([node_of[t] for t in direct], [(_low(rest_of[t]), node_of[t]) for t in folded],
+            tuple(plan_rounds), order)
+
+
+def _index(values: list) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def _prefixes(levels: list[Element], agg: Combine, state: TreeState | None, m: int, n: int) -> Element:
-    t = torch.arange(m + 1, n + 1)
-    level = _low_level(t)
-    rest = t - (t & -t)  # P(t) = Agg(P(rest), Block ending at t at `level`)
-    firsts = torch.tensor([_first_end(m, d) for d in range(len(levels))])
-    offsets = torch.tensor([0] + [length(lv) for lv in levels[:-1]]).cumsum(0)
-    node_of = offsets[level] + ((t - firsts[level]) >> level)  # t's block in the joined nodes
+    lengths = tuple(length(lv) for lv in levels)
+    plan = _plan_cached(m, n, lengths)
+    direct, folded, rounds, order = plan
     nodes = join(levels)
-
-    rounds = torch.zeros_like(t)
-    chain = rest.clone()
-    while bool((chain > m).any()):
-        above = chain > m
-        rounds += above.to(torch.int64)
-        chain = torch.where(above, chain - (chain & -chain), chain)
-
     # Round 0: P(t) is a node (rest == 0) or Agg(state's fold, node) (0 < rest <= m).
-    in_round0 = rounds == 0
-    direct, folded = t[in_round0 & (rest == 0)], t[in_round0 & (rest > 0)]
     parts = []
-    if direct.numel():
-        parts.append(take(nodes, node_of[direct - m - 1]))
-    if folded.numel():
-        fold_left = _gather_folds(state, _low_level(rest[folded - m - 1]), nodes)
-        parts.append(agg(fold_left, take(nodes, node_of[folded - m - 1])))
-    members = [torch.cat([direct, folded])]
+    if direct:
+        parts.append(take(nodes, _index(direct)))
+    if folded:
+        fold_left = _gather_folds(state, [lvl for lvl, _ in folded], nodes)
+        parts.append(agg(fold_left, take(nodes, _index([node for _, node in folded]))))
     outputs = [join(parts)]
-    for r in range(1, int(rounds.max()) + 1):
-        these = t[rounds == r]
-        slot = torch.empty(n - m, dtype=torch.int64)
-        slot[members[-1] - m - 1] = torch.arange(members[-1].numel())
-        left = take(outputs[-1], slot[rest[these - m - 1] - m - 1])  # P(rest) from round r-1
-        outputs.append(agg(left, take(nodes, node_of[these - m - 1])))
-        members.append(these)
-
-    produced = torch.cat(members)  # the t of each step of join(outputs), in order
-    if torch.equal(produced, t):
+    for left_slots, node_ids in rounds:  # round r takes its left operands from round r-1
+        outputs.append(agg(take(outputs[-1], _index(left_slots)), take(nodes, _index(node_ids))))
+    if order is None:
         return join(outputs)
-    order = torch.empty_like(produced)
-    order[produced - m - 1] = torch.arange(produced.numel())
-    return take(join(outputs), order)
+    return take(join(outputs), _index(order))
 
 
-def _gather_folds(state: TreeState | None, fold_levels: Tensor, like: Element) -> Element:
+def _gather_folds(state: TreeState | None, fold_levels: list, like: Element) -> Element:
     """The state's cached folds at `fold_levels`, one per step (broadcast when all agree)."""
-    distinct = torch.unique(fold_levels).tolist()
+    distinct = sorted(set(fold_levels))
     pool = join([step_like(_old(state, "folds", lvl), like) for lvl in distinct])
     if len(distinct) == 1:
         return pool  # one step; Agg broadcasts it over the time axis
-    slot_of = torch.full((max(distinct) + 1,), -1, dtype=torch.int64)
-    slot_of[torch.tensor(distinct)] = torch.arange(len(distinct))
-    return take(pool, slot_of[fold_levels])
+    slot_of = {lvl: i for i, lvl in enumerate(distinct)}
+    return take(pool, _index([slot_of[lvl] for lvl in fold_levels]))
 
 
 def _counter_after(
