@@ -87,8 +87,14 @@ def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
     table = _exchange_metadata(mine, group, world, device)
     plan = _validate(layer, table, rank, world)
     if world == 1:
-        return layer._forward_local(call, state, return_state)
-    return _Run(layer, call, state, return_state, group, rank, world, plan, grad).run()
+        result = layer._forward_local(call, state, return_state)
+    else:
+        result = _Run(layer, call, state, return_state, group, rank, world, plan, grad).run()
+    if return_state:  # the whole sequence's state, tagged like any state this layer returns
+        from .layer import _tagged
+        outputs, new_state = result
+        result = (outputs, _tagged(new_state, call.tag))
+    return result
 
 
 def _device_of(inputs: dict) -> torch.device:

@@ -301,6 +301,7 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
     ints += [int(call.ctx.d[d]) for d in k.dims] + strides
     lib = library(k)
     _call(_function(lib, k, "forward", compute), tensors, ints, _threads(g))
+    call.token_by_token = True  # one sequential loop over time: a NaN at t reaches nothing before t
     if not bool(nan.any()):
         call.outputs_checked = True  # no NaN output: the layer's finite check has nothing to find
     return outs, fins, saves

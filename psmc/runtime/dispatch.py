@@ -80,7 +80,13 @@ def choose(layer, call, kind: str) -> Path:
             raise RuntimeError(f"{layer.spec.name}: backend='triton' cannot run this call: {reasons}; "
                                "use backend='auto' or 'torch'")
         return TORCH_SCAN  # always serves
-    return min(usable, key=lambda p: (p.cost(layer, call), p.name))
+    # a plain loop rather than min(key=...): torch.compile traces it without a graph break
+    best, best_key = None, None
+    for path in usable:
+        key = (path.cost(layer, call), path.name)
+        if best is None or key < best_key:
+            best, best_key = path, key
+    return best
 
 
 def has_triton_path(cls) -> bool:

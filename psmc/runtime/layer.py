@@ -556,6 +556,8 @@ class PsmLayer(nn.Module):
             return False
         if self.backend != "torch" and call.ctx.dev.type == "cuda":
             return False  # the Triton kernels scan token by token: causal already
+        if getattr(call, "token_by_token", False):
+            return False  # the C++ kernels scan token by token: causal already
         return any(o.is_floating_point() and bool(torch.isnan(o).any()) for o in outputs)
 
     def _checks_finite(self, call) -> bool:

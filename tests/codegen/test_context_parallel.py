@@ -100,6 +100,9 @@ def _agree_state(got, want, what: str, exact: bool, failures: list):
     elif want is None or got is None:
         if not (want is None and got is None):
             failures.append(f"{what}: {got!r}, expected {want!r}")
+    elif not isinstance(want, torch.Tensor):  # tags (op, dims, lanes), counts: plain values
+        if got != want:
+            failures.append(f"{what}: {got!r}, expected {want!r}")
     else:
         _agree(got.expand(want.shape) if got.dim() == want.dim() else got, want, what, exact, failures)
 

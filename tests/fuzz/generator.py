@@ -495,6 +495,8 @@ def _assemble(seed, rng, name, b: Builder, parts: list) -> Program:
     lines.append(f"  combine (l, r) {{ {' '.join(lets)}{' ' if lets else ''}return {_tuple(comb, one)}; }}")
     if declare_identity:
         lines.append(f"  identity = {_tuple([e for p in parts for e in p.identity], one)};")
+        if not all(p.associative for p in parts):  # a random combine's "identity" is the empty prefix only
+            lines.append("  assume empty_prefix;")
     if readout_body is not None:
         args = "".join(f", {n}: {type_text(dt, s)}" for n, dt, s, _ in readout_inputs)
         lines.append(f"  readout{' exclusive' if exclusive else ''} ({'p' if exclusive else 's'}{args}) "
@@ -588,6 +590,7 @@ def _chunk_program(seed, rng, name) -> Program:
     lines.append(f"  lift ({x}: {dt}{chunk_shape}) {{ return {_tuple(lift, one)}; }}")
     lines.append(f"  combine (l, r) {{ return {_tuple(comb, one)}; }}")
     lines.append(f"  identity = {_tuple(ident, one)};")
+    lines.append("  assume empty_prefix;")  # the chunk combines need not have it as an identity
     lines.append(f"  readout exclusive (p, {y}: {b.fdt()}{chunk_shape}) {{ return {readout}; }}")
     lines.append("}")
     return Program(seed, name, "\n".join(lines) + "\n", dict(b.dims), {x: "signed", y: "signed"},

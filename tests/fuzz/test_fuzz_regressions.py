@@ -69,6 +69,7 @@ op mixed_attention[C, D] {
   lift (x: f64[C, D]) { return x; }
   combine (l, r) { return r.X; }
   identity = zeros;
+  assume empty_prefix;
   readout exclusive (p, y: f64[C, D]) { return attention(y, p.X, p.X) + attention(p.X, y, y, causal=true); }
 }
 """
