@@ -639,6 +639,16 @@ class KernelPrinter:
             lines.append(self.assign(f"id_{f.name}", role, body, node))
         return lines
 
+    def prologue(self, groups: list) -> tuple[list[str], list[str], list[str], list[str]]:
+        """What both passes start with: (the header over these pointer groups, the work-item
+        buffer declarations, the work item's first lines: params and the identity when the
+        readout is exclusive, the per-token input loads)."""
+        decls, in_lines = self.load_inputs()
+        item = self.params()
+        if self.op.exclusive:
+            item += self.identity_lines(decls)
+        return self.header(groups), decls, item, in_lines
+
     # -- forward (and step: a forward over one token)
     def forward(self) -> list[str]:
         op, g = self.op, self.grid
@@ -647,13 +657,7 @@ class KernelPrinter:
                   ("ini", [(f.dtype, True) for f in op.state]), ("out", [(o.dtype, False) for o in op.outputs]),
                   ("fin", [(f.dtype, False) for f in op.state]), ("sav", [(f.dtype, False) for f in op.state]),
                   ("nan", [("bool", False)])]
-        lines = self.header(groups)
-        decls, item = [], []
-        in_decls, in_lines = self.load_inputs()
-        decls += in_decls
-        item += self.params()
-        if op.exclusive:
-            item += self.identity_lines(decls)
+        lines, decls, item, in_lines = self.prologue(groups)
         for i, f in enumerate(op.state):  # the carry: two buffers, or the save slots
             role = g.fields[f.name]
             st = store_type(f.dtype)
@@ -785,13 +789,7 @@ class KernelPrinter:
                   ("dout", [("f32", True) for _ in op.outputs]), ("dfin", [("f32", True) for _ in op.state]),
                   ("din", [("f32", False) for _ in op.inputs]), ("dpar", [("f32", False) for _ in op.params]),
                   ("dini", [("f32", False) for _ in op.state])]
-        lines = self.header(groups)
-        decls, item = [], []
-        in_decls, in_lines = self.load_inputs()
-        decls += in_decls
-        item += self.params()
-        if op.exclusive:
-            item += self.identity_lines(decls)
+        lines, decls, item, in_lines = self.prologue(groups)
         for i, f in enumerate(op.state):  # gc: the adjoint reaching P_t from the later tokens
             if f.dtype not in FLOATS:
                 continue

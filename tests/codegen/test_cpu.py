@@ -328,3 +328,52 @@ def test_nan_from_finite_inputs_is_still_an_error(monkeypatch):
     assert spy.forward == 1 and torch.isnan(y).all()
     ok = cls(backend="cpu")(torch.ones(1, 3, 2), torch.zeros(1, 3, 2))
     torch.testing.assert_close(ok, torch.tensor([1.0, 2.0, 3.0]).reshape(1, 3, 1).expand(1, 3, 2))
+
+
+F64_SOURCES = {
+    "f64 sum with an f64 readout input": """
+op wide_sum {
+  state (s: f64);
+  lift (x: f64) { return tanh(x); }
+  combine (l, r) { return r.s + l.s; }
+  readout (s, x: f64) { return s.s + x; }
+}
+""",
+    "i32 count beside an f64 output": """
+op wide_count {
+  state (n: i32);
+  lift () { return 1; }
+  combine (l, r) { return l.n + r.n; }
+  identity = 0;
+  readout (s, y: f64) { return (s.n, tanh(y)); }
+}
+""",
+    "f32 input into an f64 state": """
+op mixed_sum {
+  state (s: f64);
+  lift (x: f32) { return x; }
+  combine (l, r) { return l.s + r.s; }
+  identity = zeros;
+  readout (s) { return s.s; }
+}
+""",
+}
+
+
+@needs_compiler
+@pytest.mark.parametrize("what", sorted(F64_SOURCES))
+def test_f64_declared_values_compute_in_float64(what, tmp_path):
+    """Regression (found by the fuzz campaign with backend='auto' picking C++): the kernel's
+    scalar type followed the f32 values' compute dtype, so an op declaring only f64 values ran
+    in float32 (1e-8 off the reference)."""
+    path = tmp_path / "wide.psm"
+    path.write_text(F64_SOURCES[what])
+    module = psmc.load(path)
+    cls = next(getattr(module, n) for n in ("wide_sum", "wide_count", "mixed_sum") if hasattr(module, n))
+    torch.manual_seed(0)
+    x = torch.randn(2, 33, dtype=torch.float64)
+    inputs = {slot.name: x.to(torch.float32) if slot.dtype == "f32" else x for slot in cls.spec.inputs}
+    got, want = as_tuple(cls(backend="cpu")(**inputs)), as_tuple(cls(backend="torch")(**inputs))
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
