@@ -958,6 +958,7 @@ def registration(op: OpIR, source_name: str) -> list[str]:
         f"    output_roles={tuple(g.value_role(v) for v in op.outputs)!r},",
         f"    dims={tuple(op.dims)!r},",
         f"    lane_block={LANE_BLOCK},",
+        f"    param_dtypes={tuple(p.dtype for p in op.params)!r},",
         ")",
     ]
 

@@ -64,6 +64,14 @@ class CpuKernels:
     output_roles: tuple
     dims: tuple
     lane_block: int
+    param_dtypes: tuple = ()
+
+    def compute_dtype(self, ctx) -> torch.dtype:
+        """The kernel's one `scalar_t`: float64 when the op declares any f64 value (or its f32
+        values compute in float64 this call), else float32. One scalar type serves every float,
+        so an op mixing f32 and f64 computes wholly in float64, never an f64 value in float32."""
+        declared = self.input_dtypes + self.field_dtypes + self.output_dtypes + self.param_dtypes
+        return torch.float64 if "f64" in declared else ctx.dt["f32"]
 
 
 # ---------------------------------------------------------------------- building
@@ -274,7 +282,7 @@ def _params(layer) -> list:
 
 def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, save: bool):
     k = layer._cpu_kernels
-    compute = call.ctx.dt["f32"]
+    compute = k.compute_dtype(call.ctx)
     tensors, strides = [], []
     for x, role, dtype in zip(inputs, k.input_roles, k.input_dtypes):
         view, st = _input_view(x, g, role, _storage_dtype(dtype, compute))
@@ -342,7 +350,7 @@ class _CpuScan(torch.autograd.Function):
     def backward(ctx, *grads):
         layer, call, g, start, has_init = ctx.meta
         k = layer._cpu_kernels
-        compute = call.ctx.dt["f32"]
+        compute = k.compute_dtype(call.ctx)
         saved = ctx.saved_tensors
         n_in, n_par = len(k.inputs), len(k.params)
         flat, saves = saved[:ctx.n_flat], saved[ctx.n_flat:]
