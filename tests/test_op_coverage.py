@@ -9,7 +9,7 @@ import re
 import pytest
 
 from psmc.analysis import monoids, symbolic
-from psmc.codegen import torch_printer, triton_printer, triton_vjp
+from psmc.codegen import cpp_printer, torch_printer, triton_printer, triton_vjp
 from psmc.ir import interp, rewrite
 from psmc.ir.builtins import BUILTINS
 from psmc.ir.ops import BINARY_OPERATORS, OPS
@@ -62,6 +62,32 @@ def test_the_triton_printer_renders_or_says_why_and_has_a_gradient():
         assert has_vjp, f"{op} renders in Triton but has no VJP rule and is not declared gradient-free"
 
 
+ELEMENTWISE_KINDS = ("unary", "binary", "compare", "logical", "select")
+
+
+@pytest.mark.parametrize("op", sorted(o for o, info in OPS.items() if info.kind in ELEMENTWISE_KINDS))
+def test_the_cpp_printer_renders_every_elementwise_op_with_a_gradient(op):
+    """The C++ kernels are sequential loops over elements: every elementwise op has a C++
+    rendering, and a VJP rule or a declaration that no gradient flows."""
+    assert op in cpp_printer.CPP_OPS
+    assert (op in cpp_printer.VJP_RULES) != (op in cpp_printer.NO_GRADIENT) or op == "pow", op  # pow: its own rule
+
+
+def test_the_cpp_printer_says_why_for_the_rest():
+    """Reductions, views, casts and the matrix products have their own code in the C++ printer;
+    every other op makes `unsupported_reason` name it (the torch backend serves the op)."""
+    handled = set(cpp_printer.CPP_OPS) | cpp_printer.REDUCTIONS | cpp_printer.VIEWS | cpp_printer.LEAVES \
+        | {"cast", "matmul", "outer"}
+    rest = sorted(set(OPS) - handled)
+    assert rest == ["attention", "concat", "diag", "eye", "layernorm", "reshape", "softmax", "transpose"], rest
+    from psmc.compiler import compile_source
+    src = ("op t[D] {{ state (h: f32[D]); lift (x: f32[D]) {{ return {}; }} "
+           "combine (l, r) {{ return l.h + r.h; }} }}")
+    compiled = compile_source(src.format("softmax(x)"), "t.psm")
+    reason = cpp_printer.unsupported_reason(compiled.ops[0], compiled.plans["t"])
+    assert reason == "uses 'softmax': no C++ rendering; the torch backend serves it", reason
+
+
 def test_the_commutative_ops_agree():
     assert rewrite.COMMUTATIVE == monoids._COMMUTATIVE
     assert all(OPS[o].arity == 2 for o in rewrite.COMMUTATIVE)
@@ -70,7 +96,7 @@ def test_the_commutative_ops_agree():
 NEW_ROW = '''
 UNARY_MATH = UNARY_MATH + (
     UnaryMath("cos", "cosine", "float", "torch.cos", lambda ev, x: sympy.cos(x), "torch.cos", "tl.cos({0})",
-              "(-{g} * tl.sin({a}))"),
+              "(-{g} * tl.sin({a}))", "std::cos({a})", "(-{g} * std::sin({a}))"),
 )
 UNARY = {row.name: row for row in UNARY_MATH}
 '''
@@ -78,7 +104,7 @@ UNARY = {row.name: row for row in UNARY_MATH}
 CHECK = '''
 import torch
 from psmc.analysis import symbolic
-from psmc.codegen import torch_printer, triton_printer, triton_vjp
+from psmc.codegen import cpp_printer, torch_printer, triton_printer, triton_vjp
 from psmc.compiler import compile_source
 from psmc.ir import interp
 from psmc.ir.builtins import BUILTINS
@@ -87,7 +113,9 @@ assert OPS["cos"].kind == "unary" and BUILTINS["cos"].doc == "cosine"
 assert "cos" in interp._UNARY and "cos" in symbolic._UNARY and torch_printer.UNARY["cos"] == "torch.cos"
 assert triton_printer.TRITON_OPS["cos"] == "tl.cos({0})" and triton_vjp.VJP_RULES["cos"] == ("(-{g} * tl.sin({a}))",)
 src = "op c[D] { state (h: f32[D]); lift (x: f32[D]) { return cos(x); } combine (l, r) { return l.h + r.h; } }"
-assert "tl.cos(" in compile_source(src, "c.psm").source  # the Triton kernels use the row
+assert cpp_printer.CPP_OPS["cos"] == "std::cos({a})" and cpp_printer.VJP_RULES["cos"] == ("(-{g} * std::sin({a}))",)
+generated = compile_source(src, "c.psm").source
+assert "tl.cos(" in generated and "std::cos(" in generated  # the Triton and C++ kernels use the row
 open("c.psm", "w").write(src)
 import psmc
 x = torch.randn(2, 5, 3, dtype=torch.float64)
@@ -99,7 +127,7 @@ print("cos works")
 
 def test_adding_a_math_builtin_is_one_edit(tmp_path):
     """Copy the package, add ONE row to psmc/ir/registry.py, and `cos` works everywhere:
-    builtin, IR op, interpreter, SymPy, torch and Triton printers, VJP, a running layer."""
+    builtin, IR op, interpreter, SymPy, torch, Triton and C++ printers, their VJPs, a running layer."""
     import shutil
     import subprocess
     import sys

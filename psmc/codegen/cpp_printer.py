@@ -34,6 +34,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
+from ..ir.registry import UNARY_MATH
 from .torch_printer import dim_code
 from .triton_printer import FLOATS, layout_of
 
@@ -42,20 +43,16 @@ INTS = ("i32", "i64")
 
 # op -> C++ over the operands {a}, {b}, {c} (already cast where needed); None: special
 CPP_OPS = {
-    "neg": "(-{a})", "exp": "psm_exp({a})", "log": "std::log({a})", "sqrt": "std::sqrt({a})",
-    "rsqrt": "(scalar_t(1) / std::sqrt({a}))", "abs": "std::abs({a})",
-    "sign": "psm_sign({a})", "sigmoid": "psm_sigmoid({a})", "tanh": "std::tanh({a})",
-    "softplus": "psm_softplus({a})", "relu": "psm_relu({a})",
-    "gelu": "(scalar_t(0.5) * {a} * (scalar_t(1) + std::erf({a} * scalar_t(0.7071067811865476))))",
-    "silu": "({a} * psm_sigmoid({a}))", "logsigmoid": "psm_logsigmoid({a})",
+    "neg": "(-{a})",
+    **{row.name: row.cpp for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
     "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "div": "({a} / {b})",
     "pow": "std::pow({a}, {b})", "maximum": "psm_max({a}, {b})", "minimum": "psm_min({a}, {b})",
     "lt": "({a} < {b})", "le": "({a} <= {b})", "gt": "({a} > {b})", "ge": "({a} >= {b})",
     "eq": "({a} == {b})", "ne": "({a} != {b})", "not": "(!{a})", "and": "({a} && {b})",
     "or": "({a} || {b})", "where": "({a} ? {b} : {c})",
 }
-FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
-                        "logsigmoid", "pow", "div"})
+# ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
+FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
 ARITH = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum", "where"})
 REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "logsumexp"})
 VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid axes
@@ -63,16 +60,8 @@ VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid 
 # reverse mode: one rendering per operand over {a} {b} {c} (operands), {z} (result), {g}
 # (the result's adjoint), {n} (the reduced extent); None: no gradient to that operand
 VJP_RULES = {
-    "neg": ("(-{g})",), "exp": ("({g} * {z})",), "log": ("({g} / {a})",),
-    "sqrt": ("({g} / (scalar_t(2) * {z}))",), "rsqrt": ("({g} * scalar_t(-0.5) * {z} / {a})",),
-    "abs": ("({g} * psm_sign({a}))",), "sigmoid": ("({g} * {z} * (scalar_t(1) - {z}))",),
-    "tanh": ("({g} * (scalar_t(1) - {z} * {z}))",),
-    "softplus": ("({a} > scalar_t(20) ? {g} : {g} * psm_sigmoid({a}))",),
-    "relu": ("({a} > scalar_t(0) ? {g} : scalar_t(0))",),
-    "gelu": ("({g} * (scalar_t(0.5) * (scalar_t(1) + std::erf({a} * scalar_t(0.7071067811865476))) + "
-             "{a} * std::exp(scalar_t(-0.5) * {a} * {a}) * scalar_t(0.3989422804014327)))",),
-    "silu": ("({g} * psm_sigmoid({a}) * (scalar_t(1) + {a} * (scalar_t(1) - psm_sigmoid({a}))))",),
-    "logsigmoid": ("({g} * psm_sigmoid(-{a}))",),
+    "neg": ("(-{g})",),
+    **{row.name: (row.cpp_vjp,) for row in UNARY_MATH if row.cpp_vjp is not None},  # psmc.ir.registry
     "add": ("{g}", "{g}"), "sub": ("{g}", "(-{g})"), "mul": ("({g} * {b})", "({g} * {a})"),
     "div": ("({g} / {b})", "(-{g} * {z} / {b})"),
     "maximum": ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} > {b} ? {g} : scalar_t(0)))",
@@ -86,7 +75,8 @@ VJP_RULES = {
     "amax": "ties", "amin": "ties",
 }
 CLAMP_RULES = {"maximum": "({a} >= {b} ? {g} : scalar_t(0))", "minimum": "({a} <= {b} ? {g} : scalar_t(0))"}
-NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or", "sign"})
+NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or"}
+                       | {row.name for row in UNARY_MATH if row.cpp_vjp is None})
 LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
 
 
