@@ -42,7 +42,7 @@ def _torch_printed() -> set:
     named = set(re.findall(r'op == "(\w+)"', src))
     for group in re.findall(r"op in \(([^)]*)\)", src):
         named |= set(re.findall(r'"(\w+)"', group))
-    return named | set(torch_printer.UNARY) | set(torch_printer.INFIX) | set(torch_printer.REDUCE)
+    return named | set(torch_printer.UNARY) | set(torch_printer.BINARY) | set(torch_printer.REDUCE)
 
 
 @pytest.mark.parametrize("op", NON_LEAF)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 from ..ir import ops_from_source
 from ..ir.nodes import Node
+from ..ir.registry import COMMUTATIVE
 from .structure import is_view
 
-_COMMUTATIVE = frozenset({"add", "mul", "maximum", "minimum", "and", "or", "eq", "ne"})
+_COMMUTATIVE = COMMUTATIVE  # psmc.ir.registry
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import sympy
 
 from ..ir.interp import concrete, concrete_shape, env_key
 from ..ir.nodes import Node, walk
-from ..ir.registry import UNARY_MATH
+from ..ir.registry import BINARY_OPS, UNARY_MATH
 from ..ir.types import is_float
 from .grid import Grid, concat, matmul, reduce_axis, zip_map
 
@@ -77,6 +77,11 @@ def evaluate(outputs, env: dict, dims: dict, decide=numeric_sign, digits: int | 
 class _Evaluator:
     def __init__(self, env, dims, decide):
         self.env, self.dims, self.decide = env, dims, decide
+
+    @staticmethod
+    def undecidable(why: str):
+        """Registry rows say that they cannot decide (psmc.ir.registry imports no stage)."""
+        raise Undecidable(why)
 
     def node(self, node: Node, args: list[Grid]) -> Grid:
         if not args:
@@ -241,43 +246,13 @@ def _as_dtype(value, dtype: str):
     return sympy.Integer(int(value)) if isinstance(value, bool) else value
 
 
-def _bool_op(fn):
-    def op(ev, x, y):
-        if not (isinstance(x, bool) and isinstance(y, bool)):
-            raise Undecidable("symbolic bool")
-        return fn(x, y)
-    return op
-
-
-def _equal(ev, x, y):
-    if isinstance(x, bool) or isinstance(y, bool):
-        return x == y
-    return ev.sign(x, y) == 0
-
-
 _UNARY = {
     "neg": lambda ev, x: -x,
     **{row.name: row.sympy for row in UNARY_MATH},  # psmc.ir.registry
     "not": lambda ev, x: (not x) if isinstance(x, bool) else _raise(Undecidable("symbolic bool")),
 }
 
-_BINARY = {
-    "add": lambda ev, x, y: x + y,
-    "sub": lambda ev, x, y: x - y,
-    "mul": lambda ev, x, y: x * y,
-    "div": lambda ev, x, y: x / y,
-    "pow": lambda ev, x, y: sympy.Pow(x, y),
-    "maximum": lambda ev, x, y: ev.max(x, y),
-    "minimum": lambda ev, x, y: ev.min(x, y),
-    "lt": lambda ev, x, y: ev.sign(x, y) < 0,
-    "le": lambda ev, x, y: ev.sign(x, y) <= 0,
-    "gt": lambda ev, x, y: ev.sign(x, y) > 0,
-    "ge": lambda ev, x, y: ev.sign(x, y) >= 0,
-    "eq": _equal,
-    "ne": lambda ev, x, y: not _equal(ev, x, y),
-    "and": _bool_op(lambda x, y: x and y),
-    "or": _bool_op(lambda x, y: x or y),
-}
+_BINARY = {row.name: row.sympy for row in BINARY_OPS}  # psmc.ir.registry
 
 
 def _raise(err):

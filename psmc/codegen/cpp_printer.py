@@ -34,7 +34,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
-from ..ir.registry import UNARY_MATH
+from ..ir.registry import BINARY_OPS, SPECIAL, UNARY_MATH
 from .torch_printer import dim_code
 from .triton_printer import FLOATS, layout_of
 
@@ -45,11 +45,8 @@ INTS = ("i32", "i64")
 CPP_OPS = {
     "neg": "(-{a})",
     **{row.name: row.cpp for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
-    "add": "({a} + {b})", "sub": "({a} - {b})", "mul": "({a} * {b})", "div": "({a} / {b})",
-    "pow": "std::pow({a}, {b})", "maximum": "psm_max({a}, {b})", "minimum": "psm_min({a}, {b})",
-    "lt": "({a} < {b})", "le": "({a} <= {b})", "gt": "({a} > {b})", "ge": "({a} >= {b})",
-    "eq": "({a} == {b})", "ne": "({a} != {b})", "not": "(!{a})", "and": "({a} && {b})",
-    "or": "({a} || {b})", "where": "({a} ? {b} : {c})",
+    **{row.name: row.cpp for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
+    "not": "(!{a})", "where": "({a} ? {b} : {c})",
 }
 # ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
 FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
@@ -62,12 +59,7 @@ VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid 
 VJP_RULES = {
     "neg": ("(-{g})",),
     **{row.name: (row.cpp_vjp,) for row in UNARY_MATH if row.cpp_vjp is not None},  # psmc.ir.registry
-    "add": ("{g}", "{g}"), "sub": ("{g}", "(-{g})"), "mul": ("({g} * {b})", "({g} * {a})"),
-    "div": ("({g} / {b})", "(-{g} * {z} / {b})"),
-    "maximum": ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} > {b} ? {g} : scalar_t(0)))",
-                "({a} == {b} ? scalar_t(0.5) * {g} : ({b} > {a} ? {g} : scalar_t(0)))"),
-    "minimum": ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} < {b} ? {g} : scalar_t(0)))",
-                "({a} == {b} ? scalar_t(0.5) * {g} : ({b} < {a} ? {g} : scalar_t(0)))"),
+    **{row.name: row.cpp_vjp for row in BINARY_OPS if row.cpp_vjp not in (None, SPECIAL)},  # the registry
     "where": (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"),
     "cast": ("{g}",), "broadcast": ("{g}",), "getitem": ("{g}",),
     "matmul": ("({g} * {b})", "({g} * {a})"), "outer": ("({g} * {b})", "({g} * {a})"),
@@ -75,7 +67,7 @@ VJP_RULES = {
     "amax": "ties", "amin": "ties",
 }
 CLAMP_RULES = {"maximum": "({a} >= {b} ? {g} : scalar_t(0))", "minimum": "({a} <= {b} ? {g} : scalar_t(0))"}
-NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or"}
+NO_GRADIENT = frozenset({"not"} | {row.name for row in BINARY_OPS if row.cpp_vjp is None}
                        | {row.name for row in UNARY_MATH if row.cpp_vjp is None})
 LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
 

@@ -18,11 +18,10 @@ import sympy
 
 from ..dtypes import DType
 from ..ir.nodes import Node, walk
-from ..ir.registry import UNARY_MATH
+from ..ir.registry import BINARY_OPS, UNARY_MATH
 
 UNARY = {row.name: row.torch for row in UNARY_MATH}  # psmc.ir.registry
-INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<", "le": "<=",
-         "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
+BINARY = {row.name: row.torch for row in BINARY_OPS}  # format strings over the operands {0}, {1}
 REDUCE = {"sum": "torch.sum", "mean": "torch.mean", "amax": "torch.amax", "amin": "torch.amin",
           "logsumexp": "torch.logsumexp"}
 FIELD_PREFIX = {"left": "l_", "right": "r_", "state": "s_"}
@@ -209,12 +208,8 @@ class BodyPrinter:
         if op == "mul" and args[0].op == "const" and not isinstance(args[0].attrs[0], bool) \
                 and args[0].attrs[0] == -1 and args[1].dtype == node.dtype and args[1].rank == R:
             return f"-{self.ref(args[1])}"  # -1 * x: the canonical form of -x (psmc.ir.rewrite); exact
-        if op in INFIX:
-            a, b = (self.operand(x, node, R) for x in args)
-            return f"{a} {INFIX[op]} {b}"
-        if op in ("maximum", "minimum"):
-            a, b = (self.operand(x, node, R) for x in args)
-            return f"_ops.{op}({a}, {b})"
+        if op in BINARY:
+            return BINARY[op].format(*(self.operand(x, node, R) for x in args))
         if op == "where":
             c = self.aligned(args[0], R)
             a, b = (self.operand(x, node, R) for x in args[1:])

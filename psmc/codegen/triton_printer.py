@@ -28,7 +28,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
-from ..ir.registry import UNARY_MATH
+from ..ir.registry import BINARY_OPS, UNARY_MATH
 from .torch_printer import dim_code
 
 PREFIX = "_psm_"
@@ -57,11 +57,8 @@ TRITON_OPS: dict[str, object] = {
     "neg": "(-{0})",
     **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
     # binary (Triton's `/` is true division, ints promote to fp32, as torch)
-    "add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-    "pow": "special", "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
-    "lt": "({0} < {1})", "le": "({0} <= {1})", "gt": "({0} > {1})", "ge": "({0} >= {1})",
-    "eq": "({0} == {1})", "ne": "({0} != {1})",
-    "not": "({0} == 0)", "and": "({0} & {1})", "or": "({0} | {1})",
+    **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
+    "not": "({0} == 0)",
     "where": "tl.where({0}, {1}, {2})",
     "cast": "special", "broadcast": "special",
     # reductions over the one declared axis (the columns), masked to the real S entries

@@ -17,21 +17,14 @@ same in every column, like the values.
 from __future__ import annotations
 
 from ..ir.nodes import Node, walk
-from ..ir.registry import UNARY_MATH
+from ..ir.registry import BINARY_OPS, SPECIAL, UNARY_MATH
 from .triton_printer import FLOATS, TRITON_OPS, TritonBodyPrinter, Unsupported
 
 # op -> one rendering per operand (None: no gradient flows to that operand).
 VJP_RULES: dict[str, tuple] = {
     "neg": ("(-{g})",),
     **{row.name: (row.vjp,) for row in UNARY_MATH if row.vjp is not None},  # psmc.ir.registry
-    "add": ("{g}", "{g}"),
-    "sub": ("{g}", "(-{g})"),
-    "mul": ("({g} * {b})", "({g} * {a})"),
-    "div": ("({g} / {b})", "(-{g} * {z} / {b})"),
-    "maximum": ("tl.where({a} == {b}, 0.5 * {g}, tl.where({a} > {b}, {g}, 0.0))",
-                "tl.where({a} == {b}, 0.5 * {g}, tl.where({b} > {a}, {g}, 0.0))"),
-    "minimum": ("tl.where({a} == {b}, 0.5 * {g}, tl.where({a} < {b}, {g}, 0.0))",
-                "tl.where({a} == {b}, 0.5 * {g}, tl.where({b} < {a}, {g}, 0.0))"),
+    **{row.name: row.vjp for row in BINARY_OPS if row.vjp not in (None, SPECIAL)},  # psmc.ir.registry
     "where": (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"),
     "cast": ("{g}",),
     "broadcast": ("{g}",),
@@ -53,7 +46,7 @@ VJP_RULES: dict[str, tuple] = {
 # torch's clamp (a max/min with a constant): the bound is inclusive
 CLAMP_RULES = {"maximum": "tl.where({a} >= {b}, {g}, 0.0)", "minimum": "tl.where({a} <= {b}, {g}, 0.0)"}
 # ops whose result carries no gradient (bool / int results, piecewise-constant)
-NO_GRADIENT = frozenset({"lt", "le", "gt", "ge", "eq", "ne", "not", "and", "or"}
+NO_GRADIENT = frozenset({"not"} | {row.name for row in BINARY_OPS if row.vjp is None}
                        | {row.name for row in UNARY_MATH if row.vjp is None})
 LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .registry import UNARY_MATH
+from .registry import BINARY_OPS, UNARY_MATH
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,8 @@ def _reduce(name, dtype, doc):
 
 _ROWS = [
     *(_unary(row.name, row.dtype, row.doc) for row in UNARY_MATH),  # psmc.ir.registry
-    Builtin("max", 2, 2, shape="broadcast", dtype="promote", ir_op="maximum", doc="elementwise maximum",
-            args="a, b"),
-    Builtin("min", 2, 2, shape="broadcast", dtype="promote", ir_op="minimum", doc="elementwise minimum",
-            args="a, b"),
+    *(Builtin(row.spelling, 2, 2, shape="broadcast", dtype="promote", ir_op=row.name, doc=row.doc, args="a, b")
+      for row in BINARY_OPS if not row.operator),  # max, min: psmc.ir.registry
     Builtin("where", 3, 3, shape="broadcast", dtype="select", ir_op="where", doc="c ? a : b, elementwise",
             args="c, a, b"),
     _reduce("sum", "same", "sum over an axis"),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..dtypes import DType
 from .nodes import Node, dim_symbol, walk
-from .registry import UNARY_MATH
+from .registry import BINARY_OPS, UNARY_MATH
 
 LAYERNORM_EPS = 1e-5
 
@@ -52,12 +52,7 @@ _UNARY = {
     **{row.name: _reference(row.interp) for row in UNARY_MATH},  # psmc.ir.registry
     "not": torch.logical_not,
 }
-_BINARY = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.true_divide, "pow": torch.pow,
-    "maximum": torch.maximum, "minimum": torch.minimum,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
-    "and": torch.logical_and, "or": torch.logical_or,
-}
+_BINARY = {row.name: _reference(row.interp) for row in BINARY_OPS}  # psmc.ir.registry
 _REDUCE = {
     "sum": lambda x, a: x.sum(a), "mean": lambda x, a: x.mean(a), "amax": lambda x, a: x.amax(a),
     "amin": lambda x, a: x.amin(a), "logsumexp": lambda x, a: torch.logsumexp(x, a),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import UNARY
+from .registry import BINARY_OPS, UNARY
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,9 @@ def _table() -> dict[str, OpInfo]:
         rows[name] = OpInfo("leaf", name != "eye", 0)
     for name in ("neg",) + tuple(UNARY):  # the elementwise math builtins: psmc.ir.registry
         rows[name] = OpInfo("unary", True, 1)
-    for name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum"):
-        rows[name] = OpInfo("binary", True, 2)
-    for name in ("lt", "le", "gt", "ge", "eq", "ne"):
-        rows[name] = OpInfo("compare", True, 2)
+    for row in BINARY_OPS:  # the binary operators, comparisons, and/or, max/min: psmc.ir.registry
+        rows[row.name] = OpInfo(row.kind, True, 2)
     rows["not"] = OpInfo("logical", True, 1)
-    rows["and"] = OpInfo("logical", True, 2)
-    rows["or"] = OpInfo("logical", True, 2)
     rows["where"] = OpInfo("select", True, 3)
     rows["cast"] = OpInfo("cast", True, 1)
     rows["broadcast"] = OpInfo("broadcast", True, 1)
@@ -51,8 +47,4 @@ def _table() -> dict[str, OpInfo]:
 OPS: dict[str, OpInfo] = _table()
 
 # DSL operator spelling -> IR op (binary operators of the expression grammar).
-BINARY_OPERATORS = {
-    "+": "add", "-": "sub", "*": "mul", "/": "div", "**": "pow",
-    "<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne",
-    "and": "and", "or": "or", "@": "matmul",
-}
+BINARY_OPERATORS = {**{row.spelling: row.name for row in BINARY_OPS if row.operator}, "@": "matmul"}

@@ -1,4 +1,6 @@
-"""The elementwise math builtins, each declared ONCE with everything every stage needs.
+"""The elementwise ops, each declared ONCE with everything every stage needs: the math
+builtins (`UNARY_MATH`) and the binary operators, comparisons, `and`/`or` and `max`/`min`
+(`BINARY_OPS`, further down).
 
 A row gives: the name (the builtin and the IR op are the same word), its doc line, its dtype
 rule, its reference semantics (the torch function the interpreter applies, in float64), its
@@ -12,7 +14,8 @@ The tables of the other stages are derived from these rows: `OPS` (psmc.ir.ops),
 (psmc.analysis.symbolic), the torch printer (psmc.codegen.torch_printer), the Triton printer
 and its VJP rules (psmc.codegen.triton_printer, triton_vjp), the C++ printer and its VJP rules
 (psmc.codegen.cpp_printer). Adding an elementwise builtin is
-one edit: a row here (plus its tests; tests/test_op_coverage.py checks every table has it).
+one edit: a row here (plus its tests; tests/test_op_coverage.py checks every table has it);
+so is a binary operator, save its spelling in the grammar when it is a new operator.
 
 This module holds data only (strings and SymPy lambdas) and imports no other stage.
 """
@@ -106,3 +109,101 @@ UNARY_MATH: tuple[UnaryMath, ...] = (
 )
 
 UNARY: dict[str, UnaryMath] = {row.name: row for row in UNARY_MATH}
+
+
+# ------------------------------------------------------------------ binary operators
+SPECIAL = "special"  # a rendering a printer writes by a rule of its own (named in the printer)
+
+
+def _both_bools(fn):
+    """A logical op in SymPy: decided only when both operands are concrete bools."""
+    def op(ev, x, y):
+        if not (isinstance(x, bool) and isinstance(y, bool)):
+            ev.undecidable("symbolic bool")
+        return fn(x, y)
+    return op
+
+
+def _equal(ev, x, y):
+    if isinstance(x, bool) or isinstance(y, bool):
+        return x == y
+    return ev.sign(x, y) == 0
+
+
+@dataclass(frozen=True)
+class BinaryOp:
+    """An elementwise op of two operands (broadcast like NumPy), declared once.
+
+    `kind` is the OPS kind (binary: the promoted dtype; compare: a bool result; logical: bools
+    in and out); `spelling` is how the language writes it (an operator of the expression
+    grammar, or a builtin's name); renderings are format strings over the operands `{0}`, `{1}`
+    (torch, Triton) or `{a}`, `{b}` (C++); VJPs give one rendering per operand over `{g}` (the
+    result's adjoint), `{a}`, `{b}` and `{z}` (the result), None when no gradient flows."""
+    name: str
+    kind: str
+    spelling: str
+    commutative: bool
+    interp: str  # the reference function ('torch.add'), on operands in the node's dtype
+    sympy: Callable  # (ev, x, y) -> SymPy value or bool
+    torch: str
+    triton: str
+    vjp: tuple | None
+    cpp: str
+    cpp_vjp: tuple | None
+    doc: str = ""  # for the rows spelled as builtins (psmc.ir.builtins)
+
+    @property
+    def operator(self) -> bool:
+        """True when the language spells it as an infix operator, False for a builtin call."""
+        return not self.spelling.isidentifier() or self.spelling in ("and", "or")
+
+
+_MAX_VJP = ("tl.where({a} == {b}, 0.5 * {g}, tl.where({a} > {b}, {g}, 0.0))",
+            "tl.where({a} == {b}, 0.5 * {g}, tl.where({b} > {a}, {g}, 0.0))")
+_MIN_VJP = ("tl.where({a} == {b}, 0.5 * {g}, tl.where({a} < {b}, {g}, 0.0))",
+            "tl.where({a} == {b}, 0.5 * {g}, tl.where({b} < {a}, {g}, 0.0))")
+_CPP_MAX_VJP = ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} > {b} ? {g} : scalar_t(0)))",
+                "({a} == {b} ? scalar_t(0.5) * {g} : ({b} > {a} ? {g} : scalar_t(0)))")
+_CPP_MIN_VJP = ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} < {b} ? {g} : scalar_t(0)))",
+                "({a} == {b} ? scalar_t(0.5) * {g} : ({b} < {a} ? {g} : scalar_t(0)))")
+
+
+def _compare(name, spelling, commutative, test):
+    return BinaryOp(name, "compare", spelling, commutative, f"torch.{name}", test, f"{{0}} {spelling} {{1}}",
+                    f"({{0}} {spelling} {{1}})", None, f"({{a}} {spelling} {{b}})", None)
+
+
+BINARY_OPS: tuple[BinaryOp, ...] = (
+    BinaryOp("add", "binary", "+", True, "torch.add", lambda ev, x, y: x + y, "{0} + {1}", "({0} + {1})",
+             ("{g}", "{g}"), "({a} + {b})", ("{g}", "{g}")),
+    BinaryOp("sub", "binary", "-", False, "torch.sub", lambda ev, x, y: x - y, "{0} - {1}", "({0} - {1})",
+             ("{g}", "(-{g})"), "({a} - {b})", ("{g}", "(-{g})")),
+    BinaryOp("mul", "binary", "*", True, "torch.mul", lambda ev, x, y: x * y, "{0} * {1}", "({0} * {1})",
+             ("({g} * {b})", "({g} * {a})"), "({a} * {b})", ("({g} * {b})", "({g} * {a})")),
+    # true division, ints promote to a float (as torch and Triton's `/`)
+    BinaryOp("div", "binary", "/", False, "torch.true_divide", lambda ev, x, y: x / y, "{0} / {1}",
+             "({0} / {1})", ("({g} / {b})", "(-{g} * {z} / {b})"), "({a} / {b})",
+             ("({g} / {b})", "(-{g} * {z} / {b})")),
+    # Triton and C++ write pow and its VJP by rules of their own (small integer exponents unrolled)
+    BinaryOp("pow", "binary", "**", False, "torch.pow", lambda ev, x, y: sympy.Pow(x, y), "{0} ** {1}", SPECIAL,
+             SPECIAL, "std::pow({a}, {b})", SPECIAL),
+    BinaryOp("maximum", "binary", "max", True, "torch.maximum", lambda ev, x, y: ev.max(x, y),
+             "_ops.maximum({0}, {1})", "tl.maximum({0}, {1})", _MAX_VJP, "psm_max({a}, {b})", _CPP_MAX_VJP,
+             "elementwise maximum"),
+    BinaryOp("minimum", "binary", "min", True, "torch.minimum", lambda ev, x, y: ev.min(x, y),
+             "_ops.minimum({0}, {1})", "tl.minimum({0}, {1})", _MIN_VJP, "psm_min({a}, {b})", _CPP_MIN_VJP,
+             "elementwise minimum"),
+    _compare("lt", "<", False, lambda ev, x, y: ev.sign(x, y) < 0),
+    _compare("le", "<=", False, lambda ev, x, y: ev.sign(x, y) <= 0),
+    _compare("gt", ">", False, lambda ev, x, y: ev.sign(x, y) > 0),
+    _compare("ge", ">=", False, lambda ev, x, y: ev.sign(x, y) >= 0),
+    _compare("eq", "==", True, _equal),
+    _compare("ne", "!=", True, lambda ev, x, y: not _equal(ev, x, y)),
+    BinaryOp("and", "logical", "and", True, "torch.logical_and", _both_bools(lambda x, y: x and y), "{0} & {1}",
+             "({0} & {1})", None, "({a} && {b})", None),
+    BinaryOp("or", "logical", "or", True, "torch.logical_or", _both_bools(lambda x, y: x or y), "{0} | {1}",
+             "({0} | {1})", None, "({a} || {b})", None),
+)
+
+BINARY: dict[str, BinaryOp] = {row.name: row for row in BINARY_OPS}
+COMMUTATIVE = frozenset(row.name for row in BINARY_OPS if row.commutative)

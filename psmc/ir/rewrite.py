@@ -46,10 +46,11 @@ from typing import Callable
 import sympy
 
 from .nodes import Node, OpIR, render
+from .registry import COMMUTATIVE as REGISTRY_COMMUTATIVE
 from .types import broadcast, dims_equal, is_float, is_int, promote, shapes_equal
 
 MAX_REWRITES = 100_000  # a backstop against a rule set that does not terminate
-COMMUTATIVE = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne", "and", "or"})
+COMMUTATIVE = REGISTRY_COMMUTATIVE  # psmc.ir.registry: the rows marked commutative
 
 
 # ---------------------------------------------------------------------------- patterns
