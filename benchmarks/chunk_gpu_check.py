@@ -114,8 +114,8 @@ def accuracy(quick: bool) -> bool:
         beta = torch.rand(B, T, H, generator=gen, device=DEV)
         g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen, device=DEV) + 3) if gated else None
         h0 = torch.randn(B, H, K, V, generator=gen, device=DEV)
-        from psmc.runtime.triton_delta import _torch_chunk_delta_rule
-        ro, rs = _torch_chunk_delta_rule(q.double(), k.double(), v.double(), beta.double(),
+        from psmc.runtime.delta import _chunk_delta_rule_torch
+        ro, rs = _chunk_delta_rule_torch(q.double(), k.double(), v.double(), beta.double(),
                                          None if g is None else g.double(), K ** -0.5, h0.double(), 64)
         for label, dtype, tol in [("fp32", torch.float32, 3e-4), ("bf16", torch.bfloat16, 5e-2)]:
             with torch.no_grad():

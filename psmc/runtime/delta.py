@@ -88,6 +88,13 @@ def chunk_delta_rule(
         else:
             return triton_chunk_delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                                            chunk_size=chunk_size)
+    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
+
+
+def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
+                            scale: float, initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """chunk_delta_rule as torch ops (differentiable by autograd; any device): the CPU path, and
+    the Triton path's fallback for training, float64 and shapes its kernels do not take."""
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, beta, log_decay)
     if chunk_size < 1:

@@ -19,8 +19,8 @@ linear attention output with values U and a scalar decay). The decay exponents a
 exactly the tokens they span (a masked cumsum for the [L, L] mask), as in triton_chunk.
 
 Backward: none yet. When gradients are needed (or for float64 inputs), the same WY form runs
-as torch ops (`_torch_chunk_delta_rule`, differentiable by autograd, on any device);
-HAS_BACKWARD says which.
+as torch ops (`psmc.runtime.delta._chunk_delta_rule_torch`, the CPU path: differentiable by
+autograd, on any device); HAS_BACKWARD says which.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from psmc.runtime import delta as _delta
 from psmc.runtime import triton_chunk as _tc
 from psmc.runtime.triton_chunk import _mm, _tile
 
@@ -159,61 +160,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _lanes(q, k, v, beta, log_decay) -> tuple[int, ...]:
-    shapes = [q.shape[2:-1], k.shape[2:-1], v.shape[2:-1], beta.shape[2:]]
-    if log_decay is not None:
-        shapes.append(log_decay.shape[2:])
-    if len({len(s) for s in shapes}) != 1:
-        raise ValueError(f"inputs disagree on the number of lane axes: {shapes}")
-    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
-    return tuple(torch.broadcast_shapes(*shapes))
-
-
-def _torch_chunk_delta_rule(q, k, v, beta, log_decay, scale, initial_state, chunk_size):
-    """The same WY/UT form as torch ops (differentiable; any device): the training path."""
-    B, T, K, V = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
-    lanes = _lanes(q, k, v, beta, log_decay)
-    H = 1
-    for n in lanes:
-        H *= n
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    L = max(1, min(_pow2(chunk_size), _pow2(T)))
-    NT = -(-T // L)
-
-    def chunks(x, width):  # [B, T?, *lanes, *width] -> [B*H, NT, L, *width], zero-padded
-        x = x.to(dtype).expand(B, T, *lanes, *width).reshape(B, T, H, *width)
-        x = torch.nn.functional.pad(x, (0, 0) * (len(width) + 1) + (0, NT * L - T))
-        x = x.reshape(B, NT, L, H, *width).movedim(3, 1)
-        return x.reshape(B * H, NT, L, *width)
-
-    qc, kc, vc, bc = chunks(q, (K,)), chunks(k, (K,)), chunks(v, (V,)), chunks(beta, ())
-    gc = chunks(log_decay, ()) if log_decay is not None else torch.zeros_like(bc)
-    lower = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(-1)
-    incl = torch.ones(L, L, dtype=torch.bool, device=q.device).tril(0)
-    span = torch.cumsum(torch.where(lower, gc[..., :, None], 0.0), dim=-2)  # sum over s < r <= t
-    decay = torch.exp(span.masked_fill(~incl, -torch.inf))  # [BH, NT, L, L], 0 above
-    from_start = torch.cumsum(gc, -1)
-    suffix = torch.cat([torch.flip(torch.cumsum(torch.flip(gc[..., 1:], (-1,)), -1), (-1,)),
-                        torch.zeros_like(gc[..., :1])], -1)
-    a = (bc[..., :, None] * decay * (kc @ kc.transpose(-1, -2))).masked_fill(~lower, 0.0)
-    eye = torch.eye(L, dtype=dtype, device=q.device)
-    inv = torch.linalg.solve_triangular(eye + a, eye.expand_as(a), upper=False, unitriangular=True)
-    w = inv @ (kc * (bc * torch.exp(from_start))[..., None])
-    u0 = inv @ (vc * bc[..., None])
-    scores = (qc @ kc.transpose(-1, -2)) * decay
-    S = torch.zeros(B * H, K, V, dtype=dtype, device=q.device)
-    if initial_state is not None:
-        S = S + initial_state.to(dtype).expand(B, *lanes, K, V).reshape(B * H, K, V)
-    outs = []
-    for c in range(NT):
-        u = u0[:, c] - w[:, c] @ S
-        outs.append(scale * ((qc[:, c] * torch.exp(from_start[:, c])[..., None]) @ S + scores[:, c] @ u))
-        S = torch.exp(from_start[:, c, -1])[:, None, None] * S + (kc[:, c] * torch.exp(suffix[:, c])[..., None]).transpose(-1, -2) @ u
-    o = torch.stack(outs, 1).reshape(B, H, NT * L, V)[:, :, :T].movedim(1, 2)
-    return o.reshape(B, T, *lanes, V).to(v.dtype), S.reshape(B, *lanes, K, V)
-
-
 def triton_chunk_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -231,7 +177,7 @@ def triton_chunk_delta_rule(
     [B, *lanes, K, V] in fp32 (fp64 for fp64 inputs). CUDA tensors (or CPU under
     TRITON_INTERPRET=1) of fp32/bf16/fp16 run the Triton kernels; when gradients are needed or
     for float64 the torch WY form runs instead (see HAS_BACKWARD)."""
-    lanes = _lanes(q, k, v, beta, log_decay)
+    lanes = _delta._lanes(q, k, v, beta, log_decay)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, T, K, V = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
@@ -239,10 +185,8 @@ def triton_chunk_delta_rule(
         x is not None and x.requires_grad for x in (q, k, v, beta, log_decay, initial_state))
     if (needs_grad or q.dtype == torch.float64 or T == 0 or len({q.dtype, k.dtype, v.dtype}) != 1
             or K > 256):
-        return _torch_chunk_delta_rule(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
-    H = 1
-    for n in lanes:
-        H *= n
+        return _delta._chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
+    H = _delta._prod(lanes)
 
     def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:
         return x.expand(B, T, *lanes, *width).reshape(B, T, H, *width)
