@@ -280,9 +280,11 @@ def _params(layer) -> list:
     return [getattr(layer, "p_" + name) for name in layer._cpu_kernels.params]
 
 
-def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, save: bool):
+def _leading_args(layer, call, g: _Geometry, inputs, params, prefix, compute) -> tuple[list, list]:
+    """The kernel arguments both passes start with, for the kernel's scalar type `compute`: the
+    inputs (views; their strides go in the second list), the params flattened, the initial
+    fields (empty without a prefix)."""
     k = layer._cpu_kernels
-    compute = k.compute_dtype(call.ctx)
     tensors, strides = [], []
     for x, role, dtype in zip(inputs, k.input_roles, k.input_dtypes):
         view, st = _input_view(x, g, role, _storage_dtype(dtype, compute))
@@ -290,12 +292,19 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
         strides += st
     for p in params:
         tensors.append(p.detach().to(compute if p.is_floating_point() else torch.int64).reshape(-1).contiguous())
-    dev = call.ctx.dev
     fshapes = _declared(layer.spec.fields, call)
     for i, (role, dtype) in enumerate(zip(k.field_roles, k.field_dtypes)):
         st = _storage_dtype(dtype, compute)
         tensors.append(_state_tensor(prefix[i], g, role, st, fshapes[i]) if prefix is not None
                        else torch.empty(0, dtype=st))
+    return tensors, strides
+
+
+def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, save: bool):
+    k = layer._cpu_kernels
+    compute = k.compute_dtype(call.ctx)
+    tensors, strides = _leading_args(layer, call, g, inputs, params, prefix, compute)
+    dev = call.ctx.dev
     outs = [torch.empty(g.B, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
             for role, dtype in zip(k.output_roles, k.output_dtypes)]
     fins = [torch.empty(g.B, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
@@ -357,18 +366,8 @@ class _CpuScan(torch.autograd.Function):
         inputs, params = flat[:n_in], flat[n_in:n_in + n_par]
         prefix = flat[n_in + n_par:] if has_init else None
         out_grads, fin_grads = grads[:len(k.output_dtypes)], grads[len(k.output_dtypes):]
-        tensors, strides = [], []
-        for x, role, dtype in zip(inputs, k.input_roles, k.input_dtypes):
-            view, st = _input_view(x, g, role, _storage_dtype(dtype, compute))
-            tensors.append(view)
-            strides += st
-        for p in params:
-            tensors.append(p.detach().to(compute if p.is_floating_point() else torch.int64).reshape(-1).contiguous())
+        tensors, strides = _leading_args(layer, call, g, inputs, params, prefix, compute)
         fshapes = _declared(layer.spec.fields, call)
-        for i, (role, dtype) in enumerate(zip(k.field_roles, k.field_dtypes)):
-            st = _storage_dtype(dtype, compute)
-            tensors.append(_state_tensor(prefix[i], g, role, st, fshapes[i]) if prefix is not None
-                           else torch.empty(0, dtype=st))
         tensors += list(saves)
         shapes = _declared(layer.spec.outputs, call)
         for grad, role, shape in zip(out_grads, k.output_roles, shapes):
