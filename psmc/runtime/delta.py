@@ -42,6 +42,8 @@ are O(T (L + K + V)) per lane; the saved chunk states O(T / L * K V)).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,7 +104,7 @@ def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     length = min(chunk_size, 1 << max(steps - 1, 0).bit_length())
     count = -(-steps // length)
-    heads = _prod(lanes)
+    heads = math.prod(lanes)
 
     def chunks(x: Tensor, width: tuple[int, ...], first: int, number: int) -> Tensor:
         """Chunks first .. first + number - 1 of x [B, T, *lanes, *width] as [G, B*H, L, *width]
@@ -248,10 +250,3 @@ def _lanes(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | No
     except RuntimeError:
         shown = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
         raise ValueError(f"chunk_delta_rule: lane axes do not broadcast: {shown}") from None
-
-
-def _prod(sizes: tuple[int, ...]) -> int:
-    out = 1
-    for size in sizes:
-        out *= size
-    return out

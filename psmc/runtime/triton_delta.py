@@ -24,6 +24,8 @@ autograd, on any device); HAS_BACKWARD says which.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from psmc.runtime import delta as _delta
 from psmc.runtime import triton_chunk as _tc
-from psmc.runtime.triton_chunk import _mm, _tile
+from psmc.runtime.triton_chunk import _mm, _pow2, _tile
 
 __all__ = ["triton_chunk_delta_rule", "HAS_BACKWARD", "KERNELS"]
 
@@ -156,10 +158,6 @@ def _delta_state_kernel(
     tl.store(hT_ptr + bh * K * V + kv, h, mask=kv_mask)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def triton_chunk_delta_rule(
     q: Tensor,
     k: Tensor,
@@ -186,7 +184,7 @@ def triton_chunk_delta_rule(
     if (needs_grad or q.dtype == torch.float64 or T == 0 or len({q.dtype, k.dtype, v.dtype}) != 1
             or K > 256):
         return _delta._chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
-    H = _delta._prod(lanes)
+    H = math.prod(lanes)
 
     def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:
         return x.expand(B, T, *lanes, *width).reshape(B, T, H, *width)
