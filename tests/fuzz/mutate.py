@@ -63,21 +63,8 @@ def mutate(text: str, rng: random.Random) -> str:
     """1-3 edits of one kind family: token, same-kind token, or character edits."""
     family = rng.random()
     if family < 0.15:
-        chars = list(text)
-        for _ in range(rng.randint(1, 3)):
-            if not chars:
-                break
-            i = rng.randrange(len(chars))
-            kind = rng.choice(["delete", "duplicate", "swap", "replace"])
-            if kind == "delete":
-                del chars[i]
-            elif kind == "duplicate":
-                chars.insert(i, chars[i])
-            elif kind == "swap":
-                j = rng.randrange(len(chars))
-                chars[i], chars[j] = chars[j], chars[i]
-            else:
-                chars[i] = rng.choice("(){}[];:,.=+-*/@<>!#_ aKx019\n\t\u00e9")
+        chars = _edit(list(text), rng, ["delete", "duplicate", "swap", "replace"],
+                      lambda: rng.choice("(){}[];:,.=+-*/@<>!#_ aKx019\n\t\u00e9"))
         return "".join(chars)
     tokens = tokens_of(text)
     spellings = [t for _, t in tokens]
@@ -89,23 +76,30 @@ def mutate(text: str, rng: random.Random) -> str:
             pool = sorted({t for k, t in tokens if k == kind} | set(SAME_KIND[kind]))
             spellings[i] = rng.choice(pool)
         return _join(spellings)
-    for _ in range(rng.randint(1, 3)):
-        if not spellings:
-            break
-        i = rng.randrange(len(spellings))
-        kind = rng.choice(["delete", "duplicate", "swap", "replace", "insert"])
-        if kind == "delete":
-            del spellings[i]
-        elif kind == "duplicate":
-            spellings.insert(i, spellings[i])
-        elif kind == "swap":
-            j = rng.randrange(len(spellings))
-            spellings[i], spellings[j] = spellings[j], spellings[i]
-        elif kind == "replace":
-            spellings[i] = rng.choice(vocabulary())
-        else:
-            spellings.insert(i, rng.choice(vocabulary()))
+    _edit(spellings, rng, ["delete", "duplicate", "swap", "replace", "insert"], lambda: rng.choice(vocabulary()))
     return _join(spellings)
+
+
+def _edit(items: list, rng: random.Random, kinds: list[str], fresh) -> list:
+    """1-3 edits of `items` in place (characters or token spellings), each of a kind drawn from
+    `kinds`: delete, duplicate, swap with another, replace by fresh(), insert fresh() before."""
+    for _ in range(rng.randint(1, 3)):
+        if not items:
+            break
+        i = rng.randrange(len(items))
+        kind = rng.choice(kinds)
+        if kind == "delete":
+            del items[i]
+        elif kind == "duplicate":
+            items.insert(i, items[i])
+        elif kind == "swap":
+            j = rng.randrange(len(items))
+            items[i], items[j] = items[j], items[i]
+        elif kind == "replace":
+            items[i] = fresh()
+        else:
+            items.insert(i, fresh())
+    return items
 
 
 def _join(spellings: list[str]) -> str:
