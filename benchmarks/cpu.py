@@ -22,7 +22,6 @@ from .cases import Settings, forward_backward, timed_row, with_grad
 from .report import CaseResult, Verdict
 
 LIMIT = "bandwidth limit"
-REC_SHAPE = (4, 256, 4096)  # (B, D, T)
 GLA_STEP = (1, 4, 64, 64)  # (B, H, K, V)
 SSM_STEP = (1, 256, 16)  # (B, D, N)
 GLA_FWD = (2, 1024, 4, 64, 64)  # (B, T, H, K, V)
@@ -53,11 +52,7 @@ def _ratio(rows, measure, impl, limit, reference=None) -> Verdict:
 
 
 def _recurrence_rows(settings: Settings, cls):
-    torch.manual_seed(0)
-    batch, width, steps = REC_SHAPE
-    a = torch.rand(batch, width, steps) * 0.5 + 0.5
-    x = torch.randn(batch, width, steps)
-    log_a_t, x_t = a.log().transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()
+    a, x, log_a_t, x_t = recurrence.inputs()  # the `recurrence` case's inputs and shape
     rows = []
     out = torch.empty_like(x_t)
     rows.append(timed_row(settings, "cpu", "recurrence fwd", LIMIT, "torch.addcmul(x, a, x, out=h), [B, T, D]",

@@ -79,12 +79,18 @@ def _psmc_call(log_a_t: torch.Tensor, x_t: torch.Tensor, grad: bool):
     return peers.psmc_calls(api, "linear_recurrence", runtime)
 
 
-def run(settings: Settings) -> CaseResult:
+def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The case's inputs (seed 0): a, x [B, D, T] as the peers take them, and log(a), x as
+    [B, T, D] contiguous tensors for psmc."""
     torch.manual_seed(0)
     batch, width, steps = SHAPE
     a = torch.rand(batch, width, steps) * 0.5 + 0.5
     x = torch.randn(batch, width, steps)
-    log_a_t, x_t = a.log().transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()
+    return a, x, a.log().transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()
+
+
+def run(settings: Settings) -> CaseResult:
+    a, x, log_a_t, x_t = inputs()
     rows = []
     for measure_name, grad in (("fwd", False), ("fwd+bwd", True)):
         found, why = _psmc_call(log_a_t, x_t, grad)
