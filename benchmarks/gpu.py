@@ -349,6 +349,14 @@ def _grad_fn(fn: Callable, inputs: dict, float_only=True) -> Callable:
     return both
 
 
+def _path_calls(path, layer, inputs: dict) -> tuple[Callable, Callable]:
+    """(forward without gradients, forward + backward) of one psmc path on these inputs."""
+    def fwd():
+        with torch.no_grad():
+            return run_path(path, layer, inputs)
+    return fwd, _grad_fn(lambda leaves: run_path(path, layer, leaves), inputs)
+
+
 def attention_cases(b: Bench, name: str, dtype):
     shape = TINY["attn"] if b.dry else FULL["attn"]
     label = "B={} T={} H={} K={} V={}".format(*shape)
@@ -396,13 +404,7 @@ def attention_cases(b: Bench, name: str, dtype):
             b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
             continue
 
-        def fwd(path=path, twin=twin):
-            with torch.no_grad():
-                return run_path(path, twin, x)
-
-        def both(path=path, twin=twin):
-            leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
-            run_path(path, twin, leaves).float().sum().backward()
+        fwd, both = _path_calls(path, twin, x)
 
         def check(fwd=fwd):
             ref, against = peer_out()
@@ -458,13 +460,7 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
             b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
             continue
 
-        def fwd(path=path, twin=twin):
-            with torch.no_grad():
-                return run_path(path, twin, inputs)
-
-        def both(path=path, twin=twin):
-            leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
-            run_path(path, twin, leaves).float().sum().backward()
+        fwd, both = _path_calls(path, twin, inputs)
 
         def check(fwd=fwd):
             ref = peer_out()
