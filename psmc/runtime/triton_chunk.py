@@ -97,6 +97,29 @@ def _logs(g_ptr, off, t, lo, hi, T, s_t, cols, ncols, s_d,
 
 
 @triton.jit
+def _to_end(g_ptr, off, t, lo, hi, T, s_t, cols, ncols, s_d,
+            REV: tl.constexpr, GS: tl.constexpr, DECAY: tl.constexpr):
+    """For the sub-chunk of logical times t in [lo, hi), as [R, C] tiles: (the log decay from each
+    token to the sub-chunk end, a suffix sum of the tokens after it: what a key written at t has
+    decayed by when the sub-chunk ends; the tokens' own log decays, whose column sums are what
+    the state entering the sub-chunk decays by)."""
+    after = _logs(g_ptr, off, t + 1, lo, hi, T, s_t, cols, ncols, s_d, REV, GS, DECAY)
+    here = _logs(g_ptr, off, t, lo, hi, T, s_t, cols, ncols, s_d, REV, GS, DECAY)
+    return tl.cumsum(after, axis=0, reverse=True), here
+
+
+@triton.jit
+def _program(pid, nb, NC: tl.constexpr, NT, H):
+    """A program of the (lane, chunk, sub-chunk, block) grid, blocks fastest: (block, sub-chunk,
+    chunk, lane, batch, head)."""
+    blk = pid % nb
+    i = ((pid // nb) % NC).to(tl.int32)
+    c = (pid // (nb * NC)) % NT
+    bh = pid // (nb * NC * NT)
+    return blk, i, c, bh, bh // H, bh % H
+
+
+@triton.jit
 def _mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else DT (bf16/fp16) operands."""
     if IEEE:
@@ -158,10 +181,8 @@ def _state_kernel(
             t = lo + rows
             kt = _tile(k_ptr, k_off, t, lo, lo + BC, T, skt, ck, K, skd, REV)
             vt = _tile(v_ptr, v_off, t, lo, lo + BC, T, svt, cv, V, svd, REV)
-            after = _logs(g_ptr, g_off, t + 1, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
-            here = _logs(g_ptr, g_off, t, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
-            # decay from each token to the sub-chunk end: a suffix sum of the tokens after it
-            kd = kt.to(tl.float32) * tl.exp(tl.cumsum(after, axis=0, reverse=True))
+            to_end, here = _to_end(g_ptr, g_off, t, lo, lo + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            kd = kt.to(tl.float32) * tl.exp(to_end)
             h = h * tl.exp(tl.sum(here, axis=0))[:, None] + _mm(tl.trans(kd), vt, IEEE, DT)
     tl.store(hT_ptr + bh * K * V + kv, h, mask=kv_mask)
 
@@ -178,16 +199,9 @@ def _out_kernel(
     DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, EXCL: tl.constexpr, IEEE: tl.constexpr,
 ):
     """o = scale * (q @ S) for one sub-chunk of BC tokens and one block of BV value columns."""
-    pid = tl.program_id(0).to(tl.int64)
-    nv = tl.cdiv(V, BV)
     nk = tl.cdiv(K, BK)
     NC: tl.constexpr = BT // BC
-    vb = pid % nv
-    i = ((pid // nv) % NC).to(tl.int32)
-    c = (pid // (nv * NC)) % NT
-    bh = pid // (nv * NC * NT)
-    b = bh // H
-    hh = bh % H
+    vb, i, c, bh, b, hh = _program(tl.program_id(0).to(tl.int64), tl.cdiv(V, BV), NC, NT, H)
     DT = q_ptr.dtype.element_ty
     q_off = b * sqb + hh * sqh
     k_off = b * skb + hh * skh
@@ -211,9 +225,8 @@ def _out_kernel(
             sj = ss - (jj + 1) * BC
             tj = sj + rows
             kj = _tile(k_ptr, k_off, tj, sj, sj + BC, T, skt, ck, K, skd, REV).to(tl.float32)
-            after = _logs(g_ptr, g_off, tj + 1, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
-            here = _logs(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
-            kd = kj * tl.exp(tl.cumsum(after, axis=0, reverse=True) + between[None, :])
+            to_end, here = _to_end(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+            kd = kj * tl.exp(to_end + between[None, :])
             a = _mm(qin, tl.trans(kd), IEEE, DT)
             vj = _tile(v_ptr, v_off, tj, sj, sj + BC, T, svt, cv, V, svd, REV)
             o += _mm(a, vj, IEEE, DT)
@@ -248,16 +261,9 @@ def _readout_kernel(
 ):
     """out_t = scale * (S_t @ a_t) along K (dq: a = do, b = v, c = k), for one sub-chunk and one
     K block; out is a contiguous fp32 [B, T, H, K] tensor."""
-    pid = tl.program_id(0).to(tl.int64)
-    nk = tl.cdiv(K, BK)
     nv = tl.cdiv(V, BV)
     NC: tl.constexpr = BT // BC
-    kb = pid % nk
-    i = ((pid // nk) % NC).to(tl.int32)
-    c = (pid // (nk * NC)) % NT
-    bh = pid // (nk * NC * NT)
-    b = bh // H
-    hh = bh % H
+    kb, i, c, bh, b, hh = _program(tl.program_id(0).to(tl.int64), tl.cdiv(K, BK), NC, NT, H)
     DT = a_ptr.dtype.element_ty
     a_off = b * sab + hh * sah
     b_off = b * sbb + hh * sbh
@@ -289,9 +295,8 @@ def _readout_kernel(
             bj = _tile(b_ptr, b_off, tj, sj, sj + BC, T, sbt, cv, V, sbd, REV)
             scores += _mm(ai, tl.trans(bj), IEEE, DT)
         cj = _tile(c_ptr, c_off, tj, sj, sj + BC, T, sct, ck, K, scd, REV).to(tl.float32)
-        after = _logs(g_ptr, g_off, tj + 1, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
-        here = _logs(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
-        cd = cj * tl.exp(tl.cumsum(after, axis=0, reverse=True) + between[None, :])
+        to_end, here = _to_end(g_ptr, g_off, tj, sj, sj + BC, T, sgt, ck, K, sgd, REV, GS, DECAY)
+        cd = cj * tl.exp(to_end + between[None, :])
         out += _mm(scores, cd, IEEE, DT)
         between += tl.sum(here, axis=0)
     # `between` now sums the log decays of all earlier sub-chunks of the chunk
