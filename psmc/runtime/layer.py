@@ -558,7 +558,10 @@ class PsmLayer(nn.Module):
             return False  # the Triton kernels scan token by token: causal already
         if getattr(call, "token_by_token", False):
             return False  # the C++ kernels scan token by token: causal already
-        return any(o.is_floating_point() and bool(torch.isnan(o).any()) for o in outputs)
+        if any(o.is_floating_point() and bool(torch.isnan(o).any()) for o in outputs):
+            return True
+        call.outputs_checked = True  # no NaN output: _check_outputs has nothing to find (one pass, not two)
+        return False
 
     def _checks_finite(self, call) -> bool:
         """check_finite=None (the default) checks CPU tensors only: on a GPU the check needs a host
