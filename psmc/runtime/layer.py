@@ -556,7 +556,7 @@ class PsmLayer(nn.Module):
             return False
         if self.backend != "torch" and call.ctx.dev.type == "cuda":
             return False  # the Triton kernels scan token by token: causal already
-        if getattr(call, "token_by_token", False):
+        if call.token_by_token:
             return False  # the C++ kernels scan token by token: causal already
         if any(o.is_floating_point() and bool(torch.isnan(o).any()) for o in outputs):
             return True
@@ -572,7 +572,7 @@ class PsmLayer(nn.Module):
     def _check_outputs(self, outputs, call):
         """NaN outputs from finite inputs are an error that names the op (the inputs are only
         inspected once a NaN was found, so the common path costs one pass over the outputs)."""
-        if not self._checks_finite(call) or _compiling() or getattr(call, "outputs_checked", False):
+        if not self._checks_finite(call) or _compiling() or call.outputs_checked:
             return  # (the C++ kernels check their outputs as they write them)
         for slot, out in zip(self.spec.outputs, outputs):
             if out.is_floating_point() and torch.isnan(out).any():
@@ -816,6 +816,8 @@ class _Call:
     step: bool = False
     tag: str = ""  # "op[dims] lanes=(...)": what a state made by this call is tagged with
     out_dtype: torch.dtype | None = None  # half-precision inputs: outputs are cast back to it
+    token_by_token: bool = False  # the pass that ran scanned time sequentially: a NaN at t reached nothing before t
+    outputs_checked: bool = False  # the outputs are known to hold no NaN: the finite check has nothing to find
 
 
 def _compiling() -> bool:
