@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from psmc.runtime.fastpaths import linear_recurrence
+from psmc.runtime.ops import broadcast_shapes
 
 __all__ = ["DECAY_KINDS", "chunk_linear_attention"]
 
@@ -197,7 +198,7 @@ def _lanes(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, decay: str
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if decay == "key" and log_decay.shape[-1] not in (1, q.shape[-1]):
         raise ValueError(f"per-key log_decay must end in K={q.shape[-1]}, got {tuple(log_decay.shape)}")
-    return tuple(torch.broadcast_shapes(*lane_shapes))
+    return broadcast_shapes(*lane_shapes)
 
 
 def _prod(sizes: tuple[int, ...]) -> int:

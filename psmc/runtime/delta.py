@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from psmc.runtime.ops import broadcast_shapes
+
 __all__ = ["chunk_delta_rule", "delta_rule_step"]
 
 # Chunks are processed in groups whose [G, BH, L, L] operands stay below this many bytes per
@@ -246,7 +248,7 @@ def _lanes(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | No
         shown = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items())
         raise ValueError(f"chunk_delta_rule: shapes do not match [B, T, *lanes, ...]: {shown}")
     try:
-        return tuple(torch.broadcast_shapes(*shapes.values()))
+        return broadcast_shapes(*shapes.values())
     except RuntimeError:
         shown = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
         raise ValueError(f"chunk_delta_rule: lane axes do not broadcast: {shown}") from None

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from psmc.runtime.ops import broadcast_shapes
+
 __all__ = ["linear_recurrence"]
 
 
@@ -58,14 +60,14 @@ def linear_recurrence(
         a = torch.exp(a)
     if kernel == "triton" and not exclusive:
         from .triton_scan import FirstOrderScan
-        shape = torch.broadcast_shapes(a.shape, b.shape)
+        shape = broadcast_shapes(a.shape, b.shape)
         if a.dim() < len(shape):
             raise ValueError("a must have as many axes as the result (use size-1 axes to broadcast)")
         h, h_last = FirstOrderScan.apply(a, b, initial)
         return h, h_last.to(h.dtype)
     dtype = torch.promote_types(a.dtype, b.dtype)
     a, b = a.to(dtype), b.to(dtype)
-    shape = torch.broadcast_shapes(a.shape, b.shape)
+    shape = broadcast_shapes(a.shape, b.shape)
     if a.dim() < len(shape):  # time must stay axis 1 for both
         raise ValueError("a must have as many axes as the result (use size-1 axes to broadcast)")
     b = b.expand(shape)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..dtypes import DType
 from .element import with_time
-from .ops import DTYPES, torch_dtypes
+from .ops import DTYPES, broadcast_shapes, torch_dtypes
 from .scan import exact_scan, exclusive_from_inclusive
 from .batch import RaggedState, cat_states
 from .state import ChunkStream, ScanState, StreamState, TreeState
@@ -537,7 +537,7 @@ class PsmLayer(nn.Module):
         for name, lead in leads.items():
             padded[name] = lead[:lead_axes] + (1,) * (width - len(lead)) + lead[lead_axes:]
         try:
-            lead = torch.broadcast_shapes(*padded.values())
+            lead = broadcast_shapes(*padded.values())
         except RuntimeError:
             shown = ", ".join(f"{n}: {list(v)}" for n, v in leads.items())
             raise ValueError(f"{self.spec.name}: the inputs' leading axes ([B, {'' if step else 'T, '}*lanes]) do not "

@@ -158,7 +158,7 @@ def concat(xs: list, axis: int, rank: int) -> Tensor:
     xs = [x for x in xs]
     lead_rank = max(x.dim() - rank for x in xs)
     xs = [x.reshape((1,) * (lead_rank - (x.dim() - rank)) + tuple(x.shape)) for x in xs]
-    lead = torch.broadcast_shapes(*(tuple(x.shape[:lead_rank]) for x in xs))
+    lead = broadcast_shapes(*(tuple(x.shape[:lead_rank]) for x in xs))
     xs = [x.expand(*lead, *x.shape[lead_rank:]) for x in xs]
     return torch.cat(xs, dim=axis - rank)
 
@@ -180,7 +180,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool) -> Tens
     """softmax(q_h k_h^T / sqrt(width/heads)) v_h per head over the first declared axis;
     `causal`: query i sees keys j <= i. Leading axes broadcast."""
     heads = int(heads)
-    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    lead = broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
     n, m = q.shape[-2], k.shape[-2]
 
@@ -200,6 +200,24 @@ def logical_not(x):
     return torch.logical_not(x) if isinstance(x, Tensor) else not x
 
 
+def broadcast_shapes(*shapes) -> tuple:
+    """torch.broadcast_shapes of shapes of Python ints, in plain Python: torch's goes through its
+    symbolic-shape machinery (~70 us a call, on every forward's validation). Under torch.compile
+    (symbolic sizes) torch's own. A mismatch is a RuntimeError, as there."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.broadcast_shapes(*shapes))
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, n in enumerate(shape, rank - len(shape)):
+            if n != 1 and out[i] != n:
+                if out[i] != 1:
+                    raise RuntimeError(f"shapes {[tuple(s) for s in shapes]} do not broadcast: size {out[i]} "
+                                       f"against {n} at axis {i - rank}")
+                out[i] = n
+    return tuple(out)
+
+
 def lead_of(pairs) -> tuple:
     """The broadcast leading shape of batched values given as (tensor, declared rank)."""
     shapes = [tuple(t.shape[: t.dim() - rank]) for t, rank in pairs if isinstance(t, Tensor)]
@@ -209,4 +227,4 @@ def lead_of(pairs) -> tuple:
     if all(s == first for s in shapes):
         return first  # one lead for all (the common case): no broadcast computation
     width = max(len(s) for s in shapes)
-    return tuple(torch.broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes)))
+    return broadcast_shapes(*((1,) * (width - len(s)) + s for s in shapes))
