@@ -17,19 +17,9 @@ import torch.nn.functional as F
 
 from psmc.runtime.delta import chunk_delta_rule, delta_rule_step
 
+from closeness import assert_close
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """max abs error <= 1e-6 (1e-12 in float64), else relative RMS <= RTOL; NaN never passes."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert torch.isfinite(out).all(), "non-finite output"
-    err = out.double() - ref.double()
-    if err.abs().max() <= (1e-12 if dtype == torch.float64 else 1e-6):
-        return
-    rel = err.norm() / ref.double().norm()
-    assert rel <= RTOL[dtype], f"relative RMS error {rel:.3g} > {RTOL[dtype]:.0e}"
 
 
 def loop_reference(q, k, v, beta, log_decay=None, initial_state=None, scale=1.0):
