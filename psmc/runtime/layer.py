@@ -558,7 +558,7 @@ class PsmLayer(nn.Module):
             return False  # the Triton kernels scan token by token: causal already
         if call.token_by_token:
             return False  # the C++ kernels scan token by token: causal already
-        if any(o.is_floating_point() and bool(torch.isnan(o).any()) for o in outputs):
+        if any(o.is_floating_point() and _has_nan(o) for o in outputs):
             return True
         call.outputs_checked = True  # no NaN output: _check_outputs has nothing to find (one pass, not two)
         return False
@@ -575,7 +575,7 @@ class PsmLayer(nn.Module):
         if not self._checks_finite(call) or _compiling() or call.outputs_checked:
             return  # (the C++ kernels check their outputs as they write them)
         for slot, out in zip(self.spec.outputs, outputs):
-            if out.is_floating_point() and torch.isnan(out).any():
+            if out.is_floating_point() and _has_nan(out):
                 if any(not bool(torch.isfinite(x).all()) for x in call.inputs.values() if x.is_floating_point()):
                     return  # NaN/inf came in: not the op's doing
                 raise FloatingPointError(
@@ -822,6 +822,13 @@ class _Call:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _has_nan(x: Tensor) -> bool:
+    """Whether x holds a NaN. A NaN anywhere makes the sum NaN, so one reduction clears the
+    common case (about 10x cheaper than isnan(x).any(), which writes a bool tensor the size of
+    x); a NaN sum (a NaN, or +inf meeting -inf) is then looked at element by element."""
+    return bool(torch.isnan(x.sum())) and bool(torch.isnan(x).any())
 
 
 def _tagged(state, tag: str):
