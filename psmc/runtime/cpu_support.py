@@ -319,8 +319,9 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
     lib = library(k)
     _call(_function(lib, k, "forward", compute), tensors, ints, _threads(g))
     call.token_by_token = True  # one sequential loop over time: a NaN at t reaches nothing before t
-    if not bool(nan.any()):
-        call.outputs_checked = True  # no NaN output: the layer's finite check has nothing to find
+    # no NaN output: the layer's finite check has nothing to find. Set both ways: a call that runs
+    # several passes (context parallelism: from zero, then from the carry) checks the last one's
+    call.outputs_checked = not bool(nan.any())
     return outs, fins, saves
 
 
