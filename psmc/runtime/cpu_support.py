@@ -173,6 +173,9 @@ def unusable_reason(layer, call) -> str | None:
         return "its plan has no C++ kernels (see `psmc check`)"
     if call.ctx.dev.type != "cpu":
         return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
+    if getattr(layer, "per_lane", ()):
+        return (f"per-lane params ({', '.join(layer.per_lane)}): the C++ kernels read one value of each param "
+                "for all lanes")
     return None
 
 

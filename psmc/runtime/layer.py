@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 import ast
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -100,7 +101,7 @@ class PsmLayer(nn.Module):
     spec: Spec
 
     def __init__(self, backend: str = "auto", check_finite: bool | str | None = None, lanes: tuple | None = None,
-                 **dims):
+                 per_lane=False, **dims):
         super().__init__()
         spec = self.spec
         if backend not in ("auto", "torch", "triton", "cpu"):
@@ -118,6 +119,7 @@ class PsmLayer(nn.Module):
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lanes):
                 raise ValueError(f"{spec.name}: lanes must be a tuple of positive ints (e.g. lanes=(H,)), got {lanes!r}")
         self.lanes = lanes
+        self.per_lane = _per_lane_names(spec, lanes, per_lane)
         self._step_cache: dict = {}
         self.backend = backend
         self.check_finite = check_finite
@@ -128,7 +130,12 @@ class PsmLayer(nn.Module):
                 raise TypeError(f"{spec.name}: param '{p.name}' needs dim{'s' if len(missing) > 1 else ''} "
                                 f"{', '.join(missing)}; pass {', '.join(f'{m}=...' for m in missing)} to the constructor")
             shape = tuple(int(s) for s in p.shape(self.dims))
-            self.register_parameter("p_" + p.name, nn.Parameter(_init(shape, p.init, DTYPES[p.dtype])))
+            if p.name in self.per_lane:  # one slice per lane, each initialised as the declared param
+                slices = [_init(shape, p.init, DTYPES[p.dtype]) for _ in range(math.prod(lanes))]
+                value = torch.stack(slices).reshape(lanes + shape) if slices else None
+            else:
+                value = _init(shape, p.init, DTYPES[p.dtype])
+            self.register_parameter("p_" + p.name, nn.Parameter(value))
         self._check_backend_available()
 
     # ------------------------------------------------------------------ public API
@@ -233,7 +240,9 @@ class PsmLayer(nn.Module):
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
-        return f"{dims}{', ' if dims else ''}scan={self.spec.scan}, backend={self.backend!r}"
+        lanes = f", lanes={self.lanes}" if self.lanes is not None else ""
+        per_lane = f", per_lane={self.per_lane}" if self.per_lane else ""
+        return f"{dims}{', ' if dims else ''}scan={self.spec.scan}, backend={self.backend!r}{lanes}{per_lane}"
 
     # ------------------------------------------------------------------ varlen and ragged batches
     def _forward_varlen(self, inputs: dict, cu_seqlens, state):
@@ -334,6 +343,10 @@ class PsmLayer(nn.Module):
         if self.backend == "triton" and not getattr(self, "_triton_kernels", None):
             raise ValueError(f"{self.spec.name}: backend='triton' is not available for this op: its plan has "
                              "no Triton kernels (see `psmc check`); use backend='torch' or 'auto'")
+        if self.backend == "cpu" and self.per_lane:
+            raise ValueError(f"{self.spec.name}: backend='cpu' runs the C++ kernels, which read one value of each param "
+                             f"for all lanes, but {', '.join(self.per_lane)} {'is' if len(self.per_lane) == 1 else 'are'}"
+                             " per lane; use backend='auto' or 'torch'")
         if self.backend == "cpu" and getattr(self, "_cpu_kernels", None) is None:
             raise ValueError(f"{self.spec.name}: backend='cpu' is not available for this op: its plan has no C++ "
                              "kernels (see `psmc check`); use backend='torch' or 'auto'")
@@ -493,8 +506,12 @@ class PsmLayer(nn.Module):
             raise ValueError(f"{spec.name}: {'step' if step else 'forward'} takes {want} with lanes {self.lanes} "
                              f"(from the constructor), but the inputs' leading axes {list(lead)} give lanes "
                              f"{lanes}{hint}")
+        if self.per_lane and lanes != self.lanes:  # inputs broadcast over the lanes; the per-lane params do not
+            lead = tuple(lead[:lead_axes]) + self.lanes
+            lanes = self.lanes
         shown = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
-        tag = f"{spec.name}[{shown}] lanes={lanes}"
+        per_lane = f" per_lane={','.join(self.per_lane)}" if self.per_lane else ""
+        tag = f"{spec.name}[{shown}]{per_lane} lanes={lanes}"
         halves = {d for d in float_dtypes if d in (torch.float16, torch.bfloat16)}
         out_dtype = halves.pop() if len(halves) == 1 and float_dtypes <= {torch.float16, torch.bfloat16} else None
         return _Call(ctx, aligned, lead, step, tag, out_dtype)
@@ -933,6 +950,32 @@ def _check_dtype(op: str, slot: Slot, x: Tensor):
         ok = x.dtype == torch.bool
     if not ok:
         raise TypeError(f"{op}: input '{slot.name}' is declared {want} but got a {x.dtype} tensor")
+
+
+def _per_lane_names(spec: Spec, lanes: tuple | None, per_lane) -> tuple:
+    """The params built with one slice per lane (`per_lane=True`: all of them; or their names)."""
+    if per_lane is False or per_lane is None or per_lane == ():
+        return ()
+    names = [p.name for p in spec.params]
+    if per_lane is True:
+        chosen = tuple(names)
+    elif isinstance(per_lane, str):
+        chosen = (per_lane,)
+    else:
+        chosen = tuple(per_lane)
+    if not chosen:
+        raise ValueError(f"{spec.name}: per_lane=True but the op declares no param; per-lane values that are not "
+                         "learned are inputs ([B, T, *lanes, ...], or [1, 1, *lanes, ...] to broadcast)")
+    unknown = [n for n in chosen if n not in names]
+    if unknown or not all(isinstance(n, str) for n in chosen):
+        raise ValueError(f"{spec.name}: per_lane names params, but {', '.join(map(repr, unknown))} "
+                         f"{'is not one' if len(unknown) == 1 else 'are not'}; the op's params are: "
+                         f"{', '.join(names) or 'none'} (per_lane=True makes all of them per lane)")
+    if lanes is None:
+        raise ValueError(f"{spec.name}: per-lane params ({', '.join(chosen)}) need the lanes at construction: pass "
+                         f"lanes=(H,) (or the lane axes your inputs have between time and the declared shape), "
+                         f"e.g. {spec.name}(lanes=(4,), per_lane=True)")
+    return tuple(n for n in names if n in chosen)
 
 
 def _init(shape: tuple, init: tuple, dtype) -> Tensor:

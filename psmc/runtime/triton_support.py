@@ -84,6 +84,9 @@ def unusable_reason(layer, call) -> str | None:
         return f"the inputs are on {call.ctx.dev.type}: Triton kernels need CUDA tensors"
     if call.ctx.dt["f32"] == torch.float64:
         return "float64 inputs or params: the kernels accumulate in fp32"
+    if getattr(layer, "per_lane", ()):
+        return (f"per-lane params ({', '.join(layer.per_lane)}): the generated kernels read one value of each "
+                "param for all lanes")
     return None
 
 

@@ -1,0 +1,224 @@
+"""Per-lane params (issue 13 item 4): `Cls(lanes=(H,), per_lane=True)` builds each param as
+`[*lanes, *declared]`, one learnable slice per lane. A layer built that way must equal H
+independent single-lane layers whose params are the slices: forward, state, step and every
+gradient, for a first-order op (Mamba's per-channel A), a GLA-family op (chunkwise path, a
+per-head gate scale) and a tree-scan op (a per-head learned aggregator); on the torch paths, the
+C++-kernel singles (backend='auto' on CPU) and the first-order Triton scan under the interpreter."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch.func import functional_call
+
+import psmc
+
+SOURCE = """
+op ssm_a[N] {
+  param A: f32[N] = uniform(-1.0, -0.1);
+  state (a: f32[N], h: f32[N]);
+  lift (u: f32, delta: f32, B: f32[N]) { return (exp(delta * A), delta * B * u); }
+  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h); }
+  identity = (ones, zeros);
+  readout (s, C: f32[N]) { return sum(s.h * C); }
+}
+op gla_w[K, V] {
+  param w: f32[K] = uniform(0.5, 1.5);
+  state (a: f32[K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V], gk: f32[K]) { return (exp(gk * w), outer(k, v)); }
+  combine (l, r) { return (l.a * r.a, r.a[:, None] * l.S + r.S); }
+  identity = (ones, zeros);
+  readout (s, q: f32[K]) { return q @ s.S / sqrt(K); }
+}
+op tree_w[D] {
+  param W1: f32[D, D]; param W2: f32[D, D]; param b: f32[D] = normal(0.1);
+  state (h: f32[D]);
+  combine (l, r) { return tanh(l.h @ W1 + r.h @ W2 + b); }
+}
+op plain[D] {
+  state (y: f32[D]);
+  lift (x: f32[D]) { return (x); }
+  combine (l, r) { return (l.y + r.y); }
+  readout (s) { return s.y; }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    path = tmp_path_factory.mktemp("per_lane") / "per_lane.psm"
+    path.write_text(SOURCE)
+    return psmc.load(path)
+
+
+DIMS = {"ssm_a": {"N": 3}, "gla_w": {"K": 3, "V": 2}, "tree_w": {"D": 3}}
+
+
+def _inputs(name: str, B: int, T: int, H: int, seed: int, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+    if name == "ssm_a":  # u, delta per channel; B, C shared by the channels ([.., 1, N])
+        return {"u": r(B, T, H), "delta": torch.rand(B, T, H, generator=g, dtype=dtype), "B": r(B, T, 1, 3),
+                "C": r(B, T, 1, 3)}
+    if name == "gla_w":
+        return {"k": r(B, T, H, 3), "v": r(B, T, H, 2), "gk": torch.nn.functional.logsigmoid(r(B, T, H, 3)),
+                "q": r(B, T, H, 3)}
+    return {"h": r(B, T, H, 3)}
+
+
+def _lane(inputs: dict, h: int) -> dict:
+    """Lane h of every input as a one-lane input (a broadcast lane axis of size 1 stays)."""
+    lane_axis = 2
+    return {n: (x if x.shape[lane_axis] == 1 else x.narrow(lane_axis, h, 1)) for n, x in inputs.items()}
+
+
+def _layers(ops, name: str, H: int, backend="torch", seed=0):
+    cls = getattr(ops, name)
+    torch.manual_seed(seed)
+    layer = cls(lanes=(H,), per_lane=True, backend=backend, **DIMS[name])
+    singles = []
+    for h in range(H):
+        single = cls(backend="auto", **DIMS[name])  # on CPU: the C++ kernels where the op has them
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                getattr(single, n).copy_(p[h])
+        singles.append(single)
+    return layer, singles
+
+
+def _close(a, b, what):
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@settings(max_examples=4, deadline=None)
+@given(name=st.sampled_from(sorted(DIMS)), B=st.integers(1, 2), T=st.integers(1, 9), H=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_per_lane_equals_independent_layers(ops, name, B, T, H, seed):
+    """Forward, final state, then two steps, then gradients of inputs and every param slice."""
+    layer, singles = _layers(ops, name, H, seed=seed)
+    x = {n: t.requires_grad_() for n, t in _inputs(name, B, T, H, seed).items()}
+    out, state = layer(**x, return_state=True)
+    assert state.op.startswith(f"{name}[") and " per_lane=" in state.op
+    step_inputs = _inputs(name, B, 2, H, seed + 1)
+    outs_step, s = [], state
+    for t in range(2):
+        o, s = layer.step(s, **{n: v[:, t] for n, v in step_inputs.items()})
+        outs_step.append(o)
+    loss = out.square().sum() + sum(o.square().sum() for o in outs_step)
+    loss.backward()
+    shared = {}
+    for h in range(H):
+        xh = {n: t.detach().clone().requires_grad_() for n, t in _lane(x, h).items()}
+        want, sh = singles[h](**xh, return_state=True)
+        _close(out.narrow(2, h, 1), want, f"{name} lane {h} forward")
+        for got_field, want_field in zip(state.tensors(), sh.tensors()):
+            _close(got_field.narrow(1, h, 1), want_field, f"{name} lane {h} state")
+        step_h = _lane(step_inputs, h)
+        want_steps = []
+        for t in range(2):
+            o, sh = singles[h].step(sh, **{n: v[:, t] for n, v in step_h.items()})
+            want_steps.append(o)
+            _close(outs_step[t].narrow(1, h, 1), o, f"{name} lane {h} step {t}")
+        (want.square().sum() + sum(o.square().sum() for o in want_steps)).backward()
+        for n, p in layer.named_parameters():
+            _close(p.grad[h], getattr(singles[h], n).grad, f"{name} lane {h} gradient of {n}")
+        for n, t in xh.items():
+            if x[n].shape[2] == 1:  # shared by the lanes: its gradient is the sum over the lanes
+                shared[n] = shared.get(n, 0) + t.grad
+            else:
+                _close(x[n].grad.narrow(2, h, 1), t.grad, f"{name} lane {h} gradient of input {n}")
+    for n, total in shared.items():
+        _close(x[n].grad, total, f"{name} gradient of the shared input {n}")
+
+
+@pytest.mark.parametrize("name", sorted(DIMS))
+def test_gradcheck_per_lane_params_float64(ops, name):
+    """Each lane's slice gets its own gradient (float64 gradcheck through every param)."""
+    torch.manual_seed(1)
+    layer = getattr(ops, name)(lanes=(2,), per_lane=True, backend="torch", **DIMS[name]).double()
+    inputs = _inputs(name, 1, 4, 2, 3, dtype=torch.float64)
+    names = [n for n, _ in layer.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for _, p in layer.named_parameters())
+
+    def f(*ps):
+        return functional_call(layer, dict(zip(names, ps)), (), inputs)
+    assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-5)
+
+
+def test_every_slice_initialised_as_declared(ops):
+    torch.manual_seed(0)
+    t = ops.tree_w(D=4, lanes=(3,), per_lane=("W1", "b"))
+    assert t.p_W1.shape == (3, 4, 4) and t.p_b.shape == (3, 4) and t.p_W2.shape == (4, 4)  # W2 stays shared
+    bound = math.sqrt(6 / (4 + 4))  # xavier over the declared [D, D], per slice
+    assert t.p_W1.abs().max() <= bound and not torch.equal(t.p_W1[0], t.p_W1[1])
+    a = ops.ssm_a(N=5, lanes=(2, 3), per_lane=True).p_A
+    assert a.shape == (2, 3, 5) and bool((a >= -1).all() and (a <= -0.1).all())
+    assert len({tuple(row.tolist()) for row in a.reshape(6, 5)}) == 6  # six independent draws
+
+
+def test_varlen_and_ragged_steps(ops):
+    """cu_seqlens with per-lane params: each sequence as it runs alone (per lane too)."""
+    layer, _ = _layers(ops, "tree_w", 2)
+    seqs = [_inputs("tree_w", 1, n, 2, 10 + n)["h"] for n in (3, 5)]
+    cu = torch.tensor([0, 3, 8])
+    out, state = layer(h=torch.cat(seqs, dim=1), cu_seqlens=cu, return_state=True)
+    for i, s in enumerate(seqs):
+        alone, sa = layer(h=s, return_state=True)
+        assert torch.equal(out[:, cu[i]:cu[i + 1]], alone)
+        y, _ = layer.step(sa, h=seqs[0][:, 0])
+        y_all, _ = layer.step(state[i], h=seqs[0][:, 0])
+        assert torch.equal(y, y_all)
+
+
+def test_triton_first_order_scan_under_the_interpreter(ops):
+    """backend='triton': the first-order op runs the Triton scan on the lifted values (the lift
+    reads the per-lane A); the generated kernels say why they cannot take per-lane params."""
+    from psmc.runtime import dispatch
+    layer, singles = _layers(ops, "ssm_a", 3, backend="triton")
+    x = _inputs("ssm_a", 2, 6, 3, 5)
+    call = layer._prepare(dict(x), step=False)
+    assert dispatch.choose(layer, call, "forward").name == "triton-first-order"
+    out = layer(**x)
+    for h in range(3):
+        _close(out.narrow(2, h, 1), singles[h](**_lane(x, h)), f"triton lane {h}")
+    reasons = dict((p.name, r) for p, r in dispatch.candidates(layer, call, "forward"))
+    assert "per-lane params (A)" in reasons["triton-block-scan"]
+    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run this call: triton-step: per-lane params \(A\)"):
+        layer.step(layer.init_state(), **{n: v[:, 0] for n, v in x.items()})
+
+
+def test_errors(ops):
+    with pytest.raises(ValueError, match=r"tree_w: per-lane params \(W1, W2, b\) need the lanes at construction: "
+                                         r"pass lanes=\(H,\)"):
+        ops.tree_w(D=3, per_lane=True)
+    with pytest.raises(ValueError, match=r"per_lane names params, but 'W3' is not one; the op's params are: W1, W2, b"):
+        ops.tree_w(D=3, lanes=(2,), per_lane=("W3",))
+    with pytest.raises(ValueError, match="per_lane=True but the op declares no param"):
+        ops.plain(lanes=(2,), per_lane=True)
+    with pytest.raises(ValueError, match=r"backend='cpu' runs the C\+\+ kernels, which read one value of each param"):
+        ops.ssm_a(N=3, lanes=(2,), per_lane=True, backend="cpu")
+    layer = ops.tree_w(D=3, lanes=(2,), per_lane=True)
+    with pytest.raises(ValueError, match=r"forward takes \[B, T, \*lanes, ...declared\] with lanes \(2,\)"):
+        layer(h=torch.randn(1, 4, 3, 3))
+    shared = ops.tree_w(D=3, lanes=(2,))
+    _, state = shared(h=torch.randn(1, 4, 2, 3), return_state=True)
+    with pytest.raises(ValueError, match=r"tree_w\[D=3\] per_lane=W1,W2,b lanes=\(2,\) was given a state made by "
+                                         r"tree_w\[D=3\] lanes=\(2,\)"):
+        layer.step(state, h=torch.randn(1, 2, 3))
+
+
+def test_inputs_broadcast_over_per_lane_params(ops):
+    """Inputs with a lane axis of 1 broadcast against the params' lanes: [B, T, H] outputs."""
+    layer, singles = _layers(ops, "ssm_a", 3)
+    x = _inputs("ssm_a", 2, 5, 1, 7)  # u, delta: [2, 5, 1]
+    out, state = layer(**x, return_state=True)
+    assert out.shape == (2, 5, 3) and state.op.endswith("lanes=(3,)")
+    for h in range(3):
+        _close(out.narrow(2, h, 1), singles[h](**x), f"broadcast lane {h}")
+    y, _ = layer.step(state, **{n: v[:, 0] for n, v in x.items()})
+    assert y.shape == (2, 3)
