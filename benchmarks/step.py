@@ -1,12 +1,16 @@
-"""GLA decode step and torch.compile speed-ups (issue 13): `python -m benchmarks.step`.
+"""Decode step and torch.compile speed-ups (issue 13): `python -m benchmarks.step`.
 
-Rows, all in one process on one machine, median of --repeat timed runs of --tokens tokens:
+Rows, all in one process on one machine, ms per token over --tokens tokens (one torch thread,
+`torch.no_grad()`):
 - psmc GLA `step` (B=1, H=4, K=V=64), eager, against the same update written by hand in eager
   torch (S = exp(gk) * S + k v^T, o = q S / sqrt(K)): target <= 1.5x;
 - both under torch.compile (fullgraph, inductor): target psmc compiled <= 1.0x the eager hand step;
+- the selective SSM (Mamba S6, B=1, D=256 channels, N=16) `step` against its hand-written
+  update (h = exp(delta A) h + delta B u, y = sum(h C)), eager;
 - the GLA parallel pass (B=1, T=1024) eager vs torch.compile'd, and the first-order recurrence.
-The hand-written step keeps only S; psmc's GLA also carries the cumulative decay `a` (a field
-the readout never reads) until dead-field elimination lands.
+Each row pair is timed interleaved (hand, psmc, hand, psmc, ...: --repeat rounds) and the
+median per row is reported, so a load change on a shared machine hits both sides alike.
+psmc's GLA stream state keeps S only (dead-field elimination drops the decay product `a`).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import psmc
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 B, H, K, V = 1, 4, 64, 64
+D, N = 256, 16  # the selective SSM: channels (lanes) and state size
 
 
 def hand_step(S, k, v, gk, q):
@@ -28,14 +33,26 @@ def hand_step(S, k, v, gk, q):
     return (q.unsqueeze(-2) @ S).squeeze(-2) / K ** 0.5, S
 
 
-def per_token_ms(fn, tokens: int, repeat: int) -> float:
-    fn(3)  # warm up (and compile)
-    times = []
+def hand_ssm_step(h, u, delta, A, Bt, C):
+    d = delta.unsqueeze(-1)
+    h = torch.exp(d * A) * h + d * Bt * u.unsqueeze(-1)
+    return (h * C).sum(-1), h
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time, the CPU time of this thread
+
+
+def per_token_ms(fns: list, tokens: int, repeat: int) -> list:
+    """Median ms per token of each `fn(count)`, the functions timed in interleaved rounds."""
+    for fn in fns:
+        fn(3)  # warm up (and compile)
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn(tokens)
-        times.append((time.perf_counter() - start) / tokens * 1e3)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            start = CLOCK()
+            fn(tokens)
+            times[i].append((CLOCK() - start) / tokens * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def main(argv=None):
@@ -44,7 +61,12 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="eager rows only (compiling takes minutes)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: time.perf_counter; cpu: time.thread_time, this thread's CPU time (on a shared, "
+                         "loaded machine it leaves out the time other processes hold the core; one torch thread)")
     args = ap.parse_args(argv)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layer = psmc.load(EXAMPLES / "gla.psm").gla(K=K, V=V)
@@ -70,20 +92,51 @@ def main(argv=None):
                     _, S = step(S, ks[t], vs[t], gks[t], qs[t])
         return go
 
-    rows = []
-    hand = per_token_ms(run_hand(hand_step), args.tokens, args.repeat)
-    rows.append(("hand-written eager torch step", hand))
-    rows.append(("psmc gla step, eager", per_token_ms(run_psmc(layer.step), args.tokens, args.repeat)))
+    fns = [("hand-written eager torch step", run_hand(hand_step)), ("psmc gla step, eager", run_psmc(layer.step))]
     if not args.no_compile:
-        rows.append(("hand-written step, torch.compile", per_token_ms(run_hand(torch.compile(hand_step, fullgraph=True)),
-                                                                       args.tokens, args.repeat)))
-        rows.append(("psmc gla step, torch.compile(fullgraph)",
-                     per_token_ms(run_psmc(torch.compile(layer.step, fullgraph=True)), args.tokens, args.repeat)))
-    print(f"GLA decode step, B={B}, H={H}, K=V={K}, {args.threads} thread(s), median of {args.repeat} x {args.tokens} tokens")
+        fns += [("hand-written step, torch.compile(fullgraph)", run_hand(torch.compile(hand_step, fullgraph=True))),
+                ("psmc gla step, torch.compile(fullgraph)", run_psmc(torch.compile(layer.step, fullgraph=True)))]
+    times = per_token_ms([fn for _, fn in fns], args.tokens, args.repeat)
+    hand = times[0]
+    print(f"GLA decode step, B={B}, H={H}, K=V={K}, {args.threads} thread(s), median of {args.repeat} interleaved "
+          f"rounds x {args.tokens} tokens, {args.clock} clock")
     print("| row | ms / token | vs hand-written eager |")
     print("|---|---:|---:|")
-    for name, ms in rows:
+    for (name, _), ms in zip(fns, times):
         print(f"| {name} | {ms:.4f} | {ms / hand:.2f}x |")
+
+    # the selective SSM (first-order: no hand-form fast step; backend='auto' runs the C++ step)
+    ssm = psmc.load(EXAMPLES / "selective_ssm.psm").selective_ssm(N=N)
+    us, deltas = torch.randn(n, B, D), torch.rand(n, B, D) * 0.1
+    Bs, Cs = torch.randn(n, B, 1, N), torch.randn(n, B, 1, N)
+    A = -torch.rand(1, D, N)
+    _, ssm0 = ssm(u=us[:1].transpose(0, 1), delta=deltas[:1].transpose(0, 1), A=A.unsqueeze(1),
+                  B=Bs[:1].transpose(0, 1), C=Cs[:1].transpose(0, 1), return_state=True)
+
+    def run_ssm(layer_):
+        def go(count):
+            state = ssm0
+            with torch.no_grad():
+                for t in range(count):
+                    _, state = layer_.step(state, u=us[t], delta=deltas[t], A=A, B=Bs[t], C=Cs[t])
+        return go
+
+    def run_ssm_hand(count):
+        h = ssm0.prefix[1]
+        with torch.no_grad():
+            for t in range(count):
+                _, h = hand_ssm_step(h, us[t], deltas[t], A, Bs[t], Cs[t])
+
+    torch_ssm = psmc.load(EXAMPLES / "selective_ssm.psm").selective_ssm(N=N, backend="torch")
+    rows = [("hand-written eager torch step", run_ssm_hand), ("psmc selective_ssm step, eager (backend='auto')",
+                                                                run_ssm(ssm)),
+            ("psmc selective_ssm step, eager (backend='torch')", run_ssm(torch_ssm))]
+    times = per_token_ms([fn for _, fn in rows], args.tokens, args.repeat)
+    print(f"\nSelective SSM (S6) decode step, B={B}, D={D} channels, N={N}, same rounds")
+    print("| row | ms / token | vs hand-written eager |")
+    print("|---|---:|---:|")
+    for (name, _), ms in zip(rows, times):
+        print(f"| {name} | {ms:.4f} | {ms / times[0]:.2f}x |")
 
     if not args.no_compile:
         T = 1024
@@ -97,8 +150,8 @@ def main(argv=None):
         for name, mod, inp in (("gla B=1 T=1024 H=4 K=V=64", layer, x), ("linear_recurrence B=4 T=1024 D=256", lr, y)):
             compiled = torch.compile(mod, fullgraph=True)
             with torch.no_grad():
-                eager_ms = per_token_ms(lambda c: [mod(**inp) for _ in range(c)], 1, args.repeat)
-                comp_ms = per_token_ms(lambda c: [compiled(**inp) for _ in range(c)], 1, args.repeat)
+                eager_ms, comp_ms = per_token_ms([lambda c: [mod(**inp) for _ in range(c)],
+                                                  lambda c: [compiled(**inp) for _ in range(c)]], 1, args.repeat)
             print(f"| {name} | {eager_ms:.2f} | {comp_ms:.2f} | {eager_ms / comp_ms:.2f}x |")
 
 

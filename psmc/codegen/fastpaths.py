@@ -141,7 +141,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         lines += [
             f"        e_ = torch.exp({g})",
             f"        decay = {'e_.unsqueeze(-1)' if p['kind'] == 'key' else 'e_[..., None, None]'}",
-            f"        s_last = kv if carry is None else decay * carry[{p['s_index']}] + kv",
+            f"        s_last = kv if carry is None else torch.addcmul(kv, decay, carry[{p['s_index']}])",
         ]
     else:
         lines += [f"        s_last = kv if carry is None else carry[{p['s_index']}] + kv"]
@@ -149,8 +149,8 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         "        if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
         "            s_last = s_last.expand(*lead, *s_last.shape[-2:])",
         f"        out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
-        f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
-        "cx.dev)",
+        f"        if out.dtype != cx.dt[{op.outputs[0].dtype!r}]:  # (its lead is s_last's: [B, *lanes])",
+        f"            out = out.to(cx.dt[{op.outputs[0].dtype!r}])",
     ]
     if p["decay_index"] is not None and p["decay_index"] not in dead:  # else: None in its slot
         A = op.state[p["decay_index"]]
@@ -161,7 +161,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
             f"            a_total = a_total * carry[{p['decay_index']}]",
         ]
     lines += [
-        f"        new_state = _ScanState(prefix=({', '.join(element)},), count=state.count + 1, op=state.op)",
+        f"        new_state = _ScanState.make(({', '.join(element)},), state.count + 1, state.op)",
         "        return (out,), new_state if self.spec.stream is None else self._stream_state(new_state)",
         "",
     ]

@@ -21,6 +21,7 @@ are stride-0 views, never copies. Everything the kernels write is a fresh contig
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -85,9 +86,15 @@ def compiler() -> str | None:
 
 
 def _key(source: str) -> str:
+    return _key_of(source, os.environ.get("CXX", "c++"))
+
+
+@functools.lru_cache(maxsize=256)
+def _key_of(source: str, cxx: str) -> str:
+    """Memoised: a decode step asks for the library on every token (the source string's hash
+    is cached by Python, so a hit costs a dict lookup, not a SHA-256 of the source)."""
     digest = hashlib.sha256()
-    for part in (source, " ".join(CFLAGS + LDFLAGS), os.environ.get("CXX", "c++"), torch.__version__,
-                 sys.platform):
+    for part in (source, " ".join(CFLAGS + LDFLAGS), cxx, torch.__version__, sys.platform):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:20]
 
@@ -197,8 +204,9 @@ def use_cpu(layer, call, kind: str) -> bool:
     if layer.backend == "auto":
         if os.environ.get("PSMC_CPU", "1") == "0":
             return False
-        if compiler() is None and not build_dir(k.source).joinpath("ok").exists():
-            return False
+        if _LIBRARIES.get(_key(k.source)) is None and compiler() is None \
+                and not build_dir(k.source).joinpath("ok").exists():
+            return False  # (a loaded library skips the compiler lookup and the file check)
         fast = getattr(layer.spec, "fast", None) or ""
         if kind == "forward" and k.mode == "matrix" and fast.startswith("chunkwise") and layer.use_fast_path \
                 and call.lead[1] > MATRIX_FORWARD_MAX_T:

@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 import ast
 import contextlib
+import functools
 import math
 from typing import Callable
 
@@ -212,22 +213,37 @@ class PsmLayer(nn.Module):
         The checks of `forward` run on the first token of a stream and whenever the inputs'
         shapes, dtypes or devices change; later tokens only look up that check (no host sync:
         the NaN check of `check_finite` is forward-only here unless check_finite='always')."""
-        spec = self.spec
-        inputs = self._bind_positional(args, inputs)
+        if args:
+            inputs = self._bind_positional(args, inputs)
+        if not _compiling() and (type(state) is ScanState or type(state) is TreeState):
+            # the decode lane: a validated input signature, a state this call made (so it has the
+            # stream layout), no casts, no autocast: one dict lookup, then the update itself
+            try:
+                hit = self._step_cache.get((self.backend, self.use_fast_path,
+                                            *[(n, x.shape, x.dtype, x.device) for n, x in inputs.items()]))
+            except AttributeError:  # not tensors: the full check below says so
+                hit = None
+            if hit is not None and hit[3] and state.op == hit[0].tag and \
+                    not torch.is_autocast_enabled(hit[0].ctx.dev.type):
+                template, _, run, _ = hit
+                outputs, state = run(_Call(template.ctx, inputs, template.lead, True, template.tag), state)
+                if state.op != template.tag:
+                    state = _tagged(state, template.tag)
+                return (outputs[0] if len(outputs) == 1 else outputs), state
         if state is None:
-            raise ValueError(f"{spec.name}.step needs a state: use layer.init_state() or forward(..., return_state=True)")
+            raise ValueError(f"{self.spec.name}.step needs a state: use layer.init_state() or forward(..., "
+                             "return_state=True)")
         if isinstance(state, RaggedState):
             return self._step_ragged(state, inputs)
-        state = self._live_slots(state)
+        if self.spec.dead:
+            state = self._live_slots(state)
         with _no_autocast(inputs):
-            call = self._prepare_step(inputs, state)
-            if spec.chunk is not None:
-                outputs, state = self._step_chunked(call, state)
-            else:
-                outputs, state = self._step_token(call, state)
+            call, run = self._prepare_step(inputs, state)
+            outputs, state = run(call, state)
             if self.check_finite == "always":
                 self._check_outputs(outputs, call)
-            outputs = _in_dtype(outputs, call)
+            if call.out_dtype is not None:
+                outputs = _in_dtype(outputs, call)
         if state.op != call.tag:
             state = _tagged(state, call.tag)
         return (outputs[0] if len(outputs) == 1 else outputs), state
@@ -522,31 +538,36 @@ class PsmLayer(nn.Module):
         if _compiling():  # traced once per graph: the full check costs nothing per token there,
             call = self._prepare(inputs, step=True)  # and a dict lookup would only add guards
             self._check_state(state, call)
-            return call
+            return call, self._step_runner(call)
         try:
-            key = tuple((n, x.shape, x.dtype, x.device) for n, x in inputs.items())
+            key = (self.backend, self.use_fast_path, *[(n, x.shape, x.dtype, x.device) for n, x in inputs.items()])
             hit = self._step_cache.get(key)
         except AttributeError:  # not tensors: the full check says so
             key, hit = None, None
         if hit is None:
             call = self._prepare(inputs, step=True)
             self._check_state(state, call)
-            plan = {n: (call.inputs[n].shape, call.inputs[n].dtype) for n in inputs}
+            # the inputs that need a cast or a reshape on later tokens (most need neither)
+            plan = tuple((n, call.inputs[n].shape, call.inputs[n].dtype) for n, x in inputs.items()
+                         if x.dtype != call.inputs[n].dtype or x.shape != call.inputs[n].shape)
+            run = self._step_runner(call)
             if key is not None:
                 if len(self._step_cache) > 16:
                     self._step_cache.clear()
-                self._step_cache[key] = (call, plan)
-            return call
-        template, plan = hit
+                # lean (the decode lane in `step`): no input cast or reshape, no output cast, no
+                # per-step check
+                lean = not plan and call.out_dtype is None and self.check_finite != "always"
+                self._step_cache[key] = (call, plan, run, lean)
+            return call, run
+        template, plan, run, _ = hit
         if state.op != template.tag:
             self._check_state(state, template)
-        aligned = {}
-        for n, x in inputs.items():
-            shape, dtype = plan[n]
-            if x.dtype != dtype:
-                x = x.to(dtype)
-            aligned[n] = x if x.dim() == len(shape) else x.reshape(shape)
-        return _Call(template.ctx, aligned, template.lead, True, template.tag, template.out_dtype)
+        if plan:
+            inputs = dict(inputs)
+            for n, shape, dtype in plan:
+                x = inputs[n]
+                inputs[n] = (x if x.dtype == dtype else x.to(dtype)).reshape(shape)
+        return _Call(template.ctx, inputs, template.lead, True, template.tag, template.out_dtype), run
 
     def _common_lead(self, leads: dict, lead_axes: int, step: bool) -> tuple:
         width = max(len(v) for v in leads.values())
@@ -692,18 +713,32 @@ class PsmLayer(nn.Module):
         return tuple(outputs), new_state
 
     def _step_token(self, call, state):
+        return self._step_runner(call)(call, state)
+
+    def _step_runner(self, call):
+        """What runs one token of this call (chosen once per input signature, see _prepare_step):
+        (call, state) -> (outputs, new state)."""
         spec = self.spec
-        if self.backend in ("auto", "cpu") and spec.scan == "exact":
+        if spec.chunk is not None:
+            return self._step_chunked
+        fast_step = spec.fast and self.use_fast_path and hasattr(self, "_fast_step")
+        # a generated _fast_step is the update itself (a few torch calls); the C++ step pays a
+        # layout pass per token around its kernel, so backend='auto' prefers the fast step
+        if spec.scan == "exact" and (self.backend == "cpu" or self.backend == "auto" and not fast_step):
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "step"):
-                return cpu_support.step(self, call, state)
+                return functools.partial(cpu_support.step, self)
         if spec.scan == "exact":
             from . import dispatch
             path = dispatch.choose(self, call, "step")
             if path.run is not None:
-                return path.run(self, call, state)
-        if spec.fast and self.use_fast_path and hasattr(self, "_fast_step"):
-            return self._fast_step(call, state)
+                return functools.partial(path.run, self)
+        if fast_step:
+            return self._fast_step
+        return self._step_generic
+
+    def _step_generic(self, call, state):
+        spec = self.spec
         state = self._full_state(call, state)
         lead = call.lead
         index = torch.full(lead, state.size, dtype=torch.int64, device=call.ctx.dev) if \

@@ -82,6 +82,8 @@ def unary(fn, x):
     numbers use `math` where it has the function, so no tensor (or graph break) is made."""
     if isinstance(x, Tensor):
         return fn(x)
+    if fn is torch.sqrt:  # the common one (a scale 1 / sqrt(K)): no lookup
+        return math.sqrt(x)
     exact = getattr(math, getattr(fn, "__name__", ""), None)
     if exact is not None:
         return exact(x)

@@ -117,6 +117,14 @@ class ScanState(StreamState):
     def empty(cls, device: torch.device | str | None = None) -> ScanState:
         return cls(prefix=None, count=_as_count(0, device))
 
+    @classmethod
+    def make(cls, prefix, count: Tensor, op: str) -> ScanState:
+        """The state a decode step returns (`count` already an int64 0-d tensor): built without
+        the dataclass __init__ (a frozen dataclass sets each field through object.__setattr__)."""
+        state = object.__new__(cls)
+        state.__dict__.update(prefix=prefix, count=count, op=op)
+        return state
+
     @property
     def size(self) -> int:
         """Leaves pushed so far, as a Python int."""
