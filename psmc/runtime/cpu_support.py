@@ -194,6 +194,8 @@ def use_cpu(layer, call, kind: str) -> bool:
     C++ kernels (backend='cpu' still uses them)."""
     if layer.backend not in ("cpu", "auto"):
         return False
+    if torch.compiler.is_compiling():
+        return False  # a ctypes call cannot be traced: inside a torch.compile graph the torch paths serve
     reason = unusable_reason(layer, call)
     if reason is not None:
         if layer.backend == "cpu" and getattr(layer, "_cpu_kernels", None) is not None:

@@ -741,7 +741,7 @@ class PsmLayer(nn.Module):
         spec = self.spec
         state = self._full_state(call, state)
         lead = call.lead
-        index = torch.full(lead, state.size, dtype=torch.int64, device=call.ctx.dev) if \
+        index = _position(state, lead, call.ctx.dev) if \
             (spec.lift_index or spec.readout_index) else None
         leaf = self._lift_batch(call, lead, call.inputs, index)
         if spec.exclusive:
@@ -937,6 +937,14 @@ def _check_cu_seqlens(op: str, cu, inputs: dict) -> list:
     if bounds[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must end at total_T = {total} (the inputs' time axis), got {bounds[-1]}: {bounds}")
     return bounds
+
+
+def _position(state, lead: tuple, device) -> Tensor:
+    """The position of a step's token, [*lead] int64, without a host read: a tree's size is its
+    counter's structure, an exact scan's the count tensor."""
+    if isinstance(state, TreeState):
+        return torch.full(lead, state.size, dtype=torch.int64, device=device)
+    return state.count.to(device).expand(lead)
 
 
 def _positions(start: int, count: int, lead: tuple, device) -> Tensor:

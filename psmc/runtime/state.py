@@ -186,8 +186,18 @@ class TreeState(StreamState):
 
     @property
     def size(self) -> int:
-        """Leaves pushed so far, as a Python int."""
-        return int(self.count)
+        """Leaves pushed so far, as a Python int, read off the counter's structure (bit j of the
+        count is set exactly when level j holds a root): no host read of `count`, so a GPU
+        stream does not synchronise and torch.compile traces it (the structure is a guard)."""
+        n = sum(1 << level for level, root in enumerate(self.roots) if root is not None)
+        count = self.count
+        if count.device.type == "cpu" and not torch.compiler.is_compiling() and int(count) != n:
+            # a state assembled by hand (CPU counts only: reading a GPU count would synchronise)
+            held = [level for level, root in enumerate(self.roots) if root is not None]
+            raise ValueError(f"a tree state after {int(count)} tokens needs a root at each set bit of "
+                             f"{int(count)}, but this one lacks them: it holds roots at levels {held} (build it "
+                             "with TreeState.from_tensors(tensors, count=n))")
+        return n
 
     def prefix(self) -> Element | None:
         """P(count): the fold at the lowest occupied level; None for the formal identity."""

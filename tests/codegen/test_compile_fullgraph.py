@@ -72,3 +72,52 @@ def test_fullgraph_compiled_forward_and_step_equal_eager(name):
     token = {n: x[:, 0] for n, x in inputs.items()}
     for g, w in zip(as_tuple(step(got_state, **token)[0]), as_tuple(layer.step(state, **token)[0])):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_tree_step_traces_without_graph_breaks_one_graph_per_position():
+    """A tree-scan step (and a tree forward continuing a state) reads the token count off the
+    counter's structure, not a tensor: no graph break. The structure (which levels hold a root:
+    the count's bits) is what a graph specialises on, so a compiled step has one graph per
+    position; a second stream over the same positions reuses them (no new graph)."""
+    from torch._dynamo.utils import counters
+    layer, inputs = build("ema", T=6)
+    _, state = layer(**inputs, return_state=True)
+    token = {n: x[:, 0] for n, x in inputs.items()}
+    dynamo.reset()
+    explained = dynamo.explain(layer.step)(state, **token)
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    dynamo.reset()
+    explained = dynamo.explain(layer)(**inputs, state=state, return_state=True)
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    dynamo.reset()
+    counters.clear()
+    with dynamo.config.patch(recompile_limit=16):
+        step = torch.compile(layer.step, fullgraph=True, backend="eager")
+        for stream in range(2):
+            got, want = layer.init_state(), layer.init_state()
+            for t in range(5):
+                token = {n: x[:, t] for n, x in inputs.items()}
+                y, got = step(got, **token)
+                y_eager, want = layer.step(want, **token)
+                assert torch.equal(y, y_eager), (stream, t)
+            assert got.size == 5 and torch.equal(got.count, want.count)
+            if stream == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 5 and counters["stats"]["unique_graphs"] == graphs  # positions 0..4, reused
+
+
+def test_cpp_kernels_stay_out_of_a_graph(monkeypatch):
+    """backend='auto' with the C++ kernels enabled: inside a torch.compile graph the torch paths
+    serve (a ctypes call cannot be traced), so forward and step still have no graph break."""
+    monkeypatch.setenv("PSMC_CPU", "1")
+    layer, inputs = build("linear_recurrence", T=9)
+    assert layer._cpu_kernels is not None
+    dynamo.reset()
+    explained = dynamo.explain(layer)(**inputs, return_state=True)
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    layer.backend = "torch"  # the state, eagerly, without building the C++ kernels
+    _, state = layer(**inputs, return_state=True)
+    layer.backend = "auto"
+    dynamo.reset()
+    explained = dynamo.explain(layer.step)(state, **{n: x[:, 0] for n, x in inputs.items()})
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
