@@ -722,9 +722,10 @@ class PsmLayer(nn.Module):
         if spec.chunk is not None:
             return self._step_chunked
         fast_step = spec.fast and self.use_fast_path and hasattr(self, "_fast_step")
-        # a generated _fast_step is the update itself (a few torch calls); the C++ step pays a
-        # layout pass per token around its kernel, so backend='auto' prefers the fast step
-        if spec.scan == "exact" and (self.backend == "cpu" or self.backend == "auto" and not fast_step):
+        # backend='auto' steps with torch: the C++ step pays a layout pass per token around its
+        # kernel, which at decode sizes costs more than the torch step (docs/benchmarks.md,
+        # "Decode step"); backend='cpu' runs it
+        if spec.scan == "exact" and self.backend == "cpu":
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "step"):
                 return functools.partial(cpu_support.step, self)
