@@ -214,9 +214,52 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
         "        return tuple(outputs), new_state",
         "",
     ]
+    if not op.exclusive:
+        lines += _first_order_step(op, ia, ih, aligned, dead, printer, body)
     return FastPath("first_order",
                     "from psmc.runtime import fastpaths as _fastpaths\nfrom psmc.runtime.state import ScanState as "
                     "_ScanState", tuple(lines))
+
+
+def _first_order_step(op: OpIR, ia: int, ih: int, aligned, dead: tuple, printer, body: list) -> list[str]:
+    """The decode step of the same recurrence: lift the token, h = a * h + b (one addcmul),
+    read out; no generic combine, no per-field state bookkeeping (lead = [B, *lanes])."""
+    a, h = op.state[ia], op.state[ih]
+    lines = [
+        "    def _fast_step(self, call, state):",
+        '        """One token of the first-order recurrence h = a * h + b."""',
+        "        cx, lead = call.ctx, call.lead",
+        "        index = self._step_index(call, state)",
+        "        leaves = self._lift_batch(call, lead, call.inputs, index)",
+        f"        r_{a.name} = leaves[{ia}]",
+    ]
+    lines += ["        " + line for line in body]
+    lines += [
+        "        carry = state.prefix",
+        f"        if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
+        "            carry = self._full_state(call, state).prefix",
+        f"        if carry is None or carry[{ih}] is None:  # the first token: the prefix is the leaf",
+        f"            h = leaves[{ih}]",
+        "        else:",
+        f"            decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})",
+        f"            h = torch.addcmul(leaves[{ih}], decay, carry[{ih}])",
+        f"        h = _ops.as_field(h, lead, {shape_code(h.shape)}, cx.dt[{h.dtype!r}], cx.dev)",
+    ]
+    if ia in dead:
+        lines += ["        a_new = None  # dead in a stream prefix"]
+    else:
+        lines += [
+            f"        a_new = leaves[{ia}] if carry is None else carry[{ia}] * leaves[{ia}]",
+            f"        a_new = _ops.as_field(a_new, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
+        ]
+    prefix = "(a_new, h)" if ia == 0 else "(h, a_new)"
+    lines += [
+        f"        outputs = self._readout_batch(call, lead, {prefix}, call.inputs, index)",
+        f"        new_state = _ScanState.make({prefix}, state.count + 1, state.op)",
+        "        return tuple(outputs), new_state if self.spec.stream is None else self._stream_state(new_state)",
+        "",
+    ]
+    return lines
 
 
 def _delta_method(op: OpIR, p: dict) -> FastPath:

@@ -738,6 +738,11 @@ class PsmLayer(nn.Module):
             return self._fast_step
         return self._step_generic
 
+    def _step_index(self, call, state):
+        """The token's position [*lead] when a body reads `index` (else None), no host read."""
+        spec = self.spec
+        return _position(state, call.lead, call.ctx.dev) if (spec.lift_index or spec.readout_index) else None
+
     def _step_generic(self, call, state):
         spec = self.spec
         state = self._full_state(call, state)
