@@ -222,3 +222,39 @@ def test_inputs_broadcast_over_per_lane_params(ops):
         _close(out.narrow(2, h, 1), singles[h](**x), f"broadcast lane {h}")
     y, _ = layer.step(state, **{n: v[:, 0] for n, v in x.items()})
     assert y.shape == (2, 3)
+
+
+def test_context_parallel_with_per_lane_params(ops, tmp_path):
+    """cp_group= over 2 gloo ranks with per-lane params: outputs, the final state and every
+    gradient (params summed over the ranks) equal one process over the whole sequence; the
+    tree op bit for bit. (One spawn for both ops: process start-up is most of the cost.)"""
+    import torch.multiprocessing as mp
+
+    import cp_worker
+    from test_context_parallel import _compare, free_port
+
+    jobs, references = [], []
+    for i, name in enumerate(("ssm_a", "tree_w")):
+        dims = {**DIMS[name], "lanes": (2,), "per_lane": True}
+        torch.manual_seed(i)
+        layer = getattr(ops, name)(**dims).double()
+        inputs = _inputs(name, 2, 9, 2, 20 + i, dtype=torch.float64)
+        _, state = layer(**cp_worker.split(inputs, 0, 3), return_state=True)
+        rest = cp_worker.split(inputs, 3, 9)
+        leaves = {n: x.clone().requires_grad_() for n, x in rest.items()}
+        want, want_state = layer(**leaves, state=state.detach(), return_state=True)
+        weights = (torch.rand(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) - 0.5,)
+        cp_worker.loss_of((want,), weights, want_state, 1.0).backward()
+        jobs.append({"module": ops.__file__, "op": name,
+                     "dims": dims, "lengths": (2, 4), "params": {n: t.detach().clone() for n, t in
+                                                                  layer.state_dict().items()},
+                     "inputs": rest, "state": state.detach(), "weights": weights, "return_state": True})
+        references.append({"outputs": [want.detach()], "state": want_state.detach(),
+                           "input_grads": {n: x.grad for n, x in leaves.items()},
+                           "param_grads": {n: p.grad for n, p in layer.named_parameters()}})
+    mp.spawn(cp_worker.run_jobs, args=(2, free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    failures = []
+    for k, job in enumerate(jobs):
+        failures += _compare(job, references[k], [per_rank[r][k] for r in range(2)], exact=job["op"] == "tree_w")
+    assert not failures, "\n".join(failures)
