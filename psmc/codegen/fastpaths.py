@@ -15,6 +15,7 @@ beta and the scale; this module prints them and the call into the runtime.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import re
 
 from ..ir.nodes import OpIR, leaves
 from .torch_printer import BodyPrinter, shape_code
@@ -117,52 +118,83 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
                     "_ScanState", tuple(lines))
 
 
+def _bound_step_header(doc: str) -> list[str]:
+    """`_fast_step(call, state)` and `_bind_step(call)`: the step of one input signature as a
+    closure (dims, dtypes and lanes fixed; `PsmLayer.step` caches it per signature), so a token
+    only reads its inputs and the state."""
+    return [
+        "    def _fast_step(self, call, state):",
+        f'        """{doc}"""',
+        "        return self._bind_step(call)(call.inputs, state)",
+        "",
+        "    def _bind_step(self, call):",
+        '        """The decode step of this call\'s input signature, as a closure (PsmLayer.step caches it)."""',
+        "        cx, lead = call.ctx, call.lead",
+        "        stream = self.spec.stream is not None",
+        "",
+        "        def step(inputs, state):",
+    ]
+
+
+def _split_constant(body: list) -> tuple[list, list]:
+    """Body lines that depend on dims and literals only (e.g. `sqrt(K)`) and the rest: a line is
+    constant when it assigns a temporary from no input, no index, no param (`self.`, which an
+    optimizer changes) and no non-constant temporary."""
+    constant, per_token, known = [], [], {"cx", "torch", "_ops", "math", "_F"}
+    for line in body:
+        m = re.match(r"(t\d+) = ([^#]*)", line)
+        names = set(re.findall(r"(?<![.\w])[A-Za-z_]\w*", re.sub(r"'[^']*'", "", m.group(2)))) if m else None
+        if names is not None and names <= known:  # every name a module, cx or a constant temporary
+            constant.append(line)
+            known.add(m.group(1))
+        else:
+            per_token.append(line)
+    return constant, per_token
+
+
 def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, element: list, dead: tuple) -> list[str]:
     """The decode step of the same form, S = decay * S + k v^T, o = scale * q S: the update a
     hand-written step would make, with no per-field broadcasting (lead = [B, *lanes])."""
-    S = op.state[p["s_index"]]
     g = ref[p["g"]] if p["g"] is not None else "None"
-    lines = [
-        "    def _fast_step(self, call, state):",
-        f'        """One token of the chunkwise form (decay: {p["kind"]}): the state update by hand."""',
-        "        cx, lead = call.ctx, call.lead",
-    ]
-    lines += _input_lines(op)
-    lines += ["        " + line for line in body]
+    lines = _bound_step_header(f"One token of the chunkwise form (decay: {p['kind']}): the state update by hand.")
+    constant, per_token = _split_constant(body)
+    lines[-2:-2] = ["        " + line for line in constant]  # dims only: computed once per signature
+    lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
+    lines += ["            " + line for line in per_token]
     lines += [
-        f"        k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
-        f"        f32 = cx.dt[{S.dtype!r}]",
-        "        kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
-        "        carry = state.prefix",
-        f"        if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
-        "            carry = self._full_state(call, state).prefix",
+        f"            k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
+        "            kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
+        "            carry = state.prefix",
+        f"            if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
+        "                carry = self._full_state(call, state).prefix",
     ]
     if p["kind"] != "none":
         lines += [
-            f"        e_ = torch.exp({g})",
-            f"        decay = {'e_.unsqueeze(-1)' if p['kind'] == 'key' else 'e_[..., None, None]'}",
-            f"        s_last = kv if carry is None else torch.addcmul(kv, decay, carry[{p['s_index']}])",
+            f"            e_ = torch.exp({g})",
+            f"            decay = {'e_.unsqueeze(-1)' if p['kind'] == 'key' else 'e_[..., None, None]'}",
+            f"            s_last = kv if carry is None else torch.addcmul(kv, decay, carry[{p['s_index']}])",
         ]
     else:
-        lines += [f"        s_last = kv if carry is None else carry[{p['s_index']}] + kv"]
+        lines += [f"            s_last = kv if carry is None else carry[{p['s_index']}] + kv"]
     lines += [
-        "        if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
-        "            s_last = s_last.expand(*lead, *s_last.shape[-2:])",
-        f"        out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
-        f"        if out.dtype != cx.dt[{op.outputs[0].dtype!r}]:  # (its lead is s_last's: [B, *lanes])",
-        f"            out = out.to(cx.dt[{op.outputs[0].dtype!r}])",
+        "            if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
+        "                s_last = s_last.expand(*lead, *s_last.shape[-2:])",
+        f"            out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
+        f"            if out.dtype != cx.dt[{op.outputs[0].dtype!r}]:  # (its lead is s_last's: [B, *lanes])",
+        f"                out = out.to(cx.dt[{op.outputs[0].dtype!r}])",
     ]
     if p["decay_index"] is not None and p["decay_index"] not in dead:  # else: None in its slot
         A = op.state[p["decay_index"]]
         spread = "e_" if p["kind"] == "key" or not A.shape else "e_" + "[..., None]" * len(A.shape)
         lines += [
-            f"        a_total = _ops.as_field({spread}, lead, {shape_code(A.shape)}, cx.dt[{A.dtype!r}], cx.dev)",
-            "        if carry is not None:",
-            f"            a_total = a_total * carry[{p['decay_index']}]",
+            f"            a_total = _ops.as_field({spread}, lead, {shape_code(A.shape)}, cx.dt[{A.dtype!r}], cx.dev)",
+            "            if carry is not None:",
+            f"                a_total = a_total * carry[{p['decay_index']}]",
         ]
     lines += [
-        f"        new_state = _ScanState.make(({', '.join(element)},), state.count + 1, state.op)",
-        "        return (out,), new_state if self.spec.stream is None else self._stream_state(new_state)",
+        f"            new_state = _ScanState.make(({', '.join(element)},), state.count + 1, state.op)",
+        "            return (out,), (self._stream_state(new_state) if stream else new_state)",
+        "        return step",
         "",
     ]
     return lines
@@ -225,38 +257,37 @@ def _first_order_step(op: OpIR, ia: int, ih: int, aligned, dead: tuple, printer,
     """The decode step of the same recurrence: lift the token, h = a * h + b (one addcmul),
     read out; no generic combine, no per-field state bookkeeping (lead = [B, *lanes])."""
     a, h = op.state[ia], op.state[ih]
-    lines = [
-        "    def _fast_step(self, call, state):",
-        '        """One token of the first-order recurrence h = a * h + b."""',
-        "        cx, lead = call.ctx, call.lead",
-        "        index = self._step_index(call, state)",
-        "        leaves = self._lift_batch(call, lead, call.inputs, index)",
-        f"        r_{a.name} = leaves[{ia}]",
-    ]
-    lines += ["        " + line for line in body]
+    lines = _bound_step_header("One token of the first-order recurrence h = a * h + b.")
     lines += [
-        "        carry = state.prefix",
-        f"        if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
-        "            carry = self._full_state(call, state).prefix",
-        f"        if carry is None or carry[{ih}] is None:  # the first token: the prefix is the leaf",
-        f"            h = leaves[{ih}]",
-        "        else:",
-        f"            decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})",
-        f"            h = torch.addcmul(leaves[{ih}], decay, carry[{ih}])",
-        f"        h = _ops.as_field(h, lead, {shape_code(h.shape)}, cx.dt[{h.dtype!r}], cx.dev)",
+        "            index = self._step_index(call, state)",
+        "            leaves = self._lift_batch(call, lead, inputs, index)",
+        f"            r_{a.name} = leaves[{ia}]",
+    ]
+    lines += ["            " + line for line in body]
+    lines += [
+        "            carry = state.prefix",
+        f"            if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
+        "                carry = self._full_state(call, state).prefix",
+        f"            if carry is None or carry[{ih}] is None:  # the first token: the prefix is the leaf",
+        f"                h = leaves[{ih}]",
+        "            else:",
+        f"                decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})",
+        f"                h = torch.addcmul(leaves[{ih}], decay, carry[{ih}])",
+        f"            h = _ops.as_field(h, lead, {shape_code(h.shape)}, cx.dt[{h.dtype!r}], cx.dev)",
     ]
     if ia in dead:
-        lines += ["        a_new = None  # dead in a stream prefix"]
+        lines += ["            a_new = None  # dead in a stream prefix"]
     else:
         lines += [
-            f"        a_new = leaves[{ia}] if carry is None else carry[{ia}] * leaves[{ia}]",
-            f"        a_new = _ops.as_field(a_new, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
+            f"            a_new = leaves[{ia}] if carry is None else carry[{ia}] * leaves[{ia}]",
+            f"            a_new = _ops.as_field(a_new, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
         ]
     prefix = "(a_new, h)" if ia == 0 else "(h, a_new)"
     lines += [
-        f"        outputs = self._readout_batch(call, lead, {prefix}, call.inputs, index)",
-        f"        new_state = _ScanState.make({prefix}, state.count + 1, state.op)",
-        "        return tuple(outputs), new_state if self.spec.stream is None else self._stream_state(new_state)",
+        f"            outputs = self._readout_batch(call, lead, {prefix}, inputs, index)",
+        f"            new_state = _ScanState.make({prefix}, state.count + 1, state.op)",
+        "            return tuple(outputs), (self._stream_state(new_state) if stream else new_state)",
+        "        return step",
         "",
     ]
     return lines

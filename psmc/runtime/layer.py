@@ -215,20 +215,19 @@ class PsmLayer(nn.Module):
         the NaN check of `check_finite` is forward-only here unless check_finite='always')."""
         if args:
             inputs = self._bind_positional(args, inputs)
-        if not _compiling() and (type(state) is ScanState or type(state) is TreeState):
-            # the decode lane: a validated input signature, a state this call made (so it has the
-            # stream layout), no casts, no autocast: one dict lookup, then the update itself
+        if (type(state) is ScanState or type(state) is TreeState) and not torch.compiler.is_compiling():
+            # the decode lane: a validated input signature, a state this op made (so it has the
+            # stream layout), no casts, no autocast: one dict lookup, then the bound update
             try:
                 hit = self._step_cache.get((self.backend, self.use_fast_path,
                                             *[(n, x.shape, x.dtype, x.device) for n, x in inputs.items()]))
             except AttributeError:  # not tensors: the full check below says so
                 hit = None
-            if hit is not None and hit[3] and state.op == hit[0].tag and \
-                    not torch.is_autocast_enabled(hit[0].ctx.dev.type):
-                template, _, run, _ = hit
-                outputs, state = run(_Call(template.ctx, inputs, template.lead, True, template.tag), state)
-                if state.op != template.tag:
-                    state = _tagged(state, template.tag)
+            if hit is not None and hit[3] is not None and state.op == hit[0].tag and \
+                    not torch.is_autocast_enabled(hit[4]):
+                outputs, state = hit[3](inputs, state)
+                if state.op != hit[0].tag:
+                    state = _tagged(state, hit[0].tag)
                 return (outputs[0] if len(outputs) == 1 else outputs), state
         if state is None:
             raise ValueError(f"{self.spec.name}.step needs a state: use layer.init_state() or forward(..., "
@@ -554,12 +553,13 @@ class PsmLayer(nn.Module):
             if key is not None:
                 if len(self._step_cache) > 16:
                     self._step_cache.clear()
-                # lean (the decode lane in `step`): no input cast or reshape, no output cast, no
-                # per-step check
+                # the decode lane in `step` serves this signature when the inputs need no cast or
+                # reshape, the outputs no cast, and no step checks its outputs
                 lean = not plan and call.out_dtype is None and self.check_finite != "always"
-                self._step_cache[key] = (call, plan, run, lean)
+                self._step_cache[key] = (call, plan, run, self._lane(call, run) if lean else None,
+                                         call.ctx.dev.type)
             return call, run
-        template, plan, run, _ = hit
+        template, plan, run = hit[:3]
         if state.op != template.tag:
             self._check_state(state, template)
         if plan:
@@ -737,6 +737,17 @@ class PsmLayer(nn.Module):
         if fast_step:
             return self._fast_step
         return self._step_generic
+
+    def _lane(self, call, run):
+        """(inputs, state) -> (outputs, new state) for one validated signature: a generated
+        fast step bound to it (`_bind_step`), else the runner given a `_Call` per token."""
+        if getattr(self, "_bind_step", None) is not None and run == getattr(self, "_fast_step", None):
+            return self._bind_step(call)
+        ctx, lead, tag = call.ctx, call.lead, call.tag
+
+        def lane(inputs, state):
+            return run(_Call(ctx, inputs, lead, True, tag), state)
+        return lane
 
     def _step_index(self, call, state):
         """The token's position [*lead] when a body reads `index` (else None), no host read."""
