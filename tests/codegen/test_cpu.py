@@ -210,6 +210,22 @@ def test_auto_uses_cpu_on_cpu_tensors(monkeypatch):
 
 
 @needs_compiler
+def test_auto_steps_with_torch_and_cpu_steps_with_the_kernels(monkeypatch):
+    """backend='auto' decodes with the torch step (faster than the C++ step's per-token layout
+    work at decode sizes, docs/cpu.md); backend='cpu' steps with the kernels; both agree."""
+    monkeypatch.delenv("PSMC_CPU", raising=False)
+    cls = layer_class("linear_recurrence")
+    auto, cpu = cls(), cls(backend="cpu")
+    spy = Spy(monkeypatch)
+    x, log_a = torch.randn(2, 4), -torch.rand(2, 4)
+    y_auto, _ = auto.step(auto.init_state(), x, log_a)
+    assert spy.forward == 0
+    y_cpu, _ = cpu.step(cpu.init_state(), x, log_a)
+    assert spy.forward == 1
+    torch.testing.assert_close(y_auto, y_cpu)
+
+
+@needs_compiler
 def test_auto_keeps_the_chunkwise_form_for_long_matrix_sequences(monkeypatch):
     monkeypatch.delenv("PSMC_CPU", raising=False)
     cls = layer_class("gla")
