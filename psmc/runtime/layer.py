@@ -139,6 +139,18 @@ class PsmLayer(nn.Module):
             self.register_parameter("p_" + p.name, nn.Parameter(value))
         self._check_backend_available()
 
+    def _apply(self, fn, *args, **kwargs):
+        """.to() / .double() / .cuda(): a cached step signature fixed the params' dtype and
+        device into its compute dtype, so the cache starts over."""
+        self._step_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state)
+        state["_step_cache"] = {}  # bound steps are closures: rebuilt on the next token
+        return state
+
     # ------------------------------------------------------------------ public API
     def forward(self, *args, state=None, return_state: bool = False, cu_seqlens=None, initial_state=None,
                 output_final_state=None, cp_group=None, **inputs):

@@ -258,3 +258,23 @@ def test_context_parallel_with_per_lane_params(ops, tmp_path):
     for k, job in enumerate(jobs):
         failures += _compare(job, references[k], [per_rank[r][k] for r in range(2)], exact=job["op"] == "tree_w")
     assert not failures, "\n".join(failures)
+
+
+def test_cached_step_follows_the_layer(ops):
+    """The bound step cached per input signature belongs to its layer: `.double()` starts the
+    cache over (the params' dtype sets the compute dtype), a deep copy steps with its own params."""
+    import copy
+    layer = ops.gla_w(K=3, V=2, lanes=(2,), per_lane=True)
+    x = {n: v[:, 0] for n, v in _inputs("gla_w", 1, 1, 2, 3).items()}
+    _, state = layer.step(layer.init_state(), **x)
+    y, _ = layer.step(state, **x)  # the decode lane, cached
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.p_w.mul_(2.0)
+    y_twin, _ = twin.step(state, **x)
+    y_again, _ = layer.step(state, **x)
+    assert torch.equal(y, y_again) and not torch.allclose(y_twin, y)
+    layer.double()
+    y64, _ = layer.step(state.to(dtype=torch.float64), **x)
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64.float(), y, rtol=1e-5, atol=1e-6)
