@@ -223,8 +223,10 @@ class PsmLayer(nn.Module):
         """One token: inputs `[B, *lanes, *declared]`; returns (outputs, new state).
 
         The checks of `forward` run on the first token of a stream and whenever the inputs'
-        shapes, dtypes or devices change; later tokens only look up that check (no host sync:
-        the NaN check of `check_finite` is forward-only here unless check_finite='always')."""
+        shapes, dtypes or devices change, and choose what runs the token; later tokens look both
+        up by the input signature (no host sync: the NaN check of `check_finite` is forward-only
+        here unless check_finite='always') and, when nothing needs a cast, run the step bound to
+        that signature directly (the decode lane)."""
         if args:
             inputs = self._bind_positional(args, inputs)
         if (type(state) is ScanState or type(state) is TreeState) and not torch.compiler.is_compiling():
@@ -724,9 +726,6 @@ class PsmLayer(nn.Module):
         outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
         return tuple(outputs), new_state
 
-    def _step_token(self, call, state):
-        return self._step_runner(call)(call, state)
-
     def _step_runner(self, call):
         """What runs one token of this call (chosen once per input signature, see _prepare_step):
         (call, state) -> (outputs, new state)."""
@@ -770,8 +769,7 @@ class PsmLayer(nn.Module):
         spec = self.spec
         state = self._full_state(call, state)
         lead = call.lead
-        index = _position(state, lead, call.ctx.dev) if \
-            (spec.lift_index or spec.readout_index) else None
+        index = self._step_index(call, state)
         leaf = self._lift_batch(call, lead, call.inputs, index)
         if spec.exclusive:
             before = state.prefix if spec.scan == "exact" else state.prefix()
