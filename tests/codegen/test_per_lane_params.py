@@ -37,6 +37,16 @@ op tree_w[D] {
   state (h: f32[D]);
   combine (l, r) { return tanh(l.h @ W1 + r.h @ W2 + b); }
 }
+op delta_p[K, V] {
+  param w: f32 = uniform(0.5, 1.0);
+  state (E: f32[K, K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V], beta: f32) {
+    return (eye(K) - (w * beta) * outer(k, k), (w * beta) * outer(k, v));
+  }
+  combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); }
+  identity = (eye(K), zeros);
+  readout (s, q: f32[K]) { return q @ s.S; }
+}
 op plain[D] {
   state (y: f32[D]);
   lift (x: f32[D]) { return (x); }
@@ -278,3 +288,33 @@ def test_cached_step_follows_the_layer(ops):
     y64, _ = layer.step(state.to(dtype=torch.float64), **x)
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64.float(), y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["delta_p", "transformer_psm"])
+def test_delta_rule_and_chunk_op(ops, name):
+    """The delta rule's fast path (a per-lane scale of beta) and a chunk tree op (the paper's
+    Transformer-PSM, every block weight per head): forward, state and a step per lane."""
+    from pathlib import Path
+    if name == "delta_p":
+        cls, dims = ops.delta_p, {"K": 4, "V": 3}
+        g = torch.Generator().manual_seed(4)
+        k = torch.nn.functional.normalize(torch.randn(2, 7, 3, 4, generator=g), dim=-1)
+        x = {"k": k, "v": torch.randn(2, 7, 3, 3, generator=g), "beta": torch.rand(2, 7, 3, generator=g),
+             "q": torch.randn(2, 7, 3, 4, generator=g)}
+    else:
+        examples = Path(__file__).resolve().parents[2] / "examples"
+        cls, dims = psmc.load(examples / "transformer_psm.psm").transformer_psm, {"C": 2, "D": 4, "H": 1}
+        x = {"x": torch.randn(2, 7, 3, 4, generator=torch.Generator().manual_seed(5))}
+    torch.manual_seed(6)
+    layer = cls(lanes=(3,), per_lane=True, **dims)
+    out, state = layer(**x, return_state=True)
+    y, _ = layer.step(state, **{n: v[:, 0] for n, v in x.items()})
+    for h in range(3):
+        single = cls(**dims)
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                getattr(single, n).copy_(p[h])
+        want, sh = single(**_lane(x, h), return_state=True)
+        _close(out.narrow(2, h, 1), want, f"{name} lane {h} forward")
+        y_h, _ = single.step(sh, **{n: v[:, 0] for n, v in _lane(x, h).items()})
+        _close(y.narrow(1, h, 1), y_h, f"{name} lane {h} step")
