@@ -740,6 +740,10 @@ class PsmLayer(nn.Module):
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "step"):
                 return functools.partial(cpu_support.step, self)
+        if fast_step and self.backend in ("auto", "torch") and call.ctx.dev.type == "cpu" and _compiling():
+            # what dispatch would choose (a CPU step has no other torch path, and 'auto' runs
+            # Triton on CUDA only), without tracing its table: 40-odd fewer guards per call
+            return self._fast_step
         if spec.scan == "exact":
             from . import dispatch
             path = dispatch.choose(self, call, "step")
