@@ -29,7 +29,9 @@ backward is an all-reduce of the state-sized gradients), so the reverse carry is
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from .element import at, with_time
 from .scan import exact_scan
-from .state import ChunkStream, ScanState, TreeState
+from .state import ChunkStream, ScanState, StreamState, TreeState
 
 # Seconds a rank waits for the others in one exchange before it raises (a rank that never
 # calls the layer, or that is stuck elsewhere). Tests lower it.
@@ -64,15 +66,27 @@ class ContextParallelError(ValueError):
 
 
 # ---------------------------------------------------------------------------- entry point
-def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
-    """`layer.forward(*args, **inputs, state=state, return_state=..., cp_group=group)`."""
+def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group, cu_seqlens=None):
+    """`layer.forward(*args, **inputs, state=state, return_state=..., cp_group=group,
+    cu_seqlens=cu_seqlens)`."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     spec = layer.spec
-    call, code, message = None, _OK, ""
+    call, code, message, bounds = None, _OK, "", None
     try:
         inputs = layer._bind_positional(args, dict(inputs))
         call = layer._prepare(inputs, step=False)
-        if state is not None:
+        if cu_seqlens is not None:
+            bounds = _check_global_cu_seqlens(spec.name, cu_seqlens, call)
+            if state is not None:
+                rows = _batch_rows(state)
+                if rows not in (0, len(bounds) - 1):
+                    raise ValueError(f"{spec.name}: cu_seqlens holds {len(bounds) - 1} sequences but the state has "
+                                     f"{rows} batch rows; pass one row per sequence")
+                for i in range(len(bounds) - 1):
+                    row = _row_state(state, i)
+                    if row is not None:
+                        layer._check_state(row, call)
+        elif state is not None:
             layer._check_state(state, call)
     except (TypeError, ValueError) as error:
         empty = any(isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] == 0 for x in inputs.values())
@@ -82,10 +96,17 @@ def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
         any(p.requires_grad for p in layer.parameters())
         or any(isinstance(x, Tensor) and x.requires_grad for x in inputs.values())
         or (state is not None and any(t.requires_grad for t in state.tensors())))
-    mine = _metadata(layer, call, state, return_state, grad, code, message)
+    mine = _metadata(layer, call, state, return_state, grad, code, message, bounds)
     device = call.ctx.dev if call is not None else _device_of(inputs)
     table = _exchange_metadata(mine, group, world, device)
-    plan = _validate(layer, table, rank, world)
+    plan = _validate(layer, table, rank, world, bounds)
+    if bounds is not None:
+        from .layer import _no_autocast
+        with _no_autocast(inputs):
+            if world == 1:
+                return layer._forward_varlen(inputs, cu_seqlens, state) if return_state else \
+                    layer._forward_varlen(inputs, cu_seqlens, state)[0]
+            return _Varlen(layer, call, state, return_state, group, rank, world, plan, grad, bounds).run()
     if world == 1:
         result = layer._forward_local(call, state, return_state)
     else:
@@ -132,13 +153,21 @@ def _state_counts(state) -> tuple[int, int]:
     return state.size, 0
 
 
-def _metadata(layer, call, state, return_state, grad, code, message) -> Tensor:
+def _metadata(layer, call, state, return_state, grad, code, message, bounds=None) -> Tensor:
     spec = layer.spec
     row = torch.zeros(_META, dtype=torch.int64)
     row[0] = code
     row[1] = _op_signature(layer)
-    m0, s0 = _state_counts(state) if code == _OK else (0, 0)
-    row[2:8] = torch.tensor([int(state is not None), m0, s0, int(bool(return_state)), int(grad), -1])
+    varlen = bounds is not None and code == _OK
+    m0, s0 = _state_counts(state) if code == _OK and not varlen else (0, 0)
+    row[2:8] = torch.tensor([int(state is not None), m0, s0, int(bool(return_state)), int(grad),
+                             len(bounds) - 1 if varlen else -1])
+    if varlen:  # every rank passes the same global cu_seqlens (and the same per-sequence state)
+        row[12] = zlib.crc32(repr(bounds).encode())
+        row[13] = bounds[-1]
+        if state is not None:
+            sizes = [_state_counts(_row_state(state, i)) for i in range(len(bounds) - 1)]
+            row[14] = zlib.crc32(repr(sizes).encode())
     if call is not None:
         lead = call.lead
         if len(lead) - 2 > _MAX_LANES:
@@ -172,7 +201,7 @@ class _Plan:
     return_state: bool
 
 
-def _validate(layer, table: Tensor, rank: int, world: int) -> _Plan:
+def _validate(layer, table: Tensor, rank: int, world: int, bounds=None) -> _Plan:
     spec = layer.spec
     names = [_get_text(table[r], _HEAD + _MAX_LANES + _MAX_DIMS, _NAME_CHARS) for r in range(world)]
     where = f"{spec.name} (context parallel, rank {rank} of {world})"
@@ -216,6 +245,18 @@ def _validate(layer, table: Tensor, rank: int, world: int) -> _Plan:
     differ("the initial state's size (leaves, buffered tokens)", [table[r, 3:5].tolist() for r in range(world)],
            "pass the same initial state on every rank")
     differ("return_state", table[:, 5].tolist(), "pass the same return_state on every rank")
+    differ("whether cu_seqlens is given (its sequence count N, -1 for none)", table[:, 7].tolist(),
+           "pass the same global cu_seqlens on every rank, or none")
+    differ("cu_seqlens (a checksum of its offsets)", table[:, 12].tolist(),
+           "pass the same global cu_seqlens (offsets into the whole packed sequence) on every rank")
+    differ("the initial state's per-sequence sizes (a checksum)", table[:, 14].tolist(),
+           "pass the same initial state (one row per sequence) on every rank")
+    if bounds is not None:
+        total = sum(table[:, 9].tolist())
+        if bounds[-1] != total:
+            fail(f"cu_seqlens ends at {bounds[-1]} but the ranks' slices hold {total} tokens in all "
+                 f"(T_r = {table[:, 9].tolist()}); cu_seqlens holds the offsets of the whole packed sequence, "
+                 "the same tensor on every rank")
     differ("whether gradients are recorded", table[:, 6].tolist(),
            "run every rank under the same torch.no_grad()/requires_grad setting")
     return _Plan(lengths=table[:, 9].tolist(), has_state=bool(table[0, 2]), m0=int(table[0, 3]),
@@ -319,6 +360,7 @@ class _Run:
         else:
             self.starts = [plan.m0 + (plan.s0 + o) // self.chunk for o in offsets]
         self.anchors: list[Tensor] = []
+        self.raw = False  # varlen: (outputs, state) as computed, outputs None for an empty piece
         self.tails: dict = {}
         self.step_lead = (call.lead[0],) + tuple(call.lead[2:])
 
@@ -369,8 +411,11 @@ class _Run:
         own_stream = start
         if self.chunk is not None and pre is not None and pre[next(iter(pre))].shape[1] > 0:
             own_stream = _chunk_stream(start, pre, self.chunk)
-        outputs, _ = (layer._forward_chunked(self.call, own_stream, False) if self.chunk is not None
-                      else layer._forward_tokens(self.call, own_stream, False))
+        if self.call.lead[1] == 0:  # a varlen sequence this rank holds no token of
+            outputs = None
+        else:
+            outputs, _ = (layer._forward_chunked(self.call, own_stream, False) if self.chunk is not None
+                          else layer._forward_tokens(self.call, own_stream, False))
         new_state = None
         if self.return_state:
             new_state = final
@@ -378,11 +423,14 @@ class _Run:
                 tail = self.tokens_before(self.offsets[-1])
                 new_state = final if tail[next(iter(tail))].shape[1] == 0 else _chunk_stream(final, tail, self.chunk)
                 if isinstance(new_state, (ScanState, TreeState)):
-                    token_like = {n: x[:, 0] for n, x in self.call.inputs.items()}
+                    token_like = {n: x.new_zeros((x.shape[0],) + tuple(x.shape[2:]))
+                                  for n, x in self.call.inputs.items()}
                     new_state = ChunkStream.empty(new_state, token_like, self.chunk)
         return self.finish(outputs, new_state)
 
     def finish(self, outputs, new_state):
+        if self.raw:
+            return outputs, new_state
         outputs = tuple(_tie(o, self.anchors) for o in outputs)
         self.layer._check_outputs(outputs, self.call)
         result = outputs[0] if len(outputs) == 1 else outputs
@@ -397,6 +445,9 @@ class _Run:
         from .scan import exclusive_from_inclusive
         layer, spec, call = self.layer, self.spec, self.call
         a, T = self.starts[self.rank], call.lead[1]
+        if T == 0:  # a varlen sequence this rank holds no token of: it only takes part in the exchange
+            _, final = self.carries(self.zero_step())
+            return self.finish(None, _stream_state(layer, final))
         kernel = spec.fast is not None and layer.use_fast_path
         if not kernel and layer.backend != "torch":
             from . import triton_support
@@ -462,7 +513,7 @@ class _Run:
                     buffered = self.stream.tokens(n)[:, g]
                     pieces.append(buffered.expand(full_shape[:1] + full_shape[2:]).to(x.dtype))
                 else:
-                    q = max(r for r in range(self.world) if self.offsets[r] <= g - s0)
+                    q = next(r for r in range(self.world) if self.offsets[r] <= g - s0 < self.offsets[r + 1])
                     back = self.offsets[q + 1] - (g - s0)  # 1 for the rank's last token
                     pieces.append(self.tails[n][q][:, C - 1 - back])
             if pieces:
@@ -630,6 +681,193 @@ class _Run:
             levels.append(self.combine(left, right))
             firsts.append(first)
         return levels, firsts
+
+
+# ---------------------------------------------------------------------------- varlen (cu_seqlens)
+class _Varlen:
+    """cp_group with cu_seqlens (fla's cp varlen convention): every rank passes its slice
+    `[1, T_r, ...]` of the packed sequence and the global cu_seqlens. A sequence that lies
+    inside one rank runs there alone (as a single-process varlen call runs it); a sequence that
+    spans ranks runs as a context-parallel pass of its own (`_Run`) in which the ranks holding
+    none of it send only padding. At most W - 1 sequences span a boundary, so the exchanges stay
+    O(W x state) per rank. With return_state the final states of the sequences that lie inside
+    one rank are all-gathered once (every rank returns all N)."""
+
+    def __init__(self, layer, call, state, return_state, group, rank, world, plan: _Plan, grad: bool, bounds):
+        self.layer, self.call, self.state, self.return_state = layer, call, state, return_state
+        self.group, self.rank, self.world, self.plan, self.grad = group, rank, world, plan, grad
+        self.bounds = bounds
+        offsets = [0]
+        for length in plan.lengths:
+            offsets.append(offsets[-1] + length)
+        self.offsets = offsets
+        self.anchors: list[Tensor] = []
+
+    def piece(self, start: int, stop: int):
+        """This rank's call restricted to its local tokens [start, stop) (stop == start: none)."""
+        call = self.call
+        # an input with T = 1 on a slice of several tokens is broadcast over time: every piece takes it whole
+        inputs = {n: (x if x.shape[1] == 1 and call.lead[1] != 1 else x[:, start:stop]) for n, x in call.inputs.items()}
+        lead = (call.lead[0], stop - start) + tuple(call.lead[2:])
+        return dataclasses.replace(call, inputs=inputs, lead=lead)
+
+    def run(self):
+        from .layer import _in_dtype, _tagged
+        layer, call, rank, world = self.layer, self.call, self.rank, self.world
+        lo, hi = self.offsets[rank], self.offsets[rank + 1]
+        n = len(self.bounds) - 1
+        pieces: list[tuple] = []  # this rank's outputs, in order
+        finals: list = [None] * n
+        local_finals: list[tuple[int, object]] = []
+        for i in range(n):
+            s, e = self.bounds[i], self.bounds[i + 1]
+            lengths = [max(0, min(e, self.offsets[r + 1]) - max(s, self.offsets[r])) for r in range(world)]
+            holders = [r for r in range(world) if lengths[r]]
+            row = _row_state(self.state, i)
+            if len(holders) == 1:  # inside one rank: that rank runs it alone
+                if holders[0] == rank:
+                    result, new_state = layer._forward_local(self.piece(s - lo, e - lo), row, self.return_state)
+                    pieces.append(result if isinstance(result, tuple) else (result,))
+                    if self.return_state:
+                        local_finals.append((i, new_state))
+                continue
+            m0, s0 = _state_counts(row)
+            plan = _Plan(lengths=lengths, has_state=row is not None, m0=m0, s0=s0, return_state=self.return_state)
+            start, stop = min(max(s, lo), hi) - lo, max(min(e, hi), lo) - lo
+            sub = self.piece(start, stop)
+            part = _Run(layer, sub, row, self.return_state, self.group, rank, world, plan, self.grad)
+            part.anchors, part.raw = self.anchors, True
+            outputs, new_state = part.run()
+            self.anchors = part.anchors
+            if outputs is not None:
+                layer._check_outputs(outputs, sub)
+                pieces.append(_in_dtype(outputs, call))
+            if self.return_state:
+                finals[i] = _tagged(new_state, call.tag)
+        if self.return_state:
+            for i, new_state in self.gather_states(local_finals):
+                finals[i] = new_state
+        outputs = tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
+        outputs = tuple(_tie(o, self.anchors) for o in outputs)
+        result = outputs[0] if len(outputs) == 1 else outputs
+        if not self.return_state:
+            return result
+        from .batch import cat_states
+        anchors = self.anchors
+        new_state = cat_states([f._map(lambda t: _tie(t, anchors)) for f in finals])
+        return result, new_state
+
+    def gather_states(self, mine: list) -> list:
+        """Every rank's (sequence index, final state) pairs, on every rank. The states' layout
+        (a small picklable skeleton with shapes and dtypes) goes by all_gather_object, their
+        tensors in one differentiable all-gather of floats (and one of integers, if any)."""
+        float_dtype = self.call.ctx.dt["f32"]
+        tensors: list[Tensor] = []
+        skeleton = [(i, _skeleton(st, tensors)) for i, st in mine]
+        meta = [(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.is_floating_point()) for t in tensors]
+        layouts = [None] * self.world
+        dist.all_gather_object(layouts, (skeleton, meta), group=self.group)
+        floats = [sum(math.prod(shape) for shape, _, f in m if f) for _, m in layouts]
+        ints = [sum(math.prod(shape) for shape, _, f in m if not f) for _, m in layouts]
+        dev = self.call.ctx.dev
+
+        def flat(want_float: bool, width: int, dtype) -> Tensor:
+            parts = [t.reshape(-1).to(dtype) for t in tensors if t.is_floating_point() == want_float]
+            parts.append(torch.zeros(width - sum(p.numel() for p in parts), dtype=dtype, device=dev))
+            return torch.cat(parts)
+
+        wires = [flat(True, max(floats), float_dtype)]
+        if max(ints):
+            wires.append(flat(False, max(ints), torch.int64))
+        gathered = self.gather(wires, "final states")
+        out = []
+        for q, (skel, m) in enumerate(layouts):
+            cursor = {True: 0, False: 0}
+            rebuilt = []
+            for shape, dtype, floating in m:
+                size = math.prod(shape)
+                source = gathered[0] if floating else gathered[1]
+                piece = source[q, cursor[floating]:cursor[floating] + size]
+                cursor[floating] += size
+                rebuilt.append(piece.reshape(shape).to(getattr(torch, dtype)))
+            out += [(i, _unskeleton(sk, rebuilt)) for i, sk in skel]
+        return out
+
+    def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
+        if self.grad:
+            tensors = [_tie(t, self.anchors) for t in tensors]
+            if not any(t.requires_grad for t in tensors):
+                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+            outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
+            self.anchors = [o for o in outs if o.requires_grad]
+            return outs
+        return [_all_gather(t, self.group, self.world, kind) for t in tensors]
+
+
+def _check_global_cu_seqlens(op: str, cu, call) -> list:
+    """The global offsets as Python ints; their end is checked against the ranks' slices later."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
+    bounds = [int(b) for b in cu.tolist()]
+    if call.lead[0] != 1:
+        raise ValueError(f"{op}: with cu_seqlens each rank passes its slice of the packed sequence as [1, T_r, ...]; "
+                         f"got batch size {call.lead[0]}")
+    if len(bounds) < 2 or bounds[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0 and hold N + 1 offsets, got {bounds}")
+    bad = [i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
+                         f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
+    return bounds
+
+
+def _batch_rows(state) -> int:
+    return state.batch_size
+
+
+def _row_state(state, i: int):
+    """Row i of a per-sequence initial state (None: no state, or an empty one)."""
+    if state is None or _batch_rows(state) == 0:
+        return None
+    from .batch import RaggedState
+    row = state[i]
+    return row.rows[0] if isinstance(row, RaggedState) else row
+
+
+def _state_classes() -> dict:
+    from .batch import RaggedState
+    return {c.__name__: c for c in (ScanState, TreeState, ChunkStream, RaggedState)}
+
+
+def _skeleton(value, tensors: list):
+    """value with every tensor replaced by its index in `tensors` (appended), picklable."""
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        return ("T", len(tensors) - 1)
+    if isinstance(value, StreamState):
+        return ("S", type(value).__name__,
+                tuple((f.name, _skeleton(getattr(value, f.name), tensors)) for f in dataclasses.fields(value)))
+    if isinstance(value, tuple):
+        return ("t", tuple(_skeleton(v, tensors) for v in value))
+    if isinstance(value, dict):
+        return ("d", tuple((k, _skeleton(v, tensors)) for k, v in value.items()))
+    return ("v", value)
+
+
+def _unskeleton(skeleton, tensors: list):
+    kind, *rest = skeleton
+    if kind == "T":
+        return tensors[rest[0]]
+    if kind == "S":
+        name, fields = rest
+        return _state_classes()[name](**{k: _unskeleton(v, tensors) for k, v in fields})
+    if kind == "t":
+        return tuple(_unskeleton(v, tensors) for v in rest[0])
+    if kind == "d":
+        return {k: _unskeleton(v, tensors) for k, v in rest[0]}
+    return rest[0]
 
 
 def _stream_state(layer, state):

@@ -147,11 +147,11 @@ class PsmLayer(nn.Module):
         """
         spec = self.spec
         if cp_group is not None:
-            if cu_seqlens is not None or initial_state is not None or output_final_state is not None:
-                raise ValueError(f"{spec.name}: cp_group= does not combine with cu_seqlens=, initial_state= "
-                                 "or output_final_state= yet; pass state= and return_state=")
+            if initial_state is not None or output_final_state is not None:
+                raise ValueError(f"{spec.name}: cp_group= does not combine with initial_state= or "
+                                 "output_final_state= yet; pass state= and return_state=")
             from . import context_parallel
-            return context_parallel.forward(self, args, inputs, state, return_state, cp_group)
+            return context_parallel.forward(self, args, inputs, state, return_state, cp_group, cu_seqlens)
         fla = output_final_state is not None
         if initial_state is not None:
             if state is not None:

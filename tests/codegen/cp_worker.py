@@ -75,7 +75,9 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
         stop = start + job["lengths"][rank]
         mine = {n: x.clone().requires_grad_(x.is_floating_point())
                 for n, x in split(job["inputs"], start, stop).items()}
-        result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD)
+        varlen = {} if job.get("cu") is None else {"cu_seqlens": torch.tensor(job["cu"])}
+        result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD,
+                       **varlen)
         got, state = result if job["return_state"] else (result, None)
         got = got if isinstance(got, tuple) else (got,)
         # every rank's loss reaches the exchanges; the final state is on every rank: 1/world each

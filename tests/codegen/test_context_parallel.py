@@ -29,8 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
-    """A cp job and its single-process reference (outputs, final state, gradients)."""
+def _job(name: str, lengths: tuple, prefix, seed: int, return_state: bool, cu: list | None = None):
+    """A cp job and its single-process reference (outputs, final state, gradients). `prefix`:
+    the number of tokens run first, whose state is the initial state; with `cu` (the global
+    cu_seqlens of the packed sequence, batch 1) it is the prefix's own cu_seqlens (or None):
+    the initial state then has one row per sequence."""
     case = CASES[name]
     dims = case.dim_sets[-1]
     cls = layer_class(name)
@@ -39,17 +42,25 @@ def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
     with torch.no_grad():
         for p in layer.parameters():  # zero-initialised params would hide their gradients
             p.add_(0.2 * torch.randn_like(p))
+    varlen = {} if cu is None else {"cu_seqlens": torch.tensor(cu)}
+    prefix_varlen = {}
+    if cu is not None and prefix:
+        prefix_varlen = {"cu_seqlens": torch.tensor(prefix)}
+        prefix = prefix[-1]
+    prefix = prefix or 0
     total = prefix + sum(lengths)
-    inputs = make_inputs(cls, dims, 2, total, (2,), ((False,),) * len(cls.spec.inputs), seed=seed, kinds=case.kinds)
+    batch = 1 if cu is not None else 2
+    inputs = make_inputs(cls, dims, batch, total, (2,), ((False,),) * len(cls.spec.inputs), seed=seed,
+                         kinds=case.kinds)
     for n in case.sequence_broadcast:  # [1, 1, *lanes, ...]: the same tensor on every rank
         inputs[n] = inputs[n][:1, :1].contiguous()
     state = None
     if prefix:
         with torch.no_grad():
-            _, state = layer(**cp_worker.split(inputs, 0, prefix), return_state=True)
+            _, state = layer(**cp_worker.split(inputs, 0, prefix), return_state=True, **prefix_varlen)
     rest = cp_worker.split(inputs, prefix, total)
     leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in rest.items()}
-    want, want_state = layer(**leaves, state=state, return_state=True)
+    want, want_state = layer(**leaves, state=state, return_state=True, **varlen)
     want = as_tuple(want)
     gen = torch.Generator().manual_seed(seed + 1)
     weights = tuple(torch.rand(o.shape, generator=gen, dtype=torch.float64) - 0.5 for o in want)
@@ -60,7 +71,7 @@ def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
         loss.backward()
     job = {"module": str(compiled_path(case.path)), "op": name, "dims": dims, "lengths": lengths,
            "params": {n: t.detach().clone() for n, t in layer.state_dict().items()},
-           "inputs": rest, "state": state, "weights": weights, "return_state": return_state}
+           "inputs": rest, "state": state, "weights": weights, "return_state": return_state, "cu": cu}
     reference = {"outputs": [o.detach() for o in want], "state": None if want_state is None else want_state.detach(),
                  "input_grads": {n: x.grad for n, x in leaves.items()},
                  "param_grads": {n: p.grad for n, p in layer.named_parameters()}}
@@ -111,6 +122,8 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
     failures = []
     world = len(results)
     label = f"{job['op']} lengths={job['lengths']} state={'yes' if job['state'] is not None else 'no'}"
+    if job["cu"] is not None:
+        label += f" cu_seqlens={job['cu']}"
     for rank, got in enumerate(results):
         start = sum(job["lengths"][:rank])
         stop = start + job["lengths"][rank]
@@ -182,3 +195,30 @@ def test_mismatched_calls_fail_on_every_rank(tmp_path):
             in got[rank]["ops"]
     assert got[0]["missing"].startswith(E + "context parallel exchange 'metadata' did not complete within 3 s")
     assert "every rank of cp_group must call the layer" in got[0]["missing"]
+
+
+# cu_seqlens with cp_group: (slice lengths, global cu_seqlens, the prefix's cu_seqlens (the initial
+# state's rows) or None, return_state). Sequences spanning 0, 1 and several rank boundaries, one
+# token long, ending exactly at a boundary; a slice inside one sequence; ragged initial states.
+VARLEN = {2: [((5, 6), [0, 2, 3, 9, 11], None, True), ((4, 3), [0, 4, 7], [0, 2, 5], True)],
+          4: [((3, 1, 5, 2), [0, 1, 8, 11], None, True), ((2, 6, 1, 4), [0, 2, 9, 13], [0, 3, 4, 9], False)]}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_varlen_matches_one_process(world, tmp_path):
+    """cp_group + cu_seqlens (fla's cp varlen convention: each rank passes its slice [1, T_r, ...]
+    and the global cu_seqlens): every sequence's outputs, final state (batch N, on every rank)
+    and gradients equal the single-process varlen call; tree ops bit for bit."""
+    jobs, references, exact = [], [], []
+    for i, name in enumerate(sorted(CASES)):
+        for j, (lengths, cu, prefix_cu, return_state) in enumerate(VARLEN[world]):
+            job, reference = _job(name, lengths, prefix_cu, seed=100 * j + i + 7, return_state=return_state, cu=cu)
+            jobs.append(job)
+            references.append(reference)
+            exact.append(CASES[name].tree)
+    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    failures = []
+    for k, job in enumerate(jobs):
+        failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
+    assert not failures, "\n".join(failures)
