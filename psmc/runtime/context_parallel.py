@@ -247,10 +247,20 @@ def _validate(layer, table: Tensor, rank: int, world: int, bounds=None) -> _Plan
     differ("return_state", table[:, 5].tolist(), "pass the same return_state on every rank")
     differ("whether cu_seqlens is given (its sequence count N, -1 for none)", table[:, 7].tolist(),
            "pass the same global cu_seqlens on every rank, or none")
-    differ("cu_seqlens (a checksum of its offsets)", table[:, 12].tolist(),
-           "pass the same global cu_seqlens (offsets into the whole packed sequence) on every rank")
-    differ("the initial state's per-sequence sizes (a checksum)", table[:, 14].tolist(),
-           "pass the same initial state (one row per sequence) on every rank")
+
+    def same(what: str, values: list, hint: str):  # values too long for the metadata: compared by checksum
+        kinds = list(dict.fromkeys(values))
+        if len(kinds) > 1:
+            shown = "; ".join(f"rank{'s' if values.count(v) > 1 else ''} "
+                              f"{', '.join(str(r) for r in range(world) if values[r] == v)}"
+                              f"{' pass' if values.count(v) > 1 else ' passes'} {'one' if k == 0 else 'another'}"
+                              for k, v in enumerate(kinds))
+            fail(f"the ranks pass different {what} ({shown}); {hint}")
+
+    same("cu_seqlens", table[:, 12].tolist(),
+         "pass the same global cu_seqlens (offsets into the whole packed sequence) on every rank")
+    same("initial states (their rows' token counts differ)", table[:, 14].tolist(),
+         "pass the same initial state (one row per sequence) on every rank")
     if bounds is not None:
         total = sum(table[:, 9].tolist())
         if bounds[-1] != total:

@@ -140,7 +140,8 @@ class PsmLayer(nn.Module):
             with offsets `cu_seqlens` (int32/int64, `[N + 1]`, from 0 to total_T); each is
             scanned on its own and the state (return_state=True) has batch N.
         cp_group: a torch.distributed process group; every rank passes its own contiguous
-            slice of the sequence (docs/context_parallel.md).
+            slice of the sequence (docs/context_parallel.md). With cu_seqlens, its slice
+            `[1, T_r, ...]` of the packed sequence and the global cu_seqlens.
         initial_state / output_final_state: fla-style aliases of `state` / `return_state`; for
             an exact scan the state may be given and is returned as plain tensors (a tensor
             when the op's state has one field, else a tuple of one tensor per field).

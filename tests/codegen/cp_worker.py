@@ -123,6 +123,9 @@ def run_errors(rank: int, world: int, port: int, modules: dict, out_dir: str):
     attempt("local", lambda: cumsum(torch.randn(2, 3, 2) if not last else torch.randn(2, 3, 2).int(),
                                     cp_group=group))
     attempt("lanes", lambda: cumsum(torch.randn(2, 3, 2 + rank), cp_group=group))
+    packed = torch.randn(1, 3, 2)
+    attempt("cu_differ", lambda: cumsum(packed, cu_seqlens=torch.tensor([0, 2 + (rank == 1), 9]), cp_group=group))
+    attempt("cu_total", lambda: cumsum(packed, cu_seqlens=torch.tensor([0, 4, 8]), cp_group=group))
     attempt("ok", lambda: cumsum(x, cp_group=group))
     if rank == 0:  # last: the other ranks never call, rank 0 must time out with a clear message
         attempt("missing", lambda: cumsum(x, cp_group=group))

@@ -183,6 +183,12 @@ def test_mismatched_calls_fail_on_every_rank(tmp_path):
                  "'x' is declared f32 but got a torch.int32 tensor",
         "lanes": "cumsum (context parallel, rank {r} of 3): the ranks disagree on the lane axes [B, T, *lanes] "
                  "(rank 0: [2], rank 1: [3], rank 2: [4]); every rank passes the same lane shape",
+        "cu_differ": "cumsum (context parallel, rank {r} of 3): the ranks pass different cu_seqlens (ranks 0, 2 pass "
+                     "one; rank 1 passes another); pass the same global cu_seqlens (offsets into the whole packed "
+                     "sequence) on every rank",
+        "cu_total": "cumsum (context parallel, rank {r} of 3): cu_seqlens ends at 8 but the ranks' slices hold 9 "
+                    "tokens in all (T_r = [3, 3, 3]); cu_seqlens holds the offsets of the whole packed sequence, the "
+                    "same tensor on every rank",
     }
     for rank in range(world):
         for key, text in expected.items():
