@@ -51,6 +51,11 @@ TIMEOUT_S = 300.0
 # backward all-reduce its buffer once), per kind; the benchmark reads and resets it.
 SENT_BYTES: dict[str, int] = {}
 
+# How the exact scans over tokens of this process took their carry-in, counted per pass ('cheap
+# carry': the fast path once, the carry added by its algebra; 'fast path twice': from zero for
+# the total, again from the carry; 'generic scan'): the tests and the benchmark read it.
+SCHEMES: dict[str, int] = {}
+
 _MAX_LANES = 8
 _MAX_DIMS = 8
 _NAME_CHARS = 48
@@ -284,6 +289,10 @@ def _wait(work, what: str):
             "it, or is stuck elsewhere)") from None
 
 
+def _scheme(name: str):
+    SCHEMES[name] = SCHEMES.get(name, 0) + 1
+
+
 def _count(kind: str, t: Tensor):
     SENT_BYTES[kind] = SENT_BYTES.get(kind, 0) + t.numel() * t.element_size()
 
@@ -447,10 +456,16 @@ class _Run:
         return (result, new_state) if self.return_state else result
 
     def run_exact_tokens(self):
-        """Exact scans over tokens. The fast paths (first-order recurrences, chunkwise linear
-        attention) and Triton run twice where a carry comes in: once from zero for the slice's
-        total, once continuing from the carry (their carry-in is their initial_state). The
-        generic scan runs once: its local inclusive scan gets the carry in one batched combine."""
+        """Exact scans over tokens.
+
+        Cheap carry (first-order recurrences, chunkwise decayed linear attention: the op has a
+        `_fast_carry`): the fast path runs once from zero and returns the slice's full total
+        (its decay product included, dead in a stream or not) and, after the exchange, the
+        carry-in enters by its algebra (h_t += (prod of decays up to t) * carry; o_t +=
+        scale * (q_t * decays) S0): no second scan. Other fast paths (the delta rule) and
+        Triton kernels run twice where a carry comes in: once from zero for the slice's total,
+        once continuing from the carry (their carry-in is their initial_state). The generic scan
+        runs once: its local inclusive scan gets the carry in one batched combine."""
         from .layer import _positions
         from .scan import exclusive_from_inclusive
         layer, spec, call = self.layer, self.spec, self.call
@@ -458,17 +473,28 @@ class _Run:
         if T == 0:  # a varlen sequence this rank holds no token of: it only takes part in the exchange
             _, final = self.carries(self.zero_step())
             return self.finish(None, _stream_state(layer, final))
+        index = _positions(a, T, call.lead, call.ctx.dev)
+        cheap = self.cheap_carry_path()
+        if cheap is not None:
+            call = dataclasses.replace(call, carry_terms={})
+            if cheap == "triton-first-order":
+                call.ctx.scan_kernel = "triton"
+            outputs, local_state = layer._fast_forward(call, index, ScanState(prefix=None, count=a))
+            start, final = self.carries(self.full_step(local_state.prefix))
+            if start.prefix is not None:
+                outputs = layer._fast_carry(call, outputs, start.prefix)
+            _scheme("cheap carry")
+            return self.finish(tuple(outputs), _stream_state(layer, final))
         kernel = spec.fast is not None and layer.use_fast_path
         if not kernel and layer.backend != "torch":
             from . import triton_support
             kernel = triton_support.use_triton(layer, call)
         local_outputs = None
-        index = _positions(a, T, call.lead, call.ctx.dev)
         total = None
         if kernel and spec.stream is None:
             local_outputs, local_state = layer._forward_tokens(call, ScanState(prefix=None, count=a), True)
             total, incl = local_state.prefix, None
-            if any(t is None for t in total):  # a field dead in streams left out (e.g. a first-order decay): the carry needs it
+            if any(t is None for t in total):  # a field dead in streams left out: the carry needs it
                 total = None
         if total is None:
             # the generic scan; also the total of a fast path whose stream state drops fields
@@ -481,7 +507,11 @@ class _Run:
             outputs = local_outputs
             if outputs is None or carry is not None:
                 outputs = layer._forward_tokens(call, _stream_state(layer, start), False)[0]
+                _scheme("fast path twice")
+            else:
+                _scheme("fast path once")
         else:
+            _scheme("generic scan")
             if carry is not None:
                 incl = self.combine(with_time(carry), incl)
             prefix = incl
@@ -490,6 +520,16 @@ class _Run:
                 prefix = exclusive_from_inclusive(incl, first)
             outputs = tuple(layer._readout_batch(call, call.lead, prefix, call.inputs, index))
         return self.finish(outputs, _stream_state(layer, final))
+
+    def cheap_carry_path(self) -> str | None:
+        """The dispatch path name when this call's forward is a fast path with a cheap carry
+        (`_fast_carry`), else None. backend='cpu' keeps its C++ kernels (two passes)."""
+        layer = self.layer
+        if not (self.spec.fast and layer.use_fast_path and hasattr(layer, "_fast_carry")) or layer.backend == "cpu":
+            return None
+        from . import dispatch
+        name = dispatch.choose(layer, self.call, "forward").name
+        return name if name in ("chunkwise", "torch-first-order", "triton-first-order") else None
 
     # -- chunk ops: the tokens of chunks that straddle a rank boundary
     def straddling_tokens(self) -> dict:
@@ -902,4 +942,4 @@ def _chunk_stream(inner, tokens: dict, C: int) -> ChunkStream:
     return ChunkStream(inner=inner, buffer=buffer, filled=torch.tensor(count, device=device))
 
 
-__all__ = ["ContextParallelError", "SENT_BYTES", "TIMEOUT_S", "forward"]
+__all__ = ["ContextParallelError", "SCHEMES", "SENT_BYTES", "TIMEOUT_S", "forward"]

@@ -819,6 +819,9 @@ class _Call:
     out_dtype: torch.dtype | None = None  # half-precision inputs: outputs are cast back to it
     token_by_token: bool = False  # the pass that ran scanned time sequentially: a NaN at t reached nothing before t
     outputs_checked: bool = False  # the outputs are known to hold no NaN: the finite check has nothing to find
+    # context parallelism asks a fast path for its full total (dead fields included) and for
+    # what `_fast_carry` needs to add a carry-in afterwards; None (always, elsewhere): nothing extra
+    carry_terms: dict | None = None
 
 
 def _compiling() -> bool:

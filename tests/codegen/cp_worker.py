@@ -75,6 +75,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
         stop = start + job["lengths"][rank]
         mine = {n: x.clone().requires_grad_(x.is_floating_point())
                 for n, x in split(job["inputs"], start, stop).items()}
+        context_parallel.SCHEMES.clear()
         varlen = {} if job.get("cu") is None else {"cu_seqlens": torch.tensor(job["cu"])}
         result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD,
                        **varlen)
@@ -89,6 +90,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
             "state": None if state is None else state.detach(),
             "input_grads": {n: x.grad for n, x in mine.items()},
             "param_grads": {n: p.grad for n, p in layer.named_parameters()},
+            "schemes": dict(context_parallel.SCHEMES),
         })
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()

@@ -138,6 +138,14 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
             elif w is not None:
                 w = w[:, start:stop]
             _agree(g, w, f"{where}: gradient of input {n}", False, failures)
+    if CASES[job["op"]].tree is False and hasattr(layer_class(job["op"]), "_fast_carry"):
+        # first-order and chunkwise ops: one fast pass per slice, the carry added by its algebra
+        for rank, got in enumerate(results):
+            if set(got["schemes"]) - {"cheap carry"}:
+                failures.append(f"{label}, rank {rank}: the carry went in by {got['schemes']}, expected only the "
+                                "cheap carry")
+        if not any(got["schemes"].get("cheap carry") for got in results):
+            failures.append(f"{label}: no rank took the cheap carry")
     for n, w in reference["param_grads"].items():
         grads = [r["param_grads"][n] for r in results if r["param_grads"][n] is not None]
         g = sum(grads) if grads else None
@@ -228,3 +236,46 @@ def test_varlen_matches_one_process(world, tmp_path):
     for k, job in enumerate(jobs):
         failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if hasattr(layer_class(n), "_fast_carry")))
+def test_cheap_carry_matches_one_pass(name):
+    """The cheap carry in one process: the fast path run from zero over tokens [5, 12) with
+    carry_terms returns the slice's full total (its decay product too, though dead in a stream),
+    and `_fast_carry` adds the state after tokens [0, 5) to its outputs by the op's algebra; both
+    equal the generic scan and one pass over all 12 tokens."""
+    from psmc.runtime.element import at
+    from psmc.runtime.layer import _positions
+    from psmc.runtime.scan import exact_scan
+    from psmc.runtime.state import ScanState
+    case = CASES[name]
+    dims = case.dim_sets[-1]
+    cls = layer_class(name)
+    torch.manual_seed(3)
+    layer = cls(**dims).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    inputs = make_inputs(cls, dims, 2, 12, (2,), ((False,),) * len(cls.spec.inputs), seed=5, kinds=case.kinds)
+    for n in case.sequence_broadcast:
+        inputs[n] = inputs[n][:1, :1].contiguous()
+    want = as_tuple(layer(**inputs))
+    head, rest = cp_worker.split(inputs, 0, 5), cp_worker.split(inputs, 5, 12)
+
+    def generic_total(part: dict, start: int):
+        call = layer._prepare(part, step=False)
+        index = _positions(start, call.lead[1], call.lead, call.ctx.dev)
+        return at(exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), layer._combine_fn(call)),
+                  call.lead[1] - 1)
+
+    call = dataclasses.replace(layer._prepare(rest, step=False), carry_terms={})
+    index = _positions(5, 7, call.lead, call.ctx.dev)
+    outputs, total = layer._fast_forward(call, index, ScanState(prefix=None, count=5))
+    for i, (got, expected) in enumerate(zip(total.prefix, generic_total(rest, 5))):
+        assert got is not None, f"{name}: field {i} of the total is missing though carry_terms asked for it"
+        torch.testing.assert_close(got, expected.expand_as(got), rtol=RTOL, atol=ATOL)
+    carried = layer._fast_carry(call, outputs, generic_total(head, 0))
+    for got, expected in zip(carried, want):
+        torch.testing.assert_close(got, expected[:, 5:], rtol=RTOL, atol=ATOL)
+    plain = layer._prepare(rest, step=False)
+    assert plain.carry_terms is None  # the normal path is asked for nothing extra
