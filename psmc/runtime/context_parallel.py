@@ -525,7 +525,8 @@ class _Run:
         """The dispatch path name when this call's forward is a fast path with a cheap carry
         (`_fast_carry`), else None. backend='cpu' keeps its C++ kernels (two passes)."""
         layer = self.layer
-        if not (self.spec.fast and layer.use_fast_path and hasattr(layer, "_fast_carry")) or layer.backend == "cpu":
+        if not (self.spec.fast and layer.use_fast_path and hasattr(layer, "_fast_carry")) or layer.backend == "cpu" \
+                or self.spec.exclusive:
             return None
         from . import dispatch
         name = dispatch.choose(layer, self.call, "forward").name
@@ -826,6 +827,8 @@ class _Varlen:
             parts.append(torch.zeros(width - sum(p.numel() for p in parts), dtype=dtype, device=dev))
             return torch.cat(parts)
 
+        if not max(floats) and not max(ints):  # no rank holds a whole sequence with a state
+            return []
         wires = [flat(True, max(floats), float_dtype)]
         if max(ints):
             wires.append(flat(False, max(ints), torch.int64))

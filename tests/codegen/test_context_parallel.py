@@ -214,7 +214,7 @@ def test_mismatched_calls_fail_on_every_rank(tmp_path):
 # cu_seqlens with cp_group: (slice lengths, global cu_seqlens, the prefix's cu_seqlens (the initial
 # state's rows) or None, return_state). Sequences spanning 0, 1 and several rank boundaries, one
 # token long, ending exactly at a boundary; a slice inside one sequence; ragged initial states.
-VARLEN = {2: [((5, 6), [0, 2, 3, 9, 11], None, True), ((4, 3), [0, 4, 7], [0, 2, 5], True)],
+VARLEN = {2: [((5, 6), [0, 2, 3, 9, 11], None, True), ((4, 3), [0, 7], [0, 5], True)],
           4: [((3, 1, 5, 2), [0, 1, 8, 11], None, True), ((2, 6, 1, 4), [0, 2, 9, 13], [0, 3, 4, 9], False)]}
 
 
