@@ -466,13 +466,21 @@ class _Run:
         Triton kernels run twice where a carry comes in: once from zero for the slice's total,
         once continuing from the carry (their carry-in is their initial_state). The generic scan
         runs once: its local inclusive scan gets the carry in one batched combine."""
+        layer = self.layer
+        if self.call.lead[1] == 0:  # a varlen sequence this rank holds no token of: it only takes part in the exchange
+            _, final = self.carries(self.zero_step())
+            return self.finish(None, _stream_state(layer, final))
+        passing = self.exact_pass()
+        start, final = self.carries(next(passing))
+        return self.finish(_resume(passing, (start, final)), _stream_state(layer, final))
+
+    def exact_pass(self):
+        """The local work of `run_exact_tokens`, as a generator: it yields the slice's total (a
+        full step element), is sent (start state, final state) and returns the outputs."""
         from .layer import _positions
         from .scan import exclusive_from_inclusive
         layer, spec, call = self.layer, self.spec, self.call
         a, T = self.starts[self.rank], call.lead[1]
-        if T == 0:  # a varlen sequence this rank holds no token of: it only takes part in the exchange
-            _, final = self.carries(self.zero_step())
-            return self.finish(None, _stream_state(layer, final))
         index = _positions(a, T, call.lead, call.ctx.dev)
         cheap = self.cheap_carry_path()
         if cheap is not None:
@@ -480,11 +488,11 @@ class _Run:
             if cheap == "triton-first-order":
                 call.ctx.scan_kernel = "triton"
             outputs, local_state = layer._fast_forward(call, index, ScanState(prefix=None, count=a))
-            start, final = self.carries(self.full_step(local_state.prefix))
+            start, _ = yield self.full_step(local_state.prefix)
             if start.prefix is not None:
                 outputs = layer._fast_carry(call, outputs, start.prefix)
             _scheme("cheap carry")
-            return self.finish(tuple(outputs), _stream_state(layer, final))
+            return tuple(outputs)
         kernel = spec.fast is not None and layer.use_fast_path
         if not kernel and layer.backend != "torch":
             from . import triton_support
@@ -501,7 +509,7 @@ class _Run:
             # (the delta rule keeps S only): the carry's right operand needs them all (E too)
             incl = exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), self.combine)
             total = at(incl, T - 1)
-        start, final = self.carries(self.full_step(total))
+        start, _ = yield self.full_step(total)
         carry = start.prefix
         if kernel:
             outputs = local_outputs
@@ -519,7 +527,7 @@ class _Run:
                 first = carry if carry is not None else layer._identity_element(call)
                 prefix = exclusive_from_inclusive(incl, first)
             outputs = tuple(layer._readout_batch(call, call.lead, prefix, call.inputs, index))
-        return self.finish(outputs, _stream_state(layer, final))
+        return tuple(outputs)
 
     def cheap_carry_path(self) -> str | None:
         """The dispatch path name when this call's forward is a fast path with a cheap carry
@@ -604,20 +612,24 @@ class _Run:
 
     def carries(self, total):
         """(this rank's start state, the final state) from the ranks' gathered totals."""
+        totals = self.gather(list(total), "totals")
+        return self.carries_from([tuple(t[r] for t in totals) if self.starts[r + 1] > self.starts[r] else None
+                                  for r in range(self.world)])
+
+    def carries_from(self, totals: list):
+        """(this rank's start state, the final state) from every rank's total (None: no leaf)."""
         inner = self.inner
         if inner is not None and hasattr(self.layer, "_full_state"):
             inner = self.layer._full_state(self.call, inner)  # a stream state may hold live fields only
         initial = None if inner is None else inner.prefix
         if initial is not None and any(t is None for t in initial):  # dead in a stream: never read
             initial = tuple(z if t is None else t for t, z in zip(initial, self.zero_step()))
-        totals = self.gather(list(total), "totals")
         carry = None if initial is None else tuple(initial)
         carries = []
         for r in range(self.world):
             carries.append(carry)
-            if self.starts[r + 1] > self.starts[r]:
-                mine = tuple(t[r] for t in totals)
-                carry = mine if carry is None else self.agg(carry, mine)
+            if totals[r] is not None:
+                carry = totals[r] if carry is None else self.agg(carry, totals[r])
         dev = self.call.ctx.dev
         start = ScanState(prefix=carries[self.rank], count=torch.tensor(self.starts[self.rank], device=dev))
         final = ScanState(prefix=carry, count=torch.tensor(self.starts[-1], device=dev))
@@ -747,7 +759,7 @@ class _Varlen:
     def __init__(self, layer, call, state, return_state, group, rank, world, plan: _Plan, grad: bool, bounds):
         self.layer, self.call, self.state, self.return_state = layer, call, state, return_state
         self.group, self.rank, self.world, self.plan, self.grad = group, rank, world, plan, grad
-        self.bounds = bounds
+        self.bounds, self.spec = bounds, layer.spec
         offsets = [0]
         for length in plan.lengths:
             offsets.append(offsets[-1] + length)
@@ -763,42 +775,43 @@ class _Varlen:
         return dataclasses.replace(call, inputs=inputs, lead=lead)
 
     def run(self):
-        from .layer import _in_dtype, _tagged
+        from .layer import _tagged
         layer, call, rank, world = self.layer, self.call, self.rank, self.world
         lo, hi = self.offsets[rank], self.offsets[rank + 1]
         n = len(self.bounds) - 1
-        pieces: list[tuple] = []  # this rank's outputs, in order
+        self.pieces: dict[int, tuple] = {}  # local start -> this rank's outputs there
         finals: list = [None] * n
         local_finals: list[tuple[int, object]] = []
+        spanning = []
         for i in range(n):
             s, e = self.bounds[i], self.bounds[i + 1]
             lengths = [max(0, min(e, self.offsets[r + 1]) - max(s, self.offsets[r])) for r in range(world)]
             holders = [r for r in range(world) if lengths[r]]
             row = _row_state(self.state, i)
-            if len(holders) == 1:  # inside one rank: that rank runs it alone
-                if holders[0] == rank:
-                    result, new_state = layer._forward_local(self.piece(s - lo, e - lo), row, self.return_state)
-                    pieces.append(result if isinstance(result, tuple) else (result,))
-                    if self.return_state:
-                        local_finals.append((i, new_state))
-                continue
-            m0, s0 = _state_counts(row)
-            plan = _Plan(lengths=lengths, has_state=row is not None, m0=m0, s0=s0, return_state=self.return_state)
-            start, stop = min(max(s, lo), hi) - lo, max(min(e, hi), lo) - lo
-            sub = self.piece(start, stop)
-            part = _Run(layer, sub, row, self.return_state, self.group, rank, world, plan, self.grad)
-            part.anchors, part.raw = self.anchors, True
-            outputs, new_state = part.run()
-            self.anchors = part.anchors
-            if outputs is not None:
-                layer._check_outputs(outputs, sub)
-                pieces.append(_in_dtype(outputs, call))
-            if self.return_state:
-                finals[i] = _tagged(new_state, call.tag)
+            if len(holders) > 1:
+                spanning.append((i, lengths, row))
+            elif holders[0] == rank:  # inside this rank: it runs the sequence alone
+                result, new_state = layer._forward_local(self.piece(s - lo, e - lo), row, self.return_state)
+                self.pieces[s - lo] = result if isinstance(result, tuple) else (result,)
+                if self.return_state:
+                    local_finals.append((i, new_state))
+        parts = [self.part(i, lengths, row) for i, lengths, row in spanning]
+        if self.spec.scan == "exact" and self.spec.chunk is None:
+            new_states = self.exact_spanning(parts)
+        else:  # trees and chunk ops: one context-parallel pass per spanning sequence, in order
+            new_states = []
+            for part in parts:
+                part.anchors = self.anchors
+                outputs, new_state = part.run()
+                self.anchors = part.anchors
+                self.keep(part, outputs)
+                new_states.append(new_state)
         if self.return_state:
+            for (i, _, _), new_state in zip(spanning, new_states):
+                finals[i] = _tagged(new_state, call.tag)
             for i, new_state in self.gather_states(local_finals):
                 finals[i] = new_state
-        outputs = tuple(torch.cat(parts, dim=1) for parts in zip(*pieces))
+        outputs = tuple(torch.cat(parts, dim=1) for parts in zip(*(self.pieces[k] for k in sorted(self.pieces))))
         outputs = tuple(_tie(o, self.anchors) for o in outputs)
         result = outputs[0] if len(outputs) == 1 else outputs
         if not self.return_state:
@@ -807,6 +820,54 @@ class _Varlen:
         anchors = self.anchors
         new_state = cat_states([f._map(lambda t: _tie(t, anchors)) for f in finals])
         return result, new_state
+
+    def part(self, i: int, lengths: list, row) -> "_Run":
+        """Sequence i's context-parallel pass: the ranks' pieces of it are their slices."""
+        lo, hi = self.offsets[self.rank], self.offsets[self.rank + 1]
+        s, e = self.bounds[i], self.bounds[i + 1]
+        m0, s0 = _state_counts(row)
+        plan = _Plan(lengths=lengths, has_state=row is not None, m0=m0, s0=s0, return_state=self.return_state)
+        start, stop = min(max(s, lo), hi) - lo, max(min(e, hi), lo) - lo
+        part = _Run(self.layer, self.piece(start, stop), row, self.return_state, self.group, self.rank, self.world,
+                    plan, self.grad)
+        part.raw, part.local_start, part.sequence = True, start, (s, e)
+        return part
+
+    def keep(self, part: "_Run", outputs):
+        from .layer import _in_dtype
+        if outputs is not None:
+            self.layer._check_outputs(outputs, part.call)
+            self.pieces[part.local_start] = _in_dtype(outputs, self.call)
+
+    def exact_spanning(self, parts: list) -> list:
+        """Exact scans over tokens: the spanning sequences' totals in ONE exchange. A spanning
+        sequence holds a rank's first or its last piece (or its whole slice), so every rank sends
+        two state slots (its first and its last piece's total, zeros where that piece is not part
+        of a spanning sequence): 2 x S per rank however many sequences span. Every rank then
+        folds each spanning sequence's carries from its holders' slots."""
+        rank, world = self.rank, self.world
+        passes, slots = {}, [None, None]
+        for k, part in enumerate(parts):
+            if part.call.lead[1]:
+                passes[k] = part.exact_pass()
+                slots[0 if part.local_start == 0 else 1] = next(passes[k])
+        zero = parts[0].zero_step() if parts else None
+        stacked = [torch.stack([(slot or zero)[f] for slot in slots]) for f in range(len(zero))] if parts else []
+        gathered = self.gather(stacked, "totals") if parts else []
+        new_states = []
+        for k, part in enumerate(parts):
+            totals = []
+            for q in range(world):
+                if not part.plan.lengths[q]:
+                    totals.append(None)
+                    continue
+                slot = 0 if part.sequence[0] <= self.offsets[q] else 1  # q's first piece, or its last
+                totals.append(tuple(t[q, slot] for t in gathered))
+            start, final = part.carries_from(totals)
+            if k in passes:
+                self.keep(part, _resume(passes[k], (start, final)))
+            new_states.append(_stream_state(self.layer, final))
+        return new_states
 
     def gather_states(self, mine: list) -> list:
         """Every rank's (sequence index, final state) pairs, on every rank. The states' layout
@@ -921,6 +982,15 @@ def _unskeleton(skeleton, tensors: list):
     if kind == "d":
         return {k: _unskeleton(v, tensors) for k, v in rest[0]}
     return rest[0]
+
+
+def _resume(generator, value):
+    """Send `value` into a generator that then returns: its return value."""
+    try:
+        generator.send(value)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the generator yielded twice")
 
 
 def _stream_state(layer, state):
