@@ -841,28 +841,25 @@ class _Varlen:
 
     def exact_spanning(self, parts: list) -> list:
         """Exact scans over tokens: the spanning sequences' totals in ONE exchange. A spanning
-        sequence holds a rank's first or its last piece (or its whole slice), so every rank sends
-        two state slots (its first and its last piece's total, zeros where that piece is not part
-        of a spanning sequence): 2 x S per rank however many sequences span. Every rank then
-        folds each spanning sequence's carries from its holders' slots."""
-        rank, world = self.rank, self.world
-        passes, slots = {}, [None, None]
-        for k, part in enumerate(parts):
-            if part.call.lead[1]:
-                passes[k] = part.exact_pass()
-                slots[0 if part.local_start == 0 else 1] = next(passes[k])
-        zero = parts[0].zero_step() if parts else None
-        stacked = [torch.stack([(slot or zero)[f] for slot in slots]) for f in range(len(zero))] if parts else []
-        gathered = self.gather(stacked, "totals") if parts else []
+        sequence holds a rank's first or its last piece (or its whole slice), so a rank holds at
+        most two pieces of spanning sequences; each rank sends their totals in that order, padded
+        to the most any rank holds (1 or 2 state slots per rank however many sequences span),
+        and every rank folds each spanning sequence's carries from its holders' slots."""
+        if not parts:
+            return []
+        world = self.world
+        held = [[k for k, part in enumerate(parts) if part.plan.lengths[q]] for q in range(world)]
+        width = max(len(h) for h in held)
+        passes, slots = {}, []
+        for k in held[self.rank]:
+            passes[k] = parts[k].exact_pass()
+            slots.append(next(passes[k]))
+        zero = parts[0].zero_step()
+        slots += [zero] * (width - len(slots))
+        gathered = self.gather([torch.stack([slot[f] for slot in slots]) for f in range(len(zero))], "totals")
         new_states = []
         for k, part in enumerate(parts):
-            totals = []
-            for q in range(world):
-                if not part.plan.lengths[q]:
-                    totals.append(None)
-                    continue
-                slot = 0 if part.sequence[0] <= self.offsets[q] else 1  # q's first piece, or its last
-                totals.append(tuple(t[q, slot] for t in gathered))
+            totals = [tuple(t[q, held[q].index(k)] for t in gathered) if k in held[q] else None for q in range(world)]
             start, final = part.carries_from(totals)
             if k in passes:
                 self.keep(part, _resume(passes[k], (start, final)))
