@@ -24,8 +24,14 @@ Then each rank builds the stream state at its first leaf (exact: the carry, the 
 earlier totals; tree: the binary counter at a_r, bracket for bracket, its roots assembled from the
 published blocks by the same Agg calls a single process makes) and runs the ordinary
 single-process pass over its slice continuing from that state: the fixed-tree prefixes are then
-the single-process P(t) at every position. Gradients flow back through the gathers (their
-backward is an all-reduce of the state-sized gradients), so the reverse carry is autograd's.
+the single-process P(t) at every position. Exact scans with a cheap carry (first-order and
+chunkwise fast paths, `_fast_carry`) instead run their fast pass once, from zero, before the
+exchange and add the carry afterwards by the op's algebra. Gradients flow back through the
+gathers (their backward is an all-reduce of the state-sized gradients), so the reverse carry is
+autograd's.
+
+With cu_seqlens (varlen, `_Varlen`): sequences inside one rank run there alone, sequences that
+span ranks run the schemes above as passes of their own.
 """
 from __future__ import annotations
 
@@ -169,7 +175,6 @@ def _metadata(layer, call, state, return_state, grad, code, message, bounds=None
                              len(bounds) - 1 if varlen else -1])
     if varlen:  # every rank passes the same global cu_seqlens (and the same per-sequence state)
         row[12] = zlib.crc32(repr(bounds).encode())
-        row[13] = bounds[-1]
         if state is not None:
             sizes = [_state_counts(_row_state(state, i)) for i in range(len(bounds) - 1)]
             row[14] = zlib.crc32(repr(sizes).encode())
@@ -751,10 +756,12 @@ class _Varlen:
     """cp_group with cu_seqlens (fla's cp varlen convention): every rank passes its slice
     `[1, T_r, ...]` of the packed sequence and the global cu_seqlens. A sequence that lies
     inside one rank runs there alone (as a single-process varlen call runs it); a sequence that
-    spans ranks runs as a context-parallel pass of its own (`_Run`) in which the ranks holding
-    none of it send only padding. At most W - 1 sequences span a boundary, so the exchanges stay
-    O(W x state) per rank. With return_state the final states of the sequences that lie inside
-    one rank are all-gathered once (every rank returns all N)."""
+    spans ranks runs as a context-parallel pass of its own (`_Run`), the ranks' pieces of it
+    being their slices. Exact scans over tokens exchange all spanning sequences' totals at once
+    (at most two per rank: its first and last piece); trees and chunk ops make one pass per
+    spanning sequence, in which the ranks holding none of it send only padding (at most W - 1
+    sequences span a boundary). With return_state the final states of the sequences that lie
+    inside one rank are all-gathered once (every rank returns all N)."""
 
     def __init__(self, layer, call, state, return_state, group, rank, world, plan: _Plan, grad: bool, bounds):
         self.layer, self.call, self.state, self.return_state = layer, call, state, return_state
