@@ -305,18 +305,57 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
             "        s0 = None if state is None or state.prefix is None else state.prefix[0]",
         ]
         if method.startswith("_fast_forward"):
-            lines += [f"        out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
-                      "initial_state=s0)",
-                      "        count = (0 if state is None else state.size) + lead[1]"]
+            E = op.state[1 - p["s_index"]]
+            full = "(e_last, s_last)" if p["s_index"] == 1 else "(s_last, e_last)"
+            lines += [
+                "        if call.carry_terms is not None:  # context parallelism: the slice's E and q_t E_<=t too",
+                "            # S's columns evolve independently (S <- E_t S + beta k v^T): K more columns starting",
+                "            # at the identity with v = 0 carry E_<=t, so their outputs are scale * q_t E_<=t",
+                "            _width, _kk = v_.shape[-1], k_.shape[-1]",
+                "            _eye = torch.eye(_kk, dtype=v_.dtype, device=v_.device)",
+                "            _start = _eye.new_zeros(_kk, _width) if s0 is None else s0.to(v_.dtype)",
+                "            _start = torch.cat([_start, _eye.expand(*_start.shape[:-2], _kk, _kk)], dim=-1)",
+                "            _v_all = torch.cat([v_, v_.new_zeros(*v_.shape[:-1], _kk)], dim=-1)",
+                f"            out, _s_all = _delta.chunk_delta_rule(q_, k_, _v_all, beta_, g_, scale={_scale_code(p, ref)}, "
+                "initial_state=_start)",
+                "            call.carry_terms.update(q_e=out[..., _width:])",
+                "            out, s_last = out[..., :_width], _s_all[..., :_width]",
+                f"            e_last = _s_all[..., _width:].to(cx.dt[{E.dtype!r}])",
+                "        else:",
+                f"            out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
+                "initial_state=s0)",
+                "        count = (0 if state is None else state.size) + lead[1]",
+            ]
         else:
             lines += [f"        out, s_last = _delta.delta_rule_step(s0, q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)})",
                       "        count = state.size + 1"]
         lines += [
             f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+        ]
+        if method.startswith("_fast_forward"):
+            lines += [
+                "        if call.carry_terms is not None:  # the full element (E too): a slice's total",
+                f"            s_last = s_last.to(cx.dt[{S.dtype!r}])",
+                f"            return (out,), _ScanState(prefix={full}, count=count)",
+            ]
+        lines += [
             f"        new_state = _ScanState(prefix=(s_last.to(cx.dt[{S.dtype!r}]),), count=count)  # spec.stream: "
             f"{S.name} only",
             "        return (out,), new_state",
             "",
         ]
+        if method.startswith("_fast_forward"):
+            lines += [
+                "    def _fast_carry(self, call, outputs, carry):",
+                '        """`outputs` of `_fast_forward(call, ...)` run from zero (with call.carry_terms), as if run '
+                'from the full state element `carry`: S_t gains E_<=t S0, so o_t gains (scale * q_t E_<=t) S0."""',
+                "        cx, lead = call.ctx, call.lead",
+                "        q_e = call.carry_terms['q_e']",
+                f"        s0 = carry[{p['s_index']}].unsqueeze(1).to(q_e.dtype)  # [B, 1, *lanes, K, V]",
+                "        extra = (q_e.unsqueeze(-2) @ s0).squeeze(-2)",
+                f"        extra = _ops.as_field(extra, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+                "        return (outputs[0] + extra,)",
+                "",
+            ]
     return FastPath("delta_rule", "from psmc.runtime import delta as _delta\nfrom psmc.runtime.state import ScanState "
                     "as _ScanState", tuple(lines))

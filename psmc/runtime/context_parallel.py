@@ -543,7 +543,7 @@ class _Run:
             return None
         from . import dispatch
         name = dispatch.choose(layer, self.call, "forward").name
-        return name if name in ("chunkwise", "torch-first-order", "triton-first-order") else None
+        return name if name in ("chunkwise", "torch-first-order", "triton-first-order", "torch-fast") else None
 
     # -- chunk ops: the tokens of chunks that straddle a rank boundary
     def straddling_tokens(self) -> dict:
