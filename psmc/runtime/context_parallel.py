@@ -455,8 +455,10 @@ class _Run:
     def finish(self, outputs, new_state):
         if self.raw:
             return outputs, new_state
+        from .layer import _in_dtype
         outputs = tuple(_tie(o, self.anchors) for o in outputs)
         self.layer._check_outputs(outputs, self.call)
+        outputs = _in_dtype(outputs, self.call)  # bf16/fp16 inputs: outputs in that dtype, as in one process
         result = outputs[0] if len(outputs) == 1 else outputs
         return (result, new_state) if self.return_state else result
 

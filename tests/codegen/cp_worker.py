@@ -129,6 +129,10 @@ def run_errors(rank: int, world: int, port: int, modules: dict, out_dir: str):
     attempt("cu_differ", lambda: cumsum(packed, cu_seqlens=torch.tensor([0, 2 + (rank == 1), 9]), cp_group=group))
     attempt("cu_total", lambda: cumsum(packed, cu_seqlens=torch.tensor([0, 4, 8]), cp_group=group))
     attempt("ok", lambda: cumsum(x, cp_group=group))
+    # half-precision inputs give outputs in that dtype, as in one process (computed in float32)
+    messages["bf16"] = str(cumsum(x.to(torch.bfloat16), cp_group=group).dtype)
+    messages["bf16 varlen"] = str(cumsum(packed.to(torch.bfloat16), cu_seqlens=torch.tensor([0, 4, 9]),
+                                         cp_group=group).dtype)
     if rank == 0:  # last: the other ranks never call, rank 0 must time out with a clear message
         attempt("missing", lambda: cumsum(x, cp_group=group))
     torch.save(messages, f"{out_dir}/rank{rank}.pt")

@@ -202,6 +202,7 @@ def test_mismatched_calls_fail_on_every_rank(tmp_path):
         for key, text in expected.items():
             assert got[rank][key] == E + text.format(r=rank), (rank, key, got[rank][key])
         assert got[rank]["ok"] is None
+        assert got[rank]["bf16"] == got[rank]["bf16 varlen"] == "torch.bfloat16", got[rank]
     # different ops: each rank names its own op first, and the message lists every rank's op
     for rank in range(world):
         assert got[rank]["ops"].startswith(E + f"{'cumsum' if rank == 0 else 'ema'} (context parallel, rank {rank}")
