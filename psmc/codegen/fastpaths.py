@@ -95,7 +95,13 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         "cx.dev)",
     ]
     if p["decay_index"] is not None and p["decay_index"] in dead:  # the stream state keeps S only
-        element = ["None", "s_last"] if p["decay_index"] == 0 else ["s_last", "None"]
+        A = op.state[p["decay_index"]]
+        lines += [
+            "        a_total = None  # dead in a stream prefix: nothing it feeds is read",
+            "        if call.carry_terms is not None:  # context parallelism: a slice's total needs it",
+            f"            a_total = torch.exp(g_.sum(dim=1)).to(cx.dt[{A.dtype!r}])",
+        ]
+        element = ["a_total", "s_last"] if p["decay_index"] == 0 else ["s_last", "a_total"]
     elif p["decay_index"] is not None:
         A = op.state[p["decay_index"]]
         lines += [
@@ -107,12 +113,18 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     else:
         element = ["s_last"]
     lines += [
+        "        if call.carry_terms is not None:  # what _fast_carry reads",
+        f"            call.carry_terms.update(q=q_, g=g_, scale={scale})",
         f"        new_state = _ScanState(prefix=({', '.join(element)},), count=(0 if state is None else "
         "state.size) + lead[1])",
         "        return (out,), new_state",
         "",
     ]
-    lines += _chunkwise_step(op, p, body, ref, scale, element, dead)
+    lines += _chunkwise_carry(op, p)
+    step_element = element
+    if p["decay_index"] is not None and p["decay_index"] in dead:
+        step_element = ["None", "s_last"] if p["decay_index"] == 0 else ["s_last", "None"]
+    lines += _chunkwise_step(op, p, body, ref, scale, step_element, dead)
     return FastPath(f"chunkwise:{p['kind']}",
                     "from psmc.runtime import chunkwise as _chunkwise\nfrom psmc.runtime.state import ScanState as "
                     "_ScanState", tuple(lines))
@@ -150,6 +162,32 @@ def _split_constant(body: list) -> tuple[list, list]:
         else:
             per_token.append(line)
     return constant, per_token
+
+
+def _chunkwise_carry(op: OpIR, p: dict) -> list[str]:
+    """The outputs of a pass run from zero, corrected for a carry-in S0 entering before the
+    first token: S_t gains (prod of decays up to t) * S0, so o_t gains scale * (q_t * decays) S0,
+    one matmul per token instead of a second chunkwise pass (context parallelism)."""
+    out = op.outputs[0]
+    if p["kind"] == "key":
+        decayed = "q_ * torch.exp(torch.cumsum(g_, dim=1)).to(q_.dtype)"
+    elif p["kind"] == "scalar":
+        decayed = "q_ * torch.exp(torch.cumsum(g_, dim=1)).to(q_.dtype).unsqueeze(-1)"
+    else:
+        decayed = "q_"
+    return [
+        "    def _fast_carry(self, call, outputs, carry):",
+        '        """`outputs` of `_fast_forward(call, ...)` run from zero (with call.carry_terms), as if run from '
+        'the full state element `carry`."""',
+        "        cx, lead = call.ctx, call.lead",
+        "        terms = call.carry_terms",
+        "        q_, g_ = terms['q'], terms['g']",
+        f"        s0 = carry[{p['s_index']}].unsqueeze(1)  # [B, 1, *lanes, K, V]",
+        f"        extra = (({decayed}).unsqueeze(-2) @ s0.to(q_.dtype)).squeeze(-2) * (terms['scale'])",
+        f"        extra = _ops.as_field(extra, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+        "        return (outputs[0] + extra,)",
+        "",
+    ]
 
 
 def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, element: list, dead: tuple) -> list[str]:
@@ -223,7 +261,11 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
         f"None if carry is None else carry[{ih}], kernel=cx.scan_kernel)",
     ]
     if ia in dead:  # the stream state keeps h only
-        lines += ["        a_last = None  # dead in a stream prefix: nothing it feeds is read"]
+        lines += [
+            "        a_last = None  # dead in a stream prefix: nothing it feeds is read",
+            "        if call.carry_terms is not None:  # context parallelism: a slice's total needs it",
+            f"            a_last = leaves[{ia}].prod(dim=1)",
+        ]
     else:
         lines += [
             f"        a_last = leaves[{ia}].prod(dim=1)",
@@ -240,10 +282,27 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
         lines += ["        a_cum = None  # the readout never reads it"]
     prefix = ["a_cum", "h"] if ia == 0 else ["h", "a_cum"]
     lines += [
+        "        if call.carry_terms is not None:  # what _fast_carry reads",
+        "            call.carry_terms.update(leaves=leaves, h=h, decay=decay, index=index)",
         f"        outputs = self._readout_batch(call, lead, ({', '.join(prefix)}), call.inputs, index)",
         f"        last = {'(a_last, h_last)' if ia == 0 else '(h_last, a_last)'}",
         "        new_state = _ScanState(prefix=last, count=(0 if state is None else state.size) + lead[1])",
         "        return tuple(outputs), new_state",
+        "",
+        "    def _fast_carry(self, call, outputs, carry):",
+        '        """`outputs` of `_fast_forward(call, ...)` run from zero (with call.carry_terms), as if run from '
+        'the full state element `carry`: h_t += (prod of decays up to t) * carry, then the readout again (no '
+        'second scan)."""',
+        "        lead, terms = call.lead, call.carry_terms",
+        "        leaves, decay = terms['leaves'], terms['decay']",
+        f"        h = terms['h'] + torch.cumprod(decay, dim=1) * carry[{ih}].unsqueeze(1)",
+    ]
+    if uses_a:
+        lines += [f"        a_cum = torch.cumprod(leaves[{ia}], dim=1) * carry[{ia}].unsqueeze(1)"]
+    else:
+        lines += ["        a_cum = None  # the readout never reads it"]
+    lines += [
+        f"        return tuple(self._readout_batch(call, lead, ({', '.join(prefix)}), call.inputs, terms['index']))",
         "",
     ]
     if not op.exclusive:
@@ -320,18 +379,57 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
             "        s0 = None if state is None or state.prefix is None else state.prefix[0]",
         ]
         if method.startswith("_fast_forward"):
-            lines += [f"        out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
-                      "initial_state=s0)",
-                      "        count = (0 if state is None else state.size) + lead[1]"]
+            E = op.state[1 - p["s_index"]]
+            full = "(e_last, s_last)" if p["s_index"] == 1 else "(s_last, e_last)"
+            lines += [
+                "        if call.carry_terms is not None:  # context parallelism: the slice's E and q_t E_<=t too",
+                "            # S's columns evolve independently (S <- E_t S + beta k v^T): K more columns starting",
+                "            # at the identity with v = 0 carry E_<=t, so their outputs are scale * q_t E_<=t",
+                "            _width, _kk = v_.shape[-1], k_.shape[-1]",
+                "            _eye = torch.eye(_kk, dtype=v_.dtype, device=v_.device)",
+                "            _start = _eye.new_zeros(_kk, _width) if s0 is None else s0.to(v_.dtype)",
+                "            _start = torch.cat([_start, _eye.expand(*_start.shape[:-2], _kk, _kk)], dim=-1)",
+                "            _v_all = torch.cat([v_, v_.new_zeros(*v_.shape[:-1], _kk)], dim=-1)",
+                f"            out, _s_all = _delta.chunk_delta_rule(q_, k_, _v_all, beta_, g_, scale={_scale_code(p, ref)}, "
+                "initial_state=_start)",
+                "            call.carry_terms.update(q_e=out[..., _width:])",
+                "            out, s_last = out[..., :_width], _s_all[..., :_width]",
+                f"            e_last = _s_all[..., _width:].to(cx.dt[{E.dtype!r}])",
+                "        else:",
+                f"            out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
+                "initial_state=s0)",
+                "        count = (0 if state is None else state.size) + lead[1]",
+            ]
         else:
             lines += [f"        out, s_last = _delta.delta_rule_step(s0, q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)})",
                       "        count = state.size + 1"]
         lines += [
             f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+        ]
+        if method.startswith("_fast_forward"):
+            lines += [
+                "        if call.carry_terms is not None:  # the full element (E too): a slice's total",
+                f"            s_last = s_last.to(cx.dt[{S.dtype!r}])",
+                f"            return (out,), _ScanState(prefix={full}, count=count)",
+            ]
+        lines += [
             f"        new_state = _ScanState(prefix=(s_last.to(cx.dt[{S.dtype!r}]),), count=count)  # spec.stream: "
             f"{S.name} only",
             "        return (out,), new_state",
             "",
         ]
+        if method.startswith("_fast_forward"):
+            lines += [
+                "    def _fast_carry(self, call, outputs, carry):",
+                '        """`outputs` of `_fast_forward(call, ...)` run from zero (with call.carry_terms), as if run '
+                'from the full state element `carry`: S_t gains E_<=t S0, so o_t gains (scale * q_t E_<=t) S0."""',
+                "        cx, lead = call.ctx, call.lead",
+                "        q_e = call.carry_terms['q_e']",
+                f"        s0 = carry[{p['s_index']}].unsqueeze(1).to(q_e.dtype)  # [B, 1, *lanes, K, V]",
+                "        extra = (q_e.unsqueeze(-2) @ s0).squeeze(-2)",
+                f"        extra = _ops.as_field(extra, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+                "        return (outputs[0] + extra,)",
+                "",
+            ]
     return FastPath("delta_rule", "from psmc.runtime import delta as _delta\nfrom psmc.runtime.state import ScanState "
                     "as _ScanState", tuple(lines))

@@ -24,12 +24,20 @@ Then each rank builds the stream state at its first leaf (exact: the carry, the 
 earlier totals; tree: the binary counter at a_r, bracket for bracket, its roots assembled from the
 published blocks by the same Agg calls a single process makes) and runs the ordinary
 single-process pass over its slice continuing from that state: the fixed-tree prefixes are then
-the single-process P(t) at every position. Gradients flow back through the gathers (their
-backward is an all-reduce of the state-sized gradients), so the reverse carry is autograd's.
+the single-process P(t) at every position. Exact scans with a cheap carry (first-order and
+chunkwise fast paths, `_fast_carry`) instead run their fast pass once, from zero, before the
+exchange and add the carry afterwards by the op's algebra. Gradients flow back through the
+gathers (their backward is an all-reduce of the state-sized gradients), so the reverse carry is
+autograd's.
+
+With cu_seqlens (varlen, `_Varlen`): sequences inside one rank run there alone, sequences that
+span ranks run the schemes above as passes of their own.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -39,7 +47,7 @@ from torch import Tensor
 
 from .element import at, with_time
 from .scan import exact_scan
-from .state import ChunkStream, ScanState, TreeState
+from .state import ChunkStream, ScanState, StreamState, TreeState
 
 # Seconds a rank waits for the others in one exchange before it raises (a rank that never
 # calls the layer, or that is stuck elsewhere). Tests lower it.
@@ -48,6 +56,11 @@ TIMEOUT_S = 300.0
 # Bytes this process contributed to the exchanges (each all-gather counts its input once, each
 # backward all-reduce its buffer once), per kind; the benchmark reads and resets it.
 SENT_BYTES: dict[str, int] = {}
+
+# How the exact scans over tokens of this process took their carry-in, counted per pass ('cheap
+# carry': the fast path once, the carry added by its algebra; 'fast path twice': from zero for
+# the total, again from the carry; 'generic scan'): the tests and the benchmark read it.
+SCHEMES: dict[str, int] = {}
 
 _MAX_LANES = 8
 _MAX_DIMS = 8
@@ -64,15 +77,27 @@ class ContextParallelError(ValueError):
 
 
 # ---------------------------------------------------------------------------- entry point
-def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
-    """`layer.forward(*args, **inputs, state=state, return_state=..., cp_group=group)`."""
+def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group, cu_seqlens=None):
+    """`layer.forward(*args, **inputs, state=state, return_state=..., cp_group=group,
+    cu_seqlens=cu_seqlens)`."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     spec = layer.spec
-    call, code, message = None, _OK, ""
+    call, code, message, bounds = None, _OK, "", None
     try:
         inputs = layer._bind_positional(args, dict(inputs))
         call = layer._prepare(inputs, step=False)
-        if state is not None:
+        if cu_seqlens is not None:
+            bounds = _check_global_cu_seqlens(spec.name, cu_seqlens, call)
+            if state is not None:
+                rows = _batch_rows(state)
+                if rows not in (0, len(bounds) - 1):
+                    raise ValueError(f"{spec.name}: cu_seqlens holds {len(bounds) - 1} sequences but the state has "
+                                     f"{rows} batch rows; pass one row per sequence")
+                for i in range(len(bounds) - 1):
+                    row = _row_state(state, i)
+                    if row is not None:
+                        layer._check_state(row, call)
+        elif state is not None:
             layer._check_state(state, call)
     except (TypeError, ValueError) as error:
         empty = any(isinstance(x, Tensor) and x.dim() >= 2 and x.shape[1] == 0 for x in inputs.values())
@@ -82,10 +107,17 @@ def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group):
         any(p.requires_grad for p in layer.parameters())
         or any(isinstance(x, Tensor) and x.requires_grad for x in inputs.values())
         or (state is not None and any(t.requires_grad for t in state.tensors())))
-    mine = _metadata(layer, call, state, return_state, grad, code, message)
+    mine = _metadata(layer, call, state, return_state, grad, code, message, bounds)
     device = call.ctx.dev if call is not None else _device_of(inputs)
     table = _exchange_metadata(mine, group, world, device)
-    plan = _validate(layer, table, rank, world)
+    plan = _validate(layer, table, rank, world, bounds)
+    if bounds is not None:
+        from .layer import _no_autocast
+        with _no_autocast(inputs):
+            if world == 1:
+                return layer._forward_varlen(inputs, cu_seqlens, state) if return_state else \
+                    layer._forward_varlen(inputs, cu_seqlens, state)[0]
+            return _Varlen(layer, call, state, return_state, group, rank, world, plan, grad, bounds).run()
     if world == 1:
         result = layer._forward_local(call, state, return_state)
     else:
@@ -132,13 +164,20 @@ def _state_counts(state) -> tuple[int, int]:
     return state.size, 0
 
 
-def _metadata(layer, call, state, return_state, grad, code, message) -> Tensor:
+def _metadata(layer, call, state, return_state, grad, code, message, bounds=None) -> Tensor:
     spec = layer.spec
     row = torch.zeros(_META, dtype=torch.int64)
     row[0] = code
     row[1] = _op_signature(layer)
-    m0, s0 = _state_counts(state) if code == _OK else (0, 0)
-    row[2:8] = torch.tensor([int(state is not None), m0, s0, int(bool(return_state)), int(grad), -1])
+    varlen = bounds is not None and code == _OK
+    m0, s0 = _state_counts(state) if code == _OK and not varlen else (0, 0)
+    row[2:8] = torch.tensor([int(state is not None), m0, s0, int(bool(return_state)), int(grad),
+                             len(bounds) - 1 if varlen else -1])
+    if varlen:  # every rank passes the same global cu_seqlens (and the same per-sequence state)
+        row[12] = zlib.crc32(repr(bounds).encode())
+        if state is not None:
+            sizes = [_state_counts(_row_state(state, i)) for i in range(len(bounds) - 1)]
+            row[14] = zlib.crc32(repr(sizes).encode())
     if call is not None:
         lead = call.lead
         if len(lead) - 2 > _MAX_LANES:
@@ -172,7 +211,7 @@ class _Plan:
     return_state: bool
 
 
-def _validate(layer, table: Tensor, rank: int, world: int) -> _Plan:
+def _validate(layer, table: Tensor, rank: int, world: int, bounds=None) -> _Plan:
     spec = layer.spec
     names = [_get_text(table[r], _HEAD + _MAX_LANES + _MAX_DIMS, _NAME_CHARS) for r in range(world)]
     where = f"{spec.name} (context parallel, rank {rank} of {world})"
@@ -216,6 +255,28 @@ def _validate(layer, table: Tensor, rank: int, world: int) -> _Plan:
     differ("the initial state's size (leaves, buffered tokens)", [table[r, 3:5].tolist() for r in range(world)],
            "pass the same initial state on every rank")
     differ("return_state", table[:, 5].tolist(), "pass the same return_state on every rank")
+    differ("whether cu_seqlens is given (its sequence count N, -1 for none)", table[:, 7].tolist(),
+           "pass the same global cu_seqlens on every rank, or none")
+
+    def same(what: str, values: list, hint: str):  # values too long for the metadata: compared by checksum
+        kinds = list(dict.fromkeys(values))
+        if len(kinds) > 1:
+            shown = "; ".join(f"rank{'s' if values.count(v) > 1 else ''} "
+                              f"{', '.join(str(r) for r in range(world) if values[r] == v)}"
+                              f"{' pass' if values.count(v) > 1 else ' passes'} {'one' if k == 0 else 'another'}"
+                              for k, v in enumerate(kinds))
+            fail(f"the ranks pass different {what} ({shown}); {hint}")
+
+    same("cu_seqlens", table[:, 12].tolist(),
+         "pass the same global cu_seqlens (offsets into the whole packed sequence) on every rank")
+    same("initial states (their rows' token counts differ)", table[:, 14].tolist(),
+         "pass the same initial state (one row per sequence) on every rank")
+    if bounds is not None:
+        total = sum(table[:, 9].tolist())
+        if bounds[-1] != total:
+            fail(f"cu_seqlens ends at {bounds[-1]} but the ranks' slices hold {total} tokens in all "
+                 f"(T_r = {table[:, 9].tolist()}); cu_seqlens holds the offsets of the whole packed sequence, "
+                 "the same tensor on every rank")
     differ("whether gradients are recorded", table[:, 6].tolist(),
            "run every rank under the same torch.no_grad()/requires_grad setting")
     return _Plan(lengths=table[:, 9].tolist(), has_state=bool(table[0, 2]), m0=int(table[0, 3]),
@@ -231,6 +292,10 @@ def _wait(work, what: str):
             f"context parallel exchange '{what}' did not complete within {TIMEOUT_S:g} s ({error}): every rank "
             "of cp_group must call the layer, in the same order (a rank that skipped the call, failed before "
             "it, or is stuck elsewhere)") from None
+
+
+def _scheme(name: str):
+    SCHEMES[name] = SCHEMES.get(name, 0) + 1
 
 
 def _count(kind: str, t: Tensor):
@@ -319,6 +384,7 @@ class _Run:
         else:
             self.starts = [plan.m0 + (plan.s0 + o) // self.chunk for o in offsets]
         self.anchors: list[Tensor] = []
+        self.raw = False  # varlen: (outputs, state) as computed, outputs None for an empty piece
         self.tails: dict = {}
         self.step_lead = (call.lead[0],) + tuple(call.lead[2:])
 
@@ -369,8 +435,11 @@ class _Run:
         own_stream = start
         if self.chunk is not None and pre is not None and pre[next(iter(pre))].shape[1] > 0:
             own_stream = _chunk_stream(start, pre, self.chunk)
-        outputs, _ = (layer._forward_chunked(self.call, own_stream, False) if self.chunk is not None
-                      else layer._forward_tokens(self.call, own_stream, False))
+        if self.call.lead[1] == 0:  # a varlen sequence this rank holds no token of
+            outputs = None
+        else:
+            outputs, _ = (layer._forward_chunked(self.call, own_stream, False) if self.chunk is not None
+                          else layer._forward_tokens(self.call, own_stream, False))
         new_state = None
         if self.return_state:
             new_state = final
@@ -378,49 +447,86 @@ class _Run:
                 tail = self.tokens_before(self.offsets[-1])
                 new_state = final if tail[next(iter(tail))].shape[1] == 0 else _chunk_stream(final, tail, self.chunk)
                 if isinstance(new_state, (ScanState, TreeState)):
-                    token_like = {n: x[:, 0] for n, x in self.call.inputs.items()}
+                    token_like = {n: x.new_zeros((x.shape[0],) + tuple(x.shape[2:]))
+                                  for n, x in self.call.inputs.items()}
                     new_state = ChunkStream.empty(new_state, token_like, self.chunk)
         return self.finish(outputs, new_state)
 
     def finish(self, outputs, new_state):
+        if self.raw:
+            return outputs, new_state
+        from .layer import _in_dtype
         outputs = tuple(_tie(o, self.anchors) for o in outputs)
         self.layer._check_outputs(outputs, self.call)
+        outputs = _in_dtype(outputs, self.call)  # bf16/fp16 inputs: outputs in that dtype, as in one process
         result = outputs[0] if len(outputs) == 1 else outputs
         return (result, new_state) if self.return_state else result
 
     def run_exact_tokens(self):
-        """Exact scans over tokens. The fast paths (first-order recurrences, chunkwise linear
-        attention) and Triton run twice where a carry comes in: once from zero for the slice's
-        total, once continuing from the carry (their carry-in is their initial_state). The
-        generic scan runs once: its local inclusive scan gets the carry in one batched combine."""
+        """Exact scans over tokens.
+
+        Cheap carry (first-order recurrences, chunkwise decayed linear attention: the op has a
+        `_fast_carry`): the fast path runs once from zero and returns the slice's full total
+        (its decay product included, dead in a stream or not) and, after the exchange, the
+        carry-in enters by its algebra (h_t += (prod of decays up to t) * carry; o_t +=
+        scale * (q_t * decays) S0): no second scan. Other fast paths (the delta rule) and
+        Triton kernels run twice where a carry comes in: once from zero for the slice's total,
+        once continuing from the carry (their carry-in is their initial_state). The generic scan
+        runs once: its local inclusive scan gets the carry in one batched combine."""
+        layer = self.layer
+        if self.call.lead[1] == 0:  # a varlen sequence this rank holds no token of: it only takes part in the exchange
+            _, final = self.carries(self.zero_step())
+            return self.finish(None, _stream_state(layer, final))
+        passing = self.exact_pass()
+        start, final = self.carries(next(passing))
+        return self.finish(_resume(passing, (start, final)), _stream_state(layer, final))
+
+    def exact_pass(self):
+        """The local work of `run_exact_tokens`, as a generator: it yields the slice's total (a
+        full step element), is sent (start state, final state) and returns the outputs."""
         from .layer import _positions
         from .scan import exclusive_from_inclusive
         layer, spec, call = self.layer, self.spec, self.call
         a, T = self.starts[self.rank], call.lead[1]
+        index = _positions(a, T, call.lead, call.ctx.dev)
+        cheap = self.cheap_carry_path()
+        if cheap is not None:
+            call = dataclasses.replace(call, carry_terms={})
+            if cheap == "triton-first-order":
+                call.ctx.scan_kernel = "triton"
+            outputs, local_state = layer._fast_forward(call, index, ScanState(prefix=None, count=a))
+            start, _ = yield self.full_step(local_state.prefix)
+            if start.prefix is not None:
+                outputs = layer._fast_carry(call, outputs, start.prefix)
+            _scheme("cheap carry")
+            return tuple(outputs)
         kernel = spec.fast is not None and layer.use_fast_path
         if not kernel and layer.backend != "torch":
             from . import triton_support
             kernel = triton_support.use_triton(layer, call)
         local_outputs = None
-        index = _positions(a, T, call.lead, call.ctx.dev)
         total = None
         if kernel and spec.stream is None:
             local_outputs, local_state = layer._forward_tokens(call, ScanState(prefix=None, count=a), True)
             total, incl = local_state.prefix, None
-            if any(t is None for t in total):  # a field dead in streams left out (e.g. a first-order decay): the carry needs it
+            if any(t is None for t in total):  # a field dead in streams left out: the carry needs it
                 total = None
         if total is None:
             # the generic scan; also the total of a fast path whose stream state drops fields
             # (the delta rule keeps S only): the carry's right operand needs them all (E too)
             incl = exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), self.combine)
             total = at(incl, T - 1)
-        start, final = self.carries(self.full_step(total))
+        start, _ = yield self.full_step(total)
         carry = start.prefix
         if kernel:
             outputs = local_outputs
             if outputs is None or carry is not None:
                 outputs = layer._forward_tokens(call, _stream_state(layer, start), False)[0]
+                _scheme("fast path twice")
+            else:
+                _scheme("fast path once")
         else:
+            _scheme("generic scan")
             if carry is not None:
                 incl = self.combine(with_time(carry), incl)
             prefix = incl
@@ -428,7 +534,18 @@ class _Run:
                 first = carry if carry is not None else layer._identity_element(call)
                 prefix = exclusive_from_inclusive(incl, first)
             outputs = tuple(layer._readout_batch(call, call.lead, prefix, call.inputs, index))
-        return self.finish(outputs, _stream_state(layer, final))
+        return tuple(outputs)
+
+    def cheap_carry_path(self) -> str | None:
+        """The dispatch path name when this call's forward is a fast path with a cheap carry
+        (`_fast_carry`), else None. backend='cpu' keeps its C++ kernels (two passes)."""
+        layer = self.layer
+        if not (self.spec.fast and layer.use_fast_path and hasattr(layer, "_fast_carry")) or layer.backend == "cpu" \
+                or self.spec.exclusive:
+            return None
+        from . import dispatch
+        name = dispatch.choose(layer, self.call, "forward").name
+        return name if name in ("chunkwise", "torch-first-order", "triton-first-order", "torch-fast") else None
 
     # -- chunk ops: the tokens of chunks that straddle a rank boundary
     def straddling_tokens(self) -> dict:
@@ -462,7 +579,7 @@ class _Run:
                     buffered = self.stream.tokens(n)[:, g]
                     pieces.append(buffered.expand(full_shape[:1] + full_shape[2:]).to(x.dtype))
                 else:
-                    q = max(r for r in range(self.world) if self.offsets[r] <= g - s0)
+                    q = next(r for r in range(self.world) if self.offsets[r] <= g - s0 < self.offsets[r + 1])
                     back = self.offsets[q + 1] - (g - s0)  # 1 for the rank's last token
                     pieces.append(self.tails[n][q][:, C - 1 - back])
             if pieces:
@@ -502,20 +619,24 @@ class _Run:
 
     def carries(self, total):
         """(this rank's start state, the final state) from the ranks' gathered totals."""
+        totals = self.gather(list(total), "totals")
+        return self.carries_from([tuple(t[r] for t in totals) if self.starts[r + 1] > self.starts[r] else None
+                                  for r in range(self.world)])
+
+    def carries_from(self, totals: list):
+        """(this rank's start state, the final state) from every rank's total (None: no leaf)."""
         inner = self.inner
         if inner is not None and hasattr(self.layer, "_full_state"):
             inner = self.layer._full_state(self.call, inner)  # a stream state may hold live fields only
         initial = None if inner is None else inner.prefix
         if initial is not None and any(t is None for t in initial):  # dead in a stream: never read
             initial = tuple(z if t is None else t for t, z in zip(initial, self.zero_step()))
-        totals = self.gather(list(total), "totals")
         carry = None if initial is None else tuple(initial)
         carries = []
         for r in range(self.world):
             carries.append(carry)
-            if self.starts[r + 1] > self.starts[r]:
-                mine = tuple(t[r] for t in totals)
-                carry = mine if carry is None else self.agg(carry, mine)
+            if totals[r] is not None:
+                carry = totals[r] if carry is None else self.agg(carry, totals[r])
         dev = self.call.ctx.dev
         start = ScanState(prefix=carries[self.rank], count=torch.tensor(self.starts[self.rank], device=dev))
         final = ScanState(prefix=carry, count=torch.tensor(self.starts[-1], device=dev))
@@ -632,6 +753,252 @@ class _Run:
         return levels, firsts
 
 
+# ---------------------------------------------------------------------------- varlen (cu_seqlens)
+class _Varlen:
+    """cp_group with cu_seqlens (fla's cp varlen convention): every rank passes its slice
+    `[1, T_r, ...]` of the packed sequence and the global cu_seqlens. A sequence that lies
+    inside one rank runs there alone (as a single-process varlen call runs it); a sequence that
+    spans ranks runs as a context-parallel pass of its own (`_Run`), the ranks' pieces of it
+    being their slices. Exact scans over tokens exchange all spanning sequences' totals at once
+    (at most two per rank: its first and last piece); trees and chunk ops make one pass per
+    spanning sequence, in which the ranks holding none of it send only padding (at most W - 1
+    sequences span a boundary). With return_state the final states of the sequences that lie
+    inside one rank are all-gathered once (every rank returns all N)."""
+
+    def __init__(self, layer, call, state, return_state, group, rank, world, plan: _Plan, grad: bool, bounds):
+        self.layer, self.call, self.state, self.return_state = layer, call, state, return_state
+        self.group, self.rank, self.world, self.plan, self.grad = group, rank, world, plan, grad
+        self.bounds, self.spec = bounds, layer.spec
+        offsets = [0]
+        for length in plan.lengths:
+            offsets.append(offsets[-1] + length)
+        self.offsets = offsets
+        self.anchors: list[Tensor] = []
+
+    def piece(self, start: int, stop: int):
+        """This rank's call restricted to its local tokens [start, stop) (stop == start: none)."""
+        call = self.call
+        # an input with T = 1 on a slice of several tokens is broadcast over time: every piece takes it whole
+        inputs = {n: (x if x.shape[1] == 1 and call.lead[1] != 1 else x[:, start:stop]) for n, x in call.inputs.items()}
+        lead = (call.lead[0], stop - start) + tuple(call.lead[2:])
+        return dataclasses.replace(call, inputs=inputs, lead=lead)
+
+    def run(self):
+        from .layer import _tagged
+        layer, call, rank, world = self.layer, self.call, self.rank, self.world
+        lo, hi = self.offsets[rank], self.offsets[rank + 1]
+        n = len(self.bounds) - 1
+        self.pieces: dict[int, tuple] = {}  # local start -> this rank's outputs there
+        finals: list = [None] * n
+        local_finals: list[tuple[int, object]] = []
+        spanning = []
+        for i in range(n):
+            s, e = self.bounds[i], self.bounds[i + 1]
+            lengths = [max(0, min(e, self.offsets[r + 1]) - max(s, self.offsets[r])) for r in range(world)]
+            holders = [r for r in range(world) if lengths[r]]
+            row = _row_state(self.state, i)
+            if len(holders) > 1:
+                spanning.append((i, lengths, row))
+            elif holders[0] == rank:  # inside this rank: it runs the sequence alone
+                result, new_state = layer._forward_local(self.piece(s - lo, e - lo), row, self.return_state)
+                self.pieces[s - lo] = result if isinstance(result, tuple) else (result,)
+                if self.return_state:
+                    local_finals.append((i, new_state))
+        parts = [self.part(i, lengths, row) for i, lengths, row in spanning]
+        if self.spec.scan == "exact" and self.spec.chunk is None:
+            new_states = self.exact_spanning(parts)
+        else:  # trees and chunk ops: one context-parallel pass per spanning sequence, in order
+            new_states = []
+            for part in parts:
+                part.anchors = self.anchors
+                outputs, new_state = part.run()
+                self.anchors = part.anchors
+                self.keep(part, outputs)
+                new_states.append(new_state)
+        if self.return_state:
+            for (i, _, _), new_state in zip(spanning, new_states):
+                finals[i] = _tagged(new_state, call.tag)
+            for i, new_state in self.gather_states(local_finals):
+                finals[i] = new_state
+        outputs = tuple(torch.cat(parts, dim=1) for parts in zip(*(self.pieces[k] for k in sorted(self.pieces))))
+        outputs = tuple(_tie(o, self.anchors) for o in outputs)
+        result = outputs[0] if len(outputs) == 1 else outputs
+        if not self.return_state:
+            return result
+        from .batch import cat_states
+        anchors = self.anchors
+        new_state = cat_states([f._map(lambda t: _tie(t, anchors)) for f in finals])
+        return result, new_state
+
+    def part(self, i: int, lengths: list, row) -> "_Run":
+        """Sequence i's context-parallel pass: the ranks' pieces of it are their slices."""
+        lo, hi = self.offsets[self.rank], self.offsets[self.rank + 1]
+        s, e = self.bounds[i], self.bounds[i + 1]
+        m0, s0 = _state_counts(row)
+        plan = _Plan(lengths=lengths, has_state=row is not None, m0=m0, s0=s0, return_state=self.return_state)
+        start, stop = min(max(s, lo), hi) - lo, max(min(e, hi), lo) - lo
+        part = _Run(self.layer, self.piece(start, stop), row, self.return_state, self.group, self.rank, self.world,
+                    plan, self.grad)
+        part.raw, part.local_start, part.sequence = True, start, (s, e)
+        return part
+
+    def keep(self, part: "_Run", outputs):
+        from .layer import _in_dtype
+        if outputs is not None:
+            self.layer._check_outputs(outputs, part.call)
+            self.pieces[part.local_start] = _in_dtype(outputs, self.call)
+
+    def exact_spanning(self, parts: list) -> list:
+        """Exact scans over tokens: the spanning sequences' totals in ONE exchange. A spanning
+        sequence holds a rank's first or its last piece (or its whole slice), so a rank holds at
+        most two pieces of spanning sequences; each rank sends their totals in that order, padded
+        to the most any rank holds (1 or 2 state slots per rank however many sequences span),
+        and every rank folds each spanning sequence's carries from its holders' slots."""
+        if not parts:
+            return []
+        world = self.world
+        held = [[k for k, part in enumerate(parts) if part.plan.lengths[q]] for q in range(world)]
+        width = max(len(h) for h in held)
+        passes, slots = {}, []
+        for k in held[self.rank]:
+            passes[k] = parts[k].exact_pass()
+            slots.append(next(passes[k]))
+        zero = parts[0].zero_step()
+        slots += [zero] * (width - len(slots))
+        gathered = self.gather([torch.stack([slot[f] for slot in slots]) for f in range(len(zero))], "totals")
+        new_states = []
+        for k, part in enumerate(parts):
+            totals = [tuple(t[q, held[q].index(k)] for t in gathered) if k in held[q] else None for q in range(world)]
+            start, final = part.carries_from(totals)
+            if k in passes:
+                self.keep(part, _resume(passes[k], (start, final)))
+            new_states.append(_stream_state(self.layer, final))
+        return new_states
+
+    def gather_states(self, mine: list) -> list:
+        """Every rank's (sequence index, final state) pairs, on every rank. The states' layout
+        (a small picklable skeleton with shapes and dtypes) goes by all_gather_object, their
+        tensors in one differentiable all-gather of floats (and one of integers, if any)."""
+        float_dtype = self.call.ctx.dt["f32"]
+        tensors: list[Tensor] = []
+        skeleton = [(i, _skeleton(st, tensors)) for i, st in mine]
+        meta = [(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.is_floating_point()) for t in tensors]
+        layouts = [None] * self.world
+        dist.all_gather_object(layouts, (skeleton, meta), group=self.group)
+        floats = [sum(math.prod(shape) for shape, _, f in m if f) for _, m in layouts]
+        ints = [sum(math.prod(shape) for shape, _, f in m if not f) for _, m in layouts]
+        dev = self.call.ctx.dev
+
+        def flat(want_float: bool, width: int, dtype) -> Tensor:
+            parts = [t.reshape(-1).to(dtype) for t in tensors if t.is_floating_point() == want_float]
+            parts.append(torch.zeros(width - sum(p.numel() for p in parts), dtype=dtype, device=dev))
+            return torch.cat(parts)
+
+        if not max(floats) and not max(ints):  # no rank holds a whole sequence with a state
+            return []
+        wires = [flat(True, max(floats), float_dtype)]
+        if max(ints):
+            wires.append(flat(False, max(ints), torch.int64))
+        gathered = self.gather(wires, "final states")
+        out = []
+        for q, (skel, m) in enumerate(layouts):
+            cursor = {True: 0, False: 0}
+            rebuilt = []
+            for shape, dtype, floating in m:
+                size = math.prod(shape)
+                source = gathered[0] if floating else gathered[1]
+                piece = source[q, cursor[floating]:cursor[floating] + size]
+                cursor[floating] += size
+                rebuilt.append(piece.reshape(shape).to(getattr(torch, dtype)))
+            out += [(i, _unskeleton(sk, rebuilt)) for i, sk in skel]
+        return out
+
+    def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
+        if self.grad:
+            tensors = [_tie(t, self.anchors) for t in tensors]
+            if not any(t.requires_grad for t in tensors):
+                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+            outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
+            self.anchors = [o for o in outs if o.requires_grad]
+            return outs
+        return [_all_gather(t, self.group, self.world, kind) for t in tensors]
+
+
+def _check_global_cu_seqlens(op: str, cu, call) -> list:
+    """The global offsets as Python ints; their end is checked against the ranks' slices later."""
+    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
+        raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
+    bounds = [int(b) for b in cu.tolist()]
+    if call.lead[0] != 1:
+        raise ValueError(f"{op}: with cu_seqlens each rank passes its slice of the packed sequence as [1, T_r, ...]; "
+                         f"got batch size {call.lead[0]}")
+    if len(bounds) < 2 or bounds[0] != 0:
+        raise ValueError(f"{op}: cu_seqlens must start at 0 and hold N + 1 offsets, got {bounds}")
+    bad = [i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]]
+    if bad:
+        i = bad[0]
+        raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
+                         f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
+    return bounds
+
+
+def _batch_rows(state) -> int:
+    return state.batch_size
+
+
+def _row_state(state, i: int):
+    """Row i of a per-sequence initial state (None: no state, or an empty one)."""
+    if state is None or _batch_rows(state) == 0:
+        return None
+    from .batch import RaggedState
+    row = state[i]
+    return row.rows[0] if isinstance(row, RaggedState) else row
+
+
+def _state_classes() -> dict:
+    from .batch import RaggedState
+    return {c.__name__: c for c in (ScanState, TreeState, ChunkStream, RaggedState)}
+
+
+def _skeleton(value, tensors: list):
+    """value with every tensor replaced by its index in `tensors` (appended), picklable."""
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        return ("T", len(tensors) - 1)
+    if isinstance(value, StreamState):
+        return ("S", type(value).__name__,
+                tuple((f.name, _skeleton(getattr(value, f.name), tensors)) for f in dataclasses.fields(value)))
+    if isinstance(value, tuple):
+        return ("t", tuple(_skeleton(v, tensors) for v in value))
+    if isinstance(value, dict):
+        return ("d", tuple((k, _skeleton(v, tensors)) for k, v in value.items()))
+    return ("v", value)
+
+
+def _unskeleton(skeleton, tensors: list):
+    kind, *rest = skeleton
+    if kind == "T":
+        return tensors[rest[0]]
+    if kind == "S":
+        name, fields = rest
+        return _state_classes()[name](**{k: _unskeleton(v, tensors) for k, v in fields})
+    if kind == "t":
+        return tuple(_unskeleton(v, tensors) for v in rest[0])
+    if kind == "d":
+        return {k: _unskeleton(v, tensors) for k, v in rest[0]}
+    return rest[0]
+
+
+def _resume(generator, value):
+    """Send `value` into a generator that then returns: its return value."""
+    try:
+        generator.send(value)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the generator yielded twice")
+
+
 def _stream_state(layer, state):
     """A state in the layout the op's streams use (fields dead in a stream None or dropped)."""
     if isinstance(state, ScanState) and state.prefix is not None and hasattr(layer, "_without_dead"):
@@ -654,4 +1021,4 @@ def _chunk_stream(inner, tokens: dict, C: int) -> ChunkStream:
     return ChunkStream(inner=inner, buffer=buffer, filled=torch.tensor(count, device=device))
 
 
-__all__ = ["ContextParallelError", "SENT_BYTES", "TIMEOUT_S", "forward"]
+__all__ = ["ContextParallelError", "SCHEMES", "SENT_BYTES", "TIMEOUT_S", "forward"]

@@ -160,18 +160,19 @@ class PsmLayer(nn.Module):
             with offsets `cu_seqlens` (int32/int64, `[N + 1]`, from 0 to total_T); each is
             scanned on its own and the state (return_state=True) has batch N.
         cp_group: a torch.distributed process group; every rank passes its own contiguous
-            slice of the sequence (docs/context_parallel.md).
+            slice of the sequence (docs/context_parallel.md). With cu_seqlens, its slice
+            `[1, T_r, ...]` of the packed sequence and the global cu_seqlens.
         initial_state / output_final_state: fla-style aliases of `state` / `return_state`; for
             an exact scan the state may be given and is returned as plain tensors (a tensor
             when the op's state has one field, else a tuple of one tensor per field).
         """
         spec = self.spec
         if cp_group is not None:
-            if cu_seqlens is not None or initial_state is not None or output_final_state is not None:
-                raise ValueError(f"{spec.name}: cp_group= does not combine with cu_seqlens=, initial_state= "
-                                 "or output_final_state= yet; pass state= and return_state=")
+            if initial_state is not None or output_final_state is not None:
+                raise ValueError(f"{spec.name}: cp_group= does not combine with initial_state= or "
+                                 "output_final_state= yet; pass state= and return_state=")
             from . import context_parallel
-            return context_parallel.forward(self, args, inputs, state, return_state, cp_group)
+            return context_parallel.forward(self, args, inputs, state, return_state, cp_group, cu_seqlens)
         fla = output_final_state is not None
         if initial_state is not None:
             if state is not None:
@@ -901,6 +902,9 @@ class _Call:
     out_dtype: torch.dtype | None = None  # half-precision inputs: outputs are cast back to it
     token_by_token: bool = False  # the pass that ran scanned time sequentially: a NaN at t reached nothing before t
     outputs_checked: bool = False  # the outputs are known to hold no NaN: the finite check has nothing to find
+    # context parallelism asks a fast path for its full total (dead fields included) and for
+    # what `_fast_carry` needs to add a carry-in afterwards; None (always, elsewhere): nothing extra
+    carry_terms: dict | None = None
 
 
 def _compiling() -> bool:

@@ -75,7 +75,10 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
         stop = start + job["lengths"][rank]
         mine = {n: x.clone().requires_grad_(x.is_floating_point())
                 for n, x in split(job["inputs"], start, stop).items()}
-        result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD)
+        context_parallel.SCHEMES.clear()
+        varlen = {} if job.get("cu") is None else {"cu_seqlens": torch.tensor(job["cu"])}
+        result = layer(**mine, state=job["state"], return_state=job["return_state"], cp_group=dist.group.WORLD,
+                       **varlen)
         got, state = result if job["return_state"] else (result, None)
         got = got if isinstance(got, tuple) else (got,)
         # every rank's loss reaches the exchanges; the final state is on every rank: 1/world each
@@ -87,6 +90,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list, out_dir: str):
             "state": None if state is None else state.detach(),
             "input_grads": {n: x.grad for n, x in mine.items()},
             "param_grads": {n: p.grad for n, p in layer.named_parameters()},
+            "schemes": dict(context_parallel.SCHEMES),
         })
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
@@ -121,7 +125,14 @@ def run_errors(rank: int, world: int, port: int, modules: dict, out_dir: str):
     attempt("local", lambda: cumsum(torch.randn(2, 3, 2) if not last else torch.randn(2, 3, 2).int(),
                                     cp_group=group))
     attempt("lanes", lambda: cumsum(torch.randn(2, 3, 2 + rank), cp_group=group))
+    packed = torch.randn(1, 3, 2)
+    attempt("cu_differ", lambda: cumsum(packed, cu_seqlens=torch.tensor([0, 2 + (rank == 1), 9]), cp_group=group))
+    attempt("cu_total", lambda: cumsum(packed, cu_seqlens=torch.tensor([0, 4, 8]), cp_group=group))
     attempt("ok", lambda: cumsum(x, cp_group=group))
+    # half-precision inputs give outputs in that dtype, as in one process (computed in float32)
+    messages["bf16"] = str(cumsum(x.to(torch.bfloat16), cp_group=group).dtype)
+    messages["bf16 varlen"] = str(cumsum(packed.to(torch.bfloat16), cu_seqlens=torch.tensor([0, 4, 9]),
+                                         cp_group=group).dtype)
     if rank == 0:  # last: the other ranks never call, rank 0 must time out with a clear message
         attempt("missing", lambda: cumsum(x, cp_group=group))
     torch.save(messages, f"{out_dir}/rank{rank}.pt")

@@ -29,8 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
-    """A cp job and its single-process reference (outputs, final state, gradients)."""
+def _job(name: str, lengths: tuple, prefix, seed: int, return_state: bool, cu: list | None = None):
+    """A cp job and its single-process reference (outputs, final state, gradients). `prefix`:
+    the number of tokens run first, whose state is the initial state; with `cu` (the global
+    cu_seqlens of the packed sequence, batch 1) it is the prefix's own cu_seqlens (or None):
+    the initial state then has one row per sequence."""
     case = CASES[name]
     dims = case.dim_sets[-1]
     cls = layer_class(name)
@@ -39,17 +42,25 @@ def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
     with torch.no_grad():
         for p in layer.parameters():  # zero-initialised params would hide their gradients
             p.add_(0.2 * torch.randn_like(p))
+    varlen = {} if cu is None else {"cu_seqlens": torch.tensor(cu)}
+    prefix_varlen = {}
+    if cu is not None and prefix:
+        prefix_varlen = {"cu_seqlens": torch.tensor(prefix)}
+        prefix = prefix[-1]
+    prefix = prefix or 0
     total = prefix + sum(lengths)
-    inputs = make_inputs(cls, dims, 2, total, (2,), ((False,),) * len(cls.spec.inputs), seed=seed, kinds=case.kinds)
+    batch = 1 if cu is not None else 2
+    inputs = make_inputs(cls, dims, batch, total, (2,), ((False,),) * len(cls.spec.inputs), seed=seed,
+                         kinds=case.kinds)
     for n in case.sequence_broadcast:  # [1, 1, *lanes, ...]: the same tensor on every rank
         inputs[n] = inputs[n][:1, :1].contiguous()
     state = None
     if prefix:
         with torch.no_grad():
-            _, state = layer(**cp_worker.split(inputs, 0, prefix), return_state=True)
+            _, state = layer(**cp_worker.split(inputs, 0, prefix), return_state=True, **prefix_varlen)
     rest = cp_worker.split(inputs, prefix, total)
     leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in rest.items()}
-    want, want_state = layer(**leaves, state=state, return_state=True)
+    want, want_state = layer(**leaves, state=state, return_state=True, **varlen)
     want = as_tuple(want)
     gen = torch.Generator().manual_seed(seed + 1)
     weights = tuple(torch.rand(o.shape, generator=gen, dtype=torch.float64) - 0.5 for o in want)
@@ -60,7 +71,7 @@ def _job(name: str, lengths: tuple, prefix: int, seed: int, return_state: bool):
         loss.backward()
     job = {"module": str(compiled_path(case.path)), "op": name, "dims": dims, "lengths": lengths,
            "params": {n: t.detach().clone() for n, t in layer.state_dict().items()},
-           "inputs": rest, "state": state, "weights": weights, "return_state": return_state}
+           "inputs": rest, "state": state, "weights": weights, "return_state": return_state, "cu": cu}
     reference = {"outputs": [o.detach() for o in want], "state": None if want_state is None else want_state.detach(),
                  "input_grads": {n: x.grad for n, x in leaves.items()},
                  "param_grads": {n: p.grad for n, p in layer.named_parameters()}}
@@ -111,6 +122,8 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
     failures = []
     world = len(results)
     label = f"{job['op']} lengths={job['lengths']} state={'yes' if job['state'] is not None else 'no'}"
+    if job["cu"] is not None:
+        label += f" cu_seqlens={job['cu']}"
     for rank, got in enumerate(results):
         start = sum(job["lengths"][:rank])
         stop = start + job["lengths"][rank]
@@ -125,6 +138,14 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
             elif w is not None:
                 w = w[:, start:stop]
             _agree(g, w, f"{where}: gradient of input {n}", False, failures)
+    if CASES[job["op"]].tree is False and hasattr(layer_class(job["op"]), "_fast_carry"):
+        # first-order and chunkwise ops: one fast pass per slice, the carry added by its algebra
+        for rank, got in enumerate(results):
+            if set(got["schemes"]) - {"cheap carry"}:
+                failures.append(f"{label}, rank {rank}: the carry went in by {got['schemes']}, expected only the "
+                                "cheap carry")
+        if not any(got["schemes"].get("cheap carry") for got in results):
+            failures.append(f"{label}: no rank took the cheap carry")
     for n, w in reference["param_grads"].items():
         grads = [r["param_grads"][n] for r in results if r["param_grads"][n] is not None]
         g = sum(grads) if grads else None
@@ -170,11 +191,18 @@ def test_mismatched_calls_fail_on_every_rank(tmp_path):
                  "'x' is declared f32 but got a torch.int32 tensor",
         "lanes": "cumsum (context parallel, rank {r} of 3): the ranks disagree on the lane axes [B, T, *lanes] "
                  "(rank 0: [2], rank 1: [3], rank 2: [4]); every rank passes the same lane shape",
+        "cu_differ": "cumsum (context parallel, rank {r} of 3): the ranks pass different cu_seqlens (ranks 0, 2 pass "
+                     "one; rank 1 passes another); pass the same global cu_seqlens (offsets into the whole packed "
+                     "sequence) on every rank",
+        "cu_total": "cumsum (context parallel, rank {r} of 3): cu_seqlens ends at 8 but the ranks' slices hold 9 "
+                    "tokens in all (T_r = [3, 3, 3]); cu_seqlens holds the offsets of the whole packed sequence, the "
+                    "same tensor on every rank",
     }
     for rank in range(world):
         for key, text in expected.items():
             assert got[rank][key] == E + text.format(r=rank), (rank, key, got[rank][key])
         assert got[rank]["ok"] is None
+        assert got[rank]["bf16"] == got[rank]["bf16 varlen"] == "torch.bfloat16", got[rank]
     # different ops: each rank names its own op first, and the message lists every rank's op
     for rank in range(world):
         assert got[rank]["ops"].startswith(E + f"{'cumsum' if rank == 0 else 'ema'} (context parallel, rank {rank}")
@@ -182,3 +210,82 @@ def test_mismatched_calls_fail_on_every_rank(tmp_path):
             in got[rank]["ops"]
     assert got[0]["missing"].startswith(E + "context parallel exchange 'metadata' did not complete within 3 s")
     assert "every rank of cp_group must call the layer" in got[0]["missing"]
+
+
+# cu_seqlens with cp_group: (slice lengths, global cu_seqlens, the prefix's cu_seqlens (the initial
+# state's rows) or None, return_state). Sequences spanning 0, 1 and several rank boundaries, one
+# token long, ending exactly at a boundary; a slice inside one sequence; ragged initial states.
+VARLEN = {2: [((5, 6), [0, 2, 3, 9, 11], None, True), ((4, 3), [0, 7], [0, 5], True)],
+          4: [((3, 1, 5, 2), [0, 1, 8, 11], None, True), ((2, 6, 1, 4), [0, 2, 9, 13], [0, 3, 4, 9], False)]}
+
+
+# 4 ranks (4 processes on the CI's 2 cores): one or two ops per plan and carry scheme: generic
+# exact scans (cumsum; rwkv6: exclusive readout, a sequence-broadcast input), the cheap carries
+# (gla: chunkwise per-key decay; retention: scalar decay, broadcast input; selective_ssm: first
+# order), the delta rule (fast path twice), trees (ema, tree_rnn) and the chunk op
+# (transformer_psm). 2 ranks run every example op.
+VARLEN_OPS = {2: sorted(CASES), 4: ["cumsum", "delta_rule", "ema", "gla", "retention", "rwkv6", "selective_ssm",
+                                    "transformer_psm", "tree_rnn"]}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_varlen_matches_one_process(world, tmp_path):
+    """cp_group + cu_seqlens (fla's cp varlen convention: each rank passes its slice [1, T_r, ...]
+    and the global cu_seqlens): every sequence's outputs, final state (batch N, on every rank)
+    and gradients equal the single-process varlen call; tree ops bit for bit."""
+    jobs, references, exact = [], [], []
+    for i, name in enumerate(VARLEN_OPS[world]):
+        for j, (lengths, cu, prefix_cu, return_state) in enumerate(VARLEN[world]):
+            job, reference = _job(name, lengths, prefix_cu, seed=100 * j + i + 7, return_state=return_state, cu=cu)
+            jobs.append(job)
+            references.append(reference)
+            exact.append(CASES[name].tree)
+    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    failures = []
+    for k, job in enumerate(jobs):
+        failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if hasattr(layer_class(n), "_fast_carry")))
+def test_cheap_carry_matches_one_pass(name):
+    """The cheap carry in one process: the fast path run from zero over tokens [5, 12) with
+    carry_terms returns the slice's full total (its decay product too, though dead in a stream),
+    and `_fast_carry` adds the state after tokens [0, 5) to its outputs by the op's algebra; both
+    equal the generic scan and one pass over all 12 tokens."""
+    from psmc.runtime.element import at
+    from psmc.runtime.layer import _positions
+    from psmc.runtime.scan import exact_scan
+    from psmc.runtime.state import ScanState
+    case = CASES[name]
+    dims = case.dim_sets[-1]
+    cls = layer_class(name)
+    torch.manual_seed(3)
+    layer = cls(**dims).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    inputs = make_inputs(cls, dims, 2, 12, (2,), ((False,),) * len(cls.spec.inputs), seed=5, kinds=case.kinds)
+    for n in case.sequence_broadcast:
+        inputs[n] = inputs[n][:1, :1].contiguous()
+    want = as_tuple(layer(**inputs))
+    head, rest = cp_worker.split(inputs, 0, 5), cp_worker.split(inputs, 5, 12)
+
+    def generic_total(part: dict, start: int):
+        call = layer._prepare(part, step=False)
+        index = _positions(start, call.lead[1], call.lead, call.ctx.dev)
+        return at(exact_scan(layer._lift_batch(call, call.lead, call.inputs, index), layer._combine_fn(call)),
+                  call.lead[1] - 1)
+
+    call = dataclasses.replace(layer._prepare(rest, step=False), carry_terms={})
+    index = _positions(5, 7, call.lead, call.ctx.dev)
+    outputs, total = layer._fast_forward(call, index, ScanState(prefix=None, count=5))
+    for i, (got, expected) in enumerate(zip(total.prefix, generic_total(rest, 5))):
+        assert got is not None, f"{name}: field {i} of the total is missing though carry_terms asked for it"
+        torch.testing.assert_close(got, expected.expand_as(got), rtol=RTOL, atol=ATOL)
+    carried = layer._fast_carry(call, outputs, generic_total(head, 0))
+    for got, expected in zip(carried, want):
+        torch.testing.assert_close(got, expected[:, 5:], rtol=RTOL, atol=ATOL)
+    plain = layer._prepare(rest, step=False)
+    assert plain.carry_terms is None  # the normal path is asked for nothing extra
