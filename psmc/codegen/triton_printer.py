@@ -101,8 +101,8 @@ def compute_dtype(dtype: str) -> str:
 
 def tile_expr(expr: str, dtype: str, shape: str) -> str:
     """`expr` as a full tile of `shape` in the kernel dtype of `dtype`."""
-    if dtype == "bool":
-        return f"tl.broadcast_to(({expr}) != 0, {shape})"
+    if dtype == "bool":  # `expr` may be a Python bool (a literal): tl.broadcast_to needs a tensor
+        return f"((tl.zeros({shape}, tl.int32) + ({expr})) != 0)"
     return f"(tl.zeros({shape}, {compute_dtype(dtype)}) + ({expr})).to({compute_dtype(dtype)})"
 
 

@@ -153,6 +153,25 @@ op exclusive_scalar {
     run(text, "exclusive_scalar", {}, tmp_path)
 
 
+
+BOOL_LITERAL_LIFT = """
+op bool_literal[D] {
+  state (f: bool, g: f32[D]);
+  lift () { return (false, 0.25 * ones(D)); }
+  combine (l, r) { return (l.f or r.f, where(r.f, r.g, l.g + r.g)); }
+  readout (s, y: f32[D]) { return sum(s.g * y); }
+}
+"""
+
+
+def test_a_bool_literal_lifted_into_a_bool_field_in_a_triton_kernel(tmp_path):
+    # the kernel tiled it as tl.broadcast_to((False) != 0, ...): a Python bool, no tensor
+    # (AttributeError: 'bool' object has no attribute 'type' under the Triton interpreter)
+    config = Config(batch=2, time=2, lanes=(3,), broadcast=((False,),), block=4, split=0.35, grads=False,
+                    f32=True, triton=True, seed=1)
+    run(BOOL_LITERAL_LIFT, "bool_literal", {"D": 2}, tmp_path, config)
+
+
 # ----------------------------------------------------------------------------- psmc check
 def test_a_transcendental_counterexample_prints(tmp_path):
     path = tmp_path / "tanh.psm"
