@@ -41,9 +41,10 @@ for extra in (HERE, HERE.parent / "codegen"):
 
 import psmc  # noqa: E402
 from psmc.cli import main as psmc_main  # noqa: E402
-from psmc.ir import ops_from_file  # noqa: E402
+from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
 from psmc.runtime import scan as scan_module  # noqa: E402
 
+import ties  # noqa: E402
 from layer_reference import reference_outputs  # noqa: E402
 
 RTOL64, ATOL64 = 1e-9, 1e-11
@@ -261,7 +262,17 @@ def _check_reference(program, cls, layer, inputs, lead, full, path, config):
                              cls.spec.scan == "tree")
     got = tuple(o[where] for o in full)
     want = tuple(w.to(g.dtype) if g.is_floating_point() and w.is_floating_point() else w for g, w in zip(got, want))
-    agree(got, want, f"parallel vs the IR reference at batch {b}, lanes {lane}", RTOL * 10, ATOL * 10)
+    try:
+        agree(got, want, f"parallel vs the IR reference at batch {b}, lanes {lane}", RTOL * 10, ATOL * 10)
+    except Failure:  # forgiven only for a comparison at a tie decided by the canonical IR's rounding
+        def canonical(want):
+            want = tuple(w.to(g.dtype) if g.is_floating_point() and w.is_floating_point() else w
+                         for g, w in zip(got, want))
+            agree(got, want, f"parallel vs the canonical IR's reference at batch {b}, lanes {lane}",
+                  RTOL * 10, ATOL * 10)
+        if not ties.reference_at_a_tie(op, dict(program.dims), params, {n: x[where] for n, x in expanded.items()},
+                                       cls.spec.scan == "tree", canonical):
+            raise
 
 
 def _loss(outputs: tuple, seed: int):
@@ -301,6 +312,21 @@ def _check_float32(cls, program, layer64, inputs, full, batch_shape, config):
     layer.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
     single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
     got = as_tuple(layer(**single))
+    try:
+        _float32_values(cls, got, full)
+    except Failure as failure:  # forgiven only where the lanes that are off met a comparison at a tie
+        op = next(op for op in ops_from_source(program.text, f"{program.name}.psm") if op.name == program.name)
+        params = {p.name: getattr(layer64, "p_" + p.name).detach() for p in cls.spec.params}
+        lead = torch.broadcast_shapes(*(x.shape[:2 + len(config.lanes)] for x in inputs.values()))
+        expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
+        if failure.kind != "f32-mismatch" or not ties.float32_at_ties(
+                op, dict(program.dims), params, expanded, got, full, tuple(lead), cls.spec.scan == "tree", F32_RMS):
+            raise
+    streamed, _ = stream(layer, single, layer.init_state(batch_shape=batch_shape), 0, config.time)
+    agree(streamed, got, "float32 stream vs float32 parallel", RTOL32, ATOL32)
+
+
+def _float32_values(cls, got, full):
     for i, (g, w) in enumerate(zip(got, full)):
         if not w.is_floating_point():
             if g.dtype != w.dtype or not torch.equal(g, w):
@@ -313,8 +339,6 @@ def _check_float32(cls, program, layer64, inputs, full, batch_shape, config):
         err = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
         if not err <= F32_RMS:
             raise Failure("f32-mismatch", f"output {i}: relative RMS error {err:.3g} against float64")
-    streamed, _ = stream(layer, single, layer.init_state(batch_shape=batch_shape), 0, config.time)
-    agree(streamed, got, "float32 stream vs float32 parallel", RTOL32, ATOL32)
 
 
 def _check_triton(cls, program, layer64, inputs, config):
