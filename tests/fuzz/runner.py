@@ -327,15 +327,18 @@ def _check_float32(cls, program, layer64, inputs, full, batch_shape, config):
 
 
 def _float32_values(cls, got, full):
+    """Dtypes first (never forgiven), then values (forgiven at a tie, see _check_float32)."""
+    fields64 = all(f.dtype == "f64" for f in cls.spec.outputs if f.dtype.startswith("f"))
+    for i, (g, w) in enumerate(zip(got, full)):
+        want_dtype = w.dtype if not w.is_floating_point() else \
+            torch.float64 if cls.spec.outputs[i].dtype == "f64" else torch.float32
+        if g.dtype != want_dtype and (not w.is_floating_point() or not fields64):
+            raise Failure("dtype", f"float32 run: output {i} is {g.dtype}, expected {want_dtype}")
     for i, (g, w) in enumerate(zip(got, full)):
         if not w.is_floating_point():
-            if g.dtype != w.dtype or not torch.equal(g, w):
+            if not torch.equal(g, w):
                 raise Failure("f32-mismatch", f"integer output {i} differs between float32 and float64 inputs")
             continue
-        fields64 = all(f.dtype == "f64" for f in cls.spec.outputs if f.dtype.startswith("f"))
-        want_dtype = torch.float64 if cls.spec.outputs[i].dtype == "f64" else torch.float32
-        if g.dtype != want_dtype and not fields64:
-            raise Failure("dtype", f"float32 run: output {i} is {g.dtype}, expected {want_dtype}")
         err = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
         if not err <= F32_RMS:
             raise Failure("f32-mismatch", f"output {i}: relative RMS error {err:.3g} against float64")
