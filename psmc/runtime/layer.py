@@ -928,10 +928,13 @@ def _tagged(state, tag: str):
 
 
 def _in_dtype(outputs: tuple, call: _Call) -> tuple:
-    """bf16/fp16 inputs give outputs in that dtype (computed and accumulated in fp32)."""
+    """bf16/fp16 inputs give the outputs declared f32 in that dtype (computed and accumulated
+    in fp32). Outputs declared f64 stay float64 (f64 values are float64 in every call), and
+    ones declared f16/bf16 already have their dtype: only float32 outputs are cast (a call
+    with half inputs computes f32 in float32)."""
     if call.out_dtype is None:
         return outputs
-    return tuple(o.to(call.out_dtype) if o.is_floating_point() else o for o in outputs)
+    return tuple(o.to(call.out_dtype) if o.dtype == torch.float32 else o for o in outputs)
 
 
 def _no_autocast(inputs: dict):

@@ -20,6 +20,11 @@ from pathlib import Path
 
 MUTANT_SALT = 0x6D757461  # mutant seeds draw from another stream than program seeds
 CONFIG_SALT = 0x5EED
+HALF_SALT = 0x4A1F  # the half-precision draw: its own stream, so the earlier draws stay as they were
+# the C++ backend is compared on every CPP_EVERY-th program seed (whose plan it covers): a build
+# costs seconds, the other checks a fraction of one; builds are cached by content in
+# PSMC_CACHE_DIR, which the worker processes share
+CPP_EVERY = 25
 
 _SCRATCH = None
 
@@ -59,11 +64,18 @@ def _timed(task):
     return run
 
 
+def program_config(seed: int):
+    """The run config of program seed `seed` (deterministic)."""
+    from runner import draw_config, draw_half
+    config = draw_config(random.Random(seed ^ CONFIG_SALT))
+    return dataclasses.replace(config, cpp=seed % CPP_EVERY == 0, half=draw_half(random.Random(seed ^ HALF_SALT)))
+
+
 def _program_task(seed: int) -> Outcome:
     from generator import generate
-    from runner import Failure, draw_config, failure_class, run_program
+    from runner import Failure, failure_class, run_program
     program = generate(seed)
-    config = draw_config(random.Random(seed ^ CONFIG_SALT))
+    config = program_config(seed)
     folder = _scratch() / f"p{seed}"
     folder.mkdir(exist_ok=True)
     try:

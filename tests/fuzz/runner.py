@@ -15,7 +15,16 @@ disagreement, and returns quietly when every check passes:
 4. the float32 layer is close to the float64 one (relative RMS error <= 1e-4 per output; integer
    outputs equal) and its own stream agrees with it at fp32 tolerances;
 5. when the plan lists Triton kernels and the config asks for them: backend='triton' under
-   TRITON_INTERPRET=1 equals backend='torch' in float32.
+   TRITON_INTERPRET=1 equals backend='torch' in float32: the forward, the gradients of inputs
+   and params, token-by-token `step` streaming, and a forward continued from a state;
+6. when the plan has C++ kernels and the config asks for them (a sample: a build costs
+   seconds): backend='cpu' equals backend='torch' in float64 (forward, gradients, `step`
+   streaming, a forward continued from a state) and is close to it in float32;
+7. when the config draws a half dtype (bf16 or f16): the layer fed bf16/f16 inputs returns its
+   float outputs in that dtype (f64-declared ones stay float64) and they are within the half
+   dtype's rounding of the float64 layer run on the same (rounded) inputs; its stream agrees.
+Every layer is built with an explicit backend ('torch' for the reference paths), so what a
+program is compared against never depends on the environment (PSMC_CPU, a compiler).
 Tolerances follow the dtype the layer computes in: 1e-9 relative for float64 (both sides
 compute in f64: any f32 rounding in between is a bug), fp32 tolerances for the float32 paths.
 """
@@ -73,6 +82,8 @@ class Config:
     f32: bool = True
     triton: bool = False
     seed: int = 0
+    cpp: bool = False  # compare backend='cpu' (the C++ kernels) when the plan has them
+    half: str = ""  # '', 'bf16' or 'f16': also run the layer on inputs of that dtype
 
 
 def draw_config(rng, *, triton_rate: float = 0.15, long_rate: float = 0.08) -> Config:
@@ -86,6 +97,15 @@ def draw_config(rng, *, triton_rate: float = 0.15, long_rate: float = 0.08) -> C
     return Config(batch=rng.choice([1, 2]), time=time, lanes=lanes, broadcast=broadcast, block=block,
                   split=rng.random(), grads=not long and rng.random() < 0.5, f32=rng.random() < 0.7,
                   triton=rng.random() < triton_rate and time <= 24, seed=rng.randrange(2**16))
+
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def draw_half(rng, rate: float = 0.2) -> str:
+    """The half-precision draw of a run, from its own random.Random (a separate salt: adding it
+    changed no earlier draw of `draw_config`, so campaign seeds keep their meaning)."""
+    return rng.choice(["bf16", "f16"]) if rng.random() < rate else ""
 
 
 # ============================================================================ psmc check
@@ -197,7 +217,7 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     global RTOL, ATOL
     RTOL, ATOL = (RTOL64, ATOL64) if computes_in_float64(cls.spec) else (RTOL32, ATOL32)
     torch.manual_seed(config.seed)
-    layer = cls(**program.dims).double()
+    layer = cls(backend="torch", **program.dims).double()
     inputs = make_inputs(cls, program, config, torch.float64)
     T = config.time
     full = as_tuple(layer(**inputs))
@@ -245,8 +265,13 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
         _check_float32(cls, program, layer, inputs, full, batch_shape, config)
         checked.add("f32")
         if config.triton and getattr(cls, "_triton_kernels", None) is not None:
-            _check_triton(cls, program, layer, inputs, config)
-            checked.add("triton")
+            _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
+
+    if config.cpp and getattr(cls, "_cpu_kernels", None) is not None:
+        _check_cpp(cls, program, layer, inputs, full, batch_shape, config, checked)
+
+    if config.half:
+        _check_half(cls, program, layer, batch_shape, config, checked)
 
 
 def _check_reference(program, cls, layer, inputs, lead, full, path, config):
@@ -308,7 +333,7 @@ def _check_gradients(layer, inputs, full, batch_shape, config):
 
 
 def _check_float32(cls, program, layer64, inputs, full, batch_shape, config):
-    layer = cls(**program.dims)
+    layer = cls(backend="torch", **program.dims)
     layer.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
     single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
     got = as_tuple(layer(**single))
@@ -344,15 +369,163 @@ def _float32_values(cls, got, full):
             raise Failure("f32-mismatch", f"output {i}: relative RMS error {err:.3g} against float64")
 
 
-def _check_triton(cls, program, layer64, inputs, config):
-    ref = cls(backend="torch", **program.dims)
-    tri = cls(backend="triton", **program.dims)
-    state = {k: v.float() for k, v in layer64.state_dict().items()}
-    ref.load_state_dict(state)
-    tri.load_state_dict(state)
-    single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+def _floats(inputs: dict, dtype) -> dict:
+    return {n: x.to(dtype) if x.is_floating_point() else x for n, x in inputs.items()}
+
+
+def _twin(cls, program, layer64, backend: str, dtype):
+    """A layer of `cls` on `backend` with layer64's parameters in `dtype`."""
+    layer = cls(backend=backend, **program.dims)
+    layer.load_state_dict({k: v.to(dtype) for k, v in layer64.state_dict().items()})
+    return layer
+
+
+def _compare_grads(got: list, want: list, what: str, rtol: float, atol: float):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not torch.isfinite(g).all():
+            raise Failure("grad-non-finite", f"{what}: gradient {i} is not finite")
+        if g.dtype != w.dtype or g.shape != w.shape:
+            raise Failure("grad-mismatch", f"{what}: gradient {i} is {g.dtype} {tuple(g.shape)}, expected "
+                                           f"{w.dtype} {tuple(w.shape)}")
+        if not torch.allclose(g, w, rtol=rtol, atol=atol):
+            raise Failure("grad-mismatch", f"{what}: gradient {i} differs by {(g - w).abs().max().item():.3g}")
+
+
+def _grads_of(layer, inputs: dict, seed: int) -> list:
+    """d loss / d (float inputs, params) of the parallel pass of `layer`."""
+    leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in inputs.items()}
+    wrt = [x for x in leaves.values() if x.requires_grad] + list(layer.parameters())
+    return _grads(_loss(as_tuple(layer(**leaves)), seed), wrt)
+
+
+def _wants_grads(inputs: dict, outputs: tuple) -> bool:
+    return any(x.is_floating_point() for x in inputs.values()) and any(o.is_floating_point() for o in outputs)
+
+
+def _check_backend_paths(ref, other, inputs: dict, want: tuple, batch_shape, config, name: str, rtol, atol,
+                         checked: set):
+    """`other` (a backend's layer) against `want` (the torch layer's parallel pass on the same
+    inputs): token-by-token step streaming, and a forward continued from a state at the split
+    (itself then decoded with step). Both start from other's own init_state."""
+    T = config.time
+    streamed, _ = stream(other, inputs, other.init_state(batch_shape=batch_shape), 0, T)
+    agree(streamed, want, f"{name} step stream vs torch parallel", rtol, atol)
+    checked.add(f"{name}-step")
+    if T >= 2:
+        mid = min(T - 1, max(1, round(config.split * T)))
+        first, state = other(**{n: x[:, :mid] for n, x in inputs.items()}, return_state=True)
+        rest = as_tuple(other(**{n: x[:, mid:] for n, x in inputs.items()}, state=state))
+        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), rest)), want,
+              f"{name} forward continued after {mid} tokens vs torch one pass", rtol, atol)
+        decoded, _ = stream(other, inputs, state, mid, T)
+        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), decoded)), want,
+              f"{name} decode after a prefill of {mid} vs torch one pass", rtol, atol)
+        checked.add(f"{name}-continued")
+
+
+def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: set):
+    """backend='triton' (interpreted) against backend='torch', both in float32."""
+    ref = _twin(cls, program, layer64, "torch", torch.float32)
+    tri = _twin(cls, program, layer64, "triton", torch.float32)
+    single = _floats(inputs, torch.float32)
     with torch.no_grad():
-        agree(as_tuple(tri(**single)), as_tuple(ref(**single)), "triton vs torch", RTOL32, ATOL32)
+        want = as_tuple(ref(**single))
+        agree(as_tuple(tri(**single)), want, "triton vs torch", RTOL32, ATOL32)
+        checked.add("triton")
+        _check_backend_paths(ref, tri, single, want, batch_shape, config, "triton", RTOL32, ATOL32, checked)
+    if _wants_grads(single, want):  # (every Triton run: the config keeps them short)
+        # the generated backward kernels (or the first-order scan run in reverse) against
+        # torch's autograd through the torch backend, both float32: fp32 tolerances
+        _compare_grads(_grads_of(tri, single, config.seed), _grads_of(ref, single, config.seed),
+                       "triton vs torch", 1e-3, 1e-4)
+        checked.add("triton-grads")
+
+
+def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked: set):
+    """backend='cpu' (the generated C++ kernels) against backend='torch': float64 forward,
+    gradients, step and continued forwards at the float64 tolerances, float32 close to float64."""
+    from psmc.runtime import cpu_support
+    if cpu_support.library(cls._cpu_kernels) is None:  # it warned; the layer would fall back to torch
+        raise Failure("cpp-build", "the C++ kernels of a plan that lists them did not build")
+    cpp = _twin(cls, program, layer64, "cpu", torch.float64)
+    calls = []
+    original = cpu_support._call
+
+    def spy(*args):  # proves the C++ kernels ran (a silent fallback to torch would compare torch with itself)
+        calls.append(1)
+        return original(*args)
+
+    cpu_support._call = spy
+    try:
+        with torch.no_grad():
+            agree(as_tuple(cpp(**inputs)), full, "cpu vs torch", RTOL, ATOL)
+            if not calls:
+                raise Failure("cpp-not-run", "backend='cpu' served a forward without calling its C++ kernels")
+            checked.add("cpp")
+            _check_backend_paths(layer64, cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
+        if config.time <= 40 and _wants_grads(inputs, full):
+            rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
+            _compare_grads(_grads_of(cpp, inputs, config.seed), _grads_of(layer64, inputs, config.seed),
+                           "cpu vs torch (float64)", rtol, atol)
+            checked.add("cpp-grads")
+        single = _floats(inputs, torch.float32)
+        cpp32 = _twin(cls, program, layer64, "cpu", torch.float32)
+        with torch.no_grad():
+            got = as_tuple(cpp32(**single))
+        for i, (g, w) in enumerate(zip(got, full)):
+            if not w.is_floating_point():
+                if not torch.equal(g, w):
+                    raise Failure("cpp-mismatch", f"cpu float32: integer output {i} differs from float64")
+                continue
+            err = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
+            if not err <= F32_RMS:
+                raise Failure("cpp-mismatch", f"cpu float32: output {i}: relative RMS error {err:.3g} against "
+                                              "float64")
+        checked.add("cpp-f32")
+    finally:
+        cpu_support._call = original
+
+
+# bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3), f16 11 (2^-11 = 4.9e-4). The half
+# run is compared with the float64 layer on the *same* rounded inputs, so the input rounding
+# cancels; what remains is the rounding of each output to the half dtype (at most one unit
+# roundoff per element, so at most that in relative RMS) plus the fp32 compute (<= F32_RMS =
+# 1e-4, checked above). The bounds are about 5x the output rounding: 2e-2 (bf16), 3e-3 (f16).
+HALF_RMS = {"bf16": 2e-2, "f16": 3e-3}
+
+
+def _check_half(cls, program, layer64, batch_shape, config, checked: set):
+    """bf16 / f16 inputs: outputs in that dtype, close to the float64 layer on the same values."""
+    half = HALF_DTYPES[config.half]
+    layer = _twin(cls, program, layer64, "torch", torch.float32)
+    inputs = _floats(make_inputs(cls, program, config, torch.float64), half)  # rounded once
+    with torch.no_grad():
+        got = as_tuple(layer(**inputs))
+        want = as_tuple(layer64(**_floats(inputs, torch.float64)))
+    f32_inputs = [s for s in cls.spec.inputs if s.dtype == "f32"]
+    tiny = torch.finfo(half).tiny
+    for i, (g, w, slot) in enumerate(zip(got, want, cls.spec.outputs)):
+        if not w.is_floating_point():
+            if g.dtype != w.dtype or not torch.equal(g, w):
+                raise Failure("half-mismatch", f"{config.half} inputs: integer output {i} differs from float64")
+            continue
+        expected = torch.float64 if slot.dtype == "f64" else half if f32_inputs else \
+            HALF_DTYPES.get(str(slot.dtype), torch.float32)
+        if g.dtype != expected:
+            raise Failure("dtype", f"{config.half} inputs: output {i} (declared {slot.dtype}) is {g.dtype}, "
+                                   f"expected {expected}")
+        if not torch.isfinite(g).all() and torch.isfinite(w).all() and w.abs().max() < torch.finfo(half).max / 2:
+            raise Failure("half-non-finite", f"{config.half} inputs: output {i} is not finite")
+        err = (g.double() - w).norm() / (w.norm() + tiny * w.numel() ** 0.5)
+        if not err <= HALF_RMS[config.half]:
+            raise Failure("half-mismatch", f"{config.half} inputs: output {i}: relative RMS error {err:.3g} "
+                                           f"against float64 (bound {HALF_RMS[config.half]})")
+    checked.add(f"half-{config.half}")
+    with torch.no_grad():
+        streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, config.time)
+    # both round an fp32 result to the half dtype: fp32 tolerances plus one unit in the last
+    # place of the half dtype, where the two fp32 results straddle a rounding boundary
+    agree(streamed, got, f"{config.half} stream vs {config.half} parallel", torch.finfo(half).eps + RTOL32, ATOL32)
 
 
 def failure_class(err: Failure) -> str:

@@ -7,6 +7,7 @@ where planned) on a config that reproduced the failure.
 """
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -175,6 +176,45 @@ def test_a_bool_literal_lifted_into_a_bool_field_in_a_triton_kernel(tmp_path):
                     f32=True, triton=True, seed=1)
     run(BOOL_LITERAL_LIFT, "bool_literal", {"D": 2}, tmp_path, config)
 
+
+
+F64_CPP = """
+op f64_cpp {
+  state (m: f64, z: f64, acc: f64);
+  lift (x: f64) { return (x, 1.0, x); }
+  combine (l, r) {
+    let mx = max(l.m, r.m);
+    return (mx, l.z * exp(l.m - mx) + r.z * exp(r.m - mx), l.acc * exp(l.m - mx) + r.acc * exp(r.m - mx));
+  }
+  readout (s) { return s.acc / s.z; }
+}
+"""
+
+
+def test_the_cpp_kernels_compute_an_f64_op_in_double(tmp_path):
+    # backend='cpu' chose its float/double template from the dtype f32 computes in: an op with
+    # no f32 input or param (all f64 here) ran the float template, its f64 inputs rounded to
+    # float32 (2e-8 off torch, 1e-9 relative allowed); backend='auto' picks these kernels on CPU
+    run(F64_CPP, "f64_cpp", {}, tmp_path, dataclasses.replace(SMALL, cpp=True))
+
+
+HALF_F64_OUTPUT = """
+op half_f64_output[K] {
+  state (s: f32[K], t: f64);
+  lift (x: f32[K], y: f64) { return (x, y); }
+  combine (l, r) { return (l.s + r.s, l.t + r.t); }
+  identity = (zeros, 0.0);
+  readout (p) { return (p.s, p.t); }
+}
+"""
+
+
+@pytest.mark.parametrize("half", ["bf16", "f16"])
+def test_half_inputs_keep_f64_outputs_in_float64(tmp_path, half):
+    # bf16/f16 inputs cast every float output to the half dtype, f64-declared ones too
+    # (values declared f64 are float64 in every call): now only the f32-declared outputs follow
+    # the inputs' dtype
+    run(HALF_F64_OUTPUT, "half_f64_output", {"K": 3}, tmp_path, dataclasses.replace(SMALL, half=half))
 
 
 # ----------------------------------------------------------------------------- comparisons at a tie
