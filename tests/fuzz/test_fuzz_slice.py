@@ -3,7 +3,10 @@
 - 300 generated programs through the differential runner (tests/fuzz/runner.py): psmc check,
   parallel == streaming == continued == decode-after-prefill == the IR reference, fast path ==
   generic scan, f64 gradients parallel == streamed, float32 close to float64, Triton (under
-  TRITON_INTERPRET=1) == torch where the plan has kernels;
+  TRITON_INTERPRET=1) == torch where the plan has kernels (forward, gradients, step, continued),
+  the C++ backend == torch on every 25th seed whose plan it covers (a build costs seconds:
+  about 9 builds, cached by content in the session's PSMC_CACHE_DIR, which the workers share),
+  and bf16/f16 inputs within their rounding of float64 on a fifth of the programs;
 - 1,000 mutants of the examples and of generated programs through psmc check and compile:
   a located error or a valid program, never an internal error.
 The slice also proves its own reach: the programs cover every family and feature issue 11
@@ -14,6 +17,7 @@ with `python -c "import campaign; print(campaign.program_task(SEED))"` from test
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -42,9 +46,14 @@ FEATURES = {
     # chunk ops with causal chunk readouts
     "chunk", "chunk-sum", "chunk-decay", "chunk-tree", "attention",
 }
-CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "triton", "plan-exact",
+CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
           "plan-tree", "fast-first_order", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
-          "lane-broadcast"}
+          "lane-broadcast",
+          # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
+          "triton", "triton-grads", "triton-step", "triton-continued",
+          "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32",
+          # bf16 / f16 inputs
+          "half-bf16", "half-f16"}
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +119,49 @@ def test_draw_config_reaches_long_sequences_and_small_blocks():
     drawn = [draw_config(r) for r in configs]
     assert any(c.time > 64 for c in drawn) and any(c.block < 64 and c.time > c.block ** 2 for c in drawn)
     assert random.Random(0).random() == random.Random(0).random()
+
+
+def test_the_config_samples_the_cpp_backend_and_half_precision_deterministically():
+    configs = [campaign.program_config(s) for s in PROGRAMS]
+    assert [s for s, c in zip(PROGRAMS, configs) if c.cpp] == list(range(0, 300, campaign.CPP_EVERY))
+    assert {c.half for c in configs} == {"", "bf16", "f16"}
+    assert configs == [campaign.program_config(s) for s in PROGRAMS]
+    # the extra draws come from their own salt: the earlier fields are what draw_config gives
+    from runner import draw_config
+    assert all(dataclasses.replace(c, cpp=False, half="") == draw_config(random.Random(s ^ campaign.CONFIG_SALT))
+               for s, c in zip(PROGRAMS, configs))
+
+
+BOTH_BACKENDS = "op both[K] { state (x: f32[K]); lift (u: f32[K]) { return tanh(u); } " \
+                "combine (l, r) { return l.x + r.x; } identity = zeros; readout (s) { return s.x; } }\n"
+
+
+@pytest.mark.parametrize("fault", ["cpp-fallback", "cpp-step", "triton-step", "triton-grads"])
+def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
+    # the backend checks are not vacuous: a C++ backend that silently serves with torch, a
+    # C++ or Triton step that drifts, Triton gradients that drift, each fail the runner
+    from runner import Failure
+    from psmc.runtime import cpu_support, triton_support
+    config = Config(batch=2, time=5, lanes=(2,), grads=False, f32=True, seed=5,
+                    cpp=fault.startswith("cpp"), triton=fault.startswith("triton"))
+    if fault == "cpp-fallback":
+        monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind: False)
+        match = "without calling its C\\+\\+ kernels"
+    elif fault.endswith("-step"):
+        module = cpu_support if fault == "cpp-step" else triton_support
+        original = module.step
+
+        def drifting(layer, call, state):
+            outputs, state = original(layer, call, state)
+            return tuple(o * 1.001 for o in outputs), state
+        monkeypatch.setattr(module, "step", drifting)
+        match = "step stream vs torch parallel"
+    else:
+        original = triton_support._ScanFunction.backward
+
+        def drifting_backward(ctx, *grads):
+            return tuple(g * 1.01 if g is not None else g for g in original(ctx, *grads))
+        monkeypatch.setattr(triton_support._ScanFunction, "backward", staticmethod(drifting_backward))
+        match = "triton vs torch: gradient"
+    with pytest.raises(Failure, match=match):
+        run_program(Program(0, "both", BOTH_BACKENDS, {"K": 3}, {}), config, tmp_path)
