@@ -402,7 +402,7 @@ def _wants_grads(inputs: dict, outputs: tuple) -> bool:
     return any(x.is_floating_point() for x in inputs.values()) and any(o.is_floating_point() for o in outputs)
 
 
-def _check_backend_paths(ref, other, inputs: dict, want: tuple, batch_shape, config, name: str, rtol, atol,
+def _check_backend_paths(other, inputs: dict, want: tuple, batch_shape, config, name: str, rtol, atol,
                          checked: set):
     """`other` (a backend's layer) against `want` (the torch layer's parallel pass on the same
     inputs): token-by-token step streaming, and a forward continued from a state at the split
@@ -432,7 +432,7 @@ def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: s
         want = as_tuple(ref(**single))
         agree(as_tuple(tri(**single)), want, "triton vs torch", RTOL32, ATOL32)
         checked.add("triton")
-        _check_backend_paths(ref, tri, single, want, batch_shape, config, "triton", RTOL32, ATOL32, checked)
+        _check_backend_paths(tri, single, want, batch_shape, config, "triton", RTOL32, ATOL32, checked)
     if _wants_grads(single, want):  # (every Triton run: the config keeps them short)
         # the generated backward kernels (or the first-order scan run in reverse) against
         # torch's autograd through the torch backend, both float32: fp32 tolerances
@@ -462,7 +462,7 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
             if not calls:
                 raise Failure("cpp-not-run", "backend='cpu' served a forward without calling its C++ kernels")
             checked.add("cpp")
-            _check_backend_paths(layer64, cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
+            _check_backend_paths(cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
         if config.time <= 40 and _wants_grads(inputs, full):
             rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
             _compare_grads(_grads_of(cpp, inputs, config.seed), _grads_of(layer64, inputs, config.seed),
@@ -472,11 +472,15 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
         cpp32 = _twin(cls, program, layer64, "cpu", torch.float32)
         with torch.no_grad():
             got = as_tuple(cpp32(**single))
-        for i, (g, w) in enumerate(zip(got, full)):
+        for i, (g, w, slot) in enumerate(zip(got, full, cls.spec.outputs)):
             if not w.is_floating_point():
                 if not torch.equal(g, w):
                     raise Failure("cpp-mismatch", f"cpu float32: integer output {i} differs from float64")
                 continue
+            expected = torch.float64 if slot.dtype == "f64" else HALF_DTYPES.get(str(slot.dtype), torch.float32)
+            if g.dtype != expected:
+                raise Failure("dtype", f"cpu float32: output {i} (declared {slot.dtype}) is {g.dtype}, expected "
+                                       f"{expected}")
             err = (g.double() - w).norm() / w.norm().clamp_min(1e-6)
             if not err <= F32_RMS:
                 raise Failure("cpp-mismatch", f"cpu float32: output {i}: relative RMS error {err:.3g} against "
