@@ -518,7 +518,9 @@ def _check_half(cls, program, layer64, batch_shape, config, checked: set):
         if g.dtype != expected:
             raise Failure("dtype", f"{config.half} inputs: output {i} (declared {slot.dtype}) is {g.dtype}, "
                                    f"expected {expected}")
-        if not torch.isfinite(g).all() and torch.isfinite(w).all() and w.abs().max() < torch.finfo(half).max / 2:
+        if w.numel() and w.abs().max() > torch.finfo(half).max / 2:
+            continue  # near or past the top of the half dtype's range (f16: 65504): its overflow, no bug
+        if not torch.isfinite(g).all():
             raise Failure("half-non-finite", f"{config.half} inputs: output {i} is not finite")
         err = (g.double() - w).norm() / (w.norm() + tiny * w.numel() ** 0.5)
         if not err <= HALF_RMS[config.half]:
