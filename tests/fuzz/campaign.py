@@ -40,7 +40,7 @@ class Outcome:
     features: frozenset
     checked: frozenset
     valid: bool = True  # a mutant that is a valid program
-    cpu: float = 0.0  # CPU seconds the task took (process time of its worker: a C++ build runs in child processes, not counted)
+    cpu: float = 0.0  # CPU seconds the task took (its worker's process time: C++ builds run in child processes)
 
 
 def _scratch() -> Path:
