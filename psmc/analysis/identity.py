@@ -77,12 +77,18 @@ def declared_element(op, dims) -> tuple[Grid, ...]:
     return tuple(g.map(lambda v, f=f: _exact(v, f.dtype)) for g, f in zip(grids, op.state))
 
 
+class NotRational(Exception):
+    """A declared identity holds a value exact arithmetic on fractions cannot represent."""
+
+
 def _exact(value, dtype):
     if isinstance(value, bool):
         return value if dtype == "bool" else int(value)
     if value.is_infinite:
         return math.inf if value.is_extended_positive else -math.inf
     v = sympy.nsimplify(value)
+    if not v.is_Rational:  # e.g. tanh(3): no Fraction; a rational stand-in could refute a true identity
+        raise NotRational(str(value))
     fraction = Fraction(int(v.p), int(v.q))
     return int(fraction) if is_int(dtype) else fraction
 
@@ -104,8 +110,12 @@ def analyse_identity(op, budget: Budget, seed: int) -> IdentityResult:
 def _check_declared(op, budget: Budget, seed: int) -> IdentityResult:
     text = identity_text(op)
     fixed = lambda dims: {"e": declared_element(op, dims)}  # noqa: E731
-    left = judge(op, LEFT_IDENTITY, budget.part(0.5), seed, fixed=fixed, trials=60)
-    right = judge(op, RIGHT_IDENTITY, budget, seed + 1, fixed=fixed, trials=60)
+    try:
+        left = judge(op, LEFT_IDENTITY, budget.part(0.5), seed, fixed=fixed, trials=60)
+        right = judge(op, RIGHT_IDENTITY, budget, seed + 1, fixed=fixed, trials=60)
+    except NotRational as value:
+        return IdentityResult(text, "declared, unverified", f"declared; not verified: it holds {value}, not a "
+                              "rational number, which the exact check cannot represent")
     statuses = {left.status, right.status}
     if statuses == {"proven"}:
         return IdentityResult(text, "declared", "declared, verified on both sides", left, right)

@@ -303,6 +303,19 @@ op tanh_sum[K] {
     assert "refuted" in done.stdout and "internal error" not in done.stdout + done.stderr
 
 
+def test_a_transcendental_identity_is_declared_unverified(tmp_path, capsys):
+    # a mutant's `identity = (tanh(D), zeros)`: the exact identity check turned tanh(3) into a
+    # Fraction and crashed (internal error); a non-rational value cannot be checked exactly
+    from psmc.cli import main as psmc_main
+    path = tmp_path / "t.psm"
+    path.write_text("op t[D] {\n  state (x: f32[D]);\n  lift (u: f32[D]) { return u; }\n"
+                    "  combine (l, r) { return l.x + r.x; }\n  identity = tanh(D);\n}\n")
+    assert psmc_main(["check", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "internal error" not in out.out + out.err
+    assert "not verified: it holds tanh(1), not a rational number" in out.out
+
+
 def test_a_param_in_identity_is_a_located_error():
     text = "op p[K] {\n  param w: f32[K] = ones;\n  state (x: f32[K]);\n  combine (l, r) { return l.x * r.x; }\n" \
            "  identity = w;\n}\n"
