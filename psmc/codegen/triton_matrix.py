@@ -279,12 +279,15 @@ class MatrixPrinter:
 
     def prologue(self) -> list[str]:
         op = self.op
-        lines = ["b = tl.program_id(0)", "lane = tl.program_id(1)",
+        # one flat grid axis and a 64-bit batch index (see triton_printer's prologue)
+        lines = ["pid = tl.program_id(0).to(tl.int64)", "n_tiles = tl.cdiv(SC, BLOCK_C)",
+                 "b = pid // n_tiles // L", "lane = (pid // n_tiles % L).to(tl.int32)",
+                 "tile = (pid % n_tiles).to(tl.int32)",
                  "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",
                  "kidx = tl.arange(0, BLOCK_R)[:, None]",
-                 "vidx = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                 "vidx = tile * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
                  "row_ok = kidx < SR", "col_ok = vidx < SC",
-                 "lead_tile = (tl.program_id(2) + zero) == 0"]
+                 "lead_tile = (tile + zero) == 0"]
         for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
             lines.append(f"dim_{d} = d_{d} + zero")
         for i, p in enumerate(op.params):

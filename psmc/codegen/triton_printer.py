@@ -318,13 +318,19 @@ class KernelPrinter:
 
     def prologue(self) -> list[str]:
         op = self.op
-        lines = ["b = tl.program_id(0)"]
+        # one flat grid axis (up to 2**31 - 1 programs: no 65,535 limit on lanes or batch) and
+        # a 64-bit batch index, so offsets past 2**31 elements do not wrap; per-row offsets stay 32-bit
+        lines = ["pid = tl.program_id(0).to(tl.int64)"]
         if self.state_mode:
-            lines += ["lane = tl.program_id(1)",
-                      "sidx = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+            lines += ["n_tiles = tl.cdiv(S, BLOCK_C)",
+                      "b = pid // n_tiles // L",
+                      "lane = (pid // n_tiles % L).to(tl.int32)",
+                      "sidx = (pid % n_tiles).to(tl.int32) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
                       "col_ok = sidx < S"]
         else:
-            lines += ["lane = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+            lines += ["n_tiles = tl.cdiv(L, BLOCK_C)",
+                      "b = pid // n_tiles",
+                      "lane = (pid % n_tiles).to(tl.int32) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
                       "sidx = lane * 0",
                       "col_ok = lane < L"]
         for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr

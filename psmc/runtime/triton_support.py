@@ -146,14 +146,14 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
     L = math.prod(lanes)
     if kernels.mode == "lanes":
         block_c = min(_pow2(L), MAX_BLOCK_C)
-        return _Geometry(B, T, lanes, L, 1, block_c, (B, triton_cdiv(L, block_c)))
+        return _Geometry(B, T, lanes, L, 1, block_c, (B * triton_cdiv(L, block_c),))
     S = int(kernels.axis(call.ctx.d))
     if kernels.mode == "matrix":  # all rows per program, the columns tiled
         C = int(kernels.cols(call.ctx.d))
         block_c = _pow2(C) if kernels.full_tile or whole_axis else min(_pow2(C), MAX_BLOCK_C)
-        return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(C, block_c)), C, _pow2(S), True)
+        return _Geometry(B, T, lanes, L, S, block_c, (B * L * triton_cdiv(C, block_c),), C, _pow2(S), True)
     block_c = _pow2(S) if kernels.full_tile or whole_axis else min(_pow2(S), MAX_BLOCK_C)
-    return _Geometry(B, T, lanes, L, S, block_c, (B, L, triton_cdiv(S, block_c)))
+    return _Geometry(B, T, lanes, L, S, block_c, (B * L * triton_cdiv(S, block_c),))
 
 
 def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
@@ -164,7 +164,7 @@ def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
     if not g.matrix or kernels.full_tile:
         return g
     block_c = min(_pow2(g.C), MAX_BLOCK_C)
-    return dataclasses.replace(g, block_c=block_c, grid=(g.B, g.L, triton_cdiv(g.C, block_c)))
+    return dataclasses.replace(g, block_c=block_c, grid=(g.B * g.L * triton_cdiv(g.C, block_c),))
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -161,3 +161,44 @@ def test_backend_choice():
     with torch.no_grad(), pytest.raises(RuntimeError, match="float64"):
         ts.use_triton(forced, forced._prepare(dict(doubles), step=False))
     assert not ts.use_triton(cls(backend="torch"), auto._prepare(dict(inputs), step=False))
+
+
+def _generated_kernels():
+    from psmc.compiler import compile_source
+    for path in sorted(EXAMPLES.glob("*.psm")):
+        source = compile_source(path.read_text(), path.name).source
+        for chunk in source.split("@_psm_jit\ndef ")[1:]:
+            name = chunk.split("(", 1)[0]
+            if name.endswith(("_forward", "_step", "_backward")):
+                yield path.stem, name, chunk
+
+
+def test_generated_kernels_use_one_flat_grid_axis_and_64_bit_batch_offsets():
+    """A launch grid axis 1 or 2 holds at most 65,535 programs, and an int32 offset wraps past
+    2**31 elements (saved states at B=8, H=16, K=V=128 from T of about 32K): every generated
+    forward / step / backward kernel takes its program from grid axis 0 alone, as int64."""
+    kernels = list(_generated_kernels())
+    assert len({name for _, name, _ in kernels}) >= 20, [name for _, name, _ in kernels]
+    for example, name, body in kernels:
+        assert "tl.program_id(0).to(tl.int64)" in body, (example, name)
+        assert "tl.program_id(1)" not in body and "tl.program_id(2)" not in body, (example, name)
+
+
+@pytest.mark.parametrize("mode", ["lanes", "state", "matrix"])
+def test_the_launch_grid_is_one_axis_for_any_lane_count(mode):
+    """70,000 lanes (more than a grid axis 1 or 2 may hold): the grid is one axis of
+    B x lanes x column tiles programs."""
+    class Kernels:
+        full_tile = False
+        axis = staticmethod(lambda d: 40)
+        cols = staticmethod(lambda d: 300)
+
+    Kernels.mode = mode
+
+    class Call:
+        class ctx:
+            d = {}
+    g = ts._geometry(Kernels, Call, (3, 5, 70_000), T=5)
+    tiles = ts.triton_cdiv(70_000, g.block_c) if mode == "lanes" else \
+        70_000 * ts.triton_cdiv(300 if mode == "matrix" else 40, g.block_c)
+    assert g.grid == (3 * tiles,)
