@@ -279,8 +279,8 @@ class MatrixPrinter:
 
     def prologue(self) -> list[str]:
         op = self.op
-        # one flat grid axis and a 64-bit batch index (see triton_printer's prologue)
-        lines = ["pid = tl.program_id(0).to(tl.int64)", "n_tiles = tl.cdiv(SC, BLOCK_C)",
+        # one flat grid axis, 32-bit offsets (see triton_printer's prologue)
+        lines = ["pid = tl.program_id(0)", "n_tiles = tl.cdiv(SC, BLOCK_C)",
                  "b = pid // n_tiles // L", "lane = (pid // n_tiles % L).to(tl.int32)",
                  "tile = (pid % n_tiles).to(tl.int32)",
                  "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",

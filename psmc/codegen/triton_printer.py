@@ -318,9 +318,10 @@ class KernelPrinter:
 
     def prologue(self) -> list[str]:
         op = self.op
-        # one flat grid axis (up to 2**31 - 1 programs: no 65,535 limit on lanes or batch) and
-        # a 64-bit batch index, so offsets past 2**31 elements do not wrap; per-row offsets stay 32-bit
-        lines = ["pid = tl.program_id(0).to(tl.int64)"]
+        # one flat grid axis: up to 2**31 - 1 programs, no 65,535 limit on lanes or batch.
+        # Offsets are 32-bit (a 64-bit batch index spilled registers in the AOT table);
+        # triton_support.unusable_reason sends calls with tensors of 2**31 elements to torch
+        lines = ["pid = tl.program_id(0)"]
         if self.state_mode:
             lines += ["n_tiles = tl.cdiv(S, BLOCK_C)",
                       "b = pid // n_tiles // L",

@@ -87,7 +87,22 @@ def unusable_reason(layer, call) -> str | None:
     if getattr(layer, "per_lane", ()):
         return (f"per-lane params ({', '.join(layer.per_lane)}): the generated kernels read one value of each "
                 "param for all lanes")
+    if largest_tensor(layer, call) >= INT32_ELEMENTS:
+        return (f"a tensor of this call holds {largest_tensor(layer, call):,} elements: the generated kernels "
+                "index in 32 bits (up to 2**31 - 1)")
     return None
+
+
+INT32_ELEMENTS = 2 ** 31
+
+
+def largest_tensor(layer, call) -> int:
+    """An upper bound on the elements of any tensor a kernel of this call indexes: the inputs
+    (as broadcast), and per token of every batch row and lane the largest declared field or
+    output (the outputs, the saved carries and the backward's gradients are no larger)."""
+    shapes = [slot.shape(call.ctx.d) for slot in (*layer.spec.fields, *layer.spec.outputs, *layer.spec.inputs)]
+    per_token = max((math.prod(int(s) for s in shape) for shape in shapes), default=1)
+    return math.prod(call.lead) * per_token
 
 
 def use_triton(layer, call) -> bool:
