@@ -279,10 +279,8 @@ class MatrixPrinter:
 
     def prologue(self) -> list[str]:
         op = self.op
-        # one flat grid axis, 32-bit offsets (see triton_printer's prologue)
-        lines = ["pid = tl.program_id(0)", "n_tiles = tl.cdiv(SC, BLOCK_C)",
-                 "b = pid // n_tiles // L", "lane = (pid // n_tiles % L).to(tl.int32)",
-                 "tile = (pid % n_tiles).to(tl.int32)",
+        # lanes on grid axis 0, column tiles on 1, the batch on 2 (see triton_printer's prologue)
+        lines = ["lane = tl.program_id(0)", "tile = tl.program_id(1)", "b = tl.program_id(2)",
                  "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",
                  "kidx = tl.arange(0, BLOCK_R)[:, None]",
                  "vidx = tile * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",

@@ -318,22 +318,19 @@ class KernelPrinter:
 
     def prologue(self) -> list[str]:
         op = self.op
-        # one flat grid axis: up to 2**31 - 1 programs, no 65,535 limit on lanes or batch.
-        # Offsets are 32-bit (a 64-bit batch index spilled registers in the AOT table);
-        # triton_support.unusable_reason sends calls with tensors of 2**31 elements to torch
-        lines = ["pid = tl.program_id(0)"]
+        # lanes on grid axis 0 (up to 2**31 - 1 programs; axes 1 and 2 hold 65,535), the batch
+        # last: no division to split a flat program id (it cost registers in the AOT table).
+        # Offsets are 32-bit; triton_support.unusable_reason sends larger calls elsewhere
         if self.state_mode:
-            lines += ["n_tiles = tl.cdiv(S, BLOCK_C)",
-                      "b = pid // n_tiles // L",
-                      "lane = (pid // n_tiles % L).to(tl.int32)",
-                      "sidx = (pid % n_tiles).to(tl.int32) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
-                      "col_ok = sidx < S"]
+            lines = ["lane = tl.program_id(0)",
+                     "sidx = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                     "b = tl.program_id(2)",
+                     "col_ok = sidx < S"]
         else:
-            lines += ["n_tiles = tl.cdiv(L, BLOCK_C)",
-                      "b = pid // n_tiles",
-                      "lane = (pid % n_tiles).to(tl.int32) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
-                      "sidx = lane * 0",
-                      "col_ok = lane < L"]
+            lines = ["lane = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                     "b = tl.program_id(1)",
+                     "sidx = lane * 0",
+                     "col_ok = lane < L"]
         for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
             lines.append(f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)")
         for i, p in enumerate(op.params):

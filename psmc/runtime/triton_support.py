@@ -87,6 +87,8 @@ def unusable_reason(layer, call) -> str | None:
     if getattr(layer, "per_lane", ()):
         return (f"per-lane params ({', '.join(layer.per_lane)}): the generated kernels read one value of each "
                 "param for all lanes")
+    if call.lead[0] > MAX_GRID_BATCH:
+        return f"a batch of {call.lead[0]:,} rows: the kernels' batch grid axis holds at most {MAX_GRID_BATCH:,}"
     if largest_tensor(layer, call) >= INT32_ELEMENTS:
         return (f"a tensor of this call holds {largest_tensor(layer, call):,} elements: the generated kernels "
                 "index in 32 bits (up to 2**31 - 1)")
@@ -94,6 +96,7 @@ def unusable_reason(layer, call) -> str | None:
 
 
 INT32_ELEMENTS = 2 ** 31
+MAX_GRID_BATCH = 65_535  # the batch is grid axis 1 or 2 (lanes take axis 0, which holds 2**31 - 1)
 
 
 def largest_tensor(layer, call) -> int:
@@ -161,14 +164,14 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
     L = math.prod(lanes)
     if kernels.mode == "lanes":
         block_c = min(_pow2(L), MAX_BLOCK_C)
-        return _Geometry(B, T, lanes, L, 1, block_c, (B * triton_cdiv(L, block_c),))
+        return _Geometry(B, T, lanes, L, 1, block_c, (triton_cdiv(L, block_c), B))
     S = int(kernels.axis(call.ctx.d))
     if kernels.mode == "matrix":  # all rows per program, the columns tiled
         C = int(kernels.cols(call.ctx.d))
         block_c = _pow2(C) if kernels.full_tile or whole_axis else min(_pow2(C), MAX_BLOCK_C)
-        return _Geometry(B, T, lanes, L, S, block_c, (B * L * triton_cdiv(C, block_c),), C, _pow2(S), True)
+        return _Geometry(B, T, lanes, L, S, block_c, (L, triton_cdiv(C, block_c), B), C, _pow2(S), True)
     block_c = _pow2(S) if kernels.full_tile or whole_axis else min(_pow2(S), MAX_BLOCK_C)
-    return _Geometry(B, T, lanes, L, S, block_c, (B * L * triton_cdiv(S, block_c),))
+    return _Geometry(B, T, lanes, L, S, block_c, (L, triton_cdiv(S, block_c), B))
 
 
 def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
@@ -179,7 +182,7 @@ def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
     if not g.matrix or kernels.full_tile:
         return g
     block_c = min(_pow2(g.C), MAX_BLOCK_C)
-    return dataclasses.replace(g, block_c=block_c, grid=(g.B * g.L * triton_cdiv(g.C, block_c),))
+    return dataclasses.replace(g, block_c=block_c, grid=(g.L, triton_cdiv(g.C, block_c), g.B))
 
 
 def triton_cdiv(a: int, b: int) -> int:

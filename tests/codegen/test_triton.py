@@ -173,14 +173,15 @@ def _generated_kernels():
                 yield path.stem, name, chunk
 
 
-def test_generated_kernels_use_one_flat_grid_axis():
-    """A launch grid axis 1 or 2 holds at most 65,535 programs: every generated forward / step /
-    backward kernel takes its program from grid axis 0 alone."""
+def test_generated_kernels_put_the_lanes_on_grid_axis_0():
+    """Grid axes 1 and 2 hold at most 65,535 programs, axis 0 up to 2**31 - 1: every generated
+    forward / step / backward kernel takes its lane (or lane tile) from axis 0 and its batch row
+    from the last axis."""
     kernels = list(_generated_kernels())
     assert len({name for _, name, _ in kernels}) >= 20, [name for _, name, _ in kernels]
     for example, name, body in kernels:
-        assert "pid = tl.program_id(0)" in body, (example, name)
-        assert "tl.program_id(1)" not in body and "tl.program_id(2)" not in body, (example, name)
+        assert "lane = tl.program_id(0)" in body, (example, name)
+        assert "b = tl.program_id(1)" in body or "b = tl.program_id(2)" in body, (example, name)
 
 
 def test_calls_past_32_bit_offsets_go_to_torch(monkeypatch):
@@ -201,9 +202,9 @@ def test_calls_past_32_bit_offsets_go_to_torch(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["lanes", "state", "matrix"])
-def test_the_launch_grid_is_one_axis_for_any_lane_count(mode):
-    """70,000 lanes (more than a grid axis 1 or 2 may hold): the grid is one axis of
-    B x lanes x column tiles programs."""
+def test_the_launch_grid_puts_any_lane_count_on_axis_0(mode):
+    """70,000 lanes (more than a grid axis 1 or 2 may hold) go on axis 0; the column tiles and
+    the batch on the others."""
     class Kernels:
         full_tile = False
         axis = staticmethod(lambda d: 40)
@@ -215,6 +216,16 @@ def test_the_launch_grid_is_one_axis_for_any_lane_count(mode):
         class ctx:
             d = {}
     g = ts._geometry(Kernels, Call, (3, 5, 70_000), T=5)
-    tiles = ts.triton_cdiv(70_000, g.block_c) if mode == "lanes" else \
-        70_000 * ts.triton_cdiv(300 if mode == "matrix" else 40, g.block_c)
-    assert g.grid == (3 * tiles,)
+    if mode == "lanes":
+        assert g.grid == (ts.triton_cdiv(70_000, g.block_c), 3)
+    else:
+        assert g.grid == (70_000, ts.triton_cdiv(300 if mode == "matrix" else 40, g.block_c), 3)
+
+
+def test_a_batch_beyond_the_grid_goes_to_torch(monkeypatch):
+    cls = layer_class("running_argmax")
+    inputs = _inputs(cls(backend="triton"), 2, 7, 0)
+    monkeypatch.setattr(ts, "MAX_GRID_BATCH", 1)
+    with pytest.raises(RuntimeError, match=r"a batch of 2 rows: the kernels' batch grid axis holds at most 1"):
+        cls(backend="triton")(**inputs)
+    _close(cls(backend="auto")(**inputs), cls(backend="torch")(**inputs))
