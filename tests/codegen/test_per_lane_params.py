@@ -258,7 +258,8 @@ def test_context_parallel_with_per_lane_params(ops, tmp_path):
         jobs.append({"module": ops.__file__, "op": name,
                      "dims": dims, "lengths": (2, 4), "params": {n: t.detach().clone() for n, t in
                                                                   layer.state_dict().items()},
-                     "inputs": rest, "state": state.detach(), "weights": weights, "return_state": True})
+                     "inputs": rest, "state": state.detach(), "weights": weights, "return_state": True,
+                     "cu": None})
         references.append({"outputs": [want.detach()], "state": want_state.detach(),
                            "input_grads": {n: x.grad for n, x in leaves.items()},
                            "param_grads": {n: p.grad for n, p in layer.named_parameters()}})
