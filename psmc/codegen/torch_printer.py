@@ -74,16 +74,22 @@ def widen_weak(outputs: tuple[Node, ...]) -> tuple[Node, ...]:
 
 
 def widen_weak_map(outputs: tuple[Node, ...]) -> dict:
-    """Float values made only of literals, dims, `index`, `zeros`/`ones`/`eye` have no dtype of
-    their own (the IR types them f32); each is retyped to the widest float dtype its users
+    """Float values made only of literals, dims, `index`, `zeros`/`ones`/`eye` (or from such
+    values by `where`s whatever their condition) have no dtype of their own (the IR types them
+    f32); each is retyped to the widest float dtype its users
     compute in, so `0.9 * eye(K)` or `0.01 * index` inside an f64 expression is computed in
     f64, as the reference interpreter does, never rounded to float32 first. Returns the
     rebuilt node of every node that changed."""
     order = list(walk(outputs))
-    constant = {}  # made only of literals, dims, index, zeros/ones/eye (conditions included)
+    constant, weak = {}, {}  # constant: made only of literals, dims, index, zeros/ones/eye
     for n in order:
         constant[n] = n.op in WEAK_LEAVES if not n.args else all(constant[a] for a in n.args)
-    weak = {n: constant[n] and n.dtype.is_float for n in order}
+        # weak: a constant float, or a float computed from weak floats only, where a `where`'s
+        # condition may be anything (`tanh(where(l.x > 0, 1.0, -1.0))` has no dtype of its own)
+        free = n.args[1:] if n.op == "where" else n.args
+        from_weak = any(a.dtype.is_float for a in free) and all(
+            weak[a] if a.dtype.is_float else constant[a] for a in free)
+        weak[n] = n.dtype.is_float and (constant[n] or from_weak)
     if not any(weak.values()):
         return {}
     users: dict = {}

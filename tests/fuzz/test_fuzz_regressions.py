@@ -364,3 +364,21 @@ def test_a_constant_under_a_compile_time_condition_is_computed_in_float64(tmp_pa
     # guards the compute-dtype rule: `where(D > 1, 0.5 * ones(K), ...)` feeding an f64 field is a
     # constant and takes the field's dtype (it was rounded through float32: 2e-8 off)
     run(COMPILE_TIME_CONDITION_F64, "condition_f64", {"D": 2, "K": 2}, tmp_path)
+
+
+RUNTIME_CONDITION_F64 = """
+op runtime_condition_f64 {
+  state (t: f64, u: f64);
+  lift (x: f64, y: f64) { return (x, y); }
+  combine (l, r) { return (tanh(l.t) + r.t, sigmoid(where(r.u > l.t, sign(-1), 2.0))); }
+  readout (s) { return s.u; }
+}
+"""
+
+
+def test_literals_picked_by_a_runtime_condition_are_computed_in_float64(tmp_path):
+    # campaign seed 105475: `sigmoid(where(r.u > l.t, sign(-1), 2.0))` feeding an f64 field. The
+    # where's condition is not a constant, so its literal branches kept the IR's f32 and the
+    # sigmoid rounded through float32 (5e-8 off the reference); a value computed from weak
+    # floats only is weak whatever a where's condition, and takes its users' dtype
+    run(RUNTIME_CONDITION_F64, "runtime_condition_f64", {}, tmp_path)
