@@ -290,3 +290,64 @@ def test_cheap_carry_matches_one_pass(name):
         torch.testing.assert_close(got, expected[:, 5:], rtol=RTOL, atol=ATOL)
     plain = layer._prepare(rest, step=False)
     assert plain.carry_terms is None  # the normal path is asked for nothing extra
+
+
+GENERATED_SEEDS = range(20)  # programs of the differential generator (tests/fuzz/generator.py)
+
+
+def _program_job(program, path, lengths: tuple, seed: int):
+    """`_job` for a generated program: its module compiled from `path`, no initial state, with
+    the final state returned, float64, params perturbed so their gradients show."""
+    import psmc
+    module = psmc.load(path)
+    cls = getattr(module, program.name)
+    torch.manual_seed(seed)
+    layer = cls(**program.dims).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.is_floating_point():
+                p.add_(0.2 * torch.randn_like(p))
+    inputs = make_inputs(cls, program.dims, 2, sum(lengths), (2,), ((False,),) * len(cls.spec.inputs), seed=seed,
+                         kinds=program.kinds)
+    inputs = {n: x.double() if x.is_floating_point() else x for n, x in inputs.items()}
+    leaves = {n: x.clone().requires_grad_(x.is_floating_point()) for n, x in inputs.items()}
+    want, want_state = layer(**leaves, return_state=True)
+    want = as_tuple(want)
+    gen = torch.Generator().manual_seed(seed + 1)
+    weights = tuple(torch.rand(o.shape, generator=gen, dtype=torch.float64) - 0.5 for o in want)
+    loss = cp_worker.loss_of(want, weights, want_state, 1.0)
+    if loss.requires_grad:
+        loss.backward()
+    job = {"module": str(compiled_path(path)), "op": program.name, "dims": program.dims, "lengths": lengths,
+           "params": {n: t.detach().clone() for n, t in layer.state_dict().items()},
+           "inputs": inputs, "state": None, "weights": weights, "return_state": True, "cu": None}
+    reference = {"outputs": [o.detach() for o in want], "state": want_state.detach(),
+                 "input_grads": {n: x.grad for n, x in leaves.items()},
+                 "param_grads": {n: p.grad for n, p in layer.named_parameters()}}
+    return job, reference, cls.spec.scan == "tree"
+
+
+def test_generated_programs_match_one_process(tmp_path):
+    """Random programs of the differential generator (exact scans, tree scans, chunk ops, mixed
+    dtypes) over 2 gloo ranks with uneven slices: outputs, final state and gradients equal one
+    process; tree scans bit for bit."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+    from generator import generate
+    jobs, references, exact = [], [], []
+    for seed in GENERATED_SEEDS:
+        program = generate(seed)
+        path = tmp_path / f"{program.name}.psm"
+        path.write_text(program.text)
+        job, reference, tree = _program_job(program, path, (5, 8) if seed % 2 else (9, 1), seed)
+        jobs.append(job)
+        references.append(reference)
+        exact.append(tree)
+    assert any(exact) and not all(exact), exact  # both plans are in the sample
+    mp.spawn(cp_worker.run_jobs, args=(2, free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    failures = []
+    for k, job in enumerate(jobs):
+        failures += _compare(job, references[k], [per_rank[r][k] for r in range(2)], exact[k])
+    assert not failures, "\n".join(failures)
