@@ -926,20 +926,11 @@ class _Varlen:
 
 def _check_global_cu_seqlens(op: str, cu, call) -> list:
     """The global offsets as Python ints; their end is checked against the ranks' slices later."""
-    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-        shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-        raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
-    bounds = [int(b) for b in cu.tolist()]
+    from .layer import cu_seqlens_bounds
+    bounds = cu_seqlens_bounds(op, cu)
     if call.lead[0] != 1:
         raise ValueError(f"{op}: with cu_seqlens each rank passes its slice of the packed sequence as [1, T_r, ...]; "
                          f"got batch size {call.lead[0]}")
-    if len(bounds) < 2 or bounds[0] != 0:
-        raise ValueError(f"{op}: cu_seqlens must start at 0 and hold N + 1 offsets, got {bounds}")
-    bad = [i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]]
-    if bad:
-        i = bad[0]
-        raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
-                         f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
     return bounds
 
 

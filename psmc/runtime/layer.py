@@ -952,19 +952,13 @@ def _batch_rows(state) -> int:
     return state.batch_size
 
 
-def _check_cu_seqlens(op: str, cu, inputs: dict) -> list:
-    """Validated offsets as Python ints (one host read per call, as in fla)."""
+def cu_seqlens_bounds(op: str, cu) -> list:
+    """The offsets of `cu_seqlens` as Python ints (one host read per call, as in fla), checked to
+    be a 1-D int tensor starting at 0 and strictly increasing (context parallelism shares this)."""
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
         raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
     bounds = [int(b) for b in cu.tolist()]
-    batches = {name: x.shape[0] for name, x in inputs.items() if isinstance(x, Tensor) and x.dim() >= 2}
-    if any(b != 1 for b in batches.values()):
-        raise ValueError(f"{op}: with cu_seqlens the inputs are packed as [1, total_T, ...]; got batch sizes {batches}")
-    times = {x.shape[1] for x in inputs.values() if isinstance(x, Tensor) and x.dim() >= 2} - {1}
-    total = times.pop() if len(times) == 1 else (1 if not times else None)
-    if total is None:
-        raise ValueError(f"{op}: the inputs disagree on total_T: {sorted(times)}")
     if len(bounds) < 2 or bounds[0] != 0:
         raise ValueError(f"{op}: cu_seqlens must start at 0 and hold N + 1 offsets, got {bounds}")
     bad = [i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]]
@@ -972,6 +966,19 @@ def _check_cu_seqlens(op: str, cu, inputs: dict) -> list:
         i = bad[0]
         raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
                          f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
+    return bounds
+
+
+def _check_cu_seqlens(op: str, cu, inputs: dict) -> list:
+    """Validated offsets that cover the packed inputs `[1, total_T, ...]`."""
+    bounds = cu_seqlens_bounds(op, cu)
+    batches = {name: x.shape[0] for name, x in inputs.items() if isinstance(x, Tensor) and x.dim() >= 2}
+    if any(b != 1 for b in batches.values()):
+        raise ValueError(f"{op}: with cu_seqlens the inputs are packed as [1, total_T, ...]; got batch sizes {batches}")
+    times = {x.shape[1] for x in inputs.values() if isinstance(x, Tensor) and x.dim() >= 2} - {1}
+    total = times.pop() if len(times) == 1 else (1 if not times else None)
+    if total is None:
+        raise ValueError(f"{op}: the inputs disagree on total_T: {sorted(times)}")
     if bounds[-1] != total:
         raise ValueError(f"{op}: cu_seqlens must end at total_T = {total} (the inputs' time axis), got {bounds[-1]}: {bounds}")
     return bounds

@@ -154,6 +154,17 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
     return failures
 
 
+def _run_and_compare(world: int, jobs: list, references: list, exact: list, tmp_path):
+    """Run `jobs` on `world` spawned gloo ranks and compare each rank's results with the
+    single-process references (bit for bit where `exact`)."""
+    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
+    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    failures = []
+    for k, job in enumerate(jobs):
+        failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
+    assert not failures, "\n".join(failures)
+
+
 # (slice lengths, tokens run before (their state is the initial state), return_state)
 LENGTHS = {2: [((4, 7), 0, False), ((1, 6), 5, True)], 4: [((3, 1, 5, 2), 0, True), ((2, 6, 1, 4), 5, False)]}
 
@@ -167,12 +178,7 @@ def test_every_example_matches_one_process(world, tmp_path):
             jobs.append(job)
             references.append(reference)
             exact.append(CASES[name].tree)  # the fixed tree's prefixes: bit for bit
-    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
-    failures = []
-    for k, job in enumerate(jobs):
-        failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
-    assert not failures, "\n".join(failures)
+    _run_and_compare(world, jobs, references, exact, tmp_path)
 
 
 def test_mismatched_calls_fail_on_every_rank(tmp_path):
@@ -241,12 +247,7 @@ def test_varlen_matches_one_process(world, tmp_path):
             jobs.append(job)
             references.append(reference)
             exact.append(CASES[name].tree)
-    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
-    failures = []
-    for k, job in enumerate(jobs):
-        failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
-    assert not failures, "\n".join(failures)
+    _run_and_compare(world, jobs, references, exact, tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in CASES if hasattr(layer_class(n), "_fast_carry")))
@@ -345,9 +346,4 @@ def test_generated_programs_match_one_process(tmp_path):
         references.append(reference)
         exact.append(tree)
     assert any(exact) and not all(exact), exact  # both plans are in the sample
-    mp.spawn(cp_worker.run_jobs, args=(2, free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
-    failures = []
-    for k, job in enumerate(jobs):
-        failures += _compare(job, references[k], [per_rank[r][k] for r in range(2)], exact[k])
-    assert not failures, "\n".join(failures)
+    _run_and_compare(2, jobs, references, exact, tmp_path)
