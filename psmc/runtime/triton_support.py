@@ -103,9 +103,16 @@ def largest_tensor(layer, call) -> int:
     """An upper bound on the elements of any tensor a kernel of this call indexes: the inputs
     (as broadcast), and per token of every batch row and lane the largest declared field or
     output (the outputs, the saved carries and the backward's gradients are no larger)."""
-    shapes = [slot.shape(call.ctx.d) for slot in (*layer.spec.fields, *layer.spec.outputs, *layer.spec.inputs)]
-    per_token = max((math.prod(int(s) for s in shape) for shape in shapes), default=1)
-    return math.prod(call.lead) * per_token
+    per_token = 1  # a plain loop: torch.compile traces no max(..., default=)
+    for slot in (*layer.spec.fields, *layer.spec.outputs, *layer.spec.inputs):
+        size = 1
+        for s in slot.shape(call.ctx.d):
+            size *= int(s)
+        per_token = size if size > per_token else per_token
+    lead = 1
+    for n in call.lead:
+        lead *= int(n)
+    return lead * per_token
 
 
 def use_triton(layer, call) -> bool:
