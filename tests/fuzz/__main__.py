@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,36 @@ def main(argv=None) -> int:
     deadline = time.time() + 60 * args.minutes
     counts = {"programs": 0, "mutants": 0, "valid_mutants": 0, "program_failures": 0, "mutant_failures": 0,
               "cpu_seconds": 0.0}
-    classes: dict = {}  # class -> {"count", "length", "file"}
+    classes: dict = {}  # class -> {"count", "length", "file", "seeds"}
     features: dict = {}
     checked: dict = {}
-    next_program, next_mutant = args.seed, args.seed
     started = time.time()
     workers = campaign.pool(args.jobs)
+    signal.signal(signal.SIGTERM, _stop)  # a killed campaign still writes its summary
+    try:
+        run_batches(args, deadline, workers, counts, classes, features, checked, out)
+    except KeyboardInterrupt:
+        print("stopped early: the summary counts what finished", flush=True)
+    if workers is not None:
+        workers.shutdown(cancel_futures=True)
+    counts["cpu_seconds"] = round(counts["cpu_seconds"], 1)
+    next_program, next_mutant = counts.pop("next_program"), counts.pop("next_mutant")
+    summary = {"seed": args.seed, "minutes": round((time.time() - started) / 60, 1), **counts,
+               "next_program_seed": next_program, "next_mutant_seed": next_mutant,
+               "classes": classes, "features": dict(sorted(features.items())), "checked": dict(sorted(checked.items()))}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("features", "checked")}, indent=2))
+    return 1 if classes else 0
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_batches(args, deadline, workers, counts, classes, features, checked, out):
+    next_program, next_mutant = args.seed, args.seed
+    counts["next_program"], counts["next_mutant"] = next_program, next_mutant
+    started = time.time()
     while time.time() < deadline:
         n_mut = max(1, round(args.batch * args.mutants_per_program))
         for task, seeds, kind in ((campaign.program_task, range(next_program, next_program + args.batch), "programs"),
@@ -60,8 +85,9 @@ def main(argv=None) -> int:
                 if o.failure is None:
                     continue
                 counts["program_failures" if kind == "programs" else "mutant_failures"] += 1
-                entry = classes.setdefault(o.failure, {"count": 0, "length": None, "file": None})
+                entry = classes.setdefault(o.failure, {"count": 0, "length": None, "file": None, "seeds": []})
                 entry["count"] += 1
+                entry["seeds"].append(o.seed)  # every failing seed: each re-runs alone after a fix
                 if entry["length"] is None or len(o.text) < entry["length"]:
                     name = entry["file"] or f"{o.kind}_{len(classes):03d}"
                     (out / f"{name}.psm").write_text(
@@ -72,20 +98,11 @@ def main(argv=None) -> int:
                     entry["file"], entry["length"] = name, len(o.text)
         next_program += args.batch
         next_mutant += n_mut
+        counts["next_program"], counts["next_mutant"] = next_program, next_mutant
         elapsed = time.time() - started
         print(f"[{elapsed / 60:6.1f} min] programs {counts['programs']} ({counts['program_failures']} failed), "
               f"mutants {counts['mutants']} ({counts['valid_mutants']} valid, {counts['mutant_failures']} failed), "
               f"classes {len(classes)}", flush=True)
-    if workers is not None:
-        workers.shutdown()
-    counts["cpu_seconds"] = round(counts["cpu_seconds"], 1)
-    summary = {"seed": args.seed, "minutes": round((time.time() - started) / 60, 1), **counts,
-               "next_program_seed": next_program, "next_mutant_seed": next_mutant,
-               "classes": classes, "features": dict(sorted(features.items())), "checked": dict(sorted(checked.items()))}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("features", "checked")}, indent=2))
-    return 1 if classes else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
