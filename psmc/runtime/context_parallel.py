@@ -364,7 +364,25 @@ def _tie(x: Tensor, anchors: list[Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- the run
-class _Run:
+class _Exchanges:
+    """The all-gather both passes (`_Run`, `_Varlen`) make: differentiable when `grad`, each
+    gather chained after the last (`anchors`) so the backward all-reduces run in one order on
+    every rank. Uses the instance's group, world, rank, grad and anchors."""
+
+    def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
+        if self.grad:
+            tensors = [_tie(t, self.anchors) for t in tensors]  # chain this gather after the last one
+            if not any(t.requires_grad for t in tensors):
+                # this rank sends nothing differentiable (padding only), but its backward must
+                # still join the all-reduce that the other ranks' backward makes
+                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
+            outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
+            self.anchors = [o for o in outs if o.requires_grad]
+            return outs
+        return [_all_gather(t, self.group, self.world, kind) for t in tensors]
+
+
+class _Run(_Exchanges):
     def __init__(self, layer, call, state, return_state, group, rank, world, plan: _Plan, grad: bool):
         self.layer, self.call, self.state, self.return_state = layer, call, state, return_state
         self.group, self.rank, self.world, self.plan, self.grad = group, rank, world, plan, grad
@@ -389,18 +407,6 @@ class _Run:
         self.step_lead = (call.lead[0],) + tuple(call.lead[2:])
 
     # -- helpers
-    def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
-        if self.grad:
-            tensors = [_tie(t, self.anchors) for t in tensors]  # chain this gather after the last one
-            if not any(t.requires_grad for t in tensors):
-                # this rank sends nothing differentiable (padding only), but its backward must
-                # still join the all-reduce that the other ranks' backward makes
-                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
-            outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
-            self.anchors = [o for o in outs if o.requires_grad]
-            return outs
-        return [_all_gather(t, self.group, self.world, kind) for t in tensors]
-
     def full_step(self, element) -> tuple:
         """A step element expanded to [B, *lanes, *field] in the fields' compute dtypes."""
         out = []
@@ -754,7 +760,7 @@ class _Run:
 
 
 # ---------------------------------------------------------------------------- varlen (cu_seqlens)
-class _Varlen:
+class _Varlen(_Exchanges):
     """cp_group with cu_seqlens (fla's cp varlen convention): every rank passes its slice
     `[1, T_r, ...]` of the packed sequence and the global cu_seqlens. A sequence that lies
     inside one rank runs there alone (as a single-process varlen call runs it); a sequence that
@@ -912,16 +918,6 @@ class _Varlen:
                 rebuilt.append(piece.reshape(shape).to(getattr(torch, dtype)))
             out += [(i, _unskeleton(sk, rebuilt)) for i, sk in skel]
         return out
-
-    def gather(self, tensors: list[Tensor], kind: str) -> list[Tensor]:
-        if self.grad:
-            tensors = [_tie(t, self.anchors) for t in tensors]
-            if not any(t.requires_grad for t in tensors):
-                tensors = [t.detach().requires_grad_() if t.is_floating_point() else t for t in tensors]
-            outs = list(_Gather.apply(self.group, self.world, self.rank, kind, *tensors))
-            self.anchors = [o for o in outs if o.requires_grad]
-            return outs
-        return [_all_gather(t, self.group, self.world, kind) for t in tensors]
 
 
 def _check_global_cu_seqlens(op: str, cu, call) -> list:
