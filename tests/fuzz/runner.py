@@ -108,6 +108,21 @@ def draw_half(rng, rate: float = 0.2) -> str:
     return rng.choice(["bf16", "f16"]) if rng.random() < rate else ""
 
 
+def continued(layer, inputs: dict, want: tuple, config, words: tuple, rtol, atol):
+    """A forward split at the run's split point and continued from its state, then the same
+    prefix decoded token by token with step: both equal `want` (the one-pass outputs). `words`:
+    (continued, decoded, reference) as the failure messages name them."""
+    T = config.time
+    mid = min(T - 1, max(1, round(config.split * T)))
+    first, state = layer(**{n: x[:, :mid] for n, x in inputs.items()}, return_state=True)
+    rest = as_tuple(layer(**{n: x[:, mid:] for n, x in inputs.items()}, state=state))
+    agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), rest)), want,
+          f"{words[0]} after {mid} tokens {words[2]}", rtol, atol)
+    decoded, _ = stream(layer, inputs, state, mid, T)
+    agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), decoded)), want,
+          f"{words[1]} {mid} {words[2]}", rtol, atol)
+
+
 # ============================================================================ psmc check
 def check_stage(path: Path):
     for argv in (["check", str(path)], ["check", "--json", str(path)]):
@@ -234,14 +249,7 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     checked.add("stream")
 
     if T >= 2:
-        mid = min(T - 1, max(1, round(config.split * T)))
-        first, state = layer(**{n: x[:, :mid] for n, x in inputs.items()}, return_state=True)
-        rest = as_tuple(layer(**{n: x[:, mid:] for n, x in inputs.items()}, state=state))
-        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), rest)), full,
-              f"continued after {mid} tokens vs one pass", RTOL, ATOL)
-        decoded, _ = stream(layer, inputs, state, mid, T)
-        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), decoded)), full,
-              f"decode after a prefill of {mid} vs one pass", RTOL, ATOL)
+        continued(layer, inputs, full, config, ("continued", "decode after a prefill of", "vs one pass"), RTOL, ATOL)
         checked.add("continued")
 
     if cls.spec.fast:
@@ -419,14 +427,8 @@ def _check_backend_paths(other, inputs: dict, want: tuple, batch_shape, config, 
     agree(streamed, want, f"{name} step stream vs torch parallel", rtol, atol)
     checked.add(f"{name}-step")
     if T >= 2:
-        mid = min(T - 1, max(1, round(config.split * T)))
-        first, state = other(**{n: x[:, :mid] for n, x in inputs.items()}, return_state=True)
-        rest = as_tuple(other(**{n: x[:, mid:] for n, x in inputs.items()}, state=state))
-        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), rest)), want,
-              f"{name} forward continued after {mid} tokens vs torch one pass", rtol, atol)
-        decoded, _ = stream(other, inputs, state, mid, T)
-        agree(tuple(torch.cat([a, b], 1) for a, b in zip(as_tuple(first), decoded)), want,
-              f"{name} decode after a prefill of {mid} vs torch one pass", rtol, atol)
+        continued(other, inputs, want, config, (f"{name} forward continued", f"{name} decode after a prefill of",
+                                                "vs torch one pass"), rtol, atol)
         checked.add(f"{name}-continued")
 
 
