@@ -18,6 +18,7 @@ import runner  # first: puts tests/codegen on sys.path
 from generator import Program
 from runner import Config, run_program
 
+import conditioning  # noqa: E402
 import layer_reference  # noqa: E402  (tests/codegen)
 import ties  # noqa: E402
 
@@ -287,6 +288,72 @@ def test_ties_forgive_nothing_away_from_a_tie_or_where_the_layer_is_wrong():
     sums = ops_from_source("op s { state (t: f64); lift (u: f64) { return u; } "
                            "combine (l, r) { return l.t + r.t; } }", "s.psm")[0]
     assert not ties.reference_at_a_tie(sums, {}, {}, {"u": u}, True, check)
+
+
+# S = E S + c^2 11^T with E = I - c^2/4 11^T, c = 0.01 t - 0.2: the fixed point 2 attracts while
+# c < 2 and repels after (|1 - c^2 / 2| up to 2.9 per token): rounding grows to O(1e5) by T = 300
+UNSTABLE_AFFINE = """
+op unstable[K, V] {
+  state (E1: f64[V, V], S2: f64[V, K], s3: f64[V]);
+  lift () { return (eye(V) - 0.5 * 0.5 * outer((0.01 * index - 0.2) * ones(V), (0.01 * index - 0.2) * ones(V)),
+                    outer((0.01 * index - 0.2) * ones(V), (0.01 * index - 0.2) * ones(K)),
+                    (0.01 * index - 0.2) * ones(V)); }
+  combine (l, r) { return (r.E1 @ l.E1, r.E1 @ l.S2 + r.S2, l.s3 + r.s3); }
+  identity = (eye(V), zeros, zeros);
+  readout (s, y4: f64) { return (s.S2, tanh(y4)); }
+}
+"""
+UNSTABLE_CONFIG = Config(batch=2, time=300, lanes=(2, 1), broadcast=((False, True), (False, False)), block=64,
+                         split=0.6066, grads=False, f32=False, seed=53611)
+# a tree combine that subtracts nearly equal operands and multiplies by 3 per level
+CANCELLING_TREE = """
+op cancelling[V] {
+  param W3: f64[V, V] = ones;
+  param W4: f32[V] = ones;
+  state (t1: f32[V], t2: f32);
+  lift () { return ((0.01 * index - 0.2) * ones(V), (0.01 * index - 0.2)); }
+  combine (l, r) { return (tanh((W3 @ ((l.t1 * W4) - r.t1))), tanh(-1)); }
+  readout (s, y5: f32) { return s.t1 + y5 + 0.001 * index; }
+}
+"""
+CANCELLING_CONFIG = Config(batch=1, time=150, lanes=(1,), broadcast=((False,),), block=64, split=0.2958,
+                           grads=False, f32=True, seed=55403)
+
+
+@pytest.mark.parametrize("text, name, dims, config", [
+    (UNSTABLE_AFFINE, "unstable", {"K": 2, "V": 2}, UNSTABLE_CONFIG),
+    (CANCELLING_TREE, "cancelling", {"V": 3}, CANCELLING_CONFIG),
+], ids=["stream-vs-parallel", "float32"])
+def test_an_op_that_amplifies_rounding_is_held_to_its_conditioning(tmp_path, monkeypatch, text, name, dims, config):
+    # seed 207046: stream and parallel pass 1.8e5 apart, both within rounding of an unstable
+    # recurrence; seed 510066: float32 1.3e-2 off float64 with every operation correctly rounded.
+    # Passes now, and fails when the runner allows nothing for conditioning (as it did)
+    run(text, name, dims, tmp_path, config)
+    monkeypatch.setattr(conditioning, "AMPLIFICATION", 0.0)
+    with pytest.raises(runner.Failure, match="stream vs parallel" if name == "unstable" else "relative RMS error"):
+        run(text, name, dims, tmp_path, config)
+
+
+def test_conditioning_allows_nothing_to_a_well_conditioned_op_or_a_non_finite_stream(tmp_path):
+    path = tmp_path / "scalar_decay.psm"
+    path.write_text(SCALAR_DECAY)
+    layer = psmc.load(path).scalar_decay(K=3, D=2).double()
+    gen = torch.Generator().manual_seed(0)
+    inputs = {"x": -0.5 * torch.rand(2, 200, generator=gen, dtype=torch.float64),
+              "u": torch.rand(2, 200, 3, 2, generator=gen, dtype=torch.float64) - 0.5,
+              "y": torch.rand(2, 200, 3, 2, generator=gen, dtype=torch.float64)}
+    want = layer(**inputs)
+    spread = conditioning.Spread(layer, inputs, (2,), 200).of(runner.UNIT64)[0]
+    assert 0 < spread.max() < 1e-14 * want.abs().max()  # a few ulps: contracting decay
+    # a float32 rounding inside this float64 op (1e-8 relative) is still a failure
+    off = want * (1 + 1e-8 * torch.sign(torch.randn(want.shape, generator=gen, dtype=torch.float64)))
+    assert not conditioning.within((off,), (want,), (spread,), runner.RTOL64, runner.ATOL64)
+    assert conditioning.within((want,), (want,), (spread,), runner.RTOL64, runner.ATOL64)
+    # a stream that goes non-finite earns no allowance
+    bad = dict(inputs, x=inputs["x"].clone())
+    bad["x"][0, 100] = float("inf")
+    infinite = conditioning.Spread(layer, bad, (2,), 200).of(runner.UNIT64)[0]
+    assert torch.isfinite(infinite).all() and not conditioning.within((off,), (want,), (infinite,), 1e-9, 1e-11)
 
 
 # ----------------------------------------------------------------------------- psmc check
