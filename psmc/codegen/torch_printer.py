@@ -173,9 +173,12 @@ class BodyPrinter:
 
     # ------------------------------------------------------------------ operations
     def aligned(self, arg: Node, target_rank: int) -> str:
-        """`arg` with singleton axes inserted after the leading axes (batched values only)."""
+        """`arg` with singleton axes inserted after the leading axes: batched values, and values
+        computed from a param (a layer built with per-lane params holds them as
+        `[*lanes, *declared]`: its lane axes lead like a batched value's; for a shared param
+        the inserted axes change nothing)."""
         code = self.ref(arg)
-        if not arg.batched or arg.rank >= target_rank:
+        if not (arg.batched or self.from_param(arg)) or arg.rank >= target_rank:
             return code
         return code + "[..., " + ", ".join(["None"] * (target_rank - arg.rank) + [":"] * arg.rank) + "]"
 
@@ -188,6 +191,9 @@ class BodyPrinter:
         if node.dtype.is_float and arg.dtype != node.dtype and not self.static_scalar(arg):
             return f"_ops.to({code}, cx.dt[{node.dtype!r}])"
         return code
+
+    def from_param(self, node: Node) -> bool:
+        return any(leaf.op == "param" for leaf in walk((node,)))
 
     def static_scalar(self, node: Node) -> bool:
         """True when the value is a Python number at run time (literals and dims only)."""

@@ -319,3 +319,38 @@ def test_delta_rule_and_chunk_op(ops, name):
         _close(out.narrow(2, h, 1), want, f"{name} lane {h} forward")
         y_h, _ = single.step(sh, **{n: v[:, 0] for n, v in _lane(x, h).items()})
         _close(y.narrow(1, h, 1), y_h, f"{name} lane {h} step")
+
+
+LOWER_RANK = """
+op low_rank_param[D] {
+  param w: f64 = uniform(0.5, 1.5);
+  param M: f64[D, D] = normal(0.3);
+  state (h: f64[D]);
+  lift (x: f64[D]) { return x; }
+  combine (l, r) { return tanh(l.h * w + r.h - sum(M) * 0.1 + (M @ ones(D)) * 0.1); }
+  readout (s, y: f64[D]) { return s.h * w + y; }
+}
+"""
+
+
+@pytest.mark.parametrize("D", [2, 3])
+def test_a_per_lane_param_of_lower_rank_than_the_values_it_meets(tmp_path, D):
+    # found by the fuzzer (program seed 236): a per-lane scalar param [H] beside a [D] value was
+    # right-aligned onto D: a crash when H != D, silently another lane's value when H == D
+    path = tmp_path / "low_rank.psm"
+    path.write_text(LOWER_RANK)
+    cls = psmc.load(path).low_rank_param
+    torch.manual_seed(0)
+    layer = cls(lanes=(3,), per_lane=True, D=D).double()
+    with torch.no_grad():
+        layer.p_w.copy_(torch.tensor([0.6, 1.0, 1.4], dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, 3, D, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 7, 3, D, generator=g, dtype=torch.float64)
+    out = layer(x=x, y=y)
+    for h in range(3):
+        single = cls(D=D).double()
+        with torch.no_grad():
+            single.p_w.copy_(layer.p_w[h])
+            single.p_M.copy_(layer.p_M[h])
+        torch.testing.assert_close(out[:, :, h], single(x=x[:, :, h], y=y[:, :, h]), rtol=1e-12, atol=1e-12)
