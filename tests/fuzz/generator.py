@@ -29,6 +29,10 @@ import random
 from dataclasses import dataclass, field
 
 DIM_NAMES = ("K", "V", "D")
+# draws added after the generator's first campaigns come from a second stream seeded by the
+# program seed and this salt, so that every earlier draw (and so every earlier seed's program
+# structure) stays as it was
+SIDE_SALT = 0x51DE
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Builder:
         self.float_dtype = "f64" if rng.random() < 0.25 else "f32"  # the op's default float
         self.chunk = chunk
         self.counter = 0
+        self.side = random.Random(SIDE_SALT)  # _token_program / _chunk_program seed it per program
 
     # ----------------------------------------------------------------- names and shapes
     def fresh(self, prefix: str) -> str:
@@ -197,6 +202,11 @@ def part_diag_affine(b: Builder) -> Part:
     if b.rng.random() < 0.1:
         decay = "0.9" if not ashape else f"0.9 * ones({', '.join(ashape)})"
         b.features.add("constant-decay")
+    elif b.side.random() < 0.3:  # a learned decay rate, as Mamba's A: exp(delta * A), A > 0 here
+        rate = "A" + a
+        b.params.append((rate, dt, ashape, " = uniform(0.5, 1.5)"))
+        decay = f"exp({decay_src} * {rate})"
+        b.features.add("param-decay")
     ra = f"r.{a}[:, None]" if len(ashape) == 1 and len(hshape) == 2 else f"r.{a}"
     upd = b.source(hshape, dtype=dt) if len(hshape) != 2 or b.rng.random() < 0.5 else \
         f"outer({b.source((hshape[0],), dtype=dt)}, {b.source((hshape[1],), dtype=dt)})"
@@ -413,6 +423,7 @@ def generate(seed: int) -> Program:
 
 def _token_program(seed: int, rng, name: str) -> Program:
     b = Builder(rng, None)
+    b.side.seed(seed ^ SIDE_SALT)
     parts, fields = [], 0
     budget = rng.choice([1, 2, 2, 3, 3])
     while fields < budget:
@@ -549,6 +560,7 @@ def _chunk_program(seed, rng, name) -> Program:
     """`chunk C;` ops: a chunk of tokens is lifted to a summary; the exclusive readout maps each
     token of the chunk to an output, causally."""
     b = Builder(rng, "C")
+    b.side.seed(seed ^ SIDE_SALT)
     d = b.dim()
     c = rng.choice(["C", "1", "2", "3"])
     b.features.add("chunk")

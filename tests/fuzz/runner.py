@@ -31,6 +31,7 @@ compute in f64: any f32 rounding in between is a bug), fp32 tolerances for the f
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import math
@@ -89,6 +90,8 @@ class Config:
     seed: int = 0
     cpp: bool = False  # compare backend='cpu' (the C++ kernels) when the plan has them
     half: str = ""  # '', 'bf16' or 'f16': also run the layer on inputs of that dtype
+    varlen: tuple = ()  # per batch row, a length < time: the rows packed with cu_seqlens
+    per_lane: bool = False  # params one slice per lane (when the op has params and the run lanes)
 
 
 def draw_config(rng, *, triton_rate: float = 0.15, long_rate: float = 0.08) -> Config:
@@ -111,6 +114,19 @@ def draw_half(rng, rate: float = 0.2) -> str:
     """The half-precision draw of a run, from its own random.Random (a separate salt: adding it
     changed no earlier draw of `draw_config`, so campaign seeds keep their meaning)."""
     return rng.choice(["bf16", "f16"]) if rng.random() < rate else ""
+
+
+def draw_varlen(rng, config: Config, rate: float = 0.3) -> tuple:
+    """The varlen draw of a run (its own random.Random, like draw_half): a length in
+    1 .. time - 1 per batch row, or () for no varlen check."""
+    if config.time < 2 or rng.random() >= rate:
+        return ()
+    return tuple(rng.randint(1, config.time - 1) for _ in range(config.batch))
+
+
+def draw_per_lane(rng, rate: float = 0.3) -> bool:
+    """The per-lane draw of a run (its own random.Random, like draw_half)."""
+    return rng.random() < rate
 
 
 def continued(layer, inputs: dict, want: tuple, config, words: tuple, rtol, atol):
@@ -169,6 +185,15 @@ def make_inputs(cls, program, config: Config, float_dtype) -> dict:
     return out
 
 
+def lead_of(inputs: dict, config: Config, layer) -> tuple:
+    """The outputs' leading axes [B, T, *lanes]: the inputs' broadcast, and the layer's lanes
+    when it holds per-lane params (inputs of lane size 1 broadcast over those)."""
+    shapes = [x.shape[:2 + len(config.lanes)] for x in inputs.values()]
+    if layer.per_lane:
+        shapes.append((1, 1, *layer.lanes))
+    return tuple(torch.broadcast_shapes(*shapes))
+
+
 def as_tuple(result) -> tuple:
     return result if isinstance(result, tuple) else (result,)
 
@@ -181,7 +206,9 @@ def stream(layer, inputs: dict, state, start: int, stop: int):
     return tuple(torch.stack(parts, dim=1) for parts in zip(*rows)), state
 
 
-def agree(got: tuple, want: tuple, what: str, rtol: float, atol: float):
+def agree(got: tuple, want: tuple, what: str, rtol: float, atol: float, view=None):
+    """Outputs equal within tolerances; where not, forgiven only as far as the op amplifies
+    rounding (_ill_conditioned; `view` maps a full [B, T, ...] output onto what is compared)."""
     if len(got) != len(want):
         raise Failure("mismatch", f"{what}: {len(got)} outputs, expected {len(want)}")
     for i, (g, w) in enumerate(zip(got, want)):
@@ -191,7 +218,7 @@ def agree(got: tuple, want: tuple, what: str, rtol: float, atol: float):
             raise Failure("dtype", f"{what}, output {i}: dtype {g.dtype} != {w.dtype}")
         if w.is_floating_point():
             if not torch.allclose(g, w, rtol=rtol, atol=atol, equal_nan=True) and \
-                    not _ill_conditioned(g, w, i, rtol, atol):
+                    not _ill_conditioned(g, w, i, rtol, atol, view):
                 err = ((g - w).abs() / (atol + rtol * w.abs())).nan_to_num(float("inf")).max().item()
                 raise Failure("mismatch", f"{what}, output {i}: off by {err:.3g}x the tolerance "
                                           f"(max |diff| {(g - w).abs().nan_to_num(float('inf')).max().item():.3g})")
@@ -199,16 +226,19 @@ def agree(got: tuple, want: tuple, what: str, rtol: float, atol: float):
             raise Failure("mismatch", f"{what}, output {i}: integer outputs differ")
 
 
-def _ill_conditioned(got, want, index: int, rtol: float, atol: float) -> bool:
+def _ill_conditioned(got, want, index: int, rtol: float, atol: float, view=None) -> bool:
     """Whether output `index` is off only as far as the op amplifies rounding on these inputs
     (conditioning.py): float64 tolerances are checked against the spread of float64-sized
     perturbations, float32 ones against float32-sized ones."""
     if SPREAD is None:
         return False
     spread = SPREAD.of(UNIT64 if rtol < 1e-6 else UNIT32)
-    if index >= len(spread) or spread[index].shape != want.shape:
+    if index >= len(spread):
+        return False
+    mine = spread[index] if view is None else view(spread[index])
+    if mine.shape != want.shape:
         return False  # (a slice of the outputs: the reference check on one lane)
-    return conditioning.within((got,), (want,), (spread[index],), rtol, atol)
+    return conditioning.within((got,), (want,), (mine,), rtol, atol)
 
 
 # ============================================================================ the run
@@ -252,11 +282,15 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     global RTOL, ATOL, SPREAD
     RTOL, ATOL = (RTOL64, ATOL64) if computes_in_float64(cls.spec) else (RTOL32, ATOL32)
     torch.manual_seed(config.seed)
-    layer = cls(backend="torch", **program.dims).double()
+    per_lane = bool(config.per_lane and cls.spec.params and config.lanes)
+    if per_lane:
+        layer = _per_lane_layer(cls, program, config)
+    else:
+        layer = cls(backend="torch", **program.dims).double()
     inputs = make_inputs(cls, program, config, torch.float64)
     T = config.time
     full = as_tuple(layer(**inputs))
-    lead = torch.broadcast_shapes(*(x.shape[:2 + len(config.lanes)] for x in inputs.values()))
+    lead = lead_of(inputs, config, layer)
     batch_shape = (lead[0], *lead[2:])
     SPREAD = conditioning.Spread(layer, inputs, batch_shape, T)
     for out in full:
@@ -272,6 +306,14 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     if T >= 2:
         continued(layer, inputs, full, config, ("continued", "decode after a prefill of", "vs one pass"), RTOL, ATOL)
         checked.add("continued")
+
+    if config.varlen:
+        _check_varlen(layer, inputs, full, config)
+        checked.add("varlen")
+
+    if per_lane:
+        _check_per_lane(cls, program, layer, inputs, full, config)
+        checked.add("per-lane")
 
     if cls.spec.fast:
         layer.use_fast_path = False
@@ -293,24 +335,92 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     if config.f32:
         _check_float32(cls, program, layer, inputs, full, batch_shape, config)
         checked.add("f32")
-        if config.triton and getattr(cls, "_triton_kernels", None) is not None:
+        # (per-lane params: the C++ and generated Triton kernels refuse them, and say so)
+        if config.triton and getattr(cls, "_triton_kernels", None) is not None and not per_lane:
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
 
-    if config.cpp and getattr(cls, "_cpu_kernels", None) is not None:
+    if config.cpp and getattr(cls, "_cpu_kernels", None) is not None and not per_lane:
         _check_cpp(cls, program, layer, inputs, full, batch_shape, config, checked)
 
     if config.half:
         _check_half(cls, program, layer, batch_shape, config, checked)
 
 
-def _check_reference(program, cls, layer, inputs, lead, full, path, config):
-    op = next(op for op in ops_from_file(path) if op.name == program.name)
-    params = {p.name: getattr(layer, "p_" + p.name).detach() for p in cls.spec.params}
-    expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
-    gen = torch.Generator().manual_seed(config.seed)
+def _check_varlen(layer, inputs: dict, full: tuple, config: Config):
+    """The batch rows cut to config.varlen tokens and packed as separate sequences with
+    cu_seqlens (fla's convention): each row's outputs are its one-pass outputs (causal), and
+    the returned state (batch = rows, each at its own length) steps to each row's next output
+    (ragged streaming)."""
+    lengths = config.varlen
+    rows = range(len(lengths))
+    packed = {n: torch.cat([x[b:b + 1, :lengths[b]] for b in rows], dim=1) for n, x in inputs.items()}
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+
+    def pack(x):
+        return torch.cat([x[b:b + 1, :lengths[b]] for b in rows], dim=1)
+    out, state = layer(**packed, cu_seqlens=cu, return_state=True)
+    agree(as_tuple(out), tuple(pack(w) for w in full), f"varlen (rows cut to {lengths}, packed) vs one pass",
+          RTOL, ATOL, view=pack)
+    at = (torch.arange(len(lengths)), torch.tensor(lengths))
+
+    def following(x):
+        return x[at][:, None]
+    stepped, _ = layer.step(state, **{n: x[at] for n, x in inputs.items()})
+    agree(tuple(o[:, None] for o in as_tuple(stepped)), tuple(following(w) for w in full),
+          f"a ragged step after the varlen prefill (rows at {lengths}) vs one pass", RTOL, ATOL, view=following)
+
+
+def _per_lane_layer(cls, program, config: Config):
+    """The float64 layer with every param one slice per lane, the slices made distinct (each
+    scaled by its own factor in [0.75, 1.25]: signs, zeros and ones-patterns kept, so a param
+    that feeds a log or a sqrt stays in its domain)."""
+    layer = cls(backend="torch", lanes=config.lanes, per_lane=True, **program.dims).double()
+    lanes = math.prod(config.lanes)
+    with torch.no_grad():
+        for p in layer.parameters():
+            factors = torch.linspace(0.75, 1.25, lanes, dtype=torch.float64) if lanes > 1 else torch.ones(1)
+            p.mul_(factors.reshape(*config.lanes, *[1] * (p.dim() - len(config.lanes))).to(p.dtype))
+    return layer
+
+
+def _lane_choice(lead: tuple, seed: int) -> tuple:
+    """(batch row, lane index tuple) drawn for a per-lane look at the outputs."""
+    gen = torch.Generator().manual_seed(seed)
     lanes = list(itertools.product(*(range(n) for n in lead[2:])))
     b = int(torch.randint(0, lead[0], (), generator=gen))
-    lane = lanes[int(torch.randint(0, len(lanes), (), generator=gen))]
+    return b, lanes[int(torch.randint(0, len(lanes), (), generator=gen))]
+
+
+def _check_per_lane(cls, program, layer, inputs: dict, full: tuple, config: Config):
+    """Per-lane params: one lane of the outputs equals a plain layer (no lanes) holding that
+    lane's param slices, run on that lane of the inputs (a size-1 lane axis broadcasts)."""
+    lead = lead_of(inputs, config, layer)
+    _, lane = _lane_choice(lead, config.seed + 1)
+    plain = cls(backend="torch", **program.dims).double()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            getattr(plain, name).copy_(p[lane])
+
+    def at_lane(x):
+        return x[(slice(None), slice(None), *(i if n > 1 else 0 for i, n in zip(lane, x.shape[2:])))]
+    got = as_tuple(plain(**{n: at_lane(x) for n, x in inputs.items()}))
+    want = tuple(w[(slice(None), slice(None), *lane)] for w in full)
+    agree(got, want, f"a plain layer with lane {lane}'s params vs the per-lane layer at that lane", RTOL, ATOL,
+          view=lambda s: s[(slice(None), slice(None), *lane)])
+
+
+def _lane_params(params: dict, per_lane: tuple, lane: tuple) -> dict:
+    """The params one lane of a per-lane layer sees."""
+    return {n: (v[lane] if n in per_lane else v) for n, v in params.items()}
+
+
+def _check_reference(program, cls, layer, inputs, lead, full, path, config):
+    op = next(op for op in ops_from_file(path) if op.name == program.name)
+    expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
+    b, lane = _lane_choice(lead, config.seed)
+    params = {p.name: getattr(layer, "p_" + p.name).detach() for p in cls.spec.params}
+    if layer.per_lane:  # that lane's slices
+        params = _lane_params(params, layer.per_lane, lane)
     where = (b, slice(None), *lane)
     want = reference_outputs(op, dict(program.dims), params, {n: x[where] for n, x in expanded.items()},
                              cls.spec.scan == "tree")
@@ -319,13 +429,18 @@ def _check_reference(program, cls, layer, inputs, lead, full, path, config):
     try:
         agree(got, want, f"parallel vs the IR reference at batch {b}, lanes {lane}", RTOL * 10, ATOL * 10)
     except Failure:  # forgiven only for a comparison at a tie decided by the canonical IR's rounding
+        lane_inputs = {n: x[where] for n, x in expanded.items()}
+        if RTOL == RTOL32 and ties.float32_reference_at_a_tie(op, dict(program.dims), params, lane_inputs,
+                                                               cls.spec.scan == "tree"):
+            return  # (or by float32's: the layer computes in float32, the interpreter in float64)
+
         def canonical(want):
             want = tuple(w.to(g.dtype) if g.is_floating_point() and w.is_floating_point() else w
                          for g, w in zip(got, want))
             agree(got, want, f"parallel vs the canonical IR's reference at batch {b}, lanes {lane}",
                   RTOL * 10, ATOL * 10)
-        if not ties.reference_at_a_tie(op, dict(program.dims), params, {n: x[where] for n, x in expanded.items()},
-                                       cls.spec.scan == "tree", canonical):
+        if not ties.reference_at_a_tie(op, dict(program.dims), params, lane_inputs, cls.spec.scan == "tree",
+                                       canonical):
             raise
 
 
@@ -362,8 +477,7 @@ def _check_gradients(layer, inputs, full, batch_shape, config):
 
 
 def _check_float32(cls, program, layer64, inputs, full, batch_shape, config, backend: str = "torch"):
-    layer = cls(backend=backend, **program.dims)
-    layer.load_state_dict({k: v.float() for k, v in layer64.state_dict().items()})
+    layer = _twin(cls, program, layer64, backend, torch.float32)
     single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
     got = as_tuple(layer(**single))
     try:
@@ -384,7 +498,9 @@ def _at_ties(program, cls, layer64, inputs, got, want, config, rms: float) -> bo
     the float64 `inputs`) met a float comparison at a tie (tests/fuzz/ties.py)."""
     op = next(op for op in ops_from_source(program.text, f"{program.name}.psm") if op.name == program.name)
     params = {p.name: getattr(layer64, "p_" + p.name).detach() for p in cls.spec.params}
-    lead = torch.broadcast_shapes(*(x.shape[:2 + len(config.lanes)] for x in inputs.values()))
+    if layer64.per_lane:
+        params = functools.partial(_lane_params, params, layer64.per_lane)
+    lead = lead_of(inputs, config, layer64)
     expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
     return ties.float32_at_ties(op, dict(program.dims), params, expanded, got, want, tuple(lead),
                                 cls.spec.scan == "tree", rms)
@@ -422,8 +538,9 @@ def _floats(inputs: dict, dtype) -> dict:
 
 
 def _twin(cls, program, layer64, backend: str, dtype):
-    """A layer of `cls` on `backend` with layer64's parameters in `dtype`."""
-    layer = cls(backend=backend, **program.dims)
+    """A layer of `cls` on `backend` with layer64's parameters in `dtype` (per lane where
+    layer64's are)."""
+    layer = cls(backend=backend, lanes=layer64.lanes, per_lane=layer64.per_lane or False, **program.dims)
     layer.load_state_dict({k: v.to(dtype) for k, v in layer64.state_dict().items()})
     return layer
 

@@ -356,6 +356,29 @@ def test_conditioning_allows_nothing_to_a_well_conditioned_op_or_a_non_finite_st
     assert torch.isfinite(infinite).all() and not conditioning.within((off,), (want,), (infinite,), 1e-9, 1e-11)
 
 
+# sign() is a jump like a comparison: 0.01 * index - 0.2 is 0 at index 20 in float64 (the
+# interpreter) and not in float32 (the layer, whose t1 is declared f32): sign gives 0 vs +-1
+SIGN_TIE = """
+op sign_tie[D, K] {
+  state (t1: f32[D], t2: f64);
+  lift () { return ((0.01 * index - 0.2) * ones(D), 0.25); }
+  combine (l, r) { return (tanh((sigmoid(sign(r.t1)) - ((r.t1 - l.t2) * (1 * ones(D))))),
+                           tanh((sum(sigmoid((1 * ones(K)))) - softplus(gelu(l.t2))))); }
+  readout (s, y3: f64) { return (s.t2, s.t1, tanh(y3)); }
+}
+"""
+
+
+def test_sign_at_zero_is_a_tie_like_a_comparison(tmp_path, monkeypatch):
+    # campaign seed 300601: parallel (float32) vs the float64 reference off by 0.07 at index 20
+    config = Config(batch=2, time=24, lanes=(2,), broadcast=((False,), (False,)), block=4, split=0.85,
+                    grads=True, f32=True, seed=18323)
+    run(SIGN_TIE, "sign_tie", {"D": 2, "K": 2}, tmp_path, config)
+    monkeypatch.setattr(ties, "JUMPS", ties.COMPARISONS)  # sign not taken for a jump, as before
+    with pytest.raises(runner.Failure, match="IR reference"):
+        run(SIGN_TIE, "sign_tie", {"D": 2, "K": 2}, tmp_path, config)
+
+
 # ----------------------------------------------------------------------------- psmc check
 def test_a_transcendental_counterexample_prints(tmp_path):
     path = tmp_path / "tanh.psm"

@@ -42,7 +42,7 @@ FEATURES = {
     # bodies
     "identity", "no-identity", "exclusive", "readout-inputs", "readout-index", "index", "no-lift",
     "lift-no-inputs", "param", "fn", "composite-dim", "where", "if-scalar", "compile-time-condition",
-    "reduction", "matmul-param",
+    "reduction", "matmul-param", "param-decay",
     # chunk ops with causal chunk readouts
     "chunk", "chunk-sum", "chunk-decay", "chunk-tree", "attention",
 }
@@ -53,7 +53,9 @@ CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32"
           "triton", "triton-grads", "triton-step", "triton-continued",
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32",
           # bf16 / f16 inputs
-          "half-bf16", "half-f16"}
+          "half-bf16", "half-f16",
+          # varlen packing with a ragged step after it, per-lane params
+          "varlen", "per-lane"}
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +127,13 @@ def test_the_config_samples_the_cpp_backend_and_half_precision_deterministically
     configs = [campaign.program_config(s) for s in PROGRAMS]
     assert [s for s, c in zip(PROGRAMS, configs) if c.cpp] == list(range(0, 300, campaign.CPP_EVERY))
     assert {c.half for c in configs} == {"", "bf16", "f16"}
+    assert {bool(c.varlen) for c in configs} == {True, False} and {c.per_lane for c in configs} == {True, False}
+    assert all(len(c.varlen) == c.batch and all(1 <= n < c.time for n in c.varlen) for c in configs if c.varlen)
     assert configs == [campaign.program_config(s) for s in PROGRAMS]
-    # the extra draws come from their own salt: the earlier fields are what draw_config gives
+    # the extra draws come from their own salts: the earlier fields are what draw_config gives
     from runner import draw_config
-    assert all(dataclasses.replace(c, cpp=False, half="") == draw_config(random.Random(s ^ campaign.CONFIG_SALT))
-               for s, c in zip(PROGRAMS, configs))
+    assert all(dataclasses.replace(c, cpp=False, half="", varlen=(), per_lane=False)
+               == draw_config(random.Random(s ^ campaign.CONFIG_SALT)) for s, c in zip(PROGRAMS, configs))
 
 
 BOTH_BACKENDS = "op both[K] { state (x: f32[K]); lift (u: f32[K]) { return tanh(u); } " \
