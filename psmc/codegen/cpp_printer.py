@@ -535,6 +535,9 @@ class KernelPrinter:
             s = base + 4 * j
             lines.append(f"const int64_t in{j}_sb = N[{s}], in{j}_st = N[{s + 1}], in{j}_sl = N[{s + 2}], "
                          f"in{j}_ss = N[{s + 3}];")
+        base += 4 * len(op.inputs)
+        for j, _ in enumerate(op.params):  # 0 for a param shared by the lanes, its slice size per lane
+            lines.append(f"const int64_t par{j}_sl = N[{base + j}]; (void)par{j}_sl;")
         p = 0
         for group, items in pointer_groups:
             for j, (dtype, const) in enumerate(items):
@@ -556,13 +559,16 @@ class KernelPrinter:
         return f"(({row}) * L + l) * {self.grid.extent(role)}"
 
     def params(self) -> list[str]:
+        """This work item's params: lane l's slice of a per-lane param (par<j>_sl elements per
+        lane; 0 when shared). In 'lanes' mode a call with per-lane params runs one lane per work
+        item (the runtime sets W = 1), so one slice serves the whole item."""
         lines = []
         for j, p in enumerate(self.op.params):
             role = self.grid.value_role(p)
             if role:
-                lines.append(f"const {store_type(p.dtype)} *p_{p.name} = par{j};")
+                lines.append(f"const {store_type(p.dtype)} *p_{p.name} = par{j} + l * par{j}_sl;")
             else:
-                lines.append(f"const {ctype(p.dtype)} p_{p.name} = par{j}[0];")
+                lines.append(f"const {ctype(p.dtype)} p_{p.name} = par{j}[l * par{j}_sl];")
         return lines
 
     def load_inputs(self) -> tuple[list[str], list[str]]:

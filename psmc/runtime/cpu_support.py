@@ -180,9 +180,6 @@ def unusable_reason(layer, call) -> str | None:
         return "its plan has no C++ kernels (see `psmc check`)"
     if call.ctx.dev.type != "cpu":
         return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
-    if getattr(layer, "per_lane", ()):
-        return (f"per-lane params ({', '.join(layer.per_lane)}): the C++ kernels read one value of each param "
-                "for all lanes")
     return None
 
 
@@ -235,14 +232,15 @@ class _Geometry:
         return tuple({"r": self.R, "c": self.C}[ch] for ch in role)
 
 
-def _geometry(k: CpuKernels, call, lead: tuple) -> _Geometry:
+def _geometry(k: CpuKernels, call, lead: tuple, per_lane: bool = False) -> _Geometry:
     B, T, lanes = lead[0], lead[1], tuple(lead[2:])
     L = math.prod(lanes)
     d = call.ctx.d
     R = int(k.rows(d)) if k.rows is not None else 1
     C = int(k.cols(d)) if k.cols is not None else 1
     lane_mode = k.mode == "lanes"
-    width = _lane_width(k, B, L) if lane_mode else 1
+    # per-lane params: one lane per work item, which then reads one slice of each
+    width = (1 if per_lane else _lane_width(k, B, L)) if lane_mode else 1
     items = B * (-(-L // width) if lane_mode else L)
     return _Geometry(B, T, lanes, L, R, C, items, lane_mode, width)
 
@@ -303,8 +301,9 @@ def _leading_args(layer, call, g: _Geometry, inputs, params, prefix, compute) ->
         view, st = _input_view(x, g, role, _storage_dtype(dtype, compute))
         tensors.append(view)
         strides += st
-    for p in params:
+    for name, p in zip(k.params, params):
         tensors.append(p.detach().to(compute if p.is_floating_point() else torch.int64).reshape(-1).contiguous())
+        strides.append(p.numel() // g.L if name in getattr(layer, "per_lane", ()) else 0)
     fshapes = _declared(layer.spec.fields, call)
     for i, (role, dtype) in enumerate(zip(k.field_roles, k.field_dtypes)):
         st = _storage_dtype(dtype, compute)
@@ -415,8 +414,13 @@ class _CpuScan(torch.autograd.Function):
                 result.append(_unflatten(t, g, shape, True).sum_to_size(x.shape).to(x.dtype))
             else:
                 result.append(None)
-        for t, p in zip(dpar, params):
-            result.append(t.sum(dim=0).reshape(p.shape).to(p.dtype) if p.is_floating_point() else None)
+        for t, p, name in zip(dpar, params, k.params):
+            if not p.is_floating_point():
+                result.append(None)
+            elif name in getattr(layer, "per_lane", ()):  # one item per (batch row, lane): sum the rows
+                result.append(t.reshape(g.B, g.L, -1).sum(dim=0).reshape(p.shape).to(p.dtype))
+            else:
+                result.append(t.sum(dim=0).reshape(p.shape).to(p.dtype))
         if has_init:
             for t, x, dtype, shape in zip(dini, prefix, k.field_dtypes, fshapes):
                 ok = dtype in _FLOATS and x.is_floating_point()
@@ -435,7 +439,7 @@ def _grad_needed(layer, call, prefix) -> bool:
 def forward(layer, call, state):
     """The fused pass over [B, T, ...]: (outputs, new ScanState)."""
     k = layer._cpu_kernels
-    g = _geometry(k, call, call.lead)
+    g = _geometry(k, call, call.lead, bool(getattr(layer, "per_lane", ())))
     state = layer._full_state(call, state)  # a stream state may keep only the live fields
     prefix = state.prefix if state is not None else None
     if prefix is not None and any(t is None for t in prefix):

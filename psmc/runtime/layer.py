@@ -373,10 +373,6 @@ class PsmLayer(nn.Module):
         if self.backend == "triton" and not getattr(self, "_triton_kernels", None):
             raise ValueError(f"{self.spec.name}: backend='triton' is not available for this op: its plan has "
                              "no Triton kernels (see `psmc check`); use backend='torch' or 'auto'")
-        if self.backend == "cpu" and self.per_lane:
-            raise ValueError(f"{self.spec.name}: backend='cpu' runs the C++ kernels, which read one value of each param "
-                             f"for all lanes, but {', '.join(self.per_lane)} {'is' if len(self.per_lane) == 1 else 'are'}"
-                             " per lane; use backend='auto' or 'torch'")
         if self.backend == "cpu" and getattr(self, "_cpu_kernels", None) is None:
             raise ValueError(f"{self.spec.name}: backend='cpu' is not available for this op: its plan has no C++ "
                              "kernels (see `psmc check`); use backend='torch' or 'auto'")

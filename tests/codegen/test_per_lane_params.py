@@ -210,8 +210,6 @@ def test_errors(ops):
         ops.tree_w(D=3, lanes=(2,), per_lane=("W3",))
     with pytest.raises(ValueError, match="per_lane=True but the op declares no param"):
         ops.plain(lanes=(2,), per_lane=True)
-    with pytest.raises(ValueError, match=r"backend='cpu' runs the C\+\+ kernels, which read one value of each param"):
-        ops.ssm_a(N=3, lanes=(2,), per_lane=True, backend="cpu")
     layer = ops.tree_w(D=3, lanes=(2,), per_lane=True)
     with pytest.raises(ValueError, match=r"forward takes \[B, T, \*lanes, ...declared\] with lanes \(2,\)"):
         layer(h=torch.randn(1, 4, 3, 3))
@@ -354,3 +352,33 @@ def test_a_per_lane_param_of_lower_rank_than_the_values_it_meets(tmp_path, D):
             single.p_w.copy_(layer.p_w[h])
             single.p_M.copy_(layer.p_M[h])
         torch.testing.assert_close(out[:, :, h], single(x=x[:, :, h], y=y[:, :, h]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["ssm_a", "gla_w"])
+def test_cpp_kernels_read_each_lanes_slice(ops, name):
+    """backend='cpu' with per-lane params: the C++ kernels (a 'lanes' kernel for ssm_a, one lane
+    per work item; a 'matrix' kernel for gla_w) equal the torch backend: forward, the final
+    state, a step, and every gradient (a param's summed over the batch rows only)."""
+    from psmc.runtime import cpu_support
+    torch.manual_seed(3)
+    cpu = getattr(ops, name)(lanes=(3,), per_lane=True, backend="cpu", **DIMS[name]).double()
+    ref = getattr(ops, name)(lanes=(3,), per_lane=True, backend="torch", **DIMS[name]).double()
+    ref.load_state_dict(cpu.state_dict())
+    if cpu_support.library(cpu._cpu_kernels) is None:
+        pytest.fail("the C++ kernels did not build")
+    x = {n: v.double() for n, v in _inputs(name, 2, 6, 3, 9).items()}
+    grads = []
+    for layer in (cpu, ref):
+        xs = {n: v.clone().requires_grad_() for n, v in x.items()}
+        out, state = layer(**xs, return_state=True)
+        y, _ = layer.step(state, **{n: v[:, 0] for n, v in x.items()})
+        (out.square().sum() + y.square().sum()).backward()
+        grads.append((out.detach(), y.detach(), state.tensors(), [p.grad for p in layer.parameters()],
+                      [v.grad for v in xs.values()]))
+    (out_c, y_c, st_c, gp_c, gx_c), (out_r, y_r, st_r, gp_r, gx_r) = grads
+    torch.testing.assert_close(out_c, out_r, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y_c, y_r, rtol=1e-10, atol=1e-12)
+    for a, b in zip(st_c, st_r):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gp_c + gx_c, gp_r + gx_r):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
