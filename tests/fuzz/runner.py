@@ -335,11 +335,12 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     if config.f32:
         _check_float32(cls, program, layer, inputs, full, batch_shape, config)
         checked.add("f32")
-        # (per-lane params: the C++ and generated Triton kernels refuse them, and say so)
+        # (per-lane params: the generated Triton kernels refuse them, and say so)
         if config.triton and getattr(cls, "_triton_kernels", None) is not None and not per_lane:
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
 
-    if config.cpp and getattr(cls, "_cpu_kernels", None) is not None and not per_lane:
+    # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared)
+    if (config.cpp or per_lane) and getattr(cls, "_cpu_kernels", None) is not None:
         _check_cpp(cls, program, layer, inputs, full, batch_shape, config, checked)
 
     if config.half:
@@ -538,9 +539,12 @@ def _floats(inputs: dict, dtype) -> dict:
 
 
 def _twin(cls, program, layer64, backend: str, dtype):
-    """A layer of `cls` on `backend` with layer64's parameters in `dtype` (per lane where
-    layer64's are)."""
+    """A layer of `cls` on `backend` with layer64's parameters (per lane where layer64's are):
+    a float64 twin made `.double()` as layer64 was; a float32 one keeps the declared dtypes
+    (load_state_dict copies into them: f32-declared params round to float32)."""
     layer = cls(backend=backend, lanes=layer64.lanes, per_lane=layer64.per_lane or False, **program.dims)
+    if dtype == torch.float64:
+        layer = layer.double()
     layer.load_state_dict({k: v.to(dtype) for k, v in layer64.state_dict().items()})
     return layer
 

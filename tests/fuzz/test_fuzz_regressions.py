@@ -379,6 +379,24 @@ def test_sign_at_zero_is_a_tie_like_a_comparison(tmp_path, monkeypatch):
         run(SIGN_TIE, "sign_tie", {"D": 2, "K": 2}, tmp_path, config)
 
 
+def test_a_float64_twin_holds_the_reference_layers_params_exactly(tmp_path):
+    # the backend checks compare a twin layer with the float64 reference: a float64 twin whose
+    # f32-declared params stayed float32 rounded per-lane params (1e-8 off) and returned float32
+    # gradients, so the C++ backend looked wrong (found while adding per-lane C++ kernels)
+    path = tmp_path / "low_rank.psm"
+    path.write_text(SCALAR_DECAY.replace("op scalar_decay[K, D] {", "op scalar_decay[K, D] {\n  param w: f32 = ones;")
+                    .replace("exp(x)", "exp(x * w)"))
+    cls = psmc.load(path).scalar_decay
+    program = Program(0, "scalar_decay", "", {"K": 2, "D": 2}, {})
+    ref = cls(lanes=(3,), per_lane=True, K=2, D=2).double()
+    with torch.no_grad():
+        ref.p_w.mul_(torch.tensor([0.75, 1.0 / 3.0, 1.25], dtype=torch.float64))
+    for dtype in (torch.float64, torch.float32):
+        twin = runner._twin(cls, program, ref, "torch", dtype)
+        assert twin.p_w.dtype == dtype and twin.per_lane == ("w",)
+        assert torch.equal(twin.p_w, ref.p_w.to(dtype))
+
+
 # ----------------------------------------------------------------------------- psmc check
 def test_a_transcendental_counterexample_prints(tmp_path):
     path = tmp_path / "tanh.psm"
