@@ -52,10 +52,9 @@ from psmc.runtime.ops import broadcast_shapes
 
 __all__ = ["chunk_delta_rule", "delta_rule_step"]
 
-# Chunks are processed in groups whose [G, BH, L, L] operands stay below this many bytes per
-# torch thread (a core's L2 share), as in psmc/runtime/chunkwise.py.
-_GROUP_BYTES = 512 * 1024
-
+# tokens per chunk on the torch path: at (B, T, H, K, V) = (2, 1024, 4, 64, 64), 1 thread, 32 beat
+# 16, 64 and 128 (docs/benchmarks.md): the [L, L] terms shrink with L, the sequential loop grows
+_CHUNK = 32
 
 def chunk_delta_rule(
     q: Tensor,
@@ -66,7 +65,7 @@ def chunk_delta_rule(
     *,
     scale: float = 1.0,
     initial_state: Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The (gated) delta rule over all positions at once, in the chunked WY/UT form.
 
@@ -78,7 +77,9 @@ def chunk_delta_rule(
             and log_decay: a per-sequence constant).
         scale: multiplies every output (e.g. K ** -0.5).
         initial_state: optional S_{-1}, broadcastable to [B, *lanes, K, V].
-        chunk_size: tokens per chunk (shorter inputs use the next power of two >= T).
+        chunk_size: tokens per chunk (shorter inputs use the next power of two >= T); None:
+            the measured best of the path taken (32 for the torch path, see docs/benchmarks.md;
+            the Triton kernels' own default on GPU).
 
     Returns:
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
@@ -90,15 +91,21 @@ def chunk_delta_rule(
         except ImportError:
             pass
         else:
+            sizing = {} if chunk_size is None else {"chunk_size": chunk_size}
             return triton_chunk_delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                           chunk_size=chunk_size)
-    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
+                                           **sizing)
+    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state,
+                                   _CHUNK if chunk_size is None else chunk_size)
 
 
 def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
                             scale: float, initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
     """chunk_delta_rule as torch ops (differentiable by autograd; any device): the CPU path, and
-    the Triton path's fallback for training, float64 and shapes its kernels do not take."""
+    the Triton path's fallback for training, float64 and shapes its kernels do not take.
+
+    Without autograd (no input requires grad, or grad mode is off) the inputs are copied once
+    into chunk-major buffers (scale and beta applied in the same pass) and the chunk loop writes
+    into preallocated outputs; with autograd the same algebra runs on functional ops."""
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, beta, log_decay)
     if chunk_size < 1:
@@ -107,38 +114,92 @@ def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     length = min(chunk_size, 1 << max(steps - 1, 0).bit_length())
     count = -(-steps // length)
     heads = math.prod(lanes)
-
-    def chunks(x: Tensor, width: tuple[int, ...], first: int, number: int) -> Tensor:
-        """Chunks first .. first + number - 1 of x [B, T, *lanes, *width] as [G, B*H, L, *width]
-        (one copy; zero-padded past T; a size-1 time axis broadcasts)."""
-        start, stop = first * length, (first + number) * length
-        present = min(stop, steps) - start
-        x = x if x.shape[1] == 1 else x[:, start:start + present]
-        x = x.to(dtype).expand(batch, present, *lanes, *width).reshape(batch, present, heads, *width)
-        if present < stop - start:
-            x = F.pad(x, (0, 0) * (len(width) + 1) + (0, stop - start - present))
-        x = x.reshape(batch, number, length, heads, *width).permute(1, 0, 3, 2, *range(4, 4 + len(width)))
-        return x.reshape(number, batch * heads, length, *width)
-
     state = torch.zeros(batch * heads, width_k, width_v, dtype=dtype, device=q.device)
     if initial_state is not None:
         state = initial_state.to(dtype).expand(batch, *lanes, width_k, width_v).reshape(state.shape)
-    # groups of chunks keep the [G, BH, L, L] operands cache-resident (as in chunkwise.py)
-    group = max(1, _GROUP_BYTES * torch.get_num_threads() // (batch * heads * length * length * dtype.itemsize))
     if steps == 0:
         return v.new_zeros(batch, 0, *lanes, width_v), state.reshape(batch, *lanes, width_k, width_v)
-    pieces = []
-    for first in range(0, count, group):
-        number = min(group, count - first)
-        keys = chunks(k, (width_k,), first, number)
-        o, state = _chunk_group(
-            chunks(q, (width_k,), first, number), keys, chunks(v, (width_v,), first, number),
-            chunks(beta, (), first, number), None if log_decay is None else chunks(log_decay, (), first, number),
-            state, scale)
-        pieces.append(o.reshape(number, batch, heads, length, width_v).permute(1, 0, 3, 2, 4))  # [B, G, L, H, V]
-    o = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
-    o = o.reshape(batch, count * length, *lanes, width_v)[:, :steps]
-    return o.to(v.dtype), state.reshape(batch, *lanes, width_k, width_v)
+    inputs = (q, k, v, beta, log_decay, initial_state)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    layout = _Layout(batch, steps, lanes, heads, length, count, dtype, grad)
+    o, state = _chunks(layout, q, k, v, beta, log_decay, state, scale)
+    o = layout.unpack(o, width_v, v.dtype)
+    return o, state.reshape(batch, *lanes, width_k, width_v)
+
+
+class _Layout:
+    """[B, T, *lanes, *width] <-> chunk-major [count, B * H, L, *width] (zero past T)."""
+
+    def __init__(self, batch: int, steps: int, lanes: tuple[int, ...], heads: int, length: int, count: int,
+                 dtype: torch.dtype, grad: bool):
+        self.batch, self.steps, self.lanes, self.heads = batch, steps, lanes, heads
+        self.length, self.count, self.dtype, self.grad = length, count, dtype, grad
+
+    def _heads(self, x: Tensor, width: tuple[int, ...]) -> Tensor:
+        """x [B, T or 1, *lanes, *width] as [B, T, H, *width] (a view when the lanes allow)."""
+        x = x.expand(self.batch, self.steps, *self.lanes, *width)
+        return x.reshape(self.batch, self.steps, self.heads, *width)
+
+    def pack(self, x: Tensor, width: tuple[int, ...], factor: Tensor | float | None = None,
+             out: Tensor | None = None) -> Tensor:
+        """x (times factor: a float, or [B, T or 1, *lanes] per token) in the chunk-major layout,
+        written into `out` ([count, B, H, L, *width], any strides) when given and not under
+        autograd; returns [count, B, H, L, *width]."""
+        batch, steps, length, count = self.batch, self.steps, self.length, self.count
+        x = self._heads(x, width)
+        if isinstance(factor, Tensor):
+            factor = self._heads(factor, ()).reshape(batch, steps, self.heads, *(1,) * len(width))
+        axes = (1, 0, 3, 2, *range(4, 4 + len(width)))  # [count, B, H, L, ...] <-> [B, count, L, H, ...]
+        if self.grad:
+            x = x.to(self.dtype)
+            if factor is not None:
+                x = x * (factor.to(self.dtype) if isinstance(factor, Tensor) else factor)
+            if count * length > steps:
+                x = F.pad(x, (0, 0) * (len(width) + 1) + (0, count * length - steps))
+            return x.reshape(batch, count, length, self.heads, *width).permute(axes)
+        if out is None:
+            out = torch.empty(count, batch, self.heads, length, *width, dtype=self.dtype, device=x.device)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        if isinstance(factor, Tensor) and factor.dtype != self.dtype:
+            factor = factor.to(self.dtype)
+        target = out.permute(axes)  # [B, count, L, H, ...]
+        full = steps // length
+        pieces = [(target[:, :full], slice(0, full * length), (batch, full, length))] if full else []
+        if full < count:  # the last chunk: steps - full * length tokens, zeros after them
+            rest = steps - full * length
+            pieces.append((target[:, full, :rest], slice(full * length, steps), (batch, rest)))
+            target[:, full, rest:].zero_()
+        for dst, span, shape in pieces:
+            src = x[:, span].reshape(*shape, self.heads, *width)
+            if factor is None:
+                dst.copy_(src)
+            elif isinstance(factor, Tensor):
+                torch.mul(src, factor[:, span].reshape(*shape, self.heads, *(1,) * len(width)), out=dst)
+            else:
+                torch.mul(src, factor, out=dst)
+        return out
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """x [count * B * H, L, 1] (per token, chunk-major) back as [B, T, *lanes]."""
+        x = x.reshape(self.count, self.batch, self.heads, self.length).permute(1, 0, 3, 2)
+        x = x.reshape(self.batch, self.count * self.length, *self.lanes)
+        return x[:, :self.steps]
+
+    def unpack(self, o: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+        """o [count * B * H, L, width] as [B, T, *lanes, width] in dtype."""
+        batch, steps, length, count, heads = self.batch, self.steps, self.length, self.count, self.heads
+        o = o.view(count, batch, heads, length, width).permute(1, 0, 3, 2, 4)  # [B, count, L, H, V]
+        if self.grad:
+            o = o.reshape(batch, count * length, *self.lanes, width)[:, :steps]
+            return o.to(dtype)
+        out = torch.empty(batch, steps, heads, width, dtype=dtype, device=o.device)
+        full = steps // length
+        if full:
+            out[:, :full * length].view(batch, full, length, heads, width).copy_(o[:, :full])
+        if full < count:
+            out[:, full * length:].copy_(o[:, full, :steps - full * length])
+        return out.view(batch, steps, *self.lanes, width)
 
 
 def delta_rule_step(
@@ -180,51 +241,90 @@ def delta_rule_step(
     return o.to(out_dtype), new_S
 
 
-def _chunk_group(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: Tensor,
-                 scale: float) -> tuple[Tensor, Tensor]:
-    """scale * outputs [G * BH, L, V] of G consecutive chunks entered with `state` [BH, K, V],
-    and the state that leaves them; q, k [G, BH, L, K], v [G, BH, L, V], beta and g [G, BH, L]."""
-    chunks, heads, length = q.shape[:3]
-    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
-    flat = lambda x: x.flatten(0, 1)  # noqa: E731  [G * BH, ...] for bmm
-    keys, queries = flat(k), flat(q)
-    scores, attn = keys @ keys.transpose(-1, -2), queries @ keys.transpose(-1, -2)  # K K^T, Q K^T
+def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+            state: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """scale * outputs [count * BH, L, V] of every chunk entered with `state` [BH, K, V], and
+    the state that leaves the last one.
+
+    Work per chunk and head (L = chunk length): one [2L, K] x [K, L] product for K K^T and
+    Q K^T together, one unit triangular inverse, one [L, L] x [L, V + K] product for U and W
+    together, two [L, K] x [K, V] products in the sequential loop and two for the outputs."""
+    count, length, grad = layout.count, layout.length, layout.grad
+    width_k, width_v = k.shape[-1], v.shape[-1]
+    heads = layout.batch * layout.heads
+    chunks = count * heads
+    b = layout.pack(beta, ()).reshape(chunks, length, 1)
+    written = beta  # the per-token factor of the W columns: beta, or beta gamma when gated
     if g is not None:
-        g = flat(g)
-        from_start = torch.cumsum(g, dim=-1)  # log gamma_i
-        gamma = torch.exp(from_start)[..., None]
-        # span[i, j] = sum of g over j < r <= i: a cumsum down each column, exact for any gates
-        span = torch.cumsum(torch.where(causal.tril(-1), g[..., :, None], 0.0), dim=-2)
-        ratio = span.masked_fill_(~causal, -torch.inf).exp_()  # Gamma_ij = gamma_i / gamma_j, 0 above
-        scores, attn = scores * ratio, attn * ratio
-        queries = queries * gamma  # they read the entering state decayed to each position
-        written_keys = keys * gamma
-        keys = keys * torch.exp(_suffix_sums(g))[..., None]  # they write decayed to the chunk end
-        gate = gamma[:, -1:].unflatten(0, (chunks, heads))  # [G, BH, 1, 1]
+        g = layout.pack(g, ()).reshape(chunks, length)
+        gamma = torch.exp(torch.cumsum(g, dim=-1))[..., None]  # gamma_i: the gates from the chunk start to i
+        written = layout.tokens(b * gamma)
+    # rows [K; scale Q] (one product gives K K^T and Q K^T) and columns [beta V | beta gamma K]
+    # (one product gives U and W), packed straight from the inputs
+    if grad:
+        stacked = torch.cat([layout.pack(k, (width_k,)), layout.pack(q, (width_k,), scale)], dim=-2)
+        right = torch.cat([layout.pack(v, (width_v,), beta), layout.pack(k, (width_k,), written)], dim=-1)
     else:
-        written_keys, gate = keys, None
-        attn = attn.masked_fill_(~causal, 0.0)
-    # T = A^-1 with A = I + strict_tril(diag(beta) (K K^T (.) Gamma)); U = T diag(beta) V and
-    # W = T diag(beta) (gamma (.) K): an inverse and two products beat one solve with K + V
-    # right-hand sides (LAPACK's batched trsm is slow at this size)
-    eye = torch.eye(length, dtype=q.dtype, device=q.device)
-    b = flat(beta)[..., None]
-    lower = (b * scores).tril_(-1) + eye
+        stacked = torch.empty(count, layout.batch, layout.heads, 2 * length, width_k, dtype=layout.dtype,
+                              device=q.device)
+        layout.pack(k, (width_k,), out=stacked[..., :length, :])
+        layout.pack(q, (width_k,), scale, out=stacked[..., length:, :])
+        right = torch.empty(count, layout.batch, layout.heads, length, width_v + width_k, dtype=layout.dtype,
+                            device=q.device)
+        layout.pack(v, (width_v,), beta, out=right[..., :width_v])
+        layout.pack(k, (width_k,), written, out=right[..., width_v:])
+    stacked = stacked.reshape(chunks, 2 * length, width_k)
+    right = right.reshape(chunks, length, width_v + width_k)
+    keys, queries = stacked[:, :length], stacked[:, length:]
+    scores = torch.bmm(stacked, keys.transpose(-1, -2))  # [K K^T; scale Q K^T]  [chunks, 2L, L]
+    if g is not None:
+        # span[i, j] = sum of g over j < r <= i: a cumsum down each column, exact for any gates;
+        # Gamma_ij = exp(span) = gamma_i / gamma_j on and below the diagonal, 0 above (tril_: an
+        # exp of -inf is ~10x slower than of a number on this CPU, so no -inf fill before the exp)
+        strict = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
+        span = torch.cumsum(torch.where(strict, g[..., :, None], 0.0), dim=-2)
+        ratio = span.exp().tril() if grad else span.exp_().tril_()
+        pairs = scores.view(chunks, 2, length, length)
+        scores = (pairs * ratio[:, None] if grad else pairs.mul_(ratio[:, None])).view(chunks, 2 * length, length)
+        queries = queries * gamma  # they read the entering state decayed to each position
+        decayed = keys * torch.exp(_suffix_sums(g))[..., None]  # they write decayed to the chunk end
+        gate = gamma[:, -1:].view(count, heads, 1, 1)  # gamma_L per chunk and head
+    else:
+        decayed, gate = keys, None
+    attn = scores[:, length:]
+    if g is None:  # causal (the gated ratio is already 0 above the diagonal)
+        attn = attn.tril() if grad else attn.tril_()
+    # T = A^-1, A = I + strict_tril(diag(beta) (K K^T (.) Gamma)): solve_triangular reads only the
+    # strict lower triangle of `lower` (unit diagonal); an inverse and one product beat one solve
+    # with K + V right-hand sides (LAPACK's batched trsm is slow at this size)
+    eye = torch.eye(length, dtype=layout.dtype, device=q.device)
+    lower = b * scores[:, :length]
     inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
-    inverse = inverse * b.transpose(-1, -2)
-    u = (inverse @ flat(v)).unflatten(0, (chunks, heads))
-    w = (inverse @ written_keys).unflatten(0, (chunks, heads))
-    keys_t = keys.transpose(-1, -2).contiguous().unflatten(0, (chunks, heads))  # [G, BH, K, L]
+    uw = torch.bmm(inverse, right).view(count, heads, length, width_v + width_k)  # [U | W]
+    u, w = uw[..., :width_v], uw[..., width_v:]
+    keys_t = decayed.view(count, heads, length, width_k).transpose(-1, -2)  # [count, BH, K, L]
     # the chunks in order: what a chunk writes, U - W S, depends on the state entering it
-    entering, written = [], []
-    for c in range(chunks):
-        entering.append(state)
-        new = torch.baddbmm(u[c], w[c], state, alpha=-1.0)
-        written.append(new)
-        decayed = state if gate is None else gate[c] * state
-        state = torch.baddbmm(decayed, keys_t[c], new)
-    o = attn @ torch.cat(written)
-    o = o.baddbmm_(queries, torch.cat(entering), beta=scale, alpha=scale)
+    if grad:
+        entering, new = [], []
+        for c in range(count):
+            entering.append(state)
+            new.append(torch.baddbmm(u[c], w[c], state, alpha=-1.0))
+            state = torch.baddbmm(state if gate is None else gate[c] * state, keys_t[c], new[-1])
+        entering, new = torch.cat(entering), torch.cat(new)
+    else:
+        entering = torch.empty(count + 1, heads, width_k, width_v, dtype=layout.dtype, device=q.device)
+        new = torch.empty(count, heads, length, width_v, dtype=layout.dtype, device=q.device)
+        entering[0] = state
+        for c in range(count):
+            torch.baddbmm(u[c], w[c], entering[c], alpha=-1.0, out=new[c])
+            if gate is None:
+                torch.baddbmm(entering[c], keys_t[c], new[c], out=entering[c + 1])
+            else:
+                torch.mul(entering[c], gate[c], out=entering[c + 1]).baddbmm_(keys_t[c], new[c])
+        state, entering, new = entering[count], entering[:count], new
+    o = torch.bmm(queries, entering.reshape(chunks, width_k, width_v))
+    o = o.baddbmm(attn, new.reshape(chunks, length, width_v)) if grad else \
+        o.baddbmm_(attn, new.view(chunks, length, width_v))
     return o, state
 
 
