@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from . import compile_time, cpu, delta, gla, machine, peers, recurrence, report, streaming
+from . import compile_time, cpu, delta, gla, machine, peers, recurrence, report, streaming, timing
 from .cases import Settings
 
 CASES = {
@@ -22,6 +23,7 @@ CASES = {
     "gla": gla.run_gla,
     "simple_gla": gla.run_simple_gla,
     "delta_rule": delta.run,
+    "gated_delta_rule": delta.run_gated,
     "streaming": streaming.run,
     "compile": compile_time.run,
     "cpu": cpu.run,
@@ -40,6 +42,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--psmc-path", choices=["auto", "api", "runtime"], default="auto",
                         help="reach psmc through the public API (psmc.load), the runtime functions it calls, "
                              "or the API when it loads (default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall clock (default) or this process's CPU time (a shared machine's waits not "
+                             "charged; use with --threads 1); cpu tables get their own markers")
     parser.add_argument("--compile-peers", action="store_true",
                         help="also time torch.compile'd associative_scan (compiling takes about a minute)")
     args = parser.parse_args(argv)
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     peers.PSMC_PATH["mode"] = args.psmc_path
+    if args.clock == "cpu":
+        timing.CLOCK.update(name="cpu", read=time.process_time)
     settings = Settings(quick=args.quick, repeat=args.repeat or (3 if args.quick else 7),
                         compile_peers=args.compile_peers, budget_s=5.0 if args.quick else 15.0)
     command = "python -m benchmarks" + "".join(" " + shlex.quote(a) for a in argv)
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.text(result), flush=True)
         key = name if args.threads == 2 else f"{name}-threads{args.threads}"  # 2: the setting
+        key += "-cpuclock" if args.clock == "cpu" else ""
         blocks[key] = report.markdown(result, command, about, key)
     if args.out != "-":
         report.write(Path(args.out), blocks)

@@ -1,9 +1,15 @@
-"""Case `delta_rule` at (B, T, H, K, V) = (2, 1024, 4, 64, 64), fp32: the delta rule (DeltaNet).
+"""Cases `delta_rule` and `gated_delta_rule` at (B, T, H, K, V) = (2, 1024, 4, 64, 64), fp32.
 
-psmc takes [B, T, H, ...] inputs; fla's naive references take [B, H, T, ...] and are given
-them pre-transposed (the transposes are not timed). Keys are l2-normalised and beta =
-sigmoid(normal), as DeltaNet layers produce them; every implementation computes fla's
-o = (q K^-1/2) S_t. The target (issue 10): psmc forward <= 0.5x the faster fla reference.
+delta_rule (DeltaNet): psmc takes [B, T, H, ...] inputs; fla's naive delta-rule references
+take [B, H, T, ...] and are given them pre-transposed (the transposes are not timed). Keys are
+l2-normalised and beta = sigmoid(normal), as DeltaNet layers produce them; every
+implementation computes fla's o = (q K^-1/2) S_t. The target (issue 10): psmc forward <= 0.5x
+the faster fla reference.
+
+gated_delta_rule (Gated DeltaNet): the same inputs plus log gates g = logsigmoid(normal);
+fla's gated references take [B, T, H, ...] as psmc does. Measured beside the delta rule (the
+two share psmc.runtime.delta); the issue sets no target of its own for it, the 0.5x line is
+shown for comparison.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from .report import CaseResult, psmc_impls, ratio_verdict
 SHAPE = (2, 1024, 4, 64, 64)  # (B, T, H, K, V)
 PEERS = [("fla.ops.delta_rule.naive", "delta_rule_recurrence"),
          ("fla.ops.delta_rule.naive", "delta_rule_chunkwise")]
+GATED_PEERS = [("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule"),
+               ("fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule")]
 
 
 def _inputs():
@@ -27,6 +35,11 @@ def _inputs():
     v = torch.randn(batch, steps, heads, width_v)
     beta = torch.sigmoid(torch.randn(batch, steps, heads))
     return q, k, v, beta
+
+
+def _gated_inputs():
+    q, k, v, beta = _inputs()
+    return q, k, v, beta, F.logsigmoid(torch.randn(*beta.shape))
 
 
 def _psmc(tensors, grad: bool):
@@ -61,6 +74,59 @@ def _peer(settings, measure_name, module, attribute, tensors, grad):
         inputs = with_grad(*heads_first) if grad else heads_first
         call = forward_backward(lambda: fn(*inputs), inputs) if grad else (lambda: fn(*inputs))
     return timed_row(settings, "delta_rule", measure_name, attribute, module, call, skip=why)
+
+
+def _gated_psmc(tensors, grad: bool):
+    """The gated rows: examples/gated_delta_rule.psm (its readout scales by K ** -0.5 itself)
+    through psmc.load, and the runtime function it calls."""
+    from psmc.runtime.delta import chunk_delta_rule
+
+    q, k, v, beta, g = with_grad(*tensors) if grad else tensors
+    width_k, width_v = q.shape[-1], v.shape[-1]
+
+    def wrap(fn):
+        return forward_backward(fn, [q, k, v, beta, g]) if grad else fn
+
+    def api(cls):
+        if cls.spec.fast is None:
+            raise RuntimeError("the layer's plan is the generic matrix-affine scan (no delta-rule fast path in "
+                               "this build)")
+        layer = cls(K=width_k, V=width_v)
+        return wrap(lambda: layer(k=k, v=v, beta=beta, g=g, q=q))
+
+    runtime_call = wrap(lambda: chunk_delta_rule(q, k, v, beta, g, scale=width_k ** -0.5)[0])
+    return peers.psmc_calls(api, "gated_delta_rule", ("chunk_delta_rule", runtime_call))
+
+
+def _gated_peer(settings, measure_name, module, attribute, tensors, grad):
+    fn, why = peers.optional(module, attribute)
+    call = None
+    if fn is not None:
+        q, k, v, beta, g = with_grad(*tensors) if grad else tensors
+        if attribute.startswith("naive_chunk"):
+            run = lambda: fn(q, k, v, g, beta)  # noqa: E731  (its argument order: g before beta)
+        else:
+            run = lambda: fn(q, k, v, beta, g)  # noqa: E731
+        call = forward_backward(run, [q, k, v, beta, g]) if grad else run
+    return timed_row(settings, "gated_delta_rule", measure_name, attribute, module, call, skip=why)
+
+
+def run_gated(settings: Settings) -> CaseResult:
+    tensors = _gated_inputs()
+    rows = []
+    for measure_name, grad in (("fwd", False), ("fwd+bwd", True)):
+        found, why = _gated_psmc(tensors, grad)
+        for entry in found:
+            rows.append(timed_row(settings, "gated_delta_rule", measure_name, entry.impl, entry.path, entry.call,
+                                  is_psmc=True))
+        if not found:
+            rows.append(timed_row(settings, "gated_delta_rule", measure_name, "psmc", "api", None, is_psmc=True,
+                                  skip=why))
+        for module, attribute in GATED_PEERS:
+            rows.append(_gated_peer(settings, measure_name, module, attribute, tensors, grad))
+    verdicts = tuple(ratio_verdict(rows, "fwd", 0.5, None, impl) for impl in psmc_impls(rows))
+    return CaseResult("gated_delta_rule", f"gated delta rule (Gated DeltaNet), (B, T, H, K, V) = {SHAPE}, fp32",
+                      tuple(rows), verdicts)
 
 
 def run(settings: Settings) -> CaseResult:

@@ -52,9 +52,11 @@ from psmc.runtime.ops import broadcast_shapes
 
 __all__ = ["chunk_delta_rule", "delta_rule_step"]
 
-# tokens per chunk on the torch path: at (B, T, H, K, V) = (2, 1024, 4, 64, 64), 1 thread, 32 beat
-# 16, 64 and 128 (docs/benchmarks.md): the [L, L] terms shrink with L, the sequential loop grows
+# tokens per chunk on the torch path, measured at (B, T, H, K, V) = (2, 1024, 4, 64, 64), 1 thread
+# (docs/benchmarks.md): without autograd 32 beat 16, 64 and 128 (the [L, L] terms shrink with L,
+# the sequential loop grows); under autograd, whose backward replays the loop, 64 beat 32
 _CHUNK = 32
+_CHUNK_AUTOGRAD = 64
 
 def chunk_delta_rule(
     q: Tensor,
@@ -78,8 +80,8 @@ def chunk_delta_rule(
         scale: multiplies every output (e.g. K ** -0.5).
         initial_state: optional S_{-1}, broadcastable to [B, *lanes, K, V].
         chunk_size: tokens per chunk (shorter inputs use the next power of two >= T); None:
-            the measured best of the path taken (32 for the torch path, see docs/benchmarks.md;
-            the Triton kernels' own default on GPU).
+            the measured best of the path taken (torch: 32, or 64 under autograd; the Triton
+            kernels' own default on GPU).
 
     Returns:
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
@@ -94,12 +96,12 @@ def chunk_delta_rule(
             sizing = {} if chunk_size is None else {"chunk_size": chunk_size}
             return triton_chunk_delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
                                            **sizing)
-    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state,
-                                   _CHUNK if chunk_size is None else chunk_size)
+    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
 
 
 def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
-                            scale: float, initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+                            scale: float, initial_state: Tensor | None,
+                            chunk_size: int | None) -> tuple[Tensor, Tensor]:
     """chunk_delta_rule as torch ops (differentiable by autograd; any device): the CPU path, and
     the Triton path's fallback for training, float64 and shapes its kernels do not take.
 
@@ -108,6 +110,10 @@ def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     into preallocated outputs; with autograd the same algebra runs on functional ops."""
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, beta, log_decay)
+    inputs = (q, k, v, beta, log_decay, initial_state)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    if chunk_size is None:
+        chunk_size = _CHUNK_AUTOGRAD if grad else _CHUNK
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -119,8 +125,6 @@ def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
         state = initial_state.to(dtype).expand(batch, *lanes, width_k, width_v).reshape(state.shape)
     if steps == 0:
         return v.new_zeros(batch, 0, *lanes, width_v), state.reshape(batch, *lanes, width_k, width_v)
-    inputs = (q, k, v, beta, log_decay, initial_state)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     layout = _Layout(batch, steps, lanes, heads, length, count, dtype, grad)
     o, state = _chunks(layout, q, k, v, beta, log_decay, state, scale)
     o = layout.unpack(o, width_v, v.dtype)
