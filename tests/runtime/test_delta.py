@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from psmc.runtime.delta import chunk_delta_rule, delta_rule_step
 
@@ -74,6 +76,37 @@ def test_chunked_equals_the_per_token_recurrence(dtype, gated, steps, chunk):
         assert o.dtype == dtype and state.dtype == dtype  # fp32 state for fp32, fp64 for fp64
         assert_close(o, ref_o, dtype)
         assert_close(state, ref_state, dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 2), steps=st.integers(1, 70),
+       lanes=st.sampled_from([(), (1,), (3,), (2, 2)]), width_k=st.integers(1, 6), width_v=st.integers(1, 5),
+       chunk=st.sampled_from([None, 1, 3, 8, 32, 64]), gated=st.booleans(), initial=st.booleans(),
+       per_sequence=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       mode=st.sampled_from(["autograd", "no_grad", "inference_mode"]))
+def test_buffer_and_autograd_paths_equal_the_recurrence(seed, batch, steps, lanes, width_k, width_v, chunk, gated,
+                                                         initial, per_sequence, dtype, mode):
+    """Without autograd the pass packs the inputs into preallocated chunk-major buffers (scale,
+    beta and gamma applied in the copy) and writes the chunk loop into them; with autograd it
+    runs the same algebra on functional ops. Both equal the per-token recurrence, for any chunk
+    length (None: the defaults, 32 and 64), padding, broadcast lane and time axes, and in
+    inference mode."""
+    q, k, v, beta, g = make(seed, batch, steps, lanes, width_k, width_v, dtype=dtype, gated=gated)
+    if per_sequence:  # beta (and the gate) once per sequence, broadcast over time
+        beta, g = beta[:, :1], None if g is None else g[:, :1]
+    s0 = torch.randn(batch, *lanes, width_k, width_v, dtype=dtype) if initial else None
+    ref_o, ref_state = loop_reference(q, k, v, beta, g, s0, scale=0.6)
+    args = (q, k, v, beta, g)
+    if mode == "autograd":
+        args = tuple(None if t is None else t.clone().requires_grad_() for t in args)
+        o, state = chunk_delta_rule(*args, scale=0.6, initial_state=s0, chunk_size=chunk)
+        assert o.grad_fn is not None
+    else:
+        with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+            o, state = chunk_delta_rule(*args, scale=0.6, initial_state=s0, chunk_size=chunk)
+    assert o.dtype == dtype and state.dtype == dtype
+    assert_close(o.detach(), ref_o, dtype)
+    assert_close(state.detach(), ref_state, dtype)
 
 
 @pytest.mark.parametrize("lane_shapes", [
