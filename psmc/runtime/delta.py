@@ -43,6 +43,7 @@ are O(T (L + K + V)) per lane; the saved chunk states O(T / L * K V)).
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -257,10 +258,16 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
     width_k, width_v = k.shape[-1], v.shape[-1]
     heads = layout.batch * layout.heads
     chunks = count * heads
-    b = layout.pack(beta, ()).reshape(chunks, length, 1)
+    scratch = None if grad else _Scratch(q.device, layout.dtype)
+
+    def out(name: str, *shape: int) -> dict:
+        """out= for a torch op: a reused scratch tensor without autograd, none (a new tensor) with it."""
+        return {} if grad else {"out": scratch.get(name, shape)}
+
+    b = layout.pack(beta, (), **out("b", count, layout.batch, layout.heads, length)).reshape(chunks, length, 1)
     written = beta  # the per-token factor of the W columns: beta, or beta gamma when gated
     if g is not None:
-        g = layout.pack(g, ()).reshape(chunks, length)
+        g = layout.pack(g, (), **out("g", count, layout.batch, layout.heads, length)).reshape(chunks, length)
         gamma = torch.exp(torch.cumsum(g, dim=-1))[..., None]  # gamma_i: the gates from the chunk start to i
         written = layout.tokens(b * gamma)
     # rows [K; scale Q] (one product gives K K^T and Q K^T) and columns [beta V | beta gamma K]
@@ -269,18 +276,17 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
         stacked = torch.cat([layout.pack(k, (width_k,)), layout.pack(q, (width_k,), scale)], dim=-2)
         right = torch.cat([layout.pack(v, (width_v,), beta), layout.pack(k, (width_k,), written)], dim=-1)
     else:
-        stacked = torch.empty(count, layout.batch, layout.heads, 2 * length, width_k, dtype=layout.dtype,
-                              device=q.device)
+        stacked = scratch.get("stacked", (count, layout.batch, layout.heads, 2 * length, width_k))
         layout.pack(k, (width_k,), out=stacked[..., :length, :])
         layout.pack(q, (width_k,), scale, out=stacked[..., length:, :])
-        right = torch.empty(count, layout.batch, layout.heads, length, width_v + width_k, dtype=layout.dtype,
-                            device=q.device)
+        right = scratch.get("right", (count, layout.batch, layout.heads, length, width_v + width_k))
         layout.pack(v, (width_v,), beta, out=right[..., :width_v])
         layout.pack(k, (width_k,), written, out=right[..., width_v:])
     stacked = stacked.reshape(chunks, 2 * length, width_k)
     right = right.reshape(chunks, length, width_v + width_k)
     keys, queries = stacked[:, :length], stacked[:, length:]
-    scores = torch.bmm(stacked, keys.transpose(-1, -2))  # [K K^T; scale Q K^T]  [chunks, 2L, L]
+    scores = torch.bmm(stacked, keys.transpose(-1, -2), **out("scores", chunks, 2 * length, length))
+    # scores = [K K^T; scale Q K^T]  [chunks, 2L, L]
     if g is not None:
         # span[i, j] = sum of g over j < r <= i: a cumsum down each column, exact for any gates;
         # Gamma_ij = exp(span) = gamma_i / gamma_j on and below the diagonal, 0 above (tril_: an
@@ -290,8 +296,9 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
         ratio = span.exp().tril() if grad else span.exp_().tril_()
         pairs = scores.view(chunks, 2, length, length)
         scores = (pairs * ratio[:, None] if grad else pairs.mul_(ratio[:, None])).view(chunks, 2 * length, length)
-        queries = queries * gamma  # they read the entering state decayed to each position
-        decayed = keys * torch.exp(_suffix_sums(g))[..., None]  # they write decayed to the chunk end
+        # queries read the entering state decayed to each position; keys write decayed to the chunk end
+        queries = torch.mul(queries, gamma, **out("queries", chunks, length, width_k))
+        decayed = torch.mul(keys, torch.exp(_suffix_sums(g))[..., None], **out("decayed", chunks, length, width_k))
         gate = gamma[:, -1:].view(count, heads, 1, 1)  # gamma_L per chunk and head
     else:
         decayed, gate = keys, None
@@ -302,9 +309,11 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
     # strict lower triangle of `lower` (unit diagonal); an inverse and one product beat one solve
     # with K + V right-hand sides (LAPACK's batched trsm is slow at this size)
     eye = torch.eye(length, dtype=layout.dtype, device=q.device)
-    lower = b * scores[:, :length]
-    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
-    uw = torch.bmm(inverse, right).view(count, heads, length, width_v + width_k)  # [U | W]
+    lower = torch.mul(b, scores[:, :length], **out("lower", chunks, length, length))
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True,
+                                            **out("inverse", chunks, length, length))
+    uw = torch.bmm(inverse, right, **out("uw", chunks, length, width_v + width_k))
+    uw = uw.view(count, heads, length, width_v + width_k)  # [U | W]
     u, w = uw[..., :width_v], uw[..., width_v:]
     keys_t = decayed.view(count, heads, length, width_k).transpose(-1, -2)  # [count, BH, K, L]
     # the chunks in order: what a chunk writes, U - W S, depends on the state entering it
@@ -316,8 +325,8 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
             state = torch.baddbmm(state if gate is None else gate[c] * state, keys_t[c], new[-1])
         entering, new = torch.cat(entering), torch.cat(new)
     else:
-        entering = torch.empty(count + 1, heads, width_k, width_v, dtype=layout.dtype, device=q.device)
-        new = torch.empty(count, heads, length, width_v, dtype=layout.dtype, device=q.device)
+        entering = scratch.get("entering", (count + 1, heads, width_k, width_v))
+        new = scratch.get("new", (count, heads, length, width_v))
         entering[0] = state
         for c in range(count):
             torch.baddbmm(u[c], w[c], entering[c], alpha=-1.0, out=new[c])
@@ -325,11 +334,49 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
                 torch.baddbmm(entering[c], keys_t[c], new[c], out=entering[c + 1])
             else:
                 torch.mul(entering[c], gate[c], out=entering[c + 1]).baddbmm_(keys_t[c], new[c])
-        state, entering, new = entering[count], entering[:count], new
-    o = torch.bmm(queries, entering.reshape(chunks, width_k, width_v))
+        state, entering = entering[count].clone(), entering[:count]  # (the scratch stays here)
+    o = torch.bmm(queries, entering.reshape(chunks, width_k, width_v), **out("o", chunks, length, width_v))
     o = o.baddbmm(attn, new.reshape(chunks, length, width_v)) if grad else \
         o.baddbmm_(attn, new.view(chunks, length, width_v))
     return o, state
+
+
+class _Scratch:
+    """The buffer path's scratch tensors, kept for the next call in this thread.
+
+    A fresh multi-MB tensor comes from new pages (glibc serves it by mmap, or after trimming its
+    heap), so a call that allocates its scratch afresh pays a page fault per 4 KiB: at (B, T, H,
+    K, V) = (2, 1024, 4, 64, 64) ~6000 faults and ~18 ms instead of ~9 ms (1 thread; which of the
+    two a process gets depended on what it had freed before). Kept: CPU tensors only (no stream
+    order to mind), at most _SCRATCH_BYTES per thread, one set per (device, dtype, inference mode)
+    at a time; a tensor of another shape replaces its predecessor. Nothing a call returns lives
+    here, and nothing here outlives the call's use of it (calls in one thread do not overlap)."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        key = (device, dtype, torch.is_inference_mode_enabled())
+        kept = getattr(_SCRATCH, "kept", None)
+        if device.type != "cpu":
+            self.tensors = {}
+        elif kept is not None and kept[0] == key:
+            self.tensors = kept[1]
+        else:
+            self.tensors = {}
+            _SCRATCH.kept = (key, self.tensors)
+
+    def get(self, name: str, shape: tuple[int, ...]) -> Tensor:
+        found = self.tensors.get(name)
+        if found is not None and found.shape == shape:
+            return found
+        self.tensors.pop(name, None)
+        made = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu" and made.nbytes + sum(t.nbytes for t in self.tensors.values()) <= _SCRATCH_BYTES:
+            self.tensors[name] = made
+        return made
+
+
+_SCRATCH = threading.local()
+_SCRATCH_BYTES = 64 << 20
 
 
 def _suffix_sums(g: Tensor) -> Tensor:

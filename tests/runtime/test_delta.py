@@ -109,6 +109,24 @@ def test_buffer_and_autograd_paths_equal_the_recurrence(seed, batch, steps, lane
     assert_close(state.detach(), ref_state, dtype)
 
 
+def test_reused_scratch_never_leaks_into_results():
+    """The buffer path keeps its scratch for the next call in the thread: results of earlier calls
+    (outputs and final states) stay what they were, across shapes, gates, dtypes and inference
+    mode, and a call in normal mode after one in inference mode still runs."""
+    calls = [(1, 40, (2,), 4, 3, True, torch.float32, False), (1, 40, (2,), 4, 3, True, torch.float32, False),
+             (2, 40, (2,), 4, 3, False, torch.float32, True), (2, 33, (3,), 5, 2, True, torch.float64, False),
+             (2, 40, (2,), 4, 3, False, torch.float32, False)]
+    kept = []
+    for seed, (batch, steps, lanes, width_k, width_v, gated, dtype, inference) in enumerate(calls):
+        q, k, v, beta, g = make(100 + seed, batch, steps, lanes, width_k, width_v, dtype=dtype, gated=gated)
+        with torch.inference_mode(inference):
+            o, state = chunk_delta_rule(q, k, v, beta, g)
+        kept.append((o, state, loop_reference(q, k, v, beta, g), dtype))
+    for o, state, (ref_o, ref_state), dtype in kept:
+        assert_close(o, ref_o, dtype)
+        assert_close(state, ref_state, dtype)
+
+
 @pytest.mark.parametrize("lane_shapes", [
     ((), (), (), (), ()),  # no lane axis
     ((2, 3),) * 5,  # two lane axes
