@@ -116,7 +116,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         "        if call.carry_terms is not None:  # what _fast_carry reads",
         f"            call.carry_terms.update(q=q_, g=g_, scale={scale})",
         f"        new_state = _ScanState(prefix=({', '.join(element)},), count=(0 if state is None else "
-        "state.size) + lead[1])",
+        "state.count) + lead[1])",
         "        return (out,), new_state",
         "",
     ]
@@ -286,7 +286,7 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
         "            call.carry_terms.update(leaves=leaves, h=h, decay=decay, index=index)",
         f"        outputs = self._readout_batch(call, lead, ({', '.join(prefix)}), call.inputs, index)",
         f"        last = {'(a_last, h_last)' if ia == 0 else '(h_last, a_last)'}",
-        "        new_state = _ScanState(prefix=last, count=(0 if state is None else state.size) + lead[1])",
+        "        new_state = _ScanState(prefix=last, count=(0 if state is None else state.count) + lead[1])",
         "        return tuple(outputs), new_state",
         "",
         "    def _fast_carry(self, call, outputs, carry):",
@@ -398,11 +398,11 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
                 "        else:",
                 f"            out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
                 "initial_state=s0)",
-                "        count = (0 if state is None else state.size) + lead[1]",
+                "        count = (0 if state is None else state.count) + lead[1]",
             ]
         else:
             lines += [f"        out, s_last = _delta.delta_rule_step(s0, q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)})",
-                      "        count = state.size + 1"]
+                      "        count = state.count + 1"]
         lines += [
             f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
         ]

@@ -112,7 +112,10 @@ def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, beta, log_decay)
     inputs = (q, k, v, beta, log_decay, initial_state)
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    # (inside a torch.compile graph the functional form serves: Inductor plans the buffers, and
+    # a thread-local scratch is nothing a graph can hold)
+    grad = torch.compiler.is_compiling() or \
+        (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
     if chunk_size is None:
         chunk_size = _CHUNK_AUTOGRAD if grad else _CHUNK
     if chunk_size < 1:

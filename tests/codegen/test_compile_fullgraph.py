@@ -14,9 +14,10 @@ from layer_cases import CASES
 from layer_harness import as_tuple, layer_class, make_inputs
 
 # one op per exact-scan form: chunkwise (gla; the scalar and no-decay kinds share its code),
-# first-order recurrence, and the generic scan (T past one block of 64, so the block carries
-# are traced; delta rule runs it too). Tracing is slow on a shared 2-core machine: 3 forms.
-PLANS = ["gla", "linear_recurrence", "cumsum"]
+# first-order recurrence, the generic scan (T past one block of 64, so the block carries are
+# traced) and the delta rule's chunked WY form (without autograd its eager path writes into a
+# thread-local scratch: a graph takes the functional form; the gated rule shares the code).
+PLANS = ["gla", "linear_recurrence", "cumsum", "delta_rule"]
 
 
 def build(name, T):
@@ -59,7 +60,7 @@ def test_tree_forward_has_no_graph_breaks(name):
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("name", ["gla"])
+@pytest.mark.parametrize("name", ["gla", "delta_rule"])
 def test_fullgraph_compiled_forward_and_step_equal_eager(name):
     layer, inputs = build(name, T=70)
     dynamo.reset()
