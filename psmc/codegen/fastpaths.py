@@ -313,39 +313,66 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
 
 
 def _first_order_step(op: OpIR, ia: int, ih: int, aligned, dead: tuple, printer, body: list) -> list[str]:
-    """The decode step of the same recurrence: lift the token, h = a * h + b (one addcmul),
-    read out; no generic combine, no per-field state bookkeeping (lead = [B, *lanes])."""
+    """The decode step of the same recurrence, fused as a hand-written one would be: the lift's
+    two leaves, h = a * h + b (one addcmul) and the readout printed inline from the IR, no
+    `_lift`/`_readout` call and no materialising of a leaf at full shape (lead = [B, *lanes];
+    a result is expanded or cast only when it is not already a full field of its dtype)."""
     a, h = op.state[ia], op.state[ih]
+    reads_index = bool(leaves(op.lift, "index") or leaves(op.readout, "index"))
+    lift = BodyPrinter((op.lift[ia], op.lift[ih]), op.let_names)
+    lift_body = lift.run()
+    readout = BodyPrinter(tuple(op.readout), op.let_names)
+    readout_body = readout.run()
     lines = _bound_step_header("One token of the first-order recurrence h = a * h + b.")
-    lines += [
-        "            index = self._step_index(call, state)",
-        "            leaves = self._lift_batch(call, lead, inputs, index)",
-        f"            r_{a.name} = leaves[{ia}]",
+    lines[-2:-2] = [  # per signature: the full shape and dtype of h and of each output
+        f"        h_full, h_dtype = (*lead, *{shape_code(h.shape)}), cx.dt[{h.dtype!r}]",
     ]
-    lines += ["            " + line for line in body]
+    lines[-2:-2] = [f"        out{i}_full, out{i}_dtype = (*lead, *{shape_code(slot.shape)}), cx.dt[{slot.dtype!r}]"
+                    for i, slot in enumerate(op.outputs)]
+    lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
+    if reads_index:
+        lines += ["            index = self._step_index(call, state)"]
+    lines += ["            " + line for line in lift_body]
+    lines += [
+        f"            r_{a.name}, b_ = {lift.names[op.lift[ia]]}, {lift.names[op.lift[ih]]}",
+    ]
+    lines += ["            " + line for line in body]  # the decay, aligned with h, from r_a
     lines += [
         "            carry = state.prefix",
         f"            if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
         "                carry = self._full_state(call, state).prefix",
         f"            if carry is None or carry[{ih}] is None:  # the first token: the prefix is the leaf",
-        f"                h = leaves[{ih}]",
+        "                h = b_",
         "            else:",
-        f"                decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})",
-        f"                h = torch.addcmul(leaves[{ih}], decay, carry[{ih}])",
-        f"            h = _ops.as_field(h, lead, {shape_code(h.shape)}, cx.dt[{h.dtype!r}], cx.dev)",
+        f"                decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})"
+        if aligned.rank < len(h.shape) else f"                decay = {printer.names[aligned]}",
+        f"                h = torch.addcmul(b_, decay, carry[{ih}])",
+        "            if h.shape != h_full or h.dtype != h_dtype:  # a broadcast leaf, or the first token",
+        f"                h = _ops.as_field(h, lead, h_full[len(lead):], h_dtype, cx.dev)",
     ]
     if ia in dead:
-        lines += ["            a_new = None  # dead in a stream prefix"]
+        lines += [f"            s_{a.name} = None  # dead in a stream prefix"]
     else:
         lines += [
-            f"            a_new = leaves[{ia}] if carry is None else carry[{ia}] * leaves[{ia}]",
-            f"            a_new = _ops.as_field(a_new, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
+            f"            s_{a.name} = r_{a.name} if carry is None else carry[{ia}] * r_{a.name}",
+            f"            s_{a.name} = _ops.as_field(s_{a.name}, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
         ]
-    prefix = "(a_new, h)" if ia == 0 else "(h, a_new)"
+    lines += [f"            s_{h.name} = h"]
+    lines += ["            " + line for line in readout_body]
+    outs = []
+    for i, (node, slot) in enumerate(zip(op.readout, op.outputs)):
+        name = readout.names[node]
+        lines += [
+            f"            out{i} = {name}",
+            f"            if not isinstance(out{i}, torch.Tensor) or out{i}.shape != out{i}_full or out{i}.dtype != out{i}_dtype:",
+            f"                out{i} = _ops.as_field(out{i}, lead, out{i}_full[len(lead):], out{i}_dtype, cx.dev)",
+        ]
+        outs.append(f"out{i}")
+    prefix = f"(s_{a.name}, h)" if ia == 0 else f"(h, s_{a.name})"
     lines += [
-        f"            outputs = self._readout_batch(call, lead, {prefix}, inputs, index)",
+        f"            outputs = ({', '.join(outs)},)",
         f"            new_state = _ScanState.make({prefix}, state.count + 1, state.op)",
-        "            return tuple(outputs), (self._stream_state(new_state) if stream else new_state)",
+        "            return outputs, (self._stream_state(new_state) if stream else new_state)",
         "        return step",
         "",
     ]
