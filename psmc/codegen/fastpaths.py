@@ -15,6 +15,7 @@ beta and the scale; this module prints them and the call into the runtime.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 import re
 
 from ..ir.nodes import OpIR, leaves
@@ -164,6 +165,16 @@ def _split_constant(body: list) -> tuple[list, list]:
     return constant, per_token
 
 
+def _on_numbers(line: str) -> str:
+    """A constant line (dims and literals only: its operands are Python numbers) with
+    `_ops.unary(torch.f, x)` as `math.f(x)` where math has f: what `unary` does for a number,
+    without a call into psmc.runtime.ops (under torch.compile, fewer globals to guard)."""
+    m = re.fullmatch(r"(t\d+) = _ops\.unary\(torch\.(\w+), (.+)\)(  # .*)?", line)
+    if m is None or not hasattr(math, m.group(2)):
+        return line
+    return f"{m.group(1)} = math.{m.group(2)}({m.group(3)}){m.group(4) or ''}"
+
+
 def _chunkwise_carry(op: OpIR, p: dict) -> list[str]:
     """The outputs of a pass run from zero, corrected for a carry-in S0 entering before the
     first token: S_t gains (prod of decays up to t) * S0, so o_t gains scale * (q_t * decays) S0,
@@ -196,7 +207,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     g = ref[p["g"]] if p["g"] is not None else "None"
     lines = _bound_step_header(f"One token of the chunkwise form (decay: {p['kind']}): the state update by hand.")
     constant, per_token = _split_constant(body)
-    lines[-2:-2] = ["        " + line for line in constant]  # dims only: computed once per signature
+    lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: computed once per signature
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
     lines += [

@@ -278,7 +278,7 @@ class PsmLayer(nn.Module):
             if not torch.is_tensor(x):
                 return None  # (the full check names it)
             shape = tuple(x.shape)
-            if not all(type(n) is int for n in shape):
+            if not all(n.__class__ is int for n in shape):  # (Dynamo answers type(n) with int for a SymInt)
                 return None  # sizes Dynamo made symbolic: no literal signature
             sig.append((name, shape, x.dtype, x.device))
         params = tuple((n, p.dtype, p.device) for n, p in self._parameters.items() if p is not None)

@@ -192,3 +192,23 @@ def test_compiled_step_raises_the_eager_errors_at_trace_time():
     with pytest.raises(Exception) as full:
         torch.compile(layer.step, fullgraph=True, backend="eager")(state, **token)
     assert str(eager.value) in str(full.value)
+
+
+def test_compiled_step_follows_a_batch_that_changes():
+    """Batch 1, then 2 and 3: Dynamo re-traces once with a symbolic batch, which is no literal,
+    so that graph takes the fully traced checks (no graph break); every call equals eager."""
+    from torch._dynamo.utils import counters
+    layer, inputs = build("gla", T=2)
+    dynamo.reset()
+    counters.clear()
+    step = torch.compile(layer.step, fullgraph=True, backend="eager")
+    for batch in (1, 2, 3):
+        part = {n: x[:1].expand(batch, *x.shape[1:]).clone() + batch for n, x in inputs.items()}
+        _, state = layer(**part, return_state=True)
+        token = {n: x[:, 0] for n, x in part.items()}
+        y, got = step(state, **token)
+        y_eager, want = layer.step(state, **token)
+        torch.testing.assert_close(y, y_eager)
+        torch.testing.assert_close(got.prefix[1], want.prefix[1])
+        assert got.op == want.op and torch.equal(got.count, want.count)
+    assert counters["stats"]["unique_graphs"] == 2
