@@ -346,6 +346,10 @@ def _first_order_step(op: OpIR, ia: int, ih: int, aligned, dead: tuple, printer,
     lines += ["            " + line for line in lift_body]
     lines += [
         f"            r_{a.name}, b_ = {lift.names[op.lift[ia]]}, {lift.names[op.lift[ih]]}",
+        f"            if not isinstance(r_{a.name}, torch.Tensor):  # a literal leaf (a constant decay)",
+        f"                r_{a.name} = _ops.as_field(r_{a.name}, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
+        "            if not isinstance(b_, torch.Tensor):",
+        "                b_ = _ops.as_field(b_, lead, h_full[len(lead):], h_dtype, cx.dev)",
     ]
     lines += ["            " + line for line in body]  # the decay, aligned with h, from r_a
     lines += [
