@@ -299,7 +299,8 @@ class ChunkStream(StreamState):
     @property
     def size(self) -> int:
         """Valid tokens in the buffer, as a Python int."""
-        return self.n_filled
+        n = self.n_filled
+        return int(self.filled) if n is None else n  # (None: a state pickled before n_filled existed)
 
     @property
     def is_complete(self) -> bool:
@@ -317,7 +318,7 @@ class ChunkStream(StreamState):
             for name, buf in self.buffer.items()
         }
         return ChunkStream(inner=self.inner, buffer=buffer, filled=self.filled + 1, op=self.op,
-                           n_filled=self.n_filled + 1)
+                           n_filled=self.size + 1)
 
     def tokens(self, name: str) -> Tensor:
         """The valid tokens of input `name`: `[B, filled, ...]`."""
