@@ -133,12 +133,8 @@ def test_chunk_op_step_compiles_with_fullgraph_and_equals_eager():
     assert layer.spec.chunk is not None
     _, state = layer(**inputs, return_state=True)
     assert state.size == 2  # 5 = one chunk of 3 + 2 buffered
-    token = {n: x[:, 0] for n, x in inputs.items()}
     dynamo.reset()
-    explained = dynamo.explain(layer.step)(state, **token)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
-    dynamo.reset()
-    step = torch.compile(layer.step, fullgraph=True, backend="eager")
+    step = torch.compile(layer.step, fullgraph=True, backend="eager")  # (fullgraph: a graph break is an error)
     got, want = state, state
     for t in range(5):  # 3 + 2 buffered: the chunk fills, is pushed, restarts; 3 more fill the next
         token = {n: x[:, t] for n, x in inputs.items()}
