@@ -33,6 +33,55 @@ def hand_step(S, k, v, gk, q):
     return (q.unsqueeze(-2) @ S).squeeze(-2) / K ** 0.5, S
 
 
+def hand_counted_step(S, n, k, v, gk, q):
+    out, S = hand_step(S, k, v, gk, q)
+    return out, S, n + 1
+
+
+LAYERS = 4  # the stacked decode step: layer i's output is layer i+1's query
+
+
+def stack_rows(args, state0, ks, vs, gks, qs):
+    """A decode step of LAYERS GLA layers compiled as one graph (how a model is compiled): the
+    per-call cost of torch.compile is paid once per token for the whole stack."""
+    layers = [psmc.load(EXAMPLES / "gla.psm").gla(K=K, V=V) for _ in range(LAYERS)]
+
+    def hand_stack(Ss, k, v, gk, q):
+        out = []
+        for S in Ss:
+            q, S = hand_step(S, k, v, gk, q)
+            out.append(S)
+        return q, out
+
+    def psmc_stack(states, k, v, gk, q):
+        out = []
+        for layer_, state in zip(layers, states):
+            q, state = layer_.step(state, k=k, v=v, gk=gk, q=q)
+            out.append(state)
+        return q, out
+
+    def run(step, init):
+        def go(count):
+            carry = init
+            with torch.no_grad():
+                for t in range(count):
+                    _, carry = step(carry, ks[t], vs[t], gks[t], qs[t])
+        return go
+
+    Ss, states = [state0.prefix[1]] * LAYERS, [state0] * LAYERS
+    rows = [("hand-written eager steps", run(hand_stack, Ss)),
+            ("hand-written steps, one torch.compile(fullgraph) graph", run(torch.compile(hand_stack, fullgraph=True), Ss)),
+            ("psmc gla steps, eager", run(psmc_stack, states)),
+            ("psmc gla steps, one torch.compile(fullgraph) graph", run(torch.compile(psmc_stack, fullgraph=True), states))]
+    times = per_token_ms([fn for _, fn in rows], args.tokens, args.repeat)
+    print(f"\nA stack of {LAYERS} GLA layers stepped together (layer i's output is layer i+1's query), same rounds, "
+          "ms per token per layer")
+    print("| row | ms / token / layer | vs hand-written eager | vs hand-written compiled |")
+    print("|---|---:|---:|---:|")
+    for (name, _), ms in zip(rows, times):
+        print(f"| {name} | {ms / LAYERS:.4f} | {ms / times[0]:.2f}x | {ms / times[1]:.2f}x |")
+
+
 def hand_ssm_step(h, u, delta, A, Bt, C):
     d = delta.unsqueeze(-1)
     h = torch.exp(d * A) * h + d * Bt * u.unsqueeze(-1)
@@ -92,18 +141,33 @@ def main(argv=None):
                     _, S = step(S, ks[t], vs[t], gks[t], qs[t])
         return go
 
+    def run_counted(step):  # the hand-written update keeping what psmc's state keeps: S and a token count
+        def go(count):
+            S, n_ = state0.prefix[1], state0.count
+            with torch.no_grad():
+                for t in range(count):
+                    _, S, n_ = step(S, n_, ks[t], vs[t], gks[t], qs[t])
+        return go
+
     fns = [("hand-written eager torch step", run_hand(hand_step)), ("psmc gla step, eager", run_psmc(layer.step))]
     if not args.no_compile:
         fns += [("hand-written step, torch.compile(fullgraph)", run_hand(torch.compile(hand_step, fullgraph=True))),
-                ("psmc gla step, torch.compile(fullgraph)", run_psmc(torch.compile(layer.step, fullgraph=True)))]
+                ("psmc gla step, torch.compile(fullgraph)", run_psmc(torch.compile(layer.step, fullgraph=True))),
+                ("hand-written step + token count, torch.compile(fullgraph)",
+                 run_counted(torch.compile(hand_counted_step, fullgraph=True))),
+                ("torch.compile floor: x + 1 on one element, per call",
+                 lambda count, f=torch.compile(lambda x: x + 1, fullgraph=True), x=torch.zeros(1): [f(x) for _ in range(count)])]
     times = per_token_ms([fn for _, fn in fns], args.tokens, args.repeat)
     hand = times[0]
     print(f"GLA decode step, B={B}, H={H}, K=V={K}, {args.threads} thread(s), median of {args.repeat} interleaved "
           f"rounds x {args.tokens} tokens, {args.clock} clock")
-    print("| row | ms / token | vs hand-written eager |")
-    print("|---|---:|---:|")
-    for (name, _), ms in zip(fns, times):
-        print(f"| {name} | {ms:.4f} | {ms / hand:.2f}x |")
+    print("| row | ms / token | vs hand-written eager | vs hand-written compiled |")
+    print("|---|---:|---:|---:|")
+    for i, ((name, _), ms) in enumerate(zip(fns, times)):
+        vs_compiled = f"{ms / times[2]:.2f}x" if len(times) > 2 and i >= 2 else ""
+        print(f"| {name} | {ms:.4f} | {ms / hand:.2f}x | {vs_compiled} |")
+    if not args.no_compile:
+        stack_rows(args, state0, ks, vs, gks, qs)
 
     # the selective SSM (first-order: no hand-form fast step; backend='auto' runs the C++ step)
     ssm = psmc.load(EXAMPLES / "selective_ssm.psm").selective_ssm(N=N)

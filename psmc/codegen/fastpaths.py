@@ -15,6 +15,7 @@ beta and the scale; this module prints them and the call into the runtime.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 import re
 
 from ..ir.nodes import OpIR, leaves
@@ -164,6 +165,16 @@ def _split_constant(body: list) -> tuple[list, list]:
     return constant, per_token
 
 
+def _on_numbers(line: str) -> str:
+    """A constant line (dims and literals only: its operands are Python numbers) with
+    `_ops.unary(torch.f, x)` as `math.f(x)` where math has f: what `unary` does for a number,
+    without a call into psmc.runtime.ops (under torch.compile, fewer globals to guard)."""
+    m = re.fullmatch(r"(t\d+) = _ops\.unary\(torch\.(\w+), (.+)\)(  # .*)?", line)
+    if m is None or not hasattr(math, m.group(2)):
+        return line
+    return f"{m.group(1)} = math.{m.group(2)}({m.group(3)}){m.group(4) or ''}"
+
+
 def _chunkwise_carry(op: OpIR, p: dict) -> list[str]:
     """The outputs of a pass run from zero, corrected for a carry-in S0 entering before the
     first token: S_t gains (prod of decays up to t) * S0, so o_t gains scale * (q_t * decays) S0,
@@ -196,7 +207,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     g = ref[p["g"]] if p["g"] is not None else "None"
     lines = _bound_step_header(f"One token of the chunkwise form (decay: {p['kind']}): the state update by hand.")
     constant, per_token = _split_constant(body)
-    lines[-2:-2] = ["        " + line for line in constant]  # dims only: computed once per signature
+    lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: computed once per signature
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
     lines += [
@@ -313,39 +324,70 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
 
 
 def _first_order_step(op: OpIR, ia: int, ih: int, aligned, dead: tuple, printer, body: list) -> list[str]:
-    """The decode step of the same recurrence: lift the token, h = a * h + b (one addcmul),
-    read out; no generic combine, no per-field state bookkeeping (lead = [B, *lanes])."""
+    """The decode step of the same recurrence, fused as a hand-written one would be: the lift's
+    two leaves, h = a * h + b (one addcmul) and the readout printed inline from the IR, no
+    `_lift`/`_readout` call and no materialising of a leaf at full shape (lead = [B, *lanes];
+    a result is expanded or cast only when it is not already a full field of its dtype)."""
     a, h = op.state[ia], op.state[ih]
+    reads_index = bool(leaves(op.lift, "index") or leaves(op.readout, "index"))
+    lift = BodyPrinter((op.lift[ia], op.lift[ih]), op.let_names)
+    lift_body = lift.run()
+    readout = BodyPrinter(tuple(op.readout), op.let_names)
+    readout_body = readout.run()
     lines = _bound_step_header("One token of the first-order recurrence h = a * h + b.")
-    lines += [
-        "            index = self._step_index(call, state)",
-        "            leaves = self._lift_batch(call, lead, inputs, index)",
-        f"            r_{a.name} = leaves[{ia}]",
+    lines[-2:-2] = [  # per signature: the full shape and dtype of h and of each output
+        f"        h_full, h_dtype = (*lead, *{shape_code(h.shape)}), cx.dt[{h.dtype!r}]",
     ]
-    lines += ["            " + line for line in body]
+    lines[-2:-2] = [f"        out{i}_full, out{i}_dtype = (*lead, *{shape_code(slot.shape)}), cx.dt[{slot.dtype!r}]"
+                    for i, slot in enumerate(op.outputs)]
+    lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
+    if reads_index:
+        lines += ["            index = self._step_index(call, state)"]
+    lines += ["            " + line for line in lift_body]
+    lines += [
+        f"            r_{a.name}, b_ = {lift.names[op.lift[ia]]}, {lift.names[op.lift[ih]]}",
+        f"            if not isinstance(r_{a.name}, torch.Tensor):  # a literal leaf (a constant decay)",
+        f"                r_{a.name} = _ops.as_field(r_{a.name}, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
+        "            if not isinstance(b_, torch.Tensor):",
+        "                b_ = _ops.as_field(b_, lead, h_full[len(lead):], h_dtype, cx.dev)",
+    ]
+    lines += ["            " + line for line in body]  # the decay, aligned with h, from r_a
     lines += [
         "            carry = state.prefix",
         f"            if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
         "                carry = self._full_state(call, state).prefix",
         f"            if carry is None or carry[{ih}] is None:  # the first token: the prefix is the leaf",
-        f"                h = leaves[{ih}]",
+        "                h = b_",
         "            else:",
-        f"                decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})",
-        f"                h = torch.addcmul(leaves[{ih}], decay, carry[{ih}])",
-        f"            h = _ops.as_field(h, lead, {shape_code(h.shape)}, cx.dt[{h.dtype!r}], cx.dev)",
+        f"                decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(h.shape)})"
+        if aligned.rank < len(h.shape) else f"                decay = {printer.names[aligned]}",
+        f"                h = torch.addcmul(b_, decay, carry[{ih}])",
+        "            if h.shape != h_full or h.dtype != h_dtype:  # a broadcast leaf, or the first token",
+        f"                h = _ops.as_field(h, lead, h_full[len(lead):], h_dtype, cx.dev)",
     ]
     if ia in dead:
-        lines += ["            a_new = None  # dead in a stream prefix"]
+        lines += [f"            s_{a.name} = None  # dead in a stream prefix"]
     else:
         lines += [
-            f"            a_new = leaves[{ia}] if carry is None else carry[{ia}] * leaves[{ia}]",
-            f"            a_new = _ops.as_field(a_new, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
+            f"            s_{a.name} = r_{a.name} if carry is None else carry[{ia}] * r_{a.name}",
+            f"            s_{a.name} = _ops.as_field(s_{a.name}, lead, {shape_code(a.shape)}, cx.dt[{a.dtype!r}], cx.dev)",
         ]
-    prefix = "(a_new, h)" if ia == 0 else "(h, a_new)"
+    lines += [f"            s_{h.name} = h"]
+    lines += ["            " + line for line in readout_body]
+    outs = []
+    for i, (node, slot) in enumerate(zip(op.readout, op.outputs)):
+        name = readout.names[node]
+        lines += [
+            f"            out{i} = {name}",
+            f"            if not isinstance(out{i}, torch.Tensor) or out{i}.shape != out{i}_full or out{i}.dtype != out{i}_dtype:",
+            f"                out{i} = _ops.as_field(out{i}, lead, out{i}_full[len(lead):], out{i}_dtype, cx.dev)",
+        ]
+        outs.append(f"out{i}")
+    prefix = f"(s_{a.name}, h)" if ia == 0 else f"(h, s_{a.name})"
     lines += [
-        f"            outputs = self._readout_batch(call, lead, {prefix}, inputs, index)",
+        f"            outputs = ({', '.join(outs)},)",
         f"            new_state = _ScanState.make({prefix}, state.count + 1, state.op)",
-        "            return tuple(outputs), (self._stream_state(new_state) if stream else new_state)",
+        "            return outputs, (self._stream_state(new_state) if stream else new_state)",
         "        return step",
         "",
     ]

@@ -27,6 +27,7 @@ from .element import with_time
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
 from .scan import exact_scan, exclusive_from_inclusive
 from .batch import RaggedState, cat_states
+from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .tree import tree_scan
 
@@ -230,7 +231,11 @@ class PsmLayer(nn.Module):
         that signature directly (the decode lane)."""
         if args:
             inputs = self._bind_positional(args, inputs)
-        if (type(state) is ScanState or type(state) is TreeState) and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            traced = self._traced_step(state, inputs)
+            if traced is not None:
+                return traced
+        elif type(state) is ScanState or type(state) is TreeState:
             # the decode lane: a validated input signature, a state this op made (so it has the
             # stream layout), no casts, no autocast: one dict lookup, then the bound update
             try:
@@ -260,6 +265,44 @@ class PsmLayer(nn.Module):
                 outputs = _in_dtype(outputs, call)
         if state.op != call.tag:
             state = _tagged(state, call.tag)
+        return (outputs[0] if len(outputs) == 1 else outputs), state
+
+    def _traced_step(self, state, inputs: dict):
+        """`step` as torch.compile traces it (None: the fully traced step serves the call): the
+        checks run at trace time as a constant of the graph (psmc/runtime/compiled_step.py), from
+        literals that Dynamo guards cheaply, so the guards left are about those of the update."""
+        if not isinstance(state, StreamState) or type(state) is RaggedState:
+            return None  # a missing or ragged state: the full step says what to do
+        sig = []
+        for name, x in inputs.items():
+            if not torch.is_tensor(x):
+                return None  # (the full check names it)
+            shape = tuple(x.shape)
+            if not all(n.__class__ is int for n in shape):  # (Dynamo answers type(n) with int for a SymInt)
+                return None  # sizes Dynamo made symbolic: no literal signature
+            sig.append((name, shape, x.dtype, x.device))
+        params = tuple((n, p.dtype, p.device) for n, p in self._parameters.items() if p is not None)
+        config = (tuple(self.dims.items()), self.lanes, self.per_lane, self.backend, self.use_fast_path,
+                  self.check_finite, params)
+        checked = _compiled.signature(type(self), config, tuple(sig))
+        if checked is None:
+            return None  # wrong inputs: the full check raises eager `step`'s error
+        (d, dev, dt, kernel), lead, tag, out_dtype, plan, runner = checked
+        if plan:
+            inputs = dict(inputs)
+            for n, shape, dtype in plan:
+                inputs[n] = inputs[n].to(dtype).reshape(shape)
+        call = _Call(Ctx({k: v for k, v in d}, dev, {k: v for k, v in dt}, kernel), inputs, lead, True, tag, out_dtype)
+        if state.op != tag:  # untagged (init_state, from_tensors) or another op's: the full state check
+            self._check_state(state, call)
+            if self.spec.dead:
+                state = self._live_slots(state)  # (a state this op made has the stream layout)
+        run = self._step_runner(call) if runner is None else getattr(self, runner)
+        outputs, state = run(call, state)
+        if out_dtype is not None:
+            outputs = _in_dtype(outputs, call)
+        if state.op != tag:
+            state = _tagged(state, tag)
         return (outputs[0] if len(outputs) == 1 else outputs), state
 
     def init_state(self, batch_shape=(), device=None, dtype=None):
@@ -877,7 +920,7 @@ class PsmLayer(nn.Module):
         state = state.append({n: x.expand(state.buffer[n].shape[:1] + state.buffer[n].shape[2:])
                               for n, x in token.items()})
         chunk_inputs = {n: state.buffer[n].movedim(1, len(lead)) for n in token}
-        index = torch.full(lead, state.inner.size, dtype=torch.int64, device=call.ctx.dev)
+        index = _position(state.inner, lead, call.ctx.dev)  # (no host read: a compiled step has no graph break)
         prefix = self._prefix_of(call, state.inner)
         outputs = self._readout_batch(call, lead, prefix, chunk_inputs, index)
         rows = len(lead)

@@ -265,9 +265,15 @@ class ChunkStream(StreamState):
     buffer: dict[str, Tensor]
     filled: Tensor
     op: str = ""
+    # `filled` as a Python int, kept beside the tensor (which moves and saves with the rest): the
+    # step selects the token's slot with it, and a compiled step reads it without a host read of
+    # a tensor (a graph break); Dynamo guards it like the tree counter's structure
+    n_filled: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "filled", _as_count(self.filled))
+        if self.n_filled is None:  # built by hand: read it once (append and restart pass it on)
+            object.__setattr__(self, "n_filled", int(self.filled))
         if not self.buffer:
             raise ValueError("a chunk buffer needs at least one named input")
         sizes = {name: t.shape[1] for name, t in self.buffer.items()}
@@ -283,7 +289,7 @@ class ChunkStream(StreamState):
             name: t.new_zeros((t.shape[0], chunk, *t.shape[1:])) for name, t in token_like.items()
         }
         device = next(iter(buffer.values())).device
-        return cls(inner=inner, buffer=buffer, filled=_as_count(0, device))
+        return cls(inner=inner, buffer=buffer, filled=_as_count(0, device), n_filled=0)
 
     @property
     def chunk(self) -> int:
@@ -293,7 +299,8 @@ class ChunkStream(StreamState):
     @property
     def size(self) -> int:
         """Valid tokens in the buffer, as a Python int."""
-        return int(self.filled)
+        n = self.n_filled
+        return int(self.filled) if n is None else n  # (None: a state pickled before n_filled existed)
 
     @property
     def is_complete(self) -> bool:
@@ -310,7 +317,8 @@ class ChunkStream(StreamState):
             name: buf.index_copy(1, slot.to(buf.device), token[name].unsqueeze(1).to(buf.dtype))
             for name, buf in self.buffer.items()
         }
-        return ChunkStream(inner=self.inner, buffer=buffer, filled=self.filled + 1, op=self.op)
+        return ChunkStream(inner=self.inner, buffer=buffer, filled=self.filled + 1, op=self.op,
+                           n_filled=self.size + 1)
 
     def tokens(self, name: str) -> Tensor:
         """The valid tokens of input `name`: `[B, filled, ...]`."""
@@ -320,7 +328,7 @@ class ChunkStream(StreamState):
         """After the complete chunk was pushed into `inner`: an empty buffer (zeroed, so the
         old chunk's autograd graph is not kept alive)."""
         buffer = {name: torch.zeros_like(buf) for name, buf in self.buffer.items()}
-        return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled), op=self.op)
+        return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled), op=self.op, n_filled=0)
 
 
 # States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the

@@ -187,3 +187,40 @@ def test_a_scalar_gate_on_the_update_folds_into_the_key(tmp_path):
     fast = layer(**x)
     layer.use_fast_path = False
     torch.testing.assert_close(fast, layer(**x), rtol=1e-10, atol=1e-12)
+
+
+FIRST_ORDER_LITERALS = """
+op constdecay[N] {
+  state (a: f32, h: f32[N]);
+  lift (x: f32[N]) { return (0.5, x); }
+  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h); }
+  identity = (1.0, zeros);
+  readout (s) { return s.h * 2.0; }
+}
+op constleaf[N] {
+  state (a: f32[N], h: f32[N]);
+  lift (x: f32[N]) { return (exp(-x * x), 1.0); }
+  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h); }
+  identity = (ones, zeros);
+  readout (s, q: f32[N]) { return sum(s.h * q); }
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["constdecay", "constleaf"])
+def test_the_fused_first_order_step_takes_literal_leaves(tmp_path, name):
+    """The first-order step prints its lift inline (no `_lift`, no leaf materialised): a leaf
+    that is a literal (a constant decay, a constant update) is a Python number there, made a
+    tensor before the addcmul; stepping continues a prefill exactly as the parallel pass does."""
+    (tmp_path / "literals.psm").write_text(FIRST_ORDER_LITERALS)
+    layer = getattr(psmc.load(tmp_path / "literals.psm"), name)(N=3, backend="torch")
+    assert layer.spec.fast == "first_order"
+    torch.manual_seed(0)
+    inputs = {s.name: torch.randn(2, 6, 3) for s in layer.spec.inputs}
+    want = layer(**inputs)
+    got, state = layer(**{n: x[:, :2] for n, x in inputs.items()}, return_state=True)
+    steps = [got]
+    for t in range(2, 6):
+        y, state = layer.step(state, **{n: x[:, t] for n, x in inputs.items()})
+        steps.append(y.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,72 @@
+"""`PsmLayer.step` as torch.compile traces it: the checks at trace time, out of the guards.
+
+Dynamo turns every Python value a traced function reads into a guard that it evaluates again
+on every call. Traced as written, `step`'s checks read the op's spec slot by slot (names,
+ranks, dims, shape functions, dtype tables) and walk the module's parameters: 159 guard
+checks for GLA (about 7 us per token on the benchmark machine), against 38 (1.2 us) for a
+hand-written step. Yet the outcome of those checks is fixed by a few literals: the layer's
+class (whose spec is frozen when its module loads), its configuration (dims, lanes, per-lane
+params, backend, fast-path switch, finite check), its parameters' dtypes and devices, and the
+inputs' names, shapes, dtypes and devices, which the tensors' own guards pin anyway.
+
+So the traced step (`PsmLayer._traced_step`) reads those literals, a cheap guard each, and
+hands them to `signature`, which `torch.compiler.assume_constant_result` runs once per trace,
+eagerly, on a stand-in layer of the same class and configuration and on stand-in inputs of the
+same signature: the very `_prepare` of eager `step`, so the same errors, raised when the call
+is traced. Its result is a constant of the graph, and it is a function of its arguments alone,
+which Dynamo guards: when one changes, Dynamo traces again and `signature` runs again. So the
+constant assumption holds by construction (nothing it reads is left unguarded). The state is
+checked in the trace as in eager `step` (a tag comparison, the full check for an untagged
+state), and the token runs through the runner an eager step would choose, so the graph is the
+update alone.
+
+Shapes that Dynamo made symbolic (a stream whose batch changed, under automatic dynamic
+shapes) are not literals: those calls take the fully traced check.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.lru_cache(maxsize=64)
+def _stand_in(cls, config: tuple):
+    """A layer of class `cls` with configuration `config` (`PsmLayer._traced_step` builds it);
+    its parameters' values are never read: the checks look at their dtypes and devices only."""
+    dims, lanes, per_lane, backend, use_fast_path, check_finite, params = config
+    layer = cls(backend=backend, check_finite=check_finite, lanes=lanes, per_lane=per_lane, **dict(dims))
+    layer.use_fast_path = use_fast_path
+    with torch.no_grad():
+        for name, dtype, device in params:
+            p = layer._parameters[name]
+            layer._parameters[name] = torch.nn.Parameter(p.to(device=device, dtype=dtype), p.requires_grad)
+    return layer
+
+
+@torch.compiler.assume_constant_result
+def signature(cls, config: tuple, sig: tuple) -> tuple:
+    """What `_prepare` decides for a step of class `cls`, configuration `config` and inputs
+    `sig` ((name, shape, dtype, device) each): (ctx, lead, tag, out_dtype, plan, runner), literals
+    (ctx as (dims items, device, dtype-table items, scan kernel): a dict returned here would be
+    a graph constant Dynamo cannot guard), plan the (name, shape, dtype) of the inputs that need
+    a cast or a reshape, runner the name of the method that runs the token (what `_step_runner`
+    chooses under compile; None when it is not a method). None when the inputs are wrong: the
+    fully traced check then raises what eager `step` raises."""
+    layer = _stand_in(cls, config)
+    inputs = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape, dtype, device in sig}
+    try:
+        call = layer._prepare(inputs, step=True)
+    except (TypeError, ValueError):
+        return None  # the fully traced check raises it (an exception here would reach the user wrapped)
+    plan = tuple((n, tuple(call.inputs[n].shape), call.inputs[n].dtype) for n, x in inputs.items()
+                 if x.dtype != call.inputs[n].dtype or x.shape != call.inputs[n].shape)
+    ctx = call.ctx
+    return (tuple(ctx.d.items()), ctx.dev, tuple(ctx.dt.items()), ctx.scan_kernel), call.lead, call.tag, \
+        call.out_dtype, plan, _method_name(layer, layer._step_runner(call))
+
+
+def _method_name(layer, run) -> str | None:
+    """The name of the runner when it is a method of the layer (a function cannot be a graph
+    constant: Dynamo cannot guard it), else None (the trace then asks `_step_runner` itself)."""
+    return run.__name__ if getattr(run, "__self__", None) is layer else None
