@@ -429,23 +429,23 @@ class _Run(_Exchanges):
 
     # -- main
     def run(self):
-        layer, spec = self.layer, self.spec
-        if spec.scan == "exact" and self.chunk is None:
-            return self.run_exact_tokens()
+        """The pass the layer's strategy picks: `run_exact_tokens` (exact token ops) or `run_leaves`."""
+        return self.layer._strategy.context_parallel(self)
+
+    def run_leaves(self):
+        """Tree scans and chunk ops: this rank's leaves (lifted tokens or chunks) and the start and
+        final states the scan strategy builds from the ranks' exchange, then the local pass."""
+        layer, strategy = self.layer, self.layer._strategy
         pre = self.straddling_tokens() if self.chunk is not None else None
         leaves = self.local_leaves(pre)
-        if spec.scan == "exact":
-            start, final = self.exact_states(leaves)
-        else:
-            start, final = self.tree_states(leaves)
+        start, final = strategy.scan.context_parallel_states(self, leaves)
         own_stream = start
         if self.chunk is not None and pre is not None and pre[next(iter(pre))].shape[1] > 0:
             own_stream = _chunk_stream(start, pre, self.chunk)
         if self.call.lead[1] == 0:  # a varlen sequence this rank holds no token of
             outputs = None
         else:
-            outputs, _ = (layer._forward_chunked(self.call, own_stream, False) if self.chunk is not None
-                          else layer._forward_tokens(self.call, own_stream, False))
+            outputs, _ = strategy.parallel_pass(layer, self.call, own_stream, False)
         new_state = None
         if self.return_state:
             new_state = final
@@ -811,16 +811,8 @@ class _Varlen(_Exchanges):
                 if self.return_state:
                     local_finals.append((i, new_state))
         parts = [self.part(i, lengths, row) for i, lengths, row in spanning]
-        if self.spec.scan == "exact" and self.spec.chunk is None:
-            new_states = self.exact_spanning(parts)
-        else:  # trees and chunk ops: one context-parallel pass per spanning sequence, in order
-            new_states = []
-            for part in parts:
-                part.anchors = self.anchors
-                outputs, new_state = part.run()
-                self.anchors = part.anchors
-                self.keep(part, outputs)
-                new_states.append(new_state)
+        # exact token ops: one exchange for all (exact_spanning); else one pass each (one_pass_each)
+        new_states = layer._strategy.context_parallel_spanning(self, parts)
         if self.return_state:
             for (i, _, _), new_state in zip(spanning, new_states):
                 finals[i] = _tagged(new_state, call.tag)
@@ -853,6 +845,17 @@ class _Varlen(_Exchanges):
         if outputs is not None:
             self.layer._check_outputs(outputs, part.call)
             self.pieces[part.local_start] = _in_dtype(outputs, self.call)
+
+    def one_pass_each(self, parts: list) -> list:
+        """Trees and chunk ops: one context-parallel pass per spanning sequence, in order."""
+        new_states = []
+        for part in parts:
+            part.anchors = self.anchors
+            outputs, new_state = part.run()
+            self.anchors = part.anchors
+            self.keep(part, outputs)
+            new_states.append(new_state)
+        return new_states
 
     def exact_spanning(self, parts: list) -> list:
         """Exact scans over tokens: the spanning sequences' totals in ONE exchange. A spanning

@@ -23,13 +23,11 @@ import torch
 from torch import Tensor, nn
 
 from ..dtypes import DType
-from .element import with_time
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
-from .scan import exact_scan, exclusive_from_inclusive
 from .batch import RaggedState, cat_states
 from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
-from .tree import tree_scan
+from .strategy import strategy_for
 
 
 @dataclass(frozen=True)
@@ -116,6 +114,9 @@ class PsmLayer(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{spec.name}: dim {name} must be a positive int, got {value!r}")
         self.dims = dict(dims)
+        # how this op walks time and keeps its prefix (psmc/runtime/strategy.py): every
+        # exact-vs-tree and token-vs-chunk decision below is a call on it
+        self._strategy = strategy_for(spec)
         if lanes is not None:
             lanes = (lanes,) if isinstance(lanes, int) else tuple(lanes)
             if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in lanes):
@@ -201,19 +202,7 @@ class PsmLayer(nn.Module):
         return self._forward_local(call, state, return_state)
 
     def _forward_local(self, call, state, return_state: bool):
-        spec = self.spec
-        if spec.chunk is not None:
-            outputs, new_state = self._forward_chunked(call, state, return_state)
-        else:
-            outputs, new_state = self._forward_tokens(call, state, return_state)
-            if self._needs_causal_rerun(outputs, call):
-                # a matmul over a chunk multiplies later NaNs by 0: rerun the token-by-token scan so a
-                # NaN at t reaches no output before t (only taken when a NaN is already there)
-                fast, self.use_fast_path = self.use_fast_path, False
-                try:
-                    outputs, new_state = self._forward_tokens(call, state, return_state)
-                finally:
-                    self.use_fast_path = fast
+        outputs, new_state = self._strategy.forward(self, call, state, return_state)
         self._check_outputs(outputs, call)
         outputs = _in_dtype(outputs, call)
         if new_state is not None:
@@ -308,8 +297,7 @@ class PsmLayer(nn.Module):
     def init_state(self, batch_shape=(), device=None, dtype=None):
         """An empty stream state. For chunk ops the partial-chunk buffer is created on the
         first `step` (its shape follows the inputs)."""
-        inner = ScanState.empty(device) if self.spec.scan == "exact" else TreeState.empty(device)
-        return inner
+        return self._strategy.empty(device)
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
@@ -373,9 +361,9 @@ class PsmLayer(nn.Module):
     def _import_state(self, initial_state):
         if isinstance(initial_state, StreamState):
             return initial_state
-        if self.spec.scan != "exact" or self.spec.chunk is not None:
+        if not self._strategy.plain_tensors:
             raise TypeError(f"{self.spec.name}: initial_state as plain tensors needs an exact-scan token op; this op's "
-                            f"state is a {'chunk stream' if self.spec.chunk is not None else 'tree'}: pass the state "
+                            f"state is a {self._strategy.noun}: pass the state "
                             "object from return_state=True (or TreeState.from_tensors(...))")
         tensors = (initial_state,) if isinstance(initial_state, Tensor) else tuple(initial_state)
         names = self._live_names()
@@ -435,9 +423,9 @@ class PsmLayer(nn.Module):
         """The state must come from this op with these dims and lanes (or be untagged: from
         init_state or from_tensors, whose shapes are then checked)."""
         spec = self.spec
-        want = ScanState if spec.scan == "exact" else TreeState
+        want = self._strategy.state_class
         inner = state.inner if isinstance(state, ChunkStream) else state
-        if not isinstance(inner, want) or (isinstance(state, ChunkStream) and spec.chunk is None):
+        if not self._strategy.accepts(state):
             raise TypeError(f"{call.tag}: expected a {want.__name__} (from init_state or return_state=True), "
                             f"got {type(state).__name__}{' of ' + state.op if getattr(state, 'op', '') else ''}")
         if state.op:
@@ -713,39 +701,20 @@ class PsmLayer(nn.Module):
         return element if not dead else tuple(None if i in dead else t for i, t in enumerate(element))
 
     def _push(self, call, state, leaf):
-        """The stream state after one more leaf (the prefix keeps no dead field)."""
-        if self.spec.scan != "exact":
-            return state.push(leaf, self._combine_fn(call))
-        pushed = state.push(leaf, self._prefix_combine_fn(call))
-        return ScanState(prefix=self._without_dead(pushed.prefix), count=pushed.count)
+        """The stream state after one more leaf (an exact scan's prefix keeps no dead field)."""
+        return self._strategy.scan.push(self, call, state, leaf)
 
     def _identity_element(self, call):
         return tuple(self._identity(call.ctx))
 
     def _scan(self, call, leaves: tuple, inner, exclusive: bool):
         """Inclusive (and exclusive) prefixes of `leaves` continuing `inner`; new inner state."""
-        combine = self._combine_fn(call)
-        if self.spec.scan == "exact":
-            carry = None if inner is None else inner.prefix
-            if carry is not None and self.spec.dead:
-                # the carry has no dead fields: scan the new leaves alone, then put the carry
-                # in front of every step with one combine onto the prefix
-                incl = self._prefix_combine_fn(call)(with_time(carry), exact_scan(leaves, combine))
-            else:
-                incl = exact_scan(leaves, combine, carry=carry)
-            excl = None
-            if exclusive:
-                first = carry if carry is not None else self._identity_element(call)
-                excl = exclusive_from_inclusive(incl, first)
-            start = inner if inner is not None else ScanState.empty(call.ctx.dev)
-            return incl, excl, start.advanced(self._without_dead(incl))
-        identity = self._identity_element(call) if self.spec.has_identity else None
-        return tree_scan(leaves, combine, state=inner, identity=identity, exclusive=exclusive)
+        return self._strategy.scan.scan(self, call, leaves, inner, exclusive)
 
     # ------------------------------------------------------------------ token-level ops
     def _forward_tokens(self, call, state, return_state):
         spec = self.spec
-        if self.backend in ("auto", "cpu") and spec.scan == "exact":
+        if self.backend in ("auto", "cpu") and self._strategy.scan.token_kernels:
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "forward"):
                 return cpu_support.forward(self, call, state)
@@ -768,15 +737,18 @@ class PsmLayer(nn.Module):
 
     def _step_runner(self, call):
         """What runs one token of this call (chosen once per input signature, see _prepare_step):
-        (call, state) -> (outputs, new state)."""
+        (call, state) -> (outputs, new state). The strategy decides (a chunk op: `_step_chunked`)."""
+        return self._strategy.step_runner(self, call)
+
+    def _token_step_runner(self, call):
+        """The step runner of a token op."""
         spec = self.spec
-        if spec.chunk is not None:
-            return self._step_chunked
+        kernels = self._strategy.scan.token_kernels  # C++ and dispatch-table steps (exact scans)
         fast_step = spec.fast and self.use_fast_path and hasattr(self, "_fast_step")
         # backend='auto' steps with torch: the C++ step pays a layout pass per token around its
         # kernel, which at decode sizes costs more than the torch step (docs/benchmarks.md,
         # "Decode step"); backend='cpu' runs it
-        if spec.scan == "exact" and self.backend == "cpu":
+        if kernels and self.backend == "cpu":
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "step"):
                 return functools.partial(cpu_support.step, self)
@@ -784,7 +756,7 @@ class PsmLayer(nn.Module):
             # what dispatch would choose (a CPU step has no other torch path, and 'auto' runs
             # Triton on CUDA only), without tracing its table: 40-odd fewer guards per call
             return self._fast_step
-        if spec.scan == "exact":
+        if kernels:
             from . import dispatch
             path = dispatch.choose(self, call, "step")
             if path.run is not None:
@@ -816,13 +788,13 @@ class PsmLayer(nn.Module):
         index = self._step_index(call, state)
         leaf = self._lift_batch(call, lead, call.inputs, index)
         if spec.exclusive:
-            before = state.prefix if spec.scan == "exact" else state.prefix()
+            before = state.prefix
             if before is None:
                 before = self._identity_element(call)
             outputs = self._readout_batch(call, lead, before, call.inputs, index)
             return tuple(outputs), self._stream_state(self._push(call, state, leaf))
         state = self._push(call, state, leaf)
-        prefix = state.prefix if spec.scan == "exact" else state.prefix()
+        prefix = state.prefix
         outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
         return tuple(outputs), self._stream_state(state)
 
@@ -894,7 +866,7 @@ class PsmLayer(nn.Module):
         new_state = None
         if return_state:
             if new_inner is None:
-                new_inner = ScanState.empty(call.ctx.dev) if spec.scan == "exact" else TreeState.empty(call.ctx.dev)
+                new_inner = self._strategy.empty(call.ctx.dev)
             token_like = {n: x[:, 0] for n, x in tensors.items()}
             new_state = ChunkStream.empty(new_inner, token_like, C)
             for i in range(full * C, T):
@@ -903,7 +875,7 @@ class PsmLayer(nn.Module):
 
     def _prefix_of(self, call, inner):
         if inner is not None:
-            p = inner.prefix if self.spec.scan == "exact" else inner.prefix()
+            p = inner.prefix
             if p is not None:
                 return p
         return self._identity_element(call)

@@ -2,10 +2,12 @@
 
 - ScanState: the inclusive prefix of an associative scan so far.
 - TreeState: the paper's binary counter (PAPER.md §3) with cached partial folds, so that
-  pushing a leaf costs about 2 Agg calls amortized and `prefix()` is the exact tree prefix.
+  pushing a leaf costs about 2 Agg calls amortized and `prefix` is the exact tree prefix.
 - ChunkStream: a ScanState/TreeState plus the tokens of the chunk being filled.
 
-All of them share one tensor walker (`.to`, `.nbytes`, `detach`). The leaf count is a 0-d
+All of them share one read API: `prefix` (the inclusive prefix over the leaves pushed so far,
+a tuple of field tensors, None before the first leaf), `count` (those leaves, a 0-d int64
+tensor), `size` (a Python int) and one tensor walker (`.to`, `.nbytes`, `detach`). The leaf count is a 0-d
 int64 tensor so it moves and saves with the rest; structure (which roots exist) depends only
 on the count, never on data.
 """
@@ -199,8 +201,10 @@ class TreeState(StreamState):
                              "with TreeState.from_tensors(tensors, count=n))")
         return n
 
+    @property
     def prefix(self) -> Element | None:
-        """P(count): the fold at the lowest occupied level; None for the formal identity."""
+        """P(count): the fold at the lowest occupied level; None for the formal identity (the
+        same read as `ScanState.prefix`)."""
         return next((fold for fold in self.folds if fold is not None), None)
 
     def push(self, x: Element, agg: Combine) -> TreeState:
@@ -290,6 +294,16 @@ class ChunkStream(StreamState):
         }
         device = next(iter(buffer.values())).device
         return cls(inner=inner, buffer=buffer, filled=_as_count(0, device), n_filled=0)
+
+    @property
+    def prefix(self) -> Element | None:
+        """The prefix over the complete chunks (the inner state's; a leaf is a lifted chunk)."""
+        return self.inner.prefix
+
+    @property
+    def count(self) -> Tensor:
+        """Complete chunks pushed (the inner state's leaf count); `filled` counts the partial one."""
+        return self.inner.count
 
     @property
     def chunk(self) -> int:

@@ -62,7 +62,7 @@ def tree_scan(
     new_state = _counter_after(levels, inclusive, state, m, n, x[0].device)
     if not exclusive:
         return inclusive, None, new_state
-    first = identity if m == 0 else state.prefix()
+    first = identity if m == 0 else state.prefix
     return inclusive, exclusive_from_inclusive(inclusive, first), new_state
 
 

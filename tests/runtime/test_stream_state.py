@@ -78,8 +78,8 @@ def test_tree_state_push_matches_tree_scan_state():
     pushed = pushed_tree(x, 13)
     inclusive, _, scanned = tree_scan(x, agg)
     assert_same_tree(scanned, pushed)
-    assert_elements_close(pushed.prefix(), step(inclusive, 12))
-    assert TreeState.empty().prefix() is None
+    assert_elements_close(pushed.prefix, step(inclusive, 12))
+    assert TreeState.empty().prefix is None
 
 
 def test_tree_state_rejects_a_root_without_fold():

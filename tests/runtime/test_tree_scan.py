@@ -125,7 +125,7 @@ def test_tree_scan_is_the_closed_form(n):
     inclusive, exclusive, state = tree_scan(leaves(0, n), sym, identity=identity, exclusive=True)
     assert read_steps(sym, inclusive) == [closed_form(i + 1) for i in range(n)]
     assert read_steps(sym, exclusive) == [closed_form(i) for i in range(n)]
-    assert sym.read(state.prefix()[0]) == [closed_form(n)]
+    assert sym.read(state.prefix[0]) == [closed_form(n)]
     # Level batching: floor(log2 n) up-sweep levels + floor(log2 n) prefix rounds.
     assert sym.calls <= 2 * int(math.log2(n))
     assert sym.pairs <= 2 * n
@@ -144,7 +144,7 @@ def push_all(sym, n, state=None):
 def test_counter_pushes_are_the_closed_form(n):
     sym = Symbolic(n)
     for count, state in enumerate(push_all(sym, n), start=1):
-        assert sym.read(state.prefix()[0]) == [closed_form(count)]
+        assert sym.read(state.prefix[0]) == [closed_form(count)]
         assert sum(root is not None for root in state.roots) <= math.ceil(math.log2(count + 1))
         for level, root in enumerate(state.roots):
             if root is not None:  # root j is the balanced tree of the j-th binary digit
@@ -288,7 +288,7 @@ def test_gradcheck_through_state_continuation():
     def run(a, v):
         head = tree_scan((a[:, :3], v[:, :3]), float_agg)[2]
         inclusive, exclusive, state = tree_scan((a[:, 3:], v[:, 3:]), float_agg, state=head, exclusive=True)
-        return (*inclusive, *exclusive, *state.prefix())
+        return (*inclusive, *exclusive, *state.prefix)
 
     assert torch.autograd.gradcheck(run, inputs)
     # and with the identity at P(0)
