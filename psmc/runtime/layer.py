@@ -423,9 +423,9 @@ class PsmLayer(nn.Module):
         """The state must come from this op with these dims and lanes (or be untagged: from
         init_state or from_tensors, whose shapes are then checked)."""
         spec = self.spec
-        want = self._strategy.state_class
+        want = self._strategy.state_class  # (flags read inline: fewer guards in a compiled step)
         inner = state.inner if isinstance(state, ChunkStream) else state
-        if not self._strategy.accepts(state):
+        if not isinstance(inner, want) or (isinstance(state, ChunkStream) and not self._strategy.chunked):
             raise TypeError(f"{call.tag}: expected a {want.__name__} (from init_state or return_state=True), "
                             f"got {type(state).__name__}{' of ' + state.op if getattr(state, 'op', '') else ''}")
         if state.op:
@@ -714,7 +714,7 @@ class PsmLayer(nn.Module):
     # ------------------------------------------------------------------ token-level ops
     def _forward_tokens(self, call, state, return_state):
         spec = self.spec
-        if self.backend in ("auto", "cpu") and self._strategy.scan.token_kernels:
+        if self.backend in ("auto", "cpu") and self._strategy.token_kernels:
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "forward"):
                 return cpu_support.forward(self, call, state)
@@ -737,13 +737,12 @@ class PsmLayer(nn.Module):
 
     def _step_runner(self, call):
         """What runs one token of this call (chosen once per input signature, see _prepare_step):
-        (call, state) -> (outputs, new state). The strategy decides (a chunk op: `_step_chunked`)."""
-        return self._strategy.step_runner(self, call)
-
-    def _token_step_runner(self, call):
-        """The step runner of a token op."""
+        (call, state) -> (outputs, new state). Reads the strategy's flags, no method of it: each
+        lookup is a guard of a torch.compile'd step."""
         spec = self.spec
-        kernels = self._strategy.scan.token_kernels  # C++ and dispatch-table steps (exact scans)
+        if self._strategy.chunked:
+            return self._step_chunked
+        kernels = self._strategy.token_kernels  # C++ and dispatch-table steps (exact scans)
         fast_step = spec.fast and self.use_fast_path and hasattr(self, "_fast_step")
         # backend='auto' steps with torch: the C++ step pays a layout pass per token around its
         # kernel, which at decode sizes costs more than the torch step (docs/benchmarks.md,

@@ -8,8 +8,9 @@ A layer's runtime behaviour varies along two independent axes, and each gets one
   exist for it (they do for exact scans only);
 - the stream (`TokenStream`, `ChunkStreams`): a leaf is one token, or one chunk of C tokens
   whose partial last chunk rides in a `ChunkStream`. The stream owns the parallel pass, the
-  step runner, which states a continued call accepts, whether the state may be given as plain
-  tensors, and the context-parallel pass.
+  flags the step runner and the state check read (`chunked`, `token_kernels`, `state_class`:
+  plain attributes, as a torch.compile'd step guards every lookup), whether the state may be
+  given as plain tensors, and the context-parallel pass.
 
 `strategy_for(spec)` picks one stream over one scan; `PsmLayer.__init__` calls it once and
 every later decision is a method call on `layer._strategy` (no `spec.scan` test in the layer).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from .element import with_time
 from .scan import exact_scan, exclusive_from_inclusive
-from .state import ChunkStream, ScanState, TreeState
+from .state import ScanState, TreeState
 from .tree import tree_scan
 
 
@@ -119,28 +120,18 @@ class StreamStrategy:
     chunked: bool = False
 
     def __init__(self, scan: ScanStrategy):
+        # plain instance attributes, not properties: a torch.compile'd step reads them with
+        # one guard each (a property costs a closure guard and a not-shadowed guard more)
         self.scan = scan
-
-    @property
-    def state_class(self) -> type:
-        """The inner state class a continued call must get."""
-        return self.scan.state_class
-
-    @property
-    def plain_tensors(self) -> bool:
-        return self.scan.plain_tensors and not self.chunked
-
-    @property
-    def noun(self) -> str:
-        return "chunk stream" if self.chunked else self.scan.noun
+        self.chunked = type(self).chunked
+        self.state_class = scan.state_class  # the inner state class a continued call must get
+        self.token_kernels = scan.token_kernels
+        self.plain_tensors = scan.plain_tensors and not self.chunked
+        self.noun = "chunk stream" if self.chunked else scan.noun
 
     def empty(self, device=None):
         """`init_state`: the scan's empty state (a chunk op's buffer comes with the first step)."""
         return self.scan.empty(device)
-
-    def accepts(self, state) -> bool:
-        """Whether a continued call (forward or step) may be given `state`."""
-        return isinstance(state, self.scan.state_class)
 
     def forward(self, layer, call, state, return_state: bool):
         """The parallel pass with its checks: (outputs, new state or None)."""
@@ -148,10 +139,6 @@ class StreamStrategy:
 
     def parallel_pass(self, layer, call, state, return_state: bool):
         """The parallel pass alone (context parallelism runs it on a rank's slice)."""
-        raise NotImplementedError
-
-    def step_runner(self, layer, call):
-        """(call, state) -> (outputs, new state): what runs one token of this input signature."""
         raise NotImplementedError
 
     def context_parallel(self, run):
@@ -183,9 +170,6 @@ class TokenStream(StreamStrategy):
     def parallel_pass(self, layer, call, state, return_state: bool):
         return layer._forward_tokens(call, state, return_state)
 
-    def step_runner(self, layer, call):
-        return layer._token_step_runner(call)
-
     def context_parallel(self, run):
         return self.scan.context_parallel_tokens(run)
 
@@ -199,17 +183,10 @@ class ChunkStreams(StreamStrategy):
 
     chunked = True
 
-    def accepts(self, state) -> bool:
-        inner = state.inner if isinstance(state, ChunkStream) else state
-        return isinstance(inner, self.scan.state_class)
-
     def forward(self, layer, call, state, return_state: bool):
         return layer._forward_chunked(call, state, return_state)
 
     parallel_pass = forward
-
-    def step_runner(self, layer, call):
-        return layer._step_chunked
 
     def context_parallel(self, run):
         return run.run_leaves()
