@@ -115,7 +115,7 @@ class PsmLayer(nn.Module):
                 raise ValueError(f"{spec.name}: dim {name} must be a positive int, got {value!r}")
         self.dims = dict(dims)
         # how this op walks time and keeps its prefix (psmc/runtime/strategy.py): every
-        # exact-vs-tree and token-vs-chunk decision below is a call on it
+        # exact-vs-tree decision below, and the token-vs-chunk pass and step, goes through it
         self._strategy = strategy_for(spec)
         if lanes is not None:
             lanes = (lanes,) if isinstance(lanes, int) else tuple(lanes)
