@@ -28,7 +28,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, UNARY_MATH
+from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS, UNARY_MATH, UNARY_OPERATOR
 from .torch_printer import dim_code
 
 PREFIX = "_psm_"
@@ -54,15 +54,15 @@ TRITON_OPS: dict[str, object] = {
     "index": "special", "fill": "special",
     "eye": Unsupported(_MATRIX),
     # unary
-    "neg": "(-{0})",
+    "neg": UNARY_OPERATOR["neg"].triton,
     **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
     # binary (Triton's `/` is true division, ints promote to fp32, as torch)
     **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
-    "not": "({0} == 0)",
+    "not": UNARY_OPERATOR["not"].triton,
     "where": "tl.where({0}, {1}, {2})",
     "cast": "special", "broadcast": "special",
     # reductions over the one declared axis (the columns), masked to the real S entries
-    "sum": "special", "mean": "special", "amax": "special", "amin": "special", "logsumexp": "special",
+    **{row.name: "special" for row in REDUCTIONS},  # `reduce` renders the registry row's `triton`
     "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
                            "backend serves it"),
     # matrix tiles only (psmc.codegen.triton_matrix: rows x columns of a [R, C] state); in the
@@ -78,8 +78,7 @@ TL_DTYPES = {"f16": "tl.float16", "bf16": "tl.bfloat16", "f32": "tl.float32", "f
 KERNEL_DTYPES = ("f16", "bf16", "f32", "i32", "i64", "bool")  # f64 runs on the torch backend
 FLOATS = ("f16", "bf16", "f32", "f64")
 # the value that leaves a reduction unchanged: fills the padded columns of a tile
-REDUCE_PAD = {"sum": "0.0", "mean": "0.0", "amax": "float('-inf')", "amin": "float('inf')",
-              "logsumexp": "float('-inf')"}
+REDUCE_PAD = {row.name: row.pad for row in REDUCTIONS}  # psmc.ir.registry
 
 
 def literal(value) -> str:
@@ -257,18 +256,7 @@ class TritonBodyPrinter:
         entries are `mask` and number `size`."""
         pad = REDUCE_PAD[node.op]
         masked = f"tl.where({mask}, {x}, {pad})"
-        if node.op == "sum":
-            return f"tl.sum({masked}, axis={axis}, keep_dims=True)"
-        if node.op == "mean":
-            return f"(tl.sum({masked}, axis={axis}, keep_dims=True) / {size})"
-        if node.op == "amax":
-            return f"tl.max({masked}, axis={axis}, keep_dims=True)"
-        if node.op == "amin":
-            return f"tl.min({masked}, axis={axis}, keep_dims=True)"
-        # logsumexp, stable; an all -inf row gives -inf as torch does
-        m = f"tl.max({masked}, axis={axis}, keep_dims=True)"
-        safe = f"tl.where({m} == float('-inf'), 0.0, {m})"
-        return f"({safe} + tl.log(tl.sum(tl.exp({masked} - {safe}), axis={axis}, keep_dims=True)))"
+        return REDUCTION[node.op].triton.format(x=masked, axis=axis, size=size)
 
 
 def _cast_value(value, dtype: str):
