@@ -70,7 +70,7 @@ MENU = (
 TYPES = ("f32", "f32[D]", "f32[K, D]")
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, len(MENU) - 1), st.integers(0, len(TYPES) - 1)), min_size=2, max_size=3))
 def test_split_verdict_is_the_conjunction_of_the_groups(choice):
     state, outputs, groups, associative = [], [], [], True
@@ -101,3 +101,14 @@ def test_declared_identity_is_judged_per_group(identity, kind):
     assert (result.identity, result.identity_kind) == ("(inf, 0.0)", kind), result.report()
     if kind == "inferred":  # the wrong declared one is refuted with a point of the whole op
         assert "is not a left identity" in result.identity_note and "s = 1" in result.identity_note
+
+
+@pytest.mark.parametrize("state, body, identity, kind", [
+    ("m: f32[K, D], s: f32, p: f32[D]", "(min(l.m, r.m), l.s + r.s, l.p * r.p)", "(inf, 0.0, ones)", "inferred"),
+    ("m: f32[K, D], s: f32", "(min(l.m, r.m), l.s)", None, "right-only"),  # `first` keeps l: right identities
+    ("m: f32[K, D], s: f32, t: f32", "(max(l.m, r.m), l.s, r.t)", None, "none"),  # first and last: no side
+    ("m: f32[K, D], s: f32", "(min(l.m, r.m), l.s - r.s)", None, "right-only"),
+])
+def test_inferred_identity_is_the_tuple_of_the_groups(state, body, identity, kind):
+    result = compute(one_op(state, body), seed=2)
+    assert (result.identity, result.identity_kind) == (identity, kind), result.report()
