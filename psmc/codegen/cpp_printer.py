@@ -37,7 +37,7 @@ from ..ir.ops import OPS
 from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SPECIAL, UNARY_MATH, \
     UNARY_OPERATOR, UNARY_OPERATORS
 from .torch_printer import dim_code
-from .triton_printer import FLOATS, layout_of
+from .triton_layout import FLOATS, layout_of, matrix_reason, role_of
 
 LANE_BLOCK = 16  # lanes per work item in 'lanes' mode (the vectorised inner loop)
 INTS = ("i32", "i64")
@@ -99,7 +99,6 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     if op.exclusive and op.identity is None:
         return "exclusive readout without an identity: the first token of a stream reads it"
     if any(len(f.shape) == 2 for f in op.state):
-        from .triton_matrix import matrix_reason
         return matrix_reason(op)
     for node in nodes:
         if node.op in ("matmul", "outer", "getitem"):
@@ -159,7 +158,6 @@ class Grid:
         self.layout = layout_of(op)
         self.mode = self.layout.mode
         if self.mode == "matrix":
-            from .triton_matrix import role_of
             rows, cols = self.layout.axis, self.layout.cols
             self._role = lambda shape: role_of(shape, rows, cols)
         self.fields = {f.name: self.value_role(f) for f in op.state}

@@ -18,7 +18,8 @@ the block token by token.
 from __future__ import annotations
 
 from ..ir.nodes import OpIR
-from .triton_printer import FLOATS, KernelPrinter, TritonBodyPrinter, compute_dtype, kernel_names
+from .triton_layout import FLOATS
+from .triton_printer import KernelPrinter, TritonBodyPrinter, compute_dtype, kernel_names
 from .triton_vjp import VjpPrinter
 
 _IN = ("arg", "param")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from ..ir.nodes import Node, walk
 from ..ir.registry import BINARY_OPS, REDUCTIONS, SPECIAL, UNARY_MATH, UNARY_OPERATORS
-from .triton_printer import FLOATS, TRITON_OPS, TritonBodyPrinter, Unsupported
+from .triton_layout import FLOATS, TRITON_OPS, Unsupported
+from .triton_printer import TritonBodyPrinter
 
 # op -> one rendering per operand (None: no gradient flows to that operand).
 # torch's amax/amin backward: the gradient is shared evenly by the tied maxima
