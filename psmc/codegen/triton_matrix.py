@@ -24,7 +24,7 @@ from ..ir.nodes import Node, OpIR
 from ..ir.ops import OPS
 from .triton_layout import (FLOATS, Layout, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
                             reduce_axis, role_of)
-from .triton_printer import TritonBodyPrinter, compute_dtype, kernel_names, tile_expr
+from .triton_printer import TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, tile_expr
 from .triton_vjp import VjpPrinter
 
 ROLE_SHAPE = {"": "(1, 1)", "r": "(BLOCK_R, 1)", "c": "(1, BLOCK_C)", "rc": "(BLOCK_R, BLOCK_C)"}
@@ -144,32 +144,9 @@ class MatrixPrinter:
     def vjp(self, outputs, adjoints, wanted, prefix: str) -> MatrixVjpPrinter:
         return MatrixVjpPrinter(tuple(outputs), adjoints, wanted, prefix, self.rows, self.cols)
 
-    # -- signatures: the order triton_support passes the arguments in
+    # -- signatures: the launch contract (psmc.runtime.triton_abi) names every argument
     def signature(self, kind: str) -> list[str]:
-        op, n = self.op, len(self.fields)
-        time = kind != "step"
-        st = lambda name: f"{name}_st, " if time else ""  # noqa: E731
-        params = [f"in{i}, in{i}_sb, {st(f'in{i}')}in{i}_sl, in{i}_ss" for i in range(len(op.inputs))]
-        params += [f"par{i}, par{i}_ss" for i in range(len(op.params))]
-        params += [f"ini{i}" for i in range(n)]
-        if kind == "backward":
-            params += [f"bnd{i}" for i in range(n)]
-            params += [f"dout{i}, dout{i}_sb, dout{i}_st, dout{i}_sl, dout{i}_ss" for i in range(len(op.outputs))]
-            params += [f"dfin{i}" for i in range(n)]
-            params += [f"din{i}, din{i}_sb, din{i}_st, din{i}_sl, din{i}_ss" for i in range(len(op.inputs))]
-            params += [f"dpar{i}" for i in range(len(op.params))]
-            params += [f"dini{i}" for i in range(n)] + [f"ws{i}" for i in range(n)]
-        else:
-            params += [f"out{i}, out{i}_sb, {st(f'out{i}')}out{i}_sl, out{i}_ss" for i in range(len(op.outputs))]
-            params += [f"fin{i}" for i in range(n)]
-            if time:
-                params += [f"bnd{i}" for i in range(n)]
-        params.append("T, L, SR, SC, start" + (", NB" if time else ""))
-        params += ["d_" + d for d in op.dims]
-        flags = {"forward": "HAS_INIT, BLOCK_T, BLOCK_R, BLOCK_C, SAVE", "step": "HAS_INIT, BLOCK_T, BLOCK_R, BLOCK_C",
-                 "backward": "HAS_INIT, HAS_DFIN, BLOCK_T, BLOCK_R, BLOCK_C"}[kind]
-        params.append(", ".join(f"{f}: tl.constexpr" for f in flags.split(", ")))
-        return ["    " + p + "," for p in params]
+        return kernel_signature(self.op, kind, matrix=True)
 
     def prologue(self) -> list[str]:
         op = self.op

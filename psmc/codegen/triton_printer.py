@@ -28,6 +28,7 @@ import math
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.registry import REDUCTION, REDUCTIONS
+from ..runtime import triton_abi
 from .torch_printer import dim_code
 # what fits the tile models (re-exported: the op table and the layouts are read from here too)
 from .triton_layout import (FLOAT_MATH, FLOATS, KERNEL_DTYPES, MATRIX_ONLY, TL_DTYPES, TRITON_OPS,  # noqa: F401
@@ -157,6 +158,16 @@ def _cast_value(value, dtype: str):
 
 
 # ---------------------------------------------------------------------- kernels
+def kernel_signature(op: OpIR, kind: str, matrix: bool) -> list[str]:
+    """The parameter lines of a kernel, from the launch contract (psmc.runtime.triton_abi): the
+    runtime passes every argument by these names."""
+    groups = triton_abi.arguments(kind, matrix, len(op.inputs), len(op.params), len(op.state), len(op.outputs),
+                                  tuple(op.dims))
+    lines = [", ".join(g) for g in groups]
+    lines.append(", ".join(f"{c}: tl.constexpr" for c in triton_abi.constexprs(kind, matrix)))
+    return ["    " + line + "," for line in lines]
+
+
 def kernel_names(op: OpIR) -> dict:
     base = PREFIX + "Op_" + op.name
     return {"combine": base + "_combine", "forward": base + "_forward", "step": base + "_step",
@@ -175,23 +186,7 @@ class KernelPrinter:
 
     # -- pieces shared by both kernels
     def signature(self, time: bool) -> list[str]:
-        op = self.op
-        params = []
-        for i, _ in enumerate(op.inputs):
-            params.append(f"in{i}, in{i}_sb, " + (f"in{i}_st, " if time else "") + f"in{i}_sl, in{i}_ss")
-        for i, _ in enumerate(op.params):
-            params.append(f"par{i}, par{i}_ss")
-        params += [f"ini{i}" for i in range(len(self.fields))]
-        for i, _ in enumerate(op.outputs):
-            params.append(f"out{i}, out{i}_sb, " + (f"out{i}_st, " if time else "") + f"out{i}_sl, out{i}_ss")
-        params += [f"fin{i}" for i in range(len(self.fields))]
-        if time:  # the carries entering each block, saved for the backward
-            params += [f"bnd{i}" for i in range(len(self.fields))]
-        params.append("T, L, S, start" + (", NB" if time else ""))
-        params += ["d_" + d for d in op.dims]
-        params.append("HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr" +
-                      (", SAVE: tl.constexpr" if time else ""))
-        return ["    " + p + "," for p in params]
+        return kernel_signature(self.op, "forward" if time else "step", matrix=False)
 
     def prologue(self) -> list[str]:
         op = self.op
