@@ -125,6 +125,16 @@ def test_every_registered_operator_and_reduction_reaches_every_renderer(kind, na
         assert triton_vjp.VJP_RULES[name] == (row.vjp,) and cpp_printer.VJP_RULES[name] == (row.cpp_vjp,)
 
 
+def test_the_where_row_reaches_every_renderer():
+    row = registry.SELECT
+    assert OPS[row.name].kind == "select" and BUILTINS[row.name].doc == row.doc and BUILTINS[row.name].ir_op == row.name
+    assert interp._WHERE is torch.where and symbolic.SELECT is row
+    assert row.torch == registry.SPECIAL and 'op == "where"' in inspect.getsource(torch_printer.BodyPrinter.node)
+    assert triton_printer.TRITON_OPS[row.name] == row.triton and triton_vjp.VJP_RULES[row.name] == row.vjp
+    assert cpp_printer.CPP_OPS[row.name] == row.cpp and cpp_printer.VJP_RULES[row.name] == row.cpp_vjp
+    assert row.vjp[0] is None and row.cpp_vjp[0] is None  # no gradient to the bool condition
+
+
 def test_reduction_rows_evaluate_like_torch():
     """The row's SymPy fold and its reference function agree on a concrete vector."""
     import sympy

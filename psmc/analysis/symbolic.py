@@ -18,7 +18,7 @@ import sympy
 
 from ..ir.interp import concrete, concrete_shape, env_key
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTION, UNARY_MATH, UNARY_OPERATOR
+from ..ir.registry import BINARY_OPS, REDUCTION, SELECT, UNARY_MATH, UNARY_OPERATOR
 from ..ir.types import is_float
 from .grid import Grid, concat, matmul, reduce_axis, zip_map
 
@@ -128,11 +128,8 @@ class _Evaluator:
 
     # ------------------------------------------------------------------ the rest
     def op_where(self, node, args):
-        def pick(c, a, b):
-            if not isinstance(c, bool):
-                raise Undecidable(f"symbolic condition {c}")
-            return a if c else b
-        return zip_map(pick, *args).map(lambda v: _as_dtype(v, node.dtype))
+        pick = SELECT.sympy  # psmc.ir.registry
+        return zip_map(lambda c, a, b: pick(self, c, a, b), *args).map(lambda v: _as_dtype(v, node.dtype))
 
     def op_cast(self, node, args):
         return args[0].map(lambda v: _as_dtype(v, node.dtype))

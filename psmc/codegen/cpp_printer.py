@@ -34,7 +34,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SPECIAL, UNARY_MATH, \
+from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, UNARY_MATH, \
     UNARY_OPERATOR, UNARY_OPERATORS
 from .torch_printer import dim_code
 from .triton_layout import FLOATS, layout_of, matrix_reason, role_of
@@ -47,7 +47,7 @@ CPP_OPS = {
     "neg": UNARY_OPERATOR["neg"].cpp,
     **{row.name: row.cpp for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
     **{row.name: row.cpp for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
-    "not": UNARY_OPERATOR["not"].cpp, "where": "({a} ? {b} : {c})",
+    "not": UNARY_OPERATOR["not"].cpp, SELECT.name: SELECT.cpp,
 }
 # ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
 FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
@@ -61,7 +61,7 @@ VJP_RULES = {
     **{row.name: (row.cpp_vjp,) for row in UNARY_OPERATORS if row.cpp_vjp is not None},  # `-x`: the registry
     **{row.name: (row.cpp_vjp,) for row in UNARY_MATH if row.cpp_vjp is not None},  # psmc.ir.registry
     **{row.name: row.cpp_vjp for row in BINARY_OPS if row.cpp_vjp not in (None, SPECIAL)},  # the registry
-    "where": (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"),
+    SELECT.name: SELECT.cpp_vjp,
     "cast": ("{g}",), "broadcast": ("{g}",), "getitem": ("{g}",),
     "matmul": ("({g} * {b})", "({g} * {a})"), "outer": ("({g} * {b})", "({g} * {a})"),
     # reductions (psmc.ir.registry); "ties": amax/amin share the gradient by a rule of their own

@@ -18,7 +18,7 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, render, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, REDUCTIONS, UNARY_MATH, UNARY_OPERATOR
+from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ TRITON_OPS: dict[str, object] = {
     # binary (Triton's `/` is true division, ints promote to fp32, as torch)
     **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
     "not": UNARY_OPERATOR["not"].triton,
-    "where": "tl.where({0}, {1}, {2})",
+    SELECT.name: SELECT.triton,
     "cast": "special", "broadcast": "special",
     # reductions over the one declared axis (the columns), masked to the real S entries
     **{row.name: "special" for row in REDUCTIONS},  # `reduce` renders the registry row's `triton`

@@ -17,7 +17,7 @@ same in every column, like the values.
 from __future__ import annotations
 
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTIONS, SPECIAL, UNARY_MATH, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, SPECIAL, UNARY_MATH, UNARY_OPERATORS
 from .triton_layout import FLOATS, TRITON_OPS, Unsupported
 from .triton_printer import TritonBodyPrinter
 
@@ -29,7 +29,7 @@ VJP_RULES: dict[str, tuple] = {
     **{row.name: (row.vjp,) for row in UNARY_OPERATORS if row.vjp is not None},  # `-x`: psmc.ir.registry
     **{row.name: (row.vjp,) for row in UNARY_MATH if row.vjp is not None},  # psmc.ir.registry
     **{row.name: row.vjp for row in BINARY_OPS if row.vjp not in (None, SPECIAL)},  # psmc.ir.registry
-    "where": (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"),
+    SELECT.name: SELECT.vjp,
     "cast": ("{g}",),
     "broadcast": ("{g}",),
     # matrix tiles (psmc.codegen.triton_matrix): products whose contraction or broadcast the

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..dtypes import DType
 from .nodes import Node, dim_symbol, walk
-from .registry import BINARY_OPS, REDUCTIONS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS
 
 LAYERNORM_EPS = 1e-5
 
@@ -53,6 +53,7 @@ _UNARY = {
     "not": _reference(UNARY_OPERATOR["not"].interp),
 }
 _BINARY = {row.name: _reference(row.interp) for row in BINARY_OPS}  # psmc.ir.registry
+_WHERE = _reference(SELECT.interp)  # psmc.ir.registry
 _REDUCE = {row.name: _reference(row.interp) for row in REDUCTIONS}  # torch.<fn>(x, axis): psmc.ir.registry
 # operands computed in the node's dtype first (the float-valued reductions)
 _REDUCE_IN_DTYPE = frozenset(row.name for row in REDUCTIONS if row.dtype == "float")
@@ -111,9 +112,9 @@ def _eval_node(node: Node, args: list, env: dict, dims: dict) -> torch.Tensor:
         elif node.info.kind == "compare" and (a.is_floating_point() or b.is_floating_point()):
             a, b = a.to(torch.float64), b.to(torch.float64)
         return _BINARY[op](a, b)
-    if op == "where":
+    if op == SELECT.name:
         cond, a, b = args
-        return torch.where(cond, a.to(torch_dtype(node.dtype)), b.to(torch_dtype(node.dtype)))
+        return _WHERE(cond, a.to(torch_dtype(node.dtype)), b.to(torch_dtype(node.dtype)))
     if op == "cast":
         return args[0].to(torch_dtype(node.dtype))
     if op == "broadcast":

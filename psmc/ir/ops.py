@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import BINARY_OPS, REDUCTIONS, UNARY, UNARY_OPERATOR
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY, UNARY_OPERATOR
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ def _table() -> dict[str, OpInfo]:
     for row in BINARY_OPS:  # the binary operators, comparisons, and/or, max/min: psmc.ir.registry
         rows[row.name] = OpInfo(row.kind, True, 2)
     rows["not"] = OpInfo(UNARY_OPERATOR["not"].kind, True, 1)
-    rows["where"] = OpInfo("select", True, 3)
+    rows[SELECT.name] = OpInfo("select", True, 3)
     rows["cast"] = OpInfo("cast", True, 1)
     rows["broadcast"] = OpInfo("broadcast", True, 1)
     for row in REDUCTIONS:  # psmc.ir.registry

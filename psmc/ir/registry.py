@@ -317,3 +317,34 @@ REDUCTIONS: tuple[Reduction, ...] = (
 )
 
 REDUCTION: dict[str, Reduction] = {row.name: row for row in REDUCTIONS}
+
+
+# ------------------------------------------------------------------ selection
+@dataclass(frozen=True)
+class Select:
+    """`where(c, a, b)`, declared once: renderings over the operands `{0}` `{1}` `{2}` (Triton) or
+    `{a}` `{b}` `{c}` (C++), VJPs one per operand (None: the bool condition gets no gradient).
+    The reference (`interp`, after holding a and b in the node's dtype) and the SymPy semantics
+    (a concrete bool condition picks a side) are here too; the torch rendering is SPECIAL: the
+    printer materialises a Python-number result in the call's compute dtype and device
+    (`_ops.where`), a rule of its own."""
+    name: str
+    doc: str
+    interp: str
+    sympy: Callable  # (ev, c, a, b) -> SymPy value
+    torch: str
+    triton: str
+    vjp: tuple
+    cpp: str
+    cpp_vjp: tuple
+
+
+def _pick(ev, c, a, b):
+    if not isinstance(c, bool):
+        ev.undecidable(f"symbolic condition {c}")
+    return a if c else b
+
+
+SELECT = Select("where", "c ? a : b, elementwise", "torch.where", _pick, SPECIAL, "tl.where({0}, {1}, {2})",
+                (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"), "({a} ? {b} : {c})",
+                (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"))
