@@ -70,7 +70,7 @@ MENU = (
 TYPES = ("f32", "f32[D]", "f32[K, D]")
 
 
-@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, len(MENU) - 1), st.integers(0, len(TYPES) - 1)), min_size=2, max_size=3))
 def test_split_verdict_is_the_conjunction_of_the_groups(choice):
     state, outputs, groups, associative = [], [], [], True
