@@ -11,9 +11,8 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import random
+from dataclasses import dataclass
 from fractions import Fraction
 
 from ..ir.interp import concrete_shape
@@ -24,7 +23,7 @@ from .grid import Grid
 from .laws import Law, uses_params_or_layers
 from .prove import prove, search_exact
 from .refute import Found, confirm, dims_options, search, shrink
-from .values import FLOAT_STYLES, random_element, random_params
+from .values import FLOAT_STYLES, Point, random_element, random_params
 
 
 @dataclass
@@ -52,9 +51,9 @@ def judge(op, law: Law, budget: Budget, seed: int, fixed=None, trials: int = 300
 
 def _prove(op, law: Law, budget: Budget, seed: int, fixed) -> Judgement:
     pieces = split.parts(op)
-    if len(pieces) == 1 and not pieces[0].scalar:
-        return _prove_whole(op, law, budget, seed, fixed)
     options = dims_options(op)
+    if (len(pieces) == 1 and not pieces[0].scalar) or not options:
+        return _prove_whole(op, law, budget, seed, fixed)
     methods = []
     for part in pieces:
         part_fixed = part.restrict_fixed(fixed, options)
@@ -100,7 +99,7 @@ def _lift(op, law: Law, part, found: Found, fixed, options, budget: Budget, seed
                 base[i] = Grid.full(concrete_shape(op.state[i].shape, dims), grid.item()) if part.scalar else grid
             elements[name] = tuple(base)
         elements.update(whole_fixed)
-        candidate = type(point)(dict(dims), elements, random_params(op, dims, rng))
+        candidate = Point(dict(dims), elements, random_params(op, dims, rng))
         confirmed = confirm(op, law, shrink(op, law, candidate, budget)) or confirm(op, law, candidate)
         if confirmed is not None:
             return confirmed

@@ -41,8 +41,9 @@ class Part:
     scalar: bool  # an entrywise group, judged on one entry per field
 
     def restrict_fixed(self, whole_fixed, options: list[dict]):
-        """The law's fixed elements (the identity e) for this part, or None when the part
-        cannot take them (a scalar part needs e uniform over positions at every size)."""
+        """The law's fixed elements (the identity e) restricted to this part (a function of the
+        dims, like `whole_fixed`); None without fixed elements; NOT_UNIFORM when an entrywise
+        part cannot take them (it needs e to be the same at every position and every size)."""
         if whole_fixed is None:
             return None
         if not self.scalar:
