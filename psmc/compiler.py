@@ -37,7 +37,7 @@ def analyse_op(op: OpIR):
 def plan_op(op: OpIR, analysis):
     """(canonical op, Plan)."""
     from .analysis.classes import coarse_structure
-    from .codegen.triton_printer import unsupported_reason
+    from .codegen.triton_layout import unsupported_reason
     from .plan import make_plan
 
     canonical = canonicalize(op)
@@ -49,7 +49,7 @@ def codegen_notes(op: OpIR, plan) -> dict:
     """What `psmc check` reports about code generation besides the plan: the Triton and C++
     kernels."""
     from .codegen.cpp_printer import describe as describe_cpu
-    from .codegen.triton_printer import describe
+    from .codegen.triton_kernels import describe
     plan_dict = {"plan": plan.scan, "structure": plan.structure}
     return {"triton": describe(op, plan_dict), "cpu": describe_cpu(op, plan_dict)}
 

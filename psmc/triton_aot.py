@@ -67,8 +67,10 @@ class Launch:
     kwargs: dict = field(default_factory=dict, compare=False, repr=False)
 
     def constexprs(self) -> dict:
-        """The keyword constexprs and options of the launch (block sizes, flags, num_warps)."""
-        return {k: v for k, v in self.kwargs.items()}
+        """The keyword constexprs and options of the launch (block sizes, flags, num_warps): the
+        generated kernels get every argument by name (psmc.runtime.triton_abi), so the tensors,
+        strides and sizes among the keywords are left out."""
+        return _constexpr_kwargs(self.fn, self.kwargs)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,21 @@ def record(example: str, cls) -> list:
     return _dedupe(launches)
 
 
+def _constexpr_kwargs(kernel, kwargs: dict) -> dict:
+    """The keywords that are a constexpr parameter of `kernel` or no parameter at all (options)."""
+    import inspect
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn") and not inspect.isfunction(fn):
+        fn = fn.fn
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    def constexpr(p) -> bool:
+        return "constexpr" in str(p.annotation)
+    return {k: v for k, v in kwargs.items() if k not in params or constexpr(params[k])}
+
+
 def _kernel_name(k) -> str:
     fn = getattr(k, "fn", k)
     return getattr(fn, "__name__", str(fn))
@@ -203,7 +220,7 @@ def _kernel_name(k) -> str:
 def _dedupe(launches: list) -> list:
     seen, out = set(), []
     for launch in launches:
-        key = (launch.kernel, launch.passname, tuple(sorted(launch.kwargs.items())))
+        key = (launch.kernel, launch.passname, tuple(sorted(launch.constexprs().items())))
         if key not in seen:
             seen.add(key)
             out.append(launch)
@@ -357,7 +374,7 @@ def compile_examples(names: list | None, archs=ARCHS, passes: tuple | None = Non
                 continue
             results = tuple(compile_launch(launch, a) for a in archs)
             rows.append(Row(example, launch.passname, launch.kernel, launch.grid,
-                            tuple(sorted(launch.kwargs.items())), results))
+                            tuple(sorted(launch.constexprs().items())), results))
     return rows
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from psmc.analysis import monoids, symbolic
 from psmc.codegen import cpp_printer, torch_printer, triton_printer, triton_vjp
-from psmc.ir import interp, rewrite
+import torch
+
+from psmc.ir import interp, registry, rewrite
 from psmc.ir.builtins import BUILTINS
 from psmc.ir.ops import BINARY_OPERATORS, OPS
 
@@ -34,7 +36,8 @@ def test_the_interpreter_has_every_op(op):
 
 @pytest.mark.parametrize("op", NON_LEAF)
 def test_the_symbolic_semantics_has_every_op(op):
-    assert op in symbolic._UNARY or op in symbolic._BINARY or hasattr(symbolic._Evaluator, "op_" + op)
+    assert op in symbolic._UNARY or op in symbolic._BINARY or op in symbolic.REDUCTION \
+        or hasattr(symbolic._Evaluator, "op_" + op)
 
 
 def _torch_printed() -> set:
@@ -42,7 +45,8 @@ def _torch_printed() -> set:
     named = set(re.findall(r'op == "(\w+)"', src))
     for group in re.findall(r"op in \(([^)]*)\)", src):
         named |= set(re.findall(r'"(\w+)"', group))
-    return named | set(torch_printer.UNARY) | set(torch_printer.BINARY) | set(torch_printer.REDUCE)
+    return named | set(torch_printer.UNARY) | set(torch_printer.BINARY) | set(torch_printer.REDUCE) \
+        | set(torch_printer.OPERATORS)
 
 
 @pytest.mark.parametrize("op", NON_LEAF)
@@ -86,6 +90,62 @@ def test_the_cpp_printer_says_why_for_the_rest():
     compiled = compile_source(src.format("softmax(x)"), "t.psm")
     reason = cpp_printer.unsupported_reason(compiled.ops[0], compiled.plans["t"])
     assert reason == "uses 'softmax': no C++ rendering; the torch backend serves it", reason
+
+
+REGISTERED = [("operator", row.name) for row in registry.UNARY_OPERATORS] \
+    + [("reduction", row.name) for row in registry.REDUCTIONS]
+
+
+@pytest.mark.parametrize("kind, name", REGISTERED)
+def test_every_registered_operator_and_reduction_reaches_every_renderer(kind, name):
+    """The rows of psmc.ir.registry for `-x`, `not c` and the reductions: each renderer's
+    table is the row's entry, or the printer names the rule it writes instead."""
+    row = (registry.UNARY_OPERATOR if kind == "operator" else registry.REDUCTION)[name]
+    assert OPS[name].kind == (row.kind if kind == "operator" else "reduce")
+    assert row.torch and row.triton and row.cpp  # every renderer has a rendering
+    if kind == "operator":
+        assert interp._UNARY[name] is getattr(torch, row.interp.removeprefix("torch."))
+        assert symbolic._UNARY[name] is row.sympy
+        assert torch_printer.OPERATORS[name] == row.torch
+        assert triton_printer.TRITON_OPS[name] == row.triton and cpp_printer.CPP_OPS[name] == row.cpp
+        if row.vjp is None:  # a bool result: declared gradient-free in both printers
+            assert row.cpp_vjp is None and name in triton_vjp.NO_GRADIENT and name in cpp_printer.NO_GRADIENT
+        else:
+            assert triton_vjp.VJP_RULES[name] == (row.vjp,) and cpp_printer.VJP_RULES[name] == (row.cpp_vjp,)
+        return
+    assert BUILTINS[name].ir_op == name and BUILTINS[name].dtype == row.dtype and BUILTINS[name].doc == row.doc
+    assert interp._REDUCE[name] is getattr(torch, row.interp.removeprefix("torch."))
+    assert torch_printer.REDUCE[name] == row.torch and triton_printer.REDUCE_PAD[name] == row.pad
+    assert triton_printer.TRITON_OPS[name] == "special"  # TritonBodyPrinter.reduce formats row.triton
+    assert name in cpp_printer.REDUCTIONS  # the C++ contraction formats row.cpp
+    if row.vjp == "ties":  # amax/amin: each printer's own tie-sharing rule
+        assert row.cpp_vjp == "ties" and cpp_printer.VJP_RULES[name] == "ties"
+        assert "tl.sum(tl.where(({a} == {z})" in triton_vjp.VJP_RULES[name][0]
+    else:
+        assert triton_vjp.VJP_RULES[name] == (row.vjp,) and cpp_printer.VJP_RULES[name] == (row.cpp_vjp,)
+
+
+def test_the_where_row_reaches_every_renderer():
+    row = registry.SELECT
+    assert OPS[row.name].kind == "select" and BUILTINS[row.name].doc == row.doc and BUILTINS[row.name].ir_op == row.name
+    assert interp._WHERE is torch.where and symbolic.SELECT is row
+    assert row.torch == registry.SPECIAL and 'op == "where"' in inspect.getsource(torch_printer.BodyPrinter.node)
+    assert triton_printer.TRITON_OPS[row.name] == row.triton and triton_vjp.VJP_RULES[row.name] == row.vjp
+    assert cpp_printer.CPP_OPS[row.name] == row.cpp and cpp_printer.VJP_RULES[row.name] == row.cpp_vjp
+    assert row.vjp[0] is None and row.cpp_vjp[0] is None  # no gradient to the bool condition
+
+
+def test_reduction_rows_evaluate_like_torch():
+    """The row's SymPy fold and its reference function agree on a concrete vector."""
+    import sympy
+    values = [1, -2, 3, 0.5]
+    x = torch.tensor(values, dtype=torch.float64)
+    for row in registry.REDUCTIONS:
+        class Ev:  # numbers only: comparisons by arithmetic
+            max = staticmethod(lambda a, b: a if a >= b else b)
+            min = staticmethod(lambda a, b: a if a <= b else b)
+        exact = row.sympy(Ev, [sympy.Rational(str(v)) for v in values])
+        assert abs(float(exact) - float(interp._REDUCE[row.name](x, 0))) < 1e-12, row.name
 
 
 def test_the_commutative_ops_agree():

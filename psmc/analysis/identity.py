@@ -26,6 +26,7 @@ from .grid import Grid
 from .judge import Judgement, judge
 from .laws import LEFT_IDENTITY, RIGHT_IDENTITY, uses_params_or_layers
 from .refute import dims_options, float_differs, random_point
+from .split import field_groups, restrict
 from .values import FLOAT_STYLES
 
 MAX_COMBINATIONS = 1024
@@ -38,6 +39,7 @@ class IdentityResult:
     note: str = ""
     left: Judgement | None = None  # the declared identity's judgements (for the report)
     right: Judgement | None = None
+    fields: tuple | None = None  # an inferred (or one-sided) identity's DSL text per field
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -137,6 +139,34 @@ def _check_declared(op, budget: Budget, seed: int) -> IdentityResult:
 
 
 def infer(op, budget: Budget, seed: int) -> IdentityResult:
+    """The identity, inferred one independent group of fields at a time (`split.py`): e is an
+    identity of the op iff its restriction to every group is one of the group's combine, so
+    the candidates of different groups are never multiplied together."""
+    groups = field_groups(op)
+    if len(groups) == 1:
+        return _infer(op, budget, seed)
+    texts: list = [None] * len(op.state)
+    kinds, notes = [], []
+    for k, group in enumerate(groups):
+        part = _infer(restrict(op, group, False), budget.part(1 / (len(groups) - k)), seed)
+        if part.kind == "none" or part.fields is None:
+            names = ", ".join(op.state[i].name for i in group)
+            return IdentityResult(None, "none", f"no identity for the fields ({names}) among the candidates; "
+                                                "a formal identity is used")
+        kinds.append(part.kind)
+        for i, t in zip(group, part.fields):
+            texts[i] = t
+    text = _text(texts)
+    if all(k == "inferred" for k in kinds):
+        return IdentityResult(text, "inferred", "inferred and verified on both sides, one group of fields at a time")
+    for side in ("left", "right"):
+        if all(k in ("inferred", f"{side}-only") for k in kinds):
+            return IdentityResult(None, f"{side}-only", f"{text} is only a {side} identity; a formal identity is used")
+    return IdentityResult(None, "none", "some groups of fields have only a left identity, others only a right "
+                                        "one; a formal identity is used")
+
+
+def _infer(op, budget: Budget, seed: int) -> IdentityResult:
     options = dims_options(op)
     if not options:
         return IdentityResult(None, "none", "no valid small dims to test at")
@@ -154,13 +184,15 @@ def infer(op, budget: Budget, seed: int) -> IdentityResult:
         lp = left is not None and left.status == "proven"
         rp = right is not None and right.status == "proven"
         if lp and rp:
-            return IdentityResult(text, "inferred", "inferred and verified on both sides")
+            return IdentityResult(text, "inferred", "inferred and verified on both sides",
+                                  fields=tuple(t for t, _ in combo))
         if one_sided is None and (lp or rp):
-            one_sided = (text, "left-only" if lp else "right-only")
+            one_sided = (text, "left-only" if lp else "right-only", tuple(t for t, _ in combo))
     if one_sided is not None:
-        text, kind = one_sided
+        text, kind, fields = one_sided
         side = kind.split("-")[0]
-        return IdentityResult(None, kind, f"{text} is only a {side} identity; a formal identity is used")
+        return IdentityResult(None, kind, f"{text} is only a {side} identity; a formal identity is used",
+                              fields=fields)
     return IdentityResult(None, "none", "no identity among the candidates; a formal identity is used")
 
 

@@ -18,7 +18,7 @@ import sympy
 
 from ..ir.interp import concrete, concrete_shape, env_key
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, UNARY_MATH
+from ..ir.registry import BINARY_OPS, REDUCTION, SELECT, UNARY_MATH, UNARY_OPERATOR
 from ..ir.types import is_float
 from .grid import Grid, concat, matmul, reduce_axis, zip_map
 
@@ -92,6 +92,9 @@ class _Evaluator:
         if node.op in _BINARY:
             fn = _BINARY[node.op]
             return zip_map(lambda x, y: fn(self, x, y), *args)
+        if node.op in REDUCTION:  # psmc.ir.registry: a fold of the entries along the axis
+            fold = REDUCTION[node.op].sympy
+            return reduce_axis(args[0], node.attrs[0], lambda xs: fold(self, xs))
         return getattr(self, "op_" + node.op)(node, args)
 
     # ------------------------------------------------------------------ leaves
@@ -125,32 +128,14 @@ class _Evaluator:
 
     # ------------------------------------------------------------------ the rest
     def op_where(self, node, args):
-        def pick(c, a, b):
-            if not isinstance(c, bool):
-                raise Undecidable(f"symbolic condition {c}")
-            return a if c else b
-        return zip_map(pick, *args).map(lambda v: _as_dtype(v, node.dtype))
+        pick = SELECT.sympy  # psmc.ir.registry
+        return zip_map(lambda c, a, b: pick(self, c, a, b), *args).map(lambda v: _as_dtype(v, node.dtype))
 
     def op_cast(self, node, args):
         return args[0].map(lambda v: _as_dtype(v, node.dtype))
 
     def op_broadcast(self, node, args):
         return args[0].broadcast_to(concrete_shape(node.shape, self.dims))
-
-    def op_sum(self, node, args):
-        return reduce_axis(args[0], node.attrs[0], lambda xs: sympy.Add(*xs))
-
-    def op_mean(self, node, args):
-        return reduce_axis(args[0], node.attrs[0], lambda xs: sympy.Add(*xs) / len(xs))
-
-    def op_amax(self, node, args):
-        return reduce_axis(args[0], node.attrs[0], lambda xs: _fold(self.max, xs))
-
-    def op_amin(self, node, args):
-        return reduce_axis(args[0], node.attrs[0], lambda xs: _fold(self.min, xs))
-
-    def op_logsumexp(self, node, args):
-        return reduce_axis(args[0], node.attrs[0], lambda xs: sympy.log(sympy.Add(*map(sympy.exp, xs))))
 
     def op_softmax(self, node, args):
         return _softmax(args[0], node.attrs[0])
@@ -228,13 +213,6 @@ class _Evaluator:
         return Grid.build((q.shape[0], v.shape[1]), entry)
 
 
-def _fold(fn, xs):
-    out = xs[0]
-    for x in xs[1:]:
-        out = fn(out, x)
-    return out
-
-
 def _softmax(grid: Grid, axis: int) -> Grid:
     sums = reduce_axis(grid.map(sympy.exp), axis, lambda xs: sympy.Add(*xs))
     return Grid.build(grid.shape, lambda i: sympy.exp(grid[i]) / sums[i[:axis] + i[axis + 1:]])
@@ -247,13 +225,9 @@ def _as_dtype(value, dtype: str):
 
 
 _UNARY = {
-    "neg": lambda ev, x: -x,
+    "neg": UNARY_OPERATOR["neg"].sympy,
     **{row.name: row.sympy for row in UNARY_MATH},  # psmc.ir.registry
-    "not": lambda ev, x: (not x) if isinstance(x, bool) else _raise(Undecidable("symbolic bool")),
+    "not": UNARY_OPERATOR["not"].sympy,
 }
 
 _BINARY = {row.name: row.sympy for row in BINARY_OPS}  # psmc.ir.registry
-
-
-def _raise(err):
-    raise err

@@ -34,40 +34,42 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, SPECIAL, UNARY_MATH
+from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, UNARY_MATH, \
+    UNARY_OPERATOR, UNARY_OPERATORS
 from .torch_printer import dim_code
-from .triton_printer import FLOATS, layout_of
+from .triton_layout import FLOATS, layout_of, matrix_reason, role_of
 
 LANE_BLOCK = 16  # lanes per work item in 'lanes' mode (the vectorised inner loop)
 INTS = ("i32", "i64")
 
 # op -> C++ over the operands {a}, {b}, {c} (already cast where needed); None: special
 CPP_OPS = {
-    "neg": "(-{a})",
+    "neg": UNARY_OPERATOR["neg"].cpp,
     **{row.name: row.cpp for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
     **{row.name: row.cpp for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
-    "not": "(!{a})", "where": "({a} ? {b} : {c})",
+    "not": UNARY_OPERATOR["not"].cpp, SELECT.name: SELECT.cpp,
 }
 # ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
 FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
 ARITH = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum", "where"})
-REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "logsumexp"})
+REDUCTIONS = frozenset(REDUCTION)  # psmc.ir.registry: each row's `cpp` is its accumulator loop
 VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid axes
 
 # reverse mode: one rendering per operand over {a} {b} {c} (operands), {z} (result), {g}
 # (the result's adjoint), {n} (the reduced extent); None: no gradient to that operand
 VJP_RULES = {
-    "neg": ("(-{g})",),
+    **{row.name: (row.cpp_vjp,) for row in UNARY_OPERATORS if row.cpp_vjp is not None},  # `-x`: the registry
     **{row.name: (row.cpp_vjp,) for row in UNARY_MATH if row.cpp_vjp is not None},  # psmc.ir.registry
     **{row.name: row.cpp_vjp for row in BINARY_OPS if row.cpp_vjp not in (None, SPECIAL)},  # the registry
-    "where": (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"),
+    SELECT.name: SELECT.cpp_vjp,
     "cast": ("{g}",), "broadcast": ("{g}",), "getitem": ("{g}",),
     "matmul": ("({g} * {b})", "({g} * {a})"), "outer": ("({g} * {b})", "({g} * {a})"),
-    "sum": ("{g}",), "mean": ("({g} / scalar_t({n}))",), "logsumexp": ("({g} * std::exp({a} - {z}))",),
-    "amax": "ties", "amin": "ties",
+    # reductions (psmc.ir.registry); "ties": amax/amin share the gradient by a rule of their own
+    **{row.name: row.cpp_vjp if row.cpp_vjp == "ties" else (row.cpp_vjp,) for row in _REDUCTION_ROWS},
 }
 CLAMP_RULES = {"maximum": "({a} >= {b} ? {g} : scalar_t(0))", "minimum": "({a} <= {b} ? {g} : scalar_t(0))"}
-NO_GRADIENT = frozenset({"not"} | {row.name for row in BINARY_OPS if row.cpp_vjp is None}
+NO_GRADIENT = frozenset({row.name for row in UNARY_OPERATORS if row.cpp_vjp is None}
+                       | {row.name for row in BINARY_OPS if row.cpp_vjp is None}
                        | {row.name for row in UNARY_MATH if row.cpp_vjp is None})
 LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
 
@@ -97,7 +99,6 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     if op.exclusive and op.identity is None:
         return "exclusive readout without an identity: the first token of a stream reads it"
     if any(len(f.shape) == 2 for f in op.state):
-        from .triton_matrix import matrix_reason
         return matrix_reason(op)
     for node in nodes:
         if node.op in ("matmul", "outer", "getitem"):
@@ -157,7 +158,6 @@ class Grid:
         self.layout = layout_of(op)
         self.mode = self.layout.mode
         if self.mode == "matrix":
-            from .triton_matrix import role_of
             rows, cols = self.layout.axis, self.layout.cols
             self._role = lambda shape: role_of(shape, rows, cols)
         self.fields = {f.name: self.value_role(f) for f in op.state}
@@ -318,20 +318,8 @@ class CppBody:
             a, b = (self.ref(x, full) for x in node.args)
             return f"scalar_t acc = 0; {inner}acc += {a} * {b}; {target} = acc;"
         a = self.ref(node.args[0], full)
-        if node.op == "sum":
-            return f"scalar_t acc = 0; {inner}acc += {a}; {target} = acc;"
-        if node.op == "mean":
-            n = " * ".join({"r": "R", "c": "C"}[ch] for ch in contracted) or "1"
-            return f"scalar_t acc = 0; {inner}acc += {a}; {target} = acc / scalar_t({n});"
-        if node.op in ("amax", "amin"):
-            f = "psm_max" if node.op == "amax" else "psm_min"
-            init = "-" if node.op == "amax" else ""
-            return (f"scalar_t acc = {init}std::numeric_limits<scalar_t>::infinity(); {inner}acc = {f}(acc, {a}); "
-                    f"{target} = acc;")
-        # logsumexp, stable; an all -inf row gives -inf as torch does
-        return (f"scalar_t m = -std::numeric_limits<scalar_t>::infinity(); {inner}m = psm_max(m, {a}); "
-                f"scalar_t safe = std::isinf(m) ? scalar_t(0) : m; scalar_t acc = 0; {inner}acc += std::exp({a} - safe); "
-                f"{target} = safe + std::log(acc);")
+        n = " * ".join({"r": "R", "c": "C"}[ch] for ch in contracted) or "1"
+        return REDUCTION[node.op].cpp.format(inner=inner, a=a, target=target, n=n)  # psmc.ir.registry
 
 
 class CppVjp:

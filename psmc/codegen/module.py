@@ -84,7 +84,7 @@ def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash:
     for op in ops:
         out.append(f"    {op.name!r}: {prefix + op.name},")
     out.append("}")
-    from .triton_printer import generate_section
+    from .triton_kernels import generate_section
     triton = generate_section(ops, {n: {"plan": p.scan, "structure": p.structure} for n, p in plans.items()})
     if triton:
         out += ["", ""] + triton

@@ -18,12 +18,12 @@ import sympy
 
 from ..dtypes import DType
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, UNARY_MATH
+from ..ir.registry import BINARY_OPS, REDUCTIONS, UNARY_MATH, UNARY_OPERATORS
 
 UNARY = {row.name: row.torch for row in UNARY_MATH}  # psmc.ir.registry
 BINARY = {row.name: row.torch for row in BINARY_OPS}  # format strings over the operands {0}, {1}
-REDUCE = {"sum": "torch.sum", "mean": "torch.mean", "amax": "torch.amax", "amin": "torch.amin",
-          "logsumexp": "torch.logsumexp"}
+REDUCE = {row.name: row.torch for row in REDUCTIONS}  # psmc.ir.registry
+OPERATORS = {row.name: row.torch for row in UNARY_OPERATORS}  # `-x`, `not c`: format strings over {0}
 FIELD_PREFIX = {"left": "l_", "right": "r_", "state": "s_"}
 LET_PREFIX = "v_"  # `let` values: v_NAME (no other generated name starts with v_ and is longer)
 
@@ -209,10 +209,8 @@ class BodyPrinter:
             return f"_ops.full({shape_code(node.shape)}, {const_code(node.attrs[0])}, cx.dt[{node.dtype!r}], cx.dev)"
         if op == "eye":
             return f"_ops.eye({dim_code(node.shape[0])}, cx.dt[{node.dtype!r}], cx.dev)"
-        if op == "neg":
-            return f"-{self.ref(args[0])}"
-        if op == "not":
-            return f"_ops.logical_not({self.ref(args[0])})"
+        if op in OPERATORS:
+            return OPERATORS[op].format(self.ref(args[0]))
         if op in UNARY:
             if self.static_scalar(args[0]):
                 return f"_ops.unary({UNARY[op]}, {self.ref(args[0])})"

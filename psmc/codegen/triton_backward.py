@@ -18,7 +18,8 @@ the block token by token.
 from __future__ import annotations
 
 from ..ir.nodes import OpIR
-from .triton_printer import FLOATS, KernelPrinter, TritonBodyPrinter, compute_dtype, kernel_names
+from .triton_layout import FLOATS
+from .triton_printer import KernelPrinter, TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature
 from .triton_vjp import VjpPrinter
 
 _IN = ("arg", "param")
@@ -36,26 +37,7 @@ class BackwardPrinter(KernelPrinter):
     """The backward kernel of one op (reuses the forward's prologue and block recompute)."""
 
     def signature_backward(self) -> list[str]:
-        op = self.op
-        n = len(self.fields)
-        params = []
-        for i, _ in enumerate(op.inputs):
-            params.append(f"in{i}, in{i}_sb, in{i}_st, in{i}_sl, in{i}_ss")
-        for i, _ in enumerate(op.params):
-            params.append(f"par{i}, par{i}_ss")
-        params += [f"ini{i}" for i in range(n)] + [f"bnd{i}" for i in range(n)]
-        for i, _ in enumerate(op.outputs):
-            params.append(f"dout{i}, dout{i}_sb, dout{i}_st, dout{i}_sl, dout{i}_ss")
-        params += [f"dfin{i}" for i in range(n)]
-        for i, _ in enumerate(op.inputs):
-            params.append(f"din{i}, din{i}_sb, din{i}_st, din{i}_sl, din{i}_ss")
-        params += [f"dpar{i}" for i in range(len(op.params))]
-        params += [f"dini{i}" for i in range(n)] + [f"ws{i}" for i in range(n)]
-        params.append("T, L, S, start, NB")
-        params += ["d_" + d for d in op.dims]
-        params.append("HAS_INIT: tl.constexpr, HAS_DFIN: tl.constexpr, BLOCK_T: tl.constexpr, "
-                      "BLOCK_C: tl.constexpr")
-        return ["    " + p + "," for p in params]
+        return kernel_signature(self.op, "backward", matrix=False)
 
     def scratch_offset(self, row: str) -> str:
         return f"((b * L + lane) * BLOCK_T + {row}) * S + sidx"

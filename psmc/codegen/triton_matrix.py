@@ -20,13 +20,11 @@ psmc.codegen.triton_backward; every VJP printed from the IR by psmc.codegen.trit
 """
 from __future__ import annotations
 
-import functools
-
-import sympy
-
-from ..ir.nodes import Node, OpIR, render, walk
+from ..ir.nodes import Node, OpIR
 from ..ir.ops import OPS
-from .triton_printer import (FLOATS, Layout, TritonBodyPrinter, compute_dtype, kernel_names, tile_expr)
+from .triton_layout import (FLOATS, Layout, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
+                            reduce_axis, role_of)
+from .triton_printer import TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, tile_expr
 from .triton_vjp import VjpPrinter
 
 ROLE_SHAPE = {"": "(1, 1)", "r": "(BLOCK_R, 1)", "c": "(1, BLOCK_C)", "rc": "(BLOCK_R, BLOCK_C)"}
@@ -34,111 +32,7 @@ ROLE_MASK = {"": "one", "r": "row_ok", "c": "col_ok", "rc": "(row_ok & col_ok)"}
 ROLE_INDEX = {"": "zero", "r": "kidx", "c": "vidx"}  # a vector's position along its tile axis
 AXIS_MASK = {0: "row_ok", 1: "col_ok"}
 AXIS_SIZE = {0: "SR", 1: "SC"}
-# matmul (role and rank of each operand) -> the tile axis it contracts
-MATMUL_AXIS = {("r", 1, "rc", 2): 0, ("r", 1, "r", 1): 0, ("c", 1, "c", 1): 1, ("rc", 2, "c", 1): 1}
 _IN = ("arg", "param")
-
-
-# ---------------------------------------------------------------------- roles and what fits
-@functools.lru_cache(maxsize=4096)
-def _same(a, b) -> bool:
-    # dims are polynomials in positive integers: expanding decides equality (simplify() took
-    # seconds per op here, thousands of calls)
-    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
-
-
-def role_of(shape, rows, cols) -> str | None:
-    """The tile axes a value of `shape` spans, or None when it fits neither."""
-    dims = [sympy.sympify(d) for d in shape]
-    if not dims:
-        return ""
-    if len(dims) == 1:
-        hits = [role for role, axis in (("r", rows), ("c", cols)) if _same(dims[0], axis)]
-        return hits[0] if len(hits) == 1 else None
-    if len(dims) == 2:
-        r = "r" if _same(dims[0], rows) else "" if dims[0] == 1 else None
-        c = "c" if _same(dims[1], cols) else "" if dims[1] == 1 else None
-        return None if r is None or c is None else r + c
-    return None
-
-
-def _matrix_shape(op: OpIR) -> tuple:
-    return next(tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2)
-
-
-def _bodies(op: OpIR) -> tuple:
-    extra = tuple(op.identity or ()) if op.exclusive else ()
-    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout) + extra
-
-
-def reduce_axis(node: Node, rows, cols) -> int | None:
-    """The tile axis a reduction runs over; None for a size-1 declared axis (no reduction)."""
-    arg = node.args[0]
-    role = role_of(arg.shape, rows, cols)
-    if arg.rank == 1:
-        return {"r": 0, "c": 1}.get(role)
-    char = "r" if node.attrs[0] == 0 else "c"
-    return (0 if char == "r" else 1) if char in role else None
-
-
-def matmul_axis(node: Node, rows, cols) -> int | None:
-    a, b = node.args
-    return MATMUL_AXIS.get((role_of(a.shape, rows, cols), a.rank, role_of(b.shape, rows, cols), b.rank))
-
-
-def _view_only(node: Node, rows, cols) -> bool:
-    """A getitem of full slices and new axes: the same values on the same tile axes."""
-    if any(entry[0] == "index" for entry in node.attrs):
-        return False
-    arg = node.args[0]
-    sliced = [e for e in node.attrs if e[0] == "slice"]
-    first = arg.rank - len(sliced)
-    for j, entry in enumerate(sliced):
-        if not (sympy.sympify(entry[1]) == 0 and _same(entry[2], arg.shape[first + j])):
-            return False
-    return role_of(arg.shape, rows, cols) == role_of(node.shape, rows, cols)
-
-
-def matrix_layout(op: OpIR) -> Layout:
-    rows, cols = _matrix_shape(op)
-    full = False
-    for node in walk(_bodies(op)):
-        if OPS[node.op].kind == "reduce" and reduce_axis(node, rows, cols) == 1:
-            full = True
-        if node.op == "matmul" and matmul_axis(node, rows, cols) == 1:
-            full = True
-    return Layout("matrix", rows, full, cols)
-
-
-def matrix_reason(op: OpIR) -> str | None:
-    """Why a matrix-state op gets no kernels, or None when the matrix tile model serves it."""
-    shapes = {tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2}
-    if len(shapes) > 1:
-        return "matrix fields of different shapes: the tile has one [R, C] layout"
-    rows, cols = _matrix_shape(op)
-    if _same(rows, cols):
-        return f"a square [{rows}, {cols}] state: which tile axis a vector spans would be ambiguous"
-    if op.exclusive and op.identity is None:
-        return "exclusive readout without an identity: the first token of a stream reads it"
-    for v in op.inputs + op.outputs + op.params:
-        if len(v.shape) > 1:
-            return f"{v.name!r} has rank {len(v.shape)}: per-token inputs, outputs and params are at most vectors"
-    for v in op.state + op.inputs + op.outputs + op.params:
-        if role_of(v.shape, rows, cols) is None:
-            return f"{v.name!r} spans no axis of the [{rows}, {cols}] tile"
-    for node in walk(_bodies(op)):
-        what = render(node)[:60]
-        if role_of(node.shape, rows, cols) is None:
-            return f"{what} has a shape that spans no axis of the [{rows}, {cols}] tile"
-        if node.op == "matmul" and matmul_axis(node, rows, cols) is None:
-            return f"{what}: only vector @ matrix, matrix @ vector and vector @ vector are generated"
-        if node.op == "outer" and tuple(role_of(a.shape, rows, cols) for a in node.args) != ("r", "c"):
-            return f"{what}: only outer([{rows}], [{cols}]) is generated"
-        if node.op == "getitem" and not _view_only(node, rows, cols):
-            return f"{what}: only full slices and new axes that keep the tile axes are generated"
-    if any(n.op == "matmul" for n in walk(op.combine)):
-        return "combine contracts an axis: not elementwise"
-    return None
 
 
 # ---------------------------------------------------------------------- bodies and their VJPs
@@ -250,32 +144,9 @@ class MatrixPrinter:
     def vjp(self, outputs, adjoints, wanted, prefix: str) -> MatrixVjpPrinter:
         return MatrixVjpPrinter(tuple(outputs), adjoints, wanted, prefix, self.rows, self.cols)
 
-    # -- signatures: the order triton_support passes the arguments in
+    # -- signatures: the launch contract (psmc.runtime.triton_abi) names every argument
     def signature(self, kind: str) -> list[str]:
-        op, n = self.op, len(self.fields)
-        time = kind != "step"
-        st = lambda name: f"{name}_st, " if time else ""  # noqa: E731
-        params = [f"in{i}, in{i}_sb, {st(f'in{i}')}in{i}_sl, in{i}_ss" for i in range(len(op.inputs))]
-        params += [f"par{i}, par{i}_ss" for i in range(len(op.params))]
-        params += [f"ini{i}" for i in range(n)]
-        if kind == "backward":
-            params += [f"bnd{i}" for i in range(n)]
-            params += [f"dout{i}, dout{i}_sb, dout{i}_st, dout{i}_sl, dout{i}_ss" for i in range(len(op.outputs))]
-            params += [f"dfin{i}" for i in range(n)]
-            params += [f"din{i}, din{i}_sb, din{i}_st, din{i}_sl, din{i}_ss" for i in range(len(op.inputs))]
-            params += [f"dpar{i}" for i in range(len(op.params))]
-            params += [f"dini{i}" for i in range(n)] + [f"ws{i}" for i in range(n)]
-        else:
-            params += [f"out{i}, out{i}_sb, {st(f'out{i}')}out{i}_sl, out{i}_ss" for i in range(len(op.outputs))]
-            params += [f"fin{i}" for i in range(n)]
-            if time:
-                params += [f"bnd{i}" for i in range(n)]
-        params.append("T, L, SR, SC, start" + (", NB" if time else ""))
-        params += ["d_" + d for d in op.dims]
-        flags = {"forward": "HAS_INIT, BLOCK_T, BLOCK_R, BLOCK_C, SAVE", "step": "HAS_INIT, BLOCK_T, BLOCK_R, BLOCK_C",
-                 "backward": "HAS_INIT, HAS_DFIN, BLOCK_T, BLOCK_R, BLOCK_C"}[kind]
-        params.append(", ".join(f"{f}: tl.constexpr" for f in flags.split(", ")))
-        return ["    " + p + "," for p in params]
+        return kernel_signature(self.op, kind, matrix=True)
 
     def prologue(self) -> list[str]:
         op = self.op

@@ -10,10 +10,13 @@ the only state that survives a block, and the final one is written out for strea
 when a gradient will be needed, the carry entering each block, for the backward kernel of
 psmc.codegen.triton_backward).
 
-Every IR op has a row in TRITON_OPS: a rendering (a format string over the operand names, or
-a method of the printer for ops that need care) or an `Unsupported` reason. An op whose
-bodies use an unsupported op, or whose shapes do not fit the tile model, gets no kernels and
-the torch backend serves it; `unsupported_reason` says why.
+Every IR op has a row in TRITON_OPS (psmc.codegen.triton_layout): a rendering (a format
+string over the operand names, or a method of the printer for ops that need care) or an
+`Unsupported` reason. An op whose bodies use an unsupported op, or whose shapes do not fit the
+tile model, gets no kernels and the torch backend serves it; `unsupported_reason` says why.
+The module-level entry points (`generate`, `generate_section`, `describe`) live in
+psmc.codegen.triton_kernels, which imports every Triton printer; this one imports none of the
+printers built on it.
 
 Python-semantics leaks are ruled out by construction: min/max print as tl.minimum/maximum,
 `if` as tl.where, `/` is Triton's true division (ints promote to fp32), literals print as
@@ -22,64 +25,20 @@ float/int/bool literals (inf as float('inf')), and `pow` never reaches Python's 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
-import sympy
 
 from ..ir.nodes import Node, OpIR, walk
-from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, UNARY_MATH
+from ..ir.registry import REDUCTION, REDUCTIONS
+from ..runtime import triton_abi
 from .torch_printer import dim_code
+# what fits the tile models (re-exported: the op table and the layouts are read from here too)
+from .triton_layout import (FLOAT_MATH, FLOATS, KERNEL_DTYPES, MATRIX_ONLY, TL_DTYPES, TRITON_OPS,  # noqa: F401
+                            Layout, Unsupported, layout_of, unsupported_reason, value_roles)
 
 PREFIX = "_psm_"
 
 
-@dataclass(frozen=True)
-class Unsupported:
-    reason: str
-
-
-_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
-MATRIX_ONLY = frozenset({"matmul", "outer", "getitem"})  # rendered by the matrix tile model only
-# math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
-FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
-                        "logsigmoid", "pow"})
-_LAYER = "a whole-layer op inside a body; the torch backend serves it"
-
-# op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
-# Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
-TRITON_OPS: dict[str, object] = {
-    # leaves
-    "arg": "special", "field": "special", "param": "special", "dim": "special", "const": "special",
-    "index": "special", "fill": "special",
-    "eye": Unsupported(_MATRIX),
-    # unary
-    "neg": "(-{0})",
-    **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
-    # binary (Triton's `/` is true division, ints promote to fp32, as torch)
-    **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
-    "not": "({0} == 0)",
-    "where": "tl.where({0}, {1}, {2})",
-    "cast": "special", "broadcast": "special",
-    # reductions over the one declared axis (the columns), masked to the real S entries
-    "sum": "special", "mean": "special", "amax": "special", "amin": "special", "logsumexp": "special",
-    "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
-                           "backend serves it"),
-    # matrix tiles only (psmc.codegen.triton_matrix: rows x columns of a [R, C] state); in the
-    # one-axis tile models unsupported_reason rejects them
-    "matmul": "special", "outer": "special", "getitem": "special",
-    "transpose": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
-    "reshape": Unsupported(_MATRIX),
-    "layernorm": Unsupported(_LAYER), "attention": Unsupported(_LAYER),
-}
-
-TL_DTYPES = {"f16": "tl.float16", "bf16": "tl.bfloat16", "f32": "tl.float32", "f64": "tl.float64",
-             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1"}
-KERNEL_DTYPES = ("f16", "bf16", "f32", "i32", "i64", "bool")  # f64 runs on the torch backend
-FLOATS = ("f16", "bf16", "f32", "f64")
 # the value that leaves a reduction unchanged: fills the padded columns of a tile
-REDUCE_PAD = {"sum": "0.0", "mean": "0.0", "amax": "float('-inf')", "amin": "float('inf')",
-              "logsumexp": "float('-inf')"}
+REDUCE_PAD = {row.name: row.pad for row in REDUCTIONS}  # psmc.ir.registry
 
 
 def literal(value) -> str:
@@ -104,76 +63,6 @@ def tile_expr(expr: str, dtype: str, shape: str) -> str:
     if dtype == "bool":  # `expr` may be a Python bool (a literal): tl.broadcast_to needs a tensor
         return f"((tl.zeros({shape}, tl.int32) + ({expr})) != 0)"
     return f"(tl.zeros({shape}, {compute_dtype(dtype)}) + ({expr})).to({compute_dtype(dtype)})"
-
-
-# ---------------------------------------------------------------------- what fits the tile model
-@dataclass(frozen=True)
-class Layout:
-    mode: str  # 'lanes' | 'state' | 'matrix'
-    axis: object  # the SymPy dim expression of the state axis S, the rows R in matrix mode (None in lanes mode)
-    full_tile: bool  # a body reduces over S (over C in matrix mode): one tile must hold all of it
-    cols: object = None  # matrix mode: the SymPy dim expression of the column axis C
-
-
-def _bodies(op: OpIR):
-    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout)
-
-
-def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
-    """Why `op` gets no Triton kernels, or None when it does."""
-    if plan is not None and plan.get("plan") != "exact-scan":
-        return "tree-scan plan: the per-level Agg kernel is not generated; the torch backend serves it"
-    structure = (plan or {}).get("structure")
-    if structure not in (None, "elementwise"):
-        return f"combine structure is {structure!r}, not 'elementwise'"
-    if op.chunk is not None:
-        return "chunk op: the chunked layout is not generated for Triton"
-    nodes = list(walk(_bodies(op)))
-    for node in nodes:
-        rendering = TRITON_OPS[node.op]
-        if isinstance(rendering, Unsupported):
-            return f"uses {node.op!r}: {rendering.reason}"
-    if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
-        return "combine reduces over an axis: not elementwise"
-    if any(not n.batched for n in op.combine):
-        return "a combine output ignores both operands"
-    values = op.state + op.inputs + op.outputs + op.params
-    for v in values:
-        if v.dtype not in KERNEL_DTYPES:
-            return f"{v.name!r} is {v.dtype}: kernels hold f16/bf16/f32/int/bool values"
-    if _is_matrix(op):
-        from .triton_matrix import matrix_reason  # the matrix tile model builds on this module
-        return matrix_reason(op)
-    if op.exclusive:
-        return "exclusive readout: generated for matrix-state ops only (the token loop); the torch backend serves it"
-    for node in nodes:
-        if node.op in MATRIX_ONLY:
-            return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
-    shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
-    if any(len(s) > 1 for s in shapes):
-        return "a value has rank > 1 but no state field does: only matrix-valued states get a second tile axis"
-    axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
-    if len(axes) > 1:
-        return f"values of different lengths {sorted(map(str, axes))}: the tile has one state axis"
-    return None
-
-
-def _is_matrix(op: OpIR) -> bool:
-    """A rank-2 state field: the matrix tile model (psmc.codegen.triton_matrix)."""
-    return any(len(f.shape) == 2 for f in op.state)
-
-
-def layout_of(op: OpIR) -> Layout:
-    if _is_matrix(op):
-        from .triton_matrix import matrix_layout
-        return matrix_layout(op)
-    nodes = list(walk(_bodies(op)))
-    axes = {sympy.sympify(s[0]) for s in [tuple(v.shape) for v in op.state + op.inputs + op.outputs + op.params]
-            + [tuple(n.shape) for n in nodes] if len(s) == 1}
-    full = any(OPS[n.op].kind == "reduce" for n in nodes)
-    if not axes:
-        return Layout("lanes", None, False)
-    return Layout("state", next(iter(axes)), full)
 
 
 # ---------------------------------------------------------------------- bodies
@@ -257,18 +146,7 @@ class TritonBodyPrinter:
         entries are `mask` and number `size`."""
         pad = REDUCE_PAD[node.op]
         masked = f"tl.where({mask}, {x}, {pad})"
-        if node.op == "sum":
-            return f"tl.sum({masked}, axis={axis}, keep_dims=True)"
-        if node.op == "mean":
-            return f"(tl.sum({masked}, axis={axis}, keep_dims=True) / {size})"
-        if node.op == "amax":
-            return f"tl.max({masked}, axis={axis}, keep_dims=True)"
-        if node.op == "amin":
-            return f"tl.min({masked}, axis={axis}, keep_dims=True)"
-        # logsumexp, stable; an all -inf row gives -inf as torch does
-        m = f"tl.max({masked}, axis={axis}, keep_dims=True)"
-        safe = f"tl.where({m} == float('-inf'), 0.0, {m})"
-        return f"({safe} + tl.log(tl.sum(tl.exp({masked} - {safe}), axis={axis}, keep_dims=True)))"
+        return REDUCTION[node.op].triton.format(x=masked, axis=axis, size=size)
 
 
 def _cast_value(value, dtype: str):
@@ -280,6 +158,16 @@ def _cast_value(value, dtype: str):
 
 
 # ---------------------------------------------------------------------- kernels
+def kernel_signature(op: OpIR, kind: str, matrix: bool) -> list[str]:
+    """The parameter lines of a kernel, from the launch contract (psmc.runtime.triton_abi): the
+    runtime passes every argument by these names."""
+    groups = triton_abi.arguments(kind, matrix, len(op.inputs), len(op.params), len(op.state), len(op.outputs),
+                                  tuple(op.dims))
+    lines = [", ".join(g) for g in groups]
+    lines.append(", ".join(f"{c}: tl.constexpr" for c in triton_abi.constexprs(kind, matrix)))
+    return ["    " + line + "," for line in lines]
+
+
 def kernel_names(op: OpIR) -> dict:
     base = PREFIX + "Op_" + op.name
     return {"combine": base + "_combine", "forward": base + "_forward", "step": base + "_step",
@@ -298,23 +186,7 @@ class KernelPrinter:
 
     # -- pieces shared by both kernels
     def signature(self, time: bool) -> list[str]:
-        op = self.op
-        params = []
-        for i, _ in enumerate(op.inputs):
-            params.append(f"in{i}, in{i}_sb, " + (f"in{i}_st, " if time else "") + f"in{i}_sl, in{i}_ss")
-        for i, _ in enumerate(op.params):
-            params.append(f"par{i}, par{i}_ss")
-        params += [f"ini{i}" for i in range(len(self.fields))]
-        for i, _ in enumerate(op.outputs):
-            params.append(f"out{i}, out{i}_sb, " + (f"out{i}_st, " if time else "") + f"out{i}_sl, out{i}_ss")
-        params += [f"fin{i}" for i in range(len(self.fields))]
-        if time:  # the carries entering each block, saved for the backward
-            params += [f"bnd{i}" for i in range(len(self.fields))]
-        params.append("T, L, S, start" + (", NB" if time else ""))
-        params += ["d_" + d for d in op.dims]
-        params.append("HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr" +
-                      (", SAVE: tl.constexpr" if time else ""))
-        return ["    " + p + "," for p in params]
+        return kernel_signature(self.op, "forward" if time else "step", matrix=False)
 
     def prologue(self) -> list[str]:
         op = self.op
@@ -507,16 +379,6 @@ def _dim_lambda(expr) -> str:
     return "None" if expr is None else f"lambda cx_d: {dim_code(expr, 'cx_d')}"
 
 
-def value_roles(op: OpIR, values) -> tuple:
-    """Which tile axes each value spans: '' (scalar), 'r' (rows / the state axis), 'c'
-    (columns, matrix mode) or 'rc'."""
-    layout = layout_of(op)
-    if layout.mode == "matrix":
-        from .triton_matrix import role_of
-        return tuple(role_of(v.shape, layout.axis, layout.cols) for v in values)
-    return tuple("r" if v.shape else "" for v in values)
-
-
 def registration(op: OpIR) -> list[str]:
     layout = layout_of(op)
     names = kernel_names(op)
@@ -547,49 +409,3 @@ def registration(op: OpIR) -> list[str]:
         f"        output_roles={value_roles(op, op.outputs)!r},",
         "    )",
     ]
-
-
-def generate(op: OpIR, plan: dict | None) -> str | None:
-    """Module-level source (combine function, kernels, registration on the op's class) for
-    one op, to be placed after the class and after PRELUDE; None when the op gets none."""
-    if unsupported_reason(op, plan) is not None:
-        return None
-    if layout_of(op).mode == "matrix":
-        from .triton_matrix import MatrixPrinter
-        printer = MatrixPrinter(op)
-        lines = printer.forward_kernel() + ["", ""] + printer.step_kernel() + ["", ""]
-        lines += printer.backward_kernel() + ["", ""] + registration(op)
-        return "\n".join(lines) + "\n"
-    from .triton_backward import BackwardPrinter  # it builds on this module's printers
-    printer = BackwardPrinter(op)
-    lines = printer.combine_function() + ["", ""] + printer.forward_kernel() + ["", ""]
-    lines += printer.step_kernel() + ["", ""] + printer.backward_kernel() + ["", ""] + registration(op)
-    return "\n".join(lines) + "\n"
-
-
-def generate_section(ops, plans: dict) -> list[str]:
-    """The whole Triton part of a generated module: PRELUDE plus every op's kernels; empty
-    when no op gets kernels. module.py appends these lines after the classes."""
-    parts = [generate(op, plans.get(op.name)) for op in ops]
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return []
-    lines = list(PRELUDE) + ["", ""]
-    for part in parts:
-        lines += part.rstrip("\n").split("\n") + ["", ""]
-    return lines
-
-
-def describe(op: OpIR, plan: dict | None) -> str:
-    """One line for `psmc check`: which passes run as Triton kernels."""
-    reason = unsupported_reason(op, plan)
-    if reason is not None:
-        return f"triton: none ({reason})"
-    layout = layout_of(op)
-    if layout.mode == "matrix":
-        cols = f"all of {layout.cols}" if layout.full_tile else f"tiles of {layout.cols}"
-        return (f"triton: forward + backward + step kernels, token loop over a [{layout.axis}, {layout.cols}] "
-                f"tile (all of {layout.axis} x {cols})" + (", exclusive readout" if op.exclusive else ""))
-    tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
-        (" (whole axis per tile)" if layout.full_tile else "")
-    return f"triton: forward + backward + step kernels, tiled over {tiles}"

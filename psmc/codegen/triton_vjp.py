@@ -17,15 +17,19 @@ same in every column, like the values.
 from __future__ import annotations
 
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, SPECIAL, UNARY_MATH
-from .triton_printer import FLOATS, TRITON_OPS, TritonBodyPrinter, Unsupported
+from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, SPECIAL, UNARY_MATH, UNARY_OPERATORS
+from .triton_layout import FLOATS, TRITON_OPS, Unsupported
+from .triton_printer import TritonBodyPrinter
 
 # op -> one rendering per operand (None: no gradient flows to that operand).
+# torch's amax/amin backward: the gradient is shared evenly by the tied maxima
+_TIES = ("tl.where(({a} == {z}) & col_ok, {g} / tl.sum(tl.where(({a} == {z}) & col_ok, 1.0, 0.0), "
+         "axis=1, keep_dims=True), 0.0)",)
 VJP_RULES: dict[str, tuple] = {
-    "neg": ("(-{g})",),
+    **{row.name: (row.vjp,) for row in UNARY_OPERATORS if row.vjp is not None},  # `-x`: psmc.ir.registry
     **{row.name: (row.vjp,) for row in UNARY_MATH if row.vjp is not None},  # psmc.ir.registry
     **{row.name: row.vjp for row in BINARY_OPS if row.vjp not in (None, SPECIAL)},  # psmc.ir.registry
-    "where": (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"),
+    SELECT.name: SELECT.vjp,
     "cast": ("{g}",),
     "broadcast": ("{g}",),
     # matrix tiles (psmc.codegen.triton_matrix): products whose contraction or broadcast the
@@ -33,20 +37,14 @@ VJP_RULES: dict[str, tuple] = {
     "matmul": ("({g} * {b})", "({g} * {a})"),
     "outer": ("({g} * {b})", "({g} * {a})"),
     "getitem": ("{g}",),  # only full slices and new axes: the tile is the same values
-    # reductions over the columns: the adjoint spreads back (rank 0 -> every column)
-    "sum": ("{g}",),
-    "mean": ("({g} / S)",),
-    "logsumexp": ("({g} * tl.exp({a} - {z}))",),
-    # torch's amax/amin backward: the gradient is shared evenly by the tied maxima
-    "amax": ("tl.where(({a} == {z}) & col_ok, {g} / tl.sum(tl.where(({a} == {z}) & col_ok, 1.0, 0.0), "
-             "axis=1, keep_dims=True), 0.0)",),
-    "amin": ("tl.where(({a} == {z}) & col_ok, {g} / tl.sum(tl.where(({a} == {z}) & col_ok, 1.0, 0.0), "
-             "axis=1, keep_dims=True), 0.0)",),
+    # reductions over the columns: the adjoint spreads back (rank 0 -> every column); psmc.ir.registry
+    **{row.name: _TIES if row.vjp == "ties" else (row.vjp,) for row in REDUCTIONS},
 }
 # torch's clamp (a max/min with a constant): the bound is inclusive
 CLAMP_RULES = {"maximum": "tl.where({a} >= {b}, {g}, 0.0)", "minimum": "tl.where({a} <= {b}, {g}, 0.0)"}
 # ops whose result carries no gradient (bool / int results, piecewise-constant)
-NO_GRADIENT = frozenset({"not"} | {row.name for row in BINARY_OPS if row.vjp is None}
+NO_GRADIENT = frozenset({row.name for row in UNARY_OPERATORS if row.vjp is None}
+                       | {row.name for row in BINARY_OPS if row.vjp is None}
                        | {row.name for row in UNARY_MATH if row.vjp is None})
 LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
 

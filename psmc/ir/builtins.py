@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .registry import BINARY_OPS, UNARY_MATH
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,9 @@ _ROWS = [
     *(_unary(row.name, row.dtype, row.doc) for row in UNARY_MATH),  # psmc.ir.registry
     *(Builtin(row.spelling, 2, 2, shape="broadcast", dtype="promote", ir_op=row.name, doc=row.doc, args="a, b")
       for row in BINARY_OPS if not row.operator),  # max, min: psmc.ir.registry
-    Builtin("where", 3, 3, shape="broadcast", dtype="select", ir_op="where", doc="c ? a : b, elementwise",
-            args="c, a, b"),
-    _reduce("sum", "same", "sum over an axis"),
-    _reduce("mean", "float", "mean over an axis"),
-    _reduce("amax", "same", "maximum over an axis"),
-    _reduce("amin", "same", "minimum over an axis"),
-    _reduce("logsumexp", "float", "log(sum(exp(x))) over an axis, stable"),
+    Builtin(SELECT.name, 3, 3, shape="broadcast", dtype="select", ir_op=SELECT.name, doc=SELECT.doc,
+            args="c, a, b"),  # psmc.ir.registry
+    *(_reduce(row.name, row.dtype, row.doc) for row in REDUCTIONS),  # sum, mean, ...: psmc.ir.registry
     Builtin("softmax", 1, 1, {"axis": ("axis", -1)}, shape="same", dtype="float", ir_op="softmax",
             doc="softmax over an axis"),
     Builtin("outer", 2, 2, shape="outer", dtype="promote", ir_op="outer", doc="a[:, None] * b[None, :]",

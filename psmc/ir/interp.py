@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..dtypes import DType
 from .nodes import Node, dim_symbol, walk
-from .registry import BINARY_OPS, UNARY_MATH
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS
 
 LAYERNORM_EPS = 1e-5
 
@@ -48,15 +48,16 @@ def _reference(path: str):
 
 
 _UNARY = {
-    "neg": torch.neg,
+    "neg": _reference(UNARY_OPERATOR["neg"].interp),
     **{row.name: _reference(row.interp) for row in UNARY_MATH},  # psmc.ir.registry
-    "not": torch.logical_not,
+    "not": _reference(UNARY_OPERATOR["not"].interp),
 }
 _BINARY = {row.name: _reference(row.interp) for row in BINARY_OPS}  # psmc.ir.registry
-_REDUCE = {
-    "sum": lambda x, a: x.sum(a), "mean": lambda x, a: x.mean(a), "amax": lambda x, a: x.amax(a),
-    "amin": lambda x, a: x.amin(a), "logsumexp": lambda x, a: torch.logsumexp(x, a),
-}
+_WHERE = _reference(SELECT.interp)  # psmc.ir.registry
+_REDUCE = {row.name: _reference(row.interp) for row in REDUCTIONS}  # torch.<fn>(x, axis): psmc.ir.registry
+# operands computed in the node's dtype first (the float-valued reductions)
+_REDUCE_IN_DTYPE = frozenset(row.name for row in REDUCTIONS if row.dtype == "float")
+_NO_CAST = frozenset(row.name for row in UNARY_OPERATORS if row.kind == "logical")
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
@@ -103,7 +104,7 @@ def _eval_node(node: Node, args: list, env: dict, dims: dict) -> torch.Tensor:
     if not args:
         return _leaf(node, env, dims)
     if op in _UNARY:
-        return _UNARY[op](args[0].to(torch_dtype(node.dtype)) if op != "not" else args[0])
+        return _UNARY[op](args[0].to(torch_dtype(node.dtype)) if op not in _NO_CAST else args[0])
     if op in _BINARY:
         a, b = args
         if node.info.kind == "binary":
@@ -111,15 +112,15 @@ def _eval_node(node: Node, args: list, env: dict, dims: dict) -> torch.Tensor:
         elif node.info.kind == "compare" and (a.is_floating_point() or b.is_floating_point()):
             a, b = a.to(torch.float64), b.to(torch.float64)
         return _BINARY[op](a, b)
-    if op == "where":
+    if op == SELECT.name:
         cond, a, b = args
-        return torch.where(cond, a.to(torch_dtype(node.dtype)), b.to(torch_dtype(node.dtype)))
+        return _WHERE(cond, a.to(torch_dtype(node.dtype)), b.to(torch_dtype(node.dtype)))
     if op == "cast":
         return args[0].to(torch_dtype(node.dtype))
     if op == "broadcast":
         return torch.broadcast_to(args[0], concrete_shape(node.shape, dims))
     if op in _REDUCE:
-        x = args[0].to(torch_dtype(node.dtype)) if op in ("mean", "logsumexp") else args[0]
+        x = args[0].to(torch_dtype(node.dtype)) if op in _REDUCE_IN_DTYPE else args[0]
         return _REDUCE[op](x, node.attrs[0])
     return _STRUCTURE[op](node, args, dims)
 

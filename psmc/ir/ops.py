@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import BINARY_OPS, UNARY
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY, UNARY_OPERATOR
 
 
 @dataclass(frozen=True)
@@ -27,16 +27,17 @@ def _table() -> dict[str, OpInfo]:
     rows: dict[str, OpInfo] = {}
     for name in ("arg", "field", "param", "dim", "const", "index", "fill", "eye"):
         rows[name] = OpInfo("leaf", name != "eye", 0)
-    for name in ("neg",) + tuple(UNARY):  # the elementwise math builtins: psmc.ir.registry
+    rows["neg"] = OpInfo(UNARY_OPERATOR["neg"].kind, True, 1)  # the unary operators: psmc.ir.registry
+    for name in UNARY:  # the elementwise math builtins: psmc.ir.registry
         rows[name] = OpInfo("unary", True, 1)
     for row in BINARY_OPS:  # the binary operators, comparisons, and/or, max/min: psmc.ir.registry
         rows[row.name] = OpInfo(row.kind, True, 2)
-    rows["not"] = OpInfo("logical", True, 1)
-    rows["where"] = OpInfo("select", True, 3)
+    rows["not"] = OpInfo(UNARY_OPERATOR["not"].kind, True, 1)
+    rows[SELECT.name] = OpInfo("select", True, 3)
     rows["cast"] = OpInfo("cast", True, 1)
     rows["broadcast"] = OpInfo("broadcast", True, 1)
-    for name in ("sum", "mean", "amax", "amin", "logsumexp"):
-        rows[name] = OpInfo("reduce", False, 1)
+    for row in REDUCTIONS:  # psmc.ir.registry
+        rows[row.name] = OpInfo("reduce", False, 1)
     for name in ("softmax", "matmul", "outer", "transpose", "getitem", "concat", "diag", "reshape"):
         rows[name] = OpInfo("structure", False, -1)
     rows["layernorm"] = OpInfo("layer", False, 1)

@@ -17,6 +17,10 @@ and its VJP rules (psmc.codegen.triton_printer, triton_vjp), the C++ printer and
 one edit: a row here (plus its tests; tests/test_op_coverage.py checks every table has it);
 so is a binary operator, save its spelling in the grammar when it is a new operator.
 
+The unary operators `-x`, `not c` (`UNARY_OPERATORS`) and the reductions (`REDUCTIONS`) are
+rows too, read the same way by every stage (tests/test_op_coverage.py checks each row reaches
+every renderer).
+
 This module holds data only (strings and SymPy lambdas) and imports no other stage.
 """
 from __future__ import annotations
@@ -207,3 +211,140 @@ BINARY_OPS: tuple[BinaryOp, ...] = (
 
 BINARY: dict[str, BinaryOp] = {row.name: row for row in BINARY_OPS}
 COMMUTATIVE = frozenset(row.name for row in BINARY_OPS if row.commutative)
+
+
+# ------------------------------------------------------------------ unary operators
+@dataclass(frozen=True)
+class UnaryOperator:
+    """An elementwise op of one operand written as an operator (`-x`, `not c`), declared once.
+
+    `kind` is the OPS kind (unary: arithmetic in the node's dtype; logical: bools in and out,
+    the operand is not cast); renderings are format strings over the operand: `{0}` (torch,
+    whose operand is the plain reference, and Triton) or `{a}` (C++); the VJPs are over `{g}`
+    (the result's adjoint), None: no gradient flows (a bool result)."""
+    name: str
+    kind: str
+    spelling: str
+    interp: str  # the reference function ('torch.neg')
+    sympy: Callable  # (ev, x) -> SymPy value or bool
+    torch: str
+    triton: str
+    vjp: str | None
+    cpp: str
+    cpp_vjp: str | None
+
+
+def _not(ev, x):
+    if not isinstance(x, bool):
+        ev.undecidable("symbolic bool")
+    return not x
+
+
+UNARY_OPERATORS: tuple[UnaryOperator, ...] = (
+    UnaryOperator("neg", "unary", "-", "torch.neg", lambda ev, x: -x, "-{0}", "(-{0})", "(-{g})",
+                  "(-{a})", "(-{g})"),
+    UnaryOperator("not", "logical", "not", "torch.logical_not", _not, "_ops.logical_not({0})", "({0} == 0)", None,
+                  "(!{a})", None),
+)
+
+UNARY_OPERATOR: dict[str, UnaryOperator] = {row.name: row for row in UNARY_OPERATORS}
+
+
+# ------------------------------------------------------------------ reductions
+@dataclass(frozen=True)
+class Reduction:
+    """A reduction over one declared axis (`sum(x, axis=-1)`), declared once.
+
+    `dtype` is the builtin's dtype rule ('same', or 'float': ints become f32 and the reference
+    computes in the node's dtype); `interp` names the torch function of the reference
+    (`torch.<fn>(x, axis)`); `sympy` folds the list of entries along the axis. Triton (over a
+    tile whose padded entries are masked to `pad`): `triton` over `{x}` (the masked operand),
+    `{axis}` and `{size}` (the real extent), `vjp` over `{g}`, `{a}` (the operand), `{z}` (the
+    result), and the column mask `col_ok`. C++ (a loop nest accumulating into `acc`):
+    `cpp` over `{inner}` (the loops of the reduced axes), `{a}` (the operand inside them),
+    `{target}` and `{n}` (the reduced extent); `cpp_vjp` over `{g}`, `{a}`, `{z}`, `{n}`.
+    "ties" (amax, amin): the gradient is shared evenly by the tied extremes, a rule each
+    printer writes itself (it needs a count over the reduced axes first)."""
+    name: str
+    doc: str
+    dtype: str
+    interp: str
+    sympy: Callable  # (ev, list of entries) -> SymPy value
+    torch: str
+    pad: str  # the Triton value that leaves the reduction unchanged (fills padded entries)
+    triton: str
+    vjp: str
+    cpp: str
+    cpp_vjp: str
+
+
+def _fold(fn):
+    def fold(ev, xs):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(ev, out, x)
+        return out
+    return fold
+
+
+_TL_MAX = "tl.max({x}, axis={axis}, keep_dims=True)"
+_TL_SAFE = f"tl.where({_TL_MAX} == float('-inf'), 0.0, {_TL_MAX})"
+_TIES = "ties"
+
+REDUCTIONS: tuple[Reduction, ...] = (
+    Reduction("sum", "sum over an axis", "same", "torch.sum", lambda ev, xs: sympy.Add(*xs), "torch.sum", "0.0",
+              "tl.sum({x}, axis={axis}, keep_dims=True)", "{g}",
+              "scalar_t acc = 0; {inner}acc += {a}; {target} = acc;", "{g}"),
+    Reduction("mean", "mean over an axis", "float", "torch.mean", lambda ev, xs: sympy.Add(*xs) / len(xs),
+              "torch.mean", "0.0", "(tl.sum({x}, axis={axis}, keep_dims=True) / {size})", "({g} / S)",
+              "scalar_t acc = 0; {inner}acc += {a}; {target} = acc / scalar_t({n});", "({g} / scalar_t({n}))"),
+    Reduction("amax", "maximum over an axis", "same", "torch.amax", _fold(lambda ev, x, y: ev.max(x, y)),
+              "torch.amax", "float('-inf')", _TL_MAX, _TIES,
+              "scalar_t acc = -std::numeric_limits<scalar_t>::infinity(); {inner}acc = psm_max(acc, {a}); "
+              "{target} = acc;", _TIES),
+    Reduction("amin", "minimum over an axis", "same", "torch.amin", _fold(lambda ev, x, y: ev.min(x, y)),
+              "torch.amin", "float('inf')", "tl.min({x}, axis={axis}, keep_dims=True)", _TIES,
+              "scalar_t acc = std::numeric_limits<scalar_t>::infinity(); {inner}acc = psm_min(acc, {a}); "
+              "{target} = acc;", _TIES),
+    # stable: shifted by the maximum; an all -inf row gives -inf as torch does
+    Reduction("logsumexp", "log(sum(exp(x))) over an axis, stable", "float", "torch.logsumexp",
+              lambda ev, xs: sympy.log(sympy.Add(*map(sympy.exp, xs))), "torch.logsumexp", "float('-inf')",
+              f"({_TL_SAFE} + tl.log(tl.sum(tl.exp({{x}} - {_TL_SAFE}), axis={{axis}}, keep_dims=True)))",
+              "({g} * tl.exp({a} - {z}))",
+              "scalar_t m = -std::numeric_limits<scalar_t>::infinity(); {inner}m = psm_max(m, {a}); "
+              "scalar_t safe = std::isinf(m) ? scalar_t(0) : m; scalar_t acc = 0; {inner}acc += std::exp({a} - safe); "
+              "{target} = safe + std::log(acc);", "({g} * std::exp({a} - {z}))"),
+)
+
+REDUCTION: dict[str, Reduction] = {row.name: row for row in REDUCTIONS}
+
+
+# ------------------------------------------------------------------ selection
+@dataclass(frozen=True)
+class Select:
+    """`where(c, a, b)`, declared once: renderings over the operands `{0}` `{1}` `{2}` (Triton) or
+    `{a}` `{b}` `{c}` (C++), VJPs one per operand (None: the bool condition gets no gradient).
+    The reference (`interp`, after holding a and b in the node's dtype) and the SymPy semantics
+    (a concrete bool condition picks a side) are here too; the torch rendering is SPECIAL: the
+    printer materialises a Python-number result in the call's compute dtype and device
+    (`_ops.where`), a rule of its own."""
+    name: str
+    doc: str
+    interp: str
+    sympy: Callable  # (ev, c, a, b) -> SymPy value
+    torch: str
+    triton: str
+    vjp: tuple
+    cpp: str
+    cpp_vjp: tuple
+
+
+def _pick(ev, c, a, b):
+    if not isinstance(c, bool):
+        ev.undecidable(f"symbolic condition {c}")
+    return a if c else b
+
+
+SELECT = Select("where", "c ? a : b, elementwise", "torch.where", _pick, SPECIAL, "tl.where({0}, {1}, {2})",
+                (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"), "({a} ? {b} : {c})",
+                (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"))

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from . import triton_abi
 from .state import ScanState
 
 DEFAULT_BLOCK_T = 32  # [32, 64] lane tiles: about 8 values per thread at 8 warps, no spills (AOT table)
@@ -231,21 +232,45 @@ def _field_dtype(dtype: str):
     return _KERNEL_DTYPES.get(dtype, torch.float32)
 
 
-def _input_args(tensors, roles_, g: _Geometry, time: bool) -> list:
-    args = []
-    for x, role in zip(tensors, roles_):
+def _named(names: tuple, values: list) -> dict:
+    assert len(names) == len(values), (names, len(values))
+    return dict(zip(names, values))
+
+
+def _input_args(tensors, roles_, g: _Geometry, time: bool, kind: str = "in") -> dict:
+    """Per-token tensors as [B, (T,) L, S'] views, each with its strides, by name."""
+    args = {}
+    for i, (x, role) in enumerate(zip(tensors, roles_)):
         x, strides = _as_tile(x, g, role, time)
-        args += [x, *strides]
+        args.update(_named(triton_abi.value(kind, i, time), [x, *strides]))
     return args
 
 
-def _param_args(params) -> list:
-    args = []
-    for p in params:
+def _param_args(params) -> dict:
+    args = {}
+    for i, p in enumerate(params):
         p = p.detach()
-        args += [p.contiguous().to(torch.float32) if p.is_floating_point() else p.contiguous(),
-                 p.stride(-1) if p.dim() else 0]
+        args.update(_named(triton_abi.param(i), [p.contiguous().to(torch.float32) if p.is_floating_point()
+                                                 else p.contiguous(), p.stride(-1) if p.dim() else 0]))
     return args
+
+
+def _per_lane_args(kind: str, tensors) -> dict:
+    return {f"{kind}{i}": t for i, t in enumerate(tensors)}
+
+
+def _size_args(g: _Geometry, k, call, start: int, n_blocks: int | None) -> dict:
+    time = n_blocks is not None
+    args = _named(triton_abi.sizes(g.matrix, time), g.sizes(start) + ([n_blocks] if time else []))
+    args.update({triton_abi.dim(d): int(call.ctx.d[d]) for d in k.dims})
+    return args
+
+
+def _run(kernel, kind: str, g: _Geometry, k, args: dict, **options):
+    """Launch `kernel` by name, after checking the names are exactly its arguments."""
+    triton_abi.check(args, kind, g.matrix, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
+                     tuple(k.dims))
+    kernel[g.grid](**args, **options)
 
 
 def _per_token(g: _Geometry, role: str, dtype, dev, time: bool) -> tuple:
@@ -267,30 +292,29 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     """Run the forward (time=True) or step kernel: (outputs, finals, boundaries)."""
     k = layer._triton_kernels
     dev = call.ctx.dev
-    args = _input_args(inputs, roles(k, "input"), g, time) + _param_args(params)
-    for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes)):
-        args.append(_state_tensor(state_prefix[i], g, role, _field_dtype(dtype)) if state_prefix is not None
-                    else torch.empty(0, device=dev, dtype=_field_dtype(dtype)))
+    args = {**_input_args(inputs, roles(k, "input"), g, time), **_param_args(params)}
+    args.update(_per_lane_args("ini", [
+        _state_tensor(state_prefix[i], g, role, _field_dtype(dtype)) if state_prefix is not None
+        else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
+        for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes))]))
     outputs = []
-    for role, dtype in zip(roles(k, "output"), k.output_dtypes):
+    for i, (role, dtype) in enumerate(zip(roles(k, "output"), k.output_dtypes)):
         out, strides = _per_token(g, role, call.ctx.dt[dtype] if dtype in call.ctx.dt else torch.float32, dev, time)
-        args += [out, *strides]
+        args.update(_named(triton_abi.value("out", i, time), [out, *strides]))
         outputs.append((out, role))
     finals = [(_per_lane(g, role, _field_dtype(dtype), dev), role)
               for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
-    args += [f for f, _ in finals]
+    args.update(_per_lane_args("fin", [f for f, _ in finals]))
     n_blocks = triton_cdiv(g.T, block_t) if time else 0
     bounds = []
     if time:
         bounds = [_per_lane(g, role, _field_dtype(dtype), dev, (n_blocks,)) if save else
                   torch.empty(0, device=dev, dtype=_field_dtype(dtype))
                   for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
-        args += bounds
-    args += g.sizes(start) + ([n_blocks] if time else [])
-    args += [int(call.ctx.d[d]) for d in k.dims]
-    extra = {"SAVE": save} if time else {}
-    kernel[g.grid](*args, HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **extra,
-                   num_warps=g.num_warps(block_t if time else 1))
+        args.update(_per_lane_args("bnd", bounds))
+    args.update(_size_args(g, k, call, start, n_blocks if time else None))
+    args.update(HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **({"SAVE": save} if time else {}))
+    _run(kernel, "forward" if time else "step", g, k, args, num_warps=g.num_warps(block_t if time else 1))
     return outputs, finals, bounds
 
 
@@ -340,27 +364,30 @@ class _ScanFunction(torch.autograd.Function):
         bounds = saved[n_flat:]
         out_grads, fin_grads = grads[:len(k.output_dtypes)], grads[len(k.output_dtypes):]
         f32 = torch.float32
-        args = _input_args(inputs, roles(k, "input"), g, True) + _param_args(params)
-        for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes)):
-            args.append(_state_tensor(prefix[i], g, role, _field_dtype(dtype)) if prefix is not None
-                        else torch.empty(0, device=dev, dtype=_field_dtype(dtype)))
-        args += list(bounds)
-        for grad, role in zip(out_grads, roles(k, "output")):
+        args = {**_input_args(inputs, roles(k, "input"), g, True), **_param_args(params)}
+        args.update(_per_lane_args("ini", [
+            _state_tensor(prefix[i], g, role, _field_dtype(dtype)) if prefix is not None
+            else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
+            for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes))]))
+        args.update(_per_lane_args("bnd", bounds))
+        for i, (grad, role) in enumerate(zip(out_grads, roles(k, "output"))):
             if grad is None or not grad.is_floating_point():
                 grad = torch.zeros((), device=dev, dtype=f32)
             grad, strides = _as_tile(grad.expand(*_lead(g, True), *g.extent(role)), g, role, True)
-            args += [grad, *strides]
+            args.update(_named(triton_abi.value("dout", i, True), [grad, *strides]))
         has_dfin = any(gr is not None for gr, dt in zip(fin_grads, k.field_dtypes) if _is_float(dt))
+        dfin = []
         for grad, role, dtype in zip(fin_grads, roles(k, "field"), k.field_dtypes):
             if has_dfin and _is_float(dtype):
                 grad = grad if grad is not None else torch.zeros((), device=dev, dtype=f32)
-                args.append(_state_tensor(grad, g, role, f32))
+                dfin.append(_state_tensor(grad, g, role, f32))
             else:
-                args.append(torch.empty(0, device=dev, dtype=f32))
+                dfin.append(torch.empty(0, device=dev, dtype=f32))
+        args.update(_per_lane_args("dfin", dfin))
         din = []
-        for role in roles(k, "input"):
+        for i, role in enumerate(roles(k, "input")):
             t, strides = _per_token(g, role, f32, dev, True)
-            args += [t, *strides]
+            args.update(_named(triton_abi.value("din", i, True), [t, *strides]))
             din.append((t, role))
         param_roles = roles(k, "param") or tuple("r" if p.dim() else "" for p in params)
         dpar = [_per_lane(g, role, f32, dev) for role in param_roles]
@@ -369,10 +396,10 @@ class _ScanFunction(torch.autograd.Function):
         # block scan parks full [BLOCK_T, S] tiles
         scratch = [_per_lane(g, role if g.matrix else "r", _field_dtype(dtype), dev, (block_t,))
                    for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
-        args += dpar + dini + scratch
-        args += g.sizes(start) + [triton_cdiv(g.T, block_t)] + [int(call.ctx.d[d]) for d in k.dims]
-        k.backward[g.grid](*args, HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks(),
-                           num_warps=g.num_warps(block_t, backward=True))
+        args.update({**_per_lane_args("dpar", dpar), **_per_lane_args("dini", dini), **_per_lane_args("ws", scratch)})
+        args.update(_size_args(g, k, call, start, triton_cdiv(g.T, block_t)))
+        args.update(HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
+        _run(k.backward, "backward", g, k, args, num_warps=g.num_warps(block_t, backward=True))
         result = [None]
         for (t, role), x, dtype in zip(din, inputs, k.input_dtypes):
             grad = _unflatten(t, g, role, True)

@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from psmc.codegen import triton_kernels as tk  # noqa: E402
 from psmc.codegen import triton_printer as tp  # noqa: E402
 from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
 from psmc.ir.ops import OPS  # noqa: E402
@@ -73,7 +74,7 @@ def test_no_python_semantics_in_renderings():
     source = "op m { state (a: f32, b: f32); lift (x: f32) { return (x, x); } " \
              "combine (l, r) { return (max(l.a, r.a), if r.a > l.a then min(l.b, r.b) else l.b / 2); } }"
     op = ops_from_source(source)[0]
-    text = tp.generate(op, {"plan": "exact-scan"})
+    text = tk.generate(op, {"plan": "exact-scan"})
     assert "tl.maximum(" in text and "tl.minimum(" in text and "tl.where(" in text
     assert " max(" not in text and " min(" not in text and " if " not in text.split("def _psm_Op_m_combine")[1] \
         .split("return")[0]
@@ -85,7 +86,7 @@ def test_unsupported_ops_are_reported_not_generated():
         op = ops_from_file(EXAMPLES / f"{name}.psm")[0]
         plan = {"plan": "tree-scan" if name == "ema" else "exact-scan"}
         assert words in tp.unsupported_reason(op, plan)
-        assert tp.generate(op, plan) is None
+        assert tk.generate(op, plan) is None
     # an exclusive readout without a matrix state (the one-axis block scan has no shift)
     op = ops_from_source("op ex { state (a: f32); lift (x: f32) { return x; } combine (l, r) { return l.a + r.a; } "
                          "identity = zeros; readout exclusive (p, x: f32) { return p.a + x; } }")[0]
@@ -96,7 +97,7 @@ def test_unsupported_ops_are_reported_not_generated():
 
 def test_generation_is_deterministic():
     op = ops_from_file(EXAMPLES / "softmax_pool.psm")[0]
-    assert tp.generate(op, None) == tp.generate(op, None)
+    assert tk.generate(op, None) == tk.generate(op, None)
 
 
 # ---------------------------------------------------------------------- kernels vs torch

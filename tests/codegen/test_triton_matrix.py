@@ -20,6 +20,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from psmc.codegen import triton_kernels as tk  # noqa: E402
 from psmc.codegen import triton_printer as tp  # noqa: E402
 from psmc.codegen.triton_matrix import role_of  # noqa: E402
 from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
@@ -77,9 +78,9 @@ def test_roles_and_reasons():
     for name in MATRIX:
         op = ops_from_file(EXAMPLES / f"{name}.psm")[0]
         assert tp.unsupported_reason(op, {"plan": "exact-scan"}) is None, name
-        assert "token loop over a [K, V] tile" in tp.describe(op, None)
+        assert "token loop over a [K, V] tile" in tk.describe(op, None)
     delta = ops_from_file(EXAMPLES / "delta_rule.psm")[0]
-    assert "'eye'" in tp.unsupported_reason(delta, None) and tp.generate(delta, None) is None
+    assert "'eye'" in tp.unsupported_reason(delta, None) and tk.generate(delta, None) is None
     square = ops_from_source("op sq[K] { state (S: f32[K, K]); lift (k: f32[K]) { return outer(k, k); } "
                              "combine (l, r) { return l.S + r.S; } readout (s, q: f32[K]) { return q @ s.S; } }")[0]
     assert "square" in tp.unsupported_reason(square, None)

@@ -1,0 +1,57 @@
+"""The Triton section of a generated module: every op's kernels, or why it gets none.
+
+The entry point of the Triton printers: it imports the one-axis printer and its backward
+(psmc.codegen.triton_printer, triton_backward) and the matrix tile model (triton_matrix),
+which build on triton_layout and import nothing above them: no import cycle among them.
+"""
+from __future__ import annotations
+
+from ..ir.nodes import OpIR
+from .triton_backward import BackwardPrinter
+from .triton_layout import layout_of, unsupported_reason
+from .triton_matrix import MatrixPrinter
+from .triton_printer import PRELUDE, registration
+
+
+def generate(op: OpIR, plan: dict | None) -> str | None:
+    """Module-level source (combine function, kernels, registration on the op's class) for
+    one op, to be placed after the class and after PRELUDE; None when the op gets none."""
+    if unsupported_reason(op, plan) is not None:
+        return None
+    if layout_of(op).mode == "matrix":
+        printer = MatrixPrinter(op)
+        lines = printer.forward_kernel() + ["", ""] + printer.step_kernel() + ["", ""]
+        lines += printer.backward_kernel() + ["", ""] + registration(op)
+        return "\n".join(lines) + "\n"
+    printer = BackwardPrinter(op)
+    lines = printer.combine_function() + ["", ""] + printer.forward_kernel() + ["", ""]
+    lines += printer.step_kernel() + ["", ""] + printer.backward_kernel() + ["", ""] + registration(op)
+    return "\n".join(lines) + "\n"
+
+
+def generate_section(ops, plans: dict) -> list[str]:
+    """The whole Triton part of a generated module: PRELUDE plus every op's kernels; empty
+    when no op gets kernels. module.py appends these lines after the classes."""
+    parts = [generate(op, plans.get(op.name)) for op in ops]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return []
+    lines = list(PRELUDE) + ["", ""]
+    for part in parts:
+        lines += part.rstrip("\n").split("\n") + ["", ""]
+    return lines
+
+
+def describe(op: OpIR, plan: dict | None) -> str:
+    """One line for `psmc check`: which passes run as Triton kernels."""
+    reason = unsupported_reason(op, plan)
+    if reason is not None:
+        return f"triton: none ({reason})"
+    layout = layout_of(op)
+    if layout.mode == "matrix":
+        cols = f"all of {layout.cols}" if layout.full_tile else f"tiles of {layout.cols}"
+        return (f"triton: forward + backward + step kernels, token loop over a [{layout.axis}, {layout.cols}] "
+                f"tile (all of {layout.axis} x {cols})" + (", exclusive readout" if op.exclusive else ""))
+    tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
+        (" (whole axis per tile)" if layout.full_tile else "")
+    return f"triton: forward + backward + step kernels, tiled over {tiles}"

@@ -1,0 +1,248 @@
+"""What fits the Triton tile models, decided before any kernel is printed.
+
+Every IR op has a row in TRITON_OPS: a rendering (a format string over the operand names, or
+a method of the printer for ops that need care) or an `Unsupported` reason. `layout_of` picks
+the tile model of an op (lanes, one state axis, or a [R, C] matrix tile: the roles of
+psmc.codegen.triton_matrix), and `unsupported_reason` says why an op gets no kernels (the
+torch backend then serves it). The printers (triton_printer, triton_vjp, triton_backward,
+triton_matrix) build on this module and the C++ printer reads its layouts; it imports none of
+them, so the Triton modules import each other in one direction only (triton_kernels, the
+entry point, imports them all).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import sympy
+
+from ..ir.nodes import Node, OpIR, render, walk
+from ..ir.ops import OPS
+from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    reason: str
+
+
+_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
+MATRIX_ONLY = frozenset({"matmul", "outer", "getitem"})  # rendered by the matrix tile model only
+# math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
+FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
+                        "logsigmoid", "pow"})
+_LAYER = "a whole-layer op inside a body; the torch backend serves it"
+
+# op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
+# Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
+TRITON_OPS: dict[str, object] = {
+    # leaves
+    "arg": "special", "field": "special", "param": "special", "dim": "special", "const": "special",
+    "index": "special", "fill": "special",
+    "eye": Unsupported(_MATRIX),
+    # unary
+    "neg": UNARY_OPERATOR["neg"].triton,
+    **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
+    # binary (Triton's `/` is true division, ints promote to fp32, as torch)
+    **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
+    "not": UNARY_OPERATOR["not"].triton,
+    SELECT.name: SELECT.triton,
+    "cast": "special", "broadcast": "special",
+    # reductions over the one declared axis (the columns), masked to the real S entries
+    **{row.name: "special" for row in REDUCTIONS},  # `reduce` renders the registry row's `triton`
+    "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
+                           "backend serves it"),
+    # matrix tiles only (psmc.codegen.triton_matrix: rows x columns of a [R, C] state); in the
+    # one-axis tile models unsupported_reason rejects them
+    "matmul": "special", "outer": "special", "getitem": "special",
+    "transpose": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
+    "reshape": Unsupported(_MATRIX),
+    "layernorm": Unsupported(_LAYER), "attention": Unsupported(_LAYER),
+}
+
+TL_DTYPES = {"f16": "tl.float16", "bf16": "tl.bfloat16", "f32": "tl.float32", "f64": "tl.float64",
+             "i32": "tl.int32", "i64": "tl.int64", "bool": "tl.int1"}
+KERNEL_DTYPES = ("f16", "bf16", "f32", "i32", "i64", "bool")  # f64 runs on the torch backend
+FLOATS = ("f16", "bf16", "f32", "f64")
+
+# ---------------------------------------------------------------------- what fits the tile model
+@dataclass(frozen=True)
+class Layout:
+    mode: str  # 'lanes' | 'state' | 'matrix'
+    axis: object  # the SymPy dim expression of the state axis S, the rows R in matrix mode (None in lanes mode)
+    full_tile: bool  # a body reduces over S (over C in matrix mode): one tile must hold all of it
+    cols: object = None  # matrix mode: the SymPy dim expression of the column axis C
+
+
+def _bodies(op: OpIR):
+    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout)
+
+
+def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
+    """Why `op` gets no Triton kernels, or None when it does."""
+    if plan is not None and plan.get("plan") != "exact-scan":
+        return "tree-scan plan: the per-level Agg kernel is not generated; the torch backend serves it"
+    structure = (plan or {}).get("structure")
+    if structure not in (None, "elementwise"):
+        return f"combine structure is {structure!r}, not 'elementwise'"
+    if op.chunk is not None:
+        return "chunk op: the chunked layout is not generated for Triton"
+    nodes = list(walk(_bodies(op)))
+    for node in nodes:
+        rendering = TRITON_OPS[node.op]
+        if isinstance(rendering, Unsupported):
+            return f"uses {node.op!r}: {rendering.reason}"
+    if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
+        return "combine reduces over an axis: not elementwise"
+    if any(not n.batched for n in op.combine):
+        return "a combine output ignores both operands"
+    values = op.state + op.inputs + op.outputs + op.params
+    for v in values:
+        if v.dtype not in KERNEL_DTYPES:
+            return f"{v.name!r} is {v.dtype}: kernels hold f16/bf16/f32/int/bool values"
+    if _is_matrix(op):
+        return matrix_reason(op)
+    if op.exclusive:
+        return "exclusive readout: generated for matrix-state ops only (the token loop); the torch backend serves it"
+    for node in nodes:
+        if node.op in MATRIX_ONLY:
+            return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
+    shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
+    if any(len(s) > 1 for s in shapes):
+        return "a value has rank > 1 but no state field does: only matrix-valued states get a second tile axis"
+    axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
+    if len(axes) > 1:
+        return f"values of different lengths {sorted(map(str, axes))}: the tile has one state axis"
+    return None
+
+
+def _is_matrix(op: OpIR) -> bool:
+    """A rank-2 state field: the matrix tile model (psmc.codegen.triton_matrix)."""
+    return any(len(f.shape) == 2 for f in op.state)
+
+
+def layout_of(op: OpIR) -> Layout:
+    if _is_matrix(op):
+        return matrix_layout(op)
+    nodes = list(walk(_bodies(op)))
+    axes = {sympy.sympify(s[0]) for s in [tuple(v.shape) for v in op.state + op.inputs + op.outputs + op.params]
+            + [tuple(n.shape) for n in nodes] if len(s) == 1}
+    full = any(OPS[n.op].kind == "reduce" for n in nodes)
+    if not axes:
+        return Layout("lanes", None, False)
+    return Layout("state", next(iter(axes)), full)
+
+
+def value_roles(op: OpIR, values) -> tuple:
+    """Which tile axes each value spans: '' (scalar), 'r' (rows / the state axis), 'c'
+    (columns, matrix mode) or 'rc'."""
+    layout = layout_of(op)
+    if layout.mode == "matrix":
+        return tuple(role_of(v.shape, layout.axis, layout.cols) for v in values)
+    return tuple("r" if v.shape else "" for v in values)
+
+
+# ---------------------------------------------------------------------- the matrix tile: roles and what fits
+# matmul (role and rank of each operand) -> the tile axis it contracts
+MATMUL_AXIS = {("r", 1, "rc", 2): 0, ("r", 1, "r", 1): 0, ("c", 1, "c", 1): 1, ("rc", 2, "c", 1): 1}
+
+
+@functools.lru_cache(maxsize=4096)
+def _same(a, b) -> bool:
+    # dims are polynomials in positive integers: expanding decides equality (simplify() took
+    # seconds per op here, thousands of calls)
+    return sympy.expand(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def role_of(shape, rows, cols) -> str | None:
+    """The tile axes a value of `shape` spans, or None when it fits neither."""
+    dims = [sympy.sympify(d) for d in shape]
+    if not dims:
+        return ""
+    if len(dims) == 1:
+        hits = [role for role, axis in (("r", rows), ("c", cols)) if _same(dims[0], axis)]
+        return hits[0] if len(hits) == 1 else None
+    if len(dims) == 2:
+        r = "r" if _same(dims[0], rows) else "" if dims[0] == 1 else None
+        c = "c" if _same(dims[1], cols) else "" if dims[1] == 1 else None
+        return None if r is None or c is None else r + c
+    return None
+
+
+def _matrix_shape(op: OpIR) -> tuple:
+    return next(tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2)
+
+
+def _matrix_bodies(op: OpIR) -> tuple:
+    extra = tuple(op.identity or ()) if op.exclusive else ()
+    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout) + extra
+
+
+def reduce_axis(node: Node, rows, cols) -> int | None:
+    """The tile axis a reduction runs over; None for a size-1 declared axis (no reduction)."""
+    arg = node.args[0]
+    role = role_of(arg.shape, rows, cols)
+    if arg.rank == 1:
+        return {"r": 0, "c": 1}.get(role)
+    char = "r" if node.attrs[0] == 0 else "c"
+    return (0 if char == "r" else 1) if char in role else None
+
+
+def matmul_axis(node: Node, rows, cols) -> int | None:
+    a, b = node.args
+    return MATMUL_AXIS.get((role_of(a.shape, rows, cols), a.rank, role_of(b.shape, rows, cols), b.rank))
+
+
+def _view_only(node: Node, rows, cols) -> bool:
+    """A getitem of full slices and new axes: the same values on the same tile axes."""
+    if any(entry[0] == "index" for entry in node.attrs):
+        return False
+    arg = node.args[0]
+    sliced = [e for e in node.attrs if e[0] == "slice"]
+    first = arg.rank - len(sliced)
+    for j, entry in enumerate(sliced):
+        if not (sympy.sympify(entry[1]) == 0 and _same(entry[2], arg.shape[first + j])):
+            return False
+    return role_of(arg.shape, rows, cols) == role_of(node.shape, rows, cols)
+
+
+def matrix_layout(op: OpIR) -> Layout:
+    rows, cols = _matrix_shape(op)
+    full = False
+    for node in walk(_matrix_bodies(op)):
+        if OPS[node.op].kind == "reduce" and reduce_axis(node, rows, cols) == 1:
+            full = True
+        if node.op == "matmul" and matmul_axis(node, rows, cols) == 1:
+            full = True
+    return Layout("matrix", rows, full, cols)
+
+
+def matrix_reason(op: OpIR) -> str | None:
+    """Why a matrix-state op gets no kernels, or None when the matrix tile model serves it."""
+    shapes = {tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2}
+    if len(shapes) > 1:
+        return "matrix fields of different shapes: the tile has one [R, C] layout"
+    rows, cols = _matrix_shape(op)
+    if _same(rows, cols):
+        return f"a square [{rows}, {cols}] state: which tile axis a vector spans would be ambiguous"
+    if op.exclusive and op.identity is None:
+        return "exclusive readout without an identity: the first token of a stream reads it"
+    for v in op.inputs + op.outputs + op.params:
+        if len(v.shape) > 1:
+            return f"{v.name!r} has rank {len(v.shape)}: per-token inputs, outputs and params are at most vectors"
+    for v in op.state + op.inputs + op.outputs + op.params:
+        if role_of(v.shape, rows, cols) is None:
+            return f"{v.name!r} spans no axis of the [{rows}, {cols}] tile"
+    for node in walk(_matrix_bodies(op)):
+        what = render(node)[:60]
+        if role_of(node.shape, rows, cols) is None:
+            return f"{what} has a shape that spans no axis of the [{rows}, {cols}] tile"
+        if node.op == "matmul" and matmul_axis(node, rows, cols) is None:
+            return f"{what}: only vector @ matrix, matrix @ vector and vector @ vector are generated"
+        if node.op == "outer" and tuple(role_of(a.shape, rows, cols) for a in node.args) != ("r", "c"):
+            return f"{what}: only outer([{rows}], [{cols}]) is generated"
+        if node.op == "getitem" and not _view_only(node, rows, cols):
+            return f"{what}: only full slices and new axes that keep the tile axes are generated"
+    if any(n.op == "matmul" for n in walk(op.combine)):
+        return "combine contracts an axis: not elementwise"
+    return None

@@ -1,0 +1,82 @@
+"""The launch contract of the generated Triton kernels: every argument by name, from here.
+
+The printers (psmc.codegen.triton_printer, triton_backward, triton_matrix) write each kernel's
+parameter list from `arguments` and `constexprs`; the runtime (psmc.runtime.triton_support)
+launches with keyword arguments named by the helpers below and checks, before every launch,
+that it names exactly the kernel's arguments (`check`). No argument order is shared by
+position between printer and runtime: the order here is only the order a signature prints in.
+
+Names: a per-token tensor seen as [B, (T,) L, S'] is `<kind><i>` with its strides
+`_sb` (batch), `_st` (time, in passes over a sequence), `_sl` (lane), `_ss` (state axis; 0 for
+scalars); kinds `in` (inputs), `out` (outputs), `dout` (output adjoints), `din` (input
+adjoints). A param is `par<i>` and `par<i>_ss`. Per-lane states are `ini<i>` (the prefix
+entering the call), `fin<i>` (the final prefix), `bnd<i>` (the carry entering each block),
+`dfin<i>`, `dini<i>`, `dpar<i>` (adjoints) and `ws<i>` (the backward's scratch). Sizes are
+T, L, S (SR, SC for a matrix tile), start (the stream position) and NB (blocks of BLOCK_T);
+each dim of the op is `d_<name>`.
+"""
+from __future__ import annotations
+
+KINDS = ("forward", "step", "backward")
+
+
+def value(kind: str, i: int, time: bool) -> tuple[str, ...]:
+    """A per-token tensor and its strides."""
+    base = f"{kind}{i}"
+    return (base, f"{base}_sb") + ((f"{base}_st",) if time else ()) + (f"{base}_sl", f"{base}_ss")
+
+
+def param(i: int) -> tuple[str, str]:
+    return (f"par{i}", f"par{i}_ss")
+
+
+def sizes(matrix: bool, time: bool) -> tuple[str, ...]:
+    return ("T", "L") + (("SR", "SC") if matrix else ("S",)) + ("start",) + (("NB",) if time else ())
+
+
+def dim(name: str) -> str:
+    return "d_" + name
+
+
+def arguments(kind: str, matrix: bool, inputs: int, params: int, fields: int, outputs: int,
+              dims: tuple) -> tuple[tuple[str, ...], ...]:
+    """The run-time arguments of a kernel, grouped as its signature prints them."""
+    assert kind in KINDS, kind
+    time = kind != "step"
+    out = [value("in", i, time) for i in range(inputs)] + [param(i) for i in range(params)]
+    out += [(f"ini{i}",) for i in range(fields)]
+    if kind == "backward":
+        out += [(f"bnd{i}",) for i in range(fields)]
+        out += [value("dout", i, True) for i in range(outputs)]
+        out += [(f"dfin{i}",) for i in range(fields)]
+        out += [value("din", i, True) for i in range(inputs)]
+        out += [(f"dpar{i}",) for i in range(params)]
+        out += [(f"dini{i}",) for i in range(fields)] + [(f"ws{i}",) for i in range(fields)]
+    else:
+        out += [value("out", i, time) for i in range(outputs)]
+        out += [(f"fin{i}",) for i in range(fields)]
+        if time:
+            out += [(f"bnd{i}",) for i in range(fields)]
+    out.append(sizes(matrix, time))
+    out += [(dim(d),) for d in dims]
+    return tuple(out)
+
+
+def constexprs(kind: str, matrix: bool) -> tuple[str, ...]:
+    """The compile-time arguments (keyword constexprs) of a kernel."""
+    flags = ("HAS_INIT",) + (("HAS_DFIN",) if kind == "backward" else ()) + ("BLOCK_T",)
+    flags += (("BLOCK_R",) if matrix else ()) + ("BLOCK_C",)
+    return flags + (("SAVE",) if kind == "forward" else ())
+
+
+def check(args: dict, kind: str, matrix: bool, inputs: int, params: int, fields: int, outputs: int,
+          dims: tuple) -> None:
+    """Raise when `args` (names -> values, constexprs included) are not exactly the kernel's."""
+    want = {n for group in arguments(kind, matrix, inputs, params, fields, outputs, dims) for n in group}
+    want |= set(constexprs(kind, matrix))
+    got = set(args)
+    if got != want:
+        raise RuntimeError(
+            f"the {kind} Triton kernel and the runtime disagree on its arguments (missing "
+            f"{sorted(want - got)}, unexpected {sorted(got - want)}): the generated module is from another "
+            "psmc version; recompile it with `psmc compile`")
