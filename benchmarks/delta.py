@@ -111,35 +111,26 @@ def _gated_peer(settings, measure_name, module, attribute, tensors, grad):
     return timed_row(settings, "gated_delta_rule", measure_name, attribute, module, call, skip=why)
 
 
-def run_gated(settings: Settings) -> CaseResult:
-    tensors = _gated_inputs()
+def _case(settings: Settings, case: str, title: str, tensors, psmc_rows, peers, peer_row) -> CaseResult:
+    """fwd and fwd+bwd rows of psmc (every path `psmc_rows` finds) and of each peer, and the
+    forward target (<= 0.5x the faster peer) per psmc row."""
     rows = []
     for measure_name, grad in (("fwd", False), ("fwd+bwd", True)):
-        found, why = _gated_psmc(tensors, grad)
+        found, why = psmc_rows(tensors, grad)
         for entry in found:
-            rows.append(timed_row(settings, "gated_delta_rule", measure_name, entry.impl, entry.path, entry.call,
-                                  is_psmc=True))
+            rows.append(timed_row(settings, case, measure_name, entry.impl, entry.path, entry.call, is_psmc=True))
         if not found:
-            rows.append(timed_row(settings, "gated_delta_rule", measure_name, "psmc", "api", None, is_psmc=True,
-                                  skip=why))
-        for module, attribute in GATED_PEERS:
-            rows.append(_gated_peer(settings, measure_name, module, attribute, tensors, grad))
+            rows.append(timed_row(settings, case, measure_name, "psmc", "api", None, is_psmc=True, skip=why))
+        for module, attribute in peers:
+            rows.append(peer_row(settings, measure_name, module, attribute, tensors, grad))
     verdicts = tuple(ratio_verdict(rows, "fwd", 0.5, None, impl) for impl in psmc_impls(rows))
-    return CaseResult("gated_delta_rule", f"gated delta rule (Gated DeltaNet), (B, T, H, K, V) = {SHAPE}, fp32",
-                      tuple(rows), verdicts)
+    return CaseResult(case, f"{title}, (B, T, H, K, V) = {SHAPE}, fp32", tuple(rows), verdicts)
+
+
+def run_gated(settings: Settings) -> CaseResult:
+    return _case(settings, "gated_delta_rule", "gated delta rule (Gated DeltaNet)", _gated_inputs(), _gated_psmc,
+                 GATED_PEERS, _gated_peer)
 
 
 def run(settings: Settings) -> CaseResult:
-    tensors = _inputs()
-    rows = []
-    for measure_name, grad in (("fwd", False), ("fwd+bwd", True)):
-        found, why = _psmc(tensors, grad)
-        for entry in found:
-            rows.append(timed_row(settings, "delta_rule", measure_name, entry.impl, entry.path, entry.call,
-                                  is_psmc=True))
-        if not found:
-            rows.append(timed_row(settings, "delta_rule", measure_name, "psmc", "api", None, is_psmc=True, skip=why))
-        for module, attribute in PEERS:
-            rows.append(_peer(settings, measure_name, module, attribute, tensors, grad))
-    verdicts = tuple(ratio_verdict(rows, "fwd", 0.5, None, impl) for impl in psmc_impls(rows))
-    return CaseResult("delta_rule", f"delta rule (DeltaNet), (B, T, H, K, V) = {SHAPE}, fp32", tuple(rows), verdicts)
+    return _case(settings, "delta_rule", "delta rule (DeltaNet)", _inputs(), _psmc, PEERS, _peer)
