@@ -161,7 +161,8 @@ class MatrixPrinter:
             lines.append(f"dim_{d} = d_{d} + zero")
         for i, p in enumerate(op.params):
             role = self.role(p)
-            lines.append(f"p_{p.name} = tl.load(par{i} + {ROLE_INDEX[role]} * par{i}_ss, mask={ROLE_MASK[role]}, "
+            lines.append(f"p_{p.name} = tl.load(par{i} + lane * par{i}_sl + {ROLE_INDEX[role]} * par{i}_ss, "
+                         f"mask={ROLE_MASK[role]}, "
                          f"other=0).to({compute_dtype(p.dtype)})")
         if op.exclusive:  # the state an exclusive readout reads before the first token
             printer = self.body(op.identity, "id")

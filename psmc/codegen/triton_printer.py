@@ -206,7 +206,8 @@ class KernelPrinter:
         for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
             lines.append(f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)")
         for i, p in enumerate(op.params):
-            ptr = f"par{i} + sidx * par{i}_ss" if p.shape else f"par{i} + sidx * 0"
+            # (par<i>_sl: 0, or the slice of a per-lane param)
+            ptr = f"par{i} + lane * par{i}_sl + " + (f"sidx * par{i}_ss" if p.shape else "sidx * 0")
             lines.append(f"p_{p.name} = tl.load({ptr}, mask=col_ok, other=0).to({compute_dtype(p.dtype)})")
         return lines
 

@@ -9,7 +9,7 @@ position between printer and runtime: the order here is only the order a signatu
 Names: a per-token tensor seen as [B, (T,) L, S'] is `<kind><i>` with its strides
 `_sb` (batch), `_st` (time, in passes over a sequence), `_sl` (lane), `_ss` (state axis; 0 for
 scalars); kinds `in` (inputs), `out` (outputs), `dout` (output adjoints), `din` (input
-adjoints). A param is `par<i>` and `par<i>_ss`. Per-lane states are `ini<i>` (the prefix
+adjoints). A param is `par<i>`, `par<i>_sl` and `par<i>_ss`. Per-lane states are `ini<i>` (the prefix
 entering the call), `fin<i>` (the final prefix), `bnd<i>` (the carry entering each block),
 `dfin<i>`, `dini<i>`, `dpar<i>` (adjoints) and `ws<i>` (the backward's scratch). Sizes are
 T, L, S (SR, SC for a matrix tile), start (the stream position) and NB (blocks of BLOCK_T);
@@ -26,8 +26,10 @@ def value(kind: str, i: int, time: bool) -> tuple[str, ...]:
     return (base, f"{base}_sb") + ((f"{base}_st",) if time else ()) + (f"{base}_sl", f"{base}_ss")
 
 
-def param(i: int) -> tuple[str, str]:
-    return (f"par{i}", f"par{i}_ss")
+def param(i: int) -> tuple[str, str, str]:
+    """A param, its lane stride (0 when the lanes share it; the slice size for a per-lane
+    param) and its state-axis stride."""
+    return (f"par{i}", f"par{i}_sl", f"par{i}_ss")
 
 
 def sizes(matrix: bool, time: bool) -> tuple[str, ...]:

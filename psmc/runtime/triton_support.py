@@ -85,9 +85,6 @@ def unusable_reason(layer, call) -> str | None:
         return f"the inputs are on {call.ctx.dev.type}: Triton kernels need CUDA tensors"
     if call.ctx.dt["f32"] == torch.float64:
         return "float64 inputs or params: the kernels accumulate in fp32"
-    if getattr(layer, "per_lane", ()):
-        return (f"per-lane params ({', '.join(layer.per_lane)}): the generated kernels read one value of each "
-                "param for all lanes")
     if call.lead[0] > MAX_GRID_BATCH:
         return f"a batch of {call.lead[0]:,} rows: the kernels' batch grid axis holds at most {MAX_GRID_BATCH:,}"
     if largest_tensor(layer, call) >= INT32_ELEMENTS:
@@ -246,12 +243,15 @@ def _input_args(tensors, roles_, g: _Geometry, time: bool, kind: str = "in") -> 
     return args
 
 
-def _param_args(params) -> dict:
+def _param_args(params, per_lane: tuple = (), lanes: int = 1) -> dict:
+    """Each param (contiguous) with its lane stride: 0 when the lanes share it, its slice size
+    (numel / lanes) when it is one of the layer's per-lane params, `[*lanes, *declared]`."""
     args = {}
-    for i, p in enumerate(params):
+    for i, (name, p) in enumerate(params):
         p = p.detach()
+        lane_stride = p.numel() // lanes if name in per_lane else 0
         args.update(_named(triton_abi.param(i), [p.contiguous().to(torch.float32) if p.is_floating_point()
-                                                 else p.contiguous(), p.stride(-1) if p.dim() else 0]))
+                                                 else p.contiguous(), lane_stride, p.stride(-1) if p.dim() else 0]))
     return args
 
 
@@ -292,7 +292,8 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     """Run the forward (time=True) or step kernel: (outputs, finals, boundaries)."""
     k = layer._triton_kernels
     dev = call.ctx.dev
-    args = {**_input_args(inputs, roles(k, "input"), g, time), **_param_args(params)}
+    args = {**_input_args(inputs, roles(k, "input"), g, time),
+            **_param_args(zip(k.params, params), layer.per_lane, g.L)}
     args.update(_per_lane_args("ini", [
         _state_tensor(state_prefix[i], g, role, _field_dtype(dtype)) if state_prefix is not None
         else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
@@ -364,7 +365,8 @@ class _ScanFunction(torch.autograd.Function):
         bounds = saved[n_flat:]
         out_grads, fin_grads = grads[:len(k.output_dtypes)], grads[len(k.output_dtypes):]
         f32 = torch.float32
-        args = {**_input_args(inputs, roles(k, "input"), g, True), **_param_args(params)}
+        args = {**_input_args(inputs, roles(k, "input"), g, True),
+                **_param_args(zip(k.params, params), layer.per_lane, g.L)}
         args.update(_per_lane_args("ini", [
             _state_tensor(prefix[i], g, role, _field_dtype(dtype)) if prefix is not None
             else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
@@ -405,8 +407,9 @@ class _ScanFunction(torch.autograd.Function):
             grad = _unflatten(t, g, role, True)
             result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
                           else None)
-        for t, p in zip(dpar, params):
-            result.append(t.sum(dim=(0, 1)).reshape(p.shape).to(p.dtype) if p.is_floating_point() else None)
+        for t, p, name in zip(dpar, params, k.params):  # [B, L, ...]: per-lane params keep their lanes
+            total = t.sum(dim=0) if name in layer.per_lane else t.sum(dim=(0, 1))
+            result.append(total.reshape(p.shape).to(p.dtype) if p.is_floating_point() else None)
         if has_init:
             for t, role, dtype, x in zip(dini, roles(k, "field"), k.field_dtypes, prefix):
                 grad = _unflatten(t, g, role, False)

@@ -185,21 +185,37 @@ def test_varlen_and_ragged_steps(ops):
         assert torch.equal(y, y_all)
 
 
-def test_triton_first_order_scan_under_the_interpreter(ops):
-    """backend='triton': the first-order op runs the Triton scan on the lifted values (the lift
-    reads the per-lane A); the generated kernels say why they cannot take per-lane params."""
+@pytest.mark.parametrize("name, fast", [("ssm_a", True), ("ssm_a", False), ("gla_w", True)])
+def test_triton_kernels_read_each_lanes_slice(ops, name, fast):
+    """backend='triton' under the interpreter with per-lane params: the first-order scan (it
+    scans the lifted values), the generated block scan (ssm_a with its fast path off), the
+    matrix token loop (gla_w) and the generated step kernel equal backend='torch': forward,
+    a step from the returned state, and every param's gradient (summed over batch rows only)."""
     from psmc.runtime import dispatch
-    layer, singles = _layers(ops, "ssm_a", 3, backend="triton")
-    x = _inputs("ssm_a", 2, 6, 3, 5)
-    call = layer._prepare(dict(x), step=False)
-    assert dispatch.choose(layer, call, "forward").name == "triton-first-order"
-    out = layer(**x)
-    for h in range(3):
-        _close(out.narrow(2, h, 1), singles[h](**_lane(x, h)), f"triton lane {h}")
-    reasons = dict((p.name, r) for p, r in dispatch.candidates(layer, call, "forward"))
-    assert "per-lane params (A)" in reasons["triton-block-scan"]
-    with pytest.raises(RuntimeError, match=r"backend='triton' cannot run this call: triton-step: per-lane params \(A\)"):
-        layer.step(layer.init_state(), **{n: v[:, 0] for n, v in x.items()})
+    torch.manual_seed(0)
+    tri = getattr(ops, name)(lanes=(3,), per_lane=True, backend="triton", **DIMS[name])
+    ref = getattr(ops, name)(lanes=(3,), per_lane=True, backend="torch", **DIMS[name])
+    ref.load_state_dict(tri.state_dict())
+    tri.use_fast_path = ref.use_fast_path = fast
+    x = _inputs(name, 2, 9, 3, 4)
+    paths = {kind: dispatch.choose(tri, tri._prepare(dict(x if kind == "forward" else
+                                                          {n: v[:, 0] for n, v in x.items()}),
+                                                     step=kind == "step"), kind).name
+             for kind in ("forward", "step")}
+    assert paths["forward"] == {"ssm_a": "triton-first-order" if fast else "triton-block-scan",
+                                "gla_w": "triton-token-loop"}[name] and paths["step"] == "triton-step", paths
+    results = []
+    for layer in (tri, ref):
+        xs = {n: v.clone().requires_grad_() for n, v in x.items()}
+        out, state = layer(**xs, return_state=True)
+        out.square().sum().backward()
+        y, _ = layer.step(state, **{n: v[:, 0] for n, v in x.items()})
+        results.append((out.detach(), y, [p.grad for p in layer.parameters()]))
+    (out_t, y_t, g_t), (out_r, y_r, g_r) = results
+    _close(out_t, out_r, f"{name} triton forward")
+    _close(y_t, y_r, f"{name} triton step")
+    for a, b in zip(g_t, g_r):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
 
 def test_errors(ops):

@@ -335,8 +335,7 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     if config.f32:
         _check_float32(cls, program, layer, inputs, full, batch_shape, config)
         checked.add("f32")
-        # (per-lane params: the generated Triton kernels refuse them, and say so)
-        if config.triton and getattr(cls, "_triton_kernels", None) is not None and not per_lane:
+        if config.triton and getattr(cls, "_triton_kernels", None) is not None:
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
 
     # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared)
