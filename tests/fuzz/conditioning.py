@@ -22,6 +22,8 @@ spread of any op whose check it could hide behind.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # how far apart two evaluation orders may land, in units of the spread of perturbed streams
@@ -31,27 +33,32 @@ AMPLIFICATION = 100.0
 TRIALS = 2
 
 
+def _shake(x, unit: float, gen: torch.Generator):
+    """x times 1 + unit * U(-1, 1) elementwise; counts, integer and bool values as they are."""
+    if not x.is_floating_point():
+        return x
+    return x * (1 + unit * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1))
+
+
 def _perturbed(tensors: dict, unit: float, gen: torch.Generator) -> dict:
-    return {n: x * (1 + unit * (2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1))
-            if x.is_floating_point() else x for n, x in tensors.items()}
+    return {n: _shake(x, unit, gen) for n, x in tensors.items()}
 
 
 def _perturb_state(state, unit: float, gen: torch.Generator):
-    def shake(t):
-        if not t.is_floating_point():
-            return t  # counts, integer and bool fields
-        return t * (1 + unit * (2 * torch.rand(t.shape, generator=gen, dtype=t.dtype) - 1))
-    return state._map(shake)
+    return state._map(lambda t: _shake(t, unit, gen))
 
 
-def _stream(layer, inputs: dict, state, steps: int, unit: float = 0.0, gen=None) -> tuple:
+def stream(layer, inputs: dict, state, start: int, stop: int, after_step=None):
+    """Tokens start .. stop - 1 through `layer.step`: (outputs stacked on the time axis, the last
+    state). `after_step` maps each step's state before the next token (a perturbation here;
+    the runner's streams pass none)."""
     rows = []
-    for t in range(steps):
+    for t in range(start, stop):
         out, state = layer.step(state, **{n: x[:, t] for n, x in inputs.items()})
         rows.append(out if isinstance(out, tuple) else (out,))
-        if unit:
-            state = _perturb_state(state, unit, gen)
-    return tuple(torch.stack(parts, dim=1) for parts in zip(*rows))
+        if after_step is not None:
+            state = after_step(state)
+    return tuple(torch.stack(parts, dim=1) for parts in zip(*rows)), state
 
 
 class Spread:
@@ -69,13 +76,13 @@ class Spread:
         if key not in self._cache:
             with torch.no_grad():
                 init = self.layer.init_state(batch_shape=self.batch_shape)
-                base = _stream(self.layer, self.inputs, init, self.steps)
+                base, _ = stream(self.layer, self.inputs, init, 0, self.steps)
                 spread = [torch.zeros_like(b, dtype=torch.float64) for b in base]
                 for trial in range(TRIALS):
                     gen = torch.Generator().manual_seed(7919 * (trial + 1))
                     inputs = _perturbed(self.inputs, unit, gen) if inputs_too else self.inputs
-                    shaken = _stream(self.layer, inputs, self.layer.init_state(batch_shape=self.batch_shape),
-                                     self.steps, unit, gen)
+                    shaken, _ = stream(self.layer, inputs, self.layer.init_state(batch_shape=self.batch_shape),
+                                       0, self.steps, functools.partial(_perturb_state, unit=unit, gen=gen))
                     for s, a, b in zip(spread, shaken, base):
                         if b.is_floating_point():
                             # a non-finite stream proves nothing about rounding: no allowance there

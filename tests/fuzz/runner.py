@@ -198,12 +198,7 @@ def as_tuple(result) -> tuple:
     return result if isinstance(result, tuple) else (result,)
 
 
-def stream(layer, inputs: dict, state, start: int, stop: int):
-    rows = []
-    for t in range(start, stop):
-        out, state = layer.step(state, **{n: x[:, t] for n, x in inputs.items()})
-        rows.append(as_tuple(out))
-    return tuple(torch.stack(parts, dim=1) for parts in zip(*rows)), state
+stream = conditioning.stream  # token-by-token `step` over [start, stop): (outputs, last state)
 
 
 def agree(got: tuple, want: tuple, what: str, rtol: float, atol: float, view=None):
