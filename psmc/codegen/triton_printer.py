@@ -53,6 +53,13 @@ def literal(value) -> str:
     return repr(int(value))
 
 
+def constant(node: Node) -> str:
+    """A const or fill node's literal, a float one written as a float: `ones(D)` folded into
+    `sigmoid` must not give tl.sigmoid(1), an int tile (the interpreter rejects it)."""
+    value = node.attrs[0]
+    return literal(float(value) if node.dtype in FLOATS and not isinstance(value, bool) else value)
+
+
 def compute_dtype(dtype: str) -> str:
     """The dtype a value is held in inside a kernel: floats accumulate in fp32."""
     return "tl.float32" if dtype in FLOATS else TL_DTYPES[dtype]
@@ -86,7 +93,7 @@ class TritonBodyPrinter:
                 self.names[node] = self.leaf(node)
                 continue
             if node.op == "const" or (node.op == "fill"):
-                self.names[node] = literal(node.attrs[0])
+                self.names[node] = constant(node)
                 continue
             name = f"{self.prefix}{len(self.lines)}"
             self.lines.append(f"{name} = {self.node(node)}")
@@ -104,7 +111,7 @@ class TritonBodyPrinter:
         if op == "dim":
             return "dim_" + node.attrs[0]
         if op == "const":
-            return literal(node.attrs[0])
+            return constant(node)
         if op == "index":
             return "index" + self.token
         raise ValueError(f"no Triton leaf for {op!r}")

@@ -179,6 +179,24 @@ def test_a_bool_literal_lifted_into_a_bool_field_in_a_triton_kernel(tmp_path):
 
 
 
+# `1 * ones(D)` folds to a float fill of 1; inside sigmoid the kernel wrote tl.sigmoid(1), an
+# int tile (campaign seed 601760: "numpy data itemsize (64 bits) exceeds ... int32")
+FOLDED_ONES = """
+op folded_ones[D] {
+  state (p1: f32[D], t3: f32[D]);
+  lift (x2: f32[D]) { return (exp(0.2 * x2), x2); }
+  combine (l, r) { let e4 = abs((r.t3 - r.t3)); return (r.p1 * l.p1, tanh(e4 * sigmoid(1 * ones(D)))); }
+  readout (s, x2: f32[D]) { return (s.p1, s.t3 + x2); }
+}
+"""
+
+
+def test_a_folded_float_constant_is_a_float_in_a_triton_kernel(tmp_path):
+    config = Config(batch=2, time=3, lanes=(), broadcast=(), block=64, split=0.71, grads=True, f32=True,
+                    triton=True, seed=3240)
+    run(FOLDED_ONES, "folded_ones", {"D": 3}, tmp_path, config)
+
+
 F64_CPP = """
 op f64_cpp {
   state (m: f64, z: f64, acc: f64);
