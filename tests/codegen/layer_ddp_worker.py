@@ -35,5 +35,6 @@ def run_rank(rank: int, world: int, port: int, module_file: str, layer_state: di
         torch.save({"grads": {n: p.grad for n, p in layer.named_parameters()},
                     "params": {n: p.detach() for n, p in layer.named_parameters()}},
                    f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # tear down together: a rank leaving while its peer still talks can abort gloo
     finally:
         dist.destroy_process_group()
