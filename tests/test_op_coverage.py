@@ -9,7 +9,7 @@ import re
 import pytest
 
 from psmc.analysis import monoids, symbolic
-from psmc.codegen import cpp_printer, torch_printer, triton_printer, triton_vjp
+from psmc.codegen import cpp_printer, torch_printer, triton_matrix, triton_printer, triton_vjp
 import torch
 
 from psmc.ir import interp, registry, rewrite
@@ -31,13 +31,13 @@ def test_every_op_is_reachable_from_the_language():
 @pytest.mark.parametrize("op", NON_LEAF)
 def test_the_interpreter_has_every_op(op):
     assert op in interp._UNARY or op in interp._BINARY or op in interp._REDUCE or op in interp._STRUCTURE \
-        or op in ("where", "cast", "broadcast")
+        or op == "where"
 
 
 @pytest.mark.parametrize("op", NON_LEAF)
 def test_the_symbolic_semantics_has_every_op(op):
     assert op in symbolic._UNARY or op in symbolic._BINARY or op in symbolic.REDUCTION \
-        or hasattr(symbolic._Evaluator, "op_" + op)
+        or op in symbolic._STRUCTURE or op == "where"
 
 
 def _torch_printed() -> set:
@@ -46,7 +46,7 @@ def _torch_printed() -> set:
     for group in re.findall(r"op in \(([^)]*)\)", src):
         named |= set(re.findall(r'"(\w+)"', group))
     return named | set(torch_printer.UNARY) | set(torch_printer.BINARY) | set(torch_printer.REDUCE) \
-        | set(torch_printer.OPERATORS)
+        | set(torch_printer.OPERATORS) | set(torch_printer.STRUCTURE)
 
 
 @pytest.mark.parametrize("op", NON_LEAF)
@@ -79,11 +79,13 @@ def test_the_cpp_printer_renders_every_elementwise_op_with_a_gradient(op):
 
 def test_the_cpp_printer_says_why_for_the_rest():
     """Reductions, views, casts and the matrix products have their own code in the C++ printer;
-    every other op makes `unsupported_reason` name it (the torch backend serves the op)."""
-    handled = set(cpp_printer.CPP_OPS) | cpp_printer.REDUCTIONS | cpp_printer.VIEWS | cpp_printer.LEAVES \
-        | {"cast", "matmul", "outer"}
+    every other op is a registry row whose `cpp` entry is an `Unsupported` reason, which
+    `unsupported_reason` reports (the torch backend serves the op)."""
+    handled = set(cpp_printer.CPP_OPS) | cpp_printer.REDUCTIONS | cpp_printer.LEAVES \
+        | set(cpp_printer.EXPRESSIONS) | set(cpp_printer.CONTRACTIONS)
     rest = sorted(set(OPS) - handled)
-    assert rest == ["attention", "concat", "diag", "eye", "layernorm", "reshape", "softmax", "transpose"], rest
+    assert rest == sorted(r.name for r in registry.STRUCTURE_OPS if isinstance(r.cpp, registry.Unsupported)), rest
+    assert {"attention", "concat", "diag", "eye", "layernorm", "reshape", "softmax", "transpose"} <= set(rest)
     from psmc.compiler import compile_source
     src = ("op t[D] {{ state (h: f32[D]); lift (x: f32[D]) {{ return {}; }} "
            "combine (l, r) {{ return l.h + r.h; }} }}")
@@ -133,6 +135,78 @@ def test_the_where_row_reaches_every_renderer():
     assert triton_printer.TRITON_OPS[row.name] == row.triton and triton_vjp.VJP_RULES[row.name] == row.vjp
     assert cpp_printer.CPP_OPS[row.name] == row.cpp and cpp_printer.VJP_RULES[row.name] == row.cpp_vjp
     assert row.vjp[0] is None and row.cpp_vjp[0] is None  # no gradient to the bool condition
+
+
+@pytest.mark.parametrize("name", sorted(registry.STRUCTURE))
+def test_every_structure_row_reaches_every_renderer(name):
+    """The rows of psmc.ir.registry for cast, broadcast, eye and the structure and layer ops:
+    each table holds the rule the row names (a function of that stage's own module), or the
+    row's `Unsupported` reason, and a renderer that renders the op has its VJP."""
+    row = registry.STRUCTURE[name]
+    info = OPS[name]
+    assert (info.kind, info.arity, info.elementwise) == (row.kind, row.arity, row.elementwise)
+    if row.call is not None:  # a builtin: its BUILTINS row comes from the registry's
+        b = BUILTINS[name]
+        assert (b.min_args, b.max_args, b.shape, b.dtype, b.doc, b.args) == \
+            (row.call.min_args, row.call.max_args, row.call.shape, row.call.dtype, row.call.doc, row.call.args)
+        assert b.kwargs == dict(row.call.kwargs) and b.ir_op == (name if row.call.lowers_to_op else None)
+    else:  # only syntax produces it (`x[...]`, `a @ b`, a store that casts or broadcasts)
+        assert row.syntax and name in FROM_SYNTAX and name not in BUILTINS
+    assert (name in BINARY_OPERATORS.values()) == (row.operator is not None)
+    assert interp._STRUCTURE[name] is interp.RULES[row.interp]
+    assert symbolic._STRUCTURE[name] is getattr(symbolic._Evaluator, "op_" + row.sympy)
+    assert torch_printer.STRUCTURE[name] is getattr(torch_printer.BodyPrinter, "torch_" + row.torch)
+    if isinstance(row.triton, registry.Unsupported):
+        assert triton_printer.TRITON_OPS[name] is row.triton and row.triton.reason and row.vjp is None
+        assert name not in triton_vjp.VJP_RULES and name not in triton_printer.RULES
+    else:
+        assert triton_printer.TRITON_OPS[name] == "special" and triton_vjp.VJP_RULES[name] == row.vjp
+        if row.tile == "matrix":
+            assert triton_matrix.MATRIX_RULES[name] is getattr(triton_matrix.MatrixBodyPrinter, "matrix_" + row.triton)
+            assert name in triton_printer.MATRIX_ONLY and name not in triton_printer.RULES
+        else:
+            assert triton_printer.RULES[name] is getattr(triton_printer.TritonBodyPrinter, "triton_" + row.triton)
+            assert name not in triton_printer.MATRIX_ONLY
+    if isinstance(row.cpp, registry.Unsupported):
+        assert row.cpp.reason and row.cpp_vjp is None and name not in cpp_printer.VJP_RULES
+        assert name not in cpp_printer.EXPRESSIONS and name not in cpp_printer.CONTRACTIONS
+    else:  # an expression or an accumulation, never both
+        assert (name in cpp_printer.EXPRESSIONS) != (name in cpp_printer.CONTRACTIONS)
+        assert cpp_printer.VJP_RULES[name] == row.cpp_vjp and (name in cpp_printer.MATRIX_ONLY) == (row.tile == "matrix")
+    for vjp in (row.vjp, row.cpp_vjp):
+        assert vjp is None or len(vjp) == (2 if row.arity == -1 and name in ("matmul", "outer") else
+                                           max(row.arity, 1)), (name, vjp)
+
+
+def _rule_names(cls, prefix):
+    return {n.removeprefix(prefix) for n in vars(cls) if n.startswith(prefix)}
+
+
+def test_every_rule_is_named_by_a_row():
+    """No stage keeps a structure rule that no registry row names (a dead or misspelt rule)."""
+    rows = registry.STRUCTURE_OPS
+    assert set(interp.RULES) == {r.interp for r in rows}
+    assert _rule_names(symbolic._Evaluator, "op_") == {r.sympy for r in rows} | {"where"}  # where: SELECT
+    assert _rule_names(torch_printer.BodyPrinter, "torch_") == {r.torch for r in rows}
+    triton_rules = {r.triton for r in rows if isinstance(r.triton, str)}
+    assert _rule_names(triton_printer.TritonBodyPrinter, "triton_") \
+        | _rule_names(triton_matrix.MatrixBodyPrinter, "matrix_") == triton_rules
+    assert _rule_names(cpp_printer.CppBody, "cpp_") | _rule_names(cpp_printer.CppBody, "contract_") \
+        == {r.cpp for r in rows if isinstance(r.cpp, str)}
+
+
+def test_unsupported_reasons_come_from_the_rows():
+    """`unsupported_reason` of both kernel printers quotes the row's reason for the op."""
+    from psmc.compiler import compile_source
+    src = ("op t[D] {{ state (h: f32[D, D]); lift (x: f32[D], y: f32[D, D]) {{ return {}; }} "
+           "combine (l, r) {{ return l.h + r.h; }} }}")
+    for call, op in (("diag(x)", "diag"), ("transpose(y)", "transpose"), ("eye(D) * x", "eye")):
+        compiled = compile_source(src.format(call), "t.psm")
+        row = registry.STRUCTURE[op]
+        reason = cpp_printer.unsupported_reason(compiled.ops[0], compiled.plans["t"])
+        assert reason == f"uses {op!r}: {row.cpp.reason}", reason
+        reason = triton_printer.unsupported_reason(compiled.ops[0], {"plan": "exact-scan"})
+        assert reason == f"uses {op!r}: {row.triton.reason}", reason
 
 
 def test_reduction_rows_evaluate_like_torch():

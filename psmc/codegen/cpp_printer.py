@@ -34,8 +34,8 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, UNARY_MATH, \
-    UNARY_OPERATOR, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, STRUCTURE, \
+    STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS, Unsupported
 from .torch_printer import dim_code
 from .triton_layout import FLOATS, layout_of, matrix_reason, role_of
 
@@ -53,7 +53,8 @@ CPP_OPS = {
 FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
 ARITH = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum", "where"})
 REDUCTIONS = frozenset(REDUCTION)  # psmc.ir.registry: each row's `cpp` is its accumulator loop
-VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid axes
+# rendered on the matrix grid only (the registry rows say so: tile="matrix")
+MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.cpp, str))
 
 # reverse mode: one rendering per operand over {a} {b} {c} (operands), {z} (result), {g}
 # (the result's adjoint), {n} (the reduced extent); None: no gradient to that operand
@@ -62,8 +63,8 @@ VJP_RULES = {
     **{row.name: (row.cpp_vjp,) for row in UNARY_MATH if row.cpp_vjp is not None},  # psmc.ir.registry
     **{row.name: row.cpp_vjp for row in BINARY_OPS if row.cpp_vjp not in (None, SPECIAL)},  # the registry
     SELECT.name: SELECT.cpp_vjp,
-    "cast": ("{g}",), "broadcast": ("{g}",), "getitem": ("{g}",),
-    "matmul": ("({g} * {b})", "({g} * {a})"), "outer": ("({g} * {b})", "({g} * {a})"),
+    # cast, broadcast, getitem, matmul, outer: psmc.ir.registry
+    **{row.name: row.cpp_vjp for row in STRUCTURE_OPS if row.cpp_vjp is not None},
     # reductions (psmc.ir.registry); "ties": amax/amin share the gradient by a rule of their own
     **{row.name: row.cpp_vjp if row.cpp_vjp == "ties" else (row.cpp_vjp,) for row in _REDUCTION_ROWS},
 }
@@ -88,10 +89,11 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
         return "chunk op: the chunked layout is not generated"
     nodes = list(walk(_bodies(op)))
     for node in nodes:
-        if node.op not in CPP_OPS and node.op not in LEAVES | REDUCTIONS | VIEWS | {"cast", "matmul", "outer"}:
+        row = STRUCTURE.get(node.op)
+        if row is not None and isinstance(row.cpp, Unsupported):  # psmc.ir.registry says why
+            return f"uses {node.op!r}: {row.cpp.reason}"
+        if node.op not in CPP_OPS and node.op not in LEAVES | REDUCTIONS and row is None:
             return f"uses {node.op!r}: no C++ rendering; the torch backend serves it"
-    if any(n.op == "eye" for n in nodes):
-        return "uses 'eye': no C++ rendering; the torch backend serves it"
     if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
         return "combine reduces over an axis: not elementwise"
     if any(not n.batched for n in op.combine):
@@ -101,7 +103,7 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     if any(len(f.shape) == 2 for f in op.state):
         return matrix_reason(op)
     for node in nodes:
-        if node.op in ("matmul", "outer", "getitem"):
+        if node.op in MATRIX_ONLY:
             return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
     values = op.state + op.inputs + op.outputs + op.params
     shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
@@ -282,7 +284,7 @@ class CppBody:
         contracted = self.contracted(node)
         ct = ctype(node.dtype)
         head = "" if role else f"{ct} {name}; "
-        if node.op in REDUCTIONS or node.op == "matmul":
+        if node.op in REDUCTIONS or node.op in CONTRACTIONS:
             body = self.contraction(node, contracted, target)
             self.lines.append(f"{head}{loops(role)}{{ {body} }}")
         else:
@@ -296,14 +298,8 @@ class CppBody:
 
     def expression(self, node: Node, grid_role: str) -> str:
         op = node.op
-        if op == "cast":
-            code = self.ref(node.args[0], grid_role)
-            return f"({code} != 0)" if node.attrs[0] == "bool" else f"{ctype(node.attrs[0])}({code})"
-        if op in VIEWS:
-            return self.ref(node.args[0], grid_role)
-        if op == "outer":
-            a, b = (self.ref(x, grid_role) for x in node.args)
-            return f"({a} * {b})"
+        if op in EXPRESSIONS:  # cast, broadcast, getitem, outer: the rule the registry row names
+            return EXPRESSIONS[op](self, node, grid_role)
         if op == "pow" and node.args[1].op == "const" and float(node.args[1].attrs[0]) in (1.0, 2.0, 3.0):
             a = self.operand(node, node.args[0], grid_role)
             return "(" + " * ".join([a] * int(node.args[1].attrs[0])) + ")"
@@ -314,12 +310,40 @@ class CppBody:
         """A reduction or a matmul: an accumulator over the contracted axes."""
         inner = loops(contracted)
         full = union(self.grid.role(node), contracted)
-        if node.op == "matmul":
-            a, b = (self.ref(x, full) for x in node.args)
-            return f"scalar_t acc = 0; {inner}acc += {a} * {b}; {target} = acc;"
+        if node.op in CONTRACTIONS:  # matmul: the rule the registry row names
+            return CONTRACTIONS[node.op](self, node, inner, full, target)
         a = self.ref(node.args[0], full)
         n = " * ".join({"r": "R", "c": "C"}[ch] for ch in contracted) or "1"
         return REDUCTION[node.op].cpp.format(inner=inner, a=a, target=target, n=n)  # psmc.ir.registry
+
+
+    # the rules the rows of psmc.ir.registry.STRUCTURE_OPS name (`cpp`): an expression on the
+    # node's grid role, cpp_<rule>(node, role), or an accumulation over the contracted axes,
+    # contract_<rule>(node, inner loops, full role, target)
+    def cpp_cast(self, node: Node, grid_role: str) -> str:
+        code = self.ref(node.args[0], grid_role)
+        return f"({code} != 0)" if node.attrs[0] == "bool" else f"{ctype(node.attrs[0])}({code})"
+
+    def cpp_view(self, node: Node, grid_role: str) -> str:
+        return self.ref(node.args[0], grid_role)  # the same values on the same grid axes
+
+    def cpp_outer(self, node: Node, grid_role: str) -> str:
+        a, b = (self.ref(x, grid_role) for x in node.args)
+        return f"({a} * {b})"
+
+    def contract_matmul(self, node: Node, inner: str, full: str, target: str) -> str:
+        a, b = (self.ref(x, full) for x in node.args)
+        return f"scalar_t acc = 0; {inner}acc += {a} * {b}; {target} = acc;"
+
+
+def _rules(prefix: str) -> dict:
+    """The registry rows whose `cpp` names a CppBody method `<prefix><rule>`: op -> method."""
+    return {row.name: getattr(CppBody, prefix + row.cpp) for row in STRUCTURE_OPS
+            if isinstance(row.cpp, str) and hasattr(CppBody, prefix + row.cpp)}
+
+
+EXPRESSIONS = _rules("cpp_")
+CONTRACTIONS = _rules("contract_")
 
 
 class CppVjp:

@@ -18,20 +18,14 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, render, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR
+from ..ir.registry import (BINARY_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR,
+                           Unsupported)
 
-
-@dataclass(frozen=True)
-class Unsupported:
-    reason: str
-
-
-_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
-MATRIX_ONLY = frozenset({"matmul", "outer", "getitem"})  # rendered by the matrix tile model only
+# rendered by the matrix tile model only (psmc.codegen.triton_matrix): the registry rows say so
+MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.triton, str))
 # math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
 FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
                         "logsigmoid", "pow"})
-_LAYER = "a whole-layer op inside a body; the torch backend serves it"
 
 # op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
 # Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
@@ -39,7 +33,6 @@ TRITON_OPS: dict[str, object] = {
     # leaves
     "arg": "special", "field": "special", "param": "special", "dim": "special", "const": "special",
     "index": "special", "fill": "special",
-    "eye": Unsupported(_MATRIX),
     # unary
     "neg": UNARY_OPERATOR["neg"].triton,
     **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
@@ -47,17 +40,12 @@ TRITON_OPS: dict[str, object] = {
     **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
     "not": UNARY_OPERATOR["not"].triton,
     SELECT.name: SELECT.triton,
-    "cast": "special", "broadcast": "special",
     # reductions over the one declared axis (the columns), masked to the real S entries
     **{row.name: "special" for row in REDUCTIONS},  # `reduce` renders the registry row's `triton`
-    "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
-                           "backend serves it"),
-    # matrix tiles only (psmc.codegen.triton_matrix: rows x columns of a [R, C] state); in the
-    # one-axis tile models unsupported_reason rejects them
-    "matmul": "special", "outer": "special", "getitem": "special",
-    "transpose": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
-    "reshape": Unsupported(_MATRIX),
-    "layernorm": Unsupported(_LAYER), "attention": Unsupported(_LAYER),
+    # cast, broadcast, eye and the structure ops: a rule the row names (TritonBodyPrinter.RULES,
+    # or, for the matrix tile model only, triton_matrix.MATRIX_RULES; unsupported_reason rejects
+    # those in the one-axis tile models) or the row's Unsupported reason; psmc.ir.registry
+    **{row.name: row.triton if isinstance(row.triton, Unsupported) else "special" for row in STRUCTURE_OPS},
 }
 
 TL_DTYPES = {"f16": "tl.float16", "bf16": "tl.bfloat16", "f32": "tl.float32", "f64": "tl.float64",

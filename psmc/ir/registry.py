@@ -348,3 +348,111 @@ def _pick(ev, c, a, b):
 SELECT = Select("where", "c ? a : b, elementwise", "torch.where", _pick, SPECIAL, "tl.where({0}, {1}, {2})",
                 (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"), "({a} ? {b} : {c})",
                 (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"))
+
+
+# ------------------------------------------------------------------ structure ops
+@dataclass(frozen=True)
+class Unsupported:
+    """A renderer's entry for an op it cannot render: the reason, which `unsupported_reason`
+    reports (the torch backend then serves the op)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """How the language calls a structure op as a builtin (psmc.ir.builtins derives its row):
+    arity, keywords (keyword -> (kind, default)), shape rule (a `_call_<shape>` / ShapeRules
+    method of the lowering), dtype rule, doc line and the arguments as a user writes them."""
+    min_args: int
+    max_args: int | None
+    shape: str
+    dtype: str
+    doc: str
+    args: str = "x"
+    kwargs: tuple = ()  # ((keyword, (kind, default)), ...)
+    lowers_to_op: bool = True  # False: the lowering builds the node by a rule of its own (`eye`)
+
+
+_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
+_LAYER = "a whole-layer op inside a body; the torch backend serves it"
+_NO_CPP = "no C++ rendering; the torch backend serves it"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """An op whose rendering depends on each printer's tile model (casts, broadcasts, products,
+    views, shape changes, whole-layer ops), declared once.
+
+    Every renderer entry is the NAME of a rule that the renderer's module implements (a small
+    function or method there; tests/test_op_coverage.py checks each name resolves) or an
+    `Unsupported(reason)`:
+      interp  a rule of psmc.ir.interp (`_RULES`: (node, args, dims) -> tensor)
+      sympy   a method `op_<rule>` of psmc.analysis.symbolic's evaluator
+      torch   a method `torch_<rule>` of psmc.codegen.torch_printer.BodyPrinter
+      triton  a rule of the Triton tile printers (psmc.codegen.triton_printer `RULES`, or, with
+              `tile="matrix"`, psmc.codegen.triton_matrix `MATRIX_RULES`: the [R, C] tile only)
+      cpp     a rule of psmc.codegen.cpp_printer (`CPP_RULES`; with `tile="matrix"`, matrix
+              states only)
+    `vjp` / `cpp_vjp`: the Triton / C++ adjoint per operand over {g}, {a}, {b} (the matrix
+    printers sum a contribution over the tile axes an operand lacks); None exactly where that
+    renderer is Unsupported. `call`: the builtin, None when only syntax produces the op
+    (`syntax` says which)."""
+    name: str
+    kind: str  # the OPS kind: cast | broadcast | structure | layer | leaf
+    arity: int  # -1: variadic
+    call: Call | None
+    syntax: str
+    interp: str
+    sympy: str
+    torch: str
+    triton: object  # rule name | Unsupported
+    vjp: tuple | None
+    cpp: object  # rule name | Unsupported
+    cpp_vjp: tuple | None
+    tile: str = "any"  # 'matrix': Triton and C++ render it in the matrix tile model only
+    elementwise: bool = False
+    operator: str | None = None  # its infix spelling in the expression grammar (`@`), if any
+
+
+_PRODUCT_VJP = ("({g} * {b})", "({g} * {a})")
+_CPP_PRODUCT_VJP = _PRODUCT_VJP
+
+STRUCTURE_OPS: tuple[Structure, ...] = (
+    Structure("cast", "cast", 1, None, "a value stored into a field or output of another dtype",
+              "cast", "cast", "cast", "cast", ("{g}",), "cast", ("{g}",), elementwise=True),
+    Structure("broadcast", "broadcast", 1, None, "a value stored into a larger field or output",
+              "broadcast", "broadcast", "broadcast", "broadcast", ("{g}",), "view", ("{g}",), elementwise=True),
+    Structure("getitem", "structure", -1, None, "x[...]", "getitem", "getitem", "getitem",
+              "view", ("{g}",), "view", ("{g}",), tile="matrix"),
+    Structure("matmul", "structure", -1, None, "a @ b", "matmul", "matmul", "matmul",
+              "matmul", _PRODUCT_VJP, "matmul", _CPP_PRODUCT_VJP, tile="matrix", operator="@"),
+    Structure("softmax", "structure", -1, Call(1, 1, "same", "float", "softmax over an axis",
+                                              kwargs=(("axis", ("axis", -1)),)), "",
+              "softmax", "softmax", "softmax",
+              Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
+                          "backend serves it"), None, Unsupported(_NO_CPP), None),
+    Structure("outer", "structure", -1, Call(2, 2, "outer", "promote", "a[:, None] * b[None, :]", "a, b"), "",
+              "outer", "outer", "outer", "outer", _PRODUCT_VJP, "outer", _CPP_PRODUCT_VJP, tile="matrix"),
+    Structure("eye", "leaf", 0, Call(1, 1, "eye", "fill", "identity matrix of a static size", "n",
+                                     lowers_to_op=False), "",
+              "eye", "eye", "eye", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None),
+    Structure("concat", "structure", -1, Call(1, None, "concat", "promote", "join along an axis", "a, b, ...",
+                                              (("axis", ("axis", 0)),)), "",
+              "concat", "concat", "concat", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None),
+    Structure("transpose", "structure", -1, Call(1, 1, "transpose", "same", "swap the last two axes"), "x.T",
+              "transpose", "transpose", "transpose", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None),
+    Structure("diag", "structure", -1, Call(1, 1, "diag", "same", "vector -> diagonal matrix"), "",
+              "diag", "diag", "diag", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None),
+    Structure("reshape", "structure", -1, Call(2, 2, "reshape", "same",
+                                               "reshape to a static shape, e.g. reshape(x, (C, D))", "x, shape"), "",
+              "reshape", "reshape", "reshape", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None),
+    Structure("layernorm", "layer", 1, Call(1, 1, "same", "float",
+                                            "layer norm over the last axis, no affine, eps 1e-5"), "",
+              "layernorm", "layernorm", "layernorm", Unsupported(_LAYER), None, Unsupported(_NO_CPP), None),
+    Structure("attention", "layer", 3, Call(3, 3, "attention", "float",
+                                            "scaled dot-product softmax attention over the first axis", "q, k, v",
+                                            (("heads", ("int", 1)), ("causal", ("bool", False)))), "",
+              "attention", "attention", "attention", Unsupported(_LAYER), None, Unsupported(_NO_CPP), None),
+)
+
+STRUCTURE: dict[str, Structure] = {row.name: row for row in STRUCTURE_OPS}
