@@ -275,3 +275,71 @@ def test_adding_a_math_builtin_is_one_edit(tmp_path):
     run = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and "cos works" in run.stdout, run.stderr[-3000:]
+
+
+# a structure op: its row, plus the rules it names in the stages that render it (inserted just
+# before each stage derives its table from the rows)
+FLIP_ROW = '''
+STRUCTURE_OPS = STRUCTURE_OPS + (
+    Structure("flip", "structure", 1, Call(1, 1, "same", "same", "reverse the last axis"), "",
+              "flip", "flip", "flip", Unsupported("not generated for Triton yet; the torch backend serves it"),
+              None, Unsupported("no C++ rendering; the torch backend serves it"), None),
+)
+STRUCTURE = {row.name: row for row in STRUCTURE_OPS}
+'''
+FLIP_RULES = {
+    "ir/interp.py": ("_STRUCTURE = {row.name: RULES[row.interp]",
+                     'RULES["flip"] = lambda n, a, d: a[0].flip(-1)\n'),
+    "analysis/symbolic.py": ("_STRUCTURE = {row.name: getattr(_Evaluator",
+                             "_Evaluator.op_flip = lambda self, node, args: Grid.build(\n"
+                             "    args[0].shape, lambda i: args[0][i[:-1] + (args[0].shape[-1] - 1 - i[-1],)])\n"),
+    "codegen/torch_printer.py": ("STRUCTURE = {row.name: getattr(BodyPrinter",
+                                 'BodyPrinter.torch_flip = lambda self, node: f"{self.ref(node.args[0])}.flip(-1)"\n'),
+}
+
+FLIP_CHECK = '''
+import torch
+import psmc
+from psmc.compiler import compile_source
+from psmc.analysis import symbolic
+from psmc.ir import interp
+from psmc.ir.builtins import BUILTINS
+from psmc.ir.ops import OPS
+assert OPS["flip"].kind == "structure" and BUILTINS["flip"].ir_op == "flip" and "flip" in symbolic._STRUCTURE
+src = ("op f[D] { state (h: f32[D]); lift (x: f32[D]) { return flip(x * 2.0); } "
+       "combine (l, r) { return l.h + r.h; } }")
+compiled = compile_source(src, "f.psm")
+assert ".flip(-1)" in compiled.source
+open("f.psm", "w").write(src)
+x = torch.randn(2, 5, 3, dtype=torch.float64)
+layer = psmc.load("f.psm").f(backend="torch")
+assert torch.allclose(layer(x=x), (2 * x).flip(-1).cumsum(1))
+from psmc.compiler import codegen_notes
+notes = codegen_notes(compiled.ops[0], compiled.plans["f"])
+assert "not generated for Triton yet" in str(notes["triton"]) and "uses 'flip': no C++" in str(notes["cpu"]), notes
+print("flip works")
+'''
+
+
+def test_adding_a_structure_op_is_its_row_and_rules(tmp_path):
+    """Copy the package, add a `flip` row to psmc/ir/registry.py and the three rules it names
+    (interpreter, SymPy, torch printer; Triton and C++ declare why they cannot): `flip` is a
+    builtin and an IR op, and a layer that calls it runs on the torch backend."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "psmc", tmp_path / "psmc", ignore=shutil.ignore_patterns("__pycache__"))
+    registry_py = tmp_path / "psmc" / "ir" / "registry.py"
+    registry_py.write_text(registry_py.read_text() + FLIP_ROW)
+    for path, (marker, rule) in FLIP_RULES.items():
+        module = tmp_path / "psmc" / path
+        text = module.read_text()
+        assert text.count(marker) == 1, (path, marker)
+        module.write_text(text.replace(marker, rule + marker))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PSMC_CACHE_DIR=str(tmp_path / "cache"))
+    run = subprocess.run([sys.executable, "-c", FLIP_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "flip works" in run.stdout, run.stderr[-3000:]

@@ -19,9 +19,11 @@ so is a binary operator, save its spelling in the grammar when it is a new opera
 
 The unary operators `-x`, `not c` (`UNARY_OPERATORS`) and the reductions (`REDUCTIONS`) are
 rows too, read the same way by every stage (tests/test_op_coverage.py checks each row reaches
-every renderer).
+every renderer). So are `cast`, `broadcast`, `eye` and the structure and layer ops
+(`STRUCTURE_OPS`), whose renderings depend on each printer's tile model: their rows name a rule
+of each stage's own module (or give an `Unsupported` reason), see `Structure`.
 
-This module holds data only (strings and SymPy lambdas) and imports no other stage.
+This module holds data only (strings, SymPy lambdas and rule names) and imports no other stage.
 """
 from __future__ import annotations
 
