@@ -172,7 +172,8 @@ def test_every_structure_row_reaches_every_renderer(name):
         assert name not in cpp_printer.EXPRESSIONS and name not in cpp_printer.CONTRACTIONS
     else:  # an expression or an accumulation, never both
         assert (name in cpp_printer.EXPRESSIONS) != (name in cpp_printer.CONTRACTIONS)
-        assert cpp_printer.VJP_RULES[name] == row.cpp_vjp and (name in cpp_printer.MATRIX_ONLY) == (row.tile == "matrix")
+        assert cpp_printer.VJP_RULES[name] == row.cpp_vjp
+        assert (name in cpp_printer.MATRIX_ONLY) == (row.tile == "matrix")
     for vjp in (row.vjp, row.cpp_vjp):
         assert vjp is None or len(vjp) == (2 if row.arity == -1 and name in ("matmul", "outer") else
                                            max(row.arity, 1)), (name, vjp)
@@ -207,6 +208,19 @@ def test_unsupported_reasons_come_from_the_rows():
         assert reason == f"uses {op!r}: {row.cpp.reason}", reason
         reason = triton_printer.unsupported_reason(compiled.ops[0], {"plan": "exact-scan"})
         assert reason == f"uses {op!r}: {row.triton.reason}", reason
+
+
+def test_both_kernel_printers_make_the_same_first_checks():
+    """Triton and C++ share `scan_reason` (psmc.codegen.triton_layout): the same words for a
+    tree-scan plan, a non-elementwise combine, and an op neither renders."""
+    from psmc.ir import ops_from_source
+    op = ops_from_source("op t[D] { state (h: f32[D]); lift (x: f32[D]) { return softmax(x); } "
+                         "combine (l, r) { return l.h + r.h; } }")[0]
+    for plan, words in (({"plan": "tree-scan"}, "tree-scan plan: the per-level Agg kernel is not generated"),
+                        ({"plan": "exact-scan", "structure": "affine"}, "combine structure is 'affine'"),
+                        ({"plan": "exact-scan"}, "uses 'softmax': ")):
+        reasons = {triton_printer.unsupported_reason(op, plan), cpp_printer.unsupported_reason(op, plan)}
+        assert all(r.startswith(words) for r in reasons), reasons
 
 
 def test_reduction_rows_evaluate_like_torch():

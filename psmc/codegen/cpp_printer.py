@@ -33,11 +33,10 @@ import math
 import sympy
 
 from ..ir.nodes import Node, OpIR, walk
-from ..ir.ops import OPS
 from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, STRUCTURE, \
     STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS, Unsupported
 from .torch_printer import dim_code
-from .triton_layout import FLOATS, layout_of, matrix_reason, role_of
+from .triton_layout import FLOATS, layout_of, matrix_reason, role_of, scan_reason
 
 LANE_BLOCK = 16  # lanes per work item in 'lanes' mode (the vectorised inner loop)
 INTS = ("i32", "i64")
@@ -79,25 +78,10 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     """Why `op` gets no C++ kernels, or None when it does. The reach of the Triton tile models
     (psmc.codegen.triton_printer), plus f64 values and exclusive readouts of scalar and vector
     states, which a sequential loop serves as easily."""
-    plan = _plan_dict(plan)
-    if plan is not None and plan.get("plan") != "exact-scan":
-        return "tree-scan plan: the per-level Agg is not generated; the torch backend serves it"
-    structure = (plan or {}).get("structure")
-    if structure not in (None, "elementwise"):
-        return f"combine structure is {structure!r}, not 'elementwise'"
-    if op.chunk is not None:
-        return "chunk op: the chunked layout is not generated"
     nodes = list(walk(_bodies(op)))
-    for node in nodes:
-        row = STRUCTURE.get(node.op)
-        if row is not None and isinstance(row.cpp, Unsupported):  # psmc.ir.registry says why
-            return f"uses {node.op!r}: {row.cpp.reason}"
-        if node.op not in CPP_OPS and node.op not in LEAVES | REDUCTIONS and row is None:
-            return f"uses {node.op!r}: no C++ rendering; the torch backend serves it"
-    if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
-        return "combine reduces over an axis: not elementwise"
-    if any(not n.batched for n in op.combine):
-        return "a combine output ignores both operands"
+    reason = scan_reason(op, _plan_dict(plan), nodes, _cpp_cannot)  # the checks Triton makes too
+    if reason is not None:
+        return reason
     if op.exclusive and op.identity is None:
         return "exclusive readout without an identity: the first token of a stream reads it"
     if any(len(f.shape) == 2 for f in op.state):
@@ -113,6 +97,15 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     if len(axes) > 1:
         return f"values of different lengths {sorted(map(str, axes))}: the grid has one state axis"
     return None
+
+
+def _cpp_cannot(name: str) -> str | None:
+    row = STRUCTURE.get(name)
+    if row is not None:
+        return row.cpp.reason if isinstance(row.cpp, Unsupported) else None  # psmc.ir.registry says why
+    if name in CPP_OPS or name in LEAVES or name in REDUCTIONS:
+        return None
+    return "no C++ rendering; the torch backend serves it"
 
 
 def _plan_dict(plan):

@@ -66,24 +66,40 @@ def _bodies(op: OpIR):
     return tuple(op.lift) + tuple(op.combine) + tuple(op.readout)
 
 
-def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
-    """Why `op` gets no Triton kernels, or None when it does."""
+def scan_reason(op: OpIR, plan: dict | None, nodes, cannot) -> str | None:
+    """The first checks of both kernel printers (Triton here, C++ in psmc.codegen.cpp_printer):
+    an exact scan with an elementwise combine, no chunk, every op of the bodies `nodes`
+    rendered (`cannot(op name)`: the renderer's reason it cannot, or None), a combine that
+    neither reduces nor ignores its operands. The reason, or None when they pass."""
     if plan is not None and plan.get("plan") != "exact-scan":
         return "tree-scan plan: the per-level Agg kernel is not generated; the torch backend serves it"
     structure = (plan or {}).get("structure")
     if structure not in (None, "elementwise"):
         return f"combine structure is {structure!r}, not 'elementwise'"
     if op.chunk is not None:
-        return "chunk op: the chunked layout is not generated for Triton"
-    nodes = list(walk(_bodies(op)))
+        return "chunk op: the chunked layout is not generated"
     for node in nodes:
-        rendering = TRITON_OPS[node.op]
-        if isinstance(rendering, Unsupported):
-            return f"uses {node.op!r}: {rendering.reason}"
+        reason = cannot(node.op)
+        if reason is not None:
+            return f"uses {node.op!r}: {reason}"
     if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
         return "combine reduces over an axis: not elementwise"
     if any(not n.batched for n in op.combine):
         return "a combine output ignores both operands"
+    return None
+
+
+def _triton_cannot(name: str) -> str | None:
+    rendering = TRITON_OPS[name]
+    return rendering.reason if isinstance(rendering, Unsupported) else None
+
+
+def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
+    """Why `op` gets no Triton kernels, or None when it does."""
+    nodes = list(walk(_bodies(op)))
+    reason = scan_reason(op, plan, nodes, _triton_cannot)
+    if reason is not None:
+        return reason
     values = op.state + op.inputs + op.outputs + op.params
     for v in values:
         if v.dtype not in KERNEL_DTYPES:
