@@ -223,6 +223,42 @@ def test_both_kernel_printers_make_the_same_first_checks():
         assert all(r.startswith(words) for r in reasons), reasons
 
 
+LEAF_NODES = {  # one node per leaf row, with the environment entry of the bound ones
+    "arg": (("x",), ("arg", "x")), "field": (("left", "h"), ("field", "left", "h")), "param": (("p",), ("param", "p")),
+    "dim": (("D",), None), "const": ((2.0,), None), "index": ((), ("index",)), "fill": ((1.0,), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(registry.LEAF))
+def test_every_leaf_row_is_bound_by_every_stage(name):
+    """The leaf rows of psmc.ir.registry: OPS and the leaf sets derive from them, and every
+    stage binds each one (a value in the interpreter and in SymPy, a name or a statement in
+    the torch, Triton and C++ printers)."""
+    from psmc.analysis.grid import Grid
+    from psmc.ir.nodes import BATCHED_LEAVES, Node, dim_symbol
+    row = registry.LEAF[name]
+    assert OPS[name].kind == "leaf" and OPS[name].arity == 0
+    assert (name in BATCHED_LEAVES) == row.batched and (name in torch_printer.WEAK_LEAVES) == row.weak
+    assert name in cpp_printer.LEAVES and name in triton_vjp.LEAVES and triton_printer.TRITON_OPS[name] == "special"
+    attrs, key = LEAF_NODES[name]
+    shape = ("D",) if name == "fill" else ()
+    node = Node(name, (), attrs, "f32", tuple(dim_symbol(d) for d in shape))
+    dims = {"D": 3}
+    value = interp._leaf(node, {key: torch.tensor(0.5)} if key else {}, dims)
+    assert tuple(value.shape) == ((3,) if shape else ())
+    grid = symbolic._Evaluator({key: Grid((), (symbolic.number(0.5),))} if key else {}, dims, None).leaf(node)
+    assert grid.shape == tuple(value.shape) and all(float(v) == float(w) for v, w in zip(grid.items, value.flatten()))
+    printer = torch_printer.BodyPrinter((node,))
+    printer.run()
+    assert printer.names[node]
+    triton = triton_printer.TritonBodyPrinter((node,), "t")
+    triton.run()
+    assert triton.names[node]
+    cpp = cpp_printer.CppBody(None, (node,), "c")
+    cpp.run()
+    assert cpp.names[node]
+
+
 def test_reduction_rows_evaluate_like_torch():
     """The row's SymPy fold and its reference function agree on a concrete vector."""
     import sympy
@@ -273,24 +309,6 @@ print("cos works")
 '''
 
 
-def test_adding_a_math_builtin_is_one_edit(tmp_path):
-    """Copy the package, add ONE row to psmc/ir/registry.py, and `cos` works everywhere:
-    builtin, IR op, interpreter, SymPy, torch, Triton and C++ printers, their VJPs, a running layer."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    shutil.copytree(root / "psmc", tmp_path / "psmc", ignore=shutil.ignore_patterns("__pycache__"))
-    registry = tmp_path / "psmc" / "ir" / "registry.py"
-    registry.write_text(registry.read_text() + NEW_ROW)
-    env = dict(os.environ, PYTHONPATH=str(tmp_path), PSMC_CACHE_DIR=str(tmp_path / "cache"))
-    run = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and "cos works" in run.stdout, run.stderr[-3000:]
-
-
 # a structure op: its row, plus the rules it names in the stages that render it (inserted just
 # before each stage derives its table from the rows)
 FLIP_ROW = '''
@@ -328,6 +346,12 @@ open("f.psm", "w").write(src)
 x = torch.randn(2, 5, 3, dtype=torch.float64)
 layer = psmc.load("f.psm").f(backend="torch")
 assert torch.allclose(layer(x=x), (2 * x).flip(-1).cumsum(1))
+import sympy
+from psmc.analysis.grid import Grid
+lift, dims = compiled.ops[0].lift, {"D": 3}  # the reference and the SymPy rules agree
+ref = interp.evaluate(lift, {("arg", "x"): torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}, dims)[0]
+exact = symbolic.evaluate(lift, {("arg", "x"): Grid((3,), tuple(map(sympy.Integer, (1, 2, 3))))}, dims)[0]
+assert [float(v) for v in exact.items] == ref.tolist() == [6.0, 4.0, 2.0], (exact, ref)
 from psmc.compiler import codegen_notes
 notes = codegen_notes(compiled.ops[0], compiled.plans["f"])
 assert "not generated for Triton yet" in str(notes["triton"]) and "uses 'flip': no C++" in str(notes["cpu"]), notes
@@ -335,10 +359,14 @@ print("flip works")
 '''
 
 
-def test_adding_a_structure_op_is_its_row_and_rules(tmp_path):
-    """Copy the package, add a `flip` row to psmc/ir/registry.py and the three rules it names
-    (interpreter, SymPy, torch printer; Triton and C++ declare why they cannot): `flip` is a
-    builtin and an IR op, and a layer that calls it runs on the torch backend."""
+def test_adding_a_math_builtin_is_one_edit_and_a_structure_op_its_row_and_rules(tmp_path):
+    """Copy the package (once, both checks share it: a copy and a fresh interpreter cost seconds)
+    and
+    - add ONE row to psmc/ir/registry.py: `cos` works everywhere: builtin, IR op, interpreter,
+      SymPy, torch, Triton and C++ printers, their VJPs, a running layer;
+    - add a `flip` Structure row and the three rules it names (interpreter, SymPy, torch
+      printer; Triton and C++ declare why they cannot): `flip` is a builtin and an IR op, a
+      layer that calls it runs on the torch backend, and `psmc check` gives the rows' reasons."""
     import shutil
     import subprocess
     import sys
@@ -347,13 +375,13 @@ def test_adding_a_structure_op_is_its_row_and_rules(tmp_path):
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "psmc", tmp_path / "psmc", ignore=shutil.ignore_patterns("__pycache__"))
     registry_py = tmp_path / "psmc" / "ir" / "registry.py"
-    registry_py.write_text(registry_py.read_text() + FLIP_ROW)
+    registry_py.write_text(registry_py.read_text() + NEW_ROW + FLIP_ROW)
     for path, (marker, rule) in FLIP_RULES.items():
         module = tmp_path / "psmc" / path
         text = module.read_text()
         assert text.count(marker) == 1, (path, marker)
         module.write_text(text.replace(marker, rule + marker))
     env = dict(os.environ, PYTHONPATH=str(tmp_path), PSMC_CACHE_DIR=str(tmp_path / "cache"))
-    run = subprocess.run([sys.executable, "-c", FLIP_CHECK], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0 and "flip works" in run.stdout, run.stderr[-3000:]
+    run = subprocess.run([sys.executable, "-c", CHECK + FLIP_CHECK], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "cos works" in run.stdout and "flip works" in run.stdout, run.stderr[-3000:]

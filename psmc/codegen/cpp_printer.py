@@ -33,8 +33,8 @@ import math
 import sympy
 
 from ..ir.nodes import Node, OpIR, walk
-from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, STRUCTURE, \
-    STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS, Unsupported
+from ..ir.registry import BINARY_OPS, LEAF, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, \
+    STRUCTURE, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS, Unsupported
 from .torch_printer import dim_code
 from .triton_layout import FLOATS, layout_of, matrix_reason, role_of, scan_reason
 
@@ -71,7 +71,7 @@ CLAMP_RULES = {"maximum": "({a} >= {b} ? {g} : scalar_t(0))", "minimum": "({a} <
 NO_GRADIENT = frozenset({row.name for row in UNARY_OPERATORS if row.cpp_vjp is None}
                        | {row.name for row in BINARY_OPS if row.cpp_vjp is None}
                        | {row.name for row in UNARY_MATH if row.cpp_vjp is None})
-LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
+LEAVES = frozenset(LEAF)  # psmc.ir.registry
 
 
 def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:

@@ -18,7 +18,7 @@ import sympy
 
 from ..dtypes import DType
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTIONS, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, LEAF_OPS, REDUCTIONS, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATORS
 
 UNARY = {row.name: row.torch for row in UNARY_MATH}  # psmc.ir.registry
 BINARY = {row.name: row.torch for row in BINARY_OPS}  # format strings over the operands {0}, {1}
@@ -63,7 +63,9 @@ def const_code(value) -> str:
     return repr(int(value))
 
 
-WEAK_LEAVES = frozenset({"const", "dim", "index", "fill", "eye"})
+# const, dim, index, fill and eye (a leaf structure op): psmc.ir.registry
+WEAK_LEAVES = frozenset({row.name for row in LEAF_OPS if row.weak} | {row.name for row in STRUCTURE_OPS
+                                                                     if row.kind == "leaf"})
 _FLOAT_WIDTH = {DType.F16: 1, DType.BF16: 1, DType.F32: 2, DType.F64: 3}
 
 

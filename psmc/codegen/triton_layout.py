@@ -18,8 +18,8 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, render, walk
 from ..ir.ops import OPS
-from ..ir.registry import (BINARY_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR,
-                           Unsupported)
+from ..ir.registry import (BINARY_OPS, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH,
+                           UNARY_OPERATOR, Unsupported)
 
 # rendered by the matrix tile model only (psmc.codegen.triton_matrix): the registry rows say so
 MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.triton, str))
@@ -30,9 +30,8 @@ FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softp
 # op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
 # Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
 TRITON_OPS: dict[str, object] = {
-    # leaves
-    "arg": "special", "field": "special", "param": "special", "dim": "special", "const": "special",
-    "index": "special", "fill": "special",
+    # leaves: the printer binds them (psmc.ir.registry)
+    **{row.name: "special" for row in LEAF_OPS},
     # unary
     "neg": UNARY_OPERATOR["neg"].triton,
     **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry

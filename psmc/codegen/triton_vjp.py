@@ -17,7 +17,7 @@ same in every column, like the values.
 from __future__ import annotations
 
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, SPECIAL, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, LEAF, REDUCTIONS, SELECT, SPECIAL, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATORS
 from .triton_layout import FLOATS, TRITON_OPS, Unsupported
 from .triton_printer import TritonBodyPrinter
 
@@ -43,7 +43,7 @@ CLAMP_RULES = {"maximum": "tl.where({a} >= {b}, {g}, 0.0)", "minimum": "tl.where
 NO_GRADIENT = frozenset({row.name for row in UNARY_OPERATORS if row.vjp is None}
                        | {row.name for row in BINARY_OPS if row.vjp is None}
                        | {row.name for row in UNARY_MATH if row.vjp is None})
-LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
+LEAVES = frozenset(LEAF)  # psmc.ir.registry
 
 
 def differentiable(node: Node) -> bool:

@@ -1,4 +1,5 @@
-"""The IR's operation vocabulary as data: one row per op.
+"""The IR's operation vocabulary as data: one row per op, derived from the rows of
+psmc.ir.registry (every op is declared there once).
 
 `kind` groups ops that the printers and the analysis treat alike:
   leaf        no operands (inputs, fields, params, dims, constants)
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import BINARY_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY, UNARY_OPERATOR
+from .registry import BINARY_OPS, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY, UNARY_OPERATOR
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class OpInfo:
 
 def _table() -> dict[str, OpInfo]:
     rows: dict[str, OpInfo] = {}
-    for name in ("arg", "field", "param", "dim", "const", "index", "fill"):
-        rows[name] = OpInfo("leaf", True, 0)
+    for row in LEAF_OPS:  # inputs, fields, params, dims, literals, index, fills: psmc.ir.registry
+        rows[row.name] = OpInfo("leaf", True, 0)
     rows["neg"] = OpInfo(UNARY_OPERATOR["neg"].kind, True, 1)  # the unary operators: psmc.ir.registry
     for name in UNARY:  # the elementwise math builtins: psmc.ir.registry
         rows[name] = OpInfo("unary", True, 1)

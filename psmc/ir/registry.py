@@ -21,7 +21,8 @@ The unary operators `-x`, `not c` (`UNARY_OPERATORS`) and the reductions (`REDUC
 rows too, read the same way by every stage (tests/test_op_coverage.py checks each row reaches
 every renderer). So are `cast`, `broadcast`, `eye` and the structure and layer ops
 (`STRUCTURE_OPS`), whose renderings depend on each printer's tile model: their rows name a rule
-of each stage's own module (or give an `Unsupported` reason), see `Structure`.
+of each stage's own module (or give an `Unsupported` reason), see `Structure`; and so are the
+leaves (`LEAF_OPS`). Every op of `OPS` is a row of this module.
 
 This module holds data only (strings, SymPy lambdas and rule names) and imports no other stage.
 """
@@ -350,6 +351,34 @@ def _pick(ev, c, a, b):
 SELECT = Select("where", "c ? a : b, elementwise", "torch.where", _pick, SPECIAL, "tl.where({0}, {1}, {2})",
                 (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"), "({a} ? {b} : {c})",
                 (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"))
+
+
+# ------------------------------------------------------------------ leaves
+@dataclass(frozen=True)
+class Leaf:
+    """An op with no operands, declared once. The printers bind leaves by rules of their own
+    (a name in the kernel, an environment lookup, a literal), one case per leaf in each
+    (tests/test_op_coverage.py runs every leaf row through every printer). `batched`: the
+    value differs per position (psmc.ir.nodes.BATCHED_LEAVES); `weak`: made of literals, dims
+    and the position only, so it has no dtype of its own (the torch printer widens it to its
+    users' dtype) and is the same in every tile cell (the C++ grid)."""
+    name: str
+    doc: str
+    batched: bool
+    weak: bool
+
+
+LEAF_OPS: tuple[Leaf, ...] = (
+    Leaf("arg", "a lift or readout input", True, False),
+    Leaf("field", "a state field of the left or right operand, or of the prefix", True, False),
+    Leaf("param", "a learnable parameter", False, False),
+    Leaf("dim", "the size of a dim", False, True),
+    Leaf("const", "a literal", False, True),
+    Leaf("index", "the position of the token", True, True),
+    Leaf("fill", "zeros(...) / ones(...) of a static shape", False, True),
+)
+
+LEAF: dict[str, Leaf] = {row.name: row for row in LEAF_OPS}
 
 
 # ------------------------------------------------------------------ structure ops
