@@ -50,7 +50,11 @@ CPP_OPS = {
 }
 # ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
 FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
-ARITH = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum", "where"})
+# ops computed in the result's kind, whose operands are converted to it (psmc.ir.registry): neg, abs,
+# sign, relu, add, sub, mul, maximum, minimum, where
+ARITH = frozenset({row.name for row in UNARY_MATH if row.dtype == "same"}
+                  | {row.name for row in UNARY_OPERATORS if row.kind == "unary"}
+                  | ({row.name for row in BINARY_OPS if row.kind == "binary"} - FLOAT_MATH) | {SELECT.name})
 REDUCTIONS = frozenset(REDUCTION)  # psmc.ir.registry: each row's `cpp` is its accumulator loop
 # rendered on the matrix grid only (the registry rows say so: tile="matrix")
 MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.cpp, str))

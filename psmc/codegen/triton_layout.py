@@ -24,8 +24,7 @@ from ..ir.registry import (BINARY_OPS, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_O
 # rendered by the matrix tile model only (psmc.codegen.triton_matrix): the registry rows say so
 MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.triton, str))
 # math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
-FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
-                        "logsigmoid", "pow"})
+FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow"})  # psmc.ir.registry
 
 # op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
 # Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
