@@ -259,6 +259,26 @@ def test_every_leaf_row_is_bound_by_every_stage(name):
     assert cpp.names[node]
 
 
+def test_the_analysis_tables_derive_from_the_rows():
+    """The structure analysis's degree table, the laws' heavy ops and the split's positional
+    leaves are row attributes; each degree rule a row names is implemented, and each behaves as
+    its name says on a small combine."""
+    from psmc.analysis import laws, split, structure
+    from psmc.ir import ops_from_source
+    every = registry.rows()
+    assert sorted(r.name for r in every) == sorted(OPS)  # one row per op
+    named = {r.degree for r in every if getattr(r, "degree", None)}
+    assert named == set(registry.DEGREES) == set(structure.DEGREE_RULES)
+    assert laws._HEAVY == {r.name for r in every if getattr(r, "heavy", False)}
+    assert split._POSITIONAL == {r.name for r in registry.LEAF_OPS if r.positional}
+    src = "op t[D] {{ state (h: f32[D]); lift (x: f32[D]) {{ return x; }} combine (l, r) {{ return {}; }} }}"
+    for body, want in (("-l.h + r.h", 1), ("l.h * l.h", 2), ("l.h / (r.h + 1.0)", 1), ("r.h / l.h", structure.INFINITE),
+                       ("where(r.h > 0.0, l.h, r.h)", 1), ("where(l.h > 0.0, l.h, r.h)", structure.INFINITE),
+                       ("exp(l.h)", structure.INFINITE), ("exp(r.h)", 0)):
+        op = ops_from_source(src.format(body))[0]
+        assert structure.degree_in_left(op.combine[0]) == want, body
+
+
 def test_reduction_rows_evaluate_like_torch():
     """The row's SymPy fold and its reference function agree on a concrete vector."""
     import sympy
