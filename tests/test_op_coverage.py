@@ -279,6 +279,21 @@ def test_the_analysis_tables_derive_from_the_rows():
         assert structure.degree_in_left(op.combine[0]) == want, body
 
 
+def test_every_runtime_function_the_torch_rendering_calls_exists():
+    """The torch renderings (the rows' strings and the printer's rules) call `_ops.<fn>`
+    (psmc.runtime.ops), `torch.<fn>` and `_F.<fn>` (torch.nn.functional): each one exists."""
+    import torch.nn.functional as F
+    from psmc.runtime import ops as runtime_ops
+    rows = "\n".join(str(getattr(r, "torch", "")) for r in registry.rows())  # 'torch.exp', '_ops.maximum({0}, {1})'
+    found = set(re.findall(r"\b(_ops|torch|_F)\.(\w+)\(", inspect.getsource(torch_printer))) \
+        | set(re.findall(r"\b(_ops|torch|_F)\.(\w+)", rows))
+    assert ("torch", "exp") in found and ("_F", "softplus") in found
+    assert {fn for m, fn in found if m == "_ops"} >= {"matmul", "outer", "concat", "eye", "where", "cast"}
+    where = {"_ops": runtime_ops, "torch": torch, "_F": F}
+    missing = sorted(f"{m}.{fn}" for m, fn in found if not hasattr(where[m], fn))
+    assert not missing, missing
+
+
 def test_reduction_rows_evaluate_like_torch():
     """The row's SymPy fold and its reference function agree on a concrete vector."""
     import sympy
