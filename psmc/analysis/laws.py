@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from ..ir import interp
+from ..ir import interp, registry
 from ..ir.nodes import walk
 from . import symbolic
 from .values import Point, sympy_grid, to_tensor
@@ -45,11 +45,11 @@ LEFT_IDENTITY = Law("left identity", ("x",), "combine(e, x)", "x", fixed=("e",))
 RIGHT_IDENTITY = Law("right identity", ("x",), "combine(x, e)", "x", fixed=("e",))
 
 # ops whose exact evaluation would build huge closed forms: confirm them with 60-digit floats
-_HEAVY = frozenset({"layernorm", "attention", "softmax", "logsumexp", "gelu"})
+_HEAVY = frozenset(row.name for row in registry.rows() if getattr(row, "heavy", False))  # psmc.ir.registry
 
 
 def uses_params_or_layers(op) -> bool:
-    return any(n.op == "param" or n.op in ("layernorm", "attention") for n in walk(op.combine))
+    return any(n.op == "param" or n.info.kind == "layer" for n in walk(op.combine))
 
 
 def needs_precise_floats(op) -> bool:

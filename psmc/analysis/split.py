@@ -27,11 +27,13 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..ir.nodes import Node, OpIR, walk
+from ..ir.registry import LEAF_OPS
 from ..ir.types import dims_equal, shapes_equal
 from .grid import Grid
 
 # elementwise in the ops table, yet not the same scalar function at every position
-_POSITIONAL = frozenset({"dim", "index", "eye", "param", "arg"})
+# (arg, param, dim, index; `eye` is not elementwise at all): psmc.ir.registry
+_POSITIONAL = frozenset(row.name for row in LEAF_OPS if row.positional)
 
 
 @dataclass(frozen=True)

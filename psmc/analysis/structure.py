@@ -20,15 +20,26 @@ import math
 
 import torch
 
-from ..ir import interp
+from ..ir import interp, registry
 from ..ir.interp import concrete_shape
 from ..ir.nodes import Node, walk
 from .refute import dims_options
 
 INFINITE = math.inf
-_LINEAR_KEEP = frozenset({"neg", "cast", "broadcast", "getitem", "transpose", "concat", "reshape", "sum",
-                          "mean", "diag"})
-_PRODUCTS = frozenset({"mul", "matmul", "outer"})
+
+
+def _nonpolynomial(a):
+    return 0 if all(d == 0 for d in a) else INFINITE
+
+
+# the degree rules the registry rows name (`degree`, psmc.ir.registry.DEGREES): operand degrees -> degree
+DEGREE_RULES = {
+    "linear": max,  # sums, negation, views, casts, linear reductions
+    "product": lambda a: a[0] + a[1],
+    "quotient": lambda a: a[0] if a[1] == 0 else INFINITE,
+    "select": lambda a: max(a[-2:]) if a[0] == 0 else _nonpolynomial(a),  # a condition free of l
+}
+_DEGREE = {row.name: DEGREE_RULES[row.degree] for row in registry.rows() if getattr(row, "degree", None)}
 
 
 def is_view(node: Node) -> bool:
@@ -65,16 +76,10 @@ def degree_in_left(node: Node) -> float:
         a = [deg[x] for x in n.args]
         if not n.args:
             deg[n] = 1 if n.op == "field" and n.attrs[0] == "left" else 0
-        elif n.op in ("add", "sub", "where") and (n.op != "where" or a[0] == 0):
-            deg[n] = max(a[-2:]) if n.op == "where" else max(a)
-        elif n.op in _PRODUCTS:
-            deg[n] = a[0] + a[1]
-        elif n.op == "div":
-            deg[n] = a[0] if a[1] == 0 else INFINITE
-        elif n.op in _LINEAR_KEEP:
-            deg[n] = max(a)
+        elif n.op in _DEGREE:  # psmc.ir.registry names the rule
+            deg[n] = _DEGREE[n.op](a)
         else:
-            deg[n] = 0 if all(d == 0 for d in a) else INFINITE
+            deg[n] = _nonpolynomial(a)
     return deg[node]
 
 

@@ -18,7 +18,7 @@ import sympy
 
 from ..ir.interp import concrete, concrete_shape, env_key
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTION, SELECT, UNARY_MATH, UNARY_OPERATOR
+from ..ir.registry import BINARY_OPS, REDUCTION, SELECT, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR
 from ..ir.types import is_float
 from .grid import Grid, concat, matmul, reduce_axis, zip_map
 
@@ -95,7 +95,9 @@ class _Evaluator:
         if node.op in REDUCTION:  # psmc.ir.registry: a fold of the entries along the axis
             fold = REDUCTION[node.op].sympy
             return reduce_axis(args[0], node.attrs[0], lambda xs: fold(self, xs))
-        return getattr(self, "op_" + node.op)(node, args)
+        if node.op == SELECT.name:
+            return self.op_where(node, args)
+        return _STRUCTURE[node.op](self, node, args)  # psmc.ir.registry: the row names its op_<rule>
 
     # ------------------------------------------------------------------ leaves
     def leaf(self, node: Node) -> Grid:
@@ -107,9 +109,8 @@ class _Evaluator:
         if op == "fill":
             value = number(node.attrs[0])
             return Grid.full(concrete_shape(node.shape, self.dims), _as_dtype(value, node.dtype))
-        if op == "eye":
-            n = concrete(node.shape[0], self.dims)
-            return Grid.build((n, n), lambda i: sympy.Integer(int(i[0] == i[1])))
+        if op in _STRUCTURE:  # eye: psmc.ir.registry
+            return _STRUCTURE[op](self, node, [])
         key = env_key(node)
         value = self.env[key]
         if value.shape != concrete_shape(node.shape, self.dims):
@@ -130,6 +131,10 @@ class _Evaluator:
     def op_where(self, node, args):
         pick = SELECT.sympy  # psmc.ir.registry
         return zip_map(lambda c, a, b: pick(self, c, a, b), *args).map(lambda v: _as_dtype(v, node.dtype))
+
+    def op_eye(self, node, args):
+        n = concrete(node.shape[0], self.dims)
+        return Grid.build((n, n), lambda i: sympy.Integer(int(i[0] == i[1])))
 
     def op_cast(self, node, args):
         return args[0].map(lambda v: _as_dtype(v, node.dtype))
@@ -231,3 +236,5 @@ _UNARY = {
 }
 
 _BINARY = {row.name: row.sympy for row in BINARY_OPS}  # psmc.ir.registry
+# the rules the rows of psmc.ir.registry.STRUCTURE_OPS name (`sympy`): _Evaluator.op_<rule>
+_STRUCTURE = {row.name: getattr(_Evaluator, "op_" + row.sympy) for row in STRUCTURE_OPS}

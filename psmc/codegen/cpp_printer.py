@@ -33,11 +33,10 @@ import math
 import sympy
 
 from ..ir.nodes import Node, OpIR, walk
-from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, UNARY_MATH, \
-    UNARY_OPERATOR, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, LEAF, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, \
+    STRUCTURE, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS, Unsupported
 from .torch_printer import dim_code
-from .triton_layout import FLOATS, layout_of, matrix_reason, role_of
+from .triton_layout import FLOATS, layout_of, matrix_reason, role_of, scan_reason
 
 LANE_BLOCK = 16  # lanes per work item in 'lanes' mode (the vectorised inner loop)
 INTS = ("i32", "i64")
@@ -51,9 +50,14 @@ CPP_OPS = {
 }
 # ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
 FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
-ARITH = frozenset({"neg", "abs", "sign", "relu", "add", "sub", "mul", "maximum", "minimum", "where"})
+# ops computed in the result's kind, whose operands are converted to it (psmc.ir.registry): neg, abs,
+# sign, relu, add, sub, mul, maximum, minimum, where
+ARITH = frozenset({row.name for row in UNARY_MATH if row.dtype == "same"}
+                  | {row.name for row in UNARY_OPERATORS if row.kind == "unary"}
+                  | ({row.name for row in BINARY_OPS if row.kind == "binary"} - FLOAT_MATH) | {SELECT.name})
 REDUCTIONS = frozenset(REDUCTION)  # psmc.ir.registry: each row's `cpp` is its accumulator loop
-VIEWS = frozenset({"broadcast", "getitem"})  # the same values on the same grid axes
+# rendered on the matrix grid only (the registry rows say so: tile="matrix")
+MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.cpp, str))
 
 # reverse mode: one rendering per operand over {a} {b} {c} (operands), {z} (result), {g}
 # (the result's adjoint), {n} (the reduced extent); None: no gradient to that operand
@@ -62,8 +66,8 @@ VJP_RULES = {
     **{row.name: (row.cpp_vjp,) for row in UNARY_MATH if row.cpp_vjp is not None},  # psmc.ir.registry
     **{row.name: row.cpp_vjp for row in BINARY_OPS if row.cpp_vjp not in (None, SPECIAL)},  # the registry
     SELECT.name: SELECT.cpp_vjp,
-    "cast": ("{g}",), "broadcast": ("{g}",), "getitem": ("{g}",),
-    "matmul": ("({g} * {b})", "({g} * {a})"), "outer": ("({g} * {b})", "({g} * {a})"),
+    # cast, broadcast, getitem, matmul, outer: psmc.ir.registry
+    **{row.name: row.cpp_vjp for row in STRUCTURE_OPS if row.cpp_vjp is not None},
     # reductions (psmc.ir.registry); "ties": amax/amin share the gradient by a rule of their own
     **{row.name: row.cpp_vjp if row.cpp_vjp == "ties" else (row.cpp_vjp,) for row in _REDUCTION_ROWS},
 }
@@ -71,37 +75,23 @@ CLAMP_RULES = {"maximum": "({a} >= {b} ? {g} : scalar_t(0))", "minimum": "({a} <
 NO_GRADIENT = frozenset({row.name for row in UNARY_OPERATORS if row.cpp_vjp is None}
                        | {row.name for row in BINARY_OPS if row.cpp_vjp is None}
                        | {row.name for row in UNARY_MATH if row.cpp_vjp is None})
-LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
+LEAVES = frozenset(LEAF)  # psmc.ir.registry
 
 
 def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     """Why `op` gets no C++ kernels, or None when it does. The reach of the Triton tile models
     (psmc.codegen.triton_printer), plus f64 values and exclusive readouts of scalar and vector
     states, which a sequential loop serves as easily."""
-    plan = _plan_dict(plan)
-    if plan is not None and plan.get("plan") != "exact-scan":
-        return "tree-scan plan: the per-level Agg is not generated; the torch backend serves it"
-    structure = (plan or {}).get("structure")
-    if structure not in (None, "elementwise"):
-        return f"combine structure is {structure!r}, not 'elementwise'"
-    if op.chunk is not None:
-        return "chunk op: the chunked layout is not generated"
     nodes = list(walk(_bodies(op)))
-    for node in nodes:
-        if node.op not in CPP_OPS and node.op not in LEAVES | REDUCTIONS | VIEWS | {"cast", "matmul", "outer"}:
-            return f"uses {node.op!r}: no C++ rendering; the torch backend serves it"
-    if any(n.op == "eye" for n in nodes):
-        return "uses 'eye': no C++ rendering; the torch backend serves it"
-    if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
-        return "combine reduces over an axis: not elementwise"
-    if any(not n.batched for n in op.combine):
-        return "a combine output ignores both operands"
+    reason = scan_reason(op, _plan_dict(plan), nodes, _cpp_cannot)  # the checks Triton makes too
+    if reason is not None:
+        return reason
     if op.exclusive and op.identity is None:
         return "exclusive readout without an identity: the first token of a stream reads it"
     if any(len(f.shape) == 2 for f in op.state):
         return matrix_reason(op)
     for node in nodes:
-        if node.op in ("matmul", "outer", "getitem"):
+        if node.op in MATRIX_ONLY:
             return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
     values = op.state + op.inputs + op.outputs + op.params
     shapes = [tuple(v.shape) for v in values] + [tuple(n.shape) for n in nodes]
@@ -111,6 +101,15 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     if len(axes) > 1:
         return f"values of different lengths {sorted(map(str, axes))}: the grid has one state axis"
     return None
+
+
+def _cpp_cannot(name: str) -> str | None:
+    row = STRUCTURE.get(name)
+    if row is not None:
+        return row.cpp.reason if isinstance(row.cpp, Unsupported) else None  # psmc.ir.registry says why
+    if name in CPP_OPS or name in LEAVES or name in REDUCTIONS:
+        return None
+    return "no C++ rendering; the torch backend serves it"
 
 
 def _plan_dict(plan):
@@ -282,7 +281,7 @@ class CppBody:
         contracted = self.contracted(node)
         ct = ctype(node.dtype)
         head = "" if role else f"{ct} {name}; "
-        if node.op in REDUCTIONS or node.op == "matmul":
+        if node.op in REDUCTIONS or node.op in CONTRACTIONS:
             body = self.contraction(node, contracted, target)
             self.lines.append(f"{head}{loops(role)}{{ {body} }}")
         else:
@@ -296,14 +295,8 @@ class CppBody:
 
     def expression(self, node: Node, grid_role: str) -> str:
         op = node.op
-        if op == "cast":
-            code = self.ref(node.args[0], grid_role)
-            return f"({code} != 0)" if node.attrs[0] == "bool" else f"{ctype(node.attrs[0])}({code})"
-        if op in VIEWS:
-            return self.ref(node.args[0], grid_role)
-        if op == "outer":
-            a, b = (self.ref(x, grid_role) for x in node.args)
-            return f"({a} * {b})"
+        if op in EXPRESSIONS:  # cast, broadcast, getitem, outer: the rule the registry row names
+            return EXPRESSIONS[op](self, node, grid_role)
         if op == "pow" and node.args[1].op == "const" and float(node.args[1].attrs[0]) in (1.0, 2.0, 3.0):
             a = self.operand(node, node.args[0], grid_role)
             return "(" + " * ".join([a] * int(node.args[1].attrs[0])) + ")"
@@ -314,12 +307,40 @@ class CppBody:
         """A reduction or a matmul: an accumulator over the contracted axes."""
         inner = loops(contracted)
         full = union(self.grid.role(node), contracted)
-        if node.op == "matmul":
-            a, b = (self.ref(x, full) for x in node.args)
-            return f"scalar_t acc = 0; {inner}acc += {a} * {b}; {target} = acc;"
+        if node.op in CONTRACTIONS:  # matmul: the rule the registry row names
+            return CONTRACTIONS[node.op](self, node, inner, full, target)
         a = self.ref(node.args[0], full)
         n = " * ".join({"r": "R", "c": "C"}[ch] for ch in contracted) or "1"
         return REDUCTION[node.op].cpp.format(inner=inner, a=a, target=target, n=n)  # psmc.ir.registry
+
+
+    # the rules the rows of psmc.ir.registry.STRUCTURE_OPS name (`cpp`): an expression on the
+    # node's grid role, cpp_<rule>(node, role), or an accumulation over the contracted axes,
+    # contract_<rule>(node, inner loops, full role, target)
+    def cpp_cast(self, node: Node, grid_role: str) -> str:
+        code = self.ref(node.args[0], grid_role)
+        return f"({code} != 0)" if node.attrs[0] == "bool" else f"{ctype(node.attrs[0])}({code})"
+
+    def cpp_view(self, node: Node, grid_role: str) -> str:
+        return self.ref(node.args[0], grid_role)  # the same values on the same grid axes
+
+    def cpp_outer(self, node: Node, grid_role: str) -> str:
+        a, b = (self.ref(x, grid_role) for x in node.args)
+        return f"({a} * {b})"
+
+    def contract_matmul(self, node: Node, inner: str, full: str, target: str) -> str:
+        a, b = (self.ref(x, full) for x in node.args)
+        return f"scalar_t acc = 0; {inner}acc += {a} * {b}; {target} = acc;"
+
+
+def _rules(prefix: str) -> dict:
+    """The registry rows whose `cpp` names a CppBody method `<prefix><rule>`: op -> method."""
+    return {row.name: getattr(CppBody, prefix + row.cpp) for row in STRUCTURE_OPS
+            if isinstance(row.cpp, str) and hasattr(CppBody, prefix + row.cpp)}
+
+
+EXPRESSIONS = _rules("cpp_")
+CONTRACTIONS = _rules("contract_")
 
 
 class CppVjp:

@@ -113,9 +113,11 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     lift_names = {v.name for v in op.lift_inputs}
     extra_inputs = [v for v in op.readout_inputs if v.name not in lift_names]
     readout_args = [v.name for v in op.readout_inputs]
-    # the fields a stream prefix leaves out (plan.stream_fields, from psmc.analysis.liveness):
-    # None in their slots, except for the delta-rule fast path, whose states hold S alone
+    # the fields a stream prefix keeps (plan.stream_fields, from psmc.analysis.liveness): the
+    # others hold None in their slots, except for the delta-rule fast path, whose states hold S
+    # alone (Spec.stream and Spec.dead derive both layouts)
     compact = plan.fast_path == "delta_rule"
+    kept = tuple(plan.stream_fields) if len(plan.stream_fields) < len(op.state) else None
     dead = () if compact else tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
     doc = op.source_text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
     lines = [f"class {cls}(_PsmLayer):",
@@ -146,8 +148,8 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
         f"        lift_index={lift_index!r},",
         f"        readout_index={readout_index!r},",
         f"        fast={fast.name if fast is not None else None!r},",
-        f"        stream={plan.stream_fields if compact and len(plan.stream_fields) < len(op.state) else None!r},",
-        f"        dead={dead!r},",
+        f"        kept={kept!r},",
+        f"        compact={compact!r},",
         "    )",
     ]
     lines += spec

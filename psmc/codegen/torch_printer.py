@@ -18,7 +18,7 @@ import sympy
 
 from ..dtypes import DType
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTIONS, UNARY_MATH, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, LEAF_OPS, REDUCTIONS, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATORS
 
 UNARY = {row.name: row.torch for row in UNARY_MATH}  # psmc.ir.registry
 BINARY = {row.name: row.torch for row in BINARY_OPS}  # format strings over the operands {0}, {1}
@@ -63,7 +63,9 @@ def const_code(value) -> str:
     return repr(int(value))
 
 
-WEAK_LEAVES = frozenset({"const", "dim", "index", "fill", "eye"})
+# const, dim, index, fill and eye (a leaf structure op): psmc.ir.registry
+WEAK_LEAVES = frozenset({row.name for row in LEAF_OPS if row.weak} | {row.name for row in STRUCTURE_OPS
+                                                                     if row.kind == "leaf"})
 _FLOAT_WIDTH = {DType.F16: 1, DType.BF16: 1, DType.F32: 2, DType.F64: 3}
 
 
@@ -207,8 +209,8 @@ class BodyPrinter:
             return f"_ops.to(self.p_{node.attrs[0]}, cx.dt[{node.dtype!r}])"
         if op == "fill":
             return f"_ops.full({shape_code(node.shape)}, {const_code(node.attrs[0])}, cx.dt[{node.dtype!r}], cx.dev)"
-        if op == "eye":
-            return f"_ops.eye({dim_code(node.shape[0])}, cx.dt[{node.dtype!r}], cx.dev)"
+        if op in STRUCTURE:  # cast, broadcast, eye, matmul, ...: psmc.ir.registry names the rule
+            return STRUCTURE[op](self, node)
         if op in OPERATORS:
             return OPERATORS[op].format(self.ref(args[0]))
         if op in UNARY:
@@ -226,40 +228,58 @@ class BodyPrinter:
             if self.static_scalar(node):
                 return f"_ops.where({c}, {a}, {b})"
             return f"_ops.where({c}, {a}, {b}, cx.dt[{node.dtype!r}], cx.dev)"
-        if op == "cast":
-            return f"_ops.cast({self.ref(args[0])}, cx.dt[{node.attrs[0]!r}])"
-        if op == "broadcast":
-            if self.static_scalar(args[0]):  # a number stays a number otherwise: materialise it
-                return f"_ops.full({shape_code(node.shape)}, {self.ref(args[0])}, cx.dt[{node.dtype!r}], cx.dev)"
-            return f"_ops.broadcast_to({self.ref(args[0])}, {args[0].rank}, {shape_code(node.shape)})"
         if op in REDUCE:
             axis = node.attrs[0] - args[0].rank
             return f"{REDUCE[op]}({self.operand(args[0], node)}, dim={axis})"
-        if op == "softmax":
-            return f"torch.softmax({self.operand(args[0], node)}, dim={node.attrs[0] - args[0].rank})"
-        if op == "matmul":
-            a, b = args
-            return f"_ops.matmul({self.operand(a, node)}, {self.operand(b, node)}, {a.rank}, {b.rank})"
-        if op == "outer":
-            return f"_ops.outer({self.operand(args[0], node)}, {self.operand(args[1], node)})"
-        if op == "transpose":
-            return f"{self.ref(args[0])}.transpose(-1, -2)"
-        if op == "getitem":
-            return f"{self.ref(args[0])}[{self.index_code(node.attrs, args[0].shape)}]"
-        if op == "concat":
-            items = ", ".join(self.operand(a, node) for a in args)
-            return f"_ops.concat([{items}], {node.attrs[0]}, {args[0].rank})"
-        if op == "diag":
-            return f"_ops.diag({self.ref(args[0])})"
-        if op == "reshape":
-            return f"_ops.reshape({self.ref(args[0])}, {args[0].rank}, {shape_code(node.shape)})"
-        if op == "layernorm":
-            return f"_ops.layernorm({self.ref(args[0])})"
-        if op == "attention":
-            q, k, v = (self.operand(a, node) for a in args)
-            heads, causal = node.attrs
-            return f"_ops.attention({q}, {k}, {v}, {dim_code(heads)}, {const_code(bool(causal))})"
         raise NotImplementedError(f"no torch rendering for IR op {op!r}")
+
+    # ------------------------------------------------------------------ structure rules
+    # the rules the rows of psmc.ir.registry.STRUCTURE_OPS name (`torch`): torch_<rule>(node)
+    def torch_eye(self, node: Node) -> str:
+        return f"_ops.eye({dim_code(node.shape[0])}, cx.dt[{node.dtype!r}], cx.dev)"
+
+    def torch_cast(self, node: Node) -> str:
+        return f"_ops.cast({self.ref(node.args[0])}, cx.dt[{node.attrs[0]!r}])"
+
+    def torch_broadcast(self, node: Node) -> str:
+        arg = node.args[0]
+        if self.static_scalar(arg):  # a number stays a number otherwise: materialise it
+            return f"_ops.full({shape_code(node.shape)}, {self.ref(arg)}, cx.dt[{node.dtype!r}], cx.dev)"
+        return f"_ops.broadcast_to({self.ref(arg)}, {arg.rank}, {shape_code(node.shape)})"
+
+    def torch_softmax(self, node: Node) -> str:
+        return f"torch.softmax({self.operand(node.args[0], node)}, dim={node.attrs[0] - node.args[0].rank})"
+
+    def torch_matmul(self, node: Node) -> str:
+        a, b = node.args
+        return f"_ops.matmul({self.operand(a, node)}, {self.operand(b, node)}, {a.rank}, {b.rank})"
+
+    def torch_outer(self, node: Node) -> str:
+        return f"_ops.outer({self.operand(node.args[0], node)}, {self.operand(node.args[1], node)})"
+
+    def torch_transpose(self, node: Node) -> str:
+        return f"{self.ref(node.args[0])}.transpose(-1, -2)"
+
+    def torch_getitem(self, node: Node) -> str:
+        return f"{self.ref(node.args[0])}[{self.index_code(node.attrs, node.args[0].shape)}]"
+
+    def torch_concat(self, node: Node) -> str:
+        items = ", ".join(self.operand(a, node) for a in node.args)
+        return f"_ops.concat([{items}], {node.attrs[0]}, {node.args[0].rank})"
+
+    def torch_diag(self, node: Node) -> str:
+        return f"_ops.diag({self.ref(node.args[0])})"
+
+    def torch_reshape(self, node: Node) -> str:
+        return f"_ops.reshape({self.ref(node.args[0])}, {node.args[0].rank}, {shape_code(node.shape)})"
+
+    def torch_layernorm(self, node: Node) -> str:
+        return f"_ops.layernorm({self.ref(node.args[0])})"
+
+    def torch_attention(self, node: Node) -> str:
+        q, k, v = (self.operand(a, node) for a in node.args)
+        heads, causal = node.attrs
+        return f"_ops.attention({q}, {k}, {v}, {dim_code(heads)}, {const_code(bool(causal))})"
 
     def index_code(self, spec, shape) -> str:
         parts, axis = ["..."], 0
@@ -276,3 +296,7 @@ class BodyPrinter:
                 parts.append(f"{lo_code}:{hi_code}")
             axis += 1
         return ", ".join(parts)
+
+
+# the rule each row of psmc.ir.registry.STRUCTURE_OPS names (`torch`): BodyPrinter.torch_<rule>
+STRUCTURE = {row.name: getattr(BodyPrinter, "torch_" + row.torch) for row in STRUCTURE_OPS}

@@ -18,28 +18,19 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, render, walk
 from ..ir.ops import OPS
-from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR
+from ..ir.registry import (BINARY_OPS, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH,
+                           UNARY_OPERATOR, Unsupported)
 
-
-@dataclass(frozen=True)
-class Unsupported:
-    reason: str
-
-
-_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
-MATRIX_ONLY = frozenset({"matmul", "outer", "getitem"})  # rendered by the matrix tile model only
+# rendered by the matrix tile model only (psmc.codegen.triton_matrix): the registry rows say so
+MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.triton, str))
 # math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
-FLOAT_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "sigmoid", "tanh", "softplus", "gelu", "silu",
-                        "logsigmoid", "pow"})
-_LAYER = "a whole-layer op inside a body; the torch backend serves it"
+FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow"})  # psmc.ir.registry
 
 # op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
 # Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.
 TRITON_OPS: dict[str, object] = {
-    # leaves
-    "arg": "special", "field": "special", "param": "special", "dim": "special", "const": "special",
-    "index": "special", "fill": "special",
-    "eye": Unsupported(_MATRIX),
+    # leaves: the printer binds them (psmc.ir.registry)
+    **{row.name: "special" for row in LEAF_OPS},
     # unary
     "neg": UNARY_OPERATOR["neg"].triton,
     **{row.name: row.triton for row in UNARY_MATH},  # the math builtins: psmc.ir.registry
@@ -47,17 +38,12 @@ TRITON_OPS: dict[str, object] = {
     **{row.name: row.triton for row in BINARY_OPS},  # operators, comparisons, max/min: the registry
     "not": UNARY_OPERATOR["not"].triton,
     SELECT.name: SELECT.triton,
-    "cast": "special", "broadcast": "special",
     # reductions over the one declared axis (the columns), masked to the real S entries
     **{row.name: "special" for row in REDUCTIONS},  # `reduce` renders the registry row's `triton`
-    "softmax": Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
-                           "backend serves it"),
-    # matrix tiles only (psmc.codegen.triton_matrix: rows x columns of a [R, C] state); in the
-    # one-axis tile models unsupported_reason rejects them
-    "matmul": "special", "outer": "special", "getitem": "special",
-    "transpose": Unsupported(_MATRIX), "concat": Unsupported(_MATRIX), "diag": Unsupported(_MATRIX),
-    "reshape": Unsupported(_MATRIX),
-    "layernorm": Unsupported(_LAYER), "attention": Unsupported(_LAYER),
+    # cast, broadcast, eye and the structure ops: a rule the row names (TritonBodyPrinter.RULES,
+    # or, for the matrix tile model only, triton_matrix.MATRIX_RULES; unsupported_reason rejects
+    # those in the one-axis tile models) or the row's Unsupported reason; psmc.ir.registry
+    **{row.name: row.triton if isinstance(row.triton, Unsupported) else "special" for row in STRUCTURE_OPS},
 }
 
 TL_DTYPES = {"f16": "tl.float16", "bf16": "tl.bfloat16", "f32": "tl.float32", "f64": "tl.float64",
@@ -78,24 +64,40 @@ def _bodies(op: OpIR):
     return tuple(op.lift) + tuple(op.combine) + tuple(op.readout)
 
 
-def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
-    """Why `op` gets no Triton kernels, or None when it does."""
+def scan_reason(op: OpIR, plan: dict | None, nodes, cannot) -> str | None:
+    """The first checks of both kernel printers (Triton here, C++ in psmc.codegen.cpp_printer):
+    an exact scan with an elementwise combine, no chunk, every op of the bodies `nodes`
+    rendered (`cannot(op name)`: the renderer's reason it cannot, or None), a combine that
+    neither reduces nor ignores its operands. The reason, or None when they pass."""
     if plan is not None and plan.get("plan") != "exact-scan":
         return "tree-scan plan: the per-level Agg kernel is not generated; the torch backend serves it"
     structure = (plan or {}).get("structure")
     if structure not in (None, "elementwise"):
         return f"combine structure is {structure!r}, not 'elementwise'"
     if op.chunk is not None:
-        return "chunk op: the chunked layout is not generated for Triton"
-    nodes = list(walk(_bodies(op)))
+        return "chunk op: the chunked layout is not generated"
     for node in nodes:
-        rendering = TRITON_OPS[node.op]
-        if isinstance(rendering, Unsupported):
-            return f"uses {node.op!r}: {rendering.reason}"
+        reason = cannot(node.op)
+        if reason is not None:
+            return f"uses {node.op!r}: {reason}"
     if any(OPS[n.op].kind == "reduce" for n in walk(op.combine)):
         return "combine reduces over an axis: not elementwise"
     if any(not n.batched for n in op.combine):
         return "a combine output ignores both operands"
+    return None
+
+
+def _triton_cannot(name: str) -> str | None:
+    rendering = TRITON_OPS[name]
+    return rendering.reason if isinstance(rendering, Unsupported) else None
+
+
+def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
+    """Why `op` gets no Triton kernels, or None when it does."""
+    nodes = list(walk(_bodies(op)))
+    reason = scan_reason(op, plan, nodes, _triton_cannot)
+    if reason is not None:
+        return reason
     values = op.state + op.inputs + op.outputs + op.params
     for v in values:
         if v.dtype not in KERNEL_DTYPES:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ..ir.nodes import Node, OpIR
 from ..ir.ops import OPS
+from ..ir.registry import STRUCTURE_OPS
 from .triton_layout import (FLOATS, Layout, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
                             reduce_axis, role_of)
 from .triton_printer import TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, tile_expr
@@ -45,19 +46,29 @@ class MatrixBodyPrinter(TritonBodyPrinter):
 
     def node(self, node: Node) -> str:
         args = [self.names[a] for a in node.args]
-        if node.op == "outer":
-            return f"({args[0]} * {args[1]})"
-        if node.op == "getitem":
-            return args[0]  # view only (matrix_reason): the tile is already laid out so
-        if node.op == "matmul":
-            axis = matmul_axis(node, self.rows, self.cols)
-            return f"tl.sum(tl.where({AXIS_MASK[axis]}, {args[0]} * {args[1]}, 0.0), axis={axis}, keep_dims=True)"
+        if node.op in MATRIX_RULES:  # outer, getitem, matmul: the rule the registry row names
+            return MATRIX_RULES[node.op](self, node, args)
         if OPS[node.op].kind == "reduce":
             axis = reduce_axis(node, self.rows, self.cols)
             if axis is None:
                 return args[0]  # over a size-1 axis
             return self.reduce(node, args[0], axis, AXIS_MASK[axis], AXIS_SIZE[axis])
         return super().node(node)
+
+    # the matrix-tile rules of the rows of psmc.ir.registry.STRUCTURE_OPS (`triton`, tile="matrix")
+    def matrix_outer(self, node: Node, args) -> str:
+        return f"({args[0]} * {args[1]})"
+
+    def matrix_view(self, node: Node, args) -> str:
+        return args[0]  # view only (matrix_reason): the tile is already laid out so
+
+    def matrix_matmul(self, node: Node, args) -> str:
+        axis = matmul_axis(node, self.rows, self.cols)
+        return f"tl.sum(tl.where({AXIS_MASK[axis]}, {args[0]} * {args[1]}, 0.0), axis={axis}, keep_dims=True)"
+
+
+MATRIX_RULES = {row.name: getattr(MatrixBodyPrinter, "matrix_" + row.triton) for row in STRUCTURE_OPS
+                if row.tile == "matrix" and isinstance(row.triton, str)}
 
 
 class MatrixVjpPrinter(VjpPrinter):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from ..ir.nodes import Node, OpIR, walk
-from ..ir.registry import REDUCTION, REDUCTIONS
+from ..ir.registry import REDUCTION, REDUCTIONS, STRUCTURE_OPS
 from ..runtime import triton_abi
 from .torch_printer import dim_code
 # what fits the tile models (re-exported: the op table and the layouts are read from here too)
@@ -128,14 +128,19 @@ class TritonBodyPrinter:
             return rendering.format(*args)
         if node.op == "pow":
             return self.power(node, args)
-        if node.op == "cast":
-            return f"({args[0]}).to({compute_dtype(node.attrs[0])})" if node.args[0].op != "const" else \
-                literal(_cast_value(node.args[0].attrs[0], node.attrs[0]))
-        if node.op == "broadcast":
-            return args[0]  # a rank-0 value broadcasts against the tile by itself
+        if node.op in RULES:  # cast, broadcast: the rule the registry row names
+            return RULES[node.op](self, node, args)
         if node.op in MATRIX_ONLY:
             raise ValueError(f"IR op {node.op!r} is rendered by the matrix tile model only")
         return self.reduce(node, args[0])
+
+    # the rules the rows of psmc.ir.registry.STRUCTURE_OPS name (`triton`): triton_<rule>(node, args)
+    def triton_cast(self, node: Node, args) -> str:
+        return f"({args[0]}).to({compute_dtype(node.attrs[0])})" if node.args[0].op != "const" else \
+            literal(_cast_value(node.args[0].attrs[0], node.attrs[0]))
+
+    def triton_broadcast(self, node: Node, args) -> str:
+        return args[0]  # a rank-0 value broadcasts against the tile by itself
 
     def power(self, node: Node, args) -> str:
         base, exponent = node.args
@@ -154,6 +159,12 @@ class TritonBodyPrinter:
         pad = REDUCE_PAD[node.op]
         masked = f"tl.where({mask}, {x}, {pad})"
         return REDUCTION[node.op].triton.format(x=masked, axis=axis, size=size)
+
+
+# the one-axis tile rules of the registry rows (psmc.ir.registry); the matrix-only rows
+# (`tile="matrix"`) are psmc.codegen.triton_matrix.MATRIX_RULES
+RULES = {row.name: getattr(TritonBodyPrinter, "triton_" + row.triton) for row in STRUCTURE_OPS
+         if row.tile == "any" and isinstance(row.triton, str)}
 
 
 def _cast_value(value, dtype: str):

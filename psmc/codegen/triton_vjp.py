@@ -17,7 +17,7 @@ same in every column, like the values.
 from __future__ import annotations
 
 from ..ir.nodes import Node, walk
-from ..ir.registry import BINARY_OPS, REDUCTIONS, SELECT, SPECIAL, UNARY_MATH, UNARY_OPERATORS
+from ..ir.registry import BINARY_OPS, LEAF, REDUCTIONS, SELECT, SPECIAL, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATORS
 from .triton_layout import FLOATS, TRITON_OPS, Unsupported
 from .triton_printer import TritonBodyPrinter
 
@@ -30,13 +30,10 @@ VJP_RULES: dict[str, tuple] = {
     **{row.name: (row.vjp,) for row in UNARY_MATH if row.vjp is not None},  # psmc.ir.registry
     **{row.name: row.vjp for row in BINARY_OPS if row.vjp not in (None, SPECIAL)},  # psmc.ir.registry
     SELECT.name: SELECT.vjp,
-    "cast": ("{g}",),
-    "broadcast": ("{g}",),
-    # matrix tiles (psmc.codegen.triton_matrix): products whose contraction or broadcast the
-    # printer's `unbroadcast` undoes by summing over the axes the operand lacks
-    "matmul": ("({g} * {b})", "({g} * {a})"),
-    "outer": ("({g} * {b})", "({g} * {a})"),
-    "getitem": ("{g}",),  # only full slices and new axes: the tile is the same values
+    # cast, broadcast, and in matrix tiles (psmc.codegen.triton_matrix) matmul, outer (products
+    # whose contraction or broadcast the printer's `unbroadcast` undoes by summing over the axes
+    # the operand lacks) and getitem (full slices and new axes only): psmc.ir.registry
+    **{row.name: row.vjp for row in STRUCTURE_OPS if row.vjp is not None},
     # reductions over the columns: the adjoint spreads back (rank 0 -> every column); psmc.ir.registry
     **{row.name: _TIES if row.vjp == "ties" else (row.vjp,) for row in REDUCTIONS},
 }
@@ -46,7 +43,7 @@ CLAMP_RULES = {"maximum": "tl.where({a} >= {b}, {g}, 0.0)", "minimum": "tl.where
 NO_GRADIENT = frozenset({row.name for row in UNARY_OPERATORS if row.vjp is None}
                        | {row.name for row in BINARY_OPS if row.vjp is None}
                        | {row.name for row in UNARY_MATH if row.vjp is None})
-LEAVES = frozenset({"arg", "field", "param", "dim", "const", "index", "fill"})
+LEAVES = frozenset(LEAF)  # psmc.ir.registry
 
 
 def differentiable(node: Node) -> bool:

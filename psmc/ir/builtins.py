@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ def _reduce(name, dtype, doc):
     return Builtin(name, 1, 1, {"axis": ("axis", -1)}, shape="reduce", dtype=dtype, ir_op=name, doc=doc)
 
 
+def _structure(row):
+    c = row.call
+    return Builtin(row.name, c.min_args, c.max_args, dict(c.kwargs), shape=c.shape, dtype=c.dtype,
+                   ir_op=row.name if c.lowers_to_op else None, doc=c.doc, args=c.args)
+
+
 _ROWS = [
     *(_unary(row.name, row.dtype, row.doc) for row in UNARY_MATH),  # psmc.ir.registry
     *(Builtin(row.spelling, 2, 2, shape="broadcast", dtype="promote", ir_op=row.name, doc=row.doc, args="a, b")
@@ -44,29 +50,13 @@ _ROWS = [
     Builtin(SELECT.name, 3, 3, shape="broadcast", dtype="select", ir_op=SELECT.name, doc=SELECT.doc,
             args="c, a, b"),  # psmc.ir.registry
     *(_reduce(row.name, row.dtype, row.doc) for row in REDUCTIONS),  # sum, mean, ...: psmc.ir.registry
-    Builtin("softmax", 1, 1, {"axis": ("axis", -1)}, shape="same", dtype="float", ir_op="softmax",
-            doc="softmax over an axis"),
-    Builtin("outer", 2, 2, shape="outer", dtype="promote", ir_op="outer", doc="a[:, None] * b[None, :]",
-            args="a, b"),
-    Builtin("eye", 1, 1, shape="eye", dtype="fill", doc="identity matrix of a static size", args="n"),
+    *(_structure(row) for row in STRUCTURE_OPS if row.call),  # softmax, outer, ...: psmc.ir.registry
     Builtin("zeros", 0, None, shape="fill", dtype="fill", doc="zeros of a static shape; bare in identity",
             args="n, ..."),
     Builtin("ones", 0, None, shape="fill", dtype="fill", doc="ones of a static shape; bare in identity",
             args="n, ..."),
-    Builtin("concat", 1, None, {"axis": ("axis", 0)}, shape="concat", dtype="promote", ir_op="concat",
-            doc="join along an axis", args="a, b, ..."),
     Builtin("split", 2, 2, {"axis": ("axis", -1)}, shape="split", dtype="same",
             doc="n equal parts along an axis (a tuple)", args="x, n"),
-    Builtin("transpose", 1, 1, shape="transpose", dtype="same", ir_op="transpose",
-            doc="swap the last two axes"),
-    Builtin("diag", 1, 1, shape="diag", dtype="same", ir_op="diag", doc="vector -> diagonal matrix"),
-    Builtin("reshape", 2, 2, shape="reshape", dtype="same", ir_op="reshape",
-            doc="reshape to a static shape, e.g. reshape(x, (C, D))", args="x, shape"),
-    Builtin("layernorm", 1, 1, shape="same", dtype="float", ir_op="layernorm",
-            doc="layer norm over the last axis, no affine, eps 1e-5"),
-    Builtin("attention", 3, 3, {"heads": ("int", 1), "causal": ("bool", False)}, shape="attention",
-            dtype="float", ir_op="attention", doc="scaled dot-product softmax attention over the first axis",
-            args="q, k, v"),
 ]
 
 BUILTINS: dict[str, Builtin] = {row.name: row for row in _ROWS}

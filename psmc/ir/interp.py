@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..dtypes import DType
 from .nodes import Node, dim_symbol, walk
-from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS
+from .registry import BINARY_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS
 
 LAYERNORM_EPS = 1e-5
 
@@ -115,10 +115,6 @@ def _eval_node(node: Node, args: list, env: dict, dims: dict) -> torch.Tensor:
     if op == SELECT.name:
         cond, a, b = args
         return _WHERE(cond, a.to(torch_dtype(node.dtype)), b.to(torch_dtype(node.dtype)))
-    if op == "cast":
-        return args[0].to(torch_dtype(node.dtype))
-    if op == "broadcast":
-        return torch.broadcast_to(args[0], concrete_shape(node.shape, dims))
     if op in _REDUCE:
         x = args[0].to(torch_dtype(node.dtype)) if op in _REDUCE_IN_DTYPE else args[0]
         return _REDUCE[op](x, node.attrs[0])
@@ -144,9 +140,8 @@ def _leaf(node: Node, env: dict, dims: dict) -> torch.Tensor:
         return torch.tensor(dims[node.attrs[0]], dtype=dtype)
     if op == "fill":
         return torch.full(concrete_shape(node.shape, dims), node.attrs[0], dtype=dtype)
-    if op == "eye":
-        n = concrete(node.shape[0], dims)
-        return torch.eye(n, dtype=dtype)
+    if op in _STRUCTURE:  # eye: psmc.ir.registry
+        return _STRUCTURE[op](node, (), dims)
     key = env_key(node)
     if key not in env:
         raise KeyError(f"no value for {key} in the environment")
@@ -188,7 +183,15 @@ def _attention(node: Node, args, dims):
     return torch.cat(outs, dim=-1)
 
 
-_STRUCTURE = {
+def _eye(node: Node, args, dims):
+    return torch.eye(concrete(node.shape[0], dims), dtype=torch_dtype(node.dtype))
+
+
+# the rules the rows of psmc.ir.registry.STRUCTURE_OPS name (`interp`): (node, args, dims) -> tensor
+RULES = {
+    "cast": lambda n, a, d: a[0].to(torch_dtype(n.dtype)),
+    "broadcast": lambda n, a, d: torch.broadcast_to(a[0], concrete_shape(n.shape, d)),
+    "eye": _eye,
     "softmax": lambda n, a, d: torch.softmax(a[0].to(torch.float64), dim=n.attrs[0]),
     "matmul": lambda n, a, d: torch.matmul(a[0].to(torch_dtype(n.dtype)), a[1].to(torch_dtype(n.dtype))),
     "outer": lambda n, a, d: torch.outer(a[0].to(torch_dtype(n.dtype)), a[1].to(torch_dtype(n.dtype))),
@@ -200,3 +203,4 @@ _STRUCTURE = {
     "layernorm": lambda n, a, d: F.layer_norm(a[0].to(torch.float64), (a[0].shape[-1],), eps=LAYERNORM_EPS),
     "attention": _attention,
 }
+_STRUCTURE = {row.name: RULES[row.interp] for row in STRUCTURE_OPS}  # psmc.ir.registry

@@ -19,11 +19,12 @@ import sympy
 from ..dtypes import DType
 from ..errors import Span
 from .ops import OPS
+from .registry import LEAF_OPS
 
 Shape = tuple  # tuple[sympy.Expr, ...]
 
 # Leaves whose value differs per position (token, lane); everything else is the same for all.
-BATCHED_LEAVES = frozenset({"arg", "field", "index"})
+BATCHED_LEAVES = frozenset(row.name for row in LEAF_OPS if row.batched)  # arg, field, index: the registry
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,5 @@
-"""The IR's operation vocabulary as data: one row per op.
+"""The IR's operation vocabulary as data: one row per op, derived from the rows of
+psmc.ir.registry (every op is declared there once).
 
 `kind` groups ops that the printers and the analysis treat alike:
   leaf        no operands (inputs, fields, params, dims, constants)
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .registry import BINARY_OPS, REDUCTIONS, SELECT, UNARY, UNARY_OPERATOR
+from .registry import BINARY_OPS, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY, UNARY_OPERATOR
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,8 @@ class OpInfo:
 
 def _table() -> dict[str, OpInfo]:
     rows: dict[str, OpInfo] = {}
-    for name in ("arg", "field", "param", "dim", "const", "index", "fill", "eye"):
-        rows[name] = OpInfo("leaf", name != "eye", 0)
+    for row in LEAF_OPS:  # inputs, fields, params, dims, literals, index, fills: psmc.ir.registry
+        rows[row.name] = OpInfo("leaf", True, 0)
     rows["neg"] = OpInfo(UNARY_OPERATOR["neg"].kind, True, 1)  # the unary operators: psmc.ir.registry
     for name in UNARY:  # the elementwise math builtins: psmc.ir.registry
         rows[name] = OpInfo("unary", True, 1)
@@ -34,18 +35,15 @@ def _table() -> dict[str, OpInfo]:
         rows[row.name] = OpInfo(row.kind, True, 2)
     rows["not"] = OpInfo(UNARY_OPERATOR["not"].kind, True, 1)
     rows[SELECT.name] = OpInfo("select", True, 3)
-    rows["cast"] = OpInfo("cast", True, 1)
-    rows["broadcast"] = OpInfo("broadcast", True, 1)
     for row in REDUCTIONS:  # psmc.ir.registry
         rows[row.name] = OpInfo("reduce", False, 1)
-    for name in ("softmax", "matmul", "outer", "transpose", "getitem", "concat", "diag", "reshape"):
-        rows[name] = OpInfo("structure", False, -1)
-    rows["layernorm"] = OpInfo("layer", False, 1)
-    rows["attention"] = OpInfo("layer", False, 3)
+    for row in STRUCTURE_OPS:  # cast, broadcast, eye, the structure and layer ops: psmc.ir.registry
+        rows[row.name] = OpInfo(row.kind, row.elementwise, row.arity)
     return rows
 
 
 OPS: dict[str, OpInfo] = _table()
 
 # DSL operator spelling -> IR op (binary operators of the expression grammar).
-BINARY_OPERATORS = {**{row.spelling: row.name for row in BINARY_OPS if row.operator}, "@": "matmul"}
+BINARY_OPERATORS = {**{row.spelling: row.name for row in BINARY_OPS if row.operator},
+                    **{row.operator: row.name for row in STRUCTURE_OPS if row.operator}}

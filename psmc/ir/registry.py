@@ -19,9 +19,12 @@ so is a binary operator, save its spelling in the grammar when it is a new opera
 
 The unary operators `-x`, `not c` (`UNARY_OPERATORS`) and the reductions (`REDUCTIONS`) are
 rows too, read the same way by every stage (tests/test_op_coverage.py checks each row reaches
-every renderer).
+every renderer). So are `cast`, `broadcast`, `eye` and the structure and layer ops
+(`STRUCTURE_OPS`), whose renderings depend on each printer's tile model: their rows name a rule
+of each stage's own module (or give an `Unsupported` reason), see `Structure`; and so are the
+leaves (`LEAF_OPS`). Every op of `OPS` is a row of this module.
 
-This module holds data only (strings and SymPy lambdas) and imports no other stage.
+This module holds data only (strings, SymPy lambdas and rule names) and imports no other stage.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ class UnaryMath:
     vjp: str | None  # format string over {g}, {a}, {z}; None: no gradient flows
     cpp: str  # the C++ rendering (psmc.codegen.cpp_printer) over {a}, in the kernel's `scalar_t`
     cpp_vjp: str | None  # its adjoint over {g}, {a}, {z}, in C++; None exactly when `vjp` is None
+    heavy: bool = False  # exact (SymPy) evaluation builds huge closed forms (psmc.analysis.laws)
 
 
 def _sigmoid(x):
@@ -100,7 +104,7 @@ UNARY_MATH: tuple[UnaryMath, ...] = (
               "{a} * tl.exp(-0.5 * {a} * {a}) * 0.3989422804014327))",
               "(scalar_t(0.5) * {a} * (scalar_t(1) + std::erf({a} * scalar_t(0.7071067811865476))))",
               "({g} * (scalar_t(0.5) * (scalar_t(1) + std::erf({a} * scalar_t(0.7071067811865476))) + "
-              "{a} * std::exp(scalar_t(-0.5) * {a} * {a}) * scalar_t(0.3989422804014327)))"),
+              "{a} * std::exp(scalar_t(-0.5) * {a} * {a}) * scalar_t(0.3989422804014327)))", heavy=True),
     UnaryMath("silu", "x * sigmoid(x)", "float", "F.silu", lambda ev, x: x * _sigmoid(x), "_F.silu",
               "({0} * tl.sigmoid({0}))", "({g} * tl.sigmoid({a}) * (1.0 + {a} * (1.0 - tl.sigmoid({a}))))",
               "({a} * psm_sigmoid({a}))",
@@ -155,6 +159,7 @@ class BinaryOp:
     cpp: str
     cpp_vjp: tuple | None
     doc: str = ""  # for the rows spelled as builtins (psmc.ir.builtins)
+    degree: str | None = None  # how its degree in the left operand follows its operands' (DEGREES)
 
     @property
     def operator(self) -> bool:
@@ -179,15 +184,15 @@ def _compare(name, spelling, commutative, test):
 
 BINARY_OPS: tuple[BinaryOp, ...] = (
     BinaryOp("add", "binary", "+", True, "torch.add", lambda ev, x, y: x + y, "{0} + {1}", "({0} + {1})",
-             ("{g}", "{g}"), "({a} + {b})", ("{g}", "{g}")),
+             ("{g}", "{g}"), "({a} + {b})", ("{g}", "{g}"), degree="linear"),
     BinaryOp("sub", "binary", "-", False, "torch.sub", lambda ev, x, y: x - y, "{0} - {1}", "({0} - {1})",
-             ("{g}", "(-{g})"), "({a} - {b})", ("{g}", "(-{g})")),
+             ("{g}", "(-{g})"), "({a} - {b})", ("{g}", "(-{g})"), degree="linear"),
     BinaryOp("mul", "binary", "*", True, "torch.mul", lambda ev, x, y: x * y, "{0} * {1}", "({0} * {1})",
-             ("({g} * {b})", "({g} * {a})"), "({a} * {b})", ("({g} * {b})", "({g} * {a})")),
+             ("({g} * {b})", "({g} * {a})"), "({a} * {b})", ("({g} * {b})", "({g} * {a})"), degree="product"),
     # true division, ints promote to a float (as torch and Triton's `/`)
     BinaryOp("div", "binary", "/", False, "torch.true_divide", lambda ev, x, y: x / y, "{0} / {1}",
              "({0} / {1})", ("({g} / {b})", "(-{g} * {z} / {b})"), "({a} / {b})",
-             ("({g} / {b})", "(-{g} * {z} / {b})")),
+             ("({g} / {b})", "(-{g} * {z} / {b})"), degree="quotient"),
     # Triton and C++ write pow and its VJP by rules of their own (small integer exponents unrolled)
     BinaryOp("pow", "binary", "**", False, "torch.pow", lambda ev, x, y: sympy.Pow(x, y), "{0} ** {1}", SPECIAL,
              SPECIAL, "std::pow({a}, {b})", SPECIAL),
@@ -232,6 +237,7 @@ class UnaryOperator:
     vjp: str | None
     cpp: str
     cpp_vjp: str | None
+    degree: str | None = None  # how its degree in the left operand follows its operands' (DEGREES)
 
 
 def _not(ev, x):
@@ -242,7 +248,7 @@ def _not(ev, x):
 
 UNARY_OPERATORS: tuple[UnaryOperator, ...] = (
     UnaryOperator("neg", "unary", "-", "torch.neg", lambda ev, x: -x, "-{0}", "(-{0})", "(-{g})",
-                  "(-{a})", "(-{g})"),
+                  "(-{a})", "(-{g})", degree="linear"),
     UnaryOperator("not", "logical", "not", "torch.logical_not", _not, "_ops.logical_not({0})", "({0} == 0)", None,
                   "(!{a})", None),
 )
@@ -276,6 +282,8 @@ class Reduction:
     vjp: str
     cpp: str
     cpp_vjp: str
+    degree: str | None = None  # how its degree in the left operand follows its operands' (DEGREES)
+    heavy: bool = False  # exact (SymPy) evaluation builds huge closed forms (psmc.analysis.laws)
 
 
 def _fold(fn):
@@ -294,10 +302,11 @@ _TIES = "ties"
 REDUCTIONS: tuple[Reduction, ...] = (
     Reduction("sum", "sum over an axis", "same", "torch.sum", lambda ev, xs: sympy.Add(*xs), "torch.sum", "0.0",
               "tl.sum({x}, axis={axis}, keep_dims=True)", "{g}",
-              "scalar_t acc = 0; {inner}acc += {a}; {target} = acc;", "{g}"),
+              "scalar_t acc = 0; {inner}acc += {a}; {target} = acc;", "{g}", degree="linear"),
     Reduction("mean", "mean over an axis", "float", "torch.mean", lambda ev, xs: sympy.Add(*xs) / len(xs),
               "torch.mean", "0.0", "(tl.sum({x}, axis={axis}, keep_dims=True) / {size})", "({g} / S)",
-              "scalar_t acc = 0; {inner}acc += {a}; {target} = acc / scalar_t({n});", "({g} / scalar_t({n}))"),
+              "scalar_t acc = 0; {inner}acc += {a}; {target} = acc / scalar_t({n});", "({g} / scalar_t({n}))",
+              degree="linear"),
     Reduction("amax", "maximum over an axis", "same", "torch.amax", _fold(lambda ev, x, y: ev.max(x, y)),
               "torch.amax", "float('-inf')", _TL_MAX, _TIES,
               "scalar_t acc = -std::numeric_limits<scalar_t>::infinity(); {inner}acc = psm_max(acc, {a}); "
@@ -313,7 +322,7 @@ REDUCTIONS: tuple[Reduction, ...] = (
               "({g} * tl.exp({a} - {z}))",
               "scalar_t m = -std::numeric_limits<scalar_t>::infinity(); {inner}m = psm_max(m, {a}); "
               "scalar_t safe = std::isinf(m) ? scalar_t(0) : m; scalar_t acc = 0; {inner}acc += std::exp({a} - safe); "
-              "{target} = safe + std::log(acc);", "({g} * std::exp({a} - {z}))"),
+              "{target} = safe + std::log(acc);", "({g} * std::exp({a} - {z}))", heavy=True),
 )
 
 REDUCTION: dict[str, Reduction] = {row.name: row for row in REDUCTIONS}
@@ -337,6 +346,7 @@ class Select:
     vjp: tuple
     cpp: str
     cpp_vjp: tuple
+    degree: str | None = None  # how its degree in the left operand follows its operands' (DEGREES)
 
 
 def _pick(ev, c, a, b):
@@ -347,4 +357,156 @@ def _pick(ev, c, a, b):
 
 SELECT = Select("where", "c ? a : b, elementwise", "torch.where", _pick, SPECIAL, "tl.where({0}, {1}, {2})",
                 (None, "tl.where({a}, {g}, 0.0)", "tl.where({a}, 0.0, {g})"), "({a} ? {b} : {c})",
-                (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"))
+                (None, "({a} ? {g} : scalar_t(0))", "({a} ? scalar_t(0) : {g})"), degree="select")
+
+
+# ------------------------------------------------------------------ leaves
+@dataclass(frozen=True)
+class Leaf:
+    """An op with no operands, declared once. The printers bind leaves by rules of their own
+    (a name in the kernel, an environment lookup, a literal), one case per leaf in each
+    (tests/test_op_coverage.py runs every leaf row through every printer). `batched`: the
+    value differs per position (psmc.ir.nodes.BATCHED_LEAVES); `weak`: made of literals, dims
+    and the position only, so it has no dtype of its own (the torch printer widens it to its
+    users' dtype) and is the same in every tile cell (the C++ grid)."""
+    name: str
+    doc: str
+    batched: bool
+    weak: bool
+    positional: bool  # a combine using it is not split into per-entry scalar ops (psmc.analysis.split)
+
+
+LEAF_OPS: tuple[Leaf, ...] = (
+    Leaf("arg", "a lift or readout input", True, False, True),
+    Leaf("field", "a state field of the left or right operand, or of the prefix", True, False, False),
+    Leaf("param", "a learnable parameter", False, False, True),
+    Leaf("dim", "the size of a dim", False, True, True),
+    Leaf("const", "a literal", False, True, False),
+    Leaf("index", "the position of the token", True, True, True),
+    Leaf("fill", "zeros(...) / ones(...) of a static shape", False, True, False),
+)
+
+LEAF: dict[str, Leaf] = {row.name: row for row in LEAF_OPS}
+
+
+# ------------------------------------------------------------------ structure ops
+@dataclass(frozen=True)
+class Unsupported:
+    """A renderer's entry for an op it cannot render: the reason, which `unsupported_reason`
+    reports (the torch backend then serves the op)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """How the language calls a structure op as a builtin (psmc.ir.builtins derives its row):
+    arity, keywords (keyword -> (kind, default)), shape rule (a `_call_<shape>` / ShapeRules
+    method of the lowering), dtype rule, doc line and the arguments as a user writes them."""
+    min_args: int
+    max_args: int | None
+    shape: str
+    dtype: str
+    doc: str
+    args: str = "x"
+    kwargs: tuple = ()  # ((keyword, (kind, default)), ...)
+    lowers_to_op: bool = True  # False: the lowering builds the node by a rule of its own (`eye`)
+
+
+_MATRIX = "moves data between the axes of a matrix tile; the torch backend serves it"
+_LAYER = "a whole-layer op inside a body; the torch backend serves it"
+_NO_CPP = "no C++ rendering; the torch backend serves it"
+
+
+@dataclass(frozen=True)
+class Structure:
+    """An op whose rendering depends on each printer's tile model (casts, broadcasts, products,
+    views, shape changes, whole-layer ops), declared once.
+
+    Every renderer entry is the NAME of a rule that the renderer's module implements (a small
+    function or method there; tests/test_op_coverage.py checks each name resolves) or an
+    `Unsupported(reason)`:
+      interp  a rule of psmc.ir.interp (`_RULES`: (node, args, dims) -> tensor)
+      sympy   a method `op_<rule>` of psmc.analysis.symbolic's evaluator
+      torch   a method `torch_<rule>` of psmc.codegen.torch_printer.BodyPrinter
+      triton  a rule of the Triton tile printers (psmc.codegen.triton_printer `RULES`, or, with
+              `tile="matrix"`, psmc.codegen.triton_matrix `MATRIX_RULES`: the [R, C] tile only)
+      cpp     a rule of psmc.codegen.cpp_printer (`CPP_RULES`; with `tile="matrix"`, matrix
+              states only)
+    `vjp` / `cpp_vjp`: the Triton / C++ adjoint per operand over {g}, {a}, {b} (the matrix
+    printers sum a contribution over the tile axes an operand lacks); None exactly where that
+    renderer is Unsupported. `call`: the builtin, None when only syntax produces the op
+    (`syntax` says which)."""
+    name: str
+    kind: str  # the OPS kind: cast | broadcast | structure | layer | leaf
+    arity: int  # -1: variadic
+    call: Call | None
+    syntax: str
+    interp: str
+    sympy: str
+    torch: str
+    triton: object  # rule name | Unsupported
+    vjp: tuple | None
+    cpp: object  # rule name | Unsupported
+    cpp_vjp: tuple | None
+    degree: str | None = None  # how its degree in the left operand follows its operands' (DEGREES)
+    heavy: bool = False  # exact (SymPy) evaluation builds huge closed forms (psmc.analysis.laws)
+    tile: str = "any"  # 'matrix': Triton and C++ render it in the matrix tile model only
+    elementwise: bool = False
+    operator: str | None = None  # its infix spelling in the expression grammar (`@`), if any
+
+
+_PRODUCT_VJP = ("({g} * {b})", "({g} * {a})")
+_CPP_PRODUCT_VJP = _PRODUCT_VJP
+
+STRUCTURE_OPS: tuple[Structure, ...] = (
+    Structure("cast", "cast", 1, None, "a value stored into a field or output of another dtype",
+              "cast", "cast", "cast", "cast", ("{g}",), "cast", ("{g}",), elementwise=True, degree="linear"),
+    Structure("broadcast", "broadcast", 1, None, "a value stored into a larger field or output",
+              "broadcast", "broadcast", "broadcast", "broadcast", ("{g}",), "view", ("{g}",), elementwise=True, degree="linear"),
+    Structure("getitem", "structure", -1, None, "x[...]", "getitem", "getitem", "getitem",
+              "view", ("{g}",), "view", ("{g}",), tile="matrix", degree="linear"),
+    Structure("matmul", "structure", -1, None, "a @ b", "matmul", "matmul", "matmul",
+              "matmul", _PRODUCT_VJP, "matmul", _CPP_PRODUCT_VJP, tile="matrix", operator="@", degree="product"),
+    Structure("softmax", "structure", -1, Call(1, 1, "same", "float", "softmax over an axis",
+                                              kwargs=(("axis", ("axis", -1)),)), "",
+              "softmax", "softmax", "softmax",
+              Unsupported("normalises over the state axis inside a body; not generated yet, the torch "
+                          "backend serves it"), None, Unsupported(_NO_CPP), None, heavy=True),
+    Structure("outer", "structure", -1, Call(2, 2, "outer", "promote", "a[:, None] * b[None, :]", "a, b"), "",
+              "outer", "outer", "outer", "outer", _PRODUCT_VJP, "outer", _CPP_PRODUCT_VJP, tile="matrix", degree="product"),
+    Structure("eye", "leaf", 0, Call(1, 1, "eye", "fill", "identity matrix of a static size", "n",
+                                     lowers_to_op=False), "",
+              "eye", "eye", "eye", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None),
+    Structure("concat", "structure", -1, Call(1, None, "concat", "promote", "join along an axis", "a, b, ...",
+                                              (("axis", ("axis", 0)),)), "",
+              "concat", "concat", "concat", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
+    Structure("transpose", "structure", -1, Call(1, 1, "transpose", "same", "swap the last two axes"), "x.T",
+              "transpose", "transpose", "transpose", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
+    Structure("diag", "structure", -1, Call(1, 1, "diag", "same", "vector -> diagonal matrix"), "",
+              "diag", "diag", "diag", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
+    Structure("reshape", "structure", -1, Call(2, 2, "reshape", "same",
+                                               "reshape to a static shape, e.g. reshape(x, (C, D))", "x, shape"), "",
+              "reshape", "reshape", "reshape", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
+    Structure("layernorm", "layer", 1, Call(1, 1, "same", "float",
+                                            "layer norm over the last axis, no affine, eps 1e-5"), "",
+              "layernorm", "layernorm", "layernorm", Unsupported(_LAYER), None, Unsupported(_NO_CPP), None, heavy=True),
+    Structure("attention", "layer", 3, Call(3, 3, "attention", "float",
+                                            "scaled dot-product softmax attention over the first axis", "q, k, v",
+                                            (("heads", ("int", 1)), ("causal", ("bool", False)))), "",
+              "attention", "attention", "attention", Unsupported(_LAYER), None, Unsupported(_NO_CPP), None, heavy=True),
+)
+
+STRUCTURE: dict[str, Structure] = {row.name: row for row in STRUCTURE_OPS}
+
+# ------------------------------------------------------------------ every row
+# the degree rules (`degree` of a row: how an op's polynomial degree in the left operand's
+# fields follows its operands'; None: constant or not polynomial). psmc.analysis.structure
+# implements each: linear (the largest operand degree: sums, negation, views, casts, linear
+# reductions), product (the sum of the two: products), quotient (the numerator's, when the
+# denominator is constant in the left operand), select (the branches', when the condition is)
+DEGREES = ("linear", "product", "quotient", "select")
+
+
+def rows() -> tuple:
+    """Every row of this module: one per IR op."""
+    return (*LEAF_OPS, *UNARY_OPERATORS, *UNARY_MATH, *BINARY_OPS, SELECT, *REDUCTIONS, *STRUCTURE_OPS)

@@ -74,16 +74,32 @@ class Spec:
     lift_index: bool
     readout_index: bool
     fast: str | None = None  # name of a runtime fast path for the parallel pass, if any
-    # the fields a stream state of the fast path keeps (None: all); the others are dead in a
-    # stream (they only feed their own next value) and `_full_prefix` fills them back in
-    stream: tuple | None = None
-    # fields a stream prefix leaves out (exact scans): they feed nothing the readout reads once
-    # the prefix is the left operand (psmc.analysis.liveness); None in their slots
-    dead: tuple = ()
+    # the fields a stream prefix keeps (psmc.plan's stream_fields; None: all of them). The others
+    # are dead in a stream: they feed nothing the readout or the kept fields read once the
+    # prefix is the left operand (psmc.analysis.liveness). `stream` and `dead` are the two
+    # layouts of that one fact: see them.
+    kept: tuple | None = None
+    # True: a stream state holds the kept fields alone (the delta-rule fast path, whose states
+    # hold S only); False: every field has a slot and the dead ones hold None
+    compact: bool = False
 
     @property
     def inputs(self) -> tuple:
         return self.lift_inputs + self.readout_inputs
+
+    @property
+    def stream(self) -> tuple | None:
+        """The compact layout: the names of the fields a stream state holds (the others are
+        dropped and `_full_prefix` fills them back in), or None when every field has a slot."""
+        return self.kept if self.compact and self.kept is not None else None
+
+    @property
+    def dead(self) -> tuple:
+        """The slotted layout: the indices of the fields that hold None in a stream prefix
+        (empty in the compact layout, where they have no slot)."""
+        if self.compact or self.kept is None:
+            return ()
+        return tuple(i for i, f in enumerate(self.fields) if f.name not in self.kept)
 
 
 @dataclass

@@ -92,7 +92,8 @@ def layer_and_inputs(name, dims, T, lanes, dead=None):
     cls = layer_class(name)
     if dead is not None:  # the same generated class with the elimination switched off
         # (and the delta-rule plan's own compact layout, spec.stream, with it)
-        cls = type(cls.__name__, (cls,), {"spec": dataclasses.replace(cls.spec, dead=dead, stream=None)})
+        kept = tuple(f.name for i, f in enumerate(cls.spec.fields) if i not in dead)
+        cls = type(cls.__name__, (cls,), {"spec": dataclasses.replace(cls.spec, kept=kept, compact=False)})
     torch.manual_seed(0)
     layer = cls(**dims).double()
     if dead is not None:  # the generic scan (a fast path's state layout is fixed when generated)
@@ -167,7 +168,7 @@ def test_chunk_op_streams_keep_no_dead_field(tmp_path):
     path.write_text(CHUNK_OP)
     cls = layer_class("decayed_chunk_sum", path)
     assert cls.spec.scan == "exact" and cls.spec.dead == (0,)
-    full_cls = type("Full", (cls,), {"spec": dataclasses.replace(cls.spec, dead=())})
+    full_cls = type("Full", (cls,), {"spec": dataclasses.replace(cls.spec, kept=None)})
     gen = torch.Generator().manual_seed(7)
     T = 11
     inputs = {"x": torch.randn(B, T, H, generator=gen, dtype=torch.float64),
@@ -185,3 +186,19 @@ def test_chunk_op_streams_keep_no_dead_field(tmp_path):
     assert_agree(tuple(torch.cat([a, b], dim=1) for a, b in zip(as_tuple(first), rest)), want, "continued")
     _, full_state = stream(full, inputs, full.init_state(), 0, T)
     assert full_state.nbytes - state.nbytes == B * H * 8  # the scalar decay product per row and lane
+
+
+def test_stream_and_dead_are_two_views_of_the_kept_fields():
+    """Spec stores which fields a stream keeps (and whether its state drops the others or holds
+    None in their slots); `stream` (the compact layout) and `dead` (the slotted one) derive from it."""
+    from types import SimpleNamespace
+
+    from psmc.runtime.layer import Spec
+    fields = tuple(SimpleNamespace(name=n) for n in ("a", "S", "h"))
+    spec = Spec("t", (), None, fields, (), (), (), (), (), "exact", False, False, False, False)
+    assert (spec.stream, spec.dead) == (None, ())  # every field kept
+    slotted = dataclasses.replace(spec, kept=("S", "h"))
+    assert (slotted.stream, slotted.dead) == (None, (0,))
+    compact = dataclasses.replace(slotted, compact=True)
+    assert (compact.stream, compact.dead) == (("S", "h"), ())
+    assert dataclasses.replace(compact, kept=None).stream is None

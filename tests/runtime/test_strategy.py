@@ -99,7 +99,7 @@ def test_the_strategy_follows_the_spec_and_its_states_share_one_read_api(layers,
 def tree_variant(cls):
     """The same op run by the tree strategy (no fast path, every field kept): the layer must take
     its route from the strategy its spec gives, not from anything else on the class."""
-    spec = dataclasses.replace(cls.spec, scan="tree", fast=None, stream=None, dead=())
+    spec = dataclasses.replace(cls.spec, scan="tree", fast=None, kept=None)
     return type(cls.__name__ + "_tree", (cls,), {"spec": spec})
 
 
