@@ -4,7 +4,9 @@ Rows, all in one process on one machine, ms per token over --tokens tokens (one 
 `torch.no_grad()`):
 - psmc GLA `step` (B=1, H=4, K=V=64), eager, against the same update written by hand in eager
   torch (S = exp(gk) * S + k v^T, o = q S / sqrt(K)): target <= 1.5x;
-- both under torch.compile (fullgraph, inductor): target psmc compiled <= 1.0x the eager hand step;
+- both under torch.compile (fullgraph, inductor): target psmc compiled <= 1.0x the compiled hand
+  step; beside them the hand step keeping a count (S, n + 1) and the hand step behind psmc's
+  interface (a ScanState in and out, keyword inputs), which split the gap into its causes;
 - the selective SSM (Mamba S6, B=1, D=256 channels, N=16) `step` against its hand-written
   update (h = exp(delta A) h + delta B u, y = sum(h C)), eager;
 - the GLA parallel pass (B=1, T=1024) eager vs torch.compile'd, and the first-order recurrence.
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 import psmc
+from psmc.runtime.state import ScanState
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 B, H, K, V = 1, 4, 64, 64
@@ -36,6 +39,16 @@ def hand_step(S, k, v, gk, q):
 def hand_counted_step(S, n, k, v, gk, q):
     out, S = hand_step(S, k, v, gk, q)
     return out, S, n + 1
+
+
+class HandInterface(torch.nn.Module):
+    """The hand-written update behind psmc's step interface: a module method taking a ScanState
+    and keyword inputs, returning the output and a new ScanState (S and the token count): what a
+    compiled `step` pays besides the update (Dynamo rebuilds the frozen state after the graph)."""
+
+    def step(self, state, **inputs):
+        out, S = hand_step(state.prefix[1], inputs["k"], inputs["v"], inputs["gk"], inputs["q"])
+        return out, ScanState.make((None, S), state.count + 1, state.op)
 
 
 LAYERS = 4  # the stacked decode step: layer i's output is layer i+1's query
@@ -110,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="eager rows only (compiling takes minutes)")
+    ap.add_argument("--step-only", action="store_true", help="the single GLA step table only (no stack, SSM or "
+                                                                 "parallel-pass rows)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter; cpu: time.thread_time, this thread's CPU time (on a shared, "
                          "loaded machine it leaves out the time other processes hold the core; one torch thread)")
@@ -155,6 +170,8 @@ def main(argv=None):
                 ("psmc gla step, torch.compile(fullgraph)", run_psmc(torch.compile(layer.step, fullgraph=True))),
                 ("hand-written step + token count, torch.compile(fullgraph)",
                  run_counted(torch.compile(hand_counted_step, fullgraph=True))),
+                ("hand-written step behind psmc's interface (ScanState in/out, keyword inputs), torch.compile(fullgraph)",
+                 run_psmc(torch.compile(HandInterface().step, fullgraph=True))),
                 ("torch.compile floor: x + 1 on one element, per call",
                  lambda count, f=torch.compile(lambda x: x + 1, fullgraph=True), x=torch.zeros(1): [f(x) for _ in range(count)])]
     times = per_token_ms([fn for _, fn in fns], args.tokens, args.repeat)
@@ -166,6 +183,12 @@ def main(argv=None):
     for i, ((name, _), ms) in enumerate(zip(fns, times)):
         vs_compiled = f"{ms / times[2]:.2f}x" if len(times) > 2 and i >= 2 else ""
         print(f"| {name} | {ms:.4f} | {ms / hand:.2f}x | {vs_compiled} |")
+    if not args.no_compile:
+        print(f"psmc compiled / the hand step behind psmc's interface compiled: {times[3] / times[5]:.2f}x "
+              f"(psmc's own per-call cost); that hand step / the bare hand step: {times[5] / times[2]:.2f}x "
+              "(the interface's: a state object rebuilt after the graph, its count, keyword inputs)")
+    if args.step_only:
+        return
     if not args.no_compile:
         stack_rows(args, state0, ks, vs, gks, qs)
 
