@@ -17,8 +17,10 @@ psmc's GLA stream state keeps S only (dead-field elimination drops the decay pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -95,6 +97,84 @@ def stack_rows(args, state0, ks, vs, gks, qs):
         print(f"| {name} | {ms / LAYERS:.4f} | {ms / times[0]:.2f}x | {ms / times[1]:.2f}x |")
 
 
+class _TupleState(typing.NamedTuple):  # --pieces: the same fields as a tuple subclass
+    prefix: tuple
+    count: torch.Tensor
+    op: str
+
+
+@dataclasses.dataclass(eq=False)
+class _MutableState:  # --pieces: the same fields as a mutable dataclass
+    prefix: tuple
+    count: torch.Tensor
+    op: str = ""
+
+
+def _hand_into(cls):
+    """The hand step taking and returning a state of class `cls` (S in prefix[1], the count)."""
+    def step(state, k, v, gk, q):
+        out, S = hand_step(state.prefix[1], k, v, gk, q)
+        if cls is ScanState:
+            return out, ScanState.make((None, S), state.count + 1, state.op)
+        if cls is _TupleState:
+            return out, _TupleState((None, S), state.count + 1, state.op)
+        new = object.__new__(cls)
+        new.prefix, new.count, new.op = (None, S), state.count + 1, state.op
+        return out, new
+    return step
+
+
+def pieces(layer, state0, token):
+    """--pieces: where a compiled step's time goes, each piece timed alone (timeit on --clock, min
+    of 40 x 1000 calls): guard evaluation (Dynamo's guard manager on this call's locals), the whole call,
+    and the hand step with its state as a frozen dataclass, a mutable one or a NamedTuple."""
+    import timeit
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from psmc.runtime.layer import PsmLayer
+    torch.set_grad_enabled(False)
+    S, inputs = state0.prefix[1], dict(token)
+    k, v, gk, q = (inputs[n] for n in ("k", "v", "gk", "q"))
+    iface = HandInterface()
+    compiled = {"bare hand step": torch.compile(hand_step, fullgraph=True),
+                "hand step behind psmc's interface": torch.compile(iface.step, fullgraph=True),
+                "psmc step": torch.compile(layer.step, fullgraph=True)}
+    calls = {"bare hand step": lambda: compiled["bare hand step"](S, k, v, gk, q),
+             "hand step behind psmc's interface": lambda: compiled["hand step behind psmc's interface"](state0, **inputs),
+             "psmc step": lambda: compiled["psmc step"](state0, **inputs)}
+    frames = {"bare hand step": (hand_step.__code__, dict(S=S, k=k, v=v, gk=gk, q=q)),
+              "hand step behind psmc's interface": (HandInterface.step.__code__,
+                                                    dict(self=iface, state=state0, inputs=inputs)),
+              "psmc step": (PsmLayer.step.__code__, dict(self=layer, state=state0, args=(), inputs=inputs))}
+    states = {"a frozen dataclass (ScanState)": (ScanState, state0),
+              "a mutable dataclass": (_MutableState, _MutableState(state0.prefix, state0.count, state0.op)),
+              "a typing.NamedTuple": (_TupleState, _TupleState(state0.prefix, state0.count, state0.op))}
+    for name, (cls, st) in states.items():
+        f = torch.compile(_hand_into(cls), fullgraph=True)
+        calls[f"hand step, state {name}"] = lambda f=f, st=st: f(st, k, v, gk, q)
+    for f in calls.values():
+        f(), f()
+    best = {name: [] for name in calls}
+    guard = {}
+    for name, (code, f_locals) in frames.items():
+        (entry,) = _debug_get_cache_entry_list(code)
+        executed = entry.guard_manager.check_verbose(f_locals).num_guards_executed
+        check = entry.guard_manager.check
+        timer = timeit.Timer(lambda: check(f_locals), timer=CLOCK)
+        guard[name] = (executed, min(timer.repeat(number=1000, repeat=40)) / 1000 * 1e6)
+    for _ in range(40):
+        for name, f in calls.items():
+            best[name].append(timeit.Timer(f, timer=CLOCK).timeit(number=1000) / 1000 * 1e6)
+    bare = min(best["bare hand step"])
+    print(f"Where a compiled step's time goes (us per call, min of 40 x 1000 calls, each piece alone, "
+          f"{'cpu' if CLOCK is time.thread_time else 'wall'} clock)")
+    print("| compiled call | guard checks executed | guard evaluation | whole call | vs bare hand step |")
+    print("|---|---:|---:|---:|---:|")
+    for name, times in best.items():
+        executed, us = guard.get(name, ("", None))
+        shown = f"{us:.2f}" if us is not None else ""
+        print(f"| {name} | {executed} | {shown} | {min(times):.2f} | {min(times) / bare:.3f}x |")
+
+
 def hand_ssm_step(h, u, delta, A, Bt, C):
     d = delta.unsqueeze(-1)
     h = torch.exp(d * A) * h + d * Bt * u.unsqueeze(-1)
@@ -125,6 +205,8 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true", help="eager rows only (compiling takes minutes)")
     ap.add_argument("--step-only", action="store_true", help="the single GLA step table only (no stack, SSM or "
                                                                  "parallel-pass rows)")
+    ap.add_argument("--pieces", action="store_true", help="only where a compiled step's time goes: guard "
+                                                              "evaluation and whole call, timed alone (about 30 s)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter; cpu: time.thread_time, this thread's CPU time (on a shared, "
                          "loaded machine it leaves out the time other processes hold the core; one torch thread)")
@@ -139,6 +221,9 @@ def main(argv=None):
     gks = torch.nn.functional.logsigmoid(torch.randn(n, B, H, K))
     _, state0 = layer(k=ks[:1].transpose(0, 1), v=vs[:1].transpose(0, 1), gk=gks[:1].transpose(0, 1),
                       q=qs[:1].transpose(0, 1), return_state=True)
+
+    if args.pieces:
+        return pieces(layer, state0, dict(k=ks[0], v=vs[0], gk=gks[0], q=qs[0]))
 
     def run_psmc(step):
         def go(count):
