@@ -226,7 +226,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
             # eager, one addcmul; traced, a multiply and an add, which Inductor's loop runs faster
             "            if carry is None:",
             "                s_last = kv",
-            f"            elif traced:",
+            "            elif traced:",
             f"                s_last = decay * carry[{p['s_index']}] + kv",
             "            else:",
             f"                s_last = torch.addcmul(kv, decay, carry[{p['s_index']}])",
