@@ -4,7 +4,9 @@ Rows, all in one process on one machine, ms per token over --tokens tokens (one 
 `torch.no_grad()`):
 - psmc GLA `step` (B=1, H=4, K=V=64), eager, against the same update written by hand in eager
   torch (S = exp(gk) * S + k v^T, o = q S / sqrt(K)): target <= 1.5x;
-- both under torch.compile (fullgraph, inductor): target psmc compiled <= 1.0x the eager hand step;
+- both under torch.compile (fullgraph, inductor): target psmc compiled <= 1.0x the compiled hand
+  step; beside them the hand step keeping a count (S, n + 1) and the hand step behind psmc's
+  interface (a ScanState in and out, keyword inputs), which split the gap into its causes;
 - the selective SSM (Mamba S6, B=1, D=256 channels, N=16) `step` against its hand-written
   update (h = exp(delta A) h + delta B u, y = sum(h C)), eager;
 - the GLA parallel pass (B=1, T=1024) eager vs torch.compile'd, and the first-order recurrence.
@@ -15,13 +17,16 @@ psmc's GLA stream state keeps S only (dead-field elimination drops the decay pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
+import typing
 from pathlib import Path
 
 import torch
 
 import psmc
+from psmc.runtime.state import ScanState
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 B, H, K, V = 1, 4, 64, 64
@@ -36,6 +41,16 @@ def hand_step(S, k, v, gk, q):
 def hand_counted_step(S, n, k, v, gk, q):
     out, S = hand_step(S, k, v, gk, q)
     return out, S, n + 1
+
+
+class HandInterface(torch.nn.Module):
+    """The hand-written update behind psmc's step interface: a module method taking a ScanState
+    and keyword inputs, returning the output and a new ScanState (S and the token count): what a
+    compiled `step` pays besides the update (Dynamo rebuilds the frozen state after the graph)."""
+
+    def step(self, state, **inputs):
+        out, S = hand_step(state.prefix[1], inputs["k"], inputs["v"], inputs["gk"], inputs["q"])
+        return out, ScanState.make((None, S), state.count + 1, state.op)
 
 
 LAYERS = 4  # the stacked decode step: layer i's output is layer i+1's query
@@ -82,6 +97,84 @@ def stack_rows(args, state0, ks, vs, gks, qs):
         print(f"| {name} | {ms / LAYERS:.4f} | {ms / times[0]:.2f}x | {ms / times[1]:.2f}x |")
 
 
+class _TupleState(typing.NamedTuple):  # --pieces: the same fields as a tuple subclass
+    prefix: tuple
+    count: torch.Tensor
+    op: str
+
+
+@dataclasses.dataclass(eq=False)
+class _MutableState:  # --pieces: the same fields as a mutable dataclass
+    prefix: tuple
+    count: torch.Tensor
+    op: str = ""
+
+
+def _hand_into(cls):
+    """The hand step taking and returning a state of class `cls` (S in prefix[1], the count)."""
+    def step(state, k, v, gk, q):
+        out, S = hand_step(state.prefix[1], k, v, gk, q)
+        if cls is ScanState:
+            return out, ScanState.make((None, S), state.count + 1, state.op)
+        if cls is _TupleState:
+            return out, _TupleState((None, S), state.count + 1, state.op)
+        new = object.__new__(cls)
+        new.prefix, new.count, new.op = (None, S), state.count + 1, state.op
+        return out, new
+    return step
+
+
+def pieces(layer, state0, token):
+    """--pieces: where a compiled step's time goes, each piece timed alone (timeit on --clock, min
+    of 40 x 1000 calls): guard evaluation (Dynamo's guard manager on this call's locals), the whole call,
+    and the hand step with its state as a frozen dataclass, a mutable one or a NamedTuple."""
+    import timeit
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from psmc.runtime.layer import PsmLayer
+    torch.set_grad_enabled(False)
+    S, inputs = state0.prefix[1], dict(token)
+    k, v, gk, q = (inputs[n] for n in ("k", "v", "gk", "q"))
+    iface = HandInterface()
+    compiled = {"bare hand step": torch.compile(hand_step, fullgraph=True),
+                "hand step behind psmc's interface": torch.compile(iface.step, fullgraph=True),
+                "psmc step": torch.compile(layer.step, fullgraph=True)}
+    calls = {"bare hand step": lambda: compiled["bare hand step"](S, k, v, gk, q),
+             "hand step behind psmc's interface": lambda: compiled["hand step behind psmc's interface"](state0, **inputs),
+             "psmc step": lambda: compiled["psmc step"](state0, **inputs)}
+    frames = {"bare hand step": (hand_step.__code__, dict(S=S, k=k, v=v, gk=gk, q=q)),
+              "hand step behind psmc's interface": (HandInterface.step.__code__,
+                                                    dict(self=iface, state=state0, inputs=inputs)),
+              "psmc step": (PsmLayer.step.__code__, dict(self=layer, state=state0, args=(), inputs=inputs))}
+    states = {"a frozen dataclass (ScanState)": (ScanState, state0),
+              "a mutable dataclass": (_MutableState, _MutableState(state0.prefix, state0.count, state0.op)),
+              "a typing.NamedTuple": (_TupleState, _TupleState(state0.prefix, state0.count, state0.op))}
+    for name, (cls, st) in states.items():
+        f = torch.compile(_hand_into(cls), fullgraph=True)
+        calls[f"hand step, state {name}"] = lambda f=f, st=st: f(st, k, v, gk, q)
+    for f in calls.values():
+        f(), f()
+    best = {name: [] for name in calls}
+    guard = {}
+    for name, (code, f_locals) in frames.items():
+        (entry,) = _debug_get_cache_entry_list(code)
+        executed = entry.guard_manager.check_verbose(f_locals).num_guards_executed
+        check = entry.guard_manager.check
+        timer = timeit.Timer(lambda: check(f_locals), timer=CLOCK)
+        guard[name] = (executed, min(timer.repeat(number=1000, repeat=40)) / 1000 * 1e6)
+    for _ in range(40):
+        for name, f in calls.items():
+            best[name].append(timeit.Timer(f, timer=CLOCK).timeit(number=1000) / 1000 * 1e6)
+    bare = min(best["bare hand step"])
+    print(f"Where a compiled step's time goes (us per call, min of 40 x 1000 calls, each piece alone, "
+          f"{'cpu' if CLOCK is time.thread_time else 'wall'} clock)")
+    print("| compiled call | guard checks executed | guard evaluation | whole call | vs bare hand step |")
+    print("|---|---:|---:|---:|---:|")
+    for name, times in best.items():
+        executed, us = guard.get(name, ("", None))
+        shown = f"{us:.2f}" if us is not None else ""
+        print(f"| {name} | {executed} | {shown} | {min(times):.2f} | {min(times) / bare:.3f}x |")
+
+
 def hand_ssm_step(h, u, delta, A, Bt, C):
     d = delta.unsqueeze(-1)
     h = torch.exp(d * A) * h + d * Bt * u.unsqueeze(-1)
@@ -110,6 +203,10 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", action="store_true", help="eager rows only (compiling takes minutes)")
+    ap.add_argument("--step-only", action="store_true", help="the single GLA step table only (no stack, SSM or "
+                                                                 "parallel-pass rows)")
+    ap.add_argument("--pieces", action="store_true", help="only where a compiled step's time goes: guard "
+                                                              "evaluation and whole call, timed alone (about 30 s)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter; cpu: time.thread_time, this thread's CPU time (on a shared, "
                          "loaded machine it leaves out the time other processes hold the core; one torch thread)")
@@ -124,6 +221,9 @@ def main(argv=None):
     gks = torch.nn.functional.logsigmoid(torch.randn(n, B, H, K))
     _, state0 = layer(k=ks[:1].transpose(0, 1), v=vs[:1].transpose(0, 1), gk=gks[:1].transpose(0, 1),
                       q=qs[:1].transpose(0, 1), return_state=True)
+
+    if args.pieces:
+        return pieces(layer, state0, dict(k=ks[0], v=vs[0], gk=gks[0], q=qs[0]))
 
     def run_psmc(step):
         def go(count):
@@ -155,6 +255,8 @@ def main(argv=None):
                 ("psmc gla step, torch.compile(fullgraph)", run_psmc(torch.compile(layer.step, fullgraph=True))),
                 ("hand-written step + token count, torch.compile(fullgraph)",
                  run_counted(torch.compile(hand_counted_step, fullgraph=True))),
+                ("hand-written step behind psmc's interface (ScanState in/out, keyword inputs), torch.compile(fullgraph)",
+                 run_psmc(torch.compile(HandInterface().step, fullgraph=True))),
                 ("torch.compile floor: x + 1 on one element, per call",
                  lambda count, f=torch.compile(lambda x: x + 1, fullgraph=True), x=torch.zeros(1): [f(x) for _ in range(count)])]
     times = per_token_ms([fn for _, fn in fns], args.tokens, args.repeat)
@@ -166,6 +268,12 @@ def main(argv=None):
     for i, ((name, _), ms) in enumerate(zip(fns, times)):
         vs_compiled = f"{ms / times[2]:.2f}x" if len(times) > 2 and i >= 2 else ""
         print(f"| {name} | {ms:.4f} | {ms / hand:.2f}x | {vs_compiled} |")
+    if not args.no_compile:
+        print(f"psmc compiled / the hand step behind psmc's interface compiled: {times[3] / times[5]:.2f}x "
+              f"(psmc's own per-call cost); that hand step / the bare hand step: {times[5] / times[2]:.2f}x "
+              "(the interface's: a state object rebuilt after the graph, its count, keyword inputs)")
+    if args.step_only:
+        return
     if not args.no_compile:
         stack_rows(args, state0, ks, vs, gks, qs)
 

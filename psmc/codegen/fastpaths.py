@@ -208,6 +208,8 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     lines = _bound_step_header(f"One token of the chunkwise form (decay: {p['kind']}): the state update by hand.")
     constant, per_token = _split_constant(body)
     lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: computed once per signature
+    if p["kind"] != "none":
+        lines[-2:-2] = ["        traced = torch.compiler.is_compiling()  # bound while torch.compile traces a step"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
     lines += [
@@ -221,7 +223,13 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         lines += [
             f"            e_ = torch.exp({g})",
             f"            decay = {'e_.unsqueeze(-1)' if p['kind'] == 'key' else 'e_[..., None, None]'}",
-            f"            s_last = kv if carry is None else torch.addcmul(kv, decay, carry[{p['s_index']}])",
+            # eager, one addcmul; traced, a multiply and an add, which Inductor's loop runs faster
+            "            if carry is None:",
+            "                s_last = kv",
+            "            elif traced:",
+            f"                s_last = decay * carry[{p['s_index']}] + kv",
+            "            else:",
+            f"                s_last = torch.addcmul(kv, decay, carry[{p['s_index']}])",
         ]
     else:
         lines += [f"            s_last = kv if carry is None else carry[{p['s_index']}] + kv"]

@@ -29,6 +29,9 @@ from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
 
+# (imported by name: a torch.compile'd step reads one global for it, not `torch` and two attributes)
+_is_compiling = torch.compiler.is_compiling
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -236,7 +239,7 @@ class PsmLayer(nn.Module):
         that signature directly (the decode lane)."""
         if args:
             inputs = self._bind_positional(args, inputs)
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             traced = self._traced_step(state, inputs)
             if traced is not None:
                 return traced
@@ -280,7 +283,7 @@ class PsmLayer(nn.Module):
             return None  # a missing or ragged state: the full step says what to do
         sig = []
         for name, x in inputs.items():
-            if not torch.is_tensor(x):
+            if not isinstance(x, Tensor):
                 return None  # (the full check names it)
             shape = tuple(x.shape)
             if not all(n.__class__ is int for n in shape):  # (Dynamo answers type(n) with int for a SymInt)
