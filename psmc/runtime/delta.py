@@ -258,9 +258,10 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
     the state that leaves the last one.
 
     Work per chunk and head (L = chunk length): one [2L, K] x [K, L] product for K K^T and
-    Q K^T together, one unit triangular inverse, [L, L] x [L, V + K] for U and W, and four
-    [L, K] x [K, V]-sized products in the sequential loop (U - W S, the outputs' Q S and
-    attention terms, and the state update).
+    Q K^T together, one unit triangular inverse, [L, L] x [L, V + K] for U and W, two
+    [L, K] x [K, V] products in the sequential loop (U - W S and the state update) and two for
+    the outputs (Q S and the attention term: batched after the loop under autograd, inside it
+    without).
 
     Without autograd the per-token factors go where they cost least: beta (and beta gamma)
     scale the columns of the [L, L] inverse rather than V and K (U = (T diag beta) V, W =
