@@ -120,6 +120,8 @@ def forward(layer, args: tuple, inputs: dict, state, return_state: bool, group, 
             return _Varlen(layer, call, state, return_state, group, rank, world, plan, grad, bounds).run()
     if world == 1:
         result = layer._forward_local(call, state, return_state)
+        if not return_state:  # (outputs, state) -> outputs, as forward without cp_group returns
+            result = result[0]
     else:
         result = _Run(layer, call, state, return_state, group, rank, world, plan, grad).run()
     if return_state:  # the whole sequence's state, tagged like any state this layer returns

@@ -26,9 +26,11 @@ triangular solve per chunk (torch.linalg.solve_triangular). Hence, per chunk,
     S_L   = gamma_L S_0 + (K (.) gamma_L / gamma)^T (U - W S_0)
 
 Everything but the S_0 terms is computed for all chunks at once (batched matmuls); the chunks
-are then chained by S_{c+1} = M_c S_c + D_c (one K x K by K x V matmul per chunk, M_c = gamma_L
-I - K_d^T W, D_c = K_d^T U) and the outputs take one more batched matmul with the entering
-states.
+are then chained in order. Under autograd the loop keeps each chunk's entering state and U - W S
+(functional ops) and the outputs take batched matmuls after it; without autograd one running
+state is updated in place and each chunk's outputs are computed inside the loop while its
+entering state is at hand (four [BH, L, K] x [K, V]-sized products per chunk, no store of the
+entering states and no copy per product: ~15% faster at (2, 1024, 4, 64, 64), 1 thread).
 
 Numerics, as in psmc/runtime/chunkwise.py: gates arrive as LOG gates and every exponent is a
 sum of log gates over exactly the tokens it spans (a cumsum from the chunk start, a suffix sum
@@ -55,7 +57,8 @@ __all__ = ["chunk_delta_rule", "delta_rule_step"]
 
 # tokens per chunk on the torch path, measured at (B, T, H, K, V) = (2, 1024, 4, 64, 64), 1 thread
 # (docs/benchmarks.md): without autograd 32 beat 16, 64 and 128 (the [L, L] terms shrink with L,
-# the sequential loop grows); under autograd, whose backward replays the loop, 64 beat 32
+# the sequential loop grows; remeasured for the in-place loop: 16 and 32 within 2%, 64 ~13%
+# slower); under autograd, whose backward replays the loop, 64 beat 32
 _CHUNK = 32
 _CHUNK_AUTOGRAD = 64
 
@@ -255,93 +258,138 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: T
     the state that leaves the last one.
 
     Work per chunk and head (L = chunk length): one [2L, K] x [K, L] product for K K^T and
-    Q K^T together, one unit triangular inverse, one [L, L] x [L, V + K] product for U and W
-    together, two [L, K] x [K, V] products in the sequential loop and two for the outputs."""
+    Q K^T together, one unit triangular inverse, [L, L] x [L, V + K] for U and W, two
+    [L, K] x [K, V] products in the sequential loop (U - W S and the state update) and two for
+    the outputs (Q S and the attention term: batched after the loop under autograd, inside it
+    without).
+
+    Without autograd the per-token factors go where they cost least: beta (and beta gamma)
+    scale the columns of the [L, L] inverse rather than V and K (U = (T diag beta) V, W =
+    (T diag beta gamma) K, with K the packed keys), and the loop runs in place on one running
+    state, each chunk's outputs computed while its entering state is at hand (no [count, BH,
+    K, V] store of entering states, no copy per baddbmm)."""
     count, length, grad = layout.count, layout.length, layout.grad
     width_k, width_v = k.shape[-1], v.shape[-1]
     heads = layout.batch * layout.heads
     chunks = count * heads
-    scratch = None if grad else _Scratch(q.device, layout.dtype)
+    if not grad:
+        return _chunks_inplace(layout, q, k, v, beta, g, state, scale)
 
-    def out(name: str, *shape: int) -> dict:
-        """out= for a torch op: a reused scratch tensor without autograd, none (a new tensor) with it."""
-        return {} if grad else {"out": scratch.get(name, shape)}
-
-    b = layout.pack(beta, (), **out("b", count, layout.batch, layout.heads, length)).reshape(chunks, length, 1)
+    b = layout.pack(beta, ()).reshape(chunks, length, 1)
     written = beta  # the per-token factor of the W columns: beta, or beta gamma when gated
     if g is not None:
-        g = layout.pack(g, (), **out("g", count, layout.batch, layout.heads, length)).reshape(chunks, length)
+        g = layout.pack(g, ()).reshape(chunks, length)
         gamma = torch.exp(torch.cumsum(g, dim=-1))[..., None]  # gamma_i: the gates from the chunk start to i
         written = layout.tokens(b * gamma)
     # rows [K; scale Q] (one product gives K K^T and Q K^T) and columns [beta V | beta gamma K]
     # (one product gives U and W), packed straight from the inputs
-    if grad:
-        stacked = torch.cat([layout.pack(k, (width_k,)), layout.pack(q, (width_k,), scale)], dim=-2)
-        right = torch.cat([layout.pack(v, (width_v,), beta), layout.pack(k, (width_k,), written)], dim=-1)
-    else:
-        stacked = scratch.get("stacked", (count, layout.batch, layout.heads, 2 * length, width_k))
-        layout.pack(k, (width_k,), out=stacked[..., :length, :])
-        layout.pack(q, (width_k,), scale, out=stacked[..., length:, :])
-        right = scratch.get("right", (count, layout.batch, layout.heads, length, width_v + width_k))
-        layout.pack(v, (width_v,), beta, out=right[..., :width_v])
-        layout.pack(k, (width_k,), written, out=right[..., width_v:])
+    stacked = torch.cat([layout.pack(k, (width_k,)), layout.pack(q, (width_k,), scale)], dim=-2)
+    right = torch.cat([layout.pack(v, (width_v,), beta), layout.pack(k, (width_k,), written)], dim=-1)
     stacked = stacked.reshape(chunks, 2 * length, width_k)
     right = right.reshape(chunks, length, width_v + width_k)
     keys, queries = stacked[:, :length], stacked[:, length:]
-    scores = torch.bmm(stacked, keys.transpose(-1, -2), **out("scores", chunks, 2 * length, length))
-    # scores = [K K^T; scale Q K^T]  [chunks, 2L, L]
+    scores = torch.bmm(stacked, keys.transpose(-1, -2))  # [K K^T; scale Q K^T]  [chunks, 2L, L]
     if g is not None:
-        # span[i, j] = sum of g over j < r <= i: a cumsum down each column, exact for any gates;
-        # Gamma_ij = exp(span) = gamma_i / gamma_j on and below the diagonal, 0 above (tril_: an
-        # exp of -inf is ~10x slower than of a number on this CPU, so no -inf fill before the exp)
-        strict = torch.ones(length, length, dtype=torch.bool, device=q.device).tril(-1)
-        span = torch.cumsum(torch.where(strict, g[..., :, None], 0.0), dim=-2)
-        ratio = span.exp().tril() if grad else span.exp_().tril_()
         pairs = scores.view(chunks, 2, length, length)
-        scores = (pairs * ratio[:, None] if grad else pairs.mul_(ratio[:, None])).view(chunks, 2 * length, length)
+        scores = (pairs * _gate_ratio(g, length, inplace=False)[:, None]).view(chunks, 2 * length, length)
         # queries read the entering state decayed to each position; keys write decayed to the chunk end
-        queries = torch.mul(queries, gamma, **out("queries", chunks, length, width_k))
-        decayed = torch.mul(keys, torch.exp(_suffix_sums(g))[..., None], **out("decayed", chunks, length, width_k))
+        queries = queries * gamma
+        decayed = keys * torch.exp(_suffix_sums(g))[..., None]
         gate = gamma[:, -1:].view(count, heads, 1, 1)  # gamma_L per chunk and head
     else:
         decayed, gate = keys, None
     attn = scores[:, length:]
     if g is None:  # causal (the gated ratio is already 0 above the diagonal)
-        attn = attn.tril() if grad else attn.tril_()
+        attn = attn.tril()
     # T = A^-1, A = I + strict_tril(diag(beta) (K K^T (.) Gamma)): solve_triangular reads only the
     # strict lower triangle of `lower` (unit diagonal); an inverse and one product beat one solve
     # with K + V right-hand sides (LAPACK's batched trsm is slow at this size)
     eye = torch.eye(length, dtype=layout.dtype, device=q.device)
-    lower = torch.mul(b, scores[:, :length], **out("lower", chunks, length, length))
-    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True,
-                                            **out("inverse", chunks, length, length))
-    uw = torch.bmm(inverse, right, **out("uw", chunks, length, width_v + width_k))
-    uw = uw.view(count, heads, length, width_v + width_k)  # [U | W]
+    lower = b * scores[:, :length]
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
+    uw = torch.bmm(inverse, right).view(count, heads, length, width_v + width_k)  # [U | W]
     u, w = uw[..., :width_v], uw[..., width_v:]
     keys_t = decayed.view(count, heads, length, width_k).transpose(-1, -2)  # [count, BH, K, L]
     # the chunks in order: what a chunk writes, U - W S, depends on the state entering it
-    if grad:
-        entering, new = [], []
-        for c in range(count):
-            entering.append(state)
-            new.append(torch.baddbmm(u[c], w[c], state, alpha=-1.0))
-            state = torch.baddbmm(state if gate is None else gate[c] * state, keys_t[c], new[-1])
-        entering, new = torch.cat(entering), torch.cat(new)
-    else:
-        entering = scratch.get("entering", (count + 1, heads, width_k, width_v))
-        new = scratch.get("new", (count, heads, length, width_v))
-        entering[0] = state
-        for c in range(count):
-            torch.baddbmm(u[c], w[c], entering[c], alpha=-1.0, out=new[c])
-            if gate is None:
-                torch.baddbmm(entering[c], keys_t[c], new[c], out=entering[c + 1])
-            else:
-                torch.mul(entering[c], gate[c], out=entering[c + 1]).baddbmm_(keys_t[c], new[c])
-        state, entering = entering[count].clone(), entering[:count]  # (the scratch stays here)
-    o = torch.bmm(queries, entering.reshape(chunks, width_k, width_v), **out("o", chunks, length, width_v))
-    o = o.baddbmm(attn, new.reshape(chunks, length, width_v)) if grad else \
-        o.baddbmm_(attn, new.view(chunks, length, width_v))
+    entering, new = [], []
+    for c in range(count):
+        entering.append(state)
+        new.append(torch.baddbmm(u[c], w[c], state, alpha=-1.0))
+        state = torch.baddbmm(state if gate is None else gate[c] * state, keys_t[c], new[-1])
+    entering, new = torch.cat(entering), torch.cat(new)
+    o = torch.bmm(queries, entering.reshape(chunks, width_k, width_v))
+    o = o.baddbmm(attn, new.reshape(chunks, length, width_v))
     return o, state
+
+
+def _gate_ratio(g: Tensor, length: int, inplace: bool = True) -> Tensor:
+    """Gamma [chunks, L, L] from the chunk-major log gates g [chunks, L]: exp of the sum of g
+    over j < r <= i on and below the diagonal (gamma_i / gamma_j), 0 above it.
+
+    A cumsum down each column, exact for any gates (tril after the exp: an exp of -inf is ~10x
+    slower than of a number on this CPU, so no -inf fill before it)."""
+    strict = torch.ones(length, length, dtype=torch.bool, device=g.device).tril(-1)
+    span = torch.cumsum(torch.where(strict, g[..., :, None], 0.0), dim=-2)
+    return span.exp_().tril_() if inplace else span.exp().tril()
+
+
+def _chunks_inplace(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,
+                    state: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """`_chunks` without autograd: the same algebra on reused scratch buffers, in place."""
+    count, length = layout.count, layout.length
+    width_k, width_v = k.shape[-1], v.shape[-1]
+    heads = layout.batch * layout.heads
+    chunks = count * heads
+    scratch = _Scratch(q.device, layout.dtype)
+    split = (count, layout.batch, layout.heads, length)
+    b = layout.pack(beta, (), out=scratch.get("b", split)).view(chunks, length, 1)
+    # rows [K; scale Q]: one product gives K K^T and Q K^T; V on its own (beta goes into T)
+    stacked = scratch.get("stacked", (count, layout.batch, layout.heads, 2 * length, width_k))
+    layout.pack(k, (width_k,), out=stacked[..., :length, :])
+    layout.pack(q, (width_k,), scale, out=stacked[..., length:, :])
+    values = layout.pack(v, (width_v,), out=scratch.get("values", (*split, width_v))).view(chunks, length, width_v)
+    stacked = stacked.view(chunks, 2 * length, width_k)
+    keys, queries = stacked[:, :length], stacked[:, length:]
+    scores = torch.bmm(stacked, keys.transpose(-1, -2), out=scratch.get("scores", (chunks, 2 * length, length)))
+    if g is not None:
+        g = layout.pack(g, (), out=scratch.get("g", split)).view(chunks, length)
+        gamma = torch.exp(torch.cumsum(g, dim=-1))[..., None]  # gamma_i: the gates from the chunk start to i
+        scores.view(chunks, 2, length, length).mul_(_gate_ratio(g, length)[:, None])
+        # queries read the entering state decayed to each position; keys write decayed to the chunk end
+        queries = torch.mul(queries, gamma, out=scratch.get("queries", (chunks, length, width_k)))
+        decayed = torch.mul(keys, torch.exp(_suffix_sums(g))[..., None],
+                            out=scratch.get("decayed", (chunks, length, width_k)))
+        gate = gamma[:, -1:].view(count, heads, 1, 1)  # gamma_L per chunk and head
+    else:
+        decayed, gate = keys, None
+        scores[:, length:].tril_()  # causal (the gated ratio is already 0 above the diagonal)
+    attn = scores[:, length:]
+    # T = A^-1 (see _chunks), then its columns scaled: U = (T diag beta) V, W = (T diag beta gamma) K
+    eye = torch.eye(length, dtype=layout.dtype, device=q.device)
+    lower = torch.mul(b, scores[:, :length], out=scratch.get("lower", (chunks, length, length)))
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True,
+                                            out=scratch.get("inverse", (chunks, length, length)))
+    inverse.mul_(b.view(chunks, 1, length))
+    new = torch.bmm(inverse, values, out=scratch.get("new", (chunks, length, width_v)))
+    if g is not None:
+        inverse.mul_(gamma.view(chunks, 1, length))
+    w = torch.bmm(inverse, keys, out=scratch.get("w", (chunks, length, width_k)))
+    keys_t = decayed.view(count, heads, length, width_k).transpose(-1, -2)  # [count, BH, K, L]
+    # the chunks in order on one running state S: new = U - W S (in place in U); the outputs
+    # Q S + attn new while S is the entering state; then S <- gate S + K_d^T new
+    running = scratch.get("running", (heads, width_k, width_v))
+    running.copy_(state)
+    o = scratch.get("o", (count, heads, length, width_v))
+    rows = zip(new.view(count, heads, length, width_v).unbind(0), w.view(count, heads, length, width_k).unbind(0),
+               keys_t.unbind(0), queries.view(count, heads, length, width_k).unbind(0),
+               attn.view(count, heads, length, length).unbind(0), o.unbind(0))
+    for c, (u_c, w_c, k_c, q_c, attn_c, o_c) in enumerate(rows):
+        u_c.baddbmm_(w_c, running, alpha=-1.0)
+        torch.bmm(q_c, running, out=o_c).baddbmm_(attn_c, u_c)
+        if gate is not None:
+            running.mul_(gate[c])
+        running.baddbmm_(k_c, u_c)
+    return o.view(chunks, length, width_v), running.clone()
 
 
 class _Scratch:

@@ -347,3 +347,27 @@ def test_generated_programs_match_one_process(tmp_path):
         exact.append(tree)
     assert any(exact) and not all(exact), exact  # both plans are in the sample
     _run_and_compare(2, jobs, references, exact, tmp_path)
+
+
+def test_a_group_of_one_rank_returns_what_forward_returns(tmp_path):
+    """cp_group= with a one-process group runs the local pass: the outputs alone, or (outputs,
+    state) with return_state=True, equal to the call without cp_group (it returned the
+    (outputs, state) pair in both cases before)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        layer = layer_class("delta_rule")(K=4, V=4)
+        g = torch.Generator().manual_seed(3)
+        x = {"k": torch.randn(2, 6, 3, 4, generator=g), "v": torch.randn(2, 6, 3, 4, generator=g),
+             "beta": torch.rand(2, 6, 3, generator=g), "q": torch.randn(2, 6, 3, 4, generator=g)}
+        out = layer(**x, cp_group=dist.group.WORLD)
+        assert isinstance(out, torch.Tensor)
+        torch.testing.assert_close(out, layer(**x), rtol=0, atol=0)
+        out, state = layer(**x, cp_group=dist.group.WORLD, return_state=True)
+        want, want_state = layer(**x, return_state=True)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        assert state.op == want_state.op and int(state.count) == int(want_state.count)
+        torch.testing.assert_close(state.prefix, want_state.prefix, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

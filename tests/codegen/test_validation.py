@@ -146,3 +146,31 @@ def test_nan_from_finite_inputs_is_reported_with_the_op_name(gla):
     inputs = gla_inputs(gk=torch.full((B, T, H, K), 1000.0), k=torch.zeros(B, T, H, K))
     with pytest.raises((FloatingPointError, ValueError), match="gla"):
         gla(**inputs)
+
+
+def test_a_repeated_signature_runs_the_same_checks_and_casts():
+    """forward prepares each input signature once (`_prepare_forward`): later calls with that
+    signature give what a fresh layer gives (lane padding, broadcast lanes, float64, half
+    inputs), and a bad call after good ones is still refused with the full message."""
+    layer, fresh = layer_class("gla")(K=K, V=V), layer_class("gla")(K=K, V=V)
+    g = torch.Generator().manual_seed(1)
+    calls = [gla_inputs(gk=-torch.rand(B, T, 1, K, generator=g)),  # a lane of size 1
+             gla_inputs(),
+             {n: x.double() for n, x in gla_inputs().items()},  # computes in float64
+             {n: x.to(torch.bfloat16) for n, x in gla_inputs().items()},  # fp32 inside, bf16 out
+             {n: x[:, :, 0] for n, x in gla_inputs().items()}]  # no lane axis: padded to one lane
+    for _ in range(2):
+        for inputs in calls:
+            inputs = {n: x + 0.01 * torch.rand(x.shape, generator=g).to(x.dtype) for n, x in inputs.items()}
+            got = layer(**inputs)
+            fresh._step_cache.clear()  # (a layer that prepares every call afresh)
+            want = fresh(**inputs)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    bad = gla_inputs()
+    bad["q"] = torch.rand(B, T, H, K + 1)
+    with pytest.raises(ValueError, match=r"input 'q' should end in shape"):
+        layer(**bad)
+    with pytest.raises(TypeError, match=r"missing input q\b"):
+        layer(**{n: x for n, x in gla_inputs().items() if n != "q"})
+
