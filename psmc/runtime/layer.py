@@ -412,7 +412,14 @@ class PsmLayer(nn.Module):
                 return eager(state_tensors, inputs)
             # traced: checked from literals the tensors' own guards pin; the constants (or the
             # error) are a graph constant of the key alone, one guard
-            error, constants = _compiled.step_constants(key, _describe(state_tensors), _describe(inputs))
+            got_state, got = _describe(state_tensors), _describe(inputs)
+            if all(d.__class__ is str or all(n.__class__ is int for n in d[0]) for d in got_state + got):
+                error, constants = _compiled.step_constants(key, got_state, got)
+            else:  # sizes Dynamo made symbolic (a call of another shape retraced): the check traced
+                mismatch = _compiled.mismatch_error(expect, got_state, got, strict=False)
+                if mismatch is not None:
+                    raise mismatch
+                error, constants = None, expect.constants
             if error is not None:
                 raise ValueError(error)
             return update(state_tensors, inputs, traced_lane, constants)
