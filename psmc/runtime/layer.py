@@ -376,6 +376,7 @@ class PsmLayer(nn.Module):
         device_type = ctx.dev.type
         sizes = [(x.shape, x.dtype, x.device) for x in (inputs[n] for n in names)]
         state_sizes = [(torch.Size(shape), dtype, dev) for _, shape, dtype, dev in expect.state]
+        n_inputs, n_state = len(sizes), len(state_sizes)
 
         def update(state_tensors, xs, lane, constants):
             names, plan, slots, finite, out_dtype = constants
@@ -396,11 +397,19 @@ class PsmLayer(nn.Module):
             return (outputs[0] if len(outputs) == 1 else outputs), state.tensors()
 
         def eager(state_tensors, xs):
-            if len(xs) != len(sizes) or any(
-                    not isinstance(x, Tensor) or x.shape != s or x.dtype != d or x.device != v
-                    for x, (s, d, v) in zip(xs, sizes)) or (state_tensors and (len(state_tensors) != len(state_sizes) or any(
-                    not isinstance(t, Tensor) or t.shape != s or t.dtype != d or t.device != v
-                    for t, (s, d, v) in zip(state_tensors, state_sizes)))):
+            ok = len(xs) == n_inputs and (not state_tensors or len(state_tensors) == n_state)
+            if ok:
+                for x, (shape, dtype, dev) in zip(xs, sizes):
+                    if x.__class__ is not Tensor and not isinstance(x, Tensor) or x.shape != shape or \
+                            x.dtype != dtype or x.device != dev:
+                        ok = False
+                        break
+                for t, (shape, dtype, dev) in zip(state_tensors, state_sizes):
+                    if t.__class__ is not Tensor and not isinstance(t, Tensor) or t.shape != shape or \
+                            t.dtype != dtype or t.device != dev:
+                        ok = False
+                        break
+            if not ok:
                 raise _compiled.mismatch_error(expect, _describe(state_tensors), _describe(xs))
             if torch.is_autocast_enabled(device_type):
                 with torch.autocast(device_type, enabled=False):
