@@ -140,9 +140,10 @@ def _bound_step_header(doc: str) -> list[str]:
         f'        """{doc}"""',
         "        return self._bind_step(call)(call.inputs, state)",
         "",
-        "    def _bind_step(self, call, traced=None):",
+        "    def _bind_step(self, call, *traced):",
         '        """The decode step of this call\'s input signature, as a closure (PsmLayer.step caches it); '
-        'traced: the form torch.compile traces (None: whether it traces now)."""',
+        '(True,) or (False,): the form torch.compile traces or the eager one (none: whether it traces now; '
+        'a default value would be one more guard of a compiled step)."""',
         "        cx, lead = call.ctx, call.lead",
         "        stream = self.spec.stream is not None",
         "",
@@ -212,8 +213,8 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     # (read once here: a compiled step then guards one dtype, not the dtype table)
     lines[-2:-2] = [f"        o_dtype = cx.dt[{op.outputs[0].dtype!r}]  # the output's dtype"]
     if p["kind"] != "none":
-        lines[-2:-2] = ["        if traced is None:  # bound while torch.compile traces a step",
-                        "            traced = torch.compiler.is_compiling()"]
+        lines[-2:-2] = ["        traced = traced[0] if traced else torch.compiler.is_compiling()  # (traced: a step "
+                        "torch.compile traces)"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
     lines += [

@@ -356,7 +356,7 @@ class PsmLayer(nn.Module):
         ctx, lead, tag = call.ctx, call.lead, call.tag
         if getattr(self, "_bind_step", None) is not None and spec.fast and self.use_fast_path and \
                 self.backend in ("auto", "torch") and ctx.dev.type == "cpu":
-            traced_lane = self._bind_step(call, traced=True)  # what a compiled `step` runs (`_step_runner`)
+            traced_lane = self._bind_step(call, True)  # what a compiled `step` runs (`_step_runner`)
         else:
             def traced_lane(inputs, state):  # the runner a compiled `step` chooses, asked when traced
                 return self._step_runner(call)(_Call(ctx, inputs, lead, True, tag), state)
