@@ -331,7 +331,9 @@ class PsmLayer(nn.Module):
         Exact scans only, and only those whose bodies do not read the token's position: the
         state is then its prefix alone and no token count is carried. A tree scan (a binary
         counter), a chunk op (a partial chunk) and an op that reads `index` need the count:
-        for them use `layer.step(state, ...)`; this refuses them and says so."""
+        for them use `layer.step(state, ...)`; this refuses them and says so. Build it again
+        after moving the layer or changing its dtype (`.to`, `.double`): it is bound to the
+        compute dtype and device of the layer it was built from."""
         spec = self.spec
         what = None
         if self._strategy.chunked:
@@ -390,8 +392,8 @@ class PsmLayer(nn.Module):
                     tuple(None if j is None else state_tensors[j] for j in slots)
             # the count: no body reads the position, so `count + 1` is all an update does with it
             outputs, state = lane(inputs, ScanState.make(prefix, 0, tag))
-            if finite:
-                self._check_outputs(outputs, call)
+            if finite:  # (a NaN that came in is not the op's doing: the check looks at these inputs)
+                self._check_outputs(outputs, _Call(ctx, inputs, lead, True, tag))
             if out_dtype is not None:
                 outputs = _in_dtype(outputs, call)
             return (outputs[0] if len(outputs) == 1 else outputs), state.tensors()

@@ -144,3 +144,20 @@ def test_another_signature_is_an_error_eager_and_compiled():
         compiled(state.tensors(), wide, v, gk, q)
     out2, _ = compiled(state.tensors(), k, v, gk, q)  # and the built signature still runs
     torch.testing.assert_close(out2, out)
+
+
+def test_half_inputs_and_the_always_finite_check_as_step():
+    """bf16 inputs are cast to the compute dtype and the outputs back to bf16, as `step` does;
+    with check_finite='always' a NaN input is not the op's doing (no error) in either."""
+    layer, tokens = stream("gla")
+    layer.check_finite = "always"
+    half = [{n: x.bfloat16() for n, x in token.items()} for token in tokens]
+    fn = layer.step_function(**half[0])
+    want, state = run_step(layer, half)
+    got, tensors = run_function(fn, half)
+    assert got[0][0].dtype == torch.bfloat16 and tensors[0].dtype == torch.float32
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+    nan = dict(half[1], q=torch.full_like(half[1]["q"], float("nan")))
+    out, _ = fn(tensors, *nan.values())
+    assert torch.isnan(out).all()
