@@ -5,8 +5,10 @@ Rows, all in one process on one machine, ms per token over --tokens tokens (one 
 - psmc GLA `step` (B=1, H=4, K=V=64), eager, against the same update written by hand in eager
   torch (S = exp(gk) * S + k v^T, o = q S / sqrt(K)): target <= 1.5x;
 - both under torch.compile (fullgraph, inductor): target psmc compiled <= 1.0x the compiled hand
-  step; beside them the hand step keeping a count (S, n + 1) and the hand step behind psmc's
-  interface (a ScanState in and out, keyword inputs), which split the gap into its causes;
+  step, for `layer.step` and for `layer.step_function` (state tensors and positional inputs in,
+  plain tensors out: the bare hand step's interface); beside them the hand step keeping a count
+  (S, n + 1) and the hand step behind psmc's interface (a ScanState in and out, keyword inputs),
+  which split `step`'s gap into its causes;
 - the selective SSM (Mamba S6, B=1, D=256 channels, N=16) `step` against its hand-written
   update (h = exp(delta A) h + delta B u, y = sum(h C)), eager;
 - the GLA parallel pass (B=1, T=1024) eager vs torch.compile'd, and the first-order recurrence.
@@ -141,10 +143,16 @@ def pieces(layer, state0, token):
     calls = {"bare hand step": lambda: compiled["bare hand step"](S, k, v, gk, q),
              "hand step behind psmc's interface": lambda: compiled["hand step behind psmc's interface"](state0, **inputs),
              "psmc step": lambda: compiled["psmc step"](state0, **inputs)}
+    fn = layer.step_function(**inputs)
+    compiled["psmc step_function"] = torch.compile(fn, fullgraph=True)
+    tensors = state0.tensors()
+    calls["psmc step_function"] = lambda: compiled["psmc step_function"](tensors, k, v, gk, q)
     frames = {"bare hand step": (hand_step.__code__, dict(S=S, k=k, v=v, gk=gk, q=q)),
               "hand step behind psmc's interface": (HandInterface.step.__code__,
                                                     dict(self=iface, state=state0, inputs=inputs)),
-              "psmc step": (PsmLayer.step.__code__, dict(self=layer, state=state0, args=(), inputs=inputs))}
+              "psmc step": (PsmLayer.step.__code__, dict(self=layer, state=state0, args=(), inputs=inputs)),
+              "psmc step_function": (fn.__code__, dict(state_tensors=tensors, inputs=(k, v, gk, q)))}
+    frames["psmc step_function"][1].update(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
     states = {"a frozen dataclass (ScanState)": (ScanState, state0),
               "a mutable dataclass": (_MutableState, _MutableState(state0.prefix, state0.count, state0.op)),
               "a typing.NamedTuple": (_TupleState, _TupleState(state0.prefix, state0.count, state0.op))}
@@ -249,6 +257,15 @@ def main(argv=None):
                     _, S, n_ = step(S, n_, ks[t], vs[t], gks[t], qs[t])
         return go
 
+    def run_function(fn):  # layer.step_function: state tensors and positional inputs in, plain tensors out
+        def go(count):
+            tensors = state0.tensors()
+            with torch.no_grad():
+                for t in range(count):
+                    _, tensors = fn(tensors, ks[t], vs[t], gks[t], qs[t])
+        return go
+
+    step_fn = layer.step_function(k=ks[0], v=vs[0], gk=gks[0], q=qs[0])
     fns = [("hand-written eager torch step", run_hand(hand_step)), ("psmc gla step, eager", run_psmc(layer.step))]
     if not args.no_compile:
         fns += [("hand-written step, torch.compile(fullgraph)", run_hand(torch.compile(hand_step, fullgraph=True))),
@@ -257,6 +274,9 @@ def main(argv=None):
                  run_counted(torch.compile(hand_counted_step, fullgraph=True))),
                 ("hand-written step behind psmc's interface (ScanState in/out, keyword inputs), torch.compile(fullgraph)",
                  run_psmc(torch.compile(HandInterface().step, fullgraph=True))),
+                ("psmc step_function, torch.compile(fullgraph=True)",
+                 run_function(torch.compile(step_fn, fullgraph=True))),
+                ("psmc step_function, eager", run_function(step_fn)),
                 ("torch.compile floor: x + 1 on one element, per call",
                  lambda count, f=torch.compile(lambda x: x + 1, fullgraph=True), x=torch.zeros(1): [f(x) for _ in range(count)])]
     times = per_token_ms([fn for _, fn in fns], args.tokens, args.repeat)
@@ -272,6 +292,8 @@ def main(argv=None):
         print(f"psmc compiled / the hand step behind psmc's interface compiled: {times[3] / times[5]:.2f}x "
               f"(psmc's own per-call cost); that hand step / the bare hand step: {times[5] / times[2]:.2f}x "
               "(the interface's: a state object rebuilt after the graph, its count, keyword inputs)")
+        print(f"psmc step_function compiled / the bare hand step compiled: {times[6] / times[2]:.2f}x (target <= 1.0x); "
+              f"step_function eager / hand eager: {times[7] / hand:.2f}x")
     if args.step_only:
         return
     if not args.no_compile:

@@ -140,8 +140,10 @@ def _bound_step_header(doc: str) -> list[str]:
         f'        """{doc}"""',
         "        return self._bind_step(call)(call.inputs, state)",
         "",
-        "    def _bind_step(self, call):",
-        '        """The decode step of this call\'s input signature, as a closure (PsmLayer.step caches it)."""',
+        "    def _bind_step(self, call, *traced):",
+        '        """The decode step of this call\'s input signature, as a closure (PsmLayer.step caches it); '
+        '(True,) or (False,): the form torch.compile traces or the eager one (none: whether it traces now; '
+        'a default value would be one more guard of a compiled step)."""',
         "        cx, lead = call.ctx, call.lead",
         "        stream = self.spec.stream is not None",
         "",
@@ -208,8 +210,11 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     lines = _bound_step_header(f"One token of the chunkwise form (decay: {p['kind']}): the state update by hand.")
     constant, per_token = _split_constant(body)
     lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: computed once per signature
+    # (read once here: a compiled step then guards one dtype, not the dtype table)
+    lines[-2:-2] = [f"        o_dtype = cx.dt[{op.outputs[0].dtype!r}]  # the output's dtype"]
     if p["kind"] != "none":
-        lines[-2:-2] = ["        traced = torch.compiler.is_compiling()  # bound while torch.compile traces a step"]
+        lines[-2:-2] = ["        traced = traced[0] if traced else torch.compiler.is_compiling()  # (traced: a step "
+                        "torch.compile traces)"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
     lines += [
@@ -237,8 +242,8 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         "            if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
         "                s_last = s_last.expand(*lead, *s_last.shape[-2:])",
         f"            out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
-        f"            if out.dtype != cx.dt[{op.outputs[0].dtype!r}]:  # (its lead is s_last's: [B, *lanes])",
-        f"                out = out.to(cx.dt[{op.outputs[0].dtype!r}])",
+        "            if out.dtype != o_dtype:  # (its lead is s_last's: [B, *lanes])",
+        "                out = out.to(o_dtype)",
     ]
     if p["decay_index"] is not None and p["decay_index"] not in dead:  # else: None in its slot
         A = op.state[p["decay_index"]]

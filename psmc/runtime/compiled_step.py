@@ -25,6 +25,7 @@ shapes) are not literals: those calls take the fully traced check.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -70,3 +71,61 @@ def _method_name(layer, run) -> str | None:
     """The name of the runner when it is a method of the layer (a function cannot be a graph
     constant: Dynamo cannot guard it), else None (the trace then asks `_step_runner` itself)."""
     return run.__name__ if getattr(run, "__self__", None) is layer else None
+
+
+# ---------------------------------------------------------------- PsmLayer.step_function
+@dataclasses.dataclass(frozen=True)
+class StepSignature:
+    """What a step function was built for: the op, its inputs' names, (shape, dtype, device)
+    of each input and (name, shape, dtype, device) of each state tensor; `constants`, what its
+    update reads besides tensors (input names, casts, state slots, finite check, output dtype)."""
+
+    op: str
+    names: tuple
+    inputs: tuple
+    state: tuple
+    constants: tuple
+
+
+_SIGNATURES: list = []  # register(): a step function's key is its index (entries are never changed)
+
+
+def register(signature: StepSignature) -> int:
+    """The key a compiled step function hands `step_mismatch` (an int: one cheap guard)."""
+    _SIGNATURES.append(signature)
+    return len(_SIGNATURES) - 1
+
+
+@torch.compiler.assume_constant_result
+def step_constants(key: int, state: tuple, inputs: tuple) -> tuple:
+    """(None, step function `key`'s constants) when called with state tensors and inputs of
+    these signatures (`PsmLayer`'s `_describe`), (the error message, None) when they are not
+    the ones it was built for.
+    A function of its arguments alone (registered signatures never change), which Dynamo
+    guards: the key is one guard, the signatures are pinned by the tensors' own guards."""
+    signature = _SIGNATURES[key]
+    error = mismatch_error(signature, state, inputs, strict=False)
+    return (None, signature.constants) if error is None else (str(error), None)
+
+
+def mismatch_error(sig: StepSignature, state: tuple, inputs: tuple, strict: bool = True):
+    """The ValueError (TypeError for a wrong input count) naming the first input or state
+    tensor that differs from `sig`; None when none does (strict: the caller knows one does)."""
+    def shown(d):
+        return d if isinstance(d, str) else f"{d[0]} {d[1]} on {d[2]}"
+    if len(inputs) != len(sig.inputs):
+        return TypeError(f"{sig.op} step function takes the state tensors and {len(sig.inputs)} inputs "
+                         f"({', '.join(sig.names)}), got {len(inputs)} inputs")
+    for name, got, want in zip(sig.names, inputs, sig.inputs):
+        if got != want:
+            return ValueError(f"{sig.op} step function: input '{name}' is {shown(got)}, but the function was built "
+                              f"for {shown(want)}: build one for this signature with layer.step_function(...), or "
+                              "use layer.step")
+    want = tuple(s[1:] for s in sig.state)
+    if state and state != want:
+        return ValueError(f"{sig.op} step function: the state tensors are ({', '.join(shown(d) for d in state)}), but "
+                          f"this signature's state is ({', '.join(f'{s[0]}: {shown(s[1:])}' for s in sig.state)}): "
+                          "pass state.tensors() of a state of this layer, or () before the first token")
+    if strict:
+        raise AssertionError("mismatch_error called on a matching signature")
+    return None

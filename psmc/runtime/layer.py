@@ -354,6 +354,133 @@ class PsmLayer(nn.Module):
             state = _tagged(state, tag)
         return (outputs[0] if len(outputs) == 1 else outputs), state
 
+    def step_function(self, *args, **example):
+        """A functional decode step over plain tensors, bound to one example token's signature:
+        `fn = layer.step_function(**token)` (or the inputs positionally, in the op's declared
+        order) returns `fn(state_tensors, *inputs) -> (outputs, new_state_tensors)`, what serving
+        engines compile (fla- and vLLM-style: no state object, no keyword inputs).
+
+        `state_tensors` is the tuple `state.tensors()` gives and `ScanState.from_tensors` takes
+        (the live fields, `[B, *lanes, *field]`), or `()` before the first token; `inputs` are
+        `[B, *lanes, *declared]`, positional. Every check of `step` runs here, once; `fn` runs
+        the update `step` runs for this signature (equal to `step` bit for bit in eager) after a
+        cheap check that the inputs and state tensors have the example's shapes, dtypes and
+        devices (else a ValueError naming the input). Under torch.compile the check runs when
+        the call is traced, from literals Dynamo already guards: a call of another signature
+        retraces and fails with the same message.
+
+        Exact scans only, and only those whose bodies do not read the token's position: the
+        state is then its prefix alone and no token count is carried. A tree scan (a binary
+        counter), a chunk op (a partial chunk) and an op that reads `index` need the count:
+        for them use `layer.step(state, ...)`; this refuses them and says so. Build it again
+        after moving the layer or changing its dtype (`.to`, `.double`): it is bound to the
+        compute dtype and device of the layer it was built from."""
+        spec = self.spec
+        what = None
+        if self._strategy.chunked:
+            what = "a chunk op: its state holds the partial chunk's tokens and their count"
+        elif not self._strategy.plain_tensors:
+            what = f"a {self._strategy.noun}: its state is a binary counter whose shape follows the token count"
+        elif spec.lift_index or spec.readout_index:
+            what = "an op that reads the token's position (index): its update needs the token count"
+        if what is not None:
+            raise TypeError(f"{spec.name}.step_function takes exact scans whose state is plain tensors; this is {what}. "
+                            "Use layer.step(state, ...), which carries the count in its state")
+        if _is_compiling():
+            raise RuntimeError(f"{spec.name}.step_function builds a step eagerly, once per stream signature: build it "
+                               "outside torch.compile, then compile the function it returns")
+        inputs = self._bind_positional(args, dict(example))
+        call = self._prepare(inputs, step=True)  # every check of `step`, once
+        names = tuple(s.name for s in spec.inputs)
+        plan = tuple((n, call.inputs[n].shape, call.inputs[n].dtype) for n, x in inputs.items()
+                     if x.dtype != call.inputs[n].dtype or x.shape != call.inputs[n].shape)
+        run = self._step_runner(call)
+        eager_lane = self._lane(call, run)  # what eager `step` runs for this signature
+        ctx, lead, tag = call.ctx, call.lead, call.tag
+        if getattr(self, "_bind_step", None) is not None and spec.fast and self.use_fast_path and \
+                self.backend in ("auto", "torch") and ctx.dev.type == "cpu":
+            traced_lane = self._bind_step(call, True)  # what a compiled `step` runs (`_step_runner`)
+        else:
+            def traced_lane(inputs, state):  # the runner a compiled `step` chooses, asked when traced
+                return self._step_runner(call)(_Call(ctx, inputs, lead, True, tag), state)
+        live = [f for i, f in enumerate(spec.fields)
+                if i not in spec.dead and (spec.stream is None or f.name in spec.stream)]
+        # the dead fields' slots (None) in a slotted layout; None: the tensors are the prefix as is
+        slots = None if spec.stream is not None or not spec.dead else tuple(
+            None if i in spec.dead else sum(1 for j in range(i) if j not in spec.dead) for i in range(len(spec.fields)))
+        finite = self.check_finite == "always"  # (as `step`: a NaN check of every token is opt-in)
+        expect = _compiled.StepSignature(
+            op=spec.name, names=names,
+            inputs=tuple((tuple(inputs[n].shape), inputs[n].dtype, inputs[n].device) for n in names),
+            state=tuple((f.name, lead + tuple(int(s) for s in f.shape(ctx.d)), ctx.dt[f.dtype], ctx.dev) for f in live),
+            constants=(names, tuple((n, tuple(shape), dtype) for n, shape, dtype in plan), slots, finite,
+                       call.out_dtype))
+        key = _compiled.register(expect)
+        device_type = ctx.dev.type
+        sizes = [(x.shape, x.dtype, x.device) for x in (inputs[n] for n in names)]
+        state_sizes = [(torch.Size(shape), dtype, dev) for _, shape, dtype, dev in expect.state]
+        n_inputs, n_state = len(sizes), len(state_sizes)
+
+        def update(state_tensors, xs, lane, constants):
+            names, plan, slots, finite, out_dtype = constants
+            inputs = {n: x for n, x in zip(names, xs)}
+            for n, shape, dtype in plan:  # (most signatures need no cast or reshape)
+                x = inputs[n]
+                inputs[n] = (x if x.dtype == dtype else x.to(dtype)).reshape(shape)
+            prefix = None
+            if state_tensors:
+                prefix = tuple(state_tensors) if slots is None else \
+                    tuple(None if j is None else state_tensors[j] for j in slots)
+            # the count: no body reads the position, so `count + 1` is all an update does with it
+            outputs, state = lane(inputs, ScanState.make(prefix, 0, tag))
+            if finite:  # (a NaN that came in is not the op's doing: the check looks at these inputs)
+                self._check_outputs(outputs, _Call(ctx, inputs, lead, True, tag))
+            if out_dtype is not None:
+                outputs = _in_dtype(outputs, call)
+            return (outputs[0] if len(outputs) == 1 else outputs), state.tensors()
+
+        def eager(state_tensors, xs):
+            ok = len(xs) == n_inputs and (not state_tensors or len(state_tensors) == n_state)
+            if ok:
+                for x, (shape, dtype, dev) in zip(xs, sizes):
+                    if x.__class__ is not Tensor and not isinstance(x, Tensor) or x.shape != shape or \
+                            x.dtype != dtype or x.device != dev:
+                        ok = False
+                        break
+                for t, (shape, dtype, dev) in zip(state_tensors, state_sizes):
+                    if t.__class__ is not Tensor and not isinstance(t, Tensor) or t.shape != shape or \
+                            t.dtype != dtype or t.device != dev:
+                        ok = False
+                        break
+            if not ok:
+                raise _compiled.mismatch_error(expect, _describe(state_tensors), _describe(xs))
+            if torch.is_autocast_enabled(device_type):
+                with torch.autocast(device_type, enabled=False):
+                    return update(state_tensors, xs, eager_lane, expect.constants)
+            return update(state_tensors, xs, eager_lane, expect.constants)
+
+        def step_fn(state_tensors, *inputs):
+            if not _is_compiling():
+                return eager(state_tensors, inputs)
+            # traced: checked from literals the tensors' own guards pin; the constants (or the
+            # error) are a graph constant of the key alone, one guard
+            got_state, got = _describe(state_tensors), _describe(inputs)
+            if all(d.__class__ is str or all(n.__class__ is int for n in d[0]) for d in got_state + got):
+                error, constants = _compiled.step_constants(key, got_state, got)
+            else:  # sizes Dynamo made symbolic (a call of another shape retraced): the check traced
+                mismatch = _compiled.mismatch_error(expect, got_state, got, strict=False)
+                if mismatch is not None:
+                    raise mismatch
+                error, constants = None, expect.constants
+            if error is not None:
+                raise ValueError(error)
+            return update(state_tensors, inputs, traced_lane, constants)
+
+        step_fn.__name__ = step_fn.__qualname__ = f"{spec.name}_step"
+        step_fn.__doc__ = (f"One token of {tag}: ({', '.join(f.name for f in live)}) state tensors and the inputs "
+                           f"({', '.join(names)}) -> (outputs, new state tensors); see PsmLayer.step_function.")
+        return step_fn
+
     def init_state(self, batch_shape=(), device=None, dtype=None):
         """An empty stream state. For chunk ops the partial-chunk buffer is created on the
         first `step` (its shape follows the inputs)."""
@@ -979,6 +1106,13 @@ class _Call:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _describe(values) -> tuple:
+    """(shape, dtype, device) of each tensor, the type's name for anything else (a step
+    function's signature check): literals, so under torch.compile (static shapes) they cost no
+    guard beyond the tensors' own."""
+    return tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, Tensor) else type(v).__name__ for v in values)
 
 
 def _has_nan(x: Tensor) -> bool:

@@ -1,0 +1,163 @@
+"""`layer.step_function(**token)`: the functional decode step over plain tensors (issue 13 item 7).
+
+Over a stream of tokens it equals `layer.step` bit for bit in eager and closely under
+torch.compile(fullgraph=True) (zero graph breaks, counted by torch._dynamo.explain); the ops
+whose update needs the token count (tree scans, chunk ops, bodies that read `index`) are
+refused with an error naming `step`; a call of another signature than the example's is an
+error in eager and, retraced, under torch.compile. Backend "eager": Dynamo's capture is under
+test, not Inductor's C++ builds (too slow for a small shared CI machine); benchmarks/step.py
+times the Inductor-compiled function."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+from layer_cases import CASES
+from layer_harness import as_tuple, layer_class, make_inputs
+
+# one op per step form: the chunkwise bound step (gla: key decay, retention: scalar decay with
+# a per-sequence input broadcast over time), the first-order bound step (selective_ssm) and the
+# delta rule (its compact stream layout, a runner given a _Call per token)
+OPS = ["gla", "retention", "selective_ssm", "delta_rule"]
+TOKENS = 5
+
+
+def stream(name, batch=2):
+    case = CASES[name]
+    cls = layer_class(name)
+    dims = case.dim_sets[-1]
+    torch.manual_seed(0)
+    layer = cls(**dims)
+    inputs = make_inputs(cls, dims, batch, TOKENS, (2,), tuple((False,) for _ in cls.spec.inputs), seed=1,
+                         kinds=case.kinds)
+    inputs = {n: (x.float() if x.is_floating_point() else x) for n, x in inputs.items()}
+    tokens = [{n: x[:, t] for n, x in inputs.items()} for t in range(TOKENS)]
+    return layer, tokens
+
+
+def run_step(layer, tokens):
+    state, outs = layer.init_state(), []
+    for token in tokens:
+        out, state = layer.step(state, **token)
+        outs.append(as_tuple(out))
+    return outs, state
+
+
+def run_function(fn, tokens, state_tensors=()):
+    outs = []
+    for token in tokens:
+        out, state_tensors = fn(state_tensors, *token.values())
+        outs.append(as_tuple(out))
+    return outs, state_tensors
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_equals_step_bit_for_bit_in_eager(name):
+    layer, tokens = stream(name)
+    fn = layer.step_function(**tokens[0])
+    want, state = run_step(layer, tokens)
+    got, tensors = run_function(fn, tokens)
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+    assert len(tensors) == len(state.tensors()) >= 1
+    assert all(torch.equal(a, b) for a, b in zip(tensors, state.tensors()))
+    # continuing a state made by forward (its tensors()), positional example inputs
+    fn2 = layer.step_function(*tokens[0].values())
+    _, state2 = layer(**{n: x.unsqueeze(1) for n, x in tokens[0].items()}, return_state=True)
+    want_rest, _ = run_step_from(layer, state2, tokens[1:])
+    got_rest, _ = run_function(fn2, tokens[1:], state2.tensors())
+    for g, w in zip(got_rest, want_rest):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+
+
+def run_step_from(layer, state, tokens):
+    outs = []
+    for token in tokens:
+        out, state = layer.step(state, **token)
+        outs.append(as_tuple(out))
+    return outs, state
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_compiled_fullgraph_equals_step(name):
+    layer, tokens = stream(name)
+    fn = layer.step_function(**tokens[0])
+    _, state = run_step(layer, tokens[:1])
+    dynamo.reset()
+    explained = dynamo.explain(fn)(state.tensors(), *tokens[1].values())
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    want, state = run_step(layer, tokens)
+    got, tensors = run_function(compiled, tokens)  # () first: a second graph, then the stream's
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b)
+    for a, b in zip(tensors, state.tensors()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name, what", [("ema", "binary counter"), ("running_argmax", "position (index)"),
+                                        ("transformer_psm", "chunk op")])
+def test_count_reading_plans_are_refused_naming_step(name, what):
+    layer, tokens = stream(name, batch=1)
+    with pytest.raises(TypeError) as err:
+        layer.step_function(**tokens[0])
+    message = str(err.value)
+    assert what in message and "layer.step(state, ...)" in message and name in message
+
+
+def test_another_signature_is_an_error_eager_and_compiled():
+    layer, tokens = stream("gla")
+    fn = layer.step_function(**tokens[0])
+    _, state = run_step(layer, tokens[:1])
+    k, v, gk, q = tokens[1].values()
+    wide = torch.cat([k, k])  # batch 4, built for 2
+    shape, S = tuple(k.shape), tuple(state.tensors()[0].shape)
+    built = re.escape(f"gla step function: input 'k' is {(4,) + shape[1:]} torch.float32 on cpu, but the function "
+                      f"was built for {shape} torch.float32 on cpu: build one for this signature with "
+                      "layer.step_function(...), or use layer.step")
+    with pytest.raises(ValueError, match=built):
+        fn(state.tensors(), wide, v, gk, q)
+    with pytest.raises(ValueError, match=re.escape(f"input 'q' is {shape} torch.float64")):
+        fn(state.tensors(), k, v, gk, q.double())
+    with pytest.raises(ValueError, match=re.escape(f"the state tensors are ({shape} torch.float32 on cpu), but this "
+                                                   f"signature's state is (S: {S} torch.float32 on cpu)")):
+        fn((k,), k, v, gk, q)
+    with pytest.raises(TypeError, match=r"takes the state tensors and 4 inputs \(k, v, gk, q\), got 3"):
+        fn(state.tensors(), k, v, gk)
+    dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    out, _ = compiled(state.tensors(), k, v, gk, q)
+    torch.testing.assert_close(out, fn(state.tensors(), k, v, gk, q)[0])
+    # Dynamo's guards retrace: the same check, at trace time (static sizes: from the literals;
+    # a batch Dynamo made symbolic after the first retrace: traced), raised through Dynamo
+    with pytest.raises(Exception, match=re.escape(f"input 'q' is {shape} torch.float64 on cpu, but the function "
+                                                  f"was built for {shape} torch.float32 on cpu")):
+        compiled(state.tensors(), k, v, gk, q.double())
+    with pytest.raises(Exception, match=r"input 'k' is .*torch.float32 on cpu'?, but the function was built for "
+                                        + re.escape(f"{shape} torch.float32 on cpu")):
+        compiled(state.tensors(), wide, v, gk, q)
+    out2, _ = compiled(state.tensors(), k, v, gk, q)  # and the built signature still runs
+    torch.testing.assert_close(out2, out)
+
+
+def test_half_inputs_and_the_always_finite_check_as_step():
+    """bf16 inputs are cast to the compute dtype and the outputs back to bf16, as `step` does;
+    with check_finite='always' a NaN input is not the op's doing (no error) in either."""
+    layer, tokens = stream("gla")
+    layer.check_finite = "always"
+    half = [{n: x.bfloat16() for n, x in token.items()} for token in tokens]
+    fn = layer.step_function(**half[0])
+    want, state = run_step(layer, half)
+    got, tensors = run_function(fn, half)
+    assert got[0][0].dtype == torch.bfloat16 and tensors[0].dtype == torch.float32
+    for g, w in zip(got, want):
+        assert all(torch.equal(a, b) for a, b in zip(g, w))
+    nan = dict(half[1], q=torch.full_like(half[1]["q"], float("nan")))
+    out, _ = fn(tensors, *nan.values())
+    assert torch.isnan(out).all()
