@@ -25,6 +25,7 @@ import functools
 import hashlib
 import math
 import os
+import platform
 import shutil
 import sys
 import warnings
@@ -36,7 +37,12 @@ import torch
 
 from .state import ScanState
 
-CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")  # the last two let exp / select loops vectorise
+# -fno-math-errno/-fno-trapping-math let exp / select loops vectorise; -march=native (on Linux
+# x86-64 and arm64, where gcc and clang take it) lets them use this machine's widest vectors
+# (AVX2/AVX-512: the recurrence forward runs 2x faster than with the SSE2 baseline), so the cache
+# key covers the CPU model and its feature flags too
+CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math") + \
+    (("-march=native",) if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64") else ())
 LDFLAGS = ("-fopenmp",)
 # backend='auto': a matrix-state op whose forward also has the chunkwise matmul form runs that
 # form above this many tokens (the token loop does O(K V) work per token without matmuls)
@@ -94,9 +100,21 @@ def _key_of(source: str, cxx: str) -> str:
     """Memoised: a decode step asks for the library on every token (the source string's hash
     is cached by Python, so a hit costs a dict lookup, not a SHA-256 of the source)."""
     digest = hashlib.sha256()
-    for part in (source, " ".join(CFLAGS + LDFLAGS), cxx, torch.__version__, sys.platform):
+    for part in (source, " ".join(CFLAGS + LDFLAGS), cxx, torch.__version__, sys.platform, _machine()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags (a cache directory
+    shared by two machines must not hand one the other's instructions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def build_dir(source: str) -> Path:
@@ -470,3 +488,127 @@ def step(layer, call, state):
         call.outputs_checked = True
     new_state = ScanState(prefix=new_state.prefix, count=state.count + 1)
     return tuple(o.squeeze(1) for o in outputs), new_state
+
+
+def bind_step(layer, call, general):
+    """The C++ step of one input signature, as a closure `(inputs, state) -> (outputs, new
+    state)` (PsmLayer.step caches it per signature: its decode lane). Everything that depends
+    only on shapes and dtypes is computed here once: the geometry, the integer arguments, the
+    kernel function, the inputs' strides, scratch for the fields a stream state leaves out. A
+    token then writes its tensors' addresses into one pointer array and makes one ctypes call:
+    no view, cast, copy or dataclass per token; the kernel reads the state where it lies and
+    writes the new state and the outputs straight into fresh tensors of their final shapes.
+
+    `general(inputs, state)` (the layer's per-token `step`) serves the tokens this path does not
+    cover: grad mode on (autograd records through `_CpuScan` there), an input, param or state
+    laid out differently from what was bound (a cast or a copy would be needed), a state in
+    another layout. Its NaN flags are not read: the decode lane checks no outputs (the layer
+    binds it only when check_finite != 'always')."""
+    k = layer._cpu_kernels
+    spec = layer.spec
+    ctx = call.ctx
+    compute = k.compute_dtype(ctx)
+    lib = library(k)
+    if lib is None:
+        return general
+    fn = _function(lib, k, "forward", compute)
+    B, lanes = call.lead[0], tuple(call.lead[1:])
+    g = _geometry(k, call, (B, 1) + lanes, bool(getattr(layer, "per_lane", ())))
+    # inputs: the token's tensor itself when its [B, 1, L, *extent] view needs no copy or cast
+    in_names, in_strides, ints_strides = [], [], []
+    for name, role, dtype in zip(k.inputs, k.input_roles, k.input_dtypes):
+        x = call.inputs[name]
+        view, st = _input_view(x.unsqueeze(1), g, role, _storage_dtype(dtype, compute))
+        if view.data_ptr() != x.data_ptr() or view.dtype != x.dtype:
+            return general  # a layout that needs a copy or a cast each token: the general step
+        in_names.append(name)
+        in_strides.append(x.stride())
+        ints_strides += st
+    params = []
+    for name in k.params:
+        p = getattr(layer, "p_" + name)
+        want = compute if p.is_floating_point() else torch.int64
+        if p.dtype != want or not p.is_contiguous():
+            return general
+        params.append(("p_" + name, p))
+        ints_strides.append(p.numel() // g.L if name in getattr(layer, "per_lane", ()) else 0)
+    fshapes, oshapes = _declared(spec.fields, call), _declared(spec.outputs, call)
+    fdtypes = [_storage_dtype(d, compute) for d in k.field_dtypes]
+    odtypes = [_storage_dtype(d, compute) for d in k.output_dtypes]
+    if any(st != ctx.dt[f.dtype] for st, f in zip(fdtypes, spec.fields)) or \
+            any(st != ctx.dt[o.dtype] for st, o in zip(odtypes, spec.outputs)):
+        return general  # (an f64 op's f32 values: casts per token)
+    # where each field's carry comes from in a stream prefix (None: a field the stream leaves out,
+    # which feeds only its own next value: any value serves, the kernel gets zeros)
+    keep, dead = spec.stream, set(spec.dead)
+    if keep is not None:
+        source = [keep.index(f.name) if f.name in keep else None for f in spec.fields]
+        width = len(keep)
+    else:
+        source = [None if i in dead else i for i in range(len(spec.fields))]
+        width = len(spec.fields)
+    fshape_full = [(B, *lanes, *s) for s in fshapes]
+    scratch_in = [torch.zeros(s, dtype=d) if j is None else None for s, d, j in zip(fshape_full, fdtypes, source)]
+    scratch_out = [torch.empty(s, dtype=d) if j is None else None for s, d, j in zip(fshape_full, fdtypes, source)]
+    nan = torch.empty(g.items, dtype=torch.bool)  # (the lane checks no outputs: see above)
+    empty = [torch.empty(0, dtype=d) for d in fdtypes]  # the saved prefixes: not saved
+    ints = [g.B, 1, g.L, g.R, g.C, 0, 0, 0, g.width] + [int(ctx.d[d]) for d in k.dims] + ints_strides
+    nums = (ctypes.c_int64 * len(ints))(*ints)
+    n_in, n_par, n_f, n_out = len(in_names), len(params), len(fdtypes), len(odtypes)
+    ptrs = (ctypes.c_void_p * (n_in + n_par + 3 * n_f + n_out + 1))()
+    base_fin = n_in + n_par + n_f + n_out
+    for i in range(n_f):
+        ptrs[base_fin + n_f + i] = empty[i].data_ptr()
+        if scratch_out[i] is not None:
+            ptrs[base_fin + i] = scratch_out[i].data_ptr()
+    ptrs[base_fin + 2 * n_f] = nan.data_ptr()
+    uses_index = spec.lift_index or spec.readout_index
+    threads = _threads(g)
+    # the fields the new state holds, in its prefix's order (dead ones get None in their slots)
+    keep_order = [source.index(j) for j in range(width)] if keep is not None else \
+        [i for i in range(len(source)) if source[i] is not None]
+
+    def step(inputs, state):
+        if torch.is_grad_enabled():
+            return general(inputs, state)
+        prefix = state.prefix
+        if prefix is not None and len(prefix) != width:
+            return general(inputs, state)
+        for j, name in enumerate(in_names):
+            x = inputs[name]
+            if x.stride() != in_strides[j]:
+                return general(inputs, state)
+            ptrs[j] = x.data_ptr()
+        for j, (attr, p) in enumerate(params):
+            if getattr(layer, attr) is not p:
+                return general(inputs, state)
+            ptrs[n_in + j] = p.data_ptr()
+        base = n_in + n_par
+        for i in range(n_f):
+            j = source[i]
+            if j is None:
+                ptrs[base + i] = scratch_in[i].data_ptr()
+            elif prefix is not None:
+                t = prefix[j]
+                if t is None or t.dtype != fdtypes[i] or t.shape != fshape_full[i] or not t.is_contiguous():
+                    return general(inputs, state)
+                ptrs[base + i] = t.data_ptr()
+        nums[6] = prefix is not None
+        if uses_index:
+            nums[5] = int(state.count)
+        outs = [torch.empty(B, *lanes, *s, dtype=d) for s, d in zip(oshapes, odtypes)]
+        for j, o in enumerate(outs):
+            ptrs[base + n_f + j] = o.data_ptr()
+        fins = []
+        for i in keep_order:
+            t = torch.empty(fshape_full[i], dtype=fdtypes[i])
+            ptrs[base_fin + i] = t.data_ptr()
+            fins.append(t)
+        fn(ptrs, nums, threads)
+        if keep is None and dead:
+            it = iter(fins)
+            fins = [None if i in dead else next(it) for i in range(n_f)]
+        return tuple(outs), ScanState.make(tuple(fins), state.count + 1, state.op)
+
+    step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
+    return step
