@@ -564,6 +564,8 @@ def bind_step(layer, call, general):
     ptrs[base_fin + 2 * n_f] = nan.data_ptr()
     uses_index = spec.lift_index or spec.readout_index
     threads = _threads(g)
+    out_alloc = [((B, *lanes, *s), d) for s, d in zip(oshapes, odtypes)]
+    one = torch.ones((), dtype=torch.int64)  # (a tensor + a tensor costs less than a tensor + an int)
     # the fields the new state holds, in its prefix's order (dead ones get None in their slots)
     keep_order = [source.index(j) for j in range(width)] if keep is not None else \
         [i for i in range(len(source)) if source[i] is not None]
@@ -596,19 +598,19 @@ def bind_step(layer, call, general):
         nums[6] = prefix is not None
         if uses_index:
             nums[5] = int(state.count)
-        outs = [torch.empty(B, *lanes, *s, dtype=d) for s, d in zip(oshapes, odtypes)]
+        outs = [torch.empty(*s, dtype=d) for s, d in out_alloc]
         for j, o in enumerate(outs):
             ptrs[base + n_f + j] = o.data_ptr()
         fins = []
         for i in keep_order:
-            t = torch.empty(fshape_full[i], dtype=fdtypes[i])
+            t = torch.empty(*fshape_full[i], dtype=fdtypes[i])
             ptrs[base_fin + i] = t.data_ptr()
             fins.append(t)
         fn(ptrs, nums, threads)
         if keep is None and dead:
             it = iter(fins)
             fins = [None if i in dead else next(it) for i in range(n_f)]
-        return tuple(outs), ScanState.make(tuple(fins), state.count + 1, state.op)
+        return tuple(outs), ScanState.make(tuple(fins), state.count + one, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
     return step
