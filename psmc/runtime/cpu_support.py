@@ -231,6 +231,26 @@ def use_cpu(layer, call, kind: str) -> bool:
     return library(k) is not None
 
 
+def auto_steps(layer, call) -> bool:
+    """backend='auto' steps with the C++ kernels when the tokens will run the bound step
+    (`bind_step`): a float32 kernel whose inputs and params are float32 already, the decode
+    lane (no cast, no per-token output check: `call.step_lean`, set by PsmLayer._prepare_step),
+    grad mode off. There it beats the torch step for 13 of the 14 covered examples (docs/cpu.md,
+    B=1, one thread: 0.25x-0.62x); the 14th, a first-order recurrence of one number per lane
+    (`linear_recurrence`, 'lanes' mode with the first-order fast path), steps faster with
+    torch's one fused multiply-add (1.36x), so it stays there."""
+    k = getattr(layer, "_cpu_kernels", None)
+    if k is None or not getattr(call, "step_lean", False) or torch.is_grad_enabled():
+        return False
+    if k.compute_dtype(call.ctx) != torch.float32:
+        return False
+    if k.mode == "lanes" and (getattr(layer.spec, "fast", None) or "").startswith("first_order"):
+        return False
+    floats = [x for x in call.inputs.values() if x.is_floating_point()] + \
+        [p for p in _params(layer) if p.is_floating_point()]
+    return all(x.dtype == torch.float32 for x in floats)
+
+
 # ---------------------------------------------------------------------- layout
 @dataclass(frozen=True)
 class _Geometry:
