@@ -291,8 +291,11 @@ def scalarize(lines: list) -> list:
             here = len(_NAME.findall(" ".join(x for x in _NAME.findall(line) if x == name)))
             if text_count.get(name, 0) != here + 1:  # read or written anywhere else (the +1: its declaration)
                 continue
+            first = re.search(rf"\b{name}\[[^\]]+\] ?(\+?=)", body)
+            if first is None or first.group(1) != "=":  # read or accumulated before its first assignment
+                continue
             kind = decls[name][1]
-            body = re.sub(rf"(?<=[{{;] ){name}\[[^\]]+\] = ", f"const {kind} {name}_ = ", body, count=1)
+            body = re.sub(rf"(?<=[{{;] ){name}\[[^\]]+\] = ", f"{kind} {name}_ = ", body, count=1)
             body = re.sub(rf"\b{name}\[[^\]]+\]", f"{name}_", body)
             drop.add(decls[name][0])
         out[j] = body
@@ -469,7 +472,7 @@ class CppVjp:
             gnames[node] = name
             role = self.grid.role(node)
             if role:
-                self.decls.append(f"std::vector<scalar_t> {name}_v({self.grid.size(role)}); scalar_t *{name} = "
+                self.decls.append(f"PsmBuf<scalar_t> {name}_v({self.grid.size(role)}); scalar_t *{name} = "
                                   f"{name}_v.data();")
                 lines.append(f"{loops(role)}{access(name, role)} = 0;")
             else:
@@ -916,7 +919,7 @@ class KernelPrinter:
         lines += ["      " + x for x in self.item_start()]
         lines += ["      " + x for x in item]
         lines += ["    }", "  }", "}"]
-        return scalarize(lines) if kind == "forward" else lines
+        return scalarize(lines)
 
     # -- backward
     def backward(self) -> list[str]:
@@ -1003,7 +1006,7 @@ class KernelPrinter:
             lft = access(left[0], left[1]) if left else "scalar_t(0)"
             ex = f" + {access(excl[0], excl[1])}" if excl else ""
             if role:
-                decls.append(f"std::vector<scalar_t> ge{i}_v({g.size(role)}); scalar_t *ge{i} = ge{i}_v.data();")
+                decls.append(f"PsmBuf<scalar_t> ge{i}_v({g.size(role)}); scalar_t *ge{i} = ge{i}_v.data();")
                 step.append(f"{loops(role)}{access(f'ge{i}', role)} = has_left ? {r} : {access(f'gt{i}', role)};")
                 step.append(f"{loops(role)}{access(f'gc{i}', role)} = has_left ? {lft}{ex} : scalar_t(0);")
             else:
@@ -1033,7 +1036,7 @@ class KernelPrinter:
                 if x:
                     step.append(f"{loops(role)}{access(f'dp{j}', role)} += {access(x[0], x[1])};")
         item.append("for (int64_t tr = 0; tr < T; ++tr) {")
-        item += ["  " + x for x in step]
+        item += ["  " + x for x in fuse(step)]
         item.append("}")
         for i, f in enumerate(op.state):
             if f.dtype not in FLOATS:
