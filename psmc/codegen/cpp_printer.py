@@ -1036,7 +1036,9 @@ class KernelPrinter:
                 if x:
                     step.append(f"{loops(role)}{access(f'dp{j}', role)} += {access(x[0], x[1])};")
         item.append("for (int64_t tr = 0; tr < T; ++tr) {")
-        item += ["  " + x for x in fuse(step)]
+        # (not fused: gcc 12 vectorised none of the fused adjoint loops, "no vectype for stmt",
+        # and the unfused backward measured as fast or faster)
+        item += ["  " + x for x in step]
         item.append("}")
         for i, f in enumerate(op.state):
             if f.dtype not in FLOATS:

@@ -434,7 +434,9 @@ class _CpuScan(torch.autograd.Function):
                                .reshape(g.B, g.L, *g.extent(role)).contiguous())
             else:
                 tensors.append(torch.empty(0, dtype=compute))
-        din = [torch.zeros(g.B, g.T, g.L, *g.extent(role), dtype=compute) for role in k.input_roles]
+        # the kernel writes every element of a float input's gradient (no zero fill needed)
+        din = [(torch.empty if dtype in _FLOATS else torch.zeros)(g.B, g.T, g.L, *g.extent(role), dtype=compute)
+               for role, dtype in zip(k.input_roles, k.input_dtypes)]
         dpar = [torch.zeros(g.items, *(g.extent(role) if not g.lane_mode else ()), dtype=compute)
                 for role in k.param_roles]
         dini = [torch.zeros(g.B, g.L, *g.extent(role), dtype=compute) for role in k.field_roles]
