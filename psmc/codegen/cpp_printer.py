@@ -407,6 +407,10 @@ class CppBody:
     def contraction(self, node: Node, contracted: str, target: str) -> str:
         """A reduction or a matmul: an accumulator over the contracted axes."""
         inner = loops(contracted)
+        if len(contracted) == 1 and (node.op in ("matmul", "sum", "mean")):
+            # a sum over one axis may add in any order (OpenMP simd reduction): it vectorises,
+            # where the in-order scalar chain of adds was the selective SSM step's hottest loop
+            inner = '_Pragma("omp simd reduction(+:acc)") ' + inner
         full = union(self.grid.role(node), contracted)
         if node.op in CONTRACTIONS:  # matmul: the rule the registry row names
             return CONTRACTIONS[node.op](self, node, inner, full, target)
@@ -733,10 +737,13 @@ class KernelPrinter:
                 lines.append(f"if (in{j}_sl != 1) {{ for (int64_t k = 0; k < C; ++k) x_{v.name}_b[k] = x_{v.name}[k * in{j}_sl]; "
                              f"x_{v.name} = x_{v.name}_b; }}")
             elif role:
-                decls.append(f"PsmBuf<{st}> x_{v.name}_v({self.grid.size(role)}); {st} *x_{v.name} = "
+                # a contiguous vector is read where it lies; a strided one is gathered
+                decls.append(f"PsmBuf<{st}> x_{v.name}_v({self.grid.size(role)}); {st} *__restrict__ x_{v.name}_b = "
                              f"x_{v.name}_v.data();")
                 idx = "i" if role == "r" else "k"
-                lines.append(f"{loops(role)}x_{v.name}[{idx}] = {base} + l * in{j}_sl + {idx} * in{j}_ss];")
+                lines.append(f"const {st} *__restrict__ x_{v.name} = &{base} + l * in{j}_sl];")
+                lines.append(f"if (in{j}_ss != 1) {{ {loops(role)}x_{v.name}_b[{idx}] = x_{v.name}[{idx} * in{j}_ss]; "
+                             f"x_{v.name} = x_{v.name}_b; }}")
             else:
                 lines.append(f"const {ctype(v.dtype)} x_{v.name} = {base} + l * in{j}_sl];")
         return decls, lines
