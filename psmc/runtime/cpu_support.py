@@ -29,6 +29,7 @@ import platform
 import shutil
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -512,6 +513,10 @@ def step(layer, call, state):
     return tuple(o.squeeze(1) for o in outputs), new_state
 
 
+def _dead_ref():
+    return None
+
+
 def bind_step(layer, call, general):
     """The C++ step of one input signature, as a closure `(inputs, state) -> (outputs, new
     state)` (PsmLayer.step caches it per signature: its decode lane). Everything that depends
@@ -592,47 +597,60 @@ def bind_step(layer, call, general):
     keep_order = [source.index(j) for j in range(width)] if keep is not None else \
         [i for i in range(len(source)) if source[i] is not None]
 
+    # per token only what changes: addresses, and the checks a token could fail
+    base = n_in + n_par
+    for i in range(n_f):
+        if source[i] is None:
+            ptrs[base + i] = scratch_in[i].data_ptr()
+    inputs_plan = [(name, in_strides[j], j) for j, name in enumerate(in_names)]
+    params_plan = [(attr, p, n_in + j) for j, (attr, p) in enumerate(params)]
+    fields_plan = [(source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None]
+    outs_plan = [(s, d, base + n_f + j) for j, (s, d) in enumerate(out_alloc)]
+    # the new state's tensors: (shape, dtype, pointer slot, position in its prefix)
+    fins_plan = [(fshape_full[i], fdtypes[i], base_fin + i, slot if keep is not None else i)
+                 for slot, i in enumerate(keep_order)]
+    template = [None] * width  # a dead field's slot stays None
+    made = [_dead_ref] * width  # the state tensors the last token made (weak): their checks passed then
+
     def step(inputs, state):
         if torch.is_grad_enabled():
             return general(inputs, state)
         prefix = state.prefix
-        if prefix is not None and len(prefix) != width:
-            return general(inputs, state)
-        for j, name in enumerate(in_names):
+        if prefix is None:
+            nums[6] = 0
+        else:
+            if len(prefix) != width:
+                return general(inputs, state)
+            for j, slot, dtype, shape in fields_plan:
+                t = prefix[j]
+                if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or not t.is_contiguous())):
+                    return general(inputs, state)
+                ptrs[slot] = t.data_ptr()
+            nums[6] = 1
+        for name, stride, j in inputs_plan:
             x = inputs[name]
-            if x.stride() != in_strides[j]:
+            if x.stride() != stride:
                 return general(inputs, state)
             ptrs[j] = x.data_ptr()
-        for j, (attr, p) in enumerate(params):
+        for attr, p, j in params_plan:
             if getattr(layer, attr) is not p:
                 return general(inputs, state)
-            ptrs[n_in + j] = p.data_ptr()
-        base = n_in + n_par
-        for i in range(n_f):
-            j = source[i]
-            if j is None:
-                ptrs[base + i] = scratch_in[i].data_ptr()
-            elif prefix is not None:
-                t = prefix[j]
-                if t is None or t.dtype != fdtypes[i] or t.shape != fshape_full[i] or not t.is_contiguous():
-                    return general(inputs, state)
-                ptrs[base + i] = t.data_ptr()
-        nums[6] = prefix is not None
+            ptrs[j] = p.data_ptr()
         if uses_index:
             nums[5] = int(state.count)
-        outs = [torch.empty(*s, dtype=d) for s, d in out_alloc]
-        for j, o in enumerate(outs):
-            ptrs[base + n_f + j] = o.data_ptr()
-        fins = []
-        for i in keep_order:
-            t = torch.empty(*fshape_full[i], dtype=fdtypes[i])
-            ptrs[base_fin + i] = t.data_ptr()
-            fins.append(t)
+        outs = []
+        for shape, dtype, j in outs_plan:
+            o = torch.empty(*shape, dtype=dtype)
+            ptrs[j] = o.data_ptr()
+            outs.append(o)
+        new = template.copy()
+        for shape, dtype, j, pos in fins_plan:
+            t = torch.empty(*shape, dtype=dtype)
+            ptrs[j] = t.data_ptr()
+            new[pos] = t
+            made[pos] = weakref.ref(t)
         fn(ptrs, nums, threads)
-        if keep is None and dead:
-            it = iter(fins)
-            fins = [None if i in dead else next(it) for i in range(n_f)]
-        return tuple(outs), ScanState.make(tuple(fins), state.count + one, state.op)
+        return tuple(outs), ScanState.make(tuple(new), state.count + one, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
     return step
