@@ -557,7 +557,7 @@ def bind_step(layer, call, general):
         want = compute if p.is_floating_point() else torch.int64
         if p.dtype != want or not p.is_contiguous():
             return general
-        params.append(("p_" + name, p))
+        params.append(("p_" + name, p, want))
         ints_strides.append(p.numel() // g.L if name in getattr(layer, "per_lane", ()) else 0)
     fshapes, oshapes = _declared(spec.fields, call), _declared(spec.outputs, call)
     fdtypes = [_storage_dtype(d, compute) for d in k.field_dtypes]
@@ -603,7 +603,7 @@ def bind_step(layer, call, general):
         if source[i] is None:
             ptrs[base + i] = scratch_in[i].data_ptr()
     inputs_plan = [(name, in_strides[j], j) for j, name in enumerate(in_names)]
-    params_plan = [(attr, p, n_in + j) for j, (attr, p) in enumerate(params)]
+    params_plan = [(attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params)]
     fields_plan = [(source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None]
     outs_plan = [(s, d, base + n_f + j) for j, (s, d) in enumerate(out_alloc)]
     # the new state's tensors: (shape, dtype, pointer slot, position in its prefix)
@@ -632,8 +632,8 @@ def bind_step(layer, call, general):
             if x.stride() != stride:
                 return general(inputs, state)
             ptrs[j] = x.data_ptr()
-        for attr, p, j in params_plan:
-            if getattr(layer, attr) is not p:
+        for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
+            if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
                 return general(inputs, state)
             ptrs[j] = p.data_ptr()
         if uses_index:

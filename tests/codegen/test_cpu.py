@@ -499,3 +499,45 @@ def test_f64_declared_values_compute_in_float64(what, tmp_path):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
+
+
+PARAM_SOURCE = """
+op gla_w[K, V] {
+  param w: f32[K] = uniform(0.5, 1.5);
+  state (a: f32[K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V], gk: f32[K]) { return (exp(gk * w), outer(k, v)); }
+  combine (l, r) { return (l.a * r.a, r.a[:, None] * l.S + r.S); }
+  identity = (ones, zeros);
+  readout (s, q: f32[K]) { return q @ s.S / sqrt(K); }
+}
+"""
+
+
+@needs_compiler
+def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch):
+    """A param is read where it lies (its address per token: an in-place update is seen); a
+    param whose data is swapped for float64 after binding (`p.data = ...`: no `_apply`, so the
+    step cache survives) sends the token to the general step, never a float32 read of float64
+    memory."""
+    path = tmp_path / "gla_w.psm"
+    path.write_text(PARAM_SOURCE)
+    cls = psmc.load(path).gla_w
+    torch.manual_seed(0)
+    cpu, ref = cls(backend="cpu", K=4, V=4), cls(backend="torch", K=4, V=4)
+    ref.load_state_dict(cpu.state_dict())
+    tokens = [dict(k=torch.randn(2, 4), v=torch.randn(2, 4), gk=-torch.rand(2, 4), q=torch.randn(2, 4)) for _ in range(4)]
+    general = Spy(monkeypatch)
+    s, r = cpu.init_state(), ref.init_state()
+    with torch.no_grad():
+        for i, tok in enumerate(tokens):
+            if i == 2:  # an in-place update: the bound step reads the new values
+                cpu.p_w.mul_(0.5)
+                ref.p_w.mul_(0.5)
+            (y, s), (w, r) = cpu.step(s, **tok), ref.step(r, **tok)
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
+        assert general.forward == 1 and _lane(cpu).__qualname__.startswith("bind_step")
+        cpu.p_w.data = cpu.p_w.data.double()
+        ref.p_w.data = ref.p_w.data.double()
+        (y, s), (w, r) = cpu.step(s, **tokens[0]), ref.step(r, **tokens[0])
+    assert general.forward == 2  # the general step served it
+    torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5, check_dtype=False)
