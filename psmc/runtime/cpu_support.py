@@ -25,9 +25,11 @@ import functools
 import hashlib
 import math
 import os
+import platform
 import shutil
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +38,12 @@ import torch
 
 from .state import ScanState
 
-CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")  # the last two let exp / select loops vectorise
+# -fno-math-errno/-fno-trapping-math let exp / select loops vectorise; -march=native (on Linux
+# x86-64 and arm64, where gcc and clang take it) lets them use this machine's widest vectors
+# (AVX2/AVX-512: the recurrence forward runs 2x faster than with the SSE2 baseline), so the cache
+# key covers the CPU model and its feature flags too
+CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math") + \
+    (("-march=native",) if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64") else ())
 LDFLAGS = ("-fopenmp",)
 # backend='auto': a matrix-state op whose forward also has the chunkwise matmul form runs that
 # form above this many tokens (the token loop does O(K V) work per token without matmuls)
@@ -94,9 +101,21 @@ def _key_of(source: str, cxx: str) -> str:
     """Memoised: a decode step asks for the library on every token (the source string's hash
     is cached by Python, so a hit costs a dict lookup, not a SHA-256 of the source)."""
     digest = hashlib.sha256()
-    for part in (source, " ".join(CFLAGS + LDFLAGS), cxx, torch.__version__, sys.platform):
+    for part in (source, " ".join(CFLAGS + LDFLAGS), cxx, torch.__version__, sys.platform, _machine()):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:20]
+
+
+@functools.lru_cache(maxsize=1)
+def _machine() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags (a cache directory
+    shared by two machines must not hand one the other's instructions)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 def build_dir(source: str) -> Path:
@@ -211,6 +230,26 @@ def use_cpu(layer, call, kind: str) -> bool:
                 and call.lead[1] > MATRIX_FORWARD_MAX_T:
             return False
     return library(k) is not None
+
+
+def auto_steps(layer, call) -> bool:
+    """backend='auto' steps with the C++ kernels when the tokens will run the bound step
+    (`bind_step`): a float32 kernel whose inputs and params are float32 already, the decode
+    lane (no cast, no per-token output check: `call.step_lean`, set by PsmLayer._prepare_step),
+    grad mode off. There it beats the torch step for 13 of the 14 covered examples (docs/cpu.md,
+    B=1, one thread: 0.25x-0.62x); the 14th, a first-order recurrence of one number per lane
+    (`linear_recurrence`, 'lanes' mode with the first-order fast path), steps faster with
+    torch's one fused multiply-add (1.36x), so it stays there."""
+    k = getattr(layer, "_cpu_kernels", None)
+    if k is None or not getattr(call, "step_lean", False) or torch.is_grad_enabled():
+        return False
+    if k.compute_dtype(call.ctx) != torch.float32:
+        return False
+    if k.mode == "lanes" and (getattr(layer.spec, "fast", None) or "").startswith("first_order"):
+        return False
+    floats = [x for x in call.inputs.values() if x.is_floating_point()] + \
+        [p for p in _params(layer) if p.is_floating_point()]
+    return all(x.dtype == torch.float32 for x in floats)
 
 
 # ---------------------------------------------------------------------- layout
@@ -396,7 +435,9 @@ class _CpuScan(torch.autograd.Function):
                                .reshape(g.B, g.L, *g.extent(role)).contiguous())
             else:
                 tensors.append(torch.empty(0, dtype=compute))
-        din = [torch.zeros(g.B, g.T, g.L, *g.extent(role), dtype=compute) for role in k.input_roles]
+        # the kernel writes every element of a float input's gradient (no zero fill needed)
+        din = [(torch.empty if dtype in _FLOATS else torch.zeros)(g.B, g.T, g.L, *g.extent(role), dtype=compute)
+               for role, dtype in zip(k.input_roles, k.input_dtypes)]
         dpar = [torch.zeros(g.items, *(g.extent(role) if not g.lane_mode else ()), dtype=compute)
                 for role in k.param_roles]
         dini = [torch.zeros(g.B, g.L, *g.extent(role), dtype=compute) for role in k.field_roles]
@@ -470,3 +511,146 @@ def step(layer, call, state):
         call.outputs_checked = True
     new_state = ScanState(prefix=new_state.prefix, count=state.count + 1)
     return tuple(o.squeeze(1) for o in outputs), new_state
+
+
+def _dead_ref():
+    return None
+
+
+def bind_step(layer, call, general):
+    """The C++ step of one input signature, as a closure `(inputs, state) -> (outputs, new
+    state)` (PsmLayer.step caches it per signature: its decode lane). Everything that depends
+    only on shapes and dtypes is computed here once: the geometry, the integer arguments, the
+    kernel function, the inputs' strides, scratch for the fields a stream state leaves out. A
+    token then writes its tensors' addresses into one pointer array and makes one ctypes call:
+    no view, cast, copy or dataclass per token; the kernel reads the state where it lies and
+    writes the new state and the outputs straight into fresh tensors of their final shapes.
+
+    `general(inputs, state)` (the layer's per-token `step`) serves the tokens this path does not
+    cover: grad mode on (autograd records through `_CpuScan` there), an input, param or state
+    laid out differently from what was bound (a cast or a copy would be needed), a state in
+    another layout. Its NaN flags are not read: the decode lane checks no outputs (the layer
+    binds it only when check_finite != 'always')."""
+    k = layer._cpu_kernels
+    spec = layer.spec
+    ctx = call.ctx
+    compute = k.compute_dtype(ctx)
+    lib = library(k)
+    if lib is None:
+        return general
+    fn = _function(lib, k, "forward", compute)
+    B, lanes = call.lead[0], tuple(call.lead[1:])
+    g = _geometry(k, call, (B, 1) + lanes, bool(getattr(layer, "per_lane", ())))
+    # inputs: the token's tensor itself when its [B, 1, L, *extent] view needs no copy or cast
+    in_names, in_strides, ints_strides = [], [], []
+    for name, role, dtype in zip(k.inputs, k.input_roles, k.input_dtypes):
+        x = call.inputs[name]
+        view, st = _input_view(x.unsqueeze(1), g, role, _storage_dtype(dtype, compute))
+        if view.data_ptr() != x.data_ptr() or view.dtype != x.dtype:
+            return general  # a layout that needs a copy or a cast each token: the general step
+        in_names.append(name)
+        in_strides.append(x.stride())
+        ints_strides += st
+    params = []
+    for name in k.params:
+        p = getattr(layer, "p_" + name)
+        want = compute if p.is_floating_point() else torch.int64
+        if p.dtype != want or not p.is_contiguous():
+            return general
+        params.append(("p_" + name, p, want))
+        ints_strides.append(p.numel() // g.L if name in getattr(layer, "per_lane", ()) else 0)
+    fshapes, oshapes = _declared(spec.fields, call), _declared(spec.outputs, call)
+    fdtypes = [_storage_dtype(d, compute) for d in k.field_dtypes]
+    odtypes = [_storage_dtype(d, compute) for d in k.output_dtypes]
+    if any(st != ctx.dt[f.dtype] for st, f in zip(fdtypes, spec.fields)) or \
+            any(st != ctx.dt[o.dtype] for st, o in zip(odtypes, spec.outputs)):
+        return general  # (an f64 op's f32 values: casts per token)
+    # where each field's carry comes from in a stream prefix (None: a field the stream leaves out,
+    # which feeds only its own next value: any value serves, the kernel gets zeros)
+    keep, dead = spec.stream, set(spec.dead)
+    if keep is not None:
+        source = [keep.index(f.name) if f.name in keep else None for f in spec.fields]
+        width = len(keep)
+    else:
+        source = [None if i in dead else i for i in range(len(spec.fields))]
+        width = len(spec.fields)
+    fshape_full = [(B, *lanes, *s) for s in fshapes]
+    scratch_in = [torch.zeros(s, dtype=d) if j is None else None for s, d, j in zip(fshape_full, fdtypes, source)]
+    scratch_out = [torch.empty(s, dtype=d) if j is None else None for s, d, j in zip(fshape_full, fdtypes, source)]
+    nan = torch.empty(g.items, dtype=torch.bool)  # (the lane checks no outputs: see above)
+    empty = [torch.empty(0, dtype=d) for d in fdtypes]  # the saved prefixes: not saved
+    ints = [g.B, 1, g.L, g.R, g.C, 0, 0, 0, g.width] + [int(ctx.d[d]) for d in k.dims] + ints_strides
+    nums = (ctypes.c_int64 * len(ints))(*ints)
+    n_in, n_par, n_f, n_out = len(in_names), len(params), len(fdtypes), len(odtypes)
+    ptrs = (ctypes.c_void_p * (n_in + n_par + 3 * n_f + n_out + 1))()
+    base_fin = n_in + n_par + n_f + n_out
+    for i in range(n_f):
+        ptrs[base_fin + n_f + i] = empty[i].data_ptr()
+        if scratch_out[i] is not None:
+            ptrs[base_fin + i] = scratch_out[i].data_ptr()
+    ptrs[base_fin + 2 * n_f] = nan.data_ptr()
+    uses_index = spec.lift_index or spec.readout_index
+    threads = _threads(g)
+    out_alloc = [((B, *lanes, *s), d) for s, d in zip(oshapes, odtypes)]
+    one = torch.ones((), dtype=torch.int64)  # (a tensor + a tensor costs less than a tensor + an int)
+    # the fields the new state holds, in its prefix's order (dead ones get None in their slots)
+    keep_order = [source.index(j) for j in range(width)] if keep is not None else \
+        [i for i in range(len(source)) if source[i] is not None]
+
+    # per token only what changes: addresses, and the checks a token could fail
+    base = n_in + n_par
+    for i in range(n_f):
+        if source[i] is None:
+            ptrs[base + i] = scratch_in[i].data_ptr()
+    inputs_plan = [(name, in_strides[j], j) for j, name in enumerate(in_names)]
+    params_plan = [(attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params)]
+    fields_plan = [(source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None]
+    outs_plan = [(s, d, base + n_f + j) for j, (s, d) in enumerate(out_alloc)]
+    # the new state's tensors: (shape, dtype, pointer slot, position in its prefix)
+    fins_plan = [(fshape_full[i], fdtypes[i], base_fin + i, slot if keep is not None else i)
+                 for slot, i in enumerate(keep_order)]
+    template = [None] * width  # a dead field's slot stays None
+    made = [_dead_ref] * width  # the state tensors the last token made (weak): their checks passed then
+
+    def step(inputs, state):
+        if torch.is_grad_enabled():
+            return general(inputs, state)
+        prefix = state.prefix
+        if prefix is None:
+            nums[6] = 0
+        else:
+            if len(prefix) != width:
+                return general(inputs, state)
+            for j, slot, dtype, shape in fields_plan:
+                t = prefix[j]
+                if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or not t.is_contiguous())):
+                    return general(inputs, state)
+                ptrs[slot] = t.data_ptr()
+            nums[6] = 1
+        for name, stride, j in inputs_plan:
+            x = inputs[name]
+            if x.stride() != stride:
+                return general(inputs, state)
+            ptrs[j] = x.data_ptr()
+        for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
+            if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
+                return general(inputs, state)
+            ptrs[j] = p.data_ptr()
+        if uses_index:
+            nums[5] = int(state.count)
+        outs = []
+        for shape, dtype, j in outs_plan:
+            o = torch.empty(*shape, dtype=dtype)
+            ptrs[j] = o.data_ptr()
+            outs.append(o)
+        new = template.copy()
+        for shape, dtype, j, pos in fins_plan:
+            t = torch.empty(*shape, dtype=dtype)
+            ptrs[j] = t.data_ptr()
+            new[pos] = t
+            made[pos] = weakref.ref(t)
+        fn(ptrs, nums, threads)
+        return tuple(outs), ScanState.make(tuple(new), state.count + one, state.op)
+
+    step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
+    return step

@@ -778,6 +778,8 @@ class PsmLayer(nn.Module):
             # the inputs that need a cast or a reshape on later tokens (most need neither)
             plan = tuple((n, call.inputs[n].shape, call.inputs[n].dtype) for n, x in inputs.items()
                          if x.dtype != call.inputs[n].dtype or x.shape != call.inputs[n].shape)
+            # (read by backend='auto' when it chooses the C++ step: it wants the bound decode lane)
+            call.step_lean = not plan and call.out_dtype is None and self.check_finite != "always"
             run = self._step_runner(call)
             if key is not None:
                 if len(self._step_cache) > 16:
@@ -931,12 +933,11 @@ class PsmLayer(nn.Module):
             return self._step_chunked
         kernels = self._strategy.token_kernels  # C++ and dispatch-table steps (exact scans)
         fast_step = spec.fast and self.use_fast_path and hasattr(self, "_fast_step")
-        # backend='auto' steps with torch: the C++ step pays a layout pass per token around its
-        # kernel, which at decode sizes costs more than the torch step (docs/benchmarks.md,
-        # "Decode step"); backend='cpu' runs it
-        if kernels and self.backend == "cpu":
+        # backend='cpu' steps with the C++ kernels; 'auto' too where its bound step beats the
+        # torch step (cpu_support.auto_steps: float32 tokens on the decode lane, docs/cpu.md)
+        if kernels and self.backend in ("cpu", "auto"):
             from . import cpu_support
-            if cpu_support.use_cpu(self, call, "step"):
+            if (self.backend == "cpu" or cpu_support.auto_steps(self, call)) and cpu_support.use_cpu(self, call, "step"):
                 return functools.partial(cpu_support.step, self)
         if fast_step and self.backend in ("auto", "torch") and call.ctx.dev.type == "cpu" and _compiling():
             # what dispatch would choose (a CPU step has no other torch path, and 'auto' runs
@@ -960,6 +961,9 @@ class PsmLayer(nn.Module):
 
         def lane(inputs, state):
             return run(_Call(ctx, inputs, lead, True, tag), state)
+        if isinstance(run, functools.partial) and run.func.__module__ == "psmc.runtime.cpu_support":
+            from . import cpu_support  # the C++ step bound to this signature (general: `lane`)
+            return cpu_support.bind_step(self, call, lane)
         return lane
 
     def _step_index(self, call, state):
@@ -1102,6 +1106,9 @@ class _Call:
     # context parallelism asks a fast path for its full total (dead fields included) and for
     # what `_fast_carry` needs to add a carry-in afterwards; None (always, elsewhere): nothing extra
     carry_terms: dict | None = None
+    # a step signature whose later tokens take the decode lane (no cast, no output check):
+    # backend='auto' then steps with the C++ kernels (cpu_support.auto_steps)
+    step_lean: bool = False
 
 
 def _compiling() -> bool:

@@ -209,20 +209,126 @@ def test_auto_uses_cpu_on_cpu_tensors(monkeypatch):
     assert spy.forward == 1, "PSMC_CPU=0 keeps backend='auto' on torch"
 
 
+class KernelSpy:
+    """Counts the kernel calls of the general path and of the bound step alike (both call the
+    function `_function` returns)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = cpu_support._function
+
+        def counted(*args):
+            fn = original(*args)
+
+            def call(*a):
+                self.calls += 1
+                return fn(*a)
+            return call
+        monkeypatch.setattr(cpu_support, "_function", counted)
+
+
+def _lane(layer):
+    """The decode lane PsmLayer.step bound for the (only) input signature so far."""
+    (hit,) = layer._step_cache.values()
+    return hit[3]
+
+
 @needs_compiler
-def test_auto_steps_with_torch_and_cpu_steps_with_the_kernels(monkeypatch):
-    """backend='auto' decodes with the torch step (faster than the C++ step's per-token layout
-    work at decode sizes, docs/cpu.md); backend='cpu' steps with the kernels; both agree."""
+def test_auto_steps_with_the_kernels_where_they_win(monkeypatch):
+    """backend='auto' decodes float32 tokens with the C++ step bound to the signature (faster
+    than the torch step for 13 of the 14 covered examples, docs/cpu.md), but a first-order
+    recurrence of one number per lane with torch (one fused multiply-add there), and float64
+    with torch; backend='cpu' always steps with the kernels; all agree."""
     monkeypatch.delenv("PSMC_CPU", raising=False)
+    spy = KernelSpy(monkeypatch)
     cls = layer_class("linear_recurrence")
     auto, cpu = cls(), cls(backend="cpu")
-    spy = Spy(monkeypatch)
     x, log_a = torch.randn(2, 4), -torch.rand(2, 4)
     y_auto, _ = auto.step(auto.init_state(), x, log_a)
-    assert spy.forward == 0
+    assert spy.calls == 0
     y_cpu, _ = cpu.step(cpu.init_state(), x, log_a)
-    assert spy.forward == 1
+    assert spy.calls == 1
     torch.testing.assert_close(y_auto, y_cpu)
+
+    gla = layer_class("gla")
+    torch.manual_seed(0)
+    token = dict(k=torch.randn(1, 2, 8), v=torch.randn(1, 2, 8), gk=-torch.rand(1, 2, 8), q=torch.randn(1, 2, 8))
+    for dtype, kernel_calls in ((torch.float32, 3), (torch.float64, 0)):
+        spy.calls = 0
+        layer, ref = gla(K=8, V=8), gla(backend="torch", K=8, V=8)
+        tok = {n: t.to(dtype) for n, t in token.items()}
+        s, r = layer.init_state(), ref.init_state()
+        with torch.no_grad():
+            for _ in range(3):
+                (y, s), (w, r) = layer.step(s, **tok), ref.step(r, **tok)
+                torch.testing.assert_close(y, w)
+        assert spy.calls == kernel_calls, dtype
+        assert _lane(layer).__qualname__.startswith("bind_step") == (dtype == torch.float32)
+
+
+BOUND = [("gla", {"K": 8, "V": 8}, (3,)), ("running_argmax", {}, (5,)), ("selective_ssm", {"N": 4}, (6,)),
+         ("rwkv6", {"K": 4, "V": 4}, (2,))]
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, dims, lanes", BOUND, ids=[b[0] for b in BOUND])
+def test_the_bound_step_agrees_with_torch_and_hands_other_tokens_to_the_general_step(name, dims, lanes, monkeypatch):
+    """The C++ step bound to a signature (one ctypes call per token, the state read where it
+    lies): float32 streams equal the torch backend's token by token (a dead field, an exclusive
+    readout, the token index); a token laid out differently (other strides) and a token in grad
+    mode go to the general step, which agrees too and records the graph."""
+    cls = layer_class(name)
+    cpu, ref = cls(backend="cpu", **dims), cls(backend="torch", **dims)
+    inputs = make_inputs(cls, dims, 2, 8, lanes, tuple((False,) * len(lanes) for _ in cls.spec.inputs), 5)
+    inputs = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+    spy = KernelSpy(monkeypatch)
+    with torch.no_grad():
+        got, s_cpu = stream(cpu, inputs, cpu.init_state(), 0, 5)  # tokens x[:, t]: strided views
+        want, s_ref = stream(ref, inputs, ref.init_state(), 0, 5)
+    assert spy.calls == 5 and _lane(cpu).__qualname__.startswith("bind_step")
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for g, w in zip(s_cpu.tensors(), s_ref.tensors()):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    general = Spy(monkeypatch)  # counts the general path's calls only
+    with torch.no_grad():  # contiguous copies: other strides than the bound signature's
+        token = {n: x[:, 5].contiguous() for n, x in inputs.items()}
+        if all(x[:, 5].stride() == token[n].stride() for n, x in inputs.items()):
+            token = {n: x[:, 5].t().contiguous().t() if x[:, 5].dim() == 2 else x[:, 5].transpose(0, 1)
+                     .contiguous().transpose(0, 1) for n, x in inputs.items()}
+        (y, s_cpu), (w, s_ref) = cpu.step(s_cpu, **token), ref.step(s_ref, **token)
+    assert general.forward == 1
+    for g, w in zip(as_tuple(y), as_tuple(w)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    floats = [n for n, x in inputs.items() if x.is_floating_point()]
+    token = {n: x[:, 6].clone().requires_grad_(n == floats[0]) for n, x in inputs.items()}
+    (y, _), (w, _) = cpu.step(s_cpu, **token), ref.step(s_ref, **token)
+    assert general.forward == 2
+    y, w = as_tuple(y)[0], as_tuple(w)[0]
+    if w.requires_grad:
+        assert y.requires_grad
+        got_grad, = torch.autograd.grad(y.sum(), token[floats[0]])
+        want_grad, = torch.autograd.grad(w.sum(), token[floats[0]])
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.detach(), w.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loops_keep_dependences():
+    """cpp_printer.fuse: loops over the same axes merge, across loops over other axes only
+    when no value flows between them; a temporary read only inside its fused loop becomes a
+    local of the loop body (scalarize)."""
+    from psmc.codegen.cpp_printer import fuse, scalarize
+    r, rc = "for (int64_t i = 0; i < R; ++i) ", "for (int64_t i = 0; i < R; ++i) for (int64_t k = 0; k < C; ++k) "
+    lines = [r + "a[i] = x[i] * 2;", rc + "m[i * C + k] = a[i] * y[i * C + k];", r + "b[i] = a[i] + 1;",
+             r + "c[i] = m[i * C] + b[i];"]
+    assert fuse(lines) == [
+        "PSM_IVDEP " + r + "{ a[i] = x[i] * 2; b[i] = a[i] + 1; }",  # b hops over m's loop: m neither reads b nor ...
+        rc + "m[i * C + k] = a[i] * y[i * C + k];",
+        r + "c[i] = m[i * C] + b[i];"]  # ... but c reads m: it stays after m's loop
+    decl = "PsmBuf<scalar_t> a_v(R); scalar_t *__restrict__ a = a_v.data();"
+    body = "PSM_IVDEP " + r + "{ a[i] = x[i] * 2; b[i] = a[i] + 1; }"
+    assert scalarize([decl, body]) == ["PSM_IVDEP " + r + "{ scalar_t a_ = x[i] * 2; b[i] = a_ + 1; }"]
+    assert scalarize([decl, body, "y = a[0];"]) == [decl, body, "y = a[0];"]  # read elsewhere: kept
 
 
 @needs_compiler
@@ -393,3 +499,45 @@ def test_f64_declared_values_compute_in_float64(what, tmp_path):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
+
+
+PARAM_SOURCE = """
+op gla_w[K, V] {
+  param w: f32[K] = uniform(0.5, 1.5);
+  state (a: f32[K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V], gk: f32[K]) { return (exp(gk * w), outer(k, v)); }
+  combine (l, r) { return (l.a * r.a, r.a[:, None] * l.S + r.S); }
+  identity = (ones, zeros);
+  readout (s, q: f32[K]) { return q @ s.S / sqrt(K); }
+}
+"""
+
+
+@needs_compiler
+def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch):
+    """A param is read where it lies (its address per token: an in-place update is seen); a
+    param whose data is swapped for float64 after binding (`p.data = ...`: no `_apply`, so the
+    step cache survives) sends the token to the general step, never a float32 read of float64
+    memory."""
+    path = tmp_path / "gla_w.psm"
+    path.write_text(PARAM_SOURCE)
+    cls = psmc.load(path).gla_w
+    torch.manual_seed(0)
+    cpu, ref = cls(backend="cpu", K=4, V=4), cls(backend="torch", K=4, V=4)
+    ref.load_state_dict(cpu.state_dict())
+    tokens = [dict(k=torch.randn(2, 4), v=torch.randn(2, 4), gk=-torch.rand(2, 4), q=torch.randn(2, 4)) for _ in range(4)]
+    general = Spy(monkeypatch)
+    s, r = cpu.init_state(), ref.init_state()
+    with torch.no_grad():
+        for i, tok in enumerate(tokens):
+            if i == 2:  # an in-place update: the bound step reads the new values
+                cpu.p_w.mul_(0.5)
+                ref.p_w.mul_(0.5)
+            (y, s), (w, r) = cpu.step(s, **tok), ref.step(r, **tok)
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
+        assert general.forward == 1 and _lane(cpu).__qualname__.startswith("bind_step")
+        cpu.p_w.data = cpu.p_w.data.double()
+        ref.p_w.data = ref.p_w.data.double()
+        (y, s), (w, r) = cpu.step(s, **tokens[0]), ref.step(r, **tokens[0])
+    assert general.forward == 2  # the general step served it
+    torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5, check_dtype=False)
