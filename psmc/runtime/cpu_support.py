@@ -29,6 +29,7 @@ import platform
 import shutil
 import sys
 import warnings
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -611,10 +612,17 @@ def bind_step(layer, call, general):
                  for slot, i in enumerate(keep_order)]
     template = [None] * width  # a dead field's slot stays None
     made = [_dead_ref] * width  # the state tensors the last token made (weak): their checks passed then
+    # ptrs and nums are shared by every call of this closure and ctypes releases the GIL for the
+    # kernel: two threads stepping one layer must not interleave their addresses
+    lock = threading.Lock()
 
     def step(inputs, state):
         if torch.is_grad_enabled():
             return general(inputs, state)
+        with lock:
+            return bound(inputs, state)
+
+    def bound(inputs, state):
         prefix = state.prefix
         if prefix is None:
             nums[6] = 0

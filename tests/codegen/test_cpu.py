@@ -541,3 +541,44 @@ def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch)
         (y, s), (w, r) = cpu.step(s, **tokens[0]), ref.step(r, **tokens[0])
     assert general.forward == 2  # the general step served it
     torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5, check_dtype=False)
+
+
+@needs_compiler
+def test_threads_stepping_one_bound_step_keep_their_own_streams():
+    """The bound step writes each token's addresses into arrays its closure owns, and ctypes
+    releases the GIL for the kernel: threads that step one layer (one signature) at once must
+    each get their own stream's outputs, exactly as when they run one after another."""
+    import threading
+
+    import sys
+    import threading
+
+    cls = layer_class("gla")
+    dims = {"K": 32, "V": 32}
+    layer = cls(backend="cpu", **dims)
+    streams = []
+    for seed in range(4):
+        x = make_inputs(cls, dims, 1, 200, (4,), tuple((False,) for _ in cls.spec.inputs), seed)
+        streams.append({n: t.float() for n, t in x.items()})
+    with torch.no_grad():
+        alone = [stream(layer, x, layer.init_state(), 0, 200)[0] for x in streams]
+        together = [None] * len(streams)
+
+        def run(i):
+            with torch.no_grad():  # (grad mode is per thread)
+                together[i] = stream(layer, streams[i], layer.init_state(), 0, 200)[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(streams))]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads between almost every two bytecodes
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            sys.setswitchinterval(interval)
+    assert _lane(layer).__qualname__.startswith("bind_step")
+    for want, got in zip(alone, together):
+        for w, g in zip(want, got):
+            assert torch.equal(w, g)
