@@ -21,6 +21,7 @@ import torch
 
 import psmc
 from layer_cases import CASES
+from param_ops import GLA_W
 from layer_harness import as_tuple, assert_agree, layer_class, make_inputs, stream, time_slice
 from layer_reference import op_ir, reference_outputs
 from psmc.runtime import cpu_support
@@ -501,18 +502,6 @@ def test_f64_declared_values_compute_in_float64(what, tmp_path):
         torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-13)
 
 
-PARAM_SOURCE = """
-op gla_w[K, V] {
-  param w: f32[K] = uniform(0.5, 1.5);
-  state (a: f32[K], S: f32[K, V]);
-  lift (k: f32[K], v: f32[V], gk: f32[K]) { return (exp(gk * w), outer(k, v)); }
-  combine (l, r) { return (l.a * r.a, r.a[:, None] * l.S + r.S); }
-  identity = (ones, zeros);
-  readout (s, q: f32[K]) { return q @ s.S / sqrt(K); }
-}
-"""
-
-
 @needs_compiler
 def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch):
     """A param is read where it lies (its address per token: an in-place update is seen); a
@@ -520,7 +509,7 @@ def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch)
     step cache survives) sends the token to the general step, never a float32 read of float64
     memory."""
     path = tmp_path / "gla_w.psm"
-    path.write_text(PARAM_SOURCE)
+    path.write_text(GLA_W)
     cls = psmc.load(path).gla_w
     torch.manual_seed(0)
     cpu, ref = cls(backend="cpu", K=4, V=4), cls(backend="torch", K=4, V=4)

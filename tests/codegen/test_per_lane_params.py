@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from torch.func import functional_call
 
 import psmc
+from param_ops import GLA_W
 
 SOURCE = """
 op ssm_a[N] {
@@ -24,15 +25,7 @@ op ssm_a[N] {
   identity = (ones, zeros);
   readout (s, C: f32[N]) { return sum(s.h * C); }
 }
-op gla_w[K, V] {
-  param w: f32[K] = uniform(0.5, 1.5);
-  state (a: f32[K], S: f32[K, V]);
-  lift (k: f32[K], v: f32[V], gk: f32[K]) { return (exp(gk * w), outer(k, v)); }
-  combine (l, r) { return (l.a * r.a, r.a[:, None] * l.S + r.S); }
-  identity = (ones, zeros);
-  readout (s, q: f32[K]) { return q @ s.S / sqrt(K); }
-}
-op tree_w[D] {
+""" + GLA_W + """op tree_w[D] {
   param W1: f32[D, D]; param W2: f32[D, D]; param b: f32[D] = normal(0.1);
   state (h: f32[D]);
   combine (l, r) { return tanh(l.h @ W1 + r.h @ W2 + b); }

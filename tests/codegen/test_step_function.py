@@ -39,11 +39,7 @@ def stream(name, batch=2):
 
 
 def run_step(layer, tokens):
-    state, outs = layer.init_state(), []
-    for token in tokens:
-        out, state = layer.step(state, **token)
-        outs.append(as_tuple(out))
-    return outs, state
+    return run_step_from(layer, layer.init_state(), tokens)
 
 
 def run_function(fn, tokens, state_tensors=()):
