@@ -155,7 +155,11 @@ def test_every_structure_row_reaches_every_renderer(name):
     assert (name in BINARY_OPERATORS.values()) == (row.operator is not None)
     assert interp._STRUCTURE[name] is interp.RULES[row.interp]
     assert symbolic._STRUCTURE[name] is getattr(symbolic._Evaluator, "op_" + row.sympy)
-    assert torch_printer.STRUCTURE[name] is getattr(torch_printer.BodyPrinter, "torch_" + row.torch)
+    if "{" in row.torch:  # a template over the operands' names
+        assert torch_printer.STRUCTURE[name].__qualname__.startswith("_structure_rule")
+        row.torch.format(*("x" for _ in range(max(row.arity, 1))))  # (fills without an IndexError)
+    else:
+        assert torch_printer.STRUCTURE[name] is getattr(torch_printer.BodyPrinter, "torch_" + row.torch)
     if isinstance(row.triton, registry.Unsupported):
         assert triton_printer.TRITON_OPS[name] is row.triton and row.triton.reason and row.vjp is None
         assert name not in triton_vjp.VJP_RULES and name not in triton_printer.RULES
@@ -188,7 +192,7 @@ def test_every_rule_is_named_by_a_row():
     rows = registry.STRUCTURE_OPS
     assert set(interp.RULES) == {r.interp for r in rows}
     assert _rule_names(symbolic._Evaluator, "op_") == {r.sympy for r in rows} | {"where"}  # where: SELECT
-    assert _rule_names(torch_printer.BodyPrinter, "torch_") == {r.torch for r in rows}
+    assert _rule_names(torch_printer.BodyPrinter, "torch_") == {r.torch for r in rows if "{" not in r.torch}
     triton_rules = {r.triton for r in rows if isinstance(r.triton, str)}
     assert _rule_names(triton_printer.TritonBodyPrinter, "triton_") \
         | _rule_names(triton_matrix.MatrixBodyPrinter, "matrix_") == triton_rules
@@ -349,7 +353,7 @@ print("cos works")
 FLIP_ROW = '''
 STRUCTURE_OPS = STRUCTURE_OPS + (
     Structure("flip", "structure", 1, Call(1, 1, "same", "same", "reverse the last axis"), "",
-              "flip", "flip", "flip", Unsupported("not generated for Triton yet; the torch backend serves it"),
+              "flip", "flip", "{0}.flip(-1)", Unsupported("not generated for Triton yet; the torch backend serves it"),
               None, Unsupported("no C++ rendering; the torch backend serves it"), None),
 )
 STRUCTURE = {row.name: row for row in STRUCTURE_OPS}
@@ -360,8 +364,6 @@ FLIP_RULES = {
     "analysis/symbolic.py": ("_STRUCTURE = {row.name: getattr(_Evaluator",
                              "_Evaluator.op_flip = lambda self, node, args: Grid.build(\n"
                              "    args[0].shape, lambda i: args[0][i[:-1] + (args[0].shape[-1] - 1 - i[-1],)])\n"),
-    "codegen/torch_printer.py": ("STRUCTURE = {row.name: getattr(BodyPrinter",
-                                 'BodyPrinter.torch_flip = lambda self, node: f"{self.ref(node.args[0])}.flip(-1)"\n'),
 }
 
 FLIP_CHECK = '''
@@ -399,8 +401,9 @@ def test_adding_a_math_builtin_is_one_edit_and_a_structure_op_its_row_and_rules(
     and
     - add ONE row to psmc/ir/registry.py: `cos` works everywhere: builtin, IR op, interpreter,
       SymPy, torch, Triton and C++ printers, their VJPs, a running layer;
-    - add a `flip` Structure row and the three rules it names (interpreter, SymPy, torch
-      printer; Triton and C++ declare why they cannot): `flip` is a builtin and an IR op, a
+    - add a `flip` Structure row (its torch rendering a template in the row; Triton and C++
+      declare why they cannot) and the two rules it names (interpreter, SymPy): three edits;
+      `flip` is a builtin and an IR op, a
       layer that calls it runs on the torch backend, and `psmc check` gives the rows' reasons."""
     import shutil
     import subprocess

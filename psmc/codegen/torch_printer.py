@@ -257,9 +257,6 @@ class BodyPrinter:
     def torch_outer(self, node: Node) -> str:
         return f"_ops.outer({self.operand(node.args[0], node)}, {self.operand(node.args[1], node)})"
 
-    def torch_transpose(self, node: Node) -> str:
-        return f"{self.ref(node.args[0])}.transpose(-1, -2)"
-
     def torch_getitem(self, node: Node) -> str:
         return f"{self.ref(node.args[0])}[{self.index_code(node.attrs, node.args[0].shape)}]"
 
@@ -267,14 +264,8 @@ class BodyPrinter:
         items = ", ".join(self.operand(a, node) for a in node.args)
         return f"_ops.concat([{items}], {node.attrs[0]}, {node.args[0].rank})"
 
-    def torch_diag(self, node: Node) -> str:
-        return f"_ops.diag({self.ref(node.args[0])})"
-
     def torch_reshape(self, node: Node) -> str:
         return f"_ops.reshape({self.ref(node.args[0])}, {node.args[0].rank}, {shape_code(node.shape)})"
-
-    def torch_layernorm(self, node: Node) -> str:
-        return f"_ops.layernorm({self.ref(node.args[0])})"
 
     def torch_attention(self, node: Node) -> str:
         q, k, v = (self.operand(a, node) for a in node.args)
@@ -298,5 +289,14 @@ class BodyPrinter:
         return ", ".join(parts)
 
 
-# the rule each row of psmc.ir.registry.STRUCTURE_OPS names (`torch`): BodyPrinter.torch_<rule>
-STRUCTURE = {row.name: getattr(BodyPrinter, "torch_" + row.torch) for row in STRUCTURE_OPS}
+def _structure_rule(row):
+    """The renderer of a STRUCTURE_OPS row's `torch` entry: BodyPrinter.torch_<rule>, or its
+    template filled with the operands' names."""
+    if "{" not in row.torch:
+        return getattr(BodyPrinter, "torch_" + row.torch)
+    template = row.torch
+    return lambda self, node: template.format(*(self.ref(arg) for arg in node.args))
+
+
+# the rule each row of psmc.ir.registry.STRUCTURE_OPS names (`torch`)
+STRUCTURE = {row.name: _structure_rule(row) for row in STRUCTURE_OPS}

@@ -427,7 +427,9 @@ class Structure:
     `Unsupported(reason)`:
       interp  a rule of psmc.ir.interp (`_RULES`: (node, args, dims) -> tensor)
       sympy   a method `op_<rule>` of psmc.analysis.symbolic's evaluator
-      torch   a method `torch_<rule>` of psmc.codegen.torch_printer.BodyPrinter
+      torch   a method `torch_<rule>` of psmc.codegen.torch_printer.BodyPrinter, or, for a
+              rendering that is one torch expression of the operands as they are, a template
+              over their names: "{0}.transpose(-1, -2)" (no printer rule to write)
       triton  a rule of the Triton tile printers (psmc.codegen.triton_printer `RULES`, or, with
               `tile="matrix"`, psmc.codegen.triton_matrix `MATRIX_RULES`: the [R, C] tile only)
       cpp     a rule of psmc.codegen.cpp_printer (`CPP_RULES`; with `tile="matrix"`, matrix
@@ -481,15 +483,15 @@ STRUCTURE_OPS: tuple[Structure, ...] = (
                                               (("axis", ("axis", 0)),)), "",
               "concat", "concat", "concat", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
     Structure("transpose", "structure", -1, Call(1, 1, "transpose", "same", "swap the last two axes"), "x.T",
-              "transpose", "transpose", "transpose", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
+              "transpose", "transpose", "{0}.transpose(-1, -2)", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
     Structure("diag", "structure", -1, Call(1, 1, "diag", "same", "vector -> diagonal matrix"), "",
-              "diag", "diag", "diag", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
+              "diag", "diag", "_ops.diag({0})", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
     Structure("reshape", "structure", -1, Call(2, 2, "reshape", "same",
                                                "reshape to a static shape, e.g. reshape(x, (C, D))", "x, shape"), "",
               "reshape", "reshape", "reshape", Unsupported(_MATRIX), None, Unsupported(_NO_CPP), None, degree="linear"),
     Structure("layernorm", "layer", 1, Call(1, 1, "same", "float",
                                             "layer norm over the last axis, no affine, eps 1e-5"), "",
-              "layernorm", "layernorm", "layernorm", Unsupported(_LAYER), None, Unsupported(_NO_CPP), None, heavy=True),
+              "layernorm", "layernorm", "_ops.layernorm({0})", Unsupported(_LAYER), None, Unsupported(_NO_CPP), None, heavy=True),
     Structure("attention", "layer", 3, Call(3, 3, "attention", "float",
                                             "scaled dot-product softmax attention over the first axis", "q, k, v",
                                             (("heads", ("int", 1)), ("causal", ("bool", False)))), "",
