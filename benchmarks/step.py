@@ -152,7 +152,7 @@ def pieces(layer, state0, token):
                                                     dict(self=iface, state=state0, inputs=inputs)),
               "psmc step": (PsmLayer.step.__code__, dict(self=layer, state=state0, args=(), inputs=inputs)),
               "psmc step_function": (fn.__code__, dict(state_tensors=tensors, inputs=(k, v, gk, q)))}
-    frames["psmc step_function"][1].update(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    frames["psmc step_function"][1].update(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
     states = {"a frozen dataclass (ScanState)": (ScanState, state0),
               "a mutable dataclass": (_MutableState, _MutableState(state0.prefix, state0.count, state0.op)),
               "a typing.NamedTuple": (_TupleState, _TupleState(state0.prefix, state0.count, state0.op))}
