@@ -184,7 +184,7 @@ def literal_source(name: str, sig: StepSignature, update: tuple, bound, carry: s
         f"def {name}(state_tensors, *inputs):",
         f'    """One {sig.op} token for one signature (PsmLayer.step_function): eager, the checked step; '
         'traced, the update with its constants as literals."""',
-        "    if not torch.compiler.is_compiling():",
+        "    if not _compiling():",
         "        return _eager(state_tensors, inputs)",
         "    # traced: the signature checked from literals (the tensors' own guards pin what they read)",
         f"    if len(inputs) != {len(sig.names)}:",
@@ -202,9 +202,10 @@ def literal_source(name: str, sig: StepSignature, update: tuple, bound, carry: s
 
 
 def literal_function(source: str, name: str, eager, mismatch):
-    """The function `name` that `source` defines, in a namespace holding `torch`, `_eager` and
-    `_mismatch` alone."""
-    namespace = {"torch": torch, "_eager": eager, "_mismatch": mismatch}
+    """The function `name` that `source` defines, in a namespace holding `torch`, `_compiling`
+    (torch.compiler.is_compiling: one guard where `torch.compiler.is_compiling` is two), `_eager`
+    and `_mismatch` alone."""
+    namespace = {"torch": torch, "_compiling": torch.compiler.is_compiling, "_eager": eager, "_mismatch": mismatch}
     exec(compile(source, f"<psmc step function {name}>", "exec"), namespace)
     fn = namespace[name]
     fn.__source__ = source
