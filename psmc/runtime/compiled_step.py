@@ -176,9 +176,10 @@ def literal_source(name: str, sig: StepSignature, update: tuple, bound, carry: s
         if text is None:
             return None
         constants.append(f"    {var} = {text}")
-    args = ", ".join(sig.names) + ("," if len(sig.names) == 1 else "")
+    # (the inputs as x_<name>, as in the update: an input's name may be any other local's)
+    args = ", ".join(f"x_{n}" for n in sig.names) + ("," if len(sig.names) == 1 else "")
     state_ok = " and ".join(_check(f"state_tensors[{i}]", s[1:]) for i, s in enumerate(sig.state))
-    checks = [_check(n, want) for n, want in zip(sig.names, sig.inputs)]
+    checks = [_check(f"x_{n}", want) for n, want in zip(sig.names, sig.inputs)]
     checks.append(f"(len(state_tensors) == 0 or len(state_tensors) == {len(sig.state)} and {state_ok})")
     lines = [
         f"def {name}(state_tensors, *inputs):",
@@ -194,7 +195,6 @@ def literal_source(name: str, sig: StepSignature, update: tuple, bound, carry: s
         "        _mismatch(state_tensors, inputs)",
         *constants,
         f"    carry = {carry}",
-        f"    {', '.join(f'x_{n}' for n in sig.names)} = {args}",
         *("    " + line for line in update),
         f"    return out, {result}",
     ]
