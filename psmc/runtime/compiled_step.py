@@ -160,11 +160,12 @@ def literal_source(name: str, sig: StepSignature, update: tuple, bound, carry: s
     """The source of step function `name` for signature `sig` (PsmLayer.step_function): eager, it
     calls `_eager`; traced, it checks the signature and runs `update` (the fast step's lines, from
     `x_<input>`s and `carry` to `out` and the new prefix), every constant written as a literal, so
-    that torch.compile guards the tensors and nothing else. `bound` is the bound fast step whose
+    that torch.compile guards its tensors and a few globals (torch, len, isinstance), no closure
+    cell. `bound` is the bound fast step whose
     closure holds those constants; `carry` and `result` are the expressions of the prefix read
     from `state_tensors` and of the state tensors returned. None when a name the update reads is
     not a literal constant (then the closure form serves)."""
-    tree = ast.parse("\n".join(update))
+    tree = ast.parse("\n".join(update + (f"_ = {result}",)))
     stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
     given = {"torch", "carry"} | {f"x_{n}" for n in sig.names}
     free = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
