@@ -197,6 +197,14 @@ def test_traced_form_is_literal_source_guarded_like_a_hand_step(name):
         S = decay * S + k.unsqueeze(-1) * v.unsqueeze(-2)
         return (q.unsqueeze(-2) @ S).squeeze(-2) / 3.0, S
 
+    # traced, the literals are the bound step's values exactly: bit for bit what a compiled `step` gives
+    dynamo.reset()
+    compiled_fn, compiled_step = (torch.compile(f, fullgraph=True, backend="eager") for f in (fn, layer.step))
+    tensors, state = (), layer.init_state()
+    for token in tokens:
+        out, tensors = compiled_fn(tensors, *token.values())
+        want, state = compiled_step(state, **token)
+        assert torch.equal(out, want) and torch.equal(tensors[0], state.tensors()[0])
     ours, theirs = _guards(fn, (S,), k, v, g, q), _guards(hand, S, k, v, g, q)
     # the extra (11 with torch 2.13; the closure form had 31 more): the state and inputs tuples (type
     # and length each), the builtins len and isinstance, torch.Tensor, torch.float32, _compiling
