@@ -210,3 +210,25 @@ def test_traced_form_is_literal_source_guarded_like_a_hand_step(name):
     # and length each), the builtins len and isinstance, torch.Tensor, torch.float32, _compiling
     # (and the nodes that reach the last three)
     assert ours <= theirs + 11, (ours, theirs)
+
+
+def test_literals_round_trip_exactly_or_are_refused():
+    """A step function's constants are written as literals only when the text evaluates to the
+    very value (floats by repr, every bit); anything else is refused (the closure form serves)."""
+    from hypothesis import given, settings, strategies as st
+    from psmc.runtime.compiled_step import _literal
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(), st.booleans(),
+                     st.tuples(st.integers(0, 9), st.integers(0, 9)), st.sampled_from([torch.float32, torch.bfloat16])))
+    def round_trip(value):
+        text = _literal(value)
+        back = eval(text, {"torch": torch})
+        assert back == value and type(back) is type(value)
+        if isinstance(value, float):
+            assert struct.pack("<d", back) == struct.pack("<d", value)  # -0.0 stays -0.0
+
+    import struct
+    round_trip()
+    for refused in (float("nan"), float("inf"), torch.Size([2, 3]), torch.ones(1), "k", [1, 2]):
+        assert _literal(refused) is None
