@@ -264,7 +264,11 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         "            return (out,), (self._stream_state(new_state) if stream else new_state)",
         "        return step",
         "",
-        f"    _STEP_UPDATE = {tuple(update)!r}",
+        "    # step's update alone, from x_<input>s and `carry` to `out` and the new prefix _STEP_ELEMENT:",
+        "    # PsmLayer.step_function writes it out with the constants as literals",
+        "    _STEP_UPDATE = (",
+        *(f"        {line!r}," for line in update),
+        "    )",
         f"    _STEP_ELEMENT = {tuple(element)!r}",
         "",
     ]
