@@ -152,7 +152,7 @@ def pieces(layer, state0, token):
                                                     dict(self=iface, state=state0, inputs=inputs)),
               "psmc step": (PsmLayer.step.__code__, dict(self=layer, state=state0, args=(), inputs=inputs)),
               "psmc step_function": (fn.__code__, dict(state_tensors=tensors, inputs=(k, v, gk, q)))}
-    frames["psmc step_function"][1].update(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+    frames["psmc step_function"][1].update(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
     states = {"a frozen dataclass (ScanState)": (ScanState, state0),
               "a mutable dataclass": (_MutableState, _MutableState(state0.prefix, state0.count, state0.op)),
               "a typing.NamedTuple": (_TupleState, _TupleState(state0.prefix, state0.count, state0.op))}
@@ -181,6 +181,49 @@ def pieces(layer, state0, token):
         executed, us = guard.get(name, ("", None))
         shown = f"{us:.2f}" if us is not None else ""
         print(f"| {name} | {executed} | {shown} | {min(times):.2f} | {min(times) / bare:.3f}x |")
+
+
+def hand_tuples_step(state_tensors, *inputs):
+    """The hand update behind step_function's interface (a state tuple and positional inputs in,
+    (out, (S,)) out)."""
+    k, v, gk, q = inputs
+    out, S = hand_step(state_tensors[0], k, v, gk, q)
+    return out, (S,)
+
+
+def ab(layer, state0, token, rounds: int = 600, calls: int = 100):
+    """--ab: the compiled bare hand step, that hand step behind step_function's interface and the
+    compiled step_function, `calls` calls each per round in a shuffled order, `rounds` rounds: the
+    median and quartiles of the per-round ratios (a load change within a round hits all three)."""
+    import random
+    torch.set_grad_enabled(False)
+    S, (k, v, gk, q) = state0.prefix[1], (token[n] for n in ("k", "v", "gk", "q"))
+    hand = torch.compile(hand_step, fullgraph=True)
+    tuples = torch.compile(hand_tuples_step, fullgraph=True)
+    fn = torch.compile(layer.step_function(**token), fullgraph=True)
+    st = (S,)
+    rows = {"bare hand step": lambda: hand(S, k, v, gk, q), "hand step, step_function's interface":
+            lambda: tuples(st, k, v, gk, q), "psmc step_function": lambda: fn(st, k, v, gk, q)}
+    for f in rows.values():
+        f(), f()
+    ratios = {name: [] for name in rows}
+    order = list(rows)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        took = {}
+        for name in order:
+            f, start = rows[name], CLOCK()
+            for _ in range(calls):
+                f()
+            took[name] = CLOCK() - start
+        for name in rows:
+            ratios[name].append(took[name] / took["bare hand step"])
+    print(f"Compiled calls against the compiled bare hand step, {rounds} shuffled rounds x {calls} calls, "
+          f"{'cpu' if CLOCK is time.thread_time else 'wall'} clock: median ratio (quartiles)")
+    for name, r in ratios.items():
+        r.sort()
+        print(f"| {name} | {statistics.median(r):.3f} ({r[len(r) // 4]:.3f}-{r[3 * len(r) // 4]:.3f}) |")
 
 
 def hand_ssm_step(h, u, delta, A, Bt, C):
@@ -215,6 +258,8 @@ def main(argv=None):
                                                                  "parallel-pass rows)")
     ap.add_argument("--pieces", action="store_true", help="only where a compiled step's time goes: guard "
                                                               "evaluation and whole call, timed alone (about 30 s)")
+    ap.add_argument("--ab", action="store_true", help="only the compiled step_function against the compiled hand "
+                                                          "step, interleaved A/B rounds (about 15 s)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter; cpu: time.thread_time, this thread's CPU time (on a shared, "
                          "loaded machine it leaves out the time other processes hold the core; one torch thread)")
@@ -232,6 +277,8 @@ def main(argv=None):
 
     if args.pieces:
         return pieces(layer, state0, dict(k=ks[0], v=vs[0], gk=gks[0], q=qs[0]))
+    if args.ab:
+        return ab(layer, state0, dict(k=ks[0], v=vs[0], gk=gks[0], q=qs[0]))
 
     def run_psmc(step):
         def go(count):

@@ -216,14 +216,17 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         lines[-2:-2] = ["        traced = traced[0] if traced else torch.compiler.is_compiling()  # (traced: a step "
                         "torch.compile traces)"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
-    lines += ["            " + line for line in per_token]
+    head = per_token + [
+        f"k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
+        "kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
+    ]
+    lines += ["            " + line for line in head]
     lines += [
-        f"            k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
-        "            kv = k_.unsqueeze(-1) * v_.unsqueeze(-2)  # inputs arrive in the compute dtype",
         "            carry = state.prefix",
         f"            if carry is not None and len(carry) != {len(op.state)}:  # a stream layout without the dropped fields",
         "                carry = self._full_state(call, state).prefix",
     ]
+    start = len(lines)
     if p["kind"] != "none":
         lines += [
             f"            e_ = torch.exp({g})",
@@ -253,10 +256,20 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
             "            if carry is not None:",
             f"                a_total = a_total * carry[{p['decay_index']}]",
         ]
+    # the update alone, from x_<input>s and `carry` (the full prefix or None) to `out` and the new
+    # prefix `element`, for PsmLayer.step_function's source (its constants written as literals)
+    update = head + [line[12:] for line in lines[start:]]
     lines += [
         f"            new_state = _ScanState.make(({', '.join(element)},), state.count + 1, state.op)",
         "            return (out,), (self._stream_state(new_state) if stream else new_state)",
         "        return step",
+        "",
+        "    # step's update alone, from x_<input>s and `carry` to `out` and the new prefix _STEP_ELEMENT:",
+        "    # PsmLayer.step_function writes it out with the constants as literals",
+        "    _STEP_UPDATE = (",
+        *(f"        {line!r}," for line in update),
+        "    )",
+        f"    _STEP_ELEMENT = {tuple(element)!r}",
         "",
     ]
     return lines

@@ -25,6 +25,7 @@ shapes) are not literals: those calls take the fully traced check.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 
@@ -129,3 +130,84 @@ def mismatch_error(sig: StepSignature, state: tuple, inputs: tuple, strict: bool
     if strict:
         raise AssertionError("mismatch_error called on a matching signature")
     return None
+
+
+# ------------------------------------------------- a step function's traced form as literal source
+def _literal(value) -> str | None:
+    """`value` as Python source that evaluates to it exactly (ints, floats, bools, None, tuples of
+    them, torch dtypes), else None."""
+    if value is None or value.__class__ in (bool, int) or isinstance(value, torch.dtype):
+        text = repr(value)
+    elif value.__class__ is float:
+        text = repr(value) if value == value and abs(value) != float("inf") else None
+    elif value.__class__ is tuple:
+        parts = [_literal(v) for v in value]
+        text = None if None in parts else f"({', '.join(parts)}{',' if len(parts) == 1 else ''})"
+    else:
+        return None
+    return text if text is not None and eval(text, {"torch": torch}) == value else None
+
+
+def _check(var: str, want: tuple) -> str:
+    """The condition that tensor `var` has (shape, dtype, device) `want`, from literals."""
+    shape, dtype, device = want
+    return (f"isinstance({var}, torch.Tensor) and {var}.shape == {_literal(tuple(shape))} and "
+            f"{var}.dtype == {dtype!r} and {var}.device.type == {device.type!r} and "
+            f"{var}.device.index {'is' if device.index is None else '=='} {device.index!r}")
+
+
+def literal_source(name: str, sig: StepSignature, update: tuple, bound, carry: str, result: str) -> str | None:
+    """The source of step function `name` for signature `sig` (PsmLayer.step_function): eager, it
+    calls `_eager`; traced, it checks the signature and runs `update` (the fast step's lines, from
+    `x_<input>`s and `carry` to `out` and the new prefix), every constant written as a literal, so
+    that torch.compile guards its tensors and a few globals (torch, len, isinstance), no closure
+    cell. `bound` is the bound fast step whose
+    closure holds those constants; `carry` and `result` are the expressions of the prefix read
+    from `state_tensors` and of the state tensors returned. None when a name the update reads is
+    not a literal constant (then the closure form serves)."""
+    tree = ast.parse("\n".join(update + (f"_ = {result}",)))
+    stored = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    given = {"torch", "carry"} | {f"x_{n}" for n in sig.names}
+    free = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+                  - stored - given)
+    cells = dict(zip(bound.__code__.co_freevars, (c.cell_contents for c in bound.__closure__ or ())))
+    constants = []
+    for var in free:
+        text = _literal(cells[var]) if var in cells else None
+        if text is None:
+            return None
+        constants.append(f"    {var} = {text}")
+    # (the inputs as x_<name>, as in the update: an input's name may be any other local's)
+    args = ", ".join(f"x_{n}" for n in sig.names) + ("," if len(sig.names) == 1 else "")
+    state_ok = " and ".join(_check(f"state_tensors[{i}]", s[1:]) for i, s in enumerate(sig.state))
+    checks = [_check(f"x_{n}", want) for n, want in zip(sig.names, sig.inputs)]
+    checks.append(f"(len(state_tensors) == 0 or len(state_tensors) == {len(sig.state)} and {state_ok})")
+    lines = [
+        f"def {name}(state_tensors, *inputs):",
+        f'    """One {sig.op} token for one signature (PsmLayer.step_function): eager, the checked step; '
+        'traced, the update with its constants as literals."""',
+        "    if not _compiling():",
+        "        return _eager(state_tensors, inputs)",
+        "    # traced: the signature checked from literals (the tensors' own guards pin what they read)",
+        f"    if len(inputs) != {len(sig.names)}:",
+        "        _mismatch(state_tensors, inputs)",
+        f"    {args} = inputs",
+        "    if not (" + "\n            and ".join(checks) + "):",
+        "        _mismatch(state_tensors, inputs)",
+        *constants,
+        f"    carry = {carry}",
+        *("    " + line for line in update),
+        f"    return out, {result}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def literal_function(source: str, name: str, eager, mismatch):
+    """The function `name` that `source` defines, in a namespace holding `torch`, `_compiling`
+    (torch.compiler.is_compiling: one guard where `torch.compiler.is_compiling` is two), `_eager`
+    and `_mismatch` alone."""
+    namespace = {"torch": torch, "_compiling": torch.compiler.is_compiling, "_eager": eager, "_mismatch": mismatch}
+    exec(compile(source, f"<psmc step function {name}>", "exec"), namespace)
+    fn = namespace[name]
+    fn.__source__ = source
+    return fn

@@ -400,7 +400,10 @@ class PsmLayer(nn.Module):
         if getattr(self, "_bind_step", None) is not None and spec.fast and self.use_fast_path and \
                 self.backend in ("auto", "torch") and ctx.dev.type == "cpu":
             traced_lane = self._bind_step(call, True)  # what a compiled `step` runs (`_step_runner`)
+            bound = True
         else:
+            bound = False
+
             def traced_lane(inputs, state):  # the runner a compiled `step` chooses, asked when traced
                 return self._step_runner(call)(_Call(ctx, inputs, lead, True, tag), state)
         live = [f for i, f in enumerate(spec.fields)
@@ -459,6 +462,31 @@ class PsmLayer(nn.Module):
                     return update(state_tensors, xs, eager_lane, expect.constants)
             return update(state_tensors, xs, eager_lane, expect.constants)
 
+        doc = (f"One token of {tag}: ({', '.join(f.name for f in live)}) state tensors and the inputs "
+               f"({', '.join(names)}) -> (outputs, new state tensors); see PsmLayer.step_function.")
+        update_lines = getattr(type(self), "_STEP_UPDATE", None)
+        if bound and update_lines is not None and not plan and not finite and call.out_dtype is None and \
+                spec.stream is None:
+            # the traced form as source, its constants literals (no closure cell; no global but
+            # torch and three helpers): compiled, it costs the guards of its tensors and a few more
+            # (compiled_step.literal_source; other forms: the closure below)
+            element = type(self)._STEP_ELEMENT
+            live_at = [i for i in range(len(spec.fields)) if i not in spec.dead]
+            at = slots if slots is not None else range(len(live))  # each prefix slot's state tensor (None: dead)
+            carry = "(" + ", ".join("None" if j is None else f"state_tensors[{j}]" for j in at) + ",)"
+            result = "(" + ", ".join(element[i] for i in live_at) + ",)"
+            if "None" not in (element[i] for i in live_at):
+                def mismatch(state_tensors, xs):
+                    raise _compiled.mismatch_error(expect, _describe(state_tensors), _describe(xs))
+
+                name = f"{spec.name}_step"
+                source = _compiled.literal_source(name, expect, update_lines, traced_lane,
+                                                  f"{carry} if state_tensors else None", result)
+                if source is not None:
+                    fn = _compiled.literal_function(source, name, eager, mismatch)
+                    fn.__doc__ = doc
+                    return fn
+
         def step_fn(state_tensors, *inputs):
             if not _is_compiling():
                 return eager(state_tensors, inputs)
@@ -477,8 +505,7 @@ class PsmLayer(nn.Module):
             return update(state_tensors, inputs, traced_lane, constants)
 
         step_fn.__name__ = step_fn.__qualname__ = f"{spec.name}_step"
-        step_fn.__doc__ = (f"One token of {tag}: ({', '.join(f.name for f in live)}) state tensors and the inputs "
-                           f"({', '.join(names)}) -> (outputs, new state tensors); see PsmLayer.step_function.")
+        step_fn.__doc__ = doc
         return step_fn
 
     def init_state(self, batch_shape=(), device=None, dtype=None):

@@ -157,3 +157,74 @@ def test_half_inputs_and_the_always_finite_check_as_step():
     nan = dict(half[1], q=torch.full_like(half[1]["q"], float("nan")))
     out, _ = fn(tensors, *nan.values())
     assert torch.isnan(out).all()
+
+
+def _guards(fn, *args):
+    """The guard checks Dynamo runs on a call of torch.compile'd `fn` (backend eager), one frame."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    dynamo.reset()
+    torch.compile(fn, fullgraph=True, backend="eager")(*args)
+    (entry,) = _debug_get_cache_entry_list(fn.__code__)
+    f_locals = dict(zip(fn.__code__.co_varnames, args))
+    if fn.__code__.co_flags & 0x04:  # *inputs
+        n = fn.__code__.co_argcount
+        f_locals = dict(zip(fn.__code__.co_varnames, args[:n]), inputs=args[n:])
+    return entry.guard_manager.check_verbose(f_locals).num_guards_executed
+
+
+@pytest.mark.parametrize("name", ["gla", "retention"])
+def test_traced_form_is_literal_source_guarded_like_a_hand_step(name):
+    """The chunkwise forms' step function is generated source, its constants literals: no
+    closure, no global but torch and its three helpers, the same text for the same signature,
+    and compiled it costs the guards of its tensors and few more (what the hand step costs)."""
+    layer, tokens = stream(name)
+    fn = layer.step_function(**tokens[0])
+    assert fn.__closure__ is None
+    assert set(fn.__globals__) - {"__builtins__", fn.__name__} == {"torch", "_compiling", "_eager", "_mismatch"}
+    assert fn.__source__ == layer.step_function(**tokens[0]).__source__
+    lead = tuple(tokens[0]["k"].shape[:-1])
+    assert f"    lead = {lead}\n" in fn.__source__ and "state_tensors[0]" in fn.__source__
+    _, state = run_step(layer, tokens[:1])
+    (S,) = state.tensors()
+    k, v, g, q = tokens[1].values()
+
+    def hand(S, k, v, g, q):  # the same update, written by hand (the scale read from the source)
+        decay = torch.exp(g).unsqueeze(-1) if name == "gla" else torch.exp(g)[..., None, None]
+        S = decay * S + k.unsqueeze(-1) * v.unsqueeze(-2)
+        return (q.unsqueeze(-2) @ S).squeeze(-2) / 3.0, S
+
+    # traced, the literals are the bound step's values exactly: bit for bit what a compiled `step` gives
+    dynamo.reset()
+    compiled_fn, compiled_step = (torch.compile(f, fullgraph=True, backend="eager") for f in (fn, layer.step))
+    tensors, state = (), layer.init_state()
+    for token in tokens:
+        out, tensors = compiled_fn(tensors, *token.values())
+        want, state = compiled_step(state, **token)
+        assert torch.equal(out, want) and torch.equal(tensors[0], state.tensors()[0])
+    ours, theirs = _guards(fn, (S,), k, v, g, q), _guards(hand, S, k, v, g, q)
+    # the extra (11 with torch 2.13; the closure form had 31 more): the state and inputs tuples (type
+    # and length each), the builtins len and isinstance, torch.Tensor, torch.float32, _compiling
+    # (and the nodes that reach the last three)
+    assert ours <= theirs + 11, (ours, theirs)
+
+
+def test_literals_round_trip_exactly_or_are_refused():
+    """A step function's constants are written as literals only when the text evaluates to the
+    very value (floats by repr, every bit); anything else is refused (the closure form serves)."""
+    from hypothesis import given, settings, strategies as st
+    from psmc.runtime.compiled_step import _literal
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(), st.booleans(),
+                     st.tuples(st.integers(0, 9), st.integers(0, 9)), st.sampled_from([torch.float32, torch.bfloat16])))
+    def round_trip(value):
+        text = _literal(value)
+        back = eval(text, {"torch": torch})
+        assert back == value and type(back) is type(value)
+        if isinstance(value, float):
+            assert struct.pack("<d", back) == struct.pack("<d", value)  # -0.0 stays -0.0
+
+    import struct
+    round_trip()
+    for refused in (float("nan"), float("inf"), torch.Size([2, 3]), torch.ones(1), "k", [1, 2]):
+        assert _literal(refused) is None
