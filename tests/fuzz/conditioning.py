@@ -106,9 +106,19 @@ def within(got: tuple, want: tuple, spread: tuple, rtol: float, atol: float) -> 
     return True
 
 
-def rms_within(got, want, spread, bound: float) -> bool:
+def rms_within(got, want, spread, bound: float, top: float | None = None) -> bool:
     """The relative-RMS form (the float32 and half checks): |got - want| / |want| <= bound plus
-    AMPLIFICATION x |spread| / |want| (2-norms over the output)."""
-    w = want.double()
+    AMPLIFICATION x |spread| / |want| (2-norms over the output).
+
+    `top` (the largest value of the dtype `got` was computed in): an element that is non-finite
+    in `got` is excused where the spread itself passes `top`, i.e. where rounding alone, amplified
+    by the op, carries the value out of that dtype's range (seed 740138: a product of 300
+    rank-one updates whose rounding along a decayed direction grows by 1e80; float64 holds it,
+    float32 overflows, whatever the order). Any other non-finite element fails; the rest are
+    held to the RMS bound."""
+    w, g, spread = want.double(), got.double(), spread.double()
+    if top is not None:
+        excused = ~g.isfinite() & w.isfinite() & (spread > top)
+        w, g, spread = w[~excused], g[~excused], spread[~excused]
     scale = w.norm().clamp_min(1e-6)
-    return bool((got.double() - w).norm() / scale <= bound + AMPLIFICATION * spread.norm() / scale)
+    return bool((g - w).norm() / scale <= bound + AMPLIFICATION * spread.norm() / scale)

@@ -7,6 +7,8 @@ where planned) on a config that reproduced the failure.
 """
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import subprocess
 import sys
@@ -350,6 +352,29 @@ def test_an_op_that_amplifies_rounding_is_held_to_its_conditioning(tmp_path, mon
     monkeypatch.setattr(conditioning, "AMPLIFICATION", 0.0)
     with pytest.raises(runner.Failure, match="stream vs parallel" if name == "unstable" else "relative RMS error"):
         run(text, name, dims, tmp_path, config)
+
+
+# seed 740138: E2 is a product of 300 rank-one updates I - 0.25 x x^T whose factor along x falls
+# to 1e-87 and then grows by 1e80. float64 holds every value (at most 1.7e30); in float32 the
+# rounding left along that direction is amplified past float32's range, by the stream and the
+# parallel pass alike: an overflow the op forces, excused only because the float64 spread of
+# float32-sized perturbations itself leaves the range
+OVERFLOWING_PRODUCT = """
+op overflowing[K] {
+  state (E2: f32[K, K]);
+  lift () { return eye(K) - 0.5 * 0.5 * outer((0.01 * index - 0.2) * ones(K), (0.01 * index - 0.2) * ones(K)); }
+  combine (l, r) { return r.E2 @ l.E2; }
+  readout (s, y: f32) { return (s.E2, tanh(y)); }
+}
+"""
+
+
+def test_a_float32_overflow_is_excused_only_where_rounding_alone_leaves_the_range(tmp_path, monkeypatch):
+    config = Config(batch=2, time=300, block=64, grads=False, f32=True, seed=62427)
+    run(OVERFLOWING_PRODUCT, "overflowing", {"K": 3}, tmp_path, config)
+    monkeypatch.setattr(runner, "F32_TOP", math.inf)  # no overflow excused: the float32 check fails
+    with pytest.raises(runner.Failure, match="relative RMS error inf"):
+        run(OVERFLOWING_PRODUCT, "overflowing", {"K": 3}, tmp_path, config)
 
 
 def test_conditioning_allows_nothing_to_a_well_conditioned_op_or_a_non_finite_stream(tmp_path):
