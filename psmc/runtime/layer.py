@@ -682,6 +682,9 @@ class PsmLayer(nn.Module):
 
     def _prepare(self, inputs: dict, step: bool) -> "_Call":
         spec = self.spec
+        if not spec.inputs:  # (lift () and a readout without inputs: nothing sizes a call)
+            raise TypeError(f"{spec.name} declares no inputs, so no call can give its batch and time axes: declare "
+                            "an input in its lift or readout (e.g. `lift (x: f32)`)")
         expected = [s.name for s in spec.inputs]
         missing = [n for n in expected if n not in inputs]
         extra = [n for n in inputs if n not in expected]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import psmc
+
 from layer_harness import layer_class
 
 B, T, H, K, V = 2, 5, 3, 2, 4
@@ -174,3 +176,16 @@ def test_a_repeated_signature_runs_the_same_checks_and_casts():
     with pytest.raises(TypeError, match=r"missing input q\b"):
         layer(**{n: x for n, x in gla_inputs().items() if n != "q"})
 
+
+
+def test_an_op_without_inputs_says_so_instead_of_crashing(tmp_path):
+    """An op whose lift and readout take no inputs compiles, but nothing gives a call's batch
+    and time axes (a fuzz reduction crashed with `max() arg is an empty sequence`)."""
+    path = tmp_path / "no_inputs.psm"
+    path.write_text("op no_inputs[K] { state (E: f32[K, K]); lift () { return eye(K); } "
+                    "combine (l, r) { return r.E @ l.E; } }")
+    layer = psmc.load(path).no_inputs(K=2)
+    for call in (lambda: layer(), lambda: layer.step(layer.init_state())):
+        with pytest.raises(TypeError, match=r"no_inputs declares no inputs, so no call can give its batch and time "
+                                            r"axes: declare an input in its lift or readout"):
+            call()
