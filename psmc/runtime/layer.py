@@ -219,6 +219,12 @@ class PsmLayer(nn.Module):
             self._check_state(state, call)
         return self._forward_local(call, state, return_state)
 
+    def _remember(self, key, entry) -> None:
+        """One per-signature entry of forward or step (a bounded cache: past 16 it starts over)."""
+        if len(self._step_cache) > 16:
+            self._step_cache.clear()
+        self._step_cache[key] = entry
+
     def _prepare_forward(self, inputs: dict) -> "_Call":
         """`_prepare(inputs, step=False)` once per input signature (names, shapes, dtypes,
         devices, and the params' dtypes and devices): a later forward with the same signature
@@ -242,10 +248,8 @@ class PsmLayer(nn.Module):
                 if y.dim() != x.dim():
                     padded = padded[:lead_axes] + (1,) * (y.dim() - x.dim()) + padded[lead_axes:]
                 plan.append((name, padded, y.dtype, tuple(y.shape)))
-            if len(self._step_cache) > 16:
-                self._step_cache.clear()
             # (the template keeps no input tensor alive)
-            self._step_cache[key] = (_Call(call.ctx, {}, call.lead, False, call.tag, call.out_dtype), tuple(plan))
+            self._remember(key, (_Call(call.ctx, {}, call.lead, False, call.tag, call.out_dtype), tuple(plan)))
             return call
         template, plan = hit
         aligned = {}
@@ -812,13 +816,10 @@ class PsmLayer(nn.Module):
             call.step_lean = not plan and call.out_dtype is None and self.check_finite != "always"
             run = self._step_runner(call)
             if key is not None:
-                if len(self._step_cache) > 16:
-                    self._step_cache.clear()
                 # the decode lane in `step` serves this signature when the inputs need no cast or
                 # reshape, the outputs no cast, and no step checks its outputs
                 lean = not plan and call.out_dtype is None and self.check_finite != "always"
-                self._step_cache[key] = (call, plan, run, self._lane(call, run) if lean else None,
-                                         call.ctx.dev.type)
+                self._remember(key, (call, plan, run, self._lane(call, run) if lean else None, call.ctx.dev.type))
             return call, run
         template, plan, run = hit[:3]
         if state.op != template.tag:

@@ -42,12 +42,17 @@ def run_step(layer, tokens):
     return run_step_from(layer, layer.init_state(), tokens)
 
 
-def run_function(fn, tokens, state_tensors=()):
+def run_tokens(advance, tokens, state):
+    """Each token through `advance(state, token) -> (out, state)`: outputs and the last state."""
     outs = []
     for token in tokens:
-        out, state_tensors = fn(state_tensors, *token.values())
+        out, state = advance(state, token)
         outs.append(as_tuple(out))
-    return outs, state_tensors
+    return outs, state
+
+
+def run_function(fn, tokens, state_tensors=()):
+    return run_tokens(lambda state, token: fn(state, *token.values()), tokens, state_tensors)
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -70,11 +75,7 @@ def test_equals_step_bit_for_bit_in_eager(name):
 
 
 def run_step_from(layer, state, tokens):
-    outs = []
-    for token in tokens:
-        out, state = layer.step(state, **token)
-        outs.append(as_tuple(out))
-    return outs, state
+    return run_tokens(lambda state, token: layer.step(state, **token), tokens, state)
 
 
 @pytest.mark.parametrize("name", OPS)
