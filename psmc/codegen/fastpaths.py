@@ -212,9 +212,8 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: computed once per signature
     # (read once here: a compiled step then guards one dtype, not the dtype table)
     lines[-2:-2] = [f"        o_dtype = cx.dt[{op.outputs[0].dtype!r}]  # the output's dtype"]
-    if p["kind"] != "none":
-        lines[-2:-2] = ["        traced = traced[0] if traced else torch.compiler.is_compiling()  # (traced: a step "
-                        "torch.compile traces)"]
+    lines[-2:-2] = ["        traced = traced[0] if traced else torch.compiler.is_compiling()  # (traced: a step "
+                    "torch.compile traces)"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     head = per_token + [
         f"k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
@@ -244,7 +243,12 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     lines += [
         "            if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
         "                s_last = s_last.expand(*lead, *s_last.shape[-2:])",
-        f"            out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
+        # eager, one matmul; traced, a multiply and a sum, which Inductor fuses with the update into
+        # one loop instead of calling a separate matmul kernel
+        "            if traced:",
+        f"                out = (q_.unsqueeze(-1) * s_last).sum(-2) * ({scale})",
+        "            else:",
+        f"                out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
         "            if out.dtype != o_dtype:  # (its lead is s_last's: [B, *lanes])",
         "                out = out.to(o_dtype)",
     ]
