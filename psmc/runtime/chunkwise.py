@@ -276,28 +276,80 @@ def _decayed_terms(q: Tensor, k: Tensor, v: Tensor, g: Tensor, exclusive: bool, 
     reference per (chunk, key), and both factors are the inter-chunk operands rescaled by a
     bounded constant: scores = (q_inter e^-m)(k_update e^(m - total))^T, no L x L exponentials.
     Otherwise: the exact L x L mask (scalar decay) or recursive halving (per-key decay).
+    Eager code reads the spread on the host and runs one form; inside a torch.compile graph
+    (no host read there) `torch.cond` chooses on the device, so a graph runs the factorised
+    form wherever eager code would.
     """
-    g_k = g if per_key else g[..., None]  # a scalar decay broadcasts over the key axis
-    from_start = torch.cumsum(g_k, dim=2)
-    seen_by_q = _shift_down(from_start, dim=2) if exclusive else from_start
-    total = from_start[:, :, -1:]
-    q_inter = q * torch.exp(seen_by_q)
-    chunk_decay = torch.exp(total).transpose(-1, -2)  # [G, BH, K or 1, 1]
-    spread, middle = _spread((seen_by_q, from_start), dim=2, include_zero=True)
-    if spread <= _MAX_SPREAD:
+    compiling = torch.compiler.is_compiling()
+
+    def exponents(q, g):
+        """(from_start, seen_by_q, q_inter, spread, middle) of chunk views q and g."""
+        from_start = torch.cumsum(g if per_key else g[..., None], dim=2)  # (a scalar decay: over keys)
+        seen_by_q = _shift_down(from_start, dim=2) if exclusive else from_start
+        spread, middle = _spread_on_device((seen_by_q, from_start), dim=2, include_zero=True)
+        return from_start, seen_by_q, q * torch.exp(seen_by_q), spread, middle
+
+    def factorised(q, k, v, g, known=None):
+        from_start, seen_by_q, q_inter, _, middle = known or exponents(q, g)
+        total = from_start[:, :, -1:]
         # every cumsum is within 2 * _MAX_SPREAD of 0 here, so total - from_start loses at most
         # an ulp of 80 (~8e-6): the exact suffix sums (4 passes) are not needed
         k_update = k * torch.exp(total - from_start)
         q_ref = q_inter * torch.exp(-middle)
         k_ref = k_update * torch.exp(middle - total)
         above = ~_causal_mask(q.shape[2], exclusive, q.device)  # may be huge there: dropped
-        scores = (q_ref @ k_ref.transpose(-1, -2)).masked_fill_(above, 0.0)
-        return _ChunkTerms(q_inter, k_update, chunk_decay, scores=scores)
-    k_update = k * torch.exp(_suffix_sums(g_k, dim=2))
-    if per_key:
-        intra = _key_block(*(x.flatten(0, 1) for x in (q, k, v, g)), exclusive).unflatten(0, q.shape[:2])
+        scores = q_ref @ k_ref.transpose(-1, -2)
+        # (in place eager; in a cond's branch a new tensor, for Inductor)
+        return k_update, scores.masked_fill(above, 0.0) if compiling else scores.masked_fill_(above, 0.0)
+
+    def exact(q, k, v, g):
+        g_k = g if per_key else g[..., None]
+        k_update = k * torch.exp(_suffix_sums(g_k, dim=2))
+        if per_key:
+            return k_update, _key_block(*(x.flatten(0, 1) for x in (q, k, v, g)), exclusive).unflatten(0, q.shape[:2])
+        return k_update, _scalar_scores(q, k, g, exclusive)
+
+    known = exponents(q, g)
+    from_start, _, q_inter, spread, _ = known
+    chunk_decay = torch.exp(from_start[:, :, -1:]).transpose(-1, -2)  # [G, BH, K or 1, 1]
+    if compiling:
+        # a cond's branches return alike: both give the intra-chunk output itself. Its operands
+        # are the chunk views alone, everything else is computed inside the branches: Inductor
+        # (torch 2.13) lowers a cond's operands without pinning their strides, so a computed
+        # operand (a cumsum, a .contiguous()) can reach a branch in another layout than traced
+        def factorised_intra(q, k, v, g):
+            q, k, v, g = (_ContiguousGrad.apply(x) for x in (q, k, v, g))
+            k_update, scores = factorised(q, k, v, g)
+            return k_update, scores @ v
+
+        def exact_intra(q, k, v, g):
+            q, k, v, g = (_ContiguousGrad.apply(x) for x in (q, k, v, g))
+            k_update, terms = exact(q, k, v, g)
+            return k_update, terms if per_key else terms @ v
+
+        k_update, intra = torch.cond(spread <= _MAX_SPREAD, factorised_intra, exact_intra, (q, k, v, g))
         return _ChunkTerms(q_inter, k_update, chunk_decay, intra=intra)
-    return _ChunkTerms(q_inter, k_update, chunk_decay, scores=_scalar_scores(q, k, g, exclusive))
+    if float(spread) <= _MAX_SPREAD:
+        k_update, scores = factorised(q, k, v, g, known)
+        return _ChunkTerms(q_inter, k_update, chunk_decay, scores=scores)
+    k_update, terms = exact(q, k, v, g)
+    return _ChunkTerms(q_inter, k_update, chunk_decay, **{"intra" if per_key else "scores": terms})
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose gradient is made contiguous."""
+
+    @staticmethod
+    def forward(x):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
 def _scalar_scores(q: Tensor, k: Tensor, g: Tensor, strict: bool) -> Tensor:
@@ -354,8 +406,9 @@ def _key_block(q: Tensor, k: Tensor, v: Tensor, g: Tensor, strict: bool) -> Tens
     return o.flatten(1, 2)
 
 
-def _spread(exponents: tuple[Tensor, ...], dim: int, include_zero: bool) -> tuple[float, Tensor]:
-    """(largest half-range of the exponents of any block and key along dim, the mid-ranges).
+def _spread_on_device(exponents: tuple[Tensor, ...], dim: int, include_zero: bool) -> tuple[Tensor, Tensor]:
+    """(largest half-range of the exponents of any block and key along dim, as a 0-d tensor;
+    the mid-ranges).
 
     Factorising exp(a - b) as exp(a - m) exp(m - b) around the mid-range m bounds both factors
     by exp(spread). include_zero adds the block start (exponent 0) to the range.
@@ -365,12 +418,15 @@ def _spread(exponents: tuple[Tensor, ...], dim: int, include_zero: bool) -> tupl
     low = functools.reduce(torch.minimum, [x.amin(dim, keepdim=True) for x in unique])
     if include_zero:
         high, low = high.clamp(min=0.0), low.clamp(max=0.0)
-    if torch.compiler.is_compiling():
-        # no data-dependent branch in a graph (and no host read): take the path that is exact
-        # for any decay (recursive halving down to elementwise blocks)
-        return math.inf, (high + low) * 0.5
-    spread = float(((high - low) * 0.5).max()) if high.numel() else 0.0
+    spread = ((high - low) * 0.5).amax() if high.numel() else high.new_zeros(())
     return spread, (high + low) * 0.5
+
+
+def _spread(exponents: tuple[Tensor, ...], dim: int, include_zero: bool) -> tuple[float, Tensor]:
+    """_spread_on_device's spread read on the host. In a graph (no host read) it is infinite:
+    the recursive halving of _key_block then takes the path that is exact for any decay."""
+    spread, middle = _spread_on_device(exponents, dim, include_zero)
+    return math.inf if torch.compiler.is_compiling() else float(spread), middle
 
 
 def _factorised_block(q: Tensor, k: Tensor, v: Tensor, q_exp: Tensor, k_exp: Tensor, strict: bool) -> Tensor:

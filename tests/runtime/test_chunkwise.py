@@ -297,3 +297,61 @@ def test_chunk_attention_empty_sequence_returns_initial_state():
     o, final = chunk_linear_attention(q, q, v, torch.zeros(2, 0, 3), decay="scalar", initial_state=initial)
     assert o.shape == (2, 0, 3, 5)
     assert torch.equal(final, initial)
+
+
+def _graphs_of(backend: str, graphs: list):
+    """A torch.compile backend that keeps each Dynamo graph and hands it to `backend`."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend(backend)(gm, example_inputs)
+    return keep
+
+
+@pytest.mark.parametrize("decay, exclusive", [("scalar", False), ("key", True)])
+def test_compiled_chunk_attention_chooses_the_form_on_the_device(decay, exclusive):
+    """A graph cannot read the decays' spread on the host: torch.cond picks the factorised form
+    (weak decays) or the exact one (strong decays) on the device. One graph serves both (no
+    retrace), and its values and gradients equal the float64 loop in each regime."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    graphs = []
+    run = torch.compile(lambda q, k, v, g, h0: chunk_linear_attention(q, k, v, g, decay=decay, exclusive=exclusive,
+                                                                      initial_state=h0, chunk_size=16),
+                        fullgraph=True, backend=_graphs_of("aot_eager", graphs))
+    for scale in (-0.5, -60.0):  # spread within _MAX_SPREAD; far beyond it
+        q, k, v, log_decay, initial = make_inputs(decay, 37, torch.float32, seed=31, decay_scale=scale)
+        leaves = [x.requires_grad_() for x in (q, k, v, log_decay, initial)]
+        o, final = run(q, k, v, log_decay, initial)
+        ref_o, ref_final = loop_attention(q, k, v, log_decay, decay, 1.0, initial, exclusive)
+        assert_close(o, ref_o, torch.float32)
+        assert_close(final, ref_final, torch.float32)
+        weights = torch.randn_like(o)
+        ours = torch.autograd.grad((o * weights).sum() + final.sum(), leaves)
+        theirs = torch.autograd.grad((ref_o * weights).sum() + ref_final.sum(), leaves)
+        for mine, expected in zip(ours, theirs):
+            assert_close(mine, expected.float(), torch.float32)
+    assert len(graphs) == 1
+    conds = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == 1
+
+
+def test_inductor_compiles_the_chunkwise_form_choice_with_gradients():
+    """The same through Inductor, which lowers the cond's branches itself: its operands must be
+    the chunk views (a computed operand reached a branch in another layout than it was traced
+    with, torch 2.13) and the two branches' gradients must agree in layout."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    run = torch.compile(lambda *x: chunk_linear_attention(*x, decay="key", exclusive=True, chunk_size=16),
+                        fullgraph=True)
+    for scale in (-0.5, -60.0):
+        q, k, v, log_decay, _ = make_inputs("key", 37, torch.float32, seed=43, decay_scale=scale)
+        leaves = [x.requires_grad_() for x in (q, k, v, log_decay)]
+        o, final = run(q, k, v, log_decay)
+        ref_o, ref_final = loop_attention(q, k, v, log_decay, "key", 1.0, None, True)
+        assert_close(o, ref_o, torch.float32)
+        ours = torch.autograd.grad(o.sum() + final.sum(), leaves)
+        theirs = torch.autograd.grad(ref_o.sum() + ref_final.sum(), leaves)
+        for mine, expected in zip(ours, theirs):
+            assert_close(mine, expected.float(), torch.float32)
