@@ -260,6 +260,8 @@ def main(argv=None):
                                                               "evaluation and whole call, timed alone (about 30 s)")
     ap.add_argument("--ab", action="store_true", help="only the compiled step_function against the compiled hand "
                                                           "step, interleaved A/B rounds (about 15 s)")
+    ap.add_argument("--parallel-only", action="store_true", help="only the parallel pass, eager against "
+                                                                   "torch.compile (a minute or two of compiling)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: time.perf_counter; cpu: time.thread_time, this thread's CPU time (on a shared, "
                          "loaded machine it leaves out the time other processes hold the core; one torch thread)")
@@ -279,6 +281,8 @@ def main(argv=None):
         return pieces(layer, state0, dict(k=ks[0], v=vs[0], gk=gks[0], q=qs[0]))
     if args.ab:
         return ab(layer, state0, dict(k=ks[0], v=vs[0], gk=gks[0], q=qs[0]))
+    if args.parallel_only:
+        return parallel_rows(layer, args.repeat)
 
     def run_psmc(step):
         def go(count):
@@ -380,21 +384,35 @@ def main(argv=None):
         print(f"| {name} | {ms:.4f} | {ms / times[0]:.2f}x |")
 
     if not args.no_compile:
-        T = 1024
-        x = {n_: torch.randn(1, T, H, K) for n_ in ("k", "v", "q")}
-        x["gk"] = torch.nn.functional.logsigmoid(torch.randn(1, T, H, K))
-        lr = psmc.load(EXAMPLES / "linear_recurrence.psm").linear_recurrence()
-        y = {"log_a": -torch.rand(4, T, 256), "x": torch.randn(4, T, 256)}
-        print(f"\nParallel pass, eager vs torch.compile(fullgraph) (ms per call, median of {args.repeat})")
-        print("| layer | eager | compiled | speed-up |")
-        print("|---|---:|---:|---:|")
-        for name, mod, inp in (("gla B=1 T=1024 H=4 K=V=64", layer, x), ("linear_recurrence B=4 T=1024 D=256", lr, y)):
-            compiled = torch.compile(mod, fullgraph=True)
-            with torch.no_grad():
-                eager_ms, comp_ms = per_token_ms([lambda c: [mod(**inp) for _ in range(c)],
-                                                  lambda c: [compiled(**inp) for _ in range(c)]], 1, args.repeat)
-            print(f"| {name} | {eager_ms:.2f} | {comp_ms:.2f} | {eager_ms / comp_ms:.2f}x |")
+        parallel_rows(layer, args.repeat)
 
+
+def parallel_rows(layer, repeat: int):
+    """The parallel pass, eager against torch.compile(fullgraph) (Inductor), in one process."""
+    T = 1024
+    x = {n_: torch.randn(1, T, H, K) for n_ in ("k", "v", "q")}
+    x["gk"] = torch.nn.functional.logsigmoid(torch.randn(1, T, H, K))
+    lr = psmc.load(EXAMPLES / "linear_recurrence.psm").linear_recurrence()
+    y = {"log_a": -torch.rand(4, T, 256), "x": torch.randn(4, T, 256)}
+    x_grad = {n_: t.clone().requires_grad_() for n_, t in x.items()}
+
+    def forward(mod, inp):
+        with torch.no_grad():
+            return mod(**inp)
+
+    def train(mod, inp):  # forward and backward
+        mod(**inp).sum().backward()
+
+    print(f"\nParallel pass, eager vs torch.compile(fullgraph) (ms per call, median of {repeat})")
+    print("| layer | eager | compiled | speed-up |")
+    print("|---|---:|---:|---:|")
+    for name, mod, inp, run in (("gla B=1 T=1024 H=4 K=V=64, forward", layer, x, forward),
+                                ("gla B=1 T=1024 H=4 K=V=64, forward + backward", layer, x_grad, train),
+                                ("linear_recurrence B=4 T=1024 D=256, forward", lr, y, forward)):
+        compiled = torch.compile(mod, fullgraph=True)
+        eager_ms, comp_ms = per_token_ms([lambda c: [run(mod, inp) for _ in range(c)],
+                                          lambda c: [run(compiled, inp) for _ in range(c)]], 1, repeat)
+        print(f"| {name} | {eager_ms:.2f} | {comp_ms:.2f} | {eager_ms / comp_ms:.2f}x |")
 
 if __name__ == "__main__":
     main()
