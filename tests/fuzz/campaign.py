@@ -23,6 +23,7 @@ CONFIG_SALT = 0x5EED
 HALF_SALT = 0x4A1F  # the half-precision draw: its own stream, so the earlier draws stay as they were
 VARLEN_SALT = 0x7A11  # the varlen draw, likewise
 PER_LANE_SALT = 0x1A4E  # the per-lane draw, likewise
+COMPILED_SALT = 0x7C0D  # the torch.compile draw, likewise
 # the C++ backend is compared on every CPP_EVERY-th program seed (whose plan it covers): a build
 # costs seconds, the other checks a fraction of one; builds are cached by content in
 # PSMC_CACHE_DIR, which the worker processes share
@@ -68,11 +69,12 @@ def _timed(task):
 
 def program_config(seed: int):
     """The run config of program seed `seed` (deterministic)."""
-    from runner import draw_config, draw_half, draw_per_lane, draw_varlen
+    from runner import draw_compiled, draw_config, draw_half, draw_per_lane, draw_varlen
     config = draw_config(random.Random(seed ^ CONFIG_SALT))
     return dataclasses.replace(config, cpp=seed % CPP_EVERY == 0, half=draw_half(random.Random(seed ^ HALF_SALT)),
                                varlen=draw_varlen(random.Random(seed ^ VARLEN_SALT), config),
-                               per_lane=draw_per_lane(random.Random(seed ^ PER_LANE_SALT)))
+                               per_lane=draw_per_lane(random.Random(seed ^ PER_LANE_SALT)),
+                               compiled=draw_compiled(random.Random(seed ^ COMPILED_SALT)))
 
 
 def _program_task(seed: int) -> Outcome:

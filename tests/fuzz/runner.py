@@ -22,7 +22,9 @@ disagreement, and returns quietly when every check passes:
    streaming, a forward continued from a state) and is close to it in float32;
 7. when the config draws a half dtype (bf16 or f16): the layer fed bf16/f16 inputs returns its
    float outputs in that dtype (f64-declared ones stay float64) and they are within the half
-   dtype's rounding of the float64 layer run on the same (rounded) inputs; its stream agrees.
+   dtype's rounding of the float64 layer run on the same (rounded) inputs; its stream agrees;
+8. when the config draws it (a tenth of the programs): torch.compile(layer, fullgraph=True)
+   traces the forward and a `step` into graphs without a break, and they equal the eager layer.
 Every layer is built with an explicit backend ('torch' for the reference paths), so what a
 program is compared against never depends on the environment (PSMC_CPU, a compiler).
 Tolerances follow the dtype the layer computes in: 1e-9 relative for float64 (both sides
@@ -93,6 +95,7 @@ class Config:
     half: str = ""  # '', 'bf16' or 'f16': also run the layer on inputs of that dtype
     varlen: tuple = ()  # per batch row, a length < time: the rows packed with cu_seqlens
     per_lane: bool = False  # params one slice per lane (when the op has params and the run lanes)
+    compiled: bool = False  # also run torch.compile(layer, fullgraph=True): forward and one step
 
 
 def draw_config(rng, *, triton_rate: float = 0.15, long_rate: float = 0.08) -> Config:
@@ -127,6 +130,11 @@ def draw_varlen(rng, config: Config, rate: float = 0.3) -> tuple:
 
 def draw_per_lane(rng, rate: float = 0.3) -> bool:
     """The per-lane draw of a run (its own random.Random, like draw_half)."""
+    return rng.random() < rate
+
+
+def draw_compiled(rng, rate: float = 0.1) -> bool:
+    """The torch.compile draw of a run (its own random.Random, like draw_half)."""
     return rng.random() < rate
 
 
@@ -340,6 +348,35 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
 
     if config.half:
         _check_half(cls, program, layer, batch_shape, config, checked)
+
+    if config.compiled and T >= 2:
+        _check_compiled(layer, inputs, full, batch_shape)
+        checked.add("compiled")
+
+
+def _check_compiled(layer, inputs: dict, full: tuple, batch_shape: tuple):
+    """torch.compile(fullgraph=True) (Dynamo's capture with backend 'eager': what is under test is
+    that psmc's Python traces into one graph, not Inductor's builds): the forward equals the
+    eager one, and a compiled `step` continuing an eager prefill of T - 1 tokens gives the last
+    token's outputs. A graph break is an error under fullgraph."""
+    import torch._dynamo as dynamo
+    T = next(iter(inputs.values())).shape[1]
+    dynamo.reset()
+    try:
+        got = as_tuple(torch.compile(layer, fullgraph=True, backend="eager")(**inputs))
+    except Exception as err:
+        raise Failure("compile", f"torch.compile(fullgraph) forward: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    agree(got, full, "torch.compile(fullgraph) forward vs eager", RTOL, ATOL)
+    _, state = layer(**{n: x[:, :T - 1] for n, x in inputs.items()}, return_state=True)
+    dynamo.reset()
+    try:
+        out, _ = torch.compile(layer.step, fullgraph=True, backend="eager")(state, **{n: x[:, T - 1] for n, x in inputs.items()})
+    except Exception as err:
+        raise Failure("compile", f"torch.compile(fullgraph) step: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    agree(tuple(o.unsqueeze(1) for o in as_tuple(out)), tuple(f[:, T - 1:] for f in full),
+          "torch.compile(fullgraph) step after an eager prefill vs one pass", RTOL, ATOL)
 
 
 def _check_varlen(layer, inputs: dict, full: tuple, config: Config):

@@ -6,7 +6,8 @@
   TRITON_INTERPRET=1) == torch where the plan has kernels (forward, gradients, step, continued),
   the C++ backend == torch on every 25th seed whose plan it covers (a build costs seconds:
   about 9 builds, cached by content in the session's PSMC_CACHE_DIR, which the workers share),
-  and bf16/f16 inputs within their rounding of float64 on a fifth of the programs;
+  bf16/f16 inputs within their rounding of float64 on a fifth of the programs, and
+  torch.compile(fullgraph=True) forward and step equal to eager on a tenth;
 - 1,000 mutants of the examples and of generated programs through psmc check and compile:
   a located error or a valid program, never an internal error.
 The slice also proves its own reach: the programs cover every family and feature issue 11
@@ -21,6 +22,7 @@ import dataclasses
 import random
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 
 import campaign
@@ -54,8 +56,8 @@ CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32"
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32",
           # bf16 / f16 inputs
           "half-bf16", "half-f16",
-          # varlen packing with a ragged step after it, per-lane params
-          "varlen", "per-lane"}
+          # varlen packing with a ragged step after it, per-lane params, torch.compile(fullgraph)
+          "varlen", "per-lane", "compiled"}
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +130,12 @@ def test_the_config_samples_the_cpp_backend_and_half_precision_deterministically
     assert [s for s, c in zip(PROGRAMS, configs) if c.cpp] == list(range(0, 300, campaign.CPP_EVERY))
     assert {c.half for c in configs} == {"", "bf16", "f16"}
     assert {bool(c.varlen) for c in configs} == {True, False} and {c.per_lane for c in configs} == {True, False}
+    assert {c.compiled for c in configs} == {True, False}
     assert all(len(c.varlen) == c.batch and all(1 <= n < c.time for n in c.varlen) for c in configs if c.varlen)
     assert configs == [campaign.program_config(s) for s in PROGRAMS]
     # the extra draws come from their own salts: the earlier fields are what draw_config gives
     from runner import draw_config
-    assert all(dataclasses.replace(c, cpp=False, half="", varlen=(), per_lane=False)
+    assert all(dataclasses.replace(c, cpp=False, half="", varlen=(), per_lane=False, compiled=False)
                == draw_config(random.Random(s ^ campaign.CONFIG_SALT)) for s, c in zip(PROGRAMS, configs))
 
 
@@ -169,3 +172,28 @@ def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
         match = "triton vs torch: gradient"
     with pytest.raises(Failure, match=match):
         run_program(Program(0, "both", BOTH_BACKENDS, {"K": 3}, {}), config, tmp_path)
+
+
+def test_a_compiled_layer_that_drifts_or_breaks_its_graph_is_caught(tmp_path, monkeypatch):
+    # the compile check is not vacuous: a traced path that computes something else than eager,
+    # and a graph break (an error under fullgraph), each fail the runner
+    from runner import Failure
+    from psmc.runtime.layer import PsmLayer
+    config = Config(batch=2, time=5, lanes=(2,), grads=False, f32=False, seed=5, compiled=True)
+    program = Program(0, "both", BOTH_BACKENDS, {"K": 3}, {})
+    original = PsmLayer.forward
+
+    def drifting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return out * 1.001 if torch.compiler.is_compiling() else out
+    monkeypatch.setattr(PsmLayer, "forward", drifting)
+    with pytest.raises(Failure, match="torch.compile\\(fullgraph\\) forward vs eager"):
+        run_program(program, config, tmp_path)
+
+    def breaking(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break()
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(PsmLayer, "forward", breaking)
+    with pytest.raises(Failure, match="compile: torch.compile\\(fullgraph\\) forward"):
+        run_program(program, config, tmp_path)
