@@ -85,6 +85,7 @@ class CpuKernels:
 
 # ---------------------------------------------------------------------- building
 _LIBRARIES: dict = {}  # content key -> ctypes.CDLL, or None after a failed build
+_LOADED: dict = {}  # CpuKernels.source -> the content key of its loaded library (what a graph reads)
 _WARNED: set = set()
 
 
@@ -145,7 +146,21 @@ def library(kernels: CpuKernels):
                           f"this op instead. Install a C++ compiler (or set CXX to one) for the fused CPU "
                           f"kernels, or pass backend='torch' to run without them.", RuntimeWarning, stacklevel=4)
     _LIBRARIES[key] = lib
+    if lib is not None:
+        global _GRAPH_THREADS
+        _LOADED[kernels.source] = key
+        _GRAPH_THREADS = torch.get_num_threads()
     return lib
+
+
+_GRAPH_THREADS = 1  # torch's thread count when a library was last loaded: what a graph uses
+
+
+def _torch_threads() -> int:
+    """torch's thread count; inside a graph, which cannot read it (torch.get_num_threads is not
+    traceable), the count when the kernels were loaded (it sets the lane blocks and threads of a
+    call, never its numbers)."""
+    return _GRAPH_THREADS if torch.compiler.is_compiling() else torch.get_num_threads()
 
 
 def _load_or_build(source: str, key: str):
@@ -175,6 +190,34 @@ def _function(lib, kernels: CpuKernels, kind: str, dtype):
     return fn
 
 
+@functools.lru_cache(maxsize=None)
+def _named(key: str, name: str):
+    """The kernel `name` (e.g. `op_forward_f32`) of the loaded library `key`."""
+    fn = getattr(_LIBRARIES[key], name)
+    fn.restype = None
+    fn.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
+    return fn
+
+
+@torch.library.custom_op("psmc::cpu_kernel", mutates_args=("written",), tags=(torch.Tag.needs_exact_strides,))
+def graph_kernel(key: str, name: str, read: list[torch.Tensor], written: list[torch.Tensor], ints: list[int],
+                 threads: int, read_strides: list[int]) -> None:
+    """A C++ kernel call as a torch op, which a torch.compile graph can hold (a ctypes call
+    cannot be traced): the kernel reads `read` and writes `written`, whose addresses it gets
+    in that order. The ints carry the inputs' strides as traced; an input that arrives laid
+    out otherwise is an error, never a wrong read (the op asks Inductor for exact strides)."""
+    got = [s for t in read for s in t.stride()]
+    if got != list(read_strides):
+        raise RuntimeError(f"psmc: the C++ kernel {name} got inputs with strides {got}, traced with "
+                           f"{list(read_strides)}; run the layer with backend='torch' under this compiler")
+    _call(_named(key, name), [*read, *written], ints, threads)
+
+
+@graph_kernel.register_fake
+def _graph_kernel_fake(key, name, read, written, ints, threads, read_strides) -> None:
+    return None
+
+
 def _call(fn, tensors: list, ints: list, threads: int):
     ptrs = (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
     nums = (ctypes.c_int64 * len(ints))(*[int(i) for i in ints])
@@ -189,7 +232,7 @@ GRAIN = 32768
 
 def _threads(g) -> int:
     work = g.B * max(g.T, 1) * g.L * g.R * g.C
-    return 1 if work < GRAIN else max(1, min(torch.get_num_threads(), g.items))
+    return 1 if work < GRAIN else max(1, min(_torch_threads(), g.items))
 
 
 # ---------------------------------------------------------------------- choosing
@@ -203,7 +246,7 @@ def unusable_reason(layer, call) -> str | None:
     return None
 
 
-def use_cpu(layer, call, kind: str) -> bool:
+def use_cpu(layer, call, kind: str, state=None) -> bool:
     """backend='cpu': the C++ kernels whenever they can run (else a clear error for non-CPU
     tensors; a failed build warns and falls back to torch). backend='auto': the C++ kernels for
     CPU tensors when a compiler is present, except a long forward of a matrix-state op that
@@ -212,7 +255,7 @@ def use_cpu(layer, call, kind: str) -> bool:
     if layer.backend not in ("cpu", "auto"):
         return False
     if torch.compiler.is_compiling():
-        return False  # a ctypes call cannot be traced: inside a torch.compile graph the torch paths serve
+        return _in_graph(layer, call, kind, state)
     reason = unusable_reason(layer, call)
     if reason is not None:
         if layer.backend == "cpu" and getattr(layer, "_cpu_kernels", None) is not None:
@@ -231,6 +274,18 @@ def use_cpu(layer, call, kind: str) -> bool:
                 and call.lead[1] > MATRIX_FORWARD_MAX_T:
             return False
     return library(k) is not None
+
+
+def _in_graph(layer, call, kind: str, state) -> bool:
+    """Inside a torch.compile graph: the C++ forward (as the `psmc::cpu_kernel` op) when its
+    library is loaded already (an eager call builds it; a graph cannot), no gradient is needed
+    (the backward is not an op) and it is a forward (a traced step is the bound torch update)."""
+    if kind != "forward" or unusable_reason(layer, call) is not None or layer._cpu_kernels.source not in _LOADED:
+        return False
+    if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
+        return False
+    prefix = state.prefix if state is not None else None
+    return not _grad_needed(layer, call, tuple(t for t in prefix if t is not None) if prefix else None)
 
 
 def auto_steps(layer, call) -> bool:
@@ -289,7 +344,7 @@ def _lane_width(k: CpuKernels, B: int, L: int) -> int:
     """Lanes per work item ('lanes' mode): as wide as the threads allow, so each token of a
     work item reads and writes whole contiguous rows (the hardware prefetcher streams them);
     narrow blocks would touch one cache line per token and page."""
-    threads = max(1, torch.get_num_threads())
+    threads = max(1, _torch_threads())
     per_row = max(1, -(-2 * threads // max(B, 1)))  # work items wanted per batch row
     width = -(-L // per_row)
     width = -(-width // k.lane_block) * k.lane_block
@@ -365,12 +420,16 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
              if save else torch.empty(0, dtype=_storage_dtype(dtype, compute))
              for role, dtype in zip(k.field_roles, k.field_dtypes)]
     nan = torch.zeros(g.items, dtype=torch.bool)
-    tensors += outs + fins + saves + [nan]
+    written = outs + fins + saves + [nan]
     ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, g.width]
     ints += [int(call.ctx.d[d]) for d in k.dims] + strides
-    lib = library(k)
-    _call(_function(lib, k, "forward", compute), tensors, ints, _threads(g))
     call.token_by_token = True  # one sequential loop over time: a NaN at t reaches nothing before t
+    if torch.compiler.is_compiling():  # (no gradient here: _in_graph) the kernel as a graph op
+        name = f"{k.symbol}_forward_{'f64' if compute == torch.float64 else 'f32'}"
+        graph_kernel(_LOADED[k.source], name, tensors, written, ints, _threads(g),
+                     [s for t in tensors for s in t.stride()])
+        return outs, fins, saves  # (the NaN check does not run in a graph)
+    _call(_function(library(k), k, "forward", compute), tensors + written, ints, _threads(g))
     # no NaN output: the layer's finite check has nothing to find. Set both ways: a call that runs
     # several passes (context parallelism: from zero, then from the carry) checks the last one's
     call.outputs_checked = not bool(nan.any())

@@ -108,8 +108,9 @@ def test_tree_step_traces_without_graph_breaks_one_graph_per_position():
 
 
 def test_cpp_kernels_stay_out_of_a_graph(monkeypatch):
-    """backend='auto' with the C++ kernels enabled: inside a torch.compile graph the torch paths
-    serve (a ctypes call cannot be traced), so forward and step still have no graph break."""
+    """backend='auto' with the C++ kernels enabled: a graph cannot make a ctypes call, so the
+    forward takes the kernel as a graph op when it is loaded (the next test) and the torch path
+    when it is not, and the step takes the torch update: no graph break either way."""
     monkeypatch.setenv("PSMC_CPU", "1")
     layer, inputs = build("linear_recurrence", T=9)
     assert layer._cpu_kernels is not None
@@ -122,6 +123,44 @@ def test_cpp_kernels_stay_out_of_a_graph(monkeypatch):
     dynamo.reset()
     explained = dynamo.explain(layer.step)(state, **{n: x[:, 0] for n, x in inputs.items()})
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+
+
+def test_a_graph_runs_the_loaded_cpp_forward_as_one_op(monkeypatch):
+    """Once an eager call has loaded the C++ kernels, a graph of an inference forward holds the
+    kernel as one `psmc::cpu_kernel` op (no break) and equals eager bit for bit, through
+    Dynamo's capture and through Inductor (which must hand the op its inputs in the traced
+    layout). With gradients needed the graph takes the torch path (the backward is no op)."""
+    from psmc.runtime import cpu_support
+    monkeypatch.setenv("PSMC_CPU", "1")
+    layer, inputs = build("linear_recurrence", T=9)
+    layer.backend = "cpu"
+    kernel = torch.ops.psmc.cpu_kernel.default
+    with torch.no_grad():
+        want, want_state = layer(**inputs, return_state=True)  # loads the kernels
+        assert layer._cpu_kernels.source in cpu_support._LOADED
+        for backend in ("eager", "inductor"):
+            graphs = []
+
+            def keep(gm, example_inputs, backend=backend):
+                graphs.append(gm)
+                return torch._dynamo.backends.registry.lookup_backend(backend)(gm, example_inputs)
+            dynamo.reset()
+            got, got_state = torch.compile(layer, fullgraph=True, backend=keep)(**inputs, return_state=True)
+            assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_state.tensors(), want_state.tensors()))
+            assert [n.target for n in graphs[0].graph.nodes].count(kernel) == 1, backend
+    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items() if x.is_floating_point()}
+    graphs = []
+    dynamo.reset()
+    out = torch.compile(layer, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)(**{**inputs, **leaves})
+    torch.testing.assert_close(out, want)
+    assert kernel not in [n.target for g in graphs for n in g.graph.nodes]
+
+
+def test_the_graph_kernel_op_refuses_inputs_laid_out_otherwise_than_traced():
+    from psmc.runtime import cpu_support
+    x = torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="traced with \\[1, 2\\]; run the layer with backend='torch'"):
+        cpu_support.graph_kernel("key", "name", [x], [], [], 1, [1, 2])
 
 
 def test_chunk_op_step_compiles_with_fullgraph_and_equals_eager():
