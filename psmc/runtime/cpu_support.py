@@ -205,9 +205,11 @@ def graph_kernel(key: str, name: str, read: list[torch.Tensor], written: list[to
     """A C++ kernel call as a torch op, which a torch.compile graph can hold (a ctypes call
     cannot be traced): the kernel reads `read` and writes `written`, whose addresses it gets
     in that order. The ints carry the inputs' strides as traced; an input that arrives laid
-    out otherwise is an error, never a wrong read (the op asks Inductor for exact strides)."""
+    out otherwise (on an axis longer than 1: a size-1 axis is read at index 0 whatever its
+    stride) is an error, never a wrong read (the op asks Inductor for exact strides)."""
     got = [s for t in read for s in t.stride()]
-    if got != list(read_strides):
+    sizes = [n for t in read for n in t.shape]
+    if any(a != b and n > 1 for a, b, n in zip(got, read_strides, sizes)):  # (a size-1 axis: any stride)
         raise RuntimeError(f"psmc: the C++ kernel {name} got inputs with strides {got}, traced with "
                            f"{list(read_strides)}; run the layer with backend='torch' under this compiler")
     _call(_named(key, name), [*read, *written], ints, threads)

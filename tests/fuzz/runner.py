@@ -19,7 +19,8 @@ disagreement, and returns quietly when every check passes:
    and params, token-by-token `step` streaming, and a forward continued from a state;
 6. when the plan has C++ kernels and the config asks for them (a sample: a build costs
    seconds): backend='cpu' equals backend='torch' in float64 (forward, gradients, `step`
-   streaming, a forward continued from a state) and is close to it in float32;
+   streaming, a forward continued from a state, its forward compiled with fullgraph) and is
+   close to it in float32;
 7. when the config draws a half dtype (bf16 or f16): the layer fed bf16/f16 inputs returns its
    float outputs in that dtype (f64-declared ones stay float64) and they are within the half
    dtype's rounding of the float64 layer run on the same (rounded) inputs; its stream agrees;
@@ -667,10 +668,21 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
     cpu_support._call = spy
     try:
         with torch.no_grad():
-            agree(as_tuple(cpp(**inputs)), full, "cpu vs torch", RTOL, ATOL)
+            eager = as_tuple(cpp(**inputs))
+            agree(eager, full, "cpu vs torch", RTOL, ATOL)
             if not calls:
                 raise Failure("cpp-not-run", "backend='cpu' served a forward without calling its C++ kernels")
             checked.add("cpp")
+            # in a torch.compile graph the loaded kernel is one op (psmc::cpu_kernel): the same numbers
+            import torch._dynamo as dynamo
+            dynamo.reset()
+            try:
+                traced = as_tuple(torch.compile(cpp, fullgraph=True, backend="eager")(**inputs))
+            except Exception as err:
+                raise Failure("compile", f"torch.compile(fullgraph) of backend='cpu': {type(err).__name__}: "
+                                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+            agree(traced, eager, "torch.compile(fullgraph) cpu forward vs eager cpu", RTOL, ATOL)
+            checked.add("cpp-compiled")
             _check_backend_paths(cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
         if config.time <= 40 and _wants_grads(inputs, full):
             rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)

@@ -533,3 +533,24 @@ def test_literals_picked_by_a_runtime_condition_are_computed_in_float64(tmp_path
     # sigmoid rounded through float32 (5e-8 off the reference); a value computed from weak
     # floats only is weak whatever a where's condition, and takes its users' dtype
     run(RUNTIME_CONDITION_F64, "runtime_condition_f64", {}, tmp_path)
+
+
+# seed 825: compiled with fullgraph, the backend='cpu' layer holds its C++ kernel as the
+# psmc::cpu_kernel op, which checks that its inputs arrive with the strides it was traced with.
+# At batch 1 and time 1 a size-1 axis of an input view had stride 1 when traced and 0 when run:
+# any stride reads index 0 there, so only axes longer than 1 are compared
+GATED_SUM = """
+op g825 {
+  state (a1: f32, h2: f32);
+  lift (x3: f32, x4: f32) { return (exp(x3), x4); }
+  combine (l, r) { return (r.a1 * l.a1, r.h2 + l.h2 * r.a1); }
+  identity = (ones, zeros);
+  readout exclusive (p) { return p.h2; }
+}
+"""
+
+
+def test_a_size_one_axis_may_change_its_stride_under_the_compiled_cpp_kernel(tmp_path):
+    config = Config(batch=1, time=1, lanes=(3, 1), broadcast=((False, False), (True, False)), grads=True,
+                    f32=True, seed=40976, cpp=True)
+    run(GATED_SUM, "g825", {}, tmp_path, config, kinds={"x3": "log_gate", "x4": "signed"})

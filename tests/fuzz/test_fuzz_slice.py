@@ -53,7 +53,7 @@ CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32"
           "lane-broadcast",
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued",
-          "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32",
+          "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32", "cpp-compiled",
           # bf16 / f16 inputs
           "half-bf16", "half-f16",
           # varlen packing with a ragged step after it, per-lane params, torch.compile(fullgraph)
