@@ -87,13 +87,18 @@ def record(test_only: bool = False) -> list:
             if test_only and not in_test:
                 continue
             start = len(log)
-            q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=td.HAS_BACKWARD)
-            k, v = torch.zeros_like(q), torch.zeros_like(q)
-            beta = torch.zeros(B, T, H, dtype=dtype)
-            g = torch.zeros(B, T, H) if gated else None
-            o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=torch.zeros(B, H, width, width))
+            grad = td.HAS_BACKWARD
+            q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=grad)
+            k, v = torch.zeros_like(q, requires_grad=grad), torch.zeros_like(q, requires_grad=grad)
+            beta = torch.zeros(B, T, H, dtype=dtype, requires_grad=grad)
+            g = torch.zeros(B, T, H, requires_grad=grad) if gated else None
+            s0 = torch.zeros(B, H, width, width, requires_grad=grad)
+            o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=s0)
+            middle = len(log)
+            if grad:
+                (o.float().sum() + s.sum()).backward()
             for i in range(start, len(log)):
-                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward") + log[i]
+                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward" if i < middle else "backward") + log[i]
     return log
 
 
