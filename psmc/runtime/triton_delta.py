@@ -403,7 +403,8 @@ def _delta_wy_bwd_kernel(
     lower = rows[:, None] > rows[None, :]
     span = tl.cumsum(tl.where(lower, gl[:, None], 0.0), axis=0)
     gam = tl.where(lower, tl.exp(tl.where(lower, span, 0.0)), 0.0)  # e^{G_t - G_s}, s < t
-    inv = tl.load(inv_ptr + rowsT[:, None] * BT + rows[None, :], mask=ok[:, None], other=0.0)
+    # T = (I + A)^-1, read again at each use (a [BT, BT] tile held through the loops spilled)
+    inv_ptrs = inv_ptr + rowsT[:, None] * BT + rows[None, :]
     nk = tl.cdiv(K, BK)
     nv = tl.cdiv(V, BV)
     # the value side: dv, beta's share through beta V, and dU V^T
@@ -416,7 +417,7 @@ def _delta_wy_bwd_kernel(
         dut = tl.load(du_ptr + vrow, mask=vmask, other=0.0)
         vt = _tile(v_ptr, v_off, t, lo, lo + BT, T, svt, cv, V, svd, False)
         duv += _mm(dut, tl.trans(vt), IEEE, DT)
-        tdu = _mm(tl.trans(inv), dut, IEEE, DT)
+        tdu = _mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dut, IEEE, DT)
         tl.store(dv_ptr + vrow, beta[:, None] * tdu, mask=vmask)
         dbeta += tl.sum(vt.to(tl.float32) * tdu, axis=1)
     # pass 1 over K blocks: dW K^T (for dA), K K^T, and the shares through beta e^G K
@@ -436,11 +437,11 @@ def _delta_wy_bwd_kernel(
         kk += _mm(kt, tl.trans(kt), IEEE, DT)
         kf = kt.to(tl.float32)
         dwk += _mm(dw, tl.trans(kf), IEEE, DT)
-        tdw = tl.sum(kf * _mm(tl.trans(inv), dw, IEEE, DT), axis=1)
+        tdw = tl.sum(kf * _mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dw, IEEE, DT), axis=1)
         dbeta += eg * tdw
         dG += bg * tdw
     dt = (duv + dwk * eg[None, :]) * beta[None, :]
-    da = tl.where(lower, -_mm(_mm(tl.trans(inv), dt, IEEE, DT), tl.trans(inv), IEEE, DT), 0.0)
+    da = tl.where(lower, -_mm(_mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dt, IEEE, DT), tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), IEEE, DT), 0.0)
     dag = da * gam * kk  # dA (.) A / beta_t
     dbeta += tl.sum(dag, axis=1)
     tl.store(db_ptr + rowsT, dbeta, mask=ok)
@@ -458,7 +459,7 @@ def _delta_wy_bwd_kernel(
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False).to(tl.float32)
         dk_ptrs = dk_ptr + rowsT[:, None] * K + ck[None, :]
         kmask = ok[:, None] & (ck < K)[None, :]
-        dk = (tl.load(dk_ptrs, mask=kmask, other=0.0) + bg[:, None] * _mm(tl.trans(inv), dw, IEEE, DT)
+        dk = (tl.load(dk_ptrs, mask=kmask, other=0.0) + bg[:, None] * _mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dw, IEEE, DT)
               + _mm(dkk, kt, IEEE, DT) + _mm(tl.trans(dkk), kt, IEEE, DT))
         tl.store(dk_ptrs, dk, mask=kmask)
     if DECAY:
@@ -467,17 +468,21 @@ def _delta_wy_bwd_kernel(
         tl.store(dg_ptr + rowsT, tl.cumsum(dG, axis=0, reverse=True), mask=ok)
 
 
-def _plan(dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int) -> dict:
-    """Block sizes and warps of the forward (the backward uses the same chunks)."""
+def _plan(dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int, training: bool = False) -> dict:
+    """Block sizes and warps of the forward and (training) the backward, which uses the
+    forward's chunks."""
+    ieee = dtype == torch.float32
     BK = max(16, _pow2(K))
     BT = max(16, min(_pow2(chunk_size), _pow2(T)))
-    if dtype == torch.float32 and BK > 64:
-        BT = min(BT, 32)  # fp32 [BT, K] tiles of W and K: 32-token chunks keep them in registers
-    ieee = dtype == torch.float32
-    # fp32 dots run on FMA units (IEEE, no tf32) and hold more registers: smaller V blocks
+    if ieee and (BK > 64 or training):
+        # fp32 [BT, K] tiles of W and K: 32-token chunks keep them in registers (and the
+        # backward's [BT, BT] tf32x3 products)
+        BT = min(BT, 32)
+    # fp32 dots (tf32x3) hold more registers: smaller V blocks
     BV = max(16, min(16 if ieee else 64, _pow2(V)))
-    # the backward's per-chunk kernels: K in blocks of BKc
-    return dict(BT=BT, BK=BK, BV=BV, ieee=ieee, warps=8 if (ieee or BK > 64) else 4, BKc=64, warps_c=8)
+    # the backward's per-chunk kernels take K in blocks of BKc
+    return dict(BT=BT, BK=BK, BV=BV, ieee=ieee, warps=8 if (ieee or BK > 64) else 4,
+                BKc=64, warps_c=8, stages_c=1)
 
 
 def _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=False):
@@ -525,7 +530,7 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
     du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
     _delta_dv_local_kernel[(B * H * NT * triton.cdiv(V, BV),)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), du, float(scale),
-        T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"])
+        T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(B * H, K, V, device=dev, dtype=torch.float32)
     _delta_dstate_kernel[(B * H * triton.cdiv(V, BV),)](
@@ -540,11 +545,11 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
     dg = torch.empty_like(db) if g4 is not None else None
     _delta_dqk_kernel[(B * H * NT,)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), u, hs, dhs, dq, dk, dG,
-        float(scale), T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"])
+        float(scale), T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     _delta_wy_bwd_kernel[(B * H * NT,)](
         k4, *k4.stride(), v4, *v4.stride(), b4, *b4.stride(), gp, *gs, inv, du, hs, dk, dv, db, dG,
         db if dg is None else dg, T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee,
-        num_warps=plan["warps_c"])
+        num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     return dq, dk, dv, db, dg, dh0
 
 
@@ -608,7 +613,7 @@ def triton_chunk_delta_rule(
     h0 = None
     if initial_state is not None:
         h0 = initial_state.float().expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
-    plan = _plan(q.dtype, T, K, V, chunk_size)
+    plan = _plan(q.dtype, T, K, V, chunk_size, needs_grad)
     if needs_grad:
         o, hT = _ChunkDeltaRule.apply(q4, k4, v4, b4, g4, h0, float(scale), plan)
     else:
