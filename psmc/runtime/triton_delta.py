@@ -561,6 +561,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q4, k4, v4, b4, g4, h0, scale, plan):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: not read
         o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=True)
         ctx.save_for_backward(q4, k4, v4, b4, g4, w, u, hs, inv)
         ctx.args = (scale, plan, h0 is not None)
