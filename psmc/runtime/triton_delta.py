@@ -482,7 +482,7 @@ def _plan(dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int, training:
     BV = max(16, min(16 if ieee else 64, _pow2(V)))
     # the backward's per-chunk kernels take K in blocks of BKc
     return dict(BT=BT, BK=BK, BV=BV, ieee=ieee, warps=8 if (ieee or BK > 64) else 4,
-                BKc=64, warps_c=8, stages_c=1)
+                BKc=64, warps_c=8, stages_c=1, BVs=min(BV, 32))
 
 
 def _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=False):
@@ -533,9 +533,10 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
         T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(B * H, K, V, device=dev, dtype=torch.float32)
-    _delta_dstate_kernel[(B * H * triton.cdiv(V, BV),)](
+    BVs = plan["BVs"]
+    _delta_dstate_kernel[(B * H * triton.cdiv(V, BVs),)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), w, dh0 if dhT is None else dhT,
-        dhs, dh0, du, float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BV, DECAY=decay,
+        dhs, dh0, du, float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BVs, DECAY=decay,
         HAS_DHT=dhT is not None, IEEE=ieee, num_warps=plan["warps"], num_stages=1)
     dq = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dk = torch.empty_like(dq)
