@@ -138,11 +138,11 @@ def test_gradients_match_float64_recurrence(case, monkeypatch):
 
 
 def test_gradients_match_the_torch_wy_form_with_broadcasts():
-    """Keys and beta shared across lanes, beta and gate with time 1 broadcast over T, strong
-    gates (down to e^-30 per token): the kernels' gradients equal autograd through the torch WY
-    form (same inputs, fp32) and reduce over the broadcast axes."""
-    q, k, v, beta, g, init = make(3, 2, 21, (2,), 16, 16, True, True, strength=30.0)
-    k, beta, g = k[:, :, :1], beta[:, :1, :1], g[:, :1]
+    """Keys and beta shared across lanes, beta with time 1 broadcast over T, strong gates (down
+    to e^-30 per token) and exact zeros (log gate -inf): the kernels' gradients are finite, equal
+    autograd through the torch WY form (same inputs, fp32) and reduce over the broadcast axes."""
+    q, k, v, beta, g, init = make(3, 2, 21, (2,), 16, 16, True, True, strength=30.0, kill=True)
+    k, beta = k[:, :, :1], beta[:, :1, :1]
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(2, 21, 2, 16, generator=gen, dtype=torch.float64).to(DEVICE)
     ds = torch.randn(2, 2, 16, 16, generator=gen, dtype=torch.float64).to(DEVICE)
