@@ -142,7 +142,8 @@ def accuracy(quick: bool) -> bool:
                                                scale=K ** -0.5, initial_state=h0)
             o, s, gs = delta_grads(fn, xs, torch.float32, do, ds)
             errs = [rel(o, ro), rel(s, rs)] + [float("nan") if a is None else rel(a, b) for a, b in zip(gs, rg)]
-            bad = not all(e <= tol for e in errs if e == e) or any(e != e for e, a in zip(errs[2:], gs) if a is not None)
+            bad = (not all(e <= tol for e in errs if e == e)
+                   or any(e != e for e, a in zip(errs[2:], gs) if a is not None))
             ok &= not bad
             print(f"| {'gated_' if gated else ''}delta_rule | psmc triton {label} | "
                   + " | ".join("-" if e != e else f"{e:.1e}" for e in errs) + (" | **FAIL**" if bad else " |"))

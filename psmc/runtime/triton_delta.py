@@ -1,4 +1,4 @@
-"""The (gated) delta rule on chunked Triton kernels, in the WY/UT form (forward).
+"""The (gated) delta rule on chunked Triton kernels, in the WY/UT form (forward and backward).
 
     S_t = g_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = scale * q_t @ S_t
 
@@ -18,9 +18,15 @@ storing the entering states and U), and the output is `triton_chunk._out_kernel`
 linear attention output with values U and a scalar decay). The decay exponents are sums over
 exactly the tokens they span (a masked cumsum for the [L, L] mask), as in triton_chunk.
 
-Backward: none yet. When gradients are needed (or for float64 inputs), the same WY form runs
-as torch ops (`psmc.runtime.delta._chunk_delta_rule_torch`, the CPU path: differentiable by
-autograd, on any device); HAS_BACKWARD says which.
+Backward (`_ChunkDeltaRule`, when an input requires grad): the training forward also keeps each
+chunk's T = (I + A)^-1 (`_wy_kernel` with STORE_INV) besides W, U and the entering states; then
+four launches: `_delta_dv_local_kernel` (the outputs' share of dU), `_delta_dstate_kernel` (chunks
+in reverse carrying dS in fp32: the rest of dU, dS per chunk, d initial state),
+`_delta_dqk_kernel` (dq; the outputs' and the state update's shares of dk and of dG, the gradient
+of the chunk-local log cumsums G) and `_delta_wy_bwd_kernel` (dv, dbeta, the WY form's share of
+dk, and d log gate as the in-chunk reverse cumsum of dG). float64, mixed dtypes and K > 256 run
+the same WY form as torch ops (`psmc.runtime.delta._chunk_delta_rule_torch`, differentiable by
+autograd, on any device).
 """
 from __future__ import annotations
 
@@ -365,6 +371,12 @@ def _delta_dqk_kernel(
 
 
 @triton.jit
+def _inv_t(inv_ptrs, ok):
+    """T^T for the chunk's saved T = (I + A)^-1 (rows past the sequence end read as zero)."""
+    return tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0))
+
+
+@triton.jit
 def _delta_wy_bwd_kernel(
     k_ptr, skb, skt, skh, skd,
     v_ptr, svb, svt, svh, svd,
@@ -417,7 +429,7 @@ def _delta_wy_bwd_kernel(
         dut = tl.load(du_ptr + vrow, mask=vmask, other=0.0)
         vt = _tile(v_ptr, v_off, t, lo, lo + BT, T, svt, cv, V, svd, False)
         duv += _mm(dut, tl.trans(vt), IEEE, DT)
-        tdu = _mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dut, IEEE, DT)
+        tdu = _mm(_inv_t(inv_ptrs, ok), dut, IEEE, DT)
         tl.store(dv_ptr + vrow, beta[:, None] * tdu, mask=vmask)
         dbeta += tl.sum(vt.to(tl.float32) * tdu, axis=1)
     # pass 1 over K blocks: dW K^T (for dA), K K^T, and the shares through beta e^G K
@@ -437,11 +449,11 @@ def _delta_wy_bwd_kernel(
         kk += _mm(kt, tl.trans(kt), IEEE, DT)
         kf = kt.to(tl.float32)
         dwk += _mm(dw, tl.trans(kf), IEEE, DT)
-        tdw = tl.sum(kf * _mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dw, IEEE, DT), axis=1)
+        tdw = tl.sum(kf * _mm(_inv_t(inv_ptrs, ok), dw, IEEE, DT), axis=1)
         dbeta += eg * tdw
         dG += bg * tdw
     dt = (duv + dwk * eg[None, :]) * beta[None, :]
-    da = tl.where(lower, -_mm(_mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dt, IEEE, DT), tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), IEEE, DT), 0.0)
+    da = tl.where(lower, -_mm(_mm(_inv_t(inv_ptrs, ok), dt, IEEE, DT), _inv_t(inv_ptrs, ok), IEEE, DT), 0.0)
     dag = da * gam * kk  # dA (.) A / beta_t
     dbeta += tl.sum(dag, axis=1)
     tl.store(db_ptr + rowsT, dbeta, mask=ok)
@@ -459,7 +471,7 @@ def _delta_wy_bwd_kernel(
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False).to(tl.float32)
         dk_ptrs = dk_ptr + rowsT[:, None] * K + ck[None, :]
         kmask = ok[:, None] & (ck < K)[None, :]
-        dk = (tl.load(dk_ptrs, mask=kmask, other=0.0) + bg[:, None] * _mm(tl.trans(tl.load(inv_ptrs, mask=ok[:, None], other=0.0)), dw, IEEE, DT)
+        dk = (tl.load(dk_ptrs, mask=kmask, other=0.0) + bg[:, None] * _mm(_inv_t(inv_ptrs, ok), dw, IEEE, DT)
               + _mm(dkk, kt, IEEE, DT) + _mm(tl.trans(dkk), kt, IEEE, DT))
         tl.store(dk_ptrs, dk, mask=kmask)
     if DECAY:
@@ -530,7 +542,8 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
     du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
     _delta_dv_local_kernel[(B * H * NT * triton.cdiv(V, BV),)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), du, float(scale),
-        T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"], num_stages=plan["stages_c"])
+        T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"],
+        num_stages=plan["stages_c"])
     dhs = torch.empty_like(hs)
     dh0 = torch.empty(B * H, K, V, device=dev, dtype=torch.float32)
     BVs = plan["BVs"]
@@ -546,7 +559,8 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
     dg = torch.empty_like(db) if g4 is not None else None
     _delta_dqk_kernel[(B * H * NT,)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), u, hs, dhs, dq, dk, dG,
-        float(scale), T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"], num_stages=plan["stages_c"])
+        float(scale), T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"],
+        num_stages=plan["stages_c"])
     _delta_wy_bwd_kernel[(B * H * NT,)](
         k4, *k4.stride(), v4, *v4.stride(), b4, *b4.stride(), gp, *gs, inv, du, hs, dk, dv, db, dG,
         db if dg is None else dg, T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee,
