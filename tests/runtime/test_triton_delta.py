@@ -156,6 +156,17 @@ def test_gradients_match_the_torch_wy_form_with_broadcasts():
         torch.testing.assert_close(a.cpu(), r.cpu(), rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_second_derivatives_are_refused():
+    """The backward kernels are differentiable once: a second derivative raises, it is never a
+    silent zero."""
+    q, k, v, beta, g, init = make(2, 1, 9, (), 8, 8, True, False)
+    q.requires_grad_()
+    o, _ = triton_chunk_delta_rule(q, k, v, beta, g)
+    (dq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
+
+
 def test_fp16_gradients():
     """fp16 inputs read as fp16 (tensor-core operands), fp32 accumulation: gradients in fp16
     within fp16 rounding of the float64 recurrence's."""
