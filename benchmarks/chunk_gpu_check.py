@@ -3,8 +3,9 @@
     python benchmarks/chunk_gpu_check.py [--quick] [--skip-timing] [--no-fla]
 
 1. accuracy on the GPU at a ragged benchmark-like shape: psmc's Triton kernels (fp32 and bf16)
-   and, when importable, fla's chunk kernels (bf16), against psmc's torch chunkwise path in
-   float64 on the same inputs: forward outputs, final states and every gradient (relative RMS);
+   and, when importable, fla's chunk kernels (bf16), against psmc's torch chunkwise path (the
+   torch WY form for the delta rules) in float64 on the same inputs: forward outputs, final
+   states and every gradient (relative RMS);
 2. timing at (B, T, H, K, V) = (8, 4096, 16, 128, 128), bf16: forward and forward+backward of
    psmc's Triton kernels, psmc's torch chunkwise path (cuBLAS) and fla's chunk kernels (CUDA
    events, median of repeats, in the same run).
@@ -65,6 +66,24 @@ def grads(fn, xs, dtype, do, ds):
     return o, s, [None if x is None else x.grad for x in leaves]
 
 
+def delta_inputs(B, T, H, K, V, gated, seed=0):
+    """q, k (L2-normalised), v, beta in (0, 1), log gate (gated) and an initial state, fp32."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, device=DEV)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, device=DEV), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, device=DEV)
+    beta = torch.rand(B, T, H, generator=gen, device=DEV)
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen, device=DEV) + 3) if gated else None
+    return q, k, v, beta, g, torch.randn(B, H, K, V, generator=gen, device=DEV)
+
+
+def delta_grads(fn, xs, dtype, do, ds):
+    leaves = [None if x is None else x.detach().to(dtype).requires_grad_() for x in xs]
+    o, s = fn(leaves)
+    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+    return o, s, [None if x is None else x.grad for x in leaves]
+
+
 def accuracy(quick: bool) -> bool:
     B, T, H, K, V = SHAPE or ((2, 1000, 4, 128, 128) if not quick else (1, 300, 2, 64, 64))
     ok = True
@@ -105,27 +124,29 @@ def accuracy(quick: bool) -> bool:
                 print(f"| {name} | fla bf16 | " + " | ".join("-" if e != e else f"{e:.1e}" for e in errs) + " |")
             except Exception as e:  # noqa: BLE001
                 print(f"| {name} | fla bf16 | error: {type(e).__name__}: {str(e)[:200]} |")
-    # the delta rule (forward), against the torch WY form in float64
+    # the delta rule, forward and every gradient, against the torch WY form in float64
+    print("\n| op | impl | o | final | dq | dk | dv | dbeta | dlog_decay | dh0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    from psmc.runtime.delta import _chunk_delta_rule_torch
     for gated in (False, True):
-        gen = torch.Generator(device=DEV).manual_seed(2)
-        q = torch.randn(B, T, H, K, generator=gen, device=DEV)
-        k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, device=DEV), dim=-1)
-        v = torch.randn(B, T, H, V, generator=gen, device=DEV)
-        beta = torch.rand(B, T, H, generator=gen, device=DEV)
-        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen, device=DEV) + 3) if gated else None
-        h0 = torch.randn(B, H, K, V, generator=gen, device=DEV)
-        from psmc.runtime.delta import _chunk_delta_rule_torch
-        ro, rs = _chunk_delta_rule_torch(q.double(), k.double(), v.double(), beta.double(),
-                                         None if g is None else g.double(), K ** -0.5, h0.double(), 64)
+        xs = delta_inputs(B, T, H, K, V, gated, seed=2)
+        gen = torch.Generator(device=DEV).manual_seed(1)
+        do = torch.randn(B, T, H, V, generator=gen, device=DEV, dtype=torch.float64)
+        ds = torch.randn(B, H, K, V, generator=gen, device=DEV, dtype=torch.float64)
+        ro, rs, rg = delta_grads(lambda ls: _chunk_delta_rule_torch(*ls[:5], K ** -0.5, ls[5], 64), xs,
+                                 torch.float64, do, ds)
         for label, dtype, tol in [("fp32", torch.float32, 3e-4), ("bf16", torch.bfloat16, 5e-2)]:
-            with torch.no_grad():
-                o, s = triton_chunk_delta_rule(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g,
+            def fn(ls, dtype=dtype):
+                q, k, v, beta, g, h0 = ls
+                return triton_chunk_delta_rule(q.to(dtype), k.to(dtype), v.to(dtype), beta.to(dtype), g,
                                                scale=K ** -0.5, initial_state=h0)
-            eo, es = rel(o, ro), rel(s, rs)
-            bad = not (eo <= tol and es <= tol)
+            o, s, gs = delta_grads(fn, xs, torch.float32, do, ds)
+            errs = [rel(o, ro), rel(s, rs)] + [float("nan") if a is None else rel(a, b) for a, b in zip(gs, rg)]
+            bad = (not all(e <= tol for e in errs if e == e)
+                   or any(e != e for e, a in zip(errs[2:], gs) if a is not None))
             ok &= not bad
-            print(f"| {'gated_' if gated else ''}delta_rule | psmc triton {label} (fwd) | {eo:.1e} | {es:.1e} | "
-                  + ("**FAIL**" if bad else "") + " |")
+            print(f"| {'gated_' if gated else ''}delta_rule | psmc triton {label} | "
+                  + " | ".join("-" if e != e else f"{e:.1e}" for e in errs) + (" | **FAIL**" if bad else " |"))
     return ok
 
 
@@ -175,23 +196,37 @@ def timing(quick: bool) -> None:
                 print(f"| {name} | {label} | {fwd:.3f} | {both:.3f} |", flush=True)
             except Exception as e:  # noqa: BLE001
                 print(f"| {name} | {label} | error: {type(e).__name__}: {str(e)[:300]} |", flush=True)
-    gen = torch.Generator(device=DEV).manual_seed(3)
-    q = torch.randn(B, T, H, K, generator=gen, device=DEV).to(dt)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen, device=DEV), dim=-1).to(dt)
-    v = torch.randn(B, T, H, V, generator=gen, device=DEV).to(dt)
-    beta = torch.rand(B, T, H, generator=gen, device=DEV).to(dt)
-    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=gen, device=DEV) + 3)
-    with torch.no_grad():
-        for label, f in [("psmc triton", lambda: triton_chunk_delta_rule(q, k, v, beta, None, scale=K ** -0.5)),
-                         ("fla chunk", None if fla_delta is None else
-                          lambda: fla_delta(q, k, v, beta, scale=K ** -0.5, output_final_state=True))]:
-            if f is not None:
-                print(f"| delta_rule | {label} | {bench(f):.3f} | - |", flush=True)
-        for label, f in [("psmc triton", lambda: triton_chunk_delta_rule(q, k, v, beta, g, scale=K ** -0.5)),
-                         ("fla chunk", None if fla_gated_delta is None else
-                          lambda: fla_gated_delta(q, k, v, g, beta, scale=K ** -0.5, output_final_state=True))]:
-            if f is not None:
-                print(f"| gated_delta_rule | {label} | {bench(f):.3f} | - |", flush=True)
+    from psmc.runtime.delta import _chunk_delta_rule_torch
+    for gated in (False, True):
+        q, k, v, beta, g, _ = delta_inputs(B, T, H, K, V, gated, seed=3)
+        q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
+        leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, beta, g)]
+        do = torch.randn(B, T, H, V, device=DEV, dtype=dt)
+        impls = {
+            "psmc triton": lambda q, k, v, beta, g: triton_chunk_delta_rule(q, k, v, beta, g, scale=K ** -0.5),
+            "psmc torch path": lambda q, k, v, beta, g: _chunk_delta_rule_torch(q, k, v, beta, g, K ** -0.5, None, 64),
+        }
+        f = fla_gated_delta if gated else fla_delta
+        if f is not None:
+            if gated:
+                impls["fla chunk"] = lambda q, k, v, beta, g: f(q, k, v, g, beta, scale=K ** -0.5,
+                                                               output_final_state=True)
+            else:
+                impls["fla chunk"] = lambda q, k, v, beta, g: f(q, k, v, beta, scale=K ** -0.5,
+                                                               output_final_state=True)
+        name = "gated_delta_rule" if gated else "delta_rule"
+        for label, f in impls.items():
+            try:
+                with torch.no_grad():
+                    fwd = bench(lambda: f(q, k, v, beta, g))
+
+                def fb():
+                    o, _ = f(*leaves)
+                    o.backward(do)
+                both = bench(fb)
+                print(f"| {name} | {label} | {fwd:.3f} | {both:.3f} |", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"| {name} | {label} | error: {type(e).__name__}: {str(e)[:300]} |", flush=True)
 
 
 def main() -> int:

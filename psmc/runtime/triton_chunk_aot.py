@@ -86,14 +86,21 @@ def record(test_only: bool = False) -> list:
         for name, dtype, width, gated, in_test in DELTA_CONFIGS:
             if test_only and not in_test:
                 continue
-            start = len(log)
-            q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=td.HAS_BACKWARD)
-            k, v = torch.zeros_like(q), torch.zeros_like(q)
-            beta = torch.zeros(B, T, H, dtype=dtype)
-            g = torch.zeros(B, T, H) if gated else None
-            o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=torch.zeros(B, H, width, width))
-            for i in range(start, len(log)):
-                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward") + log[i]
+            # inference (no gradients), then training (the forward also keeps (I + A)^-1)
+            for grad in (False, True) if td.HAS_BACKWARD else (False,):
+                start = len(log)
+                q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=grad)
+                k, v = torch.zeros_like(q, requires_grad=grad), torch.zeros_like(q, requires_grad=grad)
+                beta = torch.zeros(B, T, H, dtype=dtype, requires_grad=grad)
+                g = torch.zeros(B, T, H, requires_grad=grad) if gated else None
+                s0 = torch.zeros(B, H, width, width, requires_grad=grad)
+                o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=s0)
+                middle = len(log)
+                if grad:  # contiguous output gradients, as a loss usually gives
+                    torch.autograd.backward([o, s], [torch.ones_like(o), torch.ones_like(s)])
+                for i in range(start, len(log)):
+                    phase = "backward" if i >= middle else ("training forward" if grad else "forward")
+                    log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", phase) + log[i]
     return log
 
 

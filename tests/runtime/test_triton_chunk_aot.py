@@ -1,8 +1,13 @@
-"""The chunked kernels (triton_chunk, triton_delta) compile for sm_90 at the launch
-configurations the runtime uses (K = V = 128 and 64, bf16 and fp32), with no register spills.
+"""The chunked kernels (triton_chunk, triton_delta) compile for sm_90 (and the delta rule's for
+sm_80) at the launch configurations the runtime uses (K = V = 128 and 64, bf16 and fp32,
+inference, training forward and backward), within the spill budget.
 
 Compiled ahead of time on this CPU-only machine (Triton's own compiler and ptxas, no GPU) in a
-subprocess without TRITON_INTERPRET; see psmc/runtime/triton_chunk_aot.py."""
+subprocess without TRITON_INTERPRET; see psmc/runtime/triton_chunk_aot.py.
+
+Spill budget: none in any forward kernel, none in any bf16 kernel on sm_90; the delta rule's
+backward kernels in fp32 (tf32x3 products) or on sm_80 (register-operand mma) may spill up to
+2 KB, the budget tests/codegen/test_triton_aot.py gives backward kernels."""
 from __future__ import annotations
 
 import json
@@ -12,23 +17,49 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+BACKWARD_SPILL_BUDGET = 2048
 
 
-def test_chunked_kernels_compile_for_sm90_without_spills():
+def compile_rows(arch: int, only: str = "") -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "psmc.runtime.triton_chunk_aot", "90", "--test"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env["PSMC_AOT_ONLY"] = only
+    done = subprocess.run([sys.executable, "-m", "psmc.runtime.triton_chunk_aot", str(arch), "--test"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    seen = {(r["config"], r["pass"], r["kernel"]) for r in rows}
-    # every kernel of both passes, in both dtypes, for both operation families
-    assert {("gla bfloat16 K=V=128", "forward", "_state_kernel"), ("gla bfloat16 K=V=128", "forward", "_out_kernel"),
-            ("gla bfloat16 K=V=128", "backward", "_readout_kernel"), ("gla bfloat16 K=V=128", "backward", "_state_kernel"),
-            ("gla bfloat16 K=V=128", "backward", "_out_kernel"), ("gla float32 K=V=64", "forward", "_out_kernel"),
-            ("gated_delta_rule bfloat16 K=V=128", "forward", "_wy_kernel"),
-            ("gated_delta_rule float32 K=V=128", "forward", "_delta_state_kernel")} <= seen, sorted(seen)
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
-    spilled = [(r["config"], r["pass"], r["kernel"], r["spills"], r["registers"]) for r in rows if r["spills"] != 0]
-    assert not spilled, spilled
+    return rows
+
+
+def over_budget(rows: list[dict]) -> list:
+    def budget(r: dict) -> int:
+        relaxed = r["pass"] == "backward" and "delta" in r["config"] and (r["arch"] != 90 or "float32" in r["config"])
+        return BACKWARD_SPILL_BUDGET if relaxed else 0
+
+    return [(r["arch"], r["config"], r["pass"], r["kernel"], r["spills"], r["registers"]) for r in rows
+            if r["spills"] < 0 or r["spills"] > budget(r)]
+
+
+def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
+    rows = compile_rows(90)
+    seen = {(r["config"], r["pass"], r["kernel"]) for r in rows}
+    # every kernel of both passes, in both dtypes, for both operation families
+    delta_bwd = ["_delta_dv_local_kernel", "_delta_dstate_kernel", "_delta_dqk_kernel", "_delta_wy_bwd_kernel"]
+    bf16, delta = "gla bfloat16 K=V=128", "gated_delta_rule bfloat16 K=V=128"
+    expected = {(bf16, "forward", "_state_kernel"), (bf16, "forward", "_out_kernel"),
+                (bf16, "backward", "_readout_kernel"), (bf16, "backward", "_state_kernel"),
+                (bf16, "backward", "_out_kernel"), ("gla float32 K=V=64", "forward", "_out_kernel"),
+                (delta, "forward", "_wy_kernel"), (delta, "training forward", "_wy_kernel"),
+                ("gated_delta_rule float32 K=V=128", "forward", "_delta_state_kernel")}
+    expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
+    assert expected <= seen, sorted(expected - seen)
+    assert not over_budget(rows), over_budget(rows)
+
+
+def test_delta_rule_kernels_compile_for_sm80_within_the_spill_budget():
+    rows = compile_rows(80, "gated_delta_rule bfloat16")
+    assert {r["kernel"] for r in rows if r["pass"] == "backward"} == {
+        "_delta_dv_local_kernel", "_delta_dstate_kernel", "_delta_dqk_kernel", "_delta_wy_bwd_kernel"}
+    assert not over_budget(rows), over_budget(rows)

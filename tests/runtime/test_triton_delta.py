@@ -9,6 +9,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from psmc.runtime import triton_delta  # noqa: E402
 from psmc.runtime.triton_delta import triton_chunk_delta_rule  # noqa: E402
@@ -87,17 +89,105 @@ def test_strong_gates_and_broadcast_lanes():
     torch.testing.assert_close(s.double(), ref_s, rtol=1e-4, atol=1e-4)
 
 
-def test_training_runs_the_differentiable_torch_form():
-    """With gradients needed, the torch WY form runs (HAS_BACKWARD is False) and its gradients
-    equal those of the per-token recurrence."""
-    assert triton_delta.HAS_BACKWARD is False
-    q, k, v, beta, g, init = make(9, 1, 21, (2,), 8, 8, True, True)
-    xs = [x.double().requires_grad_() for x in (q, k, v, beta, g, init)]
-    rs = [x.double().requires_grad_() for x in (q, k, v, beta, g, init)]
-    o, s = triton_chunk_delta_rule(*xs[:5], scale=0.3, initial_state=xs[5], chunk_size=8)
-    ro, rs_ = loop_reference(*rs[:5], 0.3, rs[5])
-    do, ds = torch.randn_like(ro), torch.randn_like(rs_)
-    ((o * do).sum() + (s * ds).sum()).backward()
-    ((ro * do).sum() + (rs_ * ds).sum()).backward()
-    for x, r in zip(xs, rs):
-        torch.testing.assert_close(x.grad, r.grad, rtol=1e-8, atol=1e-8)
+GRAD_CASES = [
+    # (B, T, lanes, K, V, gated, h0, final-state gradient, chunk_size)
+    (1, 7, (), 16, 8, False, False, False, 32),  # T < chunk, no initial state, o only
+    (2, 37, (2,), 16, 16, False, True, True, 16),  # B, H > 1, ragged tail, both gradients
+    (1, 40, (2,), 24, 12, True, True, True, 16),  # gated; K, V not powers of two
+    (1, 33, (3,), 8, 20, True, False, False, 32),  # gated, fp32 training chunks of 32, ragged
+]
+
+
+def grads(fn, xs, do, ds):
+    """Gradients of <o, do> + <S, ds> (ds None: o only) with respect to xs (None stays None)."""
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+    o, s = fn(leaves)
+    loss = (o.double() * do).sum() + (0 if ds is None else (s.double() * ds).sum())
+    loss.backward()
+    return [None if x is None else x.grad.double() for x in leaves]
+
+
+def delta_grads_case(case, dtype=torch.float32, seed=0):
+    B, T, lanes, K, V, gated, h0, dh, chunk = case
+    q, k, v, beta, g, init = make(seed + T, B, T, lanes, K, V, gated, h0)
+    q, k, v, beta = (x.to(dtype) for x in (q, k, v, beta))
+    gen = torch.Generator().manual_seed(seed)
+    do = torch.randn(B, T, *lanes, V, generator=gen, dtype=torch.float64).to(DEVICE)
+    ds = torch.randn(B, *lanes, K, V, generator=gen, dtype=torch.float64).to(DEVICE) if dh else None
+    xs = [q, k, v, beta, g, init]
+    got = grads(lambda a: triton_chunk_delta_rule(*a[:5], scale=0.5, initial_state=a[5], chunk_size=chunk), xs, do, ds)
+    ref = grads(lambda a: loop_reference(*a[:5], 0.5, a[5]), [None if x is None else x.double() for x in xs], do, ds)
+    return xs, got, ref
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[1]}-{'gated' if c[5] else 'plain'}-h0{int(c[6])}-dS{int(c[7])}"
+                                                  for c in GRAD_CASES])
+def test_gradients_match_float64_recurrence(case, monkeypatch):
+    """Every gradient (q, k, v, beta, log gate, initial state) from the Triton backward kernels
+    against autograd through the float64 per-token recurrence; the torch WY form must not run."""
+    assert triton_delta.HAS_BACKWARD is True
+
+    def no_torch(*a, **k):
+        raise AssertionError("the torch WY form ran instead of the Triton backward")
+
+    monkeypatch.setattr(triton_delta._delta, "_chunk_delta_rule_torch", no_torch)
+    xs, got, ref = delta_grads_case(case)
+    for name, x, a, r in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), xs, got, ref):
+        if x is None:
+            continue
+        assert a.shape == x.shape, name
+        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradients_match_the_torch_wy_form_with_broadcasts():
+    """Keys and beta shared across lanes, beta with time 1 broadcast over T, strong gates (down
+    to e^-30 per token) and exact zeros (log gate -inf): the kernels' gradients are finite, equal
+    autograd through the torch WY form (same inputs, fp32) and reduce over the broadcast axes."""
+    q, k, v, beta, g, init = make(3, 2, 21, (2,), 16, 16, True, True, strength=30.0, kill=True)
+    k, beta = k[:, :, :1], beta[:, :1, :1]
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(2, 21, 2, 16, generator=gen, dtype=torch.float64).to(DEVICE)
+    ds = torch.randn(2, 2, 16, 16, generator=gen, dtype=torch.float64).to(DEVICE)
+    xs = [q, k, v, beta, g, init]
+    got = grads(lambda a: triton_chunk_delta_rule(*a[:5], scale=0.7, initial_state=a[5], chunk_size=16), xs, do, ds)
+    ref = grads(lambda a: triton_delta._delta._chunk_delta_rule_torch(*a[:5], 0.7, a[5], 16), xs, do, ds)
+    for name, x, a, r in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), xs, got, ref):
+        assert a.shape == x.shape and torch.isfinite(a).all(), name
+        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_second_derivatives_are_refused():
+    """The backward kernels are differentiable once: a second derivative raises, it is never a
+    silent zero."""
+    q, k, v, beta, g, init = make(2, 1, 9, (), 8, 8, True, False)
+    q.requires_grad_()
+    o, _ = triton_chunk_delta_rule(q, k, v, beta, g)
+    (dq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dq.sum().backward()
+
+
+def test_fp16_gradients():
+    """fp16 inputs read as fp16 (tensor-core operands), fp32 accumulation: gradients in fp16
+    within fp16 rounding of the float64 recurrence's."""
+    xs, got, ref = delta_grads_case(GRAD_CASES[2], dtype=torch.float16, seed=4)
+    for name, x, a, r in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), xs, got, ref):
+        scale = r.abs().max().item()
+        err = (a - r).abs().max().item()
+        assert err <= 5e-3 * scale, (name, err, scale)
+
+
+@settings(max_examples=3 if settings.default.max_examples <= 5 else settings.default.max_examples)
+@given(seed=st.integers(0, 2**16), batch=st.integers(1, 2), steps=st.integers(1, 40),
+       lanes=st.sampled_from([(), (2,), (2, 1)]), width_k=st.integers(1, 20), width_v=st.integers(1, 20),
+       gated=st.booleans(), initial=st.booleans(), final_grad=st.booleans(), chunk=st.sampled_from([16, 32, 64]))
+def test_gradients_property(seed, batch, steps, lanes, width_k, width_v, gated, initial, final_grad, chunk):
+    """Generated shapes (T from 1, K and V from 1, multi-axis lanes, any chunk size): every
+    gradient equals autograd through the float64 per-token recurrence."""
+    case = (batch, steps, lanes, width_k, width_v, gated, initial, final_grad, chunk)
+    xs, got, ref = delta_grads_case(case, seed=seed)
+    for name, x, a, r in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), xs, got, ref):
+        if x is None:
+            continue
+        assert a.shape == x.shape, name
+        torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
