@@ -360,24 +360,25 @@ def _check_compiled(layer, inputs: dict, full: tuple, batch_shape: tuple):
     that psmc's Python traces into one graph, not Inductor's builds): the forward equals the
     eager one, and a compiled `step` continuing an eager prefill of T - 1 tokens gives the last
     token's outputs. A graph break is an error under fullgraph."""
-    import torch._dynamo as dynamo
     T = next(iter(inputs.values())).shape[1]
-    dynamo.reset()
-    try:
-        got = as_tuple(torch.compile(layer, fullgraph=True, backend="eager")(**inputs))
-    except Exception as err:
-        raise Failure("compile", f"torch.compile(fullgraph) forward: {type(err).__name__}: "
-                                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    got = as_tuple(_compiled(layer, "forward", **inputs))
     agree(got, full, "torch.compile(fullgraph) forward vs eager", RTOL, ATOL)
     _, state = layer(**{n: x[:, :T - 1] for n, x in inputs.items()}, return_state=True)
-    dynamo.reset()
-    try:
-        out, _ = torch.compile(layer.step, fullgraph=True, backend="eager")(state, **{n: x[:, T - 1] for n, x in inputs.items()})
-    except Exception as err:
-        raise Failure("compile", f"torch.compile(fullgraph) step: {type(err).__name__}: "
-                                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    out, _ = _compiled(layer.step, "step", state, **{n: x[:, T - 1] for n, x in inputs.items()})
     agree(tuple(o.unsqueeze(1) for o in as_tuple(out)), tuple(f[:, T - 1:] for f in full),
           "torch.compile(fullgraph) step after an eager prefill vs one pass", RTOL, ATOL)
+
+
+def _compiled(fn, what: str, *args, **kwargs):
+    """fn(*args, **kwargs) through torch.compile(fullgraph=True) with Dynamo's 'eager' backend,
+    from a fresh Dynamo state; a failure to trace (a graph break) is a `compile` failure."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    try:
+        return torch.compile(fn, fullgraph=True, backend="eager")(*args, **kwargs)
+    except Exception as err:
+        raise Failure("compile", f"torch.compile(fullgraph) {what}: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}") from err
 
 
 def _check_varlen(layer, inputs: dict, full: tuple, config: Config):
@@ -674,13 +675,7 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
                 raise Failure("cpp-not-run", "backend='cpu' served a forward without calling its C++ kernels")
             checked.add("cpp")
             # in a torch.compile graph the loaded kernel is one op (psmc::cpu_kernel): the same numbers
-            import torch._dynamo as dynamo
-            dynamo.reset()
-            try:
-                traced = as_tuple(torch.compile(cpp, fullgraph=True, backend="eager")(**inputs))
-            except Exception as err:
-                raise Failure("compile", f"torch.compile(fullgraph) of backend='cpu': {type(err).__name__}: "
-                                         f"{str(err).splitlines()[0] if str(err) else ''}") from err
+            traced = as_tuple(_compiled(cpp, "forward of backend='cpu'", **inputs))
             agree(traced, eager, "torch.compile(fullgraph) cpu forward vs eager cpu", RTOL, ATOL)
             checked.add("cpp-compiled")
             _check_backend_paths(cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
