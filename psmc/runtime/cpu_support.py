@@ -183,8 +183,15 @@ def _load_or_build(source: str, key: str):
 
 
 def _function(lib, kernels: CpuKernels, kind: str, dtype):
-    suffix = "f64" if dtype == torch.float64 else "f32"
-    fn = getattr(lib, f"{kernels.symbol}_{kind}_{suffix}")
+    return _typed(getattr(lib, _symbol(kernels, kind, dtype)))
+
+
+def _symbol(kernels: CpuKernels, kind: str, dtype) -> str:
+    return f"{kernels.symbol}_{kind}_{'f64' if dtype == torch.float64 else 'f32'}"
+
+
+def _typed(fn):
+    """A kernel's ctypes function with its signature: (pointers, ints, threads) -> void."""
     fn.restype = None
     fn.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
     return fn
@@ -193,10 +200,7 @@ def _function(lib, kernels: CpuKernels, kind: str, dtype):
 @functools.lru_cache(maxsize=None)
 def _named(key: str, name: str):
     """The kernel `name` (e.g. `op_forward_f32`) of the loaded library `key`."""
-    fn = getattr(_LIBRARIES[key], name)
-    fn.restype = None
-    fn.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
-    return fn
+    return _typed(getattr(_LIBRARIES[key], name))
 
 
 @torch.library.custom_op("psmc::cpu_kernel", mutates_args=("written",), tags=(torch.Tag.needs_exact_strides,))
@@ -427,8 +431,7 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
     ints += [int(call.ctx.d[d]) for d in k.dims] + strides
     call.token_by_token = True  # one sequential loop over time: a NaN at t reaches nothing before t
     if torch.compiler.is_compiling():  # (no gradient here: _in_graph) the kernel as a graph op
-        name = f"{k.symbol}_forward_{'f64' if compute == torch.float64 else 'f32'}"
-        graph_kernel(_LOADED[k.source], name, tensors, written, ints, _threads(g),
+        graph_kernel(_LOADED[k.source], _symbol(k, "forward", compute), tensors, written, ints, _threads(g),
                      [s for t in tensors for s in t.stride()])
         return outs, fins, saves  # (the NaN check does not run in a graph)
     _call(_function(library(k), k, "forward", compute), tensors + written, ints, _threads(g))
