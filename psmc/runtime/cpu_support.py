@@ -224,6 +224,16 @@ def _graph_kernel_fake(key, name, read, written, ints, threads, read_strides) ->
     return None
 
 
+def _run(k: CpuKernels, kind: str, compute, read: list, written: list, ints: list, threads: int):
+    """Run pass `kind` of the loaded kernels: a ctypes call, or in a torch.compile graph the
+    `psmc::cpu_kernel` op (a graph cannot make the call itself)."""
+    if torch.compiler.is_compiling():
+        graph_kernel(_LOADED[k.source], _symbol(k, kind, compute), read, written, ints, threads,
+                     [s for t in read for s in t.stride()])
+    else:
+        _call(_function(library(k), k, kind, compute), read + written, ints, threads)
+
+
 def _call(fn, tensors: list, ints: list, threads: int):
     ptrs = (ctypes.c_void_p * max(len(tensors), 1))(*[t.data_ptr() for t in tensors])
     nums = (ctypes.c_int64 * len(ints))(*[int(i) for i in ints])
@@ -430,11 +440,9 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
     ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, g.width]
     ints += [int(call.ctx.d[d]) for d in k.dims] + strides
     call.token_by_token = True  # one sequential loop over time: a NaN at t reaches nothing before t
-    if torch.compiler.is_compiling():  # (no gradient here: _in_graph) the kernel as a graph op
-        graph_kernel(_LOADED[k.source], _symbol(k, "forward", compute), tensors, written, ints, _threads(g),
-                     [s for t in tensors for s in t.stride()])
+    _run(k, "forward", compute, tensors, written, ints, _threads(g))
+    if torch.compiler.is_compiling():
         return outs, fins, saves  # (the NaN check does not run in a graph)
-    _call(_function(library(k), k, "forward", compute), tensors + written, ints, _threads(g))
     # no NaN output: the layer's finite check has nothing to find. Set both ways: a call that runs
     # several passes (context parallelism: from zero, then from the carry) checks the last one's
     call.outputs_checked = not bool(nan.any())
@@ -506,10 +514,9 @@ class _CpuScan(torch.autograd.Function):
         dpar = [torch.zeros(g.items, *(g.extent(role) if not g.lane_mode else ()), dtype=compute)
                 for role in k.param_roles]
         dini = [torch.zeros(g.B, g.L, *g.extent(role), dtype=compute) for role in k.field_roles]
-        tensors += din + dpar + dini
         ints = [g.B, g.T, g.L, g.R, g.C, start, has_init, has_dfin, g.width]
         ints += [int(call.ctx.d[d]) for d in k.dims] + strides
-        _call(_function(library(k), k, "backward", compute), tensors, ints, _threads(g))
+        _run(k, "backward", compute, tensors, din + dpar + dini, ints, _threads(g))
         result = [None]
         in_shapes = []
         for x, role in zip(inputs, k.input_roles):
