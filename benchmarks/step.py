@@ -395,6 +395,7 @@ def parallel_rows(layer, repeat: int):
     lr = psmc.load(EXAMPLES / "linear_recurrence.psm").linear_recurrence()
     y = {"log_a": -torch.rand(4, T, 256), "x": torch.randn(4, T, 256)}
     x_grad = {n_: t.clone().requires_grad_() for n_, t in x.items()}
+    y_grad = {n_: t.clone().requires_grad_() for n_, t in y.items()}
 
     def forward(mod, inp):
         with torch.no_grad():
@@ -408,7 +409,8 @@ def parallel_rows(layer, repeat: int):
     print("|---|---:|---:|---:|")
     for name, mod, inp, run in (("gla B=1 T=1024 H=4 K=V=64, forward", layer, x, forward),
                                 ("gla B=1 T=1024 H=4 K=V=64, forward + backward", layer, x_grad, train),
-                                ("linear_recurrence B=4 T=1024 D=256, forward", lr, y, forward)):
+                                ("linear_recurrence B=4 T=1024 D=256, forward", lr, y, forward),
+                                ("linear_recurrence B=4 T=1024 D=256, forward + backward", lr, y_grad, train)):
         compiled = torch.compile(mod, fullgraph=True)
         eager_ms, comp_ms = per_token_ms([lambda c: [run(mod, inp) for _ in range(c)],
                                           lambda c: [run(compiled, inp) for _ in range(c)]], 1, repeat)

@@ -262,7 +262,7 @@ def unusable_reason(layer, call) -> str | None:
     return None
 
 
-def use_cpu(layer, call, kind: str, state=None) -> bool:
+def use_cpu(layer, call, kind: str) -> bool:
     """backend='cpu': the C++ kernels whenever they can run (else a clear error for non-CPU
     tensors; a failed build warns and falls back to torch). backend='auto': the C++ kernels for
     CPU tensors when a compiler is present, except a long forward of a matrix-state op that
@@ -271,7 +271,7 @@ def use_cpu(layer, call, kind: str, state=None) -> bool:
     if layer.backend not in ("cpu", "auto"):
         return False
     if torch.compiler.is_compiling():
-        return _in_graph(layer, call, kind, state)
+        return _in_graph(layer, call, kind)
     reason = unusable_reason(layer, call)
     if reason is not None:
         if layer.backend == "cpu" and getattr(layer, "_cpu_kernels", None) is not None:
@@ -292,16 +292,14 @@ def use_cpu(layer, call, kind: str, state=None) -> bool:
     return library(k) is not None
 
 
-def _in_graph(layer, call, kind: str, state) -> bool:
-    """Inside a torch.compile graph: the C++ forward (as the `psmc::cpu_kernel` op) when its
-    library is loaded already (an eager call builds it; a graph cannot), no gradient is needed
-    (the backward is not an op) and it is a forward (a traced step is the bound torch update)."""
+def _in_graph(layer, call, kind: str) -> bool:
+    """Inside a torch.compile graph: the C++ forward (and its backward: `_CpuScan` traces, each
+    pass a `psmc::cpu_kernel` op) when the library is loaded already (an eager call builds it;
+    a graph cannot). A traced step is the bound torch update (an op costs more per call than a
+    one-token update)."""
     if kind != "forward" or unusable_reason(layer, call) is not None or layer._cpu_kernels.source not in _LOADED:
         return False
-    if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
-        return False
-    prefix = state.prefix if state is not None else None
-    return not _grad_needed(layer, call, tuple(t for t in prefix if t is not None) if prefix else None)
+    return not (layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0")
 
 
 def auto_steps(layer, call) -> bool:

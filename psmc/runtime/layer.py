@@ -936,7 +936,7 @@ class PsmLayer(nn.Module):
         spec = self.spec
         if self.backend in ("auto", "cpu") and self._strategy.token_kernels:
             from . import cpu_support
-            if cpu_support.use_cpu(self, call, "forward", state):
+            if cpu_support.use_cpu(self, call, "forward"):
                 return cpu_support.forward(self, call, state)
         from . import dispatch
         path = dispatch.choose(self, call, "forward")

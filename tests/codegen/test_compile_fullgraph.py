@@ -125,35 +125,49 @@ def test_cpp_kernels_stay_out_of_a_graph(monkeypatch):
     assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
 
 
-def test_a_graph_runs_the_loaded_cpp_forward_as_one_op(monkeypatch):
-    """Once an eager call has loaded the C++ kernels, a graph of an inference forward holds the
-    kernel as one `psmc::cpu_kernel` op (no break) and equals eager bit for bit, through
-    Dynamo's capture and through Inductor (which must hand the op its inputs in the traced
-    layout). With gradients needed the graph takes the torch path (the backward is no op)."""
+def _kernel_calls(graphs) -> int:
+    """How many psmc::cpu_kernel calls the graphs (and their nested subgraphs) make."""
+    kernel = torch.ops.psmc.cpu_kernel.default
+    return sum(n.target is kernel for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+               for n in m.graph.nodes)
+
+
+def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
+    """Once an eager call has loaded the C++ kernels, a graph holds each pass as one
+    `psmc::cpu_kernel` op (no break) and equals eager bit for bit, outputs and gradients,
+    through Dynamo's capture and through Inductor (which must hand the op its inputs in the
+    traced layout)."""
     from psmc.runtime import cpu_support
     monkeypatch.setenv("PSMC_CPU", "1")
     layer, inputs = build("linear_recurrence", T=9)
     layer.backend = "cpu"
-    kernel = torch.ops.psmc.cpu_kernel.default
     with torch.no_grad():
         want, want_state = layer(**inputs, return_state=True)  # loads the kernels
-        assert layer._cpu_kernels.source in cpu_support._LOADED
-        for backend in ("eager", "inductor"):
-            graphs = []
+    assert layer._cpu_kernels.source in cpu_support._LOADED
+    floats = [n for n, x in inputs.items() if x.is_floating_point()]
 
-            def keep(gm, example_inputs, backend=backend):
-                graphs.append(gm)
-                return torch._dynamo.backends.registry.lookup_backend(backend)(gm, example_inputs)
-            dynamo.reset()
-            got, got_state = torch.compile(layer, fullgraph=True, backend=keep)(**inputs, return_state=True)
-            assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_state.tensors(), want_state.tensors()))
-            assert [n.target for n in graphs[0].graph.nodes].count(kernel) == 1, backend
-    leaves = {n: x.clone().requires_grad_() for n, x in inputs.items() if x.is_floating_point()}
-    graphs = []
-    dynamo.reset()
-    out = torch.compile(layer, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)(**{**inputs, **leaves})
-    torch.testing.assert_close(out, want)
-    assert kernel not in [n.target for g in graphs for n in g.graph.nodes]
+    def trained(fn):
+        leaves = {n: inputs[n].clone().requires_grad_() for n in floats}
+        out = fn(**{**inputs, **leaves})
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out, [leaves[n].grad for n in floats]
+    want_out, want_grads = trained(layer)
+    for backend in ("eager", "inductor"):
+        graphs = []
+
+        def keep(gm, example_inputs, backend=backend):
+            graphs.append(gm)
+            return torch._dynamo.backends.registry.lookup_backend(backend)(gm, example_inputs)
+        dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend=keep)
+        with torch.no_grad():
+            got, got_state = compiled(**inputs, return_state=True)
+        assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_state.tensors(), want_state.tensors()))
+        assert _kernel_calls(graphs) == 1, backend
+        graphs.clear()
+        out, grads = trained(compiled)
+        assert torch.equal(out, want_out) and all(torch.equal(a, b) for a, b in zip(grads, want_grads)), backend
+        assert _kernel_calls(graphs) >= 1, backend  # (the forward's, inside the autograd function)
 
 
 def test_the_graph_kernel_op_refuses_inputs_laid_out_otherwise_than_traced():

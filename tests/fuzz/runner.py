@@ -19,8 +19,8 @@ disagreement, and returns quietly when every check passes:
    and params, token-by-token `step` streaming, and a forward continued from a state;
 6. when the plan has C++ kernels and the config asks for them (a sample: a build costs
    seconds): backend='cpu' equals backend='torch' in float64 (forward, gradients, `step`
-   streaming, a forward continued from a state, its forward compiled with fullgraph) and is
-   close to it in float32;
+   streaming, a forward continued from a state, its forward and gradients compiled with
+   fullgraph) and is close to it in float32;
 7. when the config draws a half dtype (bf16 or f16): the layer fed bf16/f16 inputs returns its
    float outputs in that dtype (f64-declared ones stay float64) and they are within the half
    dtype's rounding of the float64 layer run on the same (rounded) inputs; its stream agrees;
@@ -370,12 +370,17 @@ def _check_compiled(layer, inputs: dict, full: tuple, batch_shape: tuple):
 
 
 def _compiled(fn, what: str, *args, **kwargs):
-    """fn(*args, **kwargs) through torch.compile(fullgraph=True) with Dynamo's 'eager' backend,
-    from a fresh Dynamo state; a failure to trace (a graph break) is a `compile` failure."""
+    """fn(*args, **kwargs) through torch.compile(fullgraph=True) with Dynamo's 'eager' backend."""
+    return _tracing(what, lambda compile_: compile_(fn)(*args, **kwargs))
+
+
+def _tracing(what: str, run):
+    """run(compile_) from a fresh Dynamo state, compile_ being torch.compile with fullgraph=True
+    and the 'eager' backend; a failure to trace (a graph break) is a `compile` failure."""
     import torch._dynamo as dynamo
     dynamo.reset()
     try:
-        return torch.compile(fn, fullgraph=True, backend="eager")(*args, **kwargs)
+        return run(lambda fn: torch.compile(fn, fullgraph=True, backend="eager"))
     except Exception as err:
         raise Failure("compile", f"torch.compile(fullgraph) {what}: {type(err).__name__}: "
                                  f"{str(err).splitlines()[0] if str(err) else ''}") from err
@@ -681,9 +686,13 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
             _check_backend_paths(cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
         if config.time <= 40 and _wants_grads(inputs, full):
             rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
-            _compare_grads(_grads_of(cpp, inputs, config.seed), _grads_of(layer64, inputs, config.seed),
-                           "cpu vs torch (float64)", rtol, atol)
+            eager = _grads_of(cpp, inputs, config.seed)
+            _compare_grads(eager, _grads_of(layer64, inputs, config.seed), "cpu vs torch (float64)", rtol, atol)
             checked.add("cpp-grads")
+            # compiled, the forward and the backward kernels are graph ops (psmc::cpu_kernel)
+            traced = _tracing("gradients of backend='cpu'", lambda compile_: _grads_of(compile_(cpp), inputs, config.seed))
+            _compare_grads(traced, eager, "torch.compile(fullgraph) cpu vs eager cpu", rtol, atol)
+            checked.add("cpp-compiled-grads")
         # the float32 kernels (FTZ, a polynomial exp) through the float32 check of the torch
         # layer: dtypes as declared, 1e-4 relative RMS of float64 (forgiven only at a tie), and
         # their own step stream equal to their parallel pass

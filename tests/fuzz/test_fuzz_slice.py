@@ -54,6 +54,7 @@ CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32"
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued",
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32", "cpp-compiled",
+          "cpp-compiled-grads",
           # bf16 / f16 inputs
           "half-bf16", "half-f16",
           # varlen packing with a ragged step after it, per-lane params, torch.compile(fullgraph)
@@ -152,7 +153,7 @@ def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
     config = Config(batch=2, time=5, lanes=(2,), grads=False, f32=True, seed=5,
                     cpp=fault.startswith("cpp"), triton=fault.startswith("triton"))
     if fault == "cpp-fallback":
-        monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind, state=None: False)
+        monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind: False)
         match = "without calling its C\\+\\+ kernels"
     elif fault.endswith("-step"):
         module = cpu_support if fault == "cpp-step" else triton_support
