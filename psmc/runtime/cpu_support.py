@@ -267,11 +267,17 @@ def use_cpu(layer, call, kind: str) -> bool:
     tensors; a failed build warns and falls back to torch). backend='auto': the C++ kernels for
     CPU tensors when a compiler is present, except a long forward of a matrix-state op that
     has the chunkwise matmul form. PSMC_CPU=0 in the environment keeps backend='auto' off the
-    C++ kernels (backend='cpu' still uses them)."""
+    C++ kernels (backend='cpu' still uses them).
+
+    Inside a torch.compile graph the same choice holds for a forward (and its backward:
+    `_CpuScan` traces, each pass a `psmc::cpu_kernel` op) once an eager call has loaded the
+    library (a graph cannot build one); a traced step is the bound torch update (an op costs
+    more per call than a one-token update)."""
     if layer.backend not in ("cpu", "auto"):
         return False
-    if torch.compiler.is_compiling():
-        return _in_graph(layer, call, kind)
+    compiling = torch.compiler.is_compiling()
+    if compiling and kind != "forward":
+        return False
     reason = unusable_reason(layer, call)
     if reason is not None:
         if layer.backend == "cpu" and getattr(layer, "_cpu_kernels", None) is not None:
@@ -282,24 +288,16 @@ def use_cpu(layer, call, kind: str) -> bool:
     if layer.backend == "auto":
         if os.environ.get("PSMC_CPU", "1") == "0":
             return False
-        if _LIBRARIES.get(_key(k.source)) is None and compiler() is None \
+        if not compiling and _LIBRARIES.get(_key(k.source)) is None and compiler() is None \
                 and not build_dir(k.source).joinpath("ok").exists():
             return False  # (a loaded library skips the compiler lookup and the file check)
         fast = getattr(layer.spec, "fast", None) or ""
         if kind == "forward" and k.mode == "matrix" and fast.startswith("chunkwise") and layer.use_fast_path \
                 and call.lead[1] > MATRIX_FORWARD_MAX_T:
             return False
+    if compiling:
+        return k.source in _LOADED
     return library(k) is not None
-
-
-def _in_graph(layer, call, kind: str) -> bool:
-    """Inside a torch.compile graph: the C++ forward (and its backward: `_CpuScan` traces, each
-    pass a `psmc::cpu_kernel` op) when the library is loaded already (an eager call builds it;
-    a graph cannot). A traced step is the bound torch update (an op costs more per call than a
-    one-token update)."""
-    if kind != "forward" or unusable_reason(layer, call) is not None or layer._cpu_kernels.source not in _LOADED:
-        return False
-    return not (layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0")
 
 
 def auto_steps(layer, call) -> bool:

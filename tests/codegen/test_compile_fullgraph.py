@@ -170,6 +170,24 @@ def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
         assert _kernel_calls(graphs) >= 1, backend  # (the forward's, inside the autograd function)
 
 
+def test_a_graph_chooses_the_cpp_kernels_as_eager_code_does(monkeypatch):
+    """backend='auto' in a graph follows eager's rule: a matrix-state op with the chunkwise form
+    runs a long forward with the chunkwise matmuls, a short one with the C++ kernel."""
+    from psmc.runtime import cpu_support
+    monkeypatch.setenv("PSMC_CPU", "1")
+    short, inputs = build("gla", T=2)
+    long = cpu_support.MATRIX_FORWARD_MAX_T + 1
+    long_inputs = {n: x[:, :1].expand(x.shape[0], long, *x.shape[2:]) for n, x in inputs.items()}
+    with torch.no_grad():
+        short(**inputs)  # loads the kernels (a short forward runs them)
+        assert short._cpu_kernels.source in cpu_support._LOADED
+        for given, calls in ((inputs, 1), (long_inputs, 0)):
+            graphs = []
+            dynamo.reset()
+            torch.compile(short, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)(**given)
+            assert _kernel_calls(graphs) == calls
+
+
 def test_the_graph_kernel_op_refuses_inputs_laid_out_otherwise_than_traced():
     from psmc.runtime import cpu_support
     x = torch.zeros(2, 3)
