@@ -664,62 +664,63 @@ def bind_step(layer, call, general):
     for i in range(n_f):
         if source[i] is None:
             ptrs[base + i] = scratch_in[i].data_ptr()
-    inputs_plan = [(name, in_strides[j], j) for j, name in enumerate(in_names)]
-    params_plan = [(attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params)]
-    fields_plan = [(source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None]
-    outs_plan = [(s, d, base + n_f + j) for j, (s, d) in enumerate(out_alloc)]
-    # the new state's tensors: (shape, dtype, pointer slot, position in its prefix)
-    fins_plan = [(fshape_full[i], fdtypes[i], base_fin + i, slot if keep is not None else i)
-                 for slot, i in enumerate(keep_order)]
+    inputs_plan = tuple((name, in_strides[j], j) for j, name in enumerate(in_names))
+    params_plan = tuple((attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params))
+    fields_plan = tuple((source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None)
+    # fresh outputs and new-state tensors come from `torch.empty_like` of a contiguous template
+    # of the right shape and dtype (one dispatch with fewer arguments to parse than torch.empty)
+    outs_plan = tuple((torch.empty(s, dtype=d), base + n_f + j) for j, (s, d) in enumerate(out_alloc))
+    # the new state's tensors: (template, pointer slot, position in its prefix)
+    fins_plan = tuple((torch.empty(fshape_full[i], dtype=fdtypes[i]), base_fin + i, slot if keep is not None else i)
+                      for slot, i in enumerate(keep_order))
     template = [None] * width  # a dead field's slot stays None
     made = [_dead_ref] * width  # the state tensors the last token made (weak): their checks passed then
     # ptrs and nums are shared by every call of this closure and ctypes releases the GIL for the
     # kernel: two threads stepping one layer must not interleave their addresses
     lock = threading.Lock()
+    is_grad_enabled, empty_like, make, ref = torch.is_grad_enabled, torch.empty_like, ScanState.make, weakref.ref
 
     def step(inputs, state):
-        if torch.is_grad_enabled():
+        if is_grad_enabled():
             return general(inputs, state)
         with lock:
-            return bound(inputs, state)
-
-    def bound(inputs, state):
-        prefix = state.prefix
-        if prefix is None:
-            nums[6] = 0
-        else:
-            if len(prefix) != width:
-                return general(inputs, state)
-            for j, slot, dtype, shape in fields_plan:
-                t = prefix[j]
-                if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or not t.is_contiguous())):
+            prefix = state.prefix
+            if prefix is None:
+                nums[6] = 0
+            else:
+                if len(prefix) != width:
                     return general(inputs, state)
-                ptrs[slot] = t.data_ptr()
-            nums[6] = 1
-        for name, stride, j in inputs_plan:
-            x = inputs[name]
-            if x.stride() != stride:
-                return general(inputs, state)
-            ptrs[j] = x.data_ptr()
-        for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
-            if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
-                return general(inputs, state)
-            ptrs[j] = p.data_ptr()
-        if uses_index:
-            nums[5] = int(state.count)
-        outs = []
-        for shape, dtype, j in outs_plan:
-            o = torch.empty(*shape, dtype=dtype)
-            ptrs[j] = o.data_ptr()
-            outs.append(o)
-        new = template.copy()
-        for shape, dtype, j, pos in fins_plan:
-            t = torch.empty(*shape, dtype=dtype)
-            ptrs[j] = t.data_ptr()
-            new[pos] = t
-            made[pos] = weakref.ref(t)
-        fn(ptrs, nums, threads)
-        return tuple(outs), ScanState.make(tuple(new), state.count + one, state.op)
+                for j, slot, dtype, shape in fields_plan:
+                    t = prefix[j]
+                    if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or
+                                                             not t.is_contiguous())):
+                        return general(inputs, state)
+                    ptrs[slot] = t.data_ptr()
+                nums[6] = 1
+            for name, stride, j in inputs_plan:
+                x = inputs[name]
+                if x.stride() != stride:
+                    return general(inputs, state)
+                ptrs[j] = x.data_ptr()
+            for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
+                if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
+                    return general(inputs, state)
+                ptrs[j] = p.data_ptr()
+            if uses_index:
+                nums[5] = int(state.count)
+            outs = []
+            for like, j in outs_plan:
+                o = empty_like(like)
+                ptrs[j] = o.data_ptr()
+                outs.append(o)
+            new = template.copy()
+            for like, j, pos in fins_plan:
+                t = empty_like(like)
+                ptrs[j] = t.data_ptr()
+                new[pos] = t
+                made[pos] = ref(t)
+            fn(ptrs, nums, threads)
+        return tuple(outs), make(tuple(new), state.count + one, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
     return step
