@@ -213,6 +213,10 @@ _LOOP = re.compile(r"^((?:for \(int64_t i = 0; i < R; \+\+i\) )?(?:for \(int64_t
 
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
+# a sum (or mean) over one axis into a scalar (CppBody.contraction with the registry's rows)
+_SUM = re.compile(r'^scalar_t (\w+); \{ scalar_t acc = 0; _Pragma\("omp simd reduction\(\+:acc\)"\) '
+                  r'((?:for \(int64_t i = 0; i < R; \+\+i\) )|(?:for \(int64_t k = 0; k < C; \+\+k\) ))'
+                  r'acc \+= ([^;]+); \1 = acc((?: / scalar_t\(\w+\))?); \}$')
 
 
 def fuse(lines: list) -> list:
@@ -224,8 +228,15 @@ def fuse(lines: list) -> list:
     earlier group over the same axes across other loops when it neither reads what they write
     nor writes what they read or write. PSM_IVDEP tells the compiler the iterations are
     independent, which they are: every buffer is read and written at the loop's own index."""
-    items = []  # [key, statements, names written, names read] per loop group; a str per other line
+    items = []  # [key, statements, names written, names read, sums] per loop group; a str per other line
     for line in lines:
+        r = _SUM.match(line)
+        if r is not None and items and not isinstance(items[-1], str) and items[-1][0] == r.group(2):
+            # a sum over the axis of the loop just before it: accumulated in that loop (an
+            # OpenMP simd reduction, as the sum's own loop was), which then takes no more
+            # statements (the sum is known after it)
+            items[-1][4].append((r.group(1), r.group(3), r.group(4)))
+            continue
         m = _LOOP.match(line)
         if m is None or not m.group(1):
             items.append(line)
@@ -236,7 +247,7 @@ def fuse(lines: list) -> list:
         reads = set(_NAME.findall(stmt)) - writes
         joined = False
         for item in reversed(items):
-            if isinstance(item, str):
+            if isinstance(item, str) or item[4]:
                 break
             if item[0] == key:
                 item[1].append(stmt)
@@ -247,11 +258,18 @@ def fuse(lines: list) -> list:
             if writes & (item[2] | item[3]) or reads & item[2]:
                 break
         if not joined:
-            items.append([key, [stmt], set(writes), set(reads)])
+            items.append([key, [stmt], set(writes), set(reads), []])
     out = []
     for item in items:
         if isinstance(item, str):
             out.append(item)
+        elif item[4]:
+            accs = [f"{var}_acc" for var, _, _ in item[4]]
+            adds = " ".join(f"{var}_acc += {a};" for var, a, _ in item[4])
+            out.append(" ".join(f"scalar_t {acc} = 0;" for acc in accs) +
+                       f' _Pragma("omp simd reduction(+:{", ".join(accs)})") {item[0]}'
+                       f"{{ {' '.join(item[1])} {adds} }} " +
+                       " ".join(f"scalar_t {var} = {var}_acc{tail};" for var, _, tail in item[4]))
         elif len(item[1]) == 1:
             out.append(item[0] + item[1][0])
         elif item[0].count("for (") == 2:  # [R, C]: the inner (contiguous) loop is the vector loop
@@ -281,7 +299,7 @@ def scalarize(lines: list) -> list:
     out = list(lines)
     drop = set()
     for j, line in enumerate(lines):
-        if "PSM_IVDEP" not in line:
+        if "PSM_IVDEP" not in line and "omp simd reduction(+:" not in line:  # (the fused loops)
             continue
         body = line
         for name in dict.fromkeys(re.findall(r"\{ (\w+)\[[^\]]+\] = |; (\w+)\[[^\]]+\] = ", line)):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from .state import ScanState
 
@@ -665,6 +666,11 @@ def bind_step(layer, call, general):
         if source[i] is None:
             ptrs[base + i] = scratch_in[i].data_ptr()
     inputs_plan = tuple((name, in_strides[j], j) for j, name in enumerate(in_names))
+    # what `step(..., strict=True)` checks in place of PsmLayer.step's signature lookup: the
+    # names, shapes, dtypes and device the signature was bound with (the key of that lookup)
+    shapes = tuple((name, call.inputs[name].shape, call.inputs[name].dtype, stride, j)
+                   for name, stride, j in inputs_plan)
+    strict_ok = set(in_names) == set(call.inputs) and ctx.dev.type == "cpu"
     params_plan = tuple((attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params))
     fields_plan = tuple((source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None)
     # fresh outputs and new-state tensors come from `torch.empty_like` of a contiguous template
@@ -680,7 +686,17 @@ def bind_step(layer, call, general):
     lock = threading.Lock()
     is_grad_enabled, empty_like, make, ref = torch.is_grad_enabled, torch.empty_like, ScanState.make, weakref.ref
 
-    def step(inputs, state):
+    def step(inputs, state, strict=False):
+        """strict: the caller has not matched the inputs' signature (names, shapes, dtypes,
+        device) against this one: a mismatch returns None (nothing run) for the caller's full
+        path to handle. The other checks hand the token to `general` either way."""
+        if strict:
+            if len(inputs) != n_in:
+                return None
+            for name, shape, dtype, stride, j in shapes:
+                x = inputs.get(name)
+                if type(x) is not Tensor or x.shape != shape or x.dtype != dtype or not x.is_cpu:
+                    return None
         if is_grad_enabled():
             return general(inputs, state)
         with lock:
@@ -723,4 +739,5 @@ def bind_step(layer, call, general):
         return tuple(outs), make(tuple(new), state.count + one, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
+    step.strict = strict_ok  # PsmLayer.step may call it with strict=True before any lookup
     return step
