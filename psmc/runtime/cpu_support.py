@@ -227,6 +227,9 @@ def _call(fn, tensors: list, ints: list, threads: int):
     fn(ptrs, nums, threads)
 
 
+# a bound step hands out the counts of consecutive states this many at a time (see bind_step)
+COUNT_BLOCK = 64
+
 # below this many state elements times tokens a call runs on one thread: waking a second
 # thread costs more than the work (and on a loaded machine can wait a scheduler tick);
 # torch's own elementwise ops use the same bound (at::internal::GRAIN_SIZE)
@@ -686,44 +689,53 @@ def bind_step(layer, call, general):
     lock = threading.Lock()
     is_grad_enabled, empty_like, make, ref = torch.is_grad_enabled, torch.empty_like, ScanState.make, weakref.ref
 
+    # the new states' counts: the tokens of one stream run through a block of pre-made count
+    # tensors (views of one arange, made COUNT_BLOCK at a time) instead of a `count + 1` each;
+    # chain = [the count this lane made last, the counts after it (last first)]
+    chain = [None, []]
+
     def step(inputs, state, strict=False):
         """strict: the caller has not matched the inputs' signature (names, shapes, dtypes,
-        device) against this one: a mismatch returns None (nothing run) for the caller's full
-        path to handle. The other checks hand the token to `general` either way."""
-        if strict:
-            if len(inputs) != n_in:
-                return None
-            for name, shape, dtype, stride, j in shapes:
-                x = inputs.get(name)
-                if type(x) is not Tensor or x.shape != shape or x.dtype != dtype or not x.is_cpu:
-                    return None
+        device) against this one: any mismatch, and any token this lane would hand to `general`,
+        returns None (nothing run) for the caller's full path to handle."""
+        if strict and len(inputs) != n_in:
+            return None
         if is_grad_enabled():
-            return general(inputs, state)
+            return None if strict else general(inputs, state)
         with lock:
             prefix = state.prefix
             if prefix is None:
                 nums[6] = 0
             else:
                 if len(prefix) != width:
-                    return general(inputs, state)
+                    return None if strict else general(inputs, state)
                 for j, slot, dtype, shape in fields_plan:
                     t = prefix[j]
                     if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or
                                                              not t.is_contiguous())):
-                        return general(inputs, state)
+                        return None if strict else general(inputs, state)
                     ptrs[slot] = t.data_ptr()
                 nums[6] = 1
-            for name, stride, j in inputs_plan:
-                x = inputs[name]
-                if x.stride() != stride:
-                    return general(inputs, state)
-                ptrs[j] = x.data_ptr()
+            if strict:
+                for name, shape, dtype, stride, j in shapes:
+                    x = inputs.get(name)
+                    if type(x) is not Tensor or x.shape != shape or x.dtype != dtype or not x.is_cpu or \
+                            x.stride() != stride:
+                        return None
+                    ptrs[j] = x.data_ptr()
+            else:
+                for name, stride, j in inputs_plan:
+                    x = inputs[name]
+                    if x.stride() != stride:
+                        return general(inputs, state)
+                    ptrs[j] = x.data_ptr()
             for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
                 if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
-                    return general(inputs, state)
+                    return None if strict else general(inputs, state)
                 ptrs[j] = p.data_ptr()
+            count = state.count
             if uses_index:
-                nums[5] = int(state.count)
+                nums[5] = int(count)
             outs = []
             for like, j in outs_plan:
                 o = empty_like(like)
@@ -736,7 +748,16 @@ def bind_step(layer, call, general):
                 new[pos] = t
                 made[pos] = ref(t)
             fn(ptrs, nums, threads)
-        return tuple(outs), make(tuple(new), state.count + one, state.op)
+            if count is chain[0]:  # the stream this lane stepped last: the next pre-made count
+                if not chain[1]:
+                    n = int(count)
+                    chain[1] = list(torch.arange(n + COUNT_BLOCK, n, -1).unbind(0))
+                count = chain[1].pop()
+            else:  # another stream, or a state made elsewhere
+                count = count + one
+                chain[1] = []
+            chain[0] = count
+        return tuple(outs), make(tuple(new), count, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
     step.strict = strict_ok  # PsmLayer.step may call it with strict=True before any lookup
