@@ -199,7 +199,7 @@ def _named(key: str, name: str):
     """The kernel `name` (e.g. `op_forward_f32`) of the loaded library `key`."""
     fn = getattr(_LIBRARIES[key], name)
     fn.restype = None
-    fn.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
+    fn.argtypes = None  # (the same function object `_function` returns: called the same way)
     return fn
 
 
