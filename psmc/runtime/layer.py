@@ -118,6 +118,7 @@ class Ctx:
 
 class PsmLayer(nn.Module):
     spec: Spec
+    _decode = None  # (the default of a layer unpickled from before `step`'s decode lane existed)
 
     def __init__(self, backend: str = "auto", check_finite: bool | str | None = None, lanes: tuple | None = None,
                  per_lane=False, **dims):
