@@ -213,6 +213,10 @@ _LOOP = re.compile(r"^((?:for \(int64_t i = 0; i < R; \+\+i\) )?(?:for \(int64_t
 
 
 _NAME = re.compile(r"[A-Za-z_]\w*")
+# a sum (or mean) over one axis into a scalar (CppBody.contraction with the registry's rows)
+_SUM = re.compile(r'^scalar_t (\w+); \{ scalar_t acc = 0; _Pragma\("omp simd reduction\(\+:acc\)"\) '
+                  r'((?:for \(int64_t i = 0; i < R; \+\+i\) )|(?:for \(int64_t k = 0; k < C; \+\+k\) ))'
+                  r'acc \+= ([^;]+); \1 = acc((?: / scalar_t\(\w+\))?); \}$')
 
 
 def fuse(lines: list) -> list:
@@ -224,8 +228,15 @@ def fuse(lines: list) -> list:
     earlier group over the same axes across other loops when it neither reads what they write
     nor writes what they read or write. PSM_IVDEP tells the compiler the iterations are
     independent, which they are: every buffer is read and written at the loop's own index."""
-    items = []  # [key, statements, names written, names read] per loop group; a str per other line
+    items = []  # [key, statements, names written, names read, sums] per loop group; a str per other line
     for line in lines:
+        r = _SUM.match(line)
+        if r is not None and items and not isinstance(items[-1], str) and items[-1][0] == r.group(2):
+            # a sum over the axis of the loop just before it: accumulated in that loop (an
+            # OpenMP simd reduction, as the sum's own loop was), which then takes no more
+            # statements (the sum is known after it)
+            items[-1][4].append((r.group(1), r.group(3), r.group(4)))
+            continue
         m = _LOOP.match(line)
         if m is None or not m.group(1):
             items.append(line)
@@ -236,7 +247,7 @@ def fuse(lines: list) -> list:
         reads = set(_NAME.findall(stmt)) - writes
         joined = False
         for item in reversed(items):
-            if isinstance(item, str):
+            if isinstance(item, str) or item[4]:
                 break
             if item[0] == key:
                 item[1].append(stmt)
@@ -247,11 +258,18 @@ def fuse(lines: list) -> list:
             if writes & (item[2] | item[3]) or reads & item[2]:
                 break
         if not joined:
-            items.append([key, [stmt], set(writes), set(reads)])
+            items.append([key, [stmt], set(writes), set(reads), []])
     out = []
     for item in items:
         if isinstance(item, str):
             out.append(item)
+        elif item[4]:
+            accs = [f"{var}_acc" for var, _, _ in item[4]]
+            adds = " ".join(f"{var}_acc += {a};" for var, a, _ in item[4])
+            out.append(" ".join(f"scalar_t {acc} = 0;" for acc in accs) +
+                       f' _Pragma("omp simd reduction(+:{", ".join(accs)})") {item[0]}'
+                       f"{{ {' '.join(item[1])} {adds} }} " +
+                       " ".join(f"scalar_t {var} = {var}_acc{tail};" for var, _, tail in item[4]))
         elif len(item[1]) == 1:
             out.append(item[0] + item[1][0])
         elif item[0].count("for (") == 2:  # [R, C]: the inner (contiguous) loop is the vector loop
@@ -281,7 +299,7 @@ def scalarize(lines: list) -> list:
     out = list(lines)
     drop = set()
     for j, line in enumerate(lines):
-        if "PSM_IVDEP" not in line:
+        if "PSM_IVDEP" not in line and "omp simd reduction(+:" not in line:  # (the fused loops)
             continue
         body = line
         for name in dict.fromkeys(re.findall(r"\{ (\w+)\[[^\]]+\] = |; (\w+)\[[^\]]+\] = ", line)):
@@ -306,11 +324,14 @@ class CppBody:
     """Statements computing `outputs`. `decls` are the work-item buffers the statements use
     (declared once per work item, outside the time loop)."""
 
-    def __init__(self, grid: Grid, outputs: tuple, prefix: str, sides=None):
+    def __init__(self, grid: Grid, outputs: tuple, prefix: str, sides=None, bound=None):
         self.grid = grid
         self.outputs = outputs
         self.prefix = prefix
         self.sides = sides or {"left": "l_", "right": "r_", "state": "s_"}
+        # (side, field) -> the name a field reads as, where it is not `<side prefix><field>`
+        # (the step's combine reads the lift's values and the readout the new state directly)
+        self.bound = bound or {}
         self.names: dict[Node, str] = {}
         self.lines: list[str] = []
         self.decls: list[str] = []
@@ -335,7 +356,7 @@ class CppBody:
         if op == "arg":
             return "x_" + node.attrs[0]
         if op == "field":
-            return self.sides[node.attrs[0]] + node.attrs[1]
+            return self.bound.get(tuple(node.attrs)) or self.sides[node.attrs[0]] + node.attrs[1]
         if op == "param":
             return "p_" + node.attrs[0]
         if op == "dim":
@@ -815,39 +836,19 @@ class KernelPrinter:
             else:
                 item.append(f"{ctype(f.dtype)} c{i} = has_init ? {ctype(f.dtype)}(ini{i}[{self.slot('', 'b')}]) : "
                             f"{ctype(f.dtype)}(0);")
-        step = ["const int64_t index = start + t; (void)index;"]
-        lift = CppBody(g, tuple(op.lift), "u")
-        step += fuse(in_lines + lift.run())
-        decls += lift.decls
-        combine = CppBody(g, tuple(op.combine), "k")
-        comb_lines = combine.run()
-        decls += combine.decls
+        step = ["const int64_t index = start + t; (void)index;"] + in_lines
         readout = CppBody(g, tuple(op.readout), "v")
         ro_lines = readout.run()
         decls += readout.decls
 
         def do_readout(source_for):
             out = [self.bind("s_", f, source_for(i, f)) for i, f in enumerate(op.state)]
-            out += ro_lines
-            for j, (o, node) in enumerate(zip(op.outputs, op.readout)):
-                role = g.value_role(o)
-                off = self.slot(role, "b * T + t")
-                if role:
-                    out.append(f"{store_type(o.dtype)} *out{j}_p = out{j} + {off};")
-                else:
-                    out.append(f"{store_type(o.dtype)} &out{j}_p = out{j}[{off}];")
-                out.append(self.assign(f"out{j}_p", role, readout, node))
-                if o.dtype in FLOATS:  # NaN outputs are reported; the layer then looks closer
-                    v = access(f"out{j}_p", role)
-                    out.append(f"{loops(role)}bad |= int({v} != {v});")
-            return ["{"] + ["  " + x for x in fuse(out)] + ["}"]
-
-        def current(i, f):
-            return f"c{i}"
+            out += self.output_slots() + ro_lines
+            return ["{"] + ["  " + x for x in fuse(out + self.store_outputs(readout))] + ["}"]
 
         if op.exclusive:
             step.append("if (has_init || t > 0) {")
-            step += ["  " + x for x in do_readout(current)]
+            step += ["  " + x for x in do_readout(lambda i, f: f"c{i}")]
             step.append("} else {")
             step += ["  " + x for x in do_readout(lambda i, f: f"id_{f.name}")]
             step.append("}")
@@ -862,24 +863,47 @@ class KernelPrinter:
                             f"(c{i} == cbuf{i}_a.data() ? cbuf{i}_b.data() : cbuf{i}_a.data());")
             else:
                 step.append(f"{ctype(f.dtype)} n{i};")
-        step.append("if (has_init || t > 0) {")
-        inner = [self.bind("l_", f, f"c{i}") for i, f in enumerate(op.state)]
-        inner += self.bind_right(lift, decls)
-        inner += comb_lines
-        for i, (f, node) in enumerate(zip(op.state, op.combine)):
-            inner.append(self.assign(f"n{i}", g.fields[f.name], combine, node))
-        step += ["  " + x for x in fuse(inner)]
-        step.append("} else {")
-        step += ["  " + x for x in fuse([self.assign(f"n{i}", g.fields[f.name], lift, node)
-                                         for i, (f, node) in enumerate(zip(op.state, op.lift))])]
+        # Each branch computes the lift, then the combine (or the lift's copy), then (inclusive
+        # readout) the readout of the new state, with the combine reading the lift's values and
+        # the readout the new state by name: no binding line between them, so `fuse` runs the
+        # elementwise statements of all three as one loop per axis and `scalarize` keeps their
+        # temporaries in registers (the lift's [K, V] outer product of GLA is never stored).
+        # The lift is printed once per branch (its names differ: each is local to its branch).
+        for branch, tag in (("if (has_init || t > 0) {", "u"), ("} else {", "w")):
+            lift = CppBody(g, tuple(op.lift), tag)
+            lift_lines = lift.run()
+            decls += lift.decls
+            inner = []
+            if tag == "u":
+                right = {}
+                inner += [self.bind("l_", f, f"c{i}") for i, f in enumerate(op.state)]
+                for i, (f, node) in enumerate(zip(op.state, op.lift)):
+                    src = g.role(node) if node.op not in ("const", "fill", "dim", "index") else ""
+                    if src == g.fields[f.name]:
+                        right[("right", f.name)] = lift.names[node]
+                unbound = [f for f in op.state if ("right", f.name) not in right]
+                combine = CppBody(g, tuple(op.combine), "k", bound=right)
+                comb_lines = combine.run()
+                decls += combine.decls
+                body = lift_lines + self.bind_right(lift, decls, unbound) + comb_lines
+                body += [self.assign(f"n{i}", g.fields[f.name], combine, node)
+                         for i, (f, node) in enumerate(zip(op.state, op.combine))]
+            else:
+                body = lift_lines + [self.assign(f"n{i}", g.fields[f.name], lift, node)
+                                     for i, (f, node) in enumerate(zip(op.state, op.lift))]
+            if not op.exclusive:
+                ro = CppBody(g, tuple(op.readout), "v" + tag, bound={("state", f.name): f"n{i}"
+                                                                     for i, f in enumerate(op.state)})
+                body += ro.run() + self.store_outputs(ro)
+                decls += ro.decls
+            step.append(branch)
+            step += ["  " + x for x in inner + (self.output_slots() if not op.exclusive else []) + fuse(body)]
         step.append("}")
         for i, f in enumerate(op.state):
             role = g.fields[f.name]
             step.append(f"c{i} = n{i};")
             if not role:
                 step.append(f"if (flag) sav{i}[{self.slot('', 'b * T + t')}] = c{i};")
-        if not op.exclusive:
-            step += do_readout(current)
         item.append("int bad = 0;  // an int: an or-reduction of bools does not vectorise")
         item.append("for (int64_t t = 0; t < T; ++t) {")
         item += ["  " + x for x in step]
@@ -894,12 +918,40 @@ class KernelPrinter:
                 item.append(f"fin{i}[{self.slot('', 'b')}] = c{i};")
         return self._function("forward", lines, decls, item)
 
-    def bind_right(self, lift: CppBody, decls: list) -> list[str]:
-        """r_<field> = the lift's values; a lift value narrower than its field (a constant
-        lift in lanes mode) is first broadcast into a work-item buffer."""
+    def output_slots(self) -> list[str]:
+        """out<j>_p: token t's slot of each output (declared before the readout's statements,
+        so that the stores below can join their loops)."""
+        out = []
+        for j, o in enumerate(self.op.outputs):
+            role = self.grid.value_role(o)
+            off = self.slot(role, "b * T + t")
+            if role:
+                out.append(f"{store_type(o.dtype)} *__restrict__ out{j}_p = out{j} + {off};")
+            else:
+                out.append(f"{store_type(o.dtype)} &out{j}_p = out{j}[{off}];")
+        return out
+
+    def store_outputs(self, readout: CppBody) -> list[str]:
+        """Write token t's outputs (slots: `output_slots`) from the readout's values, and flag
+        NaN ones."""
+        op, g = self.op, self.grid
+        out = []
+        for j, (o, node) in enumerate(zip(op.outputs, op.readout)):
+            role = g.value_role(o)
+            out.append(self.assign(f"out{j}_p", role, readout, node))
+            if o.dtype in FLOATS:  # NaN outputs are reported; the layer then looks closer
+                v = access(f"out{j}_p", role)
+                out.append(f"{loops(role)}bad |= int({v} != {v});")
+        return out
+
+    def bind_right(self, lift: CppBody, decls: list, fields=None) -> list[str]:
+        """r_<field> = the lift's values (of `fields`, default all); a lift value narrower than
+        its field (a constant lift in lanes mode) is first broadcast into a work-item buffer."""
         out = []
         g = self.grid
         for i, (f, node) in enumerate(zip(self.op.state, self.op.lift)):
+            if fields is not None and f not in fields:
+                continue
             role = g.fields[f.name]
             src = g.role(node) if node.op not in ("const", "fill", "dim", "index") else ""
             if role == src:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import Tensor
 
 from .state import ScanState
 
@@ -193,7 +194,10 @@ def _symbol(kernels: CpuKernels, kind: str, dtype) -> str:
 def _typed(fn):
     """A kernel's ctypes function with its signature: (pointers, ints, threads) -> void."""
     fn.restype = None
-    fn.argtypes = (ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_int)
+    # no argtypes: every call passes (a ctypes array of void *, a ctypes array of int64, a Python
+    # int), which ctypes passes as two pointers and a C int without argtypes' per-call
+    # conversion checks (0.5 -> 0.2 us a call: a decode step makes one per token)
+    fn.argtypes = None
     return fn
 
 
@@ -239,6 +243,9 @@ def _call(fn, tensors: list, ints: list, threads: int):
     nums = (ctypes.c_int64 * len(ints))(*[int(i) for i in ints])
     fn(ptrs, nums, threads)
 
+
+# a bound step hands out the counts of consecutive states this many at a time (see bind_step)
+COUNT_BLOCK = 64
 
 # below this many state elements times tokens a call runs on one thread: waking a second
 # thread costs more than the work (and on a loaded machine can wait a scheduler tick);
@@ -670,62 +677,97 @@ def bind_step(layer, call, general):
     for i in range(n_f):
         if source[i] is None:
             ptrs[base + i] = scratch_in[i].data_ptr()
-    inputs_plan = [(name, in_strides[j], j) for j, name in enumerate(in_names)]
-    params_plan = [(attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params)]
-    fields_plan = [(source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None]
-    outs_plan = [(s, d, base + n_f + j) for j, (s, d) in enumerate(out_alloc)]
-    # the new state's tensors: (shape, dtype, pointer slot, position in its prefix)
-    fins_plan = [(fshape_full[i], fdtypes[i], base_fin + i, slot if keep is not None else i)
-                 for slot, i in enumerate(keep_order)]
+    inputs_plan = tuple((name, in_strides[j], j) for j, name in enumerate(in_names))
+    # what `step(..., strict=True)` checks in place of PsmLayer.step's signature lookup: the
+    # names, shapes, dtypes and device the signature was bound with (the key of that lookup)
+    shapes = tuple((name, call.inputs[name].shape, call.inputs[name].dtype, stride, j)
+                   for name, stride, j in inputs_plan)
+    strict_ok = set(in_names) == set(call.inputs) and ctx.dev.type == "cpu"
+    params_plan = tuple((attr, p, want, n_in + j) for j, (attr, p, want) in enumerate(params))
+    fields_plan = tuple((source[i], base + i, fdtypes[i], fshape_full[i]) for i in range(n_f) if source[i] is not None)
+    # fresh outputs and new-state tensors come from `torch.empty_like` of a contiguous template
+    # of the right shape and dtype (one dispatch with fewer arguments to parse than torch.empty)
+    outs_plan = tuple((torch.empty(s, dtype=d), base + n_f + j) for j, (s, d) in enumerate(out_alloc))
+    # the new state's tensors: (template, pointer slot, position in its prefix)
+    fins_plan = tuple((torch.empty(fshape_full[i], dtype=fdtypes[i]), base_fin + i, slot if keep is not None else i)
+                      for slot, i in enumerate(keep_order))
     template = [None] * width  # a dead field's slot stays None
     made = [_dead_ref] * width  # the state tensors the last token made (weak): their checks passed then
     # ptrs and nums are shared by every call of this closure and ctypes releases the GIL for the
     # kernel: two threads stepping one layer must not interleave their addresses
     lock = threading.Lock()
+    is_grad_enabled, empty_like, make, ref = torch.is_grad_enabled, torch.empty_like, ScanState.make, weakref.ref
 
-    def step(inputs, state):
-        if torch.is_grad_enabled():
-            return general(inputs, state)
+    # the new states' counts: the tokens of one stream run through a block of pre-made count
+    # tensors (views of one arange, made COUNT_BLOCK at a time) instead of a `count + 1` each;
+    # chain = [the count this lane made last, the counts after it (last first)]
+    chain = [None, []]
+
+    def step(inputs, state, strict=False):
+        """strict: the caller has not matched the inputs' signature (names, shapes, dtypes,
+        device) against this one: any mismatch, and any token this lane would hand to `general`,
+        returns None (nothing run) for the caller's full path to handle."""
+        if strict and len(inputs) != n_in:
+            return None
+        if is_grad_enabled():
+            return None if strict else general(inputs, state)
         with lock:
-            return bound(inputs, state)
-
-    def bound(inputs, state):
-        prefix = state.prefix
-        if prefix is None:
-            nums[6] = 0
-        else:
-            if len(prefix) != width:
-                return general(inputs, state)
-            for j, slot, dtype, shape in fields_plan:
-                t = prefix[j]
-                if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or not t.is_contiguous())):
-                    return general(inputs, state)
-                ptrs[slot] = t.data_ptr()
-            nums[6] = 1
-        for name, stride, j in inputs_plan:
-            x = inputs[name]
-            if x.stride() != stride:
-                return general(inputs, state)
-            ptrs[j] = x.data_ptr()
-        for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
-            if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
-                return general(inputs, state)
-            ptrs[j] = p.data_ptr()
-        if uses_index:
-            nums[5] = int(state.count)
-        outs = []
-        for shape, dtype, j in outs_plan:
-            o = torch.empty(*shape, dtype=dtype)
-            ptrs[j] = o.data_ptr()
-            outs.append(o)
-        new = template.copy()
-        for shape, dtype, j, pos in fins_plan:
-            t = torch.empty(*shape, dtype=dtype)
-            ptrs[j] = t.data_ptr()
-            new[pos] = t
-            made[pos] = weakref.ref(t)
-        fn(ptrs, nums, threads)
-        return tuple(outs), ScanState.make(tuple(new), state.count + one, state.op)
+            prefix = state.prefix
+            if prefix is None:
+                nums[6] = 0
+            else:
+                if len(prefix) != width:
+                    return None if strict else general(inputs, state)
+                for j, slot, dtype, shape in fields_plan:
+                    t = prefix[j]
+                    if t is None or (made[j]() is not t and (t.dtype != dtype or t.shape != shape or
+                                                             not t.is_contiguous())):
+                        return None if strict else general(inputs, state)
+                    ptrs[slot] = t.data_ptr()
+                nums[6] = 1
+            if strict:
+                for name, shape, dtype, stride, j in shapes:
+                    x = inputs.get(name)
+                    if type(x) is not Tensor or x.shape != shape or x.dtype != dtype or not x.is_cpu or \
+                            x.stride() != stride:
+                        return None
+                    ptrs[j] = x.data_ptr()
+            else:
+                for name, stride, j in inputs_plan:
+                    x = inputs[name]
+                    if x.stride() != stride:
+                        return general(inputs, state)
+                    ptrs[j] = x.data_ptr()
+            for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
+                if getattr(layer, attr) is not p or p.dtype != want or p.is_cuda or not p.is_contiguous():
+                    return None if strict else general(inputs, state)
+                ptrs[j] = p.data_ptr()
+            count = state.count
+            if uses_index:
+                nums[5] = int(count)
+            outs = []
+            for like, j in outs_plan:
+                o = empty_like(like)
+                ptrs[j] = o.data_ptr()
+                outs.append(o)
+            new = template.copy()
+            for like, j, pos in fins_plan:
+                t = empty_like(like)
+                ptrs[j] = t.data_ptr()
+                new[pos] = t
+                made[pos] = ref(t)
+            fn(ptrs, nums, threads)
+            if count is chain[0]:  # the stream this lane stepped last: the next pre-made count
+                if not chain[1]:
+                    n = int(count)
+                    chain[1] = list(torch.arange(n + COUNT_BLOCK, n, -1).unbind(0))
+                count = chain[1].pop()
+            else:  # another stream, or a state made elsewhere
+                count = count + one
+                chain[1] = []
+            chain[0] = count
+        return tuple(outs), make(tuple(new), count, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
+    step.strict = strict_ok  # PsmLayer.step may call it with strict=True before any lookup
     return step

@@ -332,6 +332,81 @@ def test_fused_loops_keep_dependences():
     assert scalarize([decl, body, "y = a[0];"]) == [decl, body, "y = a[0];"]  # read elsewhere: kept
 
 
+def test_a_sum_after_a_loop_over_its_axis_accumulates_in_that_loop():
+    """cpp_printer.fuse: a sum (or mean) over the axis of the fused loop just before it
+    accumulates in that loop (an OpenMP simd reduction, as its own loop was); the loop then
+    takes no later statement (they may read the sum), and scalarize still keeps the loop's
+    temporaries in registers."""
+    from psmc.codegen.cpp_printer import fuse, scalarize
+    r = "for (int64_t i = 0; i < R; ++i) "
+    total = ('scalar_t s; { scalar_t acc = 0; _Pragma("omp simd reduction(+:acc)") ' + r +
+             "acc += p[i]; s = acc / scalar_t(R); }")
+    lines = [r + "p[i] = x[i] * h[i];", total, r + "q[i] = h[i] * s;"]
+    fused = fuse(lines)
+    assert fused == ['scalar_t s_acc = 0; _Pragma("omp simd reduction(+:s_acc)") ' + r +
+                     "{ p[i] = x[i] * h[i]; s_acc += p[i]; } scalar_t s = s_acc / scalar_t(R);",
+                     r + "q[i] = h[i] * s;"]  # reads the sum: after the loop
+    decl = "PsmBuf<scalar_t> p_v(R); scalar_t *__restrict__ p = p_v.data();"
+    assert scalarize([decl] + fused)[0] == ('scalar_t s_acc = 0; _Pragma("omp simd reduction(+:s_acc)") ' + r +
+                                            "{ scalar_t p_ = x[i] * h[i]; s_acc += p_; } scalar_t s = s_acc / "
+                                            "scalar_t(R);")
+    assert fuse([total]) == [total]  # no loop before it: its own loop
+
+
+@needs_compiler
+def test_the_decode_lane_checks_each_token_and_counts_every_state(monkeypatch):
+    """PsmLayer.step first runs the C++ lane that served the last token, which checks the
+    token's signature itself (names, shapes, dtypes, CPU, strides) instead of a lookup key: a
+    token that fails a check takes the full path, which agrees with the torch backend or
+    raises the error it raises. The new states' counts (handed out from pre-made blocks) are
+    right past a block, on a branch from an older state and on two streams stepped in turn."""
+    cls = layer_class("selective_ssm")
+    dims = {"N": 4}
+    cpu, ref = cls(backend="cpu", **dims), cls(backend="torch", **dims)
+    steps = cpu_support.COUNT_BLOCK + 6
+    inputs = make_inputs(cls, dims, 2, steps + 2, (3,), tuple((False,) for _ in cls.spec.inputs), 7)
+    inputs = {n: x.float() for n, x in inputs.items()}
+    spy = KernelSpy(monkeypatch)
+    states = []
+    with torch.no_grad():
+        s, r = cpu.init_state(), ref.init_state()
+        for t in range(steps):
+            token = {n: x[:, t] for n, x in inputs.items()}
+            (y, s), (w, r) = cpu.step(s, **token), ref.step(r, **token)
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
+            assert s.size == t + 1
+            states.append(s)
+        assert spy.calls == steps and cpu._decode is not None
+        token = {n: x[:, steps] for n, x in inputs.items()}
+        (_, b), (_, a) = cpu.step(states[9], **token), cpu.step(s, **token)  # a branch, then the stream
+        assert (b.size, a.size) == (11, steps + 1)
+        for _ in range(2):  # two streams in turn
+            (_, a), (_, b) = cpu.step(a, **token), cpu.step(b, **token)
+        assert (b.size, a.size) == (13, steps + 3)
+        calls = spy.calls
+        token = {n: x[:, steps + 1] for n, x in inputs.items()}
+        others = {"another dtype": {n: x.double() for n, x in token.items()},
+                  "an input broadcast over the lanes": {**token, "u": token["u"][:, :1]},
+                  "another order": dict(reversed(list(token.items())))}
+        for what, other in others.items():
+            (y, _), (w, _) = cpu.step(s, **other), ref.step(r, **other)
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5, msg=what)
+        assert spy.calls > calls  # (the general C++ path)
+        for what, other in {"a missing input": dict(list(token.items())[1:]),
+                            "an unknown input": {**token, "bogus": token["u"]},
+                            "a number for a tensor": {**token, "u": 1.5}}.items():
+            with pytest.raises(Exception) as want:
+                ref.step(r, **other)
+            with pytest.raises(type(want.value)) as got:
+                cpu.step(s, **other)
+            assert str(got.value).replace("'cpu'", "'torch'") == str(want.value), what
+        cpu.backend = "torch"  # the lane is the C++ backend's: now the torch step serves
+        calls = spy.calls
+        y, _ = cpu.step(s, **token)
+        assert spy.calls == calls
+        torch.testing.assert_close(y, ref.step(r, **token)[0], rtol=1e-5, atol=1e-5)
+
+
 @needs_compiler
 def test_auto_keeps_the_chunkwise_form_for_long_matrix_sequences(monkeypatch):
     monkeypatch.delenv("PSMC_CPU", raising=False)

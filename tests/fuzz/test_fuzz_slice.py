@@ -153,7 +153,7 @@ def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
     config = Config(batch=2, time=5, lanes=(2,), grads=False, f32=True, seed=5,
                     cpp=fault.startswith("cpp"), triton=fault.startswith("triton"))
     if fault == "cpp-fallback":
-        monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind: False)
+        monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind, state=None: False)
         match = "without calling its C\\+\\+ kernels"
     elif fault.endswith("-step"):
         module = cpu_support if fault == "cpp-step" else triton_support
