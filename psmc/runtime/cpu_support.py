@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import math
 import os
 import platform
@@ -165,6 +167,11 @@ def _torch_threads() -> int:
 
 
 def _load_or_build(source: str, key: str):
+    return ctypes.CDLL(str(_built(source, key)))
+
+
+def _built(source: str, key: str) -> Path:
+    """The shared library of `source` (content key `key`), built unless a build is cached."""
     root = build_dir(source)
     name = f"psmc_cpu_{key}"
     so = root / f"{name}.so"
@@ -180,7 +187,33 @@ def _load_or_build(source: str, key: str):
         tmp = root / f"ok.{os.getpid()}"
         tmp.write_text(key)
         os.replace(tmp, marker)
-    return ctypes.CDLL(str(so))
+    return so
+
+
+_LANE_SOURCE = Path(__file__).with_name("cpu_lane.cpp")
+
+
+@functools.lru_cache(maxsize=None)
+def decode_lane():
+    """The `_psmc_lane` module (psmc/runtime/cpu_lane.cpp: a bound step's per-token checks,
+    allocations and kernel call in C++), built once per cache like the kernels (it includes
+    torch's headers: ~10 s). None when it cannot be built, after one warning: bind_step then
+    makes the same checks in Python (~4 µs more per token). PSMC_CPU_LANE=0 turns it off."""
+    if os.environ.get("PSMC_CPU_LANE", "1") == "0":
+        return None
+    try:
+        source = _LANE_SOURCE.read_text()
+        path = _built(source, _key(source))
+        loader = importlib.machinery.ExtensionFileLoader("_psmc_lane", str(path))
+        spec = importlib.util.spec_from_file_location("_psmc_lane", path, loader=loader)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module
+    except Exception as error:  # noqa: BLE001 - any failure means: the Python checks
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        warnings.warn(f"psmc: could not build the C++ decode lane ({first}); C++ steps check their inputs in "
+                      "Python instead (slower per token, same results)", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _function(lib, kernels: CpuKernels, kind: str, dtype):
@@ -256,6 +289,31 @@ GRAIN = 32768
 def _threads(g) -> int:
     work = g.B * max(g.T, 1) * g.L * g.R * g.C
     return 1 if work < GRAIN else max(1, min(_torch_threads(), g.items))
+
+
+def _native_step(native_step, lane, layer, params: tuple, uses_index: bool, next_count, lock, general, buffers):
+    """bind_step's closure over the C++ decode lane `lane`: `native_step` checks the token's
+    inputs, state and params against the bound signature, allocates the outputs and the new
+    state and runs the kernel, or returns None having run nothing (then the general step, or
+    None under strict: see bind_step)."""
+    is_grad_enabled, make = torch.is_grad_enabled, ScanState.make
+
+    def step(inputs, state, strict=False):
+        if is_grad_enabled():
+            return None if strict else general(inputs, state)
+        count = state.count
+        done = native_step(lane, inputs, state.prefix, tuple(getattr(layer, a) for a in params) if params else (),
+                           int(count) if uses_index else 0)
+        if done is None:
+            return None if strict else general(inputs, state)
+        with lock:
+            count = next_count(count)
+        return done[0], make(done[1], count, state.op)
+
+    step.buffers = buffers  # the lane holds their addresses: keep them alive
+    step.strict = True
+    step.checks = "C++"  # (which code checks a token: tests and benchmarks report it)
+    return step
 
 
 # ---------------------------------------------------------------------- choosing
@@ -703,6 +761,31 @@ def bind_step(layer, call, general):
     # chain = [the count this lane made last, the counts after it (last first)]
     chain = [None, []]
 
+    def next_count(count):  # (under the lock)
+        if count is chain[0]:  # the stream this lane stepped last: the next pre-made count
+            if not chain[1]:
+                n = int(count)
+                chain[1] = list(torch.arange(n + COUNT_BLOCK, n, -1).unbind(0))
+            count = chain[1].pop()
+        else:  # another stream, or a state made elsewhere
+            count = count + one
+            chain[1] = []
+        chain[0] = count
+        return count
+
+    native = decode_lane() if strict_ok else None
+    if native is not None:  # the same checks and call, per token in C++ (cpu_lane.cpp)
+        spec_of = native.make(
+            ctypes.cast(getattr(lib, _symbol(k, "forward", compute)), ctypes.c_void_p).value, threads, [p or 0 for p in ptrs], ints,
+            [(name, j, call.inputs[name].dtype, tuple(call.inputs[name].shape), stride)
+             for name, stride, j in inputs_plan],
+            [(j, slot, dtype, shape) for j, slot, dtype, shape in fields_plan],
+            [(i, slot, want, tuple(p.shape)) for i, (_, p, want, slot) in enumerate(params_plan)],
+            [(slot, like.dtype, tuple(like.shape)) for like, slot in outs_plan],
+            [(slot, pos, like.dtype, tuple(like.shape)) for like, slot, pos in fins_plan], width)
+        return _native_step(native.step, spec_of, layer, tuple(attr for attr, *_ in params_plan), uses_index,
+                            next_count, lock, general, (scratch_in, scratch_out, nan, empty))
+
     def step(inputs, state, strict=False):
         """strict: the caller has not matched the inputs' signature (names, shapes, dtypes,
         device) against this one: any mismatch, and any token this lane would hand to `general`,
@@ -735,7 +818,7 @@ def bind_step(layer, call, general):
             else:
                 for name, stride, j in inputs_plan:
                     x = inputs[name]
-                    if x.stride() != stride:
+                    if type(x) is not Tensor or x.stride() != stride:  # (a subclass: its own torch functions)
                         return general(inputs, state)
                     ptrs[j] = x.data_ptr()
             for attr, p, want, j in params_plan:  # (.double() or .to() after binding changes a param in place)
@@ -757,17 +840,10 @@ def bind_step(layer, call, general):
                 new[pos] = t
                 made[pos] = ref(t)
             fn(ptrs, nums, threads)
-            if count is chain[0]:  # the stream this lane stepped last: the next pre-made count
-                if not chain[1]:
-                    n = int(count)
-                    chain[1] = list(torch.arange(n + COUNT_BLOCK, n, -1).unbind(0))
-                count = chain[1].pop()
-            else:  # another stream, or a state made elsewhere
-                count = count + one
-                chain[1] = []
-            chain[0] = count
+            count = next_count(count)
         return tuple(outs), make(tuple(new), count, state.op)
 
     step.buffers = (scratch_in, scratch_out, nan, empty)  # ptrs holds their addresses: keep them alive
     step.strict = strict_ok  # PsmLayer.step may call it with strict=True before any lookup
+    step.checks = "Python"
     return step

@@ -211,12 +211,13 @@ def test_auto_uses_cpu_on_cpu_tensors(monkeypatch):
 
 
 class KernelSpy:
-    """Counts the kernel calls of the general path and of the bound step alike (both call the
-    function `_function` returns)."""
+    """Counts the kernel calls of the general path and of the bound step alike: the calls of
+    the function `_function` returns, and the tokens the C++ decode lane ran (its `step` ran
+    the kernel when it returned a result)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = cpu_support._function
+        original, lane = cpu_support._function, cpu_support.decode_lane
 
         def counted(*args):
             fn = original(*args)
@@ -225,7 +226,31 @@ class KernelSpy:
                 self.calls += 1
                 return fn(*a)
             return call
+
+        class CountedLane:
+            def __init__(self, module):
+                self.make = module.make
+                self._step = module.step
+
+            def step(this, *args):
+                done = this._step(*args)
+                self.calls += done is not None
+                return done
+
+        module = lane()
         monkeypatch.setattr(cpu_support, "_function", counted)
+        monkeypatch.setattr(cpu_support, "decode_lane", lambda: None if module is None else CountedLane(module))
+
+
+@pytest.fixture(params=["C++", "Python"])
+def checks(request, monkeypatch):
+    """Which code checks a bound step's tokens: the C++ decode lane (cpu_lane.cpp) or, where
+    it cannot be built, bind_step's Python closure; both must behave alike."""
+    if request.param == "Python":
+        monkeypatch.setattr(cpu_support, "decode_lane", lambda: None)
+    elif cpu_support.decode_lane() is None:
+        pytest.fail("the C++ decode lane did not build on a machine with a compiler")
+    return request.param
 
 
 def _lane(layer):
@@ -235,7 +260,7 @@ def _lane(layer):
 
 
 @needs_compiler
-def test_auto_steps_with_the_kernels_where_they_win(monkeypatch):
+def test_auto_steps_with_the_kernels_where_they_win(checks, monkeypatch):
     """backend='auto' decodes float32 tokens with the C++ step bound to the signature (faster
     than the torch step for 13 of the 14 covered examples, docs/cpu.md), but a first-order
     recurrence of one number per lane with torch (one fused multiply-add there), and float64
@@ -264,7 +289,7 @@ def test_auto_steps_with_the_kernels_where_they_win(monkeypatch):
                 (y, s), (w, r) = layer.step(s, **tok), ref.step(r, **tok)
                 torch.testing.assert_close(y, w)
         assert spy.calls == kernel_calls, dtype
-        assert _lane(layer).__qualname__.startswith("bind_step") == (dtype == torch.float32)
+        assert getattr(_lane(layer), "checks", None) == (checks if dtype == torch.float32 else None)
 
 
 BOUND = [("gla", {"K": 8, "V": 8}, (3,)), ("running_argmax", {}, (5,)), ("selective_ssm", {"N": 4}, (6,)),
@@ -273,7 +298,8 @@ BOUND = [("gla", {"K": 8, "V": 8}, (3,)), ("running_argmax", {}, (5,)), ("select
 
 @needs_compiler
 @pytest.mark.parametrize("name, dims, lanes", BOUND, ids=[b[0] for b in BOUND])
-def test_the_bound_step_agrees_with_torch_and_hands_other_tokens_to_the_general_step(name, dims, lanes, monkeypatch):
+def test_the_bound_step_agrees_with_torch_and_hands_other_tokens_to_the_general_step(name, dims, lanes, checks,
+                                                                                     monkeypatch):
     """The C++ step bound to a signature (one ctypes call per token, the state read where it
     lies): float32 streams equal the torch backend's token by token (a dead field, an exclusive
     readout, the token index); a token laid out differently (other strides) and a token in grad
@@ -286,7 +312,7 @@ def test_the_bound_step_agrees_with_torch_and_hands_other_tokens_to_the_general_
     with torch.no_grad():
         got, s_cpu = stream(cpu, inputs, cpu.init_state(), 0, 5)  # tokens x[:, t]: strided views
         want, s_ref = stream(ref, inputs, ref.init_state(), 0, 5)
-    assert spy.calls == 5 and _lane(cpu).__qualname__.startswith("bind_step")
+    assert spy.calls == 5 and _lane(cpu).checks == checks
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     for g, w in zip(s_cpu.tensors(), s_ref.tensors()):
@@ -354,7 +380,7 @@ def test_a_sum_after_a_loop_over_its_axis_accumulates_in_that_loop():
 
 
 @needs_compiler
-def test_the_decode_lane_checks_each_token_and_counts_every_state(monkeypatch):
+def test_the_decode_lane_checks_each_token_and_counts_every_state(checks, monkeypatch):
     """PsmLayer.step first runs the C++ lane that served the last token, which checks the
     token's signature itself (names, shapes, dtypes, CPU, strides) instead of a lookup key: a
     token that fails a check takes the full path, which agrees with the torch backend or
@@ -578,7 +604,7 @@ def test_f64_declared_values_compute_in_float64(what, tmp_path):
 
 
 @needs_compiler
-def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch):
+def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, checks, monkeypatch):
     """A param is read where it lies (its address per token: an in-place update is seen); a
     param whose data is swapped for float64 after binding (`p.data = ...`: no `_apply`, so the
     step cache survives) sends the token to the general step, never a float32 read of float64
@@ -599,7 +625,7 @@ def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch)
                 ref.p_w.mul_(0.5)
             (y, s), (w, r) = cpu.step(s, **tok), ref.step(r, **tok)
             torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
-        assert general.forward == 1 and _lane(cpu).__qualname__.startswith("bind_step")
+        assert general.forward == 1 and _lane(cpu).checks == checks
         cpu.p_w.data = cpu.p_w.data.double()
         ref.p_w.data = ref.p_w.data.double()
         (y, s), (w, r) = cpu.step(s, **tokens[0]), ref.step(r, **tokens[0])
@@ -608,7 +634,7 @@ def test_the_bound_step_reads_params_and_sees_them_change(tmp_path, monkeypatch)
 
 
 @needs_compiler
-def test_threads_stepping_one_bound_step_keep_their_own_streams():
+def test_threads_stepping_one_bound_step_keep_their_own_streams(checks):
     """The bound step writes each token's addresses into arrays its closure owns, and ctypes
     releases the GIL for the kernel: threads that step one layer (one signature) at once must
     each get their own stream's outputs, exactly as when they run one after another."""
@@ -642,7 +668,49 @@ def test_threads_stepping_one_bound_step_keep_their_own_streams():
                 t.join()
         finally:
             sys.setswitchinterval(interval)
-    assert _lane(layer).__qualname__.startswith("bind_step")
+    assert _lane(layer).checks == checks
     for want, got in zip(alone, together):
         for w, g in zip(want, got):
             assert torch.equal(w, g)
+
+
+@needs_compiler
+def test_the_decode_lane_reads_only_states_and_inputs_laid_out_as_bound(checks, monkeypatch):
+    """A bound step runs its kernel only on tensors exactly as it was bound to: a state whose
+    tensors are transposed views (same values, other strides), a state of another dtype or
+    batch, and an input of a tensor subclass go to the general step, which agrees with the
+    torch backend; the lane itself never reads them."""
+    from psmc.runtime.state import ScanState
+
+    class Tagged(torch.Tensor):  # a subclass: its data may not be where a plain tensor's is
+        pass
+
+    cls = layer_class("gla")
+    dims = {"K": 4, "V": 4}
+    cpu, ref = cls(backend="cpu", **dims), cls(backend="torch", **dims)
+    torch.manual_seed(3)
+    token = dict(k=torch.randn(2, 3, 4), v=torch.randn(2, 3, 4), gk=-torch.rand(2, 3, 4), q=torch.randn(2, 3, 4))
+    spy, general = KernelSpy(monkeypatch), Spy(monkeypatch)
+    with torch.no_grad():
+        _, s = cpu.step(cpu.init_state(), **token)
+        _, s = cpu.step(s, **token)
+        assert _lane(cpu).checks == checks and spy.calls == 2 and general.forward == 1
+        (S,) = s.tensors()
+        want, _ = ref.step(ScanState.from_tensors((S,), count=2), **token)
+        transposed = ScanState.from_tensors((S.transpose(-1, -2).contiguous().transpose(-1, -2),), count=2)
+        y, _ = cpu.step(transposed, **token)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        assert general.forward == 2
+        y, _ = cpu.step(s, **{**token, "q": token["q"].as_subclass(Tagged)})
+        torch.testing.assert_close(y.as_subclass(torch.Tensor), want, rtol=1e-5, atol=1e-5)
+        assert general.forward == 3
+        # another dtype (the general step casts it) and a batch of one (broadcast over the batch)
+        for other in (ScanState.from_tensors((S.double(),), count=2), ScanState.from_tensors((S[:1],), count=2)):
+            y, _ = cpu.step(other, **token)
+            w, _ = ref.step(ScanState.from_tensors((other.prefix[0].float(),), count=2), **token)
+            torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-5)
+        assert general.forward == 5
+        calls = spy.calls
+        y, _ = cpu.step(s, **token)  # the lane still serves its own signature
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+        assert spy.calls == calls + 1 and general.forward == 5

@@ -1,0 +1,291 @@
+// The decode lane of the C++ CPU backend: one token of a bound step (cpu_support.bind_step),
+// checked and run from C++.
+//
+// A bound step knows, from the signature it was bound to, every input's shape, strides and
+// dtype, the state fields' shapes and the kernel's integer arguments. What a token still has to
+// do is check that its tensors match, collect their addresses, allocate the outputs and the new
+// state, and call the kernel. From Python that is ~30 attribute reads and two allocations
+// (~4 µs, as long as the kernel itself); here it is a few loads per tensor.
+//
+// The module is built once per psmc cache (psmc.runtime.cpu_support.decode_lane, with the same
+// content-hashed build as the generated kernels) and imported as `_psmc_lane`. Without it (no
+// compiler, a failed build) bind_step runs the same checks in Python.
+//
+//   make(kernel, threads, pointers, ints, inputs, fields, params, outputs, finals, width) -> lane
+//   step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None
+//
+// `step` returns None, having run nothing, when anything differs from what the lane was bound
+// to; the caller then takes its general path, which handles (or reports) the difference.
+#include <Python.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <ATen/EmptyTensor.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using Kernel = void (*)(void **, const int64_t *, int);
+
+// A tensor the token passes in: where to find it, where its address goes, what it must be.
+struct Expected {
+  PyObject *name = nullptr;  // inputs: its key in the inputs dict (a new reference)
+  Py_ssize_t position = 0;   // fields, params: its position in the prefix / params tuple
+  Py_ssize_t slot = 0;       // its index in the kernel's pointer array
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> sizes, strides;  // strides empty: contiguous
+};
+
+// A tensor the kernel writes: a fresh one per token.
+struct Made {
+  Py_ssize_t slot = 0, position = 0;  // pointer slot; position in the new prefix (finals)
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> sizes;
+};
+
+struct Lane {
+  Kernel kernel = nullptr;
+  int threads = 1;
+  std::vector<void *> pointers;  // the scratch addresses; a token fills the rest
+  std::vector<int64_t> ints;     // ints[5]: the token's index, ints[6]: whether a state is given
+  std::vector<Expected> inputs, fields, params;
+  std::vector<Made> outputs, finals;
+  Py_ssize_t width = 0;  // the new prefix's length (dead fields: None)
+
+  ~Lane() {
+    for (auto &e : inputs) Py_XDECREF(e.name);
+  }
+};
+
+constexpr const char *kCapsule = "psmc.decode_lane";
+
+// ------------------------------------------------------------------ reading make()'s spec
+bool read_ints(PyObject *seq, std::vector<int64_t> &out) {
+  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence of ints");
+  if (fast == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  out.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    if (out[i] == -1 && PyErr_Occurred()) { Py_DECREF(fast); return false; }
+  }
+  Py_DECREF(fast);
+  return true;
+}
+
+bool read_dtype(PyObject *obj, at::ScalarType &out) {
+  if (!THPDtype_Check(obj)) {
+    PyErr_SetString(PyExc_TypeError, "psmc lane: expected a torch.dtype");
+    return false;
+  }
+  out = reinterpret_cast<THPDtype *>(obj)->scalar_type;
+  return true;
+}
+
+// inputs: (name, slot, dtype, sizes, strides); fields: (position, slot, dtype, sizes);
+// params: (position, slot, dtype, sizes)
+bool read_expected(PyObject *seq, std::vector<Expected> &out, bool named) {
+  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence of tensor specs");
+  if (fast == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  out.resize(n);
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) {
+    PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+    Expected &e = out[i];
+    PyObject *key = nullptr, *slot = nullptr, *dtype = nullptr, *sizes = nullptr, *strides = nullptr;
+    if (named) {
+      ok = PyArg_ParseTuple(item, "UOOOO", &key, &slot, &dtype, &sizes, &strides);
+    } else {
+      ok = PyArg_ParseTuple(item, "OOOO", &key, &slot, &dtype, &sizes);
+    }
+    if (!ok) break;
+    if (named) {
+      Py_INCREF(key);
+      e.name = key;
+    } else {
+      e.position = PyLong_AsSsize_t(key);
+    }
+    e.slot = PyLong_AsSsize_t(slot);
+    ok = !PyErr_Occurred() && read_dtype(dtype, e.dtype) && read_ints(sizes, e.sizes) &&
+         (strides == nullptr || read_ints(strides, e.strides));
+  }
+  Py_DECREF(fast);
+  return ok;
+}
+
+// outputs: (slot, dtype, sizes); finals: (slot, position, dtype, sizes)
+bool read_made(PyObject *seq, std::vector<Made> &out, bool positioned) {
+  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence of output specs");
+  if (fast == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  out.resize(n);
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) {
+    PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+    PyObject *dtype = nullptr, *sizes = nullptr;
+    Made &m = out[i];
+    ok = positioned ? PyArg_ParseTuple(item, "nnOO", &m.slot, &m.position, &dtype, &sizes)
+                    : PyArg_ParseTuple(item, "nOO", &m.slot, &dtype, &sizes);
+    ok = ok && read_dtype(dtype, m.dtype) && read_ints(sizes, m.sizes);
+  }
+  Py_DECREF(fast);
+  return ok;
+}
+
+void drop_lane(PyObject *capsule) {
+  delete static_cast<Lane *>(PyCapsule_GetPointer(capsule, kCapsule));
+}
+
+PyObject *make(PyObject *, PyObject *args) {
+  PyObject *kernel, *pointers, *ints, *inputs, *fields, *params, *outputs, *finals;
+  int threads;
+  Py_ssize_t width;
+  if (!PyArg_ParseTuple(args, "OiOOOOOOOn", &kernel, &threads, &pointers, &ints, &inputs, &fields, &params,
+                        &outputs, &finals, &width))
+    return nullptr;
+  auto lane = new Lane();
+  lane->kernel = reinterpret_cast<Kernel>(PyLong_AsVoidPtr(kernel));
+  lane->threads = threads;
+  lane->width = width;
+  std::vector<int64_t> addresses;
+  bool ok = !PyErr_Occurred() && read_ints(pointers, addresses) && read_ints(ints, lane->ints) &&
+            read_expected(inputs, lane->inputs, true) && read_expected(fields, lane->fields, false) &&
+            read_expected(params, lane->params, false) && read_made(outputs, lane->outputs, false) &&
+            read_made(finals, lane->finals, true);
+  if (ok && (lane->kernel == nullptr || lane->ints.size() < 7)) {
+    PyErr_SetString(PyExc_ValueError, "psmc lane: no kernel address, or fewer than 7 ints");
+    ok = false;
+  }
+  const auto n = static_cast<Py_ssize_t>(addresses.size());
+  auto in_range = [n](Py_ssize_t slot) { return slot >= 0 && slot < n; };
+  for (auto *group : {&lane->inputs, &lane->fields, &lane->params})
+    for (const auto &e : *group) ok = ok && in_range(e.slot);
+  for (auto *group : {&lane->outputs, &lane->finals})
+    for (const auto &m : *group) ok = ok && in_range(m.slot);
+  for (const auto &e : lane->fields) ok = ok && e.position >= 0 && e.position < width;
+  for (const auto &e : lane->params)
+    ok = ok && e.position >= 0 && e.position < static_cast<Py_ssize_t>(lane->params.size());
+  for (const auto &m : lane->finals) ok = ok && m.position >= 0 && m.position < width;
+  if (!ok) {
+    if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "psmc lane: a pointer slot or position out of range");
+    delete lane;
+    return nullptr;
+  }
+  lane->pointers.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) lane->pointers[i] = reinterpret_cast<void *>(addresses[i]);
+  PyObject *capsule = PyCapsule_New(lane, kCapsule, drop_lane);
+  if (capsule == nullptr) delete lane;
+  return capsule;
+}
+
+// ------------------------------------------------------------------ one token
+// Whether `obj` is a dense CPU tensor of exactly the expected dtype, sizes and strides (or
+// contiguous, when no strides are expected). `exact`: a torch.Tensor itself, no subclass.
+bool matches(PyObject *obj, const Expected &e, bool exact, void *&address) {
+  if (exact ? !THPVariable_CheckExact(obj) : !THPVariable_Check(obj)) return false;
+  const at::Tensor &t = THPVariable_Unpack(obj);
+  if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != e.dtype ||
+      t.is_conj() || t.is_neg() || t.sizes() != at::IntArrayRef(e.sizes))
+    return false;
+  if (e.strides.empty() ? !t.is_contiguous() : t.strides() != at::IntArrayRef(e.strides)) return false;
+  address = t.data_ptr();
+  return true;
+}
+
+PyObject *wrap_new(const Made &m, std::vector<void *> &pointers) {
+  at::Tensor t = at::detail::empty_cpu(m.sizes, m.dtype, false, std::nullopt);
+  pointers[m.slot] = t.data_ptr();
+  return THPVariable_Wrap(std::move(t));
+}
+
+// step(lane, inputs: dict, prefix: tuple | None, params: tuple, index: int)
+PyObject *step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "psmc lane: step takes (lane, inputs, prefix, params, index)");
+    return nullptr;
+  }
+  auto *lane = static_cast<Lane *>(PyCapsule_GetPointer(args[0], kCapsule));
+  if (lane == nullptr) return nullptr;
+  PyObject *inputs = args[1], *prefix = args[2], *params = args[3];
+  std::vector<void *> pointers = lane->pointers;
+  std::vector<int64_t> ints = lane->ints;
+  ints[5] = PyLong_AsLongLong(args[4]);
+  if (ints[5] == -1 && PyErr_Occurred()) return nullptr;
+
+  // the inputs: exactly the bound names, each as bound
+  if (!PyDict_Check(inputs) || PyDict_GET_SIZE(inputs) != static_cast<Py_ssize_t>(lane->inputs.size()))
+    Py_RETURN_NONE;
+  for (const auto &e : lane->inputs) {
+    PyObject *x = PyDict_GetItemWithError(inputs, e.name);  // borrowed
+    if (x == nullptr) {
+      if (PyErr_Occurred()) return nullptr;
+      Py_RETURN_NONE;
+    }
+    if (!matches(x, e, true, pointers[e.slot])) Py_RETURN_NONE;
+  }
+  // the state: None (a stream's first token) or the prefix this op's states hold
+  ints[6] = prefix != Py_None;
+  if (prefix != Py_None) {
+    if (!PyTuple_Check(prefix) || PyTuple_GET_SIZE(prefix) != lane->width) Py_RETURN_NONE;
+    for (const auto &e : lane->fields) {
+      if (!matches(PyTuple_GET_ITEM(prefix, e.position), e, false, pointers[e.slot])) Py_RETURN_NONE;
+    }
+  }
+  if (!PyTuple_Check(params) || PyTuple_GET_SIZE(params) != static_cast<Py_ssize_t>(lane->params.size()))
+    Py_RETURN_NONE;
+  for (const auto &e : lane->params)
+    if (!matches(PyTuple_GET_ITEM(params, e.position), e, false, pointers[e.slot])) Py_RETURN_NONE;
+
+  // fresh outputs and new state, then the kernel (without the GIL: the lane is read-only and the
+  // pointer array is this call's own)
+  PyObject *outs = PyTuple_New(static_cast<Py_ssize_t>(lane->outputs.size()));
+  PyObject *fins = PyTuple_New(lane->width);
+  if (outs == nullptr || fins == nullptr) {
+    Py_XDECREF(outs);
+    Py_XDECREF(fins);
+    return nullptr;
+  }
+  try {
+    for (size_t i = 0; i < lane->outputs.size(); ++i)
+      PyTuple_SET_ITEM(outs, i, wrap_new(lane->outputs[i], pointers));
+    for (Py_ssize_t i = 0; i < lane->width; ++i) {
+      Py_INCREF(Py_None);
+      PyTuple_SET_ITEM(fins, i, Py_None);
+    }
+    for (const auto &m : lane->finals) {
+      PyObject *t = wrap_new(m, pointers);
+      PyObject *old = PyTuple_GET_ITEM(fins, m.position);
+      PyTuple_SET_ITEM(fins, m.position, t);
+      Py_DECREF(old);
+    }
+  } catch (const std::exception &error) {
+    Py_DECREF(outs);
+    Py_DECREF(fins);
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+  Kernel kernel = lane->kernel;
+  const int threads = lane->threads;
+  Py_BEGIN_ALLOW_THREADS
+  kernel(pointers.data(), ints.data(), threads);
+  Py_END_ALLOW_THREADS
+  PyObject *result = PyTuple_Pack(2, outs, fins);
+  Py_DECREF(outs);
+  Py_DECREF(fins);
+  return result;
+}
+
+PyMethodDef methods[] = {
+    {"make", make, METH_VARARGS, "make(kernel, threads, pointers, ints, inputs, fields, params, outputs, finals, width)"},
+    {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step)), METH_FASTCALL,
+     "step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_psmc_lane", "psmc's C++ decode lane", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__psmc_lane() { return PyModule_Create(&module); }
