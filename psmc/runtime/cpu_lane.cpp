@@ -61,17 +61,23 @@ struct Lane {
 constexpr const char *kCapsule = "psmc.decode_lane";
 
 // ------------------------------------------------------------------ reading make()'s spec
-bool read_ints(PyObject *seq, std::vector<int64_t> &out) {
-  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence of ints");
+// read(item, i) for each item of the sequence `seq`; false (a Python error set) on a failure.
+template <typename Read>
+bool read_each(PyObject *seq, Read read) {
+  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence");
   if (fast == nullptr) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  out.resize(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
-    if (out[i] == -1 && PyErr_Occurred()) { Py_DECREF(fast); return false; }
-  }
+  bool ok = true;
+  for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(fast); ++i) ok = read(PySequence_Fast_GET_ITEM(fast, i), i);
   Py_DECREF(fast);
-  return true;
+  return ok && PyErr_Occurred() == nullptr;
+}
+
+bool read_ints(PyObject *seq, std::vector<int64_t> &out) {
+  out.clear();
+  return read_each(seq, [&out](PyObject *item, Py_ssize_t) {
+    out.push_back(PyLong_AsLongLong(item));
+    return !(out.back() == -1 && PyErr_Occurred());
+  });
 }
 
 bool read_dtype(PyObject *obj, at::ScalarType &out) {
@@ -83,55 +89,33 @@ bool read_dtype(PyObject *obj, at::ScalarType &out) {
   return true;
 }
 
-// inputs: (name, slot, dtype, sizes, strides); fields: (position, slot, dtype, sizes);
-// params: (position, slot, dtype, sizes)
+// inputs: (name, slot, dtype, sizes, strides); fields and params: (position, slot, dtype, sizes)
 bool read_expected(PyObject *seq, std::vector<Expected> &out, bool named) {
-  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence of tensor specs");
-  if (fast == nullptr) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  out.resize(n);
-  bool ok = true;
-  for (Py_ssize_t i = 0; i < n && ok; ++i) {
-    PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
-    Expected &e = out[i];
-    PyObject *key = nullptr, *slot = nullptr, *dtype = nullptr, *sizes = nullptr, *strides = nullptr;
-    if (named) {
-      ok = PyArg_ParseTuple(item, "UOOOO", &key, &slot, &dtype, &sizes, &strides);
-    } else {
-      ok = PyArg_ParseTuple(item, "OOOO", &key, &slot, &dtype, &sizes);
-    }
-    if (!ok) break;
+  out.clear();
+  return read_each(seq, [&out, named](PyObject *item, Py_ssize_t) {
+    Expected &e = out.emplace_back();
+    PyObject *key = nullptr, *dtype = nullptr, *sizes = nullptr, *strides = nullptr;
+    const bool ok = named ? PyArg_ParseTuple(item, "UnOOO", &key, &e.slot, &dtype, &sizes, &strides)
+                          : PyArg_ParseTuple(item, "nnOO", &e.position, &e.slot, &dtype, &sizes);
+    if (!ok) return false;
     if (named) {
       Py_INCREF(key);
       e.name = key;
-    } else {
-      e.position = PyLong_AsSsize_t(key);
     }
-    e.slot = PyLong_AsSsize_t(slot);
-    ok = !PyErr_Occurred() && read_dtype(dtype, e.dtype) && read_ints(sizes, e.sizes) &&
-         (strides == nullptr || read_ints(strides, e.strides));
-  }
-  Py_DECREF(fast);
-  return ok;
+    return read_dtype(dtype, e.dtype) && read_ints(sizes, e.sizes) && (strides == nullptr || read_ints(strides, e.strides));
+  });
 }
 
 // outputs: (slot, dtype, sizes); finals: (slot, position, dtype, sizes)
 bool read_made(PyObject *seq, std::vector<Made> &out, bool positioned) {
-  PyObject *fast = PySequence_Fast(seq, "psmc lane: expected a sequence of output specs");
-  if (fast == nullptr) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-  out.resize(n);
-  bool ok = true;
-  for (Py_ssize_t i = 0; i < n && ok; ++i) {
-    PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+  out.clear();
+  return read_each(seq, [&out, positioned](PyObject *item, Py_ssize_t) {
+    Made &m = out.emplace_back();
     PyObject *dtype = nullptr, *sizes = nullptr;
-    Made &m = out[i];
-    ok = positioned ? PyArg_ParseTuple(item, "nnOO", &m.slot, &m.position, &dtype, &sizes)
-                    : PyArg_ParseTuple(item, "nOO", &m.slot, &dtype, &sizes);
-    ok = ok && read_dtype(dtype, m.dtype) && read_ints(sizes, m.sizes);
-  }
-  Py_DECREF(fast);
-  return ok;
+    const bool ok = positioned ? PyArg_ParseTuple(item, "nnOO", &m.slot, &m.position, &dtype, &sizes)
+                               : PyArg_ParseTuple(item, "nOO", &m.slot, &dtype, &sizes);
+    return ok && read_dtype(dtype, m.dtype) && read_ints(sizes, m.sizes);
+  });
 }
 
 void drop_lane(PyObject *capsule) {
