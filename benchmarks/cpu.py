@@ -138,6 +138,38 @@ def _ssm_step_rows(settings: Settings, cls):
     return rows
 
 
+def _delta_step_rows(settings: Settings, cls):
+    B, H, K, V = GLA_STEP
+    scale = K ** -0.5
+    gen = torch.Generator().manual_seed(0)
+    tokens = [dict(q=torch.randn(B, H, K, generator=gen), k=F.normalize(torch.randn(B, H, K, generator=gen), dim=-1),
+                   v=torch.randn(B, H, V, generator=gen), beta=torch.rand(B, H, generator=gen),
+                   g=F.logsigmoid(torch.randn(B, H, generator=gen))) for _ in range(STEPS)]
+    rows = []
+    measure = "gated delta step (ms/token)"
+
+    def eager(S, t):  # hand-written: S = exp(g) (S - beta k k^T S) + beta k v^T; o = q S / sqrt(K)
+        gate = t["g"].exp()[..., None]
+        read = (t["k"].unsqueeze(-2) @ S).squeeze(-2)
+        S.mul_(gate.unsqueeze(-1)).addcmul_(t["k"].unsqueeze(-1), (t["beta"][..., None] * (t["v"] - gate * read)).unsqueeze(-2))
+        return (t["q"].unsqueeze(-2) @ S).squeeze(-2) * scale, S
+
+    with torch.no_grad():
+        rows.append(_per_token(timed_row(settings, "cpu", measure, "eager torch step", "hand-written, in-place S",
+                                         _window(lambda s, t: eager(s, t), torch.zeros(B, H, K, V), tokens))))
+        for backend in ("auto", "torch"):
+            if cls is None:
+                continue
+            layer = cls(backend=backend, K=K, V=V)
+            _, state = layer(**{n: x.unsqueeze(1) for n, x in tokens[0].items()}, return_state=True)
+            call = _window(lambda s, t, layer=layer: layer.step(s, **t), state, tokens)
+            path = "the fused C++ token" if backend == "auto" else "delta_rule_step's torch ops"
+            rows.append(_per_token(timed_row(settings, "cpu", measure, f"psmc {backend}",
+                                             f"api: gated_delta_rule(backend={backend!r}).step: {path}", call,
+                                             is_psmc=True)))
+    return rows
+
+
 def _per_token(row):
     if row.timing is None:
         return row
@@ -172,8 +204,9 @@ def run(settings: Settings) -> CaseResult:
     rec = peers.example_op("linear_recurrence")
     gla = peers.example_op("gla")
     ssm = peers.example_op("selective_ssm")
+    gdr = peers.example_op("gated_delta_rule")
     rows = _recurrence_rows(settings, rec.cls) + _gla_step_rows(settings, gla.cls) + \
-        _ssm_step_rows(settings, ssm.cls) + _gla_forward_rows(settings, gla.cls)
+        _ssm_step_rows(settings, ssm.cls) + _delta_step_rows(settings, gdr.cls) + _gla_forward_rows(settings, gla.cls)
     rows = tuple(rows)
     limit = _median(rows, "recurrence fwd", LIMIT)
     ours = _median(rows, "recurrence fwd", "psmc cpu")
@@ -192,7 +225,7 @@ def run(settings: Settings) -> CaseResult:
              "so it allocates nothing; the psmc rows return a new tensor.",
              f"Step rows time {STEPS} consecutive steps and divide by {STEPS}.",
              "Peers get [B, D, T] inputs (their layout), psmc [B, T, D]; psmc computes exp(log_a) inside the call.")
-    for op in (rec, gla, ssm):
+    for op in (rec, gla, ssm, gdr):
         if op.cls is None:
             notes += (f"psmc op skipped: {op.reason}",)
     return CaseResult("cpu", "Fused C++ CPU backend (issue 15)", rows, tuple(verdicts), notes)

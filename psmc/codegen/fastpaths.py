@@ -473,7 +473,8 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
                 "        count = (0 if state is None else state.count) + lead[1]",
             ]
         else:
-            lines += [f"        out, s_last = _delta.delta_rule_step(s0, q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)})",
+            lines += [f"        out, s_last = _delta.delta_rule_step(s0, q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
+                      "native=_delta.native_for(self.backend))",
                       "        count = state.count + 1"]
         lines += [
             f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",

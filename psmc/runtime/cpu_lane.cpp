@@ -13,14 +13,22 @@
 //
 //   make(kernel, threads, pointers, ints, inputs, fields, params, outputs, finals, width) -> lane
 //   step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None
+//   delta_step(S, q, k, v, beta, log_gate, scale) -> (o, new S), or None
 //
 // `step` returns None, having run nothing, when anything differs from what the lane was bound
 // to; the caller then takes its general path, which handles (or reports) the difference.
+// `delta_step` is the delta rule's token (the identity-plus-low-rank class, whose combine the
+// generated kernels do not cover: psmc.runtime.delta.delta_rule_step calls it), None likewise
+// for tensors it does not cover.
 #include <Python.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -261,10 +269,128 @@ PyObject *step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
   return result;
 }
 
+// ------------------------------------------------------------------ the delta rule's token
+// One token of the (gated) delta rule, O(K V) per row, the K x K transition never formed:
+//   read = k^T S;  u = beta (v - gate read);  S' = gate S + k u^T;  o = scale q^T S'
+// (psmc.runtime.delta.delta_rule_step's torch code, fused: ~8 torch ops per token there).
+template <typename T>
+void delta_rows(const T *S, const T *q, const T *k, const T *v, const T *beta, const T *log_gate, T scale, T *o,
+                T *S_new, int64_t rows, int64_t K, int64_t V) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * V));  // (cpu_support.GRAIN)
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> read(V), u(V);
+    for (int64_t r = begin; r < end; ++r) {
+      const T *s = S == nullptr ? nullptr : S + r * K * V;
+      const T *kr = k + r * K, *qr = q + r * K, *vr = v + r * V;
+      T *sn = S_new + r * K * V, *orow = o + r * V;
+      const T gate = log_gate == nullptr ? T(1) : std::exp(log_gate[r]);
+      std::fill(read.begin(), read.end(), T(0));
+      if (s != nullptr)
+        for (int64_t i = 0; i < K; ++i) {
+          const T ki = kr[i];
+          for (int64_t j = 0; j < V; ++j) read[j] += ki * s[i * V + j];
+        }
+      for (int64_t j = 0; j < V; ++j) {
+        u[j] = beta[r] * (vr[j] - gate * read[j]);
+        orow[j] = T(0);
+      }
+      for (int64_t i = 0; i < K; ++i) {
+        const T ki = kr[i], qi = qr[i];
+        T *row = sn + i * V;
+        if (s != nullptr) {
+          const T *old = s + i * V;
+          for (int64_t j = 0; j < V; ++j) row[j] = gate * old[j] + ki * u[j];
+        } else {
+          for (int64_t j = 0; j < V; ++j) row[j] = ki * u[j];
+        }
+        for (int64_t j = 0; j < V; ++j) orow[j] += qi * row[j];
+      }
+      for (int64_t j = 0; j < V; ++j) orow[j] *= scale;
+    }
+  });
+}
+
+// A dense contiguous CPU torch.Tensor (no subclass) of `dtype` whose shape is `lead` + `tail`.
+const at::Tensor *plain(PyObject *obj, at::ScalarType dtype, at::IntArrayRef lead, std::initializer_list<int64_t> tail) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor &t = THPVariable_Unpack(obj);
+  if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu() || t.scalar_type() != dtype ||
+      t.is_conj() || t.is_neg() || !t.is_contiguous() || t.dim() != static_cast<int64_t>(lead.size() + tail.size()))
+    return nullptr;
+  if (t.sizes().slice(0, lead.size()) != lead) return nullptr;
+  size_t i = lead.size();
+  for (int64_t n : tail)
+    if (t.size(i++) != n) return nullptr;
+  return &t;
+}
+
+// delta_step(S | None, q, k, v, beta, log_gate | None, scale) -> (o, new S), or None (nothing
+// run) unless every tensor is a contiguous CPU tensor of one dtype (float32 or float64) with the
+// same leading axes (no broadcasting): the caller's torch code serves the rest.
+PyObject *delta_step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
+  if (nargs != 7) {
+    PyErr_SetString(PyExc_TypeError, "psmc lane: delta_step takes (S, q, k, v, beta, log_gate, scale)");
+    return nullptr;
+  }
+  const double scale = PyFloat_AsDouble(args[6]);
+  if (scale == -1.0 && PyErr_Occurred()) return nullptr;
+  if (!THPVariable_CheckExact(args[1])) Py_RETURN_NONE;
+  const at::Tensor &q0 = THPVariable_Unpack(args[1]);
+  const at::ScalarType dtype = q0.scalar_type();
+  if ((dtype != at::kFloat && dtype != at::kDouble) || q0.dim() < 1) Py_RETURN_NONE;
+  const at::IntArrayRef lead = q0.sizes().slice(0, q0.dim() - 1);
+  const int64_t K = q0.size(-1);
+  if (!THPVariable_CheckExact(args[3])) Py_RETURN_NONE;
+  const int64_t V = THPVariable_Unpack(args[3]).dim() >= 1 ? THPVariable_Unpack(args[3]).size(-1) : -1;
+  const at::Tensor *q = plain(args[1], dtype, lead, {K}), *k = plain(args[2], dtype, lead, {K}),
+                   *v = plain(args[3], dtype, lead, {V}), *beta = plain(args[4], dtype, lead, {});
+  const at::Tensor *S = args[0] == Py_None ? nullptr : plain(args[0], dtype, lead, {K, V});
+  const at::Tensor *g = args[5] == Py_None ? nullptr : plain(args[5], dtype, lead, {});
+  if (!q || !k || !v || !beta || (args[0] != Py_None && !S) || (args[5] != Py_None && !g) || V < 0) Py_RETURN_NONE;
+  const int64_t rows = c10::multiply_integers(lead);
+  std::vector<int64_t> o_shape(lead.begin(), lead.end()), s_shape(lead.begin(), lead.end());
+  o_shape.push_back(V);
+  s_shape.push_back(K);
+  s_shape.push_back(V);
+  try {
+    at::Tensor o = at::detail::empty_cpu(o_shape, dtype, false, std::nullopt);
+    at::Tensor S_new = at::detail::empty_cpu(s_shape, dtype, false, std::nullopt);
+    Py_BEGIN_ALLOW_THREADS
+    if (dtype == at::kFloat) {
+      delta_rows<float>(S ? S->const_data_ptr<float>() : nullptr, q->const_data_ptr<float>(), k->const_data_ptr<float>(),
+                        v->const_data_ptr<float>(), beta->const_data_ptr<float>(),
+                        g ? g->const_data_ptr<float>() : nullptr, static_cast<float>(scale), o.mutable_data_ptr<float>(),
+                        S_new.mutable_data_ptr<float>(), rows, K, V);
+    } else {
+      delta_rows<double>(S ? S->const_data_ptr<double>() : nullptr, q->const_data_ptr<double>(),
+                         k->const_data_ptr<double>(), v->const_data_ptr<double>(), beta->const_data_ptr<double>(),
+                         g ? g->const_data_ptr<double>() : nullptr, scale, o.mutable_data_ptr<double>(),
+                         S_new.mutable_data_ptr<double>(), rows, K, V);
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *out = THPVariable_Wrap(std::move(o));
+    PyObject *state = THPVariable_Wrap(std::move(S_new));
+    if (out == nullptr || state == nullptr) {
+      Py_XDECREF(out);
+      Py_XDECREF(state);
+      return nullptr;
+    }
+    PyObject *result = PyTuple_Pack(2, out, state);
+    Py_DECREF(out);
+    Py_DECREF(state);
+    return result;
+  } catch (const std::exception &error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+    return nullptr;
+  }
+}
+
 PyMethodDef methods[] = {
     {"make", make, METH_VARARGS, "make(kernel, threads, pointers, ints, inputs, fields, params, outputs, finals, width)"},
     {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step)), METH_FASTCALL,
      "step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None"},
+    {"delta_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(delta_step)), METH_FASTCALL,
+     "delta_step(S, q, k, v, beta, log_gate, scale) -> (o, new S), or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -45,6 +45,7 @@ are O(T (L + K + V)) per lane; the saved chunk states O(T / L * K V)).
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import torch
@@ -213,6 +214,13 @@ class _Layout:
         return out.view(batch, steps, *self.lanes, width)
 
 
+def native_for(backend: str) -> bool:
+    """Whether a layer on `backend` steps the delta rule with the fused C++ token
+    (`delta_rule_step(native=True)`): backend='cpu', or 'auto' unless PSMC_CPU=0 (the switch
+    that keeps 'auto' off the generated C++ kernels too)."""
+    return backend == "cpu" or (backend == "auto" and os.environ.get("PSMC_CPU", "1") != "0")
+
+
 def delta_rule_step(
     S: Tensor | None,
     q: Tensor,
@@ -222,6 +230,7 @@ def delta_rule_step(
     log_decay: Tensor | None = None,
     *,
     scale: float = 1.0,
+    native: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One token of the (gated) delta rule in O(K V), never forming the K x K transition.
 
@@ -229,11 +238,23 @@ def delta_rule_step(
         S: the state before the token, [B, *lanes, K, V] (None: zeros); q, k: [B, *lanes, K]; v: [B, *lanes, V];
             beta, log_decay (or None): [B, *lanes]. Lane axes broadcast.
         scale: multiplies the output.
+        native: run the token as one fused C++ loop (`_psmc_lane.delta_step`, cpu_lane.cpp) when
+            it can: grad mode off, not tracing, CPU tensors of one float dtype with the same
+            leading axes (strided ones are copied), the module built. Otherwise (and always with native=False)
+            the torch code below, which gives the same values up to summation order.
 
     Returns:
         (o, new_S): o = scale * q @ new_S [B, *lanes, V] in v's dtype; new_S =
         g (S - beta k (k^T S)) + beta k v^T in S's dtype (at least float32).
     """
+    if native and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        from psmc.runtime import cpu_support  # (late: the C++ module is built on first use)
+        lane = cpu_support.decode_lane()
+        done = None if lane is None else lane.delta_step(
+            S if S is None else S.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
+            log_decay if log_decay is None else log_decay.contiguous(), float(scale))
+        if done is not None:
+            return done
     if S is None:  # a stream's first token
         S = q.new_zeros(*torch.broadcast_shapes(q.shape, k.shape), v.shape[-1])
     dtype = torch.promote_types(S.dtype, torch.float32)

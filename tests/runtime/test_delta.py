@@ -320,3 +320,121 @@ def test_empty_sequence_and_bf16_inputs():
     assert o.dtype == torch.bfloat16 and state.dtype == torch.float32  # fp32 accumulation
     ref_o, ref_state = loop_reference(*half)
     assert (o.double() - ref_o).abs().max() < 2e-2 and (state.double() - ref_state).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------- the fused C++ token
+def _counted_native_steps(monkeypatch) -> list:
+    """Records, per call of the C++ `delta_step`, whether it ran the token (False: it declined
+    and the torch code served)."""
+    from psmc.runtime import cpu_support
+
+    lane = cpu_support.decode_lane()
+    assert lane is not None, "the C++ decode lane did not build on a machine with a compiler"
+    ran = []
+
+    class Counted:
+        def delta_step(self, *args):
+            done = lane.delta_step(*args)
+            ran.append(done is not None)
+            return done
+
+    monkeypatch.setattr(cpu_support, "decode_lane", lambda: Counted())
+    return ran
+
+
+def _has_compiler() -> bool:
+    from psmc.runtime import cpu_support
+    return cpu_support.compiler() is not None
+
+
+needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler on this machine")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_fused_cpp_step_equals_the_recurrence(dtype, gated, monkeypatch):
+    """delta_rule_step(native=True) runs each token as one C++ loop (two lane axes, a state
+    given and a fresh stream) and agrees with the K x K recurrence and with the torch code."""
+    ran = _counted_native_steps(monkeypatch)
+    q, k, v, beta, g = make(6, 2, 7, (3, 2), 6, 5, dtype=dtype, gated=gated)
+    s0 = torch.randn(2, 3, 2, 6, 5, dtype=dtype)
+    ref_o, ref_state = loop_reference(q, k, v, beta, g, s0, scale=0.7)
+    with torch.no_grad():
+        S, outputs = s0, []
+        for t in range(q.shape[1]):
+            o, S = delta_rule_step(S, q[:, t].contiguous(), k[:, t].contiguous(), v[:, t].contiguous(),
+                                   beta[:, t].contiguous(), None if g is None else g[:, t].contiguous(), scale=0.7,
+                                   native=True)
+            outputs.append(o)
+        token = [x[:, 0].contiguous() for x in (q, k, v, beta)] + [None if g is None else g[:, 0].contiguous()]
+        fresh = delta_rule_step(None, *token, scale=0.7, native=True)
+        want = delta_rule_step(None, *token, scale=0.7)
+    assert ran == [True] * (q.shape[1] + 1)
+    assert S.dtype == dtype and o.dtype == dtype
+    assert_close(torch.stack(outputs, dim=1), ref_o, dtype)
+    assert_close(S, ref_state, dtype)
+    for got, w in zip(fresh, want):
+        assert_close(got, w, dtype)
+
+
+@needs_compiler
+def test_the_fused_cpp_step_declines_what_it_does_not_cover(monkeypatch):
+    """Broadcast lanes, mixed dtypes and grad mode go to the torch code (same results; grad
+    mode records the graph); the C++ token never reads them. A strided input is copied."""
+    ran = _counted_native_steps(monkeypatch)
+    q, k, v, beta, g = make(7, 2, 1, (3,), 4, 5)
+    q, k, v, beta, g = (x[:, 0].contiguous() for x in (q, k, v, beta, g))
+    S = torch.randn(2, 3, 4, 5)
+    cases = {"beta broadcast over the lanes": (S, q, k, v, beta[:, :1], g),
+             "a float64 state": (S.double(), q, k, v, beta, g)}
+    with torch.no_grad():
+        for what, args in cases.items():
+            got, want = delta_rule_step(*args, native=True), delta_rule_step(*args)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), what
+    assert ran == [False] * len(cases)
+    strided = F.normalize(torch.randn(2, 4, 3), dim=1).transpose(1, 2)
+    with torch.no_grad():
+        got, want = delta_rule_step(S, q, strided, v, beta, g, native=True), delta_rule_step(S, q, strided, v, beta, g)
+    assert ran[-1] and not strided.is_contiguous()
+    for a, b in zip(got, want):
+        assert_close(a, b, torch.float32)
+    leaf = q.clone().requires_grad_()
+    o, _ = delta_rule_step(S, leaf, k, v, beta, g, native=True)  # grad mode: not even asked
+    assert o.requires_grad and len(ran) == len(cases) + 1
+    o.sum().backward()
+    assert leaf.grad is not None
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["delta_rule", "gated_delta_rule"])
+def test_auto_steps_the_example_with_the_fused_cpp_token(name, monkeypatch):
+    """backend='auto' streams the example with the C++ token (not with PSMC_CPU=0, nor with
+    backend='torch'), equal to the torch backend's step; torch.compile(fullgraph=True) traces
+    the step (the torch code, no graph break)."""
+    import psmc
+
+    monkeypatch.delenv("PSMC_CPU", raising=False)
+    ran = _counted_native_steps(monkeypatch)
+    cls = getattr(psmc.load(str(EXAMPLES / f"{name}.psm")), name)
+    auto, ref = cls(K=6, V=5), cls(K=6, V=5, backend="torch")
+    q, k, v, beta, g = make(9, 2, 6, (3,), 6, 5, gated=name.startswith("gated"))
+    tokens = [dict(q=q[:, t], k=k[:, t], v=v[:, t], beta=beta[:, t], **({"g": g[:, t]} if g is not None else {}))
+              for t in range(q.shape[1])]
+    with torch.no_grad():
+        s, r = auto.init_state(), ref.init_state()
+        for token in tokens[:4]:
+            (y, s), (w, r) = auto.step(s, **token), ref.step(r, **token)
+            assert_close(y, w, torch.float32)
+        assert ran and all(ran) and len(ran) == 4
+        monkeypatch.setenv("PSMC_CPU", "0")
+        (y, s), (w, r) = auto.step(s, **tokens[4]), ref.step(r, **tokens[4])
+        assert_close(y, w, torch.float32)
+        assert len(ran) == 4
+        monkeypatch.delenv("PSMC_CPU")
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda state, token: auto.step(state, **token), fullgraph=True, backend="eager")
+        (y, s), (w, r) = compiled(s, tokens[5]), ref.step(r, **tokens[5])
+        assert_close(y, w, torch.float32)
+        assert len(ran) == 4  # (traced: the torch code)
