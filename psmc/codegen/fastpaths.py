@@ -431,9 +431,7 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
     lines = []
     for method, doc, lead_note in (
             ("_fast_forward(self, call, index, state)",
-             "The delta rule's parallel pass, E never built (identity plus rank one, from the IR).", "[B, T, *lanes]"),
-            ("_fast_step(self, call, state)", "One token of the delta rule in O(K*V): S <- E S + beta k v^T.",
-             "[B, *lanes]")):
+             "The delta rule's parallel pass, E never built (identity plus rank one, from the IR).", "[B, T, *lanes]"),):
         printer = BodyPrinter(tuple(nodes), op.let_names)
         body = printer.run()
         ref = printer.names
@@ -472,10 +470,6 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
                 "initial_state=s0)",
                 "        count = (0 if state is None else state.count) + lead[1]",
             ]
-        else:
-            lines += [f"        out, s_last = _delta.delta_rule_step(s0, q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
-                      "native=_delta.native_for(self.backend))",
-                      "        count = state.count + 1"]
         lines += [
             f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
         ]
@@ -504,5 +498,46 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
                 "        return (outputs[0] + extra,)",
                 "",
             ]
+    lines += _delta_step(op, p)
     return FastPath("delta_rule", "from psmc.runtime import delta as _delta\nfrom psmc.runtime.state import ScanState "
                     "as _ScanState", tuple(lines))
+
+
+def _delta_step(op: OpIR, p: dict) -> list[str]:
+    """The delta rule's decode step bound to one input signature: the IR's pieces (k, v, q,
+    beta, the gate, the scale; constants once per signature), then `delta_rule_step` (one
+    fused C++ token under backend='auto', else torch ops) and the stream state (S only)."""
+    S, out = op.state[p["s_index"]], op.outputs[0]
+    nodes = [p["k"], p["v"], p["q"], p["beta"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
+    printer = BodyPrinter(tuple(nodes), op.let_names)
+    constant, per_token = _split_constant(printer.run())
+    ref = printer.names
+    lines = _bound_step_header("One token of the delta rule in O(K*V): S <- E S + beta k v^T, E never built.")
+    lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: once per signature
+    lines[-2:-2] = [f"        o_full, o_dtype = (*lead, *{shape_code(out.shape)}), cx.dt[{out.dtype!r}]",
+                    f"        s_dtype = cx.dt[{S.dtype!r}]"]
+    lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
+    lines += ["            " + line for line in per_token]
+
+    def piece(name: str, field: str) -> str:
+        """A piece as delta_rule_step takes it: an input as it comes (it broadcasts lanes and
+        casts), anything else (a number, a computed value) as a field of the lanes."""
+        code = ref[p[name]]
+        if code.startswith("x_"):
+            return code
+        return (f"_ops.as_field({code}, lead, tuple({code}.shape[len(lead):]) if hasattr({code}, 'shape') else "
+                f"{field}, cx.dt['f32'], cx.dev)")
+    g = piece("g", "()") if p["g"] is not None else "None"
+    lines += [
+        "            s0 = None if state.prefix is None else state.prefix[0]",
+        f"            o, s_last = _delta.delta_rule_step(s0, {piece('q', '()')}, {piece('k', '()')}, {piece('v', '()')}, "
+        f"{piece('beta', '()')}, {g}, scale={_scale_code(p, ref)}, native=_delta.native_for(self.backend))",
+        "            if o.shape != o_full or o.dtype != o_dtype:  # broadcast pieces",
+        "                o = _ops.as_field(o, lead, o_full[len(lead):], o_dtype, cx.dev)",
+        f"            # the stream state: {S.name} only (spec.stream)",
+        "            return (o,), _ScanState.make((s_last if s_last.dtype == s_dtype else s_last.to(s_dtype),), "
+        "state.count + 1, state.op)",
+        "        return step",
+        "",
+    ]
+    return lines
