@@ -775,8 +775,9 @@ def bind_step(layer, call, general):
 
     native = decode_lane() if strict_ok else None
     if native is not None:  # the same checks and call, per token in C++ (cpu_lane.cpp)
+        address = ctypes.cast(getattr(lib, _symbol(k, "forward", compute)), ctypes.c_void_p).value
         spec_of = native.make(
-            ctypes.cast(getattr(lib, _symbol(k, "forward", compute)), ctypes.c_void_p).value, threads, [p or 0 for p in ptrs], ints,
+            address, threads, [p or 0 for p in ptrs], ints,
             [(name, j, call.inputs[name].dtype, tuple(call.inputs[name].shape), stride)
              for name, stride, j in inputs_plan],
             [(j, slot, dtype, shape) for j, slot, dtype, shape in fields_plan],
