@@ -490,6 +490,36 @@ def test_no_compiler_or_failed_build_falls_back_with_one_warning(how, monkeypatc
 
 
 @needs_compiler
+def test_a_failed_decode_lane_build_leaves_the_python_lane_with_one_warning(monkeypatch, tmp_path):
+    """The C++ decode lane (cpu_lane.cpp, with torch's headers) failing to build is not an
+    error: one RuntimeWarning naming the reason, and the bound step checks tokens in Python,
+    on the C++ kernels, with the same results."""
+    _fresh_build(monkeypatch, tmp_path)
+    monkeypatch.setattr(cpu_support, "decode_lane", cpu_support.decode_lane.__wrapped__)  # (uncached)
+    built = cpu_support._built
+
+    def failing_for_the_lane(source, key):
+        if source == cpu_support._LANE_SOURCE.read_text():
+            raise RuntimeError("Error building extension: torch/csrc/Dtype.h: No such file or directory")
+        return built(source, key)
+    monkeypatch.setattr(cpu_support, "_built", failing_for_the_lane)
+    cls = layer_class("selective_ssm")
+    cpu, ref = cls(backend="cpu", N=4), cls(backend="torch", N=4)
+    inputs = make_inputs(cls, {"N": 4}, 2, 4, (3,), tuple((False,) for _ in cls.spec.inputs), 3)
+    inputs = {n: x.float() for n, x in inputs.items()}
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        spy = KernelSpy(monkeypatch)  # (it asks for the lane: the build and its warning happen here)
+        got, _ = stream(cpu, inputs, cpu.init_state(), 0, 4)
+        want, _ = stream(ref, inputs, ref.init_state(), 0, 4)
+    ours = [str(w.message) for w in caught if "psmc: could not build the C++ decode lane" in str(w.message)]
+    assert len(ours) == 1 and "Dtype.h" in ours[0] and "check their inputs in Python" in ours[0], ours
+    assert _lane(cpu).checks == "Python" and spy.calls == 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
 def test_two_processes_building_the_same_op_at_once_both_succeed(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch, psmc
