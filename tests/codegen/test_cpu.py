@@ -490,11 +490,10 @@ def test_no_compiler_or_failed_build_falls_back_with_one_warning(how, monkeypatc
 
 
 @needs_compiler
-def test_a_failed_decode_lane_build_leaves_the_python_lane_with_one_warning(monkeypatch, tmp_path):
+def test_a_failed_decode_lane_build_leaves_the_python_lane_with_one_warning(monkeypatch):
     """The C++ decode lane (cpu_lane.cpp, with torch's headers) failing to build is not an
     error: one RuntimeWarning naming the reason, and the bound step checks tokens in Python,
     on the C++ kernels, with the same results."""
-    _fresh_build(monkeypatch, tmp_path)
     monkeypatch.setattr(cpu_support, "decode_lane", cpu_support.decode_lane.__wrapped__)  # (uncached)
     built = cpu_support._built
 
