@@ -89,25 +89,13 @@ def _gla_step_rows(settings: Settings, cls):
     tokens = [dict(k=torch.randn(B, H, K, generator=gen), v=torch.randn(B, H, V, generator=gen),
                    gk=F.logsigmoid(torch.randn(B, H, K, generator=gen)), q=torch.randn(B, H, K, generator=gen))
               for _ in range(STEPS)]
-    rows = []
-    measure = "gla step (ms/token)"
 
     def eager(S, t):  # hand-written: S = diag(exp(gk)) S + k v^T; o = q S / sqrt(K)
         S.mul_(t["gk"].exp().unsqueeze(-1)).add_(t["k"].unsqueeze(-1) * t["v"].unsqueeze(-2))
         return (t["q"].unsqueeze(-2) @ S).squeeze(-2) * scale, S
 
-    with torch.no_grad():
-        rows.append(_per_token(timed_row(settings, "cpu", measure, "eager torch step", "hand-written, in-place S",
-                                         _window(lambda s, t: eager(s, t), torch.zeros(B, H, K, V), tokens))))
-        for backend in ("cpu", "torch"):
-            if cls is None:
-                continue
-            layer = cls(backend=backend, K=K, V=V)
-            _, state = layer(**{n: x.unsqueeze(1) for n, x in tokens[0].items()}, return_state=True)
-            call = _window(lambda s, t, layer=layer: layer.step(s, **t), state, tokens)
-            rows.append(_per_token(timed_row(settings, "cpu", measure, f"psmc {backend}",
-                                             f"api: gla(backend={backend!r}).step", call, is_psmc=True)))
-    return rows
+    return _step_rows(settings, "gla step (ms/token)", (eager, torch.zeros(B, H, K, V), "in-place S"), tokens,
+                      cls, "gla", {"K": K, "V": V}, ("cpu", "torch"))
 
 
 def _ssm_step_rows(settings: Settings, cls):
@@ -117,25 +105,13 @@ def _ssm_step_rows(settings: Settings, cls):
     tokens = [dict(u=torch.randn(B, D, generator=gen), delta=F.softplus(torch.randn(B, D, generator=gen)),
                    A=A.expand(B, D, N), B=torch.randn(B, 1, N, generator=gen), C=torch.randn(B, 1, N, generator=gen))
               for _ in range(STEPS)]
-    rows = []
-    measure = "selective_ssm step (ms/token)"
 
     def eager(h, t):  # hand-written: h = exp(delta A) h + delta B u; y = sum_n h C
         h.mul_(torch.exp(t["delta"].unsqueeze(-1) * t["A"])).add_((t["delta"] * t["u"]).unsqueeze(-1) * t["B"])
         return (h * t["C"]).sum(-1), h
 
-    with torch.no_grad():
-        rows.append(_per_token(timed_row(settings, "cpu", measure, "eager torch step", "hand-written, in-place h",
-                                         _window(lambda s, t: eager(s, t), torch.zeros(B, D, N), tokens))))
-        for backend in ("cpu", "torch"):
-            if cls is None:
-                continue
-            layer = cls(backend=backend, N=N)
-            _, state = layer(**{n: x.unsqueeze(1) for n, x in tokens[0].items()}, return_state=True)
-            call = _window(lambda s, t, layer=layer: layer.step(s, **t), state, tokens)
-            rows.append(_per_token(timed_row(settings, "cpu", measure, f"psmc {backend}",
-                                             f"api: selective_ssm(backend={backend!r}).step", call, is_psmc=True)))
-    return rows
+    return _step_rows(settings, "selective_ssm step (ms/token)", (eager, torch.zeros(B, D, N), "in-place h"), tokens,
+                      cls, "selective_ssm", {"N": N}, ("cpu", "torch"))
 
 
 def _delta_step_rows(settings: Settings, cls):
@@ -145,28 +121,34 @@ def _delta_step_rows(settings: Settings, cls):
     tokens = [dict(q=torch.randn(B, H, K, generator=gen), k=F.normalize(torch.randn(B, H, K, generator=gen), dim=-1),
                    v=torch.randn(B, H, V, generator=gen), beta=torch.rand(B, H, generator=gen),
                    g=F.logsigmoid(torch.randn(B, H, generator=gen))) for _ in range(STEPS)]
-    rows = []
-    measure = "gated delta step (ms/token)"
 
     def eager(S, t):  # hand-written: S = exp(g) (S - beta k k^T S) + beta k v^T; o = q S / sqrt(K)
         gate = t["g"].exp()[..., None]
         read = (t["k"].unsqueeze(-2) @ S).squeeze(-2)
-        S.mul_(gate.unsqueeze(-1)).addcmul_(t["k"].unsqueeze(-1), (t["beta"][..., None] * (t["v"] - gate * read)).unsqueeze(-2))
+        update = (t["beta"][..., None] * (t["v"] - gate * read)).unsqueeze(-2)
+        S.mul_(gate.unsqueeze(-1)).addcmul_(t["k"].unsqueeze(-1), update)
         return (t["q"].unsqueeze(-2) @ S).squeeze(-2) * scale, S
 
+    paths = {"auto": ": the fused C++ token", "torch": ": delta_rule_step's torch ops"}
+    return _step_rows(settings, "gated delta step (ms/token)", (eager, torch.zeros(B, H, K, V), "in-place S"), tokens,
+                      cls, "gated_delta_rule", {"K": K, "V": V}, ("auto", "torch"), paths)
+
+
+def _step_rows(settings: Settings, measure: str, hand, tokens, cls, name: str, dims: dict, backends, paths=None):
+    """Per-token rows of one step: `hand` = (the hand-written eager step, its initial state, what
+    it updates), then psmc's `step` on each backend after a one-token prefill."""
+    eager, start, updates = hand
     with torch.no_grad():
-        rows.append(_per_token(timed_row(settings, "cpu", measure, "eager torch step", "hand-written, in-place S",
-                                         _window(lambda s, t: eager(s, t), torch.zeros(B, H, K, V), tokens))))
-        for backend in ("auto", "torch"):
+        rows = [_per_token(timed_row(settings, "cpu", measure, "eager torch step", f"hand-written, {updates}",
+                                     _window(eager, start, tokens)))]
+        for backend in backends:
             if cls is None:
                 continue
-            layer = cls(backend=backend, K=K, V=V)
+            layer = cls(backend=backend, **dims)
             _, state = layer(**{n: x.unsqueeze(1) for n, x in tokens[0].items()}, return_state=True)
             call = _window(lambda s, t, layer=layer: layer.step(s, **t), state, tokens)
-            path = "the fused C++ token" if backend == "auto" else "delta_rule_step's torch ops"
-            rows.append(_per_token(timed_row(settings, "cpu", measure, f"psmc {backend}",
-                                             f"api: gated_delta_rule(backend={backend!r}).step: {path}", call,
-                                             is_psmc=True)))
+            path = f"api: {name}(backend={backend!r}).step{(paths or {}).get(backend, '')}"
+            rows.append(_per_token(timed_row(settings, "cpu", measure, f"psmc {backend}", path, call, is_psmc=True)))
     return rows
 
 
