@@ -102,7 +102,8 @@ def test_psmc_check_prints_the_class(capsys):
     assert main(["check", str(EXAMPLES / "delta_rule.psm")]) == 0
     out = capsys.readouterr().out
     assert "class          identity-plus-low-rank (plain): E = I - beta * outer(k, k)" in out
-    assert "step           torch: psmc.runtime.delta.delta_rule_step, O(K*V) per token" in out
+    assert ("step           torch: psmc.runtime.delta.delta_rule_step, O(K*V) per token (backend='auto' on CPU "
+            "tensors: one fused C++ token, psmc/runtime/cpu_lane.cpp, when a compiler is present)") in out
     assert "stream state   (K*V) floats: the inclusive prefix (S)" in out
 
 
