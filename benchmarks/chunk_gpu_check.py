@@ -184,18 +184,7 @@ def timing(quick: bool) -> None:
         if chunk_gla is not None:
             f = chunk_gla if decay == "key" else chunk_simple_gla
             impls["fla chunk"] = lambda q, k, v, g, f=f: f(q, k, v, g, scale=K ** -0.5, output_final_state=True)
-        for label, f in impls.items():
-            try:
-                with torch.no_grad():
-                    fwd = bench(lambda: f(q, k, v, g))
-
-                def fb():
-                    o, _ = f(*leaves)
-                    o.backward(do)
-                both = bench(fb)
-                print(f"| {name} | {label} | {fwd:.3f} | {both:.3f} |", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"| {name} | {label} | error: {type(e).__name__}: {str(e)[:300]} |", flush=True)
+        _time_rows(name, impls, bench, (q, k, v, g), leaves, do)
     from psmc.runtime.delta import _chunk_delta_rule_torch
     for gated in (False, True):
         q, k, v, beta, g, _ = delta_inputs(B, T, H, K, V, gated, seed=3)
@@ -215,18 +204,23 @@ def timing(quick: bool) -> None:
                 impls["fla chunk"] = lambda q, k, v, beta, g: f(q, k, v, beta, scale=K ** -0.5,
                                                                output_final_state=True)
         name = "gated_delta_rule" if gated else "delta_rule"
-        for label, f in impls.items():
-            try:
-                with torch.no_grad():
-                    fwd = bench(lambda: f(q, k, v, beta, g))
+        _time_rows(name, impls, bench, (q, k, v, beta, g), leaves, do)
 
-                def fb():
-                    o, _ = f(*leaves)
-                    o.backward(do)
-                both = bench(fb)
-                print(f"| {name} | {label} | {fwd:.3f} | {both:.3f} |", flush=True)
-            except Exception as e:  # noqa: BLE001
-                print(f"| {name} | {label} | error: {type(e).__name__}: {str(e)[:300]} |", flush=True)
+
+def _time_rows(name: str, impls: dict, bench, inputs: tuple, leaves: list, do) -> None:
+    """One table row per implementation: forward (no grad) and forward+backward ms, or the error."""
+    for label, f in impls.items():
+        try:
+            with torch.no_grad():
+                fwd = bench(lambda: f(*inputs))
+
+            def fb():
+                o, _ = f(*leaves)
+                o.backward(do)
+            both = bench(fb)
+            print(f"| {name} | {label} | {fwd:.3f} | {both:.3f} |", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"| {name} | {label} | error: {type(e).__name__}: {str(e)[:300]} |", flush=True)
 
 
 def main() -> int:
