@@ -131,6 +131,29 @@ def _wy_kernel(
 
 
 @triton.jit
+def _state_block(pid, H, K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """Program `pid` of a pass over chunks: its lane bh (batch row b, head hh) and BV value
+    columns, with the offsets and mask of its [BK, BV] block of a [K, V] state."""
+    nv = tl.cdiv(V, BV)
+    bh = pid // nv
+    ck = tl.arange(0, BK)
+    cv = (pid % nv) * BV + tl.arange(0, BV)
+    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
+    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    return bh, bh // H, bh % H, ck, cv, kv, kv_mask
+
+
+@triton.jit
+def _load_state(ptr, bh, kv, kv_mask, K, V, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Lane bh's block of a [BH, K, V] state in fp32, or zeros when there is none."""
+    if HAS:
+        state = tl.load(ptr + bh * K * V + kv, mask=kv_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BK, BV), dtype=tl.float32)
+    return state
+
+
+@triton.jit
 def _delta_state_kernel(
     k_ptr, skb, skt, skh, skd,
     g_ptr, sgb, sgt, sgh,
@@ -141,23 +164,11 @@ def _delta_state_kernel(
 ):
     """Chunks in order for one lane and BV value columns (all K rows): store the entering state,
     U = U~ - W S (in place of U~), S <- e^{G_L} S + (K e^{G_L - G})^T U; the final state in fp32."""
-    pid = tl.program_id(0).to(tl.int64)
-    nv = tl.cdiv(V, BV)
-    vb = pid % nv
-    bh = pid // nv
-    b = bh // H
-    hh = bh % H
+    bh, b, hh, ck, cv, kv, kv_mask = _state_block(tl.program_id(0).to(tl.int64), H, K, V, BK, BV)
     DT = k_ptr.dtype.element_ty
     k_off = b * skb + hh * skh
     g_off = b * sgb + hh * sgh
-    ck = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
-    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    if HAS_H0:
-        h = tl.load(h0_ptr + bh * K * V + kv, mask=kv_mask, other=0.0).to(tl.float32)
-    else:
-        h = tl.zeros((BK, BV), dtype=tl.float32)
+    h = _load_state(h0_ptr, bh, kv, kv_mask, K, V, HAS_H0, BK, BV)
     rows = tl.arange(0, BT)
     for c in range(NT):
         tl.store(hs_ptr + (bh * NT + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
@@ -236,25 +247,13 @@ def _delta_dstate_kernel(
     (the gradient of the state leaving the chunk, fp32). Per chunk, last first: store dS, then
     dU += (K e^{G_L - G}) dS (in place, completing the gradient of U = U~ - W S), and
     dS <- e^{G_L} dS + scale (Q e^G)^T dO - W^T dU. The last dS is d(initial state)."""
-    pid = tl.program_id(0).to(tl.int64)
-    nv = tl.cdiv(V, BV)
-    vb = pid % nv
-    bh = pid // nv
-    b = bh // H
-    hh = bh % H
+    bh, b, hh, ck, cv, kv, kv_mask = _state_block(tl.program_id(0).to(tl.int64), H, K, V, BK, BV)
     DT = k_ptr.dtype.element_ty
     q_off = b * sqb + hh * sqh
     k_off = b * skb + hh * skh
     g_off = b * sgb + hh * sgh
     do_off = b * sdb + hh * sdh
-    ck = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
-    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    if HAS_DHT:
-        dh = tl.load(dhT_ptr + bh * K * V + kv, mask=kv_mask, other=0.0).to(tl.float32)
-    else:
-        dh = tl.zeros((BK, BV), dtype=tl.float32)
+    dh = _load_state(dhT_ptr, bh, kv, kv_mask, K, V, HAS_DHT, BK, BV)
     rows = tl.arange(0, BT)
     for cc in range(NT):
         c = NT - 1 - cc
