@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from psmc.runtime import cpu_support
 from psmc.runtime.ops import broadcast_shapes
 
 __all__ = ["chunk_delta_rule", "delta_rule_step"]
@@ -248,7 +249,6 @@ def delta_rule_step(
         g (S - beta k (k^T S)) + beta k v^T in S's dtype (at least float32).
     """
     if native and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        from psmc.runtime import cpu_support  # (late: the C++ module is built on first use)
         lane = cpu_support.decode_lane()
         done = None if lane is None else lane.delta_step(
             S if S is None else S.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
