@@ -32,6 +32,7 @@ from torch import Tensor
 
 from psmc.runtime.fastpaths import linear_recurrence
 from psmc.runtime.ops import broadcast_shapes
+from psmc.runtime.varlen import cu_seqlens_bounds
 
 __all__ = ["DECAY_KINDS", "chunk_linear_attention"]
 
@@ -79,6 +80,7 @@ def chunk_linear_attention(
     initial_state: Tensor | None = None,
     exclusive: bool = False,
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Decayed linear attention, all positions at once, in the chunkwise matmul form.
 
@@ -97,23 +99,55 @@ def chunk_linear_attention(
         initial_state: optional S_{-1}, broadcastable to [B, *lanes, K, V].
         exclusive: read S_{t-1} instead of S_t.
         chunk_size: tokens per chunk (a power of two works best; shorter inputs use less).
+        cu_seqlens: packed sequences (fla's convention): B = 1, and the N sequences are
+            tokens cu_seqlens[n]:cu_seqlens[n + 1] of the time axis, each run from its own
+            initial state (initial_state broadcastable to [N, *lanes, K, V]); the final
+            state is then [N, *lanes, K, V].
 
     Returns:
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
         [B, *lanes, K, V], accumulated in float32 (float64 for float64 inputs). Both are
         differentiable in every tensor argument.
 
-    CUDA tensors run `psmc.runtime.triton_chunk` (chunked tensor-core kernels; see BACKEND).
+    CUDA tensors run `psmc.runtime.triton_chunk` (chunked tensor-core kernels; see BACKEND),
+    packed sequences included in the same launches; the torch path runs packed sequences one
+    after another.
     """
     if _triton_wanted(q):
         from psmc.runtime.triton_chunk import triton_chunk_linear_attention
 
         return triton_chunk_linear_attention(
             q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
-            exclusive=exclusive, chunk_size=chunk_size)
+            exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
     return _chunk_linear_attention_torch(
         q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
-        exclusive=exclusive, chunk_size=chunk_size)
+        exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+
+
+def _packed_bounds(cu_seqlens: Tensor, batch: int, steps: int) -> list:
+    """The offsets of packed sequences, checked against inputs [1, steps, ...]."""
+    bounds = cu_seqlens_bounds("chunk_linear_attention", cu_seqlens)
+    if batch != 1 or bounds[-1] != steps:
+        raise ValueError(f"chunk_linear_attention: with cu_seqlens the inputs are packed as [1, total_T, ...] with "
+                         f"total_T = cu_seqlens[-1] = {bounds[-1]}; got batch {batch} and {steps} steps")
+    return bounds
+
+
+def by_sequence(run, bounds: list, per_token: tuple, initial_state: Tensor | None, state_shape: tuple):
+    """Packed sequences one after another: `run(*pieces, initial_state=s0)` per sequence on the
+    time slices of `per_token` (tensors with time 1 are shared), outputs concatenated along
+    time, final states stacked: (o [1, total_T, ...], final [N, ...])."""
+    n = len(bounds) - 1
+    if initial_state is not None:
+        initial_state = initial_state.expand(n, *state_shape)
+    outs, finals = [], []
+    for i in range(n):
+        lo, hi = bounds[i], bounds[i + 1]
+        pieces = [x if x is None or x.shape[1] == 1 else x[:, lo:hi] for x in per_token]
+        o, s = run(*pieces, initial_state=None if initial_state is None else initial_state[i:i + 1])
+        outs.append(o)
+        finals.append(s)
+    return torch.cat(outs, dim=1), torch.cat(finals, dim=0)
 
 
 def _chunk_linear_attention_torch(
@@ -127,9 +161,18 @@ def _chunk_linear_attention_torch(
     initial_state: Tensor | None = None,
     exclusive: bool = False,
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The torch chunkwise implementation of chunk_linear_attention (CPU, float64, fallback)."""
     _check_kind(log_decay, decay)
+    if cu_seqlens is not None:
+        bounds = _packed_bounds(cu_seqlens, q.shape[0], q.shape[1])
+        lanes = _lanes(q, k, v, log_decay, decay)
+
+        def one(q, k, v, g, initial_state):
+            return _chunk_linear_attention_torch(q, k, v, g, decay=decay, scale=scale, initial_state=initial_state,
+                                                 exclusive=exclusive, chunk_size=chunk_size)
+        return by_sequence(one, bounds, (q, k, v, log_decay), initial_state, (*lanes, q.shape[-1], v.shape[-1]))
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, log_decay, decay)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -927,7 +927,7 @@ class _Varlen(_Exchanges):
 
 def _check_global_cu_seqlens(op: str, cu, call) -> list:
     """The global offsets as Python ints; their end is checked against the ranks' slices later."""
-    from .layer import cu_seqlens_bounds
+    from .varlen import cu_seqlens_bounds
     bounds = cu_seqlens_bounds(op, cu)
     if call.lead[0] != 1:
         raise ValueError(f"{op}: with cu_seqlens each rank passes its slice of the packed sequence as [1, T_r, ...]; "

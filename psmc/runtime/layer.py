@@ -28,6 +28,7 @@ from .batch import RaggedState, cat_states
 from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
+from .varlen import cu_seqlens_bounds
 
 # (imported by name: a torch.compile'd step reads one global for it, not `torch` and two attributes)
 _is_compiling = torch.compiler.is_compiling
@@ -1208,23 +1209,6 @@ def _no_autocast(inputs: dict):
 
 def _batch_rows(state) -> int:
     return state.batch_size
-
-
-def cu_seqlens_bounds(op: str, cu) -> list:
-    """The offsets of `cu_seqlens` as Python ints (one host read per call, as in fla), checked to
-    be a 1-D int tensor starting at 0 and strictly increasing (context parallelism shares this)."""
-    if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
-        shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
-        raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
-    bounds = [int(b) for b in cu.tolist()]
-    if len(bounds) < 2 or bounds[0] != 0:
-        raise ValueError(f"{op}: cu_seqlens must start at 0 and hold N + 1 offsets, got {bounds}")
-    bad = [i for i in range(1, len(bounds)) if bounds[i] <= bounds[i - 1]]
-    if bad:
-        i = bad[0]
-        raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
-                         f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
-    return bounds
 
 
 def _check_cu_seqlens(op: str, cu, inputs: dict) -> list:

@@ -38,6 +38,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from psmc.runtime.varlen import Sequences, segment_reverse_cumsum, sequences
+
 __all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS", "NUM_WARPS_F32"]
 
 SUB = 16  # tokens per sub-chunk (the smallest tl.dot tile)
@@ -120,6 +122,33 @@ def _program(pid, nb, NC: tl.constexpr, NT, H):
 
 
 @triton.jit
+def _sequence(b, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN: tl.constexpr):
+    """Where lane (b, hh)'s sequence lies: (the time index of its first token, its length, the
+    row of its first chunk in the [rows, K, V] buffer of entering states, the batch index of its
+    tensors). Packed sequences (VARLEN): b is the sequence, its tokens are cu[b]:cu[b+1] of batch
+    row 0, and its chunks are rows cb[b]:cb[b+1] of head hh's NT (all chunks)."""
+    if VARLEN:
+        bos = tl.load(cu_ptr + b).to(tl.int64)
+        length = (tl.load(cu_ptr + b + 1) - tl.load(cu_ptr + b)).to(tl.int32)
+        return bos, length, hh * NT + tl.load(cb_ptr + b).to(tl.int64), b * 0
+    else:
+        return b * 0, T, (b * H + hh) * NT, b
+
+
+@triton.jit
+def _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN: tl.constexpr):
+    """A per-chunk program's chunk c (of all NT chunks when VARLEN) as (its index within its
+    sequence, then `_sequence`'s four values)."""
+    if VARLEN:
+        n = tl.load(cs_ptr + c).to(tl.int64)
+        bos, length, row0, bb = _sequence(n, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
+        return c - tl.load(cb_ptr + n).to(tl.int64), bos, length, row0, bb
+    else:
+        bos, length, row0, bb = _sequence(b, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
+        return c, bos, length, row0, bb
+
+
+@triton.jit
 def _mm(a, b, IEEE: tl.constexpr, DT: tl.constexpr):
     """a @ b with fp32 accumulation: IEEE fp32 for fp32 inputs, else DT (bf16/fp16) operands."""
     if IEEE:
@@ -146,23 +175,25 @@ def _state_kernel(
     v_ptr, svb, svt, svh, svd,
     g_ptr, sgb, sgt, sgh, sgd,
     h0_ptr, h0_scale, hs_ptr, hT_ptr,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    """States entering every chunk (hs [BH, NT, K, V]) and the final state (hT [BH, K, V], fp32)."""
+    """States entering every chunk (hs [BH, NT, K, V]; [H, all chunks, K, V] for packed
+    sequences) and the final state (hT [BH, K, V], fp32; BH = sequences x heads when packed)."""
     pid = tl.program_id(0).to(tl.int64)
     nk = tl.cdiv(K, BK)
     nv = tl.cdiv(V, BV)
     vb = pid % nv
     kb = (pid // nv) % nk
     bh = pid // (nv * nk)
-    b = bh // H
     hh = bh % H
+    bos, T, row0, b = _sequence(bh // H, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
     DT = k_ptr.dtype.element_ty
-    k_off = b * skb + hh * skh
-    v_off = b * svb + hh * svh
-    g_off = b * sgb + hh * sgh
+    k_off = b * skb + bos * skt + hh * skh
+    v_off = b * svb + bos * svt + hh * svh
+    g_off = b * sgb + bos * sgt + hh * sgh
     ck = kb * BK + tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
     kv = ck[:, None].to(tl.int64) * V + cv[None, :]
@@ -173,8 +204,8 @@ def _state_kernel(
         h = tl.zeros((BK, BV), dtype=tl.float32)
     rows = tl.arange(0, BC)
     NC: tl.constexpr = BT // BC
-    for c in range(NT):
-        tl.store(hs_ptr + (bh * NT + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
+    for c in range(tl.cdiv(T, BT)):
+        tl.store(hs_ptr + (row0 + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
         # the same recurrence one sub-chunk of BC tokens at a time (smaller tiles, no spills)
         for i in range(NC):
             lo = c * BT + i * BC
@@ -194,19 +225,21 @@ def _out_kernel(
     v_ptr, svb, svt, svh, svd,
     g_ptr, sgb, sgt, sgh, sgd,
     hs_ptr, o_ptr, sob, sot, soh, sod, scale,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr, cs_ptr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, EXCL: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """o = scale * (q @ S) for one sub-chunk of BC tokens and one block of BV value columns."""
     nk = tl.cdiv(K, BK)
     NC: tl.constexpr = BT // BC
     vb, i, c, bh, b, hh = _program(tl.program_id(0).to(tl.int64), tl.cdiv(V, BV), NC, NT, H)
+    c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
     DT = q_ptr.dtype.element_ty
-    q_off = b * sqb + hh * sqh
-    k_off = b * skb + hh * skh
-    v_off = b * svb + hh * svh
-    g_off = b * sgb + hh * sgh
+    q_off = b * sqb + bos * sqt + hh * sqh
+    k_off = b * skb + bos * skt + hh * skh
+    v_off = b * svb + bos * svt + hh * svh
+    g_off = b * sgb + bos * sgt + hh * sgh
     cs = (c * BT).to(tl.int32)
     ss = cs + i * BC
     rows = tl.arange(0, BC)
@@ -233,7 +266,7 @@ def _out_kernel(
             between += tl.sum(here, axis=0)
         # the entering state, read by the queries decayed from the chunk start (`between` now
         # sums the log decays of all earlier sub-chunks)
-        kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+        kv = (row0 + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
         h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
         o += _mm(qin * tl.exp(between)[None, :], h, IEEE, DT)
         # the diagonal sub-chunk, one key column at a time with its exact decay weights
@@ -244,7 +277,7 @@ def _out_kernel(
             score = tl.sum(qi * w * ks[None, :], axis=1)
             o += score[:, None] * vs[None, :]
     p = _phys(t, T, REV).to(tl.int64)
-    o_ptrs = o_ptr + b * sob + hh * soh + p[:, None] * sot + cv[None, :].to(tl.int64) * sod
+    o_ptrs = o_ptr + b * sob + bos * sot + hh * soh + p[:, None] * sot + cv[None, :].to(tl.int64) * sod
     tl.store(o_ptrs, (o * scale).to(o_ptr.dtype.element_ty), mask=(t < T)[:, None] & (cv < V)[None, :])
 
 
@@ -254,21 +287,23 @@ def _readout_kernel(
     b_ptr, sbb, sbt, sbh, sbd,
     c_ptr, scb, sct, sch, scd,
     g_ptr, sgb, sgt, sgh, sgd,
-    hs_ptr, o_ptr, scale,
-    T, H, K, V, NT,
+    hs_ptr, o_ptr, sob, sot, soh, sod, scale,
+    T, H, K, V, NT, cu_ptr, cb_ptr, cs_ptr,
     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, REV: tl.constexpr, GS: tl.constexpr, EXCL: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """out_t = scale * (S_t @ a_t) along K (dq: a = do, b = v, c = k), for one sub-chunk and one
-    K block; out is a contiguous fp32 [B, T, H, K] tensor."""
+    K block; out is an fp32 [B, T, H, K] tensor."""
     nv = tl.cdiv(V, BV)
     NC: tl.constexpr = BT // BC
     kb, i, c, bh, b, hh = _program(tl.program_id(0).to(tl.int64), tl.cdiv(K, BK), NC, NT, H)
+    c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
     DT = a_ptr.dtype.element_ty
-    a_off = b * sab + hh * sah
-    b_off = b * sbb + hh * sbh
-    c_off = b * scb + hh * sch
-    g_off = b * sgb + hh * sgh
+    a_off = b * sab + bos * sat + hh * sah
+    b_off = b * sbb + bos * sbt + hh * sbh
+    c_off = b * scb + bos * sct + hh * sch
+    g_off = b * sgb + bos * sgt + hh * sgh
     cs = (c * BT).to(tl.int32)
     ss = cs + i * BC
     rows = tl.arange(0, BC)
@@ -280,7 +315,7 @@ def _readout_kernel(
     for vb in range(nv):
         cv = vb * BV + tl.arange(0, BV)
         ai = _tile(a_ptr, a_off, t, ss, ss + BC, T, sat, cv, V, sad, REV)
-        kv = (bh * NT + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+        kv = (row0 + c) * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
         h = tl.load(hs_ptr + kv, mask=(ck < K)[:, None] & (cv < V)[None, :], other=0.0)
         inter += _mm(ai, tl.trans(h), IEEE, DT)
     out = tl.zeros((BC, BK), dtype=tl.float32)
@@ -313,7 +348,7 @@ def _readout_kernel(
         w = _diag_weights(gq, rows, s, EXCL)
         out += col[:, None] * cs_row[None, :] * w
     p = _phys(t, T, REV).to(tl.int64)
-    o_ptrs = o_ptr + ((b * T + p[:, None]) * H + hh) * K + ck[None, :]
+    o_ptrs = o_ptr + b * sob + bos * sot + hh * soh + p[:, None] * sot + ck[None, :].to(tl.int64) * sod
     tl.store(o_ptrs, out * scale, mask=(t < T)[:, None] & (ck < K)[None, :])
 
 
@@ -344,25 +379,41 @@ def _chunk(T: int, chunk_size: int) -> int:
     return max(SUB, min(_pow2(chunk_size), _pow2(T)))
 
 
-def _states(k, v, g, h0, h0_scale, decay, rev, shift, BT, state_dtype):
+def packed(seqs: Sequences | None, dummy: Tensor) -> tuple:
+    """The packed-sequence tables a kernel reads (cu_ptr, cb_ptr, cs_ptr): `dummy` three times
+    when the batch is regular (VARLEN=0 never reads them)."""
+    if seqs is None:
+        return dummy, dummy, dummy
+    return seqs.offsets, seqs.first_chunk, seqs.chunk_sequence
+
+
+def state_rows(B: int, H: int, T: int, BT: int, seqs: Sequences | None) -> tuple[int, int, int]:
+    """(lanes of final states, rows x chunks of the entering-state buffer): [B * H] and
+    [B * H, ceil(T / BT)] for a regular batch, [N * H] and [H, all chunks] for packed sequences."""
+    if seqs is None:
+        return B * H, B * H, -(-T // BT)
+    return seqs.count * H, H, seqs.chunks
+
+
+def _states(k, v, g, h0, h0_scale, decay, rev, shift, BT, state_dtype, seqs=None):
     """Run _state_kernel: (states entering each chunk [BH, NT, K, V], final state fp32)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    NT = -(-T // BT)
+    lanes, rows, NT = state_rows(B, H, T, BT, seqs)
     BK, BV = _blocks(K, V)
-    hs = torch.empty(B * H, NT, K, V, device=k.device, dtype=state_dtype)
-    hT = torch.empty(B * H, K, V, device=k.device, dtype=torch.float32)
-    grid = (B * H * triton.cdiv(K, BK) * triton.cdiv(V, BV),)
+    hs = torch.empty(rows, NT, K, V, device=k.device, dtype=state_dtype)
+    hT = torch.empty(lanes, K, V, device=k.device, dtype=torch.float32)
+    grid = (lanes * triton.cdiv(K, BK) * triton.cdiv(V, BV),)
     _state_kernel[grid](
         k, *k.stride(), v, *v.stride(), k if g is None else g, *_strides(g),
-        hT if h0 is None else h0, float(h0_scale), hs, hT, T, H, K, V, NT,
+        hT if h0 is None else h0, float(h0_scale), hs, hT, T, H, K, V, NT, *packed(seqs, hT)[:2],
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, HAS_H0=h0 is not None,
-        IEEE=k.dtype == torch.float32, num_warps=_warps(k),
+        IEEE=k.dtype == torch.float32, VARLEN=seqs is not None, num_warps=_warps(k),
     )
     return hs, hT
 
 
-def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT):
+def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT, seqs=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
     NT = hs.shape[1]
@@ -370,14 +421,14 @@ def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT):
     grid = (B * H * NT * (BT // SUB) * triton.cdiv(V, BV),)
     _out_kernel[grid](
         q, *q.stride(), k, *k.stride(), v, *v.stride(), q if g is None else g, *_strides(g),
-        hs, out, *out.stride(), float(scale), T, H, K, V, NT,
+        hs, out, *out.stride(), float(scale), T, H, K, V, NT, *packed(seqs, hs),
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
-        IEEE=q.dtype == torch.float32, num_warps=_warps(q),
+        IEEE=q.dtype == torch.float32, VARLEN=seqs is not None, num_warps=_warps(q),
     )
     return out
 
 
-def _readout(a, b, c, g, hs, scale, decay, rev, shift, exclusive, BT):
+def _readout(a, b, c, g, hs, scale, decay, rev, shift, exclusive, BT, seqs=None):
     B, T, H, V = a.shape
     K = c.shape[-1]
     NT = hs.shape[1]
@@ -386,9 +437,9 @@ def _readout(a, b, c, g, hs, scale, decay, rev, shift, exclusive, BT):
     grid = (B * H * NT * (BT // SUB) * triton.cdiv(K, BK),)
     _readout_kernel[grid](
         a, *a.stride(), b, *b.stride(), c, *c.stride(), a if g is None else g, *_strides(g),
-        hs, out, float(scale), T, H, K, V, NT,
+        hs, out, *out.stride(), float(scale), T, H, K, V, NT, *packed(seqs, hs),
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
-        IEEE=a.dtype == torch.float32, num_warps=_warps(a),
+        IEEE=a.dtype == torch.float32, VARLEN=seqs is not None, num_warps=_warps(a),
     )
     return out
 
@@ -400,55 +451,75 @@ def _state_dtype(x: Tensor) -> torch.dtype:
 class _ChunkLinearAttention(torch.autograd.Function):
     """q, k [B, T, H, K], v [B, T, H, V], g None | [B, T, H] | [B, T, H, K] (views, maybe
     stride 0), h0 None | [BH, K, V] fp32 contiguous. Returns o [B, T, H, V] and the final
-    state [BH, K, V] fp32."""
+    state [BH, K, V] fp32. With packed sequences (`seqs`, B = 1) BH is sequences x heads."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, decay, scale, exclusive, BT):
+    def forward(ctx, q, k, v, g, h0, decay, scale, exclusive, BT, seqs):
         B, T, H, K = q.shape
-        hs, hT = _states(k, v, g, h0, 1.0, decay, False, 0, BT, _state_dtype(k))
+        hs, hT = _states(k, v, g, h0, 1.0, decay, False, 0, BT, _state_dtype(k), seqs)
         o = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=v.dtype)
-        _outputs(q, k, v, g, hs, o, scale, decay, False, 0, exclusive, BT)
+        _outputs(q, k, v, g, hs, o, scale, decay, False, 0, exclusive, BT, seqs)
         ctx.save_for_backward(q, k, v, g, hs, hT)
-        ctx.args = (decay, scale, exclusive, BT, h0 is not None)
+        ctx.args = (decay, scale, exclusive, BT, h0 is not None, seqs)
         return o, hT
 
     @staticmethod
     def backward(ctx, do, dhT):
         q, k, v, g, hs, hT = ctx.saved_tensors
-        decay, scale, exclusive, BT, has_h0 = ctx.args
+        decay, scale, exclusive, BT, has_h0, seqs = ctx.args
         B, T, H, K = q.shape
         do = torch.zeros_like(v) if do is None else do.to(v.dtype)
         dhT = torch.zeros_like(hT) if dhT is None else dhT.float().contiguous()
         shift = 0 if exclusive else 1  # the reversed inclusive problem sees decays one token later
-        dq = _readout(do, v, k, g, hs, scale, decay, False, 0, exclusive, BT)
+        dq = _readout(do, v, k, g, hs, scale, decay, False, 0, exclusive, BT, seqs)
         # the time-reversed problem: keys q, values do, initial state dS_final (its outputs are
         # scaled by `scale`, its initial state must not be: it enters divided by scale)
-        hs_r, hT_r = _states(q, do, g, dhT, 1.0 / scale, decay, True, shift, BT, _state_dtype(q))
+        hs_r, hT_r = _states(q, do, g, dhT, 1.0 / scale, decay, True, shift, BT, _state_dtype(q), seqs)
         dv = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=torch.float32)
-        _outputs(k, q, do, g, hs_r, dv, scale, decay, True, shift, exclusive, BT)
-        dk = _readout(v, do, q, g, hs_r, scale, decay, True, shift, exclusive, BT)
+        _outputs(k, q, do, g, hs_r, dv, scale, decay, True, shift, exclusive, BT, seqs)
+        dk = _readout(v, do, q, g, hs_r, scale, decay, True, shift, exclusive, BT, seqs)
+        # each sequence's first and last token: [0] and [T - 1] of every row, or the packed offsets
+        starts = [0] if seqs is None else list(seqs.bounds[:-1])
+        ends = [T - 1] if seqs is None else [b - 1 for b in seqs.bounds[1:]]
         dh0 = None
         if has_h0:
             dh0 = hT_r * scale
-            if not exclusive and g is not None:  # the reversed pass never saw token 0's decay
-                first = g[:, 0].float().expand(B, H, K) if decay == "key" else g[:, 0, :, None].float()
-                dh0 = dh0 * torch.exp(first).reshape(B * H, -1, 1)
+            if not exclusive and g is not None:  # the reversed pass never saw a first token's decay
+                first = _at_times(g.float(), starts)  # [rows, H] or [rows, H, K], rows = B or N
+                first = first.expand(*first.shape[:2], K) if decay == "key" else first[..., None]
+                dh0 = dh0 * torch.exp(first).reshape(-1, first.shape[-1], 1)
         dg = None
         if g is not None and ctx.needs_input_grad[3]:
-            # d log-cumsum at t: q_t . dq_t (q_{t+1} . dq_{t+1} when exclusive) - k_t . dk_t, plus
-            # the final state's share at T - 1; the log decays get its reverse cumsum
+            # d log-cumsum at t: q_t . dq_t (q_{t+1} . dq_{t+1} when exclusive, within the same
+            # sequence) - k_t . dk_t, plus the final state's share at each sequence's last token;
+            # the log decays get its reverse cumsum over each sequence
             read = q.float() * dq
             dlog = -(k.float() * dk)
             if exclusive:
+                if seqs is not None:
+                    read[:, starts[1:]] = 0  # a sequence's first read is no share of the one before
                 dlog[:, :-1] += read[:, 1:]
             else:
                 dlog += read
-            dlog[:, -1] += (hT * dhT).sum(-1).reshape(B, H, K)
-            dg = dlog.flip(1).cumsum(1).flip(1)
+            final = (hT * dhT).sum(-1).reshape(-1, H, K)  # [rows, H, K]
+            if seqs is None:
+                dlog[:, -1] += final
+                dg = dlog.flip(1).cumsum(1).flip(1)
+            else:
+                dlog[0, ends] += final
+                dg = segment_reverse_cumsum(dlog, seqs.bounds)
             if decay == "scalar":
                 dg = dg.sum(-1)
             dg = dg.to(g.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None, None
+
+
+def _at_times(x: Tensor, times: list) -> Tensor:
+    """x[:, t] for a regular batch (times == [0]: [B, ...]), x[0, times] for packed sequences
+    ([N, ...]); `x` may be a stride-0 view along time or batch."""
+    if times == [0]:
+        return x[:, 0]
+    return x[0, times]
 
 
 def triton_chunk_linear_attention(
@@ -462,11 +533,13 @@ def triton_chunk_linear_attention(
     initial_state: Tensor | None = None,
     exclusive: bool = False,
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`psmc.runtime.chunkwise.chunk_linear_attention` on Triton kernels (same arguments, shapes,
     broadcasting, dtypes and gradients; see its docstring). Inputs must be CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1. float64 inputs, empty sequences and scale == 0 run the
-    torch chunkwise path instead."""
+    torch chunkwise path instead. With `cu_seqlens` the N packed sequences run in the same
+    launches as one batch row would (no loop over sequences)."""
     from psmc.runtime import chunkwise
 
     chunkwise._check_kind(log_decay, decay)
@@ -477,8 +550,13 @@ def triton_chunk_linear_attention(
     if q.dtype == torch.float64 or T == 0 or scale == 0 or q.dtype != k.dtype or q.dtype != v.dtype:
         return chunkwise._chunk_linear_attention_torch(
             q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
-            exclusive=exclusive, chunk_size=chunk_size)
+            exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
     H = chunkwise._prod(lanes)
+    seqs, rows = None, B
+    if cu_seqlens is not None:
+        bounds = chunkwise._packed_bounds(cu_seqlens, B, T)
+        BT = _chunk(max(b - a for a, b in zip(bounds, bounds[1:])), chunk_size)
+        seqs, rows = sequences(bounds, BT, q.device), len(bounds) - 1
 
     def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:
         # a stride-0 view when the lane axes broadcast (a copy only for multi-axis broadcasts)
@@ -492,7 +570,7 @@ def triton_chunk_linear_attention(
             g4 = g4.expand(B, T, *g4.shape[2:])
     h0 = None
     if initial_state is not None:
-        h0 = initial_state.float().expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
-    o, hT = _ChunkLinearAttention.apply(q4, k4, v4, g4, h0, decay, float(scale), bool(exclusive),
-                                        _chunk(T, chunk_size))
-    return o.reshape(B, T, *lanes, V), hT.reshape(B, *lanes, K, V)
+        h0 = initial_state.float().expand(rows, *lanes, K, V).reshape(rows * H, K, V).contiguous()
+    BT = _chunk(T, chunk_size) if seqs is None else seqs.chunk
+    o, hT = _ChunkLinearAttention.apply(q4, k4, v4, g4, h0, decay, float(scale), bool(exclusive), BT, seqs)
+    return o.reshape(B, T, *lanes, V), hT.reshape(rows, *lanes, K, V)
