@@ -67,6 +67,8 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     scale = _scale_code(p, ref)
     S = op.state[p["s_index"]]
     lines = [
+        "    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call",
+        "",
         "    def _fast_forward(self, call, index, state):",
         f'        """Chunkwise matmul form (decay: {p["kind"]}), recognised from the IR."""',
         "        cx, lead = call.ctx, call.lead",
@@ -90,7 +92,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         lines += ["        g_ = None"]
     lines += [
         f"        out, s_last = _chunkwise.chunk_linear_attention(q_, k_, v_, g_, decay={p['kind']!r}, "
-        f"scale={scale}, initial_state=s0)",
+        f"scale={scale}, initial_state=s0, cu_seqlens=call.cu_seqlens)",
         f"        s_last = s_last.to(cx.dt[{S.dtype!r}])",
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
         "cx.dev)",
@@ -100,13 +102,13 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         lines += [
             "        a_total = None  # dead in a stream prefix: nothing it feeds is read",
             "        if call.carry_terms is not None:  # context parallelism: a slice's total needs it",
-            f"            a_total = torch.exp(g_.sum(dim=1)).to(cx.dt[{A.dtype!r}])",
+            f"            a_total = _chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])",
         ]
         element = ["a_total", "s_last"] if p["decay_index"] == 0 else ["s_last", "a_total"]
     elif p["decay_index"] is not None:
         A = op.state[p["decay_index"]]
         lines += [
-            f"        a_total = torch.exp(g_.sum(dim=1)).to(cx.dt[{A.dtype!r}])",
+            f"        a_total = _chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])",
             "        if carry is not None:",
             f"            a_total = a_total * carry[{p['decay_index']}]",
         ]

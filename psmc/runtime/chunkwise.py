@@ -124,6 +124,18 @@ def chunk_linear_attention(
         exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
 
 
+def decay_total(log_decay: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """exp of the log decays summed over time: [B, ...] for a batch, [N, ...] per packed sequence."""
+    if cu_seqlens is None:
+        return torch.exp(log_decay.sum(dim=1))
+    bounds = cu_seqlens_bounds("decay_total", cu_seqlens)
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=log_decay.device)
+    owner = torch.arange(len(bounds) - 1, device=log_decay.device).repeat_interleave(lengths)
+    per_token = log_decay[0].expand(bounds[-1], *log_decay.shape[2:])
+    sums = per_token.new_zeros(len(bounds) - 1, *log_decay.shape[2:]).index_add_(0, owner, per_token)
+    return torch.exp(sums)
+
+
 def _packed_bounds(cu_seqlens: Tensor, batch: int, steps: int) -> list:
     """The offsets of packed sequences, checked against inputs [1, steps, ...]."""
     bounds = cu_seqlens_bounds("chunk_linear_attention", cu_seqlens)

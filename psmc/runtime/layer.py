@@ -543,13 +543,19 @@ class PsmLayer(nn.Module):
     # ------------------------------------------------------------------ varlen and ragged batches
     def _forward_varlen(self, inputs: dict, cu_seqlens, state):
         """Each packed sequence on its own (its own scan, its own tree): exactly the outputs and
-        state of running it alone; outputs are packed back as `[1, total_T, ...]`."""
+        state of running it alone; outputs are packed back as `[1, total_T, ...]`. Ops whose
+        fast path takes packed sequences (the chunk kernels) run them all in one call."""
         spec = self.spec
         bounds = _check_cu_seqlens(spec.name, cu_seqlens, inputs)
         n = len(bounds) - 1
         if state is not None and _batch_rows(state) not in (0, n):
             raise ValueError(f"{spec.name}: cu_seqlens holds {n} sequences but the state has "
                              f"{_batch_rows(state)} batch rows; pass one row per sequence")
+        if state is not None and _batch_rows(state) == 0:
+            state = None
+        packed = self._forward_packed(inputs, cu_seqlens, bounds, state)
+        if packed is not None:
+            return packed
         outs, states = [], []
         for i in range(n):
             lo, hi = bounds[i], bounds[i + 1]
@@ -562,6 +568,40 @@ class PsmLayer(nn.Module):
             states.append(new_state)
         packed = tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
         return (packed[0] if len(packed) == 1 else packed), cat_states(states)
+
+    def _forward_packed(self, inputs: dict, cu_seqlens, bounds: list, state):
+        """All packed sequences through one `_fast_forward` call that takes `call.cu_seqlens`
+        (`_packs_sequences`, printed for the chunk fast paths), when that is what would run
+        them one by one; None otherwise (and when a NaN needs the causal rerun, which the loop
+        over sequences does)."""
+        if not (getattr(self, "_packs_sequences", False) and self.use_fast_path and self.spec.fast):
+            return None
+        if state is not None and type(state) is not ScanState:  # ragged rows: one by one
+            return None
+        if state is not None and (self.spec.lift_index or self.spec.readout_index):
+            return None  # (positions continue each row's count: the loop handles it)
+        call = self._prepare_forward(inputs)
+        if state is not None:
+            self._check_state(state, call)
+        if self._token_route(call) is not None:
+            return None
+        call = dataclasses.replace(call, cu_seqlens=cu_seqlens)
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        dev = call.ctx.dev
+        starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=dev)
+        shape = [1] * len(call.lead)
+        shape[1] = bounds[-1]
+        index = (torch.arange(bounds[-1], dtype=torch.int64, device=dev)
+                 - starts.repeat_interleave(torch.tensor(lengths, device=dev))).reshape(shape)
+        outputs, new_state = self._fast_forward(call, index, state)
+        if self._needs_causal_rerun(outputs, call):
+            return None
+        self._check_outputs(outputs, call)
+        outputs = _in_dtype(outputs, call)
+        start = 0 if state is None else state.size
+        rows = [_tagged(dataclasses.replace(new_state[i], count=start + length), call.tag)
+                for i, length in enumerate(lengths)]
+        return (outputs[0] if len(outputs) == 1 else outputs), cat_states(rows)
 
     def _forward_ragged(self, inputs: dict, state: RaggedState):
         """Continue a ragged batch: rows with equal counts run together, each as it would alone."""
@@ -949,16 +989,22 @@ class PsmLayer(nn.Module):
         return self._strategy.scan.scan(self, call, leaves, inner, exclusive)
 
     # ------------------------------------------------------------------ token-level ops
-    def _forward_tokens(self, call, state, return_state):
-        spec = self.spec
+    def _token_route(self, call):
+        """What runs this call's parallel pass: `cpu_support.forward` (the C++ kernels), a
+        dispatch path's `run`, or None: the layer's own torch code (`_fast_forward` when the op
+        has a fast path and it is on, else the generic scan)."""
         if self.backend in ("auto", "cpu") and self._strategy.token_kernels:
             from . import cpu_support
             if cpu_support.use_cpu(self, call, "forward"):
-                return cpu_support.forward(self, call, state)
+                return cpu_support.forward
         from . import dispatch
-        path = dispatch.choose(self, call, "forward")
-        if path.run is not None:
-            return path.run(self, call, state)
+        return dispatch.choose(self, call, "forward").run
+
+    def _forward_tokens(self, call, state, return_state):
+        spec = self.spec
+        run = self._token_route(call)
+        if run is not None:
+            return run(self, call, state)
         lead = call.lead
         T = lead[1]
         start = 0 if state is None else state.size
@@ -1157,6 +1203,8 @@ class _Call:
     # a step signature whose later tokens take the decode lane (no cast, no output check):
     # backend='auto' then steps with the C++ kernels (cpu_support.auto_steps)
     step_lean: bool = False
+    # packed sequences (fla's offsets) a fast path runs in one call (`_forward_packed`)
+    cu_seqlens: Tensor | None = None
 
 
 def _compiling() -> bool:

@@ -204,7 +204,9 @@ def _state_kernel(
         h = tl.zeros((BK, BV), dtype=tl.float32)
     rows = tl.arange(0, BC)
     NC: tl.constexpr = BT // BC
-    for c in range(tl.cdiv(T, BT)):
+    if VARLEN:
+        NT = tl.cdiv(T, BT)  # this sequence's chunks (a regular batch: every row's NT)
+    for c in range(NT):
         tl.store(hs_ptr + (row0 + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
         # the same recurrence one sub-chunk of BC tokens at a time (smaller tiles, no spills)
         for i in range(NC):

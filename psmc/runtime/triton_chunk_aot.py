@@ -27,6 +27,11 @@ CONFIGS = [
     ("rwkv6", torch.bfloat16, 64, "key", True, True, True),
     ("gla", torch.float32, 64, "key", False, False, True),
 ]
+# the same with packed sequences (cu_seqlens: three sequences of the T tokens)
+VARLEN_CONFIGS = [
+    ("gla", torch.bfloat16, 128, "key", False, True, True),
+    ("rwkv6", torch.float32, 64, "key", True, True, False),
+]
 # (name, dtype, K = V, gated, in the test)
 DELTA_CONFIGS = [
     ("delta_rule", torch.bfloat16, 128, False, False),
@@ -64,20 +69,24 @@ def record(test_only: bool = False) -> list:
     log: list = []
     B, T, H = 1, 128, 2
     with recording(tc, ["_state_kernel", "_out_kernel", "_readout_kernel"], log):
-        for name, dtype, width, decay, exclusive, backward, in_test in CONFIGS:
+        packed = torch.tensor([0, 40, 41, T], dtype=torch.int32)
+        runs = [(c, None) for c in CONFIGS] + [(c, packed) for c in VARLEN_CONFIGS]
+        for (name, dtype, width, decay, exclusive, backward, in_test), cu in runs:
             if test_only and not in_test:
                 continue
             start = len(log)
             q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=backward)
             k, v = torch.zeros_like(q, requires_grad=backward), torch.zeros_like(q, requires_grad=backward)
             g = None if decay == "none" else torch.zeros(B, T, H, *((width,) if decay == "key" else ()))
-            s0 = torch.zeros(B, H, width, width)
-            o, s = tc.triton_chunk_linear_attention(q, k, v, g, decay=decay, initial_state=s0, exclusive=exclusive)
+            s0 = torch.zeros(B if cu is None else len(cu) - 1, H, width, width)
+            o, s = tc.triton_chunk_linear_attention(q, k, v, g, decay=decay, initial_state=s0, exclusive=exclusive,
+                                                    cu_seqlens=cu)
             middle = len(log)
             if backward:
                 (o.float().sum() + s.sum()).backward()
+            label = f"{name} {str(dtype)[6:]} K=V={width}{'' if cu is None else ' packed'}"
             for i in range(start, len(log)):
-                log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", "forward" if i < middle else "backward") + log[i]
+                log[i] = (label, "forward" if i < middle else "backward") + log[i]
     try:
         from psmc.runtime import triton_delta as td
     except ImportError:

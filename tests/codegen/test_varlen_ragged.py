@@ -126,3 +126,80 @@ def test_varlen_needs_packed_batch_one():
     two = {n: x.expand(2, *x.shape[1:]) for n, x in inputs.items()}
     with pytest.raises(ValueError, match=r"packed as \[1, total_T"):
         layer(**two, cu_seqlens=cu)
+
+
+PACKING = ["gla", "simple_gla", "retention", "linear_attention"]  # fast paths that take packed sequences
+
+
+def _count_fast_calls(monkeypatch, layer):
+    calls = []
+    real = type(layer)._fast_forward
+
+    def spy(self, call, index, state):
+        calls.append(call.cu_seqlens is not None)
+        return real(self, call, index, state)
+    monkeypatch.setattr(type(layer), "_fast_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", PACKING)
+def test_packed_sequences_run_in_one_fast_path_call(name, monkeypatch):
+    """Ops whose fast path is the chunk form run all packed sequences in one call (one set of
+    kernel launches on a GPU), with the outputs, per-row states and gradients of the loop."""
+    layer, inputs, cu = packed_case(name)
+    layer.backend = "torch"
+    calls = _count_fast_calls(monkeypatch, layer)
+    floats = {n: x.clone().requires_grad_() for n, x in inputs.items() if x.is_floating_point()}
+    full = {**inputs, **floats}
+    packed, state = layer(**full, cu_seqlens=cu, return_state=True)
+    assert calls == [True]
+    want, states = alone(layer, full, cu)
+    assert_agree(as_tuple(packed), want, f"{name}: packed vs separate runs")
+    assert state.batch_size == len(LENGTHS)
+    assert [int(state[i].count) for i in range(len(LENGTHS))] == list(LENGTHS)
+    for i, row in enumerate(states):
+        for got, ref in zip(state[i].tensors(), row.tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    weights = [torch.randn(o.shape, dtype=o.dtype) for o in as_tuple(packed)]
+    loss = lambda outs: sum((o * w).sum() for o, w in zip(outs, weights))  # noqa: E731
+    g_packed = torch.autograd.grad(loss(as_tuple(packed)), list(floats.values()))
+    g_alone = torch.autograd.grad(loss(want), list(floats.values()))
+    for n, g, w in zip(floats, g_packed, g_alone):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: d/d{n}: {m}")
+    # continuing a batch-N state (regular: every row has seen the same count) stays packed
+    again_inputs = {n: x.detach() for n, x in full.items()}
+    even = psmc_cat([alone(layer, piece(again_inputs, 0, 2), torch.tensor([0, 1, 2]))[1][0]] * 3)
+    calls.clear()
+    again = as_tuple(layer(**again_inputs, cu_seqlens=cu, state=even))
+    assert calls == [True]
+    bounds = cu.tolist()
+    ref = [as_tuple(layer(**piece(again_inputs, bounds[i], bounds[i + 1]), state=even[i]))[0] for i in range(3)]
+    torch.testing.assert_close(again[0], torch.cat(ref, dim=1), rtol=1e-9, atol=1e-11)
+
+
+def psmc_cat(states):
+    import psmc
+    return psmc.cat_states(states)
+
+
+@pytest.mark.triton
+def test_packed_sequences_through_the_triton_chunk_kernels(monkeypatch):
+    """float32 GLA with the chunk kernels (under TRITON_INTERPRET=1 here, compiled on a GPU):
+    the packed call launches the state kernel once for all sequences and equals the loop."""
+    from psmc.runtime import chunkwise, triton_chunk
+    monkeypatch.setattr(chunkwise, "BACKEND", "triton")
+    layer, inputs, cu = packed_case("gla", lengths=(5, 17, 2))
+    layer = layer.float()
+    layer.backend = "torch"
+    inputs = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+    launches = []
+    real = triton_chunk._states
+    monkeypatch.setattr(triton_chunk, "_states", lambda *a, **k: launches.append(1) or real(*a, **k))
+    packed, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    assert len(launches) == 1
+    monkeypatch.setattr(chunkwise, "BACKEND", "torch")
+    want, states = alone(layer, inputs, cu)
+    torch.testing.assert_close(as_tuple(packed)[0], want[0], rtol=1e-4, atol=1e-4)
+    for i, row in enumerate(states):
+        for got, ref in zip(state[i].tensors(), row.tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

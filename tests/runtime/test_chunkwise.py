@@ -355,3 +355,33 @@ def test_inductor_compiles_the_chunkwise_form_choice_with_gradients():
         theirs = torch.autograd.grad(ref_o.sum() + ref_final.sum(), leaves)
         for mine, expected in zip(ours, theirs):
             assert_close(mine, expected.float(), torch.float32)
+
+
+@pytest.mark.parametrize("time", [9, 1])
+def test_decay_total_per_packed_sequence(time):
+    """The decay a packed sequence's state carries is exp of ITS log decays' sum (a constant
+    decay, time 1, counts once per token of each sequence)."""
+    g = -torch.rand(1, time, 2, 3, dtype=torch.float64)
+    cu = torch.tensor([0, 2, 3, 9])
+    got = chunkwise.decay_total(g, cu)
+    full = g.expand(1, 9, 2, 3)
+    want = torch.stack([torch.exp(full[0, a:b].sum(0)) for a, b in ((0, 2), (2, 3), (3, 9))])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(chunkwise.decay_total(full), torch.exp(full.sum(1)))
+
+
+def test_chunk_attention_packed_sequences_on_the_torch_path():
+    """cu_seqlens on the torch path: each sequence from its own initial state, final states [N]."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 11, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    g = -torch.rand(1, 11, 2, 4, generator=gen, dtype=torch.float64)
+    s0 = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 5, 11])
+    o, s = chunk_linear_attention(q, k, v, g, decay="key", initial_state=s0, cu_seqlens=cu, chunk_size=2)
+    for i, (a, b) in enumerate(((0, 4), (4, 5), (5, 11))):
+        oi, si = chunk_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], decay="key",
+                                        initial_state=s0[i:i + 1])
+        torch.testing.assert_close(o[:, a:b], oi)
+        torch.testing.assert_close(s[i:i + 1], si)
+    with pytest.raises(ValueError, match="packed as"):
+        chunk_linear_attention(q, k, v, g, decay="key", cu_seqlens=torch.tensor([0, 4, 10]))

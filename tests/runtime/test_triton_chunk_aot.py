@@ -48,9 +48,13 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     # every kernel of both passes, in both dtypes, for both operation families
     delta_bwd = ["_delta_dv_local_kernel", "_delta_dstate_kernel", "_delta_dqk_kernel", "_delta_wy_bwd_kernel"]
     bf16, delta = "gla bfloat16 K=V=128", "gated_delta_rule bfloat16 K=V=128"
+    packed = bf16 + " packed"  # cu_seqlens: VARLEN=1
     expected = {(bf16, "forward", "_state_kernel"), (bf16, "forward", "_out_kernel"),
                 (bf16, "backward", "_readout_kernel"), (bf16, "backward", "_state_kernel"),
                 (bf16, "backward", "_out_kernel"), ("gla float32 K=V=64", "forward", "_out_kernel"),
+                (packed, "forward", "_state_kernel"), (packed, "forward", "_out_kernel"),
+                (packed, "backward", "_readout_kernel"), (packed, "backward", "_state_kernel"),
+                (packed, "backward", "_out_kernel"),
                 (delta, "forward", "_wy_kernel"), (delta, "training forward", "_wy_kernel"),
                 ("gated_delta_rule float32 K=V=128", "forward", "_delta_state_kernel")}
     expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
