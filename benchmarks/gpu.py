@@ -14,6 +14,8 @@ rest still run; rows are printed as they finish and the table is written to $OUT
 - the delta rule at the same shape: psmc delta_rule against fla chunk_delta_rule;
 - the first-order scan at (B, D, T) = (8, 2048, 4096): psmc (each path) against accelerated-scan's
   Triton scan (its [B, D, T] layout) and torch's associative_scan under torch.compile;
+- packed sequences: GLA over 32 sequences of uneven lengths packed into B x T tokens (cu_seqlens),
+  psmc in one call and one call per sequence, against fla chunk_gla with the same offsets;
 - decode: one token at batch 1, microseconds per token, psmc step against fla fused_recurrent
   with T = 1 and a carried state;
 - correctness: each psmc output against the peer's at the benchmark shape (relative RMS; psmc's
@@ -417,6 +419,58 @@ def attention_cases(b: Bench, name: str, dtype):
                _grad_fn(fn, x) if fn else None, None)
 
 
+def packed_lengths(total: int, count: int, seed: int = 0) -> list:
+    """`count` sequence lengths (each >= 1) that sum to `total`, uneven as in a packed batch."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(count, generator=g) + 0.1
+    lengths = [max(1, int(w)) for w in (weights / weights.sum() * total).tolist()]
+    lengths[-1] += total - sum(lengths)
+    return lengths
+
+
+def packed_cases(b: Bench, dtype):
+    """GLA over packed sequences (cu_seqlens, B = 1): psmc in one call (the chunk kernels take all
+    sequences in the same launches) and one call per sequence, against fla chunk_gla with the
+    same offsets."""
+    B, T, H, K, V = TINY["attn"] if b.dry else FULL["attn"]
+    total = B * T
+    lengths = packed_lengths(total, 4 if b.dry else 32)
+    label = f"N={len(lengths)} total_T={total} H={H} K={K} V={V}"
+    group = "GLA packed"
+    try:
+        cls = load("gla")
+        x = attn_inputs("gla", (1, total, H, K, V), b.device, dtype)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=b.device)
+        backend = "torch" if b.dry else "auto"  # (a dry run's CPU 'auto' takes the C++ kernels, one by one)
+        layer = cls(backend=backend, check_finite=False, K=K, V=V).to(b.device)
+        looped = cls(backend=backend, check_finite=False, K=K, V=V).to(b.device)
+        looped._packs_sequences = False
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, "psmc gla", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        return
+    one_call = lambda leaves: layer(**leaves, cu_seqlens=cu)  # noqa: E731
+    by_sequence = lambda leaves: looped(**leaves, cu_seqlens=cu)  # noqa: E731
+    peer = None
+    try:
+        from fla.ops.gla import chunk_gla
+        peer = lambda leaves: chunk_gla(leaves["q"], leaves["k"], leaves["v"], leaves["gk"], cu_seqlens=cu)[0]  # noqa: E731
+    except Exception as e:  # noqa: BLE001
+        peer_note = f"{type(e).__name__}: {_first_line(e)}"
+
+    def check(mine, other):
+        """Against fla where it runs, else against psmc's other way (a dry run: both on CPU)."""
+        ref, against = other if peer is None or b.dry else (peer, "fla chunk_gla")
+        return verdict(rel_rms(_no_grad(ref, x).float(), _no_grad(mine, x).float()), dtype) + f" vs {against}"
+    b.case(group, label, dtype, "psmc gla, one call (auto)", lambda: _no_grad(one_call, x), _grad_fn(one_call, x),
+           lambda: check(one_call, (by_sequence, "psmc per sequence")))
+    b.case(group, label, dtype, "psmc gla, a call per sequence", lambda: _no_grad(by_sequence, x),
+           _grad_fn(by_sequence, x), lambda: check(by_sequence, (one_call, "psmc one call")))
+    if peer is None:
+        b.case(group, label, dtype, "fla chunk_gla (cu_seqlens)", None, None, None, peer_note)
+    else:
+        b.case(group, label, dtype, "fla chunk_gla (cu_seqlens)", lambda: _no_grad(peer, x), _grad_fn(peer, x), None)
+
+
 def _no_grad(fn, x):
     with torch.no_grad():
         return fn(x)
@@ -634,7 +688,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule first_order decode")
+                        help="groups to run: gla simple_gla delta_rule first_order decode packed")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -662,7 +716,8 @@ def main(argv=None) -> int:
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
-             ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32)]
+             ("packed", bf16), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
+             ("packed", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
     plan = []
@@ -673,6 +728,8 @@ def main(argv=None) -> int:
             plan.append((group, lambda dtype=dtype: first_order_cases(b, dtype, peak)))
         elif group == "decode":  # launch-bound: one dtype
             plan.append((group, lambda dtype=dtype: decode_cases(b, dtype)))
+        elif group == "packed":
+            plan.append((group, lambda dtype=dtype: packed_cases(b, dtype)))
         else:
             plan.append((group, lambda group=group, dtype=dtype: attention_cases(b, group, dtype)))
     for group, run in plan:
