@@ -72,6 +72,16 @@ def _chunk_count(T, NT, BT: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _first_row(bh, NT, row0, VARLEN: tl.constexpr):
+    """The row of a lane's first chunk in the entering-state buffer: `_sequence`'s row0 for packed
+    sequences, bh * NT (as row0 is, but in fewer registers) for a regular batch."""
+    if VARLEN:
+        return row0
+    else:
+        return bh * NT
+
+
+@triton.jit
 def _unit_lower_inverse(a, rows, BT: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular [BT, BT] A, by forward substitution:
     row t = e_t - sum_{s<t} A[t, s] row s."""
@@ -179,6 +189,7 @@ def _delta_state_kernel(
     Packed sequences (VARLEN): lane bh is (sequence, head), over that sequence's chunks."""
     bh, b, hh, ck, cv, kv, kv_mask = _state_block(tl.program_id(0).to(tl.int64), H, K, V, BK, BV)
     bos, T, row0, b = _sequence(b, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
     k_off = b * skb + bos * skt + hh * skh
     g_off = b * sgb + bos * sgt + hh * sgh
@@ -266,6 +277,7 @@ def _delta_dstate_kernel(
     sequences (VARLEN): lane bh is (sequence, head), over that sequence's chunks."""
     bh, b, hh, ck, cv, kv, kv_mask = _state_block(tl.program_id(0).to(tl.int64), H, K, V, BK, BV)
     bos, T, row0, b = _sequence(b, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
     q_off = b * sqb + bos * sqt + hh * sqh
     k_off = b * skb + bos * skt + hh * skh
