@@ -331,6 +331,7 @@ def _delta_dqk_kernel(
     b = bh // H
     hh = bh % H
     c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
     q_off = b * sqb + bos * sqt + hh * sqh
     k_off = b * skb + bos * skt + hh * skh
@@ -433,6 +434,7 @@ def _delta_wy_bwd_kernel(
     b = bh // H
     hh = bh % H
     c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
     k_off = b * skb + bos * skt + hh * skh
     v_off = b * svb + bos * svt + hh * svh
