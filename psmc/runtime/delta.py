@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from psmc.runtime import cpu_support
+from psmc.runtime.chunkwise import by_sequence
 from psmc.runtime.ops import broadcast_shapes
+from psmc.runtime.varlen import cu_seqlens_bounds
 
 __all__ = ["chunk_delta_rule", "delta_rule_step"]
 
@@ -74,6 +76,7 @@ def chunk_delta_rule(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The (gated) delta rule over all positions at once, in the chunked WY/UT form.
 
@@ -88,6 +91,11 @@ def chunk_delta_rule(
         chunk_size: tokens per chunk (shorter inputs use the next power of two >= T); None:
             the measured best of the path taken (torch: 32, or 64 under autograd; the Triton
             kernels' own default on GPU).
+        cu_seqlens: packed sequences (fla's convention): B = 1, and the N sequences are
+            tokens cu_seqlens[n]:cu_seqlens[n + 1] of the time axis, each run from its own
+            initial state (initial_state broadcastable to [N, *lanes, K, V]); the final
+            state is then [N, *lanes, K, V]. CUDA runs them in the same Triton launches;
+            the torch path runs them one after another.
 
     Returns:
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
@@ -101,21 +109,37 @@ def chunk_delta_rule(
         else:
             sizing = {} if chunk_size is None else {"chunk_size": chunk_size}
             return triton_chunk_delta_rule(q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-                                           **sizing)
-    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
+                                           cu_seqlens=cu_seqlens, **sizing)
+    return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size, cu_seqlens=cu_seqlens)
+
+
+def _packed_bounds(cu_seqlens: Tensor, batch: int, steps: int) -> list:
+    """The offsets of packed sequences, checked against inputs [1, steps, ...]."""
+    bounds = cu_seqlens_bounds("chunk_delta_rule", cu_seqlens)
+    if batch != 1 or bounds[-1] != steps:
+        raise ValueError(f"chunk_delta_rule: with cu_seqlens the inputs are packed as [1, total_T, ...] with "
+                         f"total_T = cu_seqlens[-1] = {bounds[-1]}; got batch {batch} and {steps} steps")
+    return bounds
 
 
 def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
                             scale: float, initial_state: Tensor | None,
-                            chunk_size: int | None) -> tuple[Tensor, Tensor]:
+                            chunk_size: int | None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """chunk_delta_rule as torch ops (differentiable by autograd; any device): the CPU path, and
     the Triton path's fallback for training, float64 and shapes its kernels do not take.
 
     Without autograd (no input requires grad, or grad mode is off) the inputs are copied once
     into chunk-major buffers (scale and beta applied in the same pass) and the chunk loop writes
-    into preallocated outputs; with autograd the same algebra runs on functional ops."""
+    into preallocated outputs; with autograd the same algebra runs on functional ops. Packed
+    sequences (cu_seqlens) run one after another (`chunkwise.by_sequence`)."""
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, beta, log_decay)
+    if cu_seqlens is not None:
+        bounds = _packed_bounds(cu_seqlens, batch, steps)
+
+        def one(q, k, v, beta, g, initial_state):
+            return _chunk_delta_rule_torch(q, k, v, beta, g, scale, initial_state, chunk_size)
+        return by_sequence(one, bounds, (q, k, v, beta, log_decay), initial_state, (*lanes, width_k, width_v))
     inputs = (q, k, v, beta, log_decay, initial_state)
     # (inside a torch.compile graph the functional form serves: Inductor plans the buffers, and
     # a thread-local scratch is nothing a graph can hold)

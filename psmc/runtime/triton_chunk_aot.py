@@ -39,6 +39,10 @@ DELTA_CONFIGS = [
     ("gated_delta_rule", torch.float32, 64, True, False),
     ("gated_delta_rule", torch.float32, 128, True, True),
 ]
+# packed sequences (cu_seqlens, VARLEN=1 kernels), training: (name, dtype, K = V, gated, lengths, in the test)
+DELTA_VARLEN_CONFIGS = [
+    ("gated_delta_rule", torch.bfloat16, 128, True, (50, 13, 65), True),
+]
 
 
 class _Recorder:
@@ -110,6 +114,23 @@ def record(test_only: bool = False) -> list:
                 for i in range(start, len(log)):
                     phase = "backward" if i >= middle else ("training forward" if grad else "forward")
                     log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", phase) + log[i]
+    with recording(td, td.KERNELS, log), recording(tc, ["_out_kernel"], log):
+        for name, dtype, width, gated, lengths, in_test in DELTA_VARLEN_CONFIGS:
+            if (test_only and not in_test) or not td.HAS_BACKWARD:
+                continue
+            start, total = len(log), sum(lengths)
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+            q = torch.zeros(1, total, H, width, dtype=dtype, requires_grad=True)
+            k, v = torch.zeros_like(q, requires_grad=True), torch.zeros_like(q, requires_grad=True)
+            beta = torch.zeros(1, total, H, dtype=dtype, requires_grad=True)
+            g = torch.zeros(1, total, H, requires_grad=True) if gated else None
+            s0 = torch.zeros(len(lengths), H, width, width, requires_grad=True)
+            o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=s0, cu_seqlens=cu)
+            middle = len(log)
+            torch.autograd.backward([o, s], [torch.ones_like(o), torch.ones_like(s)])
+            for i in range(start, len(log)):
+                phase = "backward" if i >= middle else "training forward"
+                log[i] = (f"{name} {str(dtype)[6:]} K=V={width} varlen {len(lengths)} seqs", phase) + log[i]
     return log
 
 

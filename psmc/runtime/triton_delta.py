@@ -41,7 +41,8 @@ import triton.language as tl
 
 from psmc.runtime import delta as _delta
 from psmc.runtime import triton_chunk as _tc
-from psmc.runtime.triton_chunk import _mm, _pow2, _tile
+from psmc.runtime.triton_chunk import _mm, _place, _pow2, _sequence, _tile
+from psmc.runtime.varlen import sequences
 
 __all__ = ["triton_chunk_delta_rule", "HAS_BACKWARD", "KERNELS"]
 
@@ -59,6 +60,25 @@ def _gates(g_ptr, off, t, lo, hi, T, s_t, DECAY: tl.constexpr):
     else:
         ok = (t >= lo) & (t < hi) & (t < T)
         return tl.load(g_ptr + off + t.to(tl.int64) * s_t, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_count(T, NT, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """The chunks of a pass over one sequence: NT (a regular batch), or those of its length T."""
+    if VARLEN:
+        return tl.cdiv(T, BT)
+    else:
+        return NT
+
+
+@triton.jit
+def _first_row(bh, NT, row0, VARLEN: tl.constexpr):
+    """The row of a lane's first chunk in the entering-state buffer: `_sequence`'s row0 for packed
+    sequences, bh * NT (as row0 is, but in fewer registers) for a regular batch."""
+    if VARLEN:
+        return row0
+    else:
+        return bh * NT
 
 
 @triton.jit
@@ -80,27 +100,29 @@ def _wy_kernel(
     b_ptr, sbb, sbt, sbh,
     g_ptr, sgb, sgt, sgh,
     w_ptr, u_ptr, inv_ptr,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr, cs_ptr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, IEEE: tl.constexpr,
-    STORE_INV: tl.constexpr,
+    STORE_INV: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """W = (I + A)^-1 (beta e^G K) [B, T, H, K] and U~ = (I + A)^-1 (beta V) [B, T, H, V] for one
     chunk of one lane; with STORE_INV (training) also (I + A)^-1 itself, row t of the chunk's
-    [BT, BT] inverse at [B, T, H, BT] (the backward's)."""
+    [BT, BT] inverse at [B, T, H, BT] (the backward's). Packed sequences (VARLEN): chunk c of
+    all NT, placed in its sequence (T is then that sequence's length, from its first token bos)."""
     pid = tl.program_id(0).to(tl.int64)
     c = pid % NT
     bh = pid // NT
     b = bh // H
     hh = bh % H
+    c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
     DT = k_ptr.dtype.element_ty
-    k_off = b * skb + hh * skh
-    v_off = b * svb + hh * svh
+    k_off = b * skb + bos * skt + hh * skh
+    v_off = b * svb + bos * svt + hh * svh
     lo = (c * BT).to(tl.int32)
     rows = tl.arange(0, BT)
     t = lo + rows
     ok = t < T
-    beta = tl.load(b_ptr + b * sbb + hh * sbh + t.to(tl.int64) * sbt, mask=ok, other=0.0).to(tl.float32)
-    gl = _gates(g_ptr, b * sgb + hh * sgh, t, lo, lo + BT, T, sgt, DECAY)  # [BT]
+    beta = tl.load(b_ptr + b * sbb + hh * sbh + (bos + t.to(tl.int64)) * sbt, mask=ok, other=0.0).to(tl.float32)
+    gl = _gates(g_ptr, b * sgb + bos * sgt + hh * sgh, t, lo, lo + BT, T, sgt, DECAY)  # [BT]
     from_start = tl.cumsum(gl, axis=0)  # G_t, <= 0
     # span[t, s] = sum of the log decays over s < r <= t: a cumsum down each column, exact
     span = tl.cumsum(tl.where(rows[:, None] > rows[None, :], gl[:, None], 0.0), axis=0)
@@ -113,20 +135,20 @@ def _wy_kernel(
     a = tl.where(lower, beta[:, None] * tl.exp(tl.where(lower, span, 0.0)) * kk, 0.0)
     inv = _unit_lower_inverse(a, rows, BT)
     if STORE_INV:
-        inv_ptrs = inv_ptr + ((b * T + t.to(tl.int64)[:, None]) * H + hh) * BT + rows[None, :]
+        inv_ptrs = inv_ptr + ((b * T + bos + t.to(tl.int64)[:, None]) * H + hh) * BT + rows[None, :]
         tl.store(inv_ptrs, inv.to(inv_ptr.dtype.element_ty), mask=ok[:, None])
     wk = (beta * tl.exp(from_start))[:, None]  # [BT, 1]
     for kb in range(tl.cdiv(K, BK)):
         ck = kb * BK + tl.arange(0, BK)
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False).to(tl.float32)
         w = _mm(inv, kt * wk, IEEE, DT)
-        w_ptrs = w_ptr + ((b * T + t.to(tl.int64)[:, None]) * H + hh) * K + ck[None, :]
+        w_ptrs = w_ptr + ((b * T + bos + t.to(tl.int64)[:, None]) * H + hh) * K + ck[None, :]
         tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=ok[:, None] & (ck < K)[None, :])
     for vb in range(tl.cdiv(V, BV)):
         cv = vb * BV + tl.arange(0, BV)
         vt = _tile(v_ptr, v_off, t, lo, lo + BT, T, svt, cv, V, svd, False).to(tl.float32)
         u = _mm(inv, vt * beta[:, None], IEEE, DT)
-        u_ptrs = u_ptr + ((b * T + t.to(tl.int64)[:, None]) * H + hh) * V + cv[None, :]
+        u_ptrs = u_ptr + ((b * T + bos + t.to(tl.int64)[:, None]) * H + hh) * V + cv[None, :]
         tl.store(u_ptrs, u.to(u_ptr.dtype.element_ty), mask=ok[:, None] & (cv < V)[None, :])
 
 
@@ -158,24 +180,27 @@ def _delta_state_kernel(
     k_ptr, skb, skt, skh, skd,
     g_ptr, sgb, sgt, sgh,
     w_ptr, u_ptr, h0_ptr, hs_ptr, hT_ptr,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DECAY: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
+    DECAY: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """Chunks in order for one lane and BV value columns (all K rows): store the entering state,
-    U = U~ - W S (in place of U~), S <- e^{G_L} S + (K e^{G_L - G})^T U; the final state in fp32."""
+    U = U~ - W S (in place of U~), S <- e^{G_L} S + (K e^{G_L - G})^T U; the final state in fp32.
+    Packed sequences (VARLEN): lane bh is (sequence, head), over that sequence's chunks."""
     bh, b, hh, ck, cv, kv, kv_mask = _state_block(tl.program_id(0).to(tl.int64), H, K, V, BK, BV)
+    bos, T, row0, b = _sequence(b, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
-    k_off = b * skb + hh * skh
-    g_off = b * sgb + hh * sgh
+    k_off = b * skb + bos * skt + hh * skh
+    g_off = b * sgb + bos * sgt + hh * sgh
     h = _load_state(h0_ptr, bh, kv, kv_mask, K, V, HAS_H0, BK, BV)
     rows = tl.arange(0, BT)
-    for c in range(NT):
-        tl.store(hs_ptr + (bh * NT + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
+    for c in range(_chunk_count(T, NT, BT, VARLEN)):
+        tl.store(hs_ptr + (row0 + c) * K * V + kv, h.to(hs_ptr.dtype.element_ty), mask=kv_mask)
         lo = c * BT
         t = lo + rows
         ok = t < T
-        rowsT = (b * T + t.to(tl.int64)) * H + hh
+        rowsT = (b * T + bos + t.to(tl.int64)) * H + hh
         w = tl.load(w_ptr + rowsT[:, None] * K + ck[None, :], mask=ok[:, None] & (ck < K)[None, :], other=0.0)
         u_ptrs = u_ptr + rowsT[:, None] * V + cv[None, :]
         u_mask = ok[:, None] & (cv < V)[None, :]
@@ -196,8 +221,9 @@ def _delta_dv_local_kernel(
     g_ptr, sgb, sgt, sgh,
     do_ptr, sdb, sdt, sdh, sdd,
     du_ptr, scale,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr, cs_ptr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """The outputs' share of dU for one chunk, lane and V block:
     scale (Q K^T (.) e^{G_t - G_s}, s <= t)^T dO, fp32 into du [B, T, H, V]."""
@@ -208,9 +234,10 @@ def _delta_dv_local_kernel(
     bh = pid // (nv * NT)
     b = bh // H
     hh = bh % H
+    c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
     DT = k_ptr.dtype.element_ty
-    q_off = b * sqb + hh * sqh
-    k_off = b * skb + hh * skh
+    q_off = b * sqb + bos * sqt + hh * sqh
+    k_off = b * skb + bos * skt + hh * skh
     lo = (c * BT).to(tl.int32)
     rows = tl.arange(0, BT)
     t = lo + rows
@@ -221,14 +248,14 @@ def _delta_dv_local_kernel(
         qt = _tile(q_ptr, q_off, t, lo, lo + BT, T, sqt, ck, K, sqd, False)
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False)
         qk += _mm(qt, tl.trans(kt), IEEE, DT)
-    here = _gates(g_ptr, b * sgb + hh * sgh, t, lo, lo + BT, T, sgt, DECAY)
+    here = _gates(g_ptr, b * sgb + bos * sgt + hh * sgh, t, lo, lo + BT, T, sgt, DECAY)
     span = tl.cumsum(tl.where(rows[:, None] > rows[None, :], here[:, None], 0.0), axis=0)
     causal = rows[:, None] >= rows[None, :]
     p = tl.where(causal, qk * tl.exp(tl.where(causal, span, 0.0)), 0.0) * scale
     cv = vb * BV + tl.arange(0, BV)
-    dot = _tile(do_ptr, b * sdb + hh * sdh, t, lo, lo + BT, T, sdt, cv, V, sdd, False)
+    dot = _tile(do_ptr, b * sdb + bos * sdt + hh * sdh, t, lo, lo + BT, T, sdt, cv, V, sdd, False)
     du = _mm(tl.trans(p), dot, IEEE, DT)
-    rowsT = (b * T + t.to(tl.int64)) * H + hh
+    rowsT = (b * T + bos + t.to(tl.int64)) * H + hh
     tl.store(du_ptr + rowsT[:, None] * V + cv[None, :], du, mask=ok[:, None] & (cv < V)[None, :])
 
 
@@ -239,29 +266,33 @@ def _delta_dstate_kernel(
     g_ptr, sgb, sgt, sgh,
     do_ptr, sdb, sdt, sdh, sdd,
     w_ptr, dhT_ptr, dhs_ptr, dh0_ptr, du_ptr, scale,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DECAY: tl.constexpr, HAS_DHT: tl.constexpr, IEEE: tl.constexpr,
+    DECAY: tl.constexpr, HAS_DHT: tl.constexpr, IEEE: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """The reverse pass over chunks for one lane and BV value columns (all K rows), carrying dS
     (the gradient of the state leaving the chunk, fp32). Per chunk, last first: store dS, then
     dU += (K e^{G_L - G}) dS (in place, completing the gradient of U = U~ - W S), and
-    dS <- e^{G_L} dS + scale (Q e^G)^T dO - W^T dU. The last dS is d(initial state)."""
+    dS <- e^{G_L} dS + scale (Q e^G)^T dO - W^T dU. The last dS is d(initial state). Packed
+    sequences (VARLEN): lane bh is (sequence, head), over that sequence's chunks."""
     bh, b, hh, ck, cv, kv, kv_mask = _state_block(tl.program_id(0).to(tl.int64), H, K, V, BK, BV)
+    bos, T, row0, b = _sequence(b, hh, H, T, NT, cu_ptr, cb_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
-    q_off = b * sqb + hh * sqh
-    k_off = b * skb + hh * skh
-    g_off = b * sgb + hh * sgh
-    do_off = b * sdb + hh * sdh
+    q_off = b * sqb + bos * sqt + hh * sqh
+    k_off = b * skb + bos * skt + hh * skh
+    g_off = b * sgb + bos * sgt + hh * sgh
+    do_off = b * sdb + bos * sdt + hh * sdh
     dh = _load_state(dhT_ptr, bh, kv, kv_mask, K, V, HAS_DHT, BK, BV)
     rows = tl.arange(0, BT)
-    for cc in range(NT):
-        c = NT - 1 - cc
-        tl.store(dhs_ptr + (bh * NT + c) * K * V + kv, dh.to(dhs_ptr.dtype.element_ty), mask=kv_mask)
+    n = _chunk_count(T, NT, BT, VARLEN)
+    for cc in range(n):
+        c = n - 1 - cc
+        tl.store(dhs_ptr + (row0 + c) * K * V + kv, dh.to(dhs_ptr.dtype.element_ty), mask=kv_mask)
         lo = c * BT
         t = lo + rows
         ok = t < T
-        rowsT = (b * T + t.to(tl.int64)) * H + hh
+        rowsT = (b * T + bos + t.to(tl.int64)) * H + hh
         kt = _tile(k_ptr, k_off, t, lo, lo + BT, T, skt, ck, K, skd, False)
         here = _gates(g_ptr, g_off, t, lo, lo + BT, T, sgt, DECAY)
         after = _gates(g_ptr, g_off, t + 1, lo, lo + BT, T, sgt, DECAY)
@@ -286,8 +317,9 @@ def _delta_dqk_kernel(
     g_ptr, sgb, sgt, sgh,
     do_ptr, sdb, sdt, sdh, sdd,
     u_ptr, hs_ptr, dhs_ptr, dq_ptr, dk_ptr, dG_ptr, scale,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr, cs_ptr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """The outputs' and the state update's shares of the gradients for one chunk of one lane,
     with U = U~ - W S held fixed: dq = scale [e^G (.) dO S^T + M K] (final), dk = M^T Q +
@@ -298,17 +330,19 @@ def _delta_dqk_kernel(
     bh = pid // NT
     b = bh // H
     hh = bh % H
+    c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
-    q_off = b * sqb + hh * sqh
-    k_off = b * skb + hh * skh
-    g_off = b * sgb + hh * sgh
-    do_off = b * sdb + hh * sdh
+    q_off = b * sqb + bos * sqt + hh * sqh
+    k_off = b * skb + bos * skt + hh * skh
+    g_off = b * sgb + bos * sgt + hh * sgh
+    do_off = b * sdb + bos * sdt + hh * sdh
     lo = (c * BT).to(tl.int32)
     rows = tl.arange(0, BT)
     t = lo + rows
     ok = t < T
-    rowsT = (b * T + t.to(tl.int64)) * H + hh  # rows of the contiguous [B, T, H, *] buffers
-    hs_off = (bh * NT + c) * K * V
+    rowsT = (b * T + bos + t.to(tl.int64)) * H + hh  # rows of the contiguous [B, T, H, *] buffers
+    hs_off = (row0 + c) * K * V
     gl = _gates(g_ptr, g_off, t, lo, lo + BT, T, sgt, DECAY)
     after = _gates(g_ptr, g_off, t + 1, lo, lo + BT, T, sgt, DECAY)
     eg = tl.exp(tl.cumsum(gl, axis=0))  # e^{G_t}
@@ -383,8 +417,9 @@ def _delta_wy_bwd_kernel(
     b_ptr, sbb, sbt, sbh,
     g_ptr, sgb, sgt, sgh,
     inv_ptr, du_ptr, hs_ptr, dk_ptr, dv_ptr, db_ptr, dG_ptr, dg_ptr,
-    T, H, K, V, NT,
+    T, H, K, V, NT, cu_ptr, cb_ptr, cs_ptr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """The WY form's gradients for one chunk of one lane, from the saved T = (I + A)^-1 and dU
     (the gradient of U~ as of U = U~ - W S): with dW = -dU S^T,
@@ -398,17 +433,19 @@ def _delta_wy_bwd_kernel(
     bh = pid // NT
     b = bh // H
     hh = bh % H
+    c, bos, T, row0, b = _place(c, b, hh, H, T, NT, cu_ptr, cb_ptr, cs_ptr, VARLEN)
+    row0 = _first_row(bh, NT, row0, VARLEN)
     DT = k_ptr.dtype.element_ty
-    k_off = b * skb + hh * skh
-    v_off = b * svb + hh * svh
-    g_off = b * sgb + hh * sgh
+    k_off = b * skb + bos * skt + hh * skh
+    v_off = b * svb + bos * svt + hh * svh
+    g_off = b * sgb + bos * sgt + hh * sgh
     lo = (c * BT).to(tl.int32)
     rows = tl.arange(0, BT)
     t = lo + rows
     ok = t < T
-    rowsT = (b * T + t.to(tl.int64)) * H + hh
-    hs_off = (bh * NT + c) * K * V
-    beta = tl.load(b_ptr + b * sbb + hh * sbh + t.to(tl.int64) * sbt, mask=ok, other=0.0).to(tl.float32)
+    rowsT = (b * T + bos + t.to(tl.int64)) * H + hh
+    hs_off = (row0 + c) * K * V
+    beta = tl.load(b_ptr + b * sbb + hh * sbh + (bos + t.to(tl.int64)) * sbt, mask=ok, other=0.0).to(tl.float32)
     gl = _gates(g_ptr, g_off, t, lo, lo + BT, T, sgt, DECAY)
     eg = tl.exp(tl.cumsum(gl, axis=0))
     bg = beta * eg
@@ -497,13 +534,15 @@ def _plan(dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int, training:
                 BKc=64, warps_c=8, stages_c=1, BVs=min(BV, 32))
 
 
-def _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=False):
+def _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=False, seqs=None):
     """o [B, T, H, V], the final state [BH, K, V] fp32, W, U = U~ - W S, the entering states
-    and (keep_inv) the chunks' (I + A)^-1 [B, T, H, BT] (else None)."""
+    and (keep_inv) the chunks' (I + A)^-1 [B, T, H, BT] (else None). Packed sequences (`seqs`,
+    B = 1, chunks of seqs.chunk = plan["BT"] tokens): BH is sequences x heads and the entering
+    states are [H, all chunks, K, V]."""
     B, T, H, K = q4.shape
     V = v4.shape[-1]
     BT, BK, BV, ieee = plan["BT"], plan["BK"], plan["BV"], plan["ieee"]
-    NT = -(-T // BT)
+    lanes, rows, NT = _tc.state_rows(B, H, T, BT, seqs)
     decay = 0 if g4 is None else 1
     w = torch.empty(B, T, H, K, device=q4.device, dtype=k4.dtype)
     u = torch.empty(B, T, H, V, device=q4.device, dtype=v4.dtype if not ieee else torch.float32)
@@ -511,29 +550,33 @@ def _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=False):
     gs = (0, 0, 0) if g4 is None else g4.stride()
     _wy_kernel[(B * H * NT,)](
         k4, *k4.stride(), v4, *v4.stride(), b4, *b4.stride(), b4 if g4 is None else g4, *gs, w, u,
-        w if inv is None else inv, T, H, K, V, NT, BT=BT, BK=min(BK, 64), BV=BV, DECAY=decay, IEEE=ieee,
-        STORE_INV=keep_inv, num_warps=8 if ieee else 4)
+        w if inv is None else inv, T, H, K, V, NT, *_tc.packed(seqs, w), BT=BT, BK=min(BK, 64), BV=BV,
+        DECAY=decay, IEEE=ieee, STORE_INV=keep_inv, VARLEN=seqs is not None, num_warps=8 if ieee else 4)
     state_dtype = torch.float32 if ieee else q4.dtype
-    hs = torch.empty(B * H, NT, K, V, device=q4.device, dtype=state_dtype)
-    hT = torch.empty(B * H, K, V, device=q4.device, dtype=torch.float32)
-    _delta_state_kernel[(B * H * triton.cdiv(V, BV),)](
+    hs = torch.empty(rows, NT, K, V, device=q4.device, dtype=state_dtype)
+    hT = torch.empty(lanes, K, V, device=q4.device, dtype=torch.float32)
+    _delta_state_kernel[(lanes * triton.cdiv(V, BV),)](
         k4, *k4.stride(), b4 if g4 is None else g4, *gs, w, u, hT if h0 is None else h0, hs, hT,
-        T, H, K, V, NT, BT=BT, BK=BK, BV=BV, DECAY=decay, HAS_H0=h0 is not None, IEEE=ieee,
-        num_warps=plan["warps"], num_stages=1)
+        T, H, K, V, NT, *_tc.packed(seqs, hT)[:2], BT=BT, BK=BK, BV=BV, DECAY=decay, HAS_H0=h0 is not None,
+        IEEE=ieee, VARLEN=seqs is not None, num_warps=plan["warps"], num_stages=1)
     o = torch.empty(B, T, H, V, device=q4.device, dtype=v4.dtype)
-    _tc._outputs(q4, k4, u, g4, hs, o, scale, "none" if g4 is None else "scalar", False, 0, False, BT)
+    _tc._outputs(q4, k4, u, g4, hs, o, scale, "none" if g4 is None else "scalar", False, 0, False, BT, seqs)
     return o, hT, w, u, hs, inv
 
 
-def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
+def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan, seqs=None):
     """(dq, dk, dv, dbeta, d log gate or None, d initial state), all fp32; dhT None or [BH, K, V].
     Four launches: the outputs' share of dU (per chunk and V block), the reverse chunk pass
     (dS, the rest of dU, d initial state), dq and the outputs' share of dk and dG (per chunk),
-    the WY form's gradients (per chunk: dv, dbeta, the rest of dk, d log gate)."""
+    the WY form's gradients (per chunk: dv, dbeta, the rest of dk, d log gate). Packed
+    sequences (`seqs`) as in _forward: every chunk lies in one sequence, so the gate gradient's
+    in-chunk reverse cumsum never crosses a sequence end."""
     B, T, H, K = q4.shape
     V = v4.shape[-1]
     BT, BK, BV, ieee = plan["BT"], plan["BK"], plan["BV"], plan["ieee"]
-    NT = hs.shape[1]
+    lanes, _, NT = _tc.state_rows(B, H, T, BT, seqs)
+    tables = _tc.packed(seqs, hs)
+    varlen = seqs is not None
     decay = 0 if g4 is None else 1
     gs = (0, 0, 0) if g4 is None else g4.stride()
     gp = b4 if g4 is None else g4
@@ -542,15 +585,15 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
     du = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
     _delta_dv_local_kernel[(B * H * NT * triton.cdiv(V, BV),)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), du, float(scale),
-        T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"],
-        num_stages=plan["stages_c"])
+        T, H, K, V, NT, *tables, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, VARLEN=varlen,
+        num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     dhs = torch.empty_like(hs)
-    dh0 = torch.empty(B * H, K, V, device=dev, dtype=torch.float32)
+    dh0 = torch.empty(lanes, K, V, device=dev, dtype=torch.float32)
     BVs = plan["BVs"]
-    _delta_dstate_kernel[(B * H * triton.cdiv(V, BVs),)](
+    _delta_dstate_kernel[(lanes * triton.cdiv(V, BVs),)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), w, dh0 if dhT is None else dhT,
-        dhs, dh0, du, float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BVs, DECAY=decay,
-        HAS_DHT=dhT is not None, IEEE=ieee, num_warps=plan["warps"], num_stages=1)
+        dhs, dh0, du, float(scale), T, H, K, V, NT, *tables[:2], BT=BT, BK=BK, BV=BVs, DECAY=decay,
+        HAS_DHT=dhT is not None, IEEE=ieee, VARLEN=varlen, num_warps=plan["warps"], num_stages=1)
     dq = torch.empty(B, T, H, K, device=dev, dtype=torch.float32)
     dk = torch.empty_like(dq)
     dv = torch.empty(B, T, H, V, device=dev, dtype=torch.float32)
@@ -559,12 +602,12 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan):
     dg = torch.empty_like(db) if g4 is not None else None
     _delta_dqk_kernel[(B * H * NT,)](
         q4, *q4.stride(), k4, *k4.stride(), gp, *gs, do, *do.stride(), u, hs, dhs, dq, dk, dG,
-        float(scale), T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, num_warps=plan["warps_c"],
-        num_stages=plan["stages_c"])
+        float(scale), T, H, K, V, NT, *tables, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee, VARLEN=varlen,
+        num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     _delta_wy_bwd_kernel[(B * H * NT,)](
         k4, *k4.stride(), v4, *v4.stride(), b4, *b4.stride(), gp, *gs, inv, du, hs, dk, dv, db, dG,
-        db if dg is None else dg, T, H, K, V, NT, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee,
-        num_warps=plan["warps_c"], num_stages=plan["stages_c"])
+        db if dg is None else dg, T, H, K, V, NT, *tables, BT=BT, BK=BKc, BV=BV, DECAY=decay, IEEE=ieee,
+        VARLEN=varlen, num_warps=plan["warps_c"], num_stages=plan["stages_c"])
     return dq, dk, dv, db, dg, dh0
 
 
@@ -572,26 +615,26 @@ class _ChunkDeltaRule(torch.autograd.Function):
     """q4, k4 [B, T, H, K], v4 [B, T, H, V], b4 [B, T, H], g4 None | [B, T, H] fp32 (views,
     maybe stride 0), h0 None | [BH, K, V] fp32 contiguous. Returns o [B, T, H, V] and the final
     state [BH, K, V] fp32. The backward is the Triton kernels above, on the saved W, U and
-    entering states."""
+    entering states. With packed sequences (`seqs`, B = 1) BH is sequences x heads."""
 
     @staticmethod
-    def forward(ctx, q4, k4, v4, b4, g4, h0, scale, plan):
+    def forward(ctx, q4, k4, v4, b4, g4, h0, scale, plan, seqs):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: not read
-        o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=True)
+        o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=True, seqs=seqs)
         ctx.save_for_backward(q4, k4, v4, b4, g4, w, u, hs, inv)
-        ctx.args = (scale, plan, h0 is not None)
+        ctx.args = (scale, plan, h0 is not None, seqs)
         return o, hT
 
     @staticmethod
     @once_differentiable  # the kernels are not differentiable again: a clear error, not zeros
     def backward(ctx, do, dhT):
         q4, k4, v4, b4, g4, w, u, hs, inv = ctx.saved_tensors
-        scale, plan, has_h0 = ctx.args
+        scale, plan, has_h0, seqs = ctx.args
         do = torch.zeros(v4.shape, device=v4.device, dtype=v4.dtype) if do is None else do.to(v4.dtype)
         dhT = None if dhT is None else dhT.float().contiguous()
-        dq, dk, dv, db, dg, dh0 = _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan)
+        dq, dk, dv, db, dg, dh0 = _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan, seqs)
         return (dq.to(q4.dtype), dk.to(k4.dtype), dv.to(v4.dtype), db.to(b4.dtype),
-                None if dg is None else dg.to(g4.dtype), dh0 if has_h0 else None, None, None)
+                None if dg is None else dg.to(g4.dtype), dh0 if has_h0 else None, None, None, None)
 
 
 def triton_chunk_delta_rule(
@@ -604,13 +647,18 @@ def triton_chunk_delta_rule(
     scale: float = 1.0,
     initial_state: Tensor | None = None,
     chunk_size: int = 64,
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The (gated) delta rule, all positions at once: q, k [B, T, *lanes, K], v [B, T, *lanes, V],
     beta [B, T, *lanes], log_decay None or [B, T, *lanes] (lane axes may have size 1; time may be
     1 for beta and log_decay). Returns o [B, T, *lanes, V] in v's dtype and the final state
     [B, *lanes, K, V] in fp32 (fp64 for fp64 inputs). CUDA tensors (or CPU under
     TRITON_INTERPRET=1) of fp32/bf16/fp16 run the Triton kernels, forward and (when gradients
-    are needed and HAS_BACKWARD) backward; float64, mixed dtypes and K > 256 run the torch WY form."""
+    are needed and HAS_BACKWARD) backward; float64, mixed dtypes and K > 256 run the torch WY form.
+    cu_seqlens: packed sequences as in `psmc.runtime.delta.chunk_delta_rule` (inputs [1, total_T,
+    ...], initial_state broadcastable to [N, *lanes, K, V], final state [N, *lanes, K, V]); the
+    N sequences run in the same launches as one batch row would (no loop over sequences), with
+    chunks sized for the longest."""
     lanes = _delta._lanes(q, k, v, beta, log_decay)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -619,8 +667,13 @@ def triton_chunk_delta_rule(
         x is not None and x.requires_grad for x in (q, k, v, beta, log_decay, initial_state))
     if ((needs_grad and not HAS_BACKWARD) or q.dtype == torch.float64 or T == 0
             or len({q.dtype, k.dtype, v.dtype}) != 1 or K > 256):
-        return _delta._chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size)
+        return _delta._chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size,
+                                              cu_seqlens=cu_seqlens)
     H = math.prod(lanes)
+    seqs, rows, longest = None, B, T
+    if cu_seqlens is not None:
+        bounds = _delta._packed_bounds(cu_seqlens, B, T)
+        rows, longest = len(bounds) - 1, max(b - a for a, b in zip(bounds, bounds[1:]))
 
     def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:
         return x.expand(B, T, *lanes, *width).reshape(B, T, H, *width)
@@ -629,10 +682,12 @@ def triton_chunk_delta_rule(
     g4 = None if log_decay is None else flat(log_decay.float(), ())
     h0 = None
     if initial_state is not None:
-        h0 = initial_state.float().expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
-    plan = _plan(q.dtype, T, K, V, chunk_size, needs_grad)
+        h0 = initial_state.float().expand(rows, *lanes, K, V).reshape(rows * H, K, V).contiguous()
+    plan = _plan(q.dtype, longest, K, V, chunk_size, needs_grad)
+    if cu_seqlens is not None:
+        seqs = sequences(bounds, plan["BT"], q.device)
     if needs_grad:
-        o, hT = _ChunkDeltaRule.apply(q4, k4, v4, b4, g4, h0, float(scale), plan)
+        o, hT = _ChunkDeltaRule.apply(q4, k4, v4, b4, g4, h0, float(scale), plan, seqs)
     else:
-        o, hT = _forward(q4, k4, v4, b4, g4, h0, scale, plan)[:2]
-    return o.reshape(B, T, *lanes, V), hT.reshape(B, *lanes, K, V)
+        o, hT = _forward(q4, k4, v4, b4, g4, h0, scale, plan, seqs=seqs)[:2]
+    return o.reshape(B, T, *lanes, V), hT.reshape(rows, *lanes, K, V)

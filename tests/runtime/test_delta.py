@@ -309,6 +309,62 @@ def test_mismatched_shapes_are_named():
         chunk_delta_rule(q, k[:, :4], v, beta)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("lengths, chunk", [((5, 17, 1, 23), 8), ((16, 3, 33), None)])
+def test_packed_sequences_equal_separate_calls(lengths, chunk, grad, gated):
+    """cu_seqlens on the torch path: the packed sequences [1, total_T, ...] give each sequence's
+    own outputs and final state (stacked [N, ...]), from its own initial state, and the same
+    gradients as separate calls (beta shared over time broadcasts to every sequence)."""
+    total, n = sum(lengths), len(lengths)
+    q, k, v, beta, g = make(n, 1, total, (2,), 6, 5, dtype=torch.float64, gated=gated)
+    beta = beta[:, :1] if chunk is None else beta  # time 1: shared by every sequence
+    init = torch.randn(n, 2, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    inputs = [x for x in (q, k, v, beta, g, init) if x is not None]
+
+    def leaves():
+        xs = [x.detach().clone().requires_grad_(grad) for x in inputs]
+        return xs, (dict(zip(("q", "k", "v", "beta"), xs[:4]))
+                    | {"log_decay": xs[4] if gated else None, "initial_state": xs[-1]})
+
+    xs, kw = leaves()
+    o, s = chunk_delta_rule(**kw, scale=0.6, chunk_size=chunk, cu_seqlens=cu)
+    assert o.shape == (1, total, 2, 5) and s.shape == (n, 2, 6, 5)
+    rxs, rkw = leaves()
+    outs, finals = [], []
+    for i in range(n):
+        lo, hi = int(cu[i]), int(cu[i + 1])
+        piece = {name: x if x is None or name == "initial_state" or x.shape[1] == 1 else x[:, lo:hi]
+                 for name, x in rkw.items()}
+        piece["initial_state"] = rkw["initial_state"][i:i + 1]
+        o_i, s_i = chunk_delta_rule(**piece, scale=0.6, chunk_size=chunk)
+        ref_o, ref_s = loop_reference(*(piece[name] for name in ("q", "k", "v", "beta", "log_decay",
+                                                                  "initial_state")), scale=0.6)
+        torch.testing.assert_close(o_i, ref_o, rtol=1e-10, atol=1e-10)
+        outs.append(o_i)
+        finals.append(s_i)
+    ro, rs = torch.cat(outs, 1), torch.cat(finals)
+    torch.testing.assert_close(o, ro, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, rs, rtol=1e-12, atol=1e-12)
+    if grad:
+        gen = torch.Generator().manual_seed(2)
+        do, ds = torch.randn(o.shape, generator=gen, dtype=o.dtype), torch.randn(s.shape, generator=gen, dtype=s.dtype)
+        ((o * do).sum() + (s * ds).sum()).backward()
+        ((ro * do).sum() + (rs * ds).sum()).backward()
+        for x, rx in zip(xs, rxs):
+            assert x.grad is not None
+            torch.testing.assert_close(x.grad, rx.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_sequences_are_checked():
+    q, k, v, beta, g = make(3, 1, 9, (2,), 4, 3)
+    with pytest.raises(ValueError, match="chunk_delta_rule: .*total_T = cu_seqlens"):
+        chunk_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([0, 4, 8]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        chunk_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([0, 4, 4, 9]))
+
+
 def test_empty_sequence_and_bf16_inputs():
     q, k, v, beta, g = make(12, 2, 0, (3,), 4, 3)
     s0 = torch.randn(2, 3, 4, 3)

@@ -191,3 +191,85 @@ def test_gradients_property(seed, batch, steps, lanes, width_k, width_v, gated, 
             continue
         assert a.shape == x.shape, name
         torch.testing.assert_close(a.cpu(), r.cpu(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+VARLEN_CASES = [
+    # (lengths, lanes, K, V, gated, h0, dtype, chunk_size)
+    ((5, 17, 1, 23), (2,), 16, 8, True, True, torch.float32, 16),  # inside, across and at chunk ends
+    ((5, 17, 1, 23), (2,), 16, 8, False, False, torch.float32, 16),
+    ((16, 3, 33), (2,), 8, 16, False, True, torch.float32, 16),
+    ((16, 3, 33), (), 12, 8, True, False, torch.float32, 16),
+    ((40, 2, 30), (2,), 16, 16, True, True, torch.float32, 64),  # fp32 training plan: 32-token chunks
+]
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=[
+    f"{'gated' if c[4] else 'plain'}-{len(c[0])}seqs-h0{int(c[5])}-chunk{c[7]}" for c in VARLEN_CASES])
+def test_packed_sequences_match_each_sequence_alone(case, monkeypatch):
+    """cu_seqlens: N sequences packed along time run in the same Triton launches (the torch WY
+    form must not run) and give what each gives alone: outputs, final states [N, ...] and every
+    gradient (q, k, v, beta, log gate, initial states), against the float64 torch path with the
+    same offsets, itself checked against the per-token recurrence one sequence at a time."""
+    lengths, lanes, K, V, gated, h0, dtype, chunk = case
+    total, n = sum(lengths), len(lengths)
+    q, k, v, beta, g, _ = make(total + n, 1, total, lanes, K, V, gated, False, strength=2.0)
+    init = torch.randn(n, *lanes, K, V, generator=torch.Generator().manual_seed(n)).to(DEVICE) if h0 else None
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    inputs = (q, k, v, beta, g, init)
+    torch_path = triton_delta._delta._chunk_delta_rule_torch
+
+    def run(fn, dtype):
+        xs = [None if x is None else x.detach().to(dtype).requires_grad_() for x in inputs]
+        o, s = fn(xs)
+        return xs, o, s
+
+    def no_torch(*a, **kw):
+        raise AssertionError("the torch WY form ran instead of the Triton kernels")
+
+    with monkeypatch.context() as m:
+        m.setattr(triton_delta._delta, "_chunk_delta_rule_torch", no_torch)
+        xs, o, s = run(lambda a: triton_chunk_delta_rule(*a[:5], scale=0.7, initial_state=a[5], chunk_size=chunk,
+                                                         cu_seqlens=cu), dtype)
+        with torch.no_grad():  # the inference forward (its own plan, no saved inverses)
+            o_inf, s_inf = triton_chunk_delta_rule(*inputs[:5], scale=0.7, initial_state=init, chunk_size=chunk,
+                                                   cu_seqlens=cu)
+    rxs, ro, rs = run(lambda a: torch_path(*a[:5], 0.7, a[5], chunk, cu_seqlens=cu), torch.float64)
+    assert o.shape == (1, total, *lanes, V) and s.shape == (n, *lanes, K, V) and s.dtype == torch.float32
+    for got_o, got_s in ((o, s), (o_inf, s_inf)):
+        torch.testing.assert_close(got_o.double(), ro, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got_s.double(), rs, rtol=1e-4, atol=1e-4)
+    # the reference itself: each sequence through the per-token recurrence
+    bounds = cu.tolist()
+    for i in range(n):
+        lo, hi = bounds[i], bounds[i + 1]
+        piece = [None if x is None else x[:, lo:hi] for x in cpu(q, k, v, beta, g)]
+        lo_o, lo_s = loop_reference(*piece, 0.7, None if init is None else init[i:i + 1].cpu())
+        torch.testing.assert_close(ro[:, lo:hi].detach().cpu(), lo_o, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(rs[i:i + 1].detach().cpu(), lo_s, rtol=1e-9, atol=1e-9)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
+    with monkeypatch.context() as m:
+        m.setattr(triton_delta._delta, "_chunk_delta_rule_torch", no_torch)
+        ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
+    ((ro * do).sum() + (rs * ds).sum()).backward()
+    for name, x, rx in zip(("q", "k", "v", "beta", "log_decay", "initial_state"), xs, rxs):
+        if x is None:
+            continue
+        assert x.grad is not None and x.grad.shape == x.shape, name
+        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_packed_sequences_are_checked():
+    q, k, v, beta, g, _ = make(1, 1, 9, (2,), 8, 8, True, False)
+    with pytest.raises(ValueError, match="total_T = cu_seqlens"):
+        triton_chunk_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([0, 4, 8], device=DEVICE))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        triton_chunk_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([0, 4, 4, 9], device=DEVICE))
+    with pytest.raises(ValueError, match="start at 0"):
+        triton_chunk_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([1, 4, 9], device=DEVICE))
+    two = [torch.cat([x, x]) for x in (q, k, v, beta, g)]
+    with pytest.raises(ValueError, match="got batch 2"):
+        triton_chunk_delta_rule(*two, cu_seqlens=torch.tensor([0, 4, 9], device=DEVICE))
+    with pytest.raises(TypeError, match="int32/int64"):
+        triton_chunk_delta_rule(q, k, v, beta, g, cu_seqlens=torch.tensor([0.0, 9.0], device=DEVICE))
