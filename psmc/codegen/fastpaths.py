@@ -430,7 +430,7 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
     S = op.state[p["s_index"]]
     out = op.outputs[0]
     nodes = [p["k"], p["v"], p["q"], p["beta"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
-    lines = []
+    lines = ["    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call", ""]
     for method, doc, lead_note in (
             ("_fast_forward(self, call, index, state)",
              "The delta rule's parallel pass, E never built (identity plus rank one, from the IR).", "[B, T, *lanes]"),):
@@ -469,7 +469,7 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
                 f"            e_last = _s_all[..., _width:].to(cx.dt[{E.dtype!r}])",
                 "        else:",
                 f"            out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
-                "initial_state=s0)",
+                "initial_state=s0, cu_seqlens=call.cu_seqlens)",
                 "        count = (0 if state is None else state.count) + lead[1]",
             ]
         lines += [

@@ -128,7 +128,8 @@ def test_varlen_needs_packed_batch_one():
         layer(**two, cu_seqlens=cu)
 
 
-PACKING = ["gla", "simple_gla", "retention", "linear_attention"]  # fast paths that take packed sequences
+# fast paths that take packed sequences
+PACKING = ["gla", "simple_gla", "retention", "linear_attention", "delta_rule", "gated_delta_rule"]
 
 
 def _count_fast_calls(monkeypatch, layer):
