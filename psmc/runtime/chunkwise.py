@@ -32,7 +32,7 @@ from torch import Tensor
 
 from psmc.runtime.fastpaths import linear_recurrence
 from psmc.runtime.ops import broadcast_shapes
-from psmc.runtime.varlen import cu_seqlens_bounds
+from psmc.runtime.varlen import cu_seqlens_bounds, packed_bounds
 
 __all__ = ["DECAY_KINDS", "chunk_linear_attention"]
 
@@ -136,15 +136,6 @@ def decay_total(log_decay: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     return torch.exp(sums)
 
 
-def _packed_bounds(cu_seqlens: Tensor, batch: int, steps: int) -> list:
-    """The offsets of packed sequences, checked against inputs [1, steps, ...]."""
-    bounds = cu_seqlens_bounds("chunk_linear_attention", cu_seqlens)
-    if batch != 1 or bounds[-1] != steps:
-        raise ValueError(f"chunk_linear_attention: with cu_seqlens the inputs are packed as [1, total_T, ...] with "
-                         f"total_T = cu_seqlens[-1] = {bounds[-1]}; got batch {batch} and {steps} steps")
-    return bounds
-
-
 def by_sequence(run, bounds: list, per_token: tuple, initial_state: Tensor | None, state_shape: tuple):
     """Packed sequences one after another: `run(*pieces, initial_state=s0)` per sequence on the
     time slices of `per_token` (tensors with time 1 are shared), outputs concatenated along
@@ -178,7 +169,7 @@ def _chunk_linear_attention_torch(
     """The torch chunkwise implementation of chunk_linear_attention (CPU, float64, fallback)."""
     _check_kind(log_decay, decay)
     if cu_seqlens is not None:
-        bounds = _packed_bounds(cu_seqlens, q.shape[0], q.shape[1])
+        bounds = packed_bounds("chunk_linear_attention", cu_seqlens, q.shape[0], q.shape[1])
         lanes = _lanes(q, k, v, log_decay, decay)
 
         def one(q, k, v, g, initial_state):

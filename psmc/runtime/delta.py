@@ -54,8 +54,8 @@ from torch import Tensor
 
 from psmc.runtime import cpu_support
 from psmc.runtime.chunkwise import by_sequence
+from psmc.runtime.varlen import packed_bounds
 from psmc.runtime.ops import broadcast_shapes
-from psmc.runtime.varlen import cu_seqlens_bounds
 
 __all__ = ["chunk_delta_rule", "delta_rule_step"]
 
@@ -113,15 +113,6 @@ def chunk_delta_rule(
     return _chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size, cu_seqlens=cu_seqlens)
 
 
-def _packed_bounds(cu_seqlens: Tensor, batch: int, steps: int) -> list:
-    """The offsets of packed sequences, checked against inputs [1, steps, ...]."""
-    bounds = cu_seqlens_bounds("chunk_delta_rule", cu_seqlens)
-    if batch != 1 or bounds[-1] != steps:
-        raise ValueError(f"chunk_delta_rule: with cu_seqlens the inputs are packed as [1, total_T, ...] with "
-                         f"total_T = cu_seqlens[-1] = {bounds[-1]}; got batch {batch} and {steps} steps")
-    return bounds
-
-
 def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
                             scale: float, initial_state: Tensor | None,
                             chunk_size: int | None, cu_seqlens: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -135,7 +126,7 @@ def _chunk_delta_rule_torch(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, beta, log_decay)
     if cu_seqlens is not None:
-        bounds = _packed_bounds(cu_seqlens, batch, steps)
+        bounds = packed_bounds("chunk_delta_rule", cu_seqlens, batch, steps)
 
         def one(q, k, v, beta, g, initial_state):
             return _chunk_delta_rule_torch(q, k, v, beta, g, scale, initial_state, chunk_size)

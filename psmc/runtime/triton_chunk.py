@@ -38,7 +38,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from psmc.runtime.varlen import Sequences, segment_reverse_cumsum, sequences
+from psmc.runtime.varlen import Sequences, packed_bounds, segment_reverse_cumsum, sequences
 
 __all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS", "NUM_WARPS_F32"]
 
@@ -556,7 +556,7 @@ def triton_chunk_linear_attention(
     H = chunkwise._prod(lanes)
     seqs, rows = None, B
     if cu_seqlens is not None:
-        bounds = chunkwise._packed_bounds(cu_seqlens, B, T)
+        bounds = packed_bounds("chunk_linear_attention", cu_seqlens, B, T)
         BT = _chunk(max(b - a for a, b in zip(bounds, bounds[1:])), chunk_size)
         seqs, rows = sequences(bounds, BT, q.device), len(bounds) - 1
 

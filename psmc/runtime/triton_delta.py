@@ -42,7 +42,7 @@ import triton.language as tl
 from psmc.runtime import delta as _delta
 from psmc.runtime import triton_chunk as _tc
 from psmc.runtime.triton_chunk import _mm, _place, _pow2, _sequence, _tile
-from psmc.runtime.varlen import sequences
+from psmc.runtime.varlen import packed_bounds, sequences
 
 __all__ = ["triton_chunk_delta_rule", "HAS_BACKWARD", "KERNELS"]
 
@@ -672,7 +672,7 @@ def triton_chunk_delta_rule(
     H = math.prod(lanes)
     seqs, rows, longest = None, B, T
     if cu_seqlens is not None:
-        bounds = _delta._packed_bounds(cu_seqlens, B, T)
+        bounds = packed_bounds("chunk_delta_rule", cu_seqlens, B, T)
         rows, longest = len(bounds) - 1, max(b - a for a, b in zip(bounds, bounds[1:]))
 
     def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["cu_seqlens_bounds", "Sequences", "sequences", "segment_reverse_cumsum"]
+__all__ = ["cu_seqlens_bounds", "packed_bounds", "Sequences", "sequences", "segment_reverse_cumsum"]
 
 
 def cu_seqlens_bounds(op: str, cu) -> list:
@@ -29,6 +29,15 @@ def cu_seqlens_bounds(op: str, cu) -> list:
         i = bad[0]
         raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
                          f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
+    return bounds
+
+
+def packed_bounds(op: str, cu, batch: int, steps: int) -> list:
+    """The offsets of packed sequences, checked against inputs [1, steps, ...]."""
+    bounds = cu_seqlens_bounds(op, cu)
+    if batch != 1 or bounds[-1] != steps:
+        raise ValueError(f"{op}: with cu_seqlens the inputs are packed as [1, total_T, ...] with "
+                         f"total_T = cu_seqlens[-1] = {bounds[-1]}; got batch {batch} and {steps} steps")
     return bounds
 
 

@@ -123,15 +123,28 @@ def test_gradients_match_torch_chunkwise(case):
 
     xs, o, s = run(triton_chunk_linear_attention, torch.float32)
     rxs, ro, rs = run(chunkwise._chunk_linear_attention_torch, torch.float64)
+    backward_both((o, s), (ro, rs), gen)
+    assert_grads_close(xs, rxs, rtol=2e-4, atol=lambda g: 2e-4)
+
+
+def backward_both(outputs, reference_outputs, gen):
+    """Backpropagate the same random output and final-state gradients through both runs."""
+    (o, s), (ro, rs) = outputs, reference_outputs
     do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
     ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
     ((ro * do).sum() + (rs * ds).sum()).backward()
+
+
+def assert_grads_close(xs, rxs, rtol, atol):
+    """Every input's gradient equals the float64 reference's (atol: a function of the reference)."""
     for name, x, rx in zip("q k v log_decay initial_state".split(), xs, rxs):
         if x is None:
             continue
         assert x.grad is not None and x.grad.shape == x.shape, name
-        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+        assert torch.isfinite(x.grad).all(), name
+        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=rtol, atol=atol(rx.grad),
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_dispatch_switch_routes_cpu_tensors(monkeypatch):
@@ -169,15 +182,9 @@ def test_gradients_with_strong_and_infinite_decays(decay, exclusive):
 
     xs, o, s = run(triton_chunk_linear_attention, torch.float32)
     rxs, ro, rs = run(chunkwise._chunk_linear_attention_torch, torch.float64)
-    gen = torch.Generator().manual_seed(7)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
-    ((ro * do).sum() + (rs * ds).sum()).backward()
-    for name, x, rx in zip("q k v log_decay initial_state".split(), xs, rxs):
-        assert torch.isfinite(x.grad).all(), name
-        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=1e-4, atol=2e-5 * float(rx.grad.abs().max()),
-                                   msg=lambda m: f"{name}: {m}")
+    backward_both((o, s), (ro, rs), torch.Generator().manual_seed(7))
+    assert all(x.grad is not None for x in xs)
+    assert_grads_close(xs, rxs, rtol=1e-4, atol=lambda g: 2e-5 * float(g.abs().max()))
 
 
 VARLEN_CASES = [
@@ -221,16 +228,8 @@ def test_packed_sequences_match_each_sequence_alone(case):
         lo_o, lo_s = loop_reference(*piece, decay, 0.7, None if init is None else init[i:i + 1].cpu(), exclusive)
         torch.testing.assert_close(ro[:, lo:hi].cpu(), lo_o, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(rs[i:i + 1].cpu(), lo_s, rtol=1e-9, atol=1e-9)
-    gen = torch.Generator().manual_seed(3)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(DEVICE)
-    ((o.double() * do).sum() + (s.double() * ds).sum()).backward()
-    ((ro * do).sum() + (rs * ds).sum()).backward()
-    for name, x, rx in zip("q k v log_decay initial_state".split(), xs, rxs):
-        if x is None:
-            continue
-        assert x.grad is not None and x.grad.shape == x.shape, name
-        torch.testing.assert_close(x.grad.double(), rx.grad, rtol=2e-4, atol=2e-4, msg=lambda m: f"{name}: {m}")
+    backward_both((o, s), (ro, rs), torch.Generator().manual_seed(3))
+    assert_grads_close(xs, rxs, rtol=2e-4, atol=lambda g: 2e-4)
 
 
 def test_packed_sequences_are_checked():
