@@ -2,15 +2,13 @@
 eager), and a 2-process DDP training step gives the single-process gradients."""
 from __future__ import annotations
 
-import socket
-
 import torch
-import torch.multiprocessing as mp
 
 from layer_cases import CASES
 from layer_ddp_worker import run_rank, training_step
 from layer_harness import layer_class, make_inputs
 from psmc.loader import compiled_path
+from spawning import spawn_ranks
 
 WORLD = 2
 
@@ -33,28 +31,6 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(k_compiled.grad, k_eager.grad)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn_ranks(module_file, start, h, tmp_path, attempts: int = 2):
-    """Run the ranks; return the folder their results are in. gloo's teardown has, rarely and
-    only under CI load, killed a rank with SIGABRT ("terminate called without an active
-    exception", inside torch, after psmc's work). Such a death by signal gets one fresh try with
-    a new port and folder; an exception raised by a rank's Python fails at once."""
-    for attempt in range(attempts):
-        out_dir = tmp_path / f"attempt{attempt}"
-        out_dir.mkdir()
-        try:
-            mp.spawn(run_rank, args=(WORLD, free_port(), module_file, start, h, str(out_dir)),
-                     nprocs=WORLD, join=True)
-            return out_dir
-        except mp.ProcessExitedException as death:
-            if death.signal_name is None or attempt + 1 == attempts:
-                raise
-    raise AssertionError("unreachable")
 
 
 def test_ddp_training_step_matches_single_process(tmp_path):
@@ -69,7 +45,7 @@ def test_ddp_training_step_matches_single_process(tmp_path):
     assert all(bool(p.grad.abs().sum() > 0) for p in layer.parameters())
 
     module_file = str(compiled_path(CASES["tree_rnn"].path))
-    out_dir = spawn_ranks(module_file, start, h, tmp_path)
+    out_dir = spawn_ranks(run_rank, WORLD, lambda port, out: (WORLD, port, module_file, start, h, out), tmp_path)
     for rank in range(WORLD):
         result = torch.load(out_dir / f"rank{rank}.pt")
         for name, p in layer.named_parameters():

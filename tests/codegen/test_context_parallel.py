@@ -10,23 +10,16 @@ computes the references and the ranks only run their slices (cp_worker.py)."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import cp_worker
 from layer_cases import CASES
 from layer_harness import ATOL, RTOL, as_tuple, layer_class, make_inputs
 from psmc.loader import compiled_path
 from psmc.runtime.state import StreamState
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from spawning import spawn_ranks
 
 
 def _job(name: str, lengths: tuple, prefix, seed: int, return_state: bool, cu: list | None = None):
@@ -157,8 +150,8 @@ def _compare(job: dict, reference: dict, results: list, exact: bool) -> list:
 def _run_and_compare(world: int, jobs: list, references: list, exact: list, tmp_path):
     """Run `jobs` on `world` spawned gloo ranks and compare each rank's results with the
     single-process references (bit for bit where `exact`)."""
-    mp.spawn(cp_worker.run_jobs, args=(world, free_port(), jobs, str(tmp_path)), nprocs=world, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
+    out = spawn_ranks(cp_worker.run_jobs, world, lambda port, out: (world, port, jobs, out), tmp_path)
+    per_rank = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world)]
     failures = []
     for k, job in enumerate(jobs):
         failures += _compare(job, references[k], [per_rank[r][k] for r in range(world)], exact[k])
@@ -184,8 +177,8 @@ def test_every_example_matches_one_process(world, tmp_path):
 def test_mismatched_calls_fail_on_every_rank(tmp_path):
     world = 3
     modules = {n: str(compiled_path(CASES[n].path)) for n in ("cumsum", "ema", "gla")}
-    mp.spawn(cp_worker.run_errors, args=(world, free_port(), modules, str(tmp_path)), nprocs=world, join=True)
-    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world)]
+    out = spawn_ranks(cp_worker.run_errors, world, lambda port, out: (world, port, modules, out), tmp_path)
+    got = [torch.load(out / f"rank{rank}.pt") for rank in range(world)]
     E = "ContextParallelError: "
     expected = {
         "batch": "cumsum (context parallel, rank {r} of 3): the ranks disagree on the batch size B (rank 0: 2, "

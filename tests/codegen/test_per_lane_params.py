@@ -245,10 +245,9 @@ def test_context_parallel_with_per_lane_params(ops, tmp_path):
     """cp_group= over 2 gloo ranks with per-lane params: outputs, the final state and every
     gradient (params summed over the ranks) equal one process over the whole sequence; the
     tree op bit for bit. (One spawn for both ops: process start-up is most of the cost.)"""
-    import torch.multiprocessing as mp
-
     import cp_worker
-    from test_context_parallel import _compare, free_port
+    from spawning import spawn_ranks
+    from test_context_parallel import _compare
 
     jobs, references = [], []
     for i, name in enumerate(("ssm_a", "tree_w")):
@@ -270,8 +269,8 @@ def test_context_parallel_with_per_lane_params(ops, tmp_path):
         references.append({"outputs": [want.detach()], "state": want_state.detach(),
                            "input_grads": {n: x.grad for n, x in leaves.items()},
                            "param_grads": {n: p.grad for n, p in layer.named_parameters()}})
-    mp.spawn(cp_worker.run_jobs, args=(2, free_port(), jobs, str(tmp_path)), nprocs=2, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    out = spawn_ranks(cp_worker.run_jobs, 2, lambda port, out: (2, port, jobs, out), tmp_path)
+    per_rank = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     failures = []
     for k, job in enumerate(jobs):
         failures += _compare(job, references[k], [per_rank[r][k] for r in range(2)], exact=job["op"] == "tree_w")
