@@ -189,10 +189,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool) -> Tens
     def split(t):
         return t.reshape(*lead, t.shape[-2], heads, t.shape[-1] // heads).transpose(-2, -3)
 
-    mask = None
-    if causal:
-        mask = torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
-    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask,
+    # is_causal (torch's top-left aligned mask, the same as ones(n, m).tril()) rather than an
+    # explicit mask: a boolean attn_mask rules out the flash-attention kernels on a GPU
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=bool(causal),
                                          scale=1.0 / math.sqrt(q.shape[-1] // heads))
     out = out.transpose(-2, -3)
     return out.reshape(*lead, n, v.shape[-1])
