@@ -286,7 +286,9 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
     uses_a = any(n.attrs == ("state", a) for n in leaves(op.readout, "field"))
     printer = BodyPrinter((aligned,), op.let_names)
     body = printer.run()
-    lines = [
+    lines = [] if op.exclusive else [
+        "    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call", ""]
+    lines += [
         "    def _fast_forward(self, call, index, state):",
         '        """Blocked first-order linear recurrence h = a * h + b, recognised from the IR."""',
         "        cx, lead = call.ctx, call.lead",
@@ -301,25 +303,25 @@ def _first_order_method(op: OpIR, ia: int, ih: int, aligned, dead: tuple) -> Fas
         # axes, never NumPy's right alignment against the lanes
         f"        decay = _ops.lift_rank({printer.names[aligned]}, {aligned.rank}, {len(op.state[ih].shape)})",
         f"        h, h_last = _fastpaths.linear_recurrence(decay, leaves[{ih}], "
-        f"None if carry is None else carry[{ih}], kernel=cx.scan_kernel)",
+        f"None if carry is None else carry[{ih}], kernel=cx.scan_kernel, cu_seqlens=call.cu_seqlens)",
     ]
     if ia in dead:  # the stream state keeps h only
         lines += [
             "        a_last = None  # dead in a stream prefix: nothing it feeds is read",
             "        if call.carry_terms is not None:  # context parallelism: a slice's total needs it",
-            f"            a_last = leaves[{ia}].prod(dim=1)",
+            f"            a_last = _fastpaths.segment_prod(leaves[{ia}], call.cu_seqlens)",
         ]
     else:
         lines += [
-            f"        a_last = leaves[{ia}].prod(dim=1)",
+            f"        a_last = _fastpaths.segment_prod(leaves[{ia}], call.cu_seqlens)",
             "        if carry is not None:",
             f"            a_last = a_last * carry[{ia}]",
         ]
     if uses_a:  # the readout reads the running product itself
         lines += [
-            f"        a_cum = torch.cumprod(leaves[{ia}], dim=1)",
+            f"        a_cum = _fastpaths.segment_cumprod(leaves[{ia}], call.cu_seqlens)",
             "        if carry is not None:",
-            f"            a_cum = a_cum * carry[{ia}].unsqueeze(1)",
+            f"            a_cum = a_cum * _fastpaths.per_token(carry[{ia}], call.cu_seqlens)",
         ]
     else:
         lines += ["        a_cum = None  # the readout never reads it"]

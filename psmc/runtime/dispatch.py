@@ -149,11 +149,11 @@ def _step_kernels(layer, call, state):
 
 def _run_first_order(layer, call, state):
     call.ctx.scan_kernel = "triton"
-    index = None
-    if layer.spec.lift_index or layer.spec.readout_index:
-        from .layer import _positions
-        index = _positions(0 if state is None else state.size, call.lead[1], call.lead, call.ctx.dev)
+    index = layer._token_positions(call, state) if layer.spec.lift_index or layer.spec.readout_index else None
     return layer._fast_forward(call, index, state)
+
+
+_run_first_order.packs = True  # the generated first-order fast path takes call.cu_seqlens
 
 
 TORCH_SCAN = Path("torch-scan", ("forward", "step"), False, lambda layer, call: 90.0, lambda layer, call: None)

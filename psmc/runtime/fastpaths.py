@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from psmc.runtime.ops import broadcast_shapes
+from psmc.runtime.varlen import cu_seqlens_bounds, packed_bounds
 
 __all__ = ["linear_recurrence"]
 
@@ -34,6 +35,7 @@ def linear_recurrence(
     log: bool = False,
     exclusive: bool = False,
     kernel: str = "torch",
+    cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """All states of h_t = a_t * h_{t-1} + b_t, elementwise, with h_{-1} = `initial` (or 0).
 
@@ -48,6 +50,11 @@ def linear_recurrence(
         kernel: 'torch' (the blocked loop below) or 'triton' (psmc.runtime.triton_scan: one
             kernel, time inside each thread; the inputs keep their dtype, h is in it, h_last
             fp32). The dispatcher (psmc.runtime.dispatch) picks 'triton' for CUDA tensors.
+        cu_seqlens: packed sequences (fla's convention, B = 1): each sequence restarts from its
+            own initial state (`initial` broadcastable to [N, *rest]), h_last is [N, *rest]. One
+            scan over the packed time axis: the decay at each sequence's first token is replaced
+            by 0 and its initial state enters through b there (b += a * h_{-1}), which is exact
+            and keeps every gradient.
 
     Returns:
         (h, h_last): h [B, T, *rest] (views of one buffer), h_last = h_{T-1} [B, *rest]
@@ -58,6 +65,8 @@ def linear_recurrence(
         raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must be [B, T, ...] with one T")
     if log:
         a = torch.exp(a)
+    if cu_seqlens is not None:
+        return _packed(a, b, initial, cu_seqlens, exclusive, kernel)
     if kernel == "triton" and not exclusive:
         from .triton_scan import FirstOrderScan
         shape = broadcast_shapes(a.shape, b.shape)
@@ -79,6 +88,53 @@ def linear_recurrence(
         states = _LinearRecurrence.apply(a, b, initial)  # [B, T + 1, *rest], states[:, 0] = h_{-1}
     h = states[:, :-1] if exclusive else states[:, 1:]
     return h, states[:, -1]
+
+
+def _packed(a: Tensor, b: Tensor, initial: Tensor | None, cu_seqlens: Tensor, exclusive: bool, kernel: str):
+    """linear_recurrence over packed sequences as one scan (see its docstring)."""
+    shape = broadcast_shapes(a.shape, b.shape)
+    bounds = packed_bounds("linear_recurrence", cu_seqlens, shape[0], shape[1])
+    if a.dim() < len(shape):
+        raise ValueError("a must have as many axes as the result (use size-1 axes to broadcast)")
+    a, b = a.expand(shape), b.expand(shape)
+    starts = torch.tensor(bounds[:-1], device=b.device)
+    ends = torch.tensor(bounds[1:], device=b.device) - 1
+    first = b.new_zeros(len(starts), *shape[2:]) if initial is None else initial.expand(len(starts), *shape[2:])
+    if initial is not None:  # the initial state enters through the first token: b += a * h_{-1}
+        b = b.index_add(1, starts, (a.index_select(1, starts) * first.unsqueeze(0)).to(b.dtype))
+    h, _ = linear_recurrence(a.index_fill(1, starts, 0), b, kernel=kernel)
+    h_last = h[0].index_select(0, ends)
+    if exclusive:  # h_{t-1}, with each sequence's own initial state before its first token
+        h = torch.cat([h[:, :1], h[:, :-1]], dim=1).index_copy(1, starts, first.unsqueeze(0).to(h.dtype))
+    return h, h_last.to(h.dtype)
+
+
+def segment_cumprod(a: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """torch.cumprod(a, dim=1), restarted at every packed sequence's first token."""
+    if cu_seqlens is None:
+        return torch.cumprod(a, dim=1)
+    bounds = cu_seqlens_bounds("segment_cumprod", cu_seqlens)
+    starts = torch.tensor(bounds[:-1], device=a.device)
+    only_starts = torch.zeros_like(a).index_copy(1, starts, a.index_select(1, starts))
+    return linear_recurrence(a.index_fill(1, starts, 0), only_starts)[0]  # c_t = a_t c_{t-1}, restarted
+
+
+def segment_prod(a: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """a.prod(dim=1): [B, ...], or per packed sequence: [N, ...]."""
+    if cu_seqlens is None:
+        return a.prod(dim=1)
+    ends = torch.tensor(cu_seqlens_bounds("segment_prod", cu_seqlens)[1:], device=a.device) - 1
+    return segment_cumprod(a, cu_seqlens)[0].index_select(0, ends)
+
+
+def per_token(x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
+    """A per-row tensor [B, ...] as [B, 1, ...] against [B, T, ...]; per packed sequence [N, ...]
+    as [1, T, ...], each sequence's row repeated over its tokens."""
+    if cu_seqlens is None:
+        return x.unsqueeze(1)
+    bounds = cu_seqlens_bounds("per_token", cu_seqlens)
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=x.device)
+    return x.repeat_interleave(lengths, dim=0).unsqueeze(0)
 
 
 class _LinearRecurrence(torch.autograd.Function):

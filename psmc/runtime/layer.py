@@ -578,27 +578,23 @@ class PsmLayer(nn.Module):
             return None
         if state is not None and type(state) is not ScanState:  # ragged rows: one by one
             return None
-        if state is not None and (self.spec.lift_index or self.spec.readout_index):
-            return None  # (positions continue each row's count: the loop handles it)
         call = self._prepare_forward(inputs)
         if state is not None:
             self._check_state(state, call)
-        if self._token_route(call) is not None:
+        run = self._token_route(call)
+        if run is not None and not getattr(run, "packs", False):
             return None
         call = dataclasses.replace(call, cu_seqlens=cu_seqlens)
-        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        dev = call.ctx.dev
-        starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=dev)
-        shape = [1] * len(call.lead)
-        shape[1] = bounds[-1]
-        index = (torch.arange(bounds[-1], dtype=torch.int64, device=dev)
-                 - starts.repeat_interleave(torch.tensor(lengths, device=dev))).reshape(shape)
-        outputs, new_state = self._fast_forward(call, index, state)
+        if run is not None:
+            outputs, new_state = run(self, call, state)
+        else:
+            outputs, new_state = self._fast_forward(call, self._token_positions(call, state), state)
         if self._needs_causal_rerun(outputs, call):
             return None
         self._check_outputs(outputs, call)
         outputs = _in_dtype(outputs, call)
         start = 0 if state is None else state.size
+        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
         rows = [_tagged(dataclasses.replace(new_state[i], count=start + length), call.tag)
                 for i, length in enumerate(lengths)]
         return (outputs[0] if len(outputs) == 1 else outputs), cat_states(rows)
@@ -989,6 +985,22 @@ class PsmLayer(nn.Module):
         return self._strategy.scan.scan(self, call, leaves, inner, exclusive)
 
     # ------------------------------------------------------------------ token-level ops
+    def _token_positions(self, call, state) -> Tensor:
+        """Each token's position in its stream, [*lead] broadcastable int64: the state's count
+        onwards (for packed sequences, call.cu_seqlens, in each sequence: a packed call's state
+        rows have all seen the same count)."""
+        lead = call.lead
+        start = 0 if state is None else state.size
+        if call.cu_seqlens is None:
+            return _positions(start, lead[1], lead, call.ctx.dev)
+        bounds = cu_seqlens_bounds(self.spec.name, call.cu_seqlens)
+        dev = call.ctx.dev
+        lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=dev)
+        starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=dev).repeat_interleave(lengths)
+        shape = [1] * len(lead)
+        shape[1] = bounds[-1]
+        return (torch.arange(start, start + bounds[-1], dtype=torch.int64, device=dev) - starts).reshape(shape)
+
     def _token_route(self, call):
         """What runs this call's parallel pass: `cpu_support.forward` (the C++ kernels), a
         dispatch path's `run`, or None: the layer's own torch code (`_fast_forward` when the op

@@ -129,7 +129,8 @@ def test_varlen_needs_packed_batch_one():
 
 
 # fast paths that take packed sequences
-PACKING = ["gla", "simple_gla", "retention", "linear_attention", "delta_rule", "gated_delta_rule"]
+PACKING = ["gla", "simple_gla", "retention", "linear_attention", "delta_rule", "gated_delta_rule",
+           "linear_recurrence", "selective_ssm"]
 
 
 def _count_fast_calls(monkeypatch, layer):
@@ -204,3 +205,79 @@ def test_packed_sequences_through_the_triton_chunk_kernels(monkeypatch):
     for i, row in enumerate(states):
         for got, ref in zip(state[i].tensors(), row.tensors()):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+POSITIONAL = """
+op pos_decay {
+  state (a: f32, h: f32);
+  lift (x: f32, log_a: f32) { return (exp(log_a), x * (1.0 + 0.1 * index)); }
+  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h); }
+  identity = (1.0, 0.0);
+  readout (s, x: f32) { return s.h + s.a * x + 0.01 * index; }
+}
+"""
+
+
+@pytest.mark.parametrize("continued", [False, True])
+def test_packed_first_order_restarts_positions_products_and_states(continued, tmp_path, monkeypatch):
+    """A first-order op whose lift and readout read `index` and whose readout reads the running
+    decay product: packed in one call, each sequence's positions start at its row's count, its
+    running product and its state restart, exactly as running it alone."""
+    import psmc
+    path = tmp_path / "pos_decay.psm"
+    path.write_text(POSITIONAL)
+    layer = psmc.load(path).__psmc_layers__["pos_decay"](backend="torch").double()
+    calls = _count_fast_calls(monkeypatch, layer)
+    gen = torch.Generator().manual_seed(2)
+    lengths, lanes = (3, 1, 5), 2
+    total = sum(lengths)
+    inputs = {"x": torch.randn(1, total, lanes, generator=gen, dtype=torch.float64, requires_grad=True),
+              "log_a": (-torch.rand(1, total, lanes, generator=gen, dtype=torch.float64)).requires_grad_()}
+    cu = torch.tensor([0, 3, 4, 9])
+    start = None
+    if continued:  # three rows that have each seen two tokens
+        warm = {n: torch.randn(3, 2, lanes, generator=gen, dtype=torch.float64) for n in inputs}
+        warm["log_a"] = -warm["log_a"].abs()
+        _, start = layer(**warm, return_state=True)
+    packed, state = layer(**inputs, cu_seqlens=cu, state=start, return_state=True)
+    assert calls[-1] is True and len(calls) == (2 if continued else 1)
+    bounds = cu.tolist()
+    want, rows = [], []
+    for i in range(3):
+        out, row = layer(**piece(inputs, bounds[i], bounds[i + 1]), state=None if start is None else start[i],
+                         return_state=True)
+        want.append(out)
+        rows.append(row)
+    want = torch.cat(want, dim=1)
+    torch.testing.assert_close(packed, want, rtol=1e-12, atol=1e-12)
+    for i, row in enumerate(rows):
+        assert int(state[i].count) == int(row.count)
+        for got, ref in zip(state[i].tensors(), row.tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    w = torch.randn(packed.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((packed * w).sum(), list(inputs.values()))
+    grads_alone = torch.autograd.grad((want * w).sum(), list(inputs.values()))
+    for n, g, r in zip(inputs, grads, grads_alone):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12, msg=lambda m: f"d/d{n}: {m}")
+
+
+@pytest.mark.triton
+def test_packed_first_order_through_the_triton_scan_kernel(monkeypatch):
+    """backend='triton' (the first-order kernel: what 'auto' takes on CUDA): packed sequences
+    in one kernel call (the decay zeroed at each sequence start), equal to the loop."""
+    from psmc.runtime import triton_scan
+    layer, inputs, cu = packed_case("selective_ssm", lengths=(5, 1, 9))
+    layer = layer.float()
+    inputs = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+    layer.backend = "triton"
+    launches = []
+    real = triton_scan.FirstOrderScan.apply
+    monkeypatch.setattr(triton_scan.FirstOrderScan, "apply", lambda *a: launches.append(1) or real(*a))
+    packed, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    assert launches == [1]
+    layer.backend = "torch"
+    want, states = alone(layer, inputs, cu)
+    torch.testing.assert_close(as_tuple(packed)[0], want[0], rtol=1e-5, atol=1e-5)
+    for i, row in enumerate(states):
+        for got, ref in zip(state[i].tensors(), row.tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
