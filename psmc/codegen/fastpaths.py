@@ -59,6 +59,20 @@ def _input_lines(op: OpIR) -> list[str]:
     return [f"        x_{v.name} = call.inputs[{v.name!r}]" for v in op.inputs]
 
 
+def _half_operand_lines(p: dict) -> list[str]:
+    """When q, k and v are inputs as they are, half-precision inputs reach the chunk kernels
+    uncast (`call.half`: bf16/fp16 tensor-core dots with fp32 accumulation on a GPU; the torch
+    path computes in fp32 all the same, from the same values)."""
+    if not all(p[n].op == "arg" for n in ("k", "v", "q")):
+        return []
+    names = tuple(p[n].attrs[0] for n in ("k", "v", "q"))
+    return [
+        "        if call.half is not None and call.carry_terms is None:  # half inputs: read as they are",
+        "            k_, v_, q_ = (_ops.as_field(t, lead, tuple(t.shape[len(lead):]), t.dtype, cx.dev) "
+        f"for t in (call.half[n] for n in {names!r}))",
+    ]
+
+
 def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
     printer = BodyPrinter(tuple(nodes), op.let_names)
@@ -90,6 +104,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         ]
     else:
         lines += ["        g_ = None"]
+    lines += _half_operand_lines(p)
     lines += [
         f"        out, s_last = _chunkwise.chunk_linear_attention(q_, k_, v_, g_, decay={p['kind']!r}, "
         f"scale={scale}, initial_state=s0, cu_seqlens=call.cu_seqlens)",
@@ -452,6 +467,7 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
             "        g_ = None  # no gate: E = I - beta * outer(k, k)",
             "        s0 = None if state is None or state.prefix is None else state.prefix[0]",
         ]
+        lines += _half_operand_lines(p)
         if method.startswith("_fast_forward"):
             E = op.state[1 - p["s_index"]]
             full = "(e_last, s_last)" if p["s_index"] == 1 else "(s_last, e_last)"

@@ -257,18 +257,21 @@ class PsmLayer(nn.Module):
             self._remember(key, (_Call(call.ctx, {}, call.lead, False, call.tag, call.out_dtype), tuple(plan)))
             return call
         template, plan = hit
-        aligned = {}
+        aligned, raw = {}, {}
         for name, padded, dtype, shape in plan:
             x = inputs[name]
             if x.shape != padded:
                 x = x.reshape(padded)
             if x.dtype != dtype:
+                if x.dtype in (torch.float16, torch.bfloat16):
+                    raw[name] = x
                 x = x.to(dtype)
             if x.shape != shape:
                 x = x.expand(shape)
             aligned[name] = x
         ctx = template.ctx
-        return _Call(Ctx(ctx.d, ctx.dev, ctx.dt), aligned, template.lead, False, template.tag, template.out_dtype)
+        return _Call(Ctx(ctx.d, ctx.dev, ctx.dt), aligned, template.lead, False, template.tag, template.out_dtype,
+                     half=None if template.out_dtype is None else raw)
 
     def _forward_local(self, call, state, return_state: bool):
         outputs, new_state = self._strategy.forward(self, call, state, return_state)
@@ -810,7 +813,7 @@ class PsmLayer(nn.Module):
         device = next(iter(devices))
         compute = torch.float64 if torch.float64 in float_dtypes else torch.float32
         dt = torch_dtypes(compute)
-        aligned = {}
+        aligned, raw = {}, {}
         for slot in spec.inputs:
             x = inputs[slot.name]
             rank = x.dim() - len(leads[slot.name])
@@ -819,6 +822,8 @@ class PsmLayer(nn.Module):
             if pad:
                 x = x.reshape(*x.shape[:lead_axes], *([1] * pad), *x.shape[lead_axes:])
             if x.is_floating_point():
+                if x.dtype in (torch.float16, torch.bfloat16):
+                    raw[slot.name] = x
                 x = x.to(dt[slot.dtype])
             if spec.chunk is not None and not step:  # chunking reshapes time: no broadcast axes
                 x = x.expand(lead[0], lead[1], *x.shape[2:])
@@ -845,7 +850,7 @@ class PsmLayer(nn.Module):
         tag = f"{spec.name}[{shown}]{per_lane} lanes={lanes}"
         halves = {d for d in float_dtypes if d in (torch.float16, torch.bfloat16)}
         out_dtype = halves.pop() if len(halves) == 1 and float_dtypes <= {torch.float16, torch.bfloat16} else None
-        return _Call(ctx, aligned, lead, step, tag, out_dtype)
+        return _Call(ctx, aligned, lead, step, tag, out_dtype, half=None if out_dtype is None else raw)
 
     def _prepare_step(self, inputs: dict, state) -> "_Call":
         """`_prepare` once per input signature (shapes, dtypes, devices): later tokens of a
@@ -1217,6 +1222,9 @@ class _Call:
     step_lean: bool = False
     # packed sequences (fla's offsets) a fast path runs in one call (`_forward_packed`)
     cu_seqlens: Tensor | None = None
+    # every float input bf16 (or every one fp16): those inputs as given, before the cast to the
+    # compute dtype (the chunk fast paths hand them to their kernels uncast); None otherwise
+    half: dict | None = None
 
 
 def _compiling() -> bool:

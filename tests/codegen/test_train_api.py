@@ -225,3 +225,34 @@ def test_a_nan_at_t_reaches_no_output_before_t(name):
         for out in as_tuple(layer(**poisoned)):
             if out.is_floating_point():
                 assert torch.isfinite(out[:, :t]).all(), f"{name}: a NaN in '{slot.name}' at {t} reached earlier outputs"
+
+
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "gated_delta_rule"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_inputs_reach_the_chunk_kernels_uncast(name, half, monkeypatch):
+    """The chunk fast paths hand bf16/fp16 q, k, v to chunk_linear_attention / chunk_delta_rule
+    as they are (on a GPU: tensor-core dots on half operands, fp32 accumulation), decays and
+    write strengths in fp32; the outputs are exactly the fp32 computation rounded once, and
+    the gradients arrive in the inputs' dtype, close to fp32's."""
+    from psmc.runtime import chunkwise, delta
+    seen = []
+    for module, fn in ((chunkwise, "chunk_linear_attention"), (delta, "chunk_delta_rule")):
+        real = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, real=real, **k: seen.append([t.dtype for t in a[:4]
+                                                                                 if t is not None]) or real(*a, **k))
+    layer, inputs = build(name, batch=2, T=9, dtype=torch.float32)
+    layer.backend = "torch"
+    low = {n: (x.to(half).requires_grad_() if x.is_floating_point() else x) for n, x in inputs.items()}
+    out = as_tuple(layer(**low))[0]
+    assert seen[-1][:3] == [half] * 3 and seen[-1][3:] == [torch.float32] * len(seen[-1][3:])
+    wide = {n: (x.detach().float().requires_grad_() if x.is_floating_point() else x) for n, x in low.items()}
+    ref = as_tuple(layer(**wide))[0]
+    assert seen[-1] == [torch.float32] * len(seen[-1])
+    assert out.dtype == half and torch.equal(out, ref.to(half))
+    w = torch.randn(ref.shape)
+    (out.float() * w).sum().backward()
+    (ref * w).sum().backward()
+    for n, x in low.items():
+        if x.is_floating_point():
+            assert x.grad.dtype == half, n
+            torch.testing.assert_close(x.grad.float(), wide[n].grad, rtol=0.02, atol=0.02, msg=lambda m: f"d/d{n}: {m}")
