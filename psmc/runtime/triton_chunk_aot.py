@@ -32,12 +32,14 @@ VARLEN_CONFIGS = [
     ("gla", torch.bfloat16, 128, "key", False, True, True),
     ("rwkv6", torch.float32, 64, "key", True, True, False),
 ]
-# (name, dtype, K = V, gated, in the test)
+# (name, dtype, K = V, gated, in the test, beta's dtype: None for q's)
 DELTA_CONFIGS = [
-    ("delta_rule", torch.bfloat16, 128, False, False),
-    ("gated_delta_rule", torch.bfloat16, 128, True, True),
-    ("gated_delta_rule", torch.float32, 64, True, False),
-    ("gated_delta_rule", torch.float32, 128, True, True),
+    ("delta_rule", torch.bfloat16, 128, False, False, None),
+    ("gated_delta_rule", torch.bfloat16, 128, True, True, None),
+    ("gated_delta_rule", torch.float32, 64, True, False, None),
+    ("gated_delta_rule", torch.float32, 128, True, True, None),
+    # what a generated layer passes for bf16 inputs: q, k, v as given, beta computed in fp32
+    ("gated_delta_rule", torch.bfloat16, 128, True, True, torch.float32),
 ]
 # packed sequences (cu_seqlens, VARLEN=1 kernels), training: (name, dtype, K = V, gated, lengths, in the test)
 DELTA_VARLEN_CONFIGS = [
@@ -96,7 +98,7 @@ def record(test_only: bool = False) -> list:
     except ImportError:
         return log
     with recording(td, td.KERNELS, log), recording(tc, ["_out_kernel"], log):
-        for name, dtype, width, gated, in_test in DELTA_CONFIGS:
+        for name, dtype, width, gated, in_test, beta_dtype in DELTA_CONFIGS:
             if test_only and not in_test:
                 continue
             # inference (no gradients), then training (the forward also keeps (I + A)^-1)
@@ -104,7 +106,7 @@ def record(test_only: bool = False) -> list:
                 start = len(log)
                 q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=grad)
                 k, v = torch.zeros_like(q, requires_grad=grad), torch.zeros_like(q, requires_grad=grad)
-                beta = torch.zeros(B, T, H, dtype=dtype, requires_grad=grad)
+                beta = torch.zeros(B, T, H, dtype=beta_dtype or dtype, requires_grad=grad)
                 g = torch.zeros(B, T, H, requires_grad=grad) if gated else None
                 s0 = torch.zeros(B, H, width, width, requires_grad=grad)
                 o, s = td.triton_chunk_delta_rule(q, k, v, beta, g, initial_state=s0)
@@ -113,7 +115,8 @@ def record(test_only: bool = False) -> list:
                     torch.autograd.backward([o, s], [torch.ones_like(o), torch.ones_like(s)])
                 for i in range(start, len(log)):
                     phase = "backward" if i >= middle else ("training forward" if grad else "forward")
-                    log[i] = (f"{name} {str(dtype)[6:]} K=V={width}", phase) + log[i]
+                    beta_note = "" if beta_dtype is None else f" beta {str(beta_dtype)[6:]}"
+                    log[i] = (f"{name} {str(dtype)[6:]} K=V={width}{beta_note}", phase) + log[i]
     with recording(td, td.KERNELS, log), recording(tc, ["_out_kernel"], log):
         for name, dtype, width, gated, lengths, in_test in DELTA_VARLEN_CONFIGS:
             if (test_only and not in_test) or not td.HAS_BACKWARD:
