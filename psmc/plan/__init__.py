@@ -83,6 +83,19 @@ FAST_PATH_WORDS = {
     "delta_rule": "delta rule, E never built (psmc.runtime.delta.chunk_delta_rule)",
 }
 
+# What backend='auto' runs for CUDA tensors when the fast path serves the forward
+# (psmc.runtime.dispatch's cost rule), and how it takes packed sequences (cu_seqlens)
+_CHUNK_GPU = ("chunked tensor-core Triton kernels (psmc.runtime.{module}): bf16/fp16 q, k, v that are inputs read as given, "
+              "fp32 accumulation; packed sequences (cu_seqlens) in the same launches")
+FAST_PATH_GPU = {
+    "chunkwise:none": _CHUNK_GPU.format(module="triton_chunk"),
+    "chunkwise:scalar": _CHUNK_GPU.format(module="triton_chunk"),
+    "chunkwise:key": _CHUNK_GPU.format(module="triton_chunk"),
+    "delta_rule": _CHUNK_GPU.format(module="triton_delta") + " (the chunked WY form)",
+    "first_order": ("the first-order scan kernel (psmc.runtime.triton_scan: time inside each thread, channels "
+                    "across threads; the lift and readout in torch); packed sequences in one scan"),
+}
+
 
 def _fast_path(op: OpIR, cls: StructureClass) -> tuple[str | None, list[tuple[str, str]]]:
     """The torch forward's fast path and why the others are not taken."""

@@ -120,3 +120,20 @@ def test_bad_dim_option_is_a_usage_error(capsys):
         main(["check", "--dim", "D=zero", str(ROOT / "examples/gla.psm")])
     assert info.value.code == 2
     assert "--dim expects NAME=POSITIVE_INT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example, words", [
+    ("gla", "chunked tensor-core Triton kernels (psmc.runtime.triton_chunk)"),
+    ("gated_delta_rule", "chunked tensor-core Triton kernels (psmc.runtime.triton_delta)"),
+    ("selective_ssm", "the first-order scan kernel (psmc.runtime.triton_scan"),
+])
+def test_check_says_what_runs_on_a_gpu(capsys, example, words):
+    """The fast paths name the kernels backend='auto' runs for CUDA tensors, and packing."""
+    code, out, _ = run_main(capsys, "check", str(ROOT / f"examples/{example}.psm"))
+    row = [line for line in out.splitlines() if line.strip().startswith("on a GPU")]
+    assert code == 0 and len(row) == 1 and words in row[0] and "packed sequences" in row[0]
+
+
+def test_check_says_nothing_of_a_gpu_fast_path_where_there_is_none(capsys):
+    code, out, _ = run_main(capsys, "check", str(ROOT / "examples/ema.psm"))
+    assert code == 0 and "on a GPU" not in out
