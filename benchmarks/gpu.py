@@ -15,7 +15,8 @@ rest still run; rows are printed as they finish and the table is written to $OUT
 - the first-order scan at (B, D, T) = (8, 2048, 4096): psmc (each path) against accelerated-scan's
   Triton scan (its [B, D, T] layout) and torch's associative_scan under torch.compile;
 - packed sequences: GLA over 32 sequences of uneven lengths packed into B x T tokens (cu_seqlens),
-  psmc in one call and one call per sequence, against fla chunk_gla with the same offsets;
+  psmc in one call and one call per sequence, against fla chunk_gla with the same offsets; the
+  first-order scan over the same packing, one call against a call per sequence;
 - decode: one token at batch 1, microseconds per token, psmc step against fla fused_recurrent
   with T = 1 and a carried state;
 - correctness: each psmc output against the peer's at the benchmark shape (relative RMS; psmc's
@@ -469,6 +470,38 @@ def packed_cases(b: Bench, dtype):
         b.case(group, label, dtype, "fla chunk_gla (cu_seqlens)", None, None, None, peer_note)
     else:
         b.case(group, label, dtype, "fla chunk_gla (cu_seqlens)", lambda: _no_grad(peer, x), _grad_fn(peer, x), None)
+    packed_first_order(b, dtype, lengths)
+
+
+def packed_first_order(b: Bench, dtype, lengths: list):
+    """The first-order scan over the same packing ((B, D, T)'s D channels): one call (one scan of
+    the packed time axis) against a call per sequence; no peer takes packed first-order scans."""
+    D = (TINY["first_order"] if b.dry else FULL["first_order"])[1]
+    total = sum(lengths)
+    label = f"N={len(lengths)} total_T={total} D={D}"
+    group = "first-order packed"
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = {"x": torch.randn(1, total, D, generator=g).to(b.device, dtype),
+         "log_a": (-torch.rand(1, total, D, generator=g) * 0.1).to(b.device, dtype)}
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=b.device)
+    try:
+        cls = load("linear_recurrence")
+        backend = "torch" if b.dry else "auto"
+        layer = cls(backend=backend, check_finite=False).to(b.device)
+        looped = cls(backend=backend, check_finite=False).to(b.device)
+        looped._packs_sequences = False
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, "psmc linear_recurrence", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        return
+    one_call = lambda leaves: layer(**leaves, cu_seqlens=cu)  # noqa: E731
+    by_sequence = lambda leaves: looped(**leaves, cu_seqlens=cu)  # noqa: E731
+
+    def check(mine, other, against):
+        return verdict(rel_rms(_no_grad(other, x).float(), _no_grad(mine, x).float()), dtype) + f" vs {against}"
+    b.case(group, label, dtype, "psmc linear_recurrence, one call (auto)", lambda: _no_grad(one_call, x),
+           _grad_fn(one_call, x), lambda: check(one_call, by_sequence, "psmc per sequence"))
+    b.case(group, label, dtype, "psmc linear_recurrence, a call per sequence", lambda: _no_grad(by_sequence, x),
+           _grad_fn(by_sequence, x), lambda: check(by_sequence, one_call, "psmc one call"))
 
 
 def _no_grad(fn, x):

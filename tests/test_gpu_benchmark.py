@@ -36,7 +36,8 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     assert ("first-order scan", "psmc torch-first-order (auto)") in impls
     assert ("GLA", "psmc chunkwise (auto)") in impls
     assert ("GLA packed", "psmc gla, one call (auto)") in impls
-    for group in ("GLA", "simple GLA", "first-order scan", "GLA packed"):
+    assert ("first-order packed", "psmc linear_recurrence, one call (auto)") in impls
+    for group in ("GLA", "simple GLA", "first-order scan", "GLA packed", "first-order packed"):
         checked = [r for r in rows if r[0].strip() == group and r[3].strip().startswith("psmc")
                    and "triton" not in r[3]]
         assert checked and all(r[8].strip().startswith("ok rel-rms") for r in checked), checked
