@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from psmc.runtime import chunkwise as _chunkwise
 from psmc.runtime import cpu_support
 from psmc.runtime.chunkwise import by_sequence
 from psmc.runtime.varlen import packed_bounds
@@ -230,6 +231,19 @@ class _Layout:
         return out.view(batch, steps, *self.lanes, width)
 
 
+def _triton_step_wanted(q: Tensor) -> bool:
+    """CUDA tensors step with the Triton kernel where Triton is installed (psmc.runtime.
+    triton_delta_step); `chunkwise.BACKEND = "triton"` also sends CPU tensors there (the
+    interpreter tests), "torch" none."""
+    if _chunkwise.BACKEND == "torch" or (_chunkwise.BACKEND != "triton" and not q.is_cuda):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def native_for(backend: str) -> bool:
     """Whether a layer on `backend` steps the delta rule with the fused C++ token
     (`delta_rule_step(native=True)`): backend='cpu', or 'auto' unless PSMC_CPU=0 (the switch
@@ -263,6 +277,10 @@ def delta_rule_step(
         (o, new_S): o = scale * q @ new_S [B, *lanes, V] in v's dtype; new_S =
         g (S - beta k (k^T S)) + beta k v^T in S's dtype (at least float32).
     """
+    if _triton_step_wanted(q):
+        from psmc.runtime import triton_delta_step
+        if triton_delta_step.takes(S, q, k, v, beta, log_decay):
+            return triton_delta_step.triton_delta_step(S, q, k, v, beta, log_decay, scale=scale)
     if native and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         lane = cpu_support.decode_lane()
         done = None if lane is None else lane.delta_step(

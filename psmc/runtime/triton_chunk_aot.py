@@ -47,6 +47,10 @@ DELTA_VARLEN_CONFIGS = [
 ]
 
 
+# the decode token's kernel (psmc.runtime.triton_delta_step): (dtype, K = V)
+DELTA_STEP_CONFIGS = [(torch.bfloat16, 128), (torch.float32, 128), (torch.float32, 256)]
+
+
 class _Recorder:
     def __init__(self, kernel, log, tag):
         self.kernel, self.log, self.tag = kernel, log, tag
@@ -134,6 +138,15 @@ def record(test_only: bool = False) -> list:
             for i in range(start, len(log)):
                 phase = "backward" if i >= middle else "training forward"
                 log[i] = (f"{name} {str(dtype)[6:]} K=V={width} varlen {len(lengths)} seqs", phase) + log[i]
+    from psmc.runtime import triton_delta_step as ts
+    with recording(ts, ["_delta_step_kernel"], log):
+        for dtype, width in DELTA_STEP_CONFIGS:  # a decode token: B = 1, H heads, state given
+            start = len(log)
+            q = torch.zeros(1, H, width, dtype=dtype)
+            state = torch.zeros(1, H, width, width)
+            ts.triton_delta_step(state, q, q, q, torch.zeros(1, H, dtype=dtype), torch.zeros(1, H), scale=1.0)
+            for i in range(start, len(log)):
+                log[i] = (f"gated_delta_rule step {str(dtype)[6:]} K=V={width}", "step") + log[i]
     return log
 
 

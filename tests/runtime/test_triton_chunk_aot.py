@@ -58,6 +58,8 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
                 (delta, "forward", "_wy_kernel"), (delta, "training forward", "_wy_kernel"),
                 ("gated_delta_rule float32 K=V=128", "forward", "_delta_state_kernel")}
     expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
+    # the decode token's kernel (psmc.runtime.triton_delta_step)
+    expected |= {(f"gated_delta_rule step {dt} K=V=128", "step", "_delta_step_kernel") for dt in ("bfloat16", "float32")}
     # the delta rule's packed-sequence kernels (cu_seqlens, VARLEN=1): training forward and backward
     packed = "gated_delta_rule bfloat16 K=V=128 varlen 3 seqs"
     expected |= {(packed, "training forward", k) for k in ("_wy_kernel", "_delta_state_kernel")}
