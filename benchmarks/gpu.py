@@ -641,7 +641,7 @@ def decode_cases(b: Bench, dtype):
         return f"{1e3 * ms / steps:.1f} us/token" if ms else ""
     _, _, H, K, V = TINY["attn"] if b.dry else FULL["attn"]
     label = f"B=1 H={H} K={K} V={V}"
-    for name in ("gla", "simple_gla", "linear_recurrence"):
+    for name in ("gla", "simple_gla", "delta_rule", "linear_recurrence"):
         group = f"decode {name}"
         try:
             cls = load(name)
@@ -669,7 +669,10 @@ def decode_cases(b: Bench, dtype):
                     for t in range(steps):
                         _, state = twin.step(state, **{n: v[:, t] for n, v in xs.items()})
             before = len(b.report.rows)
-            b.case(group, label + " (ms for %d tokens)" % steps, dtype, f"psmc {pname}", decode, None, None)
+            # the delta rule has no dispatch step path: its step is the fast step (one Triton token
+            # kernel for CUDA tensors, psmc.runtime.triton_delta_step)
+            impl = "psmc step (auto)" if name == "delta_rule" else f"psmc {pname}"
+            b.case(group, label + " (ms for %d tokens)" % steps, dtype, impl, decode, None, None)
             _annotate(b.report, before, per_token)
         if name == "linear_recurrence":
             continue
@@ -681,7 +684,10 @@ def decode_cases(b: Bench, dtype):
 
 def _fla_decode(name, xs, steps, H, K, V):
     try:
-        if name == "gla":
+        if name == "delta_rule":
+            from fla.ops.delta_rule import fused_recurrent_delta_rule as fn
+            gate = "beta"
+        elif name == "gla":
             from fla.ops.gla import fused_recurrent_gla as fn
             gate = "gk"
         else:
