@@ -153,7 +153,8 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
             "tree-scan": "push the token onto the binary counter"}[scan]
     if fast == "delta_rule":
         step = ("psmc.runtime.delta.delta_rule_step, O(K*V) per token (backend='auto' on CPU tensors: one fused C++ "
-                "token, psmc/runtime/cpu_lane.cpp, when a compiler is present)")
+                "token, psmc/runtime/cpu_lane.cpp, when a compiler is present; CUDA tensors: one Triton kernel, "
+                "psmc/runtime/triton_delta_step.py)")
     choices = [Choice("forward", "torch", forward), Choice("backward", "torch", "autograd through the forward"),
                Choice("step", "torch", step)]
     if triton_reason is None:
