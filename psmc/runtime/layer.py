@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..dtypes import DType
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
-from .batch import RaggedState, cat_states
+from .batch import RaggedState, _counts, cat_states
 from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
@@ -559,16 +559,27 @@ class PsmLayer(nn.Module):
         packed = self._forward_packed(inputs, cu_seqlens, bounds, state)
         if packed is not None:
             return packed
-        outs, states = [], []
+        # otherwise sequences of one length (and, continuing, of one count) run together as the
+        # rows of one batch: each row is what the sequence gives alone (a tree scan's tree
+        # depends on the length only)
+        rows = [None] * n if state is None else [state[i] for i in range(n)]
+        rows = [r.rows[0] if isinstance(r, RaggedState) else r for r in rows]
+        groups: dict = {}
         for i in range(n):
-            lo, hi = bounds[i], bounds[i + 1]
-            piece = {name: (x if x.shape[1] == 1 else x[:, lo:hi]) for name, x in inputs.items()}
-            row_state = None if state is None or _batch_rows(state) == 0 else state[i]
-            if isinstance(row_state, RaggedState):
-                row_state = row_state.rows[0]
-            out, new_state = self._forward_one(piece, row_state, True)
-            outs.append(out if isinstance(out, tuple) else (out,))
-            states.append(new_state)
+            key = (bounds[i + 1] - bounds[i], None if rows[i] is None else _counts(rows[i]))
+            groups.setdefault(key, []).append(i)
+        outs, states = [None] * n, [None] * n
+        for idx in groups.values():
+            piece = {name: (x if x.shape[1] == 1 else
+                            torch.cat([x[:, bounds[i]:bounds[i + 1]] for i in idx], dim=0) if len(idx) > 1 else
+                            x[:, bounds[idx[0]]:bounds[idx[0] + 1]])
+                     for name, x in inputs.items()}
+            start = None if state is None else (rows[idx[0]] if len(idx) == 1 else cat_states([rows[i] for i in idx]))
+            out, new_state = self._forward_one(piece, start, True)
+            out = out if isinstance(out, tuple) else (out,)
+            for j, i in enumerate(idx):
+                outs[i] = tuple(o[j:j + 1] if o.shape[0] == len(idx) else o for o in out)
+                states[i] = new_state if len(idx) == 1 else new_state[j]
         packed = tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
         return (packed[0] if len(packed) == 1 else packed), cat_states(states)
 

@@ -281,3 +281,45 @@ def test_packed_first_order_through_the_triton_scan_kernel(monkeypatch):
     for i, row in enumerate(states):
         for got, ref in zip(state[i].tensors(), row.tensors()):
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sequences_of_one_length_run_as_one_batch(name, monkeypatch):
+    """Where no fast path packs them, packed sequences of one length run as the rows of one
+    batch (one pass per distinct length, a tree scan's tree per row as alone), and each row's
+    outputs, state and gradients are those of the sequence alone; continuing a ragged state
+    groups by length and count."""
+    layer, inputs, cu = packed_case(name, lengths=(3, 1, 3, 3))
+    layer._packs_sequences = False  # the grouping under test, for the ops that would pack
+    passes = []
+    real = type(layer)._forward_one
+    monkeypatch.setattr(type(layer), "_forward_one", lambda self, *a: passes.append(1) or real(self, *a))
+    floats = {n: x.clone().requires_grad_() for n, x in inputs.items() if x.is_floating_point()}
+    full = {**inputs, **floats}
+    packed, state = layer(**full, cu_seqlens=cu, return_state=True)
+    assert len(passes) == 2  # lengths 3 and 1
+    passes.clear()
+    want, states = alone(layer, full, cu)
+    assert_agree(as_tuple(packed), want, f"{name}: grouped varlen vs separate runs")
+    for i, row in enumerate(states):
+        for got, ref in zip(state[i]._all_tensors(), row._all_tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    weights = [torch.randn(o.shape, dtype=o.dtype) for o in as_tuple(packed) if o.is_floating_point()]
+    loss = lambda outs: sum((o * w).sum() for o, w in zip([o for o in outs if o.is_floating_point()], weights))  # noqa: E731
+    l_packed, l_alone = loss(as_tuple(packed)), loss(want)
+    differentiable = isinstance(l_packed, torch.Tensor) and l_packed.requires_grad  # (running_argmax's: no)
+    g_packed = torch.autograd.grad(l_packed, list(floats.values()), allow_unused=True) if differentiable else ()
+    g_alone = torch.autograd.grad(l_alone, list(floats.values()), allow_unused=True) if differentiable else ()
+    for n, g, w in zip(floats, g_packed, g_alone):
+        if w is None:
+            assert g is None or not g.abs().any(), n
+            continue
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=lambda m: f"{name}: d/d{n}: {m}")
+    # continue every row by the same lengths from the ragged state (counts 3, 1, 3, 3)
+    again = {n: x.detach() for n, x in full.items()}
+    passes.clear()
+    more, _ = layer(**again, cu_seqlens=cu, state=state, return_state=True)
+    assert len(passes) == 2
+    bounds = cu.tolist()
+    ref = [as_tuple(layer(**piece(again, bounds[i], bounds[i + 1]), state=states[i]))[0] for i in range(4)]
+    torch.testing.assert_close(as_tuple(more)[0], torch.cat(ref, dim=1), rtol=1e-9, atol=1e-11)
