@@ -438,19 +438,13 @@ def packed_cases(b: Bench, dtype):
     lengths = packed_lengths(total, 4 if b.dry else 32)
     label = f"N={len(lengths)} total_T={total} H={H} K={K} V={V}"
     group = "GLA packed"
+    x = attn_inputs("gla", (1, total, H, K, V), b.device, dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=b.device)
     try:
-        cls = load("gla")
-        x = attn_inputs("gla", (1, total, H, K, V), b.device, dtype)
-        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=b.device)
-        backend = "torch" if b.dry else "auto"  # (a dry run's CPU 'auto' takes the C++ kernels, one by one)
-        layer = cls(backend=backend, check_finite=False, K=K, V=V).to(b.device)
-        looped = cls(backend=backend, check_finite=False, K=K, V=V).to(b.device)
-        looped._packs_sequences = False
+        one_call, by_sequence = _packed_calls(b, "gla", cu, K=K, V=V)
     except Exception as e:  # noqa: BLE001
         b.case(group, label, dtype, "psmc gla", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
         return
-    one_call = lambda leaves: layer(**leaves, cu_seqlens=cu)  # noqa: E731
-    by_sequence = lambda leaves: looped(**leaves, cu_seqlens=cu)  # noqa: E731
     peer = None
     try:
         from fla.ops.gla import chunk_gla
@@ -473,6 +467,18 @@ def packed_cases(b: Bench, dtype):
     packed_first_order(b, dtype, lengths)
 
 
+def _packed_calls(b: Bench, name: str, cu, **dims):
+    """(one call, a call per sequence): example `name` over packed inputs, the layer's packed path
+    and the same layer made to loop (`_packs_sequences = False`). A dry run uses backend='torch'
+    (its CPU 'auto' takes the C++ kernels, which loop)."""
+    cls = load(name)
+    backend = "torch" if b.dry else "auto"
+    layer = cls(backend=backend, check_finite=False, **dims).to(b.device)
+    looped = cls(backend=backend, check_finite=False, **dims).to(b.device)
+    looped._packs_sequences = False
+    return (lambda leaves: layer(**leaves, cu_seqlens=cu)), (lambda leaves: looped(**leaves, cu_seqlens=cu))
+
+
 def packed_first_order(b: Bench, dtype, lengths: list):
     """The first-order scan over the same packing ((B, D, T)'s D channels): one call (one scan of
     the packed time axis) against a call per sequence; no peer takes packed first-order scans."""
@@ -485,16 +491,10 @@ def packed_first_order(b: Bench, dtype, lengths: list):
          "log_a": (-torch.rand(1, total, D, generator=g) * 0.1).to(b.device, dtype)}
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=b.device)
     try:
-        cls = load("linear_recurrence")
-        backend = "torch" if b.dry else "auto"
-        layer = cls(backend=backend, check_finite=False).to(b.device)
-        looped = cls(backend=backend, check_finite=False).to(b.device)
-        looped._packs_sequences = False
+        one_call, by_sequence = _packed_calls(b, "linear_recurrence", cu)
     except Exception as e:  # noqa: BLE001
         b.case(group, label, dtype, "psmc linear_recurrence", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
         return
-    one_call = lambda leaves: layer(**leaves, cu_seqlens=cu)  # noqa: E731
-    by_sequence = lambda leaves: looped(**leaves, cu_seqlens=cu)  # noqa: E731
 
     def check(mine, other, against):
         return verdict(rel_rms(_no_grad(other, x).float(), _no_grad(mine, x).float()), dtype) + f" vs {against}"
