@@ -103,7 +103,8 @@ def test_psmc_check_prints_the_class(capsys):
     out = capsys.readouterr().out
     assert "class          identity-plus-low-rank (plain): E = I - beta * outer(k, k)" in out
     assert ("step           torch: psmc.runtime.delta.delta_rule_step, O(K*V) per token (backend='auto' on CPU "
-            "tensors: one fused C++ token, psmc/runtime/cpu_lane.cpp, when a compiler is present)") in out
+            "tensors: one fused C++ token, psmc/runtime/cpu_lane.cpp, when a compiler is present; CUDA tensors: one "
+            "Triton kernel, psmc/runtime/triton_delta_step.py)") in out
     assert "stream state   (K*V) floats: the inclusive prefix (S)" in out
 
 

@@ -370,18 +370,34 @@ def test_decay_total_per_packed_sequence(time):
     torch.testing.assert_close(chunkwise.decay_total(full), torch.exp(full.sum(1)))
 
 
-def test_chunk_attention_packed_sequences_on_the_torch_path():
-    """cu_seqlens on the torch path: each sequence from its own initial state, final states [N]."""
+@pytest.mark.parametrize("group_bytes", [None, 1])
+@pytest.mark.parametrize("exclusive", [False, True])
+def test_chunk_attention_packed_sequences_on_the_torch_path(group_bytes, exclusive, monkeypatch):
+    """cu_seqlens on the torch path (one chunked pass, the chunk-state recurrence restarted per
+    sequence): each sequence from its own initial state, final states [N], also when every
+    group holds one chunk (a sequence then continues across groups), forward and gradients."""
+    if group_bytes is not None:
+        monkeypatch.setattr(chunkwise, "_GROUP_BYTES", group_bytes)
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 11, 2, 4, generator=gen, dtype=torch.float64) for _ in range(3))
     g = -torch.rand(1, 11, 2, 4, generator=gen, dtype=torch.float64)
     s0 = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64)
     cu = torch.tensor([0, 4, 5, 11])
-    o, s = chunk_linear_attention(q, k, v, g, decay="key", initial_state=s0, cu_seqlens=cu, chunk_size=2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, s0)]
+    o, s = chunk_linear_attention(*leaves[:4], decay="key", initial_state=leaves[4], cu_seqlens=cu, chunk_size=2,
+                                  exclusive=exclusive)
+    parts, finals = [], []
     for i, (a, b) in enumerate(((0, 4), (4, 5), (5, 11))):
-        oi, si = chunk_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], decay="key",
-                                        initial_state=s0[i:i + 1])
-        torch.testing.assert_close(o[:, a:b], oi)
-        torch.testing.assert_close(s[i:i + 1], si)
+        oi, si = chunk_linear_attention(*(x[:, a:b] for x in leaves[:4]), decay="key",
+                                        initial_state=leaves[4][i:i + 1], exclusive=exclusive)
+        parts.append(oi)
+        finals.append(si)
+    torch.testing.assert_close(o, torch.cat(parts, 1))
+    torch.testing.assert_close(s, torch.cat(finals, 0))
+    w, ws = torch.randn(o.shape, generator=gen, dtype=o.dtype), torch.randn(s.shape, generator=gen, dtype=s.dtype)
+    got = torch.autograd.grad((o * w).sum() + (s * ws).sum(), leaves)
+    want = torch.autograd.grad((torch.cat(parts, 1) * w).sum() + (torch.cat(finals, 0) * ws).sum(), leaves)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
     with pytest.raises(ValueError, match="packed as"):
         chunk_linear_attention(q, k, v, g, decay="key", cu_seqlens=torch.tensor([0, 4, 10]))
