@@ -170,54 +170,20 @@ def _chunk_linear_attention_torch(
     _check_kind(log_decay, decay)
     if cu_seqlens is not None:
         bounds = packed_bounds("chunk_linear_attention", cu_seqlens, q.shape[0], q.shape[1])
-        return _packed_torch(q, k, v, log_decay, decay, scale, initial_state, exclusive, chunk_size, bounds)
-    return _chunked_torch(q, k, v, log_decay, decay, scale, initial_state, exclusive,
-                          min(chunk_size, _next_power_of_two(max(q.shape[1], 1))))
+        lanes = _lanes(q, k, v, log_decay, decay)
 
-
-def _packed_torch(q, k, v, log_decay, decay, scale, initial_state, exclusive, chunk_size, bounds):
-    """Packed sequences in one chunked pass: each sequence is spread to whole chunks (zero keys
-    and zero log decays after its end: the state passes through them unchanged), and the
-    chunk-state recurrence restarts at every sequence's first chunk from its own initial state."""
-    lanes = _lanes(q, k, v, log_decay, decay)
-    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-    length = min(chunk_size, _next_power_of_two(max(lengths)))
-    counts = [-(-n // length) for n in lengths]
-    starts = [0]
-    for c in counts[:-1]:
-        starts.append(starts[-1] + c * length)
-    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)]).to(q.device)
-    padded = sum(counts) * length
-
-    def spread(x: Tensor | None) -> Tensor | None:
-        if x is None:
-            return None
-        x = x.expand(1, bounds[-1], *x.shape[2:])
-        return x.new_zeros(1, padded, *x.shape[2:]).index_copy(1, positions, x)
-    sequences = ([n for n, c in enumerate(counts) for _ in range(c)], initial_state, len(lengths))
-    o, final = _chunked_torch(spread(q), spread(k), spread(v), spread(log_decay), decay, scale, None, exclusive,
-                              length, sequences)
-    return o.index_select(1, positions), final
-
-
-def _chunked_torch(q, k, v, log_decay, decay, scale, initial_state, exclusive, length, sequences=None):
-    """The chunked pass over [B, T, ...] in chunks of `length`; `sequences` (packed, B = 1): (the
-    sequence of every chunk, their initial states or None, their count)."""
+        def one(q, k, v, g, initial_state):
+            return _chunk_linear_attention_torch(q, k, v, g, decay=decay, scale=scale, initial_state=initial_state,
+                                                 exclusive=exclusive, chunk_size=chunk_size)
+        return by_sequence(one, bounds, (q, k, v, log_decay), initial_state, (*lanes, q.shape[-1], v.shape[-1]))
     batch, steps, width_k, width_v = q.shape[0], q.shape[1], q.shape[-1], v.shape[-1]
     lanes = _lanes(q, k, v, log_decay, decay)
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    layout = _Layout(batch, steps, lanes, length)
+    layout = _Layout(batch, steps, lanes, min(chunk_size, _next_power_of_two(max(steps, 1))))
     state = None
     if initial_state is not None:
         state = initial_state.to(dtype).expand(batch, *lanes, width_k, width_v)
         state = state.reshape(1, batch * layout.heads, width_k, width_v)
-    restart = None
-    if sequences is not None:
-        owners, starting, count = sequences
-        shape = (count, layout.heads, width_k, width_v)
-        starting = (q.new_zeros(shape, dtype=dtype) if starting is None else
-                    starting.to(dtype).expand(count, *lanes, width_k, width_v).reshape(shape))
-        restart = _Restarts(owners, starting)
     out_dtype = v.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     log_decay = None if log_decay is None else log_decay.to(dtype)
@@ -233,37 +199,10 @@ def _chunked_torch(q, k, v, log_decay, decay, scale, initial_state, exclusive, l
             terms = _decayed_terms(qc, kc, vc, g, exclusive, per_key=(decay == "key"))
         # the chunk-to-chunk state passing: one matmul per chunk, then a short linear recurrence
         updates = terms.k_update.transpose(-1, -2) @ vc  # [G, BH, K, V]
-        if restart is None:
-            entering, state = linear_recurrence(terms.chunk_decay[None], updates[None], state, exclusive=True)
-        else:
-            entering, state = restart.pass_over(terms.chunk_decay[None], updates[None], state, first, count)
+        entering, state = linear_recurrence(terms.chunk_decay[None], updates[None], state, exclusive=True)
         outputs.append(_combine(terms, vc, entering[0], scale).unflatten(0, vc.shape[:2]))
-    if restart is not None:
-        return layout.outputs(outputs).to(out_dtype), torch.stack(restart.finals).reshape(
-            len(restart.finals), *lanes, width_k, width_v)
     final = state[0].reshape(batch, *lanes, width_k, width_v)
     return layout.outputs(outputs).to(out_dtype), final
-
-
-class _Restarts:
-    """The chunk-state recurrence of packed sequences, a group of chunks at a time: within a
-    group, one scan with a restart at each sequence's first chunk (linear_recurrence's packed
-    form); a sequence that continues from the previous group starts from the carried state."""
-
-    def __init__(self, owners: list, starting: Tensor):
-        self.owners, self.starting = owners, starting  # the sequence of each chunk; [N, BH, K, V]
-        self.finals = [None] * starting.shape[0]
-
-    def pass_over(self, decay: Tensor, updates: Tensor, carry: Tensor | None, first: int, count: int):
-        ids = self.owners[first:first + count]
-        heads = [j for j in range(count) if j == 0 or ids[j] != ids[j - 1]]
-        begin = [carry[0] if j == 0 and first > 0 and self.owners[first - 1] == ids[0] else self.starting[ids[j]]
-                 for j in heads]
-        cu = torch.tensor(heads + [count], device=updates.device)
-        entering, last = linear_recurrence(decay, updates, torch.stack(begin), exclusive=True, cu_seqlens=cu)
-        for i, j in enumerate(heads):  # (a sequence that goes on in the next group is overwritten there)
-            self.finals[ids[j]] = last[i]
-        return entering, last[-1:]
 
 
 @dataclass(frozen=True)
