@@ -106,19 +106,27 @@ def within(got: tuple, want: tuple, spread: tuple, rtol: float, atol: float) -> 
     return True
 
 
+def no_digit(want, spread, top: float):
+    """Where a dtype whose largest value is `top` cannot hold the value `want` to even one digit:
+    rounding alone, amplified by the op (the `spread`), carries it past `top` (seed 740138: a
+    product of 300 rank-one updates whose rounding along a decayed direction grows by 1e80), or
+    is at least as large as the value itself (seed 1701680: the state sums subrange products of
+    up to 1e53 that cancel to 1e29; the float32 stream is off by 1e8 relative and the parallel
+    pass overflows on a subrange product). A float32 overflow there is no less right than any
+    other float32 value."""
+    return (spread > top) | (spread >= want.abs())
+
+
 def rms_within(got, want, spread, bound: float, top: float | None = None) -> bool:
     """The relative-RMS form (the float32 and half checks): |got - want| / |want| <= bound plus
     AMPLIFICATION x |spread| / |want| (2-norms over the output).
 
     `top` (the largest value of the dtype `got` was computed in): an element that is non-finite
-    in `got` is excused where the spread itself passes `top`, i.e. where rounding alone, amplified
-    by the op, carries the value out of that dtype's range (seed 740138: a product of 300
-    rank-one updates whose rounding along a decayed direction grows by 1e80; float64 holds it,
-    float32 overflows, whatever the order). Any other non-finite element fails; the rest are
-    held to the RMS bound."""
+    in `got` is excused where `no_digit` holds (below). Any other non-finite element fails; the
+    rest are held to the RMS bound."""
     w, g, spread = want.double(), got.double(), spread.double()
     if top is not None:
-        excused = ~g.isfinite() & w.isfinite() & (spread > top)
+        excused = ~g.isfinite() & w.isfinite() & no_digit(w, spread, top)
         w, g, spread = w[~excused], g[~excused], spread[~excused]
     scale = w.norm().clamp_min(1e-6)
     return bool((g - w).norm() / scale <= bound + AMPLIFICATION * spread.norm() / scale)
