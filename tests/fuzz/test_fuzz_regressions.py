@@ -7,7 +7,6 @@ where planned) on a config that reproduced the failure.
 """
 from __future__ import annotations
 
-
 import dataclasses
 import subprocess
 import sys
