@@ -28,7 +28,7 @@ from .batch import RaggedState, _counts, cat_states
 from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
-from .varlen import cu_seqlens_bounds
+from .varlen import Offsets, cu_seqlens_bounds
 
 # (imported by name: a torch.compile'd step reads one global for it, not `torch` and two attributes)
 _is_compiling = torch.compiler.is_compiling
@@ -598,7 +598,7 @@ class PsmLayer(nn.Module):
         run = self._token_route(call)
         if run is not None and not getattr(run, "packs", False):
             return None
-        call = dataclasses.replace(call, cu_seqlens=cu_seqlens)
+        call = dataclasses.replace(call, cu_seqlens=Offsets(cu_seqlens, tuple(bounds)))  # read once
         if run is not None:
             outputs, new_state = run(self, call, state)
         else:
@@ -1231,8 +1231,8 @@ class _Call:
     # a step signature whose later tokens take the decode lane (no cast, no output check):
     # backend='auto' then steps with the C++ kernels (cpu_support.auto_steps)
     step_lean: bool = False
-    # packed sequences (fla's offsets) a fast path runs in one call (`_forward_packed`)
-    cu_seqlens: Tensor | None = None
+    # packed sequences (fla's offsets, read once) a fast path runs in one call (`_forward_packed`)
+    cu_seqlens: Offsets | None = None
     # every float input bf16 (or every one fp16): those inputs as given, before the cast to the
     # compute dtype (the chunk fast paths hand them to their kernels uncast); None otherwise
     half: dict | None = None

@@ -12,12 +12,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["cu_seqlens_bounds", "packed_bounds", "Sequences", "sequences", "segment_reverse_cumsum"]
+__all__ = ["cu_seqlens_bounds", "packed_bounds", "Offsets", "Sequences", "sequences", "segment_reverse_cumsum"]
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """`cu_seqlens` with its offsets already read and checked (`bounds`): what a layer hands the
+    runtime functions it calls, which take it wherever they take `cu_seqlens`, so that one call
+    reads the offsets off the device once (each read is a host sync on a GPU)."""
+
+    tensor: Tensor
+    bounds: tuple
 
 
 def cu_seqlens_bounds(op: str, cu) -> list:
-    """The offsets of `cu_seqlens` as Python ints (one host read per call, as in fla), checked to
-    be a 1-D int tensor starting at 0 and strictly increasing."""
+    """The offsets of `cu_seqlens` as Python ints (one host read per call, as in fla; none for
+    `Offsets`), checked to be a 1-D int tensor starting at 0 and strictly increasing."""
+    if isinstance(cu, Offsets):
+        return list(cu.bounds)
     if not isinstance(cu, Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
         shown = f"a {cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, Tensor) else type(cu).__name__
         raise TypeError(f"{op}: cu_seqlens must be a 1-D int32/int64 tensor of offsets [0, ..., total_T], got {shown}")
@@ -64,9 +76,6 @@ class Sequences:
     def chunks(self) -> int:
         return int(self.chunk_sequence.numel())
 
-    @property
-    def longest(self) -> int:
-        return max(b - a for a, b in zip(self.bounds, self.bounds[1:]))
 
 
 def sequences(bounds, chunk: int, device) -> Sequences:

@@ -323,3 +323,28 @@ def test_sequences_of_one_length_run_as_one_batch(name, monkeypatch):
     bounds = cu.tolist()
     ref = [as_tuple(layer(**piece(again, bounds[i], bounds[i + 1]), state=states[i]))[0] for i in range(4)]
     torch.testing.assert_close(as_tuple(more)[0], torch.cat(ref, dim=1), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_delta_rule", "pos_decay_like"])
+def test_a_packed_call_reads_the_offsets_once(name, tmp_path):
+    """The offsets are read off the device once per packed call (each read is a host sync on a
+    GPU): the runtime functions get them already read (varlen.Offsets)."""
+    reads = []
+
+    class Counting(torch.Tensor):
+        def tolist(self):
+            reads.append(1)
+            return super().tolist()
+    if name == "pos_decay_like":  # a first-order op reading index and the running product
+        import psmc
+        path = tmp_path / "pos_decay.psm"
+        path.write_text(POSITIONAL)
+        layer = psmc.load(path).__psmc_layers__["pos_decay"](backend="torch")
+        gen = torch.Generator().manual_seed(0)
+        inputs = {"x": torch.randn(1, 8, 2, generator=gen), "log_a": -torch.rand(1, 8, 2, generator=gen)}
+        cu = torch.tensor([0, 3, 4, 8])
+    else:
+        layer, inputs, cu = packed_case(name)
+        layer.backend = "torch"
+    layer(**inputs, cu_seqlens=cu.as_subclass(Counting), return_state=True)
+    assert reads == [1]
