@@ -30,6 +30,8 @@ from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
 from .varlen import Offsets, cu_seqlens_bounds
 
+_HALVES = frozenset((torch.float16, torch.bfloat16))  # inputs computed in float32, outputs cast back
+
 # (imported by name: a torch.compile'd step reads one global for it, not `torch` and two attributes)
 _is_compiling = torch.compiler.is_compiling
 
@@ -263,7 +265,7 @@ class PsmLayer(nn.Module):
             if x.shape != padded:
                 x = x.reshape(padded)
             if x.dtype != dtype:
-                if x.dtype in (torch.float16, torch.bfloat16):
+                if x.dtype in _HALVES:
                     raw[name] = x
                 x = x.to(dtype)
             if x.shape != shape:
@@ -833,7 +835,7 @@ class PsmLayer(nn.Module):
             if pad:
                 x = x.reshape(*x.shape[:lead_axes], *([1] * pad), *x.shape[lead_axes:])
             if x.is_floating_point():
-                if x.dtype in (torch.float16, torch.bfloat16):
+                if x.dtype in _HALVES:
                     raw[slot.name] = x
                 x = x.to(dt[slot.dtype])
             if spec.chunk is not None and not step:  # chunking reshapes time: no broadcast axes
@@ -859,8 +861,8 @@ class PsmLayer(nn.Module):
         shown = ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
         per_lane = f" per_lane={','.join(self.per_lane)}" if self.per_lane else ""
         tag = f"{spec.name}[{shown}]{per_lane} lanes={lanes}"
-        halves = {d for d in float_dtypes if d in (torch.float16, torch.bfloat16)}
-        out_dtype = halves.pop() if len(halves) == 1 and float_dtypes <= {torch.float16, torch.bfloat16} else None
+        halves = float_dtypes & _HALVES
+        out_dtype = halves.pop() if len(halves) == 1 and float_dtypes <= _HALVES else None
         return _Call(ctx, aligned, lead, step, tag, out_dtype, half=None if out_dtype is None else raw)
 
     def _prepare_step(self, inputs: dict, state) -> "_Call":
