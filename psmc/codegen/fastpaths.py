@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import math
 import re
 
-from ..ir.nodes import OpIR, leaves
+from ..ir.nodes import OpIR, leaves, walk
 from .torch_printer import BodyPrinter, shape_code
 
 
@@ -55,19 +55,47 @@ def _scale_code(p: dict, ref: dict) -> str:
     return scale
 
 
-def _input_lines(op: OpIR) -> list[str]:
-    return [f"        x_{v.name} = call.inputs[{v.name!r}]" for v in op.inputs]
+def _input_lines(op: OpIR, p: dict | None = None) -> list[str]:
+    """`x_<name> = call.inputs[name]` per input. With the pattern `p` of a chunk fast path whose
+    q, k and v are inputs as they are, bf16/fp16 inputs reach the chunk kernels uncast
+    (`call.half`: tensor-core dots with fp32 accumulation on a GPU; the torch path computes in
+    fp32 all the same, from the same values). Reading them from `call.half` instead of
+    `call.inputs` means the float32 copy is never made (`_Inputs` casts on first read). An
+    operand the other bodies also read (a gate computed from k) is read cast as well."""
+    names = _half_operand_names(p) if p is not None else ()
+    if not names:
+        return [f"        x_{v.name} = call.inputs[{v.name!r}]" for v in op.inputs]
+    shared = _shared_operands(p)
+    lines = ["        half = call.half is not None and call.carry_terms is None  # q, k, v reach the kernels as given"]
+    for v in op.inputs:
+        if v.name in names and v.name not in shared:
+            lines.append(f"        x_{v.name} = call.half[{v.name!r}] if half else call.inputs[{v.name!r}]")
+        else:
+            lines.append(f"        x_{v.name} = call.inputs[{v.name!r}]")
+    return lines
+
+
+def _half_operand_names(p: dict) -> tuple:
+    """The inputs that are q, k and v as they are (all three, else none)."""
+    if not all(p[n].op == "arg" for n in ("k", "v", "q")):
+        return ()
+    return tuple(p[n].attrs[0] for n in ("k", "v", "q"))
+
+
+def _shared_operands(p: dict) -> set:
+    """The inputs that a body other than q, k and v reads (a gate, a write strength, a scale)."""
+    others = [p[n] for n in ("g", "beta", "scale", "divisor") if p.get(n) is not None]
+    return {n.attrs[0] for n in walk(tuple(others)) if n.op == "arg"}
 
 
 def _half_operand_lines(p: dict) -> list[str]:
-    """When q, k and v are inputs as they are, half-precision inputs reach the chunk kernels
-    uncast (`call.half`: bf16/fp16 tensor-core dots with fp32 accumulation on a GPU; the torch
-    path computes in fp32 all the same, from the same values)."""
-    if not all(p[n].op == "arg" for n in ("k", "v", "q")):
+    """When another body reads q, k or v too (a gate computed from k), `_input_lines` read it
+    cast for the bodies: the kernels then get all three as given."""
+    names = _half_operand_names(p)
+    if not names or not _shared_operands(p) & set(names):
         return []
-    names = tuple(p[n].attrs[0] for n in ("k", "v", "q"))
     return [
-        "        if call.half is not None and call.carry_terms is None:  # half inputs: read as they are",
+        "        if half:  # (an operand another body reads was read cast above)",
         "            k_, v_, q_ = (_ops.as_field(t, lead, tuple(t.shape[len(lead):]), t.dtype, cx.dev) "
         f"for t in (call.half[n] for n in {names!r}))",
     ]
@@ -87,7 +115,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         f'        """Chunkwise matmul form (decay: {p["kind"]}), recognised from the IR."""',
         "        cx, lead = call.ctx, call.lead",
     ]
-    lines += _input_lines(op)
+    lines += _input_lines(op, p)
     lines += ["        " + line for line in body]
     g = ref[p["g"]] if p["g"] is not None else "None"
     lines += [
@@ -455,15 +483,16 @@ def _delta_method(op: OpIR, p: dict) -> FastPath:
         body = printer.run()
         ref = printer.names
         lines += [f"    def {method}:", f'        """{doc}"""', f"        cx, lead = call.ctx, call.lead  # {lead_note}"]
-        lines += _input_lines(op)
+        lines += _input_lines(op, p)
         lines += ["        " + line for line in body]
         g = ref[p["g"]] if p["g"] is not None else "None"
         lines += [
             f"        k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
             "        k_, v_, q_ = (_ops.as_field(t, lead, tuple(t.shape[len(lead):]) if hasattr(t, 'shape') else (), "
             "t.dtype, cx.dev) for t in (k_, v_, q_))",
-            f"        beta_ = _ops.as_field({ref[p['beta']]}, lead, (), k_.dtype, cx.dev)",
-            f"        g_ = _ops.as_field({g}, lead, (), k_.dtype, cx.dev)" if p["g"] is not None else
+            "        gates = torch.float64 if k_.dtype == torch.float64 else torch.float32  # (k_ may be bf16/fp16)",
+            f"        beta_ = _ops.as_field({ref[p['beta']]}, lead, (), gates, cx.dev)",
+            f"        g_ = _ops.as_field({g}, lead, (), gates, cx.dev)" if p["g"] is not None else
             "        g_ = None  # no gate: E = I - beta * outer(k, k)",
             "        s0 = None if state is None or state.prefix is None else state.prefix[0]",
         ]

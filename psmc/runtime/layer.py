@@ -249,28 +249,24 @@ class PsmLayer(nn.Module):
             call = self._prepare(inputs, step=False)
             plan = []  # per input: the shape after the lane padding, the dtype, the shape after the expand
             for name, x in inputs.items():
-                y = call.inputs[name]
+                shape, dtype = call.inputs.described(name)
                 lead_axes = 2
                 padded = tuple(x.shape)
-                if y.dim() != x.dim():
-                    padded = padded[:lead_axes] + (1,) * (y.dim() - x.dim()) + padded[lead_axes:]
-                plan.append((name, padded, y.dtype, tuple(y.shape)))
+                if len(shape) != x.dim():
+                    padded = padded[:lead_axes] + (1,) * (len(shape) - x.dim()) + padded[lead_axes:]
+                plan.append((name, padded, dtype, shape))
             # (the template keeps no input tensor alive)
             self._remember(key, (_Call(call.ctx, {}, call.lead, False, call.tag, call.out_dtype), tuple(plan)))
             return call
         template, plan = hit
-        aligned, raw = {}, {}
+        aligned, raw = _Inputs(), {}
         for name, padded, dtype, shape in plan:
             x = inputs[name]
             if x.shape != padded:
                 x = x.reshape(padded)
-            if x.dtype != dtype:
-                if x.dtype in _HALVES:
-                    raw[name] = x
-                x = x.to(dtype)
-            if x.shape != shape:
-                x = x.expand(shape)
-            aligned[name] = x
+            if x.dtype in _HALVES:
+                raw[name] = x
+            aligned.put(name, x, dtype, shape)
         ctx = template.ctx
         return _Call(Ctx(ctx.d, ctx.dev, ctx.dt), aligned, template.lead, False, template.tag, template.out_dtype,
                      half=None if template.out_dtype is None else raw)
@@ -826,7 +822,8 @@ class PsmLayer(nn.Module):
         device = next(iter(devices))
         compute = torch.float64 if torch.float64 in float_dtypes else torch.float32
         dt = torch_dtypes(compute)
-        aligned, raw = {}, {}
+        lazy = not step and not _compiling()  # (a step's one token: nothing to save)
+        aligned, raw = (_Inputs() if lazy else {}), {}
         for slot in spec.inputs:
             x = inputs[slot.name]
             rank = x.dim() - len(leads[slot.name])
@@ -834,13 +831,15 @@ class PsmLayer(nn.Module):
             pad = (len(lead) - lead_axes) - lanes
             if pad:
                 x = x.reshape(*x.shape[:lead_axes], *([1] * pad), *x.shape[lead_axes:])
-            if x.is_floating_point():
-                if x.dtype in _HALVES:
-                    raw[slot.name] = x
-                x = x.to(dt[slot.dtype])
-            if spec.chunk is not None and not step:  # chunking reshapes time: no broadcast axes
-                x = x.expand(lead[0], lead[1], *x.shape[2:])
-            aligned[slot.name] = x
+            dtype = dt[slot.dtype] if x.is_floating_point() else None
+            if x.dtype in _HALVES:
+                raw[slot.name] = x
+            shape = (lead[0], lead[1], *x.shape[2:]) if spec.chunk is not None and not step else None
+            if lazy:  # (chunking reshapes time: no broadcast axes)
+                aligned.put(slot.name, x, dtype, shape)
+                continue
+            x = x if dtype is None else x.to(dtype)
+            aligned[slot.name] = x if shape is None else x.expand(shape)
         ctx = Ctx(d=dims, dev=device, dt=dt)
         lanes = tuple(lead[lead_axes:])
         if self.lanes is not None and (len(lanes) != len(self.lanes) or
@@ -1217,10 +1216,76 @@ class PsmLayer(nn.Module):
         return outputs, state
 
 
+class _Inputs:
+    """A forward call's inputs as the layer computes with them (compute dtype, lanes aligned).
+
+    A bf16/fp16 input is cast to the compute dtype when it is first read, not before: a fast
+    path that hands its kernels the tensor as given (`_Call.half`: the chunk kernels take
+    bf16/fp16 q, k and v) never makes the float32 copy, which on a GPU is 6 bytes of HBM
+    traffic per element and a float32 tensor per input alive until the call returns. Every
+    other reader gets the cast tensor, made once. A mapping (`[name]`, `items`, `values`,
+    iteration, `len`) in the inputs' declared order; under torch.compile `_prepare` builds a
+    plain dict (the compiler drops a cast nobody reads)."""
+
+    __slots__ = ("_names", "_ready", "_pending")
+
+    def __init__(self):
+        self._names: list = []
+        self._ready: dict = {}
+        self._pending: dict = {}  # name -> (tensor as given, dtype, shape after the cast or None)
+
+    def put(self, name: str, x: Tensor, dtype=None, shape=None) -> None:
+        """x, to be cast to `dtype` when first read (None: as it is) and then expanded to `shape`."""
+        self._names.append(name)
+        if dtype is None or x.dtype == dtype:
+            self._ready[name] = x if shape is None or tuple(x.shape) == tuple(shape) else x.expand(shape)
+        else:
+            self._pending[name] = (x, dtype, shape)
+
+    def described(self, name: str) -> tuple:
+        """(shape, dtype) of `self[name]`, without casting it."""
+        if name in self._pending:
+            x, dtype, shape = self._pending[name]
+            return (tuple(x.shape) if shape is None else tuple(shape)), dtype
+        x = self._ready[name]
+        return tuple(x.shape), x.dtype
+
+    def __getitem__(self, name: str) -> Tensor:
+        x = self._ready.get(name)
+        if x is None:
+            raw, dtype, shape = self._pending.pop(name)
+            x = raw.to(dtype)
+            if shape is not None and tuple(x.shape) != tuple(shape):
+                x = x.expand(shape)
+            self._ready[name] = x
+        return x
+
+    def __contains__(self, name) -> bool:
+        return name in self._ready or name in self._pending
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def keys(self):
+        return list(self._names)
+
+    def values(self):
+        return [self[n] for n in self._names]
+
+    def items(self):
+        return [(n, self[n]) for n in self._names]
+
+    def get(self, name, default=None):
+        return self[name] if name in self else default
+
+
 @dataclass
 class _Call:
     ctx: Ctx
-    inputs: dict
+    inputs: "dict | _Inputs"
     lead: tuple
     step: bool = False
     tag: str = ""  # "op[dims] lanes=(...)": what a state made by this call is tagged with

@@ -3,6 +3,7 @@ token, continue from a state, compare outputs."""
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import psmc
 from layer_cases import CASES, draw_values
@@ -73,3 +74,20 @@ def tree_roots(state) -> int:
     """Occupied roots of a tree-scan stream state (a chunk op's state wraps one)."""
     inner = getattr(state, "inner", state)
     return sum(root is not None for root in inner.roots)
+
+
+class Casts(TorchDispatchMode):
+    """Records the dtype of every copy (`aten._to_copy`) made from the storage of `watched`."""
+
+    def __init__(self, watched: dict):
+        super().__init__()
+        self.ptrs = {x.untyped_storage().data_ptr(): n for n, x in watched.items()}
+        self.copies = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor):
+            name = self.ptrs.get(args[0].untyped_storage().data_ptr())
+            if name is not None:
+                self.copies.append((name, kwargs.get("dtype", args[0].dtype)))
+        return func(*args, **kwargs)

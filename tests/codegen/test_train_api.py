@@ -11,7 +11,7 @@ import torch
 
 import psmc
 from layer_cases import CASES
-from layer_harness import as_tuple, assert_agree, layer_class, make_inputs, stream
+from layer_harness import Casts, as_tuple, assert_agree, layer_class, make_inputs, stream
 from psmc.runtime.batch import RaggedState
 from psmc.runtime.state import ScanState, TreeState
 
@@ -225,6 +225,72 @@ def test_a_nan_at_t_reaches_no_output_before_t(name):
         for out in as_tuple(layer(**poisoned)):
             if out.is_floating_point():
                 assert torch.isfinite(out[:, :t]).all(), f"{name}: a NaN in '{slot.name}' at {t} reached earlier outputs"
+
+
+@pytest.mark.parametrize("name", ["gla", "simple_gla", "gated_delta_rule"])
+@pytest.mark.parametrize("repeat", [1, 2])
+def test_half_inputs_reach_the_chunk_kernels_without_a_float32_copy(name, repeat, monkeypatch):
+    """bf16 q, k and v go to the chunk kernels without the layer ever casting them to float32
+    first (on a GPU such a copy is 6 bytes of HBM traffic per element, and a float32 tensor per
+    input): `_Inputs` casts an input when it is first read, and the chunk fast path reads q, k
+    and v as given. The chunk function is a stub here, so any float32 copy of their storage
+    would be the layer's. The first call of a signature and a cached one (`_prepare_forward`)."""
+    from psmc.runtime import chunkwise, delta
+
+    def stub(q, k, v, *args, **kwargs):
+        initial = kwargs.get("initial_state")
+        lead, K, V = q.shape[:-1], k.shape[-1], v.shape[-1]
+        state = torch.zeros(lead[0], *lead[2:], K, V) if initial is None else initial
+        return torch.zeros(*lead, V), state
+    monkeypatch.setattr(chunkwise, "chunk_linear_attention", stub)
+    monkeypatch.setattr(delta, "chunk_delta_rule", stub)
+    layer, inputs = build(name, batch=2, T=9, dtype=torch.float32)
+    layer.backend = "torch"
+    low = {n: (x.to(torch.bfloat16) if x.is_floating_point() else x) for n, x in inputs.items()}
+    for _ in range(repeat):
+        with Casts({n: low[n] for n in ("q", "k", "v")}) as casts:
+            out = as_tuple(layer(**low))[0]
+        assert out.dtype == torch.bfloat16
+        assert casts.copies == [], casts.copies
+    # the watch sees a cast where one is made: reading call.inputs casts
+    with Casts({"q": low["q"]}) as casts:
+        layer._prepare(low, step=False).inputs["q"]
+    assert casts.copies == [("q", torch.float32)]
+
+
+KEY_GATE = """
+op key_gate[K, V] {
+  state (a: f32[K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V]) { return (exp(-(k * k)), outer(k, v)); }
+  combine (l, r) { return (l.a * r.a, r.a[:, None] * l.S + r.S); }
+  identity = (ones, zeros);
+  readout (s, q: f32[K]) { return q @ s.S / sqrt(K); }
+}
+"""
+
+
+def test_a_gate_computed_from_k_reads_k_cast_and_the_kernels_get_it_as_given(tmp_path, monkeypatch):
+    """When the decay is computed from k too, the gate's body reads k cast to float32 (a bf16
+    gate would lose digits), while the chunk kernels still get q, k and v as given: the only
+    float32 copy among them is k's, and the output is the float32 computation rounded once."""
+    from psmc.runtime import chunkwise
+    path = tmp_path / "key_gate.psm"
+    path.write_text(KEY_GATE)
+    layer = psmc.load(path).__psmc_layers__["key_gate"](backend="torch")
+    seen, before = [], []  # what reaches the chunk function; the copies made before it runs
+    real = chunkwise.chunk_linear_attention
+    monkeypatch.setattr(chunkwise, "chunk_linear_attention", lambda *a, **k: seen.append([t.dtype for t in a[:4]])
+                        or before.append(list(casts.copies)) or real(*a, **k))
+    gen = torch.Generator().manual_seed(3)
+    wide = {"k": torch.randn(2, 7, 3, 4, generator=gen), "v": torch.randn(2, 7, 3, 5, generator=gen),
+            "q": torch.randn(2, 7, 3, 4, generator=gen)}
+    low = {n: x.to(torch.bfloat16) for n, x in wide.items()}
+    with Casts(low) as casts:
+        out = layer(**low)
+    assert before[-1] == [("k", torch.float32)]
+    assert seen[-1] == [torch.bfloat16] * 3 + [torch.float32]
+    ref = layer(**{n: x.float() for n, x in low.items()})
+    assert torch.equal(out, ref.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("name", ["gla", "simple_gla", "gated_delta_rule"])
