@@ -197,6 +197,33 @@ def record(example: str, cls) -> list:
     return _dedupe(launches)
 
 
+def compile_half_forward(example: str, arch: int = 90) -> tuple:
+    """An inference forward of `example`'s generated kernels with bf16 inputs (the layer hands
+    them to the kernels as given and has them write bf16 outputs), compiled for sm_<arch>:
+    (the dtypes of the input and output tensors the launch passed, Compiled). Run it in a
+    process that never interpreted (`clean_pool`)."""
+    cls = dict(examples_with_kernels())[example]
+    shape = _shape_for(cls)
+    layer = cls(backend="triton", check_finite=False, **shape["dims"])
+    layer.use_fast_path = False  # the generated kernels (not a fast path's own kernel)
+    x = _inputs(layer, shape["B"], shape["T"], shape["lanes"])
+    x = {n: v.bfloat16() if v.is_floating_point() else v for n, v in x.items()}
+    with recording_launches() as log, torch.no_grad():
+        layer(**x)
+    (kernel, grid, args, kwargs), = log
+    dtypes = {n: v.dtype for n, v in kwargs.items() if isinstance(v, torch.Tensor) and n[:2] in ("in", "ou")
+              and not n.startswith("ini")}
+    launch = Launch(example, "forward (bf16)", _kernel_name(kernel), kernel, tuple(grid), args, kwargs)
+    return dtypes, compile_launch(launch, arch)
+
+
+def compile_half_forwards(arch: int = 90) -> dict:
+    """`compile_half_forward` for every example with generated kernels: example -> (dtypes, Compiled)."""
+    from psmc.runtime import dispatch
+    return {name: compile_half_forward(name, arch) for name, cls in examples_with_kernels()
+            if any(p.name in ("triton-block-scan", "triton-token-loop") and p.applies(cls) for p in dispatch.PATHS)}
+
+
 def _constexpr_kwargs(kernel, kwargs: dict) -> dict:
     """The keywords that are a constexpr parameter of `kernel` or no parameter at all (options)."""
     import inspect

@@ -70,7 +70,18 @@ def _interpreted(kernel) -> bool:
 def _grad_needed(layer, call) -> bool:
     if not torch.is_grad_enabled():
         return False
-    return any(x.requires_grad for x in call.inputs.values()) or any(p.requires_grad for p in layer.parameters())
+    return any(x.requires_grad for x in _given_inputs(layer._triton_kernels, call)) or \
+        any(p.requires_grad for p in layer.parameters())
+
+
+def _given_inputs(k, call) -> list:
+    """The kernels' inputs in the order they take them. A bf16/fp16 input declared f32 is passed
+    as given (`call.half`): every kernel load widens a float to fp32 (`.to(tl.float32)`), which
+    is the value the layer's cast would give, so the float32 copy is never made (`_Inputs`
+    casts only what is read) and HBM holds the half-precision tensor only."""
+    half = call.half or {}
+    return [half[name] if name in half and dtype == "f32" else call.inputs[name]
+            for name, dtype in zip(k.inputs, k.input_dtypes)]
 
 
 def unusable_reason(layer, call) -> str | None:
@@ -300,7 +311,7 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
         for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes))]))
     outputs = []
     for i, (role, dtype) in enumerate(zip(roles(k, "output"), k.output_dtypes)):
-        out, strides = _per_token(g, role, call.ctx.dt[dtype] if dtype in call.ctx.dt else torch.float32, dev, time)
+        out, strides = _per_token(g, role, _output_dtype(call, dtype), dev, time)
         args.update(_named(triton_abi.value("out", i, time), [out, *strides]))
         outputs.append((out, role))
     finals = [(_per_lane(g, role, _field_dtype(dtype), dev), role)
@@ -317,6 +328,15 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     args.update(HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **({"SAVE": save} if time else {}))
     _run(kernel, "forward" if time else "step", g, k, args, num_warps=g.num_warps(block_t if time else 1))
     return outputs, finals, bounds
+
+
+def _output_dtype(call, dtype: str) -> torch.dtype:
+    """What a kernel writes an output in: an f32 output of a call with bf16/fp16 inputs in that
+    dtype (the stores round the fp32 value once, as the layer's cast would; one pass less),
+    else the declared dtype as the call computes it."""
+    if dtype == "f32" and call.out_dtype is not None:
+        return call.out_dtype
+    return call.ctx.dt[dtype] if dtype in call.ctx.dt else torch.float32
 
 
 def _unflatten(t: torch.Tensor, g: _Geometry, role: str, time: bool) -> torch.Tensor:
@@ -455,7 +475,7 @@ def forward(layer, call, state, block_t: int | None = None):
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = _filled(k, g, state.prefix, call.ctx.dev) if state is not None else None
     start = state.size if state is not None else 0
-    inputs = [call.inputs[name] for name in k.inputs]
+    inputs = _given_inputs(k, call)
     if grad:
         meta = (layer, call, g, block_t, start, prefix is not None)
         flat = _ScanFunction.apply(meta, *inputs, *_params(layer), *(prefix or ()))

@@ -67,3 +67,26 @@ def test_a_compile_error_is_reported_not_raised():
     with triton_aot.clean_pool(1) as pool:
         result = pool.submit(triton_aot.compile_error_probe, 90).result()
     assert not result.ok and "Loop-carried variable r" in result.error, result.error
+
+
+# Spill bytes allowed in a bf16 forward. softmax_pool: with a bf16 output store ptxas keeps the
+# kernel at 96 registers and spills 8 bytes (its float32 forward, 96 registers, spills none;
+# Triton 3.9). The rest spill nothing.
+HALF_SPILLS = {"softmax_pool": 8}
+
+
+@pytest.mark.sm90
+def test_half_precision_launches_compile_within_the_spill_budget():
+    """A call with bf16 inputs hands them to the generated kernels as given and has them write
+    bf16 outputs (psmc.runtime.triton_support._given_inputs, _output_dtype): those launches
+    compile for sm_90 too, with bf16 pointers where the inputs and outputs are (the loads widen
+    to fp32), for every example with generated kernels."""
+    import torch
+    with triton_aot.clean_pool(1) as pool:
+        results = pool.submit(triton_aot.compile_half_forwards, 90).result()
+    assert {"cumsum", "selective_ssm", "softmax_pool", "gla", "rwkv6"} <= set(results)
+    for example, (dtypes, result) in results.items():
+        floats = {n: d for n, d in dtypes.items() if d.is_floating_point}
+        assert floats and set(floats.values()) == {torch.bfloat16}, (example, dtypes)
+        assert result.ok, (example, result.error)
+        assert result.spill_stores <= HALF_SPILLS.get(example, 0), (example, result)

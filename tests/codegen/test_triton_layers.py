@@ -146,3 +146,40 @@ def test_gradients_through_streams_and_steps(name):
 
     for r, o in zip(_grads(ref, inputs, run(ref)), _grads(tri, inputs, run(tri))):
         _close(r, o, "stream gradient")
+
+
+@pytest.mark.parametrize("name", ["linear_recurrence", "selective_ssm", "welford", "softmax_pool", "segmented_sum"])
+def test_half_inputs_stay_half_through_the_kernels(name, monkeypatch):
+    """fp16 inputs reach the generated kernels as given (their loads widen to fp32) and the
+    kernels write the outputs in fp16: no float32 copy of an input is made, and the outputs and
+    gradients are exactly the float32 computation from the same values, rounded once to fp16."""
+    from layer_harness import Casts
+    from psmc.runtime import triton_support
+    ref, tri = _pair(name)
+    tri.use_fast_path = False  # the generated kernels, not the first-order scan kernel
+    launched = []  # per launch: the dtypes of the inputs it reads and of the outputs it writes
+    real = triton_support._launch
+
+    def spy(layer, call, kernel, g, inputs, *args, **kwargs):
+        outputs, finals, bounds = real(layer, call, kernel, g, inputs, *args, **kwargs)
+        launched.append(([x.dtype for x in inputs], [o.dtype for o, _ in outputs]))
+        return outputs, finals, bounds
+    monkeypatch.setattr(triton_support, "_launch", spy)
+    tri.triton_block_t = 8
+    wide = _inputs(ref, 2, 19, seed=3)
+    low = {n: (x.half().requires_grad_() if x.is_floating_point() else x) for n, x in wide.items()}
+    wide = {n: (x.detach().float().requires_grad_() if x.is_floating_point() else x) for n, x in low.items()}
+    with Casts({n: x for n, x in low.items() if x.is_floating_point()}) as casts:
+        got = _tuple(tri(**low))
+        floats = [torch.float16 for o in tri.spec.outputs if o.dtype == "f32"]
+        assert launched[-1] == ([x.dtype for x in low.values()], floats)
+        want = _tuple(tri(**wide))
+        w = [torch.linspace(0.5, 1.5, o.numel()).reshape(o.shape).half().float() for o in want]
+        torch.autograd.backward([(o.float() * wi).sum() for o, wi in zip(got, w)])
+    assert casts.copies == [], casts.copies
+    torch.autograd.backward([(o * wi).sum() for o, wi in zip(want, w)])
+    for o, r in zip(got, want):
+        assert o.dtype == torch.float16 and torch.equal(o, r.to(torch.float16))
+    for n, x in low.items():
+        if x.is_floating_point():
+            assert x.grad.dtype == torch.float16 and torch.equal(x.grad, wide[n].grad.to(torch.float16)), n
