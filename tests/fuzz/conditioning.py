@@ -130,3 +130,35 @@ def rms_within(got, want, spread, bound: float, top: float | None = None) -> boo
         w, g, spread = w[~excused], g[~excused], spread[~excused]
     scale = w.norm().clamp_min(1e-6)
     return bool((g - w).norm() / scale <= bound + AMPLIFICATION * spread.norm() / scale)
+
+
+def fold_spread(bodies, lane_steps: list, unit: float, scan, trials: int = TRIALS) -> tuple:
+    """The float64 outputs of one lane from the IR bodies (tests/codegen/layer_reference.py's
+    `Bodies`, every float value widened to float64) combined by `scan` (its left fold, or the
+    paper's tree for a tree plan), and their spread when every combine's result is shaken at
+    relative size `unit`: (outputs, spreads), one `[T, *output]` tensor each. The runner's own
+    spread (`Spread`) streams the layer, which computes a program's f32 values in float32 when
+    no float64 input reaches them; where that stream overflows it proves nothing, so this one
+    runs the bodies in float64 instead."""
+    def wide(values):
+        return tuple(v.double() if v.is_floating_point() else v for v in values)
+
+    def run(gen):
+        def combine(left, right):
+            out = wide(bodies.combine(left, right))
+            return out if gen is None else tuple(_shake(v, unit, gen) for v in out)
+        elements = [wide(bodies.lift(step, i)) for i, step in enumerate(lane_steps)]
+        prefixes = scan(elements, combine)
+        rows = [wide(bodies.readout(p, step, i)) for i, (p, step) in enumerate(zip(prefixes, lane_steps))]
+        return tuple(torch.stack(parts) for parts in zip(*rows))
+
+    with torch.no_grad():
+        base = run(None)
+        spread = [torch.zeros_like(b, dtype=torch.float64) for b in base]
+        for trial in range(trials):
+            shaken = run(torch.Generator().manual_seed(7919 * (trial + 1)))
+            for s, a, b in zip(spread, shaken, base):
+                if b.is_floating_point():
+                    gap = (a - b).abs()
+                    torch.maximum(s, torch.where(gap.isnan(), torch.zeros_like(gap), gap), out=s)
+    return base, tuple(spread)

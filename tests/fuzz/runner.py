@@ -59,7 +59,7 @@ from psmc.runtime import scan as scan_module  # noqa: E402
 
 import conditioning  # noqa: E402
 import ties  # noqa: E402
-from layer_reference import reference_outputs  # noqa: E402
+from layer_reference import Bodies, left_fold_prefixes, reference_outputs, tree_prefixes  # noqa: E402
 
 RTOL64, ATOL64 = 1e-9, 1e-11
 RTOL32, ATOL32 = 2e-4, 2e-5
@@ -302,6 +302,9 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
         if tuple(out.shape[:len(lead)]) != tuple(lead):
             raise Failure("shape", f"output shape {tuple(out.shape)} does not start with {tuple(lead)}")
         if out.is_floating_point() and not torch.isfinite(out).all():
+            if _float32_holds_no_digit(program, cls, layer, inputs, lead, full, path):
+                checked.add("f32-no-digit")
+                return  # every other check compares these values too: nothing is left to compare
             raise Failure("non-finite", "the parallel pass gave a non-finite output from finite inputs")
 
     streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, T)
@@ -452,6 +455,46 @@ def _check_per_lane(cls, program, layer, inputs: dict, full: tuple, config: Conf
 def _lane_params(params: dict, per_lane: tuple, lane: tuple) -> dict:
     """The params one lane of a per-lane layer sees."""
     return {n: (v[lane] if n in per_lane else v) for n, v in params.items()}
+
+
+def _float32_holds_no_digit(program, cls, layer, inputs, lead, full, path) -> bool:
+    """Whether every non-finite element of the reference run (`full`) is one float32 holds to no
+    digit (`conditioning.no_digit`), in an op that computes its f32 values in float32 (no
+    float64 input reaches them, so the runner's reference is a float32 computation too, and
+    its stream is no float64 truth): by the IR bodies in float64, combined as the plan does
+    (a left fold, or the paper's tree) with every combine's result shaken at float32's
+    roundoff, or because the float64 value itself is non-finite. Seed
+    1900800: a product of 300 rank-one updates whose f32 state is ~1e29 where float32's
+    roundoff, grown along a direction the updates amplify, passes float32's range in the
+    stream and the parallel pass alike."""
+    if computes_in_float64(cls.spec) or cls.spec.chunk is not None:
+        return False
+    op = next(op for op in ops_from_file(path) if op.name == program.name)
+    expanded = {n: torch.broadcast_to(x, (*lead, *x.shape[len(lead):])) for n, x in inputs.items()}
+    params = {p.name: getattr(layer, "p_" + p.name).detach().double() for p in cls.spec.params}
+    bad_lanes = set()
+    for out in full:
+        if out.is_floating_point():
+            bad = ~out.isfinite()
+            bad = bad.reshape(*bad.shape[:len(lead)], -1).any(-1).any(1)  # [B, *lanes]
+            bad_lanes |= {tuple(i) for i in bad.nonzero().tolist()}
+    for b, *lane in sorted(bad_lanes):
+        where = (b, slice(None), *lane)
+        lane_params = _lane_params(params, layer.per_lane, tuple(lane)) if layer.per_lane else params
+        bodies = Bodies(op, dict(program.dims), lane_params)
+        lane_inputs = {n: x[where] for n, x in expanded.items()}
+        steps = [{n: x[t] for n, x in lane_inputs.items()} for t in range(lead[1])]
+        scan = tree_prefixes if cls.spec.scan == "tree" else left_fold_prefixes
+        wants, spreads = conditioning.fold_spread(bodies, steps, UNIT32, scan)
+        for out, want, spread in zip(full, wants, spreads):
+            if not out.is_floating_point():
+                continue
+            got = out[where]
+            bad = ~got.isfinite()
+            held = conditioning.no_digit(want, spread, F32_TOP) | ~want.isfinite()
+            if not bool(held[bad].all()):
+                return False
+    return True
 
 
 def _check_reference(program, cls, layer, inputs, lead, full, path, config):
