@@ -582,11 +582,12 @@ class PsmLayer(nn.Module):
         return (packed[0] if len(packed) == 1 else packed), cat_states(states)
 
     def _forward_packed(self, inputs: dict, cu_seqlens, bounds: list, state):
-        """All packed sequences through one `_fast_forward` call that takes `call.cu_seqlens`
-        (`_packs_sequences`, printed for the chunk fast paths), when that is what would run
-        them one by one; None otherwise (and when a NaN needs the causal rerun, which the loop
-        over sequences does)."""
-        if not (getattr(self, "_packs_sequences", False) and self.use_fast_path and self.spec.fast):
+        """All packed sequences in one pass that takes `call.cu_seqlens`, when that pass is what
+        would run them one by one: a kernel path marked `packs` (the generated Triton kernels,
+        the C++ kernels, the first-order scan kernel), or the op's own `_fast_forward` where it
+        takes them (`_packs_sequences`, printed for the chunk and first-order fast paths). None
+        otherwise (and when a NaN needs the causal rerun, which the loop over sequences does)."""
+        if not self._strategy.token_kernels and not getattr(self, "_packs_sequences", False):
             return None
         if state is not None and type(state) is not ScanState:  # ragged rows: one by one
             return None
@@ -595,6 +596,8 @@ class PsmLayer(nn.Module):
             self._check_state(state, call)
         run = self._token_route(call)
         if run is not None and not getattr(run, "packs", False):
+            return None
+        if run is None and not (getattr(self, "_packs_sequences", False) and self.use_fast_path and self.spec.fast):
             return None
         call = dataclasses.replace(call, cu_seqlens=Offsets(cu_seqlens, tuple(bounds)))  # read once
         if run is not None:
