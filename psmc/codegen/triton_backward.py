@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from ..ir.nodes import OpIR
 from .triton_layout import FLOATS
-from .triton_printer import KernelPrinter, TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature
+from .triton_printer import (KernelPrinter, TritonBodyPrinter, compute_dtype, kernel_names,
+                             kernel_signature, sequence, token_pointer)
 from .triton_vjp import VjpPrinter
 
 _IN = ("arg", "param")
@@ -53,7 +54,7 @@ class BackwardPrinter(KernelPrinter):
     def token_loads(self) -> list[str]:
         lines = []
         for i, v in enumerate(self.op.inputs):
-            ptr = f"in{i} + b * in{i}_sb + t * in{i}_st + lane * in{i}_sl + sidx * in{i}_ss"
+            ptr = token_pointer("in", i, "t", f"lane * in{i}_sl + sidx * in{i}_ss")
             lines.append(f"xt_{v.name} = tl.load({ptr}, mask=okr, other=0).to({compute_dtype(v.dtype)})")
         lines.append("indext = (start + t).to(tl.int64)")
         for i, f in enumerate(self.fields):
@@ -63,7 +64,7 @@ class BackwardPrinter(KernelPrinter):
             lines.append(f"l_{f.name} = tl.where(r > 0, {prev}, c{i})")
         for i, out in enumerate(self.op.outputs):
             if _is_float(out):
-                ptr = f"dout{i} + b * dout{i}_sb + t * dout{i}_st + lane * dout{i}_sl + sidx * dout{i}_ss"
+                ptr = token_pointer("dout", i, "t", f"lane * dout{i}_sl + sidx * dout{i}_ss")
                 lines.append(f"dy{i} = tl.load({ptr}, mask=okr, other=0).to(tl.float32)")
         return lines
 
@@ -118,7 +119,7 @@ class BackwardPrinter(KernelPrinter):
                 continue
             grad = found.get(("arg", v.name))
             value = f"({grad}) + {self.zeros_row()}" if grad else self.zeros_row()
-            ptr = f"din{i} + b * din{i}_sb + t * din{i}_st + lane * din{i}_sl + sidx * din{i}_ss"
+            ptr = token_pointer("din", i, "t", f"lane * din{i}_sl + sidx * din{i}_ss")
             lines.append(f"tl.store({ptr}, {value}, mask={self.row_mask(v, 'okr')})")
         return lines
 
@@ -127,7 +128,7 @@ class BackwardPrinter(KernelPrinter):
         op = self.op
         n = len(self.fields)
         lines = ["@_psm_jit", f"def {backward_name(op)}("] + self.signature_backward() + ["):"]
-        body = self.prologue()
+        body = self.prologue() + sequence(self.op, "backward")
         body.append("rows0 = tl.arange(0, BLOCK_T)[:, None]")
         for i, f in enumerate(self.fields):
             if _is_float(f):
@@ -137,8 +138,9 @@ class BackwardPrinter(KernelPrinter):
                 body.append("else:")
                 body.append(f"    gc{i} = {self.zeros_row()}")
         body += [f"dp{i} = {self.zeros_row()}" for i in range(len(op.params))]
-        body.append("for bi in range(0, NB):")
-        loop = ["blk = NB - 1 - bi", "rows = blk * BLOCK_T + rows0", "ok = (rows < T) & col_ok"]
+        body.append("n_blocks = tl.cdiv(T_b, BLOCK_T)")
+        body.append("for bi in range(0, n_blocks):")
+        loop = ["blk = n_blocks - 1 - bi", "rows = blk * BLOCK_T + rows0", "ok = (rows < T_b) & col_ok"]
         for i, f in enumerate(self.fields):
             dt = compute_dtype(f.dtype)
             loop.append(f"c{i} = tl.load(bnd{i} + {self.boundary_offset(f)}, mask=col_ok, other=0).to({dt})")
@@ -148,7 +150,7 @@ class BackwardPrinter(KernelPrinter):
         loop.append("tl.debug_barrier()  # the scratch is written before any thread reads it")
         loop.append("for ri in range(0, BLOCK_T):")
         # t and r as [1, BLOCK_C] tiles: the loop counters may be plain ints (interpreter)
-        token = ["r = BLOCK_T - 1 - ri + sidx * 0", "t = blk * BLOCK_T + r", "valid = t < T", "okr = valid & col_ok",
+        token = ["r = BLOCK_T - 1 - ri + sidx * 0", "t = blk * BLOCK_T + r", "valid = t < T_b", "okr = valid & col_ok",
                  "if HAS_INIT:", "    has_left = t >= 0", "else:", "    has_left = t > 0"]
         token += self.token_adjoint()
         loop += ["    " + line for line in token]

@@ -25,7 +25,8 @@ from ..ir.ops import OPS
 from ..ir.registry import STRUCTURE_OPS
 from .triton_layout import (FLOATS, Layout, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
                             reduce_axis, role_of)
-from .triton_printer import TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, tile_expr
+from .triton_printer import (TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, sequence,
+                             tile_expr, token_pointer)
 from .triton_vjp import VjpPrinter
 
 ROLE_SHAPE = {"": "(1, 1)", "r": "(BLOCK_R, 1)", "c": "(1, BLOCK_C)", "rc": "(BLOCK_R, BLOCK_C)"}
@@ -188,12 +189,12 @@ class MatrixPrinter:
         if kind == "step":
             lines = ["t = zero", "okt = one", "if HAS_INIT:", "    has_left = one", "else:", "    has_left = zero > 0"]
         else:
-            lines = ["t = blk * BLOCK_T + r + zero", "okt = t < T",
+            lines = ["t = blk * BLOCK_T + r + zero", "okt = t < T_b",
                      "if HAS_INIT:", "    has_left = t >= 0", "else:", "    has_left = t > 0"]
         for i, v in enumerate(self.op.inputs):
             role = self.role(v)
-            time = "" if kind == "step" else f" + t * in{i}_st"
-            ptr = f"in{i} + b * in{i}_sb{time} + lane * in{i}_sl + {ROLE_INDEX[role]} * in{i}_ss"
+            rest = f"lane * in{i}_sl + {ROLE_INDEX[role]} * in{i}_ss"
+            ptr = f"in{i} + b * in{i}_sb + {rest}" if kind == "step" else token_pointer("in", i, "t", rest)
             lines.append(f"x_{v.name} = tl.load({ptr}, mask={_mask(ROLE_MASK[role], 'okt')}, other=0)"
                          f".to({compute_dtype(v.dtype)})")
         lines.append("index = (start + t).to(tl.int64)")
@@ -228,8 +229,8 @@ class MatrixPrinter:
         lines = printer.run()
         for i, (out, node) in enumerate(zip(self.op.outputs, self.op.readout)):
             role = self.role(out)
-            time = "" if kind == "step" else f" + t * out{i}_st"
-            ptr = f"out{i} + b * out{i}_sb{time} + lane * out{i}_sl + {ROLE_INDEX[role]} * out{i}_ss"
+            rest = f"lane * out{i}_sl + {ROLE_INDEX[role]} * out{i}_ss"
+            ptr = f"out{i} + b * out{i}_sb + {rest}" if kind == "step" else token_pointer("out", i, "t", rest)
             value = tile_expr(printer.names[node], out.dtype, ROLE_SHAPE[role])
             lines.append(f"tl.store({ptr}, ({value}).to(out{i}.dtype.element_ty), "
                          f"mask={self.store_mask(out, 'okt')})")
@@ -263,8 +264,8 @@ class MatrixPrinter:
     # -- the kernels
     def forward_kernel(self) -> list[str]:
         lines = ["@_psm_jit", f"def {self.names['forward']}("] + self.signature("forward") + ["):"]
-        body = self.prologue() + self.initial_carry()
-        body.append("for blk in range(0, NB):")
+        body = self.prologue() + sequence(self.op, "forward") + self.initial_carry()
+        body.append("for blk in range(0, tl.cdiv(T_b, BLOCK_T)):")
         body += ["    if SAVE:"] + ["        " + x for x in self.store_state("bnd", "(b * L + lane) * NB + blk", "c")]
         body.append("    for r in range(0, BLOCK_T):")
         body += ["        " + x for x in self.token("forward")]
@@ -302,7 +303,7 @@ class MatrixPrinter:
         for i, out in enumerate(op.outputs):
             if _is_float(out):
                 role = self.role(out)
-                ptr = f"dout{i} + b * dout{i}_sb + t * dout{i}_st + lane * dout{i}_sl + {ROLE_INDEX[role]} * dout{i}_ss"
+                ptr = token_pointer("dout", i, "t", f"lane * dout{i}_sl + {ROLE_INDEX[role]} * dout{i}_ss")
                 lines.append(f"dy{i} = tl.load({ptr}, mask={_mask(ROLE_MASK[role], 'okt')}, other=0).to(tl.float32)")
         found: dict = {}
         if not op.exclusive:  # y_t reads P_t: its adjoint joins G_t
@@ -354,7 +355,7 @@ class MatrixPrinter:
             grad = found.get(("arg", v.name))
             zeros = f"tl.zeros({ROLE_SHAPE[role]}, tl.float32)"
             value = f"({grad}) + {zeros}" if grad else zeros
-            ptr = f"din{i} + b * din{i}_sb + t * din{i}_st + lane * din{i}_sl + {ROLE_INDEX[role]} * din{i}_ss"
+            ptr = token_pointer("din", i, "t", f"lane * din{i}_sl + {ROLE_INDEX[role]} * din{i}_ss")
             lines.append(f"tl.store({ptr}, {value}, mask={_mask(ROLE_MASK[role], 'okt')})")
         for i, p in enumerate(self.op.params):
             grad = found.get(("param", p.name))
@@ -365,7 +366,7 @@ class MatrixPrinter:
     def backward_kernel(self) -> list[str]:
         op = self.op
         lines = ["@_psm_jit", f"def {self.names['backward']}("] + self.signature("backward") + ["):"]
-        body = self.prologue()
+        body = self.prologue() + sequence(self.op, "backward")
         for i, f in enumerate(self.fields):
             if _is_float(f):
                 zeros = f"tl.zeros({self.shape(f)}, tl.float32)"
@@ -374,8 +375,9 @@ class MatrixPrinter:
                          f"mask={ROLE_MASK[self.role(f)]}, other=0.0) + {zeros}",
                          "else:", f"    gc{i} = {zeros}"]
         body += [f"dp{i} = tl.zeros({self.shape(p)}, tl.float32)" for i, p in enumerate(op.params)]
-        body.append("for bi in range(0, NB):")
-        loop = ["blk = NB - 1 - bi"] + self.recompute_block()
+        body.append("n_blocks = tl.cdiv(T_b, BLOCK_T)")
+        body.append("for bi in range(0, n_blocks):")
+        loop = ["blk = n_blocks - 1 - bi"] + self.recompute_block()
         loop.append("tl.debug_barrier()  # the scratch is written before any thread reads it")
         loop += self.load_state("bnd", "(b * L + lane) * NB + blk", "cb")  # P before the block
         loop.append("for ri in range(0, BLOCK_T):")

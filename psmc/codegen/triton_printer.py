@@ -186,6 +186,32 @@ def kernel_signature(op: OpIR, kind: str, matrix: bool) -> list[str]:
     return ["    " + line + "," for line in lines]
 
 
+# Passes over a sequence: which tokens program b runs. Packed sequences (VARLEN) are one batch
+# row of tokens; program b runs sequence b, tokens seq0 .. seq0 + T_b - 1 of row 0 (its states,
+# initial and final, are row b of theirs): each per-token tensor's pointer moves to its first
+# token once, so the addresses inside the loops are the ones of a batch row. Otherwise program
+# b runs batch row b, all T tokens.
+def sequence(op: OpIR, kind: str) -> list[str]:
+    """The lines that set T_b (this program's tokens) and row (its batch row of tokens)."""
+    tensors = [f"in{i}" for i in range(len(op.inputs))]
+    if kind == "backward":
+        tensors += [f"dout{i}" for i in range(len(op.outputs))] + [f"din{i}" for i in range(len(op.inputs))]
+    else:
+        tensors += [f"out{i}" for i in range(len(op.outputs))]
+    return ["if VARLEN:  # packed sequences: this program runs sequence b of batch row 0",
+            "    seq0 = tl.load(cu + b)",
+            "    T_b = tl.load(cu + b + 1) - seq0",
+            "    row = b * 0"] + [f"    {t} += seq0 * {t}_st" for t in tensors] + [
+            "else:",
+            "    T_b = T",
+            "    row = b"]
+
+
+def token_pointer(kind: str, i: int, t: str, rest: str) -> str:
+    """The address of token `t` (of this program's sequence) of a per-token tensor."""
+    return f"{kind}{i} + row * {kind}{i}_sb + {t} * {kind}{i}_st + {rest}"
+
+
 def kernel_names(op: OpIR) -> dict:
     base = PREFIX + "Op_" + op.name
     return {"combine": base + "_combine", "forward": base + "_forward", "step": base + "_step",
@@ -242,8 +268,8 @@ class KernelPrinter:
     def load_inputs(self, time: bool, mask: str) -> list[str]:
         lines = []
         for i, v in enumerate(self.op.inputs):
-            t = f" + rows * in{i}_st" if time else ""
-            ptr = f"in{i} + b * in{i}_sb{t} + lane * in{i}_sl + sidx * in{i}_ss"
+            rest = f"lane * in{i}_sl + sidx * in{i}_ss"
+            ptr = token_pointer("in", i, "rows", rest) if time else f"in{i} + b * in{i}_sb + {rest}"
             cast = f".to({compute_dtype(v.dtype)})"
             lines.append(f"x_{v.name} = tl.load({ptr}, mask={mask}, other=0){cast}")
         return lines
@@ -264,8 +290,8 @@ class KernelPrinter:
         printer = TritonBodyPrinter(tuple(op.readout), "v")
         lines += printer.run()
         for i, (out, node) in enumerate(zip(op.outputs, op.readout)):
-            t = f" + rows * out{i}_st" if time else ""
-            ptr = f"out{i} + b * out{i}_sb{t} + lane * out{i}_sl + sidx * out{i}_ss"
+            rest = f"lane * out{i}_sl + sidx * out{i}_ss"
+            ptr = token_pointer("out", i, "rows", rest) if time else f"out{i} + b * out{i}_sb + {rest}"
             m = f"{mask} & (sidx == 0)" if self.state_mode and not out.shape else mask
             shape = "(BLOCK_T, BLOCK_C)" if time else "(1, BLOCK_C)"
             value = self.tile(printer.names[node], out.dtype, shape)
@@ -329,18 +355,18 @@ class KernelPrinter:
 
     def forward_kernel(self) -> list[str]:
         lines = ["@_psm_jit", f"def {self.names['forward']}("] + self.signature(time=True) + ["):"]
-        body = self.prologue()
+        body = self.prologue() + sequence(self.op, "forward")
         body += ["rows0 = tl.arange(0, BLOCK_T)[:, None]", "if HAS_INIT:"]
         body += ["    " + line for line in self.load_init()]
         body.append("else:")
         body += [f"    c{i} = tl.zeros((1, BLOCK_C), {compute_dtype(f.dtype)})" for i, f in enumerate(self.fields)]
-        body.append("for blk in range(0, tl.cdiv(T, BLOCK_T)):")
-        loop = ["rows = blk * BLOCK_T + rows0", "ok = (rows < T) & col_ok", "if SAVE:"]
+        body.append("for blk in range(0, tl.cdiv(T_b, BLOCK_T)):")
+        loop = ["rows = blk * BLOCK_T + rows0", "ok = (rows < T_b) & col_ok", "if SAVE:"]
         loop += [f"    tl.store(bnd{i} + {self.boundary_offset(f)}, c{i}.to(bnd{i}.dtype.element_ty), "
                  f"mask={self.state_mask(f)})" for i, f in enumerate(self.fields)]
         loop += self.block_prefixes()
         loop += self.readout(time=True, mask="ok")
-        loop.append("last = rows == tl.minimum(T, blk * BLOCK_T + BLOCK_T) - 1")
+        loop.append("last = rows == tl.minimum(T_b, blk * BLOCK_T + BLOCK_T) - 1")
         for i, f in enumerate(self.fields):
             loop.append(f"c{i} = {_row_pick(f'f{i}', f.dtype)}")
         body += ["    " + line for line in loop]

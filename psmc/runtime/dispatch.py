@@ -142,6 +142,10 @@ def _run_kernels(layer, call, state):
     return triton_support.forward(layer, call, state)
 
 
+_run_kernels.packs = True  # the generated kernels take call.cu_seqlens: one program per sequence
+_run_kernels.most_sequences = 65_535  # sequences sit on a grid axis that holds 65,535 (triton_support)
+
+
 def _step_kernels(layer, call, state):
     from . import triton_support
     return triton_support.step(layer, call, state)

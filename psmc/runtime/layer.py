@@ -597,6 +597,8 @@ class PsmLayer(nn.Module):
         run = self._token_route(call)
         if run is not None and not getattr(run, "packs", False):
             return None
+        if len(bounds) - 1 > getattr(run, "most_sequences", math.inf):  # (a kernel's grid axis)
+            return None
         if run is None and not (getattr(self, "_packs_sequences", False) and self.use_fast_path and self.spec.fast):
             return None
         call = dataclasses.replace(call, cu_seqlens=Offsets(cu_seqlens, tuple(bounds)))  # read once

@@ -13,7 +13,9 @@ adjoints). A param is `par<i>`, `par<i>_sl` and `par<i>_ss`. Per-lane states are
 entering the call), `fin<i>` (the final prefix), `bnd<i>` (the carry entering each block),
 `dfin<i>`, `dini<i>`, `dpar<i>` (adjoints) and `ws<i>` (the backward's scratch). Sizes are
 T, L, S (SR, SC for a matrix tile), start (the stream position) and NB (blocks of BLOCK_T);
-each dim of the op is `d_<name>`.
+each dim of the op is `d_<name>`. Passes over a sequence also take `cu`, the offsets of packed
+sequences (read when the constexpr VARLEN is set: program b then runs sequence b, tokens
+cu[b] .. cu[b+1] - 1 of batch row 0).
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def arguments(kind: str, matrix: bool, inputs: int, params: int, fields: int, ou
         if time:
             out += [(f"bnd{i}",) for i in range(fields)]
     out.append(sizes(matrix, time))
+    if time:
+        out.append(("cu",))
     out += [(dim(d),) for d in dims]
     return tuple(out)
 
@@ -68,7 +72,7 @@ def constexprs(kind: str, matrix: bool) -> tuple[str, ...]:
     """The compile-time arguments (keyword constexprs) of a kernel."""
     flags = ("HAS_INIT",) + (("HAS_DFIN",) if kind == "backward" else ()) + ("BLOCK_T",)
     flags += (("BLOCK_R",) if matrix else ()) + ("BLOCK_C",)
-    return flags + (("SAVE",) if kind == "forward" else ())
+    return flags + (("SAVE",) if kind == "forward" else ()) + (("VARLEN",) if kind != "step" else ())
 
 
 def check(args: dict, kind: str, matrix: bool, inputs: int, params: int, fields: int, outputs: int,

@@ -147,6 +147,14 @@ class _Geometry:
     C: int = 1  # matrix mode: the columns (S is then the rows)
     block_r: int = 1
     matrix: bool = False
+    # packed sequences: B of them (programs, states) in one batch row of `tokens` tokens, T
+    # the longest; `cu` the offsets on the device (int32). tokens = 0: B rows of T tokens
+    tokens: int = 0
+    cu: object = None
+
+    def time_lead(self) -> tuple:
+        """The leading axes of a per-token tensor: [B, T], or [1, tokens] when packed."""
+        return (1, self.tokens) if self.tokens else (self.B, self.T)
 
     def extent(self, role: str) -> tuple:
         """The declared shape of a value with this role."""
@@ -219,7 +227,7 @@ def _as_tile(x: torch.Tensor, g: _Geometry, role: str, time: bool) -> tuple:
     """x [B?, (T,) *lanes?, *declared] → a [B, (T,) L, S'] view and its strides (S' = 1 and
     stride 0 for scalars, so one offset formula serves both)."""
     rank = len(role)
-    lead = (g.B, g.T) if time else (g.B,)
+    lead = g.time_lead() if time else (g.B,)
     declared = tuple(x.shape[x.dim() - rank:]) if rank else ()
     x = x.expand(*lead, *g.lanes, *declared)
     x = x.reshape(*lead, g.L, *(declared if rank else (1,)))
@@ -273,6 +281,8 @@ def _per_lane_args(kind: str, tensors) -> dict:
 def _size_args(g: _Geometry, k, call, start: int, n_blocks: int | None) -> dict:
     time = n_blocks is not None
     args = _named(triton_abi.sizes(g.matrix, time), g.sizes(start) + ([n_blocks] if time else []))
+    if time:  # (None when not packed: the kernel never reads it)
+        args.update(cu=g.cu, VARLEN=g.cu is not None)
     args.update({triton_abi.dim(d): int(call.ctx.d[d]) for d in k.dims})
     return args
 
@@ -286,7 +296,7 @@ def _run(kernel, kind: str, g: _Geometry, k, args: dict, **options):
 
 def _per_token(g: _Geometry, role: str, dtype, dev, time: bool) -> tuple:
     """An empty [B, (T,) L, S'] tensor and its strides (stride 0 over S' for scalars)."""
-    lead = (g.B, g.T) if time else (g.B,)
+    lead = g.time_lead() if time else (g.B,)
     t = torch.empty(*lead, g.L, *(g.extent(role) or (1,)), device=dev, dtype=dtype)
     strides = list(t.stride())
     if not role:
@@ -340,7 +350,7 @@ def _output_dtype(call, dtype: str) -> torch.dtype:
 
 
 def _unflatten(t: torch.Tensor, g: _Geometry, role: str, time: bool) -> torch.Tensor:
-    lead = (g.B, g.T) if time else (g.B,)
+    lead = g.time_lead() if time else (g.B,)
     return t.reshape(*lead, *g.lanes, *g.extent(role))
 
 
@@ -439,7 +449,7 @@ class _ScanFunction(torch.autograd.Function):
 
 
 def _lead(g: _Geometry, time: bool) -> tuple:
-    return ((g.B, g.T) if time else (g.B,)) + g.lanes
+    return (g.time_lead() if time else (g.B,)) + g.lanes
 
 
 
@@ -468,7 +478,15 @@ def forward(layer, call, state, block_t: int | None = None):
     lead = call.lead
     grad = _grad_needed(layer, call) or (state is not None and state.prefix is not None and
                                         _prefix_requires_grad(state.prefix) and torch.is_grad_enabled())
+    packed = call.cu_seqlens
+    if packed is not None:  # one program per sequence and lane (tile): every sequence in this launch
+        bounds = packed.bounds
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        lead = (len(bounds) - 1, longest, *lead[2:])
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
+    if packed is not None:
+        cu = packed.tensor.to(device=call.ctx.dev, dtype=torch.int32)
+        g = dataclasses.replace(g, tokens=bounds[-1], cu=cu)
     default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
     if k.mode == "state":  # vector values: [BLOCK_T, BLOCK_C] tiles of at most 1024 elements stay in registers
         default = max(8, min(DEFAULT_BLOCK_T, 1024 // g.block_c))

@@ -38,7 +38,8 @@ def test_every_kernel_compiles_within_the_spill_budget(arch):
     # the families: block scans, the first-order scan, matrix token loops (and any new one)
     assert {"cumsum", "linear_recurrence", "selective_ssm", "softmax_pool", "gla", "rwkv6"} <= examples
     passes = {(r.example, r.passname) for r in rows}
-    wanted = ("forward", "forward (training)", "backward", "step") if arch == 90 else ("forward", "step")
+    wanted = ("forward", "forward (training)", "backward", "step", "forward (packed)", "forward (packed, training)",
+              "backward (packed)") if arch == 90 else ("forward", "step")
     for example in examples - {"running_argmax"}:  # running_argmax has no float output: no backward
         assert {(example, p) for p in wanted} <= passes, example
     bad = triton_aot.failures(rows)
