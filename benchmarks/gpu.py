@@ -467,15 +467,17 @@ def packed_cases(b: Bench, dtype):
     packed_first_order(b, dtype, lengths)
 
 
-def _packed_calls(b: Bench, name: str, cu, **dims):
+def _packed_calls(b: Bench, name: str, cu, fast: bool = True, **dims):
     """(one call, a call per sequence): example `name` over packed inputs, the layer's packed path
-    and the same layer made to loop (`_packs_sequences = False`). A dry run uses backend='torch'
-    (its CPU 'auto' takes the C++ kernels, which loop)."""
+    and the same layer made to loop (its one-pass route switched off, so the sequences run by
+    length: one pass per distinct length). fast=False: the generated kernels instead of the
+    op's fast path. A dry run uses backend='torch' (its CPU 'auto' takes the C++ kernels)."""
     cls = load(name)
     backend = "torch" if b.dry else "auto"
     layer = cls(backend=backend, check_finite=False, **dims).to(b.device)
     looped = cls(backend=backend, check_finite=False, **dims).to(b.device)
-    looped._packs_sequences = False
+    layer.use_fast_path = looped.use_fast_path = fast
+    looped._forward_packed = lambda *args, **kwargs: None  # (the layer then groups by length)
     return (lambda leaves: layer(**leaves, cu_seqlens=cu)), (lambda leaves: looped(**leaves, cu_seqlens=cu))
 
 
@@ -502,6 +504,16 @@ def packed_first_order(b: Bench, dtype, lengths: list):
            _grad_fn(one_call, x), lambda: check(one_call, by_sequence, "psmc per sequence"))
     b.case(group, label, dtype, "psmc linear_recurrence, a call per sequence", lambda: _no_grad(by_sequence, x),
            _grad_fn(by_sequence, x), lambda: check(by_sequence, one_call, "psmc one call"))
+    # the generated block-scan kernels (every exact scan without a fast path takes them on a GPU)
+    try:
+        kernels, kernels_by_length = _packed_calls(b, "linear_recurrence", cu, fast=False)
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, "psmc generated kernels", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        return
+    b.case(group, label, dtype, "psmc generated kernels, one launch", lambda: _no_grad(kernels, x),
+           _grad_fn(kernels, x), lambda: check(kernels, one_call, "psmc first-order one call"))
+    b.case(group, label, dtype, "psmc generated kernels, by length", lambda: _no_grad(kernels_by_length, x),
+           _grad_fn(kernels_by_length, x), lambda: check(kernels_by_length, kernels, "one launch"))
 
 
 def _no_grad(fn, x):
