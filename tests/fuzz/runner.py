@@ -34,6 +34,7 @@ compute in f64: any f32 rounding in between is a bug), fp32 tolerances for the f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import itertools
@@ -389,28 +390,31 @@ def _tracing(what: str, run):
                                  f"{str(err).splitlines()[0] if str(err) else ''}") from err
 
 
-def _check_varlen(layer, inputs: dict, full: tuple, config: Config):
+def _check_varlen(layer, inputs: dict, full: tuple, config: Config, name: str = "", rtol=None, atol=None):
     """The batch rows cut to config.varlen tokens and packed as separate sequences with
     cu_seqlens (fla's convention): each row's outputs are its one-pass outputs (causal), and
     the returned state (batch = rows, each at its own length) steps to each row's next output
-    (ragged streaming)."""
+    (ragged streaming). `name`: a backend's layer (its kernels take packed sequences in one
+    pass) checked against the torch layer's one pass `full` at tolerances rtol, atol."""
+    rtol, atol = (RTOL if rtol is None else rtol), (ATOL if atol is None else atol)
     lengths = config.varlen
     rows = range(len(lengths))
     packed = {n: torch.cat([x[b:b + 1, :lengths[b]] for b in rows], dim=1) for n, x in inputs.items()}
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int64)
+    what = f"{name} varlen" if name else "varlen"
 
     def pack(x):
         return torch.cat([x[b:b + 1, :lengths[b]] for b in rows], dim=1)
     out, state = layer(**packed, cu_seqlens=cu, return_state=True)
-    agree(as_tuple(out), tuple(pack(w) for w in full), f"varlen (rows cut to {lengths}, packed) vs one pass",
-          RTOL, ATOL, view=pack)
+    agree(as_tuple(out), tuple(pack(w) for w in full), f"{what} (rows cut to {lengths}, packed) vs one pass",
+          rtol, atol, view=pack)
     at = (torch.arange(len(lengths)), torch.tensor(lengths))
 
     def following(x):
         return x[at][:, None]
     stepped, _ = layer.step(state, **{n: x[at] for n, x in inputs.items()})
     agree(tuple(o[:, None] for o in as_tuple(stepped)), tuple(following(w) for w in full),
-          f"a ragged step after the varlen prefill (rows at {lengths}) vs one pass", RTOL, ATOL, view=following)
+          f"a ragged step after the {what} prefill (rows at {lengths}) vs one pass", rtol, atol, view=following)
 
 
 def _per_lane_layer(cls, program, config: Config):
@@ -693,6 +697,12 @@ def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: s
         agree(as_tuple(tri(**single)), want, "triton vs torch", RTOL32, ATOL32)
         checked.add("triton")
         _check_backend_paths(tri, single, want, batch_shape, config, "triton", RTOL32, ATOL32, checked)
+        if config.time >= 2:  # every sequence in one launch (the generated kernels, the first-order scan)
+            # (the drawn cut, else distinct lengths of its own: a Triton run is rare)
+            lengths = config.varlen or tuple(max(1, config.time * (b + 1) // (config.batch + 1))
+                                             for b in range(config.batch))
+            _check_varlen(tri, single, want, dataclasses.replace(config, varlen=lengths), "triton", RTOL32, ATOL32)
+            checked.add("triton-varlen")
     if _wants_grads(single, want):  # (every Triton run: the config keeps them short)
         # the generated backward kernels (or the first-order scan run in reverse) against
         # torch's autograd through the torch backend, both float32: fp32 tolerances
