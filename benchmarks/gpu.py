@@ -570,6 +570,8 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
         ms = b.report.rows[before][4] if before < len(b.report.rows) else None
         if isinstance(ms, float) and ms > 100 and b.left() > 20:  # a torch path in seconds: say where it goes
             profile(b, fwd, impl)
+        if pname == "triton-first-order":  # the other tiling of the same kernel (psmc.runtime.triton_scan)
+            _in_thread_case(b, group, label, dtype, fwd, both, check, note_bw)
     scan = _accelerated(b.dry)
     before = len(b.report.rows)
     b.case(group, label, dtype, "accelerated-scan (torch reference, dry run)" if b.dry else "accelerated-scan (triton)", (lambda: _no_grad(lambda _: scan(gates, tokens), None))
@@ -582,6 +584,26 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
            (lambda: _no_grad(lambda _: compiled(log_a.exp(), x), None)) if compiled else None,
            _grad_fn(lambda t: compiled(t["a"].exp(), t["x"]), {"a": log_a, "x": x}) if compiled else None, None,
            "" if compiled else "associative_scan not available")
+    _annotate(b.report, before, note_bw)
+
+
+def _in_thread_case(b: Bench, group, label, dtype, fwd: Callable, both: Callable, check: Callable, note_bw):
+    """The first-order kernel with triton_scan.LAYOUT = 'in-thread' (each thread scans its
+    channels' tile in registers) against the default 'split' row above: which one `auto` should
+    launch is this row's ratio."""
+    from psmc.runtime import triton_scan
+
+    def in_thread(fn):
+        def run(*args):
+            previous, triton_scan.LAYOUT = triton_scan.LAYOUT, "in-thread"
+            try:
+                return fn(*args)
+            finally:
+                triton_scan.LAYOUT = previous
+        return run
+    before = len(b.report.rows)
+    b.case(group, label, dtype, "psmc triton-first-order, in-thread layout", in_thread(fwd), in_thread(both),
+           in_thread(check))
     _annotate(b.report, before, note_bw)
 
 

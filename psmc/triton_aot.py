@@ -86,6 +86,7 @@ class Compiled:
     shared: int = 0
     num_warps: int = 0
     seconds: float = 0.0
+    layouts: tuple = ()  # the TTGIR blocked layouts (#blocked = ...): which threads and warps hold which axes
 
 
 # ---------------------------------------------------------------------- recording
@@ -230,6 +231,31 @@ def compile_half_forward(example: str, arch: int = 90) -> tuple:
     return dtypes, compile_launch(launch, arch)
 
 
+def compile_first_order_layouts(arch: int = 90) -> dict:
+    """linear_recurrence's first-order scan kernel (psmc.runtime.triton_scan) as the runtime
+    launches it at the AOT shape (B = 2, T = 256, 2048 channels; the layer's lift hands it fp32
+    a and b), in each `triton_scan.LAYOUT`: layout -> (the launch's constexprs, Compiled). Run
+    it in a process that never interpreted (`clean_pool`)."""
+    from psmc.runtime import triton_scan
+    cls = dict(examples_with_kernels())["linear_recurrence"]
+    shape = _shape_for(cls)
+    out = {}
+    for layout in ("split", "in-thread"):
+        layer = cls(backend="triton", check_finite=False)
+        x = _inputs(layer, shape["B"], shape["T"], shape["lanes"])
+        previous, triton_scan.LAYOUT = triton_scan.LAYOUT, layout
+        try:
+            with recording_launches() as log, torch.no_grad():
+                layer(**x)
+        finally:
+            triton_scan.LAYOUT = previous
+        (kernel, grid, args, kwargs), = log
+        launch = Launch("linear_recurrence", f"forward ({layout})", _kernel_name(kernel), kernel, tuple(grid),
+                        args, kwargs)
+        out[layout] = (launch.constexprs(), compile_launch(launch, arch))
+    return out
+
+
 def compile_half_forwards(arch: int = 90) -> dict:
     """`compile_half_forward` for every example with generated kernels: example -> (dtypes, Compiled)."""
     from psmc.runtime import dispatch
@@ -333,10 +359,12 @@ def _stats(arch: int, log: str, compiled, seconds: float) -> Compiled:
         return int(m.group(1)) if m else 0
     if "Used" not in log:
         raise RuntimeError(f"no ptxas -v log for {compiled.metadata.name}: cannot read registers and spills")
+    layouts = tuple(line.split(" = ", 1)[1] for line in compiled.asm.get("ttgir", "").splitlines()
+                    if line.startswith("#blocked"))
     return Compiled(arch, True, registers=grab(r"Used (\d+) registers"), spill_stores=grab(r"(\d+) bytes spill stores"),
                     spill_loads=grab(r"(\d+) bytes spill loads"), stack=grab(r"(\d+) bytes stack frame"),
                     shared=int(compiled.metadata.shared), num_warps=int(compiled.metadata.num_warps),
-                    seconds=seconds)
+                    seconds=seconds, layouts=layouts)
 
 
 # Kernels allowed past their pass's budget, each with why. The packed training forwards of

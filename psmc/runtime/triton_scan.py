@@ -1,12 +1,24 @@
 """The first-order scan h_t = a_t * h_{t-1} + b_t as a Triton kernel (forward and backward).
 
-Layout (the shape accelerated-scan uses, written from scratch): a program owns one batch row
-and BLOCK_C channels, one channel per thread, and walks the whole sequence in tiles of BLOCK_T
-steps. Each tile is a [BLOCK_T, BLOCK_C] load (coalesced over the channels); Triton lays the
-time axis of the tile inside each thread, so the tile's scan (`tl.associative_scan` over
-axis 0) is a sequential loop in registers with no shuffles, and the carry from the earlier
-tiles is applied as h = H_local + A_local * carry. The carry for the next tile is the tile's
-last row (padded rows are the identity (1, 0), so it is always row BLOCK_T - 1).
+Layout: a program owns one batch row and BLOCK_C channels and walks the whole sequence in
+tiles of BLOCK_T steps. Each tile is a [BLOCK_T, BLOCK_C] load (coalesced over the channels),
+scanned over time (`tl.associative_scan` over axis 0); the carry from the earlier tiles is
+applied as h = H_local + A_local * carry. The carry for the next tile is the tile's last row
+(padded rows are the identity (1, 0), so it is always row BLOCK_T - 1).
+
+Which threads hold which part of a tile is Triton's choice, and the compiled layout (TTGIR,
+`python -m psmc.triton_aot`) shows it: Triton vectorises the channel axis (16-byte loads: 4
+fp32 or 8 bf16 channels per thread) and gives the rest of the warps to time. So the tiling
+`LAYOUT` picks decides where time goes (`tiles`):
+
+- "split" (the default; BLOCK_T = 32, BLOCK_C = 128, 4 warps): for fp32 the 4 warps split the
+  tile's time axis, and the scan combines them through 32 KB of shared memory per tile;
+- "in-thread" (BLOCK_C = vector width x 32 x warps, BLOCK_T = 64 / vector width): every warp
+  takes its own channels and each thread scans its channels' whole tile sequentially in
+  registers (no shared memory, no shuffles: accelerated-scan's "time inside each thread"), at
+  4x fewer threads per channel block and 64 elements per thread per tensor.
+
+Neither has been timed on a GPU yet; `benchmarks/gpu.py` times both (the first-order group).
 
 - dtypes: a and b are read in their own dtype (bf16/fp16/fp32), the state and the
   arithmetic are fp32, h is written in the output tensor's dtype (the inputs' dtype);
@@ -27,8 +39,24 @@ import os
 
 import torch
 
-BLOCK_T = 32  # steps per tile: enough independent loads in flight per thread to hide latency
+BLOCK_T = 32  # steps per tile ("split"): enough independent loads in flight per thread to hide latency
 NUM_WARPS = 4
+LAYOUT = "split"  # or "in-thread" (see the module docstring); tiles() reads it at each launch
+
+
+def tiles(C: int, element_size: int, layout: str | None = None) -> tuple:
+    """(BLOCK_T, BLOCK_C, num_warps) for C channels of inputs of `element_size` bytes."""
+    layout = layout or LAYOUT
+    if layout == "in-thread":
+        vector = max(1, 16 // element_size)  # channels per thread in a 16-byte load
+        warps = NUM_WARPS
+        while warps > 1 and vector * 32 * warps > C:  # fewer warps for few channels
+            warps //= 2
+        return max(1, 64 // vector), vector * 32 * warps, warps
+    if layout != "split":
+        raise ValueError(f"unknown first-order layout {layout!r}: 'split' or 'in-thread'")
+    block_c = 32 * NUM_WARPS if C >= 32 * NUM_WARPS else max(16, 1 << (C - 1).bit_length())
+    return BLOCK_T, block_c, NUM_WARPS
 
 
 def unusable_reason(device) -> str | None:
@@ -109,14 +137,14 @@ def launch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch
     that leaves the sequence [B, C]."""
     B, T, C = out.shape
     last = torch.empty(B, C, device=out.device, dtype=torch.float32)
-    block_c = 32 * NUM_WARPS if C >= 32 * NUM_WARPS else max(16, 1 << (C - 1).bit_length())
+    block_t, block_c, warps = tiles(C, max(a.element_size(), b.element_size()))
     n_cblocks = -(-C // block_c)
     h0_arg = h0 if h0 is not None else last  # unread without HAS_H0
     _first_order_scan[(B * n_cblocks,)](
         a, b, h0_arg, out, last, T, C, n_cblocks,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=BLOCK_T, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
     return last
 
 

@@ -91,3 +91,26 @@ def test_half_precision_launches_compile_within_the_spill_budget():
         assert floats and set(floats.values()) == {torch.bfloat16}, (example, dtypes)
         assert result.ok, (example, result.error)
         assert result.spill_stores <= HALF_SPILLS.get(example, 0), (example, result)
+
+
+def _warps_per_cta(layout: str) -> list:
+    return [int(n) for n in layout.split("warpsPerCTA = [")[1].split("]")[0].split(",")]
+
+
+@pytest.mark.sm90
+def test_first_order_layouts_where_time_goes():
+    """The first-order scan kernel's two tilings as compiled for sm_90 (the TTGIR layouts): in
+    'in-thread' every warp takes channels and no tile axis of time is split across warps or
+    threads, so the scan needs no shared memory; in 'split' (the default until a GPU times both:
+    benchmarks/gpu.py) the warps split the tile's time axis and the scan goes through shared
+    memory. Neither spills."""
+    with triton_aot.clean_pool(1) as pool:
+        results = pool.submit(triton_aot.compile_first_order_layouts, 90).result()
+    consts, inthread = results["in-thread"]
+    assert inthread.ok and inthread.spill_stores == 0, inthread
+    tiles = [l for l in inthread.layouts if "threadsPerWarp = [1, 32]" in l]  # the [BLOCK_T, BLOCK_C] tiles
+    assert tiles and all(_warps_per_cta(l) == [1, consts["num_warps"]] for l in tiles), inthread.layouts
+    assert inthread.shared == 0, inthread
+    consts, split = results["split"]
+    assert split.ok and split.spill_stores == 0, split
+    assert any(_warps_per_cta(l)[0] > 1 for l in split.layouts) and split.shared > 0, split

@@ -28,10 +28,32 @@ def _data(B, T, rest, seed, a_rest=None, initial=False, dtype=torch.float32):
     return a, b, h0
 
 
-@given(B=st.integers(1, 2), T=st.sampled_from([1, 5, 32, 33, 70]), C=st.sampled_from([1, 3, 130]),
-       initial=st.booleans(), seed=st.integers(0, 99))
-def test_forward_and_gradients_equal_the_torch_loop(B, T, C, initial, seed):
-    """T around the tile (32) and C around the channel block (128): both tails masked."""
+@given(B=st.integers(1, 2), T=st.sampled_from([1, 5, 16, 17, 32, 33, 70]), C=st.sampled_from([1, 3, 130, 520]),
+       initial=st.booleans(), seed=st.integers(0, 99), layout=st.sampled_from(["split", "in-thread"]))
+def test_forward_and_gradients_equal_the_torch_loop(B, T, C, initial, seed, layout):
+    """T around the tiles (32 split, 16 in-thread) and C around the channel blocks (128, 512):
+    both tails masked, in both layouts."""
+    triton_scan.LAYOUT = layout
+    try:
+        _forward_and_gradients(B, T, C, initial, seed)
+    finally:
+        triton_scan.LAYOUT = "split"
+
+
+def test_tiles_per_layout():
+    """split: [32, 128] tiles at 4 warps (fewer channels: a smaller block); in-thread: a block of
+    16-byte vectors x 32 threads x warps channels, 64 elements per thread per tensor, fewer warps
+    for few channels."""
+    assert triton_scan.tiles(2048, 4, "split") == (32, 128, 4)
+    assert triton_scan.tiles(3, 4, "split") == (32, 16, 4)
+    assert triton_scan.tiles(2048, 4, "in-thread") == (16, 512, 4)
+    assert triton_scan.tiles(2048, 2, "in-thread") == (8, 1024, 4)
+    assert triton_scan.tiles(200, 4, "in-thread") == (16, 128, 1)
+    with pytest.raises(ValueError, match="unknown first-order layout 'x'"):
+        triton_scan.tiles(8, 4, "x")
+
+
+def _forward_and_gradients(B, T, C, initial, seed):
     a, b, h0 = _data(B, T, (C,), seed, initial=initial)
     results = []
     for kernel in ("torch", "triton"):
