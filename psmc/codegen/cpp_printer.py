@@ -677,16 +677,21 @@ def forward_layout(op: OpIR) -> dict:
     """Pointers: inputs, params, inits, outputs, finals, saves (one per field each), and one
     byte per work item set when an output it wrote is NaN.
     Ints: B, T, L, R, C, start, has_init, save, lanes per work item, then the dims in op.dims order,
-    then four strides (batch, time, lane, declared axis) per input."""
+    then four strides (batch, time, lane, declared axis) per input, then each param's slice size
+    per lane (0: shared by the lanes), then the packed sequences: 0, or 1 and the B + 1 token
+    offsets (cu_seqlens) of B sequences packed in one batch row of T tokens."""
     return {"ptrs": ("inputs", "params", "inits", "outputs", "finals", "saves"),
-            "ints": ("B", "T", "L", "R", "C", "start", "has_init", "save", "spare", "dims", "input_strides")}
+            "ints": ("B", "T", "L", "R", "C", "start", "has_init", "save", "spare", "dims", "input_strides",
+                     "param_strides", "packed", "offsets")}
 
 
 def backward_layout(op: OpIR) -> dict:
     """Pointers: inputs, params, inits, saves, douts, dfins, dins, dpars, dinits.
-    Ints: B, T, L, R, C, start, has_init, has_dfin, lanes per work item, dims, input strides (as forward)."""
+    Ints: B, T, L, R, C, start, has_init, has_dfin, lanes per work item, then as forward: dims, input
+    strides, param slice sizes, packed sequences."""
     return {"ptrs": ("inputs", "params", "inits", "saves", "douts", "dfins", "dins", "dpars", "dinits"),
-            "ints": ("B", "T", "L", "R", "C", "start", "has_init", "has_dfin", "spare", "dims", "input_strides")}
+            "ints": ("B", "T", "L", "R", "C", "start", "has_init", "has_dfin", "spare", "dims", "input_strides",
+                     "param_strides", "packed", "offsets")}
 
 
 class KernelPrinter:
@@ -711,6 +716,10 @@ class KernelPrinter:
         base += 4 * len(op.inputs)
         for j, _ in enumerate(op.params):  # 0 for a param shared by the lanes, its slice size per lane
             lines.append(f"const int64_t par{j}_sl = N[{base + j}]; (void)par{j}_sl;")
+        base += len(op.params)
+        lines.append("// packed sequences (cu_seqlens): B sequences in the one batch row, sequence b its tokens "
+                     "bos[b] .. bos[b + 1] - 1")
+        lines.append(f"const int64_t *bos = N[{base}] != 0 ? N + {base + 1} : nullptr;")
         p = 0
         for group, items in pointer_groups:
             for j, (dtype, const) in enumerate(items):
@@ -722,10 +731,18 @@ class KernelPrinter:
         return lines
 
     def item_start(self) -> list[str]:
+        """The work item: its batch row (packed: its sequence) b, its lanes from l, and its tokens:
+        `steps` of them, in batch row `row` from token `first` on; token t's slot in the
+        per-token tensors ([B * T] tokens, packed [T]) is `tok + t`."""
         if self.lanes:
-            return ["const int64_t b = item / NL, l = (item % NL) * W;",
-                    "const int64_t C = std::min<int64_t>(W, L - l);  // this block's lanes"]
-        return ["const int64_t b = item / NL, l = item % NL;"]
+            lines = ["const int64_t b = item / NL, l = (item % NL) * W;",
+                     "const int64_t C = std::min<int64_t>(W, L - l);  // this block's lanes"]
+        else:
+            lines = ["const int64_t b = item / NL, l = item % NL;"]
+        return lines + ["// its tokens: `steps` of batch row `row` from token `first` on; token t's slot in the [B * T] "
+                        "(packed: [T]) tokens is tok + t",
+                        "const int64_t row = bos ? 0 : b, first = bos ? bos[b] : 0, steps = bos ? bos[b + 1] - first : T;",
+                        "const int64_t tok = row * T + first; (void)tok;"]
 
     def slot(self, role: str, row: str) -> str:
         """Offset of this work item's value of `role` in a [rows, L, *extent] tensor."""
@@ -750,7 +767,7 @@ class KernelPrinter:
         for j, v in enumerate(self.op.inputs):
             role = self.grid.value_role(v)
             st = store_type(v.dtype)
-            base = f"in{j}[b * in{j}_sb + t * in{j}_st"
+            base = f"in{j}[row * in{j}_sb + (first + t) * in{j}_st"
             if self.lanes:
                 # contiguous lanes are read where they lie; strided ones are gathered into a buffer
                 decls.append(f"PsmBuf<{st}> x_{v.name}_v(C); {st} *__restrict__ x_{v.name}_b = x_{v.name}_v.data();")
@@ -858,7 +875,7 @@ class KernelPrinter:
             st = store_type(f.dtype)
             if role:
                 # the last token writes the final state in place (a one-token step copies nothing)
-                step.append(f"{st} *n{i} = flag ? {self.field_ptr('sav', i, 'b * T + t')} : t == T - 1 ? "
+                step.append(f"{st} *n{i} = flag ? {self.field_ptr('sav', i, 'tok + t')} : t == steps - 1 ? "
                             f"{self.field_ptr('fin', i, 'b')} : "
                             f"(c{i} == cbuf{i}_a.data() ? cbuf{i}_b.data() : cbuf{i}_a.data());")
             else:
@@ -903,9 +920,9 @@ class KernelPrinter:
             role = g.fields[f.name]
             step.append(f"c{i} = n{i};")
             if not role:
-                step.append(f"if (flag) sav{i}[{self.slot('', 'b * T + t')}] = c{i};")
+                step.append(f"if (flag) sav{i}[{self.slot('', 'tok + t')}] = c{i};")
         item.append("int bad = 0;  // an int: an or-reduction of bools does not vectorise")
-        item.append("for (int64_t t = 0; t < T; ++t) {")
+        item.append("for (int64_t t = 0; t < steps; ++t) {")
         item += ["  " + x for x in step]
         item.append("}")
         item.append("nan0[item] = bad != 0;")
@@ -924,7 +941,7 @@ class KernelPrinter:
         out = []
         for j, o in enumerate(self.op.outputs):
             role = self.grid.value_role(o)
-            off = self.slot(role, "b * T + t")
+            off = self.slot(role, "tok + t")
             if role:
                 out.append(f"{store_type(o.dtype)} *__restrict__ out{j}_p = out{j} + {off};")
             else:
@@ -1008,21 +1025,21 @@ class KernelPrinter:
                 item.append(f"{loops(role)}{access(f'dp{j}', role)} = 0;")
             else:
                 item.append(f"scalar_t dp{j} = 0;")
-        step = ["const int64_t t = T - 1 - tr;", "const bool has_left = has_init || t > 0;"]
+        step = ["const int64_t t = steps - 1 - tr;", "const bool has_left = has_init || t > 0;"]
         step += in_lines
         step.append("const int64_t index = start + t; (void)index;")
         zero_field = {}
         for i, f in enumerate(op.state):
             role = g.fields[f.name]
-            step.append(self.bind("s_", f, self.field_ptr("sav", i, "b * T + t")))
-            prev = self.field_ptr("sav", i, "b * T + t - 1")
+            step.append(self.bind("s_", f, self.field_ptr("sav", i, "tok + t")))
+            prev = self.field_ptr("sav", i, "tok + t - 1")
             init = self.field_ptr("ini", i, "b")
             fallback = f"s_{f.name}"
             step.append(self.bind("l_", f, f"t > 0 ? {prev} : (has_init ? {init} : {fallback})"))
         for j, o in enumerate(op.outputs):
             if o.dtype in FLOATS:
                 role = g.value_role(o)
-                off = self.slot(role, "b * T + t")
+                off = self.slot(role, "tok + t")
                 step.append(f"const scalar_t *dy{j} = dout{j} + {off};" if role else
                             f"const scalar_t dy{j} = dout{j}[{off}];")
         # readout VJP (exclusive: it read P_{t-1}, or the identity)
@@ -1082,7 +1099,7 @@ class KernelPrinter:
             role = g.value_role(v)
             parts = [x for x in (ro.leaf_adjoints.get(("arg", v.name)), li.leaf_adjoints.get(("arg", v.name))) if x]
             value = " + ".join(access(n, r) for n, r in parts) or "scalar_t(0)"
-            off = self.slot(role, "b * T + t")
+            off = self.slot(role, "tok + t")
             if role:
                 step.append(f"{{ scalar_t *dx = din{j} + {off}; {loops(role)}{access('dx', role)} = {value}; }}")
             else:
@@ -1094,7 +1111,7 @@ class KernelPrinter:
             for x in (ro.leaf_adjoints.get(("param", p.name)), li.leaf_adjoints.get(("param", p.name))):
                 if x:
                     step.append(f"{loops(role)}{access(f'dp{j}', role)} += {access(x[0], x[1])};")
-        item.append("for (int64_t tr = 0; tr < T; ++tr) {")
+        item.append("for (int64_t tr = 0; tr < steps; ++tr) {")
         # (not fused: gcc 12 vectorised none of the fused adjoint loops, "no vectype for stmt",
         # and the unfused backward measured as fast or faster)
         item += ["  " + x for x in step]

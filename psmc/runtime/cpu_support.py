@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .state import ScanState
+from .varlen import cu_seqlens_bounds
 
 # -fno-math-errno/-fno-trapping-math let exp / select loops vectorise; -march=native (on Linux
 # x86-64 and arm64, where gcc and clang take it) lets them use this machine's widest vectors
@@ -287,7 +288,7 @@ GRAIN = 32768
 
 
 def _threads(g) -> int:
-    work = g.B * max(g.T, 1) * g.L * g.R * g.C
+    work = g.rows * max(g.T, 1) * g.L * g.R * g.C
     return 1 if work < GRAIN else max(1, min(_torch_threads(), g.items))
 
 
@@ -397,6 +398,18 @@ class _Geometry:
     items: int
     lane_mode: bool
     width: int = 1  # lanes per work item in 'lanes' mode
+    # packed sequences: the B + 1 offsets (cu_seqlens) of B sequences packed along time in one
+    # batch row of T tokens; the kernels' work items are then (sequence, lanes)
+    bounds: tuple | None = None
+
+    @property
+    def rows(self) -> int:
+        """Batch rows of the per-token tensors (inputs, outputs, saved prefixes): B, or 1 packed."""
+        return 1 if self.bounds is not None else self.B
+
+    def packing(self) -> list:
+        """The kernels' last ints: 0, or (packed sequences) 1 and the offsets."""
+        return [0] if self.bounds is None else [1, *self.bounds]
 
     def extent(self, role: str) -> tuple:
         if self.lane_mode:
@@ -404,8 +417,12 @@ class _Geometry:
         return tuple({"r": self.R, "c": self.C}[ch] for ch in role)
 
 
-def _geometry(k: CpuKernels, call, lead: tuple, per_lane: bool = False) -> _Geometry:
+def _geometry(k: CpuKernels, call, lead: tuple, per_lane: bool = False, bounds: tuple | None = None) -> _Geometry:
+    """The kernels' grid for inputs [*lead, ...]; packed sequences (`bounds`, lead [1, T, ...]):
+    one batch row per sequence (B = len(bounds) - 1)."""
     B, T, lanes = lead[0], lead[1], tuple(lead[2:])
+    if bounds is not None:
+        B = len(bounds) - 1
     L = math.prod(lanes)
     d = call.ctx.d
     R = int(k.rows(d)) if k.rows is not None else 1
@@ -414,7 +431,7 @@ def _geometry(k: CpuKernels, call, lead: tuple, per_lane: bool = False) -> _Geom
     # per-lane params: one lane per work item, which then reads one slice of each
     width = (1 if per_lane else _lane_width(k, B, L)) if lane_mode else 1
     items = B * (-(-L // width) if lane_mode else L)
-    return _Geometry(B, T, lanes, L, R, C, items, lane_mode, width)
+    return _Geometry(B, T, lanes, L, R, C, items, lane_mode, width, bounds)
 
 
 def _lane_width(k: CpuKernels, B: int, L: int) -> int:
@@ -440,7 +457,7 @@ def _input_view(x: torch.Tensor, g: _Geometry, role: str, dtype):
     extent = g.extent(role)
     rank = len(role) if not g.lane_mode else 0
     declared = tuple(x.shape[x.dim() - rank:]) if rank else ()
-    x = x.to(dtype).expand(g.B, g.T, *g.lanes, *declared).reshape(g.B, g.T, g.L, *extent)
+    x = x.to(dtype).expand(g.rows, g.T, *g.lanes, *declared).reshape(g.rows, g.T, g.L, *extent)
     strides = list(x.stride()[:3]) + [x.stride(3) if x.dim() > 3 else 0]
     return x, strides
 
@@ -451,7 +468,7 @@ def _state_tensor(t: torch.Tensor, g: _Geometry, role: str, dtype, declared: tup
 
 
 def _unflatten(t: torch.Tensor, g: _Geometry, shape: tuple, time: bool) -> torch.Tensor:
-    lead = (g.B, g.T) if time else (g.B,)
+    lead = (g.rows, g.T) if time else (g.B,)
     return t.reshape(*lead, *g.lanes, *shape)
 
 
@@ -489,17 +506,17 @@ def _forward_raw(layer, call, g: _Geometry, inputs, params, prefix, start: int, 
     compute = k.compute_dtype(call.ctx)
     tensors, strides = _leading_args(layer, call, g, inputs, params, prefix, compute)
     dev = call.ctx.dev
-    outs = [torch.empty(g.B, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
+    outs = [torch.empty(g.rows, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
             for role, dtype in zip(k.output_roles, k.output_dtypes)]
     fins = [torch.empty(g.B, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
             for role, dtype in zip(k.field_roles, k.field_dtypes)]
-    saves = [torch.empty(g.B, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
+    saves = [torch.empty(g.rows, g.T, g.L, *g.extent(role), dtype=_storage_dtype(dtype, compute), device=dev)
              if save else torch.empty(0, dtype=_storage_dtype(dtype, compute))
              for role, dtype in zip(k.field_roles, k.field_dtypes)]
     nan = torch.zeros(g.items, dtype=torch.bool)
     written = outs + fins + saves + [nan]
     ints = [g.B, g.T, g.L, g.R, g.C, start, prefix is not None, save, g.width]
-    ints += [int(call.ctx.d[d]) for d in k.dims] + strides
+    ints += [int(call.ctx.d[d]) for d in k.dims] + strides + g.packing()
     call.token_by_token = True  # one sequential loop over time: a NaN at t reaches nothing before t
     _run(k, "forward", compute, tensors, written, ints, _threads(g))
     if torch.compiler.is_compiling():
@@ -559,8 +576,8 @@ class _CpuScan(torch.autograd.Function):
         for grad, role, shape in zip(out_grads, k.output_roles, shapes):
             if grad is None or not grad.is_floating_point():
                 grad = torch.zeros((), dtype=compute)
-            tensors.append(grad.to(compute).expand(g.B, g.T, *g.lanes, *shape)
-                           .reshape(g.B, g.T, g.L, *g.extent(role)).contiguous())
+            tensors.append(grad.to(compute).expand(g.rows, g.T, *g.lanes, *shape)
+                           .reshape(g.rows, g.T, g.L, *g.extent(role)).contiguous())
         has_dfin = any(gr is not None for gr, dt in zip(fin_grads, k.field_dtypes) if dt in _FLOATS)
         for grad, role, dtype, shape in zip(fin_grads, k.field_roles, k.field_dtypes, fshapes):
             if has_dfin and dtype in _FLOATS:
@@ -570,13 +587,13 @@ class _CpuScan(torch.autograd.Function):
             else:
                 tensors.append(torch.empty(0, dtype=compute))
         # the kernel writes every element of a float input's gradient (no zero fill needed)
-        din = [(torch.empty if dtype in _FLOATS else torch.zeros)(g.B, g.T, g.L, *g.extent(role), dtype=compute)
+        din = [(torch.empty if dtype in _FLOATS else torch.zeros)(g.rows, g.T, g.L, *g.extent(role), dtype=compute)
                for role, dtype in zip(k.input_roles, k.input_dtypes)]
         dpar = [torch.zeros(g.items, *(g.extent(role) if not g.lane_mode else ()), dtype=compute)
                 for role in k.param_roles]
         dini = [torch.zeros(g.B, g.L, *g.extent(role), dtype=compute) for role in k.field_roles]
         ints = [g.B, g.T, g.L, g.R, g.C, start, has_init, has_dfin, g.width]
-        ints += [int(call.ctx.d[d]) for d in k.dims] + strides
+        ints += [int(call.ctx.d[d]) for d in k.dims] + strides + g.packing()
         _run(k, "backward", compute, tensors, din + dpar + dini, ints, _threads(g))
         result = [None]
         in_shapes = []
@@ -611,9 +628,17 @@ def _grad_needed(layer, call, prefix) -> bool:
 
 
 def forward(layer, call, state):
-    """The fused pass over [B, T, ...]: (outputs, new ScanState)."""
+    """The fused pass over [B, T, ...]: (outputs, new ScanState).
+
+    Packed sequences (`call.cu_seqlens`, inputs [1, total_T, ...]) run in the same one pass
+    (and one backward): each sequence is a batch row of the kernels' work items, reading and
+    writing its own tokens of the packed row, its positions from `start` and its carry from
+    its row of `state` (batch N, every row at the same count) or from nothing. The outputs are
+    [1, total_T, ...], the new state has one row per sequence (its count, start + total_T here,
+    is set per sequence by the layer)."""
     k = layer._cpu_kernels
-    g = _geometry(k, call, call.lead, bool(getattr(layer, "per_lane", ())))
+    bounds = None if call.cu_seqlens is None else tuple(cu_seqlens_bounds(layer.spec.name, call.cu_seqlens))
+    g = _geometry(k, call, call.lead, bool(getattr(layer, "per_lane", ())), bounds)
     state = layer._full_state(call, state)  # a stream state may keep only the live fields
     prefix = state.prefix if state is not None else None
     if prefix is not None and any(t is None for t in prefix):
@@ -632,6 +657,9 @@ def forward(layer, call, state):
         outputs, finals = _finish(layer, call, g, outs, fins, time=True)
     count = (state.count if state is not None else torch.zeros((), dtype=torch.int64)) + g.T
     return outputs, layer._stream_state(ScanState(prefix=layer._without_dead(finals), count=count))
+
+
+forward.packs = True  # takes call.cu_seqlens: every packed sequence in one pass (PsmLayer._forward_packed)
 
 
 def step(layer, call, state):
@@ -712,7 +740,7 @@ def bind_step(layer, call, general):
     scratch_out = [torch.empty(s, dtype=d) if j is None else None for s, d, j in zip(fshape_full, fdtypes, source)]
     nan = torch.empty(g.items, dtype=torch.bool)  # (the lane checks no outputs: see above)
     empty = [torch.empty(0, dtype=d) for d in fdtypes]  # the saved prefixes: not saved
-    ints = [g.B, 1, g.L, g.R, g.C, 0, 0, 0, g.width] + [int(ctx.d[d]) for d in k.dims] + ints_strides
+    ints = [g.B, 1, g.L, g.R, g.C, 0, 0, 0, g.width] + [int(ctx.d[d]) for d in k.dims] + ints_strides + g.packing()
     nums = (ctypes.c_int64 * len(ints))(*ints)
     n_in, n_par, n_f, n_out = len(in_names), len(params), len(fdtypes), len(odtypes)
     ptrs = (ctypes.c_void_p * (n_in + n_par + 3 * n_f + n_out + 1))()
