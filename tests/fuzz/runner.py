@@ -417,6 +417,12 @@ def _check_varlen(layer, inputs: dict, full: tuple, config: Config, name: str = 
           f"a ragged step after the {what} prefill (rows at {lengths}) vs one pass", rtol, atol, view=following)
 
 
+def _packed_lengths(config: Config) -> tuple:
+    """The rows' lengths for a backend's packed check: the drawn cut, else distinct lengths of
+    its own (a Triton or C++ run is rare; each should pack)."""
+    return config.varlen or tuple(max(1, config.time * (b + 1) // (config.batch + 1)) for b in range(config.batch))
+
+
 def _per_lane_layer(cls, program, config: Config):
     """The float64 layer with every param one slice per lane, the slices made distinct (each
     scaled by its own factor in [0.75, 1.25]: signs, zeros and ones-patterns kept, so a param
@@ -698,10 +704,8 @@ def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: s
         checked.add("triton")
         _check_backend_paths(tri, single, want, batch_shape, config, "triton", RTOL32, ATOL32, checked)
         if config.time >= 2:  # every sequence in one launch (the generated kernels, the first-order scan)
-            # (the drawn cut, else distinct lengths of its own: a Triton run is rare)
-            lengths = config.varlen or tuple(max(1, config.time * (b + 1) // (config.batch + 1))
-                                             for b in range(config.batch))
-            _check_varlen(tri, single, want, dataclasses.replace(config, varlen=lengths), "triton", RTOL32, ATOL32)
+            _check_varlen(tri, single, want, dataclasses.replace(config, varlen=_packed_lengths(config)), "triton",
+                          RTOL32, ATOL32)
             checked.add("triton-varlen")
     if _wants_grads(single, want):  # (every Triton run: the config keeps them short)
         # the generated backward kernels (or the first-order scan run in reverse) against
@@ -738,6 +742,12 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
             agree(traced, eager, "torch.compile(fullgraph) cpu forward vs eager cpu", RTOL, ATOL)
             checked.add("cpp-compiled")
             _check_backend_paths(cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
+            if config.time >= 2:  # every sequence in one kernel call
+                before = len(calls)
+                _check_varlen(cpp, inputs, full, dataclasses.replace(config, varlen=_packed_lengths(config)), "cpp")
+                if len(calls) == before:
+                    raise Failure("cpp-not-run", "backend='cpu' served packed sequences without its C++ kernels")
+                checked.add("cpp-varlen")
         if config.time <= 40 and _wants_grads(inputs, full):
             rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
             eager = _grads_of(cpp, inputs, config.seed)
