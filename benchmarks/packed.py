@@ -1,11 +1,15 @@
-"""Packed sequences (cu_seqlens) on this machine: one call against a call per sequence.
+"""Packed sequences (cu_seqlens) on this machine: one call against one pass per length, and
+continuing the ragged batch a packed prefill leaves (rows at different counts).
 
     python -m benchmarks.packed [--threads 1]
 
 32 sequences of uneven lengths (benchmarks/gpu.py's `packed_lengths`) packed into 8,192
-tokens, backend="torch" (the path that takes packed sequences in one call on a CPU; `auto`
-takes the C++ kernels there, one sequence at a time), forward without gradients, median of 7.
-The same comparison on a GPU is a group of benchmarks/gpu.py.
+tokens, forward without gradients, median of 7, for backend="torch" and backend="auto" (on a
+CPU: the C++ kernels, which take packed sequences in one call too). The second table runs 64
+more tokens for all 32 rows after that prefill: every row in one call where the op's count
+changes nothing but itself (an exact scan that reads no `index`), against the rows of one
+count together (32 calls: every count differs). The same comparisons on a GPU
+are groups of benchmarks/gpu.py.
 """
 from __future__ import annotations
 
@@ -45,6 +49,25 @@ def cases():
     return [("linear_recurrence", "D=256", first, {}), ("gla", f"H={H} K=V={K}", attn, {"K": K, "V": K})]
 
 
+def _pair(name: str, backend: str, dims: dict):
+    """(the layer, the same layer made to run by length and by count: its one-pass routes off)."""
+    cls = load(name)
+    layer = cls(backend=backend, check_finite=False, **dims)
+    looped = cls(backend=backend, check_finite=False, **dims)
+    looped._forward_packed = lambda *args, **kwargs: None  # (the layer then runs them by length)
+    looped._count_free = lambda: False  # (and ragged rows by count)
+    return layer, looped
+
+
+def continued(layer, inputs: dict, cu, tokens: int = 64):
+    """A packed prefill, then a forward of `tokens` more for every row from the ragged state it
+    leaves (the rows' next inputs are the prefill's first tokens again)."""
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    rows = len(cu) - 1
+    more = {n: x[0, :rows * tokens].reshape(rows, tokens, *x.shape[2:]) for n, x in inputs.items()}
+    return lambda: layer(**more, state=state)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -52,17 +75,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     lengths = packed_lengths(TOTAL, COUNT)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    print(f"| op | shape | one call ms | a call per sequence ms | ratio |  ({COUNT} sequences, {TOTAL} tokens, "
+    print(f"| op | shape | backend | one call ms | by length ms | ratio |  ({COUNT} sequences, {TOTAL} tokens, "
           f"{args.threads} threads)")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name, shape, inputs, dims in cases():
-        cls = load(name)
-        packed = cls(backend="torch", check_finite=False, **dims)
-        looped = cls(backend="torch", check_finite=False, **dims)
-        looped._forward_packed = lambda *args, **kwargs: None  # (the layer then runs them by length)
-        one = median_ms(lambda: packed(**inputs, cu_seqlens=cu))
-        each = median_ms(lambda: looped(**inputs, cu_seqlens=cu))
-        print(f"| {name} | {shape} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+        for backend in ("torch", "auto"):
+            packed, looped = _pair(name, backend, dims)
+            one = median_ms(lambda: packed(**inputs, cu_seqlens=cu))
+            each = median_ms(lambda: looped(**inputs, cu_seqlens=cu))
+            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+    print()
+    print(f"| op | shape | backend | 64 more tokens, all rows in one call ms | by count ms | ratio |  ({COUNT} rows "
+          "after the prefill)")
+    print("|---|---|---|---|---|---|")
+    for name, shape, inputs, dims in cases():
+        for backend in ("torch", "auto"):
+            packed, looped = _pair(name, backend, dims)
+            one = median_ms(continued(packed, inputs, cu))
+            each = median_ms(continued(looped, inputs, cu))
+            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
     return 0
 
 

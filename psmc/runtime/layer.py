@@ -589,7 +589,10 @@ class PsmLayer(nn.Module):
         otherwise (and when a NaN needs the causal rerun, which the loop over sequences does)."""
         if not self._strategy.token_kernels and not getattr(self, "_packs_sequences", False):
             return None
-        if state is not None and type(state) is not ScanState:  # ragged rows: one by one
+        starts = None  # each row's count, when they differ
+        if isinstance(state, RaggedState) and self._count_free():
+            state, starts = self._as_one_batch(state)
+        if state is not None and type(state) is not ScanState:  # ragged rows: by length and count
             return None
         call = self._prepare_forward(inputs)
         if state is not None:
@@ -611,8 +614,9 @@ class PsmLayer(nn.Module):
         self._check_outputs(outputs, call)
         outputs = _in_dtype(outputs, call)
         start = 0 if state is None else state.size
+        starts = starts or [start] * (len(bounds) - 1)
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
-        rows = [_tagged(dataclasses.replace(new_state[i], count=start + length), call.tag)
+        rows = [_tagged(dataclasses.replace(new_state[i], count=starts[i] + length), call.tag)
                 for i, length in enumerate(lengths)]
         return (outputs[0] if len(outputs) == 1 else outputs), cat_states(rows)
 
@@ -623,11 +627,35 @@ class PsmLayer(nn.Module):
     def _step_ragged(self, state: RaggedState, inputs: dict):
         return self._by_groups(state, inputs, self.step, time=False)
 
+    def _count_free(self) -> bool:
+        """Whether a row's count (the tokens it has seen) changes nothing but the count itself:
+        an exact scan (no tree, whose brackets follow the count; no chunk, whose fill does) whose
+        bodies never read `index`. Then rows that have seen different numbers of tokens run as
+        one batch, each keeping its own count."""
+        spec = self.spec
+        return (self._strategy.state_class is ScanState and not self._strategy.chunked
+                and not (spec.lift_index or spec.readout_index))
+
+    def _as_one_batch(self, state: RaggedState):
+        """A count-free op's ragged rows as one batch state (the first row's count stands for
+        all; the caller sets each row's own count again) and the rows' counts."""
+        counts = [int(r.count) for r in state.rows]
+        return cat_states([dataclasses.replace(r, count=state.rows[0].count) for r in state.rows]), counts
+
     def _by_groups(self, state: RaggedState, inputs: dict, run, time: bool):
         B = len(state.rows)
         for name, x in inputs.items():
             if isinstance(x, Tensor) and x.dim() and x.shape[0] not in (1, B):
                 raise ValueError(f"{self.spec.name}: input '{name}' has batch {x.shape[0]} but the state has {B} rows")
+        # a count-free op's forward runs every row in one call, each row keeping its own count.
+        # (Not its decode steps: merging the one-row states and splitting them again costs as
+        # much per token as the calls it saves, `python -m benchmarks.packed`)
+        if time and self._count_free():
+            merged, counts = self._as_one_batch(state)
+            out, new_state = run(inputs, merged) if time else run(merged, **inputs)
+            steps = int(new_state.count) - int(merged.count)
+            rows = [dataclasses.replace(new_state[i], count=torch.tensor(counts[i] + steps)) for i in range(B)]
+            return out, cat_states(rows)
         results, rows, order = [], [None] * B, []
         for idx, group in state.groups():
             index = torch.tensor(idx, dtype=torch.int64)

@@ -348,3 +348,81 @@ def test_a_packed_call_reads_the_offsets_once(name, tmp_path):
         layer.backend = "torch"
     layer(**inputs, cu_seqlens=cu.as_subclass(Counting), return_state=True)
     assert reads == [1]
+
+
+def _calls(monkeypatch, layer, method: str) -> list:
+    calls = []
+    real = getattr(type(layer), method)
+    monkeypatch.setattr(type(layer), method, lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_ragged_rows_of_a_count_free_op_run_as_one_batch(name, monkeypatch):
+    """After a packed prefill the rows have seen 3, 1 and 4 tokens (a RaggedState). An exact scan
+    whose bodies never read `index` computes nothing from a row's count, so a continuing forward
+    and a further packed call run every row in one call, each row keeping its own count; the
+    others (tree scans, chunk ops, `index` readers) still run the rows of one count together,
+    and so do decode steps. Either way each row equals its sequence run alone."""
+    from psmc.runtime.batch import _tokens_seen as seen
+    layer, inputs, cu = packed_case(name)
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    _, alone_states = alone(layer, inputs, cu)
+    assert type(state).__name__ == "RaggedState"
+    free = layer._count_free()
+    spec = layer.spec
+    assert free == (spec.scan != "tree" and spec.chunk is None and not (spec.lift_index or spec.readout_index))
+    calls = 1 if free else len(LENGTHS)  # the counts 3, 1, 4 are all different
+    gen = torch.Generator().manual_seed(4)
+    nxt = {}
+    for slot in spec.inputs:
+        x = inputs[slot.name]
+        idx = torch.randint(0, x.shape[1], (len(LENGTHS) * 2,), generator=gen)
+        nxt[slot.name] = x.expand(len(LENGTHS), 2, *x.shape[2:]) if x.shape[1] == 1 else \
+            x[0, idx].reshape(len(LENGTHS), 2, *x.shape[2:])
+    forwards = _calls(monkeypatch, layer, "_forward_local")
+    continued, after = layer(**nxt, state=state, return_state=True)
+    assert len(forwards) == calls
+    token = {n: x[:, 0] for n, x in nxt.items()}
+    stepped, stepped_state = layer.step(state, **token)  # (decode steps: the rows of one count together)
+    for i, row in enumerate(alone_states):
+        want, want_state = layer(**{n: x[i:i + 1] for n, x in nxt.items()}, state=row, return_state=True)
+        assert_agree(tuple(o[i:i + 1] for o in as_tuple(continued)), as_tuple(want), f"{name}: row {i} continued")
+        assert seen(after[i]) == seen(row) + 2 == seen(want_state)
+        one, one_state = layer.step(row, **{n: x[i:i + 1] for n, x in token.items()})
+        assert_agree(tuple(o[i:i + 1] for o in as_tuple(stepped)), as_tuple(one), f"{name}: row {i} stepped")
+        assert seen(stepped_state[i]) == seen(row) + 1
+        for got, ref in zip(after[i]._all_tensors(), want_state._all_tensors()):
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-11)
+    # a second packed call from the ragged state: one pass for a count-free op whose path packs
+    forwards.clear()
+    more, _ = layer(**inputs, cu_seqlens=cu, state=state, return_state=True)
+    bounds = cu.tolist()
+    ref = [as_tuple(layer(**piece(inputs, bounds[i], bounds[i + 1]), state=alone_states[i]))
+           for i in range(len(LENGTHS))]
+    assert_agree(as_tuple(more), tuple(torch.cat(parts, dim=1) for parts in zip(*ref)), f"{name}: packed again")
+
+
+def test_ragged_rows_of_an_index_reading_op_keep_their_positions(tmp_path, monkeypatch):
+    """An op whose lift and readout read `index` (its count matters): continuing a ragged state
+    runs the rows of one count together, and each row's positions continue from its own count."""
+    import psmc
+    path = tmp_path / "pos_decay.psm"
+    path.write_text(POSITIONAL)
+    layer = psmc.load(path).__psmc_layers__["pos_decay"](backend="torch").double()
+    assert not layer._count_free()
+    gen = torch.Generator().manual_seed(6)
+    inputs = {"x": torch.randn(1, 8, 2, generator=gen, dtype=torch.float64),
+              "log_a": -torch.rand(1, 8, 2, generator=gen, dtype=torch.float64)}
+    cu = torch.tensor([0, 3, 4, 8])
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    nxt = {n: torch.randn(3, 2, 2, generator=gen, dtype=torch.float64) for n in inputs}
+    nxt["log_a"] = -nxt["log_a"].abs()
+    forwards = _calls(monkeypatch, layer, "_forward_local")
+    continued = layer(**nxt, state=state)
+    passes = len(forwards)
+    for i, (lo, hi) in enumerate(((0, 3), (3, 4), (4, 8))):
+        _, row = layer(**{n: x[:, lo:hi] for n, x in inputs.items()}, return_state=True)
+        want = layer(**{n: x[i:i + 1] for n, x in nxt.items()}, state=row)
+        torch.testing.assert_close(continued[i:i + 1], want, rtol=1e-12, atol=1e-12)
+    assert passes == 3
