@@ -8,7 +8,8 @@ tokens, forward without gradients, median of 7, for backend="torch" and backend=
 CPU: the C++ kernels, which take packed sequences in one call too). The second table runs 64
 more tokens for all 32 rows after that prefill: every row in one call where the op's count
 changes nothing but itself (an exact scan that reads no `index`), against the rows of one
-count together (32 calls: every count differs). The same comparisons on a GPU
+count together (32 calls: every count differs); the third decodes 16 tokens for all 32 rows
+the same two ways (one step call per token, or 32). The same comparisons on a GPU
 are groups of benchmarks/gpu.py.
 """
 from __future__ import annotations
@@ -68,6 +69,20 @@ def continued(layer, inputs: dict, cu, tokens: int = 64):
     return lambda: layer(**more, state=state)
 
 
+def decode(layer, inputs: dict, cu, tokens: int = 16):
+    """A packed prefill, then `tokens` decode steps of every row (the rows' next inputs are the
+    prefill's first tokens again)."""
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    rows = len(cu) - 1
+    token = {n: x[0, :rows] for n, x in inputs.items()}
+
+    def run():
+        s = state
+        for _ in range(tokens):
+            _, s = layer.step(s, **token)
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -93,6 +108,16 @@ def main(argv=None) -> int:
             packed, looped = _pair(name, backend, dims)
             one = median_ms(continued(packed, inputs, cu))
             each = median_ms(continued(looped, inputs, cu))
+            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+    print()
+    print(f"| op | shape | backend | 16 decode tokens, all rows per step ms | by count ms | ratio |  ({COUNT} rows "
+          "after the prefill)")
+    print("|---|---|---|---|---|---|")
+    for name, shape, inputs, dims in cases():
+        for backend in ("torch", "auto"):
+            packed, looped = _pair(name, backend, dims)
+            one = median_ms(decode(packed, inputs, cu), repeats=5)
+            each = median_ms(decode(looped, inputs, cu), repeats=5)
             print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
     return 0
 

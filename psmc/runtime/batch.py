@@ -27,7 +27,7 @@ def _row_tensors(state: StreamState):
 
 def batch_size(state: StreamState) -> int:
     if isinstance(state, RaggedState):
-        return len(state.rows)
+        return len(state.counts) if state.batch is not None else len(state.rows)
     rows = _row_tensors(state)
     return rows[0].shape[0] if rows else 0
 
@@ -60,7 +60,8 @@ def select_rows(state: StreamState, index) -> StreamState:
     index = _as_index(index, size)
     if isinstance(state, RaggedState):
         picked = range(size)[index] if isinstance(index, slice) else index.tolist()
-        return ragged_or_regular([state.rows[i] for i in picked])
+        rows = state.row_states
+        return ragged_or_regular([rows[i] for i in picked])
     if isinstance(index, Tensor):
         index = index.to(next(iter(_row_tensors(state)), index).device)
         return state._map(lambda t: t.index_select(0, index) if t.dim() > 0 else t)
@@ -105,7 +106,7 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
     states = list(states)
     if not states:
         raise ValueError("cat_states needs at least one state")
-    kinds = {type(s.rows[0]) if isinstance(s, RaggedState) else type(s) for s in states}
+    kinds = {type(s.row_states[0]) if isinstance(s, RaggedState) else type(s) for s in states}
     ops = {s.op for s in states} - {""}
     if len(kinds) > 1 or len(ops) > 1:
         raise ValueError("cat_states: the states come from different ops or plans: "
@@ -113,7 +114,7 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
     rows = []
     for s in states:
         if isinstance(s, RaggedState):
-            rows.extend(s.rows)
+            rows.extend(s.row_states)
         elif batch_size(s) == 0:
             raise ValueError("cat_states: an empty state (init_state, no token yet) has no batch rows; "
                              "concatenate states that have seen at least one token")
@@ -141,29 +142,54 @@ def ragged_or_regular(rows: list) -> StreamState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RaggedState(StreamState):
-    """A batch whose rows have seen different numbers of tokens: one one-row state per row.
-    `step` and `forward` run the rows in groups of equal count, so a tree-scan row keeps its
-    own bracketing. `state[idx]`, `cat_states`, `.to`, `.nbytes`, `.detach` work as for the
-    other states."""
+    """A batch whose rows have seen different numbers of tokens. `step` and `forward` run the
+    rows in groups of equal count, so a tree-scan row keeps its own bracketing. `state[idx]`,
+    `cat_states`, `.to`, `.nbytes`, `.detach` work as for the other states.
 
-    rows: tuple
+    Two forms: `rows`, one one-row state per row; or, for an op whose count changes nothing but
+    itself (`PsmLayer._count_free`), `batch`, every row in one state (its count the first
+    row's), with `counts`, each row's. A layer keeps that form while it decodes and continues
+    such a batch: one call per token for all rows. `row_states` gives the one-row states of
+    either form."""
+
+    rows: tuple = ()
+    batch: Any = None
+    counts: tuple = ()
+
+    @property
+    def row_states(self) -> tuple:
+        if self.batch is None:
+            return self.rows
+        return tuple(dataclasses.replace(select_rows(self.batch, i), count=torch.tensor(c, dtype=torch.int64))
+                     for i, c in enumerate(self.counts))
 
     @property
     def op(self) -> str:
-        return self.rows[0].op
+        return (self.batch if self.batch is not None else self.rows[0]).op
 
     @property
     def sizes(self) -> list[int]:
         """Tokens each row has seen."""
+        if self.batch is not None:
+            return list(self.counts)
         return [_tokens_seen(r) for r in self.rows]
 
     def groups(self) -> list[tuple[list[int], StreamState]]:
         """(row indices, their merged state) for each set of rows with equal counts."""
+        rows = self.row_states
         by_count: dict = {}
-        for i, r in enumerate(self.rows):
+        for i, r in enumerate(rows):
             by_count.setdefault(_counts(r), []).append(i)
-        return [(idx, _merge([self.rows[i] for i in idx], {}) if len(idx) > 1 else self.rows[idx[0]])
+        return [(idx, _merge([rows[i] for i in idx], {}) if len(idx) > 1 else rows[idx[0]])
                 for idx in by_count.values()]
+
+
+def one_count(batch: StreamState, counts: Sequence[int]) -> StreamState:
+    """A count-free op's batch state (`RaggedState.batch`) whose rows have seen `counts` tokens:
+    the batch itself when they are one count, else the compact `RaggedState`."""
+    counts = tuple(int(c) for c in counts)
+    batch = dataclasses.replace(batch, count=torch.tensor(counts[0], dtype=torch.int64))  # (the first row's)
+    return batch if len(set(counts)) == 1 else RaggedState(batch=batch, counts=counts)
 
 
 def _tokens_seen(state: StreamState) -> int:
@@ -175,4 +201,5 @@ def _tokens_seen(state: StreamState) -> int:
 if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([RaggedState])
 
-__all__ = ["RaggedState", "cat_states", "select_rows", "batch_size", "ScanState", "TreeState", "ChunkStream"]
+__all__ = ["RaggedState", "cat_states", "select_rows", "batch_size", "one_count", "ScanState", "TreeState",
+           "ChunkStream"]

@@ -825,9 +825,8 @@ class _Varlen(_Exchanges):
         result = outputs[0] if len(outputs) == 1 else outputs
         if not self.return_state:
             return result
-        from .batch import cat_states
         anchors = self.anchors
-        new_state = cat_states([f._map(lambda t: _tie(t, anchors)) for f in finals])
+        new_state = layer._packed_state([f._map(lambda t: _tie(t, anchors)) for f in finals])
         return result, new_state
 
     def part(self, i: int, lengths: list, row) -> "_Run":
@@ -945,7 +944,7 @@ def _row_state(state, i: int):
         return None
     from .batch import RaggedState
     row = state[i]
-    return row.rows[0] if isinstance(row, RaggedState) else row
+    return row.row_states[0] if isinstance(row, RaggedState) else row
 
 
 def _state_classes() -> dict:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..dtypes import DType
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
-from .batch import RaggedState, _counts, cat_states
+from .batch import RaggedState, _counts, cat_states, one_count
 from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
@@ -561,7 +561,7 @@ class PsmLayer(nn.Module):
         # rows of one batch: each row is what the sequence gives alone (a tree scan's tree
         # depends on the length only)
         rows = [None] * n if state is None else [state[i] for i in range(n)]
-        rows = [r.rows[0] if isinstance(r, RaggedState) else r for r in rows]
+        rows = [r.row_states[0] if isinstance(r, RaggedState) else r for r in rows]
         groups: dict = {}
         for i in range(n):
             key = (bounds[i + 1] - bounds[i], None if rows[i] is None else _counts(rows[i]))
@@ -579,7 +579,16 @@ class PsmLayer(nn.Module):
                 outs[i] = tuple(o[j:j + 1] if o.shape[0] == len(idx) else o for o in out)
                 states[i] = new_state if len(idx) == 1 else new_state[j]
         packed = tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
-        return (packed[0] if len(packed) == 1 else packed), cat_states(states)
+        return (packed[0] if len(packed) == 1 else packed), self._packed_state(states)
+
+    def _packed_state(self, rows: list):
+        """The state of packed sequences (one row each): for a count-free op one batch state with
+        each row's count beside it (RaggedState's compact form), else `cat_states` (rows of one
+        count merge, the others stay one-row states)."""
+        if self._count_free() and all(type(r) is ScanState for r in rows):
+            counts = [int(r.count) for r in rows]
+            return one_count(cat_states([dataclasses.replace(r, count=rows[0].count) for r in rows]), counts)
+        return cat_states(rows)
 
     def _forward_packed(self, inputs: dict, cu_seqlens, bounds: list, state):
         """All packed sequences in one pass that takes `call.cu_seqlens`, when that pass is what
@@ -616,9 +625,12 @@ class PsmLayer(nn.Module):
         start = 0 if state is None else state.size
         starts = starts or [start] * (len(bounds) - 1)
         lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        outputs = outputs[0] if len(outputs) == 1 else outputs
+        if self._count_free():  # one batch state, each row's count beside it (RaggedState's compact form)
+            return outputs, one_count(_tagged(new_state, call.tag), [a + n for a, n in zip(starts, lengths)])
         rows = [_tagged(dataclasses.replace(new_state[i], count=starts[i] + length), call.tag)
                 for i, length in enumerate(lengths)]
-        return (outputs[0] if len(outputs) == 1 else outputs), cat_states(rows)
+        return outputs, cat_states(rows)
 
     def _forward_ragged(self, inputs: dict, state: RaggedState):
         """Continue a ragged batch: rows with equal counts run together, each as it would alone."""
@@ -639,23 +651,24 @@ class PsmLayer(nn.Module):
     def _as_one_batch(self, state: RaggedState):
         """A count-free op's ragged rows as one batch state (the first row's count stands for
         all; the caller sets each row's own count again) and the rows' counts."""
+        if state.batch is not None:  # (the compact form: already one batch)
+            return state.batch, list(state.counts)
         counts = [int(r.count) for r in state.rows]
         return cat_states([dataclasses.replace(r, count=state.rows[0].count) for r in state.rows]), counts
 
     def _by_groups(self, state: RaggedState, inputs: dict, run, time: bool):
-        B = len(state.rows)
+        B = state.batch_size
         for name, x in inputs.items():
             if isinstance(x, Tensor) and x.dim() and x.shape[0] not in (1, B):
                 raise ValueError(f"{self.spec.name}: input '{name}' has batch {x.shape[0]} but the state has {B} rows")
-        # a count-free op's forward runs every row in one call, each row keeping its own count.
-        # (Not its decode steps: merging the one-row states and splitting them again costs as
-        # much per token as the calls it saves, `python -m benchmarks.packed`)
-        if time and self._count_free():
+        # a count-free op runs every row in one call, each row keeping its own count; the new
+        # state stays one batch (RaggedState's compact form), so decoding it token by token
+        # never splits and merges the rows again
+        if self._count_free():
             merged, counts = self._as_one_batch(state)
             out, new_state = run(inputs, merged) if time else run(merged, **inputs)
             steps = int(new_state.count) - int(merged.count)
-            rows = [dataclasses.replace(new_state[i], count=torch.tensor(counts[i] + steps)) for i in range(B)]
-            return out, cat_states(rows)
+            return out, one_count(new_state, [c + steps for c in counts])
         results, rows, order = [], [None] * B, []
         for idx, group in state.groups():
             index = torch.tensor(idx, dtype=torch.int64)

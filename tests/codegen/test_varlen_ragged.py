@@ -360,10 +360,11 @@ def _calls(monkeypatch, layer, method: str) -> list:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_ragged_rows_of_a_count_free_op_run_as_one_batch(name, monkeypatch):
     """After a packed prefill the rows have seen 3, 1 and 4 tokens (a RaggedState). An exact scan
-    whose bodies never read `index` computes nothing from a row's count, so a continuing forward
-    and a further packed call run every row in one call, each row keeping its own count; the
-    others (tree scans, chunk ops, `index` readers) still run the rows of one count together,
-    and so do decode steps. Either way each row equals its sequence run alone."""
+    whose bodies never read `index` computes nothing from a row's count, so a continuing forward,
+    a decode step and a further packed call run every row in one call, each row keeping its own
+    count, and the state stays one batch (RaggedState's compact form: `batch` and `counts`); the
+    others (tree scans, chunk ops, `index` readers) run the rows of one count together. Either
+    way each row equals its sequence run alone."""
     from psmc.runtime.batch import _tokens_seen as seen
     layer, inputs, cu = packed_case(name)
     _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
@@ -383,8 +384,12 @@ def test_ragged_rows_of_a_count_free_op_run_as_one_batch(name, monkeypatch):
     forwards = _calls(monkeypatch, layer, "_forward_local")
     continued, after = layer(**nxt, state=state, return_state=True)
     assert len(forwards) == calls
+    assert (state.batch is not None) == free and (after.batch is not None) == free  # the compact form
     token = {n: x[:, 0] for n, x in nxt.items()}
-    stepped, stepped_state = layer.step(state, **token)  # (decode steps: the rows of one count together)
+    steps = _calls(monkeypatch, layer, "step")
+    stepped, stepped_state = layer.step(state, **token)
+    assert len(steps) == 1 + calls  # the ragged call, then one per group (all rows: one)
+    assert (stepped_state.batch is not None) == free
     for i, row in enumerate(alone_states):
         want, want_state = layer(**{n: x[i:i + 1] for n, x in nxt.items()}, state=row, return_state=True)
         assert_agree(tuple(o[i:i + 1] for o in as_tuple(continued)), as_tuple(want), f"{name}: row {i} continued")
