@@ -1208,4 +1208,5 @@ def describe(op: OpIR, plan: dict | None) -> str:
     g = Grid(op)
     what = {"lanes": "a block of lanes", "state": f"state axis {g.layout.axis}",
             "matrix": f"a [{g.layout.axis}, {g.layout.cols}] state"}[g.mode]
-    return f"cpu: fused C++ forward + backward + step, one loop over time per batch row x {what}"
+    return (f"cpu: fused C++ forward + backward + step, one loop over time per batch row x {what}; packed "
+            "sequences in one call")

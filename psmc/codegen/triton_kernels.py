@@ -51,7 +51,8 @@ def describe(op: OpIR, plan: dict | None) -> str:
     if layout.mode == "matrix":
         cols = f"all of {layout.cols}" if layout.full_tile else f"tiles of {layout.cols}"
         return (f"triton: forward + backward + step kernels, token loop over a [{layout.axis}, {layout.cols}] "
-                f"tile (all of {layout.axis} x {cols})" + (", exclusive readout" if op.exclusive else ""))
+                f"tile (all of {layout.axis} x {cols})" + (", exclusive readout" if op.exclusive else "")
+                + "; packed sequences in one launch")
     tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
         (" (whole axis per tile)" if layout.full_tile else "")
-    return f"triton: forward + backward + step kernels, tiled over {tiles}"
+    return f"triton: forward + backward + step kernels, tiled over {tiles}; packed sequences in one launch"

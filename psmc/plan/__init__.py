@@ -92,8 +92,8 @@ FAST_PATH_GPU = {
     "chunkwise:scalar": _CHUNK_GPU.format(module="triton_chunk"),
     "chunkwise:key": _CHUNK_GPU.format(module="triton_chunk"),
     "delta_rule": _CHUNK_GPU.format(module="triton_delta") + " (the chunked WY form)",
-    "first_order": ("the first-order scan kernel (psmc.runtime.triton_scan: time inside each thread, channels "
-                    "across threads; the lift and readout in torch); packed sequences in one scan"),
+    "first_order": ("the first-order scan kernel (psmc.runtime.triton_scan: channels across threads, time in "
+                    "tiles scanned by each program; the lift and readout in torch); packed sequences in one scan"),
 }
 
 
