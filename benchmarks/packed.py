@@ -83,6 +83,19 @@ def decode(layer, inputs: dict, cu, tokens: int = 16):
     return run
 
 
+def table(title: str, other: str, note: str, timed) -> None:
+    """One markdown table: per op and backend, `timed(layer, inputs)` (a call to time) for the
+    layer and for its by-length / by-count twin, and their ratio."""
+    print(f"| op | shape | backend | {title} ms | {other} ms | ratio |  ({note})")
+    print("|---|---|---|---|---|---|")
+    for name, shape, inputs, dims in cases():
+        for backend in ("torch", "auto"):
+            packed, looped = _pair(name, backend, dims)
+            one, each = median_ms(timed(packed, inputs)), median_ms(timed(looped, inputs))
+            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+    print()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -90,35 +103,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     lengths = packed_lengths(TOTAL, COUNT)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    print(f"| op | shape | backend | one call ms | by length ms | ratio |  ({COUNT} sequences, {TOTAL} tokens, "
-          f"{args.threads} threads)")
-    print("|---|---|---|---|---|---|")
-    for name, shape, inputs, dims in cases():
-        for backend in ("torch", "auto"):
-            packed, looped = _pair(name, backend, dims)
-            one = median_ms(lambda: packed(**inputs, cu_seqlens=cu))
-            each = median_ms(lambda: looped(**inputs, cu_seqlens=cu))
-            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
-    print()
-    print(f"| op | shape | backend | 64 more tokens, all rows in one call ms | by count ms | ratio |  ({COUNT} rows "
-          "after the prefill)")
-    print("|---|---|---|---|---|---|")
-    for name, shape, inputs, dims in cases():
-        for backend in ("torch", "auto"):
-            packed, looped = _pair(name, backend, dims)
-            one = median_ms(continued(packed, inputs, cu))
-            each = median_ms(continued(looped, inputs, cu))
-            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
-    print()
-    print(f"| op | shape | backend | 16 decode tokens, all rows per step ms | by count ms | ratio |  ({COUNT} rows "
-          "after the prefill)")
-    print("|---|---|---|---|---|---|")
-    for name, shape, inputs, dims in cases():
-        for backend in ("torch", "auto"):
-            packed, looped = _pair(name, backend, dims)
-            one = median_ms(decode(packed, inputs, cu), repeats=5)
-            each = median_ms(decode(looped, inputs, cu), repeats=5)
-            print(f"| {name} | {shape} | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+    table("one call", "by length", f"{COUNT} sequences, {TOTAL} tokens, {args.threads} threads",
+          lambda layer, inputs: (lambda: layer(**inputs, cu_seqlens=cu)))
+    table("64 more tokens, all rows in one call", "by count", f"{COUNT} rows after the prefill",
+          lambda layer, inputs: continued(layer, inputs, cu))
+    table("16 decode tokens, all rows per step", "by count", f"{COUNT} rows after the prefill",
+          lambda layer, inputs: decode(layer, inputs, cu))
     return 0
 
 
