@@ -557,14 +557,15 @@ class PsmLayer(nn.Module):
         packed = self._forward_packed(inputs, cu_seqlens, bounds, state)
         if packed is not None:
             return packed
-        # otherwise sequences of one length (and, continuing, of one count) run together as the
-        # rows of one batch: each row is what the sequence gives alone (a tree scan's tree
-        # depends on the length only)
+        # otherwise sequences of one length (and, continuing, of one count unless the op is
+        # count-free) run together as the rows of one batch: each row is what the sequence
+        # gives alone (a tree scan's tree depends on the length only)
         rows = [None] * n if state is None else [state[i] for i in range(n)]
         rows = [r.row_states[0] if isinstance(r, RaggedState) else r for r in rows]
         groups: dict = {}
+        free = self._count_free()  # (then rows of one length run together whatever their counts)
         for i in range(n):
-            key = (bounds[i + 1] - bounds[i], None if rows[i] is None else _counts(rows[i]))
+            key = (bounds[i + 1] - bounds[i], None if rows[i] is None or free else _counts(rows[i]))
             groups.setdefault(key, []).append(i)
         outs, states = [None] * n, [None] * n
         for idx in groups.values():
@@ -572,12 +573,16 @@ class PsmLayer(nn.Module):
                             torch.cat([x[:, bounds[i]:bounds[i + 1]] for i in idx], dim=0) if len(idx) > 1 else
                             x[:, bounds[idx[0]]:bounds[idx[0] + 1]])
                      for name, x in inputs.items()}
-            start = None if state is None else (rows[idx[0]] if len(idx) == 1 else cat_states([rows[i] for i in idx]))
+            start = None if state is None else (rows[idx[0]] if len(idx) == 1 else cat_states(
+                [dataclasses.replace(rows[i], count=rows[idx[0]].count) if free else rows[i] for i in idx]))
             out, new_state = self._forward_one(piece, start, True)
             out = out if isinstance(out, tuple) else (out,)
+            length = bounds[idx[0] + 1] - bounds[idx[0]]
             for j, i in enumerate(idx):
                 outs[i] = tuple(o[j:j + 1] if o.shape[0] == len(idx) else o for o in out)
                 states[i] = new_state if len(idx) == 1 else new_state[j]
+                if free and rows[i] is not None:  # (the group ran at its first row's count)
+                    states[i] = dataclasses.replace(states[i], count=int(rows[i].count) + length)
         packed = tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
         return (packed[0] if len(packed) == 1 else packed), self._packed_state(states)
 

@@ -431,3 +431,23 @@ def test_ragged_rows_of_an_index_reading_op_keep_their_positions(tmp_path, monke
         want = layer(**{n: x[i:i + 1] for n, x in nxt.items()}, state=row)
         torch.testing.assert_close(continued[i:i + 1], want, rtol=1e-12, atol=1e-12)
     assert passes == 3
+
+
+@pytest.mark.parametrize("name", ["cumsum", "welford", "running_argmax", "transformer_psm"])
+def test_packed_rows_of_one_length_continue_together_when_the_op_is_count_free(name, monkeypatch):
+    """Where no path packs them (the torch generic scan), sequences of one length continuing a
+    ragged state run as one batch when the op is count-free, whatever the rows' counts; an op
+    that reads `index` (running_argmax) or a tree or chunk op (transformer_psm) runs one pass
+    per count. Each row equals its sequence run alone."""
+    layer, inputs, cu = packed_case(name)  # rows at counts 3, 1, 4
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    _, rows = alone(layer, inputs, cu)
+    again = {n: (x if x.shape[1] == 1 else x[:, :6]) for n, x in inputs.items()}
+    cu2 = torch.tensor([0, 2, 4, 6])
+    layer._packs_sequences = False  # the grouping under test
+    passes = _calls(monkeypatch, layer, "_forward_local")
+    more = as_tuple(layer(**again, cu_seqlens=cu2, state=state))
+    assert len(passes) == (1 if layer._count_free() else 3)
+    for i, (lo, hi) in enumerate(((0, 2), (2, 4), (4, 6))):
+        want = as_tuple(layer(**piece(again, lo, hi), state=rows[i]))
+        assert_agree(tuple(o[:, lo:hi] for o in more), want, f"{name}: row {i}")
