@@ -59,7 +59,10 @@ def select_rows(state: StreamState, index) -> StreamState:
     size = batch_size(state)
     index = _as_index(index, size)
     if isinstance(state, RaggedState):
-        picked = range(size)[index] if isinstance(index, slice) else index.tolist()
+        picked = list(range(size)[index]) if isinstance(index, slice) else index.tolist()
+        if state.batch is not None:  # the compact form stays compact (beam search reorders rows each token)
+            return one_count(select_rows(state.batch, torch.tensor(picked, dtype=torch.int64)),
+                             [state.counts[i] for i in picked])
         rows = state.row_states
         return ragged_or_regular([rows[i] for i in picked])
     if isinstance(index, Tensor):

@@ -451,3 +451,22 @@ def test_packed_rows_of_one_length_continue_together_when_the_op_is_count_free(n
     for i, (lo, hi) in enumerate(((0, 2), (2, 4), (4, 6))):
         want = as_tuple(layer(**piece(again, lo, hi), state=rows[i]))
         assert_agree(tuple(o[:, lo:hi] for o in more), want, f"{name}: row {i}")
+
+
+def test_selecting_rows_of_a_compact_ragged_state_keeps_it_compact():
+    """Beam search reorders the rows of a ragged batch every token: rows picked from the compact
+    form (a count-free op's) stay one batch state with their counts, and equal the one-row
+    states they were."""
+    from psmc.runtime.batch import RaggedState
+    layer, inputs, cu = packed_case("gla")
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    assert state.batch is not None and state.sizes == list(LENGTHS)
+    picked = state[torch.tensor([2, 0, 2])]
+    assert isinstance(picked, RaggedState) and picked.batch is not None and picked.sizes == [4, 3, 4]
+    rows = state.row_states
+    for got, i in zip(picked.row_states, (2, 0, 2)):
+        assert int(got.count) == int(rows[i].count)
+        for a, b in zip(got._all_tensors(), rows[i]._all_tensors()):
+            assert torch.equal(a, b)
+    same = state[torch.tensor([1, 1])]  # one count: a plain state
+    assert type(same).__name__ == "ScanState" and int(same.count) == 1 and same.batch_size == 2
