@@ -109,15 +109,16 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
     states = list(states)
     if not states:
         raise ValueError("cat_states needs at least one state")
-    kinds = {type(s.row_states[0]) if isinstance(s, RaggedState) else type(s) for s in states}
+    ragged = {id(s): s.row_states for s in states if isinstance(s, RaggedState)}  # (each made once)
+    kinds = {type(ragged[id(s)][0]) if id(s) in ragged else type(s) for s in states}
     ops = {s.op for s in states} - {""}
     if len(kinds) > 1 or len(ops) > 1:
         raise ValueError("cat_states: the states come from different ops or plans: "
                          + "; ".join(_describe(s) for s in states))
     rows = []
     for s in states:
-        if isinstance(s, RaggedState):
-            rows.extend(s.row_states)
+        if id(s) in ragged:
+            rows.extend(ragged[id(s)])
         elif batch_size(s) == 0:
             raise ValueError("cat_states: an empty state (init_state, no token yet) has no batch rows; "
                              "concatenate states that have seen at least one token")
@@ -187,6 +188,14 @@ class RaggedState(StreamState):
                 for idx in by_count.values()]
 
 
+def at_one_count(rows: Sequence[StreamState]) -> tuple:
+    """One-row (or batch) states of a count-free op as one batch state at the first row's count,
+    and every row's count: (batch, counts). The layer runs the batch and gives each row its
+    count again (`one_count`)."""
+    counts = [int(c) for r in rows for c in [r.count] * batch_size(r)]
+    return cat_states([dataclasses.replace(r, count=rows[0].count) for r in rows]), counts
+
+
 def one_count(batch: StreamState, counts: Sequence[int]) -> StreamState:
     """A count-free op's batch state (`RaggedState.batch`) whose rows have seen `counts` tokens:
     the batch itself when they are one count, else the compact `RaggedState`."""
@@ -204,5 +213,5 @@ def _tokens_seen(state: StreamState) -> int:
 if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([RaggedState])
 
-__all__ = ["RaggedState", "cat_states", "select_rows", "batch_size", "one_count", "ScanState", "TreeState",
-           "ChunkStream"]
+__all__ = ["RaggedState", "cat_states", "select_rows", "batch_size", "at_one_count", "one_count", "ScanState",
+           "TreeState", "ChunkStream"]

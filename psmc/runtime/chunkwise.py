@@ -32,7 +32,7 @@ from torch import Tensor
 
 from psmc.runtime.fastpaths import linear_recurrence
 from psmc.runtime.ops import broadcast_shapes
-from psmc.runtime.varlen import cu_seqlens_bounds, packed_bounds
+from psmc.runtime.varlen import cu_seqlens_bounds, lengths, packed_bounds
 
 __all__ = ["DECAY_KINDS", "chunk_linear_attention"]
 
@@ -129,8 +129,8 @@ def decay_total(log_decay: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     if cu_seqlens is None:
         return torch.exp(log_decay.sum(dim=1))
     bounds = cu_seqlens_bounds("decay_total", cu_seqlens)
-    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=log_decay.device)
-    owner = torch.arange(len(bounds) - 1, device=log_decay.device).repeat_interleave(lengths)
+    dev = log_decay.device
+    owner = torch.arange(len(bounds) - 1, device=dev).repeat_interleave(lengths(bounds, dev))
     per_token = log_decay[0].expand(bounds[-1], *log_decay.shape[2:])
     sums = per_token.new_zeros(len(bounds) - 1, *log_decay.shape[2:]).index_add_(0, owner, per_token)
     return torch.exp(sums)

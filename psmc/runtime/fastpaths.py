@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from psmc.runtime.ops import broadcast_shapes
-from psmc.runtime.varlen import cu_seqlens_bounds, packed_bounds
+from psmc.runtime.varlen import cu_seqlens_bounds, lengths, packed_bounds
 
 __all__ = ["linear_recurrence"]
 
@@ -133,8 +133,7 @@ def per_token(x: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
     if cu_seqlens is None:
         return x.unsqueeze(1)
     bounds = cu_seqlens_bounds("per_token", cu_seqlens)
-    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=x.device)
-    return x.repeat_interleave(lengths, dim=0).unsqueeze(0)
+    return x.repeat_interleave(lengths(bounds, x.device), dim=0).unsqueeze(0)
 
 
 class _LinearRecurrence(torch.autograd.Function):

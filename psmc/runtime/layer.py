@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from ..dtypes import DType
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
-from .batch import RaggedState, _counts, cat_states, one_count
+from .batch import RaggedState, _counts, at_one_count, cat_states, one_count
 from . import compiled_step as _compiled
 from .state import ChunkStream, ScanState, StreamState, TreeState
 from .strategy import strategy_for
-from .varlen import Offsets, cu_seqlens_bounds
+from .varlen import Offsets, cu_seqlens_bounds, lengths
 
 _HALVES = frozenset((torch.float16, torch.bfloat16))  # inputs computed in float32, outputs cast back
 
@@ -573,8 +573,9 @@ class PsmLayer(nn.Module):
                             torch.cat([x[:, bounds[i]:bounds[i + 1]] for i in idx], dim=0) if len(idx) > 1 else
                             x[:, bounds[idx[0]]:bounds[idx[0] + 1]])
                      for name, x in inputs.items()}
-            start = None if state is None else (rows[idx[0]] if len(idx) == 1 else cat_states(
-                [dataclasses.replace(rows[i], count=rows[idx[0]].count) if free else rows[i] for i in idx]))
+            group = [rows[i] for i in idx]
+            start = None if state is None else (group[0] if len(idx) == 1 else
+                                                at_one_count(group)[0] if free else cat_states(group))
             out, new_state = self._forward_one(piece, start, True)
             out = out if isinstance(out, tuple) else (out,)
             length = bounds[idx[0] + 1] - bounds[idx[0]]
@@ -591,8 +592,7 @@ class PsmLayer(nn.Module):
         each row's count beside it (RaggedState's compact form), else `cat_states` (rows of one
         count merge, the others stay one-row states)."""
         if self._count_free() and all(type(r) is ScanState for r in rows):
-            counts = [int(r.count) for r in rows]
-            return one_count(cat_states([dataclasses.replace(r, count=rows[0].count) for r in rows]), counts)
+            return one_count(*at_one_count(rows))
         return cat_states(rows)
 
     def _forward_packed(self, inputs: dict, cu_seqlens, bounds: list, state):
@@ -627,14 +627,12 @@ class PsmLayer(nn.Module):
             return None
         self._check_outputs(outputs, call)
         outputs = _in_dtype(outputs, call)
-        start = 0 if state is None else state.size
-        starts = starts or [start] * (len(bounds) - 1)
-        lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+        starts = starts or [0 if state is None else state.size] * (len(bounds) - 1)
+        counts = [seen + b - a for seen, a, b in zip(starts, bounds, bounds[1:])]  # each row's count after
         outputs = outputs[0] if len(outputs) == 1 else outputs
         if self._count_free():  # one batch state, each row's count beside it (RaggedState's compact form)
-            return outputs, one_count(_tagged(new_state, call.tag), [a + n for a, n in zip(starts, lengths)])
-        rows = [_tagged(dataclasses.replace(new_state[i], count=starts[i] + length), call.tag)
-                for i, length in enumerate(lengths)]
+            return outputs, one_count(_tagged(new_state, call.tag), counts)
+        rows = [_tagged(dataclasses.replace(new_state[i], count=count), call.tag) for i, count in enumerate(counts)]
         return outputs, cat_states(rows)
 
     def _forward_ragged(self, inputs: dict, state: RaggedState):
@@ -658,8 +656,7 @@ class PsmLayer(nn.Module):
         all; the caller sets each row's own count again) and the rows' counts."""
         if state.batch is not None:  # (the compact form: already one batch)
             return state.batch, list(state.counts)
-        counts = [int(r.count) for r in state.rows]
-        return cat_states([dataclasses.replace(r, count=state.rows[0].count) for r in state.rows]), counts
+        return at_one_count(state.rows)
 
     def _by_groups(self, state: RaggedState, inputs: dict, run, time: bool):
         B = state.batch_size
@@ -1063,8 +1060,7 @@ class PsmLayer(nn.Module):
             return _positions(start, lead[1], lead, call.ctx.dev)
         bounds = cu_seqlens_bounds(self.spec.name, call.cu_seqlens)
         dev = call.ctx.dev
-        lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=dev)
-        starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=dev).repeat_interleave(lengths)
+        starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=dev).repeat_interleave(lengths(bounds, dev))
         shape = [1] * len(lead)
         shape[1] = bounds[-1]
         return (torch.arange(start, start + bounds[-1], dtype=torch.int64, device=dev) - starts).reshape(shape)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["cu_seqlens_bounds", "packed_bounds", "Offsets", "Sequences", "sequences", "segment_reverse_cumsum"]
+__all__ = ["cu_seqlens_bounds", "lengths", "packed_bounds", "Offsets", "Sequences", "sequences", "segment_reverse_cumsum"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ def cu_seqlens_bounds(op: str, cu) -> list:
         raise ValueError(f"{op}: cu_seqlens must be strictly increasing (every sequence at least one token), but "
                          f"offset {i} is {bounds[i]} after {bounds[i - 1]}: {bounds}")
     return bounds
+
+
+def lengths(bounds, device) -> Tensor:
+    """Each packed sequence's number of tokens, [N] int64 on `device` (bounds from
+    cu_seqlens_bounds); `x.repeat_interleave(lengths(...), dim)` spreads a per-sequence value
+    over its tokens."""
+    return torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], dtype=torch.int64, device=device)
 
 
 def packed_bounds(op: str, cu, batch: int, steps: int) -> list:
@@ -96,9 +103,8 @@ def segment_reverse_cumsum(x: Tensor, bounds, dim: int = 1) -> Tensor:
     loses nothing a float32 result keeps), returned in x's dtype."""
     wide = x.double().flip(dim).cumsum(dim).flip(dim)
     ends = torch.tensor(list(bounds[1:]), device=x.device)
-    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])], device=x.device)
     # the running sum from the next sequence's start, which every token of a sequence subtracts
     after = torch.cat([wide, torch.zeros_like(wide.narrow(dim, 0, 1))], dim)
     tail = after.index_select(dim, ends)  # [.., N, ..]: the sum over every later sequence
-    tail = tail.repeat_interleave(lengths, dim=dim)
+    tail = tail.repeat_interleave(lengths(bounds, x.device), dim=dim)
     return (wide - tail).to(x.dtype)
