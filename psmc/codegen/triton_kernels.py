@@ -11,11 +11,14 @@ from .triton_backward import BackwardPrinter
 from .triton_layout import layout_of, unsupported_reason
 from .triton_matrix import MatrixPrinter
 from .triton_printer import PRELUDE, registration
+from . import triton_tree
 
 
 def generate(op: OpIR, plan: dict | None) -> str | None:
     """Module-level source (combine function, kernels, registration on the op's class) for
     one op, to be placed after the class and after PRELUDE; None when the op gets none."""
+    if triton_tree.unsupported_reason(op, plan) is None:  # a tree-scan plan's own kernels
+        return triton_tree.generate(op, plan)
     if unsupported_reason(op, plan) is not None:
         return None
     if layout_of(op).mode == "matrix":
@@ -36,7 +39,10 @@ def generate_section(ops, plans: dict) -> list[str]:
     parts = [p for p in parts if p is not None]
     if not parts:
         return []
-    lines = list(PRELUDE) + ["", ""]
+    lines = list(PRELUDE)
+    if any("_ttree." in part for part in parts):
+        lines.append("from psmc.runtime import triton_tree as _ttree  # noqa: E402")
+    lines += ["", ""]
     for part in parts:
         lines += part.rstrip("\n").split("\n") + ["", ""]
     return lines
@@ -44,6 +50,9 @@ def generate_section(ops, plans: dict) -> list[str]:
 
 def describe(op: OpIR, plan: dict | None) -> str:
     """One line for `psmc check`: which passes run as Triton kernels."""
+    tree = triton_tree.describe(op, plan)
+    if tree is not None:
+        return tree
     reason = unsupported_reason(op, plan)
     if reason is not None:
         return f"triton: none ({reason})"

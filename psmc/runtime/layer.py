@@ -732,7 +732,8 @@ class PsmLayer(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _check_backend_available(self):
-        if self.backend == "triton" and not getattr(self, "_triton_kernels", None):
+        if self.backend == "triton" and not getattr(self, "_triton_kernels", None) and \
+                not getattr(self, "_tree_kernels", None):
             raise ValueError(f"{self.spec.name}: backend='triton' is not available for this op: its plan has "
                              "no Triton kernels (see `psmc check`); use backend='torch' or 'auto'")
         if self.backend == "cpu" and getattr(self, "_cpu_kernels", None) is None:
@@ -1081,6 +1082,13 @@ class PsmLayer(nn.Module):
         run = self._token_route(call)
         if run is not None:
             return run(self, call, state)
+        return self._forward_generic(call, state)
+
+    def _forward_generic(self, call, state):
+        """The torch pass of a token-level op: its fast path when it has one and it is on, else
+        lift, scan (an exact scan, or the tree: `call.ctx.scan_kernel` 'triton' runs its tree
+        kernels) and readout."""
+        spec = self.spec
         lead = call.lead
         T = lead[1]
         start = 0 if state is None else state.size

@@ -108,6 +108,9 @@ class TreeScan(ScanStrategy):
 
     def scan(self, layer, call, leaves, inner, exclusive: bool):
         identity = layer._identity_element(call) if layer.spec.has_identity else None
+        if call.ctx.scan_kernel == "triton":  # the dispatch path "triton-tree" chose the tree kernels
+            from . import triton_tree
+            return triton_tree.tree_scan(layer, call, leaves, inner, identity, exclusive)
         return tree_scan(leaves, layer._combine_fn(call), state=inner, identity=identity, exclusive=exclusive)
 
     def context_parallel_states(self, run, leaves):

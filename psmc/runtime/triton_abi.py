@@ -86,3 +86,43 @@ def check(args: dict, kind: str, matrix: bool, inputs: int, params: int, fields:
             f"the {kind} Triton kernel and the runtime disagree on its arguments (missing "
             f"{sorted(want - got)}, unexpected {sorted(got - want)}): the generated module is from another "
             "psmc version; recompile it with `psmc compile`")
+
+
+# The tree kernels of non-associative elementwise ops (psmc.codegen.triton_tree, launched by
+# psmc.runtime.triton_tree). Every tensor is contiguous fp32: per-token ones [B, T, L]
+# (`leaf<i>` the lifted leaves, `pre<i>` the prefixes P, `node<i>` each leaf's tree node, and
+# in the backward `gpre<i>`, `gnode<i>` their adjoints, `dleaf<i>` the leaves'), per-level ones
+# [levels, B, L] (`root<i>`, `fold<i>`: the counter entering the call; in the backward
+# `groot<i>`, `gfold<i>`: the per-level adjoint accumulators, which end as the adjoints of the
+# entering counter), `dpar<i>` [B, L] (per program, summed by the runtime). m is the leaves the
+# state holds, T this call's.
+TREE_CONSTEXPRS = ("BLOCK_C", "HAS_GNODE")
+
+
+def tree_arguments(kind: str, fields: int, params: int, dims: tuple) -> tuple[tuple[str, ...], ...]:
+    """The run-time arguments of a tree kernel ('forward' or 'backward'), grouped as its
+    signature prints them (the constexprs are TREE_CONSTEXPRS; the forward takes BLOCK_C only)."""
+    assert kind in ("forward", "backward"), kind
+    per_field = ("leaf", "root", "fold", "pre", "node") + (("gpre", "gnode", "dleaf", "groot", "gfold")
+                                                          if kind == "backward" else ())
+    out = [tuple(f"{name}{i}" for i in range(fields)) for name in per_field]
+    out.append(tuple(x for i in range(params) for x in (f"par{i}", f"par{i}_sl")))
+    if kind == "backward":
+        out.append(tuple(f"dpar{i}" for i in range(params)))
+    out.append(("m", "T", "B", "L"))
+    out.append(tuple(dim(d) for d in dims))
+    return tuple(g for g in out if g)
+
+
+def tree_constexprs(kind: str) -> tuple[str, ...]:
+    return TREE_CONSTEXPRS if kind == "backward" else TREE_CONSTEXPRS[:1]
+
+
+def check_tree(args: dict, kind: str, fields: int, params: int, dims: tuple) -> None:
+    """Raise when `args` are not exactly a tree kernel's."""
+    want = {n for group in tree_arguments(kind, fields, params, dims) for n in group} | set(tree_constexprs(kind))
+    if set(args) != want:
+        raise RuntimeError(
+            f"the tree {kind} Triton kernel and the runtime disagree on its arguments (missing "
+            f"{sorted(want - set(args))}, unexpected {sorted(set(args) - want)}): the generated module is from "
+            "another psmc version; recompile it with `psmc compile`")

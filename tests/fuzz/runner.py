@@ -272,7 +272,12 @@ def run_program(program, config: Config, workdir: Path) -> dict:
         global SPREAD
         SPREAD = None
     return {"checked": checked, "plan": cls.spec.scan, "fast": cls.spec.fast,
-            "triton": getattr(cls, "_triton_kernels", None) is not None}
+            "triton": _has_triton(cls)}
+
+
+def _has_triton(cls) -> bool:
+    """Generated Triton kernels: the block-scan / token-loop family, or a tree scan's."""
+    return getattr(cls, "_triton_kernels", None) is not None or getattr(cls, "_tree_kernels", None) is not None
 
 
 def computes_in_float64(spec) -> bool:
@@ -344,7 +349,7 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     if config.f32:
         _check_float32(cls, program, layer, inputs, full, batch_shape, config)
         checked.add("f32")
-        if config.triton and getattr(cls, "_triton_kernels", None) is not None:
+        if config.triton and _has_triton(cls):
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
 
     # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared)
@@ -695,9 +700,33 @@ def _check_backend_paths(other, inputs: dict, want: tuple, batch_shape, config, 
 
 def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: set):
     """backend='triton' (interpreted) against backend='torch', both in float32."""
+    from psmc.runtime import triton_tree
     ref = _twin(cls, program, layer64, "torch", torch.float32)
     tri = _twin(cls, program, layer64, "triton", torch.float32)
     single = _floats(inputs, torch.float32)
+    tree = getattr(cls, "_tree_kernels", None) is not None
+    launches = []
+    original = triton_tree._launch
+
+    def spy(*args):  # proves the tree kernels ran (the torch tree would compare torch with itself)
+        launches.append(args[1])
+        return original(*args)
+
+    triton_tree._launch = spy
+    try:
+        _compare_triton(tri, ref, single, batch_shape, config, checked)
+    finally:
+        triton_tree._launch = original
+    if tree:
+        if "forward" not in launches:
+            raise Failure("tree-not-run", "backend='triton' served a plan with tree kernels without them")
+        checked.add("triton-tree")
+        if "backward" in launches:  # (not when no leaf needs a gradient: a lift of constants)
+            checked.add("triton-tree-grads")
+
+
+def _compare_triton(tri, ref, single: dict, batch_shape, config, checked: set):
+    """Forward, step, continued, packed and gradients."""
     with torch.no_grad():
         want = as_tuple(ref(**single))
         agree(as_tuple(tri(**single)), want, "triton vs torch", RTOL32, ATOL32)

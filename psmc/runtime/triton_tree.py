@@ -1,0 +1,203 @@
+"""The tree-scan Triton kernels at run time: the paper's fixed tree of a non-associative
+elementwise aggregator in one launch forward and one backward (psmc.codegen.triton_tree).
+
+`tree_scan` has the contract of psmc.runtime.tree.tree_scan (leaves in, inclusive and exclusive
+prefixes and the new binary counter out) and computes the same brackets; the layer's torch lift
+and readout run around it (the dispatch path "triton-tree"). Every value is a scalar per lane,
+so leaves [B, T, *lanes] are seen as [B, T, L], and a counter level's roots and folds as [B, L].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import triton_abi
+from .element import Element
+from .scan import exclusive_from_inclusive
+from .state import TreeState
+
+BLOCK_C = 128  # lanes per program: one per thread at 4 warps
+
+
+@dataclass(frozen=True)
+class TreeKernels:
+    forward: object
+    backward: object
+    fields: tuple
+    params: tuple  # the float scalar params the combine reads
+    dims: tuple
+
+
+def unusable_reason(layer, call) -> str | None:
+    """Why this call cannot run the tree kernels, or None when it can."""
+    from .triton_support import MAX_GRID_BATCH, _interpreted
+    k = getattr(layer, "_tree_kernels", None)
+    if k is None:
+        return "its plan has no tree kernels (see `psmc check`)"
+    if call.ctx.dev.type == "cpu" and not _interpreted(k.forward):
+        return ("the inputs are CPU tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before the "
+                "generated module is imported (the interpreter, for tests)")
+    if call.ctx.dev.type not in ("cpu", "cuda"):
+        return f"the inputs are on {call.ctx.dev.type}: Triton kernels need CUDA tensors"
+    if call.ctx.dt["f32"] == torch.float64:
+        return "float64 inputs or params: the kernels compute in fp32"
+    if call.lead[0] > MAX_GRID_BATCH:
+        return f"a batch of {call.lead[0]:,} rows: the batch grid axis holds at most {MAX_GRID_BATCH:,}"
+    if call.cu_seqlens is not None:
+        return "packed sequences: each sequence has its own tree (one pass per length)"
+    return None
+
+
+def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: Element | None,
+              exclusive: bool) -> tuple[Element, Element | None, TreeState]:
+    """psmc.runtime.tree.tree_scan's result, from the kernels."""
+    k = layer._tree_kernels
+    lead = tuple(call.lead)
+    B, T = lead[0], lead[1]
+    lanes = 1
+    for n in lead[2:]:
+        lanes *= int(n)
+    field = tuple(int(s) for s in layer.spec.fields[0].shape(call.ctx.d))  # every field's (one shape)
+    size = 1
+    for s in field:
+        size *= s
+    L = lanes * size  # each element of a field is a lane of its own
+    m = 0 if state is None else state.size
+    n = m + T
+    dev = call.ctx.dev
+    full = lead + field
+    flat = [torch.broadcast_to(x, full).reshape(B, T, L).to(torch.float32).contiguous() for x in leaves]
+    roots, folds = _counter_tensors(state, m, len(k.fields), (B,) + full[2:], (B, L), dev)
+    params = [_param(layer, name, lanes, size) for name in k.params]
+    meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims))
+    out = _TreeScan.apply(meta, len(k.fields), *flat, *roots, *folds, *params)
+    prefixes, nodes = out[:len(k.fields)], out[len(k.fields):]
+    dtypes = [x.dtype for x in leaves]
+    inclusive = tuple(p.reshape(full).to(dt) for p, dt in zip(prefixes, dtypes))
+    nodes = tuple(x.reshape(full).to(dt) for x, dt in zip(nodes, dtypes))
+    new_state = _counter_after(nodes, inclusive, state, m, n, dev)
+    if not exclusive:
+        return inclusive, None, new_state
+    first = identity if m == 0 else state.prefix
+    return inclusive, exclusive_from_inclusive(inclusive, first), new_state
+
+
+def _param(layer, name: str, lanes: int, size: int) -> torch.Tensor:
+    """The param as fp32, flat: one value for all lanes, or (a per-lane param) one per kernel
+    lane, each layer lane's value repeated over the elements of its fields."""
+    p = getattr(layer, "p_" + name).to(torch.float32)
+    if p.numel() == 1:
+        return p.reshape(1)
+    return p.reshape(lanes, 1).expand(lanes, size).reshape(-1)
+
+
+def _counter_tensors(state: TreeState | None, m: int, fields: int, shape: tuple, flat: tuple, dev) -> tuple:
+    """The entering counter's roots and folds, field by field, as [levels, B, L] (zeros at the
+    levels that hold no tree: the kernels never read them). `shape`: a level's [B, *lanes,
+    *field], `flat` its [B, L]."""
+    levels = max(m.bit_length(), 1)
+    roots, folds = [], []
+    for i in range(fields):
+        for table, out in (("roots", roots), ("folds", folds)):
+            held = () if state is None else getattr(state, table)
+            rows = [torch.zeros(flat, device=dev) if lv >= len(held) or held[lv] is None
+                    else torch.broadcast_to(held[lv][i], shape).reshape(flat).to(torch.float32)
+                    for lv in range(levels)]
+            out.append(torch.stack(rows))
+    return roots, folds
+
+
+def _counter_after(nodes: Element, inclusive: Element, state: TreeState | None, m: int, n: int, dev) -> TreeState:
+    """The counter after n leaves: level d holds the tree ending at n with bits below d cleared
+    (this call's node of that leaf when it is past m) and its fold P there."""
+    roots, folds = [], []
+    for level in range(n.bit_length()):
+        end = (n >> level) << level
+        if not (n >> level) & 1:
+            roots.append(None)
+            folds.append(None)
+        elif end > m:
+            roots.append(tuple(x[:, end - m - 1].clone() for x in nodes))
+            folds.append(tuple(x[:, end - m - 1].clone() for x in inclusive))
+        else:
+            roots.append(state.roots[level])
+            folds.append(state.folds[level])
+    return TreeState(count=torch.tensor(n, dtype=torch.int64, device=dev), roots=tuple(roots), folds=tuple(folds))
+
+
+def _sizes(meta) -> dict:
+    k, m, T, B, L, dims = meta
+    out = dict(m=m, T=T, B=B, L=L)
+    out.update({triton_abi.dim(d): int(v) for d, v in zip(k.dims, dims)})
+    return out
+
+
+class _TreeScan(torch.autograd.Function):
+    """(leaves, counter roots, counter folds, params) -> (prefixes P, nodes), each [B, T, L] fp32."""
+
+    @staticmethod
+    def forward(ctx, meta, F, *tensors):
+        k, m, T, B, L, _ = meta
+        leaves, roots, folds = tensors[:F], tensors[F:2 * F], tensors[2 * F:3 * F]
+        params = tensors[3 * F:]
+        pre = [torch.empty_like(x) for x in leaves]
+        node = [torch.empty_like(x) for x in leaves]
+        args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
+        args |= _named("node", node) | _param_args(params, meta) | _sizes(meta)
+        args["BLOCK_C"] = BLOCK_C
+        _launch(k.forward, "forward", k, args, B, L)
+        ctx.meta, ctx.F = meta, F
+        ctx.save_for_backward(*leaves, *roots, *folds, *pre, *node, *params)
+        ctx.param_shapes = [p.shape for p in params]
+        return (*pre, *node)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        meta, F = ctx.meta, ctx.F
+        k, m, T, B, L, _ = meta
+        saved = ctx.saved_tensors
+        leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
+        pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
+        dev = leaves[0].device
+        zeros = torch.zeros((B, T, L), device=dev)
+        gpre = [zeros if g is None else g.contiguous().to(torch.float32) for g in grads[:F]]
+        has_gnode = any(g is not None for g in grads[F:])
+        gnode = [zeros if g is None else g.contiguous().to(torch.float32) for g in grads[F:]]
+        levels = (m + T).bit_length()
+        groot = [torch.zeros((levels, B, L), device=dev) for _ in range(F)]
+        gfold = [torch.zeros((levels, B, L), device=dev) for _ in range(F)]
+        dleaf = [torch.empty((B, T, L), device=dev) for _ in range(F)]
+        dpar = [torch.empty((B, L), device=dev) for _ in params]
+        args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
+        args |= _named("node", node) | _named("gpre", gpre) | _named("gnode", gnode) | _named("dleaf", dleaf)
+        args |= _named("groot", groot) | _named("gfold", gfold) | _named("dpar", dpar)
+        args |= _param_args(params, meta) | _sizes(meta)
+        args.update(BLOCK_C=BLOCK_C, HAS_GNODE=has_gnode)
+        _launch(k.backward, "backward", k, args, B, L)
+        held = roots[0].shape[0]  # the entering counter's levels; the accumulators end as their adjoints
+        droots = [g[:held] for g in groot]  # (held <= levels: the count only grows)
+        dfolds = [g[:held] for g in gfold]
+        dparams = []
+        for p, d in zip(params, dpar):
+            dparams.append(d.sum(0) if p.numel() == L and p.numel() > 1 else d.sum().reshape(p.shape))
+        return (None, None, *dleaf, *droots, *dfolds, *dparams)
+
+
+def _named(kind: str, tensors) -> dict:
+    return {f"{kind}{i}": t for i, t in enumerate(tensors)}
+
+
+def _param_args(params, meta) -> dict:
+    L = meta[4]
+    out = {}
+    for i, p in enumerate(params):
+        out[f"par{i}"] = p
+        out[f"par{i}_sl"] = 1 if p.numel() == L and p.numel() > 1 else 0
+    return out
+
+
+def _launch(kernel, kind: str, k: TreeKernels, args: dict, B: int, L: int) -> None:
+    triton_abi.check_tree(args, kind, len(k.fields), len(k.params), tuple(k.dims))
+    grid = ((L + BLOCK_C - 1) // BLOCK_C, B)
+    kernel[grid](**args)
