@@ -41,7 +41,12 @@ def plan_op(op: OpIR, analysis):
     from .plan import make_plan
 
     canonical = canonicalize(op)
-    reason = unsupported_reason(canonical, {"plan": analysis.plan, "structure": coarse_structure(canonical)})
+    plan = {"plan": analysis.plan, "structure": coarse_structure(canonical)}
+    if analysis.plan == "tree-scan":  # the tree kernels (psmc.codegen.triton_tree), not the block scan's
+        from .codegen import triton_tree
+        reason = triton_tree.unsupported_reason(canonical, plan)
+    else:
+        reason = unsupported_reason(canonical, plan)
     return canonical, make_plan(canonical, analysis, reason)
 
 

@@ -220,7 +220,7 @@ def test_both_kernel_printers_make_the_same_first_checks():
     from psmc.ir import ops_from_source
     op = ops_from_source("op t[D] { state (h: f32[D]); lift (x: f32[D]) { return softmax(x); } "
                          "combine (l, r) { return l.h + r.h; } }")[0]
-    for plan, words in (({"plan": "tree-scan"}, "tree-scan plan: the per-level Agg kernel is not generated"),
+    for plan, words in (({"plan": "tree-scan"}, "tree-scan plan: a scan kernel needs an associative combine"),
                         ({"plan": "exact-scan", "structure": "affine"}, "combine structure is 'affine'"),
                         ({"plan": "exact-scan"}, "uses 'softmax': ")):
         reasons = {triton_printer.unsupported_reason(op, plan), cpp_printer.unsupported_reason(op, plan)}

@@ -70,7 +70,7 @@ def scan_reason(op: OpIR, plan: dict | None, nodes, cannot) -> str | None:
     rendered (`cannot(op name)`: the renderer's reason it cannot, or None), a combine that
     neither reduces nor ignores its operands. The reason, or None when they pass."""
     if plan is not None and plan.get("plan") != "exact-scan":
-        return "tree-scan plan: the per-level Agg kernel is not generated; the torch backend serves it"
+        return "tree-scan plan: a scan kernel needs an associative combine; the torch tree serves it"
     structure = (plan or {}).get("structure")
     if structure not in (None, "elementwise"):
         return f"combine structure is {structure!r}, not 'elementwise'"

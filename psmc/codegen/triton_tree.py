@@ -66,6 +66,15 @@ def unsupported_reason(op: OpIR, plan) -> str | None:
     return None
 
 
+class _LaneVjp(VjpPrinter):
+    """The VJP with every value a scalar per lane: a rank-0 operand of a vector field's value
+    (a param, a constant) is per lane here too, so its adjoint is not summed over the columns
+    of a tile (the kernel's columns are lanes; the runtime sums a shared param's adjoint)."""
+
+    def unbroadcast(self, node, arg, contribution: str) -> str:
+        return contribution
+
+
 def kernel_names(op: OpIR) -> dict:
     base = PREFIX + "Op_" + op.name + "_tree"
     return {"agg": base + "_agg", "agg_vjp": base + "_agg_vjp", "forward": base + "_forward",
@@ -101,7 +110,7 @@ class TreePrinter:
         op = self.op
         args = [f"l_{f}" for f in self.fields] + [f"r_{f}" for f in self.fields] + \
             [f"g_{f}" for f in self.fields] + self._extras()
-        vjp = VjpPrinter(tuple(op.combine), tuple(f"g_{f}" for f in self.fields),
+        vjp = _LaneVjp(tuple(op.combine), tuple(f"g_{f}" for f in self.fields),
                          lambda n: n.op == "field" or n.op == "param", "co")
         body = vjp.run()
         found = {(n.op, n.attrs[:2] if n.op == "field" else n.attrs[0]): name for n, name in vjp.leaf_adjoints.items()}

@@ -157,7 +157,11 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
                 "psmc/runtime/triton_delta_step.py)")
     choices = [Choice("forward", "torch", forward), Choice("backward", "torch", "autograd through the forward"),
                Choice("step", "torch", step)]
-    if triton_reason is None:
+    if triton_reason is None and scan == "tree-scan":
+        choices += [Choice("forward", "triton", "tree kernel: each thread walks the fixed tree's leaves for its "
+                                                "lanes (lift and readout in torch)"),
+                    Choice("backward", "triton", "tree kernel: the adjoint walk, leaves in reverse")]
+    elif triton_reason is None:
         choices += [Choice("forward", "triton", "fused forward kernel"),
                     Choice("backward", "triton", "fused backward kernel"),
                     Choice("step", "triton", "fused step kernel")]

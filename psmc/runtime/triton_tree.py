@@ -31,19 +31,20 @@ class TreeKernels:
 
 def unusable_reason(layer, call) -> str | None:
     """Why this call cannot run the tree kernels, or None when it can."""
-    from .triton_support import MAX_GRID_BATCH, _interpreted
+    from . import triton_support
     k = getattr(layer, "_tree_kernels", None)
     if k is None:
         return "its plan has no tree kernels (see `psmc check`)"
-    if call.ctx.dev.type == "cpu" and not _interpreted(k.forward):
+    if call.ctx.dev.type == "cpu" and not triton_support._interpreted(k.forward) and not triton_support.RECORDING:
         return ("the inputs are CPU tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before the "
                 "generated module is imported (the interpreter, for tests)")
     if call.ctx.dev.type not in ("cpu", "cuda"):
         return f"the inputs are on {call.ctx.dev.type}: Triton kernels need CUDA tensors"
     if call.ctx.dt["f32"] == torch.float64:
         return "float64 inputs or params: the kernels compute in fp32"
-    if call.lead[0] > MAX_GRID_BATCH:
-        return f"a batch of {call.lead[0]:,} rows: the batch grid axis holds at most {MAX_GRID_BATCH:,}"
+    if call.lead[0] > triton_support.MAX_GRID_BATCH:
+        return (f"a batch of {call.lead[0]:,} rows: the batch grid axis holds at most "
+                f"{triton_support.MAX_GRID_BATCH:,}")
     if call.cu_seqlens is not None:
         return "packed sequences: each sequence has its own tree (one pass per length)"
     return None
@@ -148,6 +149,7 @@ class _TreeScan(torch.autograd.Function):
         args["BLOCK_C"] = BLOCK_C
         _launch(k.forward, "forward", k, args, B, L)
         ctx.meta, ctx.F = meta, F
+        ctx.set_materialize_grads(False)  # an unread output (the nodes, mostly) sends None, not zeros
         ctx.save_for_backward(*leaves, *roots, *folds, *pre, *node, *params)
         ctx.param_shapes = [p.shape for p in params]
         return (*pre, *node)
@@ -160,7 +162,7 @@ class _TreeScan(torch.autograd.Function):
         leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
         pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
         dev = leaves[0].device
-        zeros = torch.zeros((B, T, L), device=dev)
+        zeros = torch.zeros((B, T, L), device=dev) if any(g is None for g in grads) else None
         gpre = [zeros if g is None else g.contiguous().to(torch.float32) for g in grads[:F]]
         has_gnode = any(g is not None for g in grads[F:])
         gnode = [zeros if g is None else g.contiguous().to(torch.float32) for g in grads[F:]]
@@ -200,4 +202,7 @@ def _param_args(params, meta) -> dict:
 def _launch(kernel, kind: str, k: TreeKernels, args: dict, B: int, L: int) -> None:
     triton_abi.check_tree(args, kind, len(k.fields), len(k.params), tuple(k.dims))
     grid = ((L + BLOCK_C - 1) // BLOCK_C, B)
-    kernel[grid](**args)
+    # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous leaf
+    # stored (one thread, one address): a load prefetched a loop iteration early would read
+    # them before they are written.
+    kernel[grid](**args, num_stages=1)
