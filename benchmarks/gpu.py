@@ -587,6 +587,47 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
     _annotate(b.report, before, note_bw)
 
 
+def tree_cases(b: Bench, dtype, peak_gbps: float | None):
+    """The paper's fixed tree of a non-associative op (examples/ema.psm) at the first-order
+    shape: the tree kernels (dispatch path triton-tree, one launch) against the torch tree
+    (about 2 log2(T) rounds of batched Agg calls and gathers). The check compares them (the
+    same brackets: equal to fp32 roundoff). Bandwidth: the kernel reads the leaves and writes
+    the prefixes and the nodes (3 passes); the lift and readout around it are torch's."""
+    B, D, T = TINY["first_order"] if b.dry else FULL["first_order"]
+    label = f"B={B} D={D} T={T}"
+    group = "tree scan (ema)"
+    y = torch.randn(B, T, D, generator=torch.Generator(device="cpu").manual_seed(0)).to(b.device, dtype)
+    nbytes = 3 * y.numel() * 4
+    note_bw = (lambda ms: f"{100 * nbytes / (ms * 1e-3) / (peak_gbps * 1e9):.0f}% of copy bandwidth"
+               if peak_gbps and ms else "")
+    inputs = {"y": y}
+    try:
+        layer = load("ema")(backend="auto", check_finite=False).to(b.device)
+        paths = psmc_paths(layer, inputs)
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, "psmc ema", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        return
+    from psmc.runtime import dispatch
+    chosen = dispatch.choose(layer, layer._prepare(dict(inputs), step=False), "forward").name
+    reference = {}
+    for pname, path, reason, twin in paths:
+        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
+        if reason is not None:
+            b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
+            continue
+        fwd, both = _path_calls(path, twin, inputs)
+        if pname == "torch-scan":
+            reference["fwd"] = fwd
+
+        def check(fwd=fwd):
+            if "out" not in reference and "fwd" in reference:
+                reference["out"] = reference["fwd"]().float()
+            return verdict(rel_rms(reference["out"], fwd().float()), dtype) if "out" in reference else "-"
+        before = len(b.report.rows)
+        b.case(group, label, dtype, impl, fwd, both, check)
+        _annotate(b.report, before, note_bw)
+
+
 def _in_thread_case(b: Bench, group, label, dtype, fwd: Callable, both: Callable, check: Callable, note_bw):
     """The first-order kernel with triton_scan.LAYOUT = 'in-thread' (each thread scans its
     channels' tile in registers) against the default 'split' row above: which one `auto` should
@@ -761,7 +802,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule first_order decode packed")
+                        help="groups to run: gla simple_gla delta_rule first_order decode tree packed")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -789,7 +830,7 @@ def main(argv=None) -> int:
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
-             ("packed", bf16), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
+             ("tree", fp32), ("packed", bf16), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
              ("packed", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
@@ -799,6 +840,8 @@ def main(argv=None) -> int:
             continue
         if group == "first_order":
             plan.append((group, lambda dtype=dtype: first_order_cases(b, dtype, peak)))
+        elif group == "tree":
+            plan.append((group, lambda dtype=dtype: tree_cases(b, dtype, peak)))
         elif group == "decode":  # launch-bound: one dtype
             plan.append((group, lambda dtype=dtype: decode_cases(b, dtype)))
         elif group == "packed":

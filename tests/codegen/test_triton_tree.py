@@ -174,7 +174,7 @@ def test_per_lane_params_get_their_own_gradients(tmp_path):
     close(ww, gw, "per-lane param gradient")
 
 
-def test_auto_runs_the_torch_tree_on_cpu_tensors(monkeypatch):
+def test_auto_chooses_the_torch_tree_for_cpu_tensors(monkeypatch):
     """backend='auto' runs Triton kernels for CUDA tensors only (the dispatch rule)."""
     launches = _launches(monkeypatch)
     layer = layer_class("ema")()
