@@ -53,10 +53,11 @@ def plan_op(op: OpIR, analysis):
 def codegen_notes(op: OpIR, plan) -> dict:
     """What `psmc check` reports about code generation besides the plan: the Triton and C++
     kernels."""
+    from .codegen import cpp_tree
     from .codegen.cpp_printer import describe as describe_cpu
     from .codegen.triton_kernels import describe
     plan_dict = {"plan": plan.scan, "structure": plan.structure}
-    return {"triton": describe(op, plan_dict), "cpu": describe_cpu(op, plan_dict)}
+    return {"triton": describe(op, plan_dict), "cpu": cpp_tree.describe(op, plan_dict) or describe_cpu(op, plan_dict)}
 
 
 def compile_source(text: str, filename: str = "<string>") -> Compiled:

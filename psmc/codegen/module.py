@@ -92,6 +92,10 @@ def generate_module(ops: list[OpIR], plans: dict, source_name: str, source_hash:
     cpp = cpp_section(ops, {n: {"plan": p.scan, "structure": p.structure} for n, p in plans.items()})
     if cpp:
         out += ["", ""] + cpp
+    from .cpp_tree import generate_section as cpp_tree_section
+    cpp_tree = cpp_tree_section(ops, {n: {"plan": p.scan, "structure": p.structure} for n, p in plans.items()})
+    if cpp_tree:
+        out += ["", ""] + cpp_tree
     taken = _bound_names("\n".join(out))
     aliases = [op.name for op in ops if public_alias(op.name, taken)]
     if aliases:

@@ -41,7 +41,7 @@ def generate_section(ops, plans: dict) -> list[str]:
         return []
     lines = list(PRELUDE)
     if any("_ttree." in part for part in parts):
-        lines.append("from psmc.runtime import triton_tree as _ttree  # noqa: E402")
+        lines.append("from psmc.runtime import tree_kernels as _ttree  # noqa: E402")
     lines += ["", ""]
     for part in parts:
         lines += part.rstrip("\n").split("\n") + ["", ""]

@@ -18,52 +18,25 @@ thread's writes are read). The backward walks the leaves in reverse with the adj
 same counter: adjoints of roots and folds wait in per-level accumulators until the leaf that
 made them, and the carry's inner nodes are recomputed (their count is k, amortised O(1)).
 
-Lift and readout stay in torch (psmc.runtime.triton_tree calls these kernels from the tree
+Lift and readout stay in torch (psmc.runtime.tree_kernels calls these kernels from the tree
 scan only): they are elementwise and batched over the whole sequence already.
 """
 from __future__ import annotations
 
 from ..ir.nodes import OpIR, walk
-from ..ir.ops import OPS
 from ..runtime import triton_abi
-from .triton_layout import FLOATS, _triton_cannot
+from .triton_layout import _triton_cannot, tree_reason
 from .triton_printer import PREFIX, TritonBodyPrinter, compute_dtype
 from .triton_vjp import VjpPrinter
 
 
 def unsupported_reason(op: OpIR, plan) -> str | None:
-    """Why a tree-scan op gets no tree kernels, or None when it does (an exact scan is not
-    this printer's: its block-scan kernels are psmc.codegen.triton_printer's)."""
-    scan = plan.get("plan") if isinstance(plan, dict) else getattr(plan, "scan", None)
-    structure = plan.get("structure") if isinstance(plan, dict) else getattr(plan, "structure", None)
-    if scan not in ("tree-scan", "tree"):
-        return "not a tree-scan plan"
-    if op.chunk is not None:
-        return "chunk op: its Agg runs over whole chunks (cuBLAS matmuls in the torch tree)"
-    if structure not in (None, "elementwise"):
-        return f"combine structure is {structure!r}, not 'elementwise'"
-    shape = tuple(op.state[0].shape)
-    for f in op.state:
-        if len(f.shape) > 1:
-            return f"state field {f.name!r} has rank {len(f.shape)}: the tree kernel holds scalar or vector fields"
-        if tuple(f.shape) != shape:
-            return "state fields of different shapes: the tree kernel sees each element of a field as a lane"
-        if f.dtype not in FLOATS:
-            return f"state field {f.name!r} is {f.dtype}: the tree kernel holds float fields"
-    for node in walk(tuple(op.combine)):
-        reason = _triton_cannot(node.op)
-        if reason is not None:
-            return f"combine uses {node.op!r}: {reason}"
-        if OPS[node.op].kind == "reduce":
-            return "combine reduces over an axis: not elementwise"
-        if node.shape and tuple(node.shape) != shape:
-            return f"combine computes a value of shape {list(node.shape)}: not elementwise in the fields"
-        if node.op == "param" and (node.rank or node.dtype not in FLOATS):
-            return (f"combine reads param {node.attrs[0]!r} ({node.dtype}, rank {node.rank}): the tree kernel reads "
-                    "scalar float params")
-    if any(not n.batched for n in op.combine):
-        return "a combine output ignores both operands"
-    return None
+    """Why a tree-scan op gets no Triton tree kernels, or None when it does (an exact scan is
+    not this printer's: its block-scan kernels are psmc.codegen.triton_printer's)."""
+    return tree_reason(op, plan, _triton_cannot, floats=TREE_FLOATS)
+
+
+TREE_FLOATS = frozenset({"f32", "f16", "bf16"})  # computed in fp32, as every Triton kernel does
 
 
 class _LaneVjp(VjpPrinter):

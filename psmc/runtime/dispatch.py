@@ -17,6 +17,7 @@ Cost tiers (lower is faster), from measurements on an H200 (docs/triton.md, "Cho
   20  triton block scan            the generated kernels of scalar/vector-state ops; decode steps
   20  triton tree                  the fixed tree of a non-associative elementwise op in one launch
                                    (the torch tree takes ~2 log2(T) Agg rounds of gathers)
+  20  cpu tree                     the same walk in C++ for CPU tensors (backend 'auto' or 'cpu')
   30  chunkwise                    cuBLAS matmuls per chunk (decayed linear attention); 10 on
                                    CUDA where chunk_linear_attention has Triton chunk kernels
   40  torch fast path              any other fast path of the op (e.g. a chunked delta rule)
@@ -163,13 +164,20 @@ _run_first_order.packs = True  # the generated first-order fast path takes call.
 
 
 def _tree_reason(layer, call):
-    from . import triton_tree
-    return triton_tree.unusable_reason(layer, call)
+    from . import tree_kernels
+    return tree_kernels.unusable_reason(layer, call)
 
 
-def _run_tree(layer, call, state):
-    call.ctx.scan_kernel = "triton"  # the tree scan inside the torch lift and readout runs the kernels
-    return layer._forward_generic(call, state)
+def _cpu_tree_reason(layer, call):
+    from . import tree_kernels
+    return tree_kernels.cpu_unusable_reason(layer, call)
+
+
+def _tree_runner(kernel: str):
+    def run(layer, call, state):
+        call.ctx.scan_kernel = kernel  # the tree scan inside the torch lift and readout runs the kernels
+        return layer._forward_generic(call, state)
+    return run
 
 
 TORCH_SCAN = Path("torch-scan", ("forward", "step"), False, lambda layer, call: 90.0, lambda layer, call: None)
@@ -203,7 +211,9 @@ register(Path("triton-block-scan", ("forward",), True, lambda layer, call: 20.0,
               applies=lambda layer: _has_kernels(layer) and not _is_matrix(layer)))
 register(Path("triton-token-loop", ("forward",), True, _token_loop_cost, _kernel_reason, _run_kernels,
               applies=_is_matrix))
-register(Path("triton-tree", ("forward",), True, lambda layer, call: 20.0, _tree_reason, _run_tree,
+register(Path("triton-tree", ("forward",), True, lambda layer, call: 20.0, _tree_reason, _tree_runner("triton"),
               applies=lambda layer: getattr(layer, "_tree_kernels", None) is not None))
+register(Path("cpu-tree", ("forward",), False, lambda layer, call: 20.0, _cpu_tree_reason, _tree_runner("cpu"),
+              applies=lambda layer: getattr(layer, "_cpu_tree_kernels", None) is not None))
 register(Path("triton-step", ("step",), True, lambda layer, call: 20.0, _kernel_reason, _step_kernels,
               applies=lambda layer: _has_kernels(layer)))

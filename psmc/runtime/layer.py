@@ -736,7 +736,8 @@ class PsmLayer(nn.Module):
                 not getattr(self, "_tree_kernels", None):
             raise ValueError(f"{self.spec.name}: backend='triton' is not available for this op: its plan has "
                              "no Triton kernels (see `psmc check`); use backend='torch' or 'auto'")
-        if self.backend == "cpu" and getattr(self, "_cpu_kernels", None) is None:
+        if self.backend == "cpu" and getattr(self, "_cpu_kernels", None) is None and \
+                getattr(self, "_cpu_tree_kernels", None) is None:
             raise ValueError(f"{self.spec.name}: backend='cpu' is not available for this op: its plan has no C++ "
                              "kernels (see `psmc check`); use backend='torch' or 'auto'")
 

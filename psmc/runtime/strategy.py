@@ -108,9 +108,10 @@ class TreeScan(ScanStrategy):
 
     def scan(self, layer, call, leaves, inner, exclusive: bool):
         identity = layer._identity_element(call) if layer.spec.has_identity else None
-        if call.ctx.scan_kernel == "triton":  # the dispatch path "triton-tree" chose the tree kernels
-            from . import triton_tree
-            return triton_tree.tree_scan(layer, call, leaves, inner, identity, exclusive)
+        if call.ctx.scan_kernel != "torch":  # the dispatch path "triton-tree" or "cpu-tree" chose its kernels
+            from . import tree_kernels
+            k = layer._tree_kernels if call.ctx.scan_kernel == "triton" else layer._cpu_tree_kernels
+            return tree_kernels.tree_scan(layer, call, leaves, inner, identity, exclusive, k)
         return tree_scan(leaves, layer._combine_fn(call), state=inner, identity=identity, exclusive=exclusive)
 
     def context_parallel_states(self, run, leaves):

@@ -89,7 +89,7 @@ def check(args: dict, kind: str, matrix: bool, inputs: int, params: int, fields:
 
 
 # The tree kernels of non-associative elementwise ops (psmc.codegen.triton_tree, launched by
-# psmc.runtime.triton_tree). Every tensor is contiguous fp32: per-token ones [B, T, L]
+# psmc.runtime.tree_kernels). Every tensor is contiguous fp32: per-token ones [B, T, L]
 # (`leaf<i>` the lifted leaves, `pre<i>` the prefixes P, `node<i>` each leaf's tree node, and
 # in the backward `gpre<i>`, `gnode<i>` their adjoints, `dleaf<i>` the leaves'), per-level ones
 # [levels, B, L] (`root<i>`, `fold<i>`: the counter entering the call; in the backward

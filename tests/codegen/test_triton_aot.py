@@ -36,12 +36,15 @@ def test_every_kernel_compiles_within_the_spill_budget(arch):
     rows = _rows(arch)
     examples = {r.example for r in rows}
     # the families: block scans, the first-order scan, matrix token loops (and any new one)
-    assert {"cumsum", "linear_recurrence", "selective_ssm", "softmax_pool", "gla", "rwkv6"} <= examples
+    # and the tree kernels of a non-associative op
+    assert {"cumsum", "linear_recurrence", "selective_ssm", "softmax_pool", "gla", "rwkv6", "ema"} <= examples
     passes = {(r.example, r.passname) for r in rows}
     wanted = ("forward", "forward (training)", "backward", "step", "forward (packed)", "forward (packed, training)",
               "backward (packed)") if arch == 90 else ("forward", "step")
     for example in examples - {"running_argmax"}:  # running_argmax has no float output: no backward
-        assert {(example, p) for p in wanted} <= passes, example
+        # a tree's step is the torch counter push (O(log n) small ops): no step kernel
+        want = [p for p in wanted if p != "step"] if example == "ema" else wanted
+        assert {(example, p) for p in want} <= passes, example
     bad = triton_aot.failures(rows)
     assert not bad, "\n".join(b[:3000] for b in bad)
 

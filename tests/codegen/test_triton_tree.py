@@ -2,157 +2,43 @@
 fixed tree of non-associative elementwise ops in one forward and one backward launch, equal to
 the torch tree (psmc.runtime.tree, whose brackets tests/codegen/test_bracketing.py checks).
 
-Every case runs a sequence in three calls (11 leaves, 1, then 25), each continuing the state of
-the one before, so the kernels start from counters of 11 and 12 leaves (roots at several
-levels, folds read from the state) and cross levels 0-5 inside a call. Gradients flow through
-the states into the earlier calls' kernels, so the adjoints of the entering counter are checked
-too. The programs: the ema example, hand-written ones (two fields with a param, vector fields,
-an exclusive readout) and programs of the fuzz generator whose plan gets the kernels."""
+Every case (tree_cases.py) runs a sequence in three calls (11 leaves, 1, then 25), each
+continuing the state of the one before, so the kernels start from counters of 11 and 12 leaves
+(roots at several levels, folds read from the state) and cross levels 0-5 inside a call.
+Gradients flow through the states into the earlier calls' kernels, so the adjoints of the
+entering counter are checked too."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import psmc
 from psmc.codegen import triton_tree as printer
 from psmc.compiler import compile_source
-from psmc.runtime import triton_tree
+from tree_cases import (HAND_WRITTEN, SPLITS, TRITON_SEEDS, chained, compare_chained, float_grads, generate, inputs_of,
+                        launches, leaves_need_grads, pair, tree_class)
 from triton_helpers import close, layer_class
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
-from generator import generate  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
-HAND_WRITTEN = {
-    "blend": """op blend {
-  param w: f32;
-  state (a: f32, c: f32);
-  lift (x: f32, z: f32) { return (x, z); }
-  combine (l, r) { return (w * l.a + (1.0 - w) * tanh(r.a) * l.c, l.c * sigmoid(r.c) + r.a * w); }
-  readout (s) { return s.a * s.c; }
-}""",
-    "vec": """op vec[D] {
-  param g: f32 = ones;
-  state (h: f32[D]);
-  lift (x: f32[D]) { return x; }
-  combine (l, r) { return tanh(g * l.h + r.h * D / 4.0); }
-  readout (s, y: f32[D]) { return s.h * y; }
-}""",
-    "shifted": """op shifted {
-  state (y: f32);
-  lift (x: f32) { return x; }
-  combine (l, r) { return 0.7 * l.y + 0.3 * r.y * r.y; }
-  identity = 0.0;
-  assume empty_prefix;
-  readout exclusive (p, x: f32) { return p.y + x; }
-}""",
-}
-DIMS = {"vec": {"D": 3}}
-GENERATED = (4, 8, 15, 37, 141, 226)  # fuzz seeds whose plan gets the tree kernels (asserted below)
-SPLITS = ((0, 11), (11, 12), (12, 37))
-
-
-def _class(name: str, tmp_path: Path):
-    if name == "ema":
-        return layer_class("ema")
-    if name in HAND_WRITTEN:
-        path = tmp_path / f"{name}.psm"
-        path.write_text(HAND_WRITTEN[name])
-        return psmc.load(path).__psmc_layers__[name]
-    program = generate(int(name))
-    path = tmp_path / f"g{name}.psm"
-    path.write_text(program.text)
-    DIMS[name] = dict(program.dims)
-    return psmc.load(path).__psmc_layers__[program.name]
-
-
-def _pair(cls, name: str, **options):
-    torch.manual_seed(0)
-    ref = cls(backend="torch", **DIMS.get(name, {}), **options)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    tri = cls(backend="triton", **DIMS.get(name, {}), **options)
-    tri.load_state_dict(ref.state_dict())
-    return ref, tri
-
-
-def _inputs(layer, lanes: tuple, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for slot in layer.spec.inputs:
-        shape = (2, SPLITS[-1][1]) + lanes + tuple(int(s) for s in slot.shape(dict(layer.dims)))
-        if slot.dtype in ("i32", "i64"):
-            out[slot.name] = torch.randint(0, 3, shape, generator=g)
-        elif slot.dtype == "bool":
-            out[slot.name] = torch.rand(shape, generator=g) > 0.5
-        else:
-            out[slot.name] = (torch.randn(shape, generator=g) * 0.5).requires_grad_()
-    return out
-
-
-def _chained(layer, inputs: dict) -> tuple:
-    """The outputs of three calls, each continuing the state of the one before, joined."""
-    state, parts = None, []
-    for lo, hi in SPLITS:
-        out, state = layer(**{n: x[:, lo:hi] for n, x in inputs.items()}, state=state, return_state=True)
-        parts.append(out if isinstance(out, tuple) else (out,))
-    return tuple(torch.cat(p, dim=1) for p in zip(*parts))
-
-
-def _launches(monkeypatch) -> list:
-    seen = []
-    real = triton_tree._launch
-
-    def spy(kernel, kind, *args):
-        seen.append(kind)
-        return real(kernel, kind, *args)
-
-    monkeypatch.setattr(triton_tree, "_launch", spy)
-    return seen
-
-
-def _float_grads(outputs: tuple, wrt: list) -> list:
-    loss = sum((o * torch.linspace(-1, 1, o.shape[1]).reshape(1, -1, *[1] * (o.dim() - 2))).sum()
-               for o in outputs if o.is_floating_point())
-    return list(torch.autograd.grad(loss, wrt, allow_unused=True))
-
 
 @pytest.mark.parametrize("lanes", [(), (3,)])
-@pytest.mark.parametrize("name", ["ema", *HAND_WRITTEN, *map(str, GENERATED)])
+@pytest.mark.parametrize("name", ["ema", *HAND_WRITTEN, *map(str, TRITON_SEEDS)])
 def test_tree_kernels_equal_the_torch_tree(name, lanes, tmp_path, monkeypatch):
-    cls = _class(name, tmp_path)
+    cls = tree_class(name, tmp_path)
     assert getattr(cls, "_tree_kernels", None) is not None, f"{name}: the plan should get the tree kernels"
-    ref, tri = _pair(cls, name)
-    inputs = _inputs(ref, lanes, seed=len(name))
-    launches = _launches(monkeypatch)
-    got, want = _chained(tri, inputs), _chained(ref, inputs)
-    assert launches == ["forward"] * len(SPLITS)  # one launch per call: the kernels served every call
-    for i, (g, w) in enumerate(zip(got, want)):
-        close(w, g, f"{name} output {i}")
-    wrt = [x for x in inputs.values() if x.requires_grad] + list(ref.parameters())
-    mine = [x for x in inputs.values() if x.requires_grad] + list(tri.parameters())
-    want_grads = _float_grads(want, wrt)
-    got_grads = _float_grads(got, mine)
-    # the leaves need a gradient when the lift reads a float input or the combine a param
-    # (a lift of constants, with the gradient reaching readout inputs only, runs no backward)
-    leaves_need = bool(cls._tree_kernels.params) or any(s.dtype in ("f32", "f64", "f16", "bf16")
-                                                        for s in cls.spec.lift_inputs)
-    assert launches.count("backward") == (len(SPLITS) if leaves_need else 0)
-    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
-        if w is None:
-            assert g is None or not g.any(), f"{name}: gradient {i} where torch has none"
-            continue
-        close(w, g, f"{name} gradient {i}")
+    ref, tri = pair(cls, name, "triton")
+    seen = launches(monkeypatch)
+    compare_chained(ref, tri, inputs_of(ref, lanes, seed=len(name)), close, name)
+    # one launch per call and pass: the kernels served every call
+    assert seen.count("forward") == len(SPLITS)
+    assert seen.count("backward") == (len(SPLITS) if leaves_need_grads(cls) else 0)
 
 
 def test_the_generated_programs_are_tree_plans_with_kernels():
-    """GENERATED must keep meaning 'fuzz programs the kernels serve' if the generator changes."""
-    for seed in GENERATED:
+    """TRITON_SEEDS must keep meaning 'fuzz programs the kernels serve' if the generator changes."""
+    for seed in TRITON_SEEDS:
         compiled = compile_source(generate(seed).text, f"g{seed}.psm")
         op = compiled.ops[0]
         assert compiled.plans[op.name].scan == "tree-scan", seed
@@ -160,35 +46,36 @@ def test_the_generated_programs_are_tree_plans_with_kernels():
 
 
 def test_per_lane_params_get_their_own_gradients(tmp_path):
-    cls = _class("blend", tmp_path)
-    ref, tri = _pair(cls, "blend", lanes=(3,), per_lane=True)
+    cls = tree_class("blend", tmp_path)
+    ref, tri = pair(cls, "blend", "triton", lanes=(3,), per_lane=True)
     with torch.no_grad():
         ref.p_w.copy_(torch.tensor([0.2, 0.5, 0.9]))
         tri.p_w.copy_(ref.p_w)
-    inputs = _inputs(ref, (3,), seed=3)
-    got, want = _chained(tri, inputs), _chained(ref, inputs)
+    inputs = inputs_of(ref, (3,), seed=3)
+    got, want = chained(tri, inputs), chained(ref, inputs)
     close(want[0], got[0], "per-lane output")
-    (gw,) = _float_grads(got, [tri.p_w])
-    (ww,) = _float_grads(want, [ref.p_w])
+    (gw,) = float_grads(got, [tri.p_w])
+    (ww,) = float_grads(want, [ref.p_w])
     assert gw.shape == (3,)
     close(ww, gw, "per-lane param gradient")
 
 
 def test_auto_chooses_the_torch_tree_for_cpu_tensors(monkeypatch):
-    """backend='auto' runs Triton kernels for CUDA tensors only (the dispatch rule)."""
-    launches = _launches(monkeypatch)
+    """backend='auto' runs Triton kernels for CUDA tensors only (the dispatch rule; PSMC_CPU=0 in
+    the suite keeps the C++ tree kernels out too)."""
+    seen = launches(monkeypatch)
     layer = layer_class("ema")()
     out = layer(y=torch.randn(2, 9, 4))
-    assert out.shape == (2, 9, 4) and launches == []
+    assert out.shape == (2, 9, 4) and seen == []
 
 
 def test_packed_sequences_run_one_tree_each(monkeypatch):
     """Each packed sequence has its own tree: one launch per length, outputs as each alone."""
     layer = layer_class("ema")(backend="triton")
     y = torch.randn(1, 9, 2)
-    launches = _launches(monkeypatch)
+    seen = launches(monkeypatch)
     out = layer(y=y, cu_seqlens=torch.tensor([0, 4, 9]))
-    assert launches == ["forward", "forward"]
+    assert seen == ["forward", "forward"]
     for lo, hi in ((0, 4), (4, 9)):
         close(layer_class("ema")(backend="torch")(y=y[:, lo:hi]), out[:, lo:hi], f"sequence {lo}:{hi}")
 
@@ -199,7 +86,9 @@ def test_packed_sequences_run_one_tree_each(monkeypatch):
     ("op m { state (a: f32, b: f32[D]); combine (l, r) { return (0.5 * l.a + r.a, l.b * r.b + r.b); } }",
      "state fields of different shapes"),
     ("op i { state (a: f32, n: i64); combine (l, r) { return (0.5 * l.a + r.a, l.n * r.n + 1); } }",
-     "state field 'n' is i64: the tree kernel holds float fields"),
+     "state field 'n' is i64: the tree kernel holds bf16/f16/f32 fields"),
+    ("op w { state (a: f64); combine (l, r) { return 0.5 * l.a + r.a * r.a; } }",
+     "state field 'a' is f64: the tree kernel holds bf16/f16/f32 fields"),
 ])
 def test_ops_the_tree_kernels_do_not_serve_say_why(source, words):
     root = Path(__file__).resolve().parents[2]

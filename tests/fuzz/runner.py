@@ -275,6 +275,11 @@ def run_program(program, config: Config, workdir: Path) -> dict:
             "triton": _has_triton(cls)}
 
 
+def _cpu_kernels_of(cls):
+    """The generated C++ kernels: an exact scan's, or a tree scan's (psmc.codegen.cpp_tree)."""
+    return getattr(cls, "_cpu_kernels", None) or getattr(cls, "_cpu_tree_kernels", None)
+
+
 def _has_triton(cls) -> bool:
     """Generated Triton kernels: the block-scan / token-loop family, or a tree scan's."""
     return getattr(cls, "_triton_kernels", None) is not None or getattr(cls, "_tree_kernels", None) is not None
@@ -353,7 +358,7 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
 
     # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared)
-    if (config.cpp or per_lane) and getattr(cls, "_cpu_kernels", None) is not None:
+    if (config.cpp or per_lane) and _cpu_kernels_of(cls) is not None:
         _check_cpp(cls, program, layer, inputs, full, batch_shape, config, checked)
 
     if config.half:
@@ -700,7 +705,7 @@ def _check_backend_paths(other, inputs: dict, want: tuple, batch_shape, config, 
 
 def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: set):
     """backend='triton' (interpreted) against backend='torch', both in float32."""
-    from psmc.runtime import triton_tree
+    from psmc.runtime import tree_kernels as triton_tree
     ref = _twin(cls, program, layer64, "torch", torch.float32)
     tri = _twin(cls, program, layer64, "triton", torch.float32)
     single = _floats(inputs, torch.float32)
@@ -748,7 +753,7 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
     """backend='cpu' (the generated C++ kernels) against backend='torch': float64 forward,
     gradients, step and continued forwards at the float64 tolerances, float32 close to float64."""
     from psmc.runtime import cpu_support
-    if cpu_support.library(cls._cpu_kernels) is None:  # it warned; the layer would fall back to torch
+    if cpu_support.library(_cpu_kernels_of(cls)) is None:  # it warned; the layer would fall back to torch
         raise Failure("cpp-build", "the C++ kernels of a plan that lists them did not build")
     cpp = _twin(cls, program, layer64, "cpu", torch.float64)
     calls = []

@@ -1,10 +1,12 @@
-"""The tree-scan Triton kernels at run time: the paper's fixed tree of a non-associative
-elementwise aggregator in one launch forward and one backward (psmc.codegen.triton_tree).
+"""The tree kernels at run time: the paper's fixed tree of a non-associative elementwise
+aggregator in one kernel call forward and one backward, Triton (psmc.codegen.triton_tree, on
+CUDA) or C++ (psmc.codegen.cpp_tree, on CPU).
 
 `tree_scan` has the contract of psmc.runtime.tree.tree_scan (leaves in, inclusive and exclusive
 prefixes and the new binary counter out) and computes the same brackets; the layer's torch lift
-and readout run around it (the dispatch path "triton-tree"). Every value is a scalar per lane,
-so leaves [B, T, *lanes] are seen as [B, T, L], and a counter level's roots and folds as [B, L].
+and readout run around it (the dispatch paths "triton-tree" and "cpu-tree"). Every value is a
+scalar per lane, so leaves [B, T, *lanes, *field] are seen as [B, T, L], and a counter level's
+roots and folds as [B, L].
 """
 from __future__ import annotations
 
@@ -22,15 +24,88 @@ BLOCK_C = 128  # lanes per program: one per thread at 4 warps
 
 @dataclass(frozen=True)
 class TreeKernels:
+    """The Triton tree kernels of an op (`_tree_kernels` on its class)."""
     forward: object
     backward: object
     fields: tuple
     params: tuple  # the float scalar params the combine reads
     dims: tuple
 
+    def compute_dtype(self, call) -> torch.dtype:
+        return torch.float32
+
+    def launch(self, kind: str, args: dict, B: int, L: int) -> None:
+        triton_abi.check_tree(args, kind, len(self.fields), len(self.params), tuple(self.dims))
+        grid = ((L + BLOCK_C - 1) // BLOCK_C, B)
+        # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous
+        # leaf stored (one thread, one address): a load issued a loop iteration early would
+        # read them before they are written.
+        (self.forward if kind == "forward" else self.backward)[grid](**args, num_stages=1)
+
+
+@dataclass(frozen=True)
+class CpuTreeKernels:
+    """The C++ tree kernels of an op (`_cpu_tree_kernels`), built on first use like the exact
+    scans' (psmc.runtime.cpu_support: cached by content, a warning and the torch tree without a
+    compiler). Pointer and int layouts: psmc.codegen.cpp_tree."""
+    source: str
+    symbol: str
+    fields: tuple
+    field_dtypes: tuple
+    params: tuple
+    dims: tuple
+
+    def compute_dtype(self, call) -> torch.dtype:
+        """float64 where the torch tree computes a field in float64 (an f64 field, or f32 ones
+        in a float64 call), else float32."""
+        wide = any(call.ctx.dt[d] == torch.float64 for d in self.field_dtypes)
+        return torch.float64 if wide else torch.float32
+
+    def launch(self, kind: str, args: dict, B: int, L: int) -> None:
+        from . import cpu_support
+        F, P = len(self.fields), len(self.params)
+        groups = ("leaf", "root", "fold", "pre", "node") + (
+            ("gpre", "gnode", "dleaf", "groot", "gfold") if kind == "backward" else ())
+        tensors = [args[f"{g}{i}"] for g in groups for i in range(F)] + [args[f"par{i}"] for i in range(P)]
+        if kind == "backward":
+            tensors += [args[f"dpar{i}"] for i in range(P)]
+        ints = [args["m"], args["T"], B, L] + [args[f"par{i}_sl"] for i in range(P)]
+        ints += [args[triton_abi.dim(d)] for d in self.dims]
+        if kind == "backward":
+            ints.append(int(args["HAS_GNODE"]))
+        dtype = tensors[0].dtype
+        fn = cpu_support._typed(getattr(cpu_support.library(self), f"{self.symbol}_{kind}_"
+                                        f"{'f64' if dtype == torch.float64 else 'f32'}"))
+        work = B * max(args["T"], 1) * L
+        threads = 1 if work < cpu_support.GRAIN else max(1, min(torch.get_num_threads(), B * ((L + 63) // 64)))
+        cpu_support._call(fn, tensors, ints, threads)
+
+
+def cpu_unusable_reason(layer, call) -> str | None:
+    """Why this call cannot run the C++ tree kernels, or None when it can."""
+    import os
+
+    from . import cpu_support
+    k = getattr(layer, "_cpu_tree_kernels", None)
+    if k is None:
+        return "its plan has no C++ tree kernels (see `psmc check`)"
+    if layer.backend == "torch":
+        return "backend='torch'"
+    if call.ctx.dev.type != "cpu":
+        return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
+    if torch.compiler.is_compiling():
+        return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
+    if call.cu_seqlens is not None:
+        return "packed sequences: each sequence has its own tree (one pass per length)"
+    if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
+        return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
+    if cpu_support.library(k) is None:
+        return "the C++ kernels could not be built (no compiler?)"
+    return None
+
 
 def unusable_reason(layer, call) -> str | None:
-    """Why this call cannot run the tree kernels, or None when it can."""
+    """Why this call cannot run the Triton tree kernels, or None when it can."""
     from . import triton_support
     k = getattr(layer, "_tree_kernels", None)
     if k is None:
@@ -51,9 +126,8 @@ def unusable_reason(layer, call) -> str | None:
 
 
 def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: Element | None,
-              exclusive: bool) -> tuple[Element, Element | None, TreeState]:
-    """psmc.runtime.tree.tree_scan's result, from the kernels."""
-    k = layer._tree_kernels
+              exclusive: bool, k) -> tuple[Element, Element | None, TreeState]:
+    """psmc.runtime.tree.tree_scan's result, from the kernels `k` (TreeKernels or CpuTreeKernels)."""
     lead = tuple(call.lead)
     B, T = lead[0], lead[1]
     lanes = 1
@@ -68,9 +142,10 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     n = m + T
     dev = call.ctx.dev
     full = lead + field
-    flat = [torch.broadcast_to(x, full).reshape(B, T, L).to(torch.float32).contiguous() for x in leaves]
-    roots, folds = _counter_tensors(state, m, len(k.fields), (B,) + full[2:], (B, L), dev)
-    params = [_param(layer, name, lanes, size) for name in k.params]
+    dtype = k.compute_dtype(call)
+    flat = [torch.broadcast_to(x, full).reshape(B, T, L).to(dtype).contiguous() for x in leaves]
+    roots, folds = _counter_tensors(state, m, len(k.fields), (B,) + full[2:], (B, L), dev, dtype)
+    params = [_param(layer, name, lanes, size, dtype) for name in k.params]
     meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims))
     out = _TreeScan.apply(meta, len(k.fields), *flat, *roots, *folds, *params)
     prefixes, nodes = out[:len(k.fields)], out[len(k.fields):]
@@ -84,16 +159,16 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     return inclusive, exclusive_from_inclusive(inclusive, first), new_state
 
 
-def _param(layer, name: str, lanes: int, size: int) -> torch.Tensor:
-    """The param as fp32, flat: one value for all lanes, or (a per-lane param) one per kernel
-    lane, each layer lane's value repeated over the elements of its fields."""
-    p = getattr(layer, "p_" + name).to(torch.float32)
+def _param(layer, name: str, lanes: int, size: int, dtype) -> torch.Tensor:
+    """The param in the compute dtype, flat: one value for all lanes, or (a per-lane param) one
+    per kernel lane, each layer lane's value repeated over the elements of its fields."""
+    p = getattr(layer, "p_" + name).to(dtype)
     if p.numel() == 1:
         return p.reshape(1)
     return p.reshape(lanes, 1).expand(lanes, size).reshape(-1)
 
 
-def _counter_tensors(state: TreeState | None, m: int, fields: int, shape: tuple, flat: tuple, dev) -> tuple:
+def _counter_tensors(state: TreeState | None, m: int, fields: int, shape: tuple, flat: tuple, dev, dtype) -> tuple:
     """The entering counter's roots and folds, field by field, as [levels, B, L] (zeros at the
     levels that hold no tree: the kernels never read them). `shape`: a level's [B, *lanes,
     *field], `flat` its [B, L]."""
@@ -102,8 +177,8 @@ def _counter_tensors(state: TreeState | None, m: int, fields: int, shape: tuple,
     for i in range(fields):
         for table, out in (("roots", roots), ("folds", folds)):
             held = () if state is None else getattr(state, table)
-            rows = [torch.zeros(flat, device=dev) if lv >= len(held) or held[lv] is None
-                    else torch.broadcast_to(held[lv][i], shape).reshape(flat).to(torch.float32)
+            rows = [torch.zeros(flat, device=dev, dtype=dtype) if lv >= len(held) or held[lv] is None
+                    else torch.broadcast_to(held[lv][i], shape).reshape(flat).to(dtype)
                     for lv in range(levels)]
             out.append(torch.stack(rows))
     return roots, folds
@@ -135,7 +210,8 @@ def _sizes(meta) -> dict:
 
 
 class _TreeScan(torch.autograd.Function):
-    """(leaves, counter roots, counter folds, params) -> (prefixes P, nodes), each [B, T, L] fp32."""
+    """(leaves, counter roots, counter folds, params) -> (prefixes P, nodes), each [B, T, L] in
+    the leaves' (the compute) dtype."""
 
     @staticmethod
     def forward(ctx, meta, F, *tensors):
@@ -147,7 +223,7 @@ class _TreeScan(torch.autograd.Function):
         args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
         args |= _named("node", node) | _param_args(params, meta) | _sizes(meta)
         args["BLOCK_C"] = BLOCK_C
-        _launch(k.forward, "forward", k, args, B, L)
+        _launch(k, "forward", args, B, L)
         ctx.meta, ctx.F = meta, F
         ctx.set_materialize_grads(False)  # an unread output (the nodes, mostly) sends None, not zeros
         ctx.save_for_backward(*leaves, *roots, *folds, *pre, *node, *params)
@@ -161,22 +237,22 @@ class _TreeScan(torch.autograd.Function):
         saved = ctx.saved_tensors
         leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
         pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
-        dev = leaves[0].device
-        zeros = torch.zeros((B, T, L), device=dev) if any(g is None for g in grads) else None
-        gpre = [zeros if g is None else g.contiguous().to(torch.float32) for g in grads[:F]]
+        like = dict(device=leaves[0].device, dtype=leaves[0].dtype)
+        zeros = torch.zeros((B, T, L), **like) if any(g is None for g in grads) else None
+        gpre = [zeros if g is None else g.contiguous().to(like["dtype"]) for g in grads[:F]]
         has_gnode = any(g is not None for g in grads[F:])
-        gnode = [zeros if g is None else g.contiguous().to(torch.float32) for g in grads[F:]]
+        gnode = [zeros if g is None else g.contiguous().to(like["dtype"]) for g in grads[F:]]
         levels = (m + T).bit_length()
-        groot = [torch.zeros((levels, B, L), device=dev) for _ in range(F)]
-        gfold = [torch.zeros((levels, B, L), device=dev) for _ in range(F)]
-        dleaf = [torch.empty((B, T, L), device=dev) for _ in range(F)]
-        dpar = [torch.empty((B, L), device=dev) for _ in params]
+        groot = [torch.zeros((levels, B, L), **like) for _ in range(F)]
+        gfold = [torch.zeros((levels, B, L), **like) for _ in range(F)]
+        dleaf = [torch.empty((B, T, L), **like) for _ in range(F)]
+        dpar = [torch.empty((B, L), **like) for _ in params]
         args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
         args |= _named("node", node) | _named("gpre", gpre) | _named("gnode", gnode) | _named("dleaf", dleaf)
         args |= _named("groot", groot) | _named("gfold", gfold) | _named("dpar", dpar)
         args |= _param_args(params, meta) | _sizes(meta)
         args.update(BLOCK_C=BLOCK_C, HAS_GNODE=has_gnode)
-        _launch(k.backward, "backward", k, args, B, L)
+        _launch(k, "backward", args, B, L)
         held = roots[0].shape[0]  # the entering counter's levels; the accumulators end as their adjoints
         droots = [g[:held] for g in groot]  # (held <= levels: the count only grows)
         dfolds = [g[:held] for g in gfold]
@@ -199,10 +275,6 @@ def _param_args(params, meta) -> dict:
     return out
 
 
-def _launch(kernel, kind: str, k: TreeKernels, args: dict, B: int, L: int) -> None:
-    triton_abi.check_tree(args, kind, len(k.fields), len(k.params), tuple(k.dims))
-    grid = ((L + BLOCK_C - 1) // BLOCK_C, B)
-    # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous leaf
-    # stored (one thread, one address): a load prefetched a loop iteration early would read
-    # them before they are written.
-    kernel[grid](**args, num_stages=1)
+def _launch(k, kind: str, args: dict, B: int, L: int) -> None:
+    """One kernel call (the tests spy on it)."""
+    k.launch(kind, args, B, L)

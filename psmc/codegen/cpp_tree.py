@@ -1,0 +1,282 @@
+"""IR → C++ source: the tree kernels of a non-associative elementwise op on the CPU.
+
+The same walk as the Triton tree kernels (psmc.codegen.triton_tree, whose docstring derives
+it): leaf t merges the trees of equal size below its lowest set bit k (node = Agg(root_d, node)
+for d < k), and P(t) = Agg(P(t - 2^k), node) unless t is a power of two. A work item is one
+batch row and a block of LANE_BLOCK lanes, and every Agg of a leaf is one loop over that block
+(the loop the compiler vectorises); work items run in parallel (OpenMP). Agg and its VJP are
+printed once as scalar inline functions from the IR (psmc.codegen.cpp_printer's CppBody and
+CppVjp, on a grid where every value is one number per lane).
+
+Pointers (forward): leaf, root, fold, pre, node (one per field each), then the params.
+Ints (forward): m, T, B, L, then each param's lane stride (0 shared, 1 per lane), then the dims.
+Backward pointers: leaf, root, fold, pre, node, gpre, gnode, dleaf, groot, gfold, params, dpar;
+ints: as the forward, then has_gnode. Tensors are the runtime's (psmc.runtime.tree_kernels):
+per-token [B, T, L], per-level [levels, B, L], dpar [B, L], contiguous, in the compute dtype.
+"""
+from __future__ import annotations
+
+from ..ir.nodes import OpIR, walk
+from .cpp_printer import PRELUDE, CppBody, CppVjp, _cpp_cannot, literal, symbol
+from .triton_layout import tree_reason
+
+LANE_BLOCK = 64  # lanes per work item
+
+
+def unsupported_reason(op: OpIR, plan) -> str | None:
+    return tree_reason(op, plan, _cpp_cannot)
+
+
+class _ScalarGrid:
+    """cpp_printer's Grid where every value is one number: an Agg's operands are one lane's."""
+
+    mode = "lanes"
+
+    def __init__(self, op: OpIR):
+        self.op = op
+        self.fields = {f.name: "" for f in op.state}
+
+    def value_role(self, v) -> str:
+        return ""
+
+    def role(self, node) -> str:
+        return ""
+
+    def extent(self, role: str) -> str:
+        return "1"
+
+    def size(self, role: str) -> str:
+        return "1"
+
+
+class TreeCppPrinter:
+    def __init__(self, op: OpIR):
+        self.op = op
+        self.name = symbol(op) + "_tree"
+        self.fields = [f.name for f in op.state]
+        read = {n.attrs[0] for n in walk(tuple(op.combine)) if n.op == "param"}
+        self.params = [p for p in op.params if p.name in read]
+        self.grid = _ScalarGrid(op)
+
+    def _extras(self, typed: bool) -> list[str]:
+        return [("scalar_t " if typed else "") + f"p_{p.name}" for p in self.params] + \
+            [("int64_t " if typed else "") + f"dim_{d}" for d in self.op.dims]
+
+    def agg_function(self) -> list[str]:
+        body = CppBody(self.grid, tuple(self.op.combine), "k")
+        lines = body.run()
+        args = [f"scalar_t l_{f}" for f in self.fields] + [f"scalar_t r_{f}" for f in self.fields]
+        args += self._extras(True) + [f"scalar_t &out_{f}" for f in self.fields]
+        out = ["template <typename scalar_t>", f"static inline void {self.name}_agg({', '.join(args)}) {{"]
+        out += ["  " + x for x in lines]
+        out += [f"  out_{f} = {self._ref(body, node)};" for f, node in zip(self.fields, self.op.combine)]
+        return out + ["}"]
+
+    def _ref(self, body: CppBody, node) -> str:
+        name = body.names[node]
+        return name if node.op not in ("const", "fill") else literal(node.attrs[0], node.dtype)
+
+    def agg_vjp_function(self) -> list[str]:
+        """Adds the adjoints of l's and r's fields and of the params to gl_, gr_, gp_."""
+        vjp = CppVjp(self.grid, tuple(self.op.combine), tuple((f"g_{f}", "") for f in self.fields),
+                     lambda n: n.op in ("field", "param"), "co")
+        lines = vjp.run()
+        args = [f"scalar_t l_{f}" for f in self.fields] + [f"scalar_t r_{f}" for f in self.fields]
+        args += [f"scalar_t g_{f}" for f in self.fields] + self._extras(True)
+        args += [f"scalar_t &gl_{f}" for f in self.fields] + [f"scalar_t &gr_{f}" for f in self.fields]
+        args += [f"scalar_t &gp_{p.name}" for p in self.params]
+        out = ["template <typename scalar_t>", f"static inline void {self.name}_agg_vjp({', '.join(args)}) {{"]
+        out += ["  " + x for x in lines]
+        for side, prefix in (("left", "gl_"), ("right", "gr_")):
+            for f in self.fields:
+                got = vjp.leaf_adjoints.get(("field", (side, f)))
+                if got:
+                    out.append(f"  {prefix}{f} += {got[0]};")
+        for p in self.params:
+            got = vjp.leaf_adjoints.get(("param", p.name))
+            if got:
+                out.append(f"  gp_{p.name} += {got[0]};")
+        return out + ["}"]
+
+    # -- the kernels
+    def _header(self, groups: list, backward: bool) -> list[str]:
+        n = len(self.fields)
+        lines, p = [], 0
+        for group, const in groups:
+            for i in range(n if group not in ("par", "dpar") else len(self.params)):
+                q = "const " if const else ""
+                lines.append(f"{q}scalar_t *__restrict__ {group}{i} = ({q}scalar_t *)P[{p}];")
+                p += 1
+        lines.append("const int64_t m = N[0], T = N[1], B = N[2], L = N[3];")
+        base = 4
+        for i, _ in enumerate(self.params):
+            lines.append(f"const int64_t par{i}_sl = N[{base + i}];")
+        base += len(self.params)
+        for j, d in enumerate(self.op.dims):
+            lines.append(f"const int64_t dim_{d} = N[{base + j}]; (void)dim_{d};")
+        base += len(self.op.dims)
+        if backward:
+            lines.append(f"const bool has_gnode = N[{base}] != 0;")
+        lines.append(f"const int64_t W = {LANE_BLOCK}, NL = (L + W - 1) / W;")
+        return lines
+
+    def _params_at(self) -> str:
+        return "".join(f", par{i}[(l + c) * par{i}_sl]" for i in range(len(self.params))) + \
+            "".join(f", dim_{d}" for d in self.op.dims)
+
+    def _ptrs(self, target: str, kind: str, s: str, lv: str, table: str) -> list[str]:
+        """`target`<i>: the row of C lanes of this call's `kind` tensor at leaf `s` when it is
+        past m, else of the state's `table` at level `lv`."""
+        return [f"const scalar_t *{target}{i} = {s} > m ? {kind}{i} + (b * T + ({s} - m - 1)) * L + l : "
+                f"{table}{i} + ({lv} * B + b) * L + l;" for i in range(len(self.fields))]
+
+    def _agg_loop(self, left: str, right: str, out: str) -> str:
+        n = len(self.fields)
+        ls = ", ".join(f"{left}{i}[c]" for i in range(n))
+        rs = ", ".join(f"{right}{i}[c]" for i in range(n))
+        os_ = ", ".join(f"{out}{i}[c]" for i in range(n))
+        return f"PSM_IVDEP for (int64_t c = 0; c < C; ++c) {self.name}_agg<scalar_t>({ls}, {rs}{self._params_at()}, {os_});"
+
+    def _function(self, kind: str, header: list, decls: list, item: list) -> list[str]:
+        lines = ["template <typename scalar_t>", f"static void {self.name}_{kind}(void **P, const int64_t *N, int threads) {{"]
+        lines += ["  " + x for x in header]
+        lines += ["  #pragma omp parallel num_threads(threads)", "  {",
+                  "    PsmFlushSubnormals<scalar_t> flush;"]
+        lines += ["    " + x for x in decls]
+        lines += ["    #pragma omp for schedule(static)", "    for (int64_t item = 0; item < B * NL; ++item) {",
+                  "      const int64_t b = item / NL, l = (item % NL) * W, C = std::min<int64_t>(W, L - l);"]
+        lines += ["      " + x for x in item]
+        return lines + ["    }", "  }", "}"]
+
+    def forward(self) -> list[str]:
+        n = len(self.fields)
+        header = self._header([("leaf", True), ("root", True), ("fold", True), ("pre", False), ("node", False),
+                               ("par", True)], backward=False)
+        item = ["for (int64_t j = 0; j < T; ++j) {",
+                "  const int64_t t = m + j + 1, at = (b * T + j) * L + l;  // leaves so far, this one included"]
+        item += [f"  scalar_t *n{i} = node{i} + at, *q{i} = pre{i} + at;" for i in range(n)]
+        item += [f"  for (int64_t c = 0; c < C; ++c) n{i}[c] = leaf{i}[at + c];" for i in range(n)]
+        item += ["  int64_t k = 0;",
+                 "  for (; !((t >> k) & 1); ++k) {  // the binary carry: merge the trees of equal size"]
+        item += ["    " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << k)", "k", "root")]
+        item += ["    " + self._agg_loop("r", "n", "n"), "  }"]
+        item += ["  const int64_t rest = t - (int64_t(1) << k);  // P(t) = Agg(P(rest), node), the node when rest is 0",
+                 "  if (rest == 0) {"]
+        item += [f"    for (int64_t c = 0; c < C; ++c) q{i}[c] = n{i}[c];" for i in range(n)]
+        item += ["  } else {", "    int64_t lv = k + 1;", "    while (!((rest >> lv) & 1)) ++lv;"]
+        item += ["    " + x for x in self._ptrs("f", "pre", "rest", "lv", "fold")]
+        item += ["    " + self._agg_loop("f", "n", "q"), "  }", "}"]
+        return self._function("forward", header, [], item)
+
+    def backward(self) -> list[str]:
+        n, np_ = len(self.fields), len(self.params)
+        header = self._header([("leaf", True), ("root", True), ("fold", True), ("pre", True), ("node", True),
+                               ("gpre", True), ("gnode", True), ("dleaf", False), ("groot", False), ("gfold", False),
+                               ("par", True), ("dpar", False)], backward=True)
+        decls = [f"PsmBuf<scalar_t> gq{i}_v(W), gn{i}_v(W), cc{i}_v(W), gl{i}_v(W), gr{i}_v(W);" for i in range(n)]
+        decls += [f"PsmBuf<scalar_t> dp{i}_v(W);" for i in range(np_)]
+        item = [f"scalar_t *gq{i} = gq{i}_v.data(), *gn{i} = gn{i}_v.data(), *cc{i} = cc{i}_v.data(), "
+                f"*gl{i} = gl{i}_v.data(), *gr{i} = gr{i}_v.data();" for i in range(n)]
+        item += [f"scalar_t *dp{i} = dp{i}_v.data(); for (int64_t c = 0; c < C; ++c) dp{i}[c] = 0;" for i in range(np_)]
+        gps = "".join(f", dp{i}[c]" for i in range(np_))
+        item += ["for (int64_t jr = 0; jr < T; ++jr) {",
+                 "  const int64_t j = T - 1 - jr, t = m + j + 1, at = (b * T + j) * L + l;",
+                 "  int64_t k = 0;", "  while (!((t >> k) & 1)) ++k;"]
+        for i in range(n):
+            item += [f"  {{ scalar_t *f = gfold{i} + (k * B + b) * L + l, *r = groot{i} + (k * B + b) * L + l;",
+                     f"    for (int64_t c = 0; c < C; ++c) {{ gq{i}[c] = gpre{i}[at + c] + f[c]; f[c] = 0; "
+                     f"gn{i}[c] = r[c] + (has_gnode ? gnode{i}[at + c] : scalar_t(0)); r[c] = 0; }} }}"]
+        item += ["  const int64_t rest = t - (int64_t(1) << k);", "  if (rest == 0) {"]
+        item += [f"    for (int64_t c = 0; c < C; ++c) gn{i}[c] += gq{i}[c];" for i in range(n)]
+        item += ["  } else {", "    int64_t lv = k + 1;", "    while (!((rest >> lv) & 1)) ++lv;"]
+        item += ["    " + x for x in self._ptrs("f", "pre", "rest", "lv", "fold")]
+        item += [f"    const scalar_t *n{i} = node{i} + at;" for i in range(n)]
+        item += [f"    for (int64_t c = 0; c < C; ++c) {{ gl{i}[c] = 0; gr{i}[c] = 0; }}" for i in range(n)]
+        item.append("    " + self._vjp_loop("f", "n", "gq", gps))
+        for i in range(n):
+            item += [f"    {{ scalar_t *a = gfold{i} + (lv * B + b) * L + l; "
+                     f"for (int64_t c = 0; c < C; ++c) {{ a[c] += gl{i}[c]; gn{i}[c] += gr{i}[c]; }} }}"]
+        item += ["  }",
+                 "  for (int64_t dd = 0; dd < k; ++dd) {  // the carry in reverse; node_d recomputed from the leaf",
+                 "    const int64_t d = k - 1 - dd;"]
+        item += [f"    for (int64_t c = 0; c < C; ++c) cc{i}[c] = leaf{i}[at + c];" for i in range(n)]
+        item.append("    for (int64_t e = 0; e < d; ++e) {")
+        item += ["      " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << e)", "e", "root")]
+        item += ["      " + self._agg_loop("r", "cc", "cc"), "    }"]
+        item += ["    " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << d)", "d", "root")]
+        item += [f"    for (int64_t c = 0; c < C; ++c) {{ gl{i}[c] = 0; gr{i}[c] = 0; }}" for i in range(n)]
+        item.append("    " + self._vjp_loop("r", "cc", "gn", gps))
+        for i in range(n):
+            item += [f"    {{ scalar_t *a = groot{i} + (d * B + b) * L + l; "
+                     f"for (int64_t c = 0; c < C; ++c) {{ a[c] += gl{i}[c]; gn{i}[c] = gr{i}[c]; }} }}"]
+        item.append("  }")
+        item += [f"  for (int64_t c = 0; c < C; ++c) dleaf{i}[at + c] = gn{i}[c];" for i in range(n)]
+        item.append("}")
+        item += [f"for (int64_t c = 0; c < C; ++c) dpar{i}[b * L + l + c] = dp{i}[c];" for i in range(np_)]
+        return self._function("backward", header, decls, item)
+
+    def _vjp_loop(self, left: str, right: str, grads: str, gps: str) -> str:
+        n = len(self.fields)
+        ls = ", ".join(f"{left}{i}[c]" for i in range(n))
+        rs = ", ".join(f"{right}{i}[c]" for i in range(n))
+        gs = ", ".join(f"{grads}{i}[c]" for i in range(n))
+        outs = ", ".join([f"gl{i}[c]" for i in range(n)] + [f"gr{i}[c]" for i in range(n)])
+        return (f"for (int64_t c = 0; c < C; ++c) {self.name}_agg_vjp<scalar_t>({ls}, {rs}, {gs}{self._params_at()}, "
+                f"{outs}{gps});")
+
+    def exports(self) -> list[str]:
+        return [f'extern "C" void {self.name}_{kind}_{suffix}(void **P, const int64_t *N, int threads) '
+                f"{{ {self.name}_{kind}<{t}>(P, N, threads); }}"
+                for kind in ("forward", "backward") for suffix, t in (("f32", "float"), ("f64", "double"))]
+
+
+def generate(op: OpIR, plan) -> str | None:
+    if unsupported_reason(op, plan) is not None:
+        return None
+    printer = TreeCppPrinter(op)
+    lines = PRELUDE.split("\n") + printer.agg_function() + [""] + printer.agg_vjp_function() + [""]
+    lines += printer.forward() + [""] + printer.backward() + [""] + printer.exports()
+    return "\n".join(lines) + "\n"
+
+
+def registration(op: OpIR, source_name: str) -> list[str]:
+    printer = TreeCppPrinter(op)
+    return [
+        f"__psmc_layers__[{op.name!r}]._cpu_tree_kernels = _ttree.CpuTreeKernels(",
+        f"    source={source_name},",
+        f"    symbol={printer.name!r},",
+        f"    fields={tuple(printer.fields)!r},",
+        f"    field_dtypes={tuple(f.dtype for f in op.state)!r},",
+        f"    params={tuple(p.name for p in printer.params)!r},",
+        f"    dims={tuple(op.dims)!r},",
+        ")",
+    ]
+
+
+def describe(op: OpIR, plan) -> str | None:
+    reason = unsupported_reason(op, plan)
+    if reason == "not a tree-scan plan":
+        return None
+    if reason is not None:
+        return f"cpu: none (tree scan: {reason}; the torch tree serves it)"
+    return (f"cpu: fused C++ tree forward + backward, one walk over the leaves per batch row x a block of "
+            f"{LANE_BLOCK} lanes (the stream's bracketing); lift and readout in torch")
+
+
+def generate_section(ops, plans: dict) -> list[str]:
+    """The C++ tree kernels of a generated module: each tree op's source as a string constant
+    and its registration; empty when no op gets them."""
+    lines = []
+    for op in ops:
+        source = generate(op, plans.get(op.name))
+        if source is None:
+            continue
+        if "'''" in source or "\\" in source:
+            raise ValueError("generated C++ must not contain triple quotes or backslashes")
+        const = f"_PSM_CPP_TREE_{len([x for x in lines if x.startswith('_PSM_CPP_TREE_')])}"
+        lines += [f"{const} = r'''", *source.rstrip("\n").split("\n"), "'''", ""]
+        lines += registration(op, const) + ["", ""]
+    if not lines:
+        return []
+    return ["# ---- C++ tree kernels (psmc.codegen.cpp_tree), built on first use by psmc.runtime.cpu_support",
+            "from psmc.runtime import tree_kernels as _ttree  # noqa: E402", "", ""] + lines

@@ -1,0 +1,143 @@
+"""The programs and helpers of the tree-kernel tests (test_triton_tree.py: the Triton kernels,
+test_cpu_tree.py: the C++ ones): the ema example, hand-written tree ops (two fields with a
+param, vector fields, an exclusive readout) and programs of the fuzz generator whose plan gets
+the kernels, each run as three chained calls so the kernels start from counters of 11 and 12
+leaves and gradients flow back through the states."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import psmc
+from psmc.runtime import tree_kernels
+from triton_helpers import layer_class
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+from generator import generate  # noqa: E402
+
+HAND_WRITTEN = {
+    "blend": """op blend {
+  param w: f32;
+  state (a: f32, c: f32);
+  lift (x: f32, z: f32) { return (x, z); }
+  combine (l, r) { return (w * l.a + (1.0 - w) * tanh(r.a) * l.c, l.c * sigmoid(r.c) + r.a * w); }
+  readout (s) { return s.a * s.c; }
+}""",
+    "vec": """op vec[D] {
+  param g: f32 = ones;
+  state (h: f32[D]);
+  lift (x: f32[D]) { return x; }
+  combine (l, r) { return tanh(g * l.h + r.h * D / 4.0); }
+  readout (s, y: f32[D]) { return s.h * y; }
+}""",
+    "shifted": """op shifted {
+  state (y: f32);
+  lift (x: f32) { return x; }
+  combine (l, r) { return 0.7 * l.y + 0.3 * r.y * r.y; }
+  identity = 0.0;
+  assume empty_prefix;
+  readout exclusive (p, x: f32) { return p.y + x; }
+}""",
+}
+DIMS = {"vec": {"D": 3}}
+# fuzz seeds whose plans get the tree kernels (the tests assert it): Triton's hold f32 fields,
+# the C++ ones also f64 fields (8, 141)
+TRITON_SEEDS = (15, 23, 37, 44, 226)
+CPU_SEEDS = (4, 8, 15, 37, 141, 226)
+SPLITS = ((0, 11), (11, 12), (12, 37))
+
+
+def tree_class(name: str, tmp_path: Path):
+    """The layer class of a case: an example, a HAND_WRITTEN op or a fuzz seed's program."""
+    if name == "ema":
+        return layer_class("ema")
+    if name in HAND_WRITTEN:
+        path = tmp_path / f"{name}.psm"
+        path.write_text(HAND_WRITTEN[name])
+        return psmc.load(path).__psmc_layers__[name]
+    program = generate(int(name))
+    path = tmp_path / f"g{name}.psm"
+    path.write_text(program.text)
+    DIMS[name] = dict(program.dims)
+    return psmc.load(path).__psmc_layers__[program.name]
+
+
+def pair(cls, name: str, backend: str, **options):
+    """(the torch backend's layer, the `backend` one), with the same perturbed params."""
+    torch.manual_seed(0)
+    ref = cls(backend="torch", **DIMS.get(name, {}), **options)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    other = cls(backend=backend, **DIMS.get(name, {}), **options)
+    other.load_state_dict(ref.state_dict())
+    return ref, other
+
+
+def inputs_of(layer, lanes: tuple, seed: int, dtype=torch.float32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for slot in layer.spec.inputs:
+        shape = (2, SPLITS[-1][1]) + lanes + tuple(int(s) for s in slot.shape(dict(layer.dims)))
+        if slot.dtype in ("i32", "i64"):
+            out[slot.name] = torch.randint(0, 3, shape, generator=g)
+        elif slot.dtype == "bool":
+            out[slot.name] = torch.rand(shape, generator=g) > 0.5
+        else:
+            out[slot.name] = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_()
+    return out
+
+
+def chained(layer, inputs: dict) -> tuple:
+    """The outputs of three calls, each continuing the state of the one before, joined."""
+    state, parts = None, []
+    for lo, hi in SPLITS:
+        out, state = layer(**{n: x[:, lo:hi] for n, x in inputs.items()}, state=state, return_state=True)
+        parts.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(p, dim=1) for p in zip(*parts))
+
+
+def launches(monkeypatch) -> list:
+    """The kinds of the tree kernel calls made from now on ('forward', 'backward'), in order."""
+    seen = []
+    real = tree_kernels._launch
+
+    def spy(kernel, kind, *args):
+        seen.append(kind)
+        return real(kernel, kind, *args)
+
+    monkeypatch.setattr(tree_kernels, "_launch", spy)
+    return seen
+
+
+def float_grads(outputs: tuple, wrt: list) -> list:
+    """d (a time-weighted sum of the float outputs) / d `wrt` (None where unused)."""
+    loss = sum((o * torch.linspace(-1, 1, o.shape[1], dtype=o.dtype).reshape(1, -1, *[1] * (o.dim() - 2))).sum()
+               for o in outputs if o.is_floating_point())
+    return list(torch.autograd.grad(loss, wrt, allow_unused=True))
+
+
+
+
+def leaves_need_grads(cls) -> bool:
+    """Whether the backward kernel runs: the lift reads a float input or the combine a param (a
+    lift of constants, with the gradient reaching readout inputs only, runs no backward)."""
+    k = getattr(cls, "_tree_kernels", None) or cls._cpu_tree_kernels
+    return bool(k.params) or any(s.dtype in ("f32", "f64", "f16", "bf16") for s in cls.spec.lift_inputs)
+
+
+def compare_chained(ref, other, inputs: dict, close, what: str) -> None:
+    """Outputs and every gradient (inputs, params) of `other` against `ref` over the chained calls."""
+    got, want = chained(other, inputs), chained(ref, inputs)
+    for i, (g, w) in enumerate(zip(got, want)):
+        close(w, g, f"{what} output {i}")
+    live = [x for x in inputs.values() if x.requires_grad]
+    want_grads = float_grads(want, live + list(ref.parameters()))
+    got_grads = float_grads(got, live + list(other.parameters()))
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        if w is None:
+            assert g is None or not g.any(), f"{what}: gradient {i} where torch has none"
+            continue
+        close(w, g, f"{what} gradient {i}")
