@@ -9,7 +9,10 @@ torch backend and the peers, all measured in one run.
   hand-written eager torch step (in-place state update, one batched matvec);
 * selective SSM step at B=1, D=256, N=16: the same three;
 * GLA forward at (B, T, H, K, V) = (2, 1024, 4, 64, 64): backend='auto' (which keeps the
-  chunkwise matmul form for long sequences), 'cpu' (the C++ token loop) and 'torch'.
+  chunkwise matmul form for long sequences), 'cpu' (the C++ token loop) and 'torch';
+* the paper's fixed tree of a non-associative op (examples/ema.psm) at the recurrence's shape,
+  fwd and fwd+bwd: backend='cpu' (the C++ tree kernels) against 'torch' (the level-batched
+  torch tree); no peer computes this tree.
 """
 from __future__ import annotations
 
@@ -182,13 +185,32 @@ def _gla_forward_rows(settings: Settings, cls):
     return rows
 
 
+def _tree_rows(settings: Settings, cls):
+    a, x, log_a_t, x_t = recurrence.inputs()  # [B, T, D] at the recurrence case's shape
+    rows = []
+    for measure, grad in (("tree fwd", False), ("tree fwd+bwd", True)):
+        for backend in ("cpu", "torch"):
+            if cls is None:
+                continue
+            layer = cls(backend=backend)
+            leaves = with_grad(x_t) if grad else [x_t]
+            call = (lambda layer=layer, leaves=leaves: layer(y=leaves[0]))
+            if grad:
+                call = forward_backward(call, leaves)
+            rows.append(timed_row(settings, "cpu", measure, f"psmc {backend}", f"api: ema(backend={backend!r})", call,
+                                  is_psmc=True))
+    return rows
+
+
 def run(settings: Settings) -> CaseResult:
     rec = peers.example_op("linear_recurrence")
     gla = peers.example_op("gla")
     ssm = peers.example_op("selective_ssm")
     gdr = peers.example_op("gated_delta_rule")
+    ema = peers.example_op("ema")
     rows = _recurrence_rows(settings, rec.cls) + _gla_step_rows(settings, gla.cls) + \
         _ssm_step_rows(settings, ssm.cls) + _delta_step_rows(settings, gdr.cls) + _gla_forward_rows(settings, gla.cls)
+    rows += _tree_rows(settings, ema.cls)
     rows = tuple(rows)
     limit = _median(rows, "recurrence fwd", LIMIT)
     ours = _median(rows, "recurrence fwd", "psmc cpu")
@@ -200,6 +222,8 @@ def run(settings: Settings) -> CaseResult:
         _ratio(rows, "gla step (ms/token)", "psmc cpu", 0.5, "eager torch step"),
         _ratio(rows, "selective_ssm step (ms/token)", "psmc cpu", 0.5, "eager torch step"),
     ]
+    verdicts += [_ratio(rows, "tree fwd", "psmc cpu", 0.5, "psmc torch"),
+                 _ratio(rows, "tree fwd+bwd", "psmc cpu", 0.5, "psmc torch")]
     best = min((r.timing.median_ms for r in rows if r.measure == "gla fwd" and r.is_psmc and r.timing), default=None)
     verdicts.append(Verdict("gla fwd (2, 1024, 4, 64, 64) <= 8 ms by the fastest psmc path",
                             None if best is None else best <= 8.0, "not measured" if best is None else f"{best:.2f} ms"))
@@ -207,7 +231,7 @@ def run(settings: Settings) -> CaseResult:
              "so it allocates nothing; the psmc rows return a new tensor.",
              f"Step rows time {STEPS} consecutive steps and divide by {STEPS}.",
              "Peers get [B, D, T] inputs (their layout), psmc [B, T, D]; psmc computes exp(log_a) inside the call.")
-    for op in (rec, gla, ssm, gdr):
+    for op in (rec, gla, ssm, gdr, ema):
         if op.cls is None:
             notes += (f"psmc op skipped: {op.reason}",)
     return CaseResult("cpu", "Fused C++ CPU backend (issue 15)", rows, tuple(verdicts), notes)
