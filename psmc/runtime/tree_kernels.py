@@ -115,6 +115,8 @@ def unusable_reason(layer, call) -> str | None:
                 "generated module is imported (the interpreter, for tests)")
     if call.ctx.dev.type not in ("cpu", "cuda"):
         return f"the inputs are on {call.ctx.dev.type}: Triton kernels need CUDA tensors"
+    if torch.compiler.is_compiling():
+        return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
     if call.ctx.dt["f32"] == torch.float64:
         return "float64 inputs or params: the kernels compute in fp32"
     if call.lead[0] > triton_support.MAX_GRID_BATCH:

@@ -46,7 +46,8 @@ needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on
 
 def test_coverage_is_what_the_issue_asks():
     """Every elementwise-monoid and first-order example (scalar, vector, per-key decays) and
-    the matrix-state GLA family; the tree scans and the affine (delta-rule) combines are not."""
+    the matrix-state GLA family; the tree scans (ema's tree kernels are separate:
+    test_cpu_tree.py) and the affine (delta-rule) combines are not."""
     for name in CASES:
         assert (getattr(layer_class(name), "_cpu_kernels", None) is not None) == (name in COVERED), name
     assert set(COVERED) == {"cumsum", "gla", "linear_attention", "linear_recurrence", "logcumsumexp", "mlstm",
@@ -448,10 +449,10 @@ def test_auto_keeps_the_chunkwise_form_for_long_matrix_sequences(monkeypatch):
 
 
 def test_backend_cpu_on_an_op_without_kernels_is_a_clear_error():
-    cls = layer_class("ema")
-    with pytest.raises(ValueError, match=r"ema: backend='cpu' is not available for this op: its plan has no C\+\+ "
+    cls = layer_class("tree_rnn")  # (ema has C++ tree kernels: tests/codegen/test_cpu_tree.py)
+    with pytest.raises(ValueError, match=r"tree_rnn: backend='cpu' is not available for this op: its plan has no C\+\+ "
                                          r"kernels \(see `psmc check`\); use backend='torch' or 'auto'"):
-        cls(backend="cpu")
+        cls(backend="cpu", D=4)
 
 
 def _fresh_build(monkeypatch, tmp_path):
@@ -551,8 +552,11 @@ def test_psmc_check_names_the_cpu_kernels():
     notes = codegen_notes(compiled.ops[0], compiled.plans["gla"])
     assert notes["cpu"] == ("cpu: fused C++ forward + backward + step, one loop over time per batch row x a [K, V] "
                            "state; packed sequences in one call")
+    compiled = compile_source(CASES["tree_rnn"].path.read_text(), "tree_rnn.psm")
+    assert codegen_notes(compiled.ops[0], compiled.plans["tree_rnn"])["cpu"] == (
+        "cpu: none (tree scan: combine structure is 'general', not 'elementwise'; the torch tree serves it)")
     compiled = compile_source(CASES["ema"].path.read_text(), "ema.psm")
-    assert codegen_notes(compiled.ops[0], compiled.plans["ema"])["cpu"].startswith("cpu: none (tree-scan plan")
+    assert codegen_notes(compiled.ops[0], compiled.plans["ema"])["cpu"].startswith("cpu: fused C++ tree forward")
 
 
 def test_generated_cpp_is_deterministic_and_names_no_user_text_outside_identifiers():
