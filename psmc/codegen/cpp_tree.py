@@ -9,9 +9,10 @@ printed once as scalar inline functions from the IR (psmc.codegen.cpp_printer's 
 CppVjp, on a grid where every value is one number per lane).
 
 Pointers (forward): leaf, root, fold, pre, node (one per field each), then the params.
-Ints (forward): m, T, B, L, then each param's lane stride (0 shared, 1 per lane), then the dims.
+Ints (forward): m, T, B, L, then each param's lane stride (0 shared, 1 per lane), then the dims,
+then the packed sequences: 0, or 1 and the B + 1 token offsets of B sequences in one row of T.
 Backward pointers: leaf, root, fold, pre, node, gpre, gnode, dleaf, groot, gfold, params, dpar;
-ints: as the forward, then has_gnode. Tensors are the runtime's (psmc.runtime.tree_kernels):
+ints: as the forward with has_gnode before the packed sequences. Tensors are the runtime's (psmc.runtime.tree_kernels):
 per-token [B, T, L], per-level [levels, B, L], dpar [B, L], contiguous, in the compute dtype.
 """
 from __future__ import annotations
@@ -117,6 +118,10 @@ class TreeCppPrinter:
         base += len(self.op.dims)
         if backward:
             lines.append(f"const bool has_gnode = N[{base}] != 0;")
+            base += 1
+        lines.append("// packed sequences (cu_seqlens): B sequences in one row of T tokens, sequence b its tokens "
+                     "bos[b] .. bos[b + 1] - 1")
+        lines.append(f"const int64_t *bos = N[{base}] != 0 ? N + {base + 1} : nullptr;")
         lines.append(f"const int64_t W = {LANE_BLOCK}, NL = (L + W - 1) / W;")
         return lines
 
@@ -127,7 +132,7 @@ class TreeCppPrinter:
     def _ptrs(self, target: str, kind: str, s: str, lv: str, table: str) -> list[str]:
         """`target`<i>: the row of C lanes of this call's `kind` tensor at leaf `s` when it is
         past m, else of the state's `table` at level `lv`."""
-        return [f"const scalar_t *{target}{i} = {s} > m ? {kind}{i} + (b * T + ({s} - m - 1)) * L + l : "
+        return [f"const scalar_t *{target}{i} = {s} > m ? {kind}{i} + (first + ({s} - m - 1)) * L + l : "
                 f"{table}{i} + ({lv} * B + b) * L + l;" for i in range(len(self.fields))]
 
     def _agg_loop(self, left: str, right: str, out: str) -> str:
@@ -144,7 +149,9 @@ class TreeCppPrinter:
                   "    PsmFlushSubnormals<scalar_t> flush;"]
         lines += ["    " + x for x in decls]
         lines += ["    #pragma omp for schedule(static)", "    for (int64_t item = 0; item < B * NL; ++item) {",
-                  "      const int64_t b = item / NL, l = (item % NL) * W, C = std::min<int64_t>(W, L - l);"]
+                  "      const int64_t b = item / NL, l = (item % NL) * W, C = std::min<int64_t>(W, L - l);",
+                  "      // its tokens: `steps` of them from token `first` of the [B * T] (packed: [T]) tokens",
+                  "      const int64_t first = bos ? bos[b] : b * T, steps = bos ? bos[b + 1] - bos[b] : T;"]
         lines += ["      " + x for x in item]
         return lines + ["    }", "  }", "}"]
 
@@ -152,8 +159,8 @@ class TreeCppPrinter:
         n = len(self.fields)
         header = self._header([("leaf", True), ("root", True), ("fold", True), ("pre", False), ("node", False),
                                ("par", True)], backward=False)
-        item = ["for (int64_t j = 0; j < T; ++j) {",
-                "  const int64_t t = m + j + 1, at = (b * T + j) * L + l;  // leaves so far, this one included"]
+        item = ["for (int64_t j = 0; j < steps; ++j) {",
+                "  const int64_t t = m + j + 1, at = (first + j) * L + l;  // leaves so far, this one included"]
         item += [f"  scalar_t *n{i} = node{i} + at, *q{i} = pre{i} + at;" for i in range(n)]
         item += [f"  for (int64_t c = 0; c < C; ++c) n{i}[c] = leaf{i}[at + c];" for i in range(n)]
         item += ["  int64_t k = 0;",
@@ -179,8 +186,8 @@ class TreeCppPrinter:
                 f"*gl{i} = gl{i}_v.data(), *gr{i} = gr{i}_v.data();" for i in range(n)]
         item += [f"scalar_t *dp{i} = dp{i}_v.data(); for (int64_t c = 0; c < C; ++c) dp{i}[c] = 0;" for i in range(np_)]
         gps = "".join(f", dp{i}[c]" for i in range(np_))
-        item += ["for (int64_t jr = 0; jr < T; ++jr) {",
-                 "  const int64_t j = T - 1 - jr, t = m + j + 1, at = (b * T + j) * L + l;",
+        item += ["for (int64_t jr = 0; jr < steps; ++jr) {",
+                 "  const int64_t j = steps - 1 - jr, t = m + j + 1, at = (first + j) * L + l;",
                  "  int64_t k = 0;", "  while (!((t >> k) & 1)) ++k;"]
         for i in range(n):
             item += [f"  {{ scalar_t *f = gfold{i} + (k * B + b) * L + l, *r = groot{i} + (k * B + b) * L + l;",
@@ -260,7 +267,8 @@ def describe(op: OpIR, plan) -> str | None:
     if reason is not None:
         return f"cpu: none (tree scan: {reason}; the torch tree serves it)"
     return (f"cpu: fused C++ tree forward + backward, one walk over the leaves per batch row x a block of "
-            f"{LANE_BLOCK} lanes (the stream's bracketing); lift and readout in torch")
+            f"{LANE_BLOCK} lanes (the stream's bracketing); lift and readout in torch; packed sequences in one "
+            "call, one tree each")
 
 
 def generate_section(ops, plans: dict) -> list[str]:

@@ -106,9 +106,15 @@ class TreePrinter:
         lines = ["lane = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
                  "b = tl.program_id(1)",
                  "col_ok = lane < L",
-                 "# token j of this row and lane is at tokens + j * L; level d of the counter at counter + d * B * L",
+                 "# token j of this program's sequence and lane is at tokens + j * L; level d of the counter at counter + d * B * L",
                  "Lw = (b * 0 + L).to(tl.int64)  # offsets in 64 bits: B * T * L may pass 2**31",
-                 "tokens = b * T * Lw + lane",
+                 "if VARLEN:  # packed sequences: program b runs sequence b, tokens cu[b] .. cu[b+1] - 1 of row 0",
+                 "    seq0 = tl.load(cu + b)",
+                 "    T_b = tl.load(cu + b + 1) - seq0",
+                 "    tokens = seq0.to(tl.int64) * Lw + lane",
+                 "else:",
+                 "    T_b = T",
+                 "    tokens = b * T * Lw + lane",
                  "counter = b * Lw + lane",
                  "level = (b * 0 + B) * Lw"]
         lines += [f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)" for d in self.op.dims]
@@ -162,7 +168,7 @@ class TreePrinter:
         n = len(self.fields)
         lines = ["@_psm_jit", f"def {self.names['forward']}("] + self._signature("forward") + ["):"]
         body = self._prologue()
-        body.append("for j in range(0, T):")
+        body.append("for j in range(0, T_b):")
         loop = ["t = b * 0 + m + j + 1  # leaves so far, this one included (a tensor, also in the interpreter)"]
         loop += [f"n{i} = tl.load(leaf{i} + tokens + j * Lw, mask=col_ok, other=0.0).to(tl.float32)"
                  for i in range(n)]
@@ -186,8 +192,8 @@ class TreePrinter:
         lines = ["@_psm_jit", f"def {self.names['backward']}("] + self._signature("backward") + ["):"]
         body = self._prologue()
         body += [f"dp{i} = tl.zeros((1, BLOCK_C), tl.float32)" for i in range(np_)]
-        body.append("for jr in range(0, T):")
-        loop = ["j = T - 1 - jr", "t = b * 0 + m + j + 1", "at = tokens + j * Lw"]
+        body.append("for jr in range(0, T_b):")
+        loop = ["j = T_b - 1 - jr", "t = b * 0 + m + j + 1", "at = tokens + j * Lw"]
         loop += self._lowest_bit()
         # the adjoint reaching P(t): its own, plus what the later leaves that folded it sent
         # to the fold at level k; the node's: what the leaf that merged it sent to root k
@@ -266,4 +272,5 @@ def describe(op: OpIR, plan) -> str | None:
     if reason is not None:
         return f"triton: none (tree scan: {reason}; the torch tree serves it)"
     return ("triton: tree forward + backward kernels, each thread walks the fixed tree's leaves for its lanes "
-            "(the stream's bracketing, two Agg per leaf on average); lift and readout in torch")
+            "(the stream's bracketing, two Agg per leaf on average); lift and readout in torch; packed sequences "
+            "in one launch, one tree each")

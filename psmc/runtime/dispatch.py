@@ -177,6 +177,9 @@ def _tree_runner(kernel: str):
     def run(layer, call, state):
         call.ctx.scan_kernel = kernel  # the tree scan inside the torch lift and readout runs the kernels
         return layer._forward_generic(call, state)
+    run.packs = True  # one tree per packed sequence, all in one kernel call (a list of counters back)
+    if kernel == "triton":
+        run.most_sequences = 65_535  # sequences sit on grid axis 1
     return run
 
 

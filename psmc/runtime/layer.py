@@ -601,12 +601,13 @@ class PsmLayer(nn.Module):
         the C++ kernels, the first-order scan kernel), or the op's own `_fast_forward` where it
         takes them (`_packs_sequences`, printed for the chunk and first-order fast paths). None
         otherwise (and when a NaN needs the causal rerun, which the loop over sequences does)."""
-        if not self._strategy.token_kernels and not getattr(self, "_packs_sequences", False):
+        trees = self._has_tree_kernels()
+        if not self._strategy.token_kernels and not getattr(self, "_packs_sequences", False) and not trees:
             return None
         starts = None  # each row's count, when they differ
         if isinstance(state, RaggedState) and self._count_free():
             state, starts = self._as_one_batch(state)
-        if state is not None and type(state) is not ScanState:  # ragged rows: by length and count
+        if state is not None and type(state) is not self._strategy.state_class:  # ragged rows: by length and count
             return None
         call = self._prepare_forward(inputs)
         if state is not None:
@@ -632,8 +633,14 @@ class PsmLayer(nn.Module):
         outputs = outputs[0] if len(outputs) == 1 else outputs
         if self._count_free():  # one batch state, each row's count beside it (RaggedState's compact form)
             return outputs, one_count(_tagged(new_state, call.tag), counts)
+        if isinstance(new_state, list):  # the tree kernels: one counter per sequence, its count set
+            return outputs, cat_states([_tagged(row, call.tag) for row in new_state])
         rows = [_tagged(dataclasses.replace(new_state[i], count=count), call.tag) for i, count in enumerate(counts)]
         return outputs, cat_states(rows)
+
+    def _has_tree_kernels(self) -> bool:
+        """Tree kernels (Triton or C++): they take packed sequences, one tree per sequence."""
+        return getattr(self, "_tree_kernels", None) is not None or getattr(self, "_cpu_tree_kernels", None) is not None
 
     def _forward_ragged(self, inputs: dict, state: RaggedState):
         """Continue a ragged batch: rows with equal counts run together, each as it would alone."""
@@ -1087,13 +1094,10 @@ class PsmLayer(nn.Module):
 
     def _forward_generic(self, call, state):
         """The torch pass of a token-level op: its fast path when it has one and it is on, else
-        lift, scan (an exact scan, or the tree: `call.ctx.scan_kernel` 'triton' runs its tree
-        kernels) and readout."""
-        spec = self.spec
-        lead = call.lead
-        T = lead[1]
-        start = 0 if state is None else state.size
-        index = _positions(start, T, lead, call.ctx.dev)
+        lift, scan (an exact scan, or the tree: `call.ctx.scan_kernel` 'triton' or 'cpu' runs
+        its tree kernels, which also take packed sequences) and readout."""
+        spec, lead = self.spec, call.lead
+        index = self._token_positions(call, state)  # (packed sequences: each from its own start)
         if spec.fast and self.use_fast_path:
             return self._fast_forward(call, index, state)
         leaves = self._lift_batch(call, lead, call.inputs, index)

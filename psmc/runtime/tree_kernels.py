@@ -18,6 +18,7 @@ from . import triton_abi
 from .element import Element
 from .scan import exclusive_from_inclusive
 from .state import TreeState
+from .varlen import cu_seqlens_bounds
 
 BLOCK_C = 128  # lanes per program: one per thread at 4 warps
 
@@ -35,6 +36,7 @@ class TreeKernels:
         return torch.float32
 
     def launch(self, kind: str, args: dict, B: int, L: int) -> None:
+        args = {n: v for n, v in args.items() if n != "bounds"}  # (the C++ kernels take the offsets as ints)
         triton_abi.check_tree(args, kind, len(self.fields), len(self.params), tuple(self.dims))
         grid = ((L + BLOCK_C - 1) // BLOCK_C, B)
         # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous
@@ -73,6 +75,8 @@ class CpuTreeKernels:
         ints += [args[triton_abi.dim(d)] for d in self.dims]
         if kind == "backward":
             ints.append(int(args["HAS_GNODE"]))
+        bounds = args["bounds"]  # packed sequences: 1 and the offsets, else 0
+        ints += [1, *bounds] if bounds is not None else [0]
         dtype = tensors[0].dtype
         fn = cpu_support._typed(getattr(cpu_support.library(self), f"{self.symbol}_{kind}_"
                                         f"{'f64' if dtype == torch.float64 else 'f32'}"))
@@ -95,8 +99,6 @@ def cpu_unusable_reason(layer, call) -> str | None:
         return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
     if torch.compiler.is_compiling():
         return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
-    if call.cu_seqlens is not None:
-        return "packed sequences: each sequence has its own tree (one pass per length)"
     if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
         return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
     if cpu_support.library(k) is None:
@@ -122,8 +124,6 @@ def unusable_reason(layer, call) -> str | None:
     if call.lead[0] > triton_support.MAX_GRID_BATCH:
         return (f"a batch of {call.lead[0]:,} rows: the batch grid axis holds at most "
                 f"{triton_support.MAX_GRID_BATCH:,}")
-    if call.cu_seqlens is not None:
-        return "packed sequences: each sequence has its own tree (one pass per length)"
     return None
 
 
@@ -131,7 +131,9 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
               exclusive: bool, k) -> tuple[Element, Element | None, TreeState]:
     """psmc.runtime.tree.tree_scan's result, from the kernels `k` (TreeKernels or CpuTreeKernels)."""
     lead = tuple(call.lead)
-    B, T = lead[0], lead[1]
+    T = lead[1]
+    bounds = None if call.cu_seqlens is None else cu_seqlens_bounds(layer.spec.name, call.cu_seqlens)
+    B = lead[0] if bounds is None else len(bounds) - 1  # rows of the counter: packed, one per sequence
     lanes = 1
     for n in lead[2:]:
         lanes *= int(n)
@@ -145,20 +147,48 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     dev = call.ctx.dev
     full = lead + field
     dtype = k.compute_dtype(call)
-    flat = [torch.broadcast_to(x, full).reshape(B, T, L).to(dtype).contiguous() for x in leaves]
+    flat = [torch.broadcast_to(x, full).reshape(lead[0], T, L).to(dtype).contiguous() for x in leaves]
     roots, folds = _counter_tensors(state, m, len(k.fields), (B,) + full[2:], (B, L), dev, dtype)
     params = [_param(layer, name, lanes, size, dtype) for name in k.params]
-    meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims))
+    cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=dev)
+    meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims), cu, None if bounds is None else tuple(bounds))
     out = _TreeScan.apply(meta, len(k.fields), *flat, *roots, *folds, *params)
     prefixes, nodes = out[:len(k.fields)], out[len(k.fields):]
     dtypes = [x.dtype for x in leaves]
     inclusive = tuple(p.reshape(full).to(dt) for p, dt in zip(prefixes, dtypes))
     nodes = tuple(x.reshape(full).to(dt) for x, dt in zip(nodes, dtypes))
-    new_state = _counter_after(nodes, inclusive, state, m, n, dev)
+    if bounds is None:
+        new_state = _counter_after(nodes, inclusive, state, m, n, dev)
+    else:  # one counter per sequence, each after its own leaves (a list: the layer joins the rows)
+        new_state = [_counter_after(tuple(x[:, a:z] for x in nodes), tuple(x[:, a:z] for x in inclusive),
+                                    None if state is None else _row(state, b), m, m + z - a, dev)
+                     for b, (a, z) in enumerate(zip(bounds, bounds[1:]))]
     if not exclusive:
         return inclusive, None, new_state
     first = identity if m == 0 else state.prefix
-    return inclusive, exclusive_from_inclusive(inclusive, first), new_state
+    if bounds is None:
+        return inclusive, exclusive_from_inclusive(inclusive, first), new_state
+    return inclusive, _packed_exclusive(inclusive, first, bounds, B), new_state
+
+
+def _row(state: TreeState, b: int) -> TreeState:
+    """Row b of a counter (the entering state of packed sequence b)."""
+    pick = (lambda e: None if e is None else tuple(x[b:b + 1] for x in e))
+    return TreeState(count=state.count, roots=tuple(pick(e) for e in state.roots),
+                     folds=tuple(pick(e) for e in state.folds), op=state.op)
+
+
+def _packed_exclusive(inclusive: Element, first: Element, bounds: list, B: int) -> Element:
+    """The exclusive prefixes of packed sequences: each token reads the inclusive prefix of the
+    token before it, and each sequence's first token `first` (the identity, or that sequence's
+    row of the entering prefix)."""
+    starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=inclusive[0].device)
+    out = []
+    for incl, f in zip(inclusive, first):
+        shifted = incl.roll(1, dims=1)
+        heads = torch.broadcast_to(f.to(incl.dtype), (B,) + tuple(incl.shape[2:])).unsqueeze(0)
+        out.append(shifted.index_copy(1, starts, heads))
+    return tuple(out)
 
 
 def _param(layer, name: str, lanes: int, size: int, dtype) -> torch.Tensor:
@@ -205,8 +235,8 @@ def _counter_after(nodes: Element, inclusive: Element, state: TreeState | None, 
 
 
 def _sizes(meta) -> dict:
-    k, m, T, B, L, dims = meta
-    out = dict(m=m, T=T, B=B, L=L)
+    k, m, T, B, L, dims, cu, bounds = meta
+    out = dict(m=m, T=T, B=B, L=L, cu=cu, VARLEN=cu is not None, bounds=bounds)
     out.update({triton_abi.dim(d): int(v) for d, v in zip(k.dims, dims)})
     return out
 
@@ -217,7 +247,7 @@ class _TreeScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, F, *tensors):
-        k, m, T, B, L, _ = meta
+        k, B, L = meta[0], meta[3], meta[4]
         leaves, roots, folds = tensors[:F], tensors[F:2 * F], tensors[2 * F:3 * F]
         params = tensors[3 * F:]
         pre = [torch.empty_like(x) for x in leaves]
@@ -235,19 +265,19 @@ class _TreeScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         meta, F = ctx.meta, ctx.F
-        k, m, T, B, L, _ = meta
+        k, m, T, B, L = meta[:5]
         saved = ctx.saved_tensors
         leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
         pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
         like = dict(device=leaves[0].device, dtype=leaves[0].dtype)
-        zeros = torch.zeros((B, T, L), **like) if any(g is None for g in grads) else None
+        zeros = torch.zeros_like(leaves[0]) if any(g is None for g in grads) else None
         gpre = [zeros if g is None else g.contiguous().to(like["dtype"]) for g in grads[:F]]
         has_gnode = any(g is not None for g in grads[F:])
         gnode = [zeros if g is None else g.contiguous().to(like["dtype"]) for g in grads[F:]]
         levels = (m + T).bit_length()
         groot = [torch.zeros((levels, B, L), **like) for _ in range(F)]
         gfold = [torch.zeros((levels, B, L), **like) for _ in range(F)]
-        dleaf = [torch.empty((B, T, L), **like) for _ in range(F)]
+        dleaf = [torch.empty_like(x) for x in leaves]
         dpar = [torch.empty((B, L), **like) for _ in params]
         args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
         args |= _named("node", node) | _named("gpre", gpre) | _named("gnode", gnode) | _named("dleaf", dleaf)

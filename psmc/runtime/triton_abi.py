@@ -95,8 +95,9 @@ def check(args: dict, kind: str, matrix: bool, inputs: int, params: int, fields:
 # [levels, B, L] (`root<i>`, `fold<i>`: the counter entering the call; in the backward
 # `groot<i>`, `gfold<i>`: the per-level adjoint accumulators, which end as the adjoints of the
 # entering counter), `dpar<i>` [B, L] (per program, summed by the runtime). m is the leaves the
-# state holds, T this call's.
-TREE_CONSTEXPRS = ("BLOCK_C", "HAS_GNODE")
+# state holds, T this call's. With VARLEN set, B sequences are packed in one row of T tokens,
+# sequence b at tokens cu[b] .. cu[b+1] - 1 (`cu`: int32 offsets), its counter at row b.
+TREE_CONSTEXPRS = ("BLOCK_C", "VARLEN", "HAS_GNODE")
 
 
 def tree_arguments(kind: str, fields: int, params: int, dims: tuple) -> tuple[tuple[str, ...], ...]:
@@ -109,13 +110,13 @@ def tree_arguments(kind: str, fields: int, params: int, dims: tuple) -> tuple[tu
     out.append(tuple(x for i in range(params) for x in (f"par{i}", f"par{i}_sl")))
     if kind == "backward":
         out.append(tuple(f"dpar{i}" for i in range(params)))
-    out.append(("m", "T", "B", "L"))
+    out.append(("m", "T", "B", "L", "cu"))
     out.append(tuple(dim(d) for d in dims))
     return tuple(g for g in out if g)
 
 
 def tree_constexprs(kind: str) -> tuple[str, ...]:
-    return TREE_CONSTEXPRS if kind == "backward" else TREE_CONSTEXPRS[:1]
+    return TREE_CONSTEXPRS if kind == "backward" else TREE_CONSTEXPRS[:2]
 
 
 def check_tree(args: dict, kind: str, fields: int, params: int, dims: tuple) -> None:

@@ -14,8 +14,8 @@ import torch
 from psmc.codegen import cpp_tree
 from psmc.compiler import compile_source
 from psmc.runtime import cpu_support, dispatch
-from tree_cases import (CPU_SEEDS, HAND_WRITTEN, SPLITS, compare_chained, generate, inputs_of, launches,
-                        leaves_need_grads, pair, tree_class)
+from tree_cases import (CPU_SEEDS, HAND_WRITTEN, SPLITS, compare_chained, compare_packed, generate, inputs_of,
+                        launches, leaves_need_grads, pair, tree_class)
 from triton_helpers import close, layer_class
 
 needs_compiler = pytest.mark.skipif(cpu_support.compiler() is None, reason="no C++ compiler on this machine")
@@ -41,6 +41,13 @@ def test_cpu_tree_kernels_equal_the_torch_tree(name, dtype, tmp_path, monkeypatc
                     _close64 if dtype == torch.float64 else close, f"{name} {dtype}")
     assert seen.count("forward") == len(SPLITS)
     assert seen.count("backward") == (len(SPLITS) if leaves_need_grads(cls) else 0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "vec"])
+def test_packed_sequences_run_in_one_call(name, tmp_path, monkeypatch):
+    ref, cpu = pair(tree_class(name, tmp_path), name, "cpu")
+    compare_packed(ref, cpu, launches(monkeypatch), close, name)
 
 
 def test_the_generated_programs_get_cpu_tree_kernels():

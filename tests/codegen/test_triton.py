@@ -82,11 +82,15 @@ def test_no_python_semantics_in_renderings():
 
 
 def test_unsupported_ops_are_reported_not_generated():
-    for name, words in (("delta_rule", "'eye'"), ("ema", "tree-scan")):
+    for name, words in (("delta_rule", "'eye'"), ("tree_rnn", "tree-scan")):
         op = ops_from_file(EXAMPLES / f"{name}.psm")[0]
-        plan = {"plan": "tree-scan" if name == "ema" else "exact-scan"}
+        plan = {"plan": "tree-scan" if name == "tree_rnn" else "exact-scan"}
         assert words in tp.unsupported_reason(op, plan)
         assert tk.generate(op, plan) is None
+    # a tree scan gets no block scan, but an elementwise one gets the tree kernels (test_triton_tree.py)
+    op = ops_from_file(EXAMPLES / "ema.psm")[0]
+    assert "tree-scan" in tp.unsupported_reason(op, {"plan": "tree-scan"})
+    assert "_psm_Op_ema_tree_forward" in tk.generate(op, {"plan": "tree-scan"})
     # an exclusive readout without a matrix state (the one-axis block scan has no shift)
     op = ops_from_source("op ex { state (a: f32); lift (x: f32) { return x; } combine (l, r) { return l.a + r.a; } "
                          "identity = zeros; readout exclusive (p, x: f32) { return p.a + x; } }")[0]

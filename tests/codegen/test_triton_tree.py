@@ -16,8 +16,8 @@ import torch
 
 from psmc.codegen import triton_tree as printer
 from psmc.compiler import compile_source
-from tree_cases import (HAND_WRITTEN, SPLITS, TRITON_SEEDS, chained, compare_chained, float_grads, generate, inputs_of,
-                        launches, leaves_need_grads, pair, tree_class)
+from tree_cases import (HAND_WRITTEN, SPLITS, TRITON_SEEDS, chained, compare_chained, compare_packed, float_grads,
+                        generate, inputs_of, launches, leaves_need_grads, pair, tree_class)
 from triton_helpers import close, layer_class
 
 pytestmark = pytest.mark.triton
@@ -69,15 +69,11 @@ def test_auto_chooses_the_torch_tree_for_cpu_tensors(monkeypatch):
     assert out.shape == (2, 9, 4) and seen == []
 
 
-def test_packed_sequences_run_one_tree_each(monkeypatch):
-    """Each packed sequence has its own tree: one launch per length, outputs as each alone."""
-    layer = layer_class("ema")(backend="triton")
-    y = torch.randn(1, 9, 2)
-    seen = launches(monkeypatch)
-    out = layer(y=y, cu_seqlens=torch.tensor([0, 4, 9]))
-    assert seen == ["forward", "forward"]
-    for lo, hi in ((0, 4), (4, 9)):
-        close(layer_class("ema")(backend="torch")(y=y[:, lo:hi]), out[:, lo:hi], f"sequence {lo}:{hi}")
+@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "vec"])
+def test_packed_sequences_run_in_one_launch(name, tmp_path, monkeypatch):
+    """Each packed sequence has its own tree, all in one launch (program b runs sequence b)."""
+    ref, tri = pair(tree_class(name, tmp_path), name, "triton")
+    compare_packed(ref, tri, launches(monkeypatch), close, name)
 
 
 @pytest.mark.parametrize("source, words", [

@@ -40,6 +40,12 @@ HAND_WRITTEN = {
   assume empty_prefix;
   readout exclusive (p, x: f32) { return p.y + x; }
 }""",
+    "indexed": """op indexed {
+  state (y: f32);
+  lift (x: f32) { return x + 0.01 * index; }
+  combine (l, r) { return 0.6 * l.y + 0.4 * tanh(r.y); }
+  readout (s) { return s.y - 0.001 * index; }
+}""",
 }
 DIMS = {"vec": {"D": 3}}
 # fuzz seeds whose plans get the tree kernels (the tests assert it): Triton's hold f32 fields,
@@ -141,3 +147,39 @@ def compare_chained(ref, other, inputs: dict, close, what: str) -> None:
             assert g is None or not g.any(), f"{what}: gradient {i} where torch has none"
             continue
         close(w, g, f"{what} gradient {i}")
+
+
+PACKED = (0, 3, 4, 9, 17)  # four sequences of different lengths (one of a single token) in one row
+
+
+def compare_packed(ref, other, seen: list, close, what: str) -> None:
+    """Packed sequences through `other` in one kernel call forward and one backward, fresh and
+    continuing a state whose rows have seen 5 leaves: outputs and gradients against `ref` (the
+    torch tree, one tree per sequence), and the returned ragged state continued by a step."""
+    cu = torch.tensor(PACKED)
+    B = len(PACKED) - 1
+    dims = dict(ref.dims)
+    shape = lambda lead: lead + (2,) + tuple(int(x) for x in ref.spec.inputs[0].shape(dims))  # noqa: E731
+    g = torch.Generator().manual_seed(7)
+    first = {s.name: torch.randn(shape((B, 5)), generator=g) for s in ref.spec.inputs}
+    packed = {s.name: torch.randn(shape((1, PACKED[-1])), generator=g).requires_grad_() for s in ref.spec.inputs}
+    token = {s.name: torch.randn(shape((B,)), generator=g) for s in ref.spec.inputs}
+    for fresh in (True, False):
+        kwargs = {} if fresh else {"state": other(**first, return_state=True)[1]}
+        ref_kwargs = {} if fresh else {"state": ref(**first, return_state=True)[1]}
+        before = len(seen)
+        got, got_state = other(**packed, cu_seqlens=cu, return_state=True, **kwargs)
+        assert seen[before:] == ["forward"], f"{what}: {seen[before:]}"  # every sequence in one call
+        want, want_state = ref(**packed, cu_seqlens=cu, return_state=True, **ref_kwargs)
+        close(want, got, f"{what} packed output (fresh={fresh})")
+        wrt = list(packed.values())
+        before = len(seen)
+        for w, gg in zip(float_grads((want,), wrt + list(ref.parameters())),
+                         float_grads((got,), wrt + list(other.parameters()))):
+            if w is not None:
+                close(w, gg, f"{what} packed gradient (fresh={fresh})")
+        # one backward call for the packed call, and one more for the call that made the state
+        # when params reached it (the gradient flows on through the state into that call)
+        params = any(p.requires_grad for p in other.parameters())
+        assert seen[before:].count("backward") == (1 if fresh or not params else 2), f"{what}: {seen[before:]}"
+        close(ref.step(want_state, **token)[0], other.step(got_state, **token)[0], f"{what} step after packed")
