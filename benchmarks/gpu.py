@@ -551,15 +551,7 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
                 reference["out"] = scan(gates, tokens).transpose(1, 2)
         return reference["out"]
 
-    from psmc.runtime import dispatch
-    chosen = dispatch.choose(layer, layer._prepare(dict(inputs), step=False), "forward").name
-    for pname, path, reason, twin in paths:
-        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
-        if reason is not None:
-            b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
-            continue
-
-        fwd, both = _path_calls(path, twin, inputs)
+    for pname, impl, fwd, both in _runnable(b, (group, label, dtype), layer, paths, inputs):
 
         def check(fwd=fwd):
             ref = peer_out()
@@ -587,6 +579,19 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
     _annotate(b.report, before, note_bw)
 
 
+def _runnable(b: Bench, row: tuple, layer, paths: list, inputs: dict):
+    """(path name, row label, forward, forward + backward) of every psmc path that can run on
+    these inputs; the others get their "not run" row (`row`: the case's group, shape, dtype)."""
+    from psmc.runtime import dispatch
+    chosen = dispatch.choose(layer, layer._prepare(dict(inputs), step=False), "forward").name
+    for pname, path, reason, twin in paths:
+        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
+        if reason is not None:
+            b.case(*row, impl, None, None, None, f"not run: {reason}")
+            continue
+        yield (pname, impl, *_path_calls(path, twin, inputs))
+
+
 def tree_cases(b: Bench, dtype, peak_gbps: float | None):
     """The paper's fixed tree of a non-associative op (examples/ema.psm) at the first-order
     shape: the tree kernels (dispatch path triton-tree, one launch) against the torch tree
@@ -607,15 +612,8 @@ def tree_cases(b: Bench, dtype, peak_gbps: float | None):
     except Exception as e:  # noqa: BLE001
         b.case(group, label, dtype, "psmc ema", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
         return
-    from psmc.runtime import dispatch
-    chosen = dispatch.choose(layer, layer._prepare(dict(inputs), step=False), "forward").name
     reference = {}
-    for pname, path, reason, twin in paths:
-        impl = f"psmc {pname}" + (" (auto)" if _is_auto(pname, chosen) else "")
-        if reason is not None:
-            b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
-            continue
-        fwd, both = _path_calls(path, twin, inputs)
+    for pname, impl, fwd, both in _runnable(b, (group, label, dtype), layer, paths, inputs):
         if pname == "torch-scan":
             reference["fwd"] = fwd
 

@@ -1185,20 +1185,26 @@ def registration(op: OpIR, source_name: str) -> list[str]:
 def generate_section(ops, plans: dict) -> list[str]:
     """The C++ part of a generated module: each op's source as a string constant and its
     registration; empty when no op gets kernels."""
-    lines = []
+    return source_section(ops, plans, generate, registration, "_PSM_CPP_", [
+        "# ---- C++ CPU kernels (psmc.codegen.cpp_printer), built on first use by psmc.runtime.cpu_support",
+        "from psmc.runtime import cpu_support as _csup  # noqa: E402"])
+
+
+def source_section(ops, plans: dict, make, register, const: str, header: list) -> list[str]:
+    """For each op that `make(op, plan)` gives C++ source: the source as a raw string constant
+    `<const><i>` and `register(op, that name)`'s lines; after `header`. Empty when none."""
+    lines, count = [], 0
     for op in ops:
-        source = generate(op, plans.get(op.name))
+        source = make(op, plans.get(op.name))
         if source is None:
             continue
         if "'''" in source or "\\" in source:
             raise ValueError("generated C++ must not contain triple quotes or backslashes")
-        const = f"_PSM_CPP_{len([x for x in lines if x.startswith('_PSM_CPP_')])}"
-        lines += [f"{const} = r'''", *source.rstrip("\n").split("\n"), "'''", ""]
-        lines += registration(op, const) + ["", ""]
-    if not lines:
-        return []
-    return ["# ---- C++ CPU kernels (psmc.codegen.cpp_printer), built on first use by psmc.runtime.cpu_support",
-            "from psmc.runtime import cpu_support as _csup  # noqa: E402", "", ""] + lines
+        name = f"{const}{count}"
+        count += 1
+        lines += [f"{name} = r'''", *source.rstrip("\n").split("\n"), "'''", ""]
+        lines += register(op, name) + ["", ""]
+    return header + ["", ""] + lines if lines else []
 
 
 def describe(op: OpIR, plan: dict | None) -> str:

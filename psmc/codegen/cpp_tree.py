@@ -18,7 +18,7 @@ per-token [B, T, L], per-level [levels, B, L], dpar [B, L], contiguous, in the c
 from __future__ import annotations
 
 from ..ir.nodes import OpIR, walk
-from .cpp_printer import PRELUDE, CppBody, CppVjp, _cpp_cannot, literal, symbol
+from .cpp_printer import PRELUDE, CppBody, CppVjp, _cpp_cannot, literal, source_section, symbol
 from .triton_layout import tree_reason
 
 LANE_BLOCK = 64  # lanes per work item
@@ -274,17 +274,6 @@ def describe(op: OpIR, plan) -> str | None:
 def generate_section(ops, plans: dict) -> list[str]:
     """The C++ tree kernels of a generated module: each tree op's source as a string constant
     and its registration; empty when no op gets them."""
-    lines = []
-    for op in ops:
-        source = generate(op, plans.get(op.name))
-        if source is None:
-            continue
-        if "'''" in source or "\\" in source:
-            raise ValueError("generated C++ must not contain triple quotes or backslashes")
-        const = f"_PSM_CPP_TREE_{len([x for x in lines if x.startswith('_PSM_CPP_TREE_')])}"
-        lines += [f"{const} = r'''", *source.rstrip("\n").split("\n"), "'''", ""]
-        lines += registration(op, const) + ["", ""]
-    if not lines:
-        return []
-    return ["# ---- C++ tree kernels (psmc.codegen.cpp_tree), built on first use by psmc.runtime.cpu_support",
-            "from psmc.runtime import tree_kernels as _ttree  # noqa: E402", "", ""] + lines
+    return source_section(ops, plans, generate, registration, "_PSM_CPP_TREE_", [
+        "# ---- C++ tree kernels (psmc.codegen.cpp_tree), built on first use by psmc.runtime.cpu_support",
+        "from psmc.runtime import tree_kernels as _ttree  # noqa: E402"])

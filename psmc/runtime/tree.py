@@ -204,8 +204,16 @@ def _gather_folds(state: TreeState | None, fold_levels: list, like: Element) -> 
 def _counter_after(
     levels: list[Element], inclusive: Element, state: TreeState | None, m: int, n: int, device: torch.device
 ) -> TreeState:
+    """The counter after the up-sweep `levels` (level d: its nodes in order of their ends)."""
+    return counter_after(lambda level, end: at(levels[level], (end - _first_end(m, level)) >> level),
+                         inclusive, state, m, n, device)
+
+
+def counter_after(root_at, inclusive: Element, state: TreeState | None, m: int, n: int,
+                  device: torch.device) -> TreeState:
     """The counter after n leaves: root d ends at n with bits below d cleared; its fold is
-    P(that end). Ends past m were just computed; the others are the old counter's."""
+    P(that end). Ends past m were just computed (`root_at(d, end)`: that tree, `inclusive`: the
+    prefixes of leaves m+1..); the others are the old counter's."""
     roots: list[Element | None] = []
     folds: list[Element | None] = []
     for level in range(n.bit_length()):
@@ -214,8 +222,7 @@ def _counter_after(
             roots.append(None)
             folds.append(None)
         elif end > m:
-            node = (end - _first_end(m, level)) >> level
-            roots.append(clone_step(at(levels[level], node)))
+            roots.append(clone_step(root_at(level, end)))
             folds.append(clone_step(at(inclusive, end - m - 1)))
         else:
             roots.append(_old(state, "roots", level))

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from . import triton_abi
-from .element import Element
+from .element import Element, at
 from .scan import exclusive_from_inclusive
 from .state import TreeState
+from .tree import counter_after
 from .varlen import cu_seqlens_bounds
 
 BLOCK_C = 128  # lanes per program: one per thread at 4 warps
@@ -158,10 +159,10 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     inclusive = tuple(p.reshape(full).to(dt) for p, dt in zip(prefixes, dtypes))
     nodes = tuple(x.reshape(full).to(dt) for x, dt in zip(nodes, dtypes))
     if bounds is None:
-        new_state = _counter_after(nodes, inclusive, state, m, n, dev)
+        new_state = _counter_of(nodes, inclusive, state, m, n, dev)
     else:  # one counter per sequence, each after its own leaves (a list: the layer joins the rows)
-        new_state = [_counter_after(tuple(x[:, a:z] for x in nodes), tuple(x[:, a:z] for x in inclusive),
-                                    None if state is None else _row(state, b), m, m + z - a, dev)
+        new_state = [_counter_of(tuple(x[:, a:z] for x in nodes), tuple(x[:, a:z] for x in inclusive),
+                                 None if state is None else _row(state, b), m, m + z - a, dev)
                      for b, (a, z) in enumerate(zip(bounds, bounds[1:]))]
     if not exclusive:
         return inclusive, None, new_state
@@ -169,6 +170,11 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     if bounds is None:
         return inclusive, exclusive_from_inclusive(inclusive, first), new_state
     return inclusive, _packed_exclusive(inclusive, first, bounds, B), new_state
+
+
+def _counter_of(nodes: Element, inclusive: Element, state: TreeState | None, m: int, n: int, dev) -> TreeState:
+    """The counter after n leaves: the tree that ends at a leaf past m is that leaf's node."""
+    return counter_after(lambda level, end: at(nodes, end - m - 1), inclusive, state, m, n, dev)
 
 
 def _row(state: TreeState, b: int) -> TreeState:
@@ -214,24 +220,6 @@ def _counter_tensors(state: TreeState | None, m: int, fields: int, shape: tuple,
                     for lv in range(levels)]
             out.append(torch.stack(rows))
     return roots, folds
-
-
-def _counter_after(nodes: Element, inclusive: Element, state: TreeState | None, m: int, n: int, dev) -> TreeState:
-    """The counter after n leaves: level d holds the tree ending at n with bits below d cleared
-    (this call's node of that leaf when it is past m) and its fold P there."""
-    roots, folds = [], []
-    for level in range(n.bit_length()):
-        end = (n >> level) << level
-        if not (n >> level) & 1:
-            roots.append(None)
-            folds.append(None)
-        elif end > m:
-            roots.append(tuple(x[:, end - m - 1].clone() for x in nodes))
-            folds.append(tuple(x[:, end - m - 1].clone() for x in inclusive))
-        else:
-            roots.append(state.roots[level])
-            folds.append(state.folds[level])
-    return TreeState(count=torch.tensor(n, dtype=torch.int64, device=dev), roots=tuple(roots), folds=tuple(folds))
 
 
 def _sizes(meta) -> dict:
