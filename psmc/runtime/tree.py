@@ -167,38 +167,57 @@ def _plan(m: int, n: int, lengths: tuple) -> tuple:
             tuple(plan_rounds), order)
 
 
-def _index(values: list) -> Tensor:
-    return torch.tensor(values, dtype=torch.int64)
+_INDEXES: dict = {}
+
+
+def _indexer(key: tuple, device):
+    """index(name, values): an int64 tensor of `values` on `device`, made once per plan `key`,
+    name and device in eager mode. A pass over the same leaves then copies no index to the
+    device (on a GPU each copy is a host-to-device transfer, which a CUDA graph cannot hold);
+    in a torch.compile graph the plan is constant and so are the tensors."""
+    if torch.compiler.is_compiling():
+        return lambda name, values: torch.tensor(values, dtype=torch.int64, device=device)
+
+    def index(name, values):
+        full = key + (name, str(device))
+        found = _INDEXES.get(full)
+        if found is None:
+            if len(_INDEXES) > 512:  # (a few plans: an entry holds up to T int64)
+                _INDEXES.clear()
+            found = _INDEXES[full] = torch.tensor(values, dtype=torch.int64, device=device)
+        return found
+    return index
 
 
 def _prefixes(levels: list[Element], agg: Combine, state: TreeState | None, m: int, n: int) -> Element:
     lengths = tuple(length(lv) for lv in levels)
     plan = _plan_cached(m, n, lengths)
     direct, folded, rounds, order = plan
+    _index = _indexer((m, n, lengths), next(t for t in levels[0] if t is not None).device)
     nodes = join(levels)
     # Round 0: P(t) is a node (rest == 0) or Agg(state's fold, node) (0 < rest <= m).
     parts = []
     if direct:
-        parts.append(take(nodes, _index(direct)))
+        parts.append(take(nodes, _index("direct", direct)))
     if folded:
-        fold_left = _gather_folds(state, [lvl for lvl, _ in folded], nodes)
-        parts.append(agg(fold_left, take(nodes, _index([node for _, node in folded]))))
+        fold_left = _gather_folds(state, [lvl for lvl, _ in folded], nodes, _index)
+        parts.append(agg(fold_left, take(nodes, _index("folded", [node for _, node in folded]))))
     outputs = [join(parts)]
-    for left_slots, node_ids in rounds:  # round r takes its left operands from round r-1
-        outputs.append(agg(take(outputs[-1], _index(left_slots)), take(nodes, _index(node_ids))))
+    for r, (left_slots, node_ids) in enumerate(rounds):  # round r takes its left operands from round r-1
+        outputs.append(agg(take(outputs[-1], _index(("left", r), left_slots)), take(nodes, _index(("node", r), node_ids))))
     if order is None:
         return join(outputs)
-    return take(join(outputs), _index(order))
+    return take(join(outputs), _index("order", order))
 
 
-def _gather_folds(state: TreeState | None, fold_levels: list, like: Element) -> Element:
+def _gather_folds(state: TreeState | None, fold_levels: list, like: Element, _index) -> Element:
     """The state's cached folds at `fold_levels`, one per step (broadcast when all agree)."""
     distinct = sorted(set(fold_levels))
     pool = join([step_like(_old(state, "folds", lvl), like) for lvl in distinct])
     if len(distinct) == 1:
         return pool  # one step; Agg broadcasts it over the time axis
     slot_of = {lvl: i for i, lvl in enumerate(distinct)}
-    return take(pool, _index([slot_of[lvl] for lvl in fold_levels]))
+    return take(pool, _index("folds", [slot_of[lvl] for lvl in fold_levels]))
 
 
 def _counter_after(

@@ -295,3 +295,27 @@ def test_gradcheck_through_state_continuation():
     assert torch.autograd.gradcheck(
         lambda a, v: tree_scan((a, v), float_agg, identity=identity, exclusive=True)[1], inputs
     )
+
+
+def test_a_repeated_pass_reuses_its_index_tensors(monkeypatch):
+    """The gathers' index tensors are made once per plan and device: a second pass over leaves
+    of the same shape from the same counter makes none (on a GPU each would be a host-to-device
+    copy, which a CUDA graph cannot hold), and gives the same prefixes."""
+    from psmc.runtime import tree
+    monkeypatch.setattr(tree, "_INDEXES", {})
+    x = (torch.randn(2, 13, 3),)
+
+    def agg(left, right):
+        return (0.9 * left[0] + 0.1 * right[0],)
+
+    _, _, state = tree_scan((torch.randn(2, 5, 3),), agg)
+    first, _, _ = tree_scan(x, agg, state=state)
+    made = dict(tree._INDEXES)
+    assert made  # (a pass continuing 5 leaves gathers)
+    made_tensor = torch.tensor
+    calls = []
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append(a) or made_tensor(*a, **k))
+    second, _, _ = tree_scan(x, agg, state=state)
+    assert all(tree._INDEXES[k] is v for k, v in made.items()) and len(tree._INDEXES) == len(made)
+    assert not [a for a in calls if isinstance(a[0], list) and len(a[0]) > 1]  # no index list made again
+    torch.testing.assert_close(second[0], first[0], rtol=0, atol=0)
