@@ -21,7 +21,16 @@ from .state import TreeState
 from .tree import counter_after
 from .varlen import cu_seqlens_bounds
 
-BLOCK_C = 128  # lanes per program: one per thread at 4 warps
+BLOCK_C = 128  # lanes per program at most: one per thread at 4 warps
+
+
+def lane_block(L: int) -> int:
+    """Lanes per program: one per thread, 32 to 128 (a warp to four), as few as cover L, so a
+    call with few lanes spreads over more programs instead of idling threads."""
+    block = 32
+    while block < min(L, BLOCK_C):
+        block *= 2
+    return block
 
 
 @dataclass(frozen=True)
@@ -39,11 +48,12 @@ class TreeKernels:
     def launch(self, kind: str, args: dict, B: int, L: int) -> None:
         args = {n: v for n, v in args.items() if n != "bounds"}  # (the C++ kernels take the offsets as ints)
         triton_abi.check_tree(args, kind, len(self.fields), len(self.params), tuple(self.dims))
-        grid = ((L + BLOCK_C - 1) // BLOCK_C, B)
+        block = args["BLOCK_C"]
+        grid = ((L + block - 1) // block, B)
         # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous
         # leaf stored (one thread, one address): a load issued a loop iteration early would
         # read them before they are written.
-        (self.forward if kind == "forward" else self.backward)[grid](**args, num_stages=1)
+        (self.forward if kind == "forward" else self.backward)[grid](**args, num_stages=1, num_warps=block // 32)
 
 
 @dataclass(frozen=True)
@@ -242,7 +252,7 @@ class _TreeScan(torch.autograd.Function):
         node = [torch.empty_like(x) for x in leaves]
         args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
         args |= _named("node", node) | _param_args(params, meta) | _sizes(meta)
-        args["BLOCK_C"] = BLOCK_C
+        args["BLOCK_C"] = lane_block(L)
         _launch(k, "forward", args, B, L)
         ctx.meta, ctx.F = meta, F
         ctx.set_materialize_grads(False)  # an unread output (the nodes, mostly) sends None, not zeros
@@ -271,7 +281,7 @@ class _TreeScan(torch.autograd.Function):
         args |= _named("node", node) | _named("gpre", gpre) | _named("gnode", gnode) | _named("dleaf", dleaf)
         args |= _named("groot", groot) | _named("gfold", gfold) | _named("dpar", dpar)
         args |= _param_args(params, meta) | _sizes(meta)
-        args.update(BLOCK_C=BLOCK_C, HAS_GNODE=has_gnode)
+        args.update(BLOCK_C=lane_block(L), HAS_GNODE=has_gnode)
         _launch(k, "backward", args, B, L)
         held = roots[0].shape[0]  # the entering counter's levels; the accumulators end as their adjoints
         droots = [g[:held] for g in groot]  # (held <= levels: the count only grows)

@@ -96,3 +96,21 @@ def test_ops_the_tree_kernels_do_not_serve_say_why(source, words):
     reason = printer.unsupported_reason(op, plan)
     assert reason is not None and reason.startswith(words), reason
     assert ("triton", reason) in plan.not_taken
+
+
+def test_few_lanes_get_smaller_programs(monkeypatch):
+    """A program holds one lane per thread, 32 to 128 of them (a warp to four): few lanes
+    spread over more, smaller programs instead of idling threads."""
+    from psmc.runtime import tree_kernels
+    assert [tree_kernels.lane_block(n) for n in (1, 32, 33, 100, 128, 5000)] == [32, 32, 64, 128, 128, 128]
+    seen = []
+    real = tree_kernels.TreeKernels.launch
+
+    def spy(self, kind, args, B, L):
+        seen.append((args["BLOCK_C"], L))
+        return real(self, kind, args, B, L)
+
+    monkeypatch.setattr(tree_kernels.TreeKernels, "launch", spy)
+    y = torch.randn(2, 7, 3)
+    close(layer_class("ema")(backend="torch")(y=y), layer_class("ema")(backend="triton")(y=y), "few lanes")
+    assert seen == [(32, 3)]
