@@ -771,6 +771,8 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
             if not calls:
                 raise Failure("cpp-not-run", "backend='cpu' served a forward without calling its C++ kernels")
             checked.add("cpp")
+            if getattr(cls, "_cpu_tree_kernels", None) is not None:
+                checked.add("cpp-tree")  # (the C++ tree kernels, psmc.codegen.cpp_tree)
             # in a torch.compile graph the loaded kernel is one op (psmc::cpu_kernel): the same numbers
             traced = as_tuple(_compiled(cpp, "forward of backend='cpu'", **inputs))
             agree(traced, eager, "torch.compile(fullgraph) cpu forward vs eager cpu", RTOL, ATOL)
