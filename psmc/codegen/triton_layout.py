@@ -89,9 +89,9 @@ def scan_reason(op: OpIR, plan: dict | None, nodes, cannot) -> str | None:
 
 def tree_reason(op: OpIR, plan, cannot, floats=FLOATS) -> str | None:
     """The checks of both tree-kernel printers (Triton: psmc.codegen.triton_tree, C++:
-    psmc.codegen.cpp_tree): a tree-scan plan, no chunk, an Agg elementwise over float fields of
-    one shape (scalars, or vectors whose elements become lanes) that reads only scalar float
-    params, every op of it rendered (`cannot(op name)`: the renderer's reason it cannot, or
+    psmc.codegen.cpp_tree): a tree-scan plan, no chunk, an Agg elementwise over float fields
+    (scalars, and vectors of one shape whose elements become lanes) that reads float params of
+    those shapes, every op of it rendered (`cannot(op name)`: the renderer's reason it cannot, or
     None), fields and params of the float dtypes `floats` the kernels hold. The reason, or None
     when they pass."""
     scan = plan.get("plan") if isinstance(plan, dict) else getattr(plan, "scan", None)
@@ -102,12 +102,13 @@ def tree_reason(op: OpIR, plan, cannot, floats=FLOATS) -> str | None:
         return "chunk op: its Agg runs over whole chunks (cuBLAS matmuls in the torch tree)"
     if structure not in (None, "elementwise"):
         return f"combine structure is {structure!r}, not 'elementwise'"
-    shape = tuple(op.state[0].shape)
+    vectors = {tuple(f.shape) for f in op.state if f.shape}
+    shape = next(iter(vectors), ())  # each element of a vector field is a lane (a scalar field's value is copied to each)
     for f in op.state:
         if len(f.shape) > 1:
             return f"state field {f.name!r} has rank {len(f.shape)}: the tree kernel holds scalar or vector fields"
-        if tuple(f.shape) != shape:
-            return "state fields of different shapes: the tree kernel sees each element of a field as a lane"
+        if len(vectors) > 1:
+            return "vector fields of different shapes: the tree kernel sees each element of a field as a lane"
         if f.dtype not in floats:
             return (f"state field {f.name!r} is {f.dtype}: the tree kernel holds "
                     f"{'/'.join(sorted(floats))} fields")
@@ -119,9 +120,8 @@ def tree_reason(op: OpIR, plan, cannot, floats=FLOATS) -> str | None:
             return "combine reduces over an axis: not elementwise"
         if node.shape and tuple(node.shape) != shape:
             return f"combine computes a value of shape {list(node.shape)}: not elementwise in the fields"
-        if node.op == "param" and (node.rank or node.dtype not in floats):
-            return (f"combine reads param {node.attrs[0]!r} ({node.dtype}, rank {node.rank}): the tree kernel reads "
-                    "scalar float params")
+        if node.op == "param" and node.dtype not in floats:
+            return f"combine reads param {node.attrs[0]!r} of {node.dtype}: the tree kernel reads float params"
     if any(not n.batched for n in op.combine):
         return "a combine output ignores both operands"
     return None

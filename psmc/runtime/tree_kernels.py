@@ -148,7 +148,8 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     lanes = 1
     for n in lead[2:]:
         lanes *= int(n)
-    field = tuple(int(s) for s in layer.spec.fields[0].shape(call.ctx.d))  # every field's (one shape)
+    shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in layer.spec.fields]
+    field = max(shapes, key=len)  # the vector fields' one shape (or ()); a scalar field is copied to each element
     size = 1
     for s in field:
         size *= s
@@ -158,16 +159,19 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     dev = call.ctx.dev
     full = lead + field
     dtype = k.compute_dtype(call)
-    flat = [torch.broadcast_to(x, full).reshape(lead[0], T, L).to(dtype).contiguous() for x in leaves]
-    roots, folds = _counter_tensors(state, m, len(k.fields), (B,) + full[2:], (B, L), dev, dtype)
+    scalar = [not s and bool(field) for s in shapes]  # a scalar field beside vector ones
+    flat = [torch.broadcast_to(x[..., None] if one else x, full).reshape(lead[0], T, L).to(dtype).contiguous()
+            for x, one in zip(leaves, scalar)]
+    roots, folds = _counter_tensors(state, m, scalar, (B,) + full[2:], (B, L), dev, dtype)
     params = [_param(layer, name, lanes, size, dtype) for name in k.params]
     cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=dev)
     meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims), cu, None if bounds is None else tuple(bounds))
     out = _TreeScan.apply(meta, len(k.fields), *flat, *roots, *folds, *params)
     prefixes, nodes = out[:len(k.fields)], out[len(k.fields):]
     dtypes = [x.dtype for x in leaves]
-    inclusive = tuple(p.reshape(full).to(dt) for p, dt in zip(prefixes, dtypes))
-    nodes = tuple(x.reshape(full).to(dt) for x, dt in zip(nodes, dtypes))
+    # (a scalar field's copies are equal: element 0 is its value)
+    inclusive = tuple(_unflat(p, full, one).to(dt) for p, dt, one in zip(prefixes, dtypes, scalar))
+    nodes = tuple(_unflat(x, full, one).to(dt) for x, dt, one in zip(nodes, dtypes, scalar))
     if bounds is None:
         new_state = _counter_of(nodes, inclusive, state, m, n, dev)
     else:  # one counter per sequence, each after its own leaves (a list: the layer joins the rows)
@@ -207,26 +211,34 @@ def _packed_exclusive(inclusive: Element, first: Element, bounds: list, B: int) 
     return tuple(out)
 
 
+def _unflat(x: torch.Tensor, full: tuple, scalar: bool) -> torch.Tensor:
+    """A kernel output [B, T, L] as the field's [B, T, *lanes, *field] (a scalar field: element 0)."""
+    x = x.reshape(full)
+    return x[..., 0] if scalar else x
+
+
 def _param(layer, name: str, lanes: int, size: int, dtype) -> torch.Tensor:
-    """The param in the compute dtype, flat: one value for all lanes, or (a per-lane param) one
-    per kernel lane, each layer lane's value repeated over the elements of its fields."""
+    """The param in the compute dtype, flat: one value for all kernel lanes, or one per kernel
+    lane (a per-lane param's value for its layer lane, a vector param's for its element)."""
     p = getattr(layer, "p_" + name).to(dtype)
+    rows = lanes if name in getattr(layer, "per_lane", ()) else 1
+    elements = p.numel() // rows  # 1, or the fields' size
     if p.numel() == 1:
         return p.reshape(1)
-    return p.reshape(lanes, 1).expand(lanes, size).reshape(-1)
+    return p.reshape(rows, elements).expand(lanes, size).reshape(-1)
 
 
-def _counter_tensors(state: TreeState | None, m: int, fields: int, shape: tuple, flat: tuple, dev, dtype) -> tuple:
+def _counter_tensors(state: TreeState | None, m: int, scalar: list, shape: tuple, flat: tuple, dev, dtype) -> tuple:
     """The entering counter's roots and folds, field by field, as [levels, B, L] (zeros at the
     levels that hold no tree: the kernels never read them). `shape`: a level's [B, *lanes,
-    *field], `flat` its [B, L]."""
+    *field], `flat` its [B, L]; `scalar[i]`: field i is a scalar beside vector fields."""
     levels = max(m.bit_length(), 1)
     roots, folds = [], []
-    for i in range(fields):
+    for i, one in enumerate(scalar):
         for table, out in (("roots", roots), ("folds", folds)):
             held = () if state is None else getattr(state, table)
             rows = [torch.zeros(flat, device=dev, dtype=dtype) if lv >= len(held) or held[lv] is None
-                    else torch.broadcast_to(held[lv][i], shape).reshape(flat).to(dtype)
+                    else torch.broadcast_to(held[lv][i][..., None] if one else held[lv][i], shape).reshape(flat).to(dtype)
                     for lv in range(levels)]
             out.append(torch.stack(rows))
     return roots, folds

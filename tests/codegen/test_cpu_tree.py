@@ -44,7 +44,7 @@ def test_cpu_tree_kernels_equal_the_torch_tree(name, dtype, tmp_path, monkeypatc
 
 
 @needs_compiler
-@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "vec"])
+@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "vec", "mix"])
 def test_packed_sequences_run_in_one_call(name, tmp_path, monkeypatch):
     ref, cpu = pair(tree_class(name, tmp_path), name, "cpu")
     compare_packed(ref, cpu, launches(monkeypatch), close, name)

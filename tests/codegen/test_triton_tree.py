@@ -69,7 +69,7 @@ def test_auto_chooses_the_torch_tree_for_cpu_tensors(monkeypatch):
     assert out.shape == (2, 9, 4) and seen == []
 
 
-@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "vec"])
+@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "vec", "mix"])
 def test_packed_sequences_run_in_one_launch(name, tmp_path, monkeypatch):
     """Each packed sequence has its own tree, all in one launch (program b runs sequence b)."""
     ref, tri = pair(tree_class(name, tmp_path), name, "triton")
@@ -79,8 +79,10 @@ def test_packed_sequences_run_in_one_launch(name, tmp_path, monkeypatch):
 @pytest.mark.parametrize("source, words", [
     ("examples/tree_rnn.psm", "combine structure is 'general', not 'elementwise'"),
     ("examples/transformer_psm.psm", "chunk op: its Agg runs over whole chunks"),
-    ("op m { state (a: f32, b: f32[D]); combine (l, r) { return (0.5 * l.a + r.a, l.b * r.b + r.b); } }",
-     "state fields of different shapes"),
+    ("op m { state (a: f32[D], b: f32[E]); combine (l, r) { return (0.5 * l.a + r.a, l.b * r.b + r.b); } }",
+     "vector fields of different shapes"),
+    ("op q { state (a: f32[D, D]); combine (l, r) { return 0.5 * l.a + r.a * r.a; } }",
+     "state field 'a' has rank 2: the tree kernel holds scalar or vector fields"),
     ("op i { state (a: f32, n: i64); combine (l, r) { return (0.5 * l.a + r.a, l.n * r.n + 1); } }",
      "state field 'n' is i64: the tree kernel holds bf16/f16/f32 fields"),
     ("op w { state (a: f64); combine (l, r) { return 0.5 * l.a + r.a * r.a; } }",
@@ -88,7 +90,8 @@ def test_packed_sequences_run_in_one_launch(name, tmp_path, monkeypatch):
 ])
 def test_ops_the_tree_kernels_do_not_serve_say_why(source, words):
     root = Path(__file__).resolve().parents[2]
-    text = (root / source).read_text() if source.endswith(".psm") else source.replace("[D]", "[3]")
+    text = (root / source).read_text() if source.endswith(".psm") else \
+        source.replace("[D]", "[3]").replace("[E]", "[4]").replace("[D, D]", "[3, 3]")
     compiled = compile_source(text, "t.psm")
     op = compiled.ops[0]
     plan = compiled.plans[op.name]

@@ -1,7 +1,7 @@
 """The programs and helpers of the tree-kernel tests (test_triton_tree.py: the Triton kernels,
 test_cpu_tree.py: the C++ ones): the ema example, hand-written tree ops (two fields with a
 param, vector fields, an exclusive readout) and programs of the fuzz generator whose plan gets
-the kernels, each run as three chained calls so the kernels start from counters of 11 and 12
+the kernels (mix: a scalar field beside a vector one, a vector param), each run as three chained calls so the kernels start from counters of 11 and 12
 leaves and gradients flow back through the states."""
 from __future__ import annotations
 
@@ -46,8 +46,16 @@ HAND_WRITTEN = {
   combine (l, r) { return 0.6 * l.y + 0.4 * tanh(r.y); }
   readout (s) { return s.y - 0.001 * index; }
 }""",
+    "mix": """op mix[D] {
+  param w: f32[D] = ones;
+  param s: f32 = ones;
+  state (g: f32, h: f32[D]);
+  lift (x: f32[D], z: f32) { return (z, x); }
+  combine (l, r) { return (0.5 * l.g + tanh(r.g) * s, w * l.h * sigmoid(l.g) + (1.0 - w) * r.h + 0.1 * r.g); }
+  readout (st) { return st.h * st.g; }
+}""",
 }
-DIMS = {"vec": {"D": 3}}
+DIMS = {"vec": {"D": 3}, "mix": {"D": 3}}
 # fuzz seeds whose plans get the tree kernels (the tests assert it): Triton's hold f32 fields,
 # the C++ ones also f64 fields (8, 141)
 TRITON_SEEDS = (15, 23, 37, 44, 226)
@@ -159,11 +167,11 @@ def compare_packed(ref, other, seen: list, close, what: str) -> None:
     cu = torch.tensor(PACKED)
     B = len(PACKED) - 1
     dims = dict(ref.dims)
-    shape = lambda lead: lead + (2,) + tuple(int(x) for x in ref.spec.inputs[0].shape(dims))  # noqa: E731
+    shape = lambda lead, slot: lead + (2,) + tuple(int(x) for x in slot.shape(dims))  # noqa: E731
     g = torch.Generator().manual_seed(7)
-    first = {s.name: torch.randn(shape((B, 5)), generator=g) for s in ref.spec.inputs}
-    packed = {s.name: torch.randn(shape((1, PACKED[-1])), generator=g).requires_grad_() for s in ref.spec.inputs}
-    token = {s.name: torch.randn(shape((B,)), generator=g) for s in ref.spec.inputs}
+    first = {s.name: torch.randn(shape((B, 5), s), generator=g) for s in ref.spec.inputs}
+    packed = {s.name: torch.randn(shape((1, PACKED[-1]), s), generator=g).requires_grad_() for s in ref.spec.inputs}
+    token = {s.name: torch.randn(shape((B,), s), generator=g) for s in ref.spec.inputs}
     for fresh in (True, False):
         kwargs = {} if fresh else {"state": other(**first, return_state=True)[1]}
         ref_kwargs = {} if fresh else {"state": ref(**first, return_state=True)[1]}
