@@ -275,6 +275,9 @@ def run_program(program, config: Config, workdir: Path) -> dict:
             "triton": _has_triton(cls)}
 
 
+TREE_INTERPRETED_T = 64  # the longest sequence a program with tree kernels runs them under the interpreter
+
+
 def _cpu_kernels_of(cls):
     """The generated C++ kernels: an exact scan's, or a tree scan's (psmc.codegen.cpp_tree)."""
     return getattr(cls, "_cpu_kernels", None) or getattr(cls, "_cpu_tree_kernels", None)
@@ -354,11 +357,15 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     if config.f32:
         _check_float32(cls, program, layer, inputs, full, batch_shape, config)
         checked.add("f32")
-        if config.triton and _has_triton(cls):
+        # (the tree kernels serve few programs: always compared, on sequences the interpreter runs quickly)
+        tree = getattr(cls, "_tree_kernels", None) is not None and config.time <= TREE_INTERPRETED_T
+        if (config.triton or tree) and _has_triton(cls):
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
 
-    # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared)
-    if (config.cpp or per_lane) and _cpu_kernels_of(cls) is not None:
+    # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared;
+    # the C++ tree kernels serve few programs: every fifth of them, a build costs seconds)
+    tree = getattr(cls, "_cpu_tree_kernels", None) is not None and program.seed % 5 == 0
+    if (config.cpp or per_lane or tree) and _cpu_kernels_of(cls) is not None:
         _check_cpp(cls, program, layer, inputs, full, batch_shape, config, checked)
 
     if config.half:
