@@ -180,9 +180,9 @@ class TreeCppPrinter:
         header = self._header([("leaf", True), ("root", True), ("fold", True), ("pre", True), ("node", True),
                                ("gpre", True), ("gnode", True), ("dleaf", False), ("groot", False), ("gfold", False),
                                ("par", True), ("dpar", False)], backward=True)
-        decls = [f"PsmBuf<scalar_t> gq{i}_v(W), gn{i}_v(W), cc{i}_v(W), gl{i}_v(W), gr{i}_v(W);" for i in range(n)]
+        decls = [f"PsmBuf<scalar_t> gq{i}_v(W), gn{i}_v(W), st{i}_v(64 * W), gl{i}_v(W), gr{i}_v(W);" for i in range(n)]
         decls += [f"PsmBuf<scalar_t> dp{i}_v(W);" for i in range(np_)]
-        item = [f"scalar_t *gq{i} = gq{i}_v.data(), *gn{i} = gn{i}_v.data(), *cc{i} = cc{i}_v.data(), "
+        item = [f"scalar_t *gq{i} = gq{i}_v.data(), *gn{i} = gn{i}_v.data(), *st{i} = st{i}_v.data(), "
                 f"*gl{i} = gl{i}_v.data(), *gr{i} = gr{i}_v.data();" for i in range(n)]
         item += [f"scalar_t *dp{i} = dp{i}_v.data(); for (int64_t c = 0; c < C; ++c) dp{i}[c] = 0;" for i in range(np_)]
         gps = "".join(f", dp{i}[c]" for i in range(np_))
@@ -204,13 +204,16 @@ class TreeCppPrinter:
             item += [f"    {{ scalar_t *a = gfold{i} + (lv * B + b) * L + l; "
                      f"for (int64_t c = 0; c < C; ++c) {{ a[c] += gl{i}[c]; gn{i}[c] += gr{i}[c]; }} }}"]
         item += ["  }",
-                 "  for (int64_t dd = 0; dd < k; ++dd) {  // the carry in reverse; node_d recomputed from the leaf",
-                 "    const int64_t d = k - 1 - dd;"]
-        item += [f"    for (int64_t c = 0; c < C; ++c) cc{i}[c] = leaf{i}[at + c];" for i in range(n)]
-        item.append("    for (int64_t e = 0; e < d; ++e) {")
-        item += ["      " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << e)", "e", "root")]
-        item += ["      " + self._agg_loop("r", "cc", "cc"), "    }"]
+                 "  // the carry's inputs node_0 = the leaf, node_{d+1} = Agg(root_d, node_d), recomputed once into",
+                 "  // a stack (levels x C), then its VJP in reverse"]
+        item += [f"  for (int64_t c = 0; c < C; ++c) st{i}[c] = leaf{i}[at + c];" for i in range(n)]
+        item.append("  for (int64_t e = 0; e + 1 < k; ++e) {")
+        item += ["    " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << e)", "e", "root")]
+        item += [f"    const scalar_t *cc{i} = st{i} + e * W; scalar_t *nx{i} = st{i} + (e + 1) * W;" for i in range(n)]
+        item += ["    " + self._agg_loop("r", "cc", "nx"), "  }"]
+        item += ["  for (int64_t dd = 0; dd < k; ++dd) {", "    const int64_t d = k - 1 - dd;"]
         item += ["    " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << d)", "d", "root")]
+        item += [f"    const scalar_t *cc{i} = st{i} + d * W;" for i in range(n)]
         item += [f"    for (int64_t c = 0; c < C; ++c) {{ gl{i}[c] = 0; gr{i}[c] = 0; }}" for i in range(n)]
         item.append("    " + self._vjp_loop("r", "cc", "gn", gps))
         for i in range(n):

@@ -184,7 +184,8 @@ def _indexer(key: tuple, device):
         if found is None:
             if len(_INDEXES) > 512:  # (a few plans: an entry holds up to T int64)
                 _INDEXES.clear()
-            found = _INDEXES[full] = torch.tensor(values, dtype=torch.int64, device=device)
+            with torch.inference_mode(False):  # (a normal tensor: a later pass may record autograd)
+                found = _INDEXES[full] = torch.tensor(values, dtype=torch.int64, device=device)
         return found
     return index
 

@@ -319,3 +319,23 @@ def test_a_repeated_pass_reuses_its_index_tensors(monkeypatch):
     assert all(tree._INDEXES[k] is v for k, v in made.items()) and len(tree._INDEXES) == len(made)
     assert not [a for a in calls if isinstance(a[0], list) and len(a[0]) > 1]  # no index list made again
     torch.testing.assert_close(second[0], first[0], rtol=0, atol=0)
+
+
+def test_indexes_made_in_inference_mode_serve_a_later_pass_with_gradients(monkeypatch):
+    """A pass under torch.inference_mode caches the plan's indexes; a training pass over the
+    same shapes must be able to record autograd through them (examples/experiments/s5 evaluates
+    in inference mode between training steps)."""
+    from psmc.runtime import tree
+    monkeypatch.setattr(tree, "_INDEXES", {})
+
+    def agg(left, right):
+        return (0.9 * left[0] + 0.1 * right[0],)
+
+    with torch.inference_mode():
+        _, _, state = tree_scan((torch.randn(2, 5, 3),), agg)
+        tree_scan((torch.randn(2, 13, 3),), agg, state=state)
+    x = torch.randn(2, 13, 3, requires_grad=True)
+    _, _, state = tree_scan((torch.randn(2, 5, 3),), agg)
+    out, _, _ = tree_scan((x,), agg, state=state)
+    out[0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
