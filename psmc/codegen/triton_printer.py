@@ -118,9 +118,9 @@ class TritonBodyPrinter:
 
     def node(self, node: Node) -> str:
         args = [self.names[a] for a in node.args]
-        if node.op in FLOAT_MATH:
-            args = [f"({n}).to(tl.float32)" if a.dtype not in FLOATS and a.op != "const" else n
-                    for n, a in zip(args, node.args)]
+        if node.op in FLOAT_MATH:  # (an int constant as a float literal: tl.sigmoid(2) fails on an int)
+            args = [n if a.dtype in FLOATS else literal(float(a.attrs[0])) if a.op == "const" else
+                    f"({n}).to(tl.float32)" for n, a in zip(args, node.args)]
         rendering = TRITON_OPS[node.op]
         if isinstance(rendering, Unsupported):
             raise ValueError(f"IR op {node.op!r} has no Triton rendering: {rendering.reason}")

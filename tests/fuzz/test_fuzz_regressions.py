@@ -197,6 +197,25 @@ def test_a_folded_float_constant_is_a_float_in_a_triton_kernel(tmp_path):
     run(FOLDED_ONES, "folded_ones", {"D": 3}, tmp_path, config)
 
 
+# an int literal straight into a float builtin (`fh5(1, 2)` inlined: 1 * sigmoid(2)): the kernel
+# wrote tl.sigmoid(2) on an int (campaign seed 2900739, in the tree kernel's Agg: "numpy data
+# itemsize (64 bits) exceeds dtype primitive_bitwidth (32 bits) for triton type int32")
+INT_INTO_MATH = """
+fn fh5(a, b) { return a * sigmoid(b); }
+op int_into_math {
+  state (t1: f32, t2: f32);
+  lift (x6: f32) { return (x6, x6); }
+  combine (l, r) { return (tanh(r.t1 - 2 * abs(l.t2)), tanh(if 2 < l.t1 then l.t2 else fh5(1, 2))); }
+}
+"""
+
+
+def test_an_int_literal_into_a_float_builtin_in_a_triton_kernel(tmp_path):
+    config = Config(batch=1, time=4, lanes=(1,), broadcast=((False,),), block=4, split=0.76, grads=True, f32=True,
+                    triton=True, seed=42584)
+    run(INT_INTO_MATH, "int_into_math", {}, tmp_path, config)
+
+
 F64_CPP = """
 op f64_cpp {
   state (m: f64, z: f64, acc: f64);
