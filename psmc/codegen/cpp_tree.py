@@ -198,11 +198,7 @@ class TreeCppPrinter:
         item += ["  } else {", "    int64_t lv = k + 1;", "    while (!((rest >> lv) & 1)) ++lv;"]
         item += ["    " + x for x in self._ptrs("f", "pre", "rest", "lv", "fold")]
         item += [f"    const scalar_t *n{i} = node{i} + at;" for i in range(n)]
-        item += [f"    for (int64_t c = 0; c < C; ++c) {{ gl{i}[c] = 0; gr{i}[c] = 0; }}" for i in range(n)]
-        item.append("    " + self._vjp_loop("f", "n", "gq", gps))
-        for i in range(n):
-            item += [f"    {{ scalar_t *a = gfold{i} + (lv * B + b) * L + l; "
-                     f"for (int64_t c = 0; c < C; ++c) {{ a[c] += gl{i}[c]; gn{i}[c] += gr{i}[c]; }} }}"]
+        item += ["    " + x for x in self._vjp_step("f", "n", "gq", gps, "gfold", "lv", "+=")]
         item += ["  }",
                  "  // the carry's inputs node_0 = the leaf, node_{d+1} = Agg(root_d, node_d), recomputed once into",
                  "  // a stack (levels x C), then its VJP in reverse"]
@@ -214,16 +210,23 @@ class TreeCppPrinter:
         item += ["  for (int64_t dd = 0; dd < k; ++dd) {", "    const int64_t d = k - 1 - dd;"]
         item += ["    " + x for x in self._ptrs("r", "node", "t - (int64_t(1) << d)", "d", "root")]
         item += [f"    const scalar_t *cc{i} = st{i} + d * W;" for i in range(n)]
-        item += [f"    for (int64_t c = 0; c < C; ++c) {{ gl{i}[c] = 0; gr{i}[c] = 0; }}" for i in range(n)]
-        item.append("    " + self._vjp_loop("r", "cc", "gn", gps))
-        for i in range(n):
-            item += [f"    {{ scalar_t *a = groot{i} + (d * B + b) * L + l; "
-                     f"for (int64_t c = 0; c < C; ++c) {{ a[c] += gl{i}[c]; gn{i}[c] = gr{i}[c]; }} }}"]
+        item += ["    " + x for x in self._vjp_step("r", "cc", "gn", gps, "groot", "d", "=")]
         item.append("  }")
         item += [f"  for (int64_t c = 0; c < C; ++c) dleaf{i}[at + c] = gn{i}[c];" for i in range(n)]
         item.append("}")
         item += [f"for (int64_t c = 0; c < C; ++c) dpar{i}[b * L + l + c] = dp{i}[c];" for i in range(np_)]
         return self._function("backward", header, decls, item)
+
+    def _vjp_step(self, left: str, right: str, grads: str, gps: str, table: str, level: str, node_op: str) -> list:
+        """Agg's VJP at (`left`, `right`) for the adjoints `grads`: the left operand's adjoint adds
+        into the accumulator `table` at `level`, the right one's goes to the node's adjoint gn
+        (`node_op`: '+=' beside what it holds, '=' in place of it)."""
+        n = len(self.fields)
+        lines = [f"for (int64_t c = 0; c < C; ++c) {{ gl{i}[c] = 0; gr{i}[c] = 0; }}" for i in range(n)]
+        lines.append(self._vjp_loop(left, right, grads, gps))
+        return lines + [f"{{ scalar_t *a = {table}{i} + ({level} * B + b) * L + l; "
+                         f"for (int64_t c = 0; c < C; ++c) {{ a[c] += gl{i}[c]; gn{i}[c] {node_op} gr{i}[c]; }} }}"
+                         for i in range(n)]
 
     def _vjp_loop(self, left: str, right: str, grads: str, gps: str) -> str:
         n = len(self.fields)

@@ -129,30 +129,29 @@ class TreePrinter:
         names = [left, right] + ([grads] if grads else [])
         return ", ".join([f"{x}{i}" for x in names for i in range(len(self.fields))] + self._extras())
 
+    def _earlier(self, target: str, ours: str, theirs: str, s: str, level: str, some: str = "") -> list[str]:
+        """`target`<i> = the value at leaf `s`: this call's `ours` tensor there when s is past m,
+        else the state's `theirs` table at `level` (`some`: a condition for reading at all)."""
+        # (tiles, not scalars, so the interpreter takes `col_ok & new` as a mask too)
+        lines = [f"new = (lane * 0 + {s}) > m", f"old = {some}(new == 0)"]
+        for i, _ in enumerate(self.fields):
+            lines.append(f"{target}{i} = tl.where(new, tl.load({ours}{i} + tokens + ({s} - m - 1) * Lw, "
+                         f"mask=col_ok & new, other=0.0), tl.load({theirs}{i} + counter + {level} * level, "
+                         f"mask=col_ok & old, other=0.0))")
+        return lines
+
     def _root(self, target: str, d: str, s: str) -> list[str]:
         """`target`<i> = the root at level `d`: the tree that ended at leaf `s` (this call's
         node there, or the state's root)."""
-        # (tiles, not scalars, so the interpreter takes `col_ok & new` as a mask too)
-        lines = [f"new = (lane * 0 + {s}) > m", "old = new == 0"]
-        for i, _ in enumerate(self.fields):
-            lines.append(f"{target}{i} = tl.where(new, tl.load(node{i} + tokens + ({s} - m - 1) * Lw, "
-                         f"mask=col_ok & new, other=0.0), tl.load(root{i} + counter + {d} * level, "
-                         f"mask=col_ok & old, other=0.0))")
-        return lines
+        return self._earlier(target, "node", "root", s, d)
 
     def _fold(self) -> list[str]:
         """f<i> = P(rest) (rest = t - 2^k > 0): this call's prefix there, or the state's fold at
         rest's lowest set bit `lv`."""
         lines = ["lv = k + 1",
                  "while (rest > 0) & (((rest >> lv) & 1) == 0):",
-                 "    lv += 1",
-                 "new = (lane * 0 + rest) > m",
-                 "old = ((lane * 0 + rest) > 0) & (new == 0)"]
-        for i, _ in enumerate(self.fields):
-            lines.append(f"f{i} = tl.where(new, tl.load(pre{i} + tokens + (rest - m - 1) * Lw, "
-                         f"mask=col_ok & new, other=0.0), tl.load(fold{i} + counter + lv * level, "
-                         f"mask=col_ok & old, other=0.0))")
-        return lines
+                 "    lv += 1"]
+        return lines + self._earlier("f", "pre", "fold", "rest", "lv", some="((lane * 0 + rest) > 0) & ")
 
     def _lowest_bit(self) -> list[str]:
         return ["k = t * 0  # t's lowest set bit", "while ((t >> k) & 1) == 0:", "    k += 1"]

@@ -46,7 +46,6 @@ class TreeKernels:
         return torch.float32
 
     def launch(self, kind: str, args: dict, B: int, L: int) -> None:
-        args = {n: v for n, v in args.items() if n != "bounds"}  # (the C++ kernels take the offsets as ints)
         triton_abi.check_tree(args, kind, len(self.fields), len(self.params), tuple(self.dims))
         block = args["BLOCK_C"]
         grid = ((L + block - 1) // block, B)
@@ -86,8 +85,8 @@ class CpuTreeKernels:
         ints += [args[triton_abi.dim(d)] for d in self.dims]
         if kind == "backward":
             ints.append(int(args["HAS_GNODE"]))
-        bounds = args["bounds"]  # packed sequences: 1 and the offsets, else 0
-        ints += [1, *bounds] if bounds is not None else [0]
+        cu = args["cu"]  # packed sequences: 1 and the offsets (a CPU tensor: no device read), else 0
+        ints += [1, *cu.tolist()] if cu is not None else [0]
         dtype = tensors[0].dtype
         fn = cpu_support._typed(getattr(cpu_support.library(self), f"{self.symbol}_{kind}_"
                                         f"{'f64' if dtype == torch.float64 else 'f32'}"))
@@ -165,7 +164,7 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     roots, folds = _counter_tensors(state, m, scalar, (B,) + full[2:], (B, L), dev, dtype)
     params = [_param(layer, name, lanes, size, dtype) for name in k.params]
     cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=dev)
-    meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims), cu, None if bounds is None else tuple(bounds))
+    meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims), cu)
     out = _TreeScan.apply(meta, len(k.fields), *flat, *roots, *folds, *params)
     prefixes, nodes = out[:len(k.fields)], out[len(k.fields):]
     dtypes = [x.dtype for x in leaves]
@@ -245,8 +244,8 @@ def _counter_tensors(state: TreeState | None, m: int, scalar: list, shape: tuple
 
 
 def _sizes(meta) -> dict:
-    k, m, T, B, L, dims, cu, bounds = meta
-    out = dict(m=m, T=T, B=B, L=L, cu=cu, VARLEN=cu is not None, bounds=bounds)
+    k, m, T, B, L, dims, cu = meta
+    out = dict(m=m, T=T, B=B, L=L, cu=cu, VARLEN=cu is not None)
     out.update({triton_abi.dim(d): int(v) for d, v in zip(k.dims, dims)})
     return out
 
@@ -269,7 +268,6 @@ class _TreeScan(torch.autograd.Function):
         ctx.meta, ctx.F = meta, F
         ctx.set_materialize_grads(False)  # an unread output (the nodes, mostly) sends None, not zeros
         ctx.save_for_backward(*leaves, *roots, *folds, *pre, *node, *params)
-        ctx.param_shapes = [p.shape for p in params]
         return (*pre, *node)
 
     @staticmethod
@@ -280,10 +278,9 @@ class _TreeScan(torch.autograd.Function):
         leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
         pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
         like = dict(device=leaves[0].device, dtype=leaves[0].dtype)
-        zeros = torch.zeros_like(leaves[0]) if any(g is None for g in grads) else None
-        gpre = [zeros if g is None else g.contiguous().to(like["dtype"]) for g in grads[:F]]
+        gpre = _adjoints(grads[:F], leaves[0])
         has_gnode = any(g is not None for g in grads[F:])
-        gnode = [zeros if g is None else g.contiguous().to(like["dtype"]) for g in grads[F:]]
+        gnode = _adjoints(grads[F:], leaves[0]) if has_gnode else gpre  # (not read with HAS_GNODE off)
         levels = (m + T).bit_length()
         groot = [torch.zeros((levels, B, L), **like) for _ in range(F)]
         gfold = [torch.zeros((levels, B, L), **like) for _ in range(F)]
@@ -300,7 +297,7 @@ class _TreeScan(torch.autograd.Function):
         dfolds = [g[:held] for g in gfold]
         dparams = []
         for p, d in zip(params, dpar):
-            dparams.append(d.sum(0) if p.numel() == L and p.numel() > 1 else d.sum().reshape(p.shape))
+            dparams.append(d.sum(0) if _lane_stride(p, L) else d.sum().reshape(p.shape))
         return (None, None, *dleaf, *droots, *dfolds, *dparams)
 
 
@@ -308,12 +305,24 @@ def _named(kind: str, tensors) -> dict:
     return {f"{kind}{i}": t for i, t in enumerate(tensors)}
 
 
+def _adjoints(grads, like: torch.Tensor) -> list:
+    """Output adjoints as the kernels read them: contiguous, in the compute dtype; one zero
+    tensor for those autograd did not send."""
+    zeros = torch.zeros_like(like) if any(g is None for g in grads) else None
+    return [zeros if g is None else g.contiguous().to(like.dtype) for g in grads]
+
+
+def _lane_stride(p: torch.Tensor, L: int) -> int:
+    """A flat param's stride over the kernel lanes: 1 with a value per lane, 0 with one for all."""
+    return 1 if p.numel() == L and p.numel() > 1 else 0
+
+
 def _param_args(params, meta) -> dict:
     L = meta[4]
     out = {}
     for i, p in enumerate(params):
         out[f"par{i}"] = p
-        out[f"par{i}_sl"] = 1 if p.numel() == L and p.numel() > 1 else 0
+        out[f"par{i}_sl"] = _lane_stride(p, L)
     return out
 
 
