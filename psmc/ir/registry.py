@@ -53,6 +53,12 @@ def _sigmoid(x):
     return 1 / (1 + sympy.exp(-x))
 
 
+# tanh in Triton: 2 sigmoid(2x) - 1 loses the relative precision of small x (tanh(1e-5) came out
+# 1% off, and a comparison like tanh(e) <= e flipped); below |x| = 1/8 the Taylor series to x^7
+# is exact to float32 (the next term is 4e-9 of x)
+TRITON_TANH = ("tl.where({0} * {0} < 0.015625, {0} * (1.0 + {0} * {0} * (-0.3333333333333333 + {0} * {0} * "
+               "(0.13333333333333333 - 0.05396825396825397 * {0} * {0}))), 2.0 * tl.sigmoid(2.0 * {0}) - 1.0)")
+
 UNARY_MATH: tuple[UnaryMath, ...] = (
     UnaryMath("exp", "e ** x", "float", "torch.exp", lambda ev, x: sympy.exp(x), "torch.exp", "tl.exp({0})",
               "({g} * {z})",
@@ -83,7 +89,7 @@ UNARY_MATH: tuple[UnaryMath, ...] = (
               "psm_sigmoid({a})",
               "({g} * {z} * (scalar_t(1) - {z}))"),
     UnaryMath("tanh", "hyperbolic tangent", "float", "torch.tanh", lambda ev, x: sympy.tanh(x), "torch.tanh",
-              "(2.0 * tl.sigmoid(2.0 * {0}) - 1.0)", "({g} * (1.0 - {z} * {z}))",
+              TRITON_TANH, "({g} * (1.0 - {z} * {z}))",
               "std::tanh({a})",
               "({g} * (scalar_t(1) - {z} * {z}))"),
     # torch's softplus (beta 1, threshold 20)

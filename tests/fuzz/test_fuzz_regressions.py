@@ -216,6 +216,28 @@ def test_an_int_literal_into_a_float_builtin_in_a_triton_kernel(tmp_path):
     run(INT_INTO_MATH, "int_into_math", {}, tmp_path, config)
 
 
+# tanh in Triton was 2 sigmoid(2x) - 1, which keeps no relative precision for small x: the
+# comparison tanh(e6) <= e6 flipped where e6 was tiny (campaign seed 3100059, a tree kernel;
+# "triton vs torch, output 2: off by 4.54e+03x the tolerance")
+SMALL_TANH = """
+fn fh7(a, b) { return if true then a else b; }
+op small_tanh[D] {
+  state (m1: f32, z2: f32, t5: f32);
+  lift (x3: f32, x8: f32) { return (x3, 1.0, x8); }
+  combine (l, r) { let mx4 = max(l.m1, r.m1); let e6 = silu((r.t5 * l.t5)); return (mx4, l.z2 * exp(l.m1 - mx4) + r.z2 * exp(r.m1 - mx4), tanh(fh7((if tanh(e6) <= e6 then l.t5 else (if D > 1 then r.t5 else l.t5)), l.t5))); }
+  identity = (-inf, 0.0, 0.0);
+  assume empty_prefix;
+}
+"""
+
+
+def test_triton_tanh_keeps_the_relative_precision_of_small_arguments(tmp_path):
+    config = Config(batch=1, time=17, lanes=(3,), broadcast=((True,), (False,), (False,), (True,), (False,),
+                    (False,), (False,), (False,)), block=4, split=0.412, grads=True, f32=True, triton=False,
+                    seed=64004)
+    run(SMALL_TANH, "small_tanh", {"D": 2}, tmp_path, config)
+
+
 F64_CPP = """
 op f64_cpp {
   state (m: f64, z: f64, acc: f64);
