@@ -38,7 +38,7 @@ class BackwardPrinter(KernelPrinter):
     """The backward kernel of one op (reuses the forward's prologue and block recompute)."""
 
     def signature_backward(self) -> list[str]:
-        return kernel_signature(self.op, "backward", matrix=False)
+        return kernel_signature(self.op, "backward", "lanes")
 
     def scratch_offset(self, row: str) -> str:
         return f"((b * L + lane) * BLOCK_T + {row}) * S + sidx"

@@ -1,15 +1,16 @@
 """The Triton section of a generated module: every op's kernels, or why it gets none.
 
-The entry point of the Triton printers: it imports the one-axis printer and its backward
-(psmc.codegen.triton_printer, triton_backward) and the matrix tile model (triton_matrix),
-which build on triton_layout and import nothing above them: no import cycle among them.
+The entry point of the Triton printers: it imports the lanes printer and its backward
+(psmc.codegen.triton_printer, triton_backward) and the token-loop tile models (triton_matrix:
+matrix and state tiles), which build on triton_layout and import nothing above them: no
+import cycle among them.
 """
 from __future__ import annotations
 
 from ..ir.nodes import OpIR
 from .triton_backward import BackwardPrinter
 from .triton_layout import layout_of, unsupported_reason
-from .triton_matrix import MatrixPrinter
+from .triton_matrix import MatrixPrinter, StatePrinter
 from .triton_printer import PRELUDE, registration
 from . import triton_tree
 
@@ -21,8 +22,9 @@ def generate(op: OpIR, plan: dict | None) -> str | None:
         return triton_tree.generate(op, plan)
     if unsupported_reason(op, plan) is not None:
         return None
-    if layout_of(op).mode == "matrix":
-        printer = MatrixPrinter(op)
+    mode = layout_of(op).mode
+    if mode in ("matrix", "state"):  # token loops over [R, C] or [lanes, S] tiles
+        printer = MatrixPrinter(op) if mode == "matrix" else StatePrinter(op)
         lines = printer.forward_kernel() + ["", ""] + printer.step_kernel() + ["", ""]
         lines += printer.backward_kernel() + ["", ""] + registration(op)
         return "\n".join(lines) + "\n"
@@ -62,6 +64,9 @@ def describe(op: OpIR, plan: dict | None) -> str:
         return (f"triton: forward + backward + step kernels, token loop over a [{layout.axis}, {layout.cols}] "
                 f"tile (all of {layout.axis} x {cols})" + (", exclusive readout" if op.exclusive else "")
                 + "; packed sequences in one launch")
-    tiles = "lanes" if layout.mode == "lanes" else f"state axis {layout.axis}" + \
-        (" (whole axis per tile)" if layout.full_tile else "")
-    return f"triton: forward + backward + step kernels, tiled over {tiles}; packed sequences in one launch"
+    if layout.mode == "state":
+        cols = f"all of {layout.axis}" if layout.full_tile else f"tiles of {layout.axis}"
+        return (f"triton: forward + backward + step kernels, token loop over [lanes, {layout.axis}] tiles "
+                f"(a block of lanes x {cols})" + (", exclusive readout" if op.exclusive else "")
+                + "; packed sequences in one launch")
+    return "triton: forward + backward + step kernels, tiled over lanes; packed sequences in one launch"

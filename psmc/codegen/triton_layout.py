@@ -54,14 +54,17 @@ FLOATS = ("f16", "bf16", "f32", "f64")
 # ---------------------------------------------------------------------- what fits the tile model
 @dataclass(frozen=True)
 class Layout:
-    mode: str  # 'lanes' | 'state' | 'matrix'
+    mode: str  # 'lanes' (block scan) | 'state' ([lanes, S] token loop) | 'matrix' ([R, C] token loop)
     axis: object  # the SymPy dim expression of the state axis S, the rows R in matrix mode (None in lanes mode)
     full_tile: bool  # a body reduces over S (over C in matrix mode): one tile must hold all of it
     cols: object = None  # matrix mode: the SymPy dim expression of the column axis C
 
 
 def _bodies(op: OpIR):
-    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout)
+    """What the kernels print: lift, combine, readout, and the identity an exclusive readout
+    reads before a fresh stream's first token."""
+    extra = tuple(op.identity or ()) if op.exclusive else ()
+    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout) + extra
 
 
 def scan_reason(op: OpIR, plan: dict | None, nodes, cannot) -> str | None:
@@ -144,8 +147,6 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
             return f"{v.name!r} is {v.dtype}: kernels hold f16/bf16/f32/int/bool values"
     if _is_matrix(op):
         return matrix_reason(op)
-    if op.exclusive:
-        return "exclusive readout: generated for matrix-state ops only (the token loop); the torch backend serves it"
     for node in nodes:
         if node.op in MATRIX_ONLY:
             return f"uses {node.op!r} without a matrix-valued state: not generated; the torch backend serves it"
@@ -155,6 +156,11 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
     if len(axes) > 1:
         return f"values of different lengths {sorted(map(str, axes))}: the tile has one state axis"
+    if op.exclusive and not axes:
+        return ("exclusive readout of scalar states: the lanes' block scan has none (the token loops of vector "
+                "and matrix states do); the torch backend serves it")
+    if op.exclusive and op.identity is None:
+        return "exclusive readout without an identity: the first token of a stream reads it"
     return None
 
 
@@ -215,11 +221,6 @@ def _matrix_shape(op: OpIR) -> tuple:
     return next(tuple(sympy.sympify(d) for d in f.shape) for f in op.state if len(f.shape) == 2)
 
 
-def _matrix_bodies(op: OpIR) -> tuple:
-    extra = tuple(op.identity or ()) if op.exclusive else ()
-    return tuple(op.lift) + tuple(op.combine) + tuple(op.readout) + extra
-
-
 def reduce_axis(node: Node, rows, cols) -> int | None:
     """The tile axis a reduction runs over; None for a size-1 declared axis (no reduction)."""
     arg = node.args[0]
@@ -251,7 +252,7 @@ def _view_only(node: Node, rows, cols) -> bool:
 def matrix_layout(op: OpIR) -> Layout:
     rows, cols = _matrix_shape(op)
     full = False
-    for node in walk(_matrix_bodies(op)):
+    for node in walk(_bodies(op)):
         if OPS[node.op].kind == "reduce" and reduce_axis(node, rows, cols) == 1:
             full = True
         if node.op == "matmul" and matmul_axis(node, rows, cols) == 1:
@@ -275,7 +276,7 @@ def matrix_reason(op: OpIR) -> str | None:
     for v in op.state + op.inputs + op.outputs + op.params:
         if role_of(v.shape, rows, cols) is None:
             return f"{v.name!r} spans no axis of the [{rows}, {cols}] tile"
-    for node in walk(_matrix_bodies(op)):
+    for node in walk(_bodies(op)):
         what = render(node)[:60]
         if role_of(node.shape, rows, cols) is None:
             return f"{what} has a shape that spans no axis of the [{rows}, {cols}] tile"

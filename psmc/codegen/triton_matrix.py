@@ -22,8 +22,10 @@ from __future__ import annotations
 
 from ..ir.nodes import Node, OpIR
 from ..ir.ops import OPS
+import sympy
+
 from ..ir.registry import STRUCTURE_OPS
-from .triton_layout import (FLOATS, Layout, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
+from .triton_layout import (FLOATS, Layout, layout_of, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
                             reduce_axis, role_of)
 from .triton_printer import (TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, sequence,
                              tile_expr, token_pointer)
@@ -132,6 +134,9 @@ def _is_float(value) -> bool:
 class MatrixPrinter:
     """The forward, step and backward kernels of one matrix-state op."""
 
+    tile = "matrix"  # the launch contract's tile model (psmc.runtime.triton_abi)
+    role_shape, role_mask = ROLE_SHAPE, ROLE_MASK
+
     def __init__(self, op: OpIR):
         self.op = op
         layout = matrix_layout(op)
@@ -143,12 +148,12 @@ class MatrixPrinter:
         return role_of(value.shape, self.rows, self.cols)
 
     def shape(self, value) -> str:
-        return ROLE_SHAPE[self.role(value)]
+        return self.role_shape[self.role(value)]
 
     def store_mask(self, value, *extra) -> str:
         """Every column tile computes values without a column axis: the first one stores them."""
         role = self.role(value)
-        return _mask(ROLE_MASK[role], *extra, None if "c" in role else "lead_tile")
+        return _mask(self.role_mask[role], *extra, None if "c" in role else "lead_tile")
 
     def body(self, outputs, prefix: str) -> MatrixBodyPrinter:
         return MatrixBodyPrinter(tuple(outputs), prefix, self.rows, self.cols)
@@ -158,23 +163,26 @@ class MatrixPrinter:
 
     # -- signatures: the launch contract (psmc.runtime.triton_abi) names every argument
     def signature(self, kind: str) -> list[str]:
-        return kernel_signature(self.op, kind, matrix=True)
+        return kernel_signature(self.op, kind, self.tile)
+
+    def grid(self) -> list[str]:
+        """The program's place: its lane, its rows (kidx, row_ok) and column tile (vidx, col_ok)."""
+        # lanes on grid axis 0, column tiles on 1, the batch on 2 (see triton_printer's prologue)
+        return ["lane = tl.program_id(0)", "tile = tl.program_id(1)", "b = tl.program_id(2)",
+                "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",
+                "kidx = tl.arange(0, BLOCK_R)[:, None]",
+                "vidx = tile * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                "row_ok = kidx < SR", "col_ok = vidx < SC"]
 
     def prologue(self) -> list[str]:
         op = self.op
-        # lanes on grid axis 0, column tiles on 1, the batch on 2 (see triton_printer's prologue)
-        lines = ["lane = tl.program_id(0)", "tile = tl.program_id(1)", "b = tl.program_id(2)",
-                 "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",
-                 "kidx = tl.arange(0, BLOCK_R)[:, None]",
-                 "vidx = tile * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
-                 "row_ok = kidx < SR", "col_ok = vidx < SC",
-                 "lead_tile = (tile + zero) == 0"]
+        lines = self.grid() + ["lead_tile = (tile + zero) == 0"]
         for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
             lines.append(f"dim_{d} = d_{d} + zero")
         for i, p in enumerate(op.params):
             role = self.role(p)
             lines.append(f"p_{p.name} = tl.load(par{i} + lane * par{i}_sl + {ROLE_INDEX[role]} * par{i}_ss, "
-                         f"mask={ROLE_MASK[role]}, "
+                         f"mask={self.role_mask[role]}, "
                          f"other=0).to({compute_dtype(p.dtype)})")
         if op.exclusive:  # the state an exclusive readout reads before the first token
             printer = self.body(op.identity, "id")
@@ -195,7 +203,7 @@ class MatrixPrinter:
             role = self.role(v)
             rest = f"lane * in{i}_sl + {ROLE_INDEX[role]} * in{i}_ss"
             ptr = f"in{i} + b * in{i}_sb + {rest}" if kind == "step" else token_pointer("in", i, "t", rest)
-            lines.append(f"x_{v.name} = tl.load({ptr}, mask={_mask(ROLE_MASK[role], 'okt')}, other=0)"
+            lines.append(f"x_{v.name} = tl.load({ptr}, mask={_mask(self.role_mask[role], 'okt')}, other=0)"
                          f".to({compute_dtype(v.dtype)})")
         lines.append("index = (start + t).to(tl.int64)")
         return lines
@@ -231,7 +239,7 @@ class MatrixPrinter:
             role = self.role(out)
             rest = f"lane * out{i}_sl + {ROLE_INDEX[role]} * out{i}_ss"
             ptr = f"out{i} + b * out{i}_sb + {rest}" if kind == "step" else token_pointer("out", i, "t", rest)
-            value = tile_expr(printer.names[node], out.dtype, ROLE_SHAPE[role])
+            value = tile_expr(printer.names[node], out.dtype, self.role_shape[role])
             lines.append(f"tl.store({ptr}, ({value}).to(out{i}.dtype.element_ty), "
                          f"mask={self.store_mask(out, 'okt')})")
         return lines
@@ -249,7 +257,7 @@ class MatrixPrinter:
         return lines
 
     def load_state(self, source: str, base: str, name: str = "c") -> list[str]:
-        return [f"{name}{i} = tl.load({source}{i} + {_offset(self.role(f), base)}, mask={ROLE_MASK[self.role(f)]}, "
+        return [f"{name}{i} = tl.load({source}{i} + {_offset(self.role(f), base)}, mask={self.role_mask[self.role(f)]}, "
                 f"other=0).to({compute_dtype(f.dtype)})" for i, f in enumerate(self.fields)]
 
     def store_state(self, target: str, base: str, names: str) -> list[str]:
@@ -287,7 +295,7 @@ class MatrixPrinter:
         lines = self.load_state("bnd", "(b * L + lane) * NB + blk")
         token = self.token_head("forward") + self.lift() + self.combine()
         token += [f"c{i} = tl.where(okt, n{i}, c{i})" for i in range(len(self.fields))]
-        token += [f"tl.store({self.scratch(i, 'r')}, c{i}, mask={ROLE_MASK[self.role(f)]})"
+        token += [f"tl.store({self.scratch(i, 'r')}, c{i}, mask={self.role_mask[self.role(f)]})"
                   for i, f in enumerate(self.fields)]
         return lines + ["for r in range(0, BLOCK_T):"] + ["    " + x for x in token]
 
@@ -296,7 +304,7 @@ class MatrixPrinter:
         op = self.op
         lines = self.token_head("forward")
         for i, f in enumerate(self.fields):
-            dt, mask = compute_dtype(f.dtype), ROLE_MASK[self.role(f)]
+            dt, mask = compute_dtype(f.dtype), self.role_mask[self.role(f)]
             lines.append(f"p{i} = tl.load({self.scratch(i, 'r')}, mask={mask}, other=0).to({dt})")
             before = f"tl.load({self.scratch(i, 'tl.maximum(r - 1, 0)')}, mask={mask}, other=0).to({dt})"
             lines.append(f"c{i} = tl.where(r > 0, {before}, cb{i})")  # P_{t-1}
@@ -304,7 +312,7 @@ class MatrixPrinter:
             if _is_float(out):
                 role = self.role(out)
                 ptr = token_pointer("dout", i, "t", f"lane * dout{i}_sl + {ROLE_INDEX[role]} * dout{i}_ss")
-                lines.append(f"dy{i} = tl.load({ptr}, mask={_mask(ROLE_MASK[role], 'okt')}, other=0).to(tl.float32)")
+                lines.append(f"dy{i} = tl.load({ptr}, mask={_mask(self.role_mask[role], 'okt')}, other=0).to(tl.float32)")
         found: dict = {}
         if not op.exclusive:  # y_t reads P_t: its adjoint joins G_t
             lines += self.bind("s", [f"p{i}" for i in range(len(self.fields))])
@@ -346,6 +354,15 @@ class MatrixPrinter:
             found[(x.op, x.attrs[-1] if x.op == "field" else x.attrs[0])] = name
         return lines
 
+    def input_grad_store(self, i: int, role: str, value: str) -> list[str]:
+        ptr = token_pointer("din", i, "t", f"lane * din{i}_sl + {ROLE_INDEX[role]} * din{i}_ss")
+        return [f"tl.store({ptr}, {value}, mask={_mask(self.role_mask[role], 'okt')})"]
+
+    def input_grad_sums(self, where: str) -> list[str]:
+        """Adjoints summed over the walk (the state tile's TIME_SUM): their accumulators
+        (`where` = 'start') and their stores ('end'). The matrix tile stores every token's."""
+        return []
+
     def gradient_stores(self, found: dict) -> list[str]:
         lines = []
         for i, v in enumerate(self.op.inputs):
@@ -353,10 +370,9 @@ class MatrixPrinter:
                 continue
             role = self.role(v)
             grad = found.get(("arg", v.name))
-            zeros = f"tl.zeros({ROLE_SHAPE[role]}, tl.float32)"
+            zeros = f"tl.zeros({self.role_shape[role]}, tl.float32)"
             value = f"({grad}) + {zeros}" if grad else zeros
-            ptr = token_pointer("din", i, "t", f"lane * din{i}_sl + {ROLE_INDEX[role]} * din{i}_ss")
-            lines.append(f"tl.store({ptr}, {value}, mask={_mask(ROLE_MASK[role], 'okt')})")
+            lines += self.input_grad_store(i, role, value)
         for i, p in enumerate(self.op.params):
             grad = found.get(("param", p.name))
             if grad is not None and _is_float(p):
@@ -372,9 +388,10 @@ class MatrixPrinter:
                 zeros = f"tl.zeros({self.shape(f)}, tl.float32)"
                 body += ["if HAS_DFIN:",
                          f"    gc{i} = tl.load(dfin{i} + {_offset(self.role(f), 'b * L + lane')}, "
-                         f"mask={ROLE_MASK[self.role(f)]}, other=0.0) + {zeros}",
+                         f"mask={self.role_mask[self.role(f)]}, other=0.0) + {zeros}",
                          "else:", f"    gc{i} = {zeros}"]
         body += [f"dp{i} = tl.zeros({self.shape(p)}, tl.float32)" for i, p in enumerate(op.params)]
+        body += self.input_grad_sums("start")
         body.append("n_blocks = tl.cdiv(T_b, BLOCK_T)")
         body.append("for bi in range(0, n_blocks):")
         loop = ["blk = n_blocks - 1 - bi"] + self.recompute_block()
@@ -385,13 +402,89 @@ class MatrixPrinter:
         loop += ["    r = BLOCK_T - 1 - ri"] + ["    " + x for x in self.token_adjoint()]
         loop.append("tl.debug_barrier()  # this block's reads of the scratch are done")
         body += ["    " + x for x in loop]
+        body += self.input_grad_sums("end")
         for i, f in enumerate(self.fields):
             if _is_float(f):
                 body += ["if HAS_INIT:",
                          f"    tl.store(dini{i} + {_offset(self.role(f), 'b * L + lane')}, gc{i}, "
-                         f"mask={ROLE_MASK[self.role(f)]})"]
+                         f"mask={self.role_mask[self.role(f)]})"]
         for i, p in enumerate(op.params):
             if _is_float(p):
                 body.append(f"tl.store(dpar{i} + {_offset(self.role(p), 'b * L + lane')}, dp{i}, "
-                            f"mask={ROLE_MASK[self.role(p)]})")
+                            f"mask={self.role_mask[self.role(p)]})")
         return lines + ["    " + x for x in body]
+
+
+# ---------------------------------------------------------------------- the state tile
+# No declared value spans the rows of a state tile (they are lanes): a dim no shape can equal.
+_LANE_ROWS = sympy.Symbol("_lanes_")
+
+
+class StatePrinter(MatrixPrinter):
+    """The kernels of an op whose values are scalars or vectors over one state axis S (the
+    selective SSM's h[N], softmax_pool's [V]): the matrix token loop over a tile whose rows are
+    BLOCK_R lanes and whose columns are S (mamba's selective-scan layout: a program owns a
+    batch row, a block of channels and the state axis; each thread walks time in order on its
+    elements, so lift, recurrence and readout fuse and nothing of size [B, T, L, S] reaches
+    memory). A value's role is '' (a scalar per lane, [BLOCK_R, 1]) or 'c' (a vector over S per
+    lane, [BLOCK_R, BLOCK_C]): the lanes never mix, so no adjoint is summed over the rows,
+    except the adjoint of an input the lanes share (LANE_SUM, below)."""
+
+    tile = "state"
+    role_shape = {"": "(BLOCK_R, 1)", "c": "(BLOCK_R, BLOCK_C)"}
+    role_mask = {"": "row_ok", "c": "(row_ok & col_ok)"}
+
+    def __init__(self, op: OpIR):
+        self.op = op
+        self.rows, self.cols = _LANE_ROWS, layout_of(op).axis
+        self.names = kernel_names(op)
+        self.fields = op.state
+
+    def grid(self) -> list[str]:
+        # lane tiles on grid axis 0 (up to 2**31 - 1 programs), column tiles on 1, the batch on 2
+        return ["tile = tl.program_id(1)", "b = tl.program_id(2)",
+                "zero = tl.zeros((1, 1), tl.int32)", "one = zero == 0",
+                "kidx = tl.arange(0, BLOCK_R)[:, None]",
+                "lane = tl.program_id(0) * BLOCK_R + kidx  # this program's lanes: the tile's rows",
+                "SC = S  # the state axis: the tile's columns",
+                "vidx = tile * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                "row_ok = lane < L", "col_ok = vidx < SC"]
+
+    def input_grad_store(self, i: int, role: str, value: str) -> list[str]:
+        """The adjoint of input i at this token. An input the same at every token (a stride-0
+        time axis: the selective SSM's A, broadcast over batch and time) adds it to an
+        accumulator, stored once after the walk (TIME_SUM); one the lanes share (a stride-0 lane
+        axis: its B and C) stores its sum over this program's lanes, once per lane tile
+        (LANE_SUM): the runtime sums what remains, and no [B, T, L, S'] adjoint of a broadcast
+        input is ever written."""
+        index = ROLE_INDEX[role]
+        shared = token_pointer("din", i, "t", f"tl.program_id(0) * din{i}_sl + {index} * din{i}_ss")
+        return [f"if (TIME_SUM >> {i}) & 1:",
+                f"    dx{i} = dx{i} + tl.where(okt, {value}, 0.0)",
+                f"elif (LANE_SUM >> {i}) & 1:",
+                f"    tl.store({shared}, {_lane_total(value)}, mask={_mask('col_ok' if 'c' in role else '', 'okt')})",
+                "else:"] + ["    " + x for x in super().input_grad_store(i, role, value)]
+
+    def input_grad_sums(self, where: str) -> list[str]:
+        lines = []
+        for i, v in enumerate(self.op.inputs):
+            if not _is_float(v):
+                continue
+            role = self.role(v)
+            lines.append(f"if (TIME_SUM >> {i}) & 1:")
+            if where == "start":
+                lines.append(f"    dx{i} = tl.zeros({self.role_shape[role]}, tl.float32)")
+                continue
+            index = ROLE_INDEX[role]
+            lines += [f"    if (LANE_SUM >> {i}) & 1:",
+                      f"        tl.store(din{i} + b * din{i}_sb + tl.program_id(0) * din{i}_sl + {index} * din{i}_ss, "
+                      f"{_lane_total(f'dx{i}')}, mask={'col_ok' if 'c' in role else 'one'})",
+                      "    else:",
+                      f"        tl.store(din{i} + b * din{i}_sb + lane * din{i}_sl + {index} * din{i}_ss, dx{i}, "
+                      f"mask={self.role_mask[role]})"]
+        return lines
+
+
+def _lane_total(value: str) -> str:
+    """A state tile's value summed over its lanes (the rows; padding rows hold 0)."""
+    return f"tl.sum(tl.where(row_ok, {value}, 0.0), axis=0, keep_dims=True)"

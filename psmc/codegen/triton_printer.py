@@ -176,13 +176,13 @@ def _cast_value(value, dtype: str):
 
 
 # ---------------------------------------------------------------------- kernels
-def kernel_signature(op: OpIR, kind: str, matrix: bool) -> list[str]:
-    """The parameter lines of a kernel, from the launch contract (psmc.runtime.triton_abi): the
-    runtime passes every argument by these names."""
-    groups = triton_abi.arguments(kind, matrix, len(op.inputs), len(op.params), len(op.state), len(op.outputs),
+def kernel_signature(op: OpIR, kind: str, tile: str) -> list[str]:
+    """The parameter lines of a kernel of tile model `tile`, from the launch contract
+    (psmc.runtime.triton_abi): the runtime passes every argument by these names."""
+    groups = triton_abi.arguments(kind, tile, len(op.inputs), len(op.params), len(op.state), len(op.outputs),
                                   tuple(op.dims))
     lines = [", ".join(g) for g in groups]
-    lines.append(", ".join(f"{c}: tl.constexpr" for c in triton_abi.constexprs(kind, matrix)))
+    lines.append(", ".join(f"{c}: tl.constexpr" for c in triton_abi.constexprs(kind, tile)))
     return ["    " + line + "," for line in lines]
 
 
@@ -230,7 +230,7 @@ class KernelPrinter:
 
     # -- pieces shared by both kernels
     def signature(self, time: bool) -> list[str]:
-        return kernel_signature(self.op, "forward" if time else "step", matrix=False)
+        return kernel_signature(self.op, "forward" if time else "step", "lanes")
 
     def prologue(self) -> list[str]:
         op = self.op

@@ -12,9 +12,15 @@ backend allows that can serve the call and returns the cheapest:
 
 Cost tiers (lower is faster), from measurements on an H200 (docs/triton.md, "Choosing a path"):
 
-  10  triton first-order scan      time inside each thread, channels across threads (1 HBM pass)
+  10  triton first-order scan      time inside each thread, channels across threads (1 HBM pass);
+                                   30 for a state with an axis per lane (the selective SSM's h[N]):
+                                   the torch lift writes [B, T, L, S] decays and inputs, the scan
+                                   [B, T, L, S] states, the readout reads them, where the state
+                                   loop reads only the inputs
   10  chunked tensor-core kernels  (the chunk kernel family registers here when present)
-  20  triton block scan            the generated kernels of scalar/vector-state ops; decode steps
+  20  triton block scan            the generated kernels of scalar-state ops; decode steps
+  20  triton state loop            the generated kernels of vector-state ops: [lanes, S] tiles,
+                                   lift, recurrence and readout fused, time walked in each thread
   20  triton tree                  the fixed tree of a non-associative elementwise op in one launch
                                    (the torch tree takes ~2 log2(T) Agg rounds of gathers)
   20  cpu tree                     the same walk in C++ for CPU tensors (backend 'auto' or 'cpu')
@@ -135,9 +141,16 @@ def _has_kernels(layer) -> bool:
     return getattr(layer, "_triton_kernels", None) is not None
 
 
-def _is_matrix(layer) -> bool:
+def _tile(layer) -> str | None:
+    """The tile model of the op's generated kernels (psmc.runtime.triton_abi.TILES), or None."""
     k = getattr(layer, "_triton_kernels", None)
-    return k is not None and k.mode == "matrix"
+    return None if k is None else k.mode
+
+
+def _first_order_cost(layer, call) -> float:
+    # a state with an axis per lane (h[N] per channel): the torch lift and readout around the
+    # scan move [B, T, L, S] tensors several times; the state loop fuses them (its cost: 20)
+    return 30.0 if any(f.rank for f in layer.spec.fields) else 10.0
 
 
 def _run_kernels(layer, call, state):
@@ -207,13 +220,15 @@ register(Path("chunkwise", ("forward",), False, _chunkwise_cost, _torch_fast,
 register(Path("torch-fast", ("forward",), False, lambda layer, call: 40.0, _torch_fast,
               applies=lambda layer: bool(getattr(layer.spec, "fast", None)) and not _fast(layer, "chunkwise")
               and not _first_order(layer)))
-register(Path("triton-first-order", ("forward",), True, lambda layer, call: 10.0,
+register(Path("triton-first-order", ("forward",), True, _first_order_cost,
               lambda layer, call: ("the first-order fast path is off (use_fast_path=False)" if not layer.use_fast_path
                                    else _triton_reason(layer, call)), _run_first_order, applies=_first_order))
 register(Path("triton-block-scan", ("forward",), True, lambda layer, call: 20.0, _kernel_reason, _run_kernels,
-              applies=lambda layer: _has_kernels(layer) and not _is_matrix(layer)))
+              applies=lambda layer: _tile(layer) == "lanes"))
+register(Path("triton-state-loop", ("forward",), True, lambda layer, call: 20.0, _kernel_reason, _run_kernels,
+              applies=lambda layer: _tile(layer) == "state"))
 register(Path("triton-token-loop", ("forward",), True, _token_loop_cost, _kernel_reason, _run_kernels,
-              applies=_is_matrix))
+              applies=lambda layer: _tile(layer) == "matrix"))
 register(Path("triton-tree", ("forward",), True, lambda layer, call: 20.0, _tree_reason, _tree_runner("triton"),
               applies=lambda layer: getattr(layer, "_tree_kernels", None) is not None))
 register(Path("cpu-tree", ("forward",), False, lambda layer, call: 20.0, _cpu_tree_reason, _tree_runner("cpu"),

@@ -20,6 +20,10 @@ cu[b] .. cu[b+1] - 1 of batch row 0).
 from __future__ import annotations
 
 KINDS = ("forward", "step", "backward")
+# the tile models (psmc.codegen.triton_layout.Layout.mode): 'lanes' (a block scan over lanes),
+# 'state' (a token loop over [BLOCK_R lanes, BLOCK_C of the state axis S] tiles), 'matrix' (a
+# token loop over [R, C] tiles of one lane's matrix state)
+TILES = ("lanes", "state", "matrix")
 
 
 def value(kind: str, i: int, time: bool) -> tuple[str, ...]:
@@ -34,18 +38,18 @@ def param(i: int) -> tuple[str, str, str]:
     return (f"par{i}", f"par{i}_sl", f"par{i}_ss")
 
 
-def sizes(matrix: bool, time: bool) -> tuple[str, ...]:
-    return ("T", "L") + (("SR", "SC") if matrix else ("S",)) + ("start",) + (("NB",) if time else ())
+def sizes(tile: str, time: bool) -> tuple[str, ...]:
+    return ("T", "L") + (("SR", "SC") if tile == "matrix" else ("S",)) + ("start",) + (("NB",) if time else ())
 
 
 def dim(name: str) -> str:
     return "d_" + name
 
 
-def arguments(kind: str, matrix: bool, inputs: int, params: int, fields: int, outputs: int,
+def arguments(kind: str, tile: str, inputs: int, params: int, fields: int, outputs: int,
               dims: tuple) -> tuple[tuple[str, ...], ...]:
     """The run-time arguments of a kernel, grouped as its signature prints them."""
-    assert kind in KINDS, kind
+    assert kind in KINDS and tile in TILES, (kind, tile)
     time = kind != "step"
     out = [value("in", i, time) for i in range(inputs)] + [param(i) for i in range(params)]
     out += [(f"ini{i}",) for i in range(fields)]
@@ -61,25 +65,30 @@ def arguments(kind: str, matrix: bool, inputs: int, params: int, fields: int, ou
         out += [(f"fin{i}",) for i in range(fields)]
         if time:
             out += [(f"bnd{i}",) for i in range(fields)]
-    out.append(sizes(matrix, time))
+    out.append(sizes(tile, time))
     if time:
         out.append(("cu",))
     out += [(dim(d),) for d in dims]
     return tuple(out)
 
 
-def constexprs(kind: str, matrix: bool) -> tuple[str, ...]:
-    """The compile-time arguments (keyword constexprs) of a kernel."""
+def constexprs(kind: str, tile: str) -> tuple[str, ...]:
+    """The compile-time arguments (keyword constexprs) of a kernel. The state tile's backward
+    sums the adjoints of broadcast inputs where they arise: bit i of LANE_SUM is set when the
+    lanes share input i (its adjoint summed over a program's lanes: `din<i>` is [B, T, lane
+    tiles, S']), bit i of TIME_SUM when every token reads the same input i (summed over the
+    tokens: `din<i>` is [B, 1, L or lane tiles, S'] with a time stride of 0)."""
     flags = ("HAS_INIT",) + (("HAS_DFIN",) if kind == "backward" else ()) + ("BLOCK_T",)
-    flags += (("BLOCK_R",) if matrix else ()) + ("BLOCK_C",)
+    flags += (("BLOCK_R",) if tile != "lanes" else ()) + ("BLOCK_C",)
+    flags += (("LANE_SUM", "TIME_SUM") if tile == "state" and kind == "backward" else ())
     return flags + (("SAVE",) if kind == "forward" else ()) + (("VARLEN",) if kind != "step" else ())
 
 
-def check(args: dict, kind: str, matrix: bool, inputs: int, params: int, fields: int, outputs: int,
+def check(args: dict, kind: str, tile: str, inputs: int, params: int, fields: int, outputs: int,
           dims: tuple) -> None:
     """Raise when `args` (names -> values, constexprs included) are not exactly the kernel's."""
-    want = {n for group in arguments(kind, matrix, inputs, params, fields, outputs, dims) for n in group}
-    want |= set(constexprs(kind, matrix))
+    want = {n for group in arguments(kind, tile, inputs, params, fields, outputs, dims) for n in group}
+    want |= set(constexprs(kind, tile))
     got = set(args)
     if got != want:
         raise RuntimeError(

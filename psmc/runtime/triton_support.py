@@ -4,9 +4,11 @@ generated kernels (psmc.codegen.triton_printer), launching them and rebuilding s
 Kernel layout: every per-token tensor is seen as [B, T, L, S'] (lanes flattened to L; S' is
 the value's one declared axis, 1 for scalars) and passed as a pointer plus strides, so
 broadcast inputs (a size-1 batch, lane or state axis) are stride-0 views, never copies. Stream
-states are contiguous [B, L, *declared] tensors. Each value has a role (the tile axes it
+states are contiguous [B, L, *declared] tensors. Each value has a role (the declared axes it
 spans): '' a scalar, 'r' the state axis S (the rows R of a matrix state), 'c' the columns C of
-a matrix state, 'rc' the matrix.
+a matrix state, 'rc' the matrix. The tile models (`_Geometry.tile`): 'lanes' (a block of lanes
+per program, block scan over time), 'state' (a block of lanes x the state axis per program,
+time walked token by token) and 'matrix' (one lane's [R, C] state per program, token by token).
 """
 from __future__ import annotations
 
@@ -22,9 +24,14 @@ from . import triton_abi
 from .state import ScanState
 
 DEFAULT_BLOCK_T = 32  # [32, 64] lane tiles: about 8 values per thread at 8 warps, no spills (AOT table)
-# matrix states: the backward's scratch holds BLOCK_T prefixes of [R, C] per program
+# the token loops (state and matrix tiles): the backward's scratch holds BLOCK_T prefixes of
+# the tile per program
 DEFAULT_MATRIX_BLOCK_T = 16
 MAX_BLOCK_C = 64  # columns per program when the tile needs not hold the whole state axis
+# the state tile: at most this many elements ([BLOCK_R lanes, BLOCK_C]) and lanes per program,
+# and at least this many programs while a program keeps 16 lanes or more (two per SM of a
+# 132-SM GPU: a guess until a GPU measures it; docs/triton.md)
+STATE_TILE_ELEMENTS, STATE_MAX_LANES, STATE_MIN_PROGRAMS = 1024, 64, 256
 
 # Set by psmc.triton_aot while it records launches: kernels are captured, not run, so the
 # Triton paths accept CPU tensors (nothing else changes: the launch configurations are real).
@@ -145,12 +152,16 @@ class _Geometry:
     block_c: int
     grid: tuple
     C: int = 1  # matrix mode: the columns (S is then the rows)
-    block_r: int = 1
-    matrix: bool = False
+    block_r: int = 1  # rows per program: the matrix's rows R, or the state tile's lanes
+    tile: str = "lanes"  # the tile model (psmc.runtime.triton_abi.TILES)
     # packed sequences: B of them (programs, states) in one batch row of `tokens` tokens, T
     # the longest; `cu` the offsets on the device (int32). tokens = 0: B rows of T tokens
     tokens: int = 0
     cu: object = None
+
+    @property
+    def matrix(self) -> bool:
+        return self.tile == "matrix"
 
     def time_lead(self) -> tuple:
         """The leading axes of a per-token tensor: [B, T], or [1, tokens] when packed."""
@@ -165,15 +176,15 @@ class _Geometry:
         return [self.T, self.L, self.S] + ([self.C] if self.matrix else []) + [start]
 
     def blocks(self) -> dict:
-        return {"BLOCK_C": self.block_c, **({"BLOCK_R": self.block_r} if self.matrix else {})}
+        return {"BLOCK_C": self.block_c, **({"BLOCK_R": self.block_r} if self.tile != "lanes" else {})}
 
     def num_warps(self, block_t: int, backward: bool = False) -> int:
-        """Warps per program from the register tile: a matrix forward or step holds [BLOCK_R,
-        BLOCK_C] tiles (about 1024 elements per warp, at most 8 warps, so a thread may use up to
-        255 registers), a matrix backward several whole-row tiles (512 per warp, up to 16), a
-        block scan [BLOCK_T, BLOCK_C] ones (about 256, at most 8 warps): docs/triton.md's AOT
-        table shows the registers and spills that result."""
-        if self.matrix:  # the backward holds several whole-row tiles: more warps, fewer registers each
+        """Warps per program from the register tile: a token loop's forward or step (matrix and
+        state tiles) holds [BLOCK_R, BLOCK_C] tiles (about 1024 elements per warp, at most 8
+        warps, so a thread may use up to 255 registers), its backward several whole-row tiles
+        (512 per warp, up to 16), a block scan [BLOCK_T, BLOCK_C] ones (about 256, at most 8
+        warps): docs/triton.md's AOT table shows the registers and spills that result."""
+        if self.tile != "lanes":  # the backward holds several whole-row tiles: more warps, fewer registers each
             per_warp, most = (512, 16) if backward else (1024, 8)
             return max(4, min(most, _pow2(self.block_r * self.block_c // per_warp)))
         # a block scan keeps several [BLOCK_T, BLOCK_C] values (lifted, scanned, carried) live;
@@ -193,9 +204,22 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
     if kernels.mode == "matrix":  # all rows per program, the columns tiled
         C = int(kernels.cols(call.ctx.d))
         block_c = _pow2(C) if kernels.full_tile or whole_axis else min(_pow2(C), MAX_BLOCK_C)
-        return _Geometry(B, T, lanes, L, S, block_c, (L, triton_cdiv(C, block_c), B), C, _pow2(S), True)
+        return _Geometry(B, T, lanes, L, S, block_c, (L, triton_cdiv(C, block_c), B), C, _pow2(S), "matrix")
     block_c = _pow2(S) if kernels.full_tile or whole_axis else min(_pow2(S), MAX_BLOCK_C)
-    return _Geometry(B, T, lanes, L, S, block_c, (L, triton_cdiv(S, block_c), B))
+    col_tiles = triton_cdiv(S, block_c)
+    block_r = state_lanes(L, block_c, B * col_tiles)
+    return _Geometry(B, T, lanes, L, S, block_c, (triton_cdiv(L, block_r), col_tiles, B), block_r=block_r,
+                     tile="state")
+
+
+def state_lanes(L: int, block_c: int, others: int) -> int:
+    """Lanes per program of a state tile: a power of two up to STATE_MAX_LANES with the tile at
+    most STATE_TILE_ELEMENTS, halved (down to 16) while fewer than STATE_MIN_PROGRAMS programs
+    would run (`others`: programs per lane tile, i.e. batch x column tiles)."""
+    lanes = max(1, min(_pow2(L), STATE_MAX_LANES, STATE_TILE_ELEMENTS // block_c))
+    while lanes > 16 and others * triton_cdiv(L, lanes) < STATE_MIN_PROGRAMS:
+        lanes //= 2
+    return lanes
 
 
 def _forward_tiles(kernels: TritonKernels, g: _Geometry) -> _Geometry:
@@ -280,7 +304,7 @@ def _per_lane_args(kind: str, tensors) -> dict:
 
 def _size_args(g: _Geometry, k, call, start: int, n_blocks: int | None) -> dict:
     time = n_blocks is not None
-    args = _named(triton_abi.sizes(g.matrix, time), g.sizes(start) + ([n_blocks] if time else []))
+    args = _named(triton_abi.sizes(g.tile, time), g.sizes(start) + ([n_blocks] if time else []))
     if time:  # (None when not packed: the kernel never reads it)
         args.update(cu=g.cu, VARLEN=g.cu is not None)
     args.update({triton_abi.dim(d): int(call.ctx.d[d]) for d in k.dims})
@@ -289,15 +313,16 @@ def _size_args(g: _Geometry, k, call, start: int, n_blocks: int | None) -> dict:
 
 def _run(kernel, kind: str, g: _Geometry, k, args: dict, **options):
     """Launch `kernel` by name, after checking the names are exactly its arguments."""
-    triton_abi.check(args, kind, g.matrix, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
+    triton_abi.check(args, kind, g.tile, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
                      tuple(k.dims))
     kernel[g.grid](**args, **options)
 
 
-def _per_token(g: _Geometry, role: str, dtype, dev, time: bool) -> tuple:
-    """An empty [B, (T,) L, S'] tensor and its strides (stride 0 over S' for scalars)."""
+def _per_token(g: _Geometry, role: str, dtype, dev, time: bool, lanes: int | None = None) -> tuple:
+    """An empty [B, (T,) L, S'] tensor and its strides (stride 0 over S' for scalars); `lanes`
+    in place of L (the lane tiles of an adjoint summed per tile)."""
     lead = g.time_lead() if time else (g.B,)
-    t = torch.empty(*lead, g.L, *(g.extent(role) or (1,)), device=dev, dtype=dtype)
+    t = torch.empty(*lead, lanes or g.L, *(g.extent(role) or (1,)), device=dev, dtype=dtype)
     strides = list(t.stride())
     if not role:
         strides[-1] = 0
@@ -416,25 +441,32 @@ class _ScanFunction(torch.autograd.Function):
             else:
                 dfin.append(torch.empty(0, device=dev, dtype=f32))
         args.update(_per_lane_args("dfin", dfin))
-        din = []
+        din, lane_sum, time_sum = [], 0, 0
         for i, role in enumerate(roles(k, "input")):
-            t, strides = _per_token(g, role, f32, dev, True)
+            shared, constant = _broadcast(inputs[i], g, role) if g.tile == "state" else (False, False)
+            t, strides = _input_grad(g, role, dev, shared, constant)
             args.update(_named(triton_abi.value("din", i, True), [t, *strides]))
-            din.append((t, role))
+            din.append((t, role, shared, constant))
+            lane_sum, time_sum = lane_sum | shared << i, time_sum | constant << i
+        if g.tile == "state":
+            args.update(LANE_SUM=lane_sum, TIME_SUM=time_sum)
         param_roles = roles(k, "param") or tuple("r" if p.dim() else "" for p in params)
         dpar = [_per_lane(g, role, f32, dev) for role in param_roles]
         dini = [_per_lane(g, role, f32, dev) for role in roles(k, "field")]
         # the scratch of BLOCK_T prefixes: each field's own shape in matrix mode; the one-axis
         # block scan parks full [BLOCK_T, S] tiles
-        scratch = [_per_lane(g, role if g.matrix else "r", _field_dtype(dtype), dev, (block_t,))
+        scratch = [_per_lane(g, role if g.tile != "lanes" else "r", _field_dtype(dtype), dev, (block_t,))
                    for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
         args.update({**_per_lane_args("dpar", dpar), **_per_lane_args("dini", dini), **_per_lane_args("ws", scratch)})
         args.update(_size_args(g, k, call, start, triton_cdiv(g.T, block_t)))
         args.update(HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
         _run(k.backward, "backward", g, k, args, num_warps=g.num_warps(block_t, backward=True))
         result = [None]
-        for (t, role), x, dtype in zip(din, inputs, k.input_dtypes):
-            grad = _unflatten(t, g, role, True)
+        for (t, role, shared, constant), x, dtype in zip(din, inputs, k.input_dtypes):
+            # a broadcast input's adjoint, summed by the kernel per lane tile or over the tokens
+            lead = (g.B, 1) if constant else g.time_lead()
+            t = t.sum(dim=2, keepdim=True) if shared else t
+            grad = t.reshape(*lead, *((1,) * len(g.lanes) if shared else g.lanes), *g.extent(role))
             result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
                           else None)
         for t, p, name in zip(dpar, params, k.params):  # [B, L, ...]: per-lane params keep their lanes
@@ -446,6 +478,28 @@ class _ScanFunction(torch.autograd.Function):
                 result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
                               else None)
         return tuple(result)
+
+
+def _broadcast(x: torch.Tensor, g: _Geometry, role: str) -> tuple[bool, bool]:
+    """Whether every lane reads the same values of input `x`, and whether every token does
+    (a stride-0 lane or time axis in the kernel's [B, T, L, S'] view)."""
+    _, strides = _as_tile(x, g, role, True)
+    return g.L > 1 and strides[2] == 0, strides[1] == 0
+
+
+def _input_grad(g: _Geometry, role: str, dev, shared: bool, constant: bool) -> tuple:
+    """The buffer the backward writes input adjoints to, and its strides: [B, T, L, S'], with
+    the lane tiles for L when the lanes share the input (LANE_SUM), one token per program
+    (batch row or sequence) and a time stride of 0 when the tokens do (TIME_SUM)."""
+    if not constant:
+        return _per_token(g, role, torch.float32, dev, True, lanes=g.grid[0] if shared else None)
+    t = torch.empty(g.B, 1, g.grid[0] if shared else g.L, *(g.extent(role) or (1,)), device=dev,
+                    dtype=torch.float32)
+    strides = list(t.stride())
+    strides[1] = 0  # packed sequences move each pointer by its first token: this one stays
+    if not role:
+        strides[-1] = 0
+    return t, strides
 
 
 def _lead(g: _Geometry, time: bool) -> tuple:
@@ -487,9 +541,7 @@ def forward(layer, call, state, block_t: int | None = None):
     if packed is not None:
         cu = packed.tensor.to(device=call.ctx.dev, dtype=torch.int32)
         g = dataclasses.replace(g, tokens=bounds[-1], cu=cu)
-    default = DEFAULT_MATRIX_BLOCK_T if g.matrix else DEFAULT_BLOCK_T
-    if k.mode == "state":  # vector values: [BLOCK_T, BLOCK_C] tiles of at most 1024 elements stay in registers
-        default = max(8, min(DEFAULT_BLOCK_T, 1024 // g.block_c))
+    default = DEFAULT_MATRIX_BLOCK_T if g.tile != "lanes" else DEFAULT_BLOCK_T
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = _filled(k, g, state.prefix, call.ctx.dev) if state is not None else None
     start = state.size if state is not None else 0

@@ -223,8 +223,11 @@ def test_the_launch_grid_puts_any_lane_count_on_axis_0(mode):
     g = ts._geometry(Kernels, Call, (3, 5, 70_000), T=5)
     if mode == "lanes":
         assert g.grid == (ts.triton_cdiv(70_000, g.block_c), 3)
+    elif mode == "state":  # blocks of lanes (the tile's rows) x column tiles of S
+        assert g.grid == (ts.triton_cdiv(70_000, g.block_r), ts.triton_cdiv(40, g.block_c), 3)
+        assert g.block_r * g.block_c <= ts.STATE_TILE_ELEMENTS and g.block_r > 1
     else:
-        assert g.grid == (70_000, ts.triton_cdiv(300 if mode == "matrix" else 40, g.block_c), 3)
+        assert g.grid == (70_000, ts.triton_cdiv(300, g.block_c), 3)
 
 
 def test_a_batch_beyond_the_grid_goes_to_torch(monkeypatch):

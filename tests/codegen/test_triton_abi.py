@@ -42,23 +42,23 @@ def test_every_kernel_takes_exactly_the_contracts_names(mode):
     assert len(kernels) == 3, sorted(kernels)
     for name, params in kernels.items():
         kind = name.rsplit("_", 1)[1]
-        want = [n for group in triton_abi.arguments(kind, mode == "matrix", len(op.inputs), len(op.params),
+        want = [n for group in triton_abi.arguments(kind, mode, len(op.inputs), len(op.params),
                                                     len(op.state), len(op.outputs), tuple(op.dims)) for n in group]
-        want += list(triton_abi.constexprs(kind, mode == "matrix"))
+        want += list(triton_abi.constexprs(kind, mode))
         assert params == want, (name, params, want)
         assert len(set(params)) == len(params)  # names are unique: binding by name is total
         args = dict.fromkeys(params, 0)
-        triton_abi.check(args, kind, mode == "matrix", len(op.inputs), len(op.params), len(op.state),
+        triton_abi.check(args, kind, mode, len(op.inputs), len(op.params), len(op.state),
                          len(op.outputs), tuple(op.dims))
 
 
 def test_a_launch_with_other_names_is_refused_with_what_to_do():
-    names = [n for g in triton_abi.arguments("step", False, 1, 0, 1, 1, ("N",)) for n in g]
-    args = dict.fromkeys(names + list(triton_abi.constexprs("step", False)), 0)
+    names = [n for g in triton_abi.arguments("step", "state", 1, 0, 1, 1, ("N",)) for n in g]
+    args = dict.fromkeys(names + list(triton_abi.constexprs("step", "state")), 0)
     del args["d_N"]
     args["d_M"] = 0
     with pytest.raises(RuntimeError) as err:
-        triton_abi.check(args, "step", False, 1, 0, 1, 1, ("N",))
+        triton_abi.check(args, "step", "state", 1, 0, 1, 1, ("N",))
     assert str(err.value) == ("the step Triton kernel and the runtime disagree on its arguments (missing ['d_N'], "
                               "unexpected ['d_M']): the generated module is from another psmc version; recompile "
                               "it with `psmc compile`")

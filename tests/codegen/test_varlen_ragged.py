@@ -263,9 +263,11 @@ def test_packed_first_order_restarts_positions_products_and_states(continued, tm
 
 @pytest.mark.triton
 def test_packed_first_order_through_the_triton_scan_kernel(monkeypatch):
-    """backend='triton' (the first-order kernel: what 'auto' takes on CUDA): packed sequences
-    in one kernel call (the decay zeroed at each sequence start), equal to the loop."""
-    from psmc.runtime import triton_scan
+    """backend='triton' (the first-order kernel; for this op 'auto' takes the cheaper state
+    loop, taken out here): packed sequences in one kernel call (the decay zeroed at each
+    sequence start), equal to the loop."""
+    from psmc.runtime import dispatch, triton_scan
+    monkeypatch.setattr(dispatch, "PATHS", [p for p in dispatch.PATHS if p.name != "triton-state-loop"])
     layer, inputs, cu = packed_case("selective_ssm", lengths=(5, 1, 9))
     layer = layer.float()
     inputs = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
