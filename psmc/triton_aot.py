@@ -45,7 +45,10 @@ ARCHS = (90, 80)
 # sequences otherwise (nothing is computed, but the CPU tensors are allocated).
 SHAPES = {
     "lanes": {"B": 2, "T": 256, "lanes": (2048,), "dims": {}},
-    "selective_ssm": {"B": 2, "T": 256, "lanes": (256,), "dims": {"N": 16}},
+    # mamba's layout: A a per-channel constant (every token reads it), B and C shared by the
+    # channels: the state tile's backward sums their adjoints (TIME_SUM, LANE_SUM)
+    "selective_ssm": {"B": 2, "T": 256, "lanes": (2048,), "dims": {"N": 16},
+                      "broadcast": {"A": "tokens", "B": "lanes", "C": "lanes"}},
     "softmax_pool": {"B": 2, "T": 256, "lanes": (16,), "dims": {"V": 128}},
     "matrix": {"B": 2, "T": 128, "lanes": (16,), "dims": {"K": 128, "V": 128}},
 }
@@ -118,13 +121,17 @@ def _shape_for(cls) -> dict:
     return SHAPES["lanes"]
 
 
-def _inputs(layer, B: int, T: int | None, lanes: tuple, seed: int = 0) -> dict:
+def _inputs(layer, B: int, T: int | None, lanes: tuple, seed: int = 0, broadcast: dict | None = None) -> dict:
+    """Inputs [B, (T,) *lanes, *declared]; `broadcast` names inputs of size 1 over batch and
+    time ('tokens') or over the lanes ('lanes'), as the op's users lay them out."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     dims = dict(layer.dims)
     lead = (B,) if T is None else (B, T)
     for slot in layer.spec.inputs:
-        shape = lead + lanes + tuple(int(s) for s in slot.shape(dims))
+        how = (broadcast or {}).get(slot.name)
+        shape = ((1,) * len(lead) if how == "tokens" else lead) + ((1,) * len(lanes) if how == "lanes" else lanes)
+        shape += tuple(int(s) for s in slot.shape(dims))
         if slot.dtype == "bool":
             x = torch.rand(shape, generator=g) > 0.5
         elif slot.dtype in ("i32", "i64"):
@@ -174,7 +181,7 @@ def record(example: str, cls) -> list:
     continuing a state, through the public layer API with backend='triton'."""
     shape = _shape_for(cls)
     layer = cls(backend="triton", check_finite=False, **shape["dims"])
-    B, T, lanes = shape["B"], shape["T"], shape["lanes"]
+    B, T, lanes, wide = shape["B"], shape["T"], shape["lanes"], shape.get("broadcast")
     launches: list = []
     with recording_launches() as log:
         def run(passname, fn):
@@ -198,12 +205,12 @@ def record(example: str, cls) -> list:
             if isinstance(loss, torch.Tensor) and loss.requires_grad:
                 run(f"backward{tag}", loss.backward)
 
-        passes(_inputs(layer, B, T, lanes))
+        passes(_inputs(layer, B, T, lanes, broadcast=wide))
         with torch.no_grad():
             _, state = layer(**_inputs(layer, B, 2, lanes), return_state=True)
             run("step", lambda: layer.step(state, **_inputs(layer, B, None, lanes, seed=1)))
         # packed sequences (VARLEN): uneven lengths, one of a single token, in one batch row
-        passes(_inputs(layer, 1, T, lanes, seed=2), "packed", cu_seqlens=torch.tensor([0, T // 4, T // 4 + 1, T]))
+        passes(_inputs(layer, 1, T, lanes, seed=2, broadcast=wide), "packed", cu_seqlens=torch.tensor([0, T // 4, T // 4 + 1, T]))
     return _dedupe(launches)
 
 
