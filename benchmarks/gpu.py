@@ -46,8 +46,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 EXAMPLES = ROOT / "examples"
-FULL = {"attn": (8, 4096, 16, 128, 128), "first_order": (8, 2048, 4096), "decode_steps": 64}
-TINY = {"attn": (1, 16, 2, 8, 8), "first_order": (1, 8, 16), "decode_steps": 3}
+FULL = {"attn": (8, 4096, 16, 128, 128), "first_order": (8, 2048, 4096), "ssm": (8, 2048, 2048, 16),
+        "decode_steps": 64}
+TINY = {"attn": (1, 16, 2, 8, 8), "first_order": (1, 8, 16), "ssm": (1, 8, 16, 4), "decode_steps": 3}
 CASE_BUDGET_S = 15.0  # per row: compile, warm-up and repeats (SIGALRM ends a row that overruns)
 TOTAL_BUDGET_S = 200.0  # the whole benchmark; rows past it are reported as skipped
 
@@ -605,12 +606,17 @@ def tree_cases(b: Bench, dtype, peak_gbps: float | None):
     nbytes = 3 * y.numel() * 4
     note_bw = (lambda ms: f"{100 * nbytes / (ms * 1e-3) / (peak_gbps * 1e9):.0f}% of copy bandwidth"
                if peak_gbps and ms else "")
-    inputs = {"y": y}
+    _every_path(b, group, label, dtype, "ema", {}, {"y": y}, note_bw)
+
+
+def _every_path(b: Bench, group: str, label: str, dtype, name: str, dims: dict, inputs: dict, note_bw):
+    """A row per psmc path of examples/<name>.psm on `inputs`, each checked against the
+    generic torch scan (torch-scan)."""
     try:
-        layer = load("ema")(backend="auto", check_finite=False).to(b.device)
+        layer = load(name)(backend="auto", check_finite=False, **dims).to(b.device)
         paths = psmc_paths(layer, inputs)
     except Exception as e:  # noqa: BLE001
-        b.case(group, label, dtype, "psmc ema", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        b.case(group, label, dtype, f"psmc {name}", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
         return
     reference = {}
     for pname, impl, fwd, both in _runnable(b, (group, label, dtype), layer, paths, inputs):
@@ -624,6 +630,27 @@ def tree_cases(b: Bench, dtype, peak_gbps: float | None):
         before = len(b.report.rows)
         b.case(group, label, dtype, impl, fwd, both, check)
         _annotate(b.report, before, note_bw)
+
+
+def ssm_cases(b: Bench, dtype, peak_gbps: float | None):
+    """The selective SSM (examples/selective_ssm.psm) at mamba's layout: u, delta [B, T, D], A
+    [1, 1, D, N] per channel, B and C [B, T, 1, N] shared by the channels. Every psmc path:
+    the state loop (triton-state-loop: lift, recurrence and readout in one kernel), the
+    first-order scan (torch lift and readout over [B, T, D, N] tensors around the scan
+    kernel) and the torch paths, checked against the generic torch scan. Bandwidth: the
+    state loop reads u and delta and writes y (3 passes of [B, T, D]; B and C are D times
+    smaller)."""
+    B, T, D, N = TINY["ssm"] if b.dry else FULL["ssm"]
+    label = f"B={B} T={T} D={D} N={N}"
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = {"u": torch.randn(B, T, D, generator=g), "delta": torch.rand(B, T, D, generator=g) * 0.1,
+              "A": -torch.rand(1, 1, D, N, generator=g), "B": torch.randn(B, T, 1, N, generator=g),
+              "C": torch.randn(B, T, 1, N, generator=g)}
+    inputs = {n: x.to(b.device, dtype) for n, x in inputs.items()}
+    nbytes = 3 * B * T * D * inputs["u"].element_size()
+    note_bw = (lambda ms: f"{100 * nbytes / (ms * 1e-3) / (peak_gbps * 1e9):.0f}% of copy bandwidth"
+               if peak_gbps and ms else "")
+    _every_path(b, "selective SSM", label, dtype, "selective_ssm", {"N": N}, inputs, note_bw)
 
 
 def _in_thread_case(b: Bench, group, label, dtype, fwd: Callable, both: Callable, check: Callable, note_bw):
@@ -800,7 +827,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule first_order decode tree packed")
+                        help="groups to run: gla simple_gla delta_rule first_order ssm decode tree packed")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -828,7 +855,7 @@ def main(argv=None) -> int:
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
-             ("tree", fp32), ("packed", bf16), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
+             ("ssm", bf16), ("tree", fp32), ("packed", bf16), ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
              ("packed", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
@@ -840,6 +867,8 @@ def main(argv=None) -> int:
             plan.append((group, lambda dtype=dtype: first_order_cases(b, dtype, peak)))
         elif group == "tree":
             plan.append((group, lambda dtype=dtype: tree_cases(b, dtype, peak)))
+        elif group == "ssm":
+            plan.append((group, lambda dtype=dtype: ssm_cases(b, dtype, peak)))
         elif group == "decode":  # launch-bound: one dtype
             plan.append((group, lambda dtype=dtype: decode_cases(b, dtype)))
         elif group == "packed":

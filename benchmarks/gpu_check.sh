@@ -52,7 +52,7 @@ TLOG=/dev/null
 [ -n "$OUTDIR" ] && TLOG="$OUTDIR/gpu_tests.log"
 PSMC_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -s INT -k 15 "$TEST_BUDGET" python -m pytest -q -p no:cacheprovider \
   tests/codegen/test_triton_scan.py tests/codegen/test_triton_matrix.py tests/codegen/test_triton_layers.py \
-  tests/codegen/test_triton_varlen.py tests/codegen/test_triton_tree.py tests/codegen/test_triton.py tests/runtime/test_triton_chunk.py \
+  tests/codegen/test_triton_varlen.py tests/codegen/test_triton_tree.py tests/codegen/test_triton_state.py tests/codegen/test_triton.py tests/runtime/test_triton_chunk.py \
   tests/runtime/test_triton_delta.py \
   tests/runtime/test_triton_delta_step.py \
   -k "not backend_choice and not auto_chooses" 2>&1 | tee "$TLOG" | tail -25 | tee -a "$LOG"
