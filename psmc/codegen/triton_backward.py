@@ -8,8 +8,7 @@ combine(init, e_0)), y_t = readout(P_t, x_t). With G_t = dL/dP_t the adjoint run
     dx_t = lift_vjp_x(dL/de_t) + readout_vjp_x(dy_t),   dparams = sum_t of the same for params
 
 Every VJP is printed from the IR (psmc.codegen.triton_vjp), never taken from the torch backend.
-One program owns a batch row and a tile of lanes (or a lane and the whole state axis, since a
-rank-0 field's adjoint sums over the state axis). It walks the blocks of the forward from last
+One program owns a batch row and a tile of lanes (the lanes tile model). It walks the blocks of the forward from last
 to first: it recomputes the block's prefixes from the carry the forward saved at the block's
 start (the same load → lift → scan → carry code as the forward), parks them in a per-program
 scratch buffer (one block, so it stays in cache on a GPU), then steps the adjoint back through
@@ -42,10 +41,6 @@ class BackwardPrinter(KernelPrinter):
 
     def scratch_offset(self, row: str) -> str:
         return f"((b * L + lane) * BLOCK_T + {row}) * S + sidx"
-
-    def row_mask(self, value, mask: str) -> str:
-        """Stores of a rank-0 value in state mode write one column (they share one address)."""
-        return f"{mask} & (sidx == 0)" if self.state_mode and not value.shape else mask
 
     def zeros_row(self) -> str:
         return "tl.zeros((1, BLOCK_C), tl.float32)"
@@ -120,7 +115,7 @@ class BackwardPrinter(KernelPrinter):
             grad = found.get(("arg", v.name))
             value = f"({grad}) + {self.zeros_row()}" if grad else self.zeros_row()
             ptr = token_pointer("din", i, "t", f"lane * din{i}_sl + sidx * din{i}_ss")
-            lines.append(f"tl.store({ptr}, {value}, mask={self.row_mask(v, 'okr')})")
+            lines.append(f"tl.store({ptr}, {value}, mask=okr)")
         return lines
 
     # -- the kernel

@@ -1,9 +1,8 @@
 """IR → Triton source: fused forward, backward and decode-step kernels for elementwise exact scans.
 
-The tile model: one program owns one batch row and a tile of BLOCK_C "columns" and walks the
-time axis in blocks of BLOCK_T tokens. Columns are the lanes when every declared value is a
-scalar ("lanes" mode), else the single state axis S of the op, one lane per program ("state"
-mode; a rank-0 value is the same in every column). Inside a block: load → lift →
+The lanes tile model (every declared value a scalar): one program owns one batch row and a
+tile of BLOCK_C lanes and walks the time axis in blocks of BLOCK_T tokens (vector and matrix
+states run the token loops of psmc.codegen.triton_matrix instead). Inside a block: load → lift →
 tl.associative_scan over time → combine with the carry of the earlier blocks → readout →
 store. Per-token states live only in registers; the carry (the last prefix of a block) is
 the only state that survives a block, and the final one is written out for streaming (and,
@@ -226,7 +225,6 @@ class KernelPrinter:
         self.layout = layout_of(op)
         self.names = kernel_names(op)
         self.fields = op.state
-        self.state_mode = self.layout.mode == "state"
 
     # -- pieces shared by both kernels
     def signature(self, time: bool) -> list[str]:
@@ -237,16 +235,10 @@ class KernelPrinter:
         # lanes on grid axis 0 (up to 2**31 - 1 programs; axes 1 and 2 hold 65,535), the batch
         # last: no division to split a flat program id (it cost registers in the AOT table).
         # Offsets are 32-bit; triton_support.unusable_reason sends larger calls elsewhere
-        if self.state_mode:
-            lines = ["lane = tl.program_id(0)",
-                     "sidx = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
-                     "b = tl.program_id(2)",
-                     "col_ok = sidx < S"]
-        else:
-            lines = ["lane = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
-                     "b = tl.program_id(1)",
-                     "sidx = lane * 0",
-                     "col_ok = lane < L"]
+        lines = ["lane = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                 "b = tl.program_id(1)",
+                 "sidx = lane * 0",  # the (one-element) state axis: scalars only here
+                 "col_ok = lane < L"]
         for d in op.dims:  # dims as tensors: an int argument equal to 1 arrives as a constexpr
             lines.append(f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)")
         for i, p in enumerate(op.params):
@@ -263,7 +255,7 @@ class KernelPrinter:
         return "((b * L + lane) * NB + blk) * S + sidx" if field.shape else "(b * L + lane) * NB + blk + sidx * 0"
 
     def state_mask(self, field) -> str:
-        return "col_ok & (sidx == 0)" if self.state_mode and not field.shape else "col_ok"
+        return "col_ok"
 
     def load_inputs(self, time: bool, mask: str) -> list[str]:
         lines = []
@@ -292,10 +284,9 @@ class KernelPrinter:
         for i, (out, node) in enumerate(zip(op.outputs, op.readout)):
             rest = f"lane * out{i}_sl + sidx * out{i}_ss"
             ptr = token_pointer("out", i, "rows", rest) if time else f"out{i} + b * out{i}_sb + {rest}"
-            m = f"{mask} & (sidx == 0)" if self.state_mode and not out.shape else mask
             shape = "(BLOCK_T, BLOCK_C)" if time else "(1, BLOCK_C)"
             value = self.tile(printer.names[node], out.dtype, shape)
-            lines.append(f"tl.store({ptr}, ({value}).to(out{i}.dtype.element_ty), mask={m})")
+            lines.append(f"tl.store({ptr}, ({value}).to(out{i}.dtype.element_ty), mask={mask})")
         return lines
 
     def load_init(self) -> list[str]:
