@@ -849,8 +849,8 @@ def _check_half(cls, program, layer64, batch_shape, config, checked: set):
     with torch.no_grad():
         streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, config.time)
     if not all(torch.isfinite(g).all() for g in got if g.is_floating_point()):  # (excused above)
-        streamed, got = zip(*(_outside_range_zeroed(a, b, s)
-                              for a, b, s in zip(streamed, got, spread.of(UNIT32, inputs_too=False))))
+        streamed, got = zip(*(_outside_range_zeroed(a, b, s, w)
+                              for a, b, s, w in zip(streamed, got, spread.of(UNIT32, inputs_too=False), want)))
     # both round an fp32 result to the half dtype: fp32 tolerances plus one unit in the last
     # place of the half dtype, where the two fp32 results straddle a rounding boundary
     agree(streamed, got, f"{config.half} stream vs {config.half} parallel", torch.finfo(half).eps + RTOL32, ATOL32)

@@ -670,3 +670,24 @@ def test_a_size_one_axis_may_change_its_stride_under_the_compiled_cpp_kernel(tmp
     config = Config(batch=1, time=1, lanes=(3, 1), broadcast=((False, False), (True, False)), grads=True,
                     f32=True, seed=40976, cpp=True)
     run(GATED_SUM, "g825", {}, tmp_path, config, kinds={"x3": "log_gate", "x4": "signed"})
+
+
+# seed 3300338: an f16 run of an op whose product field overflows float32 past some token; the
+# half-precision check's excuse for the elements float32 holds to no digit called the zeroing
+# helper without the float64 reference it compares against (a TypeError in the runner)
+HALF_OVERFLOW = """
+op half_overflow[V] {
+  state (p1: f32[2 * V], t2: f32);
+  lift () { return (exp(0.2 * (0.01 * index - 0.2) * ones(2 * V)), (0.01 * index - 0.2)); }
+  combine (l, r) { return (r.p1 * l.p1, tanh((if abs((r.t2 - l.t2)) <= l.t2 then l.t2 else logsigmoid(l.t2)))); }
+  identity = (ones, 0.0);
+  assume empty_prefix;
+  readout (s, y3: f32[2 * V]) { return y3 @ s.p1; }
+}
+"""
+
+
+def test_a_half_run_past_float32s_range_is_compared_where_float32_holds_digits(tmp_path):
+    config = Config(batch=2, time=300, lanes=(3,), broadcast=((True,), (False,)), block=64,
+                    split=0.9866556730783584, grads=False, f32=True, seed=34277, half="f16", per_lane=True)
+    run(HALF_OVERFLOW, "half_overflow", {"V": 3}, tmp_path, config)
