@@ -264,7 +264,7 @@ def compile_half_forwards(arch: int = 90) -> dict:
     """`compile_half_forward` for every example with generated kernels: example -> (dtypes, Compiled)."""
     from psmc.runtime import dispatch
     return {name: compile_half_forward(name, arch) for name, cls in examples_with_kernels()
-            if any(p.name in ("triton-block-scan", "triton-token-loop") and p.applies(cls) for p in dispatch.PATHS)}
+            if any(p.name in ("triton-block-scan", "triton-state-loop", "triton-token-loop") and p.applies(cls) for p in dispatch.PATHS)}
 
 
 def _constexpr_kwargs(kernel, kwargs: dict) -> dict:
