@@ -132,7 +132,7 @@ def _op_record(path: str, op: OpIR, analysis, dims: dict) -> dict:
 
 
 def _op_text(path: str, op: OpIR, analysis, plan, dims: dict, notes: dict) -> str:
-    from .plan import FAST_PATH_GPU, FAST_PATH_WORDS
+    from .plan import FAST_PATH_GPU, FAST_PATH_WORDS, STATE_LOOP_GPU
 
     dims_text = f"[{', '.join(op.dims)}]" if op.dims else ""
     lines = [f"{path}: op {op.name}{dims_text}"]
@@ -160,7 +160,10 @@ def _op_text(path: str, op: OpIR, analysis, plan, dims: dict, notes: dict) -> st
         if plan.scan == "exact-scan" and op.chunk is None else f"{plan.state_size}: {analysis.state}")
     fast = plan.fast_path
     row("fast path", FAST_PATH_WORDS.get(fast, fast) + " (torch)" if fast else "none: the generic scan")
-    if fast in FAST_PATH_GPU:
+    if fast == "first_order" and any(f.shape for f in op.state) and not notes["triton"].startswith("triton: none"):
+        # dispatch's costs: the fused state loop before a scan with the lift and readout in torch
+        row("on a GPU", STATE_LOOP_GPU + " (backend='auto', CUDA tensors)")
+    elif fast in FAST_PATH_GPU:
         row("on a GPU", FAST_PATH_GPU[fast] + " (backend='auto', CUDA tensors)")
     row("kernels", notes["triton"])
     row("", notes["cpu"])

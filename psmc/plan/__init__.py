@@ -85,6 +85,11 @@ FAST_PATH_WORDS = {
 
 # What backend='auto' runs for CUDA tensors when the fast path serves the forward
 # (psmc.runtime.dispatch's cost rule), and how it takes packed sequences (cu_seqlens)
+# a first-order op whose state has an axis per lane and which has generated kernels
+# (psmc.runtime.dispatch: the state loop costs less than the first-order scan there)
+STATE_LOOP_GPU = ("the generated state loop (triton-state-loop: lift, recurrence and readout in one kernel over "
+                  "[lanes, state axis] tiles; the first-order scan would run the lift and readout in torch over "
+                  "[B, T, lanes, state axis] tensors); packed sequences in one launch")
 _CHUNK_GPU = ("chunked tensor-core Triton kernels (psmc.runtime.{module}): bf16/fp16 q, k, v that are inputs read as given, "
               "fp32 accumulation; packed sequences (cu_seqlens) in the same launches")
 FAST_PATH_GPU = {

@@ -125,7 +125,9 @@ def test_bad_dim_option_is_a_usage_error(capsys):
 @pytest.mark.parametrize("example, words", [
     ("gla", "chunked tensor-core Triton kernels (psmc.runtime.triton_chunk)"),
     ("gated_delta_rule", "chunked tensor-core Triton kernels (psmc.runtime.triton_delta)"),
-    ("selective_ssm", "the first-order scan kernel (psmc.runtime.triton_scan"),
+    # a state axis N per channel: the fused state loop, cheaper than the first-order scan there
+    ("selective_ssm", "the generated state loop (triton-state-loop"),
+    ("linear_recurrence", "the first-order scan kernel (psmc.runtime.triton_scan"),
 ])
 def test_check_says_what_runs_on_a_gpu(capsys, example, words):
     """The fast paths name the kernels backend='auto' runs for CUDA tensors, and packing."""
