@@ -457,13 +457,22 @@ class StatePrinter(MatrixPrinter):
         axis: its B and C) stores its sum over this program's lanes, once per lane tile
         (LANE_SUM): the runtime sums what remains, and no [B, T, L, S'] adjoint of a broadcast
         input is ever written."""
-        index = ROLE_INDEX[role]
-        shared = token_pointer("din", i, "t", f"tl.program_id(0) * din{i}_sl + {index} * din{i}_ss")
+        token = f"row * din{i}_sb + t * din{i}_st"
         return [f"if (TIME_SUM >> {i}) & 1:",
                 f"    dx{i} = dx{i} + tl.where(okt, {value}, 0.0)",
                 f"elif (LANE_SUM >> {i}) & 1:",
-                f"    tl.store({shared}, {_lane_total(value)}, mask={_mask('col_ok' if 'c' in role else '', 'okt')})",
+                "    " + self.din_store(i, role, token, value, shared=True, when="okt"),
                 "else:"] + ["    " + x for x in super().input_grad_store(i, role, value)]
+
+    def din_store(self, i: int, role: str, base: str, value: str, shared: bool, when: str = "") -> str:
+        """Store an adjoint of input i at `base` (its batch and token offsets): per lane, or
+        (`shared`) summed over this program's lanes at its lane tile."""
+        if shared:
+            lane, value, mask = "tl.program_id(0)", _lane_total(value), _mask("col_ok" if "c" in role else "", when)
+        else:
+            lane, mask = "lane", _mask(self.role_mask[role], when)
+        return (f"tl.store(din{i} + {base} + {lane} * din{i}_sl + {ROLE_INDEX[role]} * din{i}_ss, {value}, "
+                f"mask={mask or 'one'})")
 
     def input_grad_sums(self, where: str) -> list[str]:
         lines = []
@@ -475,13 +484,10 @@ class StatePrinter(MatrixPrinter):
             if where == "start":
                 lines.append(f"    dx{i} = tl.zeros({self.role_shape[role]}, tl.float32)")
                 continue
-            index = ROLE_INDEX[role]
             lines += [f"    if (LANE_SUM >> {i}) & 1:",
-                      f"        tl.store(din{i} + b * din{i}_sb + tl.program_id(0) * din{i}_sl + {index} * din{i}_ss, "
-                      f"{_lane_total(f'dx{i}')}, mask={'col_ok' if 'c' in role else 'one'})",
+                      "        " + self.din_store(i, role, f"b * din{i}_sb", f"dx{i}", shared=True),
                       "    else:",
-                      f"        tl.store(din{i} + b * din{i}_sb + lane * din{i}_sl + {index} * din{i}_ss, dx{i}, "
-                      f"mask={self.role_mask[role]})"]
+                      "        " + self.din_store(i, role, f"b * din{i}_sb", f"dx{i}", shared=False)]
         return lines
 
 
