@@ -563,8 +563,8 @@ def first_order_cases(b: Bench, dtype, peak_gbps: float | None):
         ms = b.report.rows[before][4] if before < len(b.report.rows) else None
         if isinstance(ms, float) and ms > 100 and b.left() > 20:  # a torch path in seconds: say where it goes
             profile(b, fwd, impl)
-        if pname == "triton-first-order":  # the other tiling of the same kernel (psmc.runtime.triton_scan)
-            _in_thread_case(b, group, label, dtype, fwd, both, check, note_bw)
+        if pname == "triton-first-order":  # each tiling of the same kernel fixed (psmc.runtime.triton_scan)
+            _layout_cases(b, group, label, dtype, fwd, both, check, note_bw)
     scan = _accelerated(b.dry)
     before = len(b.report.rows)
     b.case(group, label, dtype, "accelerated-scan (torch reference, dry run)" if b.dry else "accelerated-scan (triton)", (lambda: _no_grad(lambda _: scan(gates, tokens), None))
@@ -653,24 +653,26 @@ def ssm_cases(b: Bench, dtype, peak_gbps: float | None):
     _every_path(b, "selective SSM", label, dtype, "selective_ssm", {"N": N}, inputs, note_bw)
 
 
-def _in_thread_case(b: Bench, group, label, dtype, fwd: Callable, both: Callable, check: Callable, note_bw):
-    """The first-order kernel with triton_scan.LAYOUT = 'in-thread' (each thread scans its
-    channels' tile in registers) against the default 'split' row above: which one `auto` should
-    launch is this row's ratio."""
+def _layout_cases(b: Bench, group, label, dtype, fwd: Callable, both: Callable, check: Callable, note_bw):
+    """The first-order kernel with each tiling fixed (triton_scan.LAYOUT: 'split', the warps
+    splitting a tile's time axis; 'in-thread', each thread scanning its channels' tile in
+    registers) beside the row above, where the autotuner picks one per shape: a tuned row slower
+    than both says the tuner chose badly."""
     from psmc.runtime import triton_scan
 
-    def in_thread(fn):
+    def fixed(fn, layout):
         def run(*args):
-            previous, triton_scan.LAYOUT = triton_scan.LAYOUT, "in-thread"
+            previous, triton_scan.LAYOUT = triton_scan.LAYOUT, layout
             try:
                 return fn(*args)
             finally:
                 triton_scan.LAYOUT = previous
         return run
-    before = len(b.report.rows)
-    b.case(group, label, dtype, "psmc triton-first-order, in-thread layout", in_thread(fwd), in_thread(both),
-           in_thread(check))
-    _annotate(b.report, before, note_bw)
+    for layout in triton_scan.LAYOUTS:
+        before = len(b.report.rows)
+        b.case(group, label, dtype, f"psmc triton-first-order, {layout} layout", fixed(fwd, layout),
+               fixed(both, layout), fixed(check, layout))
+        _annotate(b.report, before, note_bw)
 
 
 def profile(b: Bench, fn: Callable, what: str):

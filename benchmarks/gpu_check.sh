@@ -46,13 +46,14 @@ export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$(mktemp -d)}"
 python -c "import psmc, fla, accelerated_scan; print('imports ok: psmc', psmc.__file__)" 2>&1 | tail -1 | tee -a "$LOG"
 
 # 2. the Triton tests on the GPU (compiled, not interpreted). Tests that assert CPU-only
-#    behaviour (what backend='auto' does with CPU tensors) are deselected.
+#    behaviour (what backend='auto' does with CPU tensors) are deselected. PSMC_AUTOTUNE=0: the
+#    static launch configurations (one compile per test shape); the autotuner's tests turn it on.
 say "Triton tests on CUDA (budget ${TEST_BUDGET}s)"
 TLOG=/dev/null
 [ -n "$OUTDIR" ] && TLOG="$OUTDIR/gpu_tests.log"
-PSMC_TEST_DEVICE=cuda TRITON_INTERPRET=0 timeout -s INT -k 15 "$TEST_BUDGET" python -m pytest -q -p no:cacheprovider \
+PSMC_TEST_DEVICE=cuda TRITON_INTERPRET=0 PSMC_AUTOTUNE=0 timeout -s INT -k 15 "$TEST_BUDGET" python -m pytest -q -p no:cacheprovider \
   tests/codegen/test_triton_scan.py tests/codegen/test_triton_matrix.py tests/codegen/test_triton_layers.py \
-  tests/codegen/test_triton_varlen.py tests/codegen/test_triton_tree.py tests/codegen/test_triton_state.py tests/codegen/test_triton.py tests/runtime/test_triton_chunk.py \
+  tests/codegen/test_triton_varlen.py tests/codegen/test_triton_tree.py tests/codegen/test_triton_state.py tests/codegen/test_triton_autotune.py tests/codegen/test_triton.py tests/runtime/test_triton_chunk.py \
   tests/runtime/test_triton_delta.py \
   tests/runtime/test_triton_delta_step.py \
   -k "not backend_choice and not auto_chooses" 2>&1 | tee "$TLOG" | tail -25 | tee -a "$LOG"

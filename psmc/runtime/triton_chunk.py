@@ -38,6 +38,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from psmc.runtime import autotune
 from psmc.runtime.varlen import Sequences, packed_bounds, segment_reverse_cumsum, sequences
 
 __all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS", "NUM_WARPS_F32"]
@@ -377,6 +378,20 @@ def _warps(x: Tensor) -> int:
     return NUM_WARPS_F32 if x.dtype == torch.float32 else NUM_WARPS
 
 
+def warp_choices(x: Tensor) -> tuple:
+    """The autotuner's candidates: fp32 operands keep NUM_WARPS_F32 (fewer spill), bf16/fp16
+    ones try NUM_WARPS and twice as many (psmc.runtime.autotune)."""
+    warps = _warps(x)
+    return (warps,) if x.dtype == torch.float32 else (warps, 2 * warps)
+
+
+def _tuned(kernel, grid: tuple, x: Tensor, spec: tuple, launch) -> None:
+    """launch(warps) at the warps kept for this kernel, operand dtype, grid size (to a power of
+    two, so packed batches of other lengths share the choice) and `spec` (its constexprs)."""
+    key = ("chunk", kernel, x.dtype, x.device, _pow2(grid[0]), spec)
+    autotune.launch(key, warp_choices(x), launch, x.device)
+
+
 def _chunk(T: int, chunk_size: int) -> int:
     return max(SUB, min(_pow2(chunk_size), _pow2(T)))
 
@@ -406,12 +421,12 @@ def _states(k, v, g, h0, h0_scale, decay, rev, shift, BT, state_dtype, seqs=None
     hs = torch.empty(rows, NT, K, V, device=k.device, dtype=state_dtype)
     hT = torch.empty(lanes, K, V, device=k.device, dtype=torch.float32)
     grid = (lanes * triton.cdiv(K, BK) * triton.cdiv(V, BV),)
-    _state_kernel[grid](
+    _tuned(_state_kernel, grid, k, (BT, BK, BV, decay, rev, h0 is None), lambda warps: _state_kernel[grid](
         k, *k.stride(), v, *v.stride(), k if g is None else g, *_strides(g),
         hT if h0 is None else h0, float(h0_scale), hs, hT, T, H, K, V, NT, *packed(seqs, hT)[:2],
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, HAS_H0=h0 is not None,
-        IEEE=k.dtype == torch.float32, VARLEN=seqs is not None, num_warps=_warps(k),
-    )
+        IEEE=k.dtype == torch.float32, VARLEN=seqs is not None, num_warps=warps,
+    ))
     return hs, hT
 
 
@@ -421,12 +436,12 @@ def _outputs(q, k, v, g, hs, out, scale, decay, rev, shift, exclusive, BT, seqs=
     NT = hs.shape[1]
     BK, BV = _blocks(K, V, OUT_BLOCK_V if q.dtype != torch.float32 else 0)
     grid = (B * H * NT * (BT // SUB) * triton.cdiv(V, BV),)
-    _out_kernel[grid](
+    _tuned(_out_kernel, grid, q, (BT, BK, BV, decay, rev, exclusive), lambda warps: _out_kernel[grid](
         q, *q.stride(), k, *k.stride(), v, *v.stride(), q if g is None else g, *_strides(g),
         hs, out, *out.stride(), float(scale), T, H, K, V, NT, *packed(seqs, hs),
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
-        IEEE=q.dtype == torch.float32, VARLEN=seqs is not None, num_warps=_warps(q),
-    )
+        IEEE=q.dtype == torch.float32, VARLEN=seqs is not None, num_warps=warps,
+    ))
     return out
 
 
@@ -437,12 +452,12 @@ def _readout(a, b, c, g, hs, scale, decay, rev, shift, exclusive, BT, seqs=None)
     BK, BV = _blocks(K, V)
     out = torch.empty(B, T, H, K, device=a.device, dtype=torch.float32)
     grid = (B * H * NT * (BT // SUB) * triton.cdiv(K, BK),)
-    _readout_kernel[grid](
+    _tuned(_readout_kernel, grid, a, (BT, BK, BV, decay, rev, exclusive), lambda warps: _readout_kernel[grid](
         a, *a.stride(), b, *b.stride(), c, *c.stride(), a if g is None else g, *_strides(g),
         hs, out, *out.stride(), float(scale), T, H, K, V, NT, *packed(seqs, hs),
         BT=BT, BC=SUB, BK=BK, BV=BV, DECAY=_KINDS[decay], REV=rev, GS=shift, EXCL=int(exclusive),
-        IEEE=a.dtype == torch.float32, VARLEN=seqs is not None, num_warps=_warps(a),
-    )
+        IEEE=a.dtype == torch.float32, VARLEN=seqs is not None, num_warps=warps,
+    ))
     return out
 
 

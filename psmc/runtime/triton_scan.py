@@ -18,7 +18,8 @@ fp32 or 8 bf16 channels per thread) and gives the rest of the warps to time. So 
   registers (no shared memory, no shuffles: accelerated-scan's "time inside each thread"), at
   4x fewer threads per channel block and 64 elements per thread per tensor.
 
-Neither has been timed on a GPU yet; `benchmarks/gpu.py` times both (the first-order group).
+Neither has been timed on a GPU here: with LAYOUT None (the default) psmc.runtime.autotune
+times both per shape on the GPU that runs the call, and `benchmarks/gpu.py` times each fixed.
 
 - dtypes: a and b are read in their own dtype (bf16/fp16/fp32), the state and the
   arithmetic are fp32, h is written in the output tensor's dtype (the inputs' dtype);
@@ -39,14 +40,19 @@ import os
 
 import torch
 
+from . import autotune
+
 BLOCK_T = 32  # steps per tile ("split"): enough independent loads in flight per thread to hide latency
 NUM_WARPS = 4
-LAYOUT = "split"  # or "in-thread" (see the module docstring); tiles() reads it at each launch
+# "split" or "in-thread" (see the module docstring) for every launch; None: each shape takes the
+# faster of the two on its GPU (psmc.runtime.autotune; "split" where nothing is timed)
+LAYOUT: str | None = None
+LAYOUTS = ("split", "in-thread")  # the autotuner's candidates, the static choice first
 
 
 def tiles(C: int, element_size: int, layout: str | None = None) -> tuple:
     """(BLOCK_T, BLOCK_C, num_warps) for C channels of inputs of `element_size` bytes."""
-    layout = layout or LAYOUT
+    layout = layout or LAYOUT or LAYOUTS[0]
     if layout == "in-thread":
         vector = max(1, 16 // element_size)  # channels per thread in a 16-byte load
         warps = NUM_WARPS
@@ -134,18 +140,35 @@ def _as_bt_c(x: torch.Tensor, shape) -> torch.Tensor:
 
 def launch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, out: torch.Tensor, reverse: bool) -> torch.Tensor:
     """out[B, T, C] = the scan of (a, b) (reverse: the adjoint scan); returns the fp32 state
-    that leaves the sequence [B, C]."""
+    that leaves the sequence [B, C]. The layout is LAYOUT, or the one tuned for this shape."""
     B, T, C = out.shape
     last = torch.empty(B, C, device=out.device, dtype=torch.float32)
-    block_t, block_c, warps = tiles(C, max(a.element_size(), b.element_size()))
-    n_cblocks = -(-C // block_c)
+    element_size = max(a.element_size(), b.element_size())
     h0_arg = h0 if h0 is not None else last  # unread without HAS_H0
-    _first_order_scan[(B * n_cblocks,)](
-        a, b, h0_arg, out, last, T, C, n_cblocks,
-        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+
+    def run(layout: str) -> None:
+        block_t, block_c, warps = tiles(C, element_size, layout)
+        n_cblocks = -(-C // block_c)
+        _first_order_scan[(B * n_cblocks,)](
+            a, b, h0_arg, out, last, T, C, n_cblocks,
+            a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            HAS_H0=h0 is not None, REVERSE=reverse, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)
+
+    autotune.launch(tuning_key(a, b, out, reverse), (LAYOUT,) if LAYOUT else LAYOUTS, run, out.device)
     return last
+
+
+def tuning_key(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, reverse: bool) -> tuple:
+    """What the layout's speed depends on: the dtypes, the programs (batch x channel blocks,
+    to a power of two) and the sequence length (to a power of two, 64K and up alike)."""
+    B, T, C = out.shape
+    return ("first-order", reverse, a.dtype, b.dtype, out.dtype, out.device,
+            _pow2(B), _pow2(C), _pow2(min(T, 1 << 16)), a.stride(1) == 0, b.stride(1) == 0)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 class FirstOrderScan(torch.autograd.Function):

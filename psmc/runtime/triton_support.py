@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from . import triton_abi
+from . import autotune, triton_abi
 from .state import ScanState
 
 DEFAULT_BLOCK_T = 32  # [32, 64] lane tiles: about 8 values per thread at 8 warps, no spills (AOT table)
@@ -191,6 +191,18 @@ class _Geometry:
         # more than 8 warps caps a thread at 128 (or fewer) registers, and they spill
         return max(4, min(8, _pow2(block_t * self.block_c // 256)))
 
+    def warp_choices(self, block_t: int, backward: bool = False) -> tuple:
+        """The autotuner's candidates (psmc.runtime.autotune): the static choice above, then
+        twice its warps (half the values per thread, twice the loads in flight per program)
+        while every thread keeps a value of the tile and a program has at most 8 warps (16 in a
+        token loop's backward, whose static choice goes there too): at 16 a forward thread is
+        held to 64-128 registers and the AOT test saw spills (block scans on sm_90, rwkv6's
+        token loop on sm_80)."""
+        warps = self.num_warps(block_t, backward)
+        elements = self.block_r * self.block_c if self.tile != "lanes" else block_t * self.block_c
+        most = 16 if self.tile != "lanes" and backward else 8
+        return (warps,) + ((2 * warps,) if 2 * warps <= most and elements >= 2 * warps * 32 else ())
+
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
     """whole_axis: one program holds all of S (the backward sums a rank-0 field's adjoint over
@@ -311,11 +323,24 @@ def _size_args(g: _Geometry, k, call, start: int, n_blocks: int | None) -> dict:
     return args
 
 
-def _run(kernel, kind: str, g: _Geometry, k, args: dict, **options):
-    """Launch `kernel` by name, after checking the names are exactly its arguments."""
+def _run(kernel, kind: str, g: _Geometry, k, args: dict, warps: tuple):
+    """Launch `kernel` by name, after checking the names are exactly its arguments, at the
+    number of warps the autotuner keeps for this shape among `warps`."""
     triton_abi.check(args, kind, g.tile, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
                      tuple(k.dims))
-    kernel[g.grid](**args, **options)
+    device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
+    autotune.launch(_tuning_key(kernel, kind, g, args), warps, lambda w: kernel[g.grid](**args, num_warps=w), device)
+
+
+def _tuning_key(kernel, kind: str, g: _Geometry, args: dict) -> tuple:
+    """What a launch's best warps depend on: the kernel and its constexprs, the dims, the
+    tensors' dtypes and devices, and the grid and the length to powers of two (so packed batches of other
+    sizes share a choice)."""
+    constants = tuple((n, v) for n, v in args.items()
+                      if not isinstance(v, torch.Tensor) and (n.isupper() or n.startswith("d_")))
+    dtypes = tuple((v.dtype, v.device) for v in args.values() if isinstance(v, torch.Tensor))
+    return (kernel, kind, g.tile, tuple(_pow2(n) for n in g.grid), _pow2(min(g.T, 1 << 16)), g.tokens > 0,
+            constants, dtypes)
 
 
 def _per_token(g: _Geometry, role: str, dtype, dev, time: bool, lanes: int | None = None) -> tuple:
@@ -361,7 +386,8 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
         args.update(_per_lane_args("bnd", bounds))
     args.update(_size_args(g, k, call, start, n_blocks if time else None))
     args.update(HAS_INIT=state_prefix is not None, BLOCK_T=block_t, **g.blocks(), **({"SAVE": save} if time else {}))
-    _run(kernel, "forward" if time else "step", g, k, args, num_warps=g.num_warps(block_t if time else 1))
+    _run(kernel, "forward" if time else "step", g, k, args,
+         g.warp_choices(block_t) if time else (g.num_warps(1),))
     return outputs, finals, bounds
 
 
@@ -460,7 +486,7 @@ class _ScanFunction(torch.autograd.Function):
         args.update({**_per_lane_args("dpar", dpar), **_per_lane_args("dini", dini), **_per_lane_args("ws", scratch)})
         args.update(_size_args(g, k, call, start, triton_cdiv(g.T, block_t)))
         args.update(HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
-        _run(k.backward, "backward", g, k, args, num_warps=g.num_warps(block_t, backward=True))
+        _run(k.backward, "backward", g, k, args, g.warp_choices(block_t, backward=True))
         result = [None]
         for (t, role, shared, constant), x, dtype in zip(din, inputs, k.input_dtypes):
             # a broadcast input's adjoint, summed by the kernel per lane tile or over the tokens

@@ -37,7 +37,7 @@ def test_forward_and_gradients_equal_the_torch_loop(B, T, C, initial, seed, layo
     try:
         _forward_and_gradients(B, T, C, initial, seed)
     finally:
-        triton_scan.LAYOUT = "split"
+        triton_scan.LAYOUT = None
 
 
 def test_tiles_per_layout():

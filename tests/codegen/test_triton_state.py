@@ -73,10 +73,10 @@ def _backward_launches(monkeypatch) -> list:
     seen = []
     real = triton_support._run
 
-    def spy(kernel, kind, g, k, args, **options):
+    def spy(kernel, kind, g, k, args, warps):
         if kind == "backward":
             seen.append((g, dict(args)))
-        return real(kernel, kind, g, k, args, **options)
+        return real(kernel, kind, g, k, args, warps)
     monkeypatch.setattr(triton_support, "_run", spy)
     return seen
 

@@ -238,3 +238,41 @@ def test_packed_sequences_are_checked():
         triton_chunk_linear_attention(q, k, v, g, decay="scalar", cu_seqlens=torch.tensor([0, 4, 8], device=DEVICE))
     with pytest.raises(ValueError, match="strictly increasing"):
         triton_chunk_linear_attention(q, k, v, g, decay="scalar", cu_seqlens=torch.tensor([0, 4, 4, 9], device=DEVICE))
+
+
+def test_tuned_warps_give_the_same_results_and_every_launch_is_repeatable(monkeypatch):
+    """fp16 operands: each kernel's launch is tuned between NUM_WARPS and twice as many
+    (psmc.runtime.autotune), here with a clock under which the last candidate wins. The timing
+    runs each kernel several times into the same buffers; the interpreter ignores the warps, so
+    the tuned run equals the untuned one bit for bit unless a launch reads what an earlier one
+    wrote (on a GPU, where 8 warps may sum in another order: to fp16 rounding)."""
+    import itertools
+
+    from psmc.runtime import autotune
+    monkeypatch.setenv(autotune.ENV, "1")  # (benchmarks/gpu_check.sh runs the tests with it off)
+    inputs = make(5, 1, 37, (2,), 16, 16, "key", dtype=torch.float16, h0=True, strength=2.0)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(1, 37, 2, 16, generator=gen).to(DEVICE, torch.float16)
+
+    def run():
+        xs = [x.detach().clone().requires_grad_() for x in inputs]
+        o, s = triton_chunk_linear_attention(*xs[:4], decay="key", scale=0.7, initial_state=xs[4], chunk_size=16)
+        ((o.float() * do.float()).sum() + s.sum()).backward()
+        return [o, s] + [x.grad for x in xs]
+
+    plain = run()
+    tuned = []
+    real = autotune.launch
+    monkeypatch.setattr(autotune, "launch", lambda key, c, r, d: tuned.append((key, tuple(c))) or real(key, c, r, d))
+    ticks = itertools.count()
+    with autotune.timed_by(lambda fn, device: (fn(), -float(next(ticks)))[1]):
+        again = run()
+        kept = autotune.kept()
+    for name, a, b in zip("o s dq dk dv dlog_decay dh0".split(), plain, again):
+        if DEVICE == "cpu":
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name}: {m}")
+    kernels = {key[1].fn.__name__ for key, _ in tuned}
+    assert kernels == {"_state_kernel", "_out_kernel", "_readout_kernel"}, kernels
+    assert all(c == (4, 8) and kept[key] == 8 for key, c in tuned)
