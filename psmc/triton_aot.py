@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from psmc.runtime import autotune
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 ARCHS = (90, 80)
@@ -183,7 +185,8 @@ def record(example: str, cls) -> list:
     layer = cls(backend="triton", check_finite=False, **shape["dims"])
     B, T, lanes, wide = shape["B"], shape["T"], shape["lanes"], shape.get("broadcast")
     launches: list = []
-    with recording_launches() as log:
+    # every launch configuration the autotuner may pick (psmc.runtime.autotune), each a row
+    with recording_launches() as log, autotune.every_candidate():
         def run(passname, fn):
             start = len(log)
             fn()

@@ -18,6 +18,8 @@ import sys
 
 import torch
 
+from psmc.runtime import autotune
+
 # (name, dtype, K = V, decay, exclusive, with backward, in the test): the benchmark's shapes first
 CONFIGS = [
     ("gla", torch.bfloat16, 128, "key", False, True, True),
@@ -74,6 +76,13 @@ def recording(module, names, log):
 
 
 def record(test_only: bool = False) -> list:
+    """Every launch of the configurations, each configuration the autotuner may pick a row of
+    its own (psmc.runtime.autotune)."""
+    with autotune.every_candidate():
+        return _record(test_only)
+
+
+def _record(test_only: bool) -> list:
     from psmc.runtime import triton_chunk as tc
 
     log: list = []
