@@ -167,6 +167,14 @@ def _step_kernels(layer, call, state):
     return triton_support.step(layer, call, state)
 
 
+def _bind_step_kernels(layer, call, general):
+    from . import triton_support
+    return triton_support.bind_step(layer, call, general)
+
+
+_step_kernels.bind = _bind_step_kernels  # the decode lane: the step kernel bound to one input signature
+
+
 def _run_first_order(layer, call, state):
     call.ctx.scan_kernel = "triton"
     index = layer._token_positions(call, state) if layer.spec.lift_index or layer.spec.readout_index else None

@@ -1147,6 +1147,9 @@ class PsmLayer(nn.Module):
         if isinstance(run, functools.partial) and run.func.__module__ == "psmc.runtime.cpu_support":
             from . import cpu_support  # the C++ step bound to this signature (general: `lane`)
             return cpu_support.bind_step(self, call, lane)
+        bind = getattr(getattr(run, "func", None), "bind", None)
+        if bind is not None:  # a dispatch path's own step bound to this signature (the Triton step)
+            return bind(self, call, lane)
         return lane
 
     def _step_index(self, call, state):
