@@ -144,10 +144,11 @@ BOTH_BACKENDS = "op both[K] { state (x: f32[K]); lift (u: f32[K]) { return tanh(
                 "combine (l, r) { return l.x + r.x; } identity = zeros; readout (s) { return s.x; } }\n"
 
 
-@pytest.mark.parametrize("fault", ["cpp-fallback", "cpp-step", "triton-step", "triton-grads"])
+@pytest.mark.parametrize("fault", ["cpp-fallback", "cpp-step", "triton-step", "triton-lane", "triton-grads"])
 def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
     # the backend checks are not vacuous: a C++ backend that silently serves with torch, a
-    # C++ or Triton step that drifts, Triton gradients that drift, each fail the runner
+    # C++ or Triton step that drifts (the Triton decode lane, from the second token, too),
+    # Triton gradients that drift, each fail the runner
     from runner import Failure
     from psmc.runtime import cpu_support, triton_support
     config = Config(batch=2, time=5, lanes=(2,), grads=False, f32=True, seed=5,
@@ -155,6 +156,18 @@ def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
     if fault == "cpp-fallback":
         monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind, state=None: False)
         match = "without calling its C\\+\\+ kernels"
+    elif fault == "triton-lane":
+        bind = triton_support.bind_step
+
+        def drifting_lane(layer, call, general):
+            lane = bind(layer, call, general)
+
+            def drifted(inputs, state):
+                outputs, state = lane(inputs, state)
+                return tuple(o * 1.001 for o in outputs), state
+            return drifted
+        monkeypatch.setattr(triton_support, "bind_step", drifting_lane)
+        match = "step stream vs torch parallel"
     elif fault.endswith("-step"):
         module = cpu_support if fault == "cpp-step" else triton_support
         original = module.step
