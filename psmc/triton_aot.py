@@ -469,6 +469,20 @@ def compile_examples(names: list | None, archs=ARCHS, passes: tuple | None = Non
     return rows
 
 
+def compile_source(source: str, name: str, arch: int = 90) -> list:
+    """The launches of op `name` given as .psm source (an op no example has), recorded as
+    `record` records an example's and compiled for sm_<arch>: [(pass name, Compiled)]. Run it
+    in a process that never interpreted (`clean_pool`)."""
+    import tempfile
+
+    import psmc
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.psm"
+        path.write_text(source, encoding="utf-8")
+        cls = psmc.load(path).__psmc_layers__[name]
+        return [(launch.passname, compile_launch(launch, arch)) for launch in record(name, cls)]
+
+
 @contextlib.contextmanager
 def clean_pool(workers: int):
     """Worker processes started without TRITON_INTERPRET: the interpreter patches triton.language

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..ir.nodes import OpIR
 from .triton_backward import BackwardPrinter
-from .triton_layout import layout_of, unsupported_reason
+from .triton_layout import kernel_layout, unsupported_reason
 from .triton_matrix import MatrixPrinter, StatePrinter
 from .triton_printer import PRELUDE, registration
 from . import triton_tree
@@ -22,7 +22,7 @@ def generate(op: OpIR, plan: dict | None) -> str | None:
         return triton_tree.generate(op, plan)
     if unsupported_reason(op, plan) is not None:
         return None
-    mode = layout_of(op).mode
+    mode = kernel_layout(op).mode
     if mode in ("matrix", "state"):  # token loops over [R, C] or [lanes, S] tiles
         printer = MatrixPrinter(op) if mode == "matrix" else StatePrinter(op)
         lines = printer.forward_kernel() + ["", ""] + printer.step_kernel() + ["", ""]
@@ -58,7 +58,7 @@ def describe(op: OpIR, plan: dict | None) -> str:
     reason = unsupported_reason(op, plan)
     if reason is not None:
         return f"triton: none ({reason})"
-    layout = layout_of(op)
+    layout = kernel_layout(op)
     if layout.mode == "matrix":
         cols = f"all of {layout.cols}" if layout.full_tile else f"tiles of {layout.cols}"
         return (f"triton: forward + backward + step kernels, token loop over a [{layout.axis}, {layout.cols}] "
@@ -66,6 +66,8 @@ def describe(op: OpIR, plan: dict | None) -> str:
                 + "; packed sequences in one launch")
     if layout.mode == "state":
         cols = f"all of {layout.axis}" if layout.full_tile else f"tiles of {layout.axis}"
+        if layout.axis == 1:
+            cols = "one column: scalar states"
         return (f"triton: forward + backward + step kernels, token loop over [lanes, {layout.axis}] tiles "
                 f"(a block of lanes x {cols})" + (", exclusive readout" if op.exclusive else "")
                 + "; packed sequences in one launch")

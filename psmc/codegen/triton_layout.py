@@ -156,9 +156,6 @@ def unsupported_reason(op: OpIR, plan: dict | None) -> str | None:
     axes = {sympy.sympify(s[0]) for s in shapes if len(s) == 1}
     if len(axes) > 1:
         return f"values of different lengths {sorted(map(str, axes))}: the tile has one state axis"
-    if op.exclusive and not axes:
-        return ("exclusive readout of scalar states: the lanes' block scan has none (the token loops of vector "
-                "and matrix states do); the torch backend serves it")
     if op.exclusive and op.identity is None:
         return "exclusive readout without an identity: the first token of a stream reads it"
     return None
@@ -179,6 +176,17 @@ def layout_of(op: OpIR) -> Layout:
     if not axes:
         return Layout("lanes", None, False)
     return Layout("state", next(iter(axes)), full)
+
+
+def kernel_layout(op: OpIR) -> Layout:
+    """The Triton kernels' tile model: `layout_of`, except for an exclusive readout of scalar
+    states, which the lanes' block scan cannot give (a token's exclusive prefix is the scan's
+    previous row, across a block boundary the carry): it runs the state tile's token loop over
+    [lanes, 1] tiles, a state axis of one column."""
+    layout = layout_of(op)
+    if layout.mode == "lanes" and op.exclusive:
+        return Layout("state", sympy.Integer(1), False)
+    return layout
 
 
 def value_roles(op: OpIR, values) -> tuple:

@@ -25,7 +25,7 @@ from ..ir.ops import OPS
 import sympy
 
 from ..ir.registry import STRUCTURE_OPS
-from .triton_layout import (FLOATS, Layout, layout_of, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
+from .triton_layout import (FLOATS, Layout, kernel_layout, layout_of, matmul_axis, matrix_layout, matrix_reason,  # noqa: F401
                             reduce_axis, role_of)
 from .triton_printer import (TritonBodyPrinter, compute_dtype, kernel_names, kernel_signature, sequence,
                              tile_expr, token_pointer)
@@ -436,7 +436,7 @@ class StatePrinter(MatrixPrinter):
 
     def __init__(self, op: OpIR):
         self.op = op
-        self.rows, self.cols = _LANE_ROWS, layout_of(op).axis
+        self.rows, self.cols = _LANE_ROWS, kernel_layout(op).axis
         self.names = kernel_names(op)
         self.fields = op.state
 

@@ -31,7 +31,7 @@ from ..runtime import triton_abi
 from .torch_printer import dim_code
 # what fits the tile models (re-exported: the op table and the layouts are read from here too)
 from .triton_layout import (FLOAT_MATH, FLOATS, KERNEL_DTYPES, MATRIX_ONLY, TL_DTYPES, TRITON_OPS,  # noqa: F401
-                            Layout, Unsupported, layout_of, unsupported_reason, value_roles)
+                            Layout, Unsupported, kernel_layout, unsupported_reason, value_roles)
 
 PREFIX = "_psm_"
 
@@ -222,7 +222,7 @@ class KernelPrinter:
 
     def __init__(self, op: OpIR):
         self.op = op
-        self.layout = layout_of(op)
+        self.layout = kernel_layout(op)
         self.names = kernel_names(op)
         self.fields = op.state
 
@@ -416,7 +416,7 @@ def _dim_lambda(expr) -> str:
 
 
 def registration(op: OpIR) -> list[str]:
-    layout = layout_of(op)
+    layout = kernel_layout(op)
     names = kernel_names(op)
     axis = _dim_lambda(layout.axis)
     cls = f"__psmc_layers__[{op.name!r}]"  # the registry: class names are module.py's business

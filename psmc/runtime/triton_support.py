@@ -229,7 +229,8 @@ def state_lanes(L: int, block_c: int, others: int) -> int:
     """Lanes per program of a state tile: a power of two up to STATE_MAX_LANES with the tile at
     most STATE_TILE_ELEMENTS, halved (down to 16) while fewer than STATE_MIN_PROGRAMS programs
     would run (`others`: programs per lane tile, i.e. batch x column tiles)."""
-    lanes = max(1, min(_pow2(L), STATE_MAX_LANES, STATE_TILE_ELEMENTS // block_c))
+    # (a tile of one column, a scalar state's: up to 128 lanes, a lane per thread at 4 warps)
+    lanes = max(1, min(_pow2(L), max(STATE_MAX_LANES, 128 // block_c), STATE_TILE_ELEMENTS // block_c))
     while lanes > 16 and others * triton_cdiv(L, lanes) < STATE_MIN_PROGRAMS:
         lanes //= 2
     return lanes

@@ -91,10 +91,12 @@ def test_unsupported_ops_are_reported_not_generated():
     op = ops_from_file(EXAMPLES / "ema.psm")[0]
     assert "tree-scan" in tp.unsupported_reason(op, {"plan": "tree-scan"})
     assert "_psm_Op_ema_tree_forward" in tk.generate(op, {"plan": "tree-scan"})
-    # an exclusive readout without a matrix state (the one-axis block scan has no shift)
+    # an exclusive readout of scalar states: no block scan, the state tile of one column
+    # instead (test_triton_state.py)
     op = ops_from_source("op ex { state (a: f32); lift (x: f32) { return x; } combine (l, r) { return l.a + r.a; } "
                          "identity = zeros; readout exclusive (p, x: f32) { return p.a + x; } }")[0]
-    assert "exclusive" in tp.unsupported_reason(op, {"plan": "exact-scan"})
+    assert tp.unsupported_reason(op, {"plan": "exact-scan"}) is None
+    assert "BLOCK_R" in tk.generate(op, {"plan": "exact-scan"})
     op = ops_from_file(EXAMPLES / "cumsum.psm")[0]
     assert "not 'elementwise'" in tp.unsupported_reason(op, {"plan": "exact-scan", "structure": "affine"})
 

@@ -111,3 +111,27 @@ def test_first_order_layouts_where_time_goes():
     consts, split = results["split"]
     assert split.ok and split.spill_stores == 0, split
     assert any(_warps_per_cta(l)[0] > 1 for l in split.layouts) and split.shared > 0, split
+
+
+EXCLUSIVE_SCALAR = """
+op excl_sum {
+  state (h: f32);
+  lift (x: f32) { return x; }
+  combine (l, r) { return l.h + r.h; }
+  identity = (zeros);
+  readout exclusive (p, x: f32) { return p.h * x; }
+}
+"""
+
+
+@pytest.mark.sm90
+def test_an_exclusive_readout_of_scalar_states_compiles_on_the_state_tile():
+    """No example has one: its state tile of one column ([lanes, 1]) is compiled from source,
+    every pass, within the spill budget."""
+    with triton_aot.clean_pool(1) as pool:
+        results = pool.submit(triton_aot.compile_source, EXCLUSIVE_SCALAR, "excl_sum", 90).result()
+    passes = {p for p, _ in results}
+    assert {"forward", "forward (training)", "backward", "step", "forward (packed)"} <= passes, passes
+    for passname, result in results:
+        assert result.ok, (passname, result.error)
+        assert result.spill_stores <= triton_aot.SPILL_BUDGET[passname], (passname, result)

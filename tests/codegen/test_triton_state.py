@@ -188,13 +188,54 @@ def test_an_exclusive_readout_of_a_vector_state_gets_kernels(tmp_path):
         _close(a, b, "gradient")
 
 
-def test_an_exclusive_readout_of_scalar_states_says_why_it_gets_no_kernels():
-    (op,) = ops_from_source(
-        "op s { state (h: f32); lift (x: f32) { return x; } combine (l, r) { return l.h + r.h; } "
-        "identity = (zeros); readout exclusive (p) { return p.h; } }", "s.psm")
+EXCLUSIVE_SCALAR = """
+op excl_scaled {
+  state (n: f32, h: f32);
+  lift (x: f32) { return (1.0, x); }
+  combine (l, r) { return (l.n + r.n, l.h + r.h); }
+  identity = (zeros, zeros);
+  readout exclusive (p, x: f32) { return p.h * x + p.n; }
+}
+"""
+
+
+def test_an_exclusive_readout_of_scalar_states_runs_on_a_tile_of_one_column(tmp_path, monkeypatch):
+    """The lanes' block scan has no exclusive readout, so scalar states with one take the state
+    tile with S = 1 ([lanes, 1] tiles): three chained calls (the identity at the very first
+    token only), a decode step, packed sequences, every gradient, against backend='torch'."""
+    (op,) = ops_from_source(EXCLUSIVE_SCALAR, "excl_scaled.psm")
     assert describe(op, {"plan": "exact-scan", "structure": "elementwise"}) == (
-        "triton: none (exclusive readout of scalar states: the lanes' block scan has none (the token loops of "
-        "vector and matrix states do); the torch backend serves it)")
+        "triton: forward + backward + step kernels, token loop over [lanes, 1] tiles (a block of lanes x "
+        "one column: scalar states), exclusive readout; packed sequences in one launch")
+    cls = _compiled(tmp_path, EXCLUSIVE_SCALAR, "excl_scaled")
+    assert cls._triton_kernels.mode == "state"
+    ref, tri = _pair(cls)
+    launches = _backward_launches(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    calls = [{"x": torch.randn(2, T, 37, generator=g)} for T in (6, 1, 9)]
+    results = []
+    for layer in (ref, tri):
+        leaves = [_leaves(c) for c in calls]
+        state, total, outs = None, 0.0, []
+        for c in leaves:
+            out, state = layer(**c, state=state, return_state=True)
+            outs.append(out)
+            total = total + (out * _weights(out)).sum()
+        total = total + _loss(torch.zeros(()), state)
+        step_out, _ = layer.step(state, x=calls[0]["x"][:, 0])
+        cu = torch.tensor([0, 2, 3, 7])
+        packed, packed_states = layer(x=leaves[0]["x"][:1].repeat(1, 2, 1)[:, :7], cu_seqlens=cu, return_state=True)
+        total = total + (packed * _weights(packed)).sum()
+        wrt = [v for c in leaves for v in c.values()]
+        results.append((outs + [packed], state, step_out, torch.autograd.grad(total, wrt)))
+    (outs_r, state_r, step_r, grads_r), (outs_t, state_t, step_t, grads_t) = results
+    for a, b in zip(outs_r, outs_t):
+        _close(a, b, "output")
+    _same_states(state_r, state_t, "final state")
+    _close(step_r, step_t, "decode step")
+    for a, b in zip(grads_r, grads_t):
+        _close(a, b, "gradient")
+    assert launches and all(g.tile == "state" and g.S == 1 and g.block_c == 1 for g, _ in launches)
 
 
 def test_the_selective_ssm_takes_the_state_loop_over_the_first_order_scan(monkeypatch):
