@@ -173,6 +173,7 @@ def _bind_step_kernels(layer, call, general):
 
 
 _step_kernels.bind = _bind_step_kernels  # the decode lane: the step kernel bound to one input signature
+_step_kernels.binds_half = True  # it reads bf16/fp16 inputs as given and writes the outputs in their dtype
 
 
 def _run_first_order(layer, call, state):

@@ -946,7 +946,8 @@ class PsmLayer(nn.Module):
                 # the decode lane in `step` serves this signature when the inputs need no cast or
                 # reshape, the outputs no cast, and no step checks its outputs
                 lean = not plan and call.out_dtype is None and self.check_finite != "always"
-                self._remember(key, (call, plan, run, self._lane(call, run) if lean else None, call.ctx.dev.type))
+                lane = self._lane(call, run) if lean else self._half_lane(call, run, plan, inputs)
+                self._remember(key, (call, plan, run, lane, call.ctx.dev.type))
             return call, run
         template, plan, run = hit[:3]
         if state.op != template.tag:
@@ -1151,6 +1152,26 @@ class PsmLayer(nn.Module):
         if bind is not None:  # a dispatch path's own step bound to this signature (the Triton step)
             return bind(self, call, lane)
         return lane
+
+    def _half_lane(self, call, run, plan: tuple, inputs: dict):
+        """The decode lane of a bf16/fp16 signature, or None: a runner that reads half inputs
+        as given and writes the call's output dtype (`binds_half`: the Triton step kernels)
+        binds the raw tokens. Tokens it hands back run as `step` runs them without a lane: the
+        inputs cast, the outputs in the inputs' dtype."""
+        bind = getattr(getattr(run, "func", None), "bind", None)
+        if bind is None or not getattr(run.func, "binds_half", False) or call.half is None or \
+                self.check_finite == "always" or any(inputs[n].shape != shape for n, shape, _ in plan):
+            return None  # (a reshape per token, or a runner that needs float32 inputs)
+        ctx, lead, tag, out_dtype = call.ctx, call.lead, call.tag, call.out_dtype
+
+        def general(inputs, state):
+            cast = dict(inputs)
+            for n, _, dtype in plan:
+                cast[n] = cast[n].to(dtype)
+            with _no_autocast(cast):
+                outputs, state = run(_Call(ctx, cast, lead, True, tag, out_dtype), state)
+            return _in_dtype(outputs, _Call(ctx, cast, lead, True, tag, out_dtype)), state
+        return bind(self, call, general)
 
     def _step_index(self, call, state):
         """The token's position [*lead] when a body reads `index` (else None), no host read."""

@@ -641,7 +641,7 @@ def bind_step(layer, call, general):
     bound ones, a param that is not a contiguous fp32 tensor or was replaced."""
     k = layer._triton_kernels
     spec = layer.spec
-    if call.half or call.out_dtype is not None or spec.stream is not None:
+    if spec.stream is not None:
         return general
     g = _geometry(k, call, call.lead, 0)
     dev = call.ctx.dev
@@ -652,7 +652,11 @@ def bind_step(layer, call, general):
     if any(not p.is_contiguous() or (p.is_floating_point() and p.dtype != torch.float32) for p in params):
         return general  # (a per-token cast: the general step makes it)
     zeros = [torch.zeros(shape, device=dev, dtype=dt) for shape, dt in zip(field_shapes, field_dtypes)]
-    inputs = [call.inputs[name] for name in k.inputs]
+    inputs = _given_inputs(k, call)  # (bf16/fp16 ones as given: the tokens' own tensors)
+    half = call.half or {}
+    if any(x.is_floating_point() and x.dtype != call.ctx.dt[d] and half.get(n) is not x
+           for n, d, x in zip(k.inputs, k.input_dtypes, inputs)):
+        return general  # an input the layer casts: a token's own tensor is not the kernel's
     args, outputs, _, _ = _launch_args(layer, call, g, inputs, params, zeros, 0, False, 1)
     triton_abi.check(args, "step", g.tile, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
                      tuple(k.dims))

@@ -215,3 +215,38 @@ def test_branches_from_one_state_each_count_from_it(monkeypatch):
                 o, tb = tri.step(tb, x=x)
                 _same(r, rb, o, tb, f"branch {b} token {t}")
                 branches[b] = (rb, tb)
+
+
+def test_half_precision_tokens_run_on_the_lane_as_given(monkeypatch):
+    """fp16 tokens (bf16 on a GPU alike): the lane hands them to the kernel uncast and the kernel
+    writes fp16 outputs, as the general step gives them (computed in fp32, rounded once); the
+    torch backend's outputs in fp16 are the reference. Only the binding token takes the
+    general step (whose inputs are cast); before the lane took half tokens, every token did."""
+    ref, tri = _pair("selective_ssm", N=4)
+    general = _general_steps(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    D, N = 6, 4
+
+    def token():
+        return {"u": torch.randn(2, D, generator=g).half(), "delta": (torch.rand(2, D, generator=g) * 0.5).half(),
+                "A": (-torch.rand(1, D, N, generator=g) * 0.5).half(), "B": torch.randn(2, 1, N, generator=g).half(),
+                "C": torch.randn(2, 1, N, generator=g).half()}
+    with torch.no_grad():
+        first = token()
+        _, rs = ref(**{n: v.unsqueeze(1) for n, v in first.items()}, return_state=True)
+        _, ts = tri(**{n: v.unsqueeze(1) for n, v in first.items()}, return_state=True)
+        for t in range(4):
+            x = token()
+            r, rs = ref.step(rs, **x)
+            o, ts = tri.step(ts, **x)
+            assert o.dtype == r.dtype == torch.float16, (o.dtype, r.dtype)
+            torch.testing.assert_close(o.float(), r.float(), rtol=2e-3, atol=2e-3)
+            for a, b in zip(rs.prefix, ts.prefix):
+                if a is not None:
+                    close(a, b, f"token {t} state")
+    assert len(general) == 1
+    x = token()  # grad mode: the lane hands the token back, cast, its outputs in fp16 again
+    r, rs = ref.step(rs, **x)
+    o, ts = tri.step(ts, **x)
+    assert o.dtype == r.dtype == torch.float16 and len(general) == 2
+    torch.testing.assert_close(o.float(), r.float(), rtol=2e-3, atol=2e-3)
