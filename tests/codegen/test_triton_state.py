@@ -156,6 +156,35 @@ def _compiled(tmp_path, source: str, name: str):
     return psmc.load(path).__psmc_layers__[name]
 
 
+def _chained_calls_equal_torch(ref, tri, calls: list, packed_cu=None):
+    """Three chained calls (the identity only at the very first token), a decode step after
+    them and, with `packed_cu`, the first call's first row cut into packed sequences: outputs,
+    final state, step output and every gradient of `tri` against `ref` (backend='torch')."""
+    results = []
+    for layer in (ref, tri):
+        leaves = [_leaves(c) for c in calls]
+        state, total, outs = None, 0.0, []
+        for c in leaves:
+            out, state = layer(**c, state=state, return_state=True)
+            outs.append(out)
+            total = total + (out * _weights(out)).sum()
+        total = total + _loss(torch.zeros(()), state)
+        step_out, _ = layer.step(state, **{n: v[:, 0].detach() for n, v in calls[0].items()})
+        if packed_cu is not None:
+            packed = layer(**{n: v[:1, :int(packed_cu[-1])] for n, v in leaves[0].items()}, cu_seqlens=packed_cu)
+            outs.append(packed)
+            total = total + (packed * _weights(packed)).sum()
+        wrt = [v for c in leaves for v in c.values()]
+        results.append((outs, state, step_out, torch.autograd.grad(total, wrt)))
+    (outs_r, state_r, step_r, grads_r), (outs_t, state_t, step_t, grads_t) = results
+    for a, b in zip(outs_r, outs_t):
+        _close(a, b, "output")
+    _same_states(state_r, state_t, "final state")
+    _close(step_r, step_t, "decode step")
+    for a, b in zip(grads_r, grads_t):
+        _close(a, b, "gradient")
+
+
 def test_an_exclusive_readout_of_a_vector_state_gets_kernels(tmp_path):
     (op,) = ops_from_source(EXCLUSIVE, "decayed_sum.psm")
     line = describe(op, {"plan": "exact-scan", "structure": "elementwise"})
@@ -167,25 +196,7 @@ def test_an_exclusive_readout_of_a_vector_state_gets_kernels(tmp_path):
     g = torch.Generator().manual_seed(4)
     calls = [{"x": torch.randn(2, T, 5, generator=g), "g": torch.randn(2, T, 5, 3, generator=g),
               "q": torch.randn(2, T, 5, 3, generator=g)} for T in (6, 1, 9)]
-    results = []
-    for layer in (ref, tri):  # three chained calls: the identity only at the very first token
-        leaves = [_leaves(c) for c in calls]
-        state, total, outs = None, 0.0, []
-        for c in leaves:
-            out, state = layer(**c, state=state, return_state=True)
-            outs.append(out)
-            total = total + (out * _weights(out)).sum()
-        total = total + _loss(torch.zeros(()), state)
-        step_out, _ = layer.step(**{n: v[:, 0].detach() for n, v in calls[0].items()}, state=state)
-        wrt = [v for c in leaves for v in c.values()]
-        results.append((outs, state, step_out, torch.autograd.grad(total, wrt)))
-    (outs_r, state_r, step_r, grads_r), (outs_t, state_t, step_t, grads_t) = results
-    for a, b in zip(outs_r, outs_t):
-        _close(a, b, "output")
-    _same_states(state_r, state_t, "final state")
-    _close(step_r, step_t, "decode step")
-    for a, b in zip(grads_r, grads_t):
-        _close(a, b, "gradient")
+    _chained_calls_equal_torch(ref, tri, calls)
 
 
 EXCLUSIVE_SCALAR = """
@@ -213,28 +224,7 @@ def test_an_exclusive_readout_of_scalar_states_runs_on_a_tile_of_one_column(tmp_
     launches = _backward_launches(monkeypatch)
     g = torch.Generator().manual_seed(6)
     calls = [{"x": torch.randn(2, T, 37, generator=g)} for T in (6, 1, 9)]
-    results = []
-    for layer in (ref, tri):
-        leaves = [_leaves(c) for c in calls]
-        state, total, outs = None, 0.0, []
-        for c in leaves:
-            out, state = layer(**c, state=state, return_state=True)
-            outs.append(out)
-            total = total + (out * _weights(out)).sum()
-        total = total + _loss(torch.zeros(()), state)
-        step_out, _ = layer.step(state, x=calls[0]["x"][:, 0])
-        cu = torch.tensor([0, 2, 3, 7])
-        packed, packed_states = layer(x=leaves[0]["x"][:1].repeat(1, 2, 1)[:, :7], cu_seqlens=cu, return_state=True)
-        total = total + (packed * _weights(packed)).sum()
-        wrt = [v for c in leaves for v in c.values()]
-        results.append((outs + [packed], state, step_out, torch.autograd.grad(total, wrt)))
-    (outs_r, state_r, step_r, grads_r), (outs_t, state_t, step_t, grads_t) = results
-    for a, b in zip(outs_r, outs_t):
-        _close(a, b, "output")
-    _same_states(state_r, state_t, "final state")
-    _close(step_r, step_t, "decode step")
-    for a, b in zip(grads_r, grads_t):
-        _close(a, b, "gradient")
+    _chained_calls_equal_torch(ref, tri, calls, packed_cu=torch.tensor([0, 2, 3, 6]))
     assert launches and all(g.tile == "state" and g.S == 1 and g.block_c == 1 for g, _ in launches)
 
 
