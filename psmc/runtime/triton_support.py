@@ -204,6 +204,26 @@ class _Geometry:
         most = 16 if self.tile != "lanes" and backward else 8
         return (warps,) + ((2 * warps,) if 2 * warps <= most and elements >= 2 * warps * 32 else ())
 
+    def launch_choices(self, block_t: int, kind: str) -> tuple:
+        """The autotuner's candidates as (lanes per program, warps) pairs, the static choice
+        first: the warps of `warp_choices`; a state tile's forward also half and twice its
+        lanes per program, each at its own warps (`state_lanes` guesses a floor of programs per
+        GPU: the tuner measures it). Its saved carries are indexed by the global lane, so the
+        backward keeps its own tiling whatever the forward ran."""
+        if kind == "step":
+            return ((self.block_r, self.num_warps(1)),)
+        choices = tuple((self.block_r, w) for w in self.warp_choices(block_t, kind == "backward"))
+        if kind == "forward" and self.tile == "state":
+            most = min(_pow2(self.L), max(STATE_MAX_LANES, 128 // self.block_c), STATE_TILE_ELEMENTS // self.block_c)
+            for lanes in (self.block_r // 2, self.block_r * 2):
+                if 1 <= lanes <= most:
+                    choices += ((lanes, self.with_lanes(lanes).num_warps(block_t)),)
+        return choices
+
+    def with_lanes(self, lanes: int) -> "_Geometry":
+        """This state tile with `lanes` lanes per program (the grid's lane tiles follow)."""
+        return dataclasses.replace(self, block_r=lanes, grid=(triton_cdiv(self.L, lanes),) + self.grid[1:])
+
 
 def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: bool = False) -> _Geometry:
     """whole_axis: one program holds all of S (the backward sums a rank-0 field's adjoint over
@@ -325,16 +345,25 @@ def _size_args(g: _Geometry, k, call, start: int, n_blocks: int | None) -> dict:
     return args
 
 
-def _run(kernel, kind: str, g: _Geometry, k, args: dict, warps: tuple):
-    """Launch `kernel` by name, after checking the names are exactly its arguments, at the
-    number of warps the autotuner keeps for this shape among `warps`."""
+def _run(kernel, kind: str, g: _Geometry, k, args: dict, block_t: int):
+    """Launch `kernel` by name, after checking the names are exactly its arguments, with the
+    (lanes per program, warps) the autotuner keeps for this shape (`_Geometry.launch_choices`)."""
     triton_abi.check(args, kind, g.tile, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
                      tuple(k.dims))
-    if len(warps) == 1:  # nothing to tune (a decode step): no key to build
-        kernel[g.grid](**args, num_warps=warps[0])
+    choices = g.launch_choices(block_t, kind)
+
+    def launch(choice):
+        lanes, warps = choice
+        if lanes == g.block_r:
+            kernel[g.grid](**args, num_warps=warps)
+        else:
+            tile = g.with_lanes(lanes)
+            kernel[tile.grid](**{**args, **tile.blocks()}, num_warps=warps)
+    if len(choices) == 1:  # nothing to tune (a decode step): no key to build
+        launch(choices[0])
         return
     device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
-    autotune.launch(_tuning_key(kernel, kind, g, args), warps, lambda w: kernel[g.grid](**args, num_warps=w), device)
+    autotune.launch(_tuning_key(kernel, kind, g, args), choices, launch, device)
 
 
 def _tuning_key(kernel, kind: str, g: _Geometry, args: dict) -> tuple:
@@ -368,8 +397,7 @@ def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, sta
     """Run the forward (time=True) or step kernel: (outputs, finals, boundaries)."""
     args, outputs, finals, bounds = _launch_args(layer, call, g, inputs, params, state_prefix, start, time, block_t,
                                                  save)
-    _run(kernel, "forward" if time else "step", g, layer._triton_kernels, args,
-         g.warp_choices(block_t) if time else (g.num_warps(1),))
+    _run(kernel, "forward" if time else "step", g, layer._triton_kernels, args, block_t)
     return outputs, finals, bounds
 
 
@@ -500,7 +528,7 @@ class _ScanFunction(torch.autograd.Function):
         args.update({**_per_lane_args("dpar", dpar), **_per_lane_args("dini", dini), **_per_lane_args("ws", scratch)})
         args.update(_size_args(g, k, call, start, triton_cdiv(g.T, block_t)))
         args.update(HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
-        _run(k.backward, "backward", g, k, args, g.warp_choices(block_t, backward=True))
+        _run(k.backward, "backward", g, k, args, block_t)
         result = [None]
         for (t, role, shared, constant), x, dtype in zip(din, inputs, k.input_dtypes):
             # a broadcast input's adjoint, summed by the kernel per lane tile or over the tokens

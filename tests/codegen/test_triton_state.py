@@ -73,10 +73,10 @@ def _backward_launches(monkeypatch) -> list:
     seen = []
     real = triton_support._run
 
-    def spy(kernel, kind, g, k, args, warps):
+    def spy(kernel, kind, g, k, args, block_t):
         if kind == "backward":
             seen.append((g, dict(args)))
-        return real(kernel, kind, g, k, args, warps)
+        return real(kernel, kind, g, k, args, block_t)
     monkeypatch.setattr(triton_support, "_run", spy)
     return seen
 
