@@ -60,3 +60,17 @@ def test_the_summary_lists_every_failing_seed_per_class(tmp_path, monkeypatch):
 def dataclasses_replace(outcome, kind):
     import dataclasses
     return dataclasses.replace(outcome, kind=kind)
+
+
+def test_a_focused_sweep_runs_matching_programs_on_triton(tmp_path):
+    """`python -m tests.fuzz.focus`: generated programs with an exclusive readout of scalar
+    states, each with the Triton checks on; it reports how many ran there and exits 0."""
+    env = dict(os.environ, PSMC_CPU="0", TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "tests.fuzz.focus", "--seed", "3800000", "--scalar-states",
+                          "--programs", "8", "--seconds", "300"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = run.stdout.strip().splitlines()[-1]
+    assert "8 programs with 'exclusive' and scalar states" in line and "0 failed" in line, line
+    on_triton = int(line.split(", ")[1].split()[0])
+    assert on_triton >= 1, line

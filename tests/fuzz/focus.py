@@ -1,0 +1,69 @@
+"""A focused sweep: `python -m tests.fuzz.focus --seconds N --seed S [--feature F] [--scalar-states] [--programs P]`.
+
+Generated programs (seeds S+1, S+2, ...) that have generator feature F (default `exclusive`)
+and, with --scalar-states, only scalar state fields, each run by the differential runner with
+the Triton checks on (their configs of T <= 24, as the campaign's Triton runs). Where a campaign
+checks Triton on one program in twenty, this aims every check at one family of kernels (here:
+exclusive readouts of scalar states, on the state tile of one column). Prints the counts and
+the failures; exit status 1 when anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "codegen"))
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import campaign  # noqa: E402
+from generator import generate  # noqa: E402
+from runner import Failure, run_program  # noqa: E402
+
+from psmc.ir import ops_from_source  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.fuzz.focus", description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feature", default="exclusive")
+    parser.add_argument("--scalar-states", action="store_true")
+    parser.add_argument("--programs", type=int, default=0, help="stop after this many matched programs (0: no limit)")
+    args = parser.parse_args(argv)
+    deadline = time.time() + args.seconds
+    seed, matched, on_triton, failures = args.seed, 0, 0, []
+    while time.time() < deadline and not (args.programs and matched >= args.programs):
+        seed += 1
+        program = generate(seed)
+        if args.feature not in program.features:
+            continue
+        if args.scalar_states and any(f.shape for f in ops_from_source(program.text, "p.psm")[0].state):
+            continue
+        config = campaign.program_config(seed)
+        if config.time > 24:
+            continue
+        matched += 1
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                info = run_program(program, dataclasses.replace(config, triton=True), Path(folder))
+            except Failure as err:
+                failures.append((seed, err.message))
+                continue
+        on_triton += "triton" in info["checked"]
+    print(f"seeds {args.seed + 1}-{seed}: {matched} programs with {args.feature!r}"
+          f"{' and scalar states' if args.scalar_states else ''}, {on_triton} checked on Triton, "
+          f"{len(failures)} failed")
+    for failed, message in failures:
+        print(f"  seed {failed}: {message[:500]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
