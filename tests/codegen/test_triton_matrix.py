@@ -88,11 +88,11 @@ def test_roles_and_reasons():
                                "{ return outer(k, v); } combine (l, r) { return l.S + r.S; } "
                                "readout (s, v: f32[V]) { return s.S @ v; } }")[0]
     assert tp.unsupported_reason(contract, None) is None  # matrix @ vector contracts the columns:
-    assert tp.layout_of(contract).full_tile  # one program holds all of them
+    assert tp.kernel_layout(contract).full_tile  # one program holds all of them
 
 
 def _rows_cols(op):
-    layout = tp.layout_of(op)
+    layout = tp.kernel_layout(op)
     return layout.axis, layout.cols
 
 
