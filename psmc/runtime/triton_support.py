@@ -593,6 +593,15 @@ def _filled(k, g: _Geometry, prefix, dev):
                  for t, role, dtype in zip(prefix, roles(k, "field"), k.field_dtypes))
 
 
+def _start(layer, state) -> int:
+    """The stream position the kernels start at: read off the state's count only for an op
+    that reads `index` (the kernels use it for nothing else), since on a GPU the read is a host
+    sync per call."""
+    if state is None or not (layer.spec.lift_index or layer.spec.readout_index):
+        return 0
+    return state.size
+
+
 def forward(layer, call, state, block_t: int | None = None):
     """The fused parallel pass: (outputs, new ScanState). Differentiable: when a gradient is
     needed it runs through `_ScanFunction`, whose backward is the generated reverse scan."""
@@ -612,7 +621,7 @@ def forward(layer, call, state, block_t: int | None = None):
     default = DEFAULT_MATRIX_BLOCK_T if g.tile != "lanes" else DEFAULT_BLOCK_T
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = _filled(k, g, state.prefix, call.ctx.dev) if state is not None else None
-    start = state.size if state is not None else 0
+    start = _start(layer, state)
     inputs = _given_inputs(k, call)
     if grad:
         meta = (layer, call, g, block_t, start, prefix is not None)
@@ -642,7 +651,8 @@ def step(layer, call, state):
     g = _geometry(k, call, call.lead, 0)
     inputs = [call.inputs[name] for name in k.inputs]
     outputs, finals, _ = _launch(layer, call, k.step, g, inputs, _params(layer),
-                                 _filled(k, g, state.prefix, call.ctx.dev), state.size, time=False, block_t=1)
+                                 _filled(k, g, state.prefix, call.ctx.dev), _start(layer, state), time=False,
+                                 block_t=1)
     outs = tuple(_unflatten(o, g, r, False) for o, r in outputs)
     new_prefix = tuple(_unflatten(f, g, r, False) for f, r in finals)
     return outs, ScanState(prefix=layer._without_dead(new_prefix), count=state.count + 1)
