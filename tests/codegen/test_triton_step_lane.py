@@ -250,3 +250,35 @@ def test_half_precision_tokens_run_on_the_lane_as_given(monkeypatch):
     o, ts = tri.step(ts, **x)
     assert o.dtype == r.dtype == torch.float16 and len(general) == 2
     torch.testing.assert_close(o.float(), r.float(), rtol=2e-3, atol=2e-3)
+
+
+class _Unread(torch.Tensor):
+    """A count whose value must not be read on the host (on a GPU, a sync)."""
+
+    def __int__(self):
+        raise AssertionError("the count was read on the host")
+
+    item = __index__ = __int__
+
+
+def test_an_op_that_does_not_read_index_never_reads_the_count():
+    """selective_ssm continued from a state (a training chunk after chunk, a prefill after a
+    prefix): the kernels take the stream position only for `index`, so its count stays on the
+    device. (A lane reads a count it did not make once, when a stream enters it.)"""
+    ref, tri = _pair("selective_ssm", N=4)
+    g = torch.Generator().manual_seed(8)
+    D, N = 6, 4
+
+    def chunk(T):
+        return {"u": torch.randn(2, T, D, generator=g), "delta": torch.rand(2, T, D, generator=g) * 0.5,
+                "A": -torch.rand(1, 1, D, N, generator=g) * 0.5, "B": torch.randn(2, T, 1, N, generator=g),
+                "C": torch.randn(2, T, 1, N, generator=g)}
+    first, second = chunk(3), chunk(4)
+    with torch.no_grad():
+        _, rs = ref(**first, return_state=True)
+        _, ts = tri(**first, return_state=True)
+        ts = type(ts)(prefix=ts.prefix, count=ts.count.as_subclass(_Unread), op=ts.op)
+        r, rs = ref(**second, state=rs, return_state=True)
+        o, ts = tri(**second, state=ts, return_state=True)
+    close(r, o, "continued")
+    assert int(ts.count.as_subclass(torch.Tensor)) == int(rs.count) == 7
