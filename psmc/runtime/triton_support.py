@@ -764,6 +764,8 @@ class _Counts:
 
     def after(self, count) -> tuple:
         """(the count one token later, the host value of `count`)."""
+        if not isinstance(count, torch.Tensor):  # a plain int (step_function's states): nothing to keep
+            return count + 1, count
         held = self.known.get(id(count))
         if held is None or held[0]() is not count:
             value, chain = int(count), _Chain()

@@ -282,3 +282,29 @@ def test_an_op_that_does_not_read_index_never_reads_the_count():
         o, ts = tri(**second, state=ts, return_state=True)
     close(r, o, "continued")
     assert int(ts.count.as_subclass(torch.Tensor)) == int(rs.count) == 7
+
+
+def test_step_function_runs_on_the_lane(monkeypatch):
+    """`layer.step_function` (state tensors in and out, for serving) binds the same lane; its
+    states carry a plain int count, which the lane steps without keeping."""
+    ref, tri = _pair("selective_ssm", N=4)
+    general = _general_steps(monkeypatch)
+    g = torch.Generator().manual_seed(9)
+    D, N = 6, 4
+
+    def token():
+        return {"u": torch.randn(2, D, generator=g), "delta": torch.rand(2, D, generator=g) * 0.5,
+                "A": -torch.rand(1, D, N, generator=g) * 0.5, "B": torch.randn(2, 1, N, generator=g),
+                "C": torch.randn(2, 1, N, generator=g)}
+    x = token()
+    with torch.no_grad():
+        step_ref, step_tri = ref.step_function(**x), tri.step_function(**x)
+        state_ref = state_tri = ()
+        for t in range(4):
+            x = token()
+            out_ref, state_ref = step_ref(state_ref, *x.values())
+            out_tri, state_tri = step_tri(state_tri, *x.values())
+            close(out_ref, out_tri, f"token {t}")
+            for a, b in zip(state_ref, state_tri):
+                close(a, b, f"token {t} state")
+    assert len(general) == 1  # the first token: no state tensors yet (a prefix of None)
