@@ -308,3 +308,33 @@ def test_step_function_runs_on_the_lane(monkeypatch):
             for a, b in zip(state_ref, state_tri):
                 close(a, b, f"token {t} state")
     assert len(general) == 1  # the first token: no state tensors yet (a prefix of None)
+
+
+@pytest.mark.parametrize("name", ["running_argmax", "selective_ssm"])
+def test_a_ragged_batch_decodes_on_the_lane(name):
+    """Rows of different lengths prefilled as packed sequences give a ragged state; decoding it
+    runs an op that reads `index` group by group (each group's own positions) and one that
+    does not as one batch: both against backend='torch'."""
+    dims = {"N": 4} if name == "selective_ssm" else {}
+    ref, tri = _pair(name, **dims)
+    g = torch.Generator().manual_seed(10)
+    D, N = 6, 4
+    if name == "selective_ssm":
+        def inputs(B, T):
+            return {"u": torch.randn(B, T, D, generator=g), "delta": torch.rand(B, T, D, generator=g) * 0.5,
+                    "A": -torch.rand(1, 1, D, N, generator=g) * 0.5, "B": torch.randn(B, T, 1, N, generator=g),
+                    "C": torch.randn(B, T, 1, N, generator=g)}
+    else:
+        def inputs(B, T):
+            return {"x": torch.randn(B, T, 3, generator=g)}
+    cu = torch.tensor([0, 2, 7, 8])
+    packed = inputs(1, 8)
+    with torch.no_grad():
+        _, rs = ref(**packed, cu_seqlens=cu, return_state=True)
+        _, ts = tri(**packed, cu_seqlens=cu, return_state=True)
+        for t in range(4):
+            x = {n: v[:, 0] for n, v in inputs(3, 1).items()}
+            r, rs = ref.step(rs, **x)
+            o, ts = tri.step(ts, **x)
+            for a, b in zip(_tuple(r), _tuple(o)):
+                close(a, b, f"token {t}")
