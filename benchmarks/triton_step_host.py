@@ -7,7 +7,7 @@ once), so the rows are the host's time per token without the kernel or Triton's 
 
 - the launch call alone (`kernel[grid](**args, num_warps=...)` with the step's arguments): the
   floor any caller of the kernel pays here;
-- psmc `step` on the decode lane (psmc.runtime.triton_support.bind_step, the default);
+- psmc `step` on the decode lane (psmc.runtime.triton_lane.bind_step, the default);
 - psmc `step` through the general per-token step (the lane switched off), as before the lane.
 
 Rows are timed interleaved (--rounds rounds of --tokens tokens each) and the median is shown, so

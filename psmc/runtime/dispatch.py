@@ -168,8 +168,8 @@ def _step_kernels(layer, call, state):
 
 
 def _bind_step_kernels(layer, call, general):
-    from . import triton_support
-    return triton_support.bind_step(layer, call, general)
+    from . import triton_lane
+    return triton_lane.bind_step(layer, call, general)
 
 
 _step_kernels.bind = _bind_step_kernels  # the decode lane: the step kernel bound to one input signature

@@ -1,4 +1,4 @@
-"""The Triton decode lane (psmc.runtime.triton_support.bind_step) under TRITON_INTERPRET=1: the
+"""The Triton decode lane (psmc.runtime.triton_lane.bind_step) under TRITON_INTERPRET=1: the
 step kernel bound to one input signature, which `PsmLayer.step` runs from the second token of
 a signature on. Every token is compared with backend='torch'.
 
@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from psmc.runtime import triton_support  # noqa: E402
+from psmc.runtime import triton_lane, triton_support  # noqa: E402
 from triton_helpers import close, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -57,7 +57,7 @@ def _same(ref_out, ref_state, out, state, what: str):
 def test_positions_stay_right_across_count_blocks(monkeypatch):
     """running_argmax reads `index`: COUNT_BLOCK + 6 tokens run through one block of counts and
     into the next; only the first token (a state without a prefix) takes the general step."""
-    monkeypatch.setattr(triton_support, "COUNT_BLOCK", 8)
+    monkeypatch.setattr(triton_lane, "COUNT_BLOCK", 8)
     ref, tri = _pair("running_argmax")
     general = _general_steps(monkeypatch)
     x = torch.randn(2, 14, 3, generator=torch.Generator().manual_seed(0))
@@ -190,7 +190,7 @@ def test_a_replaced_param_is_read_again(monkeypatch, tmp_path):
 def test_branches_from_one_state_each_count_from_it(monkeypatch):
     """Beam search: several tokens stepped from the same state, then each branch continued. A
     branch off a state that is no longer the newest of its chain of counts starts its own."""
-    monkeypatch.setattr(triton_support, "COUNT_BLOCK", 4)
+    monkeypatch.setattr(triton_lane, "COUNT_BLOCK", 4)
     ref, tri = _pair("running_argmax")
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():

@@ -157,7 +157,8 @@ def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
         monkeypatch.setattr(cpu_support, "use_cpu", lambda layer, call, kind, state=None: False)
         match = "without calling its C\\+\\+ kernels"
     elif fault == "triton-lane":
-        bind = triton_support.bind_step
+        from psmc.runtime import triton_lane
+        bind = triton_lane.bind_step
 
         def drifting_lane(layer, call, general):
             lane = bind(layer, call, general)
@@ -166,7 +167,7 @@ def test_a_backend_disagreement_is_caught(tmp_path, monkeypatch, fault):
                 outputs, state = lane(inputs, state)
                 return tuple(o * 1.001 for o in outputs), state
             return drifted
-        monkeypatch.setattr(triton_support, "bind_step", drifting_lane)
+        monkeypatch.setattr(triton_lane, "bind_step", drifting_lane)
         match = "step stream vs torch parallel"
     elif fault.endswith("-step"):
         module = cpu_support if fault == "cpp-step" else triton_support
