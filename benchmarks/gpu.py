@@ -631,6 +631,35 @@ def _every_path(b: Bench, group: str, label: str, dtype, name: str, dims: dict, 
         before = len(b.report.rows)
         b.case(group, label, dtype, impl, fwd, both, check)
         _annotate(b.report, before, note_bw)
+        if pname in TUNED_PATHS:  # the same kernels at their static launch configuration
+            before = len(b.report.rows)
+            b.case(group, label, dtype, f"{impl}, static launch (PSMC_AUTOTUNE=0)", _static(fwd), _static(both),
+                   _static(check))
+            _annotate(b.report, before, note_bw)
+
+
+# the paths whose launches psmc.runtime.autotune tunes beyond what a row of their own shows
+# (the first-order scan's two tilings have fixed rows: `_layout_cases`)
+TUNED_PATHS = ("triton-state-loop", "triton-block-scan", "triton-token-loop")
+
+
+def _static(fn: Callable | None) -> Callable | None:
+    """fn with the autotuner off (psmc.runtime.autotune.off): the rows beside the tuned ones
+    measure what tuning gained."""
+    if fn is None:
+        return None
+
+    def run(*args):
+        previous = os.environ.get("PSMC_AUTOTUNE")
+        os.environ["PSMC_AUTOTUNE"] = "0"
+        try:
+            return fn(*args)
+        finally:
+            if previous is None:
+                del os.environ["PSMC_AUTOTUNE"]
+            else:
+                os.environ["PSMC_AUTOTUNE"] = previous
+    return run
 
 
 def ssm_cases(b: Bench, dtype, peak_gbps: float | None):

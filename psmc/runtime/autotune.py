@@ -17,7 +17,8 @@ candidate (the family's static choice) is launched instead:
   there: run a call eagerly first to tune a captured one),
 - while torch.compile traces (always the static choice: a graph holds no lookup of the kept
   choices, and the launch it records runs for every later call),
-- with `PSMC_AUTOTUNE=0` in the environment (deterministic launches, no timing runs).
+- with `PSMC_AUTOTUNE=0` in the environment (deterministic launches, no timing runs; choices
+  kept before are not used while it is set).
 Tests turn timing on for CPU tensors with `timed_by(clock)`, which also replaces the clock.
 """
 from __future__ import annotations
@@ -38,9 +39,14 @@ _every = False  # set by every_candidate
 _clock: Callable[[Callable[[], Any], torch.device], float] | None = None  # set by timed_by
 
 
+def off() -> bool:
+    """PSMC_AUTOTUNE=0: every launch takes the static choice (kept choices are not used)."""
+    return os.environ.get(ENV, "1").strip() == "0"
+
+
 def enabled(device: torch.device) -> bool:
     """Whether a call on `device` may time its candidates now."""
-    if os.environ.get(ENV, "1").strip() == "0":
+    if off():
         return False
     if _clock is None and device.type != "cuda":
         return False
@@ -58,8 +64,8 @@ def launch(key: Hashable, candidates: Sequence, run: Callable[[Any], Any], devic
         for candidate in candidates[1:]:
             run(candidate)
         return run(candidates[0])
-    if len(candidates) == 1 or torch.compiler.is_compiling():
-        return run(candidates[0])  # a traced launch takes the static choice: a graph holds no lookup
+    if len(candidates) == 1 or torch.compiler.is_compiling() or off():
+        return run(candidates[0])  # (a traced launch too: a graph holds no lookup of the kept choices)
     kept = _kept.get(key)
     if kept is None and enabled(device):
         kept = _kept[key] = _fastest(candidates, run, device)

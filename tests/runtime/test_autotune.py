@@ -78,11 +78,14 @@ def test_nothing_is_timed_on_cpu_tensors_without_timed_by():
 
 
 def test_psmc_autotune_0_launches_the_static_choice(monkeypatch):
-    monkeypatch.setenv(autotune.ENV, "0")
     stand = _Stand({"a": 2.0, "b": 1.0})
     with autotune.timed_by(stand.clock):
+        assert autotune.launch("kept", ("a", "b"), stand.run, CPU) == "ran b"
+        monkeypatch.setenv(autotune.ENV, "0")
+        stand.runs.clear()
         assert autotune.launch("key", ("a", "b"), stand.run, CPU) == "ran a"
-        assert stand.runs == ["a"] and autotune.chosen("key") is None
+        assert autotune.launch("kept", ("a", "b"), stand.run, CPU) == "ran a"  # a kept choice is not used
+        assert stand.runs == ["a", "a"] and autotune.chosen("key") is None
 
 
 def test_a_traced_call_launches_the_static_choice(monkeypatch):
