@@ -676,7 +676,8 @@ class PsmLayer(nn.Module):
         if self._count_free():
             merged, counts = self._as_one_batch(state)
             out, new_state = run(inputs, merged) if time else run(merged, **inputs)
-            steps = int(new_state.count) - int(merged.count)
+            # (a step is one token: no host read of the counts, which on a GPU is a sync per token)
+            steps = int(new_state.count) - int(merged.count) if time else 1
             return out, one_count(new_state, [c + steps for c in counts])
         results, rows, order = [], [None] * B, []
         for idx, group in state.groups():

@@ -7,6 +7,8 @@ were alone. Tiny shapes: every example runs in a few hundred milliseconds.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -472,3 +474,28 @@ def test_selecting_rows_of_a_compact_ragged_state_keeps_it_compact():
             assert torch.equal(a, b)
     same = state[torch.tensor([1, 1])]  # one count: a plain state
     assert type(same).__name__ == "ScanState" and int(same.count) == 1 and same.batch_size == 2
+
+
+class _Unread(torch.Tensor):
+    """A count whose value must not be read on the host (on a GPU, a sync)."""
+
+    def __int__(self):
+        raise AssertionError("the count was read on the host")
+
+    item = __index__ = __int__
+
+
+def test_decoding_a_compact_ragged_state_never_reads_its_count():
+    """A count-free op decoding rows of different lengths (RaggedState's compact form) steps
+    them as one batch; a step is one token, so the batch's count is not read on the host."""
+    from psmc.runtime.batch import RaggedState
+    layer, inputs, cu = packed_case("gla")
+    _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
+    assert state.batch is not None
+    batch = dataclasses.replace(state.batch, count=state.batch.count.as_subclass(_Unread))
+    state = RaggedState(batch=batch, counts=state.counts)
+    token = {slot.name: inputs[slot.name][0, :1].expand(len(LENGTHS), *inputs[slot.name].shape[2:])
+             for slot in layer.spec.inputs}
+    for _ in range(2):
+        _, state = layer.step(state, **token)
+    assert list(state.counts) == [n + 2 for n in LENGTHS]
