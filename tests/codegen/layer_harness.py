@@ -91,3 +91,13 @@ class Casts(TorchDispatchMode):
             if name is not None:
                 self.copies.append((name, kwargs.get("dtype", args[0].dtype)))
         return func(*args, **kwargs)
+
+
+class Unread(torch.Tensor):
+    """A count whose value must not be read on the host (on a GPU, a sync): tests that a path
+    keeps the count on its device make the state's count one (`count.as_subclass(Unread)`)."""
+
+    def __int__(self):
+        raise AssertionError("the count was read on the host")
+
+    item = __index__ = __int__

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from psmc.runtime import triton_lane, triton_support  # noqa: E402
+from layer_harness import Unread  # noqa: E402
 from triton_helpers import close, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -252,15 +253,6 @@ def test_half_precision_tokens_run_on_the_lane_as_given(monkeypatch):
     torch.testing.assert_close(o.float(), r.float(), rtol=2e-3, atol=2e-3)
 
 
-class _Unread(torch.Tensor):
-    """A count whose value must not be read on the host (on a GPU, a sync)."""
-
-    def __int__(self):
-        raise AssertionError("the count was read on the host")
-
-    item = __index__ = __int__
-
-
 def test_an_op_that_does_not_read_index_never_reads_the_count():
     """selective_ssm continued from a state (a training chunk after chunk, a prefill after a
     prefix): the kernels take the stream position only for `index`, so its count stays on the
@@ -277,7 +269,7 @@ def test_an_op_that_does_not_read_index_never_reads_the_count():
     with torch.no_grad():
         _, rs = ref(**first, return_state=True)
         _, ts = tri(**first, return_state=True)
-        ts = type(ts)(prefix=ts.prefix, count=ts.count.as_subclass(_Unread), op=ts.op)
+        ts = type(ts)(prefix=ts.prefix, count=ts.count.as_subclass(Unread), op=ts.op)
         r, rs = ref(**second, state=rs, return_state=True)
         o, ts = tri(**second, state=ts, return_state=True)
     close(r, o, "continued")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from layer_cases import CASES
-from layer_harness import as_tuple, assert_agree, layer_class, make_inputs, stream, time_slice
+from layer_harness import Unread, as_tuple, assert_agree, layer_class, make_inputs, stream, time_slice
 
 LENGTHS = (3, 1, 4)  # three packed sequences; a one-token one in the middle
 LANES = (2,)
@@ -476,15 +476,6 @@ def test_selecting_rows_of_a_compact_ragged_state_keeps_it_compact():
     assert type(same).__name__ == "ScanState" and int(same.count) == 1 and same.batch_size == 2
 
 
-class _Unread(torch.Tensor):
-    """A count whose value must not be read on the host (on a GPU, a sync)."""
-
-    def __int__(self):
-        raise AssertionError("the count was read on the host")
-
-    item = __index__ = __int__
-
-
 def test_decoding_a_compact_ragged_state_never_reads_its_count():
     """A count-free op decoding rows of different lengths (RaggedState's compact form) steps
     them as one batch; a step is one token, so the batch's count is not read on the host."""
@@ -492,7 +483,7 @@ def test_decoding_a_compact_ragged_state_never_reads_its_count():
     layer, inputs, cu = packed_case("gla")
     _, state = layer(**inputs, cu_seqlens=cu, return_state=True)
     assert state.batch is not None
-    batch = dataclasses.replace(state.batch, count=state.batch.count.as_subclass(_Unread))
+    batch = dataclasses.replace(state.batch, count=state.batch.count.as_subclass(Unread))
     state = RaggedState(batch=batch, counts=state.counts)
     token = {slot.name: inputs[slot.name][0, :1].expand(len(LENGTHS), *inputs[slot.name].shape[2:])
              for slot in layer.spec.inputs}
