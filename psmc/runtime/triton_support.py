@@ -366,9 +366,9 @@ def _run(kernel, kind: str, g: _Geometry, k, args: dict, block_t: int):
 
 
 def _tuning_key(kernel, kind: str, g: _Geometry, args: dict) -> tuple:
-    """What a launch's best warps depend on: the kernel and its constexprs, the dims, the
-    tensors' dtypes and devices, and the grid and the length to powers of two (so packed batches of other
-    sizes share a choice)."""
+    """What a launch's best (lanes, warps) depend on: the kernel and its constexprs, the dims,
+    the tensors' dtypes and devices, and the grid and the length to powers of two (so packed
+    batches of other sizes share a choice)."""
     constants = tuple((n, v) for n, v in args.items()
                       if not isinstance(v, torch.Tensor) and (n.isupper() or n.startswith("d_")))
     dtypes = tuple((v.dtype, v.device) for v in args.values() if isinstance(v, torch.Tensor))
