@@ -1169,9 +1169,10 @@ class PsmLayer(nn.Module):
             cast = dict(inputs)
             for n, _, dtype in plan:
                 cast[n] = cast[n].to(dtype)
+            token = _Call(ctx, cast, lead, True, tag, out_dtype)
             with _no_autocast(cast):
-                outputs, state = run(_Call(ctx, cast, lead, True, tag, out_dtype), state)
-            return _in_dtype(outputs, _Call(ctx, cast, lead, True, tag, out_dtype)), state
+                outputs, state = run(token, state)
+            return _in_dtype(outputs, token), state
         return bind(self, call, general)
 
     def _step_index(self, call, state):
