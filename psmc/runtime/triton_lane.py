@@ -8,6 +8,7 @@ and launches. docs/triton.md, "The decode lane", has the host times.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -119,26 +120,34 @@ class _Counts:
 
     def __init__(self):
         self.known: dict = {}  # id(count) -> (weak reference, host value, chain)
+        self.limit = 4 * COUNT_BLOCK  # entries before the dead ones are dropped (doubles with the live ones)
+        # two threads stepping one state (branches) must not both take the chain's next count
+        self.lock = threading.Lock()
 
     def after(self, count) -> tuple:
         """(the count one token later, the host value of `count`)."""
         if not isinstance(count, torch.Tensor):  # a plain int (step_function's states): nothing to keep
             return count + 1, count
+        with self.lock:
+            return self._after(count)
+
+    def _after(self, count) -> tuple:
         held = self.known.get(id(count))
         if held is None or held[0]() is not count:
             value, chain = int(count), _Chain()
             new = count + 1
         else:
             value, chain = held[1], held[2]
-            if chain.tip is not count:  # a branch off an older state of the chain
+            if chain.tip() is not count:  # a branch off an older state of the chain
                 chain = _Chain()
             if not chain.rest:
                 chain.rest = list(torch.arange(value + COUNT_BLOCK, value, -1, device=count.device).unbind(0))
             new = chain.rest.pop()
-        chain.tip = new
-        if len(self.known) >= 4 * COUNT_BLOCK:  # forget the counts no state holds any more
+        chain.tip = ref = weakref.ref(new)  # (weak: the table must not keep a dropped state's count alive)
+        if len(self.known) >= self.limit:  # forget the counts no state holds any more
             self.known = {key: entry for key, entry in self.known.items() if entry[0]() is not None}
-        self.known[id(new)] = (weakref.ref(new), value + 1, chain)
+            self.limit = max(4 * COUNT_BLOCK, 2 * len(self.known))
+        self.known[id(new)] = (ref, value + 1, chain)
         return new, value
 
 
@@ -146,5 +155,9 @@ class _Chain:
     __slots__ = ("tip", "rest")
 
     def __init__(self):
-        self.tip = None  # the newest count of the chain
+        self.tip = _nothing  # a weak reference to the newest count of the chain
         self.rest: list = []  # the pre-made counts after it, the next one last
+
+
+def _nothing():
+    return None
