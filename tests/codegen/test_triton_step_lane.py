@@ -22,6 +22,20 @@ from triton_helpers import close, layer_class  # noqa: E402
 pytestmark = pytest.mark.triton
 
 
+SSM_D, SSM_N = 6, 4  # the selective SSM's channels and state size in these tests
+
+
+def _ssm(g, B: int, T: int | None = None, dtype=torch.float32) -> dict:
+    """selective_ssm inputs: a token ([B, D]; A [1, D, N], B and C [B, 1, N]) when T is None,
+    else a chunk of T tokens (A [1, 1, D, N], the others with their time axis)."""
+    D, N = SSM_D, SSM_N
+    t = () if T is None else (T,)
+    x = {"u": torch.randn(B, *t, D, generator=g), "delta": torch.rand(B, *t, D, generator=g) * 0.5,
+         "A": -torch.rand(1, *(1,) * len(t), D, N, generator=g) * 0.5, "B": torch.randn(B, *t, 1, N, generator=g),
+         "C": torch.randn(B, *t, 1, N, generator=g)}
+    return {n: v.to(dtype) for n, v in x.items()}
+
+
 def _pair(name: str, **dims):
     cls = layer_class(name)
     ref, tri = cls(backend="torch", **dims), cls(backend="triton", **dims)
@@ -118,12 +132,10 @@ def test_tokens_the_lane_does_not_cover_take_the_general_step(monkeypatch):
     ref, tri = _pair("selective_ssm", N=4)
     general = _general_steps(monkeypatch)
     g = torch.Generator().manual_seed(3)
-    D, N = 6, 4
+    D = SSM_D
 
     def token():
-        return {"u": torch.randn(2, D, generator=g), "delta": torch.rand(2, D, generator=g) * 0.5,
-                "A": -torch.rand(1, D, N, generator=g) * 0.5, "B": torch.randn(2, 1, N, generator=g),
-                "C": torch.randn(2, 1, N, generator=g)}
+        return _ssm(g, 2)
     rs = ts = None
     with torch.no_grad():
         first = token()
@@ -226,12 +238,9 @@ def test_half_precision_tokens_run_on_the_lane_as_given(monkeypatch):
     ref, tri = _pair("selective_ssm", N=4)
     general = _general_steps(monkeypatch)
     g = torch.Generator().manual_seed(7)
-    D, N = 6, 4
 
     def token():
-        return {"u": torch.randn(2, D, generator=g).half(), "delta": (torch.rand(2, D, generator=g) * 0.5).half(),
-                "A": (-torch.rand(1, D, N, generator=g) * 0.5).half(), "B": torch.randn(2, 1, N, generator=g).half(),
-                "C": torch.randn(2, 1, N, generator=g).half()}
+        return _ssm(g, 2, dtype=torch.float16)
     with torch.no_grad():
         first = token()
         _, rs = ref(**{n: v.unsqueeze(1) for n, v in first.items()}, return_state=True)
@@ -259,13 +268,7 @@ def test_an_op_that_does_not_read_index_never_reads_the_count():
     device. (A lane reads a count it did not make once, when a stream enters it.)"""
     ref, tri = _pair("selective_ssm", N=4)
     g = torch.Generator().manual_seed(8)
-    D, N = 6, 4
-
-    def chunk(T):
-        return {"u": torch.randn(2, T, D, generator=g), "delta": torch.rand(2, T, D, generator=g) * 0.5,
-                "A": -torch.rand(1, 1, D, N, generator=g) * 0.5, "B": torch.randn(2, T, 1, N, generator=g),
-                "C": torch.randn(2, T, 1, N, generator=g)}
-    first, second = chunk(3), chunk(4)
+    first, second = _ssm(g, 2, 3), _ssm(g, 2, 4)
     with torch.no_grad():
         _, rs = ref(**first, return_state=True)
         _, ts = tri(**first, return_state=True)
@@ -282,12 +285,9 @@ def test_step_function_runs_on_the_lane(monkeypatch):
     ref, tri = _pair("selective_ssm", N=4)
     general = _general_steps(monkeypatch)
     g = torch.Generator().manual_seed(9)
-    D, N = 6, 4
 
     def token():
-        return {"u": torch.randn(2, D, generator=g), "delta": torch.rand(2, D, generator=g) * 0.5,
-                "A": -torch.rand(1, D, N, generator=g) * 0.5, "B": torch.randn(2, 1, N, generator=g),
-                "C": torch.randn(2, 1, N, generator=g)}
+        return _ssm(g, 2)
     x = token()
     with torch.no_grad():
         step_ref, step_tri = ref.step_function(**x), tri.step_function(**x)
@@ -310,12 +310,9 @@ def test_a_ragged_batch_decodes_on_the_lane(name):
     dims = {"N": 4} if name == "selective_ssm" else {}
     ref, tri = _pair(name, **dims)
     g = torch.Generator().manual_seed(10)
-    D, N = 6, 4
     if name == "selective_ssm":
         def inputs(B, T):
-            return {"u": torch.randn(B, T, D, generator=g), "delta": torch.rand(B, T, D, generator=g) * 0.5,
-                    "A": -torch.rand(1, 1, D, N, generator=g) * 0.5, "B": torch.randn(B, T, 1, N, generator=g),
-                    "C": torch.randn(B, T, 1, N, generator=g)}
+            return _ssm(g, B, T)
     else:
         def inputs(B, T):
             return {"x": torch.randn(B, T, 3, generator=g)}
