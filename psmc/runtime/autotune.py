@@ -39,6 +39,16 @@ _every = False  # set by every_candidate
 _clock: Callable[[Callable[[], Any], torch.device], float] | None = None  # set by timed_by
 
 
+LONG = 1 << 16  # sequence lengths from here on share one bucket
+
+
+def bucket(n: int, most: int | None = None) -> int:
+    """A size as tuning keys hold it: the next power of two (`most` and up alike), so shapes
+    in one bucket share a choice and packed batches of other lengths do not tune again."""
+    n = int(n) if most is None else min(int(n), most)
+    return 1 << max(0, n - 1).bit_length()
+
+
 def off() -> bool:
     """PSMC_AUTOTUNE=0: every launch takes the static choice (kept choices are not used)."""
     return os.environ.get(ENV, "1").strip() == "0"

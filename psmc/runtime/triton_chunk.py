@@ -388,7 +388,7 @@ def warp_choices(x: Tensor) -> tuple:
 def _tuned(kernel, grid: tuple, x: Tensor, spec: tuple, launch) -> None:
     """launch(warps) at the warps kept for this kernel, operand dtype, grid size (to a power of
     two, so packed batches of other lengths share the choice) and `spec` (its constexprs)."""
-    key = ("chunk", kernel, x.dtype, x.device, _pow2(grid[0]), spec)
+    key = ("chunk", kernel, x.dtype, x.device, autotune.bucket(grid[0]), spec)
     autotune.launch(key, warp_choices(x), launch, x.device)
 
 

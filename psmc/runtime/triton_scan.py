@@ -164,11 +164,7 @@ def tuning_key(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, reverse: boo
     to a power of two) and the sequence length (to a power of two, 64K and up alike)."""
     B, T, C = out.shape
     return ("first-order", reverse, a.dtype, b.dtype, out.dtype, out.device,
-            _pow2(B), _pow2(C), _pow2(min(T, 1 << 16)), a.stride(1) == 0, b.stride(1) == 0)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+            autotune.bucket(B), autotune.bucket(C), autotune.bucket(T, autotune.LONG), a.stride(1) == 0, b.stride(1) == 0)
 
 
 class FirstOrderScan(torch.autograd.Function):

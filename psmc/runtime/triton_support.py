@@ -213,9 +213,8 @@ class _Geometry:
             return ((self.block_r, self.num_warps(1)),)
         choices = tuple((self.block_r, w) for w in self.warp_choices(block_t, kind == "backward"))
         if kind == "forward" and self.tile == "state":
-            most = min(_pow2(self.L), max(STATE_MAX_LANES, 128 // self.block_c), STATE_TILE_ELEMENTS // self.block_c)
             for lanes in (self.block_r // 2, self.block_r * 2):
-                if 1 <= lanes <= most:
+                if 1 <= lanes <= most_lanes(self.L, self.block_c):
                     choices += ((lanes, self.with_lanes(lanes).num_warps(block_t)),)
         return choices
 
@@ -244,12 +243,18 @@ def _geometry(kernels: TritonKernels, call, lead: tuple, T: int, whole_axis: boo
                      tile="state")
 
 
+def most_lanes(L: int, block_c: int) -> int:
+    """The most lanes a state tile of `block_c` columns holds: no more than L needs, at most
+    STATE_MAX_LANES (128 for a tile of one column, a scalar state's: a lane per thread at 4
+    warps) and STATE_TILE_ELEMENTS elements."""
+    return min(_pow2(L), max(STATE_MAX_LANES, 128 // block_c), STATE_TILE_ELEMENTS // block_c)
+
+
 def state_lanes(L: int, block_c: int, others: int) -> int:
     """Lanes per program of a state tile: a power of two up to STATE_MAX_LANES with the tile at
     most STATE_TILE_ELEMENTS, halved (down to 16) while fewer than STATE_MIN_PROGRAMS programs
     would run (`others`: programs per lane tile, i.e. batch x column tiles)."""
-    # (a tile of one column, a scalar state's: up to 128 lanes, a lane per thread at 4 warps)
-    lanes = max(1, min(_pow2(L), max(STATE_MAX_LANES, 128 // block_c), STATE_TILE_ELEMENTS // block_c))
+    lanes = max(1, most_lanes(L, block_c))
     while lanes > 16 and others * triton_cdiv(L, lanes) < STATE_MIN_PROGRAMS:
         lanes //= 2
     return lanes
@@ -372,7 +377,7 @@ def _tuning_key(kernel, kind: str, g: _Geometry, args: dict) -> tuple:
     constants = tuple((n, v) for n, v in args.items()
                       if not isinstance(v, torch.Tensor) and (n.isupper() or n.startswith("d_")))
     dtypes = tuple((v.dtype, v.device) for v in args.values() if isinstance(v, torch.Tensor))
-    return (kernel, kind, g.tile, tuple(_pow2(n) for n in g.grid), _pow2(min(g.T, 1 << 16)), g.tokens > 0,
+    return (kernel, kind, g.tile, tuple(autotune.bucket(n) for n in g.grid), autotune.bucket(g.T, autotune.LONG), g.tokens > 0,
             constants, dtypes)
 
 
