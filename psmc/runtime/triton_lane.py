@@ -62,11 +62,13 @@ def bind_step(layer, call, general):
             return general  # its kernel view is a copy: the general step makes it per token
     inputs_plan = tuple((name, f"in{i}", x.stride()) for i, (name, x) in enumerate(zip(k.inputs, inputs)))
     params_plan = tuple(("p_" + name, p) for name, p in zip(k.params, params))
-    fields_plan = tuple((f"ini{i}", f"fin{i}", shape, dt, zero) for i, (shape, dt, zero)
-                        in enumerate(zip(field_shapes, field_dtypes, zeros)))
+    dead = spec.dead
+    # (ini, fin, shape, dtype, zeros read for a dead field, the buffer its new value goes to: a
+    # dead field's is written each token and never read, so one buffer serves every token)
+    fields_plan = tuple((f"ini{i}", f"fin{i}", shape, dt, zero, torch.empty_like(zero) if i in dead else None)
+                        for i, (shape, dt, zero) in enumerate(zip(field_shapes, field_dtypes, zeros)))
     outs_plan = tuple((f"out{i}", (g.B, *g.lanes, *g.extent(role)), out.dtype)
                       for i, (out, role) in enumerate(outputs))
-    dead = spec.dead
     uses_index = bool(spec.lift_index or spec.readout_index)
     kernel, grid, warps = k.step, g.grid, g.num_warps(1)
     is_grad_enabled, empty = torch.is_grad_enabled, torch.empty
@@ -85,7 +87,7 @@ def bind_step(layer, call, general):
         for attr, p in params_plan:
             if getattr(layer, attr) is not p:
                 return general(token, state)
-        for (ini, _, shape, dt, zero), t in zip(fields_plan, prefix):
+        for (ini, _, shape, dt, zero, _), t in zip(fields_plan, prefix):
             if t is None:
                 t = zero  # a dead field: the kernel reads it, nothing uses what it gives
             elif t.shape != shape or t.dtype != dt or t.device != dev or not t.is_contiguous():
@@ -96,15 +98,14 @@ def bind_step(layer, call, general):
             outs.append(empty(shape, device=dev, dtype=dt))
             a[slot] = outs[-1]
         fins = []
-        for _, fin, shape, dt, _ in fields_plan:
-            fins.append(empty(shape, device=dev, dtype=dt))
-            a[fin] = fins[-1]
+        for _, fin, shape, dt, _, scratch in fields_plan:
+            a[fin] = scratch if scratch is not None else empty(shape, device=dev, dtype=dt)
+            fins.append(None if scratch is not None else a[fin])
         count, position = counts.after(state.count)
         if uses_index:
             a["start"] = position
         kernel[grid](**a, num_warps=warps)
-        new = tuple(None if i in dead else f for i, f in enumerate(fins)) if dead else tuple(fins)
-        return tuple(outs), ScanState(prefix=new, count=count, op=state.op)
+        return tuple(outs), ScanState(prefix=tuple(fins), count=count, op=state.op)
     return step
 
 
