@@ -1,0 +1,415 @@
+"""The diagonal-plus-low-rank (DPLR) linear recurrence, without a K x K transition per token.
+
+    S_t = diag(exp(lam_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T,      o_t = scale * q_t^T S_t
+
+S is K x V; the transition E_t = D_t + b_t a_t^T is a diagonal D_t = diag(exp(lam_t)) (lam the
+per-key LOG decay, None: D = I) plus a rank-one term. It serves RWKV-7 (a = -kappa, b = kappa *
+iclr), Kimi Delta Attention (E = (I - beta k k^T) diag(exp(g)): a = k exp(g), b = -beta k,
+lam = g, written key beta k) and the gated delta rule with per-key gates. The generic
+matrix-affine scan composes the K x K transitions; this module never forms one per token.
+
+`dplr_step` is one token in O(K V): S <- exp(lam) (.) S + b (a^T S) + k v^T, a^T S of the
+state before the token.
+
+`chunk_dplr` is the parallel pass in the chunked WY form (Yang et al. 2024, "Parallelizing
+Linear Transformers with the Delta Rule over Sequence Length", generalised to a diagonal plus
+rank one as in fla's generalized_delta_rule.dplr). Inside a chunk of L tokens entered with state
+S_0, let G_t = sum_{r<=t} lam_r (per key, from the chunk start), Gex_t = G_{t-1} (Gex_0 = 0),
+Gam_t = diag(exp(G_t)), and u_t = a_t^T S_{t-1} (a V-vector: what the rank-one term reads).
+Unrolling the recurrence,
+
+    S_t = Gam_t S_0 + sum_{s<=t} Gam_t Gam_s^-1 (b_s u_s^T + k_s v_s^T)
+
+and reading it one token earlier with a_t,
+
+    u_t = (a_t (.) e^{Gex_t})^T S_0 + sum_{s<t} A_ab[t,s] u_s + sum_{s<t} A_ak[t,s] v_s
+
+with the strictly lower L x L matrices A_ab[t,s] = a_t^T diag(e^{Gex_t - G_s}) b_s and
+A_ak[t,s] = a_t^T diag(e^{Gex_t - G_s}) k_s. So U (rows u_t) solves a unit lower triangular
+system,
+
+    (I - A_ab) U = Atil S_0 + A_ak V,     Atil = a (.) e^{Gex}
+    U = W S_0 + U0,   W = (I - A_ab)^-1 Atil [L, K],   U0 = (I - A_ab)^-1 A_ak V [L, V]
+
+and, with the inclusive lower A_qb[t,s] = q_t^T diag(e^{G_t - G_s}) b_s and A_qk likewise,
+Qtil = q (.) e^G, Btil = b (.) e^{G_L - G_s}, Ktil likewise,
+
+    O   = scale (Qtil S_0 + A_qb U + A_qk V)
+    S_L = e^{G_L} (.) S_0 + Btil^T U + Ktil^T V
+
+Substituting U = W S_0 + U0 makes both affine in S_0 with chunk-local coefficients:
+
+    O   = Qeff S_0 + (A_qb U0 + A_qk V),          Qeff = Qtil + A_qb W          [L, K]
+    S_L = P S_0 + (Btil^T U0 + Ktil^T V),         P = diag(e^{G_L}) + Btil^T W  [K, K]
+
+(P is the product of the chunk's L transitions.) Everything but S_0 is computed for all chunks
+at once in batched matmuls (one [2L, K] x [K, 2L] product of the rows [a; q] and columns [b; k]
+gives all four L x L matrices; one unit triangular inverse per chunk); the chunks are then
+chained in order, one [K, K] x [K, V] product each (in place on one buffer of chunk states
+without autograd), and the outputs take one batched product after the loop, which also applies
+`scale` (everything is linear in q). Padding tokens (T not a multiple of L) have
+k = v = a = b = 0 and lam = 0: the identity map.
+
+Numerics, as in psmc/runtime/chunkwise.py: every exponent of Qtil, Atil, Btil, Ktil and e^{G_L}
+is a sum of log decays over exactly the tokens it spans (a cumsum from the chunk start, a suffix
+sum to its end), so with decays <= 1 nothing exceeds 1 and a decay of 0 (lam = -inf) gives an
+exact 0. The L x L matrices need e^{R_t - G_s} summed over keys (R = Gex or G): they factorise
+around a mid-range reference m per (chunk, key), (x (.) e^{R - m}) (y (.) e^{m - G})^T, taken as
+the decayed operands rescaled per (chunk, key), [Atil; Qtil] e^{-m} and [Btil; Ktil] e^{m - G_L}.
+When the chunk's exponents (and 0) spread over at most 2 * chunkwise._MAX_SPREAD, every factor
+and operand is a normal float bounded by e^{2 _MAX_SPREAD} (the factors by e^{_MAX_SPREAD}); the
+entries above the diagonal (possibly inf) are dropped with masked_fill, never a product with a
+mask. Chunks that spread further (very strong or -inf decays) take the exact elementwise
+[L, L, K] mask, whose exponents are column cumsums over exactly the spanned tokens: only those
+chunks, a bounded group at a time (recomputed in the backward pass under autograd, so that their
+[L, L, K] tensors are never all kept). Inside a torch.compile graph the spread is not read on the
+host: torch.cond picks the factorised form for all chunks when every chunk allows it and the
+exact form for all chunks otherwise. Positive lam (growth) is legal and exact while its
+exponentials stay in range.
+
+Both functions are differentiable by autograd through these torch ops (per-chunk tensors are
+O(T (L + K + V)) per lane; the saved chunk states O(T / L * K (K + V))), on any device.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from psmc.runtime.chunkwise import (_MAX_SPREAD, _causal_mask, _ContiguousGrad, _shift_down, _spread_on_device,
+                                    _suffix_sums, by_sequence)
+from psmc.runtime.delta import _Layout
+from psmc.runtime.ops import broadcast_shapes
+from psmc.runtime.varlen import packed_bounds
+
+__all__ = ["chunk_dplr", "dplr_step"]
+
+# tokens per chunk, measured at (B, T, H, K, V) = (2, 1024, 4, 64, 64) fp32 with per-key decays
+# (logsigmoid(normal + 3)), RWKV-7-like a, b, on the 2-core machine, median of 15 runs, L = 16 / 32 / 64:
+#   2 threads: forward without autograd 14.8 / 13.8 / 15.9 ms, forward + backward 67.0 / 52.3 / 62.7 ms
+#   1 thread:  forward without autograd 34.0 / 31.8 / 32.4 ms, forward + backward 101.7 / 89.3 / 95.0 ms
+# (KDA-like gates logsigmoid(normal) ranked the same). 32 wins both modes: the [2L, 2L] blocks
+# and the [K, K] chunk transitions grow with L, the sequential loop shrinks.
+_CHUNK = 32
+_CHUNK_AUTOGRAD = 32
+
+# Chunks too spread for the factorised mask take the exact [L, L, K] elementwise form in groups
+# of at most this many bytes per [L, L, K] tensor (and, under autograd, are recomputed in the
+# backward pass rather than kept).
+_EXACT_BYTES = 8 << 20
+
+
+def chunk_dplr(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    log_decay: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    initial_state: Tensor | None = None,
+    chunk_size: int | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The DPLR recurrence over all positions at once, in the chunked WY form.
+
+    Computes S_t = diag(exp(lam_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T from S_{-1} =
+    initial_state (or 0), and o_t = scale * q_t^T S_t.
+
+    Args:
+        q, k, a, b: [B, T, *lanes, K]; v: [B, T, *lanes, V]. All leading axes broadcast (size-1
+            axes expand: e.g. a per-lane constant vector [1, 1, H, K]).
+        log_decay: None (no decay: D = I) or the log decay lam, broadcastable to
+            [B, T, *lanes, K] (a last axis of 1: one decay per token and lane). <= 0 for a
+            decay, -inf means an exact 0; positive values (growth) are legal.
+        scale: multiplies every output.
+        initial_state: optional S_{-1}, broadcastable to [B, *lanes, K, V].
+        chunk_size: tokens per chunk (shorter inputs use the next power of two >= T); None:
+            the measured best (32, with or without autograd).
+        cu_seqlens: packed sequences (fla's convention): B = 1, and the N sequences are tokens
+            cu_seqlens[n]:cu_seqlens[n + 1] of the time axis, each run from its own initial
+            state (initial_state broadcastable to [N, *lanes, K, V]); the final state is then
+            [N, *lanes, K, V]. They run one after another.
+
+    Returns:
+        (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
+        [B, *lanes, K, V] in float32 (float64 for float64 inputs; bf16/fp16 inputs are
+        computed in float32).
+    """
+    q, k, v, a, b, log_decay, batch, steps, lanes = _shapes(q, k, v, a, b, log_decay)
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    if cu_seqlens is not None:
+        bounds = packed_bounds("chunk_dplr", cu_seqlens, batch, steps)
+
+        def one(q, k, v, a, b, g, initial_state):
+            return chunk_dplr(q, k, v, a, b, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+        return by_sequence(one, bounds, (q, k, v, a, b, log_decay), initial_state, (*lanes, width_k, width_v))
+    inputs = (q, k, v, a, b, log_decay, initial_state)
+    grad = torch.compiler.is_compiling() or \
+        (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    if chunk_size is None:
+        chunk_size = _CHUNK_AUTOGRAD if grad else _CHUNK
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    wide = any(t is not None and t.dtype == torch.float64 for t in inputs)
+    dtype = torch.float64 if wide else torch.float32
+    heads = math.prod(lanes)
+    state = torch.zeros(batch * heads, width_k, width_v, dtype=dtype, device=q.device)
+    if initial_state is not None:
+        state = initial_state.to(dtype).expand(batch, *lanes, width_k, width_v).reshape(state.shape)
+    if steps == 0:
+        return v.new_zeros(batch, 0, *lanes, width_v), state.reshape(batch, *lanes, width_k, width_v)
+    length = min(chunk_size, 1 << max(steps - 1, 0).bit_length())
+    # (delta's layout, functional form: grad=True packs with out-of-place ops whatever the mode)
+    layout = _Layout(batch, steps, lanes, heads, length, -(-steps // length), dtype, True)
+    o, state = _chunks(layout, q, k, v, a, b, log_decay, state, scale, grad)
+    return layout.unpack(o, width_v, v.dtype), state.reshape(batch, *lanes, width_k, width_v)
+
+
+def dplr_step(
+    state: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    b: Tensor,
+    log_decay: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """One token of the DPLR recurrence in O(K V), never forming the K x K transition.
+
+    Args:
+        state: the state before the token, [B, *lanes, K, V] (None: zeros); q, k, a, b:
+            [B, *lanes, K]; v: [B, *lanes, V]; log_decay: None or broadcastable to
+            [B, *lanes, K] (a last axis of 1: a scalar decay). Leading axes broadcast.
+        scale: multiplies the output.
+
+    Returns:
+        (o, new_state): new_state = exp(lam) (.) S + b (a^T S) + k v^T [B, *lanes, K, V] in
+        float32 (float64 if any input is float64); o = scale * q^T new_state [B, *lanes, V] in
+        v's dtype.
+    """
+    tensors = [t for t in (state, q, k, v, a, b, log_decay) if t is not None]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    out_dtype = v.dtype
+    vectors = [q, k, a, b, v] + ([] if log_decay is None else [log_decay])
+    try:
+        lead = broadcast_shapes(*(t.shape[:-1] for t in vectors),
+                                *(() if state is None else (state.shape[:-2],)))
+    except RuntimeError:
+        shown = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(("q", "k", "a", "b", "v", "log_decay"), vectors))
+        raise ValueError(f"dplr_step: leading axes do not broadcast: {shown}"
+                         + ("" if state is None else f", state {tuple(state.shape)}")) from None
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    q, k, v, a, b = (t.to(dtype) for t in (q, k, v, a, b))
+    write = k.unsqueeze(-1) * v.unsqueeze(-2)  # k v^T
+    if state is None:  # a stream's first token: nothing to decay or read
+        new = write.expand(*lead, width_k, width_v)
+    else:
+        S = state.to(dtype)
+        read = (a.unsqueeze(-2) @ S).squeeze(-2)  # a^T S  [.., V]
+        kept = S if log_decay is None else torch.exp(log_decay.to(dtype)).unsqueeze(-1) * S
+        new = kept + b.unsqueeze(-1) * read.unsqueeze(-2) + write
+        new = new.expand(*lead, width_k, width_v)
+    if not new.is_contiguous():
+        new = new.contiguous()
+    o = (q.unsqueeze(-2) @ new).squeeze(-2)
+    if scale != 1.0:
+        o = o * scale
+    return o.to(out_dtype), new
+
+
+def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, lam: Tensor | None,
+            state: Tensor, scale: float, grad: bool) -> tuple[Tensor, Tensor]:
+    """The outputs [count * BH, L, V] of every chunk entered with `state` [BH, K, V], and the
+    state that leaves the last one (see the module docstring for the algebra).
+
+    Per chunk the rows [a; q] and the columns [b; k] are packed as one [2L, K] tensor each (one
+    copy from the inputs), so that one product gives the four L x L matrices and one gives
+    Btil^T U0 + Ktil^T V; everything is linear in q, so `scale` rides in the last product."""
+    count, length = layout.count, layout.length
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    heads = layout.batch * layout.heads
+    chunks = count * heads
+    dtype, device = layout.dtype, q.device
+
+    def pair(top: Tensor, bottom: Tensor) -> Tensor:
+        """[top; bottom] per chunk, [chunks, 2L, K], copied once from the inputs."""
+        both = torch.empty(count, layout.batch, layout.heads, 2 * length, width_k, dtype=dtype, device=device)
+        both[..., :length, :] = layout.pack(top, (width_k,))
+        both[..., length:, :] = layout.pack(bottom, (width_k,))
+        return both.view(chunks, 2 * length, width_k)
+
+    rows, cols = pair(a, q), pair(b, k)
+    vc = layout.pack(v, (width_v,)).reshape(chunks, length, width_v)
+    if lam is None:
+        g = exponents = None
+        rows_in, cols_out = rows, cols
+        gate = torch.ones(chunks, width_k, dtype=dtype, device=device)
+    else:
+        g = layout.pack(lam, (width_k,)).reshape(chunks, length, width_k)  # (a last axis of 1: over the keys)
+        padded = F.pad(g, (0, 0, 1, 1))  # 0, g_0 .. g_{L-1}, 0
+        exponents = torch.cumsum(padded[:, :-1], dim=1)  # [0, G_0 .. G_{L-1}]: Gex_t = [t], G_t = [t + 1]
+        # e^{G_L - G_s}: the exact suffix sums, sum of g over r > s
+        to_end = torch.exp(torch.cumsum(padded[:, 1:].flip(1), dim=1).flip(1)[:, 1:])
+        decayed = torch.exp(exponents)
+        # [Atil; Qtil]: a decayed from the chunk start to just before t (Gex), q to t (G): the two
+        # length-L windows of e^[0, G] (a view)
+        windows = decayed.unfold(1, length, 1).transpose(-1, -2)  # [chunks, 2, L, K]
+        rows_in = (rows.view(chunks, 2, length, width_k) * windows).view(chunks, 2 * length, width_k)
+        # [Btil; Ktil]: b and k decayed from s to the chunk end
+        cols_out = (cols.view(chunks, 2, length, width_k) * to_end[:, None]).view(chunks, 2 * length, width_k)
+        gate = decayed[:, -1]  # e^{G_L}  [chunks, K]
+    scores = _scores(rows, cols, g, exponents, rows_in, cols_out, grad)
+    # the blocks as views (unbound: a slice's gradient would be a full-size zero tensor each)
+    (ab, ak), (qb, qk) = (block.unbind(2) for block in scores.view(chunks, 2, length, 2, length).unbind(1))
+    a_in, q_in = rows_in.view(chunks, 2, length, width_k).unbind(1)  # Atil, Qtil
+    b_out = cols_out.view(chunks, 2, length, width_k).unbind(1)[0]  # Btil
+    # (I - A_ab)^-1: solve_triangular reads only the strict lower triangle of -A_ab (unit diagonal);
+    # an inverse and one product beat one solve with K + V right-hand sides (as in delta.py)
+    eye = torch.eye(length, dtype=dtype, device=device)
+    lower = -ab
+    inverse = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False, unitriangular=True)
+    u0 = torch.bmm(inverse, torch.bmm(ak, vc))  # (I - A_ab)^-1 A_ak V
+    w = torch.bmm(inverse, a_in)  # (I - A_ab)^-1 Atil
+    base = torch.baddbmm(torch.bmm(qk, vc), qb, u0)  # A_qb U0 + A_qk V
+    q_eff = torch.baddbmm(q_in, qb, w)  # Qtil + A_qb W
+    free = torch.cat([u0, vc], dim=1)  # [U0; V]  [chunks, 2L, V]
+    transition = torch.bmm(b_out.transpose(-1, -2), w)  # P = Btil^T W + diag(e^{G_L})
+    transition.diagonal(dim1=-2, dim2=-1).add_(gate)
+    transition = transition.view(count, heads, width_k, width_k)
+    # the chunks in order: S_{c+1} = P_c S_c + N_c, N = Btil^T U0 + Ktil^T V
+    if grad:  # (unbound once: indexing chunk c would cost a full-size zero gradient per chunk)
+        written = torch.bmm(cols_out.transpose(-1, -2), free).view(count, heads, width_k, width_v)
+        entering = []
+        for written_c, transition_c in zip(written.unbind(0), transition.unbind(0)):
+            entering.append(state)
+            state = torch.baddbmm(written_c, transition_c, state)
+        entering = torch.stack(entering)
+    else:  # N_c written where S_{c+1} goes, then P_c S_c added in place: no copy in the loop
+        entering = torch.empty(count + 1, heads, width_k, width_v, dtype=dtype, device=device)
+        entering[0] = state
+        torch.bmm(cols_out.transpose(-1, -2), free, out=entering[1:].view(chunks, width_k, width_v))
+        for c in range(count):
+            entering[c + 1].baddbmm_(transition[c], entering[c])
+        state, entering = entering[count].clone(), entering[:count]
+    o = torch.baddbmm(base, q_eff, entering.view(chunks, width_k, width_v), beta=scale, alpha=scale)
+    return o, state
+
+
+def _scores(rows: Tensor, cols: Tensor, g: Tensor | None, exponents: Tensor | None, rows_in: Tensor,
+            cols_out: Tensor, grad: bool) -> Tensor:
+    """[[A_ab, A_ak], [A_qb, A_qk]] [chunks, 2L, 2L] from the chunk-major rows [a; q] and columns
+    [b; k] [chunks, 2L, K], the log decays g [chunks, L, K] (None: no decay), their cumsums
+    exponents = [0, G_0 .. G_{L-1}], the decayed rows [Atil; Qtil] and columns [Btil; Ktil]."""
+    length = rows.shape[1] // 2
+    if g is None:
+        return _masked(torch.bmm(rows, cols.transpose(-1, -2)), length)
+    if torch.compiler.is_compiling():
+        # no host read in a graph: one form for all chunks, chosen on the device. The branches
+        # compute everything from the chunk views (see chunkwise._decayed_terms on cond operands)
+        spread, _ = _spread_on_device((exponents,), dim=1, include_zero=True)
+        return torch.cond(spread <= _MAX_SPREAD, _factorised_branch, _exact_branch, (rows, cols, g))
+    spread, middle = _spread_on_device((exponents,), dim=1, include_zero=True)
+    # the factor that moves the columns' reference from the chunk end to the mid-range: m - G_L
+    shift = middle - exponents[:, -1:]
+    if float(spread) <= _MAX_SPREAD:  # (NaN is not)
+        return _factorised(rows_in, cols_out, middle, shift)
+    # the chunks too spread to factorise: exact, a group at a time; the factorised form runs on
+    # all chunks with those chunks' references zeroed (finite, and replaced)
+    low, high = exponents.amin(dim=1).clamp(max=0.0), exponents.amax(dim=1).clamp(min=0.0)
+    bad = ~(((high - low) * 0.5).amax(dim=-1) <= _MAX_SPREAD)  # [chunks]
+    which = bad.nonzero().squeeze(1)
+    bad = bad[:, None, None]
+    scores = _factorised(rows_in, cols_out, middle.masked_fill(bad, 0.0), shift.masked_fill(bad, 0.0))
+    group = max(1, _EXACT_BYTES // (length * length * g.shape[-1] * g.element_size()))
+    exact = []
+    for first in range(0, which.numel(), group):
+        pieces = tuple(x.index_select(0, which[first:first + group]) for x in (rows, cols, g))
+        if grad:  # recomputed in the backward pass: the [n, L, L, K] tensors are not kept
+            exact.append(checkpoint(_exact, *pieces, use_reentrant=False))
+        else:
+            exact.append(_exact(*pieces))
+    return scores.index_copy(0, which, torch.cat(exact))
+
+
+def _masked(scores: Tensor, length: int) -> Tensor:
+    """scores [chunks, 2L, 2L] with the entries outside the support set to 0: the a rows see the
+    tokens strictly before them, the q rows the tokens up to and including them. A fill, never a
+    product: a factorised entry above the diagonal may be inf."""
+    strict, inclusive = _causal_mask(length, True, scores.device), _causal_mask(length, False, scores.device)
+    keep = torch.cat([strict.repeat(1, 2), inclusive.repeat(1, 2)], dim=0)
+    if torch.compiler.is_compiling():
+        return scores.masked_fill(~keep, 0.0)
+    return scores.masked_fill_(~keep, 0.0)
+
+
+def _factorised(rows_in: Tensor, cols_out: Tensor, middle: Tensor, shift: Tensor) -> Tensor:
+    """The four matrices as one product, e^{R_t - G_s} = e^{R_t - m} e^{m - G_s} around the
+    mid-range m [chunks, 1, K] of the chunk's exponents (R = Gex for the a rows, G for the q
+    rows): the decayed rows times e^{-m}, the decayed columns times e^{m - G_L} (`shift`). In a
+    chunk whose exponents spread at most 2 * _MAX_SPREAD both factors are bounded by
+    e^{_MAX_SPREAD} and the decayed operands by e^{2 _MAX_SPREAD}: normal floats, whose
+    products keep full relative precision."""
+    scores = torch.bmm(rows_in * torch.exp(-middle), (cols_out * torch.exp(shift)).transpose(-1, -2))
+    return _masked(scores, rows_in.shape[1] // 2)
+
+
+def _exact(rows: Tensor, cols: Tensor, g: Tensor) -> Tensor:
+    """The four matrices with the exact [n, L, L, K] mask from the undecayed rows [a; q] and
+    columns [b; k]: span[t, s] = sum of g over s < r <= t is a cumsum down each column (exact for
+    any decay, -inf included); the a rows take span[t - 1, s] (s < r < t)."""
+    count, length = g.shape[0], g.shape[1]
+    later = _causal_mask(length, True, g.device)[..., None]  # t > s
+    span = torch.cumsum(torch.where(later, g[:, :, None, :], 0.0), dim=1)
+    inclusive = torch.exp(span.masked_fill(~_causal_mask(length, False, g.device)[..., None], -torch.inf))
+    strict = torch.exp(_shift_down(span, dim=1).masked_fill(~later, -torch.inf))
+    weights = torch.stack([strict, inclusive], dim=1)  # [n, 2, t, s, K]
+    out = torch.einsum("nitsk,njsk->nitjs", rows.view(count, 2, length, 1, -1) * weights,
+                       cols.view(count, 2, length, -1))
+    return out.reshape(count, 2 * length, 2 * length)
+
+
+def _factorised_branch(rows: Tensor, cols: Tensor, g: Tensor) -> Tensor:
+    rows, cols, g = (_ContiguousGrad.apply(x) for x in (rows, cols, g))
+    count, length, width = g.shape
+    from_start = torch.cumsum(g, dim=1)
+    _, middle = _spread_on_device((from_start,), dim=1, include_zero=True)
+    decayed = torch.exp(torch.cat([_shift_down(from_start, dim=1), from_start], dim=1))
+    cols_out = (cols.view(count, 2, length, width) * torch.exp(_suffix_sums(g, dim=1))[:, None])
+    return _factorised(rows * decayed, cols_out.view(count, 2 * length, width), middle,
+                       middle - from_start[:, -1:])
+
+
+def _exact_branch(rows: Tensor, cols: Tensor, g: Tensor) -> Tensor:
+    rows, cols, g = (_ContiguousGrad.apply(x) for x in (rows, cols, g))
+    return _exact(rows, cols, g)
+
+
+_NAMES = ("q", "k", "v", "a", "b", "log_decay")
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None):
+    """The inputs with leading size-1 axes added to one rank (views), and the broadcast batch,
+    time and lane shape."""
+    tensors = dict(zip(_NAMES, (q, k, v, a, b, log_decay)))
+    present = {n: t for n, t in tensors.items() if t is not None}
+    shown = lambda: ", ".join(f"{n} {tuple(t.shape)}" for n, t in present.items())  # noqa: E731
+    width_k = q.shape[-1] if q.dim() else 0
+    if any(t.dim() < 1 for t in present.values()) or any(t.shape[-1] != width_k for t in (k, a, b)) or \
+            (log_decay is not None and log_decay.shape[-1] not in (1, width_k)):
+        raise ValueError(f"chunk_dplr: q, k, a, b must end in the same K and log_decay in K or 1: {shown()}")
+    try:
+        lead = broadcast_shapes(*(t.shape[:-1] for t in present.values()))
+    except RuntimeError:
+        raise ValueError(f"chunk_dplr: leading axes do not broadcast to [B, T, *lanes]: {shown()}") from None
+    if len(lead) < 2:
+        raise ValueError(f"chunk_dplr: inputs need [B, T, *lanes, ...] axes: {shown()}")
+    rank = len(lead) + 1
+    out = [None if t is None else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in tensors.values()]
+    return (*out, lead[0], lead[1], tuple(lead[2:]))
