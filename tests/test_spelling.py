@@ -38,7 +38,7 @@ def records():
 
 def test_the_families(records):
     assert set(FAMILIES) == {"gla", "simple_gla", "selective_ssm", "delta_rule", "gated_delta_rule",
-                             "linear_attention", "rwkv6"}
+                             "linear_attention", "rwkv6", "rwkv7", "kda"}
     for family in ("gla", "simple_gla", "selective_ssm", "delta_rule"):
         assert len(records[family]) >= 5, family
     assert all(len(records[f]) >= 5 for f in FAMILIES)
@@ -60,7 +60,9 @@ def test_the_plans_are_the_fast_ones(records):
             "selective_ssm": ("first-order", "first_order"),
             "rwkv6": ("first-order", None),  # exclusive readout: generic scan, Triton kernels
             "delta_rule": ("identity-plus-low-rank", "delta_rule"),
-            "gated_delta_rule": ("identity-plus-low-rank", "delta_rule")}
+            "gated_delta_rule": ("identity-plus-low-rank", "delta_rule"),
+            "rwkv7": ("diagonal-plus-low-rank", "dplr"),
+            "kda": ("diagonal-plus-low-rank", "dplr")}
     for family, (cls, fast) in want.items():
         r = records[family][0]
         assert (r["class"]["name"], r["fast_path"]) == (cls, fast), family
@@ -78,7 +80,9 @@ def _inputs(layer, seed: int) -> dict:
             x = torch.nn.functional.normalize(x, dim=-1)
         if slot.name in ("beta",):
             x = torch.sigmoid(x)
-        if slot.name in ("g", "gk", "delta"):
+        if slot.name in ("a", "b"):  # (rank-one terms: 1 + a^T b stays near 1)
+            x = 0.3 * x
+        if slot.name in ("g", "gk", "delta", "w"):
             x = -torch.nn.functional.softplus(x) if slot.name != "delta" else torch.nn.functional.softplus(x)
         out[slot.name] = x
     return out

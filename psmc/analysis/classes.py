@@ -12,6 +12,9 @@ decay, ...). The classes, most specific first:
   identity-plus-low-rank     (E, S) with combine (r.E @ l.E, r.E @ l.S + r.S) and lift
                              E = g * (I - beta * outer(k, k)), S = beta * outer(k, v): the delta
                              rule (g = 1) and the gated delta rule
+  diagonal-plus-low-rank     the same combine, lift E = diag(d) + outer(b, a) (rank one, d a
+                             vector, a scalar or 1), S = outer(k, v), readout q @ S: RWKV-7, Kimi
+                             Delta Attention, the gated delta rule with a per-key gate
   matrix-affine              linear in the earlier element, with products across entries
   general                    anything else, or a combine that is not associative (tree scan)
 
@@ -25,12 +28,12 @@ from collections import Counter
 from dataclasses import dataclass
 
 from ..ir.nodes import Node, OpIR, leaves
-from ..ir.rewrite import binary, is_column
+from ..ir.rewrite import binary, is_column, is_row
 from ..ir.types import dims_equal, is_float
 from .structure import degree_in_left, elementwise_fields
 
 CLASSES = ("decayed-linear-attention", "first-order", "elementwise-monoid", "identity-plus-low-rank",
-           "matrix-affine", "general")
+           "diagonal-plus-low-rank", "matrix-affine", "general")
 
 
 @dataclass(frozen=True)
@@ -240,10 +243,11 @@ def _identity_plus_rank_one(lift_e: Node):
     return gate, rest, -c, k
 
 
-def _identity_plus_low_rank(op: OpIR):
+def _affine_maps(op: OpIR):
+    """(index of E, index of S) when the combine composes affine maps S -> E S + F, later on the
+    left: (r.E @ l.E, r.E @ l.S + r.S) with E square over S's rows; else None."""
     if not op.has_lift or len(op.state) != 2 or leaves(op.lift + op.readout, "index"):
         return None
-    names = [f.name for f in op.state]
     for ie, is_ in ((0, 1), (1, 0)):
         E, S = op.state[ie], op.state[is_]
         if len(E.shape) != 2 or len(S.shape) != 2 or not dims_equal(E.shape[0], E.shape[1]) \
@@ -252,44 +256,147 @@ def _identity_plus_low_rank(op: OpIR):
         ce, cs = op.combine[ie], op.combine[is_]
         if not (ce.op == "matmul" and _field(ce.args[0], "right", E.name) and _field(ce.args[1], "left", E.name)):
             continue
-        if not (cs.op == "add" and any(
+        if cs.op == "add" and any(
                 t.op == "matmul" and _field(t.args[0], "right", E.name) and _field(t.args[1], "left", S.name)
-                and _field(o, "right", S.name) for t, o in (cs.args, cs.args[::-1]))):
-            continue
-        got = _identity_plus_rank_one(op.lift[ie])
-        if got is None:
-            return None
-        gate, beta, c, k = got
-        lift_s = _factors(op.lift[is_])
-        outers = [f for f in lift_s if f.op == "outer"]
-        if len(outers) != 1 or outers[0].args[0] != k:
-            return None
-        s_coeff = [f for f in lift_s if f is not outers[0]]
-        s_consts = 1.0
-        for f in s_coeff:
-            if f.op == "const":
-                s_consts *= f.attrs[0]
-        if Counter(f for f in s_coeff if f.op != "const") != Counter(beta) or s_consts != c:
-            return None  # S's update must be beta * outer(k, v) with the same beta
-        readout = _linear_readout(op, S.name)
-        if readout is None:
-            return None
-        q, scale, divisor = readout
-        one = Node("const", (), (1.0,), "f32", ())
-        beta_node = _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k) or one
-        g = None
-        if gate:
-            g = gate[0].args[0] if len(gate) == 1 and gate[0].op == "exp" else \
-                Node("log", (_product(gate, k),), (), gate[0].dtype, ())
-        kind = "gated" if g is not None else "plain"
-        pieces = (("e_index", ie), ("s_index", is_), ("k", k), ("v", outers[0].args[1]), ("q", q),
-                  ("beta", beta_node), ("g", g), ("scale", _product(scale, q)), ("divisor", divisor))
-        what = "g * (I - beta * outer(k, k))" if g is not None else "I - beta * outer(k, k)"
-        return StructureClass(
-            "identity-plus-low-rank", kind,
-            f"E = {what} (identity plus rank one), S = E @ S + beta * outer(k, v), readout q @ S: "
-            f"E is never built; the stream keeps {names[is_]} only", pieces)
+                and _field(o, "right", S.name) for t, o in (cs.args, cs.args[::-1])):
+            return ie, is_
     return None
+
+
+def _identity_plus_low_rank(op: OpIR):
+    maps = _affine_maps(op)
+    if maps is None:
+        return None
+    names = [f.name for f in op.state]
+    ie, is_ = maps
+    S = op.state[is_]
+    got = _identity_plus_rank_one(op.lift[ie])
+    if got is None:
+        return None
+    gate, beta, c, k = got
+    lift_s = _factors(op.lift[is_])
+    outers = [f for f in lift_s if f.op == "outer"]
+    if len(outers) != 1 or outers[0].args[0] != k:
+        return None
+    s_coeff = [f for f in lift_s if f is not outers[0]]
+    s_consts = 1.0
+    for f in s_coeff:
+        if f.op == "const":
+            s_consts *= f.attrs[0]
+    if Counter(f for f in s_coeff if f.op != "const") != Counter(beta) or s_consts != c:
+        return None  # S's update must be beta * outer(k, v) with the same beta
+    readout = _linear_readout(op, S.name)
+    if readout is None:
+        return None
+    q, scale, divisor = readout
+    one = Node("const", (), (1.0,), "f32", ())
+    beta_node = _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k) or one
+    g = None
+    if gate:
+        g = gate[0].args[0] if len(gate) == 1 and gate[0].op == "exp" else \
+            Node("log", (_product(gate, k),), (), gate[0].dtype, ())
+    kind = "gated" if g is not None else "plain"
+    pieces = (("e_index", ie), ("s_index", is_), ("k", k), ("v", outers[0].args[1]), ("q", q),
+              ("beta", beta_node), ("g", g), ("scale", _product(scale, q)), ("divisor", divisor))
+    what = "g * (I - beta * outer(k, k))" if g is not None else "I - beta * outer(k, k)"
+    return StructureClass(
+        "identity-plus-low-rank", kind,
+        f"E = {what} (identity plus rank one), S = E @ S + beta * outer(k, v), readout q @ S: "
+        f"E is never built; the stream keeps {names[is_]} only", pieces)
+
+
+
+def _diagonal_plus_outers(node: Node):
+    """E as (diagonal factors, rank-one terms): diag(product of the factors; [] is I, None is
+    no diagonal) + sum of c * outer(x, y) over the terms (c, x, y), c a list of scalar factors;
+    None when E is not of that form. Products with a scalar, a row (E diag(d): d scales the
+    diagonal and each y) or a column (diag(d) E: the diagonal and each x) distribute."""
+    if node.op == "eye":
+        return [], []
+    if node.op == "diag":
+        return [node.args[0]], []
+    if node.op == "outer":
+        return None, [([], node.args[0], node.args[1])]
+    if node.op == "add":
+        diagonal, terms = None, []
+        for part in _split_terms(node):
+            got = _diagonal_plus_outers(part)
+            if got is None or (got[0] is not None and diagonal is not None):
+                return None  # (two diagonals would be a sum: not kept as factors)
+            diagonal = got[0] if got[0] is not None else diagonal
+            terms += got[1]
+        return diagonal, terms
+    if node.op != "mul":
+        return None
+    factors = _factors(node)
+    cores = [f for f in factors if f.rank == 2 and not is_column(f) and not is_row(f)]
+    if len(cores) != 1:
+        return None
+    got = _diagonal_plus_outers(cores[0])
+    if got is None:
+        return None
+    diagonal, terms = got
+    for f in factors:
+        if f is cores[0]:
+            continue
+        if f.rank == 0:
+            terms = [(c + [f], x, y) for c, x, y in terms]
+        elif f.rank == 1 or is_row(f):  # E * d[None, :] = E diag(d)
+            d = f if f.rank == 1 else f.args[0]
+            terms = [(c, x, binary("mul", y, d)) for c, x, y in terms]
+        elif is_column(f):  # E * d[:, None] = diag(d) E
+            d = f.args[0]
+            terms = [(c, binary("mul", x, d), y) for c, x, y in terms]
+        else:
+            return None
+        diagonal = None if diagonal is None else diagonal + [f if f.rank < 2 else f.args[0]]
+    return diagonal, terms
+
+
+def _log_of(factors: list[Node]) -> Node:
+    """log of a product of positive factors, exp(x) read back as x."""
+    logs = [f.args[0] if f.op == "exp" else Node("log", (f,), (), f.dtype, f.shape) for f in factors]
+    out = logs[0]
+    for x in logs[1:]:
+        out = binary("add", out, x)
+    return out
+
+
+def _diagonal_plus_low_rank(op: OpIR):
+    maps = _affine_maps(op)
+    if maps is None:
+        return None
+    ie, is_ = maps
+    S = op.state[is_]
+    got = _diagonal_plus_outers(op.lift[ie])
+    if got is None or got[0] is None or len(got[1]) != 1:
+        return None  # no diagonal, or a rank other than one
+    diagonal, [(coeff, b, a)] = got
+    if any(not dims_equal(x.shape[0], S.shape[0]) for x in (a, b) + tuple(f for f in diagonal if f.rank)):
+        return None
+    if coeff:  # c * outer(b, a) = outer(c * b, a)
+        b = binary("mul", _product(coeff, b), b)
+    factors = _factors(op.lift[is_])
+    outers = [f for f in factors if f.op == "outer"]
+    if len(outers) != 1 or any(f.rank != 0 for f in factors if f is not outers[0]):
+        return None
+    k, v = outers[0].args
+    write = [f for f in factors if f is not outers[0]]
+    if write:
+        k = binary("mul", _product(write, k), k)
+    readout = _linear_readout(op, S.name)
+    if readout is None:
+        return None
+    q, scale, divisor = readout
+    log_decay = _log_of(diagonal) if diagonal else None
+    kind = "none" if log_decay is None else "key" if log_decay.rank else "scalar"
+    pieces = (("e_index", ie), ("s_index", is_), ("k", k), ("v", v), ("q", q), ("a", a), ("b", b),
+              ("g", log_decay), ("scale", _product(scale, q)), ("divisor", divisor))
+    what = {"none": "I", "scalar": "d I", "key": "diag(d)"}[kind]
+    return StructureClass(
+        "diagonal-plus-low-rank", kind,
+        f"E = {what} + outer(b, a) (diagonal plus rank one), S = E @ S + outer(k, v), readout q @ S: "
+        f"E is never built; the stream keeps {S.name} only", pieces)
 
 
 def classify(op: OpIR, associative: bool) -> StructureClass:
@@ -309,7 +416,7 @@ def classify(op: OpIR, associative: bool) -> StructureClass:
                                   f"{op.state[ih].name}) with a {kind} decay",
                                   (("a_index", ia), ("h_index", ih), ("decay", d)))
         return StructureClass("elementwise-monoid", "", "every combine output is elementwise in the fields")
-    found = _identity_plus_low_rank(op)
+    found = _identity_plus_low_rank(op) or _diagonal_plus_low_rank(op)
     if found is not None:
         return found
     flat = ", ".join(f for f, ok in fields.items() if not ok)

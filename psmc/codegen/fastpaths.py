@@ -9,6 +9,7 @@ beta and the scale; this module prints them and the call into the runtime.
 * `first_order`: lift as usual, then `linear_recurrence` (a blocked sequential scan, exact).
 * `delta_rule` (identity plus rank one): `psmc.runtime.delta.chunk_delta_rule` for the
   forward and `delta_rule_step` for the step; E is never built, the stream state is S only.
+* `dplr` (diagonal plus rank one): `psmc.runtime.dplr.chunk_dplr` and `dplr_step`, likewise.
 
 `choose_fast_path(op, plan)` returns a `FastPath` or None.
 """
@@ -19,12 +20,13 @@ import math
 import re
 
 from ..ir.nodes import OpIR, leaves, walk
+from ..ir.types import promote
 from .torch_printer import BodyPrinter, shape_code
 
 
 @dataclass(frozen=True)
 class FastPath:
-    name: str  # 'chunkwise:<decay>' | 'first_order' | 'delta_rule'
+    name: str  # 'chunkwise:<decay>' | 'first_order' | 'delta_rule' | 'dplr'
     import_line: str
     lines: tuple
 
@@ -45,6 +47,8 @@ def choose_fast_path(op: OpIR, plan) -> FastPath | None:
         return _first_order_method(op, cls.piece("a_index"), cls.piece("h_index"), cls.piece("decay"), dead)
     if plan.fast_path == "delta_rule":
         return _delta_method(op, dict(cls.pieces))
+    if plan.fast_path == "dplr":
+        return _dplr_method(op, dict(cls.pieces))
     raise AssertionError(f"no printer for fast path {plan.fast_path!r}")
 
 
@@ -471,116 +475,160 @@ def _first_order_step(op: OpIR, ia: int, ih: int, aligned, dead: tuple, printer,
     return lines
 
 
+@dataclass(frozen=True)
+class _WyRule:
+    """A fast path in the chunked WY form (psmc.runtime.delta, psmc.runtime.dplr): how its
+    pieces reach the runtime's chunk and step functions."""
+
+    name: str  # the plan's fast path
+    module: str  # the runtime module's alias in the generated file
+    chunk: str  # its parallel pass: chunk(q, k, v, *operands, scale=, initial_state=, cu_seqlens=)
+    step: str  # its decode step: step(s0, q, k, v, *operands, scale=, ...)
+    operands: tuple  # the class's pieces between v and the log gate g
+    what: str  # E in words, for docstrings
+    step_extra: str = ""  # more keywords of the step call
+
+
+_DELTA = _WyRule("delta_rule", "delta", "chunk_delta_rule", "delta_rule_step", ("beta",),
+                 "identity plus rank one", ", native=_delta.native_for(self.backend)")
+_DPLR = _WyRule("dplr", "dplr", "chunk_dplr", "dplr_step", ("a", "b"), "diagonal plus rank one")
+
+
 def _delta_method(op: OpIR, p: dict) -> FastPath:
-    S = op.state[p["s_index"]]
-    out = op.outputs[0]
-    nodes = [p["k"], p["v"], p["q"], p["beta"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
-    lines = ["    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call", ""]
-    for method, doc, lead_note in (
-            ("_fast_forward(self, call, index, state)",
-             "The delta rule's parallel pass, E never built (identity plus rank one, from the IR).", "[B, T, *lanes]"),):
-        printer = BodyPrinter(tuple(nodes), op.let_names)
-        body = printer.run()
-        ref = printer.names
-        lines += [f"    def {method}:", f'        """{doc}"""', f"        cx, lead = call.ctx, call.lead  # {lead_note}"]
-        lines += _input_lines(op, p)
-        lines += ["        " + line for line in body]
-        g = ref[p["g"]] if p["g"] is not None else "None"
-        lines += [
+    return _wy_method(op, p | {"s_dtype": op.state[p["s_index"]].dtype}, _DELTA)
+
+
+def _dplr_method(op: OpIR, p: dict) -> FastPath:
+    return _wy_method(op, p | {"s_dtype": op.state[p["s_index"]].dtype}, _DPLR)
+
+
+def _wy_operand_lines(p: dict, ref: dict, rule: _WyRule) -> list[str]:
+    """k_, v_, q_, the rule's operands and g_ as the runtime takes them: fields of the lead axes
+    (a scalar gate of the diagonal-plus-low-rank form as a last axis of 1)."""
+    g = p["g"]
+    if rule is _DELTA:  # (beta and the gate: one scalar per token and lane)
+        lines = [
             f"        k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
             "        k_, v_, q_ = (_ops.as_field(t, lead, tuple(t.shape[len(lead):]) if hasattr(t, 'shape') else (), "
             "t.dtype, cx.dev) for t in (k_, v_, q_))",
             "        gates = torch.float64 if k_.dtype == torch.float64 else torch.float32  # (k_ may be bf16/fp16)",
             f"        beta_ = _ops.as_field({ref[p['beta']]}, lead, (), gates, cx.dev)",
-            f"        g_ = _ops.as_field({g}, lead, (), gates, cx.dev)" if p["g"] is not None else
-            "        g_ = None  # no gate: E = I - beta * outer(k, k)",
-            "        s0 = None if state is None or state.prefix is None else state.prefix[0]",
         ]
+        return lines + [f"        g_ = _ops.as_field({ref[g]}, lead, (), gates, cx.dev)" if g is not None else
+                        "        g_ = None  # no gate: E = I - beta * outer(k, k)"]
+    names = ("k", "v", "q") + rule.operands
+    lines = [f"        {', '.join(n + '_' for n in names)} = (",
+             *(f"            _ops.as_field({ref[p[n]]}, lead, {shape_code(p[n].shape)}, "
+               f"cx.dt[{_wy_dtype(p, p[n])!r}], cx.dev)," for n in names), "        )"]
+    if g is None:
+        return lines + ["        g_ = None  # no diagonal decay: E = I + outer(b, a)"]
+    return lines + [f"        g_ = _ops.as_field({ref[g]}, lead, {shape_code(g.shape)}, cx.dt[{_wy_dtype(p, g)!r}], "
+                    "cx.dev)" + ("" if g.rank else "[..., None]  # a scalar decay: a last axis of 1")]
+
+
+def _wy_dtype(p: dict, node) -> str:
+    """The dtype a piece of the WY form is computed in: its own or the state's, the wider (a
+    literal such as the 0.9 of `0.9 * eye(K)` is f32 in the IR, but f64 beside an f64 state)."""
+    return str(promote(node.dtype, p["s_dtype"]))
+
+
+def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
+    S = op.state[p["s_index"]]
+    out = op.outputs[0]
+    nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands] + \
+        [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
+    printer = BodyPrinter(tuple(nodes), op.let_names)
+    body = printer.run()
+    ref = printer.names
+    call = f"_{rule.module}.{rule.chunk}"
+    operands = ", ".join(n + "_" for n in rule.operands)
+    lines = ["    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call", "",
+             "    def _fast_forward(self, call, index, state):",
+             f'        """The parallel pass in the chunked WY form, E never built ({rule.what}, from the IR)."""',
+             "        cx, lead = call.ctx, call.lead  # [B, T, *lanes]"]
+    lines += _input_lines(op, p if rule is _DELTA else None)
+    lines += ["        " + line for line in body]
+    lines += _wy_operand_lines(p, ref, rule)
+    lines += ["        s0 = None if state is None or state.prefix is None else state.prefix[0]"]
+    if rule is _DELTA:
         lines += _half_operand_lines(p)
-        if method.startswith("_fast_forward"):
-            E = op.state[1 - p["s_index"]]
-            full = "(e_last, s_last)" if p["s_index"] == 1 else "(s_last, e_last)"
-            lines += [
-                "        if call.carry_terms is not None:  # context parallelism: the slice's E and q_t E_<=t too",
-                "            # S's columns evolve independently (S <- E_t S + beta k v^T): K more columns starting",
-                "            # at the identity with v = 0 carry E_<=t, so their outputs are scale * q_t E_<=t",
-                "            _width, _kk = v_.shape[-1], k_.shape[-1]",
-                "            _eye = torch.eye(_kk, dtype=v_.dtype, device=v_.device)",
-                "            _start = _eye.new_zeros(_kk, _width) if s0 is None else s0.to(v_.dtype)",
-                "            _start = torch.cat([_start, _eye.expand(*_start.shape[:-2], _kk, _kk)], dim=-1)",
-                "            _v_all = torch.cat([v_, v_.new_zeros(*v_.shape[:-1], _kk)], dim=-1)",
-                f"            out, _s_all = _delta.chunk_delta_rule(q_, k_, _v_all, beta_, g_, scale={_scale_code(p, ref)}, "
-                "initial_state=_start)",
-                "            call.carry_terms.update(q_e=out[..., _width:])",
-                "            out, s_last = out[..., :_width], _s_all[..., :_width]",
-                f"            e_last = _s_all[..., _width:].to(cx.dt[{E.dtype!r}])",
-                "        else:",
-                f"            out, s_last = _delta.chunk_delta_rule(q_, k_, v_, beta_, g_, scale={_scale_code(p, ref)}, "
-                "initial_state=s0, cu_seqlens=call.cu_seqlens)",
-                "        count = (0 if state is None else state.count) + lead[1]",
-            ]
-        lines += [
-            f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
-        ]
-        if method.startswith("_fast_forward"):
-            lines += [
-                "        if call.carry_terms is not None:  # the full element (E too): a slice's total",
-                f"            s_last = s_last.to(cx.dt[{S.dtype!r}])",
-                f"            return (out,), _ScanState(prefix={full}, count=count)",
-            ]
-        lines += [
-            f"        new_state = _ScanState(prefix=(s_last.to(cx.dt[{S.dtype!r}]),), count=count)  # spec.stream: "
-            f"{S.name} only",
-            "        return (out,), new_state",
-            "",
-        ]
-        if method.startswith("_fast_forward"):
-            lines += [
-                "    def _fast_carry(self, call, outputs, carry):",
-                '        """`outputs` of `_fast_forward(call, ...)` run from zero (with call.carry_terms), as if run '
-                'from the full state element `carry`: S_t gains E_<=t S0, so o_t gains (scale * q_t E_<=t) S0."""',
-                "        cx, lead = call.ctx, call.lead",
-                "        q_e = call.carry_terms['q_e']",
-                f"        s0 = carry[{p['s_index']}].unsqueeze(1).to(q_e.dtype)  # [B, 1, *lanes, K, V]",
-                "        extra = (q_e.unsqueeze(-2) @ s0).squeeze(-2)",
-                f"        extra = _ops.as_field(extra, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
-                "        return (outputs[0] + extra,)",
-                "",
-            ]
-    lines += _delta_step(op, p)
-    return FastPath("delta_rule", "from psmc.runtime import delta as _delta\nfrom psmc.runtime.state import ScanState "
-                    "as _ScanState", tuple(lines))
+    E = op.state[p["e_index"]]
+    full = "(e_last, s_last)" if p["s_index"] == 1 else "(s_last, e_last)"
+    lines += [
+        "        if call.carry_terms is not None:  # context parallelism: the slice's E and q_t E_<=t too",
+        "            # S's columns evolve independently (S <- E_t S + k v^T): K more columns starting",
+        "            # at the identity with v = 0 carry E_<=t, so their outputs are scale * q_t E_<=t",
+        "            _width, _kk = v_.shape[-1], k_.shape[-1]",
+        "            _eye = torch.eye(_kk, dtype=v_.dtype, device=v_.device)",
+        "            _start = _eye.new_zeros(_kk, _width) if s0 is None else s0.to(v_.dtype)",
+        "            _start = torch.cat([_start, _eye.expand(*_start.shape[:-2], _kk, _kk)], dim=-1)",
+        "            _v_all = torch.cat([v_, v_.new_zeros(*v_.shape[:-1], _kk)], dim=-1)",
+        f"            out, _s_all = {call}(q_, k_, _v_all, {operands}, g_, scale={_scale_code(p, ref)}, "
+        "initial_state=_start)",
+        "            call.carry_terms.update(q_e=out[..., _width:])",
+        "            out, s_last = out[..., :_width], _s_all[..., :_width]",
+        f"            e_last = _s_all[..., _width:].to(cx.dt[{E.dtype!r}])",
+        "        else:",
+        f"            out, s_last = {call}(q_, k_, v_, {operands}, g_, scale={_scale_code(p, ref)}, "
+        "initial_state=s0, cu_seqlens=call.cu_seqlens)",
+        "        count = (0 if state is None else state.count) + lead[1]",
+        f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+        "        if call.carry_terms is not None:  # the full element (E too): a slice's total",
+        f"            s_last = s_last.to(cx.dt[{S.dtype!r}])",
+        f"            return (out,), _ScanState(prefix={full}, count=count)",
+        f"        new_state = _ScanState(prefix=(s_last.to(cx.dt[{S.dtype!r}]),), count=count)  # spec.stream: "
+        f"{S.name} only",
+        "        return (out,), new_state",
+        "",
+        "    def _fast_carry(self, call, outputs, carry):",
+        '        """`outputs` of `_fast_forward(call, ...)` run from zero (with call.carry_terms), as if run '
+        'from the full state element `carry`: S_t gains E_<=t S0, so o_t gains (scale * q_t E_<=t) S0."""',
+        "        cx, lead = call.ctx, call.lead",
+        "        q_e = call.carry_terms['q_e']",
+        f"        s0 = carry[{p['s_index']}].unsqueeze(1).to(q_e.dtype)  # [B, 1, *lanes, K, V]",
+        "        extra = (q_e.unsqueeze(-2) @ s0).squeeze(-2)",
+        f"        extra = _ops.as_field(extra, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
+        "        return (outputs[0] + extra,)",
+        "",
+    ]
+    lines += _wy_step(op, p, rule)
+    return FastPath(rule.name, f"from psmc.runtime import {rule.module} as _{rule.module}\n"
+                    "from psmc.runtime.state import ScanState as _ScanState", tuple(lines))
 
 
-def _delta_step(op: OpIR, p: dict) -> list[str]:
-    """The delta rule's decode step bound to one input signature: the IR's pieces (k, v, q,
-    beta, the gate, the scale; constants once per signature), then `delta_rule_step` (one
-    fused C++ token under backend='auto', else torch ops) and the stream state (S only)."""
+def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
+    """The decode step bound to one input signature: the IR's pieces (k, v, q, the rule's
+    operands, the gate, the scale; constants once per signature), then the runtime's step (for
+    the delta rule one fused C++ token under backend='auto', else torch ops) and the stream
+    state (S only)."""
     S, out = op.state[p["s_index"]], op.outputs[0]
-    nodes = [p["k"], p["v"], p["q"], p["beta"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
+    nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands] + \
+        [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
     printer = BodyPrinter(tuple(nodes), op.let_names)
     constant, per_token = _split_constant(printer.run())
     ref = printer.names
-    lines = _bound_step_header("One token of the delta rule in O(K*V): S <- E S + beta k v^T, E never built.")
+    lines = _bound_step_header(f"One token in O(K*V): S <- E S + k v^T, E ({rule.what}) never built.")
     lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: once per signature
     lines[-2:-2] = [f"        o_full, o_dtype = (*lead, *{shape_code(out.shape)}), cx.dt[{out.dtype!r}]",
                     f"        s_dtype = cx.dt[{S.dtype!r}]"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
 
-    def piece(name: str, field: str) -> str:
-        """A piece as delta_rule_step takes it: an input as it comes (it broadcasts lanes and
-        casts), anything else (a number, a computed value) as a field of the lanes."""
-        code = ref[p[name]]
-        if code.startswith("x_"):
-            return code
-        return (f"_ops.as_field({code}, lead, tuple({code}.shape[len(lead):]) if hasattr({code}, 'shape') else "
-                f"{field}, cx.dt['f32'], cx.dev)")
-    g = piece("g", "()") if p["g"] is not None else "None"
+    def piece(name: str) -> str:
+        """A piece as the step takes it: an input as it comes (it broadcasts lanes and casts),
+        anything else (a number, a computed value) as a field of the lanes; a scalar gate of
+        the diagonal-plus-low-rank form with a last axis of 1."""
+        node = p[name]
+        code = ref[node]
+        if not code.startswith("x_"):  # (its shape from the IR: a param has no lead axes)
+            code = f"_ops.as_field({code}, lead, {shape_code(node.shape)}, cx.dt[{_wy_dtype(p, node)!r}], cx.dev)"
+        return code + ("[..., None]" if rule is _DPLR and name == "g" and not node.rank else "")
+    g = piece("g") if p["g"] is not None else "None"
+    operands = "".join(f"{piece(n)}, " for n in rule.operands)
     lines += [
         "            s0 = None if state.prefix is None else state.prefix[0]",
-        f"            o, s_last = _delta.delta_rule_step(s0, {piece('q', '()')}, {piece('k', '()')}, {piece('v', '()')}, "
-        f"{piece('beta', '()')}, {g}, scale={_scale_code(p, ref)}, native=_delta.native_for(self.backend))",
+        f"            o, s_last = _{rule.module}.{rule.step}(s0, {piece('q')}, {piece('k')}, {piece('v')}, "
+        f"{operands}{g}, scale={_scale_code(p, ref)}{rule.step_extra})",
         "            if o.shape != o_full or o.dtype != o_dtype:  # broadcast pieces",
         "                o = _ops.as_field(o, lead, o_full[len(lead):], o_dtype, cx.dev)",
         f"            # the stream state: {S.name} only (spec.stream)",

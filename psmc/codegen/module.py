@@ -12,6 +12,7 @@ import keyword
 
 from .. import __version__
 from ..ir.nodes import OpIR, leaves
+from ..plan import COMPACT_FAST_PATHS
 from .torch_printer import BodyPrinter, FIELD_PREFIX, dim_code, shape_code
 
 INDENT = "    "
@@ -118,9 +119,9 @@ def op_class(op: OpIR, plan: dict, fast, cls: str) -> list[str]:
     extra_inputs = [v for v in op.readout_inputs if v.name not in lift_names]
     readout_args = [v.name for v in op.readout_inputs]
     # the fields a stream prefix keeps (plan.stream_fields, from psmc.analysis.liveness): the
-    # others hold None in their slots, except for the delta-rule fast path, whose states hold S
+    # others hold None in their slots, except for the low-rank fast paths, whose states hold S
     # alone (Spec.stream and Spec.dead derive both layouts)
-    compact = plan.fast_path == "delta_rule"
+    compact = plan.fast_path in COMPACT_FAST_PATHS
     kept = tuple(plan.stream_fields) if len(plan.stream_fields) < len(op.state) else None
     dead = () if compact else tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
     doc = op.source_text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')

@@ -7,7 +7,7 @@ structure class, the implementation chosen for each pass (forward, backward, ste
 backend, a reason for every path not taken, and the fields the stream state keeps.
 
     plan = make_plan(canonical_op, analysis, triton_reason=None)
-    plan.fast_path         # 'chunkwise:key' | 'first_order' | 'delta_rule' | None
+    plan.fast_path         # 'chunkwise:key' | 'first_order' | 'delta_rule' | 'dplr' | None
     plan.as_dict()         # the plan keys of `psmc check --json`
 """
 from __future__ import annotations
@@ -81,7 +81,11 @@ FAST_PATH_WORDS = {
     "chunkwise:key": "chunkwise matmul form (per-key diagonal decay)",
     "first_order": "blocked first-order linear recurrence",
     "delta_rule": "delta rule, E never built (psmc.runtime.delta.chunk_delta_rule)",
+    "dplr": "diagonal plus rank one in the chunked WY form, E never built (psmc.runtime.dplr.chunk_dplr)",
 }
+
+# The fast paths whose stream states hold S alone (E is never built, not even as a dead slot)
+COMPACT_FAST_PATHS = ("delta_rule", "dplr")
 
 # What backend='auto' runs for CUDA tensors when the fast path serves the forward
 # (psmc.runtime.dispatch's cost rule), and how it takes packed sequences (cu_seqlens)
@@ -97,6 +101,8 @@ FAST_PATH_GPU = {
     "chunkwise:scalar": _CHUNK_GPU.format(module="triton_chunk"),
     "chunkwise:key": _CHUNK_GPU.format(module="triton_chunk"),
     "delta_rule": _CHUNK_GPU.format(module="triton_delta") + " (the chunked WY form)",
+    "dplr": ("the same chunked WY form in torch (batched cuBLAS matmuls and triangular solves; no Triton kernel "
+             "of its own yet); packed sequences one after another"),
     "first_order": ("the first-order scan kernel (psmc.runtime.triton_scan: channels across threads, time in "
                     "tiles scanned by each program; the lift and readout in torch); packed sequences in one scan"),
 }
@@ -118,6 +124,8 @@ def _fast_path(op: OpIR, cls: StructureClass) -> tuple[str | None, list[tuple[st
         return "first_order", skipped
     if cls.name == "identity-plus-low-rank":
         return "delta_rule", skipped
+    if cls.name == "diagonal-plus-low-rank":
+        return "dplr", skipped
     skipped.append(("fast path", f"class {cls.name} has no fast form; the generic scan serves it"))
     return None, skipped
 
@@ -160,6 +168,8 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
         step = ("psmc.runtime.delta.delta_rule_step, O(K*V) per token (backend='auto' on CPU tensors: one fused C++ "
                 "token, psmc/runtime/cpu_lane.cpp, when a compiler is present; CUDA tensors: one Triton kernel, "
                 "psmc/runtime/triton_delta_step.py)")
+    elif fast == "dplr":
+        step = "psmc.runtime.dplr.dplr_step, O(K*V) per token: S <- d * S + b (a^T S) + k v^T"
     choices = [Choice("forward", "torch", forward), Choice("backward", "torch", "autograd through the forward"),
                Choice("step", "torch", step)]
     if triton_reason is None and scan == "tree-scan":

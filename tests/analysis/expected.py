@@ -121,6 +121,9 @@ EXPECTED = {
     "mlstm": _entry("proven", False, "(ones, zeros, zeros)", "elementwise"),
     # gated delta rule maps composed by matmul: associative, not commutative, linear in l.
     "gated_delta_rule": _entry("proven", False, "(eye(K), zeros)", "affine"),
+    # the same composition of affine maps, E diagonal plus rank one (RWKV-7, KDA).
+    "rwkv7": _entry("proven", False, "(eye(K), zeros)", "affine"),
+    "kda": _entry("proven", False, "(eye(K), zeros)", "affine"),
     # classic segmented scan: associative; the later reset wins, so not commutative.
     "segmented_sum": _entry("proven", False, "(false, 0.0)", "elementwise"),
     # (m, s, acc) stands for (s, acc) * exp(m); combine adds those: associative, symmetric.

@@ -16,8 +16,10 @@ from layer_harness import as_tuple, layer_class, make_inputs
 # one op per exact-scan form: chunkwise (gla; the scalar and no-decay kinds share its code),
 # first-order recurrence, the generic scan (T past one block of 64, so the block carries are
 # traced) and the delta rule's chunked WY form (without autograd its eager path writes into a
-# thread-local scratch: a graph takes the functional form; the gated rule shares the code).
-PLANS = ["gla", "linear_recurrence", "cumsum", "delta_rule"]
+# thread-local scratch: a graph takes the functional form; the gated rule shares the code), and
+# the diagonal-plus-low-rank WY form (rwkv7: its per-key decay masks choose their form on the
+# device in a graph).
+PLANS = ["gla", "linear_recurrence", "cumsum", "delta_rule", "rwkv7"]
 
 
 def build(name, T):
@@ -60,7 +62,7 @@ def test_tree_forward_has_no_graph_breaks(name):
         torch.testing.assert_close(g, w)
 
 
-@pytest.mark.parametrize("name", ["gla", "delta_rule"])
+@pytest.mark.parametrize("name", ["gla", "delta_rule", "rwkv7"])
 def test_fullgraph_compiled_forward_and_step_equal_eager(name):
     layer, inputs = build(name, T=70)
     dynamo.reset()
