@@ -1,11 +1,15 @@
-"""A focused sweep: `python -m tests.fuzz.focus --seconds N --seed S [--feature F] [--scalar-states] [--programs P]`.
+"""A focused sweep: `python -m tests.fuzz.focus --seconds N --seed S [--feature F] [--scalar-states] [--programs P] [--no-triton] [--wy-chunk L]`.
 
 Generated programs (seeds S+1, S+2, ...) that have generator feature F (default `exclusive`)
 and, with --scalar-states, only scalar state fields, each run by the differential runner with
 the Triton checks on (their configs of T <= 24, as the campaign's Triton runs). Where a campaign
-checks Triton on one program in twenty, this aims every check at one family of kernels (here:
-exclusive readouts of scalar states, on the state tile of one column). Prints the counts and
-the failures; exit status 1 when anything failed.
+checks Triton on one program in twenty, this aims every check at one family of kernels (e.g.
+exclusive readouts of scalar states, on the state tile of one column). With --no-triton the
+programs run with their campaign configs as drawn, long sequences included (e.g. `--feature
+low-rank`: the chunked WY fast paths, whose chunks only long sequences cross); --wy-chunk L runs
+those paths (psmc.runtime.delta, psmc.runtime.dplr) with chunks of L tokens, so that short
+sequences cross chunk boundaries too. Prints the counts and the failures; exit status 1 when
+anything failed.
 """
 from __future__ import annotations
 
@@ -36,7 +40,14 @@ def main(argv=None) -> int:
     parser.add_argument("--feature", default="exclusive")
     parser.add_argument("--scalar-states", action="store_true")
     parser.add_argument("--programs", type=int, default=0, help="stop after this many matched programs (0: no limit)")
+    parser.add_argument("--no-triton", dest="triton", action="store_false",
+                        help="the campaign's configs as drawn (no forced Triton check, no length limit)")
+    parser.add_argument("--wy-chunk", type=int, default=0, help="tokens per chunk of the WY fast paths (0: theirs)")
     args = parser.parse_args(argv)
+    if args.wy_chunk:
+        from psmc.runtime import delta, dplr
+        for module in (delta, dplr):
+            module._CHUNK = module._CHUNK_AUTOGRAD = args.wy_chunk
     deadline = time.time() + args.seconds
     seed, matched, on_triton, failures = args.seed, 0, 0, []
     while time.time() < deadline and not (args.programs and matched >= args.programs):
@@ -47,12 +58,13 @@ def main(argv=None) -> int:
         if args.scalar_states and any(f.shape for f in ops_from_source(program.text, "p.psm")[0].state):
             continue
         config = campaign.program_config(seed)
-        if config.time > 24:
+        if args.triton and config.time > 24:
             continue
         matched += 1
         with tempfile.TemporaryDirectory() as folder:
             try:
-                info = run_program(program, dataclasses.replace(config, triton=True), Path(folder))
+                info = run_program(program, dataclasses.replace(config, triton=True) if args.triton else config,
+                                   Path(folder))
             except Failure as err:
                 failures.append((seed, err.message))
                 continue

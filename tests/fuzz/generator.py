@@ -20,8 +20,13 @@ lifts with 0-3 inputs (or no lift at all), identity present or absent, inclusive
 readouts with extra inputs (and `index`), tuple outputs or the state itself, and chunk ops
 (`chunk C;`) with causal chunk readouts.
 
+A share of token programs (`_low_rank_program`) are instead affine-map ops (E, S) whose E is
+the identity or a diagonal plus a rank-one term: the delta rule, RWKV-7, KDA and their
+spellings, and near misses that stay generic.
+
 Value kinds (how the runner draws an input): "signed" uniform in [-0.5, 0.5], "log_gate" in
-[-0.5, 0], "unit" in [0, 1], "bool" true with probability 0.3, "int" in 0..4.
+[-0.5, 0], "unit" in [0, 1], "unit_vector" signed values l2-normalised along the last axis,
+"bool" true with probability 0.3, "int" in 0..4.
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ DIM_NAMES = ("K", "V", "D")
 # program seed and this salt, so that every earlier draw (and so every earlier seed's program
 # structure) stays as it was
 SIDE_SALT = 0x51DE
+# the share of token programs that are low-rank affine-map ops (_low_rank_program), drawn
+# from a stream of its own
+LOW_RANK_SALT, LOW_RANK_RATE = 0x10AD, 0.08
 
 
 @dataclass(frozen=True)
@@ -609,6 +617,72 @@ def _chunk_program(seed, rng, name) -> Program:
                    frozenset(b.features))
 
 
+# ============================================================================ low-rank ops
+# E spellings over k (a unit key), a, b (signed), w (a per-key log gate), g (a scalar log
+# gate), beta (a write strength in [0, 1]): the delta rule and its gated form, the
+# diagonal-plus-low-rank forms (RWKV-7, KDA, per-key gates, constant or scalar decays) and
+# near misses that stay matrix-affine (rank two, no diagonal)
+LOW_RANK_E = (  # (rank-one terms of b, a are scaled to keep |1 + a^T b| near 1 over long sequences)
+    ("eye({K}) - {beta} * outer({k}, {k})", "delta"),
+    ("exp({g}) * (eye({K}) - {beta} * outer({k}, {k}))", "delta"),
+    ("diag(exp({w})) + 0.25 * outer({b}, {a})", "dplr"),
+    ("(eye({K}) - {beta} * outer({k}, {k})) @ diag(exp({w}))", "dplr"),
+    ("diag(exp({w})) @ (eye({K}) - {beta} * outer({k}, {k}))", "dplr"),
+    ("exp({w})[:, None] * (eye({K}) + 0.25 * outer({b}, {a}))", "dplr"),
+    ("0.9 * eye({K}) + 0.25 * outer({b}, {a})", "dplr"),
+    ("exp({g}) * eye({K}) - 0.25 * {beta} * outer({b}, {a})", "dplr"),
+    ("eye({K}) + 0.25 * outer({b}, {a})", "dplr"),
+    ("diag(exp({w})) + 0.25 * outer({b}, {a}) + 0.125 * outer({a}, {b})", "rank-two"),
+    ("0.5 * outer({b}, {a})", "no-diagonal"),
+)
+
+
+def _low_rank_program(seed, rng, name) -> Program:
+    """(E, S) composed as affine maps S -> E S + F with E from LOW_RANK_E and F = c * outer(k, v),
+    read out as q @ S (times a constant; sometimes exclusive or squashed, which no fast path
+    takes): the identity-plus-low-rank and diagonal-plus-low-rank classes and their fast paths."""
+    b = Builder(rng, None)
+    dt = b.float_dtype
+    K, V = "K", rng.choice(["V", "K"])
+    b.dims["K"] = rng.randint(1, 3)
+    b.dims.setdefault(V, rng.randint(1, 3))
+    e_text, family = rng.choice(LOW_RANK_E)
+    names = {"k": ("k", (K,), "unit_vector"), "a": ("a", (K,), "signed"), "b": ("b", (K,), "signed"),
+             "w": ("w", (K,), "log_gate"), "g": ("g", (), "log_gate"), "beta": ("beta", (), "unit")}
+    used = [n for n in names if "{" + n + "}" in e_text]
+    write = rng.choice(["outer({k}, {v})", "{beta} * outer({k}, {v})", "outer({k} + {a}, {v})"])
+    if family == "delta":
+        write = "{beta} * outer({k}, {v})"
+    used += [n for n in names if "{" + n + "}" in write and n not in used]
+    inputs = [names[n] for n in used] + [("v", (V,), "signed")]
+    refs = {n: n for n in names} | {"v": "v", "K": K}
+    readout = rng.choice(["q @ {S}", "q @ {S}", "q @ {S} * K ** -0.5", "2.0 * (q @ {S})", "q @ {S} / 3.0",
+                          "tanh(q @ {S})"])
+    exclusive = rng.random() < 0.15
+    order = rng.random() < 0.5  # (E, S) or (S, E)
+    fields = [("E", f"{dt}[{K}, {K}]"), ("S", f"{dt}[{K}, {V}]")]
+    lifts = [e_text.format(**refs), write.format(**refs)]
+    combines = ["r.E @ l.E", "r.E @ l.S + r.S"]
+    idents = [f"eye({K})", "zeros"]
+    if order:
+        fields, lifts, combines, idents = (x[::-1] for x in (fields, lifts, combines, idents))
+    b.features.update({"low-rank", f"low-rank-{family}"})
+    if exclusive:
+        b.features.add("exclusive")
+    dims = sorted(b.dims)
+    lines = [f"op {name}[{', '.join(dims)}] {{",
+             f"  state ({', '.join(f'{n}: {t}' for n, t in fields)});",
+             f"  lift ({', '.join(f'{n}: {dt}{shape_text(s)}' for n, s, _ in inputs)}) "
+             f"{{ return ({', '.join(lifts)}); }}",
+             f"  combine (l, r) {{ return ({', '.join(combines)}); }}",
+             f"  identity = ({', '.join(idents)});",
+             f"  readout{' exclusive' if exclusive else ''} (s, q: {dt}[{K}]) "
+             f"{{ return {readout.format(S='s.S')}; }}",
+             "}"]
+    kinds = {n: kind for n, _, kind in inputs} | {"q": "signed"}
+    return Program(seed, name, "\n".join(lines) + "\n", dict(b.dims), kinds, frozenset(b.features))
+
+
 class DrawRandom(random.Random):
     """A `random.Random` whose every choice is drawn by hypothesis: the generator unchanged,
     its decisions shrinkable (towards 0.0, the first option, the smallest integer)."""
@@ -643,6 +717,9 @@ def generate_with(rng: random.Random, seed: int = 0) -> Program:
     name = f"g{seed}"
     if rng.random() < 0.12:
         return _chunk_program(seed, rng, name)
+    # (a draw from the side stream: every earlier seed's program stays as it was)
+    if random.Random(seed ^ LOW_RANK_SALT).random() < LOW_RANK_RATE:
+        return _low_rank_program(seed, rng, name)
     return _token_program(seed, rng, name)
 
 

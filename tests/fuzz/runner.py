@@ -175,6 +175,8 @@ def draw(kind: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> t
         return torch.randint(0, 5, shape, generator=gen, dtype=dtype)
     u = torch.rand(shape, generator=gen, dtype=torch.float64)
     x = {"signed": u - 0.5, "log_gate": -0.5 * u, "unit": u, "gate": 0.6 + 0.4 * u}.get(kind, u - 0.5)
+    if kind == "unit_vector":  # a key l2-normalised along its last axis (the delta rule's)
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-3)
     return x.to(dtype)
 
 

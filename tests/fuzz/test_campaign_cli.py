@@ -74,3 +74,15 @@ def test_a_focused_sweep_runs_matching_programs_on_triton(tmp_path):
     assert "8 programs with 'exclusive' and scalar states" in line and "0 failed" in line, line
     on_triton = int(line.split(", ")[1].split()[0])
     assert on_triton >= 1, line
+
+
+def test_a_focused_sweep_crosses_the_wy_chunks_of_low_rank_programs():
+    """`--feature low-rank --no-triton --wy-chunk 2`: generated low-rank programs with their
+    campaign configs, the delta-rule and DPLR fast paths cut into chunks of 2 tokens."""
+    env = dict(os.environ, PSMC_CPU="0", TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-m", "tests.fuzz.focus", "--seed", "4140000", "--feature", "low-rank",
+                          "--no-triton", "--wy-chunk", "2", "--programs", "6", "--seconds", "300"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    line = run.stdout.strip().splitlines()[-1]
+    assert "6 programs with 'low-rank'" in line and "0 checked on Triton" in line and "0 failed" in line, line

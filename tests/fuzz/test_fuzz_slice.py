@@ -47,9 +47,11 @@ FEATURES = {
     "reduction", "matmul-param", "param-decay",
     # chunk ops with causal chunk readouts
     "chunk", "chunk-sum", "chunk-decay", "chunk-tree", "attention",
+    # affine maps with a low-rank E: the delta rule, diagonal plus rank one, a rank-two near miss
+    "low-rank", "low-rank-delta", "low-rank-dplr", "low-rank-rank-two",
 }
 CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
-          "plan-tree", "fast-first_order", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
+          "plan-tree", "fast-first_order", "fast-delta_rule", "fast-dplr", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
           "lane-broadcast",
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued",
