@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import compile_time, cpu, delta, gla, machine, peers, recurrence, report, streaming, timing
+from . import compile_time, cpu, delta, dplr, gla, machine, peers, recurrence, report, streaming, timing
 from .cases import Settings
 
 CASES = {
@@ -24,6 +24,8 @@ CASES = {
     "simple_gla": gla.run_simple_gla,
     "delta_rule": delta.run,
     "gated_delta_rule": delta.run_gated,
+    "rwkv7": dplr.run_rwkv7,
+    "kda": dplr.run_kda,
     "streaming": streaming.run,
     "compile": compile_time.run,
     "cpu": cpu.run,

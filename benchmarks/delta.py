@@ -111,7 +111,7 @@ def _gated_peer(settings, measure_name, module, attribute, tensors, grad):
     return timed_row(settings, "gated_delta_rule", measure_name, attribute, module, call, skip=why)
 
 
-def _case(settings: Settings, case: str, title: str, tensors, psmc_rows, peers, peer_row) -> CaseResult:
+def run_case(settings: Settings, case: str, title: str, tensors, psmc_rows, peers, peer_row) -> CaseResult:
     """fwd and fwd+bwd rows of psmc (every path `psmc_rows` finds) and of each peer, and the
     forward target (<= 0.5x the faster peer) per psmc row."""
     rows = []
@@ -128,9 +128,9 @@ def _case(settings: Settings, case: str, title: str, tensors, psmc_rows, peers, 
 
 
 def run_gated(settings: Settings) -> CaseResult:
-    return _case(settings, "gated_delta_rule", "gated delta rule (Gated DeltaNet)", _gated_inputs(), _gated_psmc,
+    return run_case(settings, "gated_delta_rule", "gated delta rule (Gated DeltaNet)", _gated_inputs(), _gated_psmc,
                  GATED_PEERS, _gated_peer)
 
 
 def run(settings: Settings) -> CaseResult:
-    return _case(settings, "delta_rule", "delta rule (DeltaNet)", _inputs(), _psmc, PEERS, _peer)
+    return run_case(settings, "delta_rule", "delta rule (DeltaNet)", _inputs(), _psmc, PEERS, _peer)
