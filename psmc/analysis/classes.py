@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ..ir.nodes import Node, OpIR, leaves
+from ..ir.nodes import Node, OpIR, leaves, render
 from ..ir.rewrite import binary, is_column, is_row
 from ..ir.types import dims_equal, is_float
 from .structure import degree_in_left, elementwise_fields
@@ -175,6 +175,8 @@ def _decayed_linear_attention(op: OpIR):
     if a_index is not None:
         A = op.state[a_index]
         lift_a = op.lift[a_index]
+        if not _non_negative(lift_a):
+            return None  # (the chunkwise form takes log(a); the first-order scan takes any sign)
         g = lift_a.args[0] if lift_a.op == "exp" else Node("log", (lift_a,), (), lift_a.dtype, lift_a.shape)
         if not A.shape:
             kind = "scalar"
@@ -274,6 +276,8 @@ def _identity_plus_low_rank(op: OpIR):
     if got is None:
         return None
     gate, beta, c, k = got
+    if not all(_non_negative(f) for f in gate):
+        return None  # (the runtime takes log(gate); the diagonal-plus-low-rank test says why not)
     lift_s = _factors(op.lift[is_])
     outers = [f for f in lift_s if f.op == "outer"]
     if len(outers) != 1 or outers[0].args[0] != k:
@@ -353,6 +357,26 @@ def _diagonal_plus_outers(node: Node):
     return diagonal, terms
 
 
+_NON_NEGATIVE_UNARY = frozenset({"exp", "sigmoid", "softplus", "sqrt", "rsqrt", "abs", "relu"})
+
+
+def _non_negative(node: Node) -> bool:
+    """Whether node >= 0 for every value of its leaves (a sufficient syntactic test): the
+    log-space forms take log(d), exact for d = 0 (log 0 = -inf gives an exact 0) but NaN for
+    d < 0."""
+    if node.op == "const":
+        return node.attrs[0] >= 0
+    if node.op == "dim" or node.op in _NON_NEGATIVE_UNARY:
+        return True
+    if node.op in ("mul", "div", "add", "min", "minimum"):
+        return all(_non_negative(a) for a in node.args)
+    if node.op in ("max", "maximum"):
+        return any(_non_negative(a) for a in node.args)
+    if node.op == "pow":
+        return _non_negative(node.args[0])
+    return False
+
+
 def _log_of(factors: list[Node]) -> Node:
     """log of a product of positive factors, exp(x) read back as x."""
     logs = [f.args[0] if f.op == "exp" else Node("log", (f,), (), f.dtype, f.shape) for f in factors]
@@ -372,6 +396,12 @@ def _diagonal_plus_low_rank(op: OpIR):
     if got is None or got[0] is None or len(got[1]) != 1:
         return None  # no diagonal, or a rank other than one
     diagonal, [(coeff, b, a)] = got
+    unsure = [f for f in diagonal if not _non_negative(f)]
+    if unsure:
+        return StructureClass(
+            "matrix-affine", "", f"E = diag(d) + outer(b, a), but d's factor {render(unsure[0])} is not known to be "
+            ">= 0, and the diagonal-plus-low-rank form computes with log(d): the generic scan serves it "
+            "(spell a decay as exp(...) or sigmoid(...) to get the fast form)")
     if any(not dims_equal(x.shape[0], S.shape[0]) for x in (a, b) + tuple(f for f in diagonal if f.rank)):
         return None
     if coeff:  # c * outer(b, a) = outer(c * b, a)

@@ -235,3 +235,44 @@ def test_the_fused_first_order_step_takes_literal_leaves(tmp_path, name):
         y, state = layer.step(state, **{n: x[:, t] for n, x in inputs.items()})
         steps.append(y.unsqueeze(1))
     torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-5, atol=1e-6)
+
+
+SIGNED = """op {name}[K, V] {{
+  state ({state});
+  lift (k: f32[K], v: f32[V], w: f32[K], beta: f32, c: f32) {{ return ({lift}); }}
+  combine (l, r) {{ return ({combine}); }}
+  identity = ({identity});
+  readout (s, q: f32[K]) {{ return q @ s.S; }}
+}}"""
+AFFINE_MAPS = dict(state="E: f32[K, K], S: f32[K, V]", combine="r.E @ l.E, r.E @ l.S + r.S", identity="eye(K), zeros")
+DIAGONAL = dict(state="a: f32[K], S: f32[K, V]", combine="l.a * r.a, r.a[:, None] * l.S + r.S", identity="ones, zeros")
+
+
+@pytest.mark.parametrize("name,parts,lift,want", [
+    ("tanh_gla", DIAGONAL, "tanh(w), outer(k, v)", "first-order"),
+    ("tanh_gate", AFFINE_MAPS, "tanh(c) * (eye(K) - beta * outer(k, k)), beta * outer(k, v)", "matrix-affine"),
+    ("tanh_diagonal", AFFINE_MAPS, "diag(tanh(w)) - beta * outer(k, k), beta * outer(k, v)", "matrix-affine"),
+])
+def test_a_decay_not_known_non_negative_keeps_out_of_the_log_space_forms(name, parts, lift, want, tmp_path):
+    """The chunkwise, delta-rule and DPLR forms compute with log(decay): a decay that may be
+    negative (tanh) would give NaN there. Such ops take a form that is exact for any sign (the
+    first-order scan, the generic scan), and `psmc check` says why."""
+    text = SIGNED.format(name=name, lift=lift, **parts)
+    plan = compile_source(text, f"{name}.psm").plans[name]
+    assert plan.structure_class.name == want
+    if want == "matrix-affine":
+        assert "tanh(" in plan.structure_class.reason and "not known to be >= 0" in plan.structure_class.reason
+    (tmp_path / f"{name}.psm").write_text(text)
+    layer = getattr(psmc.load(tmp_path / f"{name}.psm"), name)(backend="torch")
+    g = torch.Generator().manual_seed(4)
+    x = dict(k=torch.randn(2, 40, 2, 3, generator=g, dtype=torch.float64) * 0.5,
+             v=torch.randn(2, 40, 2, 2, generator=g, dtype=torch.float64),
+             w=torch.randn(2, 40, 2, 3, generator=g, dtype=torch.float64),
+             beta=torch.rand(2, 40, 2, generator=g, dtype=torch.float64),
+             c=torch.randn(2, 40, 2, generator=g, dtype=torch.float64),
+             q=torch.randn(2, 40, 2, 3, generator=g, dtype=torch.float64))
+    used = {n: t for n, t in x.items() if n in {s.name for s in layer.spec.inputs}}
+    layer.check_finite = False  # (no NaN rerun to hide behind)
+    got = layer(**used)
+    layer.use_fast_path = False
+    torch.testing.assert_close(got, layer(**used), rtol=1e-10, atol=1e-12)

@@ -621,7 +621,7 @@ def _chunk_program(seed, rng, name) -> Program:
 # E spellings over k (a unit key), a, b (signed), w (a per-key log gate), g (a scalar log
 # gate), beta (a write strength in [0, 1]): the delta rule and its gated form, the
 # diagonal-plus-low-rank forms (RWKV-7, KDA, per-key gates, constant or scalar decays) and
-# near misses that stay matrix-affine (rank two, no diagonal)
+# near misses that stay matrix-affine (rank two, no diagonal, a diagonal that may be negative)
 LOW_RANK_E = (  # (rank-one terms of b, a are scaled to keep |1 + a^T b| near 1 over long sequences)
     ("eye({K}) - {beta} * outer({k}, {k})", "delta"),
     ("exp({g}) * (eye({K}) - {beta} * outer({k}, {k}))", "delta"),
@@ -634,6 +634,7 @@ LOW_RANK_E = (  # (rank-one terms of b, a are scaled to keep |1 + a^T b| near 1 
     ("eye({K}) + 0.25 * outer({b}, {a})", "dplr"),
     ("diag(exp({w})) + 0.25 * outer({b}, {a}) + 0.125 * outer({a}, {b})", "rank-two"),
     ("0.5 * outer({b}, {a})", "no-diagonal"),
+    ("diag(tanh({w} + 1.0)) + 0.25 * outer({b}, {a})", "signed-diagonal"),  # log(d) undefined: generic
 )
 
 
