@@ -88,11 +88,21 @@ def _scaled(node: Node):
     return core[0], [f for f in factors if _constant(f)], divisor
 
 
+_PLUS_EXTRA = " plus terms that read no state"
+
+
 def _linear_readout(op: OpIR, s_name: str):
-    """(q node, scale factors, divisor) for a readout c * (q @ s.S) [/ d], else None."""
+    """(q node, scale factors, divisor, extra) for a readout c * (q @ s.S) [/ d] [+ extra], where
+    extra (None: none) is a sum of terms that read no state (a skip connection `D * x`, a bias),
+    else None. Only additive terms: the fast paths add them to their outputs, which keeps the
+    outputs affine in the state entering a pass (context parallelism corrects them so)."""
     if op.exclusive or op.chunk is not None or len(op.outputs) != 1:
         return None
-    got = _scaled(op.readout[0])
+    terms = _split_terms(op.readout[0])
+    stateful = [t for t in terms if leaves((t,), "field")]
+    if len(stateful) != 1:
+        return None
+    got = _scaled(stateful[0])
     if got is None:
         return None
     core, factors, divisor = got
@@ -101,8 +111,11 @@ def _linear_readout(op: OpIR, s_name: str):
     q = core.args[0]
     if leaves((q,), "field"):
         return None
-    return q, factors, divisor
-
+    extra = None
+    for t in terms:
+        if t is not stateful[0]:
+            extra = t if extra is None else binary("add", extra, t)
+    return q, factors, divisor, extra
 
 def _decay_term(node: Node, a: str, h: str):
     """node == l.h * D + r.h with D = r.a or r.a[:, None]: returns D, else None."""
@@ -170,7 +183,7 @@ def _decayed_linear_attention(op: OpIR):
     readout = _linear_readout(op, S.name)
     if readout is None:
         return None
-    q, scale, divisor = readout
+    q, scale, divisor, extra = readout
     kind, g = "none", None
     if a_index is not None:
         A = op.state[a_index]
@@ -187,8 +200,9 @@ def _decayed_linear_attention(op: OpIR):
     reason = {"none": "S = S + outer(k, v)", "scalar": "S = a * S + outer(k, v) with a scalar decay a",
               "key": "S = a[:, None] * S + outer(k, v) with a per-key decay a"}[kind]
     pieces = (("s_index", s_index), ("decay_index", a_index), ("kind", kind), ("k", k), ("v", v), ("q", q),
-              ("g", g), ("scale", _product(scale, q)), ("divisor", divisor))
-    return StructureClass("decayed-linear-attention", kind, f"{reason}, readout (q @ S) times a constant", pieces)
+              ("g", g), ("scale", _product(scale, q)), ("divisor", divisor), ("extra", extra))
+    return StructureClass("decayed-linear-attention", kind,
+                          f"{reason}, readout (q @ S) times a constant{_PLUS_EXTRA if extra else ''}", pieces)
 
 
 def _split_terms(node: Node) -> list[Node]:
@@ -292,7 +306,7 @@ def _identity_plus_low_rank(op: OpIR):
     readout = _linear_readout(op, S.name)
     if readout is None:
         return None
-    q, scale, divisor = readout
+    q, scale, divisor, extra = readout
     one = Node("const", (), (1.0,), "f32", ())
     beta_node = _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k) or one
     g = None
@@ -301,12 +315,12 @@ def _identity_plus_low_rank(op: OpIR):
             Node("log", (_product(gate, k),), (), gate[0].dtype, ())
     kind = "gated" if g is not None else "plain"
     pieces = (("e_index", ie), ("s_index", is_), ("k", k), ("v", outers[0].args[1]), ("q", q),
-              ("beta", beta_node), ("g", g), ("scale", _product(scale, q)), ("divisor", divisor))
+              ("beta", beta_node), ("g", g), ("scale", _product(scale, q)), ("divisor", divisor), ("extra", extra))
     what = "g * (I - beta * outer(k, k))" if g is not None else "I - beta * outer(k, k)"
     return StructureClass(
         "identity-plus-low-rank", kind,
-        f"E = {what} (identity plus rank one), S = E @ S + beta * outer(k, v), readout q @ S: "
-        f"E is never built; the stream keeps {names[is_]} only", pieces)
+        f"E = {what} (identity plus rank one), S = E @ S + beta * outer(k, v), readout q @ S"
+        f"{_PLUS_EXTRA if extra else ''}: E is never built; the stream keeps {names[is_]} only", pieces)
 
 
 
@@ -417,16 +431,16 @@ def _diagonal_plus_low_rank(op: OpIR):
     readout = _linear_readout(op, S.name)
     if readout is None:
         return None
-    q, scale, divisor = readout
+    q, scale, divisor, extra = readout
     log_decay = _log_of(diagonal) if diagonal else None
     kind = "none" if log_decay is None else "key" if log_decay.rank else "scalar"
     pieces = (("e_index", ie), ("s_index", is_), ("k", k), ("v", v), ("q", q), ("a", a), ("b", b),
-              ("g", log_decay), ("scale", _product(scale, q)), ("divisor", divisor))
+              ("g", log_decay), ("scale", _product(scale, q)), ("divisor", divisor), ("extra", extra))
     what = {"none": "I", "scalar": "d I", "key": "diag(d)"}[kind]
     return StructureClass(
         "diagonal-plus-low-rank", kind,
-        f"E = {what} + outer(b, a) (diagonal plus rank one), S = E @ S + outer(k, v), readout q @ S: "
-        f"E is never built; the stream keeps {S.name} only", pieces)
+        f"E = {what} + outer(b, a) (diagonal plus rank one), S = E @ S + outer(k, v), readout q @ S"
+        f"{_PLUS_EXTRA if extra else ''}: E is never built; the stream keeps {S.name} only", pieces)
 
 
 def classify(op: OpIR, associative: bool) -> StructureClass:

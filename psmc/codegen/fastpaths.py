@@ -52,6 +52,14 @@ def choose_fast_path(op: OpIR, plan) -> FastPath | None:
     raise AssertionError(f"no printer for fast path {plan.fast_path!r}")
 
 
+def _extra_lines(p: dict, ref: dict, indent: str) -> list[str]:
+    """`out` plus the readout's terms that read no state (class piece `extra`: a skip
+    connection `D * x`, a bias), when it has any."""
+    if p.get("extra") is None:
+        return []
+    return [f"{indent}out = out + {ref[p['extra']]}  # the readout's terms that read no state"]
+
+
 def _scale_code(p: dict, ref: dict) -> str:
     scale = ref[p["scale"]] if p["scale"] is not None else "1.0"
     if p["divisor"] is not None:
@@ -88,7 +96,7 @@ def _half_operand_names(p: dict) -> tuple:
 
 def _shared_operands(p: dict) -> set:
     """The inputs that a body other than q, k and v reads (a gate, a write strength, a scale)."""
-    others = [p[n] for n in ("g", "beta", "scale", "divisor") if p.get(n) is not None]
+    others = [p[n] for n in ("g", "beta", "scale", "divisor", "extra") if p.get(n) is not None]
     return {n.attrs[0] for n in walk(tuple(others)) if n.op == "arg"}
 
 
@@ -106,7 +114,7 @@ def _half_operand_lines(p: dict) -> list[str]:
 
 
 def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
-    nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
+    nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None]
     printer = BodyPrinter(tuple(nodes), op.let_names)
     body = printer.run()
     ref = printer.names
@@ -141,6 +149,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         f"        out, s_last = _chunkwise.chunk_linear_attention(q_, k_, v_, g_, decay={p['kind']!r}, "
         f"scale={scale}, initial_state=s0, cu_seqlens=call.cu_seqlens)",
         f"        s_last = s_last.to(cx.dt[{S.dtype!r}])",
+        *_extra_lines(p, ref, "        "),
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
         "cx.dev)",
     ]
@@ -298,6 +307,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         f"                out = (q_.unsqueeze(-1) * s_last).sum(-2) * ({scale})",
         "            else:",
         f"                out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
+        *_extra_lines(p, ref, "            "),
         "            if out.dtype != o_dtype:  # (its lead is s_last's: [B, *lanes])",
         "                out = out.to(o_dtype)",
     ]
@@ -536,7 +546,7 @@ def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
     S = op.state[p["s_index"]]
     out = op.outputs[0]
     nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands] + \
-        [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
+        [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None]
     printer = BodyPrinter(tuple(nodes), op.let_names)
     body = printer.run()
     ref = printer.names
@@ -572,6 +582,7 @@ def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
         f"            out, s_last = {call}(q_, k_, v_, {operands}, g_, scale={_scale_code(p, ref)}, "
         "initial_state=s0, cu_seqlens=call.cu_seqlens)",
         "        count = (0 if state is None else state.count) + lead[1]",
+        *_extra_lines(p, ref, "        "),
         f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
         "        if call.carry_terms is not None:  # the full element (E too): a slice's total",
         f"            s_last = s_last.to(cx.dt[{S.dtype!r}])",
@@ -603,7 +614,7 @@ def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
     state (S only)."""
     S, out = op.state[p["s_index"]], op.outputs[0]
     nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands] + \
-        [p[n] for n in ("g", "scale", "divisor") if p[n] is not None]
+        [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None]
     printer = BodyPrinter(tuple(nodes), op.let_names)
     constant, per_token = _split_constant(printer.run())
     ref = printer.names
@@ -629,6 +640,7 @@ def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
         "            s0 = None if state.prefix is None else state.prefix[0]",
         f"            o, s_last = _{rule.module}.{rule.step}(s0, {piece('q')}, {piece('k')}, {piece('v')}, "
         f"{operands}{g}, scale={_scale_code(p, ref)}{rule.step_extra})",
+        *(line.replace("out", "o") for line in _extra_lines(p, ref, "            ")),
         "            if o.shape != o_full or o.dtype != o_dtype:  # broadcast pieces",
         "                o = _ops.as_field(o, lead, o_full[len(lead):], o_dtype, cx.dev)",
         f"            # the stream state: {S.name} only (spec.stream)",

@@ -115,6 +115,8 @@ EXPECTED = {
     "retention": _entry("proven", False, "(ones, zeros)", "elementwise"),
     # scalar gate times matrix state plus outer product: associative, not commutative.
     "simple_gla": _entry("proven", False, "(ones, zeros)", "elementwise"),
+    # simple_gla's recurrence; the readout's skip term D x does not touch combine.
+    "mamba2": _entry("proven", False, "(ones, zeros)", "elementwise"),
     # matrix addition: commutative monoid with identity zeros.
     "linear_attention": _entry("proven", True, "zeros", "elementwise"),
     # scalar forget gate applied to C and n alike: associative, not commutative.

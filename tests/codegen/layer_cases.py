@@ -43,6 +43,8 @@ CASES = {c.name: c for c in (
     Case("kda", KV, {"k": "unit_vector", "beta": "unit", "g": "log_gate"}),
     Case("linear_attention", KV),
     Case("linear_recurrence", kinds={"log_a": "log_gate"}),
+    Case("mamba2", ({"N": 1, "P": 2}, {"N": 3, "P": 1}), {"dt": "positive", "A": "negative"},
+         sequence_broadcast=("A", "D")),
     Case("logcumsumexp"),
     Case("mlstm", KV, {"f": "log_gate"}),
     Case("retention", KV, {"log_gamma": "log_gate"}, sequence_broadcast=("log_gamma",)),

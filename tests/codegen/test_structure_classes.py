@@ -27,6 +27,7 @@ EXPECTED = {  # example -> (class, detail)
     "gla": ("decayed-linear-attention", "key"),
     "linear_attention": ("decayed-linear-attention", "none"),
     "simple_gla": ("decayed-linear-attention", "scalar"),
+    "mamba2": ("decayed-linear-attention", "scalar"),  # its skip term D x reads no state
     "retention": ("decayed-linear-attention", "scalar"),
     "linear_recurrence": ("first-order", "per-lane"),
     "selective_ssm": ("first-order", "per-key"),
