@@ -52,12 +52,18 @@ def choose_fast_path(op: OpIR, plan) -> FastPath | None:
     raise AssertionError(f"no printer for fast path {plan.fast_path!r}")
 
 
-def _extra_lines(p: dict, ref: dict, indent: str) -> list[str]:
-    """`out` plus the readout's terms that read no state (class piece `extra`: a skip
-    connection `D * x`, a bias), when it has any."""
-    if p.get("extra") is None:
+def _extra_lines(p: dict, ref: dict, indent: str, out_node, name: str = "out") -> list[str]:
+    """`name` (the output, [*lead, *declared]) plus the readout's terms that read no state (class
+    piece `extra`: a skip connection `D * x`, RWKV-7's bonus, a bias), when it has any: as a
+    field of the lead axes, its declared axes right-aligned with the output's (`sum(q * q)` is
+    one number per position: [*lead, 1] against [*lead, V])."""
+    extra = p.get("extra")
+    if extra is None:
         return []
-    return [f"{indent}out = out + {ref[p['extra']]}  # the readout's terms that read no state"]
+    dtype = str(promote(extra.dtype, out_node.dtype))
+    code = f"_ops.as_field({ref[extra]}, lead, {shape_code(extra.shape)}, cx.dt[{dtype!r}], cx.dev)"
+    code += f".unsqueeze({-extra.rank - 1})" * (len(out_node.shape) - extra.rank)
+    return [f"{indent}{name} = {name} + {code}  # the readout's terms that read no state"]
 
 
 def _scale_code(p: dict, ref: dict) -> str:
@@ -88,8 +94,9 @@ def _input_lines(op: OpIR, p: dict | None = None) -> list[str]:
 
 
 def _half_operand_names(p: dict) -> tuple:
-    """The inputs that are q, k and v as they are (all three, else none)."""
-    if not all(p[n].op == "arg" for n in ("k", "v", "q")):
+    """The inputs that are q, k and v as they are (all three, else none; none when the readout
+    adds terms to the kernels' outputs, which must then stay unrounded: one rounding, after)."""
+    if not all(p[n].op == "arg" for n in ("k", "v", "q")) or p.get("extra") is not None:
         return ()
     return tuple(p[n].attrs[0] for n in ("k", "v", "q"))
 
@@ -149,7 +156,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         f"        out, s_last = _chunkwise.chunk_linear_attention(q_, k_, v_, g_, decay={p['kind']!r}, "
         f"scale={scale}, initial_state=s0, cu_seqlens=call.cu_seqlens)",
         f"        s_last = s_last.to(cx.dt[{S.dtype!r}])",
-        *_extra_lines(p, ref, "        "),
+        *_extra_lines(p, ref, "        ", op.outputs[0]),
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
         "cx.dev)",
     ]
@@ -307,7 +314,7 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
         f"                out = (q_.unsqueeze(-1) * s_last).sum(-2) * ({scale})",
         "            else:",
         f"                out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
-        *_extra_lines(p, ref, "            "),
+        *_extra_lines(p, ref, "            ", op.outputs[0]),
         "            if out.dtype != o_dtype:  # (its lead is s_last's: [B, *lanes])",
         "                out = out.to(o_dtype)",
     ]
@@ -582,7 +589,7 @@ def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
         f"            out, s_last = {call}(q_, k_, v_, {operands}, g_, scale={_scale_code(p, ref)}, "
         "initial_state=s0, cu_seqlens=call.cu_seqlens)",
         "        count = (0 if state is None else state.count) + lead[1]",
-        *_extra_lines(p, ref, "        "),
+        *_extra_lines(p, ref, "        ", out),
         f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
         "        if call.carry_terms is not None:  # the full element (E too): a slice's total",
         f"            s_last = s_last.to(cx.dt[{S.dtype!r}])",
@@ -640,7 +647,7 @@ def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
         "            s0 = None if state.prefix is None else state.prefix[0]",
         f"            o, s_last = _{rule.module}.{rule.step}(s0, {piece('q')}, {piece('k')}, {piece('v')}, "
         f"{operands}{g}, scale={_scale_code(p, ref)}{rule.step_extra})",
-        *(line.replace("out", "o") for line in _extra_lines(p, ref, "            ")),
+        *_extra_lines(p, ref, "            ", out, name="o"),
         "            if o.shape != o_full or o.dtype != o_dtype:  # broadcast pieces",
         "                o = _ops.as_field(o, lead, o_full[len(lead):], o_dtype, cx.dev)",
         f"            # the stream state: {S.name} only (spec.stream)",

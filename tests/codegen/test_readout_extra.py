@@ -50,6 +50,24 @@ OPS = {
   identity = (eye(K), zeros);
   readout (s, q: f32[K], v: f32[V]) { return q @ s.S + 0.25 * v; }
 }"""),
+    # one number per position added to a [V] output (found by the fuzz campaign: a crash, the
+    # scalar was aligned with the output's last axis instead of its lead axes)
+    "la_scalar_extra": ("decayed-linear-attention", "chunkwise:none", """op la_scalar_extra[K, V] {
+  state (S: f32[K, V]);
+  lift (k: f32[K], v: f32[V]) { return outer(k, v); }
+  combine (l, r) { return l.S + r.S; }
+  identity = zeros;
+  readout (s, q: f32[K]) { return q @ s.S + 0.5 * sum(q * q); }
+}"""),
+    "dplr_scalar_extra": ("diagonal-plus-low-rank", "dplr", """op dplr_scalar_extra[K, V] {
+  state (E: f32[K, K], S: f32[K, V]);
+  lift (w: f32[K], k: f32[K], v: f32[V], a: f32[K], b: f32[K]) {
+    return (diag(exp(w)) + 0.5 * outer(b, a), outer(k, v));
+  }
+  combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); }
+  identity = (eye(K), zeros);
+  readout (s, q: f32[K]) { return 0.25 * tanh(sum(q)) - q @ s.S; }
+}"""),
 }
 
 
@@ -110,7 +128,7 @@ def test_forward_step_and_packed_sequences_equal_the_generic_scan(name, tmp_path
                                    rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["ssd_skip", "gla_bias"])
+@pytest.mark.parametrize("name", ["ssd_skip", "gla_bias", "la_scalar_extra"])
 def test_step_function_adds_the_extra_terms(name, tmp_path):
     """PsmLayer.step_function writes the chunkwise step's update out as source: it must carry
     the extra terms too."""
@@ -137,3 +155,20 @@ def test_an_extra_term_that_reads_the_state_keeps_off_the_fast_paths():
     text = OPS["ssd_skip"][2].replace("+ u * v;", "+ u * sum(s.S, axis=0);").replace("ssd_skip", "reads_state")
     plan = compile_source(text, "reads_state.psm").plans["reads_state"]
     assert plan.fast_path != "chunkwise:scalar"
+
+
+@pytest.mark.parametrize("name", ["delta_skip", "dplr_scalar_extra", "ssd_skip"])
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_tokens_round_once(name, half, tmp_path):
+    """bf16/fp16 tokens: the step and the parallel pass both add the extra terms to the
+    unrounded output and round once, so they agree to the half dtype's rounding (found by the
+    fuzz campaign: the parallel pass gave the kernels q, k, v in half, whose output came back
+    rounded to half before the extra terms were added and it was rounded again)."""
+    layer = _layer(name, tmp_path)
+    x = {n: t.to(half) for n, t in _inputs(layer, seed=11).items()}
+    parallel = layer(**x)
+    assert parallel.dtype == half
+    _, state = layer(**{n: t[:, :20] for n, t in x.items()}, return_state=True)
+    for t in range(20, 30):
+        out, state = layer.step(state, **{n: v[:, t] for n, v in x.items()})
+        torch.testing.assert_close(out.double(), parallel[:, t].double(), rtol=torch.finfo(half).eps, atol=1e-5)

@@ -659,6 +659,10 @@ def _low_rank_program(seed, rng, name) -> Program:
     refs = {n: n for n in names} | {"v": "v", "K": K}
     readout = rng.choice(["q @ {S}", "q @ {S}", "q @ {S} * K ** -0.5", "2.0 * (q @ {S})", "q @ {S} / 3.0",
                           "tanh(q @ {S})"])
+    if rng.random() < 0.3:  # terms that read no state: the fast paths add them (class piece `extra`)
+        readout = rng.choice(["{R} + 0.125", "{R} + 0.5 * sum(q * q)", "0.25 * tanh(sum(q)) - {R}"]).replace(
+            "{R}", f"({readout})")
+        b.features.add("low-rank-extra")
     exclusive = rng.random() < 0.15
     order = rng.random() < 0.5  # (E, S) or (S, E)
     fields = [("E", f"{dt}[{K}, {K}]"), ("S", f"{dt}[{K}, {V}]")]
