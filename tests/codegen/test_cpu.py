@@ -47,13 +47,13 @@ needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on
 def test_coverage_is_what_the_issue_asks():
     """Every elementwise-monoid and first-order example (scalar, vector, per-key decays) and
     the matrix-state GLA family; the tree scans (ema's tree kernels are separate:
-    test_cpu_tree.py) and the affine (delta-rule) combines are not."""
+    test_cpu_tree.py) and the affine (delta-rule, diagonal-plus-low-rank) combines are not."""
     for name in CASES:
         assert (getattr(layer_class(name), "_cpu_kernels", None) is not None) == (name in COVERED), name
-    assert set(COVERED) == {"cumsum", "gla", "linear_attention", "linear_recurrence", "logcumsumexp", "mlstm",
-                            "retention", "running_argmax", "rwkv6", "segmented_sum", "selective_ssm", "simple_gla",
-                            "softmax_pool", "welford"}
-    assert set(NOT_COVERED) == {"delta_rule", "gated_delta_rule", "ema", "transformer_psm", "tree_rnn"}
+    assert set(COVERED) == {"cumsum", "gla", "linear_attention", "linear_recurrence", "logcumsumexp", "mamba2",
+                            "mlstm", "retention", "running_argmax", "rwkv6", "segmented_sum", "selective_ssm",
+                            "simple_gla", "softmax_pool", "welford"}
+    assert set(NOT_COVERED) == {"delta_rule", "gated_delta_rule", "kda", "rwkv7", "ema", "transformer_psm", "tree_rnn"}
 
 
 class Spy:
