@@ -407,8 +407,14 @@ def _diagonal_plus_low_rank(op: OpIR):
     ie, is_ = maps
     S = op.state[is_]
     got = _diagonal_plus_outers(op.lift[ie])
-    if got is None or got[0] is None or len(got[1]) != 1:
-        return None  # no diagonal, or a rank other than one
+    if got is None or (got[0] is not None and not got[1]):
+        return None  # not of the form (or diagonal alone: the first-order classes' when elementwise)
+    if got[0] is None or len(got[1]) != 1:  # a near miss: say which, for `psmc check`
+        terms = f"{len(got[1])} rank-one term{'s' if len(got[1]) > 1 else ''}"
+        why = "no diagonal term (diag(d), a multiple of eye(K))" if got[0] is None else \
+            f"{terms} (the fast form takes one; terms of one outer product are not merged)"
+        return StructureClass("matrix-affine", "", f"E = diag(d) + outer(b, a) + ... with {why}: the generic "
+                              "scan serves it, forming E per token")
     diagonal, [(coeff, b, a)] = got
     unsure = [f for f in diagonal if not _non_negative(f)]
     if unsure:

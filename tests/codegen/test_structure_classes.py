@@ -87,9 +87,15 @@ def test_near_misses_of_the_delta_rule_are_diagonal_plus_low_rank(e, s):
     assert (got.name, got.detail) == ("diagonal-plus-low-rank", "none")
 
 
-def test_rank_two_stays_matrix_affine():
-    (op,) = ops_from_source(NEAR.format("eye(K) - beta * outer(k, k) - outer(k, k)", "beta * outer(k, v)"))
-    assert _class(op).name == "matrix-affine"
+@pytest.mark.parametrize("e,why", [
+    ("eye(K) - beta * outer(k, k) - outer(k, k)", "with 2 rank-one terms"),
+    ("eye(K) + outer(k, v[0:1] * k) + outer(v[0:1] * k, k)", "with 2 rank-one terms"),
+    ("0.5 * outer(k, k)", "with no diagonal term"),
+])
+def test_near_misses_of_rank_one_stay_matrix_affine_and_say_why(e, why):
+    (op,) = ops_from_source(NEAR.format(e, "beta * outer(k, v)"))
+    got = _class(op)
+    assert got.name == "matrix-affine" and why in got.reason and "the generic scan serves it" in got.reason
 
 
 def test_the_plan_is_typed_frozen_and_printed():
