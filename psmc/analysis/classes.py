@@ -71,6 +71,20 @@ def _product(factors: list[Node], like: Node | None = None) -> Node | None:
     return out
 
 
+def _outer_update(node: Node):
+    """(k, v) for an update c * outer(k0, v) with scalar factors c (constants or per-token gates),
+    k = c * k0; else None."""
+    factors = _factors(node)
+    outers = [f for f in factors if f.op == "outer"]
+    if len(outers) != 1 or any(f.rank != 0 for f in factors if f is not outers[0]):
+        return None
+    k, v = outers[0].args
+    coeff = [f for f in factors if f is not outers[0]]
+    if coeff:  # c * outer(k, v) = outer(c * k, v)
+        k = binary("mul", _product(coeff, k), k)
+    return k, v
+
+
 def _constant(n: Node) -> bool:
     """A number fixed when the layer is built: literals and dims only."""
     return not n.batched and n.rank == 0 and all(x.op in ("const", "dim") for x in leaves((n,)))
@@ -172,14 +186,10 @@ def _decayed_linear_attention(op: OpIR):
     S = op.state[s_index]
     if len(S.shape) != 2:
         return None
-    factors = _factors(op.lift[s_index])
-    outers = [f for f in factors if f.op == "outer"]
-    if len(outers) != 1 or any(f.rank != 0 for f in factors if f is not outers[0]):
+    update = _outer_update(op.lift[s_index])
+    if update is None:
         return None
-    k, v = outers[0].args
-    coeff = [f for f in factors if f is not outers[0]]
-    if coeff:  # c * outer(k, v) = outer(c * k, v) for any scalar c (a constant or a per-token gate)
-        k = binary("mul", _product(coeff, k), k)
+    k, v = update
     readout = _linear_readout(op, S.name)
     if readout is None:
         return None
@@ -426,14 +436,10 @@ def _diagonal_plus_low_rank(op: OpIR):
         return None
     if coeff:  # c * outer(b, a) = outer(c * b, a)
         b = binary("mul", _product(coeff, b), b)
-    factors = _factors(op.lift[is_])
-    outers = [f for f in factors if f.op == "outer"]
-    if len(outers) != 1 or any(f.rank != 0 for f in factors if f is not outers[0]):
+    update = _outer_update(op.lift[is_])
+    if update is None:
         return None
-    k, v = outers[0].args
-    write = [f for f in factors if f is not outers[0]]
-    if write:
-        k = binary("mul", _product(write, k), k)
+    k, v = update
     readout = _linear_readout(op, S.name)
     if readout is None:
         return None

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from psmc.runtime.delta import chunk_delta_rule, delta_rule_step
 
 from closeness import assert_close
+from shapes import result_shapes
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -192,17 +193,7 @@ def test_step_equals_the_recurrence_and_the_chunked_pass(gated):
 def test_step_never_forms_the_key_by_key_transition():
     """O(K V): no tensor of the step has two K axes (K = 7 differs from V = 3)."""
     q, k, v, beta, g = make(5, 2, 1, (2,), 7, 3)
-    shapes = []
-
-    class Spy(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                shapes.append(tuple(out.shape))
-            return out
-
-    with Spy():
-        delta_rule_step(torch.randn(2, 2, 7, 3), q[:, 0], k[:, 0], v[:, 0], beta[:, 0], g[:, 0])
+    shapes = result_shapes(lambda: delta_rule_step(torch.randn(2, 2, 7, 3), q[:, 0], k[:, 0], v[:, 0], beta[:, 0], g[:, 0]))
     assert shapes
     assert not [s for s in shapes if s[-2:] == (7, 7)], shapes
 

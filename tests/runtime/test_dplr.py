@@ -18,6 +18,7 @@ from psmc.runtime import dplr
 from psmc.runtime.dplr import chunk_dplr, dplr_step
 
 from closeness import assert_close
+from shapes import result_shapes
 
 
 def reference(q, k, v, a, b, log_decay=None, initial_state=None, scale=1.0):
@@ -397,17 +398,7 @@ def test_step_broadcasts_and_reads_the_old_state():
 def test_step_never_forms_the_key_by_key_transition():
     """O(K V): no tensor of the step has two K axes (K = 7 differs from V = 3)."""
     q, k, v, a, b, g = make(15, 2, 1, (2,), 7, 3, dtype=torch.float32)
-    shapes = []
-
-    class Spy(torch.overrides.TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                shapes.append(tuple(out.shape))
-            return out
-
-    with Spy():
-        dplr_step(torch.randn(2, 2, 7, 3), q[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], g[:, 0])
+    shapes = result_shapes(lambda: dplr_step(torch.randn(2, 2, 7, 3), q[:, 0], k[:, 0], v[:, 0], a[:, 0], b[:, 0], g[:, 0]))
     assert shapes
     assert not [s for s in shapes if s[-2:] == (7, 7)], shapes
 
