@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+
+from psmc.runtime import chunkwise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -300,13 +302,16 @@ def test_mismatched_shapes_are_named():
         chunk_delta_rule(q, k[:, :4], v, beta)
 
 
+@pytest.mark.parametrize("packed", ["never", "always"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("lengths, chunk", [((5, 17, 1, 23), 8), ((16, 3, 33), None)])
-def test_packed_sequences_equal_separate_calls(lengths, chunk, grad, gated):
+@pytest.mark.parametrize("lengths, chunk", [((5, 17, 1, 23), 8), ((16, 3, 33), None), ((4, 5, 5, 1, 5), 2)])
+def test_packed_sequences_equal_separate_calls(lengths, chunk, grad, gated, packed, monkeypatch):
     """cu_seqlens on the torch path: the packed sequences [1, total_T, ...] give each sequence's
     own outputs and final state (stacked [N, ...]), from its own initial state, and the same
-    gradients as separate calls (beta shared over time broadcasts to every sequence)."""
+    gradients as separate calls (beta shared over time broadcasts to every sequence), run one
+    by one or in padded groups (chunkwise.PACKED; the groups pad time-1 inputs with zeros too)."""
+    monkeypatch.setattr(chunkwise, "PACKED", packed)
     total, n = sum(lengths), len(lengths)
     q, k, v, beta, g = make(n, 1, total, (2,), 6, 5, dtype=torch.float64, gated=gated)
     beta = beta[:, :1] if chunk is None else beta  # time 1: shared by every sequence

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from psmc.runtime import dplr
+from psmc.runtime import chunkwise, dplr
 from psmc.runtime.dplr import chunk_dplr, dplr_step
 
 from closeness import assert_close
@@ -307,11 +307,14 @@ def test_gradcheck_step_f64():
 
 
 # ------------------------------------------------------------------ packed sequences
+@pytest.mark.parametrize("packed", ["never", "always"])
+@pytest.mark.parametrize("lengths", [(5, 17, 1, 23), (6, 5, 1, 6, 6)])
 @pytest.mark.parametrize("grad", [False, True])
-def test_packed_sequences_equal_separate_calls(grad):
+def test_packed_sequences_equal_separate_calls(grad, lengths, packed, monkeypatch):
     """cu_seqlens: each sequence from its own initial state, final states stacked [N, ...], the
-    same outputs and gradients as separate calls (a time-1 a shared by every sequence)."""
-    lengths = (5, 17, 1, 23)
+    same outputs and gradients as separate calls (a time-1 a shared by every sequence), run one
+    by one or in padded groups (chunkwise.PACKED)."""
+    monkeypatch.setattr(chunkwise, "PACKED", packed)
     total, n = sum(lengths), len(lengths)
     q, k, v, a, b, g = make(11, 1, total, (2,), 5, 4)
     a = a[:, :1]
