@@ -52,6 +52,9 @@ SHAPES = {
     "selective_ssm": {"B": 2, "T": 256, "lanes": (2048,), "dims": {"N": 16},
                       "broadcast": {"A": "tokens", "B": "lanes", "C": "lanes"}},
     "softmax_pool": {"B": 2, "T": 256, "lanes": (16,), "dims": {"V": 128}},
+    # Mamba-2's sizes: state N = 128 per head of P = 64 channels; A and D per head
+    "mamba2": {"B": 2, "T": 128, "lanes": (16,), "dims": {"N": 128, "P": 64},
+               "broadcast": {"A": "tokens", "D": "tokens"}},
     "matrix": {"B": 2, "T": 128, "lanes": (16,), "dims": {"K": 128, "V": 128}},
 }
 
