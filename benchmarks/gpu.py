@@ -12,6 +12,9 @@ rest still run; rows are printed as they finish and the table is written to $OUT
   chunkwise form, the Triton token loop, and any chunked kernel family registered there) against
   fla chunk_gla, fused_recurrent_gla, chunk_simple_gla, fused_recurrent_simple_gla;
 - the delta rule at the same shape: psmc delta_rule against fla chunk_delta_rule;
+- RWKV-7 and KDA at the same shape (the diagonal-plus-low-rank class, psmc's chunked WY form in
+  torch): psmc rwkv7 / kda against fla chunk_rwkv7, fused_recurrent_rwkv7, chunk_kda,
+  fused_recurrent_kda;
 - the first-order scan at (B, D, T) = (8, 2048, 4096): psmc (each path) against accelerated-scan's
   Triton scan (its [B, D, T] layout) and torch's associative_scan under torch.compile;
 - packed sequences: GLA over 32 sequences of uneven lengths packed into B x T tokens (cu_seqlens),
@@ -258,7 +261,17 @@ def attn_inputs(name: str, shape, device, dtype, seed=0) -> dict:
     if name == "simple_gla":
         gate = (-torch.rand(B, T, H, generator=g) * 0.1).to(device=device, dtype=dtype)
         return {"q": q, "k": k, "v": v, "g": gate}
-    k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)  # delta rule: unit keys
+    if name == "rwkv7":  # RWKV-7's inputs: log decays -e^-0.5 sigmoid, a = -kappa, b = kappa * iclr
+        w = (-0.6065 * torch.sigmoid(torch.randn(B, T, H, K, generator=g))).to(device=device, dtype=dtype)
+        kappa = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
+        iclr = torch.sigmoid(torch.randn(B, T, H, K, generator=g))
+        return {"r": q, "w": w, "k": k, "v": v, "a": (-kappa).to(device=device, dtype=dtype),
+                "b": (kappa * iclr).to(device=device, dtype=dtype)}
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)  # delta rules: unit keys
+    if name == "kda":
+        gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=g)).to(device=device, dtype=dtype)
+        beta = torch.rand(B, T, H, generator=g).to(device=device, dtype=dtype)
+        return {"q": q, "k": k, "v": v, "beta": beta, "g": gate}
     beta = torch.rand(B, T, H, generator=g).to(device=device, dtype=dtype)
     return {"q": q, "k": k, "v": v, "beta": beta}
 
@@ -275,6 +288,17 @@ def fla_peers(name: str) -> list:
             return [("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], x["g"])[0]),
                     ("fla fused_recurrent_simple_gla",
                      lambda x: fused_recurrent_simple_gla(x["q"], x["k"], x["v"], x["g"])[0])]
+        if name == "rwkv7":  # examples/rwkv7.psm: scale 1, w the log decay, as fla's
+            from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+            return [("fla chunk_rwkv7", lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"],
+                                                              scale=1.0)[0]),
+                    ("fla fused_recurrent_rwkv7", lambda x: fused_recurrent_rwkv7(
+                        x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0)[0])]
+        if name == "kda":  # examples/kda.psm: scale K ** -0.5, fla's default
+            from fla.ops.kda import chunk_kda, fused_recurrent_kda
+            return [("fla chunk_kda", lambda x: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"])[0]),
+                    ("fla fused_recurrent_kda",
+                     lambda x: fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"])[0])]
         from fla.ops.delta_rule import chunk_delta_rule
         # psmc's delta_rule does not scale q (examples/delta_rule.psm): fla with scale = 1
         return [("fla chunk_delta_rule", lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], scale=1.0)[0])]
@@ -365,7 +389,8 @@ def _path_calls(path, layer, inputs: dict) -> tuple[Callable, Callable]:
 def attention_cases(b: Bench, name: str, dtype):
     shape = TINY["attn"] if b.dry else FULL["attn"]
     label = "B={} T={} H={} K={} V={}".format(*shape)
-    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule"}[name]
+    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule", "rwkv7": "RWKV-7",
+             "kda": "KDA"}[name]
     try:
         cls = load(name)
         x = attn_inputs(name, shape, b.device, dtype)
@@ -859,7 +884,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule first_order ssm decode tree packed")
+                        help="groups to run: gla simple_gla delta_rule rwkv7 kda first_order ssm decode tree packed")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -887,8 +912,9 @@ def main(argv=None) -> int:
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
-             ("ssm", bf16), ("tree", fp32), ("packed", bf16), ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
-             ("packed", fp32)]
+             ("ssm", bf16), ("tree", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("ssm", fp32),
+             ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32), ("packed", fp32),
+             ("rwkv7", fp32), ("kda", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
     plan = []
