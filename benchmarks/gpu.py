@@ -798,7 +798,7 @@ def decode_cases(b: Bench, dtype):
         return f"{1e3 * ms / steps:.1f} us/token" if ms else ""
     _, _, H, K, V = TINY["attn"] if b.dry else FULL["attn"]
     label = f"B=1 H={H} K={K} V={V}"
-    for name in ("gla", "simple_gla", "delta_rule", "linear_recurrence"):
+    for name in ("gla", "simple_gla", "delta_rule", "rwkv7", "linear_recurrence"):
         group = f"decode {name}"
         try:
             cls = load(name)
@@ -826,9 +826,9 @@ def decode_cases(b: Bench, dtype):
                     for t in range(steps):
                         _, state = twin.step(state, **{n: v[:, t] for n, v in xs.items()})
             before = len(b.report.rows)
-            # the delta rule has no dispatch step path: its step is the fast step (one Triton token
-            # kernel for CUDA tensors, psmc.runtime.triton_delta_step)
-            impl = "psmc step (auto)" if name == "delta_rule" else f"psmc {pname}"
+            # the delta rule and RWKV-7 have no dispatch step path: their step is the fast step (one
+            # Triton token kernel for CUDA tensors, psmc.runtime.triton_delta_step / triton_dplr_step)
+            impl = "psmc step (auto)" if name in ("delta_rule", "rwkv7") else f"psmc {pname}"
             b.case(group, label + " (ms for %d tokens)" % steps, dtype, impl, decode, None, None)
             _annotate(b.report, before, per_token)
         if name == "linear_recurrence":
@@ -841,7 +841,11 @@ def decode_cases(b: Bench, dtype):
 
 def _fla_decode(name, xs, steps, H, K, V):
     try:
-        if name == "delta_rule":
+        if name == "rwkv7":
+            from fla.ops.rwkv7 import fused_recurrent_rwkv7
+            fn = lambda r, w, k, v, a, b, **kw: fused_recurrent_rwkv7(r, w, k, v, a, b, scale=1.0, **kw)  # noqa: E731
+            gates = ("r", "w", "k", "v", "a", "b")
+        elif name == "delta_rule":
             from fla.ops.delta_rule import fused_recurrent_delta_rule as fn
             gate = "beta"
         elif name == "gla":
@@ -850,17 +854,18 @@ def _fla_decode(name, xs, steps, H, K, V):
         else:
             from fla.ops.simple_gla import fused_recurrent_simple_gla as fn
             gate = "g"
+        if name != "rwkv7":
+            gates = ("q", "k", "v", gate)
     except Exception as e:  # noqa: BLE001
         return ("fla fused_recurrent", None, f"{type(e).__name__}: {_first_line(e)}")
-    state0 = torch.zeros(1, H, K, V, device=xs["q"].device, dtype=torch.float32)
+    state0 = torch.zeros(1, H, K, V, device=xs["k"].device, dtype=torch.float32)
 
     def decode():
         with torch.no_grad():
             state = state0
             for t in range(steps):
                 sl = slice(t, t + 1)
-                _, state = fn(xs["q"][:, sl], xs["k"][:, sl], xs["v"][:, sl], xs[gate][:, sl], initial_state=state,
-                              output_final_state=True)
+                _, state = fn(*(xs[n][:, sl] for n in gates), initial_state=state, output_final_state=True)
     return (f"fla fused_recurrent ({name}, T=1 per call)", decode, "")
 
 

@@ -35,6 +35,8 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     assert ("first-order scan", "psmc triton-first-order") in impls
     assert ("first-order scan", "psmc torch-first-order (auto)") in impls
     assert ("GLA", "psmc chunkwise (auto)") in impls
+    assert ("decode rwkv7", "psmc step (auto)") in impls  # the DPLR token (Triton kernel on a GPU)
+    assert ("decode rwkv7", "fla fused_recurrent (rwkv7, T=1 per call)") in impls
     assert ("GLA packed", "psmc gla, one call (auto)") in impls
     assert ("first-order packed", "psmc linear_recurrence, one call (auto)") in impls
     for group in ("GLA", "simple GLA", "RWKV-7", "KDA", "first-order scan", "GLA packed", "first-order packed"):

@@ -169,7 +169,8 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
                 "token, psmc/runtime/cpu_lane.cpp, when a compiler is present; CUDA tensors: one Triton kernel, "
                 "psmc/runtime/triton_delta_step.py)")
     elif fast == "dplr":
-        step = "psmc.runtime.dplr.dplr_step, O(K*V) per token: S <- d * S + b (a^T S) + k v^T"
+        step = ("psmc.runtime.dplr.dplr_step, O(K*V) per token: S <- d * S + b (a^T S) + k v^T (CUDA tensors: one "
+                "Triton kernel, psmc/runtime/triton_dplr_step.py)")
     choices = [Choice("forward", "torch", forward), Choice("backward", "torch", "autograd through the forward"),
                Choice("step", "torch", step)]
     if triton_reason is None and scan == "tree-scan":

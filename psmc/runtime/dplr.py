@@ -9,7 +9,8 @@ lam = g, written key beta k) and the gated delta rule with per-key gates. The ge
 matrix-affine scan composes the K x K transitions; this module never forms one per token.
 
 `dplr_step` is one token in O(K V): S <- exp(lam) (.) S + b (a^T S) + k v^T, a^T S of the
-state before the token.
+state before the token (CUDA tensors outside autograd: one Triton kernel,
+psmc.runtime.triton_dplr_step).
 
 `chunk_dplr` is the parallel pass in the chunked WY form (Yang et al. 2024, "Parallelizing
 Linear Transformers with the Delta Rule over Sequence Length", generalised to a diagonal plus
@@ -81,7 +82,7 @@ from torch.utils.checkpoint import checkpoint
 
 from psmc.runtime.chunkwise import (_MAX_SPREAD, _causal_mask, _ContiguousGrad, _shift_down, _spread_on_device,
                                     _suffix_sums, by_sequence)
-from psmc.runtime.delta import _Layout
+from psmc.runtime.delta import _Layout, _triton_step_wanted
 from psmc.runtime.ops import broadcast_shapes
 from psmc.runtime.varlen import packed_bounds
 
@@ -194,6 +195,10 @@ def dplr_step(
         float32 (float64 if any input is float64); o = scale * q^T new_state [B, *lanes, V] in
         v's dtype.
     """
+    if _triton_step_wanted(q):  # CUDA tensors: one Triton kernel (psmc.runtime.triton_dplr_step)
+        from psmc.runtime import triton_dplr_step
+        if triton_dplr_step.takes(state, q, k, v, a, b, log_decay):
+            return triton_dplr_step.triton_dplr_step(state, q, k, v, a, b, log_decay, scale=scale)
     tensors = [t for t in (state, q, k, v, a, b, log_decay) if t is not None]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     out_dtype = v.dtype

@@ -49,7 +49,7 @@ DELTA_VARLEN_CONFIGS = [
 ]
 
 
-# the decode token's kernel (psmc.runtime.triton_delta_step): (dtype, K = V)
+# the decode tokens' kernels (psmc.runtime.triton_delta_step, triton_dplr_step): (dtype, K = V)
 DELTA_STEP_CONFIGS = [(torch.bfloat16, 128), (torch.float32, 128), (torch.float32, 256)]
 
 
@@ -156,6 +156,15 @@ def _record(test_only: bool) -> list:
             ts.triton_delta_step(state, q, q, q, torch.zeros(1, H, dtype=dtype), torch.zeros(1, H), scale=1.0)
             for i in range(start, len(log)):
                 log[i] = (f"gated_delta_rule step {str(dtype)[6:]} K=V={width}", "step") + log[i]
+    from psmc.runtime import triton_dplr_step as tp
+    with recording(tp, ["_dplr_step_kernel"], log):
+        for dtype, width in DELTA_STEP_CONFIGS:  # RWKV-7's decode token: per-key decay, state given
+            start = len(log)
+            q = torch.zeros(1, H, width, dtype=dtype)
+            state = torch.zeros(1, H, width, width)
+            tp.triton_dplr_step(state, q, q, q, q, q, q, scale=1.0)
+            for i in range(start, len(log)):
+                log[i] = (f"rwkv7 step {str(dtype)[6:]} K=V={width}", "step") + log[i]
     return log
 
 

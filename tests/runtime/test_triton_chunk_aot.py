@@ -60,6 +60,9 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
     # the decode token's kernel (psmc.runtime.triton_delta_step)
     expected |= {(f"gated_delta_rule step {dt} K=V=128", "step", "_delta_step_kernel") for dt in ("bfloat16", "float32")}
+    # the diagonal-plus-low-rank decode token's (psmc.runtime.triton_dplr_step)
+    expected |= {(f"rwkv7 step {dt} K=V={w}", "step", "_dplr_step_kernel") for dt, w in
+                 (("bfloat16", 128), ("float32", 128), ("float32", 256))}
     # the delta rule's packed-sequence kernels (cu_seqlens, VARLEN=1): training forward and backward
     packed = "gated_delta_rule bfloat16 K=V=128 varlen 3 seqs"
     expected |= {(packed, "training forward", k) for k in ("_wy_kernel", "_delta_state_kernel")}

@@ -1,0 +1,92 @@
+"""One decode token of the diagonal-plus-low-rank recurrence as one Triton kernel (GPU serving).
+
+    S' = exp(lam) (.) S + b (a^T S) + k v^T,      o = scale * q^T S'
+
+the same token as `psmc.runtime.dplr.dplr_step` (RWKV-7, KDA; whose torch form is ~10 kernel
+launches per token on a GPU). One program per (lane row, block of BV value columns) holds its
+[K, BV] slice of the state in registers: it reads the row's a^T S, writes the new state slice
+once and reads q^T S' from it, so the state is read and written once per token. K (<= 256) is
+one tile; V is cut into blocks so that a [K, BV] fp32 tile stays near 64 registers per thread.
+Rows are grid axis 0 (up to 2^31 - 1), offsets are int64. Inputs may be fp32, bf16 or fp16;
+the state is fp32 and the output is in v's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from psmc.runtime.triton_delta_step import MAX_K, _pow2, _rows
+
+__all__ = ["triton_dplr_step", "takes", "MAX_K"]
+
+
+@triton.jit
+def _dplr_step_kernel(
+    s_ptr, q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, o_ptr, s_out_ptr, scale, K, V,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_S: tl.constexpr, DECAY: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ck = tl.arange(0, BK)
+    cv = tl.program_id(1) * BV + tl.arange(0, BV)
+    mk, mv = ck < K, cv < V
+    kv = row * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+    mask = mk[:, None] & mv[None, :]
+    q = tl.load(q_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + row * V + cv, mask=mv, other=0.0).to(tl.float32)
+    S = k[:, None] * v[None, :]  # the write k v^T
+    if HAS_S:
+        old = tl.load(s_ptr + kv, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
+        read = tl.sum(a[:, None] * old, axis=0)  # a^T S, of the state before the token: [BV]
+        if DECAY:
+            old = tl.exp(tl.load(g_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32))[:, None] * old
+        S += old + b[:, None] * read[None, :]
+    o = tl.sum(q[:, None] * S, axis=0) * scale
+    tl.store(s_out_ptr + kv, S, mask=mask)
+    tl.store(o_ptr + row * V + cv, o.to(o_ptr.dtype.element_ty), mask=mv)
+
+
+def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None) -> bool:
+    """Whether the kernel serves this token: float32/bf16/fp16 inputs, an fp32 state (or none),
+    K <= MAX_K, no gradient wanted, not under tracing."""
+    tensors = [t for t in (S, q, k, v, a, b, log_decay) if t is not None]
+    if torch.compiler.is_compiling() or q.shape[-1] > MAX_K:
+        return False
+    if S is not None and S.dtype != torch.float32:
+        return False
+    if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def triton_dplr_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
+                     log_decay: Tensor | None = None, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`dplr_step` as one kernel launch: S [B, *lanes, K, V] fp32 or None (zeros), q, k, a, b
+    [B, *lanes, K], v [B, *lanes, V], log_decay None or [B, *lanes, K or 1] (leading axes
+    broadcast). Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32).
+    The caller checks `takes(...)` first."""
+    K, V = q.shape[-1], v.shape[-1]
+    shapes = [q.shape[:-1], k.shape[:-1], v.shape[:-1], a.shape[:-1], b.shape[:-1]]
+    shapes += [] if log_decay is None else [log_decay.shape[:-1]]
+    shapes += [] if S is None else [S.shape[:-2]]
+    lead = tuple(torch.broadcast_shapes(*shapes))
+    rows = math.prod(lead)
+    qs, ks, vs, as_, bs = (_rows(t, lead, (width,)) for t, width in ((q, K), (k, K), (v, V), (a, K), (b, K)))
+    gs = qs if log_decay is None else _rows(log_decay, lead, (K,))  # (a last axis of 1 expands)
+    s_in = None if S is None else _rows(S, lead, (K, V))
+    o = torch.empty(rows, V, device=q.device, dtype=v.dtype)
+    s_out = torch.empty(rows, K, V, device=q.device, dtype=torch.float32)
+    if rows:
+        BK = max(16, _pow2(K))
+        BV = max(16, min(_pow2(V), 64 if BK <= 64 else 32))
+        _dplr_step_kernel[(rows, triton.cdiv(V, BV))](
+            s_out if s_in is None else s_in, qs, ks, vs, as_, bs, gs, o, s_out, float(scale), K, V,
+            BK=BK, BV=BV, HAS_S=s_in is not None, DECAY=log_decay is not None, num_warps=4)
+    return o.reshape(*lead, V), s_out.reshape(*lead, K, V)
