@@ -10,7 +10,8 @@ matrix-affine scan composes the K x K transitions; this module never forms one p
 
 `dplr_step` is one token in O(K V): S <- exp(lam) (.) S + b (a^T S) + k v^T, a^T S of the
 state before the token (CUDA tensors outside autograd: one Triton kernel,
-psmc.runtime.triton_dplr_step).
+psmc.runtime.triton_dplr_step). `chunk_dplr` on CUDA tensors outside autograd runs the same
+chunked WY form on two Triton kernels (psmc.runtime.triton_dplr).
 
 `chunk_dplr` is the parallel pass in the chunked WY form (Yang et al. 2024, "Parallelizing
 Linear Transformers with the Delta Rule over Sequence Length", generalised to a diagonal plus
@@ -152,6 +153,11 @@ def chunk_dplr(
     inputs = (q, k, v, a, b, log_decay, initial_state)
     grad = torch.compiler.is_compiling() or \
         (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    if not grad and _triton_step_wanted(q):  # CUDA tensors, inference: psmc.runtime.triton_dplr
+        from psmc.runtime import triton_dplr
+        if triton_dplr.takes(q, k, v, a, b, log_decay, initial_state, chunk_size):
+            return triton_dplr.triton_chunk_dplr(q, k, v, a, b, log_decay, scale=scale, initial_state=initial_state,
+                                                 batch=batch, steps=steps, lanes=lanes)
     if chunk_size is None:
         chunk_size = _CHUNK_AUTOGRAD if grad else _CHUNK
     if chunk_size < 1:

@@ -49,6 +49,10 @@ DELTA_VARLEN_CONFIGS = [
 ]
 
 
+# the diagonal-plus-low-rank parallel pass (psmc.runtime.triton_dplr, inference): (dtype, K = V, decay)
+DPLR_CONFIGS = [(torch.bfloat16, 128, "key"), (torch.float32, 128, "key"), (torch.float32, 64, None)]
+
+
 # the decode tokens' kernels (psmc.runtime.triton_delta_step, triton_dplr_step): (dtype, K = V)
 DELTA_STEP_CONFIGS = [(torch.bfloat16, 128), (torch.float32, 128), (torch.float32, 256)]
 
@@ -147,6 +151,16 @@ def _record(test_only: bool) -> list:
             for i in range(start, len(log)):
                 phase = "backward" if i >= middle else "training forward"
                 log[i] = (f"{name} {str(dtype)[6:]} K=V={width} varlen {len(lengths)} seqs", phase) + log[i]
+    from psmc.runtime import triton_dplr as tdp
+    with recording(tdp, tdp.KERNELS, log):
+        for dtype, width, decay in DPLR_CONFIGS:  # RWKV-7 / KDA prefill: no gradients
+            start = len(log)
+            q = torch.zeros(B, T, H, width, dtype=dtype)
+            g = None if decay is None else q
+            tdp.triton_chunk_dplr(q, q, q, q, q, g, scale=1.0, initial_state=torch.zeros(B, H, width, width),
+                                  batch=B, steps=T, lanes=(H,))
+            for i in range(start, len(log)):
+                log[i] = (f"dplr {str(dtype)[6:]} K=V={width}{'' if decay else ' no decay'}", "forward") + log[i]
     from psmc.runtime import triton_delta_step as ts
     with recording(ts, ["_delta_step_kernel"], log):
         for dtype, width in DELTA_STEP_CONFIGS:  # a decode token: B = 1, H heads, state given

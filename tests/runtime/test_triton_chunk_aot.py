@@ -1,5 +1,5 @@
-"""The chunked kernels (triton_chunk, triton_delta) compile for sm_90 (and the delta rule's for
-sm_80) at the launch configurations the runtime uses (K = V = 128 and 64, bf16 and fp32,
+"""The chunked kernels (triton_chunk, triton_delta, triton_dplr) compile for sm_90 (and the delta
+rule's and the DPLR form's for sm_80 in bf16) at the launch configurations the runtime uses (K = V = 128 and 64, bf16 and fp32,
 inference, training forward and backward), within the spill budget.
 
 Compiled ahead of time on this CPU-only machine (Triton's own compiler and ptxas, no GPU) in a
@@ -60,6 +60,9 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
     # the decode token's kernel (psmc.runtime.triton_delta_step)
     expected |= {(f"gated_delta_rule step {dt} K=V=128", "step", "_delta_step_kernel") for dt in ("bfloat16", "float32")}
+    # the diagonal-plus-low-rank parallel pass (psmc.runtime.triton_dplr, inference)
+    expected |= {(f"dplr {c}", "forward", k) for c in ("bfloat16 K=V=128", "float32 K=V=128", "float32 K=V=64 no decay")
+                 for k in ("_dplr_intra_kernel", "_dplr_chain_kernel")}
     # the diagonal-plus-low-rank decode token's (psmc.runtime.triton_dplr_step)
     expected |= {(f"rwkv7 step {dt} K=V={w}", "step", "_dplr_step_kernel") for dt, w in
                  (("bfloat16", 128), ("float32", 128), ("float32", 256))}
@@ -68,6 +71,12 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     expected |= {(packed, "training forward", k) for k in ("_wy_kernel", "_delta_state_kernel")}
     expected |= {(packed, "backward", k) for k in delta_bwd}
     assert expected <= seen, sorted(expected - seen)
+    assert not over_budget(rows), over_budget(rows)
+
+
+def test_dplr_kernels_compile_for_sm80_without_spills_in_bf16():
+    rows = compile_rows(80, "dplr bfloat16")
+    assert {r["kernel"] for r in rows} == {"_dplr_intra_kernel", "_dplr_chain_kernel"}
     assert not over_budget(rows), over_budget(rows)
 
 

@@ -1,0 +1,251 @@
+"""The diagonal-plus-low-rank recurrence's parallel pass on chunked Triton kernels (inference).
+
+    S_t = diag(exp(lam_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T,      o_t = scale * q_t^T S_t
+
+the same contract and the same chunked WY algebra as `psmc.runtime.dplr.chunk_dplr` (its
+module docstring derives it): inside a chunk entered with state S,
+
+    U = W S + U0              W = (I - A_ab)^-1 Atil,   U0 = (I - A_ab)^-1 A_ak V
+    O = scale (Qtil S + A_qb U + A_qk V)
+    S' = diag(e^{G_L}) S + Btil^T U + Ktil^T V
+
+Two kernels (fla's chunk_dplr splits the same work into more):
+
+* `_dplr_intra_kernel`, one program per (chunk, lane): the four L x L matrices, the unit lower
+  triangular inverse (forward substitution), then W, U0, Qeff = Qtil + A_qb W, the outputs'
+  chunk-local part A_qb U0 + A_qk V, Btil and Ktil (stored [K, L], as the next kernel reads
+  them) and the chunk's decay e^{G_L}, all fp32 in scratch buffers; its small dots run in IEEE
+  fp32;
+* `_dplr_chain_kernel`, one program per (lane, block of value columns): the chunks in order
+  with the state in fp32 registers, O = scale (Qeff S + local part), U = W S + U0 and
+  S' = e^{G_L} S + Btil^T U + Ktil^T V; the entering states never reach HBM. Its dots take
+  bf16/fp16 operands for bf16/fp16 inputs (fp32 accumulation, as fla's kernels) and tf32x3
+  for fp32 inputs.
+
+Chunks are 16 tokens (the smallest `tl.dot` tile) and the L x L matrices take the exact
+per-element decay, one key column at a time, each exponent a masked cumsum over exactly the
+tokens it spans (`triton_chunk._diag_weights`): no reference point, no overflow with decays
+<= 1, and -inf log decays give exact zeros. Offsets are int64, the grids are one-dimensional,
+T need not be a multiple of 16 (the tail is masked: identity tokens). Registers (sm_90,
+Triton 3.9, K = V = 128, 8 warps): intra 215, chain 148 (bf16) / 255 (fp32), no spills; on
+sm_80 the fp32 chain kernel spills (~1.1 KB; the tf32x3 operand splits), bf16 does not.
+
+Inference only: under autograd the torch form serves (differentiable); float64, K > 128 and
+explicit chunk sizes take it too (`takes`). Packed sequences reach these kernels through
+`chunk_dplr`'s per-sequence grouping (psmc.runtime.chunkwise.by_sequence).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from psmc.runtime.triton_chunk import _diag_weights, _logs, _mm, _pow2, _row, _tile, _to_end
+from psmc.runtime.triton_delta import _unit_lower_inverse
+
+__all__ = ["triton_chunk_dplr", "takes", "MAX_K", "CHUNK", "KERNELS"]
+
+CHUNK = 16  # tokens per chunk: one tl.dot tile, every L x L entry with its exact decay
+MAX_K = 128  # one K tile per program (the state [K, BV] and four [L, K] operands in registers)
+KERNELS = ["_dplr_intra_kernel", "_dplr_chain_kernel"]
+NUM_WARPS = 8  # 4 spill at K = 128 (sm_90, Triton 3.9: psmc.runtime.triton_chunk_aot)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _dot_ieee(x, y):
+    """x @ y of small fp32 tiles in IEEE fp32 (no tensor-core operand splits: fewer registers)."""
+    return tl.dot(x, y, input_precision="ieee")
+
+
+@triton.jit
+def _dplr_intra_kernel(
+    q_ptr, sqb, sqt, sqh, sqd,
+    k_ptr, skb, skt, skh, skd,
+    a_ptr, sab, sat, sah, sad,
+    b_ptr, sbb, sbt, sbh, sbd,
+    v_ptr, svb, svt, svh, svd,
+    g_ptr, sgb, sgt, sgh, sgd,
+    w_ptr, u0_ptr, qe_ptr, ol_ptr, bt_ptr, kt_ptr, gate_ptr,
+    T, H, K, V, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
+):
+    """One chunk of one lane: W, U0, Qtil, Btil, Ktil [L, K or V], A_qb, A_qk [L, L] and e^{G_L}
+    [K], into fp32 buffers laid out [lanes, NT * L, width]."""
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid % NT
+    bh = pid // NT
+    b, hh = bh // H, bh % H
+    cs = c * BT
+    rows = tl.arange(0, BT)
+    t = cs + rows
+    ck = tl.arange(0, BK)
+    q_off, k_off = b * sqb + hh * sqh, b * skb + hh * skh
+    a_off, b_off = b * sab + hh * sah, b * sbb + hh * sbh
+    v_off, g_off = b * svb + hh * svh, b * sgb + hh * sgh
+    qi = _tile(q_ptr, q_off, t, cs, cs + BT, T, sqt, ck, K, sqd, 0).to(tl.float32)
+    ki = _tile(k_ptr, k_off, t, cs, cs + BT, T, skt, ck, K, skd, 0).to(tl.float32)
+    ai = _tile(a_ptr, a_off, t, cs, cs + BT, T, sat, ck, K, sad, 0).to(tl.float32)
+    bi = _tile(b_ptr, b_off, t, cs, cs + BT, T, sbt, ck, K, sbd, 0).to(tl.float32)
+    # log decays: g_t, g_{t-1} (0 at the chunk's first token), and the sum over the tokens after t
+    after, g = _to_end(g_ptr, g_off, t, cs, cs + BT, T, sgt, ck, K, sgd, 0, 0, DECAY)
+    g_prev = _logs(g_ptr, g_off, t - 1, cs, cs + BT, T, sgt, ck, K, sgd, 0, 0, DECAY)
+    # the four matrices, one column s at a time: the a rows read the tokens strictly before them
+    # (weights exp(sum over s < r < t)), the q rows those up to and including them (s < r <= t)
+    a_ab = tl.zeros((BT, BT), dtype=tl.float32)
+    a_ak = tl.zeros((BT, BT), dtype=tl.float32)
+    a_qb = tl.zeros((BT, BT), dtype=tl.float32)
+    a_qk = tl.zeros((BT, BT), dtype=tl.float32)
+    for s in range(BT):
+        bs = _row(b_ptr, b_off, cs + s, T, sbt, ck, K, sbd, 0).to(tl.float32)
+        ks = _row(k_ptr, k_off, cs + s, T, skt, ck, K, skd, 0).to(tl.float32)
+        a_in = ai * _diag_weights(g_prev, rows, s, 1)
+        q_in = qi * _diag_weights(g, rows, s, 0)
+        pick = rows[None, :] == s
+        a_ab += tl.where(pick, tl.sum(a_in * bs[None, :], axis=1)[:, None], 0.0)
+        a_ak += tl.where(pick, tl.sum(a_in * ks[None, :], axis=1)[:, None], 0.0)
+        a_qb += tl.where(pick, tl.sum(q_in * bs[None, :], axis=1)[:, None], 0.0)
+        a_qk += tl.where(pick, tl.sum(q_in * ks[None, :], axis=1)[:, None], 0.0)
+    inverse = _unit_lower_inverse(-a_ab, rows, BT)  # (I - A_ab)^-1
+    row_k = (bh * NT * BT + t)[:, None] * K + ck[None, :]
+    k_mask = (rows < BT)[:, None] & (ck < K)[None, :]
+    w = _dot_ieee(inverse, ai * tl.exp(tl.cumsum(g_prev, axis=0)))
+    tl.store(w_ptr + row_k, w, mask=k_mask)
+    # Qeff = Qtil + A_qb W: what the outputs read of the entering state
+    tl.store(qe_ptr + row_k, qi * tl.exp(tl.cumsum(g, axis=0)) + _dot_ieee(a_qb, w), mask=k_mask)
+    # Btil, Ktil stored transposed, [K, L] per chunk: the chain kernel's dot operands as they load
+    col_k = (bh * NT + c) * K * BT + ck[None, :].to(tl.int64) * BT + rows[:, None]
+    tl.store(bt_ptr + col_k, bi * tl.exp(after), mask=k_mask)
+    tl.store(kt_ptr + col_k, ki * tl.exp(after), mask=k_mask)
+    tl.store(gate_ptr + (bh * NT + c) * K + ck, tl.exp(tl.sum(g, axis=0)), mask=ck < K)
+    solved = _dot_ieee(inverse, a_ak)  # (I - A_ab)^-1 A_ak
+    for vb in range(tl.cdiv(V, BV)):
+        cv = vb * BV + tl.arange(0, BV)
+        vt = _tile(v_ptr, v_off, t, cs, cs + BT, T, svt, cv, V, svd, 0).to(tl.float32)
+        row_v = (bh * NT * BT + t)[:, None] * V + cv[None, :]
+        v_mask = (rows < BT)[:, None] & (cv < V)[None, :]
+        u0 = _dot_ieee(solved, vt)
+        tl.store(u0_ptr + row_v, u0, mask=v_mask)
+        # the outputs' chunk-local part A_qb U0 + A_qk V
+        tl.store(ol_ptr + row_v, _dot_ieee(a_qb, u0) + _dot_ieee(a_qk, vt), mask=v_mask)
+
+
+@triton.jit
+def _dplr_chain_kernel(
+    v_ptr, svb, svt, svh, svd,
+    w_ptr, u0_ptr, qe_ptr, ol_ptr, bt_ptr, kt_ptr, gate_ptr,
+    h0_ptr, o_ptr, hT_ptr, scale,
+    T, H, K, V, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The chunks of one lane in order for one block of BV value columns: outputs o [B, T, H, V]
+    (v's dtype) and the final state hT [lanes, K, V] (fp32)."""
+    pid = tl.program_id(0).to(tl.int64)
+    nv = tl.cdiv(V, BV)
+    vb = pid % nv
+    bh = pid // nv
+    b, hh = bh // H, bh % H
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    kv = bh * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + kv, mask=kv_mask, other=0.0)
+    else:
+        S = tl.zeros((BK, BV), dtype=tl.float32)
+    k_mask = (rows < BT)[:, None] & (ck < K)[None, :]
+    v_mask = (rows < BT)[:, None] & (cv < V)[None, :]
+    v_off = b * svb + hh * svh
+    DT = v_ptr.dtype.element_ty  # bf16/fp16 inputs: the dots take operands in that dtype (as fla's)
+    for c in range(NT):
+        cs = c * BT
+        t = cs + rows
+        line = bh * NT * BT + t.to(tl.int64)
+        row_k = line[:, None] * K + ck[None, :]
+        row_v = line[:, None] * V + cv[None, :]
+        o = _mm(tl.load(qe_ptr + row_k, mask=k_mask, other=0.0), S, IEEE, DT) + tl.load(ol_ptr + row_v, mask=v_mask)
+        o_ptrs = o_ptr + ((b * T + t.to(tl.int64)) * H + hh)[:, None] * V + cv[None, :]
+        tl.store(o_ptrs, (o * scale).to(o_ptr.dtype.element_ty), mask=(t < T)[:, None] & (cv < V)[None, :])
+        u = _mm(tl.load(w_ptr + row_k, mask=k_mask, other=0.0), S, IEEE, DT) + tl.load(u0_ptr + row_v, mask=v_mask)
+        vt = _tile(v_ptr, v_off, t, cs, cs + BT, T, svt, cv, V, svd, 0).to(tl.float32)
+        gate = tl.load(gate_ptr + (bh * NT + c) * K + ck, mask=ck < K, other=0.0)
+        col_k = (bh * NT + c) * K * BT + ck[:, None].to(tl.int64) * BT + rows[None, :]
+        kt_mask = (ck < K)[:, None] & (rows < BT)[None, :]
+        S = gate[:, None] * S + _mm(tl.load(bt_ptr + col_k, mask=kt_mask, other=0.0), u, IEEE, DT)
+        S += _mm(tl.load(kt_ptr + col_k, mask=kt_mask, other=0.0), vt, IEEE, DT)
+    tl.store(hT_ptr + kv, S, mask=kv_mask)
+
+
+def takes(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
+          initial_state: Tensor | None, chunk_size: int | None) -> bool:
+    """Whether the kernels serve this call: float32/bf16/fp16 inputs (a float32/bf16/fp16
+    initial state or none), K <= MAX_K, the default chunk size, no gradient wanted, not under
+    tracing."""
+    tensors = [t for t in (q, k, v, a, b, log_decay, initial_state) if t is not None]
+    if torch.compiler.is_compiling() or chunk_size is not None or q.shape[-1] > MAX_K:
+        return False
+    if any(t.dtype not in _FLOATS for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _lanes_flat(x: Tensor, B: int, T: int, lanes: tuple, width: int) -> Tensor:
+    """x broadcast to [B, T, *lanes, width] as [B, T, H, width] (a view where the strides allow)."""
+    return x.expand(B, T, *lanes, width).reshape(B, T, math.prod(lanes), width)
+
+
+def _strides(x: Tensor) -> tuple:
+    return tuple(x.stride())
+
+
+def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
+                      *, scale: float, initial_state: Tensor | None, batch: int, steps: int,
+                      lanes: tuple) -> tuple[Tensor, Tensor]:
+    """`chunk_dplr` on the kernels for inputs already brought to one rank by its `_shapes`
+    (q, k, a, b [.., K], v [.., V], log_decay [.., K or 1]; leading axes broadcast to
+    [batch, steps, *lanes]). Returns (o [B, T, *lanes, V] in v's dtype, the final state
+    [B, *lanes, K, V] fp32). The caller checks `takes(...)` first."""
+    K, V = q.shape[-1], v.shape[-1]
+    B, T, H = batch, steps, math.prod(lanes)
+    qs, ks, as_, bs = (_lanes_flat(x, B, T, lanes, K) for x in (q, k, a, b))
+    vs = _lanes_flat(v, B, T, lanes, V)
+    if log_decay is None:
+        gs, g_strides = qs, (0, 0, 0, 0)
+    else:
+        width = log_decay.shape[-1]
+        gs = _lanes_flat(log_decay, B, T, lanes, width)
+        g_strides = _strides(gs)[:3] + ((0,) if width == 1 else (gs.stride(3),))  # a scalar: one per token
+    device = q.device
+    o = torch.empty(B, T, H, V, device=device, dtype=v.dtype)
+    final = torch.empty(B * H, K, V, device=device, dtype=torch.float32)
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.to(torch.float32).expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
+    if B * H == 0 or T == 0:
+        final.copy_(torch.zeros_like(final) if h0 is None else h0)
+        return o.reshape(B, T, *lanes, V), final.reshape(B, *lanes, K, V)
+    BT, BK = CHUNK, max(16, _pow2(K))
+    NT = -(-T // BT)
+    lines = B * H * NT * BT
+
+    def scratch(width):
+        return torch.empty(lines, width, device=device, dtype=torch.float32)
+    w, qe, bt, kt = scratch(K), scratch(K), scratch(K), scratch(K)
+    u0, ol = scratch(V), scratch(V)
+    gate = torch.empty(B * H * NT, K, device=device, dtype=torch.float32)
+    BV_intra = 16  # U0 and the outputs' local part, 16 value columns at a time (wider spills at K = 128)
+    _dplr_intra_kernel[(B * H * NT,)](
+        qs, *_strides(qs), ks, *_strides(ks), as_, *_strides(as_), bs, *_strides(bs), vs, *_strides(vs),
+        gs, *g_strides, w, u0, qe, ol, bt, kt, gate, T, H, K, V, NT,
+        BT=BT, BK=BK, BV=BV_intra, DECAY=log_decay is not None, num_warps=NUM_WARPS)
+    BV = max(16, min(_pow2(V), 64 if BK <= 64 else 32))
+    _dplr_chain_kernel[(B * H * triton.cdiv(V, BV),)](
+        vs, *_strides(vs), w, u0, qe, ol, bt, kt, gate, final if h0 is None else h0, o, final,
+        float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None,
+        IEEE=v.dtype == torch.float32, num_warps=NUM_WARPS)
+    return o.reshape(B, T, *lanes, V), final.reshape(B, *lanes, K, V)
