@@ -102,7 +102,7 @@ def chunk_delta_rule(
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
         [B, *lanes, K, V] in float32 (float64 for float64 inputs).
     """
-    if q.is_cuda:
+    if _triton_wanted(q):
         try:
             from psmc.runtime.triton_delta import triton_chunk_delta_rule
         except ImportError:
@@ -231,10 +231,10 @@ class _Layout:
         return out.view(batch, steps, *self.lanes, width)
 
 
-def _triton_step_wanted(q: Tensor) -> bool:
-    """CUDA tensors step with the Triton kernel where Triton is installed (psmc.runtime.
-    triton_delta_step); `chunkwise.BACKEND = "triton"` also sends CPU tensors there (the
-    interpreter tests), "torch" none."""
+def _triton_wanted(q: Tensor) -> bool:
+    """CUDA tensors run the Triton kernels where Triton is installed (psmc.runtime.triton_delta,
+    triton_delta_step, triton_dplr, triton_dplr_step); `chunkwise.BACKEND = "triton"` also
+    sends CPU tensors there (the interpreter tests), "torch" none (as for chunkwise)."""
     if _chunkwise.BACKEND == "torch" or (_chunkwise.BACKEND != "triton" and not q.is_cuda):
         return False
     try:
@@ -277,7 +277,7 @@ def delta_rule_step(
         (o, new_S): o = scale * q @ new_S [B, *lanes, V] in v's dtype; new_S =
         g (S - beta k (k^T S)) + beta k v^T in S's dtype (at least float32).
     """
-    if _triton_step_wanted(q):
+    if _triton_wanted(q):
         from psmc.runtime import triton_delta_step
         if triton_delta_step.takes(S, q, k, v, beta, log_decay):
             return triton_delta_step.triton_delta_step(S, q, k, v, beta, log_decay, scale=scale)

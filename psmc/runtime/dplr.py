@@ -83,7 +83,7 @@ from torch.utils.checkpoint import checkpoint
 
 from psmc.runtime.chunkwise import (_MAX_SPREAD, _causal_mask, _ContiguousGrad, _shift_down, _spread_on_device,
                                     _suffix_sums, by_sequence)
-from psmc.runtime.delta import _Layout, _triton_step_wanted
+from psmc.runtime.delta import _Layout, _triton_wanted
 from psmc.runtime.ops import broadcast_shapes
 from psmc.runtime.varlen import packed_bounds
 
@@ -153,7 +153,7 @@ def chunk_dplr(
     inputs = (q, k, v, a, b, log_decay, initial_state)
     grad = torch.compiler.is_compiling() or \
         (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
-    if not grad and _triton_step_wanted(q):  # CUDA tensors, inference: psmc.runtime.triton_dplr
+    if not grad and _triton_wanted(q):  # CUDA tensors, inference: psmc.runtime.triton_dplr
         from psmc.runtime import triton_dplr
         if triton_dplr.takes(q, k, v, a, b, log_decay, initial_state, chunk_size):
             return triton_dplr.triton_chunk_dplr(q, k, v, a, b, log_decay, scale=scale, initial_state=initial_state,
@@ -201,7 +201,7 @@ def dplr_step(
         float32 (float64 if any input is float64); o = scale * q^T new_state [B, *lanes, V] in
         v's dtype.
     """
-    if _triton_step_wanted(q):  # CUDA tensors: one Triton kernel (psmc.runtime.triton_dplr_step)
+    if _triton_wanted(q):  # CUDA tensors: one Triton kernel (psmc.runtime.triton_dplr_step)
         from psmc.runtime import triton_dplr_step
         if triton_dplr_step.takes(state, q, k, v, a, b, log_decay):
             return triton_dplr_step.triton_dplr_step(state, q, k, v, a, b, log_decay, scale=scale)

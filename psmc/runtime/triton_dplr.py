@@ -74,8 +74,8 @@ def _dplr_intra_kernel(
     T, H, K, V, NT,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DECAY: tl.constexpr,
 ):
-    """One chunk of one lane: W, U0, Qtil, Btil, Ktil [L, K or V], A_qb, A_qk [L, L] and e^{G_L}
-    [K], into fp32 buffers laid out [lanes, NT * L, width]."""
+    """One chunk of one lane, into fp32 scratch: W, Qeff [L, K] and U0, the outputs' local part
+    [L, V] (laid out [lanes, NT * L, width]), Btil, Ktil [K, L] and e^{G_L} [K] per chunk."""
     pid = tl.program_id(0).to(tl.int64)
     c = pid % NT
     bh = pid // NT

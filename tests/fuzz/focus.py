@@ -68,7 +68,7 @@ def main(argv=None) -> int:
             except Failure as err:
                 failures.append((seed, err.message))
                 continue
-        on_triton += "triton" in info["checked"]
+        on_triton += any(c == "triton" or c.startswith("triton-fast") for c in info["checked"])
     print(f"seeds {args.seed + 1}-{seed}: {matched} programs with {args.feature!r}"
           f"{' and scalar states' if args.scalar_states else ''}, {on_triton} checked on Triton, "
           f"{len(failures)} failed")

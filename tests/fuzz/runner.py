@@ -16,7 +16,10 @@ disagreement, and returns quietly when every check passes:
    outputs equal) and its own stream agrees with it at fp32 tolerances;
 5. when the plan lists Triton kernels and the config asks for them: backend='triton' under
    TRITON_INTERPRET=1 equals backend='torch' in float32: the forward, the gradients of inputs
-   and params, token-by-token `step` streaming, and a forward continued from a state;
+   and params, token-by-token `step` streaming, and a forward continued from a state; and when
+   the fast path has hand-written chunked Triton kernels (decayed linear attention, the delta
+   rule, the DPLR form: what CUDA tensors run), the float32 forward through them is close to
+   the float64 layer as the torch float32 forward must be;
 6. when the plan has C++ kernels and the config asks for them (a sample: a build costs
    seconds): backend='cpu' equals backend='torch' in float64 (forward, gradients, `step`
    streaming, a forward continued from a state, its forward and gradients compiled with
@@ -363,6 +366,8 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
         tree = getattr(cls, "_tree_kernels", None) is not None and config.time <= TREE_INTERPRETED_T
         if (config.triton or tree) and _has_triton(cls):
             _check_triton(cls, program, layer, inputs, batch_shape, config, checked)
+        if config.triton and cls.spec.fast:
+            _check_fast_kernels(cls, program, layer, inputs, full, config, checked)
 
     # (a per-lane layer with C++ kernels is rare and reads its params its own way: always compared;
     # the C++ tree kernels serve few programs: every fifth of them, a build costs seconds)
@@ -756,6 +761,54 @@ def _compare_triton(tri, ref, single: dict, batch_shape, config, checked: set):
         _compare_grads(_grads_of(tri, single, config.seed), _grads_of(ref, single, config.seed),
                        "triton vs torch", 1e-3, 1e-4)
         checked.add("triton-grads")
+
+
+# a fast path's hand-written chunked Triton kernels: (module, launcher, the check's name)
+FAST_KERNELS = {"chunkwise": ("triton_chunk", "triton_chunk_linear_attention", "triton-fast-chunkwise"),
+                "delta_rule": ("triton_delta", "triton_chunk_delta_rule", "triton-fast-delta_rule"),
+                "dplr": ("triton_dplr", "triton_chunk_dplr", "triton-fast-dplr")}
+
+
+def _check_fast_kernels(cls, program, layer64, inputs, full, config, checked: set):
+    """The fast path on its chunked Triton kernels (interpreted: chunkwise.BACKEND = 'triton'
+    sends CPU tensors where CUDA tensors go), float32 without autograd, against the float64
+    layer as the float32 check compares the torch path (forgiven where that one is). A spy
+    proves the kernels ran; where they decline (K past their limit, a chunk size asked for)
+    there is nothing of theirs to compare."""
+    import importlib
+
+    from psmc.runtime import chunkwise
+    entry = FAST_KERNELS.get(cls.spec.fast.split(":")[0])
+    if entry is None:
+        return
+    module = importlib.import_module(f"psmc.runtime.{entry[0]}")
+    original, calls = getattr(module, entry[1]), []
+
+    def spy(*args, **kwargs):  # (float64 inputs: the launcher itself hands them to the torch form)
+        if not any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in args):
+            calls.append(1)
+        return original(*args, **kwargs)
+
+    layer = _twin(cls, program, layer64, "torch", torch.float32)
+    single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
+    backend, chunkwise.BACKEND = chunkwise.BACKEND, "triton"
+    setattr(module, entry[1], spy)
+    try:
+        with torch.no_grad():
+            got = as_tuple(layer(**single))
+    finally:
+        chunkwise.BACKEND = backend
+        setattr(module, entry[1], original)
+    if not calls:
+        return
+    try:
+        _float32_values(cls, got, full)
+    except Failure as failure:
+        if failure.kind != "f32-mismatch" or not (
+                _at_ties(program, cls, layer64, inputs, got, full, config, F32_RMS)
+                or _rms_ill_conditioned(got, full, SPREAD, F32_RMS, inputs_too=True)):
+            raise Failure("triton-fast", f"{entry[1]} (interpreted) vs the float64 layer: {failure}") from failure
+    checked.add(entry[2])
 
 
 def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked: set):

@@ -214,3 +214,44 @@ def test_a_compiled_layer_that_drifts_or_breaks_its_graph_is_caught(tmp_path, mo
     monkeypatch.setattr(PsmLayer, "forward", breaking)
     with pytest.raises(Failure, match="compile: torch.compile\\(fullgraph\\) forward"):
         run_program(program, config, tmp_path)
+
+
+# the fast paths with hand-written chunked Triton kernels: a KDA-like DPLR program (per-key decay
+# times a rank-one removal) and a gated delta rule, as the generator's low-rank programs spell them
+FAST_KERNEL_PROGRAMS = {
+    "dplr": "op kdaish[K, V] { state (E: f32[K, K], S: f32[K, V]); "
+            "lift (k: f32[K], w: f32[K], beta: f32, v: f32[V]) "
+            "{ return (diag(exp(w)) @ (eye(K) - beta * outer(k, k)), beta * outer(k, v)); } "
+            "combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); } identity = (eye(K), zeros); "
+            "readout (s, q: f32[K]) { return q @ s.S * 0.5; } }\n",
+    "delta_rule": "op gated[K, V] { state (E: f32[K, K], S: f32[K, V]); "
+                  "lift (k: f32[K], g: f32, beta: f32, v: f32[V]) "
+                  "{ return (exp(g) * (eye(K) - beta * outer(k, k)), beta * outer(k, v)); } "
+                  "combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); } identity = (eye(K), zeros); "
+                  "readout (s, q: f32[K]) { return q @ s.S; } }\n",
+}
+
+
+@pytest.mark.parametrize("fast", sorted(FAST_KERNEL_PROGRAMS))
+def test_the_fast_paths_chunked_triton_kernels_are_checked(tmp_path, monkeypatch, fast):
+    # a Triton run of a program whose fast path has chunked kernels runs them (interpreted) and
+    # compares them with the float64 layer; a kernel that drifts fails the runner
+    import runner
+    from runner import Failure
+    from psmc.runtime import triton_delta, triton_dplr
+    name = "kdaish" if fast == "dplr" else "gated"
+    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
+    program = Program(0, name, FAST_KERNEL_PROGRAMS[fast], {"K": 4, "V": 3}, kinds)
+    config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
+    info = run_program(program, config, tmp_path)
+    assert info["fast"] == fast and f"triton-fast-{fast}" in info["checked"]
+    module, name = (triton_dplr, "triton_chunk_dplr") if fast == "dplr" else (triton_delta, "triton_chunk_delta_rule")
+    original = getattr(module, name)
+
+    def drifting(*args, **kwargs):
+        o, state = original(*args, **kwargs)
+        return o * 1.001, state
+    monkeypatch.setattr(module, name, drifting)
+    assert runner.FAST_KERNELS[fast][1] == name
+    with pytest.raises(Failure, match=f"triton-fast: {name}"):
+        run_program(program, config, tmp_path)
