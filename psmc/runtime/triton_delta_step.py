@@ -26,16 +26,23 @@ MAX_K = 256
 
 
 @triton.jit
-def _delta_step_kernel(
-    s_ptr, q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, o_ptr, s_out_ptr, scale, K, V,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_S: tl.constexpr, GATED: tl.constexpr,
-):
+def _state_slice(K, V, BK: tl.constexpr, BV: tl.constexpr):
+    """A decode program's lane row and [BK, BV] slice of its state: (row, key and value
+    columns, their masks, the slice's int64 offsets in a [rows, K, V] state, its mask)."""
     row = tl.program_id(0).to(tl.int64)
     ck = tl.arange(0, BK)
     cv = tl.program_id(1) * BV + tl.arange(0, BV)
     mk, mv = ck < K, cv < V
     kv = row * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
-    mask = mk[:, None] & mv[None, :]
+    return row, ck, cv, mk, mv, kv, mk[:, None] & mv[None, :]
+
+
+@triton.jit
+def _delta_step_kernel(
+    s_ptr, q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, o_ptr, s_out_ptr, scale, K, V,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_S: tl.constexpr, GATED: tl.constexpr,
+):
+    row, ck, cv, mk, mv, kv, mask = _state_slice(K, V, BK, BV)
     if HAS_S:
         S = tl.load(s_ptr + kv, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -65,17 +72,29 @@ def _rows(x: Tensor, lead: tuple, width: tuple) -> Tensor:
     return x.expand(*lead, *width).reshape(-1, *width).contiguous()
 
 
-def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None) -> bool:
-    """Whether the kernel serves this token: float32/bf16/fp16 inputs, an fp32 state (or none),
-    K <= MAX_K, no gradient wanted, not under tracing."""
-    tensors = [t for t in (S, q, k, v, beta, log_decay) if t is not None]
-    if torch.compiler.is_compiling() or q.shape[-1] > MAX_K:
+def blocks(K: int, V: int) -> tuple[int, int]:
+    """(BK, BV) of a program holding a [K, BV] fp32 state slice: K in one tile, V cut so that
+    the slice stays near 64 registers per thread."""
+    BK = max(16, _pow2(K))
+    return BK, max(16, min(_pow2(V), 64 if BK <= 64 else 32))
+
+
+def serves(S: Tensor | None, inputs: list, K: int) -> bool:
+    """Whether a decode kernel serves this token: float32/bf16/fp16 inputs (None: absent), an
+    fp32 state (or none), K <= MAX_K, no gradient wanted, not under tracing."""
+    tensors = [t for t in (S, *inputs) if t is not None]
+    if torch.compiler.is_compiling() or K > MAX_K:
         return False
     if S is not None and S.dtype != torch.float32:
         return False
     if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None) -> bool:
+    """Whether the kernel serves this token (`serves`)."""
+    return serves(S, [q, k, v, beta, log_decay], q.shape[-1])
 
 
 def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
@@ -97,8 +116,7 @@ def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: T
     o = torch.empty(rows, V, device=q.device, dtype=v.dtype)
     s_out = torch.empty(rows, K, V, device=q.device, dtype=torch.float32)
     if rows:
-        BK = max(16, _pow2(K))
-        BV = max(16, min(_pow2(V), 64 if BK <= 64 else 32))
+        BK, BV = blocks(K, V)
         _delta_step_kernel[(rows, triton.cdiv(V, BV))](
             s_out if s_in is None else s_in, qs, ks, vs, bs, gs, o, s_out, float(scale), K, V,
             BK=BK, BV=BV, HAS_S=s_in is not None, GATED=log_decay is not None, num_warps=4)

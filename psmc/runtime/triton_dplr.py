@@ -46,6 +46,7 @@ import triton.language as tl
 
 from psmc.runtime.triton_chunk import _diag_weights, _logs, _mm, _pow2, _row, _tile, _to_end
 from psmc.runtime.triton_delta import _unit_lower_inverse
+from psmc.runtime.triton_delta_step import blocks
 
 __all__ = ["triton_chunk_dplr", "takes", "MAX_K", "CHUNK", "KERNELS"]
 
@@ -243,7 +244,7 @@ def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log
         qs, *_strides(qs), ks, *_strides(ks), as_, *_strides(as_), bs, *_strides(bs), vs, *_strides(vs),
         gs, *g_strides, w, u0, qe, ol, bt, kt, gate, T, H, K, V, NT,
         BT=BT, BK=BK, BV=BV_intra, DECAY=log_decay is not None, num_warps=NUM_WARPS)
-    BV = max(16, min(_pow2(V), 64 if BK <= 64 else 32))
+    BV = blocks(K, V)[1]  # (the decode kernels' [K, BV] state slice)
     _dplr_chain_kernel[(B * H * triton.cdiv(V, BV),)](
         vs, *_strides(vs), w, u0, qe, ol, bt, kt, gate, final if h0 is None else h0, o, final,
         float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None,

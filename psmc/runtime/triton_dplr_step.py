@@ -20,7 +20,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from psmc.runtime.triton_delta_step import MAX_K, _pow2, _rows
+from psmc.runtime.triton_delta_step import MAX_K, _rows, _state_slice, blocks, serves
 
 __all__ = ["triton_dplr_step", "takes", "MAX_K"]
 
@@ -30,12 +30,7 @@ def _dplr_step_kernel(
     s_ptr, q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, g_ptr, o_ptr, s_out_ptr, scale, K, V,
     BK: tl.constexpr, BV: tl.constexpr, HAS_S: tl.constexpr, DECAY: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    ck = tl.arange(0, BK)
-    cv = tl.program_id(1) * BV + tl.arange(0, BV)
-    mk, mv = ck < K, cv < V
-    kv = row * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
-    mask = mk[:, None] & mv[None, :]
+    row, ck, cv, mk, mv, kv, mask = _state_slice(K, V, BK, BV)
     q = tl.load(q_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + row * V + cv, mask=mv, other=0.0).to(tl.float32)
@@ -54,16 +49,9 @@ def _dplr_step_kernel(
 
 
 def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None) -> bool:
-    """Whether the kernel serves this token: float32/bf16/fp16 inputs, an fp32 state (or none),
-    K <= MAX_K, no gradient wanted, not under tracing."""
-    tensors = [t for t in (S, q, k, v, a, b, log_decay) if t is not None]
-    if torch.compiler.is_compiling() or q.shape[-1] > MAX_K:
-        return False
-    if S is not None and S.dtype != torch.float32:
-        return False
-    if any(t.dtype not in (torch.float32, torch.bfloat16, torch.float16) for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """Whether the kernel serves this token (`triton_delta_step.serves`: float32/bf16/fp16
+    inputs, an fp32 state or none, K <= MAX_K, no gradient wanted, not under tracing)."""
+    return serves(S, [q, k, v, a, b, log_decay], q.shape[-1])
 
 
 def triton_dplr_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
@@ -84,8 +72,7 @@ def triton_dplr_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tenso
     o = torch.empty(rows, V, device=q.device, dtype=v.dtype)
     s_out = torch.empty(rows, K, V, device=q.device, dtype=torch.float32)
     if rows:
-        BK = max(16, _pow2(K))
-        BV = max(16, min(_pow2(V), 64 if BK <= 64 else 32))
+        BK, BV = blocks(K, V)
         _dplr_step_kernel[(rows, triton.cdiv(V, BV))](
             s_out if s_in is None else s_in, qs, ks, vs, as_, bs, gs, o, s_out, float(scale), K, V,
             BK=BK, BV=BV, HAS_S=s_in is not None, DECAY=log_decay is not None, num_warps=4)

@@ -10,17 +10,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
-import pathlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from psmc.runtime import chunkwise, dplr, triton_dplr  # noqa: E402
 from test_dplr import check, make, reference, strong_decays  # noqa: E402
+from test_triton_dplr_step import rwkv7_layer  # noqa: E402
 
 pytestmark = pytest.mark.triton
 DEVICE = os.environ.get("PSMC_TEST_DEVICE", "cpu")
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def run(q, k, v, a, b, g, scale=1.0, initial_state=None):
@@ -149,14 +147,7 @@ def test_chunk_dplr_routes_to_the_kernels(monkeypatch):
 def test_a_generated_layer_runs_its_forward_on_the_kernels(monkeypatch):
     """examples/rwkv7.psm: the layer's parallel pass (no autograd) on the kernels equals its
     torch form and its token-by-token stream."""
-    import psmc
-    layer = psmc.load(ROOT / "examples/rwkv7.psm").rwkv7(K=8, V=8, backend="torch")
-    g = torch.Generator().manual_seed(0)
-    kappa = torch.nn.functional.normalize(torch.randn(1, 20, 2, 8, generator=g), dim=-1)
-    x = {"w": -torch.rand(1, 20, 2, 8, generator=g), "k": torch.randn(1, 20, 2, 8, generator=g),
-         "v": torch.randn(1, 20, 2, 8, generator=g), "a": -kappa, "b": kappa * 0.5,
-         "r": torch.randn(1, 20, 2, 8, generator=g)}
-    x = {n: t.to(DEVICE) for n, t in x.items()}
+    layer, x = rwkv7_layer(20)
     calls = []
     real = triton_dplr.triton_chunk_dplr
     monkeypatch.setattr(triton_dplr, "triton_chunk_dplr", lambda *a, **kw: calls.append(1) or real(*a, **kw))

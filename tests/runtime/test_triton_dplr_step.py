@@ -88,19 +88,23 @@ def test_dplr_step_routes_to_the_kernel(monkeypatch):
     torch.testing.assert_close(S1, rS1, rtol=1e-5, atol=1e-5)
 
 
-def test_a_generated_layer_decodes_through_the_kernel(monkeypatch):
-    """rwkv7's bound step: a stream of tokens through the kernel equals the parallel pass."""
+def rwkv7_layer(steps: int):
+    """examples/rwkv7.psm at K = V = 8 (torch backend) and RWKV-7-like inputs [1, steps, 2, 8]."""
     import pathlib
 
     import psmc
     root = pathlib.Path(__file__).resolve().parents[2]
     layer = psmc.load(root / "examples/rwkv7.psm").rwkv7(K=8, V=8, backend="torch")
     g = torch.Generator().manual_seed(0)
-    kappa = torch.nn.functional.normalize(torch.randn(1, 6, 2, 8, generator=g), dim=-1)
-    x = {"w": -torch.rand(1, 6, 2, 8, generator=g), "k": torch.randn(1, 6, 2, 8, generator=g),
-         "v": torch.randn(1, 6, 2, 8, generator=g), "a": -kappa, "b": kappa * 0.5,
-         "r": torch.randn(1, 6, 2, 8, generator=g)}
-    x = {n: t.to(DEVICE) for n, t in x.items()}
+    r = lambda: torch.randn(1, steps, 2, 8, generator=g)  # noqa: E731
+    kappa = torch.nn.functional.normalize(r(), dim=-1)
+    x = {"w": -torch.rand(1, steps, 2, 8, generator=g), "k": r(), "v": r(), "a": -kappa, "b": kappa * 0.5, "r": r()}
+    return layer, {n: t.to(DEVICE) for n, t in x.items()}
+
+
+def test_a_generated_layer_decodes_through_the_kernel(monkeypatch):
+    """rwkv7's bound step: a stream of tokens through the kernel equals the parallel pass."""
+    layer, x = rwkv7_layer(6)
     calls = []
     real = triton_dplr_step.triton_dplr_step
     monkeypatch.setattr(triton_dplr_step, "triton_dplr_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
