@@ -55,7 +55,7 @@ PSMC_TEST_DEVICE=cuda TRITON_INTERPRET=0 PSMC_AUTOTUNE=0 timeout -s INT -k 15 "$
   tests/codegen/test_triton_scan.py tests/codegen/test_triton_matrix.py tests/codegen/test_triton_layers.py \
   tests/codegen/test_triton_varlen.py tests/codegen/test_triton_tree.py tests/codegen/test_triton_state.py tests/codegen/test_triton_autotune.py tests/codegen/test_triton.py tests/runtime/test_triton_chunk.py \
   tests/runtime/test_triton_delta.py \
-  tests/runtime/test_triton_delta_step.py \
+  tests/runtime/test_triton_delta_step.py tests/runtime/test_triton_dplr.py tests/runtime/test_triton_dplr_step.py \
   -k "not backend_choice and not auto_chooses" 2>&1 | tee "$TLOG" | tail -25 | tee -a "$LOG"
 say "tests done (pytest exit ${PIPESTATUS[0]}; 2 = interrupted at the budget: the summary above counts what ran)"
 
