@@ -97,6 +97,24 @@ def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     return serves(S, [q, k, v, beta, log_decay], q.shape[-1])
 
 
+def decode_rows(S: Tensor | None, inputs: list, V: int, out_dtype: torch.dtype):
+    """A decode launch's buffers: the lane axes `lead` every input broadcasts to, each input
+    [*lanes, *width] as a contiguous [rows, *width] tensor (None stays None), the state as
+    [rows, K, V] (or None), the output [rows, V] and the new state [rows, K, V] fp32.
+    `inputs` is a list of (tensor or None, width): the trailing axes that are not lanes."""
+    shapes = [t.shape[:t.dim() - len(width)] for t, width in inputs if t is not None]
+    shapes += [] if S is None else [S.shape[:-2]]
+    lead = tuple(torch.broadcast_shapes(*shapes))
+    rows = math.prod(lead)
+    flat = [None if t is None else _rows(t, lead, width) for t, width in inputs]
+    K = inputs[0][1][0]
+    s_in = None if S is None else _rows(S, lead, (K, V))
+    device = inputs[0][0].device
+    o = torch.empty(rows, V, device=device, dtype=out_dtype)
+    s_out = torch.empty(rows, K, V, device=device, dtype=torch.float32)
+    return lead, flat, s_in, o, s_out
+
+
 def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
                       log_decay: Tensor | None = None, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """`delta_rule_step` as one kernel launch: S [B, *lanes, K, V] fp32 or None (zeros), q, k
@@ -104,20 +122,11 @@ def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: T
     Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32). The caller
     checks `takes(...)` first."""
     K, V = q.shape[-1], v.shape[-1]
-    shapes = [q.shape[:-1], k.shape[:-1], v.shape[:-1], beta.shape]
-    shapes += [] if log_decay is None else [log_decay.shape]
-    shapes += [] if S is None else [S.shape[:-2]]
-    lead = tuple(torch.broadcast_shapes(*shapes))
-    rows = math.prod(lead)
-    qs, ks, vs = _rows(q, lead, (K,)), _rows(k, lead, (K,)), _rows(v, lead, (V,))
-    bs = _rows(beta, lead, ())
-    gs = bs if log_decay is None else _rows(log_decay, lead, ())
-    s_in = None if S is None else _rows(S, lead, (K, V))
-    o = torch.empty(rows, V, device=q.device, dtype=v.dtype)
-    s_out = torch.empty(rows, K, V, device=q.device, dtype=torch.float32)
-    if rows:
+    lead, (qs, ks, vs, bs, gs), s_in, o, s_out = decode_rows(
+        S, [(q, (K,)), (k, (K,)), (v, (V,)), (beta, ()), (log_decay, ())], V, v.dtype)
+    if o.shape[0]:
         BK, BV = blocks(K, V)
-        _delta_step_kernel[(rows, triton.cdiv(V, BV))](
-            s_out if s_in is None else s_in, qs, ks, vs, bs, gs, o, s_out, float(scale), K, V,
-            BK=BK, BV=BV, HAS_S=s_in is not None, GATED=log_decay is not None, num_warps=4)
+        _delta_step_kernel[(o.shape[0], triton.cdiv(V, BV))](
+            s_out if s_in is None else s_in, qs, ks, vs, bs, bs if gs is None else gs, o, s_out,
+            float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, GATED=gs is not None, num_warps=4)
     return o.reshape(*lead, V), s_out.reshape(*lead, K, V)

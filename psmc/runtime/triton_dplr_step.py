@@ -12,15 +12,13 @@ the state is fp32 and the output is in v's dtype.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 import triton
 import triton.language as tl
 
-from psmc.runtime.triton_delta_step import MAX_K, _rows, _state_slice, blocks, serves
+from psmc.runtime.triton_delta_step import MAX_K, _state_slice, blocks, decode_rows, serves
 
 __all__ = ["triton_dplr_step", "takes", "MAX_K"]
 
@@ -61,19 +59,12 @@ def triton_dplr_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tenso
     broadcast). Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32).
     The caller checks `takes(...)` first."""
     K, V = q.shape[-1], v.shape[-1]
-    shapes = [q.shape[:-1], k.shape[:-1], v.shape[:-1], a.shape[:-1], b.shape[:-1]]
-    shapes += [] if log_decay is None else [log_decay.shape[:-1]]
-    shapes += [] if S is None else [S.shape[:-2]]
-    lead = tuple(torch.broadcast_shapes(*shapes))
-    rows = math.prod(lead)
-    qs, ks, vs, as_, bs = (_rows(t, lead, (width,)) for t, width in ((q, K), (k, K), (v, V), (a, K), (b, K)))
-    gs = qs if log_decay is None else _rows(log_decay, lead, (K,))  # (a last axis of 1 expands)
-    s_in = None if S is None else _rows(S, lead, (K, V))
-    o = torch.empty(rows, V, device=q.device, dtype=v.dtype)
-    s_out = torch.empty(rows, K, V, device=q.device, dtype=torch.float32)
-    if rows:
+    # log_decay's last axis may be 1: _rows expands it to K
+    lead, (qs, ks, vs, as_, bs, gs), s_in, o, s_out = decode_rows(
+        S, [(q, (K,)), (k, (K,)), (v, (V,)), (a, (K,)), (b, (K,)), (log_decay, (K,))], V, v.dtype)
+    if o.shape[0]:
         BK, BV = blocks(K, V)
-        _dplr_step_kernel[(rows, triton.cdiv(V, BV))](
-            s_out if s_in is None else s_in, qs, ks, vs, as_, bs, gs, o, s_out, float(scale), K, V,
-            BK=BK, BV=BV, HAS_S=s_in is not None, DECAY=log_decay is not None, num_warps=4)
+        _dplr_step_kernel[(o.shape[0], triton.cdiv(V, BV))](
+            s_out if s_in is None else s_in, qs, ks, vs, as_, bs, qs if gs is None else gs, o, s_out,
+            float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, DECAY=gs is not None, num_warps=4)
     return o.reshape(*lead, V), s_out.reshape(*lead, K, V)
