@@ -44,6 +44,7 @@ def main(argv=None) -> int:
                         help="the campaign's configs as drawn (no forced Triton check, no length limit)")
     parser.add_argument("--wy-chunk", type=int, default=0, help="tokens per chunk of the WY fast paths (0: theirs)")
     args = parser.parse_args(argv)
+    campaign._init_worker()  # one intra-op thread, the faster interpreter
     if args.wy_chunk:
         from psmc.runtime import delta, dplr
         for module in (delta, dplr):
