@@ -46,15 +46,36 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def private_psmc_cache(tmp_path_factory):
     """PSMC_CACHE_DIR for the whole session: every test compiles and analyses into a private
     directory, never the user's cache (session scope: hypothesis tests may not use
-    function-scoped fixtures, and compiled modules are reused across tests)."""
+    function-scoped fixtures, and compiled modules are reused across tests). Under pytest-xdist
+    the workers share one directory (the run's base temp), so an op compiled or a C++ kernel
+    built by one worker is a cache hit for the others (every cache write is an atomic rename)."""
     previous = os.environ.get("PSMC_CACHE_DIR")
-    path = tmp_path_factory.mktemp("psmc_cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "psmc_cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("psmc_cache")
     os.environ["PSMC_CACHE_DIR"] = str(path)
     yield path
     if previous is None:
         os.environ.pop("PSMC_CACHE_DIR", None)
     else:
         os.environ["PSMC_CACHE_DIR"] = previous
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked heavy or slow first (stable order otherwise). Under `pytest -n auto --dist
+    loadfile` xdist hands out whole files in the order of their first test, so the files with
+    long tests start first and the workers finish together (a file stays on one worker: its
+    module fixtures and compiled layers are built once)."""
+    items.sort(key=lambda item: not any(item.get_closest_marker(m) for m in ("heavy", "slow")))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: optional, so -p no:xdist still runs
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 8 (each worker holds torch, Triton's interpreter
+    and a few compiled layers: about 1 GB)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session", autouse=True)

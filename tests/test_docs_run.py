@@ -140,6 +140,7 @@ def _run_page(runnable: list[Block], cwd: Path, env: dict):
                     f"--- stdout ---\n{done.stdout[-3000:]}\n--- stderr ---\n{done.stderr[-3000:]}", pytrace=False)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("page", [p for p in PAGES if any(b.lang in RUN and not b.skip for b in blocks(p))],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_runs_from_an_empty_directory(page, tmp_path, private_psmc_cache):

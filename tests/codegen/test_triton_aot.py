@@ -31,6 +31,7 @@ def _rows(arch: int) -> list:
     return _ROWS[arch]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("arch", [pytest.param(90, marks=pytest.mark.sm90), pytest.param(80, marks=pytest.mark.sm80)])
 def test_every_kernel_compiles_within_the_spill_budget(arch):
     rows = _rows(arch)

@@ -77,6 +77,7 @@ def _same(results):
         close(a, b, "gradient")
 
 
+@pytest.mark.heavy
 def test_the_first_order_scan_tuned_to_the_in_thread_layout_equals_torch(monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = {"x": torch.randn(2, 37, 130, generator=g), "log_a": -torch.rand(2, 37, 130, generator=g) * 0.5}
@@ -87,6 +88,7 @@ def test_the_first_order_scan_tuned_to_the_in_thread_layout_equals_torch(monkeyp
     assert kinds == {("first-order", False, ("split", "in-thread")), ("first-order", True, ("split", "in-thread"))}
 
 
+@pytest.mark.heavy
 def test_the_state_tile_tuned_to_more_lanes_and_warps_equals_torch(monkeypatch):
     """64 channels and N = 16: 16 lanes per program ([16, 16] tiles) at 4 warps or 8, or 8 or
     32 lanes per program at 4 warps; the backward keeps its 16 lanes (4 or 8 warps)."""

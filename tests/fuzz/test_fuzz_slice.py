@@ -71,6 +71,7 @@ def workers():
         pool.shutdown()
 
 
+@pytest.mark.heavy
 def test_generated_programs_agree_on_every_path(workers):
     outcomes = campaign.run_tasks(campaign.program_task, PROGRAMS, workers)
     failed = [o for o in outcomes if o.failure is not None]

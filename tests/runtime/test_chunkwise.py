@@ -337,6 +337,7 @@ def test_compiled_chunk_attention_chooses_the_form_on_the_device(decay, exclusiv
     assert len(conds) == 1
 
 
+@pytest.mark.heavy
 def test_inductor_compiles_the_chunkwise_form_choice_with_gradients():
     """The same through Inductor, which lowers the cond's branches itself: its operands must be
     the chunk views (a computed operand reached a branch in another layout than it was traced

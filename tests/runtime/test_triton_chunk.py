@@ -240,6 +240,7 @@ def test_packed_sequences_are_checked():
         triton_chunk_linear_attention(q, k, v, g, decay="scalar", cu_seqlens=torch.tensor([0, 4, 4, 9], device=DEVICE))
 
 
+@pytest.mark.heavy
 def test_tuned_warps_give_the_same_results_and_every_launch_is_repeatable(monkeypatch):
     """fp16 operands: each kernel's launch is tuned between NUM_WARPS and twice as many
     (psmc.runtime.autotune), here with a clock under which the last candidate wins. The timing

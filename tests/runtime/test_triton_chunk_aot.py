@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BACKWARD_SPILL_BUDGET = 2048
 
@@ -42,6 +44,7 @@ def over_budget(rows: list[dict]) -> list:
             if r["spills"] < 0 or r["spills"] > budget(r)]
 
 
+@pytest.mark.heavy
 def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     rows = compile_rows(90)
     seen = {(r["config"], r["pass"], r["kernel"]) for r in rows}
@@ -80,6 +83,7 @@ def test_dplr_kernels_compile_for_sm80_without_spills_in_bf16():
     assert not over_budget(rows), over_budget(rows)
 
 
+@pytest.mark.heavy
 def test_delta_rule_kernels_compile_for_sm80_within_the_spill_budget():
     rows = compile_rows(80, "gated_delta_rule bfloat16")
     assert {r["kernel"] for r in rows if r["pass"] == "backward"} == {
