@@ -19,10 +19,11 @@ plans whose combine is elementwise, with the 'lanes', 'state' or 'matrix' tile m
   VJP is printed here from the IR with the rules of psmc.codegen.triton_vjp (same
   conventions as torch's autograd: ties of max/min split, relu'(0) = 0, softplus threshold 20).
 
-The C++ has no torch headers (it compiles in about a second): it exports
+The C++ has no torch headers: it exports
 `extern "C" void <name>_<pass>_<f32|f64>(void **ptrs, const int64_t *ints, int threads)`, called
 through ctypes by psmc.runtime.cpu_support, which builds it with
-torch.utils.cpp_extension.load_inline. Pointer and integer layouts are documented on
+torch.utils.cpp_extension.load_inline, one library per pass and float type (`export_macro`:
+at -O3 with the vectoriser each instantiation costs seconds, and most callers need one). Pointer and integer layouts are documented on
 `forward_layout` / `backward_layout` and used by both sides.
 """
 from __future__ import annotations
@@ -1135,12 +1136,29 @@ class KernelPrinter:
         return self._function("backward", lines, decls, item)
 
     def exports(self) -> list[str]:
-        lines = []
-        for kind in ("forward", "backward"):
-            for suffix, t in (("f32", "float"), ("f64", "double")):
-                lines.append(f'extern "C" void {self.name}_{kind}_{suffix}(void **P, const int64_t *N, int threads) '
-                             f"{{ {self.name}_{kind}<{t}>(P, N, threads); }}")
-        return lines
+        return exports(self.name)
+
+
+def export_macro(kind: str, suffix: str) -> str:
+    """The macro that compiles in one pass's entry point for one float type. psmc.runtime.
+    cpu_support builds a library per pass and type (-D<macro>), so the compiler instantiates
+    only the templates that library calls: inference in float32 builds a quarter of the code
+    (the float64 and backward instantiations take most of an -O3 build). The runtime spells
+    the same name (it imports no compiler stage; tests/codegen/test_cpu.py checks they agree)."""
+    return f"PSM_EXPORT_{kind.upper()}_{suffix.upper()}"
+
+
+def exports(name: str) -> list[str]:
+    """`extern "C" void <name>_<pass>_<f32|f64>(void **P, const int64_t *N, int threads)`, each
+    compiled only into the library built for its pass and type (`export_macro`)."""
+    lines = []
+    for kind in ("forward", "backward"):
+        for suffix, t in (("f32", "float"), ("f64", "double")):
+            lines += [f"#ifdef {export_macro(kind, suffix)}",
+                      f'extern "C" void {name}_{kind}_{suffix}(void **P, const int64_t *N, int threads) '
+                      f"{{ {name}_{kind}<{t}>(P, N, threads); }}",
+                      "#endif"]
+    return lines
 
 
 def generate(op: OpIR, plan: dict | None) -> str | None:

@@ -18,7 +18,7 @@ per-token [B, T, L], per-level [levels, B, L], dpar [B, L], contiguous, in the c
 from __future__ import annotations
 
 from ..ir.nodes import OpIR, walk
-from .cpp_printer import PRELUDE, CppBody, CppVjp, _cpp_cannot, literal, source_section, symbol
+from .cpp_printer import PRELUDE, CppBody, CppVjp, _cpp_cannot, exports, literal, source_section, symbol
 from .triton_layout import tree_reason
 
 LANE_BLOCK = 64  # lanes per work item
@@ -238,9 +238,7 @@ class TreeCppPrinter:
                 f"{outs}{gps});")
 
     def exports(self) -> list[str]:
-        return [f'extern "C" void {self.name}_{kind}_{suffix}(void **P, const int64_t *N, int threads) '
-                f"{{ {self.name}_{kind}<{t}>(P, N, threads); }}"
-                for kind in ("forward", "backward") for suffix, t in (("f32", "float"), ("f64", "double"))]
+        return exports(self.name)
 
 
 def generate(op: OpIR, plan) -> str | None:

@@ -88,8 +88,7 @@ class CpuTreeKernels:
         cu = args["cu"]  # packed sequences: 1 and the offsets (a CPU tensor: no device read), else 0
         ints += [1, *cu.tolist()] if cu is not None else [0]
         dtype = tensors[0].dtype
-        fn = cpu_support._typed(getattr(cpu_support.library(self), f"{self.symbol}_{kind}_"
-                                        f"{'f64' if dtype == torch.float64 else 'f32'}"))
+        fn = cpu_support._function(cpu_support.library(self, kind, dtype), self, kind, dtype)
         work = B * max(args["T"], 1) * L
         threads = 1 if work < cpu_support.GRAIN else max(1, min(torch.get_num_threads(), B * ((L + 63) // 64)))
         cpu_support._call(fn, tensors, ints, threads)
@@ -111,7 +110,7 @@ def cpu_unusable_reason(layer, call) -> str | None:
         return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
     if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
         return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
-    if cpu_support.library(k) is None:
+    if any(cpu_support.library(k, kind, k.compute_dtype(call)) is None for kind in cpu_support.passes(layer, call)):
         return "the C++ kernels could not be built (no compiler?)"
     return None
 

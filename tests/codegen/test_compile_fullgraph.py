@@ -145,7 +145,7 @@ def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
     layer.backend = "cpu"
     with torch.no_grad():
         want, want_state = layer(**inputs, return_state=True)  # loads the kernels
-    assert layer._cpu_kernels.source in cpu_support._LOADED
+    assert (layer._cpu_kernels.source, "forward", "f32") in cpu_support._LOADED
     floats = [n for n, x in inputs.items() if x.is_floating_point()]
 
     def trained(fn):
@@ -182,7 +182,7 @@ def test_a_graph_chooses_the_cpp_kernels_as_eager_code_does(monkeypatch):
     long_inputs = {n: x[:, :1].expand(x.shape[0], long, *x.shape[2:]) for n, x in inputs.items()}
     with torch.no_grad():
         short(**inputs)  # loads the kernels (a short forward runs them)
-        assert short._cpu_kernels.source in cpu_support._LOADED
+        assert (short._cpu_kernels.source, "forward", "f32") in cpu_support._LOADED
         for given, calls in ((inputs, 1), (long_inputs, 0)):
             graphs = []
             dynamo.reset()

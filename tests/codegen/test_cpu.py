@@ -498,10 +498,10 @@ def test_a_failed_decode_lane_build_leaves_the_python_lane_with_one_warning(monk
     monkeypatch.setattr(cpu_support, "decode_lane", cpu_support.decode_lane.__wrapped__)  # (uncached)
     built = cpu_support._built
 
-    def failing_for_the_lane(source, key):
+    def failing_for_the_lane(source, key, flag=""):
         if source == cpu_support._LANE_SOURCE.read_text():
             raise RuntimeError("Error building extension: torch/csrc/Dtype.h: No such file or directory")
-        return built(source, key)
+        return built(source, key, flag)
     monkeypatch.setattr(cpu_support, "_built", failing_for_the_lane)
     cls = layer_class("selective_ssm")
     cpu, ref = cls(backend="cpu", N=4), cls(backend="torch", N=4)
@@ -517,6 +517,85 @@ def test_a_failed_decode_lane_build_leaves_the_python_lane_with_one_warning(monk
     assert _lane(cpu).checks == "Python" and spy.calls == 4
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+ENTRY_POINTS = [f"{kind}_{t}" for kind in cpu_support.PASSES for t in ("f32", "f64")]
+
+
+def _built_entry_points(cache, symbol: str) -> list:
+    """The entry points of op `symbol` that each kernel library built under `cache` exports
+    (one set per library; the decode lane's module is not one)."""
+    import ctypes
+    lane = cpu_support._key(cpu_support._LANE_SOURCE.read_text())
+    found = [{e for e in ENTRY_POINTS if hasattr(ctypes.CDLL(str(so)), f"{symbol}_{e}")}
+             for so in cache.glob("cpu/*/*.so") if so.parent.name != lane]
+    return sorted(found, key=sorted)
+
+
+def test_the_printer_and_the_runtime_spell_the_export_macros_alike():
+    from psmc.codegen.cpp_printer import export_macro, exports
+    for kind in cpu_support.PASSES:
+        for dtype in (torch.float32, torch.float64):
+            assert cpu_support.export_flag(kind, dtype) == "-D" + export_macro(kind, cpu_support.suffix(dtype))
+    lines = exports("op")
+    # every entry point sits alone inside the #ifdef of its own pass and type
+    assert len(lines) == 3 * len(ENTRY_POINTS)
+    for start, entry, end in zip(lines[::3], lines[1::3], lines[2::3]):
+        kind, t = entry.split("void op_")[1].split("(")[0].split("_")
+        assert (start, end) == (f"#ifdef {export_macro(kind, t)}", "#endif"), (start, entry, end)
+
+
+@needs_compiler
+def test_a_call_builds_only_the_pass_and_float_type_it_runs(monkeypatch, tmp_path):
+    """One library per pass and float type: a float32 forward without gradients builds the
+    float32 forward only (a quarter of the code), a call that will be differentiated builds
+    the backward too before it runs, and float64 builds its own."""
+    cls = layer_class("cumsum")
+    _fresh_build(monkeypatch, tmp_path)
+    symbol = cls._cpu_kernels.symbol
+    layer, ref = cls(backend="cpu"), cls(backend="torch")
+    x = torch.randn(2, 7, 3)
+    spy = KernelSpy(monkeypatch)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x))
+    assert _built_entry_points(tmp_path, symbol) == [{"forward_f32"}] and spy.calls == 1
+    leaf = x.clone().requires_grad_()
+    layer(leaf).sum().backward()
+    assert _built_entry_points(tmp_path, symbol) == [{"backward_f32"}, {"forward_f32"}] and spy.calls == 3
+    torch.testing.assert_close(leaf.grad, torch.ones_like(x).flip(1).cumsum(1).flip(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), ref(x.double()))
+    assert _built_entry_points(tmp_path, symbol) == [{"backward_f32"}, {"forward_f32"}, {"forward_f64"}]
+
+
+@needs_compiler
+def test_a_failed_backward_build_falls_back_to_torch_for_the_whole_call(monkeypatch, tmp_path):
+    """The backward library is built before a differentiated call takes the C++ route, so a
+    build that fails there leaves the whole call (forward and backward) to torch, with the
+    one warning; calls without gradients keep the C++ forward."""
+    cls = layer_class("cumsum")
+    _fresh_build(monkeypatch, tmp_path)
+    built = cpu_support._built
+
+    def no_backward(source, key, flag=""):
+        if "BACKWARD" in flag:
+            raise RuntimeError("Error building extension: internal compiler error in the backward")
+        return built(source, key, flag)
+    monkeypatch.setattr(cpu_support, "_built", no_backward)
+    layer, ref = cls(backend="cpu"), cls(backend="torch")
+    x = torch.randn(2, 7, 3)
+    spy = KernelSpy(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        leaf = x.clone().requires_grad_()
+        layer(leaf).sum().backward()
+        with torch.no_grad():
+            y = layer(x)
+    ours = [str(w.message) for w in caught if "psmc: could not build the C++ CPU kernels" in str(w.message)]
+    assert len(ours) == 1 and "in the backward" in ours[0], ours
+    assert spy.calls == 1  # the forward without gradients, on the kernels
+    torch.testing.assert_close(leaf.grad, torch.ones_like(x).flip(1).cumsum(1).flip(1))
+    torch.testing.assert_close(y, ref(x))
 
 
 @needs_compiler

@@ -375,7 +375,7 @@ def test_cpp_kernels_read_each_lanes_slice(ops, name):
     cpu = getattr(ops, name)(lanes=(3,), per_lane=True, backend="cpu", **DIMS[name]).double()
     ref = getattr(ops, name)(lanes=(3,), per_lane=True, backend="torch", **DIMS[name]).double()
     ref.load_state_dict(cpu.state_dict())
-    if cpu_support.library(cpu._cpu_kernels) is None:
+    if cpu_support.library(cpu._cpu_kernels, "forward", torch.float64) is None:
         pytest.fail("the C++ kernels did not build")
     x = {n: v.double() for n, v in _inputs(name, 2, 6, 3, 9).items()}
     grads = []

@@ -815,7 +815,7 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
     """backend='cpu' (the generated C++ kernels) against backend='torch': float64 forward,
     gradients, step and continued forwards at the float64 tolerances, float32 close to float64."""
     from psmc.runtime import cpu_support
-    if cpu_support.library(_cpu_kernels_of(cls)) is None:  # it warned; the layer would fall back to torch
+    if cpu_support.library(_cpu_kernels_of(cls), "forward", torch.float64) is None:  # it warned; the layer would fall back to torch
         raise Failure("cpp-build", "the C++ kernels of a plan that lists them did not build")
     cpp = _twin(cls, program, layer64, "cpu", torch.float64)
     calls = []
