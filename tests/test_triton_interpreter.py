@@ -57,3 +57,70 @@ def test_a_launch_leaves_triton_language_as_it_found_it():
     before = (tl.exp, tl.load, tl.tensor.__add__)
     _run(torch.ones(5))
     assert (tl.exp, tl.load, tl.tensor.__add__) == before
+
+
+@triton.jit
+def _affine(a1, b1, a2, b2):  # x -> a x + b, composed: the first-order scan's combine
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def _softmax_pair(m1, s1, m2, s2):  # online softmax's (max, sum): a combine with exp and where
+    m = tl.maximum(m1, m2)
+    return m, s1 * tl.exp(m1 - m) + s2 * tl.exp(m2 - m)
+
+
+@triton.jit
+def _larger(x, y):
+    return tl.where(x > y, x, y)
+
+
+@triton.jit
+def _scans_kernel(a_ptr, b_ptr, out_ptr, R: tl.constexpr, C: tl.constexpr):
+    rows = tl.arange(0, R)[:, None]
+    cols = tl.arange(0, C)[None, :]
+    a = tl.load(a_ptr + rows * C + cols)
+    b = tl.load(b_ptr + rows * C + cols)
+    size = R * C
+    p, q = tl.associative_scan((a, b), 0, _affine)
+    tl.store(out_ptr + rows * C + cols, q)
+    p, q = tl.associative_scan((a, b), 1, _affine, reverse=True)
+    tl.store(out_ptr + size + rows * C + cols, p + q)
+    m, s = tl.associative_scan((b, a), 1, _softmax_pair)
+    tl.store(out_ptr + 2 * size + rows * C + cols, m + s)
+    flat = tl.load(b_ptr + tl.arange(0, R * C))  # a 1-D scan: one element per position
+    f, g = tl.associative_scan((flat, flat * 0.5), 0, _softmax_pair)
+    tl.store(out_ptr + 3 * size + tl.arange(0, R * C), f * g)
+    m, s = tl.reduce((b, a), 0, _softmax_pair)
+    tl.store(out_ptr + 4 * size + tl.arange(0, C), m + s)
+    m, s = tl.reduce((b, a), 1, _softmax_pair, keep_dims=True)
+    tl.store(out_ptr + 4 * size + C + rows + cols * 0, m * s)
+    tl.store(out_ptr + 4 * size + C + R, tl.reduce(a, None, _larger))
+
+
+def _scans(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    R, C = a.shape
+    out = torch.zeros(4 * R * C + C + R + 1)
+    _scans_kernel[(1,)](a, b, out, R=R, C=C)
+    return out
+
+
+def test_scans_and_reductions_with_a_combine_compute_what_the_interpreter_did(monkeypatch):
+    """The vectorised fallbacks of tl.associative_scan / tl.reduce (one combine call per
+    position along the axis) give the interpreter's own results bit for bit: scans along either
+    axis of a tile, reversed, of one axis, tuples of two, reductions along 0, 1 (keeping it) and all axes."""
+    from triton.runtime import interpreter
+    assert triton_interpreter.install() and triton_interpreter.ORIGINAL
+    assert interpreter.ScanOps.generic_scan is triton_interpreter._scan
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(8, 16, generator=g) + 0.5, torch.randn(8, 16, generator=g)
+    fast = _scans(a, b)
+    monkeypatch.setattr(interpreter.ScanOps, "generic_scan", triton_interpreter.ORIGINAL["scan"])
+    monkeypatch.setattr(interpreter.ReduceOps, "generic_reduce", triton_interpreter.ORIGINAL["reduce"])
+    slow = _scans(a, b)
+    assert torch.equal(fast, slow), (fast - slow).abs().max()
+    # and they are the scans: the first block is the first-order recurrence down the rows
+    want = torch.zeros(16)
+    for r in range(8):
+        want = want * a[r] + b[r]
+    torch.testing.assert_close(fast[7 * 16:8 * 16], want)
