@@ -1,11 +1,11 @@
 """The CI slice of the fuzzer (issue 11): a fixed, deterministic set of seeds.
 
-- 300 generated programs through the differential runner (tests/fuzz/runner.py): psmc check,
+- 200 generated programs through the differential runner (tests/fuzz/runner.py): psmc check,
   parallel == streaming == continued == decode-after-prefill == the IR reference, fast path ==
   generic scan, f64 gradients parallel == streamed, float32 close to float64, Triton (under
   TRITON_INTERPRET=1) == torch where the plan has kernels (forward, gradients, step, continued),
   the C++ backend == torch on every 25th seed whose plan it covers (a build costs seconds:
-  about 9 builds, cached by content in the session's PSMC_CACHE_DIR, which the workers share),
+  under ten builds, cached by content in the session's PSMC_CACHE_DIR, which the workers share),
   bf16/f16 inputs within their rounding of float64 on a fifth of the programs, and
   torch.compile(fullgraph=True) forward and step equal to eager on a tenth;
 - 1,000 mutants of the examples and of generated programs through psmc check and compile:
@@ -29,7 +29,7 @@ import campaign
 from generator import Program, generate, programs
 from runner import Config, run_program
 
-PROGRAMS = range(300)
+PROGRAMS = range(200)  # the first with every feature below: 194 (campaigns run thousands)
 MUTANTS = range(1000)
 
 FEATURES = {
@@ -131,7 +131,7 @@ def test_draw_config_reaches_long_sequences_and_small_blocks():
 
 def test_the_config_samples_the_cpp_backend_and_half_precision_deterministically():
     configs = [campaign.program_config(s) for s in PROGRAMS]
-    assert [s for s, c in zip(PROGRAMS, configs) if c.cpp] == list(range(0, 300, campaign.CPP_EVERY))
+    assert [s for s, c in zip(PROGRAMS, configs) if c.cpp] == list(range(0, len(PROGRAMS), campaign.CPP_EVERY))
     assert {c.half for c in configs} == {"", "bf16", "f16"}
     assert {bool(c.varlen) for c in configs} == {True, False} and {c.per_lane for c in configs} == {True, False}
     assert {c.compiled for c in configs} == {True, False}
