@@ -186,6 +186,18 @@ def _torch_threads() -> int:
     return _GRAPH_THREADS if torch.compiler.is_compiling() else torch.get_num_threads()
 
 
+def libraries(kernels, kinds: tuple, dtype) -> bool:
+    """Whether the libraries of passes `kinds` of `kernels` in `dtype`'s float type all load,
+    building the missing ones at the same time (a compiler process each: a training call's
+    first forward waits for the longer of its two builds, not for both)."""
+    missing = [kind for kind in kinds if _key(kernels.source, export_flag(kind, dtype)) not in _LIBRARIES]
+    if len(missing) > 1 and (os.cpu_count() or 1) > 1:
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(len(missing), thread_name_prefix="psmc-build") as pool:
+            list(pool.map(lambda kind: library(kernels, kind, dtype), missing))
+    return all(library(kernels, kind, dtype) is not None for kind in kinds)
+
+
 def _load_or_build(source: str, key: str, flag: str):
     return ctypes.CDLL(str(_built(source, key, flag)))
 
@@ -409,7 +421,7 @@ def use_cpu(layer, call, kind: str) -> bool:
             return False
     if compiling:
         return all((k.source, kind, suffix(compute)) in _LOADED for kind in needed)
-    return all(library(k, kind, compute) is not None for kind in needed)
+    return libraries(k, needed, compute)
 
 
 def auto_steps(layer, call) -> bool:

@@ -110,7 +110,7 @@ def cpu_unusable_reason(layer, call) -> str | None:
         return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
     if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
         return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
-    if any(cpu_support.library(k, kind, k.compute_dtype(call)) is None for kind in cpu_support.passes(layer, call)):
+    if not cpu_support.libraries(k, cpu_support.passes(layer, call), k.compute_dtype(call)):
         return "the C++ kernels could not be built (no compiler?)"
     return None
 
