@@ -599,6 +599,30 @@ def test_a_failed_backward_build_falls_back_to_torch_for_the_whole_call(monkeypa
 
 
 @needs_compiler
+def test_a_backward_that_cannot_be_built_later_is_a_clear_error(monkeypatch, tmp_path):
+    """A gradient that reaches the kernels only through the state (inputs without grad: the
+    call built its forward only) builds the backward when autograd asks for it; if that build
+    fails, the backward raises an error that says so and what to do, never an AttributeError."""
+    cls = layer_class("cumsum")
+    _fresh_build(monkeypatch, tmp_path)
+    built = cpu_support._built
+
+    def no_backward(source, key, flag=""):
+        if "BACKWARD" in flag:
+            raise RuntimeError("Error building extension: internal compiler error in the backward")
+        return built(source, key, flag)
+    monkeypatch.setattr(cpu_support, "_built", no_backward)
+    x0 = torch.randn(2, 3, 3, requires_grad=True)
+    _, state = cls(backend="torch")(x0, return_state=True)  # a state that carries a gradient
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = cls(backend="cpu")(torch.randn(2, 4, 3), state=state)
+        with pytest.raises(RuntimeError, match=r"psmc: the C\+\+ backward kernels of psm_cumsum\w* could not be "
+                                               r"built \(see the warning above\); run this layer with backend='torch'"):
+            y.sum().backward()
+
+
+@needs_compiler
 def test_two_processes_building_the_same_op_at_once_both_succeed(tmp_path):
     script = textwrap.dedent(f"""
         import sys, torch, psmc
