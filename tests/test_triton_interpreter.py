@@ -124,3 +124,17 @@ def test_scans_and_reductions_with_a_combine_compute_what_the_interpreter_did(mo
     for r in range(8):
         want = want * a[r] + b[r]
     torch.testing.assert_close(fast[7 * 16:8 * 16], want)
+
+
+def test_the_dtype_table_answers_what_the_interpreter_did():
+    """`_get_np_dtype` from a table filled once: the interpreter's own answer for every scalar
+    dtype, pointer and block of either."""
+    from triton.runtime import interpreter
+    assert triton_interpreter.install() and interpreter._get_np_dtype is not triton_interpreter.ORIGINAL["np_dtype"]
+    real = triton_interpreter.ORIGINAL["np_dtype"]
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.uint16, tl.int32, tl.uint32, tl.int64, tl.uint64,
+               tl.float16, tl.bfloat16, tl.float32, tl.float64, tl.float8e5, tl.float8e4nv]
+    kinds = scalars + [tl.pointer_type(t) for t in scalars] + \
+        [tl.block_type(t, [4, 8]) for t in scalars] + [tl.block_type(tl.pointer_type(t), [16]) for t in scalars]
+    for kind in kinds * 2:  # (the second round reads the table)
+        assert interpreter._get_np_dtype(kind) == real(kind), kind
