@@ -568,12 +568,8 @@ def test_a_call_builds_only_the_pass_and_float_type_it_runs(monkeypatch, tmp_pat
     assert _built_entry_points(tmp_path, symbol) == [{"backward_f32"}, {"forward_f32"}, {"forward_f64"}]
 
 
-@needs_compiler
-def test_a_failed_backward_build_falls_back_to_torch_for_the_whole_call(monkeypatch, tmp_path):
-    """The backward library is built before a differentiated call takes the C++ route, so a
-    build that fails there leaves the whole call (forward and backward) to torch, with the
-    one warning; calls without gradients keep the C++ forward."""
-    cls = layer_class("cumsum")
+def _without_backward_builds(monkeypatch, tmp_path):
+    """A fresh cache in which every backward library's build fails (forwards build)."""
     _fresh_build(monkeypatch, tmp_path)
     built = cpu_support._built
 
@@ -582,6 +578,15 @@ def test_a_failed_backward_build_falls_back_to_torch_for_the_whole_call(monkeypa
             raise RuntimeError("Error building extension: internal compiler error in the backward")
         return built(source, key, flag)
     monkeypatch.setattr(cpu_support, "_built", no_backward)
+
+
+@needs_compiler
+def test_a_failed_backward_build_falls_back_to_torch_for_the_whole_call(monkeypatch, tmp_path):
+    """The backward library is built before a differentiated call takes the C++ route, so a
+    build that fails there leaves the whole call (forward and backward) to torch, with the
+    one warning; calls without gradients keep the C++ forward."""
+    cls = layer_class("cumsum")
+    _without_backward_builds(monkeypatch, tmp_path)
     layer, ref = cls(backend="cpu"), cls(backend="torch")
     x = torch.randn(2, 7, 3)
     spy = KernelSpy(monkeypatch)
@@ -604,14 +609,7 @@ def test_a_backward_that_cannot_be_built_later_is_a_clear_error(monkeypatch, tmp
     call built its forward only) builds the backward when autograd asks for it; if that build
     fails, the backward raises an error that says so and what to do, never an AttributeError."""
     cls = layer_class("cumsum")
-    _fresh_build(monkeypatch, tmp_path)
-    built = cpu_support._built
-
-    def no_backward(source, key, flag=""):
-        if "BACKWARD" in flag:
-            raise RuntimeError("Error building extension: internal compiler error in the backward")
-        return built(source, key, flag)
-    monkeypatch.setattr(cpu_support, "_built", no_backward)
+    _without_backward_builds(monkeypatch, tmp_path)
     x0 = torch.randn(2, 3, 3, requires_grad=True)
     _, state = cls(backend="torch")(x0, return_state=True)  # a state that carries a gradient
     with warnings.catch_warnings():
