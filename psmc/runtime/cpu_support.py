@@ -320,6 +320,9 @@ def _run(k: CpuKernels, kind: str, compute, read: list, written: list, ints: lis
     """Run pass `kind` of the loaded kernels: a ctypes call, or in a torch.compile graph the
     `psmc::cpu_kernel` op (a graph cannot make the call itself)."""
     if torch.compiler.is_compiling():
+        # a dict lookup, which Dynamo traces (it would trace _key's hashlib call and fail); the key
+        # itself where the library is not loaded yet: a backward that only a state's gradient asks
+        # for, traced by AOTAutograd (which runs this Python as is); `_named` then says to load it
         key = _LOADED.get((k.source, kind, suffix(compute))) or _key(k.source, export_flag(kind, compute))
         graph_kernel(key, _symbol(k, kind, compute), read, written, ints, threads,
                      [s for t in read for s in t.stride()])
