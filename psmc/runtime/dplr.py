@@ -11,7 +11,9 @@ matrix-affine scan composes the K x K transitions; this module never forms one p
 `dplr_step` is one token in O(K V): S <- exp(lam) (.) S + b (a^T S) + k v^T, a^T S of the
 state before the token (CUDA tensors outside autograd: one Triton kernel,
 psmc.runtime.triton_dplr_step). `chunk_dplr` on CUDA tensors outside autograd runs the same
-chunked WY form on two Triton kernels (psmc.runtime.triton_dplr).
+chunked WY form on two Triton kernels (psmc.runtime.triton_dplr); under autograd it computes
+the chunk-local terms here and chains the chunks on two other kernels of that module, one
+forward and one backward (`_chunks`).
 
 `chunk_dplr` is the parallel pass in the chunked WY form (Yang et al. 2024, "Parallelizing
 Linear Transformers with the Delta Rule over Sequence Length", generalised to a diagonal plus
@@ -75,6 +77,7 @@ O(T (L + K + V)) per lane; the saved chunk states O(T / L * K (K + V))), on any 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -238,11 +241,76 @@ def dplr_step(
 def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, lam: Tensor | None,
             state: Tensor, scale: float, grad: bool) -> tuple[Tensor, Tensor]:
     """The outputs [count * BH, L, V] of every chunk entered with `state` [BH, K, V], and the
-    state that leaves the last one (see the module docstring for the algebra).
+    state that leaves the last one (see the module docstring for the algebra): the chunk-local
+    terms for all chunks at once (`_terms`), then the chunks in order. Under autograd on
+    Triton's device (float32, K <= triton_dplr.MAX_K, chunks of 16 tokens or more, not under
+    tracing) the chain runs on two kernels (psmc.runtime.triton_dplr.chain: one launch each
+    way); elsewhere a loop of one [K, K] x [K, V] product per chunk."""
+    terms = _terms(layout, q, k, v, a, b, lam, grad)
+    count, heads = layout.count, layout.batch * layout.heads
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    chunks = count * heads
+    b_out = terms.cols_out.view(chunks, 2, layout.length, width_k).unbind(1)[0]  # Btil
+    free = torch.cat([terms.u0, terms.vc], dim=1)  # [U0; V]  [chunks, 2L, V]
+    if grad:
+        written = torch.bmm(terms.cols_out.transpose(-1, -2), free)  # N = Btil^T U0 + Ktil^T V  [chunks, K, V]
+        if _chain_kernels_take(layout, q):
+            from psmc.runtime import triton_dplr
+            operands = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+            entering, state = triton_dplr.chain(terms.w, b_out, written, terms.gate, state, operands)
+            o = torch.baddbmm(terms.base, terms.q_eff, entering.view(chunks, width_k, width_v), beta=scale,
+                              alpha=scale)
+            return o, state
+    transition = torch.bmm(b_out.transpose(-1, -2), terms.w)  # P = Btil^T W + diag(e^{G_L})
+    transition.diagonal(dim1=-2, dim2=-1).add_(terms.gate)
+    transition = transition.view(count, heads, width_k, width_k)
+    # the chunks in order: S_{c+1} = P_c S_c + N_c
+    if grad:  # (unbound once: indexing chunk c would cost a full-size zero gradient per chunk)
+        entering = []
+        for written_c, transition_c in zip(written.view(count, heads, width_k, width_v).unbind(0),
+                                           transition.unbind(0)):
+            entering.append(state)
+            state = torch.baddbmm(written_c, transition_c, state)
+        entering = torch.stack(entering)
+    else:  # N_c written where S_{c+1} goes, then P_c S_c added in place: no copy in the loop
+        entering = torch.empty(count + 1, heads, width_k, width_v, dtype=layout.dtype, device=q.device)
+        entering[0] = state
+        torch.bmm(terms.cols_out.transpose(-1, -2), free, out=entering[1:].view(chunks, width_k, width_v))
+        for c in range(count):
+            entering[c + 1].baddbmm_(transition[c], entering[c])
+        state, entering = entering[count].clone(), entering[:count]
+    o = torch.baddbmm(terms.base, terms.q_eff, entering.view(chunks, width_k, width_v), beta=scale, alpha=scale)
+    return o, state
 
-    Per chunk the rows [a; q] and the columns [b; k] are packed as one [2L, K] tensor each (one
-    copy from the inputs), so that one product gives the four L x L matrices and one gives
-    Btil^T U0 + Ktil^T V; everything is linear in q, so `scale` rides in the last product."""
+
+def _chain_kernels_take(layout: _Layout, q: Tensor) -> bool:
+    """Whether training's chain runs on psmc.runtime.triton_dplr's kernels: Triton's device,
+    float32 terms, chunks that are a `tl.dot` tile, K <= its MAX_K, not under tracing."""
+    if layout.dtype != torch.float32 or layout.batch * layout.heads == 0 or torch.compiler.is_compiling() or \
+            not _triton_wanted(q):
+        return False
+    from psmc.runtime import triton_dplr
+    return triton_dplr.chain_takes(layout.length, q.shape[-1])
+
+
+class _Terms(NamedTuple):
+    """A chunk's coefficients of the state that enters it, for all chunks at once (chunk-major:
+    chunk c of lane row h at c * BH + h): U = W S + U0, O = scale (Qeff S + base),
+    S' = diag(gate) S + Btil^T U + Ktil^T V."""
+    w: Tensor  # W = (I - A_ab)^-1 Atil  [chunks, L, K]
+    u0: Tensor  # U0 = (I - A_ab)^-1 A_ak V  [chunks, L, V]
+    q_eff: Tensor  # Qeff = Qtil + A_qb W  [chunks, L, K]
+    base: Tensor  # the outputs' chunk-local part A_qb U0 + A_qk V  [chunks, L, V]
+    cols_out: Tensor  # [Btil; Ktil]  [chunks, 2L, K]
+    vc: Tensor  # V  [chunks, L, V]
+    gate: Tensor  # e^{G_L}  [chunks, K]
+
+
+def _terms(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, lam: Tensor | None,
+           grad: bool) -> _Terms:
+    """Every chunk's `_Terms`. Per chunk the rows [a; q] and the columns [b; k] are packed as one
+    [2L, K] tensor each (one copy from the inputs), so that one product gives the four L x L
+    matrices; everything is linear in q, so `scale` is left to the chain."""
     count, length = layout.count, layout.length
     width_k, width_v = q.shape[-1], v.shape[-1]
     heads = layout.batch * layout.heads
@@ -280,7 +348,6 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     # the blocks as views (unbound: a slice's gradient would be a full-size zero tensor each)
     (ab, ak), (qb, qk) = (block.unbind(2) for block in scores.view(chunks, 2, length, 2, length).unbind(1))
     a_in, q_in = rows_in.view(chunks, 2, length, width_k).unbind(1)  # Atil, Qtil
-    b_out = cols_out.view(chunks, 2, length, width_k).unbind(1)[0]  # Btil
     # (I - A_ab)^-1: solve_triangular reads only the strict lower triangle of -A_ab (unit diagonal);
     # an inverse and one product beat one solve with K + V right-hand sides (as in delta.py)
     eye = torch.eye(length, dtype=dtype, device=device)
@@ -290,27 +357,7 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     w = torch.bmm(inverse, a_in)  # (I - A_ab)^-1 Atil
     base = torch.baddbmm(torch.bmm(qk, vc), qb, u0)  # A_qb U0 + A_qk V
     q_eff = torch.baddbmm(q_in, qb, w)  # Qtil + A_qb W
-    free = torch.cat([u0, vc], dim=1)  # [U0; V]  [chunks, 2L, V]
-    transition = torch.bmm(b_out.transpose(-1, -2), w)  # P = Btil^T W + diag(e^{G_L})
-    transition.diagonal(dim1=-2, dim2=-1).add_(gate)
-    transition = transition.view(count, heads, width_k, width_k)
-    # the chunks in order: S_{c+1} = P_c S_c + N_c, N = Btil^T U0 + Ktil^T V
-    if grad:  # (unbound once: indexing chunk c would cost a full-size zero gradient per chunk)
-        written = torch.bmm(cols_out.transpose(-1, -2), free).view(count, heads, width_k, width_v)
-        entering = []
-        for written_c, transition_c in zip(written.unbind(0), transition.unbind(0)):
-            entering.append(state)
-            state = torch.baddbmm(written_c, transition_c, state)
-        entering = torch.stack(entering)
-    else:  # N_c written where S_{c+1} goes, then P_c S_c added in place: no copy in the loop
-        entering = torch.empty(count + 1, heads, width_k, width_v, dtype=dtype, device=device)
-        entering[0] = state
-        torch.bmm(cols_out.transpose(-1, -2), free, out=entering[1:].view(chunks, width_k, width_v))
-        for c in range(count):
-            entering[c + 1].baddbmm_(transition[c], entering[c])
-        state, entering = entering[count].clone(), entering[:count]
-    o = torch.baddbmm(base, q_eff, entering.view(chunks, width_k, width_v), beta=scale, alpha=scale)
-    return o, state
+    return _Terms(w, u0, q_eff, base, cols_out, vc, gate)
 
 
 def _scores(rows: Tensor, cols: Tensor, g: Tensor | None, exponents: Tensor | None, rows_in: Tensor,

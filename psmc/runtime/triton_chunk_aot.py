@@ -53,6 +53,11 @@ DELTA_VARLEN_CONFIGS = [
 DPLR_CONFIGS = [(torch.bfloat16, 128, "key"), (torch.float32, 128, "key"), (torch.float32, 64, None)]
 
 
+# its training chain (psmc.runtime.triton_dplr.chain, under autograd): (dtype, K = V, decay, in the test)
+DPLR_TRAIN_CONFIGS = [(torch.bfloat16, 128, "key", True), (torch.float32, 128, "key", True),
+                      (torch.float32, 64, None, True)]
+
+
 # the decode tokens' kernels (psmc.runtime.triton_delta_step, triton_dplr_step): (dtype, K = V)
 DELTA_STEP_CONFIGS = [(torch.bfloat16, 128), (torch.float32, 128), (torch.float32, 256)]
 
@@ -161,6 +166,24 @@ def _record(test_only: bool) -> list:
                                   batch=B, steps=T, lanes=(H,))
             for i in range(start, len(log)):
                 log[i] = (f"dplr {str(dtype)[6:]} K=V={width}{'' if decay else ' no decay'}", "forward") + log[i]
+    from psmc.runtime import chunkwise, dplr
+    with recording(tdp, tdp.KERNELS, log):
+        backend, chunkwise.BACKEND = chunkwise.BACKEND, "triton"  # CPU tensors: the kernels' route
+        try:
+            for dtype, width, decay, in_test in DPLR_TRAIN_CONFIGS:
+                if test_only and not in_test:
+                    continue
+                start = len(log)
+                q = torch.zeros(B, T, H, width, dtype=dtype, requires_grad=True)
+                g = None if decay is None else torch.zeros(B, T, H, width, requires_grad=True)
+                o, s = dplr.chunk_dplr(q, q, q, q, q, g, initial_state=torch.zeros(B, H, width, width))
+                middle = len(log)
+                torch.autograd.backward([o, s], [torch.ones_like(o), torch.ones_like(s)])
+                for i in range(start, len(log)):
+                    label = f"dplr {str(dtype)[6:]} K=V={width}{'' if decay else ' no decay'} training"
+                    log[i] = (label, "training forward" if i < middle else "backward") + log[i]
+        finally:
+            chunkwise.BACKEND = backend
     from psmc.runtime import triton_delta_step as ts
     with recording(ts, ["_delta_step_kernel"], log):
         for dtype, width in DELTA_STEP_CONFIGS:  # a decode token: B = 1, H heads, state given
@@ -230,7 +253,7 @@ def main(arch: int = 90, test_only: bool = False) -> int:
         result = compile_one(kernel, args, kwargs, arch)
         consts = {k: v for k, v in kwargs.items() if k != "num_warps"}
         print(json.dumps({"config": config, "pass": phase, "kernel": tag, "arch": arch, "constexprs": consts,
-                          "num_warps": kwargs.get("num_warps"), "grid": list(grid), **result}), flush=True)
+                          "num_warps": kwargs.get("num_warps"), "grid": list(grid), **result}, default=str), flush=True)
     return 0
 
 

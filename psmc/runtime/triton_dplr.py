@@ -1,4 +1,4 @@
-"""The diagonal-plus-low-rank recurrence's parallel pass on chunked Triton kernels (inference).
+"""The diagonal-plus-low-rank recurrence's parallel pass on chunked Triton kernels.
 
     S_t = diag(exp(lam_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T,      o_t = scale * q_t^T S_t
 
@@ -9,7 +9,7 @@ module docstring derives it): inside a chunk entered with state S,
     O = scale (Qtil S + A_qb U + A_qk V)
     S' = diag(e^{G_L}) S + Btil^T U + Ktil^T V
 
-Two kernels (fla's chunk_dplr splits the same work into more):
+Inference, two kernels (fla's chunk_dplr splits the same work into more):
 
 * `_dplr_intra_kernel`, one program per (chunk, lane): the four L x L matrices, the unit lower
   triangular inverse (forward substitution), then W, U0, Qeff = Qtil + A_qb W, the outputs'
@@ -29,10 +29,26 @@ tokens it spans (`triton_chunk._diag_weights`): no reference point, no overflow 
 T need not be a multiple of 16 (the tail is masked: identity tokens). Registers (sm_90,
 Triton 3.9, K = V = 128, 8 warps): intra 215, chain 148 (bf16) / 255 (fp32), no spills; on
 sm_80 the fp32 chain kernel spills (~1.1 KB; the tf32x3 operand splits), bf16 does not.
+float64, K > 128 and explicit chunk sizes take the torch form (`takes`).
 
-Inference only: under autograd the torch form serves (differentiable); float64, K > 128 and
-explicit chunk sizes take it too (`takes`). Packed sequences reach these kernels through
-`chunk_dplr`'s per-sequence grouping (psmc.runtime.chunkwise.by_sequence).
+Training (`chain`): the chunk-local terms stay the torch form's (`dplr._terms`: batched
+products and triangular solves over all chunks at once, differentiable by autograd), and the
+one sequential part, the chunks in order, runs on two kernels instead of a loop of a
+[K, K] x [K, V] product per chunk (two launches and its autograd nodes per chunk each way):
+
+* `_dplr_states_kernel`, one program per (lane row, block of value columns), walks the chunks
+  with S' = e^{G_L} S + Btil^T (W S) + N (N = Btil^T U0 + Ktil^T V from torch; the [K, K]
+  transition is never formed) and stores every entering state (the outputs' batched product
+  reads them, and the backward pass);
+* `_dplr_dstates_kernel` walks them in reverse with the transpose,
+  dS <- (what the outputs send the entering state) + e^{G_L} dS + W^T (Btil dS), and stores
+  each chunk's leaving-state gradient; the gradients of W, Btil, N and e^{G_L} are then
+  batched products in torch (`_Chain`).
+
+Both keep the state in fp32 registers; their dots take bf16/fp16 operands for bf16/fp16
+inputs, tf32x3 for fp32 (16 value columns per program at K > 64 there: 194 registers on sm_90,
+no spills). Packed sequences reach all of these through `chunk_dplr`'s per-sequence grouping
+(psmc.runtime.chunkwise.by_sequence).
 """
 from __future__ import annotations
 
@@ -48,11 +64,11 @@ from psmc.runtime.triton_chunk import _diag_weights, _logs, _mm, _pow2, _row, _t
 from psmc.runtime.triton_delta import _unit_lower_inverse
 from psmc.runtime.triton_delta_step import blocks
 
-__all__ = ["triton_chunk_dplr", "takes", "MAX_K", "CHUNK", "KERNELS"]
+__all__ = ["triton_chunk_dplr", "takes", "chain", "chain_takes", "MAX_K", "CHUNK", "KERNELS"]
 
 CHUNK = 16  # tokens per chunk: one tl.dot tile, every L x L entry with its exact decay
 MAX_K = 128  # one K tile per program (the state [K, BV] and four [L, K] operands in registers)
-KERNELS = ["_dplr_intra_kernel", "_dplr_chain_kernel"]
+KERNELS = ["_dplr_intra_kernel", "_dplr_chain_kernel", "_dplr_states_kernel", "_dplr_dstates_kernel"]
 NUM_WARPS = 8  # 4 spill at K = 128 (sm_90, Triton 3.9: psmc.runtime.triton_chunk_aot)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -182,6 +198,73 @@ def _dplr_chain_kernel(
     tl.store(hT_ptr + kv, S, mask=kv_mask)
 
 
+@triton.jit
+def _dplr_states_kernel(
+    w_ptr, bt_ptr, n_ptr, gate_ptr, h0_ptr, hs_ptr, hT_ptr,
+    BH, K, V, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+):
+    """Training's forward chain, one program per (lane row, block of BV value columns), over the
+    torch form's chunk-major terms (chunk c of row h at c * BH + h; W, Btil [L, K],
+    N = Btil^T U0 + Ktil^T V [K, V], e^{G_L} [K], fp32): the chunks in order,
+    S' = e^{G_L} S + Btil^T (W S) + N, each entering state stored in hs [NT, BH, K, V] (the
+    outputs' products read them, and the backward pass) and the final one in hT [BH, K, V]."""
+    pid = tl.program_id(0).to(tl.int64)
+    nv = tl.cdiv(V, BV)
+    vb = pid % nv
+    bh = pid // nv
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
+    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    S = tl.load(h0_ptr + bh * K * V + kv, mask=kv_mask, other=0.0)
+    for c in range(NT):
+        chunk = c * BH + bh
+        tl.store(hs_ptr + chunk * K * V + kv, S, mask=kv_mask)
+        w = tl.load(w_ptr + chunk * BT * K + rows[:, None] * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
+        x = _mm(w, S, IEEE, DT)  # W S  [L, BV]
+        # Btil^T [K, L], read transposed
+        bt = tl.load(bt_ptr + chunk * BT * K + ck[:, None] + rows[None, :] * K, mask=(ck < K)[:, None], other=0.0)
+        gate = tl.load(gate_ptr + chunk * K + ck, mask=ck < K, other=0.0)
+        S = gate[:, None] * S + _mm(bt, x, IEEE, DT) + tl.load(n_ptr + chunk * K * V + kv, mask=kv_mask, other=0.0)
+    tl.store(hT_ptr + bh * K * V + kv, S, mask=kv_mask)
+
+
+@triton.jit
+def _dplr_dstates_kernel(
+    w_ptr, bt_ptr, gate_ptr, dhs_ptr, dhT_ptr, dn_ptr, dh0_ptr,
+    BH, K, V, NT,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+):
+    """Training's backward chain, the transpose of `_dplr_states_kernel`: the chunks in reverse
+    with dS, the gradient of the state leaving the chunk, in fp32 registers: stores it in
+    dn [NT, BH, K, V] (the per-chunk gradients are batched products of it in torch), then
+    dS <- dhs[c] + e^{G_L} dS + W^T (Btil dS), where dhs [NT, BH, K, V] holds what the
+    outputs send each entering state; writes the initial state's gradient, dh0 [BH, K, V]."""
+    pid = tl.program_id(0).to(tl.int64)
+    nv = tl.cdiv(V, BV)
+    vb = pid % nv
+    bh = pid // nv
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, BK)
+    cv = vb * BV + tl.arange(0, BV)
+    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
+    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    dS = tl.load(dhT_ptr + bh * K * V + kv, mask=kv_mask, other=0.0)
+    for i in range(NT):
+        chunk = (NT - 1 - i) * BH + bh
+        tl.store(dn_ptr + chunk * K * V + kv, dS, mask=kv_mask)
+        bt = tl.load(bt_ptr + chunk * BT * K + rows[:, None] * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
+        dx = _mm(bt, dS, IEEE, DT)  # Btil dS  [L, BV]
+        # W^T [K, L], read transposed
+        w = tl.load(w_ptr + chunk * BT * K + ck[:, None] + rows[None, :] * K, mask=(ck < K)[:, None], other=0.0)
+        gate = tl.load(gate_ptr + chunk * K + ck, mask=ck < K, other=0.0)
+        dS = gate[:, None] * dS + _mm(w, dx, IEEE, DT) + tl.load(dhs_ptr + chunk * K * V + kv, mask=kv_mask,
+                                                                  other=0.0)
+    tl.store(dh0_ptr + bh * K * V + kv, dS, mask=kv_mask)
+
+
 def takes(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
           initial_state: Tensor | None, chunk_size: int | None) -> bool:
     """Whether the kernels serve this call: float32/bf16/fp16 inputs (a float32/bf16/fp16
@@ -250,3 +333,75 @@ def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log
         float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None,
         IEEE=v.dtype == torch.float32, num_warps=NUM_WARPS)
     return o.reshape(B, T, *lanes, V), final.reshape(B, *lanes, K, V)
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def chain_blocks(K: int, V: int, operands: torch.dtype) -> tuple[int, int, int]:
+    """(BK, BV, num_warps) of the training chain's programs: the decode kernels' [K, BV] state
+    slice, but 16 value columns for float32 at K > 64, whose tf32x3 products at 32 sat at 254
+    registers on sm_90 (16: 194, no spills; psmc.runtime.triton_chunk_aot)."""
+    BK, BV = blocks(K, V)
+    if operands == torch.float32 and BK > 64:
+        BV = 16
+    return BK, BV, NUM_WARPS
+
+
+def chain_takes(length: int, K: int) -> bool:
+    """Whether `chain` serves chunks of `length` tokens and K keys: a power of two of at least
+    16 (a `tl.dot` tile) and K <= MAX_K."""
+    return length >= 16 and length & (length - 1) == 0 and K <= MAX_K
+
+
+def chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor,
+          operands: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The chunks of `psmc.runtime.dplr._chunks` in order, differentiable: from its chunk-major
+    terms (fp32, [count * BH, ...]: W, Btil [L, K], N = Btil^T U0 + Ktil^T V [K, V], e^{G_L}
+    [K]) and the entering state [BH, K, V] fp32, the state entering every chunk
+    [count, BH, K, V] and the final state [BH, K, V], fp32. `operands`: the dtype the dots take
+    (bf16/fp16 with fp32 accumulation; float32: tf32x3). One launch of `_dplr_states_kernel`
+    forward; backward one of `_dplr_dstates_kernel` and batched products in torch."""
+    return _Chain.apply(w, b_out, written, gate, state, operands)
+
+
+class _Chain(torch.autograd.Function):
+    """S_{c+1} = diag(gate_c) S_c + Btil_c^T (W_c S_c) + N_c over the chunks c in order. Given
+    the entering states S_c (kept) and the gradients dSn_c of the states leaving each chunk (the
+    backward kernel), every chunk's gradients are independent batched products:
+        dW = (Btil dSn) S^T, dBtil = (W S) dSn^T, dN = dSn, dgate = rowsum(S * dSn)."""
+
+    @staticmethod
+    def forward(ctx, w, b_out, written, gate, state, operands):
+        chunks, length, K = w.shape
+        BH, _, V = state.shape
+        count = chunks // BH
+        w, b_out, written, gate, state = (x.contiguous() for x in (w, b_out, written, gate, state))
+        entering = torch.empty(count, BH, K, V, device=w.device, dtype=torch.float32)
+        final = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
+        BK, BV, warps = chain_blocks(K, V, operands)
+        _dplr_states_kernel[(BH * triton.cdiv(V, BV),)](
+            w, b_out, written, gate, state, entering, final, BH, K, V, count,
+            BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands], num_warps=warps)
+        ctx.save_for_backward(w, b_out, gate, entering)
+        ctx.operands = operands
+        return entering, final
+
+    @staticmethod
+    def backward(ctx, d_entering, d_final):
+        w, b_out, gate, entering = ctx.saved_tensors
+        count, BH, K, V = entering.shape
+        chunks, length = w.shape[:2]
+        d_entering = d_entering.to(torch.float32).contiguous()
+        d_final = d_final.to(torch.float32).contiguous()
+        leaving = torch.empty_like(entering)  # dSn: the gradient of the state leaving each chunk
+        d_state = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
+        BK, BV, warps = chain_blocks(K, V, ctx.operands)
+        _dplr_dstates_kernel[(BH * triton.cdiv(V, BV),)](
+            w, b_out, gate, d_entering, d_final, leaving, d_state, BH, K, V, count,
+            BT=length, BK=BK, BV=BV, IEEE=ctx.operands == torch.float32, DT=_TL[ctx.operands], num_warps=warps)
+        S, dSn = entering.view(chunks, K, V), leaving.view(chunks, K, V)
+        d_w = torch.bmm(torch.bmm(b_out, dSn), S.transpose(-1, -2))
+        d_b_out = torch.bmm(torch.bmm(w, S), dSn.transpose(-1, -2))
+        d_gate = (S * dSn).sum(-1)
+        return d_w, d_b_out, dSn, d_gate, d_state, None

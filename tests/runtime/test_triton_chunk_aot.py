@@ -1,6 +1,6 @@
 """The chunked kernels (triton_chunk, triton_delta, triton_dplr) compile for sm_90 (and the delta
 rule's and the DPLR form's for sm_80 in bf16) at the launch configurations the runtime uses (K = V = 128 and 64, bf16 and fp32,
-inference, training forward and backward), within the spill budget.
+inference, training forward and backward; the DPLR form's training chain too), within the spill budget.
 
 Compiled ahead of time on this CPU-only machine (Triton's own compiler and ptxas, no GPU) in a
 subprocess without TRITON_INTERPRET; see psmc/runtime/triton_chunk_aot.py.
@@ -66,6 +66,10 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     # the diagonal-plus-low-rank parallel pass (psmc.runtime.triton_dplr, inference)
     expected |= {(f"dplr {c}", "forward", k) for c in ("bfloat16 K=V=128", "float32 K=V=128", "float32 K=V=64 no decay")
                  for k in ("_dplr_intra_kernel", "_dplr_chain_kernel")}
+    # its training chain (psmc.runtime.triton_dplr.chain)
+    expected |= {(f"dplr {c} training", phase, k) for c in ("bfloat16 K=V=128", "float32 K=V=128",
+                                                          "float32 K=V=64 no decay")
+                 for phase, k in (("training forward", "_dplr_states_kernel"), ("backward", "_dplr_dstates_kernel"))}
     # the diagonal-plus-low-rank decode token's (psmc.runtime.triton_dplr_step)
     expected |= {(f"rwkv7 step {dt} K=V={w}", "step", "_dplr_step_kernel") for dt, w in
                  (("bfloat16", 128), ("float32", 128), ("float32", 256))}
@@ -79,7 +83,8 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
 
 def test_dplr_kernels_compile_for_sm80_without_spills_in_bf16():
     rows = compile_rows(80, "dplr bfloat16")
-    assert {r["kernel"] for r in rows} == {"_dplr_intra_kernel", "_dplr_chain_kernel"}
+    assert {r["kernel"] for r in rows} == {"_dplr_intra_kernel", "_dplr_chain_kernel", "_dplr_states_kernel",
+                                           "_dplr_dstates_kernel"}
     assert not over_budget(rows), over_budget(rows)
 
 

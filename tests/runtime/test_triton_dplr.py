@@ -3,7 +3,9 @@ under TRITON_INTERPRET=1: against the float64 per-token recurrence (test_dplr.re
 per-key, scalar or no decay, with and without an initial state, T below, at and past a chunk,
 broadcast lanes, K and V not powers of two and K = 128 (the kernels' limit), exact zeros,
 strong and growing decays, fp16 inputs (bf16 on a GPU); what it declines; that chunk_dplr routes to it; packed
-sequences; and a generated RWKV-7 layer's forward through it."""
+sequences; and a generated RWKV-7 layer's forward through it. Training's chain kernels (triton_dplr.chain): every
+gradient against the float64 recurrence's, the same cases' kinds, what they decline, packed sequences and a generated
+layer's gradients."""
 from __future__ import annotations
 
 import os
@@ -108,8 +110,8 @@ def test_what_the_kernels_decline():
 
 def test_chunk_dplr_routes_to_the_kernels(monkeypatch):
     """Without autograd chunk_dplr takes the kernels where they are wanted (CUDA tensors; here
-    BACKEND='triton'), under autograd the torch form, with the same values; packed sequences
-    reach them one group at a time."""
+    BACKEND='triton'), under autograd the torch terms and the chain kernels (below), with the
+    same values; packed sequences reach them one group at a time."""
     calls = []
     real = triton_dplr.triton_chunk_dplr
     monkeypatch.setattr(triton_dplr, "triton_chunk_dplr", lambda *x, **kw: calls.append(1) or real(*x, **kw))
@@ -163,3 +165,151 @@ def test_a_generated_layer_runs_its_forward_on_the_kernels(monkeypatch):
     assert calls == [1]
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, torch.stack(outs, 1), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def _gradients(fn, inputs, dtype, o_weight, s_weight):
+    """fn's outputs and the gradients of sum(o * o_weight) + sum(state * s_weight) with respect
+    to every input that is not None (each cast to dtype on DEVICE, a leaf of its own)."""
+    leaves = [None if t is None else t.detach().to(DEVICE, dtype).clone().requires_grad_() for t in inputs]
+    o, state = fn(*leaves)
+    loss = 0.0
+    if o_weight is not None:
+        loss = loss + (o.double() * o_weight.to(o.device)).sum()
+    if s_weight is not None:
+        loss = loss + (state.double() * s_weight.to(state.device)).sum()
+    loss.backward()
+    # (an input the loss does not reach has no gradient: zeros)
+    return [o, state] + [torch.zeros_like(t) if t.grad is None else t.grad for t in leaves if t is not None]
+
+
+def _through_the_chain(monkeypatch):
+    """BACKEND='triton' with every training chain counted."""
+    calls = []
+    real = triton_dplr.chain
+    monkeypatch.setattr(triton_dplr, "chain", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(chunkwise, "BACKEND", "triton")
+    return calls
+
+
+@pytest.mark.parametrize("steps, lanes, K, V, decay, loss", [
+    (45, (2,), 12, 20, "key", "both"),  # a ragged second chunk; K, V not powers of two
+    (70, (3,), 16, 8, "scalar", "outputs"),  # three chunks; the final state unused
+    (32, (2, 2), 8, 16, None, "state"),  # one whole chunk, two lane axes; only the final state used
+])
+def test_training_runs_the_chain_kernels_with_the_recurrence_s_gradients(monkeypatch, steps, lanes, K, V, decay,
+                                                                         loss):
+    """Under autograd on Triton's device the chunks are chained by _dplr_states_kernel and
+    _dplr_dstates_kernel: outputs, final state and the gradient of every input (the initial
+    state's included) equal the float64 per-token recurrence's."""
+    q, k, v, a, b, g = make(steps + K, 2, steps, lanes, K, V, decay=decay)
+    s0 = torch.randn(2, *lanes, K, V, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(steps)
+    o_weight = None if loss == "state" else torch.randn(2, steps, *lanes, V, generator=gen, dtype=torch.float64)
+    s_weight = None if loss == "outputs" else torch.randn(2, *lanes, K, V, generator=gen, dtype=torch.float64)
+    inputs = (q, k, v, a, b, g, s0)
+    want = _gradients(lambda *x: reference(*x[:6], x[6], scale=0.7), inputs, torch.float64, o_weight, s_weight)
+    calls = _through_the_chain(monkeypatch)
+    got = _gradients(lambda *x: dplr.chunk_dplr(*x[:6], scale=0.7, initial_state=x[6]), inputs, torch.float32,
+                     o_weight, s_weight)
+    assert calls == [1]
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    names = ["o", "state", "q", "k", "v", "a", "b"] + (["log_decay"] if decay else []) + ["initial_state"]
+    assert len(got) == len(want) == len(names)
+    for name, out, ref in zip(names, got, want):
+        assert out.shape == ref.shape, name
+        check(out.detach().cpu(), ref.detach(), 2e-5)
+
+
+def test_training_through_the_chain_keeps_exact_zeros_and_strong_decays(monkeypatch):
+    """-inf, -50 and -200 log decays and a growth of +0.3 under autograd: finite gradients equal
+    to the float64 recurrence's (the torch form's exact masks feed the chain)."""
+    q, k, v, a, b, g = make(7, 2, 35, (2,), 5, 4)
+    g = strong_decays(g)
+    gen = torch.Generator().manual_seed(1)
+    o_weight = torch.randn(2, 35, 2, 4, generator=gen, dtype=torch.float64)
+    s_weight = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64)
+    # (the -inf log decays have no finite gradient: compare the others)
+    want = _gradients(lambda *x: reference(*x, g, scale=0.8), (q, k, v, a, b), torch.float64, o_weight, s_weight)
+    calls = _through_the_chain(monkeypatch)
+    got = _gradients(lambda *x: dplr.chunk_dplr(*x, g.float().to(DEVICE), scale=0.8), (q, k, v, a, b), torch.float32,
+                     o_weight, s_weight)
+    assert calls == [1]
+    for out, ref in zip(got, want):
+        check(out.detach().cpu(), ref.detach(), 2e-5)
+
+
+@pytest.mark.parametrize("dtype", HALVES)
+def test_training_with_half_inputs_takes_half_operands(monkeypatch, dtype):
+    """bf16/fp16 inputs: the chain's dots take operands in that dtype (fp32 accumulation, fp32
+    states); outputs in the inputs' dtype, gradients within half precision of the recurrence's."""
+    q, k, v, a, b, g = (t.to(dtype).double() for t in make(5, 1, 40, (2,), 16, 16))
+    gen = torch.Generator().manual_seed(2)
+    o_weight = torch.randn(1, 40, 2, 16, generator=gen, dtype=torch.float64)
+    s_weight = torch.randn(1, 2, 16, 16, generator=gen, dtype=torch.float64)
+    want = _gradients(lambda *x: reference(*x), (q, k, v, a, b, g), torch.float64, o_weight, s_weight)
+    calls = _through_the_chain(monkeypatch)
+    operands = []
+    real = triton_dplr._Chain.apply
+    monkeypatch.setattr(triton_dplr._Chain, "apply", lambda *x: operands.append(x[-1]) or real(*x))
+    got = _gradients(lambda *x: dplr.chunk_dplr(*x), (q, k, v, a, b, g), dtype, o_weight, s_weight)
+    assert calls == [1] and operands == [dtype]
+    assert got[0].dtype == dtype
+    for out, ref in zip(got, want):
+        check(out.detach().cpu(), ref.detach(), 2e-2)
+
+
+def test_what_the_chain_kernels_decline(monkeypatch):
+    """Chunks shorter than a tl.dot tile (T <= 8: 8-token chunks), chunk sizes that are not a power of two,
+    K past MAX_K and float64 keep the torch loop, with the same gradients."""
+    assert triton_dplr.chain_takes(32, 128) and triton_dplr.chain_takes(16, 8)
+    assert not triton_dplr.chain_takes(8, 8) and not triton_dplr.chain_takes(24, 8)
+    assert not triton_dplr.chain_takes(32, triton_dplr.MAX_K + 1)
+    calls = _through_the_chain(monkeypatch)
+    for steps, dtype, chunk in ((7, torch.float32, None), (40, torch.float64, None), (40, torch.float32, 24)):
+        q, k, v, a, b, g = (t.to(DEVICE, dtype).requires_grad_() for t in make(3, 1, steps, (2,), 8, 8))
+        o, state = dplr.chunk_dplr(q, k, v, a, b, g, chunk_size=chunk)
+        (o.sum() + state.sum()).backward()
+        assert torch.isfinite(q.grad).all()
+    assert calls == []
+
+
+def test_packed_sequences_train_through_the_chain(monkeypatch):
+    """cu_seqlens under autograd: each group of similar lengths chains on the kernels; gradients
+    equal those of each sequence run alone on the torch form."""
+    q, k, v, a, b, g = (t.float() for t in make(4, 1, 60, (2,), 8, 8))
+    cu = torch.tensor([0, 20, 41, 60])
+    s0 = torch.randn(3, 2, 8, 8)
+    weight = torch.randn(1, 60, 2, 8, dtype=torch.float64)
+    s_weight = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    inputs = (q, k, v, a, b, g, s0)
+    fn = lambda *x: dplr.chunk_dplr(*x[:6], initial_state=x[6], cu_seqlens=cu.to(DEVICE))  # noqa: E731
+    calls = _through_the_chain(monkeypatch)
+    got = _gradients(fn, inputs, torch.float32, weight, s_weight)
+    assert calls
+    monkeypatch.setattr(chunkwise, "BACKEND", "torch")
+    want = _gradients(fn, inputs, torch.float64, weight, s_weight)
+    for out, ref in zip(got, want):
+        check(out.detach().cpu(), ref.detach().cpu(), 2e-5)
+
+
+def test_a_generated_layer_trains_through_the_chain_kernels(monkeypatch):
+    """examples/rwkv7.psm under autograd: the layer's gradients with the chain on the kernels
+    equal those of its torch form."""
+    layer, x = rwkv7_layer(40)
+
+    def gradients():
+        inputs = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
+        out = layer(**inputs)
+        (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
+        return [out] + [inputs[n].grad for n in sorted(inputs)]
+
+    calls = _through_the_chain(monkeypatch)
+    got = gradients()
+    assert calls == [1]
+    monkeypatch.setattr(chunkwise, "BACKEND", "torch")
+    want = gradients()
+    for out, ref in zip(got, want):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
