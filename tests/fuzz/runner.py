@@ -763,42 +763,32 @@ def _compare_triton(tri, ref, single: dict, batch_shape, config, checked: set):
         checked.add("triton-grads")
 
 
-# a fast path's hand-written chunked Triton kernels: (module, launcher, the check's name)
-FAST_KERNELS = {"chunkwise": ("triton_chunk", "triton_chunk_linear_attention", "triton-fast-chunkwise"),
-                "delta_rule": ("triton_delta", "triton_chunk_delta_rule", "triton-fast-delta_rule"),
-                "dplr": ("triton_dplr", "triton_chunk_dplr", "triton-fast-dplr")}
+# a fast path's hand-written chunked Triton kernels: (module, launcher, the check's name, what
+# autograd's forward calls: the DPLR form runs its torch terms and the chain kernels)
+FAST_KERNELS = {"chunkwise": ("triton_chunk", "triton_chunk_linear_attention", "triton-fast-chunkwise",
+                              "triton_chunk_linear_attention"),
+                "delta_rule": ("triton_delta", "triton_chunk_delta_rule", "triton-fast-delta_rule",
+                               "triton_chunk_delta_rule"),
+                "dplr": ("triton_dplr", "triton_chunk_dplr", "triton-fast-dplr", "chain")}
 
 
 def _check_fast_kernels(cls, program, layer64, inputs, full, config, checked: set):
     """The fast path on its chunked Triton kernels (interpreted: chunkwise.BACKEND = 'triton'
     sends CPU tensors where CUDA tensors go), float32 without autograd, against the float64
-    layer as the float32 check compares the torch path (forgiven where that one is). A spy
-    proves the kernels ran; where they decline (K past their limit, a chunk size asked for)
-    there is nothing of theirs to compare."""
+    layer as the float32 check compares the torch path (forgiven where that one is); then the
+    gradients of a float32 training pass on them against the torch form's. A spy proves the
+    kernels ran; where they decline (K past their limit, a chunk size asked for) there is
+    nothing of theirs to compare."""
     import importlib
 
-    from psmc.runtime import chunkwise
     entry = FAST_KERNELS.get(cls.spec.fast.split(":")[0])
     if entry is None:
         return
     module = importlib.import_module(f"psmc.runtime.{entry[0]}")
-    original, calls = getattr(module, entry[1]), []
-
-    def spy(*args, **kwargs):  # (float64 inputs: the launcher itself hands them to the torch form)
-        if not any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in args):
-            calls.append(1)
-        return original(*args, **kwargs)
-
     layer = _twin(cls, program, layer64, "torch", torch.float32)
     single = {n: x.float() if x.is_floating_point() else x for n, x in inputs.items()}
-    backend, chunkwise.BACKEND = chunkwise.BACKEND, "triton"
-    setattr(module, entry[1], spy)
-    try:
-        with torch.no_grad():
-            got = as_tuple(layer(**single))
-    finally:
-        chunkwise.BACKEND = backend
-        setattr(module, entry[1], original)
+    with torch.no_grad():
+        got, calls = _on_the_kernels(module, entry[1], lambda: as_tuple(layer(**single)))
     if not calls:
         return
     try:
@@ -809,6 +799,42 @@ def _check_fast_kernels(cls, program, layer64, inputs, full, config, checked: se
                 or _rms_ill_conditioned(got, full, SPREAD, F32_RMS, inputs_too=True)):
             raise Failure("triton-fast", f"{entry[1]} (interpreted) vs the float64 layer: {failure}") from failure
     checked.add(entry[2])
+    if _wants_grads(single, got):
+        # training on the kernels (their backward kernels; the DPLR form's chain) against
+        # autograd through the torch form, both float32: the tolerances of the triton-grads check
+        from psmc.runtime import dplr
+        chunk, dplr._CHUNK_AUTOGRAD = dplr._CHUNK_AUTOGRAD, 16  # (Triton runs' <= 24 tokens span two chunks)
+        try:
+            grads, calls = _on_the_kernels(module, entry[3], lambda: _grads_of(layer, single, config.seed))
+            want = _grads_of(layer, single, config.seed) if calls else []
+        finally:
+            dplr._CHUNK_AUTOGRAD = chunk
+        if calls:
+            try:
+                _compare_grads(grads, want, f"{entry[3]} (interpreted) vs torch", 1e-3, 1e-4)
+            except Failure as failure:
+                raise Failure("triton-fast", str(failure)) from failure
+            checked.add(entry[2] + "-grads")
+
+
+def _on_the_kernels(module, launcher: str, run):
+    """run() with chunkwise.BACKEND = 'triton' (CPU tensors go where CUDA tensors would) and a
+    spy on module.launcher: (its result, the spy's calls; none where the kernels declined)."""
+    from psmc.runtime import chunkwise
+    original, calls = getattr(module, launcher), []
+
+    def spy(*args, **kwargs):  # (float64 inputs: the launcher itself hands them to the torch form)
+        if not any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in args):
+            calls.append(1)
+        return original(*args, **kwargs)
+
+    backend, chunkwise.BACKEND = chunkwise.BACKEND, "triton"
+    setattr(module, launcher, spy)
+    try:
+        return run(), calls
+    finally:
+        chunkwise.BACKEND = backend
+        setattr(module, launcher, original)
 
 
 def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked: set):

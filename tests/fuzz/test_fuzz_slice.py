@@ -245,7 +245,7 @@ def test_the_fast_paths_chunked_triton_kernels_are_checked(tmp_path, monkeypatch
     program = Program(0, name, FAST_KERNEL_PROGRAMS[fast], {"K": 4, "V": 3}, kinds)
     config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
     info = run_program(program, config, tmp_path)
-    assert info["fast"] == fast and f"triton-fast-{fast}" in info["checked"]
+    assert info["fast"] == fast and {f"triton-fast-{fast}", f"triton-fast-{fast}-grads"} <= set(info["checked"])
     module, name = (triton_dplr, "triton_chunk_dplr") if fast == "dplr" else (triton_delta, "triton_chunk_delta_rule")
     original = getattr(module, name)
 
@@ -255,4 +255,22 @@ def test_the_fast_paths_chunked_triton_kernels_are_checked(tmp_path, monkeypatch
     monkeypatch.setattr(module, name, drifting)
     assert runner.FAST_KERNELS[fast][1] == name
     with pytest.raises(Failure, match=f"triton-fast: {name}"):
+        run_program(program, config, tmp_path)
+
+
+def test_the_dplr_training_chain_is_checked(tmp_path, monkeypatch):
+    # a Triton run of a DPLR program trains it on the chain kernels and compares the gradients
+    # with the torch form's; a backward pass that drifts fails the runner
+    from runner import Failure
+    from psmc.runtime import triton_dplr
+    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
+    program = Program(0, "kdaish", FAST_KERNEL_PROGRAMS["dplr"], {"K": 4, "V": 3}, kinds)
+    config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
+    original = triton_dplr._Chain.backward
+
+    def drifting(ctx, *grads):  # (the leaving states' gradients: what two chunks from a zero state exercise)
+        d_w, d_b_out, d_written, *rest = original(ctx, *grads)
+        return (d_w, d_b_out, d_written * 1.01, *rest)
+    monkeypatch.setattr(triton_dplr._Chain, "backward", staticmethod(drifting))
+    with pytest.raises(Failure, match="triton-fast: grad-mismatch: chain"):
         run_program(program, config, tmp_path)
