@@ -1,14 +1,15 @@
-"""GPU check of the chunked Triton kernels (psmc.runtime.triton_chunk / triton_delta).
+"""GPU check of the chunked Triton kernels (psmc.runtime.triton_chunk / triton_delta / triton_dplr).
 
     python benchmarks/chunk_gpu_check.py [--quick] [--skip-timing] [--no-fla]
 
 1. accuracy on the GPU at a ragged benchmark-like shape: psmc's Triton kernels (fp32 and bf16)
    and, when importable, fla's chunk kernels (bf16), against psmc's torch chunkwise path (the
-   torch WY form for the delta rules) in float64 on the same inputs: forward outputs, final
-   states and every gradient (relative RMS);
+   torch WY form for the delta rules and the DPLR form, RWKV-7's inputs) in float64 on the
+   same inputs: forward outputs, final states and every gradient (relative RMS);
 2. timing at (B, T, H, K, V) = (8, 4096, 16, 128, 128), bf16: forward and forward+backward of
    psmc's Triton kernels, psmc's torch chunkwise path (cuBLAS) and fla's chunk kernels (CUDA
-   events, median of repeats, in the same run).
+   events, median of repeats, in the same run); for the DPLR form, training with the chunks
+   chained on psmc.runtime.triton_dplr's kernels against the torch loop over chunks.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from psmc.runtime import chunkwise
 from psmc.runtime.triton_chunk import triton_chunk_linear_attention
 from psmc.runtime.triton_delta import triton_chunk_delta_rule
 
+try:
+    from fla.ops.rwkv7 import chunk_rwkv7
+except Exception:  # noqa: BLE001
+    chunk_rwkv7 = None
 try:
     from fla.ops.gla import chunk_gla
     from fla.ops.simple_gla import chunk_simple_gla
@@ -147,6 +152,52 @@ def accuracy(quick: bool) -> bool:
             ok &= not bad
             print(f"| {'gated_' if gated else ''}delta_rule | psmc triton {label} | "
                   + " | ".join("-" if e != e else f"{e:.1e}" for e in errs) + (" | **FAIL**" if bad else " |"))
+    return ok & dplr_accuracy(B, T, H, K, V)
+
+
+def dplr_inputs(B, T, H, K, V, seed=4):
+    """RWKV-7's inputs (as benchmarks/gpu.py draws them) and an initial state, fp32: r, k, v,
+    a = -kappa, b = kappa * iclr, log decays -e^-0.5 sigmoid(.)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, device=DEV)  # noqa: E731
+    kappa = torch.nn.functional.normalize(r(B, T, H, K), dim=-1)
+    iclr = torch.sigmoid(r(B, T, H, K))
+    w = -math.exp(-0.5) * torch.sigmoid(r(B, T, H, K))
+    return r(B, T, H, K) / math.sqrt(K), r(B, T, H, K) / math.sqrt(K), r(B, T, H, V), -kappa, kappa * iclr, w, \
+        r(B, H, K, V)
+
+
+def dplr_run(ls, dtype=None, backend="auto"):
+    """chunk_dplr on the leaves (r, k, v, a, b, w, h0), the vectors cast to dtype, under
+    chunkwise.BACKEND = backend ('auto': the chain kernels for CUDA tensors under autograd)."""
+    from psmc.runtime.dplr import chunk_dplr
+    r, k, v, a, b, w, h0 = ls
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))  # noqa: E731
+    saved, chunkwise.BACKEND = chunkwise.BACKEND, backend
+    try:
+        return chunk_dplr(cast(r), cast(k), cast(v), cast(a), cast(b), w, initial_state=h0)
+    finally:
+        chunkwise.BACKEND = saved
+
+
+def dplr_accuracy(B, T, H, K, V) -> bool:
+    """RWKV-7's DPLR form trained with the chunks chained on the Triton kernels (fp32 inputs: tf32x3
+    dots; bf16: bf16 operands) against the torch form in float64."""
+    print("\n| op | impl | o | final | dr | dk | dv | da | db | dlog_decay | dh0 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    xs = dplr_inputs(B, T, H, K, V)
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    do = torch.randn(B, T, H, V, generator=gen, device=DEV, dtype=torch.float64)
+    ds = torch.randn(B, H, K, V, generator=gen, device=DEV, dtype=torch.float64)
+    ro, rs, rg = grads(lambda ls: dplr_run(ls, backend="torch"), xs, torch.float64, do, ds)
+    ok = True
+    for label, dtype, tol in [("fp32", None, 3e-4), ("bf16", torch.bfloat16, 5e-2)]:
+        o, s, gs = grads(lambda ls, dtype=dtype: dplr_run(ls, dtype), xs, torch.float32, do, ds)
+        errs = [rel(o, ro), rel(s, rs)] + [rel(a, b) for a, b in zip(gs, rg)]
+        bad = not all(e <= tol for e in errs)
+        ok &= not bad
+        print(f"| rwkv7 (dplr) | psmc triton chain {label} | " + " | ".join(f"{e:.1e}" for e in errs)
+              + (" | **FAIL**" if bad else " |"))
     return ok
 
 
@@ -205,6 +256,15 @@ def timing(quick: bool) -> None:
                                                                output_final_state=True)
         name = "gated_delta_rule" if gated else "delta_rule"
         _time_rows(name, impls, bench, (q, k, v, beta, g), leaves, do)
+    # the DPLR form (RWKV-7's inputs): training chains the chunks on two kernels or loops in torch
+    xs = [x.to(dt) for x in dplr_inputs(B, T, H, K, V)[:6]]
+    leaves = [x.detach().requires_grad_() for x in xs]
+    do = torch.randn(B, T, H, V, device=DEV, dtype=dt)
+    impls = {"psmc triton": lambda *x: dplr_run([*x, None]),  # (forward: the inference kernels)
+             "psmc torch loop": lambda *x: dplr_run([*x, None], backend="torch")}
+    if chunk_rwkv7 is not None:
+        impls["fla chunk"] = lambda r, k, v, a, b, w: chunk_rwkv7(r, w, k, v, a, b, scale=1.0, output_final_state=True)
+    _time_rows("rwkv7 (dplr)", impls, bench, tuple(xs), leaves, do)
 
 
 def _time_rows(name: str, impls: dict, bench, inputs: tuple, leaves: list, do) -> None:
@@ -231,8 +291,8 @@ def main() -> int:
                         help="leave fla out (its autotuning took minutes on the H200 at these shapes)")
     args = parser.parse_args()
     if args.no_fla:
-        global chunk_gla, chunk_simple_gla, fla_delta, fla_gated_delta
-        chunk_gla = chunk_simple_gla = fla_delta = fla_gated_delta = None
+        global chunk_gla, chunk_simple_gla, fla_delta, fla_gated_delta, chunk_rwkv7
+        chunk_gla = chunk_simple_gla = fla_delta = fla_gated_delta = chunk_rwkv7 = None
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     import triton
     print("triton", triton.__version__)

@@ -12,9 +12,10 @@ rest still run; rows are printed as they finish and the table is written to $OUT
   chunkwise form, the Triton token loop, and any chunked kernel family registered there) against
   fla chunk_gla, fused_recurrent_gla, chunk_simple_gla, fused_recurrent_simple_gla;
 - the delta rule at the same shape: psmc delta_rule against fla chunk_delta_rule;
-- RWKV-7 and KDA at the same shape (the diagonal-plus-low-rank class, psmc's chunked WY form in
-  torch): psmc rwkv7 / kda against fla chunk_rwkv7, fused_recurrent_rwkv7, chunk_kda,
-  fused_recurrent_kda;
+- RWKV-7 and KDA at the same shape (the diagonal-plus-low-rank class, psmc's chunked WY form:
+  inference on psmc.runtime.triton_dplr's kernels, training with the chunk-local terms in torch
+  and the chunks chained on its kernels): psmc rwkv7 / kda against fla chunk_rwkv7,
+  fused_recurrent_rwkv7, chunk_kda, fused_recurrent_kda;
 - the first-order scan at (B, D, T) = (8, 2048, 4096): psmc (each path) against accelerated-scan's
   Triton scan (its [B, D, T] layout) and torch's associative_scan under torch.compile;
 - packed sequences: GLA over 32 sequences of uneven lengths packed into B x T tokens (cu_seqlens),

@@ -103,8 +103,9 @@ FAST_PATH_GPU = {
     "delta_rule": _CHUNK_GPU.format(module="triton_delta") + " (the chunked WY form)",
     "dplr": ("inference: the chunked WY form on two Triton kernels (psmc.runtime.triton_dplr: 16-token chunks with "
              "exact per-key decays, the state in registers across chunks; bf16/fp16 inputs read as given); training: "
-             "the same form in torch (batched cuBLAS matmuls and triangular solves, autograd); packed sequences in "
-             "padded groups of similar length, one batched call per group"),
+             "the chunk-local terms in torch (batched cuBLAS matmuls and triangular solves, autograd) and the "
+             "chunks chained on two Triton kernels, one forward, one backward (psmc.runtime.triton_dplr.chain); "
+             "packed sequences in padded groups of similar length, one batched call per group"),
     "first_order": ("the first-order scan kernel (psmc.runtime.triton_scan: channels across threads, time in "
                     "tiles scanned by each program; the lift and readout in torch); packed sequences in one scan"),
 }
