@@ -13,7 +13,8 @@ state before the token (CUDA tensors outside autograd: one Triton kernel,
 psmc.runtime.triton_dplr_step). `chunk_dplr` on CUDA tensors outside autograd runs the same
 chunked WY form on two Triton kernels (psmc.runtime.triton_dplr); under autograd it computes
 the chunk-local terms here and chains the chunks on two other kernels of that module, one
-forward and one backward (`_chunks`).
+forward and one backward (`_chain`, a torch op: one node each way, also in a torch.compile
+graph).
 
 `chunk_dplr` is the parallel pass in the chunked WY form (Yang et al. 2024, "Parallelizing
 Linear Transformers with the Delta Rule over Sequence Length", generalised to a diagonal plus
@@ -242,37 +243,22 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
             state: Tensor, scale: float, grad: bool) -> tuple[Tensor, Tensor]:
     """The outputs [count * BH, L, V] of every chunk entered with `state` [BH, K, V], and the
     state that leaves the last one (see the module docstring for the algebra): the chunk-local
-    terms for all chunks at once (`_terms`), then the chunks in order. Under autograd on
-    Triton's device (float32, K <= triton_dplr.MAX_K, chunks of 16 tokens or more, not under
-    tracing) the chain runs on two kernels (psmc.runtime.triton_dplr.chain: one launch each
-    way); elsewhere a loop of one [K, K] x [K, V] product per chunk."""
+    terms for all chunks at once (`_terms`), then the chunks in order: under autograd (or in a
+    graph) as the op `_chain`, one node each way, which runs on two kernels on Triton's device
+    (float32, K <= triton_dplr.MAX_K, chunks of 16 tokens or more) and elsewhere loops over the
+    chunks; without autograd an in-place loop."""
     terms = _terms(layout, q, k, v, a, b, lam, grad)
     count, heads = layout.count, layout.batch * layout.heads
     width_k, width_v = q.shape[-1], v.shape[-1]
     chunks = count * heads
     b_out = terms.cols_out.view(chunks, 2, layout.length, width_k).unbind(1)[0]  # Btil
     free = torch.cat([terms.u0, terms.vc], dim=1)  # [U0; V]  [chunks, 2L, V]
-    if grad:
+    if grad:  # one graph node each way (psmc::dplr_chain): the kernels on Triton's device, else a loop
         written = torch.bmm(terms.cols_out.transpose(-1, -2), free)  # N = Btil^T U0 + Ktil^T V  [chunks, K, V]
-        if _chain_kernels_take(layout, q):
-            from psmc.runtime import triton_dplr
-            operands = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-            entering, state = triton_dplr.chain(terms.w, b_out, written, terms.gate, state, operands)
-            o = torch.baddbmm(terms.base, terms.q_eff, entering.view(chunks, width_k, width_v), beta=scale,
-                              alpha=scale)
-            return o, state
-    transition = torch.bmm(b_out.transpose(-1, -2), terms.w)  # P = Btil^T W + diag(e^{G_L})
-    transition.diagonal(dim1=-2, dim2=-1).add_(terms.gate)
-    transition = transition.view(count, heads, width_k, width_k)
-    # the chunks in order: S_{c+1} = P_c S_c + N_c
-    if grad:  # (unbound once: indexing chunk c would cost a full-size zero gradient per chunk)
-        entering = []
-        for written_c, transition_c in zip(written.view(count, heads, width_k, width_v).unbind(0),
-                                           transition.unbind(0)):
-            entering.append(state)
-            state = torch.baddbmm(written_c, transition_c, state)
-        entering = torch.stack(entering)
+        operands = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        entering, state = _chain(terms.w, b_out, written, terms.gate, state, operands, _chain_kernels_take(layout, q))
     else:  # N_c written where S_{c+1} goes, then P_c S_c added in place: no copy in the loop
+        transition = _transitions(terms.w, b_out, terms.gate, count)
         entering = torch.empty(count + 1, heads, width_k, width_v, dtype=layout.dtype, device=q.device)
         entering[0] = state
         torch.bmm(terms.cols_out.transpose(-1, -2), free, out=entering[1:].view(chunks, width_k, width_v))
@@ -283,11 +269,89 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     return o, state
 
 
+def _transitions(w: Tensor, b_out: Tensor, gate: Tensor, count: int) -> Tensor:
+    """Every chunk's transition P = diag(e^{G_L}) + Btil^T W, [count, BH, K, K]."""
+    transition = torch.bmm(b_out.transpose(-1, -2), w)
+    transition.diagonal(dim1=-2, dim2=-1).add_(gate)
+    return transition.view(count, -1, *transition.shape[1:])
+
+
+@torch.library.custom_op("psmc::dplr_chain", mutates_args=())
+def _chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor, operands: torch.dtype,
+           kernels: bool) -> tuple[Tensor, Tensor]:
+    """The chunks in order, S_{c+1} = (diag(gate_c) + Btil_c^T W_c) S_c + N_c, from the chunk-major
+    terms (chunk c of lane row h at c * BH + h: W, Btil [chunks, L, K], N [chunks, K, V], e^{G_L}
+    [chunks, K]) and the entering state [BH, K, V]: (the state entering every chunk
+    [count, BH, K, V], the final state [BH, K, V]). `kernels`: on psmc.runtime.triton_dplr's
+    (their dots on `operands`), else a loop of one product per chunk. A torch op, so that
+    autograd and a torch.compile graph hold the whole chain as one node each way."""
+    if kernels:
+        from psmc.runtime import triton_dplr
+        return triton_dplr.states(w, b_out, written, gate, state, operands)
+    count = w.shape[0] // state.shape[0]
+    transition = _transitions(w, b_out, gate, count)
+    entering = state.new_empty(count, *state.shape)
+    for c, written_c in enumerate(written.view(count, *state.shape).unbind(0)):
+        entering[c] = state
+        state = torch.baddbmm(written_c, transition[c], state)
+    return entering, state
+
+
+@_chain.register_fake
+def _chain_fake(w, b_out, written, gate, state, operands, kernels):
+    return state.new_empty(w.shape[0] // state.shape[0], *state.shape), state.new_empty(state.shape)
+
+
+@torch.library.custom_op("psmc::dplr_chain_backward", mutates_args=())
+def _chain_backward(w: Tensor, b_out: Tensor, gate: Tensor, entering: Tensor, d_entering: Tensor, d_final: Tensor,
+                    operands: torch.dtype, kernels: bool) -> tuple[Tensor, Tensor]:
+    """The chain's transpose in reverse, dS <- d_entering[c] + P_c^T dS from dS = d_final: (the
+    gradient of the state leaving every chunk [count, BH, K, V], the entering state's)."""
+    if kernels:
+        from psmc.runtime import triton_dplr
+        return triton_dplr.dstates(w, b_out, gate, d_entering, d_final, operands)
+    count = entering.shape[0]
+    transition = _transitions(w, b_out, gate, count).transpose(-1, -2)
+    leaving = torch.empty_like(entering)
+    d_state = d_final
+    for c in reversed(range(count)):
+        leaving[c] = d_state
+        d_state = torch.baddbmm(d_entering[c], transition[c], d_state)
+    return leaving, d_state
+
+
+@_chain_backward.register_fake
+def _chain_backward_fake(w, b_out, gate, entering, d_entering, d_final, operands, kernels):
+    return torch.empty_like(entering), torch.empty_like(d_final)
+
+
+def _chain_setup(ctx, inputs, output):
+    w, b_out, _, gate, _, operands, kernels = inputs
+    ctx.save_for_backward(w, b_out, gate, output[0])
+    ctx.operands, ctx.kernels = operands, kernels
+
+
+def _chain_vjp(ctx, d_entering, d_final):
+    """Given the entering states S_c and the leaving states' gradients dSn_c, every chunk's
+    gradients are independent batched products: dW = (Btil dSn) S^T, dBtil = (W S) dSn^T,
+    dN = dSn, d e^{G_L} = rowsum(S * dSn)."""
+    w, b_out, gate, entering = ctx.saved_tensors
+    d_entering = torch.zeros_like(entering) if d_entering is None else d_entering.contiguous()
+    d_final = torch.zeros_like(entering[0]) if d_final is None else d_final.contiguous()
+    leaving, d_state = _chain_backward(w, b_out, gate, entering, d_entering, d_final, ctx.operands, ctx.kernels)
+    S, dSn = entering.flatten(0, 1), leaving.flatten(0, 1)
+    d_w = torch.bmm(torch.bmm(b_out, dSn), S.transpose(-1, -2))
+    d_b_out = torch.bmm(torch.bmm(w, S), dSn.transpose(-1, -2))
+    return d_w, d_b_out, dSn, (S * dSn).sum(-1), d_state, None, None
+
+
+_chain.register_autograd(_chain_vjp, setup_context=_chain_setup)
+
+
 def _chain_kernels_take(layout: _Layout, q: Tensor) -> bool:
     """Whether training's chain runs on psmc.runtime.triton_dplr's kernels: Triton's device,
-    float32 terms, chunks that are a `tl.dot` tile, K <= its MAX_K, not under tracing."""
-    if layout.dtype != torch.float32 or layout.batch * layout.heads == 0 or torch.compiler.is_compiling() or \
-            not _triton_wanted(q):
+    float32 terms, chunks that are a `tl.dot` tile, K <= its MAX_K."""
+    if layout.dtype != torch.float32 or layout.batch * layout.heads == 0 or not _triton_wanted(q):
         return False
     from psmc.runtime import triton_dplr
     return triton_dplr.chain_takes(layout.length, q.shape[-1])

@@ -31,10 +31,11 @@ Triton 3.9, K = V = 128, 8 warps): intra 215, chain 148 (bf16) / 255 (fp32), no 
 sm_80 the fp32 chain kernel spills (~1.1 KB; the tf32x3 operand splits), bf16 does not.
 float64, K > 128 and explicit chunk sizes take the torch form (`takes`).
 
-Training (`chain`): the chunk-local terms stay the torch form's (`dplr._terms`: batched
-products and triangular solves over all chunks at once, differentiable by autograd), and the
-one sequential part, the chunks in order, runs on two kernels instead of a loop of a
-[K, K] x [K, V] product per chunk (two launches and its autograd nodes per chunk each way):
+Training (`states` and `dstates`, which `psmc.runtime.dplr._chain`, a torch op, calls): the
+chunk-local terms stay the torch form's (`dplr._terms`: batched products and triangular solves
+over all chunks at once, differentiable by autograd), and the one sequential part, the chunks
+in order, runs on two kernels instead of a loop of a [K, K] x [K, V] product per chunk (a
+launch or two per chunk, each way):
 
 * `_dplr_states_kernel`, one program per (lane row, block of value columns), walks the chunks
   with S' = e^{G_L} S + Btil^T (W S) + N (N = Btil^T U0 + Ktil^T V from torch; the [K, K]
@@ -43,7 +44,7 @@ one sequential part, the chunks in order, runs on two kernels instead of a loop 
 * `_dplr_dstates_kernel` walks them in reverse with the transpose,
   dS <- (what the outputs send the entering state) + e^{G_L} dS + W^T (Btil dS), and stores
   each chunk's leaving-state gradient; the gradients of W, Btil, N and e^{G_L} are then
-  batched products in torch (`_Chain`).
+  batched products in torch (`dplr._chain_vjp`).
 
 Both keep the state in fp32 registers; their dots take bf16/fp16 operands for bf16/fp16
 inputs, tf32x3 for fp32 (16 value columns per program at K > 64 there: 194 registers on sm_90,
@@ -64,7 +65,7 @@ from psmc.runtime.triton_chunk import _diag_weights, _logs, _mm, _pow2, _row, _t
 from psmc.runtime.triton_delta import _unit_lower_inverse
 from psmc.runtime.triton_delta_step import blocks
 
-__all__ = ["triton_chunk_dplr", "takes", "chain", "chain_takes", "MAX_K", "CHUNK", "KERNELS"]
+__all__ = ["triton_chunk_dplr", "takes", "states", "dstates", "chain_takes", "MAX_K", "CHUNK", "KERNELS"]
 
 CHUNK = 16  # tokens per chunk: one tl.dot tile, every L x L entry with its exact decay
 MAX_K = 128  # one K tile per program (the state [K, BV] and four [L, K] operands in registers)
@@ -349,59 +350,44 @@ def chain_blocks(K: int, V: int, operands: torch.dtype) -> tuple[int, int, int]:
 
 
 def chain_takes(length: int, K: int) -> bool:
-    """Whether `chain` serves chunks of `length` tokens and K keys: a power of two of at least
+    """Whether `states` and `dstates` serve chunks of `length` tokens and K keys: a power of two of at least
     16 (a `tl.dot` tile) and K <= MAX_K."""
     return length >= 16 and length & (length - 1) == 0 and K <= MAX_K
 
 
-def chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor,
-          operands: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The chunks of `psmc.runtime.dplr._chunks` in order, differentiable: from its chunk-major
-    terms (fp32, [count * BH, ...]: W, Btil [L, K], N = Btil^T U0 + Ktil^T V [K, V], e^{G_L}
-    [K]) and the entering state [BH, K, V] fp32, the state entering every chunk
-    [count, BH, K, V] and the final state [BH, K, V], fp32. `operands`: the dtype the dots take
-    (bf16/fp16 with fp32 accumulation; float32: tf32x3). One launch of `_dplr_states_kernel`
-    forward; backward one of `_dplr_dstates_kernel` and batched products in torch."""
-    return _Chain.apply(w, b_out, written, gate, state, operands)
+def states(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor,
+           operands: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`psmc.runtime.dplr._chain` on `_dplr_states_kernel`: from the chunk-major terms (fp32,
+    [count * BH, ...]: W, Btil [L, K], N = Btil^T U0 + Ktil^T V [K, V], e^{G_L} [K]) and the
+    entering state [BH, K, V] fp32, the state entering every chunk [count, BH, K, V] and the
+    final state [BH, K, V], fp32. `operands`: the dtype the dots take (bf16/fp16 with fp32
+    accumulation; float32: tf32x3)."""
+    chunks, length, K = w.shape
+    BH, _, V = state.shape
+    w, b_out, written, gate, state = (x.contiguous() for x in (w, b_out, written, gate, state))
+    entering = torch.empty(chunks // BH, BH, K, V, device=w.device, dtype=torch.float32)
+    final = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
+    BK, BV, warps = chain_blocks(K, V, operands)
+    _dplr_states_kernel[(BH * triton.cdiv(V, BV),)](
+        w, b_out, written, gate, state, entering, final, BH, K, V, chunks // BH,
+        BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands], num_warps=warps)
+    return entering, final
 
 
-class _Chain(torch.autograd.Function):
-    """S_{c+1} = diag(gate_c) S_c + Btil_c^T (W_c S_c) + N_c over the chunks c in order. Given
-    the entering states S_c (kept) and the gradients dSn_c of the states leaving each chunk (the
-    backward kernel), every chunk's gradients are independent batched products:
-        dW = (Btil dSn) S^T, dBtil = (W S) dSn^T, dN = dSn, dgate = rowsum(S * dSn)."""
-
-    @staticmethod
-    def forward(ctx, w, b_out, written, gate, state, operands):
-        chunks, length, K = w.shape
-        BH, _, V = state.shape
-        count = chunks // BH
-        w, b_out, written, gate, state = (x.contiguous() for x in (w, b_out, written, gate, state))
-        entering = torch.empty(count, BH, K, V, device=w.device, dtype=torch.float32)
-        final = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
-        BK, BV, warps = chain_blocks(K, V, operands)
-        _dplr_states_kernel[(BH * triton.cdiv(V, BV),)](
-            w, b_out, written, gate, state, entering, final, BH, K, V, count,
-            BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands], num_warps=warps)
-        ctx.save_for_backward(w, b_out, gate, entering)
-        ctx.operands = operands
-        return entering, final
-
-    @staticmethod
-    def backward(ctx, d_entering, d_final):
-        w, b_out, gate, entering = ctx.saved_tensors
-        count, BH, K, V = entering.shape
-        chunks, length = w.shape[:2]
-        d_entering = d_entering.to(torch.float32).contiguous()
-        d_final = d_final.to(torch.float32).contiguous()
-        leaving = torch.empty_like(entering)  # dSn: the gradient of the state leaving each chunk
-        d_state = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
-        BK, BV, warps = chain_blocks(K, V, ctx.operands)
-        _dplr_dstates_kernel[(BH * triton.cdiv(V, BV),)](
-            w, b_out, gate, d_entering, d_final, leaving, d_state, BH, K, V, count,
-            BT=length, BK=BK, BV=BV, IEEE=ctx.operands == torch.float32, DT=_TL[ctx.operands], num_warps=warps)
-        S, dSn = entering.view(chunks, K, V), leaving.view(chunks, K, V)
-        d_w = torch.bmm(torch.bmm(b_out, dSn), S.transpose(-1, -2))
-        d_b_out = torch.bmm(torch.bmm(w, S), dSn.transpose(-1, -2))
-        d_gate = (S * dSn).sum(-1)
-        return d_w, d_b_out, dSn, d_gate, d_state, None
+def dstates(w: Tensor, b_out: Tensor, gate: Tensor, d_entering: Tensor, d_final: Tensor,
+            operands: torch.dtype) -> tuple[Tensor, Tensor]:
+    """`psmc.runtime.dplr._chain_backward` on `_dplr_dstates_kernel`: from the terms, what the
+    outputs send every entering state [count, BH, K, V] and the final state's gradient, the
+    gradient of the state leaving every chunk [count, BH, K, V] and the initial state's, fp32."""
+    count, BH, K, V = d_entering.shape
+    length = w.shape[1]
+    w, b_out, gate = (x.contiguous() for x in (w, b_out, gate))
+    d_entering = d_entering.to(torch.float32).contiguous()
+    d_final = d_final.to(torch.float32).contiguous()
+    leaving = torch.empty_like(d_entering)
+    d_state = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
+    BK, BV, warps = chain_blocks(K, V, operands)
+    _dplr_dstates_kernel[(BH * triton.cdiv(V, BV),)](
+        w, b_out, gate, d_entering, d_final, leaving, d_state, BH, K, V, count,
+        BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands], num_warps=warps)
+    return leaving, d_state

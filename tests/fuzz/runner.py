@@ -764,12 +764,12 @@ def _compare_triton(tri, ref, single: dict, batch_shape, config, checked: set):
 
 
 # a fast path's hand-written chunked Triton kernels: (module, launcher, the check's name, what
-# autograd's forward calls: the DPLR form runs its torch terms and the chain kernels)
+# autograd's forward calls: the DPLR form runs its torch terms and chains the chunks on `states`)
 FAST_KERNELS = {"chunkwise": ("triton_chunk", "triton_chunk_linear_attention", "triton-fast-chunkwise",
                               "triton_chunk_linear_attention"),
                 "delta_rule": ("triton_delta", "triton_chunk_delta_rule", "triton-fast-delta_rule",
                                "triton_chunk_delta_rule"),
-                "dplr": ("triton_dplr", "triton_chunk_dplr", "triton-fast-dplr", "chain")}
+                "dplr": ("triton_dplr", "triton_chunk_dplr", "triton-fast-dplr", "states")}
 
 
 def _check_fast_kernels(cls, program, layer64, inputs, full, config, checked: set):

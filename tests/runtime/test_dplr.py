@@ -478,3 +478,30 @@ def test_compiled_equals_eager():
             assert_close(mine, expected, torch.float32)
     assert len(graphs) == 1
     assert [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.cond]
+
+
+def test_a_graph_holds_the_chunk_chain_as_one_op():
+    """Under torch.compile the chunks are chained by one `psmc::dplr_chain` node (its backward
+    one `psmc::dplr_chain_backward`), not a product per chunk unrolled into the graph; the
+    compiled pass and its gradients equal the eager ones."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    inputs = [t.float() for t in make(5, 2, 200, (2,), 8, 8)]  # 7 chunks of 32
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    torch._dynamo.reset()
+    o, s = torch.compile(lambda *x: dplr.chunk_dplr(*x, scale=0.5), backend=keep, fullgraph=True)(*leaves)
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets.count("psmc.dplr_chain.default") == 1
+    # (the batched products of the terms and the outputs, not one per chunk)
+    assert sum("baddbmm" in t for t in targets) <= 3, targets
+    (o.sum() + (s * s).sum()).backward()
+    eager = [t.clone().requires_grad_() for t in inputs]
+    want_o, want_s = dplr.chunk_dplr(*eager, scale=0.5)
+    (want_o.sum() + (want_s * want_s).sum()).backward()
+    torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, eager):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)

@@ -3,7 +3,7 @@ under TRITON_INTERPRET=1: against the float64 per-token recurrence (test_dplr.re
 per-key, scalar or no decay, with and without an initial state, T below, at and past a chunk,
 broadcast lanes, K and V not powers of two and K = 128 (the kernels' limit), exact zeros,
 strong and growing decays, fp16 inputs (bf16 on a GPU); what it declines; that chunk_dplr routes to it; packed
-sequences; and a generated RWKV-7 layer's forward through it. Training's chain kernels (triton_dplr.chain): every
+sequences; and a generated RWKV-7 layer's forward through it. Training's chain kernels (triton_dplr.states, dstates): every
 gradient against the float64 recurrence's, the same cases' kinds, what they decline, packed sequences and a generated
 layer's gradients."""
 from __future__ import annotations
@@ -186,10 +186,12 @@ def _gradients(fn, inputs, dtype, o_weight, s_weight):
 
 
 def _through_the_chain(monkeypatch):
-    """BACKEND='triton' with every training chain counted."""
+    """BACKEND='triton' with every training chain on the kernels counted (forward and backward:
+    a 1 for each, so [1, 1] is one training pass)."""
     calls = []
-    real = triton_dplr.chain
-    monkeypatch.setattr(triton_dplr, "chain", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("states", "dstates"):
+        real = getattr(triton_dplr, name)
+        monkeypatch.setattr(triton_dplr, name, lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
     monkeypatch.setattr(chunkwise, "BACKEND", "triton")
     return calls
 
@@ -214,7 +216,7 @@ def test_training_runs_the_chain_kernels_with_the_recurrence_s_gradients(monkeyp
     calls = _through_the_chain(monkeypatch)
     got = _gradients(lambda *x: dplr.chunk_dplr(*x[:6], scale=0.7, initial_state=x[6]), inputs, torch.float32,
                      o_weight, s_weight)
-    assert calls == [1]
+    assert calls == [1, 1]
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
     names = ["o", "state", "q", "k", "v", "a", "b"] + (["log_decay"] if decay else []) + ["initial_state"]
     assert len(got) == len(want) == len(names)
@@ -236,7 +238,7 @@ def test_training_through_the_chain_keeps_exact_zeros_and_strong_decays(monkeypa
     calls = _through_the_chain(monkeypatch)
     got = _gradients(lambda *x: dplr.chunk_dplr(*x, g.float().to(DEVICE), scale=0.8), (q, k, v, a, b), torch.float32,
                      o_weight, s_weight)
-    assert calls == [1]
+    assert calls == [1, 1]
     for out, ref in zip(got, want):
         check(out.detach().cpu(), ref.detach(), 2e-5)
 
@@ -252,10 +254,11 @@ def test_training_with_half_inputs_takes_half_operands(monkeypatch, dtype):
     want = _gradients(lambda *x: reference(*x), (q, k, v, a, b, g), torch.float64, o_weight, s_weight)
     calls = _through_the_chain(monkeypatch)
     operands = []
-    real = triton_dplr._Chain.apply
-    monkeypatch.setattr(triton_dplr._Chain, "apply", lambda *x: operands.append(x[-1]) or real(*x))
+    for name in ("states", "dstates"):
+        real = getattr(triton_dplr, name)
+        monkeypatch.setattr(triton_dplr, name, lambda *x, real=real: operands.append(x[-1]) or real(*x))
     got = _gradients(lambda *x: dplr.chunk_dplr(*x), (q, k, v, a, b, g), dtype, o_weight, s_weight)
-    assert calls == [1] and operands == [dtype]
+    assert calls == [1, 1] and operands == [dtype, dtype]
     assert got[0].dtype == dtype
     for out, ref in zip(got, want):
         check(out.detach().cpu(), ref.detach(), 2e-2)
@@ -308,8 +311,27 @@ def test_a_generated_layer_trains_through_the_chain_kernels(monkeypatch):
 
     calls = _through_the_chain(monkeypatch)
     got = gradients()
-    assert calls == [1]
+    assert calls == [1, 1]
     monkeypatch.setattr(chunkwise, "BACKEND", "torch")
     want = gradients()
     for out, ref in zip(got, want):
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_training_graph_runs_the_chain_kernels(monkeypatch):
+    """torch.compile (AOTAutograd, no Inductor) of a training pass: the chain op runs the
+    kernels forward and backward inside the graphs, with the eager pass's gradients."""
+    inputs = [t.float().to(DEVICE) for t in make(6, 1, 50, (2,), 8, 8)]
+    calls = _through_the_chain(monkeypatch)
+    eager = [t.clone().requires_grad_() for t in inputs]
+    o, s = dplr.chunk_dplr(*eager)
+    (o.sum() + (s * s).sum()).backward()
+    assert calls == [1, 1]
+    torch._dynamo.reset()
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    got_o, got_s = torch.compile(dplr.chunk_dplr, backend="aot_eager", fullgraph=True)(*leaves)
+    (got_o.sum() + (got_s * got_s).sum()).backward()
+    assert calls == [1, 1, 1, 1]
+    torch.testing.assert_close(got_o, o, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, eager):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
