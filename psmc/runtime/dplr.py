@@ -245,7 +245,7 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     state that leaves the last one (see the module docstring for the algebra): the chunk-local
     terms for all chunks at once (`_terms`), then the chunks in order: under autograd (or in a
     graph) as the op `_chain`, one node each way, which runs on two kernels on Triton's device
-    (float32, K <= triton_dplr.MAX_K, chunks of 16 tokens or more) and elsewhere loops over the
+    (float32, K <= triton_dplr.MAX_K, chunks of 16 or 32 tokens) and elsewhere loops over the
     chunks; without autograd an in-place loop."""
     terms = _terms(layout, q, k, v, a, b, lam, grad)
     count, heads = layout.count, layout.batch * layout.heads
@@ -350,7 +350,7 @@ _chain.register_autograd(_chain_vjp, setup_context=_chain_setup)
 
 def _chain_kernels_take(layout: _Layout, q: Tensor) -> bool:
     """Whether training's chain runs on psmc.runtime.triton_dplr's kernels: Triton's device,
-    float32 terms, chunks that are a `tl.dot` tile, K <= its MAX_K."""
+    float32 terms, chunks of 16 or 32 tokens, K <= its MAX_K (`chain_takes`)."""
     if layout.dtype != torch.float32 or layout.batch * layout.heads == 0 or not _triton_wanted(q):
         return False
     from psmc.runtime import triton_dplr

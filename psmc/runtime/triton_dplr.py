@@ -349,10 +349,13 @@ def chain_blocks(K: int, V: int, operands: torch.dtype) -> tuple[int, int, int]:
     return BK, BV, NUM_WARPS
 
 
+CHAIN_LENGTHS = (16, 32)  # tokens per chunk the chain kernels take (64 in fp32: 0.4 KB spills, 144 KB smem)
+
+
 def chain_takes(length: int, K: int) -> bool:
-    """Whether `states` and `dstates` serve chunks of `length` tokens and K keys: a power of two of at least
-    16 (a `tl.dot` tile) and K <= MAX_K."""
-    return length >= 16 and length & (length - 1) == 0 and K <= MAX_K
+    """Whether `states` and `dstates` serve chunks of `length` tokens and K keys: 16 or 32 (the
+    default; 16 is the smallest `tl.dot` tile), and K <= MAX_K."""
+    return length in CHAIN_LENGTHS and K <= MAX_K
 
 
 def states(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor,

@@ -265,10 +265,11 @@ def test_training_with_half_inputs_takes_half_operands(monkeypatch, dtype):
 
 
 def test_what_the_chain_kernels_decline(monkeypatch):
-    """Chunks shorter than a tl.dot tile (T <= 8: 8-token chunks), chunk sizes that are not a power of two,
+    """Chunks shorter than a tl.dot tile (T <= 8: 8-token chunks), other than 16 or 32 tokens,
     K past MAX_K and float64 keep the torch loop, with the same gradients."""
     assert triton_dplr.chain_takes(32, 128) and triton_dplr.chain_takes(16, 8)
     assert not triton_dplr.chain_takes(8, 8) and not triton_dplr.chain_takes(24, 8)
+    assert not triton_dplr.chain_takes(64, 8)  # (not compiled ahead of time: fp32 spills at 64)
     assert not triton_dplr.chain_takes(32, triton_dplr.MAX_K + 1)
     calls = _through_the_chain(monkeypatch)
     for steps, dtype, chunk in ((7, torch.float32, None), (40, torch.float64, None), (40, torch.float32, 24)):
