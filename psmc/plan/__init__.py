@@ -105,7 +105,7 @@ FAST_PATH_GPU = {
              "exact per-key decays, the state in registers across chunks; bf16/fp16 inputs read as given); training: "
              "the chunk-local terms in torch (batched cuBLAS matmuls and triangular solves, autograd) and the "
              "chunks chained on two Triton kernels, one forward, one backward (psmc.runtime.triton_dplr.chain); "
-             "packed sequences in padded groups of similar length, one batched call per group"),
+             "packed sequences in one call, each padded to whole chunks"),
     "first_order": ("the first-order scan kernel (psmc.runtime.triton_scan: channels across threads, time in "
                     "tiles scanned by each program; the lift and readout in torch); packed sequences in one scan"),
 }

@@ -139,7 +139,10 @@ def chunk_dplr(
         cu_seqlens: packed sequences (fla's convention): B = 1, and the N sequences are tokens
             cu_seqlens[n]:cu_seqlens[n + 1] of the time axis, each run from its own initial
             state (initial_state broadcastable to [N, *lanes, K, V]); the final state is then
-            [N, *lanes, K, V]. They run one after another.
+            [N, *lanes, K, V]. On Triton's device they run in one call (each padded with
+            identity tokens to whole chunks, the chain kernels walking each sequence's chunks:
+            `_packed`); elsewhere one after another, or in padded groups of similar length
+            (chunkwise.by_sequence).
 
     Returns:
         (o, final_state): o [B, T, *lanes, V] in v's dtype; final_state = S_{T-1}
@@ -150,6 +153,10 @@ def chunk_dplr(
     width_k, width_v = q.shape[-1], v.shape[-1]
     if cu_seqlens is not None:
         bounds = packed_bounds("chunk_dplr", cu_seqlens, batch, steps)
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, a, b, log_decay, initial_state))
+        if chunk_size is None and _packed_kernels_take(q, k, v, a, b, log_decay, initial_state, bounds, grad):
+            return _packed(q, k, v, a, b, log_decay, scale, initial_state, bounds, lanes, grad)
 
         def one(q, k, v, a, b, g, initial_state):
             return chunk_dplr(q, k, v, a, b, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
@@ -239,14 +246,69 @@ def dplr_step(
     return o.to(out_dtype), new
 
 
+def _packed_kernels_take(q, k, v, a, b, log_decay, initial_state, bounds: list, grad: bool) -> bool:
+    """Whether packed sequences run in one call on the Triton kernels (`_packed`): Triton's device,
+    not under tracing, some tokens, and the kernels of that mode take the inputs (inference:
+    `triton_dplr.takes`; training: float32 terms and `triton_dplr.chain_takes`)."""
+    if torch.compiler.is_compiling() or bounds[-1] == 0 or not _triton_wanted(q):
+        return False
+    from psmc.runtime import triton_dplr
+    tensors = [t for t in (q, k, v, a, b, log_decay, initial_state) if t is not None]
+    if not grad:
+        return triton_dplr.takes(q, k, v, a, b, log_decay, initial_state, None)
+    return all(t.dtype != torch.float64 for t in tensors) and triton_dplr.chain_takes(_CHUNK_AUTOGRAD, q.shape[-1])
+
+
+def _packed(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None, scale: float,
+            initial_state: Tensor | None, bounds: list, lanes: tuple, grad: bool) -> tuple[Tensor, Tensor]:
+    """Packed sequences (B = 1) in one call on the kernels: each sequence padded with zero tokens
+    (the identity map) to whole chunks, all of them one padded row in which no chunk crosses a
+    sequence end, and the chain walking each sequence's chunks from its own initial state
+    (`cu_chunks`). Outputs [1, total_T, *lanes, V] in the packed order, final states
+    [N, *lanes, K, V] fp32. Differentiable (an index_copy in, an index_select out)."""
+    from psmc.runtime import triton_dplr
+    device = q.device
+    length = _CHUNK_AUTOGRAD if grad else triton_dplr.CHUNK
+    n, total = len(bounds) - 1, bounds[-1]
+    sizes = torch.tensor([hi - lo for lo, hi in zip(bounds, bounds[1:])], device=device)
+    chunks = (sizes + length - 1) // length
+    cu_chunks = F.pad(torch.cumsum(chunks, 0), (1, 0)).to(torch.int32)
+    count = int(cu_chunks[-1])
+    # where each packed token sits in the padded row: its sequence's first chunk, plus its offset
+    sequence = torch.repeat_interleave(torch.arange(n, device=device), sizes)
+    starts = torch.tensor(bounds[:-1], device=device)
+    place = cu_chunks.long()[:-1][sequence] * length + torch.arange(total, device=device) - starts[sequence]
+
+    def padded(x):
+        if x is None:
+            return None
+        x = x.expand(1, total, *x.shape[2:])  # (an input shared by every token: zero past each end too)
+        return x.new_zeros(1, count * length, *x.shape[2:]).index_copy(1, place, x)
+    q, k, v, a, b, log_decay = (padded(x) for x in (q, k, v, a, b, log_decay))
+    width_k, width_v = q.shape[-1], v.shape[-1]
+    if not grad:
+        o, final = triton_dplr.triton_chunk_dplr(q, k, v, a, b, log_decay, scale=scale, initial_state=initial_state,
+                                                 batch=1, steps=count * length, lanes=lanes, cu_chunks=cu_chunks)
+        return o.index_select(1, place), final
+    heads = math.prod(lanes)
+    state = torch.zeros(n * heads, width_k, width_v, dtype=torch.float32, device=device)
+    if initial_state is not None:
+        state = initial_state.to(torch.float32).expand(n, *lanes, width_k, width_v).reshape(state.shape)
+    layout = _Layout(1, count * length, lanes, heads, length, count, torch.float32, True)
+    o, state = _chunks(layout, q, k, v, a, b, log_decay, state, scale, True, cu_chunks)
+    return layout.unpack(o, width_v, v.dtype).index_select(1, place), state.reshape(n, *lanes, width_k, width_v)
+
+
 def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, lam: Tensor | None,
-            state: Tensor, scale: float, grad: bool) -> tuple[Tensor, Tensor]:
+            state: Tensor, scale: float, grad: bool, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The outputs [count * BH, L, V] of every chunk entered with `state` [BH, K, V], and the
     state that leaves the last one (see the module docstring for the algebra): the chunk-local
     terms for all chunks at once (`_terms`), then the chunks in order: under autograd (or in a
     graph) as the op `_chain`, one node each way, which runs on two kernels on Triton's device
     (float32, K <= triton_dplr.MAX_K, chunks of 16 or 32 tokens) and elsewhere loops over the
-    chunks; without autograd an in-place loop."""
+    chunks; without autograd an in-place loop. cu_chunks (under autograd): packed sequences
+    (`_packed`), sequence n the chunks cu_chunks[n] .. cu_chunks[n + 1] - 1, `state` and the
+    final state a row per (sequence, lane)."""
     terms = _terms(layout, q, k, v, a, b, lam, grad)
     count, heads = layout.count, layout.batch * layout.heads
     width_k, width_v = q.shape[-1], v.shape[-1]
@@ -256,7 +318,8 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     if grad:  # one graph node each way (psmc::dplr_chain): the kernels on Triton's device, else a loop
         written = torch.bmm(terms.cols_out.transpose(-1, -2), free)  # N = Btil^T U0 + Ktil^T V  [chunks, K, V]
         operands = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        entering, state = _chain(terms.w, b_out, written, terms.gate, state, operands, _chain_kernels_take(layout, q))
+        entering, state = _chain(terms.w, b_out, written, terms.gate, state, operands, _chain_kernels_take(layout, q),
+                                 cu_chunks)
     else:  # N_c written where S_{c+1} goes, then P_c S_c added in place: no copy in the loop
         transition = _transitions(terms.w, b_out, terms.gate, count)
         entering = torch.empty(count + 1, heads, width_k, width_v, dtype=layout.dtype, device=q.device)
@@ -278,57 +341,75 @@ def _transitions(w: Tensor, b_out: Tensor, gate: Tensor, count: int) -> Tensor:
 
 @torch.library.custom_op("psmc::dplr_chain", mutates_args=())
 def _chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor, operands: torch.dtype,
-           kernels: bool) -> tuple[Tensor, Tensor]:
+           kernels: bool, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The chunks in order, S_{c+1} = (diag(gate_c) + Btil_c^T W_c) S_c + N_c, from the chunk-major
     terms (chunk c of lane row h at c * BH + h: W, Btil [chunks, L, K], N [chunks, K, V], e^{G_L}
     [chunks, K]) and the entering state [BH, K, V]: (the state entering every chunk
     [count, BH, K, V], the final state [BH, K, V]). `kernels`: on psmc.runtime.triton_dplr's
     (their dots on `operands`), else a loop of one product per chunk. A torch op, so that
-    autograd and a torch.compile graph hold the whole chain as one node each way."""
+    autograd and a torch.compile graph hold the whole chain as one node each way. cu_chunks:
+    packed sequences, sequence n the chunks cu_chunks[n] .. cu_chunks[n + 1] - 1, `state` and
+    the final state [N * BH, K, V], a row per (sequence, lane)."""
     if kernels:
         from psmc.runtime import triton_dplr
-        return triton_dplr.states(w, b_out, written, gate, state, operands)
-    count = w.shape[0] // state.shape[0]
-    transition = _transitions(w, b_out, gate, count)
-    entering = state.new_empty(count, *state.shape)
-    for c, written_c in enumerate(written.view(count, *state.shape).unbind(0)):
-        entering[c] = state
-        state = torch.baddbmm(written_c, transition[c], state)
-    return entering, state
+        return triton_dplr.states(w, b_out, written, gate, state, operands, cu_chunks)
+    spans, lanes = _spans(cu_chunks, w.shape[0], state.shape[0])
+    transition = _transitions(w, b_out, gate, w.shape[0] // lanes)
+    entering = state.new_empty(w.shape[0] // lanes, lanes, *state.shape[1:])
+    finals = []
+    for n, (first, last) in enumerate(spans):
+        S = state[n * lanes:(n + 1) * lanes]
+        for c in range(first, last):
+            entering[c] = S
+            S = torch.baddbmm(written[c * lanes:(c + 1) * lanes], transition[c], S)
+        finals.append(S)
+    return entering, torch.cat(finals) if len(finals) > 1 else finals[0].clone()
+
+
+def _spans(cu_chunks: Tensor | None, chunks: int, rows: int) -> tuple[list, int]:
+    """([(first chunk, one past the last)] per sequence, the lanes a chunk index spans)."""
+    if cu_chunks is None:
+        return [(0, chunks // rows)], rows
+    cu = cu_chunks.tolist()
+    return list(zip(cu, cu[1:])), rows // (len(cu) - 1)
 
 
 @_chain.register_fake
-def _chain_fake(w, b_out, written, gate, state, operands, kernels):
-    return state.new_empty(w.shape[0] // state.shape[0], *state.shape), state.new_empty(state.shape)
+def _chain_fake(w, b_out, written, gate, state, operands, kernels, cu_chunks=None):
+    lanes = state.shape[0] if cu_chunks is None else state.shape[0] // (cu_chunks.shape[0] - 1)
+    return state.new_empty(w.shape[0] // lanes, lanes, *state.shape[1:]), state.new_empty(state.shape)
 
 
 @torch.library.custom_op("psmc::dplr_chain_backward", mutates_args=())
 def _chain_backward(w: Tensor, b_out: Tensor, gate: Tensor, entering: Tensor, d_entering: Tensor, d_final: Tensor,
-                    operands: torch.dtype, kernels: bool) -> tuple[Tensor, Tensor]:
+                    operands: torch.dtype, kernels: bool, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The chain's transpose in reverse, dS <- d_entering[c] + P_c^T dS from dS = d_final: (the
     gradient of the state leaving every chunk [count, BH, K, V], the entering state's)."""
     if kernels:
         from psmc.runtime import triton_dplr
-        return triton_dplr.dstates(w, b_out, gate, d_entering, d_final, operands)
-    count = entering.shape[0]
-    transition = _transitions(w, b_out, gate, count).transpose(-1, -2)
+        return triton_dplr.dstates(w, b_out, gate, d_entering, d_final, operands, cu_chunks)
+    spans, lanes = _spans(cu_chunks, w.shape[0], d_final.shape[0])
+    transition = _transitions(w, b_out, gate, entering.shape[0]).transpose(-1, -2)
     leaving = torch.empty_like(entering)
-    d_state = d_final
-    for c in reversed(range(count)):
-        leaving[c] = d_state
-        d_state = torch.baddbmm(d_entering[c], transition[c], d_state)
-    return leaving, d_state
+    starts = []
+    for n, (first, last) in enumerate(spans):
+        d_state = d_final[n * lanes:(n + 1) * lanes]
+        for c in reversed(range(first, last)):
+            leaving[c] = d_state
+            d_state = torch.baddbmm(d_entering[c], transition[c], d_state)
+        starts.append(d_state)
+    return leaving, torch.cat(starts) if len(starts) > 1 else starts[0].clone()
 
 
 @_chain_backward.register_fake
-def _chain_backward_fake(w, b_out, gate, entering, d_entering, d_final, operands, kernels):
+def _chain_backward_fake(w, b_out, gate, entering, d_entering, d_final, operands, kernels, cu_chunks=None):
     return torch.empty_like(entering), torch.empty_like(d_final)
 
 
 def _chain_setup(ctx, inputs, output):
-    w, b_out, _, gate, _, operands, kernels = inputs
+    w, b_out, _, gate, state, operands, kernels, cu_chunks = inputs
     ctx.save_for_backward(w, b_out, gate, output[0])
-    ctx.operands, ctx.kernels = operands, kernels
+    ctx.operands, ctx.kernels, ctx.cu_chunks, ctx.rows = operands, kernels, cu_chunks, state.shape[0]
 
 
 def _chain_vjp(ctx, d_entering, d_final):
@@ -337,12 +418,14 @@ def _chain_vjp(ctx, d_entering, d_final):
     dN = dSn, d e^{G_L} = rowsum(S * dSn)."""
     w, b_out, gate, entering = ctx.saved_tensors
     d_entering = torch.zeros_like(entering) if d_entering is None else d_entering.contiguous()
-    d_final = torch.zeros_like(entering[0]) if d_final is None else d_final.contiguous()
-    leaving, d_state = _chain_backward(w, b_out, gate, entering, d_entering, d_final, ctx.operands, ctx.kernels)
+    if d_final is None:
+        d_final = entering.new_zeros(ctx.rows, *entering.shape[2:])
+    leaving, d_state = _chain_backward(w, b_out, gate, entering, d_entering, d_final.contiguous(), ctx.operands,
+                                       ctx.kernels, ctx.cu_chunks)
     S, dSn = entering.flatten(0, 1), leaving.flatten(0, 1)
     d_w = torch.bmm(torch.bmm(b_out, dSn), S.transpose(-1, -2))
     d_b_out = torch.bmm(torch.bmm(w, S), dSn.transpose(-1, -2))
-    return d_w, d_b_out, dSn, (S * dSn).sum(-1), d_state, None, None
+    return d_w, d_b_out, dSn, (S * dSn).sum(-1), d_state, None, None, None
 
 
 _chain.register_autograd(_chain_vjp, setup_context=_chain_setup)

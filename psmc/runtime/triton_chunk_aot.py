@@ -182,6 +182,19 @@ def _record(test_only: bool) -> list:
                 for i in range(start, len(log)):
                     label = f"dplr {str(dtype)[6:]} K=V={width}{'' if decay else ' no decay'} training"
                     log[i] = (label, "training forward" if i < middle else "backward") + log[i]
+            # packed sequences in one call (VARLEN=1): inference, then training
+            packed = torch.tensor([0, 40, 41, T], dtype=torch.int32)
+            for grad in (False, True):
+                start = len(log)
+                q = torch.zeros(1, T, H, 128, dtype=torch.bfloat16, requires_grad=grad)
+                g = torch.zeros(1, T, H, 128, requires_grad=grad)
+                o, s = dplr.chunk_dplr(q, q, q, q, q, g, initial_state=torch.zeros(3, H, 128, 128), cu_seqlens=packed)
+                middle = len(log)
+                if grad:
+                    torch.autograd.backward([o, s], [torch.ones_like(o), torch.ones_like(s)])
+                for i in range(start, len(log)):
+                    phase = ("training forward" if grad else "forward") if i < middle else "backward"
+                    log[i] = ("dplr bfloat16 K=V=128 packed" + (" training" if grad else ""), phase) + log[i]
         finally:
             chunkwise.BACKEND = backend
     from psmc.runtime import triton_delta_step as ts

@@ -48,8 +48,9 @@ launch or two per chunk, each way):
 
 Both keep the state in fp32 registers; their dots take bf16/fp16 operands for bf16/fp16
 inputs, tf32x3 for fp32 (16 value columns per program at K > 64 there: 194 registers on sm_90,
-no spills). Packed sequences reach all of these through `chunk_dplr`'s per-sequence grouping
-(psmc.runtime.chunkwise.by_sequence).
+no spills). Packed sequences run in one call (`psmc.runtime.dplr._packed`): each padded with
+identity tokens to whole chunks, one row in which no chunk crosses a sequence end, and the
+chain kernels (`VARLEN`) walking each sequence's chunks from its own initial state.
 """
 from __future__ import annotations
 
@@ -156,21 +157,31 @@ def _dplr_intra_kernel(
 def _dplr_chain_kernel(
     v_ptr, svb, svt, svh, svd,
     w_ptr, u0_ptr, qe_ptr, ol_ptr, bt_ptr, kt_ptr, gate_ptr,
-    h0_ptr, o_ptr, hT_ptr, scale,
+    h0_ptr, o_ptr, hT_ptr, scale, cu_ptr,
     T, H, K, V, NT,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, IEEE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """The chunks of one lane in order for one block of BV value columns: outputs o [B, T, H, V]
-    (v's dtype) and the final state hT [lanes, K, V] (fp32)."""
+    (v's dtype) and the final state hT [lanes, K, V] (fp32). VARLEN: packed sequences, each
+    padded to whole chunks (B = 1); the program of state row n * H + h walks sequence n's chunks
+    cu[n] .. cu[n + 1] - 1 from its initial state, and hT holds one state per sequence."""
     pid = tl.program_id(0).to(tl.int64)
     nv = tl.cdiv(V, BV)
     vb = pid % nv
-    bh = pid // nv
-    b, hh = bh // H, bh % H
+    row = pid // nv  # the state's row
+    if VARLEN:
+        seq = row // H
+        b, hh = seq * 0, row % H
+        first, last = tl.load(cu_ptr + seq), tl.load(cu_ptr + seq + 1)
+    else:
+        b, hh = row // H, row % H
+        first, last = 0, NT
+    bh = b * H + hh  # the lane whose chunks these are
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
-    kv = bh * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
+    kv = row * K * V + ck[:, None].to(tl.int64) * V + cv[None, :]
     kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
     if HAS_H0:
         S = tl.load(h0_ptr + kv, mask=kv_mask, other=0.0)
@@ -180,7 +191,7 @@ def _dplr_chain_kernel(
     v_mask = (rows < BT)[:, None] & (cv < V)[None, :]
     v_off = b * svb + hh * svh
     DT = v_ptr.dtype.element_ty  # bf16/fp16 inputs: the dots take operands in that dtype (as fla's)
-    for c in range(NT):
+    for c in range(first, last):
         cs = c * BT
         t = cs + rows
         line = bh * NT * BT + t.to(tl.int64)
@@ -200,27 +211,41 @@ def _dplr_chain_kernel(
 
 
 @triton.jit
+def _rows(row, cu_ptr, BH, NT, VARLEN: tl.constexpr):
+    """(the state row, the lane, the first chunk, one past the last) of a training-chain program
+    whose state row is `row`: lane row and chunks 0 .. NT - 1, or with VARLEN (B = 1, BH = H)
+    row n * H + h, lane h and sequence n's chunks cu[n] .. cu[n + 1] - 1."""
+    if VARLEN:
+        seq = row // BH
+        return row, row % BH, tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
+    else:
+        return row, row, row * 0, row * 0 + NT
+
+
+@triton.jit
 def _dplr_states_kernel(
-    w_ptr, bt_ptr, n_ptr, gate_ptr, h0_ptr, hs_ptr, hT_ptr,
+    w_ptr, bt_ptr, n_ptr, gate_ptr, h0_ptr, hs_ptr, hT_ptr, cu_ptr,
     BH, K, V, NT,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Training's forward chain, one program per (lane row, block of BV value columns), over the
     torch form's chunk-major terms (chunk c of row h at c * BH + h; W, Btil [L, K],
     N = Btil^T U0 + Ktil^T V [K, V], e^{G_L} [K], fp32): the chunks in order,
     S' = e^{G_L} S + Btil^T (W S) + N, each entering state stored in hs [NT, BH, K, V] (the
-    outputs' products read them, and the backward pass) and the final one in hT [BH, K, V]."""
+    outputs' products read them, and the backward pass) and the final one in hT [BH, K, V].
+    VARLEN: packed sequences (`_rows`): h0 and hT hold a state per (sequence, lane)."""
     pid = tl.program_id(0).to(tl.int64)
     nv = tl.cdiv(V, BV)
     vb = pid % nv
-    bh = pid // nv
+    row, bh, first, last = _rows(pid // nv, cu_ptr, BH, NT, VARLEN)
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
     kv = ck[:, None].to(tl.int64) * V + cv[None, :]
     kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    S = tl.load(h0_ptr + bh * K * V + kv, mask=kv_mask, other=0.0)
-    for c in range(NT):
+    S = tl.load(h0_ptr + row * K * V + kv, mask=kv_mask, other=0.0)
+    for c in range(first, last):
         chunk = c * BH + bh
         tl.store(hs_ptr + chunk * K * V + kv, S, mask=kv_mask)
         w = tl.load(w_ptr + chunk * BT * K + rows[:, None] * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
@@ -229,32 +254,34 @@ def _dplr_states_kernel(
         bt = tl.load(bt_ptr + chunk * BT * K + ck[:, None] + rows[None, :] * K, mask=(ck < K)[:, None], other=0.0)
         gate = tl.load(gate_ptr + chunk * K + ck, mask=ck < K, other=0.0)
         S = gate[:, None] * S + _mm(bt, x, IEEE, DT) + tl.load(n_ptr + chunk * K * V + kv, mask=kv_mask, other=0.0)
-    tl.store(hT_ptr + bh * K * V + kv, S, mask=kv_mask)
+    tl.store(hT_ptr + row * K * V + kv, S, mask=kv_mask)
 
 
 @triton.jit
 def _dplr_dstates_kernel(
-    w_ptr, bt_ptr, gate_ptr, dhs_ptr, dhT_ptr, dn_ptr, dh0_ptr,
+    w_ptr, bt_ptr, gate_ptr, dhs_ptr, dhT_ptr, dn_ptr, dh0_ptr, cu_ptr,
     BH, K, V, NT,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IEEE: tl.constexpr, DT: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """Training's backward chain, the transpose of `_dplr_states_kernel`: the chunks in reverse
     with dS, the gradient of the state leaving the chunk, in fp32 registers: stores it in
     dn [NT, BH, K, V] (the per-chunk gradients are batched products of it in torch), then
     dS <- dhs[c] + e^{G_L} dS + W^T (Btil dS), where dhs [NT, BH, K, V] holds what the
-    outputs send each entering state; writes the initial state's gradient, dh0 [BH, K, V]."""
+    outputs send each entering state; writes the initial state's gradient, dh0 [BH, K, V]
+    (VARLEN: dhT and dh0 per (sequence, lane), as `_dplr_states_kernel`)."""
     pid = tl.program_id(0).to(tl.int64)
     nv = tl.cdiv(V, BV)
     vb = pid % nv
-    bh = pid // nv
+    row, bh, first, last = _rows(pid // nv, cu_ptr, BH, NT, VARLEN)
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
     kv = ck[:, None].to(tl.int64) * V + cv[None, :]
     kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
-    dS = tl.load(dhT_ptr + bh * K * V + kv, mask=kv_mask, other=0.0)
-    for i in range(NT):
-        chunk = (NT - 1 - i) * BH + bh
+    dS = tl.load(dhT_ptr + row * K * V + kv, mask=kv_mask, other=0.0)
+    for i in range(last - first):
+        chunk = (last - 1 - i) * BH + bh
         tl.store(dn_ptr + chunk * K * V + kv, dS, mask=kv_mask)
         bt = tl.load(bt_ptr + chunk * BT * K + rows[:, None] * K + ck[None, :], mask=(ck < K)[None, :], other=0.0)
         dx = _mm(bt, dS, IEEE, DT)  # Btil dS  [L, BV]
@@ -263,7 +290,7 @@ def _dplr_dstates_kernel(
         gate = tl.load(gate_ptr + chunk * K + ck, mask=ck < K, other=0.0)
         dS = gate[:, None] * dS + _mm(w, dx, IEEE, DT) + tl.load(dhs_ptr + chunk * K * V + kv, mask=kv_mask,
                                                                   other=0.0)
-    tl.store(dh0_ptr + bh * K * V + kv, dS, mask=kv_mask)
+    tl.store(dh0_ptr + row * K * V + kv, dS, mask=kv_mask)
 
 
 def takes(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
@@ -290,11 +317,15 @@ def _strides(x: Tensor) -> tuple:
 
 def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
                       *, scale: float, initial_state: Tensor | None, batch: int, steps: int,
-                      lanes: tuple) -> tuple[Tensor, Tensor]:
+                      lanes: tuple, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`chunk_dplr` on the kernels for inputs already brought to one rank by its `_shapes`
     (q, k, a, b [.., K], v [.., V], log_decay [.., K or 1]; leading axes broadcast to
     [batch, steps, *lanes]). Returns (o [B, T, *lanes, V] in v's dtype, the final state
-    [B, *lanes, K, V] fp32). The caller checks `takes(...)` first."""
+    [B, *lanes, K, V] fp32). The caller checks `takes(...)` first.
+    cu_chunks: packed sequences (B = 1), each padded with zero tokens to whole chunks of CHUNK
+    tokens: sequence n is chunks cu_chunks[n] .. cu_chunks[n + 1] - 1 (int32 [N + 1] on the
+    device), run from its own initial state (broadcastable to [N, *lanes, K, V]); the final
+    state is then [N, *lanes, K, V]."""
     K, V = q.shape[-1], v.shape[-1]
     B, T, H = batch, steps, math.prod(lanes)
     qs, ks, as_, bs = (_lanes_flat(x, B, T, lanes, K) for x in (q, k, a, b))
@@ -307,13 +338,14 @@ def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log
         g_strides = _strides(gs)[:3] + ((0,) if width == 1 else (gs.stride(3),))  # a scalar: one per token
     device = q.device
     o = torch.empty(B, T, H, V, device=device, dtype=v.dtype)
-    final = torch.empty(B * H, K, V, device=device, dtype=torch.float32)
+    rows = B if cu_chunks is None else len(cu_chunks) - 1  # the states' rows: per sequence when packed
+    final = torch.empty(rows * H, K, V, device=device, dtype=torch.float32)
     h0 = None
     if initial_state is not None:
-        h0 = initial_state.to(torch.float32).expand(B, *lanes, K, V).reshape(B * H, K, V).contiguous()
+        h0 = initial_state.to(torch.float32).expand(rows, *lanes, K, V).reshape(rows * H, K, V).contiguous()
     if B * H == 0 or T == 0:
         final.copy_(torch.zeros_like(final) if h0 is None else h0)
-        return o.reshape(B, T, *lanes, V), final.reshape(B, *lanes, K, V)
+        return o.reshape(B, T, *lanes, V), final.reshape(rows, *lanes, K, V)
     BT, BK = CHUNK, max(16, _pow2(K))
     NT = -(-T // BT)
     lines = B * H * NT * BT
@@ -329,11 +361,11 @@ def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log
         gs, *g_strides, w, u0, qe, ol, bt, kt, gate, T, H, K, V, NT,
         BT=BT, BK=BK, BV=BV_intra, DECAY=log_decay is not None, num_warps=NUM_WARPS)
     BV = blocks(K, V)[1]  # (the decode kernels' [K, BV] state slice)
-    _dplr_chain_kernel[(B * H * triton.cdiv(V, BV),)](
+    _dplr_chain_kernel[(rows * H * triton.cdiv(V, BV),)](
         vs, *_strides(vs), w, u0, qe, ol, bt, kt, gate, final if h0 is None else h0, o, final,
-        float(scale), T, H, K, V, NT, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None,
-        IEEE=v.dtype == torch.float32, num_warps=NUM_WARPS)
-    return o.reshape(B, T, *lanes, V), final.reshape(B, *lanes, K, V)
+        float(scale), final if cu_chunks is None else cu_chunks, T, H, K, V, NT, BT=BT, BK=BK, BV=BV,
+        HAS_H0=h0 is not None, IEEE=v.dtype == torch.float32, VARLEN=cu_chunks is not None, num_warps=NUM_WARPS)
+    return o.reshape(B, T, *lanes, V), final.reshape(rows, *lanes, K, V)
 
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -359,38 +391,45 @@ def chain_takes(length: int, K: int) -> bool:
 
 
 def states(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor,
-           operands: torch.dtype) -> tuple[Tensor, Tensor]:
+           operands: torch.dtype, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`psmc.runtime.dplr._chain` on `_dplr_states_kernel`: from the chunk-major terms (fp32,
     [count * BH, ...]: W, Btil [L, K], N = Btil^T U0 + Ktil^T V [K, V], e^{G_L} [K]) and the
     entering state [BH, K, V] fp32, the state entering every chunk [count, BH, K, V] and the
     final state [BH, K, V], fp32. `operands`: the dtype the dots take (bf16/fp16 with fp32
-    accumulation; float32: tf32x3)."""
+    accumulation; float32: tf32x3). cu_chunks: packed sequences (B = 1, so BH = H): sequence n
+    is chunks cu_chunks[n] .. cu_chunks[n + 1] - 1, and `state` and the final state hold a row
+    per (sequence, lane), [N * H, K, V]."""
     chunks, length, K = w.shape
-    BH, _, V = state.shape
+    rows, _, V = state.shape
+    BH = rows if cu_chunks is None else rows // (len(cu_chunks) - 1)
     w, b_out, written, gate, state = (x.contiguous() for x in (w, b_out, written, gate, state))
     entering = torch.empty(chunks // BH, BH, K, V, device=w.device, dtype=torch.float32)
-    final = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
+    final = torch.empty(rows, K, V, device=w.device, dtype=torch.float32)
     BK, BV, warps = chain_blocks(K, V, operands)
-    _dplr_states_kernel[(BH * triton.cdiv(V, BV),)](
-        w, b_out, written, gate, state, entering, final, BH, K, V, chunks // BH,
-        BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands], num_warps=warps)
+    _dplr_states_kernel[(rows * triton.cdiv(V, BV),)](
+        w, b_out, written, gate, state, entering, final, final if cu_chunks is None else cu_chunks,
+        BH, K, V, chunks // BH, BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands],
+        VARLEN=cu_chunks is not None, num_warps=warps)
     return entering, final
 
 
 def dstates(w: Tensor, b_out: Tensor, gate: Tensor, d_entering: Tensor, d_final: Tensor,
-            operands: torch.dtype) -> tuple[Tensor, Tensor]:
+            operands: torch.dtype, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`psmc.runtime.dplr._chain_backward` on `_dplr_dstates_kernel`: from the terms, what the
     outputs send every entering state [count, BH, K, V] and the final state's gradient, the
-    gradient of the state leaving every chunk [count, BH, K, V] and the initial state's, fp32."""
+    gradient of the state leaving every chunk [count, BH, K, V] and the initial state's, fp32
+    (cu_chunks: as `states`; d_final and the initial state's gradient [N * H, K, V])."""
     count, BH, K, V = d_entering.shape
     length = w.shape[1]
+    rows = d_final.shape[0]
     w, b_out, gate = (x.contiguous() for x in (w, b_out, gate))
     d_entering = d_entering.to(torch.float32).contiguous()
     d_final = d_final.to(torch.float32).contiguous()
     leaving = torch.empty_like(d_entering)
-    d_state = torch.empty(BH, K, V, device=w.device, dtype=torch.float32)
+    d_state = torch.empty(rows, K, V, device=w.device, dtype=torch.float32)
     BK, BV, warps = chain_blocks(K, V, operands)
-    _dplr_dstates_kernel[(BH * triton.cdiv(V, BV),)](
-        w, b_out, gate, d_entering, d_final, leaving, d_state, BH, K, V, count,
-        BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands], num_warps=warps)
+    _dplr_dstates_kernel[(rows * triton.cdiv(V, BV),)](
+        w, b_out, gate, d_entering, d_final, leaving, d_state, d_final if cu_chunks is None else cu_chunks,
+        BH, K, V, count, BT=length, BK=BK, BV=BV, IEEE=operands == torch.float32, DT=_TL[operands],
+        VARLEN=cu_chunks is not None, num_warps=warps)
     return leaving, d_state

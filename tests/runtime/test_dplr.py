@@ -505,3 +505,26 @@ def test_a_graph_holds_the_chunk_chain_as_one_op():
     torch.testing.assert_close(o, want_o, rtol=1e-5, atol=1e-5)
     for got, want in zip(leaves, eager):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_chain_op_s_loop_over_packed_sequences_and_its_gradients():
+    """psmc::dplr_chain without the kernels (the loop): with cu_chunks each sequence's chunks
+    run from its own initial state, equal to a call per sequence, and the registered gradient
+    passes gradcheck (float64), for a regular batch and for packed sequences."""
+    gen = torch.Generator().manual_seed(3)
+    L, K, V, H = 4, 3, 2, 2
+    cu = torch.tensor([0, 2, 3, 6], dtype=torch.int32)  # three sequences of 2, 1 and 3 chunks
+    chunks = 6 * H
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    w, b_out, written = r(chunks, L, K) * 0.5, r(chunks, L, K) * 0.5, r(chunks, K, V)
+    gate, state = torch.rand(chunks, K, generator=gen, dtype=torch.float64), r(3 * H, K, V)
+    entering, final = dplr._chain(w, b_out, written, gate, state, torch.float64, False, cu)
+    for n, (first, last) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        part = slice(first * H, last * H)
+        want_entering, want_final = dplr._chain(w[part], b_out[part], written[part], gate[part],
+                                                state[n * H:(n + 1) * H], torch.float64, False)
+        torch.testing.assert_close(entering[first:last], want_entering)
+        torch.testing.assert_close(final[n * H:(n + 1) * H], want_final)
+    leaves = [x.requires_grad_() for x in (w, b_out, written, gate, state)]
+    assert torch.autograd.gradcheck(lambda *x: dplr._chain(*x, torch.float64, False, cu), leaves)
+    assert torch.autograd.gradcheck(lambda *x: dplr._chain(*x[:4], x[4][:H], torch.float64, False), leaves)

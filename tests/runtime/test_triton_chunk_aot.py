@@ -70,6 +70,11 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
     expected |= {(f"dplr {c} training", phase, k) for c in ("bfloat16 K=V=128", "float32 K=V=128",
                                                           "float32 K=V=64 no decay")
                  for phase, k in (("training forward", "_dplr_states_kernel"), ("backward", "_dplr_dstates_kernel"))}
+    # packed sequences in one call (VARLEN=1), inference and training
+    dplr_packed = "dplr bfloat16 K=V=128 packed"
+    expected |= {(dplr_packed, "forward", "_dplr_chain_kernel"),
+                 (dplr_packed + " training", "training forward", "_dplr_states_kernel"),
+                 (dplr_packed + " training", "backward", "_dplr_dstates_kernel")}
     # the diagonal-plus-low-rank decode token's (psmc.runtime.triton_dplr_step)
     expected |= {(f"rwkv7 step {dt} K=V={w}", "step", "_dplr_step_kernel") for dt, w in
                  (("bfloat16", 128), ("float32", 128), ("float32", 256))}

@@ -4,8 +4,8 @@ per-key, scalar or no decay, with and without an initial state, T below, at and 
 broadcast lanes, K and V not powers of two and K = 128 (the kernels' limit), exact zeros,
 strong and growing decays, fp16 inputs (bf16 on a GPU); what it declines; that chunk_dplr routes to it; packed
 sequences; and a generated RWKV-7 layer's forward through it. Training's chain kernels (triton_dplr.states, dstates): every
-gradient against the float64 recurrence's, the same cases' kinds, what they decline, packed sequences and a generated
-layer's gradients."""
+gradient against the float64 recurrence's, the same cases' kinds, what they decline, packed sequences in one call, a
+compiled training pass, and a generated layer's gradients."""
 from __future__ import annotations
 
 import os
@@ -136,7 +136,7 @@ def test_chunk_dplr_routes_to_the_kernels(monkeypatch):
     monkeypatch.setattr(chunkwise, "BACKEND", "triton")
     with torch.no_grad():
         o, state = dplr.chunk_dplr(q, k, v, a, b, g, initial_state=s0, cu_seqlens=cu)
-    assert len(calls) > 2
+    assert calls == [1, 1, 1]  # all three sequences in one call
     monkeypatch.setattr(chunkwise, "BACKEND", "torch")
     with torch.no_grad():
         for n in range(3):
@@ -256,7 +256,7 @@ def test_training_with_half_inputs_takes_half_operands(monkeypatch, dtype):
     operands = []
     for name in ("states", "dstates"):
         real = getattr(triton_dplr, name)
-        monkeypatch.setattr(triton_dplr, name, lambda *x, real=real: operands.append(x[-1]) or real(*x))
+        monkeypatch.setattr(triton_dplr, name, lambda *x, real=real: operands.append(x[5]) or real(*x))
     got = _gradients(lambda *x: dplr.chunk_dplr(*x), (q, k, v, a, b, g), dtype, o_weight, s_weight)
     assert calls == [1, 1] and operands == [dtype, dtype]
     assert got[0].dtype == dtype
@@ -280,33 +280,38 @@ def test_what_the_chain_kernels_decline(monkeypatch):
     assert calls == []
 
 
-def test_packed_sequences_train_through_the_chain(monkeypatch):
-    """cu_seqlens under autograd: each group of similar lengths chains on the kernels; gradients
-    equal those of each sequence run alone on the torch form."""
-    q, k, v, a, b, g = (t.float() for t in make(4, 1, 60, (2,), 8, 8))
-    cu = torch.tensor([0, 20, 41, 60])
-    s0 = torch.randn(3, 2, 8, 8)
-    weight = torch.randn(1, 60, 2, 8, dtype=torch.float64)
-    s_weight = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+@pytest.mark.parametrize("decay", ["key", "scalar"])
+def test_packed_sequences_train_in_one_call(monkeypatch, decay):
+    """cu_seqlens under autograd: all sequences in one call, each padded to whole chunks and
+    chained from its own initial state (lengths inside, across and at chunk ends, one token, a
+    removal key shared by the tokens); outputs, final states and every gradient equal those of
+    each sequence run alone on the torch form."""
+    q, k, v, a, b, g = (t.float() for t in make(4, 1, 100, (2,), 8, 8, decay=decay, shapes={"a": (1, 1, 2)}))
+    cu = torch.tensor([0, 20, 21, 53, 90, 100])
+    s0 = torch.randn(5, 2, 8, 8)
+    weight = torch.randn(1, 100, 2, 8, dtype=torch.float64)
+    s_weight = torch.randn(5, 2, 8, 8, dtype=torch.float64)
     inputs = (q, k, v, a, b, g, s0)
-    fn = lambda *x: dplr.chunk_dplr(*x[:6], initial_state=x[6], cu_seqlens=cu.to(DEVICE))  # noqa: E731
+    fn = lambda *x: dplr.chunk_dplr(*x[:6], initial_state=x[6], cu_seqlens=cu.to(DEVICE), scale=0.6)  # noqa: E731
     calls = _through_the_chain(monkeypatch)
     got = _gradients(fn, inputs, torch.float32, weight, s_weight)
-    assert calls
+    assert calls == [1, 1]
     monkeypatch.setattr(chunkwise, "BACKEND", "torch")
     want = _gradients(fn, inputs, torch.float64, weight, s_weight)
     for out, ref in zip(got, want):
         check(out.detach().cpu(), ref.detach().cpu(), 2e-5)
 
 
-def test_a_generated_layer_trains_through_the_chain_kernels(monkeypatch):
-    """examples/rwkv7.psm under autograd: the layer's gradients with the chain on the kernels
-    equal those of its torch form."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_generated_layer_trains_through_the_chain_kernels(monkeypatch, packed):
+    """examples/rwkv7.psm under autograd, one sequence or three packed ones (cu_seqlens): the
+    layer's gradients with the chain on the kernels (one call) equal those of its torch form."""
     layer, x = rwkv7_layer(40)
+    cu = {"cu_seqlens": torch.tensor([0, 7, 31, 40], device=DEVICE)} if packed else {}
 
     def gradients():
         inputs = {n: t.detach().clone().requires_grad_() for n, t in x.items()}
-        out = layer(**inputs)
+        out = layer(**inputs, **cu)
         (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
         return [out] + [inputs[n].grad for n in sorted(inputs)]
 
