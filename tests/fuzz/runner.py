@@ -775,8 +775,9 @@ FAST_KERNELS = {"chunkwise": ("triton_chunk", "triton_chunk_linear_attention", "
 def _check_fast_kernels(cls, program, layer64, inputs, full, config, checked: set):
     """The fast path on its chunked Triton kernels (interpreted: chunkwise.BACKEND = 'triton'
     sends CPU tensors where CUDA tensors go), float32 without autograd, against the float64
-    layer as the float32 check compares the torch path (forgiven where that one is); then the
-    gradients of a float32 training pass on them against the torch form's. A spy proves the
+    layer as the float32 check compares the torch path (forgiven where that one is); packed
+    sequences on them against their own one pass; then the gradients of a float32 training
+    pass on them against the torch form's. A spy proves the
     kernels ran; where they decline (K past their limit, a chunk size asked for) there is
     nothing of theirs to compare."""
     import importlib
@@ -799,6 +800,16 @@ def _check_fast_kernels(cls, program, layer64, inputs, full, config, checked: se
                 or _rms_ill_conditioned(got, full, SPREAD, F32_RMS, inputs_too=True)):
             raise Failure("triton-fast", f"{entry[1]} (interpreted) vs the float64 layer: {failure}") from failure
     checked.add(entry[2])
+    if config.time >= 2:  # packed sequences on the kernels (in one call) against their one pass
+        varlen = dataclasses.replace(config, varlen=_packed_lengths(config))
+        try:
+            with torch.no_grad():
+                _, calls = _on_the_kernels(module, entry[1], lambda: _check_varlen(
+                    layer, single, got, varlen, f"{entry[1]} (interpreted)", RTOL32, ATOL32))
+        except Failure as failure:
+            raise Failure("triton-fast", str(failure)) from failure
+        if calls:
+            checked.add(entry[2] + "-varlen")
     if _wants_grads(single, got):
         # training on the kernels (their backward kernels; the DPLR form's chain) against
         # autograd through the torch form, both float32: the tolerances of the triton-grads check

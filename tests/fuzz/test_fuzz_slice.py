@@ -245,7 +245,8 @@ def test_the_fast_paths_chunked_triton_kernels_are_checked(tmp_path, monkeypatch
     program = Program(0, name, FAST_KERNEL_PROGRAMS[fast], {"K": 4, "V": 3}, kinds)
     config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
     info = run_program(program, config, tmp_path)
-    assert info["fast"] == fast and {f"triton-fast-{fast}", f"triton-fast-{fast}-grads"} <= set(info["checked"])
+    assert info["fast"] == fast
+    assert {f"triton-fast-{fast}", f"triton-fast-{fast}-varlen", f"triton-fast-{fast}-grads"} <= set(info["checked"])
     module, name = (triton_dplr, "triton_chunk_dplr") if fast == "dplr" else (triton_delta, "triton_chunk_delta_rule")
     original = getattr(module, name)
 
@@ -273,4 +274,22 @@ def test_the_dplr_training_chain_is_checked(tmp_path, monkeypatch):
         return leaving * 1.01, d_state
     monkeypatch.setattr(triton_dplr, "dstates", drifting)
     with pytest.raises(Failure, match="triton-fast: grad-mismatch: states"):
+        run_program(program, config, tmp_path)
+
+
+def test_the_dplr_kernels_packed_sequences_are_checked(tmp_path, monkeypatch):
+    # a Triton run of a DPLR program also packs its rows (cu_seqlens: all sequences in one call on
+    # the kernels) and compares them with the kernels' one pass; a packed call that drifts fails
+    from runner import Failure
+    from psmc.runtime import triton_dplr
+    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
+    program = Program(0, "kdaish", FAST_KERNEL_PROGRAMS["dplr"], {"K": 4, "V": 3}, kinds)
+    config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
+    original = triton_dplr.triton_chunk_dplr
+
+    def drifting(*args, **kwargs):
+        o, state = original(*args, **kwargs)
+        return (o if kwargs.get("cu_chunks") is None else o * 1.001), state
+    monkeypatch.setattr(triton_dplr, "triton_chunk_dplr", drifting)
+    with pytest.raises(Failure, match="triton-fast: .*varlen"):
         run_program(program, config, tmp_path)
