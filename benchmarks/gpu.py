@@ -18,9 +18,10 @@ rest still run; rows are printed as they finish and the table is written to $OUT
   fused_recurrent_rwkv7, chunk_kda, fused_recurrent_kda;
 - the first-order scan at (B, D, T) = (8, 2048, 4096): psmc (each path) against accelerated-scan's
   Triton scan (its [B, D, T] layout) and torch's associative_scan under torch.compile;
-- packed sequences: GLA over 32 sequences of uneven lengths packed into B x T tokens (cu_seqlens),
-  psmc in one call and one call per sequence, against fla chunk_gla with the same offsets; the
-  first-order scan over the same packing, one call against a call per sequence;
+- packed sequences: GLA and RWKV-7 over 32 sequences of uneven lengths packed into B x T tokens
+  (cu_seqlens), psmc in one call and one call per sequence, against fla chunk_gla / chunk_rwkv7
+  with the same offsets; the first-order scan over the same packing, one call against a call
+  per sequence;
 - decode: one token at batch 1, microseconds per token, psmc step against fla fused_recurrent
   with T = 1 and a carried state;
 - correctness: each psmc output against the peer's at the benchmark shape (relative RMS; psmc's
@@ -457,42 +458,49 @@ def packed_lengths(total: int, count: int, seed: int = 0) -> list:
     return lengths
 
 
-def packed_cases(b: Bench, dtype):
-    """GLA over packed sequences (cu_seqlens, B = 1): psmc in one call (the chunk kernels take all
-    sequences in the same launches) and one call per sequence, against fla chunk_gla with the
-    same offsets."""
+def packed_cases(b: Bench, dtype, name: str = "gla"):
+    """GLA (or RWKV-7) over packed sequences (cu_seqlens, B = 1): psmc in one call (the chunk
+    kernels take all sequences in the same launches; RWKV-7's DPLR kernels pad each to whole
+    chunks) and one call per sequence, against fla's chunk kernel with the same offsets."""
     B, T, H, K, V = TINY["attn"] if b.dry else FULL["attn"]
     total = B * T
     lengths = packed_lengths(total, 4 if b.dry else 32)
     label = f"N={len(lengths)} total_T={total} H={H} K={K} V={V}"
-    group = "GLA packed"
-    x = attn_inputs("gla", (1, total, H, K, V), b.device, dtype)
+    group = {"gla": "GLA packed", "rwkv7": "RWKV-7 packed"}[name]
+    fla_name = {"gla": "chunk_gla", "rwkv7": "chunk_rwkv7"}[name]
+    x = attn_inputs(name, (1, total, H, K, V), b.device, dtype)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=b.device)
     try:
-        one_call, by_sequence = _packed_calls(b, "gla", cu, K=K, V=V)
+        one_call, by_sequence = _packed_calls(b, name, cu, K=K, V=V)
     except Exception as e:  # noqa: BLE001
-        b.case(group, label, dtype, "psmc gla", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        b.case(group, label, dtype, f"psmc {name}", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
         return
     peer = None
     try:
-        from fla.ops.gla import chunk_gla
-        peer = lambda leaves: chunk_gla(leaves["q"], leaves["k"], leaves["v"], leaves["gk"], cu_seqlens=cu)[0]  # noqa: E731
+        if name == "gla":
+            from fla.ops.gla import chunk_gla
+            peer = lambda leaves: chunk_gla(leaves["q"], leaves["k"], leaves["v"], leaves["gk"], cu_seqlens=cu)[0]  # noqa: E731
+        else:
+            from fla.ops.rwkv7 import chunk_rwkv7
+            peer = lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], scale=1.0,  # noqa: E731
+                                         cu_seqlens=cu)[0]
     except Exception as e:  # noqa: BLE001
         peer_note = f"{type(e).__name__}: {_first_line(e)}"
 
     def check(mine, other):
         """Against fla where it runs, else against psmc's other way (a dry run: both on CPU)."""
-        ref, against = other if peer is None or b.dry else (peer, "fla chunk_gla")
+        ref, against = other if peer is None or b.dry else (peer, f"fla {fla_name}")
         return verdict(rel_rms(_no_grad(ref, x).float(), _no_grad(mine, x).float()), dtype) + f" vs {against}"
-    b.case(group, label, dtype, "psmc gla, one call (auto)", lambda: _no_grad(one_call, x), _grad_fn(one_call, x),
-           lambda: check(one_call, (by_sequence, "psmc per sequence")))
-    b.case(group, label, dtype, "psmc gla, a call per sequence", lambda: _no_grad(by_sequence, x),
+    b.case(group, label, dtype, f"psmc {name}, one call (auto)", lambda: _no_grad(one_call, x),
+           _grad_fn(one_call, x), lambda: check(one_call, (by_sequence, "psmc per sequence")))
+    b.case(group, label, dtype, f"psmc {name}, a call per sequence", lambda: _no_grad(by_sequence, x),
            _grad_fn(by_sequence, x), lambda: check(by_sequence, (one_call, "psmc one call")))
     if peer is None:
-        b.case(group, label, dtype, "fla chunk_gla (cu_seqlens)", None, None, None, peer_note)
+        b.case(group, label, dtype, f"fla {fla_name} (cu_seqlens)", None, None, None, peer_note)
     else:
-        b.case(group, label, dtype, "fla chunk_gla (cu_seqlens)", lambda: _no_grad(peer, x), _grad_fn(peer, x), None)
-    packed_first_order(b, dtype, lengths)
+        b.case(group, label, dtype, f"fla {fla_name} (cu_seqlens)", lambda: _no_grad(peer, x), _grad_fn(peer, x), None)
+    if name == "gla":
+        packed_first_order(b, dtype, lengths)
 
 
 def _packed_calls(b: Bench, name: str, cu, fast: bool = True, **dims):
@@ -890,7 +898,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule rwkv7 kda first_order ssm decode tree packed")
+                        help="groups to run: gla simple_gla delta_rule rwkv7 kda first_order ssm decode tree packed "
+                             "packed_rwkv7")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -918,9 +927,9 @@ def main(argv=None) -> int:
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
-             ("ssm", bf16), ("tree", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("ssm", fp32),
-             ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32), ("packed", fp32),
-             ("rwkv7", fp32), ("kda", fp32)]
+             ("ssm", bf16), ("tree", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("packed_rwkv7", bf16),
+             ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
+             ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
     plan = []
@@ -937,6 +946,8 @@ def main(argv=None) -> int:
             plan.append((group, lambda dtype=dtype: decode_cases(b, dtype)))
         elif group == "packed":
             plan.append((group, lambda dtype=dtype: packed_cases(b, dtype)))
+        elif group == "packed_rwkv7":
+            plan.append((group, lambda dtype=dtype: packed_cases(b, dtype, "rwkv7")))
         else:
             plan.append((group, lambda group=group, dtype=dtype: attention_cases(b, group, dtype)))
     for group, run in plan:
