@@ -170,14 +170,13 @@ def _dplr_chain_kernel(
     nv = tl.cdiv(V, BV)
     vb = pid % nv
     row = pid // nv  # the state's row
-    if VARLEN:
+    if VARLEN:  # (bh: the lane whose chunks these are)
         seq = row // H
-        b, hh = seq * 0, row % H
+        b, hh, bh = seq * 0, row % H, row % H
         first, last = tl.load(cu_ptr + seq), tl.load(cu_ptr + seq + 1)
     else:
-        b, hh = row // H, row % H
+        b, hh, bh = row // H, row % H, row
         first, last = 0, NT
-    bh = b * H + hh  # the lane whose chunks these are
     rows = tl.arange(0, BT)
     ck = tl.arange(0, BK)
     cv = vb * BV + tl.arange(0, BV)
@@ -211,15 +210,24 @@ def _dplr_chain_kernel(
 
 
 @triton.jit
-def _rows(row, cu_ptr, BH, NT, VARLEN: tl.constexpr):
-    """(the state row, the lane, the first chunk, one past the last) of a training-chain program
-    whose state row is `row`: lane row and chunks 0 .. NT - 1, or with VARLEN (B = 1, BH = H)
-    row n * H + h, lane h and sequence n's chunks cu[n] .. cu[n + 1] - 1."""
+def _chain_program(cu_ptr, BH, K, V, NT, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                   VARLEN: tl.constexpr):
+    """A training-chain program's place: (its state row, the lane whose chunks it walks, the
+    first chunk, one past the last, a chunk's token rows, the keys, the offsets and mask of its
+    [K, BV] state slice). Lane row r walks chunks 0 .. NT - 1; with VARLEN (B = 1, BH = H) row
+    n * H + h walks lane h's chunks of sequence n, cu[n] .. cu[n + 1] - 1."""
+    pid = tl.program_id(0).to(tl.int64)
+    nv = tl.cdiv(V, BV)
+    row = pid // nv
     if VARLEN:
         seq = row // BH
-        return row, row % BH, tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
+        bh, first, last = row % BH, tl.load(cu_ptr + seq).to(tl.int64), tl.load(cu_ptr + seq + 1).to(tl.int64)
     else:
-        return row, row, row * 0, row * 0 + NT
+        bh, first, last = row, row * 0, row * 0 + NT
+    ck = tl.arange(0, BK)
+    cv = (pid % nv) * BV + tl.arange(0, BV)
+    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
+    return row, bh, first, last, tl.arange(0, BT), ck, kv, (ck < K)[:, None] & (cv < V)[None, :]
 
 
 @triton.jit
@@ -234,16 +242,8 @@ def _dplr_states_kernel(
     N = Btil^T U0 + Ktil^T V [K, V], e^{G_L} [K], fp32): the chunks in order,
     S' = e^{G_L} S + Btil^T (W S) + N, each entering state stored in hs [NT, BH, K, V] (the
     outputs' products read them, and the backward pass) and the final one in hT [BH, K, V].
-    VARLEN: packed sequences (`_rows`): h0 and hT hold a state per (sequence, lane)."""
-    pid = tl.program_id(0).to(tl.int64)
-    nv = tl.cdiv(V, BV)
-    vb = pid % nv
-    row, bh, first, last = _rows(pid // nv, cu_ptr, BH, NT, VARLEN)
-    rows = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
-    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    VARLEN: packed sequences (`_chain_program`): h0 and hT hold a state per (sequence, lane)."""
+    row, bh, first, last, rows, ck, kv, kv_mask = _chain_program(cu_ptr, BH, K, V, NT, BT, BK, BV, VARLEN)
     S = tl.load(h0_ptr + row * K * V + kv, mask=kv_mask, other=0.0)
     for c in range(first, last):
         chunk = c * BH + bh
@@ -270,15 +270,7 @@ def _dplr_dstates_kernel(
     dS <- dhs[c] + e^{G_L} dS + W^T (Btil dS), where dhs [NT, BH, K, V] holds what the
     outputs send each entering state; writes the initial state's gradient, dh0 [BH, K, V]
     (VARLEN: dhT and dh0 per (sequence, lane), as `_dplr_states_kernel`)."""
-    pid = tl.program_id(0).to(tl.int64)
-    nv = tl.cdiv(V, BV)
-    vb = pid % nv
-    row, bh, first, last = _rows(pid // nv, cu_ptr, BH, NT, VARLEN)
-    rows = tl.arange(0, BT)
-    ck = tl.arange(0, BK)
-    cv = vb * BV + tl.arange(0, BV)
-    kv = ck[:, None].to(tl.int64) * V + cv[None, :]
-    kv_mask = (ck < K)[:, None] & (cv < V)[None, :]
+    row, bh, first, last, rows, ck, kv, kv_mask = _chain_program(cu_ptr, BH, K, V, NT, BT, BK, BV, VARLEN)
     dS = tl.load(dhT_ptr + row * K * V + kv, mask=kv_mask, other=0.0)
     for i in range(last - first):
         chunk = (last - 1 - i) * BH + bh

@@ -240,10 +240,7 @@ def test_the_fast_paths_chunked_triton_kernels_are_checked(tmp_path, monkeypatch
     import runner
     from runner import Failure
     from psmc.runtime import triton_delta, triton_dplr
-    name = "kdaish" if fast == "dplr" else "gated"
-    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
-    program = Program(0, name, FAST_KERNEL_PROGRAMS[fast], {"K": 4, "V": 3}, kinds)
-    config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
+    program, config = _fast_kernel_run(fast)
     info = run_program(program, config, tmp_path)
     assert info["fast"] == fast
     assert {f"triton-fast-{fast}", f"triton-fast-{fast}-varlen", f"triton-fast-{fast}-grads"} <= set(info["checked"])
@@ -259,37 +256,27 @@ def test_the_fast_paths_chunked_triton_kernels_are_checked(tmp_path, monkeypatch
         run_program(program, config, tmp_path)
 
 
-def test_the_dplr_training_chain_is_checked(tmp_path, monkeypatch):
-    # a Triton run of a DPLR program trains it on the chain kernels and compares the gradients
-    # with the torch form's; a backward pass that drifts fails the runner
+def _fast_kernel_run(fast: str):
+    """(a program whose fast path is `fast`, a Triton run's config for it)."""
+    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
+    program = Program(0, "kdaish" if fast == "dplr" else "gated", FAST_KERNEL_PROGRAMS[fast], {"K": 4, "V": 3}, kinds)
+    return program, Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
+
+
+@pytest.mark.parametrize("drift", ["backward", "packed"])
+def test_the_dplr_kernels_training_and_packed_calls_are_checked(tmp_path, monkeypatch, drift):
+    # a Triton run of a DPLR program also trains it on the chain kernels (gradients against the
+    # torch form's) and packs its rows (all sequences in one call, against the kernels' one pass):
+    # a backward pass or a packed call that drifts fails the runner
     from runner import Failure
     from psmc.runtime import triton_dplr
-    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
-    program = Program(0, "kdaish", FAST_KERNEL_PROGRAMS["dplr"], {"K": 4, "V": 3}, kinds)
-    config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
-    original = triton_dplr.dstates
+    name = "dstates" if drift == "backward" else "triton_chunk_dplr"
+    original = getattr(triton_dplr, name)
 
-    def drifting(*args):  # (the leaving states' gradients: what two chunks from a zero state exercise)
-        leaving, d_state = original(*args)
-        return leaving * 1.01, d_state
-    monkeypatch.setattr(triton_dplr, "dstates", drifting)
-    with pytest.raises(Failure, match="triton-fast: grad-mismatch: states"):
-        run_program(program, config, tmp_path)
-
-
-def test_the_dplr_kernels_packed_sequences_are_checked(tmp_path, monkeypatch):
-    # a Triton run of a DPLR program also packs its rows (cu_seqlens: all sequences in one call on
-    # the kernels) and compares them with the kernels' one pass; a packed call that drifts fails
-    from runner import Failure
-    from psmc.runtime import triton_dplr
-    kinds = {"k": "unit_vector", "beta": "unit", "w": "log_gate", "g": "log_gate"}
-    program = Program(0, "kdaish", FAST_KERNEL_PROGRAMS["dplr"], {"K": 4, "V": 3}, kinds)
-    config = Config(batch=2, time=20, lanes=(2,), grads=False, f32=True, seed=3, triton=True)
-    original = triton_dplr.triton_chunk_dplr
-
-    def drifting(*args, **kwargs):
-        o, state = original(*args, **kwargs)
-        return (o if kwargs.get("cu_chunks") is None else o * 1.001), state
-    monkeypatch.setattr(triton_dplr, "triton_chunk_dplr", drifting)
-    with pytest.raises(Failure, match="triton-fast: .*varlen"):
-        run_program(program, config, tmp_path)
+    def drifting(*args, **kwargs):  # (the leaving states' gradients: what two chunks from a zero state exercise)
+        out, state = original(*args, **kwargs)
+        return (out if drift == "packed" and kwargs.get("cu_chunks") is None else out * 1.01), state
+    monkeypatch.setattr(triton_dplr, name, drifting)
+    match = "triton-fast: grad-mismatch: states" if drift == "backward" else "triton-fast: .*varlen"
+    with pytest.raises(Failure, match=match):
+        run_program(*_fast_kernel_run("dplr"), tmp_path)
