@@ -270,14 +270,17 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Te
     device = q.device
     length = _CHUNK_AUTOGRAD if grad else triton_dplr.CHUNK
     n, total = len(bounds) - 1, bounds[-1]
-    sizes = torch.tensor([hi - lo for lo, hi in zip(bounds, bounds[1:])], device=device)
-    chunks = (sizes + length - 1) // length
-    cu_chunks = F.pad(torch.cumsum(chunks, 0), (1, 0)).to(torch.int32)
-    count = int(cu_chunks[-1])
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+    firsts = [0]  # each sequence's first chunk (from the host's bounds: no device read)
+    for size in sizes:
+        firsts.append(firsts[-1] + -(-size // length))
+    count = firsts[-1]
+    cu_chunks = torch.tensor(firsts, dtype=torch.int32, device=device)
     # where each packed token sits in the padded row: its sequence's first chunk, plus its offset
-    sequence = torch.repeat_interleave(torch.arange(n, device=device), sizes)
-    starts = torch.tensor(bounds[:-1], device=device)
-    place = cu_chunks.long()[:-1][sequence] * length + torch.arange(total, device=device) - starts[sequence]
+    sequence = torch.repeat_interleave(torch.arange(n, device=device), torch.tensor(sizes, device=device),
+                                       output_size=total)
+    shift = torch.tensor([first * length - lo for first, lo in zip(firsts, bounds)], device=device)
+    place = torch.arange(total, device=device) + shift[sequence]
 
     def padded(x):
         if x is None:
