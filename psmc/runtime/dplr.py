@@ -151,19 +151,17 @@ def chunk_dplr(
     """
     q, k, v, a, b, log_decay, batch, steps, lanes = _shapes(q, k, v, a, b, log_decay)
     width_k, width_v = q.shape[-1], v.shape[-1]
+    inputs = (q, k, v, a, b, log_decay, initial_state)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     if cu_seqlens is not None:
         bounds = packed_bounds("chunk_dplr", cu_seqlens, batch, steps)
-        grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, a, b, log_decay, initial_state))
-        if chunk_size is None and _packed_kernels_take(q, k, v, a, b, log_decay, initial_state, bounds, grad):
-            return _packed(q, k, v, a, b, log_decay, scale, initial_state, bounds, lanes, grad)
+        if chunk_size is None and _packed_kernels_take(q, k, v, a, b, log_decay, initial_state, bounds, wants_grad):
+            return _packed(q, k, v, a, b, log_decay, scale, initial_state, bounds, lanes, wants_grad)
 
         def one(q, k, v, a, b, g, initial_state):
             return chunk_dplr(q, k, v, a, b, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
         return by_sequence(one, bounds, (q, k, v, a, b, log_decay), initial_state, (*lanes, width_k, width_v))
-    inputs = (q, k, v, a, b, log_decay, initial_state)
-    grad = torch.compiler.is_compiling() or \
-        (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    grad = torch.compiler.is_compiling() or wants_grad
     if not grad and _triton_wanted(q):  # CUDA tensors, inference: psmc.runtime.triton_dplr
         from psmc.runtime import triton_dplr
         if triton_dplr.takes(q, k, v, a, b, log_decay, initial_state, chunk_size):
