@@ -83,11 +83,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from psmc.runtime.chunkwise import (_MAX_SPREAD, _causal_mask, _ContiguousGrad, _shift_down, _spread_on_device,
                                     _suffix_sums, by_sequence)
 from psmc.runtime.delta import _Layout, _triton_wanted
+from psmc.runtime.custom_ops import traced
 from psmc.runtime.ops import broadcast_shapes
 from psmc.runtime.varlen import packed_bounds
 
@@ -161,12 +163,12 @@ def chunk_dplr(
         def one(q, k, v, a, b, g, initial_state):
             return chunk_dplr(q, k, v, a, b, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
         return by_sequence(one, bounds, (q, k, v, a, b, log_decay), initial_state, (*lanes, width_k, width_v))
-    grad = torch.compiler.is_compiling() or wants_grad
-    if not grad and _triton_wanted(q):  # CUDA tensors, inference: psmc.runtime.triton_dplr
+    if not wants_grad and _triton_wanted(q):  # CUDA tensors, inference: psmc.runtime.triton_dplr (an op)
         from psmc.runtime import triton_dplr
         if triton_dplr.takes(q, k, v, a, b, log_decay, initial_state, chunk_size):
             return triton_dplr.triton_chunk_dplr(q, k, v, a, b, log_decay, scale=scale, initial_state=initial_state,
                                                  batch=batch, steps=steps, lanes=lanes)
+    grad = torch.compiler.is_compiling() or wants_grad
     if chunk_size is None:
         chunk_size = _CHUNK_AUTOGRAD if grad else _CHUNK
     if chunk_size < 1:
@@ -319,8 +321,8 @@ def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tens
     if grad:  # one graph node each way (psmc::dplr_chain): the kernels on Triton's device, else a loop
         written = torch.bmm(terms.cols_out.transpose(-1, -2), free)  # N = Btil^T U0 + Ktil^T V  [chunks, K, V]
         operands = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        entering, state = _chain(terms.w, b_out, written, terms.gate, state, operands, _chain_kernels_take(layout, q),
-                                 cu_chunks)
+        entering, state = _Chain.apply(terms.w, b_out, written, terms.gate, state, operands,
+                                       _chain_kernels_take(layout, q), cu_chunks)
     else:  # N_c written where S_{c+1} goes, then P_c S_c added in place: no copy in the loop
         transition = _transitions(terms.w, b_out, terms.gate, count)
         entering = torch.empty(count + 1, heads, width_k, width_v, dtype=layout.dtype, device=q.device)
@@ -340,15 +342,14 @@ def _transitions(w: Tensor, b_out: Tensor, gate: Tensor, count: int) -> Tensor:
     return transition.view(count, -1, *transition.shape[1:])
 
 
-@torch.library.custom_op("psmc::dplr_chain", mutates_args=())
-def _chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor, operands: torch.dtype,
-           kernels: bool, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _launch_chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tensor, operands: torch.dtype,
+                  kernels: bool, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The chunks in order, S_{c+1} = (diag(gate_c) + Btil_c^T W_c) S_c + N_c, from the chunk-major
     terms (chunk c of lane row h at c * BH + h: W, Btil [chunks, L, K], N [chunks, K, V], e^{G_L}
     [chunks, K]) and the entering state [BH, K, V]: (the state entering every chunk
     [count, BH, K, V], the final state [BH, K, V]). `kernels`: on psmc.runtime.triton_dplr's
-    (their dots on `operands`), else a loop of one product per chunk. A torch op, so that
-    autograd and a torch.compile graph hold the whole chain as one node each way. cu_chunks:
+    (their dots on `operands`), else a loop of one product per chunk. `_Chain` gives it its
+    gradient; under torch.compile it is the op psmc::dplr_chain, one node. cu_chunks:
     packed sequences, sequence n the chunks cu_chunks[n] .. cu_chunks[n + 1] - 1, `state` and
     the final state [N * BH, K, V], a row per (sequence, lane)."""
     if kernels:
@@ -367,6 +368,9 @@ def _chain(w: Tensor, b_out: Tensor, written: Tensor, gate: Tensor, state: Tenso
     return entering, torch.cat(finals) if len(finals) > 1 else finals[0].clone()
 
 
+_chain_op = torch.library.custom_op("psmc::dplr_chain", _launch_chain, mutates_args=())
+
+
 def _spans(cu_chunks: Tensor | None, chunks: int, rows: int) -> tuple[list, int]:
     """([(first chunk, one past the last)] per sequence, the lanes a chunk index spans)."""
     if cu_chunks is None:
@@ -375,15 +379,15 @@ def _spans(cu_chunks: Tensor | None, chunks: int, rows: int) -> tuple[list, int]
     return list(zip(cu, cu[1:])), rows // (len(cu) - 1)
 
 
-@_chain.register_fake
+@_chain_op.register_fake
 def _chain_fake(w, b_out, written, gate, state, operands, kernels, cu_chunks=None):
     lanes = state.shape[0] if cu_chunks is None else state.shape[0] // (cu_chunks.shape[0] - 1)
     return state.new_empty(w.shape[0] // lanes, lanes, *state.shape[1:]), state.new_empty(state.shape)
 
 
-@torch.library.custom_op("psmc::dplr_chain_backward", mutates_args=())
-def _chain_backward(w: Tensor, b_out: Tensor, gate: Tensor, entering: Tensor, d_entering: Tensor, d_final: Tensor,
-                    operands: torch.dtype, kernels: bool, cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _launch_chain_backward(w: Tensor, b_out: Tensor, gate: Tensor, entering: Tensor, d_entering: Tensor,
+                           d_final: Tensor, operands: torch.dtype, kernels: bool,
+                           cu_chunks: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The chain's transpose in reverse, dS <- d_entering[c] + P_c^T dS from dS = d_final: (the
     gradient of the state leaving every chunk [count, BH, K, V], the entering state's)."""
     if kernels:
@@ -402,34 +406,45 @@ def _chain_backward(w: Tensor, b_out: Tensor, gate: Tensor, entering: Tensor, d_
     return leaving, torch.cat(starts) if len(starts) > 1 else starts[0].clone()
 
 
-@_chain_backward.register_fake
+_chain_backward_op = torch.library.custom_op("psmc::dplr_chain_backward", _launch_chain_backward, mutates_args=())
+
+
+@_chain_backward_op.register_fake
 def _chain_backward_fake(w, b_out, gate, entering, d_entering, d_final, operands, kernels, cu_chunks=None):
     return torch.empty_like(entering), torch.empty_like(d_final)
 
 
-def _chain_setup(ctx, inputs, output):
-    w, b_out, _, gate, state, operands, kernels, cu_chunks = inputs
-    ctx.save_for_backward(w, b_out, gate, output[0])
-    ctx.operands, ctx.kernels, ctx.cu_chunks, ctx.rows = operands, kernels, cu_chunks, state.shape[0]
+_chain, _chain_backward = traced(_chain_op, _launch_chain), traced(_chain_backward_op, _launch_chain_backward)
 
 
-def _chain_vjp(ctx, d_entering, d_final):
-    """Given the entering states S_c and the leaving states' gradients dSn_c, every chunk's
-    gradients are independent batched products: dW = (Btil dSn) S^T, dBtil = (W S) dSn^T,
-    dN = dSn, d e^{G_L} = rowsum(S * dSn)."""
-    w, b_out, gate, entering = ctx.saved_tensors
-    d_entering = torch.zeros_like(entering) if d_entering is None else d_entering.contiguous()
-    if d_final is None:
-        d_final = entering.new_zeros(ctx.rows, *entering.shape[2:])
-    leaving, d_state = _chain_backward(w, b_out, gate, entering, d_entering, d_final.contiguous(), ctx.operands,
-                                       ctx.kernels, ctx.cu_chunks)
-    S, dSn = entering.flatten(0, 1), leaving.flatten(0, 1)
-    d_w = torch.bmm(torch.bmm(b_out, dSn), S.transpose(-1, -2))
-    d_b_out = torch.bmm(torch.bmm(w, S), dSn.transpose(-1, -2))
-    return d_w, d_b_out, dSn, (S * dSn).sum(-1), d_state, None, None, None
+class _Chain(torch.autograd.Function):
+    """`_launch_chain` with its gradient (`_launch_chain_backward`, then batched products).
+    Under torch.compile the two are the ops psmc::dplr_chain and psmc::dplr_chain_backward
+    (psmc.runtime.custom_ops)."""
 
+    @staticmethod
+    def forward(ctx, w, b_out, written, gate, state, operands, kernels, cu_chunks):
+        entering, final = _chain(w, b_out, written, gate, state, operands, kernels, cu_chunks)
+        ctx.save_for_backward(w, b_out, gate, entering)
+        ctx.operands, ctx.kernels, ctx.cu_chunks, ctx.rows = operands, kernels, cu_chunks, state.shape[0]
+        return entering, final
 
-_chain.register_autograd(_chain_vjp, setup_context=_chain_setup)
+    @staticmethod
+    @once_differentiable  # the chain's backward is not differentiable again: a clear error, not zeros
+    def backward(ctx, d_entering, d_final):
+        """Given the entering states S_c and the leaving states' gradients dSn_c, every chunk's
+        gradients are independent batched products: dW = (Btil dSn) S^T, dBtil = (W S) dSn^T,
+        dN = dSn, d e^{G_L} = rowsum(S * dSn)."""
+        w, b_out, gate, entering = ctx.saved_tensors
+        d_entering = torch.zeros_like(entering) if d_entering is None else d_entering.contiguous()
+        if d_final is None:
+            d_final = entering.new_zeros(ctx.rows, *entering.shape[2:])
+        leaving, d_state = _chain_backward(w, b_out, gate, entering, d_entering, d_final.contiguous(), ctx.operands,
+                                           ctx.kernels, ctx.cu_chunks)
+        S, dSn = entering.flatten(0, 1), leaving.flatten(0, 1)
+        d_w = torch.bmm(torch.bmm(b_out, dSn), S.transpose(-1, -2))
+        d_b_out = torch.bmm(torch.bmm(w, S), dSn.transpose(-1, -2))
+        return d_w, d_b_out, dSn, (S * dSn).sum(-1), d_state, None, None, None
 
 
 def _chain_kernels_take(layout: _Layout, q: Tensor) -> bool:

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 import triton
 import triton.language as tl
 
 from psmc.runtime import autotune
-from psmc.runtime.varlen import Sequences, packed_bounds, segment_reverse_cumsum, sequences
+from psmc.runtime.custom_ops import traced
+from psmc.runtime.varlen import Sequences, chunk_counts, packed_bounds, segment_reverse_cumsum, sequences
 
 __all__ = ["triton_chunk_linear_attention", "CHUNK", "SUB", "BLOCK_K", "BLOCK_V", "NUM_WARPS", "NUM_WARPS_F32"]
 
@@ -404,19 +406,20 @@ def packed(seqs: Sequences | None, dummy: Tensor) -> tuple:
     return seqs.offsets, seqs.first_chunk, seqs.chunk_sequence
 
 
-def state_rows(B: int, H: int, T: int, BT: int, seqs: Sequences | None) -> tuple[int, int, int]:
+def state_rows(B: int, H: int, T: int, BT: int, bounds) -> tuple[int, int, int]:
     """(lanes of final states, rows x chunks of the entering-state buffer): [B * H] and
-    [B * H, ceil(T / BT)] for a regular batch, [N * H] and [H, all chunks] for packed sequences."""
-    if seqs is None:
+    [B * H, ceil(T / BT)] for a regular batch (bounds None), [N * H] and [H, all chunks] for
+    the N packed sequences of offsets `bounds`."""
+    if bounds is None:
         return B * H, B * H, -(-T // BT)
-    return seqs.count * H, H, seqs.chunks
+    return (len(bounds) - 1) * H, H, sum(chunk_counts(bounds, BT))
 
 
 def _states(k, v, g, h0, h0_scale, decay, rev, shift, BT, state_dtype, seqs=None):
     """Run _state_kernel: (states entering each chunk [BH, NT, K, V], final state fp32)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    lanes, rows, NT = state_rows(B, H, T, BT, seqs)
+    lanes, rows, NT = state_rows(B, H, T, BT, None if seqs is None else seqs.bounds)
     BK, BV = _blocks(K, V)
     hs = torch.empty(rows, NT, K, V, device=k.device, dtype=state_dtype)
     hT = torch.empty(lanes, K, V, device=k.device, dtype=torch.float32)
@@ -465,70 +468,119 @@ def _state_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+def _packed_sequences(bounds: list[int] | None, BT: int, device) -> Sequences | None:
+    return None if bounds is None else sequences(bounds, BT, device)
+
+
+def _launch_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor | None, decay: str, scale: float,
+                    exclusive: bool, BT: int, bounds: list[int] | None) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k [B, T, H, K], v [B, T, H, V], g None | [B, T, H] | [B, T, H, K] (views, maybe stride
+    0), h0 None | [BH, K, V] fp32 contiguous: (o [B, T, H, V], the final state [BH, K, V] fp32,
+    the states entering every chunk, which the backward reads). With packed sequences (`bounds`,
+    B = 1) BH is sequences x heads."""
+    seqs = _packed_sequences(bounds, BT, q.device)
+    hs, hT = _states(k, v, g, h0, 1.0, decay, False, 0, BT, _state_dtype(k), seqs)
+    o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=v.dtype)
+    _outputs(q, k, v, g, hs, o, scale, decay, False, 0, exclusive, BT, seqs)
+    return o, hT, hs
+
+
+def _launch_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, hs: Tensor, hT: Tensor, do: Tensor,
+                     dhT: Tensor, decay: str, scale: float, exclusive: bool, BT: int, bounds: list[int] | None,
+                     has_h0: bool, wants_dg: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d log decay, d initial state) of `_launch_forward` for the gradients `do`,
+    `dhT` of its outputs; d log decay is empty unless `wants_dg`, d initial state unless `has_h0`."""
+    seqs = _packed_sequences(bounds, BT, q.device)
+    B, T, H, K = q.shape
+    do, dhT = do.to(v.dtype), dhT.float().contiguous()
+    shift = 0 if exclusive else 1  # the reversed inclusive problem sees decays one token later
+    dq = _readout(do, v, k, g, hs, scale, decay, False, 0, exclusive, BT, seqs)
+    # the time-reversed problem: keys q, values do, initial state dS_final (its outputs are
+    # scaled by `scale`, its initial state must not be: it enters divided by scale)
+    hs_r, hT_r = _states(q, do, g, dhT, 1.0 / scale, decay, True, shift, BT, _state_dtype(q), seqs)
+    dv = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=torch.float32)
+    _outputs(k, q, do, g, hs_r, dv, scale, decay, True, shift, exclusive, BT, seqs)
+    dk = _readout(v, do, q, g, hs_r, scale, decay, True, shift, exclusive, BT, seqs)
+    # each sequence's first and last token: [0] and [T - 1] of every row, or the packed offsets
+    starts = [0] if seqs is None else list(seqs.bounds[:-1])
+    ends = [T - 1] if seqs is None else [b - 1 for b in seqs.bounds[1:]]
+    dh0 = hT.new_empty(0)
+    if has_h0:
+        dh0 = hT_r * scale
+        if not exclusive and g is not None:  # the reversed pass never saw a first token's decay
+            first = _at_times(g.float(), starts)  # [rows, H] or [rows, H, K], rows = B or N
+            first = first.expand(*first.shape[:2], K) if decay == "key" else first[..., None]
+            dh0 = dh0 * torch.exp(first).reshape(-1, first.shape[-1], 1)
+    dg = hT.new_empty(0)
+    if g is not None and wants_dg:
+        # d log-cumsum at t: q_t . dq_t (q_{t+1} . dq_{t+1} when exclusive, within the same
+        # sequence) - k_t . dk_t, plus the final state's share at each sequence's last token;
+        # the log decays get its reverse cumsum over each sequence
+        read = q.float() * dq
+        dlog = -(k.float() * dk)
+        if exclusive:
+            if seqs is not None:
+                read[:, starts[1:]] = 0  # a sequence's first read is no share of the one before
+            dlog[:, :-1] += read[:, 1:]
+        else:
+            dlog += read
+        final = (hT * dhT).sum(-1).reshape(-1, H, K)  # [rows, H, K]
+        if seqs is None:
+            dlog[:, -1] += final
+            dg = dlog.flip(1).cumsum(1).flip(1)
+        else:
+            dlog[0, ends] += final
+            dg = segment_reverse_cumsum(dlog, seqs.bounds)
+        if decay == "scalar":
+            dg = dg.sum(-1)
+        dg = dg.to(g.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
+
+
+_forward_op = torch.library.custom_op("psmc::chunk_linear_attention", _launch_forward, mutates_args=())
+_backward_op = torch.library.custom_op("psmc::chunk_linear_attention_backward", _launch_backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _forward_fake(q, k, v, g, h0, decay, scale, exclusive, BT, bounds):
+    B, T, H, K = q.shape
+    lanes, rows, NT = state_rows(B, H, T, BT, bounds)
+    return (q.new_empty(B, T, H, v.shape[-1], dtype=v.dtype), q.new_empty(lanes, K, v.shape[-1], dtype=torch.float32),
+            q.new_empty(rows, NT, K, v.shape[-1], dtype=_state_dtype(k)))
+
+
+@_backward_op.register_fake
+def _backward_fake(q, k, v, g, hs, hT, do, dhT, decay, scale, exclusive, BT, bounds, has_h0, wants_dg):
+    dg = g.new_empty(g.shape) if g is not None and wants_dg else hT.new_empty(0)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg,
+            torch.empty_like(hT) if has_h0 else hT.new_empty(0))
+
+
+_forward, _backward = traced(_forward_op, _launch_forward), traced(_backward_op, _launch_backward)
+
+
 class _ChunkLinearAttention(torch.autograd.Function):
-    """q, k [B, T, H, K], v [B, T, H, V], g None | [B, T, H] | [B, T, H, K] (views, maybe
-    stride 0), h0 None | [BH, K, V] fp32 contiguous. Returns o [B, T, H, V] and the final
-    state [BH, K, V] fp32. With packed sequences (`seqs`, B = 1) BH is sequences x heads."""
+    """`_launch_forward` with its gradient: o and the final state (the entering states are saved,
+    not returned). Under torch.compile the launches are the ops above (psmc.runtime.custom_ops)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, decay, scale, exclusive, BT, seqs):
-        B, T, H, K = q.shape
-        hs, hT = _states(k, v, g, h0, 1.0, decay, False, 0, BT, _state_dtype(k), seqs)
-        o = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=v.dtype)
-        _outputs(q, k, v, g, hs, o, scale, decay, False, 0, exclusive, BT, seqs)
+    def forward(ctx, q, k, v, g, h0, decay, scale, exclusive, BT, bounds):
+        o, hT, hs = _forward(q, k, v, g, h0, decay, scale, exclusive, BT, bounds)
         ctx.save_for_backward(q, k, v, g, hs, hT)
-        ctx.args = (decay, scale, exclusive, BT, h0 is not None, seqs)
+        ctx.args = (decay, scale, exclusive, BT, bounds, h0 is not None)
         return o, hT
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiable again: a clear error, not zeros
     def backward(ctx, do, dhT):
         q, k, v, g, hs, hT = ctx.saved_tensors
-        decay, scale, exclusive, BT, has_h0, seqs = ctx.args
-        B, T, H, K = q.shape
-        do = torch.zeros_like(v) if do is None else do.to(v.dtype)
-        dhT = torch.zeros_like(hT) if dhT is None else dhT.float().contiguous()
-        shift = 0 if exclusive else 1  # the reversed inclusive problem sees decays one token later
-        dq = _readout(do, v, k, g, hs, scale, decay, False, 0, exclusive, BT, seqs)
-        # the time-reversed problem: keys q, values do, initial state dS_final (its outputs are
-        # scaled by `scale`, its initial state must not be: it enters divided by scale)
-        hs_r, hT_r = _states(q, do, g, dhT, 1.0 / scale, decay, True, shift, BT, _state_dtype(q), seqs)
-        dv = torch.empty(B, T, H, v.shape[-1], device=q.device, dtype=torch.float32)
-        _outputs(k, q, do, g, hs_r, dv, scale, decay, True, shift, exclusive, BT, seqs)
-        dk = _readout(v, do, q, g, hs_r, scale, decay, True, shift, exclusive, BT, seqs)
-        # each sequence's first and last token: [0] and [T - 1] of every row, or the packed offsets
-        starts = [0] if seqs is None else list(seqs.bounds[:-1])
-        ends = [T - 1] if seqs is None else [b - 1 for b in seqs.bounds[1:]]
-        dh0 = None
-        if has_h0:
-            dh0 = hT_r * scale
-            if not exclusive and g is not None:  # the reversed pass never saw a first token's decay
-                first = _at_times(g.float(), starts)  # [rows, H] or [rows, H, K], rows = B or N
-                first = first.expand(*first.shape[:2], K) if decay == "key" else first[..., None]
-                dh0 = dh0 * torch.exp(first).reshape(-1, first.shape[-1], 1)
-        dg = None
-        if g is not None and ctx.needs_input_grad[3]:
-            # d log-cumsum at t: q_t . dq_t (q_{t+1} . dq_{t+1} when exclusive, within the same
-            # sequence) - k_t . dk_t, plus the final state's share at each sequence's last token;
-            # the log decays get its reverse cumsum over each sequence
-            read = q.float() * dq
-            dlog = -(k.float() * dk)
-            if exclusive:
-                if seqs is not None:
-                    read[:, starts[1:]] = 0  # a sequence's first read is no share of the one before
-                dlog[:, :-1] += read[:, 1:]
-            else:
-                dlog += read
-            final = (hT * dhT).sum(-1).reshape(-1, H, K)  # [rows, H, K]
-            if seqs is None:
-                dlog[:, -1] += final
-                dg = dlog.flip(1).cumsum(1).flip(1)
-            else:
-                dlog[0, ends] += final
-                dg = segment_reverse_cumsum(dlog, seqs.bounds)
-            if decay == "scalar":
-                dg = dg.sum(-1)
-            dg = dg.to(g.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None, None, None
+        decay, scale, exclusive, BT, bounds, has_h0 = ctx.args
+        do = torch.zeros_like(v) if do is None else do
+        dhT = torch.zeros_like(hT) if dhT is None else dhT
+        wants_dg = g is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, hs, hT, do, dhT, decay, scale, exclusive, BT, bounds, has_h0,
+                                        wants_dg)
+        return dq, dk, dv, dg if wants_dg else None, dh0 if has_h0 else None, None, None, None, None, None
 
 
 def _at_times(x: Tensor, times: list) -> Tensor:
@@ -569,11 +621,11 @@ def triton_chunk_linear_attention(
             q, k, v, log_decay, decay=decay, scale=scale, initial_state=initial_state,
             exclusive=exclusive, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
     H = chunkwise._prod(lanes)
-    seqs, rows = None, B
+    bounds, rows, BT = None, B, _chunk(T, chunk_size)
     if cu_seqlens is not None:
-        bounds = packed_bounds("chunk_linear_attention", cu_seqlens, B, T)
+        bounds = list(packed_bounds("chunk_linear_attention", cu_seqlens, B, T))
         BT = _chunk(max(b - a for a, b in zip(bounds, bounds[1:])), chunk_size)
-        seqs, rows = sequences(bounds, BT, q.device), len(bounds) - 1
+        rows = len(bounds) - 1
 
     def flat(x: Tensor, width: tuple[int, ...]) -> Tensor:
         # a stride-0 view when the lane axes broadcast (a copy only for multi-axis broadcasts)
@@ -588,6 +640,5 @@ def triton_chunk_linear_attention(
     h0 = None
     if initial_state is not None:
         h0 = initial_state.float().expand(rows, *lanes, K, V).reshape(rows * H, K, V).contiguous()
-    BT = _chunk(T, chunk_size) if seqs is None else seqs.chunk
-    o, hT = _ChunkLinearAttention.apply(q4, k4, v4, g4, h0, decay, float(scale), bool(exclusive), BT, seqs)
+    o, hT = _ChunkLinearAttention.apply(q4, k4, v4, g4, h0, decay, float(scale), bool(exclusive), BT, bounds)
     return o.reshape(B, T, *lanes, V), hT.reshape(rows, *lanes, K, V)

@@ -5,13 +5,17 @@ The launchers are run on CPU tensors while every `kernel[grid](...)` is captured
 launched (so block sizes, num_warps and constexprs are exactly the runtime's), then each
 captured launch is compiled with `triton.compile(ASTSource(...), GPUTarget("cuda", arch, 32))`
 and `ptxas -v` reports registers and spills. Must run without TRITON_INTERPRET (the test runs
-it in a subprocess): `python -m psmc.runtime.triton_chunk_aot` prints one JSON line per kernel.
+it in a subprocess): `python -m psmc.runtime.triton_chunk_aot` prints one JSON line per kernel,
+in the recording's order. The compiles run in PSMC_AOT_JOBS forked processes (default: one per
+core), each launch compiled once.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -249,11 +253,20 @@ def compile_one(kernel, args, kwargs, arch: int) -> dict:
             "shared": int(compiled.metadata.shared), "num_warps": int(compiled.metadata.num_warps)}
 
 
+# the launches a forked compile process reads by index (set before the pool forks)
+_LAUNCHES: list = []
+
+
+def _compile_launch(index: int) -> dict:
+    kernel, args, kwargs, arch = _LAUNCHES[index]
+    return compile_one(kernel, args, kwargs, arch)
+
+
 def main(arch: int = 90, test_only: bool = False) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    seen = set()
+    seen, rows = set(), []
     only = os.environ.get("PSMC_AOT_ONLY", "")
     for config, phase, tag, kernel, grid, args, kwargs in record(test_only):
         if only not in config:
@@ -263,7 +276,15 @@ def main(arch: int = 90, test_only: bool = False) -> int:
         if key in seen:
             continue
         seen.add(key)
-        result = compile_one(kernel, args, kwargs, arch)
+        rows.append((config, phase, tag, grid, kwargs))
+        _LAUNCHES.append((kernel, args, kwargs, arch))
+    jobs = min(int(os.environ.get("PSMC_AOT_JOBS", os.cpu_count() or 1)), len(rows))
+    if jobs > 1:  # fork: the children inherit the recorded launches (kernels, CPU tensors)
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_compile_launch, range(len(rows))))
+    else:
+        results = [_compile_launch(i) for i in range(len(rows))]
+    for (config, phase, tag, grid, kwargs), result in zip(rows, results):
         consts = {k: v for k, v in kwargs.items() if k != "num_warps"}
         print(json.dumps({"config": config, "pass": phase, "kernel": tag, "arch": arch, "constexprs": consts,
                           "num_warps": kwargs.get("num_warps"), "grid": list(grid), **result}, default=str), flush=True)

@@ -42,6 +42,7 @@ import triton.language as tl
 from psmc.runtime import delta as _delta
 from psmc.runtime import triton_chunk as _tc
 from psmc.runtime.triton_chunk import _mm, _place, _pow2, _sequence, _tile
+from psmc.runtime.custom_ops import traced
 from psmc.runtime.varlen import packed_bounds, sequences
 
 __all__ = ["triton_chunk_delta_rule", "HAS_BACKWARD", "KERNELS"]
@@ -542,7 +543,7 @@ def _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=False, seqs=None):
     B, T, H, K = q4.shape
     V = v4.shape[-1]
     BT, BK, BV, ieee = plan["BT"], plan["BK"], plan["BV"], plan["ieee"]
-    lanes, rows, NT = _tc.state_rows(B, H, T, BT, seqs)
+    lanes, rows, NT = _tc.state_rows(B, H, T, BT, None if seqs is None else seqs.bounds)
     decay = 0 if g4 is None else 1
     w = torch.empty(B, T, H, K, device=q4.device, dtype=k4.dtype)
     u = torch.empty(B, T, H, V, device=q4.device, dtype=v4.dtype if not ieee else torch.float32)
@@ -574,7 +575,7 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan, seqs=None
     B, T, H, K = q4.shape
     V = v4.shape[-1]
     BT, BK, BV, ieee = plan["BT"], plan["BK"], plan["BV"], plan["ieee"]
-    lanes, _, NT = _tc.state_rows(B, H, T, BT, seqs)
+    lanes, _, NT = _tc.state_rows(B, H, T, BT, None if seqs is None else seqs.bounds)
     tables = _tc.packed(seqs, hs)
     varlen = seqs is not None
     decay = 0 if g4 is None else 1
@@ -611,30 +612,88 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan, seqs=None
     return dq, dk, dv, db, dg, dh0
 
 
+def _packed_sequences(bounds: list[int] | None, plan: dict, device):
+    return None if bounds is None else sequences(bounds, plan["BT"], device)
+
+
+def _launch_forward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor | None, h0: Tensor | None,
+                    scale: float, chunk_size: int, longest: int,
+                    training: bool, bounds: list[int] | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """q4, k4 [B, T, H, K], v4 [B, T, H, V], b4 [B, T, H], g4 None | [B, T, H] fp32 (views, maybe
+    stride 0), h0 None | [BH, K, V] fp32 contiguous: `_forward`'s (o, final state, W, U, entering
+    states, inverses), the inverses empty unless `training`, on the chunks `_plan` gives for the
+    longest sequence. With packed sequences (`bounds`, B = 1) BH is sequences x heads."""
+    plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size, training)
+    seqs = _packed_sequences(bounds, plan, q4.device)
+    o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=training, seqs=seqs)
+    return o, hT, w, u, hs, w.new_empty(0) if inv is None else inv
+
+
+def _launch_backward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor | None, w: Tensor, u: Tensor,
+                     hs: Tensor, inv: Tensor, do: Tensor, dhT: Tensor | None, scale: float, chunk_size: int,
+                     longest: int, bounds: list[int] | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_backward`'s (dq, dk, dv, dbeta, d log gate, d initial state) in the inputs' dtypes (d log
+    gate empty without a gate) for the gradients `do`, `dhT` (None: zero) of `_launch_forward`."""
+    plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size, True)
+    seqs = _packed_sequences(bounds, plan, q4.device)
+    dhT = None if dhT is None else dhT.float().contiguous()
+    dq, dk, dv, db, dg, dh0 = _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do.to(v4.dtype), dhT, scale, plan, seqs)
+    return (dq.to(q4.dtype), dk.to(k4.dtype), dv.to(v4.dtype), db.to(b4.dtype),
+            db.new_empty(0) if dg is None else dg.to(g4.dtype), dh0)
+
+
+_forward_op = torch.library.custom_op("psmc::chunk_delta_rule", _launch_forward, mutates_args=())
+_backward_op = torch.library.custom_op("psmc::chunk_delta_rule_backward", _launch_backward, mutates_args=())
+
+
+@_forward_op.register_fake
+def _forward_fake(q4, k4, v4, b4, g4, h0, scale, chunk_size, longest, training, bounds):
+    B, T, H, K = q4.shape
+    V = v4.shape[-1]
+    plan = _plan(q4.dtype, longest, K, V, chunk_size, training)
+    lanes, rows, NT = _tc.state_rows(B, H, T, plan["BT"], bounds)
+    fp32 = plan["ieee"]  # (U and the entering states in fp32 for fp32 inputs, else in the inputs' dtype)
+    return (q4.new_empty(B, T, H, V, dtype=v4.dtype), q4.new_empty(lanes, K, V, dtype=torch.float32),
+            q4.new_empty(B, T, H, K, dtype=k4.dtype), q4.new_empty(B, T, H, V, dtype=torch.float32 if fp32 else v4.dtype),
+            q4.new_empty(rows, NT, K, V, dtype=torch.float32 if fp32 else q4.dtype),
+            q4.new_empty(B, T, H, plan["BT"], dtype=k4.dtype) if training else q4.new_empty(0, dtype=k4.dtype))
+
+
+@_backward_op.register_fake
+def _backward_fake(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, chunk_size, longest, bounds):
+    B, T, H, K = q4.shape
+    lanes = _tc.state_rows(B, H, T, 1, bounds)[0]
+    return (torch.empty_like(q4), torch.empty_like(k4), torch.empty_like(v4), torch.empty_like(b4),
+            b4.new_empty(0, dtype=torch.float32) if g4 is None else torch.empty_like(g4),
+            q4.new_empty(lanes, K, v4.shape[-1], dtype=torch.float32))
+
+
+_run_forward, _run_backward = traced(_forward_op, _launch_forward), traced(_backward_op, _launch_backward)
+
+
 class _ChunkDeltaRule(torch.autograd.Function):
-    """q4, k4 [B, T, H, K], v4 [B, T, H, V], b4 [B, T, H], g4 None | [B, T, H] fp32 (views,
-    maybe stride 0), h0 None | [BH, K, V] fp32 contiguous. Returns o [B, T, H, V] and the final
-    state [BH, K, V] fp32. The backward is the Triton kernels above, on the saved W, U and
-    entering states. With packed sequences (`seqs`, B = 1) BH is sequences x heads."""
+    """`_launch_forward` with its gradient, the Triton kernels above on the saved W, U and
+    entering states: returns o [B, T, H, V] and the final state [BH, K, V] fp32. Under
+    torch.compile the launches are the ops above (psmc.runtime.custom_ops)."""
 
     @staticmethod
-    def forward(ctx, q4, k4, v4, b4, g4, h0, scale, plan, seqs):
+    def forward(ctx, q4, k4, v4, b4, g4, h0, scale, chunk_size, longest, bounds):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: not read
-        o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=True, seqs=seqs)
+        o, hT, w, u, hs, inv = _run_forward(q4, k4, v4, b4, g4, h0, scale, chunk_size, longest, True, bounds)
         ctx.save_for_backward(q4, k4, v4, b4, g4, w, u, hs, inv)
-        ctx.args = (scale, plan, h0 is not None, seqs)
+        ctx.args = (scale, chunk_size, longest, bounds, h0 is not None)
         return o, hT
 
     @staticmethod
     @once_differentiable  # the kernels are not differentiable again: a clear error, not zeros
     def backward(ctx, do, dhT):
         q4, k4, v4, b4, g4, w, u, hs, inv = ctx.saved_tensors
-        scale, plan, has_h0, seqs = ctx.args
-        do = torch.zeros(v4.shape, device=v4.device, dtype=v4.dtype) if do is None else do.to(v4.dtype)
-        dhT = None if dhT is None else dhT.float().contiguous()
-        dq, dk, dv, db, dg, dh0 = _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan, seqs)
-        return (dq.to(q4.dtype), dk.to(k4.dtype), dv.to(v4.dtype), db.to(b4.dtype),
-                None if dg is None else dg.to(g4.dtype), dh0 if has_h0 else None, None, None, None)
+        scale, chunk_size, longest, bounds, has_h0 = ctx.args
+        if do is None:
+            do = torch.zeros(v4.shape, device=v4.device, dtype=v4.dtype)
+        dq, dk, dv, db, dg, dh0 = _run_backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, chunk_size,
+                                                longest, bounds)
+        return dq, dk, dv, db, None if g4 is None else dg, dh0 if has_h0 else None, None, None, None, None
 
 
 def triton_chunk_delta_rule(
@@ -670,7 +729,7 @@ def triton_chunk_delta_rule(
         return _delta._chunk_delta_rule_torch(q, k, v, beta, log_decay, scale, initial_state, chunk_size,
                                               cu_seqlens=cu_seqlens)
     H = math.prod(lanes)
-    seqs, rows, longest = None, B, T
+    bounds, rows, longest = None, B, T
     if cu_seqlens is not None:
         bounds = packed_bounds("chunk_delta_rule", cu_seqlens, B, T)
         rows, longest = len(bounds) - 1, max(b - a for a, b in zip(bounds, bounds[1:]))
@@ -683,11 +742,9 @@ def triton_chunk_delta_rule(
     h0 = None
     if initial_state is not None:
         h0 = initial_state.float().expand(rows, *lanes, K, V).reshape(rows * H, K, V).contiguous()
-    plan = _plan(q.dtype, longest, K, V, chunk_size, needs_grad)
-    if cu_seqlens is not None:
-        seqs = sequences(bounds, plan["BT"], q.device)
+    bounds = None if bounds is None else list(bounds)
     if needs_grad:
-        o, hT = _ChunkDeltaRule.apply(q4, k4, v4, b4, g4, h0, float(scale), plan, seqs)
+        o, hT = _ChunkDeltaRule.apply(q4, k4, v4, b4, g4, h0, float(scale), chunk_size, longest, bounds)
     else:
-        o, hT = _forward(q4, k4, v4, b4, g4, h0, scale, plan, seqs=seqs)[:2]
+        o, hT = _run_forward(q4, k4, v4, b4, g4, h0, float(scale), chunk_size, longest, False, bounds)[:2]
     return o.reshape(B, T, *lanes, V), hT.reshape(rows, *lanes, K, V)

@@ -20,6 +20,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from psmc.runtime.custom_ops import traced
+
 __all__ = ["triton_delta_step", "MAX_K"]
 
 MAX_K = 256
@@ -81,9 +83,9 @@ def blocks(K: int, V: int) -> tuple[int, int]:
 
 def serves(S: Tensor | None, inputs: list, K: int) -> bool:
     """Whether a decode kernel serves this token: float32/bf16/fp16 inputs (None: absent), an
-    fp32 state (or none), K <= MAX_K, no gradient wanted, not under tracing."""
+    fp32 state (or none), K <= MAX_K, no gradient wanted."""
     tensors = [t for t in (S, *inputs) if t is not None]
-    if torch.compiler.is_compiling() or K > MAX_K:
+    if K > MAX_K:
         return False
     if S is not None and S.dtype != torch.float32:
         return False
@@ -97,14 +99,20 @@ def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_d
     return serves(S, [q, k, v, beta, log_decay], q.shape[-1])
 
 
+def decode_lead(S: Tensor | None, inputs: list) -> tuple:
+    """The lane axes every input of a decode token (a list of (tensor or None, width)) and the
+    state broadcast to."""
+    shapes = [t.shape[:t.dim() - len(width)] for t, width in inputs if t is not None]
+    shapes += [] if S is None else [S.shape[:-2]]
+    return tuple(torch.broadcast_shapes(*shapes))
+
+
 def decode_rows(S: Tensor | None, inputs: list, V: int, out_dtype: torch.dtype):
     """A decode launch's buffers: the lane axes `lead` every input broadcasts to, each input
     [*lanes, *width] as a contiguous [rows, *width] tensor (None stays None), the state as
     [rows, K, V] (or None), the output [rows, V] and the new state [rows, K, V] fp32.
     `inputs` is a list of (tensor or None, width): the trailing axes that are not lanes."""
-    shapes = [t.shape[:t.dim() - len(width)] for t, width in inputs if t is not None]
-    shapes += [] if S is None else [S.shape[:-2]]
-    lead = tuple(torch.broadcast_shapes(*shapes))
+    lead = decode_lead(S, inputs)
     rows = math.prod(lead)
     flat = [None if t is None else _rows(t, lead, width) for t, width in inputs]
     K = inputs[0][1][0]
@@ -115,18 +123,41 @@ def decode_rows(S: Tensor | None, inputs: list, V: int, out_dtype: torch.dtype):
     return lead, flat, s_in, o, s_out
 
 
-def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
-                      log_decay: Tensor | None = None, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """`delta_rule_step` as one kernel launch: S [B, *lanes, K, V] fp32 or None (zeros), q, k
-    [B, *lanes, K], v [B, *lanes, V], beta and log_decay [B, *lanes] (lane axes broadcast).
-    Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32). The caller
-    checks `takes(...)` first."""
+def _launch(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
+            scale: float) -> tuple[Tensor, Tensor]:
+    """One decode token on `_delta_step_kernel` (`triton_delta_step`)."""
     K, V = q.shape[-1], v.shape[-1]
-    lead, (qs, ks, vs, bs, gs), s_in, o, s_out = decode_rows(
-        S, [(q, (K,)), (k, (K,)), (v, (V,)), (beta, ()), (log_decay, ())], V, v.dtype)
+    lead, (qs, ks, vs, bs, gs), s_in, o, s_out = decode_rows(S, _widths(q, k, v, beta, log_decay), V, v.dtype)
     if o.shape[0]:
         BK, BV = blocks(K, V)
         _delta_step_kernel[(o.shape[0], triton.cdiv(V, BV))](
             s_out if s_in is None else s_in, qs, ks, vs, bs, bs if gs is None else gs, o, s_out,
             float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, GATED=gs is not None, num_warps=4)
     return o.reshape(*lead, V), s_out.reshape(*lead, K, V)
+
+
+def _widths(q, k, v, beta, log_decay) -> list:
+    K, V = q.shape[-1], v.shape[-1]
+    return [(q, (K,)), (k, (K,)), (v, (V,)), (beta, ()), (log_decay, ())]
+
+
+_delta_step = torch.library.custom_op("psmc::delta_step", _launch, mutates_args=())
+
+
+@_delta_step.register_fake
+def _delta_step_fake(S, q, k, v, beta, log_decay, scale):
+    lead = decode_lead(S, _widths(q, k, v, beta, log_decay))
+    K, V = q.shape[-1], v.shape[-1]
+    return v.new_empty(*lead, V), q.new_empty(*lead, K, V, dtype=torch.float32)
+
+
+_step = traced(_delta_step, _launch)
+
+
+def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
+                      log_decay: Tensor | None = None, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """`delta_rule_step` as one kernel launch: S [B, *lanes, K, V] fp32 or None (zeros), q, k
+    [B, *lanes, K], v [B, *lanes, V], beta and log_decay [B, *lanes] (lane axes broadcast).
+    Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32). The caller
+    checks `takes(...)` first. Under torch.compile the launch is the op psmc::delta_step."""
+    return _step(S, q, k, v, beta, log_decay, float(scale))

@@ -62,6 +62,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from psmc.runtime.custom_ops import traced
 from psmc.runtime.triton_chunk import _diag_weights, _logs, _mm, _pow2, _row, _tile, _to_end
 from psmc.runtime.triton_delta import _unit_lower_inverse
 from psmc.runtime.triton_delta_step import blocks
@@ -288,10 +289,9 @@ def _dplr_dstates_kernel(
 def takes(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
           initial_state: Tensor | None, chunk_size: int | None) -> bool:
     """Whether the kernels serve this call: float32/bf16/fp16 inputs (a float32/bf16/fp16
-    initial state or none), K <= MAX_K, the default chunk size, no gradient wanted, not under
-    tracing."""
+    initial state or none), K <= MAX_K, the default chunk size, no gradient wanted."""
     tensors = [t for t in (q, k, v, a, b, log_decay, initial_state) if t is not None]
-    if torch.compiler.is_compiling() or chunk_size is not None or q.shape[-1] > MAX_K:
+    if chunk_size is not None or q.shape[-1] > MAX_K:
         return False
     if any(t.dtype not in _FLOATS for t in tensors):
         return False
@@ -317,7 +317,15 @@ def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log
     cu_chunks: packed sequences (B = 1), each padded with zero tokens to whole chunks of CHUNK
     tokens: sequence n is chunks cu_chunks[n] .. cu_chunks[n + 1] - 1 (int32 [N + 1] on the
     device), run from its own initial state (broadcastable to [N, *lanes, K, V]); the final
-    state is then [N, *lanes, K, V]."""
+    state is then [N, *lanes, K, V]. Under torch.compile the launches are the op psmc::dplr_infer
+    (psmc.runtime.custom_ops), so compiled inference runs the kernels too."""
+    return _infer(q, k, v, a, b, log_decay, float(scale), initial_state, batch, steps, list(lanes), cu_chunks)
+
+
+def _launch_infer(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None, scale: float,
+           initial_state: Tensor | None, batch: int, steps: int, lanes: list[int],
+           cu_chunks: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`triton_chunk_dplr`'s launches: `_dplr_intra_kernel`, then `_dplr_chain_kernel`."""
     K, V = q.shape[-1], v.shape[-1]
     B, T, H = batch, steps, math.prod(lanes)
     qs, ks, as_, bs = (_lanes_flat(x, B, T, lanes, K) for x in (q, k, a, b))
@@ -358,6 +366,19 @@ def triton_chunk_dplr(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log
         float(scale), final if cu_chunks is None else cu_chunks, T, H, K, V, NT, BT=BT, BK=BK, BV=BV,
         HAS_H0=h0 is not None, IEEE=v.dtype == torch.float32, VARLEN=cu_chunks is not None, num_warps=NUM_WARPS)
     return o.reshape(B, T, *lanes, V), final.reshape(rows, *lanes, K, V)
+
+
+_infer_op = torch.library.custom_op("psmc::dplr_infer", _launch_infer, mutates_args=())
+
+
+@_infer_op.register_fake
+def _infer_fake(q, k, v, a, b, log_decay, scale, initial_state, batch, steps, lanes, cu_chunks):
+    rows = batch if cu_chunks is None else cu_chunks.shape[0] - 1
+    K, V = q.shape[-1], v.shape[-1]
+    return v.new_empty(batch, steps, *lanes, V), q.new_empty(rows, *lanes, K, V, dtype=torch.float32)
+
+
+_infer = traced(_infer_op, _launch_infer)
 
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}

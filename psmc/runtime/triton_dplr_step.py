@@ -18,7 +18,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from psmc.runtime.triton_delta_step import MAX_K, _state_slice, blocks, decode_rows, serves
+from psmc.runtime.custom_ops import traced
+from psmc.runtime.triton_delta_step import MAX_K, _state_slice, blocks, decode_lead, decode_rows, serves
 
 __all__ = ["triton_dplr_step", "takes", "MAX_K"]
 
@@ -48,8 +49,40 @@ def _dplr_step_kernel(
 
 def takes(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None) -> bool:
     """Whether the kernel serves this token (`triton_delta_step.serves`: float32/bf16/fp16
-    inputs, an fp32 state or none, K <= MAX_K, no gradient wanted, not under tracing)."""
+    inputs, an fp32 state or none, K <= MAX_K, no gradient wanted)."""
     return serves(S, [q, k, v, a, b, log_decay], q.shape[-1])
+
+
+def _widths(q, k, v, a, b, log_decay) -> list:
+    K, V = q.shape[-1], v.shape[-1]
+    # log_decay's last axis may be 1: _rows expands it to K
+    return [(q, (K,)), (k, (K,)), (v, (V,)), (a, (K,)), (b, (K,)), (log_decay, (K,))]
+
+
+def _launch(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, log_decay: Tensor | None,
+            scale: float) -> tuple[Tensor, Tensor]:
+    """One decode token on `_dplr_step_kernel` (`triton_dplr_step`)."""
+    K, V = q.shape[-1], v.shape[-1]
+    lead, (qs, ks, vs, as_, bs, gs), s_in, o, s_out = decode_rows(S, _widths(q, k, v, a, b, log_decay), V, v.dtype)
+    if o.shape[0]:
+        BK, BV = blocks(K, V)
+        _dplr_step_kernel[(o.shape[0], triton.cdiv(V, BV))](
+            s_out if s_in is None else s_in, qs, ks, vs, as_, bs, qs if gs is None else gs, o, s_out,
+            float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, DECAY=gs is not None, num_warps=4)
+    return o.reshape(*lead, V), s_out.reshape(*lead, K, V)
+
+
+_dplr_step = torch.library.custom_op("psmc::dplr_step", _launch, mutates_args=())
+
+
+@_dplr_step.register_fake
+def _dplr_step_fake(S, q, k, v, a, b, log_decay, scale):
+    lead = decode_lead(S, _widths(q, k, v, a, b, log_decay))
+    K, V = q.shape[-1], v.shape[-1]
+    return v.new_empty(*lead, V), q.new_empty(*lead, K, V, dtype=torch.float32)
+
+
+_step = traced(_dplr_step, _launch)
 
 
 def triton_dplr_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor,
@@ -57,14 +90,5 @@ def triton_dplr_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, a: Tenso
     """`dplr_step` as one kernel launch: S [B, *lanes, K, V] fp32 or None (zeros), q, k, a, b
     [B, *lanes, K], v [B, *lanes, V], log_decay None or [B, *lanes, K or 1] (leading axes
     broadcast). Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32).
-    The caller checks `takes(...)` first."""
-    K, V = q.shape[-1], v.shape[-1]
-    # log_decay's last axis may be 1: _rows expands it to K
-    lead, (qs, ks, vs, as_, bs, gs), s_in, o, s_out = decode_rows(
-        S, [(q, (K,)), (k, (K,)), (v, (V,)), (a, (K,)), (b, (K,)), (log_decay, (K,))], V, v.dtype)
-    if o.shape[0]:
-        BK, BV = blocks(K, V)
-        _dplr_step_kernel[(o.shape[0], triton.cdiv(V, BV))](
-            s_out if s_in is None else s_in, qs, ks, vs, as_, bs, qs if gs is None else gs, o, s_out,
-            float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, DECAY=gs is not None, num_warps=4)
-    return o.reshape(*lead, V), s_out.reshape(*lead, K, V)
+    The caller checks `takes(...)` first. Under torch.compile the launch is the op psmc::dplr_step."""
+    return _step(S, q, k, v, a, b, log_decay, float(scale))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["cu_seqlens_bounds", "lengths", "packed_bounds", "Offsets", "Sequences", "sequences", "segment_reverse_cumsum"]
+__all__ = ["cu_seqlens_bounds", "lengths", "packed_bounds", "Offsets", "Sequences", "chunk_counts", "sequences", "segment_reverse_cumsum"]
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,16 @@ class Sequences:
 
 
 
+def chunk_counts(bounds, chunk: int) -> list[int]:
+    """How many chunks of `chunk` tokens each sequence of offsets `bounds` takes (each starts a
+    new chunk)."""
+    return [-(-(b - a) // chunk) for a, b in zip(bounds, bounds[1:])]
+
+
 def sequences(bounds, chunk: int, device) -> Sequences:
     """The tables of `Sequences` for validated offsets `bounds` (from cu_seqlens_bounds)."""
     bounds = tuple(int(b) for b in bounds)
-    counts = [-(-(b - a) // chunk) for a, b in zip(bounds, bounds[1:])]
+    counts = chunk_counts(bounds, chunk)
     first = [0]
     for c in counts:
         first.append(first[-1] + c)

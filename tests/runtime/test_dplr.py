@@ -494,7 +494,8 @@ def test_a_graph_holds_the_chunk_chain_as_one_op():
     leaves = [t.clone().requires_grad_() for t in inputs]
     torch._dynamo.reset()
     o, s = torch.compile(lambda *x: dplr.chunk_dplr(*x, scale=0.5), backend=keep, fullgraph=True)(*leaves)
-    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    # (the chain's autograd.Function is a subgraph of the Dynamo graph: every module's nodes)
+    targets = [str(n.target) for g in graphs for m in g.modules() for n in m.graph.nodes if n.op == "call_function"]
     assert targets.count("psmc.dplr_chain.default") == 1
     # (the batched products of the terms and the outputs, not one per chunk)
     assert sum("baddbmm" in t for t in targets) <= 3, targets
@@ -509,7 +510,7 @@ def test_a_graph_holds_the_chunk_chain_as_one_op():
 
 def test_the_chain_op_s_loop_over_packed_sequences_and_its_gradients():
     """psmc::dplr_chain without the kernels (the loop): with cu_chunks each sequence's chunks
-    run from its own initial state, equal to a call per sequence, and the registered gradient
+    run from its own initial state, equal to a call per sequence, and its gradient (`_Chain`)
     passes gradcheck (float64), for a regular batch and for packed sequences."""
     gen = torch.Generator().manual_seed(3)
     L, K, V, H = 4, 3, 2, 2
@@ -526,5 +527,5 @@ def test_the_chain_op_s_loop_over_packed_sequences_and_its_gradients():
         torch.testing.assert_close(entering[first:last], want_entering)
         torch.testing.assert_close(final[n * H:(n + 1) * H], want_final)
     leaves = [x.requires_grad_() for x in (w, b_out, written, gate, state)]
-    assert torch.autograd.gradcheck(lambda *x: dplr._chain(*x, torch.float64, False, cu), leaves)
-    assert torch.autograd.gradcheck(lambda *x: dplr._chain(*x[:4], x[4][:H], torch.float64, False), leaves)
+    assert torch.autograd.gradcheck(lambda *x: dplr._Chain.apply(*x, torch.float64, False, cu), leaves)
+    assert torch.autograd.gradcheck(lambda *x: dplr._Chain.apply(*x[:4], x[4][:H], torch.float64, False, None), leaves)
