@@ -552,8 +552,9 @@ def _forward_fake(q, k, v, g, h0, decay, scale, exclusive, BT, bounds):
 @_backward_op.register_fake
 def _backward_fake(q, k, v, g, hs, hT, do, dhT, decay, scale, exclusive, BT, bounds, has_h0, wants_dg):
     dg = g.new_empty(g.shape) if g is not None and wants_dg else hT.new_empty(0)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg,
-            torch.empty_like(hT) if has_h0 else hT.new_empty(0))
+    # (new_empty: dense like the real gradients, whatever the inputs' strides; a broadcast input is a stride-0 view)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dg,
+            hT.new_empty(hT.shape) if has_h0 else hT.new_empty(0))
 
 
 _forward, _backward = traced(_forward_op, _launch_forward), traced(_backward_op, _launch_backward)

@@ -663,8 +663,9 @@ def _forward_fake(q4, k4, v4, b4, g4, h0, scale, chunk_size, longest, training, 
 def _backward_fake(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, chunk_size, longest, bounds):
     B, T, H, K = q4.shape
     lanes = _tc.state_rows(B, H, T, 1, bounds)[0]
-    return (torch.empty_like(q4), torch.empty_like(k4), torch.empty_like(v4), torch.empty_like(b4),
-            b4.new_empty(0, dtype=torch.float32) if g4 is None else torch.empty_like(g4),
+    # (new_empty: dense like the real gradients, whatever the inputs' strides; a broadcast input is a stride-0 view)
+    return (q4.new_empty(q4.shape), k4.new_empty(k4.shape), v4.new_empty(v4.shape), b4.new_empty(b4.shape),
+            b4.new_empty(0, dtype=torch.float32) if g4 is None else g4.new_empty(g4.shape),
             q4.new_empty(lanes, K, v4.shape[-1], dtype=torch.float32))
 
 
