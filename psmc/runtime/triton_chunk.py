@@ -468,7 +468,9 @@ def _state_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
-def _packed_sequences(bounds: list[int] | None, BT: int, device) -> Sequences | None:
+def packed_sequences(bounds: list[int] | None, BT: int, device) -> Sequences | None:
+    """The device tables of packed sequences of offsets `bounds` in chunks of BT tokens (None:
+    a regular batch)."""
     return None if bounds is None else sequences(bounds, BT, device)
 
 
@@ -478,7 +480,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tenso
     0), h0 None | [BH, K, V] fp32 contiguous: (o [B, T, H, V], the final state [BH, K, V] fp32,
     the states entering every chunk, which the backward reads). With packed sequences (`bounds`,
     B = 1) BH is sequences x heads."""
-    seqs = _packed_sequences(bounds, BT, q.device)
+    seqs = packed_sequences(bounds, BT, q.device)
     hs, hT = _states(k, v, g, h0, 1.0, decay, False, 0, BT, _state_dtype(k), seqs)
     o = torch.empty(*q.shape[:3], v.shape[-1], device=q.device, dtype=v.dtype)
     _outputs(q, k, v, g, hs, o, scale, decay, False, 0, exclusive, BT, seqs)
@@ -490,7 +492,7 @@ def _launch_backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, hs: Tens
                      has_h0: bool, wants_dg: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d log decay, d initial state) of `_launch_forward` for the gradients `do`,
     `dhT` of its outputs; d log decay is empty unless `wants_dg`, d initial state unless `has_h0`."""
-    seqs = _packed_sequences(bounds, BT, q.device)
+    seqs = packed_sequences(bounds, BT, q.device)
     B, T, H, K = q.shape
     do, dhT = do.to(v.dtype), dhT.float().contiguous()
     shift = 0 if exclusive else 1  # the reversed inclusive problem sees decays one token later

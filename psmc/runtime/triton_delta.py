@@ -43,7 +43,7 @@ from psmc.runtime import delta as _delta
 from psmc.runtime import triton_chunk as _tc
 from psmc.runtime.triton_chunk import _mm, _place, _pow2, _sequence, _tile
 from psmc.runtime.custom_ops import traced
-from psmc.runtime.varlen import packed_bounds, sequences
+from psmc.runtime.varlen import packed_bounds
 
 __all__ = ["triton_chunk_delta_rule", "HAS_BACKWARD", "KERNELS"]
 
@@ -612,10 +612,6 @@ def _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do, dhT, scale, plan, seqs=None
     return dq, dk, dv, db, dg, dh0
 
 
-def _packed_sequences(bounds: list[int] | None, plan: dict, device):
-    return None if bounds is None else sequences(bounds, plan["BT"], device)
-
-
 def _launch_forward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor | None, h0: Tensor | None,
                     scale: float, chunk_size: int, longest: int,
                     training: bool, bounds: list[int] | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -624,7 +620,7 @@ def _launch_forward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor |
     states, inverses), the inverses empty unless `training`, on the chunks `_plan` gives for the
     longest sequence. With packed sequences (`bounds`, B = 1) BH is sequences x heads."""
     plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size, training)
-    seqs = _packed_sequences(bounds, plan, q4.device)
+    seqs = _tc.packed_sequences(bounds, plan["BT"], q4.device)
     o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=training, seqs=seqs)
     return o, hT, w, u, hs, w.new_empty(0) if inv is None else inv
 
@@ -635,7 +631,7 @@ def _launch_backward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor 
     """`_backward`'s (dq, dk, dv, dbeta, d log gate, d initial state) in the inputs' dtypes (d log
     gate empty without a gate) for the gradients `do`, `dhT` (None: zero) of `_launch_forward`."""
     plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size, True)
-    seqs = _packed_sequences(bounds, plan, q4.device)
+    seqs = _tc.packed_sequences(bounds, plan["BT"], q4.device)
     dhT = None if dhT is None else dhT.float().contiguous()
     dq, dk, dv, db, dg, dh0 = _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do.to(v4.dtype), dhT, scale, plan, seqs)
     return (dq.to(q4.dtype), dk.to(k4.dtype), dv.to(v4.dtype), db.to(b4.dtype),
