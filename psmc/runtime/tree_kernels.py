@@ -10,6 +10,7 @@ roots and folds as [B, L].
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,9 @@ from .tree import counter_after
 from .varlen import cu_seqlens_bounds
 
 BLOCK_C = 128  # lanes per program at most: one per thread at 4 warps
+# Every registered Triton kernel set by name: a torch custom op takes plain values, so the ops
+# below name their kernels by a string and find them here.
+TREE_KERNELS: dict = {}
 
 
 def lane_block(L: int) -> int:
@@ -41,6 +45,14 @@ class TreeKernels:
     fields: tuple
     params: tuple  # the float scalar params the combine reads
     dims: tuple
+    # the forward kernel's module and name, unique per generated module (content-hashed): what
+    # the custom ops look the kernels up by (TREE_KERNELS)
+    name: str = dataclasses.field(init=False, default="")
+
+    def __post_init__(self):
+        fn = getattr(self.forward, "fn", self.forward)
+        object.__setattr__(self, "name", f"{fn.__module__}.{fn.__qualname__}")
+        TREE_KERNELS[self.name] = self
 
     def compute_dtype(self, call) -> torch.dtype:
         return torch.float32
@@ -126,8 +138,6 @@ def unusable_reason(layer, call) -> str | None:
                 "generated module is imported (the interpreter, for tests)")
     if call.ctx.dev.type not in ("cpu", "cuda"):
         return f"the inputs are on {call.ctx.dev.type}: Triton kernels need CUDA tensors"
-    if torch.compiler.is_compiling():
-        return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
     if call.ctx.dt["f32"] == torch.float64:
         return "float64 inputs or params: the kernels compute in fp32"
     if call.lead[0] > triton_support.MAX_GRID_BATCH:
@@ -162,8 +172,7 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
             for x, one in zip(leaves, scalar)]
     roots, folds = _counter_tensors(state, m, scalar, (B,) + full[2:], (B, L), dev, dtype)
     params = [_param(layer, name, lanes, size, dtype) for name in k.params]
-    cu = None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=dev)
-    meta = (k, m, T, B, L, tuple(call.ctx.d[d] for d in k.dims), cu)
+    meta = (k, m, T, B, L, tuple(int(call.ctx.d[d]) for d in k.dims), bounds)
     out = _TreeScan.apply(meta, len(k.fields), *flat, *roots, *folds, *params)
     prefixes, nodes = out[:len(k.fields)], out[len(k.fields):]
     dtypes = [x.dtype for x in leaves]
@@ -242,62 +251,138 @@ def _counter_tensors(state: TreeState | None, m: int, scalar: list, shape: tuple
     return roots, folds
 
 
-def _sizes(meta) -> dict:
-    k, m, T, B, L, dims, cu = meta
+def _sizes(k, m: int, T: int, B: int, L: int, dims: list[int], cu) -> dict:
     out = dict(m=m, T=T, B=B, L=L, cu=cu, VARLEN=cu is not None)
     out.update({triton_abi.dim(d): int(v) for d, v in zip(k.dims, dims)})
     return out
 
 
-class _TreeScan(torch.autograd.Function):
-    """(leaves, counter roots, counter folds, params) -> (prefixes P, nodes), each [B, T, L] in
-    the leaves' (the compute) dtype."""
+def _kernels(kernels) -> "TreeKernels | CpuTreeKernels":
+    """A kernel set, or its name (what the custom ops carry: TREE_KERNELS)."""
+    return TREE_KERNELS[kernels] if isinstance(kernels, str) else kernels
 
-    @staticmethod
-    def forward(ctx, meta, F, *tensors):
-        k, B, L = meta[0], meta[3], meta[4]
-        leaves, roots, folds = tensors[:F], tensors[F:2 * F], tensors[2 * F:3 * F]
-        params = tensors[3 * F:]
-        pre = [torch.empty_like(x) for x in leaves]
-        node = [torch.empty_like(x) for x in leaves]
+
+def _offsets(bounds: list[int] | None, device) -> torch.Tensor | None:
+    return None if bounds is None else torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
+def _tree_forward(kernels, leaves: list[torch.Tensor], roots: list[torch.Tensor], folds: list[torch.Tensor],
+                  params: list[torch.Tensor], m: int, T: int, B: int, L: int, dims: list[int],
+                  bounds: list[int] | None, run: bool = True) -> list[torch.Tensor]:
+    """The forward kernel: [*prefixes, *nodes], each [B, T, L] like the leaves. run=False
+    allocates them and launches nothing (the custom op's fake)."""
+    k = _kernels(kernels)
+    pre = [torch.empty_like(x) for x in leaves]
+    node = [torch.empty_like(x) for x in leaves]
+    if run:
         args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
-        args |= _named("node", node) | _param_args(params, meta) | _sizes(meta)
+        args |= _named("node", node) | _param_args(params, L) | _sizes(k, m, T, B, L, dims,
+                                                                        _offsets(bounds, leaves[0].device))
         args["BLOCK_C"] = lane_block(L)
         _launch(k, "forward", args, B, L)
-        ctx.meta, ctx.F = meta, F
-        ctx.set_materialize_grads(False)  # an unread output (the nodes, mostly) sends None, not zeros
-        ctx.save_for_backward(*leaves, *roots, *folds, *pre, *node, *params)
-        return (*pre, *node)
+    return pre + node
 
-    @staticmethod
-    def backward(ctx, *grads):
-        meta, F = ctx.meta, ctx.F
-        k, m, T, B, L = meta[:5]
-        saved = ctx.saved_tensors
-        leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
-        pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
-        like = dict(device=leaves[0].device, dtype=leaves[0].dtype)
-        gpre = _adjoints(grads[:F], leaves[0])
-        has_gnode = any(g is not None for g in grads[F:])
-        gnode = _adjoints(grads[F:], leaves[0]) if has_gnode else gpre  # (not read with HAS_GNODE off)
-        levels = (m + T).bit_length()
-        groot = [torch.zeros((levels, B, L), **like) for _ in range(F)]
-        gfold = [torch.zeros((levels, B, L), **like) for _ in range(F)]
-        dleaf = [torch.empty_like(x) for x in leaves]
-        dpar = [torch.empty((B, L), **like) for _ in params]
+
+def _tree_backward(kernels, leaves: list[torch.Tensor], roots: list[torch.Tensor], folds: list[torch.Tensor],
+                   pre: list[torch.Tensor], node: list[torch.Tensor], params: list[torch.Tensor],
+                   grads: list[torch.Tensor | None], m: int, T: int, B: int, L: int, dims: list[int],
+                   bounds: list[int] | None, run: bool = True) -> list[torch.Tensor]:
+    """The backward kernel for the adjoints `grads` of [*prefixes, *nodes] (None: not sent):
+    [*d leaves, *d entering roots, *d entering folds, *d params]."""
+    k = _kernels(kernels)
+    F = len(leaves)
+    like = dict(device=leaves[0].device, dtype=leaves[0].dtype)
+    gpre = _adjoints(grads[:F], leaves[0])
+    has_gnode = any(g is not None for g in grads[F:])
+    gnode = _adjoints(grads[F:], leaves[0]) if has_gnode else gpre  # (not read with HAS_GNODE off)
+    levels = (m + T).bit_length()
+    groot = [torch.zeros((levels, B, L), **like) for _ in range(F)]
+    gfold = [torch.zeros((levels, B, L), **like) for _ in range(F)]
+    dleaf = [torch.empty_like(x) for x in leaves]
+    dpar = [torch.empty((B, L), **like) for _ in params]
+    if run:
         args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
         args |= _named("node", node) | _named("gpre", gpre) | _named("gnode", gnode) | _named("dleaf", dleaf)
         args |= _named("groot", groot) | _named("gfold", gfold) | _named("dpar", dpar)
-        args |= _param_args(params, meta) | _sizes(meta)
+        args |= _param_args(params, L) | _sizes(k, m, T, B, L, dims, _offsets(bounds, leaves[0].device))
         args.update(BLOCK_C=lane_block(L), HAS_GNODE=has_gnode)
         _launch(k, "backward", args, B, L)
-        held = roots[0].shape[0]  # the entering counter's levels; the accumulators end as their adjoints
-        droots = [g[:held] for g in groot]  # (held <= levels: the count only grows)
-        dfolds = [g[:held] for g in gfold]
-        dparams = []
-        for p, d in zip(params, dpar):
-            dparams.append(d.sum(0) if _lane_stride(p, L) else d.sum().reshape(p.shape))
-        return (None, None, *dleaf, *droots, *dfolds, *dparams)
+    held = roots[0].shape[0]  # the entering counter's levels; the accumulators end as their adjoints
+    droots = [g[:held].clone() for g in groot]  # (held <= levels: the count only grows; an op returns no view)
+    dfolds = [g[:held].clone() for g in gfold]
+    dparams = [d.sum(0) if _lane_stride(p, L) else d.sum().reshape(p.shape) for p, d in zip(params, dpar)]
+    return dleaf + droots + dfolds + dparams
+
+
+def _tree_forward_launch(kernels: str, leaves: list[torch.Tensor], roots: list[torch.Tensor],
+                         folds: list[torch.Tensor], params: list[torch.Tensor], m: int, T: int, B: int, L: int,
+                         dims: list[int], bounds: list[int] | None) -> list[torch.Tensor]:
+    return _tree_forward(kernels, leaves, roots, folds, params, m, T, B, L, dims, bounds)
+
+
+def _tree_backward_launch(kernels: str, leaves: list[torch.Tensor], roots: list[torch.Tensor],
+                          folds: list[torch.Tensor], pre: list[torch.Tensor], node: list[torch.Tensor],
+                          params: list[torch.Tensor], grads: list[torch.Tensor | None], m: int, T: int, B: int,
+                          L: int, dims: list[int], bounds: list[int] | None) -> list[torch.Tensor]:
+    return _tree_backward(kernels, leaves, roots, folds, pre, node, params, grads, m, T, B, L, dims, bounds)
+
+
+# Under torch.compile the Triton tree kernels are these ops (psmc.runtime.custom_ops); the C++
+# tree kernels stay out of graphs (`cpu_unusable_reason`).
+_forward_op = torch.library.custom_op("psmc::tree_scan", _tree_forward_launch, mutates_args=())
+_backward_op = torch.library.custom_op("psmc::tree_scan_backward", _tree_backward_launch, mutates_args=())
+
+
+@_forward_op.register_fake
+def _forward_fake(kernels, leaves, roots, folds, params, m, T, B, L, dims, bounds):
+    return _tree_forward(kernels, leaves, roots, folds, params, m, T, B, L, dims, bounds, run=False)
+
+
+@_backward_op.register_fake
+def _backward_fake(kernels, leaves, roots, folds, pre, node, params, grads, m, T, B, L, dims, bounds):
+    return _tree_backward(kernels, leaves, roots, folds, pre, node, params, grads, m, T, B, L, dims, bounds,
+                          run=False)
+
+
+def _run_forward(k, *args):
+    """The forward launch: the op inside a graph (by the kernels' name), else a direct call."""
+    if torch.compiler.is_compiling():
+        return _forward_op(k.name, *args)
+    return _tree_forward(k, *args)
+
+
+def _run_backward(k, *args):
+    if torch.compiler.is_compiling():
+        return _backward_op(k.name, *args)
+    return _tree_backward(k, *args)
+
+
+class _TreeScan(torch.autograd.Function):
+    """(leaves, counter roots, counter folds, params) -> (prefixes P, nodes), each [B, T, L] in
+    the leaves' (the compute) dtype. meta: (kernels, m, T, B, L, dims, bounds)."""
+
+    @staticmethod
+    def forward(ctx, meta, F, *tensors):
+        k, m, T, B, L, dims, bounds = meta
+        leaves, roots, folds = tensors[:F], tensors[F:2 * F], tensors[2 * F:3 * F]
+        params = tensors[3 * F:]
+        out = _run_forward(k, list(leaves), list(roots), list(folds), list(params), m, T, B, L, list(dims), bounds)
+        ctx.meta, ctx.F = meta, F
+        ctx.set_materialize_grads(False)  # an unread output (the nodes, mostly) sends None, not zeros
+        ctx.save_for_backward(*leaves, *roots, *folds, *out, *params)
+        return tuple(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels are not differentiable again
+    def backward(ctx, *grads):
+        k, m, T, B, L, dims, bounds = ctx.meta
+        F = ctx.F
+        saved = ctx.saved_tensors
+        leaves, roots, folds = saved[:F], saved[F:2 * F], saved[2 * F:3 * F]
+        pre, node, params = saved[3 * F:4 * F], saved[4 * F:5 * F], saved[5 * F:]
+        out = _run_backward(k, list(leaves), list(roots), list(folds), list(pre), list(node), list(params),
+                            list(grads), m, T, B, L, list(dims), bounds)
+        return (None, None, *out)
 
 
 def _named(kind: str, tensors) -> dict:
@@ -316,8 +401,7 @@ def _lane_stride(p: torch.Tensor, L: int) -> int:
     return 1 if p.numel() == L and p.numel() > 1 else 0
 
 
-def _param_args(params, meta) -> dict:
-    L = meta[4]
+def _param_args(params, L: int) -> dict:
     out = {}
     for i, p in enumerate(params):
         out[f"par{i}"] = p

@@ -54,7 +54,8 @@ def bind_step(layer, call, general):
     if any(x.is_floating_point() and x.dtype != call.ctx.dt[d] and half.get(n) is not x
            for n, d, x in zip(k.inputs, k.input_dtypes, inputs)):
         return general  # an input the layer casts: a token's own tensor is not the kernel's
-    args, outputs, _, _ = _launch_args(layer, call, g, inputs, params, zeros, 0, False, 1)
+    args, outputs, _, _ = _launch_args(k, [name in layer.per_lane for name in k.params], call, g, inputs, params,
+                                       zeros, 0, False, 1)
     triton_abi.check(args, "step", g.tile, len(k.inputs), len(k.params), len(k.field_dtypes), len(k.output_dtypes),
                      tuple(k.dims))
     for i, x in enumerate(inputs):

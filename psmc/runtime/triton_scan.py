@@ -41,6 +41,7 @@ import os
 import torch
 
 from . import autotune
+from .custom_ops import traced
 
 BLOCK_T = 32  # steps per tile ("split"): enough independent loads in flight per thread to hide latency
 NUM_WARPS = 4
@@ -167,6 +168,28 @@ def tuning_key(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, reverse: boo
             autotune.bucket(B), autotune.bucket(C), autotune.bucket(T, autotune.LONG), a.stride(1) == 0, b.stride(1) == 0)
 
 
+def _launch_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, dtype: torch.dtype,
+                 reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, T, C] in `dtype`, the fp32 state leaving the sequence [B, C]) of `launch` for
+    a, b [B, T, C] (views, maybe stride 0) and h0 [B, C] fp32 contiguous or None."""
+    out = torch.empty(b.shape[0], b.shape[1], b.shape[2], device=b.device, dtype=dtype)
+    return out, launch(a, b, h0, out, reverse)
+
+
+# Under torch.compile the launch is this op (psmc.runtime.custom_ops): a graph holds one node
+# and Dynamo never traces the launch or its layout autotuner.
+_scan_op = torch.library.custom_op("psmc::first_order_scan", _launch_scan, mutates_args=())
+
+
+@_scan_op.register_fake
+def _scan_fake(a, b, h0, dtype, reverse):
+    B, T, C = b.shape
+    return b.new_empty(B, T, C, dtype=dtype), b.new_empty(B, C, dtype=torch.float32)
+
+
+_scan = traced(_scan_op, _launch_scan)
+
+
 class FirstOrderScan(torch.autograd.Function):
     """(h [B, T, *rest], h_last [B, *rest]) from a, b [B, T, *rest] (broadcast to one shape,
     any float dtype) and h0 [B, *rest] fp32 or None. h is in the inputs' promoted dtype, h_last
@@ -177,9 +200,8 @@ class FirstOrderScan(torch.autograd.Function):
         shape = torch.broadcast_shapes(a.shape, b.shape)
         dtype = torch.promote_types(a.dtype, b.dtype)
         a3, b3 = _as_bt_c(a, shape), _as_bt_c(b, shape)
-        out = torch.empty(shape[0], shape[1], a3.shape[2], device=b.device, dtype=dtype)
         h03 = None if h0 is None else h0.expand(shape[0], *shape[2:]).reshape(shape[0], -1).float().contiguous()
-        last = launch(a3, b3, h03, out, reverse=False)
+        out, last = _scan(a3, b3, h03, dtype, False)
         ctx.save_for_backward(a, h0, out)
         ctx.shape, ctx.b_shape, ctx.b_dtype = shape, b.shape, b.dtype
         return out.reshape(shape), last.reshape(shape[0], *shape[2:])
@@ -196,8 +218,7 @@ class FirstOrderScan(torch.autograd.Function):
             g = g.clone(memory_format=torch.contiguous_format)
             g[:, -1] += grad_last.reshape(B, C).to(g.dtype)
         a3 = _as_bt_c(a, shape)
-        x = torch.empty(B, T, C, device=out.device, dtype=torch.float32)
-        launch(a3, g, None, x, reverse=True)
+        x, _ = _scan(a3, g, None, torch.float32, True)
         grad_a = grad_b = grad_h0 = None
         if ctx.needs_input_grad[0]:
             prev = torch.empty_like(x)

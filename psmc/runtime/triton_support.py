@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 
 from . import autotune, triton_abi
+from .custom_ops import traced
+from .ops import torch_dtypes
 from .state import ScanState
 
 DEFAULT_BLOCK_T = 32  # [32, 64] lane tiles: about 8 values per thread at 8 warps, no spills (AOT table)
@@ -64,6 +66,39 @@ class TritonKernels:
     param_roles: tuple = ()
     field_roles: tuple = ()
     output_roles: tuple = ()
+    # the forward kernel's module and name, unique per generated module (content-hashed): what
+    # the custom ops below look the kernels up by (KERNEL_SETS)
+    name: str = dataclasses.field(init=False, default="")
+
+    def __post_init__(self):
+        fn = getattr(self.forward, "fn", self.forward)
+        object.__setattr__(self, "name", f"{fn.__module__}.{fn.__qualname__}")
+        KERNEL_SETS[self.name] = self
+
+
+# Every registered kernel set by name: a torch custom op takes plain values, so the ops below
+# name their kernels by a string and find them here.
+KERNEL_SETS: dict[str, TritonKernels] = {}
+
+
+@dataclass(frozen=True)
+class _Dims:
+    d: dict
+    dev: torch.device
+    dt: dict
+
+
+@dataclass(frozen=True)
+class LaunchCall:
+    """What a launch reads of a layer call (psmc.runtime.layer._Call: `ctx.d`, `ctx.dev`,
+    `ctx.dt`, `out_dtype`), rebuilt from the custom ops' plain arguments."""
+    ctx: _Dims
+    out_dtype: torch.dtype | None
+
+
+def _launch_call(k: TritonKernels, device, dims: list[int], out_dtype) -> LaunchCall:
+    # (the kernels compute in fp32: float64 calls never reach them, `unusable_reason`)
+    return LaunchCall(_Dims(dict(zip(k.dims, dims)), device, torch_dtypes(torch.float32)), out_dtype)
 
 
 def _interpreted(kernel) -> bool:
@@ -324,13 +359,14 @@ def _input_args(tensors, roles_, g: _Geometry, time: bool, kind: str = "in") -> 
     return args
 
 
-def _param_args(params, per_lane: tuple = (), lanes: int = 1) -> dict:
+def _param_args(params, per_lane: list[bool], lanes: int = 1) -> dict:
     """Each param (contiguous) with its lane stride: 0 when the lanes share it, its slice size
-    (numel / lanes) when it is one of the layer's per-lane params, `[*lanes, *declared]`."""
+    (numel / lanes) when it holds one slice per lane (the layer's per-lane params,
+    `[*lanes, *declared]`)."""
     args = {}
-    for i, (name, p) in enumerate(params):
+    for i, (p, sliced) in enumerate(zip(params, per_lane)):
         p = p.detach()
-        lane_stride = p.numel() // lanes if name in per_lane else 0
+        lane_stride = p.numel() // lanes if sliced else 0
         args.update(_named(triton_abi.param(i), [p.contiguous().to(torch.float32) if p.is_floating_point()
                                                  else p.contiguous(), lane_stride, p.stride(-1) if p.dim() else 0]))
     return args
@@ -396,23 +432,23 @@ def _per_lane(g: _Geometry, role: str, dtype, dev, extra: tuple = ()) -> torch.T
     return torch.empty(g.B, g.L, *extra, *g.extent(role), device=dev, dtype=dtype)
 
 
-def _launch(layer, call, kernel, g: _Geometry, inputs, params, state_prefix, start: int, time: bool,
-            block_t: int, save: bool = False):
-    """Run the forward (time=True) or step kernel: (outputs, finals, boundaries)."""
-    args, outputs, finals, bounds = _launch_args(layer, call, g, inputs, params, state_prefix, start, time, block_t,
-                                                 save)
-    _run(kernel, "forward" if time else "step", g, layer._triton_kernels, args, block_t)
+def _launch(k: TritonKernels, per_lane: list[bool], call, kernel, g: _Geometry, inputs, params, state_prefix,
+            start: int, time: bool, block_t: int, save: bool = False, run: bool = True):
+    """Run the forward (time=True) or step kernel: (outputs, finals, boundaries). run=False
+    allocates what it would write and launches nothing (the custom ops' fakes)."""
+    args, outputs, finals, bounds = _launch_args(k, per_lane, call, g, inputs, params, state_prefix, start, time,
+                                                 block_t, save)
+    if run:
+        _run(kernel, "forward" if time else "step", g, k, args, block_t)
     return outputs, finals, bounds
 
 
-def _launch_args(layer, call, g: _Geometry, inputs, params, state_prefix, start: int, time: bool, block_t: int,
-                 save: bool = False):
+def _launch_args(k: TritonKernels, per_lane: list[bool], call, g: _Geometry, inputs, params, state_prefix,
+                 start: int, time: bool, block_t: int, save: bool = False):
     """The forward or step kernel's arguments by name, and what it writes: (args, outputs,
-    finals, boundaries)."""
-    k = layer._triton_kernels
+    finals, boundaries). per_lane: whether each param holds one slice per lane."""
     dev = call.ctx.dev
-    args = {**_input_args(inputs, roles(k, "input"), g, time),
-            **_param_args(zip(k.params, params), layer.per_lane, g.L)}
+    args = {**_input_args(inputs, roles(k, "input"), g, time), **_param_args(params, per_lane, g.L)}
     args.update(_per_lane_args("ini", [
         _state_tensor(state_prefix[i], g, role, _field_dtype(dtype)) if state_prefix is not None
         else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
@@ -455,101 +491,214 @@ def _is_float(dtype: str) -> bool:
     return dtype in ("f16", "bf16", "f32", "f64")
 
 
+def _geometry_of(k: TritonKernels, call, lead: list[int], time: bool, whole_axis: bool, bounds: list[int] | None,
+                 save: bool) -> _Geometry:
+    """A launch's tiling from plain values: `lead` [B, (T,) *lanes] (packed: [N, longest, *lanes]
+    with `bounds` the N + 1 offsets), whole_axis as in `_geometry`; a pass that saves its
+    carries for the backward may tile a matrix's columns (`_forward_tiles`)."""
+    if not time:
+        return _geometry(k, call, tuple(lead), 0)
+    g = _geometry(k, call, tuple(lead), lead[1], whole_axis=whole_axis)
+    if bounds is not None:
+        g = dataclasses.replace(g, tokens=bounds[-1],
+                                cu=torch.tensor(bounds, dtype=torch.int32, device=call.ctx.dev))
+    return _forward_tiles(k, g) if save else g
+
+
+def _scan_tensors(kernels: str, time: bool, inputs: list[torch.Tensor], params: list[torch.Tensor],
+                  prefix: list[torch.Tensor], dims: list[int], lead: list[int], per_lane: list[bool], block_t: int,
+                  start: int, whole_axis: bool, save: bool, out_dtype: torch.dtype | None,
+                  bounds: list[int] | None, run: bool = True) -> list[torch.Tensor]:
+    """The forward (time=True) or step kernel of the kernel set named `kernels` on plain values:
+    [*outputs, *finals, *saved carries] as the kernels' [B, (T,) L, S'] tiles (the carries only
+    when `save`). prefix: the entering state's fields, or empty; dims: the op's dims in the
+    order of `TritonKernels.dims`; start: the stream position (ops that read `index`)."""
+    k = KERNEL_SETS[kernels]
+    call = _launch_call(k, inputs[0].device, dims, out_dtype)
+    g = _geometry_of(k, call, lead, time, whole_axis, bounds, save)
+    outputs, finals, carries = _launch(k, per_lane, call, k.forward if time else k.step, g, inputs, params,
+                                       prefix or None, start, time, block_t, save, run)
+    return [o for o, _ in outputs] + [f for f, _ in finals] + list(carries)
+
+
+def _launch_scan(kernels: str, time: bool, inputs: list[torch.Tensor], params: list[torch.Tensor],
+                 prefix: list[torch.Tensor], dims: list[int], lead: list[int], per_lane: list[bool], block_t: int,
+                 start: int, whole_axis: bool, save: bool, out_dtype: torch.dtype | None,
+                 bounds: list[int] | None) -> list[torch.Tensor]:
+    return _scan_tensors(kernels, time, inputs, params, prefix, dims, lead, per_lane, block_t, start, whole_axis,
+                         save, out_dtype, bounds)
+
+
+def _placeholder(x: torch.Tensor) -> torch.Tensor:
+    """What the backward op returns for an adjoint that is None (an op returns no None)."""
+    return x.new_empty(0, dtype=torch.float32)
+
+
+def _backward_tensors(kernels: str, inputs: list[torch.Tensor], params: list[torch.Tensor],
+                      prefix: list[torch.Tensor], carries: list[torch.Tensor], out_grads: list[torch.Tensor | None],
+                      fin_grads: list[torch.Tensor | None], dims: list[int], lead: list[int], per_lane: list[bool],
+                      block_t: int, start: int, bounds: list[int] | None, run: bool = True) -> list[torch.Tensor]:
+    """The generated backward kernel of a differentiated forward pass (`_scan_tensors` with
+    whole_axis and save): the adjoints of the inputs, the params and the entering state's
+    fields (when given), each in its value's shape and dtype; an integer value's is
+    `_placeholder`."""
+    k = KERNEL_SETS[kernels]
+    dev = inputs[0].device
+    call = _launch_call(k, dev, dims, None)
+    g = _geometry_of(k, call, lead, True, True, bounds, False)
+    has_init = bool(prefix)
+    f32 = torch.float32
+    args = {**_input_args(inputs, roles(k, "input"), g, True), **_param_args(params, per_lane, g.L)}
+    args.update(_per_lane_args("ini", [
+        _state_tensor(prefix[i], g, role, _field_dtype(dtype)) if has_init
+        else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
+        for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes))]))
+    args.update(_per_lane_args("bnd", carries))
+    for i, (grad, role) in enumerate(zip(out_grads, roles(k, "output"))):
+        if grad is None or not grad.is_floating_point():
+            grad = torch.zeros((), device=dev, dtype=f32)
+        grad, strides = _as_tile(grad.expand(*_lead(g, True), *g.extent(role)), g, role, True)
+        args.update(_named(triton_abi.value("dout", i, True), [grad, *strides]))
+    has_dfin = any(gr is not None for gr, dt in zip(fin_grads, k.field_dtypes) if _is_float(dt))
+    dfin = []
+    for grad, role, dtype in zip(fin_grads, roles(k, "field"), k.field_dtypes):
+        if has_dfin and _is_float(dtype):
+            grad = grad if grad is not None else torch.zeros((), device=dev, dtype=f32)
+            dfin.append(_state_tensor(grad, g, role, f32))
+        else:
+            dfin.append(torch.empty(0, device=dev, dtype=f32))
+    args.update(_per_lane_args("dfin", dfin))
+    din, lane_sum, time_sum = [], 0, 0
+    for i, role in enumerate(roles(k, "input")):
+        shared, constant = _broadcast(inputs[i], g, role) if g.tile == "state" else (False, False)
+        t, strides = _input_grad(g, role, dev, shared, constant)
+        args.update(_named(triton_abi.value("din", i, True), [t, *strides]))
+        din.append((t, role, shared, constant))
+        lane_sum, time_sum = lane_sum | shared << i, time_sum | constant << i
+    if g.tile == "state":
+        args.update(LANE_SUM=lane_sum, TIME_SUM=time_sum)
+    param_roles = roles(k, "param") or tuple("r" if p.dim() else "" for p in params)
+    dpar = [_per_lane(g, role, f32, dev) for role in param_roles]
+    dini = [_per_lane(g, role, f32, dev) for role in roles(k, "field")]
+    # the scratch of BLOCK_T prefixes: each field's own shape in matrix mode; the one-axis
+    # block scan parks full [BLOCK_T, S] tiles
+    scratch = [_per_lane(g, role if g.tile != "lanes" else "r", _field_dtype(dtype), dev, (block_t,))
+               for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
+    args.update({**_per_lane_args("dpar", dpar), **_per_lane_args("dini", dini), **_per_lane_args("ws", scratch)})
+    args.update(_size_args(g, k, call, start, triton_cdiv(g.T, block_t)))
+    args.update(HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
+    if run:
+        _run(k.backward, "backward", g, k, args, block_t)
+    result = []
+    for (t, role, shared, constant), x, dtype in zip(din, inputs, k.input_dtypes):
+        # a broadcast input's adjoint, summed by the kernel per lane tile or over the tokens
+        lead_ = (g.B, 1) if constant else g.time_lead()
+        t = t.sum(dim=2, keepdim=True) if shared else t
+        grad = t.reshape(*lead_, *((1,) * len(g.lanes) if shared else g.lanes), *g.extent(role))
+        result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
+                      else _placeholder(x))
+    for t, p, sliced in zip(dpar, params, per_lane):  # [B, L, ...]: per-lane params keep their lanes
+        total = t.sum(dim=0) if sliced else t.sum(dim=(0, 1))
+        result.append(total.reshape(p.shape).to(p.dtype) if p.is_floating_point() else _placeholder(p))
+    for t, role, dtype, x in zip(dini, roles(k, "field"), k.field_dtypes, prefix):
+        grad = _unflatten(t, g, role, False)
+        result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
+                      else _placeholder(x))
+    return result
+
+
+def _launch_backward(kernels: str, inputs: list[torch.Tensor], params: list[torch.Tensor],
+                     prefix: list[torch.Tensor], carries: list[torch.Tensor], out_grads: list[torch.Tensor | None],
+                     fin_grads: list[torch.Tensor | None], dims: list[int], lead: list[int], per_lane: list[bool],
+                     block_t: int, start: int, bounds: list[int] | None) -> list[torch.Tensor]:
+    return _backward_tensors(kernels, inputs, params, prefix, carries, out_grads, fin_grads, dims, lead, per_lane,
+                             block_t, start, bounds)
+
+
+# Under torch.compile the launches are these ops (psmc.runtime.custom_ops); their fakes run the
+# same code, allocating what a launch writes and launching nothing.
+_scan_op = torch.library.custom_op("psmc::generated_scan", _launch_scan, mutates_args=())
+_backward_op = torch.library.custom_op("psmc::generated_scan_backward", _launch_backward, mutates_args=())
+
+
+@_scan_op.register_fake
+def _scan_fake(kernels, time, inputs, params, prefix, dims, lead, per_lane, block_t, start, whole_axis, save,
+               out_dtype, bounds):
+    return _scan_tensors(kernels, time, inputs, params, prefix, dims, lead, per_lane, block_t, start, whole_axis,
+                         save, out_dtype, bounds, run=False)
+
+
+@_backward_op.register_fake
+def _backward_fake(kernels, inputs, params, prefix, carries, out_grads, fin_grads, dims, lead, per_lane, block_t,
+                   start, bounds):
+    return _backward_tensors(kernels, inputs, params, prefix, carries, out_grads, fin_grads, dims, lead, per_lane,
+                             block_t, start, bounds, run=False)
+
+
+_scan, _scan_backward = traced(_scan_op, _launch_scan), traced(_backward_op, _launch_backward)
+
+
+@dataclass(frozen=True)
+class _ScanArgs:
+    """What a differentiated pass's launches take besides its tensors (plain values)."""
+    kernels: str
+    dims: tuple
+    lead: tuple
+    per_lane: tuple
+    block_t: int
+    start: int
+    bounds: tuple | None
+    out_dtype: torch.dtype | None
+    n_inputs: int
+    n_params: int
+    g: _Geometry  # (without the packed offsets' device table: the shapes of what the pass returns)
+
+
 class _ScanFunction(torch.autograd.Function):
     """The fused forward pass with the generated backward kernel as its gradient.
 
-    apply(meta, *inputs, *params, *init_fields) -> (*outputs, *final_fields); `meta` holds what
-    is not a tensor (layer, call, geometry, block size, stream start, whether init is given)."""
+    apply(args, *inputs, *params, *init_fields) -> (*outputs, *final_fields); `args` a
+    `_ScanArgs`. Its forward and backward launch through the custom ops above under
+    torch.compile."""
 
     @staticmethod
-    def forward(ctx, meta, *flat):
-        layer, call, g, block_t, start, has_init = meta
-        k = layer._triton_kernels
-        n_in, n_par = len(k.inputs), len(k.params)
-        inputs, params = flat[:n_in], flat[n_in:n_in + n_par]
-        prefix = flat[n_in + n_par:] if has_init else None
-        outputs, finals, bounds = _launch(layer, call, k.forward, _forward_tiles(k, g), inputs, params, prefix,
-                                          start, True, block_t, save=True)
-        outs = [_unflatten(o, g, r, True) for o, r in outputs]
-        fins = [_unflatten(f, g, r, False) for f, r in finals]
-        ctx.meta = meta
-        ctx.shapes = [x.shape for x in flat]
-        ctx.save_for_backward(*flat, *bounds)
+    def forward(ctx, args, *flat):
+        k = KERNEL_SETS[args.kernels]
+        n_in, n_par = args.n_inputs, args.n_params
+        inputs, params, prefix = list(flat[:n_in]), list(flat[n_in:n_in + n_par]), list(flat[n_in + n_par:])
+        bounds = list(args.bounds) if args.bounds is not None else None
+        result = _scan(args.kernels, True, inputs, params, prefix, list(args.dims), list(args.lead),
+                       list(args.per_lane), args.block_t, args.start, True, True, args.out_dtype, bounds)
+        n_out, n_f = len(k.output_dtypes), len(k.field_dtypes)
+        g = args.g
+        outs = [_unflatten(o, g, r, True) for o, r in zip(result[:n_out], roles(k, "output"))]
+        fins = [_unflatten(f, g, r, False) for f, r in zip(result[n_out:n_out + n_f], roles(k, "field"))]
+        ctx.args = args
+        ctx.save_for_backward(*flat, *result[n_out + n_f:])
         ctx.mark_non_differentiable(*[o for o, dt in zip(outs, k.output_dtypes) if not _is_float(dt)],
                                     *[f for f, dt in zip(fins, k.field_dtypes) if not _is_float(dt)])
         return (*outs, *fins)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels are not differentiable again
     def backward(ctx, *grads):
-        layer, call, g, block_t, start, has_init = ctx.meta
-        k = layer._triton_kernels
-        dev = call.ctx.dev
+        args = ctx.args
+        k = KERNEL_SETS[args.kernels]
         saved = ctx.saved_tensors
-        n_in, n_par, n_f = len(k.inputs), len(k.params), len(k.field_dtypes)
-        n_flat = len(ctx.shapes)
-        inputs, params = saved[:n_in], saved[n_in:n_in + n_par]
-        prefix = saved[n_in + n_par:n_flat] if has_init else None
-        bounds = saved[n_flat:]
-        out_grads, fin_grads = grads[:len(k.output_dtypes)], grads[len(k.output_dtypes):]
-        f32 = torch.float32
-        args = {**_input_args(inputs, roles(k, "input"), g, True),
-                **_param_args(zip(k.params, params), layer.per_lane, g.L)}
-        args.update(_per_lane_args("ini", [
-            _state_tensor(prefix[i], g, role, _field_dtype(dtype)) if prefix is not None
-            else torch.empty(0, device=dev, dtype=_field_dtype(dtype))
-            for i, (role, dtype) in enumerate(zip(roles(k, "field"), k.field_dtypes))]))
-        args.update(_per_lane_args("bnd", bounds))
-        for i, (grad, role) in enumerate(zip(out_grads, roles(k, "output"))):
-            if grad is None or not grad.is_floating_point():
-                grad = torch.zeros((), device=dev, dtype=f32)
-            grad, strides = _as_tile(grad.expand(*_lead(g, True), *g.extent(role)), g, role, True)
-            args.update(_named(triton_abi.value("dout", i, True), [grad, *strides]))
-        has_dfin = any(gr is not None for gr, dt in zip(fin_grads, k.field_dtypes) if _is_float(dt))
-        dfin = []
-        for grad, role, dtype in zip(fin_grads, roles(k, "field"), k.field_dtypes):
-            if has_dfin and _is_float(dtype):
-                grad = grad if grad is not None else torch.zeros((), device=dev, dtype=f32)
-                dfin.append(_state_tensor(grad, g, role, f32))
-            else:
-                dfin.append(torch.empty(0, device=dev, dtype=f32))
-        args.update(_per_lane_args("dfin", dfin))
-        din, lane_sum, time_sum = [], 0, 0
-        for i, role in enumerate(roles(k, "input")):
-            shared, constant = _broadcast(inputs[i], g, role) if g.tile == "state" else (False, False)
-            t, strides = _input_grad(g, role, dev, shared, constant)
-            args.update(_named(triton_abi.value("din", i, True), [t, *strides]))
-            din.append((t, role, shared, constant))
-            lane_sum, time_sum = lane_sum | shared << i, time_sum | constant << i
-        if g.tile == "state":
-            args.update(LANE_SUM=lane_sum, TIME_SUM=time_sum)
-        param_roles = roles(k, "param") or tuple("r" if p.dim() else "" for p in params)
-        dpar = [_per_lane(g, role, f32, dev) for role in param_roles]
-        dini = [_per_lane(g, role, f32, dev) for role in roles(k, "field")]
-        # the scratch of BLOCK_T prefixes: each field's own shape in matrix mode; the one-axis
-        # block scan parks full [BLOCK_T, S] tiles
-        scratch = [_per_lane(g, role if g.tile != "lanes" else "r", _field_dtype(dtype), dev, (block_t,))
-                   for role, dtype in zip(roles(k, "field"), k.field_dtypes)]
-        args.update({**_per_lane_args("dpar", dpar), **_per_lane_args("dini", dini), **_per_lane_args("ws", scratch)})
-        args.update(_size_args(g, k, call, start, triton_cdiv(g.T, block_t)))
-        args.update(HAS_INIT=has_init, HAS_DFIN=has_dfin, BLOCK_T=block_t, **g.blocks())
-        _run(k.backward, "backward", g, k, args, block_t)
-        result = [None]
-        for (t, role, shared, constant), x, dtype in zip(din, inputs, k.input_dtypes):
-            # a broadcast input's adjoint, summed by the kernel per lane tile or over the tokens
-            lead = (g.B, 1) if constant else g.time_lead()
-            t = t.sum(dim=2, keepdim=True) if shared else t
-            grad = t.reshape(*lead, *((1,) * len(g.lanes) if shared else g.lanes), *g.extent(role))
-            result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
-                          else None)
-        for t, p, name in zip(dpar, params, k.params):  # [B, L, ...]: per-lane params keep their lanes
-            total = t.sum(dim=0) if name in layer.per_lane else t.sum(dim=(0, 1))
-            result.append(total.reshape(p.shape).to(p.dtype) if p.is_floating_point() else None)
-        if has_init:
-            for t, role, dtype, x in zip(dini, roles(k, "field"), k.field_dtypes, prefix):
-                grad = _unflatten(t, g, role, False)
-                result.append(grad.sum_to_size(x.shape).to(x.dtype) if _is_float(dtype) and x.is_floating_point()
-                              else None)
-        return tuple(result)
+        n_in, n_par = args.n_inputs, args.n_params
+        n_flat = len(saved) - len(k.field_dtypes)
+        inputs, params = list(saved[:n_in]), list(saved[n_in:n_in + n_par])
+        prefix, carries = list(saved[n_in + n_par:n_flat]), list(saved[n_flat:])
+        n_out = len(k.output_dtypes)
+        bounds = list(args.bounds) if args.bounds is not None else None
+        result = _scan_backward(args.kernels, inputs, params, prefix, carries, list(grads[:n_out]),
+                                list(grads[n_out:]), list(args.dims), list(args.lead), list(args.per_lane),
+                                args.block_t, args.start, bounds)
+        # the placeholders of integer values back to None
+        floats = [_is_float(dt) and x.is_floating_point() for x, dt in zip(inputs, k.input_dtypes)]
+        floats += [p.is_floating_point() for p in params]
+        floats += [_is_float(dt) and x.is_floating_point() for x, dt in zip(prefix, k.field_dtypes)]
+        return (None, *[t if f else None for t, f in zip(result, floats)])
 
 
 def _broadcast(x: torch.Tensor, g: _Geometry, role: str) -> tuple[bool, bool]:
@@ -614,28 +763,32 @@ def forward(layer, call, state, block_t: int | None = None):
     grad = _grad_needed(layer, call) or (state is not None and state.prefix is not None and
                                         _prefix_requires_grad(state.prefix) and torch.is_grad_enabled())
     packed = call.cu_seqlens
+    bounds = None
     if packed is not None:  # one program per sequence and lane (tile): every sequence in this launch
-        bounds = packed.bounds
+        bounds = list(packed.bounds)
         longest = max(b - a for a, b in zip(bounds, bounds[1:]))
         lead = (len(bounds) - 1, longest, *lead[2:])
     g = _geometry(k, call, lead, lead[1], whole_axis=grad)
     if packed is not None:
-        cu = packed.tensor.to(device=call.ctx.dev, dtype=torch.int32)
-        g = dataclasses.replace(g, tokens=bounds[-1], cu=cu)
+        g = dataclasses.replace(g, tokens=bounds[-1])
     default = DEFAULT_MATRIX_BLOCK_T if g.tile != "lanes" else DEFAULT_BLOCK_T
     block_t = block_t or getattr(layer, "triton_block_t", None) or min(_pow2(g.T), default)
     prefix = _filled(k, g, state.prefix, call.ctx.dev) if state is not None else None
     start = _start(layer, state)
-    inputs = _given_inputs(k, call)
+    inputs, params = _given_inputs(k, call), _params(layer)
+    dims = [int(call.ctx.d[d]) for d in k.dims]
+    per_lane = [name in layer.per_lane for name in k.params]
+    n_out = len(k.output_dtypes)
     if grad:
-        meta = (layer, call, g, block_t, start, prefix is not None)
-        flat = _ScanFunction.apply(meta, *inputs, *_params(layer), *(prefix or ()))
-        outs, new_prefix = tuple(flat[:len(k.output_dtypes)]), tuple(flat[len(k.output_dtypes):])
+        args = _ScanArgs(k.name, tuple(dims), tuple(lead), tuple(per_lane), block_t, start,
+                         None if bounds is None else tuple(bounds), call.out_dtype, len(inputs), len(params), g)
+        flat = _ScanFunction.apply(args, *inputs, *params, *(prefix or ()))
+        outs, new_prefix = tuple(flat[:n_out]), tuple(flat[n_out:])
     else:
-        outputs, finals, _ = _launch(layer, call, k.forward, g, inputs, _params(layer), prefix, start,
-                                     time=True, block_t=block_t)
-        outs = tuple(_unflatten(o, g, r, True) for o, r in outputs)
-        new_prefix = tuple(_unflatten(f, g, r, False) for f, r in finals)
+        flat = _scan(k.name, True, inputs, params, list(prefix or ()), dims, list(lead), per_lane, block_t, start,
+                     False, False, call.out_dtype, bounds)
+        outs = tuple(_unflatten(o, g, r, True) for o, r in zip(flat[:n_out], roles(k, "output")))
+        new_prefix = tuple(_unflatten(f, g, r, False) for f, r in zip(flat[n_out:], roles(k, "field")))
     count = (state.count if state is not None else torch.zeros((), dtype=torch.int64, device=call.ctx.dev)) + g.T
     return outs, ScanState(prefix=layer._without_dead(new_prefix), count=count)
 
@@ -654,11 +807,13 @@ def step(layer, call, state):
         return tuple(o.squeeze(1) for o in outs), new_state
     g = _geometry(k, call, call.lead, 0)
     inputs = [call.inputs[name] for name in k.inputs]
-    outputs, finals, _ = _launch(layer, call, k.step, g, inputs, _params(layer),
-                                 _filled(k, g, state.prefix, call.ctx.dev), _start(layer, state), time=False,
-                                 block_t=1)
-    outs = tuple(_unflatten(o, g, r, False) for o, r in outputs)
-    new_prefix = tuple(_unflatten(f, g, r, False) for f, r in finals)
+    prefix = _filled(k, g, state.prefix, call.ctx.dev)
+    flat = _scan(k.name, False, inputs, _params(layer), list(prefix or ()), [int(call.ctx.d[d]) for d in k.dims],
+                 list(call.lead), [name in layer.per_lane for name in k.params], 1, _start(layer, state), False, False,
+                 call.out_dtype, None)
+    n_out = len(k.output_dtypes)
+    outs = tuple(_unflatten(o, g, r, False) for o, r in zip(flat[:n_out], roles(k, "output")))
+    new_prefix = tuple(_unflatten(f, g, r, False) for f, r in zip(flat[n_out:], roles(k, "field")))
     return outs, ScanState(prefix=layer._without_dead(new_prefix), count=state.count + 1)
 
 

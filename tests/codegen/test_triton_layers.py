@@ -160,8 +160,8 @@ def test_half_inputs_stay_half_through_the_kernels(name, monkeypatch):
     launched = []  # per launch: the dtypes of the inputs it reads and of the outputs it writes
     real = triton_support._launch
 
-    def spy(layer, call, kernel, g, inputs, *args, **kwargs):
-        outputs, finals, bounds = real(layer, call, kernel, g, inputs, *args, **kwargs)
+    def spy(k, per_lane, call, kernel, g, inputs, *args, **kwargs):
+        outputs, finals, bounds = real(k, per_lane, call, kernel, g, inputs, *args, **kwargs)
         launched.append(([x.dtype for x in inputs], [o.dtype for o, _ in outputs]))
         return outputs, finals, bounds
     monkeypatch.setattr(triton_support, "_launch", spy)
