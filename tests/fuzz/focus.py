@@ -1,6 +1,6 @@
-"""A focused sweep: `python -m tests.fuzz.focus --seconds N --seed S [--feature F] [--scalar-states] [--programs P] [--no-triton] [--wy-chunk L]`.
+"""A focused sweep: `python -m tests.fuzz.focus --seconds N --seed S [--feature F] [--scalar-states] [--programs P] [--no-triton] [--wy-chunk L] [--compiled]`.
 
-Generated programs (seeds S+1, S+2, ...) that have generator feature F (default `exclusive`)
+Generated programs (seeds S+1, S+2, ...) that have generator feature F (default `exclusive`; `any`: all)
 and, with --scalar-states, only scalar state fields, each run by the differential runner with
 the Triton checks on (their configs of T <= 24, as the campaign's Triton runs). Where a campaign
 checks Triton on one program in twenty, this aims every check at one family of kernels (e.g.
@@ -8,7 +8,8 @@ exclusive readouts of scalar states, on the state tile of one column). With --no
 programs run with their campaign configs as drawn, long sequences included (e.g. `--feature
 low-rank`: the chunked WY fast paths, whose chunks only long sequences cross); --wy-chunk L runs
 those paths (psmc.runtime.delta, psmc.runtime.dplr) with chunks of L tokens, so that short
-sequences cross chunk boundaries too. Prints the counts and the failures; exit status 1 when
+sequences cross chunk boundaries too; --compiled also runs each program's layers through
+torch.compile(fullgraph=True), the Triton twin's forward and gradients included. Prints the counts and the failures; exit status 1 when
 anything failed.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-triton", dest="triton", action="store_false",
                         help="the campaign's configs as drawn (no forced Triton check, no length limit)")
     parser.add_argument("--wy-chunk", type=int, default=0, help="tokens per chunk of the WY fast paths (0: theirs)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also run every program through torch.compile(fullgraph=True), its Triton twin too")
     args = parser.parse_args(argv)
     campaign._init_worker()  # one intra-op thread, the faster interpreter
     if args.wy_chunk:
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     while time.time() < deadline and not (args.programs and matched >= args.programs):
         seed += 1
         program = generate(seed)
-        if args.feature not in program.features:
+        if args.feature != "any" and args.feature not in program.features:
             continue
         if args.scalar_states and any(f.shape for f in ops_from_source(program.text, "p.psm")[0].state):
             continue
@@ -62,10 +65,11 @@ def main(argv=None) -> int:
         if args.triton and config.time > 24:
             continue
         matched += 1
+        config = dataclasses.replace(config, triton=args.triton or config.triton,
+                                     compiled=args.compiled or config.compiled)
         with tempfile.TemporaryDirectory() as folder:
             try:
-                info = run_program(program, dataclasses.replace(config, triton=True) if args.triton else config,
-                                   Path(folder))
+                info = run_program(program, config, Path(folder))
             except Failure as err:
                 failures.append((seed, err.message))
                 continue

@@ -755,12 +755,26 @@ def _compare_triton(tri, ref, single: dict, batch_shape, config, checked: set):
             _check_varlen(tri, single, want, dataclasses.replace(config, varlen=_packed_lengths(config)), "triton",
                           RTOL32, ATOL32)
             checked.add("triton-varlen")
+    eager_grads = None
     if _wants_grads(single, want):  # (every Triton run: the config keeps them short)
         # the generated backward kernels (or the first-order scan run in reverse) against
         # torch's autograd through the torch backend, both float32: fp32 tolerances
-        _compare_grads(_grads_of(tri, single, config.seed), _grads_of(ref, single, config.seed),
-                       "triton vs torch", 1e-3, 1e-4)
+        eager_grads = _grads_of(tri, single, config.seed)
+        _compare_grads(eager_grads, _grads_of(ref, single, config.seed), "triton vs torch", 1e-3, 1e-4)
         checked.add("triton-grads")
+    if config.compiled and config.time >= 2:
+        # in a graph the kernels are custom ops (psmc::generated_scan, psmc::first_order_scan,
+        # the chunked ones): the same launches, so the eager Triton numbers
+        with torch.no_grad():
+            eager = as_tuple(tri(**single))
+            traced = as_tuple(_compiled(tri, "forward of backend='triton'", **single))
+        agree(traced, eager, "torch.compile(fullgraph) triton forward vs eager triton", RTOL32, ATOL32)
+        checked.add("triton-compiled")
+        if eager_grads is not None:
+            traced = _tracing("gradients of backend='triton'", lambda compile_: _grads_of(compile_(tri), single,
+                                                                                          config.seed))
+            _compare_grads(traced, eager_grads, "torch.compile(fullgraph) triton vs eager triton", 1e-5, 1e-6)
+            checked.add("triton-compiled-grads")
 
 
 # a fast path's hand-written chunked Triton kernels: (module, launcher, the check's name, what
