@@ -468,10 +468,26 @@ def _state_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
+# The device tables of the last few packings: a training step's forward op and backward op
+# (and a delta rule's passes) each need them, and an op takes the offsets as a list, not the
+# tables (read-only int32 tensors of a few KB)
+_TABLES: dict = {}
+_TABLES_KEPT = 4
+
+
 def packed_sequences(bounds: list[int] | None, BT: int, device) -> Sequences | None:
     """The device tables of packed sequences of offsets `bounds` in chunks of BT tokens (None:
-    a regular batch)."""
-    return None if bounds is None else sequences(bounds, BT, device)
+    a regular batch), built once for the last few (bounds, BT, device)."""
+    if bounds is None:
+        return None
+    key = (tuple(bounds), BT, torch.device(device))
+    seqs = _TABLES.pop(key, None)
+    if seqs is None:
+        seqs = sequences(bounds, BT, device)
+        while len(_TABLES) >= _TABLES_KEPT:
+            del _TABLES[next(iter(_TABLES))]  # the least recently used (a dict keeps its order)
+    _TABLES[key] = seqs
+    return seqs
 
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, h0: Tensor | None, decay: str, scale: float,

@@ -232,6 +232,26 @@ def test_packed_sequences_match_each_sequence_alone(case):
     assert_grads_close(xs, rxs, rtol=2e-4, atol=lambda g: 2e-4)
 
 
+def test_a_packed_training_step_builds_its_device_tables_once(monkeypatch):
+    """The forward and backward launches of one packing share its device tables; another
+    packing gets its own, and only the last few are kept."""
+    from psmc.runtime import triton_chunk
+    built = []
+    real = triton_chunk.sequences
+    monkeypatch.setattr(triton_chunk, "sequences", lambda *a: built.append(a[0]) or real(*a))
+    monkeypatch.setattr(triton_chunk, "_TABLES", {})
+    q, k, v, g, _ = make(11, 1, 12, (2,), 8, 4, "key", strength=2.0)
+    for bounds in ([0, 5, 12], [0, 5, 12], [0, 3, 12]):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g)]
+        cu = torch.tensor(bounds, dtype=torch.int32, device=DEVICE)
+        o, s = triton_chunk_linear_attention(*xs, decay="key", chunk_size=16, cu_seqlens=cu)
+        (o.sum() + s.sum()).backward()
+    assert [list(b) for b in built] == [[0, 5, 12], [0, 3, 12]]
+    for n in range(3, 12):
+        triton_chunk.packed_sequences([0, n, 12], 16, DEVICE)
+    assert len(triton_chunk._TABLES) == triton_chunk._TABLES_KEPT
+
+
 def test_packed_sequences_are_checked():
     q, k, v, g, _ = make(1, 1, 9, (2,), 8, 8, "scalar")
     with pytest.raises(ValueError, match="must end at|total_T = cu_seqlens"):
