@@ -83,6 +83,7 @@ KERNEL_SETS: dict[str, TritonKernels] = {}
 
 @dataclass(frozen=True)
 class _Dims:
+    """A call's context as a launch reads it (psmc.runtime.layer.Ctx): dims, device, dtypes."""
     d: dict
     dev: torch.device
     dt: dict
@@ -521,6 +522,7 @@ def _scan_tensors(kernels: str, time: bool, inputs: list[torch.Tensor], params: 
     return [o for o, _ in outputs] + [f for f, _ in finals] + list(carries)
 
 
+# (the ops' signatures: what `_scan_tensors` takes without its `run`, which only the fakes set)
 def _launch_scan(kernels: str, time: bool, inputs: list[torch.Tensor], params: list[torch.Tensor],
                  prefix: list[torch.Tensor], dims: list[int], lead: list[int], per_lane: list[bool], block_t: int,
                  start: int, whole_axis: bool, save: bool, out_dtype: torch.dtype | None,

@@ -14,18 +14,9 @@ from hypothesis import given, settings, strategies as st
 from torch.func import functional_call
 
 import psmc
-from param_ops import GLA_W
+from param_ops import GLA_W, SSM_A
 
-SOURCE = """
-op ssm_a[N] {
-  param A: f32[N] = uniform(-1.0, -0.1);
-  state (a: f32[N], h: f32[N]);
-  lift (u: f32, delta: f32, B: f32[N]) { return (exp(delta * A), delta * B * u); }
-  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h); }
-  identity = (ones, zeros);
-  readout (s, C: f32[N]) { return sum(s.h * C); }
-}
-""" + GLA_W + """op tree_w[D] {
+SOURCE = SSM_A + GLA_W + """op tree_w[D] {
   param W1: f32[D, D]; param W2: f32[D, D]; param b: f32[D] = normal(0.1);
   state (h: f32[D]);
   combine (l, r) { return tanh(l.h @ W1 + r.h @ W2 + b); }

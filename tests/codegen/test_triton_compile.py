@@ -23,22 +23,11 @@ from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 
 import psmc  # noqa: E402
 from psmc.runtime import tree_kernels, triton_scan, triton_support  # noqa: E402,F401  (registers the ops)
-from param_ops import GLA_W  # noqa: E402
+from param_ops import GLA_W, SSM_A  # noqa: E402
 from tree_cases import HAND_WRITTEN  # noqa: E402
-from triton_helpers import layer_class  # noqa: E402
+from triton_helpers import example_inputs as _inputs, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
-
-SSM_A = """
-op ssm_a[N] {
-  param A: f32[N] = uniform(-1.0, -0.1);
-  state (a: f32[N], h: f32[N]);
-  lift (u: f32, delta: f32, B: f32[N]) { return (exp(delta * A), delta * B * u); }
-  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h); }
-  identity = (ones, zeros);
-  readout (s, C: f32[N]) { return sum(s.h * C); }
-}
-"""
 
 SCAN = torch.ops.psmc.generated_scan.default
 SCAN_BACKWARD = torch.ops.psmc.generated_scan_backward.default
@@ -69,24 +58,6 @@ def _layer(name: str, param_ops):
     layer = cls(backend="triton", lanes=(3,), per_lane=per_lane, **dims) if per_lane else cls(backend="triton", **dims)
     layer.use_fast_path = fast
     return layer
-
-
-def _inputs(layer, B: int, T: int | None, seed: int) -> dict:
-    """[B, (T,) 3 lanes, *declared] in ranges where every example is well-posed; an input
-    named B is shared by the lanes (a size-1 lane axis)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for slot in layer.spec.inputs:
-        lanes = (1,) if slot.name == "B" else (3,)
-        shape = (B,) + ((T,) if T is not None else ()) + lanes + tuple(int(s) for s in slot.shape(dict(layer.dims)))
-        if slot.name in ("log_a", "A", "gk"):
-            x = -torch.rand(shape, generator=g) * 0.5
-        elif slot.name == "delta":
-            x = torch.rand(shape, generator=g) * 0.5
-        else:
-            x = torch.randn(shape, generator=g)
-        out[slot.name] = x
-    return out
 
 
 def _tuple(result) -> tuple:
