@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psmc.runtime.state import ChunkStream, ScanState, StreamState, TreeState
+from psmc.runtime.state import ChunkStream, ScanState, StreamState, TreeCache, TreeState
 
 
 def _row_tensors(state: StreamState):
@@ -115,6 +115,8 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
     if len(kinds) > 1 or len(ops) > 1:
         raise ValueError("cat_states: the states come from different ops or plans: "
                          + "; ".join(_describe(s) for s in states))
+    if kinds == {TreeCache}:
+        return _cat_caches(states)
     rows = []
     for s in states:
         if id(s) in ragged:
@@ -130,6 +132,17 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
         raise ValueError("cat_states: the states were built for different dims or lanes: "
                          + "; ".join(_describe(s) for s in states))
     return ragged_or_regular(rows)
+
+
+def _cat_caches(caches: list) -> TreeCache:
+    """Tree caches side by side: each row keeps its own count, so any rows share one cache."""
+    if len({c.levels for c in caches}) > 1:
+        raise ValueError("cat_states: the tree caches have different capacities: "
+                         + ", ".join(str(c.capacity) for c in caches) + " tokens per row; build them with one capacity")
+    if any(c.roots is None for c in caches):
+        raise ValueError("cat_states: an empty tree cache (no token yet) has no slots to concatenate; "
+                         "concatenate caches that have seen at least one token")
+    return _merge(caches, {})
 
 
 def ragged_or_regular(rows: list) -> StreamState:
@@ -214,4 +227,4 @@ if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([RaggedState])
 
 __all__ = ["RaggedState", "cat_states", "select_rows", "batch_size", "at_one_count", "one_count", "ScanState",
-           "TreeState", "ChunkStream"]
+           "TreeState", "TreeCache", "ChunkStream"]

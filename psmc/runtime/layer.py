@@ -26,7 +26,7 @@ from ..dtypes import DType
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
 from .batch import RaggedState, _counts, at_one_count, cat_states, one_count
 from . import compiled_step as _compiled
-from .state import ChunkStream, ScanState, StreamState, TreeState
+from .state import ChunkStream, ScanState, StreamState, TreeCache, TreeState
 from .strategy import strategy_for
 from .varlen import Offsets, cu_seqlens_bounds, lengths
 
@@ -206,6 +206,8 @@ class PsmLayer(nn.Module):
             if state is not None:
                 raise TypeError(f"{spec.name}: pass either state= or initial_state=, not both")
             state = self._import_state(initial_state)
+        if type(state) is TreeCache:  # a prefill onto a serving cache: its rows, then a cache again
+            return self._forward_cache(args, inputs, state, return_state, cu_seqlens)
         state = self._live_slots(state)
         return_state = bool(return_state or output_final_state)
         inputs = self._bind_positional(args, inputs)
@@ -219,6 +221,24 @@ class PsmLayer(nn.Module):
         if fla:
             return result, (self._export_state(new_state) if output_final_state else None)
         return (result, new_state) if return_state else result
+
+    def _forward_cache(self, args, inputs: dict, cache: TreeCache, return_state: bool, cu_seqlens):
+        """`forward` continuing a `TreeCache`: its rows as tree states (a host read of the counts),
+        the pass, and the rows' new states in a cache of the same capacity."""
+        self._check_cache(cache)
+        rows = cache.to_state() if cache.roots is not None else None
+        out, state = self.forward(*args, state=rows, return_state=True, cu_seqlens=cu_seqlens, **inputs)
+        return (out, TreeCache.of(state, cache.capacity)) if return_state else out
+
+    def _takes_tree_cache(self) -> bool:
+        """A cache serves token tree scans only (its slots are a binary counter's levels; a
+        chunk op's stream also buffers a partial chunk per row)."""
+        return self._strategy.state_class is TreeState and not self._strategy.chunked
+
+    def _check_cache(self, cache: TreeCache) -> None:
+        if not self._takes_tree_cache():
+            raise TypeError(f"{self.spec.name}: a TreeCache holds the counter of a token tree scan, but this op's "
+                            f"state is {_a(self._strategy.noun)}: use init_state() without capacity=")
 
     def _forward_one(self, inputs: dict, state, return_state: bool):
         call = self._prepare_forward(inputs)
@@ -329,6 +349,8 @@ class PsmLayer(nn.Module):
             state = self._live_slots(state)
         with _no_autocast(inputs):
             call, run = self._prepare_step(inputs, state)
+            if type(state) is TreeCache:
+                run = self._step_tree_cache
             outputs, state = run(call, state)
             if self.check_finite == "always":
                 self._check_outputs(outputs, call)
@@ -369,6 +391,8 @@ class PsmLayer(nn.Module):
             if self.spec.dead:
                 state = self._live_slots(state)  # (a state this op made has the stream layout)
         run = self._step_runner(call) if runner is None else getattr(self, runner)
+        if type(state) is TreeCache:
+            run = self._step_tree_cache
         outputs, state = run(call, state)
         if out_dtype is not None:
             outputs = _in_dtype(outputs, call)
@@ -530,10 +554,24 @@ class PsmLayer(nn.Module):
         step_fn.__doc__ = doc
         return step_fn
 
-    def init_state(self, batch_shape=(), device=None, dtype=None):
+    def init_state(self, batch_shape=(), device=None, dtype=None, capacity: int | None = None):
         """An empty stream state. For chunk ops the partial-chunk buffer is created on the
-        first `step` (its shape follows the inputs)."""
-        return self._strategy.empty(device)
+        first `step` (its shape follows the inputs).
+
+        capacity: for a token tree scan, a `TreeCache` for serving instead of a `TreeState`:
+        fixed-shape slots for `capacity` tokens per row, `batch_shape` rows (an int; () takes the
+        first token's batch), each row at its own count, one compiled graph at every position
+        (psmc/runtime/state.py, docs/layers.md)."""
+        if capacity is None:
+            return self._strategy.empty(device)
+        if not self._takes_tree_cache():
+            raise TypeError(f"{self.spec.name}: capacity= makes a tree cache, for token tree scans; this op's state "
+                            f"is {_a(self._strategy.noun)}, whose slots do not grow with the tokens: call init_state() "
+                            "without capacity=")
+        shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+        if len(shape) > 1:
+            raise ValueError(f"{self.spec.name}: a tree cache has one batch axis, got batch_shape={batch_shape!r}")
+        return TreeCache.empty(capacity, batch=shape[0] if shape else None, device=device)
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
@@ -766,6 +804,11 @@ class PsmLayer(nn.Module):
         spec = self.spec
         want = self._strategy.state_class  # (flags read inline: fewer guards in a compiled step)
         inner = state.inner if isinstance(state, ChunkStream) else state
+        if type(state) is TreeCache:
+            self._check_cache(state)
+            if state.op and state.op != call.tag:
+                self._state_mismatch(state.op, call)
+            return
         if not isinstance(inner, want) or (isinstance(state, ChunkStream) and not self._strategy.chunked):
             raise TypeError(f"{call.tag}: expected a {want.__name__} (from init_state or return_state=True), "
                             f"got {type(state).__name__}{' of ' + state.op if getattr(state, 'op', '') else ''}")
@@ -1197,6 +1240,28 @@ class PsmLayer(nn.Module):
         outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
         return tuple(outputs), self._stream_state(state)
 
+    def _step_tree_cache(self, call, cache: TreeCache):
+        """One token for every row of a `TreeCache`, each at its own count: the generic tree step
+        with `TreeCache.push` (one graph at every position) in place of `TreeState.push`."""
+        spec = self.spec
+        lead = call.lead
+        index = _position(cache, lead, call.ctx.dev) if (spec.lift_index or spec.readout_index) else None
+        leaf = self._lift_batch(call, lead, call.inputs, index)
+        # (a lift output broadcast over the batch or lanes fills its slots at full size)
+        leaf = tuple(x.expand(tuple(lead) + tuple(int(n) for n in f.shape(call.ctx.d)))
+                     for x, f in zip(leaf, spec.fields))
+        combine = self._combine_fn(call)
+        if spec.exclusive:
+            before = cache.before(self._identity_element(call))
+            cache, _ = cache.push(leaf, combine)
+            prefix = before
+        else:
+            cache, prefix = cache.push(leaf, combine)
+        outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
+        if cache.op != call.tag:
+            cache = _tagged(cache, call.tag)
+        return tuple(outputs), cache
+
     # ------------------------------------------------------------------ stream layout
     # The one place that knows the stream layout of an op whose plan drops dead fields
     # (spec.stream): a stream state holds the kept fields only; the generic scan gets the
@@ -1439,6 +1504,10 @@ def _no_autocast(inputs: dict):
     return contextlib.nullcontext()
 
 
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
 def _batch_rows(state) -> int:
     return state.batch_size
 
@@ -1463,6 +1532,10 @@ def _position(state, lead: tuple, device) -> Tensor:
     counter's structure, an exact scan's the count tensor."""
     if isinstance(state, TreeState):
         return torch.full(lead, state.size, dtype=torch.int64, device=device)
+    if isinstance(state, TreeCache):  # each row at its own count
+        if not state.count.numel():
+            return torch.zeros(lead, dtype=torch.int64, device=device)
+        return state.count.to(device).reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)
     return state.count.to(device).expand(lead)
 
 

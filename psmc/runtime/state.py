@@ -4,6 +4,8 @@
 - TreeState: the paper's binary counter (PAPER.md §3) with cached partial folds, so that
   pushing a leaf costs about 2 Agg calls amortized and `prefix` is the exact tree prefix.
 - ChunkStream: a ScanState/TreeState plus the tokens of the chunk being filled.
+- TreeCache: the TreeState counter in fixed-shape slots, every row at its own count (serving:
+  one compiled graph at every position).
 
 All of them share one read API: `prefix` (the inclusive prefix over the leaves pushed so far,
 a tuple of field tensors, None before the first leaf), `count` (those leaves, a 0-d int64
@@ -345,7 +347,198 @@ class ChunkStream(StreamState):
         return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled), op=self.op, n_filled=0)
 
 
+
+def _lowest_bit(n: Tensor, levels: int) -> Tensor:
+    """The index of each element's lowest set bit (0 < n < 2**levels): how many powers of two
+    lie below `n & -n`. Integer compares, exact, and one fused op in a compiled graph (a float
+    log2 may land 1 ulp under k and truncate to k - 1; Inductor's CPU code for frexp fails)."""
+    powers = torch.ones(levels, dtype=torch.int64, device=n.device) << torch.arange(levels, device=n.device)
+    return ((n & -n).unsqueeze(-1) > powers).sum(-1)
+
+
+def _per_row(mask: Tensor, like: Tensor) -> Tensor:
+    """A [B] or [B, L] mask shaped to broadcast over `like` ([B, ...] or [B, L, ...])."""
+    return mask.reshape(tuple(mask.shape) + (1,) * (like.dim() - mask.dim()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TreeCache(StreamState):
+    """The tree counter in fixed-shape tensors, for serving: every row at its own count.
+
+    `TreeState` holds a root only where its count has a set bit, so its structure (and a
+    compiled step's graph) changes with every token, and rows at different counts cannot share
+    one. Here every level has a slot: `roots[i]` and `folds[i]` hold field i at every level,
+    `[B, levels, *lanes, *field]`; level j of row b is occupied when bit j of `count[b]` is set
+    (an unoccupied slot holds a stale element that no result reads). `count` is `[B]` int64.
+    A push computes the merge at every level for every row and keeps the ones each row's count
+    asks for (the merge depth differs per row), so it is one graph at every position: one
+    torch.compile graph, capturable in a CUDA graph, for any mix of rows. The cost is `levels`
+    Agg calls per token where `TreeState.push` makes one plus the merged levels; on CPU tensors
+    outside a graph only the levels some row merges are computed. The brackets are
+    `TreeState.push`'s, so the outputs equal it bit for bit.
+
+    `roots` is None until the first token (`PsmLayer.init_state(capacity=...)`); `levels`
+    slots hold counts up to `capacity = 2**levels - 1` tokens per row."""
+
+    count: Tensor
+    roots: Element | None = None
+    folds: Element | None = None
+    levels: int = 1
+    op: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.roots is None) != (self.folds is None):
+            raise ValueError("a tree cache holds both roots and folds, or neither (before its first token)")
+        if self.levels < 1:
+            raise ValueError(f"a tree cache needs at least one level, got {self.levels}")
+
+    @staticmethod
+    def levels_for(capacity: int) -> int:
+        """Levels whose counter holds `capacity` tokens per row."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"a tree cache's capacity is a positive number of tokens per row, got {capacity!r}")
+        return capacity.bit_length()
+
+    @classmethod
+    def empty(cls, capacity: int, batch: int | None = None, device=None, op: str = "") -> TreeCache:
+        """A cache before any token for `capacity` tokens per row (`batch` rows; None: the
+        first token's batch)."""
+        count = torch.zeros(0 if batch is None else batch, dtype=torch.int64, device=device)
+        return cls(count=count, levels=cls.levels_for(capacity), op=op)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each row can hold."""
+        return (1 << self.levels) - 1
+
+    @property
+    def sizes(self) -> list[int]:
+        """Tokens each row has seen (a host read of the counts)."""
+        return [int(c) for c in self.count.tolist()]
+
+    def reset(self, rows) -> TreeCache:
+        """The cache with `rows` (an int, a list, a slice or an index tensor) emptied, for new
+        streams in those slots (continuous batching); their stale slots are never read."""
+        count = self.count.clone()
+        count[rows] = 0
+        return dataclasses.replace(self, count=count)
+
+    def _ready(self, leaf: Element) -> TreeCache:
+        """The cache sized for `leaf`'s batch: an empty one gets its slots, each filled with the
+        leaf (a valid element, so the Agg calls on unoccupied slots compute on finite values)."""
+        batch = leaf[0].shape[0]
+        count = self.count if self.count.numel() else self.count.new_zeros(batch).to(leaf[0].device)
+        if count.shape[0] != batch:
+            raise ValueError(f"the tree cache holds {count.shape[0]} rows but the token has batch {batch}")
+        if self.roots is not None:
+            return dataclasses.replace(self, count=count)
+        slots = tuple(x.unsqueeze(1).expand(x.shape[0], self.levels, *x.shape[1:]).clone() for x in leaf)
+        return dataclasses.replace(self, count=count, roots=slots, folds=slots)
+
+    def before(self, identity: Element | None) -> Element | None:
+        """Each row's prefix before the next token (its fold at the lowest occupied level),
+        `identity` for rows that have seen no token (None: no identity, and a row at 0)."""
+        n = self.count
+        if self.roots is None:
+            return identity
+        rows = torch.arange(n.shape[0], device=n.device)
+        at = tuple(f[rows, _lowest_bit(n.clamp_min(1), self.levels)] for f in self.folds)
+        if identity is None:
+            return at
+        seen = n > 0
+        return tuple(torch.where(_per_row(seen, f), f, e.to(f.dtype)) for f, e in zip(at, identity))
+
+    def push(self, leaf: Element, agg: Combine) -> tuple[TreeCache, Element]:
+        """(the cache after one more token per row, each row's prefix after it): the carry
+        merges the roots at the trailing set bits of each row's count, older subtree on the
+        left, lands at the first clear bit, and its fold is Agg(older fold, carry) as in
+        `TreeState.push`."""
+        cache = self._ready(leaf)
+        n, levels = cache.count, cache.levels
+        roots, folds = cache.roots, cache.folds
+        leaf = tuple(x.expand(r.shape[:1] + r.shape[2:]) for x, r in zip(leaf, roots))
+        after = n + 1
+        land = _lowest_bit(after, levels + 1)  # the level the carry lands on: the count's trailing ones
+        depth = levels
+        if n.device.type == "cpu" and not torch.compiler.is_compiling():
+            full = [c for c in after.tolist() if c >> levels]
+            if full:
+                raise ValueError(f"the tree cache is full: it holds {self.capacity} tokens per row ({levels} levels) "
+                                 f"and a row would reach {full[0]}: build it with a larger capacity "
+                                 "(layer.init_state(batch, capacity=...)) or reset the row")
+            depth = int(land.max()) if land.numel() else 0  # (a CPU read costs no sync)
+        else:
+            torch._assert_async((after >> levels).eq(0).all(),
+                                f"psmc: a tree cache of {levels} levels ({self.capacity} tokens per row) is full: "
+                                "build it with a larger capacity or reset the row")
+        carry = leaf
+        for level in range(depth):
+            merged = agg(tuple(r[:, level] for r in roots), carry)
+            take = level < land
+            carry = tuple(torch.where(_per_row(take, c), m, c) for m, c in zip(merged, carry))
+        older_bits = after - (1 << land)  # the counter's set bits above the landing level
+        rows = torch.arange(n.shape[0], device=n.device)
+        older = tuple(f[rows, _lowest_bit(older_bits.clamp_min(1), levels)] for f in folds)
+        folded = agg(older, carry)
+        has_older = older_bits > 0
+        fold = tuple(torch.where(_per_row(has_older, f), f, c) for f, c in zip(folded, carry))
+        at = torch.arange(levels, device=n.device) == land.unsqueeze(1)  # [B, levels]
+        new_roots = tuple(torch.where(_per_row(at, r), c.unsqueeze(1), r) for r, c in zip(roots, carry))
+        new_folds = tuple(torch.where(_per_row(at, f), c.unsqueeze(1), f) for f, c in zip(folds, fold))
+        return dataclasses.replace(cache, count=after, roots=new_roots, folds=new_folds), fold
+
+    @classmethod
+    def of(cls, state, capacity: int) -> TreeCache:
+        """The cache holding `state` (a `TreeState`, or a `RaggedState` of tree states: a
+        prefill with `cu_seqlens`) for `capacity` tokens per row."""
+        levels = cls.levels_for(capacity)
+        rows = getattr(state, "row_states", None)
+        if rows is not None:  # one one-row state per row
+            parts = [cls.of(r, capacity) for r in rows]
+            like = next((p for p in parts if p.roots is not None), None)
+            if like is None:
+                return cls.empty(capacity, batch=len(parts), device=parts[0].count.device, op=state.op)
+            # a row that has seen no token gets a valid element in its (unread) slots
+            parts = [p if p.roots is not None else dataclasses.replace(
+                like[0:1], count=torch.zeros(1, dtype=torch.int64, device=like.count.device)) for p in parts]
+            return cls(count=torch.cat([p.count for p in parts]),
+                       roots=tuple(torch.cat(f) for f in zip(*[p.roots for p in parts])),
+                       folds=tuple(torch.cat(f) for f in zip(*[p.folds for p in parts])), levels=levels, op=state.op)
+        if not isinstance(state, TreeState):
+            raise TypeError(f"a tree cache holds a TreeState (or a RaggedState of them), got {type(state).__name__}")
+        n = state.size
+        if n > (1 << levels) - 1:
+            raise ValueError(f"the state has seen {n} tokens, more than a cache of capacity {capacity} holds")
+        occupied = [r for r in state.roots if r is not None]
+        if not occupied:
+            return cls.empty(capacity, device=state.count.device, op=state.op)
+        batch = occupied[0][0].shape[0]
+        filler = occupied[0]  # unoccupied slots: any valid element
+        pick = lambda table, j: table[j] if j < len(table) and table[j] is not None else filler  # noqa: E731
+        roots = tuple(torch.stack([pick(state.roots, j)[i].expand_as(filler[i]) for j in range(levels)], dim=1)
+                      for i in range(len(filler)))
+        folds = tuple(torch.stack([pick(state.folds, j)[i].expand_as(filler[i]) for j in range(levels)], dim=1)
+                      for i in range(len(filler)))
+        count = torch.full((batch,), n, dtype=torch.int64, device=state.count.device)
+        return cls(count=count, roots=roots, folds=folds, levels=levels, op=state.op)
+
+    def to_state(self):
+        """The rows as `TreeState`s (one state when every row has the same count, else a
+        `RaggedState`): what `forward` continues. Reads the counts on the host."""
+        from psmc.runtime.batch import ragged_or_regular
+        sizes = self.sizes
+        if self.roots is None or not sizes or not any(sizes):
+            return TreeState.empty(self.count.device)
+        rows = []
+        for b, n in enumerate(sizes):
+            bits = [(n >> j) & 1 for j in range(n.bit_length())]
+            roots = tuple(tuple(f[b:b + 1, j] for f in self.roots) if bit else None for j, bit in enumerate(bits))
+            folds = tuple(tuple(f[b:b + 1, j] for f in self.folds) if bit else None for j, bit in enumerate(bits))
+            rows.append(TreeState(count=torch.tensor(n, dtype=torch.int64, device=self.count.device), roots=roots,
+                                  folds=folds, op=self.op))
+        return ragged_or_regular(rows)
+
 # States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the
 # default since torch 2.6) read them back.
 if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream])
+    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream, TreeCache])

@@ -8,6 +8,8 @@ disagreement, and returns quietly when every check passes:
    - token-by-token `step` streaming,
    - `forward(return_state=True)` continued on a second segment,
    - decoding with `step` after a parallel prefill,
+   - for a token tree scan, decoding a `TreeCache` (fixed slots, every row at its own count)
+     against decoding its `TreeState`s, from the start and after a packed (varlen) prefill,
    - the IR reference interpreter (tests/codegen/layer_reference.py: left fold for exact
      scans, the paper's closed-form tree for the others) on a drawn batch row and lane,
    - the generic scan with the fast path disabled (when the plan has one);
@@ -60,6 +62,7 @@ import psmc  # noqa: E402
 from psmc.cli import main as psmc_main  # noqa: E402
 from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
 from psmc.runtime import scan as scan_module  # noqa: E402
+from psmc.runtime.state import TreeCache  # noqa: E402
 
 import conditioning  # noqa: E402
 import ties  # noqa: E402
@@ -329,6 +332,10 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
     streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, T)
     agree(streamed, full, "stream vs parallel", RTOL, ATOL)
     checked.add("stream")
+    if _token_tree(cls):  # the serving cache's fixed slots decode as the tree state does
+        cached, _ = stream(layer, inputs, layer.init_state(lead[0], capacity=T), 0, T)
+        agree(cached, streamed, "a TreeCache stream vs the TreeState stream", RTOL, ATOL)
+        checked.add("tree-cache")
 
     if T >= 2:
         continued(layer, inputs, full, config, ("continued", "decode after a prefill of", "vs one pass"), RTOL, ATOL)
@@ -439,6 +446,15 @@ def _check_varlen(layer, inputs: dict, full: tuple, config: Config, name: str = 
     stepped, _ = layer.step(state, **{n: x[at] for n, x in inputs.items()})
     agree(tuple(o[:, None] for o in as_tuple(stepped)), tuple(following(w) for w in full),
           f"a ragged step after the {what} prefill (rows at {lengths}) vs one pass", rtol, atol, view=following)
+    if _token_tree(type(layer)):  # the same rows in a serving cache: one call for every row
+        cached, _ = layer.step(TreeCache.of(state, max(lengths) + 1), **{n: x[at] for n, x in inputs.items()})
+        agree(as_tuple(cached), as_tuple(stepped), f"a TreeCache step after the {what} prefill (rows at {lengths}) "
+              "vs the ragged step", rtol, atol)
+
+
+def _token_tree(cls) -> bool:
+    """A token op on the paper's tree: its stream state can be a TreeCache."""
+    return cls.spec.scan == "tree" and cls.spec.chunk is None
 
 
 def _packed_lengths(config: Config) -> tuple:
