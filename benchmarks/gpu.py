@@ -24,6 +24,8 @@ rest still run; rows are printed as they finish and the table is written to $OUT
   per sequence;
 - decode: one token at batch 1, microseconds per token, psmc step against fla fused_recurrent
   with T = 1 and a carried state;
+- serving a tree scan (ema): 32 rows at different positions decode 64 tokens, a RaggedState of
+  tree states against a TreeCache (torch push, compiled push, the Triton step kernel);
 - correctness: each psmc output against the peer's at the benchmark shape (relative RMS; psmc's
   reference is its torch path where no peer computes the same function);
 - the memory bandwidth a device copy reaches in this run, so the first-order rows show the
@@ -644,6 +646,66 @@ def tree_cases(b: Bench, dtype, peak_gbps: float | None):
     _every_path(b, group, label, dtype, "ema", {}, {"y": y}, note_bw)
 
 
+def tree_decode_cases(b: Bench, dtype):
+    """Serving a tree scan (examples/ema.psm): B rows at different positions decode `steps`
+    tokens. A RaggedState of TreeStates steps each count group on its own (a call per row
+    here); a TreeCache steps every row in one call: the torch push (every level computed and
+    selected), that push compiled (one graph at every position), and the Triton step kernel
+    (one launch; each row walks its own merges). Checked against the ragged states' outputs."""
+    import itertools
+
+    from psmc.runtime.state import TreeCache
+    steps = TINY["decode_steps"] if b.dry else FULL["decode_steps"]
+    B, D = (4, 16) if b.dry else (32, 2048)
+    lengths = [5 + 3 * i for i in range(B)] if b.dry else [100 + 97 * i for i in range(B)]
+    group = "decode tree (ema)"
+    label = f"B={B} D={D}, rows at {lengths[0]}..{lengths[-1]} tokens (ms for {steps} tokens)"
+
+    def per_token(ms):
+        return f"{1e3 * ms / steps:.1f} us/token (all rows)" if ms else ""
+    try:
+        cls = load("ema")
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randn(1, sum(lengths), D, generator=gen).to(b.device, dtype)
+        tokens = torch.randn(steps, B, D, generator=gen).to(b.device, dtype)
+        ref = cls(backend="torch", check_finite=False).to(b.device)
+        with torch.no_grad():
+            _, ragged = ref(y=prompt, cu_seqlens=torch.tensor([0, *itertools.accumulate(lengths)]), return_state=True)
+        cache = TreeCache.of(ragged, max(lengths) + steps)
+    except Exception as e:  # noqa: BLE001
+        b.case(group, label, dtype, "psmc ema", None, None, None, f"{type(e).__name__}: {_first_line(e)}")
+        return
+    last: dict = {}
+
+    def decode(step, state, key):
+        def run():
+            with torch.no_grad():
+                s = state
+                for t in range(steps):
+                    y, s = step(s, y=tokens[t])
+                last[key] = y
+        return run
+
+    def check(key):
+        return lambda: verdict(rel_rms(last["ragged"], last[key]), dtype)
+    tri = cls(backend="triton", check_finite=False).to(b.device)
+    rows = [("ragged", "psmc RaggedState (a call per count group)", ref.step, ragged, None),
+            ("push", "psmc TreeCache, torch push", ref.step, cache, None),
+            ("compiled", "psmc TreeCache, torch push compiled", None, cache,
+             "the dry run (Inductor's CPU build takes minutes)" if b.dry else None),
+            ("kernel", "psmc TreeCache, Triton step kernel (auto on CUDA)", tri.step, cache,
+             "--skip-triton" if SKIP_TRITON[0] else None)]
+    for key, impl, step, state, reason in rows:
+        if reason is not None:
+            b.case(group, label, dtype, impl, None, None, None, f"not run: {reason}")
+            continue
+        if step is None:
+            step = torch.compile(ref.step, fullgraph=True)
+        before = len(b.report.rows)
+        b.case(group, label, dtype, impl, decode(step, state, key), None, None if key == "ragged" else check(key))
+        _annotate(b.report, before, per_token)
+
+
 def _every_path(b: Bench, group: str, label: str, dtype, name: str, dims: dict, inputs: dict, note_bw):
     """A row per psmc path of examples/<name>.psm on `inputs`, each checked against the
     generic torch scan (torch-scan)."""
@@ -898,7 +960,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule rwkv7 kda first_order ssm decode tree packed "
+                        help="groups to run: gla simple_gla delta_rule rwkv7 kda first_order ssm decode tree tree_decode packed "
                              "packed_rwkv7")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -927,7 +989,7 @@ def main(argv=None) -> int:
     # the most informative rows first, so that a run cut by its budget still has them
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
-             ("ssm", bf16), ("tree", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("packed_rwkv7", bf16),
+             ("ssm", bf16), ("tree", fp32), ("tree_decode", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("packed_rwkv7", bf16),
              ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
              ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32)]
     if args.dry_run:
@@ -940,6 +1002,8 @@ def main(argv=None) -> int:
             plan.append((group, lambda dtype=dtype: first_order_cases(b, dtype, peak)))
         elif group == "tree":
             plan.append((group, lambda dtype=dtype: tree_cases(b, dtype, peak)))
+        elif group == "tree_decode":  # launch-bound: one dtype
+            plan.append((group, lambda dtype=dtype: tree_decode_cases(b, dtype)))
         elif group == "ssm":
             plan.append((group, lambda dtype=dtype: ssm_cases(b, dtype, peak)))
         elif group == "decode":  # launch-bound: one dtype

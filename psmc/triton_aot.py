@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from psmc.runtime import autotune
+from psmc.runtime.state import TreeCache
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -61,7 +62,7 @@ SHAPES = {
 # Spill bytes (stores) allowed per pass: none in a forward or a decode step (a spill there is a
 # register tile that does not fit and costs HBM traffic on every token); the backward
 # kernels of the matrix ops hold several [K, V] tiles at once and may spill a little.
-SPILL_BUDGET = {"forward": 0, "forward (training)": 0, "step": 0, "backward": 2048,
+SPILL_BUDGET = {"forward": 0, "forward (training)": 0, "step": 0, "step (cache)": 0, "backward": 2048,
                 "forward (packed)": 0, "forward (packed, training)": 0, "backward (packed)": 2048}
 
 
@@ -215,6 +216,10 @@ def record(example: str, cls) -> list:
         with torch.no_grad():
             _, state = layer(**_inputs(layer, B, 2, lanes), return_state=True)
             run("step", lambda: layer.step(state, **_inputs(layer, B, None, lanes, seed=1)))
+            if getattr(getattr(layer, "_tree_kernels", None), "step", None) is not None:
+                # a serving cache's decode token (the tree step kernel)
+                cache = TreeCache.of(state, 1 << 16)
+                run("step (cache)", lambda: layer.step(cache, **_inputs(layer, B, None, lanes, seed=1)))
         # packed sequences (VARLEN): uneven lengths, one of a single token, in one batch row
         passes(_inputs(layer, 1, T, lanes, seed=2, broadcast=wide), "packed", cu_seqlens=torch.tensor([0, T // 4, T // 4 + 1, T]))
     return _dedupe(launches)

@@ -37,6 +37,8 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     assert ("GLA", "psmc chunkwise (auto)") in impls
     assert ("decode rwkv7", "psmc step (auto)") in impls  # the DPLR token (Triton kernel on a GPU)
     assert ("decode rwkv7", "fla fused_recurrent (rwkv7, T=1 per call)") in impls
+    cache = [r for r in rows if (r[0].strip(), r[3].strip()) == ("decode tree (ema)", "psmc TreeCache, torch push")]
+    assert cache and cache[0][8].strip().startswith("ok rel-rms"), cache  # against the ragged tree states
     assert ("GLA packed", "psmc gla, one call (auto)") in impls
     assert ("RWKV-7 packed", "psmc rwkv7, one call (auto)") in impls
     assert ("first-order packed", "psmc linear_recurrence, one call (auto)") in impls

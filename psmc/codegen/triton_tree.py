@@ -51,7 +51,7 @@ class _LaneVjp(VjpPrinter):
 def kernel_names(op: OpIR) -> dict:
     base = PREFIX + "Op_" + op.name + "_tree"
     return {"agg": base + "_agg", "agg_vjp": base + "_agg_vjp", "forward": base + "_forward",
-            "backward": base + "_backward"}
+            "backward": base + "_backward", "step": base + "_step"}
 
 
 class TreePrinter:
@@ -117,7 +117,10 @@ class TreePrinter:
                  "    tokens = b * T * Lw + lane",
                  "counter = b * Lw + lane",
                  "level = (b * 0 + B) * Lw"]
-        lines += [f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)" for d in self.op.dims]
+        return lines + self._dims_and_params()
+
+    def _dims_and_params(self) -> list[str]:
+        lines = [f"dim_{d} = d_{d} + tl.zeros((1, 1), tl.int32)" for d in self.op.dims]
         for i, p in enumerate(self.params):
             lines.append(f"p_{p.name} = tl.load(par{i} + lane * par{i}_sl, mask=col_ok, other=0)"
                          f".to({compute_dtype(p.dtype)})")
@@ -238,6 +241,45 @@ class TreePrinter:
         return lines + ["    " + x for x in body]
 
 
+    def cache_step_kernel(self) -> list[str]:
+        """One token per row of a `TreeCache` (psmc.runtime.state): the push of `TreeState.push`
+        for row b's count, each thread for its lanes. The carry merges the roots below the
+        count's lowest clear bit k (a loop as long as this row needs, where the torch push
+        computes every level), lands at level k, and its fold is Agg(the fold at the next set
+        bit above k, carry), the row's new prefix."""
+        n = len(self.fields)
+        lines = ["@_psm_jit", f"def {self.names['step']}("] + self._signature("step") + ["):"]
+        body = ["lane = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]",
+                "b = tl.program_id(1)",
+                "col_ok = lane < L",
+                "# row b's token at token; level d of its counter at slots + d * L",
+                "Lw = (b * 0 + L).to(tl.int64)  # offsets in 64 bits: B * levels * L may pass 2**31",
+                "token = b * Lw + lane",
+                "slots = b * levels * Lw + lane"]
+        body += self._dims_and_params()
+        body.append("c = tl.load(count + b)  # the tokens row b has seen")
+        body += [f"n{i} = tl.load(leaf{i} + token, mask=col_ok, other=0.0).to(tl.float32)" for i in range(n)]
+        body += ["k = c * 0",
+                 "while ((c >> k) & 1) == 1:  # the binary carry: merge the trees of equal size below c + 1's lowest bit"]
+        carry = [f"r{i} = tl.load(root{i} + slots + k * Lw, mask=col_ok, other=0.0)" for i in range(n)]
+        carry.append(self._call(self._fields("n"), "agg", self._args("r", "n")))
+        carry.append("k += 1")
+        body += ["    " + x for x in carry]
+        body += [f"tl.store(root{i} + slots + k * Lw, n{i}, mask=col_ok)" for i in range(n)]
+        body += ["rest = c + 1 - (1 << k)  # the count's set bits above k: the prefix is Agg(P(rest), node)",
+                 "lv = k + 1",
+                 "while (rest > 0) & (((rest >> lv) & 1) == 0):",
+                 "    lv += 1",
+                 "older = col_ok & ((lane * 0 + rest) > 0)"]
+        body += [f"f{i} = tl.load(fold{i} + slots + lv * Lw, mask=older, other=0.0)" for i in range(n)]
+        body.append(self._call(self._fields("q"), "agg", self._args("f", "n")))
+        for i in range(n):
+            body += [f"q{i} = tl.where(rest > 0, q{i}, n{i})",
+                     f"tl.store(fold{i} + slots + k * Lw, q{i}, mask=col_ok)",
+                     f"tl.store(pre{i} + token, q{i}, mask=col_ok)"]
+        return lines + ["    " + x for x in body]
+
+
 def registration(op: OpIR) -> list[str]:
     names = kernel_names(op)
     printer = TreePrinter(op)
@@ -247,6 +289,7 @@ def registration(op: OpIR) -> list[str]:
         f"    {cls}._tree_kernels = _ttree.TreeKernels(",
         f"        forward={names['forward']},",
         f"        backward={names['backward']},",
+        f"        step={names['step']},",
         f"        fields={tuple(printer.fields)!r},",
         f"        params={tuple(p.name for p in printer.params)!r},",
         f"        dims={tuple(op.dims)!r},",
@@ -259,7 +302,8 @@ def generate(op: OpIR, plan) -> str | None:
         return None
     printer = TreePrinter(op)
     lines = printer.agg_function() + ["", ""] + printer.agg_vjp_function() + ["", ""]
-    lines += printer.forward_kernel() + ["", ""] + printer.backward_kernel() + ["", ""] + registration(op)
+    lines += printer.forward_kernel() + ["", ""] + printer.backward_kernel() + ["", ""]
+    lines += printer.cache_step_kernel() + ["", ""] + registration(op)
     return "\n".join(lines) + "\n"
 
 
@@ -272,4 +316,4 @@ def describe(op: OpIR, plan) -> str | None:
         return f"triton: none (tree scan: {reason}; the torch tree serves it)"
     return ("triton: tree forward + backward kernels, each thread walks the fixed tree's leaves for its lanes "
             "(the stream's bracketing, two Agg per leaf on average); lift and readout in torch; packed sequences "
-            "in one launch, one tree each")
+            "in one launch, one tree each; a TreeCache's decode step in one launch")

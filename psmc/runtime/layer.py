@@ -1250,17 +1250,28 @@ class PsmLayer(nn.Module):
         # (a lift output broadcast over the batch or lanes fills its slots at full size)
         leaf = tuple(x.expand(tuple(lead) + tuple(int(n) for n in f.shape(call.ctx.d)))
                      for x, f in zip(leaf, spec.fields))
-        combine = self._combine_fn(call)
-        if spec.exclusive:
-            before = cache.before(self._identity_element(call))
-            cache, _ = cache.push(leaf, combine)
-            prefix = before
+        before = cache.before(self._identity_element(call)) if spec.exclusive else None
+        if self._tree_cache_kernel(call):
+            from . import tree_kernels
+            cache, prefix = tree_kernels.cache_step(self, call, cache, leaf)
         else:
-            cache, prefix = cache.push(leaf, combine)
-        outputs = self._readout_batch(call, lead, prefix, call.inputs, index)
+            cache, prefix = cache.push(leaf, self._combine_fn(call))
+        outputs = self._readout_batch(call, lead, prefix if before is None else before, call.inputs, index)
         if cache.op != call.tag:
             cache = _tagged(cache, call.tag)
         return tuple(outputs), cache
+
+    def _tree_cache_kernel(self, call) -> bool:
+        """Whether a TreeCache token runs the Triton step kernel (one launch; each row walks
+        only its own merges): backend 'triton', or 'auto' on CUDA, where the tree kernels
+        serve the call; else the torch push."""
+        k = getattr(self, "_tree_kernels", None)
+        if k is None or k.step is None or self.backend not in ("triton", "auto"):
+            return False
+        if self.backend == "auto" and call.ctx.dev.type != "cuda":
+            return False
+        from . import tree_kernels
+        return tree_kernels.unusable_reason(self, call) is None
 
     # ------------------------------------------------------------------ stream layout
     # The one place that knows the stream layout of an op whose plan drops dead fields

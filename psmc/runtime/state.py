@@ -423,7 +423,7 @@ class TreeCache(StreamState):
         count[rows] = 0
         return dataclasses.replace(self, count=count)
 
-    def _ready(self, leaf: Element) -> TreeCache:
+    def ready(self, leaf: Element) -> TreeCache:
         """The cache sized for `leaf`'s batch: an empty one gets its slots, each filled with the
         leaf (a valid element, so the Agg calls on unoccupied slots compute on finite values)."""
         batch = leaf[0].shape[0]
@@ -434,6 +434,21 @@ class TreeCache(StreamState):
             return dataclasses.replace(self, count=count)
         slots = tuple(x.unsqueeze(1).expand(x.shape[0], self.levels, *x.shape[1:]).clone() for x in leaf)
         return dataclasses.replace(self, count=count, roots=slots, folds=slots)
+
+    def check_room(self) -> None:
+        """Raise when a row's next token would pass the capacity: on the host for CPU counts
+        outside a graph, else a device assert (no sync; it stops the stream with this message)."""
+        after = self.count + 1
+        if self.count.device.type == "cpu" and not torch.compiler.is_compiling():
+            full = [c for c in after.tolist() if c >> self.levels]
+            if full:
+                raise ValueError(f"the tree cache is full: it holds {self.capacity} tokens per row ({self.levels} "
+                                 f"levels) and a row would reach {full[0]}: build it with a larger capacity "
+                                 "(layer.init_state(batch, capacity=...)) or reset the row")
+        else:
+            torch._assert_async((after >> self.levels).eq(0).all(),
+                                f"psmc: a tree cache of {self.levels} levels ({self.capacity} tokens per row) is full: "
+                                "build it with a larger capacity or reset the row")
 
     def before(self, identity: Element | None) -> Element | None:
         """Each row's prefix before the next token (its fold at the lowest occupied level),
@@ -453,7 +468,8 @@ class TreeCache(StreamState):
         merges the roots at the trailing set bits of each row's count, older subtree on the
         left, lands at the first clear bit, and its fold is Agg(older fold, carry) as in
         `TreeState.push`."""
-        cache = self._ready(leaf)
+        cache = self.ready(leaf)
+        cache.check_room()
         n, levels = cache.count, cache.levels
         roots, folds = cache.roots, cache.folds
         leaf = tuple(x.expand(r.shape[:1] + r.shape[2:]) for x, r in zip(leaf, roots))
@@ -461,16 +477,7 @@ class TreeCache(StreamState):
         land = _lowest_bit(after, levels + 1)  # the level the carry lands on: the count's trailing ones
         depth = levels
         if n.device.type == "cpu" and not torch.compiler.is_compiling():
-            full = [c for c in after.tolist() if c >> levels]
-            if full:
-                raise ValueError(f"the tree cache is full: it holds {self.capacity} tokens per row ({levels} levels) "
-                                 f"and a row would reach {full[0]}: build it with a larger capacity "
-                                 "(layer.init_state(batch, capacity=...)) or reset the row")
             depth = int(land.max()) if land.numel() else 0  # (a CPU read costs no sync)
-        else:
-            torch._assert_async((after >> levels).eq(0).all(),
-                                f"psmc: a tree cache of {levels} levels ({self.capacity} tokens per row) is full: "
-                                "build it with a larger capacity or reset the row")
         carry = leaf
         for level in range(depth):
             merged = agg(tuple(r[:, level] for r in roots), carry)

@@ -11,6 +11,7 @@ roots and folds as [B, L].
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from . import triton_abi
 from .element import Element, at
 from .scan import exclusive_from_inclusive
-from .state import TreeState
+from .state import TreeCache, TreeState
 from .tree import counter_after
 from .varlen import cu_seqlens_bounds
 
@@ -45,6 +46,7 @@ class TreeKernels:
     fields: tuple
     params: tuple  # the float scalar params the combine reads
     dims: tuple
+    step: object = None  # a TreeCache's decode step (None in a module generated before it existed)
     # the forward kernel's module and name, unique per generated module (content-hashed): what
     # the custom ops look the kernels up by (TREE_KERNELS)
     name: str = dataclasses.field(init=False, default="")
@@ -64,7 +66,8 @@ class TreeKernels:
         # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous
         # leaf stored (one thread, one address): a load issued a loop iteration early would
         # read them before they are written.
-        (self.forward if kind == "forward" else self.backward)[grid](**args, num_stages=1, num_warps=block // 32)
+        (self.forward if kind == "forward" else self.backward if kind == "backward" else self.step)[grid](
+            **args, num_stages=1, num_warps=block // 32)
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,89 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     if bounds is None:
         return inclusive, exclusive_from_inclusive(inclusive, first), new_state
     return inclusive, _packed_exclusive(inclusive, first, bounds, B), new_state
+
+
+def cache_step(layer, call, cache: TreeCache, leaf: Element) -> tuple[TreeCache, Element]:
+    """`TreeCache.push` of one token per row in one launch of the step kernel (each program
+    walks only the levels its row merges): (the new cache, each row's prefix after the token).
+    The kernel updates copies of the slots, so the given cache stays as it was."""
+    k = layer._tree_kernels
+    cache = cache.ready(leaf)
+    cache.check_room()
+    lead = tuple(call.lead)
+    B, levels = lead[0], cache.levels
+    shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in layer.spec.fields]
+    field = max(shapes, key=len)  # as in tree_scan: a scalar field beside vector ones is copied to each element
+    lanes = math.prod(lead[1:])
+    size = math.prod(field)
+    L = lanes * size
+    full = lead + field
+    scalar = [not s and bool(field) for s in shapes]
+    f32 = torch.float32
+
+    def flat(x, shape, one):  # [*shape] (a scalar field: [*shape[:-len(field)]]) as fp32 [..., L], a copy
+        out = torch.empty(shape, dtype=f32, device=x.device)
+        out.copy_(torch.broadcast_to(x[..., None] if one else x, shape))
+        return out.reshape(shape[:len(shape) - len(full) + 1] + (L,))
+
+    slots = (B, levels) + full[1:]
+    leaves = [flat(x, full, one) for x, one in zip(leaf, scalar)]
+    roots = [flat(x, slots, one) for x, one in zip(cache.roots, scalar)]
+    folds = [flat(x, slots, one) for x, one in zip(cache.folds, scalar)]
+    params = [_param(layer, name, lanes, size, f32) for name in k.params]
+    dims = [int(call.ctx.d[d]) for d in k.dims]
+    out = _run_cache_step(k, leaves, roots, folds, params, cache.count, B, L, levels, dims)
+    F = len(k.fields)
+    new_roots, new_folds, pre = out[:F], out[F:2 * F], out[2 * F:]
+    like = cache.roots
+
+    def back(x, shape, one, dtype):
+        x = x.reshape(shape)
+        return (x[..., 0] if one else x).to(dtype)
+    new = dataclasses.replace(
+        cache, count=cache.count + 1,
+        roots=tuple(back(x, slots, one, r.dtype) for x, one, r in zip(new_roots, scalar, like)),
+        folds=tuple(back(x, slots, one, r.dtype) for x, one, r in zip(new_folds, scalar, like)))
+    return new, tuple(back(x, full, one, r.dtype) for x, one, r in zip(pre, scalar, like))
+
+
+def _cache_step(kernels, leaves: list[torch.Tensor], roots: list[torch.Tensor], folds: list[torch.Tensor],
+                params: list[torch.Tensor], count: torch.Tensor, B: int, L: int, levels: int, dims: list[int],
+                run: bool = True) -> list[torch.Tensor]:
+    """The step kernel on copies of the slots: [*roots, *folds, *prefixes] (run=False: the
+    custom op's fake, which allocates them and launches nothing)."""
+    k = _kernels(kernels)
+    roots = [r.clone() for r in roots]  # (the op returns new tensors; the kernel writes one slot of each)
+    folds = [f.clone() for f in folds]
+    pre = [torch.empty_like(x) for x in leaves]
+    if run:
+        args = _named("leaf", leaves) | _named("root", roots) | _named("fold", folds) | _named("pre", pre)
+        args |= _param_args(params, L) | dict(count=count, B=B, L=L, levels=levels)
+        args |= {triton_abi.dim(d): v for d, v in zip(k.dims, dims)}
+        args["BLOCK_C"] = lane_block(L)
+        _launch(k, "step", args, B, L)
+    return roots + folds + pre
+
+
+def _cache_step_launch(kernels: str, leaves: list[torch.Tensor], roots: list[torch.Tensor],
+                       folds: list[torch.Tensor], params: list[torch.Tensor], count: torch.Tensor, B: int, L: int,
+                       levels: int, dims: list[int]) -> list[torch.Tensor]:
+    return _cache_step(kernels, leaves, roots, folds, params, count, B, L, levels, dims)
+
+
+_cache_step_op = torch.library.custom_op("psmc::tree_cache_step", _cache_step_launch, mutates_args=())
+
+
+@_cache_step_op.register_fake
+def _cache_step_fake(kernels, leaves, roots, folds, params, count, B, L, levels, dims):
+    return _cache_step(kernels, leaves, roots, folds, params, count, B, L, levels, dims, run=False)
+
+
+def _run_cache_step(k, *args):
+    """The step launch: the op inside a graph (by the kernels' name), else a direct call."""
+    if torch.compiler.is_compiling():
+        return _cache_step_op(k.name, *args)
+    return _cache_step(k, *args)
 
 
 def _counter_of(nodes: Element, inclusive: Element, state: TreeState | None, m: int, n: int, dev) -> TreeState:

@@ -106,26 +106,32 @@ def check(args: dict, kind: str, tile: str, inputs: int, params: int, fields: in
 # entering counter), `dpar<i>` [B, L] (per program, summed by the runtime). m is the leaves the
 # state holds, T this call's. With VARLEN set, B sequences are packed in one row of T tokens,
 # sequence b at tokens cu[b] .. cu[b+1] - 1 (`cu`: int32 offsets), its counter at row b.
+# The decode step of a `TreeCache` ('step') takes one token per row, `leaf<i>` and `pre<i>`
+# [B, L], the cache's slots `root<i>`, `fold<i>` [B, levels, L] (updated in place: the runtime
+# hands it copies) and `count` [B] int64, the tokens each row has seen.
 TREE_CONSTEXPRS = ("BLOCK_C", "VARLEN", "HAS_GNODE")
 
 
 def tree_arguments(kind: str, fields: int, params: int, dims: tuple) -> tuple[tuple[str, ...], ...]:
     """The run-time arguments of a tree kernel ('forward' or 'backward'), grouped as its
     signature prints them (the constexprs are TREE_CONSTEXPRS; the forward takes BLOCK_C only)."""
-    assert kind in ("forward", "backward"), kind
-    per_field = ("leaf", "root", "fold", "pre", "node") + (("gpre", "gnode", "dleaf", "groot", "gfold")
-                                                          if kind == "backward" else ())
+    assert kind in ("forward", "backward", "step"), kind
+    if kind == "step":
+        per_field = ("leaf", "root", "fold", "pre")
+    else:
+        per_field = ("leaf", "root", "fold", "pre", "node") + (("gpre", "gnode", "dleaf", "groot", "gfold")
+                                                              if kind == "backward" else ())
     out = [tuple(f"{name}{i}" for i in range(fields)) for name in per_field]
     out.append(tuple(x for i in range(params) for x in (f"par{i}", f"par{i}_sl")))
     if kind == "backward":
         out.append(tuple(f"dpar{i}" for i in range(params)))
-    out.append(("m", "T", "B", "L", "cu"))
+    out.append(("count", "B", "L", "levels") if kind == "step" else ("m", "T", "B", "L", "cu"))
     out.append(tuple(dim(d) for d in dims))
     return tuple(g for g in out if g)
 
 
 def tree_constexprs(kind: str) -> tuple[str, ...]:
-    return TREE_CONSTEXPRS if kind == "backward" else TREE_CONSTEXPRS[:2]
+    return {"forward": TREE_CONSTEXPRS[:2], "backward": TREE_CONSTEXPRS, "step": TREE_CONSTEXPRS[:1]}[kind]
 
 
 def check_tree(args: dict, kind: str, fields: int, params: int, dims: tuple) -> None:

@@ -26,7 +26,7 @@ def _rows(arch: int) -> list:
     take most of the compile time; `python -m psmc.triton_aot` compiles all of them for both
     targets and the docs table shows them)."""
     if arch not in _ROWS:
-        passes = None if arch == 90 else ("forward", "forward (training)", "step")
+        passes = None if arch == 90 else ("forward", "forward (training)", "step", "step (cache)")
         _ROWS[arch] = triton_aot.compile_all((arch,), workers=min(2, os.cpu_count() or 1), passes=passes)
     return _ROWS[arch]
 
@@ -43,8 +43,9 @@ def test_every_kernel_compiles_within_the_spill_budget(arch):
     wanted = ("forward", "forward (training)", "backward", "step", "forward (packed)", "forward (packed, training)",
               "backward (packed)") if arch == 90 else ("forward", "step")
     for example in examples - {"running_argmax"}:  # running_argmax has no float output: no backward
-        # a tree's step is the torch counter push (O(log n) small ops): no step kernel
-        want = [p for p in wanted if p != "step"] if example == "ema" else wanted
+        # a tree state's step is the torch counter push (O(log n) small ops): no step kernel; a
+        # TreeCache's token is one launch of the tree step kernel
+        want = [p for p in wanted if p != "step"] + ["step (cache)"] if example == "ema" else wanted
         assert {(example, p) for p in want} <= passes, example
     bad = triton_aot.failures(rows)
     assert not bad, "\n".join(b[:3000] for b in bad)

@@ -166,6 +166,31 @@ def test_compiled_training_of_a_tree_scan_holds_its_kernels_once_and_equals_eage
     assert (_ops(forward, tree), _ops(backward, tree_backward), _ops(backward, tree)) == (1, 1, 0)
 
 
+def test_a_compiled_tree_cache_token_is_one_kernel_op_in_one_graph_for_every_position(tmp_path):
+    """A TreeCache decode step under fullgraph: the step kernel is one psmc::tree_cache_step
+    node, and one graph serves every position and mix of rows (a TreeState step would trace a
+    graph per position), equal to eager bit for bit."""
+    from psmc.runtime.state import TreeCache
+    path = tmp_path / "blend.psm"
+    path.write_text(HAND_WRITTEN["blend"])
+    torch.manual_seed(0)
+    layer = psmc.load(path).blend(backend="triton", lanes=(3,))
+    g = torch.Generator().manual_seed(5)
+    packed = {n: torch.randn(1, 9, 3, generator=g) for n in ("x", "z")}
+    _, state = layer(**packed, cu_seqlens=torch.tensor([0, 2, 3, 9]), return_state=True)
+    eager = compiled = TreeCache.of(state, 100)
+    graphs = []
+    dynamo.reset()
+    step = torch.compile(layer.step, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    for _ in range(12):
+        token = {n: torch.randn(3, 3, generator=g) for n in ("x", "z")}
+        want, eager = layer.step(eager, **token)
+        got, compiled = step(compiled, **token)
+        assert torch.equal(got, want)
+    assert compiled.sizes == eager.sizes == [14, 13, 18]
+    assert len(graphs) == 1 and _ops(graphs, torch.ops.psmc.tree_cache_step.default) == 1
+
+
 def test_a_second_derivative_through_the_kernels_is_a_clear_error(param_ops):
     """The backward kernels are not differentiable again: an error, not a silently partial
     second derivative (their outputs would carry no graph)."""

@@ -15,6 +15,7 @@ anything failed.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import sys
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
             module._CHUNK = module._CHUNK_AUTOGRAD = args.wy_chunk
     deadline = time.time() + args.seconds
     seed, matched, on_triton, failures = args.seed, 0, 0, []
+    trees: collections.Counter = collections.Counter()
     while time.time() < deadline and not (args.programs and matched >= args.programs):
         seed += 1
         program = generate(seed)
@@ -74,9 +76,12 @@ def main(argv=None) -> int:
                 failures.append((seed, err.message))
                 continue
         on_triton += any(c == "triton" or c.startswith("triton-fast") for c in info["checked"])
+        trees.update(c for c in info["checked"] if "tree" in c)
     print(f"seeds {args.seed + 1}-{seed}: {matched} programs with {args.feature!r}"
           f"{' and scalar states' if args.scalar_states else ''}, {on_triton} checked on Triton, "
           f"{len(failures)} failed")
+    if trees:  # the tree checks reached (the torch tree, the tree kernels, the serving cache)
+        print("  tree checks: " + ", ".join(f"{name} {n}" for name, n in sorted(trees.items())))
     for failed, message in failures:
         print(f"  seed {failed}: {message[:500]}")
     return 1 if failures else 0

@@ -758,6 +758,10 @@ def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: s
         checked.add("triton-tree")
         if "backward" in launches:  # (not when no leaf needs a gradient: a lift of constants)
             checked.add("triton-tree-grads")
+        if config.time >= 2:  # _check_varlen stepped a TreeCache of the packed rows on the twin
+            if "step" not in launches:
+                raise Failure("tree-not-run", "a TreeCache token on backend='triton' ran without the tree step kernel")
+            checked.add("triton-tree-cache")
 
 
 def _compare_triton(tri, ref, single: dict, batch_shape, config, checked: set):
