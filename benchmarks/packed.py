@@ -9,8 +9,9 @@ CPU: the C++ kernels, which take packed sequences in one call too). The second t
 more tokens for all 32 rows after that prefill: every row in one call where the op's count
 changes nothing but itself (an exact scan that reads no `index`), against the rows of one
 count together (32 calls: every count differs); the third decodes 16 tokens for all 32 rows
-the same two ways (one step call per token, or 32). The same comparisons on a GPU
-are groups of benchmarks/gpu.py.
+the same two ways (one step call per token, or 32); the fourth decodes a tree scan's rows (ema)
+on a TreeCache (one call per token) against its RaggedState (by count). The same comparisons
+on a GPU are groups of benchmarks/gpu.py.
 """
 from __future__ import annotations
 
@@ -109,7 +110,34 @@ def main(argv=None) -> int:
           lambda layer, inputs: continued(layer, inputs, cu))
     table("16 decode tokens, all rows per step", "by count", f"{COUNT} rows after the prefill",
           lambda layer, inputs: decode(layer, inputs, cu))
+    tree_table(cu)
     return 0
+
+
+def tree_table(cu) -> None:
+    """A tree scan's rows after the prefill (ema, D=256): 16 decode tokens stepped on a
+    TreeCache (every row in one call) against the RaggedState of tree states (by count)."""
+    from psmc.runtime.state import TreeCache
+    x = torch.randn(1, TOTAL, 256, generator=torch.Generator().manual_seed(1))
+    print(f"| op | shape | backend | 16 decode tokens, TreeCache ms | by count ms | ratio |  ({COUNT} rows after the "
+          "prefill)")
+    print("|---|---|---|---|---|---|")
+    for backend in ("torch", "auto"):
+        layer = load("ema")(backend=backend, check_finite=False)
+        with torch.no_grad():
+            _, ragged = layer(y=x, cu_seqlens=cu, return_state=True)
+        token = x[0, :COUNT]
+
+        def run(state):
+            def steps():
+                s = state
+                for _ in range(16):
+                    _, s = layer.step(s, y=token)
+            return steps
+        one = median_ms(run(TreeCache.of(ragged, TOTAL + 16)))
+        each = median_ms(run(ragged))
+        print(f"| ema | D=256 | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+    print()
 
 
 if __name__ == "__main__":
