@@ -1251,7 +1251,7 @@ class PsmLayer(nn.Module):
         leaf = tuple(x.expand(tuple(lead) + tuple(int(n) for n in f.shape(call.ctx.d)))
                      for x, f in zip(leaf, spec.fields))
         before = cache.before(self._identity_element(call)) if spec.exclusive else None
-        if self._tree_cache_kernel(call):
+        if self._tree_cache_kernel(call) and not self._cache_needs_grad(leaf, cache):
             from . import tree_kernels
             cache, prefix = tree_kernels.cache_step(self, call, cache, leaf)
         else:
@@ -1260,6 +1260,14 @@ class PsmLayer(nn.Module):
         if cache.op != call.tag:
             cache = _tagged(cache, call.tag)
         return tuple(outputs), cache
+
+    def _cache_needs_grad(self, leaf, cache: TreeCache) -> bool:
+        """Whether autograd records this token (a decode step trained through): the step kernel
+        has no backward, so the torch push runs it."""
+        if not torch.is_grad_enabled():
+            return False
+        slots = () if cache.roots is None else (*cache.roots, *cache.folds)
+        return any(t.requires_grad for t in (*leaf, *slots)) or any(p.requires_grad for p in self.parameters())
 
     def _tree_cache_kernel(self, call) -> bool:
         """Whether a TreeCache token runs the Triton step kernel (one launch; each row walks

@@ -136,8 +136,9 @@ def test_a_tree_cache_decodes_in_one_step_launch(name, tmp_path, monkeypatch):
     for _ in range(20):
         token = {s.name: torch.randn(shape((4,), s), generator=g) for s in ref.spec.inputs}
         held = [r.clone() for r in got.roots]
-        w, want = ref.step(want, **token)
-        o, got_next = tri.step(got, **token)
+        with torch.no_grad():  # (serving: a token autograd records runs the differentiable torch push)
+            w, want = ref.step(want, **token)
+            o, got_next = tri.step(got, **token)
         assert all(torch.equal(a, b) for a, b in zip(held, got.roots)), f"{name}: the step wrote the cache it was given"
         got = got_next
         for a, b in zip(w if isinstance(w, tuple) else (w,), o if isinstance(o, tuple) else (o,)):
@@ -149,3 +150,25 @@ def test_a_tree_cache_decodes_in_one_step_launch(name, tmp_path, monkeypatch):
                 if (n >> level) & 1:
                     for x, y in zip(getattr(want, table), getattr(got, table)):
                         close(x[b, level], y[b, level], f"{name} {table}[{b}, {level}]")
+
+
+def test_a_tree_cache_token_autograd_records_runs_the_torch_push(tmp_path, monkeypatch):
+    """The step kernel has no backward: a token stepped with gradients on (a param that
+    requires grad, or inputs that do) runs the torch push, so the gradients are torch's."""
+    from psmc.runtime.state import TreeCache
+    ref, tri = pair(tree_class("blend", tmp_path), "blend", "triton")
+    seen = launches(monkeypatch)
+    x = {n: torch.randn(3, 2, requires_grad=True) for n in ("x", "z")}
+    outs = []
+    for layer in (ref, tri):
+        cache = layer.init_state(3, capacity=15)
+        for _ in range(5):
+            y, cache = layer.step(cache, **x)
+        outs.append(torch.autograd.grad(y.sum(), [*x.values(), layer.p_w]))
+    assert seen == []
+    for a, b in zip(*outs):
+        close(a, b, "blend cache gradient")
+    with torch.no_grad():
+        tri.step(TreeCache.of(tri(**{n: v.detach()[:, None] for n, v in x.items()}, return_state=True)[1], 15),
+                 **x)
+    assert seen == ["forward", "step"]
