@@ -430,8 +430,11 @@ class PsmLayer(nn.Module):
         elif spec.lift_index or spec.readout_index:
             what = "an op that reads the token's position (index): its update needs the token count"
         if what is not None:
+            serve = (" (to serve it, `layer.init_state(batch, capacity=N)` makes a TreeCache: fixed-shape slots, "
+                     "each row at its own count, one compiled `step` graph at every position)"
+                     if self._takes_tree_cache() else "")
             raise TypeError(f"{spec.name}.step_function takes exact scans whose state is plain tensors; this is {what}. "
-                            "Use layer.step(state, ...), which carries the count in its state")
+                            f"Use layer.step(state, ...), which carries the count in its state{serve}")
         if _is_compiling():
             raise RuntimeError(f"{spec.name}.step_function builds a step eagerly, once per stream signature: build it "
                                "outside torch.compile, then compile the function it returns")

@@ -106,6 +106,7 @@ def test_count_reading_plans_are_refused_naming_step(name, what):
         layer.step_function(**tokens[0])
     message = str(err.value)
     assert what in message and "layer.step(state, ...)" in message and name in message
+    assert ("makes a TreeCache" in message) == (name == "ema")  # a token tree scan's serving state
 
 
 def test_another_signature_is_an_error_eager_and_compiled():
