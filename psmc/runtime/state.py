@@ -347,7 +347,6 @@ class ChunkStream(StreamState):
         return ChunkStream(inner=inner, buffer=buffer, filled=torch.zeros_like(self.filled), op=self.op, n_filled=0)
 
 
-
 def _lowest_bit(n: Tensor, levels: int) -> Tensor:
     """The index of each element's lowest set bit (0 < n < 2**levels): how many powers of two
     lie below `n & -n`. Integer compares, exact, and one fused op in a compiled graph (a float
@@ -532,7 +531,7 @@ class TreeCache(StreamState):
     def to_state(self):
         """The rows as `TreeState`s (one state when every row has the same count, else a
         `RaggedState`): what `forward` continues. Reads the counts on the host."""
-        from psmc.runtime.batch import ragged_or_regular
+        from psmc.runtime.batch import RaggedState, ragged_or_regular
         sizes = self.sizes
         if self.roots is None or not sizes or not any(sizes):
             return TreeState.empty(self.count.device)
@@ -543,7 +542,9 @@ class TreeCache(StreamState):
             folds = tuple(tuple(f[b:b + 1, j] for f in self.folds) if bit else None for j, bit in enumerate(bits))
             rows.append(TreeState(count=torch.tensor(n, dtype=torch.int64, device=self.count.device), roots=roots,
                                   folds=folds, op=self.op))
-        return ragged_or_regular(rows)
+        # (a row at 0, reset for a new stream, holds no tensor: a RaggedState keeps it as a row)
+        return ragged_or_regular(rows) if len(set(sizes)) == 1 else RaggedState(rows=tuple(rows))
+
 
 # States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the
 # default since torch 2.6) read them back.

@@ -185,3 +185,17 @@ def test_compiled_cache_step_is_one_graph_for_every_position():
     torch.testing.assert_close(got[1:2], alone, rtol=1e-6, atol=1e-6)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
+
+
+def test_a_prefill_continues_a_cache_whose_rows_were_reset():
+    """forward(state=cache) runs each row from its own count, a reset row (count 0, no tensors
+    in its tree state) from the start, and gives a cache of the same capacity back."""
+    torch.manual_seed(3)
+    ema = psmc.load(EXAMPLES / "ema.psm").ema()
+    cache = ema.init_state(3, capacity=50)
+    for _ in range(5):
+        _, cache = ema.step(cache, y=torch.randn(3, 4))
+    cache = cache.reset([1])
+    x = torch.randn(3, 6, 4)
+    out, cache = ema(y=x, state=cache, return_state=True)
+    assert torch.equal(out[1:2], ema(y=x[1:2])) and cache.sizes == [11, 6, 11] and cache.capacity == 63
