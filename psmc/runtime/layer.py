@@ -195,6 +195,8 @@ class PsmLayer(nn.Module):
             when the op's state has one field, else a tuple of one tensor per field).
         """
         spec = self.spec
+        if type(state) is TreeCache:  # a prefill onto a serving cache: its rows, then a cache again
+            return self._forward_cache(args, inputs, state, return_state, cu_seqlens, cp_group)
         if cp_group is not None:
             if initial_state is not None or output_final_state is not None:
                 raise ValueError(f"{spec.name}: cp_group= does not combine with initial_state= or "
@@ -206,8 +208,6 @@ class PsmLayer(nn.Module):
             if state is not None:
                 raise TypeError(f"{spec.name}: pass either state= or initial_state=, not both")
             state = self._import_state(initial_state)
-        if type(state) is TreeCache:  # a prefill onto a serving cache: its rows, then a cache again
-            return self._forward_cache(args, inputs, state, return_state, cu_seqlens)
         state = self._live_slots(state)
         return_state = bool(return_state or output_final_state)
         inputs = self._bind_positional(args, inputs)
@@ -222,12 +222,13 @@ class PsmLayer(nn.Module):
             return result, (self._export_state(new_state) if output_final_state else None)
         return (result, new_state) if return_state else result
 
-    def _forward_cache(self, args, inputs: dict, cache: TreeCache, return_state: bool, cu_seqlens):
+    def _forward_cache(self, args, inputs: dict, cache: TreeCache, return_state: bool, cu_seqlens, cp_group):
         """`forward` continuing a `TreeCache`: its rows as tree states (a host read of the counts),
         the pass, and the rows' new states in a cache of the same capacity."""
         self._check_cache(cache)
         rows = cache.to_state() if cache.roots is not None else None
-        out, state = self.forward(*args, state=rows, return_state=True, cu_seqlens=cu_seqlens, **inputs)
+        out, state = self.forward(*args, state=rows, return_state=True, cu_seqlens=cu_seqlens, cp_group=cp_group,
+                                  **inputs)
         return (out, TreeCache.of(state, cache.capacity)) if return_state else out
 
     def _takes_tree_cache(self) -> bool:
@@ -739,6 +740,9 @@ class PsmLayer(nn.Module):
 
     # ------------------------------------------------------------------ plain-tensor states (fla style)
     def _import_state(self, initial_state):
+        if type(initial_state) is TreeCache:
+            raise TypeError(f"{self.spec.name}: a TreeCache continues as state=cache (forward(..., state=cache, "
+                            "return_state=True) gives a cache back), not as initial_state=")
         if isinstance(initial_state, StreamState):
             return initial_state
         if not self._strategy.plain_tensors:

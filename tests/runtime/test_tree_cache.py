@@ -160,6 +160,9 @@ def test_cache_errors_name_the_op_and_the_fix():
     with pytest.raises(TypeError, match=r"cumsum: a TreeCache holds the counter of a token tree scan, but this op's "
                                         r"state is an exact scan: use init_state\(\) without capacity="):
         cumsum.step(cache, x=torch.randn(2, 5))
+    with pytest.raises(TypeError, match=r"ema: a TreeCache continues as state=cache \(forward\(\.\.\., state=cache, "
+                                        r"return_state=True\) gives a cache back\), not as initial_state="):
+        ema(y=torch.randn(2, 3, 5), initial_state=cache)
     with pytest.raises(ValueError, match=r"ema\[\] lanes=\(4,\) was given a state made by ema\[\] lanes=\(5,\)"):
         ema.step(cache, y=torch.randn(2, 4))
 
