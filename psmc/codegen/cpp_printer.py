@@ -1148,11 +1148,11 @@ def export_macro(kind: str, suffix: str) -> str:
     return f"PSM_EXPORT_{kind.upper()}_{suffix.upper()}"
 
 
-def exports(name: str) -> list[str]:
+def exports(name: str, kinds: tuple = ("forward", "backward")) -> list[str]:
     """`extern "C" void <name>_<pass>_<f32|f64>(void **P, const int64_t *N, int threads)`, each
     compiled only into the library built for its pass and type (`export_macro`)."""
     lines = []
-    for kind in ("forward", "backward"):
+    for kind in kinds:
         for suffix, t in (("f32", "float"), ("f64", "double")):
             lines += [f"#ifdef {export_macro(kind, suffix)}",
                       f'extern "C" void {name}_{kind}_{suffix}(void **P, const int64_t *N, int threads) '

@@ -217,6 +217,55 @@ class TreeCppPrinter:
         item += [f"for (int64_t c = 0; c < C; ++c) dpar{i}[b * L + l + c] = dp{i}[c];" for i in range(np_)]
         return self._function("backward", header, decls, item)
 
+    def step(self) -> list[str]:
+        """A TreeCache token per row (the Triton step kernel's walk, psmc.codegen.triton_tree):
+        row b's carry merges the roots while bit k of its count is set, lands at level k, and
+        Agg(the fold at the next set bit above k, carry) is the fold there and the row's prefix.
+        Pointers: leaf, root, fold, pre, params; slots [B, levels, L] updated in place (the
+        runtime passes copies). Ints: B, L, levels, the params' lane strides, the dims, then
+        each row's count."""
+        n = len(self.fields)
+        lines = ["template <typename scalar_t>",
+                 f"static void {self.name}_step(void **P, const int64_t *N, int threads) {{"]
+        p = 0
+        for group, const in (("leaf", True), ("root", False), ("fold", False), ("pre", False), ("par", True)):
+            for i in range(n if group != "par" else len(self.params)):
+                q = "const " if const else ""
+                lines.append(f"  {q}scalar_t *__restrict__ {group}{i} = ({q}scalar_t *)P[{p}];")
+                p += 1
+        lines.append("  const int64_t B = N[0], L = N[1], levels = N[2];")
+        base = 3
+        for i, _ in enumerate(self.params):
+            lines.append(f"  const int64_t par{i}_sl = N[{base + i}];")
+        base += len(self.params)
+        for j, d in enumerate(self.op.dims):
+            lines.append(f"  const int64_t dim_{d} = N[{base + j}]; (void)dim_{d};")
+        base += len(self.op.dims)
+        lines += [f"  const int64_t *count = N + {base};  // the tokens each row has seen",
+                  f"  const int64_t W = {LANE_BLOCK}, NL = (L + W - 1) / W;",
+                  "  #pragma omp parallel num_threads(threads)", "  {",
+                  "    PsmFlushSubnormals<scalar_t> flush;"]
+        lines += [f"    PsmBuf<scalar_t> n{i}_v(W), q{i}_v(W);" for i in range(n)]
+        item = ["const int64_t b = item / NL, l = (item % NL) * W, C = std::min<int64_t>(W, L - l);",
+                "const int64_t c_b = count[b], at = b * L + l, row = b * levels * L + l;"]
+        item += [f"scalar_t *n{i} = n{i}_v.data(), *q{i} = q{i}_v.data();" for i in range(n)]
+        item += [f"for (int64_t c = 0; c < C; ++c) n{i}[c] = leaf{i}[at + c];" for i in range(n)]
+        item += ["int64_t k = 0;", "for (; (c_b >> k) & 1; ++k) {  // the binary carry: merge the trees of equal size"]
+        item += [f"  const scalar_t *r{i} = root{i} + row + k * L;" for i in range(n)]
+        item += ["  " + self._agg_loop("r", "n", "n"), "}"]
+        item += [f"for (int64_t c = 0; c < C; ++c) root{i}[row + k * L + c] = n{i}[c];" for i in range(n)]
+        item += ["const int64_t rest = c_b + 1 - (int64_t(1) << k);  // the set bits above k: P = Agg(P(rest), node)",
+                 "if (rest == 0) {"]
+        item += [f"  for (int64_t c = 0; c < C; ++c) q{i}[c] = n{i}[c];" for i in range(n)]
+        item += ["} else {", "  int64_t lv = k + 1;", "  while (!((rest >> lv) & 1)) ++lv;"]
+        item += [f"  const scalar_t *f{i} = fold{i} + row + lv * L;" for i in range(n)]
+        item += ["  " + self._agg_loop("f", "n", "q"), "}"]
+        item += [f"for (int64_t c = 0; c < C; ++c) {{ fold{i}[row + k * L + c] = q{i}[c]; pre{i}[at + c] = q{i}[c]; }}"
+                 for i in range(n)]
+        lines += ["    #pragma omp for schedule(static)", "    for (int64_t item = 0; item < B * NL; ++item) {"]
+        lines += ["      " + x for x in item]
+        return lines + ["    }", "  }", "}"]
+
     def _vjp_step(self, left: str, right: str, grads: str, gps: str, table: str, level: str, node_op: str) -> list:
         """Agg's VJP at (`left`, `right`) for the adjoints `grads`: the left operand's adjoint adds
         into the accumulator `table` at `level`, the right one's goes to the node's adjoint gn
@@ -238,7 +287,7 @@ class TreeCppPrinter:
                 f"{outs}{gps});")
 
     def exports(self) -> list[str]:
-        return exports(self.name)
+        return exports(self.name, ("forward", "backward", "step"))
 
 
 def generate(op: OpIR, plan) -> str | None:
@@ -246,7 +295,7 @@ def generate(op: OpIR, plan) -> str | None:
         return None
     printer = TreeCppPrinter(op)
     lines = PRELUDE.split("\n") + printer.agg_function() + [""] + printer.agg_vjp_function() + [""]
-    lines += printer.forward() + [""] + printer.backward() + [""] + printer.exports()
+    lines += printer.forward() + [""] + printer.backward() + [""] + printer.step() + [""] + printer.exports()
     return "\n".join(lines) + "\n"
 
 
@@ -272,7 +321,7 @@ def describe(op: OpIR, plan) -> str | None:
         return f"cpu: none (tree scan: {reason}; the torch tree serves it)"
     return (f"cpu: fused C++ tree forward + backward, one walk over the leaves per batch row x a block of "
             f"{LANE_BLOCK} lanes (the stream's bracketing); lift and readout in torch; packed sequences in one "
-            "call, one tree each")
+            "call, one tree each; a TreeCache's decode step in one call")
 
 
 def generate_section(ops, plans: dict) -> list[str]:

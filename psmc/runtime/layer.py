@@ -1258,9 +1258,10 @@ class PsmLayer(nn.Module):
         leaf = tuple(x.expand(tuple(lead) + tuple(int(n) for n in f.shape(call.ctx.d)))
                      for x, f in zip(leaf, spec.fields))
         before = cache.before(self._identity_element(call)) if spec.exclusive else None
-        if self._tree_cache_kernel(call) and not self._cache_needs_grad(leaf, cache):
+        kernels = None if self._cache_needs_grad(leaf, cache) else self._tree_cache_kernels(call)
+        if kernels is not None:
             from . import tree_kernels
-            cache, prefix = tree_kernels.cache_step(self, call, cache, leaf)
+            cache, prefix = tree_kernels.cache_step(self, call, cache, leaf, kernels)
         else:
             cache, prefix = cache.push(leaf, self._combine_fn(call))
         outputs = self._readout_batch(call, lead, prefix if before is None else before, call.inputs, index)
@@ -1276,17 +1277,19 @@ class PsmLayer(nn.Module):
         slots = () if cache.roots is None else (*cache.roots, *cache.folds)
         return any(t.requires_grad for t in (*leaf, *slots)) or any(p.requires_grad for p in self.parameters())
 
-    def _tree_cache_kernel(self, call) -> bool:
-        """Whether a TreeCache token runs the Triton step kernel (one launch; each row walks
-        only its own merges): backend 'triton', or 'auto' on CUDA, where the tree kernels
-        serve the call; else the torch push."""
+    def _tree_cache_kernels(self, call):
+        """The tree kernels whose step kernel runs a TreeCache token (one call; each row walks
+        only its own merges), or None for the torch push: the Triton ones for backend 'triton',
+        or 'auto' on CUDA; the C++ ones for backend 'cpu', or 'auto' on CPU tensors."""
+        from . import tree_kernels
+        if self.backend in ("cpu", "auto") and tree_kernels.cache_unusable_reason(self, call) is None:
+            return self._cpu_tree_kernels
         k = getattr(self, "_tree_kernels", None)
         if k is None or k.step is None or self.backend not in ("triton", "auto"):
-            return False
+            return None
         if self.backend == "auto" and call.ctx.dev.type != "cuda":
-            return False
-        from . import tree_kernels
-        return tree_kernels.unusable_reason(self, call) is None
+            return None
+        return k if tree_kernels.unusable_reason(self, call) is None else None
 
     # ------------------------------------------------------------------ stream layout
     # The one place that knows the stream layout of an op whose plan drops dead fields

@@ -91,6 +91,16 @@ class CpuTreeKernels:
     def launch(self, kind: str, args: dict, B: int, L: int) -> None:
         from . import cpu_support
         F, P = len(self.fields), len(self.params)
+        if kind == "step":  # a TreeCache token (CpuTreeKernels' pointer and int layouts: psmc.codegen.cpp_tree)
+            tensors = [args[f"{g}{i}"] for g in ("leaf", "root", "fold", "pre") for i in range(F)]
+            tensors += [args[f"par{i}"] for i in range(P)]
+            ints = [B, L, args["levels"]] + [args[f"par{i}_sl"] for i in range(P)]
+            ints += [args[triton_abi.dim(d)] for d in self.dims] + args["count"].tolist()  # (CPU: no sync)
+            dtype = tensors[0].dtype
+            fn = cpu_support._function(cpu_support.library(self, "step", dtype), self, "step", dtype)
+            threads = 1 if B * L < cpu_support.GRAIN else max(1, min(torch.get_num_threads(), B * ((L + 63) // 64)))
+            cpu_support._call(fn, tensors, ints, threads)
+            return
         groups = ("leaf", "root", "fold", "pre", "node") + (
             ("gpre", "gnode", "dleaf", "groot", "gfold") if kind == "backward" else ())
         tensors = [args[f"{g}{i}"] for g in groups for i in range(F)] + [args[f"par{i}"] for i in range(P)]
@@ -196,11 +206,35 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     return inclusive, _packed_exclusive(inclusive, first, bounds, B), new_state
 
 
-def cache_step(layer, call, cache: TreeCache, leaf: Element) -> tuple[TreeCache, Element]:
-    """`TreeCache.push` of one token per row in one launch of the step kernel (each program
-    walks only the levels its row merges): (the new cache, each row's prefix after the token).
-    The kernel updates copies of the slots, so the given cache stays as it was."""
-    k = layer._tree_kernels
+def cache_unusable_reason(layer, call) -> str | None:
+    """Why a TreeCache token of this call cannot run the C++ step kernel (backend 'cpu', or
+    'auto' on CPU tensors), or None when it can; the library is built on first use."""
+    import os
+
+    from . import cpu_support
+    k = getattr(layer, "_cpu_tree_kernels", None)
+    if k is None:
+        return "its plan has no C++ tree kernels (see `psmc check`)"
+    if f"{k.symbol}_step(" not in k.source:
+        return "its module was generated before the C++ step kernel existed (recompile it with `psmc compile`)"
+    if layer.backend not in ("cpu", "auto"):
+        return f"backend={layer.backend!r}"
+    if call.ctx.dev.type != "cpu":
+        return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
+    if torch.compiler.is_compiling():
+        return "inside a torch.compile graph the torch push runs (the C++ step is no graph op)"
+    if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
+        return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
+    if cpu_support.library(k, "step", k.compute_dtype(call)) is None:
+        return "the C++ kernels could not be built (no compiler?)"
+    return None
+
+
+def cache_step(layer, call, cache: TreeCache, leaf: Element, k) -> tuple[TreeCache, Element]:
+    """`TreeCache.push` of one token per row in one call of the step kernel of `k` (the Triton
+    or the C++ tree kernels; each row walks only the levels it merges): (the new cache, each
+    row's prefix after the token). The kernel updates copies of the slots, so the given cache
+    stays as it was."""
     cache = cache.ready(leaf)
     cache.check_room()
     lead = tuple(call.lead)
@@ -212,10 +246,10 @@ def cache_step(layer, call, cache: TreeCache, leaf: Element) -> tuple[TreeCache,
     L = lanes * size
     full = lead + field
     scalar = [not s and bool(field) for s in shapes]
-    f32 = torch.float32
+    dtype = k.compute_dtype(call)
 
-    def flat(x, shape, one):  # [*shape] (a scalar field: [*shape[:-len(field)]]) as fp32 [..., L], a copy
-        out = torch.empty(shape, dtype=f32, device=x.device)
+    def flat(x, shape, one):  # [*shape] (a scalar field: [*shape[:-len(field)]]) as [..., L], a copy
+        out = torch.empty(shape, dtype=dtype, device=x.device)
         out.copy_(torch.broadcast_to(x[..., None] if one else x, shape))
         return out.reshape(shape[:len(shape) - len(full) + 1] + (L,))
 
@@ -223,7 +257,7 @@ def cache_step(layer, call, cache: TreeCache, leaf: Element) -> tuple[TreeCache,
     leaves = [flat(x, full, one) for x, one in zip(leaf, scalar)]
     roots = [flat(x, slots, one) for x, one in zip(cache.roots, scalar)]
     folds = [flat(x, slots, one) for x, one in zip(cache.folds, scalar)]
-    params = [_param(layer, name, lanes, size, f32) for name in k.params]
+    params = [_param(layer, name, lanes, size, dtype) for name in k.params]
     dims = [int(call.ctx.d[d]) for d in k.dims]
     out = _run_cache_step(k, leaves, roots, folds, params, cache.count, B, L, levels, dims)
     F = len(k.fields)
@@ -273,8 +307,9 @@ def _cache_step_fake(kernels, leaves, roots, folds, params, count, B, L, levels,
 
 
 def _run_cache_step(k, *args):
-    """The step launch: the op inside a graph (by the kernels' name), else a direct call."""
-    if torch.compiler.is_compiling():
+    """The step launch: the op inside a graph (by the kernels' name), else a direct call (the
+    C++ kernels never run in a graph: `cache_unusable_reason`)."""
+    if torch.compiler.is_compiling() and isinstance(k, TreeKernels):
         return _cache_step_op(k.name, *args)
     return _cache_step(k, *args)
 

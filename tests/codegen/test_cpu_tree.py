@@ -14,8 +14,8 @@ import torch
 from psmc.codegen import cpp_tree
 from psmc.compiler import compile_source
 from psmc.runtime import cpu_support, dispatch
-from tree_cases import (CPU_SEEDS, HAND_WRITTEN, SPLITS, compare_chained, compare_packed, generate, inputs_of,
-                        launches, leaves_need_grads, pair, tree_class)
+from tree_cases import (CPU_SEEDS, HAND_WRITTEN, SPLITS, compare_cache_steps, compare_chained, compare_packed,
+                        generate, inputs_of, launches, leaves_need_grads, pair, tree_class)
 from triton_helpers import close, layer_class
 
 needs_compiler = pytest.mark.skipif(cpu_support.compiler() is None, reason="no C++ compiler on this machine")
@@ -48,6 +48,18 @@ def test_cpu_tree_kernels_equal_the_torch_tree(name, dtype, tmp_path, monkeypatc
 def test_packed_sequences_run_in_one_call(name, tmp_path, monkeypatch):
     ref, cpu = pair(tree_class(name, tmp_path), name, "cpu")
     compare_packed(ref, cpu, launches(monkeypatch), close, name)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["ema", "blend", "shifted", "indexed", "mix", "8"])
+def test_a_tree_cache_decodes_in_one_step_call(name, dtype, tmp_path, monkeypatch):
+    """backend='cpu' steps a TreeCache with the C++ step kernel (one call for every row), equal
+    to the torch push; f64 fields too (fuzz seed 8)."""
+    ref, cpu = pair(tree_class(name, tmp_path), name, "cpu")
+    ref.to(dtype)
+    cpu.to(dtype)
+    compare_cache_steps(ref, cpu, launches(monkeypatch), _close64 if dtype == torch.float64 else close, name, dtype)
 
 
 def test_the_generated_programs_get_cpu_tree_kernels():

@@ -16,8 +16,8 @@ import torch
 
 from psmc.codegen import triton_tree as printer
 from psmc.compiler import compile_source
-from tree_cases import (HAND_WRITTEN, SPLITS, TRITON_SEEDS, chained, compare_chained, compare_packed, float_grads,
-                        generate, inputs_of, launches, leaves_need_grads, pair, tree_class)
+from tree_cases import (HAND_WRITTEN, SPLITS, TRITON_SEEDS, chained, compare_cache_steps, compare_chained,
+                        compare_packed, float_grads, generate, inputs_of, launches, leaves_need_grads, pair, tree_class)
 from triton_helpers import close, layer_class
 
 pytestmark = pytest.mark.triton
@@ -121,35 +121,8 @@ def test_few_lanes_get_smaller_programs(monkeypatch):
 
 @pytest.mark.parametrize("name", ["ema", *HAND_WRITTEN, *map(str, TRITON_SEEDS)])
 def test_a_tree_cache_decodes_in_one_step_launch(name, tmp_path, monkeypatch):
-    """A TreeCache token is one launch of the step kernel for every row, each row at its own
-    count (a packed prefill of four lengths, then 20 tokens: every row crosses several levels),
-    equal to the torch push of the same cache; the cache handed in is left as it was."""
-    from psmc.runtime.state import TreeCache
     ref, tri = pair(tree_class(name, tmp_path), name, "triton")
-    dims = dict(ref.dims)
-    g = torch.Generator().manual_seed(11)
-    shape = lambda lead, slot: lead + (2,) + tuple(int(x) for x in slot.shape(dims))  # noqa: E731
-    packed = {s.name: torch.randn(shape((1, 17), s), generator=g) for s in ref.spec.inputs}
-    _, state = ref(**packed, cu_seqlens=torch.tensor([0, 3, 4, 9, 17]), return_state=True)
-    want = got = TreeCache.of(state, 60)
-    seen = launches(monkeypatch)
-    for _ in range(20):
-        token = {s.name: torch.randn(shape((4,), s), generator=g) for s in ref.spec.inputs}
-        held = [r.clone() for r in got.roots]
-        with torch.no_grad():  # (serving: a token autograd records runs the differentiable torch push)
-            w, want = ref.step(want, **token)
-            o, got_next = tri.step(got, **token)
-        assert all(torch.equal(a, b) for a, b in zip(held, got.roots)), f"{name}: the step wrote the cache it was given"
-        got = got_next
-        for a, b in zip(w if isinstance(w, tuple) else (w,), o if isinstance(o, tuple) else (o,)):
-            close(a, b, f"{name} cache step")
-    assert seen == ["step"] * 20 and got.sizes == want.sizes == [23, 21, 25, 28]
-    for table in ("roots", "folds"):  # the occupied slots (the others hold stale values)
-        for b, n in enumerate(got.sizes):
-            for level in range(n.bit_length()):
-                if (n >> level) & 1:
-                    for x, y in zip(getattr(want, table), getattr(got, table)):
-                        close(x[b, level], y[b, level], f"{name} {table}[{b}, {level}]")
+    compare_cache_steps(ref, tri, launches(monkeypatch), close, name)
 
 
 def test_a_tree_cache_token_autograd_records_runs_the_torch_push(tmp_path, monkeypatch):

@@ -191,3 +191,36 @@ def compare_packed(ref, other, seen: list, close, what: str) -> None:
         params = any(p.requires_grad for p in other.parameters())
         assert seen[before:].count("backward") == (1 if fresh or not params else 2), f"{what}: {seen[before:]}"
         close(ref.step(want_state, **token)[0], other.step(got_state, **token)[0], f"{what} step after packed")
+
+
+def compare_cache_steps(ref, other, seen: list, close, what: str, dtype=torch.float32) -> None:
+    """A TreeCache token is one call of `other`'s step kernel for every row, each row at its
+    own count (a packed prefill of four lengths, then 20 tokens: every row crosses several
+    levels), equal to the torch push of the same cache (`ref`); the cache handed in is left as
+    it was. Under no_grad, as serving runs (a token autograd records runs the torch push)."""
+    from psmc.runtime.state import TreeCache
+    dims = dict(ref.dims)
+    g = torch.Generator().manual_seed(11)
+    shape = lambda lead, slot: lead + (2,) + tuple(int(x) for x in slot.shape(dims))  # noqa: E731
+    draw = lambda lead, slot: torch.randn(shape(lead, slot), generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    with torch.no_grad():
+        _, state = ref(**{s.name: draw((1, 17), s) for s in ref.spec.inputs}, cu_seqlens=torch.tensor(PACKED),
+                       return_state=True)
+        want = got = TreeCache.of(state, 60)
+        before = len(seen)
+        for _ in range(20):
+            token = {s.name: draw((4,), s) for s in ref.spec.inputs}
+            held = [r.clone() for r in got.roots]
+            w, want = ref.step(want, **token)
+            o, got_next = other.step(got, **token)
+            assert all(torch.equal(a, b) for a, b in zip(held, got.roots)), f"{what}: the step wrote the cache it was given"
+            got = got_next
+            for a, b in zip(w if isinstance(w, tuple) else (w,), o if isinstance(o, tuple) else (o,)):
+                close(a, b, f"{what} cache step")
+    assert seen[before:] == ["step"] * 20 and got.sizes == want.sizes == [23, 21, 25, 28]
+    for table in ("roots", "folds"):  # the occupied slots (the others hold stale values)
+        for b, n in enumerate(got.sizes):
+            for level in range(n.bit_length()):
+                if (n >> level) & 1:
+                    for x, y in zip(getattr(want, table), getattr(got, table)):
+                        close(x[b, level], y[b, level], f"{what} {table}[{b}, {level}]")

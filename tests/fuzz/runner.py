@@ -733,25 +733,30 @@ def _check_backend_paths(other, inputs: dict, want: tuple, batch_shape, config, 
         checked.add(f"{name}-continued")
 
 
+def _tree_launches(run) -> list:
+    """The kinds of the tree kernel calls ('forward', 'backward', 'step') that `run()` makes."""
+    from psmc.runtime import tree_kernels
+    kinds, original = [], tree_kernels._launch
+
+    def spy(*args):
+        kinds.append(args[1])
+        return original(*args)
+    tree_kernels._launch = spy
+    try:
+        run()
+    finally:
+        tree_kernels._launch = original
+    return kinds
+
+
 def _check_triton(cls, program, layer64, inputs, batch_shape, config, checked: set):
     """backend='triton' (interpreted) against backend='torch', both in float32."""
-    from psmc.runtime import tree_kernels as triton_tree
     ref = _twin(cls, program, layer64, "torch", torch.float32)
     tri = _twin(cls, program, layer64, "triton", torch.float32)
     single = _floats(inputs, torch.float32)
     tree = getattr(cls, "_tree_kernels", None) is not None
-    launches = []
-    original = triton_tree._launch
-
-    def spy(*args):  # proves the tree kernels ran (the torch tree would compare torch with itself)
-        launches.append(args[1])
-        return original(*args)
-
-    triton_tree._launch = spy
-    try:
-        _compare_triton(tri, ref, single, batch_shape, config, checked)
-    finally:
-        triton_tree._launch = original
+    # (the tree kernels' calls prove they ran: the torch tree would compare torch with itself)
+    launches = _tree_launches(lambda: _compare_triton(tri, ref, single, batch_shape, config, checked))
     if tree:
         if "forward" not in launches:
             raise Failure("tree-not-run", "backend='triton' served a plan with tree kernels without them")
@@ -913,10 +918,15 @@ def _check_cpp(cls, program, layer64, inputs, full, batch_shape, config, checked
             _check_backend_paths(cpp, inputs, full, batch_shape, config, "cpp", RTOL, ATOL, checked)
             if config.time >= 2:  # every sequence in one kernel call
                 before = len(calls)
-                _check_varlen(cpp, inputs, full, dataclasses.replace(config, varlen=_packed_lengths(config)), "cpp")
+                kinds = _tree_launches(lambda: _check_varlen(cpp, inputs, full, dataclasses.replace(
+                    config, varlen=_packed_lengths(config)), "cpp"))
                 if len(calls) == before:
                     raise Failure("cpp-not-run", "backend='cpu' served packed sequences without its C++ kernels")
                 checked.add("cpp-varlen")
+                if getattr(cls, "_cpu_tree_kernels", None) is not None:  # its TreeCache token: the C++ step
+                    if "step" not in kinds:
+                        raise Failure("tree-not-run", "a TreeCache token on backend='cpu' ran without the C++ step")
+                    checked.add("cpp-tree-cache")
         if config.time <= 40 and _wants_grads(inputs, full):
             rtol, atol = (1e-7, 1e-9) if RTOL == RTOL64 else (1e-3, 1e-4)
             eager = _grads_of(cpp, inputs, config.seed)
