@@ -248,10 +248,13 @@ def cache_step(layer, call, cache: TreeCache, leaf: Element, k) -> tuple[TreeCac
     scalar = [not s and bool(field) for s in shapes]
     dtype = k.compute_dtype(call)
 
-    def flat(x, shape, one):  # [*shape] (a scalar field: [*shape[:-len(field)]]) as [..., L], a copy
+    def flat(x, shape, one):  # [*shape] (a scalar field: [*shape[:-len(field)]]) as [..., L]
+        flat_shape = shape[:len(shape) - len(full) + 1] + (L,)
+        if not one and x.dtype == dtype and tuple(x.shape) == shape and x.is_contiguous():
+            return x.view(flat_shape)  # (the step op copies the slots it writes)
         out = torch.empty(shape, dtype=dtype, device=x.device)
         out.copy_(torch.broadcast_to(x[..., None] if one else x, shape))
-        return out.reshape(shape[:len(shape) - len(full) + 1] + (L,))
+        return out.view(flat_shape)
 
     slots = (B, levels) + full[1:]
     leaves = [flat(x, full, one) for x, one in zip(leaf, scalar)]
