@@ -101,21 +101,8 @@ class TreeCppPrinter:
 
     # -- the kernels
     def _header(self, groups: list, backward: bool) -> list[str]:
-        n = len(self.fields)
-        lines, p = [], 0
-        for group, const in groups:
-            for i in range(n if group not in ("par", "dpar") else len(self.params)):
-                q = "const " if const else ""
-                lines.append(f"{q}scalar_t *__restrict__ {group}{i} = ({q}scalar_t *)P[{p}];")
-                p += 1
-        lines.append("const int64_t m = N[0], T = N[1], B = N[2], L = N[3];")
-        base = 4
-        for i, _ in enumerate(self.params):
-            lines.append(f"const int64_t par{i}_sl = N[{base + i}];")
-        base += len(self.params)
-        for j, d in enumerate(self.op.dims):
-            lines.append(f"const int64_t dim_{d} = N[{base + j}]; (void)dim_{d};")
-        base += len(self.op.dims)
+        """The forward's and the backward's arguments: `_arguments`, then the packed sequences."""
+        lines, base = self._arguments(groups, ("m", "T", "B", "L"))
         if backward:
             lines.append(f"const bool has_gnode = N[{base}] != 0;")
             base += 1
@@ -124,6 +111,26 @@ class TreeCppPrinter:
         lines.append(f"const int64_t *bos = N[{base}] != 0 ? N + {base + 1} : nullptr;")
         lines.append(f"const int64_t W = {LANE_BLOCK}, NL = (L + W - 1) / W;")
         return lines
+
+    def _arguments(self, groups: list, sizes: tuple) -> tuple[list[str], int]:
+        """(the declarations of the pointers `groups` ((name, const) each: one per field, per
+        param for par/dpar) and of the ints `sizes`, the params' lane strides and the dims; the
+        index of the next int)."""
+        n = len(self.fields)
+        lines, p = [], 0
+        for group, const in groups:
+            for i in range(n if group not in ("par", "dpar") else len(self.params)):
+                q = "const " if const else ""
+                lines.append(f"{q}scalar_t *__restrict__ {group}{i} = ({q}scalar_t *)P[{p}];")
+                p += 1
+        lines.append("const int64_t " + ", ".join(f"{name} = N[{i}]" for i, name in enumerate(sizes)) + ";")
+        base = len(sizes)
+        for i, _ in enumerate(self.params):
+            lines.append(f"const int64_t par{i}_sl = N[{base + i}];")
+        base += len(self.params)
+        for j, d in enumerate(self.op.dims):
+            lines.append(f"const int64_t dim_{d} = N[{base + j}]; (void)dim_{d};")
+        return lines, base + len(self.op.dims)
 
     def _params_at(self) -> str:
         return "".join(f", par{i}[(l + c) * par{i}_sl]" for i in range(len(self.params))) + \
@@ -227,20 +234,9 @@ class TreeCppPrinter:
         n = len(self.fields)
         lines = ["template <typename scalar_t>",
                  f"static void {self.name}_step(void **P, const int64_t *N, int threads) {{"]
-        p = 0
-        for group, const in (("leaf", True), ("root", False), ("fold", False), ("pre", False), ("par", True)):
-            for i in range(n if group != "par" else len(self.params)):
-                q = "const " if const else ""
-                lines.append(f"  {q}scalar_t *__restrict__ {group}{i} = ({q}scalar_t *)P[{p}];")
-                p += 1
-        lines.append("  const int64_t B = N[0], L = N[1], levels = N[2];")
-        base = 3
-        for i, _ in enumerate(self.params):
-            lines.append(f"  const int64_t par{i}_sl = N[{base + i}];")
-        base += len(self.params)
-        for j, d in enumerate(self.op.dims):
-            lines.append(f"  const int64_t dim_{d} = N[{base + j}]; (void)dim_{d};")
-        base += len(self.op.dims)
+        header, base = self._arguments([("leaf", True), ("root", False), ("fold", False), ("pre", False),
+                                        ("par", True)], ("B", "L", "levels"))
+        lines += ["  " + x for x in header]
         lines += [f"  const int64_t *count = N + {base};  // the tokens each row has seen",
                   f"  const int64_t W = {LANE_BLOCK}, NL = (L + W - 1) / W;",
                   "  #pragma omp parallel num_threads(threads)", "  {",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -121,22 +122,29 @@ class CpuTreeKernels:
 
 def cpu_unusable_reason(layer, call) -> str | None:
     """Why this call cannot run the C++ tree kernels, or None when it can."""
-    import os
-
     from . import cpu_support
     k = getattr(layer, "_cpu_tree_kernels", None)
     if k is None:
         return "its plan has no C++ tree kernels (see `psmc check`)"
     if layer.backend == "torch":
         return "backend='torch'"
+    reason = _cpu_placement_reason(layer, call, "the torch tree runs (the tree kernels are no graph op)")
+    if reason is not None:
+        return reason
+    if not cpu_support.libraries(k, cpu_support.passes(layer, call), k.compute_dtype(call)):
+        return "the C++ kernels could not be built (no compiler?)"
+    return None
+
+
+def _cpu_placement_reason(layer, call, in_graph: str) -> str | None:
+    """Why this call's tensors, context or settings keep it off the C++ tree kernels, or None
+    (`in_graph`: what runs inside a torch.compile graph instead)."""
     if call.ctx.dev.type != "cpu":
         return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
     if torch.compiler.is_compiling():
-        return "inside a torch.compile graph the torch tree runs (the tree kernels are no graph op)"
+        return f"inside a torch.compile graph {in_graph}"
     if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
         return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
-    if not cpu_support.libraries(k, cpu_support.passes(layer, call), k.compute_dtype(call)):
-        return "the C++ kernels could not be built (no compiler?)"
     return None
 
 
@@ -209,8 +217,6 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
 def cache_unusable_reason(layer, call) -> str | None:
     """Why a TreeCache token of this call cannot run the C++ step kernel (backend 'cpu', or
     'auto' on CPU tensors), or None when it can; the library is built on first use."""
-    import os
-
     from . import cpu_support
     k = getattr(layer, "_cpu_tree_kernels", None)
     if k is None:
@@ -219,12 +225,9 @@ def cache_unusable_reason(layer, call) -> str | None:
         return "its module was generated before the C++ step kernel existed (recompile it with `psmc compile`)"
     if layer.backend not in ("cpu", "auto"):
         return f"backend={layer.backend!r}"
-    if call.ctx.dev.type != "cpu":
-        return f"the inputs are on {call.ctx.dev.type}: the C++ kernels run on CPU tensors"
-    if torch.compiler.is_compiling():
-        return "inside a torch.compile graph the torch push runs (the C++ step is no graph op)"
-    if layer.backend == "auto" and os.environ.get("PSMC_CPU", "1") == "0":
-        return "PSMC_CPU=0 keeps backend='auto' off the C++ kernels"
+    reason = _cpu_placement_reason(layer, call, "the torch push runs (the C++ step is no graph op)")
+    if reason is not None:
+        return reason
     if cpu_support.library(k, "step", k.compute_dtype(call)) is None:
         return "the C++ kernels could not be built (no compiler?)"
     return None
