@@ -179,7 +179,9 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
     if triton_reason is None and scan == "tree-scan":
         choices += [Choice("forward", "triton", "tree kernel: each thread walks the fixed tree's leaves for its "
                                                 "lanes (lift and readout in torch)"),
-                    Choice("backward", "triton", "tree kernel: the adjoint walk, leaves in reverse")]
+                    Choice("backward", "triton", "tree kernel: the adjoint walk, leaves in reverse"),
+                    Choice("step", "triton", "a TreeCache token (the serving state): one step kernel, each row "
+                                             "walks its own merges (a TreeState's step is the torch push)")]
     elif triton_reason is None:
         choices += [Choice("forward", "triton", "fused forward kernel"),
                     Choice("backward", "triton", "fused backward kernel"),
