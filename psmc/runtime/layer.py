@@ -1258,8 +1258,8 @@ class PsmLayer(nn.Module):
         leaf = tuple(x.expand(tuple(lead) + tuple(int(n) for n in f.shape(call.ctx.d)))
                      for x, f in zip(leaf, spec.fields))
         before = cache.before(self._identity_element(call)) if spec.exclusive else None
-        kernels = None if self._cache_needs_grad(leaf, cache) else self._tree_cache_kernels(call)
-        if kernels is not None:
+        kernels = self._tree_cache_kernels(call)
+        if kernels is not None and not self._cache_needs_grad(leaf, cache):
             from . import tree_kernels
             cache, prefix = tree_kernels.cache_step(self, call, cache, leaf, kernels)
         else:

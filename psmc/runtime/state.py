@@ -520,13 +520,12 @@ class TreeCache(StreamState):
             return cls.empty(capacity, device=state.count.device, op=state.op)
         batch = occupied[0][0].shape[0]
         filler = occupied[0]  # unoccupied slots: any valid element
-        pick = lambda table, j: table[j] if j < len(table) and table[j] is not None else filler  # noqa: E731
-        roots = tuple(torch.stack([pick(state.roots, j)[i].expand_as(filler[i]) for j in range(levels)], dim=1)
-                      for i in range(len(filler)))
-        folds = tuple(torch.stack([pick(state.folds, j)[i].expand_as(filler[i]) for j in range(levels)], dim=1)
-                      for i in range(len(filler)))
+
+        def slots(table):  # field i at every level: [B, levels, ...]
+            at = [table[j] if j < len(table) and table[j] is not None else filler for j in range(levels)]
+            return tuple(torch.stack([e[i].expand_as(filler[i]) for e in at], dim=1) for i in range(len(filler)))
         count = torch.full((batch,), n, dtype=torch.int64, device=state.count.device)
-        return cls(count=count, roots=roots, folds=folds, levels=levels, op=state.op)
+        return cls(count=count, roots=slots(state.roots), folds=slots(state.folds), levels=levels, op=state.op)
 
     def to_state(self):
         """The rows as `TreeState`s (one state when every row has the same count, else a

@@ -67,8 +67,7 @@ class TreeKernels:
         # num_stages=1: no software pipelining. A leaf reads the prefix and node the previous
         # leaf stored (one thread, one address): a load issued a loop iteration early would
         # read them before they are written.
-        (self.forward if kind == "forward" else self.backward if kind == "backward" else self.step)[grid](
-            **args, num_stages=1, num_warps=block // 32)
+        getattr(self, kind)[grid](**args, num_stages=1, num_warps=block // 32)  # (forward, backward or step)
 
 
 @dataclass(frozen=True)
@@ -82,6 +81,12 @@ class CpuTreeKernels:
     field_dtypes: tuple
     params: tuple
     dims: tuple
+    # whether the source has the TreeCache step (a module generated before it has not): read
+    # once here, not on every decode token
+    has_step: bool = dataclasses.field(init=False, default=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "has_step", f"{self.symbol}_step(" in self.source)
 
     def compute_dtype(self, call) -> torch.dtype:
         """float64 where the torch tree computes a field in float64 (an f64 field, or f32 ones
@@ -99,8 +104,7 @@ class CpuTreeKernels:
             ints += [args[triton_abi.dim(d)] for d in self.dims] + args["count"].tolist()  # (CPU: no sync)
             dtype = tensors[0].dtype
             fn = cpu_support._function(cpu_support.library(self, "step", dtype), self, "step", dtype)
-            threads = 1 if B * L < cpu_support.GRAIN else max(1, min(torch.get_num_threads(), B * ((L + 63) // 64)))
-            cpu_support._call(fn, tensors, ints, threads)
+            cpu_support._call(fn, tensors, ints, _threads(B * L, B, L))
             return
         groups = ("leaf", "root", "fold", "pre", "node") + (
             ("gpre", "gnode", "dleaf", "groot", "gfold") if kind == "backward" else ())
@@ -115,9 +119,14 @@ class CpuTreeKernels:
         ints += [1, *cu.tolist()] if cu is not None else [0]
         dtype = tensors[0].dtype
         fn = cpu_support._function(cpu_support.library(self, kind, dtype), self, kind, dtype)
-        work = B * max(args["T"], 1) * L
-        threads = 1 if work < cpu_support.GRAIN else max(1, min(torch.get_num_threads(), B * ((L + 63) // 64)))
-        cpu_support._call(fn, tensors, ints, threads)
+        cpu_support._call(fn, tensors, ints, _threads(B * max(args["T"], 1) * L, B, L))
+
+
+def _threads(work: int, B: int, L: int) -> int:
+    """Threads for a C++ tree call: one below torch's grain, else one per work item (a row and
+    64 lanes) up to torch's count."""
+    from . import cpu_support
+    return 1 if work < cpu_support.GRAIN else max(1, min(torch.get_num_threads(), B * ((L + 63) // 64)))
 
 
 def cpu_unusable_reason(layer, call) -> str | None:
@@ -174,21 +183,12 @@ def tree_scan(layer, call, leaves: Element, state: TreeState | None, identity: E
     T = lead[1]
     bounds = None if call.cu_seqlens is None else cu_seqlens_bounds(layer.spec.name, call.cu_seqlens)
     B = lead[0] if bounds is None else len(bounds) - 1  # rows of the counter: packed, one per sequence
-    lanes = 1
-    for n in lead[2:]:
-        lanes *= int(n)
-    shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in layer.spec.fields]
-    field = max(shapes, key=len)  # the vector fields' one shape (or ()); a scalar field is copied to each element
-    size = 1
-    for s in field:
-        size *= s
-    L = lanes * size  # each element of a field is a lane of its own
+    field, lanes, size, L, scalar = _lane_layout(layer, call, lead[2:])
     m = 0 if state is None else state.size
     n = m + T
     dev = call.ctx.dev
     full = lead + field
     dtype = k.compute_dtype(call)
-    scalar = [not s and bool(field) for s in shapes]  # a scalar field beside vector ones
     flat = [torch.broadcast_to(x[..., None] if one else x, full).reshape(lead[0], T, L).to(dtype).contiguous()
             for x, one in zip(leaves, scalar)]
     roots, folds = _counter_tensors(state, m, scalar, (B,) + full[2:], (B, L), dev, dtype)
@@ -221,7 +221,7 @@ def cache_unusable_reason(layer, call) -> str | None:
     k = getattr(layer, "_cpu_tree_kernels", None)
     if k is None:
         return "its plan has no C++ tree kernels (see `psmc check`)"
-    if f"{k.symbol}_step(" not in k.source:
+    if not k.has_step:
         return "its module was generated before the C++ step kernel existed (recompile it with `psmc compile`)"
     if layer.backend not in ("cpu", "auto"):
         return f"backend={layer.backend!r}"
@@ -242,13 +242,8 @@ def cache_step(layer, call, cache: TreeCache, leaf: Element, k) -> tuple[TreeCac
     cache.check_room()
     lead = tuple(call.lead)
     B, levels = lead[0], cache.levels
-    shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in layer.spec.fields]
-    field = max(shapes, key=len)  # as in tree_scan: a scalar field beside vector ones is copied to each element
-    lanes = math.prod(lead[1:])
-    size = math.prod(field)
-    L = lanes * size
+    field, lanes, size, L, scalar = _lane_layout(layer, call, lead[1:])
     full = lead + field
-    scalar = [not s and bool(field) for s in shapes]
     dtype = k.compute_dtype(call)
 
     def flat(x, shape, one):  # [*shape] (a scalar field: [*shape[:-len(field)]]) as [..., L]
@@ -318,6 +313,18 @@ def _run_cache_step(k, *args):
     if torch.compiler.is_compiling() and isinstance(k, TreeKernels):
         return _cache_step_op(k.name, *args)
     return _cache_step(k, *args)
+
+
+def _lane_layout(layer, call, lane_axes: tuple) -> tuple:
+    """How the kernels see an op's fields: every value a scalar per kernel lane, the lanes of
+    the layer times the elements of the vector fields. (field, lanes, size, L, scalar):
+    the vector fields' one shape (or ()), the layer's lanes, the elements of `field`, the
+    kernel lanes, and per field whether it is a scalar beside vector ones (copied to each
+    element; element 0 read back)."""
+    shapes = [tuple(int(s) for s in f.shape(call.ctx.d)) for f in layer.spec.fields]
+    field = max(shapes, key=len)
+    lanes, size = math.prod([int(n) for n in lane_axes]), math.prod(field)
+    return field, lanes, size, lanes * size, [not s and bool(field) for s in shapes]
 
 
 def _counter_of(nodes: Element, inclusive: Element, state: TreeState | None, m: int, n: int, dev) -> TreeState:
