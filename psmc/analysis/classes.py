@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from ..ir.nodes import Node, OpIR, leaves, render
 from ..ir.rewrite import binary, is_column, is_row
+from ..ir.rewrite import matmul as matmul_node
+from ..ir.rewrite import outer as outer_node
 from ..ir.types import dims_equal, is_float
 from .structure import degree_in_left, elementwise_fields
 
@@ -334,6 +336,139 @@ def _identity_plus_low_rank(op: OpIR):
 
 
 
+def _matmul_chain(node: Node) -> list[Node]:
+    """The factors of a chain of matrix products, leftmost first (a node that is not a matrix
+    product is one factor)."""
+    if node.op == "matmul" and node.args[0].rank == 2 and node.args[1].rank == 2:
+        return _matmul_chain(node.args[0]) + _matmul_chain(node.args[1])
+    return [node]
+
+
+def _delta_product(op: OpIR):
+    """The identity-plus-low-rank class with r > 1 delta steps per token (DeltaProduct, Siems et
+    al. 2025; fla's gated_delta_product): E = g * M_r @ ... @ M_1 with M_j = I - beta_j
+    outer(k_j, k_j), and S's update sum_j M_r .. M_{j+1} (beta_j outer(k_j, v_j)), the same
+    map as r delta-rule tokens (the gate on the first). The factors come from E's spelling;
+    the update is then proven equal to that sum in SymPy (`_update_is_composed`), so any
+    spelling of it is accepted. None when E is not such a product; a matrix-affine class with
+    the reason when S's update is not the composed one."""
+    maps = _affine_maps(op)
+    if maps is None:
+        return None
+    ie, is_ = maps
+    S = op.state[is_]
+    outside = _factors(op.lift[ie])
+    cores = [f for f in outside if f.rank == 2]
+    if len(cores) != 1 or any(f.rank != 0 for f in outside if f is not cores[0]):
+        return None
+    chain = _matmul_chain(cores[0])
+    if len(chain) < 2:
+        return None
+    gate = [f for f in outside if f is not cores[0]]
+    steps = []  # (k, beta node), in the order the steps apply: the rightmost factor first
+    for factor in reversed(chain):
+        got = _identity_plus_rank_one(factor)
+        if got is None:
+            return None
+        factor_gate, beta, c, k = got
+        gate += factor_gate  # (scalars commute: every factor's gate is one gate on the token)
+        steps.append((k, _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k)
+                      or Node("const", (), (1.0,), "f32", ())))
+    if not all(_non_negative(f) for f in gate):
+        return None
+    keys = [k for k, _ in steps]
+    if len(set(keys)) != len(keys):
+        return None  # (two steps with one key: their updates could not be told apart)
+    # the writes outer(k_j, v_j), wherever the update spells them (the factors M_i they pass
+    # through hold outer(k_i, k_i)); one v per key, then the whole update is proven below
+    values: dict = {}
+    for n in _walk_nodes(op.lift[is_]):
+        if n.op == "outer" and n.args[0] != n.args[1]:
+            values.setdefault(n.args[0], set()).add(n.args[1])
+    if set(values) != set(keys) or any(len(vs) != 1 for vs in values.values()):
+        return None
+    values = {k: next(iter(vs)) for k, vs in values.items()}
+    readout = _linear_readout(op, S.name)
+    if readout is None:
+        return None
+    parts = tuple((k, values[k], beta) for k, beta in steps)
+    r = len(parts)
+    if not _update_is_composed(op, op.lift[is_], parts):
+        return StructureClass(
+            "matrix-affine", "", f"E = I - beta_j * outer(k_j, k_j) multiplied over {r} steps, but {S.name}'s update "
+            f"is not the {r} delta steps composed (sum over j of M_r .. M_(j+1) @ (beta_j * outer(k_j, v_j))): the "
+            "generic scan serves it, forming E per token")
+    q, scale, divisor, extra = readout
+    g = None
+    if gate:
+        g = gate[0].args[0] if len(gate) == 1 and gate[0].op == "exp" else _log_of(gate)
+    kind = "gated" if g is not None else "plain"
+    pieces = (("e_index", ie), ("s_index", is_), ("steps", parts), ("k", parts[0][0]), ("v", parts[0][1]),
+              ("q", q), ("beta", parts[0][2]), ("g", g), ("scale", _product(scale, q)), ("divisor", divisor),
+              ("extra", extra))
+    what = "g * M_r @ ... @ M_1" if g is not None else "M_r @ ... @ M_1"
+    return StructureClass(
+        "identity-plus-low-rank", kind,
+        f"E = {what}, M_j = I - beta_j * outer(k_j, k_j) (identity plus rank {r}, a product of {r} delta steps), "
+        f"S = E @ S + the steps' updates, readout q @ S{_PLUS_EXTRA if extra else ''}: run as {r} delta-rule "
+        f"tokens per token; E is never built; the stream keeps {S.name} only", pieces)
+
+
+def _walk_nodes(node: Node) -> list[Node]:
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        out.append(n)
+        todo.extend(n.args)
+    return out
+
+
+# the dims at which `_update_is_composed` compares the two updates entry by entry
+_PROOF_DIMS = (2, 3)
+
+
+def _update_is_composed(op: OpIR, update: Node, parts: tuple) -> bool:
+    """Whether S's update equals sum_j M_r .. M_{j+1} @ (beta_j outer(k_j, v_j)), M_j = I - beta_j
+    outer(k_j, k_j), in exact arithmetic: both sides evaluated in SymPy over symbols for the
+    lift's inputs, at every dim 2 and at every dim 3, and every entry's difference reduced to
+    0 (psmc.analysis.prove.is_zero). A comparison (max, where on a float), a bool input or a
+    budget run out is no proof: False."""
+    import sympy
+
+    from ..ir.interp import concrete_shape
+    from .budget import Budget, OutOfTime
+    from .grid import Grid
+    from .prove import is_zero
+    from .symbolic import Undecidable, evaluate
+
+    composed = None
+    for k, v, beta in parts:
+        eye = Node("eye", (), (), k.dtype, (k.shape[0], k.shape[0]))
+        m = binary("add", eye, binary("mul", Node("const", (), (-1.0,), "f32", ()), binary("mul", beta, outer_node(k, k))))
+        write = binary("mul", beta, outer_node(k, v))
+        composed = write if composed is None else binary("add", matmul_node(m, composed), write)
+    leaves_in = [n for n in _walk_nodes(update) + _walk_nodes(composed) if n.op in ("arg", "param")]
+    if any(n.dtype == "bool" for n in leaves_in):
+        return False
+    budget = Budget(4.0)
+    try:
+        for size in _PROOF_DIMS:
+            dims = {d: size for d in op.dims}
+            env = {}
+            for n in leaves_in:
+                key = (n.op, n.attrs[0])
+                if key not in env:
+                    env[key] = Grid.build(concrete_shape(n.shape, dims), lambda i, n=n: sympy.Symbol(
+                        f"{n.attrs[0]}" + (f"[{','.join(map(str, i))}]" if i else ""), real=True))
+            got, want = evaluate((update, composed), env, dims)
+            if not all(is_zero(a, b, budget) for a, b in zip(got.items, want.items)):
+                return False
+    except (Undecidable, OutOfTime, ZeroDivisionError, TypeError, ValueError):
+        return False
+    return True
+
+
+
 def _diagonal_plus_outers(node: Node):
     """E as (diagonal factors, rank-one terms): diag(product of the factors; [] is I, None is
     no diagonal) + sum of c * outer(x, y) over the terms (c, x, y), c a list of scalar factors;
@@ -472,7 +607,7 @@ def classify(op: OpIR, associative: bool) -> StructureClass:
                                   f"{op.state[ih].name}) with a {kind} decay",
                                   (("a_index", ia), ("h_index", ih), ("decay", d)))
         return StructureClass("elementwise-monoid", "", "every combine output is elementwise in the fields")
-    found = _identity_plus_low_rank(op) or _diagonal_plus_low_rank(op)
+    found = _identity_plus_low_rank(op) or _delta_product(op) or _diagonal_plus_low_rank(op)
     if found is not None:
         return found
     flat = ", ".join(f for f, ok in fields.items() if not ok)

@@ -523,6 +523,8 @@ def _wy_operand_lines(p: dict, ref: dict, rule: _WyRule) -> list[str]:
     """k_, v_, q_, the rule's operands and g_ as the runtime takes them: fields of the lead axes
     (a scalar gate of the diagonal-plus-low-rank form as a last axis of 1)."""
     g = p["g"]
+    if p.get("steps"):
+        return _delta_steps_lines(p, ref)
     if rule is _DELTA:  # (beta and the gate: one scalar per token and lane)
         lines = [
             f"        k_, v_, q_ = {ref[p['k']]}, {ref[p['v']]}, {ref[p['q']]}",
@@ -543,6 +545,40 @@ def _wy_operand_lines(p: dict, ref: dict, rule: _WyRule) -> list[str]:
                     "cx.dev)" + ("" if g.rank else "[..., None]  # a scalar decay: a last axis of 1")]
 
 
+def _delta_steps_lines(p: dict, ref: dict) -> list[str]:
+    """k_, v_, q_, beta_ and g_ of a product of r delta steps per token (DeltaProduct) as one
+    delta-rule sequence r times as long: step j of token t is its token t * r + j. The gate
+    goes on each token's first step, q on its last (whose outputs are the layer's)."""
+    steps, r = p["steps"], len(p["steps"])
+
+    def field(node) -> str:
+        return f"_ops.as_field({ref[node]}, lead, {shape_code(node.shape)}, cx.dt[{_wy_dtype(p, node)!r}], cx.dev)"
+
+    def interleaved(nodes) -> list[str]:
+        return ["torch.stack([", *(f"            {field(n)}," for n in nodes), "        ], dim=2).flatten(1, 2)"]
+
+    lines = [f"        # {r} delta steps per token: one delta-rule sequence {r} times as long (step j of token t "
+             f"is its token t * {r} + j)"]
+    for name, at in (("k", 0), ("v", 1), ("beta", 2)):
+        first, *rest = interleaved([step[at] for step in steps])
+        lines += [f"        {name}_ = {first}", *rest]
+    lines += [f"        q_ = {field(p['q'])}",
+              f"        q_ = torch.stack({_padded('torch.zeros_like(q_)', 'q_', r, last=True)}, dim=2).flatten(1, 2)  "
+              "# read after each token's last step"]
+    g = p["g"]
+    if g is None:
+        return lines + ["        g_ = None  # no gate: E = M_r @ ... @ M_1"]
+    return lines + [f"        g_ = {field(g)}",
+                    f"        g_ = torch.stack({_padded('torch.zeros_like(g_)', 'g_', r, last=False)}, dim=2).flatten(1, 2)  "
+                    "# the gate on each token's first step"]
+
+
+def _padded(zero: str, value: str, r: int, last: bool) -> str:
+    """A list of r entries as code: `value` last (or first), `zero` elsewhere."""
+    zeros = f"{zero}, " * (r - 1) if r <= 3 else f"*[{zero}] * {r - 1}, "
+    return f"[{zeros}{value}]" if last else f"[{value}, {zeros.rstrip(', ')}]"
+
+
 def _wy_dtype(p: dict, node) -> str:
     """The dtype a piece of the WY form is computed in: its own or the state's, the wider (a
     literal such as the 0.9 of `0.9 * eye(K)` is f32 in the IR, but f64 beside an f64 state)."""
@@ -552,22 +588,21 @@ def _wy_dtype(p: dict, node) -> str:
 def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
     S = op.state[p["s_index"]]
     out = op.outputs[0]
-    nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands] + \
-        [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None]
-    printer = BodyPrinter(tuple(nodes), op.let_names)
+    steps = len(p.get("steps") or ((),))  # delta steps per token (a DeltaProduct has more than one)
+    printer = BodyPrinter(_wy_nodes(p, rule), op.let_names)
     body = printer.run()
     ref = printer.names
     call = f"_{rule.module}.{rule.chunk}"
     operands = ", ".join(n + "_" for n in rule.operands)
     lines = ["    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call", "",
              "    def _fast_forward(self, call, index, state):",
-             f'        """The parallel pass in the chunked WY form, E never built ({rule.what}, from the IR)."""',
+             f'        """The parallel pass in the chunked WY form, E never built ({_what(rule, steps)}, from the IR)."""',
              "        cx, lead = call.ctx, call.lead  # [B, T, *lanes]"]
-    lines += _input_lines(op, p if rule is _DELTA else None)
+    lines += _input_lines(op, p if rule is _DELTA and steps == 1 else None)
     lines += ["        " + line for line in body]
     lines += _wy_operand_lines(p, ref, rule)
     lines += ["        s0 = None if state is None or state.prefix is None else state.prefix[0]"]
-    if rule is _DELTA:
+    if rule is _DELTA and steps == 1:
         lines += _half_operand_lines(p)
     E = op.state[p["e_index"]]
     full = "(e_last, s_last)" if p["s_index"] == 1 else "(s_last, e_last)"
@@ -582,12 +617,15 @@ def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
         "            _v_all = torch.cat([v_, v_.new_zeros(*v_.shape[:-1], _kk)], dim=-1)",
         f"            out, _s_all = {call}(q_, k_, _v_all, {operands}, g_, scale={_scale_code(p, ref)}, "
         "initial_state=_start)",
+        *_last_steps(steps, "            "),
         "            call.carry_terms.update(q_e=out[..., _width:])",
         "            out, s_last = out[..., :_width], _s_all[..., :_width]",
         f"            e_last = _s_all[..., _width:].to(cx.dt[{E.dtype!r}])",
         "        else:",
         f"            out, s_last = {call}(q_, k_, v_, {operands}, g_, scale={_scale_code(p, ref)}, "
-        "initial_state=s0, cu_seqlens=call.cu_seqlens)",
+        "initial_state=s0, cu_seqlens=" + ("call.cu_seqlens)" if steps == 1 else
+                                           f"None if call.cu_seqlens is None else call.cu_seqlens.stretched({steps}))"),
+        *_last_steps(steps, "            "),
         "        count = (0 if state is None else state.count) + lead[1]",
         *_extra_lines(p, ref, "        ", out),
         f"        out = _ops.as_field(out, lead, {shape_code(out.shape)}, cx.dt[{out.dtype!r}], cx.dev)",
@@ -614,39 +652,67 @@ def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
                     "from psmc.runtime.state import ScanState as _ScanState", tuple(lines))
 
 
+def _wy_nodes(p: dict, rule: _WyRule) -> tuple:
+    """The class's pieces the generated code computes: k, v, q, the rule's operands (every
+    step's k, v and beta in a product of delta steps), the gate and the readout's scalars."""
+    if p.get("steps"):
+        nodes = [p["q"]] + [n for step in p["steps"] for n in step]
+    else:
+        nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands]
+    return tuple(nodes + [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None])
+
+
+def _what(rule: _WyRule, steps: int) -> str:
+    return rule.what if steps == 1 else f"identity plus rank {steps}: {steps} delta steps per token"
+
+
+def _last_steps(steps: int, indent: str) -> list[str]:
+    """The outputs after each token's last delta step (a product of `steps` steps per token)."""
+    if steps == 1:
+        return []
+    return [f"{indent}out = out[:, {steps - 1}::{steps}]  # each token's last step"]
+
+
 def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
     """The decode step bound to one input signature: the IR's pieces (k, v, q, the rule's
     operands, the gate, the scale; constants once per signature), then the runtime's step (for
     the delta rule one fused C++ token under backend='auto', else torch ops) and the stream
     state (S only)."""
     S, out = op.state[p["s_index"]], op.outputs[0]
-    nodes = [p["k"], p["v"], p["q"]] + [p[n] for n in rule.operands] + \
-        [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None]
-    printer = BodyPrinter(tuple(nodes), op.let_names)
+    printer = BodyPrinter(_wy_nodes(p, rule), op.let_names)
     constant, per_token = _split_constant(printer.run())
     ref = printer.names
-    lines = _bound_step_header(f"One token in O(K*V): S <- E S + k v^T, E ({rule.what}) never built.")
+    lines = _bound_step_header(f"One token in O(K*V): S <- E S + k v^T, E ({_what(rule, len(p.get('steps') or ((),)))}) "
+                               "never built.")
     lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: once per signature
     lines[-2:-2] = [f"        o_full, o_dtype = (*lead, *{shape_code(out.shape)}), cx.dt[{out.dtype!r}]",
                     f"        s_dtype = cx.dt[{S.dtype!r}]"]
     lines += [f"            x_{v.name} = inputs[{v.name!r}]" for v in op.inputs]
     lines += ["            " + line for line in per_token]
 
-    def piece(name: str) -> str:
-        """A piece as the step takes it: an input as it comes (it broadcasts lanes and casts),
-        anything else (a number, a computed value) as a field of the lanes; a scalar gate of
-        the diagonal-plus-low-rank form with a last axis of 1."""
-        node = p[name]
+    def piece(name: str, node=None) -> str:
+        """A piece as the step takes it (`node`: one step's, in a product of delta steps): an
+        input as it comes (it broadcasts lanes and casts), anything else (a number, a computed
+        value) as a field of the lanes; a scalar gate of the diagonal-plus-low-rank form with a
+        last axis of 1."""
+        node = p[name] if node is None else node
         code = ref[node]
         if not code.startswith("x_"):  # (its shape from the IR: a param has no lead axes)
             code = f"_ops.as_field({code}, lead, {shape_code(node.shape)}, cx.dt[{_wy_dtype(p, node)!r}], cx.dev)"
         return code + ("[..., None]" if rule is _DPLR and name == "g" and not node.rank else "")
     g = piece("g") if p["g"] is not None else "None"
     operands = "".join(f"{piece(n)}, " for n in rule.operands)
+    lines += ["            s0 = None if state.prefix is None else state.prefix[0]"]
+    if p.get("steps"):  # one delta-rule token per step, the gate on the first; the last one's output
+        lines.append("            s_last = s0")
+        for j, (k, v, beta) in enumerate(p["steps"]):
+            lines.append(f"            o, s_last = _{rule.module}.{rule.step}(s_last, {piece('q')}, {piece('k', k)}, "
+                         f"{piece('v', v)}, {piece('beta', beta)}, {g if j == 0 else 'None'}, "
+                         f"scale={_scale_code(p, ref)}{rule.step_extra})")
+    else:
+        lines.append(f"            o, s_last = _{rule.module}.{rule.step}(s0, {piece('q')}, {piece('k')}, {piece('v')}, "
+                     f"{operands}{g}, scale={_scale_code(p, ref)}{rule.step_extra})")
     lines += [
-        "            s0 = None if state.prefix is None else state.prefix[0]",
-        f"            o, s_last = _{rule.module}.{rule.step}(s0, {piece('q')}, {piece('k')}, {piece('v')}, "
-        f"{operands}{g}, scale={_scale_code(p, ref)}{rule.step_extra})",
         *_extra_lines(p, ref, "            ", out, name="o"),
         "            if o.shape != o_full or o.dtype != o_dtype:  # broadcast pieces",
         "                o = _ops.as_field(o, lead, o_full[len(lead):], o_dtype, cx.dev)",

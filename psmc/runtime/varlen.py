@@ -24,6 +24,11 @@ class Offsets:
     tensor: Tensor
     bounds: tuple
 
+    def stretched(self, factor: int) -> "Offsets":
+        """The offsets of the same sequences with every token made `factor` tokens (a product
+        of delta steps runs each token as that many delta-rule tokens)."""
+        return Offsets(self.tensor * factor, tuple(b * factor for b in self.bounds))
+
 
 def cu_seqlens_bounds(op: str, cu) -> list:
     """The offsets of `cu_seqlens` as Python ints (one host read per call, as in fla; none for

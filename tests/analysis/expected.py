@@ -123,6 +123,8 @@ EXPECTED = {
     "mlstm": _entry("proven", False, "(ones, zeros, zeros)", "elementwise"),
     # gated delta rule maps composed by matmul: associative, not commutative, linear in l.
     "gated_delta_rule": _entry("proven", False, "(eye(K), zeros)", "affine"),
+    # two gated delta steps per token, composed the same way.
+    "gated_delta_product": _entry("proven", False, "(eye(K), zeros)", "affine"),
     # the same composition of affine maps, E diagonal plus rank one (RWKV-7, KDA).
     "rwkv7": _entry("proven", False, "(eye(K), zeros)", "affine"),
     "kda": _entry("proven", False, "(eye(K), zeros)", "affine"),

@@ -38,6 +38,8 @@ CASES = {c.name: c for c in (
     Case("cumsum"),
     Case("delta_rule", KV, {"k": "unit_vector", "beta": "unit"}),
     Case("ema", tree=True),
+    Case("gated_delta_product", KV, {"k1": "unit_vector", "k2": "unit_vector", "b1": "unit", "b2": "unit",
+                                     "g": "log_gate"}),
     Case("gated_delta_rule", KV, {"k": "unit_vector", "beta": "unit", "g": "log_gate"}),
     Case("gla", KV, {"gk": "log_gate"}),
     Case("kda", KV, {"k": "unit_vector", "beta": "unit", "g": "log_gate"}),

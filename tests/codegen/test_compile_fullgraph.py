@@ -18,8 +18,8 @@ from layer_harness import as_tuple, layer_class, make_inputs
 # traced) and the delta rule's chunked WY form (without autograd its eager path writes into a
 # thread-local scratch: a graph takes the functional form; the gated rule shares the code), and
 # the diagonal-plus-low-rank WY form (rwkv7: its per-key decay masks choose their form on the
-# device in a graph).
-PLANS = ["gla", "linear_recurrence", "cumsum", "delta_rule", "rwkv7"]
+# device in a graph). gated_delta_product: two delta-rule tokens per token, interleaved.
+PLANS = ["gla", "linear_recurrence", "cumsum", "delta_rule", "gated_delta_product", "rwkv7"]
 
 
 def build(name, T):

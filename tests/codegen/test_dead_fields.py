@@ -21,7 +21,8 @@ from psmc.ir import ops_from_source
 
 # what the dataflow rule must find in the examples (derived by hand from each combine/readout)
 EXPECTED_DEAD = {
-    "delta_rule": ("E",), "gated_delta_rule": ("E",), "kda": ("E",), "rwkv7": ("E",),  # r.E @ l.E: the transition
+    "delta_rule": ("E",), "gated_delta_rule": ("E",), "gated_delta_product": ("E",), "kda": ("E",),
+    "rwkv7": ("E",),  # r.E @ l.E: the transition
     "gla": ("a",), "simple_gla": ("a",), "rwkv6": ("a",), "selective_ssm": ("a",), "mamba2": ("a",),  # decays
     "linear_recurrence": ("a",), "retention": ("g",), "mlstm": ("f",),
     "segmented_sum": ("f",),  # the reset flag: r.f decides, l.f only feeds l.f | r.f

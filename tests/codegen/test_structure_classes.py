@@ -22,6 +22,7 @@ EXPECTED = {  # example -> (class, detail)
     "cumsum": ("elementwise-monoid", ""),
     "delta_rule": ("identity-plus-low-rank", "plain"),
     "gated_delta_rule": ("identity-plus-low-rank", "gated"),
+    "gated_delta_product": ("identity-plus-low-rank", "gated"),  # two delta steps per token
     "kda": ("diagonal-plus-low-rank", "key"),
     "rwkv7": ("diagonal-plus-low-rank", "key"),
     "gla": ("decayed-linear-attention", "key"),

@@ -41,6 +41,8 @@ SIDE_SALT = 0x51DE
 # the share of token programs that are low-rank affine-map ops (_low_rank_program), drawn
 # from a stream of its own
 LOW_RANK_SALT, LOW_RANK_RATE = 0x10AD, 0.08
+# the share of those that are products of delta steps (_delta_product_program), drawn likewise
+DELTA_PRODUCT_SALT, DELTA_PRODUCT_RATE = 0xDE17A, 0.3
 
 
 @dataclass(frozen=True)
@@ -688,6 +690,63 @@ def _low_rank_program(seed, rng, name) -> Program:
     return Program(seed, name, "\n".join(lines) + "\n", dict(b.dims), kinds, frozenset(b.features))
 
 
+def _delta_product_program(seed, rng, name) -> Program:
+    """A product of r = 2 or 3 delta steps per token (DeltaProduct; gated or not): E = [g *]
+    M_r @ ... @ M_1 with M_j = I - b_j * outer(k_j, k_j), and S's update the steps composed,
+    spelled nested (Horner), as a sum of chained products, or with the write strengths moved
+    around; the matrices sometimes `let`-bound. A near miss (a write that skips the later
+    steps' M) is matrix-affine: no fast path may claim it."""
+    b = Builder(rng, None)
+    dt = b.float_dtype
+    V = rng.choice(["V", "K"])
+    b.dims["K"] = rng.randint(1, 3)
+    b.dims.setdefault(V, rng.randint(1, 3))
+    r = rng.choice([2, 2, 3])
+    named = rng.random() < 0.5
+    lets = [f"let m{j} = eye(K) - b{j} * outer(k{j}, k{j});" for j in range(1, r + 1)] if named else []
+    m = [f"m{j}" if named else f"(eye(K) - b{j} * outer(k{j}, k{j}))" for j in range(1, r + 1)]
+    gated = rng.random() < 0.5
+    chain = " @ ".join(reversed(m))
+    e = chain if not gated else rng.choice([f"exp(g) * ({chain})", " @ ".join(reversed(m[1:])) + f" @ (exp(g) * {m[0]})"])
+    miss = rng.random() < 0.15
+    spelling = rng.choice(["horner", "sum", "scaled"])
+    if spelling == "horner":
+        update = f"b1 * outer(k1, v1)"
+        for j in range(2, r + 1):
+            update = f"{m[j - 1]} @ ({update}) + b{j} * outer(k{j}, v{j})"
+    else:
+        terms = []
+        for j in range(1, r + 1):
+            later = " @ ".join(reversed(m[j:]))
+            write = f"outer(k{j}, b{j} * v{j})" if spelling == "scaled" else f"b{j} * outer(k{j}, v{j})"
+            if later and spelling == "scaled":
+                terms.append(f"b{j} * ({later} @ outer(k{j}, v{j}))")
+            else:
+                terms.append(f"{later} @ ({write})" if later else write)
+        update = " + ".join(terms)
+    if miss:  # the first write skips the later steps: not the steps composed
+        update = " + ".join(f"b{j} * outer(k{j}, v{j})" for j in range(1, r + 1))
+    inputs = [x for j in range(1, r + 1) for x in ((f"k{j}", "[K]", "unit_vector"), (f"v{j}", f"[{V}]", "signed"),
+                                                   (f"b{j}", "", "unit"))]
+    if gated:
+        inputs.append(("g", "", "log_gate"))
+    readout = rng.choice(["q @ s.S", "q @ s.S", "q @ s.S * K ** -0.5", "2.0 * (q @ s.S)"])
+    b.features.update({"low-rank", "low-rank-delta-product-miss" if miss else "low-rank-delta-product"})
+    dims = sorted(b.dims)
+    lines = [f"op {name}[{', '.join(dims)}] {{",
+             f"  state (E: {dt}[K, K], S: {dt}[K, {V}]);",
+             f"  lift ({', '.join(f'{n}: {dt}{shape}' for n, shape, _ in inputs)}) {{",
+             *(f"    {line}" for line in lets),
+             f"    return ({e}, {update});",
+             "  }",
+             "  combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); }",
+             "  identity = (eye(K), zeros);",
+             f"  readout (s, q: {dt}[K]) {{ return {readout}; }}",
+             "}"]
+    kinds = {n: kind for n, _, kind in inputs} | {"q": "signed"}
+    return Program(seed, name, "\n".join(lines) + "\n", dict(b.dims), kinds, frozenset(b.features))
+
+
 class DrawRandom(random.Random):
     """A `random.Random` whose every choice is drawn by hypothesis: the generator unchanged,
     its decisions shrinkable (towards 0.0, the first option, the smallest integer)."""
@@ -724,6 +783,8 @@ def generate_with(rng: random.Random, seed: int = 0) -> Program:
         return _chunk_program(seed, rng, name)
     # (a draw from the side stream: every earlier seed's program stays as it was)
     if random.Random(seed ^ LOW_RANK_SALT).random() < LOW_RANK_RATE:
+        if random.Random(seed ^ DELTA_PRODUCT_SALT).random() < DELTA_PRODUCT_RATE:
+            return _delta_product_program(seed, rng, name)
         return _low_rank_program(seed, rng, name)
     return _token_program(seed, rng, name)
 

@@ -329,6 +329,10 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
                 return  # every other check compares these values too: nothing is left to compare
             raise Failure("non-finite", "the parallel pass gave a non-finite output from finite inputs")
 
+    if "low-rank-delta-product" in program.features:  # r delta steps per token: their fast path
+        if cls.spec.fast != "delta_rule":
+            raise Failure("plan", f"a product of delta steps got fast path {cls.spec.fast!r}, not the delta rule's")
+        checked.add("delta-product")
     streamed, _ = stream(layer, inputs, layer.init_state(batch_shape=batch_shape), 0, T)
     agree(streamed, full, "stream vs parallel", RTOL, ATOL)
     checked.add("stream")

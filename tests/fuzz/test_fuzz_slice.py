@@ -49,10 +49,12 @@ FEATURES = {
     "chunk", "chunk-sum", "chunk-decay", "chunk-tree", "attention",
     # affine maps with a low-rank E: the delta rule, diagonal plus rank one, a rank-two near miss
     "low-rank", "low-rank-delta", "low-rank-dplr", "low-rank-rank-two",
+    # r delta steps per token (DeltaProduct), and a near miss that must stay generic
+    "low-rank-delta-product", "low-rank-delta-product-miss",
 }
 CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
           "plan-tree", "fast-first_order", "fast-delta_rule", "fast-dplr", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
-          "lane-broadcast", "tree-cache",
+          "lane-broadcast", "tree-cache", "delta-product",
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued", "triton-compiled",
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32", "cpp-compiled",
