@@ -24,6 +24,7 @@ CASES = {
     "simple_gla": gla.run_simple_gla,
     "delta_rule": delta.run,
     "gated_delta_rule": delta.run_gated,
+    "gated_delta_product": delta.run_product,
     "rwkv7": dplr.run_rwkv7,
     "kda": dplr.run_kda,
     "streaming": streaming.run,

@@ -10,6 +10,11 @@ gated_delta_rule (Gated DeltaNet): the same inputs plus log gates g = logsigmoid
 fla's gated references take [B, T, H, ...] as psmc does. Measured beside the delta rule (the
 two share psmc.runtime.delta); the issue sets no target of its own for it, the 0.5x line is
 shown for comparison.
+
+gated_delta_product (Gated DeltaProduct, two delta steps per token): fla's naive reference
+takes the steps' k, v, beta interleaved [B, 2 T, H, ...]; psmc's example takes them as k1, k2,
+... (strided views of the same tensors, sliced inside the timed call). Its chunk form is
+fla's Triton kernels only (no CPU reference): the 0.5x line is against the naive loop.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from .report import CaseResult, psmc_impls, ratio_verdict
 SHAPE = (2, 1024, 4, 64, 64)  # (B, T, H, K, V)
 PEERS = [("fla.ops.delta_rule.naive", "delta_rule_recurrence"),
          ("fla.ops.delta_rule.naive", "delta_rule_chunkwise")]
+PRODUCT_PEERS = [("fla.ops.gated_delta_product.naive", "naive_recurrent_gated_delta_product")]
 GATED_PEERS = [("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule"),
                ("fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule")]
 
@@ -111,6 +117,54 @@ def _gated_peer(settings, measure_name, module, attribute, tensors, grad):
     return timed_row(settings, "gated_delta_rule", measure_name, attribute, module, call, skip=why)
 
 
+def _product_inputs():
+    """q, g [B, T, H, ...] and the two steps' k, v, beta interleaved [B, 2 T, H, ...] (fla's layout)."""
+    torch.manual_seed(0)
+    batch, steps, heads, width_k, width_v = SHAPE
+    q = torch.randn(batch, steps, heads, width_k)
+    k = F.normalize(torch.randn(batch, 2 * steps, heads, width_k), dim=-1)
+    v = torch.randn(batch, 2 * steps, heads, width_v)
+    beta = torch.sigmoid(torch.randn(batch, 2 * steps, heads))
+    return q, k, v, beta, F.logsigmoid(torch.randn(batch, steps, heads))
+
+
+def _product_psmc(tensors, grad: bool):
+    """examples/gated_delta_product.psm through psmc.load, and the runtime call it makes (one
+    delta-rule sequence twice as long, the gate on each token's first step)."""
+    from psmc.runtime.delta import chunk_delta_rule
+
+    q, k, v, beta, g = with_grad(*tensors) if grad else tensors
+    width_k, width_v = q.shape[-1], v.shape[-1]
+
+    def wrap(fn):
+        return forward_backward(fn, [q, k, v, beta, g]) if grad else fn
+
+    def api(cls):
+        if cls.spec.fast is None:
+            raise RuntimeError("the layer's plan is the generic matrix-affine scan (no delta-rule fast path in "
+                               "this build)")
+        layer = cls(K=width_k, V=width_v)
+        return wrap(lambda: layer(k1=k[:, 0::2], v1=v[:, 0::2], b1=beta[:, 0::2], k2=k[:, 1::2], v2=v[:, 1::2],
+                                  b2=beta[:, 1::2], g=g, q=q))
+
+    def runtime():
+        gates = torch.stack([g, torch.zeros_like(g)], dim=2).flatten(1, 2)
+        queries = torch.stack([torch.zeros_like(q), q], dim=2).flatten(1, 2)
+        return chunk_delta_rule(queries, k, v, beta, gates, scale=width_k ** -0.5)[0][:, 1::2]
+
+    return peers.psmc_calls(api, "gated_delta_product", ("chunk_delta_rule", wrap(runtime)))
+
+
+def _product_peer(settings, measure_name, module, attribute, tensors, grad):
+    fn, why = peers.optional(module, attribute)
+    call = None
+    if fn is not None:
+        q, k, v, beta, g = with_grad(*tensors) if grad else tensors
+        run = lambda: fn(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, num_householder=2)[0]  # noqa: E731
+        call = forward_backward(run, [q, k, v, beta, g]) if grad else run
+    return timed_row(settings, "gated_delta_product", measure_name, attribute, module, call, skip=why)
+
+
 def run_case(settings: Settings, case: str, title: str, tensors, psmc_rows, peers, peer_row) -> CaseResult:
     """fwd and fwd+bwd rows of psmc (every path `psmc_rows` finds) and of each peer, and the
     forward target (<= 0.5x the faster peer) per psmc row."""
@@ -130,6 +184,11 @@ def run_case(settings: Settings, case: str, title: str, tensors, psmc_rows, peer
 def run_gated(settings: Settings) -> CaseResult:
     return run_case(settings, "gated_delta_rule", "gated delta rule (Gated DeltaNet)", _gated_inputs(), _gated_psmc,
                  GATED_PEERS, _gated_peer)
+
+
+def run_product(settings: Settings) -> CaseResult:
+    return run_case(settings, "gated_delta_product", "gated delta product (two delta steps per token)",
+                    _product_inputs(), _product_psmc, PRODUCT_PEERS, _product_peer)
 
 
 def run(settings: Settings) -> CaseResult:

@@ -29,5 +29,6 @@ def test_every_block_of_docs_compiler_runs(tmp_path):
     assert "mul(c, outer(k, v))" in printed
     assert "exp(add(x, y)) {'exp_product': 1}" in printed
     assert "gated_delta_rule   identity-plus-low-rank (gated)" in printed
+    assert "gated_delta_product identity-plus-low-rank (gated): E = g * M_r @ ... @ M_1" in printed
     assert "running-sum" in printed and "None" in printed
     assert "delta_rule [(1, 2, 4, 3)]" in printed

@@ -95,15 +95,21 @@ def _input_lines(op: OpIR, p: dict | None = None) -> list[str]:
 
 def _half_operand_names(p: dict) -> tuple:
     """The inputs that are q, k and v as they are (all three, else none; none when the readout
-    adds terms to the kernels' outputs, which must then stay unrounded: one rounding, after)."""
-    if not all(p[n].op == "arg" for n in ("k", "v", "q")) or p.get("extra") is not None:
+    adds terms to the kernels' outputs, which must then stay unrounded: one rounding, after).
+    A product of delta steps: q and every step's k and v, and none when a body other than
+    theirs reads one of them (the steps are stacked from one reading)."""
+    steps = p.get("steps")
+    nodes = [p["q"]] + [n for k, v, _ in steps for n in (k, v)] if steps else [p[n] for n in ("k", "v", "q")]
+    if not all(n.op == "arg" for n in nodes) or p.get("extra") is not None:
         return ()
-    return tuple(p[n].attrs[0] for n in ("k", "v", "q"))
+    names = tuple(dict.fromkeys(n.attrs[0] for n in nodes))
+    return () if steps and _shared_operands(p) & set(names) else names
 
 
 def _shared_operands(p: dict) -> set:
     """The inputs that a body other than q, k and v reads (a gate, a write strength, a scale)."""
-    others = [p[n] for n in ("g", "beta", "scale", "divisor", "extra") if p.get(n) is not None]
+    others = [p[n] for n in ("g", "beta", "scale", "divisor", "extra") if p.get(n) is not None] + \
+        [beta for _, _, beta in p.get("steps") or ()]
     return {n.attrs[0] for n in walk(tuple(others)) if n.op == "arg"}
 
 
@@ -550,9 +556,13 @@ def _delta_steps_lines(p: dict, ref: dict) -> list[str]:
     delta-rule sequence r times as long: step j of token t is its token t * r + j. The gate
     goes on each token's first step, q on its last (whose outputs are the layer's)."""
     steps, r = p["steps"], len(p["steps"])
+    as_given = {n for k, v, _ in steps for n in (k, v)} | {p["q"]} if _half_operand_names(p) else set()
 
     def field(node) -> str:
-        return f"_ops.as_field({ref[node]}, lead, {shape_code(node.shape)}, cx.dt[{_wy_dtype(p, node)!r}], cx.dev)"
+        """As a field of the lead axes: q, k and v inputs in their dtype (bf16/fp16 ones as given,
+        `_input_lines`), the rest in the dtype the WY form computes them in."""
+        dtype = f"{ref[node]}.dtype" if node in as_given else f"cx.dt[{_wy_dtype(p, node)!r}]"
+        return f"_ops.as_field({ref[node]}, lead, {shape_code(node.shape)}, {dtype}, cx.dev)"
 
     def interleaved(nodes) -> list[str]:
         return ["torch.stack([", *(f"            {field(n)}," for n in nodes), "        ], dim=2).flatten(1, 2)"]
@@ -598,7 +608,7 @@ def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
              "    def _fast_forward(self, call, index, state):",
              f'        """The parallel pass in the chunked WY form, E never built ({_what(rule, steps)}, from the IR)."""',
              "        cx, lead = call.ctx, call.lead  # [B, T, *lanes]"]
-    lines += _input_lines(op, p if rule is _DELTA and steps == 1 else None)
+    lines += _input_lines(op, p if rule is _DELTA else None)
     lines += ["        " + line for line in body]
     lines += _wy_operand_lines(p, ref, rule)
     lines += ["        s0 = None if state is None or state.prefix is None else state.prefix[0]"]

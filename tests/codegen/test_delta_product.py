@@ -162,3 +162,23 @@ def test_gradients(layer):
     x = {n: t[:1, :5, :2].detach().requires_grad_(True) for n, t in _inputs(seed=3).items()}
     names = list(x)
     assert torch.autograd.gradcheck(lambda *ts: layer(**dict(zip(names, ts))), tuple(x[n] for n in names))
+
+
+def test_half_inputs_reach_the_delta_rule_as_given(layer, monkeypatch):
+    """bf16 q and the steps' k and v are stacked in bf16 (the chunk kernels' tensor-core input on
+    a GPU); the write strengths and the gate in float32; the output is bf16."""
+    from psmc.runtime import delta
+    seen = []
+    real = delta.chunk_delta_rule
+
+    def spy(q, k, v, beta, g, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype))
+        return real(q, k, v, beta, g, **kwargs)
+
+    monkeypatch.setattr(delta, "chunk_delta_rule", spy)
+    low = {n: t.bfloat16() for n, t in _inputs(seed=4).items()}
+    out = layer(**low)
+    want = layer(**{n: t.float() for n, t in low.items()})
+    assert seen[0] == (torch.bfloat16,) * 3 + (torch.float32,) * 2 and seen[1][0] == torch.float32
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want, rtol=0.02, atol=0.02)

@@ -153,7 +153,7 @@ def test_a_state_from_another_op_or_other_dims_names_both():
 
 
 # ---------------------------------------------------------------- dtypes
-PATHS = ["gla", "linear_recurrence", "ema", "transformer_psm", "cumsum", "delta_rule"]
+PATHS = ["gla", "linear_recurrence", "ema", "transformer_psm", "cumsum", "delta_rule", "gated_delta_product"]
 
 
 @pytest.mark.parametrize("name", PATHS)
