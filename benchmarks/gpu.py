@@ -12,6 +12,8 @@ rest still run; rows are printed as they finish and the table is written to $OUT
   chunkwise form, the Triton token loop, and any chunked kernel family registered there) against
   fla chunk_gla, fused_recurrent_gla, chunk_simple_gla, fused_recurrent_simple_gla;
 - the delta rule at the same shape: psmc delta_rule against fla chunk_delta_rule;
+- Gated DeltaProduct (two delta steps per token) at the same shape: psmc gated_delta_product
+  (the delta-rule kernels over the interleaved steps) against fla chunk_gated_delta_product;
 - RWKV-7 and KDA at the same shape (the diagonal-plus-low-rank class, psmc's chunked WY form:
   inference on psmc.runtime.triton_dplr's kernels, training with the chunk-local terms in torch
   and the chunks chained on its kernels): psmc rwkv7 / kda against fla chunk_rwkv7,
@@ -272,12 +274,28 @@ def attn_inputs(name: str, shape, device, dtype, seed=0) -> dict:
         return {"r": q, "w": w, "k": k, "v": v, "a": (-kappa).to(device=device, dtype=dtype),
                 "b": (kappa * iclr).to(device=device, dtype=dtype)}
     k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)  # delta rules: unit keys
+    if name == "gated_delta_product":  # fla's layout: the two steps' k, v, beta interleaved [B, 2T, H, ...]
+        keys = torch.nn.functional.normalize(torch.randn(B, 2 * T, H, K, generator=g), dim=-1).to(device=device,
+                                                                                                   dtype=dtype)
+        values = rnd(B, 2 * T, H, V)
+        beta = torch.rand(B, 2 * T, H, generator=g).to(device=device, dtype=dtype)
+        gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=g)).to(device=device, dtype=dtype)
+        steps = {f"{n}{j + 1}": t[:, j::2] for j in (0, 1) for n, t in (("k", keys), ("v", values), ("b", beta))}
+        return {"q": q, **steps, "g": gate}  # (the steps: strided views of the interleaved tensors)
     if name == "kda":
         gate = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, generator=g)).to(device=device, dtype=dtype)
         beta = torch.rand(B, T, H, generator=g).to(device=device, dtype=dtype)
         return {"q": q, "k": k, "v": v, "beta": beta, "g": gate}
     beta = torch.rand(B, T, H, generator=g).to(device=device, dtype=dtype)
     return {"q": q, "k": k, "v": v, "beta": beta}
+
+
+def _interleaved(first_step: torch.Tensor) -> torch.Tensor:
+    """The interleaved [B, 2T, ...] tensor that the first step's view [:, 0::2] was taken from
+    (attn_inputs): fla's layout, handed over without a copy."""
+    base = first_step._base
+    assert base is not None and base.shape[1] == 2 * first_step.shape[1] and base.data_ptr() == first_step.data_ptr()
+    return base
 
 
 def fla_peers(name: str) -> list:
@@ -303,6 +321,11 @@ def fla_peers(name: str) -> list:
             return [("fla chunk_kda", lambda x: chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"])[0]),
                     ("fla fused_recurrent_kda",
                      lambda x: fused_recurrent_kda(x["q"], x["k"], x["v"], x["g"], x["beta"])[0])]
+        if name == "gated_delta_product":  # examples/gated_delta_product.psm: scale K ** -0.5, fla's default
+            from fla.ops.gated_delta_product import chunk_gated_delta_product
+            return [("fla chunk_gated_delta_product", lambda x: chunk_gated_delta_product(
+                x["q"], _interleaved(x["k1"]), _interleaved(x["v1"]), x["g"], _interleaved(x["b1"]),
+                num_householder=2)[0])]
         from fla.ops.delta_rule import chunk_delta_rule
         # psmc's delta_rule does not scale q (examples/delta_rule.psm): fla with scale = 1
         return [("fla chunk_delta_rule", lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], scale=1.0)[0])]
@@ -394,7 +417,7 @@ def attention_cases(b: Bench, name: str, dtype):
     shape = TINY["attn"] if b.dry else FULL["attn"]
     label = "B={} T={} H={} K={} V={}".format(*shape)
     group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule", "rwkv7": "RWKV-7",
-             "kda": "KDA"}[name]
+             "kda": "KDA", "gated_delta_product": "DeltaProduct"}[name]
     try:
         cls = load(name)
         x = attn_inputs(name, shape, b.device, dtype)
@@ -990,8 +1013,9 @@ def main(argv=None) -> int:
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
              ("ssm", bf16), ("tree", fp32), ("tree_decode", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("packed_rwkv7", bf16),
+             ("gated_delta_product", bf16),
              ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
-             ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32)]
+             ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32), ("gated_delta_product", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
     plan = []
