@@ -182,3 +182,32 @@ def test_half_inputs_reach_the_delta_rule_as_given(layer, monkeypatch):
     assert seen[0] == (torch.bfloat16,) * 3 + (torch.float32,) * 2 and seen[1][0] == torch.float32
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, rtol=0.02, atol=0.02)
+
+
+ROWS = """op dp_rows[K, V] {
+  state (E: f32[K, K], S: f32[K, V]);
+  lift (k: f32[3, K], v: f32[3, V], beta: f32[3]) {
+    let m3 = eye(K) - beta[2] * outer(k[2], k[2]);
+    return (m3 @ (eye(K) - beta[1] * outer(k[1], k[1])) @ (eye(K) - beta[0] * outer(k[0], k[0])),
+            m3 @ ((eye(K) - beta[1] * outer(k[1], k[1])) @ (beta[0] * outer(k[0], v[0])) + beta[1] * outer(k[1], v[1]))
+            + beta[2] * outer(k[2], v[2]));
+  }
+  combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); }
+  identity = (eye(K), zeros);
+  readout (s, q: f32[K]) { return q @ s.S; }
+}"""
+
+
+def test_steps_as_rows_of_one_input(tmp_path):
+    """k: [3, K] holds the three steps' keys (k[0] first): the steps are rows of the inputs."""
+    (tmp_path / "dp_rows.psm").write_text(ROWS)
+    layer = psmc.load(tmp_path / "dp_rows.psm").dp_rows(K=3, V=2)
+    assert layer.spec.fast == "delta_rule"
+    g = torch.Generator().manual_seed(5)
+    x = {"k": torch.nn.functional.normalize(torch.randn(2, 11, 3, 3, generator=g, dtype=torch.float64), dim=-1),
+         "v": torch.randn(2, 11, 3, 2, generator=g, dtype=torch.float64),
+         "beta": torch.rand(2, 11, 3, generator=g, dtype=torch.float64),
+         "q": torch.randn(2, 11, 3, generator=g, dtype=torch.float64)}
+    fast = layer(**x)
+    layer.use_fast_path = False
+    torch.testing.assert_close(fast, layer(**x), rtol=1e-10, atol=1e-12)

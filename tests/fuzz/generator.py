@@ -694,8 +694,9 @@ def _delta_product_program(seed, rng, name) -> Program:
     """A product of r = 2 or 3 delta steps per token (DeltaProduct; gated or not): E = [g *]
     M_r @ ... @ M_1 with M_j = I - b_j * outer(k_j, k_j), and S's update the steps composed,
     spelled nested (Horner), as a sum of chained products, or with the write strengths moved
-    around; the matrices sometimes `let`-bound. A near miss (a write that skips the later
-    steps' M) is matrix-affine: no fast path may claim it."""
+    around; the matrices sometimes `let`-bound; the steps' k, v, b as inputs of their own or as
+    rows of one [r, K] (k[0], k[1], ...). A near miss (a write that skips the later steps' M) is
+    matrix-affine: no fast path may claim it."""
     b = Builder(rng, None)
     dt = b.float_dtype
     V = rng.choice(["V", "K"])
@@ -728,6 +729,14 @@ def _delta_product_program(seed, rng, name) -> Program:
         update = " + ".join(f"b{j} * outer(k{j}, v{j})" for j in range(1, r + 1))
     inputs = [x for j in range(1, r + 1) for x in ((f"k{j}", "[K]", "unit_vector"), (f"v{j}", f"[{V}]", "signed"),
                                                    (f"b{j}", "", "unit"))]
+    if rng.random() < 0.3:  # the steps as rows of one input each: k: [r, K], k[0] the first step's key
+        inputs = [("k", f"[{r}, K]", "unit_vector"), ("v", f"[{r}, {V}]", "signed"), ("b", f"[{r}]", "unit")]
+        for j in range(r, 0, -1):  # (k12 is not a step of its own: the highest index first)
+            lets = [line.replace(f"k{j}", f"k[{j - 1}]").replace(f"b{j}", f"b[{j - 1}]") for line in lets]
+            e = e.replace(f"k{j}", f"k[{j - 1}]").replace(f"b{j}", f"b[{j - 1}]")
+            update = update.replace(f"k{j}", f"k[{j - 1}]").replace(f"v{j}", f"v[{j - 1}]").replace(f"b{j}",
+                                                                                                f"b[{j - 1}]")
+        b.features.add("low-rank-delta-product-rows")
     if gated:
         inputs.append(("g", "", "log_gate"))
     readout = rng.choice(["q @ s.S", "q @ s.S", "q @ s.S * K ** -0.5", "2.0 * (q @ s.S)"])

@@ -50,7 +50,7 @@ FEATURES = {
     # affine maps with a low-rank E: the delta rule, diagonal plus rank one, a rank-two near miss
     "low-rank", "low-rank-delta", "low-rank-dplr", "low-rank-rank-two",
     # r delta steps per token (DeltaProduct), and a near miss that must stay generic
-    "low-rank-delta-product", "low-rank-delta-product-miss",
+    "low-rank-delta-product", "low-rank-delta-product-miss", "low-rank-delta-product-rows",
 }
 CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
           "plan-tree", "fast-first_order", "fast-delta_rule", "fast-dplr", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
