@@ -82,11 +82,10 @@ def _peer(settings, measure_name, module, attribute, tensors, grad):
     return timed_row(settings, "delta_rule", measure_name, attribute, module, call, skip=why)
 
 
-def _gated_psmc(tensors, grad: bool):
-    """The gated rows: examples/gated_delta_rule.psm (its readout scales by K ** -0.5 itself)
-    through psmc.load, and the runtime function it calls."""
-    from psmc.runtime.delta import chunk_delta_rule
-
+def _gated_rows(tensors, grad: bool, name: str, layer_call, runtime_call):
+    """The psmc rows of a gated case: examples/<name>.psm through psmc.load, called as
+    `layer_call(layer, q, k, v, beta, g)`, and the runtime call it makes, `runtime_call(q, k, v,
+    beta, g)` (both scale by K ** -0.5 themselves)."""
     q, k, v, beta, g = with_grad(*tensors) if grad else tensors
     width_k, width_v = q.shape[-1], v.shape[-1]
 
@@ -98,10 +97,19 @@ def _gated_psmc(tensors, grad: bool):
             raise RuntimeError("the layer's plan is the generic matrix-affine scan (no delta-rule fast path in "
                                "this build)")
         layer = cls(K=width_k, V=width_v)
-        return wrap(lambda: layer(k=k, v=v, beta=beta, g=g, q=q))
+        return wrap(lambda: layer_call(layer, q, k, v, beta, g))
 
-    runtime_call = wrap(lambda: chunk_delta_rule(q, k, v, beta, g, scale=width_k ** -0.5)[0])
-    return peers.psmc_calls(api, "gated_delta_rule", ("chunk_delta_rule", runtime_call))
+    return peers.psmc_calls(api, name, ("chunk_delta_rule", wrap(lambda: runtime_call(q, k, v, beta, g))))
+
+
+def _gated_psmc(tensors, grad: bool):
+    """The gated rows: examples/gated_delta_rule.psm (its readout scales by K ** -0.5 itself)
+    through psmc.load, and the runtime function it calls."""
+    from psmc.runtime.delta import chunk_delta_rule
+
+    return _gated_rows(tensors, grad, "gated_delta_rule", lambda layer, q, k, v, beta, g: layer(k=k, v=v, beta=beta,
+                                                                                              g=g, q=q),
+                       lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, scale=q.shape[-1] ** -0.5)[0])
 
 
 def _gated_peer(settings, measure_name, module, attribute, tensors, grad):
@@ -133,26 +141,16 @@ def _product_psmc(tensors, grad: bool):
     delta-rule sequence twice as long, the gate on each token's first step)."""
     from psmc.runtime.delta import chunk_delta_rule
 
-    q, k, v, beta, g = with_grad(*tensors) if grad else tensors
-    width_k, width_v = q.shape[-1], v.shape[-1]
+    def layer_call(layer, q, k, v, beta, g):
+        return layer(k1=k[:, 0::2], v1=v[:, 0::2], b1=beta[:, 0::2], k2=k[:, 1::2], v2=v[:, 1::2], b2=beta[:, 1::2],
+                     g=g, q=q)
 
-    def wrap(fn):
-        return forward_backward(fn, [q, k, v, beta, g]) if grad else fn
-
-    def api(cls):
-        if cls.spec.fast is None:
-            raise RuntimeError("the layer's plan is the generic matrix-affine scan (no delta-rule fast path in "
-                               "this build)")
-        layer = cls(K=width_k, V=width_v)
-        return wrap(lambda: layer(k1=k[:, 0::2], v1=v[:, 0::2], b1=beta[:, 0::2], k2=k[:, 1::2], v2=v[:, 1::2],
-                                  b2=beta[:, 1::2], g=g, q=q))
-
-    def runtime():
+    def runtime_call(q, k, v, beta, g):
         gates = torch.stack([g, torch.zeros_like(g)], dim=2).flatten(1, 2)
         queries = torch.stack([torch.zeros_like(q), q], dim=2).flatten(1, 2)
-        return chunk_delta_rule(queries, k, v, beta, gates, scale=width_k ** -0.5)[0][:, 1::2]
+        return chunk_delta_rule(queries, k, v, beta, gates, scale=q.shape[-1] ** -0.5)[0][:, 1::2]
 
-    return peers.psmc_calls(api, "gated_delta_product", ("chunk_delta_rule", wrap(runtime)))
+    return _gated_rows(tensors, grad, "gated_delta_product", layer_call, runtime_call)
 
 
 def _product_peer(settings, measure_name, module, attribute, tensors, grad):
