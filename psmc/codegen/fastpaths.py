@@ -713,12 +713,11 @@ def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
     g = piece("g") if p["g"] is not None else "None"
     operands = "".join(f"{piece(n)}, " for n in rule.operands)
     lines += ["            s0 = None if state.prefix is None else state.prefix[0]"]
-    if p.get("steps"):  # one delta-rule token per step, the gate on the first; the last one's output
-        lines.append("            s_last = s0")
-        for j, (k, v, beta) in enumerate(p["steps"]):
-            lines.append(f"            o, s_last = _{rule.module}.{rule.step}(s_last, {piece('q')}, {piece('k', k)}, "
-                         f"{piece('v', v)}, {piece('beta', beta)}, {g if j == 0 else 'None'}, "
-                         f"scale={_scale_code(p, ref)}{rule.step_extra})")
+    if p.get("steps"):  # the token's delta steps in order, the gate before the first (one kernel on a GPU)
+        def each(at: int, name: str) -> str:
+            return "(" + ", ".join(piece(name, step[at]) for step in p["steps"]) + ")"
+        lines.append(f"            o, s_last = _{rule.module}.delta_product_step(s0, {piece('q')}, {each(0, 'k')}, "
+                     f"{each(1, 'v')}, {each(2, 'beta')}, {g}, scale={_scale_code(p, ref)}{rule.step_extra})")
     else:
         lines.append(f"            o, s_last = _{rule.module}.{rule.step}(s0, {piece('q')}, {piece('k')}, {piece('v')}, "
                      f"{operands}{g}, scale={_scale_code(p, ref)}{rule.step_extra})")

@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ from psmc.runtime.chunkwise import by_sequence
 from psmc.runtime.varlen import packed_bounds
 from psmc.runtime.ops import broadcast_shapes
 
-__all__ = ["chunk_delta_rule", "delta_rule_step"]
+__all__ = ["chunk_delta_rule", "delta_rule_step", "delta_product_step"]
 
 # tokens per chunk on the torch path, measured at (B, T, H, K, V) = (2, 1024, 4, 64, 64), 1 thread
 # (docs/benchmarks.md): without autograd 32 beat 16, 64 and 128 (the [L, L] terms shrink with L,
@@ -304,6 +305,37 @@ def delta_rule_step(
     if scale != 1.0:
         o = o * scale
     return o.to(out_dtype), new_S
+
+
+def delta_product_step(
+    S: Tensor | None,
+    q: Tensor,
+    keys: Sequence[Tensor],
+    values: Sequence[Tensor],
+    betas: Sequence[Tensor],
+    log_decay: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    native: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One token of r delta steps (DeltaProduct): `delta_rule_step` with (keys[j], values[j],
+    betas[j]) for j = 0 .. r - 1 in order, the gate before the first, and the output after the
+    last. Shapes as `delta_rule_step`'s, per step (lane axes broadcast).
+
+    CUDA tensors run the r steps in one kernel launch (`triton_delta_step` with `steps` = r:
+    the state read and written once per token, not once per step); elsewhere the steps are r
+    `delta_rule_step` calls (each one fused C++ token with `native`)."""
+    if _triton_wanted(q):
+        from psmc.runtime import triton_delta_step
+        k = torch.stack(torch.broadcast_tensors(*keys), dim=-2)
+        v = torch.stack(torch.broadcast_tensors(*values), dim=-2)
+        beta = torch.stack(torch.broadcast_tensors(*betas), dim=-1)
+        if triton_delta_step.takes(S, q, k, v, beta, log_decay):
+            return triton_delta_step.triton_delta_step(S, q, k, v, beta, log_decay, scale=scale, steps=len(keys))
+    o = None
+    for j, (k, v, beta) in enumerate(zip(keys, values, betas)):
+        o, S = delta_rule_step(S, q, k, v, beta, log_decay if j == 0 else None, scale=scale, native=native)
+    return o, S
 
 
 def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,

@@ -210,6 +210,13 @@ def _record(test_only: bool) -> list:
             ts.triton_delta_step(state, q, q, q, torch.zeros(1, H, dtype=dtype), torch.zeros(1, H), scale=1.0)
             for i in range(start, len(log)):
                 log[i] = (f"gated_delta_rule step {str(dtype)[6:]} K=V={width}", "step") + log[i]
+            # a product of two delta steps per token (gated_delta_product): STEPS = 2
+            start = len(log)
+            two = torch.zeros(1, H, 2, width, dtype=dtype)
+            ts.triton_delta_step(state, q, two, two, torch.zeros(1, H, 2, dtype=dtype), torch.zeros(1, H), scale=1.0,
+                                 steps=2)
+            for i in range(start, len(log)):
+                log[i] = (f"gated_delta_product step {str(dtype)[6:]} K=V={width}", "step") + log[i]
     from psmc.runtime import triton_dplr_step as tp
     with recording(tp, ["_dplr_step_kernel"], log):
         for dtype, width in DELTA_STEP_CONFIGS:  # RWKV-7's decode token: per-key decay, state given

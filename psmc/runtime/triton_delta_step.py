@@ -9,6 +9,10 @@ and reads q^T S' from it, so the state is read and written once per token. K (<=
 tile; V is cut into blocks so that a [K, BV] fp32 tile stays near 64 registers per thread.
 Rows are grid axis 0 (up to 2^31 - 1), offsets are int64. Inputs may be fp32, bf16 or fp16;
 the state is fp32 and the output is in v's dtype.
+
+A product of r delta steps per token (DeltaProduct, `delta.delta_product_step`) is the same
+launch with STEPS = r: k [.., r, K], v [.., r, V] and beta [.., r] are read step by step, the
+gate applies before the first, and the state slice stays in registers through all r steps.
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ def _state_slice(K, V, BK: tl.constexpr, BV: tl.constexpr):
 @triton.jit
 def _delta_step_kernel(
     s_ptr, q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, o_ptr, s_out_ptr, scale, K, V,
-    BK: tl.constexpr, BV: tl.constexpr, HAS_S: tl.constexpr, GATED: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, HAS_S: tl.constexpr, GATED: tl.constexpr, STEPS: tl.constexpr = 1,
 ):
     row, ck, cv, mk, mv, kv, mask = _state_slice(K, V, BK, BV)
     if HAS_S:
@@ -50,15 +54,18 @@ def _delta_step_kernel(
     else:
         S = tl.zeros((BK, BV), dtype=tl.float32)
     q = tl.load(q_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + row * K + ck, mask=mk, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + row * V + cv, mask=mv, other=0.0).to(tl.float32)
-    beta = tl.load(b_ptr + row).to(tl.float32)
-    read = tl.sum(k[:, None] * S, axis=0)  # k^T S: [BV]
-    if GATED:
-        gate = tl.exp(tl.load(g_ptr + row).to(tl.float32))
-        S = gate * S
-        read = gate * read
-    S = S + (beta * k)[:, None] * (v - read)[None, :]
+    for j in tl.static_range(STEPS):  # (one step unless a product of delta steps)
+        step = row * STEPS + j
+        k = tl.load(k_ptr + step * K + ck, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + step * V + cv, mask=mv, other=0.0).to(tl.float32)
+        beta = tl.load(b_ptr + step).to(tl.float32)
+        read = tl.sum(k[:, None] * S, axis=0)  # k^T S: [BV]
+        if GATED:
+            if j == 0:  # the gate applies once, before the token's first step
+                gate = tl.exp(tl.load(g_ptr + row).to(tl.float32))
+                S = gate * S
+                read = gate * read
+        S = S + (beta * k)[:, None] * (v - read)[None, :]
     o = tl.sum(q[:, None] * S, axis=0) * scale
     tl.store(s_out_ptr + kv, S, mask=mask)
     tl.store(o_ptr + row * V + cv, o.to(o_ptr.dtype.element_ty), mask=mv)
@@ -124,29 +131,33 @@ def decode_rows(S: Tensor | None, inputs: list, V: int, out_dtype: torch.dtype):
 
 
 def _launch(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None,
-            scale: float) -> tuple[Tensor, Tensor]:
+            scale: float, steps: int = 1) -> tuple[Tensor, Tensor]:
     """One decode token on `_delta_step_kernel` (`triton_delta_step`)."""
     K, V = q.shape[-1], v.shape[-1]
-    lead, (qs, ks, vs, bs, gs), s_in, o, s_out = decode_rows(S, _widths(q, k, v, beta, log_decay), V, v.dtype)
+    lead, (qs, ks, vs, bs, gs), s_in, o, s_out = decode_rows(S, _widths(q, k, v, beta, log_decay, steps), V, v.dtype)
     if o.shape[0]:
         BK, BV = blocks(K, V)
         _delta_step_kernel[(o.shape[0], triton.cdiv(V, BV))](
             s_out if s_in is None else s_in, qs, ks, vs, bs, bs if gs is None else gs, o, s_out,
-            float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, GATED=gs is not None, num_warps=4)
+            float(scale), K, V, BK=BK, BV=BV, HAS_S=s_in is not None, GATED=gs is not None, STEPS=steps,
+            num_warps=4)
     return o.reshape(*lead, V), s_out.reshape(*lead, K, V)
 
 
-def _widths(q, k, v, beta, log_decay) -> list:
+def _widths(q, k, v, beta, log_decay, steps: int = 1) -> list:
+    """The trailing (non-lane) axes of each input: a product of delta steps has a steps axis
+    before k's and v's width and as beta's last."""
     K, V = q.shape[-1], v.shape[-1]
-    return [(q, (K,)), (k, (K,)), (v, (V,)), (beta, ()), (log_decay, ())]
+    per_step = () if steps == 1 else (steps,)
+    return [(q, (K,)), (k, (*per_step, K)), (v, (*per_step, V)), (beta, per_step), (log_decay, ())]
 
 
 _delta_step = torch.library.custom_op("psmc::delta_step", _launch, mutates_args=())
 
 
 @_delta_step.register_fake
-def _delta_step_fake(S, q, k, v, beta, log_decay, scale):
-    lead = decode_lead(S, _widths(q, k, v, beta, log_decay))
+def _delta_step_fake(S, q, k, v, beta, log_decay, scale, steps=1):
+    lead = decode_lead(S, _widths(q, k, v, beta, log_decay, steps))
     K, V = q.shape[-1], v.shape[-1]
     return v.new_empty(*lead, V), q.new_empty(*lead, K, V, dtype=torch.float32)
 
@@ -155,9 +166,11 @@ _step = traced(_delta_step, _launch)
 
 
 def triton_delta_step(S: Tensor | None, q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
-                      log_decay: Tensor | None = None, *, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                      log_decay: Tensor | None = None, *, scale: float = 1.0, steps: int = 1) -> tuple[Tensor, Tensor]:
     """`delta_rule_step` as one kernel launch: S [B, *lanes, K, V] fp32 or None (zeros), q, k
     [B, *lanes, K], v [B, *lanes, V], beta and log_decay [B, *lanes] (lane axes broadcast).
-    Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32). The caller
-    checks `takes(...)` first. Under torch.compile the launch is the op psmc::delta_step."""
-    return _step(S, q, k, v, beta, log_decay, float(scale))
+    Returns (o [B, *lanes, V] in v's dtype, the new state [B, *lanes, K, V] fp32). With
+    `steps` = r > 1 (`delta_product_step`): k [B, *lanes, r, K], v [B, *lanes, r, V] and beta
+    [B, *lanes, r], the token's r delta steps in order. The caller checks `takes(...)` first.
+    Under torch.compile the launch is the op psmc::delta_step."""
+    return _step(S, q, k, v, beta, log_decay, float(scale), int(steps))

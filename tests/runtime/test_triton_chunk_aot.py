@@ -62,7 +62,8 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
                 ("gated_delta_rule float32 K=V=128", "forward", "_delta_state_kernel")}
     expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
     # the decode token's kernel (psmc.runtime.triton_delta_step)
-    expected |= {(f"gated_delta_rule step {dt} K=V=128", "step", "_delta_step_kernel") for dt in ("bfloat16", "float32")}
+    expected |= {(f"gated_delta_{op} step {dt} K=V=128", "step", "_delta_step_kernel") for dt in ("bfloat16", "float32")
+                 for op in ("rule", "product")}
     # the diagonal-plus-low-rank parallel pass (psmc.runtime.triton_dplr, inference)
     expected |= {(f"dplr {c}", "forward", k) for c in ("bfloat16 K=V=128", "float32 K=V=128", "float32 K=V=64 no decay")
                  for k in ("_dplr_intra_kernel", "_dplr_chain_kernel")}

@@ -103,3 +103,69 @@ def test_a_generated_layer_decodes_through_the_kernel(monkeypatch):
         want = layer(**x)
     assert len(calls) == 6
     torch.testing.assert_close(torch.stack(outs, 1), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps, lead, K, V, gated, state, shared", [
+    (2, (2, 3), 16, 16, True, True, False),
+    (3, (1, 2), 20, 12, False, True, False),  # neither a power of two
+    (2, (3,), 8, 40, True, False, False),  # a stream's first token, two V blocks
+    (2, (2, 4), 16, 8, True, True, True),  # the first step's key broadcast over the lanes
+])
+def test_a_product_of_delta_steps_is_one_launch(steps, lead, K, V, gated, state, shared, monkeypatch):
+    """delta_product_step: r delta steps of one token in one kernel launch (STEPS = r), equal to
+    r torch steps, the gate before the first."""
+    S, q, k, v, beta, log_g = token(K + V + steps, lead, K, V, gated, state, shared)
+    more = [token(K + V + steps + j, lead, K, V, False, False)[2:5] for j in range(1, steps)]
+    keys, values, betas = zip((k, v, beta), *more)
+    launches = []
+    real = triton_delta_step._delta_step_kernel
+    monkeypatch.setattr(triton_delta_step, "_delta_step_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: launches.append(grid) or real[grid]})())
+    monkeypatch.setattr(chunkwise, "BACKEND", "triton")
+    o, S1 = delta.delta_product_step(S, q, keys, values, betas, log_g, scale=0.5)
+    assert len(launches) == 1
+    monkeypatch.setattr(chunkwise, "BACKEND", "torch")
+    ro, rS1 = delta.delta_product_step(None if S is None else S.double(), q.double(), [t.double() for t in keys],
+                                       [t.double() for t in values], [t.double() for t in betas],
+                                       None if log_g is None else log_g.double(), scale=0.5)
+    torch.testing.assert_close(o.double(), ro, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(S1.double(), rS1, rtol=1e-5, atol=1e-5)
+    # the torch form is r delta-rule tokens
+    want_S = None if S is None else S.double()
+    for j in range(steps):
+        want_o, want_S = delta.delta_rule_step(want_S, q.double(), keys[j].double(), values[j].double(),
+                                               betas[j].double(), None if j or log_g is None else log_g.double(),
+                                               scale=0.5)
+    torch.testing.assert_close(ro, want_o, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rS1, want_S, rtol=1e-12, atol=1e-12)
+
+
+def test_a_generated_delta_product_decodes_in_one_launch_per_token(monkeypatch):
+    """gated_delta_product's bound step: one kernel launch per token (both steps), equal to the
+    parallel pass."""
+    import pathlib
+
+    import psmc
+    root = pathlib.Path(__file__).resolve().parents[2]
+    layer = psmc.load(root / "examples/gated_delta_product.psm").gated_delta_product(K=8, V=8, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    x = {"q": torch.randn(1, 5, 2, 8, generator=g), "g": -torch.rand(1, 5, 2, generator=g)}
+    for j in (1, 2):
+        x |= {f"k{j}": torch.nn.functional.normalize(torch.randn(1, 5, 2, 8, generator=g), dim=-1),
+              f"v{j}": torch.randn(1, 5, 2, 8, generator=g), f"b{j}": torch.rand(1, 5, 2, generator=g)}
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    calls = []
+    real = triton_delta_step.triton_delta_step
+    monkeypatch.setattr(triton_delta_step, "triton_delta_step", lambda *a, **kw: calls.append(kw["steps"]) or
+                        real(*a, **kw))
+    monkeypatch.setattr(chunkwise, "BACKEND", "triton")
+    with torch.no_grad():
+        state = layer.init_state()
+        outs = []
+        for t in range(5):
+            o, state = layer.step(state, **{n: v[:, t] for n, v in x.items()})
+            outs.append(o)
+        monkeypatch.setattr(chunkwise, "BACKEND", "torch")
+        want = layer(**x)
+    assert calls == [2] * 5
+    torch.testing.assert_close(torch.stack(outs, 1), want, rtol=1e-4, atol=1e-4)
