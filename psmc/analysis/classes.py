@@ -27,8 +27,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ..ir.nodes import Node, OpIR, leaves, render
-from ..ir.rewrite import binary, is_column, is_row
+from ..ir.nodes import Node, OpIR, leaves, render, walk
+from ..ir.rewrite import binary, const, is_column, is_row
 from ..ir.rewrite import matmul as matmul_node
 from ..ir.rewrite import outer as outer_node
 from ..ir.types import dims_equal, is_float
@@ -291,6 +291,11 @@ def _affine_maps(op: OpIR):
     return None
 
 
+def _write_strength(c: float, beta: list[Node], k: Node) -> Node:
+    """beta of E = I - beta * outer(k, k) as one node: the constant c times the factors `beta`."""
+    return _product(([const(c, "f32")] if c != 1.0 else []) + beta, k) or const(1.0, "f32")
+
+
 def _identity_plus_low_rank(op: OpIR):
     maps = _affine_maps(op)
     if maps is None:
@@ -319,8 +324,7 @@ def _identity_plus_low_rank(op: OpIR):
     if readout is None:
         return None
     q, scale, divisor, extra = readout
-    one = Node("const", (), (1.0,), "f32", ())
-    beta_node = _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k) or one
+    beta_node = _write_strength(c, beta, k)
     g = None
     if gate:
         g = gate[0].args[0] if len(gate) == 1 and gate[0].op == "exp" else \
@@ -372,8 +376,7 @@ def _delta_product(op: OpIR):
             return None
         factor_gate, beta, c, k = got
         gate += factor_gate  # (scalars commute: every factor's gate is one gate on the token)
-        steps.append((k, _product(([Node("const", (), (c,), "f32", ())] if c != 1.0 else []) + beta, k)
-                      or Node("const", (), (1.0,), "f32", ())))
+        steps.append((k, _write_strength(c, beta, k)))
     if not all(_non_negative(f) for f in gate):
         return None
     keys = [k for k, _ in steps]
@@ -382,7 +385,7 @@ def _delta_product(op: OpIR):
     # the writes outer(k_j, v_j), wherever the update spells them (the factors M_i they pass
     # through hold outer(k_i, k_i)); one v per key, then the whole update is proven below
     values: dict = {}
-    for n in _walk_nodes(op.lift[is_]):
+    for n in walk((op.lift[is_],)):
         if n.op == "outer" and n.args[0] != n.args[1]:
             values.setdefault(n.args[0], set()).add(n.args[1])
     if set(values) != set(keys) or any(len(vs) != 1 for vs in values.values()):
@@ -414,15 +417,6 @@ def _delta_product(op: OpIR):
         f"tokens per token; E is never built; the stream keeps {S.name} only", pieces)
 
 
-def _walk_nodes(node: Node) -> list[Node]:
-    out, todo = [], [node]
-    while todo:
-        n = todo.pop()
-        out.append(n)
-        todo.extend(n.args)
-    return out
-
-
 # the dims at which `_update_is_composed` compares the two updates entry by entry
 _PROOF_DIMS = (2, 3)
 
@@ -444,10 +438,10 @@ def _update_is_composed(op: OpIR, update: Node, parts: tuple) -> bool:
     composed = None
     for k, v, beta in parts:
         eye = Node("eye", (), (), k.dtype, (k.shape[0], k.shape[0]))
-        m = binary("add", eye, binary("mul", Node("const", (), (-1.0,), "f32", ()), binary("mul", beta, outer_node(k, k))))
+        m = binary("add", eye, binary("mul", const(-1.0, "f32"), binary("mul", beta, outer_node(k, k))))
         write = binary("mul", beta, outer_node(k, v))
         composed = write if composed is None else binary("add", matmul_node(m, composed), write)
-    leaves_in = [n for n in _walk_nodes(update) + _walk_nodes(composed) if n.op in ("arg", "param")]
+    leaves_in = [n for n in walk((update, composed)) if n.op in ("arg", "param")]
     if any(n.dtype == "bool" for n in leaves_in):
         return False
     budget = Budget(4.0)
@@ -459,7 +453,7 @@ def _update_is_composed(op: OpIR, update: Node, parts: tuple) -> bool:
                 key = (n.op, n.attrs[0])
                 if key not in env:
                     env[key] = Grid.build(concrete_shape(n.shape, dims), lambda i, n=n: sympy.Symbol(
-                        f"{n.attrs[0]}" + (f"[{','.join(map(str, i))}]" if i else ""), real=True))
+                        f"{n.op} {n.attrs[0]}" + (f"[{','.join(map(str, i))}]" if i else ""), real=True))
             got, want = evaluate((update, composed), env, dims)
             if not all(is_zero(a, b, budget) for a, b in zip(got.items, want.items)):
                 return False
