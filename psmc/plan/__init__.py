@@ -167,7 +167,12 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
                                       "(layer.use_fast_path = False selects the generic scan)"))
     step = {"exact-scan": "combine the token into the inclusive prefix",
             "tree-scan": "push the token onto the binary counter"}[scan]
-    if fast == "delta_rule":
+    steps = len(cls.piece("steps") or ())
+    if fast == "delta_rule" and steps:  # a product of delta steps (DeltaProduct)
+        step = (f"psmc.runtime.delta.delta_product_step, O({steps}*K*V) per token: its {steps} delta steps in one "
+                "Triton kernel on CUDA tensors (psmc/runtime/triton_delta_step.py), else one delta_rule_step each "
+                "(backend='auto' on CPU tensors: a fused C++ token each, psmc/runtime/cpu_lane.cpp)")
+    elif fast == "delta_rule":
         step = ("psmc.runtime.delta.delta_rule_step, O(K*V) per token (backend='auto' on CPU tensors: one fused C++ "
                 "token, psmc/runtime/cpu_lane.cpp, when a compiler is present; CUDA tensors: one Triton kernel, "
                 "psmc/runtime/triton_delta_step.py)")

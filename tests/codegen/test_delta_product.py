@@ -211,3 +211,11 @@ def test_steps_as_rows_of_one_input(tmp_path):
     fast = layer(**x)
     layer.use_fast_path = False
     torch.testing.assert_close(fast, layer(**x), rtol=1e-10, atol=1e-12)
+
+
+def test_psmc_check_names_the_product_step(capsys):
+    from psmc.cli import main
+    assert main(["check", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert ("step           torch: psmc.runtime.delta.delta_product_step, O(2*K*V) per token: its 2 delta steps in "
+            "one Triton kernel on CUDA tensors (psmc/runtime/triton_delta_step.py)") in out
