@@ -740,6 +740,9 @@ def _delta_product_program(seed, rng, name) -> Program:
     if gated:
         inputs.append(("g", "", "log_gate"))
     readout = rng.choice(["q @ s.S", "q @ s.S", "q @ s.S * K ** -0.5", "2.0 * (q @ s.S)"])
+    if rng.random() < 0.25:  # a term that reads no state: the fast path adds it to the last step's outputs
+        readout = rng.choice(["{R} + 0.125", "{R} + 0.5 * sum(q * q)"]).replace("{R}", f"({readout})")
+        b.features.add("low-rank-extra")
     b.features.update({"low-rank", "low-rank-delta-product-miss" if miss else "low-rank-delta-product"})
     dims = sorted(b.dims)
     lines = [f"op {name}[{', '.join(dims)}] {{",
