@@ -219,3 +219,38 @@ def test_psmc_check_names_the_product_step(capsys):
     out = capsys.readouterr().out
     assert ("step           torch: psmc.runtime.delta.delta_product_step, O(2*K*V) per token: its 2 delta steps in "
             "one Triton kernel on CUDA tensors (psmc/runtime/triton_delta_step.py)") in out
+
+
+COMPUTED = """op dp_computed[K, V] {
+  state (E: f32[K, K], S: f32[K, V]);
+  lift (k1: f32[K], v1: f32[V], b1: f32, k2: f32[K], v2: f32[V], b2: f32, g: f32) {
+    let n1 = k1 / sqrt(sum(k1 * k1) + 1e-6);
+    let n2 = k2 / sqrt(sum(k2 * k2) + 1e-6);
+    let s1 = sigmoid(b1);
+    let s2 = sigmoid(b2);
+    let m2 = eye(K) - s2 * outer(n2, n2);
+    return (exp(-softplus(g)) * (m2 @ (eye(K) - s1 * outer(n1, n1))), s1 * (m2 @ outer(n1, v1)) + outer(n2, s2 * v2));
+  }
+  combine (l, r) { return (r.E @ l.E, r.E @ l.S + r.S); }
+  identity = (eye(K), zeros);
+  readout (s, q: f32[K]) { return q @ s.S; }
+}"""
+
+
+def test_keys_gates_and_strengths_computed_in_the_lift(tmp_path):
+    """Keys normalised, write strengths squashed and the gate made a decay inside the lift (as
+    a model's layer would): the pieces are computed values, proven and run all the same."""
+    (tmp_path / "dp_computed.psm").write_text(COMPUTED)
+    layer = psmc.load(tmp_path / "dp_computed.psm").dp_computed(K=4, V=3)
+    assert layer.spec.fast == "delta_rule"
+    g = torch.Generator().manual_seed(6)
+    x = {n: torch.randn(2, 9, 2, *shape, generator=g, dtype=torch.float64)
+         for n, shape in (("k1", (4,)), ("v1", (3,)), ("b1", ()), ("k2", (4,)), ("v2", (3,)), ("b2", ()), ("g", ()),
+                          ("q", (4,)))}
+    fast, state = layer(**x, return_state=True)
+    layer.use_fast_path = False
+    torch.testing.assert_close(fast, layer(**x), rtol=1e-10, atol=1e-12)
+    layer.use_fast_path = True
+    o, _ = layer.step(state, **{n: t[:, 0] for n, t in x.items()})
+    ref = layer(**{n: torch.cat([t, t[:, :1]], 1) for n, t in x.items()})[:, -1]
+    torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-12)
