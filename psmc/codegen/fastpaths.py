@@ -598,7 +598,7 @@ def _wy_dtype(p: dict, node) -> str:
 def _wy_method(op: OpIR, p: dict, rule: _WyRule) -> FastPath:
     S = op.state[p["s_index"]]
     out = op.outputs[0]
-    steps = len(p.get("steps") or ((),))  # delta steps per token (a DeltaProduct has more than one)
+    steps = _step_count(p)
     printer = BodyPrinter(_wy_nodes(p, rule), op.let_names)
     body = printer.run()
     ref = printer.names
@@ -672,6 +672,11 @@ def _wy_nodes(p: dict, rule: _WyRule) -> tuple:
     return tuple(nodes + [p[n] for n in ("g", "scale", "divisor", "extra") if p[n] is not None])
 
 
+def _step_count(p: dict) -> int:
+    """Delta steps per token: 1, or r for a product of r delta steps (DeltaProduct)."""
+    return len(p.get("steps") or ()) or 1
+
+
 def _what(rule: _WyRule, steps: int) -> str:
     return rule.what if steps == 1 else f"identity plus rank {steps}: {steps} delta steps per token"
 
@@ -692,7 +697,7 @@ def _wy_step(op: OpIR, p: dict, rule: _WyRule) -> list[str]:
     printer = BodyPrinter(_wy_nodes(p, rule), op.let_names)
     constant, per_token = _split_constant(printer.run())
     ref = printer.names
-    lines = _bound_step_header(f"One token in O(K*V): S <- E S + k v^T, E ({_what(rule, len(p.get('steps') or ((),)))}) "
+    lines = _bound_step_header(f"One token in O(K*V): S <- E S + k v^T, E ({_what(rule, _step_count(p))}) "
                                "never built.")
     lines[-2:-2] = ["        " + _on_numbers(line) for line in constant]  # dims only: once per signature
     lines[-2:-2] = [f"        o_full, o_dtype = (*lead, *{shape_code(out.shape)}), cx.dt[{out.dtype!r}]",

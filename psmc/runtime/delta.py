@@ -327,10 +327,10 @@ def delta_product_step(
     `delta_rule_step` calls (each one fused C++ token with `native`)."""
     if _triton_wanted(q):
         from psmc.runtime import triton_delta_step
-        k = torch.stack(torch.broadcast_tensors(*keys), dim=-2)
-        v = torch.stack(torch.broadcast_tensors(*values), dim=-2)
-        beta = torch.stack(torch.broadcast_tensors(*betas), dim=-1)
-        if triton_delta_step.takes(S, q, k, v, beta, log_decay):
+        if triton_delta_step.serves(S, [q, *keys, *values, *betas, log_decay], q.shape[-1]):  # (before stacking)
+            k = torch.stack(torch.broadcast_tensors(*keys), dim=-2)
+            v = torch.stack(torch.broadcast_tensors(*values), dim=-2)
+            beta = torch.stack(torch.broadcast_tensors(*betas), dim=-1)
             return triton_delta_step.triton_delta_step(S, q, k, v, beta, log_decay, scale=scale, steps=len(keys))
     o = None
     for j, (k, v, beta) in enumerate(zip(keys, values, betas)):
