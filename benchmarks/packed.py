@@ -10,8 +10,9 @@ more tokens for all 32 rows after that prefill: every row in one call where the 
 changes nothing but itself (an exact scan that reads no `index`), against the rows of one
 count together (32 calls: every count differs); the third decodes 16 tokens for all 32 rows
 the same two ways (one step call per token, or 32); the fourth decodes a tree scan's rows (ema)
-on a TreeCache (one call per token) against its RaggedState (by count). The same comparisons
-on a GPU are groups of benchmarks/gpu.py.
+on a TreeCache (one call per token) against its RaggedState (by count), the fifth a chunk op's
+(Transformer-PSM, C = 16) on a ChunkCache against its RaggedState of ChunkStreams. The same
+comparisons on a GPU are groups of benchmarks/gpu.py.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     table("16 decode tokens, all rows per step", "by count", f"{COUNT} rows after the prefill",
           lambda layer, inputs: decode(layer, inputs, cu))
     tree_table(cu)
+    chunk_table(cu)
     return 0
 
 
@@ -137,6 +139,32 @@ def tree_table(cu) -> None:
         one = median_ms(run(TreeCache.of(ragged, TOTAL + 16)))
         each = median_ms(run(ragged))
         print(f"| ema | D=256 | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
+    print()
+
+
+def chunk_table(cu) -> None:
+    """A chunk op's rows after the prefill (transformer_psm, C=16, D=64, 4 heads): 16 decode
+    tokens stepped on a ChunkCache (every row in one call; the rows complete their chunks at
+    different tokens) against the RaggedState of ChunkStreams (by position)."""
+    from psmc.runtime.state import ChunkCache
+    torch.manual_seed(2)
+    layer = load("transformer_psm")(C=16, D=64, H=4, check_finite=False)
+    x = torch.randn(1, TOTAL, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, ragged = layer(x=x, cu_seqlens=cu, return_state=True)
+    token = x[0, :COUNT]
+
+    def run(state):
+        def steps():
+            s = state
+            for _ in range(16):
+                _, s = layer.step(s, x=token)
+        return steps
+    one = median_ms(run(ChunkCache.of(ragged, TOTAL + 16)), repeats=3)
+    each = median_ms(run(ragged), repeats=3)
+    print(f"| op | shape | 16 decode tokens, ChunkCache ms | by position ms | ratio |  ({COUNT} rows after the prefill)")
+    print("|---|---|---|---|---|")
+    print(f"| transformer_psm | C=16 D=64 H=4 | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
     print()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psmc.runtime.state import ChunkStream, ScanState, StreamState, TreeCache, TreeState
+from psmc.runtime.state import ChunkCache, ChunkStream, ScanState, StreamState, TreeCache, TreeState
 
 
 def _row_tensors(state: StreamState):
@@ -115,7 +115,7 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
     if len(kinds) > 1 or len(ops) > 1:
         raise ValueError("cat_states: the states come from different ops or plans: "
                          + "; ".join(_describe(s) for s in states))
-    if kinds == {TreeCache}:
+    if kinds in ({TreeCache}, {ChunkCache}):
         return _cat_caches(states)
     rows = []
     for s in states:
@@ -134,15 +134,30 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
     return ragged_or_regular(rows)
 
 
-def _cat_caches(caches: list) -> TreeCache:
-    """Tree caches side by side: each row keeps its own count, so any rows share one cache."""
-    if len({c.levels for c in caches}) > 1:
-        raise ValueError("cat_states: the tree caches have different capacities: "
+def _cat_caches(caches: list):
+    """Serving caches side by side: each row keeps its own position, so any rows share one."""
+    chunked = type(caches[0]) is ChunkCache
+    noun = "chunk" if chunked else "tree"
+    if len({c.capacity for c in caches}) > 1:
+        raise ValueError(f"cat_states: the {noun} caches have different capacities: "
                          + ", ".join(str(c.capacity) for c in caches) + " tokens per row; build them with one capacity")
-    if any(c.roots is None for c in caches):
-        raise ValueError("cat_states: an empty tree cache (no token yet) has no slots to concatenate; "
+    if any(c.buffer is None if chunked else c.roots is None for c in caches):
+        raise ValueError(f"cat_states: an empty {noun} cache (no token yet) has no slots to concatenate; "
                          "concatenate caches that have seen at least one token")
+    if chunked:  # a chunk cache none of whose rows completed a chunk has no tree slots yet
+        like = next((c.inner for c in caches if c.inner.roots is not None), None)
+        if like is not None:
+            caches = [c if c.inner.roots is not None else dataclasses.replace(c, inner=_slots_like(c.inner, like))
+                      for c in caches]
     return _merge(caches, {})
+
+
+def _slots_like(empty: TreeCache, like: TreeCache) -> TreeCache:
+    """`empty` (no slots: no row has pushed) with slots holding `like`'s first row, a valid
+    element that no result reads (its rows' counts are 0)."""
+    rows = empty.count.shape[0]
+    slots = tuple(f[:1].expand(rows, *f.shape[1:]).clone() for f in like.roots)
+    return dataclasses.replace(empty, roots=slots, folds=slots)
 
 
 def ragged_or_regular(rows: list) -> StreamState:
@@ -227,4 +242,4 @@ if hasattr(torch.serialization, "add_safe_globals"):
     torch.serialization.add_safe_globals([RaggedState])
 
 __all__ = ["RaggedState", "cat_states", "select_rows", "batch_size", "at_one_count", "one_count", "ScanState",
-           "TreeState", "TreeCache", "ChunkStream"]
+           "TreeState", "TreeCache", "ChunkStream", "ChunkCache"]

@@ -26,11 +26,12 @@ from ..dtypes import DType
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
 from .batch import RaggedState, _counts, at_one_count, cat_states, one_count
 from . import compiled_step as _compiled
-from .state import ChunkStream, ScanState, StreamState, TreeCache, TreeState
+from .state import ChunkCache, ChunkStream, ScanState, StreamState, TreeCache, TreeState
 from .strategy import strategy_for
 from .varlen import Offsets, cu_seqlens_bounds, lengths
 
 _HALVES = frozenset((torch.float16, torch.bfloat16))  # inputs computed in float32, outputs cast back
+_CACHES = (TreeCache, ChunkCache)  # the serving caches: fixed slots, each row at its own position
 
 # (imported by name: a torch.compile'd step reads one global for it, not `torch` and two attributes)
 _is_compiling = torch.compiler.is_compiling
@@ -195,7 +196,7 @@ class PsmLayer(nn.Module):
             when the op's state has one field, else a tuple of one tensor per field).
         """
         spec = self.spec
-        if type(state) is TreeCache:  # a prefill onto a serving cache: its rows, then a cache again
+        if type(state) in _CACHES:  # a prefill onto a serving cache: its rows, then a cache again
             return self._forward_cache(args, inputs, state, return_state, cu_seqlens, cp_group)
         if cp_group is not None:
             if initial_state is not None or output_final_state is not None:
@@ -222,24 +223,36 @@ class PsmLayer(nn.Module):
             return result, (self._export_state(new_state) if output_final_state else None)
         return (result, new_state) if return_state else result
 
-    def _forward_cache(self, args, inputs: dict, cache: TreeCache, return_state: bool, cu_seqlens, cp_group):
-        """`forward` continuing a `TreeCache`: its rows as tree states (a host read of the counts),
-        the pass, and the rows' new states in a cache of the same capacity."""
+    def _forward_cache(self, args, inputs: dict, cache, return_state: bool, cu_seqlens, cp_group):
+        """`forward` continuing a `TreeCache` or `ChunkCache`: its rows as stream states (a host
+        read of the counts), the pass, and the rows' new states in a cache of the same capacity."""
         self._check_cache(cache)
-        rows = cache.to_state() if cache.roots is not None else None
+        empty = cache.roots is None if type(cache) is TreeCache else cache.buffer is None
+        rows = None if empty else cache.to_state()
         out, state = self.forward(*args, state=rows, return_state=True, cu_seqlens=cu_seqlens, cp_group=cp_group,
                                   **inputs)
-        return (out, TreeCache.of(state, cache.capacity)) if return_state else out
+        return (out, type(cache).of(state, cache.capacity)) if return_state else out
 
-    def _takes_tree_cache(self) -> bool:
-        """A cache serves token tree scans only (its slots are a binary counter's levels; a
-        chunk op's stream also buffers a partial chunk per row)."""
-        return self._strategy.state_class is TreeState and not self._strategy.chunked
+    def _cache_class(self):
+        """The serving cache of this op's stream (`init_state(capacity=...)`), or None: a
+        `TreeCache` for a token tree scan (its slots are a binary counter's levels), a
+        `ChunkCache` for a chunk op on the tree (that counter over chunks, plus a partial chunk
+        per row). An exact scan's state has fixed slots already."""
+        if self._strategy.state_class is not TreeState:
+            return None
+        return ChunkCache if self._strategy.chunked else TreeCache
 
-    def _check_cache(self, cache: TreeCache) -> None:
-        if not self._takes_tree_cache():
-            raise TypeError(f"{self.spec.name}: a TreeCache holds the counter of a token tree scan, but this op's "
-                            f"state is {_a(self._strategy.noun)}: use init_state() without capacity=")
+    def _check_cache(self, cache) -> None:
+        if self._cache_class() is not type(cache):
+            holds = ("the counter of a token tree scan" if type(cache) is TreeCache else
+                     "the chunk counter and partial chunks of a chunk op on the tree")
+            mine = self._cache_class()
+            if mine is None:
+                raise TypeError(f"{self.spec.name}: a {type(cache).__name__} holds {holds}, but this op's state is "
+                                f"{_a(self._strategy.noun)}: use init_state() without capacity=")
+            what = "a token tree scan" if mine is TreeCache else "a chunk op on the tree"
+            raise TypeError(f"{self.spec.name}: a {type(cache).__name__} holds {holds}, but this op is {what}: use a "
+                            f"{mine.__name__} (init_state(batch, capacity=N))")
 
     def _forward_one(self, inputs: dict, state, return_state: bool):
         call = self._prepare_forward(inputs)
@@ -350,8 +363,8 @@ class PsmLayer(nn.Module):
             state = self._live_slots(state)
         with _no_autocast(inputs):
             call, run = self._prepare_step(inputs, state)
-            if type(state) is TreeCache:
-                run = self._step_tree_cache
+            if type(state) in _CACHES:
+                run = self._step_tree_cache if type(state) is TreeCache else self._step_chunk_cache
             outputs, state = run(call, state)
             if self.check_finite == "always":
                 self._check_outputs(outputs, call)
@@ -392,8 +405,8 @@ class PsmLayer(nn.Module):
             if self.spec.dead:
                 state = self._live_slots(state)  # (a state this op made has the stream layout)
         run = self._step_runner(call) if runner is None else getattr(self, runner)
-        if type(state) is TreeCache:
-            run = self._step_tree_cache
+        if type(state) in _CACHES:
+            run = self._step_tree_cache if type(state) is TreeCache else self._step_chunk_cache
         outputs, state = run(call, state)
         if out_dtype is not None:
             outputs = _in_dtype(outputs, call)
@@ -431,9 +444,10 @@ class PsmLayer(nn.Module):
         elif spec.lift_index or spec.readout_index:
             what = "an op that reads the token's position (index): its update needs the token count"
         if what is not None:
-            serve = (" (to serve it, `layer.init_state(batch, capacity=N)` makes a TreeCache: fixed-shape slots, "
+            serve = (f" (to serve it, `layer.init_state(batch, capacity=N)` makes a {self._cache_class().__name__}: "
+                     "fixed-shape slots, "
                      "each row at its own count, one compiled `step` graph at every position)"
-                     if self._takes_tree_cache() else "")
+                     if self._cache_class() else "")
             raise TypeError(f"{spec.name}.step_function takes exact scans whose state is plain tensors; this is {what}. "
                             f"Use layer.step(state, ...), which carries the count in its state{serve}")
         if _is_compiling():
@@ -562,20 +576,30 @@ class PsmLayer(nn.Module):
         """An empty stream state. For chunk ops the partial-chunk buffer is created on the
         first `step` (its shape follows the inputs).
 
-        capacity: for a token tree scan, a `TreeCache` for serving instead of a `TreeState`:
+        capacity: for an op on the paper's tree, a serving cache instead of a stream state:
         fixed-shape slots for `capacity` tokens per row, `batch_shape` rows (an int; () takes the
-        first token's batch), each row at its own count, one compiled graph at every position
+        first token's batch), each row at its own position, one compiled graph at every
+        position: a `TreeCache` for a token op, a `ChunkCache` for a chunk op
         (psmc/runtime/state.py, docs/layers.md)."""
         if capacity is None:
             return self._strategy.empty(device)
-        if not self._takes_tree_cache():
-            raise TypeError(f"{self.spec.name}: capacity= makes a tree cache, for token tree scans; this op's state "
-                            f"is {_a(self._strategy.noun)}, whose slots do not grow with the tokens: call init_state() "
-                            "without capacity=")
+        cache = self._cache_class()
+        if cache is None and self._strategy.chunked:
+            raise TypeError(f"{self.spec.name}: capacity= makes a serving cache for ops on the tree; this is a chunk op "
+                            "on an exact scan, whose ChunkStream keeps one fill for the whole batch: call init_state() "
+                            "without capacity=, and decode rows at different positions as a RaggedState "
+                            "(psmc.cat_states; one call per position)")
+        if cache is None:
+            raise TypeError(f"{self.spec.name}: capacity= makes a serving cache for ops on the tree, whose state grows "
+                            f"with the tokens; this op's state is {_a(self._strategy.noun)}, whose slots do not: call "
+                            "init_state() without capacity=")
         shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
         if len(shape) > 1:
-            raise ValueError(f"{self.spec.name}: a tree cache has one batch axis, got batch_shape={batch_shape!r}")
-        return TreeCache.empty(capacity, batch=shape[0] if shape else None, device=device)
+            raise ValueError(f"{self.spec.name}: a serving cache has one batch axis, got batch_shape={batch_shape!r}")
+        batch = shape[0] if shape else None
+        if cache is ChunkCache:
+            return ChunkCache.empty(capacity, int(self.spec.chunk(self.dims)), batch=batch, device=device)
+        return TreeCache.empty(capacity, batch=batch, device=device)
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{k}={v}" for k, v in self.dims.items())
@@ -740,8 +764,8 @@ class PsmLayer(nn.Module):
 
     # ------------------------------------------------------------------ plain-tensor states (fla style)
     def _import_state(self, initial_state):
-        if type(initial_state) is TreeCache:
-            raise TypeError(f"{self.spec.name}: a TreeCache continues as state=cache (forward(..., state=cache, "
+        if type(initial_state) in _CACHES:
+            raise TypeError(f"{self.spec.name}: a {type(initial_state).__name__} continues as state=cache (forward(..., state=cache, "
                             "return_state=True) gives a cache back), not as initial_state=")
         if isinstance(initial_state, StreamState):
             return initial_state
@@ -811,7 +835,7 @@ class PsmLayer(nn.Module):
         spec = self.spec
         want = self._strategy.state_class  # (flags read inline: fewer guards in a compiled step)
         inner = state.inner if isinstance(state, ChunkStream) else state
-        if type(state) is TreeCache:
+        if type(state) in _CACHES:
             self._check_cache(state)
             if state.op and state.op != call.tag:
                 self._state_mismatch(state.op, call)
@@ -1395,6 +1419,51 @@ class PsmLayer(nn.Module):
             state = state.restart(self._push(call, state.inner, leaf))
         return outputs, state
 
+    def _step_chunk_cache(self, call, cache: ChunkCache):
+        """One token for every row of a `ChunkCache`, each at its own position: `_step_chunked`
+        with the token written at each row's slot, each row's prefix over its complete chunks,
+        its output read at its slot, and a masked push of the rows whose chunk completes."""
+        spec = self.spec
+        lead = call.lead  # [B, *lanes]
+        rows = len(lead)
+        slot = cache.filled if cache.filled.numel() else None  # (None: the first token, at slot 0)
+        cache = cache.append({n: x.expand(tuple(lead) + tuple(x.shape[len(lead):])) for n, x in call.inputs.items()})
+        slot = torch.zeros_like(cache.filled) if slot is None else slot
+        chunk_inputs = {n: cache.buffer[n].movedim(1, rows) for n in call.inputs}
+        index = _position(cache.inner, lead, call.ctx.dev)
+        prefix = cache.inner.before(self._identity_element(call))
+        if prefix is not None:  # (the identity broadcasts; the slots are per row)
+            prefix = tuple(p.expand(tuple(lead) + tuple(p.shape[p.dim() - f.rank:]))
+                           for p, f in zip(prefix, spec.fields))
+        outputs = self._readout_batch(call, lead, prefix, chunk_inputs, index)
+        outputs = tuple(_at_slot(o, slot, rows) for o in outputs)
+        complete = cache.filled == cache.chunk
+        if complete.device.type == "cpu" and not torch.compiler.is_compiling():
+            # on CPU tensors outside a graph a host read is free: the completing rows alone push
+            which = complete.nonzero().squeeze(1)
+            if which.numel() == 0:
+                inner = None
+            elif which.numel() < complete.numel():
+                picked = {n: x.index_select(0, which) for n, x in chunk_inputs.items()}
+                inner = cache.inner.put_rows(which, self._push_chunks(call, cache.inner[which], picked,
+                                                                      index.index_select(0, which), None))
+            else:
+                inner = self._push_chunks(call, cache.inner, chunk_inputs, index, None)
+        else:  # one graph: every row lifts and pushes, masked to the rows that complete
+            inner = self._push_chunks(call, cache.inner, chunk_inputs, index, complete)
+        if inner is not None:
+            cache = cache.restart(inner, complete)
+        if cache.op != call.tag:
+            cache = _tagged(cache, call.tag)
+        return outputs, cache
+
+    def _push_chunks(self, call, inner: TreeCache, chunk_inputs: dict, index, rows) -> TreeCache:
+        """`inner` after its rows (`rows`, [B] bool; None: all) push their lifted chunks."""
+        lead = (index.shape[0],) + tuple(call.lead[1:])
+        leaf = self._lift_batch(call, lead, chunk_inputs, index)
+        leaf = tuple(x.expand(lead + tuple(int(n) for n in f.shape(call.ctx.d))) for x, f in zip(leaf, self.spec.fields))
+        return inner.push(leaf, self._combine_fn(call), rows=rows)[0]
+
 
 class _Inputs:
     """A forward call's inputs as the layer computes with them (compute dtype, lanes aligned).
@@ -1566,6 +1635,15 @@ def _position(state, lead: tuple, device) -> Tensor:
             return torch.zeros(lead, dtype=torch.int64, device=device)
         return state.count.to(device).reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)
     return state.count.to(device).expand(lead)
+
+
+def _at_slot(out: Tensor, slot: Tensor, axis: int) -> Tensor:
+    """out[b, ..., slot[b], ...] along `axis` (the chunk axis after the lead): each row's
+    output at its own token's slot."""
+    out = out.expand((slot.shape[0],) + tuple(out.shape[1:]))
+    index = slot.to(out.device).reshape((-1,) + (1,) * (out.dim() - 1))
+    index = index.expand(tuple(out.shape[:axis]) + (1,) + tuple(out.shape[axis + 1:]))
+    return out.gather(axis, index).squeeze(axis)
 
 
 def _positions(start: int, count: int, lead: tuple, device) -> Tensor:

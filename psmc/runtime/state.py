@@ -6,6 +6,8 @@
 - ChunkStream: a ScanState/TreeState plus the tokens of the chunk being filled.
 - TreeCache: the TreeState counter in fixed-shape slots, every row at its own count (serving:
   one compiled graph at every position).
+- ChunkCache: a chunk op's TreeCache over complete chunks plus each row's partial chunk, every
+  row at its own position (serving a Transformer-PSM).
 
 All of them share one read API: `prefix` (the inclusive prefix over the leaves pushed so far,
 a tuple of field tensors, None before the first leaf), `count` (those leaves, a 0-d int64
@@ -434,10 +436,23 @@ class TreeCache(StreamState):
         slots = tuple(x.unsqueeze(1).expand(x.shape[0], self.levels, *x.shape[1:]).clone() for x in leaf)
         return dataclasses.replace(self, count=count, roots=slots, folds=slots)
 
-    def check_room(self) -> None:
+    def put_rows(self, which: Tensor, rows: TreeCache) -> TreeCache:
+        """The cache with its rows `which` (an int64 index) replaced by `rows` (a cache of
+        `len(which)` rows and the same levels)."""
+        if self.roots is None:  # no slots yet: every row gets valid (unread) ones first
+            filler = tuple(f[:1].expand(self.count.shape[0], *f.shape[1:]) for f in rows.roots)
+            base = dataclasses.replace(self, roots=filler, folds=filler)
+        else:
+            base = self
+        put = lambda mine, theirs: tuple(m.index_copy(0, which, t.to(m.dtype)) for m, t in zip(mine, theirs))  # noqa: E731
+        return dataclasses.replace(base, count=base.count.index_copy(0, which, rows.count),
+                                   roots=put(base.roots, rows.roots), folds=put(base.folds, rows.folds))
+
+    def check_room(self, adds: Tensor | None = None) -> None:
         """Raise when a row's next token would pass the capacity: on the host for CPU counts
-        outside a graph, else a device assert (no sync; it stops the stream with this message)."""
-        after = self.count + 1
+        outside a graph, else a device assert (no sync; it stops the stream with this message).
+        `adds` ([B] int64, None: one each): the tokens each row takes."""
+        after = self.count + (1 if adds is None else adds)
         if self.count.device.type == "cpu" and not torch.compiler.is_compiling():
             full = [c for c in after.tolist() if c >> self.levels]
             if full:
@@ -462,21 +477,24 @@ class TreeCache(StreamState):
         seen = n > 0
         return tuple(torch.where(_per_row(seen, f), f, e.to(f.dtype)) for f, e in zip(at, identity))
 
-    def push(self, leaf: Element, agg: Combine) -> tuple[TreeCache, Element]:
+    def push(self, leaf: Element, agg: Combine, rows: Tensor | None = None) -> tuple[TreeCache, Element]:
         """(the cache after one more token per row, each row's prefix after it): the carry
         merges the roots at the trailing set bits of each row's count, older subtree on the
         left, lands at the first clear bit, and its fold is Agg(older fold, carry) as in
-        `TreeState.push`."""
-        cache = self.ready(leaf)
-        cache.check_room()
+        `TreeState.push`. `rows` ([B] bool, None: all) names the rows that take their leaf;
+        the others keep their count and slots (a `ChunkCache` pushes the rows whose chunk
+        completed), and their prefix in the result is not theirs."""
+        cache, pushing = self.ready(leaf), rows
         n, levels = cache.count, cache.levels
+        cache.check_room(None if pushing is None else pushing.to(n.dtype))
         roots, folds = cache.roots, cache.folds
         leaf = tuple(x.expand(r.shape[:1] + r.shape[2:]) for x, r in zip(leaf, roots))
         after = n + 1
         land = _lowest_bit(after, levels + 1)  # the level the carry lands on: the count's trailing ones
         depth = levels
         if n.device.type == "cpu" and not torch.compiler.is_compiling():
-            depth = int(land.max()) if land.numel() else 0  # (a CPU read costs no sync)
+            deepest = land if pushing is None else land[pushing]
+            depth = int(deepest.max()) if deepest.numel() else 0  # (a CPU read costs no sync)
         carry = leaf
         for level in range(depth):
             merged = agg(tuple(r[:, level] for r in roots), carry)
@@ -489,6 +507,9 @@ class TreeCache(StreamState):
         has_older = older_bits > 0
         fold = tuple(torch.where(_per_row(has_older, f), f, c) for f, c in zip(folded, carry))
         at = torch.arange(levels, device=n.device) == land.unsqueeze(1)  # [B, levels]
+        if pushing is not None:
+            at = at & pushing.unsqueeze(1)
+            after = torch.where(pushing, after, n)
         new_roots = tuple(torch.where(_per_row(at, r), c.unsqueeze(1), r) for r, c in zip(roots, carry))
         new_folds = tuple(torch.where(_per_row(at, f), c.unsqueeze(1), f) for f, c in zip(folds, fold))
         return dataclasses.replace(cache, count=after, roots=new_roots, folds=new_folds), fold
@@ -545,7 +566,157 @@ class TreeCache(StreamState):
         return ragged_or_regular(rows) if len(set(sizes)) == 1 else RaggedState(rows=tuple(rows))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChunkCache(StreamState):
+    """A chunk op's stream for serving, every row at its own position: a `TreeCache` over each
+    row's complete chunks (`inner`, its counts are chunks) and each row's partial chunk in
+    fixed `[B, C, ...]` buffers with its own fill (`filled`, `[B]` int64).
+
+    A `ChunkStream` keeps one fill for the whole batch, so rows at different positions cannot
+    share it and a compiled step is a graph per fill. Here a token is written at each row's
+    own slot, the readout runs once for the batch, and the rows whose chunk completes push it
+    (a masked `TreeCache.push`); the rest keep theirs. One graph at every position: the push's
+    Agg calls run at every token for every row in a graph (on CPU tensors outside one, only
+    when some row completes a chunk). The slots after a row's fill are zeros, as the parallel
+    pass pads a partial chunk, so a row decodes as its `ChunkStream` does.
+
+    `buffer` is None until the first token (`PsmLayer.init_state(capacity=...)`); the cache
+    holds `capacity = chunk * 2**levels - 1` tokens per row."""
+
+    inner: TreeCache
+    filled: Tensor
+    chunk: int = 1
+    buffer: dict[str, Tensor] | None = None
+    op: str = ""
+
+    @staticmethod
+    def levels_for(capacity: int, chunk: int) -> int:
+        """Levels of the inner counter for `capacity` tokens per row in chunks of `chunk`."""
+        TreeCache.levels_for(capacity)  # (the same check of the number)
+        return max(1, (capacity // chunk).bit_length())
+
+    @classmethod
+    def empty(cls, capacity: int, chunk: int, batch: int | None = None, device=None, op: str = "") -> ChunkCache:
+        """A cache before any token for `capacity` tokens per row (`batch` rows; None: the first
+        token's batch)."""
+        levels = cls.levels_for(capacity, chunk)
+        inner = TreeCache.empty((1 << levels) - 1, batch=batch, device=device)
+        return cls(inner=inner, filled=inner.count.clone(), chunk=chunk, op=op)
+
+    @property
+    def capacity(self) -> int:
+        """Tokens each row can hold: the inner counter's chunks and a partial one."""
+        return self.chunk * (1 << self.inner.levels) - 1
+
+    @property
+    def count(self) -> Tensor:
+        """Complete chunks of each row, `[B]` int64."""
+        return self.inner.count
+
+    @property
+    def sizes(self) -> list[int]:
+        """Tokens each row has seen (a host read of the counts)."""
+        return [c * self.chunk + f for c, f in zip(self.inner.count.tolist(), self.filled.tolist())]
+
+    def reset(self, rows) -> ChunkCache:
+        """The cache with `rows` (an int, a list, a slice or an index tensor) emptied, for new
+        streams in those slots; their buffers are zeroed (a partial chunk is zero-padded)."""
+        filled = self.filled.clone()
+        filled[rows] = 0
+        buffer = None
+        if self.buffer is not None:
+            buffer = {}
+            for name, buf in self.buffer.items():
+                buf = buf.clone()
+                buf[rows] = 0
+                buffer[name] = buf
+        return dataclasses.replace(self, inner=self.inner.reset(rows), filled=filled, buffer=buffer)
+
+    def check_room(self) -> None:
+        """Raise when a row's next token would pass the capacity (as `TreeCache.check_room`)."""
+        after = self.inner.count * self.chunk + self.filled + 1
+        limit = self.capacity
+        if after.device.type == "cpu" and not torch.compiler.is_compiling():
+            full = [c for c in after.tolist() if c > limit]
+            if full:
+                raise ValueError(f"the chunk cache is full: it holds {limit} tokens per row ({self.inner.levels} levels "
+                                 f"of chunks of {self.chunk}) and a row would reach {full[0]}: build it with a larger "
+                                 "capacity (layer.init_state(batch, capacity=...)) or reset the row")
+        else:
+            torch._assert_async(after.le(limit).all(),
+                                f"psmc: a chunk cache of {limit} tokens per row is full: build it with a larger "
+                                "capacity or reset the row")
+
+    def append(self, token: Mapping[str, Tensor]) -> ChunkCache:
+        """The cache with `token[name]` (`[B, ...]`) written at each row's own slot (its fill)."""
+        batch = next(iter(token.values())).shape[0]
+        filled, inner = self.filled, self.inner
+        if not filled.numel():  # the first token of a cache made without a batch
+            filled = filled.new_zeros(batch).to(next(iter(token.values())).device)
+            inner = dataclasses.replace(inner, count=filled.clone())
+        if filled.shape[0] != batch:
+            raise ValueError(f"the chunk cache holds {filled.shape[0]} rows but the token has batch {batch}")
+        buffer = self.buffer
+        if buffer is None:
+            buffer = {name: t.new_zeros((t.shape[0], self.chunk, *t.shape[1:])) for name, t in token.items()}
+        elif set(token) != set(buffer):
+            raise ValueError(f"token names {sorted(token)} differ from the buffer's {sorted(buffer)}")
+        cache = dataclasses.replace(self, inner=inner, filled=filled, buffer=buffer)
+        cache.check_room()
+        slots = torch.arange(self.chunk, device=filled.device) == filled.unsqueeze(1)  # [B, C]
+        written = {name: torch.where(_per_row(slots, buf), token[name].unsqueeze(1).to(buf.dtype), buf)
+                   for name, buf in buffer.items()}
+        return dataclasses.replace(cache, buffer=written, filled=filled + 1)
+
+    def restart(self, inner: TreeCache, rows: Tensor) -> ChunkCache:
+        """After the rows `rows` ([B] bool) pushed their complete chunk into `inner`: their
+        buffers zeroed and their fills 0."""
+        buffer = {name: torch.where(_per_row(rows, buf), torch.zeros((), dtype=buf.dtype, device=buf.device), buf)
+                  for name, buf in self.buffer.items()}
+        return dataclasses.replace(self, inner=inner, buffer=buffer, filled=torch.where(rows, 0, self.filled))
+
+    @classmethod
+    def of(cls, state, capacity: int) -> ChunkCache:
+        """The cache holding `state` (a `ChunkStream`, an empty inner state, or a `RaggedState`
+        of them: a prefill with `cu_seqlens`) for `capacity` tokens per row."""
+        rows = getattr(state, "row_states", None)
+        if rows is None:
+            rows = [state] if isinstance(state, ChunkStream) else []
+        if not rows or not all(isinstance(r, ChunkStream) for r in rows):
+            kinds = sorted({type(r).__name__ for r in rows}) or [type(state).__name__]
+            raise TypeError(f"a chunk cache holds a chunk op's ChunkStream (or a RaggedState of them), got {', '.join(kinds)}")
+        chunk = rows[0].chunk
+        levels = cls.levels_for(capacity, chunk)
+        sizes = [r.inner.size * chunk + r.size for r in rows]
+        limit = chunk * (1 << levels) - 1
+        if max(sizes) > limit:
+            raise ValueError(f"the state has seen {max(sizes)} tokens, more than a chunk cache of capacity {capacity} "
+                             f"holds ({limit} tokens per row)")
+        from psmc.runtime.batch import RaggedState
+        inner = TreeCache.of(RaggedState(rows=tuple(r.inner for r in rows)), (1 << levels) - 1) if len(rows) > 1 \
+            else TreeCache.of(rows[0].inner, (1 << levels) - 1)
+        batch = sum(next(iter(r.buffer.values())).shape[0] for r in rows)
+        if inner.count.shape[0] != batch:  # an empty inner state has no rows: a count per row
+            inner = dataclasses.replace(inner, count=inner.count.new_zeros(batch))
+        filled = torch.cat([r.filled.expand(next(iter(r.buffer.values())).shape[0]) for r in rows])
+        buffer = {name: torch.cat([r.buffer[name] for r in rows]) for name in rows[0].buffer}
+        return cls(inner=inner, filled=filled, chunk=chunk, buffer=buffer, op=rows[0].op)
+
+    def to_state(self):
+        """The rows as `ChunkStream`s (one state when every row is at the same position, else a
+        `RaggedState`): what `forward` continues. Reads the counts on the host."""
+        from psmc.runtime.batch import ragged_or_regular
+        rows = []
+        for b, fill in enumerate(self.filled.tolist()):
+            inner = self.inner[b:b + 1]
+            inner = inner.to_state() if inner.roots is not None else TreeState.empty(self.filled.device)
+            buffer = {name: buf[b:b + 1] for name, buf in self.buffer.items()}
+            rows.append(ChunkStream(inner=inner, buffer=buffer, filled=torch.tensor(fill, device=self.filled.device),
+                                    op=self.op, n_filled=fill))
+        return ragged_or_regular(rows)
+
+
 # States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the
 # default since torch 2.6) read them back.
 if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream, TreeCache])
+    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream, TreeCache, ChunkCache])

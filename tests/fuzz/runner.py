@@ -62,7 +62,7 @@ import psmc  # noqa: E402
 from psmc.cli import main as psmc_main  # noqa: E402
 from psmc.ir import ops_from_file, ops_from_source  # noqa: E402
 from psmc.runtime import scan as scan_module  # noqa: E402
-from psmc.runtime.state import TreeCache  # noqa: E402
+from psmc.runtime.state import ChunkCache, TreeCache  # noqa: E402
 
 import conditioning  # noqa: E402
 import ties  # noqa: E402
@@ -340,6 +340,10 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
         cached, _ = stream(layer, inputs, layer.init_state(lead[0], capacity=T), 0, T)
         agree(cached, streamed, "a TreeCache stream vs the TreeState stream", RTOL, ATOL)
         checked.add("tree-cache")
+    elif _chunk_tree(cls):  # a chunk op's serving cache: each row's chunk counter and partial chunk
+        cached, _ = stream(layer, inputs, layer.init_state(lead[0], capacity=T), 0, T)
+        agree(cached, streamed, "a ChunkCache stream vs the ChunkStream stream", RTOL, ATOL)
+        checked.add("chunk-cache")
 
     if T >= 2:
         continued(layer, inputs, full, config, ("continued", "decode after a prefill of", "vs one pass"), RTOL, ATOL)
@@ -450,15 +454,27 @@ def _check_varlen(layer, inputs: dict, full: tuple, config: Config, name: str = 
     stepped, _ = layer.step(state, **{n: x[at] for n, x in inputs.items()})
     agree(tuple(o[:, None] for o in as_tuple(stepped)), tuple(following(w) for w in full),
           f"a ragged step after the {what} prefill (rows at {lengths}) vs one pass", rtol, atol, view=following)
-    if _token_tree(type(layer)):  # the same rows in a serving cache: one call for every row
-        cached, _ = layer.step(TreeCache.of(state, max(lengths) + 1), **{n: x[at] for n, x in inputs.items()})
-        agree(as_tuple(cached), as_tuple(stepped), f"a TreeCache step after the {what} prefill (rows at {lengths}) "
-              "vs the ragged step", rtol, atol)
+    if _token_tree(type(layer)) or _chunk_tree(type(layer)):
+        # the same rows in a serving cache, one call for every row, through the tokens every row
+        # has left (a chunk cache's rows complete their chunks at different tokens)
+        kind = TreeCache if _token_tree(type(layer)) else ChunkCache
+        cache = kind.of(state, config.time)
+        for j in range(config.time - max(lengths)):
+            pos = (at[0], at[1] + j)
+            cached, cache = layer.step(cache, **{n: x[pos] for n, x in inputs.items()})
+            agree(tuple(o[:, None] for o in as_tuple(cached)), tuple(w[pos][:, None] for w in full),
+                  f"a {kind.__name__} step {j + 1} after the {what} prefill (rows at {lengths}) vs one pass", rtol, atol,
+                  view=lambda x, pos=pos: x[pos][:, None])
 
 
 def _token_tree(cls) -> bool:
     """A token op on the paper's tree: its stream state can be a TreeCache."""
     return cls.spec.scan == "tree" and cls.spec.chunk is None
+
+
+def _chunk_tree(cls) -> bool:
+    """A chunk op on the paper's tree: its stream state can be a ChunkCache."""
+    return cls.spec.scan == "tree" and cls.spec.chunk is not None
 
 
 def _packed_lengths(config: Config) -> tuple:
