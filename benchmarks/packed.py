@@ -116,6 +116,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def cache_vs_ragged(layer, name: str, x, cu, cache_class, repeats: int = 7) -> tuple:
+    """(ms of 16 decode tokens on a serving cache of the prefill's rows, ms on its RaggedState):
+    the first COUNT tokens of `x` ([1, T, ...]) are the token stepped for every row."""
+    with torch.no_grad():
+        _, ragged = layer(**{name: x}, cu_seqlens=cu, return_state=True)
+    token = x[0, :COUNT]
+
+    def run(state):
+        def steps():
+            s = state
+            for _ in range(16):
+                _, s = layer.step(s, **{name: token})
+        return steps
+    return median_ms(run(cache_class.of(ragged, TOTAL + 16)), repeats), median_ms(run(ragged), repeats)
+
+
 def tree_table(cu) -> None:
     """A tree scan's rows after the prefill (ema, D=256): 16 decode tokens stepped on a
     TreeCache (every row in one call) against the RaggedState of tree states (by count)."""
@@ -126,18 +142,7 @@ def tree_table(cu) -> None:
     print("|---|---|---|---|---|---|")
     for backend in ("torch", "auto"):
         layer = load("ema")(backend=backend, check_finite=False)
-        with torch.no_grad():
-            _, ragged = layer(y=x, cu_seqlens=cu, return_state=True)
-        token = x[0, :COUNT]
-
-        def run(state):
-            def steps():
-                s = state
-                for _ in range(16):
-                    _, s = layer.step(s, y=token)
-            return steps
-        one = median_ms(run(TreeCache.of(ragged, TOTAL + 16)))
-        each = median_ms(run(ragged))
+        one, each = cache_vs_ragged(layer, "y", x, cu, TreeCache)
         print(f"| ema | D=256 | {backend} | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
     print()
 
@@ -150,23 +155,11 @@ def chunk_table(cu) -> None:
     torch.manual_seed(2)
     layer = load("transformer_psm")(C=16, D=64, H=4, check_finite=False)
     x = torch.randn(1, TOTAL, 64, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        _, ragged = layer(x=x, cu_seqlens=cu, return_state=True)
-    token = x[0, :COUNT]
-
-    def run(state):
-        def steps():
-            s = state
-            for _ in range(16):
-                _, s = layer.step(s, x=token)
-        return steps
-    one = median_ms(run(ChunkCache.of(ragged, TOTAL + 16)), repeats=3)
-    each = median_ms(run(ragged), repeats=3)
+    one, each = cache_vs_ragged(layer, "x", x, cu, ChunkCache, repeats=3)
     print(f"| op | shape | 16 decode tokens, ChunkCache ms | by position ms | ratio |  ({COUNT} rows after the prefill)")
     print("|---|---|---|---|---|")
     print(f"| transformer_psm | C=16 D=64 H=4 | {one:.2f} | {each:.2f} | {one / each:.2f}x |")
     print()
-
 
 if __name__ == "__main__":
     sys.exit(main())
