@@ -13,13 +13,14 @@
 //
 //   make(kernel, threads, pointers, ints, inputs, fields, params, outputs, finals, width) -> lane
 //   step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None
-//   delta_step(S, q, k, v, beta, log_gate, scale) -> (o, new S), or None
+//   delta_step(S, q, k, v, beta, log_gate, scale[, steps]) -> (o, new S), or None
 //
 // `step` returns None, having run nothing, when anything differs from what the lane was bound
 // to; the caller then takes its general path, which handles (or reports) the difference.
 // `delta_step` is the delta rule's token (the identity-plus-low-rank class, whose combine the
-// generated kernels do not cover: psmc.runtime.delta.delta_rule_step calls it), None likewise
-// for tensors it does not cover.
+// generated kernels do not cover: psmc.runtime.delta.delta_rule_step calls it; with `steps` = r
+// the r steps of a DeltaProduct token, delta_product_step), None likewise for tensors it does
+// not cover.
 #include <Python.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -273,37 +274,45 @@ PyObject *step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
 // One token of the (gated) delta rule, O(K V) per row, the K x K transition never formed:
 //   read = k^T S;  u = beta (v - gate read);  S' = gate S + k u^T;  o = scale q^T S'
 // (psmc.runtime.delta.delta_rule_step's torch code, fused: ~8 torch ops per token there).
+// With `steps` = r (DeltaProduct) k, v and beta hold r rows per token, applied in order to the
+// state, which after the first step is updated in place; the gate applies to the first step
+// and the output is read after the last (accumulated in its update loop, as for one step).
 template <typename T>
 void delta_rows(const T *S, const T *q, const T *k, const T *v, const T *beta, const T *log_gate, T scale, T *o,
-                T *S_new, int64_t rows, int64_t K, int64_t V) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * V));  // (cpu_support.GRAIN)
+                T *S_new, int64_t rows, int64_t K, int64_t V, int64_t steps) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * V * steps));  // (cpu_support.GRAIN)
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> read(V), u(V);
     for (int64_t r = begin; r < end; ++r) {
       const T *s = S == nullptr ? nullptr : S + r * K * V;
-      const T *kr = k + r * K, *qr = q + r * K, *vr = v + r * V;
+      const T *qr = q + r * K;
       T *sn = S_new + r * K * V, *orow = o + r * V;
-      const T gate = log_gate == nullptr ? T(1) : std::exp(log_gate[r]);
-      std::fill(read.begin(), read.end(), T(0));
-      if (s != nullptr)
+      for (int64_t step = 0; step < steps; ++step) {
+        const T *kr = k + (r * steps + step) * K, *vr = v + (r * steps + step) * V;
+        const T b = beta[r * steps + step];
+        const T gate = log_gate == nullptr || step > 0 ? T(1) : std::exp(log_gate[r]);
+        const bool last = step == steps - 1;
+        std::fill(read.begin(), read.end(), T(0));
+        if (s != nullptr)
+          for (int64_t i = 0; i < K; ++i) {
+            const T ki = kr[i];
+            for (int64_t j = 0; j < V; ++j) read[j] += ki * s[i * V + j];
+          }
+        for (int64_t j = 0; j < V; ++j) u[j] = b * (vr[j] - gate * read[j]);
+        if (last) std::fill(orow, orow + V, T(0));
         for (int64_t i = 0; i < K; ++i) {
-          const T ki = kr[i];
-          for (int64_t j = 0; j < V; ++j) read[j] += ki * s[i * V + j];
+          const T ki = kr[i], qi = qr[i];
+          T *row = sn + i * V;
+          if (s != nullptr) {
+            const T *old = s + i * V;  // (the new state itself after the first step: read before written)
+            for (int64_t j = 0; j < V; ++j) row[j] = gate * old[j] + ki * u[j];
+          } else {
+            for (int64_t j = 0; j < V; ++j) row[j] = ki * u[j];
+          }
+          if (last)
+            for (int64_t j = 0; j < V; ++j) orow[j] += qi * row[j];
         }
-      for (int64_t j = 0; j < V; ++j) {
-        u[j] = beta[r] * (vr[j] - gate * read[j]);
-        orow[j] = T(0);
-      }
-      for (int64_t i = 0; i < K; ++i) {
-        const T ki = kr[i], qi = qr[i];
-        T *row = sn + i * V;
-        if (s != nullptr) {
-          const T *old = s + i * V;
-          for (int64_t j = 0; j < V; ++j) row[j] = gate * old[j] + ki * u[j];
-        } else {
-          for (int64_t j = 0; j < V; ++j) row[j] = ki * u[j];
-        }
-        for (int64_t j = 0; j < V; ++j) orow[j] += qi * row[j];
+        s = sn;
       }
       for (int64_t j = 0; j < V; ++j) orow[j] *= scale;
     }
@@ -324,16 +333,20 @@ const at::Tensor *plain(PyObject *obj, at::ScalarType dtype, at::IntArrayRef lea
   return &t;
 }
 
-// delta_step(S | None, q, k, v, beta, log_gate | None, scale) -> (o, new S), or None (nothing
-// run) unless every tensor is a contiguous CPU tensor of one dtype (float32 or float64) with the
-// same leading axes (no broadcasting): the caller's torch code serves the rest.
+// delta_step(S | None, q, k, v, beta, log_gate | None, scale[, steps]) -> (o, new S), or None
+// (nothing run) unless every tensor is a contiguous CPU tensor of one dtype (float32 or float64)
+// with the same leading axes (no broadcasting): the caller's torch code serves the rest. With
+// `steps` = r > 1, k is [*lead, r, K], v [*lead, r, V] and beta [*lead, r].
 PyObject *delta_step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-  if (nargs != 7) {
-    PyErr_SetString(PyExc_TypeError, "psmc lane: delta_step takes (S, q, k, v, beta, log_gate, scale)");
+  if (nargs != 7 && nargs != 8) {
+    PyErr_SetString(PyExc_TypeError, "psmc lane: delta_step takes (S, q, k, v, beta, log_gate, scale[, steps])");
     return nullptr;
   }
   const double scale = PyFloat_AsDouble(args[6]);
   if (scale == -1.0 && PyErr_Occurred()) return nullptr;
+  const int64_t steps = nargs == 8 ? PyLong_AsLongLong(args[7]) : 1;
+  if (steps == -1 && PyErr_Occurred()) return nullptr;
+  if (steps < 1) Py_RETURN_NONE;
   if (!THPVariable_CheckExact(args[1])) Py_RETURN_NONE;
   const at::Tensor &q0 = THPVariable_Unpack(args[1]);
   const at::ScalarType dtype = q0.scalar_type();
@@ -342,8 +355,10 @@ PyObject *delta_step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
   const int64_t K = q0.size(-1);
   if (!THPVariable_CheckExact(args[3])) Py_RETURN_NONE;
   const int64_t V = THPVariable_Unpack(args[3]).dim() >= 1 ? THPVariable_Unpack(args[3]).size(-1) : -1;
-  const at::Tensor *q = plain(args[1], dtype, lead, {K}), *k = plain(args[2], dtype, lead, {K}),
-                   *v = plain(args[3], dtype, lead, {V}), *beta = plain(args[4], dtype, lead, {});
+  const at::Tensor *q = plain(args[1], dtype, lead, {K});
+  const at::Tensor *k = steps == 1 ? plain(args[2], dtype, lead, {K}) : plain(args[2], dtype, lead, {steps, K});
+  const at::Tensor *v = steps == 1 ? plain(args[3], dtype, lead, {V}) : plain(args[3], dtype, lead, {steps, V});
+  const at::Tensor *beta = steps == 1 ? plain(args[4], dtype, lead, {}) : plain(args[4], dtype, lead, {steps});
   const at::Tensor *S = args[0] == Py_None ? nullptr : plain(args[0], dtype, lead, {K, V});
   const at::Tensor *g = args[5] == Py_None ? nullptr : plain(args[5], dtype, lead, {});
   if (!q || !k || !v || !beta || (args[0] != Py_None && !S) || (args[5] != Py_None && !g) || V < 0) Py_RETURN_NONE;
@@ -360,12 +375,12 @@ PyObject *delta_step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
       delta_rows<float>(S ? S->const_data_ptr<float>() : nullptr, q->const_data_ptr<float>(), k->const_data_ptr<float>(),
                         v->const_data_ptr<float>(), beta->const_data_ptr<float>(),
                         g ? g->const_data_ptr<float>() : nullptr, static_cast<float>(scale), o.mutable_data_ptr<float>(),
-                        S_new.mutable_data_ptr<float>(), rows, K, V);
+                        S_new.mutable_data_ptr<float>(), rows, K, V, steps);
     } else {
       delta_rows<double>(S ? S->const_data_ptr<double>() : nullptr, q->const_data_ptr<double>(),
                          k->const_data_ptr<double>(), v->const_data_ptr<double>(), beta->const_data_ptr<double>(),
                          g ? g->const_data_ptr<double>() : nullptr, scale, o.mutable_data_ptr<double>(),
-                         S_new.mutable_data_ptr<double>(), rows, K, V);
+                         S_new.mutable_data_ptr<double>(), rows, K, V, steps);
     }
     Py_END_ALLOW_THREADS
     PyObject *out = THPVariable_Wrap(std::move(o));
@@ -390,7 +405,7 @@ PyMethodDef methods[] = {
     {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step)), METH_FASTCALL,
      "step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None"},
     {"delta_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(delta_step)), METH_FASTCALL,
-     "delta_step(S, q, k, v, beta, log_gate, scale) -> (o, new S), or None"},
+     "delta_step(S, q, k, v, beta, log_gate, scale[, steps]) -> (o, new S), or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -323,19 +323,34 @@ def delta_product_step(
     last. Shapes as `delta_rule_step`'s, per step (lane axes broadcast).
 
     CUDA tensors run the r steps in one kernel launch (`triton_delta_step` with `steps` = r:
-    the state read and written once per token, not once per step); elsewhere the steps are r
-    `delta_rule_step` calls (each one fused C++ token with `native`)."""
+    the state read and written once per token, not once per step); with `native`, CPU tensors
+    run them in one fused C++ token (`_psmc_lane.delta_step` with `steps` = r: one new state,
+    updated in place by the later steps, and one output); elsewhere the steps are r
+    `delta_rule_step` calls."""
     if _triton_wanted(q):
         from psmc.runtime import triton_delta_step
         if triton_delta_step.serves(S, [q, *keys, *values, *betas, log_decay], q.shape[-1]):  # (before stacking)
-            k = torch.stack(torch.broadcast_tensors(*keys), dim=-2)
-            v = torch.stack(torch.broadcast_tensors(*values), dim=-2)
-            beta = torch.stack(torch.broadcast_tensors(*betas), dim=-1)
+            k, v, beta = _stacked_steps(keys, values, betas)
             return triton_delta_step.triton_delta_step(S, q, k, v, beta, log_decay, scale=scale, steps=len(keys))
+    if native and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and len(keys) > 1:
+        lane = cpu_support.decode_lane()
+        if lane is not None:
+            k, v, beta = _stacked_steps(keys, values, betas)
+            done = lane.delta_step(S if S is None else S.contiguous(), q.contiguous(), k, v, beta,
+                                   log_decay if log_decay is None else log_decay.contiguous(), float(scale), len(keys))
+            if done is not None:
+                return done
     o = None
     for j, (k, v, beta) in enumerate(zip(keys, values, betas)):
         o, S = delta_rule_step(S, q, k, v, beta, log_decay if j == 0 else None, scale=scale, native=native)
     return o, S
+
+
+def _stacked_steps(keys: Sequence[Tensor], values: Sequence[Tensor], betas: Sequence[Tensor]) -> tuple:
+    """The r steps' keys [..., r, K], values [..., r, V] and strengths [..., r], stacked after the
+    lane axes (each broadcast to the others' shape first)."""
+    return (torch.stack(torch.broadcast_tensors(*keys), dim=-2), torch.stack(torch.broadcast_tensors(*values), dim=-2),
+            torch.stack(torch.broadcast_tensors(*betas), dim=-1))
 
 
 def _chunks(layout: _Layout, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None,

@@ -431,6 +431,42 @@ def test_the_fused_cpp_step_equals_the_recurrence(dtype, gated, monkeypatch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_fused_cpp_token_runs_the_steps_of_a_product_in_one_call(dtype, monkeypatch):
+    """delta_product_step(native=True) runs a DeltaProduct token's r steps in one C++ call,
+    bit for bit the r one-step C++ tokens (the same arithmetic, the state updated in place),
+    close to the torch code; a fresh stream and an ungated token too."""
+    from psmc.runtime.delta import delta_product_step
+    ran = _counted_native_steps(monkeypatch)
+    r = 3
+    steps = [make(20 + j, 2, 1, (3,), 6, 5, dtype=dtype) for j in range(r)]
+    q, g = steps[0][0][:, 0].contiguous(), steps[0][4][:, 0].contiguous()
+    keys, values, betas = ([s[i][:, 0].contiguous() for s in steps] for i in (1, 2, 3))
+    S = torch.randn(2, 3, 6, 5, dtype=dtype)
+    with torch.no_grad():
+        for s0, gate in ((S, g), (None, g), (S, None)):
+            got = delta_product_step(s0, q, keys, values, betas, gate, scale=0.7, native=True)
+            assert ran[-1] and len(ran) == 1
+            one = s0
+            for j in range(r):
+                o, one = delta_rule_step(one, q, keys[j], values[j], betas[j], gate if j == 0 else None, scale=0.7,
+                                         native=True)
+            assert torch.equal(got[0], o) and torch.equal(got[1], one)
+            want = delta_product_step(s0, q, keys, values, betas, gate, scale=0.7)
+            for a, b in zip(got, want):
+                assert_close(a, b, dtype)
+            ran.clear()
+    # a state of another dtype: the product call declines, and so does each one-step token
+    other = S.to(torch.float32 if dtype == torch.float64 else torch.float64)
+    with torch.no_grad():
+        got = delta_product_step(other, q, keys, values, betas, g, native=True)
+        want = delta_product_step(other, q, keys, values, betas, g)
+    assert ran == [False] * (1 + r)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_compiler
 def test_the_fused_cpp_step_declines_what_it_does_not_cover(monkeypatch):
     """Broadcast lanes, mixed dtypes and grad mode go to the torch code (same results; grad
     mode records the graph); the C++ token never reads them. A strided input is copied."""
