@@ -170,7 +170,9 @@ def _decay_kind(a_shape, h_shape) -> str:
 
 
 # ---------------------------------------------------------------------------- the classes
-def _decayed_linear_attention(op: OpIR):
+def _decayed_linear_attention(op: OpIR, any_sign: bool = False):
+    """The class of S = a * S + outer(k, v) with a linear readout, else None. `any_sign`: take
+    a decay not known to be non-negative too (only to tell the user what the sign costs)."""
     if not op.has_lift or leaves(op.lift + op.readout, "index"):
         return None
     if len(op.state) == 1:
@@ -200,7 +202,7 @@ def _decayed_linear_attention(op: OpIR):
     if a_index is not None:
         A = op.state[a_index]
         lift_a = op.lift[a_index]
-        if not _non_negative(lift_a):
+        if not _non_negative(lift_a) and not any_sign:
             return None  # (the chunkwise form takes log(a); the first-order scan takes any sign)
         g = lift_a.args[0] if lift_a.op == "exp" else Node("log", (lift_a,), (), lift_a.dtype, lift_a.shape)
         if not A.shape:
@@ -521,12 +523,16 @@ def _non_negative(node: Node) -> bool:
         return node.attrs[0] >= 0
     if node.op == "dim" or node.op in _NON_NEGATIVE_UNARY:
         return True
+    if node.op == "mul" and node.args[0] == node.args[1]:
+        return True  # a square
     if node.op in ("mul", "div", "add", "min", "minimum"):
         return all(_non_negative(a) for a in node.args)
     if node.op in ("max", "maximum"):
         return any(_non_negative(a) for a in node.args)
     if node.op == "pow":
-        return _non_negative(node.args[0])
+        power = node.args[1]
+        even = power.op == "const" and float(power.attrs[0]).is_integer() and int(power.attrs[0]) % 2 == 0
+        return even or _non_negative(node.args[0])
     return False
 
 
@@ -598,7 +604,7 @@ def classify(op: OpIR, associative: bool) -> StructureClass:
             ia, ih, d = fo
             kind = _decay_kind(op.state[ia].shape, op.state[ih].shape)
             return StructureClass("first-order", kind, f"h = a * h + b over ({op.state[ia].name}, "
-                                  f"{op.state[ih].name}) with a {kind} decay",
+                                  f"{op.state[ih].name}) with a {kind} decay{_sign_note(op, ia)}",
                                   (("a_index", ia), ("h_index", ih), ("decay", d)))
         return StructureClass("elementwise-monoid", "", "every combine output is elementwise in the fields")
     found = _identity_plus_low_rank(op) or _delta_product(op) or _diagonal_plus_low_rank(op)
@@ -608,6 +614,18 @@ def classify(op: OpIR, associative: bool) -> StructureClass:
     if all(degree_in_left(n) <= 1 for n in op.combine):
         return StructureClass("matrix-affine", "", f"linear in the earlier element, not elementwise in {flat}")
     return StructureClass("general", "", f"not linear in the earlier element (in {flat})")
+
+
+def _sign_note(op: OpIR, decay_index: int) -> str:
+    """For an op that is decayed linear attention but for its decay's sign: what to write to get
+    the chunkwise form (a first-order scan over a matrix state stores it at every token)."""
+    if len(op.state[1 - decay_index].shape) != 2 or _decayed_linear_attention(op, any_sign=True) is None:
+        return ""
+    decay = render(op.lift[decay_index])
+    shape = ", ".join(str(n) for n in op.state[1 - decay_index].shape)
+    return (f"; its decay {decay} is not known to be non-negative, so it scans the [{shape}] state token by token "
+            "instead of taking the chunkwise matmul form (decayed-linear-attention, which works with log decays): "
+            "write the decay as exp(g), with g its log, or as sigmoid(u)")
 
 
 def coarse_structure(op: OpIR) -> str:

@@ -65,6 +65,33 @@ def test_matrix_affine_and_general_on_associativity():
     assert _class(op, associative=False).name == "general"
 
 
+HGRN2 = """op hgrn2[K, V] {{
+  state (a: f32[K], S: f32[K, V]);
+  lift (f: f32[K], v: f32[V]) {{ return ({}, outer(1 - f, v)); }}
+  combine (l, r) {{ return (l.a * r.a, r.a[:, None] * l.S + r.S); }}
+  identity = (ones, zeros);
+  readout (s, q: f32[K]) {{ return q @ s.S; }}
+}}"""
+
+
+def test_a_decay_of_unknown_sign_says_how_to_get_the_chunkwise_form():
+    """HGRN2 spelled with its forget gate as a raw input: the chunkwise form takes log decays,
+    so the op scans token by token, and the class says which spelling would take it."""
+    (op,) = ops_from_source(HGRN2.format("f"))
+    got = _class(op)
+    assert (got.name, got.detail) == ("first-order", "per-key")
+    assert got.reason == (
+        "h = a * h + b over (a, S) with a per-key decay; its decay f is not known to be non-negative, so it scans "
+        "the [K, V] state token by token instead of taking the chunkwise matmul form (decayed-linear-attention, "
+        "which works with log decays): write the decay as exp(g), with g its log, or as sigmoid(u)")
+    for positive in ("sigmoid(f)", "exp(f)", "f * f", "f ** 2"):
+        (op,) = ops_from_source(HGRN2.format(positive))
+        assert _class(op).name == "decayed-linear-attention", positive
+    # a first-order op over a vector state has no chunkwise form: no note
+    (op,) = ops_from_file(EXAMPLES / "selective_ssm.psm")
+    assert "not known to be non-negative" not in _class(op).reason
+
+
 NEAR = """op near[K, V] {{
   state (E: f32[K, K], S: f32[K, V]);
   lift (k: f32[K], v: f32[V], beta: f32) {{ return ({}, {}); }}
