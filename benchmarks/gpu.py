@@ -267,6 +267,10 @@ def attn_inputs(name: str, shape, device, dtype, seed=0) -> dict:
     if name == "simple_gla":
         gate = (-torch.rand(B, T, H, generator=g) * 0.1).to(device=device, dtype=dtype)
         return {"q": q, "k": k, "v": v, "g": gate}
+    if name == "rwkv6":  # examples/rwkv6.psm: decay exp(-exp(w)), the bonus u one [H, K] for every token
+        w = (torch.randn(B, T, H, K, generator=g) * 0.5 - 1.0).to(device=device, dtype=dtype)
+        u = rnd(1, 1, H, K)
+        return {"r": q, "k": k, "v": v, "w": w, "u": u}
     if name == "rwkv7":  # RWKV-7's inputs: log decays -e^-0.5 sigmoid, a = -kappa, b = kappa * iclr
         w = (-0.6065 * torch.sigmoid(torch.randn(B, T, H, K, generator=g))).to(device=device, dtype=dtype)
         kappa = torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=g), dim=-1)
@@ -310,6 +314,12 @@ def fla_peers(name: str) -> list:
             return [("fla chunk_simple_gla", lambda x: chunk_simple_gla(x["q"], x["k"], x["v"], x["g"])[0]),
                     ("fla fused_recurrent_simple_gla",
                      lambda x: fused_recurrent_simple_gla(x["q"], x["k"], x["v"], x["g"])[0])]
+        if name == "rwkv6":  # scale 1; fla takes the log decay, -exp(w) (one elementwise op in its timing)
+            from fla.ops.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+            return [("fla chunk_rwkv6", lambda x: chunk_rwkv6(x["r"], x["k"], x["v"], -x["w"].float().exp(),
+                                                              x["u"][0, 0], scale=1.0)[0]),
+                    ("fla fused_recurrent_rwkv6", lambda x: fused_recurrent_rwkv6(
+                        x["r"], x["k"], x["v"], -x["w"].float().exp(), x["u"][0, 0], scale=1.0)[0])]
         if name == "rwkv7":  # examples/rwkv7.psm: scale 1, w the log decay, as fla's
             from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
             return [("fla chunk_rwkv7", lambda x: chunk_rwkv7(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"],
@@ -416,7 +426,7 @@ def _path_calls(path, layer, inputs: dict) -> tuple[Callable, Callable]:
 def attention_cases(b: Bench, name: str, dtype):
     shape = TINY["attn"] if b.dry else FULL["attn"]
     label = "B={} T={} H={} K={} V={}".format(*shape)
-    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule", "rwkv7": "RWKV-7",
+    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule", "rwkv6": "RWKV-6", "rwkv7": "RWKV-7",
              "kda": "KDA", "gated_delta_product": "DeltaProduct"}[name]
     try:
         cls = load(name)
@@ -983,7 +993,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule rwkv7 kda first_order ssm decode tree tree_decode packed "
+                        help="groups to run: gla simple_gla delta_rule rwkv6 rwkv7 kda first_order ssm decode tree tree_decode packed "
                              "packed_rwkv7")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -1013,9 +1023,10 @@ def main(argv=None) -> int:
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
              ("ssm", bf16), ("tree", fp32), ("tree_decode", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("packed_rwkv7", bf16),
-             ("gated_delta_product", bf16),
+             ("gated_delta_product", bf16), ("rwkv6", bf16),
              ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
-             ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32), ("gated_delta_product", fp32)]
+             ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32), ("gated_delta_product", fp32),
+             ("rwkv6", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
     plan = []

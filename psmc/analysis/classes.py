@@ -31,7 +31,7 @@ from ..ir.nodes import Node, OpIR, leaves, render, walk
 from ..ir.rewrite import binary, const, is_column, is_row
 from ..ir.rewrite import matmul as matmul_node
 from ..ir.rewrite import outer as outer_node
-from ..ir.types import dims_equal, is_float
+from ..ir.types import dims_equal, is_float, promote
 from .structure import degree_in_left, elementwise_fields
 
 CLASSES = ("decayed-linear-attention", "first-order", "elementwise-monoid", "identity-plus-low-rank",
@@ -107,14 +107,15 @@ def _scaled(node: Node):
 _PLUS_EXTRA = " plus terms that read no state"
 
 
-def _linear_readout(op: OpIR, s_name: str):
+def _linear_readout(op: OpIR, s_name: str, exclusive: bool = False):
     """(q node, scale factors, divisor, extra) for a readout c * (q @ s.S) [/ d] [+ extra], where
     extra (None: none) is a sum of terms that read no state (a skip connection `D * x`, a bias),
     else None. Only additive terms: the fast paths add them to their outputs, which keeps the
-    outputs affine in the state entering a pass (context parallelism corrects them so)."""
-    if op.exclusive or op.chunk is not None or len(op.outputs) != 1:
+    outputs affine in the state entering a pass (context parallelism corrects them so).
+    `exclusive`: an exclusive readout is taken too (the chunkwise form reads S_{t-1})."""
+    if (op.exclusive and not exclusive) or op.chunk is not None or len(op.outputs) != 1:
         return None
-    terms = _split_terms(op.readout[0])
+    terms = [t for term in _split_terms(op.readout[0]) for t in _distributed(term)]
     stateful = [t for t in terms if leaves((t,), "field")]
     if len(stateful) != 1:
         return None
@@ -132,6 +133,23 @@ def _linear_readout(op: OpIR, s_name: str):
         if t is not stateful[0]:
             extra = t if extra is None else binary("add", extra, t)
     return q, factors, divisor, extra
+
+def _distributed(term: Node) -> list[Node]:
+    """A readout term q @ (A + B + ...) as the terms q @ A, q @ B, ... (RWKV-6's
+    r @ (p.S + outer(u * k, v))), each q @ outer(a, b) as sum(q * a) * b (a number times a
+    vector: no [K, V] tensor per token); any other term as it is."""
+    if term.op != "matmul" or term.args[0].rank != 1 or term.args[1].op != "add":
+        return [term]
+    q = term.args[0]
+    out = []
+    for part in _split_terms(term.args[1]):
+        if part.op == "outer":
+            a, b = part.args
+            out.append(binary("mul", Node("sum", (binary("mul", q, a),), (0,), promote(q.dtype, a.dtype), (), None), b))
+        else:
+            out.append(matmul_node(q, part))
+    return out
+
 
 def _decay_term(node: Node, a: str, h: str):
     """node == l.h * D + r.h with D = r.a or r.a[:, None]: returns D, else None."""
@@ -194,7 +212,7 @@ def _decayed_linear_attention(op: OpIR, any_sign: bool = False):
     if update is None:
         return None
     k, v = update
-    readout = _linear_readout(op, S.name)
+    readout = _linear_readout(op, S.name, exclusive=True)
     if readout is None:
         return None
     q, scale, divisor, extra = readout
@@ -213,10 +231,11 @@ def _decayed_linear_attention(op: OpIR, any_sign: bool = False):
             return None
     reason = {"none": "S = S + outer(k, v)", "scalar": "S = a * S + outer(k, v) with a scalar decay a",
               "key": "S = a[:, None] * S + outer(k, v) with a per-key decay a"}[kind]
+    read = "q @ S_{t-1}" if op.exclusive else "q @ S"
     pieces = (("s_index", s_index), ("decay_index", a_index), ("kind", kind), ("k", k), ("v", v), ("q", q),
               ("g", g), ("scale", _product(scale, q)), ("divisor", divisor), ("extra", extra))
     return StructureClass("decayed-linear-attention", kind,
-                          f"{reason}, readout (q @ S) times a constant{_PLUS_EXTRA if extra else ''}", pieces)
+                          f"{reason}, readout ({read}) times a constant{_PLUS_EXTRA if extra else ''}", pieces)
 
 
 def _split_terms(node: Node) -> list[Node]:

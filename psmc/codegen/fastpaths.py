@@ -160,7 +160,7 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     lines += _half_operand_lines(p)
     lines += [
         f"        out, s_last = _chunkwise.chunk_linear_attention(q_, k_, v_, g_, decay={p['kind']!r}, "
-        f"scale={scale}, initial_state=s0, cu_seqlens=call.cu_seqlens)",
+        f"scale={scale}, initial_state=s0, {'exclusive=True, ' if op.exclusive else ''}cu_seqlens=call.cu_seqlens)",
         f"        s_last = s_last.to(cx.dt[{S.dtype!r}])",
         *_extra_lines(p, ref, "        ", op.outputs[0]),
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
@@ -251,12 +251,14 @@ def _on_numbers(line: str) -> str:
 def _chunkwise_carry(op: OpIR, p: dict) -> list[str]:
     """The outputs of a pass run from zero, corrected for a carry-in S0 entering before the
     first token: S_t gains (prod of decays up to t) * S0, so o_t gains scale * (q_t * decays) S0,
-    one matmul per token instead of a second chunkwise pass (context parallelism)."""
+    one matmul per token instead of a second chunkwise pass (context parallelism). An exclusive
+    readout reads S_{t-1}: the decays up to t - 1."""
     out = op.outputs[0]
+    total = "torch.cumsum(g_, dim=1) - g_" if op.exclusive else "torch.cumsum(g_, dim=1)"
     if p["kind"] == "key":
-        decayed = "q_ * torch.exp(torch.cumsum(g_, dim=1)).to(q_.dtype)"
+        decayed = f"q_ * torch.exp({total}).to(q_.dtype)"
     elif p["kind"] == "scalar":
-        decayed = "q_ * torch.exp(torch.cumsum(g_, dim=1)).to(q_.dtype).unsqueeze(-1)"
+        decayed = f"q_ * torch.exp({total}).to(q_.dtype).unsqueeze(-1)"
     else:
         decayed = "q_"
     return [
@@ -314,12 +316,18 @@ def _chunkwise_step(op: OpIR, p: dict, body: list, ref: dict, scale: str, elemen
     lines += [
         "            if s_last.shape[:-2] != lead:  # size-1 (broadcast) batch or lane axes",
         "                s_last = s_last.expand(*lead, *s_last.shape[-2:])",
+    ]
+    read = "s_last"
+    if op.exclusive:  # the readout reads the state before the token
+        read = "s_prev"
+        lines += [f"            s_prev = torch.zeros_like(s_last) if carry is None else carry[{p['s_index']}]"]
+    lines += [
         # eager, one matmul; traced, a multiply and a sum, which Inductor fuses with the update into
         # one loop instead of calling a separate matmul kernel
         "            if traced:",
-        f"                out = (q_.unsqueeze(-1) * s_last).sum(-2) * ({scale})",
+        f"                out = (q_.unsqueeze(-1) * {read}).sum(-2) * ({scale})",
         "            else:",
-        f"                out = (q_.unsqueeze(-2) @ s_last).squeeze(-2) * ({scale})",
+        f"                out = (q_.unsqueeze(-2) @ {read}).squeeze(-2) * ({scale})",
         *_extra_lines(p, ref, "            ", op.outputs[0]),
         "            if out.dtype != o_dtype:  # (its lead is s_last's: [B, *lanes])",
         "                out = out.to(o_dtype)",

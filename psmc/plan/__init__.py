@@ -114,8 +114,8 @@ FAST_PATH_GPU = {
 def _fast_path(op: OpIR, cls: StructureClass) -> tuple[str | None, list[tuple[str, str]]]:
     """The torch forward's fast path and why the others are not taken."""
     skipped = []
-    if op.exclusive:
-        skipped.append(("fast path", "exclusive readout: the prefix shift is not fused into a fast path"))
+    if op.exclusive and cls.name != "decayed-linear-attention":  # (the chunkwise form reads S_{t-1} as well)
+        skipped.append(("fast path", "exclusive readout: the prefix shift is fused into the chunkwise form only"))
         return None, skipped
     if op.chunk is not None:
         skipped.append(("fast path", "chunk op: the chunk readout runs on the generic scan"))
@@ -170,8 +170,8 @@ def make_plan(op: OpIR, analysis, triton_reason: str | None) -> Plan:
     steps = len(cls.piece("steps") or ())
     if fast == "delta_rule" and steps:  # a product of delta steps (DeltaProduct)
         step = (f"psmc.runtime.delta.delta_product_step, O({steps}*K*V) per token: its {steps} delta steps in one "
-                "Triton kernel on CUDA tensors (psmc/runtime/triton_delta_step.py), else one delta_rule_step each "
-                "(backend='auto' on CPU tensors: a fused C++ token each, psmc/runtime/cpu_lane.cpp)")
+                "Triton kernel on CUDA tensors (psmc/runtime/triton_delta_step.py); backend='auto' on CPU tensors: one "
+                "fused C++ call for the steps (psmc/runtime/cpu_lane.cpp); else one delta_rule_step each")
     elif fast == "delta_rule":
         step = ("psmc.runtime.delta.delta_rule_step, O(K*V) per token (backend='auto' on CPU tensors: one fused C++ "
                 "token, psmc/runtime/cpu_lane.cpp, when a compiler is present; CUDA tensors: one Triton kernel, "

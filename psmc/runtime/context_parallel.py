@@ -546,10 +546,10 @@ class _Run(_Exchanges):
 
     def cheap_carry_path(self) -> str | None:
         """The dispatch path name when this call's forward is a fast path with a cheap carry
-        (`_fast_carry`), else None. backend='cpu' keeps its C++ kernels (two passes)."""
+        (`_fast_carry`, an exclusive readout's too: it adds the carry as decayed up to the token
+        before), else None. backend='cpu' keeps its C++ kernels (two passes)."""
         layer = self.layer
-        if not (self.spec.fast and layer.use_fast_path and hasattr(layer, "_fast_carry")) or layer.backend == "cpu" \
-                or self.spec.exclusive:
+        if not (self.spec.fast and layer.use_fast_path and hasattr(layer, "_fast_carry")) or layer.backend == "cpu":
             return None
         from . import dispatch
         name = dispatch.choose(layer, self.call, "forward").name

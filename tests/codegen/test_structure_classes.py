@@ -32,7 +32,7 @@ EXPECTED = {  # example -> (class, detail)
     "retention": ("decayed-linear-attention", "scalar"),
     "linear_recurrence": ("first-order", "per-lane"),
     "selective_ssm": ("first-order", "per-key"),
-    "rwkv6": ("first-order", "per-key"),
+    "rwkv6": ("decayed-linear-attention", "key"),  # its exclusive readout: the chunkwise form reads S_{t-1}
     "running_argmax": ("elementwise-monoid", ""),
     "tree_rnn": ("general", "tree-scan"),
     "transformer_psm": ("general", "tree-scan"),
