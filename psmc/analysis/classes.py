@@ -74,8 +74,11 @@ def _product(factors: list[Node], like: Node | None = None) -> Node | None:
 
 
 def _outer_update(node: Node):
-    """(k, v) for an update c * outer(k0, v) with scalar factors c (constants or per-token gates),
-    k = c * k0; else None."""
+    """(k, v) for an update c * outer(k0, v) [/ d] with scalar factors c (constants or per-token
+    gates) and a scalar divisor d, k = c * k0 [/ d]; else None."""
+    if node.op == "div" and node.args[1].rank == 0:
+        inner = _outer_update(node.args[0])
+        return None if inner is None else (binary("div", inner[0], node.args[1]), inner[1])
     factors = _factors(node)
     outers = [f for f in factors if f.op == "outer"]
     if len(outers) != 1 or any(f.rank != 0 for f in factors if f is not outers[0]):
@@ -101,7 +104,13 @@ def _scaled(node: Node):
     core = [f for f in factors if not _constant(f)]
     if len(core) != 1:
         return None
-    return core[0], [f for f in factors if _constant(f)], divisor
+    scale = [f for f in factors if _constant(f)]
+    if core[0].op == "div" and _constant(core[0].args[1]) and divisor is None:  # c * (x / d)
+        inner = _scaled(core[0].args[0])
+        if inner is None or inner[2] is not None:
+            return None
+        return inner[0], scale + inner[1], core[0].args[1]
+    return core[0], scale, divisor
 
 
 _PLUS_EXTRA = " plus terms that read no state"
@@ -135,19 +144,28 @@ def _linear_readout(op: OpIR, s_name: str, exclusive: bool = False):
     return q, factors, divisor, extra
 
 def _distributed(term: Node) -> list[Node]:
-    """A readout term q @ (A + B + ...) as the terms q @ A, q @ B, ... (RWKV-6's
-    r @ (p.S + outer(u * k, v))), each q @ outer(a, b) as sum(q * a) * b (a number times a
-    vector: no [K, V] tensor per token); any other term as it is."""
-    if term.op != "matmul" or term.args[0].rank != 1 or term.args[1].op != "add":
-        return [term]
-    q = term.args[0]
+    """A readout term c * (q @ (A + B + ...)) [/ d] (scalar factors c, a scalar divisor d) as the
+    terms c * (q @ A) [/ d], ... (RWKV-6's r @ (p.S + outer(u * k, v))), each q @ outer(a, b)
+    as sum(q * a) * b (a number times a vector: no [K, V] tensor per token); any other term as
+    it is."""
+    divisor = None
+    if term.op == "div" and term.args[1].rank == 0:
+        term, divisor = term.args
+    factors = _factors(term)
+    sums = [f for f in factors if f.op == "matmul" and f.args[0].rank == 1 and f.args[1].op == "add"]
+    if len(sums) != 1 or any(f.rank != 0 for f in factors if f is not sums[0]):
+        return [term if divisor is None else binary("div", term, divisor)]
+    q, scalars = sums[0].args[0], [f for f in factors if f is not sums[0]]
     out = []
-    for part in _split_terms(term.args[1]):
+    for part in _split_terms(sums[0].args[1]):
         if part.op == "outer":
             a, b = part.args
-            out.append(binary("mul", Node("sum", (binary("mul", q, a),), (0,), promote(q.dtype, a.dtype), (), None), b))
+            read = binary("mul", Node("sum", (binary("mul", q, a),), (0,), promote(q.dtype, a.dtype), (), None), b)
         else:
-            out.append(matmul_node(q, part))
+            read = matmul_node(q, part)
+        for c in scalars:
+            read = binary("mul", c, read)
+        out.append(read if divisor is None else binary("div", read, divisor))
     return out
 
 

@@ -92,6 +92,31 @@ def test_a_decay_of_unknown_sign_says_how_to_get_the_chunkwise_form():
     assert "not known to be non-negative" not in _class(op).reason
 
 
+DLA = """op dla[K, V] {{
+  state (a: f32[K], S: f32[K, V]);
+  lift (k: f32[K], v: f32[V], g: f32[K]) {{ return (exp(g), {}); }}
+  combine (l, r) {{ return (l.a * r.a, r.a[:, None] * l.S + r.S); }}
+  identity = (ones, zeros);
+  readout{} ({}, q: f32[K], u: f32[K], k: f32[K], v: f32[V]) {{ return {}; }}
+}}"""
+
+
+@pytest.mark.parametrize("update,exclusive,readout", [
+    ("outer(k, v) / 2.0", "", "q @ s.S"),  # the update over a constant
+    ("outer(k, v)", "", "0.25 * tanh(sum(q)) - ((q @ s.S) / 2.0)"),  # a scaled quotient, minus
+    ("outer(k, v)", " exclusive", "q @ (p.S + outer(u * k, v))"),  # RWKV-6: the bonus in the product
+    ("outer(k, v)", " exclusive", "1.0 - 2.0 * (q @ (p.S + outer(u * k, v)))"),  # ... scaled, minus
+])
+def test_spellings_of_decayed_linear_attention_are_one_class(update, exclusive, readout):
+    """Spellings the fuzz generator's linear-attention family found off the class (2026-12-04):
+    each takes the chunkwise form; an exclusive readout says it reads S_{t-1}."""
+    p = "p" if exclusive else "s"
+    (op,) = ops_from_source(DLA.format(update, exclusive, p, readout))
+    got = _class(op)
+    assert (got.name, got.detail) == ("decayed-linear-attention", "key"), got.reason
+    assert ("q @ S_{t-1}" in got.reason) == bool(exclusive)
+
+
 NEAR = """op near[K, V] {{
   state (E: f32[K, K], S: f32[K, V]);
   lift (k: f32[K], v: f32[V], beta: f32) {{ return ({}, {}); }}

@@ -43,6 +43,8 @@ SIDE_SALT = 0x51DE
 LOW_RANK_SALT, LOW_RANK_RATE = 0x10AD, 0.08
 # the share of those that are products of delta steps (_delta_product_program), drawn likewise
 DELTA_PRODUCT_SALT, DELTA_PRODUCT_RATE = 0xDE17A, 0.3
+# the share of token programs that are decayed linear attention (_linear_attention_program)
+LINEAR_ATTENTION_SALT, LINEAR_ATTENTION_RATE = 0xD1A, 0.07
 
 
 @dataclass(frozen=True)
@@ -690,6 +692,80 @@ def _low_rank_program(seed, rng, name) -> Program:
     return Program(seed, name, "\n".join(lines) + "\n", dict(b.dims), kinds, frozenset(b.features))
 
 
+LINEAR_ATTENTION_DECAYS = {  # decay kind -> spellings of a decay known >= 0 (gate g: [] or [K])
+    "scalar": ("exp(g)", "sigmoid(g)", "exp(-softplus(g))", "g * g"),
+    "key": ("exp(g)", "sigmoid(g)", "exp(g - 0.5)", "1 / (1 + exp(-g))"),
+}
+
+
+def _linear_attention_program(seed, rng, name) -> Program:
+    """Decayed linear attention S -> a * S + c * outer(k, v), with no decay, a scalar one or a
+    per-key one (spelled exp(g), sigmoid(g), ...: known >= 0), read out as q @ S times a
+    constant plus terms that read no state; a third exclusive (q @ S_{t-1}), half of those with
+    RWKV-6's bonus inside the product, r @ (p.S + outer(u * k, v)): the decayed-linear-attention
+    class and its chunkwise fast path. Near misses, a decay of unknown sign or a squashed
+    readout, must stay off it (feature `linear-attention-miss`)."""
+    b = Builder(rng, None)
+    dt = b.float_dtype
+    V = rng.choice(["V", "K"])
+    b.dims["K"] = rng.randint(1, 3)
+    b.dims.setdefault(V, rng.randint(1, 3))
+    kind = rng.choice(["none", "scalar", "key", "key"])
+    miss = rng.random() < 0.15
+    inputs = [("k", ("K",), "signed"), ("v", (V,), "signed")]
+    write = rng.choice(["outer(k, v)", "outer(k, v)", "beta * outer(k, v)", "outer(beta * k, v)", "outer(k, v) / 2.0"])
+    if "beta" in write:
+        inputs.append(("beta", (), "unit"))
+    fields, lifts, combines, idents = [("S", f"{dt}[K, {V}]")], [write], ["l.S + r.S"], ["zeros"]
+    if kind != "none":
+        shape = () if kind == "scalar" else ("K",)
+        decay = rng.choice(LINEAR_ATTENTION_DECAYS[kind])
+        if miss and rng.random() < 0.5:  # a gate in (0.6, 1) whose sign the compiler cannot know
+            decay, gate_kind = "g", "gate"
+            b.features.add("linear-attention-miss-sign")
+        else:
+            gate_kind = "log_gate" if decay.startswith("exp(g") else "signed"
+        inputs.append(("g", shape, gate_kind))
+        scaled = "r.a * l.S" if kind == "scalar" else "r.a[:, None] * l.S"
+        fields.insert(0, ("a", f"{dt}{shape_text(shape)}"))
+        lifts.insert(0, decay)
+        combines = ["l.a * r.a", rng.choice([f"{scaled} + r.S", f"r.S + {scaled}"])]
+        idents = ["ones", "zeros"]
+        if rng.random() < 0.5:
+            fields, lifts, combines, idents = (x[::-1] for x in (fields, lifts, combines, idents))
+    exclusive = rng.random() < 0.35
+    state = "p.S" if exclusive else "s.S"
+    readout = rng.choice(["q @ {S}", "q @ {S} * K ** -0.5", "(q @ {S}) / 2.0", "2.0 * (q @ {S})"])
+    readout_inputs = [("q", ("K",), "signed")]
+    if exclusive and rng.random() < 0.5:  # RWKV-6: the bonus inside the product
+        readout = "q @ ({S} + outer(u * k, v))"
+        readout_inputs += [("u", ("K",), "signed"), ("k", ("K",), "signed"), ("v", (V,), "signed")]
+        b.features.add("linear-attention-bonus")
+    if rng.random() < 0.3:
+        readout = rng.choice(["{R} + 0.125", "{R} + 0.5 * sum(q * q)", "0.25 * tanh(sum(q)) - {R}"]).replace(
+            "{R}", f"({readout})")
+    if miss and "linear-attention-miss-sign" not in b.features:
+        readout = f"tanh({readout})"
+    if miss:
+        b.features.add("linear-attention-miss")
+    b.features.update({"linear-attention", f"linear-attention-{kind}"})
+    if exclusive:
+        b.features.update({"exclusive", "linear-attention-exclusive"})
+    args = ", ".join(f"{n}: {dt}{shape_text(sh)}" for n, sh, _ in readout_inputs)
+    one = len(fields) == 1
+    lines = [f"op {name}[{', '.join(sorted(b.dims))}] {{",
+             f"  state ({', '.join(f'{n}: {t}' for n, t in fields)});",
+             f"  lift ({', '.join(f'{n}: {dt}{shape_text(sh)}' for n, sh, _ in inputs)}) "
+             f"{{ return {_tuple(lifts, one)}; }}",
+             f"  combine (l, r) {{ return {_tuple(combines, one)}; }}",
+             f"  identity = {_tuple(idents, one)};",
+             f"  readout{' exclusive' if exclusive else ''} ({'p' if exclusive else 's'}, {args}) "
+             f"{{ return {readout.format(S=state)}; }}",
+             "}"]
+    kinds = {n: kind_ for n, _, kind_ in inputs + readout_inputs}
+    return Program(seed, name, "\n".join(lines) + "\n", dict(b.dims), kinds, frozenset(b.features))
+
+
 def _delta_product_program(seed, rng, name) -> Program:
     """A product of r = 2 or 3 delta steps per token (DeltaProduct; gated or not): E = [g *]
     M_r @ ... @ M_1 with M_j = I - b_j * outer(k_j, k_j), and S's update the steps composed,
@@ -798,6 +874,8 @@ def generate_with(rng: random.Random, seed: int = 0) -> Program:
         if random.Random(seed ^ DELTA_PRODUCT_SALT).random() < DELTA_PRODUCT_RATE:
             return _delta_product_program(seed, rng, name)
         return _low_rank_program(seed, rng, name)
+    if random.Random(seed ^ LINEAR_ATTENTION_SALT).random() < LINEAR_ATTENTION_RATE:
+        return _linear_attention_program(seed, rng, name)
     return _token_program(seed, rng, name)
 
 

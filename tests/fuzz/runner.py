@@ -329,6 +329,12 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
                 return  # every other check compares these values too: nothing is left to compare
             raise Failure("non-finite", "the parallel pass gave a non-finite output from finite inputs")
 
+    if "linear-attention" in program.features:  # decayed linear attention: the chunkwise form, misses not
+        chunkwise = (cls.spec.fast or "").startswith("chunkwise:")
+        if chunkwise == ("linear-attention-miss" in program.features):
+            raise Failure("plan", f"decayed linear attention{' (a near miss)' if not chunkwise else ''} got fast "
+                                  f"path {cls.spec.fast!r}")
+        checked.add("linear-attention")
     if "low-rank-delta-product" in program.features:  # r delta steps per token: their fast path
         if cls.spec.fast != "delta_rule":
             raise Failure("plan", f"a product of delta steps got fast path {cls.spec.fast!r}, not the delta rule's")

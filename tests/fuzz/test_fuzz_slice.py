@@ -51,10 +51,12 @@ FEATURES = {
     "low-rank", "low-rank-delta", "low-rank-dplr", "low-rank-rank-two",
     # r delta steps per token (DeltaProduct), and a near miss that must stay generic
     "low-rank-delta-product", "low-rank-delta-product-miss", "low-rank-delta-product-rows",
+    # decayed linear attention in many spellings, exclusive (RWKV-6) too, and near misses
+    "linear-attention", "linear-attention-exclusive", "linear-attention-miss",
 }
 CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
           "plan-tree", "fast-first_order", "fast-delta_rule", "fast-dplr", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
-          "lane-broadcast", "tree-cache", "chunk-cache", "delta-product",
+          "lane-broadcast", "tree-cache", "chunk-cache", "delta-product", "linear-attention",
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued", "triton-compiled",
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32", "cpp-compiled",
