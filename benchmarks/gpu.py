@@ -267,6 +267,10 @@ def attn_inputs(name: str, shape, device, dtype, seed=0) -> dict:
     if name == "simple_gla":
         gate = (-torch.rand(B, T, H, generator=g) * 0.1).to(device=device, dtype=dtype)
         return {"q": q, "k": k, "v": v, "g": gate}
+    if name == "mlstm":  # examples/mlstm.psm: f the log forget gate, i the input gate's pre-activation
+        f = torch.nn.functional.logsigmoid(torch.randn(B, T, H, generator=g) + 3).to(device=device, dtype=dtype)
+        i = (torch.randn(B, T, H, generator=g) * 0.5).to(device=device, dtype=dtype)
+        return {"q": q, "k": k, "v": v, "f": f, "i": i}
     if name == "rwkv6":  # examples/rwkv6.psm: decay exp(-exp(w)), the bonus u one [H, K] for every token
         w = (torch.randn(B, T, H, K, generator=g) * 0.5 - 1.0).to(device=device, dtype=dtype)
         u = rnd(1, 1, H, K)
@@ -304,6 +308,8 @@ def _interleaved(first_step: torch.Tensor) -> torch.Tensor:
 
 def fla_peers(name: str) -> list:
     """(impl, fn(inputs) -> output) for fla's kernels of this op; empty when fla is missing."""
+    if name == "mlstm":
+        return []  # (fla has no mLSTM kernel; psmc's paths are compared with each other)
     try:
         if name == "gla":
             from fla.ops.gla import chunk_gla, fused_recurrent_gla
@@ -426,7 +432,7 @@ def _path_calls(path, layer, inputs: dict) -> tuple[Callable, Callable]:
 def attention_cases(b: Bench, name: str, dtype):
     shape = TINY["attn"] if b.dry else FULL["attn"]
     label = "B={} T={} H={} K={} V={}".format(*shape)
-    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule", "rwkv6": "RWKV-6", "rwkv7": "RWKV-7",
+    group = {"gla": "GLA", "simple_gla": "simple GLA", "delta_rule": "delta rule", "rwkv6": "RWKV-6", "mlstm": "mLSTM", "rwkv7": "RWKV-7",
              "kda": "KDA", "gated_delta_product": "DeltaProduct"}[name]
     try:
         cls = load(name)
@@ -993,7 +999,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="groups to run: gla simple_gla delta_rule rwkv6 rwkv7 kda first_order ssm decode tree tree_decode packed "
+                        help="groups to run: gla simple_gla delta_rule rwkv6 mlstm rwkv7 kda first_order ssm decode tree tree_decode packed "
                              "packed_rwkv7")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -1023,10 +1029,10 @@ def main(argv=None) -> int:
     bf16, fp32 = torch.bfloat16, torch.float32
     order = [("first_order", fp32), ("gla", bf16), ("simple_gla", bf16), ("delta_rule", bf16), ("decode", fp32),
              ("ssm", bf16), ("tree", fp32), ("tree_decode", fp32), ("packed", bf16), ("rwkv7", bf16), ("kda", bf16), ("packed_rwkv7", bf16),
-             ("gated_delta_product", bf16), ("rwkv6", bf16),
+             ("gated_delta_product", bf16), ("rwkv6", bf16), ("mlstm", bf16),
              ("ssm", fp32), ("first_order", bf16), ("gla", fp32), ("simple_gla", fp32), ("delta_rule", fp32),
              ("packed", fp32), ("rwkv7", fp32), ("kda", fp32), ("packed_rwkv7", fp32), ("gated_delta_product", fp32),
-             ("rwkv6", fp32)]
+             ("rwkv6", fp32), ("mlstm", fp32)]
     if args.dry_run:
         order = [(g, fp32) for g, d in order if d == fp32]
     plan = []

@@ -28,7 +28,7 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     table = (tmp_path / "gpu_bench.md").read_text()
     rows = [line.split("|")[1:-1] for line in table.splitlines()[2:]]
     groups = {r[0].strip() for r in rows}
-    assert {"first-order scan", "GLA", "simple GLA", "delta rule", "RWKV-6", "RWKV-7", "KDA", "DeltaProduct", "decode gla",
+    assert {"first-order scan", "GLA", "simple GLA", "delta rule", "RWKV-6", "mLSTM", "RWKV-7", "KDA", "DeltaProduct", "decode gla",
             "decode simple_gla", "GLA packed", "RWKV-7 packed"} <= groups
     impls = {(r[0].strip(), r[3].strip()) for r in rows}
     # every dispatcher path is a row (Triton ones skipped, saying why); the auto choice is marked
@@ -36,6 +36,7 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     assert ("first-order scan", "psmc torch-first-order (auto)") in impls
     assert ("GLA", "psmc chunkwise (auto)") in impls
     assert ("RWKV-6", "psmc chunkwise (auto)") in impls  # its exclusive readout: the chunked kernels on a GPU
+    assert ("mLSTM", "psmc chunkwise (auto)") in impls  # C and n read in one chunked pass
     assert ("decode rwkv7", "psmc step (auto)") in impls  # the DPLR token (Triton kernel on a GPU)
     assert ("decode rwkv7", "fla fused_recurrent (rwkv7, T=1 per call)") in impls
     cache = [r for r in rows if (r[0].strip(), r[3].strip()) == ("decode tree (ema)", "psmc TreeCache, torch push")]
@@ -43,7 +44,7 @@ def test_dry_run_reports_every_group(tmp_path, monkeypatch, capsys):
     assert ("GLA packed", "psmc gla, one call (auto)") in impls
     assert ("RWKV-7 packed", "psmc rwkv7, one call (auto)") in impls
     assert ("first-order packed", "psmc linear_recurrence, one call (auto)") in impls
-    for group in ("GLA", "simple GLA", "RWKV-6", "RWKV-7", "KDA", "DeltaProduct", "first-order scan", "GLA packed", "RWKV-7 packed",
+    for group in ("GLA", "simple GLA", "RWKV-6", "mLSTM", "RWKV-7", "KDA", "DeltaProduct", "first-order scan", "GLA packed", "RWKV-7 packed",
                   "first-order packed"):
         checked = [r for r in rows if r[0].strip() == group and r[3].strip().startswith("psmc")
                    and "triton" not in r[3]]

@@ -256,6 +256,126 @@ def _decayed_linear_attention(op: OpIR, any_sign: bool = False):
                           f"{reason}, readout ({read}) times a constant{_PLUS_EXTRA if extra else ''}", pieces)
 
 
+def _shared_key_reads(op: OpIR):
+    """Decayed linear attention over several states read by one query (mLSTM: C [K, V] and the
+    normaliser n [K], h = C q / max(|n . q|, 1)): one decay field a (or none), every other field
+    S_j = a' * S_j + outer(k, v_j) (a matrix) or a' * s_j + c_j * k (a vector: one column whose
+    value is c_j) with one key k, and a readout that reads each state only as q @ S_j (sum(q *
+    s_j) for a vector) with one q, whatever it does with the reads. The chunkwise form computes
+    every read at once, the values side by side (V_1 + ... + 1 columns), and the readout then
+    runs on the reads. At least one state is a matrix (vector states alone, S6's, scan cheaper
+    as a first-order recurrence). Else None."""
+    if not op.has_lift or op.chunk is not None or len(op.outputs) != 1 \
+            or leaves(op.lift + op.readout, "index") or not all(is_float(f.dtype) for f in op.state):
+        return None
+    decays = [i for i, c in enumerate(op.combine) if c.op == "mul" and
+              sorted(x.attrs for x in c.args if x.op == "field") == [("left", op.state[i].name),
+                                                                      ("right", op.state[i].name)]]
+    if len(decays) > 1:
+        return None
+    a_index = decays[0] if decays else None
+    kind, g = "none", None
+    if a_index is not None:
+        A, lift_a = op.state[a_index], op.lift[a_index]
+        if not _non_negative(lift_a) or len(A.shape) > 1:
+            return None
+        kind = "scalar" if not A.shape else "key"
+        g = lift_a.args[0] if lift_a.op == "exp" else Node("log", (lift_a,), (), lift_a.dtype, lift_a.shape)
+    key, width, values = None, None, []
+    for i, f in enumerate(op.state):
+        if i == a_index:
+            continue
+        if len(f.shape) not in (1, 2) or (width is not None and not dims_equal(f.shape[0], width)):
+            return None
+        width = f.shape[0]
+        c = op.combine[i]
+        if a_index is None:
+            if not (c.op == "add" and sorted(x.attrs for x in c.args if x.op == "field") == [("left", f.name),
+                                                                                            ("right", f.name)]):
+                return None
+        else:
+            d = _decay_term(c, op.state[a_index].name, f.name)
+            if d is None or (kind == "key" and len(f.shape) == 2 and not is_column(d)) or \
+                    (kind == "key" and not dims_equal(op.state[a_index].shape[0], f.shape[0])):
+                return None
+        lift, divisor = op.lift[i], None
+        if lift.op == "div" and lift.args[1].rank == 0:  # an update over a scalar: the value carries it
+            lift, divisor = lift.args
+        factors = _factors(lift)
+        vectors = [x for x in factors if x.rank == len(f.shape)]
+        scalars = [x for x in factors if x.rank == 0]
+        if len(vectors) != 1 or len(vectors) + len(scalars) != len(factors):
+            return None
+        if len(f.shape) == 2:
+            if vectors[0].op != "outer":
+                return None
+            k, v = vectors[0].args
+            value = v if not scalars else binary("mul", _product(scalars), v)
+        else:
+            k = vectors[0]
+            value = _product(scalars) if scalars else const(1.0, f.dtype)
+        if key is not None and k != key:
+            return None
+        key = k
+        values.append((i, value if divisor is None else binary("div", value, divisor)))
+    reads = {}
+    for node in walk(op.readout):
+        name = _read_of(node)
+        if name is not None:
+            if name in reads and reads[name] != node:
+                return None  # (the same state read with two queries)
+            reads[name] = node
+    if not reads:
+        return None
+    if not any(len(op.state[i].shape) == 2 for i, _ in values):
+        return None  # vector states alone (S6's h): the first-order scan stores less than the chunk form
+    queries = {_query_of(n) for n in reads.values()}
+    if len(queries) != 1 or None in queries:
+        return None
+    q = queries.pop()
+    if leaves((q,), "field") or any(i == a_index or op.state[i].name not in reads for i, _ in values):
+        return None
+    # every field the readout reads is inside a read
+    placeholder = {node: Node("field", (), ("state", f"read_{name}"), node.dtype, node.shape, None)
+                   for name, node in reads.items()}
+    readout = _substitute(op.readout[0], placeholder)
+    if any(leaf.attrs[1] in {f.name for f in op.state} for leaf in leaves((readout,), "field")):
+        return None
+    pieces = (("decay_index", a_index), ("kind", kind), ("k", key), ("q", q), ("g", g),
+              ("values", tuple(values)), ("reads", tuple((name, placeholder[node]) for name, node in reads.items())),
+              ("readout", readout))
+    names = ", ".join(f"q @ {n}{'_{t-1}' if op.exclusive else ''}" for n in reads)
+    return StructureClass("decayed-linear-attention", kind, f"states {', '.join(op.state[i].name for i, _ in values)} "
+                          f"decayed together with one key, readout a function of {names}: the reads in one chunkwise "
+                          "pass, the readout on them", pieces)
+
+
+def _read_of(node: Node) -> str | None:
+    """The state field name when node is q @ s.S (a matrix) or sum(q * s.s) (a vector)."""
+    if node.op == "matmul" and node.args[1].op == "field" and node.args[1].attrs[0] == "state" \
+            and node.args[0].rank == 1:
+        return node.args[1].attrs[1]
+    if node.op == "sum" and node.attrs == (0,) and node.args[0].op == "mul":
+        fields = [x for x in node.args[0].args if x.op == "field" and x.attrs[0] == "state"]
+        if len(fields) == 1 and fields[0].rank == 1:
+            return fields[0].attrs[1]
+    return None
+
+
+def _query_of(node: Node) -> Node | None:
+    if node.op == "matmul":
+        return node.args[0]
+    others = [x for x in node.args[0].args if not (x.op == "field" and x.attrs[0] == "state")]
+    return others[0] if len(others) == 1 else None
+
+
+def _substitute(node: Node, table: dict) -> Node:
+    if node in table:
+        return table[node]
+    args = tuple(_substitute(a, table) for a in node.args)
+    return node if args == node.args else Node(node.op, args, node.attrs, node.dtype, node.shape, node.span)
+
+
 def _split_terms(node: Node) -> list[Node]:
     if node.op == "add":
         return _split_terms(node.args[0]) + _split_terms(node.args[1])
@@ -633,7 +753,7 @@ def classify(op: OpIR, associative: bool) -> StructureClass:
         return StructureClass("general", "tree-scan", "combine is not known to be associative: the fixed tree scan")
     fields = elementwise_fields(op)
     if all(fields.values()):
-        found = _decayed_linear_attention(op)
+        found = _decayed_linear_attention(op) or _shared_key_reads(op)
         if found is not None:
             return found
         fo = first_order(op)

@@ -41,6 +41,8 @@ def choose_fast_path(op: OpIR, plan) -> FastPath | None:
         return None
     # the fields the stream state leaves out (None in their slots)
     dead = tuple(i for i, f in enumerate(op.state) if f.name not in plan.stream_fields)
+    if plan.fast_path.startswith("chunkwise:") and cls.piece("reads"):
+        return _chunkwise_reads_method(op, dict(cls.pieces), dead)
     if plan.fast_path.startswith("chunkwise:"):
         return _chunkwise_method(op, dict(cls.pieces), dead)
     if plan.fast_path == "first_order":
@@ -197,6 +199,96 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     if p["decay_index"] is not None and p["decay_index"] in dead:
         step_element = ["None", "s_last"] if p["decay_index"] == 0 else ["s_last", "None"]
     lines += _chunkwise_step(op, p, body, ref, scale, step_element, dead)
+    return FastPath(f"chunkwise:{p['kind']}",
+                    "from psmc.runtime import chunkwise as _chunkwise\nfrom psmc.runtime.state import ScanState as "
+                    "_ScanState", tuple(lines))
+
+
+def _chunkwise_reads_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
+    """Several states decayed together with one key and read by one query (mLSTM's C and n):
+    their values side by side as one [K, V_1 + ... ] state, one chunkwise pass for every read
+    (a vector state is one column), then the readout on the reads. The step is the generic one
+    (the state update is a handful of elementwise ops; the reads are one matvec each)."""
+    values = p["values"]  # ((field index, value node), ...)
+    printer = BodyPrinter(tuple([p["k"], p["q"]] + [v for _, v in values] + ([p["g"]] if p["g"] is not None else [])),
+                          op.let_names)
+    body = printer.run()
+    ref = printer.names
+    lines = [
+        "    _packs_sequences = True  # _fast_forward runs packed sequences (call.cu_seqlens) in one call",
+        "",
+        "    def _fast_forward(self, call, index, state):",
+        f'        """Chunkwise matmul form of states read by one query (decay: {p["kind"]}), recognised from the IR."""',
+        "        cx, lead = call.ctx, call.lead",
+    ]
+    lines += _input_lines(op)
+    lines += ["        " + line for line in body]
+    lines += [
+        f"        k_, q_ = {ref[p['k']]}, {ref[p['q']]}",
+        "        k_, q_ = (_ops.as_field(t, lead, tuple(t.shape[len(lead):]), t.dtype, cx.dev) for t in (k_, q_))",
+        "        carry = None if state is None else state.prefix",
+    ]
+    columns, widths = [], []
+    for i, value in values:
+        f = op.state[i]
+        if len(f.shape) == 2:
+            lines.append(f"        v_{f.name} = _ops.as_field({ref[value]}, lead, {shape_code(f.shape[1:])}, "
+                         f"cx.dt[{f.dtype!r}], cx.dev)")
+            widths.append(f"v_{f.name}.shape[-1]")
+        else:  # a vector state: one column
+            lines.append(f"        v_{f.name} = _ops.as_field({ref[value]}, lead, (), cx.dt[{f.dtype!r}], cx.dev)"
+                         ".unsqueeze(-1)")
+            widths.append("1")
+        columns.append(f"v_{f.name}")
+    lines += [
+        f"        rows = torch.broadcast_shapes({', '.join(c + '.shape[:-1]' for c in columns)})",
+        f"        v_ = torch.cat([t.expand(*rows, t.shape[-1]) for t in ({', '.join(columns)},)], dim=-1)  "
+        "# the values side by side",
+        "        s0 = None",
+        "        if carry is not None:  # the entering states side by side too",
+        "            s0 = torch.cat([" + ", ".join(
+            f"carry[{i}]" if len(op.state[i].shape) == 2 else f"carry[{i}].unsqueeze(-1)" for i, _ in values) + "], dim=-1)",
+    ]
+    if p["kind"] != "none":
+        lines.append(f"        g_ = _ops.as_field({ref[p['g']]}, lead, {'()' if p['kind'] == 'scalar' else '(k_.shape[-1],)'}, "
+                     "torch.float64 if k_.dtype == torch.float64 else torch.float32, cx.dev)")
+    else:
+        lines.append("        g_ = None")
+    lines += [
+        f"        o_, s_last = _chunkwise.chunk_linear_attention(q_, k_, v_, g_, decay={p['kind']!r}, scale=1.0, "
+        f"initial_state=s0, {'exclusive=True, ' if op.exclusive else ''}cu_seqlens=call.cu_seqlens)",
+        "        start, states = 0, {}",
+    ]
+    reads = dict(p["reads"])  # field name -> its placeholder field node
+    for (i, _), width in zip(values, widths):
+        f = op.state[i]
+        lines += [f"        stop = start + {width}"]
+        if f.name in reads:
+            pick = "[..., start:stop]" if len(f.shape) == 2 else "[..., start]"
+            lines += [f"        s_read_{f.name} = o_{pick}  # q @ {f.name}"]
+        pick = "[..., start:stop]" if len(f.shape) == 2 else "[..., start]"
+        lines += [f"        states[{i}] = s_last{pick}.to(cx.dt[{f.dtype!r}])", "        start = stop"]
+    readout = BodyPrinter((p["readout"],), op.let_names)
+    lines += ["        " + line for line in readout.run()]
+    out = op.outputs[0]
+    lines += [f"        out = _ops.as_field({readout.names[p['readout']]}, lead, {shape_code(out.shape)}, "
+              f"cx.dt[{out.dtype!r}], cx.dev)"]
+    a = p["decay_index"]
+    if a is not None and a in dead:
+        lines += ["        a_total = None  # dead in a stream prefix: nothing it feeds is read"]
+    elif a is not None:
+        A = op.state[a]
+        lines += [
+            f"        a_total = _chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])",
+            "        if carry is not None:",
+            f"            a_total = a_total * carry[{a}]",
+        ]
+    element = ", ".join("a_total" if i == a else f"states[{i}]" for i in range(len(op.state)))
+    lines += [
+        f"        new_state = _ScanState(prefix=({element},), count=(0 if state is None else state.count) + lead[1])",
+        "        return (out,), new_state",
+        "",
+    ]
     return FastPath(f"chunkwise:{p['kind']}",
                     "from psmc.runtime import chunkwise as _chunkwise\nfrom psmc.runtime.state import ScanState as "
                     "_ScanState", tuple(lines))

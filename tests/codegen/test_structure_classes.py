@@ -33,6 +33,7 @@ EXPECTED = {  # example -> (class, detail)
     "linear_recurrence": ("first-order", "per-lane"),
     "selective_ssm": ("first-order", "per-key"),
     "rwkv6": ("decayed-linear-attention", "key"),  # its exclusive readout: the chunkwise form reads S_{t-1}
+    "mlstm": ("decayed-linear-attention", "scalar"),  # C and n read by one q: one chunkwise pass
     "running_argmax": ("elementwise-monoid", ""),
     "tree_rnn": ("general", "tree-scan"),
     "transformer_psm": ("general", "tree-scan"),

@@ -43,8 +43,10 @@ SIDE_SALT = 0x51DE
 LOW_RANK_SALT, LOW_RANK_RATE = 0x10AD, 0.08
 # the share of those that are products of delta steps (_delta_product_program), drawn likewise
 DELTA_PRODUCT_SALT, DELTA_PRODUCT_RATE = 0xDE17A, 0.3
-# the share of token programs that are decayed linear attention (_linear_attention_program)
-LINEAR_ATTENTION_SALT, LINEAR_ATTENTION_RATE = 0xD1A, 0.07
+# the share of token programs that are decayed linear attention (_linear_attention_program),
+# from seed LINEAR_ATTENTION_FROM on (every earlier seed keeps the program it had: the seeds
+# tests pin, and the campaigns recorded before the family existed)
+LINEAR_ATTENTION_SALT, LINEAR_ATTENTION_RATE, LINEAR_ATTENTION_FROM = 0xD1A, 0.07, 5_050_000
 
 
 @dataclass(frozen=True)
@@ -702,41 +704,53 @@ def _linear_attention_program(seed, rng, name) -> Program:
     """Decayed linear attention S -> a * S + c * outer(k, v), with no decay, a scalar one or a
     per-key one (spelled exp(g), sigmoid(g), ...: known >= 0), read out as q @ S times a
     constant plus terms that read no state; a third exclusive (q @ S_{t-1}), half of those with
-    RWKV-6's bonus inside the product, r @ (p.S + outer(u * k, v)): the decayed-linear-attention
-    class and its chunkwise fast path. Near misses, a decay of unknown sign or a squashed
-    readout, must stay off it (feature `linear-attention-miss`)."""
+    RWKV-6's bonus inside the product, r @ (p.S + outer(u * k, v)); or, as mLSTM, a normaliser
+    n = a * n + c * k beside S, the readout a function of q @ S and q @ n (or tanh of q @ S):
+    the decayed-linear-attention class and its chunkwise fast path. A near miss, a decay of
+    unknown sign, must stay off it (feature `linear-attention-miss`)."""
     b = Builder(rng, None)
     dt = b.float_dtype
     V = rng.choice(["V", "K"])
     b.dims["K"] = rng.randint(1, 3)
     b.dims.setdefault(V, rng.randint(1, 3))
-    kind = rng.choice(["none", "scalar", "key", "key"])
-    miss = rng.random() < 0.15
+    miss = rng.random() < 0.1  # a decay of unknown sign
+    kind = rng.choice(["scalar", "key"] if miss else ["none", "scalar", "key", "key"])
     inputs = [("k", ("K",), "signed"), ("v", (V,), "signed")]
-    write = rng.choice(["outer(k, v)", "outer(k, v)", "beta * outer(k, v)", "outer(beta * k, v)", "outer(k, v) / 2.0"])
+    reads = not miss and rng.random() < 0.3  # mLSTM: a normaliser state read beside S
+    writes = ["outer(k, v)", "outer(k, v)", "beta * outer(k, v)", "outer(beta * k, v)"]
+    write = rng.choice(writes if reads else writes + ["outer(k, v) / 2.0"])
     if "beta" in write:
         inputs.append(("beta", (), "unit"))
     fields, lifts, combines, idents = [("S", f"{dt}[K, {V}]")], [write], ["l.S + r.S"], ["zeros"]
+    if reads:
+        fields.append(("n", f"{dt}[K]"))
+        lifts.append("beta * k" if "beta" in write else "k")
+        combines.append("l.n + r.n")
+        idents.append("zeros")
     if kind != "none":
         shape = () if kind == "scalar" else ("K",)
         decay = rng.choice(LINEAR_ATTENTION_DECAYS[kind])
-        if miss and rng.random() < 0.5:  # a gate in (0.6, 1) whose sign the compiler cannot know
+        if miss:  # a gate in (0.6, 1) whose sign the compiler cannot know
             decay, gate_kind = "g", "gate"
-            b.features.add("linear-attention-miss-sign")
         else:
             gate_kind = "log_gate" if decay.startswith("exp(g") else "signed"
         inputs.append(("g", shape, gate_kind))
         scaled = "r.a * l.S" if kind == "scalar" else "r.a[:, None] * l.S"
         fields.insert(0, ("a", f"{dt}{shape_text(shape)}"))
         lifts.insert(0, decay)
-        combines = ["l.a * r.a", rng.choice([f"{scaled} + r.S", f"r.S + {scaled}"])]
-        idents = ["ones", "zeros"]
+        combines = ["l.a * r.a", rng.choice([f"{scaled} + r.S", f"r.S + {scaled}"])] + \
+            (["r.a * l.n + r.n"] if reads else [])
+        idents = ["ones", "zeros"] + (["zeros"] if reads else [])
         if rng.random() < 0.5:
             fields, lifts, combines, idents = (x[::-1] for x in (fields, lifts, combines, idents))
-    exclusive = rng.random() < 0.35
+    exclusive = not reads and rng.random() < 0.35
     state = "p.S" if exclusive else "s.S"
     readout = rng.choice(["q @ {S}", "q @ {S} * K ** -0.5", "(q @ {S}) / 2.0", "2.0 * (q @ {S})"])
     readout_inputs = [("q", ("K",), "signed")]
+    if reads:
+        readout = rng.choice(["(q @ {S}) / max(abs(q @ s.n), 1.0)", "(q @ {S}) * tanh(q @ s.n)",
+                              "(q @ {S}) / (abs(sum(s.n * q)) + 1.0)"])
+        b.features.add("linear-attention-reads")
     if exclusive and rng.random() < 0.5:  # RWKV-6: the bonus inside the product
         readout = "q @ ({S} + outer(u * k, v))"
         readout_inputs += [("u", ("K",), "signed"), ("k", ("K",), "signed"), ("v", (V,), "signed")]
@@ -744,8 +758,10 @@ def _linear_attention_program(seed, rng, name) -> Program:
     if rng.random() < 0.3:
         readout = rng.choice(["{R} + 0.125", "{R} + 0.5 * sum(q * q)", "0.25 * tanh(sum(q)) - {R}"]).replace(
             "{R}", f"({readout})")
-    if miss and "linear-attention-miss-sign" not in b.features:
+    if not reads and "linear-attention-bonus" not in b.features and rng.random() < 0.15:
+        # any function of the read (not yet one of a sum inside the product): after the chunk pass
         readout = f"tanh({readout})"
+        b.features.add("linear-attention-squashed")
     if miss:
         b.features.add("linear-attention-miss")
     b.features.update({"linear-attention", f"linear-attention-{kind}"})
@@ -874,7 +890,7 @@ def generate_with(rng: random.Random, seed: int = 0) -> Program:
         if random.Random(seed ^ DELTA_PRODUCT_SALT).random() < DELTA_PRODUCT_RATE:
             return _delta_product_program(seed, rng, name)
         return _low_rank_program(seed, rng, name)
-    if random.Random(seed ^ LINEAR_ATTENTION_SALT).random() < LINEAR_ATTENTION_RATE:
+    if seed >= LINEAR_ATTENTION_FROM and random.Random(seed ^ LINEAR_ATTENTION_SALT).random() < LINEAR_ATTENTION_RATE:
         return _linear_attention_program(seed, rng, name)
     return _token_program(seed, rng, name)
 

@@ -51,12 +51,10 @@ FEATURES = {
     "low-rank", "low-rank-delta", "low-rank-dplr", "low-rank-rank-two",
     # r delta steps per token (DeltaProduct), and a near miss that must stay generic
     "low-rank-delta-product", "low-rank-delta-product-miss", "low-rank-delta-product-rows",
-    # decayed linear attention in many spellings, exclusive (RWKV-6) too, and near misses
-    "linear-attention", "linear-attention-exclusive", "linear-attention-miss",
 }
 CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
           "plan-tree", "fast-first_order", "fast-delta_rule", "fast-dplr", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
-          "lane-broadcast", "tree-cache", "chunk-cache", "delta-product", "linear-attention",
+          "lane-broadcast", "tree-cache", "chunk-cache", "delta-product",
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued", "triton-compiled",
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32", "cpp-compiled",
@@ -84,6 +82,33 @@ def test_generated_programs_agree_on_every_path(workers):
     assert FEATURES <= features, f"the slice no longer generates: {sorted(FEATURES - features)}"
     checked = set().union(*(o.checked for o in outcomes))
     assert CHECKS <= checked, f"no program in the slice reached: {sorted(CHECKS - checked)}"
+
+
+# decayed linear attention (generator._linear_attention_program), a family that takes seeds from
+# LINEAR_ATTENTION_FROM on: its first 24 programs, every spelling kind among them
+LINEAR_ATTENTION_FEATURES = {"linear-attention", "linear-attention-none", "linear-attention-scalar",
+                             "linear-attention-key", "linear-attention-exclusive", "linear-attention-bonus",
+                             "linear-attention-reads", "linear-attention-squashed", "linear-attention-miss"}
+
+
+def _linear_attention_seeds(count: int = 24) -> list:
+    from generator import LINEAR_ATTENTION_FROM
+    seeds, seed = [], LINEAR_ATTENTION_FROM
+    while len(seeds) < count:
+        if "linear-attention" in generate(seed).features:
+            seeds.append(seed)
+        seed += 1
+    return seeds
+
+
+def test_linear_attention_programs_take_the_chunkwise_form_and_agree(workers):
+    outcomes = campaign.run_tasks(campaign.program_task, _linear_attention_seeds(), workers)
+    failed = [o for o in outcomes if o.failure is not None]
+    assert not failed, f"{len(failed)} of {len(outcomes)} programs failed:\n{campaign.report(outcomes)}"
+    features = set().union(*(o.features for o in outcomes))
+    assert LINEAR_ATTENTION_FEATURES <= features, f"not generated: {sorted(LINEAR_ATTENTION_FEATURES - features)}"
+    checked = set().union(*(o.checked for o in outcomes))
+    assert "linear-attention" in checked  # (the runner's plan check: chunkwise, and the misses not)
 
 
 def test_mutants_are_valid_programs_or_located_errors(workers):
