@@ -13,14 +13,14 @@
 //
 //   make(kernel, threads, pointers, ints, inputs, fields, params, outputs, finals, width) -> lane
 //   step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None
-//   delta_step(S, q, k, v, beta, log_gate, scale[, steps]) -> (o, new S), or None
+//   delta_step(S, q, k, v, beta, log_gate, scale) -> (o, new S), or None
 //
 // `step` returns None, having run nothing, when anything differs from what the lane was bound
 // to; the caller then takes its general path, which handles (or reports) the difference.
 // `delta_step` is the delta rule's token (the identity-plus-low-rank class, whose combine the
-// generated kernels do not cover: psmc.runtime.delta.delta_rule_step calls it; with `steps` = r
-// the r steps of a DeltaProduct token, delta_product_step), None likewise for tensors it does
-// not cover.
+// generated kernels do not cover: psmc.runtime.delta.delta_rule_step calls it; with tuples of r
+// keys, values and strengths, the r steps of a DeltaProduct token, delta_product_step), None
+// likewise for tensors it does not cover.
 #include <Python.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -274,12 +274,14 @@ PyObject *step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
 // One token of the (gated) delta rule, O(K V) per row, the K x K transition never formed:
 //   read = k^T S;  u = beta (v - gate read);  S' = gate S + k u^T;  o = scale q^T S'
 // (psmc.runtime.delta.delta_rule_step's torch code, fused: ~8 torch ops per token there).
-// With `steps` = r (DeltaProduct) k, v and beta hold r rows per token, applied in order to the
+// With r steps (DeltaProduct: r keys, values and strengths per token) they apply in order to the
 // state, which after the first step is updated in place; the gate applies to the first step
 // and the output is read after the last (accumulated in its update loop, as for one step).
 template <typename T>
-void delta_rows(const T *S, const T *q, const T *k, const T *v, const T *beta, const T *log_gate, T scale, T *o,
-                T *S_new, int64_t rows, int64_t K, int64_t V, int64_t steps) {
+void delta_rows(const T *S, const T *q, const std::vector<const T *> &k, const std::vector<const T *> &v,
+                const std::vector<const T *> &beta, const T *log_gate, T scale, T *o, T *S_new, int64_t rows,
+                int64_t K, int64_t V) {
+  const int64_t steps = static_cast<int64_t>(k.size());
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * V * steps));  // (cpu_support.GRAIN)
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> read(V), u(V);
@@ -288,8 +290,8 @@ void delta_rows(const T *S, const T *q, const T *k, const T *v, const T *beta, c
       const T *qr = q + r * K;
       T *sn = S_new + r * K * V, *orow = o + r * V;
       for (int64_t step = 0; step < steps; ++step) {
-        const T *kr = k + (r * steps + step) * K, *vr = v + (r * steps + step) * V;
-        const T b = beta[r * steps + step];
+        const T *kr = k[step] + r * K, *vr = v[step] + r * V;
+        const T b = beta[step][r];
         const T gate = log_gate == nullptr || step > 0 ? T(1) : std::exp(log_gate[r]);
         const bool last = step == steps - 1;
         std::fill(read.begin(), read.end(), T(0));
@@ -333,35 +335,64 @@ const at::Tensor *plain(PyObject *obj, at::ScalarType dtype, at::IntArrayRef lea
   return &t;
 }
 
-// delta_step(S | None, q, k, v, beta, log_gate | None, scale[, steps]) -> (o, new S), or None
-// (nothing run) unless every tensor is a contiguous CPU tensor of one dtype (float32 or float64)
-// with the same leading axes (no broadcasting): the caller's torch code serves the rest. With
-// `steps` = r > 1, k is [*lead, r, K], v [*lead, r, V] and beta [*lead, r].
+// The tensors of one step argument: a tensor, or a tuple of r (a DeltaProduct token's steps),
+// each `plain` with `lead` + `tail`; empty when one is not (or the count is not `steps`).
+std::vector<const at::Tensor *> step_tensors(PyObject *arg, at::ScalarType dtype, at::IntArrayRef lead,
+                                              std::initializer_list<int64_t> tail, size_t steps) {
+  std::vector<const at::Tensor *> out;
+  if (!PyTuple_Check(arg)) {
+    const at::Tensor *t = steps == 1 ? plain(arg, dtype, lead, tail) : nullptr;
+    if (t) out.push_back(t);
+    return out;
+  }
+  if (static_cast<size_t>(PyTuple_GET_SIZE(arg)) != steps) return out;
+  for (size_t j = 0; j < steps; ++j) {
+    const at::Tensor *t = plain(PyTuple_GET_ITEM(arg, j), dtype, lead, tail);
+    if (!t) return {};
+    out.push_back(t);
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<const T *> data_of(const std::vector<const at::Tensor *> &tensors) {
+  std::vector<const T *> out;
+  for (const at::Tensor *t : tensors) out.push_back(t->const_data_ptr<T>());
+  return out;
+}
+
+// delta_step(S | None, q, k, v, beta, log_gate | None, scale) -> (o, new S), or None (nothing
+// run) unless every tensor is a contiguous CPU tensor of one dtype (float32 or float64) with the
+// same leading axes (no broadcasting): the caller's torch code serves the rest. k, v and beta
+// may be tuples of r tensors each: the r steps of a DeltaProduct token, in order.
 PyObject *delta_step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
-  if (nargs != 7 && nargs != 8) {
-    PyErr_SetString(PyExc_TypeError, "psmc lane: delta_step takes (S, q, k, v, beta, log_gate, scale[, steps])");
+  if (nargs != 7) {
+    PyErr_SetString(PyExc_TypeError, "psmc lane: delta_step takes (S, q, k, v, beta, log_gate, scale)");
     return nullptr;
   }
   const double scale = PyFloat_AsDouble(args[6]);
   if (scale == -1.0 && PyErr_Occurred()) return nullptr;
-  const int64_t steps = nargs == 8 ? PyLong_AsLongLong(args[7]) : 1;
-  if (steps == -1 && PyErr_Occurred()) return nullptr;
+  const size_t steps = PyTuple_Check(args[2]) ? static_cast<size_t>(PyTuple_GET_SIZE(args[2])) : 1;
   if (steps < 1) Py_RETURN_NONE;
+  PyObject *first_v = PyTuple_Check(args[3]) ? (PyTuple_GET_SIZE(args[3]) ? PyTuple_GET_ITEM(args[3], 0) : nullptr)
+                                              : args[3];
   if (!THPVariable_CheckExact(args[1])) Py_RETURN_NONE;
   const at::Tensor &q0 = THPVariable_Unpack(args[1]);
   const at::ScalarType dtype = q0.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kDouble) || q0.dim() < 1) Py_RETURN_NONE;
   const at::IntArrayRef lead = q0.sizes().slice(0, q0.dim() - 1);
   const int64_t K = q0.size(-1);
-  if (!THPVariable_CheckExact(args[3])) Py_RETURN_NONE;
-  const int64_t V = THPVariable_Unpack(args[3]).dim() >= 1 ? THPVariable_Unpack(args[3]).size(-1) : -1;
+  if (first_v == nullptr || !THPVariable_CheckExact(first_v)) Py_RETURN_NONE;
+  const int64_t V = THPVariable_Unpack(first_v).dim() >= 1 ? THPVariable_Unpack(first_v).size(-1) : -1;
   const at::Tensor *q = plain(args[1], dtype, lead, {K});
-  const at::Tensor *k = steps == 1 ? plain(args[2], dtype, lead, {K}) : plain(args[2], dtype, lead, {steps, K});
-  const at::Tensor *v = steps == 1 ? plain(args[3], dtype, lead, {V}) : plain(args[3], dtype, lead, {steps, V});
-  const at::Tensor *beta = steps == 1 ? plain(args[4], dtype, lead, {}) : plain(args[4], dtype, lead, {steps});
+  const std::vector<const at::Tensor *> k = step_tensors(args[2], dtype, lead, {K}, steps),
+                                        v = step_tensors(args[3], dtype, lead, {V}, steps),
+                                        beta = step_tensors(args[4], dtype, lead, {}, steps);
   const at::Tensor *S = args[0] == Py_None ? nullptr : plain(args[0], dtype, lead, {K, V});
   const at::Tensor *g = args[5] == Py_None ? nullptr : plain(args[5], dtype, lead, {});
-  if (!q || !k || !v || !beta || (args[0] != Py_None && !S) || (args[5] != Py_None && !g) || V < 0) Py_RETURN_NONE;
+  if (!q || k.empty() || v.empty() || beta.empty() || (args[0] != Py_None && !S) || (args[5] != Py_None && !g) ||
+      V < 0)
+    Py_RETURN_NONE;
   const int64_t rows = c10::multiply_integers(lead);
   std::vector<int64_t> o_shape(lead.begin(), lead.end()), s_shape(lead.begin(), lead.end());
   o_shape.push_back(V);
@@ -372,15 +403,14 @@ PyObject *delta_step(PyObject *, PyObject *const *args, Py_ssize_t nargs) {
     at::Tensor S_new = at::detail::empty_cpu(s_shape, dtype, false, std::nullopt);
     Py_BEGIN_ALLOW_THREADS
     if (dtype == at::kFloat) {
-      delta_rows<float>(S ? S->const_data_ptr<float>() : nullptr, q->const_data_ptr<float>(), k->const_data_ptr<float>(),
-                        v->const_data_ptr<float>(), beta->const_data_ptr<float>(),
-                        g ? g->const_data_ptr<float>() : nullptr, static_cast<float>(scale), o.mutable_data_ptr<float>(),
-                        S_new.mutable_data_ptr<float>(), rows, K, V, steps);
+      delta_rows<float>(S ? S->const_data_ptr<float>() : nullptr, q->const_data_ptr<float>(), data_of<float>(k),
+                        data_of<float>(v), data_of<float>(beta), g ? g->const_data_ptr<float>() : nullptr,
+                        static_cast<float>(scale), o.mutable_data_ptr<float>(), S_new.mutable_data_ptr<float>(), rows,
+                        K, V);
     } else {
-      delta_rows<double>(S ? S->const_data_ptr<double>() : nullptr, q->const_data_ptr<double>(),
-                         k->const_data_ptr<double>(), v->const_data_ptr<double>(), beta->const_data_ptr<double>(),
-                         g ? g->const_data_ptr<double>() : nullptr, scale, o.mutable_data_ptr<double>(),
-                         S_new.mutable_data_ptr<double>(), rows, K, V, steps);
+      delta_rows<double>(S ? S->const_data_ptr<double>() : nullptr, q->const_data_ptr<double>(), data_of<double>(k),
+                         data_of<double>(v), data_of<double>(beta), g ? g->const_data_ptr<double>() : nullptr, scale,
+                         o.mutable_data_ptr<double>(), S_new.mutable_data_ptr<double>(), rows, K, V);
     }
     Py_END_ALLOW_THREADS
     PyObject *out = THPVariable_Wrap(std::move(o));
@@ -405,7 +435,7 @@ PyMethodDef methods[] = {
     {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step)), METH_FASTCALL,
      "step(lane, inputs, prefix, params, index) -> (outputs, new prefix), or None"},
     {"delta_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(delta_step)), METH_FASTCALL,
-     "delta_step(S, q, k, v, beta, log_gate, scale[, steps]) -> (o, new S), or None"},
+     "delta_step(S, q, k, v, beta, log_gate, scale) -> (o, new S), or None"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -324,8 +324,8 @@ def delta_product_step(
 
     CUDA tensors run the r steps in one kernel launch (`triton_delta_step` with `steps` = r:
     the state read and written once per token, not once per step); with `native`, CPU tensors
-    run them in one fused C++ token (`_psmc_lane.delta_step` with `steps` = r: one new state,
-    updated in place by the later steps, and one output); elsewhere the steps are r
+    run them in one fused C++ token (`_psmc_lane.delta_step` given the steps as tuples: one new
+    state, updated in place by the later steps, and one output); elsewhere the steps are r
     `delta_rule_step` calls."""
     if _triton_wanted(q):
         from psmc.runtime import triton_delta_step
@@ -334,10 +334,10 @@ def delta_product_step(
             return triton_delta_step.triton_delta_step(S, q, k, v, beta, log_decay, scale=scale, steps=len(keys))
     if native and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and len(keys) > 1:
         lane = cpu_support.decode_lane()
-        if lane is not None:
-            k, v, beta = _stacked_steps(keys, values, betas)
-            done = lane.delta_step(S if S is None else S.contiguous(), q.contiguous(), k, v, beta,
-                                   log_decay if log_decay is None else log_decay.contiguous(), float(scale), len(keys))
+        if lane is not None:  # (the steps as tuples: no stacking copy)
+            done = lane.delta_step(S if S is None else S.contiguous(), q.contiguous(),
+                                   *(tuple(t.contiguous() for t in ts) for ts in (keys, values, betas)),
+                                   log_decay if log_decay is None else log_decay.contiguous(), float(scale))
             if done is not None:
                 return done
     o = None
