@@ -13,9 +13,7 @@ Medians of wall-clock timings.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,17 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu import load  # noqa: E402
+from benchmarks.packed import median_ms  # noqa: E402  (medians of wall-clock runs, without autograd)
 from psmc.runtime.delta import delta_product_step, delta_rule_step  # noqa: E402
-
-
-def median_ms(call, repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def layer_inputs(name: str, B=2, T=1024, H=4, K=64) -> dict:

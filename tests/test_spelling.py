@@ -58,7 +58,7 @@ def test_the_plans_are_the_fast_ones(records):
             "simple_gla": ("decayed-linear-attention", "chunkwise:scalar"),
             "linear_attention": ("decayed-linear-attention", "chunkwise:none"),
             "selective_ssm": ("first-order", "first_order"),
-            "rwkv6": ("first-order", None),  # exclusive readout: generic scan, Triton kernels
+            "rwkv6": ("decayed-linear-attention", "chunkwise:key"),  # the exclusive readout reads S_{t-1}
             "delta_rule": ("identity-plus-low-rank", "delta_rule"),
             "gated_delta_rule": ("identity-plus-low-rank", "delta_rule"),
             "rwkv7": ("diagonal-plus-low-rank", "dplr"),
