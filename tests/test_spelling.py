@@ -38,7 +38,7 @@ def records():
 
 def test_the_families(records):
     assert set(FAMILIES) == {"gla", "simple_gla", "selective_ssm", "delta_rule", "gated_delta_rule",
-                             "linear_attention", "rwkv6", "rwkv7", "kda"}
+                             "linear_attention", "rwkv6", "mlstm", "rwkv7", "kda"}
     for family in ("gla", "simple_gla", "selective_ssm", "delta_rule"):
         assert len(records[family]) >= 5, family
     assert all(len(records[f]) >= 5 for f in FAMILIES)
@@ -59,6 +59,7 @@ def test_the_plans_are_the_fast_ones(records):
             "linear_attention": ("decayed-linear-attention", "chunkwise:none"),
             "selective_ssm": ("first-order", "first_order"),
             "rwkv6": ("decayed-linear-attention", "chunkwise:key"),  # the exclusive readout reads S_{t-1}
+            "mlstm": ("decayed-linear-attention", "chunkwise:scalar"),  # C and n: one pass, the readout on the reads
             "delta_rule": ("identity-plus-low-rank", "delta_rule"),
             "gated_delta_rule": ("identity-plus-low-rank", "delta_rule"),
             "rwkv7": ("diagonal-plus-low-rank", "dplr"),

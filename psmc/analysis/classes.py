@@ -344,7 +344,7 @@ def _shared_key_reads(op: OpIR):
     pieces = (("decay_index", a_index), ("kind", kind), ("k", key), ("q", q), ("g", g),
               ("values", tuple(values)), ("reads", tuple((name, placeholder[node]) for name, node in reads.items())),
               ("readout", readout))
-    names = ", ".join(f"q @ {n}{'_{t-1}' if op.exclusive else ''}" for n in reads)
+    names = ", ".join(f"q @ {f.name}{'_{t-1}' if op.exclusive else ''}" for f in op.state if f.name in reads)
     return StructureClass("decayed-linear-attention", kind, f"states {', '.join(op.state[i].name for i, _ in values)} "
                           f"decayed together with one key, readout a function of {names}: the reads in one chunkwise "
                           "pass, the readout on them", pieces)
