@@ -168,21 +168,8 @@ def _chunkwise_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
         f"        out = _ops.as_field(out, lead, {shape_code(op.outputs[0].shape)}, cx.dt[{op.outputs[0].dtype!r}], "
         "cx.dev)",
     ]
-    if p["decay_index"] is not None and p["decay_index"] in dead:  # the stream state keeps S only
-        A = op.state[p["decay_index"]]
-        lines += [
-            "        a_total = None  # dead in a stream prefix: nothing it feeds is read",
-            "        if call.carry_terms is not None:  # context parallelism: a slice's total needs it",
-            f"            a_total = _chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])",
-        ]
-        element = ["a_total", "s_last"] if p["decay_index"] == 0 else ["s_last", "a_total"]
-    elif p["decay_index"] is not None:
-        A = op.state[p["decay_index"]]
-        lines += [
-            f"        a_total = _chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])",
-            "        if carry is not None:",
-            f"            a_total = a_total * carry[{p['decay_index']}]",
-        ]
+    lines += _decay_total_lines(op, p["decay_index"], dead)
+    if p["decay_index"] is not None:
         element = ["a_total", "s_last"] if p["decay_index"] == 0 else ["s_last", "a_total"]
     else:
         element = ["s_last"]
@@ -274,15 +261,7 @@ def _chunkwise_reads_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     lines += [f"        out = _ops.as_field({readout.names[p['readout']]}, lead, {shape_code(out.shape)}, "
               f"cx.dt[{out.dtype!r}], cx.dev)"]
     a = p["decay_index"]
-    if a is not None and a in dead:
-        lines += ["        a_total = None  # dead in a stream prefix: nothing it feeds is read"]
-    elif a is not None:
-        A = op.state[a]
-        lines += [
-            f"        a_total = _chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])",
-            "        if carry is not None:",
-            f"            a_total = a_total * carry[{a}]",
-        ]
+    lines += _decay_total_lines(op, a, dead)
     element = ", ".join("a_total" if i == a else f"states[{i}]" for i in range(len(op.state)))
     lines += [
         f"        new_state = _ScanState(prefix=({element},), count=(0 if state is None else state.count) + lead[1])",
@@ -292,6 +271,21 @@ def _chunkwise_reads_method(op: OpIR, p: dict, dead: tuple) -> FastPath:
     return FastPath(f"chunkwise:{p['kind']}",
                     "from psmc.runtime import chunkwise as _chunkwise\nfrom psmc.runtime.state import ScanState as "
                     "_ScanState", tuple(lines))
+
+
+def _decay_total_lines(op: OpIR, a: int | None, dead: tuple) -> list[str]:
+    """`a_total`, the decay field of the state a chunkwise pass leaves (its decays' product, times
+    the entering one): None when the stream keeps no decay, unless context parallelism asks for
+    a slice's total; no lines for an op without a decay."""
+    if a is None:
+        return []
+    A = op.state[a]
+    total = f"_chunkwise.decay_total(g_, call.cu_seqlens).to(cx.dt[{A.dtype!r}])"
+    if a in dead:  # the stream state keeps the decayed states only
+        return ["        a_total = None  # dead in a stream prefix: nothing it feeds is read",
+                "        if call.carry_terms is not None:  # context parallelism: a slice's total needs it",
+                f"            a_total = {total}"]
+    return [f"        a_total = {total}", "        if carry is not None:", f"            a_total = a_total * carry[{a}]"]
 
 
 def _bound_step_header(doc: str) -> list[str]:

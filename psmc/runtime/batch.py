@@ -136,28 +136,18 @@ def cat_states(states: Sequence[StreamState]) -> StreamState:
 
 def _cat_caches(caches: list):
     """Serving caches side by side: each row keeps its own position, so any rows share one."""
-    chunked = type(caches[0]) is ChunkCache
-    noun = "chunk" if chunked else "tree"
+    noun = "chunk" if type(caches[0]) is ChunkCache else "tree"
     if len({c.capacity for c in caches}) > 1:
         raise ValueError(f"cat_states: the {noun} caches have different capacities: "
                          + ", ".join(str(c.capacity) for c in caches) + " tokens per row; build them with one capacity")
-    if any(c.buffer is None if chunked else c.roots is None for c in caches):
+    if any(c.is_empty for c in caches):
         raise ValueError(f"cat_states: an empty {noun} cache (no token yet) has no slots to concatenate; "
                          "concatenate caches that have seen at least one token")
-    if chunked:  # a chunk cache none of whose rows completed a chunk has no tree slots yet
-        like = next((c.inner for c in caches if c.inner.roots is not None), None)
+    if noun == "chunk":  # a chunk cache none of whose rows completed a chunk has no tree slots yet
+        like = next((c.inner for c in caches if not c.inner.is_empty), None)
         if like is not None:
-            caches = [c if c.inner.roots is not None else dataclasses.replace(c, inner=_slots_like(c.inner, like))
-                      for c in caches]
+            caches = [dataclasses.replace(c, inner=c.inner.slots_like(like)) if c.inner.is_empty else c for c in caches]
     return _merge(caches, {})
-
-
-def _slots_like(empty: TreeCache, like: TreeCache) -> TreeCache:
-    """`empty` (no slots: no row has pushed) with slots holding `like`'s first row, a valid
-    element that no result reads (its rows' counts are 0)."""
-    rows = empty.count.shape[0]
-    slots = tuple(f[:1].expand(rows, *f.shape[1:]).clone() for f in like.roots)
-    return dataclasses.replace(empty, roots=slots, folds=slots)
 
 
 def ragged_or_regular(rows: list) -> StreamState:

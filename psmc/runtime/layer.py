@@ -31,7 +31,8 @@ from .strategy import strategy_for
 from .varlen import Offsets, cu_seqlens_bounds, lengths
 
 _HALVES = frozenset((torch.float16, torch.bfloat16))  # inputs computed in float32, outputs cast back
-_CACHES = (TreeCache, ChunkCache)  # the serving caches: fixed slots, each row at its own position
+# the serving caches (fixed slots, each row at its own position) and the step that runs a token on each
+_CACHES = {TreeCache: "_step_tree_cache", ChunkCache: "_step_chunk_cache"}
 
 # (imported by name: a torch.compile'd step reads one global for it, not `torch` and two attributes)
 _is_compiling = torch.compiler.is_compiling
@@ -227,8 +228,7 @@ class PsmLayer(nn.Module):
         """`forward` continuing a `TreeCache` or `ChunkCache`: its rows as stream states (a host
         read of the counts), the pass, and the rows' new states in a cache of the same capacity."""
         self._check_cache(cache)
-        empty = cache.roots is None if type(cache) is TreeCache else cache.buffer is None
-        rows = None if empty else cache.to_state()
+        rows = None if cache.is_empty else cache.to_state()
         out, state = self.forward(*args, state=rows, return_state=True, cu_seqlens=cu_seqlens, cp_group=cp_group,
                                   **inputs)
         return (out, type(cache).of(state, cache.capacity)) if return_state else out
@@ -364,7 +364,7 @@ class PsmLayer(nn.Module):
         with _no_autocast(inputs):
             call, run = self._prepare_step(inputs, state)
             if type(state) in _CACHES:
-                run = self._step_tree_cache if type(state) is TreeCache else self._step_chunk_cache
+                run = getattr(self, _CACHES[type(state)])
             outputs, state = run(call, state)
             if self.check_finite == "always":
                 self._check_outputs(outputs, call)
@@ -406,7 +406,7 @@ class PsmLayer(nn.Module):
                 state = self._live_slots(state)  # (a state this op made has the stream layout)
         run = self._step_runner(call) if runner is None else getattr(self, runner)
         if type(state) in _CACHES:
-            run = self._step_tree_cache if type(state) is TreeCache else self._step_chunk_cache
+            run = getattr(self, _CACHES[type(state)])
         outputs, state = run(call, state)
         if out_dtype is not None:
             outputs = _in_dtype(outputs, call)

@@ -413,6 +413,18 @@ class TreeCache(StreamState):
         return (1 << self.levels) - 1
 
     @property
+    def is_empty(self) -> bool:
+        """Before the first token: no slots yet."""
+        return self.roots is None
+
+    def slots_like(self, like: TreeCache) -> TreeCache:
+        """This cache, which has no slots yet (no row has pushed), with every slot holding
+        `like`'s first row: a valid element that no result reads (the rows' counts are 0)."""
+        rows = self.count.shape[0]
+        slots = tuple(f[:1].expand(rows, *f.shape[1:]).clone() for f in like.roots)
+        return dataclasses.replace(self, roots=slots, folds=slots)
+
+    @property
     def sizes(self) -> list[int]:
         """Tokens each row has seen (a host read of the counts)."""
         return [int(c) for c in self.count.tolist()]
@@ -439,11 +451,7 @@ class TreeCache(StreamState):
     def put_rows(self, which: Tensor, rows: TreeCache) -> TreeCache:
         """The cache with its rows `which` (an int64 index) replaced by `rows` (a cache of
         `len(which)` rows and the same levels)."""
-        if self.roots is None:  # no slots yet: every row gets valid (unread) ones first
-            filler = tuple(f[:1].expand(self.count.shape[0], *f.shape[1:]) for f in rows.roots)
-            base = dataclasses.replace(self, roots=filler, folds=filler)
-        else:
-            base = self
+        base = self.slots_like(rows) if self.is_empty else self  # (every row gets valid, unread slots first)
         put = lambda mine, theirs: tuple(m.index_copy(0, which, t.to(m.dtype)) for m, t in zip(mine, theirs))  # noqa: E731
         return dataclasses.replace(base, count=base.count.index_copy(0, which, rows.count),
                                    roots=put(base.roots, rows.roots), folds=put(base.folds, rows.folds))
@@ -607,6 +615,11 @@ class ChunkCache(StreamState):
     def capacity(self) -> int:
         """Tokens each row can hold: the inner counter's chunks and a partial one."""
         return self.chunk * (1 << self.inner.levels) - 1
+
+    @property
+    def is_empty(self) -> bool:
+        """Before the first token: no buffers yet."""
+        return self.buffer is None
 
     @property
     def count(self) -> Tensor:
