@@ -518,15 +518,16 @@ def _delta_wy_bwd_kernel(
         tl.store(dg_ptr + rowsT, tl.cumsum(dG, axis=0, reverse=True), mask=ok)
 
 
-def _plan(dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int, training: bool = False) -> dict:
-    """Block sizes and warps of the forward and (training) the backward, which uses the
-    forward's chunks."""
+def _plan(dtype: torch.dtype, T: int, K: int, V: int, chunk_size: int) -> dict:
+    """Block sizes and warps of the forward and the backward, which uses the forward's chunks
+    (the same with or without autograd)."""
     ieee = dtype == torch.float32
     BK = max(16, _pow2(K))
     BT = max(16, min(_pow2(chunk_size), _pow2(T)))
-    if ieee and (BK > 64 or training):
-        # fp32 [BT, K] tiles of W and K: 32-token chunks keep them in registers (and the
-        # backward's [BT, BT] tf32x3 products)
+    if ieee:
+        # fp32 [BT, K] tiles of W and K: 32-token chunks keep them in registers (the backward's
+        # [BT, BT] tf32x3 products too; with 64, `_wy_kernel` spilled 724 B on sm_80 at K = 64),
+        # and inference then brackets its chunks as training does
         BT = min(BT, 32)
     # fp32 dots (tf32x3) hold more registers: smaller V blocks
     BV = max(16, min(16 if ieee else 64, _pow2(V)))
@@ -619,7 +620,7 @@ def _launch_forward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor |
     stride 0), h0 None | [BH, K, V] fp32 contiguous: `_forward`'s (o, final state, W, U, entering
     states, inverses), the inverses empty unless `training`, on the chunks `_plan` gives for the
     longest sequence. With packed sequences (`bounds`, B = 1) BH is sequences x heads."""
-    plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size, training)
+    plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size)
     seqs = _tc.packed_sequences(bounds, plan["BT"], q4.device)
     o, hT, w, u, hs, inv = _forward(q4, k4, v4, b4, g4, h0, scale, plan, keep_inv=training, seqs=seqs)
     return o, hT, w, u, hs, w.new_empty(0) if inv is None else inv
@@ -630,7 +631,7 @@ def _launch_backward(q4: Tensor, k4: Tensor, v4: Tensor, b4: Tensor, g4: Tensor 
                      longest: int, bounds: list[int] | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`_backward`'s (dq, dk, dv, dbeta, d log gate, d initial state) in the inputs' dtypes (d log
     gate empty without a gate) for the gradients `do`, `dhT` (None: zero) of `_launch_forward`."""
-    plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size, True)
+    plan = _plan(q4.dtype, longest, q4.shape[-1], v4.shape[-1], chunk_size)
     seqs = _tc.packed_sequences(bounds, plan["BT"], q4.device)
     dhT = None if dhT is None else dhT.float().contiguous()
     dq, dk, dv, db, dg, dh0 = _backward(q4, k4, v4, b4, g4, w, u, hs, inv, do.to(v4.dtype), dhT, scale, plan, seqs)
@@ -646,7 +647,7 @@ _backward_op = torch.library.custom_op("psmc::chunk_delta_rule_backward", _launc
 def _forward_fake(q4, k4, v4, b4, g4, h0, scale, chunk_size, longest, training, bounds):
     B, T, H, K = q4.shape
     V = v4.shape[-1]
-    plan = _plan(q4.dtype, longest, K, V, chunk_size, training)
+    plan = _plan(q4.dtype, longest, K, V, chunk_size)
     lanes, rows, NT = _tc.state_rows(B, H, T, plan["BT"], bounds)
     fp32 = plan["ieee"]  # (U and the entering states in fp32 for fp32 inputs, else in the inputs' dtype)
     return (q4.new_empty(B, T, H, V, dtype=v4.dtype), q4.new_empty(lanes, K, V, dtype=torch.float32),

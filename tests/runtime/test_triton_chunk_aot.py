@@ -1,6 +1,7 @@
 """The chunked kernels (triton_chunk, triton_delta, triton_dplr) compile for sm_90 (and the delta
-rule's and the DPLR form's for sm_80 in bf16) at the launch configurations the runtime uses (K = V = 128 and 64, bf16 and fp32,
-inference, training forward and backward; the DPLR form's training chain too), within the spill budget.
+rule's and the DPLR form's for sm_80 in bf16, the delta rule's in fp32 at K = 64 too) at the launch
+configurations the runtime uses (K = V = 128 and 64, bf16 and fp32, inference, training forward
+and backward; the DPLR form's training chain too), within the spill budget.
 
 Compiled ahead of time on this CPU-only machine (Triton's own compiler and ptxas, no GPU) in a
 subprocess without TRITON_INTERPRET; see psmc/runtime/triton_chunk_aot.py.
@@ -99,4 +100,15 @@ def test_delta_rule_kernels_compile_for_sm80_within_the_spill_budget():
     rows = compile_rows(80, "gated_delta_rule bfloat16")
     assert {r["kernel"] for r in rows if r["pass"] == "backward"} == {
         "_delta_dv_local_kernel", "_delta_dstate_kernel", "_delta_dqk_kernel", "_delta_wy_bwd_kernel"}
+    assert not over_budget(rows), over_budget(rows)
+
+
+def test_delta_rule_fp32_kernels_compile_for_sm80_without_forward_spills():
+    """fp32 takes 32-token chunks with or without autograd: with 64, the inference `_wy_kernel`
+    spilled 724 B on sm_80 at K = 64 (255 registers)."""
+    rows = compile_rows(80, "gated_delta_rule float32 K=V=64")
+    forward = [r for r in rows if r["pass"] != "backward"]
+    assert {r["kernel"] for r in forward} >= {"_wy_kernel", "_delta_state_kernel", "_out_kernel"}
+    assert {r["constexprs"]["BT"] for r in forward} == {32}
+    assert not [r for r in forward if r["spills"]], forward
     assert not over_budget(rows), over_budget(rows)
