@@ -26,7 +26,7 @@ from ..dtypes import DType
 from .ops import DTYPES, broadcast_shapes, torch_dtypes
 from .batch import RaggedState, _counts, at_one_count, cat_states, one_count
 from . import compiled_step as _compiled
-from .state import ChunkCache, ChunkStream, ScanState, StreamState, TreeCache, TreeState
+from .state import ChunkCache, ChunkStream, ScanCache, ScanState, StreamState, TreeCache, TreeState
 from .strategy import strategy_for
 from .varlen import Offsets, cu_seqlens_bounds, lengths
 
@@ -236,23 +236,32 @@ class PsmLayer(nn.Module):
     def _cache_class(self):
         """The serving cache of this op's stream (`init_state(capacity=...)`), or None: a
         `TreeCache` for a token tree scan (its slots are a binary counter's levels), a
-        `ChunkCache` for a chunk op on the tree (that counter over chunks, plus a partial chunk
-        per row). An exact scan's state has fixed slots already."""
-        if self._strategy.state_class is not TreeState:
-            return None
-        return ChunkCache if self._strategy.chunked else TreeCache
+        `ChunkCache` for a chunk op (the per-row form of its scan's state over chunks, plus a
+        partial chunk per row). An exact scan's token state has fixed slots already."""
+        if self._strategy.chunked:
+            return ChunkCache
+        return TreeCache if self._strategy.state_class is TreeState else None
 
     def _check_cache(self, cache) -> None:
-        if self._cache_class() is not type(cache):
-            holds = ("the counter of a token tree scan" if type(cache) is TreeCache else
-                     "the chunk counter and partial chunks of a chunk op on the tree")
-            mine = self._cache_class()
-            if mine is None:
-                raise TypeError(f"{self.spec.name}: a {type(cache).__name__} holds {holds}, but this op's state is "
-                                f"{_a(self._strategy.noun)}: use init_state() without capacity=")
-            what = "a token tree scan" if mine is TreeCache else "a chunk op on the tree"
-            raise TypeError(f"{self.spec.name}: a {type(cache).__name__} holds {holds}, but this op is {what}: use a "
-                            f"{mine.__name__} (init_state(batch, capacity=N))")
+        mine = self._cache_class()
+        inner = self._strategy.scan.cache_class  # (a ChunkCache's inner state: the scan's per-row form)
+        if mine is type(cache) and (mine is not ChunkCache or type(cache.inner) is inner):
+            return
+        holds, what = _cache_holds(cache), self._op_kind()
+        if mine is None:
+            raise TypeError(f"{self.spec.name}: a {type(cache).__name__} holds {holds}, but this op's state is "
+                            f"{_a(self._strategy.noun)}: use init_state() without capacity=")
+        if mine is type(cache):  # a ChunkCache of the other scan kind
+            raise TypeError(f"{self.spec.name}: this ChunkCache holds {holds}, but this op is {what}: use the "
+                            "ChunkCache this layer makes (layer.init_state(batch, capacity=N))")
+        raise TypeError(f"{self.spec.name}: a {type(cache).__name__} holds {holds}, but this op is {what}: use a "
+                        f"{mine.__name__} (init_state(batch, capacity=N))")
+
+    def _op_kind(self) -> str:
+        """What this op is, in the cache errors."""
+        if not self._strategy.chunked:
+            return "a token tree scan" if self._strategy.state_class is TreeState else "a token exact scan"
+        return "a chunk op on the tree" if self._strategy.state_class is TreeState else "a chunk op on an exact scan"
 
     def _forward_one(self, inputs: dict, state, return_state: bool):
         call = self._prepare_forward(inputs)
@@ -576,29 +585,27 @@ class PsmLayer(nn.Module):
         """An empty stream state. For chunk ops the partial-chunk buffer is created on the
         first `step` (its shape follows the inputs).
 
-        capacity: for an op on the paper's tree, a serving cache instead of a stream state:
-        fixed-shape slots for `capacity` tokens per row, `batch_shape` rows (an int; () takes the
-        first token's batch), each row at its own position, one compiled graph at every
-        position: a `TreeCache` for a token op, a `ChunkCache` for a chunk op
-        (psmc/runtime/state.py, docs/layers.md)."""
+        capacity: a serving cache instead of a stream state, for a token op on the paper's tree
+        and for every chunk op: fixed-shape slots for at least `capacity` tokens per row
+        (`cache.capacity` says how many), `batch_shape` rows (an int; () takes the first token's
+        batch), each row at its own position, one compiled graph at every position: a
+        `TreeCache` for a token op, a `ChunkCache` for a chunk op (over a tree counter or an
+        exact scan's per-row prefix; either checks the capacity) (psmc/runtime/state.py,
+        docs/layers.md)."""
         if capacity is None:
             return self._strategy.empty(device)
         cache = self._cache_class()
-        if cache is None and self._strategy.chunked:
-            raise TypeError(f"{self.spec.name}: capacity= makes a serving cache for ops on the tree; this is a chunk op "
-                            "on an exact scan, whose ChunkStream keeps one fill for the whole batch: call init_state() "
-                            "without capacity=, and decode rows at different positions as a RaggedState "
-                            "(psmc.cat_states; one call per position)")
         if cache is None:
-            raise TypeError(f"{self.spec.name}: capacity= makes a serving cache for ops on the tree, whose state grows "
-                            f"with the tokens; this op's state is {_a(self._strategy.noun)}, whose slots do not: call "
-                            "init_state() without capacity=")
+            raise TypeError(f"{self.spec.name}: capacity= makes a serving cache for chunk ops and for token ops on the "
+                            f"tree, whose state grows with the tokens; this op's state is {_a(self._strategy.noun)}, "
+                            "whose slots do not: call init_state() without capacity=")
         shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
         if len(shape) > 1:
             raise ValueError(f"{self.spec.name}: a serving cache has one batch axis, got batch_shape={batch_shape!r}")
         batch = shape[0] if shape else None
         if cache is ChunkCache:
-            return ChunkCache.empty(capacity, int(self.spec.chunk(self.dims)), batch=batch, device=device)
+            return ChunkCache.empty(capacity, int(self.spec.chunk(self.dims)), batch=batch, device=device,
+                                    inner=self._strategy.scan.cache_class)
         return TreeCache.empty(capacity, batch=batch, device=device)
 
     def extra_repr(self) -> str:
@@ -1432,8 +1439,8 @@ class PsmLayer(nn.Module):
         chunk_inputs = {n: cache.buffer[n].movedim(1, rows) for n in call.inputs}
         index = _position(cache.inner, lead, call.ctx.dev)
         prefix = cache.inner.before(self._identity_element(call))
-        if prefix is not None:  # (the identity broadcasts; the slots are per row)
-            prefix = tuple(p.expand(tuple(lead) + tuple(p.shape[p.dim() - f.rank:]))
+        if prefix is not None:  # (the identity broadcasts; the slots are per row; a dead field is None)
+            prefix = tuple(None if p is None else p.expand(tuple(lead) + tuple(p.shape[p.dim() - f.rank:]))
                            for p, f in zip(prefix, spec.fields))
         outputs = self._readout_batch(call, lead, prefix, chunk_inputs, index)
         outputs = tuple(_at_slot(o, slot, rows) for o in outputs)
@@ -1457,12 +1464,14 @@ class PsmLayer(nn.Module):
             cache = _tagged(cache, call.tag)
         return outputs, cache
 
-    def _push_chunks(self, call, inner: TreeCache, chunk_inputs: dict, index, rows) -> TreeCache:
-        """`inner` after its rows (`rows`, [B] bool; None: all) push their lifted chunks."""
+    def _push_chunks(self, call, inner, chunk_inputs: dict, index, rows):
+        """`inner` (a `TreeCache` or `ScanCache`) after its rows (`rows`, [B] bool; None: all)
+        push their lifted chunks. The prefix combine: an exact scan's prefix keeps no dead field
+        (a tree has none, and there it is the combine)."""
         lead = (index.shape[0],) + tuple(call.lead[1:])
         leaf = self._lift_batch(call, lead, chunk_inputs, index)
         leaf = tuple(x.expand(lead + tuple(int(n) for n in f.shape(call.ctx.d))) for x, f in zip(leaf, self.spec.fields))
-        return inner.push(leaf, self._combine_fn(call), rows=rows)[0]
+        return inner.push(leaf, self._prefix_combine_fn(call), rows=rows)[0]
 
 
 class _Inputs:
@@ -1606,6 +1615,15 @@ def _a(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
+def _cache_holds(cache) -> str:
+    """What a serving cache holds, in the cache errors."""
+    if type(cache) is TreeCache:
+        return "the counter of a token tree scan"
+    if isinstance(cache.inner, ScanCache):
+        return "the per-row prefix and partial chunks of a chunk op on an exact scan"
+    return "the chunk counter and partial chunks of a chunk op on the tree"
+
+
 def _batch_rows(state) -> int:
     return state.batch_size
 
@@ -1630,7 +1648,7 @@ def _position(state, lead: tuple, device) -> Tensor:
     counter's structure, an exact scan's the count tensor."""
     if isinstance(state, TreeState):
         return torch.full(lead, state.size, dtype=torch.int64, device=device)
-    if isinstance(state, TreeCache):  # each row at its own count
+    if isinstance(state, (TreeCache, ScanCache)):  # each row at its own count
         if not state.count.numel():
             return torch.zeros(lead, dtype=torch.int64, device=device)
         return state.count.to(device).reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead)

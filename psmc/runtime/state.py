@@ -6,8 +6,10 @@
 - ChunkStream: a ScanState/TreeState plus the tokens of the chunk being filled.
 - TreeCache: the TreeState counter in fixed-shape slots, every row at its own count (serving:
   one compiled graph at every position).
-- ChunkCache: a chunk op's TreeCache over complete chunks plus each row's partial chunk, every
-  row at its own position (serving a Transformer-PSM).
+- ScanCache: an exact scan's prefix per row, every row at its own count (a ChunkCache's inner
+  state for a chunk op on an exact scan).
+- ChunkCache: a chunk op's TreeCache (or ScanCache) over complete chunks plus each row's partial
+  chunk, every row at its own position (serving a Transformer-PSM).
 
 All of them share one read API: `prefix` (the inclusive prefix over the leaves pushed so far,
 a tuple of field tensors, None before the first leaf), `count` (those leaves, a 0-d int64
@@ -362,8 +364,81 @@ def _per_row(mask: Tensor, like: Tensor) -> Tensor:
     return mask.reshape(tuple(mask.shape) + (1,) * (like.dim() - mask.dim()))
 
 
+class _RowCache(StreamState):
+    """What the per-row caches (`TreeCache`, `ScanCache`) share: a `[B]` int64 `count`, the
+    fixed-shape slot fields named by `_SLOTS` (each a tuple of field tensors with the batch on
+    axis 0, None until the first leaf; a field may be None: an exact scan's dead field), a
+    capacity in leaves per row, and the row operations on them."""
+
+    _SLOTS: tuple = ()
+    _NOUN = ""  # in messages: "the tree cache is full"
+    _UNIT = ""  # what a leaf is: "tokens", "chunks"
+
+    @property
+    def is_empty(self) -> bool:
+        """Before the first leaf: no slots yet."""
+        return getattr(self, self._SLOTS[0]) is None
+
+    @property
+    def sizes(self) -> list[int]:
+        """Leaves each row has seen (a host read of the counts)."""
+        return [int(c) for c in self.count.tolist()]
+
+    def reset(self, rows):
+        """The cache with `rows` (an int, a list, a slice or an index tensor) emptied, for new
+        streams in those slots (continuous batching); their stale slots are never read."""
+        count = self.count.clone()
+        count[rows] = 0
+        return dataclasses.replace(self, count=count)
+
+    def slots_like(self, like):
+        """This cache, which has no slots yet (no row has pushed), with every slot holding
+        `like`'s first row: a valid element that no result reads (the rows' counts are 0)."""
+        rows = self.count.shape[0]
+        fill = lambda table: tuple(None if f is None else f[:1].expand(rows, *f.shape[1:]).clone()  # noqa: E731
+                                   for f in table)
+        return dataclasses.replace(self, **{name: fill(getattr(like, name)) for name in self._SLOTS})
+
+    def put_rows(self, which: Tensor, rows):
+        """The cache with its rows `which` (an int64 index) replaced by `rows` (a cache of
+        `len(which)` rows and the same capacity)."""
+        base = self.slots_like(rows) if self.is_empty else self  # (every row gets valid, unread slots first)
+        put = lambda mine, theirs: tuple(None if m is None else m.index_copy(0, which, t.to(m.dtype))  # noqa: E731
+                                         for m, t in zip(mine, theirs))
+        return dataclasses.replace(base, count=base.count.index_copy(0, which, rows.count),
+                                   **{name: put(getattr(base, name), getattr(rows, name)) for name in self._SLOTS})
+
+    def _rows_for(self, leaf: Element) -> Tensor:
+        """The counts sized for `leaf`'s batch (a cache made without a batch takes it now)."""
+        batch = leaf[0].shape[0]
+        count = self.count if self.count.numel() else self.count.new_zeros(batch).to(leaf[0].device)
+        if count.shape[0] != batch:
+            raise ValueError(f"the {self._NOUN} cache holds {count.shape[0]} rows but the token has batch {batch}")
+        return count
+
+    def _layout(self) -> str:
+        """The capacity in words, for the error that says a row is full."""
+        raise NotImplementedError
+
+    def check_room(self, adds: Tensor | None = None) -> None:
+        """Raise when a row's next leaf would pass the capacity: on the host for CPU counts
+        outside a graph, else a device assert (no sync; it stops the stream with this message).
+        `adds` ([B] int64, None: one each): the leaves each row takes."""
+        after = self.count + (1 if adds is None else adds)
+        if self.count.device.type == "cpu" and not torch.compiler.is_compiling():
+            full = [c for c in after.tolist() if c > self.capacity]
+            if full:
+                raise ValueError(f"the {self._NOUN} cache is full: it holds {self.capacity} {self._UNIT} per row "
+                                 f"({self._layout()}) and a row would reach {full[0]}: build it with a larger capacity "
+                                 "(layer.init_state(batch, capacity=...)) or reset the row")
+        else:
+            torch._assert_async(after.le(self.capacity).all(),
+                                f"psmc: a {self._NOUN} cache of {self._layout()} ({self.capacity} {self._UNIT} per row) is "
+                                "full: build it with a larger capacity or reset the row")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class TreeCache(StreamState):
+class TreeCache(_RowCache):
     """The tree counter in fixed-shape tensors, for serving: every row at its own count.
 
     `TreeState` holds a root only where its count has a set bit, so its structure (and a
@@ -386,6 +461,8 @@ class TreeCache(StreamState):
     folds: Element | None = None
     levels: int = 1
     op: str = ""
+    _SLOTS = ("roots", "folds")
+    _NOUN, _UNIT = "tree", "tokens"
 
     def __post_init__(self) -> None:
         if (self.roots is None) != (self.folds is None):
@@ -412,65 +489,25 @@ class TreeCache(StreamState):
         """Tokens each row can hold."""
         return (1 << self.levels) - 1
 
-    @property
-    def is_empty(self) -> bool:
-        """Before the first token: no slots yet."""
-        return self.roots is None
+    @staticmethod
+    def chunks_for(capacity: int, chunk: int) -> int:
+        """The capacity in chunks of the counter over a chunk op's complete chunks for `capacity`
+        tokens per row in chunks of `chunk`: at least one level, a power of two less one (with
+        a partial chunk, `chunk * 2**levels - 1` tokens per row)."""
+        TreeCache.levels_for(capacity)  # (the same check of the number)
+        return (1 << max(1, (capacity // chunk).bit_length())) - 1
 
-    def slots_like(self, like: TreeCache) -> TreeCache:
-        """This cache, which has no slots yet (no row has pushed), with every slot holding
-        `like`'s first row: a valid element that no result reads (the rows' counts are 0)."""
-        rows = self.count.shape[0]
-        slots = tuple(f[:1].expand(rows, *f.shape[1:]).clone() for f in like.roots)
-        return dataclasses.replace(self, roots=slots, folds=slots)
-
-    @property
-    def sizes(self) -> list[int]:
-        """Tokens each row has seen (a host read of the counts)."""
-        return [int(c) for c in self.count.tolist()]
-
-    def reset(self, rows) -> TreeCache:
-        """The cache with `rows` (an int, a list, a slice or an index tensor) emptied, for new
-        streams in those slots (continuous batching); their stale slots are never read."""
-        count = self.count.clone()
-        count[rows] = 0
-        return dataclasses.replace(self, count=count)
+    def _layout(self) -> str:
+        return f"{self.levels} levels"
 
     def ready(self, leaf: Element) -> TreeCache:
         """The cache sized for `leaf`'s batch: an empty one gets its slots, each filled with the
         leaf (a valid element, so the Agg calls on unoccupied slots compute on finite values)."""
-        batch = leaf[0].shape[0]
-        count = self.count if self.count.numel() else self.count.new_zeros(batch).to(leaf[0].device)
-        if count.shape[0] != batch:
-            raise ValueError(f"the tree cache holds {count.shape[0]} rows but the token has batch {batch}")
+        count = self._rows_for(leaf)
         if self.roots is not None:
             return dataclasses.replace(self, count=count)
         slots = tuple(x.unsqueeze(1).expand(x.shape[0], self.levels, *x.shape[1:]).clone() for x in leaf)
         return dataclasses.replace(self, count=count, roots=slots, folds=slots)
-
-    def put_rows(self, which: Tensor, rows: TreeCache) -> TreeCache:
-        """The cache with its rows `which` (an int64 index) replaced by `rows` (a cache of
-        `len(which)` rows and the same levels)."""
-        base = self.slots_like(rows) if self.is_empty else self  # (every row gets valid, unread slots first)
-        put = lambda mine, theirs: tuple(m.index_copy(0, which, t.to(m.dtype)) for m, t in zip(mine, theirs))  # noqa: E731
-        return dataclasses.replace(base, count=base.count.index_copy(0, which, rows.count),
-                                   roots=put(base.roots, rows.roots), folds=put(base.folds, rows.folds))
-
-    def check_room(self, adds: Tensor | None = None) -> None:
-        """Raise when a row's next token would pass the capacity: on the host for CPU counts
-        outside a graph, else a device assert (no sync; it stops the stream with this message).
-        `adds` ([B] int64, None: one each): the tokens each row takes."""
-        after = self.count + (1 if adds is None else adds)
-        if self.count.device.type == "cpu" and not torch.compiler.is_compiling():
-            full = [c for c in after.tolist() if c >> self.levels]
-            if full:
-                raise ValueError(f"the tree cache is full: it holds {self.capacity} tokens per row ({self.levels} "
-                                 f"levels) and a row would reach {full[0]}: build it with a larger capacity "
-                                 "(layer.init_state(batch, capacity=...)) or reset the row")
-        else:
-            torch._assert_async((after >> self.levels).eq(0).all(),
-                                f"psmc: a tree cache of {self.levels} levels ({self.capacity} tokens per row) is full: "
-                                "build it with a larger capacity or reset the row")
 
     def before(self, identity: Element | None) -> Element | None:
         """Each row's prefix before the next token (its fold at the lowest occupied level),
@@ -575,23 +612,146 @@ class TreeCache(StreamState):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class ScanCache(_RowCache):
+    """An exact scan's inclusive prefix per row, every row at its own count: the inner state of
+    a `ChunkCache` for a chunk op on an exact scan (its leaves are the rows' complete chunks).
+
+    A `ScanState` holds one prefix and one count for the whole batch; here `count` is `[B]`
+    int64 and `prefix` holds each row's (`[B, *lanes, *field]` per field, None in a dead
+    field's slot as in a stream prefix; None until the first leaf). A row at count 0 holds a
+    stale element that no result reads (`before` gives it the identity). A push combines every
+    row's prefix with its leaf and keeps the result for the rows asked (a row's first leaf is
+    the leaf itself, as `ScanState.push` takes it), so it is one graph at every count, and the
+    brackets are `ScanState.push`'s: each row's prefix is its stream's bit for bit.
+
+    An exact scan's prefix has a fixed shape, so `capacity` (leaves per row) costs no memory:
+    it is the limit a `ChunkCache` checks, as a tree counter's levels are."""
+
+    count: Tensor
+    prefix: Element | None = None
+    capacity: int = 1
+    op: str = ""
+    _SLOTS = ("prefix",)
+    _NOUN, _UNIT = "scan", "chunks"
+
+    @staticmethod
+    def chunks_for(capacity: int, chunk: int) -> int:
+        """Complete chunks per row for `capacity` tokens per row in chunks of `chunk` (with a
+        partial chunk, `chunk * (capacity // chunk + 1) - 1` tokens: the capacity rounded up to
+        the end of its chunk)."""
+        TreeCache.levels_for(capacity)  # (the same check of the number)
+        return capacity // chunk
+
+    @classmethod
+    def empty(cls, capacity: int, batch: int | None = None, device=None, op: str = "") -> ScanCache:
+        """A cache before any leaf for `capacity` leaves per row (`batch` rows; None: the first
+        leaf's batch)."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"a scan cache's capacity is a number of leaves per row, got {capacity!r}")
+        count = torch.zeros(0 if batch is None else batch, dtype=torch.int64, device=device)
+        return cls(count=count, capacity=capacity, op=op)
+
+    def _layout(self) -> str:
+        return f"an exact scan of {self.capacity} chunks"
+
+    def ready(self, leaf: Element) -> ScanCache:
+        """The cache sized for `leaf`'s batch: an empty one gets its slots, holding the leaf (a
+        valid element, so the combine on a row at count 0 computes on finite values)."""
+        count = self._rows_for(leaf)
+        return dataclasses.replace(self, count=count, prefix=leaf if self.prefix is None else self.prefix)
+
+    def before(self, identity: Element | None) -> Element | None:
+        """Each row's prefix before the next leaf, `identity` for rows that have seen none
+        (None: no identity, and a row at 0)."""
+        if self.prefix is None:
+            return identity
+        if identity is None:
+            return self.prefix
+        seen = self.count > 0
+        return tuple(None if p is None else torch.where(_per_row(seen, p), p, e.to(p.dtype))
+                     for p, e in zip(self.prefix, identity))
+
+    def push(self, leaf: Element, combine: Combine, rows: Tensor | None = None) -> tuple[ScanCache, Element]:
+        """(the cache after one more leaf per row, each row's prefix after it): combine(prefix,
+        leaf) for a row that has seen a leaf, the leaf itself for one that has not; `combine`
+        gives None for a dead field (the layer's prefix combine), which the prefix keeps as
+        None. `rows` ([B] bool, None: all) names the rows that take their leaf; the others keep
+        their count and prefix (a `ChunkCache` pushes the rows whose chunk completed), and their
+        prefix in the result is not theirs."""
+        cache = self.ready(leaf)
+        n = cache.count
+        cache.check_room(None if rows is None else rows.to(n.dtype))
+        seen = n > 0
+        combined = combine(cache.prefix, leaf)
+        prefix = tuple(None if c is None else torch.where(_per_row(seen, c), c, x)
+                       for c, x in zip(combined, leaf))
+        after = n + 1
+        kept = prefix
+        if rows is not None:
+            kept = tuple(None if p is None else torch.where(_per_row(rows, p), p, old)
+                         for p, old in zip(prefix, cache.prefix))
+            after = torch.where(rows, after, n)
+        return dataclasses.replace(cache, count=after, prefix=kept), prefix
+
+    @classmethod
+    def of(cls, state, capacity: int) -> ScanCache:
+        """The cache holding `state` (a `ScanState`, or a `RaggedState` of them: a prefill with
+        `cu_seqlens`) for `capacity` leaves per row."""
+        rows = getattr(state, "row_states", None)
+        rows = [state] if rows is None else list(rows)
+        if not all(isinstance(r, ScanState) for r in rows):
+            kinds = sorted({type(r).__name__ for r in rows})
+            raise TypeError(f"a scan cache holds a ScanState (or a RaggedState of them), got {', '.join(kinds)}")
+        device = rows[0].count.device
+        seen = max(r.size for r in rows)
+        if seen > capacity:
+            raise ValueError(f"the state has seen {seen} leaves, more than a scan cache of capacity {capacity} holds")
+        like = next((r.prefix for r in rows if r.prefix is not None), None)
+        if like is None:  # no row has seen a leaf
+            return cls.empty(capacity, batch=None if rows[0] is state else len(rows), device=device, op=state.op)
+        # a row that has seen no leaf (one row of a RaggedState) gets a valid element in its (unread) slot
+        filler = tuple(None if f is None else f[:1] for f in like)
+        parts = [r.prefix if r.prefix is not None else filler for r in rows]
+        count = torch.cat([r.count.reshape(1).expand(next(f for f in p if f is not None).shape[0])
+                           for r, p in zip(rows, parts)])
+        prefix = tuple(None if f[0] is None else torch.cat(f) for f in zip(*parts))
+        return cls(count=count, prefix=prefix, capacity=capacity, op=state.op)
+
+    def to_state(self):
+        """The rows as `ScanState`s (one state when every row has the same count, else a
+        `RaggedState`). Reads the counts on the host."""
+        from psmc.runtime.batch import RaggedState, ragged_or_regular
+        sizes = self.sizes
+        if self.prefix is None or not sizes or not any(sizes):
+            return ScanState(prefix=None, count=_as_count(0, self.count.device), op=self.op)
+        rows = [ScanState(prefix=tuple(None if f is None else f[b:b + 1] for f in self.prefix) if n else None,
+                          count=torch.tensor(n, dtype=torch.int64, device=self.count.device), op=self.op)
+                for b, n in enumerate(sizes)]
+        # (a row at 0, reset for a new stream, holds no tensor: a RaggedState keeps it as a row)
+        return ragged_or_regular(rows) if len(set(sizes)) == 1 else RaggedState(rows=tuple(rows))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class ChunkCache(StreamState):
-    """A chunk op's stream for serving, every row at its own position: a `TreeCache` over each
-    row's complete chunks (`inner`, its counts are chunks) and each row's partial chunk in
-    fixed `[B, C, ...]` buffers with its own fill (`filled`, `[B]` int64).
+    """A chunk op's stream for serving, every row at its own position: the per-row form of the
+    scan's state over each row's complete chunks (`inner`, its counts are chunks: a `TreeCache`
+    on the paper's tree, a `ScanCache` on an exact scan) and each row's partial chunk in fixed
+    `[B, C, ...]` buffers with its own fill (`filled`, `[B]` int64).
 
     A `ChunkStream` keeps one fill for the whole batch, so rows at different positions cannot
     share it and a compiled step is a graph per fill. Here a token is written at each row's
     own slot, the readout runs once for the batch, and the rows whose chunk completes push it
-    (a masked `TreeCache.push`); the rest keep theirs. One graph at every position: the push's
-    Agg calls run at every token for every row in a graph (on CPU tensors outside one, only
-    when some row completes a chunk). The slots after a row's fill are zeros, as the parallel
-    pass pads a partial chunk, so a row decodes as its `ChunkStream` does.
+    (a masked `inner.push`); the rest keep theirs. One graph at every position: the push's
+    combine calls run at every token for every row in a graph (on CPU tensors outside one,
+    only when some row completes a chunk). The slots after a row's fill are zeros, as the
+    parallel pass pads a partial chunk, so a row decodes as its `ChunkStream` does.
 
     `buffer` is None until the first token (`PsmLayer.init_state(capacity=...)`); the cache
-    holds `capacity = chunk * 2**levels - 1` tokens per row."""
+    holds `capacity = chunk * (inner.capacity + 1) - 1` tokens per row (`inner.capacity`
+    complete chunks and a partial one): `chunk * 2**levels - 1` over a tree counter, the
+    capacity asked rounded up to the end of its chunk over an exact scan."""
 
-    inner: TreeCache
+    inner: TreeCache | ScanCache
     filled: Tensor
     chunk: int = 1
     buffer: dict[str, Tensor] | None = None
@@ -599,22 +759,28 @@ class ChunkCache(StreamState):
 
     @staticmethod
     def levels_for(capacity: int, chunk: int) -> int:
-        """Levels of the inner counter for `capacity` tokens per row in chunks of `chunk`."""
-        TreeCache.levels_for(capacity)  # (the same check of the number)
-        return max(1, (capacity // chunk).bit_length())
+        """Levels of the inner tree counter for `capacity` tokens per row in chunks of `chunk`."""
+        return TreeCache.chunks_for(capacity, chunk).bit_length()
 
     @classmethod
-    def empty(cls, capacity: int, chunk: int, batch: int | None = None, device=None, op: str = "") -> ChunkCache:
-        """A cache before any token for `capacity` tokens per row (`batch` rows; None: the first
-        token's batch)."""
-        levels = cls.levels_for(capacity, chunk)
-        inner = TreeCache.empty((1 << levels) - 1, batch=batch, device=device)
+    def empty(cls, capacity: int, chunk: int, batch: int | None = None, device=None, op: str = "",
+              inner: type = TreeCache) -> ChunkCache:
+        """A cache before any token for at least `capacity` tokens per row (`batch` rows; None:
+        the first token's batch) over `inner` (`TreeCache`: a chunk op on the tree; `ScanCache`:
+        on an exact scan)."""
+        inner = inner.empty(inner.chunks_for(capacity, chunk), batch=batch, device=device)
         return cls(inner=inner, filled=inner.count.clone(), chunk=chunk, op=op)
 
     @property
     def capacity(self) -> int:
-        """Tokens each row can hold: the inner counter's chunks and a partial one."""
-        return self.chunk * (1 << self.inner.levels) - 1
+        """Tokens each row can hold: the inner state's chunks and a partial one."""
+        return self.chunk * (self.inner.capacity + 1) - 1
+
+    def _layout(self) -> str:
+        """The capacity in words, for the errors that say a row is full."""
+        if isinstance(self.inner, TreeCache):
+            return f"{self.inner.levels} levels of chunks of {self.chunk}"
+        return f"{self.inner.capacity} chunks of {self.chunk} and a partial one"
 
     @property
     def is_empty(self) -> bool:
@@ -652,9 +818,9 @@ class ChunkCache(StreamState):
         if after.device.type == "cpu" and not torch.compiler.is_compiling():
             full = [c for c in after.tolist() if c > limit]
             if full:
-                raise ValueError(f"the chunk cache is full: it holds {limit} tokens per row ({self.inner.levels} levels "
-                                 f"of chunks of {self.chunk}) and a row would reach {full[0]}: build it with a larger "
-                                 "capacity (layer.init_state(batch, capacity=...)) or reset the row")
+                raise ValueError(f"the chunk cache is full: it holds {limit} tokens per row ({self._layout()}) and a "
+                                 f"row would reach {full[0]}: build it with a larger capacity "
+                                 "(layer.init_state(batch, capacity=...)) or reset the row")
         else:
             torch._assert_async(after.le(limit).all(),
                                 f"psmc: a chunk cache of {limit} tokens per row is full: build it with a larger "
@@ -681,7 +847,7 @@ class ChunkCache(StreamState):
                    for name, buf in buffer.items()}
         return dataclasses.replace(cache, buffer=written, filled=filled + 1)
 
-    def restart(self, inner: TreeCache, rows: Tensor) -> ChunkCache:
+    def restart(self, inner: TreeCache | ScanCache, rows: Tensor) -> ChunkCache:
         """After the rows `rows` ([B] bool) pushed their complete chunk into `inner`: their
         buffers zeroed and their fills 0."""
         buffer = {name: torch.where(_per_row(rows, buf), torch.zeros((), dtype=buf.dtype, device=buf.device), buf)
@@ -690,8 +856,9 @@ class ChunkCache(StreamState):
 
     @classmethod
     def of(cls, state, capacity: int) -> ChunkCache:
-        """The cache holding `state` (a `ChunkStream`, an empty inner state, or a `RaggedState`
-        of them: a prefill with `cu_seqlens`) for `capacity` tokens per row."""
+        """The cache holding `state` (a `ChunkStream`, or a `RaggedState` of them: a prefill with
+        `cu_seqlens`) for at least `capacity` tokens per row; its inner state is the per-row form
+        of the streams' (a `TreeCache` of `TreeState`s, a `ScanCache` of `ScanState`s)."""
         rows = getattr(state, "row_states", None)
         if rows is None:
             rows = [state] if isinstance(state, ChunkStream) else []
@@ -699,15 +866,16 @@ class ChunkCache(StreamState):
             kinds = sorted({type(r).__name__ for r in rows}) or [type(state).__name__]
             raise TypeError(f"a chunk cache holds a chunk op's ChunkStream (or a RaggedState of them), got {', '.join(kinds)}")
         chunk = rows[0].chunk
-        levels = cls.levels_for(capacity, chunk)
+        kind = TreeCache if isinstance(rows[0].inner, TreeState) else ScanCache
+        chunks = kind.chunks_for(capacity, chunk)
         sizes = [r.inner.size * chunk + r.size for r in rows]
-        limit = chunk * (1 << levels) - 1
+        limit = chunk * (chunks + 1) - 1
         if max(sizes) > limit:
             raise ValueError(f"the state has seen {max(sizes)} tokens, more than a chunk cache of capacity {capacity} "
                              f"holds ({limit} tokens per row)")
         from psmc.runtime.batch import RaggedState
-        inner = TreeCache.of(RaggedState(rows=tuple(r.inner for r in rows)), (1 << levels) - 1) if len(rows) > 1 \
-            else TreeCache.of(rows[0].inner, (1 << levels) - 1)
+        inner = kind.of(RaggedState(rows=tuple(r.inner for r in rows)), chunks) if len(rows) > 1 \
+            else kind.of(rows[0].inner, chunks)
         batch = sum(next(iter(r.buffer.values())).shape[0] for r in rows)
         if inner.count.shape[0] != batch:  # an empty inner state has no rows: a count per row
             inner = dataclasses.replace(inner, count=inner.count.new_zeros(batch))
@@ -721,8 +889,7 @@ class ChunkCache(StreamState):
         from psmc.runtime.batch import ragged_or_regular
         rows = []
         for b, fill in enumerate(self.filled.tolist()):
-            inner = self.inner[b:b + 1]
-            inner = inner.to_state() if inner.roots is not None else TreeState.empty(self.filled.device)
+            inner = self.inner[b:b + 1].to_state()  # (a row with no complete chunk: the empty state)
             buffer = {name: buf[b:b + 1] for name, buf in self.buffer.items()}
             rows.append(ChunkStream(inner=inner, buffer=buffer, filled=torch.tensor(fill, device=self.filled.device),
                                     op=self.op, n_filled=fill))
@@ -732,4 +899,4 @@ class ChunkCache(StreamState):
 # States are plain tensors in small dataclasses: let `torch.load` (weights_only=True, the
 # default since torch 2.6) read them back.
 if hasattr(torch.serialization, "add_safe_globals"):
-    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream, TreeCache, ChunkCache])
+    torch.serialization.add_safe_globals([ScanState, TreeState, ChunkStream, TreeCache, ScanCache, ChunkCache])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from .element import with_time
 from .scan import exact_scan, exclusive_from_inclusive
-from .state import ScanState, TreeState
+from .state import ScanCache, ScanState, TreeCache, TreeState
 from .tree import tree_scan
 
 
@@ -32,6 +32,7 @@ class ScanStrategy:
     name: str = ""  # the spec's spelling: 'exact' | 'tree'
     noun: str = ""  # in error messages: "this op's state is a ..."
     state_class: type = ScanState  # what `init_state` makes and a continued call must get
+    cache_class: type = ScanCache  # its per-row form: a ChunkCache's inner state (a token tree's serving cache)
     token_kernels: bool = False  # C++ kernels and the dispatch table's step paths apply
     plain_tensors: bool = False  # `initial_state=` may be plain tensors (fla style)
 
@@ -101,7 +102,7 @@ class ExactScan(ScanStrategy):
 class TreeScan(ScanStrategy):
     """A non-associative aggregator: the paper's fixed tree, carried as a binary counter (`TreeState`)."""
 
-    name, noun, state_class = "tree", "tree", TreeState
+    name, noun, state_class, cache_class = "tree", "tree", TreeState, TreeCache
 
     def push(self, layer, call, state, leaf):
         return state.push(leaf, layer._combine_fn(call))

@@ -1,7 +1,9 @@
-"""ChunkCache: a chunk op's serving state (the tree counter over each row's complete chunks in
-fixed slots, and each row's partial chunk with its own fill) decodes every row at its own
-position in one call per token, as the row's ChunkStream does: bit for bit in eager code at
-one position, one compiled graph at every position."""
+"""ChunkCache: a chunk op's serving state (the tree counter, or an exact scan's prefix, over
+each row's complete chunks in fixed slots, and each row's partial chunk with its own fill)
+decodes every row at its own position in one call per token, as the row's ChunkStream does: bit
+for bit in eager code, one compiled graph at every position. The tests that hold for both kinds
+run on `chunky` (the tree) and `chunky_exact` (an exact scan with a dead field), which take the
+same inputs: one user code path."""
 
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 
 import psmc
 from psmc.runtime.batch import RaggedState, cat_states
-from psmc.runtime.state import ChunkCache, ChunkStream, TreeCache, TreeState
+from psmc.runtime.state import ChunkCache, ChunkStream, ScanCache, ScanState, TreeCache, TreeState
 
 from test_tree_scan import Symbolic, closed_form, push_all
 
@@ -26,6 +28,15 @@ op chunky[C] {
   lift (x: f32[C], u: f32[C, 2]) { return (tanh(sum(x)) + 0.01 * index, sum(u, axis=0)); }
   combine (l, r) { return (tanh(0.5 * l.h + r.h * r.z[0]), 0.5 * l.z + r.z * l.h); }
   identity = (zeros, zeros);
+  readout exclusive (p, x: f32[C]) { return p.h * x + p.z[1] + index; }
+}
+op chunky_exact[C] {
+  chunk C;
+  assume empty_prefix;
+  state (a: f32, h: f32, z: f32[2]);
+  lift (x: f32[C], u: f32[C, 2]) { return (0.5 + 0.5 * sigmoid(sum(x)), tanh(sum(x)) + 0.01 * index, sum(u, axis=0)); }
+  combine (l, r) { return (l.a * r.a, r.a * l.h + r.h, r.a * l.z + r.z); }
+  identity = (1.0, zeros, zeros);
   readout exclusive (p, x: f32[C]) { return p.h * x + p.z[1] + index; }
 }
 op chunk_exact[C] {
@@ -44,6 +55,16 @@ def ops(tmp_path_factory):
     path = tmp_path_factory.mktemp("chunk_cache") / "chunky.psm"
     path.write_text(CHUNKY)
     return psmc.load(path)
+
+
+BOTH = pytest.mark.parametrize("name", ["chunky", "chunky_exact"])  # on the tree, on an exact scan
+INNER = {"chunky": TreeCache, "chunky_exact": ScanCache}
+
+
+def test_the_exact_op_is_an_exact_scan_with_a_dead_field(ops):
+    layer = ops.chunky_exact(C=2)
+    assert layer.spec.scan == "exact" and layer.spec.dead == (0,)  # the decays' product `a`
+    assert ops.chunky(C=2).spec.scan == "tree"
 
 
 def tokens(n, batch, lanes=(), seed=0):
@@ -70,12 +91,15 @@ def test_masked_push_moves_only_the_rows_asked_and_keeps_the_closed_form():
     assert sym.read(cache.before(identity)[0]) == [closed_form(c) if c else "e" for c in cache.sizes]
 
 
+@BOTH
 @pytest.mark.parametrize("lanes", [(), (3,)])
-def test_one_position_decodes_as_the_chunk_stream_bit_for_bit(ops, lanes):
+def test_one_position_decodes_as_the_chunk_stream_bit_for_bit(ops, lanes, name):
     torch.manual_seed(0)
-    layer = ops.chunky(C=4, lanes=lanes or None)
+    layer = getattr(ops, name)(C=4, lanes=lanes or None)
     state, cache = layer.init_state(), layer.init_state(2, capacity=40)
-    assert type(cache) is ChunkCache and cache.capacity == 63 and cache.chunk == 4
+    assert type(cache) is ChunkCache and type(cache.inner) is INNER[name] and cache.chunk == 4
+    # a tree counter's levels hold 63 tokens; an exact scan's 10 chunks and a partial one, 43
+    assert cache.capacity == (63 if name == "chunky" else 43) and cache.is_empty
     for token in tokens(23, 2, lanes):
         want, state = layer.step(state, **token)
         got, cache = layer.step(cache, **token)
@@ -106,9 +130,73 @@ def test_transformer_psm_decodes_rows_at_their_own_positions_in_one_call():
     assert cache.sizes == ragged.sizes == [n + 13 for n in lengths]
 
 
-def test_rows_move_like_any_state_and_a_reset_row_starts_clean(ops):
+@pytest.mark.parametrize("lanes", [(), (2,)])
+def test_exact_scan_rows_decode_at_their_own_positions_as_their_streams_and_one_pass(ops, lanes):
+    """A packed prefill (cu_seqlens) of rows of different lengths, then one call per token for
+    every row: each row's outputs are its ChunkStream's bit for bit (the ragged state steps a
+    group per position), and its one-pass forward's; a forward onto the cache continues every
+    row at its own position and gives a cache again."""
+    torch.manual_seed(5)
+    layer = ops.chunky_exact(C=3, lanes=lanes or None)
+    lengths, steps, more = [5, 1, 9, 3, 6], 8, 4
+    T = max(lengths) + steps + more
+    x, u = torch.randn(len(lengths), T, *lanes), torch.randn(len(lengths), T, *lanes, 2)
+    full = layer(x=x, u=u)
+    packed = {n: torch.cat([t[b:b + 1, :n_b] for b, n_b in enumerate(lengths)], dim=1) for n, t in (("x", x), ("u", u))}
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    _, ragged = layer(**packed, cu_seqlens=cu, return_state=True)
+    cache = ChunkCache.of(ragged, 64)
+    assert type(cache.inner) is ScanCache and cache.sizes == lengths and cache.inner.sizes == [1, 0, 3, 1, 2]
+    assert cache.filled.tolist() == [2, 1, 0, 0, 0] and cache.capacity == 3 * (64 // 3 + 1) - 1
+    rows = torch.arange(len(lengths))
+    at = torch.tensor(lengths)
+    for j in range(steps):  # every row completes a chunk at its own token
+        token = {"x": x[rows, at + j], "u": u[rows, at + j]}
+        want, ragged = layer.step(ragged, **token)
+        got, cache = layer.step(cache, **token)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got, full[rows, at + j], rtol=1e-5, atol=1e-5)
+    assert cache.sizes == ragged.sizes == [n + steps for n in lengths]
+    # a forward of `more` tokens onto the cache: every row from its own position
+    chunk = {n: torch.stack([t[b, n_b + steps:n_b + steps + more] for b, n_b in enumerate(lengths)])
+             for n, t in (("x", x), ("u", u))}
+    got, cache = layer(**chunk, state=cache, return_state=True)
+    assert type(cache) is ChunkCache and type(cache.inner) is ScanCache
+    assert cache.sizes == [n + steps + more for n in lengths]
+    want = torch.stack([full[b, n_b + steps:n_b + steps + more] for b, n_b in enumerate(lengths)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # back to stream states: each row's ChunkStream over its ScanState, the dead field left out
+    back = cache.to_state()
+    assert isinstance(back, RaggedState) and back.sizes == cache.sizes
+    assert all(type(r.inner) is ScanState and r.inner.prefix[0] is None for r in back.rows)
+
+
+def test_exact_scan_cache_is_a_scan_state_per_row():
+    """ScanCache alone: a masked push moves only the rows asked, a row's first leaf is the leaf
+    itself (no combine with an identity), and each row reads back as a ScanState's push."""
+    add = lambda left, right: (left[0] * 10 + right[0],)  # noqa: E731  (the order shows in the digits)
+    cache = ScanCache.empty(8, batch=3)
+    assert cache.is_empty and cache.before((torch.tensor(-1),))[0].tolist() == -1
+    states = [ScanState.empty() for _ in range(3)]
+    for step, pushing in enumerate([[1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1]]):
+        leaf = (torch.tensor([step + 1, step + 2, step + 3]),)
+        pushing = torch.tensor(pushing, dtype=torch.bool)
+        cache, _ = cache.push(leaf, add, rows=pushing)
+        states = [s.push((leaf[0][b:b + 1],), add) if p else s for b, (s, p) in enumerate(zip(states, pushing.tolist()))]
+    assert cache.sizes == [int(s.count) for s in states] == [3, 3, 3]
+    assert cache.before(None)[0].tolist() == [int(s.prefix[0]) for s in states] == [124, 345, 356]
+    cache = cache.reset([1])
+    assert cache.before((torch.tensor(0),))[0].tolist() == [124, 0, 356]
+    with pytest.raises(ValueError, match=r"the scan cache is full: it holds 8 chunks per row \(an exact scan of 8 "
+                                         r"chunks\) and a row would reach 9"):
+        for _ in range(6):
+            cache, _ = cache.push((torch.tensor([1, 1, 1]),), add)
+
+
+@BOTH
+def test_rows_move_like_any_state_and_a_reset_row_starts_clean(ops, name):
     torch.manual_seed(2)
-    layer = ops.chunky(C=3)
+    layer = getattr(ops, name)(C=3)
     lengths = [4, 2, 7]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
     x, u = torch.randn(1, 13), torch.randn(1, 13, 2)
@@ -126,7 +214,7 @@ def test_rows_move_like_any_state_and_a_reset_row_starts_clean(ops):
     # a cache none of whose rows completed a chunk (no tree slots yet) joins one that has slots
     _, short = layer(x=x[:, :2], u=u[:, :2], return_state=True)
     young = ChunkCache.of(short, 50)
-    assert young.inner.roots is None and young.sizes == [2]
+    assert young.inner.is_empty and young.sizes == [2]
     joined = cat_states([fresh, young])
     token = tokens(4, 4, seed=7)
     for t in token:
@@ -141,9 +229,10 @@ def test_rows_move_like_any_state_and_a_reset_row_starts_clean(ops):
     assert all(isinstance(r, ChunkStream) for r in rows.rows)
 
 
-def test_compiled_cache_step_is_one_graph_for_every_position(ops):
+@BOTH
+def test_compiled_cache_step_is_one_graph_for_every_position(ops, name):
     torch.manual_seed(4)
-    layer = ops.chunky(C=4)
+    layer = getattr(ops, name)(C=4)
     torch._dynamo.reset()
     step = torch.compile(layer.step, fullgraph=True)
     state, cache = layer.init_state(), layer.init_state(3, capacity=100)
@@ -162,26 +251,32 @@ def test_compiled_cache_step_is_one_graph_for_every_position(ops):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
-def test_cache_saves_moves_and_reports_its_size(ops, tmp_path):
-    layer = ops.chunky(C=4)
+@BOTH
+def test_cache_saves_moves_and_reports_its_size(ops, tmp_path, name):
+    layer = getattr(ops, name)(C=4)
     _, cache = layer.step(layer.init_state(capacity=7), **tokens(1, 2)[0])
-    assert cache.capacity == 7 and cache.inner.levels == 1
-    # buffers x [2, 4] and u [2, 4, 2], fills, and no tree slots until a chunk completes
+    assert cache.capacity == 7 and cache.inner.capacity == 1 and not cache.is_empty
+    # buffers x [2, 4] and u [2, 4, 2], fills, and no inner slots until a chunk completes
     assert cache.nbytes == (2 * 4 + 2 * 4 * 2) * 4 + 2 * 8 + 2 * 8
     torch.save(cache, tmp_path / "c.pt")
-    back = torch.load(tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
     assert type(back) is ChunkCache and back.sizes == [1, 1] and torch.equal(back.buffer["x"], cache.buffer["x"])
     assert back.to(dtype=torch.float64).buffer["u"].dtype == torch.float64
+    for token in tokens(4, 2, seed=1):  # a chunk completes: the inner slots exist
+        _, cache = layer.step(cache, **token)
+    torch.save(cache, tmp_path / "c.pt")
+    back = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert type(back.inner) is INNER[name] and back.sizes == [5, 5] and back.inner.sizes == [1, 1]
+    token = tokens(1, 2, seed=2)[0]
+    assert torch.equal(layer.step(back, **token)[0], layer.step(cache, **token)[0])
+    if name == "chunky_exact":  # the prefix: [2] h and [2, 2] z; the dead field has no slot
+        assert back.inner.prefix[0] is None and back.nbytes == cache.nbytes == \
+            (2 * 4 + 2 * 4 * 2) * 4 + 2 * 8 + 2 * 8 + (2 + 2 * 2) * 4
 
 
 def test_cache_errors_name_the_op_and_the_fix(ops):
     chunky, exact = ops.chunky(C=2), ops.chunk_exact(C=2)
     ema = psmc.load(EXAMPLES / "ema.psm").ema()
-    with pytest.raises(TypeError, match=r"chunk_exact: capacity= makes a serving cache for ops on the tree; this is a "
-                                        r"chunk op on an exact scan, whose ChunkStream keeps one fill for the whole "
-                                        r"batch: call init_state\(\) without capacity=, and decode rows at different "
-                                        r"positions as a RaggedState"):
-        exact.init_state(2, capacity=8)
     cache = chunky.init_state(2, capacity=3)
     for token in tokens(3, 2):
         _, cache = chunky.step(cache, **token)
@@ -203,3 +298,26 @@ def test_cache_errors_name_the_op_and_the_fix(ops):
                                          r"\(7 tokens per row\)"):
         _, long = chunky(x=torch.randn(1, 9), u=torch.randn(1, 9, 2), return_state=True)
         ChunkCache.of(long, 5)
+    # over an exact scan: the capacity rounded up to the end of its chunk, checked as the tree's
+    mine = exact.init_state(2, capacity=4)
+    assert mine.capacity == 5 and mine.inner.capacity == 2
+    for _ in range(5):
+        _, mine = exact.step(mine, x=torch.randn(2))
+    with pytest.raises(ValueError, match=r"the chunk cache is full: it holds 5 tokens per row \(2 chunks of 2 and a "
+                                         r"partial one\) and a row would reach 6: build it with a larger capacity"):
+        exact.step(mine, x=torch.randn(2))
+    with pytest.raises(ValueError, match=r"the state has seen 9 tokens, more than a chunk cache of capacity 5 holds "
+                                         r"\(5 tokens per row\)"):
+        _, long = exact(x=torch.randn(1, 9), return_state=True)
+        ChunkCache.of(long, 5)
+    with pytest.raises(TypeError, match=r"chunk_exact: this ChunkCache holds the chunk counter and partial chunks of a "
+                                        r"chunk op on the tree, but this op is a chunk op on an exact scan: use the "
+                                        r"ChunkCache this layer makes \(layer.init_state\(batch, capacity=N\)\)"):
+        exact.step(chunky.init_state(2, capacity=8), x=torch.randn(2))
+    with pytest.raises(TypeError, match=r"chunky: this ChunkCache holds the per-row prefix and partial chunks of a "
+                                        r"chunk op on an exact scan, but this op is a chunk op on the tree: use the "
+                                        r"ChunkCache this layer makes"):
+        chunky.step(mine, **tokens(1, 2)[0])
+    with pytest.raises(TypeError, match=r"ema: a ChunkCache holds the per-row prefix and partial chunks of a chunk op "
+                                        r"on an exact scan, but this op is a token tree scan: use a TreeCache"):
+        ema.step(mine, y=torch.randn(2, 3))
