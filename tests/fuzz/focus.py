@@ -76,12 +76,12 @@ def main(argv=None) -> int:
                 failures.append((seed, err.message))
                 continue
         on_triton += any(c == "triton" or c.startswith("triton-fast") for c in info["checked"])
-        trees.update(c for c in info["checked"] if "tree" in c)
+        trees.update(c for c in info["checked"] if "tree" in c or "cache" in c)
     print(f"seeds {args.seed + 1}-{seed}: {matched} programs with {args.feature!r}"
           f"{' and scalar states' if args.scalar_states else ''}, {on_triton} checked on Triton, "
           f"{len(failures)} failed")
-    if trees:  # the tree checks reached (the torch tree, the tree kernels, the serving cache)
-        print("  tree checks: " + ", ".join(f"{name} {n}" for name, n in sorted(trees.items())))
+    if trees:  # the tree and cache checks reached (the torch tree, the tree kernels, the serving caches)
+        print("  tree and cache checks: " + ", ".join(f"{name} {n}" for name, n in sorted(trees.items())))
     for failed, message in failures:
         print(f"  seed {failed}: {message[:500]}")
     return 1 if failures else 0

@@ -346,10 +346,12 @@ def _run_layers(program, config: Config, cls, path: Path, checked: set):
         cached, _ = stream(layer, inputs, layer.init_state(lead[0], capacity=T), 0, T)
         agree(cached, streamed, "a TreeCache stream vs the TreeState stream", RTOL, ATOL)
         checked.add("tree-cache")
-    elif _chunk_tree(cls):  # a chunk op's serving cache: each row's chunk counter and partial chunk
+    elif _chunk_op(cls):  # a chunk op's serving cache: each row's chunks (a tree counter or an exact
+        # scan's prefix) and partial chunk
         cached, _ = stream(layer, inputs, layer.init_state(lead[0], capacity=T), 0, T)
-        agree(cached, streamed, "a ChunkCache stream vs the ChunkStream stream", RTOL, ATOL)
+        agree(cached, streamed, f"a ChunkCache stream vs the ChunkStream stream ({cls.spec.scan} scan)", RTOL, ATOL)
         checked.add("chunk-cache")
+        checked.add(f"chunk-cache-{cls.spec.scan}")
 
     if T >= 2:
         continued(layer, inputs, full, config, ("continued", "decode after a prefill of", "vs one pass"), RTOL, ATOL)
@@ -416,6 +418,12 @@ def _check_compiled(layer, inputs: dict, full: tuple, batch_shape: tuple):
     out, _ = _compiled(layer.step, "step", state, **{n: x[:, T - 1] for n, x in inputs.items()})
     agree(tuple(o.unsqueeze(1) for o in as_tuple(out)), tuple(f[:, T - 1:] for f in full),
           "torch.compile(fullgraph) step after an eager prefill vs one pass", RTOL, ATOL)
+    if _token_tree(type(layer)) or _chunk_op(type(layer)):  # the serving cache's step: one graph too
+        kind = TreeCache if _token_tree(type(layer)) else ChunkCache
+        out, _ = _compiled(layer.step, f"step of a {kind.__name__}", kind.of(state, T),
+                           **{n: x[:, T - 1] for n, x in inputs.items()})
+        agree(tuple(o.unsqueeze(1) for o in as_tuple(out)), tuple(f[:, T - 1:] for f in full),
+              f"torch.compile(fullgraph) {kind.__name__} step after an eager prefill vs one pass", RTOL, ATOL)
 
 
 def _compiled(fn, what: str, *args, **kwargs):
@@ -460,7 +468,7 @@ def _check_varlen(layer, inputs: dict, full: tuple, config: Config, name: str = 
     stepped, _ = layer.step(state, **{n: x[at] for n, x in inputs.items()})
     agree(tuple(o[:, None] for o in as_tuple(stepped)), tuple(following(w) for w in full),
           f"a ragged step after the {what} prefill (rows at {lengths}) vs one pass", rtol, atol, view=following)
-    if _token_tree(type(layer)) or _chunk_tree(type(layer)):
+    if _token_tree(type(layer)) or _chunk_op(type(layer)):
         # the same rows in a serving cache, one call for every row, through the tokens every row
         # has left (a chunk cache's rows complete their chunks at different tokens)
         kind = TreeCache if _token_tree(type(layer)) else ChunkCache
@@ -478,9 +486,9 @@ def _token_tree(cls) -> bool:
     return cls.spec.scan == "tree" and cls.spec.chunk is None
 
 
-def _chunk_tree(cls) -> bool:
-    """A chunk op on the paper's tree: its stream state can be a ChunkCache."""
-    return cls.spec.scan == "tree" and cls.spec.chunk is not None
+def _chunk_op(cls) -> bool:
+    """A chunk op (on the paper's tree or on an exact scan): its stream state can be a ChunkCache."""
+    return cls.spec.chunk is not None
 
 
 def _packed_lengths(config: Config) -> tuple:

@@ -54,7 +54,7 @@ FEATURES = {
 }
 CHECKS = {"check", "stream", "continued", "reference", "generic", "grads", "f32", "plan-exact",
           "plan-tree", "fast-first_order", "fast-delta_rule", "fast-dplr", "T-above-block", "multi-level-blocks", "lanes-1", "lanes-2",
-          "lane-broadcast", "tree-cache", "chunk-cache", "delta-product",
+          "lane-broadcast", "tree-cache", "chunk-cache", "chunk-cache-tree", "chunk-cache-exact", "delta-product",
           # every backend the plan lists: Triton (interpreted) and the C++ kernels (a sample)
           "triton", "triton-grads", "triton-step", "triton-continued", "triton-compiled",
           "cpp", "cpp-grads", "cpp-step", "cpp-continued", "cpp-f32", "cpp-compiled",
