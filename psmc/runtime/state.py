@@ -433,8 +433,8 @@ class _RowCache(StreamState):
                                  "(layer.init_state(batch, capacity=...)) or reset the row")
         else:
             torch._assert_async(after.le(self.capacity).all(),
-                                f"psmc: a {self._NOUN} cache of {self._layout()} ({self.capacity} {self._UNIT} per row) is "
-                                "full: build it with a larger capacity or reset the row")
+                                f"psmc: a {self._NOUN} cache of {self._layout()} ({self.capacity} {self._UNIT} per "
+                                "row) is full: build it with a larger capacity or reset the row")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

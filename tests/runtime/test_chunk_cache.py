@@ -182,7 +182,8 @@ def test_exact_scan_cache_is_a_scan_state_per_row():
         leaf = (torch.tensor([step + 1, step + 2, step + 3]),)
         pushing = torch.tensor(pushing, dtype=torch.bool)
         cache, _ = cache.push(leaf, add, rows=pushing)
-        states = [s.push((leaf[0][b:b + 1],), add) if p else s for b, (s, p) in enumerate(zip(states, pushing.tolist()))]
+        states = [s.push((leaf[0][b:b + 1],), add) if p else s
+                  for b, (s, p) in enumerate(zip(states, pushing.tolist()))]
     assert cache.sizes == [int(s.count) for s in states] == [3, 3, 3]
     assert cache.before(None)[0].tolist() == [int(s.prefix[0]) for s in states] == [124, 345, 356]
     cache = cache.reset([1])

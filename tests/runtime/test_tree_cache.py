@@ -151,9 +151,9 @@ def test_cache_saves_moves_and_reports_its_size(tmp_path):
 def test_cache_errors_name_the_op_and_the_fix():
     ema = psmc.load(EXAMPLES / "ema.psm").ema()
     cumsum = psmc.load(EXAMPLES / "cumsum.psm").cumsum()
-    with pytest.raises(TypeError, match=r"cumsum: capacity= makes a serving cache for chunk ops and for token ops on "
-                                        r"the tree, whose state grows with the tokens; this op's state is an exact scan, "
-                                        r"whose slots do not: call init_state\(\) without capacity="):
+    with pytest.raises(TypeError, match=r"cumsum: capacity= makes a serving cache for chunk ops and for token ops "
+                                        r"on the tree, whose state grows with the tokens; this op's state is an exact "
+                                        r"scan, whose slots do not: call init_state\(\) without capacity="):
         cumsum.init_state(2, capacity=8)
     with pytest.raises(ValueError, match="the tree cache holds 3 rows but the token has batch 2"):
         ema.step(ema.init_state(3, capacity=8), y=torch.randn(2, 5))
