@@ -258,9 +258,9 @@ class PsmLayer(nn.Module):
                         f"{mine.__name__} (init_state(batch, capacity=N))")
 
     def _op_kind(self) -> str:
-        """What this op is, in the cache errors."""
+        """What this op is, in the cache errors of an op that has a cache."""
         if not self._strategy.chunked:
-            return "a token tree scan" if self._strategy.state_class is TreeState else "a token exact scan"
+            return "a token tree scan"  # (a token exact scan has no cache)
         return "a chunk op on the tree" if self._strategy.state_class is TreeState else "a chunk op on an exact scan"
 
     def _forward_one(self, inputs: dict, state, return_state: bool):
