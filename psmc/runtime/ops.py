@@ -187,13 +187,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, causal: bool) -> Tens
     n, m = q.shape[-2], k.shape[-2]
 
     def split(t):
-        return t.reshape(*lead, t.shape[-2], heads, t.shape[-1] // heads).transpose(-2, -3)
+        # the leading axes as one, [batch, heads, tokens, width]: inductor's lowering of a 5-D
+        # or wider SDPA call failed (torch 2.13, CPU), so torch.compile of a chunk op did
+        return t.reshape(-1, t.shape[-2], heads, t.shape[-1] // heads).transpose(1, 2)
 
     # is_causal (torch's top-left aligned mask, the same as ones(n, m).tril()) rather than an
     # explicit mask: a boolean attn_mask rules out the flash-attention kernels on a GPU
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=bool(causal),
                                          scale=1.0 / math.sqrt(q.shape[-1] // heads))
-    out = out.transpose(-2, -3)
+    out = out.transpose(1, 2)
     return out.reshape(*lead, n, v.shape[-1])
 
 

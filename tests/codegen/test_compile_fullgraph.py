@@ -314,3 +314,18 @@ def test_compiled_step_follows_a_batch_that_changes():
         torch.testing.assert_close(got.prefix[1], want.prefix[1])
         assert got.op == want.op and torch.equal(got.count, want.count)
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_attention_with_two_leading_axes_compiles_with_inductor():
+    """A chunk op's readout calls `attention` on [B, lanes..., C, D] blocks: inductor's lowering of
+    SDPA over five axes failed (an outside probe, examples/transformer_psm.psm under
+    torch.compile); the leading axes now reach SDPA as one."""
+    from psmc.runtime.ops import attention
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 6, generator=g) for _ in range(3))
+    dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, 2, True), fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(q, k, v), attention(q, k, v, 2, True))
+    manual = torch.softmax((q.unflatten(-1, (2, 3)).transpose(-2, -3) @ k.unflatten(-1, (2, 3)).permute(0, 1, 3, 4, 2))
+                           / 3 ** 0.5 + torch.full((4, 4), -torch.inf).triu(1), dim=-1) @ v.unflatten(-1, (2, 3)).transpose(-2, -3)
+    torch.testing.assert_close(attention(q, k, v, 2, True), manual.transpose(-2, -3).flatten(-2))
