@@ -367,11 +367,15 @@ def _syntax_error(err: UnexpectedInput, source: Source) -> PsmcSyntaxError:
     span = _token_span(source, tok)
     keyword = _context_keyword(text, line, col)
     msg = f"{_expected_sentence(set(err.expected), keyword)}, found {_describe_token(tok)}"
-    return PsmcSyntaxError(msg, span, hint=_token_hint(tok, set(err.expected)))
+    trailing_comma = text[:tok.start_pos].rstrip().endswith(",") if tok.start_pos is not None else False
+    return PsmcSyntaxError(msg, span, hint=_token_hint(tok, set(err.expected), trailing_comma))
 
 
-def _token_hint(tok: Token, expected: set[str]) -> str | None:
+def _token_hint(tok: Token, expected: set[str], trailing_comma: bool = False) -> str | None:
     """Advice for tokens that usually mean the writer reached for another language's syntax."""
+    if str(tok) == ")" and trailing_comma and "NAME" in expected:
+        return ("a trailing comma before ')' is not allowed: a one-element tuple is its element, and a shape "
+                "of one axis is its size, e.g. `reshape(x, K * K)`")
     # `if` is a keyword token (IF), the others lex as names: compare the text, not the type.
     if str(tok) in ("if", "for", "while", "def", "class", "lambda") and "RETURN" in expected:
         return "bodies are straight-line: `let` statements then one `return`; use `if c then a else b`"

@@ -154,6 +154,8 @@ def test_syntax_error_position_and_message(text, line, col, fragment):
     ("op a { state (x: f32); combine (l, r) { for i in l { return l.x; } } }", "straight-line"),
     ("op a { state (x: f32); combine (l, r) { return l.x > r.x > 0; } }", "comparisons do not chain"),
     ("op a { state (x: f32); combine (l, r) { } }", "`let` statements then one `return`"),
+    ("op a[K] { state (x: f32[K]); lift (y: f32[K]) { return reshape(y, (K,)); } }", "`reshape(x, K * K)`"),
+    ("op a { state (x: f32); combine (l, r) { return (l.x, ); } }", "a one-element tuple is its element"),
 ])
 def test_syntax_hints_say_what_to_do(text, hint):
     with pytest.raises(PsmcSyntaxError) as info:
