@@ -84,7 +84,7 @@ def _check(files: list[str], as_json: bool, dims: dict) -> int:
         try:
             ops = ops_from_source(_read(path), path)
             analyses = [analyse_op(op) for op in ops]
-            plans = [plan_op(op, a)[1] for op, a in zip(ops, analyses)]
+            planned = [plan_op(op, a) for op, a in zip(ops, analyses)]  # (canonical op, plan)
         except PsmcError as err:
             failed = True
             if as_json:
@@ -94,8 +94,8 @@ def _check(files: list[str], as_json: bool, dims: dict) -> int:
             else:
                 print(err.render(), file=sys.stderr)
             continue
-        for op, analysis, plan in zip(ops, analyses, plans):
-            notes = codegen_notes(op, plan)
+        for op, analysis, (canonical, plan) in zip(ops, analyses, planned):
+            notes = codegen_notes(canonical, plan)  # what the generated module is printed from
             if as_json:
                 records.append({**_op_record(path, op, analysis, dims), **plan.as_dict(), **notes})
             else:

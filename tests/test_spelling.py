@@ -16,7 +16,7 @@ from psmc.cli import main
 
 HERE = Path(__file__).resolve().parent / "spellings"
 FAMILIES = sorted(p.stem for p in HERE.glob("*.psm"))
-PLAN_KEYS = ("plan", "structure", "class", "fast_path", "backends", "implementations", "state_size")
+PLAN_KEYS = ("plan", "structure", "class", "fast_path", "backends", "implementations", "state_size", "triton", "cpu")
 DIMS = {"K": 3, "V": 2, "N": 4}
 B, T, H = 2, 11, 2
 

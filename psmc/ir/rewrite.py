@@ -31,7 +31,7 @@ The canonical form, rule by rule (RULES below; tests/ir/test_rewrite.py tests ea
   vecmat       sum(x[:, None] * M, axis=0) -> x @ M;  transpose(M) @ x -> x @ M
   matmul_scale (c * x) @ M -> c * (x @ M);  x @ (c * M) -> c * (x @ M);  same for / c
   transpose    transpose(outer(v, k)) -> outer(k, v);  transpose(transpose(X)) -> X;
-               transpose(c * X) -> c * transpose(X)
+               transpose(c * X) -> c * transpose(X);  transpose(X * a) -> a[:, None] * transpose(X)
 
 Canonicalisation can change float rounding (reassociated sums and products, folded
 constants), never the value in exact arithmetic.
@@ -356,6 +356,13 @@ def _transpose_scaled(node, c, X):
     return binary("mul", c, Node("transpose", (X,), (), X.dtype, X.shape[:-2] + (X.shape[-1], X.shape[-2]), None))
 
 
+def _transpose_row_scaled(node, X, a):
+    # X * a scales X's columns; transposed, that scales rows: a[:, None] * X^T
+    if len(X.shape) != 2 or not dims_equal(a.shape[0], X.shape[1]):
+        return None
+    return binary("mul", column(a), Node("transpose", (X,), (), X.dtype, (X.shape[1], X.shape[0]), None))
+
+
 def _sum_vecmat(node, x, M):
     if node.attrs != (0,):
         return None
@@ -401,6 +408,8 @@ RULES: tuple[Rule, ...] = (
     Rule("transpose", Pat("transpose", (Pat("outer", (_any("v"), _any("k"))),)), _outer_swap),
     Rule("transpose", Pat("transpose", (Pat("transpose", (_any("X"),)),)), _keep),
     Rule("transpose", Pat("transpose", (Pat("mul", (_any("c", _scalar), _any("X", _matrix))),)), _transpose_scaled),
+    Rule("transpose", Pat("transpose", (Pat("mul", (_any("X", _matrix), _any("a", _vector))),)),
+         _transpose_row_scaled),
     Rule("flatten", Pat(_ARITH, where=lambda n: len(n.args) == 2), lambda node: _flatten(node)),
 )
 

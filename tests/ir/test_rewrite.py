@@ -78,6 +78,8 @@ CASES = [
     ("transpose", "transpose(transpose(M))", "M"),
     ("transpose", "outer(y, x).T", "x[:, None] * y[None, :]"),
     ("transpose", "transpose(c * outer(y, x))", "outer(x, c * y)"),
+    ("transpose", "transpose(transpose(M) * x)", "x[:, None] * M"),
+    ("transpose", "transpose(P * x)", "x[:, None] * transpose(P)"),
 ]
 
 
