@@ -61,7 +61,11 @@ def test_chunked_kernels_compile_for_sm90_within_the_spill_budget():
                 (packed, "backward", "_out_kernel"),
                 (delta, "forward", "_wy_kernel"), (delta, "training forward", "_wy_kernel"),
                 ("gated_delta_rule float32 K=V=128", "forward", "_delta_state_kernel")}
-    expected |= {(f"gated_delta_rule {dt} K=V=128", "backward", k) for dt in ("bfloat16", "float32") for k in delta_bwd}
+    expected |= {("gated_delta_rule bfloat16 K=V=128", "backward", k) for k in delta_bwd}
+    # fp32: a launch compiles once, under the first config that makes it (the K-blocked backward
+    # kernels of K = 128 are the same launches as those of K = 64, which comes first)
+    fp32_backward = {k for c, phase, k in seen if c.startswith("gated_delta_rule float32") and phase == "backward"}
+    assert set(delta_bwd) <= fp32_backward, sorted(set(delta_bwd) - fp32_backward)
     # the decode token's kernel (psmc.runtime.triton_delta_step)
     expected |= {(f"gated_delta_{op} step {dt} K=V=128", "step", "_delta_step_kernel") for dt in ("bfloat16", "float32")
                  for op in ("rule", "product")}
