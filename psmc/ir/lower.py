@@ -32,6 +32,10 @@ _INDEX_HINTS = {
     "identity": "the identity is the empty prefix and has no position; use a constant such as -1 or 0",
 }
 
+# The largest size a type may spell as a number: the analysis evaluates literal shapes entry by
+# entry (dims it takes small), so a larger one belongs in a dim.
+MAX_LITERAL_SIZE = 1 << 20
+
 
 # ----------------------------------------------------------------------------- scope values
 @dataclass(frozen=True)
@@ -188,6 +192,10 @@ class _OpLowerer:
             if d.is_nonpositive:  # decided for dims too: f32[1 - K] has no entries
                 raise PsmcTypeError(f"a shape entry must be positive, got {d}", src.span,
                                     hint="a scalar has no shape: write `f32`, not `f32[0]`")
+            if d.is_Integer and d > MAX_LITERAL_SIZE:  # the analysis builds literal shapes entry by entry
+                raise PsmcTypeError(f"a shape entry of {d} is too large for a literal (at most {MAX_LITERAL_SIZE:,})",
+                                    src.span, hint="declare the size as a dim (op name[..., N]) and set it when the "
+                                                   "layer is built")
         return t.dtype, shape
 
     def _typed_values(self, typed, what) -> tuple[Value, ...]:

@@ -421,6 +421,13 @@ BAD = [
           state (x: f32[0]);
           combine (l, r) { return l.x; }
         }"""),
+    bad("shape literal too large (a fuzz mutant, seed 5132852: was an internal OverflowError)", PsmcTypeError, 3, 16,
+        "a shape entry of 99999999999999999999 is too large for a literal (at most 1,048,576)", """
+        op a {
+          state (x: f32);
+          lift (b: f32[99999999999999999999]) { return b[0]; }
+          combine (l, r) { return l.x + r.x; }
+        }"""),
     bad("integer literal too large", PsmcTypeError, 3, 33, "integer literal does not fit in i64", """
         op a {
           state (x: i64);
