@@ -59,6 +59,7 @@ FULL = {"attn": (8, 4096, 16, 128, 128), "first_order": (8, 2048, 4096), "ssm": 
         "decode_steps": 64}
 TINY = {"attn": (1, 16, 2, 8, 8), "first_order": (1, 8, 16), "ssm": (1, 8, 16, 4), "decode_steps": 3}
 CASE_BUDGET_S = 15.0  # per row: compile, warm-up and repeats (SIGALRM ends a row that overruns)
+CHECK_BUDGET_S = 30.0  # per row's correctness check
 TOTAL_BUDGET_S = 200.0  # the whole benchmark; rows past it are reported as skipped
 
 
@@ -93,12 +94,87 @@ class Report:
                          f"{_ratio(both, b0)} | {check} | {note} |")
         return "\n".join(lines)
 
+    def case_started(self, group, shape, dtype, impl, budget: float):
+        """A row begins (the isolated child tells its parent; see benchmarks/isolate.py)."""
+
+    def case_ended(self):
+        """The row that began is done."""
+
+    def fatal(self, error: Exception):
+        """A row failed in a way that leaves the process unusable (the isolated child exits)."""
+
+    def say_nothing(self):
+        """Rewrite the files after a row was replaced (isolate: a note added to a row)."""
+        self._flush()
+
     def _flush(self):
         if self.out is None:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "gpu_bench.log").write_text("\n".join(self.lines) + "\n")
         (self.out / "gpu_bench.md").write_text(self.table() + "\n")
+
+
+class ChildReport(Report):
+    """gpu.py --child: rows and lines go to the parent as events (benchmarks/isolate.py)."""
+
+    def __init__(self, events_path: str):
+        super().__init__(None)
+        from benchmarks.isolate import EventLog
+        self.log = EventLog(events_path)
+        self.sent: list = []
+
+    def say(self, text: str = ""):
+        self.lines.append(text)
+        self.log.emit("say", text=text)
+
+    def row(self, group, shape, dtype, impl, fwd, both, check, note):
+        self.rows.append((group, shape, dtype, impl, fwd, both, check, note))
+        self.sync()
+
+    def sync(self):
+        """Send the rows not sent yet, and those changed since (a note added after the row)."""
+        for i, row in enumerate(self.rows):
+            if i >= len(self.sent) or self.sent[i] != row:
+                self.log.emit("row", index=i, row=list(row))
+                self.sent[i:i + 1] = [row]
+
+    def group(self, index: int):
+        self.sync()
+        self.log.emit("group", index=index)
+
+    def case_started(self, group, shape, dtype, impl, budget: float):
+        self.sync()
+        self.log.emit("case", row=[group, shape, dtype, impl], budget=budget)
+
+    def case_ended(self):
+        self.log.emit("case-end")
+
+    def fatal(self, error: Exception):
+        text = str(error)
+        if any(m in text for m in ("CUDA error", "illegal memory access", "device-side assert")):
+            self.sync()
+            self.log.emit("say", text=f"  (a CUDA error leaves this process's context unusable: a new one goes on)")
+            self.log.emit("case-end")
+            os._exit(3)
+
+    def done(self):
+        self.sync()
+        self.log.emit("done")
+
+
+def _inject_fault(impl: str):
+    """PSMC_BENCH_FAULT=hang:TEXT or exit:TEXT, for the tests of the isolation: the row whose impl
+    contains TEXT blocks SIGALRM and sleeps (a call that never returns to Python), or exits."""
+    fault = os.environ.get("PSMC_BENCH_FAULT", "")
+    kind, _, text = fault.partition(":")
+    if not text or text not in impl:
+        return
+    if kind == "hang":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGINT})
+        time.sleep(3600)
+    elif kind == "exit":
+        os._exit(9)
 
 
 def _min(a, b):
@@ -358,6 +434,9 @@ class Bench:
     deadline: float
     case_budget: float = CASE_BUDGET_S
     skip_triton: bool = False
+    warm: bool = False  # --warm: each row's calls run once, untimed and unchecked (fills the caches)
+    skip: int = 0  # --skip-cases: the first rows are not run (an isolated child restarted after them)
+    cases: int = 0
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -367,14 +446,29 @@ class Bench:
         """One row: forward and forward+backward timings and a correctness check, each guarded.
         Every row gets twice the budget where the first call tunes: fla's autotuner, and psmc's
         (psmc.runtime.autotune; the fixed-layout rows tune nothing)."""
+        self.cases += 1
+        if self.cases <= self.skip:
+            return
         dname = str(dtype).replace("torch.", "")
+        self.report.case_started(group, shape, dname, impl, min(self.case_budget * 2, max(self.left(), 0)) + CHECK_BUDGET_S)
+        try:
+            self._case(group, shape, dname, impl, fwd, both, check, note)
+        finally:
+            self.report.case_ended()
+
+    def _case(self, group, shape, dname, impl, fwd, both, check, note):
+        _inject_fault(impl)
         if fwd is None:
             self.report.row(group, shape, dname, impl, None, None, "-", note or "unavailable")
             return
         if self.left() < 5:
             self.report.row(group, shape, dname, impl, None, None, "-", "skipped: out of total time")
             return
+        if self.warm:
+            self._warm(f"{group} | {shape} | {dname} | {impl}", fwd, both)
+            return
         results, notes = [], [note] if note else []
+        fatal = None
         budget = min(self.case_budget * 2, self.left())
         start = time.perf_counter()
         for label, fn in (("fwd", fwd), ("fwd+bwd", both)):
@@ -392,16 +486,43 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - a failing case is a row, never the end of the run
                 results.append(None)
                 notes.append(f"{label}: {type(e).__name__}: {_first_line(e)}")
+                fatal = e
                 _clear(self.device)
         verdict_text = "-"
         if check is not None:
             try:
-                with time_limit(max(5.0, min(30.0, self.left()))):
+                with time_limit(max(5.0, min(CHECK_BUDGET_S, self.left()))):
                     verdict_text = check()
             except Exception as e:  # noqa: BLE001
                 verdict_text = f"check failed: {type(e).__name__}: {_first_line(e)}"
+                fatal = e
                 _clear(self.device)
         self.report.row(group, shape, dname, impl, results[0], results[1], verdict_text, "; ".join(notes))
+        if fatal is not None:
+            self.report.fatal(fatal)
+
+
+    def _warm(self, what: str, fwd: Callable, both: Callable | None):
+        """One call of each pass, to compile psmc's kernels and tune the peers' (fla's autotuner
+        keeps its choices on disk, Triton its binaries, Inductor its graphs): a later timed run in
+        another process with the same caches then measures kernels, not compilers."""
+        start = time.perf_counter()
+        outcome, fatal = [], None
+        for label, fn in (("fwd", fwd), ("fwd+bwd", both)):
+            if fn is None:
+                continue
+            try:
+                with time_limit(min(self.case_budget * 2, self.left())):
+                    fn()
+                    sync(self.device)
+                outcome.append(f"{label} ok")
+            except Exception as e:  # noqa: BLE001 - warming never stops the rest
+                outcome.append(f"{label} {type(e).__name__}: {_first_line(e)}")
+                _clear(self.device)
+                fatal = e
+        self.report.say(f"  warm {what}: {', '.join(outcome)} ({time.perf_counter() - start:.1f} s)")
+        if fatal is not None:
+            self.report.fatal(fatal)
 
 
 def _first_line(e: Exception) -> str:
@@ -998,10 +1119,22 @@ def main(argv=None) -> int:
     parser.add_argument("--case-budget", type=float, default=CASE_BUDGET_S, help="seconds per row")
     parser.add_argument("--skip-triton", action="store_true",
                         help="do not run psmc's Triton paths (CI's dry run: the interpreter is slow)")
+    parser.add_argument("--warm", action="store_true",
+                        help="run each row's calls once, untimed and unchecked, to fill the compile and "
+                             "autotune caches for a timed run that follows (gpu_check.sh runs it beside the tests)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="groups to run: gla simple_gla delta_rule rwkv6 mlstm rwkv7 kda first_order ssm decode tree tree_decode packed "
                              "packed_rwkv7")
-    args = parser.parse_args(argv)
+    parser.add_argument("--isolate", action="store_true",
+                        help="run the rows in a child process that is killed (and restarted at the next row) when a "
+                             "row outlives its budget in a call that never returns to Python "
+                             "(benchmarks/isolate.py); gpu_check.sh uses it")
+    parser.add_argument("--child", metavar="EVENTS", help=argparse.SUPPRESS)  # (isolate's child: events to this file)
+    parser.add_argument("--start-group", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-cases", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--peak", type=float, default=None, help=argparse.SUPPRESS)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device = torch.device("cpu")
@@ -1010,17 +1143,19 @@ def main(argv=None) -> int:
         return 2
     else:
         device = torch.device("cuda")
-    report = Report(os.environ.get("OUT"))
+    report = ChildReport(args.child) if args.child else Report(os.environ.get("OUT"))
     start = time.perf_counter()
-    b = Bench(device, args.dry_run, report, start + args.budget, args.case_budget, skip_triton=args.skip_triton)
-    if device.type == "cuda":
+    b = Bench(device, args.dry_run, report, start + args.budget, args.case_budget, skip_triton=args.skip_triton,
+              warm=args.warm, skip=args.skip_cases)
+    if device.type == "cuda" and not args.child:
         report.say(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
                    f"triton {_version('triton')}  fla {_version('fla')}  accelerated-scan "
                    f"{_version('accelerated_scan')}")
-    peak = None
+    peak = args.peak
     try:
-        peak = copy_bandwidth(device)
-        if peak:
+        if not (args.warm or args.child):
+            peak = copy_bandwidth(device)
+        if peak and not args.child:
             report.say(f"device copy bandwidth in this run: {peak:.0f} GB/s")
     except Exception as e:  # noqa: BLE001
         report.say(f"copy bandwidth not measured: {type(e).__name__}: {_first_line(e)}")
@@ -1055,17 +1190,44 @@ def main(argv=None) -> int:
             plan.append((group, lambda dtype=dtype: packed_cases(b, dtype, "rwkv7")))
         else:
             plan.append((group, lambda group=group, dtype=dtype: attention_cases(b, group, dtype)))
-    for group, run in plan:
-        try:
-            run()
-        except Exception as e:  # noqa: BLE001 - never let one group stop the rest
-            report.say(f"{group}: {type(e).__name__}: {_first_line(e)}")
-            traceback.print_exc()
-            _clear(device)
+    if args.isolate and not args.child:
+        from benchmarks.isolate import supervise
+        child_argv = [a for a in raw if a != "--isolate"]
+        child_argv = _without_option(child_argv, "--budget") + (["--peak", f"{peak}"] if peak else [])
+        supervise(child_argv, len(plan), report, start + args.budget, args.warm)
+    else:
+        for index, (group, run) in enumerate(plan):
+            if index < args.start_group:
+                continue
+            if args.child:
+                report.group(index)
+            try:
+                run()
+            except Exception as e:  # noqa: BLE001 - never let one group stop the rest
+                report.say(f"{group}: {type(e).__name__}: {_first_line(e)}")
+                traceback.print_exc()
+                _clear(device)
+                report.fatal(e)
+        if args.child:
+            report.done()
+            return 0
     report.say("")
     report.say(report.table())
     report.say(f"\nbenchmark wall time: {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _without_option(argv: list, name: str) -> list:
+    """argv without `name VALUE` / `name=VALUE` (the supervisor gives each child its own)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def _version(module: str) -> str:

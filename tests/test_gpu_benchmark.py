@@ -75,3 +75,30 @@ def test_a_failing_case_is_a_row_not_the_end(monkeypatch):
     assert f1 is None and "ValueError: no kernel for this shape" in n1
     assert f2 is None and "Overrun" in n2
     assert isinstance(f3, float) and c3 == "ok"
+
+
+@pytest.mark.parametrize("fault, row, note", [
+    # a call that never returns to Python (SIGALRM blocked: a compile inside C++, a hung kernel)
+    ("hang:fla chunk_simple_gla", "fla chunk_simple_gla", "killed: the call did not return within its budget"),
+    ("exit:psmc torch-scan", "psmc torch-scan", "the child process exited with code 9 in this row"),
+])
+def test_isolated_rows_survive_a_row_that_hangs_or_kills_its_process(tmp_path, monkeypatch, fault, row, note):
+    """--isolate (benchmarks/isolate.py): the row that hangs or exits is a row that says so, and
+    the rows after it still run, in a new child started after it (none is run twice)."""
+    gpu = _gpu_module()
+    import benchmarks.isolate as isolate
+    monkeypatch.setattr(isolate, "GRACE_S", 2.0)
+    monkeypatch.setenv("PSMC_BENCH_FAULT", fault)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu.main(["--dry-run", "--skip-triton", "--isolate", "--case-budget", "3", "--budget", "120",
+                     "--only", "simple_gla"]) == 0
+    table = (tmp_path / "gpu_bench.md").read_text()
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+    impls = [r[3] for r in rows]
+    assert impls == ["psmc chunkwise (auto)", "psmc torch-scan", "psmc triton-token-loop", "fla chunk_simple_gla",
+                     "fla fused_recurrent_simple_gla"], impls
+    broken = rows[impls.index(row)]
+    assert broken[4] == "-" and broken[9].startswith(note), broken
+    assert rows[0][4] != "-" and rows[0][8].startswith("ok rel-rms")  # a row before it, timed and checked
+    if row.startswith("psmc"):  # a row after it ran in the new child, timed (fla's need a GPU)
+        assert rows[1][9].startswith(note) and "--skip-triton" in rows[2][9]
