@@ -259,7 +259,7 @@ def compile_first_order_layouts(arch: int = 90) -> dict:
     cls = dict(examples_with_kernels())["linear_recurrence"]
     shape = _shape_for(cls)
     out = {}
-    for layout in ("split", "in-thread"):
+    for layout in triton_scan.LAYOUTS:
         layer = cls(backend="triton", check_finite=False)
         previous, triton_scan.LAYOUT = triton_scan.LAYOUT, layout
         try:

@@ -98,11 +98,11 @@ def _warps_per_cta(layout: str) -> list:
 
 @pytest.mark.sm90
 def test_first_order_layouts_where_time_goes():
-    """The first-order scan kernel's two tilings as compiled for sm_90 (the TTGIR layouts): in
+    """The first-order scan kernel's tilings as compiled for sm_90 (the TTGIR layouts): in
     'in-thread' every warp takes channels and no tile axis of time is split across warps or
     threads, so the scan needs no shared memory; in 'split' (the default until a GPU times both:
     benchmarks/gpu.py) the warps split the tile's time axis and the scan goes through shared
-    memory. Neither spills."""
+    memory; 'narrow' is one warp per tile. None spills."""
     with triton_aot.clean_pool(1) as pool:
         results = pool.submit(triton_aot.compile_first_order_layouts, 90).result()
     consts, inthread = results["in-thread"]
@@ -113,6 +113,11 @@ def test_first_order_layouts_where_time_goes():
     consts, split = results["split"]
     assert split.ok and split.spill_stores == 0, split
     assert any(_warps_per_cta(l)[0] > 1 for l in split.layouts) and split.shared > 0, split
+    # narrow: one warp per [64, 32] tile; 4-channel vectors over 8 threads, time over the other 4
+    # (warp shuffles: no tile axis across warps)
+    consts, narrow = results["narrow"]
+    assert narrow.ok and narrow.spill_stores == 0 and consts["num_warps"] == 1, narrow
+    assert any("sizePerThread = [1, 4], threadsPerWarp = [4, 8]" in l for l in narrow.layouts), narrow.layouts
 
 
 EXCLUSIVE_SCALAR = """

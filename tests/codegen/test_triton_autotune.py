@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any generated module is
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from psmc.runtime import autotune  # noqa: E402
+from psmc.runtime import autotune, triton_scan  # noqa: E402
 from triton_helpers import close, layer_class  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -85,7 +85,8 @@ def test_the_first_order_scan_tuned_to_the_in_thread_layout_equals_torch(monkeyp
     results, launches = _torch_and_tuned(cls, x, monkeypatch)
     _same(results)
     kinds = {(key[0], key[1], candidates) for key, candidates in launches}
-    assert kinds == {("first-order", False, ("split", "in-thread")), ("first-order", True, ("split", "in-thread"))}
+    assert kinds == {("first-order", False, triton_scan.LAYOUTS), ("first-order", True, triton_scan.LAYOUTS)}
+    assert triton_scan.LAYOUTS == ("split", "in-thread", "narrow")
 
 
 @pytest.mark.heavy

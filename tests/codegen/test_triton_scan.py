@@ -29,9 +29,9 @@ def _data(B, T, rest, seed, a_rest=None, initial=False, dtype=torch.float32):
 
 
 @given(B=st.integers(1, 2), T=st.sampled_from([1, 5, 16, 17, 32, 33, 70]), C=st.sampled_from([1, 3, 130, 520]),
-       initial=st.booleans(), seed=st.integers(0, 99), layout=st.sampled_from(["split", "in-thread"]))
+       initial=st.booleans(), seed=st.integers(0, 99), layout=st.sampled_from(triton_scan.LAYOUTS))
 def test_forward_and_gradients_equal_the_torch_loop(B, T, C, initial, seed, layout):
-    """T around the tiles (32 split, 16 in-thread) and C around the channel blocks (128, 512):
+    """T around the tiles (32 split, 16 in-thread, 64 narrow) and C around the channel blocks (128, 512, 32):
     both tails masked, in both layouts."""
     triton_scan.LAYOUT = layout
     try:
@@ -40,15 +40,30 @@ def test_forward_and_gradients_equal_the_torch_loop(B, T, C, initial, seed, layo
         triton_scan.LAYOUT = None
 
 
+@pytest.mark.parametrize("layout", triton_scan.LAYOUTS)
+def test_every_layout_past_its_tiles(layout):
+    """T = 70 and C = 33 pass one tile of every layout on both axes (64 x 32 the largest of
+    narrow): forward, final state and gradients against the torch loop, with an initial state."""
+    triton_scan.LAYOUT = layout
+    try:
+        _forward_and_gradients(2, 70, 33, True, 3)
+    finally:
+        triton_scan.LAYOUT = None
+
+
 def test_tiles_per_layout():
     """split: [32, 128] tiles at 4 warps (fewer channels: a smaller block); in-thread: a block of
     16-byte vectors x 32 threads x warps channels, 64 elements per thread per tensor, fewer warps
-    for few channels."""
+    for few channels; narrow: [64, 32] tiles, one warp."""
     assert triton_scan.tiles(2048, 4, "split") == (32, 128, 4)
     assert triton_scan.tiles(3, 4, "split") == (32, 16, 4)
     assert triton_scan.tiles(2048, 4, "in-thread") == (16, 512, 4)
     assert triton_scan.tiles(2048, 2, "in-thread") == (8, 1024, 4)
     assert triton_scan.tiles(200, 4, "in-thread") == (16, 128, 1)
+    # narrow: [64, 32] on one warp: 16x the programs of in-thread
+    assert triton_scan.tiles(2048, 4, "narrow") == (64, 32, 1)
+    assert triton_scan.tiles(2048, 2, "narrow") == (64, 32, 1)
+    assert triton_scan.tiles(5, 4, "narrow") == (64, 16, 1)
     with pytest.raises(ValueError, match="unknown first-order layout 'x'"):
         triton_scan.tiles(8, 4, "x")
 
