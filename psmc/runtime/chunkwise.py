@@ -524,7 +524,12 @@ def _spread_on_device(exponents: tuple[Tensor, ...], dim: int, include_zero: boo
     Factorising exp(a - b) as exp(a - m) exp(m - b) around the mid-range m bounds both factors
     by exp(spread). include_zero adds the block start (exponent 0) to the range.
     """
-    unique = list({id(x): x.detach() for x in exponents}.values())  # a reference, not a value
+    if torch.compiler.is_compiling():
+        # (Dynamo before torch 2.13 cannot trace id() of a tensor made in the graph: a repeated
+        # operand there costs one more reduction, nothing else)
+        unique = [x.detach() for x in exponents]
+    else:
+        unique = list({id(x): x.detach() for x in exponents}.values())  # a reference, not a value
     high = functools.reduce(torch.maximum, [x.amax(dim, keepdim=True) for x in unique])
     low = functools.reduce(torch.minimum, [x.amin(dim, keepdim=True) for x in unique])
     if include_zero:

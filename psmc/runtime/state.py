@@ -110,6 +110,11 @@ class StreamState:
         return select_rows(self, index)
 
 
+# Dynamo traces `obj.__dict__.update(...)` from torch 2.13 on; before, ScanState.make builds
+# its state through the dataclass __init__ inside a graph (one more guard, no graph break)
+_DYNAMO_TRACES_DICT_WRITES = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ScanState(StreamState):
     """Inclusive prefix of an exact scan so far; `prefix` is None before the first leaf."""
@@ -129,6 +134,8 @@ class ScanState(StreamState):
     def make(cls, prefix, count: Tensor, op: str) -> ScanState:
         """The state a decode step returns (`count` already an int64 0-d tensor): built without
         the dataclass __init__ (a frozen dataclass sets each field through object.__setattr__)."""
+        if not _DYNAMO_TRACES_DICT_WRITES and torch.compiler.is_compiling():
+            return cls(prefix=prefix, count=count, op=op)  # (a graph break otherwise: torch 2.11 on the H200)
         state = object.__new__(cls)
         state.__dict__.update(prefix=prefix, count=count, op=op)
         return state
