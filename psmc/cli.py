@@ -151,7 +151,8 @@ def _op_text(path: str, op: OpIR, analysis, plan, dims: dict, notes: dict) -> st
         row("params", f"{shown}  = {total} parameters")
     else:
         row("params", "none")
-    lines += ["  " + line for line in analysis.report(algebra_only=True).splitlines()]
+    for label, text in analysis.rows(algebra_only=True):  # (in this block's columns)
+        row(label, text)
     row("structure", plan.structure)
     row("plan", f"{plan.scan}; " + ", ".join(f"{p} {'+'.join(b)}" for p, b in plan.backends.items()))
     for label, text in plan.rows():

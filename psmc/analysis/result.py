@@ -166,6 +166,12 @@ class Analysis:
     def report(self, algebra_only: bool = False) -> str:
         """A readable block for `psmc check` (the caller prints the op's name above it).
         algebra_only: the verdicts only (the caller prints the plan, psmc.plan, itself)."""
+        rows = self.rows(algebra_only)
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+    def rows(self, algebra_only: bool = False) -> list:
+        """(label, text) of each line of `report` (a caller that lays out its own columns)."""
         rows = [("associativity", self._associativity_text())]
         if self.identity is not None:
             rows.append(("identity", f"{self.identity}  ({self.identity_note or self.identity_kind})"))
@@ -182,8 +188,7 @@ class Analysis:
             rows.append(("plan", f"{self.plan}; {passes}"))
             rows.append(("stream state", f"{self.state_size}: {self.state}"))
             rows.append(("note", EXACT_NOTE))
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+        return rows
 
     def _associativity_text(self) -> str:
         if self.associativity == "refuted":

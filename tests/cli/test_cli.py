@@ -46,6 +46,23 @@ def test_check_prints_the_op_summary(capsys):
     assert "f32[V]" in out  # output
 
 
+@pytest.mark.parametrize("example", ["gla", "transformer_psm"])  # a token op, and a chunk op (a causal row)
+def test_check_rows_share_one_value_column(capsys, example):
+    """Every row of the summary starts its value in the same column, the analysis' verdicts
+    included (a chunk op's 'causal readout' label used to push them one column right)."""
+    code, out, _ = run_main(capsys, "check", str(ROOT / f"examples/{example}.psm"))
+    assert code == 0
+    labels = ("state", "associativity", "identity", "commutative", "structure", "plan", "stream state")
+    labels += ("causal readout",) if example == "transformer_psm" else ()
+    starts = {}
+    for line in out.splitlines():
+        for label in labels:
+            if line.startswith(f"  {label} "):
+                starts[label] = len(line) - len(line[2 + len(label):].lstrip(" "))
+    assert set(starts) == set(labels), starts
+    assert len(set(starts.values())) == 1, starts
+
+
 def test_param_count_for_given_dims(capsys):
     path = str(ROOT / "examples/transformer_psm.psm")
     code, out, _ = run_main(capsys, "check", "--dim", "D=4", path)
