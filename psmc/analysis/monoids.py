@@ -44,6 +44,8 @@ TABLE = (
     Monoid("matrix product", "matrix multiplication is associative", "(x: f32[2, 2])", "l.x @ r.x", False),
     Monoid("log-add-exp", "log(e^a + e^b) is + in the log domain",
            "(x: f32)", "let m = max(l.x, r.x); return m + log(exp(l.x - m) + exp(r.x - m))", True),
+    # (also `log(exp(l.x) + exp(r.x))`, which the rewrite pass turns into this builtin)
+    Monoid("log-add-exp", "log(e^a + e^b) is + in the log domain", "(x: f32)", "logaddexp(l.x, r.x)", True),
     Monoid("diagonal affine maps", "composition of h -> a * h + b",
            "(a: f32, h: f32)", "(l.a * r.a, r.a * l.h + r.h)", False),
     Monoid("diagonal affine maps with a shared gate", "composition of (h, n) -> (a * h + b, a * n + c)",

@@ -36,7 +36,7 @@ import math
 import sympy
 
 from ..ir.nodes import Node, OpIR, walk
-from ..ir.registry import BINARY_OPS, LEAF, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, \
+from ..ir.registry import BINARY_OPS, FLOAT_RESULT, LEAF, REDUCTION, REDUCTIONS as _REDUCTION_ROWS, SELECT, SPECIAL, \
     STRUCTURE, STRUCTURE_OPS, UNARY_MATH, UNARY_OPERATOR, UNARY_OPERATORS, Unsupported
 from .torch_printer import dim_code
 from .triton_layout import FLOATS, layout_of, matrix_reason, role_of, scan_reason
@@ -52,7 +52,7 @@ CPP_OPS = {
     "not": UNARY_OPERATOR["not"].cpp, SELECT.name: SELECT.cpp,
 }
 # ops whose operands are converted to floats first (a dim such as sqrt(K) arrives as an int)
-FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow", "div"})
+FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow"} | FLOAT_RESULT)
 # ops computed in the result's kind, whose operands are converted to it (psmc.ir.registry): neg, abs,
 # sign, relu, add, sub, mul, maximum, minimum, where
 ARITH = frozenset({row.name for row in UNARY_MATH if row.dtype == "same"}
@@ -657,6 +657,9 @@ static inline float psm_exp(float x) {
 }
 template <typename T> static inline T psm_max(T a, T b) { return (a != a || a > b) ? a : b; }
 template <typename T> static inline T psm_min(T a, T b) { return (a != a || a < b) ? a : b; }
+template <typename T> static inline T psm_logaddexp(T a, T b) {  // equal operands (infinities too): a + log 2
+  return a == b ? a + T(0.6931471805599453) : psm_max(a, b) + std::log1p(psm_exp(-std::abs(a - b)));
+}
 template <typename T> static inline T psm_sign(T a) { return a > T(0) ? T(1) : (a < T(0) ? T(-1) : a * T(0)); }
 template <typename T> static inline T psm_relu(T a) { return a > T(0) ? a : (a != a ? a : T(0)); }
 template <typename T> static inline T psm_sigmoid(T a) { return T(1) / (T(1) + psm_exp(-a)); }

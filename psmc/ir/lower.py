@@ -18,6 +18,7 @@ from ..grammar import ast
 from .builtins import BUILTINS, usage
 from .nodes import Node, OpIR, Param, Value, dim_symbol, shape_str, type_str
 from .ops import BINARY_OPERATORS
+from .registry import FLOAT_RESULT
 from .types import (broadcast, can_store, dims_equal, float_of, is_float, is_int, promote,
                     shapes_equal)
 
@@ -587,10 +588,10 @@ class _OpLowerer:
         return self._elementwise("where", (c, a, b), e.span, "if-then-else", (e.cond, e.then, e.other))
 
     def _elementwise(self, op: str, args: tuple, span, word: str, srcs) -> Node:
-        kind = {"add": "arith", "sub": "arith", "mul": "arith", "div": "div", "pow": "arith",
-                "maximum": "arith", "minimum": "arith", "lt": "order", "le": "order", "gt": "order",
-                "ge": "order", "eq": "equal", "ne": "equal", "and": "logic", "or": "logic",
-                "where": "select"}[op]
+        kind = "div" if op in FLOAT_RESULT else {  # div, logaddexp: a float result (psmc.ir.registry)
+            "add": "arith", "sub": "arith", "mul": "arith", "pow": "arith", "maximum": "arith", "minimum": "arith",
+            "lt": "order", "le": "order", "gt": "order", "ge": "order", "eq": "equal", "ne": "equal",
+            "and": "logic", "or": "logic", "where": "select"}[op]
         shape = broadcast(*(a.shape for a in args))
         if shape is None:
             shapes = " and ".join(shape_str(a.shape) for a in args)

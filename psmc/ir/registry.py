@@ -166,6 +166,7 @@ class BinaryOp:
     cpp_vjp: tuple | None
     doc: str = ""  # for the rows spelled as builtins (psmc.ir.builtins)
     degree: str | None = None  # how its degree in the left operand follows its operands' (DEGREES)
+    float_result: bool = False  # ints promote to a float (true division, logaddexp)
 
     @property
     def operator(self) -> bool:
@@ -183,6 +184,14 @@ _CPP_MIN_VJP = ("({a} == {b} ? scalar_t(0.5) * {g} : ({a} < {b} ? {g} : scalar_t
                 "({a} == {b} ? scalar_t(0.5) * {g} : ({b} < {a} ? {g} : scalar_t(0)))")
 
 
+_LOGADDEXP = ("tl.where({0} == {1}, {0} + 0.6931471805599453, "
+              "tl.maximum({0}, {1}) + tl.log(1.0 + tl.exp(-tl.abs({0} - {1}))))")
+_LOGADDEXP_VJP = ("tl.where({a} == {b}, 0.5 * {g}, {g} * tl.exp({a} - {z}))",
+                  "tl.where({a} == {b}, 0.5 * {g}, {g} * tl.exp({b} - {z}))")
+_CPP_LOGADDEXP_VJP = ("({a} == {b} ? scalar_t(0.5) * {g} : {g} * psm_exp({a} - {z}))",
+                      "({a} == {b} ? scalar_t(0.5) * {g} : {g} * psm_exp({b} - {z}))")
+
+
 def _compare(name, spelling, commutative, test):
     return BinaryOp(name, "compare", spelling, commutative, f"torch.{name}", test, f"{{0}} {spelling} {{1}}",
                     f"({{0}} {spelling} {{1}})", None, f"({{a}} {spelling} {{b}})", None)
@@ -198,7 +207,7 @@ BINARY_OPS: tuple[BinaryOp, ...] = (
     # true division, ints promote to a float (as torch and Triton's `/`)
     BinaryOp("div", "binary", "/", False, "torch.true_divide", lambda ev, x, y: x / y, "{0} / {1}",
              "({0} / {1})", ("({g} / {b})", "(-{g} * {z} / {b})"), "({a} / {b})",
-             ("({g} / {b})", "(-{g} * {z} / {b})"), degree="quotient"),
+             ("({g} / {b})", "(-{g} * {z} / {b})"), degree="quotient", float_result=True),
     # Triton and C++ write pow and its VJP by rules of their own (small integer exponents unrolled)
     BinaryOp("pow", "binary", "**", False, "torch.pow", lambda ev, x, y: sympy.Pow(x, y), "{0} ** {1}", SPECIAL,
              SPECIAL, "std::pow({a}, {b})", SPECIAL),
@@ -208,6 +217,14 @@ BINARY_OPS: tuple[BinaryOp, ...] = (
     BinaryOp("minimum", "binary", "min", True, "torch.minimum", lambda ev, x, y: ev.min(x, y),
              "_ops.minimum({0}, {1})", "tl.minimum({0}, {1})", _MIN_VJP, "psm_min({a}, {b})", _CPP_MIN_VJP,
              "elementwise minimum"),
+    # log(e^a + e^b) without overflow: the larger operand plus log1p(e^-|a - b|); equal operands
+    # (both -inf or both +inf too, where a - b is NaN) give a + log 2. The naive spelling
+    # `log(exp(a) + exp(b))` is rewritten to it (psmc.ir.rewrite), since it overflows from
+    # about 88 in fp32. Each operand's gradient is its softmax weight e^(x - z), one half each at a tie.
+    BinaryOp("logaddexp", "binary", "logaddexp", True, "torch.logaddexp",
+             lambda ev, x, y: sympy.log(sympy.exp(x) + sympy.exp(y)), "torch.logaddexp({0}, {1})",
+             _LOGADDEXP, _LOGADDEXP_VJP, "psm_logaddexp({a}, {b})", _CPP_LOGADDEXP_VJP,
+             "log(exp(a) + exp(b)), computed without overflow", float_result=True),
     _compare("lt", "<", False, lambda ev, x, y: ev.sign(x, y) < 0),
     _compare("le", "<=", False, lambda ev, x, y: ev.sign(x, y) <= 0),
     _compare("gt", ">", False, lambda ev, x, y: ev.sign(x, y) > 0),
@@ -222,6 +239,7 @@ BINARY_OPS: tuple[BinaryOp, ...] = (
 
 BINARY: dict[str, BinaryOp] = {row.name: row for row in BINARY_OPS}
 COMMUTATIVE = frozenset(row.name for row in BINARY_OPS if row.commutative)
+FLOAT_RESULT = frozenset(row.name for row in BINARY_OPS if row.float_result)  # div, logaddexp
 
 
 # ------------------------------------------------------------------ unary operators

@@ -32,6 +32,7 @@ The canonical form, rule by rule (RULES below; tests/ir/test_rewrite.py tests ea
   matmul_scale (c * x) @ M -> c * (x @ M);  x @ (c * M) -> c * (x @ M);  same for / c
   transpose    transpose(outer(v, k)) -> outer(k, v);  transpose(transpose(X)) -> X;
                transpose(c * X) -> c * transpose(X);  transpose(X * a) -> a[:, None] * transpose(X)
+  logaddexp    log(exp(a) + exp(b)) -> logaddexp(a, b)   (the same real number; no overflow to inf)
 
 Canonicalisation can change float rounding (reassociated sums and products, folded
 constants), never the value in exact arithmetic.
@@ -46,7 +47,7 @@ from typing import Callable
 import sympy
 
 from .nodes import Node, OpIR, render
-from .registry import COMMUTATIVE as REGISTRY_COMMUTATIVE
+from .registry import COMMUTATIVE as REGISTRY_COMMUTATIVE, FLOAT_RESULT
 from .types import broadcast, dims_equal, is_float, is_int, promote, shapes_equal
 
 MAX_REWRITES = 100_000  # a backstop against a rule set that does not terminate
@@ -121,7 +122,7 @@ def binary(op: str, a: Node, b: Node) -> Node:
     shape = broadcast(a.shape, b.shape)
     assert shape is not None, (op, a, b)
     dtype = promote(a.dtype, b.dtype, _is_const(a), _is_const(b))
-    if op == "div" and not is_float(dtype):
+    if op in FLOAT_RESULT and not is_float(dtype):  # div, logaddexp
         dtype = "f32"
     return Node(op, (a, b), (), dtype, shape, None)
 
@@ -327,6 +328,12 @@ def _keep(node, X):
     return X
 
 
+def _logaddexp(node, a, b):
+    # exp(a) + exp(b) overflows from about 88 in fp32 (and its log with it) where logaddexp does not
+    out = binary("logaddexp", a, b)
+    return out if out.dtype == node.dtype else None
+
+
 def _dot(node, x, y):
     prod = binary("mul", x, y)
     return Node("sum", (prod,), (0,), prod.dtype, (), None)
@@ -410,6 +417,7 @@ RULES: tuple[Rule, ...] = (
     Rule("transpose", Pat("transpose", (Pat("mul", (_any("c", _scalar), _any("X", _matrix))),)), _transpose_scaled),
     Rule("transpose", Pat("transpose", (Pat("mul", (_any("X", _matrix), _any("a", _vector))),)),
          _transpose_row_scaled),
+    Rule("logaddexp", Pat("log", (Pat("add", (Pat("exp", (_any("a"),)), Pat("exp", (_any("b"),)))),)), _logaddexp),
     Rule("flatten", Pat(_ARITH, where=lambda n: len(n.args) == 2), lambda node: _flatten(node)),
 )
 

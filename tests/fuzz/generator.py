@@ -278,6 +278,15 @@ def part_first_last(b: Builder) -> Part:
                 [(f"s.{n}", dt, shape)], feature="first" if first else "last")
 
 
+def part_logaddexp(b: Builder) -> Part:
+    """A running log-sum-exp in one field: the builtin, or the naive spelling the rewrite pass
+    turns into it (psmc.ir.rewrite)."""
+    y, dt, shape = b.fresh("y"), b.fdt(), b.shape(1)
+    comb = b.rng.choice([f"logaddexp(l.{y}, r.{y})", f"logaddexp(r.{y}, l.{y})", f"log(exp(l.{y}) + exp(r.{y}))"])
+    return Part([(y, dt, shape)], [b.source(shape, dtype=dt)], [comb], ["-inf"], [(f"s.{y}", dt, shape)],
+                feature="logaddexp")
+
+
 def part_segmented(b: Builder) -> Part:
     f, s = b.fresh("f"), b.fresh("g")
     dt = b.fdt()
@@ -320,8 +329,8 @@ def part_welford(b: Builder) -> Part:
 
 
 ASSOCIATIVE = [part_sum, part_extreme, part_product, part_diag_affine, part_matrix_affine, part_softmax,
-               part_first_last, part_segmented, part_argmax, part_count, part_welford]
-UNDEFINED_AT_IDENTITY = ("logsumexp", "online-softmax", "welford", "max", "min")  # 0/0, log 0, inf
+               part_first_last, part_segmented, part_argmax, part_count, part_welford, part_logaddexp]
+UNDEFINED_AT_IDENTITY = ("logsumexp", "online-softmax", "welford", "max", "min", "logaddexp")  # 0/0, log 0, inf
 FIELD_COUNT = {part_diag_affine: 2, part_matrix_affine: 2, part_softmax: 3, part_segmented: 2, part_argmax: 2,
                part_welford: 3}
 

@@ -80,6 +80,8 @@ CASES = [
     ("transpose", "transpose(c * outer(y, x))", "outer(x, c * y)"),
     ("transpose", "transpose(transpose(M) * x)", "x[:, None] * M"),
     ("transpose", "transpose(P * x)", "x[:, None] * transpose(P)"),
+    ("logaddexp", "log(exp(x) + exp(z))", "logaddexp(z, x)"),
+    ("logaddexp", "log(exp(c) + exp(x * 2.0))", "logaddexp(2.0 * x, c)"),
 ]
 
 
@@ -99,6 +101,12 @@ def test_rule(rule, a, b):
     torch.testing.assert_close(value(ca), value(na), rtol=1e-12, atol=1e-12)
     # idempotent: a canonical node is its own canonical form
     assert canonical_nodes((ca,)) == (ca,)
+
+
+def test_logaddexp_takes_only_a_sum_of_two_exponentials():
+    """log(exp(x) + z) and log(exp(x) - exp(z)) stay as written (no log-add-exp there)."""
+    for text in ("log(exp(x) + z)", "log(exp(x) - exp(z))", "log(2.0 * exp(x) + exp(z))"):
+        assert "logaddexp" not in str(canonical_nodes((body(text),))[0]), text
 
 
 def test_a_rule_that_changes_the_type_is_refused():
