@@ -142,3 +142,27 @@ def test_an_exclusive_readout_of_scalar_states_compiles_on_the_state_tile():
     for passname, result in results:
         assert result.ok, (passname, result.error)
         assert result.spill_stores <= triton_aot.SPILL_BUDGET[passname], (passname, result)
+
+
+LOGADDEXP = """
+op lae {
+  state (y: f32);
+  lift (x: f32) { return x; }
+  combine (l, r) { return log(exp(l.y) + exp(r.y)); }
+  identity = (-inf);
+  readout (s) { return s.y; }
+}
+"""
+
+
+@pytest.mark.sm90
+def test_logaddexp_kernels_compile():
+    """No example uses logaddexp (the naive spelling above is rewritten to it): its block-scan
+    kernels, every pass, compile for sm_90 within the spill budget."""
+    with triton_aot.clean_pool(1) as pool:
+        results = pool.submit(triton_aot.compile_source, LOGADDEXP, "lae", 90).result()
+    passes = {p for p, _ in results}
+    assert {"forward", "forward (training)", "backward", "step"} <= passes, passes
+    for passname, result in results:
+        assert result.ok, (passname, result.error)
+        assert result.spill_stores <= triton_aot.SPILL_BUDGET[passname], (passname, result)
