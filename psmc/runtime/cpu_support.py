@@ -376,6 +376,14 @@ def _native_step(native_step, lane, layer, params: tuple, uses_index: bool, next
 
 
 # ---------------------------------------------------------------------- choosing
+# A torch.compile graph of a training pass through the C++ kernels (`_CpuScan` traced, its
+# backward a `psmc::cpu_kernel` op) gave wrong gradients with torch 2.11 (off by up to 3x the
+# gradient's size in tests/codegen/test_compile_fullgraph.py, with Dynamo's eager backend too;
+# the forward was right) and right ones with 2.13. Before 2.13 a compiled training pass takes the
+# torch path; eager calls and compiled inference keep the kernels.
+COMPILED_BACKWARD_OK = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def unusable_reason(layer, call) -> str | None:
     """Why this call cannot run the C++ kernels (before building them), or None."""
     k = getattr(layer, "_cpu_kernels", None)
@@ -423,6 +431,8 @@ def use_cpu(layer, call, kind: str) -> bool:
                 and call.lead[1] > MATRIX_FORWARD_MAX_T:
             return False
     if compiling:
+        if "backward" in needed and not COMPILED_BACKWARD_OK:
+            return False  # (torch before 2.13: see COMPILED_BACKWARD_OK; the torch path trains)
         return all((k.source, kind, suffix(compute)) in _LOADED for kind in needed)
     return libraries(k, needed, compute)
 

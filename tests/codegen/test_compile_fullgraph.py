@@ -192,6 +192,44 @@ def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
         assert _kernel_calls(graphs) >= 1, backend  # (the forward's, inside the autograd function)
 
 
+def test_before_torch_2_13_a_compiled_training_pass_takes_the_torch_path(monkeypatch):
+    """torch 2.11 compiled the C++ kernels' backward into wrong gradients (the H200 image's torch,
+    run here on CPU: off by 3.2 where the gradients are of order 1). There
+    (cpu_support.COMPILED_BACKWARD_OK False, set here on purpose) a compiled training pass holds
+    no kernel op and gives the eager gradients; compiled inference keeps the kernels."""
+    from psmc.runtime import cpu_support
+    monkeypatch.setenv("PSMC_CPU", "1")
+    monkeypatch.setattr(cpu_support, "COMPILED_BACKWARD_OK", False)
+    layer, inputs = build("linear_recurrence", T=9)
+    layer.backend = "cpu"
+    with torch.no_grad():
+        want = layer(**inputs)  # loads the kernels
+    floats = [n for n, x in inputs.items() if x.is_floating_point()]
+
+    def trained(fn):
+        leaves = {n: inputs[n].clone().requires_grad_() for n in floats}
+        out = fn(**{**inputs, **leaves})
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out, [leaves[n].grad for n in floats]
+    want_out, want_grads = trained(layer)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=keep)
+    out, grads = trained(compiled)
+    assert _kernel_calls(graphs) == 0
+    torch.testing.assert_close(out, want_out)
+    for got, expected in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected)
+    graphs.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs), want)
+    assert _kernel_calls(graphs) == 1
+
+
 def test_a_graph_chooses_the_cpp_kernels_as_eager_code_does(monkeypatch):
     """backend='auto' in a graph follows eager's rule: a matrix-state op with the chunkwise form
     runs a long forward with the chunkwise matmuls, a short one with the C++ kernel."""
