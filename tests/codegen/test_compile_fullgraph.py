@@ -154,6 +154,15 @@ def _kernel_calls(graphs) -> int:
                for n in m.graph.nodes)
 
 
+def _trained(fn, inputs: dict):
+    """(output, gradients of the float inputs) of one weighted training pass of `fn`."""
+    floats = [n for n, x in inputs.items() if x.is_floating_point()]
+    leaves = {n: inputs[n].clone().requires_grad_() for n in floats}
+    out = fn(**{**inputs, **leaves})
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return out, [leaves[n].grad for n in floats]
+
+
 def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
     """Once an eager call has loaded the C++ kernels, a graph holds each pass as one
     `psmc::cpu_kernel` op (no break) and equals eager bit for bit, outputs and gradients,
@@ -166,14 +175,7 @@ def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
     with torch.no_grad():
         want, want_state = layer(**inputs, return_state=True)  # loads the kernels
     assert (layer._cpu_kernels.source, "forward", "f32") in cpu_support._LOADED
-    floats = [n for n, x in inputs.items() if x.is_floating_point()]
-
-    def trained(fn):
-        leaves = {n: inputs[n].clone().requires_grad_() for n in floats}
-        out = fn(**{**inputs, **leaves})
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        return out, [leaves[n].grad for n in floats]
-    want_out, want_grads = trained(layer)
+    want_out, want_grads = _trained(layer, inputs)
     for backend in ("eager", "inductor"):
         graphs = []
 
@@ -187,7 +189,7 @@ def test_a_graph_runs_the_loaded_cpp_kernels_as_ops(monkeypatch):
         assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_state.tensors(), want_state.tensors()))
         assert _kernel_calls(graphs) == 1, backend
         graphs.clear()
-        out, grads = trained(compiled)
+        out, grads = _trained(compiled, inputs)
         assert torch.equal(out, want_out) and all(torch.equal(a, b) for a, b in zip(grads, want_grads)), backend
         assert _kernel_calls(graphs) >= 1, backend  # (the forward's, inside the autograd function)
 
@@ -204,14 +206,7 @@ def test_before_torch_2_13_a_compiled_training_pass_takes_the_torch_path(monkeyp
     layer.backend = "cpu"
     with torch.no_grad():
         want = layer(**inputs)  # loads the kernels
-    floats = [n for n, x in inputs.items() if x.is_floating_point()]
-
-    def trained(fn):
-        leaves = {n: inputs[n].clone().requires_grad_() for n in floats}
-        out = fn(**{**inputs, **leaves})
-        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
-        return out, [leaves[n].grad for n in floats]
-    want_out, want_grads = trained(layer)
+    want_out, want_grads = _trained(layer, inputs)
     graphs = []
 
     def keep(gm, example_inputs):
@@ -219,7 +214,7 @@ def test_before_torch_2_13_a_compiled_training_pass_takes_the_torch_path(monkeyp
         return gm.forward
     dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend=keep)
-    out, grads = trained(compiled)
+    out, grads = _trained(compiled, inputs)
     assert _kernel_calls(graphs) == 0
     torch.testing.assert_close(out, want_out)
     for got, expected in zip(grads, want_grads, strict=True):
