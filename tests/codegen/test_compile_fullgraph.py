@@ -22,6 +22,13 @@ from layer_harness import as_tuple, layer_class, make_inputs
 PLANS = ["gla", "linear_recurrence", "cumsum", "delta_rule", "gated_delta_product", "rwkv7"]
 
 
+def _unbroken(fn, *args, **kwargs):
+    """Dynamo's explanation of fn(*args, **kwargs), which must have no graph break."""
+    explained = dynamo.explain(fn)(*args, **kwargs)
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    return explained
+
+
 def build(name, T):
     case = CASES[name]
     cls = layer_class(name)
@@ -36,14 +43,12 @@ def build(name, T):
 def test_forward_and_step_have_no_graph_breaks(name):
     layer, inputs = build(name, T=70)
     dynamo.reset()
-    explained = dynamo.explain(layer)(**inputs, return_state=True)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    explained = _unbroken(layer, **inputs, return_state=True)
     assert explained.graph_count == 1
     _, state = layer(**inputs, return_state=True)
     token = {n: x[:, 0] for n, x in inputs.items()}
     dynamo.reset()
-    explained = dynamo.explain(layer.step)(state, **token)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer.step, state, **token)
 
 
 def test_the_step_of_older_torch_builds_its_state_in_the_graph(monkeypatch):
@@ -56,8 +61,7 @@ def test_the_step_of_older_torch_builds_its_state_in_the_graph(monkeypatch):
     _, state = layer(**inputs, return_state=True)
     token = {n: x[:, 0] for n, x in inputs.items()}
     dynamo.reset()
-    explained = dynamo.explain(layer.step)(state, **token)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer.step, state, **token)
     y, got = torch.compile(layer.step, fullgraph=True, backend="eager")(state, **token)
     y_eager, want = layer.step(state, **token)
     torch.testing.assert_close(y, y_eager)  # (eager steps in C++ on CPU: a last-bit difference)
@@ -71,8 +75,7 @@ def test_tree_forward_has_no_graph_breaks(name):
     layer, inputs = build(name, T=13)
     dynamo.reset()
     # a chunk op's returned state buffers the partial chunk token by token (host-side count)
-    explained = dynamo.explain(layer)(**inputs, return_state=layer.spec.chunk is None)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer, **inputs, return_state=layer.spec.chunk is None)
     if layer.spec.chunk is not None:
         return  # tracing its attention blocks twice costs ~30 s on a shared 2-core machine
     dynamo.reset()
@@ -107,11 +110,9 @@ def test_tree_step_traces_without_graph_breaks_one_graph_per_position():
     _, state = layer(**inputs, return_state=True)
     token = {n: x[:, 0] for n, x in inputs.items()}
     dynamo.reset()
-    explained = dynamo.explain(layer.step)(state, **token)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer.step, state, **token)
     dynamo.reset()
-    explained = dynamo.explain(layer)(**inputs, state=state, return_state=True)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer, **inputs, state=state, return_state=True)
     dynamo.reset()
     counters.clear()
     with dynamo.config.patch(recompile_limit=16):
@@ -137,14 +138,12 @@ def test_cpp_kernels_stay_out_of_a_graph(monkeypatch):
     layer, inputs = build("linear_recurrence", T=9)
     assert layer._cpu_kernels is not None
     dynamo.reset()
-    explained = dynamo.explain(layer)(**inputs, return_state=True)
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer, **inputs, return_state=True)
     layer.backend = "torch"  # the state, eagerly, without building the C++ kernels
     _, state = layer(**inputs, return_state=True)
     layer.backend = "auto"
     dynamo.reset()
-    explained = dynamo.explain(layer.step)(state, **{n: x[:, 0] for n, x in inputs.items()})
-    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    _unbroken(layer.step, state, **{n: x[:, 0] for n, x in inputs.items()})
 
 
 def _kernel_calls(graphs) -> int:
