@@ -94,6 +94,7 @@ tail -25 "$SCRATCH/tests.log" | tee -a "$LOG"
 cp "$SCRATCH/tests.log" "$TLOG" 2>/dev/null
 say "tests done (124 or 130 = cut at the budget: the summary above counts what ran)"
 wait
+pkill -9 -f "benchmarks/gpu.py .*--child" 2>/dev/null  # (a child whose parent was killed: not beside the timed run)
 cat "$SCRATCH"/warm_*.log > "$SCRATCH/warm.log"
 grep -E "exit|Error|Overrun" "$SCRATCH/warm.log" | head -40 | tee -a "$LOG"
 cat "$SCRATCH/chunk.log" | tee -a "$LOG" | tail -40

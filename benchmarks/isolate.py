@@ -61,8 +61,12 @@ def supervise(child_argv: list, groups: int, report, deadline: float, warm: bool
         # its own process group (killed whole); its output comes as events (stderr: tracebacks)
         child = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL)
         state = _Watch(start_group, skip)
-        outcome = _follow(child, events.name, state, report, deadline)
-        os.unlink(events.name)
+        try:
+            outcome = _follow(child, events.name, state, report, deadline)
+        finally:  # (an interrupted parent, e.g. by an outer timeout, takes its child with it)
+            if child.poll() is None:
+                _kill(child)
+            os.unlink(events.name)
         if outcome == "done":
             return
         progressed = (state.group, state.cases) != (start_group, skip)
