@@ -1,7 +1,11 @@
 """Time limits for the analysis: every example must be analysed in a few seconds.
 
-Time here is this process's CPU time, not wall time: on a loaded machine the analysis gets
-as much work done as on an idle one, so verdicts do not depend on what else is running.
+Time here is this process's CPU time, not wall time, so a loaded machine gets about as much
+work done as an idle one. Only about: CPU time itself grows with contention (caches, memory
+bandwidth), and an op that needs nearly its whole budget was proven on one run and not on the
+next (2026-12-04: log-space attention pooling with a vector accumulator, about 2.2 s). Such a
+verdict says so (`ran_out`; psmc check names `assume associative;`). A budget counted in work
+(SymPy steps), not seconds, would make every verdict reproducible; it is not built.
 `Budget` is a deadline checked between steps. `limited(seconds)` additionally interrupts a
 single long SymPy call (simplify can run for minutes) with SIGVTALRM where that is possible
 (the main thread of a POSIX process); elsewhere it only bounds the steps around the call.
@@ -15,8 +19,17 @@ import threading
 import time
 
 
+LIMIT_WORDS = "CPU-time limit"  # in every OutOfTime message (ran_out finds it in a verdict's reason)
+
+
 class OutOfTime(Exception):
     """The analysis step ran past its budget."""
+
+
+def ran_out(reason: str | None) -> bool:
+    """Whether a verdict's reason says the analysis ran out of time (a verdict that another
+    machine, or this one under another load, may reach: CPU time itself varies with contention)."""
+    return bool(reason) and LIMIT_WORDS in reason
 
 
 class Budget:
@@ -29,7 +42,7 @@ class Budget:
 
     def check(self):
         if self.left() <= 0:
-            raise OutOfTime(f"CPU-time limit of {self.seconds:g} s reached")
+            raise OutOfTime(f"{LIMIT_WORDS} of {self.seconds:.2g} s reached")
 
     def part(self, fraction: float) -> "Budget":
         """A sub-budget: `fraction` of the time left (never past this deadline)."""
@@ -50,7 +63,7 @@ def limited(seconds: float):
         return
 
     def on_alarm(signum, frame):
-        raise OutOfTime(f"a SymPy step ran past {seconds:.2g} s of CPU time")
+        raise OutOfTime(f"a SymPy step ran past its {LIMIT_WORDS} of {seconds:.2g} s")
 
     previous = signal.signal(signal.SIGVTALRM, on_alarm)
     old_delay, old_interval = signal.setitimer(signal.ITIMER_VIRTUAL, seconds)

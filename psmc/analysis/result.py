@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .budget import ran_out
+
 EXACT_NOTE = ("float ops are judged in exact arithmetic (real numbers; literals are the decimals "
               "they spell; rational functions agree where their denominators are nonzero), not in "
               "floating point")
@@ -194,7 +196,11 @@ class Analysis:
         if self.associativity == "refuted":
             return f"refuted: {self.counterexample.text}" if self.counterexample else "refuted"
         if self.associativity == "unknown":
-            return f"unknown (treated as not associative): {self.reason}"
+            text = f"unknown (treated as not associative): {self.reason}"
+            if ran_out(self.reason):
+                text += ("; at the limit a verdict can differ between machines and loads (the first one is "
+                         "cached): if combine is associative, `assume associative;` gives the exact scan")
+            return text
         return f"{self.associativity}: {self.method}"
 
     def _structure_text(self) -> str:

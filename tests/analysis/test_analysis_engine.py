@@ -184,3 +184,25 @@ def test_state_size_formulas():
     assert state_size(OPS["gla"], "tree-scan") == "(ceil(log2(n + 1)) + 1) * (K + K*V) floats"
     assert state_size(OPS["running_argmax"], "exact-scan") == "1 float + 1 int"
     assert state_size(OPS["transformer_psm"], "tree-scan") == "(ceil(log2(n/C + 1)) + 1) * (C*D) floats"
+
+
+def test_a_verdict_at_the_time_limit_says_it_may_differ_and_what_to_do():
+    """An `unknown` that ran out of CPU time (F2 of the outside probe: the same file gave
+    unknown, proven, unknown on a loaded machine) says that another machine or load may decide
+    otherwise and names `assume associative;`; an unknown for another reason does not."""
+    import dataclasses
+
+    from psmc.analysis import analyse
+    from psmc.analysis.budget import OutOfTime, ran_out
+    (op,) = ops_from_source("op t { state (x: f32); combine (l, r) { return l.x + r.x; } }")
+    proven = analyse(op, use_cache=False)
+    budget = Budget(0.0)
+    with pytest.raises(OutOfTime) as timed_out:
+        budget.check()
+    assert ran_out(str(timed_out.value)) and str(timed_out.value) == "CPU-time limit of 0 s reached"
+    at_limit = dataclasses.replace(proven, associativity="unknown", reason=str(timed_out.value))
+    text = at_limit.report()
+    assert "unknown (treated as not associative): CPU-time limit of 0 s reached; at the limit a verdict can " \
+           "differ between machines and loads" in text and "`assume associative;`" in text
+    other = dataclasses.replace(proven, associativity="unknown", reason="a comparison SymPy cannot split on (x)")
+    assert "assume associative" not in other.report() and not ran_out(other.reason)
