@@ -18,13 +18,14 @@ import sympy
 
 from ..ir.nodes import Node, OpIR, render, walk
 from ..ir.ops import OPS
-from ..ir.registry import (BINARY_OPS, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH,
+from ..ir.registry import (BINARY_OPS, FLOAT_RESULT, LEAF_OPS, REDUCTIONS, SELECT, STRUCTURE_OPS, UNARY_MATH,
                            UNARY_OPERATOR, Unsupported)
 
 # rendered by the matrix tile model only (psmc.codegen.triton_matrix): the registry rows say so
 MATRIX_ONLY = frozenset(row.name for row in STRUCTURE_OPS if row.tile == "matrix" and isinstance(row.triton, str))
 # math functions that need a float operand (a dim such as sqrt(K) arrives as an int)
-FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow"})  # psmc.ir.registry
+# psmc.ir.registry: the float math, and the float-result binary ops but `/` (Triton's / of ints is a float division)
+FLOAT_MATH = frozenset({row.name for row in UNARY_MATH if row.dtype == "float"} | {"pow"} | (FLOAT_RESULT - {"div"}))
 
 # op -> format string over operand names ({0}, {1}, ...), "special" (a printer method), or
 # Unsupported(reason). One row per IR op: tests/codegen/test_triton.py checks completeness.

@@ -222,7 +222,7 @@ BINARY_OPS: tuple[BinaryOp, ...] = (
     # `log(exp(a) + exp(b))` is rewritten to it (psmc.ir.rewrite), since it overflows from
     # about 88 in fp32. Each operand's gradient is its softmax weight e^(x - z), one half each at a tie.
     BinaryOp("logaddexp", "binary", "logaddexp", True, "torch.logaddexp",
-             lambda ev, x, y: sympy.log(sympy.exp(x) + sympy.exp(y)), "torch.logaddexp({0}, {1})",
+             lambda ev, x, y: sympy.log(sympy.exp(x) + sympy.exp(y)), "_ops.logaddexp({0}, {1})",
              _LOGADDEXP, _LOGADDEXP_VJP, "psm_logaddexp({a}, {b})", _CPP_LOGADDEXP_VJP,
              "log(exp(a) + exp(b)), computed without overflow", float_result=True),
     _compare("lt", "<", False, lambda ev, x, y: ev.sign(x, y) < 0),

@@ -55,6 +55,17 @@ def minimum(a, b):
     return _extreme(a, b, min, torch.minimum, "max")
 
 
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)) where either side may be a Python number (a literal or a dim) or an
+    integer tensor (torch.logaddexp takes float tensors only; ints become the default float)."""
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        return a + math.log(2.0) if a == b else max(a, b) + math.log1p(math.exp(-abs(a - b)))
+    ref = a if isinstance(a, Tensor) else b
+    dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+    a, b = (x.to(dtype) if isinstance(x, Tensor) else torch.tensor(x, dtype=dtype, device=ref.device) for x in (a, b))
+    return torch.logaddexp(a, b)
+
+
 def where(cond, a, b, dtype: torch.dtype | None = None, device=None):
     """`where` / `if`. A Python condition (known when the layer was built) picks a branch; a
     Python number picked or passed for a value that is a tensor at run time is materialised in

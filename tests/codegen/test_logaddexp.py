@@ -99,3 +99,38 @@ def test_both_spellings_compile_to_one_plan(tmp_path):
         seen.append((op.combine, plan.as_dict(), codegen_notes(op, plan)))
     assert "logaddexp" in str(seen[0][0])
     assert seen[0] == seen[1]
+
+
+INT_AND_LITERAL = """
+op lae_int {
+  state (n: i64);
+  lift (x: i64) { return x; }
+  combine (l, r) { return l.n + r.n; }
+  readout (s) { return logaddexp(s.n, 2); }
+}
+"""
+DOUBLE = OP.replace("f32", "f64").format(name="lae_f64", combine="logaddexp(l.y, r.y)")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_integer_operands_and_literals_give_a_float(tmp_path, backend):
+    """logaddexp(i64 count, 2): the count becomes a float, the literal a float constant (torch's
+    logaddexp takes float tensors only, Triton's exp float operands only)."""
+    path = tmp_path / "lae_int.psm"
+    path.write_text(INT_AND_LITERAL)
+    layer = psmc.load(path).__psmc_layers__["lae_int"](backend=backend)
+    x = torch.randint(0, 5, (2, 9, 3), generator=torch.Generator().manual_seed(5))
+    y = layer(x=x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, torch.logaddexp(torch.cumsum(x, dim=1).float(), torch.tensor(2.0)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])  # (f64 ops have no Triton kernels)
+def test_a_double_state_computes_in_double(tmp_path, backend):
+    path = tmp_path / "lae_f64.psm"
+    path.write_text(DOUBLE)
+    layer = psmc.load(path).__psmc_layers__["lae_f64"](backend=backend)
+    x = _inputs(300.0, seed=6).double()
+    y = layer(x=x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, torch.logcumsumexp(x, dim=1), rtol=1e-12, atol=1e-12)
