@@ -103,7 +103,7 @@ class Report:
     def fatal(self, error: Exception):
         """A row failed in a way that leaves the process unusable (the isolated child exits)."""
 
-    def say_nothing(self):
+    def rows_changed(self):
         """Rewrite the files after a row was replaced (isolate: a note added to a row)."""
         self._flush()
 
@@ -154,7 +154,7 @@ class ChildReport(Report):
         text = str(error)
         if any(m in text for m in ("CUDA error", "illegal memory access", "device-side assert")):
             self.sync()
-            self.log.emit("say", text=f"  (a CUDA error leaves this process's context unusable: a new one goes on)")
+            self.log.emit("say", text="  (a CUDA error leaves this process's context unusable: a new one goes on)")
             self.log.emit("case-end")
             os._exit(3)
 

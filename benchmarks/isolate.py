@@ -145,7 +145,7 @@ def _apply(event: dict, state: _Watch, report):
     elif kind == "row":  # a row, or a later version of one (a note added after it was written)
         if event["index"] in state.rows:
             report.rows[state.rows[event["index"]]] = tuple(event["row"])
-            report.say_nothing()
+            report.rows_changed()
         else:
             state.rows[event["index"]] = len(report.rows)
             report.row(*event["row"])

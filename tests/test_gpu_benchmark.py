@@ -102,3 +102,14 @@ def test_isolated_rows_survive_a_row_that_hangs_or_kills_its_process(tmp_path, m
     assert rows[0][4] != "-" and rows[0][8].startswith("ok rel-rms")  # a row before it, timed and checked
     if row.startswith("psmc"):  # a row after it ran in the new child, timed (fla's need a GPU)
         assert rows[1][9].startswith(note) and "--skip-triton" in rows[2][9]
+
+
+def test_isolated_rows_keep_the_notes_added_after_them(tmp_path, monkeypatch):
+    """A note added to a row after it was written (decode's microseconds per token) reaches the
+    parent's table: the child sends the row again."""
+    gpu = _gpu_module()
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu.main(["--dry-run", "--skip-triton", "--isolate", "--budget", "100", "--only", "decode"]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in (tmp_path / "gpu_bench.md").read_text().splitlines()[2:]]
+    timed = [r for r in rows if r[0] == "decode gla" and r[3] == "psmc torch-scan"]
+    assert timed and timed[0][4] != "-" and timed[0][9].endswith("us/token"), timed
