@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import torch_version
 from .state import ScanState
 from .varlen import cu_seqlens_bounds
 
@@ -381,7 +382,7 @@ def _native_step(native_step, lane, layer, params: tuple, uses_index: bool, next
 # gradient's size in tests/codegen/test_compile_fullgraph.py, with Dynamo's eager backend too;
 # the forward was right) and right ones with 2.13. Before 2.13 a compiled training pass takes the
 # torch path; eager calls and compiled inference keep the kernels.
-COMPILED_BACKWARD_OK = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+COMPILED_BACKWARD_OK = torch_version.at_least(2, 13)
 
 
 def unusable_reason(layer, call) -> str | None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from psmc.runtime import torch_version
 from psmc.runtime.element import Combine, Element, at, clone_step, length
 
 
@@ -112,7 +113,7 @@ class StreamState:
 
 # Dynamo traces `obj.__dict__.update(...)` from torch 2.13 on; before, ScanState.make builds
 # its state through the dataclass __init__ inside a graph (one more guard, no graph break)
-_DYNAMO_TRACES_DICT_WRITES = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+_DYNAMO_TRACES_DICT_WRITES = torch_version.at_least(2, 13)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
